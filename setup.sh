@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs everything hybrid-mamba needs to build, test and benchmark, from Debian packages.
+set -euo pipefail
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends \
+  build-essential cmake g++ pkg-config ca-certificates \
+  libopenblas-dev libomp-dev nlohmann-json3-dev libcli11-dev \
+  libgtest-dev libbenchmark-dev libsentencepiece-dev libcpp-httplib-dev \
+  python3 python3-numpy python3-torch >/dev/null
+echo "setup: dependencies installed"

@@ -1,0 +1,278 @@
+// hm bench: the numbers of docs/PERFORMANCE.md, all measured in one run so ratios hold on a
+// noisy shared machine. The PyTorch peer runs the same checkpoint with the same threads.
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <numeric>
+
+#include "backend/backend.h"
+#include "cli/commands.h"
+#include "core/error.h"
+#include "core/rng.h"
+#include "core/threads.h"
+#include "model/model.h"
+
+#ifndef HM_SOURCE_DIR
+#define HM_SOURCE_DIR "."
+#endif
+
+namespace hm::cli {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double ms(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double, std::milli>(b - a).count();
+}
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0.0 : v[v.size() / 2];
+}
+
+// Sustained read bandwidth: a vectorized sum over 256 MiB (far beyond L2), best of several.
+double measure_read_gbs() {
+  const size_t n = (256u << 20) / sizeof(float);
+  std::unique_ptr<float[]> a(new float[n]);
+#pragma omp parallel for
+  for (size_t i = 0; i < n; ++i) a[i] = float(i & 7);
+  double best = 0;
+  volatile float sink = 0;
+  for (int r = 0; r < 5; ++r) {
+    auto t0 = Clock::now();
+    float total = 0;
+#pragma omp parallel for reduction(+ : total)
+    for (size_t i = 0; i < n; ++i) total += a[i];
+    const double s = ms(t0, Clock::now()) / 1e3;
+    sink = sink + total;
+    best = std::max(best, double(n * sizeof(float)) / s / 1e9);
+  }
+  return best;
+}
+
+std::vector<int32_t> random_tokens(Rng& rng, int n, int vocab) {
+  std::vector<int32_t> t(static_cast<size_t>(n));
+  for (auto& x : t) x = int32_t(rng.next_u64() % uint64_t(std::min(vocab, 259)));
+  return t;
+}
+
+int32_t argmax(const float* x, int n) { return int32_t(std::max_element(x, x + n) - x); }
+
+// Prefill `len` tokens into slot 0 in chunks of `chunk`, as generation does.
+void prefill(HybridModel& m, HybridMemory& mem, const std::vector<int32_t>& toks, int chunk,
+             std::vector<float>& logits) {
+  for (size_t i = 0; i < toks.size(); i += size_t(chunk)) {
+    Batch b;
+    b.add(0, std::vector<int32_t>(toks.begin() + long(i), toks.begin() + long(std::min(toks.size(), i + size_t(chunk)))));
+    m.forward(b, mem, logits);
+  }
+}
+
+// Runs a command, returns its exit status and peak RSS in MB (from wait4's rusage).
+std::pair<int, double> run_child(const std::vector<std::string>& argv, bool quiet) {
+  pid_t pid = fork();
+  HM_CHECK(pid >= 0, "bench: fork failed");
+  if (pid == 0) {
+    if (quiet) {
+      FILE* f = std::freopen("/dev/null", "w", stdout);
+      (void)f;
+    }
+    std::vector<char*> args;
+    for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+    args.push_back(nullptr);
+    execvp(args[0], args.data());
+    _exit(127);
+  }
+  int status = 0;
+  struct rusage ru {};
+  wait4(pid, &status, 0, &ru);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, double(ru.ru_maxrss) / 1024.0};
+}
+
+std::string run_capture(const std::string& cmd) {
+  std::string out;
+  FILE* p = popen(cmd.c_str(), "r");
+  HM_CHECK(p != nullptr, "bench: cannot run '", cmd, "'");
+  std::array<char, 4096> buf{};
+  size_t n;
+  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
+  const int rc = pclose(p);
+  HM_CHECK(rc == 0, "bench: '", cmd, "' failed (status ", rc, ")");
+  return out;
+}
+
+}  // namespace
+
+Run add_bench(CLI::App& app) {
+  struct Opts {
+    std::string preset = "seed", model, peer = std::string(HM_SOURCE_DIR) + "/bench/torch_peer.py";
+    int threads = 0, reps = 5;
+    bool json = false, no_peer = false, quick = false;
+  };
+  auto o = std::make_shared<Opts>();
+  app.add_option("--preset", o->preset, "Preset to measure (random weights)")->capture_default_str();
+  app.add_option("--model", o->model, "Measure this checkpoint instead of a preset");
+  app.add_option("--threads,-t", o->threads, "Threads for us and the peer (0 = all cores)")->capture_default_str();
+  app.add_option("--reps", o->reps, "Repetitions per timing (median reported)")->capture_default_str();
+  app.add_option("--peer", o->peer, "Path of the PyTorch peer script")->capture_default_str();
+  app.add_flag("--json", o->json, "Print one JSON object");
+  app.add_flag("--no-peer", o->no_peer, "Skip the PyTorch peer");
+  app.add_flag("--quick", o->quick, "Contexts up to 1024 only (for smoke tests)");
+  return [o] {
+    namespace fs = std::filesystem;
+    if (o->threads > 0) set_num_threads(o->threads);
+    const int threads = num_threads();
+    auto be = make_cpu_backend();
+    std::string dir = o->model;
+    std::string tmpdir;
+    std::unique_ptr<HybridModel> model;
+    if (dir.empty()) {
+      char tmpl[] = "/tmp/hm-bench-XXXXXX";
+      HM_CHECK(mkdtemp(tmpl) != nullptr, "bench: cannot create a temporary directory");
+      tmpdir = dir = tmpl;
+      model = std::make_unique<HybridModel>(preset(o->preset), *be);
+      init_params(model->params(), 1234);
+      model->prepare();
+      save_model(*model, dir);
+    } else {
+      model = load_model(dir, *be);
+    }
+    const ModelConfig& c = model->config();
+    const int V = c.vocab_size;
+    Rng rng(42);
+    std::vector<float> logits;
+    nlohmann::json r;
+    r["preset"] = o->model.empty() ? o->preset : dir;
+    r["threads"] = threads;
+    r["params"] = model->params().numel();
+    r["weight_mb"] = double(model->weight_bytes()) / 1e6;
+    auto log = [&](const char* what) { if (!o->json) std::fprintf(stderr, "bench: %s...\n", what); };
+
+    log("read bandwidth");
+    const double bw = measure_read_gbs();
+    r["read_bw_gbs"] = bw;
+    r["decode_roofline_tok_s"] = bw * 1e9 / double(model->weight_bytes());
+
+    // Prefill of 2 x 32 tokens, the seed's own measurement. As generation runs it (last-token
+    // logits) and as the seed measured it (a full forward with logits for every token).
+    log("prefill 2x32");
+    {
+      HybridMemory mem(*be, c, 2, 64);
+      for (int logits_all = 0; logits_all < 2; ++logits_all) {
+        std::vector<double> t;
+        for (int rep = 0; rep < o->reps + 1; ++rep) {
+          mem.seq_rm(0);
+          mem.seq_rm(1);
+          Batch b;
+          b.add(0, random_tokens(rng, 32, V));
+          b.add(1, random_tokens(rng, 32, V));
+          b.logits_all = logits_all;
+          auto t0 = Clock::now();
+          model->forward(b, mem, logits);
+          if (rep > 0) t.push_back(ms(t0, Clock::now()));  // first run warms caches and allocations
+        }
+        r[logits_all ? "forward_all_logits_ms" : "prefill_ms"] = median(t);
+      }
+    }
+
+    // Decode at batch 1: 50 new tokens after a 32-token prompt, greedy.
+    log("decode 32+50");
+    {
+      HybridMemory mem(*be, c, 1, 32 + 50 + 1);
+      std::vector<double> rates;
+      for (int rep = 0; rep < std::max(2, o->reps / 2 + 1); ++rep) {
+        mem.seq_rm(0);
+        prefill(*model, mem, random_tokens(rng, 32, V), 512, logits);
+        int32_t tok = argmax(logits.data(), V);
+        auto t0 = Clock::now();
+        for (int i = 0; i < 50; ++i) {
+          Batch b;
+          b.add(0, {tok});
+          model->forward(b, mem, logits);
+          tok = argmax(logits.data(), V);
+        }
+        if (rep > 0) rates.push_back(50.0 / (ms(t0, Clock::now()) / 1e3));
+      }
+      r["decode_tok_s"] = median(rates);
+      r["decode_roofline_fraction"] = median(rates) / r["decode_roofline_tok_s"].get<double>();
+    }
+
+    // Decode cost against context, and prefill cost per token at long prompts.
+    std::vector<int> ctxs = {128, 1024, 4096};
+    std::vector<int> plens = {512, 4096};
+    if (o->quick) { ctxs = {128, 1024}; plens = {512}; }
+    nlohmann::json dms = nlohmann::json::object(), pms = nlohmann::json::object();
+    for (int ctx : ctxs) {
+      log(("decode at context " + std::to_string(ctx)).c_str());
+      HybridMemory mem(*be, c, 1, ctx + 40);
+      prefill(*model, mem, random_tokens(rng, ctx, V), 512, logits);
+      int32_t tok = argmax(logits.data(), V);
+      std::vector<double> t;
+      for (int i = 0; i < 32; ++i) {
+        Batch b;
+        b.add(0, {tok});
+        auto t0 = Clock::now();
+        model->forward(b, mem, logits);
+        t.push_back(ms(t0, Clock::now()));
+        tok = argmax(logits.data(), V);
+      }
+      dms[std::to_string(ctx)] = median(t);
+    }
+    for (int len : plens) {
+      log(("prefill of " + std::to_string(len)).c_str());
+      HybridMemory mem(*be, c, 1, len);
+      std::vector<double> t;
+      for (int rep = 0; rep < 2; ++rep) {
+        mem.seq_rm(0);
+        auto toks = random_tokens(rng, len, V);
+        auto t0 = Clock::now();
+        prefill(*model, mem, toks, 512, logits);
+        t.push_back(ms(t0, Clock::now()) / len);
+      }
+      pms[std::to_string(len)] = *std::min_element(t.begin(), t.end());
+    }
+    r["decode_ms_per_token"] = dms;
+    r["prefill_ms_per_token"] = pms;
+    if (dms.contains("128") && dms.contains("4096"))
+      r["decode_growth_128_to_4096"] = dms["4096"].get<double>() / dms["128"].get<double>() - 1.0;
+
+    // Peak memory of `hm generate` on this model, measured on the child process.
+    log("peak memory of hm generate");
+    {
+      auto [rc, mb] = run_child({"/proc/self/exe", "generate", "--model", dir, "--prompt",
+                                 "The quick brown fox jumps over the lazy dog.", "-n", "50",
+                                 "--threads", std::to_string(threads)}, true);
+      HM_CHECK(rc == 0, "bench: hm generate failed with status ", rc);
+      r["peak_rss_mb"] = mb;
+    }
+
+    if (!o->no_peer) {
+      log("PyTorch peer");
+      const std::string cmd = "/usr/bin/python3 '" + o->peer + "' bench --model '" + dir +
+                              "' --threads " + std::to_string(threads) + " --json";
+      const auto pj = nlohmann::json::parse(run_capture(cmd));
+      for (auto it = pj.begin(); it != pj.end(); ++it)
+        if (it.key().rfind("peer_", 0) == 0 || it.key() == "torch_version") r[it.key()] = it.value();
+      if (pj.contains("peer_decode_tok_s"))
+        r["decode_vs_peer"] = r["decode_tok_s"].get<double>() / pj["peer_decode_tok_s"].get<double>();
+      if (pj.contains("peer_prefill_ms"))
+        r["prefill_vs_peer"] = pj["peer_prefill_ms"].get<double>() / r["forward_all_logits_ms"].get<double>();
+    }
+    if (!tmpdir.empty()) fs::remove_all(tmpdir);
+
+    if (o->json) {
+      std::printf("%s\n", r.dump().c_str());
+    } else {
+      std::printf("%s\n", r.dump(2).c_str());
+    }
+    return 0;
+  };
+}
+
+}  // namespace hm::cli

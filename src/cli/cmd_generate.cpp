@@ -1,0 +1,91 @@
+#include <cstdio>
+#include <memory>
+
+#include "backend/backend.h"
+#include "cli/commands.h"
+#include "core/error.h"
+#include "core/threads.h"
+#include "model/model.h"
+#include "runtime/generate.h"
+#include "runtime/tokenizer.h"
+
+namespace hm::cli {
+
+Run add_generate(CLI::App& app) {
+  struct Opts {
+    std::string model;
+    std::vector<std::string> prompts;
+    int max_new = 64, threads = 0, ctx = 0;
+    bool no_bos = false, stats = false;
+    SamplingParams sp;
+  };
+  auto o = std::make_shared<Opts>();
+  app.add_option("--model", o->model, "Checkpoint directory")->required();
+  app.add_option("--prompt", o->prompts, "Prompt text; repeat for a batch of prompts")->required();
+  app.add_option("--max-new-tokens,-n", o->max_new, "Tokens to generate per prompt")->capture_default_str();
+  app.add_option("--temperature", o->sp.temperature, "0 = greedy")->capture_default_str();
+  app.add_option("--top-k", o->sp.top_k, "0 = off")->capture_default_str();
+  app.add_option("--top-p", o->sp.top_p, "1 = off")->capture_default_str();
+  app.add_option("--min-p", o->sp.min_p, "0 = off")->capture_default_str();
+  app.add_option("--repeat-penalty", o->sp.repeat_penalty, "1 = off")->capture_default_str();
+  app.add_option("--repeat-last-n", o->sp.repeat_last_n, "Tokens the penalty looks back over")->capture_default_str();
+  app.add_option("--seed", o->sp.seed, "Sampling seed")->capture_default_str();
+  app.add_option("--threads,-t", o->threads, "Threads (0 = all cores)")->capture_default_str();
+  app.add_option("--ctx", o->ctx, "Context size (0 = prompt + new tokens)")->capture_default_str();
+  app.add_flag("--no-bos", o->no_bos, "Do not prepend the BOS token");
+  app.add_flag("--stats", o->stats, "Print timing to stderr at the end");
+  return [o] {
+    if (o->threads > 0) set_num_threads(o->threads);
+    auto be = make_cpu_backend();
+    auto model = load_model(o->model, *be);
+    auto tok = load_tokenizer(o->model);
+    std::vector<std::vector<int32_t>> prompts;
+    for (size_t i = 0; i < o->prompts.size(); ++i) {
+      HM_CHECK(is_valid_utf8(o->prompts[i]), "prompt ", i, " is not valid UTF-8");
+      prompts.push_back(tok->encode(o->prompts[i], !o->no_bos));
+      HM_CHECK(!prompts.back().empty(), "prompt ", i, " is empty (and --no-bos leaves no token)");
+    }
+    size_t longest = 0;
+    for (const auto& p : prompts) longest = std::max(longest, p.size());
+    const int ctx = o->ctx > 0 ? o->ctx : int(longest) + o->max_new;
+    HybridMemory mem(*be, model->config(), int(prompts.size()), ctx);
+    GenerateOptions opt;
+    opt.max_new_tokens = o->max_new;
+    opt.sampling = o->sp;
+    opt.n_decodable = tok->vocab_size();
+    opt.eos = tok->eos();
+    // One prompt streams to stdout as tokens arrive; a batch prints each result when done.
+    const bool stream = prompts.size() == 1;
+    std::vector<Utf8StreamDecoder> dec;
+    for (size_t i = 0; i < prompts.size(); ++i) dec.emplace_back(*tok);
+    if (stream) {
+      std::fputs(o->prompts[0].c_str(), stdout);
+      std::fflush(stdout);
+    }
+    GenerateStats st;
+    auto out = generate(*model, mem, prompts, opt,
+                        [&](int seq, int32_t t) {
+                          if (stream) {
+                            std::fputs(dec[size_t(seq)].push(t).c_str(), stdout);
+                            std::fflush(stdout);
+                          }
+                          return true;
+                        },
+                        &st);
+    if (stream) {
+      std::fputs(dec[0].flush().c_str(), stdout);
+      std::fputs("\n", stdout);
+    } else {
+      for (size_t i = 0; i < out.size(); ++i)
+        std::printf("[%zu] %s%s\n", i, o->prompts[i].c_str(), tok->decode(out[i]).c_str());
+    }
+    if (o->stats)
+      std::fprintf(stderr, "prefill: %lld tokens in %.1f ms | decode: %lld tokens in %.1f ms (%.1f tok/s)\n",
+                   static_cast<long long>(st.prompt_tokens), st.prefill_ms,
+                   static_cast<long long>(st.decoded_tokens), st.decode_ms,
+                   st.decode_ms > 0 ? 1000.0 * double(st.decoded_tokens) / st.decode_ms : 0.0);
+    return 0;
+  };
+}
+
+}  // namespace hm::cli

@@ -1,0 +1,52 @@
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+#include <nlohmann/json.hpp>
+
+#include "backend/backend.h"
+#include "cli/commands.h"
+#include "core/error.h"
+#include "model/model.h"
+#include "runtime/tokenizer.h"
+
+namespace hm::cli {
+
+Run add_init(CLI::App& app) {
+  struct Opts { std::string preset = "seed", config, out, dtype = "F32"; uint64_t seed = 0; };
+  auto o = std::make_shared<Opts>();
+  app.add_option("--preset", o->preset, "Preset: seed, mamba, transformer, tiny")->capture_default_str();
+  app.add_option("--config", o->config, "A config.json to use instead of a preset");
+  app.add_option("--out", o->out, "Checkpoint directory to write")->required();
+  app.add_option("--seed", o->seed, "Initialization seed")->capture_default_str();
+  app.add_option("--dtype", o->dtype, "Storage type of the weights: F32, F16 or BF16")->capture_default_str();
+  return [o] {
+    const ModelConfig c = o->config.empty() ? preset(o->preset) : load_config(o->config);
+    auto be = make_cpu_backend();
+    HybridModel m(c, *be);
+    init_params(m.params(), o->seed);
+    save_model(m, o->out, o->dtype);
+    ByteTokenizer().save(o->out);
+    std::printf("wrote %s: %lld parameters (%s), %d layers, attention at [", o->out.c_str(),
+                static_cast<long long>(m.params().numel()), o->dtype.c_str(), c.n_layers);
+    for (size_t i = 0; i < c.attention_layers.size(); ++i)
+      std::printf("%s%d", i ? ", " : "", c.attention_layers[i]);
+    std::printf("]\n");
+    return 0;
+  };
+}
+
+Run add_info(CLI::App& app) {
+  auto dir = std::make_shared<std::string>();
+  app.add_option("--model", *dir, "Checkpoint directory")->required();
+  return [dir] {
+    const ModelConfig c = load_config((std::filesystem::path(*dir) / "config.json").string());
+    std::printf("%s\nparameters: %lld\n", config_to_json(c).dump(2).c_str(),
+                static_cast<long long>(count_params(c)));
+    for (int i = 0; i < c.n_layers; ++i)
+      std::printf("layer %2d: %-9s%s\n", i, c.is_attention(i) ? "attention" : "mamba",
+                  c.has_bridge(i) ? " (bridge in front)" : "");
+    return 0;
+  };
+}
+
+}  // namespace hm::cli

@@ -1,0 +1,40 @@
+// hm: define, inspect, run and measure hybrid Mamba-attention models.
+#include <cstdio>
+#include <map>
+#include <string>
+
+#include "cli/commands.h"
+#include "core/error.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"hm: hybrid Mamba + attention language models (init, generate, bench, info)"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "hybrid-mamba 0.1.0");
+  std::map<CLI::App*, hm::cli::Run> runs;
+  auto add = [&](const char* name, const char* help, hm::cli::Run (*reg)(CLI::App&)) {
+    CLI::App* sub = app.add_subcommand(name, help);
+    runs[sub] = reg(*sub);
+  };
+  add("init", "Write a new model with documented random initialization", hm::cli::add_init);
+  add("generate", "Generate text from a prompt, streaming tokens as they are made", hm::cli::add_generate);
+  add("bench", "Measure prefill, decode, memory and the PyTorch peer in one run", hm::cli::add_bench);
+  add("info", "Print a model's configuration and parameter count", hm::cli::add_info);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  try {
+    for (auto& [sub, run] : runs)
+      if (sub->parsed()) return run();
+  } catch (const hm::Error& e) {
+    std::fflush(stdout);
+    std::fprintf(stderr, "hm: error: %s\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fflush(stdout);
+    std::fprintf(stderr, "hm: error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,57 @@
+// Model hyper-parameters (config.json), presets and their validation. Field names and meanings:
+// docs/MODEL.md. Mirrors the seed's HybridMambaConfig.
+#pragma once
+#include <string>
+#include <vector>
+
+#include <nlohmann/json_fwd.hpp>
+
+namespace hm {
+
+struct ModelConfig {
+  std::string hybrid = "simple";
+  int d_model = 512;
+  int n_layers = 12;
+  std::vector<int> attention_layers = {3, 6, 9};
+  int vocab_size = 32000;
+  int d_state = 16;
+  int d_conv = 4;
+  int expand = 2;
+  int dt_rank = 0;  // 0 = "auto": ceil(d_model / 16)
+  int n_heads = 8;
+  int n_kv_heads = 8;
+  bool rope = true;
+  float rope_theta = 10000.0f;
+  int d_ff = 0;
+  float norm_eps = 1e-5f;
+  bool tie_embeddings = true;
+  bool state_bridges = true;
+
+  int d_inner() const { return expand * d_model; }
+  int resolved_dt_rank() const { return dt_rank > 0 ? dt_rank : (d_model + 15) / 16; }
+  int head_dim() const { return d_model / n_heads; }
+  bool is_attention(int layer) const;
+  // A bridge sits in front of layer i when i > 0 and layer i's type differs from layer i-1's.
+  bool has_bridge(int layer) const;
+  // Width of the inner representation layer i hands to a bridge (d_inner or n_heads*head_dim).
+  int inner_dim(int layer) const;
+};
+
+// Throws hm::Error naming the field when a value is out of range or inconsistent.
+void validate(const ModelConfig& c);
+
+// Strict JSON conversion: wrong types, unknown fields and invalid values are errors naming the field.
+ModelConfig config_from_json(const nlohmann::json& j);
+nlohmann::json config_to_json(const ModelConfig& c);
+ModelConfig load_config(const std::string& path);        // reads and validates a config.json
+void save_config(const std::string& path, const ModelConfig& c);  // atomic
+
+// Presets: seed (the seed's benchmark model), mamba and transformer (about seed's parameter
+// count, one layer type only), tiny (tests).
+ModelConfig preset(const std::string& name);
+std::vector<std::string> preset_names();
+
+// Parameter count of a config (every tensor of docs/MODEL.md's table).
+int64_t count_params(const ModelConfig& c);
+
+}  // namespace hm

@@ -1,0 +1,113 @@
+#include "runtime/memory.h"
+
+#include "core/error.h"
+
+namespace hm {
+
+KVCache::KVCache(Backend& be, const ModelConfig& c, int n_slots, int max_ctx)
+    : be_(be), n_slots_(n_slots), max_ctx_(max_ctx), row_(c.n_kv_heads * c.head_dim()) {
+  HM_CHECK(n_slots > 0, "memory: number of sequences must be > 0, got ", n_slots);
+  HM_CHECK(max_ctx > 0, "memory: context size must be > 0, got ", max_ctx);
+  int n_attn = 0;
+  for (int i = 0; i < c.n_layers; ++i) layer_index_.push_back(c.is_attention(i) ? n_attn++ : -1);
+  k_.resize(size_t(n_attn) * n_slots);
+  v_.resize(size_t(n_attn) * n_slots);
+}
+
+float* KVCache::k(int layer, int slot) {
+  const int a = layer_index_.at(size_t(layer));
+  HM_ASSERT(a >= 0 && slot >= 0 && slot < n_slots_);
+  Buffer& b = k_[size_t(a) * n_slots_ + slot];
+  // Lazily allocated and never zeroed: only positions < pos are ever read, and pages are
+  // committed by the OS as positions are written, so memory follows the context actually used.
+  if (!b.data()) b = Buffer(be_, size_t(max_ctx_) * row_);
+  return b.data();
+}
+
+float* KVCache::v(int layer, int slot) {
+  const int a = layer_index_.at(size_t(layer));
+  HM_ASSERT(a >= 0 && slot >= 0 && slot < n_slots_);
+  Buffer& b = v_[size_t(a) * n_slots_ + slot];
+  if (!b.data()) b = Buffer(be_, size_t(max_ctx_) * row_);
+  return b.data();
+}
+
+size_t KVCache::bytes_reserved() const {
+  size_t n = 0;
+  for (const auto& b : k_) n += b.size() * sizeof(float);
+  for (const auto& b : v_) n += b.size() * sizeof(float);
+  return n;
+}
+
+RecurrentState::RecurrentState(Backend& be, const ModelConfig& c, int n_slots)
+    : be_(be), n_slots_(n_slots), conv_n_(c.d_inner() * (c.d_conv - 1)), ssm_n_(c.d_inner() * c.d_state) {
+  int n_mamba = 0;
+  for (int i = 0; i < c.n_layers; ++i) layer_index_.push_back(c.is_attention(i) ? -1 : n_mamba++);
+  for (int m = 0; m < n_mamba * n_slots; ++m) {
+    conv_.emplace_back(be_, size_t(conv_n_));
+    ssm_.emplace_back(be_, size_t(ssm_n_));
+  }
+  zeros_.assign(size_t(std::max(conv_n_, ssm_n_)), 0.0f);
+  for (int s = 0; s < n_slots; ++s) clear(s);
+}
+
+float* RecurrentState::conv(int layer, int slot) {
+  const int m = layer_index_.at(size_t(layer));
+  HM_ASSERT(m >= 0 && slot >= 0 && slot < n_slots_);
+  return conv_[size_t(m) * n_slots_ + slot].data();
+}
+
+float* RecurrentState::ssm(int layer, int slot) {
+  const int m = layer_index_.at(size_t(layer));
+  HM_ASSERT(m >= 0 && slot >= 0 && slot < n_slots_);
+  return ssm_[size_t(m) * n_slots_ + slot].data();
+}
+
+void RecurrentState::clear(int slot) {
+  for (size_t m = 0; m * n_slots_ < conv_.size(); ++m) {
+    be_.to_device(conv_[m * n_slots_ + slot].data(), zeros_.data(), sizeof(float) * size_t(conv_n_));
+    be_.to_device(ssm_[m * n_slots_ + slot].data(), zeros_.data(), sizeof(float) * size_t(ssm_n_));
+  }
+}
+
+void RecurrentState::copy(int src, int dst) {
+  std::vector<float> tmp(size_t(std::max(conv_n_, ssm_n_)));
+  for (size_t m = 0; m * n_slots_ < conv_.size(); ++m) {
+    be_.to_host(tmp.data(), conv_[m * n_slots_ + src].data(), sizeof(float) * size_t(conv_n_));
+    be_.to_device(conv_[m * n_slots_ + dst].data(), tmp.data(), sizeof(float) * size_t(conv_n_));
+    be_.to_host(tmp.data(), ssm_[m * n_slots_ + src].data(), sizeof(float) * size_t(ssm_n_));
+    be_.to_device(ssm_[m * n_slots_ + dst].data(), tmp.data(), sizeof(float) * size_t(ssm_n_));
+  }
+}
+
+size_t RecurrentState::bytes_reserved() const {
+  return (conv_.size() * size_t(conv_n_) + ssm_.size() * size_t(ssm_n_)) * sizeof(float);
+}
+
+HybridMemory::HybridMemory(Backend& be, const ModelConfig& c, int n_slots, int max_ctx)
+    : be_(be), cfg_(c), kv_(be, c, n_slots, max_ctx), rs_(be, c, n_slots), pos_(size_t(n_slots), 0) {}
+
+void HybridMemory::seq_rm(int slot) {
+  HM_ASSERT(slot >= 0 && slot < n_slots());
+  pos_[size_t(slot)] = 0;
+  rs_.clear(slot);
+}
+
+void HybridMemory::seq_cp(int src, int dst) {
+  HM_ASSERT(src >= 0 && src < n_slots() && dst >= 0 && dst < n_slots());
+  if (src == dst) return;
+  const int n = pos_[size_t(src)];
+  const size_t row = size_t(cfg_.n_kv_heads) * cfg_.head_dim();
+  std::vector<float> tmp(size_t(n) * row);
+  for (int i = 0; i < cfg_.n_layers; ++i) {
+    if (!cfg_.is_attention(i) || n == 0) continue;
+    be_.to_host(tmp.data(), kv_.k(i, src), tmp.size() * sizeof(float));
+    be_.to_device(kv_.k(i, dst), tmp.data(), tmp.size() * sizeof(float));
+    be_.to_host(tmp.data(), kv_.v(i, src), tmp.size() * sizeof(float));
+    be_.to_device(kv_.v(i, dst), tmp.data(), tmp.size() * sizeof(float));
+  }
+  rs_.copy(src, dst);
+  pos_[size_t(dst)] = n;
+}
+
+}  // namespace hm

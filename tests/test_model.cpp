@@ -1,0 +1,302 @@
+// Whole-model tests: the fast CPU backend against the reference backend, decoding against one
+// full forward, ragged batches against single sequences, checkpoints round trip.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+
+#include "backend/backend.h"
+#include "core/error.h"
+#include "core/rng.h"
+#include "model/model.h"
+#include "io/safetensors.h"
+
+using namespace hm;
+
+namespace {
+
+ModelConfig tiny(bool rope = true, int d_ff = 48, bool bridges = true, bool tie = true) {
+  ModelConfig c = preset("tiny");
+  c.rope = rope;
+  c.d_ff = d_ff;
+  c.state_bridges = bridges;
+  c.tie_embeddings = tie;
+  return c;
+}
+
+// Random init, plus random bridge gates (init makes them 0, which would hide a broken bridge).
+void init_nonzero_gates(HybridModel& m, uint64_t seed) {
+  init_params(m.params(), seed);
+  Rng rng(seed + 1);
+  for (int i = 0; i < m.config().n_layers; ++i)
+    if (float* g = m.params().layer(i).bridge_gate)
+      for (int j = 0; j < m.config().d_model; ++j) g[j] = float(0.5 * rng.normal());
+  m.prepare();
+}
+
+std::vector<int32_t> tokens(Rng& rng, int n, int vocab) {
+  std::vector<int32_t> t(static_cast<size_t>(n));
+  for (auto& x : t) x = int32_t(rng.next_u64() % uint64_t(vocab));
+  return t;
+}
+
+// max |a - b| / max |b|: relative to the logits' scale, not per element (which is ill-posed
+// for logits near zero).
+double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
+    num = std::max(num, double(std::fabs(a[i] - b[i])));
+    den = std::max(den, double(std::fabs(b[i])));
+  }
+  return num / std::max(den, 1e-30);
+}
+
+std::vector<float> full_logits(HybridModel& m, const std::vector<int32_t>& toks) {
+  HybridMemory mem(m.backend(), m.config(), 1, int(toks.size()));
+  Batch b;
+  b.add(0, toks);
+  b.logits_all = true;
+  std::vector<float> logits;
+  m.forward(b, mem, logits);
+  return logits;
+}
+
+std::vector<float> decode_logits(HybridModel& m, const std::vector<int32_t>& toks) {
+  HybridMemory mem(m.backend(), m.config(), 1, int(toks.size()));
+  std::vector<float> all, logits;
+  for (int32_t t : toks) {
+    Batch b;
+    b.add(0, {t});
+    m.forward(b, mem, logits);
+    all.insert(all.end(), logits.begin(), logits.end());
+  }
+  return all;
+}
+
+}  // namespace
+
+TEST(Model, CpuBackendMatchesReferenceBackend) {
+  for (const ModelConfig& c : {tiny(), tiny(false, 0, true, false), tiny(true, 48, false)}) {
+    auto cpu = make_cpu_backend();
+    auto ref = make_ref_backend();
+    HybridModel a(c, *cpu), b(c, *ref);
+    init_nonzero_gates(a, 3);
+    init_nonzero_gates(b, 3);
+    Rng rng(9);
+    const auto toks = tokens(rng, 37, c.vocab_size);
+    EXPECT_LT(rel_err(full_logits(a, toks), full_logits(b, toks)), 1e-5);
+  }
+}
+
+TEST(Model, DecodingEqualsFullForward) {
+  for (const ModelConfig& c : {tiny(), tiny(false, 0, false, false), tiny(true, 0, true, true)}) {
+    auto be = make_cpu_backend();
+    HybridModel m(c, *be);
+    init_nonzero_gates(m, 5);
+    Rng rng(11);
+    const auto toks = tokens(rng, 45, c.vocab_size);
+    EXPECT_LT(rel_err(decode_logits(m, toks), full_logits(m, toks)), 1e-5);
+  }
+}
+
+TEST(Model, PrefillInChunksThenDecodeEqualsFullForward) {
+  auto be = make_cpu_backend();
+  HybridModel m(tiny(), *be);
+  init_nonzero_gates(m, 6);
+  Rng rng(12);
+  const auto toks = tokens(rng, 40, m.config().vocab_size);
+  const auto want = full_logits(m, toks);
+  HybridMemory mem(*be, m.config(), 1, 40);
+  std::vector<float> got, logits;
+  size_t at = 0;
+  for (int n : {17, 1, 9, 1, 1, 11}) {
+    Batch b;
+    b.add(0, std::vector<int32_t>(toks.begin() + long(at), toks.begin() + long(at) + n));
+    b.logits_all = true;
+    m.forward(b, mem, logits);
+    got.insert(got.end(), logits.begin(), logits.end());
+    at += size_t(n);
+  }
+  ASSERT_EQ(at, toks.size());
+  EXPECT_LT(rel_err(got, want), 1e-5);
+}
+
+TEST(Model, RaggedBatchEqualsSeparateSequences) {
+  auto be = make_cpu_backend();
+  HybridModel m(tiny(), *be);
+  init_nonzero_gates(m, 7);
+  const int V = m.config().vocab_size;
+  Rng rng(13);
+  std::vector<std::vector<int32_t>> seqs = {tokens(rng, 5, V), tokens(rng, 23, V), tokens(rng, 1, V)};
+  HybridMemory mem(*be, m.config(), 4, 32);
+  Batch b;
+  b.add(2, seqs[0]);  // slots need not be in order
+  b.add(0, seqs[1]);
+  b.add(3, seqs[2]);
+  std::vector<float> logits;
+  m.forward(b, mem, logits);
+  ASSERT_EQ(logits.size(), 3u * V);
+  for (size_t s = 0; s < seqs.size(); ++s) {
+    const auto full = full_logits(m, seqs[s]);
+    std::vector<float> last(full.end() - V, full.end());
+    std::vector<float> got(logits.begin() + long(s * V), logits.begin() + long((s + 1) * V));
+    EXPECT_LT(rel_err(got, last), 1e-5) << "sequence " << s;
+  }
+  EXPECT_EQ(mem.pos(2), 5);
+  EXPECT_EQ(mem.pos(0), 23);
+  EXPECT_EQ(mem.pos(1), 0);
+}
+
+TEST(Model, SeqCopyContinuesIdentically) {
+  auto be = make_cpu_backend();
+  HybridModel m(tiny(), *be);
+  init_nonzero_gates(m, 8);
+  Rng rng(14);
+  const auto prefix = tokens(rng, 12, m.config().vocab_size);
+  HybridMemory mem(*be, m.config(), 2, 20);
+  std::vector<float> la, lb;
+  Batch b;
+  b.add(0, prefix);
+  m.forward(b, mem, la);
+  mem.seq_cp(0, 1);
+  Batch s0, s1;
+  s0.add(0, {7});
+  s1.add(1, {7});
+  m.forward(s0, mem, la);
+  m.forward(s1, mem, lb);
+  EXPECT_EQ(la, lb);
+}
+
+TEST(Model, BridgesStartAsIdentity) {
+  auto be = make_cpu_backend();
+  ModelConfig on = tiny(), off = tiny();
+  off.state_bridges = false;
+  HybridModel a(on, *be), b(off, *be);
+  init_params(a.params(), 21);
+  a.prepare();
+  // Copy every shared tensor so the only difference is the (zero-gated) bridges.
+  for (size_t i = 0; i < b.params().specs().size(); ++i) {
+    const auto& s = b.params().specs()[i];
+    std::copy_n(a.params().get(s.name), s.numel(), b.params().at(i));
+  }
+  b.prepare();
+  Rng rng(15);
+  const auto toks = tokens(rng, 19, on.vocab_size);
+  EXPECT_EQ(full_logits(a, toks), full_logits(b, toks));
+  // And a nonzero gate changes the output: the bridge is wired in.
+  a.params().layer(1).bridge_gate[0] = 1.0f;
+  EXPECT_NE(full_logits(a, toks), full_logits(b, toks));
+}
+
+TEST(Model, BadInputIsRejected) {
+  auto be = make_cpu_backend();
+  HybridModel m(tiny(), *be);
+  init_params(m.params(), 1);
+  m.prepare();
+  HybridMemory mem(*be, m.config(), 2, 8);
+  std::vector<float> logits;
+  auto expect_error = [&](Batch b, const char* what) {
+    try {
+      m.forward(b, mem, logits);
+      ADD_FAILURE() << "accepted: " << what;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
+    }
+  };
+  Batch b1; b1.add(0, {1, 300});
+  expect_error(b1, "outside the vocabulary");
+  Batch b2; b2.add(0, {-1});
+  expect_error(b2, "outside the vocabulary");
+  Batch b3; b3.add(5, {1});
+  expect_error(b3, "slot 5");
+  Batch b4; b4.add(0, {1}); b4.add(0, {2});
+  expect_error(b4, "twice");
+  Batch b5; b5.add(1, std::vector<int32_t>(9, 1));
+  expect_error(b5, "context size");
+  EXPECT_EQ(mem.pos(0), 0);  // nothing was advanced by a rejected batch
+  EXPECT_EQ(mem.pos(1), 0);
+}
+
+TEST(Model, InitIsDeterministicAndDocumented) {
+  auto be = make_cpu_backend();
+  const ModelConfig c = tiny();
+  HybridModel a(c, *be), b(c, *be);
+  init_params(a.params(), 99);
+  init_params(b.params(), 99);
+  ASSERT_TRUE(std::equal(a.params().data(), a.params().data() + a.params().numel(), b.params().data()));
+  const LayerWeights& w = a.params().layer(0);  // Mamba
+  const int E = c.d_inner(), N = c.d_state;
+  for (int e = 0; e < E; ++e)
+    for (int n = 0; n < N; ++n) EXPECT_FLOAT_EQ(w.A_log[e * N + n], std::log(float(n + 1)));
+  for (int e = 0; e < E; ++e) {
+    EXPECT_FLOAT_EQ(w.Dskip[e], 1.0f);
+    const double dt = std::log1p(std::exp(double(w.dt_b[e])));  // softplus(bias) = initial dt
+    EXPECT_GE(dt, 0.001 * 0.999);
+    EXPECT_LE(dt, 0.1 * 1.001);
+  }
+  for (int i = 0; i < c.n_layers; ++i)
+    if (const float* g = a.params().layer(i).bridge_gate)
+      for (int j = 0; j < c.d_model; ++j) EXPECT_EQ(g[j], 0.0f);
+}
+
+TEST(Checkpoint, RoundTripF32IsExactAndBf16Close) {
+  auto be = make_cpu_backend();
+  const auto dir = std::filesystem::temp_directory_path() / "hm_ckpt_test";
+  std::filesystem::remove_all(dir);
+  HybridModel m(tiny(true, 48, true, false), *be);
+  init_nonzero_gates(m, 31);
+  save_model(m, dir.string());
+  auto back = load_model(dir.string(), *be);
+  ASSERT_TRUE(std::equal(m.params().data(), m.params().data() + m.params().numel(), back->params().data()));
+
+  save_model(m, (dir / "bf16").string(), "BF16");
+  auto half = load_model((dir / "bf16").string(), *be);
+  for (size_t i = 0; i < m.params().specs().size(); ++i) {
+    const auto& s = m.params().specs()[i];
+    for (int64_t k = 0; k < s.numel(); ++k) {
+      const float a = m.params().at(i)[k], b = half->params().at(i)[k];
+      if (s.name.find("A_log") != std::string::npos) {
+        ASSERT_EQ(a, b) << s.name;  // kept in float32
+      } else {
+        ASSERT_NEAR(a, b, std::fabs(a) * (1.0 / 128) + 1e-30) << s.name;
+      }
+    }
+  }
+  std::filesystem::remove_all(dir);
+}
+
+TEST(Checkpoint, MismatchedOrDamagedFilesNameTheProblem) {
+  auto be = make_cpu_backend();
+  const auto dir = std::filesystem::temp_directory_path() / "hm_ckpt_bad";
+  std::filesystem::remove_all(dir);
+  HybridModel m(tiny(), *be);
+  init_params(m.params(), 1);
+  save_model(m, dir.string());
+  auto expect_error = [&](const char* what) {
+    try {
+      load_model(dir.string(), *be);
+      ADD_FAILURE() << "loaded a bad checkpoint, expected: " << what;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
+    }
+  };
+  // A config that disagrees with the weights: the first differing tensor is named.
+  ModelConfig wider = tiny();
+  wider.d_ff = 64;
+  save_config((dir / "config.json").string(), wider);
+  expect_error("mlp.gate_proj.weight");
+  // Weights missing a tensor the config needs.
+  ModelConfig mlp_less = tiny(true, 0);
+  save_config((dir / "config.json").string(), mlp_less);
+  expect_error("unexpected tensor");
+  save_config((dir / "config.json").string(), tiny());
+  // Truncation.
+  const auto st = dir / "model.safetensors";
+  std::filesystem::resize_file(st, std::filesystem::file_size(st) - 10);
+  expect_error("model.safetensors");
+  expect_error("safetensors");
+  std::filesystem::remove_all(dir);
+  EXPECT_THROW(load_model(dir.string(), *be), Error);
+}
