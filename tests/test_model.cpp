@@ -236,9 +236,11 @@ TEST(Model, InitIsDeterministicAndDocumented) {
     EXPECT_GE(dt, 0.001 * 0.999);
     EXPECT_LE(dt, 0.1 * 1.001);
   }
-  for (int i = 0; i < c.n_layers; ++i)
-    if (const float* g = a.params().layer(i).bridge_gate)
-      for (int j = 0; j < c.d_model; ++j) EXPECT_EQ(g[j], 0.0f);
+  for (int i = 0; i < c.n_layers; ++i) {
+    const float* g = a.params().layer(i).bridge_gate;
+    if (!g) continue;
+    for (int j = 0; j < c.d_model; ++j) EXPECT_EQ(g[j], 0.0f);
+  }
 }
 
 TEST(Checkpoint, RoundTripF32IsExactAndBf16Close) {
