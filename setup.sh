@@ -7,7 +7,7 @@ export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends \
   build-essential cmake g++ pkg-config ca-certificates \
-  libopenblas-dev libomp-dev nlohmann-json3-dev libcli11-dev \
+  libopenblas-openmp-dev nlohmann-json3-dev libcli11-dev \
   libgtest-dev libbenchmark-dev libsentencepiece-dev libcpp-httplib-dev \
   python3 python3-numpy python3-torch >/dev/null
 echo "setup: dependencies installed"
