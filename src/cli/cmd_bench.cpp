@@ -63,6 +63,33 @@ double measure_read_gbs() {
   return best;
 }
 
+// The GEMM rate our linear layers get: backend linear (OpenBLAS sgemm) at 1024^3, best of several.
+double measure_gemm_gflops(Backend& be) {
+  const int n = 1024;
+  std::vector<float> a(size_t(n) * n), b(size_t(n) * n), c(size_t(n) * n);
+  Rng rng(7);
+  for (auto& x : a) x = rng.uniform(-1.f, 1.f);
+  for (auto& x : b) x = rng.uniform(-1.f, 1.f);
+  double best = 0;
+  for (int r = 0; r < 6; ++r) {
+    auto t0 = Clock::now();
+    be.linear(c.data(), n, a.data(), n, b.data(), n, n, n, false);
+    best = std::max(best, 2.0 * n * n * n / (ms(t0, Clock::now()) / 1e3) / 1e9);
+  }
+  return best;
+}
+
+// Multiply-add FLOPs of the matrix products of a forward over T tokens in n_seqs sequences
+// that produces logits for `rows` rows (the part a GEMM floor bounds; scan, conv, norms and
+// attention scores are counted separately below and are small at these lengths).
+double forward_gemm_flops(const ModelConfig& c, const Params& p, double T, double rows) {
+  double layer_params = 0;
+  for (const auto& s : p.specs())
+    if (s.shape.size() == 2 && s.name.find("embeddings") == std::string::npos && s.name != "lm_head.weight")
+      layer_params += double(s.numel());
+  return 2.0 * T * layer_params + 2.0 * rows * double(c.vocab_size) * c.d_model;
+}
+
 std::vector<int32_t> random_tokens(Rng& rng, int n, int vocab) {
   std::vector<int32_t> t(static_cast<size_t>(n));
   for (auto& x : t) x = int32_t(rng.next_u64() % uint64_t(std::min(vocab, 259)));
@@ -165,6 +192,9 @@ Run add_bench(CLI::App& app) {
     const double bw = measure_read_gbs();
     r["read_bw_gbs"] = bw;
     r["decode_roofline_tok_s"] = bw * 1e9 / double(model->weight_bytes());
+    log("GEMM rate");
+    const double gemm = measure_gemm_gflops(*be);
+    r["gemm_gflops"] = gemm;
 
     // Prefill of 2 x 32 tokens, the seed's own measurement. As generation runs it (last-token
     // logits) and as the seed measured it (a full forward with logits for every token).
@@ -184,7 +214,12 @@ Run add_bench(CLI::App& app) {
           model->forward(b, mem, logits);
           if (rep > 0) t.push_back(ms(t0, Clock::now()));  // first run warms caches and allocations
         }
-        r[logits_all ? "forward_all_logits_ms" : "prefill_ms"] = median(t);
+        const char* key = logits_all ? "forward_all_logits_ms" : "prefill_ms";
+        r[key] = median(t);
+        // Floor: the matrix products at the measured GEMM rate.
+        const double floor_ms = forward_gemm_flops(c, model->params(), 64, logits_all ? 64 : 2) / (gemm * 1e9) * 1e3;
+        r[std::string(key) + "_floor"] = floor_ms;
+        r[std::string(key) + "_floor_fraction"] = floor_ms / median(t);
       }
     }
 
