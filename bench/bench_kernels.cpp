@@ -1,0 +1,202 @@
+// hm::cpu vs hm::ref kernels at the seed model's sizes (d_model 512, E 1024, N 16, K 4, H 8,
+// hd 64), plus two floors measured in the same run: read bandwidth and FMA peak. Report each
+// kernel as a fraction of its floor (bytes / read bandwidth, or flops / FMA peak).
+//
+//   hm_bench_kernels --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
+//
+// Counters: bytes and flops are rates (per second of wall time); ns/tok/ch is the inverse rate
+// per (token, channel). Wall time throughout: the kernels run on all OpenMP threads.
+#include <benchmark/benchmark.h>
+#include <omp.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "core/rng.h"
+#include "kernels/cpu/simd.h"
+#include "kernels/ops.h"
+
+namespace {
+
+constexpr int kD = 512, kE = 1024, kN = 16, kK = 4, kH = 8, kG = 8, kHd = 64;
+
+// 64-byte aligned, like the CPU backend's buffers (unaligned rows would split every vector
+// access across two cache lines).
+using Vec = hm::cpu::simd::FloatBuf;
+
+Vec random_vec(std::size_t n, float lo, float hi, uint64_t seed) {
+  hm::Rng rng(seed);
+  Vec v(n);
+  for (auto& x : v) x = rng.uniform(lo, hi);
+  return v;
+}
+
+using benchmark::Counter;
+void set_rates(benchmark::State& st, double bytes, double flops) {
+  if (bytes > 0) st.counters["bytes"] = Counter(bytes, Counter::kIsIterationInvariantRate);
+  if (flops > 0) st.counters["flops"] = Counter(flops, Counter::kIsIterationInvariantRate);
+}
+
+// --- selective_scan: x, dt, z read and y written once ([L, E] each), B and C ([L, N]) --------
+void BM_Scan(benchmark::State& st, bool ref) {
+  const int L = int(st.range(0)), E = kE, N = kN;
+  const auto x = random_vec(std::size_t(L) * E, -1, 1, 1), dt = random_vec(x.size(), -3, 1, 2),
+             z = random_vec(x.size(), -3, 3, 3), bc = random_vec(std::size_t(L) * 2 * N, -1, 1, 4),
+             bias = random_vec(E, -4.6f, -2.3f, 5), D = random_vec(E, 0.5f, 1.5f, 6);
+  Vec A(std::size_t(E) * N), y(x.size()), s(std::size_t(E) * N, 0.0f);
+  for (int e = 0; e < E; ++e)
+    for (int n = 0; n < N; ++n) A[e * N + n] = -float(n + 1);
+  auto fn = ref ? hm::ref::selective_scan : hm::cpu::selective_scan;
+  for (auto _ : st) {
+    fn(y.data(), E, s.data(), x.data(), E, dt.data(), E, bias.data(), A.data(), bc.data(),
+       bc.data() + N, 2 * N, D.data(), z.data(), E, L, E, N);
+    benchmark::DoNotOptimize(y.data());
+  }
+  set_rates(st, 4.0 * (4.0 * L * E + 2.0 * L * N + 2.0 * E * N), 0);
+  st.counters["ns/tok/ch"] =
+      Counter(double(L) * E, Counter::kIsIterationInvariantRate | Counter::kInvert);
+}
+BENCHMARK_CAPTURE(BM_Scan, cpu, false)->Arg(1)->Arg(64)->Arg(512)->Arg(4096)->UseRealTime();
+BENCHMARK_CAPTURE(BM_Scan, ref, true)->Arg(1)->Arg(64)->Arg(512)->Arg(4096)->UseRealTime();
+
+// --- conv1d_silu: x read, out written ----------------------------------------------------------
+void BM_Conv(benchmark::State& st, bool ref) {
+  const int L = int(st.range(0)), E = kE, K = kK;
+  const auto x = random_vec(std::size_t(L) * E, -1, 1, 7),
+             w = random_vec(std::size_t(E) * K, -.5f, .5f, 8), b = random_vec(E, -.5f, .5f, 9);
+  Vec out(x.size()), state(std::size_t(E) * (K - 1), 0.0f);
+  auto fn = ref ? hm::ref::conv1d_silu : hm::cpu::conv1d_silu;
+  for (auto _ : st) {
+    fn(out.data(), E, state.data(), x.data(), E, w.data(), b.data(), L, E, K);
+    benchmark::DoNotOptimize(out.data());
+  }
+  set_rates(st, 4.0 * 2.0 * L * E, 0);
+}
+BENCHMARK_CAPTURE(BM_Conv, cpu, false)->Arg(1)->Arg(64)->Arg(512)->Arg(4096)->UseRealTime();
+BENCHMARK_CAPTURE(BM_Conv, ref, true)->Arg(1)->Arg(64)->Arg(512)->Arg(4096)->UseRealTime();
+
+// --- attention ---------------------------------------------------------------------------------
+// flops: QK^T and PV, 2 * hd each per visible (query head, key) pair. bytes: q, out, K, V once.
+void run_attention(benchmark::State& st, bool ref, int L, int pos0) {
+  const int T = pos0 + L;
+  const auto q = random_vec(std::size_t(L) * kH * kHd, -1, 1, 10),
+             k = random_vec(std::size_t(T) * kG * kHd, -1, 1, 11),
+             v = random_vec(std::size_t(T) * kG * kHd, -1, 1, 12);
+  Vec out(q.size());
+  auto fn = ref ? hm::ref::attention : hm::cpu::attention;
+  for (auto _ : st) {
+    fn(out.data(), kH * kHd, q.data(), kH * kHd, k.data(), v.data(), L, pos0, kH, kG, kHd);
+    benchmark::DoNotOptimize(out.data());
+  }
+  const double pairs = double(kH) * (double(L) * pos0 + double(L) * (L + 1) / 2);
+  set_rates(st, 4.0 * (2.0 * L * kH * kHd + 2.0 * T * kG * kHd), 4.0 * kHd * pairs);
+}
+void BM_AttentionPrefill(benchmark::State& st, bool ref) {
+  run_attention(st, ref, int(st.range(0)), 0);
+}
+void BM_AttentionDecode(benchmark::State& st, bool ref) {
+  run_attention(st, ref, 1, int(st.range(0)) - 1);  // one query over a cache of T keys
+}
+// Decode as in a model with several attention layers: each call reads another layer's cache,
+// 4 x 16.8 MB at T = 4096, more than the L3, so K and V come from DRAM as they would.
+void BM_AttentionDecodeCold(benchmark::State& st) {
+  const int T = int(st.range(0)), layers = 4;
+  const auto q = random_vec(std::size_t(kH) * kHd, -1, 1, 15);
+  std::vector<Vec> k, v;
+  for (int i = 0; i < layers; ++i) {
+    k.push_back(random_vec(std::size_t(T) * kG * kHd, -1, 1, 16 + i));
+    v.push_back(random_vec(std::size_t(T) * kG * kHd, -1, 1, 32 + i));
+  }
+  Vec out(q.size());
+  int layer = 0;
+  for (auto _ : st) {
+    hm::cpu::attention(out.data(), kH * kHd, q.data(), kH * kHd, k[layer].data(), v[layer].data(),
+                       1, T - 1, kH, kG, kHd);
+    layer = (layer + 1) % layers;
+    benchmark::DoNotOptimize(out.data());
+  }
+  set_rates(st, 4.0 * 2.0 * T * kG * kHd, 4.0 * kHd * kH * T);
+}
+BENCHMARK(BM_AttentionDecodeCold)->Arg(4096)->UseRealTime();
+
+BENCHMARK_CAPTURE(BM_AttentionPrefill, cpu, false)->Arg(64)->Arg(512)->Arg(4096)->UseRealTime();
+// The reference is left out at L = 4096: ~17 GFLOP in scalar double, tens of seconds a run.
+BENCHMARK_CAPTURE(BM_AttentionPrefill, ref, true)->Arg(64)->Arg(512)->UseRealTime();
+BENCHMARK_CAPTURE(BM_AttentionDecode, cpu, false)->Arg(512)->Arg(4096)->UseRealTime();
+BENCHMARK_CAPTURE(BM_AttentionDecode, ref, true)->Arg(512)->Arg(4096)->UseRealTime();
+
+// --- rmsnorm: x read, out written --------------------------------------------------------------
+void BM_Rmsnorm(benchmark::State& st, bool ref) {
+  const int n = int(st.range(0)), d = kD;
+  const auto x = random_vec(std::size_t(n) * d, -1, 1, 13), w = random_vec(d, .5f, 1.5f, 14);
+  Vec out(x.size());
+  auto fn = ref ? hm::ref::rmsnorm : hm::cpu::rmsnorm;
+  for (auto _ : st) {
+    fn(out.data(), x.data(), w.data(), n, d, 1e-5f);
+    benchmark::DoNotOptimize(out.data());
+  }
+  set_rates(st, 4.0 * 2.0 * n * d, 0);
+}
+BENCHMARK_CAPTURE(BM_Rmsnorm, cpu, false)->Arg(1)->Arg(64)->Arg(512)->Arg(4096)->UseRealTime();
+BENCHMARK_CAPTURE(BM_Rmsnorm, ref, true)->Arg(1)->Arg(64)->Arg(512)->Arg(4096)->UseRealTime();
+
+// --- floors ------------------------------------------------------------------------------------
+// Read bandwidth: a vectorised sum over 256 MiB (far beyond the caches) on all threads, with
+// four independent accumulators so that the adds keep up with the loads.
+void BM_FloorReadBandwidth(benchmark::State& st) {
+  typedef float v16 __attribute__((vector_size(64)));
+  const std::size_t n = std::size_t(64) << 20;
+  Vec buf(n, 1.0f);
+  for (auto _ : st) {
+#pragma omp parallel
+    {
+      v16 a0{}, a1{}, a2{}, a3{};
+#pragma omp for schedule(static)
+      for (std::size_t i = 0; i < n; i += 64) {
+        v16 b0, b1, b2, b3;
+        std::memcpy(&b0, &buf[i], 64);
+        std::memcpy(&b1, &buf[i + 16], 64);
+        std::memcpy(&b2, &buf[i + 32], 64);
+        std::memcpy(&b3, &buf[i + 48], 64);
+        a0 += b0, a1 += b1, a2 += b2, a3 += b3;
+      }
+      const v16 sum = (a0 + a1) + (a2 + a3);
+      benchmark::DoNotOptimize(sum);
+    }
+  }
+  set_rates(st, 4.0 * double(n), 0);
+}
+BENCHMARK(BM_FloorReadBandwidth)->UseRealTime();
+
+#if defined(__AVX512F__)
+// FMA peak: 12 independent 16-lane FMA chains per thread (enough to cover FMA latency).
+void BM_FloorFmaPeak(benchmark::State& st) {
+  const long steps = 1L << 22;
+  for (auto _ : st) {
+#pragma omp parallel
+    {
+      __m512 acc[12];
+      for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_ps(float(i) * 1e-3f);
+      const __m512 m = _mm512_set1_ps(0.9999f), c = _mm512_set1_ps(1e-4f);
+      for (long s = 0; s < steps; ++s)
+#pragma GCC unroll 12
+        for (int i = 0; i < 12; ++i) acc[i] = _mm512_fmadd_ps(acc[i], m, c);
+      float sum[16];
+      for (int i = 1; i < 12; ++i) acc[0] = _mm512_add_ps(acc[0], acc[i]);
+      _mm512_storeu_ps(sum, acc[0]);
+      benchmark::DoNotOptimize(sum);
+    }
+  }
+  set_rates(st, 0, 2.0 * 16 * 12 * double(steps) * omp_get_max_threads());
+}
+BENCHMARK(BM_FloorFmaPeak)->UseRealTime();
+#endif
+
+}  // namespace
+
+BENCHMARK_MAIN();
