@@ -5,6 +5,10 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <system_error>
+#include <unordered_map>
+
+#include <sentencepiece_processor.h>
+#include <sentencepiece_trainer.h>
 
 #include "core/error.h"
 #include "io/atomic_file.h"
@@ -108,6 +112,189 @@ void ByteTokenizer::save(const std::string& dir) const {
   write_file_atomic((fs::path(dir) / "tokenizer.json").string(), j.dump(2) + "\n");
 }
 
+// ---- SentencePieceTokenizer ----
+
+namespace {
+
+std::string read_whole_file(const fs::path& path, const char* what) {
+  std::error_code ec;
+  const fs::file_status st = fs::status(path, ec);
+  HM_CHECK(st.type() != fs::file_type::not_found, "tokenizer: ", what, " ", path.string(),
+           " does not exist");
+  HM_CHECK(fs::is_regular_file(st), "tokenizer: ", what, " ", path.string(),
+           " is not a regular file");
+  std::ifstream f(path, std::ios::binary);
+  HM_CHECK(f.good(), "tokenizer: cannot open ", path.string());
+  std::ostringstream ss;
+  ss << f.rdbuf();
+  HM_CHECK(!f.bad(), "tokenizer: failed reading ", path.string());
+  return std::move(ss).str();
+}
+
+int hex_digit(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  return -1;
+}
+
+void create_dir(const std::string& dir) {
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  HM_CHECK(!ec, "tokenizer: cannot create directory ", dir, ": ", ec.message());
+}
+
+// Feeds the trainer one line at a time: SentencePiece trains on sentences, and a line is the
+// natural unit of our corpora (strip_brown_tags writes one sentence per line).
+class LineIterator : public sentencepiece::SentenceIterator {
+ public:
+  explicit LineIterator(const std::vector<std::string>& texts) : texts_(texts) { advance(); }
+  bool done() const override { return doc_ >= texts_.size(); }
+  void Next() override { advance(); }
+  const std::string& value() const override { return line_; }
+  sentencepiece::util::Status status() const override { return {}; }
+  size_t lines() const { return lines_; }
+
+ private:
+  void advance() {  // to the next non-empty line
+    while (doc_ < texts_.size()) {
+      const std::string& t = texts_[doc_];
+      if (pos_ >= t.size()) {
+        ++doc_, pos_ = 0;
+        continue;
+      }
+      size_t end = t.find('\n', pos_);
+      if (end == std::string::npos) end = t.size();
+      const size_t start = pos_;
+      pos_ = end + 1;
+      if (end > start) {
+        line_.assign(t, start, end - start);
+        ++lines_;
+        return;
+      }
+    }
+  }
+  const std::vector<std::string>& texts_;
+  size_t doc_ = 0, pos_ = 0, lines_ = 0;
+  std::string line_;
+};
+
+}  // namespace
+
+SentencePieceTokenizer::SentencePieceTokenizer(const std::string& model_file) {
+  init(read_whole_file(model_file, "SentencePiece model"), model_file);
+}
+
+SentencePieceTokenizer::~SentencePieceTokenizer() = default;
+
+std::unique_ptr<SentencePieceTokenizer> SentencePieceTokenizer::from_serialized(
+    std::string model, const std::string& origin) {
+  std::unique_ptr<SentencePieceTokenizer> tok(new SentencePieceTokenizer());
+  tok->init(std::move(model), origin);
+  return tok;
+}
+
+void SentencePieceTokenizer::init(std::string model, const std::string& origin) {
+  HM_CHECK(!model.empty(), "tokenizer: ", origin, ": empty file, not a SentencePiece model");
+  sp_ = std::make_unique<sentencepiece::SentencePieceProcessor>();
+  const auto st = sp_->LoadFromSerializedProto(model);
+  HM_CHECK(st.ok(), "tokenizer: ", origin, ": not a valid SentencePiece model (", st.ToString(),
+           ")");
+  const int n = sp_->GetPieceSize();
+  HM_CHECK(n > 0, "tokenizer: ", origin, ": SentencePiece model has no pieces");
+  bos_ = sp_->bos_id(), eos_ = sp_->eos_id(), pad_ = sp_->pad_id();
+  HM_CHECK(bos_ >= 0 && bos_ < n && eos_ >= 0 && eos_ < n && pad_ >= 0 && pad_ < n,
+           "tokenizer: ", origin, ": SentencePiece model must define bos, eos and pad (got ",
+           bos_, ", ", eos_, ", ", pad_, ")");
+  static constexpr std::string_view kMetaSpace = "\xE2\x96\x81";  // U+2581, SentencePiece's space
+  pieces_.assign(static_cast<size_t>(n), {});
+  for (int id = 0; id < n; ++id) {
+    std::string& out = pieces_[static_cast<size_t>(id)];
+    if (sp_->IsControl(id)) continue;
+    if (sp_->IsUnknown(id)) {
+      out = kReplacement;
+      continue;
+    }
+    const std::string& piece = sp_->IdToPiece(id);
+    if (sp_->IsByte(id)) {  // "<0xNN>"
+      const int hi = piece.size() == 6 ? hex_digit(piece[3]) : -1;
+      const int lo = piece.size() == 6 ? hex_digit(piece[4]) : -1;
+      HM_CHECK(piece.compare(0, 3, "<0x") == 0 && piece.back() == '>' && hi >= 0 && lo >= 0,
+               "tokenizer: ", origin, ": malformed byte piece \"", piece, "\" (id ", id, ")");
+      out.assign(1, static_cast<char>(hi * 16 + lo));
+      continue;
+    }
+    for (size_t i = 0; i < piece.size();) {
+      if (piece.compare(i, kMetaSpace.size(), kMetaSpace) == 0) {
+        out += ' ';
+        i += kMetaSpace.size();
+      } else {
+        out += piece[i++];
+      }
+    }
+  }
+  model_ = std::move(model);
+}
+
+std::vector<int32_t> SentencePieceTokenizer::encode(std::string_view text, bool add_bos) const {
+  std::vector<int> raw;
+  const auto st = sp_->Encode(text, &raw);
+  HM_CHECK(st.ok(), "tokenizer: SentencePiece failed to encode text: ", st.ToString());
+  std::vector<int32_t> ids;
+  ids.reserve(raw.size() + (add_bos ? 1 : 0));
+  if (add_bos) ids.push_back(bos_);
+  ids.insert(ids.end(), raw.begin(), raw.end());
+  return ids;
+}
+
+std::string SentencePieceTokenizer::decode_piece(int32_t id) const {
+  const int n = vocab_size();
+  HM_CHECK(id >= 0 && id < n, "tokenizer: token id ", id, " out of range [0, ", n, ")");
+  return pieces_[static_cast<size_t>(id)];
+}
+
+void SentencePieceTokenizer::save(const std::string& dir) const {
+  create_dir(dir);
+  // The model first: tokenizer.json never names a model that is not there yet.
+  write_file_atomic((fs::path(dir) / "tokenizer.model").string(), model_);
+  const nlohmann::json j = {{"type", type()}, {"model", "tokenizer.model"}};
+  write_file_atomic((fs::path(dir) / "tokenizer.json").string(), j.dump(2) + "\n");
+}
+
+void train_sentencepiece_bpe(const std::vector<std::string>& texts, int vocab_size,
+                             const std::string& out_dir) {
+  HM_CHECK(vocab_size > 260, "tokenizer: BPE vocab_size must exceed 260 (4 specials and 256 ",
+           "byte pieces), got ", vocab_size);
+  LineIterator lines(texts);
+  HM_CHECK(!lines.done(), "tokenizer: no text to train the BPE tokenizer on");
+  const std::unordered_map<std::string, std::string> args = {
+      {"model_type", "bpe"},
+      {"vocab_size", std::to_string(vocab_size)},
+      {"byte_fallback", "true"},
+      {"character_coverage", "0.9995"},
+      {"pad_id", "0"}, {"unk_id", "1"}, {"bos_id", "2"}, {"eos_id", "3"},
+      // Byte-exact round trips: no NFKC, no dummy leading space, runs of spaces kept.
+      {"normalization_rule_name", "identity"},
+      {"add_dummy_prefix", "false"},
+      {"remove_extra_whitespaces", "false"},
+      {"allow_whitespace_only_pieces", "true"},
+      {"split_digits", "true"},
+      // Long paragraphs are not silently dropped (the default limit is 4192 bytes).
+      {"max_sentence_length", "1048576"},
+      // Determinism: every line, in order, on one thread.
+      {"input_sentence_size", "0"},
+      {"shuffle_input_sentence", "false"},
+      {"num_threads", "1"},
+      {"minloglevel", "2"},
+  };
+  sentencepiece::SetRandomGeneratorSeed(1);  // unused by BPE on unsampled input; pinned anyway
+  std::string model;
+  const auto st = sentencepiece::SentencePieceTrainer::Train(args, &lines, &model);
+  HM_CHECK(st.ok(), "tokenizer: training BPE with vocab_size ", vocab_size, " on ",
+           lines.lines(), " lines failed: ", st.ToString());
+  SentencePieceTokenizer::from_serialized(std::move(model), "trained BPE model")->save(out_dir);
+}
+
 // ---- loading ----
 
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir) {
@@ -137,10 +324,20 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir) {
   HM_CHECK(it->is_string(), "tokenizer: ", name, ": field \"type\" must be a string");
   const std::string type = it->get<std::string>();
   if (type == "byte") return std::make_unique<ByteTokenizer>();
-  HM_CHECK(type != "sentencepiece", "tokenizer: ", name,
-           ": field \"type\": \"sentencepiece\" is not supported yet");
+  if (type == "sentencepiece") {
+    std::string model = "tokenizer.model";
+    if (const auto m = j.find("model"); m != j.end()) {
+      HM_CHECK(m->is_string() && !m->get<std::string>().empty(), "tokenizer: ", name,
+               ": field \"model\" must be a non-empty string");
+      model = m->get<std::string>();
+    }
+    const fs::path model_path = fs::path(dir) / model;
+    HM_CHECK(fs::exists(model_path, ec), "tokenizer: ", name, ": field \"model\": sentencepiece ",
+             "model ", model_path.string(), " does not exist");
+    return std::make_unique<SentencePieceTokenizer>(model_path.string());
+  }
   throw Error("tokenizer: " + name + ": field \"type\": unknown tokenizer type \"" + type +
-              "\" (expected \"byte\")");
+              "\" (expected \"byte\" or \"sentencepiece\")");
 }
 
 // ---- UTF-8 ----
@@ -160,13 +357,15 @@ std::string Utf8StreamDecoder::flush() {
   return out;
 }
 
-bool is_valid_utf8(std::string_view s) {
+bool is_valid_utf8(std::string_view s) { return utf8_error_offset(s) == std::string_view::npos; }
+
+size_t utf8_error_offset(std::string_view s) {
   for (size_t i = 0; i < s.size();) {
     const Seq seq = examine(s, i);
-    if (!seq.valid) return false;
+    if (!seq.valid) return i;
     i += seq.len;
   }
-  return true;
+  return std::string_view::npos;
 }
 
 }  // namespace hm

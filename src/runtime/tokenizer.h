@@ -7,6 +7,10 @@
 #include <string_view>
 #include <vector>
 
+namespace sentencepiece {
+class SentencePieceProcessor;
+}  // namespace sentencepiece
+
 namespace hm {
 
 class Tokenizer {
@@ -41,8 +45,63 @@ class ByteTokenizer : public Tokenizer {
   void save(const std::string& dir) const override;
 };
 
-// Reads dir/tokenizer.json ({"type": "byte"}); a missing file means byte-level. Unknown
-// type or malformed JSON -> hm::Error naming the file and field.
+// SentencePiece model (train_sentencepiece_bpe makes one): ids 0 <pad>, 1 <unk>, 2 <s> (bos),
+// 3 </s> (eos), then the 256 byte pieces <0x00>..<0xFF>, then characters and merges. Encoding
+// is byte-exact for valid UTF-8 (identity normalization, no dummy prefix, spaces kept), so
+// decode(encode(t)) == t; characters not in the vocabulary fall back to their bytes. Caveats
+// of SentencePiece itself: U+2581 in the text comes back as a space, and invalid UTF-8 is
+// not preserved. decode_piece: the piece's bytes with U+2581 as ' ', <0xNN> as that one byte,
+// "" for pad/bos/eos, U+FFFD for unk (only a model without byte fallback produces it).
+// A model trained elsewhere loads too if it defines bos, eos and pad; one with a dummy
+// prefix decodes with a leading space.
+class SentencePieceTokenizer : public Tokenizer {
+ public:
+  // hm::Error naming the file when it is missing, unreadable or not a SentencePiece model.
+  explicit SentencePieceTokenizer(const std::string& model_file);
+  ~SentencePieceTokenizer() override;
+  SentencePieceTokenizer(const SentencePieceTokenizer&) = delete;
+  SentencePieceTokenizer& operator=(const SentencePieceTokenizer&) = delete;
+
+  std::string type() const override { return "sentencepiece"; }
+  int vocab_size() const override { return static_cast<int>(pieces_.size()); }
+  int bos() const override { return bos_; }
+  int eos() const override { return eos_; }
+  int pad() const override { return pad_; }
+  std::vector<int32_t> encode(std::string_view text, bool add_bos) const override;
+  std::string decode_piece(int32_t id) const override;
+  // Writes dir/tokenizer.model, then dir/tokenizer.json ({"type": "sentencepiece", "model":
+  // "tokenizer.model"}), each atomically.
+  void save(const std::string& dir) const override;
+  // The model as stored in tokenizer.model (a serialized ModelProto).
+  const std::string& serialized_model() const { return model_; }
+  // origin names the model in error messages.
+  static std::unique_ptr<SentencePieceTokenizer> from_serialized(std::string model,
+                                                                 const std::string& origin);
+
+ private:
+  SentencePieceTokenizer() = default;
+  void init(std::string model, const std::string& origin);
+
+  std::unique_ptr<sentencepiece::SentencePieceProcessor> sp_;
+  std::string model_;
+  std::vector<std::string> pieces_;  // decode_piece of every id, computed once
+  int bos_ = -1, eos_ = -1, pad_ = -1;
+};
+
+// Trains a byte-fallback BPE SentencePiece model on texts (each split into lines; empty lines
+// skipped) and writes it with SentencePieceTokenizer::save to out_dir. Deterministic: the same
+// texts and vocab_size give a byte-identical tokenizer.model (one thread, no sampling or
+// shuffling of the input, fixed seed). vocab_size counts the 4 specials and 256 byte pieces,
+// so it must exceed 260 plus the distinct characters kept (character_coverage 0.9995; rarer
+// characters are left to the byte pieces). hm::Error for no text or a vocab_size the trainer
+// rejects.
+void train_sentencepiece_bpe(const std::vector<std::string>& texts, int vocab_size,
+                             const std::string& out_dir);
+
+// Reads dir/tokenizer.json: {"type": "byte"}, or {"type": "sentencepiece", "model": FILE} with
+// FILE relative to dir (default "tokenizer.model"); a missing tokenizer.json means byte-level.
+// Unknown type, malformed JSON, a missing or corrupt model -> hm::Error naming the file and
+// field.
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir);
 
 // Turns a token stream into text as it arrives. A UTF-8 character may span tokens: push()
@@ -63,5 +122,8 @@ class Utf8StreamDecoder {
 };
 
 bool is_valid_utf8(std::string_view s);
+// Offset of the first byte that does not start a well-formed character (a truncated one at the
+// end counts), or std::string_view::npos when s is valid UTF-8.
+size_t utf8_error_offset(std::string_view s);
 
 }  // namespace hm
