@@ -14,6 +14,7 @@
 #endif
 
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -82,53 +83,88 @@ BENCHMARK_CAPTURE(BM_Conv, ref, true)->Arg(1)->Arg(64)->Arg(512)->Arg(4096)->Use
 
 // --- attention ---------------------------------------------------------------------------------
 // flops: QK^T and PV, 2 * hd each per visible (query head, key) pair. bytes: q, out, K, V once.
-void run_attention(benchmark::State& st, bool ref, int L, int pos0) {
+// The cache is float (ref, cpu) or half (cpu_f16: attention_f16kv), whose bytes are halved.
+enum class Attn { ref, cpu, cpu_f16 };
+
+// A [rows, G*hd] cache of random values: floats, or halves of them.
+struct Cache {
+  Vec f;
+  std::vector<uint16_t, hm::cpu::simd::AlignedAlloc<uint16_t>> h;
+  Cache(int rows, uint64_t seed, bool half)
+      : f(random_vec(std::size_t(rows) * kG * kHd, -1, 1, seed)) {
+    if (!half) return;
+    h.resize(f.size());
+    hm::cpu::store_f16(h.data(), kG * kHd, f.data(), kG * kHd, rows, kG * kHd);
+    Vec().swap(f);
+  }
+};
+
+void attend(Attn impl, float* out, const float* q, const Cache& k, const Cache& v, int L,
+            int pos0) {
+  const int ld = kH * kHd;
+  switch (impl) {
+    case Attn::ref:
+      hm::ref::attention(out, ld, q, ld, k.f.data(), v.f.data(), L, pos0, kH, kG, kHd);
+      break;
+    case Attn::cpu:
+      hm::cpu::attention(out, ld, q, ld, k.f.data(), v.f.data(), L, pos0, kH, kG, kHd);
+      break;
+    case Attn::cpu_f16:
+      hm::cpu::attention_f16kv(out, ld, q, ld, k.h.data(), v.h.data(), L, pos0, kH, kG, kHd);
+  }
+}
+double kv_bytes(Attn impl) { return impl == Attn::cpu_f16 ? 2.0 : 4.0; }
+
+void run_attention(benchmark::State& st, Attn impl, int L, int pos0) {
   const int T = pos0 + L;
-  const auto q = random_vec(std::size_t(L) * kH * kHd, -1, 1, 10),
-             k = random_vec(std::size_t(T) * kG * kHd, -1, 1, 11),
-             v = random_vec(std::size_t(T) * kG * kHd, -1, 1, 12);
+  const auto q = random_vec(std::size_t(L) * kH * kHd, -1, 1, 10);
+  const Cache k(T, 11, impl == Attn::cpu_f16), v(T, 12, impl == Attn::cpu_f16);
   Vec out(q.size());
-  auto fn = ref ? hm::ref::attention : hm::cpu::attention;
   for (auto _ : st) {
-    fn(out.data(), kH * kHd, q.data(), kH * kHd, k.data(), v.data(), L, pos0, kH, kG, kHd);
+    attend(impl, out.data(), q.data(), k, v, L, pos0);
     benchmark::DoNotOptimize(out.data());
   }
   const double pairs = double(kH) * (double(L) * pos0 + double(L) * (L + 1) / 2);
-  set_rates(st, 4.0 * (2.0 * L * kH * kHd + 2.0 * T * kG * kHd), 4.0 * kHd * pairs);
+  set_rates(st, 4.0 * 2.0 * L * kH * kHd + kv_bytes(impl) * 2.0 * T * kG * kHd,
+            4.0 * kHd * pairs);
 }
-void BM_AttentionPrefill(benchmark::State& st, bool ref) {
-  run_attention(st, ref, int(st.range(0)), 0);
+void BM_AttentionPrefill(benchmark::State& st, Attn impl) {
+  run_attention(st, impl, int(st.range(0)), 0);
 }
-void BM_AttentionDecode(benchmark::State& st, bool ref) {
-  run_attention(st, ref, 1, int(st.range(0)) - 1);  // one query over a cache of T keys
+void BM_AttentionDecode(benchmark::State& st, Attn impl) {
+  run_attention(st, impl, 1, int(st.range(0)) - 1);  // one query over a cache of T keys
 }
 // Decode as in a model with several attention layers: each call reads another layer's cache,
-// 4 x 16.8 MB at T = 4096, more than the L3, so K and V come from DRAM as they would.
-void BM_AttentionDecodeCold(benchmark::State& st) {
-  const int T = int(st.range(0)), layers = 4;
+// 67 MB in all at T = 4096 (4 float layers of 16.8 MB, or 8 half ones of 8.4 MB), twice the
+// L3, so K and V come from DRAM as they would.
+void BM_AttentionDecodeCold(benchmark::State& st, Attn impl) {
+  const int T = int(st.range(0)), layers = impl == Attn::cpu_f16 ? 8 : 4;
   const auto q = random_vec(std::size_t(kH) * kHd, -1, 1, 15);
-  std::vector<Vec> k, v;
+  std::vector<Cache> k, v;
   for (int i = 0; i < layers; ++i) {
-    k.push_back(random_vec(std::size_t(T) * kG * kHd, -1, 1, 16 + i));
-    v.push_back(random_vec(std::size_t(T) * kG * kHd, -1, 1, 32 + i));
+    k.emplace_back(T, 16 + i, impl == Attn::cpu_f16);
+    v.emplace_back(T, 32 + i, impl == Attn::cpu_f16);
   }
   Vec out(q.size());
   int layer = 0;
   for (auto _ : st) {
-    hm::cpu::attention(out.data(), kH * kHd, q.data(), kH * kHd, k[layer].data(), v[layer].data(),
-                       1, T - 1, kH, kG, kHd);
+    attend(impl, out.data(), q.data(), k[layer], v[layer], 1, T - 1);
     layer = (layer + 1) % layers;
     benchmark::DoNotOptimize(out.data());
   }
-  set_rates(st, 4.0 * 2.0 * T * kG * kHd, 4.0 * kHd * kH * T);
+  set_rates(st, kv_bytes(impl) * 2.0 * T * kG * kHd, 4.0 * kHd * kH * T);
 }
-BENCHMARK(BM_AttentionDecodeCold)->Arg(4096)->UseRealTime();
+BENCHMARK_CAPTURE(BM_AttentionDecodeCold, cpu, Attn::cpu)->Arg(4096)->UseRealTime();
+BENCHMARK_CAPTURE(BM_AttentionDecodeCold, cpu_f16, Attn::cpu_f16)->Arg(4096)->UseRealTime();
 
-BENCHMARK_CAPTURE(BM_AttentionPrefill, cpu, false)->Arg(64)->Arg(512)->Arg(4096)->UseRealTime();
+BENCHMARK_CAPTURE(BM_AttentionPrefill, cpu, Attn::cpu)->Arg(64)->Arg(512)->Arg(4096)->UseRealTime();
+BENCHMARK_CAPTURE(BM_AttentionPrefill, cpu_f16, Attn::cpu_f16)->Arg(512)->UseRealTime();
 // The reference is left out at L = 4096: ~17 GFLOP in scalar double, tens of seconds a run.
-BENCHMARK_CAPTURE(BM_AttentionPrefill, ref, true)->Arg(64)->Arg(512)->UseRealTime();
-BENCHMARK_CAPTURE(BM_AttentionDecode, cpu, false)->Arg(512)->Arg(4096)->UseRealTime();
-BENCHMARK_CAPTURE(BM_AttentionDecode, ref, true)->Arg(512)->Arg(4096)->UseRealTime();
+BENCHMARK_CAPTURE(BM_AttentionPrefill, ref, Attn::ref)->Arg(64)->Arg(512)->UseRealTime();
+BENCHMARK_CAPTURE(BM_AttentionDecode, cpu, Attn::cpu)->Arg(512)->Arg(4096)->UseRealTime();
+// In the L3 at T = 4096 (8.4 MB of halves against 16.8 MB of floats).
+BENCHMARK_CAPTURE(BM_AttentionDecode, cpu_f16, Attn::cpu_f16)->Arg(512)->Arg(4096)->UseRealTime();
+BENCHMARK_CAPTURE(BM_AttentionDecode, ref, Attn::ref)->Arg(512)->Arg(4096)->UseRealTime();
 
 // --- rmsnorm: x read, out written --------------------------------------------------------------
 void BM_Rmsnorm(benchmark::State& st, bool ref) {

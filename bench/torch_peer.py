@@ -6,6 +6,7 @@ Subcommands:
   bench         time full-forward prefill and cached greedy decoding; one JSON object on stdout
   logits        print the last-position logits of a token list (debugging aid)
   write-random  write a random checkpoint for a config (development and tests)
+  grads         loss and every parameter's gradient in float64 on random tokens (training oracle)
 
 Run with Debian's interpreter: /usr/bin/python3 bench/torch_peer.py ...
 Exit codes: 0 success, 1 internal self-check failure, 2 bad input.
@@ -122,7 +123,7 @@ def _bf16_bits(a):
 
 
 def write_safetensors(path, tensors, dtypes=None):
-    """tensors: {name: torch.Tensor}; float tensors go out as F32 unless dtypes names F16/BF16."""
+    """tensors: {name: torch.Tensor}; float tensors go out as F32 unless dtypes names F16/BF16/F64."""
     dtypes = dtypes or {}
     blobs, header, offset = [], {}, 0
     for name in sorted(tensors):
@@ -132,7 +133,9 @@ def write_safetensors(path, tensors, dtypes=None):
         elif t.dtype.is_floating_point:
             dt = dtypes.get(name, "F32")
             a = t.to(torch.float32).numpy()
-            if dt == "F32":
+            if dt == "F64":
+                raw = t.to(torch.float64).numpy().astype("<f8").tobytes()
+            elif dt == "F32":
                 raw = a.astype("<f4").tobytes()
             elif dt == "F16":
                 raw = a.astype("<f2").tobytes()
@@ -334,10 +337,13 @@ class Cache:
 
 
 class HybridMamba:
-    def __init__(self, cfg, tensors, where="model"):
+    def __init__(self, cfg, tensors, where="model", dtype=torch.float32):
+        """dtype float64 with leaf tensors that require grad: a differentiable double-precision
+        model (grads); the weights are used as given, so gradients reach those leaves."""
         check_tensors(cfg, tensors, where)
         self.cfg = cfg
-        w = {k: v.to(torch.float32).contiguous() for k, v in tensors.items()}
+        self.dtype = dtype
+        w = {k: v.to(dtype).contiguous() for k, v in tensors.items()}
         self.emb = w["backbone.embeddings.weight"]
         self.norm_f = w["backbone.norm_f.weight"]
         self.head = self.emb if cfg.tie_embeddings else w["lm_head.weight"]
@@ -411,7 +417,7 @@ class HybridMamba:
         h = self.cfg.head_dim
         inv_freq = self.cfg.rope_theta ** (-torch.arange(0, h // 2, dtype=torch.float64) * 2.0 / h)
         ang = torch.arange(pos0, pos0 + T, dtype=torch.float64)[:, None] * inv_freq[None, :]
-        return torch.cos(ang).to(torch.float32), torch.sin(ang).to(torch.float32)  # [T, h/2]
+        return torch.cos(ang).to(self.dtype), torch.sin(ang).to(self.dtype)  # [T, h/2]
 
     def _run(self, tokens, cache, last_only, single=False):
         cfg = self.cfg
@@ -734,6 +740,44 @@ def cmd_write_random(args):
     return 0
 
 
+def cmd_grads(args):
+    if args.batch < 1 or args.len < 2:
+        raise PeerError("--batch must be >= 1 and --len >= 2 (the last position has no target)")
+    cfg = load_config(os.path.join(args.model, "config.json"))
+    path = os.path.join(args.model, "model.safetensors")
+    tensors = read_safetensors(path)
+    V = cfg.vocab_size
+    g = torch.Generator().manual_seed(args.seed)
+    tokens = torch.randint(0, V, (args.batch, args.len), generator=g, dtype=torch.int64)
+    targets = torch.cat([tokens[:, 1:], torch.full((args.batch, 1), -1, dtype=torch.int64)], dim=1)
+
+    # float64 leaves, one per checkpoint tensor: the whole forward and backward run in double.
+    leaves = {k: v.to(torch.float64).requires_grad_() for k, v in tensors.items()}
+    model = HybridMamba(cfg, leaves, where=path, dtype=torch.float64)
+    logits = model.forward(tokens)
+    loss = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-1)
+    loss.backward()
+
+    out = {"tokens": tokens.to(torch.int32), "targets": targets.to(torch.int32),
+           "loss": loss.detach()}
+    for name, leaf in leaves.items():
+        out["grad." + name] = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+    write_safetensors(args.out, out, {k: "F64" for k in out if k != "tokens" and k != "targets"})
+
+    # Self-check: the float32 model's loss on the same batch agrees to float precision.
+    with torch.inference_mode():
+        logits32 = HybridMamba(cfg, tensors, where=path).forward(tokens)
+        loss32 = F.cross_entropy(logits32.reshape(-1, V), targets.reshape(-1), ignore_index=-1)
+    rel = abs(float(loss32) - float(loss)) / abs(float(loss))
+    gmax = max(float(t.abs().max()) for k, t in out.items() if k.startswith("grad."))
+    print(f"torch_peer: wrote {args.out}: B={args.batch} L={args.len}; loss {float(loss):.10g} "
+          f"(float32 forward: rel diff {rel:.2g}); {len(leaves)} gradients, max |grad| {gmax:.4g}")
+    if rel > 1e-5:
+        print("torch_peer: self-check failed: float64 and float32 losses disagree", file=sys.stderr)
+        return 1
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         print(f"torch_peer: {message}", file=sys.stderr)
@@ -775,6 +819,14 @@ def main(argv=None):
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--dtype", choices=("F32", "F16", "BF16"), default="F32")
     s.set_defaults(fn=cmd_write_random)
+
+    s = sub.add_parser("grads", help="write float64 loss and parameter gradients on random tokens")
+    s.add_argument("--model", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--batch", type=int, default=2)
+    s.add_argument("--len", type=int, default=12)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_grads)
 
     args = p.parse_args(argv)
     try:

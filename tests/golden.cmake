@@ -14,8 +14,20 @@ add_test(NAME golden_torch
           --model ${HM_GOLDEN_DIR} --out ${HM_GOLDEN_DIR}/golden.safetensors)
 set_tests_properties(golden_torch PROPERTIES FIXTURES_REQUIRED golden_model FIXTURES_SETUP golden_logits)
 
+# Whole-model gradients against PyTorch autograd (float64). A write-random copy of the tiny
+# config gives nonzero bridge gates, so every bridge gradient is exercised.
+set(HM_GOLDEN_GRAD_DIR ${CMAKE_BINARY_DIR}/golden/tiny_grad)
+add_test(NAME golden_grad_model
+  COMMAND ${HM_TORCH_PYTHON} ${CMAKE_SOURCE_DIR}/bench/torch_peer.py write-random
+          --config ${HM_GOLDEN_DIR}/config.json --out ${HM_GOLDEN_GRAD_DIR} --seed 1)
+set_tests_properties(golden_grad_model PROPERTIES FIXTURES_REQUIRED golden_model FIXTURES_SETUP golden_grad_ckpt)
+add_test(NAME golden_grad_torch
+  COMMAND ${HM_TORCH_PYTHON} ${CMAKE_SOURCE_DIR}/bench/torch_peer.py grads
+          --model ${HM_GOLDEN_GRAD_DIR} --out ${HM_GOLDEN_GRAD_DIR}/grads.safetensors)
+set_tests_properties(golden_grad_torch PROPERTIES FIXTURES_REQUIRED golden_grad_ckpt FIXTURES_SETUP golden_grads)
+
 # The Golden* gtests (their own binary, tests/golden/) run after their fixtures.
 add_test(NAME golden_compare
   COMMAND $<TARGET_FILE:hm_golden_tests>)
-set_tests_properties(golden_compare PROPERTIES FIXTURES_REQUIRED golden_logits
+set_tests_properties(golden_compare PROPERTIES FIXTURES_REQUIRED "golden_logits;golden_grads"
   ENVIRONMENT "OMP_NUM_THREADS=2")

@@ -8,13 +8,16 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
 #include "core/rng.h"
 #include "core/threads.h"
+#include "io/safetensors.h"
 #include "kernels/ops.h"
 
 namespace {
@@ -334,6 +337,181 @@ TEST(KernelsAttention, SplitKeysAcrossThreads) {
   for (const AttnCase c : {AttnCase{1, 3000, 2, 1, 64}, AttnCase{8, 2000, 1, 1, 64},
                            AttnCase{3, 1500, 4, 1, 16}, AttnCase{2, 1000, 4, 2, 16}})
     check_attention(c, 2e-5);
+  hm::set_num_threads(saved);
+}
+
+// --- attention with a half-precision cache ---------------------------------------------------
+// K and V as a cache of halves: random values rounded to binary16, plus `extra` rows of NaN
+// past the keys a call may read, which would turn any output that touched them into NaN.
+std::vector<uint16_t> random_f16(hm::Rng& rng, int rows, int cols, int extra) {
+  std::vector<uint16_t> h(std::size_t(rows + extra) * cols, uint16_t(0x7e00));
+  for (std::size_t i = 0; i < std::size_t(rows) * cols; ++i)
+    h[i] = hm::f32_to_f16(rng.uniform(-1, 1));
+  return h;
+}
+std::vector<float> widen(const std::vector<uint16_t>& h) {
+  std::vector<float> f(h.size());
+  for (std::size_t i = 0; i < h.size(); ++i) f[i] = hm::f16_to_f32(h[i]);
+  return f;
+}
+
+struct AttnF16Data {
+  int ldq, ldo;
+  std::vector<float> q, o0;
+  std::vector<uint16_t> k, v;
+  AttnF16Data(const AttnCase& c)
+      : ldq(c.H * c.hd + 5), ldo(c.H * c.hd + 3), o0(std::size_t(c.L) * ldo, kGuard) {
+    hm::Rng rng(7500 + c.L * 13 + c.pos0 * 7 + c.H * 5 + c.G * 3 + c.hd);
+    q = random_vec(rng, std::size_t(c.L) * ldq, -3, 3);
+    k = random_f16(rng, c.pos0 + c.L, c.G * c.hd, 2);
+    v = random_f16(rng, c.pos0 + c.L, c.G * c.hd, 2);
+  }
+};
+
+std::string attn_name(const AttnCase& c) {
+  return "L=" + std::to_string(c.L) + " pos0=" + std::to_string(c.pos0) +
+         " H=" + std::to_string(c.H) + " G=" + std::to_string(c.G) + " hd=" + std::to_string(c.hd);
+}
+
+// Same error budget as the float kernel: the halves widen exactly, the arithmetic is float.
+void check_attention_f16(const AttnCase& c, double tol) {
+  const AttnF16Data d(c);
+  auto o_ref = d.o0, o_cpu = d.o0;
+  hm::ref::attention_f16kv(o_ref.data(), d.ldo, d.q.data(), d.ldq, d.k.data(), d.v.data(), c.L,
+                           c.pos0, c.H, c.G, c.hd);
+  hm::cpu::attention_f16kv(o_cpu.data(), d.ldo, d.q.data(), d.ldq, d.k.data(), d.v.data(), c.L,
+                           c.pos0, c.H, c.G, c.hd);
+  SCOPED_TRACE(attn_name(c));
+  EXPECT_LT(rel_err(o_cpu.data(), o_ref.data(), c.L, c.H * c.hd, d.ldo), tol);
+  EXPECT_TRUE(padding_intact(o_cpu, c.L, c.H * c.hd, d.ldo));
+}
+
+TEST(KernelsAttentionF16, Prefill) {
+  for (const AttnCase c : {AttnCase{3, 0, 4, 4, 8}, AttnCase{3, 5, 4, 4, 8},
+                           AttnCase{17, 0, 4, 2, 16}, AttnCase{130, 0, 4, 1, 64},
+                           AttnCase{130, 70, 2, 2, 64}, AttnCase{65, 200, 1, 1, 40},
+                           AttnCase{20, 10, 2, 1, 128}, AttnCase{9, 3, 3, 3, 24}})
+    check_attention_f16(c, 2e-5);
+}
+
+TEST(KernelsAttentionF16, Decode) {
+  for (const AttnCase c : {AttnCase{1, 0, 4, 4, 16}, AttnCase{1, 100, 4, 1, 64},
+                           AttnCase{1, 4095, 8, 8, 64}, AttnCase{2, 63, 2, 1, 16},
+                           AttnCase{1, 77, 2, 2, 8}, AttnCase{1, 50, 2, 2, 40},
+                           AttnCase{1, 300, 4, 2, 128}, AttnCase{3, 40, 1, 1, 200}})
+    check_attention_f16(c, 2e-5);
+}
+
+TEST(KernelsAttentionF16, SplitKeysAcrossThreads) {
+  const int saved = hm::num_threads();
+  hm::set_num_threads(4);
+  for (const AttnCase c : {AttnCase{1, 3000, 2, 1, 64}, AttnCase{1, 4095, 8, 8, 64},
+                           AttnCase{8, 2000, 1, 1, 64}, AttnCase{3, 1500, 4, 1, 16},
+                           AttnCase{2, 1000, 4, 2, 16}, AttnCase{1, 2500, 4, 2, 40}})
+    check_attention_f16(c, 2e-5);
+  hm::set_num_threads(saved);
+}
+
+// The f16 kernel is the float kernel reading halves: on a cache whose values are already
+// halves it must give the float kernel's result on the same values (the same arithmetic in
+// the same order; 1e-6 would still allow a reordered sum).
+TEST(KernelsAttentionF16, MatchesFloatOnRoundedCache) {
+  const int saved = hm::num_threads();
+  for (const int threads : {1, 4}) {
+    hm::set_num_threads(threads);
+    for (const AttnCase c : {AttnCase{1, 4095, 8, 8, 64}, AttnCase{1, 300, 4, 2, 128},
+                             AttnCase{3, 40, 1, 1, 200}, AttnCase{130, 70, 2, 2, 64},
+                             AttnCase{8, 2000, 1, 1, 64}, AttnCase{17, 0, 4, 2, 16}}) {
+      const AttnF16Data d(c);
+      const auto kf = widen(d.k), vf = widen(d.v);
+      auto o_f32 = d.o0, o_f16 = d.o0;
+      hm::cpu::attention(o_f32.data(), d.ldo, d.q.data(), d.ldq, kf.data(), vf.data(), c.L,
+                         c.pos0, c.H, c.G, c.hd);
+      hm::cpu::attention_f16kv(o_f16.data(), d.ldo, d.q.data(), d.ldq, d.k.data(), d.v.data(),
+                               c.L, c.pos0, c.H, c.G, c.hd);
+      SCOPED_TRACE(attn_name(c) + " threads=" + std::to_string(threads));
+      EXPECT_LT(rel_err(o_f16.data(), o_f32.data(), c.L, c.H * c.hd, d.ldo), 1e-6);
+    }
+  }
+  hm::set_num_threads(saved);
+}
+
+// --- store_f16 -------------------------------------------------------------------------------
+// Bit-exact against the scalar conversion (hm::f32_to_f16) on every kind of input: explicit
+// edge cases (overflow to inf and the largest finite, ties to even in the normal and subnormal
+// ranges, the subnormal/zero boundary, NaN payloads, float denormals), exact ties between
+// random neighbouring halves, values spread over the half range and beyond, and random bits.
+std::vector<float> f16_edge_values(hm::Rng& rng, std::size_t n) {
+  const float inf = std::numeric_limits<float>::infinity();
+  std::vector<float> v = {
+      0.0f, -0.0f, 1.0f, -1.0f, 65504.0f, -65504.0f, std::nextafter(65520.0f, 0.0f), 65520.0f,
+      -65520.0f, 65536.0f, 1e5f, 3.4e38f, inf, -inf,
+      std::bit_cast<float>(0x7fc00000u), std::bit_cast<float>(0xffc00001u),  // quiet NaNs
+      std::bit_cast<float>(0x7f800001u), std::bit_cast<float>(0x7fa02000u),  // signalling
+      std::bit_cast<float>(0x7fffffffu),
+      0x1p-14f, std::nextafter(0x1p-14f, 0.0f), 0x1p-24f, -0x1p-24f, 0x1p-25f,  // 2^-25: tie -> 0
+      std::nextafter(0x1p-25f, 1.0f), std::nextafter(0x1p-25f, 0.0f), 3 * 0x1p-25f,
+      5 * 0x1p-25f, 1023 * 0x1p-24f, 2047 * 0x1p-25f,  // last one: tie between 1023 and 1024
+      1.0f + 0x1p-11f, 1.0f + 3 * 0x1p-11f, 2049.0f, 2051.0f, 1e-40f, -1e-45f,
+      std::numeric_limits<float>::min(), 0.1f, -3.14159f};
+  while (v.size() < n) {
+    const uint32_t r = uint32_t(rng.next_u64());
+    float x;
+    switch (r % 4) {
+      case 0: {  // exact tie between two finite halves (even one wins)
+        const uint16_t h = uint16_t((r >> 8) & 0xffff);
+        const uint16_t up = uint16_t(h + 1);
+        if ((h & 0x7c00) == 0x7c00 || (up & 0x7fff) > 0x7bff) continue;
+        x = float((double(hm::f16_to_f32(h)) + double(hm::f16_to_f32(up))) / 2);
+        break;
+      }
+      case 1: {  // |x| in [2^-27, 2^18): all of the half range plus both ends
+        const uint32_t e = 127 - 27 + (r >> 2) % 45;
+        x = std::bit_cast<float>((r & 0x80000000u) | (e << 23) |
+                                 (uint32_t(rng.next_u64()) & 0x7fffff));
+        break;
+      }
+      default: x = std::bit_cast<float>(r);  // any float, NaN and denormals included
+    }
+    v.push_back(x);
+  }
+  v.resize(n);
+  return v;
+}
+
+TEST(KernelsStoreF16, BitExact) {
+  struct Case { int n, d; };
+  const int saved = hm::num_threads();
+  for (const int threads : {1, 4}) {
+    hm::set_num_threads(threads);
+    for (const Case c : {Case{1, 1}, Case{1, 15}, Case{1, 16}, Case{3, 17}, Case{1, 512},
+                         Case{7, 100}, Case{600, 512}, Case{300, 1001}}) {
+      hm::Rng rng(8000 + c.n * 7 + c.d);
+      const int ld_src = c.d + 3, ld_dst = c.d + 5;
+      const auto src = f16_edge_values(rng, std::size_t(c.n) * ld_src);
+      std::vector<uint16_t> want(std::size_t(c.n) * ld_dst, uint16_t(0xbeef)), got = want,
+                            ref = want;
+      for (int i = 0; i < c.n; ++i)
+        for (int j = 0; j < c.d; ++j)
+          want[std::size_t(i) * ld_dst + j] = hm::f32_to_f16(src[std::size_t(i) * ld_src + j]);
+      hm::cpu::store_f16(got.data(), ld_dst, src.data(), ld_src, c.n, c.d);
+      hm::ref::store_f16(ref.data(), ld_dst, src.data(), ld_src, c.n, c.d);
+      SCOPED_TRACE("n=" + std::to_string(c.n) + " d=" + std::to_string(c.d) +
+                   " threads=" + std::to_string(threads));
+      EXPECT_EQ(ref, want);
+      int bad = 0;  // padding (0xbeef) included: it must stay
+      for (int i = 0; i < c.n; ++i)
+        for (int j = 0; j < ld_dst; ++j) {
+          const std::size_t at = std::size_t(i) * ld_dst + j;
+          if (got[at] != want[at] && bad++ < 5)
+            ADD_FAILURE() << "row " << i << " col " << j << std::hex << ": float 0x"
+                          << (j < c.d ? std::bit_cast<uint32_t>(src[std::size_t(i) * ld_src + j])
+                                      : 0u)
+                          << " gave 0x" << got[at] << ", want 0x" << want[at];
+        }
+      EXPECT_EQ(bad, 0);
+    }
+  }
   hm::set_num_threads(saved);
 }
 

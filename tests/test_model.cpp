@@ -53,8 +53,8 @@ double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
   return num / std::max(den, 1e-30);
 }
 
-std::vector<float> full_logits(HybridModel& m, const std::vector<int32_t>& toks) {
-  HybridMemory mem(m.backend(), m.config(), 1, int(toks.size()));
+std::vector<float> full_logits(HybridModel& m, const std::vector<int32_t>& toks, KvType kv = KvType::F16) {
+  HybridMemory mem(m.backend(), m.config(), 1, int(toks.size()), kv);
   Batch b;
   b.add(0, toks);
   b.logits_all = true;
@@ -63,8 +63,8 @@ std::vector<float> full_logits(HybridModel& m, const std::vector<int32_t>& toks)
   return logits;
 }
 
-std::vector<float> decode_logits(HybridModel& m, const std::vector<int32_t>& toks) {
-  HybridMemory mem(m.backend(), m.config(), 1, int(toks.size()));
+std::vector<float> decode_logits(HybridModel& m, const std::vector<int32_t>& toks, KvType kv = KvType::F16) {
+  HybridMemory mem(m.backend(), m.config(), 1, int(toks.size()), kv);
   std::vector<float> all, logits;
   for (int32_t t : toks) {
     Batch b;
@@ -86,7 +86,8 @@ TEST(Model, CpuBackendMatchesReferenceBackend) {
     init_nonzero_gates(b, 3);
     Rng rng(9);
     const auto toks = tokens(rng, 37, c.vocab_size);
-    EXPECT_LT(rel_err(full_logits(a, toks), full_logits(b, toks)), 1e-5);
+    for (KvType kv : {KvType::F32, KvType::F16})
+      EXPECT_LT(rel_err(full_logits(a, toks, kv), full_logits(b, toks, kv)), 1e-5);
   }
 }
 
@@ -97,7 +98,10 @@ TEST(Model, DecodingEqualsFullForward) {
     init_nonzero_gates(m, 5);
     Rng rng(11);
     const auto toks = tokens(rng, 45, c.vocab_size);
-    EXPECT_LT(rel_err(decode_logits(m, toks), full_logits(m, toks)), 1e-5);
+    for (KvType kv : {KvType::F32, KvType::F16})
+      EXPECT_LT(rel_err(decode_logits(m, toks, kv), full_logits(m, toks, kv)), 1e-5);
+    // A half-precision cache changes the answer by rounding K and V only.
+    EXPECT_LT(rel_err(full_logits(m, toks, KvType::F16), full_logits(m, toks, KvType::F32)), 5e-3);
   }
 }
 

@@ -40,6 +40,9 @@ class Backend {
   virtual void rope(float* x, int ldx, int L, int heads, int hd, int pos0, float theta) = 0;
   virtual void attention(float* out, int ldo, const float* q, int ldq, const float* k,
                          const float* v, int L, int pos0, int H, int G, int hd) = 0;
+  virtual void attention_f16kv(float* out, int ldo, const float* q, int ldq, const uint16_t* k,
+                               const uint16_t* v, int L, int pos0, int H, int G, int hd) = 0;
+  virtual void store_f16(uint16_t* dst, int ld_dst, const float* src, int ld_src, int n, int d) = 0;
   virtual void swiglu(float* out, int ldo, const float* g, const float* u, int ldgu, int n,
                       int f) = 0;
   // out[i,:] = table[ids[i],:]

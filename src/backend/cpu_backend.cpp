@@ -54,6 +54,13 @@ class CpuBackend final : public Backend {
                  int pos0, int H, int G, int hd) override {
     cpu::attention(out, ldo, q, ldq, k, v, L, pos0, H, G, hd);
   }
+  void attention_f16kv(float* out, int ldo, const float* q, int ldq, const uint16_t* k,
+                       const uint16_t* v, int L, int pos0, int H, int G, int hd) override {
+    cpu::attention_f16kv(out, ldo, q, ldq, k, v, L, pos0, H, G, hd);
+  }
+  void store_f16(uint16_t* dst, int ld_dst, const float* src, int ld_src, int n, int d) override {
+    cpu::store_f16(dst, ld_dst, src, ld_src, n, d);
+  }
   void swiglu(float* out, int ldo, const float* g, const float* u, int ldgu, int n, int f) override {
     cpu::swiglu(out, ldo, g, u, ldgu, n, f);
   }

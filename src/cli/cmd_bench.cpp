@@ -147,6 +147,7 @@ Run add_bench(CLI::App& app) {
   struct Opts {
     std::string preset = "seed", model, peer = std::string(HM_SOURCE_DIR) + "/bench/torch_peer.py";
     int threads = 0, reps = 5;
+    std::string kv = "f16";
     bool json = false, no_peer = false, quick = false;
   };
   auto o = std::make_shared<Opts>();
@@ -155,6 +156,7 @@ Run add_bench(CLI::App& app) {
   app.add_option("--threads,-t", o->threads, "Threads for us and the peer (0 = all cores)")->capture_default_str();
   app.add_option("--reps", o->reps, "Repetitions per timing (median reported)")->capture_default_str();
   app.add_option("--peer", o->peer, "Path of the PyTorch peer script")->capture_default_str();
+  app.add_option("--kv-type", o->kv, "KV cache element type: f16 or f32")->capture_default_str();
   app.add_flag("--json", o->json, "Print one JSON object");
   app.add_flag("--no-peer", o->no_peer, "Skip the PyTorch peer");
   app.add_flag("--quick", o->quick, "Contexts up to 1024 only (for smoke tests)");
@@ -162,6 +164,7 @@ Run add_bench(CLI::App& app) {
     namespace fs = std::filesystem;
     if (o->threads > 0) set_num_threads(o->threads);
     const int threads = num_threads();
+    const KvType kv = kv_type_from_name(o->kv);
     auto be = make_cpu_backend();
     std::string dir = o->model;
     std::string tmpdir;
@@ -184,6 +187,7 @@ Run add_bench(CLI::App& app) {
     nlohmann::json r;
     r["preset"] = o->model.empty() ? o->preset : dir;
     r["threads"] = threads;
+    r["kv_type"] = o->kv;
     r["params"] = model->params().numel();
     r["weight_mb"] = double(model->weight_bytes()) / 1e6;
     auto log = [&](const char* what) { if (!o->json) std::fprintf(stderr, "bench: %s...\n", what); };
@@ -200,7 +204,7 @@ Run add_bench(CLI::App& app) {
     // logits) and as the seed measured it (a full forward with logits for every token).
     log("prefill 2x32");
     {
-      HybridMemory mem(*be, c, 2, 64);
+      HybridMemory mem(*be, c, 2, 64, kv);
       for (int logits_all = 0; logits_all < 2; ++logits_all) {
         std::vector<double> t;
         for (int rep = 0; rep < o->reps + 1; ++rep) {
@@ -226,7 +230,7 @@ Run add_bench(CLI::App& app) {
     // Decode at batch 1: 50 new tokens after a 32-token prompt, greedy.
     log("decode 32+50");
     {
-      HybridMemory mem(*be, c, 1, 32 + 50 + 1);
+      HybridMemory mem(*be, c, 1, 32 + 50 + 1, kv);
       std::vector<double> rates;
       for (int rep = 0; rep < std::max(2, o->reps / 2 + 1); ++rep) {
         mem.seq_rm(0);
@@ -250,25 +254,34 @@ Run add_bench(CLI::App& app) {
     std::vector<int> plens = {512, 4096};
     if (o->quick) { ctxs = {128, 1024}; plens = {512}; }
     nlohmann::json dms = nlohmann::json::object(), pms = nlohmann::json::object();
-    for (int ctx : ctxs) {
-      log(("decode at context " + std::to_string(ctx)).c_str());
-      HybridMemory mem(*be, c, 1, ctx + 40);
+    // Median ms per decoded token at context ctx, with cache type t.
+    auto decode_at = [&](int ctx, KvType t) {
+      HybridMemory mem(*be, c, 1, ctx + 40, t);
       prefill(*model, mem, random_tokens(rng, ctx, V), 512, logits);
       int32_t tok = argmax(logits.data(), V);
-      std::vector<double> t;
+      std::vector<double> times;
       for (int i = 0; i < 32; ++i) {
         Batch b;
         b.add(0, {tok});
         auto t0 = Clock::now();
         model->forward(b, mem, logits);
-        t.push_back(ms(t0, Clock::now()));
+        times.push_back(ms(t0, Clock::now()));
         tok = argmax(logits.data(), V);
       }
-      dms[std::to_string(ctx)] = median(t);
+      return median(times);
+    };
+    for (int ctx : ctxs) {
+      log(("decode at context " + std::to_string(ctx)).c_str());
+      dms[std::to_string(ctx)] = decode_at(ctx, kv);
+    }
+    if (!o->quick && kv != KvType::F32) {
+      // The same growth with a float32 cache, for comparison in the same run.
+      log("decode at contexts 128 and 4096 with a float32 cache");
+      r["decode_growth_128_to_4096_f32kv"] = decode_at(4096, KvType::F32) / decode_at(128, KvType::F32) - 1.0;
     }
     for (int len : plens) {
       log(("prefill of " + std::to_string(len)).c_str());
-      HybridMemory mem(*be, c, 1, len);
+      HybridMemory mem(*be, c, 1, len, kv);
       std::vector<double> t;
       for (int rep = 0; rep < 2; ++rep) {
         mem.seq_rm(0);
@@ -289,7 +302,7 @@ Run add_bench(CLI::App& app) {
     {
       auto [rc, mb] = run_child({"/proc/self/exe", "generate", "--model", dir, "--prompt",
                                  "The quick brown fox jumps over the lazy dog.", "-n", "50",
-                                 "--threads", std::to_string(threads)}, true);
+                                 "--threads", std::to_string(threads), "--kv-type", o->kv}, true);
       HM_CHECK(rc == 0, "bench: hm generate failed with status ", rc);
       r["peak_rss_mb"] = mb;
     }

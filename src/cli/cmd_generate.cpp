@@ -17,6 +17,7 @@ Run add_generate(CLI::App& app) {
     std::vector<std::string> prompts;
     int max_new = 64, threads = 0, ctx = 0;
     bool no_bos = false, stats = false;
+    std::string kv = "f16";
     SamplingParams sp;
   };
   auto o = std::make_shared<Opts>();
@@ -32,10 +33,12 @@ Run add_generate(CLI::App& app) {
   app.add_option("--seed", o->sp.seed, "Sampling seed")->capture_default_str();
   app.add_option("--threads,-t", o->threads, "Threads (0 = all cores)")->capture_default_str();
   app.add_option("--ctx", o->ctx, "Context size (0 = prompt + new tokens)")->capture_default_str();
+  app.add_option("--kv-type", o->kv, "KV cache element type: f16 or f32")->capture_default_str();
   app.add_flag("--no-bos", o->no_bos, "Do not prepend the BOS token");
   app.add_flag("--stats", o->stats, "Print timing to stderr at the end");
   return [o] {
     if (o->threads > 0) set_num_threads(o->threads);
+    kv_type_from_name(o->kv);  // reject a bad value before loading anything
     auto be = make_cpu_backend();
     auto model = load_model(o->model, *be);
     auto tok = load_tokenizer(o->model);
@@ -48,7 +51,7 @@ Run add_generate(CLI::App& app) {
     size_t longest = 0;
     for (const auto& p : prompts) longest = std::max(longest, p.size());
     const int ctx = o->ctx > 0 ? o->ctx : int(longest) + o->max_new;
-    HybridMemory mem(*be, model->config(), int(prompts.size()), ctx);
+    HybridMemory mem(*be, model->config(), int(prompts.size()), ctx, kv_type_from_name(o->kv));
     GenerateOptions opt;
     opt.max_new_tokens = o->max_new;
     opt.sampling = o->sp;

@@ -4,8 +4,10 @@
 // compares each against ref on random inputs at odd sizes.
 //
 // Layout: row-major, token-major. `ld*` are row strides in elements, so a kernel can read a
-// column slice of a wider matrix (x and z are the two halves of in_proj's output). All float32.
+// column slice of a wider matrix (x and z are the two halves of in_proj's output). All float32,
+// except a KV cache that may be stored as IEEE binary16 bits (uint16_t).
 #pragma once
+#include <cstdint>
 
 #define HM_DECLARE_KERNELS                                                                         \
   /* out[n,d] = x[n,d] * rsqrt(mean_d(x^2) + eps) * w[d] */                                        \
@@ -33,6 +35,13 @@
      Query head j reads kv head j / (H/G); scale 1/sqrt(hd). */                                    \
   void attention(float* out, int ldo, const float* q, int ldq, const float* k, const float* v,    \
                  int L, int pos0, int H, int G, int hd);                                           \
+  /* attention with a half-precision cache: k, v hold IEEE binary16 bits [>= pos0+L, G*hd];      \
+     otherwise as attention. */                                                                    \
+  void attention_f16kv(float* out, int ldo, const float* q, int ldq, const uint16_t* k,           \
+                       const uint16_t* v, int L, int pos0, int H, int G, int hd);                  \
+  /* dst[i*ld_dst + j] = f16(src[i*ld_src + j]) for i < n, j < d, round-to-nearest-even           \
+     (cache writes) */                                                                             \
+  void store_f16(uint16_t* dst, int ld_dst, const float* src, int ld_src, int n, int d);          \
   /* out[n,f] = silu(g[n,f]) * u[n,f]; g and u have row stride ldgu, out ldo */                    \
   void swiglu(float* out, int ldo, const float* g, const float* u, int ldgu, int n, int f);
 

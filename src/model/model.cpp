@@ -82,11 +82,21 @@ void HybridModel::attention_layer(int layer, const Batch& b, const std::vector<i
       be_.rope(qs, QW, L, H, hd, pos0, cfg_.rope_theta);
       be_.rope(ks, KW, L, G, hd, pos0, cfg_.rope_theta);
     }
-    float* kc = mem.kv().k(layer, slot);
-    float* vc = mem.kv().v(layer, slot);
-    be_.copy_rows(kc + size_t(pos0) * KW, KW, ks, KW, L, KW);
-    be_.copy_rows(vc + size_t(pos0) * KW, KW, v + size_t(t0) * KW, KW, L, KW);
-    be_.attention(ctx + size_t(t0) * QW, QW, qs, QW, kc, vc, L, pos0, H, G, hd);
+    // The new K/V rows join the cache first; attention then reads every position from it,
+    // so prefill and decode see identical (possibly half-precision) keys and values.
+    if (mem.kv().type() == KvType::F16) {
+      auto* kc = static_cast<uint16_t*>(mem.kv().k(layer, slot));
+      auto* vc = static_cast<uint16_t*>(mem.kv().v(layer, slot));
+      be_.store_f16(kc + size_t(pos0) * KW, KW, ks, KW, L, KW);
+      be_.store_f16(vc + size_t(pos0) * KW, KW, v + size_t(t0) * KW, KW, L, KW);
+      be_.attention_f16kv(ctx + size_t(t0) * QW, QW, qs, QW, kc, vc, L, pos0, H, G, hd);
+    } else {
+      auto* kc = static_cast<float*>(mem.kv().k(layer, slot));
+      auto* vc = static_cast<float*>(mem.kv().v(layer, slot));
+      be_.copy_rows(kc + size_t(pos0) * KW, KW, ks, KW, L, KW);
+      be_.copy_rows(vc + size_t(pos0) * KW, KW, v + size_t(t0) * KW, KW, L, KW);
+      be_.attention(ctx + size_t(t0) * QW, QW, qs, QW, kc, vc, L, pos0, H, G, hd);
+    }
   }
   be_.linear(ws_.h.data(), D, ctx, QW, w.wo, T, D, QW, true);                        // h += o_proj(ctx)
 }

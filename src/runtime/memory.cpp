@@ -4,8 +4,16 @@
 
 namespace hm {
 
-KVCache::KVCache(Backend& be, const ModelConfig& c, int n_slots, int max_ctx)
-    : be_(be), n_slots_(n_slots), max_ctx_(max_ctx), row_(c.n_kv_heads * c.head_dim()) {
+KvType kv_type_from_name(const std::string& name) {
+  if (name == "f32") return KvType::F32;
+  if (name == "f16") return KvType::F16;
+  throw Error(detail::cat("kv cache type must be f32 or f16, got '", name, "'"));
+}
+
+size_t kv_type_size(KvType t) { return t == KvType::F32 ? 4 : 2; }
+
+KVCache::KVCache(Backend& be, const ModelConfig& c, int n_slots, int max_ctx, KvType type)
+    : be_(be), type_(type), n_slots_(n_slots), max_ctx_(max_ctx), row_(c.n_kv_heads * c.head_dim()) {
   HM_CHECK(n_slots > 0, "memory: number of sequences must be > 0, got ", n_slots);
   HM_CHECK(max_ctx > 0, "memory: context size must be > 0, got ", max_ctx);
   int n_attn = 0;
@@ -14,23 +22,18 @@ KVCache::KVCache(Backend& be, const ModelConfig& c, int n_slots, int max_ctx)
   v_.resize(size_t(n_attn) * n_slots);
 }
 
-float* KVCache::k(int layer, int slot) {
+void* KVCache::get(std::vector<Buffer>& bufs, int layer, int slot) {
   const int a = layer_index_.at(size_t(layer));
   HM_ASSERT(a >= 0 && slot >= 0 && slot < n_slots_);
-  Buffer& b = k_[size_t(a) * n_slots_ + slot];
+  Buffer& b = bufs[size_t(a) * n_slots_ + slot];
   // Lazily allocated and never zeroed: only positions < pos are ever read, and pages are
   // committed by the OS as positions are written, so memory follows the context actually used.
-  if (!b.data()) b = Buffer(be_, size_t(max_ctx_) * row_);
+  if (!b.data()) b = Buffer(be_, (size_t(max_ctx_) * row_ * kv_type_size(type_) + 3) / 4);
   return b.data();
 }
 
-float* KVCache::v(int layer, int slot) {
-  const int a = layer_index_.at(size_t(layer));
-  HM_ASSERT(a >= 0 && slot >= 0 && slot < n_slots_);
-  Buffer& b = v_[size_t(a) * n_slots_ + slot];
-  if (!b.data()) b = Buffer(be_, size_t(max_ctx_) * row_);
-  return b.data();
-}
+void* KVCache::k(int layer, int slot) { return get(k_, layer, slot); }
+void* KVCache::v(int layer, int slot) { return get(v_, layer, slot); }
 
 size_t KVCache::bytes_reserved() const {
   size_t n = 0;
@@ -84,8 +87,8 @@ size_t RecurrentState::bytes_reserved() const {
   return (conv_.size() * size_t(conv_n_) + ssm_.size() * size_t(ssm_n_)) * sizeof(float);
 }
 
-HybridMemory::HybridMemory(Backend& be, const ModelConfig& c, int n_slots, int max_ctx)
-    : be_(be), cfg_(c), kv_(be, c, n_slots, max_ctx), rs_(be, c, n_slots), pos_(size_t(n_slots), 0) {}
+HybridMemory::HybridMemory(Backend& be, const ModelConfig& c, int n_slots, int max_ctx, KvType kv)
+    : be_(be), cfg_(c), kv_(be, c, n_slots, max_ctx, kv), rs_(be, c, n_slots), pos_(size_t(n_slots), 0) {}
 
 void HybridMemory::seq_rm(int slot) {
   HM_ASSERT(slot >= 0 && slot < n_slots());
@@ -97,14 +100,14 @@ void HybridMemory::seq_cp(int src, int dst) {
   HM_ASSERT(src >= 0 && src < n_slots() && dst >= 0 && dst < n_slots());
   if (src == dst) return;
   const int n = pos_[size_t(src)];
-  const size_t row = size_t(cfg_.n_kv_heads) * cfg_.head_dim();
-  std::vector<float> tmp(size_t(n) * row);
+  const size_t bytes = size_t(n) * size_t(cfg_.n_kv_heads) * cfg_.head_dim() * kv_type_size(kv_.type());
+  std::vector<char> tmp(bytes);
   for (int i = 0; i < cfg_.n_layers; ++i) {
     if (!cfg_.is_attention(i) || n == 0) continue;
-    be_.to_host(tmp.data(), kv_.k(i, src), tmp.size() * sizeof(float));
-    be_.to_device(kv_.k(i, dst), tmp.data(), tmp.size() * sizeof(float));
-    be_.to_host(tmp.data(), kv_.v(i, src), tmp.size() * sizeof(float));
-    be_.to_device(kv_.v(i, dst), tmp.data(), tmp.size() * sizeof(float));
+    be_.to_host(tmp.data(), kv_.k(i, src), bytes);
+    be_.to_device(kv_.k(i, dst), tmp.data(), bytes);
+    be_.to_host(tmp.data(), kv_.v(i, src), bytes);
+    be_.to_device(kv_.v(i, dst), tmp.data(), bytes);
   }
   rs_.copy(src, dst);
   pos_[size_t(dst)] = n;

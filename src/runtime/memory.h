@@ -3,6 +3,7 @@
 // one interface addressed by sequence slot.
 #pragma once
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "backend/backend.h"
@@ -10,18 +11,28 @@
 
 namespace hm {
 
+// Element type of the KV cache. F16 (the default, as in llama.cpp) halves the bytes that
+// decoding reads per token at long contexts; F32 keeps attention bit-comparable with a float32
+// reference (the golden tests use it).
+enum class KvType : uint8_t { F32, F16 };
+KvType kv_type_from_name(const std::string& name);  // "f32" | "f16", hm::Error otherwise
+size_t kv_type_size(KvType t);
+
 // K (after RoPE) and V of every position of every sequence, per attention layer.
 class KVCache {
  public:
-  KVCache(Backend& be, const ModelConfig& c, int n_slots, int max_ctx);
-  // [max_ctx, n_kv_heads * head_dim]; allocated on first use of the slot.
-  float* k(int layer, int slot);
-  float* v(int layer, int slot);
+  KVCache(Backend& be, const ModelConfig& c, int n_slots, int max_ctx, KvType type);
+  // [max_ctx, n_kv_heads * head_dim] of type(); allocated on first use of the slot.
+  void* k(int layer, int slot);
+  void* v(int layer, int slot);
+  KvType type() const { return type_; }
   int max_ctx() const { return max_ctx_; }
   size_t bytes_reserved() const;
 
  private:
+  void* get(std::vector<Buffer>& bufs, int layer, int slot);
   Backend& be_;
+  KvType type_;
   std::vector<int> layer_index_;  // model layer -> attention layer number, -1 for Mamba
   int n_slots_, max_ctx_, row_;
   std::vector<Buffer> k_, v_;     // [attention layer][slot]
@@ -47,7 +58,7 @@ class RecurrentState {
 
 class HybridMemory {
  public:
-  HybridMemory(Backend& be, const ModelConfig& c, int n_slots, int max_ctx);
+  HybridMemory(Backend& be, const ModelConfig& c, int n_slots, int max_ctx, KvType kv = KvType::F16);
   KVCache& kv() { return kv_; }
   RecurrentState& recurrent() { return rs_; }
   int n_slots() const { return int(pos_.size()); }

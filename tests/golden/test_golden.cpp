@@ -1,5 +1,6 @@
 // Our logits against the PyTorch peer's (bench/torch_peer.py golden) on the tiny preset:
-// one full forward, token-by-token decoding, and a chunked prefill followed by decoding.
+// one full forward, token-by-token decoding, and a chunked prefill followed by decoding,
+// with a float32 KV cache (max relative error <= 1e-4), and the default f16 cache (<= 5e-3).
 // The fixture that writes the files is in tests/golden.cmake.
 #include <gtest/gtest.h>
 
@@ -53,8 +54,8 @@ double rel_err(const std::vector<float>& ours, const std::vector<float>& theirs)
 
 // Runs the B sequences: the first `prefill` tokens of each as one chunk, then one token per step
 // for all sequences together. Returns logits laid out [B, L, V].
-std::vector<float> run(HybridModel& m, const Golden& g, int prefill) {
-  HybridMemory mem(m.backend(), m.config(), g.B, g.L);
+std::vector<float> run(HybridModel& m, const Golden& g, int prefill, KvType kv = KvType::F32) {
+  HybridMemory mem(m.backend(), m.config(), g.B, g.L, kv);
   std::vector<float> out(size_t(g.B) * g.L * g.V), logits;
   auto put = [&](int b, int t, const float* src) {
     std::memcpy(out.data() + (size_t(b) * g.L + t) * g.V, src, sizeof(float) * size_t(g.V));
@@ -96,6 +97,16 @@ TEST(Golden, ChunkedPrefillThenDecodeMatchesPyTorch) {
   auto m = load_model(kDir, *be);
   const Golden g = load_golden();
   EXPECT_LT(rel_err(run(*m, g, g.L / 2), g.split), 1e-4);
+}
+
+TEST(Golden, HalfPrecisionCacheStaysClose) {
+  // The default f16 KV cache rounds K and V to 11 significant bits; the logits move by about
+  // that relative amount, not more.
+  auto be = make_cpu_backend();
+  auto m = load_model(kDir, *be);
+  const Golden g = load_golden();
+  EXPECT_LT(rel_err(run(*m, g, 1, KvType::F16), g.decode), 5e-3);
+  EXPECT_LT(rel_err(run(*m, g, g.L, KvType::F16), g.full), 5e-3);
 }
 
 TEST(Golden, PeerAgreesWithItself) {

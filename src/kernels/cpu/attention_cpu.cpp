@@ -15,8 +15,14 @@
 //    no lanes are wasted on missing rows. The keys are split into ranges, one task each, and a
 //    task handles every head: it streams whole K/V rows (all kv heads of a position are
 //    contiguous), which keeps the prefetcher and the TLB happy. Bound by reading K and V.
+//    (An f16 cache adds software prefetches: see kAhead.)
 // Split key ranges leave partial (m, l, o) per row, merged by rescaling to the common max.
 // Scores are kept in base 2: q is pre-multiplied by log2(e)/sqrt(hd) and exp2 is used.
+//
+// The cache is float or IEEE half (attention_f16kv): everything is templated on its element
+// type and converts K/V as it loads them (simd.h's uint16_t overloads), so an f16 cache runs
+// the same arithmetic on half the bytes. The tile path widens while copying a block into its
+// float buffers; the decode path converts in registers.
 #include <omp.h>
 
 #include <algorithm>
@@ -40,11 +46,12 @@ constexpr long kParallelWork = 1L << 18;  // rows * keys * hd below which one th
 // alpha = exp2(m - m) = 1 and p = exp2(-inf) = 0 instead of computing -inf - -inf.
 constexpr float kNoMax = -1e30f;
 
+template <class T>  // cache element: float or uint16_t (binary16)
 struct Problem {
   const float* q;
   std::ptrdiff_t ldq;
-  const float* k;
-  const float* v;
+  const T* k;
+  const T* v;
   std::ptrdiff_t ldkv;
   int L, pos0, H, G, group, hd, hdp;  // hdp: hd rounded up to whole vectors
   float qscale;
@@ -173,11 +180,11 @@ void pv_cols(const float* vp, int hdp, int nk, const float* p, std::ptrdiff_t pk
 }
 
 // Runs one tile from its (m, l, o); the caller initialises them and writes the result.
-template <int QV>
-void tile_run(const Problem& pr, const Tile& tl, Scratch& sc, float* m, float* l, float* o) {
+template <int QV, class T>
+void tile_run(const Problem<T>& pr, const Tile& tl, Scratch& sc, float* m, float* l, float* o) {
   const int nr = tl.nr, hd = pr.hd, hdp = pr.hdp;
-  const float* kg = pr.k + std::ptrdiff_t(tl.g) * hd;
-  const float* vg = pr.v + std::ptrdiff_t(tl.g) * hd;
+  const T* kg = pr.k + std::ptrdiff_t(tl.g) * hd;
+  const T* vg = pr.v + std::ptrdiff_t(tl.g) * hd;
   float* qt = scratch(sc.q, std::size_t(hd) * QV * kW);
   float* st = scratch(sc.s, std::size_t(kKeys) * QV * kW);
   float* kp = scratch(sc.k, std::size_t(kKeys) * hdp);
@@ -245,13 +252,14 @@ void tile_run(const Problem& pr, const Tile& tl, Scratch& sc, float* m, float* l
   }
 }
 
-void run_tile(const Problem& pr, const Tile& tl, Scratch& sc, const Part& part) {
+template <class T>
+void run_tile(const Problem<T>& pr, const Tile& tl, Scratch& sc, const Part& part) {
   part.reset(tl.nr);
   switch ((tl.nr + kW - 1) / kW) {
-    case 1: tile_run<1>(pr, tl, sc, part.m(), part.l(), part.o()); break;
-    case 2: tile_run<2>(pr, tl, sc, part.m(), part.l(), part.o()); break;
-    case 3: tile_run<3>(pr, tl, sc, part.m(), part.l(), part.o()); break;
-    default: tile_run<4>(pr, tl, sc, part.m(), part.l(), part.o());
+    case 1: tile_run<1, T>(pr, tl, sc, part.m(), part.l(), part.o()); break;
+    case 2: tile_run<2, T>(pr, tl, sc, part.m(), part.l(), part.o()); break;
+    case 3: tile_run<3, T>(pr, tl, sc, part.m(), part.l(), part.o()); break;
+    default: tile_run<4, T>(pr, tl, sc, part.m(), part.l(), part.o());
   }
 }
 
@@ -261,19 +269,32 @@ void run_tile(const Problem& pr, const Tile& tl, Scratch& sc, const Part& part) 
 // (instead of a 16-lane reduction per score). P.V: each row's o stays in registers across the
 // 16 keys. The 16 K or V rows (all kv heads, contiguous) stay in L1 while every head uses them.
 constexpr int kSub = 16;
+// Half-precision caches are prefetched by software, kAhead keys (the next 16) ahead: a head's
+// segment of a row is then only 2 lines, and the hardware prefetchers, which do well on float
+// rows, left a DRAM-resident f16 cache at ~15 GB/s on one core (28 GB/s with this; it costs
+// ~12% when the cache is in L3). On float rows it gained nothing and cost ~15% from L3.
+constexpr int kAhead = kSub;
+
+template <class T>
+HM_SIMD_INLINE void prefetch_n(const T* p, int n) {
+  for (int b = 0; b < int(n * sizeof(T)); b += 64)
+    __builtin_prefetch(reinterpret_cast<const char*>(p) + b, 0, 3);
+}
 
 // Row i's 16 scores for keys j0..j0+nk-1 (nk <= 16) of kv head segment kg, into s[0..16).
 // kDV > 0: head_dim is kDV vectors (the last possibly partial, nlast columns).
-template <int kDV>
-void decode_scores(const float* qi, const float* kg, std::ptrdiff_t ldkv, int j0, int nk,
-                   int dv_rt, int nlast, float* s) {
+// pf: also prefetch the segment of each key kAhead keys on (one row per kv head asks).
+template <int kDV, class T>
+void decode_scores(const float* qi, const T* kg, std::ptrdiff_t ldkv, int j0, int nk,
+                   int dv_rt, int nlast, float* s, bool pf) {
   const int DV = kDV > 0 ? kDV : dv_rt;
   vf part[kSub];
 #pragma GCC unroll 16
   for (int jj = 0; jj < kSub; ++jj) {
     vf acc{};
     if (jj < nk) {
-      const float* kr = kg + std::ptrdiff_t(j0 + jj) * ldkv;
+      const T* kr = kg + std::ptrdiff_t(j0 + jj) * ldkv;
+      if (pf) prefetch_n(kr + kAhead * ldkv, DV * kW);
       for (int dv = 0; dv < DV; ++dv)
         acc += load(qi + dv * kW) *
                (dv < DV - 1 || nlast == kW ? load(kr + dv * kW) : load_n(kr + dv * kW, nlast));
@@ -283,10 +304,11 @@ void decode_scores(const float* qi, const float* kg, std::ptrdiff_t ldkv, int j0
   store(s, hsum16(part));
 }
 
-// o_i = o_i + sum_jj p[jj] V[j0 + jj] over nk keys, with o_i kept in registers.
-template <int kDV>
-void decode_pv(float* oi, const float* vg, std::ptrdiff_t ldkv, int j0, int nk, int dv_rt,
-               int nlast, const float* p) {
+// o_i = o_i + sum_jj p[jj] V[j0 + jj] over nk keys, with o_i kept in registers. pf: as in
+// decode_scores.
+template <int kDV, class T>
+void decode_pv(float* oi, const T* vg, std::ptrdiff_t ldkv, int j0, int nk, int dv_rt,
+               int nlast, const float* p, bool pf) {
   const int DV = kDV > 0 ? kDV : dv_rt;
   constexpr int kRegs = kDV > 0 ? kDV : 8;
   for (int c0 = 0; c0 < DV; c0 += kRegs) {  // column chunks of kRegs vectors
@@ -294,7 +316,8 @@ void decode_pv(float* oi, const float* vg, std::ptrdiff_t ldkv, int j0, int nk, 
     vf acc[kRegs];
     for (int dv = 0; dv < nv; ++dv) acc[dv] = load(oi + (c0 + dv) * kW);
     for (int jj = 0; jj < nk; ++jj) {
-      const float* vr = vg + std::ptrdiff_t(j0 + jj) * ldkv + c0 * kW;
+      const T* vr = vg + std::ptrdiff_t(j0 + jj) * ldkv + c0 * kW;
+      if (pf) prefetch_n(vr + kAhead * ldkv, nv * kW);
       const vf pj = splat(p[jj]);
       for (int dv = 0; dv < nv; ++dv)
         acc[dv] += pj * (c0 + dv < DV - 1 || nlast == kW ? load(vr + dv * kW)
@@ -305,8 +328,8 @@ void decode_pv(float* oi, const float* vg, std::ptrdiff_t ldkv, int j0, int nk, 
 }
 
 // Every head, keys [ka, kb). Row i = h * L + t.
-template <int kDV>
-void decode_run(const Problem& pr, int ka, int kb, Scratch& sc, const Part& part) {
+template <int kDV, class T>
+void decode_run(const Problem<T>& pr, int ka, int kb, Scratch& sc, const Part& part) {
   const int L = pr.L, hd = pr.hd, hdp = pr.hdp, nrows = pr.H * L;
   const int dv = hdp / kW, nlast = hd - (dv - 1) * kW;
   part.reset(nrows);
@@ -322,13 +345,17 @@ void decode_run(const Problem& pr, int ka, int kb, Scratch& sc, const Part& part
 
   for (int j0 = ka; j0 < kb; j0 += kKeys) {
     const int nk = std::min(kKeys, kb - j0);
+    // Prefetch while the rows kAhead on stay inside [ka, kb).
+    auto prefetch = [&](int jb, int h, int t) {
+      return sizeof(T) == 2 && t == 0 && h % pr.group == 0 && j0 + jb + kSub + kAhead <= kb;
+    };
     for (int jb = 0; jb < nk; jb += kSub)
       for (int h = 0; h < pr.H; ++h)
         for (int t = 0; t < L; ++t) {
           const int i = h * L + t;
           decode_scores<kDV>(qs + std::size_t(i) * hdp, pr.k + std::ptrdiff_t(h / pr.group) * hd,
                              pr.ldkv, j0 + jb, std::min(kSub, nk - jb), dv, nlast,
-                             s + i * kKeys + jb);
+                             s + i * kKeys + jb, prefetch(jb, h, t));
         }
     for (int i = 0; i < nrows; ++i) {  // online softmax, vectorised over the keys
       const int last = pr.pos0 + i % L;  // row i sees keys <= last
@@ -359,25 +386,26 @@ void decode_run(const Problem& pr, int ka, int kb, Scratch& sc, const Part& part
           const int i = h * L + t;
           decode_pv<kDV>(o + std::size_t(i) * hdp, pr.v + std::ptrdiff_t(h / pr.group) * hd,
                          pr.ldkv, j0 + jb, std::min(kSub, nk - jb), dv, nlast,
-                         s + i * kKeys + jb);
+                         s + i * kKeys + jb, prefetch(jb, h, t));
         }
   }
 }
 
-void decode_any(const Problem& pr, int ka, int kb, Scratch& sc, const Part& part) {
+template <class T>
+void decode_any(const Problem<T>& pr, int ka, int kb, Scratch& sc, const Part& part) {
   switch (pr.hdp / kW) {
-    case 1: decode_run<1>(pr, ka, kb, sc, part); break;
-    case 2: decode_run<2>(pr, ka, kb, sc, part); break;
-    case 4: decode_run<4>(pr, ka, kb, sc, part); break;
-    case 8: decode_run<8>(pr, ka, kb, sc, part); break;
-    default: decode_run<0>(pr, ka, kb, sc, part);
+    case 1: decode_run<1, T>(pr, ka, kb, sc, part); break;
+    case 2: decode_run<2, T>(pr, ka, kb, sc, part); break;
+    case 4: decode_run<4, T>(pr, ka, kb, sc, part); break;
+    case 8: decode_run<8, T>(pr, ka, kb, sc, part); break;
+    default: decode_run<0, T>(pr, ka, kb, sc, part);
   }
 }
 
 // out row of every row i < nrows: the nsplit partial states combined (exp2 weights relative to
 // the common max; a part that saw no key has m = kNoMax and weight 0), divided by l.
-template <class OutRow>
-void merge_rows(const Problem& pr, float* parts, std::size_t part_size, int cap, int nsplit,
+template <class T, class OutRow>
+void merge_rows(const Problem<T>& pr, float* parts, std::size_t part_size, int cap, int nsplit,
                 int nrows, OutRow out_row) {
   for (int i = 0; i < nrows; ++i) {
     float mx = kNoMax;
@@ -402,14 +430,13 @@ void merge_rows(const Problem& pr, float* parts, std::size_t part_size, int cap,
   }
 }
 
-}  // namespace
-
-void attention(float* out, int ldo, const float* q, int ldq, const float* k, const float* v,
-               int L, int pos0, int H, int G, int hd) {
+template <class T>
+void attention_any(float* out, int ldo, const float* q, int ldq, const T* k, const T* v, int L,
+                   int pos0, int H, int G, int hd) {
   if (L <= 0 || H <= 0 || hd <= 0) return;
   const int group = H / G;
-  const Problem pr{q, ldq, k, v, std::ptrdiff_t(G) * hd, L, pos0, H, G, group, hd,
-                   (hd + kW - 1) / kW * kW, float(1.4426950408889634 / std::sqrt(double(hd)))};
+  const Problem<T> pr{q, ldq, k, v, std::ptrdiff_t(G) * hd, L, pos0, H, G, group, hd,
+                      (hd + kW - 1) / kW * kW, float(1.4426950408889634 / std::sqrt(double(hd)))};
   const int nkeys = pos0 + L;
   const int nthreads = omp_get_max_threads();
   const bool parallel = long(L) * H * nkeys * hd >= kParallelWork && nthreads > 1;
@@ -476,6 +503,33 @@ void attention(float* out, int ldo, const float* q, int ldq, const float* k, con
       merge_rows(pr, parts + base * nsplit * part_size, part_size, kRows, nsplit, tl.nr,
                  tile_out(tl));
     });
+}
+
+}  // namespace
+
+void attention(float* out, int ldo, const float* q, int ldq, const float* k, const float* v,
+               int L, int pos0, int H, int G, int hd) {
+  attention_any(out, ldo, q, ldq, k, v, L, pos0, H, G, hd);
+}
+
+void attention_f16kv(float* out, int ldo, const float* q, int ldq, const uint16_t* k,
+                     const uint16_t* v, int L, int pos0, int H, int G, int hd) {
+  attention_any(out, ldo, q, ldq, k, v, L, pos0, H, G, hd);
+}
+
+// A cache write is one token's row (d = G*hd) or a prompt's rows: one thread unless there are
+// enough rows to share.
+void store_f16(uint16_t* dst, int ld_dst, const float* src, int ld_src, int n, int d) {
+  if (n <= 0 || d <= 0) return;
+  const bool parallel = long(n) * d >= (1L << 18) && omp_get_max_threads() > 1;
+  run_team(parallel, [&](int id, int nt) {
+    const auto [i0, i1] = share(n, id, nt);
+    for (int i = i0; i < i1; ++i) {
+      uint16_t* di = dst + std::ptrdiff_t(i) * ld_dst;
+      const float* si = src + std::ptrdiff_t(i) * ld_src;
+      for (int j = 0; j < d; j += kW) store_upto(di + j, load_upto(si + j, d - j), d - j);
+    }
+  });
 }
 
 }  // namespace hm::cpu

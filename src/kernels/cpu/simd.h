@@ -17,6 +17,8 @@
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+#else
+#include "io/safetensors.h"  // scalar f16 conversions
 #endif
 
 // Forced inlining: besides speed, it keeps g++ from warning (-Wpsabi) that 64-byte vector
@@ -73,6 +75,56 @@ HM_SIMD_INLINE void store_n(float* p, vf v, int n) {
 // Full vector when n >= 16, masked otherwise.
 HM_SIMD_INLINE vf load_upto(const float* p, int n) { return n >= kW ? load(p) : load_n(p, n); }
 HM_SIMD_INLINE void store_upto(float* p, vf v, int n) {
+  if (n >= kW) store(p, v); else store_n(p, v, n);
+}
+
+// IEEE binary16 storage (uint16_t bits): the same loads and stores on half-precision memory,
+// widened to / narrowed from float lanes, so a kernel templated on the element type reads
+// either. Widening is exact; narrowing rounds to nearest even, like hm::f32_to_f16 (inf on
+// overflow, subnormal halves kept, NaN quieted with its top payload bits).
+#if defined(__AVX512F__)
+// maskz forms: the unmasked ones start from an undefined register (see round_nearest).
+HM_SIMD_INLINE vf widen(__m256i h) { return _mm512_maskz_cvtph_ps(0xffff, h); }
+HM_SIMD_INLINE __m256i narrow(vf v) {
+  return _mm512_maskz_cvtps_ph(0xffff, v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+#endif
+HM_SIMD_INLINE vf load(const uint16_t* p) {
+#if defined(__AVX512F__)
+  return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#else
+  vf v;
+  for (int i = 0; i < kW; ++i) v[i] = hm::f16_to_f32(p[i]);
+  return v;
+#endif
+}
+HM_SIMD_INLINE void store(uint16_t* p, vf v) {
+#if defined(__AVX512F__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow(v));
+#else
+  for (int i = 0; i < kW; ++i) p[i] = hm::f32_to_f16(v[i]);
+#endif
+}
+HM_SIMD_INLINE vf load_n(const uint16_t* p, int n) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+  return widen(_mm256_maskz_loadu_epi16(__mmask16((1u << n) - 1u), p));
+#else
+  uint16_t h[kW] = {};
+  std::memcpy(h, p, sizeof(uint16_t) * n);
+  return load(h);
+#endif
+}
+HM_SIMD_INLINE void store_n(uint16_t* p, vf v, int n) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+  _mm256_mask_storeu_epi16(p, __mmask16((1u << n) - 1u), narrow(v));
+#else
+  uint16_t h[kW];
+  store(h, v);
+  std::memcpy(p, h, sizeof(uint16_t) * n);
+#endif
+}
+HM_SIMD_INLINE vf load_upto(const uint16_t* p, int n) { return n >= kW ? load(p) : load_n(p, n); }
+HM_SIMD_INLINE void store_upto(uint16_t* p, vf v, int n) {
   if (n >= kW) store(p, v); else store_n(p, v, n);
 }
 

@@ -416,15 +416,20 @@ void mamba_block_forward(T* out, MambaActs<T>& a, const T* u, const MambaWeights
 }
 
 // du [L,D] is assigned (may be null); every field of g accumulates. a is the forward's.
+// dyg_extra [L,E] (nullable): gradient reaching the gated output yg from elsewhere (the next
+// layer's state bridge reads yg), added to what out_proj sends back.
 template <class T>
 void mamba_block_backward(T* du, const MambaGrads<T>& g, const T* dout, const T* u,
-                          const MambaWeights<T>& w, const MambaActs<T>& a, const MambaDims& s) {
+                          const MambaWeights<T>& w, const MambaActs<T>& a, const MambaDims& s,
+                          const T* dyg_extra = nullptr) {
   const int L = a.L, D = s.D, E = s.E, N = s.N, K = s.K, R = s.R, P = R + 2 * N;
   std::vector<T> dyg(L * E), dxc(L * E), dxc2(L * E), ddt(L * E), dz(L * E), dx(L * E);
   std::vector<T> dA(E * N, T(0)), dB(L * N), dC(L * N), ddt_r(L * R), ddbc(L * P), dxz(L * 2 * E);
 
   // out = out_proj(y)
   linear_backward(dyg.data(), g.out_proj, dout, a.yg.data(), w.out_proj, L, D, E);
+  if (dyg_extra)
+    for (int i = 0; i < L * E; ++i) dyg[i] += dyg_extra[i];
   // y = selective_scan(xc, dt, dt_b, A, B, C, D, z)
   if (a.scan_chunk > 0)
     selective_scan_backward_chunked(dxc.data(), ddt.data(), g.dt_b, dA.data(), dB.data(),

@@ -1,14 +1,23 @@
 // Reference kernels: plain loops, double accumulation where a sum is long, no tricks.
 // They define what the fast kernels must compute; each line mirrors docs/MODEL.md.
 #include <cmath>
+#include <cstddef>
 #include <vector>
 
+#include "io/safetensors.h"
 #include "kernels/ops.h"
 
 namespace hm::ref {
 namespace {
 double silu(double x) { return x / (1.0 + std::exp(-x)); }
 double softplus(double x) { return x > 20.0 ? x : std::log1p(std::exp(x)); }
+
+// The first rows x cols halves of h, widened to float (exact).
+std::vector<float> widen_f16(const uint16_t* h, int rows, int cols) {
+  std::vector<float> f(std::size_t(rows) * cols);
+  for (std::size_t i = 0; i < f.size(); ++i) f[i] = f16_to_f32(h[i]);
+  return f;
+}
 }  // namespace
 
 void rmsnorm(float* out, const float* x, const float* w, int n, int d, float eps) {
@@ -108,6 +117,19 @@ void attention(float* out, int ldo, const float* q, int ldq, const float* k, con
       }
     }
   }
+}
+
+// Widening is exact, so this is attention on the values the cache holds.
+void attention_f16kv(float* out, int ldo, const float* q, int ldq, const uint16_t* k,
+                     const uint16_t* v, int L, int pos0, int H, int G, int hd) {
+  if (L <= 0) return;
+  const std::vector<float> kf = widen_f16(k, pos0 + L, G * hd), vf = widen_f16(v, pos0 + L, G * hd);
+  attention(out, ldo, q, ldq, kf.data(), vf.data(), L, pos0, H, G, hd);
+}
+
+void store_f16(uint16_t* dst, int ld_dst, const float* src, int ld_src, int n, int d) {
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < d; ++j) dst[i * ld_dst + j] = f32_to_f16(src[i * ld_src + j]);
 }
 
 void swiglu(float* out, int ldo, const float* g, const float* u, int ldgu, int n, int f) {

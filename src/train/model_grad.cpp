@@ -1,0 +1,371 @@
+#include "train/model_grad.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "core/error.h"
+#include "kernels/ref/attention_grad_ref.h"
+#include "kernels/ref/mamba_grad_ref.h"
+
+namespace hm {
+namespace {
+
+namespace G = ref::grad;
+
+constexpr int64_t kNone = -1;
+
+// Where each tensor sits in the arena, as element offsets, so float, double and long double
+// copies of the parameters (and gradient buffers) share Params' layout.
+struct LayerOffsets {
+  int64_t norm, in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A_log, Dskip, out_proj;
+  int64_t wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down, bridge_norm, bridge_proj, bridge_gate;
+};
+
+struct Layout {
+  ModelConfig c;
+  int64_t numel = 0, emb = 0, norm_f = 0, head = 0;  // head == emb when tied
+  std::vector<LayerOffsets> layers;
+  std::vector<std::pair<int64_t, int64_t>> tensors;  // (offset, numel); the padding between is skipped
+
+  explicit Layout(const Params& p) : c(p.config()), numel(p.numel()) {
+    const float* base = p.data();
+    auto off = [&](const float* q) { return q ? int64_t(q - base) : kNone; };
+    emb = off(p.embeddings());
+    norm_f = off(p.norm_f());
+    head = off(p.lm_head());
+    for (int i = 0; i < c.n_layers; ++i) {
+      const LayerWeights& w = p.layer(i);
+      layers.push_back({off(w.norm), off(w.in_proj), off(w.conv_w), off(w.conv_b), off(w.x_proj),
+                        off(w.dt_w), off(w.dt_b), off(w.A_log), off(w.Dskip), off(w.out_proj),
+                        off(w.wq), off(w.wk), off(w.wv), off(w.wo), off(w.mlp_norm),
+                        off(w.w_gate), off(w.w_up), off(w.w_down), off(w.bridge_norm),
+                        off(w.bridge_proj), off(w.bridge_gate)});
+    }
+    for (size_t k = 0; k < p.specs().size(); ++k)
+      tensors.emplace_back(int64_t(p.at(k) - base), p.specs()[k].numel());
+  }
+};
+
+template <class P> P* at(P* base, int64_t off) { return off == kNone ? nullptr : base + off; }
+
+template <class T> G::MambaWeights<T> mamba_weights(const T* P, const LayerOffsets& o) {
+  return {at(P, o.in_proj), at(P, o.conv_w), at(P, o.conv_b), at(P, o.x_proj), at(P, o.dt_w),
+          at(P, o.dt_b),    at(P, o.A_log),  at(P, o.Dskip),  at(P, o.out_proj)};
+}
+template <class T> G::MambaGrads<T> mamba_grads(T* g, const LayerOffsets& o) {
+  return {at(g, o.in_proj), at(g, o.conv_w), at(g, o.conv_b), at(g, o.x_proj), at(g, o.dt_w),
+          at(g, o.dt_b),    at(g, o.A_log),  at(g, o.Dskip),  at(g, o.out_proj)};
+}
+G::MambaDims mamba_dims(const ModelConfig& c) {
+  return {c.d_model, c.d_inner(), c.d_state, c.d_conv, c.resolved_dt_rank()};
+}
+G::AttnShape attn_shape(const ModelConfig& c, int L) {
+  return {L, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim(), c.rope, double(c.rope_theta)};
+}
+
+// What one sequence's forward keeps for its backward, per layer.
+template <class T> struct LayerActs {
+  std::vector<T> bn, brstd;   // bridge: rmsnorm(src) [L,S] and its rstd [L]
+  std::vector<T> h, u, rstd;  // stream entering the pre-norm [L,D], the norm's output, rstd [L]
+  G::MambaActs<T> mamba;
+  G::AttnSaved<T> attn;
+  std::vector<T> h2, m, mrstd;  // MLP: stream entering mlp_norm [L,D], its output, rstd [L]
+  G::MlpSaved<T> mlp;
+};
+
+template <class T> struct SeqActs {
+  std::vector<LayerActs<T>> layers;
+  std::vector<T> hf, hn, rstd_f;  // final stream [L,D], rmsnorm(hf, norm_f), rstd [L]
+  // Layer i's inner representation (y * silu(z) or the head contexts): the next bridge's source.
+  const T* inner(const ModelConfig& c, int i) const {
+    return c.is_attention(i) ? layers[size_t(i)].attn.inner.data()
+                             : layers[size_t(i)].mamba.yg.data();
+  }
+};
+
+template <class T> void add_into(std::vector<T>& h, const std::vector<T>& x) {
+  for (size_t i = 0; i < h.size(); ++i) h[i] += x[i];
+}
+
+// docs/MODEL.md's forward for one sequence, saving activations; ends with a.hn = rmsnorm(h, norm_f).
+template <class T>
+void forward_seq(SeqActs<T>& a, const Layout& lo, const T* P, const int32_t* tok, int L,
+                 int scan_chunk) {
+  const ModelConfig& c = lo.c;
+  const int D = c.d_model, F = c.d_ff;
+  const double eps = c.norm_eps;
+  const size_t LD = size_t(L) * D;
+  a.layers.resize(size_t(c.n_layers));
+  std::vector<T> h(LD), out(LD);
+  for (int t = 0; t < L; ++t)
+    std::copy_n(P + lo.emb + int64_t(tok[t]) * D, D, h.begin() + ptrdiff_t(t) * D);
+  for (int i = 0; i < c.n_layers; ++i) {
+    const LayerOffsets& o = lo.layers[size_t(i)];
+    LayerActs<T>& la = a.layers[size_t(i)];
+    if (c.has_bridge(i)) {  // h += gate * (rmsnorm(src) @ proj^T)
+      const int S = c.inner_dim(i - 1);
+      la.bn.resize(size_t(L) * S);
+      la.brstd.resize(size_t(L));
+      G::rmsnorm_forward(la.bn.data(), la.brstd.data(), a.inner(c, i - 1), at(P, o.bridge_norm), L,
+                         S, eps);
+      G::bridge_forward(h.data(), h.data(), la.bn.data(), at(P, o.bridge_proj),
+                        at(P, o.bridge_gate), L, D, S);
+    }
+    la.h = h;
+    la.u.resize(LD);
+    la.rstd.resize(size_t(L));
+    G::rmsnorm_forward(la.u.data(), la.rstd.data(), h.data(), at(P, o.norm), L, D, eps);
+    if (c.is_attention(i))
+      G::attention_block_forward(out.data(), la.attn, la.u.data(),
+                                 G::AttnWeights<T>{at(P, o.wq), at(P, o.wk), at(P, o.wv), at(P, o.wo)},
+                                 attn_shape(c, L));
+    else
+      G::mamba_block_forward(out.data(), la.mamba, la.u.data(), mamba_weights(P, o), mamba_dims(c),
+                             L, scan_chunk);
+    add_into(h, out);
+    if (F > 0) {  // h += down(silu(gate(m)) * up(m)), m = rmsnorm(h, mlp_norm)
+      la.h2 = h;
+      la.m.resize(LD);
+      la.mrstd.resize(size_t(L));
+      G::rmsnorm_forward(la.m.data(), la.mrstd.data(), h.data(), at(P, o.mlp_norm), L, D, eps);
+      G::mlp_block_forward(out.data(), la.mlp, la.m.data(),
+                           G::MlpWeights<T>{at(P, o.w_gate), at(P, o.w_up), at(P, o.w_down)}, L, D,
+                           F);
+      add_into(h, out);
+    }
+  }
+  a.hf = std::move(h);
+  a.hn.resize(LD);
+  a.rstd_f.resize(size_t(L));
+  G::rmsnorm_forward(a.hn.data(), a.rstd_f.data(), a.hf.data(), P + lo.norm_f, L, D, eps);
+}
+
+// Reverse of forward_seq from dhn = dloss/d rmsnorm(hf, norm_f); adds every parameter gradient
+// except the head's (the cross-entropy adds that) into the arena g.
+template <class T>
+void backward_seq(T* g, const SeqActs<T>& a, const Layout& lo, const T* P, const T* dhn,
+                  const int32_t* tok, int L) {
+  const ModelConfig& c = lo.c;
+  const int D = c.d_model, F = c.d_ff;
+  const size_t LD = size_t(L) * D;
+  std::vector<T> dh(LD), dtmp(LD), dx(LD), dy;
+  std::vector<T> dinner;  // gradient into this layer's inner output from the next layer's bridge
+  G::rmsnorm_backward(dh.data(), g + lo.norm_f, dhn, a.hf.data(), P + lo.norm_f, a.rstd_f.data(),
+                      L, D);
+  for (int i = c.n_layers - 1; i >= 0; --i) {
+    const LayerOffsets& o = lo.layers[size_t(i)];
+    const LayerActs<T>& la = a.layers[size_t(i)];
+    if (F > 0) {  // h_out = h2 + mlp(rmsnorm(h2)): dh2 = dh + rmsnorm'(mlp'(dh))
+      G::mlp_block_backward(dtmp.data(),
+                            G::MlpWeightGrads<T>{at(g, o.w_gate), at(g, o.w_up), at(g, o.w_down)},
+                            dh.data(), la.m.data(),
+                            G::MlpWeights<T>{at(P, o.w_gate), at(P, o.w_up), at(P, o.w_down)},
+                            la.mlp, L, D, F);
+      G::rmsnorm_backward(dx.data(), at(g, o.mlp_norm), dtmp.data(), la.h2.data(),
+                          at(P, o.mlp_norm), la.mrstd.data(), L, D);
+      add_into(dh, dx);
+    }
+    // h2 = h + mixer(rmsnorm(h)); the mixer's inner output also feeds the next bridge (dinner).
+    const T* dinn = dinner.empty() ? nullptr : dinner.data();
+    if (c.is_attention(i))
+      G::attention_block_backward(
+          dtmp.data(), G::AttnWeightGrads<T>{at(g, o.wq), at(g, o.wk), at(g, o.wv), at(g, o.wo)},
+          dh.data(), dinn, la.u.data(),
+          G::AttnWeights<T>{at(P, o.wq), at(P, o.wk), at(P, o.wv), at(P, o.wo)}, la.attn,
+          attn_shape(c, L));
+    else
+      G::mamba_block_backward(dtmp.data(), mamba_grads(g, o), dh.data(), la.u.data(),
+                              mamba_weights(P, o), la.mamba, mamba_dims(c), dinn);
+    G::rmsnorm_backward(dx.data(), at(g, o.norm), dtmp.data(), la.h.data(), at(P, o.norm),
+                        la.rstd.data(), L, D);
+    add_into(dh, dx);
+    if (c.has_bridge(i)) {  // h = h_in + gate * (rmsnorm(src) proj^T): dh passes through as is
+      const int S = c.inner_dim(i - 1);
+      dy.resize(size_t(L) * S);
+      dinner.resize(size_t(L) * S);
+      G::bridge_backward<T>(nullptr, dy.data(), at(g, o.bridge_proj), at(g, o.bridge_gate),
+                            dh.data(), la.bn.data(), at(P, o.bridge_proj), at(P, o.bridge_gate),
+                            L, D, S);
+      G::rmsnorm_backward(dinner.data(), at(g, o.bridge_norm), dy.data(), a.inner(c, i - 1),
+                          at(P, o.bridge_norm), la.brstd.data(), L, S);
+    } else {
+      dinner.clear();
+    }
+  }
+  G::embedding_backward(g + lo.emb, dh.data(), tok, L, D);
+}
+
+// Sum over the counted positions of -log softmax(hn W^T)[target], in acc_t<T> (long double for
+// long double, so finite differences of it are not limited by double rounding).
+template <class T>
+G::acc_t<T> cross_entropy_sum(const T* hn, const T* W, const int32_t* tgt, int L, int D, int V) {
+  using A = G::acc_t<T>;
+  std::vector<A> z(static_cast<size_t>(V));
+  A sum = 0;
+  for (int t = 0; t < L; ++t) {
+    if (tgt[t] < 0) continue;
+    A mx = -std::numeric_limits<A>::infinity();
+    for (int v = 0; v < V; ++v) {
+      A acc = 0;
+      for (int j = 0; j < D; ++j) acc += A(hn[size_t(t) * D + j]) * W[size_t(v) * D + j];
+      z[size_t(v)] = acc;
+      mx = std::max(mx, acc);
+    }
+    A se = 0;
+    for (int v = 0; v < V; ++v) se += std::exp(z[size_t(v)] - mx);
+    sum += mx + std::log(se) - z[size_t(tgt[t])];
+  }
+  return sum;
+}
+
+int count_targets(const int32_t* tgt, int n) {
+  int k = 0;
+  for (int i = 0; i < n; ++i) k += tgt[i] >= 0;
+  return k;
+}
+
+// Validates the batch (before any parallel region: exceptions must not leave one); returns the
+// number of counted positions.
+int64_t check_batch(const ModelConfig& c, const int32_t* tokens, const int32_t* targets, int B,
+                    int L, int scan_chunk) {
+  HM_CHECK(B > 0 && L > 0, "loss: batch must be at least 1 x 1, got ", B, " x ", L);
+  HM_CHECK(scan_chunk >= 0, "loss: scan_chunk must be >= 0, got ", scan_chunk);
+  const int V = c.vocab_size;
+  int64_t count = 0;
+  for (int64_t i = 0; i < int64_t(B) * L; ++i) {
+    HM_CHECK(tokens[i] >= 0 && tokens[i] < V, "loss: token id ", tokens[i], " at [", i / L, ", ",
+             i % L, "] is outside the vocabulary [0, ", V, ")");
+    HM_CHECK(targets[i] >= -1 && targets[i] < V, "loss: target ", targets[i], " at [", i / L,
+             ", ", i % L, "] is outside [-1, ", V, ")");
+    count += targets[i] >= 0;
+  }
+  return count;
+}
+
+int threads_for(int B) { return std::max(1, std::min(omp_get_max_threads(), B)); }
+
+template <class T> std::vector<T> arena_copy(const Params& p, const Layout& lo) {
+  std::vector<T> a(size_t(lo.numel), T(0));
+  for (const auto& [off, n] : lo.tensors)
+    for (int64_t k = 0; k < n; ++k) a[size_t(off + k)] = T(p.data()[off + k]);
+  return a;
+}
+
+}  // namespace
+
+template <class T>
+double loss_and_grad_arena(const Params& layout, const T* params, T* grads, const int32_t* tokens,
+                           const int32_t* targets, int B, int L, int scan_chunk) {
+  const Layout lo(layout);
+  const ModelConfig& c = lo.c;
+  const int64_t total = check_batch(c, tokens, targets, B, L, scan_chunk);
+  if (total == 0) return 0.0;
+  const int D = c.d_model, V = c.vocab_size, nt = threads_for(B);
+  std::vector<std::vector<T>> priv(static_cast<size_t>(nt));  // one gradient arena per thread
+  std::vector<double> seq_loss(size_t(B), 0.0);
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<T>& g = priv[size_t(omp_get_thread_num())];
+    g.assign(size_t(lo.numel), T(0));
+    std::vector<T> dhn(size_t(L) * D), dW(size_t(V) * D);
+    SeqActs<T> a;
+#pragma omp for schedule(static)
+    for (int b = 0; b < B; ++b) {
+      const int32_t* tok = tokens + int64_t(b) * L;
+      const int32_t* tgt = targets + int64_t(b) * L;
+      const int cnt = count_targets(tgt, L);
+      if (cnt == 0) continue;  // contributes neither loss nor gradient
+      forward_seq(a, lo, params, tok, L, scan_chunk);
+      // The reference cross-entropy is the mean over this sequence's cnt positions; the batch
+      // loss is the mean over all `total`, so this sequence's gradients are scaled by cnt/total.
+      std::fill(dW.begin(), dW.end(), T(0));
+      const T mean = G::cross_entropy_forward_backward(dhn.data(), dW.data(), a.hn.data(),
+                                                       params + lo.head, tgt, L, D, V);
+      seq_loss[size_t(b)] = double(mean) * cnt;
+      const G::acc_t<T> share = G::acc_t<T>(cnt) / G::acc_t<T>(total);
+      for (T& v : dhn) v = T(v * share);
+      T* gh = g.data() + lo.head;  // the embedding's own gradient too when tied
+      for (size_t k = 0; k < dW.size(); ++k) gh[k] += T(dW[k] * share);
+      backward_seq(g.data(), a, lo, params, dhn.data(), tok, L);
+    }
+    // Sum the thread buffers in thread order (deterministic), each thread a share of the tensors.
+#pragma omp for schedule(static)
+    for (size_t k = 0; k < lo.tensors.size(); ++k) {
+      const auto [off, n] = lo.tensors[k];
+      for (int64_t j = off; j < off + n; ++j) {
+        G::acc_t<T> s = 0;
+        for (const auto& p : priv) s += p[size_t(j)];
+        grads[j] += T(s);
+      }
+    }
+  }
+  double sum = 0;
+  for (double l : seq_loss) sum += l;
+  return sum / double(total);
+}
+
+template <class T>
+long double loss_only_arena(const Params& layout, const T* params, const int32_t* tokens,
+                            const int32_t* targets, int B, int L) {
+  const Layout lo(layout);
+  const ModelConfig& c = lo.c;
+  const int64_t total = check_batch(c, tokens, targets, B, L, 0);
+  if (total == 0) return 0.0L;
+  std::vector<long double> seq_loss(size_t(B), 0.0L);
+#pragma omp parallel num_threads(threads_for(B))
+  {
+    SeqActs<T> a;
+#pragma omp for schedule(static)
+    for (int b = 0; b < B; ++b) {
+      const int32_t* tgt = targets + int64_t(b) * L;
+      if (count_targets(tgt, L) == 0) continue;
+      forward_seq(a, lo, params, tokens + int64_t(b) * L, L, 0);
+      seq_loss[size_t(b)] =
+          cross_entropy_sum(a.hn.data(), params + lo.head, tgt, L, c.d_model, c.vocab_size);
+    }
+  }
+  long double sum = 0;
+  for (long double l : seq_loss) sum += l;
+  return sum / (long double)(total);
+}
+
+template double loss_and_grad_arena<float>(const Params&, const float*, float*, const int32_t*,
+                                           const int32_t*, int, int, int);
+template double loss_and_grad_arena<double>(const Params&, const double*, double*, const int32_t*,
+                                            const int32_t*, int, int, int);
+template long double loss_only_arena<float>(const Params&, const float*, const int32_t*,
+                                            const int32_t*, int, int);
+template long double loss_only_arena<double>(const Params&, const double*, const int32_t*,
+                                             const int32_t*, int, int);
+template long double loss_only_arena<long double>(const Params&, const long double*,
+                                                  const int32_t*, const int32_t*, int, int);
+
+double loss_and_grad(const Params& params, Params& grads, const int32_t* tokens,
+                     const int32_t* targets, int B, int L, int scan_chunk) {
+  HM_CHECK(grads.numel() == params.numel(), "loss_and_grad: grads has another layout");
+  return loss_and_grad_arena<float>(params, params.data(), grads.data(), tokens, targets, B, L,
+                                    scan_chunk);
+}
+
+double loss_and_grad_f64(const Params& params, Params& grads, const int32_t* tokens,
+                         const int32_t* targets, int B, int L, int scan_chunk) {
+  HM_CHECK(grads.numel() == params.numel(), "loss_and_grad_f64: grads has another layout");
+  const Layout lo(params);
+  const std::vector<double> p = arena_copy<double>(params, lo);
+  std::vector<double> g(p.size(), 0.0);
+  const double loss =
+      loss_and_grad_arena<double>(params, p.data(), g.data(), tokens, targets, B, L, scan_chunk);
+  for (const auto& [off, n] : lo.tensors)
+    for (int64_t k = off; k < off + n; ++k) grads.data()[k] += float(g[size_t(k)]);
+  return loss;
+}
+
+double loss_only(const Params& params, const int32_t* tokens, const int32_t* targets, int B, int L) {
+  return double(loss_only_arena<float>(params, params.data(), tokens, targets, B, L));
+}
+
+}  // namespace hm

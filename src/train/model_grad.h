@@ -1,0 +1,60 @@
+// Loss and gradient of every parameter of the Simple Hybrid model (docs/MODEL.md) on a batch of
+// token sequences, built from the reference forward/backward pairs of
+// kernels/ref/mamba_grad_ref.h and kernels/ref/attention_grad_ref.h.
+//
+// Each sequence starts from zero state at position 0 and is independent of the others; the loss
+// is the mean cross-entropy over every position (of every sequence) whose target is >= 0.
+// Sequences run in parallel (OpenMP): each thread keeps its activations and a private gradient
+// buffer, and the buffers are summed in thread order at the end (deterministic for a given thread
+// count). Correctness first: these are plain loops, not the fast training kernels.
+#pragma once
+#include <cstdint>
+
+#include "model/params.h"
+
+namespace hm {
+
+// Mean cross-entropy over positions whose target >= 0 for B sequences of length L (tokens and
+// targets [B, L], row-major; targets in [-1, vocab)). Adds (+=) every parameter's gradient into
+// grads (same config as params), so gradients accumulate over calls; the caller zeroes. With a
+// tied head the embedding gradient gets both the lookup and the head contributions.
+// scan_chunk > 0 keeps only every scan_chunk-th selective-scan state in the forward and recomputes
+// the rest in the backward (same gradients, less memory). Returns 0 (grads untouched) when no
+// target counts. Token or target out of range, B or L < 1, scan_chunk < 0: hm::Error.
+// Memory: per thread one gradient arena (params.numel() values) and one sequence's activations.
+double loss_and_grad(const Params& params, Params& grads, const int32_t* tokens,
+                     const int32_t* targets, int B, int L, int scan_chunk = 0);
+
+// The same in double precision, on double copies of the float parameters; the double gradients
+// are rounded once when added into grads. For checks.
+double loss_and_grad_f64(const Params& params, Params& grads, const int32_t* tokens,
+                         const int32_t* targets, int B, int L, int scan_chunk = 0);
+
+// The loss alone (evaluation): the same forward, no backward; 0 when no target counts.
+double loss_only(const Params& params, const int32_t* tokens, const int32_t* targets, int B, int L);
+
+// The computations above on flat arrays of another precision laid out as the Params arena: tensor
+// k of layout.specs() starts at element layout.at(k) - layout.data(), and both arrays hold
+// layout.numel() elements (layout only supplies the config and the offsets; its values are not
+// read). The checks use these: double gradients for the PyTorch comparison, double and long double
+// losses for finite differences. loss_and_grad_arena is instantiated for float and double,
+// loss_only_arena also for long double.
+template <class T>
+double loss_and_grad_arena(const Params& layout, const T* params, T* grads, const int32_t* tokens,
+                           const int32_t* targets, int B, int L, int scan_chunk = 0);
+template <class T>
+long double loss_only_arena(const Params& layout, const T* params, const int32_t* tokens,
+                            const int32_t* targets, int B, int L);
+
+extern template double loss_and_grad_arena<float>(const Params&, const float*, float*,
+                                                  const int32_t*, const int32_t*, int, int, int);
+extern template double loss_and_grad_arena<double>(const Params&, const double*, double*,
+                                                   const int32_t*, const int32_t*, int, int, int);
+extern template long double loss_only_arena<float>(const Params&, const float*, const int32_t*,
+                                                   const int32_t*, int, int);
+extern template long double loss_only_arena<double>(const Params&, const double*, const int32_t*,
+                                                    const int32_t*, int, int);
+extern template long double loss_only_arena<long double>(const Params&, const long double*,
+                                                         const int32_t*, const int32_t*, int, int);
+
+}  // namespace hm

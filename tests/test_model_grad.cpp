@@ -1,0 +1,384 @@
+// train/model_grad.h: the loss and every parameter gradient of the whole model.
+//
+// ModelGrad.FiniteDifferences*: the double gradients (loss_and_grad_arena<double>) against
+// finite differences of the loss, for the entry with the largest gradient and random others of
+// EVERY tensor, on a small config with every feature on, tied and untied head.
+// - Differences: the 4-point central stencil (8 (f(x+h) - f(x-h)) - (f(x+2h) - f(x-2h))) / 12h
+//   (truncation ~h^4), h = 1e-3 x the rms of the tensor's values (>= 1e-5), on the long double
+//   instantiation of the same forward (loss_only_arena<long double>), as tests/test_grad_mamba.cpp
+//   does for the tiny A_log and dt gradients (~1e-10 here). The Mamba path, norms and loss run
+//   in long double; the attention/MLP/bridge helpers keep double sums, which left the loss with
+//   ~1e-18 noise (~1e-14 on a difference). Not the 2-point h = 1e-5 of the block tests: the
+//   embeddings are ~0.02 in scale and feed an RMSNorm, so the loss curves on that scale and the
+//   2-point truncation reached 2.5e-7 relative there.
+// - Measure (as tests/test_grad_mamba.cpp), per entry: |a - f| / max(|a|, |f|, 1e-6), a the
+//   analytic gradient, f the difference: relative above 1e-6, 1e-12 absolute below.
+//   Required <= 1e-6; observed worst 1.4e-8 (tied), 3.6e-9 (untied).
+//
+// The others: loss_only against the inference forward's logits; float against double gradients;
+// chunked scan states against full ones; the batch mean, accumulation, thread count; bad input.
+// Set HM_GRAD_VERBOSE=1 to print every difference.
+#include <gtest/gtest.h>
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "backend/backend.h"
+#include "core/error.h"
+#include "core/rng.h"
+#include "model/model.h"
+#include "train/model_grad.h"
+
+using namespace hm;
+
+namespace {
+
+using LD = long double;
+
+// Small enough for fast differences, with every feature on: M A A M gives a Mamba -> attention
+// bridge (1, source width d_inner 32), an attention -> Mamba bridge (3, source width 16) and
+// neighbours of one type without one (2); GQA, RoPE, SwiGLU MLP, explicit dt_rank, d_conv != 4.
+ModelConfig small_config(bool tied) {
+  ModelConfig c;
+  c.d_model = 16;
+  c.n_layers = 4;
+  c.attention_layers = {1, 2};
+  c.vocab_size = 23;
+  c.d_state = 4;
+  c.d_conv = 3;
+  c.expand = 2;
+  c.dt_rank = 2;
+  c.n_heads = 4;
+  c.n_kv_heads = 2;
+  c.rope = true;
+  c.d_ff = 12;
+  c.tie_embeddings = tied;
+  c.state_bridges = true;
+  validate(c);
+  return c;
+}
+
+// docs/MODEL.md's init, then the values init fixes (gates 0, norms 1, D 1, A_log) perturbed so
+// that every path carries gradient.
+void init_random(Params& p, uint64_t seed) {
+  init_params(p, seed);
+  Rng rng(seed + 1000);
+  for (size_t k = 0; k < p.specs().size(); ++k) {
+    const std::string& n = p.specs()[k].name;
+    float* w = p.at(k);
+    const int64_t cnt = p.specs()[k].numel();
+    auto ends = [&](const std::string& s) {
+      return n.size() >= s.size() && n.compare(n.size() - s.size(), s.size(), s) == 0;
+    };
+    for (int64_t i = 0; i < cnt; ++i) {
+      if (ends(".gate")) w[i] = float(rng.uniform() - 0.5);
+      else if (ends("norm.weight") || ends("norm_f.weight")) w[i] = float(1 + 0.2 * rng.normal());
+      else if (ends("mixer.D")) w[i] = float(0.5 + rng.uniform());
+      else if (ends("A_log")) w[i] += float(0.2 * (rng.uniform() - 0.5));
+    }
+  }
+}
+
+struct TokenBatch {
+  int B, L;
+  std::vector<int32_t> tokens, targets;
+};
+
+// Targets are the next token, the last -1, and a few more -1 to exercise the ignore rule.
+TokenBatch make_batch(int B, int L, int V, uint64_t seed) {
+  Rng rng(seed);
+  TokenBatch b{B, L, std::vector<int32_t>(size_t(B) * L), std::vector<int32_t>(size_t(B) * L)};
+  for (auto& t : b.tokens) t = int32_t(rng.next_u64() % uint64_t(V));
+  for (int s = 0; s < B; ++s)
+    for (int t = 0; t < L; ++t)
+      b.targets[size_t(s) * L + t] = t + 1 < L ? b.tokens[size_t(s) * L + t + 1] : -1;
+  for (int s = 0; s < B; ++s) b.targets[size_t(s) * L + size_t(rng.next_u64() % uint64_t(L))] = -1;
+  return b;
+}
+
+template <class T> std::vector<T> arena(const Params& p) {
+  std::vector<T> a(size_t(p.numel()), T(0));
+  for (size_t k = 0; k < p.specs().size(); ++k)
+    for (int64_t i = 0; i < p.specs()[k].numel(); ++i)
+      a[size_t(p.at(k) - p.data() + i)] = T(p.at(k)[i]);
+  return a;
+}
+
+bool verbose() { return std::getenv("HM_GRAD_VERBOSE") != nullptr; }
+
+// Restores the OpenMP thread count on scope exit.
+struct OmpThreads {
+  int saved = omp_get_max_threads();
+  explicit OmpThreads(int n) { omp_set_num_threads(n); }
+  ~OmpThreads() { omp_set_num_threads(saved); }
+};
+
+// `entries(name)`: how many entries of a tensor to check: the one with the largest gradient,
+// then random ones.
+void check_fd(bool tied, uint64_t seed, const std::function<int(const std::string&)>& entries) {
+  const ModelConfig c = small_config(tied);
+  Params p(c);
+  init_random(p, seed);
+  const TokenBatch b = make_batch(2, 6, c.vocab_size, seed + 1);
+  const std::vector<double> pd = arena<double>(p);
+  std::vector<double> g(pd.size(), 0.0);
+  const double loss =
+      loss_and_grad_arena<double>(p, pd.data(), g.data(), b.tokens.data(), b.targets.data(), b.B, b.L);
+  std::vector<LD> pl(pd.begin(), pd.end());
+  // The differences run one thread: hundreds of tiny forwards gain nothing from a team.
+  OmpThreads one(1);
+  auto f = [&] { return loss_only_arena<LD>(p, pl.data(), b.tokens.data(), b.targets.data(), b.B, b.L); };
+  EXPECT_NEAR(double(f()), loss, 1e-13 * loss);
+
+  Rng rng(seed + 2);
+  double worst = 0;
+  for (size_t k = 0; k < p.specs().size(); ++k) {
+    const ParamSpec& s = p.specs()[k];
+    const int64_t off = p.at(k) - p.data(), n = s.numel();
+    int64_t big = 0;
+    double gmax = 0, ss = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const double gi = std::fabs(g[size_t(off + i)]);
+      if (gi > gmax) gmax = gi, big = i;
+      ss += pd[size_t(off + i)] * pd[size_t(off + i)];
+    }
+    EXPECT_GT(gmax, 0.0) << s.name << ": no gradient at all";
+    const LD h = LD(1e-3 * std::max(std::sqrt(ss / double(n)), 1e-2));
+    double terr = 0;
+    std::vector<int64_t> picks = {big};
+    while (int(picks.size()) < std::min<int64_t>(entries(s.name), n)) {
+      const int64_t i = int64_t(rng.next_u64() % uint64_t(n));
+      if (std::find(picks.begin(), picks.end(), i) == picks.end()) picks.push_back(i);
+    }
+    for (int64_t i : picks) {
+      const size_t j = size_t(off + i);
+      const LD keep = pl[j];
+      auto at = [&](LD x) {
+        pl[j] = keep + x;
+        return f();
+      };
+      const LD d1 = at(h) - at(-h), d2 = at(2 * h) - at(-2 * h);
+      pl[j] = keep;
+      const double fd = double((8 * d1 - d2) / (12 * h));
+      const double a = g[j];
+      const double err = std::fabs(a - fd) / std::max({std::fabs(a), std::fabs(fd), 1e-6});
+      if (verbose())
+        std::printf("  %-45s [%4lld] grad % .6e fd % .6e err %.2e\n", s.name.c_str(), (long long)i, a, fd, err);
+      terr = std::max(terr, err);
+    }
+    EXPECT_LE(terr, 1e-6) << s.name;
+    worst = std::max(worst, terr);
+  }
+  std::printf("  %s head: loss %.6f, worst FD error %.2e over %zu tensors\n", tied ? "tied" : "untied",
+              loss, worst, p.specs().size());
+}
+
+// Per tensor: max_i |a_i - b_i| / max_i |b_i|; the worst tensor's value and name.
+template <class A, class B>
+std::pair<double, std::string> worst_tensor_err(const Params& layout, const A* a, const B* b) {
+  std::pair<double, std::string> worst{0.0, ""};
+  for (size_t k = 0; k < layout.specs().size(); ++k) {
+    const int64_t off = layout.at(k) - layout.data();
+    double num = 0, den = 0;
+    for (int64_t i = off; i < off + layout.specs()[k].numel(); ++i) {
+      num = std::max(num, std::fabs(double(a[i]) - double(b[i])));
+      den = std::max(den, std::fabs(double(b[i])));
+    }
+    const double e = den > 0 ? num / den : (num > 0 ? INFINITY : 0.0);
+    if (e >= worst.first) worst = {e, layout.specs()[k].name};
+  }
+  return worst;
+}
+
+}  // namespace
+
+TEST(ModelGrad, FiniteDifferencesTiedHead) {
+  check_fd(true, 11, [](const std::string&) { return 3; });
+}
+
+// The untied head changes only where the head and embedding gradients go: three entries of those
+// and the final norm, the largest-gradient entry of every other tensor (keeps the test fast).
+TEST(ModelGrad, FiniteDifferencesUntiedHead) {
+  check_fd(false, 12, [](const std::string& name) {
+    return name == "lm_head.weight" || name == "backbone.embeddings.weight" ||
+                   name == "backbone.norm_f.weight" ? 3 : 1;
+  });
+}
+
+// loss_only computes the function the inference engine computes: the mean cross-entropy of
+// HybridModel::forward's logits (all positions, float32 KV cache), in float, on both backends.
+TEST(ModelGrad, LossOnlyMatchesInferenceForward) {
+  for (bool tied : {true, false}) {
+    ModelConfig c = preset("tiny");
+    c.tie_embeddings = tied;
+    const TokenBatch b = make_batch(3, 11, c.vocab_size, 21);
+    for (auto make : {make_cpu_backend, make_ref_backend}) {
+      auto be = make();
+      HybridModel m(c, *be);
+      init_random(m.params(), 22);
+      m.prepare();
+      HybridMemory mem(*be, c, b.B, b.L, KvType::F32);
+      hm::Batch batch;
+      batch.logits_all = true;
+      for (int s = 0; s < b.B; ++s)
+        batch.add(s, std::vector<int32_t>(b.tokens.begin() + s * b.L, b.tokens.begin() + (s + 1) * b.L));
+      std::vector<float> logits;
+      m.forward(batch, mem, logits);
+      const int V = c.vocab_size;
+      double want = 0;
+      int count = 0;
+      for (size_t i = 0; i < b.targets.size(); ++i) {
+        if (b.targets[i] < 0) continue;
+        const float* z = logits.data() + i * size_t(V);
+        const double mx = *std::max_element(z, z + V);
+        double se = 0;
+        for (int v = 0; v < V; ++v) se += std::exp(double(z[v]) - mx);
+        want += mx + std::log(se) - z[b.targets[i]];
+        ++count;
+      }
+      want /= count;
+      const double got = loss_only(m.params(), b.tokens.data(), b.targets.data(), b.B, b.L);
+      EXPECT_NEAR(got, want, 2e-6 * want) << (tied ? "tied " : "untied ") << be->name();
+      std::printf("  %s %s: loss_only %.8f, inference %.8f, rel diff %.1e\n", tied ? "tied" : "untied",
+                  be->name().c_str(), got, want, std::fabs(got - want) / want);
+      // The training forward returns the same loss.
+      Params g(c);
+      std::fill(g.data(), g.data() + g.numel(), 0.0f);
+      EXPECT_NEAR(loss_and_grad(m.params(), g, b.tokens.data(), b.targets.data(), b.B, b.L), got,
+                  1e-6 * got);
+    }
+  }
+}
+
+// The float gradients (double sums, float storage) against the double ones on the tiny preset
+// (M A M A, bridges in front of 1, 2, 3) with nonzero gates. Per tensor max |f - d| / max |d|:
+// observed 4e-7.
+TEST(ModelGrad, FloatGradientsMatchDouble) {
+  const ModelConfig c = preset("tiny");
+  Params p(c), gf(c), gd(c);
+  init_random(p, 31);
+  const TokenBatch b = make_batch(2, 12, c.vocab_size, 32);
+  std::fill(gf.data(), gf.data() + gf.numel(), 0.0f);
+  std::fill(gd.data(), gd.data() + gd.numel(), 0.0f);
+  const double lf = loss_and_grad(p, gf, b.tokens.data(), b.targets.data(), b.B, b.L);
+  const double ld = loss_and_grad_f64(p, gd, b.tokens.data(), b.targets.data(), b.B, b.L);
+  EXPECT_NEAR(lf, ld, 1e-6 * ld);
+  const auto [err, name] = worst_tensor_err(p, gf.data(), gd.data());
+  std::printf("  float vs double: loss %.8f vs %.8f; worst tensor %s: %.2e\n", lf, ld, name.c_str(), err);
+  EXPECT_LE(err, 1e-5) << name;
+}
+
+// Keeping only every k-th scan state and recomputing the rest gives the same gradients.
+TEST(ModelGrad, ChunkedScanGivesSameGradients) {
+  const ModelConfig c = small_config(true);
+  Params p(c);
+  init_random(p, 41);
+  const TokenBatch b = make_batch(2, 9, c.vocab_size, 42);
+  const std::vector<double> pd = arena<double>(p);
+  std::vector<double> g0(pd.size(), 0.0);
+  const double l0 = loss_and_grad_arena<double>(p, pd.data(), g0.data(), b.tokens.data(),
+                                                b.targets.data(), b.B, b.L, 0);
+  for (int chunk : {1, 4, 9, 20}) {
+    std::vector<double> g(pd.size(), 0.0);
+    const double l = loss_and_grad_arena<double>(p, pd.data(), g.data(), b.tokens.data(),
+                                                 b.targets.data(), b.B, b.L, chunk);
+    EXPECT_EQ(l, l0) << chunk;
+    const auto [err, name] = worst_tensor_err(p, g.data(), g0.data());
+    EXPECT_LE(err, 1e-13) << "chunk " << chunk << ": " << name;
+  }
+  // And in float through the public entry point.
+  Params a(c), bb(c);
+  std::fill(a.data(), a.data() + a.numel(), 0.0f);
+  std::fill(bb.data(), bb.data() + bb.numel(), 0.0f);
+  loss_and_grad(p, a, b.tokens.data(), b.targets.data(), b.B, b.L, 0);
+  loss_and_grad(p, bb, b.tokens.data(), b.targets.data(), b.B, b.L, 4);
+  const auto [errf, namef] = worst_tensor_err(p, bb.data(), a.data());
+  EXPECT_LE(errf, 1e-6) << namef;
+}
+
+// The batch loss is the mean over all counted positions of all sequences (not a mean of
+// per-sequence means), gradients add into grads, a sequence without targets contributes
+// nothing, and the thread count does not change the result.
+TEST(ModelGrad, BatchMeanAccumulationAndThreads) {
+  const ModelConfig c = small_config(false);
+  Params p(c);
+  init_random(p, 51);
+  TokenBatch b = make_batch(3, 8, c.vocab_size, 52);
+  for (int t = 2; t < b.L; ++t) b.targets[size_t(t)] = -1;  // sequence 0 counts 2 positions only
+  const int L = b.L;
+  const std::vector<double> pd = arena<double>(p);
+  const size_t n = pd.size();
+  auto run = [&](int first, int count, std::vector<double>& g) {
+    return loss_and_grad_arena<double>(p, pd.data(), g.data(), b.tokens.data() + first * L,
+                                       b.targets.data() + first * L, count, L);
+  };
+  std::vector<double> g_all(n, 0.0), g_parts(n, 0.0), g_one(n, 0.0);
+  const double l_all = run(0, 3, g_all);
+  int cnt[3] = {0, 0, 0};
+  for (int s = 0; s < 3; ++s)
+    for (int t = 0; t < L; ++t) cnt[s] += b.targets[size_t(s * L + t)] >= 0;
+  const int total = cnt[0] + cnt[1] + cnt[2];
+  double l_mix = 0;
+  for (int s = 0; s < 3; ++s) {
+    std::fill(g_one.begin(), g_one.end(), 0.0);
+    l_mix += run(s, 1, g_one) * cnt[s] / total;
+    for (size_t i = 0; i < n; ++i) g_parts[i] += g_one[i] * cnt[s] / total;
+  }
+  EXPECT_NEAR(l_all, l_mix, 1e-14 * l_all);
+  EXPECT_LE(worst_tensor_err(p, g_parts.data(), g_all.data()).first, 1e-12);
+
+  // += : a second call adds the same gradient again.
+  std::vector<double> g_twice = g_all;
+  run(0, 3, g_twice);
+  for (size_t i = 0; i < n; ++i) EXPECT_NEAR(g_twice[i], 2 * g_all[i], 1e-15 + 1e-14 * std::fabs(g_all[i]));
+
+  // No counted target anywhere: loss 0, grads untouched; an all-ignored sequence adds nothing.
+  TokenBatch none = b;
+  std::fill(none.targets.begin(), none.targets.end(), -1);
+  std::vector<double> g_none(n, 1.5);
+  EXPECT_EQ(loss_and_grad_arena<double>(p, pd.data(), g_none.data(), none.tokens.data(),
+                                        none.targets.data(), 3, L), 0.0);
+  EXPECT_TRUE(std::all_of(g_none.begin(), g_none.end(), [](double v) { return v == 1.5; }));
+  EXPECT_EQ(loss_only(p, none.tokens.data(), none.targets.data(), 3, L), 0.0);
+
+  // One thread or several: the same numbers (thread buffers are summed in a fixed order, and
+  // with at most two threads that order does not change the sum).
+  std::vector<double> g1(n, 0.0), g2(n, 0.0);
+  double l1, l2;
+  {
+    OmpThreads t(1);
+    l1 = run(0, 3, g1);
+  }
+  {
+    OmpThreads t(2);
+    l2 = run(0, 3, g2);
+  }
+  EXPECT_EQ(l1, l2);
+  EXPECT_LE(worst_tensor_err(p, g1.data(), g2.data()).first, 1e-14);
+}
+
+TEST(ModelGrad, BadInputIsAnError) {
+  const ModelConfig c = small_config(true);
+  Params p(c), g(c);
+  init_random(p, 61);
+  std::vector<int32_t> tok = {1, 2, 3}, tgt = {2, 3, -1};
+  tok[1] = c.vocab_size;
+  EXPECT_THROW(loss_and_grad(p, g, tok.data(), tgt.data(), 1, 3), hm::Error);
+  EXPECT_THROW(loss_only(p, tok.data(), tgt.data(), 1, 3), hm::Error);
+  tok[1] = 2;
+  tgt[0] = -2;
+  EXPECT_THROW(loss_and_grad(p, g, tok.data(), tgt.data(), 1, 3), hm::Error);
+  tgt[0] = c.vocab_size;
+  EXPECT_THROW(loss_only(p, tok.data(), tgt.data(), 1, 3), hm::Error);
+  tgt[0] = 2;
+  EXPECT_THROW(loss_and_grad(p, g, tok.data(), tgt.data(), 1, 3, -1), hm::Error);
+  EXPECT_THROW(loss_and_grad(p, g, tok.data(), tgt.data(), 0, 3), hm::Error);
+}
