@@ -1,4 +1,6 @@
 #include <gtest/gtest.h>
+
+#include "test_util.h"
 #include <unistd.h>
 
 #include <filesystem>
@@ -18,19 +20,7 @@ namespace fs = std::filesystem;
 
 constexpr int kVocab = 400;
 
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& tag)
-      : path(fs::temp_directory_path() / ("hm_bpe_" + tag + "_" + std::to_string(::getpid()))) {
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string str() const { return path.string(); }
-};
+using TempDir = hm::test::TempDir;
 
 std::string slurp(const fs::path& p) {
   std::ifstream f(p, std::ios::binary);
@@ -75,7 +65,7 @@ std::vector<std::string> training_texts() {
 class Bpe : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    dir_ = new TempDir("suite");
+    dir_ = new TempDir("bpe_suite");
     train_sentencepiece_bpe(training_texts(), kVocab, dir_->str());
   }
   static void TearDownTestSuite() {
@@ -172,7 +162,7 @@ TEST_F(Bpe, StreamDecodingEqualsDecode) {
 
 TEST_F(Bpe, SaveLoadRoundTripGivesIdenticalIds) {
   const auto tok = load();
-  TempDir other("save");
+  TempDir other("bpe_save");
   const std::string sub = (other.path / "nested").string();  // save creates it
   tok->save(sub);
   EXPECT_EQ(slurp(fs::path(sub) / "tokenizer.model"), slurp(dir_->path / "tokenizer.model"));
@@ -188,7 +178,7 @@ TEST_F(Bpe, SaveLoadRoundTripGivesIdenticalIds) {
 }
 
 TEST_F(Bpe, TrainingIsDeterministic) {
-  TempDir other("again");
+  TempDir other("bpe_again");
   train_sentencepiece_bpe(training_texts(), kVocab, other.str());
   EXPECT_EQ(slurp(other.path / "tokenizer.model"), slurp(dir_->path / "tokenizer.model"));
   train_sentencepiece_bpe(training_texts(), kVocab + 20, other.str());  // overwrites
@@ -197,7 +187,7 @@ TEST_F(Bpe, TrainingIsDeterministic) {
 }
 
 TEST_F(Bpe, CorruptOrMissingModelIsRejectedNamingTheFile) {
-  TempDir other("corrupt");
+  TempDir other("bpe_corrupt");
   const std::string good = slurp(dir_->path / "tokenizer.model");
   write(other.path / "tokenizer.json", slurp(dir_->path / "tokenizer.json"));
   const auto model = other.path / "tokenizer.model";
@@ -228,7 +218,7 @@ TEST_F(Bpe, CorruptOrMissingModelIsRejectedNamingTheFile) {
 }
 
 TEST(BpeTraining, BadInputsAreRejected) {
-  TempDir dir("badtrain");
+  TempDir dir("bpe_badtrain");
   EXPECT_THROW(train_sentencepiece_bpe(training_texts(), 100, dir.str()), Error);
   EXPECT_THROW(train_sentencepiece_bpe({}, kVocab, dir.str()), Error);
   EXPECT_THROW(train_sentencepiece_bpe({"", "\n\n"}, kVocab, dir.str()), Error);

@@ -1,4 +1,6 @@
 #include <gtest/gtest.h>
+
+#include "test_util.h"
 #include <unistd.h>
 
 #include <algorithm>
@@ -17,19 +19,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& tag)
-      : path(fs::temp_directory_path() / ("hm_corpus_" + tag + "_" + std::to_string(::getpid()))) {
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string str() const { return path.string(); }
-};
+using TempDir = hm::test::TempDir;
 
 void write(const fs::path& p, const std::string& text) {
   fs::create_directories(p.parent_path());
@@ -103,7 +93,7 @@ TEST(BrownTags, LinesAndParagraphs) {
 // ---- load_corpus ----
 
 TEST(Corpus, SingleFile) {
-  TempDir dir("single");
+  TempDir dir("corpus_single");
   write(dir.path / "doc.txt", "\xEF\xBB\xBFhéllo\nworld\n");  // BOM dropped
   const Corpus c = load_corpus((dir.path / "doc.txt").string());
   ASSERT_EQ(c.documents.size(), 1u);
@@ -112,7 +102,7 @@ TEST(Corpus, SingleFile) {
 }
 
 TEST(Corpus, FolderIsSortedRecursiveAndSkipsHidden) {
-  TempDir dir("folder");
+  TempDir dir("corpus_folder");
   write(dir.path / "b.txt", "b");
   write(dir.path / "a.txt", "a");
   write(dir.path / "Z.txt", "Z");  // bytewise: uppercase first
@@ -129,7 +119,7 @@ TEST(Corpus, FolderIsSortedRecursiveAndSkipsHidden) {
 }
 
 TEST(Corpus, BrownFolderIsDetectedAndStripped) {
-  TempDir dir("brown");
+  TempDir dir("corpus_brown");
   write(dir.path / "cb02", "\n\n\tSecond/od text/nn ./.\n");
   write(dir.path / "ca01", "\n\n\tThe/at Fulton/np-tl County/nn-tl said/vbd ./.\n");
   write(dir.path / "README", "BROWN CORPUS\n");
@@ -143,7 +133,7 @@ TEST(Corpus, BrownFolderIsDetectedAndStripped) {
 }
 
 TEST(Corpus, BrownNameWithPlainTextIsNotStripped) {
-  TempDir dir("notbrown");
+  TempDir dir("corpus_notbrown");
   write(dir.path / "ca01", "An ordinary note about 1/2 of the work.\n");
   write(dir.path / "notes.txt", "More notes.\n");
   const Corpus c = load_corpus(dir.str());
@@ -152,7 +142,7 @@ TEST(Corpus, BrownNameWithPlainTextIsNotStripped) {
 }
 
 TEST(Corpus, Errors) {
-  TempDir dir("errors");
+  TempDir dir("corpus_errors");
   const std::string missing = (dir.path / "nope").string();
   std::string msg = load_error(missing);
   EXPECT_TRUE(has(msg, missing) && has(msg, "no such")) << msg;

@@ -1,4 +1,6 @@
 #include <gtest/gtest.h>
+
+#include "test_util.h"
 #include <unistd.h>
 
 #include <filesystem>
@@ -16,20 +18,7 @@ namespace fs = std::filesystem;
 
 const std::string kFffd = "\xEF\xBF\xBD";
 
-// A fresh directory removed on scope exit.
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& tag)
-      : path(fs::temp_directory_path() / ("hm_tok_" + tag + "_" + std::to_string(::getpid()))) {
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string str() const { return path.string(); }
-};
+using TempDir = hm::test::TempDir;
 
 void write(const fs::path& p, const std::string& text) {
   std::ofstream f(p, std::ios::binary);
@@ -157,7 +146,7 @@ TEST(Utf8, Validity) {
 }
 
 TEST(Tokenizer, SaveLoadRoundTrip) {
-  TempDir dir("save");
+  TempDir dir("tok_save");
   const std::string sub = (dir.path / "model").string();  // save creates the directory
   ByteTokenizer().save(sub);
   EXPECT_TRUE(fs::exists(fs::path(sub) / "tokenizer.json"));
@@ -174,12 +163,12 @@ TEST(Tokenizer, SaveLoadRoundTrip) {
 }
 
 TEST(Tokenizer, MissingFileMeansByteLevel) {
-  TempDir dir("missing");
+  TempDir dir("tok_missing");
   EXPECT_EQ(load_tokenizer(dir.str())->type(), "byte");
 }
 
 TEST(Tokenizer, BadFilesAreRejectedNamingFileAndField) {
-  TempDir dir("bad");
+  TempDir dir("tok_bad");
   const auto file = dir.path / "tokenizer.json";
   struct Case { const char* text; const char* mention; };
   for (const Case& c : {Case{"{\"type\": \"byte\"", "malformed"}, Case{"not json", "malformed"},
