@@ -21,7 +21,7 @@ expect_fail() {
 }
 
 "$HM" --help >/dev/null && ok || bad "hm --help"
-for sub in init generate bench info; do "$HM" $sub --help >/dev/null && ok || bad "hm $sub --help"; done
+for sub in init train eval generate bench info; do "$HM" $sub --help >/dev/null && ok || bad "hm $sub --help"; done
 
 "$HM" init --preset tiny --seed 3 --out "$W/tiny" >/dev/null && ok || bad "init tiny"
 [ -f "$W/tiny/config.json" ] && [ -f "$W/tiny/model.safetensors" ] && [ -f "$W/tiny/tokenizer.json" ] && ok || bad "init wrote files"
@@ -56,6 +56,28 @@ expect_fail "garbage checkpoint" "safetensors" "$HM" generate --model "$W/garbag
 
 "$HM" init --preset tiny --seed 3 --out "$W/half" --dtype BF16 >/dev/null && ok || bad "init BF16"
 "$HM" generate --model "$W/half" --prompt hi -n 3 >/dev/null && ok || bad "generate from BF16"
+
+# Training: a few steps on a small text, then eval and generate from the checkpoint
+# (DIR/checkpoint is a complete model directory).
+for i in $(seq 1 60); do echo "the cat sees the ball number $i and likes it."; done > "$W/corpus.txt"
+T=(--preset tiny --data "$W/corpus.txt" --steps 5 --batch 2 --seq-len 32 --eval-tokens 256)
+"$HM" train "${T[@]}" --out "$W/trained" --eval-every 5 2>"$W/train.err" && ok || bad "train 5 steps: $(cat "$W/train.err")"
+grep -q "val loss" "$W/train.err" && grep -q "tok/s" "$W/train.err" && ok || bad "train progress: $(cat "$W/train.err")"
+for f in checkpoint/config.json checkpoint/model.safetensors checkpoint/tokenizer.json \
+         checkpoint/optimizer.safetensors checkpoint/trainer_state.json train_log.csv loss.svg; do
+  [ -f "$W/trained/$f" ] && ok || bad "train wrote $f"
+done
+[ "$(wc -l < "$W/trained/train_log.csv")" -eq 6 ] && ok || bad "train_log.csv has a header and 5 rows"
+ev=$("$HM" eval --model "$W/trained" --data "$W/corpus.txt" --json)
+case "$ev" in *'"ppl":'*'"step":5'*) ok ;; *) bad "eval --json: $ev" ;; esac
+"$HM" eval --model "$W/trained/checkpoint" --data "$W/corpus.txt" | grep -q "perplexity" && ok || bad "eval text"
+"$HM" generate --model "$W/trained/checkpoint" --prompt "the cat" -n 10 >/dev/null && ok || bad "generate from trained"
+expect_fail "train over a run" "--resume" "$HM" train "${T[@]}" --out "$W/trained"
+expect_fail "train missing data" "$W/none.txt" "$HM" train --data "$W/none.txt" --out "$W/t2"
+printf 'caf\xe9 au lait\n' > "$W/latin1.txt"
+expect_fail "train non-UTF-8 data" "UTF-8" "$HM" train --data "$W/latin1.txt" --out "$W/t2"
+expect_fail "train diverging" "training stopped" "$HM" train "${T[@]}" --out "$W/wild" --lr 1e30 --warmup 0
+[ ! -e "$W/t2" ] && ok || bad "failed train runs wrote nothing"
 
 echo "$pass passed, $fail failed"
 [ "$fail" -eq 0 ]

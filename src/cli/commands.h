@@ -12,5 +12,7 @@ Run add_init(CLI::App& app);
 Run add_generate(CLI::App& app);
 Run add_bench(CLI::App& app);
 Run add_info(CLI::App& app);
+Run add_train(CLI::App& app);
+Run add_eval(CLI::App& app);
 
 }  // namespace hm::cli

@@ -7,7 +7,7 @@
 #include "core/error.h"
 
 int main(int argc, char** argv) {
-  CLI::App app{"hm: hybrid Mamba + attention language models (init, generate, bench, info)"};
+  CLI::App app{"hm: hybrid Mamba + attention language models (init, train, eval, generate, bench, info)"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "hybrid-mamba 0.1.0");
   std::map<CLI::App*, hm::cli::Run> runs;
@@ -16,6 +16,8 @@ int main(int argc, char** argv) {
     runs[sub] = reg(*sub);
   };
   add("init", "Write a new model with documented random initialization", hm::cli::add_init);
+  add("train", "Train a model on a text corpus, with checkpoints and exact resume", hm::cli::add_train);
+  add("eval", "Validation loss and perplexity of a model on a corpus's validation split", hm::cli::add_eval);
   add("generate", "Generate text from a prompt, streaming tokens as they are made", hm::cli::add_generate);
   add("bench", "Measure prefill, decode, memory and the PyTorch peer in one run", hm::cli::add_bench);
   add("info", "Print a model's configuration and parameter count", hm::cli::add_info);

@@ -1,0 +1,77 @@
+#include <cstdio>
+#include <memory>
+#include <nlohmann/json.hpp>
+
+#include "cli/commands.h"
+#include "core/error.h"
+#include "core/threads.h"
+#include "train/trainer.h"
+
+namespace hm::cli {
+
+Run add_train(CLI::App& app) {
+  auto o = std::make_shared<TrainConfig>();
+  app.add_option("--preset", o->preset, "Model preset: seed, mamba, transformer, tiny")->capture_default_str();
+  app.add_option("--config", o->config_file, "A config.json to use instead of a preset");
+  app.add_option("--data", o->data_path, "Training text: a UTF-8 file or a folder of them (required unless --resume)");
+  app.add_option("--out", o->out_dir, "Output directory: checkpoint/, train_log.csv, loss.svg")->required();
+  app.add_option("--steps", o->steps, "Optimizer steps (the length of the lr schedule)")->capture_default_str();
+  app.add_option("--batch", o->batch, "Sequences per micro-batch")->capture_default_str();
+  app.add_option("--seq-len", o->seq_len, "Tokens per sequence")->capture_default_str();
+  app.add_option("--lr", o->lr, "Peak learning rate (cosine decay to lr/10)")->capture_default_str();
+  app.add_option("--warmup", o->warmup, "Warmup steps (-1: min(100, steps/10))")->capture_default_str();
+  app.add_option("--grad-accum", o->grad_accum, "Micro-batches per optimizer step")->capture_default_str();
+  app.add_option("--threads,-t", o->threads, "Threads (0 = all cores; on --resume, the run's count)")->capture_default_str();
+  app.add_option("--seed", o->seed, "Initialization and batch-order seed")->capture_default_str();
+  app.add_flag("--resume", o->resume, "Continue the run in --out from its checkpoint, exactly");
+  app.add_option("--tokenizer", o->tokenizer, "byte or bpe (trained on the training split)")->capture_default_str();
+  app.add_option("--vocab", o->vocab, "BPE vocabulary size")->capture_default_str();
+  app.add_option("--eval-every", o->eval_every, "Validation every N steps (0: only at the end)")->capture_default_str();
+  app.add_option("--save-every", o->save_every, "Checkpoint every N steps (0: only at the end)")->capture_default_str();
+  app.add_option("--eval-tokens", o->eval_tokens, "Validation tokens scored (0: all)")->capture_default_str();
+  app.add_option("--stop-after", o->stop_after, "Stop after this step, resumable, as an interruption would (0: off)")
+      ->capture_default_str();
+  app.footer(
+      "Writes DIR/checkpoint (config.json, model.safetensors, tokenizer.json, optimizer and trainer state; "
+      "load it with `hm generate --model DIR/checkpoint`), DIR/train_log.csv and DIR/loss.svg. "
+      "--resume takes every setting that shapes the result from the checkpoint.");
+  return [o] {
+    HM_CHECK(o->resume || !o->data_path.empty(), "--data is required (unless --resume)");
+    train(*o);
+    return 0;
+  };
+}
+
+Run add_eval(CLI::App& app) {
+  struct Opts {
+    std::string model, data;
+    int seq_len = 0, batch = 8, threads = 0;
+    int64_t max_tokens = -1;
+    bool json = false;
+  };
+  auto o = std::make_shared<Opts>();
+  app.add_option("--model", o->model, "A training --out directory or a checkpoint directory")->required();
+  app.add_option("--data", o->data, "The training data; its validation split is scored")->required();
+  app.add_option("--seq-len", o->seq_len, "Window length (0: the training run's, else 128)")->capture_default_str();
+  app.add_option("--max-tokens", o->max_tokens, "Tokens scored (-1: the training run's count, 0: all)")
+      ->capture_default_str();
+  app.add_option("--batch", o->batch, "Windows per forward")->capture_default_str();
+  app.add_option("--threads,-t", o->threads, "Threads (0 = all cores)")->capture_default_str();
+  app.add_flag("--json", o->json, "Print one JSON object");
+  return [o] {
+    if (o->threads > 0) set_num_threads(o->threads);
+    const EvalResult r = evaluate(o->model, o->data, o->seq_len, o->max_tokens, o->batch);
+    if (o->json) {
+      nlohmann::json j = {{"loss", r.loss}, {"ppl", r.ppl}, {"tokens", r.tokens}};
+      if (r.step >= 0) j["step"] = r.step;
+      std::printf("%s\n", j.dump().c_str());
+    } else {
+      std::printf("validation loss %.4f, perplexity %.2f (%lld tokens%s)\n", r.loss, r.ppl,
+                  static_cast<long long>(r.tokens),
+                  r.step >= 0 ? (", step " + std::to_string(r.step)).c_str() : "");
+    }
+    return 0;
+  };
+}
+
+}  // namespace hm::cli

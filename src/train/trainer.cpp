@@ -1,0 +1,645 @@
+#include "train/trainer.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <vector>
+
+#include "backend/backend.h"
+#include "core/error.h"
+#include "core/rng.h"
+#include "core/threads.h"
+#include "data/corpus.h"
+#include "io/atomic_file.h"
+#include "model/config.h"
+#include "model/model.h"
+#include "runtime/tokenizer.h"
+#include "train/model_grad.h"
+#include "train/optimizer.h"
+
+namespace hm {
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+// Fixed so that `hm eval` and every training run see the same validation documents.
+constexpr double kValidFraction = 0.05;
+constexpr uint64_t kSplitSeed = 0x5EED5EEDull;
+// Batch order has its own stream, so changing how init uses the seed never moves the data.
+constexpr uint64_t kDataSeedSalt = 0xDA7A0F5E7ull;
+constexpr const char* kStateFormat = "hm-train-state-1";
+
+double elapsed_s(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+std::string fmt_num(double v) {
+  if (std::isnan(v)) return "NaN";
+  if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
+  return detail::cat(v);
+}
+
+std::string fmt_duration(double s) {
+  if (!std::isfinite(s) || s < 0) return "?";
+  const long long t = static_cast<long long>(s + 0.5);
+  char buf[32];
+  if (t >= 3600) std::snprintf(buf, sizeof buf, "%lldh%02lldm", t / 3600, (t / 60) % 60);
+  else if (t >= 60) std::snprintf(buf, sizeof buf, "%lldm%02llds", t / 60, t % 60);
+  else std::snprintf(buf, sizeof buf, "%llds", t);
+  return buf;
+}
+
+// ---- data ----
+
+std::vector<int32_t> token_stream(const Tokenizer& tok, const std::vector<std::string_view>& texts) {
+  std::vector<int32_t> out;
+  for (auto t : texts) {
+    auto ids = tok.encode(t, false);
+    out.insert(out.end(), ids.begin(), ids.end());
+    out.push_back(tok.eos());  // documents stay distinguishable across the concatenation
+  }
+  return out;
+}
+
+struct Corpora {
+  Corpus corpus;
+  Split split;
+};
+
+Corpora load_split(const std::string& path) {
+  HM_CHECK(!path.empty(), "no training data given (--data PATH)");
+  Corpora c;
+  c.corpus = load_corpus(path);
+  c.split = split_documents(c.corpus, kValidFraction, kSplitSeed);
+  return c;
+}
+
+// Mean cross-entropy over consecutive windows of the validation stream: window w covers
+// tokens [w*L, w*L + L] (inputs the first L, targets the last L), the last one shorter, until
+// max_tokens targets (0: all). Equal-length windows go B at a time.
+EvalResult eval_stream(const Params& p, const std::vector<int32_t>& stream, int L, int64_t max_tokens,
+                       int B) {
+  const int64_t n = int64_t(stream.size());
+  HM_CHECK(n >= 2, "validation split holds ", n, " tokens; at least 2 are needed");
+  int64_t budget = n - 1;
+  if (max_tokens > 0) budget = std::min(budget, max_tokens);
+  std::vector<int32_t> in, tg;
+  double sum = 0;
+  int64_t counted = 0, pos = 0;
+  while (counted < budget) {
+    const int len = int(std::min<int64_t>(L, budget - counted));
+    // As many windows of this length as fit in one batch and in the budget.
+    const int nb = int(std::min<int64_t>(B, (budget - counted) / len));
+    in.resize(size_t(nb) * len);
+    tg.resize(size_t(nb) * len);
+    for (int b = 0; b < nb; ++b) {
+      std::copy_n(stream.begin() + pos, len, in.begin() + int64_t(b) * len);
+      std::copy_n(stream.begin() + pos + 1, len, tg.begin() + int64_t(b) * len);
+      pos += len;
+    }
+    sum += loss_only(p, in.data(), tg.data(), nb, len) * double(nb) * len;
+    counted += int64_t(nb) * len;
+  }
+  EvalResult r;
+  r.tokens = counted;
+  r.loss = sum / double(counted);
+  r.ppl = std::exp(r.loss);
+  return r;
+}
+
+// ---- trainer state ----
+
+json settings_json(const TrainConfig& c, int64_t warmup, int threads) {
+  return {{"preset", c.preset},       {"config_file", c.config_file}, {"data_path", c.data_path},
+          {"tokenizer", c.tokenizer}, {"vocab", c.vocab},             {"steps", c.steps},
+          {"batch", c.batch},         {"seq_len", c.seq_len},         {"grad_accum", c.grad_accum},
+          {"lr", c.lr},               {"min_lr_ratio", c.min_lr_ratio},
+          {"weight_decay", c.weight_decay}, {"clip_norm", c.clip_norm}, {"warmup", warmup},
+          {"seed", c.seed},           {"scan_chunk", c.scan_chunk},   {"eval_tokens", c.eval_tokens},
+          {"threads", threads}};
+}
+
+json rng_json(const Rng& r) {
+  const Rng::State s = r.state();
+  uint64_t spare_bits;
+  std::memcpy(&spare_bits, &s.spare, sizeof spare_bits);  // exact, unlike a decimal double
+  return {{"s", {s.s[0], s.s[1], s.s[2], s.s[3]}}, {"spare_bits", spare_bits}, {"has_spare", s.has_spare}};
+}
+
+Rng::State rng_from_json(const json& j) {
+  Rng::State s{};
+  for (int i = 0; i < 4; ++i) s.s[i] = j.at("s").at(size_t(i)).get<uint64_t>();
+  const uint64_t bits = j.at("spare_bits").get<uint64_t>();
+  std::memcpy(&s.spare, &bits, sizeof bits);
+  s.has_spare = j.at("has_spare").get<bool>();
+  return s;
+}
+
+json read_json(const fs::path& p) {
+  std::ifstream f(p);
+  HM_CHECK(f.good(), "cannot open ", p.string());
+  try {
+    return json::parse(f);
+  } catch (const json::exception& e) {
+    throw Error(detail::cat(p.string(), ": malformed JSON: ", e.what()));
+  }
+}
+
+// ---- checkpoint directory ----
+
+void fsync_dir(const fs::path& dir) {
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
+  if (fd >= 0) {
+    ::fsync(fd);
+    ::close(fd);
+  }
+}
+
+// A fallback swap (below) that crashed between its two renames leaves only checkpoint.old.
+void recover_checkpoint(const fs::path& out) {
+  const fs::path ck = out / "checkpoint", old = out / "checkpoint.old";
+  if (!fs::exists(ck) && fs::exists(old)) fs::rename(old, ck);
+  else if (fs::exists(ck) && fs::exists(old)) fs::remove_all(old);
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(out, ec))
+    if (e.path().filename().string().rfind("ckpt.tmp-", 0) == 0) fs::remove_all(e.path(), ec);
+}
+
+void swap_in(const fs::path& tmp, const fs::path& out) {
+  const fs::path ck = out / "checkpoint", old = out / "checkpoint.old";
+  if (!fs::exists(ck)) {
+    fs::rename(tmp, ck);
+  } else if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, ck.c_str(), RENAME_EXCHANGE) == 0) {
+    fs::remove_all(tmp);  // now holds the previous checkpoint
+  } else {
+    const int err = errno;
+    HM_CHECK(err == EINVAL || err == ENOSYS || err == EOPNOTSUPP, "checkpoint: cannot replace ",
+             ck.string(), ": ", std::strerror(err));
+    fs::rename(ck, old);
+    fs::rename(tmp, ck);
+    fs::remove_all(old);
+  }
+  fsync_dir(out);
+}
+
+bool all_finite(const Params& p) {
+  const float* d = p.data();
+  for (int64_t i = 0; i < p.numel(); ++i)
+    if (!std::isfinite(d[i])) return false;
+  return true;
+}
+
+// ---- log ----
+
+struct Row {
+  int64_t step = 0;
+  double lr = 0, loss = 0, norm = 0, tps = 0;
+  double val_loss = std::numeric_limits<double>::quiet_NaN(), val_ppl = val_loss;
+};
+
+std::string csv_text(const std::vector<Row>& rows) {
+  std::string s = "step,lr,train_loss,grad_norm,tokens_per_s,val_loss,val_ppl\n";
+  char buf[256];
+  for (const Row& r : rows) {
+    std::snprintf(buf, sizeof buf, "%lld,%.6g,%.6f,%.6g,%.1f,", static_cast<long long>(r.step), r.lr,
+                  r.loss, r.norm, r.tps);
+    s += buf;
+    if (std::isfinite(r.val_loss)) {
+      std::snprintf(buf, sizeof buf, "%.6f,%.6g", r.val_loss, r.val_ppl);
+      s += buf;
+    } else {
+      s += ",";
+    }
+    s += "\n";
+  }
+  return s;
+}
+
+// Rows of an earlier run's CSV up to and including step `upto` (later rows belong to steps the
+// resumed run will redo).
+std::vector<Row> read_csv(const fs::path& p, int64_t upto) {
+  std::vector<Row> rows;
+  std::ifstream f(p);
+  std::string line;
+  if (!f.good() || !std::getline(f, line)) return rows;
+  while (std::getline(f, line)) {
+    std::vector<std::string> cells;
+    std::stringstream ss(line);
+    std::string cell;
+    while (std::getline(ss, cell, ',')) cells.push_back(cell);
+    if (cells.size() < 5) continue;
+    auto num = [](const std::string& x) {
+      return x.empty() ? std::numeric_limits<double>::quiet_NaN() : std::strtod(x.c_str(), nullptr);
+    };
+    Row r;
+    r.step = std::strtoll(cells[0].c_str(), nullptr, 10);
+    if (r.step > upto) break;
+    r.lr = num(cells[1]);
+    r.loss = num(cells[2]);
+    r.norm = num(cells[3]);
+    r.tps = num(cells[4]);
+    if (cells.size() > 5) r.val_loss = num(cells[5]);
+    if (cells.size() > 6) r.val_ppl = num(cells[6]);
+    rows.push_back(r);
+  }
+  return rows;
+}
+
+// A plain line chart: axes with 5 ticks each, train loss as one polyline, validation loss as a
+// second with dots. Hand-written so the engine needs no plotting library.
+std::string svg_text(const std::vector<Row>& rows, int64_t total_steps) {
+  const double W = 720, H = 420, ml = 70, mr = 20, mt = 40, mb = 55;
+  double lo = std::numeric_limits<double>::infinity(), hi = -lo;
+  for (const Row& r : rows)
+    for (double v : {r.loss, r.val_loss})
+      if (std::isfinite(v)) lo = std::min(lo, v), hi = std::max(hi, v);
+  if (!std::isfinite(lo)) lo = 0, hi = 1;
+  if (hi - lo < 1e-9) lo -= 0.5, hi += 0.5;
+  const double pad = 0.05 * (hi - lo);
+  lo -= pad;
+  hi += pad;
+  const double xmax = double(std::max<int64_t>(1, total_steps));
+  auto X = [&](double s) { return ml + (W - ml - mr) * s / xmax; };
+  auto Y = [&](double v) { return H - mb - (H - mt - mb) * (v - lo) / (hi - lo); };
+  std::ostringstream o;
+  o.setf(std::ios::fixed);
+  o.precision(1);
+  o << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << W << "\" height=\"" << H
+    << "\" viewBox=\"0 0 " << W << ' ' << H << "\" font-family=\"sans-serif\" font-size=\"12\">\n"
+    << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+    << "<text x=\"" << W / 2 << "\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">Training loss</text>\n"
+    << "<line x1=\"" << ml << "\" y1=\"" << H - mb << "\" x2=\"" << W - mr << "\" y2=\"" << H - mb
+    << "\" stroke=\"black\"/>\n"
+    << "<line x1=\"" << ml << "\" y1=\"" << mt << "\" x2=\"" << ml << "\" y2=\"" << H - mb
+    << "\" stroke=\"black\"/>\n";
+  char lab[64];
+  for (int i = 0; i <= 4; ++i) {
+    const double s = xmax * i / 4, v = lo + (hi - lo) * i / 4;
+    std::snprintf(lab, sizeof lab, "%lld", static_cast<long long>(std::llround(s)));
+    o << "<line x1=\"" << X(s) << "\" y1=\"" << H - mb << "\" x2=\"" << X(s) << "\" y2=\"" << H - mb + 5
+      << "\" stroke=\"black\"/><text x=\"" << X(s) << "\" y=\"" << H - mb + 18
+      << "\" text-anchor=\"middle\">" << lab << "</text>\n";
+    std::snprintf(lab, sizeof lab, "%.3g", v);
+    o << "<line x1=\"" << ml - 5 << "\" y1=\"" << Y(v) << "\" x2=\"" << ml << "\" y2=\"" << Y(v)
+      << "\" stroke=\"black\"/><text x=\"" << ml - 8 << "\" y=\"" << Y(v) + 4
+      << "\" text-anchor=\"end\">" << lab << "</text>\n";
+  }
+  o << "<text x=\"" << (ml + W - mr) / 2 << "\" y=\"" << H - 12 << "\" text-anchor=\"middle\">step</text>\n"
+    << "<text x=\"16\" y=\"" << (mt + H - mb) / 2 << "\" text-anchor=\"middle\" transform=\"rotate(-90 16 "
+    << (mt + H - mb) / 2 << ")\">loss (nats/token)</text>\n";
+  auto polyline = [&](bool val, const char* color) {
+    std::ostringstream pts;
+    pts.setf(std::ios::fixed);
+    pts.precision(1);
+    int n = 0;
+    for (const Row& r : rows) {
+      const double v = val ? r.val_loss : r.loss;
+      if (!std::isfinite(v)) continue;
+      pts << (n++ ? " " : "") << X(double(r.step)) << ',' << Y(v);
+      if (val)
+        o << "<circle cx=\"" << X(double(r.step)) << "\" cy=\"" << Y(v) << "\" r=\"3\" fill=\"" << color
+          << "\"/>\n";
+    }
+    if (n > 0)
+      o << "<polyline fill=\"none\" stroke=\"" << color << "\" stroke-width=\"1.5\" points=\""
+        << pts.str() << "\"/>\n";
+  };
+  polyline(false, "#1f77b4");
+  polyline(true, "#ff7f0e");
+  o << "<line x1=\"" << W - 170 << "\" y1=\"" << mt + 10 << "\" x2=\"" << W - 145 << "\" y2=\"" << mt + 10
+    << "\" stroke=\"#1f77b4\" stroke-width=\"2\"/><text x=\"" << W - 140 << "\" y=\"" << mt + 14
+    << "\">train loss</text>\n"
+    << "<line x1=\"" << W - 170 << "\" y1=\"" << mt + 28 << "\" x2=\"" << W - 145 << "\" y2=\"" << mt + 28
+    << "\" stroke=\"#ff7f0e\" stroke-width=\"2\"/><text x=\"" << W - 140 << "\" y=\"" << mt + 32
+    << "\">validation loss</text>\n</svg>\n";
+  return o.str();
+}
+
+void write_logs(const fs::path& out, const std::vector<Row>& rows, int64_t steps) {
+  write_file_atomic((out / "train_log.csv").string(), csv_text(rows));
+  write_file_atomic((out / "loss.svg").string(), svg_text(rows, steps));
+}
+
+void check_settings(const TrainConfig& c) {
+  HM_CHECK(!c.out_dir.empty(), "no output directory given (--out DIR)");
+  HM_CHECK(c.steps >= 1, "--steps must be >= 1 (got ", c.steps, ")");
+  HM_CHECK(c.batch >= 1, "--batch must be >= 1 (got ", c.batch, ")");
+  HM_CHECK(c.seq_len >= 1, "--seq-len must be >= 1 (got ", c.seq_len, ")");
+  HM_CHECK(c.grad_accum >= 1, "--grad-accum must be >= 1 (got ", c.grad_accum, ")");
+  HM_CHECK(std::isfinite(c.lr) && c.lr > 0, "--lr must be a positive number (got ", c.lr, ")");
+  HM_CHECK(c.min_lr_ratio >= 0 && c.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]");
+  HM_CHECK(c.warmup <= c.steps, "--warmup (", c.warmup, ") exceeds --steps (", c.steps, ")");
+  HM_CHECK(c.tokenizer == "byte" || c.tokenizer == "bpe", "--tokenizer must be byte or bpe (got '",
+           c.tokenizer, "')");
+  HM_CHECK(c.tokenizer != "bpe" || c.vocab > 260, "--vocab must exceed 260 for BPE (got ", c.vocab, ")");
+  HM_CHECK(c.eval_every >= 0 && c.save_every >= 0 && c.stop_after >= 0 && c.eval_tokens >= 0,
+           "--eval-every, --save-every, --stop-after and eval tokens must be >= 0");
+  HM_CHECK(c.scan_chunk >= 0, "scan_chunk must be >= 0");
+}
+
+}  // namespace
+
+// ---- train ----
+
+void train(const TrainConfig& given) {
+  TrainConfig c = given;
+  const fs::path out = c.out_dir.empty() ? fs::path() : fs::path(c.out_dir);
+  const fs::path ck = out / "checkpoint";
+  auto say = [&](const std::string& s) {
+    if (c.progress) std::fprintf(stderr, "%s\n", s.c_str());
+  };
+
+  // Settings. On resume the saved ones govern everything that shapes the math; the command
+  // line still picks threads (default: the saved count), logging and checkpoint cadence.
+  json state;
+  int64_t start = 0;
+  int saved_threads = 0;
+  if (c.resume) {
+    HM_CHECK(!c.out_dir.empty(), "no output directory given (--out DIR)");
+    if (fs::exists(out)) recover_checkpoint(out);
+    HM_CHECK(fs::exists(ck / "trainer_state.json"), "--resume: no checkpoint in ", out.string(),
+             " (expected ", (ck / "trainer_state.json").string(), ")");
+    state = read_json(ck / "trainer_state.json");
+    try {
+      HM_CHECK(state.at("format").get<std::string>() == kStateFormat, (ck / "trainer_state.json").string(),
+               ": unknown format");
+      const json& s = state.at("settings");
+      c.preset = s.at("preset");
+      c.config_file = s.at("config_file");
+      const std::string saved_data = s.at("data_path");
+      if (c.data_path.empty()) c.data_path = saved_data;
+      else if (fs::absolute(c.data_path).lexically_normal().string() != saved_data)
+        say("note: --data differs from the run's " + saved_data + "; batches will differ");
+      c.tokenizer = s.at("tokenizer");
+      c.vocab = s.at("vocab");
+      c.steps = s.at("steps");
+      c.batch = s.at("batch");
+      c.seq_len = s.at("seq_len");
+      c.grad_accum = s.at("grad_accum");
+      c.lr = s.at("lr");
+      c.min_lr_ratio = s.at("min_lr_ratio");
+      c.weight_decay = s.at("weight_decay");
+      c.clip_norm = s.at("clip_norm");
+      c.warmup = s.at("warmup");
+      c.seed = s.at("seed");
+      c.scan_chunk = s.at("scan_chunk");
+      c.eval_tokens = s.at("eval_tokens");
+      saved_threads = s.at("threads");
+      start = state.at("step");
+    } catch (const json::exception& e) {
+      throw Error(detail::cat((ck / "trainer_state.json").string(), ": ", e.what()));
+    }
+  }
+  // Stored absolute, so a resume from another working directory finds the same text.
+  if (!c.data_path.empty()) c.data_path = fs::absolute(c.data_path).lexically_normal().string();
+  if (c.warmup < 0) c.warmup = std::min<int64_t>(100, c.steps / 10);
+  check_settings(c);
+  if (c.resume) {
+    HM_CHECK(start <= c.steps, "checkpoint step ", start, " is past the run's ", c.steps, " steps");
+    if (c.threads <= 0 && saved_threads > 0) c.threads = saved_threads;
+  } else {
+    HM_CHECK(!fs::exists(ck) && !fs::exists(out / "checkpoint.old"), out.string(),
+             " already holds a checkpoint: pass --resume to continue it, or choose another --out");
+  }
+  if (c.threads > 0) set_num_threads(c.threads);
+  const int threads = num_threads();
+  if (c.resume && saved_threads > 0 && threads != saved_threads)
+    say(detail::cat("note: ", threads, " threads instead of the run's ", saved_threads,
+                    "; the result will not be bit-identical to an uninterrupted run"));
+
+  // Model config before data, so a bad preset fails fast.
+  ModelConfig mc = c.resume ? load_config((ck / "config.json").string())
+                 : c.config_file.empty() ? preset(c.preset)
+                                         : load_config(c.config_file);
+
+  // Data: every check on it happens before anything is written.
+  Corpora data = load_split(c.data_path);
+  const auto train_txt = train_texts(data.corpus, data.split);
+  const auto valid_txt = valid_texts(data.corpus, data.split);
+  std::unique_ptr<Tokenizer> tok;
+  if (c.resume) {
+    tok = load_tokenizer(ck.string());
+  } else if (c.tokenizer == "byte") {
+    tok = std::make_unique<ByteTokenizer>();
+  } else {
+    // Trained on the training side only, so validation text stays unseen.
+    std::vector<std::string> texts(train_txt.begin(), train_txt.end());
+    const fs::path tdir = out / "tokenizer";
+    say(detail::cat("training a ", c.vocab, "-token BPE tokenizer on ", texts.size(), " documents"));
+    train_sentencepiece_bpe(texts, c.vocab, tdir.string());
+    tok = std::make_unique<SentencePieceTokenizer>((tdir / "tokenizer.model").string());
+  }
+  const std::vector<int32_t> train_tok = token_stream(*tok, train_txt);
+  const std::vector<int32_t> valid_tok = token_stream(*tok, valid_txt);
+  const int L = c.seq_len;
+  HM_CHECK(int64_t(train_tok.size()) >= int64_t(L) + 1, "training data ", c.data_path, ": the training split holds ",
+           train_tok.size(), " tokens, fewer than one sequence of --seq-len ", L,
+           " + 1; give more text or a shorter --seq-len");
+  HM_CHECK(valid_tok.size() >= 2, "training data ", c.data_path, ": the validation split holds ",
+           valid_tok.size(), " tokens; give more text");
+
+  if (mc.vocab_size != tok->vocab_size()) {
+    if (c.resume) {
+      HM_CHECK(false, ck.string(), ": config vocab_size ", mc.vocab_size, " differs from the tokenizer's ",
+               tok->vocab_size());
+    }
+    say(detail::cat("model vocab_size ", mc.vocab_size, " -> ", tok->vocab_size(), " (the ", tok->type(),
+                    " tokenizer's)"));
+    mc.vocab_size = tok->vocab_size();
+  }
+  validate(mc);
+
+  auto be = make_cpu_backend();
+  HybridModel model(mc, *be);
+  Params& P = model.params();
+  AdamWConfig oc;
+  oc.lr = c.lr;
+  oc.weight_decay = c.weight_decay;
+  oc.clip_norm = c.clip_norm;
+  AdamW opt(P, oc);
+  Rng rng(c.seed ^ kDataSeedSalt);
+  int64_t tokens_seen = 0;
+  std::vector<Row> rows;
+  if (c.resume) {
+    load_params(P, (ck / "model.safetensors").string());
+    opt.load((ck / "optimizer.safetensors").string());
+    HM_CHECK(opt.steps() == start, ck.string(), ": optimizer step ", opt.steps(), " != trainer step ", start);
+    try {
+      rng.set_state(rng_from_json(state.at("rng")));
+      tokens_seen = state.at("tokens_seen");
+    } catch (const json::exception& e) {
+      throw Error(detail::cat((ck / "trainer_state.json").string(), ": ", e.what()));
+    }
+    rows = read_csv(out / "train_log.csv", start);
+  } else {
+    init_params(P, c.seed);
+  }
+  fs::create_directories(out);
+  recover_checkpoint(out);
+  Params grads(mc);
+
+  say(detail::cat(c.resume ? "resuming" : "training", " ", count_params(mc), " parameters (",
+                  c.config_file.empty() ? c.preset : c.config_file, "), ", c.tokenizer, " tokenizer, ",
+                  train_tok.size(), " train / ", valid_tok.size(), " validation tokens; ", c.steps,
+                  " steps of ", c.batch, "x", L, c.grad_accum > 1 ? detail::cat(" x", c.grad_accum) : "",
+                  " tokens, lr ", c.lr, ", ", threads, " threads",
+                  c.resume ? detail::cat(", from step ", start) : ""));
+
+  int64_t last_ckpt = c.resume ? start : -1;
+  auto checkpoint = [&](int64_t step) {
+    const fs::path tmp = out / detail::cat("ckpt.tmp-", ::getpid(), "-", step);
+    fs::remove_all(tmp);
+    fs::create_directories(tmp);
+    save_model(model, tmp.string());
+    tok->save(tmp.string());
+    opt.save((tmp / "optimizer.safetensors").string());
+    json st = {{"format", kStateFormat},
+               {"step", step},
+               {"tokens_seen", tokens_seen},
+               {"rng", rng_json(rng)},
+               {"settings", settings_json(c, c.warmup, threads)}};
+    write_file_atomic((tmp / "trainer_state.json").string(), st.dump(2) + "\n");
+    fsync_dir(tmp);
+    swap_in(tmp, out);
+    last_ckpt = step;
+  };
+
+  const bool tty = ::isatty(2) == 1;
+  const int64_t print_every = std::max<int64_t>(1, c.steps / 20);
+  auto clear_line = [&] {
+    if (c.progress && tty) std::fprintf(stderr, "\r%*s\r", 100, "");
+  };
+  auto fail = [&](int64_t step, const std::string& what) {
+    clear_line();
+    write_logs(out, rows, c.steps);
+    throw Error(detail::cat(
+        "step ", step, ": ", what, "; training stopped (lower --lr?). ",
+        last_ckpt >= 0 ? detail::cat("The last good checkpoint, step ", last_ckpt, ", is in ", ck.string())
+                       : std::string("No checkpoint had been written yet")));
+  };
+
+  std::vector<int32_t> in(size_t(c.batch) * L), tg(size_t(c.batch) * L);
+  const uint64_t n_pos = uint64_t(train_tok.size()) - uint64_t(L);  // window starts 0..n_pos-1
+  const float min_lr = c.lr * c.min_lr_ratio;
+  double train_time = 0;
+  int64_t timed_steps = 0, timed_tokens = 0;
+  const int64_t end = c.stop_after > 0 ? std::min(c.steps, c.stop_after) : c.steps;
+  for (int64_t step = start; step < end; ++step) {
+    const auto t0 = Clock::now();
+    zero(grads);
+    double loss = 0;
+    for (int a = 0; a < c.grad_accum; ++a) {
+      for (int b = 0; b < c.batch; ++b) {
+        const size_t p = size_t(rng.next_u64() % n_pos);
+        std::copy_n(train_tok.begin() + int64_t(p), L, in.begin() + int64_t(b) * L);
+        std::copy_n(train_tok.begin() + int64_t(p) + 1, L, tg.begin() + int64_t(b) * L);
+      }
+      loss += loss_and_grad(P, grads, in.data(), tg.data(), c.batch, L, c.scan_chunk);
+    }
+    if (c.grad_accum > 1) {
+      // Micro-batches are equal-sized, so the mean of their mean losses is the batch mean.
+      loss /= c.grad_accum;
+      const float s = 1.0f / float(c.grad_accum);
+      float* g = grads.data();
+      for (int64_t i = 0; i < grads.numel(); ++i) g[i] *= s;
+    }
+    if (step + 1 == c.debug_nan_step) loss = std::numeric_limits<double>::quiet_NaN();
+    if (!std::isfinite(loss)) fail(step + 1, "training loss is " + fmt_num(loss));
+    const float lr = lr_at(step, c.warmup, c.steps, c.lr, min_lr);
+    const double norm = opt.step(P, grads, lr);
+    if (!std::isfinite(norm)) fail(step + 1, "gradient norm is " + fmt_num(norm));
+    const int64_t done = step + 1;
+    const int64_t step_tokens = int64_t(c.batch) * L * c.grad_accum;
+    tokens_seen += step_tokens;
+    const double dt = elapsed_s(t0);
+    train_time += dt;
+    ++timed_steps;
+    timed_tokens += step_tokens;
+    Row r;
+    r.step = done;
+    r.lr = lr;
+    r.loss = loss;
+    r.norm = norm;
+    r.tps = dt > 0 ? double(step_tokens) / dt : 0;
+    const bool last = done == end;
+    if ((c.eval_every > 0 && done % c.eval_every == 0) || last) {
+      const EvalResult e = eval_stream(P, valid_tok, L, c.eval_tokens, c.batch);
+      r.val_loss = e.loss;
+      r.val_ppl = e.ppl;
+      clear_line();
+      if (c.progress)
+        std::fprintf(stderr, "step %lld: val loss %.4f, ppl %.2f (%lld tokens)\n", static_cast<long long>(done),
+                     e.loss, e.ppl, static_cast<long long>(e.tokens));
+    }
+    rows.push_back(r);
+    if (c.progress && (tty || done % print_every == 0 || last)) {
+      const double tps = train_time > 0 ? double(timed_tokens) / train_time : 0;
+      const double eta = double(end - done) * train_time / double(timed_steps);
+      std::fprintf(stderr, "%sstep %lld/%lld | loss %.4f | lr %.2e | %.0f tok/s | ETA %s%s", tty ? "\r" : "",
+                   static_cast<long long>(done), static_cast<long long>(c.steps), loss, double(lr), tps,
+                   fmt_duration(eta).c_str(), tty ? "    " : "\n");
+      std::fflush(stderr);
+    }
+    if ((c.save_every > 0 && done % c.save_every == 0) || last) {
+      // A step can leave weights overflowed while its loss and norm were finite: never save those.
+      if (!all_finite(P)) fail(done, "parameters became non-finite");
+      checkpoint(done);
+      write_logs(out, rows, c.steps);
+    }
+  }
+  if (c.progress && tty) std::fprintf(stderr, "\n");
+  if (end == start) write_logs(out, rows, c.steps);
+  say(detail::cat(end < c.steps ? "stopped at step " : "done at step ", end, "; checkpoint in ", ck.string(),
+                  ", log in ", (out / "train_log.csv").string()));
+}
+
+// ---- eval ----
+
+EvalResult evaluate(const std::string& model_dir, const std::string& data_path, int seq_len, int64_t max_tokens,
+                    int batch) {
+  fs::path dir = model_dir;
+  if (fs::exists(dir / "checkpoint" / "config.json")) dir /= "checkpoint";  // a training out_dir
+  EvalResult r;
+  const fs::path sp = dir / "trainer_state.json";
+  if (fs::exists(sp)) {
+    const json st = read_json(sp);
+    try {
+      r.step = st.at("step");
+      if (seq_len <= 0) seq_len = st.at("settings").at("seq_len");
+      if (max_tokens < 0) max_tokens = st.at("settings").at("eval_tokens");
+    } catch (const json::exception& e) {
+      throw Error(detail::cat(sp.string(), ": ", e.what()));
+    }
+  }
+  if (seq_len <= 0) seq_len = 128;
+  if (max_tokens < 0) max_tokens = 32768;
+  HM_CHECK(batch >= 1, "batch must be >= 1");
+  auto be = make_cpu_backend();
+  auto model = load_model(dir.string(), *be);
+  auto tok = load_tokenizer(dir.string());
+  HM_CHECK(tok->vocab_size() <= model->config().vocab_size, dir.string(), ": the tokenizer's vocabulary (",
+           tok->vocab_size(), ") exceeds the model's vocab_size (", model->config().vocab_size, ")");
+  Corpora data = load_split(data_path);
+  const std::vector<int32_t> valid = token_stream(*tok, valid_texts(data.corpus, data.split));
+  const EvalResult e = eval_stream(model->params(), valid, seq_len, max_tokens, batch);
+  r.loss = e.loss;
+  r.ppl = e.ppl;
+  r.tokens = e.tokens;
+  return r;
+}
+
+}  // namespace hm

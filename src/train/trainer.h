@@ -1,0 +1,72 @@
+// Training loop and evaluation for `hm train` / `hm eval` (docs: this header).
+//
+// Data: the corpus at data_path is split by document (split_documents, 5% validation, fixed
+// seed, so `hm eval` sees the same validation text), each side is tokenized and concatenated
+// with EOS between documents. A training batch is B windows of seq_len + 1 tokens at uniformly
+// random offsets drawn from an hm::Rng: the RNG state is the whole data position, so a resumed
+// run draws exactly the batches the uninterrupted run would have drawn.
+//
+// Output directory layout (out_dir):
+//   checkpoint/          the latest complete checkpoint, loadable by `hm generate --model`:
+//     config.json, model.safetensors, tokenizer.json (+ tokenizer.model for BPE),
+//     optimizer.safetensors, trainer_state.json (step, RNG state, tokens seen, settings)
+//   train_log.csv        step,lr,train_loss,grad_norm,tokens_per_s,val_loss,val_ppl
+//   loss.svg             train (and validation) loss against step
+// A checkpoint is written whole into out_dir/ckpt.tmp-*, then swapped in for checkpoint/ with
+// one atomic rename (RENAME_EXCHANGE; where the file system lacks it, checkpoint/ is first moved
+// to checkpoint.old/, which resume falls back to), so a crash mid-save never leaves a checkpoint
+// whose parts come from different steps.
+#pragma once
+#include <cstdint>
+#include <string>
+
+namespace hm {
+
+struct TrainConfig {
+  // Model: a preset name, or a config.json (config_file wins when set). The tokenizer's vocab
+  // size replaces the config's.
+  std::string preset = "tiny", config_file;
+  std::string data_path, out_dir;
+  std::string tokenizer = "byte";  // byte | bpe (SentencePiece BPE trained on the train split)
+  int vocab = 4096;                // BPE only
+  int64_t steps = 1000;            // optimizer steps in the whole run (the schedule's length)
+  int batch = 8, seq_len = 128, grad_accum = 1;
+  float lr = 1e-3f, min_lr_ratio = 0.1f, weight_decay = 0.1f, clip_norm = 1.0f;
+  int64_t warmup = -1;  // < 0: min(100, steps / 10)
+  int threads = 0;      // 0: all cores. Results are bit-reproducible for a fixed thread count.
+  uint64_t seed = 0;    // initialization and batch order
+  int64_t eval_every = 100; // 0: only at the end
+  int64_t save_every = 200; // 0: only at the end
+  int64_t eval_tokens = 32768;  // validation tokens evaluated (0: all)
+  int scan_chunk = 0;           // loss_and_grad's selective-scan checkpointing (0: off)
+  bool resume = false;
+  // Stop (with a checkpoint) after this step even though the schedule runs to `steps`, as an
+  // interruption would; the run can be resumed. 0: run to the end.
+  int64_t stop_after = 0;
+  bool progress = true;  // progress line and messages on stderr
+
+  // Test hook: treat the loss of this step (1-based) as NaN. -1: off.
+  int64_t debug_nan_step = -1;
+};
+
+// Runs (or, with resume, continues) the training described above. hm::Error, before anything
+// is written, for bad settings or bad data (missing, empty, not UTF-8, too short for one
+// window); hm::Error after stopping for a non-finite loss or gradient norm (checkpoint/ then
+// still holds the last good step).
+void train(const TrainConfig& cfg);
+
+struct EvalResult {
+  double loss = 0, ppl = 0;  // mean cross-entropy (nats/token) and exp(loss)
+  int64_t tokens = 0;        // targets scored
+  int64_t step = -1;         // the checkpoint's training step when known
+};
+
+// Validation loss of a model directory (a training out_dir, its checkpoint/, or any directory
+// with config.json + model.safetensors + tokenizer) on the validation split of data_path,
+// the same split and windows `hm train` reports. seq_len 0 and max_tokens < 0 take the training
+// run's values from trainer_state.json when there is one (else 128 and 32768); max_tokens 0:
+// the whole split.
+EvalResult evaluate(const std::string& model_dir, const std::string& data_path, int seq_len = 0,
+                    int64_t max_tokens = -1, int batch = 8);
+
+}  // namespace hm

@@ -1,0 +1,284 @@
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "core/error.h"
+#include "core/rng.h"
+#include "model/config.h"
+#include "model/model.h"
+#include "model/params.h"
+#include "runtime/tokenizer.h"
+#include "train/trainer.h"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+struct TrainerTempDir {
+  fs::path path;
+  explicit TrainerTempDir(const std::string& tag)
+      : path(fs::temp_directory_path() / ("hm_trainer_" + tag + "_" + std::to_string(::getpid()))) {
+    fs::remove_all(path);
+    fs::create_directories(path);
+  }
+  ~TrainerTempDir() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+  std::string file(const std::string& name) const { return (path / name).string(); }
+};
+
+void write(const std::string& path, const std::string& bytes) {
+  std::ofstream f(path, std::ios::binary);
+  f << bytes;
+}
+
+std::string slurp(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  std::ostringstream s;
+  s << f.rdbuf();
+  return s.str();
+}
+
+// A few KB of repetitive English-like lines: enough structure for a tiny model to learn fast.
+std::string small_corpus() {
+  const char* subj[] = {"the cat", "a dog", "the bird", "my friend", "the old man"};
+  const char* verb[] = {"sees", "likes", "finds", "wants", "follows"};
+  const char* obj[] = {"the ball", "a red hat", "the river", "some bread", "the little house"};
+  hm::Rng r(7);
+  std::string s;
+  for (int i = 0; i < 110; ++i)
+    s += std::string(subj[r.next_u64() % 5]) + " " + verb[r.next_u64() % 5] + " " + obj[r.next_u64() % 5] + ".\n";
+  return s;
+}
+
+hm::TrainConfig base_config(const TrainerTempDir& d, const std::string& out) {
+  hm::TrainConfig c;
+  c.preset = "tiny";
+  c.data_path = d.file("corpus.txt");
+  c.out_dir = d.file(out);
+  c.batch = 4;
+  c.seq_len = 32;
+  c.lr = 3e-3f;
+  c.warmup = 2;
+  c.eval_every = 0;
+  c.save_every = 0;
+  c.eval_tokens = 512;
+  c.progress = false;
+  return c;
+}
+
+void load_weights(const std::string& ckpt, std::vector<float>& out) {
+  auto be = hm::make_cpu_backend();
+  auto m = hm::load_model(ckpt, *be);
+  out.assign(m->params().data(), m->params().data() + m->params().numel());
+}
+
+std::vector<std::vector<std::string>> read_csv(const std::string& path) {
+  std::vector<std::vector<std::string>> rows;
+  std::ifstream f(path);
+  std::string line;
+  while (std::getline(f, line)) {
+    std::vector<std::string> cells;
+    std::stringstream ss(line);
+    std::string cell;
+    while (std::getline(ss, cell, ',')) cells.push_back(cell);
+    if (!line.empty() && line.back() == ',') cells.push_back("");
+    rows.push_back(cells);
+  }
+  return rows;
+}
+
+}  // namespace
+
+TEST(Trainer, LossDecreasesAndWritesLogCheckpointAndEval) {
+  TrainerTempDir d("loss");
+  write(d.file("corpus.txt"), small_corpus());
+  hm::TrainConfig c = base_config(d, "run");
+  c.steps = 30;
+  c.eval_every = 15;
+  hm::train(c);
+
+  const auto rows = read_csv(d.file("run/train_log.csv"));
+  ASSERT_EQ(rows.size(), 31u);
+  EXPECT_EQ(rows[0], (std::vector<std::string>{"step", "lr", "train_loss", "grad_norm", "tokens_per_s",
+                                                "val_loss", "val_ppl"}));
+  double first = 0, last = 0;
+  for (size_t i = 1; i < rows.size(); ++i) {
+    ASSERT_EQ(rows[i].size(), 7u) << "row " << i;
+    EXPECT_EQ(std::stoll(rows[i][0]), int64_t(i));
+    const double loss = std::stod(rows[i][2]);
+    ASSERT_TRUE(std::isfinite(loss));
+    if (i <= 3) first += loss / 3;
+    if (i > rows.size() - 4) last += loss / 3;
+    EXPECT_EQ(rows[i][5].empty(), i != 15 && i != 30) << "validation only at steps 15 and 30";
+  }
+  // Random init over 259 tokens starts near ln(259) = 5.56; the repetitive text is far easier.
+  EXPECT_GT(first, 4.5);
+  EXPECT_LT(last, first - 1.0) << "loss " << first << " -> " << last;
+  std::printf("[ trainer ] train loss (mean of 3 steps) %.3f -> %.3f\n", first, last);
+  const double val = std::stod(rows[30][5]);
+  EXPECT_NEAR(std::stod(rows[30][6]), std::exp(val), 1e-3 * std::exp(val));
+
+  const std::string svg = slurp(d.file("run/loss.svg"));
+  EXPECT_EQ(svg.rfind("<svg", 0), 0u);
+  EXPECT_NE(svg.find("<polyline"), std::string::npos);
+  EXPECT_NE(svg.find(">step</text>"), std::string::npos);
+  EXPECT_NE(svg.find("</svg>"), std::string::npos);
+
+  // The checkpoint is a model directory `hm generate` can load.
+  const std::string ck = d.file("run/checkpoint");
+  for (const char* f : {"config.json", "model.safetensors", "tokenizer.json", "optimizer.safetensors",
+                        "trainer_state.json"})
+    EXPECT_TRUE(fs::exists(fs::path(ck) / f)) << f;
+  auto be = hm::make_cpu_backend();
+  auto m = hm::load_model(ck, *be);
+  EXPECT_EQ(m->config().vocab_size, hm::ByteTokenizer::kVocab);
+  EXPECT_EQ(hm::load_tokenizer(ck)->type(), "byte");
+
+  // eval on the out dir sees the same split and windows as the run's last validation.
+  const hm::EvalResult e = hm::evaluate(c.out_dir, c.data_path);
+  EXPECT_TRUE(std::isfinite(e.loss));
+  EXPECT_DOUBLE_EQ(e.ppl, std::exp(e.loss));
+  EXPECT_EQ(e.step, 30);
+  EXPECT_GT(e.tokens, 100);  // the whole (short) validation split: under eval_tokens
+  EXPECT_LE(e.tokens, 512);
+  EXPECT_NEAR(e.loss, val, 1e-5);
+}
+
+TEST(Trainer, ResumeIsBitIdentical) {
+  TrainerTempDir d("resume");
+  write(d.file("corpus.txt"), small_corpus());
+  hm::TrainConfig full = base_config(d, "full");
+  full.steps = 8;
+  full.grad_accum = 2;  // resume must also reproduce accumulation and the schedule
+  hm::train(full);
+
+  hm::TrainConfig part = base_config(d, "part");
+  part.steps = 8;
+  part.grad_accum = 2;
+  part.stop_after = 4;
+  hm::train(part);
+  {
+    std::ifstream f(d.file("part/checkpoint/trainer_state.json"));
+    EXPECT_EQ(nlohmann::json::parse(f).at("step"), 4);
+  }
+  hm::TrainConfig again;  // only the directory: the saved settings govern
+  again.out_dir = part.out_dir;
+  again.resume = true;
+  again.progress = false;
+  hm::train(again);
+
+  std::vector<float> a, b;
+  load_weights(d.file("full/checkpoint"), a);
+  load_weights(d.file("part/checkpoint"), b);
+  ASSERT_EQ(a.size(), b.size());
+  EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0);
+  EXPECT_EQ(slurp(d.file("full/checkpoint/optimizer.safetensors")),
+            slurp(d.file("part/checkpoint/optimizer.safetensors")));
+  EXPECT_EQ(read_csv(d.file("part/train_log.csv")).size(), 9u);  // header + 8 steps, none twice
+}
+
+TEST(Trainer, BadDataIsNamedBeforeAnythingIsWritten) {
+  TrainerTempDir d("bad");
+  write(d.file("empty.txt"), "");
+  write(d.file("latin1.txt"), "caf\xe9 au lait\nand more text here\n");
+  write(d.file("short.txt"), "one line\nanother line\nand a third\n");
+  struct Case { std::string path, want; };
+  const Case cases[] = {{d.file("missing.txt"), "no such file"},
+                        {d.file("empty.txt"), "empty"},
+                        {d.file("latin1.txt"), "UTF-8"},
+                        {d.file("short.txt"), "fewer than one sequence"}};
+  for (const Case& k : cases) {
+    hm::TrainConfig c = base_config(d, "out");
+    c.data_path = k.path;
+    c.seq_len = 64;
+    try {
+      hm::train(c);
+      ADD_FAILURE() << k.path << ": no error";
+    } catch (const hm::Error& e) {
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find(k.want), std::string::npos) << msg;
+      EXPECT_NE(msg.find(k.path), std::string::npos) << msg;
+    }
+    EXPECT_FALSE(fs::exists(d.file("out"))) << k.path;
+  }
+}
+
+TEST(Trainer, NonFiniteLossStopsAndKeepsLastCheckpoint) {
+  TrainerTempDir d("nan");
+  write(d.file("corpus.txt"), small_corpus());
+  hm::TrainConfig c = base_config(d, "run");
+  c.steps = 8;
+  c.save_every = 2;
+  c.debug_nan_step = 5;
+  try {
+    hm::train(c);
+    ADD_FAILURE() << "no error";
+  } catch (const hm::Error& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("step 5: training loss is NaN"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("checkpoint, step 4"), std::string::npos) << msg;
+  }
+  std::ifstream f(d.file("run/checkpoint/trainer_state.json"));
+  EXPECT_EQ(nlohmann::json::parse(f).at("step"), 4);
+  std::vector<float> w;
+  load_weights(d.file("run/checkpoint"), w);
+  for (float x : w) ASSERT_TRUE(std::isfinite(x));
+  EXPECT_EQ(read_csv(d.file("run/train_log.csv")).size(), 5u);  // header + steps 1..4
+
+  // A real divergence: an absurd learning rate overflows the weights after the first step.
+  hm::TrainConfig wild = base_config(d, "wild");
+  wild.steps = 4;
+  wild.warmup = 0;
+  wild.lr = 1e30f;
+  try {
+    hm::train(wild);
+    ADD_FAILURE() << "no error";
+  } catch (const hm::Error& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("training stopped"), std::string::npos) << msg;
+  }
+  EXPECT_FALSE(fs::exists(d.file("wild/checkpoint")));
+}
+
+TEST(Trainer, RefusesToOverwriteARunWithoutResume) {
+  TrainerTempDir d("again");
+  write(d.file("corpus.txt"), small_corpus());
+  hm::TrainConfig c = base_config(d, "run");
+  c.steps = 2;
+  hm::train(c);
+  try {
+    hm::train(c);
+    ADD_FAILURE() << "no error";
+  } catch (const hm::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("--resume"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Trainer, BpeTokenizerIsSavedWithTheCheckpoint) {
+  TrainerTempDir d("bpe");
+  write(d.file("corpus.txt"), small_corpus());
+  hm::TrainConfig c = base_config(d, "run");
+  c.tokenizer = "bpe";
+  c.vocab = 300;
+  c.steps = 2;
+  hm::train(c);
+  const std::string ck = d.file("run/checkpoint");
+  EXPECT_TRUE(fs::exists(fs::path(ck) / "tokenizer.model"));
+  auto tok = hm::load_tokenizer(ck);
+  EXPECT_EQ(tok->type(), "sentencepiece");
+  EXPECT_EQ(tok->vocab_size(), 300);
+  EXPECT_EQ(hm::load_config(ck + "/config.json").vocab_size, 300);
+  const hm::EvalResult e = hm::evaluate(c.out_dir, c.data_path);
+  EXPECT_TRUE(std::isfinite(e.loss));
+}
