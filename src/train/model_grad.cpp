@@ -5,9 +5,11 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "core/error.h"
+#include "kernels/cpu/grad_cpu.h"
 #include "kernels/ref/attention_grad_ref.h"
 #include "kernels/ref/mamba_grad_ref.h"
 
@@ -15,6 +17,11 @@ namespace hm {
 namespace {
 
 namespace G = ref::grad;
+namespace C = cpu::grad;
+
+// float takes the fast blocks (sgemm, kernels/cpu/grad_cpu.h); double and long double stay the
+// plain reference, the oracle the float path is checked against.
+template <class T> constexpr bool kFast = std::is_same_v<T, float>;
 
 constexpr int64_t kNone = -1;
 
@@ -112,29 +119,42 @@ void forward_seq(SeqActs<T>& a, const Layout& lo, const T* P, const int32_t* tok
       la.brstd.resize(size_t(L));
       G::rmsnorm_forward(la.bn.data(), la.brstd.data(), a.inner(c, i - 1), at(P, o.bridge_norm), L,
                          S, eps);
-      G::bridge_forward(h.data(), h.data(), la.bn.data(), at(P, o.bridge_proj),
-                        at(P, o.bridge_gate), L, D, S);
+      if constexpr (kFast<T>)
+        C::bridge_forward(h.data(), h.data(), la.bn.data(), at(P, o.bridge_proj),
+                          at(P, o.bridge_gate), L, D, S);
+      else
+        G::bridge_forward(h.data(), h.data(), la.bn.data(), at(P, o.bridge_proj),
+                          at(P, o.bridge_gate), L, D, S);
     }
     la.h = h;
     la.u.resize(LD);
     la.rstd.resize(size_t(L));
     G::rmsnorm_forward(la.u.data(), la.rstd.data(), h.data(), at(P, o.norm), L, D, eps);
-    if (c.is_attention(i))
-      G::attention_block_forward(out.data(), la.attn, la.u.data(),
-                                 G::AttnWeights<T>{at(P, o.wq), at(P, o.wk), at(P, o.wv), at(P, o.wo)},
-                                 attn_shape(c, L));
-    else
-      G::mamba_block_forward(out.data(), la.mamba, la.u.data(), mamba_weights(P, o), mamba_dims(c),
-                             L, scan_chunk);
+    const G::AttnWeights<T> aw{at(P, o.wq), at(P, o.wk), at(P, o.wv), at(P, o.wo)};
+    if (c.is_attention(i)) {
+      if constexpr (kFast<T>)
+        C::attention_block_forward(out.data(), la.attn, la.u.data(), aw, attn_shape(c, L));
+      else
+        G::attention_block_forward(out.data(), la.attn, la.u.data(), aw, attn_shape(c, L));
+    } else {
+      if constexpr (kFast<T>)
+        C::mamba_block_forward(out.data(), la.mamba, la.u.data(), mamba_weights(P, o),
+                               mamba_dims(c), L, scan_chunk);
+      else
+        G::mamba_block_forward(out.data(), la.mamba, la.u.data(), mamba_weights(P, o),
+                               mamba_dims(c), L, scan_chunk);
+    }
     add_into(h, out);
     if (F > 0) {  // h += down(silu(gate(m)) * up(m)), m = rmsnorm(h, mlp_norm)
       la.h2 = h;
       la.m.resize(LD);
       la.mrstd.resize(size_t(L));
       G::rmsnorm_forward(la.m.data(), la.mrstd.data(), h.data(), at(P, o.mlp_norm), L, D, eps);
-      G::mlp_block_forward(out.data(), la.mlp, la.m.data(),
-                           G::MlpWeights<T>{at(P, o.w_gate), at(P, o.w_up), at(P, o.w_down)}, L, D,
-                           F);
+      const G::MlpWeights<T> mw{at(P, o.w_gate), at(P, o.w_up), at(P, o.w_down)};
+      if constexpr (kFast<T>)
+        C::mlp_block_forward(out.data(), la.mlp, la.m.data(), mw, L, D, F);
+      else
+        G::mlp_block_forward(out.data(), la.mlp, la.m.data(), mw, L, D, F);
       add_into(h, out);
     }
   }
@@ -160,26 +180,35 @@ void backward_seq(T* g, const SeqActs<T>& a, const Layout& lo, const T* P, const
     const LayerOffsets& o = lo.layers[size_t(i)];
     const LayerActs<T>& la = a.layers[size_t(i)];
     if (F > 0) {  // h_out = h2 + mlp(rmsnorm(h2)): dh2 = dh + rmsnorm'(mlp'(dh))
-      G::mlp_block_backward(dtmp.data(),
-                            G::MlpWeightGrads<T>{at(g, o.w_gate), at(g, o.w_up), at(g, o.w_down)},
-                            dh.data(), la.m.data(),
-                            G::MlpWeights<T>{at(P, o.w_gate), at(P, o.w_up), at(P, o.w_down)},
-                            la.mlp, L, D, F);
+      const G::MlpWeightGrads<T> mg{at(g, o.w_gate), at(g, o.w_up), at(g, o.w_down)};
+      const G::MlpWeights<T> mw{at(P, o.w_gate), at(P, o.w_up), at(P, o.w_down)};
+      if constexpr (kFast<T>)
+        C::mlp_block_backward(dtmp.data(), mg, dh.data(), la.m.data(), mw, la.mlp, L, D, F);
+      else
+        G::mlp_block_backward(dtmp.data(), mg, dh.data(), la.m.data(), mw, la.mlp, L, D, F);
       G::rmsnorm_backward(dx.data(), at(g, o.mlp_norm), dtmp.data(), la.h2.data(),
                           at(P, o.mlp_norm), la.mrstd.data(), L, D);
       add_into(dh, dx);
     }
     // h2 = h + mixer(rmsnorm(h)); the mixer's inner output also feeds the next bridge (dinner).
     const T* dinn = dinner.empty() ? nullptr : dinner.data();
-    if (c.is_attention(i))
-      G::attention_block_backward(
-          dtmp.data(), G::AttnWeightGrads<T>{at(g, o.wq), at(g, o.wk), at(g, o.wv), at(g, o.wo)},
-          dh.data(), dinn, la.u.data(),
-          G::AttnWeights<T>{at(P, o.wq), at(P, o.wk), at(P, o.wv), at(P, o.wo)}, la.attn,
-          attn_shape(c, L));
-    else
-      G::mamba_block_backward(dtmp.data(), mamba_grads(g, o), dh.data(), la.u.data(),
-                              mamba_weights(P, o), la.mamba, mamba_dims(c), dinn);
+    if (c.is_attention(i)) {
+      const G::AttnWeightGrads<T> ag{at(g, o.wq), at(g, o.wk), at(g, o.wv), at(g, o.wo)};
+      const G::AttnWeights<T> aw{at(P, o.wq), at(P, o.wk), at(P, o.wv), at(P, o.wo)};
+      if constexpr (kFast<T>)
+        C::attention_block_backward(dtmp.data(), ag, dh.data(), dinn, la.u.data(), aw, la.attn,
+                                    attn_shape(c, L));
+      else
+        G::attention_block_backward(dtmp.data(), ag, dh.data(), dinn, la.u.data(), aw, la.attn,
+                                    attn_shape(c, L));
+    } else {
+      if constexpr (kFast<T>)
+        C::mamba_block_backward(dtmp.data(), mamba_grads(g, o), dh.data(), la.u.data(),
+                                mamba_weights(P, o), la.mamba, mamba_dims(c), dinn);
+      else
+        G::mamba_block_backward(dtmp.data(), mamba_grads(g, o), dh.data(), la.u.data(),
+                                mamba_weights(P, o), la.mamba, mamba_dims(c), dinn);
+    }
     G::rmsnorm_backward(dx.data(), at(g, o.norm), dtmp.data(), la.h.data(), at(P, o.norm),
                         la.rstd.data(), L, D);
     add_into(dh, dx);
@@ -187,9 +216,13 @@ void backward_seq(T* g, const SeqActs<T>& a, const Layout& lo, const T* P, const
       const int S = c.inner_dim(i - 1);
       dy.resize(size_t(L) * S);
       dinner.resize(size_t(L) * S);
-      G::bridge_backward<T>(nullptr, dy.data(), at(g, o.bridge_proj), at(g, o.bridge_gate),
-                            dh.data(), la.bn.data(), at(P, o.bridge_proj), at(P, o.bridge_gate),
-                            L, D, S);
+      if constexpr (kFast<T>)
+        C::bridge_backward(dy.data(), at(g, o.bridge_proj), at(g, o.bridge_gate), dh.data(),
+                           la.bn.data(), at(P, o.bridge_proj), at(P, o.bridge_gate), L, D, S);
+      else
+        G::bridge_backward<T>(nullptr, dy.data(), at(g, o.bridge_proj), at(g, o.bridge_gate),
+                              dh.data(), la.bn.data(), at(P, o.bridge_proj), at(P, o.bridge_gate),
+                              L, D, S);
       G::rmsnorm_backward(dinner.data(), at(g, o.bridge_norm), dy.data(), a.inner(c, i - 1),
                           at(P, o.bridge_norm), la.brstd.data(), L, S);
     } else {
@@ -271,7 +304,8 @@ double loss_and_grad_arena(const Params& layout, const T* params, T* grads, cons
   {
     std::vector<T>& g = priv[size_t(omp_get_thread_num())];
     g.assign(size_t(lo.numel), T(0));
-    std::vector<T> dhn(size_t(L) * D), dW(size_t(V) * D);
+    // The reference head needs a whole [V, D] buffer per thread; the fast one writes into g.
+    std::vector<T> dhn(size_t(L) * D), dW(kFast<T> ? 0 : size_t(V) * D);
     SeqActs<T> a;
 #pragma omp for schedule(static)
     for (int b = 0; b < B; ++b) {
@@ -280,6 +314,13 @@ double loss_and_grad_arena(const Params& layout, const T* params, T* grads, cons
       const int cnt = count_targets(tgt, L);
       if (cnt == 0) continue;  // contributes neither loss nor gradient
       forward_seq(a, lo, params, tok, L, scan_chunk);
+      if constexpr (kFast<T>) {  // dlogits scaled by 1/total directly, dW added into g's head
+        seq_loss[size_t(b)] =
+            C::cross_entropy_forward_backward(dhn.data(), g.data() + lo.head, a.hn.data(),
+                                              params + lo.head, tgt, L, D, V, 1.0 / double(total));
+        backward_seq(g.data(), a, lo, params, dhn.data(), tok, L);
+        continue;
+      }
       // The reference cross-entropy is the mean over this sequence's cnt positions; the batch
       // loss is the mean over all `total`, so this sequence's gradients are scaled by cnt/total.
       std::fill(dW.begin(), dW.end(), T(0));

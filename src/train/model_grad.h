@@ -6,7 +6,8 @@
 // is the mean cross-entropy over every position (of every sequence) whose target is >= 0.
 // Sequences run in parallel (OpenMP): each thread keeps its activations and a private gradient
 // buffer, and the buffers are summed in thread order at the end (deterministic for a given thread
-// count). Correctness first: these are plain loops, not the fast training kernels.
+// count). float runs the fast blocks of kernels/cpu/grad_cpu.h (sgemm products, vectorised
+// scan); double and long double run the plain reference loops, the oracle for the checks.
 #pragma once
 #include <cstdint>
 

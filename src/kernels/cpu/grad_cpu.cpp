@@ -1,0 +1,441 @@
+#include "kernels/cpu/grad_cpu.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "kernels/cpu/simd.h"
+
+namespace hm::cpu::grad {
+
+// ---------------------------------------------------------------- sgemm wrappers (row-major)
+
+void gemm_xwT(float* y, const float* x, const float* W, int m, int n, int k, bool accumulate,
+              int ldy, int ldx, int ldw) {
+  if (m <= 0 || n <= 0) return;
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, x, ldx ? ldx : k, W,
+              ldw ? ldw : k, accumulate ? 1.0f : 0.0f, y, ldy ? ldy : n);
+}
+
+void gemm_dyW(float* dx, const float* dy, const float* W, int m, int n, int k, bool accumulate,
+              int ldx, int ldy, int ldw) {
+  if (m <= 0 || k <= 0) return;
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, k, n, 1.0f, dy, ldy ? ldy : n, W,
+              ldw ? ldw : k, accumulate ? 1.0f : 0.0f, dx, ldx ? ldx : k);
+}
+
+void gemm_dyTx(float* dW, const float* dy, const float* x, int m, int n, int k, int ldw, int ldy,
+               int ldx) {
+  if (n <= 0 || k <= 0 || m <= 0) return;
+  cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, n, k, m, 1.0f, dy, ldy ? ldy : n, x,
+              ldx ? ldx : k, 1.0f, dW, ldw ? ldw : k);
+}
+
+namespace {
+using Vec = std::vector<float>;
+inline size_t sz(int a, int b) { return size_t(a) * size_t(b); }
+}  // namespace
+
+// ---------------------------------------------------------------- selective scan (float I/O)
+// The reference recurrence (mamba_grad_ref.h) with the state dimension in 8-lane double
+// vectors. States and decays stay double: with delta*A ~ -1e-3 the decay a = exp(delta*A) is
+// ~0.999 and h's error grows like err(a) / (1 - a), so a float exp (2e-7) would cost ~1e-4.
+// The backward keeps each recomputed decay, so it takes one exp per (t, e, n) instead of two.
+// Needs N % 8 == 0 (the callers fall back to the reference otherwise).
+namespace {
+
+typedef double vd __attribute__((vector_size(64)));
+typedef int64_t vl __attribute__((vector_size(64)));
+typedef float v8f __attribute__((vector_size(32)));
+constexpr int kDW = 8;
+
+inline vd ld(const double* p) {
+  vd v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void st(double* p, vd v) { std::memcpy(p, &v, sizeof v); }
+inline vd ldf(const float* p) {
+  v8f f;
+  std::memcpy(&f, p, sizeof f);
+  return __builtin_convertvector(f, vd);
+}
+inline vd splatd(double s) { return s - vd{}; }
+inline double hsumd(vd v) {
+  double s = 0;
+  for (int i = 0; i < kDW; ++i) s += v[i];
+  return s;
+}
+
+// e^x to ~1 ulp: x = k ln2 + r (ln2 in two parts, k*hi exact), |r| <= ln2/2, Taylor to r^13
+// (remainder < 1e-17). x is clamped to [-700, 700]: scan decays never get near either end.
+inline vd vexpd(vd x) {
+  x = x < -700.0 ? splatd(-700.0) : x;
+  x = x > 700.0 ? splatd(700.0) : x;
+  const vd k = (x * 1.4426950408889634 + 6755399441055744.0) - 6755399441055744.0;  // round
+  const vd r = (x - k * 0.6931471803691238) - k * 1.9082149292705877e-10;
+  vd p = splatd(1.0 / 6227020800.0);  // 1/13!
+  constexpr double inv[] = {1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0,
+                            1.0 / 362880.0,    1.0 / 40320.0,    1.0 / 5040.0,
+                            1.0 / 720.0,       1.0 / 120.0,      1.0 / 24.0,
+                            1.0 / 6.0,         0.5,              1.0,
+                            1.0};
+  for (double c : inv) p = p * r + c;
+  const vl e = (__builtin_convertvector(k, vl) + 1023) << 52;  // 2^k
+  vd two_k;
+  std::memcpy(&two_k, &e, sizeof two_k);
+  return p * two_k;
+}
+
+struct ScanArgs {
+  const float *x, *dt, *dt_bias, *A, *B, *C, *Dskip, *z;
+  int L, E, N;
+};
+
+}  // namespace
+
+static void selective_scan_forward_fast(float* y, const ScanArgs& s, double* chunk_states, int chunk) {
+  const int E = s.E, N = s.N;
+  std::vector<double> h(static_cast<size_t>(N));
+  for (int e = 0; e < E; ++e) {
+    std::fill(h.begin(), h.end(), 0.0);
+    for (int t = 0; t < s.L; ++t) {
+      if (chunk_states && t % chunk == 0)
+        std::copy(h.begin(), h.end(), chunk_states + sz((t / chunk) * E + e, N));
+      const size_t te = sz(t, E) + size_t(e);
+      const double delta = G::softplus(double(s.dt[te]) + s.dt_bias[e]);
+      const double xt = s.x[te];
+      vd acc{};
+      for (int n = 0; n < N; n += kDW) {
+        const vd a = vexpd(delta * ldf(s.A + sz(e, N) + n));
+        const vd hn = a * ld(&h[size_t(n)]) + (delta * xt) * ldf(s.B + sz(t, N) + n);
+        st(&h[size_t(n)], hn);
+        acc += hn * ldf(s.C + sz(t, N) + n);
+      }
+      const double yc = hsumd(acc) + double(s.Dskip[e]) * xt;
+      y[te] = float(yc * G::silu(double(s.z[te])));
+    }
+  }
+}
+
+// chunk_states null: one chunk of L from the zero state (the full-state oracle's schedule).
+static void selective_scan_backward_fast(float* dx, float* ddt, float* ddt_bias, float* dA, float* dB,
+                                  float* dC, float* dD, float* dz, const float* dy,
+                                  const ScanArgs& s, const double* chunk_states, int chunk) {
+  const int L = s.L, E = s.E, N = s.N;
+  if (!chunk_states) chunk = L;
+  std::vector<double> dA_acc(sz(E, N), 0.0), dB_acc(sz(L, N), 0.0), dC_acc(sz(L, N), 0.0);
+  std::vector<double> dD_acc(size_t(E), 0.0), dbias_acc(size_t(E), 0.0);
+  std::vector<double> hs(sz(chunk + 1, N)), as(sz(chunk, N)), g(sz(E, N), 0.0);
+  for (int c = G::scan_num_chunks(L, chunk) - 1; c >= 0; --c) {
+    const int t0 = c * chunk, len = std::min(chunk, L - t0);
+    for (int e = 0; e < E; ++e) {
+      const float* Ae = s.A + sz(e, N);
+      if (chunk_states)
+        std::copy_n(chunk_states + sz(c * E + e, N), N, hs.begin());
+      else
+        std::fill_n(hs.begin(), N, 0.0);
+      for (int i = 0; i < len; ++i) {  // recompute h[t0 .. t0+len-1], keeping the decays
+        const int t = t0 + i;
+        const size_t te = sz(t, E) + size_t(e);
+        const double delta = G::softplus(double(s.dt[te]) + s.dt_bias[e]);
+        const double bx = delta * double(s.x[te]);
+        for (int n = 0; n < N; n += kDW) {
+          const vd a = vexpd(delta * ldf(Ae + n));
+          st(&as[sz(i, N) + size_t(n)], a);
+          st(&hs[sz(i + 1, N) + size_t(n)],
+             a * ld(&hs[sz(i, N) + size_t(n)]) + bx * ldf(s.B + sz(t, N) + n));
+        }
+      }
+      double* ge = &g[sz(e, N)];
+      for (int i = len - 1; i >= 0; --i) {
+        const int t = t0 + i;
+        const size_t te = sz(t, E) + size_t(e);
+        const double pre = double(s.dt[te]) + s.dt_bias[e];
+        const double delta = G::softplus(pre);
+        const double xt = s.x[te], zt = s.z[te], dyt = dy[te];
+        const double* ht = &hs[sz(i + 1, N)];
+        const double* hp = &hs[sz(i, N)];
+        const double* ai = &as[sz(i, N)];
+        const float* Bt = s.B + sz(t, N);
+        const float* Ct = s.C + sz(t, N);
+        vd ycv{};
+        for (int n = 0; n < N; n += kDW) ycv += ld(ht + n) * ldf(Ct + n);
+        const double yc = hsumd(ycv) + double(s.Dskip[e]) * xt;
+        dz[te] = float(dyt * yc * G::silu_grad(zt));  // y = yc * silu(z)
+        const double dyc = dyt * G::silu(zt);
+        dD_acc[size_t(e)] += dyc * xt;
+        vd ddelta{}, dxv{};
+        for (int n = 0; n < N; n += kDW) {
+          const vd Bv = ldf(Bt + n), a = ld(ai + n), hpv = ld(hp + n);
+          double* dCt = &dC_acc[sz(t, N) + size_t(n)];
+          st(dCt, ld(dCt) + dyc * ld(ht + n));
+          const vd gv = ld(ge + n) + dyc * ldf(Ct + n);  // dL/dh[t], complete
+          ddelta += gv * (ldf(Ae + n) * a * hpv + Bv * xt);
+          double* dAe = &dA_acc[sz(e, N) + size_t(n)];
+          st(dAe, ld(dAe) + gv * delta * a * hpv);
+          double* dBt = &dB_acc[sz(t, N) + size_t(n)];
+          st(dBt, ld(dBt) + gv * (delta * xt));
+          dxv += gv * Bv;
+          st(ge + n, gv * a);  // dL/dh[t-1] through h[t]
+        }
+        const double dpre = hsumd(ddelta) * G::sigmoid(pre);
+        ddt[te] = float(dpre);
+        dbias_acc[size_t(e)] += dpre;
+        dx[te] = float(dyc * s.Dskip[e] + delta * hsumd(dxv));
+      }
+    }
+  }
+  for (size_t i = 0; i < dA_acc.size(); ++i) dA[i] += float(dA_acc[i]);
+  for (size_t i = 0; i < dB_acc.size(); ++i) dB[i] = float(dB_acc[i]);
+  for (size_t i = 0; i < dC_acc.size(); ++i) dC[i] = float(dC_acc[i]);
+  for (int e = 0; e < E; ++e) {
+    dD[e] += float(dD_acc[size_t(e)]);
+    ddt_bias[e] += float(dbias_acc[size_t(e)]);
+  }
+}
+
+// ---------------------------------------------------------------- Mamba mixer
+
+void mamba_block_forward(float* out, G::MambaActs<float>& a, const float* u,
+                         const G::MambaWeights<float>& w, const G::MambaDims& s, int L,
+                         int scan_chunk) {
+  const int D = s.D, E = s.E, N = s.N, K = s.K, R = s.R, P = R + 2 * N;
+  a.L = L;
+  a.scan_chunk = scan_chunk;
+  for (auto* v : {&a.x, &a.z, &a.xc, &a.dt, &a.yg}) v->resize(sz(L, E));
+  a.dt_r.resize(sz(L, R));
+  a.B.resize(sz(L, N));
+  a.C.resize(sz(L, N));
+  a.A.resize(sz(E, N));
+  a.scan_states.resize(scan_chunk > 0 ? sz(G::scan_num_chunks(L, scan_chunk), E) * N : 0);
+
+  // in_proj's two halves straight into x and z (no [L, 2E] buffer to split).
+  gemm_xwT(a.x.data(), u, w.in_proj, L, E, D);
+  gemm_xwT(a.z.data(), u, w.in_proj + sz(E, D), L, E, D);
+  G::conv1d_silu_forward(a.xc.data(), a.x.data(), w.conv_w, w.conv_b, L, E, K);
+  Vec dbc(sz(L, P));
+  gemm_xwT(dbc.data(), a.xc.data(), w.x_proj, L, P, E);
+  for (int t = 0; t < L; ++t) {
+    const float* row = dbc.data() + sz(t, P);
+    std::copy_n(row, R, a.dt_r.data() + sz(t, R));
+    std::copy_n(row + R, N, a.B.data() + sz(t, N));
+    std::copy_n(row + R + N, N, a.C.data() + sz(t, N));
+  }
+  gemm_xwT(a.dt.data(), a.dt_r.data(), w.dt_w, L, E, R);
+  for (size_t i = 0; i < a.A.size(); ++i) a.A[i] = -std::exp(w.A_log[i]);
+  if (N % kDW == 0)
+    selective_scan_forward_fast(a.yg.data(),
+                                ScanArgs{a.xc.data(), a.dt.data(), w.dt_b, a.A.data(), a.B.data(),
+                                         a.C.data(), w.Dskip, a.z.data(), L, E, N},
+                                scan_chunk > 0 ? a.scan_states.data() : nullptr, scan_chunk);
+  else
+    G::selective_scan_forward(a.yg.data(), a.xc.data(), a.dt.data(), w.dt_b, a.A.data(),
+                              a.B.data(), a.C.data(), w.Dskip, a.z.data(), L, E, N,
+                              scan_chunk > 0 ? a.scan_states.data() : nullptr, scan_chunk);
+  gemm_xwT(out, a.yg.data(), w.out_proj, L, D, E);
+}
+
+void mamba_block_backward(float* du, const G::MambaGrads<float>& g, const float* dout,
+                          const float* u, const G::MambaWeights<float>& w,
+                          const G::MambaActs<float>& a, const G::MambaDims& s,
+                          const float* dyg_extra) {
+  const int L = a.L, D = s.D, E = s.E, N = s.N, K = s.K, R = s.R, P = R + 2 * N;
+  Vec dyg(sz(L, E)), dxc(sz(L, E)), ddt(sz(L, E)), dz(sz(L, E)), dx(sz(L, E));
+  Vec dA(sz(E, N), 0.0f), dB(sz(L, N)), dC(sz(L, N)), ddt_r(sz(L, R)), ddbc(sz(L, P));
+
+  gemm_dyW(dyg.data(), dout, w.out_proj, L, D, E, false);  // out = yg out_proj^T
+  gemm_dyTx(g.out_proj, dout, a.yg.data(), L, D, E);
+  if (dyg_extra)
+    for (size_t i = 0; i < dyg.size(); ++i) dyg[i] += dyg_extra[i];
+  if (N % kDW == 0)
+    selective_scan_backward_fast(dxc.data(), ddt.data(), g.dt_b, dA.data(), dB.data(), dC.data(),
+                                 g.Dskip, dz.data(), dyg.data(),
+                                 ScanArgs{a.xc.data(), a.dt.data(), w.dt_b, a.A.data(), a.B.data(),
+                                          a.C.data(), w.Dskip, a.z.data(), L, E, N},
+                                 a.scan_chunk > 0 ? a.scan_states.data() : nullptr, a.scan_chunk);
+  else if (a.scan_chunk > 0)
+    G::selective_scan_backward_chunked(dxc.data(), ddt.data(), g.dt_b, dA.data(), dB.data(),
+                                       dC.data(), g.Dskip, dz.data(), dyg.data(), a.xc.data(),
+                                       a.dt.data(), w.dt_b, a.A.data(), a.B.data(), a.C.data(),
+                                       w.Dskip, a.z.data(), L, E, N, a.scan_states.data(),
+                                       a.scan_chunk);
+  else
+    G::selective_scan_backward(dxc.data(), ddt.data(), g.dt_b, dA.data(), dB.data(), dC.data(),
+                               g.Dskip, dz.data(), dyg.data(), a.xc.data(), a.dt.data(), w.dt_b,
+                               a.A.data(), a.B.data(), a.C.data(), w.Dskip, a.z.data(), L, E, N);
+  G::a_log_grad(g.A_log, dA.data(), a.A.data(), E * N);
+  gemm_dyW(ddt_r.data(), ddt.data(), w.dt_w, L, E, R, false);  // dt = dt_r dt_w^T
+  gemm_dyTx(g.dt_w, ddt.data(), a.dt_r.data(), L, E, R);
+  for (int t = 0; t < L; ++t) {  // dbc = cat(dt_r, B, C)
+    float* row = ddbc.data() + sz(t, P);
+    std::copy_n(ddt_r.data() + sz(t, R), R, row);
+    std::copy_n(dB.data() + sz(t, N), N, row + R);
+    std::copy_n(dC.data() + sz(t, N), N, row + R + N);
+  }
+  // xc feeds both the scan and x_proj: x_proj's gradient is added straight into dxc.
+  gemm_dyW(dxc.data(), ddbc.data(), w.x_proj, L, P, E, true);
+  gemm_dyTx(g.x_proj, ddbc.data(), a.xc.data(), L, P, E);
+  G::conv1d_silu_backward(dx.data(), g.conv_w, g.conv_b, dxc.data(), a.x.data(), w.conv_w,
+                          w.conv_b, L, E, K);
+  // xz = u in_proj^T with xz = cat(x, z): each half against its rows of in_proj.
+  if (du) {
+    gemm_dyW(du, dx.data(), w.in_proj, L, E, D, false);
+    gemm_dyW(du, dz.data(), w.in_proj + sz(E, D), L, E, D, true);
+  }
+  gemm_dyTx(g.in_proj, dx.data(), u, L, E, D);
+  gemm_dyTx(g.in_proj + sz(E, D), dz.data(), u, L, E, D);
+}
+
+// ---------------------------------------------------------------- attention mixer
+
+void attention_block_forward(float* out, G::AttnSaved<float>& s, const float* u,
+                             const G::AttnWeights<float>& w, const G::AttnShape& c) {
+  const int Q = c.H * c.hd, KV = c.G * c.hd;
+  s.q.resize(sz(c.L, Q));
+  s.k.resize(sz(c.L, KV));
+  s.v.resize(sz(c.L, KV));
+  s.lse.resize(sz(c.L, c.H));
+  s.inner.resize(sz(c.L, Q));
+  gemm_xwT(s.q.data(), u, w.wq, c.L, Q, c.D);
+  gemm_xwT(s.k.data(), u, w.wk, c.L, KV, c.D);
+  gemm_xwT(s.v.data(), u, w.wv, c.L, KV, c.D);
+  if (c.rope) {
+    G::rope_forward(s.q.data(), c.L, c.H, c.hd, 0, c.theta);
+    G::rope_forward(s.k.data(), c.L, c.G, c.hd, 0, c.theta);
+  }
+  G::attention_forward(s.inner.data(), s.lse.data(), s.q.data(), s.k.data(), s.v.data(), c.L, c.H,
+                       c.G, c.hd);
+  gemm_xwT(out, s.inner.data(), w.wo, c.L, c.D, Q);
+}
+
+void attention_block_backward(float* du, const G::AttnWeightGrads<float>& gw, const float* dout,
+                              const float* dinner, const float* u, const G::AttnWeights<float>& w,
+                              const G::AttnSaved<float>& s, const G::AttnShape& c) {
+  const int Q = c.H * c.hd, KV = c.G * c.hd;
+  Vec dinn(sz(c.L, Q)), dq(sz(c.L, Q)), dk(sz(c.L, KV)), dv(sz(c.L, KV));
+  if (dinner) std::copy(dinner, dinner + dinn.size(), dinn.begin());
+  gemm_dyW(dinn.data(), dout, w.wo, c.L, c.D, Q, dinner != nullptr);
+  gemm_dyTx(gw.wo, dout, s.inner.data(), c.L, c.D, Q);
+  G::attention_backward(dq.data(), dk.data(), dv.data(), dinn.data(), s.q.data(), s.k.data(),
+                        s.v.data(), s.inner.data(), s.lse.data(), c.L, c.H, c.G, c.hd);
+  if (c.rope) {
+    G::rope_backward(dq.data(), c.L, c.H, c.hd, 0, c.theta);
+    G::rope_backward(dk.data(), c.L, c.G, c.hd, 0, c.theta);
+  }
+  gemm_dyW(du, dq.data(), w.wq, c.L, Q, c.D, false);
+  gemm_dyW(du, dk.data(), w.wk, c.L, KV, c.D, true);
+  gemm_dyW(du, dv.data(), w.wv, c.L, KV, c.D, true);
+  gemm_dyTx(gw.wq, dq.data(), u, c.L, Q, c.D);
+  gemm_dyTx(gw.wk, dk.data(), u, c.L, KV, c.D);
+  gemm_dyTx(gw.wv, dv.data(), u, c.L, KV, c.D);
+}
+
+// ---------------------------------------------------------------- SwiGLU MLP
+
+void mlp_block_forward(float* out, G::MlpSaved<float>& s, const float* m,
+                       const G::MlpWeights<float>& w, int n, int D, int F) {
+  s.g.resize(sz(n, F));
+  s.u.resize(sz(n, F));
+  s.a.resize(sz(n, F));
+  gemm_xwT(s.g.data(), m, w.gate, n, F, D);
+  gemm_xwT(s.u.data(), m, w.up, n, F, D);
+  G::swiglu_forward(s.a.data(), s.g.data(), s.u.data(), n, F);
+  gemm_xwT(out, s.a.data(), w.down, n, D, F);
+}
+
+void mlp_block_backward(float* dm, const G::MlpWeightGrads<float>& gw, const float* dout,
+                        const float* m, const G::MlpWeights<float>& w, const G::MlpSaved<float>& s,
+                        int n, int D, int F) {
+  Vec da(sz(n, F)), dg(sz(n, F)), du(sz(n, F));
+  gemm_dyW(da.data(), dout, w.down, n, D, F, false);
+  gemm_dyTx(gw.down, dout, s.a.data(), n, D, F);
+  G::swiglu_backward(dg.data(), du.data(), da.data(), s.g.data(), s.u.data(), n, F);
+  gemm_dyW(dm, dg.data(), w.gate, n, F, D, false);
+  gemm_dyW(dm, du.data(), w.up, n, F, D, true);
+  gemm_dyTx(gw.gate, dg.data(), m, n, F, D);
+  gemm_dyTx(gw.up, du.data(), m, n, F, D);
+}
+
+// ---------------------------------------------------------------- state bridge
+
+void bridge_forward(float* h_out, const float* h, const float* y, const float* W,
+                    const float* gate, int n, int D, int S) {
+  Vec p(sz(n, D));
+  gemm_xwT(p.data(), y, W, n, D, S);
+  for (int i = 0; i < n; ++i)
+    for (int d = 0; d < D; ++d) {
+      const size_t o = sz(i, D) + size_t(d);
+      h_out[o] = h[o] + gate[d] * p[o];
+    }
+}
+
+void bridge_backward(float* dy, float* dW, float* dgate, const float* dh_out, const float* y,
+                     const float* W, const float* gate, int n, int D, int S) {
+  Vec p(sz(n, D)), dp(sz(n, D));
+  gemm_xwT(p.data(), y, W, n, D, S);  // recompute p = y W^T
+  std::vector<double> acc(size_t(D), 0.0);
+  for (int i = 0; i < n; ++i)
+    for (int d = 0; d < D; ++d) {
+      const size_t o = sz(i, D) + size_t(d);
+      acc[size_t(d)] += double(dh_out[o]) * p[o];  // dgate_d += sum_i dh_out p
+      dp[o] = dh_out[o] * gate[d];
+    }
+  for (int d = 0; d < D; ++d) dgate[d] += float(acc[size_t(d)]);
+  gemm_dyW(dy, dp.data(), W, n, D, S, false);
+  gemm_dyTx(dW, dp.data(), y, n, D, S);
+}
+
+// ---------------------------------------------------------------- LM head + cross-entropy
+
+double cross_entropy_forward_backward(float* dhn, float* dW, const float* hn, const float* W,
+                                      const int32_t* targets, int n, int D, int V, double scale) {
+  using namespace simd;
+  // 64 rows of logits at a time: 64 x V floats per thread bounds memory for any vocabulary
+  // while each sgemm still has enough rows to run near peak.
+  constexpr int kRows = 64;
+  const float fscale = float(scale);
+  const int Vv = V - V % kW;  // vectorised part of a row
+  Vec z(sz(std::min(n, kRows), V));
+  double loss = 0;
+  for (int r0 = 0; r0 < n; r0 += kRows) {
+    const int nb = std::min(kRows, n - r0);
+    gemm_xwT(z.data(), hn + sz(r0, D), W, nb, V, D);
+    for (int i = 0; i < nb; ++i) {
+      float* zi = z.data() + sz(i, V);
+      const int tgt = targets[r0 + i];
+      if (tgt < 0) {  // ignored row: no loss, no gradient
+        std::fill_n(zi, V, 0.0f);
+        continue;
+      }
+      vf vm = splat(-std::numeric_limits<float>::infinity());
+      for (int c = 0; c < Vv; c += kW) vm = vmax(vm, load(zi + c));
+      float mx = hmax(vm);
+      for (int c = Vv; c < V; ++c) mx = std::max(mx, zi[c]);
+      const float zt = zi[tgt];
+      // exp(z - max) in place; the sum in double across lanes (each lane sums V/16 terms).
+      vf vs{};
+      for (int c = 0; c < Vv; c += kW) {
+        const vf e = vexp(load(zi + c) - mx);
+        store(zi + c, e);
+        vs += e;
+      }
+      double se = hsum(vs);
+      for (int c = Vv; c < V; ++c) se += double(zi[c] = std::exp(zi[c] - mx));
+      loss += double(mx) + std::log(se) - double(zt);  // lse - z_target
+      const float f = float(scale / se);  // dz_c = (softmax_c - [c == tgt]) * scale
+      for (int c = 0; c < Vv; c += kW) store(zi + c, load(zi + c) * f);
+      for (int c = Vv; c < V; ++c) zi[c] *= f;
+      zi[tgt] -= fscale;
+    }
+    gemm_dyW(dhn + sz(r0, D), z.data(), W, nb, V, D, false);  // dhn = dz W
+    gemm_dyTx(dW, z.data(), hn + sz(r0, D), nb, V, D);       // dW += dz^T hn
+  }
+  return loss;
+}
+
+}  // namespace hm::cpu::grad
