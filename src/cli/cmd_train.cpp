@@ -11,7 +11,7 @@ namespace hm::cli {
 
 Run add_train(CLI::App& app) {
   auto o = std::make_shared<TrainConfig>();
-  app.add_option("--preset", o->preset, "Model preset: seed, mamba, transformer, tiny")->capture_default_str();
+  app.add_option("--preset", o->preset, "Model preset: seed, mamba, transformer, demo, tiny")->capture_default_str();
   app.add_option("--config", o->config_file, "A config.json to use instead of a preset");
   app.add_option("--data", o->data_path, "Training text: a UTF-8 file or a folder of them (required unless --resume)");
   app.add_option("--out", o->out_dir, "Output directory: checkpoint/, train_log.csv, loss.svg")->required();
@@ -62,13 +62,16 @@ Run add_eval(CLI::App& app) {
     if (o->threads > 0) set_num_threads(o->threads);
     const EvalResult r = evaluate(o->model, o->data, o->seq_len, o->max_tokens, o->batch);
     if (o->json) {
-      nlohmann::json j = {{"loss", r.loss}, {"ppl", r.ppl}, {"tokens", r.tokens}};
+      nlohmann::json j = {{"loss", r.loss}, {"ppl", r.ppl}, {"tokens", r.tokens},
+                          {"unigram_loss", r.unigram_loss}, {"unigram_ppl", r.unigram_ppl}};
       if (r.step >= 0) j["step"] = r.step;
       std::printf("%s\n", j.dump().c_str());
     } else {
       std::printf("validation loss %.4f, perplexity %.2f (%lld tokens%s)\n", r.loss, r.ppl,
                   static_cast<long long>(r.tokens),
                   r.step >= 0 ? (", step " + std::to_string(r.step)).c_str() : "");
+      std::printf("unigram baseline on the same tokens: loss %.4f, perplexity %.2f (model is %.2fx lower)\n",
+                  r.unigram_loss, r.unigram_ppl, r.unigram_ppl / r.ppl);
     }
     return 0;
   };

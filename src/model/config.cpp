@@ -208,6 +208,17 @@ ModelConfig preset(const std::string& name) {
     c.d_ff = 1024;
     return c;
   }
+  if (name == "demo") {
+    // What the README's main command trains on 2 cores in a few minutes: a Simple Hybrid with
+    // both bridge directions (attention at 2 and 5 of 6) and a 4096-word BPE vocabulary.
+    c.d_model = 192;
+    c.n_layers = 6;
+    c.attention_layers = {2, 5};
+    c.vocab_size = 4096;
+    c.n_heads = 4;
+    c.n_kv_heads = 4;
+    return c;
+  }
   if (name == "tiny") {
     c.d_model = 32;
     c.n_layers = 4;
@@ -219,10 +230,10 @@ ModelConfig preset(const std::string& name) {
     c.d_ff = 48;
     return c;
   }
-  throw Error(detail::cat("unknown preset '", name, "' (known: seed, mamba, transformer, tiny)"));
+  throw Error(detail::cat("unknown preset '", name, "' (known: seed, mamba, transformer, demo, tiny)"));
 }
 
-std::vector<std::string> preset_names() { return {"seed", "mamba", "transformer", "tiny"}; }
+std::vector<std::string> preset_names() { return {"seed", "mamba", "transformer", "demo", "tiny"}; }
 
 int64_t count_params(const ModelConfig& c) {
   int64_t n = 0;

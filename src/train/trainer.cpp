@@ -639,6 +639,15 @@ EvalResult evaluate(const std::string& model_dir, const std::string& data_path, 
   r.loss = e.loss;
   r.ppl = e.ppl;
   r.tokens = e.tokens;
+  // eval_stream scores targets valid[1 .. tokens]; the unigram baseline scores the same ones.
+  const std::vector<int32_t> train = token_stream(*tok, train_texts(data.corpus, data.split));
+  std::vector<double> count(size_t(tok->vocab_size()), 1.0);
+  for (int32_t t : train) count[size_t(t)] += 1.0;
+  const double total = double(train.size()) + double(tok->vocab_size());
+  double nll = 0;
+  for (int64_t i = 1; i <= r.tokens; ++i) nll -= std::log(count[size_t(valid[size_t(i)])] / total);
+  r.unigram_loss = nll / double(r.tokens);
+  r.unigram_ppl = std::exp(r.unigram_loss);
   return r;
 }
 

@@ -59,6 +59,9 @@ struct EvalResult {
   double loss = 0, ppl = 0;  // mean cross-entropy (nats/token) and exp(loss)
   int64_t tokens = 0;        // targets scored
   int64_t step = -1;         // the checkpoint's training step when known
+  // Baseline on the same tokenizer and the same scored tokens: a unigram model of the
+  // training split's token frequencies (add-one smoothed over the tokenizer's vocabulary).
+  double unigram_loss = 0, unigram_ppl = 0;
 };
 
 // Validation loss of a model directory (a training out_dir, its checkpoint/, or any directory
