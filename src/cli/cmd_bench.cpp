@@ -19,6 +19,8 @@
 #include "core/rng.h"
 #include "core/threads.h"
 #include "model/model.h"
+#include "train/model_grad.h"
+#include "train/optimizer.h"
 
 #ifndef HM_SOURCE_DIR
 #define HM_SOURCE_DIR "."
@@ -90,6 +92,40 @@ double forward_gemm_flops(const ModelConfig& c, const Params& p, double T, doubl
   return 2.0 * T * layer_params + 2.0 * rows * double(c.vocab_size) * c.d_model;
 }
 
+// Model FLOPs of one training step (forward + backward) per token at sequence length L: the work
+// the model needs, independent of how either implementation schedules it. Counted as
+//  - matrix products: 6 per weight of every linear map a token passes through (2 forward, 4
+//    backward: input and weight gradients), i.e. every 2-D weight except the embedding table
+//    (a lookup), plus the head's V x d_model (the tied table counts once, as the head). Norm
+//    weights, biases, A_log, D and gates are vectors: no multiply per weight worth counting.
+//  - causal depthwise conv (Mamba): 2 x E x K forward, twice that backward: 6 E K.
+//  - selective scan (Mamba), per token and (channel e, state n), exp counted as one FLOP:
+//    forward  dA = exp(delta*A) 2, dB*x 1, s = dA*s + dBx 2, y += C*s 2            = 7
+//    backward dy*C into ds 2, dC += dy*s 2, ds*s_prev (dA's grad) 1, ds*dA carried 1,
+//             delta's grad through exp 2, dB += ds*dx 2, d(delta*x) += ds*B 2      = 12
+//    so 19 E N per token per Mamba layer.
+//  - attention scores (per attention layer, head dims summing to d_model): Q K^T and P V are
+//    2 x ctx x d_model each forward, twice that backward: 12 x ctx x d_model. We take ctx = L
+//    as the PaLM MFU convention does (dense L x L work); a kernel that skips the masked half
+//    does ~ (L+1)/2 of it, so this overstates useful work by < 2% of the total at L <= 256.
+// Softmax, RMSNorm, SiLU and the loss are left out (elementwise, a few per activation).
+double train_flops_per_token(const ModelConfig& c, const Params& p, int L) {
+  double matrix = 0;
+  for (const auto& s : p.specs())
+    if (s.shape.size() == 2 && s.name.find("embeddings") == std::string::npos && s.name != "lm_head.weight")
+      matrix += double(s.numel());
+  matrix += double(c.vocab_size) * c.d_model;
+  double f = 6.0 * matrix;
+  const double E = c.d_inner(), N = c.d_state, K = c.d_conv;
+  for (int i = 0; i < c.n_layers; ++i) {
+    if (c.is_attention(i))
+      f += 12.0 * L * c.d_model;
+    else
+      f += 6.0 * E * K + 19.0 * E * N;
+  }
+  return f;
+}
+
 std::vector<int32_t> random_tokens(Rng& rng, int n, int vocab) {
   std::vector<int32_t> t(static_cast<size_t>(n));
   for (auto& x : t) x = int32_t(rng.next_u64() % uint64_t(std::min(vocab, 259)));
@@ -149,6 +185,8 @@ Run add_bench(CLI::App& app) {
     int threads = 0, reps = 5;
     std::string kv = "f16";
     bool json = false, no_peer = false, quick = false;
+    bool train = false;
+    int batch = 8, seq_len = 128, steps = 5;
   };
   auto o = std::make_shared<Opts>();
   app.add_option("--preset", o->preset, "Preset to measure (random weights)")->capture_default_str();
@@ -160,6 +198,10 @@ Run add_bench(CLI::App& app) {
   app.add_flag("--json", o->json, "Print one JSON object");
   app.add_flag("--no-peer", o->no_peer, "Skip the PyTorch peer");
   app.add_flag("--quick", o->quick, "Contexts up to 1024 only (for smoke tests)");
+  app.add_flag("--train", o->train, "Measure training steps (loss_and_grad + AdamW) instead of inference");
+  app.add_option("--batch", o->batch, "--train: sequences per step")->capture_default_str();
+  app.add_option("--seq-len", o->seq_len, "--train: tokens per sequence")->capture_default_str();
+  app.add_option("--steps", o->steps, "--train: timed steps (after one warm-up step)")->capture_default_str();
   return [o] {
     namespace fs = std::filesystem;
     if (o->threads > 0) set_num_threads(o->threads);
@@ -192,13 +234,73 @@ Run add_bench(CLI::App& app) {
     r["weight_mb"] = double(model->weight_bytes()) / 1e6;
     auto log = [&](const char* what) { if (!o->json) std::fprintf(stderr, "bench: %s...\n", what); };
 
-    log("read bandwidth");
-    const double bw = measure_read_gbs();
-    r["read_bw_gbs"] = bw;
-    r["decode_roofline_tok_s"] = bw * 1e9 / double(model->weight_bytes());
+    if (!o->train) {  // decode's roofline; training is bound by GEMMs, not by reading weights
+      log("read bandwidth");
+      const double bw = measure_read_gbs();
+      r["read_bw_gbs"] = bw;
+      r["decode_roofline_tok_s"] = bw * 1e9 / double(model->weight_bytes());
+    }
     log("GEMM rate");
     const double gemm = measure_gemm_gflops(*be);
     r["gemm_gflops"] = gemm;
+    if (o->train) {
+      HM_CHECK(o->batch >= 1 && o->seq_len >= 2 && o->steps >= 1,
+               "bench: --train needs --batch >= 1, --seq-len >= 2 and --steps >= 1");
+      const int B = o->batch, L = o->seq_len;
+      r["batch"] = B;
+      r["seq_len"] = L;
+      r["steps"] = o->steps;
+      // The peer's batch: torch.randint with a fixed seed. Ours: the same shape and distribution
+      // from our Rng (the cost does not depend on which tokens). Targets = next token; the last
+      // position has none (-1), as in the peer.
+      std::vector<int32_t> tokens = random_tokens(rng, B * L, V), targets(tokens.size());
+      for (int b = 0; b < B; ++b)
+        for (int t = 0; t < L; ++t)
+          targets[size_t(b * L + t)] = t + 1 < L ? tokens[size_t(b * L + t + 1)] : -1;
+      Params& P = model->params();
+      Params grads(c);
+      // The trainer's defaults (lr aside), clipping included: a step here is a step of hm train.
+      AdamWConfig oc;
+      oc.lr = 1e-3f;
+      AdamW opt(P, oc);
+      std::vector<double> step_ms, grad_ms;
+      log("training steps");
+      for (int s = 0; s < o->steps + 1; ++s) {  // step 0 warms allocations and caches
+        auto t0 = Clock::now();
+        zero(grads);
+        loss_and_grad(P, grads, tokens.data(), targets.data(), B, L);
+        auto t1 = Clock::now();
+        opt.step(P, grads, oc.lr);
+        auto t2 = Clock::now();
+        if (s > 0) {
+          step_ms.push_back(ms(t0, t2));
+          grad_ms.push_back(ms(t0, t1));
+        }
+      }
+      // Median step time, as the peer reports; tokens per step = B x L (every position is run).
+      const double tok = double(B) * L;
+      const double train_tok_s = tok / (median(step_ms) / 1e3);
+      r["train_step_ms"] = median(step_ms);
+      r["train_grad_ms"] = median(grad_ms);
+      r["train_tok_s"] = train_tok_s;
+      const double fpt = train_flops_per_token(c, P, L);
+      r["train_flops_per_token"] = fpt;
+      r["train_flop_fraction"] = fpt * train_tok_s / (gemm * 1e9);
+      if (!o->no_peer) {
+        log("PyTorch peer (training)");
+        const std::string cmd = "/usr/bin/python3 '" + o->peer + "' train-bench --model '" + dir +
+                                "' --threads " + std::to_string(threads) + " --batch " + std::to_string(B) +
+                                " --seq-len " + std::to_string(L) + " --steps " + std::to_string(o->steps) +
+                                " --warmup 1 --json";
+        const auto pj = nlohmann::json::parse(run_capture(cmd));
+        for (auto it = pj.begin(); it != pj.end(); ++it)
+          if (it.key().rfind("peer_", 0) == 0 || it.key() == "torch_version") r[it.key()] = it.value();
+        r["train_vs_peer"] = train_tok_s / pj.at("peer_train_tok_s").get<double>();
+      }
+      if (!tmpdir.empty()) fs::remove_all(tmpdir);
+      std::printf("%s\n", o->json ? r.dump().c_str() : r.dump(2).c_str());
+      return 0;
+    }
 
     // Prefill of 2 x 32 tokens, the seed's own measurement. As generation runs it (last-token
     // logits) and as the seed measured it (a full forward with logits for every token).

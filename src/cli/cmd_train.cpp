@@ -23,6 +23,9 @@ Run add_train(CLI::App& app) {
   app.add_option("--grad-accum", o->grad_accum, "Micro-batches per optimizer step")->capture_default_str();
   app.add_option("--threads,-t", o->threads, "Threads (0 = all cores; on --resume, the run's count)")->capture_default_str();
   app.add_option("--seed", o->seed, "Initialization and batch-order seed")->capture_default_str();
+  app.add_flag("--grad-ckpt", o->grad_ckpt,
+               "Gradient checkpointing: recompute each layer's activations in the backward "
+               "(less memory, ~1 more forward of time; same results)");
   app.add_flag("--resume", o->resume, "Continue the run in --out from its checkpoint, exactly");
   app.add_option("--tokenizer", o->tokenizer, "byte or bpe (trained on the training split)")->capture_default_str();
   app.add_option("--vocab", o->vocab, "BPE vocabulary size")->capture_default_str();

@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -74,9 +75,14 @@ G::AttnShape attn_shape(const ModelConfig& c, int L) {
   return {L, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim(), c.rope, double(c.rope_theta)};
 }
 
+// Bridge of layer i: rmsnorm(inner output of layer i-1) [L,S] and its rstd [L].
+template <class T> struct BridgeActs {
+  std::vector<T> bn, brstd;
+};
+
 // What one sequence's forward keeps for its backward, per layer.
 template <class T> struct LayerActs {
-  std::vector<T> bn, brstd;   // bridge: rmsnorm(src) [L,S] and its rstd [L]
+  BridgeActs<T> br;
   std::vector<T> h, u, rstd;  // stream entering the pre-norm [L,D], the norm's output, rstd [L]
   G::MambaActs<T> mamba;
   G::AttnSaved<T> attn;
@@ -84,91 +90,163 @@ template <class T> struct LayerActs {
   G::MlpSaved<T> mlp;
 };
 
+template <class V> int64_t vec_bytes(const V& v) {
+  return int64_t(v.capacity() * sizeof(typename V::value_type));
+}
+
+// With gradient checkpointing (ckpt) the forward keeps, per layer, only the stream entering its
+// pre-norm (after the bridge: so the recompute needs no bridge source), in ckpt_h[i]; keeping
+// the previous layer's inner output for the bridge instead would cost 2x more per Mamba layer.
+// One layer's activations live in layers[0] and one bridge's in br: the backward re-runs layer
+// i-1's forward into them once layer i's mixer is done, which also rebuilds the inner output
+// layer i's bridge needs. Every buffer is reused, never shrunk, so bytes() after a step is the peak it held.
 template <class T> struct SeqActs {
+  bool ckpt = false;
   std::vector<LayerActs<T>> layers;
+  BridgeActs<T> br;                      // ckpt only
+  std::vector<std::vector<T>> ckpt_h;    // ckpt only: [n_layers][L*D]
+  std::vector<T> rh, rout;               // ckpt only: the recompute's stream and mixer output
   std::vector<T> hf, hn, rstd_f;  // final stream [L,D], rmsnorm(hf, norm_f), rstd [L]
+
+  LayerActs<T>& layer(int i) { return layers[ckpt ? 0 : size_t(i)]; }
+  const LayerActs<T>& layer(int i) const { return layers[ckpt ? 0 : size_t(i)]; }
+  BridgeActs<T>& bridge(int i) { return ckpt ? br : layers[size_t(i)].br; }
   // Layer i's inner representation (y * silu(z) or the head contexts): the next bridge's source.
+  // With ckpt, valid only while layer i is the one held.
   const T* inner(const ModelConfig& c, int i) const {
-    return c.is_attention(i) ? layers[size_t(i)].attn.inner.data()
-                             : layers[size_t(i)].mamba.yg.data();
+    return c.is_attention(i) ? layer(i).attn.inner.data() : layer(i).mamba.yg.data();
+  }
+
+  int64_t bytes() const {
+    int64_t n = vec_bytes(br.bn) + vec_bytes(br.brstd) + vec_bytes(rh) + vec_bytes(rout) +
+                vec_bytes(hf) + vec_bytes(hn) + vec_bytes(rstd_f);
+    for (const auto& v : ckpt_h) n += vec_bytes(v);
+    for (const LayerActs<T>& la : layers) {
+      const auto& M = la.mamba;
+      const auto& A = la.attn;
+      n += vec_bytes(la.br.bn) + vec_bytes(la.br.brstd) + vec_bytes(la.h) + vec_bytes(la.u) +
+           vec_bytes(la.rstd) + vec_bytes(la.h2) + vec_bytes(la.m) + vec_bytes(la.mrstd) +
+           vec_bytes(la.mlp.g) + vec_bytes(la.mlp.u) + vec_bytes(la.mlp.a) + vec_bytes(M.x) +
+           vec_bytes(M.z) + vec_bytes(M.xc) + vec_bytes(M.dt_r) + vec_bytes(M.B) +
+           vec_bytes(M.C) + vec_bytes(M.dt) + vec_bytes(M.A) + vec_bytes(M.yg) +
+           vec_bytes(M.scan_states) + vec_bytes(A.q) + vec_bytes(A.k) + vec_bytes(A.v) +
+           vec_bytes(A.lse) + vec_bytes(A.inner);
+    }
+    return n;
   }
 };
+
+std::atomic<int64_t> g_act_peak{0};
 
 template <class T> void add_into(std::vector<T>& h, const std::vector<T>& x) {
   for (size_t i = 0; i < h.size(); ++i) h[i] += x[i];
 }
 
-// docs/MODEL.md's forward for one sequence, saving activations; ends with a.hn = rmsnorm(h, norm_f).
+// br = rmsnorm(src, bridge_norm): the bridge's saved input (also its recompute, with ckpt).
 template <class T>
-void forward_seq(SeqActs<T>& a, const Layout& lo, const T* P, const int32_t* tok, int L,
-                 int scan_chunk) {
+void bridge_norm_forward(BridgeActs<T>& br, const T* src, const Layout& lo, const T* P, int i,
+                         int L) {
+  const int S = lo.c.inner_dim(i - 1);
+  br.bn.resize(size_t(L) * S);
+  br.brstd.resize(size_t(L));
+  G::rmsnorm_forward(br.bn.data(), br.brstd.data(), src, at(P, lo.layers[size_t(i)].bridge_norm),
+                     L, S, lo.c.norm_eps);
+}
+
+// Layer i after its bridge: h (the stream entering the pre-norm) becomes the layer's output,
+// saving activations into la. The only code that computes a layer, so a recompute is bit-identical.
+template <class T>
+void layer_forward(LayerActs<T>& la, std::vector<T>& h, std::vector<T>& out, const Layout& lo,
+                   const T* P, int i, int L, int scan_chunk) {
   const ModelConfig& c = lo.c;
   const int D = c.d_model, F = c.d_ff;
   const double eps = c.norm_eps;
   const size_t LD = size_t(L) * D;
-  a.layers.resize(size_t(c.n_layers));
+  const LayerOffsets& o = lo.layers[size_t(i)];
+  out.resize(LD);
+  la.h = h;
+  la.u.resize(LD);
+  la.rstd.resize(size_t(L));
+  G::rmsnorm_forward(la.u.data(), la.rstd.data(), h.data(), at(P, o.norm), L, D, eps);
+  const G::AttnWeights<T> aw{at(P, o.wq), at(P, o.wk), at(P, o.wv), at(P, o.wo)};
+  if (c.is_attention(i)) {
+    if constexpr (kFast<T>)
+      C::attention_block_forward(out.data(), la.attn, la.u.data(), aw, attn_shape(c, L));
+    else
+      G::attention_block_forward(out.data(), la.attn, la.u.data(), aw, attn_shape(c, L));
+  } else {
+    if constexpr (kFast<T>)
+      C::mamba_block_forward(out.data(), la.mamba, la.u.data(), mamba_weights(P, o),
+                             mamba_dims(c), L, scan_chunk);
+    else
+      G::mamba_block_forward(out.data(), la.mamba, la.u.data(), mamba_weights(P, o),
+                             mamba_dims(c), L, scan_chunk);
+  }
+  add_into(h, out);
+  if (F > 0) {  // h += down(silu(gate(m)) * up(m)), m = rmsnorm(h, mlp_norm)
+    la.h2 = h;
+    la.m.resize(LD);
+    la.mrstd.resize(size_t(L));
+    G::rmsnorm_forward(la.m.data(), la.mrstd.data(), h.data(), at(P, o.mlp_norm), L, D, eps);
+    const G::MlpWeights<T> mw{at(P, o.w_gate), at(P, o.w_up), at(P, o.w_down)};
+    if constexpr (kFast<T>)
+      C::mlp_block_forward(out.data(), la.mlp, la.m.data(), mw, L, D, F);
+    else
+      G::mlp_block_forward(out.data(), la.mlp, la.m.data(), mw, L, D, F);
+    add_into(h, out);
+  }
+}
+
+// Re-runs layer i's forward from its checkpoint into the held layer (ckpt only).
+template <class T>
+void recompute_layer(SeqActs<T>& a, const Layout& lo, const T* P, int i, int L, int scan_chunk) {
+  a.rh = a.ckpt_h[size_t(i)];
+  layer_forward(a.layers[0], a.rh, a.rout, lo, P, i, L, scan_chunk);
+}
+
+// docs/MODEL.md's forward for one sequence, saving activations (all of them, or with ckpt each
+// layer's input only); ends with a.hn = rmsnorm(h, norm_f).
+template <class T>
+void forward_seq(SeqActs<T>& a, const Layout& lo, const T* P, const int32_t* tok, int L,
+                 int scan_chunk, bool ckpt) {
+  const ModelConfig& c = lo.c;
+  const int D = c.d_model;
+  const size_t LD = size_t(L) * D;
+  a.ckpt = ckpt;
+  a.layers.resize(ckpt ? 1 : size_t(c.n_layers));
+  if (ckpt) a.ckpt_h.resize(size_t(c.n_layers));
   std::vector<T> h(LD), out(LD);
   for (int t = 0; t < L; ++t)
     std::copy_n(P + lo.emb + int64_t(tok[t]) * D, D, h.begin() + ptrdiff_t(t) * D);
   for (int i = 0; i < c.n_layers; ++i) {
     const LayerOffsets& o = lo.layers[size_t(i)];
-    LayerActs<T>& la = a.layers[size_t(i)];
     if (c.has_bridge(i)) {  // h += gate * (rmsnorm(src) @ proj^T)
       const int S = c.inner_dim(i - 1);
-      la.bn.resize(size_t(L) * S);
-      la.brstd.resize(size_t(L));
-      G::rmsnorm_forward(la.bn.data(), la.brstd.data(), a.inner(c, i - 1), at(P, o.bridge_norm), L,
-                         S, eps);
+      BridgeActs<T>& br = a.bridge(i);
+      bridge_norm_forward(br, a.inner(c, i - 1), lo, P, i, L);
       if constexpr (kFast<T>)
-        C::bridge_forward(h.data(), h.data(), la.bn.data(), at(P, o.bridge_proj),
+        C::bridge_forward(h.data(), h.data(), br.bn.data(), at(P, o.bridge_proj),
                           at(P, o.bridge_gate), L, D, S);
       else
-        G::bridge_forward(h.data(), h.data(), la.bn.data(), at(P, o.bridge_proj),
+        G::bridge_forward(h.data(), h.data(), br.bn.data(), at(P, o.bridge_proj),
                           at(P, o.bridge_gate), L, D, S);
     }
-    la.h = h;
-    la.u.resize(LD);
-    la.rstd.resize(size_t(L));
-    G::rmsnorm_forward(la.u.data(), la.rstd.data(), h.data(), at(P, o.norm), L, D, eps);
-    const G::AttnWeights<T> aw{at(P, o.wq), at(P, o.wk), at(P, o.wv), at(P, o.wo)};
-    if (c.is_attention(i)) {
-      if constexpr (kFast<T>)
-        C::attention_block_forward(out.data(), la.attn, la.u.data(), aw, attn_shape(c, L));
-      else
-        G::attention_block_forward(out.data(), la.attn, la.u.data(), aw, attn_shape(c, L));
-    } else {
-      if constexpr (kFast<T>)
-        C::mamba_block_forward(out.data(), la.mamba, la.u.data(), mamba_weights(P, o),
-                               mamba_dims(c), L, scan_chunk);
-      else
-        G::mamba_block_forward(out.data(), la.mamba, la.u.data(), mamba_weights(P, o),
-                               mamba_dims(c), L, scan_chunk);
-    }
-    add_into(h, out);
-    if (F > 0) {  // h += down(silu(gate(m)) * up(m)), m = rmsnorm(h, mlp_norm)
-      la.h2 = h;
-      la.m.resize(LD);
-      la.mrstd.resize(size_t(L));
-      G::rmsnorm_forward(la.m.data(), la.mrstd.data(), h.data(), at(P, o.mlp_norm), L, D, eps);
-      const G::MlpWeights<T> mw{at(P, o.w_gate), at(P, o.w_up), at(P, o.w_down)};
-      if constexpr (kFast<T>)
-        C::mlp_block_forward(out.data(), la.mlp, la.m.data(), mw, L, D, F);
-      else
-        G::mlp_block_forward(out.data(), la.mlp, la.m.data(), mw, L, D, F);
-      add_into(h, out);
-    }
+    // The last layer is never recomputed: its activations are still held when the backward starts.
+    if (ckpt && i + 1 < c.n_layers) a.ckpt_h[size_t(i)] = h;
+    layer_forward(a.layer(i), h, out, lo, P, i, L, scan_chunk);
   }
   a.hf = std::move(h);
   a.hn.resize(LD);
   a.rstd_f.resize(size_t(L));
-  G::rmsnorm_forward(a.hn.data(), a.rstd_f.data(), a.hf.data(), P + lo.norm_f, L, D, eps);
+  G::rmsnorm_forward(a.hn.data(), a.rstd_f.data(), a.hf.data(), P + lo.norm_f, L, D, c.norm_eps);
 }
 
 // Reverse of forward_seq from dhn = dloss/d rmsnorm(hf, norm_f); adds every parameter gradient
-// except the head's (the cross-entropy adds that) into the arena g.
+// except the head's (the cross-entropy adds that) into the arena g. With ckpt it re-runs each
+// layer's forward (same code, same inputs: the same activations) just before it is needed.
 template <class T>
-void backward_seq(T* g, const SeqActs<T>& a, const Layout& lo, const T* P, const T* dhn,
-                  const int32_t* tok, int L) {
+void backward_seq(T* g, SeqActs<T>& a, const Layout& lo, const T* P, const T* dhn,
+                  const int32_t* tok, int L, int scan_chunk) {
   const ModelConfig& c = lo.c;
   const int D = c.d_model, F = c.d_ff;
   const size_t LD = size_t(L) * D;
@@ -176,9 +254,10 @@ void backward_seq(T* g, const SeqActs<T>& a, const Layout& lo, const T* P, const
   std::vector<T> dinner;  // gradient into this layer's inner output from the next layer's bridge
   G::rmsnorm_backward(dh.data(), g + lo.norm_f, dhn, a.hf.data(), P + lo.norm_f, a.rstd_f.data(),
                       L, D);
+  // With ckpt the held layer is still the last one, from the forward: no recompute for it.
   for (int i = c.n_layers - 1; i >= 0; --i) {
     const LayerOffsets& o = lo.layers[size_t(i)];
-    const LayerActs<T>& la = a.layers[size_t(i)];
+    const LayerActs<T>& la = a.layer(i);
     if (F > 0) {  // h_out = h2 + mlp(rmsnorm(h2)): dh2 = dh + rmsnorm'(mlp'(dh))
       const G::MlpWeightGrads<T> mg{at(g, o.w_gate), at(g, o.w_up), at(g, o.w_down)};
       const G::MlpWeights<T> mw{at(P, o.w_gate), at(P, o.w_up), at(P, o.w_down)};
@@ -212,19 +291,24 @@ void backward_seq(T* g, const SeqActs<T>& a, const Layout& lo, const T* P, const
     G::rmsnorm_backward(dx.data(), at(g, o.norm), dtmp.data(), la.h.data(), at(P, o.norm),
                         la.rstd.data(), L, D);
     add_into(dh, dx);
+    // Layer i is done with its activations (la is not used below): the held slot can take
+    // layer i-1, whose inner output the bridge below needs.
+    if (a.ckpt && i > 0) recompute_layer(a, lo, P, i - 1, L, scan_chunk);
     if (c.has_bridge(i)) {  // h = h_in + gate * (rmsnorm(src) proj^T): dh passes through as is
       const int S = c.inner_dim(i - 1);
+      BridgeActs<T>& br = a.bridge(i);
+      if (a.ckpt) bridge_norm_forward(br, a.inner(c, i - 1), lo, P, i, L);
       dy.resize(size_t(L) * S);
       dinner.resize(size_t(L) * S);
       if constexpr (kFast<T>)
         C::bridge_backward(dy.data(), at(g, o.bridge_proj), at(g, o.bridge_gate), dh.data(),
-                           la.bn.data(), at(P, o.bridge_proj), at(P, o.bridge_gate), L, D, S);
+                           br.bn.data(), at(P, o.bridge_proj), at(P, o.bridge_gate), L, D, S);
       else
         G::bridge_backward<T>(nullptr, dy.data(), at(g, o.bridge_proj), at(g, o.bridge_gate),
-                              dh.data(), la.bn.data(), at(P, o.bridge_proj), at(P, o.bridge_gate),
+                              dh.data(), br.bn.data(), at(P, o.bridge_proj), at(P, o.bridge_gate),
                               L, D, S);
       G::rmsnorm_backward(dinner.data(), at(g, o.bridge_norm), dy.data(), a.inner(c, i - 1),
-                          at(P, o.bridge_norm), la.brstd.data(), L, S);
+                          at(P, o.bridge_norm), br.brstd.data(), L, S);
     } else {
       dinner.clear();
     }
@@ -292,7 +376,7 @@ template <class T> std::vector<T> arena_copy(const Params& p, const Layout& lo) 
 
 template <class T>
 double loss_and_grad_arena(const Params& layout, const T* params, T* grads, const int32_t* tokens,
-                           const int32_t* targets, int B, int L, int scan_chunk) {
+                           const int32_t* targets, int B, int L, int scan_chunk, bool grad_ckpt) {
   const Layout lo(layout);
   const ModelConfig& c = lo.c;
   const int64_t total = check_batch(c, tokens, targets, B, L, scan_chunk);
@@ -300,6 +384,7 @@ double loss_and_grad_arena(const Params& layout, const T* params, T* grads, cons
   const int D = c.d_model, V = c.vocab_size, nt = threads_for(B);
   std::vector<std::vector<T>> priv(static_cast<size_t>(nt));  // one gradient arena per thread
   std::vector<double> seq_loss(size_t(B), 0.0);
+  std::atomic<int64_t> act_bytes{0};  // every thread's activations are alive at once
 #pragma omp parallel num_threads(nt)
   {
     std::vector<T>& g = priv[size_t(omp_get_thread_num())];
@@ -313,12 +398,12 @@ double loss_and_grad_arena(const Params& layout, const T* params, T* grads, cons
       const int32_t* tgt = targets + int64_t(b) * L;
       const int cnt = count_targets(tgt, L);
       if (cnt == 0) continue;  // contributes neither loss nor gradient
-      forward_seq(a, lo, params, tok, L, scan_chunk);
+      forward_seq(a, lo, params, tok, L, scan_chunk, grad_ckpt);
       if constexpr (kFast<T>) {  // dlogits scaled by 1/total directly, dW added into g's head
         seq_loss[size_t(b)] =
             C::cross_entropy_forward_backward(dhn.data(), g.data() + lo.head, a.hn.data(),
                                               params + lo.head, tgt, L, D, V, 1.0 / double(total));
-        backward_seq(g.data(), a, lo, params, dhn.data(), tok, L);
+        backward_seq(g.data(), a, lo, params, dhn.data(), tok, L, scan_chunk);
         continue;
       }
       // The reference cross-entropy is the mean over this sequence's cnt positions; the batch
@@ -331,8 +416,9 @@ double loss_and_grad_arena(const Params& layout, const T* params, T* grads, cons
       for (T& v : dhn) v = T(v * share);
       T* gh = g.data() + lo.head;  // the embedding's own gradient too when tied
       for (size_t k = 0; k < dW.size(); ++k) gh[k] += T(dW[k] * share);
-      backward_seq(g.data(), a, lo, params, dhn.data(), tok, L);
+      backward_seq(g.data(), a, lo, params, dhn.data(), tok, L, scan_chunk);
     }
+    act_bytes += a.bytes();
     // Sum the thread buffers in thread order (deterministic), each thread a share of the tensors.
 #pragma omp for schedule(static)
     for (size_t k = 0; k < lo.tensors.size(); ++k) {
@@ -343,6 +429,9 @@ double loss_and_grad_arena(const Params& layout, const T* params, T* grads, cons
         grads[j] += T(s);
       }
     }
+  }
+  int64_t prev = g_act_peak.load();
+  while (prev < act_bytes && !g_act_peak.compare_exchange_weak(prev, act_bytes)) {
   }
   double sum = 0;
   for (double l : seq_loss) sum += l;
@@ -364,7 +453,7 @@ long double loss_only_arena(const Params& layout, const T* params, const int32_t
     for (int b = 0; b < B; ++b) {
       const int32_t* tgt = targets + int64_t(b) * L;
       if (count_targets(tgt, L) == 0) continue;
-      forward_seq(a, lo, params, tokens + int64_t(b) * L, L, 0);
+      forward_seq(a, lo, params, tokens + int64_t(b) * L, L, 0, false);
       seq_loss[size_t(b)] =
           cross_entropy_sum(a.hn.data(), params + lo.head, tgt, L, c.d_model, c.vocab_size);
     }
@@ -375,9 +464,9 @@ long double loss_only_arena(const Params& layout, const T* params, const int32_t
 }
 
 template double loss_and_grad_arena<float>(const Params&, const float*, float*, const int32_t*,
-                                           const int32_t*, int, int, int);
+                                           const int32_t*, int, int, int, bool);
 template double loss_and_grad_arena<double>(const Params&, const double*, double*, const int32_t*,
-                                            const int32_t*, int, int, int);
+                                            const int32_t*, int, int, int, bool);
 template long double loss_only_arena<float>(const Params&, const float*, const int32_t*,
                                             const int32_t*, int, int);
 template long double loss_only_arena<double>(const Params&, const double*, const int32_t*,
@@ -386,24 +475,28 @@ template long double loss_only_arena<long double>(const Params&, const long doub
                                                   const int32_t*, const int32_t*, int, int);
 
 double loss_and_grad(const Params& params, Params& grads, const int32_t* tokens,
-                     const int32_t* targets, int B, int L, int scan_chunk) {
+                     const int32_t* targets, int B, int L, int scan_chunk, bool grad_ckpt) {
   HM_CHECK(grads.numel() == params.numel(), "loss_and_grad: grads has another layout");
   return loss_and_grad_arena<float>(params, params.data(), grads.data(), tokens, targets, B, L,
-                                    scan_chunk);
+                                    scan_chunk, grad_ckpt);
 }
 
 double loss_and_grad_f64(const Params& params, Params& grads, const int32_t* tokens,
-                         const int32_t* targets, int B, int L, int scan_chunk) {
+                         const int32_t* targets, int B, int L, int scan_chunk, bool grad_ckpt) {
   HM_CHECK(grads.numel() == params.numel(), "loss_and_grad_f64: grads has another layout");
   const Layout lo(params);
   const std::vector<double> p = arena_copy<double>(params, lo);
   std::vector<double> g(p.size(), 0.0);
   const double loss =
-      loss_and_grad_arena<double>(params, p.data(), g.data(), tokens, targets, B, L, scan_chunk);
+      loss_and_grad_arena<double>(params, p.data(), g.data(), tokens, targets, B, L, scan_chunk,
+                                  grad_ckpt);
   for (const auto& [off, n] : lo.tensors)
     for (int64_t k = off; k < off + n; ++k) grads.data()[k] += float(g[size_t(k)]);
   return loss;
 }
+
+int64_t grad_activation_peak_bytes() { return g_act_peak.load(); }
+void reset_grad_activation_peak_bytes() { g_act_peak = 0; }
 
 double loss_only(const Params& params, const int32_t* tokens, const int32_t* targets, int B, int L) {
   return double(loss_only_arena<float>(params, params.data(), tokens, targets, B, L));

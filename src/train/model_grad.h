@@ -22,14 +22,25 @@ namespace hm {
 // scan_chunk > 0 keeps only every scan_chunk-th selective-scan state in the forward and recomputes
 // the rest in the backward (same gradients, less memory). Returns 0 (grads untouched) when no
 // target counts. Token or target out of range, B or L < 1, scan_chunk < 0: hm::Error.
+// grad_ckpt (gradient checkpointing) keeps only each layer's input stream [L, D] in the forward
+// and re-runs the layer's forward just before its backward: bit-identical results, one layer's
+// activations held instead of all of them, about one more forward of time.
 // Memory: per thread one gradient arena (params.numel() values) and one sequence's activations.
 double loss_and_grad(const Params& params, Params& grads, const int32_t* tokens,
-                     const int32_t* targets, int B, int L, int scan_chunk = 0);
+                     const int32_t* targets, int B, int L, int scan_chunk = 0,
+                     bool grad_ckpt = false);
 
 // The same in double precision, on double copies of the float parameters; the double gradients
 // are rounded once when added into grads. For checks.
 double loss_and_grad_f64(const Params& params, Params& grads, const int32_t* tokens,
-                         const int32_t* targets, int B, int L, int scan_chunk = 0);
+                         const int32_t* targets, int B, int L, int scan_chunk = 0,
+                         bool grad_ckpt = false);
+
+// Measurement: the largest number of bytes the saved-activation buffers of all threads held
+// together at the end of a loss_and_grad* call since the last reset (buffers are reused and never
+// shrink within a call, so that is the call's peak). Process-wide.
+int64_t grad_activation_peak_bytes();
+void reset_grad_activation_peak_bytes();
 
 // The loss alone (evaluation): the same forward, no backward; 0 when no target counts.
 double loss_only(const Params& params, const int32_t* tokens, const int32_t* targets, int B, int L);
@@ -42,15 +53,18 @@ double loss_only(const Params& params, const int32_t* tokens, const int32_t* tar
 // loss_only_arena also for long double.
 template <class T>
 double loss_and_grad_arena(const Params& layout, const T* params, T* grads, const int32_t* tokens,
-                           const int32_t* targets, int B, int L, int scan_chunk = 0);
+                           const int32_t* targets, int B, int L, int scan_chunk = 0,
+                         bool grad_ckpt = false);
 template <class T>
 long double loss_only_arena(const Params& layout, const T* params, const int32_t* tokens,
                             const int32_t* targets, int B, int L);
 
 extern template double loss_and_grad_arena<float>(const Params&, const float*, float*,
-                                                  const int32_t*, const int32_t*, int, int, int);
+                                                  const int32_t*, const int32_t*, int, int, int,
+                                                  bool);
 extern template double loss_and_grad_arena<double>(const Params&, const double*, double*,
-                                                   const int32_t*, const int32_t*, int, int, int);
+                                                   const int32_t*, const int32_t*, int, int, int,
+                                                   bool);
 extern template long double loss_only_arena<float>(const Params&, const float*, const int32_t*,
                                                    const int32_t*, int, int);
 extern template long double loss_only_arena<double>(const Params&, const double*, const int32_t*,

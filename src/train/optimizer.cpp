@@ -71,7 +71,10 @@ template <bool kClip>
 void adam_update(int64_t n, const StepConsts& k, float wd, float scale, float* __restrict w,
                  float* __restrict g, float* __restrict m, float* __restrict v) {
   const int64_t nb = (n + kBlock - 1) / kBlock;
-#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+  // Work-shared inside the caller's one parallel region (no barrier per tensor: on a shared
+  // 2-core machine every fork/join can wait for a descheduled thread, and ~60 tensors made
+  // that 100 ms per step); outside a parallel region it runs on the calling thread alone.
+#pragma omp for schedule(static) nowait
   for (int64_t b = 0; b < nb; ++b) {
     alignas(64) float root[kBlock];
     const int64_t i0 = b * kBlock, len = std::min(kBlock, n - i0);
@@ -172,6 +175,7 @@ double AdamW::step(Params& p, Params& grads, float lr) {
                      float(1.0 / (1.0 - std::pow(double(cfg_.beta1), double(t_)))),
                      float(1.0 / (1.0 - std::pow(double(cfg_.beta2), double(t_)))), cfg_.eps, lr};
 
+#pragma omp parallel if (p.numel() >= kParallelMin)
   for (size_t i = 0; i < p.specs().size(); ++i) {
     const int64_t n = p.specs()[i].numel();
     const float wd = decay_[i] ? cfg_.weight_decay : 0.0f;

@@ -130,7 +130,7 @@ json settings_json(const TrainConfig& c, int64_t warmup, int threads) {
           {"lr", c.lr},               {"min_lr_ratio", c.min_lr_ratio},
           {"weight_decay", c.weight_decay}, {"clip_norm", c.clip_norm}, {"warmup", warmup},
           {"seed", c.seed},           {"scan_chunk", c.scan_chunk},   {"eval_tokens", c.eval_tokens},
-          {"threads", threads}};
+          {"threads", threads},       {"grad_ckpt", c.grad_ckpt}};
 }
 
 json rng_json(const Rng& r) {
@@ -397,6 +397,9 @@ void train(const TrainConfig& given) {
       c.warmup = s.at("warmup");
       c.seed = s.at("seed");
       c.scan_chunk = s.at("scan_chunk");
+      // Memory and time only, never the result: --grad-ckpt may also turn it on at a resume.
+      // Older states predate the setting.
+      c.grad_ckpt = c.grad_ckpt || s.value("grad_ckpt", false);
       c.eval_tokens = s.at("eval_tokens");
       saved_threads = s.at("threads");
       start = state.at("step");
@@ -548,7 +551,8 @@ void train(const TrainConfig& given) {
         std::copy_n(train_tok.begin() + int64_t(p), L, in.begin() + int64_t(b) * L);
         std::copy_n(train_tok.begin() + int64_t(p) + 1, L, tg.begin() + int64_t(b) * L);
       }
-      loss += loss_and_grad(P, grads, in.data(), tg.data(), c.batch, L, c.scan_chunk);
+      loss += loss_and_grad(P, grads, in.data(), tg.data(), c.batch, L, c.scan_chunk,
+                            c.grad_ckpt);
     }
     if (c.grad_accum > 1) {
       // Micro-batches are equal-sized, so the mean of their mean losses is the batch mean.

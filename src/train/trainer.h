@@ -39,6 +39,7 @@ struct TrainConfig {
   int64_t save_every = 200; // 0: only at the end
   int64_t eval_tokens = 32768;  // validation tokens evaluated (0: all)
   int scan_chunk = 0;           // loss_and_grad's selective-scan checkpointing (0: off)
+  bool grad_ckpt = false;       // loss_and_grad's per-layer gradient checkpointing
   bool resume = false;
   // Stop (with a checkpoint) after this step even though the schedule runs to `steps`, as an
   // interruption would; the run can be resumed. 0: run to the end.
