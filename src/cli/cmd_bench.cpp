@@ -119,10 +119,8 @@ double train_flops_per_token(const ModelConfig& c, const Params& p, int L) {
   double f = 6.0 * matrix;
   const double E = c.d_inner(), N = c.d_state, K = c.d_conv;
   for (int i = 0; i < c.n_layers; ++i) {
-    if (c.is_attention(i))
-      f += 12.0 * L * c.d_model;
-    else
-      f += 6.0 * E * K + 19.0 * E * N;
+    if (c.has_attention_path(i)) f += 12.0 * L * c.d_model;
+    if (c.has_mamba_path(i)) f += 6.0 * E * K + 19.0 * E * N;
   }
   return f;
 }

@@ -43,7 +43,8 @@ Run add_info(CLI::App& app) {
     std::printf("%s\nparameters: %lld\n", config_to_json(c).dump(2).c_str(),
                 static_cast<long long>(count_params(c)));
     for (int i = 0; i < c.n_layers; ++i)
-      std::printf("layer %2d: %-9s%s\n", i, c.is_attention(i) ? "attention" : "mamba",
+      std::printf("layer %2d: %-9s%s\n", i,
+                  c.is_true(i) ? "true" : c.is_attention(i) ? "attention" : "mamba",
                   c.has_bridge(i) ? " (bridge in front)" : "");
     return 0;
   };

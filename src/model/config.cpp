@@ -1,6 +1,7 @@
 #include "model/config.h"
 
 #include <algorithm>
+#include <cmath>
 #include <fstream>
 #include <set>
 
@@ -16,8 +17,19 @@ bool ModelConfig::is_attention(int layer) const {
   return std::find(attention_layers.begin(), attention_layers.end(), layer) != attention_layers.end();
 }
 
+bool ModelConfig::is_true(int layer) const {
+  return std::find(true_layers.begin(), true_layers.end(), layer) != true_layers.end();
+}
+
+bool ModelConfig::any_attention() const {
+  for (int i = 0; i < n_layers; ++i)
+    if (has_attention_path(i)) return true;
+  return false;
+}
+
 bool ModelConfig::has_bridge(int layer) const {
-  return state_bridges && layer > 0 && is_attention(layer) != is_attention(layer - 1);
+  return state_bridges && layer > 0 && !is_true(layer) && !is_true(layer - 1) &&
+         is_attention(layer) != is_attention(layer - 1);
 }
 
 int ModelConfig::inner_dim(int layer) const {
@@ -28,8 +40,8 @@ void validate(const ModelConfig& c) {
   auto positive = [](int v, const char* field) {
     HM_CHECK(v > 0, "config: '", field, "' must be > 0, got ", v);
   };
-  HM_CHECK(c.hybrid == "simple", "config: 'hybrid' must be \"simple\" (\"true\" is not built yet), got \"",
-           c.hybrid, "\"");
+  HM_CHECK(c.hybrid == "simple" || c.hybrid == "true",
+           "config: 'hybrid' must be \"simple\" or \"true\", got \"", c.hybrid, "\"");
   positive(c.d_model, "d_model");
   positive(c.n_layers, "n_layers");
   positive(c.vocab_size, "vocab_size");
@@ -48,7 +60,30 @@ void validate(const ModelConfig& c) {
              c.n_layers, ")");
     HM_CHECK(seen.insert(i).second, "config: 'attention_layers' lists layer ", i, " twice");
   }
-  if (!c.attention_layers.empty()) {
+  std::set<int> seen_true;
+  for (int i : c.true_layers) {
+    HM_CHECK(i >= 0 && i < c.n_layers, "config: 'true_layers' index ", i, " is out of range [0, ",
+             c.n_layers, ")");
+    HM_CHECK(seen_true.insert(i).second, "config: 'true_layers' lists layer ", i, " twice");
+    HM_CHECK(!seen.count(i), "config: layer ", i,
+             " is in both 'attention_layers' and 'true_layers' (a true-hybrid layer already "
+             "holds an attention path)");
+  }
+  if (c.hybrid == "simple")
+    HM_CHECK(c.true_layers.empty(), "config: 'true_layers' needs \"hybrid\": \"true\"");
+  else
+    HM_CHECK(!c.true_layers.empty(), "config: \"hybrid\": \"true\" needs at least one layer in 'true_layers'");
+  HM_CHECK(c.routing_mode == "both" || c.routing_mode == "soft" || c.routing_mode == "hard",
+           "config: 'routing_mode' must be \"both\", \"soft\" or \"hard\", got \"", c.routing_mode, "\"");
+  HM_CHECK(c.routing_granularity == "token" || c.routing_granularity == "chunk",
+           "config: 'routing_granularity' must be \"token\" or \"chunk\", got \"",
+           c.routing_granularity, "\"");
+  HM_CHECK(c.routing_chunk > 0, "config: 'routing_chunk' must be > 0, got ", c.routing_chunk);
+  HM_CHECK(c.attention_budget > 0 && c.attention_budget < 1,
+           "config: 'attention_budget' must be in (0, 1), got ", c.attention_budget);
+  HM_CHECK(c.budget_loss_weight >= 0 && std::isfinite(c.budget_loss_weight),
+           "config: 'budget_loss_weight' must be >= 0, got ", c.budget_loss_weight);
+  if (c.any_attention()) {
     HM_CHECK(c.d_model % c.n_heads == 0, "config: 'd_model' (", c.d_model,
              ") must be divisible by 'n_heads' (", c.n_heads, ")");
     HM_CHECK(c.n_heads % c.n_kv_heads == 0, "config: 'n_heads' (", c.n_heads,
@@ -89,6 +124,21 @@ std::string get_string(const nlohmann::json& j, const char* field) {
   return v.get<std::string>();
 }
 
+std::vector<int> get_layer_list(const nlohmann::json& j, const char* field) {
+  std::vector<int> out;
+  if (!j.contains(field)) return out;
+  const auto& a = j.at(field);
+  HM_CHECK(a.is_array(), "config: '", field, "' must be a list of layer indices, got ", a.type_name());
+  for (size_t k = 0; k < a.size(); ++k) {
+    HM_CHECK(a[k].is_number_integer(), "config: '", field, "[", k, "]' must be an integer, got ",
+             a[k].type_name());
+    const int64_t x = a[k].get<int64_t>();
+    HM_CHECK(x >= INT32_MIN && x <= INT32_MAX, "config: '", field, "[", k, "]' is out of range: ", x);
+    out.push_back(int(x));
+  }
+  return out;
+}
+
 }  // namespace
 
 ModelConfig config_from_json(const nlohmann::json& j) {
@@ -96,7 +146,9 @@ ModelConfig config_from_json(const nlohmann::json& j) {
   static const std::set<std::string> known = {
       "model_type", "hybrid",     "d_model",  "n_layers",  "attention_layers", "vocab_size",
       "d_state",    "d_conv",     "expand",   "dt_rank",   "n_heads",          "n_kv_heads",
-      "rope",       "rope_theta", "d_ff",     "norm_eps",  "tie_embeddings",   "state_bridges"};
+      "rope",       "rope_theta", "d_ff",     "norm_eps",  "tie_embeddings",   "state_bridges",
+      "true_layers", "routing_mode", "routing_granularity", "routing_chunk", "attention_budget",
+      "budget_loss_weight"};
   for (auto it = j.begin(); it != j.end(); ++it)
     HM_CHECK(known.count(it.key()), "config: unknown field '", it.key(), "'");
   ModelConfig c;
@@ -110,18 +162,13 @@ ModelConfig config_from_json(const nlohmann::json& j) {
   c.d_model = get_int(j, "d_model");
   c.n_layers = get_int(j, "n_layers");
   c.vocab_size = get_int(j, "vocab_size");
-  if (j.contains("attention_layers")) {
-    const auto& a = j.at("attention_layers");
-    HM_CHECK(a.is_array(), "config: 'attention_layers' must be a list of layer indices, got ", a.type_name());
-    c.attention_layers.clear();
-    for (size_t k = 0; k < a.size(); ++k) {
-      HM_CHECK(a[k].is_number_integer(), "config: 'attention_layers[", k, "]' must be an integer, got ",
-               a[k].type_name());
-      c.attention_layers.push_back(a[k].get<int>());
-    }
-  } else {
-    c.attention_layers.clear();
-  }
+  c.attention_layers = get_layer_list(j, "attention_layers");
+  c.true_layers = get_layer_list(j, "true_layers");
+  if (j.contains("routing_mode")) c.routing_mode = get_string(j, "routing_mode");
+  if (j.contains("routing_granularity")) c.routing_granularity = get_string(j, "routing_granularity");
+  if (j.contains("routing_chunk")) c.routing_chunk = get_int(j, "routing_chunk");
+  if (j.contains("attention_budget")) c.attention_budget = get_float(j, "attention_budget");
+  if (j.contains("budget_loss_weight")) c.budget_loss_weight = get_float(j, "budget_loss_weight");
   if (j.contains("d_state")) c.d_state = get_int(j, "d_state");
   if (j.contains("d_conv")) c.d_conv = get_int(j, "d_conv");
   if (j.contains("expand")) c.expand = get_int(j, "expand");
@@ -168,6 +215,14 @@ nlohmann::json config_to_json(const ModelConfig& c) {
   j["norm_eps"] = c.norm_eps;
   j["tie_embeddings"] = c.tie_embeddings;
   j["state_bridges"] = c.state_bridges;
+  if (c.hybrid == "true") {
+    j["true_layers"] = c.true_layers;
+    j["routing_mode"] = c.routing_mode;
+    j["routing_granularity"] = c.routing_granularity;
+    j["routing_chunk"] = c.routing_chunk;
+    j["attention_budget"] = c.attention_budget;
+    j["budget_loss_weight"] = c.budget_loss_weight;
+  }
   return j;
 }
 
@@ -219,6 +274,36 @@ ModelConfig preset(const std::string& name) {
     c.n_kv_heads = 4;
     return c;
   }
+  if (name == "true-hybrid") {
+    // Seed's width and vocabulary; layer 0 is Mamba (the router has little to go on over raw
+    // embeddings), layers 1-7 are true hybrid (2.74M each): seed's layers within 1%.
+    c.hybrid = "true";
+    c.n_layers = 8;
+    c.attention_layers = {};
+    c.true_layers = {1, 2, 3, 4, 5, 6, 7};
+    c.routing_mode = "hard";
+    return c;
+  }
+  if (name == "true-demo") {
+    // The demo's size (within 3%): a Mamba layer and three true-hybrid layers.
+    c = preset("demo");
+    c.hybrid = "true";
+    c.n_layers = 4;
+    c.attention_layers = {};
+    c.true_layers = {1, 2, 3};
+    c.routing_mode = "hard";
+    return c;
+  }
+  if (name == "true-tiny") {
+    // Every kind of layer and junction: Mamba, true, Mamba, attention (bridge in front), true.
+    c = preset("tiny");
+    c.hybrid = "true";
+    c.n_layers = 5;
+    c.attention_layers = {3};
+    c.true_layers = {1, 4};
+    c.routing_chunk = 3;
+    return c;
+  }
   if (name == "tiny") {
     c.d_model = 32;
     c.n_layers = 4;
@@ -230,10 +315,10 @@ ModelConfig preset(const std::string& name) {
     c.d_ff = 48;
     return c;
   }
-  throw Error(detail::cat("unknown preset '", name, "' (known: seed, mamba, transformer, demo, tiny)"));
+  throw Error(detail::cat("unknown preset '", name, "' (known: seed, mamba, transformer, true-hybrid, demo, true-demo, tiny, true-tiny)"));
 }
 
-std::vector<std::string> preset_names() { return {"seed", "mamba", "transformer", "demo", "tiny"}; }
+std::vector<std::string> preset_names() { return {"seed", "mamba", "transformer", "true-hybrid", "demo", "true-demo", "tiny", "true-tiny"}; }
 
 int64_t count_params(const ModelConfig& c) {
   int64_t n = 0;

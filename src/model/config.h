@@ -26,12 +26,26 @@ struct ModelConfig {
   float norm_eps = 1e-5f;
   bool tie_embeddings = true;
   bool state_bridges = true;
+  // True Hybrid (hybrid == "true"; docs/TRUE_HYBRID.md). true_layers hold both a Mamba and an
+  // attention path behind a router; the other layers follow attention_layers as in "simple".
+  std::vector<int> true_layers;
+  std::string routing_mode = "soft";         // "both" | "soft" | "hard"
+  std::string routing_granularity = "token"; // "token" | "chunk"
+  int routing_chunk = 16;                    // tokens per routing decision when "chunk"
+  float attention_budget = 0.5f;             // target fraction of tokens routed to attention
+  float budget_loss_weight = 0.1f;           // weight of (mean p - budget)^2 in training
 
   int d_inner() const { return expand * d_model; }
   int resolved_dt_rank() const { return dt_rank > 0 ? dt_rank : (d_model + 15) / 16; }
   int head_dim() const { return d_model / n_heads; }
+  // Layer kinds: attention only, true hybrid (both paths), or Mamba only (everything else).
   bool is_attention(int layer) const;
-  // A bridge sits in front of layer i when i > 0 and layer i's type differs from layer i-1's.
+  bool is_true(int layer) const;
+  bool has_mamba_path(int layer) const { return !is_attention(layer); }
+  bool has_attention_path(int layer) const { return is_attention(layer) || is_true(layer); }
+  bool any_attention() const;
+  // A bridge sits in front of layer i when i > 0, layer i's type differs from layer i-1's and
+  // neither is a true-hybrid layer (which holds both types itself).
   bool has_bridge(int layer) const;
   // Width of the inner representation layer i hands to a bridge (d_inner or n_heads*head_dim).
   int inner_dim(int layer) const;
@@ -47,7 +61,8 @@ ModelConfig load_config(const std::string& path);        // reads and validates 
 void save_config(const std::string& path, const ModelConfig& c);  // atomic
 
 // Presets: seed (the seed's benchmark model), mamba and transformer (about seed's parameter
-// count, one layer type only), tiny (tests).
+// count, one layer type only), true-hybrid (about seed's count, every layer true hybrid), demo
+// and true-demo (the README's training runs), tiny and true-tiny (tests).
 ModelConfig preset(const std::string& name);
 std::vector<std::string> preset_names();
 

@@ -30,12 +30,13 @@ std::vector<ParamSpec> param_layout(const ModelConfig& c) {
       s.push_back({B + "gate", {D}});
     }
     s.push_back({L + "norm.weight", {D}});
-    if (c.is_attention(i)) {
+    if (c.has_attention_path(i)) {
       s.push_back({L + "mixer.q_proj.weight", {H * hd, D}});
       s.push_back({L + "mixer.k_proj.weight", {G * hd, D}});
       s.push_back({L + "mixer.v_proj.weight", {G * hd, D}});
       s.push_back({L + "mixer.o_proj.weight", {D, H * hd}});
-    } else {
+    }
+    if (c.has_mamba_path(i)) {
       s.push_back({L + "mixer.in_proj.weight", {2 * E, D}});
       s.push_back({L + "mixer.conv1d.weight", {E, 1, K}});
       s.push_back({L + "mixer.conv1d.bias", {E}});
@@ -45,6 +46,14 @@ std::vector<ParamSpec> param_layout(const ModelConfig& c) {
       s.push_back({L + "mixer.A_log", {E, N}});
       s.push_back({L + "mixer.D", {E}});
       s.push_back({L + "mixer.out_proj.weight", {D, E}});
+    }
+    if (c.is_true(i)) {  // fusion, cross-path exchange and router (docs/TRUE_HYBRID.md)
+      s.push_back({L + "mixer.fuse_mamba", {D}});
+      s.push_back({L + "mixer.fuse_attn", {D}});
+      s.push_back({L + "mixer.exchange", {D}});
+      s.push_back({L + "mixer.router.weight", {D}});
+      s.push_back({L + "mixer.router.feat_weight", {kRouterFeatures}});
+      s.push_back({L + "mixer.router.bias", {1}});
     }
     if (F > 0) {
       s.push_back({L + "mlp_norm.weight", {D}});
@@ -98,6 +107,12 @@ Params::Params(const ModelConfig& c) : cfg_(c), specs_(param_layout(c)) {
     w.w_gate = ptr(L + "mlp.gate_proj.weight");
     w.w_up = ptr(L + "mlp.up_proj.weight");
     w.w_down = ptr(L + "mlp.down_proj.weight");
+    w.fuse_mamba = ptr(L + "mixer.fuse_mamba");
+    w.fuse_attn = ptr(L + "mixer.fuse_attn");
+    w.exchange = ptr(L + "mixer.exchange");
+    w.router_w = ptr(L + "mixer.router.weight");
+    w.router_feat = ptr(L + "mixer.router.feat_weight");
+    w.router_b = ptr(L + "mixer.router.bias");
     w.bridge_norm = ptr(B + "norm.weight");
     w.bridge_proj = ptr(B + "proj.weight");
     w.bridge_gate = ptr(B + "gate");
@@ -137,6 +152,14 @@ void init_params(Params& p, uint64_t seed) {
       fill(1.0f);
     } else if (ends_with(nm, ".gate")) {        // bridges start as the identity
       fill(0.0f);
+    } else if (ends_with(nm, "mixer.fuse_mamba") || ends_with(nm, "mixer.fuse_attn")) {
+      fill(1.0f);
+    } else if (ends_with(nm, "mixer.exchange") || ends_with(nm, "router.feat_weight") ||
+               ends_with(nm, "router.bias")) {
+      fill(0.0f);  // exchange off, routing by content alone at first: p = sigmoid(w.u)
+    } else if (ends_with(nm, "router.weight")) {
+      // u has unit RMS, so logits start ~N(0, 1): routes spread over both paths from step 0.
+      for (int64_t k = 0; k < n; ++k) w[k] = float(rng.normal() / std::sqrt(double(n)));
     } else if (ends_with(nm, "mixer.A_log")) {
       const int64_t N = s.shape[1];
       for (int64_t k = 0; k < n; ++k) w[k] = float(std::log(double(k % N + 1)));

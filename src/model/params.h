@@ -11,6 +11,9 @@
 
 namespace hm {
 
+// Causal features the complexity analyzer hands the router besides u itself (novelty, position).
+constexpr int kRouterFeatures = 2;
+
 struct ParamSpec {
   std::string name;
   std::vector<int64_t> shape;
@@ -30,6 +33,9 @@ struct LayerWeights {
   float *wq = nullptr, *wk = nullptr, *wv = nullptr, *wo = nullptr;
   // MLP
   float *mlp_norm = nullptr, *w_gate = nullptr, *w_up = nullptr, *w_down = nullptr;
+  // True-hybrid layer: per-channel fusion scales, cross-path exchange, router
+  float *fuse_mamba = nullptr, *fuse_attn = nullptr, *exchange = nullptr;  // [D] each
+  float *router_w = nullptr, *router_feat = nullptr, *router_b = nullptr;  // [D], [kRouterFeatures], [1]
   // Bridge in front of this layer
   float *bridge_norm = nullptr, *bridge_proj = nullptr, *bridge_gate = nullptr;
 };

@@ -17,7 +17,7 @@ KVCache::KVCache(Backend& be, const ModelConfig& c, int n_slots, int max_ctx, Kv
   HM_CHECK(n_slots > 0, "memory: number of sequences must be > 0, got ", n_slots);
   HM_CHECK(max_ctx > 0, "memory: context size must be > 0, got ", max_ctx);
   int n_attn = 0;
-  for (int i = 0; i < c.n_layers; ++i) layer_index_.push_back(c.is_attention(i) ? n_attn++ : -1);
+  for (int i = 0; i < c.n_layers; ++i) layer_index_.push_back(c.has_attention_path(i) ? n_attn++ : -1);
   k_.resize(size_t(n_attn) * n_slots);
   v_.resize(size_t(n_attn) * n_slots);
 }
@@ -45,7 +45,7 @@ size_t KVCache::bytes_reserved() const {
 RecurrentState::RecurrentState(Backend& be, const ModelConfig& c, int n_slots)
     : be_(be), n_slots_(n_slots), conv_n_(c.d_inner() * (c.d_conv - 1)), ssm_n_(c.d_inner() * c.d_state) {
   int n_mamba = 0;
-  for (int i = 0; i < c.n_layers; ++i) layer_index_.push_back(c.is_attention(i) ? -1 : n_mamba++);
+  for (int i = 0; i < c.n_layers; ++i) layer_index_.push_back(c.has_mamba_path(i) ? n_mamba++ : -1);
   for (int m = 0; m < n_mamba * n_slots; ++m) {
     conv_.emplace_back(be_, size_t(conv_n_));
     ssm_.emplace_back(be_, size_t(ssm_n_));
@@ -103,7 +103,7 @@ void HybridMemory::seq_cp(int src, int dst) {
   const size_t bytes = size_t(n) * size_t(cfg_.n_kv_heads) * cfg_.head_dim() * kv_type_size(kv_.type());
   std::vector<char> tmp(bytes);
   for (int i = 0; i < cfg_.n_layers; ++i) {
-    if (!cfg_.is_attention(i) || n == 0) continue;
+    if (!cfg_.has_attention_path(i) || n == 0) continue;
     be_.to_host(tmp.data(), kv_.k(i, src), bytes);
     be_.to_device(kv_.k(i, dst), tmp.data(), bytes);
     be_.to_host(tmp.data(), kv_.v(i, src), bytes);
