@@ -14,5 +14,7 @@ Run add_bench(CLI::App& app);
 Run add_info(CLI::App& app);
 Run add_train(CLI::App& app);
 Run add_eval(CLI::App& app);
+Run add_route(CLI::App& app);
+Run add_compare(CLI::App& app);
 
 }  // namespace hm::cli

@@ -7,7 +7,7 @@
 #include "core/error.h"
 
 int main(int argc, char** argv) {
-  CLI::App app{"hm: hybrid Mamba + attention language models (init, train, eval, generate, bench, info)"};
+  CLI::App app{"hm: hybrid Mamba + attention language models (init, train, eval, generate, bench, route, compare, info)"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "hybrid-mamba 0.1.0");
   std::map<CLI::App*, hm::cli::Run> runs;
@@ -20,6 +20,10 @@ int main(int argc, char** argv) {
   add("eval", "Validation loss and perplexity of a model on a corpus's validation split", hm::cli::add_eval);
   add("generate", "Generate text from a prompt, streaming tokens as they are made", hm::cli::add_generate);
   add("bench", "Measure prefill, decode, memory and the PyTorch peer in one run", hm::cli::add_bench);
+  add("route", "Show how a true-hybrid model routes a prompt: path usage per layer and a heatmap",
+      hm::cli::add_route);
+  add("compare", "Train every architecture on a task at matched size and budget; table and plot",
+      hm::cli::add_compare);
   add("info", "Print a model's configuration and parameter count", hm::cli::add_info);
   try {
     app.parse(argc, argv);
