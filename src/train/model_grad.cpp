@@ -197,10 +197,19 @@ void layer_forward(LayerActs<T>& la, std::vector<T>& h, std::vector<T>& out, con
   }
 }
 
+// With ckpt one slot holds whichever layer runs. A Mamba layer's buffers are dead while an
+// attention layer is held (and the other way round): release them rather than keep both
+// mixers' high-water marks, which would cost the saving a third.
+template <class T> void hold_only(LayerActs<T>& la, const ModelConfig& c, int i) {
+  if (!c.has_mamba_path(i)) la.mamba = {};
+  if (!c.has_attention_path(i)) la.attn = {};
+}
+
 // Re-runs layer i's forward from its checkpoint into the held layer (ckpt only).
 template <class T>
 void recompute_layer(SeqActs<T>& a, const Layout& lo, const T* P, int i, int L, int scan_chunk) {
   a.rh = a.ckpt_h[size_t(i)];
+  hold_only(a.layers[0], lo.c, i);
   layer_forward(a.layers[0], a.rh, a.rout, lo, P, i, L, scan_chunk);
 }
 
@@ -233,6 +242,7 @@ void forward_seq(SeqActs<T>& a, const Layout& lo, const T* P, const int32_t* tok
     }
     // The last layer is never recomputed: its activations are still held when the backward starts.
     if (ckpt && i + 1 < c.n_layers) a.ckpt_h[size_t(i)] = h;
+    if (ckpt) hold_only(a.layers[0], c, i);
     layer_forward(a.layer(i), h, out, lo, P, i, L, scan_chunk);
   }
   a.hf = std::move(h);
@@ -382,13 +392,17 @@ double loss_and_grad_arena(const Params& layout, const T* params, T* grads, cons
   const int64_t total = check_batch(c, tokens, targets, B, L, scan_chunk);
   if (total == 0) return 0.0;
   const int D = c.d_model, V = c.vocab_size, nt = threads_for(B);
-  std::vector<std::vector<T>> priv(static_cast<size_t>(nt));  // one gradient arena per thread
+  // Thread 0 adds straight into grads; each other thread into a private arena summed into
+  // grads at the end in thread order (deterministic for a given thread count). One arena fewer
+  // than one per thread: with 2 threads that is half the gradient memory a step needs.
+  std::vector<std::vector<T>> priv(static_cast<size_t>(nt));
   std::vector<double> seq_loss(size_t(B), 0.0);
   std::atomic<int64_t> act_bytes{0};  // every thread's activations are alive at once
 #pragma omp parallel num_threads(nt)
   {
-    std::vector<T>& g = priv[size_t(omp_get_thread_num())];
-    g.assign(size_t(lo.numel), T(0));
+    const int tid = omp_get_thread_num();
+    if (tid > 0) priv[size_t(tid)].assign(size_t(lo.numel), T(0));
+    T* const g = tid == 0 ? grads : priv[size_t(tid)].data();
     // The reference head needs a whole [V, D] buffer per thread; the fast one writes into g.
     std::vector<T> dhn(size_t(L) * D), dW(kFast<T> ? 0 : size_t(V) * D);
     SeqActs<T> a;
@@ -401,9 +415,9 @@ double loss_and_grad_arena(const Params& layout, const T* params, T* grads, cons
       forward_seq(a, lo, params, tok, L, scan_chunk, grad_ckpt);
       if constexpr (kFast<T>) {  // dlogits scaled by 1/total directly, dW added into g's head
         seq_loss[size_t(b)] =
-            C::cross_entropy_forward_backward(dhn.data(), g.data() + lo.head, a.hn.data(),
+            C::cross_entropy_forward_backward(dhn.data(), g + lo.head, a.hn.data(),
                                               params + lo.head, tgt, L, D, V, 1.0 / double(total));
-        backward_seq(g.data(), a, lo, params, dhn.data(), tok, L, scan_chunk);
+        backward_seq(g, a, lo, params, dhn.data(), tok, L, scan_chunk);
         continue;
       }
       // The reference cross-entropy is the mean over this sequence's cnt positions; the batch
@@ -414,18 +428,19 @@ double loss_and_grad_arena(const Params& layout, const T* params, T* grads, cons
       seq_loss[size_t(b)] = double(mean) * cnt;
       const G::acc_t<T> share = G::acc_t<T>(cnt) / G::acc_t<T>(total);
       for (T& v : dhn) v = T(v * share);
-      T* gh = g.data() + lo.head;  // the embedding's own gradient too when tied
+      T* gh = g + lo.head;  // the embedding's own gradient too when tied
       for (size_t k = 0; k < dW.size(); ++k) gh[k] += T(dW[k] * share);
-      backward_seq(g.data(), a, lo, params, dhn.data(), tok, L, scan_chunk);
+      backward_seq(g, a, lo, params, dhn.data(), tok, L, scan_chunk);
     }
     act_bytes += a.bytes();
-    // Sum the thread buffers in thread order (deterministic), each thread a share of the tensors.
+    // Sum the other threads' buffers in thread order, each thread a share of the tensors.
+    if (nt > 1)
 #pragma omp for schedule(static)
     for (size_t k = 0; k < lo.tensors.size(); ++k) {
       const auto [off, n] = lo.tensors[k];
       for (int64_t j = off; j < off + n; ++j) {
         G::acc_t<T> s = 0;
-        for (const auto& p : priv) s += p[size_t(j)];
+        for (size_t t = 1; t < priv.size(); ++t) s += priv[t][size_t(j)];
         grads[j] += T(s);
       }
     }
