@@ -14,6 +14,7 @@
 #include <numeric>
 
 #include "backend/backend.h"
+#include "backend/counting_backend.h"
 #include "cli/commands.h"
 #include "core/error.h"
 #include "core/rng.h"
@@ -176,6 +177,82 @@ std::string run_capture(const std::string& cmd) {
   return out;
 }
 
+
+// hm bench --routing-sweep (docs/TRUE_HYBRID.md, "Routing sweep"): does skipping a path in hard
+// routing save the time its FLOPs promise? One sequence of L random tokens, one prefill forward
+// (last-token logits), with the routes forced to send a fraction f of the tokens to attention,
+// against routing_mode "both" (every token runs both paths). FLOPs are counted by the counting
+// backend on an untimed run; times are the best of `reps` runs after a warm-up, the runs of all
+// configurations interleaved so that the machine's drift hits each alike.
+//   saving_realized_f = (t_both - t_f) / (t_both * (F_both - F_f) / F_both)
+// 1 means the time fell exactly as much as the FLOPs did.
+nlohmann::json routing_sweep(const HybridModel& src, Backend& cpu, int L, int reps, KvType kv, bool quiet) {
+  const ModelConfig& c = src.config();
+  HM_CHECK(!c.true_layers.empty(), "bench --routing-sweep: the model has no true-hybrid layers (use "
+           "--preset true-hybrid or a true-hybrid checkpoint)");
+  HM_CHECK(L >= 1 && reps >= 1, "bench --routing-sweep: needs --seq-len >= 1 and --reps >= 1");
+  CountingBackend be(cpu);
+  ModelConfig hc = c, bc = c;
+  hc.routing_mode = "hard";
+  bc.routing_mode = "both";
+  HybridModel hard(hc, be), both(bc, be);
+  std::copy_n(src.params().data(), src.params().numel(), hard.params().data());
+  std::copy_n(src.params().data(), src.params().numel(), both.params().data());
+  hard.prepare();
+  both.prepare();
+  Rng rng(4242);
+  const std::vector<int32_t> toks = random_tokens(rng, L, c.vocab_size);
+  HybridMemory mem(be, c, 1, L, kv);
+  std::vector<float> logits;
+  const std::vector<double> fracs = {0.0, 0.25, 0.5, 0.75, 1.0};
+  const int n_cfg = int(fracs.size()) + 1;  // the last one is "both"
+  auto run = [&](int k) {
+    HybridModel& m = k < int(fracs.size()) ? hard : both;
+    if (k < int(fracs.size())) m.set_forced_attention_fraction(fracs[size_t(k)]);
+    mem.seq_rm(0);
+    Batch b;
+    b.add(0, toks);
+    auto t0 = Clock::now();
+    m.forward(b, mem, logits);
+    return ms(t0, Clock::now());
+  };
+  std::vector<double> flops(static_cast<size_t>(n_cfg));
+  std::vector<nlohmann::json> by_op(static_cast<size_t>(n_cfg));
+  for (int k = 0; k < n_cfg; ++k) {  // untimed: counts, and warms allocations and caches
+    be.reset();
+    run(k);
+    flops[size_t(k)] = be.total_flops();
+    for (int op = 0; op < int(OpKind::kCount); ++op)
+      if (be.count(OpKind(op)).calls > 0) by_op[size_t(k)][op_kind_name(OpKind(op))] = be.count(OpKind(op)).flops;
+  }
+  std::vector<std::vector<double>> t(static_cast<size_t>(n_cfg));
+  for (int rep = 0; rep < reps; ++rep) {
+    if (!quiet) std::fprintf(stderr, "bench: routing sweep, repetition %d of %d...\n", rep + 1, reps);
+    for (int k = 0; k < n_cfg; ++k) t[size_t(k)].push_back(run(k));
+  }
+  auto best = [&](int k) { return *std::min_element(t[size_t(k)].begin(), t[size_t(k)].end()); };
+  const double tb = best(n_cfg - 1), fb = flops[size_t(n_cfg - 1)];
+  nlohmann::json r, rows = nlohmann::json::array();
+  double realized = 1e30;
+  for (size_t k = 0; k < fracs.size(); ++k) {
+    const double tf = best(int(k)), ff = flops[k];
+    const double flop_saving = (fb - ff) / fb, time_saving = (tb - tf) / tb;
+    const double sr = time_saving / flop_saving;
+    if (fracs[k] < 1.0) realized = std::min(realized, sr);
+    rows.push_back({{"f", fracs[k]}, {"time_ms", tf}, {"time_ms_median", median(t[k])}, {"flops", ff},
+                    {"gflop_s", ff / tf / 1e6}, {"flop_saving", flop_saving}, {"time_saving", time_saving},
+                    {"saving_realized_f", sr}, {"flops_by_op", by_op[k]}});
+  }
+  r["seq_len"] = L;
+  r["reps"] = reps;
+  r["timing"] = "best of reps, after one untimed run";
+  r["both"] = {{"time_ms", tb}, {"time_ms_median", median(t[size_t(n_cfg - 1)])}, {"flops", fb},
+               {"gflop_s", fb / tb / 1e6}, {"flops_by_op", by_op[size_t(n_cfg - 1)]}};
+  r["fractions"] = rows;
+  r["saving_realized"] = realized;  // min over f = 0, 0.25, 0.5, 0.75
+  return r;
+}
+
 }  // namespace
 
 Run add_bench(CLI::App& app) {
@@ -184,7 +261,7 @@ Run add_bench(CLI::App& app) {
     int threads = 0, reps = 5;
     std::string kv = "f16";
     bool json = false, no_peer = false, quick = false;
-    bool train = false;
+    bool train = false, routing_sweep = false;
     int batch = 8, seq_len = 128, steps = 5;
   };
   auto o = std::make_shared<Opts>();
@@ -199,9 +276,13 @@ Run add_bench(CLI::App& app) {
   app.add_flag("--quick", o->quick, "Contexts up to 1024 only (for smoke tests)");
   app.add_flag("--train", o->train, "Measure training steps (loss_and_grad + AdamW) instead of inference");
   app.add_option("--batch", o->batch, "--train: sequences per step")->capture_default_str();
-  app.add_option("--seq-len", o->seq_len, "--train: tokens per sequence")->capture_default_str();
+  CLI::Option* seq_len_opt =
+      app.add_option("--seq-len", o->seq_len, "--train: tokens per sequence (--routing-sweep: 2048 unless given)")
+          ->capture_default_str();
+  app.add_flag("--routing-sweep", o->routing_sweep,
+               "True hybrid: prefill time and counted FLOPs at forced attention fractions 0..1 against routing_mode both");
   app.add_option("--steps", o->steps, "--train: timed steps (after one warm-up step)")->capture_default_str();
-  return [o] {
+  return [o, seq_len_opt] {
     namespace fs = std::filesystem;
     if (o->threads > 0) set_num_threads(o->threads);
     const int threads = num_threads();
@@ -232,6 +313,29 @@ Run add_bench(CLI::App& app) {
     r["params"] = model->params().numel();
     r["weight_mb"] = double(model->weight_bytes()) / 1e6;
     auto log = [&](const char* what) { if (!o->json) std::fprintf(stderr, "bench: %s...\n", what); };
+
+    if (o->routing_sweep) {
+      const int L = seq_len_opt->count() > 0 ? o->seq_len : 2048;
+      log("GEMM rate");
+      r["gemm_gflops"] = measure_gemm_gflops(*be);
+      r["routing_sweep"] = routing_sweep(*model, *be, L, o->reps, kv, o->json);
+      if (!tmpdir.empty()) fs::remove_all(tmpdir);
+      if (o->json) {
+        std::printf("%s\n", r.dump().c_str());
+      } else {
+        const auto& s = r["routing_sweep"];
+        std::printf("routing sweep: %d tokens, %d threads, prefill (best of %d)\n", L, threads, o->reps);
+        std::printf("  both      %9.1f ms  %8.2f GFLOP\n", s["both"]["time_ms"].get<double>(),
+                    s["both"]["flops"].get<double>() / 1e9);
+        for (const auto& f : s["fractions"])
+          std::printf("  f = %.2f  %9.1f ms  %8.2f GFLOP  flop saving %5.1f%%  time saving %5.1f%%  realized %.2f\n",
+                      f["f"].get<double>(), f["time_ms"].get<double>(), f["flops"].get<double>() / 1e9,
+                      100 * f["flop_saving"].get<double>(), 100 * f["time_saving"].get<double>(),
+                      f["saving_realized_f"].get<double>());
+        std::printf("saving_realized (min over f < 1): %.2f\n", s["saving_realized"].get<double>());
+      }
+      return 0;
+    }
 
     if (!o->train) {  // decode's roofline; training is bound by GEMMs, not by reading weights
       log("read bandwidth");

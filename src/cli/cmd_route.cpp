@@ -1,11 +1,180 @@
-// hm route (placeholder while it is being built).
+// hm route: which path each true-hybrid layer gives each token of a prompt (the seed's
+// get_routing_analysis), as text or JSON, and a heatmap SVG.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "backend/backend.h"
 #include "cli/commands.h"
 #include "core/error.h"
+#include "core/threads.h"
+#include "io/atomic_file.h"
+#include "model/model.h"
+#include "model/routing.h"
+#include "runtime/tokenizer.h"
 
 namespace hm::cli {
+namespace {
 
-Run add_route(CLI::App&) {
-  return []() -> int { throw Error("hm route: not built yet"); };
+// A printable label per token: its text when that is valid UTF-8, else its bytes in hex (a byte
+// tokenizer splits multi-byte characters), and <bos>/<eos> for the specials.
+std::string token_label(const Tokenizer& tok, int32_t id) {
+  if (id == tok.bos()) return "<bos>";
+  if (id == tok.eos()) return "<eos>";
+  const std::string piece = tok.decode_piece(id);
+  if (!piece.empty() && is_valid_utf8(piece)) return piece;
+  std::string hex;
+  char buf[8];
+  for (unsigned char ch : piece) {
+    std::snprintf(buf, sizeof buf, "<%02X>", ch);
+    hex += buf;
+  }
+  return hex;
+}
+
+std::string xml_escape(const std::string& s) {
+  std::string o;
+  for (char ch : s) {
+    switch (ch) {
+      case '&': o += "&amp;"; break;
+      case '<': o += "&lt;"; break;
+      case '>': o += "&gt;"; break;
+      case '"': o += "&quot;"; break;
+      case '\n': o += "\\n"; break;
+      default: o += (static_cast<unsigned char>(ch) < 0x20) ? ' ' : ch;
+    }
+  }
+  return o;
+}
+
+const char* route_name(th::Route r) {
+  return r == th::Route::Mamba ? "mamba" : r == th::Route::Attention ? "attention" : "both";
+}
+const char* mode_name(th::Mode m) {
+  return m == th::Mode::Both ? "both" : m == th::Mode::Soft ? "soft" : "hard";
+}
+
+// Colour of an attention share s in [0, 1]: Mamba blue (s = 0) to attention orange (s = 1).
+std::string share_colour(double s) {
+  const int a[3] = {49, 104, 196}, b[3] = {240, 140, 30};
+  char buf[16];
+  std::snprintf(buf, sizeof buf, "#%02x%02x%02x", int(a[0] + (b[0] - a[0]) * s + 0.5),
+                int(a[1] + (b[1] - a[1]) * s + 0.5), int(a[2] + (b[2] - a[2]) * s + 0.5));
+  return buf;
+}
+
+// Rows = true-hybrid layers, columns = tokens, colour = attention share; token labels on top,
+// usage on the right, a legend below.
+std::string heatmap_svg(const RoutingAnalysis& r, const std::vector<std::string>& labels) {
+  const int T = int(labels.size()), nl = int(r.layers.size());
+  const double cw = std::clamp(1200.0 / T, 3.0, 28.0), ch = 24;
+  const int label_every = std::max(1, int(std::ceil(11.0 / cw)));  // labels need ~11 px
+  const double left = 70, top = 90, right = 150;
+  const double W = left + cw * T + right, H = top + ch * nl + 70;
+  std::ostringstream o;
+  o.setf(std::ios::fixed);
+  o.precision(1);
+  o << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << W << "\" height=\"" << H
+    << "\" font-family=\"sans-serif\" font-size=\"11\">\n"
+    << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+    << "<text x=\"" << left << "\" y=\"16\" font-size=\"13\">Routing per token (" << mode_name(r.mode)
+    << " mode): attention share</text>\n";
+  for (int t = 0; t < T; t += label_every)
+    o << "<text transform=\"translate(" << left + cw * (t + 0.5) + 3.5 << "," << top - 4
+      << ") rotate(-60)\">" << xml_escape(labels[size_t(t)]) << "</text>\n";
+  for (int i = 0; i < nl; ++i) {
+    const LayerRouting& l = r.layers[size_t(i)];
+    const double y = top + ch * i;
+    o << "<text x=\"" << left - 6 << "\" y=\"" << y + ch / 2 + 4 << "\" text-anchor=\"end\">layer "
+      << l.layer << "</text>\n";
+    for (int t = 0; t < T; ++t) {
+      const double s = l.attention_share[size_t(t)];
+      o << "<rect x=\"" << left + cw * t << "\" y=\"" << y << "\" width=\"" << cw << "\" height=\""
+        << ch << "\" fill=\"" << share_colour(s) << "\"><title>layer " << l.layer << ", token " << t
+        << " " << xml_escape(labels[size_t(t)]) << ": " << route_name(l.route[size_t(t)])
+        << ", attention share " << s << ", p " << l.p[size_t(t)] << "</title></rect>\n";
+    }
+    o << "<text x=\"" << left + cw * T + 6 << "\" y=\"" << y + ch / 2 + 4 << "\">attention "
+      << 100.0 * l.usage.attention << "%</text>\n";
+  }
+  const double ly = top + ch * nl + 20;
+  o << "<defs><linearGradient id=\"share\"><stop offset=\"0\" stop-color=\"" << share_colour(0)
+    << "\"/><stop offset=\"1\" stop-color=\"" << share_colour(1) << "\"/></linearGradient></defs>\n"
+    << "<rect x=\"" << left << "\" y=\"" << ly << "\" width=\"200\" height=\"12\" fill=\"url(#share)\"/>\n"
+    << "<text x=\"" << left << "\" y=\"" << ly + 26 << "\">0: Mamba</text>\n"
+    << "<text x=\"" << left + 200 << "\" y=\"" << ly + 26 << "\" text-anchor=\"end\">1: attention</text>\n"
+    << "<text x=\"" << left + 215 << "\" y=\"" << ly + 10 << "\">overall: Mamba "
+    << 100.0 * r.average_usage.mamba << "%, attention " << 100.0 * r.average_usage.attention
+    << "%</text>\n</svg>\n";
+  return o.str();
+}
+
+}  // namespace
+
+Run add_route(CLI::App& app) {
+  struct Opts {
+    std::string model, prompt, heatmap = "routing.svg";
+    bool json = false, no_bos = false;
+    int threads = 0;
+  };
+  auto o = std::make_shared<Opts>();
+  app.add_option("--model", o->model, "Checkpoint directory (a model with true-hybrid layers)")->required();
+  app.add_option("--prompt", o->prompt, "Text to route")->required();
+  app.add_flag("--json", o->json, "Print one JSON object");
+  app.add_option("--heatmap", o->heatmap, "SVG heatmap to write (\"\" = none)")->capture_default_str();
+  app.add_flag("--no-bos", o->no_bos, "Do not prepend the BOS token");
+  app.add_option("--threads,-t", o->threads, "Threads (0 = all cores)")->capture_default_str();
+  return [o] {
+    if (o->threads > 0) set_num_threads(o->threads);
+    HM_CHECK(!o->prompt.empty(), "route: the prompt is empty");
+    HM_CHECK(is_valid_utf8(o->prompt), "route: the prompt is not valid UTF-8");
+    auto be = make_cpu_backend();
+    auto model = load_model(o->model, *be);
+    const ModelConfig& c = model->config();
+    HM_CHECK(!c.true_layers.empty(), "route: the model in '", o->model, "' has no true-hybrid layers "
+             "(\"hybrid\": \"", c.hybrid, "\"); routing exists only in true_layers (e.g. hm init "
+             "--preset true-tiny)");
+    auto tok = load_tokenizer(o->model);
+    const std::vector<int32_t> ids = tok->encode(o->prompt, !o->no_bos);
+    HM_CHECK(!ids.empty(), "route: the prompt encodes to no tokens");
+    const RoutingAnalysis r = get_routing_analysis(*model, ids);
+    std::vector<std::string> labels;
+    for (int32_t id : ids) labels.push_back(token_label(*tok, id));
+    if (!o->heatmap.empty()) write_file_atomic(o->heatmap, heatmap_svg(r, labels));
+
+    if (o->json) {
+      nlohmann::json j;
+      j["mode"] = mode_name(r.mode);
+      j["granularity"] = c.routing_granularity;
+      j["n_tokens"] = ids.size();
+      j["average_usage"] = {{"mamba", r.average_usage.mamba}, {"attention", r.average_usage.attention}};
+      nlohmann::json layers = nlohmann::json::array();
+      for (const LayerRouting& l : r.layers) {
+        nlohmann::json routes = nlohmann::json::array();
+        for (th::Route ro : l.route) routes.push_back(route_name(ro));
+        layers.push_back({{"layer", l.layer}, {"mamba", l.usage.mamba}, {"attention", l.usage.attention},
+                          {"attention_share", l.attention_share}, {"p", l.p}, {"route", routes}});
+      }
+      j["per_layer"] = layers;
+      j["tokens"] = labels;
+      j["token_ids"] = ids;
+      j["heatmap"] = o->heatmap;
+      std::printf("%s\n", j.dump().c_str());
+    } else {
+      std::printf("%zu tokens, routing_mode %s, granularity %s\n", ids.size(), mode_name(r.mode),
+                  c.routing_granularity.c_str());
+      for (const LayerRouting& l : r.layers)
+        std::printf("layer %d: Mamba usage: %.1f%%  Attention usage: %.1f%%\n", l.layer,
+                    100.0 * l.usage.mamba, 100.0 * l.usage.attention);
+      std::printf("overall: Mamba usage: %.1f%%  Attention usage: %.1f%%\n", 100.0 * r.average_usage.mamba,
+                  100.0 * r.average_usage.attention);
+      if (!o->heatmap.empty()) std::printf("heatmap: %s\n", o->heatmap.c_str());
+    }
+    return 0;
+  };
 }
 
 }  // namespace hm::cli

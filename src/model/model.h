@@ -1,5 +1,5 @@
-// The Simple Hybrid model: a stack of Mamba and attention blocks (docs/MODEL.md) run over a
-// ragged batch. One forward path serves prefill and decoding: a decode step is a batch of
+// The hybrid model: a stack of Mamba, attention and true-hybrid blocks (docs/MODEL.md,
+// docs/TRUE_HYBRID.md) run over a ragged batch. One forward path serves prefill and decoding: a decode step is a batch of
 // one-token chunks that continue their sequences from the state in HybridMemory, so prefill and
 // decode compute the same function by construction.
 #pragma once
@@ -11,6 +11,7 @@
 #include "backend/backend.h"
 #include "model/config.h"
 #include "model/params.h"
+#include "model/true_hybrid.h"
 #include "runtime/memory.h"
 
 namespace hm {
@@ -35,6 +36,22 @@ struct Batch {
 // Scratch activations, grown to the largest batch seen; reused across calls.
 struct Workspace {
   Buffer h, u, inner, inner_prev, xz, xc, dbc, dt, q, k, v, g, up, act, rows, logits_dev;
+  Buffer gath, ym, ya;  // true-hybrid layers: gathered path inputs, compact path outputs
+};
+
+// What the routers of the true-hybrid layers decided in the last forward (set_route_trace).
+struct RouteTrace {
+  std::vector<int> layers;  // the true-hybrid layers, in order
+  // [index into layers][token of the batch, in packed order]
+  std::vector<std::vector<float>> p;                 // the router's attention probability
+  std::vector<std::vector<th::Route>> route;
+  std::vector<std::vector<double>> attention_share;  // th::attention_share; Mamba's is 1 - it
+};
+
+// Rows [row0, row0 + n) of a path's compact input belong to the sequence in `slot` and continue
+// it at position pos0 (the attention path's own position: its K/V row count).
+struct PathSeg {
+  int slot = 0, row0 = 0, n = 0, pos0 = 0;
 };
 
 class HybridModel {
@@ -55,10 +72,25 @@ class HybridModel {
 
   int64_t weight_bytes() const { return params_.numel() * int64_t(sizeof(float)); }
 
+  // Benchmarks and tests: send a fraction f of every sequence's tokens to attention in each
+  // true-hybrid layer (th::forced_to_attention), whatever the router says; f < 0 lets the router
+  // decide again. Only hard routing skips a path, so forcing in soft or both mode (or on a model
+  // without true-hybrid layers) is an hm::Error.
+  void set_forced_attention_fraction(double f);
+  double forced_attention_fraction() const { return force_f_; }
+  // Records the routes of every later forward into *t (null: stop recording).
+  void set_route_trace(RouteTrace* t) { trace_ = t; }
+
  private:
   void bridge(int layer, int T);
   void mamba_layer(int layer, const Batch& b, const std::vector<int>& start, HybridMemory& mem);
   void attention_layer(int layer, const Batch& b, const std::vector<int>& start, HybridMemory& mem);
+  void true_layer(int layer, const Batch& b, const std::vector<int>& start, HybridMemory& mem);
+  // The two paths over n compact rows x [n, D], segment by segment: out [n, D] (=|+=).
+  void mamba_path(int layer, const float* x, int n, const std::vector<PathSeg>& segs, float* out,
+                  bool accumulate, HybridMemory& mem);
+  void attention_path(int layer, const float* x, int n, const std::vector<PathSeg>& segs, float* out,
+                      bool accumulate, HybridMemory& mem);
   void mlp(int layer, int T);
 
   ModelConfig cfg_;
@@ -66,6 +98,13 @@ class HybridModel {
   Params params_;
   std::vector<std::vector<float>> A_;  // per layer: -exp(A_log) [E, N] (empty for attention)
   Workspace ws_;
+  double force_f_ = -1.0;
+  RouteTrace* trace_ = nullptr;
+  // true_layer's host scratch, reused across calls
+  std::vector<th::Routing<float>> routing_;  // per chunk of the batch
+  std::vector<float> logit_, feats_;         // [T], [T, kRouterFeatures]
+  std::vector<int> midx_, aidx_;             // [T]: row in ym / ya, -1 when the path did not run
+  std::vector<float> gm_, ga_;               // [T]: the gates, batch order
 };
 
 // Loads config.json and model.safetensors from a checkpoint directory.

@@ -18,24 +18,31 @@ enum class KvType : uint8_t { F32, F16 };
 KvType kv_type_from_name(const std::string& name);  // "f32" | "f16", hm::Error otherwise
 size_t kv_type_size(KvType t);
 
-// K (after RoPE) and V of every position of every sequence, per attention layer.
+// K (after RoPE) and V of the positions each sequence holds, per layer with an attention path.
 class KVCache {
  public:
   KVCache(Backend& be, const ModelConfig& c, int n_slots, int max_ctx, KvType type);
   // [max_ctx, n_kv_heads * head_dim] of type(); allocated on first use of the slot.
   void* k(int layer, int slot);
   void* v(int layer, int slot);
+  // K/V rows held (rows [0, len) are valid). An attention layer holds one per position; a
+  // true-hybrid layer only those of the tokens routed to attention (docs/TRUE_HYBRID.md).
+  int len(int layer, int slot) const { return len_[index(layer, slot)]; }
+  void set_len(int layer, int slot, int n) { len_[index(layer, slot)] = n; }
+  void clear(int slot);  // every layer's len to 0
   KvType type() const { return type_; }
   int max_ctx() const { return max_ctx_; }
   size_t bytes_reserved() const;
 
  private:
+  size_t index(int layer, int slot) const;
   void* get(std::vector<Buffer>& bufs, int layer, int slot);
   Backend& be_;
   KvType type_;
   std::vector<int> layer_index_;  // model layer -> attention layer number, -1 for Mamba
   int n_slots_, max_ctx_, row_;
   std::vector<Buffer> k_, v_;     // [attention layer][slot]
+  std::vector<int> len_;          // [attention layer][slot]
 };
 
 // Constant-size state of each Mamba layer: cost per decoded token does not grow with context.
@@ -56,24 +63,51 @@ class RecurrentState {
   std::vector<float> zeros_;
 };
 
+// Per true-hybrid layer and sequence, what the router and the cross-path exchange carry from
+// one call to the next (docs/TRUE_HYBRID.md): [m (D) | x (D) | chunk logit (1)], where m is the
+// analyzer's EMA of u, x the last Mamba-path output and the logit that of the current chunk.
+class RouteState {
+ public:
+  RouteState(Backend& be, const ModelConfig& c, int n_slots);
+  float* ema(int layer, int slot) { return get(layer, slot); }
+  float* last_mamba(int layer, int slot) { return get(layer, slot) + d_; }
+  float& chunk_logit(int layer, int slot) { return get(layer, slot)[2 * d_]; }
+  void clear(int slot);
+  void copy(int src_slot, int dst_slot);
+  size_t bytes_reserved() const;
+
+ private:
+  float* get(int layer, int slot);
+  Backend& be_;
+  std::vector<int> layer_index_;  // model layer -> true layer number, -1 for others
+  int n_slots_, d_, n_;
+  std::vector<Buffer> st_;  // [true layer * n_slots + slot], n_ = 2D + 1 floats each
+  std::vector<float> zeros_;
+};
+
 class HybridMemory {
  public:
   HybridMemory(Backend& be, const ModelConfig& c, int n_slots, int max_ctx, KvType kv = KvType::F16);
   KVCache& kv() { return kv_; }
   RecurrentState& recurrent() { return rs_; }
+  RouteState& route() { return route_; }
   int n_slots() const { return int(pos_.size()); }
   int max_ctx() const { return kv_.max_ctx(); }
   int pos(int slot) const { return pos_.at(size_t(slot)); }  // tokens the sequence holds
   void advance(int slot, int n) { pos_.at(size_t(slot)) += n; }
   void seq_rm(int slot);                // forget a sequence: position 0, zero state
   void seq_cp(int src, int dst);        // dst continues exactly as src would
-  size_t bytes_reserved() const { return kv_.bytes_reserved() + rs_.bytes_reserved(); }
+  size_t bytes_reserved() const {
+    return kv_.bytes_reserved() + rs_.bytes_reserved() + route_.bytes_reserved() +
+           pos_.size() * sizeof(int);
+  }
 
  private:
   Backend& be_;
   ModelConfig cfg_;
   KVCache kv_;
   RecurrentState rs_;
+  RouteState route_;
   std::vector<int> pos_;
 };
 
