@@ -79,5 +79,20 @@ expect_fail "train non-UTF-8 data" "UTF-8" "$HM" train --data "$W/latin1.txt" --
 expect_fail "train diverging" "training stopped" "$HM" train "${T[@]}" --out "$W/wild" --lr 1e30 --warmup 0
 [ ! -e "$W/t2" ] && ok || bad "failed train runs wrote nothing"
 
+# Tasks (docs/EVALUATION.md): train a tiny model on MQAR draws, score it with hm eval --task
+# (settings from the run), and name bad task input.
+"$HM" train --preset tiny --task mqar --task-vocab 40 --seq-len 16 --steps 3 --batch 4 --out "$W/mqar" \
+  --task-eval 16 --eval-every 3 2>"$W/mqar.err" && ok || bad "train --task mqar: $(cat "$W/mqar.err")"
+grep -q "accuracy" "$W/mqar.err" && ok || bad "train --task progress: $(cat "$W/mqar.err")"
+ev=$("$HM" eval --model "$W/mqar" --task mqar --examples 20 --json)
+case "$ev" in *'"accuracy":'*'"scored":20,'*'"kv":1,'*'"vocab":40'*) ok ;; *) bad "eval --task --json: $ev" ;; esac
+"$HM" eval --model "$W/mqar" --task mqar --examples 20 | grep -q "chance accuracy" && ok || bad "eval --task text"
+expect_fail "bad task name" "unknown task 'recall'" "$HM" eval --model "$W/mqar" --task recall
+expect_fail "train bad task name" "unknown task 'recall'" "$HM" train --task recall --out "$W/t3"
+expect_fail "mqar constraint" "must exceed --seq-len" "$HM" train --task mqar --task-vocab 16 --seq-len 32 --out "$W/t3"
+expect_fail "eval needs data or task" "exactly one of --data" "$HM" eval --model "$W/mqar"
+expect_fail "compare bad arch" "unknown architecture 'rnn'" "$HM" compare --archs rnn --out "$W/cmp"
+[ ! -e "$W/t3" ] && ok || bad "failed task runs wrote nothing"
+
 echo "$pass passed, $fail failed"
 [ "$fail" -eq 0 ]

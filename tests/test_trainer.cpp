@@ -282,3 +282,72 @@ TEST(Trainer, BpeTokenizerIsSavedWithTheCheckpoint) {
   const hm::EvalResult e = hm::evaluate(c.out_dir, c.data_path);
   EXPECT_TRUE(std::isfinite(e.loss));
 }
+
+// Task data: the batch of a step is a function of the step, so an interrupted run resumes to the
+// same bytes; the task settings come back from the checkpoint.
+TEST(Trainer, TaskTrainingResumesBitIdentically) {
+  TrainerTempDir d("task");
+  auto task_config = [&](const std::string& out) {
+    hm::TrainConfig c = base_config(d, out);
+    c.data_path.clear();
+    c.task.name = "mqar";
+    c.task.vocab = 40;
+    c.seq_len = 16;
+    c.steps = 6;
+    c.grad_accum = 2;
+    c.task_eval = 8;
+    c.eval_every = 3;
+    return c;
+  };
+  hm::train(task_config("full"));
+  hm::TrainConfig part = task_config("part");
+  part.stop_after = 3;
+  hm::train(part);
+  hm::TrainConfig again;
+  again.out_dir = part.out_dir;
+  again.resume = true;
+  again.progress = false;
+  hm::train(again);
+  std::vector<float> a, b;
+  load_weights(d.file("full/checkpoint"), a);
+  load_weights(d.file("part/checkpoint"), b);
+  ASSERT_EQ(a.size(), b.size());
+  EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0);
+  const auto full_rows = read_csv(d.file("full/train_log.csv")), part_rows = read_csv(d.file("part/train_log.csv"));
+  ASSERT_EQ(full_rows.size(), part_rows.size());
+  for (size_t i = 1; i < full_rows.size(); ++i) {
+    EXPECT_EQ(full_rows[i][2], part_rows[i][2]) << "train loss, step " << i;
+    EXPECT_EQ(full_rows[i][5], part_rows[i][5]) << "test loss, step " << i;
+  }
+  std::ifstream f(d.file("part/checkpoint/trainer_state.json"));
+  const auto st = nlohmann::json::parse(f);
+  EXPECT_EQ(st.at("settings").at("task").at("name"), "mqar");
+  EXPECT_EQ(st.at("settings").at("task").at("kv"), 1);  // 16 / 16
+  EXPECT_EQ(hm::load_config(d.file("part/checkpoint/config.json")).vocab_size, 40);
+  // Validation on test draws is in the log (val_loss at steps 3 and 6).
+  ASSERT_EQ(full_rows.size(), 7u);
+  EXPECT_FALSE(full_rows[3][5].empty());
+  EXPECT_TRUE(full_rows[2][5].empty());
+}
+
+TEST(Trainer, TaskSettingsAreChecked) {
+  TrainerTempDir d("taskbad");
+  write(d.file("corpus.txt"), small_corpus());
+  hm::TrainConfig c = base_config(d, "run");
+  c.task.name = "mqar";
+  try {
+    hm::train(c);
+    ADD_FAILURE() << "no error";
+  } catch (const hm::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("--data and --task"), std::string::npos) << e.what();
+  }
+  c.data_path.clear();
+  c.task.vocab = 20;  // not above seq_len 32
+  try {
+    hm::train(c);
+    ADD_FAILURE() << "no error";
+  } catch (const hm::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("must exceed --seq-len"), std::string::npos) << e.what();
+  }
+  EXPECT_FALSE(fs::exists(d.file("run")));
+}

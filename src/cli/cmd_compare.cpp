@@ -1,11 +1,42 @@
-// hm compare (placeholder while it is being built).
+// hm compare: every architecture on one task at matched size and budget (src/eval/compare.h).
+#include <cstdio>
+#include <memory>
+
 #include "cli/commands.h"
 #include "core/error.h"
+#include "eval/compare.h"
 
 namespace hm::cli {
 
-Run add_compare(CLI::App&) {
-  return []() -> int { throw Error("hm compare: not built yet"); };
+Run add_compare(CLI::App& app) {
+  auto o = std::make_shared<CompareConfig>();
+  app.add_option("--task", o->task, "mqar, copy, induction, or perplexity (with --data)")->capture_default_str();
+  app.add_option("--data", o->data_path, "perplexity: the corpus (byte tokenizer, the trainer's 5% validation split)");
+  app.add_option("--sizes", o->sizes, "d_model values")->delimiter(',')->capture_default_str();
+  app.add_option("--seq-lens", o->seq_lens, "Sequence lengths (mqar: kv = seq_len/16 unless --kv)")
+      ->delimiter(',')->capture_default_str();
+  app.add_option("--lrs", o->lrs, "Learning rates tried per cell; the best is kept")->delimiter(',')->capture_default_str();
+  app.add_option("--archs", o->archs, "Architectures: mamba, transformer, hybrid, hybrid-nobridge, true-soft, true-hard")
+      ->delimiter(',')->capture_default_str();
+  app.add_option("--budget", o->budget, "Optimizer steps per run (equal for every run)")->capture_default_str();
+  app.add_option("--batch", o->batch, "Examples (or windows) per step")->capture_default_str();
+  app.add_option("--task-vocab", o->task_vocab, "Task vocabulary (Zoology uses 8192)")->capture_default_str();
+  app.add_option("--kv", o->kv, "mqar pairs / copy tokens (0: task default)")->capture_default_str();
+  app.add_option("--test-examples", o->test_examples, "Task test examples scored per run")->capture_default_str();
+  app.add_option("--eval-tokens", o->eval_tokens, "perplexity: validation tokens scored per run")->capture_default_str();
+  app.add_option("--out", o->out_dir, "Output directory: results.csv, results.json, results.svg, runs/")->required();
+  app.add_option("--threads,-t", o->threads, "Threads (0 = all cores)")->capture_default_str();
+  app.add_option("--seed", o->seed, "Initialization and training-draw seed (the test draws are fixed)")
+      ->capture_default_str();
+  app.footer(
+      "Each architecture's layer count is chosen to match the 4-layer Mamba's parameter count; finished runs in "
+      "--out are reused when their settings match, so an interrupted sweep continues. docs/EVALUATION.md.");
+  return [o] {
+    const auto runs = run_compare(*o);
+    std::printf("%s", compare_table(*o, runs).c_str());
+    std::printf("results: %s/results.csv, results.json, results.svg\n", o->out_dir.c_str());
+    return 0;
+  };
 }
 
 }  // namespace hm::cli

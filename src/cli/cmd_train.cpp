@@ -13,7 +13,14 @@ Run add_train(CLI::App& app) {
   auto o = std::make_shared<TrainConfig>();
   app.add_option("--preset", o->preset, "Model preset: seed, mamba, transformer, demo, tiny")->capture_default_str();
   app.add_option("--config", o->config_file, "A config.json to use instead of a preset");
-  app.add_option("--data", o->data_path, "Training text: a UTF-8 file or a folder of them (required unless --resume)");
+  app.add_option("--data", o->data_path, "Training text: a UTF-8 file or a folder of them (required unless --resume or --task)");
+  app.add_option("--task", o->task.name, "Train on a synthetic task's draws instead of --data: mqar, copy, induction "
+                 "(docs/EVALUATION.md)");
+  app.add_option("--task-vocab", o->task.vocab, "Task vocabulary (0: mqar 8192, copy/induction 16)")->capture_default_str();
+  app.add_option("--kv", o->task.kv, "mqar: key-value pairs (0: seq-len/16); copy: tokens to copy (0: min(16, seq-len/4))")
+      ->capture_default_str();
+  app.add_option("--task-eval", o->task_eval, "Task test examples scored at each validation (0: none)")
+      ->capture_default_str();
   app.add_option("--out", o->out_dir, "Output directory: checkpoint/, train_log.csv, loss.svg")->required();
   app.add_option("--steps", o->steps, "Optimizer steps (the length of the lr schedule)")->capture_default_str();
   app.add_option("--batch", o->batch, "Sequences per micro-batch")->capture_default_str();
@@ -39,7 +46,8 @@ Run add_train(CLI::App& app) {
       "load it with `hm generate --model DIR/checkpoint`), DIR/train_log.csv and DIR/loss.svg. "
       "--resume takes every setting that shapes the result from the checkpoint.");
   return [o] {
-    HM_CHECK(o->resume || !o->data_path.empty(), "--data is required (unless --resume)");
+    HM_CHECK(o->resume || !o->data_path.empty() || !o->task.name.empty(),
+             "--data or --task is required (unless --resume)");
     train(*o);
     return 0;
   };
@@ -49,12 +57,18 @@ Run add_eval(CLI::App& app) {
   struct Opts {
     std::string model, data;
     int seq_len = 0, batch = 8, threads = 0;
-    int64_t max_tokens = -1;
+    int64_t max_tokens = -1, examples = 1000;
     bool json = false;
+    TaskSpec task;
   };
   auto o = std::make_shared<Opts>();
   app.add_option("--model", o->model, "A training --out directory or a checkpoint directory")->required();
-  app.add_option("--data", o->data, "The training data; its validation split is scored")->required();
+  app.add_option("--data", o->data, "The training data; its validation split is scored (perplexity)");
+  app.add_option("--task", o->task.name, "Score accuracy on a task's test draws instead: mqar, copy, induction "
+                 "(settings not given come from the run)");
+  app.add_option("--task-vocab", o->task.vocab, "Task vocabulary (0: the run's, else the model's)");
+  app.add_option("--kv", o->task.kv, "Task mqar pairs / copy tokens (0: the run's, else the default)");
+  app.add_option("--examples", o->examples, "Task test examples scored")->capture_default_str();
   app.add_option("--seq-len", o->seq_len, "Window length (0: the training run's, else 128)")->capture_default_str();
   app.add_option("--max-tokens", o->max_tokens, "Tokens scored (-1: the training run's count, 0: all)")
       ->capture_default_str();
@@ -63,6 +77,29 @@ Run add_eval(CLI::App& app) {
   app.add_flag("--json", o->json, "Print one JSON object");
   return [o] {
     if (o->threads > 0) set_num_threads(o->threads);
+    HM_CHECK(o->data.empty() != o->task.name.empty(), "give exactly one of --data (perplexity) and --task (accuracy)");
+    if (!o->task.name.empty()) {
+      TaskSpec given = o->task;
+      given.seq_len = o->seq_len;
+      const TaskEvalResult r = evaluate_task(o->model, given, o->examples, o->batch);
+      const TaskSpec& t = r.task;
+      if (o->json) {
+        nlohmann::json j = {{"task", task_to_json(t)}, {"accuracy", r.score.accuracy},
+                            {"correct", r.score.correct}, {"scored", r.score.scored},
+                            {"examples", r.score.examples}, {"loss", r.score.loss}, {"chance", r.chance}};
+        if (r.step >= 0) j["step"] = r.step;
+        std::printf("%s\n", j.dump().c_str());
+      } else {
+        std::printf("task %s (vocab %d, seq_len %d%s): accuracy %.4f (%lld of %lld scored positions, %lld test "
+                    "examples%s)\n",
+                    t.name.c_str(), t.vocab, t.seq_len, t.kv > 0 ? (", kv " + std::to_string(t.kv)).c_str() : "",
+                    r.score.accuracy, static_cast<long long>(r.score.correct), static_cast<long long>(r.score.scored),
+                    static_cast<long long>(r.score.examples),
+                    r.step >= 0 ? (", step " + std::to_string(r.step)).c_str() : "");
+        std::printf("loss on the scored positions %.4f; chance accuracy %.4f\n", r.score.loss, r.chance);
+      }
+      return 0;
+    }
     const EvalResult r = evaluate(o->model, o->data, o->seq_len, o->max_tokens, o->batch);
     if (o->json) {
       nlohmann::json j = {{"loss", r.loss}, {"ppl", r.ppl}, {"tokens", r.tokens},

@@ -133,6 +133,15 @@ json settings_json(const TrainConfig& c, int64_t warmup, int threads) {
           {"threads", threads},       {"grad_ckpt", c.grad_ckpt}};
 }
 
+json settings_json_all(const TrainConfig& c, int64_t warmup, int threads) {
+  json j = settings_json(c, warmup, threads);
+  if (!c.task.name.empty()) {  // corpus runs keep exactly their old state
+    j["task"] = task_to_json(c.task);
+    j["task_eval"] = c.task_eval;
+  }
+  return j;
+}
+
 json rng_json(const Rng& r) {
   const Rng::State s = r.state();
   uint64_t spare_bits;
@@ -401,11 +410,21 @@ void train(const TrainConfig& given) {
       // Older states predate the setting.
       c.grad_ckpt = c.grad_ckpt || s.value("grad_ckpt", false);
       c.eval_tokens = s.at("eval_tokens");
+      c.task = s.contains("task") ? task_from_json(s.at("task")) : TaskSpec{};
+      c.task_eval = s.value("task_eval", c.task_eval);
       saved_threads = s.at("threads");
       start = state.at("step");
     } catch (const json::exception& e) {
       throw Error(detail::cat((ck / "trainer_state.json").string(), ": ", e.what()));
     }
+  }
+  const bool task_mode = !c.task.name.empty();
+  if (task_mode) {
+    HM_CHECK(c.data_path.empty(), "--data and --task exclude each other: train on a corpus or on a task");
+    c.task.seq_len = c.seq_len;
+    c.task = resolve_task(c.task);
+    validate_task(c.task);
+    HM_CHECK(c.task_eval >= 0, "task evaluation examples must be >= 0 (got ", c.task_eval, ")");
   }
   // Stored absolute, so a resume from another working directory finds the same text.
   if (!c.data_path.empty()) c.data_path = fs::absolute(c.data_path).lexically_normal().string();
@@ -429,12 +448,18 @@ void train(const TrainConfig& given) {
                  : c.config_file.empty() ? preset(c.preset)
                                          : load_config(c.config_file);
 
-  // Data: every check on it happens before anything is written.
-  Corpora data = load_split(c.data_path);
-  const auto train_txt = train_texts(data.corpus, data.split);
-  const auto valid_txt = valid_texts(data.corpus, data.split);
+  // Data: every check on it happens before anything is written. A task needs none of it.
+  Corpora data;
+  std::vector<std::string_view> train_txt, valid_txt;
+  if (!task_mode) {
+    data = load_split(c.data_path);
+    train_txt = train_texts(data.corpus, data.split);
+    valid_txt = valid_texts(data.corpus, data.split);
+  }
   std::unique_ptr<Tokenizer> tok;
-  if (c.resume) {
+  if (task_mode) {
+    // No tokenizer: task tokens are ids.
+  } else if (c.resume) {
     tok = load_tokenizer(ck.string());
   } else if (c.tokenizer == "byte") {
     tok = std::make_unique<ByteTokenizer>();
@@ -446,16 +471,23 @@ void train(const TrainConfig& given) {
     train_sentencepiece_bpe(texts, c.vocab, tdir.string());
     tok = std::make_unique<SentencePieceTokenizer>((tdir / "tokenizer.model").string());
   }
-  const std::vector<int32_t> train_tok = token_stream(*tok, train_txt);
-  const std::vector<int32_t> valid_tok = token_stream(*tok, valid_txt);
+  const std::vector<int32_t> train_tok = tok ? token_stream(*tok, train_txt) : std::vector<int32_t>();
+  const std::vector<int32_t> valid_tok = tok ? token_stream(*tok, valid_txt) : std::vector<int32_t>();
   const int L = c.seq_len;
-  HM_CHECK(int64_t(train_tok.size()) >= int64_t(L) + 1, "training data ", c.data_path, ": the training split holds ",
-           train_tok.size(), " tokens, fewer than one sequence of --seq-len ", L,
+  HM_CHECK(task_mode || int64_t(train_tok.size()) >= int64_t(L) + 1, "training data ", c.data_path,
+           ": the training split holds ", train_tok.size(), " tokens, fewer than one sequence of --seq-len ", L,
            " + 1; give more text or a shorter --seq-len");
-  HM_CHECK(valid_tok.size() >= 2, "training data ", c.data_path, ": the validation split holds ",
+  HM_CHECK(task_mode || valid_tok.size() >= 2, "training data ", c.data_path, ": the validation split holds ",
            valid_tok.size(), " tokens; give more text");
 
-  if (mc.vocab_size != tok->vocab_size()) {
+  if (task_mode) {
+    if (mc.vocab_size != c.task.vocab) {
+      HM_CHECK(!c.resume, ck.string(), ": config vocab_size ", mc.vocab_size, " differs from the task's ",
+               c.task.vocab);
+      say(detail::cat("model vocab_size ", mc.vocab_size, " -> ", c.task.vocab, " (task ", c.task.name, ")"));
+      mc.vocab_size = c.task.vocab;
+    }
+  } else if (mc.vocab_size != tok->vocab_size()) {
     if (c.resume) {
       HM_CHECK(false, ck.string(), ": config vocab_size ", mc.vocab_size, " differs from the tokenizer's ",
                tok->vocab_size());
@@ -496,8 +528,11 @@ void train(const TrainConfig& given) {
   Params grads(mc);
 
   say(detail::cat(c.resume ? "resuming" : "training", " ", count_params(mc), " parameters (",
-                  c.config_file.empty() ? c.preset : c.config_file, "), ", c.tokenizer, " tokenizer, ",
-                  train_tok.size(), " train / ", valid_tok.size(), " validation tokens; ", c.steps,
+                  c.config_file.empty() ? c.preset : c.config_file, "), ",
+                  task_mode ? detail::cat("task ", c.task.name, " (vocab ", c.task.vocab, ", kv ", c.task.kv, ")")
+                            : detail::cat(c.tokenizer, " tokenizer, ", train_tok.size(), " train / ",
+                                          valid_tok.size(), " validation tokens"),
+                  "; ", c.steps,
                   " steps of ", c.batch, "x", L, c.grad_accum > 1 ? detail::cat(" x", c.grad_accum) : "",
                   " tokens, lr ", c.lr, ", ", threads, " threads",
                   c.resume ? detail::cat(", from step ", start) : ""));
@@ -508,13 +543,13 @@ void train(const TrainConfig& given) {
     fs::remove_all(tmp);
     fs::create_directories(tmp);
     save_model(model, tmp.string());
-    tok->save(tmp.string());
+    if (tok) tok->save(tmp.string());
     opt.save((tmp / "optimizer.safetensors").string());
     json st = {{"format", kStateFormat},
                {"step", step},
                {"tokens_seen", tokens_seen},
                {"rng", rng_json(rng)},
-               {"settings", settings_json(c, c.warmup, threads)}};
+               {"settings", settings_json_all(c, c.warmup, threads)}};
     write_file_atomic((tmp / "trainer_state.json").string(), st.dump(2) + "\n");
     fsync_dir(tmp);
     swap_in(tmp, out);
@@ -536,7 +571,7 @@ void train(const TrainConfig& given) {
   };
 
   std::vector<int32_t> in(size_t(c.batch) * L), tg(size_t(c.batch) * L);
-  const uint64_t n_pos = uint64_t(train_tok.size()) - uint64_t(L);  // window starts 0..n_pos-1
+  const uint64_t n_pos = task_mode ? 0 : uint64_t(train_tok.size()) - uint64_t(L);  // window starts 0..n_pos-1
   const float min_lr = c.lr * c.min_lr_ratio;
   double train_time = 0;
   int64_t timed_steps = 0, timed_tokens = 0;
@@ -546,10 +581,15 @@ void train(const TrainConfig& given) {
     zero(grads);
     double loss = 0;
     for (int a = 0; a < c.grad_accum; ++a) {
-      for (int b = 0; b < c.batch; ++b) {
-        const size_t p = size_t(rng.next_u64() % n_pos);
-        std::copy_n(train_tok.begin() + int64_t(p), L, in.begin() + int64_t(b) * L);
-        std::copy_n(train_tok.begin() + int64_t(p) + 1, L, tg.begin() + int64_t(b) * L);
+      if (task_mode) {
+        const uint64_t first = (uint64_t(step) * uint64_t(c.grad_accum) + uint64_t(a)) * uint64_t(c.batch);
+        task_examples(c.task, TaskSplit::Train, c.seed, first, c.batch, in.data(), tg.data());
+      } else {
+        for (int b = 0; b < c.batch; ++b) {
+          const size_t p = size_t(rng.next_u64() % n_pos);
+          std::copy_n(train_tok.begin() + int64_t(p), L, in.begin() + int64_t(b) * L);
+          std::copy_n(train_tok.begin() + int64_t(p) + 1, L, tg.begin() + int64_t(b) * L);
+        }
       }
       loss += loss_and_grad(P, grads, in.data(), tg.data(), c.batch, L, c.scan_chunk,
                             c.grad_ckpt);
@@ -580,7 +620,16 @@ void train(const TrainConfig& given) {
     r.norm = norm;
     r.tps = dt > 0 ? double(step_tokens) / dt : 0;
     const bool last = done == end;
-    if ((c.eval_every > 0 && done % c.eval_every == 0) || last) {
+    if (task_mode && c.task_eval > 0 && ((c.eval_every > 0 && done % c.eval_every == 0) || last)) {
+      const TaskScore sc = score_task(model, c.task, c.task_eval);
+      r.val_loss = sc.loss;
+      r.val_ppl = std::exp(sc.loss);
+      clear_line();
+      if (c.progress)
+        std::fprintf(stderr, "step %lld: test loss %.4f, accuracy %.4f (%lld scored positions of %lld examples)\n",
+                     static_cast<long long>(done), sc.loss, sc.accuracy, static_cast<long long>(sc.scored),
+                     static_cast<long long>(sc.examples));
+    } else if (!task_mode && ((c.eval_every > 0 && done % c.eval_every == 0) || last)) {
       const EvalResult e = eval_stream(P, valid_tok, L, c.eval_tokens, c.batch);
       r.val_loss = e.loss;
       r.val_ppl = e.ppl;
@@ -590,6 +639,7 @@ void train(const TrainConfig& given) {
                      e.loss, e.ppl, static_cast<long long>(e.tokens));
     }
     rows.push_back(r);
+    if (c.on_step) c.on_step(done, c.steps, loss);
     if (c.progress && (tty || done % print_every == 0 || last)) {
       const double tps = train_time > 0 ? double(timed_tokens) / train_time : 0;
       const double eta = double(end - done) * train_time / double(timed_steps);
@@ -652,6 +702,48 @@ EvalResult evaluate(const std::string& model_dir, const std::string& data_path, 
   for (int64_t i = 1; i <= r.tokens; ++i) nll -= std::log(count[size_t(valid[size_t(i)])] / total);
   r.unigram_loss = nll / double(r.tokens);
   r.unigram_ppl = std::exp(r.unigram_loss);
+  return r;
+}
+
+}  // namespace hm
+
+namespace hm {
+
+TaskEvalResult evaluate_task(const std::string& model_dir, const TaskSpec& given, int64_t n, int batch) {
+  fs::path dir = model_dir;
+  if (fs::exists(dir / "checkpoint" / "config.json")) dir /= "checkpoint";  // a training out_dir
+  TaskEvalResult r;
+  TaskSpec saved;
+  const fs::path sp = dir / "trainer_state.json";
+  if (fs::exists(sp)) {
+    const json st = read_json(sp);
+    try {
+      r.step = st.at("step");
+      const json& s = st.at("settings");
+      if (s.contains("task")) saved = task_from_json(s.at("task"));
+    } catch (const json::exception& e) {
+      throw Error(detail::cat(sp.string(), ": ", e.what()));
+    }
+  }
+  TaskSpec t = given;
+  if (t.name.empty()) {
+    HM_CHECK(!saved.name.empty(), dir.string(), " was not trained on a task: give --task");
+    t.name = saved.name;
+  }
+  // Settings of the run's own task fill what was not given; another task only takes its L.
+  const bool same = t.name == saved.name;
+  if (t.seq_len == 0) t.seq_len = saved.seq_len;
+  if (same && t.vocab == 0) t.vocab = saved.vocab;
+  if (same && t.kv == 0) t.kv = saved.kv;
+  HM_CHECK(t.seq_len > 0, dir.string(), " has no training task settings: give --seq-len");
+  auto be = make_cpu_backend();
+  auto model = load_model(dir.string(), *be);
+  if (t.vocab == 0) t.vocab = model->config().vocab_size;
+  t = resolve_task(t);
+  validate_task(t);
+  r.task = t;
+  r.score = score_task(*model, t, n, batch);
+  r.chance = chance_accuracy(t);
   return r;
 }
 

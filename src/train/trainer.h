@@ -6,6 +6,12 @@
 // random offsets drawn from an hm::Rng: the RNG state is the whole data position, so a resumed
 // run draws exactly the batches the uninterrupted run would have drawn.
 //
+// Task data (cfg.task.name set, docs/EVALUATION.md): instead of a corpus, batch b of step s
+// (micro-batch a) holds train draws (s * grad_accum + a) * batch + b ..., a pure function of the
+// step, so resume is exact without any data state; seq_len is the task's L, the model's
+// vocab_size becomes the task's vocabulary, and no tokenizer is saved. Validation scores the
+// first task_eval test draws (loss in the log's val_loss column; accuracy on stderr).
+//
 // Output directory layout (out_dir):
 //   checkpoint/          the latest complete checkpoint, loadable by `hm generate --model`:
 //     config.json, model.safetensors, tokenizer.json (+ tokenizer.model for BPE),
@@ -18,7 +24,10 @@
 // whose parts come from different steps.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <string>
+
+#include "eval/tasks.h"
 
 namespace hm {
 
@@ -45,6 +54,12 @@ struct TrainConfig {
   // interruption would; the run can be resumed. 0: run to the end.
   int64_t stop_after = 0;
   bool progress = true;  // progress line and messages on stderr
+  // Train on a task's draws instead of data_path (name empty: corpus). seq_len sets its L; the
+  // other 0 fields take the task's defaults (resolve_task).
+  TaskSpec task;
+  int64_t task_eval = 512;  // test examples scored at each validation (0: no validation)
+  // Called after every optimizer step (a caller's progress display); may be empty.
+  std::function<void(int64_t step, int64_t steps, double loss)> on_step;
 
   // Test hook: treat the loss of this step (1-based) as NaN. -1: off.
   int64_t debug_nan_step = -1;
@@ -72,5 +87,17 @@ struct EvalResult {
 // the whole split.
 EvalResult evaluate(const std::string& model_dir, const std::string& data_path, int seq_len = 0,
                     int64_t max_tokens = -1, int batch = 8);
+
+// Task accuracy of a model directory (as evaluate()) on test draws 0 .. n-1 of a task. Fields
+// of `given` left empty or 0 come from the training run's trainer_state.json (hm::Error when
+// there is none and the task is not fully given).
+struct TaskEvalResult {
+  TaskSpec task;  // as resolved and scored
+  TaskScore score;
+  double chance = 0;  // chance_accuracy(task)
+  int64_t step = -1;  // the checkpoint's training step when known
+};
+TaskEvalResult evaluate_task(const std::string& model_dir, const TaskSpec& given, int64_t n = 1000,
+                             int batch = 16);
 
 }  // namespace hm

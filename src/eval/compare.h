@@ -1,0 +1,71 @@
+// `hm compare`: train every architecture on one task (or a corpus) at matched parameter count
+// and equal budget, keep the best learning rate per cell, and report a table, CSV, JSON and an
+// SVG of the metric against d_model with one panel per sequence length (Zoology's Figure 2).
+//
+// Architectures (arch_names()); no MLPs anywhere, as in Zoology; attention layers have
+// max(1, d_model/64) heads:
+//   mamba          4 Mamba layers: the reference size every other one is matched to
+//   transformer    attention layers only, as many as match the reference
+//   hybrid         Simple Hybrid, Mamba and attention alternating (M A M A ...), state bridges
+//   hybrid-nobridge  the same without bridges (the bridge ablation)
+//   true-soft      True Hybrid: layer 0 Mamba, the rest true-hybrid layers, soft routing
+//   true-hard      the same with hard routing
+// The layer count of each non-reference architecture is the one whose parameter count
+// (embeddings included) is closest to the reference's; matched_config() reports it.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "model/config.h"
+
+namespace hm {
+
+std::vector<std::string> arch_names();
+// The config of `arch` with n_layers layers (hm::Error for an unknown arch).
+ModelConfig arch_config(const std::string& arch, int d_model, int vocab, int n_layers);
+// The layer count matching the reference (4-layer mamba) best, and that config.
+ModelConfig matched_config(const std::string& arch, int d_model, int vocab);
+
+struct CompareConfig {
+  std::string task = "mqar";  // mqar | copy | induction | perplexity
+  std::string data_path;      // perplexity: the corpus (byte tokenizer, the trainer's split)
+  std::vector<int> sizes = {64, 128, 256};
+  std::vector<int> seq_lens = {64, 128, 256};
+  std::vector<float> lrs = {1e-4f, 4.6e-4f, 2.2e-3f, 1e-2f};  // Zoology: logspace(-4, -2, 4)
+  std::vector<std::string> archs = arch_names();
+  int64_t budget = 1000;  // optimizer steps per run, every run
+  int batch = 64;         // examples (or windows) per step, every run
+  int task_vocab = 512;   // tasks: vocabulary (Zoology: 8192; reduced for CPU)
+  int kv = 0;             // mqar pairs / copy tokens (0: the task default, mqar L/16)
+  int64_t test_examples = 1000;  // tasks: test draws scored per run
+  int64_t eval_tokens = 65536;   // perplexity: validation tokens scored per run
+  std::string out_dir;
+  int threads = 0;
+  uint64_t seed = 0;
+  bool progress = true;
+};
+
+struct CompareRun {
+  std::string arch;
+  int d_model = 0, n_layers = 0, seq_len = 0, kv = 0;
+  int64_t params = 0;
+  float lr = 0;
+  double metric = 0;  // tasks: test accuracy; perplexity: validation perplexity
+  double loss = 0;    // tasks: test loss on the scored positions; perplexity: validation loss
+  double train_s = 0;
+  bool best = false;  // the best lr of its (arch, d_model, seq_len) cell
+  std::string error;  // non-empty: the run failed (metric meaningless)
+};
+
+// Runs (or reuses, when out_dir/runs/<name>/result.json exists from an identical run) every
+// (seq_len, d_model, arch, lr) combination; writes out_dir/results.csv, results.json and
+// results.svg atomically after each cell, so an interrupted sweep keeps what it finished.
+// Failed runs (e.g. an architecture whose training is not built) are recorded and skipped.
+std::vector<CompareRun> run_compare(const CompareConfig& cfg);
+
+// The table printed at the end: best lr per cell.
+std::string compare_table(const CompareConfig& cfg, const std::vector<CompareRun>& runs);
+std::string compare_svg(const CompareConfig& cfg, const std::vector<CompareRun>& runs);
+
+}  // namespace hm
