@@ -1,5 +1,7 @@
 #include "backend/counting_backend.h"
 
+#include <chrono>
+
 namespace hm {
 
 const char* op_kind_name(OpKind k) {
@@ -21,12 +23,18 @@ double CountingBackend::total_flops() const {
   return f;
 }
 
-void CountingBackend::note(OpKind k, const void* tag, int64_t rows, double flops) {
+template <class F>
+void CountingBackend::run(OpKind k, const void* tag, int64_t rows, double flops, F&& op) {
+  using Clock = std::chrono::steady_clock;
   OpCount& c = counts_[size_t(k)];
   ++c.calls;
   c.rows += rows;
   c.flops += flops;
   if (logging_) log_.push_back({k, tag, rows, flops});
+  const auto t0 = Clock::now();
+  op();
+  in_.synchronize();
+  c.seconds += std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
 namespace {
@@ -35,63 +43,52 @@ double causal_pairs(int L, int pos0) { return double(L) * pos0 + double(L) * (L 
 }  // namespace
 
 void CountingBackend::rmsnorm(float* out, const float* x, const float* w, int n, int d, float eps) {
-  note(OpKind::Rmsnorm, out, n, 0);
-  in_.rmsnorm(out, x, w, n, d, eps);
+  run(OpKind::Rmsnorm, out, n, 0, [&] { in_.rmsnorm(out, x, w, n, d, eps); });
 }
 void CountingBackend::linear(float* y, int ldy, const float* x, int ldx, const float* W, int m, int n,
                              int k, bool accumulate) {
-  note(OpKind::Linear, W, m, 2.0 * m * n * k);
-  in_.linear(y, ldy, x, ldx, W, m, n, k, accumulate);
+  run(OpKind::Linear, W, m, 2.0 * m * n * k, [&] { in_.linear(y, ldy, x, ldx, W, m, n, k, accumulate); });
 }
 void CountingBackend::conv1d_silu(float* out, int ldo, float* state, const float* x, int ldx,
                                   const float* w, const float* b, int L, int E, int K) {
-  note(OpKind::Conv, w, L, 2.0 * L * E * K);
-  in_.conv1d_silu(out, ldo, state, x, ldx, w, b, L, E, K);
+  run(OpKind::Conv, w, L, 2.0 * L * E * K, [&] { in_.conv1d_silu(out, ldo, state, x, ldx, w, b, L, E, K); });
 }
 void CountingBackend::selective_scan(float* y, int ldy, float* state, const float* x, int ldx,
                                      const float* dt, int lddt, const float* dt_bias, const float* A,
                                      const float* B, const float* C, int ldbc, const float* Dskip,
                                      const float* z, int ldz, int L, int E, int N) {
-  note(OpKind::Scan, Dskip, L, kScanFlops * L * E * N);
-  in_.selective_scan(y, ldy, state, x, ldx, dt, lddt, dt_bias, A, B, C, ldbc, Dskip, z, ldz, L, E, N);
+  run(OpKind::Scan, Dskip, L, kScanFlops * L * E * N, [&] {
+    in_.selective_scan(y, ldy, state, x, ldx, dt, lddt, dt_bias, A, B, C, ldbc, Dskip, z, ldz, L, E, N);
+  });
 }
 void CountingBackend::rope(float* x, int ldx, int L, int heads, int hd, int pos0, float theta) {
-  note(OpKind::Rope, x, L, 0);
-  in_.rope(x, ldx, L, heads, hd, pos0, theta);
+  run(OpKind::Rope, x, L, 0, [&] { in_.rope(x, ldx, L, heads, hd, pos0, theta); });
 }
 void CountingBackend::attention(float* out, int ldo, const float* q, int ldq, const float* k,
                                 const float* v, int L, int pos0, int H, int G, int hd) {
-  note(OpKind::Attention, k, L, 4.0 * H * hd * causal_pairs(L, pos0));
-  in_.attention(out, ldo, q, ldq, k, v, L, pos0, H, G, hd);
+  run(OpKind::Attention, k, L, 4.0 * H * hd * causal_pairs(L, pos0), [&] { in_.attention(out, ldo, q, ldq, k, v, L, pos0, H, G, hd); });
 }
 void CountingBackend::attention_f16kv(float* out, int ldo, const float* q, int ldq, const uint16_t* k,
                                       const uint16_t* v, int L, int pos0, int H, int G, int hd) {
-  note(OpKind::Attention, k, L, 4.0 * H * hd * causal_pairs(L, pos0));
-  in_.attention_f16kv(out, ldo, q, ldq, k, v, L, pos0, H, G, hd);
+  run(OpKind::Attention, k, L, 4.0 * H * hd * causal_pairs(L, pos0), [&] { in_.attention_f16kv(out, ldo, q, ldq, k, v, L, pos0, H, G, hd); });
 }
 void CountingBackend::store_f16(uint16_t* dst, int ld_dst, const float* src, int ld_src, int n, int d) {
-  note(OpKind::StoreF16, dst, n, 0);
-  in_.store_f16(dst, ld_dst, src, ld_src, n, d);
+  run(OpKind::StoreF16, dst, n, 0, [&] { in_.store_f16(dst, ld_dst, src, ld_src, n, d); });
 }
 void CountingBackend::swiglu(float* out, int ldo, const float* g, const float* u, int ldgu, int n, int f) {
-  note(OpKind::Swiglu, out, n, 0);
-  in_.swiglu(out, ldo, g, u, ldgu, n, f);
+  run(OpKind::Swiglu, out, n, 0, [&] { in_.swiglu(out, ldo, g, u, ldgu, n, f); });
 }
 void CountingBackend::embedding(float* out, const float* table, const int32_t* ids, int n, int d) {
-  note(OpKind::Embedding, out, n, 0);
-  in_.embedding(out, table, ids, n, d);
+  run(OpKind::Embedding, out, n, 0, [&] { in_.embedding(out, table, ids, n, d); });
 }
 void CountingBackend::add_scaled_rows(float* y, const float* x, const float* g, int n, int d) {
-  note(OpKind::AddScaledRows, y, n, 0);
-  in_.add_scaled_rows(y, x, g, n, d);
+  run(OpKind::AddScaledRows, y, n, 0, [&] { in_.add_scaled_rows(y, x, g, n, d); });
 }
 void CountingBackend::copy_rows(float* dst, int ld_dst, const float* src, int ld_src, int n, int d) {
-  note(OpKind::CopyRows, dst, n, 0);
-  in_.copy_rows(dst, ld_dst, src, ld_src, n, d);
+  run(OpKind::CopyRows, dst, n, 0, [&] { in_.copy_rows(dst, ld_dst, src, ld_src, n, d); });
 }
 void CountingBackend::neg_exp(float* out, const float* in, int64_t n) {
-  note(OpKind::NegExp, out, n, 0);
-  in_.neg_exp(out, in, n);
+  run(OpKind::NegExp, out, n, 0, [&] { in_.neg_exp(out, in, n); });
 }
 
 }  // namespace hm

@@ -1,5 +1,5 @@
-// A Backend decorator that forwards every op to a wrapped backend and counts calls, rows and
-// FLOPs per op kind. Tests use it to check that a skipped path does no work; hm bench uses it
+// A Backend decorator that forwards every op to a wrapped backend and counts calls, rows, FLOPs
+// and wall time per op kind. Tests use it to check that a skipped path does no work; hm bench uses it
 // for the FLOPs a forward actually performs (not a formula's estimate).
 #pragma once
 #include <array>
@@ -28,6 +28,7 @@ struct OpCount {
   int64_t calls = 0;
   int64_t rows = 0;   // m for linear, L for sequence ops, n for row ops
   double flops = 0;
+  double seconds = 0; // wall time inside the wrapped op (after synchronize)
 };
 
 class CountingBackend final : public Backend {
@@ -81,7 +82,8 @@ class CountingBackend final : public Backend {
   void neg_exp(float* out, const float* in, int64_t n) override;
 
  private:
-  void note(OpKind k, const void* tag, int64_t rows, double flops);
+  // Counts the call, runs it and adds its wall time.
+  template <class F> void run(OpKind k, const void* tag, int64_t rows, double flops, F&& op);
   Backend& in_;
   std::array<OpCount, size_t(OpKind::kCount)> counts_{};
   bool logging_ = false;

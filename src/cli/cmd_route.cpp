@@ -35,10 +35,12 @@ std::string token_label(const Tokenizer& tok, int32_t id) {
   return hex;
 }
 
+// Escaped for SVG text; spaces shown as a middle dot (U+00B7) so a space token stays visible.
 std::string xml_escape(const std::string& s) {
   std::string o;
   for (char ch : s) {
     switch (ch) {
+      case ' ': o += "\u00b7"; break;
       case '&': o += "&amp;"; break;
       case '<': o += "&lt;"; break;
       case '>': o += "&gt;"; break;
