@@ -13,6 +13,7 @@
 #include "kernels/cpu/grad_cpu.h"
 #include "kernels/ref/attention_grad_ref.h"
 #include "kernels/ref/mamba_grad_ref.h"
+#include "model/true_hybrid.h"
 
 namespace hm {
 namespace {
@@ -31,6 +32,7 @@ constexpr int64_t kNone = -1;
 struct LayerOffsets {
   int64_t norm, in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A_log, Dskip, out_proj;
   int64_t wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down, bridge_norm, bridge_proj, bridge_gate;
+  int64_t fuse_mamba, fuse_attn, exchange, router_w, router_feat, router_b;  // true layers
 };
 
 struct Layout {
@@ -51,7 +53,9 @@ struct Layout {
                         off(w.dt_w), off(w.dt_b), off(w.A_log), off(w.Dskip), off(w.out_proj),
                         off(w.wq), off(w.wk), off(w.wv), off(w.wo), off(w.mlp_norm),
                         off(w.w_gate), off(w.w_up), off(w.w_down), off(w.bridge_norm),
-                        off(w.bridge_proj), off(w.bridge_gate)});
+                        off(w.bridge_proj), off(w.bridge_gate), off(w.fuse_mamba),
+                        off(w.fuse_attn), off(w.exchange), off(w.router_w), off(w.router_feat),
+                        off(w.router_b)});
     }
     for (size_t k = 0; k < p.specs().size(); ++k)
       tensors.emplace_back(int64_t(p.at(k) - base), p.specs()[k].numel());
@@ -80,12 +84,26 @@ template <class T> struct BridgeActs {
   std::vector<T> bn, brstd;
 };
 
+// A true-hybrid layer's router and paths (docs/TRUE_HYBRID.md). The paths run on compacted
+// sequences: row j of um/ym is token rt.mamba_idx[j], row k of va/ya token rt.attn_idx[k]; the
+// blocks' own activations (LayerActs::mamba, ::attn) have those lengths too.
+template <class T> struct TrueActs {
+  std::vector<T> feats, r;  // analyzer features [L, kRouterFeatures], routing logits [L]
+  th::Routing<T> rt;
+  std::vector<T> um, ym;    // Mamba path input rows (empty when M is every token: u) and output
+  std::vector<T> va, ya;    // attention path input u + exchange * x and output [|A|, D]
+  G::acc_t<T> pmean = 0;    // mean_t p_t, the budget loss's share of attention
+
+  const T* mamba_in(const std::vector<T>& u) const { return um.empty() ? u.data() : um.data(); }
+};
+
 // What one sequence's forward keeps for its backward, per layer.
 template <class T> struct LayerActs {
   BridgeActs<T> br;
   std::vector<T> h, u, rstd;  // stream entering the pre-norm [L,D], the norm's output, rstd [L]
   G::MambaActs<T> mamba;
   G::AttnSaved<T> attn;
+  TrueActs<T> tr;  // true-hybrid layers only
   std::vector<T> h2, m, mrstd;  // MLP: stream entering mlp_norm [L,D], its output, rstd [L]
   G::MlpSaved<T> mlp;
 };
@@ -107,6 +125,7 @@ template <class T> struct SeqActs {
   std::vector<std::vector<T>> ckpt_h;    // ckpt only: [n_layers][L*D]
   std::vector<T> rh, rout;               // ckpt only: the recompute's stream and mixer output
   std::vector<T> hf, hn, rstd_f;  // final stream [L,D], rmsnorm(hf, norm_f), rstd [L]
+  G::acc_t<T> budget = 0;         // this sequence's budget loss, summed over true layers
 
   LayerActs<T>& layer(int i) { return layers[ckpt ? 0 : size_t(i)]; }
   const LayerActs<T>& layer(int i) const { return layers[ckpt ? 0 : size_t(i)]; }
@@ -131,6 +150,11 @@ template <class T> struct SeqActs {
            vec_bytes(M.C) + vec_bytes(M.dt) + vec_bytes(M.A) + vec_bytes(M.yg) +
            vec_bytes(M.scan_states) + vec_bytes(A.q) + vec_bytes(A.k) + vec_bytes(A.v) +
            vec_bytes(A.lse) + vec_bytes(A.inner);
+      const TrueActs<T>& tr = la.tr;
+      n += vec_bytes(tr.feats) + vec_bytes(tr.r) + vec_bytes(tr.rt.p) + vec_bytes(tr.rt.route) +
+           vec_bytes(tr.rt.gm) + vec_bytes(tr.rt.ga) + vec_bytes(tr.rt.mamba_idx) +
+           vec_bytes(tr.rt.attn_idx) + vec_bytes(tr.rt.carry) + vec_bytes(tr.um) +
+           vec_bytes(tr.ym) + vec_bytes(tr.va) + vec_bytes(tr.ya);
     }
     return n;
   }
@@ -153,6 +177,196 @@ void bridge_norm_forward(BridgeActs<T>& br, const T* src, const Layout& lo, cons
                      L, S, lo.c.norm_eps);
 }
 
+// Mixer of true-hybrid layer i on la.u (docs/TRUE_HYBRID.md, one sequence from position 0):
+// router, routes, the Mamba path over M's tokens, the attention path over A's tokens reading the
+// Mamba output carried forward (exchange), fused into out [L, D]. A path without tokens does not
+// run, and in hard mode neither path touches the tokens it was not chosen for.
+template <class T>
+void true_mixer_forward(LayerActs<T>& la, T* out, const Layout& lo, const T* P, int i, int L,
+                        int scan_chunk) {
+  const ModelConfig& c = lo.c;
+  const int D = c.d_model;
+  const LayerOffsets& o = lo.layers[size_t(i)];
+  TrueActs<T>& tr = la.tr;
+  tr.feats.resize(size_t(L) * kRouterFeatures);
+  tr.r.resize(size_t(L));
+  std::vector<T> ema(size_t(D), T(0));  // whole sequences: the analyzer starts empty
+  T chunk_logit = 0;
+  th::router_forward(tr.r.data(), tr.feats.data(), ema.data(), chunk_logit, la.u.data(), L, D,
+                     int64_t(0), at(P, o.router_w), at(P, o.router_feat), at(P, o.router_b),
+                     c.routing_granularity == "chunk", c.routing_chunk);
+  th::decide_routes(tr.rt, tr.r.data(), L, 0, th::mode_from_config(c), -1.0);
+  const std::vector<int>& M = tr.rt.mamba_idx;
+  const std::vector<int>& A = tr.rt.attn_idx;
+  const int nm = int(M.size()), na = int(A.size());
+  auto row = [D](auto* base, int t) { return base + int64_t(t) * D; };
+
+  tr.um.resize(nm < L ? size_t(nm) * D : 0);  // soft and both: the path reads u itself
+  tr.ym.resize(size_t(nm) * D);
+  if (nm < L)
+    for (int j = 0; j < nm; ++j) std::copy_n(row(la.u.data(), M[size_t(j)]), D, row(tr.um.data(), j));
+  if (nm > 0) {
+    if constexpr (kFast<T>)
+      C::mamba_block_forward(tr.ym.data(), la.mamba, tr.mamba_in(la.u), mamba_weights(P, o),
+                             mamba_dims(c), nm, scan_chunk);
+    else
+      G::mamba_block_forward(tr.ym.data(), la.mamba, tr.mamba_in(la.u), mamba_weights(P, o),
+                             mamba_dims(c), nm, scan_chunk);
+  }
+  // v = u + exchange * x, x the latest Mamba output at or before the token (none yet: 0, as the
+  // sequence starts from zero state).
+  const T* ex = at(P, o.exchange);
+  tr.va.resize(size_t(na) * D);
+  tr.ya.resize(size_t(na) * D);
+  for (int k = 0; k < na; ++k) {
+    const T* ut = row(la.u.data(), A[size_t(k)]);
+    T* v = row(tr.va.data(), k);
+    const int src = tr.rt.carry[size_t(k)];
+    if (src < 0) {
+      std::copy_n(ut, D, v);
+    } else {
+      const T* x = row(tr.ym.data(), src);
+      for (int d = 0; d < D; ++d) v[d] = ut[d] + ex[d] * x[d];
+    }
+  }
+  if (na > 0) {  // RoPE positions are ranks within A: the block sees A as its whole sequence
+    const G::AttnWeights<T> aw{at(P, o.wq), at(P, o.wk), at(P, o.wv), at(P, o.wo)};
+    if constexpr (kFast<T>)
+      C::attention_block_forward(tr.ya.data(), la.attn, tr.va.data(), aw, attn_shape(c, na));
+    else
+      G::attention_block_forward(tr.ya.data(), la.attn, tr.va.data(), aw, attn_shape(c, na));
+  }
+  // out_t = gm_t fuse_mamba * ym_t + ga_t fuse_attn * ya_t; a path that did not run adds nothing.
+  const T *fm = at(P, o.fuse_mamba), *fa = at(P, o.fuse_attn);
+  std::fill_n(out, size_t(L) * D, T(0));
+  for (int j = 0; j < nm; ++j) {
+    const T gm = tr.rt.gm[size_t(M[size_t(j)])];
+    const T* y = row(tr.ym.data(), j);
+    T* ot = row(out, M[size_t(j)]);
+    for (int d = 0; d < D; ++d) ot[d] += gm * fm[d] * y[d];
+  }
+  for (int k = 0; k < na; ++k) {
+    const T ga = tr.rt.ga[size_t(A[size_t(k)])];
+    const T* y = row(tr.ya.data(), k);
+    T* ot = row(out, A[size_t(k)]);
+    for (int d = 0; d < D; ++d) ot[d] += ga * fa[d] * y[d];
+  }
+  G::acc_t<T> ps = 0;
+  for (int t = 0; t < L; ++t) ps += tr.rt.p[size_t(t)];
+  tr.pmean = ps / G::acc_t<T>(L);
+}
+
+// Gradient of true_mixer_forward: du [L, D] assigned, parameter gradients added into g. dout is
+// dL/d out. budget_scale weighs this sequence's budget loss in the objective (cnt_b / total).
+// Hard mode: the gates are the exact gradient of the hard forward wherever no r_t is 0; the path
+// a token did not run gets nothing from it (docs/TRUE_HYBRID.md, "Training the router").
+template <class T>
+void true_mixer_backward(T* du, T* g, const T* dout, const LayerActs<T>& la, const Layout& lo,
+                         const T* P, int i, int L, G::acc_t<T> budget_scale) {
+  using Ac = G::acc_t<T>;
+  const ModelConfig& c = lo.c;
+  const int D = c.d_model;
+  const LayerOffsets& o = lo.layers[size_t(i)];
+  const TrueActs<T>& tr = la.tr;
+  const th::Routing<T>& rt = tr.rt;
+  const std::vector<int>& M = rt.mamba_idx;
+  const std::vector<int>& A = rt.attn_idx;
+  const int nm = int(M.size()), na = int(A.size());
+  auto row = [D](auto* base, int t) { return base + int64_t(t) * D; };
+  const T* none = nullptr;  // no bridge reads a true layer's inner outputs
+  const T *fm = at(P, o.fuse_mamba), *fa = at(P, o.fuse_attn), *ex = at(P, o.exchange);
+  std::vector<Ac> dfm(size_t(D), Ac(0)), dfa(size_t(D), Ac(0)), dex(size_t(D), Ac(0));
+  std::vector<Ac> dp(size_t(L), Ac(0));  // dL/dp_t through the gates
+  std::vector<T> dym(size_t(nm) * D), dya(size_t(na) * D), dv(size_t(na) * D),
+      dum(size_t(nm) * D);
+  std::fill_n(du, size_t(L) * D, T(0));
+
+  // Fusion: the gates' gradients are dot products; gm = 1 - p, ga = p (soft; hard on the
+  // tokens that ran the path; in "both" they are constants and dp is not used).
+  for (int j = 0; j < nm; ++j) {
+    const int t = M[size_t(j)];
+    const T gm = rt.gm[size_t(t)];
+    const T *y = row(tr.ym.data(), j), *go = row(dout, t);
+    T* dy = row(dym.data(), j);
+    Ac dg = 0;
+    for (int d = 0; d < D; ++d) {
+      dfm[size_t(d)] += Ac(gm) * y[d] * go[d];
+      dg += Ac(fm[d]) * y[d] * go[d];
+      dy[d] = gm * fm[d] * go[d];
+    }
+    dp[size_t(t)] -= dg;
+  }
+  for (int k = 0; k < na; ++k) {
+    const int t = A[size_t(k)];
+    const T ga = rt.ga[size_t(t)];
+    const T *y = row(tr.ya.data(), k), *go = row(dout, t);
+    T* dy = row(dya.data(), k);
+    Ac dg = 0;
+    for (int d = 0; d < D; ++d) {
+      dfa[size_t(d)] += Ac(ga) * y[d] * go[d];
+      dg += Ac(fa[d]) * y[d] * go[d];
+      dy[d] = ga * fa[d] * go[d];
+    }
+    dp[size_t(t)] += dg;
+  }
+  // Attention path first: its input v = u + exchange * x sends gradient to the Mamba output x
+  // was carried from, which the Mamba backward below then takes in.
+  if (na > 0) {
+    const G::AttnWeightGrads<T> ag{at(g, o.wq), at(g, o.wk), at(g, o.wv), at(g, o.wo)};
+    const G::AttnWeights<T> aw{at(P, o.wq), at(P, o.wk), at(P, o.wv), at(P, o.wo)};
+    if constexpr (kFast<T>)
+      C::attention_block_backward(dv.data(), ag, dya.data(), none, tr.va.data(), aw, la.attn,
+                                  attn_shape(c, na));
+    else
+      G::attention_block_backward(dv.data(), ag, dya.data(), none, tr.va.data(), aw, la.attn,
+                                  attn_shape(c, na));
+    for (int k = 0; k < na; ++k) {
+      const T* dvk = row(dv.data(), k);
+      T* dut = row(du, A[size_t(k)]);
+      for (int d = 0; d < D; ++d) dut[d] += dvk[d];
+      const int src = rt.carry[size_t(k)];
+      if (src < 0) continue;
+      const T* x = row(tr.ym.data(), src);
+      T* dx = row(dym.data(), src);
+      for (int d = 0; d < D; ++d) {
+        dex[size_t(d)] += Ac(dvk[d]) * x[d];
+        dx[d] += ex[d] * dvk[d];
+      }
+    }
+  }
+  if (nm > 0) {
+    if constexpr (kFast<T>)
+      C::mamba_block_backward(dum.data(), mamba_grads(g, o), dym.data(), tr.mamba_in(la.u),
+                              mamba_weights(P, o), la.mamba, mamba_dims(c), none);
+    else
+      G::mamba_block_backward(dum.data(), mamba_grads(g, o), dym.data(), tr.mamba_in(la.u),
+                              mamba_weights(P, o), la.mamba, mamba_dims(c), none);
+    for (int j = 0; j < nm; ++j) {
+      const T* s = row(dum.data(), j);
+      T* dut = row(du, M[size_t(j)]);
+      for (int d = 0; d < D; ++d) dut[d] += s[d];
+    }
+  }
+  T *gfm = at(g, o.fuse_mamba), *gfa = at(g, o.fuse_attn), *gex = at(g, o.exchange);
+  for (int d = 0; d < D; ++d) {
+    gfm[d] += T(dfm[size_t(d)]);
+    gfa[d] += T(dfa[size_t(d)]);
+    gex[d] += T(dex[size_t(d)]);
+  }
+  if (th::mode_from_config(c) == th::Mode::Both) return;  // constant gates, no budget: no router
+  // Budget loss scale * w * (mean_t p_t - budget)^2: d/dp_t = scale * w * 2 (mean - budget) / L.
+  const Ac db = budget_scale * Ac(c.budget_loss_weight) * 2 *
+                (tr.pmean - Ac(c.attention_budget)) / Ac(L);
+  std::vector<T> dr(static_cast<size_t>(L));
+  for (int t = 0; t < L; ++t) {
+    const Ac p = rt.p[size_t(t)];
+    dr[size_t(t)] = T((dp[size_t(t)] + db) * p * (1 - p));  // p = sigmoid(r)
+  }
+  th::router_backward(du, at(g, o.router_w), at(g, o.router_feat), at(g, o.router_b), dr.data(),
+                      tr.feats.data(), la.u.data(), at(P, o.router_w), L, D,
+                      c.routing_granularity == "chunk", c.routing_chunk);
+}
+
 // Layer i after its bridge: h (the stream entering the pre-norm) becomes the layer's output,
 // saving activations into la. The only code that computes a layer, so a recompute is bit-identical.
 template <class T>
@@ -169,7 +383,9 @@ void layer_forward(LayerActs<T>& la, std::vector<T>& h, std::vector<T>& out, con
   la.rstd.resize(size_t(L));
   G::rmsnorm_forward(la.u.data(), la.rstd.data(), h.data(), at(P, o.norm), L, D, eps);
   const G::AttnWeights<T> aw{at(P, o.wq), at(P, o.wk), at(P, o.wv), at(P, o.wo)};
-  if (c.is_attention(i)) {
+  if (c.is_true(i)) {
+    true_mixer_forward(la, out.data(), lo, P, i, L, scan_chunk);
+  } else if (c.is_attention(i)) {
     if constexpr (kFast<T>)
       C::attention_block_forward(out.data(), la.attn, la.u.data(), aw, attn_shape(c, L));
     else
@@ -222,6 +438,7 @@ void forward_seq(SeqActs<T>& a, const Layout& lo, const T* P, const int32_t* tok
   const int D = c.d_model;
   const size_t LD = size_t(L) * D;
   a.ckpt = ckpt;
+  a.budget = 0;
   a.layers.resize(ckpt ? 1 : size_t(c.n_layers));
   if (ckpt) a.ckpt_h.resize(size_t(c.n_layers));
   std::vector<T> h(LD), out(LD);
@@ -244,6 +461,10 @@ void forward_seq(SeqActs<T>& a, const Layout& lo, const T* P, const int32_t* tok
     if (ckpt && i + 1 < c.n_layers) a.ckpt_h[size_t(i)] = h;
     if (ckpt) hold_only(a.layers[0], c, i);
     layer_forward(a.layer(i), h, out, lo, P, i, L, scan_chunk);
+    if (c.is_true(i) && th::mode_from_config(c) != th::Mode::Both) {
+      const G::acc_t<T> e = a.layer(i).tr.pmean - G::acc_t<T>(c.attention_budget);
+      a.budget += G::acc_t<T>(c.budget_loss_weight) * e * e;
+    }
   }
   a.hf = std::move(h);
   a.hn.resize(LD);
@@ -254,9 +475,10 @@ void forward_seq(SeqActs<T>& a, const Layout& lo, const T* P, const int32_t* tok
 // Reverse of forward_seq from dhn = dloss/d rmsnorm(hf, norm_f); adds every parameter gradient
 // except the head's (the cross-entropy adds that) into the arena g. With ckpt it re-runs each
 // layer's forward (same code, same inputs: the same activations) just before it is needed.
+// budget_scale: the weight of this sequence's budget loss in the objective (true layers).
 template <class T>
 void backward_seq(T* g, SeqActs<T>& a, const Layout& lo, const T* P, const T* dhn,
-                  const int32_t* tok, int L, int scan_chunk) {
+                  const int32_t* tok, int L, int scan_chunk, G::acc_t<T> budget_scale) {
   const ModelConfig& c = lo.c;
   const int D = c.d_model, F = c.d_ff;
   const size_t LD = size_t(L) * D;
@@ -281,7 +503,9 @@ void backward_seq(T* g, SeqActs<T>& a, const Layout& lo, const T* P, const T* dh
     }
     // h2 = h + mixer(rmsnorm(h)); the mixer's inner output also feeds the next bridge (dinner).
     const T* dinn = dinner.empty() ? nullptr : dinner.data();
-    if (c.is_attention(i)) {
+    if (c.is_true(i)) {  // never a bridge source (no bridge next to a true layer): no dinn
+      true_mixer_backward(dtmp.data(), g, dh.data(), la, lo, P, i, L, budget_scale);
+    } else if (c.is_attention(i)) {
       const G::AttnWeightGrads<T> ag{at(g, o.wq), at(g, o.wk), at(g, o.wv), at(g, o.wo)};
       const G::AttnWeights<T> aw{at(P, o.wq), at(P, o.wk), at(P, o.wv), at(P, o.wo)};
       if constexpr (kFast<T>)
@@ -386,7 +610,8 @@ template <class T> std::vector<T> arena_copy(const Params& p, const Layout& lo) 
 
 template <class T>
 double loss_and_grad_arena(const Params& layout, const T* params, T* grads, const int32_t* tokens,
-                           const int32_t* targets, int B, int L, int scan_chunk, bool grad_ckpt) {
+                           const int32_t* targets, int B, int L, int scan_chunk, bool grad_ckpt,
+                           double* aux_loss) {
   const Layout lo(layout);
   const ModelConfig& c = lo.c;
   const int64_t total = check_batch(c, tokens, targets, B, L, scan_chunk);
@@ -397,6 +622,7 @@ double loss_and_grad_arena(const Params& layout, const T* params, T* grads, cons
   // than one per thread: with 2 threads that is half the gradient memory a step needs.
   std::vector<std::vector<T>> priv(static_cast<size_t>(nt));
   std::vector<double> seq_loss(size_t(B), 0.0);
+  std::vector<G::acc_t<T>> seq_budget(size_t(B), 0);  // cnt_b / total * budget_b
   std::atomic<int64_t> act_bytes{0};  // every thread's activations are alive at once
 #pragma omp parallel num_threads(nt)
   {
@@ -413,11 +639,14 @@ double loss_and_grad_arena(const Params& layout, const T* params, T* grads, cons
       const int cnt = count_targets(tgt, L);
       if (cnt == 0) continue;  // contributes neither loss nor gradient
       forward_seq(a, lo, params, tok, L, scan_chunk, grad_ckpt);
+      // The budget loss is weighted like this sequence's cross-entropy (header: cnt / total).
+      const G::acc_t<T> share = G::acc_t<T>(cnt) / G::acc_t<T>(total);
+      seq_budget[size_t(b)] = share * a.budget;
       if constexpr (kFast<T>) {  // dlogits scaled by 1/total directly, dW added into g's head
         seq_loss[size_t(b)] =
             C::cross_entropy_forward_backward(dhn.data(), g + lo.head, a.hn.data(),
                                               params + lo.head, tgt, L, D, V, 1.0 / double(total));
-        backward_seq(g, a, lo, params, dhn.data(), tok, L, scan_chunk);
+        backward_seq(g, a, lo, params, dhn.data(), tok, L, scan_chunk, share);
         continue;
       }
       // The reference cross-entropy is the mean over this sequence's cnt positions; the batch
@@ -426,11 +655,10 @@ double loss_and_grad_arena(const Params& layout, const T* params, T* grads, cons
       const T mean = G::cross_entropy_forward_backward(dhn.data(), dW.data(), a.hn.data(),
                                                        params + lo.head, tgt, L, D, V);
       seq_loss[size_t(b)] = double(mean) * cnt;
-      const G::acc_t<T> share = G::acc_t<T>(cnt) / G::acc_t<T>(total);
       for (T& v : dhn) v = T(v * share);
       T* gh = g + lo.head;  // the embedding's own gradient too when tied
       for (size_t k = 0; k < dW.size(); ++k) gh[k] += T(dW[k] * share);
-      backward_seq(g, a, lo, params, dhn.data(), tok, L, scan_chunk);
+      backward_seq(g, a, lo, params, dhn.data(), tok, L, scan_chunk, share);
     }
     act_bytes += a.bytes();
     // Sum the other threads' buffers in thread order, each thread a share of the tensors.
@@ -448,6 +676,11 @@ double loss_and_grad_arena(const Params& layout, const T* params, T* grads, cons
   int64_t prev = g_act_peak.load();
   while (prev < act_bytes && !g_act_peak.compare_exchange_weak(prev, act_bytes)) {
   }
+  if (aux_loss) {
+    G::acc_t<T> s = 0;
+    for (const auto& v : seq_budget) s += v;
+    *aux_loss = double(s);
+  }
   double sum = 0;
   for (double l : seq_loss) sum += l;
   return sum / double(total);
@@ -455,23 +688,39 @@ double loss_and_grad_arena(const Params& layout, const T* params, T* grads, cons
 
 template <class T>
 long double loss_only_arena(const Params& layout, const T* params, const int32_t* tokens,
-                            const int32_t* targets, int B, int L) {
+                            const int32_t* targets, int B, int L, LossAux* aux) {
   const Layout lo(layout);
   const ModelConfig& c = lo.c;
   const int64_t total = check_batch(c, tokens, targets, B, L, 0);
+  if (aux) {
+    aux->budget_loss = 0;
+    aux->logits.clear();
+  }
   if (total == 0) return 0.0L;
-  std::vector<long double> seq_loss(size_t(B), 0.0L);
+  std::vector<long double> seq_loss(size_t(B), 0.0L), seq_budget(size_t(B), 0.0L);
+  const bool want_logits = aux && aux->want_logits;
+  std::vector<std::vector<double>> seq_logits(want_logits ? size_t(B) : 0);
 #pragma omp parallel num_threads(threads_for(B))
   {
     SeqActs<T> a;
 #pragma omp for schedule(static)
     for (int b = 0; b < B; ++b) {
       const int32_t* tgt = targets + int64_t(b) * L;
-      if (count_targets(tgt, L) == 0) continue;
+      const int cnt = count_targets(tgt, L);
+      if (cnt == 0) continue;
       forward_seq(a, lo, params, tokens + int64_t(b) * L, L, 0, false);
       seq_loss[size_t(b)] =
           cross_entropy_sum(a.hn.data(), params + lo.head, tgt, L, c.d_model, c.vocab_size);
+      seq_budget[size_t(b)] = (long double)(cnt) / (long double)(total) * a.budget;
+      if (want_logits)
+        for (int i = 0; i < c.n_layers; ++i)
+          if (c.is_true(i))
+            for (T r : a.layer(i).tr.r) seq_logits[size_t(b)].push_back(double(r));
     }
+  }
+  if (aux) {
+    for (long double v : seq_budget) aux->budget_loss += v;
+    for (const auto& v : seq_logits) aux->logits.insert(aux->logits.end(), v.begin(), v.end());
   }
   long double sum = 0;
   for (long double l : seq_loss) sum += l;
@@ -479,32 +728,35 @@ long double loss_only_arena(const Params& layout, const T* params, const int32_t
 }
 
 template double loss_and_grad_arena<float>(const Params&, const float*, float*, const int32_t*,
-                                           const int32_t*, int, int, int, bool);
+                                           const int32_t*, int, int, int, bool, double*);
 template double loss_and_grad_arena<double>(const Params&, const double*, double*, const int32_t*,
-                                            const int32_t*, int, int, int, bool);
+                                            const int32_t*, int, int, int, bool, double*);
 template long double loss_only_arena<float>(const Params&, const float*, const int32_t*,
-                                            const int32_t*, int, int);
+                                            const int32_t*, int, int, LossAux*);
 template long double loss_only_arena<double>(const Params&, const double*, const int32_t*,
-                                             const int32_t*, int, int);
+                                             const int32_t*, int, int, LossAux*);
 template long double loss_only_arena<long double>(const Params&, const long double*,
-                                                  const int32_t*, const int32_t*, int, int);
+                                                  const int32_t*, const int32_t*, int, int,
+                                                  LossAux*);
 
 double loss_and_grad(const Params& params, Params& grads, const int32_t* tokens,
-                     const int32_t* targets, int B, int L, int scan_chunk, bool grad_ckpt) {
+                     const int32_t* targets, int B, int L, int scan_chunk, bool grad_ckpt,
+                     double* aux_loss) {
   HM_CHECK(grads.numel() == params.numel(), "loss_and_grad: grads has another layout");
   return loss_and_grad_arena<float>(params, params.data(), grads.data(), tokens, targets, B, L,
-                                    scan_chunk, grad_ckpt);
+                                    scan_chunk, grad_ckpt, aux_loss);
 }
 
 double loss_and_grad_f64(const Params& params, Params& grads, const int32_t* tokens,
-                         const int32_t* targets, int B, int L, int scan_chunk, bool grad_ckpt) {
+                         const int32_t* targets, int B, int L, int scan_chunk, bool grad_ckpt,
+                         double* aux_loss) {
   HM_CHECK(grads.numel() == params.numel(), "loss_and_grad_f64: grads has another layout");
   const Layout lo(params);
   const std::vector<double> p = arena_copy<double>(params, lo);
   std::vector<double> g(p.size(), 0.0);
   const double loss =
       loss_and_grad_arena<double>(params, p.data(), g.data(), tokens, targets, B, L, scan_chunk,
-                                  grad_ckpt);
+                                  grad_ckpt, aux_loss);
   for (const auto& [off, n] : lo.tensors)
     for (int64_t k = off; k < off + n; ++k) grads.data()[k] += float(g[size_t(k)]);
   return loss;
@@ -513,8 +765,12 @@ double loss_and_grad_f64(const Params& params, Params& grads, const int32_t* tok
 int64_t grad_activation_peak_bytes() { return g_act_peak.load(); }
 void reset_grad_activation_peak_bytes() { g_act_peak = 0; }
 
-double loss_only(const Params& params, const int32_t* tokens, const int32_t* targets, int B, int L) {
-  return double(loss_only_arena<float>(params, params.data(), tokens, targets, B, L));
+double loss_only(const Params& params, const int32_t* tokens, const int32_t* targets, int B, int L,
+                 double* aux_loss) {
+  LossAux aux;
+  const long double ce = loss_only_arena<float>(params, params.data(), tokens, targets, B, L, &aux);
+  if (aux_loss) *aux_loss = double(aux.budget_loss);
+  return double(ce);
 }
 
 }  // namespace hm

@@ -1,6 +1,6 @@
-// Loss and gradient of every parameter of the Simple Hybrid model (docs/MODEL.md) on a batch of
-// token sequences, built from the reference forward/backward pairs of
-// kernels/ref/mamba_grad_ref.h and kernels/ref/attention_grad_ref.h.
+// Loss and gradient of every parameter of the model (docs/MODEL.md; True Hybrid layers:
+// docs/TRUE_HYBRID.md) on a batch of token sequences, built from the reference forward/backward
+// pairs of kernels/ref/mamba_grad_ref.h and kernels/ref/attention_grad_ref.h.
 //
 // Each sequence starts from zero state at position 0 and is independent of the others; the loss
 // is the mean cross-entropy over every position (of every sequence) whose target is >= 0.
@@ -10,6 +10,7 @@
 // scan); double and long double run the plain reference loops, the oracle for the checks.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "model/params.h"
 
@@ -26,15 +27,23 @@ namespace hm {
 // and re-runs the layer's forward just before its backward: bit-identical results, one layer's
 // activations held instead of all of them, about one more forward of time.
 // Memory: per thread one gradient arena (params.numel() values) and one sequence's activations.
+//
+// True Hybrid models (soft and hard routing) train on cross-entropy + budget loss: each
+// sequence's budget term, sum over true layers of budget_loss_weight * (mean_t p_t -
+// attention_budget)^2, is weighted like its cross-entropy, by cnt_b / total (cnt_b: its counted
+// positions), so the objective is sum_b cnt_b / total * (mean CE_b + budget_b), the plain mean
+// over sequences when every sequence counts the same number of positions. The gradients are
+// those of that objective; the returned loss is the cross-entropy alone (perplexity stays
+// meaningful) and the budget part goes to *aux_loss when given (0 for other models).
 double loss_and_grad(const Params& params, Params& grads, const int32_t* tokens,
                      const int32_t* targets, int B, int L, int scan_chunk = 0,
-                     bool grad_ckpt = false);
+                     bool grad_ckpt = false, double* aux_loss = nullptr);
 
 // The same in double precision, on double copies of the float parameters; the double gradients
 // are rounded once when added into grads. For checks.
 double loss_and_grad_f64(const Params& params, Params& grads, const int32_t* tokens,
                          const int32_t* targets, int B, int L, int scan_chunk = 0,
-                         bool grad_ckpt = false);
+                         bool grad_ckpt = false, double* aux_loss = nullptr);
 
 // Measurement: the largest number of bytes the saved-activation buffers of all threads held
 // together at the end of a loss_and_grad* call since the last reset (buffers are reused and never
@@ -42,8 +51,19 @@ double loss_and_grad_f64(const Params& params, Params& grads, const int32_t* tok
 int64_t grad_activation_peak_bytes();
 void reset_grad_activation_peak_bytes();
 
-// The loss alone (evaluation): the same forward, no backward; 0 when no target counts.
-double loss_only(const Params& params, const int32_t* tokens, const int32_t* targets, int B, int L);
+// The loss alone (evaluation): the same forward, no backward; 0 when no target counts. The
+// cross-entropy; the budget loss of a True Hybrid model goes to *aux_loss when given.
+double loss_only(const Params& params, const int32_t* tokens, const int32_t* targets, int B, int L,
+                 double* aux_loss = nullptr);
+
+// What loss_only_arena reports besides the cross-entropy, for checks.
+struct LossAux {
+  long double budget_loss = 0;  // the objective's budget term, as loss_and_grad's *aux_loss
+  // Every true layer's routing logits r_t, sequence-major, then layer, then t (sequences without
+  // a counted target are skipped, as in the loss). Filled only when want_logits is set.
+  bool want_logits = false;
+  std::vector<double> logits;
+};
 
 // The computations above on flat arrays of another precision laid out as the Params arena: tensor
 // k of layout.specs() starts at element layout.at(k) - layout.data(), and both arrays hold
@@ -54,22 +74,23 @@ double loss_only(const Params& params, const int32_t* tokens, const int32_t* tar
 template <class T>
 double loss_and_grad_arena(const Params& layout, const T* params, T* grads, const int32_t* tokens,
                            const int32_t* targets, int B, int L, int scan_chunk = 0,
-                         bool grad_ckpt = false);
+                           bool grad_ckpt = false, double* aux_loss = nullptr);
 template <class T>
 long double loss_only_arena(const Params& layout, const T* params, const int32_t* tokens,
-                            const int32_t* targets, int B, int L);
+                            const int32_t* targets, int B, int L, LossAux* aux = nullptr);
 
 extern template double loss_and_grad_arena<float>(const Params&, const float*, float*,
                                                   const int32_t*, const int32_t*, int, int, int,
-                                                  bool);
+                                                  bool, double*);
 extern template double loss_and_grad_arena<double>(const Params&, const double*, double*,
                                                    const int32_t*, const int32_t*, int, int, int,
-                                                   bool);
+                                                   bool, double*);
 extern template long double loss_only_arena<float>(const Params&, const float*, const int32_t*,
-                                                   const int32_t*, int, int);
+                                                   const int32_t*, int, int, LossAux*);
 extern template long double loss_only_arena<double>(const Params&, const double*, const int32_t*,
-                                                    const int32_t*, int, int);
+                                                    const int32_t*, int, int, LossAux*);
 extern template long double loss_only_arena<long double>(const Params&, const long double*,
-                                                         const int32_t*, const int32_t*, int, int);
+                                                         const int32_t*, const int32_t*, int, int,
+                                                         LossAux*);
 
 }  // namespace hm
