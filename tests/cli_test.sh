@@ -94,5 +94,18 @@ expect_fail "eval needs data or task" "exactly one of --data" "$HM" eval --model
 expect_fail "compare bad arch" "unknown architecture 'rnn'" "$HM" compare --archs rnn --out "$W/cmp"
 [ ! -e "$W/t3" ] && ok || bad "failed task runs wrote nothing"
 
+# Routing analysis (hm route) of a true-hybrid model; a model without true-hybrid layers is refused.
+"$HM" init --preset true-tiny --seed 4 --out "$W/truetiny" >/dev/null && ok || bad "init true-tiny"
+rj=$("$HM" route --model "$W/truetiny" --prompt "The cat sat on the mat." --json --heatmap "$W/route.svg"); rc=$?
+[ "$rc" -eq 0 ] && ok || bad "route --json: exit $rc"
+for key in '"average_usage":' '"mamba":' '"attention":' '"per_layer":' '"layer":' '"tokens":' '"attention_share":'; do
+  case "$rj" in *"$key"*) ok ;; *) bad "route --json lacks $key: $rj" ;; esac
+done
+grep -q "<svg" "$W/route.svg" && grep -q "layer 1" "$W/route.svg" && ok || bad "route heatmap SVG"
+"$HM" route --model "$W/truetiny" --prompt "hello" --heatmap "" | grep -q "^layer 4: Mamba usage: .*%  Attention usage: .*%" && ok || bad "route text"
+expect_fail "route on a simple model" "no true-hybrid layers" "$HM" route --model "$W/tiny" --prompt hi --heatmap ""
+expect_fail "route empty prompt" "empty" "$HM" route --model "$W/truetiny" --prompt "" --heatmap ""
+expect_fail "route missing model" "$W/nope" "$HM" route --model "$W/nope" --prompt hi --heatmap ""
+
 echo "$pass passed, $fail failed"
 [ "$fail" -eq 0 ]
