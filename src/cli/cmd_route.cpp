@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "backend/backend.h"
+#include "backend/counting_backend.h"
 #include "cli/commands.h"
 #include "core/error.h"
 #include "core/threads.h"
@@ -114,6 +115,34 @@ std::string heatmap_svg(const RoutingAnalysis& r, const std::vector<std::string>
   return o.str();
 }
 
+// Share of the true-hybrid layers' path compute a hard-routed model skips on `ids`, from counted
+// FLOPs (CountingBackend), not a formula. With F_both (both paths on every token), F_0 / F_1
+// (every token forced onto Mamba / attention) and F_hard (the router's own routes), the work
+// outside the paths is F_0 + F_1 - F_both, so the paths' total is 2 F_both - F_0 - F_1 and the
+// skipped share is (F_both - F_hard) / (2 F_both - F_0 - F_1).
+double path_compute_skipped(const HybridModel& model, const std::vector<int32_t>& ids) {
+  auto cpu = make_cpu_backend();
+  CountingBackend cb(*cpu);
+  auto flops = [&](const std::string& mode, double force) {
+    ModelConfig c = model.config();
+    c.routing_mode = mode;
+    HybridModel m(c, cb);
+    std::copy_n(model.params().data(), model.params().numel(), m.params().data());
+    m.prepare();
+    if (force >= 0) m.set_forced_attention_fraction(force);
+    HybridMemory mem(cb, c, 1, int(ids.size()), KvType::F32);
+    Batch b;
+    b.add(0, ids);
+    std::vector<float> logits;
+    cb.reset();
+    m.forward(b, mem, logits);
+    return cb.total_flops();
+  };
+  const double f_hard = flops("hard", -1), f0 = flops("hard", 0), f1 = flops("hard", 1);
+  const double f_both = flops("both", -1);
+  return (f_both - f_hard) / (2 * f_both - f0 - f1);
+}
+
 }  // namespace
 
 Run add_route(CLI::App& app) {
@@ -143,6 +172,7 @@ Run add_route(CLI::App& app) {
     const std::vector<int32_t> ids = tok->encode(o->prompt, !o->no_bos);
     HM_CHECK(!ids.empty(), "route: the prompt encodes to no tokens");
     const RoutingAnalysis r = get_routing_analysis(*model, ids);
+    const double skipped = r.mode == th::Mode::Hard ? path_compute_skipped(*model, ids) : 0.0;
     std::vector<std::string> labels;
     for (int32_t id : ids) labels.push_back(token_label(*tok, id));
     if (!o->heatmap.empty()) write_file_atomic(o->heatmap, heatmap_svg(r, labels));
@@ -161,6 +191,7 @@ Run add_route(CLI::App& app) {
                           {"attention_share", l.attention_share}, {"p", l.p}, {"route", routes}});
       }
       j["per_layer"] = layers;
+      j["path_compute_skipped"] = skipped;
       j["tokens"] = labels;
       j["token_ids"] = ids;
       j["heatmap"] = o->heatmap;
@@ -173,6 +204,9 @@ Run add_route(CLI::App& app) {
                     100.0 * l.usage.mamba, 100.0 * l.usage.attention);
       std::printf("overall: Mamba usage: %.1f%%  Attention usage: %.1f%%\n", 100.0 * r.average_usage.mamba,
                   100.0 * r.average_usage.attention);
+      if (r.mode == th::Mode::Hard)
+        std::printf("path compute skipped (counted FLOPs of the true layers' paths): %.1f%%\n",
+                    100.0 * skipped);
       if (!o->heatmap.empty()) std::printf("heatmap: %s\n", o->heatmap.c_str());
     }
     return 0;
