@@ -173,7 +173,7 @@ def _is_num(v):
 
 _CONFIG_FIELDS = {
     "model_type": ("\"hybrid-mamba\"", lambda v: v == "hybrid-mamba"),
-    "hybrid": ("\"simple\"", lambda v: v == "simple"),
+    "hybrid": ("\"simple\" or \"true\"", lambda v: v in ("simple", "true")),
     "d_model": ("an int > 0", lambda v: _is_int(v) and v > 0),
     "n_layers": ("an int > 0", lambda v: _is_int(v) and v > 0),
     "attention_layers": ("a list of ints", lambda v: isinstance(v, list) and all(_is_int(x) for x in v)),
@@ -192,22 +192,41 @@ _CONFIG_FIELDS = {
     "state_bridges": ("a bool", lambda v: isinstance(v, bool)),
 }
 
+# True Hybrid fields (docs/TRUE_HYBRID.md): optional, with the doc's defaults; true_layers is
+# required (non-empty) with "hybrid": "true" and must be empty otherwise.
+_TRUE_FIELDS = {
+    "true_layers": ("a list of ints", lambda v: isinstance(v, list) and all(_is_int(x) for x in v), []),
+    "routing_mode": ("\"both\", \"soft\" or \"hard\"", lambda v: v in ("both", "soft", "hard"), "soft"),
+    "routing_granularity": ("\"token\" or \"chunk\"", lambda v: v in ("token", "chunk"), "token"),
+    "routing_chunk": ("an int > 0", lambda v: _is_int(v) and v > 0, 16),
+    "attention_budget": ("a number in (0, 1)", lambda v: _is_num(v) and 0 < v < 1, 0.5),
+    "budget_loss_weight": ("a number >= 0", lambda v: _is_num(v) and v >= 0, 0.1),
+}
+EMA_DECAY = 0.875  # the analyzer's EMA of u (src/model/true_hybrid.h kEmaDecay)
+
 
 class Config:
     def __init__(self, raw, where="config"):
         if not isinstance(raw, dict):
             raise PeerError(f"{where}: expected a JSON object")
         for key in raw:
-            if key not in _CONFIG_FIELDS:
+            if key not in _CONFIG_FIELDS and key not in _TRUE_FIELDS:
                 raise PeerError(f"{where}: unknown field '{key}'")
         for key, (want, ok) in _CONFIG_FIELDS.items():
             if key not in raw:
                 raise PeerError(f"{where}: missing field '{key}'")
             if not ok(raw[key]):
                 raise PeerError(f"{where}: field '{key}' must be {want}, got {json.dumps(raw[key])}")
+        for key, (want, ok, default) in _TRUE_FIELDS.items():
+            if key in raw and not ok(raw[key]):
+                raise PeerError(f"{where}: field '{key}' must be {want}, got {json.dumps(raw[key])}")
         self.raw = dict(raw)
         for key in _CONFIG_FIELDS:
             setattr(self, key, raw[key])
+        for key, (_, _, default) in _TRUE_FIELDS.items():
+            setattr(self, key, raw.get(key, default))
+        self.attention_budget = float(self.attention_budget)
+        self.budget_loss_weight = float(self.budget_loss_weight)
         self.rope_theta = float(self.rope_theta)
         self.norm_eps = float(self.norm_eps)
         if self.dt_rank == "auto":
@@ -218,6 +237,18 @@ class Config:
                 raise PeerError(f"{where}: field 'attention_layers' has index {i} outside 0..{self.n_layers - 1}")
         if len(set(self.attention_layers)) != len(self.attention_layers):
             raise PeerError(f"{where}: field 'attention_layers' repeats an index")
+        for i in self.true_layers:
+            if not 0 <= i < self.n_layers:
+                raise PeerError(f"{where}: field 'true_layers' has index {i} outside 0..{self.n_layers - 1}")
+            if i in self.attention_layers:
+                raise PeerError(f"{where}: layer {i} is in both 'attention_layers' and 'true_layers' "
+                                f"(a true-hybrid layer already holds an attention path)")
+        if len(set(self.true_layers)) != len(self.true_layers):
+            raise PeerError(f"{where}: field 'true_layers' repeats an index")
+        if self.hybrid == "true" and not self.true_layers:
+            raise PeerError(f"{where}: \"hybrid\": \"true\" needs at least one layer in 'true_layers'")
+        if self.hybrid == "simple" and self.true_layers:
+            raise PeerError(f"{where}: field 'true_layers' needs \"hybrid\": \"true\"")
         if self.d_model % self.n_heads:
             raise PeerError(f"{where}: field 'n_heads' ({self.n_heads}) must divide d_model ({self.d_model})")
         if self.n_heads % self.n_kv_heads:
@@ -225,10 +256,15 @@ class Config:
         self.head_dim = self.d_model // self.n_heads
         if self.rope and self.head_dim % 2:
             raise PeerError(f"{where}: field 'rope' needs an even head_dim, got {self.head_dim}")
-        self.is_attn = [i in set(self.attention_layers) for i in range(self.n_layers)]
+        self.is_attn = [i in set(self.attention_layers) for i in range(self.n_layers)]  # attention only
+        self.is_true = [i in set(self.true_layers) for i in range(self.n_layers)]      # both paths
+        self.has_mamba = [not a for a in self.is_attn]
+        self.has_attn = [a or t for a, t in zip(self.is_attn, self.is_true)]
 
     def has_bridge(self, i):
-        return self.state_bridges and i > 0 and self.is_attn[i] != self.is_attn[i - 1]
+        # No bridge next to a true-hybrid layer: it holds both types itself.
+        return (self.state_bridges and i > 0 and not self.is_true[i] and not self.is_true[i - 1]
+                and self.is_attn[i] != self.is_attn[i - 1])
 
     def inner_width(self, i):
         return self.n_heads * self.head_dim if self.is_attn[i] else self.d_inner
@@ -253,12 +289,12 @@ def expected_shapes(cfg):
     for i in range(cfg.n_layers):
         p = f"backbone.layers.{i}."
         s[p + "norm.weight"] = [D]
-        if cfg.is_attn[i]:
+        if cfg.has_attn[i]:
             s[p + "mixer.q_proj.weight"] = [H * h, D]
             s[p + "mixer.k_proj.weight"] = [G * h, D]
             s[p + "mixer.v_proj.weight"] = [G * h, D]
             s[p + "mixer.o_proj.weight"] = [D, H * h]
-        else:
+        if cfg.has_mamba[i]:
             s[p + "mixer.in_proj.weight"] = [2 * E, D]
             s[p + "mixer.conv1d.weight"] = [E, 1, K]
             s[p + "mixer.conv1d.bias"] = [E]
@@ -268,6 +304,13 @@ def expected_shapes(cfg):
             s[p + "mixer.A_log"] = [E, N]
             s[p + "mixer.D"] = [E]
             s[p + "mixer.out_proj.weight"] = [D, E]
+        if cfg.is_true[i]:  # fusion, cross-path exchange and router (docs/TRUE_HYBRID.md)
+            s[p + "mixer.fuse_mamba"] = [D]
+            s[p + "mixer.fuse_attn"] = [D]
+            s[p + "mixer.exchange"] = [D]
+            s[p + "mixer.router.weight"] = [D]
+            s[p + "mixer.router.feat_weight"] = [2]
+            s[p + "mixer.router.bias"] = [1]
         if Ff > 0:
             s[p + "mlp_norm.weight"] = [D]
             s[p + "mlp.gate_proj.weight"] = [Ff, D]
@@ -317,24 +360,49 @@ class _Layer:
     pass
 
 
+class _RouteState:
+    """Decoding state of one true-hybrid layer for one sequence (docs/TRUE_HYBRID.md, "What skipping
+    means"): the Mamba path's conv window and SSM state, the attention path's K/V rows (only the
+    tokens routed there, so their count is this layer's own), the analyzer's EMA m, the last Mamba
+    output x (for the exchange) and the current chunk's logit."""
+
+    def __init__(self, cfg, dtype):
+        G, hd, D = cfg.n_kv_heads, cfg.head_dim, cfg.d_model
+        self.conv = torch.zeros(1, cfg.d_inner, cfg.d_conv - 1, dtype=dtype)
+        self.ssm = torch.zeros(1, cfg.d_inner, cfg.d_state, dtype=dtype)
+        self.k = torch.zeros(1, G, 0, hd, dtype=dtype)
+        self.v = torch.zeros(1, G, 0, hd, dtype=dtype)
+        self.x = torch.zeros(D, dtype=dtype)
+
+
 class Cache:
-    """Decoding state for a batch: Mamba conv/ssm states, attention K/V, tokens seen so far."""
+    """Decoding state for a batch: Mamba conv/ssm states, attention K/V, tokens seen so far; for a
+    true-hybrid layer, one _RouteState per sequence (its paths see per-sequence subsequences) and
+    the analyzer's EMA and chunk logit for the batch."""
 
     def __init__(self, model, batch):
         cfg = model.cfg
+        dt = model.dtype
         self.batch = batch
         self.pos = 0
         self.conv = [None] * cfg.n_layers  # Mamba: [B, E, K-1], last pre-conv inputs
         self.ssm = [None] * cfg.n_layers   # Mamba: [B, E, N]
         self.k = [None] * cfg.n_layers     # attention: [B, G, pos, h], after RoPE
         self.v = [None] * cfg.n_layers
+        self.seq = [None] * cfg.n_layers   # true hybrid: [_RouteState] * B
+        self.ema = [None] * cfg.n_layers   # true hybrid: [B, D], m_{pos-1}
+        self.chunk = [None] * cfg.n_layers  # true hybrid: [B], logit of the chunk of pos-1
         for i in range(cfg.n_layers):
-            if cfg.is_attn[i]:
-                self.k[i] = torch.zeros(batch, cfg.n_kv_heads, 0, cfg.head_dim)
-                self.v[i] = torch.zeros(batch, cfg.n_kv_heads, 0, cfg.head_dim)
+            if cfg.is_true[i]:
+                self.seq[i] = [_RouteState(cfg, dt) for _ in range(batch)]
+                self.ema[i] = torch.zeros(batch, cfg.d_model, dtype=dt)
+                self.chunk[i] = torch.zeros(batch, dtype=dt)
+            elif cfg.is_attn[i]:
+                self.k[i] = torch.zeros(batch, cfg.n_kv_heads, 0, cfg.head_dim, dtype=dt)
+                self.v[i] = torch.zeros(batch, cfg.n_kv_heads, 0, cfg.head_dim, dtype=dt)
             else:
-                self.conv[i] = torch.zeros(batch, cfg.d_inner, cfg.d_conv - 1)
-                self.ssm[i] = torch.zeros(batch, cfg.d_inner, cfg.d_state)
+                self.conv[i] = torch.zeros(batch, cfg.d_inner, cfg.d_conv - 1, dtype=dt)
+                self.ssm[i] = torch.zeros(batch, cfg.d_inner, cfg.d_state, dtype=dt)
 
 
 class HybridMamba:
@@ -344,19 +412,22 @@ class HybridMamba:
         check_tensors(cfg, tensors, where)
         self.cfg = cfg
         self.dtype = dtype
+        self.mode = cfg.routing_mode
         w = {k: v.to(dtype).contiguous() for k, v in tensors.items()}
         self.emb = w["backbone.embeddings.weight"]
         self.norm_f = w["backbone.norm_f.weight"]
         self.head = self.emb if cfg.tie_embeddings else w["lm_head.weight"]
         self.layers = []
+        self.p_means = []  # true-hybrid layers' mean_t p_t per sequence [B], from the last _run
+        self.route_logits = []  # and their routing logits r [B, T] (detached)
         for i in range(cfg.n_layers):
             p = f"backbone.layers.{i}."
+            m = p + "mixer."
             L = _Layer()
             L.norm = w[p + "norm.weight"]
-            if cfg.is_attn[i]:
-                L.q, L.k, L.v, L.o = (w[p + f"mixer.{n}_proj.weight"] for n in "qkvo")
-            else:
-                m = p + "mixer."
+            if cfg.has_attn[i]:
+                L.q, L.k, L.v, L.o = (w[m + f"{n}_proj.weight"] for n in "qkvo")
+            if cfg.has_mamba[i]:
                 L.in_proj = w[m + "in_proj.weight"]
                 L.conv_w = w[m + "conv1d.weight"]           # [E, 1, K] for F.conv1d
                 L.conv_w2 = L.conv_w[:, 0, :].contiguous()  # [E, K] for the decode step
@@ -367,6 +438,10 @@ class HybridMamba:
                 L.A = -torch.exp(w[m + "A_log"])
                 L.D = w[m + "D"]
                 L.out_proj = w[m + "out_proj.weight"]
+            if cfg.is_true[i]:
+                L.fuse_m, L.fuse_a, L.exchange = w[m + "fuse_mamba"], w[m + "fuse_attn"], w[m + "exchange"]
+                L.router_w, L.router_fw, L.router_b = (w[m + "router.weight"], w[m + "router.feat_weight"],
+                                                       w[m + "router.bias"])
             if cfg.d_ff > 0:
                 L.mlp_norm = w[p + "mlp_norm.weight"]
                 L.gate, L.up, L.down = (w[p + f"mlp.{n}_proj.weight"] for n in ("gate", "up", "down"))
@@ -401,6 +476,14 @@ class HybridMamba:
         """Feeds one token per sequence [B] through the cache; logits [B, V]."""
         return self._run(token.reshape(-1, 1), cache, last_only=True, single=True)
 
+    def budget_loss(self):
+        """Per-sequence budget loss [B] of the last forward: sum over true layers of
+        budget_loss_weight * (mean_t p_t - attention_budget)^2 (none in "both" mode)."""
+        cfg = self.cfg
+        if not self.p_means or self.mode == "both":
+            return None
+        return sum(cfg.budget_loss_weight * (pm - cfg.attention_budget) ** 2 for pm in self.p_means)
+
     # --- internals
 
     def _check_tokens(self, tokens, cache):
@@ -420,19 +503,27 @@ class HybridMamba:
         ang = torch.arange(pos0, pos0 + T, dtype=torch.float64)[:, None] * inv_freq[None, :]
         return torch.cos(ang).to(self.dtype), torch.sin(ang).to(self.dtype)  # [T, h/2]
 
+    def _attn_ctx(self, ctx, pos0, T):
+        """RoPE tables and causal mask for T queries at positions pos0.. (memoized per forward:
+        plain attention layers share one; a true layer's compacted paths have their own)."""
+        key = (pos0, T)
+        if key not in ctx:
+            c = {}
+            if self.cfg.rope:
+                c["cos"], c["sin"] = self._rope_tables(pos0, T)
+            if T > 1:
+                # Query at position pos0+t sees keys 0..pos0+t.
+                c["mask"] = torch.arange(pos0 + T)[None, :] > torch.arange(pos0, pos0 + T)[:, None]
+            ctx[key] = c
+        return ctx[key]
+
     def _run(self, tokens, cache, last_only, single=False):
         cfg = self.cfg
         self._check_tokens(tokens, cache)
         B, T = tokens.shape
         pos0 = cache.pos if cache is not None else 0
-        ctx = {"pos0": pos0}
-        if any(cfg.is_attn):
-            if cfg.rope:
-                ctx["cos"], ctx["sin"] = self._rope_tables(pos0, T)
-            if T > 1:
-                # Query at absolute position pos0+t sees keys 0..pos0+t.
-                q_pos = torch.arange(pos0, pos0 + T)[:, None]
-                ctx["mask"] = torch.arange(pos0 + T)[None, :] > q_pos
+        ctx = {}
+        self.p_means, self.route_logits = [], []
         h = F.embedding(tokens, self.emb)  # [B, T, D]
         src = None
         for i, L in enumerate(self.layers):
@@ -440,12 +531,19 @@ class HybridMamba:
                 bn, bp, bg = L.bridge
                 h = h + bg * F.linear(rmsnorm(src, bn, cfg.norm_eps), bp)
             u = rmsnorm(h, L.norm, cfg.norm_eps)
-            if cfg.is_attn[i]:
-                out, inner = self._attention(i, L, u, cache, ctx)
-            elif single:
-                out, inner = self._mamba_step(i, L, u, cache)
+            if cfg.is_true[i]:
+                out, inner = self._true_layer(i, L, u, cache, pos0, ctx), None
+            elif cfg.is_attn[i]:
+                kv = (cache.k[i], cache.v[i]) if cache is not None else None
+                out, inner, kv = self._attention(L, u, kv, self._attn_ctx(ctx, pos0, T))
+                if cache is not None:
+                    cache.k[i], cache.v[i] = kv
             else:
-                out, inner = self._mamba(i, L, u, cache)
+                st = (cache.conv[i], cache.ssm[i]) if cache is not None else None
+                mixer = self._mamba_step if single else self._mamba
+                out, inner, st = mixer(L, u, st)
+                if cache is not None:
+                    cache.conv[i], cache.ssm[i] = st
             h = h + out
             if cfg.d_ff > 0:
                 m = rmsnorm(h, L.mlp_norm, cfg.norm_eps)
@@ -457,17 +555,98 @@ class HybridMamba:
             h = h[:, -1]
         return F.linear(rmsnorm(h, self.norm_f, cfg.norm_eps), self.head)
 
-    def _mamba(self, i, L, u, cache):
+    def _router(self, i, L, u, cache, pos0):
+        """Routing logits r [B, T] of a true layer (docs/TRUE_HYBRID.md; src/model/true_hybrid.h).
+        The analyzer's features are measurements of u without gradient; s gets its gradient
+        through router.weight . u and the router's weights."""
+        cfg = self.cfg
+        B, T, D = u.shape
+        with torch.no_grad():
+            ud = u.detach()
+            m = cache.ema[i] if cache is not None else ud.new_zeros(B, D)
+            prev = []  # m_{t-1} for each t: the EMA is a sequential recurrence, like the scan
+            for u_t in ud.unbind(1):
+                prev.append(m)
+                m = EMA_DECAY * m + (1.0 - EMA_DECAY) * u_t
+            if cache is not None:
+                cache.ema[i] = m
+            prev = torch.stack(prev, dim=1)                                      # [B, T, D]
+            denom = ud.norm(dim=-1) * prev.norm(dim=-1)
+            cos = torch.where(denom > 0, (ud * prev).sum(-1) / denom.clamp(min=torch.finfo(u.dtype).tiny), 0.0)
+            novelty = 1.0 - cos
+            position = (torch.log2(torch.arange(pos0, pos0 + T, dtype=torch.float64) + 1.0) / 16.0).to(u.dtype)
+            feats = torch.stack([novelty, position.expand(B, T)], dim=-1)        # [B, T, 2]
+        s = u @ L.router_w + feats @ L.router_fw + L.router_b                    # [B, T]
+        if cfg.routing_granularity == "chunk":
+            # Every token takes the logit of its chunk's first token; a chunk that began in an
+            # earlier call supplies its logit from the cache (index -1 below).
+            t = torch.arange(T)
+            first = t - (pos0 + t) % cfg.routing_chunk                            # may be < 0
+            carried = cache.chunk[i] if cache is not None else s.new_zeros(B)
+            s = torch.cat([carried[:, None], s], dim=1)[:, first.clamp(min=-1) + 1]
+        if cache is not None:
+            cache.chunk[i] = s[:, -1].detach()
+        self.route_logits.append(s.detach())
+        return s
+
+    def _true_layer(self, i, L, u, cache, pos0, ctx):
+        """The mixer of a true-hybrid layer: router, then each path on its own subsequence, fused."""
+        B, T, D = u.shape
+        r = self._router(i, L, u, cache, pos0)
+        p = torch.sigmoid(r)
+        self.p_means.append(p.mean(dim=1))
+        ones = torch.ones_like(p)
+        if self.mode == "both":
+            to_attn, to_mamba, gm, ga = ones.bool(), ones.bool(), ones, ones
+        elif self.mode == "soft":
+            to_attn, to_mamba, gm, ga = ones.bool(), ones.bool(), 1.0 - p, p
+        else:  # hard: only the chosen path runs, its output scaled by its gate
+            to_attn = r > 0
+            to_mamba = ~to_attn
+            gm, ga = 1.0 - p, p
+        # Each sequence routes differently, so each runs its paths on its own compacted sequence.
+        outs = []
+        for b in range(B):
+            st = cache.seq[i][b] if cache is not None else _RouteState(self.cfg, u.dtype)
+            ub = u[b]
+            out = torch.zeros_like(ub)
+            mi = to_mamba[b].nonzero().squeeze(1)
+            ai = to_attn[b].nonzero().squeeze(1)
+            ym = None
+            if len(mi) > 0:  # Mamba over M's tokens only: conv window and SSM state skip the others
+                mixer = self._mamba_step if len(mi) == 1 and cache is not None else self._mamba
+                ym, _, (conv, ssm) = mixer(L, ub[mi][None], (st.conv, st.ssm))
+                ym = ym[0]                                                        # [|M|, D]
+                out = out.index_add(0, mi, gm[b, mi, None] * L.fuse_m * ym)
+            if len(ai) > 0:
+                # Exchange: x_t = the Mamba output at the latest Mamba token <= t, else the carried one.
+                latest = to_mamba[b].long().cumsum(0)[ai] - 1                    # -1: none in this call
+                xs = st.x[None] if ym is None else torch.cat([st.x[None], ym], dim=0)
+                va = ub[ai] + L.exchange * xs[latest + 1]
+                # Attention over A's tokens only: RoPE at the rank within A, K/V of A's tokens only.
+                n_kv = st.k.shape[2]
+                ya, _, (k, v) = self._attention(L, va[None], (st.k, st.v) if cache is not None else None,
+                                                self._attn_ctx(ctx, n_kv, len(ai)))
+                out = out.index_add(0, ai, ga[b, ai, None] * L.fuse_a * ya[0])
+                if cache is not None:
+                    st.k, st.v = k, v
+            if cache is not None and ym is not None:
+                st.conv, st.ssm, st.x = conv, ssm, ym[-1]
+            outs.append(out)
+        return torch.stack(outs)
+
+    def _mamba(self, L, u, state=None):
+        """u [B, T, D] continuing state (conv [B, E, K-1], ssm [B, E, N]) or from zeros;
+        returns (out [B, T, D], inner [B, T, E], new state)."""
         cfg = self.cfg
         B, T, _ = u.shape
         E, K, N, R = cfg.d_inner, cfg.d_conv, cfg.d_state, cfg.dt_rank
         xz = F.linear(u, L.in_proj)
         x, z = xz[..., :E], xz[..., E:]
-        prev = cache.conv[i] if cache is not None else u.new_zeros(B, E, K - 1)
+        prev, s = state if state is not None else (u.new_zeros(B, E, K - 1), u.new_zeros(B, E, N))
         # Prepending the carried inputs makes a chunk after a prefix see exactly what the full scan sees.
         xc = torch.cat([prev, x.transpose(1, 2)], dim=2)  # [B, E, K-1+T]
-        if cache is not None:
-            cache.conv[i] = xc[:, :, T:].contiguous()
+        conv_state = xc[:, :, T:]
         x = F.silu(F.conv1d(xc, L.conv_w, L.conv_b, groups=E)).transpose(1, 2)  # [B, T, E]
         dbc = F.linear(x, L.x_proj)
         dt_r, Bm, Cm = dbc[..., :R], dbc[..., R:R + N], dbc[..., R + N:]
@@ -475,7 +654,6 @@ class HybridMamba:
         dA = torch.exp(delta.unsqueeze(-1) * L.A)                # [B, T, E, N]
         dBx = (delta * x).unsqueeze(-1) * Bm.unsqueeze(2)        # [B, T, E, N]
         Cm = Cm.unsqueeze(-1)                                    # [B, T, N, 1]
-        s = cache.ssm[i] if cache is not None else u.new_zeros(B, E, N)
         # unbind, not dA[:, t]: under autograd each indexing op's backward fills a zero gradient
         # of the whole [B, T, E, N] tensor, which makes the backward O(T^2) (measured on demo,
         # B 8, L 128: 12-15 s per training step against ~1 s); unbind's backward stacks once.
@@ -484,31 +662,31 @@ class HybridMamba:
         for t in range(T):
             s = dA_t[t] * s + dBx_t[t]
             ys.append(torch.matmul(s, C_t[t]))                   # [B, E, 1]
-        if cache is not None:
-            cache.ssm[i] = s
         y = torch.cat(ys, dim=2).transpose(1, 2) + x * L.D       # [B, T, E]
         inner = y * F.silu(z)
-        return F.linear(inner, L.out_proj), inner
+        return F.linear(inner, L.out_proj), inner, (conv_state, s)
 
-    def _mamba_step(self, i, L, u, cache):
+    def _mamba_step(self, L, u, state):
+        """One token per sequence, u [B, 1, D], from the cached state."""
         cfg = self.cfg
         E, N, R = cfg.d_inner, cfg.d_state, cfg.dt_rank
+        conv, ssm = state
         u = u[:, 0]                                              # [B, D]
         xz = F.linear(u, L.in_proj)
         x, z = xz[:, :E], xz[:, E:]
-        win = torch.cat([cache.conv[i], x.unsqueeze(-1)], dim=2)  # [B, E, K]
-        cache.conv[i] = win[:, :, 1:]
+        win = torch.cat([conv, x.unsqueeze(-1)], dim=2)          # [B, E, K]
         x = F.silu((win * L.conv_w2).sum(-1) + L.conv_b)         # [B, E]
         dbc = F.linear(x, L.x_proj)
         dt_r, Bm, Cm = dbc[:, :R], dbc[:, R:R + N], dbc[:, R + N:]
         delta = F.softplus(F.linear(dt_r, L.dt_w, L.dt_b))      # [B, E]
-        s = torch.exp(delta.unsqueeze(-1) * L.A) * cache.ssm[i] + (delta * x).unsqueeze(-1) * Bm.unsqueeze(1)
-        cache.ssm[i] = s
+        s = torch.exp(delta.unsqueeze(-1) * L.A) * ssm + (delta * x).unsqueeze(-1) * Bm.unsqueeze(1)
         y = torch.matmul(s, Cm.unsqueeze(-1)).squeeze(-1) + x * L.D
         inner = (y * F.silu(z)).unsqueeze(1)                     # [B, 1, E]
-        return F.linear(inner, L.out_proj), inner
+        return F.linear(inner, L.out_proj), inner, (win[:, :, 1:], s)
 
-    def _attention(self, i, L, u, cache, ctx):
+    def _attention(self, L, u, kv, actx):
+        """u [B, T, D] after the cached keys kv = (k, v) [B, G, S, hd] (None: from empty), with
+        actx = _attn_ctx(ctx, S, T); returns (out, inner, (k, v) including these T tokens)."""
         cfg = self.cfg
         B, T, _ = u.shape
         H, G, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -516,22 +694,21 @@ class HybridMamba:
         k = F.linear(u, L.k).view(B, T, G, hd)
         v = F.linear(u, L.v).view(B, T, G, hd).transpose(1, 2)  # [B, G, T, hd]
         if cfg.rope:
-            cos, sin = ctx["cos"][None, :, None, :], ctx["sin"][None, :, None, :]
+            cos, sin = actx["cos"][None, :, None, :], actx["sin"][None, :, None, :]
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         k = k.transpose(1, 2)
-        if cache is not None:
-            k = torch.cat([cache.k[i], k], dim=2)
-            v = torch.cat([cache.v[i], v], dim=2)
-            cache.k[i], cache.v[i] = k, v
+        if kv is not None:
+            k = torch.cat([kv[0], k], dim=2)
+            v = torch.cat([kv[1], v], dim=2)
         # GQA by grouping query heads: head j = g*rep + r uses kv head g = j // rep, no K/V copies.
         rep = H // G
         qg = q.transpose(1, 2).reshape(B, G, rep, T, hd)
         scores = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)) * (1.0 / math.sqrt(hd))  # [B,G,rep,T,S]
-        if "mask" in ctx:
-            scores = scores.masked_fill(ctx["mask"], float("-inf"))
+        if "mask" in actx:
+            scores = scores.masked_fill(actx["mask"], float("-inf"))
         o = torch.matmul(torch.softmax(scores, dim=-1), v.unsqueeze(2))  # [B, G, rep, T, hd]
         inner = o.reshape(B, H, T, hd).transpose(1, 2).reshape(B, T, H * hd)
-        return F.linear(inner, L.o), inner
+        return F.linear(inner, L.o), inner, (k, v)
 
 
 def _rotate(x, cos, sin):
@@ -543,7 +720,9 @@ def _rotate(x, cos, sin):
 # ----------------------------------------------------------------------------- random checkpoints
 
 def random_tensors(cfg, seed):
-    """MODEL.md's initialization, except bridge gates and norm weights are perturbed so they matter."""
+    """MODEL.md's initialization, except bridge gates and norm weights are perturbed so they matter;
+    a true-hybrid layer's fusion scales, exchange and router feature weights and bias are moved
+    off their inits (1, 0, 0, 0) too, so each term of its forward counts."""
     g = torch.Generator().manual_seed(seed)
 
     def unif(shape, bound):
@@ -559,6 +738,16 @@ def random_tensors(cfg, seed):
             v = 1.0 + 0.1 * torch.randn(shape, generator=g)
         elif name.endswith(".gate"):
             v = unif(shape, 0.5)
+        elif name.endswith("mixer.fuse_mamba") or name.endswith("mixer.fuse_attn"):
+            v = 1.0 + 0.3 * torch.randn(shape, generator=g)  # init 1
+        elif name.endswith("mixer.exchange"):
+            v = unif(shape, 0.5)                             # init 0
+        elif name.endswith("router.weight"):
+            v = torch.randn(shape, generator=g) / math.sqrt(cfg.d_model)  # as initialized
+        elif name.endswith("router.feat_weight"):
+            v = torch.randn(shape, generator=g)              # init 0
+        elif name.endswith("router.bias"):
+            v = 0.2 * torch.randn(shape, generator=g)        # init 0
         elif name.endswith("conv1d.weight") or name.endswith("conv1d.bias"):
             v = unif(shape, 1.0 / math.sqrt(cfg.d_conv))
         elif name.endswith("A_log"):
@@ -587,6 +776,21 @@ def _rel_err(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
 
 
+def _objective(model, logits, targets):
+    """(cross-entropy, training objective, budget term or None). The objective adds, for a
+    true-hybrid model in soft or hard mode, each sequence's budget loss (model.budget_loss())
+    weighted like its cross-entropy: by its counted positions / the batch's, as the C++ does;
+    the reported loss stays the cross-entropy."""
+    V = logits.shape[-1]
+    ce = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-1)
+    budget = model.budget_loss()
+    if budget is None:
+        return ce, ce, None
+    counted = (targets != -1).sum(dim=1).to(ce.dtype)
+    aux = (counted / counted.sum() * budget).sum()
+    return ce, ce + aux, aux
+
+
 def cmd_golden(args):
     if args.batch < 1 or args.len < 1:
         raise PeerError("--batch and --len must be >= 1")
@@ -597,6 +801,7 @@ def cmd_golden(args):
     B, L = tokens.shape
     with torch.inference_mode():
         full = model.forward(tokens)
+        route_logits = [r.clone() for r in model.route_logits]  # per true layer [B, L]
 
         cache = model.new_cache(B)
         steps = [model.prefill(tokens[:, :1], cache)[:, 0]]
@@ -611,15 +816,24 @@ def cmd_golden(args):
             parts.append(model.step(tokens[:, t], cache).unsqueeze(1))
         prefill_split = torch.cat(parts, dim=1)
 
-    write_safetensors(args.out, {
+    out = {
         "tokens": tokens.to(torch.int32),
         "logits_full": full.contiguous(),
         "logits_decode": decode.contiguous(),
         "logits_prefill_split": prefill_split.contiguous(),
-    })
+    }
+    routes = ""
+    if route_logits:
+        # The routing logits of the full forward, [true layer, B, L]: the tests check that no hard
+        # route hangs on a logit within rounding of 0 (min |r| is printed for that reason).
+        r = torch.stack(route_logits)
+        out["route_logits"] = r.contiguous()
+        routes = (f"; {model.mode} routing, {model.cfg.routing_granularity}: attention share "
+                  f"{float((r > 0).float().mean()):.3f}, min |route logit| {float(r.abs().min()):.3g}")
+    write_safetensors(args.out, out)
     e_dec, e_split = _rel_err(decode, full), _rel_err(prefill_split, full)
     print(f"torch_peer: wrote {args.out}: B={B} L={L} V={V}; max |logit|={float(full.abs().max()):.4g}; "
-          f"rel err vs full: decode {e_dec:.3g}, prefill_split {e_split:.3g}")
+          f"rel err vs full: decode {e_dec:.3g}, prefill_split {e_split:.3g}{routes}")
     # The three paths are independent computations of one function; disagreement is a peer bug.
     if max(e_dec, e_split) > 1e-4:
         print("torch_peer: self-check failed: cached paths disagree with the full forward", file=sys.stderr)
@@ -733,6 +947,14 @@ def cmd_write_random(args):
         raw = json.loads(text)
     except json.JSONDecodeError as e:
         raise PeerError(f"--config is not valid JSON: {e}")
+    if args.override is not None:
+        try:
+            over = json.loads(args.override)
+        except json.JSONDecodeError as e:
+            raise PeerError(f"--override is not valid JSON: {e}")
+        if not isinstance(over, dict) or not isinstance(raw, dict):
+            raise PeerError("--override and the config must be JSON objects")
+        raw.update(over)
     cfg = Config(raw, where="--config")
     tensors = random_tensors(cfg, args.seed)
     os.makedirs(args.out, exist_ok=True)
@@ -760,11 +982,15 @@ def cmd_grads(args):
     leaves = {k: v.to(torch.float64).requires_grad_() for k, v in tensors.items()}
     model = HybridMamba(cfg, leaves, where=path, dtype=torch.float64)
     logits = model.forward(tokens)
-    loss = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-1)
-    loss.backward()
+    # Gradients of the training objective (cross-entropy + a true-hybrid model's budget loss);
+    # "loss" is the cross-entropy alone, "budget_loss" the budget term, as the C++ returns them.
+    loss, objective, budget = _objective(model, logits, targets)
+    objective.backward()
 
     out = {"tokens": tokens.to(torch.int32), "targets": targets.to(torch.int32),
            "loss": loss.detach()}
+    if budget is not None:
+        out["budget_loss"] = budget.detach()
     for name, leaf in leaves.items():
         out["grad." + name] = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
     write_safetensors(args.out, out, {k: "F64" for k in out if k != "tokens" and k != "targets"})
@@ -813,9 +1039,8 @@ def cmd_train_bench(args):
         # Rebuilt each step because HybridMamba derives A = -exp(A_log) at construction: that
         # belongs inside the graph so A_log gets its gradient (cheap: views, one exp per layer).
         model = HybridMamba(cfg, leaves, where=path)
-        logits = model.forward(tokens)
-        loss = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-1)
-        loss.backward()
+        loss, objective, _ = _objective(model, model.forward(tokens), targets)
+        objective.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return float(loss)
@@ -888,6 +1113,8 @@ def main(argv=None):
     s.add_argument("--config", required=True, help="JSON text or a path to config.json")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--dtype", choices=("F32", "F16", "BF16"), default="F32")
+    s.add_argument("--override", help="JSON object of config fields replacing the config's "
+                                      "(e.g. '{\"routing_mode\": \"hard\"}')")
     s.set_defaults(fn=cmd_write_random)
 
     s = sub.add_parser("grads", help="write float64 loss and parameter gradients on random tokens")

@@ -26,8 +26,44 @@ add_test(NAME golden_grad_torch
           --model ${HM_GOLDEN_GRAD_DIR} --out ${HM_GOLDEN_GRAD_DIR}/grads.safetensors)
 set_tests_properties(golden_grad_torch PROPERTIES FIXTURES_REQUIRED golden_grad_ckpt FIXTURES_SETUP golden_grads)
 
+# True Hybrid (docs/TRUE_HYBRID.md): the true-tiny preset's config (Mamba, true, Mamba, attention
+# with a bridge, true), written by write-random with the router, fusion scales and exchange moved
+# off their inits, in each routing mode and once with chunk granularity (hard, chunks of 3 and 14
+# tokens: the split prefill ends mid-chunk). Logits for each; float64 gradients for soft and hard.
+set(HM_GOLDEN_TRUE_DIR ${CMAKE_BINARY_DIR}/golden/true_tiny)
+add_test(NAME golden_true_init
+  COMMAND $<TARGET_FILE:hm> init --preset true-tiny --seed 7 --out ${HM_GOLDEN_TRUE_DIR})
+set_tests_properties(golden_true_init PROPERTIES FIXTURES_SETUP golden_true_model)
+set(HM_GOLDEN_TRUE_soft "{\"routing_mode\": \"soft\"}")
+set(HM_GOLDEN_TRUE_hard "{\"routing_mode\": \"hard\"}")
+set(HM_GOLDEN_TRUE_both "{\"routing_mode\": \"both\"}")
+set(HM_GOLDEN_TRUE_chunk "{\"routing_mode\": \"hard\", \"routing_granularity\": \"chunk\"}")
+foreach(v soft hard both chunk)
+  set(dir ${HM_GOLDEN_TRUE_DIR}_${v})
+  add_test(NAME golden_true_${v}_model
+    COMMAND ${HM_TORCH_PYTHON} ${CMAKE_SOURCE_DIR}/bench/torch_peer.py write-random
+            --config ${HM_GOLDEN_TRUE_DIR}/config.json --override ${HM_GOLDEN_TRUE_${v}}
+            --out ${dir} --seed 1)
+  set_tests_properties(golden_true_${v}_model PROPERTIES FIXTURES_REQUIRED golden_true_model
+    FIXTURES_SETUP golden_true_${v}_ckpt)
+  add_test(NAME golden_true_${v}_torch
+    COMMAND ${HM_TORCH_PYTHON} ${CMAKE_SOURCE_DIR}/bench/torch_peer.py golden
+            --model ${dir} --out ${dir}/golden.safetensors --len 14)
+  set_tests_properties(golden_true_${v}_torch PROPERTIES FIXTURES_REQUIRED golden_true_${v}_ckpt
+    FIXTURES_SETUP golden_true_logits)
+endforeach()
+foreach(v soft hard)
+  set(dir ${HM_GOLDEN_TRUE_DIR}_${v})
+  add_test(NAME golden_true_${v}_grads
+    COMMAND ${HM_TORCH_PYTHON} ${CMAKE_SOURCE_DIR}/bench/torch_peer.py grads
+            --model ${dir} --out ${dir}/grads.safetensors)
+  set_tests_properties(golden_true_${v}_grads PROPERTIES FIXTURES_REQUIRED golden_true_${v}_ckpt
+    FIXTURES_SETUP golden_true_grads)
+endforeach()
+
 # The Golden* gtests (their own binary, tests/golden/) run after their fixtures.
 add_test(NAME golden_compare
   COMMAND $<TARGET_FILE:hm_golden_tests>)
-set_tests_properties(golden_compare PROPERTIES FIXTURES_REQUIRED "golden_logits;golden_grads"
+set_tests_properties(golden_compare PROPERTIES
+  FIXTURES_REQUIRED "golden_logits;golden_grads;golden_true_logits;golden_true_grads"
   ENVIRONMENT "OMP_NUM_THREADS=2")
