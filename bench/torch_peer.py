@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PyTorch peer and oracle for hybrid-mamba (docs/MODEL.md).
+"""PyTorch peer and oracle for hybrid-mamba (docs/MODEL.md; True Hybrid models: docs/TRUE_HYBRID.md).
 
 Subcommands:
   golden        write reference logits (full forward, token-by-token decode, split prefill)
@@ -8,6 +8,14 @@ Subcommands:
   write-random  write a random checkpoint for a config (development and tests)
   grads         loss and every parameter's gradient in float64 on random tokens (training oracle)
   train-bench   time float32 training steps (forward, loss, backward, AdamW); one JSON object
+
+True Hybrid layers: the router (analyzer features detached) runs batched; then, since each
+sequence routes its own way, each sequence runs its paths on its compacted subsequences (Mamba on
+M's tokens, attention on u + exchange * x over A's tokens, RoPE at the rank within A), fused with
+the gates. Decoding keeps, per sequence and true layer, the conv/SSM state, the K/V rows of the
+attention tokens only, the analyzer's EMA, the last Mamba output and the chunk logit (as the C++).
+Training (grads, train-bench) adds the budget loss to the objective; the loss reported is the
+cross-entropy.
 
 Run with Debian's interpreter: /usr/bin/python3 bench/torch_peer.py ...
 Exit codes: 0 success, 1 internal self-check failure, 2 bad input.
