@@ -36,6 +36,7 @@
 #include "core/rng.h"
 #include "model/model.h"
 #include "train/model_grad.h"
+#include "grad_test_util.h"
 
 using namespace hm;
 
@@ -87,39 +88,11 @@ void init_random(Params& p, uint64_t seed) {
   }
 }
 
-struct TokenBatch {
-  int B, L;
-  std::vector<int32_t> tokens, targets;
-};
-
-// Targets are the next token, the last -1, and a few more -1 to exercise the ignore rule.
-TokenBatch make_batch(int B, int L, int V, uint64_t seed) {
-  Rng rng(seed);
-  TokenBatch b{B, L, std::vector<int32_t>(size_t(B) * L), std::vector<int32_t>(size_t(B) * L)};
-  for (auto& t : b.tokens) t = int32_t(rng.next_u64() % uint64_t(V));
-  for (int s = 0; s < B; ++s)
-    for (int t = 0; t < L; ++t)
-      b.targets[size_t(s) * L + t] = t + 1 < L ? b.tokens[size_t(s) * L + t + 1] : -1;
-  for (int s = 0; s < B; ++s) b.targets[size_t(s) * L + size_t(rng.next_u64() % uint64_t(L))] = -1;
-  return b;
-}
-
-template <class T> std::vector<T> arena(const Params& p) {
-  std::vector<T> a(size_t(p.numel()), T(0));
-  for (size_t k = 0; k < p.specs().size(); ++k)
-    for (int64_t i = 0; i < p.specs()[k].numel(); ++i)
-      a[size_t(p.at(k) - p.data() + i)] = T(p.at(k)[i]);
-  return a;
-}
-
-bool verbose() { return std::getenv("HM_GRAD_VERBOSE") != nullptr; }
-
-// Restores the OpenMP thread count on scope exit.
-struct OmpThreads {
-  int saved = omp_get_max_threads();
-  explicit OmpThreads(int n) { omp_set_num_threads(n); }
-  ~OmpThreads() { omp_set_num_threads(saved); }
-};
+using test::TokenBatch;
+using test::make_batch;
+using test::arena;
+using test::verbose;
+using test::OmpThreads;
 
 // `entries(name)`: how many entries of a tensor to check: the one with the largest gradient,
 // then random ones.
