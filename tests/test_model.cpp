@@ -11,6 +11,7 @@
 #include "core/rng.h"
 #include "model/model.h"
 #include "io/safetensors.h"
+#include "test_util.h"
 
 using namespace hm;
 
@@ -35,23 +36,8 @@ void init_nonzero_gates(HybridModel& m, uint64_t seed) {
   m.prepare();
 }
 
-std::vector<int32_t> tokens(Rng& rng, int n, int vocab) {
-  std::vector<int32_t> t(static_cast<size_t>(n));
-  for (auto& x : t) x = int32_t(rng.next_u64() % uint64_t(vocab));
-  return t;
-}
-
-// max |a - b| / max |b|: relative to the logits' scale, not per element (which is ill-posed
-// for logits near zero).
-double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
-  EXPECT_EQ(a.size(), b.size());
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
-    num = std::max(num, double(std::fabs(a[i] - b[i])));
-    den = std::max(den, double(std::fabs(b[i])));
-  }
-  return num / std::max(den, 1e-30);
-}
+using test::tokens;
+using test::rel_err;
 
 std::vector<float> full_logits(HybridModel& m, const std::vector<int32_t>& toks, KvType kv = KvType::F16) {
   HybridMemory mem(m.backend(), m.config(), 1, int(toks.size()), kv);

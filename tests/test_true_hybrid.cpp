@@ -14,6 +14,7 @@
 #include "core/rng.h"
 #include "model/model.h"
 #include "model/routing.h"
+#include "test_util.h"
 
 using namespace hm;
 
@@ -49,21 +50,8 @@ void init_random(HybridModel& m, uint64_t seed) {
   m.prepare();
 }
 
-std::vector<int32_t> tokens(Rng& rng, int n, int vocab) {
-  std::vector<int32_t> t(static_cast<size_t>(n));
-  for (auto& x : t) x = int32_t(rng.next_u64() % uint64_t(vocab));
-  return t;
-}
-
-double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
-  EXPECT_EQ(a.size(), b.size());
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
-    num = std::max(num, double(std::fabs(a[i] - b[i])));
-    den = std::max(den, double(std::fabs(b[i])));
-  }
-  return num / std::max(den, 1e-30);
-}
+using test::tokens;
+using test::rel_err;
 
 std::vector<float> full_logits(HybridModel& m, const std::vector<int32_t>& toks, RouteTrace* tr = nullptr) {
   HybridMemory mem(m.backend(), m.config(), 1, int(toks.size()), KvType::F32);
