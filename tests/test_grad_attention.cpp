@@ -27,6 +27,7 @@
 
 #include "core/rng.h"
 #include "kernels/ops.h"
+#include "kernels/cpu/grad_cpu.h"
 #include "kernels/ref/attention_grad_ref.h"
 
 namespace {
@@ -476,3 +477,100 @@ TEST(GradAttention, CrossEntropyLargeLogitsAndAllIgnored) {
 }
 
 }  // namespace
+
+// ------------------------------------------------------------------------------------------
+// The fast float training kernels (kernels/cpu/grad_cpu.cpp) against this reference in double,
+// on the same float inputs, at sizes around the SIMD width and the sgemm blocking (odd L, one
+// token, grouped and multi-query heads, head sizes 8 and 64). Scores up to ~|6| so that the
+// softmax is far from uniform.
+
+namespace {
+Vec to_double(const VecF& v) { return Vec(v.begin(), v.end()); }
+VecF rand_f(hm::Rng& rng, std::size_t n, double scale) { return to_float(randn(rng, n, scale)); }
+}  // namespace
+
+TEST(GradAttention, FastCoreMatchesReference) {
+  struct Case { int L, H, G, hd; };
+  for (const Case c : {Case{1, 1, 1, 8}, Case{17, 4, 2, 8}, Case{33, 3, 1, 64}, Case{64, 2, 2, 16},
+                       Case{131, 2, 1, 64}}) {
+    hm::Rng rng(900 + c.L);
+    const std::size_t nq = std::size_t(c.L) * c.H * c.hd, nkv = std::size_t(c.L) * c.G * c.hd;
+    const double sc = 2.5 / std::pow(double(c.hd), 0.25);  // q.k / sqrt(hd) ~ 6
+    const VecF q = rand_f(rng, nq, sc), k = rand_f(rng, nkv, sc), v = rand_f(rng, nkv, 1.0),
+               dout = rand_f(rng, nq, 1.0);
+    VecF out(nq), lse(std::size_t(c.L) * c.H);
+    hm::cpu::grad::attention_core_forward(out.data(), lse.data(), q.data(), k.data(), v.data(),
+                                          c.L, c.H, c.G, c.hd);
+    const Vec qd = to_double(q), kd = to_double(k), vd = to_double(v), dod = to_double(dout);
+    Vec out_w(nq), lse_w(lse.size());
+    g::attention_forward(out_w.data(), lse_w.data(), qd.data(), kd.data(), vd.data(), c.L, c.H,
+                         c.G, c.hd);
+    const std::string at = "L=" + std::to_string(c.L) + " H=" + std::to_string(c.H) +
+                           " G=" + std::to_string(c.G) + " hd=" + std::to_string(c.hd);
+    EXPECT_LE(rel_err(out, out_w), 2e-6) << at;
+    EXPECT_LE(rel_err(lse, lse_w), 2e-6) << at;
+    // NaN-prefilled: every output element must be assigned (dk, dv by their group's first head).
+    VecF dq(nq, NAN), dk(nkv, NAN), dv(nkv, NAN);
+    hm::cpu::grad::attention_core_backward(dq.data(), dk.data(), dv.data(), dout.data(), q.data(),
+                                           k.data(), v.data(), out.data(), lse.data(), c.L, c.H,
+                                           c.G, c.hd);
+    Vec dq_w(nq), dk_w(nkv), dv_w(nkv);
+    g::attention_backward(dq_w.data(), dk_w.data(), dv_w.data(), dod.data(), qd.data(), kd.data(),
+                          vd.data(), out_w.data(), lse_w.data(), c.L, c.H, c.G, c.hd);
+    if (c.L == 1) {  // one key: the softmax is constant, so dq and dk are exactly 0
+      for (std::size_t i = 0; i < nq; ++i) EXPECT_LE(std::abs(dq[i]), 1e-5) << at;
+      for (std::size_t i = 0; i < nkv; ++i) EXPECT_LE(std::abs(dk[i]), 1e-5) << at;
+    } else {
+      EXPECT_LE(rel_err(dq, dq_w), 1e-5) << at;
+      EXPECT_LE(rel_err(dk, dk_w), 1e-5) << at;
+    }
+    EXPECT_LE(rel_err(dv, dv_w), 1e-5) << at;
+  }
+}
+
+TEST(GradAttention, FastRopeBackwardMatchesReference) {
+  for (int hd : {2, 8, 64}) {
+    hm::Rng rng(950 + hd);
+    const int Lr = 37, heads = 3;
+    const VecF dx = rand_f(rng, std::size_t(Lr) * heads * hd, 1.0);
+    VecF got = dx;
+    hm::cpu::grad::rope_backward(got.data(), Lr, heads, hd, float(kTheta));
+    Vec want = to_double(dx);
+    g::rope_backward(want.data(), Lr, heads, hd, 0, kTheta);
+    EXPECT_LE(rel_err(got, want), 1e-6) << "hd=" << hd;
+  }
+}
+
+// The whole block, rope on, GQA, odd sizes: the float forward and backward against the double.
+TEST(GradAttention, FastBlockMatchesReference) {
+  const int Lb = 29, Db = 24, Hb = 4, Gb = 2, hd = 8, Q = Hb * hd, KV = Gb * hd;
+  hm::Rng rng(960);
+  const VecF wq = rand_f(rng, std::size_t(Q) * Db, 0.4), wk = rand_f(rng, std::size_t(KV) * Db, 0.4),
+             wv = rand_f(rng, std::size_t(KV) * Db, 0.3), wo = rand_f(rng, std::size_t(Db) * Q, 0.2),
+             u = rand_f(rng, std::size_t(Lb) * Db, 1.0), dout = rand_f(rng, std::size_t(Lb) * Db, 1.0),
+             dinner = rand_f(rng, std::size_t(Lb) * Q, 0.5);
+  const g::AttnShape sh{Lb, Db, Hb, Gb, hd, true, kTheta};
+  g::AttnSaved<float> sf;
+  VecF out(std::size_t(Lb) * Db), du(u.size());
+  VecF gq(wq.size()), gk(wk.size()), gv(wv.size()), go(wo.size());
+  const g::AttnWeights<float> wf{wq.data(), wk.data(), wv.data(), wo.data()};
+  hm::cpu::grad::attention_block_forward(out.data(), sf, u.data(), wf, sh);
+  hm::cpu::grad::attention_block_backward(du.data(), {gq.data(), gk.data(), gv.data(), go.data()},
+                                          dout.data(), dinner.data(), u.data(), wf, sf, sh);
+  const Vec wqd = to_double(wq), wkd = to_double(wk), wvd = to_double(wv), wod = to_double(wo),
+            ud = to_double(u), doutd = to_double(dout), dinnd = to_double(dinner);
+  g::AttnSaved<double> sd;
+  Vec out_w(out.size()), du_w(du.size()), gq_w(wq.size()), gk_w(wk.size()), gv_w(wv.size()),
+      go_w(wo.size());
+  const g::AttnWeights<double> wd{wqd.data(), wkd.data(), wvd.data(), wod.data()};
+  g::attention_block_forward(out_w.data(), sd, ud.data(), wd, sh);
+  g::attention_block_backward(du_w.data(), {gq_w.data(), gk_w.data(), gv_w.data(), go_w.data()},
+                              doutd.data(), dinnd.data(), ud.data(), wd, sd, sh);
+  EXPECT_LE(rel_err(out, out_w), 1e-5);
+  EXPECT_LE(rel_err(sf.inner, sd.inner), 1e-5);
+  EXPECT_LE(rel_err(du, du_w), 1e-5);
+  EXPECT_LE(rel_err(gq, gq_w), 1e-5);
+  EXPECT_LE(rel_err(gk, gk_w), 1e-5);
+  EXPECT_LE(rel_err(gv, gv_w), 1e-5);
+  EXPECT_LE(rel_err(go, go_w), 1e-5);
+}

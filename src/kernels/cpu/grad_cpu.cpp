@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "kernels/cpu/simd.h"
+#include "kernels/ops.h"
 
 namespace hm::cpu::grad {
 
@@ -292,6 +293,109 @@ void mamba_block_backward(float* du, const G::MambaGrads<float>& g, const float*
 }
 
 // ---------------------------------------------------------------- attention mixer
+// The reference core loops over keys per query in double, ~10x an sgemm's time at hd 64. Here
+// each head's L x L score matrix is materialized so that the four products are sgemms. The
+// upper triangle is computed and thrown away: at training lengths (L <= a few thousand) the
+// wasted half of a full sgemm still costs less than a triangular loop. Scratch: one L x L
+// buffer forward, two backward, per thread, reused across calls.
+
+namespace {
+thread_local simd::FloatBuf t_scores, t_dscores;
+
+// Row t of P = softmax over keys 0..t of s (scaled scores), in place; keys beyond t set to 0
+// so that P V and P^T dO can run over full rows. Returns the row's log-sum-exp.
+float softmax_causal_row(float* s, int t, int L) {
+  using namespace simd;
+  const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const vf neg_inf = splat(-std::numeric_limits<float>::infinity());
+  const int n = t + 1;
+  vf vm = neg_inf;
+  for (int j = 0; j < n; j += kW) vm = vmax(vm, lane < n - j ? load_upto(s + j, n - j) : neg_inf);
+  const float mx = hmax(vm);
+  vf vs{};
+  for (int j = 0; j < n; j += kW) {
+    const int m = n - j;
+    const vf e = lane < m ? vexp(load_upto(s + j, m) - mx) : vf{};
+    store_upto(s + j, e, m);
+    vs += e;
+  }
+  const float sum = hsum(vs), inv = 1.0f / sum;
+  for (int j = 0; j < n; j += kW) store_upto(s + j, load_upto(s + j, n - j) * inv, n - j);
+  std::fill(s + n, s + L, 0.0f);
+  return mx + std::log(sum);
+}
+}  // namespace
+
+void attention_core_forward(float* out, float* lse, const float* q, const float* k, const float* v,
+                            int L, int H, int G, int hd) {
+  const int group = H / G, ldq = H * hd, ldkv = G * hd;
+  const float scale = 1.0f / std::sqrt(float(hd));
+  float* P = simd::scratch(t_scores, sz(L, L));
+  for (int h = 0; h < H; ++h) {
+    const int g = h / group;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, L, L, hd, scale, q + h * hd, ldq,
+                k + g * hd, ldkv, 0.0f, P, L);  // S = scale Q_h K_g^T
+    for (int t = 0; t < L; ++t) lse[sz(t, H) + h] = softmax_causal_row(P + sz(t, L), t, L);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, L, hd, L, 1.0f, P, L, v + g * hd,
+                ldkv, 0.0f, out + h * hd, ldq);  // O_h = P V_g
+  }
+}
+
+void attention_core_backward(float* dq, float* dk, float* dv, const float* dout, const float* q,
+                             const float* k, const float* v, const float* out, const float* lse,
+                             int L, int H, int G, int hd) {
+  using namespace simd;
+  const int group = H / G, ldq = H * hd, ldkv = G * hd;
+  const float scale = 1.0f / std::sqrt(float(hd));
+  float* P = scratch(t_scores, sz(L, L));
+  float* dS = scratch(t_dscores, sz(L, L));
+  for (int h = 0; h < H; ++h) {
+    const int g = h / group;
+    const bool first = h % group == 0;  // dK_g, dV_g are assigned by their group's first head
+    const float *qh = q + h * hd, *kg = k + g * hd, *vg = v + g * hd, *doh = dout + h * hd;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, L, L, hd, scale, qh, ldq, kg, ldkv,
+                0.0f, P, L);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, L, L, hd, 1.0f, doh, ldq, vg, ldkv,
+                0.0f, dS, L);  // dP = dO_h V_g^T
+    for (int t = 0; t < L; ++t) {
+      float* pt = P + sz(t, L);
+      float* dst = dS + sz(t, L);
+      const float* ot = out + sz(t, ldq) + h * hd;
+      const float* dot = doh + sz(t, ldq);
+      float Dt = 0;  // D_t = dO_t . O_t = sum_j P_tj dP_tj
+      for (int i = 0; i < hd; ++i) Dt += dot[i] * ot[i];
+      const float l = lse[sz(t, H) + h];
+      const int n = t + 1;
+      for (int j = 0; j < n; j += kW) {
+        const int m = n - j;
+        const vf p = vexp(load_upto(pt + j, m) - l);  // P_tj = exp(S_tj - lse_t)
+        store_upto(pt + j, p, m);
+        store_upto(dst + j, p * (load_upto(dst + j, m) - Dt), m);  // dS = P (dP - D)
+      }
+      std::fill(pt + n, pt + L, 0.0f);
+      std::fill(dst + n, dst + L, 0.0f);
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, L, hd, L, scale, dS, L, kg, ldkv, 0.0f,
+                dq + h * hd, ldq);  // dQ_h = scale dS K_g
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, L, hd, L, scale, dS, L, qh, ldq,
+                first ? 0.0f : 1.0f, dk + g * hd, ldkv);  // dK_g += scale dS^T Q_h
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, L, hd, L, 1.0f, P, L, doh, ldq,
+                first ? 0.0f : 1.0f, dv + g * hd, ldkv);  // dV_g += P^T dO_h
+  }
+}
+
+// RoPE's transpose is the rotation by -angle: with the second half negated before and after,
+// the forward rotation (a c - b s, b c + a s) becomes (a c + b s, b c - a s).
+void rope_backward(float* dx, int L, int heads, int hd, float theta) {
+  const int half = hd / 2;
+  auto negate_second_half = [&] {
+    for (int r = 0; r < L * heads; ++r)
+      for (int i = half; i < hd; ++i) dx[sz(r, hd) + i] = -dx[sz(r, hd) + i];
+  };
+  negate_second_half();
+  cpu::rope(dx, heads * hd, L, heads, hd, 0, theta);
+  negate_second_half();
+}
 
 void attention_block_forward(float* out, G::AttnSaved<float>& s, const float* u,
                              const G::AttnWeights<float>& w, const G::AttnShape& c) {
@@ -305,11 +409,11 @@ void attention_block_forward(float* out, G::AttnSaved<float>& s, const float* u,
   gemm_xwT(s.k.data(), u, w.wk, c.L, KV, c.D);
   gemm_xwT(s.v.data(), u, w.wv, c.L, KV, c.D);
   if (c.rope) {
-    G::rope_forward(s.q.data(), c.L, c.H, c.hd, 0, c.theta);
-    G::rope_forward(s.k.data(), c.L, c.G, c.hd, 0, c.theta);
+    cpu::rope(s.q.data(), Q, c.L, c.H, c.hd, 0, float(c.theta));
+    cpu::rope(s.k.data(), KV, c.L, c.G, c.hd, 0, float(c.theta));
   }
-  G::attention_forward(s.inner.data(), s.lse.data(), s.q.data(), s.k.data(), s.v.data(), c.L, c.H,
-                       c.G, c.hd);
+  attention_core_forward(s.inner.data(), s.lse.data(), s.q.data(), s.k.data(), s.v.data(), c.L,
+                         c.H, c.G, c.hd);
   gemm_xwT(out, s.inner.data(), w.wo, c.L, c.D, Q);
 }
 
@@ -321,11 +425,11 @@ void attention_block_backward(float* du, const G::AttnWeightGrads<float>& gw, co
   if (dinner) std::copy(dinner, dinner + dinn.size(), dinn.begin());
   gemm_dyW(dinn.data(), dout, w.wo, c.L, c.D, Q, dinner != nullptr);
   gemm_dyTx(gw.wo, dout, s.inner.data(), c.L, c.D, Q);
-  G::attention_backward(dq.data(), dk.data(), dv.data(), dinn.data(), s.q.data(), s.k.data(),
-                        s.v.data(), s.inner.data(), s.lse.data(), c.L, c.H, c.G, c.hd);
+  attention_core_backward(dq.data(), dk.data(), dv.data(), dinn.data(), s.q.data(), s.k.data(),
+                          s.v.data(), s.inner.data(), s.lse.data(), c.L, c.H, c.G, c.hd);
   if (c.rope) {
-    G::rope_backward(dq.data(), c.L, c.H, c.hd, 0, c.theta);
-    G::rope_backward(dk.data(), c.L, c.G, c.hd, 0, c.theta);
+    rope_backward(dq.data(), c.L, c.H, c.hd, float(c.theta));
+    rope_backward(dk.data(), c.L, c.G, c.hd, float(c.theta));
   }
   gemm_dyW(du, dq.data(), w.wq, c.L, Q, c.D, false);
   gemm_dyW(du, dk.data(), w.wk, c.L, KV, c.D, true);

@@ -37,6 +37,16 @@ void mamba_block_backward(float* du, const G::MambaGrads<float>& g, const float*
                           const G::MambaActs<float>& a, const G::MambaDims& s,
                           const float* dyg_extra);
 
+// The causal attention core of ref::grad::attention_forward / attention_backward (same layout
+// and lse convention), through sgemm on a materialized L x L score matrix per head.
+void attention_core_forward(float* out, float* lse, const float* q, const float* k, const float* v,
+                            int L, int H, int G, int hd);
+void attention_core_backward(float* dq, float* dk, float* dv, const float* dout, const float* q,
+                             const float* k, const float* v, const float* out, const float* lse,
+                             int L, int H, int G, int hd);
+// ref::grad::rope_backward at pos0 = 0, on the fast forward kernel.
+void rope_backward(float* dx, int L, int heads, int hd, float theta);
+
 void attention_block_forward(float* out, G::AttnSaved<float>& s, const float* u,
                              const G::AttnWeights<float>& w, const G::AttnShape& c);
 void attention_block_backward(float* du, const G::AttnWeightGrads<float>& gw, const float* dout,
