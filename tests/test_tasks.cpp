@@ -215,7 +215,13 @@ TEST(Tasks, ArchitecturesAreMatchedWithinTenPercent) {
       EXPECT_NEAR(rel, 1.0, 0.10) << a << " d " << d << ": " << c.n_layers << " layers";
       EXPECT_EQ(c.d_ff, 0) << "no MLPs";
     }
+    // Zoology's baseline stays at 2 attention layers, whatever the reference size.
+    const hm::ModelConfig z = hm::matched_config(hm::kZoologyAttention, d, 512);
+    EXPECT_EQ(z.n_layers, 2);
+    EXPECT_EQ(z.attention_layers, (std::vector<int>{0, 1}));
+    EXPECT_LT(count_params(z), ref / 2);
   }
+  EXPECT_THROW(hm::arch_config("attention-3l", 64, 512, 3), hm::Error);
 }
 
 // A tiny attention model trained on the task's train draws must clearly beat chance on the

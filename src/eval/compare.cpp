@@ -114,6 +114,8 @@ std::vector<std::string> arch_names() {
   return {"mamba", "transformer", "hybrid", "hybrid-nobridge", "true-soft", "true-hard"};
 }
 
+const char* const kZoologyAttention = "attention-2l";
+
 ModelConfig arch_config(const std::string& arch, int d_model, int vocab, int n_layers) {
   ModelConfig c;
   c.d_model = d_model;
@@ -123,7 +125,7 @@ ModelConfig arch_config(const std::string& arch, int d_model, int vocab, int n_l
   c.n_heads = c.n_kv_heads = std::max(1, d_model / 64);
   c.attention_layers.clear();
   if (arch == "mamba") {
-  } else if (arch == "transformer") {
+  } else if (arch == "transformer" || arch == kZoologyAttention) {
     for (int i = 0; i < n_layers; ++i) c.attention_layers.push_back(i);
   } else if (arch == "hybrid" || arch == "hybrid-nobridge") {
     for (int i = 1; i < n_layers; i += 2) c.attention_layers.push_back(i);
@@ -136,6 +138,7 @@ ModelConfig arch_config(const std::string& arch, int d_model, int vocab, int n_l
   } else {
     std::string known;
     for (const auto& a : arch_names()) known += (known.empty() ? "" : ", ") + a;
+    known += std::string(", ") + kZoologyAttention;
     throw Error(detail::cat("unknown architecture '", arch, "' (known: ", known, ")"));
   }
   validate(c);
@@ -145,6 +148,7 @@ ModelConfig arch_config(const std::string& arch, int d_model, int vocab, int n_l
 ModelConfig matched_config(const std::string& arch, int d_model, int vocab) {
   const int64_t ref = count_params(arch_config("mamba", d_model, vocab, kReferenceLayers));
   if (arch == "mamba") return arch_config(arch, d_model, vocab, kReferenceLayers);
+  if (arch == kZoologyAttention) return arch_config(arch, d_model, vocab, 2);  // unmatched by design
   ModelConfig best;
   int64_t best_gap = std::numeric_limits<int64_t>::max();
   for (int n = 2; n <= 24; ++n) {

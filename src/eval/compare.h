@@ -10,6 +10,9 @@
 //   hybrid-nobridge  the same without bridges (the bridge ablation)
 //   true-soft      True Hybrid: layer 0 Mamba, the rest true-hybrid layers, soft routing
 //   true-hard      the same with hard routing
+// and, outside the matched set (not in arch_names(), named explicitly with --archs):
+//   attention-2l   Zoology's own attention baseline, 2 attention layers at any size (about
+//                  40% of the reference's parameters), to set results against its Figure 2
 // The layer count of each non-reference architecture is the one whose parameter count
 // (embeddings included) is closest to the reference's; matched_config() reports it.
 #pragma once
@@ -21,7 +24,9 @@
 
 namespace hm {
 
+// The matched architectures (the default --archs).
 std::vector<std::string> arch_names();
+extern const char* const kZoologyAttention;  // "attention-2l"
 // The config of `arch` with n_layers layers (hm::Error for an unknown arch).
 ModelConfig arch_config(const std::string& arch, int d_model, int vocab, int n_layers);
 // The layer count matching the reference (4-layer mamba) best, and that config.
