@@ -91,6 +91,8 @@ expect_fail "bad task name" "unknown task 'recall'" "$HM" eval --model "$W/mqar"
 expect_fail "train bad task name" "unknown task 'recall'" "$HM" train --task recall --out "$W/t3"
 expect_fail "mqar constraint" "must exceed --seq-len" "$HM" train --task mqar --task-vocab 16 --seq-len 32 --out "$W/t3"
 expect_fail "eval needs data or task" "exactly one of --data" "$HM" eval --model "$W/mqar"
+expect_fail "generate on a task checkpoint" "synthetic task 'mqar'" \
+  "$HM" generate --model "$W/mqar/checkpoint" --prompt hi
 expect_fail "compare bad arch" "unknown architecture 'rnn'" "$HM" compare --archs rnn --out "$W/cmp"
 [ ! -e "$W/t3" ] && ok || bad "failed task runs wrote nothing"
 

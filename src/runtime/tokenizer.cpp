@@ -297,12 +297,33 @@ void train_sentencepiece_bpe(const std::vector<std::string>& texts, int vocab_si
 
 // ---- loading ----
 
+namespace {
+// A checkpoint without tokenizer.json reads as bytes (hm init writes none), except one trained
+// on a synthetic task: its token ids are task symbols, and bytes would decode them silently
+// wrong. Its trainer_state.json names the task.
+void check_not_task_checkpoint(const std::string& dir) {
+  std::ifstream f(fs::path(dir) / "trainer_state.json", std::ios::binary);
+  if (!f.good()) return;
+  const nlohmann::json j = nlohmann::json::parse(f, nullptr, /*allow_exceptions=*/false);
+  if (!j.is_object() || !j.contains("settings") || !j["settings"].is_object()) return;
+  const auto& task = j["settings"].value("task", nlohmann::json());
+  if (!task.is_object() || !task.value("name", nlohmann::json()).is_string()) return;
+  const std::string name = task["name"].get<std::string>();
+  HM_CHECK(name.empty(), dir, " was trained on the synthetic task '", name,
+           "': its tokens are task ids, not text, so it has no tokenizer and cannot read or "
+           "write text; score it with `hm eval --model ", dir, " --task ", name, "`");
+}
+}  // namespace
+
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir) {
   const fs::path path = fs::path(dir) / "tokenizer.json";
   const std::string name = path.string();
   std::error_code ec;
   const fs::file_status st = fs::status(path, ec);
-  if (st.type() == fs::file_type::not_found) return std::make_unique<ByteTokenizer>();
+  if (st.type() == fs::file_type::not_found) {
+    check_not_task_checkpoint(dir);
+    return std::make_unique<ByteTokenizer>();
+  }
   HM_CHECK(!ec, "tokenizer: cannot stat ", name, ": ", ec.message());
   HM_CHECK(fs::is_regular_file(st), "tokenizer: ", name, " is not a regular file");
 
