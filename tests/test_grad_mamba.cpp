@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "core/rng.h"
+#include "kernels/cpu/grad_cpu.h"
 #include "kernels/ops.h"
 #include "kernels/ref/mamba_grad_ref.h"
 
@@ -191,6 +192,43 @@ TEST(GradMamba, Conv1dSilu) {
   expect_grad("conv dx", dx, lx, loss);
   expect_grad("conv dw", minus(dw, dw0), lw, loss);
   expect_grad("conv db", minus(db, db0), lb, loss);
+}
+
+// The fast float backward (kernels/cpu/grad_cpu.cpp) against this reference in double, on the
+// same float inputs: odd channel counts around the 16-lane width, L across the 64-token
+// summation blocks, one token, and K = 3 and 4. Per tensor max |f - d| / max |d| <= 1e-5.
+TEST(GradMamba, FastConv1dSiluBackwardMatchesReference) {
+  struct Case { int L, E, K; };
+  for (const Case c : {Case{1, 5, 4}, Case{7, 16, 4}, Case{70, 33, 4}, Case{130, 17, 3}}) {
+    hm::Rng rng(700 + c.L);
+    const double s = 1 / std::sqrt(double(c.K));
+    const auto x = cast<float>(normal(rng, size_t(c.L) * c.E, 1)),
+               w = cast<float>(uniform(rng, size_t(c.E) * c.K, -s, s)),
+               b = cast<float>(uniform(rng, size_t(c.E), -s, s)),
+               dout = cast<float>(normal(rng, size_t(c.L) * c.E, 1));
+    const auto dw0 = cast<float>(uniform(rng, size_t(c.E) * c.K, -1, 1)),
+               db0 = cast<float>(uniform(rng, size_t(c.E), -1, 1));
+    std::vector<float> dx(x.size(), NAN), dw = dw0, db = db0;
+    hm::cpu::grad::conv1d_silu_backward(dx.data(), dw.data(), db.data(), dout.data(), x.data(),
+                                        w.data(), b.data(), c.L, c.E, c.K);
+    const Vec xd(x.begin(), x.end()), wd(w.begin(), w.end()), bd(b.begin(), b.end()),
+        doutd(dout.begin(), dout.end());
+    Vec dxd(x.size()), dwd(dw0.begin(), dw0.end()), dbd(db0.begin(), db0.end());
+    G::conv1d_silu_backward(dxd.data(), dwd.data(), dbd.data(), doutd.data(), xd.data(), wd.data(),
+                            bd.data(), c.L, c.E, c.K);
+    auto worst = [](const std::vector<float>& f, const Vec& d) {
+      double e = 0, m = 0;
+      for (size_t i = 0; i < d.size(); ++i) {
+        e = std::max(e, std::isnan(f[i]) ? INFINITY : std::fabs(double(f[i]) - d[i]));
+        m = std::max(m, std::fabs(d[i]));
+      }
+      return e / m;
+    };
+    const std::string at = "L=" + std::to_string(c.L) + " E=" + std::to_string(c.E);
+    EXPECT_LE(worst(dx, dxd), 1e-5) << at;
+    EXPECT_LE(worst(dw, dwd), 1e-5) << at;
+    EXPECT_LE(worst(db, dbd), 1e-5) << at;
+  }
 }
 
 // Inputs of one selective scan at realistic scales, in scalar type T.

@@ -229,6 +229,63 @@ static void selective_scan_backward_fast(float* dx, float* ddt, float* ddt_bias,
   }
 }
 
+// ---------------------------------------------------------------- causal conv + SiLU backward
+// ref::grad::conv1d_silu_backward with channels in 16-lane vectors (rows are token-major, so the
+// reference's per-channel walk over t strided through memory). dw and db sum over up to L
+// tokens: float partial sums over blocks of kConvBlock tokens, added into double totals, keep
+// that sum's error at the float rounding of a 64-term sum.
+namespace {
+constexpr int kConvBlock = 64;
+thread_local simd::FloatBuf t_conv_dpre, t_conv_wt;
+}  // namespace
+
+void conv1d_silu_backward(float* dx, float* dw, float* db, const float* dout, const float* x,
+                          const float* w, const float* b, int L, int E, int K) {
+  using namespace simd;
+  float* wt = scratch(t_conv_wt, sz(K, E));  // wt[j * E + e] = w[e * K + j]
+  for (int e = 0; e < E; ++e)
+    for (int j = 0; j < K; ++j) wt[sz(j, E) + e] = w[sz(e, K) + j];
+  float* dpre = scratch(t_conv_dpre, sz(L, E));
+  for (int t = 0; t < L; ++t)  // dpre = dout * silu'(pre), pre recomputed
+    for (int e = 0; e < E; e += kW) {
+      const int m = E - e;
+      vf pre = load_upto(b + e, m);
+      for (int j = std::max(0, K - 1 - t); j < K; ++j)
+        pre += load_upto(wt + sz(j, E) + e, m) * load_upto(x + sz(t - K + 1 + j, E) + e, m);
+      const vf sg = 1.0f / (1.0f + vexp(-pre));
+      store_upto(dpre + sz(t, E) + e, load_upto(dout + sz(t, E) + e, m) * (sg * (1.0f + pre * (1.0f - sg))), m);
+    }
+  for (int s = 0; s < L; ++s)  // dx[s] = sum_j dpre[s+K-1-j] w[j]: the outputs that read x[s]
+    for (int e = 0; e < E; e += kW) {
+      const int m = E - e;
+      vf acc{};
+      for (int j = 0; j < K; ++j)
+        if (s + K - 1 - j < L)
+          acc += load_upto(dpre + sz(s + K - 1 - j, E) + e, m) * load_upto(wt + sz(j, E) + e, m);
+      store_upto(dx + sz(s, E) + e, acc, m);
+    }
+  std::vector<double> db_acc(size_t(E), 0.0), dw_acc(sz(K, E), 0.0);  // dw_acc[j * E + e]
+  for (int e = 0; e < E; e += kW) {
+    const int m = std::min(kW, E - e);
+    for (int t0 = 0; t0 < L; t0 += kConvBlock) {
+      const int t1 = std::min(L, t0 + kConvBlock);
+      vf pb{};
+      for (int t = t0; t < t1; ++t) pb += load_upto(dpre + sz(t, E) + e, m);
+      for (int c = 0; c < m; ++c) db_acc[size_t(e + c)] += pb[c];
+      for (int j = 0; j < K; ++j) {  // dw[e, j] += sum_t dpre[t] x[t-K+1+j]
+        vf pw{};
+        for (int t = std::max(t0, K - 1 - j); t < t1; ++t)
+          pw += load_upto(dpre + sz(t, E) + e, m) * load_upto(x + sz(t - K + 1 + j, E) + e, m);
+        for (int c = 0; c < m; ++c) dw_acc[sz(j, E) + size_t(e + c)] += pw[c];
+      }
+    }
+  }
+  for (int e = 0; e < E; ++e) {
+    db[e] += float(db_acc[size_t(e)]);
+    for (int j = 0; j < K; ++j) dw[sz(e, K) + j] += float(dw_acc[sz(j, E) + size_t(e)]);
+  }
+}
+
 // ---------------------------------------------------------------- Mamba mixer
 
 void mamba_block_forward(float* out, G::MambaActs<float>& a, const float* u,
@@ -247,7 +304,10 @@ void mamba_block_forward(float* out, G::MambaActs<float>& a, const float* u,
   // in_proj's two halves straight into x and z (no [L, 2E] buffer to split).
   gemm_xwT(a.x.data(), u, w.in_proj, L, E, D);
   gemm_xwT(a.z.data(), u, w.in_proj + sz(E, D), L, E, D);
-  G::conv1d_silu_forward(a.xc.data(), a.x.data(), w.conv_w, w.conv_b, L, E, K);
+  {  // the inference kernel, from a zero state (a training sequence starts fresh)
+    Vec state(sz(E, K - 1), 0.0f);
+    cpu::conv1d_silu(a.xc.data(), E, state.data(), a.x.data(), E, w.conv_w, w.conv_b, L, E, K);
+  }
   Vec dbc(sz(L, P));
   gemm_xwT(dbc.data(), a.xc.data(), w.x_proj, L, P, E);
   for (int t = 0; t < L; ++t) {
@@ -310,8 +370,8 @@ void mamba_block_backward(float* du, const G::MambaGrads<float>& g, const float*
   // xc feeds both the scan and x_proj: x_proj's gradient is added straight into dxc.
   gemm_dyW(dxc.data(), ddbc.data(), w.x_proj, L, P, E, true);
   gemm_dyTx(g.x_proj, ddbc.data(), a.xc.data(), L, P, E);
-  G::conv1d_silu_backward(dx.data(), g.conv_w, g.conv_b, dxc.data(), a.x.data(), w.conv_w,
-                          w.conv_b, L, E, K);
+  conv1d_silu_backward(dx.data(), g.conv_w, g.conv_b, dxc.data(), a.x.data(), w.conv_w, w.conv_b,
+                       L, E, K);
   // xz = u in_proj^T with xz = cat(x, z): each half against its rows of in_proj.
   if (du) {
     gemm_dyW(du, dx.data(), w.in_proj, L, E, D, false);

@@ -29,6 +29,10 @@ void gemm_dyW(float* dx, const float* dy, const float* W, int m, int n, int k, b
 void gemm_dyTx(float* dW, const float* dy, const float* x, int m, int n, int k, int ldw = 0,
                int ldy = 0, int ldx = 0);
 
+// ref::grad::conv1d_silu_backward (dx assigned, dw and db accumulated), SIMD across channels.
+void conv1d_silu_backward(float* dx, float* dw, float* db, const float* dout, const float* x,
+                          const float* w, const float* b, int L, int E, int K);
+
 void mamba_block_forward(float* out, G::MambaActs<float>& a, const float* u,
                          const G::MambaWeights<float>& w, const G::MambaDims& s, int L,
                          int scan_chunk);
