@@ -42,10 +42,13 @@ inline size_t sz(int a, int b) { return size_t(a) * size_t(b); }
 }  // namespace
 
 // ---------------------------------------------------------------- selective scan (float I/O)
-// The reference recurrence (mamba_grad_ref.h) with the state dimension in 8-lane double
-// vectors. States and decays stay double: with delta*A ~ -1e-3 the decay a = exp(delta*A) is
-// ~0.999 and h's error grows like err(a) / (1 - a), so a float exp (2e-7) would cost ~1e-4.
-// The backward keeps each recomputed decay, so it takes one exp per (t, e, n) instead of two.
+// The reference recurrence (mamba_grad_ref.h) in 8-lane double vectors whose lanes are 8
+// channels: each state element (e, n) is its own dependency chain, N of them in flight per
+// block, and y = h . C needs no horizontal sum. Channels past the last full block of 8 run one
+// at a time with the state dimension in the lanes. States and decays stay double: with
+// delta*A ~ -1e-3 the decay a = exp(delta*A) is ~0.999 and h's error grows like
+// err(a) / (1 - a), so a float exp (2e-7) would cost ~1e-4. The backward keeps each recomputed
+// decay, so it takes one exp per (t, e, n) instead of two.
 // Needs N % 8 == 0 (the callers fall back to the reference otherwise).
 namespace {
 
@@ -97,56 +100,97 @@ struct ScanArgs {
   int L, E, N;
 };
 
-// The scan's per-(t, e) scalars, for rows t0 .. t0+len-1 of column e, 16 rows at a time in
-// float SIMD: as libm calls in double they were a quarter of a small model's training step.
-// Float is enough here: these feed the double recurrence with ~2e-7 relative error, the same
-// as the float activations they are computed from.
-struct ScanColumn {
-  std::vector<float> delta, gate, gate_grad, dsoftplus;  // softplus(dt+b), silu(z), silu'(z), sigmoid(dt+b)
-  void fill(const ScanArgs& s, int e, int t0, int len, bool backward) {
-    using namespace simd;
-    for (auto* v : {&delta, &gate, &gate_grad, &dsoftplus}) v->resize(size_t(len));
-    const float bias = s.dt_bias[e];
-    for (int i = 0; i < len; i += kW) {
-      const int m = std::min(kW, len - i);
-      const size_t off = sz(t0 + i, s.E) + size_t(e);
-      const vf pre = load_strided(s.dt + off, s.E, m) + bias;
-      const vf z = load_strided(s.z + off, s.E, m);
-      const vf sz_ = 1.0f / (1.0f + vexp(-z));
-      store_upto(delta.data() + i, vsoftplus(pre), m);
-      store_upto(gate.data() + i, z * sz_, m);
+inline void st8f(float* p, vd v) {  // 8 doubles rounded into 8 floats
+  const v8f f = __builtin_convertvector(v, v8f);
+  std::memcpy(p, &f, sizeof f);
+}
+
+// The scan's per-(t, e) scalars over the whole [L, E] block, 16 channels at a time in float SIMD:
+// as libm calls in double they were a quarter of a small model's training step. Float is
+// enough: they feed the double recurrence with ~2e-7 relative error, the rounding of the float
+// activations they are computed from. Per-thread buffers, reused across calls.
+thread_local simd::FloatBuf t_delta, t_gate, t_gate_grad, t_dsoftplus;
+struct ScanScalars {
+  const float *delta, *gate;         // softplus(dt + bias), silu(z)
+  const float *gate_grad, *dsoftplus;  // silu'(z), sigmoid(dt + bias): backward only
+};
+ScanScalars scan_scalars(const ScanArgs& s, bool backward) {
+  using namespace simd;
+  const size_t n = sz(s.L, s.E);
+  float* delta = scratch(t_delta, n);
+  float* gate = scratch(t_gate, n);
+  float* gate_grad = backward ? scratch(t_gate_grad, n) : nullptr;
+  float* dsp = backward ? scratch(t_dsoftplus, n) : nullptr;
+  for (int t = 0; t < s.L; ++t)
+    for (int e = 0; e < s.E; e += kW) {
+      const int m = s.E - e;
+      const size_t o = sz(t, s.E) + size_t(e);
+      const vf pre = load_upto(s.dt + o, m) + load_upto(s.dt_bias + e, m);
+      const vf z = load_upto(s.z + o, m);
+      const vf sg = 1.0f / (1.0f + vexp(-z));
+      store_upto(delta + o, vsoftplus(pre), m);
+      store_upto(gate + o, z * sg, m);
       if (backward) {
-        store_upto(gate_grad.data() + i, sz_ * (1.0f + z * (1.0f - sz_)), m);
-        store_upto(dsoftplus.data() + i, 1.0f / (1.0f + vexp(-pre)), m);
+        store_upto(gate_grad + o, sg * (1.0f + z * (1.0f - sg)), m);
+        store_upto(dsp + o, 1.0f / (1.0f + vexp(-pre)), m);
       }
     }
-  }
-};
+  return {delta, gate, gate_grad, dsp};
+}
+
+// At[b * N + n] = lanes A[8b + l, n]: the blocks' decay rates, channel-major in the lanes.
+std::vector<vd> blocked_A(const ScanArgs& s, int blocks) {
+  std::vector<vd> At(sz(blocks, s.N));
+  for (int b = 0; b < blocks; ++b)
+    for (int n = 0; n < s.N; ++n)
+      for (int l = 0; l < kDW; ++l) At[sz(b, s.N) + size_t(n)][l] = s.A[sz(b * kDW + l, s.N) + size_t(n)];
+  return At;
+}
 
 }  // namespace
 
 static void selective_scan_forward_fast(float* y, const ScanArgs& s, double* chunk_states, int chunk) {
-  const int E = s.E, N = s.N;
-  std::vector<double> h(static_cast<size_t>(N));
-  ScanColumn col;
-  for (int e = 0; e < E; ++e) {
-    std::fill(h.begin(), h.end(), 0.0);
-    col.fill(s, e, 0, s.L, false);
-    for (int t = 0; t < s.L; ++t) {
+  const int L = s.L, E = s.E, N = s.N, blocks = E / kDW;
+  const ScanScalars k = scan_scalars(s, false);
+  const std::vector<vd> At = blocked_A(s, blocks);
+  std::vector<vd> h(static_cast<size_t>(N));
+  for (int b = 0; b < blocks; ++b) {
+    const int e0 = b * kDW;
+    const vd* Ab = &At[sz(b, N)];
+    const vd Dv = ldf(s.Dskip + e0);
+    std::fill(h.begin(), h.end(), vd{});
+    for (int t = 0; t < L; ++t) {
+      if (chunk_states && t % chunk == 0)  // [chunk][e][n]: the lanes scatter to 8 rows
+        for (int n = 0; n < N; ++n)
+          for (int l = 0; l < kDW; ++l) chunk_states[sz((t / chunk) * E + e0 + l, N) + size_t(n)] = h[size_t(n)][l];
+      const size_t o = sz(t, E) + size_t(e0);
+      const vd dl = ldf(k.delta + o), xt = ldf(s.x + o), dlx = dl * xt;
+      const float *Bt = s.B + sz(t, N), *Ct = s.C + sz(t, N);
+      vd acc{};
+      for (int n = 0; n < N; ++n) {
+        const vd hn = vexpd(dl * Ab[n]) * h[size_t(n)] + dlx * double(Bt[n]);
+        h[size_t(n)] = hn;
+        acc += hn * double(Ct[n]);
+      }
+      st8f(y + o, (acc + Dv * xt) * ldf(k.gate + o));
+    }
+  }
+  std::vector<double> hc(static_cast<size_t>(N));  // the remaining channels, one at a time
+  for (int e = blocks * kDW; e < E; ++e) {
+    std::fill(hc.begin(), hc.end(), 0.0);
+    for (int t = 0; t < L; ++t) {
       if (chunk_states && t % chunk == 0)
-        std::copy(h.begin(), h.end(), chunk_states + sz((t / chunk) * E + e, N));
+        std::copy(hc.begin(), hc.end(), chunk_states + sz((t / chunk) * E + e, N));
       const size_t te = sz(t, E) + size_t(e);
-      const double delta = col.delta[size_t(t)];
-      const double xt = s.x[te];
+      const double delta = k.delta[te], xt = s.x[te];
       vd acc{};
       for (int n = 0; n < N; n += kDW) {
         const vd a = vexpd(delta * ldf(s.A + sz(e, N) + n));
-        const vd hn = a * ld(&h[size_t(n)]) + (delta * xt) * ldf(s.B + sz(t, N) + n);
-        st(&h[size_t(n)], hn);
+        const vd hn = a * ld(&hc[size_t(n)]) + (delta * xt) * ldf(s.B + sz(t, N) + n);
+        st(&hc[size_t(n)], hn);
         acc += hn * ldf(s.C + sz(t, N) + n);
       }
-      const double yc = hsumd(acc) + double(s.Dskip[e]) * xt;
-      y[te] = float(yc * col.gate[size_t(t)]);
+      y[te] = float((hsumd(acc) + double(s.Dskip[e]) * xt) * k.gate[te]);
     }
   }
 }
@@ -155,74 +199,132 @@ static void selective_scan_forward_fast(float* y, const ScanArgs& s, double* chu
 static void selective_scan_backward_fast(float* dx, float* ddt, float* ddt_bias, float* dA, float* dB,
                                   float* dC, float* dD, float* dz, const float* dy,
                                   const ScanArgs& s, const double* chunk_states, int chunk) {
-  const int L = s.L, E = s.E, N = s.N;
+  const int L = s.L, E = s.E, N = s.N, blocks = E / kDW;
   if (!chunk_states) chunk = L;
+  const ScanScalars k = scan_scalars(s, true);
+  const std::vector<vd> At = blocked_A(s, blocks);
+  // Blocked channels: dB and dC sum over channels, so they gather per-lane partials here and
+  // are reduced across lanes once at the end; dA, dD and the bias gradient are per channel.
+  std::vector<vd> dB_v(sz(L, N)), dC_v(sz(L, N)), dA_v(sz(blocks, N)), g(sz(blocks, N));
+  std::vector<vd> dD_v(static_cast<size_t>(blocks)), dbias_v(static_cast<size_t>(blocks));
+  std::vector<vd> hs(sz(chunk + 1, N)), as(sz(chunk, N));
+  // The remaining channels, one at a time (state dimension in the lanes).
   std::vector<double> dA_acc(sz(E, N), 0.0), dB_acc(sz(L, N), 0.0), dC_acc(sz(L, N), 0.0);
   std::vector<double> dD_acc(size_t(E), 0.0), dbias_acc(size_t(E), 0.0);
-  std::vector<double> hs(sz(chunk + 1, N)), as(sz(chunk, N)), g(sz(E, N), 0.0);
-  ScanColumn col;
+  std::vector<double> hs1(sz(chunk + 1, N)), as1(sz(chunk, N)), g1(sz(E, N), 0.0);
   for (int c = G::scan_num_chunks(L, chunk) - 1; c >= 0; --c) {
     const int t0 = c * chunk, len = std::min(chunk, L - t0);
-    for (int e = 0; e < E; ++e) {
-      const float* Ae = s.A + sz(e, N);
-      col.fill(s, e, t0, len, true);
-      if (chunk_states)
-        std::copy_n(chunk_states + sz(c * E + e, N), N, hs.begin());
-      else
-        std::fill_n(hs.begin(), N, 0.0);
+    for (int b = 0; b < blocks; ++b) {
+      const int e0 = b * kDW;
+      const vd* Ab = &At[sz(b, N)];
+      const vd Dv = ldf(s.Dskip + e0);
+      for (int n = 0; n < N; ++n)
+        for (int l = 0; l < kDW; ++l)
+          hs[size_t(n)][l] = chunk_states ? chunk_states[sz(c * E + e0 + l, N) + size_t(n)] : 0.0;
       for (int i = 0; i < len; ++i) {  // recompute h[t0 .. t0+len-1], keeping the decays
-        const int t = t0 + i;
-        const size_t te = sz(t, E) + size_t(e);
-        const double delta = col.delta[size_t(i)];
-        const double bx = delta * double(s.x[te]);
-        for (int n = 0; n < N; n += kDW) {
-          const vd a = vexpd(delta * ldf(Ae + n));
-          st(&as[sz(i, N) + size_t(n)], a);
-          st(&hs[sz(i + 1, N) + size_t(n)],
-             a * ld(&hs[sz(i, N) + size_t(n)]) + bx * ldf(s.B + sz(t, N) + n));
+        const size_t o = sz(t0 + i, E) + size_t(e0);
+        const vd dl = ldf(k.delta + o), dlx = dl * ldf(s.x + o);
+        const float* Bt = s.B + sz(t0 + i, N);
+        for (int n = 0; n < N; ++n) {
+          const vd a = vexpd(dl * Ab[n]);
+          as[sz(i, N) + size_t(n)] = a;
+          hs[sz(i + 1, N) + size_t(n)] = a * hs[sz(i, N) + size_t(n)] + dlx * double(Bt[n]);
         }
       }
-      double* ge = &g[sz(e, N)];
+      vd* gb = &g[sz(b, N)];
+      vd* dAb = &dA_v[sz(b, N)];
+      for (int i = len - 1; i >= 0; --i) {
+        const int t = t0 + i;
+        const size_t o = sz(t, E) + size_t(e0);
+        const vd dl = ldf(k.delta + o), xt = ldf(s.x + o), dyt = ldf(dy + o);
+        const vd *ht = &hs[sz(i + 1, N)], *hp = &hs[sz(i, N)], *ai = &as[sz(i, N)];
+        const float *Bt = s.B + sz(t, N), *Ct = s.C + sz(t, N);
+        vd ycv{};
+        for (int n = 0; n < N; ++n) ycv += ht[n] * double(Ct[n]);
+        st8f(dz + o, dyt * (ycv + Dv * xt) * ldf(k.gate_grad + o));  // y = yc * silu(z)
+        const vd dyc = dyt * ldf(k.gate + o);
+        dD_v[size_t(b)] += dyc * xt;
+        vd ddelta{}, dxv{};
+        for (int n = 0; n < N; ++n) {
+          const double Bn = Bt[n], Cn = Ct[n];
+          dC_v[sz(t, N) + size_t(n)] += dyc * ht[n];
+          const vd gv = gb[n] + dyc * Cn;  // dL/dh[t], complete
+          const vd ahp = ai[n] * hp[n];
+          ddelta += gv * (Ab[n] * ahp + Bn * xt);
+          dAb[n] += gv * dl * ahp;
+          dB_v[sz(t, N) + size_t(n)] += gv * (dl * xt);
+          dxv += gv * Bn;
+          gb[n] = gv * ai[n];  // dL/dh[t-1] through h[t]
+        }
+        const vd dpre = ddelta * ldf(k.dsoftplus + o);
+        st8f(ddt + o, dpre);
+        dbias_v[size_t(b)] += dpre;
+        st8f(dx + o, dyc * Dv + dl * dxv);
+      }
+    }
+    for (int e = blocks * kDW; e < E; ++e) {
+      const float* Ae = s.A + sz(e, N);
+      if (chunk_states)
+        std::copy_n(chunk_states + sz(c * E + e, N), N, hs1.begin());
+      else
+        std::fill_n(hs1.begin(), N, 0.0);
+      for (int i = 0; i < len; ++i) {
+        const int t = t0 + i;
+        const size_t te = sz(t, E) + size_t(e);
+        const double delta = k.delta[te], bx = delta * double(s.x[te]);
+        for (int n = 0; n < N; n += kDW) {
+          const vd a = vexpd(delta * ldf(Ae + n));
+          st(&as1[sz(i, N) + size_t(n)], a);
+          st(&hs1[sz(i + 1, N) + size_t(n)],
+             a * ld(&hs1[sz(i, N) + size_t(n)]) + bx * ldf(s.B + sz(t, N) + n));
+        }
+      }
+      double* ge = &g1[sz(e, N)];
       for (int i = len - 1; i >= 0; --i) {
         const int t = t0 + i;
         const size_t te = sz(t, E) + size_t(e);
-        const double delta = col.delta[size_t(i)];
-        const double xt = s.x[te], dyt = dy[te];
-        const double* ht = &hs[sz(i + 1, N)];
-        const double* hp = &hs[sz(i, N)];
-        const double* ai = &as[sz(i, N)];
-        const float* Bt = s.B + sz(t, N);
-        const float* Ct = s.C + sz(t, N);
+        const double delta = k.delta[te], xt = s.x[te], dyt = dy[te];
+        const double *ht = &hs1[sz(i + 1, N)], *hp = &hs1[sz(i, N)], *ai = &as1[sz(i, N)];
+        const float *Bt = s.B + sz(t, N), *Ct = s.C + sz(t, N);
         vd ycv{};
         for (int n = 0; n < N; n += kDW) ycv += ld(ht + n) * ldf(Ct + n);
         const double yc = hsumd(ycv) + double(s.Dskip[e]) * xt;
-        dz[te] = float(dyt * yc * col.gate_grad[size_t(i)]);  // y = yc * silu(z)
-        const double dyc = dyt * col.gate[size_t(i)];
+        dz[te] = float(dyt * yc * k.gate_grad[te]);
+        const double dyc = dyt * k.gate[te];
         dD_acc[size_t(e)] += dyc * xt;
         vd ddelta{}, dxv{};
         for (int n = 0; n < N; n += kDW) {
           const vd Bv = ldf(Bt + n), a = ld(ai + n), hpv = ld(hp + n);
           double* dCt = &dC_acc[sz(t, N) + size_t(n)];
           st(dCt, ld(dCt) + dyc * ld(ht + n));
-          const vd gv = ld(ge + n) + dyc * ldf(Ct + n);  // dL/dh[t], complete
+          const vd gv = ld(ge + n) + dyc * ldf(Ct + n);
           ddelta += gv * (ldf(Ae + n) * a * hpv + Bv * xt);
           double* dAe = &dA_acc[sz(e, N) + size_t(n)];
           st(dAe, ld(dAe) + gv * delta * a * hpv);
           double* dBt = &dB_acc[sz(t, N) + size_t(n)];
           st(dBt, ld(dBt) + gv * (delta * xt));
           dxv += gv * Bv;
-          st(ge + n, gv * a);  // dL/dh[t-1] through h[t]
+          st(ge + n, gv * a);
         }
-        const double dpre = hsumd(ddelta) * col.dsoftplus[size_t(i)];
+        const double dpre = hsumd(ddelta) * k.dsoftplus[te];
         ddt[te] = float(dpre);
         dbias_acc[size_t(e)] += dpre;
         dx[te] = float(dyc * s.Dskip[e] + delta * hsumd(dxv));
       }
     }
   }
+  for (size_t i = 0; i < dB_acc.size(); ++i) {
+    dB[i] = float(dB_acc[i] + hsumd(dB_v[i]));
+    dC[i] = float(dC_acc[i] + hsumd(dC_v[i]));
+  }
+  for (int b = 0; b < blocks; ++b)
+    for (int l = 0; l < kDW; ++l) {
+      const int e = b * kDW + l;
+      for (int n = 0; n < N; ++n) dA_acc[sz(e, N) + size_t(n)] = dA_v[sz(b, N) + size_t(n)][l];
+      dD_acc[size_t(e)] = dD_v[size_t(b)][l];
+      dbias_acc[size_t(e)] = dbias_v[size_t(b)][l];
+    }
   for (size_t i = 0; i < dA_acc.size(); ++i) dA[i] += float(dA_acc[i]);
-  for (size_t i = 0; i < dB_acc.size(); ++i) dB[i] = float(dB_acc[i]);
-  for (size_t i = 0; i < dC_acc.size(); ++i) dC[i] = float(dC_acc[i]);
   for (int e = 0; e < E; ++e) {
     dD[e] += float(dD_acc[size_t(e)]);
     ddt_bias[e] += float(dbias_acc[size_t(e)]);
