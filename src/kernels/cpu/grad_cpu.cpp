@@ -100,41 +100,45 @@ struct ScanArgs {
   int L, E, N;
 };
 
+// The state-saving interval the fast forward uses when its caller asks for none (see
+// mamba_block_forward).
+constexpr int kScanChunk = 128;
+
 inline void st8f(float* p, vd v) {  // 8 doubles rounded into 8 floats
   const v8f f = __builtin_convertvector(v, v8f);
   std::memcpy(p, &f, sizeof f);
 }
 
-// The scan's per-(t, e) scalars over the whole [L, E] block, 16 channels at a time in float SIMD:
-// as libm calls in double they were a quarter of a small model's training step. Float is
-// enough: they feed the double recurrence with ~2e-7 relative error, the rounding of the float
-// activations they are computed from. Per-thread buffers, reused across calls.
+// The scan's per-(t, e) scalars for channels e0 .. e0+w-1 (w <= 16) and rows t0 .. t0+len-1,
+// laid out [t - t0][w], in float SIMD: as libm calls in double they were a quarter of a small
+// model's training step. Float is enough: they feed the double recurrence with ~2e-7 relative
+// error, the rounding of the float activations they are computed from. Per-thread buffers of
+// 4 x len x w floats, reused across calls.
 thread_local simd::FloatBuf t_delta, t_gate, t_gate_grad, t_dsoftplus;
 struct ScanScalars {
-  const float *delta, *gate;         // softplus(dt + bias), silu(z)
+  const float *delta, *gate;           // softplus(dt + bias), silu(z)
   const float *gate_grad, *dsoftplus;  // silu'(z), sigmoid(dt + bias): backward only
 };
-ScanScalars scan_scalars(const ScanArgs& s, bool backward) {
+ScanScalars scan_scalars(const ScanArgs& s, int e0, int w, int t0, int len, bool backward) {
   using namespace simd;
-  const size_t n = sz(s.L, s.E);
+  const size_t n = sz(len, w);
   float* delta = scratch(t_delta, n);
   float* gate = scratch(t_gate, n);
   float* gate_grad = backward ? scratch(t_gate_grad, n) : nullptr;
   float* dsp = backward ? scratch(t_dsoftplus, n) : nullptr;
-  for (int t = 0; t < s.L; ++t)
-    for (int e = 0; e < s.E; e += kW) {
-      const int m = s.E - e;
-      const size_t o = sz(t, s.E) + size_t(e);
-      const vf pre = load_upto(s.dt + o, m) + load_upto(s.dt_bias + e, m);
-      const vf z = load_upto(s.z + o, m);
-      const vf sg = 1.0f / (1.0f + vexp(-z));
-      store_upto(delta + o, vsoftplus(pre), m);
-      store_upto(gate + o, z * sg, m);
-      if (backward) {
-        store_upto(gate_grad + o, sg * (1.0f + z * (1.0f - sg)), m);
-        store_upto(dsp + o, 1.0f / (1.0f + vexp(-pre)), m);
-      }
+  const vf bias = load_n(s.dt_bias + e0, w);
+  for (int i = 0; i < len; ++i) {
+    const size_t o = sz(t0 + i, s.E) + size_t(e0), r = sz(i, w);
+    const vf pre = load_n(s.dt + o, w) + bias;
+    const vf z = load_n(s.z + o, w);
+    const vf sg = 1.0f / (1.0f + vexp(-z));
+    store_n(delta + r, vsoftplus(pre), w);
+    store_n(gate + r, z * sg, w);
+    if (backward) {
+      store_n(gate_grad + r, sg * (1.0f + z * (1.0f - sg)), w);
+      store_n(dsp + r, 1.0f / (1.0f + vexp(-pre)), w);
     }
+  }
   return {delta, gate, gate_grad, dsp};
 }
 
@@ -150,12 +154,12 @@ std::vector<vd> blocked_A(const ScanArgs& s, int blocks) {
 }  // namespace
 
 static void selective_scan_forward_fast(float* y, const ScanArgs& s, double* chunk_states, int chunk) {
-  const int L = s.L, E = s.E, N = s.N, blocks = E / kDW;
-  const ScanScalars k = scan_scalars(s, false);
+  const int L = s.L, E = s.E, N = s.N, blocks = E / kDW, tail = E - blocks * kDW;
   const std::vector<vd> At = blocked_A(s, blocks);
   std::vector<vd> h(static_cast<size_t>(N));
   for (int b = 0; b < blocks; ++b) {
     const int e0 = b * kDW;
+    const ScanScalars k = scan_scalars(s, e0, kDW, 0, L, false);
     const vd* Ab = &At[sz(b, N)];
     const vd Dv = ldf(s.Dskip + e0);
     std::fill(h.begin(), h.end(), vd{});
@@ -163,8 +167,8 @@ static void selective_scan_forward_fast(float* y, const ScanArgs& s, double* chu
       if (chunk_states && t % chunk == 0)  // [chunk][e][n]: the lanes scatter to 8 rows
         for (int n = 0; n < N; ++n)
           for (int l = 0; l < kDW; ++l) chunk_states[sz((t / chunk) * E + e0 + l, N) + size_t(n)] = h[size_t(n)][l];
-      const size_t o = sz(t, E) + size_t(e0);
-      const vd dl = ldf(k.delta + o), xt = ldf(s.x + o), dlx = dl * xt;
+      const size_t o = sz(t, E) + size_t(e0), r = sz(t, kDW);
+      const vd dl = ldf(k.delta + r), xt = ldf(s.x + o), dlx = dl * xt;
       const float *Bt = s.B + sz(t, N), *Ct = s.C + sz(t, N);
       vd acc{};
       for (int n = 0; n < N; ++n) {
@@ -172,17 +176,19 @@ static void selective_scan_forward_fast(float* y, const ScanArgs& s, double* chu
         h[size_t(n)] = hn;
         acc += hn * double(Ct[n]);
       }
-      st8f(y + o, (acc + Dv * xt) * ldf(k.gate + o));
+      st8f(y + o, (acc + Dv * xt) * ldf(k.gate + r));
     }
   }
   std::vector<double> hc(static_cast<size_t>(N));  // the remaining channels, one at a time
+  const ScanScalars k = tail ? scan_scalars(s, blocks * kDW, tail, 0, L, false) : ScanScalars{};
   for (int e = blocks * kDW; e < E; ++e) {
+    const int c = e - blocks * kDW;
     std::fill(hc.begin(), hc.end(), 0.0);
     for (int t = 0; t < L; ++t) {
       if (chunk_states && t % chunk == 0)
         std::copy(hc.begin(), hc.end(), chunk_states + sz((t / chunk) * E + e, N));
       const size_t te = sz(t, E) + size_t(e);
-      const double delta = k.delta[te], xt = s.x[te];
+      const double delta = k.delta[sz(t, tail) + size_t(c)], xt = s.x[te];
       vd acc{};
       for (int n = 0; n < N; n += kDW) {
         const vd a = vexpd(delta * ldf(s.A + sz(e, N) + n));
@@ -190,7 +196,7 @@ static void selective_scan_forward_fast(float* y, const ScanArgs& s, double* chu
         st(&hc[size_t(n)], hn);
         acc += hn * ldf(s.C + sz(t, N) + n);
       }
-      y[te] = float((hsumd(acc) + double(s.Dskip[e]) * xt) * k.gate[te]);
+      y[te] = float((hsumd(acc) + double(s.Dskip[e]) * xt) * k.gate[sz(t, tail) + size_t(c)]);
     }
   }
 }
@@ -199,13 +205,13 @@ static void selective_scan_forward_fast(float* y, const ScanArgs& s, double* chu
 static void selective_scan_backward_fast(float* dx, float* ddt, float* ddt_bias, float* dA, float* dB,
                                   float* dC, float* dD, float* dz, const float* dy,
                                   const ScanArgs& s, const double* chunk_states, int chunk) {
-  const int L = s.L, E = s.E, N = s.N, blocks = E / kDW;
+  const int L = s.L, E = s.E, N = s.N, blocks = E / kDW, tail = E - blocks * kDW;
   if (!chunk_states) chunk = L;
-  const ScanScalars k = scan_scalars(s, true);
   const std::vector<vd> At = blocked_A(s, blocks);
-  // Blocked channels: dB and dC sum over channels, so they gather per-lane partials here and
-  // are reduced across lanes once at the end; dA, dD and the bias gradient are per channel.
-  std::vector<vd> dB_v(sz(L, N)), dC_v(sz(L, N)), dA_v(sz(blocks, N)), g(sz(blocks, N));
+  // Blocked channels: dB and dC sum over channels, so they gather per-lane partials for the
+  // chunk's rows here, reduced across lanes when the chunk is done; dA, dD and the bias gradient
+  // are per channel.
+  std::vector<vd> dB_v(sz(chunk, N)), dC_v(sz(chunk, N)), dA_v(sz(blocks, N)), g(sz(blocks, N));
   std::vector<vd> dD_v(static_cast<size_t>(blocks)), dbias_v(static_cast<size_t>(blocks));
   std::vector<vd> hs(sz(chunk + 1, N)), as(sz(chunk, N));
   // The remaining channels, one at a time (state dimension in the lanes).
@@ -214,8 +220,11 @@ static void selective_scan_backward_fast(float* dx, float* ddt, float* ddt_bias,
   std::vector<double> hs1(sz(chunk + 1, N)), as1(sz(chunk, N)), g1(sz(E, N), 0.0);
   for (int c = G::scan_num_chunks(L, chunk) - 1; c >= 0; --c) {
     const int t0 = c * chunk, len = std::min(chunk, L - t0);
+    std::fill(dB_v.begin(), dB_v.end(), vd{});
+    std::fill(dC_v.begin(), dC_v.end(), vd{});
     for (int b = 0; b < blocks; ++b) {
       const int e0 = b * kDW;
+      const ScanScalars k = scan_scalars(s, e0, kDW, t0, len, true);
       const vd* Ab = &At[sz(b, N)];
       const vd Dv = ldf(s.Dskip + e0);
       for (int n = 0; n < N; ++n)
@@ -223,7 +232,7 @@ static void selective_scan_backward_fast(float* dx, float* ddt, float* ddt_bias,
           hs[size_t(n)][l] = chunk_states ? chunk_states[sz(c * E + e0 + l, N) + size_t(n)] : 0.0;
       for (int i = 0; i < len; ++i) {  // recompute h[t0 .. t0+len-1], keeping the decays
         const size_t o = sz(t0 + i, E) + size_t(e0);
-        const vd dl = ldf(k.delta + o), dlx = dl * ldf(s.x + o);
+        const vd dl = ldf(k.delta + sz(i, kDW)), dlx = dl * ldf(s.x + o);
         const float* Bt = s.B + sz(t0 + i, N);
         for (int n = 0; n < N; ++n) {
           const vd a = vexpd(dl * Ab[n]);
@@ -235,34 +244,40 @@ static void selective_scan_backward_fast(float* dx, float* ddt, float* ddt_bias,
       vd* dAb = &dA_v[sz(b, N)];
       for (int i = len - 1; i >= 0; --i) {
         const int t = t0 + i;
-        const size_t o = sz(t, E) + size_t(e0);
-        const vd dl = ldf(k.delta + o), xt = ldf(s.x + o), dyt = ldf(dy + o);
+        const size_t o = sz(t, E) + size_t(e0), r = sz(i, kDW);
+        const vd dl = ldf(k.delta + r), xt = ldf(s.x + o), dyt = ldf(dy + o);
         const vd *ht = &hs[sz(i + 1, N)], *hp = &hs[sz(i, N)], *ai = &as[sz(i, N)];
         const float *Bt = s.B + sz(t, N), *Ct = s.C + sz(t, N);
         vd ycv{};
         for (int n = 0; n < N; ++n) ycv += ht[n] * double(Ct[n]);
-        st8f(dz + o, dyt * (ycv + Dv * xt) * ldf(k.gate_grad + o));  // y = yc * silu(z)
-        const vd dyc = dyt * ldf(k.gate + o);
+        st8f(dz + o, dyt * (ycv + Dv * xt) * ldf(k.gate_grad + r));  // y = yc * silu(z)
+        const vd dyc = dyt * ldf(k.gate + r);
         dD_v[size_t(b)] += dyc * xt;
         vd ddelta{}, dxv{};
         for (int n = 0; n < N; ++n) {
           const double Bn = Bt[n], Cn = Ct[n];
-          dC_v[sz(t, N) + size_t(n)] += dyc * ht[n];
+          dC_v[sz(i, N) + size_t(n)] += dyc * ht[n];
           const vd gv = gb[n] + dyc * Cn;  // dL/dh[t], complete
           const vd ahp = ai[n] * hp[n];
           ddelta += gv * (Ab[n] * ahp + Bn * xt);
           dAb[n] += gv * dl * ahp;
-          dB_v[sz(t, N) + size_t(n)] += gv * (dl * xt);
+          dB_v[sz(i, N) + size_t(n)] += gv * (dl * xt);
           dxv += gv * Bn;
           gb[n] = gv * ai[n];  // dL/dh[t-1] through h[t]
         }
-        const vd dpre = ddelta * ldf(k.dsoftplus + o);
+        const vd dpre = ddelta * ldf(k.dsoftplus + r);
         st8f(ddt + o, dpre);
         dbias_v[size_t(b)] += dpre;
         st8f(dx + o, dyc * Dv + dl * dxv);
       }
     }
+    for (size_t j = 0; j < sz(len, N); ++j) {
+      dB_acc[sz(t0, N) + j] += hsumd(dB_v[j]);
+      dC_acc[sz(t0, N) + j] += hsumd(dC_v[j]);
+    }
+    const ScanScalars k = tail ? scan_scalars(s, blocks * kDW, tail, t0, len, true) : ScanScalars{};
     for (int e = blocks * kDW; e < E; ++e) {
+      const int ch = e - blocks * kDW;
       const float* Ae = s.A + sz(e, N);
       if (chunk_states)
         std::copy_n(chunk_states + sz(c * E + e, N), N, hs1.begin());
@@ -271,7 +286,7 @@ static void selective_scan_backward_fast(float* dx, float* ddt, float* ddt_bias,
       for (int i = 0; i < len; ++i) {
         const int t = t0 + i;
         const size_t te = sz(t, E) + size_t(e);
-        const double delta = k.delta[te], bx = delta * double(s.x[te]);
+        const double delta = k.delta[sz(i, tail) + size_t(ch)], bx = delta * double(s.x[te]);
         for (int n = 0; n < N; n += kDW) {
           const vd a = vexpd(delta * ldf(Ae + n));
           st(&as1[sz(i, N) + size_t(n)], a);
@@ -283,14 +298,15 @@ static void selective_scan_backward_fast(float* dx, float* ddt, float* ddt_bias,
       for (int i = len - 1; i >= 0; --i) {
         const int t = t0 + i;
         const size_t te = sz(t, E) + size_t(e);
-        const double delta = k.delta[te], xt = s.x[te], dyt = dy[te];
+        const size_t r = sz(i, tail) + size_t(ch);
+        const double delta = k.delta[r], xt = s.x[te], dyt = dy[te];
         const double *ht = &hs1[sz(i + 1, N)], *hp = &hs1[sz(i, N)], *ai = &as1[sz(i, N)];
         const float *Bt = s.B + sz(t, N), *Ct = s.C + sz(t, N);
         vd ycv{};
         for (int n = 0; n < N; n += kDW) ycv += ld(ht + n) * ldf(Ct + n);
         const double yc = hsumd(ycv) + double(s.Dskip[e]) * xt;
-        dz[te] = float(dyt * yc * k.gate_grad[te]);
-        const double dyc = dyt * k.gate[te];
+        dz[te] = float(dyt * yc * k.gate_grad[r]);
+        const double dyc = dyt * k.gate[r];
         dD_acc[size_t(e)] += dyc * xt;
         vd ddelta{}, dxv{};
         for (int n = 0; n < N; n += kDW) {
@@ -306,7 +322,7 @@ static void selective_scan_backward_fast(float* dx, float* ddt, float* ddt_bias,
           dxv += gv * Bv;
           st(ge + n, gv * a);
         }
-        const double dpre = hsumd(ddelta) * k.dsoftplus[te];
+        const double dpre = hsumd(ddelta) * k.dsoftplus[r];
         ddt[te] = float(dpre);
         dbias_acc[size_t(e)] += dpre;
         dx[te] = float(dyc * s.Dskip[e] + delta * hsumd(dxv));
@@ -314,8 +330,8 @@ static void selective_scan_backward_fast(float* dx, float* ddt, float* ddt_bias,
     }
   }
   for (size_t i = 0; i < dB_acc.size(); ++i) {
-    dB[i] = float(dB_acc[i] + hsumd(dB_v[i]));
-    dC[i] = float(dC_acc[i] + hsumd(dC_v[i]));
+    dB[i] = float(dB_acc[i]);
+    dC[i] = float(dC_acc[i]);
   }
   for (int b = 0; b < blocks; ++b)
     for (int l = 0; l < kDW; ++l) {
@@ -332,59 +348,54 @@ static void selective_scan_backward_fast(float* dx, float* ddt, float* ddt_bias,
 }
 
 // ---------------------------------------------------------------- causal conv + SiLU backward
-// ref::grad::conv1d_silu_backward with channels in 16-lane vectors (rows are token-major, so the
-// reference's per-channel walk over t strided through memory). dw and db sum over up to L
-// tokens: float partial sums over blocks of kConvBlock tokens, added into double totals, keep
-// that sum's error at the float rounding of a 64-term sum.
+// ref::grad::conv1d_silu_backward with 16 channels per vector (rows are token-major, so the
+// reference's per-channel walk over t strided through memory), one block of channels at a time
+// so that the scratch is L x 16 floats. dw and db sum over up to L tokens: float partial sums
+// over blocks of kConvBlock tokens, added into double totals, keep that sum's error at the
+// float rounding of a 64-term sum.
 namespace {
 constexpr int kConvBlock = 64;
-thread_local simd::FloatBuf t_conv_dpre, t_conv_wt;
+thread_local simd::FloatBuf t_conv_dpre;
 }  // namespace
 
 void conv1d_silu_backward(float* dx, float* dw, float* db, const float* dout, const float* x,
                           const float* w, const float* b, int L, int E, int K) {
   using namespace simd;
-  float* wt = scratch(t_conv_wt, sz(K, E));  // wt[j * E + e] = w[e * K + j]
-  for (int e = 0; e < E; ++e)
-    for (int j = 0; j < K; ++j) wt[sz(j, E) + e] = w[sz(e, K) + j];
-  float* dpre = scratch(t_conv_dpre, sz(L, E));
-  for (int t = 0; t < L; ++t)  // dpre = dout * silu'(pre), pre recomputed
-    for (int e = 0; e < E; e += kW) {
-      const int m = E - e;
-      vf pre = load_upto(b + e, m);
-      for (int j = std::max(0, K - 1 - t); j < K; ++j)
-        pre += load_upto(wt + sz(j, E) + e, m) * load_upto(x + sz(t - K + 1 + j, E) + e, m);
-      const vf sg = 1.0f / (1.0f + vexp(-pre));
-      store_upto(dpre + sz(t, E) + e, load_upto(dout + sz(t, E) + e, m) * (sg * (1.0f + pre * (1.0f - sg))), m);
-    }
-  for (int s = 0; s < L; ++s)  // dx[s] = sum_j dpre[s+K-1-j] w[j]: the outputs that read x[s]
-    for (int e = 0; e < E; e += kW) {
-      const int m = E - e;
-      vf acc{};
-      for (int j = 0; j < K; ++j)
-        if (s + K - 1 - j < L)
-          acc += load_upto(dpre + sz(s + K - 1 - j, E) + e, m) * load_upto(wt + sz(j, E) + e, m);
-      store_upto(dx + sz(s, E) + e, acc, m);
-    }
-  std::vector<double> db_acc(size_t(E), 0.0), dw_acc(sz(K, E), 0.0);  // dw_acc[j * E + e]
+  float* dpre = scratch(t_conv_dpre, sz(L, kW));  // [t][lane] for the current channel block
+  std::vector<vf> wt(static_cast<size_t>(K));
   for (int e = 0; e < E; e += kW) {
     const int m = std::min(kW, E - e);
-    for (int t0 = 0; t0 < L; t0 += kConvBlock) {
-      const int t1 = std::min(L, t0 + kConvBlock);
-      vf pb{};
-      for (int t = t0; t < t1; ++t) pb += load_upto(dpre + sz(t, E) + e, m);
-      for (int c = 0; c < m; ++c) db_acc[size_t(e + c)] += pb[c];
-      for (int j = 0; j < K; ++j) {  // dw[e, j] += sum_t dpre[t] x[t-K+1+j]
-        vf pw{};
-        for (int t = std::max(t0, K - 1 - j); t < t1; ++t)
-          pw += load_upto(dpre + sz(t, E) + e, m) * load_upto(x + sz(t - K + 1 + j, E) + e, m);
-        for (int c = 0; c < m; ++c) dw_acc[sz(j, E) + size_t(e + c)] += pw[c];
-      }
+    for (int j = 0; j < K; ++j) wt[size_t(j)] = load_strided(w + sz(e, K) + j, K, m);
+    for (int t = 0; t < L; ++t) {  // dpre = dout * silu'(pre), pre recomputed
+      vf pre = load_n(b + e, m);
+      for (int j = std::max(0, K - 1 - t); j < K; ++j)
+        pre += wt[size_t(j)] * load_n(x + sz(t - K + 1 + j, E) + e, m);
+      const vf sg = 1.0f / (1.0f + vexp(-pre));
+      store(dpre + sz(t, kW), load_n(dout + sz(t, E) + e, m) * (sg * (1.0f + pre * (1.0f - sg))));
     }
-  }
-  for (int e = 0; e < E; ++e) {
-    db[e] += float(db_acc[size_t(e)]);
-    for (int j = 0; j < K; ++j) dw[sz(e, K) + j] += float(dw_acc[sz(j, E) + size_t(e)]);
+    for (int t = 0; t < L; ++t) {  // dx[t] = sum_j dpre[t+K-1-j] w[j]: the outputs that read x[t]
+      vf acc{};
+      for (int j = 0; j < K; ++j)
+        if (t + K - 1 - j < L) acc += load(dpre + sz(t + K - 1 - j, kW)) * wt[size_t(j)];
+      store_n(dx + sz(t, E) + e, acc, m);
+    }
+    double db_acc[kW] = {}, dw_acc[kW] = {};
+    for (int t0 = 0; t0 < L; t0 += kConvBlock) {
+      vf pb{};
+      for (int t = t0; t < std::min(L, t0 + kConvBlock); ++t) pb += load(dpre + sz(t, kW));
+      for (int c = 0; c < m; ++c) db_acc[c] += pb[c];
+    }
+    for (int c = 0; c < m; ++c) db[e + c] += float(db_acc[c]);
+    for (int j = 0; j < K; ++j) {  // dw[e, j] += sum_t dpre[t] x[t-K+1+j]
+      std::fill(dw_acc, dw_acc + kW, 0.0);
+      for (int t0 = std::max(0, K - 1 - j); t0 < L; t0 += kConvBlock) {
+        vf pw{};
+        for (int t = t0; t < std::min(L, t0 + kConvBlock); ++t)
+          pw += load(dpre + sz(t, kW)) * load_n(x + sz(t - K + 1 + j, E) + e, m);
+        for (int c = 0; c < m; ++c) dw_acc[c] += pw[c];
+      }
+      for (int c = 0; c < m; ++c) dw[sz(e + c, K) + j] += float(dw_acc[c]);
+    }
   }
 }
 
@@ -394,6 +405,10 @@ void mamba_block_forward(float* out, G::MambaActs<float>& a, const float* u,
                          const G::MambaWeights<float>& w, const G::MambaDims& s, int L,
                          int scan_chunk) {
   const int D = s.D, E = s.E, N = s.N, K = s.K, R = s.R, P = R + 2 * N;
+  // Without a chunk from the caller, states are kept every kScanChunk tokens anyway: the
+  // backward then recomputes one chunk at a time, and its scratch is chunk-sized, not L-sized
+  // (the gradients are the same: each chunk restarts from the exact saved state).
+  if (scan_chunk <= 0) scan_chunk = kScanChunk;
   a.L = L;
   a.scan_chunk = scan_chunk;
   for (auto* v : {&a.x, &a.z, &a.xc, &a.dt, &a.yg}) v->resize(sz(L, E));
@@ -401,7 +416,7 @@ void mamba_block_forward(float* out, G::MambaActs<float>& a, const float* u,
   a.B.resize(sz(L, N));
   a.C.resize(sz(L, N));
   a.A.resize(sz(E, N));
-  a.scan_states.resize(scan_chunk > 0 ? sz(G::scan_num_chunks(L, scan_chunk), E) * N : 0);
+  a.scan_states.resize(sz(G::scan_num_chunks(L, scan_chunk), E) * N);
 
   // in_proj's two halves straight into x and z (no [L, 2E] buffer to split).
   gemm_xwT(a.x.data(), u, w.in_proj, L, E, D);
@@ -424,11 +439,11 @@ void mamba_block_forward(float* out, G::MambaActs<float>& a, const float* u,
     selective_scan_forward_fast(a.yg.data(),
                                 ScanArgs{a.xc.data(), a.dt.data(), w.dt_b, a.A.data(), a.B.data(),
                                          a.C.data(), w.Dskip, a.z.data(), L, E, N},
-                                scan_chunk > 0 ? a.scan_states.data() : nullptr, scan_chunk);
+                                a.scan_states.data(), scan_chunk);
   else
     G::selective_scan_forward(a.yg.data(), a.xc.data(), a.dt.data(), w.dt_b, a.A.data(),
                               a.B.data(), a.C.data(), w.Dskip, a.z.data(), L, E, N,
-                              scan_chunk > 0 ? a.scan_states.data() : nullptr, scan_chunk);
+                              a.scan_states.data(), scan_chunk);
   gemm_xwT(out, a.yg.data(), w.out_proj, L, D, E);
 }
 
@@ -437,7 +452,7 @@ void mamba_block_backward(float* du, const G::MambaGrads<float>& g, const float*
                           const G::MambaActs<float>& a, const G::MambaDims& s,
                           const float* dyg_extra) {
   const int L = a.L, D = s.D, E = s.E, N = s.N, K = s.K, R = s.R, P = R + 2 * N;
-  Vec dyg(sz(L, E)), dxc(sz(L, E)), ddt(sz(L, E)), dz(sz(L, E)), dx(sz(L, E));
+  Vec dyg(sz(L, E)), dxc(sz(L, E)), ddt(sz(L, E)), dz(sz(L, E));
   Vec dA(sz(E, N), 0.0f), dB(sz(L, N)), dC(sz(L, N)), ddt_r(sz(L, R)), ddbc(sz(L, P));
 
   gemm_dyW(dyg.data(), dout, w.out_proj, L, D, E, false);  // out = yg out_proj^T
@@ -472,6 +487,7 @@ void mamba_block_backward(float* du, const G::MambaGrads<float>& g, const float*
   // xc feeds both the scan and x_proj: x_proj's gradient is added straight into dxc.
   gemm_dyW(dxc.data(), ddbc.data(), w.x_proj, L, P, E, true);
   gemm_dyTx(g.x_proj, ddbc.data(), a.xc.data(), L, P, E);
+  Vec& dx = dyg;  // dyg is dead once the scan's backward is done: its memory takes dx
   conv1d_silu_backward(dx.data(), g.conv_w, g.conv_b, dxc.data(), a.x.data(), w.conv_w, w.conv_b,
                        L, E, K);
   // xz = u in_proj^T with xz = cat(x, z): each half against its rows of in_proj.
@@ -485,12 +501,13 @@ void mamba_block_backward(float* du, const G::MambaGrads<float>& g, const float*
 
 // ---------------------------------------------------------------- attention mixer
 // The reference core loops over keys per query in double, ~10x an sgemm's time at hd 64. Here
-// each head's L x L score matrix is materialized so that the four products are sgemms. The
-// upper triangle is computed and thrown away: at training lengths (L <= a few thousand) the
-// wasted half of a full sgemm still costs less than a triangular loop. Scratch: one L x L
-// buffer forward, two backward, per thread, reused across calls.
+// the scores of a block of kAttnRows queries against the keys they can see (0 .. the block's
+// last row) are materialized, so the four products are sgemms and the masked upper triangle is
+// skipped but for the diagonal blocks. Scratch: one (two in the backward) kAttnRows x L buffer
+// per thread, reused across calls: 256 KiB at L = 1024, where a full L x L matrix would be 4 MiB.
 
 namespace {
+constexpr int kAttnRows = 64;
 thread_local simd::FloatBuf t_scores, t_dscores;
 
 // Row t of P = softmax over keys 0..t of s (scaled scores), in place; keys beyond t set to 0
@@ -521,14 +538,18 @@ void attention_core_forward(float* out, float* lse, const float* q, const float*
                             int L, int H, int G, int hd) {
   const int group = H / G, ldq = H * hd, ldkv = G * hd;
   const float scale = 1.0f / std::sqrt(float(hd));
-  float* P = simd::scratch(t_scores, sz(L, L));
+  float* P = simd::scratch(t_scores, sz(std::min(L, kAttnRows), L));
   for (int h = 0; h < H; ++h) {
     const int g = h / group;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, L, L, hd, scale, q + h * hd, ldq,
-                k + g * hd, ldkv, 0.0f, P, L);  // S = scale Q_h K_g^T
-    for (int t = 0; t < L; ++t) lse[sz(t, H) + h] = softmax_causal_row(P + sz(t, L), t, L);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, L, hd, L, 1.0f, P, L, v + g * hd,
-                ldkv, 0.0f, out + h * hd, ldq);  // O_h = P V_g
+    for (int r0 = 0; r0 < L; r0 += kAttnRows) {
+      const int rows = std::min(kAttnRows, L - r0), keys = r0 + rows;  // P is rows x keys
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, hd, scale,
+                  q + sz(r0, ldq) + h * hd, ldq, k + g * hd, ldkv, 0.0f, P, keys);  // S = scale Q K^T
+      for (int i = 0; i < rows; ++i)
+        lse[sz(r0 + i, H) + h] = softmax_causal_row(P + sz(i, keys), r0 + i, keys);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, hd, keys, 1.0f, P, keys,
+                  v + g * hd, ldkv, 0.0f, out + sz(r0, ldq) + h * hd, ldq);  // O = P V
+    }
   }
 }
 
@@ -538,40 +559,45 @@ void attention_core_backward(float* dq, float* dk, float* dv, const float* dout,
   using namespace simd;
   const int group = H / G, ldq = H * hd, ldkv = G * hd;
   const float scale = 1.0f / std::sqrt(float(hd));
-  float* P = scratch(t_scores, sz(L, L));
-  float* dS = scratch(t_dscores, sz(L, L));
+  float* P = scratch(t_scores, sz(std::min(L, kAttnRows), L));
+  float* dS = scratch(t_dscores, sz(std::min(L, kAttnRows), L));
+  std::fill(dk, dk + sz(L, ldkv), 0.0f);  // dK, dV sum over query blocks and the group's heads
+  std::fill(dv, dv + sz(L, ldkv), 0.0f);
   for (int h = 0; h < H; ++h) {
     const int g = h / group;
-    const bool first = h % group == 0;  // dK_g, dV_g are assigned by their group's first head
-    const float *qh = q + h * hd, *kg = k + g * hd, *vg = v + g * hd, *doh = dout + h * hd;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, L, L, hd, scale, qh, ldq, kg, ldkv,
-                0.0f, P, L);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, L, L, hd, 1.0f, doh, ldq, vg, ldkv,
-                0.0f, dS, L);  // dP = dO_h V_g^T
-    for (int t = 0; t < L; ++t) {
-      float* pt = P + sz(t, L);
-      float* dst = dS + sz(t, L);
-      const float* ot = out + sz(t, ldq) + h * hd;
-      const float* dot = doh + sz(t, ldq);
-      float Dt = 0;  // D_t = dO_t . O_t = sum_j P_tj dP_tj
-      for (int i = 0; i < hd; ++i) Dt += dot[i] * ot[i];
-      const float l = lse[sz(t, H) + h];
-      const int n = t + 1;
-      for (int j = 0; j < n; j += kW) {
-        const int m = n - j;
-        const vf p = vexp(load_upto(pt + j, m) - l);  // P_tj = exp(S_tj - lse_t)
-        store_upto(pt + j, p, m);
-        store_upto(dst + j, p * (load_upto(dst + j, m) - Dt), m);  // dS = P (dP - D)
+    const float *kg = k + g * hd, *vg = v + g * hd;
+    for (int r0 = 0; r0 < L; r0 += kAttnRows) {
+      const int rows = std::min(kAttnRows, L - r0), keys = r0 + rows;
+      const float *qb = q + sz(r0, ldq) + h * hd, *dob = dout + sz(r0, ldq) + h * hd;
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, hd, scale, qb, ldq, kg,
+                  ldkv, 0.0f, P, keys);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, hd, 1.0f, dob, ldq, vg,
+                  ldkv, 0.0f, dS, keys);  // dP = dO V^T
+      for (int i = 0; i < rows; ++i) {
+        const int t = r0 + i, n = t + 1;
+        float* pt = P + sz(i, keys);
+        float* dst = dS + sz(i, keys);
+        const float* ot = out + sz(t, ldq) + h * hd;
+        const float* dot = dob + sz(i, ldq);
+        float Dt = 0;  // D_t = dO_t . O_t = sum_j P_tj dP_tj
+        for (int c = 0; c < hd; ++c) Dt += dot[c] * ot[c];
+        const float l = lse[sz(t, H) + h];
+        for (int j = 0; j < n; j += kW) {
+          const int m = n - j;
+          const vf p = vexp(load_upto(pt + j, m) - l);  // P_tj = exp(S_tj - lse_t)
+          store_upto(pt + j, p, m);
+          store_upto(dst + j, p * (load_upto(dst + j, m) - Dt), m);  // dS = P (dP - D)
+        }
+        std::fill(pt + n, pt + keys, 0.0f);
+        std::fill(dst + n, dst + keys, 0.0f);
       }
-      std::fill(pt + n, pt + L, 0.0f);
-      std::fill(dst + n, dst + L, 0.0f);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, hd, keys, scale, dS, keys, kg,
+                  ldkv, 0.0f, dq + sz(r0, ldq) + h * hd, ldq);  // dQ = scale dS K
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, keys, hd, rows, scale, dS, keys, qb,
+                  ldq, 1.0f, dk + g * hd, ldkv);  // dK += scale dS^T Q
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, keys, hd, rows, 1.0f, P, keys, dob,
+                  ldq, 1.0f, dv + g * hd, ldkv);  // dV += P^T dO
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, L, hd, L, scale, dS, L, kg, ldkv, 0.0f,
-                dq + h * hd, ldq);  // dQ_h = scale dS K_g
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, L, hd, L, scale, dS, L, qh, ldq,
-                first ? 0.0f : 1.0f, dk + g * hd, ldkv);  // dK_g += scale dS^T Q_h
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, L, hd, L, 1.0f, P, L, doh, ldq,
-                first ? 0.0f : 1.0f, dv + g * hd, ldkv);  // dV_g += P^T dO_h
   }
 }
 
