@@ -14,7 +14,7 @@ SIZES=${SIZES:-64,128}
 # One optimizer step per architecture: only to get each matched model as a checkpoint.
 "$HM" compare --task mqar --seq-lens 128 --sizes "$SIZES" --archs "$ARCHS" --lrs 3e-3 --budget 1 \
   --batch 2 --test-examples 8 --out "$W/c" -t 2 > /dev/null 2>&1
-printf '%-12s %5s %10s %10s %8s %10s %10s\n' arch d_model "ours tok/s" "peer tok/s" "ours/peer" "base tok/s" "ours/base"
+printf '%-12s %5s %10s %10s %8s %10s %10s %9s\n' arch d_model "ours tok/s" "peer tok/s" "ours/peer" "base tok/s" "ours/base" "flop_frac"
 for d in ${SIZES//,/ }; do
   for a in ${ARCHS//,/ }; do
     ck="$W/c/runs/mqar_L128_d${d}_${a}_lr0.003/train/checkpoint"
@@ -30,8 +30,8 @@ a, d, o, b = sys.argv[1], sys.argv[2], json.load(open(sys.argv[3])), json.load(o
 ours, peer = o["train_tok_s"], o.get("peer_train_tok_s")
 base = b.get("train_tok_s")
 f = lambda x, fmt: fmt % x if x else "-"
-print("%-12s %5s %10.0f %10s %8s %10s %10s" % (a, d, ours, f(peer, "%.0f"), f(peer and ours / peer, "%.2fx"),
-      f(base, "%.0f"), f(base and ours / base, "%.2fx")))
+print("%-12s %5s %10.0f %10s %8s %10s %10s %9.3f" % (a, d, ours, f(peer, "%.0f"), f(peer and ours / peer, "%.2fx"),
+      f(base, "%.0f"), f(base and ours / base, "%.2fx"), o["train_flop_fraction"]))
 PY
   done
 done
