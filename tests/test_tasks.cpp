@@ -5,7 +5,10 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <string>
 #include <vector>
@@ -224,22 +227,22 @@ TEST(Tasks, ArchitecturesAreMatchedWithinTenPercent) {
   EXPECT_THROW(hm::arch_config("attention-3l", 64, 512, 3), hm::Error);
 }
 
-// A tiny attention model trained on the task's train draws must clearly beat chance on the
-// test draws (which it never saw).
-TEST(Tasks, TinyModelLearnsMqar) {
-  TasksTempDir d("learn");
-  // Two attention layers (Zoology's attention depth), no MLP; 2 pairs in 8 tokens. (At 16
-  // tokens the same model needs a seed-dependent number of steps before recall clicks.)
-  hm::ModelConfig mc = hm::arch_config("transformer", 64, 20, 2);
+namespace {
+
+// Trains `mc` on the task's train draws for `steps` and scores it on 500 test draws (which it
+// never saw).
+hm::TaskEvalResult learn(const std::string& tag, const hm::ModelConfig& mc, const hm::TaskSpec& task,
+                         int64_t steps, float lr) {
+  TasksTempDir d(tag);
   hm::save_config((d.path / "cfg.json").string(), mc);
   hm::TrainConfig c;
   c.config_file = (d.path / "cfg.json").string();
   c.out_dir = (d.path / "run").string();
-  c.task = spec("mqar", 20, 8, 2);
-  c.seq_len = 8;
-  c.steps = 400;
+  c.task = task;
+  c.seq_len = task.seq_len;
+  c.steps = steps;
   c.batch = 32;
-  c.lr = 3e-3f;
+  c.lr = lr;
   c.warmup = 20;
   c.eval_every = 0;
   c.save_every = 0;
@@ -248,13 +251,122 @@ TEST(Tasks, TinyModelLearnsMqar) {
   hm::train(c);
   hm::TaskSpec none;  // everything from the run
   const hm::TaskEvalResult r = hm::evaluate_task(c.out_dir, none, 500);
-  EXPECT_EQ(r.task.name, "mqar");
-  EXPECT_EQ(r.task.vocab, 20);
-  EXPECT_EQ(r.task.kv, 2);
-  EXPECT_EQ(r.score.scored, 500 * 2);
+  EXPECT_EQ(r.task.name, task.name);
+  EXPECT_EQ(r.task.vocab, task.vocab);
+  EXPECT_EQ(r.task.kv, task.kv);
+  EXPECT_EQ(r.score.scored, 500 * hm::scored_per_example(task));
+  std::printf("[ tasks ] %s V=%d L=%d kv=%d: test accuracy %.3f after %lld steps (chance %.3f)\n", task.name.c_str(),
+              task.vocab, task.seq_len, task.kv, r.score.accuracy, static_cast<long long>(steps), r.chance);
+  return r;
+}
+
+}  // namespace
+
+TEST(Tasks, TinyModelLearnsMqar) {
+  // Two attention layers (Zoology's attention depth), no MLP; 2 pairs in 8 tokens. (At 16
+  // tokens the same model needs a seed-dependent number of steps before recall clicks.)
+  const hm::TaskEvalResult r = learn("mqar", hm::arch_config("transformer", 64, 20, 2), spec("mqar", 20, 8, 2), 400, 3e-3f);
   EXPECT_DOUBLE_EQ(r.chance, 0.5);  // picking either value of the context
-  std::printf("[ tasks ] mqar V=20 L=8 kv=2: test accuracy %.3f after 400 steps (chance %.2f)\n",
-              r.score.accuracy, r.chance);
   // Seeds 0 and 1 reach 0.71 and 0.69; 0.6 is 6 standard errors above chance on 1000 positions.
   EXPECT_GT(r.score.accuracy, 0.6);
+}
+
+TEST(Tasks, TinyModelLearnsCopy) {
+  // 4 data tokens (of 6) among noise in 16 positions, copied in order after the markers: a
+  // 2-layer Mamba + attention hybrid. Seeds 0-2 reach 0.97-0.99 in 200 steps.
+  const hm::TaskSpec task = spec("copy", 8, 16, 4);
+  const hm::TaskEvalResult r = learn("copy", hm::arch_config("hybrid", 32, task.vocab, 2), task, 200, 3e-3f);
+  EXPECT_DOUBLE_EQ(r.chance, 1.0 / 6);
+  EXPECT_GT(r.score.accuracy, 0.8);
+}
+
+TEST(Tasks, TinyModelLearnsInduction) {
+  // The textbook induction head: two attention layers. Seeds 0 and 1 reach 1.0 in 300 steps
+  // (0.99 at 200).
+  const hm::TaskSpec task = spec("induction", 8, 16, 0);
+  const hm::TaskEvalResult r = learn("induction", hm::arch_config("transformer", 32, task.vocab, 2), task, 300, 3e-3f);
+  EXPECT_DOUBLE_EQ(r.chance, 1.0 / 6);
+  EXPECT_GT(r.score.accuracy, 0.8);
+}
+
+// hm compare end to end on a sweep small enough for the suite: the best lr per cell, the three
+// output files, the table of best runs, and reuse of finished runs (an interrupted or extended
+// sweep retrains nothing it has; a damaged result file is retrained, to the same numbers).
+TEST(Compare, KeepsTheBestLrWritesOutputsAndReusesFinishedRuns) {
+  TasksTempDir d("compare");
+  hm::CompareConfig c;
+  c.task = "mqar";
+  c.task_vocab = 20;
+  c.kv = 2;
+  c.seq_lens = {8};
+  c.sizes = {16};
+  c.archs = {"mamba", hm::kZoologyAttention};
+  c.lrs = {1e-3f, 3e-2f};
+  c.budget = 6;
+  c.batch = 4;
+  c.test_examples = 20;
+  c.threads = 1;
+  c.progress = false;
+  c.out_dir = d.path.string();
+  const auto first = hm::run_compare(c);
+  ASSERT_EQ(first.size(), 4u);
+  for (size_t cell = 0; cell < 2; ++cell) {
+    const hm::CompareRun& a = first[2 * cell];
+    const hm::CompareRun& b = first[2 * cell + 1];
+    EXPECT_EQ(a.arch, b.arch);
+    EXPECT_TRUE(a.error.empty() && b.error.empty()) << a.error << b.error;
+    ASSERT_NE(a.best, b.best) << "exactly one best lr per cell";
+    const hm::CompareRun& best = a.best ? a : b;
+    const hm::CompareRun& other = a.best ? b : a;
+    EXPECT_TRUE(best.metric > other.metric || (best.metric == other.metric && best.loss <= other.loss));
+    EXPECT_EQ(a.kv, 2);
+    EXPECT_GT(a.params, 0);
+  }
+
+  auto read = [](const fs::path& p) {
+    std::ifstream f(p);
+    return std::string(std::istreambuf_iterator<char>(f), {});
+  };
+  const std::string csv = read(d.path / "results.csv");
+  EXPECT_EQ(csv.rfind("task,arch,d_model,n_layers,params,seq_len,kv,lr,accuracy,", 0), 0u) << csv;
+  EXPECT_EQ(std::count(csv.begin(), csv.end(), '\n'), 5);
+  const auto j = nlohmann::json::parse(read(d.path / "results.json"));
+  EXPECT_EQ(j.at("runs").size(), 4u);
+  EXPECT_EQ(j.at("metric"), "accuracy");
+  EXPECT_EQ(j.at("settings").at("budget_steps"), 6);
+  const std::string svg = read(d.path / "results.svg");
+  EXPECT_NE(svg.find("<svg"), std::string::npos);
+  EXPECT_NE(svg.find("seq_len 8"), std::string::npos);
+  const std::string table = hm::compare_table(c, first);
+  EXPECT_EQ(std::count(table.begin(), table.end(), '\n'), 3) << "a header and one row per cell:\n" << table;
+
+  // The same sweep again: every run reused (same numbers, checkpoints untouched).
+  const fs::path ck = d.path / "runs" / "mqar_L8_d16_mamba_lr0.001" / "train" / "checkpoint" / "model.safetensors";
+  ASSERT_TRUE(fs::exists(ck));
+  const auto stamp = fs::last_write_time(ck);
+  const auto again = hm::run_compare(c);
+  ASSERT_EQ(again.size(), 4u);
+  for (size_t i = 0; i < 4; ++i) {
+    EXPECT_EQ(again[i].metric, first[i].metric);
+    EXPECT_EQ(again[i].train_s, first[i].train_s) << "run " << i << " was trained again";
+    EXPECT_EQ(again[i].best, first[i].best);
+  }
+  EXPECT_EQ(fs::last_write_time(ck), stamp);
+
+  // A third lr extends the grid: the finished runs are reused, the new one trained. A damaged
+  // result file means that run is trained again, and training is deterministic.
+  {
+    std::ofstream f(d.path / "runs" / "mqar_L8_d16_attention-2l_lr0.03" / "result.json");
+    f << "{ truncated";
+  }
+  c.lrs = {1e-3f, 3e-2f, 1e-2f};
+  const auto extended = hm::run_compare(c);
+  ASSERT_EQ(extended.size(), 6u);
+  EXPECT_EQ(extended[0].train_s, first[0].train_s);
+  EXPECT_EQ(extended[1].train_s, first[1].train_s);
+  EXPECT_EQ(extended[3].train_s, first[2].train_s);
+  EXPECT_NE(extended[4].train_s, first[3].train_s) << "the damaged run was not retrained";
+  EXPECT_EQ(extended[4].metric, first[3].metric);
+  EXPECT_EQ(extended[4].loss, first[3].loss);
+  EXPECT_EQ(std::count_if(extended.begin(), extended.end(), [](const hm::CompareRun& r) { return r.best; }), 2);
 }
