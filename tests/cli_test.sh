@@ -108,6 +108,21 @@ grep -q "<svg" "$W/route.svg" && grep -q "layer 1" "$W/route.svg" && ok || bad "
 expect_fail "route on a simple model" "no true-hybrid layers" "$HM" route --model "$W/tiny" --prompt hi --heatmap ""
 expect_fail "route empty prompt" "empty" "$HM" route --model "$W/truetiny" --prompt "" --heatmap ""
 expect_fail "route missing model" "$W/nope" "$HM" route --model "$W/nope" --prompt hi --heatmap ""
+# A true model trained on a task: routes of its test draws by role; its tokens are not text.
+"$HM" train --preset true-tiny --task mqar --task-vocab 40 --seq-len 16 --kv 2 --steps 2 --batch 4 \
+  --out "$W/truemqar" --task-eval 0 2>/dev/null && ok || bad "train true-tiny on mqar"
+tj=$("$HM" route --model "$W/truemqar" --task-examples 5 --json --heatmap "$W/taskroute.svg"); rc=$?
+[ "$rc" -eq 0 ] && ok || bad "route --task-examples --json: exit $rc"
+for key in '"roles":["key","value","query","filler"]' '"positions":[10,10,10,50]' '"attention_by_role":' '"examples":5'; do
+  case "$tj" in *"$key"*) ok ;; *) bad "route --task-examples --json lacks $key: $tj" ;; esac
+done
+grep -q ">query:[0-9]" "$W/taskroute.svg" && grep -q ">key:[0-9]" "$W/taskroute.svg" && ok || bad "task route heatmap labels roles"
+"$HM" route --model "$W/truemqar" --heatmap "" | grep -q "attention share by role over 100 test draws" && ok \
+  || bad "route of a task model defaults to 100 draws"
+expect_fail "route a task model with a prompt" "route its test draws with --task-examples" \
+  "$HM" route --model "$W/truemqar" --prompt hi --heatmap ""
+expect_fail "route task draws of a text model" "was not trained on a task" \
+  "$HM" route --model "$W/truetiny" --task-examples 3 --heatmap ""
 
 echo "$pass passed, $fail failed"
 [ "$fail" -eq 0 ]

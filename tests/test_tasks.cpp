@@ -13,10 +13,15 @@
 #include <string>
 #include <vector>
 
+#include "backend/backend.h"
 #include "core/error.h"
+#include "core/rng.h"
 #include "eval/compare.h"
 #include "eval/tasks.h"
 #include "model/config.h"
+#include "model/model.h"
+#include "model/params.h"
+#include "model/routing.h"
 #include "train/trainer.h"
 
 namespace fs = std::filesystem;
@@ -369,4 +374,97 @@ TEST(Compare, KeepsTheBestLrWritesOutputsAndReusesFinishedRuns) {
   EXPECT_EQ(extended[4].metric, first[3].metric);
   EXPECT_EQ(extended[4].loss, first[3].loss);
   EXPECT_EQ(std::count_if(extended.begin(), extended.end(), [](const hm::CompareRun& r) { return r.best; }), 2);
+}
+
+// Every position gets the role its task format gives it (docs/EVALUATION.md): the scored
+// positions are exactly the mqar queries, the copy markers and the induction query.
+TEST(Tasks, RolesNameEveryPosition) {
+  for (const auto& s : {spec("mqar", 64, 32, 4), spec("copy", 10, 40, 6), spec("induction", 12, 24, 0)}) {
+    const auto names = hm::task_role_names(s);
+    std::vector<Row> tg;
+    const auto in = rows(s, hm::TaskSplit::Test, 2, 200, &tg);
+    for (size_t e = 0; e < in.size(); ++e) {
+      std::vector<int> role(size_t(s.seq_len), -1);
+      hm::task_roles(s, in[e].data(), role.data());
+      std::map<std::string, int> count;
+      for (int p = 0; p < s.seq_len; ++p) {
+        ASSERT_GE(role[size_t(p)], 0);
+        ASSERT_LT(role[size_t(p)], int(names.size()));
+        const std::string& r = names[size_t(role[size_t(p)])];
+        ++count[r];
+        const bool scored = tg[e][size_t(p)] >= 0;
+        ASSERT_EQ(scored, r == "query" || r == "marker") << s.name << " position " << p << " role " << r;
+        if (r == "B") {
+          ASSERT_EQ(names[size_t(role[size_t(p - 1)])], "trigger");
+        }
+      }
+      if (s.name == "mqar") {
+        EXPECT_EQ(count["key"], s.kv);
+        EXPECT_EQ(count["value"], s.kv);
+        EXPECT_EQ(count["query"], s.kv);
+      } else if (s.name == "copy") {
+        EXPECT_EQ(count["data"], s.kv);
+        EXPECT_EQ(count["marker"], s.kv);
+      } else {
+        EXPECT_EQ(count["trigger"], 1);
+        EXPECT_EQ(count["B"], 1);
+        EXPECT_EQ(count["query"], 1);
+      }
+    }
+  }
+}
+
+// route_task is the routing analysis of each test draw averaged per role: recomputed here from
+// get_routing_analysis, consistent with the per-layer overall share, and 1 / 0 everywhere when
+// every token is forced onto attention / Mamba.
+TEST(Tasks, RouteTaskAveragesTheRoutesOfEachRole) {
+  const hm::TaskSpec s = spec("mqar", 40, 16, 2);
+  auto be = hm::make_cpu_backend();
+  hm::HybridModel m(hm::arch_config("true-hard", 32, s.vocab, 3), *be);
+  hm::init_params(m.params(), 5);
+  hm::Rng rng(6);
+  for (int l : m.config().true_layers) {  // a router that sends tokens both ways
+    hm::LayerWeights& w = m.params().layer(l);
+    for (int k = 0; k < hm::kRouterFeatures; ++k) w.router_feat[k] = float(rng.normal());
+    w.router_b[0] = float(0.3 * rng.normal());
+  }
+  m.prepare();
+  const int n = 6, L = s.seq_len;
+  const hm::TaskRouting tr = hm::route_task(m, s, n);
+  ASSERT_EQ(tr.layers, m.config().true_layers);
+  std::vector<std::vector<double>> sum(tr.layers.size(), std::vector<double>(tr.roles.size(), 0.0));
+  std::vector<int64_t> cnt(tr.roles.size(), 0);
+  std::vector<int32_t> in(static_cast<size_t>(L)), tgt(static_cast<size_t>(L));
+  std::vector<int> role(static_cast<size_t>(L));
+  bool both_routes = false;
+  for (int i = 0; i < n; ++i) {
+    hm::task_example(s, hm::TaskSplit::Test, hm::kTaskTestSeed, uint64_t(i), in.data(), tgt.data());
+    hm::task_roles(s, in.data(), role.data());
+    const hm::RoutingAnalysis ra = hm::get_routing_analysis(m, in);
+    for (int p = 0; p < L; ++p) {
+      ++cnt[size_t(role[size_t(p)])];
+      for (size_t k = 0; k < ra.layers.size(); ++k) {
+        sum[k][size_t(role[size_t(p)])] += ra.layers[k].attention_share[size_t(p)];
+        both_routes |= ra.layers[k].attention_share[size_t(p)] != ra.layers[k].attention_share[0];
+      }
+    }
+  }
+  EXPECT_TRUE(both_routes) << "the router sends every token one way: the test would not see roles mixed up";
+  EXPECT_EQ(tr.positions, cnt);
+  for (size_t k = 0; k < tr.layers.size(); ++k) {
+    double weighted = 0;
+    for (size_t r = 0; r < tr.roles.size(); ++r) {
+      EXPECT_NEAR(tr.attention[k][r], sum[k][r] / double(cnt[r]), 1e-12) << tr.roles[r];
+      weighted += tr.attention[k][r] * double(cnt[r]);
+    }
+    EXPECT_NEAR(weighted / double(n * L), tr.attention_overall[k], 1e-12);
+  }
+  for (double f : {0.0, 1.0}) {
+    m.set_forced_attention_fraction(f);
+    const hm::TaskRouting forced = hm::route_task(m, s, 2);
+    for (const auto& layer : forced.attention)
+      for (double a : layer) EXPECT_EQ(a, f);
+  }
+  hm::HybridModel simple(hm::arch_config("hybrid", 32, s.vocab, 2), *be);
+  EXPECT_THROW(hm::route_task(simple, s, 1), hm::Error);
 }

@@ -12,10 +12,12 @@
 #include "cli/commands.h"
 #include "core/error.h"
 #include "core/threads.h"
+#include "eval/tasks.h"
 #include "io/atomic_file.h"
 #include "model/model.h"
 #include "model/routing.h"
 #include "runtime/tokenizer.h"
+#include "train/trainer.h"
 
 namespace hm::cli {
 namespace {
@@ -143,6 +145,63 @@ double path_compute_skipped(const HybridModel& model, const std::vector<int32_t>
   return (f_both - f_hard) / (2 * f_both - f0 - f1);
 }
 
+// `hm route --task-examples N` on a model trained on a task: the attention share of each role
+// of the task's test draws, per layer, and a heatmap of the first draw.
+int route_task_model(const std::string& dir, HybridModel& model, TaskSpec task, int64_t n, bool json,
+                     const std::string& heatmap) {
+  if (task.vocab == 0) task.vocab = model.config().vocab_size;
+  task = resolve_task(task);
+  validate_task(task);
+  const TaskRouting tr = route_task(model, task, n);
+  if (!heatmap.empty()) {
+    std::vector<int32_t> in(size_t(task.seq_len)), tgt(size_t(task.seq_len));
+    std::vector<int> role(size_t(task.seq_len));
+    task_example(task, TaskSplit::Test, kTaskTestSeed, 0, in.data(), tgt.data());
+    task_roles(task, in.data(), role.data());
+    std::vector<std::string> labels;
+    for (size_t p = 0; p < in.size(); ++p) {
+      const std::string& r = tr.roles[size_t(role[p])];
+      const bool background = r == "filler" || r == "noise" || r == "other";
+      labels.push_back(background ? std::to_string(in[p]) : r + ":" + std::to_string(in[p]));
+    }
+    write_file_atomic(heatmap, heatmap_svg(get_routing_analysis(model, in), labels));
+  }
+  const char* mode = mode_name(th::mode_from_config(model.config()));
+  if (json) {
+    nlohmann::json j;
+    j["model"] = dir;
+    j["task"] = task_to_json(task);
+    j["mode"] = mode;
+    j["examples"] = n;
+    j["roles"] = tr.roles;
+    j["positions"] = tr.positions;
+    nlohmann::json layers = nlohmann::json::array();
+    for (size_t k = 0; k < tr.layers.size(); ++k) {
+      nlohmann::json by_role;
+      for (size_t r = 0; r < tr.roles.size(); ++r) by_role[tr.roles[r]] = tr.attention[k][r];
+      layers.push_back({{"layer", tr.layers[k]}, {"attention", tr.attention_overall[k]}, {"attention_by_role", by_role}});
+    }
+    j["per_layer"] = layers;
+    j["heatmap"] = heatmap;
+    std::printf("%s\n", j.dump().c_str());
+    return 0;
+  }
+  std::printf("%s (vocab %d, seq_len %d, kv %d), routing_mode %s: attention share by role over %lld test draws\n",
+              task.name.c_str(), task.vocab, task.seq_len, task.kv, mode, static_cast<long long>(n));
+  std::printf("%-8s", "layer");
+  for (size_t r = 0; r < tr.roles.size(); ++r) std::printf(" %9s", tr.roles[r].c_str());
+  std::printf(" %9s\n%-8s", "all", "(count)");
+  for (int64_t c : tr.positions) std::printf(" %9lld", static_cast<long long>(c));
+  std::printf("\n");
+  for (size_t k = 0; k < tr.layers.size(); ++k) {
+    std::printf("%-8d", tr.layers[k]);
+    for (double a : tr.attention[k]) std::printf(" %8.1f%%", 100.0 * a);
+    std::printf(" %8.1f%%\n", 100.0 * tr.attention_overall[k]);
+  }
+  if (!heatmap.empty()) std::printf("heatmap (test draw 0): %s\n", heatmap.c_str());
+  return 0;
+}
+
 }  // namespace
 
 Run add_route(CLI::App& app) {
@@ -150,25 +209,41 @@ Run add_route(CLI::App& app) {
     std::string model, prompt, heatmap = "routing.svg";
     bool json = false, no_bos = false;
     int threads = 0;
+    int64_t task_examples = 0;
   };
   auto o = std::make_shared<Opts>();
   app.add_option("--model", o->model, "Checkpoint directory (a model with true-hybrid layers)")->required();
-  app.add_option("--prompt", o->prompt, "Text to route")->required();
+  app.add_option("--prompt", o->prompt, "Text to route (a model trained on text)");
+  app.add_option("--task-examples", o->task_examples,
+                 "A model trained on a task (hm train --task): route its first N test draws and report the "
+                 "attention share of each role (mqar: key, value, query, filler); default 100")
+      ->check(CLI::PositiveNumber);
   app.add_flag("--json", o->json, "Print one JSON object");
   app.add_option("--heatmap", o->heatmap, "SVG heatmap to write (\"\" = none)")->capture_default_str();
   app.add_flag("--no-bos", o->no_bos, "Do not prepend the BOS token");
   app.add_option("--threads,-t", o->threads, "Threads (0 = all cores)")->capture_default_str();
   return [o] {
     if (o->threads > 0) set_num_threads(o->threads);
-    HM_CHECK(!o->prompt.empty(), "route: the prompt is empty");
-    HM_CHECK(is_valid_utf8(o->prompt), "route: the prompt is not valid UTF-8");
+    const TaskSpec task = checkpoint_task(o->model);
+    if (!task.name.empty()) {
+      HM_CHECK(o->prompt.empty(), "route: '", o->model, "' was trained on the task '", task.name,
+               "': its tokens are task ids, not text; route its test draws with --task-examples N");
+    } else {
+      HM_CHECK(o->task_examples == 0, "route: '", o->model, "' was not trained on a task (hm train --task), "
+               "so it has no task draws to route; give --prompt TEXT");
+      HM_CHECK(!o->prompt.empty(), "route: give --prompt TEXT (it is empty)");
+      HM_CHECK(is_valid_utf8(o->prompt), "route: the prompt is not valid UTF-8");
+    }
+    const std::string dir = checkpoint_dir(o->model);
     auto be = make_cpu_backend();
-    auto model = load_model(o->model, *be);
+    auto model = load_model(dir, *be);
     const ModelConfig& c = model->config();
     HM_CHECK(!c.true_layers.empty(), "route: the model in '", o->model, "' has no true-hybrid layers "
              "(\"hybrid\": \"", c.hybrid, "\"); routing exists only in true_layers (e.g. hm init "
              "--preset true-tiny)");
-    auto tok = load_tokenizer(o->model);
+    if (!task.name.empty())
+      return route_task_model(dir, *model, task, o->task_examples > 0 ? o->task_examples : 100, o->json, o->heatmap);
+    auto tok = load_tokenizer(dir);
     const std::vector<int32_t> ids = tok->encode(o->prompt, !o->no_bos);
     HM_CHECK(!ids.empty(), "route: the prompt encodes to no tokens");
     const RoutingAnalysis r = get_routing_analysis(*model, ids);

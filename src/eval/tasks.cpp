@@ -8,6 +8,7 @@
 #include "core/error.h"
 #include "core/rng.h"
 #include "model/model.h"
+#include "model/routing.h"
 #include "runtime/memory.h"
 
 namespace hm {
@@ -175,6 +176,33 @@ void task_examples(const TaskSpec& s, TaskSplit split, uint64_t seed, uint64_t f
   for (int i = 0; i < n; ++i) task_example(s, split, seed, first + uint64_t(i), in + i * L, tgt + i * L);
 }
 
+std::vector<std::string> task_role_names(const TaskSpec& s) {
+  if (s.name == "mqar") return {"key", "value", "query", "filler"};
+  if (s.name == "copy") return {"noise", "data", "marker"};
+  HM_CHECK(s.name == "induction", "unknown task '", s.name, "'");
+  return {"trigger", "B", "query", "other"};
+}
+
+void task_roles(const TaskSpec& s, const int32_t* in, int* role) {
+  const int L = s.seq_len;
+  if (s.name == "mqar") {
+    for (int p = 0; p < L; ++p)
+      role[p] = p < 2 * s.kv ? p % 2 : in[p] != kNoise ? 2 : 3;
+  } else if (s.name == "copy") {
+    for (int p = 0; p < L; ++p) role[p] = p >= L - s.kv ? 2 : in[p] != kNoise ? 1 : 0;
+  } else {
+    HM_CHECK(s.name == "induction", "unknown task '", s.name, "'");
+    std::fill_n(role, L, 3);
+    role[L - 1] = 2;
+    for (int p = 0; p < L - 1; ++p)
+      if (in[p] == kMarker) {  // the trigger A
+        role[p] = 0;
+        role[p + 1] = 1;
+        break;
+      }
+  }
+}
+
 nlohmann::json task_to_json(const TaskSpec& s) {
   return {{"name", s.name}, {"vocab", s.vocab}, {"seq_len", s.seq_len}, {"kv", s.kv}};
 }
@@ -235,6 +263,41 @@ TaskScore score_task(HybridModel& model, const TaskSpec& s, int64_t n, int batch
   sc.accuracy = sc.scored ? double(sc.correct) / double(sc.scored) : 0;
   sc.loss = sc.scored ? nll / double(sc.scored) : 0;
   return sc;
+}
+
+TaskRouting route_task(HybridModel& model, const TaskSpec& s, int64_t n) {
+  HM_CHECK(n >= 1, "task routing needs at least one example (got ", n, ")");
+  HM_CHECK(model.config().vocab_size >= s.vocab, "task ", s.name, " uses ", s.vocab,
+           " tokens but the model's vocab_size is ", model.config().vocab_size);
+  model.prepare();
+  const int L = s.seq_len;
+  TaskRouting tr;
+  tr.roles = task_role_names(s);
+  const size_t R = tr.roles.size();
+  tr.positions.assign(R, 0);
+  std::vector<int32_t> in(static_cast<size_t>(L)), tgt(static_cast<size_t>(L));
+  std::vector<int> role(static_cast<size_t>(L));
+  for (int64_t i = 0; i < n; ++i) {
+    task_example(s, TaskSplit::Test, kTaskTestSeed, uint64_t(i), in.data(), tgt.data());
+    task_roles(s, in.data(), role.data());
+    const RoutingAnalysis ra = get_routing_analysis(model, in);
+    if (tr.layers.empty()) {
+      for (const LayerRouting& l : ra.layers) tr.layers.push_back(l.layer);
+      tr.attention.assign(tr.layers.size(), std::vector<double>(R, 0.0));
+      tr.attention_overall.assign(tr.layers.size(), 0.0);
+    }
+    for (int p = 0; p < L; ++p) ++tr.positions[size_t(role[size_t(p)])];
+    for (size_t k = 0; k < ra.layers.size(); ++k) {
+      for (int p = 0; p < L; ++p) tr.attention[k][size_t(role[size_t(p)])] += ra.layers[k].attention_share[size_t(p)];
+      tr.attention_overall[k] += ra.layers[k].usage.attention;
+    }
+  }
+  for (size_t k = 0; k < tr.layers.size(); ++k) {
+    for (size_t r = 0; r < R; ++r)
+      if (tr.positions[r] > 0) tr.attention[k][r] /= double(tr.positions[r]);
+    tr.attention_overall[k] /= double(n);
+  }
+  return tr;
 }
 
 }  // namespace hm

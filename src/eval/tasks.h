@@ -55,6 +55,14 @@ void task_examples(const TaskSpec& s, TaskSplit split, uint64_t seed, uint64_t f
 // the same test examples.
 constexpr uint64_t kTaskTestSeed = 0x7E57DA7Aull;
 
+// What each position of an example is, for reading a model's behaviour by role (hm route):
+//   mqar       key, value (the pairs), query (a queried key), filler
+//   copy       noise, data (a token to copy), marker (an answer position)
+//   induction  trigger (the first A), B (the token after it), query (the final A), other
+// task_role_names(s)[role[p]] names position p of input row `in`.
+std::vector<std::string> task_role_names(const TaskSpec& s);
+void task_roles(const TaskSpec& s, const int32_t* in, int* role);
+
 nlohmann::json task_to_json(const TaskSpec& s);
 TaskSpec task_from_json(const nlohmann::json& j);  // hm::Error for a malformed object
 
@@ -75,5 +83,17 @@ struct TaskScore {
 // model.prepare() first, so the parameters may have changed since the last forward.
 TaskScore score_task(HybridModel& model, const TaskSpec& s, int64_t n, int batch = 16,
                      uint64_t first = 0);
+
+// Where the routers of a true-hybrid model send each role of a task (does hard routing give the
+// queries, and the pairs they recall, to attention?): get_routing_analysis over test examples
+// 0 .. n-1, averaged per role. hm::Error for a model without true-hybrid layers.
+struct TaskRouting {
+  std::vector<std::string> roles;               // task_role_names
+  std::vector<int64_t> positions;               // [role] positions of that role seen
+  std::vector<int> layers;                      // the true-hybrid layers, in model order
+  std::vector<std::vector<double>> attention;   // [layer][role] mean attention share
+  std::vector<double> attention_overall;        // [layer] mean over every position
+};
+TaskRouting route_task(HybridModel& model, const TaskSpec& s, int64_t n);
 
 }  // namespace hm

@@ -709,22 +709,31 @@ EvalResult evaluate(const std::string& model_dir, const std::string& data_path, 
 
 namespace hm {
 
-TaskEvalResult evaluate_task(const std::string& model_dir, const TaskSpec& given, int64_t n, int batch) {
-  fs::path dir = model_dir;
-  if (fs::exists(dir / "checkpoint" / "config.json")) dir /= "checkpoint";  // a training out_dir
-  TaskEvalResult r;
+std::string checkpoint_dir(const std::string& model_dir) {
+  const fs::path dir = model_dir;
+  return fs::exists(dir / "checkpoint" / "config.json") ? (dir / "checkpoint").string() : model_dir;
+}
+
+TaskSpec checkpoint_task(const std::string& model_dir, int64_t* step) {
+  const fs::path sp = fs::path(checkpoint_dir(model_dir)) / "trainer_state.json";
   TaskSpec saved;
-  const fs::path sp = dir / "trainer_state.json";
-  if (fs::exists(sp)) {
-    const json st = read_json(sp);
-    try {
-      r.step = st.at("step");
-      const json& s = st.at("settings");
-      if (s.contains("task")) saved = task_from_json(s.at("task"));
-    } catch (const json::exception& e) {
-      throw Error(detail::cat(sp.string(), ": ", e.what()));
-    }
+  if (step) *step = -1;
+  if (!fs::exists(sp)) return saved;
+  const json st = read_json(sp);
+  try {
+    if (step) *step = st.at("step");
+    const json& s = st.at("settings");
+    if (s.contains("task")) saved = task_from_json(s.at("task"));
+  } catch (const json::exception& e) {
+    throw Error(detail::cat(sp.string(), ": ", e.what()));
   }
+  return saved;
+}
+
+TaskEvalResult evaluate_task(const std::string& model_dir, const TaskSpec& given, int64_t n, int batch) {
+  const fs::path dir = checkpoint_dir(model_dir);
+  TaskEvalResult r;
+  const TaskSpec saved = checkpoint_task(model_dir, &r.step);
   TaskSpec t = given;
   if (t.name.empty()) {
     HM_CHECK(!saved.name.empty(), dir.string(), " was not trained on a task: give --task");

@@ -97,6 +97,11 @@ struct TaskEvalResult {
   double chance = 0;  // chance_accuracy(task)
   int64_t step = -1;  // the checkpoint's training step when known
 };
+// A training out_dir's checkpoint/ when `model_dir` is one, else model_dir itself.
+std::string checkpoint_dir(const std::string& model_dir);
+// The task a checkpoint was trained on (name empty if none), from its trainer_state.json; `dir`
+// may be a training out_dir or its checkpoint/. step: the checkpoint's step, -1 if unknown.
+TaskSpec checkpoint_task(const std::string& dir, int64_t* step = nullptr);
 TaskEvalResult evaluate_task(const std::string& model_dir, const TaskSpec& given, int64_t n = 1000,
                              int batch = 16);
 
