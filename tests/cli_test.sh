@@ -26,11 +26,19 @@ for sub in init train eval generate bench info; do "$HM" $sub --help >/dev/null 
 "$HM" init --preset tiny --seed 3 --out "$W/tiny" >/dev/null && ok || bad "init tiny"
 [ -f "$W/tiny/config.json" ] && [ -f "$W/tiny/model.safetensors" ] && [ -f "$W/tiny/tokenizer.json" ] && ok || bad "init wrote files"
 
-a=$("$HM" generate --model "$W/tiny" --prompt "hello" -n 20 --temperature 0.9 --seed 5)
-b=$("$HM" generate --model "$W/tiny" --prompt "hello" -n 20 --temperature 0.9 --seed 5)
+# Seeded sampling repeats and the seed matters. Every run must exit 0 and print more than the
+# prompt: a crash would otherwise pass as two equal empty outputs.
+gen() { "$HM" generate --model "$W/tiny" --prompt "hello" -n 20 "$@"; }
+a=$(gen --temperature 0.9 --seed 5); ra=$?
+b=$(gen --temperature 0.9 --seed 5); rb=$?
+c=$(gen --temperature 0.9 --seed 6); rc=$?
+g1=$(gen --temperature 0 --seed 1); rg1=$?
+g2=$(gen --temperature 0 --seed 2); rg2=$?
+for v in "$ra:$a" "$rb:$b" "$rc:$c" "$rg1:$g1" "$rg2:$g2"; do
+  case "$v" in 0:hello?*) ok ;; *) bad "generate exits 0 with the prompt and sampled text: got ${v%%:*}: '${v#*:}'" ;; esac
+done
 [ "$a" = "$b" ] && ok || bad "same seed gives the same text"
-g1=$("$HM" generate --model "$W/tiny" --prompt "hello" -n 20 --temperature 0 --seed 1)
-g2=$("$HM" generate --model "$W/tiny" --prompt "hello" -n 20 --temperature 0 --seed 2)
+[ "$a" != "$c" ] && ok || bad "another seed gives other text: '$a'"
 [ "$g1" = "$g2" ] && ok || bad "greedy ignores the seed"
 out=$("$HM" generate --model "$W/tiny" --prompt "one" --prompt "a longer second prompt" -n 5 --seed 1)
 [ "$(printf '%s\n' "$out" | grep -c '^\[')" -eq 2 ] && ok || bad "batch of two prompts: $out"
