@@ -1,0 +1,219 @@
+// Micro-benchmark of the CUDA Mamba-1 kernels (docs/CUDA.md): the selective scan prefill at the
+// peer's shape (B 8, D 2048, L 2048, N 16, bf16; mamba_ssm: 0.59 ms, ../shared/peers/README.md)
+// and at batch 1, swept over chunk lengths; the decode steps of scan and conv at batch 1-64.
+// Bandwidth is bytes that must move (each input read once, each output written once, the
+// state read and written) over the median time, and its fraction of a device-to-device copy
+// measured in the same run. Times are CUDA events around back-to-back launches (no graph).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/cuda_ops.h"
+
+namespace {
+
+void ck(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    std::fprintf(stderr, "bench_cuda_kernels: %s: %s\n", what, cudaGetErrorString(e));
+    std::exit(1);
+  }
+}
+
+template <class T> T to_t(float v);
+template <> float to_t<float>(float v) { return v; }
+template <> __nv_bfloat16 to_t<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <class T> const char* type_name();
+template <> const char* type_name<float>() { return "f32"; }
+template <> const char* type_name<__nv_bfloat16>() { return "bf16"; }
+
+// Device array of n random values in [lo, hi) (never zeros: METHOD.md).
+template <class T>
+T* random_dev(size_t n, float lo, float hi, uint64_t seed) {
+  std::vector<T> h(n);
+  uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
+  for (auto& v : h) {
+    s ^= s << 13; s ^= s >> 7; s ^= s << 17;
+    v = to_t<T>(lo + (hi - lo) * float(s >> 40) * 0x1.0p-24f);
+  }
+  T* p = nullptr;
+  ck(cudaMalloc(&p, n * sizeof(T)), "cudaMalloc");
+  ck(cudaMemcpy(p, h.data(), n * sizeof(T), cudaMemcpyHostToDevice), "upload");
+  return p;
+}
+
+// Median over `reps` of the time of `per` back-to-back calls of f(rep), in ms per call.
+template <class F>
+double time_ms(F f, int reps = 15, int per = 1) {
+  cudaEvent_t a, b;
+  ck(cudaEventCreate(&a), "event");
+  ck(cudaEventCreate(&b), "event");
+  for (int i = 0; i < 3; ++i) f(i);  // warm-up
+  std::vector<float> ms;
+  for (int r = 0; r < reps; ++r) {
+    ck(cudaEventRecord(a), "record");
+    for (int i = 0; i < per; ++i) f(r * per + i);
+    ck(cudaEventRecord(b), "record");
+    ck(cudaEventSynchronize(b), "sync");
+    float t = 0;
+    ck(cudaEventElapsedTime(&t, a, b), "elapsed");
+    ms.push_back(t / float(per));
+  }
+  ck(cudaGetLastError(), "launch");
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
+// Device-to-device copy of 2 GiB: bytes read + written over time (METHOD.md's ceiling).
+double copy_gbs() {
+  const size_t bytes = size_t(1) << 31;
+  void *src = nullptr, *dst = nullptr;
+  ck(cudaMalloc(&src, bytes), "cudaMalloc");
+  ck(cudaMalloc(&dst, bytes), "cudaMalloc");
+  ck(cudaMemset(src, 1, bytes), "memset");
+  const double ms = time_ms([&](int) { ck(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice), "copy"); }, 10);
+  cudaFree(src);
+  cudaFree(dst);
+  return 2.0 * double(bytes) / (ms * 1e-3) / 1e9;
+}
+
+// Enough copies of the inputs that rotating through them overflows the 60 MB L2 several times.
+int sets_for(size_t bytes_per_set) {
+  return int(std::clamp<size_t>((size_t(400) << 20) / std::max<size_t>(bytes_per_set, 1), 1, 16));
+}
+
+template <class T>
+struct ScanInputs {
+  T *xz, *dt, *dbc, *y;
+};
+
+template <class T>
+void bench_scan(int nseq, int E, int L, int N, double hbm, double peer_ms) {
+  const int T_ = nseq * L, R = (E / 2 + 15) / 16, P = R + 2 * N;
+  const size_t set_bytes = size_t(T_) * (2 * E + E + P + E) * sizeof(T);
+  const int sets = sets_for(set_bytes);
+  std::vector<ScanInputs<T>> in(static_cast<size_t>(sets));
+  for (int i = 0; i < sets; ++i)
+    in[size_t(i)] = {random_dev<T>(size_t(T_) * 2 * E, -1.f, 1.f, 10 * i + 1), random_dev<T>(size_t(T_) * E, -1.f, 1.f, 10 * i + 2),
+                     random_dev<T>(size_t(T_) * P, -1.f, 1.f, 10 * i + 3), random_dev<T>(size_t(T_) * E, -1.f, 1.f, 10 * i + 4)};
+  T* dt_bias = random_dev<T>(size_t(E), -4.f, -2.f, 5);
+  T* Dskip = random_dev<T>(size_t(E), 0.5f, 1.5f, 6);
+  float* A = random_dev<float>(size_t(E) * N, -8.f, -0.5f, 7);
+  float* state = random_dev<float>(size_t(nseq) * E * N, -1.f, 1.f, 8);
+  std::vector<int32_t> cu(size_t(nseq) + 1), slots(static_cast<size_t>(nseq)), pos0(static_cast<size_t>(nseq), 0);
+  for (int s = 0; s <= nseq; ++s) cu[size_t(s)] = s * L;
+  for (int s = 0; s < nseq; ++s) slots[size_t(s)] = s;
+  int32_t *dcu, *dslots, *dpos;
+  ck(cudaMalloc(&dcu, cu.size() * 4), "cudaMalloc");
+  ck(cudaMalloc(&dslots, slots.size() * 4), "cudaMalloc");
+  ck(cudaMalloc(&dpos, pos0.size() * 4), "cudaMalloc");
+  ck(cudaMemcpy(dcu, cu.data(), cu.size() * 4, cudaMemcpyHostToDevice), "upload");
+  ck(cudaMemcpy(dslots, slots.data(), slots.size() * 4, cudaMemcpyHostToDevice), "upload");
+  ck(cudaMemcpy(dpos, pos0.data(), pos0.size() * 4, cudaMemcpyHostToDevice), "upload");
+  hm::cuda::RaggedBatch rb{dcu, dslots, dpos, nseq, T_, L};
+  // x, dt, z read and y written [T, E]; B, C read [T, N]; the state read and written.
+  const double bytes = double(T_) * (4.0 * E + 2.0 * N) * sizeof(T) + 2.0 * nseq * E * N * sizeof(float);
+  const int chunk_auto = hm::cuda::scan_chunk_auto(rb, E);
+  for (int chunk : {0, 64, 128, 256, 512, 1 << 20}) {
+    const int c = chunk ? chunk : chunk_auto;
+    void* ws = nullptr;
+    const size_t wsb = hm::cuda::selective_scan_workspace_bytes(rb, E, N, c);
+    if (wsb) ck(cudaMalloc(&ws, wsb), "cudaMalloc ws");
+    const double ms = time_ms([&](int i) {
+      const ScanInputs<T>& s = in[size_t(i % sets)];
+      hm::cuda::selective_scan<T>(s.y, E, state, s.xz, 2 * E, s.dt, E, dt_bias, A, s.dbc + R, s.dbc + R + N, P,
+                                  Dskip, s.xz + E, 2 * E, rb, E, N, c, ws, nullptr);
+    });
+    const double gbs = bytes / (ms * 1e-3) / 1e9;
+    char chunk_s[32];
+    std::snprintf(chunk_s, sizeof chunk_s, "%s%d", chunk ? "" : "auto ", std::min(c, L));
+    std::printf("scan prefill  %-4s B %-2d E %-4d L %-4d N %-2d chunk %-9s %8.4f ms %7.0f GB/s %5.1f%% HBM",
+                type_name<T>(), nseq, E, L, N, chunk_s, ms, gbs, 100.0 * gbs / hbm);
+    if (peer_ms > 0) std::printf("  peer %.2f ms: %.2fx", peer_ms, peer_ms / ms);
+    std::printf("\n");
+    if (ws) cudaFree(ws);
+  }
+  // The causal conv prefill on the same rows (x read, out written; the peer's: 0.07 ms at B 8).
+  {
+    const int K = 4;
+    T* w = random_dev<T>(size_t(E) * K, -0.5f, 0.5f, 9);
+    float* conv_state = random_dev<float>(size_t(nseq) * E * (K - 1), -1.f, 1.f, 10);
+    const double ms = time_ms([&](int i) {
+      const ScanInputs<T>& s = in[size_t(i % sets)];
+      hm::cuda::conv1d_silu<T>(s.y, E, conv_state, s.xz, 2 * E, w, dt_bias, rb, E, K, nullptr);
+    });
+    const double gbs = 2.0 * T_ * E * sizeof(T) / (ms * 1e-3) / 1e9;
+    std::printf("conv prefill  %-4s B %-2d E %-4d L %-4d K %d %23s %8.4f ms %7.0f GB/s %5.1f%% HBM\n", type_name<T>(),
+                nseq, E, L, K, "", ms, gbs, 100.0 * gbs / hbm);
+    cudaFree(w);
+    cudaFree(conv_state);
+  }
+  for (auto& s : in) {
+    cudaFree(s.xz); cudaFree(s.dt); cudaFree(s.dbc); cudaFree(s.y);
+  }
+  cudaFree(dt_bias); cudaFree(Dskip); cudaFree(A); cudaFree(state);
+  cudaFree(dcu); cudaFree(dslots); cudaFree(dpos);
+}
+
+// One decode step of nseq sequences: scan step and conv step, back to back (launch-bound at
+// small batch; a CUDA graph of the whole step is what removes that).
+template <class T>
+void bench_step(int nseq, int E, int N, int K, double hbm) {
+  const int R = (E / 2 + 15) / 16, P = R + 2 * N;
+  T* xz = random_dev<T>(size_t(nseq) * 2 * E, -1.f, 1.f, 21);
+  T* dt = random_dev<T>(size_t(nseq) * E, -1.f, 1.f, 22);
+  T* dbc = random_dev<T>(size_t(nseq) * P, -1.f, 1.f, 23);
+  T* y = random_dev<T>(size_t(nseq) * E, -1.f, 1.f, 24);
+  T* dt_bias = random_dev<T>(size_t(E), -4.f, -2.f, 25);
+  T* Dskip = random_dev<T>(size_t(E), 0.5f, 1.5f, 26);
+  T* w = random_dev<T>(size_t(E) * K, -0.5f, 0.5f, 27);
+  float* A = random_dev<float>(size_t(E) * N, -8.f, -0.5f, 28);
+  float* ssm = random_dev<float>(size_t(nseq) * E * N, -1.f, 1.f, 29);
+  float* conv = random_dev<float>(size_t(nseq) * E * (K - 1), -1.f, 1.f, 30);
+  std::vector<int32_t> slots(static_cast<size_t>(nseq));
+  for (int s = 0; s < nseq; ++s) slots[size_t(s)] = nseq - 1 - s;
+  int32_t* dslots;
+  ck(cudaMalloc(&dslots, slots.size() * 4), "cudaMalloc");
+  ck(cudaMemcpy(dslots, slots.data(), slots.size() * 4, cudaMemcpyHostToDevice), "upload");
+  const double ms_scan = time_ms([&](int) {
+    hm::cuda::selective_scan_step<T>(y, E, ssm, dslots, xz, 2 * E, dt, E, dt_bias, A, dbc + R, dbc + R + N, P,
+                                     Dskip, xz + E, 2 * E, nseq, E, N, nullptr);
+  }, 15, 200);
+  const double ms_conv = time_ms([&](int) {
+    hm::cuda::conv1d_silu_step<T>(y, E, conv, dslots, xz, 2 * E, w, dt_bias, nseq, E, K, nullptr);
+  }, 15, 200);
+  const double scan_bytes = 2.0 * nseq * E * N * sizeof(float) + double(nseq) * (4.0 * E + 2 * N) * sizeof(T);
+  const double conv_bytes = 2.0 * nseq * E * (K - 1) * sizeof(float) + double(nseq) * 2.0 * E * sizeof(T);
+  std::printf("decode step   %-4s B %-2d E %-4d N %-2d  scan %6.2f us %6.0f GB/s %5.1f%% HBM   conv %6.2f us %6.0f GB/s\n",
+              type_name<T>(), nseq, E, N, ms_scan * 1e3, scan_bytes / (ms_scan * 1e-3) / 1e9,
+              100.0 * scan_bytes / (ms_scan * 1e-3) / 1e9 / hbm, ms_conv * 1e3, conv_bytes / (ms_conv * 1e-3) / 1e9);
+  cudaFree(xz); cudaFree(dt); cudaFree(dbc); cudaFree(y); cudaFree(dt_bias); cudaFree(Dskip);
+  cudaFree(w); cudaFree(A); cudaFree(ssm); cudaFree(conv); cudaFree(dslots);
+}
+
+}  // namespace
+
+int main() {
+  int dev = 0;
+  cudaDeviceProp prop{};
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaGetDeviceProperties(&prop, dev) != cudaSuccess) {
+    std::printf("bench_cuda_kernels: no CUDA device; nothing measured\n");
+    return 0;
+  }
+  const double hbm = copy_gbs();
+  std::printf("device %s, %d SMs, L2 %d MB; device-to-device copy %.0f GB/s (read + write)\n", prop.name,
+              prop.multiProcessorCount, prop.l2CacheSize >> 20, hbm);
+  bench_scan<__nv_bfloat16>(8, 2048, 2048, 16, hbm, 0.59);
+  bench_scan<__nv_bfloat16>(1, 2048, 2048, 16, hbm, 0);
+  bench_scan<__nv_bfloat16>(1, 4096, 2048, 16, hbm, 0);
+  bench_scan<float>(8, 2048, 2048, 16, hbm, 1.16);
+  for (int nseq : {1, 16, 64}) bench_step<__nv_bfloat16>(nseq, 4096, 16, 4, hbm);
+  for (int nseq : {1, 16, 64}) bench_step<__nv_bfloat16>(nseq, 1536, 16, 4, hbm);
+  return 0;
+}

@@ -1,0 +1,96 @@
+// CUDA kernels of the Mamba-1 path and the shared elementwise ops (docs/CUDA.md).
+//
+// Each op is the contract of kernels/ops.h (hm::ref is the oracle), with three changes:
+//  - Activations and weights are T = float, __nv_bfloat16 or __half; every sum and every
+//    recurrence runs in float, and the recurrent state (conv window, SSM state) is float.
+//  - Ops that ran once per sequence (conv, scan, RoPE) take the whole ragged batch at once.
+//  - Pointers are device pointers; every launch goes on `stream` and returns without waiting.
+// Plain C++ (no device code), so host files compiled by g++ can call these.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace hm::cuda {
+
+// A ragged batch, as flash-attention's varlen interface: nseq sequences packed token-major.
+// Sequence s owns rows [cu_seqlens[s], cu_seqlens[s+1]) of every activation, its recurrent
+// state lives at index slots[s] of the state pools, and its first row is at absolute position
+// pos0[s]. The three arrays are device memory; n_tokens and max_len are host copies that size
+// the grids (so one batch shape can be captured in a CUDA graph).
+struct RaggedBatch {
+  const int32_t* cu_seqlens = nullptr;  // [nseq + 1], cu_seqlens[0] = 0, non-decreasing
+  const int32_t* slots = nullptr;       // [nseq], distinct
+  const int32_t* pos0 = nullptr;        // [nseq]; only RoPE (and later attention) read it
+  int nseq = 0;
+  int n_tokens = 0;  // cu_seqlens[nseq]
+  int max_len = 0;   // max over s of the chunk length
+};
+
+// Largest d_conv and d_state the kernels take (their windows and states live in registers).
+constexpr int kMaxConv = 8;
+constexpr int kMaxState = 64;
+
+// out[n,d] = x * rsqrt(mean_d(x^2) + eps) * w
+template <class T>
+void rmsnorm(T* out, const T* x, const T* w, int n, int d, float eps, cudaStream_t stream);
+
+// The residual add fused ahead of the next norm: h += delta (h stored as T), then
+// out = rmsnorm(h) * w on the stored h, so the result equals add-then-rmsnorm exactly.
+template <class T>
+void add_rmsnorm(T* out, T* h, const T* delta, const T* w, int n, int d, float eps,
+                 cudaStream_t stream);
+
+// out[i,:] = table[ids[i],:]; ids are device memory and already validated against the vocab.
+template <class T>
+void embedding(T* out, const T* table, const int32_t* ids, int n, int d, cudaStream_t stream);
+
+// out[n,f] = silu(g) * u; g and u share the row stride ldgu.
+template <class T>
+void swiglu(T* out, int ldo, const T* g, const T* u, int ldgu, int n, int f, cudaStream_t stream);
+
+// Prefill: causal depthwise conv + bias + SiLU over every sequence of the batch, each
+// continuing from conv_state[slots[s]] ([E, K-1] float, oldest first) and leaving there its
+// last K-1 inputs. x [n_tokens, E] (ldx), w [E, K], b [E], out [n_tokens, E] (ldo).
+template <class T>
+void conv1d_silu(T* out, int ldo, float* conv_state, const T* x, int ldx, const T* w, const T* b,
+                 const RaggedBatch& rb, int E, int K, cudaStream_t stream);
+
+// Decode: one token per sequence (row s of x and out), one launch for the batch.
+template <class T>
+void conv1d_silu_step(T* out, int ldo, float* conv_state, const int32_t* slots, const T* x, int ldx,
+                      const T* w, const T* b, int nseq, int E, int K, cudaStream_t stream);
+
+// Prefill selective scan over the ragged batch, continuing from ssm_state[slots[s]] ([E, N]
+// float) and leaving the final state there. A [E, N] float holds -exp(A_log); the other
+// arguments are those of ref::selective_scan, token-major over the batch.
+//
+// Parallel in time: each sequence is cut into chunks of `chunk` tokens; pass 1 scans every
+// chunk from a zero state (its end state and sum of delta), pass 2 carries the true state
+// across chunks, pass 3 rescans every chunk from its true start state and writes y. When the
+// longest sequence fits one chunk, pass 3 alone runs. chunk = 0 picks a length that fills the
+// GPU (scan_chunk_auto). `workspace` holds selective_scan_workspace_bytes(...) bytes.
+template <class T>
+void selective_scan(T* y, int ldy, float* ssm_state, const T* x, int ldx, const T* dt, int lddt,
+                    const T* dt_bias, const float* A, const T* B, const T* C, int ldbc,
+                    const T* Dskip, const T* z, int ldz, const RaggedBatch& rb, int E, int N,
+                    int chunk, void* workspace, cudaStream_t stream);
+int scan_chunk_auto(const RaggedBatch& rb, int E);
+size_t selective_scan_workspace_bytes(const RaggedBatch& rb, int E, int N, int chunk);
+
+// Decode: one token per sequence (row s of every input), the state of slot slots[s] updated.
+template <class T>
+void selective_scan_step(T* y, int ldy, float* ssm_state, const int32_t* slots, const T* x, int ldx,
+                         const T* dt, int lddt, const T* dt_bias, const float* A, const T* B,
+                         const T* C, int ldbc, const T* Dskip, const T* z, int ldz, int nseq, int E,
+                         int N, cudaStream_t stream);
+
+// RoPE (rotate half) in place on x [n_tokens, heads, hd] (ldx); row t of sequence s is at
+// position pos0[s] + t - cu_seqlens[s].
+template <class T>
+void rope(T* x, int ldx, int heads, int hd, const RaggedBatch& rb, float theta, cudaStream_t stream);
+
+}  // namespace hm::cuda

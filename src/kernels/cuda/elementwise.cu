@@ -1,0 +1,136 @@
+// Row and elementwise ops (rows on grid x, which allows 2^31 - 1 of them): RMSNorm (optionally fused with the residual add), embedding gather,
+// SwiGLU and RoPE over a ragged batch. Memory-bound; one pass over the data where possible.
+#include <cmath>
+
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/cuda_ops.h"
+
+namespace hm::cuda {
+namespace {
+
+constexpr int kRowThreads = 256;
+
+// Sum over the block (kRowThreads threads); every thread gets the total.
+__device__ float block_sum(float v) {
+  __shared__ float part[kRowThreads / 32];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) part[warp] = v;
+  __syncthreads();
+  float s = 0;
+#pragma unroll
+  for (int i = 0; i < kRowThreads / 32; ++i) s += part[i];
+  __syncthreads();  // part is reused by the next call
+  return s;
+}
+
+// One block per row. With delta, h += delta first (stored as T) and the norm reads the stored h.
+template <class T>
+__global__ void __launch_bounds__(kRowThreads) rmsnorm_kernel(T* __restrict__ out, T* h,
+                                                              const T* __restrict__ delta,
+                                                              const T* __restrict__ w, int d,
+                                                              float eps) {
+  const size_t row = size_t(blockIdx.x) * d;
+  float ss = 0;
+  for (int j = threadIdx.x; j < d; j += kRowThreads) {
+    float v = to_f(h[row + j]);
+    if (delta) {
+      const T hv = from_f<T>(v + to_f(delta[row + j]));
+      h[row + j] = hv;
+      v = to_f(hv);
+    }
+    ss += v * v;
+  }
+  const float r = rsqrtf(block_sum(ss) / float(d) + eps);
+  // Each thread re-reads only the elements it wrote itself, so no barrier is needed.
+  for (int j = threadIdx.x; j < d; j += kRowThreads)
+    out[row + j] = from_f<T>(to_f(h[row + j]) * r * to_f(w[j]));
+}
+
+template <class T>
+__global__ void embedding_kernel(T* __restrict__ out, const T* __restrict__ table,
+                                 const int32_t* __restrict__ ids, int d) {
+  const int j = blockIdx.y * blockDim.x + threadIdx.x;
+  if (j < d) out[size_t(blockIdx.x) * d + j] = table[size_t(ids[blockIdx.x]) * d + j];
+}
+
+template <class T>
+__global__ void swiglu_kernel(T* __restrict__ out, int ldo, const T* __restrict__ g,
+                              const T* __restrict__ u, int ldgu, int f) {
+  const int j = blockIdx.y * blockDim.x + threadIdx.x;
+  const size_t i = blockIdx.x;
+  if (j < f) out[i * ldo + j] = from_f<T>(silu(to_f(g[i * ldgu + j])) * to_f(u[i * ldgu + j]));
+}
+
+// One thread per (row, head, i < hd/2). The angle is formed and reduced in double: at position
+// 8192 a float angle would already be off by ~5e-4 rad.
+template <class T>
+__global__ void rope_kernel(T* x, int ldx, int heads, int hd, const int32_t* __restrict__ cu,
+                            const int32_t* __restrict__ pos0, int nseq, double log2_theta) {
+  const int half = hd / 2;
+  const int idx = blockIdx.y * blockDim.x + threadIdx.x;
+  if (idx >= heads * half) return;
+  const int t = blockIdx.x, h = idx / half, i = idx % half;
+  const int s = seq_of_row(cu, nseq, t);
+  const double pos = double(pos0[s] + (t - cu[s]));
+  const double ang = pos * exp2(-2.0 * i / hd * log2_theta);
+  double sn, cs;
+  sincos(ang, &sn, &cs);
+  T* v = x + size_t(t) * ldx + size_t(h) * hd;
+  const float a = to_f(v[i]), b = to_f(v[i + half]);
+  v[i] = from_f<T>(float(a * cs - b * sn));
+  v[i + half] = from_f<T>(float(b * cs + a * sn));
+}
+
+}  // namespace
+
+template <class T>
+void rmsnorm(T* out, const T* x, const T* w, int n, int d, float eps, cudaStream_t stream) {
+  if (n <= 0) return;
+  // x is only read: the kernel writes h only when delta is given.
+  rmsnorm_kernel<T><<<n, kRowThreads, 0, stream>>>(out, const_cast<T*>(x), nullptr, w, d, eps);
+  HM_CUDA_LAUNCHED("rmsnorm");
+}
+
+template <class T>
+void add_rmsnorm(T* out, T* h, const T* delta, const T* w, int n, int d, float eps,
+                 cudaStream_t stream) {
+  if (n <= 0) return;
+  rmsnorm_kernel<T><<<n, kRowThreads, 0, stream>>>(out, h, delta, w, d, eps);
+  HM_CUDA_LAUNCHED("add_rmsnorm");
+}
+
+template <class T>
+void embedding(T* out, const T* table, const int32_t* ids, int n, int d, cudaStream_t stream) {
+  if (n <= 0) return;
+  embedding_kernel<T><<<dim3(n, ceil_div(d, 256)), 256, 0, stream>>>(out, table, ids, d);
+  HM_CUDA_LAUNCHED("embedding");
+}
+
+template <class T>
+void swiglu(T* out, int ldo, const T* g, const T* u, int ldgu, int n, int f, cudaStream_t stream) {
+  if (n <= 0) return;
+  swiglu_kernel<T><<<dim3(n, ceil_div(f, 256)), 256, 0, stream>>>(out, ldo, g, u, ldgu, f);
+  HM_CUDA_LAUNCHED("swiglu");
+}
+
+template <class T>
+void rope(T* x, int ldx, int heads, int hd, const RaggedBatch& rb, float theta, cudaStream_t stream) {
+  HM_CHECK(hd % 2 == 0, "cuda rope: head_dim must be even, got ", hd);
+  if (rb.n_tokens <= 0) return;
+  const int per_row = heads * (hd / 2);
+  rope_kernel<T><<<dim3(rb.n_tokens, ceil_div(per_row, 128)), 128, 0, stream>>>(
+      x, ldx, heads, hd, rb.cu_seqlens, rb.pos0, rb.nseq, std::log2(double(theta)));
+  HM_CUDA_LAUNCHED("rope");
+}
+
+#define HM_INST(T)                                                                              \
+  template void rmsnorm<T>(T*, const T*, const T*, int, int, float, cudaStream_t);             \
+  template void add_rmsnorm<T>(T*, T*, const T*, const T*, int, int, float, cudaStream_t);     \
+  template void embedding<T>(T*, const T*, const int32_t*, int, int, cudaStream_t);            \
+  template void swiglu<T>(T*, int, const T*, const T*, int, int, int, cudaStream_t);           \
+  template void rope<T>(T*, int, int, int, const RaggedBatch&, float, cudaStream_t);
+HM_CUDA_FOR_TYPES(HM_INST)
+#undef HM_INST
+
+}  // namespace hm::cuda
