@@ -2,13 +2,14 @@
 
 #include <algorithm>
 #include <cmath>
-#include <fstream>
 #include <set>
 
 #include <nlohmann/json.hpp>
 
+#include "core/checked.h"
 #include "core/error.h"
 #include "io/atomic_file.h"
+#include "io/json_read.h"
 #include "model/params.h"
 
 namespace hm {
@@ -37,23 +38,26 @@ int ModelConfig::inner_dim(int layer) const {
 }
 
 void validate(const ModelConfig& c) {
-  auto positive = [](int v, const char* field) {
-    HM_CHECK(v > 0, "config: '", field, "' must be > 0, got ", v);
+  // Each size in [1, max] first: the derived sizes below are computed from bounded values.
+  auto in_range = [](int v, int lo, int hi, const char* field) {
+    HM_CHECK(v >= lo && v <= hi, "config: '", field, "' must be in [", lo, ", ", hi, "], got ", v);
   };
   HM_CHECK(c.hybrid == "simple" || c.hybrid == "true",
            "config: 'hybrid' must be \"simple\" or \"true\", got \"", c.hybrid, "\"");
-  positive(c.d_model, "d_model");
-  positive(c.n_layers, "n_layers");
-  positive(c.vocab_size, "vocab_size");
-  positive(c.d_state, "d_state");
-  positive(c.d_conv, "d_conv");
-  positive(c.expand, "expand");
-  HM_CHECK(c.dt_rank >= 0, "config: 'dt_rank' must be \"auto\" or > 0, got ", c.dt_rank);
-  positive(c.n_heads, "n_heads");
-  positive(c.n_kv_heads, "n_kv_heads");
-  HM_CHECK(c.d_ff >= 0, "config: 'd_ff' must be >= 0 (0 = no MLP), got ", c.d_ff);
-  HM_CHECK(c.norm_eps > 0, "config: 'norm_eps' must be > 0, got ", c.norm_eps);
-  HM_CHECK(c.rope_theta > 0, "config: 'rope_theta' must be > 0, got ", c.rope_theta);
+  in_range(c.d_model, 1, kMaxDModel, "d_model");
+  in_range(c.n_layers, 1, kMaxLayers, "n_layers");
+  in_range(c.vocab_size, 1, kMaxVocab, "vocab_size");
+  in_range(c.d_state, 1, kMaxDState, "d_state");
+  in_range(c.d_conv, 1, kMaxDConv, "d_conv");
+  in_range(c.expand, 1, kMaxExpand, "expand");
+  HM_CHECK(c.dt_rank >= 0 && c.dt_rank <= kMaxDtRank, "config: 'dt_rank' must be \"auto\" or in [1, ",
+           kMaxDtRank, "], got ", c.dt_rank);
+  in_range(c.n_heads, 1, kMaxHeads, "n_heads");
+  in_range(c.n_kv_heads, 1, kMaxHeads, "n_kv_heads");
+  in_range(c.d_ff, 0, kMaxDff, "d_ff");  // 0 = no MLP
+  HM_CHECK(c.norm_eps > 0 && c.norm_eps <= 1, "config: 'norm_eps' must be in (0, 1], got ", c.norm_eps);
+  HM_CHECK(c.rope_theta > 0 && c.rope_theta <= kMaxRopeTheta, "config: 'rope_theta' must be in (0, ",
+           kMaxRopeTheta, "], got ", c.rope_theta);
   std::set<int> seen;
   for (int i : c.attention_layers) {
     HM_CHECK(i >= 0 && i < c.n_layers, "config: 'attention_layers' index ", i, " is out of range [0, ",
@@ -78,7 +82,7 @@ void validate(const ModelConfig& c) {
   HM_CHECK(c.routing_granularity == "token" || c.routing_granularity == "chunk",
            "config: 'routing_granularity' must be \"token\" or \"chunk\", got \"",
            c.routing_granularity, "\"");
-  HM_CHECK(c.routing_chunk > 0, "config: 'routing_chunk' must be > 0, got ", c.routing_chunk);
+  in_range(c.routing_chunk, 1, kMaxRoutingChunk, "routing_chunk");
   HM_CHECK(c.attention_budget > 0 && c.attention_budget < 1,
            "config: 'attention_budget' must be in (0, 1), got ", c.attention_budget);
   HM_CHECK(c.budget_loss_weight >= 0 && std::isfinite(c.budget_loss_weight),
@@ -91,107 +95,81 @@ void validate(const ModelConfig& c) {
     HM_CHECK(!c.rope || c.head_dim() % 2 == 0, "config: 'rope' needs an even head_dim, got ",
              c.head_dim());
   }
-  // Sizes whose products must stay well inside int32 indexing of the kernels.
-  HM_CHECK(int64_t(c.vocab_size) * c.d_model < (int64_t(1) << 31), "config: 'vocab_size' x 'd_model' is too large");
-  HM_CHECK(int64_t(c.d_inner()) * c.d_model < (int64_t(1) << 30), "config: 'expand' x 'd_model' is too large");
+  // Kernels index a weight tensor with int32: the largest (embeddings, in_proj, the MLP's)
+  // must stay below kMaxTensorElements. Checked in 64 bits from the bounded fields.
+  for (const ParamSpec& p : param_layout(c))
+    HM_CHECK(p.numel() < kMaxTensorElements, "config: tensor '", p.name, "' would hold ", p.numel(),
+             " elements, more than the ", kMaxTensorElements, " a kernel can index; reduce ",
+             p.name.find("embeddings") != std::string::npos || p.name == "lm_head.weight"
+                 ? "'vocab_size' or 'd_model'"
+             : p.name.find("mlp") != std::string::npos ? "'d_ff' or 'd_model'"
+                                                       : "'expand', 'd_state', 'dt_rank' or 'd_model'");
 }
 
 namespace {
 
-const char* type_name(const nlohmann::json& v) { return v.type_name(); }
-
-int get_int(const nlohmann::json& j, const char* field) {
-  const auto& v = j.at(field);
-  HM_CHECK(v.is_number_integer(), "config: '", field, "' must be an integer, got ", type_name(v),
-           " (", v.dump(), ")");
-  const int64_t x = v.get<int64_t>();
-  HM_CHECK(x >= INT32_MIN && x <= INT32_MAX, "config: '", field, "' is out of range: ", x);
-  return int(x);
-}
-float get_float(const nlohmann::json& j, const char* field) {
-  const auto& v = j.at(field);
-  HM_CHECK(v.is_number(), "config: '", field, "' must be a number, got ", type_name(v));
-  return v.get<float>();
-}
-bool get_bool(const nlohmann::json& j, const char* field) {
-  const auto& v = j.at(field);
-  HM_CHECK(v.is_boolean(), "config: '", field, "' must be true or false, got ", type_name(v));
-  return v.get<bool>();
-}
-std::string get_string(const nlohmann::json& j, const char* field) {
-  const auto& v = j.at(field);
-  HM_CHECK(v.is_string(), "config: '", field, "' must be a string, got ", type_name(v));
-  return v.get<std::string>();
-}
-
-std::vector<int> get_layer_list(const nlohmann::json& j, const char* field) {
+std::vector<int> get_layer_list(const JsonFields& f, const char* key) {
   std::vector<int> out;
-  if (!j.contains(field)) return out;
-  const auto& a = j.at(field);
-  HM_CHECK(a.is_array(), "config: '", field, "' must be a list of layer indices, got ", a.type_name());
-  for (size_t k = 0; k < a.size(); ++k) {
-    HM_CHECK(a[k].is_number_integer(), "config: '", field, "[", k, "]' must be an integer, got ",
-             a[k].type_name());
-    const int64_t x = a[k].get<int64_t>();
-    HM_CHECK(x >= INT32_MIN && x <= INT32_MAX, "config: '", field, "[", k, "]' is out of range: ", x);
-    out.push_back(int(x));
-  }
+  if (!f.has(key)) return out;
+  const auto& a = f.at(key);
+  HM_CHECK(a.is_array(), f.origin(), ": field '", key, "' must be a list of layer indices, got ", a.type_name());
+  for (size_t k = 0; k < a.size(); ++k)
+    out.push_back(int(json_to_int(a[k], INT32_MIN, INT32_MAX, f.origin(), detail::cat(key, "[", k, "]"))));
   return out;
 }
 
 }  // namespace
 
-ModelConfig config_from_json(const nlohmann::json& j) {
-  HM_CHECK(j.is_object(), "config: must be a JSON object, got ", j.type_name());
-  static const std::set<std::string> known = {
-      "model_type", "hybrid",     "d_model",  "n_layers",  "attention_layers", "vocab_size",
-      "d_state",    "d_conv",     "expand",   "dt_rank",   "n_heads",          "n_kv_heads",
-      "rope",       "rope_theta", "d_ff",     "norm_eps",  "tie_embeddings",   "state_bridges",
-      "true_layers", "routing_mode", "routing_granularity", "routing_chunk", "attention_budget",
-      "budget_loss_weight"};
-  for (auto it = j.begin(); it != j.end(); ++it)
-    HM_CHECK(known.count(it.key()), "config: unknown field '", it.key(), "'");
+ModelConfig config_from_json(const nlohmann::json& j, const std::string& origin) {
+  const JsonFields f(j, origin);
+  f.check_known({"model_type", "hybrid", "d_model", "n_layers", "attention_layers", "vocab_size", "d_state",
+                 "d_conv", "expand", "dt_rank", "n_heads", "n_kv_heads", "rope", "rope_theta", "d_ff",
+                 "norm_eps", "tie_embeddings", "state_bridges", "true_layers", "routing_mode",
+                 "routing_granularity", "routing_chunk", "attention_budget", "budget_loss_weight"});
   ModelConfig c;
-  if (j.contains("model_type"))
-    HM_CHECK(get_string(j, "model_type") == "hybrid-mamba",
-             "config: 'model_type' must be \"hybrid-mamba\", got \"", get_string(j, "model_type"), "\"");
-  // Required: the sizes that define a model. Everything else has the seed's default.
-  for (const char* f : {"d_model", "n_layers", "vocab_size"})
-    HM_CHECK(j.contains(f), "config: missing required field '", f, "'");
-  if (j.contains("hybrid")) c.hybrid = get_string(j, "hybrid");
-  c.d_model = get_int(j, "d_model");
-  c.n_layers = get_int(j, "n_layers");
-  c.vocab_size = get_int(j, "vocab_size");
-  c.attention_layers = get_layer_list(j, "attention_layers");
-  c.true_layers = get_layer_list(j, "true_layers");
-  if (j.contains("routing_mode")) c.routing_mode = get_string(j, "routing_mode");
-  if (j.contains("routing_granularity")) c.routing_granularity = get_string(j, "routing_granularity");
-  if (j.contains("routing_chunk")) c.routing_chunk = get_int(j, "routing_chunk");
-  if (j.contains("attention_budget")) c.attention_budget = get_float(j, "attention_budget");
-  if (j.contains("budget_loss_weight")) c.budget_loss_weight = get_float(j, "budget_loss_weight");
-  if (j.contains("d_state")) c.d_state = get_int(j, "d_state");
-  if (j.contains("d_conv")) c.d_conv = get_int(j, "d_conv");
-  if (j.contains("expand")) c.expand = get_int(j, "expand");
-  if (j.contains("dt_rank")) {
-    const auto& v = j.at("dt_rank");
-    if (v.is_string()) {
-      HM_CHECK(v.get<std::string>() == "auto", "config: 'dt_rank' must be \"auto\" or an integer, got \"",
-               v.get<std::string>(), "\"");
+  if (f.has("model_type")) {
+    const std::string t = f.get_string("model_type");
+    HM_CHECK(t == "hybrid-mamba", origin, ": field 'model_type' must be \"hybrid-mamba\", got \"", t, "\"");
+  }
+  // Required: the sizes that define a model. Everything else has the seed's default. Sizes are
+  // read with their bounds (the same as validate's, so the message shows the range).
+  c.d_model = int(f.get_int("d_model", 1, kMaxDModel));
+  c.n_layers = int(f.get_int("n_layers", 1, kMaxLayers));
+  c.vocab_size = int(f.get_int("vocab_size", 1, kMaxVocab));
+  if (f.has("hybrid")) c.hybrid = f.get_string("hybrid");
+  c.attention_layers = get_layer_list(f, "attention_layers");
+  c.true_layers = get_layer_list(f, "true_layers");
+  if (f.has("routing_mode")) c.routing_mode = f.get_string("routing_mode");
+  if (f.has("routing_granularity")) c.routing_granularity = f.get_string("routing_granularity");
+  if (f.has("routing_chunk")) c.routing_chunk = int(f.get_int("routing_chunk", 1, kMaxRoutingChunk));
+  if (f.has("attention_budget")) c.attention_budget = f.get_float("attention_budget");
+  if (f.has("budget_loss_weight")) c.budget_loss_weight = f.get_float("budget_loss_weight");
+  if (f.has("d_state")) c.d_state = int(f.get_int("d_state", 1, kMaxDState));
+  if (f.has("d_conv")) c.d_conv = int(f.get_int("d_conv", 1, kMaxDConv));
+  if (f.has("expand")) c.expand = int(f.get_int("expand", 1, kMaxExpand));
+  if (f.has("dt_rank")) {
+    if (f.at("dt_rank").is_string()) {
+      const std::string v = f.get_string("dt_rank");
+      HM_CHECK(v == "auto", origin, ": field 'dt_rank' must be \"auto\" or an integer, got \"", v, "\"");
       c.dt_rank = 0;
     } else {
-      c.dt_rank = get_int(j, "dt_rank");
-      HM_CHECK(c.dt_rank > 0, "config: 'dt_rank' must be \"auto\" or > 0, got ", c.dt_rank);
+      c.dt_rank = int(f.get_int("dt_rank", 1, kMaxDtRank));  // 0 would silently mean "auto"
     }
   }
-  if (j.contains("n_heads")) c.n_heads = get_int(j, "n_heads");
-  c.n_kv_heads = j.contains("n_kv_heads") ? get_int(j, "n_kv_heads") : c.n_heads;
-  if (j.contains("rope")) c.rope = get_bool(j, "rope");
-  if (j.contains("rope_theta")) c.rope_theta = get_float(j, "rope_theta");
-  if (j.contains("d_ff")) c.d_ff = get_int(j, "d_ff");
-  if (j.contains("norm_eps")) c.norm_eps = get_float(j, "norm_eps");
-  if (j.contains("tie_embeddings")) c.tie_embeddings = get_bool(j, "tie_embeddings");
-  if (j.contains("state_bridges")) c.state_bridges = get_bool(j, "state_bridges");
-  validate(c);
+  if (f.has("n_heads")) c.n_heads = int(f.get_int("n_heads", 1, kMaxHeads));
+  c.n_kv_heads = f.has("n_kv_heads") ? int(f.get_int("n_kv_heads", 1, kMaxHeads)) : c.n_heads;
+  if (f.has("rope")) c.rope = f.get_bool("rope");
+  if (f.has("rope_theta")) c.rope_theta = f.get_float("rope_theta");
+  if (f.has("d_ff")) c.d_ff = int(f.get_int("d_ff", 0, kMaxDff));
+  if (f.has("norm_eps")) c.norm_eps = f.get_float("norm_eps");
+  if (f.has("tie_embeddings")) c.tie_embeddings = f.get_bool("tie_embeddings");
+  if (f.has("state_bridges")) c.state_bridges = f.get_bool("state_bridges");
+  try {
+    validate(c);
+  } catch (const Error& e) {
+    if (origin == "config") throw;
+    throw Error(detail::cat(e.what(), " (in ", origin, ")"));
+  }
   return c;
 }
 
@@ -227,19 +205,7 @@ nlohmann::json config_to_json(const ModelConfig& c) {
 }
 
 ModelConfig load_config(const std::string& path) {
-  std::ifstream f(path);
-  HM_CHECK(f.good(), "config: cannot open '", path, "'");
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(f);
-  } catch (const nlohmann::json::parse_error& e) {
-    throw Error(detail::cat("config: '", path, "' is not valid JSON: ", e.what()));
-  }
-  try {
-    return config_from_json(j);
-  } catch (const Error& e) {
-    throw Error(detail::cat(e.what(), " (in ", path, ")"));
-  }
+  return config_from_json(parse_json_file(path), path);
 }
 
 void save_config(const std::string& path, const ModelConfig& c) {
@@ -322,7 +288,7 @@ std::vector<std::string> preset_names() { return {"seed", "mamba", "transformer"
 
 int64_t count_params(const ModelConfig& c) {
   int64_t n = 0;
-  for (const auto& p : param_layout(c)) n += p.numel();
+  for (const auto& p : param_layout(c)) n = checked_add(n, p.numel(), "parameter count");
   return n;
 }
 

@@ -1,12 +1,30 @@
 // Model hyper-parameters (config.json), presets and their validation. Field names and meanings:
 // docs/MODEL.md. Mirrors the seed's HybridMambaConfig.
 #pragma once
+#include <cstdint>
 #include <string>
 #include <vector>
 
 #include <nlohmann/json_fwd.hpp>
 
 namespace hm {
+
+// Upper bounds of the config's sizes, each several times the largest published model's value
+// (docs/RELIABILITY.md, "Limits"). With them every derived size below fits int32, and a
+// config cannot ask for an allocation the memory check has not seen.
+constexpr int kMaxDModel = 65536;
+constexpr int kMaxLayers = 1024;
+constexpr int kMaxVocab = 1 << 24;
+constexpr int kMaxDState = 1024;
+constexpr int kMaxDConv = 64;
+constexpr int kMaxExpand = 16;
+constexpr int kMaxDtRank = 65536;
+constexpr int kMaxHeads = 1024;
+constexpr int kMaxDff = 1 << 20;
+constexpr int kMaxRoutingChunk = 1 << 20;
+constexpr double kMaxRopeTheta = 1e12;
+// Kernels index one weight tensor with int32.
+constexpr int64_t kMaxTensorElements = int64_t(1) << 31;
 
 struct ModelConfig {
   std::string hybrid = "simple";
@@ -51,13 +69,15 @@ struct ModelConfig {
   int inner_dim(int layer) const;
 };
 
-// Throws hm::Error naming the field when a value is out of range or inconsistent.
+// Throws hm::Error naming the field when a value is out of range (including the bounds above)
+// or inconsistent, or when a weight tensor would exceed kMaxTensorElements.
 void validate(const ModelConfig& c);
 
-// Strict JSON conversion: wrong types, unknown fields and invalid values are errors naming the field.
-ModelConfig config_from_json(const nlohmann::json& j);
+// Strict JSON conversion: wrong types, unknown fields and invalid values are errors naming the
+// field; `origin` (the file) starts the message of a type error and ends that of a bad value.
+ModelConfig config_from_json(const nlohmann::json& j, const std::string& origin = "config");
 nlohmann::json config_to_json(const ModelConfig& c);
-ModelConfig load_config(const std::string& path);        // reads and validates a config.json
+ModelConfig load_config(const std::string& path);  // reads (parse_json_file) and validates a config.json
 void save_config(const std::string& path, const ModelConfig& c);  // atomic
 
 // Presets: seed (the seed's benchmark model), mamba and transformer (about seed's parameter
@@ -66,7 +86,7 @@ void save_config(const std::string& path, const ModelConfig& c);  // atomic
 ModelConfig preset(const std::string& name);
 std::vector<std::string> preset_names();
 
-// Parameter count of a config (every tensor of docs/MODEL.md's table).
+// Parameter count of a config (every tensor of docs/MODEL.md's table), overflow-checked.
 int64_t count_params(const ModelConfig& c);
 
 }  // namespace hm

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <map>
 
+#include "core/checked.h"
 #include "core/error.h"
 #include "core/rng.h"
 #include "io/safetensors.h"
@@ -11,7 +12,7 @@ namespace hm {
 
 int64_t ParamSpec::numel() const {
   int64_t n = 1;
-  for (int64_t s : shape) n *= s;
+  for (int64_t s : shape) n = checked_mul(n, s, "parameter tensor size");
   return n;
 }
 
@@ -72,7 +73,7 @@ Params::Params(const ModelConfig& c) : cfg_(c), specs_(param_layout(c)) {
   for (size_t i = 0; i < specs_.size(); ++i) {
     offsets_.push_back(numel_);
     // 16-float alignment keeps every tensor on its own cache line (64 B) for SIMD loads.
-    numel_ += (specs_[i].numel() + 15) / 16 * 16;
+    numel_ = checked_add(numel_, (specs_[i].numel() + 15) / 16 * 16, "parameter arena size");
     index[specs_[i].name] = i;
   }
   // Default-initialised (not zeroed): pages are committed only when written, by init or load.
