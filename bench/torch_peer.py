@@ -728,9 +728,10 @@ def _rotate(x, cos, sin):
 # ----------------------------------------------------------------------------- random checkpoints
 
 def random_tensors(cfg, seed):
-    """MODEL.md's initialization, except bridge gates and norm weights are perturbed so they matter;
-    a true-hybrid layer's fusion scales, exchange and router feature weights and bias are moved
-    off their inits (1, 0, 0, 0) too, so each term of its forward counts."""
+    """MODEL.md's initialization, except that every value init sets to a constant is drawn per
+    channel and layer, so that a model mixing up layers or channels gives different logits: norm
+    weights, bridge gates, A_log and D, and a true-hybrid layer's fusion scales, exchange and
+    router feature weights and bias (inits 1, 0, log(n + 1), 1, 1, 0, 0, 0)."""
     g = torch.Generator().manual_seed(seed)
 
     def unif(shape, bound):
@@ -759,9 +760,10 @@ def random_tensors(cfg, seed):
         elif name.endswith("conv1d.weight") or name.endswith("conv1d.bias"):
             v = unif(shape, 1.0 / math.sqrt(cfg.d_conv))
         elif name.endswith("A_log"):
-            v = torch.log(torch.arange(1, cfg.d_state + 1, dtype=torch.float32)).expand(shape).clone()
+            # init's log(n + 1), moved by up to +-1 per entry: every channel and layer its own A
+            v = torch.log(torch.arange(1, cfg.d_state + 1, dtype=torch.float32)).expand(shape) + unif(shape, 1.0)
         elif name.endswith("mixer.D"):
-            v = torch.ones(shape)
+            v = 0.5 + torch.rand(shape, generator=g)         # init 1
         elif name.endswith("dt_proj.weight"):
             v = unif(shape, cfg.dt_rank ** -0.5)
         elif name.endswith("dt_proj.bias"):

@@ -26,18 +26,15 @@ ModelConfig tiny(bool rope = true, int d_ff = 48, bool bridges = true, bool tie 
   return c;
 }
 
-// Random init, plus random bridge gates (init makes them 0, which would hide a broken bridge).
-void init_nonzero_gates(HybridModel& m, uint64_t seed) {
-  init_params(m.params(), seed);
-  Rng rng(seed + 1);
-  for (int i = 0; i < m.config().n_layers; ++i)
-    if (float* g = m.params().layer(i).bridge_gate)
-      for (int j = 0; j < m.config().d_model; ++j) g[j] = float(0.5 * rng.normal());
-  m.prepare();
-}
+using test::randomize_params;
 
 using test::tokens;
 using test::rel_err;
+
+// Two computations of the same logits agree to float rounding (1e-5 of their scale) with a float
+// cache. With a half cache, a key that two paths compute one float bit apart (a GEMM row against
+// a GEMV) can round to neighbouring halves, 2^-11 apart: observed up to 3e-5 on random weights.
+double kv_tol(KvType kv) { return kv == KvType::F32 ? 1e-5 : 1e-4; }
 
 std::vector<float> full_logits(HybridModel& m, const std::vector<int32_t>& toks, KvType kv = KvType::F16) {
   HybridMemory mem(m.backend(), m.config(), 1, int(toks.size()), kv);
@@ -68,12 +65,12 @@ TEST(Model, CpuBackendMatchesReferenceBackend) {
     auto cpu = make_cpu_backend();
     auto ref = make_ref_backend();
     HybridModel a(c, *cpu), b(c, *ref);
-    init_nonzero_gates(a, 3);
-    init_nonzero_gates(b, 3);
+    randomize_params(a, 3);
+    randomize_params(b, 3);
     Rng rng(9);
     const auto toks = tokens(rng, 37, c.vocab_size);
     for (KvType kv : {KvType::F32, KvType::F16})
-      EXPECT_LT(rel_err(full_logits(a, toks, kv), full_logits(b, toks, kv)), 1e-5);
+      EXPECT_LT(rel_err(full_logits(a, toks, kv), full_logits(b, toks, kv)), kv_tol(kv));
   }
 }
 
@@ -81,11 +78,11 @@ TEST(Model, DecodingEqualsFullForward) {
   for (const ModelConfig& c : {tiny(), tiny(false, 0, false, false), tiny(true, 0, true, true)}) {
     auto be = make_cpu_backend();
     HybridModel m(c, *be);
-    init_nonzero_gates(m, 5);
+    randomize_params(m, 5);
     Rng rng(11);
     const auto toks = tokens(rng, 45, c.vocab_size);
     for (KvType kv : {KvType::F32, KvType::F16})
-      EXPECT_LT(rel_err(decode_logits(m, toks, kv), full_logits(m, toks, kv)), 1e-5);
+      EXPECT_LT(rel_err(decode_logits(m, toks, kv), full_logits(m, toks, kv)), kv_tol(kv));
     // A half-precision cache changes the answer by rounding K and V only.
     EXPECT_LT(rel_err(full_logits(m, toks, KvType::F16), full_logits(m, toks, KvType::F32)), 5e-3);
   }
@@ -94,7 +91,7 @@ TEST(Model, DecodingEqualsFullForward) {
 TEST(Model, PrefillInChunksThenDecodeEqualsFullForward) {
   auto be = make_cpu_backend();
   HybridModel m(tiny(), *be);
-  init_nonzero_gates(m, 6);
+  randomize_params(m, 6);
   Rng rng(12);
   const auto toks = tokens(rng, 40, m.config().vocab_size);
   const auto want = full_logits(m, toks);
@@ -116,7 +113,7 @@ TEST(Model, PrefillInChunksThenDecodeEqualsFullForward) {
 TEST(Model, RaggedBatchEqualsSeparateSequences) {
   auto be = make_cpu_backend();
   HybridModel m(tiny(), *be);
-  init_nonzero_gates(m, 7);
+  randomize_params(m, 7);
   const int V = m.config().vocab_size;
   Rng rng(13);
   std::vector<std::vector<int32_t>> seqs = {tokens(rng, 5, V), tokens(rng, 23, V), tokens(rng, 1, V)};
@@ -142,7 +139,7 @@ TEST(Model, RaggedBatchEqualsSeparateSequences) {
 TEST(Model, SeqCopyContinuesIdentically) {
   auto be = make_cpu_backend();
   HybridModel m(tiny(), *be);
-  init_nonzero_gates(m, 8);
+  randomize_params(m, 8);
   Rng rng(14);
   const auto prefix = tokens(rng, 12, m.config().vocab_size);
   HybridMemory mem(*be, m.config(), 2, 20);
@@ -164,7 +161,9 @@ TEST(Model, BridgesStartAsIdentity) {
   ModelConfig on = tiny(), off = tiny();
   off.state_bridges = false;
   HybridModel a(on, *be), b(off, *be);
-  init_params(a.params(), 21);
+  randomize_params(a.params(), 21);
+  for (int i = 0; i < on.n_layers; ++i)  // the gates as init sets them
+    if (float* g = a.params().layer(i).bridge_gate) std::fill(g, g + on.d_model, 0.0f);
   a.prepare();
   // Copy every shared tensor so the only difference is the (zero-gated) bridges.
   for (size_t i = 0; i < b.params().specs().size(); ++i) {
@@ -238,7 +237,7 @@ TEST(Checkpoint, RoundTripF32IsExactAndBf16Close) {
   const auto dir = std::filesystem::temp_directory_path() / "hm_ckpt_test";
   std::filesystem::remove_all(dir);
   HybridModel m(tiny(true, 48, true, false), *be);
-  init_nonzero_gates(m, 31);
+  randomize_params(m, 31);
   save_model(m, dir.string());
   auto back = load_model(dir.string(), *be);
   ASSERT_TRUE(std::equal(m.params().data(), m.params().data() + m.params().numel(), back->params().data()));

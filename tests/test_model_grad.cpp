@@ -37,6 +37,7 @@
 #include "model/model.h"
 #include "train/model_grad.h"
 #include "grad_test_util.h"
+#include "test_util.h"
 
 using namespace hm;
 
@@ -67,26 +68,7 @@ ModelConfig small_config(bool tied) {
   return c;
 }
 
-// docs/MODEL.md's init, then the values init fixes (gates 0, norms 1, D 1, A_log) perturbed so
-// that every path carries gradient.
-void init_random(Params& p, uint64_t seed) {
-  init_params(p, seed);
-  Rng rng(seed + 1000);
-  for (size_t k = 0; k < p.specs().size(); ++k) {
-    const std::string& n = p.specs()[k].name;
-    float* w = p.at(k);
-    const int64_t cnt = p.specs()[k].numel();
-    auto ends = [&](const std::string& s) {
-      return n.size() >= s.size() && n.compare(n.size() - s.size(), s.size(), s) == 0;
-    };
-    for (int64_t i = 0; i < cnt; ++i) {
-      if (ends(".gate")) w[i] = float(rng.uniform() - 0.5);
-      else if (ends("norm.weight") || ends("norm_f.weight")) w[i] = float(1 + 0.2 * rng.normal());
-      else if (ends("mixer.D")) w[i] = float(0.5 + rng.uniform());
-      else if (ends("A_log")) w[i] += float(0.2 * (rng.uniform() - 0.5));
-    }
-  }
-}
+using test::randomize_params;
 
 using test::TokenBatch;
 using test::make_batch;
@@ -99,7 +81,7 @@ using test::OmpThreads;
 void check_fd(bool tied, uint64_t seed, const std::function<int(const std::string&)>& entries) {
   const ModelConfig c = small_config(tied);
   Params p(c);
-  init_random(p, seed);
+  randomize_params(p, seed);
   const TokenBatch b = make_batch(2, 6, c.vocab_size, seed + 1);
   const std::vector<double> pd = arena<double>(p);
   std::vector<double> g(pd.size(), 0.0);
@@ -196,7 +178,7 @@ TEST(ModelGrad, LossOnlyMatchesInferenceForward) {
     for (auto make : {make_cpu_backend, make_ref_backend}) {
       auto be = make();
       HybridModel m(c, *be);
-      init_random(m.params(), 22);
+      randomize_params(m.params(), 22);
       m.prepare();
       HybridMemory mem(*be, c, b.B, b.L, KvType::F32);
       hm::Batch batch;
@@ -237,7 +219,7 @@ TEST(ModelGrad, LossOnlyMatchesInferenceForward) {
 TEST(ModelGrad, FloatGradientsMatchDouble) {
   const ModelConfig c = preset("tiny");
   Params p(c), gf(c), gd(c);
-  init_random(p, 31);
+  randomize_params(p, 31);
   const TokenBatch b = make_batch(2, 12, c.vocab_size, 32);
   std::fill(gf.data(), gf.data() + gf.numel(), 0.0f);
   std::fill(gd.data(), gd.data() + gd.numel(), 0.0f);
@@ -253,7 +235,7 @@ TEST(ModelGrad, FloatGradientsMatchDouble) {
 TEST(ModelGrad, ChunkedScanGivesSameGradients) {
   const ModelConfig c = small_config(true);
   Params p(c);
-  init_random(p, 41);
+  randomize_params(p, 41);
   const TokenBatch b = make_batch(2, 9, c.vocab_size, 42);
   const std::vector<double> pd = arena<double>(p);
   std::vector<double> g0(pd.size(), 0.0);
@@ -284,7 +266,7 @@ TEST(ModelGrad, ChunkedScanGivesSameGradients) {
 // threads. And it holds fewer activation bytes.
 template <class T> void check_ckpt_identical(const ModelConfig& c, int chunk, uint64_t seed) {
   Params p(c);
-  init_random(p, seed);
+  randomize_params(p, seed);
   const TokenBatch b = make_batch(3, 11, c.vocab_size, seed + 1);
   const std::vector<T> pa = arena<T>(p);
   for (int threads : {1, 2}) {
@@ -331,7 +313,7 @@ TEST(ModelGrad, GradCheckpointingIsBitIdentical) {
   // The public entry points forward the flag.
   const ModelConfig c = small_config(true);
   Params p(c), a(c), bb(c), ad(c), bd(c);
-  init_random(p, 77);
+  randomize_params(p, 77);
   const TokenBatch b = make_batch(2, 10, c.vocab_size, 78);
   for (Params* q : {&a, &bb, &ad, &bd}) std::fill(q->data(), q->data() + q->numel(), 0.0f);
   EXPECT_EQ(loss_and_grad(p, a, b.tokens.data(), b.targets.data(), b.B, b.L, 0, false),
@@ -350,7 +332,7 @@ TEST(ModelGrad, GradCheckpointingIsBitIdentical) {
 TEST(ModelGrad, BatchMeanAccumulationAndThreads) {
   const ModelConfig c = small_config(false);
   Params p(c);
-  init_random(p, 51);
+  randomize_params(p, 51);
   TokenBatch b = make_batch(3, 8, c.vocab_size, 52);
   for (int t = 2; t < b.L; ++t) b.targets[size_t(t)] = -1;  // sequence 0 counts 2 positions only
   const int L = b.L;
@@ -408,7 +390,7 @@ TEST(ModelGrad, BatchMeanAccumulationAndThreads) {
 TEST(ModelGrad, BadInputIsAnError) {
   const ModelConfig c = small_config(true);
   Params p(c), g(c);
-  init_random(p, 61);
+  randomize_params(p, 61);
   std::vector<int32_t> tok = {1, 2, 3}, tgt = {2, 3, -1};
   tok[1] = c.vocab_size;
   EXPECT_THROW(loss_and_grad(p, g, tok.data(), tgt.data(), 1, 3), hm::Error);
@@ -432,7 +414,7 @@ TEST(ModelGrad, FastFloatMatchesDoubleReference) {
     ModelConfig c = preset("tiny");
     c.tie_embeddings = tied;
     Params p(c);
-    init_random(p, 71);
+    randomize_params(p, 71);
     // Built here rather than by make_batch: one more call of it changes g++ 12's inlining in
     // BatchMeanAccumulationAndThreads into a -Wfree-nonheap-object false positive.
     const int B = 3, L = 70;

@@ -27,28 +27,7 @@ ModelConfig true_tiny(const std::string& mode, const std::string& granularity = 
   return c;
 }
 
-// Random init, then the parameters init leaves at 0 or 1 made random too: bridge gates, the
-// exchange (0 would hide a broken cross-path exchange), fusion scales and the router's feature
-// weights and bias (so that both routes occur and novelty and position matter).
-void init_random(HybridModel& m, uint64_t seed) {
-  init_params(m.params(), seed);
-  Rng rng(seed + 1);
-  const int D = m.config().d_model;
-  for (int i = 0; i < m.config().n_layers; ++i) {
-    LayerWeights& w = m.params().layer(i);
-    if (w.bridge_gate)
-      for (int j = 0; j < D; ++j) w.bridge_gate[j] = float(0.5 * rng.normal());
-    if (!m.config().is_true(i)) continue;
-    for (int j = 0; j < D; ++j) {
-      w.exchange[j] = float(0.5 * rng.normal());
-      w.fuse_mamba[j] = float(1.0 + 0.3 * rng.normal());
-      w.fuse_attn[j] = float(1.0 + 0.3 * rng.normal());
-    }
-    for (int k = 0; k < kRouterFeatures; ++k) w.router_feat[k] = float(rng.normal());
-    w.router_b[0] = float(0.3 * rng.normal());
-  }
-  m.prepare();
-}
+using test::randomize_params;
 
 using test::tokens;
 using test::rel_err;
@@ -109,7 +88,7 @@ TEST(TrueHybrid, DecodingEqualsPrefillInEveryMode) {
   auto be = make_cpu_backend();
   for (const Variant& v : kVariants) {
     HybridModel m(true_tiny(v.mode, v.granularity), *be);
-    init_random(m, 41);
+    randomize_params(m, 41);
     m.set_forced_attention_fraction(v.force);
     Rng rng(42);
     const auto toks = tokens(rng, 29, m.config().vocab_size);
@@ -127,7 +106,7 @@ TEST(TrueHybrid, PiecesOfOddSizesEqualOnePrefill) {
   auto be = make_cpu_backend();
   for (const Variant& v : kVariants) {
     HybridModel m(true_tiny(v.mode, v.granularity), *be);
-    init_random(m, 43);
+    randomize_params(m, 43);
     m.set_forced_attention_fraction(v.force);
     Rng rng(44);
     const auto toks = tokens(rng, 41, m.config().vocab_size);
@@ -140,7 +119,7 @@ TEST(TrueHybrid, RaggedBatchEqualsSequencesOneByOne) {
   auto be = make_cpu_backend();
   for (const Variant& v : {kVariants[1], kVariants[2], kVariants[5], kVariants[7]}) {
     HybridModel m(true_tiny(v.mode, v.granularity), *be);
-    init_random(m, 45);
+    randomize_params(m, 45);
     m.set_forced_attention_fraction(v.force);
     const int V = m.config().vocab_size;
     Rng rng(46);
@@ -170,7 +149,7 @@ TEST(TrueHybrid, SeqCopyContinuesAsUninterrupted) {
   auto be = make_cpu_backend();
   for (const Variant& v : {kVariants[2], kVariants[4], kVariants[5]}) {
     HybridModel m(true_tiny(v.mode, v.granularity), *be);
-    init_random(m, 47);
+    randomize_params(m, 47);
     Rng rng(48);
     const auto prefix = tokens(rng, 13, m.config().vocab_size);
     const auto rest = tokens(rng, 8, m.config().vocab_size);
@@ -218,8 +197,8 @@ TEST(TrueHybrid, CpuBackendMatchesReferenceBackend) {
     auto cpu = make_cpu_backend();
     auto ref = make_ref_backend();
     HybridModel a(true_tiny(v.mode, v.granularity), *cpu), b(true_tiny(v.mode, v.granularity), *ref);
-    init_random(a, 49);
-    init_random(b, 49);
+    randomize_params(a, 49);
+    randomize_params(b, 49);
     a.set_forced_attention_fraction(v.force);
     b.set_forced_attention_fraction(v.force);
     Rng rng(50);
@@ -231,7 +210,7 @@ TEST(TrueHybrid, CpuBackendMatchesReferenceBackend) {
 TEST(TrueHybrid, KvCacheHoldsOnlyAttentionTokens) {
   auto be = make_cpu_backend();
   HybridModel m(true_tiny("hard"), *be);
-  init_random(m, 51);
+  randomize_params(m, 51);
   Rng rng(52);
   const auto toks = tokens(rng, 30, m.config().vocab_size);
   HybridMemory mem(*be, m.config(), 1, 30, KvType::F16);
@@ -254,7 +233,7 @@ TEST(TrueHybrid, SkippedPathDoesNoWork) {
   auto cpu = make_cpu_backend();
   CountingBackend be(*cpu);
   HybridModel m(true_tiny("hard"), be);
-  init_random(m, 53);
+  randomize_params(m, 53);
   const ModelConfig& c = m.config();
   const int L = 40;
   Rng rng(54);
@@ -330,7 +309,7 @@ TEST(TrueHybrid, HardRoutesAreCausal) {
   auto be = make_cpu_backend();
   for (const char* gran : {"token", "chunk"}) {
     HybridModel m(true_tiny("hard", gran), *be);
-    init_random(m, 55);
+    randomize_params(m, 55);
     Rng rng(56);
     auto toks = tokens(rng, 31, m.config().vocab_size);
     RouteTrace a, b;
@@ -347,7 +326,11 @@ TEST(TrueHybrid, HardRoutesAreCausal) {
       for (size_t t = size_t(k); t < a.p[li].size(); ++t) later_differ |= a.p[li][t] != b.p[li][t];
     }
     EXPECT_TRUE(later_differ) << gran;  // the change is seen from token k on
-    EXPECT_TRUE(std::equal(la.begin(), la.begin() + long(k) * V, lb.begin())) << gran;
+    // Logits before k: equal up to float rounding. Not bitwise: a route that flips from k on
+    // changes how many rows a path's GEMMs have, and sgemm's blocking rounds the other rows
+    // differently (observed 7e-8 of the logits' scale; a leak from token k would be ~1e-2).
+    const std::vector<float> before_a(la.begin(), la.begin() + long(k) * V), before_b(lb.begin(), lb.begin() + long(k) * V);
+    EXPECT_LT(rel_err(before_a, before_b), 1e-6) << gran;
     EXPECT_FALSE(std::equal(la.begin() + long(k) * V, la.begin() + long(k + 1) * V, lb.begin() + long(k) * V));
   }
 }
@@ -358,7 +341,7 @@ TEST(TrueHybrid, RoutingAnalysisAddsUp) {
   const auto toks = tokens(rng, 23, 300);
   for (const std::string mode : {"both", "soft", "hard"}) {
     HybridModel m(true_tiny(mode), *be);
-    init_random(m, 57);
+    randomize_params(m, 57);
     const RoutingAnalysis r = get_routing_analysis(m, toks);
     ASSERT_EQ(r.layers.size(), 2u);
     EXPECT_EQ(r.layers[0].layer, 1);
@@ -417,6 +400,6 @@ TEST(TrueHybrid, BadRequestsAreErrors) {
   simple.prepare();
   expect_error([&] { simple.set_forced_attention_fraction(0.5); }, "no true-hybrid layers");
   expect_error([&] { get_routing_analysis(simple, {1, 2, 3}); }, "no true-hybrid layers");
-  init_random(hard, 1);
+  randomize_params(hard, 1);
   expect_error([&] { get_routing_analysis(hard, {}); }, "no tokens");
 }

@@ -33,6 +33,7 @@
 #include "model/params.h"
 #include "train/model_grad.h"
 #include "grad_test_util.h"
+#include "test_util.h"
 
 using namespace hm;
 
@@ -40,9 +41,6 @@ namespace {
 
 using LD = long double;
 
-bool ends_with(const std::string& n, const std::string& s) {
-  return n.size() >= s.size() && n.compare(n.size() - s.size(), s.size(), s) == 0;
-}
 bool has(const std::string& n, const std::string& s) { return n.find(s) != std::string::npos; }
 
 // true-tiny with a routing mode and granularity. The budget's weight and target are raised
@@ -57,29 +55,7 @@ ModelConfig true_tiny(const std::string& mode, const std::string& gran = "token"
   return c;
 }
 
-// init_params, then the values init fixes moved off them so every path carries gradient: norms,
-// bridge gates, D, A_log (as tests/test_model_grad.cpp), and the true layers' fusion scales,
-// exchange (init 0: no gradient reaches the Mamba path through it otherwise) and router.
-void init_random(Params& p, uint64_t seed) {
-  init_params(p, seed);
-  Rng rng(seed + 1000);
-  const double D = p.config().d_model;
-  for (size_t k = 0; k < p.specs().size(); ++k) {
-    const std::string& n = p.specs()[k].name;
-    float* w = p.at(k);
-    for (int64_t i = 0; i < p.specs()[k].numel(); ++i) {
-      if (ends_with(n, ".gate")) w[i] = float(rng.uniform() - 0.5);
-      else if (ends_with(n, "norm.weight") || ends_with(n, "norm_f.weight")) w[i] = float(1 + 0.2 * rng.normal());
-      else if (ends_with(n, "mixer.D")) w[i] = float(0.5 + rng.uniform());
-      else if (ends_with(n, "A_log")) w[i] += float(0.2 * (rng.uniform() - 0.5));
-      else if (ends_with(n, "fuse_mamba") || ends_with(n, "fuse_attn")) w[i] = float(1 + 0.3 * rng.normal());
-      else if (ends_with(n, "exchange")) w[i] = float(0.5 * rng.normal());
-      else if (ends_with(n, "router.weight")) w[i] += float(0.5 * rng.normal() / std::sqrt(D));
-      else if (ends_with(n, "router.feat_weight")) w[i] = float(0.5 * rng.normal());
-      else if (ends_with(n, "router.bias")) w[i] = float(0.3 * rng.normal());
-    }
-  }
-}
+using test::randomize_params;
 
 using test::TokenBatch;
 using test::make_batch;
@@ -106,7 +82,7 @@ float* tensor(Params& p, int layer, const std::string& rest) {
 // The FD check described at the top.
 void check_fd(const ModelConfig& c, uint64_t seed) {
   Params p(c);
-  init_random(p, seed);
+  randomize_params(p, seed);
   // The analyzer's features are measurements that carry no gradient (docs/TRUE_HYBRID.md): the
   // novelty 1 - cos(u_t, m_{t-1}) depends on u, but the training gradient leaves that path out
   // by design, so finite differences would see a term the analytic gradient does not have.
@@ -249,7 +225,7 @@ TEST(TrueHybridGrad, FastFloatMatchesDoubleReference) {
     for (const char* gran : {"token", "chunk"}) {
       const ModelConfig c = true_tiny(mode, gran);
       Params p(c);
-      init_random(p, seed += 3);
+      randomize_params(p, seed += 3);
       const TokenBatch b = make_batch(3, 70, c.vocab_size, seed + 1);
       LossAux la;
       la.want_logits = true;
@@ -278,7 +254,7 @@ TEST(TrueHybridGrad, FastFloatMatchesDoubleReference) {
 // bit-identical, in each mode, float and double, chunked scan too, 1 and 2 threads; fewer bytes.
 template <class T> void check_ckpt_identical(const ModelConfig& c, int chunk, uint64_t seed) {
   Params p(c);
-  init_random(p, seed);
+  randomize_params(p, seed);
   const TokenBatch b = make_batch(3, 11, c.vocab_size, seed + 1);
   const std::vector<T> pa = arena<T>(p);
   for (int threads : {1, 2}) {
@@ -328,7 +304,7 @@ TEST(TrueHybridGrad, LossOnlyMatchesInferenceForward) {
       for (auto make : {make_cpu_backend, make_ref_backend}) {
         auto be = make();
         HybridModel m(c, *be);
-        init_random(m.params(), seed + 1);
+        randomize_params(m.params(), seed + 1);
         m.prepare();
         LossAux la;
         la.want_logits = true;
@@ -370,7 +346,7 @@ TEST(TrueHybridGrad, ReturnedLossIsCrossEntropyAndMatchesLossOnly) {
   for (const char* mode : {"soft", "hard"}) {
     const ModelConfig c = true_tiny(mode);
     Params p(c), g(c);
-    init_random(p, 401);
+    randomize_params(p, 401);
     std::fill(g.data(), g.data() + g.numel(), 0.0f);
     const TokenBatch b = make_batch(3, 17, c.vocab_size, 402);
     double aux_g = -1, aux_o = -2;
@@ -402,7 +378,7 @@ TEST(TrueHybridGrad, BudgetLossValue) {
     for (const char* gran : {"token", "chunk"}) {
       const ModelConfig c = true_tiny(mode, gran);
       Params p(c), g(c);
-      init_random(p, 501);
+      randomize_params(p, 501);
       std::fill(g.data(), g.data() + g.numel(), 0.0f);
       TokenBatch b = make_batch(3, 13, c.vocab_size, 502);
       for (int t = 3; t < b.L; ++t) b.targets[size_t(t)] = -1;  // sequence 0 counts 3 positions
@@ -472,7 +448,7 @@ TEST(TrueHybridGrad, BudgetLossValue) {
 TEST(TrueHybridGrad, HardRoutingSkipsThePathNotChosen) {
   const ModelConfig c = true_tiny("hard");
   Params p(c);
-  init_random(p, 601);
+  randomize_params(p, 601);
   tensor(p, 1, "mixer.router.bias")[0] = 40.0f;
   tensor(p, 4, "mixer.router.bias")[0] = -40.0f;
   const TokenBatch b = make_batch(2, 12, c.vocab_size, 602);

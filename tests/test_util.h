@@ -14,6 +14,8 @@
 #include <system_error>
 
 #include "core/rng.h"
+#include "model/model.h"
+#include "model/params.h"
 
 namespace hm::test {
 
@@ -51,6 +53,42 @@ inline double rel_err(const std::vector<float>& a, const std::vector<float>& b) 
     den = std::max(den, double(std::fabs(b[i])));
   }
   return num / std::max(den, 1e-30);
+}
+
+// docs/MODEL.md's init, then every value init sets to a constant drawn at random per channel
+// and per layer: norm weights, bridge gates, A_log (+-1 around log(n+1): a factor of e either
+// way), D, and a true layer's fusion scales, exchange and router. On init's values a model that
+// used layer 0's A and D everywhere, indexed A by state only, fixed D at 1, or ignored a norm
+// weight or a bridge would give the right logits.
+inline void randomize_params(Params& p, uint64_t seed) {
+  init_params(p, seed);
+  Rng rng(seed + 1000);
+  const double D = p.config().d_model;
+  for (size_t k = 0; k < p.specs().size(); ++k) {
+    const std::string& n = p.specs()[k].name;
+    auto ends = [&](const char* s) {
+      const size_t m = std::char_traits<char>::length(s);
+      return n.size() >= m && n.compare(n.size() - m, m, s) == 0;
+    };
+    float* w = p.at(k);
+    for (int64_t i = 0; i < p.specs()[k].numel(); ++i) {
+      if (ends(".gate")) w[i] = float(rng.uniform() - 0.5);
+      else if (ends("norm.weight") || ends("norm_f.weight")) w[i] = float(1 + 0.2 * rng.normal());
+      else if (ends("mixer.D")) w[i] = float(0.5 + rng.uniform());
+      else if (ends("A_log")) w[i] += float(2.0 * (rng.uniform() - 0.5));
+      else if (ends("fuse_mamba") || ends("fuse_attn")) w[i] = float(1 + 0.3 * rng.normal());
+      else if (ends("exchange")) w[i] = float(0.5 * rng.normal());
+      else if (ends("router.weight")) w[i] += float(0.5 * rng.normal() / std::sqrt(D));
+      else if (ends("router.feat_weight")) w[i] = float(0.5 * rng.normal());
+      else if (ends("router.bias")) w[i] = float(0.3 * rng.normal());
+    }
+  }
+}
+
+// The same on a model, which then prepares its derived weights (A = -exp(A_log), ...).
+inline void randomize_params(HybridModel& m, uint64_t seed) {
+  randomize_params(m.params(), seed);
+  m.prepare();
 }
 
 }  // namespace hm::test

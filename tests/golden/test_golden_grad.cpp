@@ -1,6 +1,6 @@
 // Training gradients against PyTorch autograd: bench/torch_peer.py grads runs the peer's model in
-// float64 (forward, mean cross-entropy with ignore_index=-1, backward) on a checkpoint with the
-// tiny config and nonzero bridge gates, and writes the tokens, targets, loss and every
+// float64 (forward, mean cross-entropy with ignore_index=-1, backward) on the tiny config's
+// write-random checkpoint (every bridge gate, norm weight, A_log and D random), and writes the tokens, targets, loss and every
 // parameter's gradient. We compute the same with train/model_grad.h on the same tokens.
 //
 // Measure, per tensor: max_i |ours_i - torch_i| / max_i |torch_i|. Required: <= 1e-10 in double
@@ -26,7 +26,7 @@
 using namespace hm;
 
 namespace {
-const std::string kGradDir = std::string(HM_BINARY_DIR) + "/golden/tiny_grad";
+const std::string kGradDir = std::string(HM_BINARY_DIR) + "/golden/tiny";
 
 struct TorchGrads {
   int B = 0, L = 0;

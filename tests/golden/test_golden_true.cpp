@@ -1,9 +1,10 @@
 // True Hybrid models against the PyTorch peer (bench/torch_peer.py implements docs/TRUE_HYBRID.md
 // independently: router and analyzer features, routes, each path on its compacted subsequence,
 // the exchange with carry-forward, fusion, the budget loss). Checkpoints: the true-tiny preset's
-// config (Mamba, true, Mamba, attention with a bridge, true) with write-random weights (router,
-// fusion scales and exchange moved off their inits) in soft, hard and both modes, and hard with
-// chunk granularity (chunks of 3; 14 tokens, so the split prefill ends mid-chunk).
+// config (Mamba, true, Mamba, attention with a bridge, true) with write-random weights (every
+// parameter random: router, fusion scales, exchange, norms, A_log and D off their inits) in soft,
+// hard and both modes, and hard with chunk granularity (chunks of 3; 14 tokens, so the split
+// prefill ends mid-chunk); and the true-hybrid and true-demo presets at test size (hard).
 //
 // Logits: full forward, token-by-token decoding and a split prefill then decoding, float32 KV
 // cache, max relative error <= 1e-4 (as the simple golden test). A hard route made on a logit
@@ -32,9 +33,7 @@
 using namespace hm;
 
 namespace {
-std::string dir_of(const std::string& variant) {
-  return std::string(HM_BINARY_DIR) + "/golden/true_tiny_" + variant;
-}
+std::string dir_of(const std::string& name) { return std::string(HM_BINARY_DIR) + "/golden/" + name; }
 
 struct Golden {
   int B = 0, L = 0, V = 0;
@@ -230,10 +229,13 @@ void check_grads(const std::string& variant) {
 }
 }  // namespace
 
-TEST(GoldenTrue, SoftRoutingMatchesPyTorch) { check_logits("soft", "soft", "token"); }
-TEST(GoldenTrue, HardRoutingMatchesPyTorch) { check_logits("hard", "hard", "token"); }
-TEST(GoldenTrue, BothPathsMatchPyTorch) { check_logits("both", "both", "token"); }
-TEST(GoldenTrue, HardChunkRoutingMatchesPyTorch) { check_logits("chunk", "hard", "chunk"); }
+TEST(GoldenTrue, SoftRoutingMatchesPyTorch) { check_logits("true_tiny_soft", "soft", "token"); }
+TEST(GoldenTrue, HardRoutingMatchesPyTorch) { check_logits("true_tiny_hard", "hard", "token"); }
+TEST(GoldenTrue, BothPathsMatchPyTorch) { check_logits("true_tiny_both", "both", "token"); }
+TEST(GoldenTrue, HardChunkRoutingMatchesPyTorch) { check_logits("true_tiny_chunk", "hard", "chunk"); }
+// The true-hybrid and true-demo presets at test size (tests/golden.cmake), hard routing.
+TEST(GoldenTrue, TrueHybridPresetMatchesPyTorch) { check_logits("true_hybrid", "hard", "token"); }
+TEST(GoldenTrue, TrueDemoPresetMatchesPyTorch) { check_logits("true_demo", "hard", "token"); }
 
-TEST(GoldenTrue, SoftGradientsMatchPyTorchAutograd) { check_grads("soft"); }
-TEST(GoldenTrue, HardGradientsMatchPyTorchAutograd) { check_grads("hard"); }
+TEST(GoldenTrue, SoftGradientsMatchPyTorchAutograd) { check_grads("true_tiny_soft"); }
+TEST(GoldenTrue, HardGradientsMatchPyTorchAutograd) { check_grads("true_tiny_hard"); }
