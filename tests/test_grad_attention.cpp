@@ -447,24 +447,84 @@ TEST(GradAttention, CrossEntropyMatchesFD) {
   expect_fd("cross-entropy dW", W, added(dW, prior), loss_of);
 }
 
+// Mean over counted rows of logsumexp(hn_i W^T) - (hn_i W^T)[t_i], in long double with the max
+// subtracted: the reference for logits too large for a plain softmax.
+template <class T>
+long double ce_long_double(const std::vector<T>& hn, const std::vector<T>& W, const std::vector<int32_t>& tgt) {
+  const int n = int(tgt.size());
+  long double total = 0;
+  int count = 0;
+  for (int i = 0; i < n; ++i) {
+    if (tgt[std::size_t(i)] < 0) continue;
+    std::vector<long double> z(V, 0.0L);
+    for (int c = 0; c < V; ++c)
+      for (int j = 0; j < D; ++j) z[std::size_t(c)] += (long double)hn[std::size_t(i) * D + j] * W[std::size_t(c) * D + j];
+    const long double m = *std::max_element(z.begin(), z.end());
+    long double sum = 0;
+    for (long double zc : z) sum += std::exp(zc - m);
+    total += m + std::log(sum) - z[std::size_t(tgt[std::size_t(i)])];
+    ++count;
+  }
+  return total / count;
+}
+
 TEST(GradAttention, CrossEntropyLargeLogitsAndAllIgnored) {
   hm::Rng rng(81);
   const int n = 3;
   // Logits in the thousands: a softmax without the max subtraction overflows.
   Vec hn = randn(rng, std::size_t(n) * D, 100.0), W = randn(rng, std::size_t(V) * D, 10.0);
-  const std::vector<int32_t> tgt = {1, 5, 9};
-  Vec dhn(hn.size()), dW(W.size(), 0.0);
-  const float lossf = [&] {
-    const VecF hf = to_float(hn), wf = to_float(W);
-    VecF dhf(hf.size()), dwf(wf.size(), 0.0f);
-    return g::cross_entropy_forward_backward(dhf.data(), dwf.data(), hf.data(), wf.data(),
-                                             tgt.data(), n, D, V);
-  }();
+  // Row 1's target is its largest logit (loss near 0); rows 0 and 2 are not (losses in the
+  // thousands), so both ends of the softmax are compared.
+  std::vector<int32_t> tgt = {1, 5, 9};
+  {
+    std::vector<double> z(V, 0.0);
+    for (int c = 0; c < V; ++c)
+      for (int j = 0; j < D; ++j) z[std::size_t(c)] += hn[std::size_t(1) * D + j] * W[std::size_t(c) * D + j];
+    tgt[1] = int32_t(std::max_element(z.begin(), z.end()) - z.begin());
+    ASSERT_NE(tgt[1], tgt[0]);
+  }
+  double zmax = 0;
+  for (int i = 0; i < n; ++i)
+    for (int c = 0; c < V; ++c) {
+      double z = 0;
+      for (int j = 0; j < D; ++j) z += hn[std::size_t(i) * D + j] * W[std::size_t(c) * D + j];
+      zmax = std::max(zmax, std::abs(z));
+    }
+  ASSERT_GT(zmax, 1000.0);  // exp(1000) overflows double
+
+  // Double reference kernel against long double, to double's rounding of the logits.
+  const long double want = ce_long_double(hn, W, tgt);
+  ASSERT_GT(want, 1.0L);
+  Vec dhn(hn.size(), kNaN), dW(W.size(), 0.0);
   const double loss = g::cross_entropy_forward_backward(dhn.data(), dW.data(), hn.data(),
                                                         W.data(), tgt.data(), n, D, V);
-  EXPECT_TRUE(std::isfinite(loss) && std::isfinite(lossf));
-  for (double d : dhn) EXPECT_TRUE(std::isfinite(d));
-  EXPECT_GE(loss, 0.0);
+  EXPECT_NEAR(loss, double(want), 1e-12 * double(want));
+  // Its gradients by central differences (the softmax is nearly one-hot: dhn ~ W rows).
+  auto loss_of = [&] {
+    Vec h(hn.size()), w(W.size(), 0.0);
+    return g::cross_entropy_forward_backward(h.data(), w.data(), hn.data(), W.data(), tgt.data(), n, D, V);
+  };
+  expect_fd("large-logit cross-entropy dhn", hn, dhn, loss_of);
+  expect_fd("large-logit cross-entropy dW", W, dW, loss_of);
+
+  // Float: the reference kernel and the fast training kernel (which returns the sum over counted
+  // rows, gradients scaled by `scale`) against long double on the same float inputs. Logits of
+  // ~3000 in float carry ~2e-4 of rounding each, hence the absolute term.
+  const VecF hf = to_float(hn), wf = to_float(W);
+  const double want_f = double(ce_long_double(hf, wf, tgt));
+  VecF dhf(hf.size(), 0.0f), dwf(wf.size(), 0.0f);
+  const float lossf = g::cross_entropy_forward_backward(dhf.data(), dwf.data(), hf.data(), wf.data(),
+                                                        tgt.data(), n, D, V);
+  EXPECT_NEAR(lossf, want_f, 1e-6 * want_f + 1e-2);
+  VecF dhc(hf.size(), 0.0f), dwc(wf.size(), 0.0f);
+  const double sumc = hm::cpu::grad::cross_entropy_forward_backward(dhc.data(), dwc.data(), hf.data(), wf.data(),
+                                                                   tgt.data(), n, D, V, 1.0 / n);
+  EXPECT_NEAR(sumc / n, want_f, 1e-6 * want_f + 1e-2);
+  for (std::size_t i = 0; i < dhn.size(); ++i) {
+    EXPECT_NEAR(dhf[i], dhn[i], 1e-3 * (std::abs(dhn[i]) + 1)) << i;
+    EXPECT_NEAR(dhc[i], dhn[i], 1e-3 * (std::abs(dhn[i]) + 1)) << i;
+  }
+  for (std::size_t i = 0; i < dW.size(); ++i) EXPECT_NEAR(dwc[i], dW[i], 1e-3 * (std::abs(dW[i]) + 1)) << i;
 
   const std::vector<int32_t> none = {-1, -1, -1};
   const Vec prior = randn(rng, W.size());
