@@ -6,10 +6,12 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <chrono>
 #include <ctime>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <numeric>
@@ -43,15 +45,71 @@ double process_cpu_ms() {
   clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
   return double(ts.tv_sec) * 1e3 + double(ts.tv_nsec) / 1e6;
 }
+// Every timing below is the median of --reps runs after one untimed warm-up, as the peer's
+// (statistics.median: the middle two averaged for an even count).
 double median(std::vector<double> v) {
+  if (v.empty()) return 0.0;
   std::sort(v.begin(), v.end());
-  return v.empty() ? 0.0 : v[v.size() / 2];
+  const size_t h = v.size() / 2;
+  return v.size() % 2 ? v[h] : 0.5 * (v[h - 1] + v[h]);
 }
 
-// Sustained DRAM read bandwidth: a vectorized sum over 1 GiB, best of several. (256 MiB fits
-// the 260 MiB L3 this machine's host shares, which made the figure swing from 37 to 70 GB/s.)
-double measure_read_gbs() {
-  const size_t n = (size_t(1) << 30) / sizeof(float);
+// The machine a figure was measured on: CPU model (/proc/cpuinfo) and L3 size (sysfs), so that
+// a bandwidth labelled DRAM can be checked against the cache it must exceed.
+std::string cpu_model_name() {
+  std::ifstream f("/proc/cpuinfo");
+  for (std::string line; std::getline(f, line);)
+    if (line.rfind("model name", 0) == 0 && line.find(':') != std::string::npos) {
+      std::string v = line.substr(line.find(':') + 1);
+      return v.substr(std::min(v.size(), v.find_first_not_of(' ')));
+    }
+  return "unknown";
+}
+
+// Bytes of the largest level-3 cache cpu0 sees, 0 when sysfs does not say.
+int64_t l3_cache_bytes() {
+  for (int i = 0; i < 16; ++i) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
+    std::ifstream level(dir + "level"), size(dir + "size");
+    int lv = 0;
+    std::string sz;
+    if (!(level >> lv) || lv != 3 || !(size >> sz) || sz.empty()) continue;
+    const int64_t unit = sz.back() == 'K' ? 1024 : sz.back() == 'M' ? 1024 * 1024 : sz.back() == 'G' ? 1 << 30 : 1;
+    try {
+      return std::stoll(sz) * unit;
+    } catch (const std::exception&) {
+      return 0;
+    }
+  }
+  return 0;
+}
+
+// MemAvailable from /proc/meminfo, 0 when unknown.
+int64_t available_memory_bytes() {
+  std::ifstream f("/proc/meminfo");
+  for (std::string key; f >> key;) {
+    int64_t kb = 0;
+    f >> kb;
+    if (key == "MemAvailable:") return kb * 1024;
+    f.ignore(1 << 20, '\n');
+  }
+  return 0;
+}
+
+// The read-bandwidth probe's working set: 4 x L3 and at least 1 GiB, so that a sweep cannot be
+// served from cache (a 256 MiB probe inside a 260 MiB L3 swung from 37 to 70 GB/s), at most a
+// quarter of the available memory.
+size_t dram_probe_bytes(int64_t l3) {
+  int64_t b = std::max<int64_t>(int64_t(1) << 30, 4 * l3);
+  const int64_t avail = available_memory_bytes();
+  if (avail > 0) b = std::min(b, avail / 4);
+  return size_t(b) & ~size_t(4095);
+}
+
+// Sustained DRAM read bandwidth: a vectorized sum over `bytes`, best of 5 (a roofline is the
+// peak the machine allows, so the best run, as STREAM reports).
+double measure_read_gbs(size_t bytes) {
+  const size_t n = bytes / sizeof(float) / 64 * 64;
   std::unique_ptr<float[]> a(new float[n]);
 #pragma omp parallel for
   for (size_t i = 0; i < n; ++i) a[i] = float(i & 7);
@@ -135,9 +193,11 @@ double train_flops_per_token(const ModelConfig& c, const Params& p, int L) {
   return f;
 }
 
+// Uniform over the vocabulary, as the peer's torch.randint(0, V) (the cost does not depend on
+// which tokens).
 std::vector<int32_t> random_tokens(Rng& rng, int n, int vocab) {
   std::vector<int32_t> t(static_cast<size_t>(n));
-  for (auto& x : t) x = int32_t(rng.next_u64() % uint64_t(std::min(vocab, 259)));
+  for (auto& x : t) x = int32_t(rng.next_u64() % uint64_t(vocab));
   return t;
 }
 
@@ -191,8 +251,8 @@ std::string run_capture(const std::string& cmd) {
 // routing save the time its FLOPs promise? One sequence of L random tokens, one prefill forward
 // (last-token logits), with the routes forced to send a fraction f of the tokens to attention,
 // against routing_mode "both" (every token runs both paths). FLOPs are counted by the counting
-// backend on an untimed run; times are the best of `reps` runs after a warm-up, the runs of all
-// configurations interleaved so that the machine's drift hits each alike.
+// backend on an untimed run, which also warms up; times are the median of `reps` runs, the runs
+// of all configurations interleaved so that the machine's drift hits each alike.
 //   saving_realized_f = (t_both - t_f) / (t_both * (F_both - F_f) / F_both)
 // 1 means the time fell exactly as much as the FLOPs did.
 nlohmann::json routing_sweep(const HybridModel& src, Backend& cpu_be, int L, int reps, KvType kv, bool quiet) {
@@ -240,57 +300,116 @@ nlohmann::json routing_sweep(const HybridModel& src, Backend& cpu_be, int L, int
       if (be.count(OpKind(op)).calls > 0) by_op[size_t(k)][op_kind_name(OpKind(op))] = be.count(OpKind(op)).flops;
   }
   std::vector<std::vector<double>> t(static_cast<size_t>(n_cfg));
-  std::vector<nlohmann::json> ms_by_op(static_cast<size_t>(n_cfg));  // of each configuration's best run
+  std::vector<std::vector<nlohmann::json>> op_ms(static_cast<size_t>(n_cfg));  // per run
   for (int rep = 0; rep < reps; ++rep) {
     if (!quiet) std::fprintf(stderr, "bench: routing sweep, repetition %d of %d...\n", rep + 1, reps);
     for (int k = 0; k < n_cfg; ++k) {
       be.reset();
       const double tk = run(k);
-      if (t[size_t(k)].empty() || tk < *std::min_element(t[size_t(k)].begin(), t[size_t(k)].end())) {
-        // Time inside backend ops by kind; what remains is host glue (router, gathers, fusion).
-        nlohmann::json j;
-        double in_ops = 0;
-        for (int op = 0; op < int(OpKind::kCount); ++op) {
-          const OpCount& oc = be.count(OpKind(op));
-          if (oc.calls == 0) continue;
-          j[op_kind_name(OpKind(op))] = oc.seconds * 1e3;
-          in_ops += oc.seconds * 1e3;
-        }
-        j["host_glue"] = tk - in_ops;
-        ms_by_op[size_t(k)] = j;
+      // Time inside backend ops by kind; what remains is host glue (router, gathers, fusion).
+      nlohmann::json j;
+      double in_ops = 0;
+      for (int op = 0; op < int(OpKind::kCount); ++op) {
+        const OpCount& oc = be.count(OpKind(op));
+        if (oc.calls == 0) continue;
+        j[op_kind_name(OpKind(op))] = oc.seconds * 1e3;
+        in_ops += oc.seconds * 1e3;
       }
+      j["host_glue"] = tk - in_ops;
+      op_ms[size_t(k)].push_back(j);
       t[size_t(k)].push_back(tk);
     }
   }
-  auto best = [&](int k) { return *std::min_element(t[size_t(k)].begin(), t[size_t(k)].end()); };
-  auto best_cpu = [&](int k) { return *std::min_element(cpu[size_t(k)].begin(), cpu[size_t(k)].end()); };
-  const double tb = best(n_cfg - 1), fb = flops[size_t(n_cfg - 1)], cb = best_cpu(n_cfg - 1);
+  auto med = [&](int k) { return median(t[size_t(k)]); };
+  auto med_cpu = [&](int k) { return median(cpu[size_t(k)]); };
+  // The per-op split of the run at the median (the lower middle one for an even count).
+  auto median_run_ops = [&](int k) {
+    std::vector<size_t> idx(t[size_t(k)].size());
+    std::iota(idx.begin(), idx.end(), size_t(0));
+    std::sort(idx.begin(), idx.end(), [&](size_t x, size_t y) { return t[size_t(k)][x] < t[size_t(k)][y]; });
+    return op_ms[size_t(k)][idx[(idx.size() - 1) / 2]];
+  };
+  const double tb = med(n_cfg - 1), fb = flops[size_t(n_cfg - 1)], cb = med_cpu(n_cfg - 1);
   nlohmann::json r, rows = nlohmann::json::array();
   double realized = 1e30, realized_cpu = 1e30;
   for (size_t k = 0; k < fracs.size(); ++k) {
-    const double tf = best(int(k)), ff = flops[k], cf = best_cpu(int(k));
+    const double tf = med(int(k)), ff = flops[k], cf = med_cpu(int(k));
     const double flop_saving = (fb - ff) / fb, time_saving = (tb - tf) / tb;
     const double sr = time_saving / flop_saving, sr_cpu = (cb - cf) / cb / flop_saving;
     if (fracs[k] < 1.0) {
       realized = std::min(realized, sr);
       realized_cpu = std::min(realized_cpu, sr_cpu);
     }
-    rows.push_back({{"f", fracs[k]}, {"time_ms", tf}, {"time_ms_median", median(t[k])}, {"cpu_ms", cf},
+    rows.push_back({{"f", fracs[k]}, {"time_ms", tf}, {"cpu_ms", cf},
                     {"saving_realized_cpu_f", sr_cpu}, {"flops", ff},
                     {"gflop_s", ff / tf / 1e6}, {"flop_saving", flop_saving}, {"time_saving", time_saving},
-                    {"saving_realized_f", sr}, {"flops_by_op", by_op[k]}, {"ms_by_op", ms_by_op[k]}});
+                    {"saving_realized_f", sr}, {"flops_by_op", by_op[k]}, {"ms_by_op", median_run_ops(int(k))}});
   }
   r["seq_len"] = L;
   r["reps"] = reps;
-  r["timing"] = "best of reps, after one untimed run";
-  r["both"] = {{"time_ms", tb}, {"time_ms_median", median(t[size_t(n_cfg - 1)])}, {"cpu_ms", cb}, {"flops", fb},
+  r["timing"] = "median of reps, after one untimed run";
+  r["both"] = {{"time_ms", tb}, {"cpu_ms", cb}, {"flops", fb},
                {"gflop_s", fb / tb / 1e6}, {"flops_by_op", by_op[size_t(n_cfg - 1)]},
-               {"ms_by_op", ms_by_op[size_t(n_cfg - 1)]}};
+               {"ms_by_op", median_run_ops(n_cfg - 1)}};
   r["fractions"] = rows;
   r["saving_realized"] = realized;  // min over f = 0, 0.25, 0.5, 0.75
   r["saving_realized_cpu"] = realized_cpu;  // the same from process CPU time
   return r;
 }
+
+// One line of the table `hm bench` prints without --json. `rate`: higher is better (tok/s);
+// otherwise a time. Missing figures are NaN and print as "-".
+struct Row {
+  std::string test, unit;
+  double ours, floor = NAN, peer = NAN;
+  bool rate = false;
+};
+
+std::string cell(double v, const char* suffix = "") {
+  if (!std::isfinite(v)) return "-";
+  char buf[64];
+  std::snprintf(buf, sizeof buf, std::fabs(v) >= 100 ? "%.1f%s" : std::fabs(v) >= 1 ? "%.2f%s" : "%.3g%s", v, suffix);
+  return buf;
+}
+
+// An aligned table like llama-bench's: one row per measurement; "of floor" is the fraction of
+// the machine's floor reached (floor time / ours, or ours / roofline rate), "vs peer" how many
+// times faster than the PyTorch peer.
+void print_table(const nlohmann::json& r, const std::vector<Row>& rows) {
+  std::printf("model %s: %.3g M parameters (%.3g MB), %d threads, KV cache %s\n", r["preset"].get<std::string>().c_str(),
+              r["params"].get<double>() / 1e6, r["weight_mb"].get<double>(), r["threads"].get<int>(),
+              r["kv_type"].get<std::string>().c_str());
+  std::printf("CPU %s, L3 %.0f MiB; each figure the median of %d runs after 1 warm-up%s\n\n",
+              r["cpu_model"].get<std::string>().c_str(), r["l3_mb"].get<double>(), r["reps"].get<int>(),
+              r.contains("torch_version") ? (", peer: PyTorch " + r["torch_version"].get<std::string>()).c_str() : "");
+  const std::vector<std::string> head = {"test", "ours", "unit", "floor", "of floor", "peer", "vs peer"};
+  std::vector<std::vector<std::string>> cells;
+  for (const Row& x : rows) {
+    const double of_floor = x.rate ? x.ours / x.floor : x.floor / x.ours;
+    const double vs_peer = x.rate ? x.ours / x.peer : x.peer / x.ours;
+    cells.push_back({x.test, cell(x.ours), x.unit, cell(x.floor), cell(of_floor), cell(x.peer), cell(vs_peer, "x")});
+  }
+  std::vector<size_t> w(head.size());
+  for (size_t j = 0; j < head.size(); ++j) {
+    w[j] = head[j].size();
+    for (const auto& row : cells) w[j] = std::max(w[j], row[j].size());
+  }
+  auto line = [&](const std::vector<std::string>& row) {
+    std::string out = "|";
+    for (size_t j = 0; j < row.size(); ++j) {
+      const std::string pad(w[j] - row[j].size(), ' ');
+      out += " " + (j == 0 || j == 2 ? row[j] + pad : pad + row[j]) + " |";  // text left, numbers right
+    }
+    std::printf("%s\n", out.c_str());
+  };
+  line(head);
+  std::string rule = "|";
+  for (size_t j = 0; j < head.size(); ++j) rule += " " + std::string(w[j] - (j == 0 || j == 2 ? 0 : 1), '-') + (j == 0 || j == 2 ? "" : ":") + " |";
+  std::printf("%s\n", rule.c_str());
+  for (const auto& row : cells) line(row);
+}
+
+double num(const nlohmann::json& r, const char* key) { return r.contains(key) ? r[key].get<double>() : NAN; }
 
 }  // namespace
 
@@ -351,6 +470,12 @@ Run add_bench(CLI::App& app) {
     r["kv_type"] = o->kv;
     r["params"] = model->params().numel();
     r["weight_mb"] = double(model->weight_bytes()) / 1e6;
+    r["cpu_model"] = cpu_model_name();
+    const int64_t l3 = l3_cache_bytes();
+    r["l3_mb"] = double(l3) / (1 << 20);
+    r["reps"] = o->reps;
+    r["warmup"] = 1;
+    HM_CHECK(o->reps >= 1, "bench: --reps must be >= 1, got ", o->reps);
     auto log = [&](const char* what) { if (!o->json) std::fprintf(stderr, "bench: %s...\n", what); };
 
     if (o->routing_sweep) {
@@ -363,7 +488,7 @@ Run add_bench(CLI::App& app) {
         std::printf("%s\n", r.dump().c_str());
       } else {
         const auto& s = r["routing_sweep"];
-        std::printf("routing sweep: %d tokens, %d threads, prefill (best of %d)\n", L, threads, o->reps);
+        std::printf("routing sweep: %d tokens, %d threads, prefill (median of %d)\n", L, threads, o->reps);
         std::printf("  both      %9.1f ms  %8.2f GFLOP\n", s["both"]["time_ms"].get<double>(),
                     s["both"]["flops"].get<double>() / 1e9);
         for (const auto& f : s["fractions"])
@@ -378,9 +503,13 @@ Run add_bench(CLI::App& app) {
     }
 
     if (!o->train) {  // decode's roofline; training is bound by GEMMs, not by reading weights
+      const size_t probe = dram_probe_bytes(l3);
       log("read bandwidth");
-      const double bw = measure_read_gbs();
+      const double bw = measure_read_gbs(probe);
       r["read_bw_gbs"] = bw;
+      r["read_bw_probe_mb"] = double(probe) / (1 << 20);
+      // DRAM only if the probe could not sit in L3 (false where memory is too small for that).
+      r["read_bw_exceeds_l3"] = l3 > 0 && int64_t(probe) > l3;
       r["decode_roofline_tok_s"] = bw * 1e9 / double(model->weight_bytes());
     }
     log("GEMM rate");
@@ -393,9 +522,10 @@ Run add_bench(CLI::App& app) {
       r["batch"] = B;
       r["seq_len"] = L;
       r["steps"] = o->steps;
-      // The peer's batch: torch.randint with a fixed seed. Ours: the same shape and distribution
-      // from our Rng (the cost does not depend on which tokens). Targets = next token; the last
-      // position has none (-1), as in the peer.
+      r["reps"] = o->steps;  // the timed steps are the repetitions
+      // The peer's batch: torch.randint(0, V) with a fixed seed. Ours: the same shape and
+      // distribution from our Rng (the cost does not depend on which tokens). Targets = next
+      // token; the last position has none (-1), as in the peer.
       std::vector<int32_t> tokens = random_tokens(rng, B * L, V), targets(tokens.size());
       for (int b = 0; b < B; ++b)
         for (int t = 0; t < L; ++t)
@@ -408,7 +538,7 @@ Run add_bench(CLI::App& app) {
       AdamW opt(P, oc);
       std::vector<double> step_ms, grad_ms;
       log("training steps");
-      for (int s = 0; s < o->steps + 1; ++s) {  // step 0 warms allocations and caches
+      for (int s = 0; s < o->steps + 1; ++s) {  // step 0 warms allocations and caches (the peer: --warmup 1)
         auto t0 = Clock::now();
         zero(grads);
         loss_and_grad(P, grads, tokens.data(), targets.data(), B, L);
@@ -434,14 +564,23 @@ Run add_bench(CLI::App& app) {
         const std::string cmd = "/usr/bin/python3 '" + o->peer + "' train-bench --model '" + dir +
                                 "' --threads " + std::to_string(threads) + " --batch " + std::to_string(B) +
                                 " --seq-len " + std::to_string(L) + " --steps " + std::to_string(o->steps) +
-                                " --warmup 1 --json";
+                                " --warmup 1 --json";  // our step 0 is the warm-up
         const auto pj = nlohmann::json::parse(run_capture(cmd));
         for (auto it = pj.begin(); it != pj.end(); ++it)
           if (it.key().rfind("peer_", 0) == 0 || it.key() == "torch_version") r[it.key()] = it.value();
         r["train_vs_peer"] = train_tok_s / pj.at("peer_train_tok_s").get<double>();
       }
       if (!tmpdir.empty()) fs::remove_all(tmpdir);
-      std::printf("%s\n", o->json ? r.dump().c_str() : r.dump(2).c_str());
+      if (o->json) {
+        std::printf("%s\n", r.dump().c_str());
+      } else {
+        const std::string shape = std::to_string(B) + "x" + std::to_string(L);
+        print_table(r, {{"train step " + shape + " (grad + AdamW)", "ms", num(r, "train_step_ms"), NAN,
+                         num(r, "peer_train_step_ms")},
+                        {"train " + shape, "tok/s", train_tok_s,
+                         gemm * 1e9 / fpt, num(r, "peer_train_tok_s"), true},
+                        {"GEMM 1024^3 (sgemm)", "GFLOP/s", gemm, NAN, NAN, true}});
+      }
       return 0;
     }
 
@@ -452,7 +591,7 @@ Run add_bench(CLI::App& app) {
       HybridMemory mem(*be, c, 2, 64, kv);
       for (int logits_all = 0; logits_all < 2; ++logits_all) {
         std::vector<double> t;
-        for (int rep = 0; rep < o->reps + 1; ++rep) {
+        for (int rep = 0; rep < o->reps + 1; ++rep) {  // rep 0 warms caches and allocations
           mem.seq_rm(0);
           mem.seq_rm(1);
           Batch b;
@@ -461,7 +600,7 @@ Run add_bench(CLI::App& app) {
           b.logits_all = logits_all;
           auto t0 = Clock::now();
           model->forward(b, mem, logits);
-          if (rep > 0) t.push_back(ms(t0, Clock::now()));  // first run warms caches and allocations
+          if (rep > 0) t.push_back(ms(t0, Clock::now()));
         }
         const char* key = logits_all ? "forward_all_logits_ms" : "prefill_ms";
         r[key] = median(t);
@@ -472,12 +611,13 @@ Run add_bench(CLI::App& app) {
       }
     }
 
-    // Decode at batch 1: 50 new tokens after a 32-token prompt, greedy.
+    // Decode at batch 1: 50 new tokens after a 32-token prompt, greedy; the rate from the median
+    // time of the 50 steps (prompt untimed), as the peer computes it.
     log("decode 32+50");
     {
       HybridMemory mem(*be, c, 1, 32 + 50 + 1, kv);
-      std::vector<double> rates;
-      for (int rep = 0; rep < std::max(2, o->reps / 2 + 1); ++rep) {
+      std::vector<double> secs;
+      for (int rep = 0; rep < o->reps + 1; ++rep) {  // rep 0 warms up
         mem.seq_rm(0);
         prefill(*model, mem, random_tokens(rng, 32, V), 512, logits);
         int32_t tok = argmax(logits.data(), V);
@@ -488,10 +628,10 @@ Run add_bench(CLI::App& app) {
           model->forward(b, mem, logits);
           tok = argmax(logits.data(), V);
         }
-        if (rep > 0) rates.push_back(50.0 / (ms(t0, Clock::now()) / 1e3));
+        if (rep > 0) secs.push_back(ms(t0, Clock::now()) / 1e3);
       }
-      r["decode_tok_s"] = median(rates);
-      r["decode_roofline_fraction"] = median(rates) / r["decode_roofline_tok_s"].get<double>();
+      r["decode_tok_s"] = 50.0 / median(secs);
+      r["decode_roofline_fraction"] = r["decode_tok_s"].get<double>() / r["decode_roofline_tok_s"].get<double>();
     }
 
     // Decode cost against context, and prefill cost per token at long prompts.
@@ -499,21 +639,26 @@ Run add_bench(CLI::App& app) {
     std::vector<int> plens = {512, 4096};
     if (o->quick) { ctxs = {128, 1024}; plens = {512}; }
     nlohmann::json dms = nlohmann::json::object(), pms = nlohmann::json::object();
-    // Median ms per decoded token at context ctx, with cache type t.
+    // ms per decoded token at context ctx, with cache type t: the prompt is prefilled once into
+    // slot 0; each repetition copies it to slot 1 (untimed) and decodes 32 tokens there.
     auto decode_at = [&](int ctx, KvType t) {
-      HybridMemory mem(*be, c, 1, ctx + 40, t);
+      HybridMemory mem(*be, c, 2, ctx + 40, t);
       prefill(*model, mem, random_tokens(rng, ctx, V), 512, logits);
-      int32_t tok = argmax(logits.data(), V);
-      std::vector<double> times;
-      for (int i = 0; i < 32; ++i) {
-        Batch b;
-        b.add(0, {tok});
+      const int32_t first = argmax(logits.data(), V);
+      std::vector<double> per_token;
+      for (int rep = 0; rep < o->reps + 1; ++rep) {  // rep 0 warms up
+        mem.seq_cp(0, 1);
+        int32_t tok = first;
         auto t0 = Clock::now();
-        model->forward(b, mem, logits);
-        times.push_back(ms(t0, Clock::now()));
-        tok = argmax(logits.data(), V);
+        for (int i = 0; i < 32; ++i) {
+          Batch b;
+          b.add(1, {tok});
+          model->forward(b, mem, logits);
+          tok = argmax(logits.data(), V);
+        }
+        if (rep > 0) per_token.push_back(ms(t0, Clock::now()) / 32);
       }
-      return median(times);
+      return median(per_token);
     };
     for (int ctx : ctxs) {
       log(("decode at context " + std::to_string(ctx)).c_str());
@@ -528,14 +673,14 @@ Run add_bench(CLI::App& app) {
       log(("prefill of " + std::to_string(len)).c_str());
       HybridMemory mem(*be, c, 1, len, kv);
       std::vector<double> t;
-      for (int rep = 0; rep < 2; ++rep) {
+      for (int rep = 0; rep < o->reps + 1; ++rep) {  // rep 0 warms up
         mem.seq_rm(0);
         auto toks = random_tokens(rng, len, V);
         auto t0 = Clock::now();
         prefill(*model, mem, toks, 512, logits);
-        t.push_back(ms(t0, Clock::now()) / len);
+        if (rep > 0) t.push_back(ms(t0, Clock::now()) / len);
       }
-      pms[std::to_string(len)] = *std::min_element(t.begin(), t.end());
+      pms[std::to_string(len)] = median(t);
     }
     r["decode_ms_per_token"] = dms;
     r["prefill_ms_per_token"] = pms;
@@ -554,11 +699,16 @@ Run add_bench(CLI::App& app) {
 
     if (!o->no_peer) {
       log("PyTorch peer");
+      // The same repetitions, warm-up and statistic (median) as ours above.
       const std::string cmd = "/usr/bin/python3 '" + o->peer + "' bench --model '" + dir +
-                              "' --threads " + std::to_string(threads) + " --json";
+                              "' --threads " + std::to_string(threads) + " --reps " + std::to_string(o->reps) +
+                              " --warmup 1 --json";
       const auto pj = nlohmann::json::parse(run_capture(cmd));
       for (auto it = pj.begin(); it != pj.end(); ++it)
         if (it.key().rfind("peer_", 0) == 0 || it.key() == "torch_version") r[it.key()] = it.value();
+      HM_CHECK(pj.value("reps", 0) == o->reps && pj.value("warmup", -1) == 1,
+               "bench: the peer ran ", pj.value("reps", 0), " repetitions after ", pj.value("warmup", -1),
+               " warm-ups, not ", o->reps, " after 1 (an older ", o->peer, "?)");
       if (pj.contains("peer_decode_tok_s"))
         r["decode_vs_peer"] = r["decode_tok_s"].get<double>() / pj["peer_decode_tok_s"].get<double>();
       if (pj.contains("peer_prefill_ms"))
@@ -568,9 +718,27 @@ Run add_bench(CLI::App& app) {
 
     if (o->json) {
       std::printf("%s\n", r.dump().c_str());
-    } else {
-      std::printf("%s\n", r.dump(2).c_str());
+      return 0;
     }
+    std::vector<Row> rows = {
+        {"prefill 2x32, last-token logits", "ms", num(r, "prefill_ms"), num(r, "prefill_ms_floor"),
+         num(r, "peer_prefill_last_ms")},
+        {"prefill 2x32, all logits", "ms", num(r, "forward_all_logits_ms"), num(r, "forward_all_logits_ms_floor"),
+         num(r, "peer_prefill_ms")},
+        {"decode 50 after 32, batch 1", "tok/s", num(r, "decode_tok_s"), num(r, "decode_roofline_tok_s"),
+         num(r, "peer_decode_tok_s"), true}};
+    for (int ctx : ctxs) rows.push_back({"decode at context " + std::to_string(ctx), "ms/token", dms[std::to_string(ctx)].get<double>()});
+    if (r.contains("decode_growth_128_to_4096"))
+      rows.push_back({"decode rise, context 128 -> 4096", "%", 100 * num(r, "decode_growth_128_to_4096")});
+    if (r.contains("decode_growth_128_to_4096_f32kv"))
+      rows.push_back({"same, f32 KV cache", "%", 100 * num(r, "decode_growth_128_to_4096_f32kv")});
+    for (int len : plens) rows.push_back({"prefill of " + std::to_string(len) + " (chunks of 512)", "ms/token", pms[std::to_string(len)].get<double>()});
+    rows.push_back({"peak RSS of hm generate (50 tokens)", "MB", num(r, "peak_rss_mb")});
+    rows.push_back({"read bandwidth, " + cell(num(r, "read_bw_probe_mb")) + " MiB" +
+                        (r["read_bw_exceeds_l3"].get<bool>() ? " (DRAM)" : " (may fit L3)"),
+                    "GB/s", num(r, "read_bw_gbs"), NAN, NAN, true});
+    rows.push_back({"GEMM 1024^3 (sgemm)", "GFLOP/s", gemm, NAN, NAN, true});
+    print_table(r, rows);
     return 0;
   };
 }
