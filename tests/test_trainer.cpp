@@ -2,6 +2,7 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <csignal>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -12,6 +13,7 @@
 
 #include "backend/backend.h"
 #include "core/error.h"
+#include "core/interrupt.h"
 #include "core/rng.h"
 #include "model/config.h"
 #include "model/model.h"
@@ -186,6 +188,124 @@ TEST(Trainer, ResumeIsBitIdentical) {
   EXPECT_EQ(slurp(d.file("full/checkpoint/optimizer.safetensors")),
             slurp(d.file("part/checkpoint/optimizer.safetensors")));
   EXPECT_EQ(read_csv(d.file("part/train_log.csv")).size(), 9u);  // header + 8 steps, none twice
+}
+
+// Ctrl-C (here requested from the step callback, as the signal handler would) finishes the step,
+// saves it and throws Interrupted; the resumed run ends exactly where the uninterrupted one does.
+TEST(Trainer, InterruptSavesTheStepAndResumesExactly) {
+  TrainerTempDir d("interrupt");
+  write(d.file("corpus.txt"), small_corpus());
+  hm::TrainConfig full = base_config(d, "full");
+  full.steps = 8;
+  hm::train(full);
+
+  hm::TrainConfig part = base_config(d, "part");
+  part.steps = 8;
+  part.on_step = [](int64_t step, int64_t, double) {
+    if (step == 3) hm::request_interrupt(SIGINT);
+  };
+  try {
+    hm::train(part);
+    hm::clear_interrupt();
+    FAIL() << "no Interrupted";
+  } catch (const hm::Interrupted& e) {
+    hm::clear_interrupt();
+    EXPECT_EQ(e.signal(), SIGINT);
+    EXPECT_EQ(e.exit_code(), 130);
+    EXPECT_NE(std::string(e.what()).find("SIGINT after step 3 of 8"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find(d.file("part/checkpoint")), std::string::npos) << e.what();
+  }
+  {
+    std::ifstream f(d.file("part/checkpoint/trainer_state.json"));
+    EXPECT_EQ(nlohmann::json::parse(f).at("step"), 3);
+  }
+  EXPECT_EQ(read_csv(d.file("part/train_log.csv")).size(), 4u);
+  hm::TrainConfig again;
+  again.out_dir = part.out_dir;
+  again.resume = true;
+  again.progress = false;
+  hm::train(again);
+  std::vector<float> a, b;
+  load_weights(d.file("full/checkpoint"), a);
+  load_weights(d.file("part/checkpoint"), b);
+  ASSERT_EQ(a.size(), b.size());
+  EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0);
+  auto last_row = [&](const std::string& run) {
+    auto row = read_csv(d.file(run + "/train_log.csv")).back();
+    row.at(4).clear();  // tokens_per_s: a timing
+    return row;
+  };
+  EXPECT_EQ(last_row("full"), last_row("part"));
+}
+
+// --resume --steps N past a finished run continues it to N at the schedule's final lr; the
+// extended schedule is saved, so an interrupted extension resumes exactly too.
+TEST(Trainer, ResumeWithMoreStepsExtendsTheRun) {
+  TrainerTempDir d("extend");
+  write(d.file("corpus.txt"), small_corpus());
+  auto extend = [&](const std::string& out, int64_t steps) {
+    hm::TrainConfig c;
+    c.out_dir = d.file(out);
+    c.resume = true;
+    c.progress = false;
+    c.steps = steps;
+    c.given_flags = {"--steps"};
+    return c;
+  };
+  hm::TrainConfig a = base_config(d, "a");
+  a.steps = 6;
+  hm::train(a);
+  const auto before = read_csv(d.file("a/train_log.csv"));
+  hm::train(extend("a", 10));
+  const auto rows = read_csv(d.file("a/train_log.csv"));
+  ASSERT_EQ(rows.size(), 11u);
+  for (size_t i = 1; i <= 6; ++i) EXPECT_EQ(rows[i][2], before[i][2]) << "step " << i << " changed";
+  for (size_t i = 7; i <= 10; ++i)
+    EXPECT_FLOAT_EQ(std::stof(rows[i][1]), a.lr * a.min_lr_ratio) << "step " << i << " lr";
+  {
+    std::ifstream f(d.file("a/checkpoint/trainer_state.json"));
+    const auto st = nlohmann::json::parse(f);
+    EXPECT_EQ(st.at("step"), 10);
+    EXPECT_EQ(st.at("settings").at("steps"), 10);
+    EXPECT_EQ(st.at("settings").at("lr_steps"), 6);
+  }
+  // The same extension in two parts: interrupted at step 8, then resumed without --steps.
+  hm::TrainConfig b = base_config(d, "b");
+  b.steps = 6;
+  hm::train(b);
+  hm::TrainConfig b2 = extend("b", 10);
+  b2.on_step = [](int64_t step, int64_t, double) {
+    if (step == 8) hm::request_interrupt(SIGTERM);
+  };
+  EXPECT_THROW(hm::train(b2), hm::Interrupted);
+  hm::clear_interrupt();
+  hm::TrainConfig b3 = extend("b", 0);
+  b3.given_flags.clear();
+  hm::train(b3);
+  std::vector<float> wa, wb;
+  load_weights(d.file("a/checkpoint"), wa);
+  load_weights(d.file("b/checkpoint"), wb);
+  ASSERT_EQ(wa.size(), wb.size());
+  EXPECT_EQ(std::memcmp(wa.data(), wb.data(), wa.size() * sizeof(float)), 0);
+
+  // --steps short of the run's end stops there (resumable); behind the checkpoint is an error.
+  hm::TrainConfig c = base_config(d, "c");
+  c.steps = 6;
+  c.stop_after = 2;
+  hm::train(c);
+  hm::train(extend("c", 4));
+  {
+    std::ifstream f(d.file("c/checkpoint/trainer_state.json"));
+    const auto st = nlohmann::json::parse(f);
+    EXPECT_EQ(st.at("step"), 4);
+    EXPECT_EQ(st.at("settings").at("steps"), 6);
+  }
+  try {
+    hm::train(extend("c", 3));
+    FAIL() << "--steps behind the checkpoint was accepted";
+  } catch (const hm::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("already at step 4"), std::string::npos) << e.what();
+  }
 }
 
 TEST(Trainer, BadDataIsNamedBeforeAnythingIsWritten) {

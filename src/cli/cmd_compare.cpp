@@ -4,6 +4,7 @@
 
 #include "cli/commands.h"
 #include "core/error.h"
+#include "core/interrupt.h"
 #include "eval/compare.h"
 
 namespace hm::cli {
@@ -25,14 +26,22 @@ Run add_compare(CLI::App& app) {
   app.add_option("--test-examples", o->test_examples, "Task test examples scored per run")->capture_default_str();
   app.add_option("--eval-tokens", o->eval_tokens, "perplexity: validation tokens scored per run")->capture_default_str();
   app.add_option("--out", o->out_dir, "Output directory: results.csv, results.json, results.svg, runs/")->required();
-  app.add_option("--threads,-t", o->threads, "Threads (0 = all cores)")->capture_default_str();
-  app.add_option("--seed", o->seed, "Initialization and training-draw seed (the test draws are fixed)")
+  app.add_option("--threads,-t", o->threads, "Threads (0 = all cores)")->capture_default_str()->check(non_negative());
+  app.add_option("--seed,-s", o->seed, "Initialization and training-draw seed (the test draws are fixed)")
       ->capture_default_str();
   app.footer(
       "Each architecture's layer count is chosen to match the 4-layer Mamba's parameter count; finished runs in "
-      "--out are reused when their settings match, so an interrupted sweep continues. docs/EVALUATION.md.");
+      "--out are reused when their settings match, so an interrupted sweep continues. Ctrl-C (or SIGTERM) "
+      "finishes the current step, saves that run's checkpoint and exits with 130 (143); the same command "
+      "continues it. docs/EVALUATION.md.");
   return [o] {
-    const auto runs = run_compare(*o);
+    InterruptScope scope;
+    std::vector<CompareRun> runs;
+    try {
+      runs = run_compare(*o);
+    } catch (const Interrupted& e) {
+      throw Interrupted(e.signal(), detail::cat(e.what(), "\nresume with the same command: ", command_line()));
+    }
     std::printf("%s", compare_table(*o, runs).c_str());
     std::printf("results: %s/results.csv, results.json, results.svg\n", o->out_dir.c_str());
     return 0;

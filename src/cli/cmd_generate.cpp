@@ -14,42 +14,58 @@ namespace hm::cli {
 Run add_generate(CLI::App& app) {
   struct Opts {
     std::string model;
-    std::vector<std::string> prompts;
+    std::vector<std::string> prompts, prompt_files;
     int max_new = 64, threads = 0, ctx = 0;
     bool no_bos = false, stats = false;
     std::string kv = "f16";
     SamplingParams sp;
   };
   auto o = std::make_shared<Opts>();
-  app.add_option("--model", o->model, "Checkpoint directory")->required();
-  app.add_option("--prompt", o->prompts, "Prompt text; repeat for a batch of prompts")->required();
-  app.add_option("--max-new-tokens,-n", o->max_new, "Tokens to generate per prompt")->capture_default_str();
-  app.add_option("--temperature", o->sp.temperature, "0 = greedy")->capture_default_str();
-  app.add_option("--top-k", o->sp.top_k, "0 = off")->capture_default_str();
+  app.add_option("--model,-m", o->model, "Checkpoint directory, or a training run's folder")->required();
+  app.add_option("--prompt,-p", o->prompts, "Prompt text (- reads standard input); repeat for a batch of prompts");
+  app.add_option("--prompt-file,-f", o->prompt_files, "A file whose text is a prompt; repeat for a batch")
+      ->check(CLI::ExistingFile);
+  app.add_option("--max-new-tokens,-n", o->max_new, "Tokens to generate per prompt")
+      ->capture_default_str()->check(non_negative());
+  app.add_option("--temperature", o->sp.temperature,
+                 "0 = greedy, with the repeat penalty off unless --repeat-penalty is given")->capture_default_str();
+  app.add_option("--top-k", o->sp.top_k, "0 = off")->capture_default_str()->check(non_negative());
   app.add_option("--top-p", o->sp.top_p, "1 = off")->capture_default_str();
   app.add_option("--min-p", o->sp.min_p, "0 = off")->capture_default_str();
-  app.add_option("--repeat-penalty", o->sp.repeat_penalty, "1 = off")->capture_default_str();
-  app.add_option("--repeat-last-n", o->sp.repeat_last_n, "Tokens the penalty looks back over")->capture_default_str();
-  app.add_option("--seed", o->sp.seed, "Sampling seed")->capture_default_str();
-  app.add_option("--threads,-t", o->threads, "Threads (0 = all cores)")->capture_default_str();
-  app.add_option("--ctx", o->ctx, "Context size (0 = prompt + new tokens)")->capture_default_str();
+  CLI::Option* penalty = app.add_option("--repeat-penalty", o->sp.repeat_penalty, "1 = off")->capture_default_str();
+  app.add_option("--repeat-last-n", o->sp.repeat_last_n, "Tokens the penalty looks back over")
+      ->capture_default_str()->check(non_negative());
+  app.add_option("--seed,-s", o->sp.seed, "Sampling seed")->capture_default_str();
+  app.add_option("--threads,-t", o->threads, "Threads (0 = all cores)")->capture_default_str()->check(non_negative());
+  app.add_option("--ctx", o->ctx, "Context size (0 = prompt + new tokens)")->capture_default_str()->check(non_negative());
   app.add_option("--kv-type", o->kv, "KV cache element type: f16 or f32")->capture_default_str();
   app.add_flag("--no-bos", o->no_bos, "Do not prepend the BOS token");
   app.add_flag("--stats", o->stats, "Print timing to stderr at the end");
-  return [o] {
+  app.footer("Prompts given with --prompt come first, then those of --prompt-file; -f FILE and -p - (standard "
+             "input) drop one trailing newline.");
+  return [o, penalty] {
+    // Every setting is checked before anything is loaded or printed.
+    HM_CHECK(!o->prompts.empty() || !o->prompt_files.empty(), "give a prompt: --prompt TEXT, --prompt - (standard "
+             "input) or --prompt-file FILE");
+    if (o->sp.temperature == 0 && penalty->count() == 0) o->sp.repeat_penalty = 1.0f;  // plain greedy
+    validate(o->sp);
+    kv_type_from_name(o->kv);
     if (o->threads > 0) set_num_threads(o->threads);
-    kv_type_from_name(o->kv);  // reject a bad value before loading anything
+    std::vector<std::string> texts;
+    for (const auto& p : o->prompts) texts.push_back(prompt_text(p));
+    for (const auto& f : o->prompt_files) texts.push_back(prompt_file_text(f));
     auto be = make_cpu_backend();
     auto model = load_model(o->model, *be);
     auto tok = load_tokenizer(o->model);
     std::vector<std::vector<int32_t>> prompts;
-    for (size_t i = 0; i < o->prompts.size(); ++i) {
-      HM_CHECK(is_valid_utf8(o->prompts[i]), "prompt ", i, " is not valid UTF-8");
-      prompts.push_back(tok->encode(o->prompts[i], !o->no_bos));
+    for (size_t i = 0; i < texts.size(); ++i) {
+      HM_CHECK(is_valid_utf8(texts[i]), "prompt ", i, " is not valid UTF-8");
+      prompts.push_back(tok->encode(texts[i], !o->no_bos));
       HM_CHECK(!prompts.back().empty(), "prompt ", i, " is empty (and --no-bos leaves no token)");
     }
     size_t longest = 0;
     for (const auto& p : prompts) longest = std::max(longest, p.size());
+    warn_if_past_trained_context(o->model, int64_t(longest));
     const int ctx = o->ctx > 0 ? o->ctx : int(longest) + o->max_new;
     HybridMemory mem(*be, model->config(), int(prompts.size()), ctx, kv_type_from_name(o->kv));
     GenerateOptions opt;
@@ -62,7 +78,7 @@ Run add_generate(CLI::App& app) {
     std::vector<Utf8StreamDecoder> dec;
     for (size_t i = 0; i < prompts.size(); ++i) dec.emplace_back(*tok);
     if (stream) {
-      std::fputs(o->prompts[0].c_str(), stdout);
+      std::fputs(texts[0].c_str(), stdout);
       std::fflush(stdout);
     }
     GenerateStats st;
@@ -80,7 +96,7 @@ Run add_generate(CLI::App& app) {
       std::fputs("\n", stdout);
     } else {
       for (size_t i = 0; i < out.size(); ++i)
-        std::printf("[%zu] %s%s\n", i, o->prompts[i].c_str(), tok->decode(out[i]).c_str());
+        std::printf("[%zu] %s%s\n", i, texts[i].c_str(), tok->decode(out[i]).c_str());
     }
     if (o->stats)
       std::fprintf(stderr, "prefill: %lld tokens in %.1f ms | decode: %lld tokens in %.1f ms (%.1f tok/s)\n",

@@ -12,14 +12,20 @@
 namespace hm::cli {
 
 Run add_init(CLI::App& app) {
-  struct Opts { std::string preset = "seed", config, out, dtype = "F32"; uint64_t seed = 0; };
+  struct Opts { std::string preset = "seed", config, out, dtype = "F32"; uint64_t seed = 0; bool force = false; };
   auto o = std::make_shared<Opts>();
   app.add_option("--preset", o->preset, "Preset: seed, mamba, transformer, demo, tiny")->capture_default_str();
   app.add_option("--config", o->config, "A config.json to use instead of a preset");
   app.add_option("--out", o->out, "Checkpoint directory to write")->required();
-  app.add_option("--seed", o->seed, "Initialization seed")->capture_default_str();
+  app.add_option("--seed,-s", o->seed, "Initialization seed")->capture_default_str();
+  app.add_flag("--force", o->force, "Overwrite a model already in --out");
   app.add_option("--dtype", o->dtype, "Storage type of the weights: F32, F16 or BF16")->capture_default_str();
   return [o] {
+    namespace fs = std::filesystem;
+    const fs::path out = o->out;
+    for (const char* f : {"config.json", "model.safetensors", "checkpoint"})
+      HM_CHECK(o->force || !fs::exists(out / f), o->out, " already holds a model (", (out / f).string(),
+               "); choose another --out, or pass --force to overwrite it");
     const ModelConfig c = o->config.empty() ? preset(o->preset) : load_config(o->config);
     auto be = make_cpu_backend();
     HybridModel m(c, *be);
@@ -37,7 +43,7 @@ Run add_init(CLI::App& app) {
 
 Run add_info(CLI::App& app) {
   auto dir = std::make_shared<std::string>();
-  app.add_option("--model", *dir, "Checkpoint directory")->required();
+  app.add_option("--model,-m", *dir, "Checkpoint directory, or a training run's folder")->required();
   return [dir] {
     const ModelConfig c = load_config((std::filesystem::path(*dir) / "config.json").string());
     std::printf("%s\nparameters: %lld\n", config_to_json(c).dump(2).c_str(),

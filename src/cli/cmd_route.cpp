@@ -206,14 +206,18 @@ int route_task_model(const std::string& dir, HybridModel& model, TaskSpec task, 
 
 Run add_route(CLI::App& app) {
   struct Opts {
-    std::string model, prompt, heatmap = "routing.svg";
+    std::string model, prompt, prompt_file, heatmap = "routing.svg";
     bool json = false, no_bos = false;
     int threads = 0;
     int64_t task_examples = 0;
   };
   auto o = std::make_shared<Opts>();
-  app.add_option("--model", o->model, "Checkpoint directory (a model with true-hybrid layers)")->required();
-  app.add_option("--prompt", o->prompt, "Text to route (a model trained on text)");
+  app.add_option("--model,-m", o->model, "Checkpoint directory or training run's folder (a model with true-hybrid "
+                 "layers)")->required();
+  CLI::Option* prompt = app.add_option("--prompt,-p", o->prompt, "Text to route (a model trained on text); - reads "
+                                       "standard input");
+  app.add_option("--prompt-file,-f", o->prompt_file, "A file whose text is routed")
+      ->check(CLI::ExistingFile)->excludes(prompt);
   app.add_option("--task-examples", o->task_examples,
                  "A model trained on a task (hm train --task): route its first N test draws and report the "
                  "attention share of each role (mqar: key, value, query, filler); default 100")
@@ -221,9 +225,10 @@ Run add_route(CLI::App& app) {
   app.add_flag("--json", o->json, "Print one JSON object");
   app.add_option("--heatmap", o->heatmap, "SVG heatmap to write (\"\" = none)")->capture_default_str();
   app.add_flag("--no-bos", o->no_bos, "Do not prepend the BOS token");
-  app.add_option("--threads,-t", o->threads, "Threads (0 = all cores)")->capture_default_str();
+  app.add_option("--threads,-t", o->threads, "Threads (0 = all cores)")->capture_default_str()->check(non_negative());
   return [o] {
     if (o->threads > 0) set_num_threads(o->threads);
+    o->prompt = o->prompt_file.empty() ? prompt_text(o->prompt) : prompt_file_text(o->prompt_file);
     const TaskSpec task = checkpoint_task(o->model);
     if (!task.name.empty()) {
       HM_CHECK(o->prompt.empty(), "route: '", o->model, "' was trained on the task '", task.name,

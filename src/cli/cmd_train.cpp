@@ -4,6 +4,7 @@
 
 #include "cli/commands.h"
 #include "core/error.h"
+#include "core/interrupt.h"
 #include "core/threads.h"
 #include "train/trainer.h"
 
@@ -28,8 +29,9 @@ Run add_train(CLI::App& app) {
   app.add_option("--lr", o->lr, "Peak learning rate (cosine decay to lr/10)")->capture_default_str();
   app.add_option("--warmup", o->warmup, "Warmup steps (-1: min(100, steps/10))")->capture_default_str();
   app.add_option("--grad-accum", o->grad_accum, "Micro-batches per optimizer step")->capture_default_str();
-  app.add_option("--threads,-t", o->threads, "Threads (0 = all cores; on --resume, the run's count)")->capture_default_str();
-  app.add_option("--seed", o->seed, "Initialization and batch-order seed")->capture_default_str();
+  app.add_option("--threads,-t", o->threads, "Threads (0 = all cores; on --resume, the run's count)")
+      ->capture_default_str()->check(non_negative());
+  app.add_option("--seed,-s", o->seed, "Initialization and batch-order seed")->capture_default_str();
   app.add_flag("--grad-ckpt", o->grad_ckpt,
                "Gradient checkpointing: recompute each layer's activations in the backward "
                "(less memory, ~1 more forward of time; same results)");
@@ -44,11 +46,21 @@ Run add_train(CLI::App& app) {
   app.footer(
       "Writes DIR/checkpoint (config.json, model.safetensors, tokenizer.json, optimizer and trainer state; "
       "load it with `hm generate --model DIR/checkpoint`), DIR/train_log.csv and DIR/loss.svg. "
-      "--resume takes every setting that shapes the result from the checkpoint.");
-  return [o] {
+      "--resume takes every setting that shapes the result from the checkpoint (and names each flag it "
+      "ignores); --steps N with --resume continues the run to step N. Ctrl-C (or SIGTERM) finishes the "
+      "current step, saves a checkpoint and exits with 130 (143); a second Ctrl-C exits at once.");
+  return [o, &app] {
     HM_CHECK(o->resume || !o->data_path.empty() || !o->task.name.empty(),
              "--data or --task is required (unless --resume)");
-    train(*o);
+    for (const CLI::Option* opt : app.get_options())
+      if (opt->count() > 0) o->given_flags.push_back(opt->get_name());
+    InterruptScope scope;
+    try {
+      train(*o);
+    } catch (const Interrupted& e) {
+      throw Interrupted(e.signal(), detail::cat(e.what(), "\nresume with: ", program_name(), " train --out ",
+                                                shell_quote(o->out_dir), " --resume"));
+    }
     return 0;
   };
 }
@@ -62,7 +74,7 @@ Run add_eval(CLI::App& app) {
     TaskSpec task;
   };
   auto o = std::make_shared<Opts>();
-  app.add_option("--model", o->model, "A training --out directory or a checkpoint directory")->required();
+  app.add_option("--model,-m", o->model, "A training --out directory or a checkpoint directory")->required();
   app.add_option("--data", o->data, "The training data; its validation split is scored (perplexity)");
   app.add_option("--task", o->task.name, "Score accuracy on a task's test draws instead: mqar, copy, induction "
                  "(settings not given come from the run)");
@@ -73,7 +85,7 @@ Run add_eval(CLI::App& app) {
   app.add_option("--max-tokens", o->max_tokens, "Tokens scored (-1: the training run's count, 0: all)")
       ->capture_default_str();
   app.add_option("--batch", o->batch, "Windows per forward")->capture_default_str();
-  app.add_option("--threads,-t", o->threads, "Threads (0 = all cores)")->capture_default_str();
+  app.add_option("--threads,-t", o->threads, "Threads (0 = all cores)")->capture_default_str()->check(non_negative());
   app.add_flag("--json", o->json, "Print one JSON object");
   return [o] {
     if (o->threads > 0) set_num_threads(o->threads);
@@ -110,8 +122,11 @@ Run add_eval(CLI::App& app) {
       std::printf("validation loss %.4f, perplexity %.2f (%lld tokens%s)\n", r.loss, r.ppl,
                   static_cast<long long>(r.tokens),
                   r.step >= 0 ? (", step " + std::to_string(r.step)).c_str() : "");
-      std::printf("unigram baseline on the same tokens: loss %.4f, perplexity %.2f (model is %.2fx lower)\n",
-                  r.unigram_loss, r.unigram_ppl, r.unigram_ppl / r.ppl);
+      // The ratio is always >= 1, said as lower or higher, so a worse model never reads "0.00x lower".
+      const bool lower = r.ppl <= r.unigram_ppl;
+      std::printf("unigram baseline on the same tokens: loss %.4f, perplexity %.2f (the model's is %.2fx %s)\n",
+                  r.unigram_loss, r.unigram_ppl, lower ? r.unigram_ppl / r.ppl : r.ppl / r.unigram_ppl,
+                  lower ? "lower" : "higher");
     }
     return 0;
   };

@@ -5,6 +5,7 @@
 
 #include "cli/commands.h"
 #include "core/error.h"
+#include "core/interrupt.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"hm: hybrid Mamba + attention language models (init, train, eval, generate, bench, route, compare, info)"};
@@ -25,14 +26,36 @@ int main(int argc, char** argv) {
   add("compare", "Train every architecture on a task at matched size and budget; table and plot",
       hm::cli::add_compare);
   add("info", "Print a model's configuration and parameter count", hm::cli::add_info);
+  hm::cli::set_command_line(argc, argv);
+  // Every --model may name a training run's folder: it stands for that run's checkpoint/.
+  for (auto& [sub, run] : runs)
+    if (CLI::Option* m = sub->get_option_no_throw("--model")) m->transform(hm::cli::resolve_model_dir);
+  // A word that is no subcommand would otherwise read "A subcommand is required".
+  if (argc > 1 && argv[1][0] != '-') {
+    std::string names;
+    bool known = false;
+    for (const CLI::App* sub : app.get_subcommands([](const CLI::App*) { return true; })) {
+      names += (names.empty() ? "" : ", ") + sub->get_name();
+      known = known || sub->get_name() == argv[1];
+    }
+    if (!known) {
+      std::fprintf(stderr, "hm: unknown command '%s'; the commands are: %s (hm --help)\n", argv[1], names.c_str());
+      return 2;
+    }
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    // Usage errors exit with 2, as most command-line tools do; --help and --version with 0.
+    return app.exit(e) == 0 ? 0 : 2;
   }
   try {
     for (auto& [sub, run] : runs)
       if (sub->parsed()) return run();
+  } catch (const hm::Interrupted& e) {
+    std::fflush(stdout);
+    std::fprintf(stderr, "hm: %s\n", e.what());
+    return e.exit_code();
   } catch (const hm::Error& e) {
     std::fflush(stdout);
     std::fprintf(stderr, "hm: error: %s\n", e.what());

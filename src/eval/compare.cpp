@@ -15,6 +15,7 @@
 
 #include "backend/backend.h"
 #include "core/error.h"
+#include "core/interrupt.h"
 #include "core/threads.h"
 #include "eval/tasks.h"
 #include "io/atomic_file.h"
@@ -240,11 +241,31 @@ std::vector<CompareRun> run_compare(const CompareConfig& c) {
               // unreadable: train again
             }
           }
+          // A run interrupted by a signal left pending.json (its key and time so far) beside its
+          // checkpoint: the same run continues from there, exactly.
+          const fs::path pending = dir / "pending.json";
+          bool resume = false;
+          double earlier_s = 0;
+          if (!reused && fs::exists(pending) && fs::exists(dir / "train" / "checkpoint" / "trainer_state.json")) {
+            try {
+              std::ifstream f(pending);
+              const json p = json::parse(f);
+              if (p.at("key") == key) {
+                earlier_s = p.at("train_s");
+                resume = true;
+              }
+            } catch (const std::exception&) {
+              // unreadable: train again
+            }
+          }
           if (!reused) {
-            fs::remove_all(dir);
-            fs::create_directories(dir);
-            save_config((dir / "model_config.json").string(), mc);
+            if (!resume) {
+              fs::remove_all(dir);
+              fs::create_directories(dir);
+              save_config((dir / "model_config.json").string(), mc);
+            }
             TrainConfig t;
+            t.resume = resume;
             t.config_file = (dir / "model_config.json").string();
             t.out_dir = (dir / "train").string();
             t.steps = c.budget;
@@ -273,7 +294,7 @@ std::vector<CompareRun> run_compare(const CompareConfig& c) {
             const auto t0 = Clock::now();
             try {
               train(t);
-              r.train_s = std::chrono::duration<double>(Clock::now() - t0).count();
+              r.train_s = earlier_s + std::chrono::duration<double>(Clock::now() - t0).count();
               if (task) {
                 auto be = make_cpu_backend();
                 auto model = load_model((dir / "train" / "checkpoint").string(), *be);
@@ -295,8 +316,13 @@ std::vector<CompareRun> run_compare(const CompareConfig& c) {
                 r.loss = std::stod(cells[5]);
                 r.metric = std::exp(r.loss);
               }
+            } catch (const Interrupted&) {
+              const json p = {{"key", key},
+                              {"train_s", earlier_s + std::chrono::duration<double>(Clock::now() - t0).count()}};
+              write_file_atomic(pending.string(), p.dump(2) + "\n");
+              throw;
             } catch (const Error& e) {
-              r.train_s = std::chrono::duration<double>(Clock::now() - t0).count();
+              r.train_s = earlier_s + std::chrono::duration<double>(Clock::now() - t0).count();
               r.error = e.what();
             }
             spent += r.train_s;
@@ -304,6 +330,7 @@ std::vector<CompareRun> run_compare(const CompareConfig& c) {
             json res = run_json(r);
             res["key"] = key;
             write_file_atomic((dir / "result.json").string(), res.dump(2) + "\n");
+            fs::remove(pending);
           }
           runs.push_back(r);
           if (c.progress) {
@@ -325,6 +352,10 @@ std::vector<CompareRun> run_compare(const CompareConfig& c) {
                          fmt_duration(eta).c_str());
             std::fflush(stderr);
           }
+          // Ctrl-C or SIGTERM between runs: every finished run is saved (result.json).
+          if (const int sig = interrupt_signal(); sig != 0 && done < total)
+            throw Interrupted(sig, detail::cat("interrupted by ", signal_name(sig), " after run ", done, " of ", total,
+                                               "; finished runs are kept in ", (out / "runs").string()));
         }
         size_t best = cell_begin;
         for (size_t i = cell_begin; i < runs.size(); ++i)

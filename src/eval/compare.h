@@ -67,6 +67,8 @@ struct CompareRun {
 // (seq_len, d_model, arch, lr) combination; writes out_dir/results.csv, results.json and
 // results.svg atomically after each cell, so an interrupted sweep keeps what it finished.
 // Failed runs (e.g. an architecture whose training is not built) are recorded and skipped.
+// On a signal (core/interrupt.h) the run in progress saves a checkpoint and pending.json, and
+// hm::Interrupted is thrown; the same call later continues that run from its checkpoint.
 std::vector<CompareRun> run_compare(const CompareConfig& cfg);
 
 // The table printed at the end: best lr per cell.

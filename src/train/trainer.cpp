@@ -19,6 +19,7 @@
 
 #include "backend/backend.h"
 #include "core/error.h"
+#include "core/interrupt.h"
 #include "core/rng.h"
 #include "core/threads.h"
 #include "data/corpus.h"
@@ -135,6 +136,7 @@ json settings_json(const TrainConfig& c, int64_t warmup, int threads) {
 
 json settings_json_all(const TrainConfig& c, int64_t warmup, int threads) {
   json j = settings_json(c, warmup, threads);
+  if (c.lr_steps != c.steps) j["lr_steps"] = c.lr_steps;  // a run extended past its schedule
   if (!c.task.name.empty()) {  // corpus runs keep exactly their old state
     j["task"] = task_to_json(c.task);
     j["task_eval"] = c.task_eval;
@@ -351,13 +353,46 @@ void check_settings(const TrainConfig& c) {
   HM_CHECK(c.grad_accum >= 1, "--grad-accum must be >= 1 (got ", c.grad_accum, ")");
   HM_CHECK(std::isfinite(c.lr) && c.lr > 0, "--lr must be a positive number (got ", c.lr, ")");
   HM_CHECK(c.min_lr_ratio >= 0 && c.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]");
-  HM_CHECK(c.warmup <= c.steps, "--warmup (", c.warmup, ") exceeds --steps (", c.steps, ")");
+  HM_CHECK(c.lr_steps >= 1 && c.lr_steps <= c.steps, "lr schedule length ", c.lr_steps, " not in [1, ", c.steps, "]");
+  HM_CHECK(c.warmup <= c.lr_steps, "--warmup (", c.warmup, ") exceeds --steps (", c.lr_steps, ")");
   HM_CHECK(c.tokenizer == "byte" || c.tokenizer == "bpe", "--tokenizer must be byte or bpe (got '",
            c.tokenizer, "')");
   HM_CHECK(c.tokenizer != "bpe" || c.vocab > 260, "--vocab must exceed 260 for BPE (got ", c.vocab, ")");
   HM_CHECK(c.eval_every >= 0 && c.save_every >= 0 && c.stop_after >= 0 && c.eval_tokens >= 0,
            "--eval-every, --save-every, --stop-after and eval tokens must be >= 0");
   HM_CHECK(c.scan_chunk >= 0, "scan_chunk must be >= 0");
+}
+
+bool was_given(const TrainConfig& c, const char* flag) {
+  return std::find(c.given_flags.begin(), c.given_flags.end(), flag) != c.given_flags.end();
+}
+
+// A resume takes these settings from the checkpoint: name each one the command line gave.
+void report_ignored(const TrainConfig& given, const TrainConfig& run, const std::function<void(const std::string&)>& say) {
+  auto str = [](const auto& v) {
+    const std::string s = detail::cat(v);
+    return s.empty() ? std::string("(none)") : s;
+  };
+  const std::pair<const char*, std::pair<std::string, std::string>> table[] = {
+      {"--preset", {str(given.preset), str(run.preset)}},
+      {"--config", {str(given.config_file), str(run.config_file)}},
+      {"--tokenizer", {str(given.tokenizer), str(run.tokenizer)}},
+      {"--vocab", {str(given.vocab), str(run.vocab)}},
+      {"--batch", {str(given.batch), str(run.batch)}},
+      {"--seq-len", {str(given.seq_len), str(run.seq_len)}},
+      {"--grad-accum", {str(given.grad_accum), str(run.grad_accum)}},
+      {"--lr", {str(given.lr), str(run.lr)}},
+      {"--warmup", {str(given.warmup), str(run.warmup)}},
+      {"--seed", {str(given.seed), str(run.seed)}},
+      {"--eval-tokens", {str(given.eval_tokens), str(run.eval_tokens)}},
+      {"--task", {str(given.task.name), str(run.task.name)}},
+      {"--task-vocab", {str(given.task.vocab), str(run.task.vocab)}},
+      {"--kv", {str(given.task.kv), str(run.task.kv)}},
+      {"--task-eval", {str(given.task_eval), str(run.task_eval)}},
+  };
+  for (const auto& [flag, v] : table)
+    if (was_given(given, flag))
+      say(detail::cat("note: --resume ignores ", flag, " ", v.first, " and keeps the run's ", v.second));
 }
 
 }  // namespace
@@ -418,6 +453,32 @@ void train(const TrainConfig& given) {
       throw Error(detail::cat((ck / "trainer_state.json").string(), ": ", e.what()));
     }
   }
+  if (c.resume) {
+    report_ignored(given, c, say);
+    try {
+      c.lr_steps = state.at("settings").value("lr_steps", c.steps);
+    } catch (const json::exception& e) {
+      throw Error(detail::cat((ck / "trainer_state.json").string(), ": ", e.what()));
+    }
+    // --steps on a resume says where to go: past the run's end extends it, short of it stops there.
+    if (was_given(given, "--steps") && given.steps != c.steps) {
+      HM_CHECK(given.steps >= start, "--steps ", given.steps, ": the checkpoint in ", ck.string(),
+               " is already at step ", start, "; give --steps ", start, " or more");
+      if (given.steps > c.steps) {
+        say(detail::cat("note: --steps ", given.steps, " continues the run to step ", given.steps, " (it was planned for ",
+                        c.steps, "); its lr schedule ends at step ", c.lr_steps, ", after which the lr stays at ",
+                        c.lr * c.min_lr_ratio));
+        c.steps = given.steps;
+      } else {
+        say(detail::cat("note: --steps ", given.steps, " stops the run there, short of its ", c.steps,
+                        " steps; resume again without --steps to finish it"));
+        c.stop_after = c.stop_after > 0 ? std::min(c.stop_after, given.steps) : given.steps;
+      }
+    } else if (start == c.steps) {
+      say(detail::cat("note: the run already finished at step ", start, "; give --steps N to continue it to step N"));
+    }
+  }
+  if (c.lr_steps <= 0) c.lr_steps = c.steps;
   const bool task_mode = !c.task.name.empty();
   if (task_mode) {
     HM_CHECK(c.data_path.empty(), "--data and --task exclude each other: train on a corpus or on a task");
@@ -428,7 +489,7 @@ void train(const TrainConfig& given) {
   }
   // Stored absolute, so a resume from another working directory finds the same text.
   if (!c.data_path.empty()) c.data_path = fs::absolute(c.data_path).lexically_normal().string();
-  if (c.warmup < 0) c.warmup = std::min<int64_t>(100, c.steps / 10);
+  if (c.warmup < 0) c.warmup = std::min<int64_t>(100, c.lr_steps / 10);
   check_settings(c);
   if (c.resume) {
     HM_CHECK(start <= c.steps, "checkpoint step ", start, " is past the run's ", c.steps, " steps");
@@ -603,7 +664,7 @@ void train(const TrainConfig& given) {
     }
     if (step + 1 == c.debug_nan_step) loss = std::numeric_limits<double>::quiet_NaN();
     if (!std::isfinite(loss)) fail(step + 1, "training loss is " + fmt_num(loss));
-    const float lr = lr_at(step, c.warmup, c.steps, c.lr, min_lr);
+    const float lr = lr_at(step, c.warmup, c.lr_steps, c.lr, min_lr);
     const double norm = opt.step(P, grads, lr);
     if (!std::isfinite(norm)) fail(step + 1, "gradient norm is " + fmt_num(norm));
     const int64_t done = step + 1;
@@ -653,6 +714,17 @@ void train(const TrainConfig& given) {
       if (!all_finite(P)) fail(done, "parameters became non-finite");
       checkpoint(done);
       write_logs(out, rows, c.steps);
+    }
+    // Ctrl-C or SIGTERM: keep this step's work and stop (core/interrupt.h).
+    if (const int sig = interrupt_signal(); sig != 0 && !last) {
+      if (last_ckpt != done) {
+        if (!all_finite(P)) fail(done, "parameters became non-finite");
+        checkpoint(done);
+        write_logs(out, rows, c.steps);
+      }
+      clear_line();
+      throw Interrupted(sig, detail::cat("interrupted by ", signal_name(sig), " after step ", done, " of ", c.steps,
+                                         "; checkpoint saved in ", ck.string()));
     }
   }
   if (c.progress && tty) std::fprintf(stderr, "\n");
@@ -728,6 +800,17 @@ TaskSpec checkpoint_task(const std::string& model_dir, int64_t* step) {
     throw Error(detail::cat(sp.string(), ": ", e.what()));
   }
   return saved;
+}
+
+int64_t trained_seq_len(const std::string& dir) {
+  const fs::path sp = fs::path(checkpoint_dir(dir)) / "trainer_state.json";
+  if (!fs::exists(sp)) return 0;
+  const json st = read_json(sp);
+  try {
+    return st.at("settings").at("seq_len").get<int64_t>();
+  } catch (const json::exception& e) {
+    throw Error(detail::cat(sp.string(), ": ", e.what()));
+  }
 }
 
 TaskEvalResult evaluate_task(const std::string& model_dir, const TaskSpec& given, int64_t n, int batch) {

@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <vector>
 
 #include "eval/tasks.h"
 
@@ -38,7 +39,10 @@ struct TrainConfig {
   std::string data_path, out_dir;
   std::string tokenizer = "byte";  // byte | bpe (SentencePiece BPE trained on the train split)
   int vocab = 4096;                // BPE only
-  int64_t steps = 1000;            // optimizer steps in the whole run (the schedule's length)
+  int64_t steps = 1000;            // optimizer steps in the whole run
+  // Length of the lr schedule (0: steps). A resume with --steps beyond the run's end keeps the
+  // schedule it started with: the added steps run at its final lr (lr x min_lr_ratio).
+  int64_t lr_steps = 0;
   int batch = 8, seq_len = 128, grad_accum = 1;
   float lr = 1e-3f, min_lr_ratio = 0.1f, weight_decay = 0.1f, clip_norm = 1.0f;
   int64_t warmup = -1;  // < 0: min(100, steps / 10)
@@ -50,6 +54,10 @@ struct TrainConfig {
   int scan_chunk = 0;           // loss_and_grad's selective-scan checkpointing (0: off)
   bool grad_ckpt = false;       // loss_and_grad's per-layer gradient checkpointing
   bool resume = false;
+  // Flags the user set explicitly (e.g. "--lr"). On resume, those whose setting comes from the
+  // checkpoint are reported as ignored; --steps is honoured (it continues or stops the run
+  // there). Empty for callers that are not a command line.
+  std::vector<std::string> given_flags;
   // Stop (with a checkpoint) after this step even though the schedule runs to `steps`, as an
   // interruption would; the run can be resumed. 0: run to the end.
   int64_t stop_after = 0;
@@ -68,7 +76,8 @@ struct TrainConfig {
 // Runs (or, with resume, continues) the training described above. hm::Error, before anything
 // is written, for bad settings or bad data (missing, empty, not UTF-8, too short for one
 // window); hm::Error after stopping for a non-finite loss or gradient norm (checkpoint/ then
-// still holds the last good step).
+// still holds the last good step). When interrupt_signal() (core/interrupt.h) is set, the
+// current step finishes, a checkpoint of it is written and hm::Interrupted is thrown.
 void train(const TrainConfig& cfg);
 
 struct EvalResult {
@@ -102,6 +111,9 @@ std::string checkpoint_dir(const std::string& model_dir);
 // The task a checkpoint was trained on (name empty if none), from its trainer_state.json; `dir`
 // may be a training out_dir or its checkpoint/. step: the checkpoint's step, -1 if unknown.
 TaskSpec checkpoint_task(const std::string& dir, int64_t* step = nullptr);
+// The sequence length a checkpoint was trained at (its trainer_state.json's seq_len); 0 when it
+// has no trainer state (e.g. hm init's random weights). `dir` as for checkpoint_task.
+int64_t trained_seq_len(const std::string& dir);
 TaskEvalResult evaluate_task(const std::string& model_dir, const TaskSpec& given, int64_t n = 1000,
                              int batch = 16);
 
