@@ -1,5 +1,7 @@
 #include <gtest/gtest.h>
 
+#include <nlohmann/json.hpp>
+
 #include "test_util.h"
 #include <unistd.h>
 
@@ -213,8 +215,44 @@ TEST_F(Bpe, CorruptOrMissingModelIsRejectedNamingTheFile) {
   // A "model" field of the wrong type is named.
   write(other.path / "tokenizer.json", "{\"type\": \"sentencepiece\", \"model\": 5}");
   msg = error();
-  EXPECT_NE(msg.find("\"model\""), std::string::npos) << msg;
+  EXPECT_NE(msg.find("'model'"), std::string::npos) << msg;
   EXPECT_THROW(SentencePieceTokenizer((other.path / "absent.model").string()), Error);
+}
+
+// "model" names a file inside the model directory: a valid model elsewhere, reached by an
+// absolute path, '..' or a symlink, is refused naming the field; a name in a subfolder, or a
+// symlink that stays inside, is fine.
+TEST_F(Bpe, ModelFileMustStayInsideTheDirectory) {
+  TempDir outer("bpe_paths");
+  const fs::path dir = outer.path / "model";
+  fs::create_directories(dir / "sub");
+  const std::string good = slurp(dir_->path / "tokenizer.model");
+  write(outer.path / "outside.model", good);
+  write(dir / "sub" / "inside.model", good);
+  fs::create_symlink(outer.path / "outside.model", dir / "link_out.model");
+  fs::create_symlink("../outside.model", dir / "sub" / "rel_out.model");
+  fs::create_symlink("sub/inside.model", dir / "link_in.model");
+  fs::create_symlink(outer.path, dir / "up");  // a symlinked folder that leaves the directory
+  auto load_with = [&](const std::string& name) {
+    write(dir / "tokenizer.json", nlohmann::json{{"type", "sentencepiece"}, {"model", name}}.dump());
+    try {
+      load_tokenizer(dir.string());
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  for (const std::string& bad : {(outer.path / "outside.model").string(), std::string("../outside.model"),
+                                 std::string("sub/../../outside.model"), std::string("link_out.model"),
+                                 std::string("sub/rel_out.model"), std::string("up/outside.model"),
+                                 std::string("")}) {
+    const std::string msg = load_with(bad);
+    EXPECT_NE(msg.find((dir / "tokenizer.json").string()), std::string::npos) << bad << ": " << msg;
+    EXPECT_NE(msg.find("field 'model'"), std::string::npos) << bad << ": " << msg;
+  }
+  EXPECT_EQ(load_with("sub/inside.model"), "");
+  EXPECT_EQ(load_with("link_in.model"), "");
+  EXPECT_EQ(load_with("./sub/inside.model"), "");
 }
 
 TEST(BpeTraining, BadInputsAreRejected) {

@@ -480,18 +480,24 @@ TEST_F(SafetensorsMalformed, HeaderLength) {
 }
 
 TEST_F(SafetensorsMalformed, HeaderNotAJsonObject) {
-  expect_open_error(raw("j1", "{\"a\": "), "not valid JSON");
-  expect_open_error(raw("j2", "{\"a\":{}} trailing"), "not valid JSON");
-  expect_open_error(raw("j3", ""), "not valid JSON");
-  expect_open_error(raw("j4", std::string("{\"a\0\":1}", 8)), "not valid JSON");
-  expect_open_error(raw("j5", "{\"\xff\": {}}"), "not valid JSON");  // not UTF-8
+  expect_open_error(raw("j1", "{\"a\": "), "header: invalid JSON");
+  expect_open_error(raw("j2", "{\"a\":{}} trailing"), "header: invalid JSON");
+  expect_open_error(raw("j3", ""), "header: invalid JSON");
+  expect_open_error(raw("j4", std::string("{\"a\0\":1}", 8)), "header: invalid JSON");
+  expect_open_error(raw("j5", "{\"\xff\": {}}"), "header: invalid JSON");  // not UTF-8
   expect_open_error(raw("arr", "[1, 2]"), "not a JSON object");
   expect_open_error(raw("num", "42"), "not a JSON object");
   expect_open_error(raw("dup",
                         R"({"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},)"
                         R"("w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}})",
                         "x"),
-                    "duplicate key 'w'");
+                    "field 'w' appears twice");
+  // Nesting is bounded (parse_json): deep arrays anywhere are refused, not recursed into.
+  expect_open_error(raw("deep", "{\"__metadata__\": {\"a\": " + std::string(100000, '[') + "}}"),
+                    "nests deeper than");
+  // A key repeated inside one tensor's entry is caught too, not just at the top level.
+  expect_open_error(raw("dup2", R"({"w":{"dtype":"U8","dtype":"F32","shape":[1],"data_offsets":[0,1]}})", "x"),
+                    "field 'dtype' appears twice");
 }
 
 TEST_F(SafetensorsMalformed, BadEntries) {

@@ -162,8 +162,19 @@ TEST(Tokenizer, SaveLoadRoundTrip) {
   EXPECT_EQ(load_tokenizer(sub)->type(), "byte");
 }
 
-TEST(Tokenizer, MissingFileMeansByteLevel) {
+// No silent fallback to bytes: a checkpoint without tokenizer.json is an error saying how to
+// declare a byte-level model; a task checkpoint's error names its task.
+TEST(Tokenizer, MissingFileIsAnError) {
   TempDir dir("tok_missing");
+  std::string msg = load_error(dir.str());
+  EXPECT_NE(msg.find((dir.path / "tokenizer.json").string() + " does not exist"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("{\"type\": \"byte\"}"), std::string::npos) << msg;
+  write(dir.path / "trainer_state.json", "{\"settings\": {\"task\": {\"name\": \"mqar\"}}}");
+  msg = load_error(dir.str());
+  EXPECT_NE(msg.find("synthetic task 'mqar'"), std::string::npos) << msg;
+  write(dir.path / "trainer_state.json", "{\"settings\": {\"seq_len\": 8}}");  // a text run
+  EXPECT_NE(load_error(dir.str()).find("does not exist"), std::string::npos);
+  ByteTokenizer().save(dir.str());  // the explicit byte tokenizer loads
   EXPECT_EQ(load_tokenizer(dir.str())->type(), "byte");
 }
 
@@ -171,9 +182,13 @@ TEST(Tokenizer, BadFilesAreRejectedNamingFileAndField) {
   TempDir dir("tok_bad");
   const auto file = dir.path / "tokenizer.json";
   struct Case { const char* text; const char* mention; };
-  for (const Case& c : {Case{"{\"type\": \"byte\"", "malformed"}, Case{"not json", "malformed"},
-                        Case{"[\"byte\"]", "object"}, Case{"{}", "\"type\""},
-                        Case{"{\"type\": 3}", "\"type\""}, Case{"{\"type\": \"wordpiece\"}", "wordpiece"},
+  for (const Case& c : {Case{"{\"type\": \"byte\"", "invalid JSON"}, Case{"not json", "invalid JSON"},
+                        Case{"[\"byte\"]", "object"}, Case{"{}", "'type'"},
+                        Case{"{\"type\": 3}", "'type'"}, Case{"{\"type\": \"wordpiece\"}", "wordpiece"},
+                        Case{"{\"type\": \"byte\", \"modle\": \"x\"}", "unknown field 'modle'"},
+                        Case{"{\"type\": \"byte\", \"type\": \"sentencepiece\"}", "'type' appears twice"},
+                        Case{"{\"type\": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]}",
+                             "deeper than"},
                         Case{"{\"type\": \"sentencepiece\", \"model\": \"tokenizer.model\"}", "sentencepiece"}}) {
     write(file, c.text);
     const std::string msg = load_error(dir.str());

@@ -23,6 +23,7 @@
 #include "core/rng.h"
 #include "core/threads.h"
 #include "model/model.h"
+#include "runtime/tokenizer.h"
 #include "train/model_grad.h"
 #include "train/optimizer.h"
 
@@ -457,6 +458,7 @@ Run add_bench(CLI::App& app) {
       init_params(model->params(), 1234);
       model->prepare();
       save_model(*model, dir);
+      ByteTokenizer().save(dir);  // the child `hm generate` below needs a tokenizer
     } else {
       model = load_model(dir, *be);
     }

@@ -40,6 +40,8 @@ class JsonFields {
  public:
   // hm::Error unless obj is an object. prefix: the object's own path ("settings"), "" at the top.
   JsonFields(const nlohmann::json& obj, std::string origin, std::string prefix = "");
+  // Holds a reference: the object must outlive it, so a temporary is refused at compile time.
+  JsonFields(nlohmann::json&& obj, std::string origin, std::string prefix = "") = delete;
 
   bool has(const char* key) const { return obj_.contains(key); }
   const nlohmann::json& at(const char* key) const;  // hm::Error "missing field"

@@ -15,6 +15,7 @@
 
 #include "core/error.h"
 #include "io/atomic_file.h"
+#include "io/json_read.h"
 
 namespace hm {
 
@@ -205,26 +206,11 @@ SafetensorsReader::SafetensorsReader(const std::string& path) : path_(path) {
     std::string text(static_cast<size_t>(n), '\0');
     if (pread_full(fd_, text.data(), n, 8, path_, "header") != n) fail(path_, "file truncated inside the header");
 
-    using json = nlohmann::json;
-    // The DOM keeps only the last of duplicate keys; catch them while parsing instead.
-    std::set<std::string> seen;
-    std::string duplicate;
-    const json::parser_callback_t on_event = [&](int depth, json::parse_event_t ev, json& parsed) {
-      if (ev == json::parse_event_t::key && depth == 1 && duplicate.empty()) {
-        auto key = parsed.get<std::string>();
-        if (!seen.insert(key).second) duplicate = std::move(key);
-      }
-      return true;
-    };
-    json header;
-    try {
-      header = json::parse(text, on_event);
-    } catch (const json::exception& e) {
-      fail(path_, "header is not valid JSON: ", e.what());
-    }
+    // One reader for all our JSON: bounded nesting, and a repeated key (the DOM would keep only
+    // the last) is an error.
+    const nlohmann::json header = parse_json(text, detail::cat("safetensors: ", path_, ": header"));
     std::string().swap(text);
     if (!header.is_object()) fail(path_, "header is not a JSON object (it is a ", header.type_name(), ")");
-    if (!duplicate.empty()) fail(path_, "header has duplicate key '", duplicate, "'");
 
     for (auto& [key, entry] : header.items()) {
       if (key == "__metadata__") {

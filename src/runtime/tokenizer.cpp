@@ -12,6 +12,8 @@
 
 #include "core/error.h"
 #include "io/atomic_file.h"
+#include "io/json_read.h"
+#include "io/paths.h"
 
 namespace hm {
 
@@ -123,6 +125,11 @@ std::string read_whole_file(const fs::path& path, const char* what) {
            " does not exist");
   HM_CHECK(fs::is_regular_file(st), "tokenizer: ", what, " ", path.string(),
            " is not a regular file");
+  // Read whole into memory, so bounded: SentencePiece models are a few megabytes.
+  constexpr uintmax_t kMaxBytes = uintmax_t(256) << 20;
+  const uintmax_t size = fs::file_size(path, ec);
+  HM_CHECK(!ec && size <= kMaxBytes, "tokenizer: ", what, " ", path.string(), " is ", size,
+           " bytes, more than the ", kMaxBytes, " allowed");
   std::ifstream f(path, std::ios::binary);
   HM_CHECK(f.good(), "tokenizer: cannot open ", path.string());
   std::ostringstream ss;
@@ -298,13 +305,12 @@ void train_sentencepiece_bpe(const std::vector<std::string>& texts, int vocab_si
 // ---- loading ----
 
 namespace {
-// A checkpoint without tokenizer.json reads as bytes (hm init writes none), except one trained
-// on a synthetic task: its token ids are task symbols, and bytes would decode them silently
-// wrong. Its trainer_state.json names the task.
+// A checkpoint trained on a synthetic task has no tokenizer: its token ids are task symbols,
+// which any text tokenizer would decode silently wrong. Its trainer_state.json names the task.
 void check_not_task_checkpoint(const std::string& dir) {
-  std::ifstream f(fs::path(dir) / "trainer_state.json", std::ios::binary);
-  if (!f.good()) return;
-  const nlohmann::json j = nlohmann::json::parse(f, nullptr, /*allow_exceptions=*/false);
+  const fs::path state = fs::path(dir) / "trainer_state.json";
+  if (!fs::exists(state)) return;
+  const nlohmann::json j = parse_json_file(state.string());
   if (!j.is_object() || !j.contains("settings") || !j["settings"].is_object()) return;
   const auto& task = j["settings"].value("task", nlohmann::json());
   if (!task.is_object() || !task.value("name", nlohmann::json()).is_string()) return;
@@ -319,45 +325,29 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir) {
   const fs::path path = fs::path(dir) / "tokenizer.json";
   const std::string name = path.string();
   std::error_code ec;
-  const fs::file_status st = fs::status(path, ec);
-  if (st.type() == fs::file_type::not_found) {
+  if (fs::status(path, ec).type() == fs::file_type::not_found) {
     check_not_task_checkpoint(dir);
+    // No quiet switch to bytes: a BPE model decoded as bytes prints control characters.
+    throw Error(detail::cat("tokenizer: ", name, " does not exist; every checkpoint names its tokenizer ",
+                            "there (hm init and hm train write it). For a byte-level model, write ",
+                            "{\"type\": \"byte\"} to it"));
+  }
+  const nlohmann::json doc = parse_json_file(name);
+  const JsonFields j(doc, name);
+  j.check_known({"type", "model"});
+  const std::string type = j.get_string("type");
+  if (type == "byte") {
+    HM_CHECK(!j.has("model"), "tokenizer: ", name, ": field 'model' does not apply to type \"byte\"");
     return std::make_unique<ByteTokenizer>();
   }
-  HM_CHECK(!ec, "tokenizer: cannot stat ", name, ": ", ec.message());
-  HM_CHECK(fs::is_regular_file(st), "tokenizer: ", name, " is not a regular file");
-
-  std::ifstream f(path, std::ios::binary);
-  HM_CHECK(f.good(), "tokenizer: cannot open ", name);
-  std::ostringstream text;
-  text << f.rdbuf();
-  HM_CHECK(!f.bad(), "tokenizer: failed reading ", name);
-
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(text.str());
-  } catch (const nlohmann::json::exception& e) {
-    throw Error("tokenizer: " + name + ": malformed JSON: " + e.what());
-  }
-  HM_CHECK(j.is_object(), "tokenizer: ", name, ": expected a JSON object");
-  const auto it = j.find("type");
-  HM_CHECK(it != j.end(), "tokenizer: ", name, ": field \"type\" is missing");
-  HM_CHECK(it->is_string(), "tokenizer: ", name, ": field \"type\" must be a string");
-  const std::string type = it->get<std::string>();
-  if (type == "byte") return std::make_unique<ByteTokenizer>();
   if (type == "sentencepiece") {
-    std::string model = "tokenizer.model";
-    if (const auto m = j.find("model"); m != j.end()) {
-      HM_CHECK(m->is_string() && !m->get<std::string>().empty(), "tokenizer: ", name,
-               ": field \"model\" must be a non-empty string");
-      model = m->get<std::string>();
-    }
-    const fs::path model_path = fs::path(dir) / model;
-    HM_CHECK(fs::exists(model_path, ec), "tokenizer: ", name, ": field \"model\": sentencepiece ",
-             "model ", model_path.string(), " does not exist");
-    return std::make_unique<SentencePieceTokenizer>(model_path.string());
+    const std::string model = j.has("model") ? j.get_string("model") : "tokenizer.model";
+    const std::string model_path = file_inside_dir(dir, model, name, "model");
+    HM_CHECK(fs::exists(model_path, ec), "tokenizer: ", name, ": field 'model': sentencepiece ",
+             "model ", model_path, " does not exist");
+    return std::make_unique<SentencePieceTokenizer>(model_path);
   }
-  throw Error("tokenizer: " + name + ": field \"type\": unknown tokenizer type \"" + type +
+  throw Error("tokenizer: " + name + ": field 'type': unknown tokenizer type \"" + type +
               "\" (expected \"byte\" or \"sentencepiece\")");
 }
 

@@ -1,5 +1,5 @@
 // Tokenizers and streaming UTF-8 output. A model directory names its tokenizer in
-// tokenizer.json; without one the model is byte-level.
+// tokenizer.json, byte-level included ({"type": "byte"}).
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -98,10 +98,10 @@ class SentencePieceTokenizer : public Tokenizer {
 void train_sentencepiece_bpe(const std::vector<std::string>& texts, int vocab_size,
                              const std::string& out_dir);
 
-// Reads dir/tokenizer.json: {"type": "byte"}, or {"type": "sentencepiece", "model": FILE} with
-// FILE relative to dir (default "tokenizer.model"); a missing tokenizer.json means byte-level.
-// Unknown type, malformed JSON, a missing or corrupt model -> hm::Error naming the file and
-// field.
+// Reads dir/tokenizer.json (parse_json_file): {"type": "byte"}, or {"type": "sentencepiece",
+// "model": FILE} with FILE inside dir (file_inside_dir; default "tokenizer.model"). A missing
+// tokenizer.json is an error (for a task checkpoint, one naming its task), as are an unknown
+// type or field, malformed JSON, a missing or corrupt model: hm::Error naming file and field.
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir);
 
 // Turns a token stream into text as it arrives. A UTF-8 character may span tokens: push()
