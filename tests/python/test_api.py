@@ -1,0 +1,212 @@
+"""The package's behaviour: array-likes in, NumPy out, the GIL released, streaming, routing,
+tokenizers, and training and evaluation through the engine."""
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import hybrid_mamba as hmpy
+from hybrid_mamba import HybridMambaConfig, HybridMambaModel
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return HybridMambaModel(HybridMambaConfig.from_preset("tiny"), seed=1)
+
+
+class ArrayLike:
+    """Exposes only __array__ (as MLX arrays do)."""
+    def __init__(self, a):
+        self.a = a
+
+    def __array__(self, dtype=None):
+        return self.a if dtype is None else self.a.astype(dtype)
+
+
+def test_array_likes_give_equal_logits(tiny):
+    import torch
+    ids = [[3, 1, 4, 1, 5, 9, 2, 6]]
+    want = tiny(np.array(ids, dtype=np.int32))
+    assert want.dtype == np.float32 and want.shape == (1, 8, 300)
+    wide = np.array([[3, 0, 1, 0, 4, 0, 1, 0, 5, 0, 9, 0, 2, 0, 6, 0]], dtype=np.int64)
+    for x in (ids, tuple(map(tuple, ids)), np.array(ids, dtype=np.int64), np.array(ids, dtype=np.uint16),
+              wide[:, ::2], ArrayLike(np.array(ids)), torch.tensor(ids)):
+        np.testing.assert_array_equal(tiny(x), want)
+    np.testing.assert_array_equal(tiny(ids[0]), want[0])  # 1-D in, [T, V] out
+
+
+def test_batch_rows_are_independent(tiny):
+    a, b = [7, 8, 9, 10], [11, 12, 13, 14]
+    both = tiny([a, b])
+    np.testing.assert_allclose(both[0], tiny(a), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(both[1], tiny(b), rtol=0, atol=1e-5)
+
+
+def test_long_input_is_prefilled_in_chunks(tiny):
+    """600 tokens cross the 512-token prefill chunk; the logits of the first 512 positions
+    are those of the first 512 tokens alone (causality), and the rest continue them."""
+    ids = np.random.default_rng(0).integers(0, 300, size=600)
+    full = tiny(ids)
+    np.testing.assert_allclose(full[:512], tiny(ids[:512]), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(full[:520], tiny(ids[:520]), rtol=0, atol=1e-4)
+
+
+def test_gil_is_released_during_compute():
+    model = HybridMambaModel(HybridMambaConfig(d_model=256, n_layers=4, attention_layers=[1, 3],
+                                               vocab_size=4096), seed=0)
+    ids = np.random.default_rng(0).integers(0, 4096, size=(4, 400))
+    span = {}
+
+    def work():
+        span["t0"] = time.perf_counter()
+        model(ids)
+        span["t1"] = time.perf_counter()
+
+    ticks = []
+    t = threading.Thread(target=work)
+    t.start()
+    while t.is_alive():
+        ticks.append(time.perf_counter())
+    t.join()
+    dur = span["t1"] - span["t0"]
+    inside = [x for x in ticks if span["t0"] + 0.2 * dur < x < span["t1"] - 0.2 * dur]
+    # With the GIL held for the call this loop could not run at all in the middle of it.
+    assert dur > 0.02 and len(inside) > 100
+
+
+def test_generate_stream_equals_generate(tiny):
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    want = tiny.generate(prompts, 12, seed=9)
+    got = [[], []]
+    for seq, token in tiny.generate_stream(prompts, 12, seed=9):
+        got[seq].append(token)
+    for i, p in enumerate(prompts):
+        assert p + got[i] == want[i].tolist()
+    # Leaving the loop early stops the generation (and the model stays usable).
+    it = tiny.generate_stream([1, 2, 3], 200, seed=9)
+    first = [next(it) for _ in range(3)]
+    it.close()
+    assert [t for _, t in first] == want[0][3:6].tolist()
+    for row, w in zip(tiny.generate(prompts, 12, seed=9), want):
+        np.testing.assert_array_equal(row, w)
+
+
+def test_generate_options(tiny):
+    p = [10, 20, 30]
+    greedy = tiny.generate(p, 15, temperature=0)
+    np.testing.assert_array_equal(tiny.generate(p, 15, temperature=0, seed=123), greedy)
+    # Greedy (with the default repetition penalty switched off) is the arg-max of the
+    # forward's last logits, token after token.
+    plain = tiny.generate(p, 15, temperature=0, repetition_penalty=None)
+    for k in range(15):
+        assert plain[len(p) + k] == int(np.argmax(tiny(plain[:len(p) + k])[-1]))
+    assert tiny.last_stats["decoded_tokens"] == 15 and tiny.last_stats["prompt_tokens"] == 3
+    # eos stops a row early, leaving a ragged result.
+    eos = int(plain[len(p) + 4])
+    stop = len(p) + plain[len(p):].tolist().index(eos) + 1  # the first time eos is sampled
+    rows = tiny.generate([p, [7, 7]], 15, temperature=0, repetition_penalty=None, eos_token_id=eos)
+    assert isinstance(rows, list) and rows[0].tolist() == plain[:stop].tolist()
+    ids = tiny.generate(p, 15, kv_type="f32", top_k=None, top_p=None, min_p=None)
+    assert len(ids) == 18
+
+
+def test_routing_analysis_hard_routes():
+    cfg = HybridMambaConfig.from_preset("true-tiny")
+    cfg.routing_mode = "hard"
+    model = HybridMambaModel(cfg, use_true_hybrid=True, seed=5)
+    ids = np.random.default_rng(2).integers(0, 300, size=(2, 30))
+    a = model.get_routing_analysis(ids)
+    assert a["mode"] == "hard" and [l["layer"] for l in a["layers"]] == [1, 4]
+    for l in a["layers"]:
+        share = l["attention_share"]
+        assert share.shape == (2, 30) and set(np.unique(share)) <= {0.0, 1.0}
+        routes = np.array(l["route"])
+        np.testing.assert_array_equal(routes == "attention", share == 1.0)
+        np.testing.assert_array_equal(share == 1.0, l["p"] > 0.5)
+        assert l["usage"]["attention"] == pytest.approx(share.mean())
+    assert a["average_usage"]["attention"] == pytest.approx(np.mean([l["usage"]["attention"] for l in a["layers"]]))
+    single = model.get_routing_analysis(ids[1])
+    np.testing.assert_array_equal(single["layers"][0]["attention_share"], a["layers"][0]["attention_share"][1])
+
+
+def test_tokenizers(tmp_path):
+    byte = hmpy.Tokenizer.byte()
+    ids = byte.encode("héllo")
+    assert ids.dtype == np.int32 and ids[0] == byte.bos and len(ids) == 1 + len("héllo".encode())
+    assert byte.decode(ids.tolist()) == "héllo"
+    assert byte.decode([0xC3]) == "\ufffd"  # a cut character, as hm generate prints it
+    assert byte.decode_bytes([0xC3]) == b"\xc3"
+    dec = hmpy.StreamDecoder(byte)
+    assert dec.push(0xC3) == "" and dec.push(0xA9) == "é" and dec.flush() == ""
+    texts = ["the cat sat on the mat. " * 20, "a dog ran in the park. " * 20]
+    bpe = hmpy.Tokenizer.train_bpe(texts, 300, str(tmp_path / "bpe"))
+    assert bpe.type == "sentencepiece" and bpe.vocab_size == 300
+    enc = bpe.encode("the cat ran", add_bos=False)
+    assert bpe.decode(enc.tolist()) == "the cat ran" and len(enc) < len("the cat ran")
+    assert hmpy.Tokenizer.load(str(tmp_path / "bpe")).encode("the cat", False).tolist() == bpe.encode("the cat", False).tolist()
+
+
+def test_fit_on_token_arrays_learns_a_pattern():
+    model = HybridMambaModel(HybridMambaConfig.from_preset("tiny"), seed=0)
+    stream = np.tile(np.arange(10, 26), 200)  # period 16: perfectly predictable after one period
+    seen = []
+    hist = model.fit(stream, steps=120, batch_size=4, seq_len=32, lr=1e-2, seed=1,
+                     callback=lambda s, n, loss: seen.append((s, n)))
+    assert seen[0] == (1, 120) and seen[-1] == (120, 120) and len(hist) == 120
+    assert hist[-1]["loss"] < 0.2 * hist[0]["loss"]
+    logits = model(stream[:64])
+    assert (logits[16:63].argmax(-1) == stream[17:64]).mean() > 0.9
+    # callback returning False stops
+    assert len(model.fit(stream, steps=10, seq_len=16, callback=lambda s, n, l: s < 3)) == 3
+
+
+def test_fit_on_task_rows_and_task_eval():
+    model = HybridMambaModel(HybridMambaConfig(d_model=64, n_layers=2, attention_layers=[1], vocab_size=16,
+                                               n_heads=2, n_kv_heads=2, d_state=8), seed=0)
+    x, y = hmpy.tasks.examples("induction", 256, seq_len=24, vocab=16)
+    assert x.shape == y.shape == (256, 24) and (y >= 0).sum() == 256  # one scored position per row
+    before = model.evaluate_task("induction", n=128, seq_len=24, vocab=16)
+    model.fit(x, y, steps=150, batch_size=16, lr=3e-3)
+    after = model.evaluate_task("induction", n=128, seq_len=24, vocab=16)
+    assert after["loss"] < before["loss"]
+    assert hmpy.tasks.chance_accuracy("induction", seq_len=24, vocab=16) == pytest.approx(1 / 14)
+
+
+def test_trainer_checkpoints_resume_and_evaluate(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400)))
+    common = dict(data=corpus, preset="tiny", steps=30, batch=4, seq_len=32, eval_every=0, save_every=10,
+                  eval_tokens=2048, progress=False, threads=2)
+    steps = []
+    whole = hmpy.Trainer(tmp_path / "whole", **common).train(lambda s, n, loss: steps.append(s))
+    assert steps == list(range(1, 31))
+    hmpy.Trainer(tmp_path / "split", stop_after=20, **common).train()
+    resumed = []
+    split = hmpy.Trainer(tmp_path / "split", resume=True, **common).train(lambda s, n, l: resumed.append(s))
+    assert resumed == list(range(21, 31))
+    ids = whole.tokenizer.encode("the quick brown")
+    np.testing.assert_array_equal(split(ids), whole(ids))  # exact resume
+    ev = hmpy.evaluate(tmp_path / "whole", corpus)
+    assert ev["step"] == 30 and ev["tokens"] > 0 and np.isfinite(ev["perplexity"])
+    assert ev["perplexity"] == pytest.approx(np.exp(ev["loss"]))
+
+
+def test_trainer_callback_exception_ends_the_run(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("abc def ghi\n" * 300)
+
+    def stop(step, steps, loss):
+        if step == 5:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        hmpy.Trainer(tmp_path / "run", data=corpus, steps=20, batch=2, seq_len=16, progress=False,
+                     save_every=0, eval_every=0).train(stop)
+
+
+def test_compare_runs_every_architecture(tmp_path):
+    runs, table = hmpy.compare(tmp_path / "cmp", task="mqar", sizes=[32], seq_lens=[32], lrs=[3e-3],
+                               budget=5, batch=4, task_vocab=64, test_examples=16, progress=False)
+    assert sorted(r["arch"] for r in runs) == sorted(hmpy._core.arch_names())
+    assert all(r["error"] == "" and 0 <= r["metric"] <= 1 for r in runs)
+    assert "mamba" in table and (tmp_path / "cmp" / "results.csv").exists()
