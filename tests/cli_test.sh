@@ -132,5 +132,124 @@ expect_fail "route a task model with a prompt" "route its test draws with --task
 expect_fail "route task draws of a text model" "was not trained on a task" \
   "$HM" route --model "$W/truetiny" --task-examples 3 --heatmap ""
 
+# ---- The first hour (issue 12): usage errors, short flags, prompts from files and stdin, run folders
+# as --model, warnings, hm init --force, resume settings, and Ctrl-C keeping work.
+
+# expect_usage NAME SUBSTRING CMD...: a usage error: exit 2, SUBSTRING on stderr, nothing on stdout.
+expect_usage() {
+  local name="$1" want="$2"; shift 2
+  local out err rc
+  out=$("$@" 2>"$W/usage.err"); rc=$?; err=$(cat "$W/usage.err")
+  if [ "$rc" -ne 2 ]; then bad "$name: exit $rc (want 2): $err"; return; fi
+  if [ -n "$out" ]; then bad "$name: printed to stdout: $out"; return; fi
+  case "$err" in *"$want"*) ok ;; *) bad "$name: stderr lacks '$want': $err" ;; esac
+}
+expect_usage "unknown command" "unknown command 'gnerate'" "$HM" gnerate -m "$W/tiny"
+expect_usage "unknown command lists the commands" "init, train, eval, generate, bench, route, compare, info" "$HM" gnerate
+expect_usage "negative --top-k" "--top-k: must be 0 or more (got -3)" "$HM" generate -m "$W/tiny" -p hi --top-k -3
+expect_usage "negative --threads" "--threads: must be 0 or more (got -2)" "$HM" generate -m "$W/tiny" -p hi --threads -2
+expect_usage "negative -n" "--max-new-tokens: must be 0 or more (got -5)" "$HM" generate -m "$W/tiny" -p hi -n -5
+expect_usage "train negative -t" "--threads: must be 0 or more" "$HM" train --data "$W/corpus.txt" --out "$W/t5" -t -1
+expect_usage "missing prompt file" "$W/none.txt" "$HM" generate -m "$W/tiny" -f "$W/none.txt"
+out=$("$HM" generate -m "$W/tiny" -p hi --top-p 1.5 2>/dev/null); rc=$?
+[ "$rc" -eq 1 ] && [ -z "$out" ] && ok || bad "bad --top-p: exit $rc, stdout '$out' (want 1 and nothing)"
+expect_fail "no prompt" "--prompt-file" "$HM" generate -m "$W/tiny"
+
+# Short flags, a prompt file and standard input give what the long flags give.
+p1=$("$HM" generate --model "$W/tiny" --prompt "hello" --max-new-tokens 8 --seed 3 --threads 1)
+p2=$("$HM" generate -m "$W/tiny" -p "hello" -n 8 -s 3 -t 1)
+printf 'hello\n' > "$W/prompt.txt"
+p3=$("$HM" generate -m "$W/tiny" -f "$W/prompt.txt" -n 8 -s 3 -t 1)
+p4=$(printf 'hello\n' | "$HM" generate -m "$W/tiny" -p - -n 8 -s 3 -t 1)
+case "$p1" in hello?*) ok ;; *) bad "generate --prompt hello: '$p1'" ;; esac
+[ "$p1" = "$p2" ] && ok || bad "short flags: '$p2' != '$p1'"
+[ "$p1" = "$p3" ] && ok || bad "--prompt-file: '$p3' != '$p1'"
+[ "$p1" = "$p4" ] && ok || bad "--prompt -: '$p4' != '$p1'"
+printf 'The cat sat on the mat.' | "$HM" route -m "$W/truetiny" -p - --heatmap "" | grep -q "^24 tokens" && ok \
+  || bad "route -p - (stdin)"
+
+# A training run's folder stands for its checkpoint in every command.
+"$HM" generate -m "$W/trained" -p "the cat" -n 5 >/dev/null && ok || bad "generate -m RUN_FOLDER"
+"$HM" info -m "$W/trained" | grep -q '"d_model"' && ok || bad "info -m RUN_FOLDER"
+"$HM" eval -m "$W/trained" --data "$W/corpus.txt" >/dev/null && ok || bad "eval -m RUN_FOLDER"
+"$HM" route -m "$W/truemqar" --task-examples 3 --heatmap "" >/dev/null && ok || bad "route -m RUN_FOLDER"
+"$HM" bench --model "$W/trained" --no-peer --quick --reps 1 --json 2>/dev/null | grep -q '"params"' && ok || bad "bench --model RUN_FOLDER"
+
+# --temperature 0 is plain greedy: the repeat penalty is off unless given.
+g0=$("$HM" generate -m "$W/tiny" -p "the cat" -n 30 --temperature 0)
+g1=$("$HM" generate -m "$W/tiny" -p "the cat" -n 30 --temperature 0 --repeat-penalty 1)
+g2=$("$HM" generate -m "$W/tiny" -p "the cat" -n 30 --temperature 0 --repeat-penalty 1.1)
+[ "$g0" = "$g1" ] && ok || bad "--temperature 0 kept the default repeat penalty"
+[ "$g0" != "$g2" ] && ok || bad "--temperature 0 --repeat-penalty 1.1 ignored the penalty"
+help=$("$HM" generate --help)
+for d in "--temperature FLOAT=0.8" "--top-k INT:NONNEGATIVE=40" "--top-p FLOAT=0.95" "--min-p FLOAT=0.05" \
+         "--repeat-penalty FLOAT=1.1" "--repeat-last-n INT:NONNEGATIVE=64" "--seed UINT=0" \
+         "--max-new-tokens INT:NONNEGATIVE=64" "--ctx INT:NONNEGATIVE=0" "--kv-type TEXT=f16"; do
+  case "$help" in *"$d"*) ok ;; *) bad "generate --help lacks '$d'" ;; esac
+done
+
+# A prompt longer than the run's sequences (--seq-len 32) is warned about; a short one is not.
+"$HM" generate -m "$W/trained" -p "the cat sees the ball number 12 and likes it. the cat" -n 2 2>"$W/long.err" >/dev/null
+grep -q "warning: the prompt is 54 tokens, longer than the 32-token sequences" "$W/long.err" && ok \
+  || bad "long prompt warning: $(cat "$W/long.err")"
+"$HM" generate -m "$W/trained" -p "the cat" -n 2 2>"$W/short.err" >/dev/null
+[ ! -s "$W/short.err" ] && ok || bad "short prompt warned: $(cat "$W/short.err")"
+
+# hm eval says "higher" with a ratio above 1 for a model worse than the unigram baseline.
+ev=$("$HM" eval -m "$W/tiny" --data "$W/corpus.txt" | tail -1)
+ratio=$(printf '%s' "$ev" | sed -n 's/.*is \([0-9.]*\)x higher).*/\1/p')
+[ -n "$ratio" ] && awk "BEGIN { exit !($ratio > 1) }" && ok || bad "eval of a worse model: $ev"
+
+# hm init keeps an existing model (or training run) unless --force.
+"$HM" init --preset tiny --out "$W/again" >/dev/null && ok || bad "init again"
+expect_fail "init over a model" "--force" "$HM" init --preset tiny --seed 9 --out "$W/again"
+expect_fail "init over a training run" "--force" "$HM" init --preset tiny --out "$W/trained"
+"$HM" init --preset tiny --seed 9 --out "$W/again" --force >/dev/null && ok || bad "init --force"
+
+# --resume takes the run's settings: each flag it ignores is named; --steps continues the run.
+"$HM" train --out "$W/trained" --resume --lr 0.5 --batch 7 -s 4 --steps 8 2>"$W/resume.err" && ok \
+  || bad "resume --steps 8: $(cat "$W/resume.err")"
+for f in "ignores --lr 0.5 and keeps the run's 0.001" "ignores --batch 7 and keeps the run's 2" \
+         "ignores --seed 4 and keeps the run's 0" "continues the run to step 8"; do
+  grep -qF -- "$f" "$W/resume.err" && ok || bad "resume notes lack '$f': $(cat "$W/resume.err")"
+done
+[ "$(wc -l < "$W/trained/train_log.csv")" -eq 9 ] && ok || bad "resume --steps 8 logged $(wc -l < "$W/trained/train_log.csv") lines"
+expect_fail "resume --steps behind the checkpoint" "already at step 8" "$HM" train --out "$W/trained" --resume --steps 6
+
+# Ctrl-C during training: the step finishes, a checkpoint is saved, exit 130 with the command that
+# resumes; resuming ends with the same weights as an uninterrupted run.
+I=(--preset tiny --data "$W/corpus.txt" --steps 1500 --batch 2 --seq-len 32 --eval-tokens 256 --eval-every 0 -t 1)
+"$HM" train "${I[@]}" --out "$W/int" 2>"$W/int.err" &
+pid=$!
+for _ in $(seq 1 400); do grep -q "^step [0-9]*/1500" "$W/int.err" && break; sleep 0.05; done
+kill -INT "$pid"; wait "$pid"; rc=$?
+[ "$rc" -eq 130 ] && ok || bad "SIGINT: exit $rc (want 130): $(tail -3 "$W/int.err")"
+grep -q "interrupted by SIGINT after step [0-9]* of 1500; checkpoint saved in $W/int/checkpoint" "$W/int.err" && ok \
+  || bad "SIGINT message: $(tail -3 "$W/int.err")"
+grep -qF "resume with: $HM train --out $W/int --resume" "$W/int.err" && ok || bad "resume line: $(tail -2 "$W/int.err")"
+step=$(sed -n 's/^ *"step": \([0-9]*\),*$/\1/p' "$W/int/checkpoint/trainer_state.json")
+[ -n "$step" ] && [ "$step" -gt 0 ] && [ "$step" -lt 1500 ] && ok || bad "interrupted checkpoint step '$step'"
+"$HM" generate -m "$W/int" -p "the" -n 3 >/dev/null && ok || bad "the interrupted checkpoint loads"
+"$HM" train --out "$W/int" --resume 2>/dev/null && ok || bad "resume after SIGINT"
+"$HM" train "${I[@]}" --out "$W/int_full" 2>/dev/null && ok || bad "uninterrupted run"
+cmp -s "$W/int/checkpoint/model.safetensors" "$W/int_full/checkpoint/model.safetensors" && ok \
+  || bad "interrupted + resumed weights differ from the uninterrupted run's"
+
+# SIGTERM during hm compare: exit 143; the same command continues the run to the same result.
+C=(compare --task mqar --seq-lens 16 --sizes 16 --lrs 3e-3 --archs mamba --budget 1000 --batch 4 --task-vocab 40
+   --test-examples 16 -t 1)
+"$HM" "${C[@]}" --out "$W/cmpint" 2>"$W/cmpint.err" >/dev/null &
+pid=$!
+for _ in $(seq 1 400); do grep -q "step [0-9]*/1000" "$W/cmpint.err" && break; sleep 0.05; done
+kill -TERM "$pid"; wait "$pid"; rc=$?
+[ "$rc" -eq 143 ] && ok || bad "compare SIGTERM: exit $rc (want 143): $(tail -3 "$W/cmpint.err")"
+grep -q "interrupted by SIGTERM after step" "$W/cmpint.err" && grep -qF "resume with the same command: $HM compare" "$W/cmpint.err" \
+  && ok || bad "compare SIGTERM message: $(tail -3 "$W/cmpint.err")"
+[ -f "$W/cmpint/runs/mqar_L16_d16_mamba_lr0.003/pending.json" ] && ok || bad "compare left no pending.json"
+"$HM" "${C[@]}" --out "$W/cmpint" >/dev/null 2>&1 && ok || bad "compare resumed"
+"$HM" "${C[@]}" --out "$W/cmpfull" >/dev/null 2>&1 && ok || bad "compare uninterrupted"
+l1=$(grep '"loss"' "$W/cmpint/results.json"); l2=$(grep '"loss"' "$W/cmpfull/results.json")
+[ -n "$l1" ] && [ "$l1" = "$l2" ] && ok || bad "resumed compare loss '$l1' != '$l2'"
+
 echo "$pass passed, $fail failed"
 [ "$fail" -eq 0 ]
