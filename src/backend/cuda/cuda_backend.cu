@@ -8,6 +8,6 @@
 
 namespace hm {
 std::unique_ptr<Backend> make_cuda_backend() {
-  throw Error("cuda: the CUDA backend's kernels are not implemented yet; use --device cpu");
+  throw Error("cuda: the CUDA backend is not implemented yet; every hm command runs on the CPU backend");
 }
 }  // namespace hm
