@@ -1,4 +1,4 @@
-// Reader and writer for the safetensors checkpoint format (docs: shared/reference/safetensors.md).
+// Reader and writer for the safetensors checkpoint format (the format: docs/REFERENCE.md).
 // The reader validates the whole header up front and never maps or slurps the file: tensor bytes
 // are pread straight into the caller's buffer, so loading costs no more memory than the weights.
 #pragma once
