@@ -24,6 +24,13 @@
 #include "model/params.h"
 #include "train/model_grad.h"
 
+// The median; for an even count, the mean of the middle two.
+static double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const std::size_t h = v.size() / 2;
+  return v.size() % 2 ? v[h] : 0.5 * (v[h - 1] + v[h]);
+}
+
 int main(int argc, char** argv) {
   const std::string mode = argc > 1 ? argv[1] : "";
   if (mode != "off" && mode != "on" && mode != "ab") {
@@ -83,17 +90,15 @@ int main(int argc, char** argv) {
   for (const bool ckpt : {false, true}) {
     Times& r = t[ckpt];
     if (r.secs.empty()) continue;
-    std::sort(r.secs.begin(), r.secs.end());
-    std::sort(r.cpu.begin(), r.cpu.end());
     std::printf("grad_ckpt=%s B=%d L=%d scan_chunk=%d steps=%d: step median %.3f s (best %.3f s, "
                 "median CPU %.3f s), activations peak %.1f MiB, max RSS %.1f MiB, loss %.6f\n",
-                ckpt ? "on" : "off", B, L, chunk, steps, r.secs[r.secs.size() / 2], r.secs.front(),
-                r.cpu[r.cpu.size() / 2], r.act_mib, double(ru.ru_maxrss) / 1024, r.loss);
+                ckpt ? "on" : "off", B, L, chunk, steps, median(r.secs), *std::min_element(r.secs.begin(), r.secs.end()),
+                median(r.cpu), r.act_mib, double(ru.ru_maxrss) / 1024, r.loss);
   }
   if (mode == "ab")
-    std::printf("on/off: median %.3fx, best %.3fx, median CPU %.3fx\n",
-                t[1].secs[t[1].secs.size() / 2] / t[0].secs[t[0].secs.size() / 2],
-                t[1].secs.front() / t[0].secs.front(),
-                t[1].cpu[t[1].cpu.size() / 2] / t[0].cpu[t[0].cpu.size() / 2]);
+    std::printf("on/off: median %.3fx, best %.3fx, median CPU %.3fx\n", median(t[1].secs) / median(t[0].secs),
+                *std::min_element(t[1].secs.begin(), t[1].secs.end()) /
+                    *std::min_element(t[0].secs.begin(), t[0].secs.end()),
+                median(t[1].cpu) / median(t[0].cpu));
   return 0;
 }

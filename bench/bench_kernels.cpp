@@ -13,6 +13,7 @@
 #include <immintrin.h>
 #endif
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -35,6 +36,14 @@ Vec random_vec(std::size_t n, float lo, float hi, uint64_t seed) {
   Vec v(n);
   for (auto& x : v) x = rng.uniform(lo, hi);
   return v;
+}
+
+// Bytes of the last-level cache, as Google Benchmark reads it (sysfs); the context of every run
+// prints it. A working set labelled DRAM must exceed it.
+std::size_t llc_bytes() {
+  std::size_t b = 0;
+  for (const auto& c : benchmark::CPUInfo::Get().caches) b = std::max(b, std::size_t(c.size));
+  return b;
 }
 
 using benchmark::Counter;
@@ -134,11 +143,15 @@ void BM_AttentionPrefill(benchmark::State& st, Attn impl) {
 void BM_AttentionDecode(benchmark::State& st, Attn impl) {
   run_attention(st, impl, 1, int(st.range(0)) - 1);  // one query over a cache of T keys
 }
-// Decode as in a model with several attention layers: each call reads another layer's cache,
-// 67 MB in all at T = 4096 (4 float layers of 16.8 MB, or 8 half ones of 8.4 MB), twice the
-// L3, so K and V come from DRAM as they would.
+// Decode as in a model with many attention layers: each call reads another layer's cache, and
+// the layers together hold twice the last-level cache (at least 4 layers: 16.8 MB each at
+// T = 4096 in float, 8.4 MB in half; 60 and 120 layers against a 480 MiB L3), so K and V come
+// from DRAM as they would.
 void BM_AttentionDecodeCold(benchmark::State& st, Attn impl) {
-  const int T = int(st.range(0)), layers = impl == Attn::cpu_f16 ? 8 : 4;
+  const int T = int(st.range(0));
+  const double layer_bytes = kv_bytes(impl) * 2.0 * T * kG * kHd;
+  const int layers = std::max(4, int(std::ceil(2.0 * double(llc_bytes()) / layer_bytes)));
+  st.counters["layers"] = layers;
   const auto q = random_vec(std::size_t(kH) * kHd, -1, 1, 15);
   std::vector<Cache> k, v;
   for (int i = 0; i < layers; ++i) {
@@ -182,11 +195,13 @@ BENCHMARK_CAPTURE(BM_Rmsnorm, cpu, false)->Arg(1)->Arg(64)->Arg(512)->Arg(4096)-
 BENCHMARK_CAPTURE(BM_Rmsnorm, ref, true)->Arg(1)->Arg(64)->Arg(512)->Arg(4096)->UseRealTime();
 
 // --- floors ------------------------------------------------------------------------------------
-// Read bandwidth: a vectorised sum over 256 MiB (far beyond the caches) on all threads, with
-// four independent accumulators so that the adds keep up with the loads.
+// DRAM read bandwidth: a vectorised sum over 4x the last-level cache and at least 1 GiB (a
+// 256 MiB probe fits this machine's 480 MiB L3) on all threads, with four independent
+// accumulators so that the adds keep up with the loads.
 void BM_FloorReadBandwidth(benchmark::State& st) {
   typedef float v16 __attribute__((vector_size(64)));
-  const std::size_t n = std::size_t(64) << 20;
+  const std::size_t n = std::max(std::size_t(1) << 30, 4 * llc_bytes()) / sizeof(float) / 64 * 64;
+  st.counters["probe_MiB"] = double(n * sizeof(float)) / (1 << 20);
   Vec buf(n, 1.0f);
   for (auto _ : st) {
 #pragma omp parallel
