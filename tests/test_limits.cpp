@@ -12,7 +12,9 @@
 #include "core/checked.h"
 #include "core/error.h"
 #include "io/json_read.h"
+#include "eval/compare.h"
 #include "model/config.h"
+#include "train/trainer.h"
 #include "test_util.h"
 
 namespace hm {
@@ -161,6 +163,79 @@ TEST(Limits, TypedConversionsCheckRangeBeforeConverting) {
   EXPECT_NE(error_of([&] { f.object("inner").at("m"); }).find("missing field 'inner.m'"), std::string::npos);
   EXPECT_NE(error_of([&] { f.check_known({"lr", "ok"}); }).find("unknown field 'inner'"), std::string::npos);
   EXPECT_NE(error_of([&] { f.object("ok"); }).find("'ok'"), std::string::npos);
+}
+
+// trainer_state.json: every field is type- and range-checked before nlohmann converts it (a
+// double beyond int64 converted to an integer is undefined, and was silently accepted).
+TEST(Limits, HostileTrainerStateNamesFileAndField) {
+  TempDir dir("limits_state");
+  const fs::path file = dir.path / "trainer_state.json";
+  struct Case { std::string text; const char* field; };
+  const std::vector<Case> cases = {
+      {R"({"step": 1e300})", "'step'"},
+      {R"({"step": -1})", "'step'"},
+      {R"({"step": 3, "settings": {"task": {"name": "mqar", "vocab": 99999999999999999999}}})", "'settings.task.vocab'"},
+      {R"({"step": 3, "settings": {"seq_len": 4294967296}})", "'settings.seq_len'"},
+      {R"({"step": 3, "settings": {"lr": 1e300}})", "'settings.lr'"},
+      {R"({"step": 3, "settings": {"seed": -5}})", "'settings.seed'"},
+      {R"({"step": 3, "settings": {"grad_ckpt": 1}})", "'settings.grad_ckpt'"},
+      {R"({"step": 3, "settings": "x"})", "'settings'"},
+      {R"({"step": 3, "rng": {"s": [1, 2, 3], "spare_bits": 0, "has_spare": false}})", "'rng.s'"},
+      {R"({"step": 3, "rng": {"s": [1, 2, 3, 1.5], "spare_bits": 0, "has_spare": false}})", "'rng.s[3]'"},
+      {R"({"step": 3, "step": 4})", "'step' appears twice"},
+      {R"({"step": 3, "settings": {"task": )" + std::string(100000, '[') + "}}", "'task'"},
+  };
+  for (const Case& c : cases) {
+    write(file, c.text);
+    for (int reader = 0; reader < 2; ++reader) {
+      const std::string msg =
+          error_of([&] { reader == 0 ? (void)checkpoint_task(dir.str()) : (void)trained_seq_len(dir.str()); });
+      EXPECT_NE(msg.find(file.string()), std::string::npos) << c.text.substr(0, 80) << ": " << msg;
+      EXPECT_NE(msg.find(c.field), std::string::npos) << c.text.substr(0, 80) << ": " << msg;
+    }
+  }
+  write(file, R"({"step": 7, "settings": {"seq_len": 16, "task": {"name": "mqar", "vocab": 40, "seq_len": 16, "kv": 1}}})");
+  int64_t step = 0;
+  EXPECT_EQ(checkpoint_task(dir.str(), &step).vocab, 40);
+  EXPECT_EQ(step, 7);
+  EXPECT_EQ(trained_seq_len(dir.str()), 16);
+}
+
+// hm compare's result.json goes through the same reader: a result whose numbers are out of range
+// (here a negative accuracy) or whose fields repeat is retrained, not reported.
+TEST(Limits, CompareRetrainsAResultOutOfRange) {
+  TempDir d("limits_compare");
+  CompareConfig c;
+  c.task = "mqar";
+  c.task_vocab = 20;
+  c.kv = 2;
+  c.seq_lens = {8};
+  c.sizes = {16};
+  c.archs = {"mamba"};
+  c.lrs = {1e-3f};
+  c.budget = 2;
+  c.batch = 2;
+  c.test_examples = 4;
+  c.threads = 1;
+  c.progress = false;
+  c.out_dir = d.str();
+  const auto first = run_compare(c);
+  ASSERT_EQ(first.size(), 1u);
+  ASSERT_TRUE(first[0].error.empty()) << first[0].error;
+  const fs::path result = d.path / "runs" / "mqar_L8_d16_mamba_lr0.001" / "result.json";
+  ASSERT_TRUE(fs::exists(result));
+  json j;
+  std::ifstream(result) >> j;
+  for (const std::string& bad : {std::string("-1"), std::string("1e300, \"metric\": 0.5")}) {
+    std::string text = j.dump();
+    const size_t at = text.find("\"metric\":") + 9;
+    text.replace(at, text.find(',', at) - at, bad);
+    write(result, text);
+    const auto again = run_compare(c);
+    ASSERT_EQ(again.size(), 1u);
+    EXPECT_EQ(again[0].metric, first[0].metric) << bad;  // retrained: the same numbers again
+    EXPECT_NE(again[0].train_s, first[0].train_s) << bad << ": the damaged result was reused";
+  }
 }
 
 TEST(Limits, CheckedArithmeticNamesTheQuantity) {

@@ -19,6 +19,7 @@
 #include "core/threads.h"
 #include "eval/tasks.h"
 #include "io/atomic_file.h"
+#include "io/json_read.h"
 #include "model/model.h"
 #include "runtime/tokenizer.h"
 #include "train/trainer.h"
@@ -228,17 +229,19 @@ std::vector<CompareRun> run_compare(const CompareConfig& c) {
           bool reused = false;
           if (fs::exists(dir / "result.json")) {
             try {
-              std::ifstream f(dir / "result.json");
-              const json old = json::parse(f);
-              if (old.at("key") == key) {
-                r.metric = old.at("metric");
-                r.loss = old.at("loss");
-                r.train_s = old.at("train_s");
-                r.error = old.value("error", "");
+              const std::string file = (dir / "result.json").string();
+              const json old = parse_json_file(file);
+              const JsonFields f(old, file);
+              if (f.at("key") == key) {
+                const double inf = std::numeric_limits<double>::max();
+                r.metric = f.get_double("metric", 0, inf);
+                r.loss = f.get_double("loss", 0, inf);
+                r.train_s = f.get_double("train_s", 0, inf);
+                r.error = f.has("error") ? f.get_string("error") : "";
                 reused = true;
               }
             } catch (const std::exception&) {
-              // unreadable: train again
+              // unreadable or out of range: train again
             }
           }
           // A run interrupted by a signal left pending.json (its key and time so far) beside its

@@ -24,6 +24,7 @@
 #include "core/threads.h"
 #include "data/corpus.h"
 #include "io/atomic_file.h"
+#include "io/json_read.h"
 #include "model/config.h"
 #include "model/model.h"
 #include "runtime/tokenizer.h"
@@ -160,14 +161,48 @@ Rng::State rng_from_json(const json& j) {
   return s;
 }
 
-json read_json(const fs::path& p) {
-  std::ifstream f(p);
-  HM_CHECK(f.good(), "cannot open ", p.string());
-  try {
-    return json::parse(f);
-  } catch (const json::exception& e) {
-    throw Error(detail::cat(p.string(), ": malformed JSON: ", e.what()));
+// Reads trainer_state.json (parse_json_file: bounded size and depth) and checks the type and
+// range of every field it holds before the readers below convert them with nlohmann's get: a
+// wrong type then names file and field, and no huge number reaches a narrowing conversion
+// (undefined for a double). A missing field is left to the reader that needs it (older states
+// lack some).
+json read_trainer_state(const fs::path& p) {
+  const std::string file = p.string();
+  const json st = parse_json_file(file);
+  const JsonFields f(st, file);
+  auto int_field = [](const JsonFields& o, const char* key, int64_t lo, int64_t hi) {
+    if (o.has(key)) o.get_int(key, lo, hi);
+  };
+  if (f.has("format")) f.get_string("format");
+  int_field(f, "step", 0, INT64_MAX);
+  int_field(f, "tokens_seen", 0, INT64_MAX);
+  if (f.has("rng")) {
+    const JsonFields r = f.object("rng");
+    const json& words = r.at("s");
+    HM_CHECK(words.is_array() && words.size() == 4, file, ": field 'rng.s' must be a list of 4 integers");
+    for (size_t i = 0; i < 4; ++i) json_to_uint64(words[i], file, detail::cat("rng.s[", i, "]"));
+    r.get_uint64("spare_bits");
+    r.get_bool("has_spare");
   }
+  if (f.has("settings")) {
+    const JsonFields s = f.object("settings");
+    for (const char* key : {"preset", "config_file", "data_path", "tokenizer"})
+      if (s.has(key)) s.get_string(key);
+    for (const char* key : {"vocab", "scan_chunk", "threads"}) int_field(s, key, 0, INT32_MAX);
+    for (const char* key : {"batch", "seq_len", "grad_accum"}) int_field(s, key, 1, INT32_MAX);
+    for (const char* key : {"steps", "eval_tokens", "lr_steps", "task_eval"}) int_field(s, key, 0, INT64_MAX);
+    int_field(s, "warmup", INT64_MIN, INT64_MAX);
+    if (s.has("seed")) s.get_uint64("seed");
+    for (const char* key : {"lr", "min_lr_ratio", "weight_decay", "clip_norm"})
+      if (s.has(key)) s.get_float(key);
+    if (s.has("grad_ckpt")) s.get_bool("grad_ckpt");
+    if (s.has("task")) {
+      const JsonFields t = s.object("task");
+      if (t.has("name")) t.get_string("name");
+      for (const char* key : {"vocab", "seq_len", "kv"}) int_field(t, key, 0, INT32_MAX);
+    }
+  }
+  return st;
 }
 
 // ---- checkpoint directory ----
@@ -417,7 +452,7 @@ void train(const TrainConfig& given) {
     if (fs::exists(out)) recover_checkpoint(out);
     HM_CHECK(fs::exists(ck / "trainer_state.json"), "--resume: no checkpoint in ", out.string(),
              " (expected ", (ck / "trainer_state.json").string(), ")");
-    state = read_json(ck / "trainer_state.json");
+    state = read_trainer_state(ck / "trainer_state.json");
     try {
       HM_CHECK(state.at("format").get<std::string>() == kStateFormat, (ck / "trainer_state.json").string(),
                ": unknown format");
@@ -742,7 +777,7 @@ EvalResult evaluate(const std::string& model_dir, const std::string& data_path, 
   EvalResult r;
   const fs::path sp = dir / "trainer_state.json";
   if (fs::exists(sp)) {
-    const json st = read_json(sp);
+    const json st = read_trainer_state(sp);
     try {
       r.step = st.at("step");
       if (seq_len <= 0) seq_len = st.at("settings").at("seq_len");
@@ -791,7 +826,7 @@ TaskSpec checkpoint_task(const std::string& model_dir, int64_t* step) {
   TaskSpec saved;
   if (step) *step = -1;
   if (!fs::exists(sp)) return saved;
-  const json st = read_json(sp);
+  const json st = read_trainer_state(sp);
   try {
     if (step) *step = st.at("step");
     const json& s = st.at("settings");
@@ -805,7 +840,7 @@ TaskSpec checkpoint_task(const std::string& model_dir, int64_t* step) {
 int64_t trained_seq_len(const std::string& dir) {
   const fs::path sp = fs::path(checkpoint_dir(dir)) / "trainer_state.json";
   if (!fs::exists(sp)) return 0;
-  const json st = read_json(sp);
+  const json st = read_trainer_state(sp);
   try {
     return st.at("settings").at("seq_len").get<int64_t>();
   } catch (const json::exception& e) {
