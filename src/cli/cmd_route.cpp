@@ -251,6 +251,7 @@ Run add_route(CLI::App& app) {
     auto tok = load_tokenizer(dir);
     const std::vector<int32_t> ids = tok->encode(o->prompt, !o->no_bos);
     HM_CHECK(!ids.empty(), "route: the prompt encodes to no tokens");
+    warn_if_past_trained_context(dir, int64_t(ids.size()));
     const RoutingAnalysis r = get_routing_analysis(*model, ids);
     const double skipped = r.mode == th::Mode::Hard ? path_compute_skipped(*model, ids) : 0.0;
     std::vector<std::string> labels;
