@@ -120,7 +120,7 @@ void bench_scan(int nseq, int E, int L, int N, double hbm, double peer_ms) {
   // x, dt, z read and y written [T, E]; B, C read [T, N]; the state read and written.
   const double bytes = double(T_) * (4.0 * E + 2.0 * N) * sizeof(T) + 2.0 * nseq * E * N * sizeof(float);
   const int chunk_auto = hm::cuda::scan_chunk_auto(rb, E);
-  for (int chunk : {0, 64, 128, 256, 512, 1 << 20}) {
+  for (int chunk : {0, 64, 128, 256, 512, 1024, 1 << 20}) {
     const int c = chunk ? chunk : chunk_auto;
     void* ws = nullptr;
     const size_t wsb = hm::cuda::selective_scan_workspace_bytes(rb, E, N, c);

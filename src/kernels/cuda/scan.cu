@@ -20,30 +20,46 @@ constexpr float kLog2e = 1.4426950408889634f;
 
 enum Pass { kChunkState, kOutput };
 
+// exp2 as one MUFU instruction; results under 2^-126 flush to zero, which a decay factor can afford.
+__device__ __forceinline__ float exp2_ftz(float v) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
+}
+// log1p keeps delta accurate when it is small; exp's error here is a few ulps.
+__device__ __forceinline__ float softplus_fast(float v) { return v > 20.0f ? v : log1pf(__expf(v)); }
+__device__ __forceinline__ float silu_fast(float v) { return v * (1.0f / (1.0f + __expf(-v))); }
+
 // Pass 1 (kChunkState): scan chunk c of sequence s from zero; write its end state to
-// ws_state[s, c, e, :] and its sum of delta to ws_sum[s, c, e].
+// ws_state[s, c, e, :] and its sum of delta to ws_sum[s, c, e]. A sequence's last chunk is
+// skipped: pass 3 finishes it from its true start state and writes the slot's final state.
 // Pass 3 (kOutput): scan from the chunk's true start state (ws_state after the carry pass, or
-// the slot's state when the whole sequence is one chunk) and write y; in the single-chunk case
-// the final state goes back to the slot.
-template <class T, int NM, Pass P>
+// the slot's state when the sequence is one chunk) and write y; the last chunk of a sequence
+// writes the final state to its slot (the only block that touches the slot in this pass).
+// EXACT: N == NM, so the state loop has no guards and B, C come from shared memory 16 bytes
+// at a time.
+template <class T, int NM, bool EXACT, Pass P>
 __global__ void __launch_bounds__(kThreads) scan_chunk_kernel(
     T* __restrict__ y, int ldy, float* pool, const T* __restrict__ x, int ldx,
     const T* __restrict__ dt, int lddt, const T* __restrict__ dt_bias, const float* __restrict__ A,
     const T* __restrict__ B, const T* __restrict__ C, int ldbc, const T* __restrict__ Dskip,
     const T* __restrict__ z, int ldz, const int32_t* __restrict__ cu,
-    const int32_t* __restrict__ slots, int E, int N, int chunk, int nch, float* ws_state,
+    const int32_t* __restrict__ slots, int E, int N, int chunk, float* ws_state,
     float* ws_sum) {
   constexpr int U = NM <= 16 ? 8 : 2;  // tokens whose loads are issued together
-  __shared__ float sB[kTile * NM];
-  __shared__ float sC[P == kOutput ? kTile * NM : 1];
+  __shared__ __align__(16) float sB[kTile * NM];
+  __shared__ __align__(16) float sC[P == kOutput ? kTile * NM : 4];
+  if (EXACT) N = NM;
   const int e = blockIdx.x * kThreads + threadIdx.x;
-  const int c = blockIdx.y, s = blockIdx.z;
+  const int c = blockIdx.y, s = blockIdx.z, nch = gridDim.y;
   const int row0 = cu[s], L = cu[s + 1] - row0;
   const int tb = c * chunk;
   if (tb >= L) return;  // uniform over the block: this sequence is shorter
+  const bool last = tb + chunk >= L;
+  if (P == kChunkState && last) return;
   const int te = min(L, tb + chunk);
   const bool active = e < E;
-  const bool single = nch == 1;
+  const bool whole = c == 0 && last;  // the sequence is one chunk: its state is the slot's
   const size_t wbase = (size_t(s) * nch + c) * E + e;  // [s, c, e] in ws_sum; x N in ws_state
   float* slot_state = pool + (size_t(slots[s]) * E + e) * N;
 
@@ -54,9 +70,9 @@ __global__ void __launch_bounds__(kThreads) scan_chunk_kernel(
     dsk = to_f(Dskip[e]);
 #pragma unroll
     for (int n = 0; n < NM; ++n) {
-      a2[n] = n < N ? A[size_t(e) * N + n] * kLog2e : 0.0f;
+      a2[n] = EXACT || n < N ? A[size_t(e) * N + n] * kLog2e : 0.0f;
       st[n] = 0.0f;
-      if (P == kOutput && n < N) st[n] = single ? slot_state[n] : ws_state[wbase * N + n];
+      if (P == kOutput && (EXACT || n < N)) st[n] = whole ? slot_state[n] : ws_state[wbase * N + n];
     }
   }
   for (int t0 = tb; t0 < te; t0 += kTile) {
@@ -83,20 +99,40 @@ __global__ void __launch_bounds__(kThreads) scan_chunk_kernel(
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         if (tt + u >= nt) break;
-        const float delta = softplus(dv[u] + dtb);
+        const float delta = softplus_fast(dv[u] + dtb);
         const float dx = delta * xv[u];
         const float* Bt = sB + (tt + u) * NM;
+        const float* Ct = sC + (tt + u) * NM;
         float acc = 0.0f;
+        if constexpr (EXACT) {
 #pragma unroll
-        for (int n = 0; n < NM; ++n) {
-          if (n < N) {
-            st[n] = exp2f(delta * a2[n]) * st[n] + dx * Bt[n];
-            if constexpr (P == kOutput) acc += st[n] * sC[(tt + u) * NM + n];
+          for (int q = 0; q < NM / 4; ++q) {
+            const float4 b4 = reinterpret_cast<const float4*>(Bt)[q];
+            const float bq[4] = {b4.x, b4.y, b4.z, b4.w};
+            float cq[4] = {0, 0, 0, 0};
+            if constexpr (P == kOutput) {
+              const float4 c4 = reinterpret_cast<const float4*>(Ct)[q];
+              cq[0] = c4.x; cq[1] = c4.y; cq[2] = c4.z; cq[3] = c4.w;
+            }
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+              const int n = 4 * q + k;
+              st[n] = exp2_ftz(delta * a2[n]) * st[n] + dx * bq[k];
+              if constexpr (P == kOutput) acc += st[n] * cq[k];
+            }
+          }
+        } else {
+#pragma unroll
+          for (int n = 0; n < NM; ++n) {
+            if (n < N) {
+              st[n] = exp2_ftz(delta * a2[n]) * st[n] + dx * Bt[n];
+              if constexpr (P == kOutput) acc += st[n] * Ct[n];
+            }
           }
         }
         if constexpr (P == kOutput) {
           const size_t r = size_t(row0 + t0 + tt + u);
-          y[r * ldy + e] = from_f<T>((acc + dsk * xv[u]) * silu(zv[u]));
+          y[r * ldy + e] = from_f<T>((acc + dsk * xv[u]) * silu_fast(zv[u]));
         } else {
           sum_delta += delta;
         }
@@ -107,20 +143,21 @@ __global__ void __launch_bounds__(kThreads) scan_chunk_kernel(
   if constexpr (P == kChunkState) {
 #pragma unroll
     for (int n = 0; n < NM; ++n)
-      if (n < N) ws_state[wbase * N + n] = st[n];
+      if (EXACT || n < N) ws_state[wbase * N + n] = st[n];
     ws_sum[wbase] = sum_delta;
   } else {
-    if (single) {
+    if (last) {
 #pragma unroll
       for (int n = 0; n < NM; ++n)
-        if (n < N) slot_state[n] = st[n];
+        if (EXACT || n < N) slot_state[n] = st[n];
     }
   }
 }
 
-// Pass 2: one thread per (sequence, channel, state) walks the sequence's chunks in order:
-// ws_state[s, c] becomes chunk c's true start state, and the slot gets the final state.
-__global__ void scan_carry_kernel(float* pool, const float* __restrict__ A,
+// Pass 2: one thread per (sequence, channel, state) walks the sequence's chunks in order and
+// turns ws_state[s, c] (chunk c scanned from zero) into chunk c's true start state. The slot is
+// only read: the last chunk's pass 3 writes the final state.
+__global__ void scan_carry_kernel(const float* __restrict__ pool, const float* __restrict__ A,
                                   const int32_t* __restrict__ cu, const int32_t* __restrict__ slots,
                                   int E, int N, int chunk, int nch, float* ws_state,
                                   const float* __restrict__ ws_sum) {
@@ -128,17 +165,20 @@ __global__ void scan_carry_kernel(float* pool, const float* __restrict__ A,
   if (idx >= E * N) return;
   const int s = blockIdx.y, e = idx / N;
   const int nc = ceil_div(cu[s + 1] - cu[s], chunk);
-  float* p = pool + size_t(slots[s]) * E * N + idx;
+  if (nc <= 1) return;  // pass 3 reads the slot itself
   const float a2 = A[idx] * kLog2e;
-  float st = *p;
+  float st = pool[size_t(slots[s]) * E * N + idx];
   for (int c = 0; c < nc; ++c) {
     const size_t w = (size_t(s) * nch + c) * E;
     float* ws = ws_state + w * N + idx;
+    if (c + 1 == nc) {  // pass 1 skipped the last chunk: only its start state is needed
+      *ws = st;
+      break;
+    }
     const float local = *ws;
     *ws = st;
     st = exp2f(a2 * ws_sum[w + e]) * st + local;
   }
-  *p = st;
 }
 
 // Decode: one thread per (sequence, channel); the N states of the channel are 4N contiguous bytes.
@@ -176,7 +216,7 @@ void check_scan(int N, int nseq) {
 
 int chunks_of(const RaggedBatch& rb, int chunk) { return std::max(1, ceil_div(rb.max_len, chunk)); }
 
-template <class T, int NM>
+template <class T, int NM, bool EXACT>
 void scan_launch(T* y, int ldy, float* pool, const T* x, int ldx, const T* dt, int lddt,
                  const T* dt_bias, const float* A, const T* B, const T* C, int ldbc,
                  const T* Dskip, const T* z, int ldz, const RaggedBatch& rb, int E, int N,
@@ -188,31 +228,32 @@ void scan_launch(T* y, int ldy, float* pool, const T* x, int ldx, const T* dt, i
   const dim3 grid(ceil_div(E, kThreads), nch, rb.nseq);
   if (nch > 1) {
     HM_CHECK(workspace != nullptr, "cuda selective_scan: ", nch, " chunks need a workspace");
-    scan_chunk_kernel<T, NM, kChunkState><<<grid, kThreads, 0, stream>>>(
+    scan_chunk_kernel<T, NM, EXACT, kChunkState><<<grid, kThreads, 0, stream>>>(
         y, ldy, pool, x, ldx, dt, lddt, dt_bias, A, B, C, ldbc, Dskip, z, ldz, rb.cu_seqlens,
-        rb.slots, E, N, chunk, nch, ws_state, ws_sum);
+        rb.slots, E, N, chunk, ws_state, ws_sum);
     HM_CUDA_LAUNCHED("selective_scan chunk states");
     scan_carry_kernel<<<dim3(ceil_div(E * N, 256), rb.nseq), 256, 0, stream>>>(
         pool, A, rb.cu_seqlens, rb.slots, E, N, chunk, nch, ws_state, ws_sum);
     HM_CUDA_LAUNCHED("selective_scan carry");
   }
-  scan_chunk_kernel<T, NM, kOutput><<<grid, kThreads, 0, stream>>>(
+  scan_chunk_kernel<T, NM, EXACT, kOutput><<<grid, kThreads, 0, stream>>>(
       y, ldy, pool, x, ldx, dt, lddt, dt_bias, A, B, C, ldbc, Dskip, z, ldz, rb.cu_seqlens,
-      rb.slots, E, N, chunk, nch, ws_state, ws_sum);
+      rb.slots, E, N, chunk, ws_state, ws_sum);
   HM_CUDA_LAUNCHED("selective_scan output");
 }
 
 }  // namespace
 
 int scan_chunk_auto(const RaggedBatch& rb, int E) {
-  // Enough (sequence, chunk, channel) threads to fill every SM at ~1024 resident threads, and
-  // no more: each chunk boundary costs pass 1 and 2 a second walk over the tokens.
+  // About 512 (sequence, chunk, channel) threads per SM, and no more: all but the last chunk
+  // of a sequence are walked twice (passes 1 and 3). The H200 sweep of bench_cuda_kernels
+  // (docs/CUDA.md) put the best chunk at this many threads.
   static const int sms = [] {
     int dev = 0, n = 132;
     if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
     return n;
   }();
-  const long target = long(sms) * 1024, per_chunk = std::max(1L, long(rb.nseq) * E);
+  const long target = long(sms) * 512, per_chunk = std::max(1L, long(rb.nseq) * E);
   const int nch = int(std::min<long>((target + per_chunk - 1) / per_chunk, 1L << 20));
   const int len = std::max(rb.max_len, 1);
   if (nch <= 1) return len;
@@ -233,12 +274,15 @@ void selective_scan(T* y, int ldy, float* ssm_state, const T* x, int ldx, const 
   check_scan(N, rb.nseq);
   if (rb.nseq <= 0 || rb.n_tokens <= 0 || E <= 0) return;
   if (chunk <= 0) chunk = scan_chunk_auto(rb, E);
-  if (N <= 16)
-    scan_launch<T, 16>(y, ldy, ssm_state, x, ldx, dt, lddt, dt_bias, A, B, C, ldbc, Dskip, z, ldz,
-                       rb, E, N, chunk, workspace, stream);
+  if (N == 16)  // Mamba-1's d_state
+    scan_launch<T, 16, true>(y, ldy, ssm_state, x, ldx, dt, lddt, dt_bias, A, B, C, ldbc, Dskip, z,
+                             ldz, rb, E, N, chunk, workspace, stream);
+  else if (N < 16)
+    scan_launch<T, 16, false>(y, ldy, ssm_state, x, ldx, dt, lddt, dt_bias, A, B, C, ldbc, Dskip, z,
+                              ldz, rb, E, N, chunk, workspace, stream);
   else
-    scan_launch<T, kMaxState>(y, ldy, ssm_state, x, ldx, dt, lddt, dt_bias, A, B, C, ldbc, Dskip,
-                              z, ldz, rb, E, N, chunk, workspace, stream);
+    scan_launch<T, kMaxState, false>(y, ldy, ssm_state, x, ldx, dt, lddt, dt_bias, A, B, C, ldbc,
+                                     Dskip, z, ldz, rb, E, N, chunk, workspace, stream);
 }
 
 template <class T>
