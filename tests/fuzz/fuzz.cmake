@@ -1,0 +1,21 @@
+# Fuzz targets (docs/RELIABILITY.md, "Fuzzing and sanitizers"). Each tests/fuzz/fuzz_NAME.cpp
+# defines LLVMFuzzerTestOneInput. The test suite links it with replay_main.cpp into
+# fuzz_replay_NAME and replays the seed corpus (tests/fuzz/corpus/NAME) and every input that
+# once crashed it (tests/fuzz/regressions/NAME); HM_FUZZ also links it with libFuzzer into
+# fuzz_NAME, which scripts/fuzz.sh runs.
+set(HM_FUZZ_TARGETS safetensors config tokenizer trainer_state)
+foreach(t ${HM_FUZZ_TARGETS})
+  if(HM_BUILD_TESTS)
+    add_executable(fuzz_replay_${t} tests/fuzz/fuzz_${t}.cpp tests/fuzz/replay_main.cpp)
+    target_link_libraries(fuzz_replay_${t} PRIVATE hm_core)
+    file(GLOB inputs CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/tests/fuzz/corpus/${t}/*
+         ${CMAKE_SOURCE_DIR}/tests/fuzz/regressions/${t}/*)
+    add_test(NAME fuzz_replay_${t} COMMAND fuzz_replay_${t} ${inputs})
+    set_tests_properties(fuzz_replay_${t} PROPERTIES ENVIRONMENT "OMP_NUM_THREADS=1")
+  endif()
+  if(HM_FUZZ)
+    add_executable(fuzz_${t} tests/fuzz/fuzz_${t}.cpp)
+    target_link_libraries(fuzz_${t} PRIVATE hm_core)
+    target_link_options(fuzz_${t} PRIVATE -fsanitize=fuzzer)
+  endif()
+endforeach()
