@@ -407,7 +407,9 @@ TYPED_TEST(CudaOps, ScanPrefillRagged) {
   // chunk 0: the automatic length; 32 and 100: several chunks (100 not a multiple of the
   // 32-token tile); 1 << 20: the whole sequence as one chunk (no carry pass).
   for (const auto& lens : kBatches)
-    for (auto [E, N] : {std::pair{67, 16}, std::pair{130, 5}, std::pair{40, 33}})
+    // E 67, 130, 40: rows not 16-byte aligned (element-wise staging); 136, 264: 16-byte copies,
+    // with a partial last block of channels.
+    for (auto [E, N] : {std::pair{67, 16}, std::pair{130, 5}, std::pair{40, 33}, std::pair{136, 16}, std::pair{264, 5}})
       for (int chunk : {0, 32, 100, 1 << 20}) {
         if (N == 33 && chunk == 100) continue;  // the wide-state path once per chunking is enough
         const Ragged r(rng, lens);
@@ -433,8 +435,8 @@ TYPED_TEST(CudaOps, ScanPrefillContinues) {
   using T = TypeParam;
   REQUIRE_GPU();
   hm::Rng rng(19);
-  const int E = 75, N = 16;
-  for (int chunk : {0, 32}) {
+  const int N = 16;
+  for (auto [E, chunk] : {std::pair{75, 0}, std::pair{75, 32}, std::pair{200, 0}, std::pair{200, 64}}) {
     const std::vector<int> lens = {333, 1, 2049, 64};
     const Ragged whole(rng, lens);
     const ScanCase<T> c(rng, whole.tokens(), whole.n_slots, E, N);

@@ -6,7 +6,10 @@
 // sequence are independent but for their start states, which a short sequential pass over
 // the chunks (not the tokens) supplies. That keeps the SMs busy at batch 1, where one thread
 // per channel walking all tokens would leave most of the GPU idle.
+#include <cuda_pipeline_primitives.h>
+
 #include <algorithm>
+#include <cstdint>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/cuda_ops.h"
@@ -15,7 +18,8 @@ namespace hm::cuda {
 namespace {
 
 constexpr int kThreads = 128;  // channels per block: one thread per channel, its N states in registers
-constexpr int kTile = 32;      // tokens of B and C staged in shared memory at a time
+// Tokens staged in shared memory at a time: 24 KB of x, dt and z per block in any type.
+template <class T> constexpr int kTile = sizeof(T) == 4 ? 16 : 32;
 constexpr float kLog2e = 1.4426950408889634f;
 
 enum Pass { kChunkState, kOutput };
@@ -29,6 +33,27 @@ __device__ __forceinline__ float exp2_ftz(float v) {
 // log1p keeps delta accurate when it is small; exp's error here is a few ulps.
 __device__ __forceinline__ float softplus_fast(float v) { return v > 20.0f ? v : log1pf(__expf(v)); }
 __device__ __forceinline__ float silu_fast(float v) { return v * (1.0f / (1.0f + __expf(-v))); }
+
+// Copies rows [row_first, row_first + nt) x columns [e0, e0 + kThreads) of src into dst
+// [nt][kThreads] with 16-byte asynchronous copies (vec: src and its row stride are 16-byte
+// aligned), else element by element. Few wide requests in flight per block are what keep HBM
+// busy: one 2-byte load per thread and token left bf16 slower than f32.
+template <class T>
+__device__ __forceinline__ void stage_rows(T* dst, const T* src, int ld, int row_first, int nt,
+                                           int e0, int E, bool vec) {
+  constexpr int V = 16 / sizeof(T), VPR = kThreads / V;  // elements per copy, copies per row
+  for (int i = threadIdx.x; i < nt * VPR; i += kThreads) {
+    const int t = i / VPR, j = (i % VPR) * V, col = e0 + j;
+    const T* p = src + size_t(row_first + t) * ld + col;
+    T* q = dst + t * kThreads + j;
+    if (vec && col + V <= E) {
+      __pipeline_memcpy_async(q, p, 16);
+    } else {
+      for (int k = 0; k < V; ++k)
+        if (col + k < E) q[k] = p[k];
+    }
+  }
+}
 
 // Pass 1 (kChunkState): scan chunk c of sequence s from zero; write its end state to
 // ws_state[s, c, e, :] and its sum of delta to ws_sum[s, c, e]. A sequence's last chunk is
@@ -45,12 +70,15 @@ __global__ void __launch_bounds__(kThreads) scan_chunk_kernel(
     const T* __restrict__ B, const T* __restrict__ C, int ldbc, const T* __restrict__ Dskip,
     const T* __restrict__ z, int ldz, const int32_t* __restrict__ cu,
     const int32_t* __restrict__ slots, int E, int N, int chunk, float* ws_state,
-    float* ws_sum) {
-  constexpr int U = NM <= 16 ? 8 : 2;  // tokens whose loads are issued together
-  __shared__ __align__(16) float sB[kTile * NM];
-  __shared__ __align__(16) float sC[P == kOutput ? kTile * NM : 4];
+    float* ws_sum, int vec) {
+  constexpr int kT = kTile<T>;
+  __shared__ __align__(16) float sB[kT * NM];
+  __shared__ __align__(16) float sC[P == kOutput ? kT * NM : 4];
+  __shared__ __align__(16) T sX[kT * kThreads];
+  __shared__ __align__(16) T sD[kT * kThreads];
+  __shared__ __align__(16) T sZ[P == kOutput ? kT * kThreads : 8];
   if (EXACT) N = NM;
-  const int e = blockIdx.x * kThreads + threadIdx.x;
+  const int e0 = blockIdx.x * kThreads, e = e0 + threadIdx.x;
   const int c = blockIdx.y, s = blockIdx.z, nch = gridDim.y;
   const int row0 = cu[s], L = cu[s + 1] - row0;
   const int tb = c * chunk;
@@ -75,67 +103,61 @@ __global__ void __launch_bounds__(kThreads) scan_chunk_kernel(
       if (P == kOutput && (EXACT || n < N)) st[n] = whole ? slot_state[n] : ws_state[wbase * N + n];
     }
   }
-  for (int t0 = tb; t0 < te; t0 += kTile) {
-    const int nt = min(kTile, te - t0);
+  for (int t0 = tb; t0 < te; t0 += kT) {
+    const int nt = min(kT, te - t0);
     __syncthreads();  // the previous tile is consumed
+    stage_rows(sX, x, ldx, row0 + t0, nt, e0, E, vec & 1);
+    stage_rows(sD, dt, lddt, row0 + t0, nt, e0, E, vec & 2);
+    if constexpr (P == kOutput) stage_rows(sZ, z, ldz, row0 + t0, nt, e0, E, vec & 4);
+    __pipeline_commit();
     for (int i = threadIdx.x; i < nt * N; i += kThreads) {
       const int t = i / N, n = i % N;
       const size_t r = size_t(row0 + t0 + t) * ldbc + n;
       sB[t * NM + n] = to_f(B[r]);
       if constexpr (P == kOutput) sC[t * NM + n] = to_f(C[r]);
     }
+    __pipeline_wait_prior(0);
     __syncthreads();
     if (!active) continue;
-    for (int tt = 0; tt < nt; tt += U) {
-      float xv[U], dv[U], zv[U];
+#pragma unroll 4
+    for (int tt = 0; tt < nt; ++tt) {
+      const float xv = to_f(sX[tt * kThreads + threadIdx.x]);
+      const float delta = softplus_fast(to_f(sD[tt * kThreads + threadIdx.x]) + dtb);
+      const float dx = delta * xv;
+      const float* Bt = sB + tt * NM;
+      const float* Ct = sC + tt * NM;
+      float acc = 0.0f;
+      if constexpr (EXACT) {
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        if (tt + u >= nt) break;
-        const size_t r = size_t(row0 + t0 + tt + u);
-        xv[u] = to_f(x[r * ldx + e]);
-        dv[u] = to_f(dt[r * lddt + e]);
-        if constexpr (P == kOutput) zv[u] = to_f(z[r * ldz + e]);
+        for (int q = 0; q < NM / 4; ++q) {
+          const float4 b4 = reinterpret_cast<const float4*>(Bt)[q];
+          const float bq[4] = {b4.x, b4.y, b4.z, b4.w};
+          float cq[4] = {0, 0, 0, 0};
+          if constexpr (P == kOutput) {
+            const float4 c4 = reinterpret_cast<const float4*>(Ct)[q];
+            cq[0] = c4.x; cq[1] = c4.y; cq[2] = c4.z; cq[3] = c4.w;
+          }
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            const int n = 4 * q + k;
+            st[n] = exp2_ftz(delta * a2[n]) * st[n] + dx * bq[k];
+            if constexpr (P == kOutput) acc += st[n] * cq[k];
+          }
+        }
+      } else {
+#pragma unroll
+        for (int n = 0; n < NM; ++n) {
+          if (n < N) {
+            st[n] = exp2_ftz(delta * a2[n]) * st[n] + dx * Bt[n];
+            if constexpr (P == kOutput) acc += st[n] * Ct[n];
+          }
+        }
       }
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        if (tt + u >= nt) break;
-        const float delta = softplus_fast(dv[u] + dtb);
-        const float dx = delta * xv[u];
-        const float* Bt = sB + (tt + u) * NM;
-        const float* Ct = sC + (tt + u) * NM;
-        float acc = 0.0f;
-        if constexpr (EXACT) {
-#pragma unroll
-          for (int q = 0; q < NM / 4; ++q) {
-            const float4 b4 = reinterpret_cast<const float4*>(Bt)[q];
-            const float bq[4] = {b4.x, b4.y, b4.z, b4.w};
-            float cq[4] = {0, 0, 0, 0};
-            if constexpr (P == kOutput) {
-              const float4 c4 = reinterpret_cast<const float4*>(Ct)[q];
-              cq[0] = c4.x; cq[1] = c4.y; cq[2] = c4.z; cq[3] = c4.w;
-            }
-#pragma unroll
-            for (int k = 0; k < 4; ++k) {
-              const int n = 4 * q + k;
-              st[n] = exp2_ftz(delta * a2[n]) * st[n] + dx * bq[k];
-              if constexpr (P == kOutput) acc += st[n] * cq[k];
-            }
-          }
-        } else {
-#pragma unroll
-          for (int n = 0; n < NM; ++n) {
-            if (n < N) {
-              st[n] = exp2_ftz(delta * a2[n]) * st[n] + dx * Bt[n];
-              if constexpr (P == kOutput) acc += st[n] * Ct[n];
-            }
-          }
-        }
-        if constexpr (P == kOutput) {
-          const size_t r = size_t(row0 + t0 + tt + u);
-          y[r * ldy + e] = from_f<T>((acc + dsk * xv[u]) * silu_fast(zv[u]));
-        } else {
-          sum_delta += delta;
-        }
+      if constexpr (P == kOutput) {
+        const float zv = to_f(sZ[tt * kThreads + threadIdx.x]);
+        y[size_t(row0 + t0 + tt) * ldy + e] = from_f<T>((acc + dsk * xv) * silu_fast(zv));
+      } else {
+        sum_delta += delta;
       }
     }
   }
@@ -226,11 +248,15 @@ void scan_launch(T* y, int ldy, float* pool, const T* x, int ldx, const T* dt, i
   float* ws_state = static_cast<float*>(workspace);
   float* ws_sum = nch > 1 ? ws_state + size_t(rb.nseq) * nch * E * N : nullptr;
   const dim3 grid(ceil_div(E, kThreads), nch, rb.nseq);
+  auto aligned = [](const T* p, int ld) {
+    return reinterpret_cast<uintptr_t>(p) % 16 == 0 && size_t(ld) * sizeof(T) % 16 == 0;
+  };
+  const int vec = (aligned(x, ldx) ? 1 : 0) | (aligned(dt, lddt) ? 2 : 0) | (aligned(z, ldz) ? 4 : 0);
   if (nch > 1) {
     HM_CHECK(workspace != nullptr, "cuda selective_scan: ", nch, " chunks need a workspace");
     scan_chunk_kernel<T, NM, EXACT, kChunkState><<<grid, kThreads, 0, stream>>>(
         y, ldy, pool, x, ldx, dt, lddt, dt_bias, A, B, C, ldbc, Dskip, z, ldz, rb.cu_seqlens,
-        rb.slots, E, N, chunk, ws_state, ws_sum);
+        rb.slots, E, N, chunk, ws_state, ws_sum, vec);
     HM_CUDA_LAUNCHED("selective_scan chunk states");
     scan_carry_kernel<<<dim3(ceil_div(E * N, 256), rb.nseq), 256, 0, stream>>>(
         pool, A, rb.cu_seqlens, rb.slots, E, N, chunk, nch, ws_state, ws_sum);
@@ -238,24 +264,27 @@ void scan_launch(T* y, int ldy, float* pool, const T* x, int ldx, const T* dt, i
   }
   scan_chunk_kernel<T, NM, EXACT, kOutput><<<grid, kThreads, 0, stream>>>(
       y, ldy, pool, x, ldx, dt, lddt, dt_bias, A, B, C, ldbc, Dskip, z, ldz, rb.cu_seqlens,
-      rb.slots, E, N, chunk, ws_state, ws_sum);
+      rb.slots, E, N, chunk, ws_state, ws_sum, vec);
   HM_CUDA_LAUNCHED("selective_scan output");
 }
 
 }  // namespace
 
 int scan_chunk_auto(const RaggedBatch& rb, int E) {
-  // About 512 (sequence, chunk, channel) threads per SM, and no more: all but the last chunk
-  // of a sequence are walked twice (passes 1 and 3). The H200 sweep of bench_cuda_kernels
-  // (docs/CUDA.md) put the best chunk at this many threads.
-  static const int sms = [] {
-    int dev = 0, n = 132;
-    if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
-    return n;
+  // The most chunks whose blocks all fit on the GPU at once (one wave), and no more: all but
+  // each sequence's last chunk are walked twice (passes 1 and 3), and a second, partial wave
+  // cost 19% at B 8 on the H200 (docs/CUDA.md).
+  static const long resident = [] {
+    int dev = 0, sms = 132, per_sm = 4;
+    if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+            &per_sm, scan_chunk_kernel<__nv_bfloat16, 16, true, kOutput>, kThreads, 0) != cudaSuccess)
+      per_sm = 4;
+    return long(sms) * std::max(per_sm, 1);
   }();
-  const long target = long(sms) * 512, per_chunk = std::max(1L, long(rb.nseq) * E);
-  const int nch = int(std::min<long>((target + per_chunk - 1) / per_chunk, 1L << 20));
+  const long per_chunk = long(ceil_div(E, kThreads)) * std::max(rb.nseq, 1);
   const int len = std::max(rb.max_len, 1);
+  const int nch = int(std::min<long>(resident / per_chunk, len));
   if (nch <= 1) return len;
   return std::max(32, (ceil_div(len, nch) + 31) / 32 * 32);
 }
