@@ -1,6 +1,6 @@
-// CUDA backend entry point. The interface and the build option exist so the model code is
-// written once; the kernels arrive with the CUDA issue. Until then asking for the device is an
-// error that says so, never a silent fallback.
+// CUDA backend entry point. The kernels exist (src/kernels/cuda/, tested against kernels/ref);
+// the backend that runs the model on them needs the typed, ragged interface of docs/CUDA.md.
+// Until then asking for the device is an error that says so, never a silent fallback.
 #include <memory>
 
 #include "backend/backend.h"
