@@ -54,6 +54,14 @@ printf '{"d_model": 32, "n_layers": 4, "vocab_size": 300, "attention_layers": [1
 expect_fail "attention index out of range" "attention_layers" "$HM" generate --model "$W/badcfg" --prompt hi
 printf '{"d_model": 32, "n_layers": 4, "vocab_size": 300, "colour": 1}' > "$W/badcfg/config.json"
 expect_fail "unknown config field" "unknown field 'colour'" "$HM" info --model "$W/badcfg"
+printf '{"d_model": 1e300, "n_layers": 4, "vocab_size": 300}' > "$W/badcfg/config.json"
+expect_fail "huge number in config" "config.json: field 'd_model' must be an integer" "$HM" generate --model "$W/badcfg" --prompt hi
+# No silent byte fallback, and memory refused up front with the estimate (docs/RELIABILITY.md).
+cp -r "$W/tiny" "$W/notok" && rm "$W/notok/tokenizer.json"
+expect_fail "missing tokenizer.json" "tokenizer.json does not exist" "$HM" generate --model "$W/notok" --prompt hi
+expect_fail "context beyond memory" "KV cache" "$HM" generate --model "$W/tiny" --prompt hi --ctx 2000000000
+expect_fail "--max-memory" "more than --max-memory" "$HM" init --preset seed --out "$W/big" --max-memory 10M
+[ ! -e "$W/big" ] && ok || bad "a refused init wrote nothing"
 
 cp -r "$W/tiny" "$W/trunc"
 truncate -s 1000 "$W/trunc/model.safetensors"

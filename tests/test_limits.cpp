@@ -13,7 +13,14 @@
 #include "core/error.h"
 #include "io/json_read.h"
 #include "eval/compare.h"
+#include "backend/backend.h"
+#include "core/rng.h"
+#include "core/threads.h"
 #include "model/config.h"
+#include "model/memory_estimate.h"
+#include "model/model.h"
+#include "runtime/memory.h"
+#include "train/model_grad.h"
 #include "train/trainer.h"
 #include "test_util.h"
 
@@ -247,6 +254,107 @@ TEST(Limits, CheckedArithmeticNamesTheQuantity) {
             std::string::npos);
   EXPECT_NE(error_of([] { checked_add(INT64_MAX, 1, "weights"); }).find("weights"), std::string::npos);
   EXPECT_NE(error_of([] { checked_mul(-1, 2, "n"); }).find("negative"), std::string::npos);
+}
+
+// The estimate against what the code allocates: the weights and inference memory exactly (every
+// slot touched), training activations against the trainer's own peak measurement.
+TEST(Limits, MemoryEstimateMatchesWhatIsAllocated) {
+  auto be = make_cpu_backend();
+  for (const char* name : {"tiny", "true-tiny", "demo"}) {
+    const ModelConfig c = preset(name);
+    HybridModel model(c, *be);
+    model.prepare();
+    RunShape rs;
+    rs.slots = 3;
+    rs.ctx = 100;
+    rs.kv_bytes = 2;
+    const MemoryEstimate e = estimate_memory(c, rs);
+    int64_t a_bytes = 0;
+    for (int i = 0; i < c.n_layers; ++i)
+      if (!c.is_attention(i)) a_bytes += int64_t(c.d_inner()) * c.d_state * 4;
+    EXPECT_EQ(e.weights, model.params().numel() * 4 + a_bytes) << name;
+    HybridMemory mem(*be, c, 3, 100, KvType::F16);
+    for (int i = 0; i < c.n_layers; ++i)
+      if (c.has_attention_path(i))
+        for (int s = 0; s < 3; ++s) mem.kv().k(i, s), mem.kv().v(i, s);
+    const int64_t actual = int64_t(mem.bytes_reserved());
+    // bytes_reserved also counts the per-slot length and position counters.
+    EXPECT_GE(actual, e.kv_cache + e.state) << name;
+    EXPECT_LE(actual, e.kv_cache + e.state + 4 * 3 * (c.n_layers + 1)) << name;
+  }
+  // Training activations: at least what loss_and_grad keeps, and not far above it.
+  for (const char* name : {"tiny", "true-tiny"}) {
+    for (bool ckpt : {false, true}) {
+      for (int chunk : {0, 8}) {
+        const ModelConfig c = preset(name);
+        Params p(c), g(c);
+        test::randomize_params(p, 3);
+        std::fill(g.data(), g.data() + g.numel(), 0.0f);
+        const int B = 2, L = 48;
+        Rng rng(5);
+        const auto tok = test::tokens(rng, B * L, c.vocab_size), tgt = test::tokens(rng, B * L, c.vocab_size);
+        reset_grad_activation_peak_bytes();
+        loss_and_grad(p, g, tok.data(), tgt.data(), B, L, chunk, ckpt);
+        const int64_t measured = grad_activation_peak_bytes();
+        RunShape rs;
+        rs.train_batch = B;
+        rs.seq_len = L;
+        rs.threads = std::min(B, num_threads());
+        rs.scan_chunk = chunk;
+        rs.grad_ckpt = ckpt;
+        const MemoryEstimate e = estimate_memory(c, rs);
+        EXPECT_GE(e.activations, measured) << name << " ckpt " << ckpt << " chunk " << chunk;
+        EXPECT_LE(e.activations, 2 * measured) << name << " ckpt " << ckpt << " chunk " << chunk;
+        std::printf("%s ckpt %d chunk %d: estimate %lld measured %lld (%.2fx)\n", name, int(ckpt), chunk,
+                    static_cast<long long>(e.activations), static_cast<long long>(measured),
+                    double(e.activations) / double(measured));
+      }
+    }
+  }
+}
+
+TEST(Limits, MemoryCheckRefusesWhatDoesNotFit) {
+  // A config inside every field bound whose weights alone are terabytes: refused up front.
+  ModelConfig big = preset("seed");
+  big.d_model = 16384;
+  big.n_layers = kMaxLayers;
+  big.n_heads = big.n_kv_heads = 128;
+  big.attention_layers = {};
+  const MemoryEstimate e = estimate_memory(big, RunShape{});
+  EXPECT_GT(e.weights, int64_t(1) << 42);
+  std::string msg = error_of([&] { check_memory(e, "hm init"); });
+  EXPECT_NE(msg.find("hm init needs about"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("weights"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("available"), std::string::npos) << msg;
+  // A context whose KV cache does not fit, and one whose size overflows 64 bits.
+  RunShape rs;
+  rs.slots = 64;
+  rs.ctx = int64_t(1) << 31;
+  msg = error_of([&] { check_memory(estimate_memory(preset("seed"), rs), "hm generate --ctx 2147483648"); });
+  EXPECT_NE(msg.find("KV cache"), std::string::npos) << msg;
+  rs.ctx = INT64_MAX / 4;
+  msg = error_of([&] { estimate_memory(preset("seed"), rs); });
+  EXPECT_NE(msg.find("KV cache bytes"), std::string::npos) << msg;
+  // --max-memory below the estimate refuses; above it passes.
+  const MemoryEstimate tiny = estimate_memory(preset("tiny"), RunShape{});
+  set_memory_limit(tiny.total() - 1);
+  msg = error_of([&] { check_memory(tiny, "hm init"); });
+  EXPECT_NE(msg.find("--max-memory"), std::string::npos) << msg;
+  set_memory_limit(tiny.total());
+  EXPECT_NO_THROW(check_memory(tiny, "hm init"));
+  set_memory_limit(0);
+  EXPECT_GT(available_memory_bytes(), 0);
+}
+
+TEST(Limits, MemorySizesParse) {
+  EXPECT_EQ(parse_memory_size("2G"), int64_t(2) << 30);
+  EXPECT_EQ(parse_memory_size("512M"), int64_t(512) << 20);
+  EXPECT_EQ(parse_memory_size("1.5g"), int64_t(3) << 29);
+  EXPECT_EQ(parse_memory_size("64KiB"), int64_t(64) << 10);
+  EXPECT_EQ(parse_memory_size("2GB"), int64_t(2) << 30);
+  EXPECT_EQ(parse_memory_size("1000000"), 1000000);
+  for (const char* bad : {"", "G", "2X", "-1G", "0", "nan", "inf", "1e30T", " 2G", "2 G", "2GBB"})
+    EXPECT_NE(error_of([&] { parse_memory_size(bad); }).find("memory size"), std::string::npos) << bad;
 }
 
 }  // namespace

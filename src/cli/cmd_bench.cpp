@@ -19,6 +19,7 @@
 #include "backend/backend.h"
 #include "backend/counting_backend.h"
 #include "cli/commands.h"
+#include "cli/memory_guard.h"
 #include "core/error.h"
 #include "core/rng.h"
 #include "core/threads.h"
@@ -441,6 +442,7 @@ Run add_bench(CLI::App& app) {
   app.add_flag("--routing-sweep", o->routing_sweep,
                "True hybrid: prefill time and counted FLOPs at forced attention fractions 0..1 against routing_mode both");
   app.add_option("--steps", o->steps, "--train: timed steps (after one warm-up step)")->capture_default_str();
+  add_max_memory(app);
   return [o, seq_len_opt] {
     namespace fs = std::filesystem;
     if (o->threads > 0) set_num_threads(o->threads);
@@ -448,6 +450,9 @@ Run add_bench(CLI::App& app) {
     const KvType kv = kv_type_from_name(o->kv);
     auto be = make_cpu_backend();
     std::string dir = o->model;
+    check_memory(estimate_memory(dir.empty() ? preset(o->preset) : load_config(dir + "/config.json"),
+                                 o->train ? train_shape(o->batch, o->seq_len, threads) : inference_shape(2, 8192, o->kv)),
+                 "hm bench");
     std::string tmpdir;
     std::unique_ptr<HybridModel> model;
     if (dir.empty()) {

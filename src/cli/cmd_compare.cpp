@@ -3,6 +3,7 @@
 #include <memory>
 
 #include "cli/commands.h"
+#include "cli/memory_guard.h"
 #include "core/error.h"
 #include "core/interrupt.h"
 #include "eval/compare.h"
@@ -34,6 +35,7 @@ Run add_compare(CLI::App& app) {
       "--out are reused when their settings match, so an interrupted sweep continues. Ctrl-C (or SIGTERM) "
       "finishes the current step, saves that run's checkpoint and exits with 130 (143); the same command "
       "continues it. docs/EVALUATION.md.");
+  add_max_memory(app);  // each run's train() checks its own estimate
   return [o] {
     InterruptScope scope;
     std::vector<CompareRun> runs;

@@ -3,6 +3,7 @@
 
 #include "backend/backend.h"
 #include "cli/commands.h"
+#include "cli/memory_guard.h"
 #include "core/error.h"
 #include "core/threads.h"
 #include "model/model.h"
@@ -43,6 +44,7 @@ Run add_generate(CLI::App& app) {
   app.add_flag("--stats", o->stats, "Print timing to stderr at the end");
   app.footer("Prompts given with --prompt come first, then those of --prompt-file; -f FILE and -p - (standard "
              "input) drop one trailing newline.");
+  add_max_memory(app);
   return [o, penalty] {
     // Every setting is checked before anything is loaded or printed.
     HM_CHECK(!o->prompts.empty() || !o->prompt_files.empty(), "give a prompt: --prompt TEXT, --prompt - (standard "
@@ -54,6 +56,10 @@ Run add_generate(CLI::App& app) {
     std::vector<std::string> texts;
     for (const auto& p : o->prompts) texts.push_back(prompt_text(p));
     for (const auto& f : o->prompt_files) texts.push_back(prompt_file_text(f));
+    check_model_memory(o->model,
+                       inference_shape(int64_t(texts.size()),
+                                       o->ctx > 0 ? o->ctx : max_prompt_tokens(texts) + o->max_new, o->kv),
+                       "hm generate");
     auto be = make_cpu_backend();
     auto model = load_model(o->model, *be);
     auto tok = load_tokenizer(o->model);

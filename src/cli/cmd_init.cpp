@@ -5,6 +5,7 @@
 
 #include "backend/backend.h"
 #include "cli/commands.h"
+#include "cli/memory_guard.h"
 #include "core/error.h"
 #include "model/model.h"
 #include "runtime/tokenizer.h"
@@ -20,6 +21,7 @@ Run add_init(CLI::App& app) {
   app.add_option("--seed,-s", o->seed, "Initialization seed")->capture_default_str();
   app.add_flag("--force", o->force, "Overwrite a model already in --out");
   app.add_option("--dtype", o->dtype, "Storage type of the weights: F32, F16 or BF16")->capture_default_str();
+  add_max_memory(app);
   return [o] {
     namespace fs = std::filesystem;
     const fs::path out = o->out;
@@ -27,6 +29,7 @@ Run add_init(CLI::App& app) {
       HM_CHECK(o->force || !fs::exists(out / f), o->out, " already holds a model (", (out / f).string(),
                "); choose another --out, or pass --force to overwrite it");
     const ModelConfig c = o->config.empty() ? preset(o->preset) : load_config(o->config);
+    check_memory(estimate_memory(c, RunShape{}), "hm init");
     auto be = make_cpu_backend();
     HybridModel m(c, *be);
     init_params(m.params(), o->seed);
@@ -52,6 +55,14 @@ Run add_info(CLI::App& app) {
       std::printf("layer %2d: %-9s%s\n", i,
                   c.is_true(i) ? "true" : c.is_attention(i) ? "attention" : "mamba",
                   c.has_bridge(i) ? " (bridge in front)" : "");
+    // The memory estimate the commands check (--max-memory): weights, and per sequence the KV
+    // cache and recurrent state at a few contexts.
+    std::printf("memory: weights %s (float32)\n", format_bytes(estimate_memory(c, RunShape{}).weights).c_str());
+    for (int64_t ctx : {512, 2048, 8192, 32768}) {
+      const MemoryEstimate e = estimate_memory(c, inference_shape(1, ctx, "f16"));
+      std::printf("  one sequence at context %5lld: KV cache %s (f16; x2 with --kv-type f32) + state %s\n",
+                  static_cast<long long>(ctx), format_bytes(e.kv_cache).c_str(), format_bytes(e.state).c_str());
+    }
     return 0;
   };
 }

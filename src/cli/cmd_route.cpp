@@ -10,6 +10,7 @@
 #include "backend/backend.h"
 #include "backend/counting_backend.h"
 #include "cli/commands.h"
+#include "cli/memory_guard.h"
 #include "core/error.h"
 #include "core/threads.h"
 #include "eval/tasks.h"
@@ -226,6 +227,7 @@ Run add_route(CLI::App& app) {
   app.add_option("--heatmap", o->heatmap, "SVG heatmap to write (\"\" = none)")->capture_default_str();
   app.add_flag("--no-bos", o->no_bos, "Do not prepend the BOS token");
   app.add_option("--threads,-t", o->threads, "Threads (0 = all cores)")->capture_default_str()->check(non_negative());
+  add_max_memory(app);
   return [o] {
     if (o->threads > 0) set_num_threads(o->threads);
     o->prompt = o->prompt_file.empty() ? prompt_text(o->prompt) : prompt_file_text(o->prompt_file);
@@ -240,6 +242,8 @@ Run add_route(CLI::App& app) {
       HM_CHECK(is_valid_utf8(o->prompt), "route: the prompt is not valid UTF-8");
     }
     const std::string dir = checkpoint_dir(o->model);
+    check_model_memory(dir, inference_shape(1, task.name.empty() ? int64_t(o->prompt.size()) + 1 : task.seq_len, "f32"),
+                       "hm route");
     auto be = make_cpu_backend();
     auto model = load_model(dir, *be);
     const ModelConfig& c = model->config();

@@ -3,6 +3,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
+#include "cli/memory_guard.h"
 #include "core/error.h"
 #include "core/interrupt.h"
 #include "core/threads.h"
@@ -49,6 +50,7 @@ Run add_train(CLI::App& app) {
       "--resume takes every setting that shapes the result from the checkpoint (and names each flag it "
       "ignores); --steps N with --resume continues the run to step N. Ctrl-C (or SIGTERM) finishes the "
       "current step, saves a checkpoint and exits with 130 (143); a second Ctrl-C exits at once.");
+  add_max_memory(app);
   return [o, &app] {
     HM_CHECK(o->resume || !o->data_path.empty() || !o->task.name.empty(),
              "--data or --task is required (unless --resume)");
@@ -87,9 +89,11 @@ Run add_eval(CLI::App& app) {
   app.add_option("--batch", o->batch, "Windows per forward")->capture_default_str();
   app.add_option("--threads,-t", o->threads, "Threads (0 = all cores)")->capture_default_str()->check(non_negative());
   app.add_flag("--json", o->json, "Print one JSON object");
+  add_max_memory(app);
   return [o] {
     if (o->threads > 0) set_num_threads(o->threads);
     HM_CHECK(o->data.empty() != o->task.name.empty(), "give exactly one of --data (perplexity) and --task (accuracy)");
+    check_model_memory(o->model, eval_shape(o->model, o->seq_len, o->batch, !o->task.name.empty()), "hm eval");
     if (!o->task.name.empty()) {
       TaskSpec given = o->task;
       given.seq_len = o->seq_len;

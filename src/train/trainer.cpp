@@ -25,6 +25,7 @@
 #include "data/corpus.h"
 #include "io/atomic_file.h"
 #include "io/json_read.h"
+#include "model/memory_estimate.h"
 #include "model/config.h"
 #include "model/model.h"
 #include "runtime/tokenizer.h"
@@ -594,6 +595,12 @@ void train(const TrainConfig& given) {
   }
   validate(mc);
 
+  {  // Everything the run allocates, before it does (--max-memory, MemAvailable).
+    RunShape shape;
+    shape.train_batch = c.batch, shape.seq_len = L, shape.threads = threads;
+    shape.scan_chunk = c.scan_chunk, shape.grad_ckpt = c.grad_ckpt;
+    check_memory(estimate_memory(mc, shape), "hm train");
+  }
   auto be = make_cpu_backend();
   HybridModel model(mc, *be);
   Params& P = model.params();
