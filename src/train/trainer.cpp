@@ -779,8 +779,7 @@ void train(const TrainConfig& given) {
 
 EvalResult evaluate(const std::string& model_dir, const std::string& data_path, int seq_len, int64_t max_tokens,
                     int batch) {
-  fs::path dir = model_dir;
-  if (fs::exists(dir / "checkpoint" / "config.json")) dir /= "checkpoint";  // a training out_dir
+  const fs::path dir = checkpoint_dir(model_dir);  // a training out_dir stands for its checkpoint
   EvalResult r;
   const fs::path sp = dir / "trainer_state.json";
   if (fs::exists(sp)) {
