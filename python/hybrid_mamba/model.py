@@ -56,7 +56,7 @@ def as_prompts(x, name):
     """Prompts as a list of 1-D int32 arrays: a 1-D or 2-D array-like, or a list of sequences of
     different lengths (a ragged batch). Also returns whether the input was a single 1-D prompt."""
     if isinstance(x, (list, tuple)) and x and all(
-            isinstance(p, (list, tuple)) or hasattr(p, "__array__") or hasattr(p, "__dlpack__") for p in x):
+            isinstance(p, (list, tuple)) or (not np.isscalar(p) and np.ndim(as_array(p, name)) > 0) for p in x):
         prompts = [as_ids(p, f"{name}[{i}]") for i, p in enumerate(x)]
         for i, p in enumerate(prompts):
             if p.ndim != 1:

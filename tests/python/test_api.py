@@ -46,6 +46,11 @@ def test_array_likes_give_equal_logits(tiny):
               wide[:, ::2], ArrayLike(np.array(ids)), DLPackOnly(np.array(ids)), torch.tensor(ids)):
         np.testing.assert_array_equal(tiny(x), want)
     np.testing.assert_array_equal(tiny(ids[0]), want[0])  # 1-D in, [T, V] out
+    # generate takes the same forms, and a list of NumPy scalars is one prompt, not a batch
+    g = tiny.generate(ids[0], 4, seed=1)
+    for x in ([np.int64(t) for t in ids[0]], np.array(ids[0], dtype=np.uint8), torch.tensor(ids[0])):
+        np.testing.assert_array_equal(tiny.generate(x, 4, seed=1), g)
+    np.testing.assert_array_equal(tiny.generate([np.array(ids[0])], 4, seed=1), g[None, :])
 
 
 def test_batch_rows_are_independent(tiny):
