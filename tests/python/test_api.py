@@ -251,3 +251,17 @@ def test_type_stubs_cover_the_extension():
         names |= {m.target.id for m in node.body if isinstance(m, ast.AnnAssign)}
         assert names - {"__init__"} == {k for k in dir(getattr(hmpy._core, cls)) if not k.startswith("_")}, cls
     assert "Logits of every position" in hmpy.HybridMambaModel.__call__.__doc__
+
+
+def test_trainer_with_a_config_object(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("hello world, hello there.\n" * 200)
+    cfg = HybridMambaConfig(d_model=48, n_layers=3, attention_layers=[1], n_heads=4, n_kv_heads=4, d_state=4,
+                            vocab_size=999)
+    model = hmpy.Trainer(tmp_path / "run", data=corpus, config=cfg, steps=3, batch=2, seq_len=16,
+                         progress=False, eval_every=0).train()
+    got = model.config.to_dict()
+    assert got.pop("vocab_size") == 259  # the byte tokenizer's vocabulary replaces the config's
+    assert got == {k: v for k, v in cfg.to_dict().items() if k != "vocab_size"}
+    with pytest.raises(TypeError, match="unknown setting 'stepz'"):
+        hmpy.Trainer(tmp_path / "x", data=corpus, stepz=3)
