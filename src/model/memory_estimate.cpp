@@ -129,6 +129,8 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const RunShape& s) {
     per_seq = add(per_seq, mul({L, 3 * D + 1}, "activation bytes"), "activation bytes");  // final norm, dhn
     per_seq = add(per_seq, mul({L, V}, "logits bytes"), "activation bytes");
     m.activations = mul({nt, per_seq, 4}, "activation bytes");
+    // The whole batch's input and target token ids (int32), drawn before the threads split it.
+    m.activations = add(m.activations, mul({2, s.train_batch, L, 4}, "token batch bytes"), "activation bytes");
   }
   return m;
 }
