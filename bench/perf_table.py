@@ -15,7 +15,9 @@ def main(seed_path, mamba_path):
     dm = d["decode_ms_per_token"]
     mm = m["decode_ms_per_token"]
     p = d["prefill_ms_per_token"]
-    print(f"""Command: `build/hm bench --preset seed --json` (2 threads, KV cache {d["kv_type"]}), one run.
+    print(f"""Command: `build/hm bench --preset seed --json` (2 threads, KV cache {d["kv_type"]}), one run; each
+figure the median of {d["reps"]} repetitions after {d["warmup"]} warm-up, the peer's likewise. CPU: {d["cpu_model"]},
+L3 {d["l3_mb"]:.0f} MiB.
 
 | figure | ours | floor (same run) | fraction of floor | PyTorch peer (same run) | ratio | target |
 |---|---|---|---|---|---|---|
@@ -28,8 +30,8 @@ def main(seed_path, mamba_path):
 | prefill ms/token at 512 / 4096 (chunks of 512) | {p["512"]:.3f} / {p["4096"]:.3f} | | | | | |
 | peak RSS of `hm generate` (50 tokens) | {d["peak_rss_mb"]:.0f} MB | weights {d["weight_mb"]:.0f} MB | | | | <= 300 MB |
 
-Machine figures measured in that run: DRAM read bandwidth {d["read_bw_gbs"]:.1f} GB/s (1 GiB
-probe), GEMM {d["gemm_gflops"]:.0f} GFLOP/s, PyTorch {d["torch_version"]}.
+Machine figures measured in that run: DRAM read bandwidth {d["read_bw_gbs"]:.1f} GB/s ({d["read_bw_probe_mb"]:.0f} MiB
+probe, {d["read_bw_probe_mb"] / d["l3_mb"]:.1f}x the L3), GEMM {d["gemm_gflops"]:.0f} GFLOP/s, PyTorch {d["torch_version"]}.
 
 Pure Mamba stack (`build/hm bench --preset mamba --json --no-peer`): decode {mm["128"]:.2f} /
 {mm["1024"]:.2f} / {mm["4096"]:.2f} ms per token at context 128 / 1024 / 4096 (rise
