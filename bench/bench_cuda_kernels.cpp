@@ -1,6 +1,7 @@
 // Micro-benchmark of the CUDA Mamba-1 kernels (docs/CUDA.md): the selective scan prefill at the
 // peer's shape (B 8, D 2048, L 2048, N 16, bf16; mamba_ssm: 0.59 ms, ../shared/peers/README.md)
-// and at batch 1, swept over chunk lengths; the decode steps of scan and conv at batch 1-64.
+// and at batch 1, swept over chunk lengths; the decode steps of scan and conv at batch 1-64;
+// attention prefill (TFLOP/s against PyTorch SDPA) and split-KV decode (fraction of HBM).
 // Bandwidth is bytes that must move (each input read once, each output written once, the
 // state read and written) over the median time, and its fraction of a device-to-device copy
 // measured in the same run. Times are CUDA events around back-to-back launches (no graph).
@@ -197,6 +198,58 @@ void bench_step(int nseq, int E, int N, int K, double hbm) {
   cudaFree(w); cudaFree(A); cudaFree(ssm); cudaFree(conv); cudaFree(dslots);
 }
 
+// Device int32 array (the ragged batch's cu_seqlens, slots, pos0).
+int32_t* upload_i32(const std::vector<int32_t>& h) {
+  int32_t* p = nullptr;
+  ck(cudaMalloc(&p, h.size() * 4), "cudaMalloc");
+  ck(cudaMemcpy(p, h.data(), h.size() * 4, cudaMemcpyHostToDevice), "upload");
+  return p;
+}
+
+// Attention over nseq sequences whose caches hold ctx keys each: prefill (every sequence's L =
+// ctx rows from position 0, causal) or decode (one row at position ctx - 1). FLOPs count the
+// two matrix products over the causal keys only (4 hd per query and key: PyTorch SDPA's
+// convention for its 374 TFLOP/s at L 2048, hd 64); decode bytes are the K and V read.
+template <class KV>
+void bench_attention(bool prefill, int nseq, int ctx, int H, int G, int hd, double hbm) {
+  using T = KV;
+  const int L = prefill ? ctx : 1, width = G * hd;
+  const size_t pool_elems = size_t(nseq) * ctx * width;
+  const int sets = prefill ? 1 : sets_for(2 * pool_elems * sizeof(KV));
+  std::vector<hm::cuda::KvPool<KV>> pools;
+  for (int i = 0; i < sets; ++i)
+    pools.push_back({random_dev<KV>(pool_elems, -1.f, 1.f, 40 + 2 * i), random_dev<KV>(pool_elems, -1.f, 1.f, 41 + 2 * i),
+                     ctx, int64_t(ctx) * width});
+  T* q = random_dev<T>(size_t(nseq) * L * H * hd, -1.f, 1.f, 39);
+  T* out = random_dev<T>(size_t(nseq) * L * H * hd, -1.f, 1.f, 38);
+  std::vector<int32_t> cu(size_t(nseq) + 1), slots(static_cast<size_t>(nseq)), pos0(static_cast<size_t>(nseq), prefill ? 0 : ctx - 1);
+  for (int s = 0; s <= nseq; ++s) cu[size_t(s)] = s * L;
+  for (int s = 0; s < nseq; ++s) slots[size_t(s)] = nseq - 1 - s;
+  int32_t *dcu = upload_i32(cu), *dslots = upload_i32(slots), *dpos = upload_i32(pos0);
+  const hm::cuda::RaggedBatch rb{dcu, dslots, dpos, nseq, nseq * L, L};
+  const size_t wsb = hm::cuda::attention_workspace_bytes(rb, H, G, hd, ctx);
+  void* ws = nullptr;
+  if (wsb) ck(cudaMalloc(&ws, wsb), "cudaMalloc ws");
+  const double ms = time_ms([&](int i) {
+    hm::cuda::attention<T, KV>(out, H * hd, q, H * hd, pools[size_t(i % sets)], rb, H, G, hd, ctx, ws, nullptr);
+  }, 15, prefill ? 1 : 50);
+  const double keys = prefill ? double(ctx) * (ctx + 1) / 2 : double(ctx);  // per sequence and head
+  const double tflops = 4.0 * nseq * H * hd * keys / (ms * 1e-3) / 1e12;
+  if (prefill) {
+    std::printf("attn prefill  %-4s B %-2d L %-5d H %-2d G %-2d hd %-3d %8.4f ms %7.1f TFLOP/s  (SDPA 374 at L 2048 hd 64: %.2fx)\n",
+                type_name<T>(), nseq, ctx, H, G, hd, ms, tflops, tflops / 374.0);
+  } else {
+    const double gbs = 2.0 * pool_elems * sizeof(KV) / (ms * 1e-3) / 1e9;
+    std::printf("attn decode   %-4s B %-2d ctx %-5d H %-2d G %-2d hd %-3d %8.2f us %7.2f TFLOP/s %6.0f GB/s %5.1f%% HBM\n",
+                type_name<T>(), nseq, ctx, H, G, hd, ms * 1e3, tflops, gbs, 100.0 * gbs / hbm);
+  }
+  for (auto& p : pools) {
+    cudaFree(p.k);
+    cudaFree(p.v);
+  }
+  cudaFree(q); cudaFree(out); cudaFree(ws); cudaFree(dcu); cudaFree(dslots); cudaFree(dpos);
+}
+
 }  // namespace
 
 int main() {
@@ -215,5 +268,11 @@ int main() {
   bench_scan<float>(8, 2048, 2048, 16, hbm, 1.16);
   for (int nseq : {1, 16, 64}) bench_step<__nv_bfloat16>(nseq, 4096, 16, 4, hbm);
   for (int nseq : {1, 16, 64}) bench_step<__nv_bfloat16>(nseq, 1536, 16, 4, hbm);
+  bench_attention<__nv_bfloat16>(true, 8, 2048, 8, 8, 64, hbm);
+  bench_attention<__nv_bfloat16>(true, 1, 2048, 8, 8, 64, hbm);
+  bench_attention<__nv_bfloat16>(true, 2, 8192, 16, 4, 128, hbm);
+  for (int ctx : {128, 8192})
+    for (int nseq : {1, 16, 64}) bench_attention<__nv_bfloat16>(false, nseq, ctx, 8, 8, 64, hbm);
+  for (int nseq : {1, 16, 64}) bench_attention<__nv_bfloat16>(false, nseq, 8192, 32, 8, 128, hbm);
   return 0;
 }

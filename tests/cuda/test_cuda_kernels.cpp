@@ -539,4 +539,170 @@ TEST(CudaOpsErrors, SizesOutsideTheKernelsLimits) {
   }
 }
 
+
+// ---- Attention: kv_write, flash prefill, split-KV decode ----------------------------------------
+
+// Activation type T with cache type KV.
+template <class T_, class KV_>
+struct TK {
+  using T = T_;
+  using KV = KV_;
+};
+template <class P>
+class CudaAttention : public ::testing::Test {};
+struct PairNames {
+  template <class P>
+  static std::string GetName(int) {
+    return std::string(type_name<typename P::T>()) + "_" + type_name<typename P::KV>() + "kv";
+  }
+};
+using Pairs = ::testing::Types<TK<float, bf16>, TK<float, f16>, TK<bf16, bf16>, TK<f16, f16>, TK<bf16, f16>>;
+TYPED_TEST_SUITE(CudaAttention, Pairs, PairNames);
+
+// The looser of the two types' bounds: outputs are T, and the prefill's mma rounds the softmax
+// weights to KV.
+template <class T, class KV>
+double attn_tol() {
+  return std::max(tol<T>(), tol<KV>());
+}
+
+// One attention layer's state and inputs: a pool of n_slots x max_ctx cache rows filled with
+// random history (rounded to KV), new q, k, v rows laid out inside one qkv matrix
+// [tokens, (H + 2G) hd], as the model's projection writes them.
+template <class T, class KV>
+struct AttnCase {
+  int H, G, hd, max_ctx, ldq;
+  Input<KV> kc, vc;  // the pools
+  Input<T> qkv;
+  AttnCase(hm::Rng& rng, const Ragged& r, int H_, int G_, int hd_, int max_ctx_)
+      : H(H_), G(G_), hd(hd_), max_ctx(max_ctx_), ldq((H_ + 2 * G_) * hd_),
+        kc(normal<KV>(rng, size_t(r.n_slots) * max_ctx_ * G_ * hd_)),
+        vc(normal<KV>(rng, size_t(r.n_slots) * max_ctx_ * G_ * hd_)),
+        qkv(normal<T>(rng, size_t(r.tokens()) * (H_ + 2 * G_) * hd_, 1.5)) {
+    // The prefill rounds q to KV for the tensor cores: give f32 a q that KV holds exactly,
+    // so the bound measures the kernel's own rounding (softmax weights, output).
+    for (size_t i = 0; i < qkv.t.size(); ++i) {
+      qkv.f[i] = to_f(to_t<KV>(qkv.f[i]));
+      qkv.t[i] = to_t<T>(qkv.f[i]);
+    }
+  }
+  int width() const { return G * hd; }
+  size_t slot_stride() const { return size_t(max_ctx) * width(); }
+  // The pools after kv_write, on the host: new rows rounded T -> KV.
+  void write_ref(const Ragged& r, std::vector<float>& kref, std::vector<float>& vref) const {
+    kref = kc.f;
+    vref = vc.f;
+    for (int s = 0; s < r.nseq(); ++s)
+      for (int t = 0; t < r.len(s); ++t) {
+        const size_t row = size_t(r.cu[size_t(s)] + t) * ldq;
+        const size_t at = size_t(r.slots[size_t(s)]) * slot_stride() + size_t(r.pos0[size_t(s)] + t) * width();
+        for (int j = 0; j < width(); ++j) {
+          kref[at + j] = to_f(to_t<KV>(qkv.f[row + size_t(H) * hd + j]));
+          vref[at + j] = to_f(to_t<KV>(qkv.f[row + size_t(H + G) * hd + j]));
+        }
+      }
+  }
+  // ref::attention per sequence over its slot's rows 0..pos0 + len - 1.
+  std::vector<float> attention_ref(const Ragged& r, const std::vector<float>& kref, const std::vector<float>& vref,
+                                   int ldo) const {
+    std::vector<float> out(size_t(r.tokens()) * ldo, 0.f);
+    for (int s = 0; s < r.nseq(); ++s) {
+      if (r.len(s) == 0) continue;
+      const size_t at = size_t(r.slots[size_t(s)]) * slot_stride();
+      const size_t t0 = size_t(r.cu[size_t(s)]);
+      hm::ref::attention(out.data() + t0 * ldo, ldo, qkv.f.data() + t0 * ldq, ldq, kref.data() + at, vref.data() + at,
+                         r.len(s), r.pos0[size_t(s)], H, G, hd);
+    }
+    return out;
+  }
+};
+
+// kv_write then attention on the GPU against the host: the pools exactly (other slots and
+// positions untouched), the outputs within the bound, NaN-poisoned outputs all written.
+template <class T, class KV>
+void check_attention(hm::Rng& rng, const std::vector<int>& lens, int H, int G, int hd, int max_pos0, const char* op) {
+  Ragged r(rng, lens);
+  for (auto& p : r.pos0) p = int32_t(rng.next_u64() % uint64_t(max_pos0 + 1));
+  int max_keys = 1;
+  for (int s = 0; s < r.nseq(); ++s) max_keys = std::max(max_keys, r.pos0[size_t(s)] + r.len(s));
+  const int max_ctx = max_keys + 5;
+  DevRagged dr(r);
+  const AttnCase<T, KV> c(rng, r, H, G, hd, max_ctx);
+  const int ldo = H * hd + 8;
+  Dev<KV> dk(c.kc.t), dv(c.vc.t);
+  Dev<T> dqkv(c.qkv.t), out(size_t(r.tokens()) * ldo);
+  const hm::cuda::KvPool<KV> pool{dk.p, dv.p, max_ctx, int64_t(c.slot_stride())};
+  hm::cuda::kv_write<T, KV>(pool, dqkv.p + size_t(H) * hd, c.ldq, dqkv.p + size_t(H + G) * hd, c.ldq, dr.rb, G, hd,
+                            nullptr);
+  const size_t ws_bytes = hm::cuda::attention_workspace_bytes(dr.rb, H, G, hd, max_keys);
+  Dev<char> ws(ws_bytes);
+  hm::cuda::attention<T, KV>(out.p, ldo, dqkv.p, c.ldq, pool, dr.rb, H, G, hd, max_keys, ws_bytes ? ws.p : nullptr,
+                             nullptr);
+  std::vector<float> kref, vref;
+  c.write_ref(r, kref, vref);
+  EXPECT_EQ(rel_err(widen(dk.get()), kref), 0.0) << "kv_write K";
+  EXPECT_EQ(rel_err(widen(dv.get()), vref), 0.0) << "kv_write V";
+  const std::vector<float> ref = c.attention_ref(r, kref, vref, ldo);
+  const std::string what = std::string(op) + " hd" + std::to_string(hd);
+  const double err = rel_err(widen(out.get()), ref, r.tokens(), H * hd, ldo);
+  expect_close(what, (std::string(type_name<T>()) + "/" + type_name<KV>()).c_str(), err, attn_tol<T, KV>());
+  if (!(err <= attn_tol<T, KV>()))
+    ADD_FAILURE() << op << " lens[0] " << lens[0] << " nseq " << lens.size() << " H " << H << " G " << G << " hd " << hd;
+}
+
+// Prefill: single sequences of 1, 7, 333 rows and ragged mixes, continuing from a cache
+// (pos0 up to 400; 0 too) or not; GQA ratios 1, 2, 4; hd 32, 64, 128.
+TYPED_TEST(CudaAttention, PrefillRagged) {
+  using T = typename TypeParam::T;
+  using KV = typename TypeParam::KV;
+  REQUIRE_GPU();
+  hm::Rng rng(21);
+  struct Case { std::vector<int> lens; int H, G, hd, max_pos0; };
+  const std::vector<Case> cases = {
+      {{1}, 4, 4, 64, 0},          {{7}, 4, 2, 64, 0},          {{333}, 4, 1, 64, 0},
+      {{7}, 8, 2, 128, 300},       {{333}, 2, 2, 128, 400},     {{5, 1, 333, 7, 64}, 4, 1, 64, 300},
+      {{2, 130, 1}, 8, 2, 128, 200}, {{65, 3}, 2, 1, 32, 100},  {{1, 1, 200}, 4, 4, 32, 50}};
+  for (const Case& k : cases) {
+    check_attention<T, KV>(rng, k.lens, k.H, k.G, k.hd, k.max_pos0, "attention prefill");
+    if (this->HasFailure()) return;
+  }
+}
+
+// Decode: one row per sequence over caches up to ~5000 long (many chunks per sequence), a
+// sequence with no row in the batch, GQA ratios 1, 2, 4, 8.
+TYPED_TEST(CudaAttention, DecodeSplitKv) {
+  using T = typename TypeParam::T;
+  using KV = typename TypeParam::KV;
+  REQUIRE_GPU();
+  hm::Rng rng(22);
+  struct Case { std::vector<int> lens; int H, G, hd, max_pos0; };
+  const std::vector<Case> cases = {{{1}, 4, 4, 64, 0},          {{1, 1, 1, 1, 1}, 8, 2, 64, 5000},
+                                   {{1, 0, 1}, 8, 1, 128, 3000}, {{1, 1}, 4, 2, 32, 700},
+                                   {{1, 1, 1}, 16, 2, 128, 2000}};
+  for (const Case& k : cases) {
+    check_attention<T, KV>(rng, k.lens, k.H, k.G, k.hd, k.max_pos0, "attention decode");
+    if (this->HasFailure()) return;
+  }
+}
+
+TEST(CudaOpsErrors, AttentionShapes) {
+  hm::cuda::RaggedBatch rb;
+  rb.nseq = 1;
+  rb.n_tokens = rb.max_len = 4;
+  const hm::cuda::KvPool<bf16> pool{nullptr, nullptr, 64, 64 * 128};
+  auto message = [&](int H, int G, int hd, int max_keys) -> std::string {
+    try {
+      hm::cuda::attention<bf16, bf16>(nullptr, 8, nullptr, 8, pool, rb, H, G, hd, max_keys, nullptr, nullptr);
+    } catch (const hm::Error& e) {
+      return e.what();
+    }
+    return "accepted";
+  };
+  EXPECT_NE(message(4, 2, 48, 10).find("head_dim"), std::string::npos) << message(4, 2, 48, 10);
+  EXPECT_NE(message(6, 4, 64, 10).find("n_kv_heads"), std::string::npos) << message(6, 4, 64, 10);
+  EXPECT_NE(message(4, 2, 64, 65).find("max_keys"), std::string::npos) << message(4, 2, 64, 65);
+  rb.max_len = 1;
+  EXPECT_NE(message(32, 2, 64, 10).find("query heads per kv head"), std::string::npos) << message(32, 2, 64, 10);
+}
+
 }  // namespace

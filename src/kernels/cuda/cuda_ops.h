@@ -1,4 +1,4 @@
-// CUDA kernels of the Mamba-1 path and the shared elementwise ops (docs/CUDA.md).
+// CUDA kernels of the Mamba-1 path, attention and the shared elementwise ops (docs/CUDA.md).
 //
 // Each op is the contract of kernels/ops.h (hm::ref is the oracle), with three changes:
 //  - Activations and weights are T = float, __nv_bfloat16 or __half; every sum and every
@@ -24,7 +24,7 @@ namespace hm::cuda {
 struct RaggedBatch {
   const int32_t* cu_seqlens = nullptr;  // [nseq + 1], cu_seqlens[0] = 0, non-decreasing
   const int32_t* slots = nullptr;       // [nseq], distinct
-  const int32_t* pos0 = nullptr;        // [nseq]; only RoPE (and later attention) read it
+  const int32_t* pos0 = nullptr;        // [nseq]; RoPE, kv_write and attention read it
   int nseq = 0;
   int n_tokens = 0;  // cu_seqlens[nseq]
   int max_len = 0;   // max over s of the chunk length
@@ -92,5 +92,39 @@ void selective_scan_step(T* y, int ldy, float* ssm_state, const int32_t* slots, 
 // position pos0[s] + t - cu_seqlens[s].
 template <class T>
 void rope(T* x, int ldx, int heads, int hd, const RaggedBatch& rb, float theta, cudaStream_t stream);
+
+// KV cache of one attention layer: K and V each [n_slots, max_ctx, G * hd] elements of KV
+// (bf16 or f16); slot i starts at i * slot_stride elements (16-byte aligned).
+template <class KV>
+struct KvPool {
+  KV* k = nullptr;
+  KV* v = nullptr;
+  int max_ctx = 0;
+  int64_t slot_stride = 0;
+};
+
+// Most query heads per kv head (H / G) the decode kernel takes (their queries live in registers).
+constexpr int kMaxGroup = 8;
+
+// Rows t of k and v ([n_tokens, G * hd], row strides ldk, ldv) to slot slots[s] at positions
+// pos0[s] + t - cu_seqlens[s], rounded to KV. The caller checks the positions against max_ctx
+// on the host; the kernel writes nothing outside the pool.
+template <class T, class KV>
+void kv_write(const KvPool<KV>& pool, const T* k, int ldk, const T* v, int ldv, const RaggedBatch& rb, int G,
+              int hd, cudaStream_t stream);
+
+// Causal attention of every query row over its sequence's cache (written by kv_write first):
+// row t of sequence s, at position p = pos0[s] + t - cu_seqlens[s], attends to keys 0..p of
+// slot slots[s]. q [n_tokens, H * hd] (ldq), out likewise (ldo); query head j reads kv head
+// j / (H / G); scale 1 / sqrt(hd); hd 32, 64 or 128. max_keys bounds pos0[s] + length over the
+// batch (max_ctx always does).
+//  - max_len > 1 (prefill): flash kernel on the tensor cores; q and the softmax weights are
+//    rounded to KV for the mma, every sum is float.
+//  - max_len == 1 (decode): split-KV kernel (float math) plus a combine; H / G <= kMaxGroup;
+//    `workspace` holds attention_workspace_bytes(...) bytes.
+template <class T, class KV>
+void attention(T* out, int ldo, const T* q, int ldq, const KvPool<KV>& pool, const RaggedBatch& rb, int H, int G,
+               int hd, int max_keys, void* workspace, cudaStream_t stream);
+size_t attention_workspace_bytes(const RaggedBatch& rb, int H, int G, int hd, int max_keys);
 
 }  // namespace hm::cuda

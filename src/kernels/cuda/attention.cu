@@ -1,0 +1,430 @@
+// Attention over a ragged batch and a per-slot KV cache: the cache write, a flash-style causal
+// prefill on the tensor cores (mma.sync m16n8k16, bf16/f16 in, f32 accumulate, online softmax,
+// no L x L matrix anywhere) and a split-KV decode (one query per sequence, the cache cut into
+// chunks read by separate warps, then a combine kernel). docs/CUDA.md has the design.
+#include <cmath>
+
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/cuda_ops.h"
+
+namespace hm::cuda {
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Two floats rounded to the cache type and packed as one 32-bit mma operand (low half first).
+template <class KV> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// d += a (16x16, row-major) * b (16x8, column-major), f32 accumulators.
+template <class KV> __device__ __forceinline__ void mma16816(float d[4], const uint32_t a[4], const uint32_t b[2]);
+template <> __device__ __forceinline__ void mma16816<__nv_bfloat16>(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <> __device__ __forceinline__ void mma16816<__half>(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// ---- KV write ---------------------------------------------------------------------------------
+
+// One block row per token: its K and V rows go to slot slots[s] at position pos0[s] + t.
+template <class T, class KV>
+__global__ void kv_write_kernel(KvPool<KV> pool, const T* __restrict__ k, int ldk, const T* __restrict__ v,
+                                int ldv, const int32_t* __restrict__ cu, const int32_t* __restrict__ slots,
+                                const int32_t* __restrict__ pos0, int nseq, int width) {
+  const int j = blockIdx.y * blockDim.x + threadIdx.x;
+  if (j >= width) return;
+  const int t = blockIdx.x, s = seq_of_row(cu, nseq, t);
+  const int pos = pos0[s] + t - cu[s];
+  if (pos < 0 || pos >= pool.max_ctx) return;  // the caller checks positions on the host
+  const size_t at = size_t(slots[s]) * pool.slot_stride + size_t(pos) * width + j;
+  pool.k[at] = from_f<KV>(to_f(k[size_t(t) * ldk + j]));
+  pool.v[at] = from_f<KV>(to_f(v[size_t(t) * ldv + j]));
+}
+
+// ---- Flash prefill ----------------------------------------------------------------------------
+
+constexpr int kBq = 64;  // query rows per block: 4 warps x 16
+constexpr int kBk = 64;  // keys per tile
+constexpr int kPrefillThreads = 128;
+
+// Block (tile of 64 query rows, query head h, sequence s). Each warp owns 16 query rows: its Q
+// fragments, its output accumulators and its softmax state stay in registers. K tiles sit in
+// shared memory row-major (the B operand of S = Q K^T), V tiles transposed (the B operand of
+// O += P V); P goes from the S accumulators straight to A operands (same thread layout).
+template <class T, class KV, int HD>
+__global__ void __launch_bounds__(kPrefillThreads) flash_prefill_kernel(
+    T* __restrict__ out, int ldo, const T* __restrict__ q, int ldq, KvPool<KV> pool,
+    const int32_t* __restrict__ cu, const int32_t* __restrict__ slots, const int32_t* __restrict__ pos0,
+    int H, int G, float scale_log2) {
+  constexpr int KP = HD + 8;   // padded rows: the fragment reads of a warp hit 32 banks
+  constexpr int VP = kBk + 8;
+  __shared__ __align__(16) KV ks[kBk * KP];
+  __shared__ __align__(16) KV vt[HD * VP];
+
+  const int s = blockIdx.z, h = blockIdx.y;
+  const int row0 = cu[s], L = cu[s + 1] - row0;
+  const int r0 = (gridDim.x - 1 - blockIdx.x) * kBq;  // the longest (latest) tiles start first
+  if (r0 >= L) return;
+  const int p0 = pos0[s], ldkv = G * HD, g = h / (H / G);
+  const KV* kb = pool.k + size_t(slots[s]) * pool.slot_stride + size_t(g) * HD;
+  const KV* vb = pool.v + size_t(slots[s]) * pool.slot_stride + size_t(g) * HD;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
+  const int wr = r0 + warp * 16;  // this warp's first query row in the sequence
+
+  // Q as A fragments: register r holds row gid (+8 if r odd), columns 2 tig, 2 tig + 1 (+8 if r >= 2).
+  uint32_t qf[HD / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < HD / 16; ++kk)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int row = wr + gid + (r & 1) * 8, col = kk * 16 + 2 * tig + (r >> 1) * 8;
+      float a = 0.f, b = 0.f;
+      if (row < L) {
+        const T* qp = q + size_t(row0 + row) * ldq + size_t(h) * HD + col;
+        a = to_f(qp[0]);
+        b = to_f(qp[1]);
+      }
+      qf[kk][r] = pack2<KV>(a, b);
+    }
+
+  float o[HD / 8][4];
+#pragma unroll
+  for (int n = 0; n < HD / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // rows gid and gid + 8, log2 units
+
+  const int last_key = p0 + min(r0 + kBq, L) - 1;  // the last key any row of the block reads
+  const int warp_last = p0 + wr + 15;              // ... and any row of this warp
+  const bool warp_live = wr < L;
+  for (int k0 = 0; k0 <= last_key; k0 += kBk) {
+    __syncthreads();  // the previous tile is consumed
+    // K rows: consecutive threads take consecutive 16-byte pieces of a row.
+    for (int i = threadIdx.x; i < kBk * (HD / 8); i += kPrefillThreads) {
+      const int r = i / (HD / 8), c = (i % (HD / 8)) * 8, key = k0 + r;
+      uint4 w = make_uint4(0, 0, 0, 0);  // keys past the block's last are zero (masked below)
+      if (key <= last_key) w = *reinterpret_cast<const uint4*>(kb + size_t(key) * ldkv + c);
+      *reinterpret_cast<uint4*>(ks + r * KP + c) = w;
+    }
+    // V rows transposed: consecutive threads take consecutive keys, so the 2-byte stores of a
+    // warp fall in consecutive addresses. Zeros past the end: 0 * garbage could be NaN.
+    for (int i = threadIdx.x; i < kBk * (HD / 8); i += kPrefillThreads) {
+      const int r = i % kBk, c = (i / kBk) * 8, key = k0 + r;
+      uint4 w = make_uint4(0, 0, 0, 0);
+      if (key <= last_key) w = *reinterpret_cast<const uint4*>(vb + size_t(key) * ldkv + c);
+      const KV* e = reinterpret_cast<const KV*>(&w);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) vt[(c + j) * VP + r] = e[j];
+    }
+    __syncthreads();
+    if (!warp_live || k0 > warp_last) continue;  // every key of the tile is in this warp's future
+
+    // S = Q K^T for 16 rows x 64 keys: 8 accumulators of 16 x 8.
+    float sc[kBk / 8][4];
+#pragma unroll
+    for (int n = 0; n < kBk / 8; ++n) {
+      sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < HD / 16; ++kk) {
+        const KV* kp = ks + (n * 8 + gid) * KP + kk * 16 + 2 * tig;
+        const uint32_t b[2] = {*reinterpret_cast<const uint32_t*>(kp), *reinterpret_cast<const uint32_t*>(kp + 8)};
+        mma16816<KV>(sc[n], qf[kk], b);
+      }
+    }
+    // Scale into log2 units and mask the future: element e is row gid + 8 (e >= 2), key 2 tig + (e & 1).
+    const bool need_mask = k0 + kBk - 1 > p0 + wr;
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int n = 0; n < kBk / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float v = sc[n][e] * scale_log2;
+        if (need_mask && k0 + n * 8 + 2 * tig + (e & 1) > p0 + wr + gid + (e >> 1) * 8) v = -INFINITY;
+        sc[n][e] = v;
+        mx[e >> 1] = fmaxf(mx[e >> 1], v);
+      }
+    // Row max over the quad that shares a row; key 0 is in every row's past, so after the first
+    // tile m is finite and exp2(-inf - m) is 0.
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      const float mn = fmaxf(m[r], mx[r]);
+      alpha[r] = exp2f(m[r] - mn);
+      m[r] = mn;
+      l[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int n = 0; n < HD / 8; ++n) {
+      o[n][0] *= alpha[0];
+      o[n][1] *= alpha[0];
+      o[n][2] *= alpha[1];
+      o[n][3] *= alpha[1];
+    }
+#pragma unroll
+    for (int n = 0; n < kBk / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        sc[n][e] = exp2f(sc[n][e] - m[e >> 1]);
+        l[e >> 1] += sc[n][e];
+      }
+    // O += P V: the accumulators of key blocks 2j and 2j + 1 are the A fragment of keys 16j..16j+15.
+#pragma unroll
+    for (int j = 0; j < kBk / 16; ++j) {
+      const uint32_t a[4] = {pack2<KV>(sc[2 * j][0], sc[2 * j][1]), pack2<KV>(sc[2 * j][2], sc[2 * j][3]),
+                             pack2<KV>(sc[2 * j + 1][0], sc[2 * j + 1][1]),
+                             pack2<KV>(sc[2 * j + 1][2], sc[2 * j + 1][3])};
+#pragma unroll
+      for (int n = 0; n < HD / 8; ++n) {
+        const KV* vp = vt + (n * 8 + gid) * VP + j * 16 + 2 * tig;
+        const uint32_t b[2] = {*reinterpret_cast<const uint32_t*>(vp), *reinterpret_cast<const uint32_t*>(vp + 8)};
+        mma16816<KV>(o[n], a, b);
+      }
+    }
+  }
+  if (!warp_live) return;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = wr + gid + r * 8;
+    if (row >= L) continue;
+    const float inv = 1.f / l[r];
+    T* op = out + size_t(row0 + row) * ldo + size_t(h) * HD + 2 * tig;
+#pragma unroll
+    for (int n = 0; n < HD / 8; ++n) {
+      op[n * 8] = from_f<T>(o[n][2 * r] * inv);
+      op[n * 8 + 1] = from_f<T>(o[n][2 * r + 1] * inv);
+    }
+  }
+}
+
+// ---- Split-KV decode --------------------------------------------------------------------------
+
+constexpr int kDecodeThreads = 128;
+constexpr int kDecodeWarps = kDecodeThreads / 32;
+
+// Softmax state merge: (m, l, acc) absorbs (mo, lo, acco); -inf means empty.
+__device__ __forceinline__ void merge_weights(float m, float mo, float& a, float& b, float& mn) {
+  mn = fmaxf(m, mo);
+  a = m == -INFINITY ? 0.f : exp2f(m - mn);
+  b = mo == -INFINITY ? 0.f : exp2f(mo - mn);
+}
+
+// Block (chunk c of the cache, kv head g, sequence s); the query heads of group g share every K
+// and V load. HD / 8 lanes read one key row with 16-byte loads, so a warp reads 32 / (HD / 8)
+// keys at a time, each lane 8 dimensions. Each lane group runs its own online softmax; the
+// groups of a warp merge by shuffles, and each warp leaves one partial (m, l, acc[HD]) per head
+// in `part` for the combine kernel.
+template <class T, class KV, int HD>
+__global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(
+    float* __restrict__ part, const T* __restrict__ q, int ldq, KvPool<KV> pool,
+    const int32_t* __restrict__ cu, const int32_t* __restrict__ slots, const int32_t* __restrict__ pos0,
+    int H, int G, int chunk, float scale_log2) {
+  constexpr int LPK = HD / 8, KPW = 32 / LPK;
+  const int s = blockIdx.z, g = blockIdx.y, c = blockIdx.x;
+  const int qpg = H / G;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, sub = lane / LPK, li = lane % LPK;
+  const int n_part = gridDim.x * kDecodeWarps;
+  const bool has_row = cu[s + 1] - cu[s] == 1;
+  const int n_keys = has_row ? pos0[s] + 1 : 0;
+  const int kbeg = c * chunk, kend = min(n_keys, kbeg + chunk);
+
+  float qv[kMaxGroup][8], acc[kMaxGroup][8], m[kMaxGroup], l[kMaxGroup];
+#pragma unroll
+  for (int j = 0; j < kMaxGroup; ++j) {
+    m[j] = -INFINITY;
+    l[j] = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      acc[j][i] = 0.f;
+      qv[j][i] = j < qpg && has_row ? to_f(q[size_t(cu[s]) * ldq + size_t(g * qpg + j) * HD + li * 8 + i]) * scale_log2 : 0.f;
+    }
+  }
+  const KV* kb = pool.k + size_t(slots[s]) * pool.slot_stride + size_t(g) * HD + li * 8;
+  const KV* vb = pool.v + size_t(slots[s]) * pool.slot_stride + size_t(g) * HD + li * 8;
+  const int ldkv = G * HD;
+  // The loop bound is the same for the whole warp (the shuffles need every lane).
+  for (int base = kbeg + warp * KPW; base < kend; base += kDecodeWarps * KPW) {
+    const int key = base + sub;
+    const bool valid = key < kend;
+    uint4 kw = make_uint4(0, 0, 0, 0), vw = make_uint4(0, 0, 0, 0);
+    if (valid) {
+      kw = *reinterpret_cast<const uint4*>(kb + size_t(key) * ldkv);
+      vw = *reinterpret_cast<const uint4*>(vb + size_t(key) * ldkv);
+    }
+    const KV* ke = reinterpret_cast<const KV*>(&kw);
+    const KV* ve = reinterpret_cast<const KV*>(&vw);
+    float kf[8], vf[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      kf[i] = to_f(ke[i]);
+      vf[i] = to_f(ve[i]);
+    }
+#pragma unroll
+    for (int j = 0; j < kMaxGroup; ++j) {
+      if (j >= qpg) break;
+      float d = 0.f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) d += qv[j][i] * kf[i];
+#pragma unroll
+      for (int o = LPK / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+      if (!valid) continue;
+      const float mn = fmaxf(m[j], d), a = exp2f(m[j] - mn), p = exp2f(d - mn);
+      m[j] = mn;
+      l[j] = l[j] * a + p;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[j][i] = acc[j][i] * a + p * vf[i];
+    }
+  }
+  // Merge the KPW lane groups of the warp (lanes li, li + LPK, ...) into lanes 0..LPK-1.
+#pragma unroll
+  for (int o = LPK; o < 32; o <<= 1)
+#pragma unroll
+    for (int j = 0; j < kMaxGroup; ++j) {
+      if (j >= qpg) break;
+      const float mo = __shfl_xor_sync(0xffffffffu, m[j], o), lo = __shfl_xor_sync(0xffffffffu, l[j], o);
+      float a, b, mn;
+      merge_weights(m[j], mo, a, b, mn);
+      m[j] = mn;
+      l[j] = l[j] * a + lo * b;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[j][i] = acc[j][i] * a + __shfl_xor_sync(0xffffffffu, acc[j][i], o) * b;
+    }
+  if (sub != 0) return;
+  // part[s][h][p][0 .. HD + 1] = acc, then m and l; partial p = chunk c, warp w.
+  const int p = c * kDecodeWarps + warp;
+#pragma unroll
+  for (int j = 0; j < kMaxGroup; ++j) {
+    if (j >= qpg) break;
+    float* dst = part + ((size_t(s) * H + g * qpg + j) * n_part + p) * (HD + 2);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) dst[li * 8 + i] = acc[j][i];
+    if (li == 0) {
+      dst[HD] = m[j];
+      dst[HD + 1] = l[j];
+    }
+  }
+}
+
+// One block per (query head, sequence), one thread per dimension: the partials' softmax states merged.
+template <class T>
+__global__ void decode_combine_kernel(T* __restrict__ out, int ldo, const float* __restrict__ part,
+                                      const int32_t* __restrict__ cu, int H, int hd, int n_part) {
+  const int h = blockIdx.x, s = blockIdx.y, d = threadIdx.x;
+  if (cu[s + 1] - cu[s] != 1 || d >= hd) return;
+  const float* base = part + (size_t(s) * H + h) * n_part * (hd + 2);
+  float mx = -INFINITY;
+  for (int p = 0; p < n_part; ++p) mx = fmaxf(mx, base[size_t(p) * (hd + 2) + hd]);
+  float num = 0.f, den = 0.f;
+  for (int p = 0; p < n_part; ++p) {
+    const float* pp = base + size_t(p) * (hd + 2);
+    if (pp[hd] == -INFINITY) continue;  // an empty chunk (past the sequence's keys)
+    const float w = exp2f(pp[hd] - mx);
+    num += w * pp[d];
+    den += w * pp[hd + 1];
+  }
+  out[size_t(cu[s]) * ldo + size_t(h) * hd + d] = from_f<T>(num / den);
+}
+
+// Chunks per (sequence, kv head): enough blocks for a few waves over 132 SMs, but at least 64
+// keys per chunk (shorter ones cost more in partials than they save).
+int decode_chunks(const RaggedBatch& rb, int G, int max_keys) {
+  const int want = ceil_div(4 * 132, std::max(1, rb.nseq * G));
+  return std::max(1, std::min(want, ceil_div(max_keys, 64)));
+}
+
+void check_attention(const RaggedBatch& rb, int H, int G, int hd, int max_keys, int max_ctx) {
+  HM_CHECK(hd == 32 || hd == 64 || hd == 128, "cuda attention: head_dim must be 32, 64 or 128, got ", hd);
+  HM_CHECK(G > 0 && H > 0 && H % G == 0, "cuda attention: n_heads ", H, " is not a multiple of n_kv_heads ", G);
+  if (rb.max_len == 1)
+    HM_CHECK(H / G <= kMaxGroup, "cuda attention: the decode kernel takes at most ", kMaxGroup,
+             " query heads per kv head, got ", H / G);
+  HM_CHECK(max_keys >= 1 && max_keys <= max_ctx, "cuda attention: max_keys must be in [1, max_ctx ", max_ctx,
+           "], got ", max_keys);
+}
+
+template <class T, class KV, int HD>
+void attention_hd(T* out, int ldo, const T* q, int ldq, const KvPool<KV>& pool, const RaggedBatch& rb, int H,
+                  int G, int max_keys, void* workspace, cudaStream_t stream) {
+  const float scale_log2 = float(1.0 / std::sqrt(double(HD))) * kLog2e;
+  if (rb.max_len == 1) {
+    const int chunks = decode_chunks(rb, G, max_keys), chunk = ceil_div(max_keys, chunks);
+    float* part = static_cast<float*>(workspace);
+    decode_split_kernel<T, KV, HD><<<dim3(chunks, G, rb.nseq), kDecodeThreads, 0, stream>>>(
+        part, q, ldq, pool, rb.cu_seqlens, rb.slots, rb.pos0, H, G, chunk, scale_log2);
+    HM_CUDA_LAUNCHED("attention decode");
+    decode_combine_kernel<T><<<dim3(H, rb.nseq), HD, 0, stream>>>(out, ldo, part, rb.cu_seqlens, H, HD,
+                                                                   chunks * kDecodeWarps);
+    HM_CUDA_LAUNCHED("attention decode combine");
+    return;
+  }
+  flash_prefill_kernel<T, KV, HD><<<dim3(ceil_div(rb.max_len, kBq), H, rb.nseq), kPrefillThreads, 0, stream>>>(
+      out, ldo, q, ldq, pool, rb.cu_seqlens, rb.slots, rb.pos0, H, G, scale_log2);
+  HM_CUDA_LAUNCHED("attention prefill");
+}
+
+}  // namespace
+
+template <class T, class KV>
+void kv_write(const KvPool<KV>& pool, const T* k, int ldk, const T* v, int ldv, const RaggedBatch& rb, int G,
+              int hd, cudaStream_t stream) {
+  HM_CHECK(G > 0 && hd > 0, "cuda kv_write: n_kv_heads ", G, " and head_dim ", hd, " must be positive");
+  if (rb.n_tokens <= 0) return;
+  const int width = G * hd;
+  kv_write_kernel<T, KV><<<dim3(rb.n_tokens, ceil_div(width, 128)), 128, 0, stream>>>(
+      pool, k, ldk, v, ldv, rb.cu_seqlens, rb.slots, rb.pos0, rb.nseq, width);
+  HM_CUDA_LAUNCHED("kv_write");
+}
+
+size_t attention_workspace_bytes(const RaggedBatch& rb, int H, int G, int hd, int max_keys) {
+  if (rb.max_len != 1 || rb.nseq <= 0 || G <= 0) return 0;
+  const int chunks = decode_chunks(rb, G, std::max(max_keys, 1));
+  return size_t(rb.nseq) * H * chunks * kDecodeWarps * (hd + 2) * sizeof(float);
+}
+
+template <class T, class KV>
+void attention(T* out, int ldo, const T* q, int ldq, const KvPool<KV>& pool, const RaggedBatch& rb, int H, int G,
+               int hd, int max_keys, void* workspace, cudaStream_t stream) {
+  check_attention(rb, H, G, hd, max_keys, pool.max_ctx);
+  HM_CHECK((reinterpret_cast<uintptr_t>(pool.k) | reinterpret_cast<uintptr_t>(pool.v)) % 16 == 0 &&
+               (pool.slot_stride * int64_t(sizeof(KV))) % 16 == 0,
+           "cuda attention: the KV pool must be 16-byte aligned (slot_stride ", pool.slot_stride, ")");
+  if (rb.nseq <= 0 || rb.n_tokens <= 0) return;
+  HM_CHECK(rb.max_len != 1 || workspace != nullptr, "cuda attention: decode needs attention_workspace_bytes of workspace");
+  switch (hd) {
+    case 32: attention_hd<T, KV, 32>(out, ldo, q, ldq, pool, rb, H, G, max_keys, workspace, stream); break;
+    case 64: attention_hd<T, KV, 64>(out, ldo, q, ldq, pool, rb, H, G, max_keys, workspace, stream); break;
+    default: attention_hd<T, KV, 128>(out, ldo, q, ldq, pool, rb, H, G, max_keys, workspace, stream); break;
+  }
+}
+
+#define HM_INST_KV(T, KV)                                                                           \
+  template void kv_write<T, KV>(const KvPool<KV>&, const T*, int, const T*, int, const RaggedBatch&, int, int, \
+                                cudaStream_t);                                                      \
+  template void attention<T, KV>(T*, int, const T*, int, const KvPool<KV>&, const RaggedBatch&, int, int, int, \
+                                 int, void*, cudaStream_t);
+#define HM_INST(T) HM_INST_KV(T, __nv_bfloat16) HM_INST_KV(T, __half)
+HM_CUDA_FOR_TYPES(HM_INST)
+#undef HM_INST
+#undef HM_INST_KV
+
+}  // namespace hm::cuda
