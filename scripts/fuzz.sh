@@ -15,8 +15,11 @@ targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then targets=(safetensors config tokenizer trainer_state); fi
 B=${HM_FUZZ_BUILD:-build-fuzz}
 
-CC=clang CXX=clang++ cmake -S . -B "$B" -DCMAKE_BUILD_TYPE=Release -DHM_FUZZ=ON -DHM_BUILD_TESTS=OFF \
-  -DHM_BUILD_BENCH=OFF >/dev/null
+# A build directory already configured with HM_FUZZ (scripts/test.sh's build-asan) is only built.
+if ! grep -qs '^HM_FUZZ:BOOL=ON' "$B/CMakeCache.txt"; then
+  CC=clang CXX=clang++ cmake -S . -B "$B" -DCMAKE_BUILD_TYPE=Release -DHM_FUZZ=ON -DHM_BUILD_TESTS=OFF \
+    -DHM_BUILD_BENCH=OFF >/dev/null
+fi
 cmake --build "$B" -j "$(nproc)" --target "${targets[@]/#/fuzz_}" >/dev/null
 
 summary=()

@@ -14,9 +14,10 @@ cmake --build build -j "$(nproc)"
 if [ "${HM_TEST_SANITIZE:-1}" = 0 ]; then exit 0; fi
 # Every test again under ASan + UBSan (every report is fatal, float-to-int conversions
 # included), without the benchmarks (the Python module leaves itself out: python/CMakeLists.txt).
-CC=clang CXX=clang++ cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Release -DHM_SANITIZE=ON \
-  -DHM_BUILD_BENCH=OFF >/dev/null
+# HM_FUZZ implies HM_SANITIZE and adds the fuzz targets, so one clang build serves both.
+CC=clang CXX=clang++ cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Release -DHM_FUZZ=ON \
+  -DHM_BUILD_TESTS=ON -DHM_BUILD_BENCH=OFF >/dev/null
 cmake --build build-asan -j "$(nproc)"
 (cd build-asan && ctest --output-on-failure -j "$(nproc)")
 # Each fuzzer for 20 s from its seed corpus (scripts/fuzz.sh: 10 minutes each before a release).
-bash scripts/fuzz.sh 20
+HM_FUZZ_BUILD=build-asan bash scripts/fuzz.sh 20
