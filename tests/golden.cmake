@@ -8,11 +8,12 @@ set(HM_TORCH_PYTHON /usr/bin/python3 CACHE FILEPATH "Python interpreter with PyT
 set(HM_GOLDEN ${CMAKE_BINARY_DIR}/golden)
 set(HM_PEER ${CMAKE_SOURCE_DIR}/bench/torch_peer.py)
 
-# Every preset's layer structure: `hm init`'s config.json (its weights are deleted unread).
+# Every preset's layer structure: `hm init`'s config.json (its weights are deleted unread). The
+# folder goes first: hm init refuses to overwrite a model, and a rerun finds last run's.
 set(HM_GOLDEN_PRESETS tiny true-tiny seed mamba transformer demo true-hybrid true-demo)
 foreach(p ${HM_GOLDEN_PRESETS})
   add_test(NAME golden_config_${p}
-    COMMAND sh -c "\"$0\" init --preset $1 --dtype BF16 --out \"$2\" > /dev/null && rm \"$2/model.safetensors\""
+    COMMAND sh -c "rm -rf \"$2\" && \"$0\" init --preset $1 --dtype BF16 --out \"$2\" > /dev/null && rm \"$2/model.safetensors\""
             $<TARGET_FILE:hm> ${p} ${HM_GOLDEN}/config/${p})
   set_tests_properties(golden_config_${p} PROPERTIES FIXTURES_SETUP golden_config_${p})
 endforeach()
