@@ -11,6 +11,18 @@ cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DHM_WERROR=ON >/dev/null
 cmake --build build -j "$(nproc)"
 (cd build && ctest --output-on-failure -j "$(nproc)")
 
+# The CUDA kernels compile on every run so they cannot rot (docs/CUDA.md); without a GPU their
+# tests report each case SKIPPED. nvcc comes with NVIDIA's toolkit, not Debian: skipped, visibly,
+# where it is absent.
+if [ -x /usr/local/cuda/bin/nvcc ]; then
+  cmake -S . -B build-cuda -DCMAKE_BUILD_TYPE=Release -DHM_WERROR=ON -DHM_CUDA=ON \
+    -DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc -DHM_PYTHON=OFF >/dev/null
+  cmake --build build-cuda -j "$(nproc)" --target hm_cuda_tests hm_bench_cuda_kernels
+  build-cuda/hm_cuda_tests
+else
+  echo "test.sh: no /usr/local/cuda/bin/nvcc: the CUDA backend was not compiled"
+fi
+
 if [ "${HM_TEST_SANITIZE:-1}" = 0 ]; then exit 0; fi
 # Every test again under ASan + UBSan (every report is fatal, float-to-int conversions
 # included), without the benchmarks (the Python module leaves itself out: python/CMakeLists.txt).
