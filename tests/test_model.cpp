@@ -11,6 +11,7 @@
 #include "core/rng.h"
 #include "model/model.h"
 #include "io/safetensors.h"
+#include "runtime/generate.h"
 #include "test_util.h"
 
 using namespace hm;
@@ -290,4 +291,53 @@ TEST(Checkpoint, MismatchedOrDamagedFilesNameTheProblem) {
   expect_error("safetensors");
   std::filesystem::remove_all(dir);
   EXPECT_THROW(load_model(dir.string(), *be), Error);
+}
+
+// The step-wise Generator (pulled by Python's stream and, later, a server) samples what generate
+// samples: sequence 1 stopped by the consumer after 3 tokens here, by generate's callback there;
+// every sequence of the batch equals that prompt generated alone.
+TEST(Model, GeneratorStepsEqualGenerate) {
+  auto be = make_cpu_backend();
+  HybridModel m(tiny(), *be);
+  randomize_params(m, 8);
+  Rng rng(21);
+  const std::vector<std::vector<int32_t>> prompts = {tokens(rng, 5, m.config().vocab_size),
+                                                     tokens(rng, 11, m.config().vocab_size),
+                                                     tokens(rng, 2, m.config().vocab_size)};
+  GenerateOptions opt;
+  opt.max_new_tokens = 9;
+  opt.sampling.seed = 4;
+  HybridMemory mem_a(*be, m.config(), 3, 32);
+  const auto want = generate(m, mem_a, prompts, opt, [](int, int32_t) { return true; });
+
+  HybridMemory mem_b(*be, m.config(), 3, 32);
+  GenerateStats st;
+  Generator g(m, mem_b, prompts, opt, &st);
+  std::vector<std::vector<int32_t>> got(3);
+  int steps = 0;
+  for (;;) {
+    const auto& step = g.next();
+    if (step.empty()) break;
+    ++steps;
+    for (const auto& [seq, tok] : step) {
+      got[size_t(seq)].push_back(tok);
+      if (seq == 1 && got[1].size() == 3) g.stop(1);
+    }
+  }
+  EXPECT_EQ(steps, 9);
+  EXPECT_EQ(got[0], want[0]);
+  EXPECT_EQ(got[2], want[2]);
+  EXPECT_EQ(got[1], std::vector<int32_t>(want[1].begin(), want[1].begin() + 3));
+  EXPECT_EQ(got, g.tokens());
+  EXPECT_EQ(st.decoded_tokens, 9 + 3 + 9);
+
+  HybridMemory mem_c(*be, m.config(), 3, 32);
+  const auto stopped = generate(m, mem_c, prompts, opt, [](int seq, int32_t) { return seq != 1; });
+  EXPECT_EQ(stopped[1].size(), 1u);  // the callback sees each token, then stops its sequence
+  for (int i = 0; i < 3; ++i) {
+    HybridMemory alone(*be, m.config(), 1, 32);
+    GenerateOptions o1 = opt;
+    o1.sampling.seed = opt.sampling.seed + uint64_t(i);
+    EXPECT_EQ(generate(m, alone, {prompts[size_t(i)]}, o1)[0], want[size_t(i)]) << "sequence " << i;
+  }
 }

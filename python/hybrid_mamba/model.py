@@ -1,8 +1,6 @@
 """HybridMambaModel: the seed's model class, running on the C++ engine. Every computation
 (forward, sampling, routing, training steps) is the engine's; this file converts arguments."""
 import json
-import queue
-import threading
 
 import numpy as np
 
@@ -197,37 +195,23 @@ class HybridMambaModel:
                         min_p=0.05, repetition_penalty=1.1, seed=0, *, repeat_last_n=64,
                         eos_token_id=_AUTO, kv_type="f16", ctx=0):
         """generate() as an iterator: yields (sequence index, token id) as each token is
-        sampled. Leaving the loop early stops the generation."""
-        q = queue.Queue()
-        stop = threading.Event()
-        done = object()
-
-        def on_token(seq, token):
-            q.put((seq, token))
-            return not stop.is_set()
-
-        def run():
-            try:
-                self._generate(input_ids, max_new_tokens, temperature, top_k, top_p, min_p,
-                               repetition_penalty, seed, repeat_last_n, eos_token_id, kv_type,
-                               ctx, on_token)
-                q.put(done)
-            except BaseException as e:  # handed to the consumer, raised there
-                q.put(e)
-
-        worker = threading.Thread(target=run, name="hybrid_mamba.generate", daemon=True)
-        worker.start()
-        try:
-            while True:
-                item = q.get()
-                if item is done:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            worker.join()
+        sampled. Each step of the engine runs in the caller's thread when the next token is
+        asked for (the GIL released meanwhile); leaving the loop early stops the generation."""
+        prompts, _ = as_prompts(input_ids, "input_ids")
+        tok = self.tokenizer
+        if eos_token_id is _AUTO:
+            eos_token_id = tok.eos if tok is not None else None
+        sp = _sampling(temperature, top_k, top_p, min_p, repetition_penalty, repeat_last_n, seed)
+        stream = self._m.stream(
+            [p.tolist() for p in prompts], int(max_new_tokens), sp,
+            -1 if eos_token_id is None else int(eos_token_id),
+            tok.vocab_size if tok is not None else 0, kv_type, int(ctx))
+        while True:
+            step = stream.next()
+            if not step:
+                self.last_stats = stream.stats
+                return
+            yield from step
 
     def generate_text(self, prompt, max_new_tokens=64, add_bos=True, **kwargs):
         """Text in, text out with the model's tokenizer: returns prompt + completion (a str, or a

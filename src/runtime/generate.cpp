@@ -13,10 +13,9 @@ double ms_since(std::chrono::steady_clock::time_point t0) {
 }
 }  // namespace
 
-std::vector<std::vector<int32_t>> generate(HybridModel& model, HybridMemory& mem,
-                                           const std::vector<std::vector<int32_t>>& prompts,
-                                           const GenerateOptions& opt, const TokenCallback& on_token,
-                                           GenerateStats* stats) {
+Generator::Generator(HybridModel& model, HybridMemory& mem, const std::vector<std::vector<int32_t>>& prompts,
+                     const GenerateOptions& opt, GenerateStats* stats)
+    : model_(model), mem_(mem), opt_(opt), stats_(stats) {
   const int n = int(prompts.size()), V = model.config().vocab_size;
   HM_CHECK(n > 0, "generate: no prompts");
   HM_CHECK(n <= mem.n_slots(), "generate: ", n, " prompts but the memory has ", mem.n_slots(), " slots");
@@ -31,18 +30,16 @@ std::vector<std::vector<int32_t>> generate(HybridModel& model, HybridMemory& mem
   }
   const int n_decodable = opt.n_decodable > 0 ? std::min(opt.n_decodable, V) : V;
 
-  std::vector<std::unique_ptr<SamplerChain>> samplers;
   for (int i = 0; i < n; ++i) {
     SamplingParams sp = opt.sampling;
     sp.seed += uint64_t(i);
-    samplers.push_back(make_sampler_chain(sp, n_decodable));
-    for (int32_t tok : prompts[size_t(i)]) samplers.back()->accept(tok);
+    samplers_.push_back(make_sampler_chain(sp, n_decodable));
+    for (int32_t tok : prompts[size_t(i)]) samplers_.back()->accept(tok);
     mem.seq_rm(i);
   }
 
   // Prefill, chunked: each forward takes up to prefill_chunk tokens of every unfinished prompt.
-  auto t0 = std::chrono::steady_clock::now();
-  std::vector<float> logits;
+  const auto t0 = std::chrono::steady_clock::now();
   std::vector<std::vector<float>> last_logits(static_cast<size_t>(n));
   std::vector<size_t> done(size_t(n), 0);
   for (bool more = true; more;) {
@@ -57,10 +54,10 @@ std::vector<std::vector<int32_t>> generate(HybridModel& model, HybridMemory& mem
       who.push_back(i);
     }
     if (who.empty()) break;
-    model.forward(b, mem, logits);
+    model.forward(b, mem, logits_);
     for (size_t k = 0; k < who.size(); ++k)
       if (done[size_t(who[k])] == prompts[size_t(who[k])].size())
-        last_logits[size_t(who[k])].assign(logits.begin() + long(k * size_t(V)), logits.begin() + long((k + 1) * size_t(V)));
+        last_logits[size_t(who[k])].assign(logits_.begin() + long(k * size_t(V)), logits_.begin() + long((k + 1) * size_t(V)));
     more = false;
     for (int i = 0; i < n; ++i) more = more || done[size_t(i)] < prompts[size_t(i)].size();
   }
@@ -69,42 +66,66 @@ std::vector<std::vector<int32_t>> generate(HybridModel& model, HybridMemory& mem
     for (const auto& p : prompts) stats->prompt_tokens += int64_t(p.size());
   }
 
-  // Decode: one token per live sequence per step, all live sequences in one forward.
-  t0 = std::chrono::steady_clock::now();
-  std::vector<std::vector<int32_t>> out(static_cast<size_t>(n));
-  std::vector<int32_t> next(static_cast<size_t>(n));
-  std::vector<bool> live(size_t(n), opt.max_new_tokens > 0);
-  for (int i = 0; i < n; ++i) {
-    if (!live[size_t(i)]) continue;
-    next[size_t(i)] = samplers[size_t(i)]->sample(last_logits[size_t(i)].data(), V);
-  }
-  for (int step = 0; step < opt.max_new_tokens; ++step) {
+  t_decode_ = std::chrono::steady_clock::now();
+  out_.resize(size_t(n));
+  next_.resize(size_t(n));
+  live_.assign(size_t(n), opt.max_new_tokens > 0);
+  for (int i = 0; i < n; ++i)
+    if (live_[size_t(i)]) next_[size_t(i)] = samplers_[size_t(i)]->sample(last_logits[size_t(i)].data(), V);
+}
+
+void Generator::stop(int seq) {
+  HM_CHECK(seq >= 0 && seq < int(live_.size()), "generate: no sequence ", seq);
+  live_[size_t(seq)] = false;
+}
+
+const std::vector<std::pair<int, int32_t>>& Generator::next() {
+  const int n = int(live_.size()), V = model_.config().vocab_size;
+  // The tokens emitted by the last step go through the model for the sequences still live.
+  if (started_) {
     Batch b;
     std::vector<int> who;
-    for (int i = 0; i < n; ++i) {
-      if (!live[size_t(i)]) continue;
-      const int32_t tok = next[size_t(i)];
-      out[size_t(i)].push_back(tok);
-      samplers[size_t(i)]->accept(tok);
-      bool keep = !(on_token && !on_token(i, tok));
-      if (tok == opt.eos) keep = false;
-      if (int(out[size_t(i)].size()) >= opt.max_new_tokens) keep = false;
-      live[size_t(i)] = keep;
-      if (keep) {
-        b.add(i, {tok});
+    for (int i = 0; i < n; ++i)
+      if (live_[size_t(i)]) {
+        b.add(i, {out_[size_t(i)].back()});
         who.push_back(i);
       }
+    if (!who.empty()) {
+      model_.forward(b, mem_, logits_);
+      for (size_t k = 0; k < who.size(); ++k)
+        next_[size_t(who[k])] = samplers_[size_t(who[k])]->sample(logits_.data() + k * size_t(V), V);
     }
-    if (who.empty()) break;
-    model.forward(b, mem, logits);
-    for (size_t k = 0; k < who.size(); ++k)
-      next[size_t(who[k])] = samplers[size_t(who[k])]->sample(logits.data() + k * size_t(V), V);
   }
-  if (stats) {
-    stats->decode_ms = ms_since(t0);
-    for (const auto& o : out) stats->decoded_tokens += int64_t(o.size());
+  started_ = true;
+  step_.clear();
+  for (int i = 0; i < n; ++i) {
+    if (!live_[size_t(i)]) continue;
+    const int32_t tok = next_[size_t(i)];
+    out_[size_t(i)].push_back(tok);
+    samplers_[size_t(i)]->accept(tok);
+    step_.emplace_back(i, tok);
+    if (tok == opt_.eos || int(out_[size_t(i)].size()) >= opt_.max_new_tokens) live_[size_t(i)] = false;
   }
-  return out;
+  if (stats_) {
+    stats_->decode_ms = ms_since(t_decode_);
+    stats_->decoded_tokens += int64_t(step_.size());
+  }
+  return step_;
+}
+
+std::vector<std::vector<int32_t>> generate(HybridModel& model, HybridMemory& mem,
+                                           const std::vector<std::vector<int32_t>>& prompts,
+                                           const GenerateOptions& opt, const TokenCallback& on_token,
+                                           GenerateStats* stats) {
+  Generator g(model, mem, prompts, opt, stats);
+  for (;;) {
+    const auto& step = g.next();
+    if (step.empty()) break;
+    if (on_token)
+      for (const auto& [seq, tok] : step)
+        if (!on_token(seq, tok)) g.stop(seq);
+  }
+  return g.tokens();
 }
 
 }  // namespace hm

@@ -2,7 +2,10 @@
 // bound activation memory), then decode all live sequences one token per step with the KV cache
 // and recurrent state in HybridMemory.
 #pragma once
+#include <chrono>
 #include <cstdint>
+#include <memory>
+#include <utility>
 #include <functional>
 #include <vector>
 
@@ -28,9 +31,38 @@ struct GenerateStats {
 // Called for every generated token; return false to stop that sequence.
 using TokenCallback = std::function<bool(int seq, int32_t token)>;
 
+// Step-wise generation, for callers that pull tokens (a stream consumed in the caller's own
+// thread, a server's scheduler). The constructor validates and prefills; each next() decodes one
+// token for every live sequence and returns them as (sequence, token), in sequence order; empty
+// once every sequence has finished. stop(i) ends sequence i before the next step.
 // Sequence i uses memory slot i (mem must have at least prompts.size() slots); the slots are
-// reset first. Returns the generated tokens per sequence (prompts excluded). Sequence i samples
-// with seed sampling.seed + i.
+// reset first. Sequence i samples with seed sampling.seed + i.
+class Generator {
+ public:
+  Generator(HybridModel& model, HybridMemory& mem, const std::vector<std::vector<int32_t>>& prompts,
+            const GenerateOptions& opt, GenerateStats* stats = nullptr);
+  const std::vector<std::pair<int, int32_t>>& next();
+  void stop(int seq);
+  // The tokens generated so far per sequence (prompts excluded).
+  const std::vector<std::vector<int32_t>>& tokens() const { return out_; }
+
+ private:
+  HybridModel& model_;
+  HybridMemory& mem_;
+  GenerateOptions opt_;
+  GenerateStats* stats_;
+  std::vector<std::unique_ptr<SamplerChain>> samplers_;
+  std::vector<std::vector<int32_t>> out_;
+  std::vector<int32_t> next_;  // sampled, not yet emitted
+  std::vector<bool> live_;
+  std::vector<float> logits_;
+  std::vector<std::pair<int, int32_t>> step_;
+  bool started_ = false;
+  std::chrono::steady_clock::time_point t_decode_;
+};
+
+// Generator to the end, calling on_token for every token (false stops that sequence). Returns
+// the generated tokens per sequence (prompts excluded).
 std::vector<std::vector<int32_t>> generate(HybridModel& model, HybridMemory& mem,
                                            const std::vector<std::vector<int32_t>>& prompts,
                                            const GenerateOptions& opt, const TokenCallback& on_token = {},

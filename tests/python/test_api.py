@@ -109,6 +109,15 @@ def test_generate_stream_equals_generate(tiny):
         np.testing.assert_array_equal(row, w)
 
 
+def test_generate_stream_runs_in_the_callers_thread(tiny):
+    # No second thread to wake per token: each engine step runs when the next token is asked for.
+    import threading
+    before = threading.active_count()
+    counts = [threading.active_count() for _ in tiny.generate_stream([[1, 2, 3]], 6, seed=1)]
+    assert counts == [before] * 6
+    assert tiny.last_stats["decoded_tokens"] == 6
+
+
 def test_generate_options(tiny):
     p = [10, 20, 30]
     greedy = tiny.generate(p, 15, temperature=0)
