@@ -85,6 +85,21 @@ void load_weights(const std::string& ckpt, std::vector<float>& out) {
   out.assign(m->params().data(), m->params().data() + m->params().numel());
 }
 
+// Resumes the run in part_dir from its directory alone (the saved settings govern) and expects
+// its final weights to equal, bit for bit, those of the uninterrupted run in full_dir.
+void resume_and_expect_same_weights(const std::string& full_dir, const std::string& part_dir) {
+  hm::TrainConfig again;
+  again.out_dir = part_dir;
+  again.resume = true;
+  again.progress = false;
+  hm::train(again);
+  std::vector<float> a, b;
+  load_weights(full_dir + "/checkpoint", a);
+  load_weights(part_dir + "/checkpoint", b);
+  ASSERT_EQ(a.size(), b.size());
+  EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0);
+}
+
 std::vector<std::vector<std::string>> read_csv(const std::string& path) {
   std::vector<std::vector<std::string>> rows;
   std::ifstream f(path);
@@ -174,17 +189,8 @@ TEST(Trainer, ResumeIsBitIdentical) {
     std::ifstream f(d.file("part/checkpoint/trainer_state.json"));
     EXPECT_EQ(nlohmann::json::parse(f).at("step"), 4);
   }
-  hm::TrainConfig again;  // only the directory: the saved settings govern
-  again.out_dir = part.out_dir;
-  again.resume = true;
-  again.progress = false;
-  hm::train(again);
-
-  std::vector<float> a, b;
-  load_weights(d.file("full/checkpoint"), a);
-  load_weights(d.file("part/checkpoint"), b);
-  ASSERT_EQ(a.size(), b.size());
-  EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0);
+  resume_and_expect_same_weights(d.file("full"), part.out_dir);
+  if (HasFatalFailure()) return;
   EXPECT_EQ(slurp(d.file("full/checkpoint/optimizer.safetensors")),
             slurp(d.file("part/checkpoint/optimizer.safetensors")));
   EXPECT_EQ(read_csv(d.file("part/train_log.csv")).size(), 9u);  // header + 8 steps, none twice
@@ -220,16 +226,8 @@ TEST(Trainer, InterruptSavesTheStepAndResumesExactly) {
     EXPECT_EQ(nlohmann::json::parse(f).at("step"), 3);
   }
   EXPECT_EQ(read_csv(d.file("part/train_log.csv")).size(), 4u);
-  hm::TrainConfig again;
-  again.out_dir = part.out_dir;
-  again.resume = true;
-  again.progress = false;
-  hm::train(again);
-  std::vector<float> a, b;
-  load_weights(d.file("full/checkpoint"), a);
-  load_weights(d.file("part/checkpoint"), b);
-  ASSERT_EQ(a.size(), b.size());
-  EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0);
+  resume_and_expect_same_weights(d.file("full"), part.out_dir);
+  if (HasFatalFailure()) return;
   auto last_row = [&](const std::string& run) {
     auto row = read_csv(d.file(run + "/train_log.csv")).back();
     row.at(4).clear();  // tokens_per_s: a timing
@@ -423,16 +421,8 @@ TEST(Trainer, TaskTrainingResumesBitIdentically) {
   hm::TrainConfig part = task_config("part");
   part.stop_after = 3;
   hm::train(part);
-  hm::TrainConfig again;
-  again.out_dir = part.out_dir;
-  again.resume = true;
-  again.progress = false;
-  hm::train(again);
-  std::vector<float> a, b;
-  load_weights(d.file("full/checkpoint"), a);
-  load_weights(d.file("part/checkpoint"), b);
-  ASSERT_EQ(a.size(), b.size());
-  EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0);
+  resume_and_expect_same_weights(d.file("full"), part.out_dir);
+  if (HasFatalFailure()) return;
   const auto full_rows = read_csv(d.file("full/train_log.csv")), part_rows = read_csv(d.file("part/train_log.csv"));
   ASSERT_EQ(full_rows.size(), part_rows.size());
   for (size_t i = 1; i < full_rows.size(); ++i) {
