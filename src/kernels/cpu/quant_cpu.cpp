@@ -1,0 +1,251 @@
+// linear_packed and friends (kernels/quant.h): the ISA chosen at run time, the threading, the
+// scalar kernels and the GEMM path. This file is compiled for plain x86-64 (CMakeLists.txt):
+// it is what runs before anything is known about the CPU.
+//
+// Decode (m <= 4): a GEMV that reads each packed row once and widens it in registers; the
+// threads split n into contiguous ranges. Prefill (m > 4): panels of W are widened into a
+// per-thread float32 tile (about 1 MiB, so it stays in L2) and multiplied by OpenBLAS sgemm,
+// one panel per task; inside the parallel region sgemm runs on the calling thread.
+#include <cblas.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <vector>
+
+#include "core/error.h"
+#include "io/safetensors.h"
+#include "kernels/cpu/quant_isa.h"
+#include "kernels/quant.h"
+
+namespace hm::cpu {
+namespace packed {
+namespace {
+
+void dequant_block(WeightType t, float* w, const unsigned char* row, int b) {
+  if (t == WeightType::Q8_0) {
+    BlockQ8_0 blk;
+    std::memcpy(&blk, row + size_t(b) * sizeof blk, sizeof blk);
+    const float d = f16_to_f32(blk.d);
+    for (int j = 0; j < kQuantBlock; ++j) w[j] = d * float(blk.q[j]);
+  } else {
+    BlockQ4_0 blk;
+    std::memcpy(&blk, row + size_t(b) * sizeof blk, sizeof blk);
+    const float d = f16_to_f32(blk.d);
+    for (int j = 0; j < kQuantBlock / 2; ++j) {
+      w[j] = d * float((blk.qs[j] & 15) - 8);
+      w[j + 16] = d * float((blk.qs[j] >> 4) - 8);
+    }
+  }
+}
+
+// The weights of elements [32 b, 32 b + n) of a row.
+template <WeightType T>
+void chunk(float* w, const unsigned char* row, int b, int n) {
+  if constexpr (T == WeightType::BF16) {
+    for (int j = 0; j < n; ++j) {
+      uint16_t h;
+      std::memcpy(&h, row + (size_t(b) * kQuantBlock + j) * 2, 2);
+      w[j] = bf16_to_f32(h);
+    }
+  } else {
+    dequant_block(T, w, row, b);
+  }
+}
+
+template <WeightType T>
+void gemv_scalar(float* y, int ldy, const float* x, int ldx, const unsigned char* W,
+                 size_t row_bytes, int m, int n0, int n1, int k, bool accumulate) {
+  for (int o = n0; o < n1; ++o) {
+    const unsigned char* row = W + size_t(o) * row_bytes;
+    float s[4] = {};
+    float w[kQuantBlock];
+    for (int b = 0; b * kQuantBlock < k; ++b) {
+      const int n = std::min(kQuantBlock, k - b * kQuantBlock);
+      chunk<T>(w, row, b, n);
+      for (int i = 0; i < m; ++i) {
+        const float* xi = x + size_t(i) * ldx + size_t(b) * kQuantBlock;
+        for (int j = 0; j < n; ++j) s[i] += w[j] * xi[j];
+      }
+    }
+    for (int i = 0; i < m; ++i) {
+      float& out = y[size_t(i) * ldy + o];
+      out = accumulate ? out + s[i] : s[i];
+    }
+  }
+}
+
+template <WeightType T>
+void dequant_scalar(float* out, const unsigned char* row, int k) {
+  for (int b = 0; b * kQuantBlock < k; ++b)
+    chunk<T>(out + size_t(b) * kQuantBlock, row, b, std::min(kQuantBlock, k - b * kQuantBlock));
+}
+
+}  // namespace
+
+Table scalar_table() {
+  return {{gemv_scalar<WeightType::BF16>, gemv_scalar<WeightType::Q8_0>, gemv_scalar<WeightType::Q4_0>},
+          {dequant_scalar<WeightType::BF16>, dequant_scalar<WeightType::Q8_0>,
+           dequant_scalar<WeightType::Q4_0>}};
+}
+
+}  // namespace packed
+
+// ---- ISA choice ---------------------------------------------------------------------------------
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::Scalar: return "scalar";
+    case Isa::Avx2: return "avx2";
+    case Isa::Avx512: return "avx512";
+  }
+  return "?";
+}
+
+bool isa_supported(Isa isa) {
+  __builtin_cpu_init();  // libgcc's CPU model, also checks that the OS saves the vector state
+  switch (isa) {
+    case Isa::Scalar: return true;
+    case Isa::Avx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+             __builtin_cpu_supports("f16c");
+    case Isa::Avx512:
+      return isa_supported(Isa::Avx2) && __builtin_cpu_supports("avx512f") &&
+             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  }
+  return false;
+}
+
+Isa best_isa() {
+  for (Isa isa : {Isa::Avx512, Isa::Avx2})
+    if (isa_supported(isa)) return isa;
+  return Isa::Scalar;
+}
+
+namespace {
+
+packed::Table table_of(Isa isa) {
+  switch (isa) {
+    case Isa::Avx512: return packed::avx512_table();
+    case Isa::Avx2: return packed::avx2_table();
+    case Isa::Scalar: break;
+  }
+  return packed::scalar_table();
+}
+
+std::atomic<int> g_isa{-1};  // -1: not chosen yet
+
+}  // namespace
+
+Isa quant_isa() {
+  int v = g_isa.load(std::memory_order_relaxed);
+  if (v < 0) {
+    v = int(best_isa());
+    g_isa.store(v, std::memory_order_relaxed);
+  }
+  return Isa(v);
+}
+
+void set_quant_isa(Isa isa) {
+  HM_CHECK(isa_supported(isa), "set_quant_isa: this CPU does not support ", isa_name(isa));
+  g_isa.store(int(isa), std::memory_order_relaxed);
+}
+
+// ---- kernels ------------------------------------------------------------------------------------
+
+namespace {
+
+void check_sizes(const char* op, WeightType t, int n, int k) {
+  HM_CHECK(n > 0, op, ": n = ", n, " must be positive");
+  row_bytes(t, k);  // validates k for the type
+}
+
+// Below this many weight bytes a GEMV runs on one thread: waking the team costs more.
+constexpr size_t kParallelBytes = size_t(128) << 10;
+// Floats in one thread's GEMM tile (1 MiB): in L2 on the CPUs we target.
+constexpr int kTileFloats = 1 << 18;
+
+std::vector<float>& tile_buffer() {
+  thread_local std::vector<float> buf;
+  return buf;
+}
+
+void gemm_panels(const packed::Table& tab, float* y, int ldy, const float* x, int ldx,
+                 const unsigned char* W, WeightType t, int m, int n, int k, bool accumulate) {
+  const size_t rb = row_bytes(t, k);
+  const int threads = omp_get_max_threads();
+  // Panel height: a tile of about kTileFloats, in multiples of 16 rows, with the panel count a
+  // multiple of the thread count so that no thread idles at the end.
+  const int rows_max = std::clamp(kTileFloats / k / 16 * 16, 16, 1024);
+  int panels = (n + rows_max - 1) / rows_max;
+  panels = (panels + threads - 1) / threads * threads;
+  const int rows = std::max(1, ((n + panels - 1) / panels + 15) / 16 * 16);
+  panels = (n + rows - 1) / rows;
+  const float beta = accumulate ? 1.0f : 0.0f;
+#pragma omp parallel for schedule(dynamic, 1) if (panels > 1)
+  for (int p = 0; p < panels; ++p) {
+    const int o0 = p * rows, h = std::min(rows, n - o0);
+    std::vector<float>& tile = tile_buffer();
+    if (tile.size() < size_t(h) * k) tile.resize(size_t(h) * k);
+    for (int r = 0; r < h; ++r) tab.dequant[int(t)](tile.data() + size_t(r) * k, W + size_t(o0 + r) * rb, k);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, h, k, 1.0f, x, ldx, tile.data(), k, beta,
+                y + o0, ldy);
+  }
+}
+
+}  // namespace
+
+void quantize(WeightType t, void* dst, const float* src, int n, int k) {
+  check_sizes("quantize", t, n, k);
+  // Offline work: the reference's rows, spread over the threads (errors are rethrown here).
+  const size_t rb = row_bytes(t, k);
+  const int chunks = std::min(n, 4 * omp_get_max_threads());
+  std::vector<std::string> errors(static_cast<size_t>(chunks));
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int c = 0; c < chunks; ++c) {
+    const int r0 = int(long(n) * c / chunks), r1 = int(long(n) * (c + 1) / chunks);
+    try {
+      ref::quantize(t, static_cast<unsigned char*>(dst) + size_t(r0) * rb, src + size_t(r0) * k, r1 - r0, k);
+    } catch (const Error& e) {
+      errors[size_t(c)] = std::string(e.what()) + " (rows counted from " + std::to_string(r0) + ")";
+    }
+  }
+  for (const std::string& e : errors) HM_CHECK(e.empty(), e);
+}
+
+void dequantize(WeightType t, float* dst, const void* src, int n, int k) {
+  check_sizes("dequantize", t, n, k);
+  const packed::Table tab = table_of(quant_isa());
+  const size_t rb = row_bytes(t, k);
+  const auto* W = static_cast<const unsigned char*>(src);
+#pragma omp parallel for schedule(static) if (size_t(n) * rb >= kParallelBytes)
+  for (int r = 0; r < n; ++r) tab.dequant[int(t)](dst + size_t(r) * k, W + size_t(r) * rb, k);
+}
+
+void linear_packed(float* y, int ldy, const float* x, int ldx, const void* W, WeightType t, int m,
+                   int n, int k, bool accumulate) {
+  check_sizes("linear_packed", t, n, k);
+  HM_CHECK(m >= 0, "linear_packed: m = ", m, " must not be negative");
+  if (m == 0) return;
+  const packed::Table tab = table_of(quant_isa());
+  const auto* Wb = static_cast<const unsigned char*>(W);
+  if (m > 4) {
+    gemm_panels(tab, y, ldy, x, ldx, Wb, t, m, n, k, accumulate);
+    return;
+  }
+  const size_t rb = row_bytes(t, k);
+  const packed::GemvFn gemv = tab.gemv[int(t)];
+  if (size_t(n) * rb < kParallelBytes || omp_get_max_threads() == 1) {
+    gemv(y, ldy, x, ldx, Wb, rb, m, 0, n, k, accumulate);
+    return;
+  }
+#pragma omp parallel
+  {
+    const int id = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int n0 = int(long(n) * id / nt), n1 = int(long(n) * (id + 1) / nt);
+    gemv(y, ldy, x, ldx, Wb, rb, m, n0, n1, k, accumulate);
+  }
+}
+
+}  // namespace hm::cpu

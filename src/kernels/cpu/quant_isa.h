@@ -1,0 +1,29 @@
+// The per-ISA kernels behind hm::cpu::linear_packed (kernels/quant.h), one table per ISA.
+// quant_avx2.cpp and quant_avx512.cpp are compiled with their own -march (CMakeLists.txt), so
+// they must not define anything the linker could share with another file: no inline functions
+// or templates with external linkage (std::min, std::vector, ...), only this header, the
+// intrinsics and file-local code. Otherwise an AVX-512 copy of a shared inline function could be
+// the one the linker keeps, and a baseline caller would die on an AVX2 CPU.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace hm::cpu::packed {
+
+// Rows o in [n0, n1) of y[m, n] (=|+=) x[m, k] . W^T for 1 <= m <= 4, W packed row by row
+// (row o at W + o * row_bytes). k is valid for the type (a multiple of 32 for q8_0 / q4_0).
+using GemvFn = void (*)(float* y, int ldy, const float* x, int ldx, const unsigned char* W,
+                        size_t row_bytes, int m, int n0, int n1, int k, bool accumulate);
+// out[k] = one packed row as floats.
+using DequantFn = void (*)(float* out, const unsigned char* row, int k);
+
+struct Table {
+  GemvFn gemv[3];  // by WeightType: BF16, Q8_0, Q4_0
+  DequantFn dequant[3];
+};
+
+Table scalar_table();
+Table avx2_table();
+Table avx512_table();
+
+}  // namespace hm::cpu::packed

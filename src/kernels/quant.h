@@ -1,0 +1,76 @@
+// Packed weight formats for linear layers (issue 17) and the kernels that multiply by them.
+//
+// A weight W [n, k] (PyTorch Linear layout: n outputs, k inputs) is stored row by row; each row
+// is packed on its own, so row r starts at r * row_bytes(type, k).
+//
+//  - BF16: k bfloat16 values (the top 16 bits of the float), rounded to nearest even.
+//  - Q8_0: k/32 blocks of {f16 d; int8 q[32]} (34 bytes), w = d * q. Per block,
+//          amax = max |w|, d = amax / 127, q = round-half-away(w / d) in [-127, 127].
+//  - Q4_0: k/32 blocks of {f16 d; uint8 qs[16]} (18 bytes), w = d * (nibble - 8).
+//          Per block, m = the first value of largest |w| (sign kept), d = m / -8, and
+//          nibble = min(15, floor(w / d + 8.5)) in [0, 15]; byte j holds element j in its low
+//          nibble and element j + 16 in its high nibble.
+//  The quantized formats are llama.cpp's q8_0 and q4_0 (same blocks, scales and rounding: a
+//  model quantized by either gives the same bytes). In both, the division is a multiplication
+//  by 1/d with d in float32 before its rounding to f16, and d = 0 (an all-zero block) gives
+//  q = 0. k must be a multiple of 32 for them (no tail rule: every hidden size in use is one);
+//  any other k is an hm::Error.
+//
+// linear_packed: y[m,n] (=|+=) x[m,k] . dequantize(W)[n,k]^T, x and y float32, the sum in
+// float32. Exactly the math of hm::linear on the dequantized weight; only the order of the
+// additions differs between ref and cpu.
+//
+// hm::ref holds the plain loops (the oracle); hm::cpu the fast ones: a GEMV path for m <= 4
+// (decode: reads each weight byte once, dequantizes in registers) and a GEMM path above
+// (dequantizes L2-sized panels of W and multiplies them with sgemm). The cpu path picks its
+// SIMD code at run time (AVX-512, AVX2+FMA+F16C, or scalar), so one binary runs on any x86-64.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace hm {
+
+enum class WeightType : uint8_t { BF16, Q8_0, Q4_0 };
+const char* weight_type_name(WeightType t);  // "bf16" | "q8_0" | "q4_0"
+WeightType weight_type_from_name(const std::string& name);  // hm::Error for anything else
+
+constexpr int kQuantBlock = 32;  // weights per q8_0 / q4_0 block, along k
+
+struct BlockQ8_0 {
+  uint16_t d;  // f16 bits
+  int8_t q[kQuantBlock];
+};
+struct BlockQ4_0 {
+  uint16_t d;  // f16 bits
+  uint8_t qs[kQuantBlock / 2];
+};
+static_assert(sizeof(BlockQ8_0) == 34 && sizeof(BlockQ4_0) == 18, "packed block layout");
+
+// Bytes of one packed row of k weights; hm::Error when k is not valid for the type.
+size_t row_bytes(WeightType t, int k);
+
+}  // namespace hm
+
+#define HM_DECLARE_QUANT_KERNELS                                                                   \
+  /* dst = n rows of k packed weights (n * row_bytes(t, k) bytes) from src [n, k] */               \
+  void quantize(WeightType t, void* dst, const float* src, int n, int k);                         \
+  /* dst [n, k] = the values the packed rows stand for */                                          \
+  void dequantize(WeightType t, float* dst, const void* src, int n, int k);                       \
+  /* y[m,n] (=|+=) x[m,k] . dequantize(W)^T; W is n packed rows of k */                            \
+  void linear_packed(float* y, int ldy, const float* x, int ldx, const void* W, WeightType t,     \
+                     int m, int n, int k, bool accumulate);
+
+namespace hm::ref { HM_DECLARE_QUANT_KERNELS }
+namespace hm::cpu {
+HM_DECLARE_QUANT_KERNELS
+
+// The SIMD code the cpu kernels run. The best one the CPU supports is chosen on first use;
+// tests force each in turn.
+enum class Isa : uint8_t { Scalar, Avx2, Avx512 };
+const char* isa_name(Isa isa);  // "scalar" | "avx2" | "avx512"
+bool isa_supported(Isa isa);    // by this CPU (and OS)
+Isa best_isa();
+Isa quant_isa();                // the one in use
+void set_quant_isa(Isa isa);    // hm::Error if this CPU does not support it
+}  // namespace hm::cpu

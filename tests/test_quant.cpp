@@ -1,0 +1,334 @@
+// Packed weights (kernels/quant.h): the bytes follow the documented rounding rule, dequantized
+// weights are within the format's error bound, and every hm::cpu kernel matches hm::ref on
+// fresh random inputs at odd sizes, with each ISA this CPU supports forced in turn.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "core/error.h"
+#include "core/rng.h"
+#include "io/safetensors.h"
+#include "kernels/quant.h"
+
+namespace {
+
+using hm::WeightType;
+using hm::cpu::Isa;
+
+constexpr WeightType kTypes[] = {WeightType::BF16, WeightType::Q8_0, WeightType::Q4_0};
+
+std::vector<float> random_vec(hm::Rng& rng, std::size_t n, float lo, float hi) {
+  std::vector<float> v(n);
+  for (auto& x : v) x = rng.uniform(lo, hi);
+  return v;
+}
+
+std::vector<unsigned char> packed(WeightType t, const std::vector<float>& w, int n, int k) {
+  std::vector<unsigned char> out(hm::row_bytes(t, k) * std::size_t(n));
+  hm::ref::quantize(t, out.data(), w.data(), n, k);
+  return out;
+}
+
+// Every ISA this CPU supports, with the default restored afterwards.
+struct EachIsa {
+  std::vector<Isa> isas;
+  Isa saved = hm::cpu::quant_isa();
+  EachIsa() {
+    for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512})
+      if (hm::cpu::isa_supported(isa)) isas.push_back(isa);
+  }
+  ~EachIsa() { hm::cpu::set_quant_isa(saved); }
+};
+
+// max_i |got_i - want_i| / (|want_i| + rms(want)), as in test_kernels.cpp.
+double rel_err(const float* got, const float* want, int rows, int cols, int ld) {
+  double ss = 0;
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < cols; ++c) ss += double(want[r * ld + c]) * want[r * ld + c];
+  const double rms = std::sqrt(ss / std::max(1, rows * cols)) + 1e-30;
+  double worst = 0;
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < cols; ++c) {
+      const double g = got[r * ld + c], w = want[r * ld + c];
+      if (!std::isfinite(g)) return INFINITY;
+      worst = std::max(worst, std::fabs(g - w) / (std::fabs(w) + rms));
+    }
+  return worst;
+}
+
+// --- the bytes -------------------------------------------------------------------------------
+
+// Hand-made blocks whose scale is exact, so each q is the rule's by inspection.
+TEST(QuantBytes, Q8RoundsHalfAwayFromZero) {
+  std::vector<float> w(32, 0.0f);
+  w[0] = 127;  // amax 127: d = 1
+  w[1] = 2.5f, w[2] = -2.5f, w[3] = 0.49f, w[4] = -126.5f, w[5] = 1.5f, w[6] = -0.5f;
+  w.resize(64, 0.0f);  // the second block is all zeros: d = 0, q = 0
+  const auto p = packed(WeightType::Q8_0, w, 1, 64);
+  hm::BlockQ8_0 b[2];
+  std::memcpy(b, p.data(), sizeof b);
+  EXPECT_EQ(b[0].d, 0x3c00);  // 1.0 in f16
+  const int want[] = {127, 3, -3, 0, -127, 2, -1};
+  for (int j = 0; j < 7; ++j) EXPECT_EQ(b[0].q[j], want[j]) << "element " << j;
+  EXPECT_EQ(b[1].d, 0);
+  for (int j = 0; j < 32; ++j) EXPECT_EQ(b[1].q[j], 0);
+}
+
+TEST(QuantBytes, Q4ScaleFromSignedMaxAndHalvesRoundUp) {
+  std::vector<float> w(32, 0.0f);
+  w[0] = -8;  // m = -8: d = 1, nibble = floor(w + 8.5)
+  w[1] = 0.5f, w[2] = -0.5f, w[3] = 7.9f, w[17] = 3.49f, w[18] = -7.5f;
+  // Second block: +4 comes before -4, so m = +4, d = -0.5, and w = +4 is nibble 0.
+  std::vector<float> w2(32, 1.0f);
+  w2[3] = 4, w2[9] = -4;
+  w.insert(w.end(), w2.begin(), w2.end());
+  const auto p = packed(WeightType::Q4_0, w, 1, 64);
+  hm::BlockQ4_0 b[2];
+  std::memcpy(b, p.data(), sizeof b);
+  EXPECT_EQ(b[0].d, 0x3c00);
+  auto nib = [&](int blk, int j) { return j < 16 ? b[blk].qs[j] & 15 : b[blk].qs[j - 16] >> 4; };
+  EXPECT_EQ(nib(0, 0), 0);
+  EXPECT_EQ(nib(0, 1), 9);   // 0.5 + 8.5 = 9
+  EXPECT_EQ(nib(0, 2), 8);   // -0.5 + 8.5 = 8: halves round up, not away from zero
+  EXPECT_EQ(nib(0, 3), 15);  // 16.4 clamps to 15
+  EXPECT_EQ(nib(0, 4), 8);   // zero
+  EXPECT_EQ(nib(0, 17), 11);
+  EXPECT_EQ(nib(0, 18), 1);
+  EXPECT_EQ(b[1].d, 0xb800);  // -0.5
+  EXPECT_EQ(nib(1, 3), 0);    // 4 / -0.5 = -8
+  EXPECT_EQ(nib(1, 9), 15);   // -4 / -0.5 = 8 -> 16, clamped
+  EXPECT_EQ(nib(1, 0), 6);    // 1 / -0.5 = -2
+}
+
+// On random blocks (some with repeated extremes and zeros), the bytes are the rule of
+// kernels/quant.h recomputed here, and hm::cpu::quantize writes the same bytes.
+TEST(QuantBytes, RandomBlocksFollowTheRule) {
+  hm::Rng rng(17);
+  const int n = 67, k = 32 * 13;
+  auto w = random_vec(rng, std::size_t(n) * k, -3, 3);
+  for (int i = 0; i < 200; ++i) w[rng.next_u64() % w.size()] = 0.0f;
+  for (int i = 0; i < 50; ++i) {  // ties in magnitude, of either sign
+    const std::size_t a = rng.next_u64() % w.size(), b = (a / 32) * 32 + rng.next_u64() % 32;
+    w[b] = (i & 1) ? -w[a] : w[a];
+  }
+  std::fill(w.begin() + 32, w.begin() + 64, 0.0f);  // an all-zero block
+  for (WeightType t : {WeightType::Q8_0, WeightType::Q4_0}) {
+    SCOPED_TRACE(hm::weight_type_name(t));
+    const auto p = packed(t, w, n, k);
+    for (std::size_t blk = 0; blk < w.size() / 32; ++blk) {
+      const float* x = &w[blk * 32];
+      float amax = 0, m = 0;
+      for (int j = 0; j < 32; ++j)
+        if (std::fabs(x[j]) > amax) amax = std::fabs(x[j]), m = x[j];
+      const float d = t == WeightType::Q8_0 ? amax / 127 : m / -8;
+      const float inv = d == 0 ? 0.0f : 1 / d;
+      uint16_t dbits;
+      std::memcpy(&dbits, p.data() + blk * (t == WeightType::Q8_0 ? 34 : 18), 2);
+      ASSERT_EQ(dbits, hm::f32_to_f16(d)) << "block " << blk;
+      for (int j = 0; j < 32; ++j) {
+        int q;
+        if (t == WeightType::Q8_0) {
+          q = int8_t(p[blk * 34 + 2 + j]);
+          ASSERT_EQ(q, int(std::round(x[j] * inv))) << "block " << blk << " element " << j;
+        } else {
+          const unsigned char byte = p[blk * 18 + 2 + j % 16];
+          q = j < 16 ? byte & 15 : byte >> 4;
+          const float prod = x[j] * inv;  // rounded to float before the + 8.5
+          ASSERT_EQ(q, std::min(15, int(std::floor(prod + 8.5f)))) << "block " << blk << " element " << j;
+        }
+      }
+    }
+    std::vector<unsigned char> c(p.size(), 0xAB);
+    hm::cpu::quantize(t, c.data(), w.data(), n, k);
+    EXPECT_EQ(c, p);
+  }
+}
+
+TEST(QuantBytes, Bf16RoundsToNearestEven) {
+  // 1 + 2^-8 is halfway between two bf16 values: the even one (1.0) wins; 1 + 3*2^-8 rounds up.
+  const std::vector<float> w = {1.0f + 0x1p-8f, 1.0f + 3 * 0x1p-8f, -2.0f, 0.0f};
+  const auto p = packed(WeightType::BF16, w, 1, 4);
+  uint16_t h[4];
+  std::memcpy(h, p.data(), sizeof h);
+  EXPECT_EQ(h[0], 0x3f80);
+  EXPECT_EQ(h[1], 0x3f82);
+  EXPECT_EQ(h[2], 0xc000);
+  EXPECT_EQ(h[3], 0x0000);
+}
+
+// --- dequantize: error bounds and agreement --------------------------------------------------
+
+// |w - dequantize(quantize(w))| per element: q8_0 <= d/2 plus the f16 rounding of d (2^-11
+// relative, times |q| <= 127); q4_0 <= |d| (the clamped top value of the side opposite m loses
+// up to one step), plus 8 |d| 2^-11; bf16 <= 2^-8 relative (half a step of 7 stored mantissa
+// bits). The RMS over Gaussian weights says the error is also typical for the format, not just
+// bounded: q8_0 ~0.5%, q4_0 ~8% of rms(w).
+TEST(QuantRoundTrip, ErrorWithinTheFormatsBound) {
+  hm::Rng rng(23);
+  const int n = 31, k = 32 * 9;
+  std::vector<float> w(std::size_t(n) * k);
+  for (auto& v : w) v = float(rng.normal());
+  for (WeightType t : kTypes) {
+    SCOPED_TRACE(hm::weight_type_name(t));
+    const auto p = packed(t, w, n, k);
+    std::vector<float> back(w.size());
+    hm::ref::dequantize(t, back.data(), p.data(), n, k);
+    double se = 0, ss = 0;
+    for (std::size_t blk = 0; blk < w.size() / 32; ++blk) {
+      float amax = 0;
+      for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(w[blk * 32 + j]));
+      for (int j = 0; j < 32; ++j) {
+        const std::size_t i = blk * 32 + j;
+        const double err = std::fabs(double(w[i]) - back[i]);
+        double bound;
+        if (t == WeightType::BF16) bound = std::fabs(w[i]) * 0x1p-8;
+        else if (t == WeightType::Q8_0) bound = amax / 127.0 * (0.5 + 127 * 0x1p-11) * (1 + 1e-6);
+        else bound = amax / 8.0 * (1 + 8 * 0x1p-11) * (1 + 1e-6);
+        ASSERT_LE(err, bound) << "element " << i;
+        se += err * err;
+        ss += double(w[i]) * w[i];
+      }
+    }
+    const double rel_rms = std::sqrt(se / ss);
+    const double limit = t == WeightType::BF16 ? 3e-3 : t == WeightType::Q8_0 ? 0.01 : 0.12;
+    EXPECT_LT(rel_rms, limit);
+    EXPECT_GT(rel_rms, limit / 30);  // a format that loses nothing would be a bug in the test
+  }
+}
+
+TEST(QuantDequantize, CpuEqualsReferenceOnEveryIsa) {
+  EachIsa each;
+  hm::Rng rng(29);
+  for (WeightType t : kTypes) {
+    for (int k : {32, 96, 800, 37, 75}) {
+      if (t != WeightType::BF16 && k % 32) continue;
+      const int n = 1031;  // over the threading threshold for every type at k = 800
+      const auto w = random_vec(rng, std::size_t(n) * k, -2, 2);
+      const auto p = packed(t, w, n, k);
+      std::vector<float> want(w.size());
+      hm::ref::dequantize(t, want.data(), p.data(), n, k);
+      for (Isa isa : each.isas) {
+        hm::cpu::set_quant_isa(isa);
+        SCOPED_TRACE(std::string(hm::weight_type_name(t)) + " k=" + std::to_string(k) + " " +
+                     hm::cpu::isa_name(isa));
+        std::vector<float> got(w.size(), NAN);
+        hm::cpu::dequantize(t, got.data(), p.data(), n, k);
+        EXPECT_EQ(0, std::memcmp(got.data(), want.data(), got.size() * sizeof(float)));
+      }
+    }
+  }
+}
+
+// --- linear_packed ---------------------------------------------------------------------------
+
+// Both sides compute x . dequantize(W) in float; only the order of the k additions differs
+// (vector partial sums and a tree, or sgemm's blocking): ~sqrt(k) eps of the output scale,
+// 2e-6 at k = 800 observed; 1e-5.
+TEST(QuantLinear, MatchesReferenceOnEveryIsa) {
+  EachIsa each;
+  struct Case { int m, n, k; };
+  const Case cases[] = {{1, 33, 32},   {1, 37, 800},  {2, 1, 96},    {3, 131, 224}, {4, 67, 64},
+                        {5, 33, 96},   {17, 131, 800}, {64, 45, 32}, {1, 2049, 256}, {4, 2049, 256},
+                        {33, 2049, 256}, {1, 19, 37},  {3, 21, 75},  {9, 21, 75}};
+  for (WeightType t : kTypes) {
+    for (const Case c : cases) {
+      if (t != WeightType::BF16 && c.k % 32) continue;
+      for (bool acc : {false, true}) {
+        hm::Rng rng(1000 + c.m * 7 + c.n * 13 + c.k + acc + 100 * int(t));
+        const int ldx = c.k + 3, ldy = c.n + 5;
+        const auto x = random_vec(rng, std::size_t(c.m) * ldx, -1, 1);
+        const auto p = packed(t, random_vec(rng, std::size_t(c.n) * c.k, -1, 1), c.n, c.k);
+        // Without accumulate y starts as NaN (workspace); padding columns must stay untouched.
+        std::vector<float> y0(std::size_t(c.m) * ldy, 12345.0f);
+        for (int i = 0; i < c.m; ++i)
+          for (int o = 0; o < c.n; ++o) y0[i * ldy + o] = acc ? rng.uniform(-1, 1) : NAN;
+        auto want = y0;
+        hm::ref::linear_packed(want.data(), ldy, x.data(), ldx, p.data(), t, c.m, c.n, c.k, acc);
+        for (Isa isa : each.isas) {
+          hm::cpu::set_quant_isa(isa);
+          SCOPED_TRACE(std::string(hm::weight_type_name(t)) + " " + hm::cpu::isa_name(isa) +
+                       " m=" + std::to_string(c.m) + " n=" + std::to_string(c.n) +
+                       " k=" + std::to_string(c.k) + " acc=" + std::to_string(acc));
+          auto got = y0;
+          hm::cpu::linear_packed(got.data(), ldy, x.data(), ldx, p.data(), t, c.m, c.n, c.k, acc);
+          EXPECT_LT(rel_err(got.data(), want.data(), c.m, c.n, ldy), 1e-5);
+          for (int i = 0; i < c.m; ++i)
+            for (int o = c.n; o < ldy; ++o) ASSERT_EQ(got[i * ldy + o], 12345.0f);
+        }
+      }
+    }
+  }
+}
+
+// The reference itself against plain float math on the dequantized weight, in double.
+TEST(QuantLinear, ReferenceIsTheDequantizedProduct) {
+  hm::Rng rng(31);
+  const int m = 3, n = 7, k = 64;
+  const auto x = random_vec(rng, std::size_t(m) * k, -1, 1);
+  const auto w = random_vec(rng, std::size_t(n) * k, -1, 1);
+  for (WeightType t : kTypes) {
+    const auto p = packed(t, w, n, k);
+    std::vector<float> wd(w.size()), y(std::size_t(m) * n);
+    hm::ref::dequantize(t, wd.data(), p.data(), n, k);
+    hm::ref::linear_packed(y.data(), n, x.data(), k, p.data(), t, m, n, k, false);
+    for (int i = 0; i < m; ++i)
+      for (int o = 0; o < n; ++o) {
+        double s = 0;
+        for (int j = 0; j < k; ++j) s += double(x[i * k + j]) * wd[o * k + j];
+        EXPECT_NEAR(y[i * n + o], s, 1e-5) << hm::weight_type_name(t);
+      }
+  }
+}
+
+// --- errors ----------------------------------------------------------------------------------
+
+TEST(QuantErrors, BadSizesAndValuesAreErrors) {
+  std::vector<float> f(64 * 4, 0.5f), y(64);
+  std::vector<unsigned char> buf(4096);
+  for (WeightType t : {WeightType::Q8_0, WeightType::Q4_0}) {
+    EXPECT_THROW(hm::row_bytes(t, 48), hm::Error);  // not a multiple of 32
+    EXPECT_THROW(hm::ref::quantize(t, buf.data(), f.data(), 1, 48), hm::Error);
+    EXPECT_THROW(hm::cpu::quantize(t, buf.data(), f.data(), 1, 48), hm::Error);
+    EXPECT_THROW(hm::ref::dequantize(t, f.data(), buf.data(), 1, 40), hm::Error);
+    EXPECT_THROW(hm::cpu::dequantize(t, f.data(), buf.data(), 1, 40), hm::Error);
+    EXPECT_THROW(hm::cpu::linear_packed(y.data(), 4, f.data(), 40, buf.data(), t, 1, 4, 40, false), hm::Error);
+    EXPECT_THROW(hm::ref::linear_packed(y.data(), 4, f.data(), 40, buf.data(), t, 1, 4, 40, false), hm::Error);
+    // Weights with no finite scale.
+    auto bad = f;
+    bad[70] = NAN;
+    EXPECT_THROW(hm::cpu::quantize(t, buf.data(), bad.data(), 4, 64), hm::Error);
+    bad[70] = 1e12f;  // d beyond the f16 range
+    EXPECT_THROW(hm::cpu::quantize(t, buf.data(), bad.data(), 4, 64), hm::Error);
+  }
+  for (WeightType t : kTypes) {
+    EXPECT_THROW(hm::row_bytes(t, 0), hm::Error);
+    EXPECT_THROW(hm::cpu::linear_packed(y.data(), 4, f.data(), 64, buf.data(), t, 1, 0, 64, false), hm::Error);
+    EXPECT_THROW(hm::cpu::linear_packed(y.data(), 4, f.data(), 64, buf.data(), t, -1, 4, 64, false), hm::Error);
+    EXPECT_THROW(hm::cpu::dequantize(t, f.data(), buf.data(), -3, 64), hm::Error);
+  }
+  EXPECT_THROW(hm::weight_type_from_name("q5_1"), hm::Error);
+  EXPECT_EQ(hm::weight_type_from_name("q4_0"), WeightType::Q4_0);
+  EXPECT_EQ(hm::row_bytes(WeightType::Q8_0, 768), 24u * 34);
+  EXPECT_EQ(hm::row_bytes(WeightType::Q4_0, 768), 24u * 18);
+  EXPECT_EQ(hm::row_bytes(WeightType::BF16, 37), 74u);
+}
+
+TEST(QuantIsa, TheChosenIsaIsUsedAndReported) {
+  EachIsa each;
+  EXPECT_EQ(each.saved, hm::cpu::best_isa());  // nothing set it before: the best one
+  EXPECT_TRUE(hm::cpu::isa_supported(Isa::Scalar));
+  for (Isa isa : each.isas) {
+    hm::cpu::set_quant_isa(isa);
+    EXPECT_EQ(hm::cpu::quant_isa(), isa);
+  }
+  for (Isa isa : {Isa::Avx2, Isa::Avx512})
+    if (!hm::cpu::isa_supported(isa)) {
+      EXPECT_THROW(hm::cpu::set_quant_isa(isa), hm::Error);
+    }
+}
+
+}  // namespace
