@@ -1,13 +1,477 @@
-// CUDA backend entry point. The kernels exist (src/kernels/cuda/, tested against kernels/ref);
-// the backend that runs the model on them needs the typed, ragged interface of docs/CUDA.md.
-// Until then asking for the device is an error that says so, never a silent fallback.
+// The CUDA backend: the Backend interface (backend/backend.h) on the kernels of
+// src/kernels/cuda/ (docs/CUDA.md). Every op checks its shapes and types on the host (an
+// hm::Error naming the op and the values), converts the views to the kernels' pointers and
+// leading dimensions, and enqueues on the backend's one stream without waiting: only to_host
+// and synchronize() wait. Each op dispatches on Tensor::dtype to the float, bf16 or f16
+// instantiation; decode batches (every sequence one row) take the one-step kernels.
+#include <algorithm>
+#include <climits>
+#include <cstdint>
 #include <memory>
+#include <string>
+#include <type_traits>
+#include <vector>
 
-#include "backend/backend.h"
+#include "backend/cuda/cuda_backend.h"
 #include "core/error.h"
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/cuda_ops.h"
+#include "kernels/cuda/linear.h"
+#include "kernels/cuda/rows.h"
 
 namespace hm {
-std::unique_ptr<Backend> make_cuda_backend() {
-  throw Error("cuda: the CUDA backend is not implemented yet; every hm command runs on the CPU backend");
+namespace {
+
+using bf16 = __nv_bfloat16;
+using f16 = __half;
+
+// Calls f with a null T* for the element type of t (T = float, __nv_bfloat16, __half).
+template <class F>
+void dispatch(DType t, F&& f) {
+  switch (t) {
+    case DType::F32: f(static_cast<float*>(nullptr)); return;
+    case DType::BF16: f(static_cast<bf16*>(nullptr)); return;
+    case DType::F16: f(static_cast<f16*>(nullptr)); return;
+    default: break;
+  }
+  throw Error(detail::cat("cuda: ", dtype_name(t), " is not a compute type (f32, bf16 or f16)"));
 }
+template <class P> using elem_t = std::remove_pointer_t<P>;
+
+template <class T> T* ptr(const Tensor& t) { return static_cast<T*>(t.data); }
+
+cudaDataType_t cuda_type(DType t) {
+  switch (t) {
+    case DType::F32: return CUDA_R_32F;
+    case DType::BF16: return CUDA_R_16BF;
+    case DType::F16: return CUDA_R_16F;
+    default: break;
+  }
+  throw Error(detail::cat("cuda: ", dtype_name(t), " is not a compute type (f32, bf16 or f16)"));
+}
+
+// ---- Host-side checks (cheap: shapes, types, the Ragged's host arrays) ----
+
+// `t` is a rows x cols view: leading dimension at least cols (the kernels take int strides),
+// and memory behind it when it has elements.
+void check_view(const char* op, const char* name, const Tensor& t, int rows, int cols) {
+  HM_CHECK(t.rows == rows && t.cols == cols, "cuda ", op, ": ", name, " is [", t.rows, ", ", t.cols,
+           "], expected [", rows, ", ", cols, "]");
+  HM_CHECK(t.ld >= t.cols && t.ld <= INT_MAX, "cuda ", op, ": ", name, " has row stride ", t.ld, " for ",
+           t.cols, " columns");
+  HM_CHECK(t.data != nullptr || rows == 0 || cols == 0, "cuda ", op, ": ", name, " has no data");
+}
+// `t` holds n contiguous elements (a weight vector).
+void check_vec(const char* op, const char* name, const Tensor& t, int n) {
+  HM_CHECK(int64_t(t.rows) * t.cols == n && (t.rows <= 1 || t.ld == t.cols), "cuda ", op, ": ", name,
+           " must be a contiguous vector of ", n, " elements, got [", t.rows, ", ", t.cols, "] stride ", t.ld);
+  HM_CHECK(t.data != nullptr || n == 0, "cuda ", op, ": ", name, " has no data");
+}
+// The kernels of rmsnorm and embedding take dense rows.
+void check_dense(const char* op, const char* name, const Tensor& t) {
+  HM_CHECK(t.rows <= 1 || t.ld == t.cols, "cuda ", op, ": ", name, " must be dense (row stride ", t.ld,
+           " != cols ", t.cols, ")");
+}
+void check_type(const char* op, const char* name, const Tensor& t, DType want) {
+  HM_CHECK(t.dtype == want, "cuda ", op, ": ", name, " is ", compute_dtype_name(t.dtype), ", expected ", compute_dtype_name(want));
+}
+void check_kv_type(const char* op, DType t) {
+  HM_CHECK(t == DType::BF16 || t == DType::F16, "cuda ", op, ": the KV cache must be bf16 or f16, got ",
+           compute_dtype_name(t));
+}
+
+// The Ragged's device arrays exist and its slots index the pool.
+void check_ragged(const char* op, const Ragged& rg, int n_slots) {
+  HM_CHECK(rg.nseq() == 0 || rg.d_cu() != nullptr, "cuda ", op, ": the Ragged batch was not uploaded");
+  for (int s = 0; s < rg.nseq(); ++s)
+    HM_CHECK(rg.slot(s) >= 0 && rg.slot(s) < n_slots, "cuda ", op, ": sequence ", s, " has slot ", rg.slot(s),
+             ", the pool has ", n_slots);
+}
+void check_state(const char* op, const StatePool& st, int64_t per_slot) {
+  HM_CHECK(st.slot_stride == per_slot, "cuda ", op, ": the state pool's slot stride is ", st.slot_stride,
+           ", the kernels need ", per_slot, " (dense slots)");
+  HM_CHECK(st.base != nullptr || st.n_slots == 0, "cuda ", op, ": the state pool has no data");
+}
+
+cuda::RaggedBatch batch(const Ragged& rg) {
+  cuda::RaggedBatch rb;
+  rb.cu_seqlens = rg.d_cu();
+  rb.slots = rg.d_slots();
+  rb.pos0 = rg.d_pos0();
+  rb.nseq = rg.nseq();
+  rb.n_tokens = rg.n_tokens();
+  rb.max_len = rg.max_len();
+  return rb;
+}
+// Every sequence is one row, at row s: the one-step kernels apply.
+bool is_decode(const Ragged& rg) { return rg.max_len() == 1 && rg.n_tokens() == rg.nseq(); }
+
+class CudaBackendImpl final : public CudaBackend {
+ public:
+  CudaBackendImpl() {
+    int n = 0;
+    const cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess) cudaGetLastError();
+    HM_CHECK(e == cudaSuccess && n > 0, "cuda: no usable CUDA device (cudaGetDeviceCount: ",
+             e == cudaSuccess ? "0 devices" : cudaGetErrorString(e), ")");
+    HM_CUDA_OK(cudaGetDevice(&dev_), "cudaGetDevice");
+    HM_CUDA_OK(cudaSetDevice(dev_), "cudaSetDevice");
+    HM_CUDA_OK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
+    try {
+      gemm_ = std::make_unique<cuda::Gemm>();
+    } catch (...) {
+      cudaStreamDestroy(stream_);
+      throw;
+    }
+  }
+  ~CudaBackendImpl() override {
+    cudaStreamSynchronize(stream_);
+    gemm_.reset();
+    cudaFree(ws_);
+    for (void* p : retired_) cudaFree(p);
+    cudaStreamDestroy(stream_);
+  }
+
+  Device device() const override { return Device::CUDA; }
+  std::string name() const override { return "cuda"; }
+  bool supports(DType t) const override { return t == DType::F32 || t == DType::BF16 || t == DType::F16; }
+  bool supports_kv(DType t) const override { return t == DType::BF16 || t == DType::F16; }
+  DType default_dtype() const override { return DType::BF16; }
+
+  cudaStream_t stream() const override { return stream_; }
+  size_t workspace_bytes() const override { return ws_bytes_; }
+  void set_linear_fallback_only(bool on) override { gemm_->set_use_lt(!on); }
+  void reserve_workspace(size_t bytes) override {
+    if (bytes <= ws_bytes_) return;
+    HM_CHECK(!capturing(), "cuda: the op workspace must grow to ", bytes, " bytes (holds ", ws_bytes_,
+             ") while the stream is being captured; call reserve_workspace before the capture");
+    // Grown geometrically; the old block is kept until the backend goes, since a captured graph
+    // may still name it.
+    const size_t want = std::max(bytes, 2 * ws_bytes_);
+    void* p = alloc(want);
+    if (ws_) retired_.push_back(ws_);
+    ws_ = p;
+    ws_bytes_ = want;
+  }
+
+  // ---- Memory ----
+  void* alloc(size_t bytes) override {
+    if (bytes == 0) return nullptr;
+    void* p = nullptr;
+    const cudaError_t e = cudaMalloc(&p, bytes);
+    if (e != cudaSuccess) {
+      cudaGetLastError();  // out of memory is not sticky: clear it
+      size_t free_b = 0, total_b = 0;
+      cudaMemGetInfo(&free_b, &total_b);
+      throw Error(detail::cat("cuda: cudaMalloc of ", bytes, " bytes failed (", cudaGetErrorString(e), "); ",
+                              free_b, " of ", total_b, " bytes free on device ", dev_));
+    }
+    return p;
+  }
+  // Waits for the stream first: an op still queued may read the block. Never throws (Buffer's
+  // destructor calls it).
+  void free(void* p) override {
+    if (!p) return;
+    cudaStreamSynchronize(stream_);
+    cudaFree(p);
+  }
+  // From pageable host memory the copy returns once the source is staged, so the caller may
+  // reuse it; ordered after every op already queued.
+  void to_device(void* dst, const void* src, size_t bytes) override {
+    if (bytes == 0) return;
+    HM_CUDA_OK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_), "to_device");
+  }
+  void to_host(void* dst, const void* src, size_t bytes) override {
+    if (bytes == 0) return;
+    HM_CUDA_OK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_), "to_host");
+    HM_CUDA_OK(cudaStreamSynchronize(stream_), "to_host (synchronize)");
+  }
+  void copy(void* dst, const void* src, size_t bytes) override {
+    if (bytes == 0) return;
+    HM_CUDA_OK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_), "copy");
+  }
+  void memzero(void* p, size_t bytes) override {
+    if (bytes == 0) return;
+    HM_CUDA_OK(cudaMemsetAsync(p, 0, bytes, stream_), "memzero");
+  }
+  // Also where an earlier kernel's asynchronous fault surfaces, as an hm::Error.
+  void synchronize() override { HM_CUDA_OK(cudaStreamSynchronize(stream_), "synchronize"); }
+
+  // ---- Ops ----
+  void rmsnorm(Tensor out, Tensor x, Tensor w, float eps) override {
+    const char* op = "rmsnorm";
+    const int n = x.rows, d = x.cols;
+    check_view(op, "x", x, n, d);
+    check_view(op, "out", out, n, d);
+    check_vec(op, "w", w, d);
+    check_dense(op, "x", x);
+    check_dense(op, "out", out);
+    check_type(op, "out", out, x.dtype);
+    check_type(op, "w", w, x.dtype);
+    dispatch(x.dtype, [&](auto tag) {
+      using T = elem_t<decltype(tag)>;
+      cuda::rmsnorm<T>(ptr<T>(out), ptr<T>(x), ptr<T>(w), n, d, eps, stream_);
+    });
+  }
+
+  void linear(Tensor y, Tensor x, Tensor W, bool accumulate) override {
+    const char* op = "linear";
+    const int m = x.rows, k = x.cols, n = W.rows;
+    check_view(op, "x", x, m, k);
+    check_view(op, "W", W, n, k);
+    check_view(op, "y", y, m, n);
+    check_type(op, "W", W, x.dtype);
+    HM_CHECK(y.dtype == x.dtype || y.dtype == DType::F32, "cuda linear: y is ", compute_dtype_name(y.dtype),
+             ", expected ", compute_dtype_name(x.dtype), " (x's type) or f32");
+    gemm_->linear(y.data, cuda_type(y.dtype), y.ld, x.data, x.ld, W.data, W.ld, cuda_type(x.dtype), m, n, k,
+                  accumulate, stream_);
+  }
+
+  void swiglu(Tensor out, Tensor g, Tensor u) override {
+    const char* op = "swiglu";
+    const int n = g.rows, f = g.cols;
+    check_view(op, "g", g, n, f);
+    check_view(op, "u", u, n, f);
+    check_view(op, "out", out, n, f);
+    HM_CHECK(g.ld == u.ld, "cuda swiglu: g and u must share a row stride (", g.ld, " vs ", u.ld, ")");
+    check_type(op, "u", u, g.dtype);
+    check_type(op, "out", out, g.dtype);
+    dispatch(g.dtype, [&](auto tag) {
+      using T = elem_t<decltype(tag)>;
+      cuda::swiglu<T>(ptr<T>(out), int(out.ld), ptr<T>(g), ptr<T>(u), int(g.ld), n, f, stream_);
+    });
+  }
+
+  void embedding(Tensor out, Tensor table, const int32_t* ids) override {
+    const char* op = "embedding";
+    const int n = out.rows, d = table.cols;
+    check_view(op, "out", out, n, d);
+    check_view(op, "table", table, table.rows, d);
+    check_dense(op, "out", out);
+    check_dense(op, "table", table);
+    check_type(op, "out", out, table.dtype);
+    HM_CHECK(ids != nullptr || n == 0, "cuda embedding: no ids for ", n, " rows");
+    dispatch(table.dtype, [&](auto tag) {
+      using T = elem_t<decltype(tag)>;
+      cuda::embedding<T>(ptr<T>(out), ptr<T>(table), ids, n, d, stream_);
+    });
+  }
+
+  void conv1d_silu(Tensor out, const StatePool& st, Tensor x, Tensor w, Tensor b, const Ragged& rg) override {
+    const char* op = "conv1d_silu";
+    const int E = x.cols, K = w.cols, T_ = rg.n_tokens();
+    HM_CHECK(K >= 2 && K <= cuda::kMaxConv, "cuda conv1d_silu: d_conv must be in [2, ", cuda::kMaxConv,
+             "], got ", K);
+    check_view(op, "x", x, T_, E);
+    check_view(op, "out", out, T_, E);
+    check_view(op, "w", w, E, K);
+    check_dense(op, "w", w);
+    check_vec(op, "b", b, E);
+    check_type(op, "out", out, x.dtype);
+    check_type(op, "w", w, x.dtype);
+    check_type(op, "b", b, x.dtype);
+    check_state(op, st, int64_t(E) * (K - 1));
+    check_ragged(op, rg, st.n_slots);
+    if (rg.nseq() == 0) return;
+    const cuda::RaggedBatch rb = batch(rg);
+    dispatch(x.dtype, [&](auto tag) {
+      using T = elem_t<decltype(tag)>;
+      if (is_decode(rg))
+        cuda::conv1d_silu_step<T>(ptr<T>(out), int(out.ld), st.base, rb.slots, ptr<T>(x), int(x.ld), ptr<T>(w),
+                                  ptr<T>(b), rb.nseq, E, K, stream_);
+      else
+        cuda::conv1d_silu<T>(ptr<T>(out), int(out.ld), st.base, ptr<T>(x), int(x.ld), ptr<T>(w), ptr<T>(b), rb,
+                             E, K, stream_);
+    });
+  }
+
+  void selective_scan(Tensor y, const StatePool& st, Tensor x, Tensor dt, Tensor dt_bias, const float* A,
+                      Tensor B, Tensor C, Tensor Dskip, Tensor z, const Ragged& rg) override {
+    const char* op = "selective_scan";
+    const int E = x.cols, N = B.cols, T_ = rg.n_tokens();
+    HM_CHECK(N >= 1 && N <= cuda::kMaxState, "cuda selective_scan: d_state must be in [1, ", cuda::kMaxState,
+             "], got ", N);
+    check_view(op, "x", x, T_, E);
+    check_view(op, "dt", dt, T_, E);
+    check_view(op, "z", z, T_, E);
+    check_view(op, "y", y, T_, E);
+    check_view(op, "B", B, T_, N);
+    check_view(op, "C", C, T_, N);
+    HM_CHECK(B.ld == C.ld, "cuda selective_scan: B and C must share a row stride (", B.ld, " vs ", C.ld, ")");
+    check_vec(op, "dt_bias", dt_bias, E);
+    check_vec(op, "Dskip", Dskip, E);
+    HM_CHECK(A != nullptr || E == 0, "cuda selective_scan: A is null");
+    for (const auto& [name, t] : {std::pair{"dt", &dt}, std::pair{"z", &z}, std::pair{"y", &y}, std::pair{"B", &B},
+                                  std::pair{"C", &C}, std::pair{"dt_bias", &dt_bias}, std::pair{"Dskip", &Dskip}})
+      check_type(op, name, *t, x.dtype);
+    check_state(op, st, int64_t(E) * N);
+    check_ragged(op, rg, st.n_slots);
+    if (rg.nseq() == 0 || T_ == 0) return;
+    const cuda::RaggedBatch rb = batch(rg);
+    const bool decode = is_decode(rg);
+    const int chunk = decode ? 0 : cuda::scan_chunk_auto(rb, E);
+    void* ws = decode ? nullptr : workspace(cuda::selective_scan_workspace_bytes(rb, E, N, chunk));
+    dispatch(x.dtype, [&](auto tag) {
+      using T = elem_t<decltype(tag)>;
+      if (decode)
+        cuda::selective_scan_step<T>(ptr<T>(y), int(y.ld), st.base, rb.slots, ptr<T>(x), int(x.ld), ptr<T>(dt),
+                                     int(dt.ld), ptr<T>(dt_bias), A, ptr<T>(B), ptr<T>(C), int(B.ld),
+                                     ptr<T>(Dskip), ptr<T>(z), int(z.ld), rb.nseq, E, N, stream_);
+      else
+        cuda::selective_scan<T>(ptr<T>(y), int(y.ld), st.base, ptr<T>(x), int(x.ld), ptr<T>(dt), int(dt.ld),
+                                ptr<T>(dt_bias), A, ptr<T>(B), ptr<T>(C), int(B.ld), ptr<T>(Dskip), ptr<T>(z),
+                                int(z.ld), rb, E, N, chunk, ws, stream_);
+    });
+  }
+
+  void rope(Tensor x, int heads, int hd, float theta, const Ragged& rg) override {
+    const char* op = "rope";
+    HM_CHECK(heads > 0 && hd > 0 && hd % 2 == 0, "cuda rope: heads ", heads, " and head_dim ", hd,
+             " must be positive, head_dim even");
+    HM_CHECK(int64_t(heads) * hd <= x.cols, "cuda rope: ", heads, " heads of ", hd, " exceed x's ", x.cols,
+             " columns");
+    check_view(op, "x", x, rg.n_tokens(), x.cols);
+    check_ragged(op, rg, INT_MAX);
+    if (rg.n_tokens() == 0) return;
+    const cuda::RaggedBatch rb = batch(rg);
+    dispatch(x.dtype, [&](auto tag) {
+      using T = elem_t<decltype(tag)>;
+      cuda::rope<T>(ptr<T>(x), int(x.ld), heads, hd, rb, theta, stream_);
+    });
+  }
+
+  void kv_write(const KvPool& kv, Tensor k, Tensor v, const Ragged& rg) override {
+    const char* op = "kv_write";
+    check_kv_type(op, kv.dtype);
+    check_kv_pool(op, kv);
+    check_view(op, "k", k, rg.n_tokens(), kv.row);
+    check_view(op, "v", v, rg.n_tokens(), kv.row);
+    check_type(op, "v", v, k.dtype);
+    check_ragged(op, rg, kv.n_slots);
+    for (int s = 0; s < rg.nseq(); ++s)
+      HM_CHECK(rg.pos0(s) >= 0 && int64_t(rg.pos0(s)) + rg.len(s) <= kv.max_ctx, "cuda kv_write: sequence ", s,
+               " writes positions ", rg.pos0(s), "..", int64_t(rg.pos0(s)) + rg.len(s) - 1,
+               " outside the cache of ", kv.max_ctx);
+    if (rg.n_tokens() == 0) return;
+    const cuda::RaggedBatch rb = batch(rg);
+    dispatch_kv(kv, [&](const auto& pool) {
+      dispatch(k.dtype, [&](auto tag) {
+        using T = elem_t<decltype(tag)>;
+        cuda::kv_write(pool, ptr<T>(k), int(k.ld), ptr<T>(v), int(v.ld), rb, 1, kv.row, stream_);
+      });
+    });
+  }
+
+  void attention(Tensor out, Tensor q, const KvPool& kv, int H, int G, int hd, const Ragged& rg) override {
+    const char* op = "attention";
+    check_kv_type(op, kv.dtype);
+    check_kv_pool(op, kv);
+    HM_CHECK(hd == 32 || hd == 64 || hd == 128, "cuda attention: head_dim must be 32, 64 or 128, got ", hd);
+    HM_CHECK(G > 0 && H > 0 && H % G == 0, "cuda attention: n_heads ", H, " is not a multiple of n_kv_heads ", G);
+    HM_CHECK(int64_t(G) * hd == kv.row, "cuda attention: ", G, " kv heads of ", hd, " do not match the cache row ",
+             kv.row);
+    check_view(op, "q", q, rg.n_tokens(), H * hd);
+    check_view(op, "out", out, rg.n_tokens(), H * hd);
+    check_type(op, "out", out, q.dtype);
+    check_ragged(op, rg, kv.n_slots);
+    int max_keys = 0;
+    for (int s = 0; s < rg.nseq(); ++s) {
+      const int64_t end = int64_t(rg.pos0(s)) + rg.len(s);
+      HM_CHECK(rg.pos0(s) >= 0 && end <= kv.max_ctx, "cuda attention: sequence ", s, " reads positions up to ",
+               end - 1, " of a cache of ", kv.max_ctx);
+      if (rg.len(s) > 0) max_keys = std::max(max_keys, int(end));
+    }
+    if (rg.n_tokens() == 0) return;
+    // A captured decode step is replayed at later positions: size it for the whole cache.
+    if (capturing()) max_keys = kv.max_ctx;
+    const cuda::RaggedBatch rb = batch(rg);
+    void* ws = workspace(cuda::attention_workspace_bytes(rb, H, G, hd, max_keys));
+    dispatch_kv(kv, [&](const auto& pool) {
+      dispatch(q.dtype, [&](auto tag) {
+        using T = elem_t<decltype(tag)>;
+        cuda::attention(ptr<T>(out), int(out.ld), ptr<T>(q), int(q.ld), pool, rb, H, G, hd, max_keys, ws, stream_);
+      });
+    });
+  }
+
+  void copy_rows(Tensor dst, const int32_t* dst_idx, Tensor src, const int32_t* src_idx, int n) override {
+    check_rows("copy_rows", dst, dst_idx, src, src_idx, n);
+    dispatch(dst.dtype, [&](auto tag) {
+      using T = elem_t<decltype(tag)>;
+      cuda::copy_rows<T>(ptr<T>(dst), dst.ld, dst.rows, dst_idx, ptr<T>(src), src.ld, src.rows, src_idx, n,
+                         dst.cols, stream_);
+    });
+  }
+
+  void add_rows(Tensor dst, const int32_t* dst_idx, Tensor src, const int32_t* src_idx, int n,
+                const float* row_gate, Tensor scale) override {
+    check_rows("add_rows", dst, dst_idx, src, src_idx, n);
+    if (!scale.empty()) {
+      check_vec("add_rows", "scale", scale, dst.cols);
+      check_type("add_rows", "scale", scale, dst.dtype);
+    }
+    dispatch(dst.dtype, [&](auto tag) {
+      using T = elem_t<decltype(tag)>;
+      cuda::add_rows<T>(ptr<T>(dst), dst.ld, dst.rows, dst_idx, ptr<T>(src), src.ld, src.rows, src_idx, n,
+                        dst.cols, row_gate, scale.empty() ? nullptr : ptr<T>(scale), stream_);
+    });
+  }
+
+ private:
+  bool capturing() const {
+    cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+    HM_CUDA_OK(cudaStreamIsCapturing(stream_, &cs), "cudaStreamIsCapturing");
+    return cs != cudaStreamCaptureStatusNone;
+  }
+  // The op workspace, grown to `bytes` when needed (never during a capture).
+  void* workspace(size_t bytes) {
+    if (bytes == 0) return nullptr;
+    reserve_workspace(bytes);
+    return ws_;
+  }
+
+  static void check_kv_pool(const char* op, const KvPool& kv) {
+    HM_CHECK(kv.k != nullptr && kv.v != nullptr && kv.row > 0 && kv.max_ctx > 0 &&
+                 kv.slot_stride >= int64_t(kv.max_ctx) * kv.row,
+             "cuda ", op, ": bad KV pool (row ", kv.row, ", max_ctx ", kv.max_ctx, ", slot_stride ", kv.slot_stride,
+             ")");
+  }
+  // Calls f with the kernels' typed pool for kv.dtype (bf16 or f16).
+  template <class F>
+  static void dispatch_kv(const KvPool& kv, F&& f) {
+    if (kv.dtype == DType::BF16) {
+      f(cuda::KvPool<bf16>{static_cast<bf16*>(kv.k), static_cast<bf16*>(kv.v), kv.max_ctx, kv.slot_stride});
+    } else {
+      f(cuda::KvPool<f16>{static_cast<f16*>(kv.k), static_cast<f16*>(kv.v), kv.max_ctx, kv.slot_stride});
+    }
+  }
+  static void check_rows(const char* op, const Tensor& dst, const int32_t* dst_idx, const Tensor& src,
+                         const int32_t* src_idx, int n) {
+    check_view(op, "dst", dst, dst.rows, dst.cols);
+    check_view(op, "src", src, src.rows, dst.cols);
+    check_type(op, "src", src, dst.dtype);
+    HM_CHECK(n >= 0, "cuda ", op, ": negative row count ", n);
+    HM_CHECK(dst_idx || n <= dst.rows, "cuda ", op, ": ", n, " rows into dst of ", dst.rows, " without indices");
+    HM_CHECK(src_idx || n <= src.rows, "cuda ", op, ": ", n, " rows from src of ", src.rows, " without indices");
+  }
+
+  int dev_ = 0;
+  cudaStream_t stream_ = nullptr;
+  std::unique_ptr<cuda::Gemm> gemm_;
+  void* ws_ = nullptr;
+  size_t ws_bytes_ = 0;
+  std::vector<void*> retired_;  // outgrown workspaces, freed with the backend
+};
+
+}  // namespace
+
+bool cuda_available_impl() {
+  int n = 0;
+  const cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess) cudaGetLastError();
+  return e == cudaSuccess && n > 0;
+}
+
+std::unique_ptr<Backend> make_cuda_backend() { return std::make_unique<CudaBackendImpl>(); }
+
 }  // namespace hm

@@ -1,0 +1,34 @@
+// The CUDA backend (HM_CUDA=ON): the Backend interface on one NVIDIA device, every op enqueued
+// on the backend's one stream (docs/CUDA.md).
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <memory>
+
+#include "backend/backend.h"
+
+namespace hm {
+
+// True when a CUDA device is present and the driver can run this build (cuda_available()).
+bool cuda_available_impl();
+
+// hm::Error naming cudaGetErrorString when no device is present or the driver is too old.
+std::unique_ptr<Backend> make_cuda_backend();
+
+// What the CUDA backend offers beyond the Backend interface (graph capture, tests).
+class CudaBackend : public Backend {
+ public:
+  // The stream every op is enqueued on (capture it to build a CUDA graph of a decode step).
+  virtual cudaStream_t stream() const = 0;
+  // Grows the ops' device workspace (selective scan chunk states, split-KV attention partials)
+  // to at least `bytes`. Ops grow it themselves when run outside a capture; during a stream
+  // capture growing is an hm::Error, so reserve what the captured step needs first (a decode
+  // step under capture sizes attention by max_ctx: see attention_workspace_bytes).
+  virtual void reserve_workspace(size_t bytes) = 0;
+  virtual size_t workspace_bytes() const = 0;
+  // Tests: route linear through cublasGemmEx (cuBLASLt's fallback) instead of cuBLASLt.
+  virtual void set_linear_fallback_only(bool on) = 0;
+};
+
+}  // namespace hm

@@ -1,0 +1,48 @@
+// y[m,n] (=|+=) x[m,k] . W[n,k]^T on the device through cuBLASLt (the contract of ref::linear,
+// row-major with leading dimensions, so column views of wider matrices work). bf16/f16 inputs
+// accumulate in float and write the same type or float (the LM head's float logits); float
+// inputs run in true float (CUBLAS_COMPUTE_32F, never TF32) so an f32 model matches the CPU.
+// Plain C++ (no device code); the cuBLAS types stay inside linear.cu.
+#pragma once
+#include <cuda_runtime.h>
+#include <library_types.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+namespace hm::cuda {
+
+class Gemm {
+ public:
+  // Creates the cuBLASLt and cuBLAS handles and a workspace of `workspace_bytes` on the current
+  // device (hm::Error naming the call on failure).
+  explicit Gemm(size_t workspace_bytes = size_t(32) << 20);
+  ~Gemm();
+  Gemm(const Gemm&) = delete;
+  Gemm& operator=(const Gemm&) = delete;
+
+  // x and W of type `tin` (CUDA_R_32F, CUDA_R_16BF or CUDA_R_16F); y of type `ty` (tin or
+  // CUDA_R_32F). Leading dimensions in elements: ldx >= k, ldw >= k, ldy >= n. The matmul plan
+  // (descriptors and the heuristic's first algorithm) is cached per shape, types, leading
+  // dimensions and pointer alignment, so repeated shapes (decode steps) do not re-query. A
+  // shape cuBLASLt rejects runs through cublasGemmEx instead.
+  void linear(void* y, cudaDataType_t ty, int64_t ldy, const void* x, int64_t ldx, const void* W,
+              int64_t ldw, cudaDataType_t tin, int m, int n, int k, bool accumulate,
+              cudaStream_t stream);
+
+  // Tests: route every call through cublasGemmEx (the fallback) instead of cuBLASLt.
+  void set_use_lt(bool on) { use_lt_ = on; }
+  // Calls that ran through the fallback since construction.
+  int64_t fallback_calls() const { return fallbacks_; }
+  // Cached plans (distinct shapes seen; the cache is dropped when it grows past a bound).
+  size_t cached_plans() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  bool use_lt_ = true;
+  int64_t fallbacks_ = 0;
+};
+
+}  // namespace hm::cuda
