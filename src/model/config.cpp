@@ -50,6 +50,9 @@ void validate(const ModelConfig& c) {
   in_range(c.d_state, 1, kMaxDState, "d_state");
   in_range(c.d_conv, 1, kMaxDConv, "d_conv");
   in_range(c.expand, 1, kMaxExpand, "expand");
+  HM_CHECK(c.inner_size >= 0 && c.inner_size <= kMaxExpand * c.d_model, "config: 'd_inner' must be in [1, ",
+           kMaxExpand, " * d_model = ", kMaxExpand * c.d_model, "] (or absent: expand * d_model), got ",
+           c.inner_size);
   HM_CHECK(c.dt_rank >= 0 && c.dt_rank <= kMaxDtRank, "config: 'dt_rank' must be \"auto\" or in [1, ",
            kMaxDtRank, "], got ", c.dt_rank);
   in_range(c.n_heads, 1, kMaxHeads, "n_heads");
@@ -123,7 +126,7 @@ std::vector<int> get_layer_list(const JsonFields& f, const char* key) {
 ModelConfig config_from_json(const nlohmann::json& j, const std::string& origin) {
   const JsonFields f(j, origin);
   f.check_known({"model_type", "hybrid", "d_model", "n_layers", "attention_layers", "vocab_size", "d_state",
-                 "d_conv", "expand", "dt_rank", "n_heads", "n_kv_heads", "rope", "rope_theta", "d_ff",
+                 "d_conv", "expand", "d_inner", "dt_rank", "n_heads", "n_kv_heads", "rope", "rope_theta", "d_ff",
                  "norm_eps", "tie_embeddings", "state_bridges", "true_layers", "routing_mode",
                  "routing_granularity", "routing_chunk", "attention_budget", "budget_loss_weight"});
   ModelConfig c;
@@ -147,6 +150,7 @@ ModelConfig config_from_json(const nlohmann::json& j, const std::string& origin)
   if (f.has("d_state")) c.d_state = int(f.get_int("d_state", 1, kMaxDState));
   if (f.has("d_conv")) c.d_conv = int(f.get_int("d_conv", 1, kMaxDConv));
   if (f.has("expand")) c.expand = int(f.get_int("expand", 1, kMaxExpand));
+  if (f.has("d_inner")) c.inner_size = int(f.get_int("d_inner", 1, int64_t(kMaxExpand) * c.d_model));
   if (f.has("dt_rank")) {
     if (f.at("dt_rank").is_string()) {
       const std::string v = f.get_string("dt_rank");
@@ -184,6 +188,7 @@ nlohmann::json config_to_json(const ModelConfig& c) {
   j["d_state"] = c.d_state;
   j["d_conv"] = c.d_conv;
   j["expand"] = c.expand;
+  if (c.inner_size > 0) j["d_inner"] = c.inner_size;
   if (c.dt_rank > 0) j["dt_rank"] = c.dt_rank; else j["dt_rank"] = "auto";
   j["n_heads"] = c.n_heads;
   j["n_kv_heads"] = c.n_kv_heads;

@@ -35,6 +35,9 @@ struct ModelConfig {
   int d_state = 16;
   int d_conv = 4;
   int expand = 2;
+  // Explicit Mamba inner width (Hugging Face's intermediate_size, which need not be a multiple
+  // of d_model); 0 = expand * d_model.
+  int inner_size = 0;
   int dt_rank = 0;  // 0 = "auto": ceil(d_model / 16)
   int n_heads = 8;
   int n_kv_heads = 8;
@@ -53,7 +56,7 @@ struct ModelConfig {
   float attention_budget = 0.5f;             // target fraction of tokens routed to attention
   float budget_loss_weight = 0.1f;           // weight of (mean p - budget)^2 in training
 
-  int d_inner() const { return expand * d_model; }
+  int d_inner() const { return inner_size > 0 ? inner_size : expand * d_model; }
   int resolved_dt_rank() const { return dt_rank > 0 ? dt_rank : (d_model + 15) / 16; }
   int head_dim() const { return d_model / n_heads; }
   // Layer kinds: attention only, true hybrid (both paths), or Mamba only (everything else).

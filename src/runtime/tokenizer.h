@@ -88,6 +88,48 @@ class SentencePieceTokenizer : public Tokenizer {
   int bos_ = -1, eos_ = -1, pad_ = -1;
 };
 
+// A Hugging Face tokenizer.json with a byte-level BPE model, as GPT-2, GPT-NeoX and Mamba use:
+// added tokens (matched leftmost-longest before anything else; "normalized" ones after the
+// normalizer), normalizer null or NFC, pre-tokenizer ByteLevel (its GPT-2 split, optional prefix
+// space), model BPE (vocab; merges as "a b" strings or [a, b] pairs; ignore_merges), decoder
+// ByteLevel. Encoding equals the tokenizers library's for valid UTF-8 text (Unicode tables:
+// unicode_tables.inc, Unicode 14). Anything else in the file (other normalizers or
+// pre-tokenizers, BPE dropout, word prefixes or suffixes, truncation, lstrip/rstrip/single_word
+// added tokens, a post-processor that adds tokens) is an hm::Error naming the field.
+// decode_piece: a token's bytes (ByteLevel-decoded), "" for special added tokens.
+// bos/eos/pad: the model folder's config.json bos_token_id/eos_token_id/pad_token_id when given
+// (see load_tokenizer), else the id of "<|endoftext|>" if it is an added token, else -1; encode
+// with add_bos and no bos is an error.
+class HfBpeTokenizer : public Tokenizer {
+ public:
+  // text: tokenizer.json's content; origin names it in errors.
+  HfBpeTokenizer(std::string text, const std::string& origin, int bos = -1, int eos = -1, int pad = -1);
+  ~HfBpeTokenizer() override;
+  std::string type() const override { return "hf-bpe"; }
+  int vocab_size() const override;
+  int bos() const override { return bos_; }
+  int eos() const override { return eos_; }
+  int pad() const override { return pad_; }
+  std::vector<int32_t> encode(std::string_view text, bool add_bos) const override;
+  std::string decode_piece(int32_t id) const override;
+  // Writes dir/tokenizer.json: the file as read, byte for byte.
+  void save(const std::string& dir) const override;
+
+  struct Impl;
+
+ private:
+  std::string text_;
+  std::unique_ptr<Impl> impl_;
+  int bos_ = -1, eos_ = -1, pad_ = -1;
+};
+
+// The GPT-2 pre-tokenizer split (ByteLevel with use_regex), by hand:
+// 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+// Returns the pieces of valid UTF-8 text, in order (their concatenation is text).
+std::vector<std::string_view> gpt2_split(std::string_view text);
+// Unicode NFC of valid UTF-8 text (canonical decomposition, reordering, composition).
+std::string nfc(std::string_view text);
+
 // Trains a byte-fallback BPE SentencePiece model on texts (each split into lines; empty lines
 // skipped) and writes it with SentencePieceTokenizer::save to out_dir. Deterministic: the same
 // texts and vocab_size give a byte-identical tokenizer.model (one thread, no sampling or
@@ -99,7 +141,9 @@ void train_sentencepiece_bpe(const std::vector<std::string>& texts, int vocab_si
                              const std::string& out_dir);
 
 // Reads dir/tokenizer.json (parse_json_file): {"type": "byte"}, or {"type": "sentencepiece",
-// "model": FILE} with FILE inside dir (file_inside_dir; default "tokenizer.model"). A missing
+// "model": FILE} with FILE inside dir (file_inside_dir; default "tokenizer.model"), or a Hugging
+// Face tokenizer.json (one whose "model" is an object): HfBpeTokenizer, with bos/eos/pad from
+// dir/config.json's *_token_id when that file has them. A missing
 // tokenizer.json is an error (for a task checkpoint, one naming its task), as are an unknown
 // type or field, malformed JSON, a missing or corrupt model: hm::Error naming file and field.
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir);

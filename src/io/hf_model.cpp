@@ -1,0 +1,275 @@
+#include "io/hf_model.h"
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <set>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "io/atomic_file.h"
+#include "io/json_read.h"
+#include "io/paths.h"
+#include "io/safetensors.h"
+#include "model/model.h"
+#include "model/params.h"
+
+namespace hm {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr const char* kIndexFile = "model.safetensors.index.json";
+
+// A file of an HF folder. Hugging Face cache snapshots hold symlinks into ../../blobs, so links
+// to regular files are allowed here (file_inside_dir still refuses '..' and absolute names).
+std::string hf_file(const std::string& dir, const std::string& name, const std::string& origin,
+                    const std::string& field) {
+  return file_inside_dir(dir, name, origin, field, /*allow_linked_files=*/true);
+}
+
+// What config.json says beyond ModelConfig: the parts of the mapping the weight loader needs.
+struct HfInfo {
+  ModelConfig cfg;
+  bool conv_bias = true;  // use_conv_bias: false means a zero conv bias and no conv1d.bias tensors
+};
+
+HfInfo hf_info_from_json(const nlohmann::json& j, const std::string& origin) {
+  const JsonFields f(j, origin);
+  HM_CHECK(f.has("architectures"), origin, ": not a Hugging Face config (no field 'architectures')");
+  const nlohmann::json& arch = f.at("architectures");
+  HM_CHECK(arch.is_array() && arch.size() == 1 && arch[0].is_string(), origin,
+           ": field 'architectures' must list exactly one architecture, got ", arch.dump());
+  const std::string a = arch[0].get<std::string>();
+  HM_CHECK(a != "FalconMambaForCausalLM", origin, ": field 'architectures': \"", a,
+           "\" is not supported yet: Falcon-Mamba applies an RMSNorm to B, C and dt inside the mixer, "
+           "which our Mamba layer does not have (docs/MODELS.md)");
+  HM_CHECK(a == "MambaForCausalLM", origin, ": field 'architectures': \"", a,
+           "\" is not supported (supported: MambaForCausalLM; docs/MODELS.md lists the families)");
+  if (f.has("model_type")) {
+    const std::string t = f.get_string("model_type");
+    HM_CHECK(t == "mamba", origin, ": field 'model_type' must be \"mamba\" for MambaForCausalLM, got \"", t, "\"");
+  }
+
+  HfInfo info;
+  ModelConfig& c = info.cfg;
+  c.hybrid = "simple";
+  c.attention_layers = {};
+  c.d_ff = 0;
+  c.state_bridges = false;
+  c.d_model = int(f.get_int("hidden_size", 1, kMaxDModel));
+  c.n_layers = int(f.get_int("num_hidden_layers", 1, kMaxLayers));
+  c.vocab_size = int(f.get_int("vocab_size", 1, kMaxVocab));
+  // mamba_ssm's names, which some converted configs still carry: they must agree.
+  if (f.has("d_model"))
+    HM_CHECK(f.get_int("d_model", 1, kMaxDModel) == c.d_model, origin, ": field 'd_model' (",
+             f.at("d_model").dump(), ") disagrees with 'hidden_size' (", c.d_model, ")");
+  if (f.has("n_layer"))
+    HM_CHECK(f.get_int("n_layer", 1, kMaxLayers) == c.n_layers, origin, ": field 'n_layer' (",
+             f.at("n_layer").dump(), ") disagrees with 'num_hidden_layers' (", c.n_layers, ")");
+  if (f.has("rms_norm"))
+    HM_CHECK(f.get_bool("rms_norm"), origin, ": field 'rms_norm' is false (LayerNorm blocks): not supported, "
+             "only RMSNorm");
+  c.d_state = f.has("state_size") ? int(f.get_int("state_size", 1, kMaxDState)) : 16;
+  c.d_conv = f.has("conv_kernel") ? int(f.get_int("conv_kernel", 1, kMaxDConv)) : 4;
+  // transformers: intermediate_size = int(expand * hidden_size), unless config.json names it.
+  const double expand = f.has("expand") ? f.get_double("expand", 1e-9, kMaxExpand) : 2.0;
+  int64_t inner = int64_t(expand * c.d_model);
+  if (f.has("intermediate_size")) inner = f.get_int("intermediate_size", 1, int64_t(kMaxExpand) * c.d_model);
+  HM_CHECK(inner >= 1 && inner <= int64_t(kMaxExpand) * c.d_model, origin, ": field 'expand' (", expand,
+           ") gives an intermediate size of ", inner, ", outside [1, ", kMaxExpand, " * hidden_size]");
+  if (inner % c.d_model == 0) {
+    c.expand = int(inner / c.d_model);
+  } else {
+    c.expand = 1;  // unused: inner_size says it
+    c.inner_size = int(inner);
+  }
+  c.dt_rank = 0;
+  if (f.has("time_step_rank")) {
+    if (f.at("time_step_rank").is_string()) {
+      const std::string v = f.get_string("time_step_rank");
+      HM_CHECK(v == "auto", origin, ": field 'time_step_rank' must be \"auto\" or an integer, got \"", v, "\"");
+    } else {
+      c.dt_rank = int(f.get_int("time_step_rank", 1, kMaxDtRank));
+    }
+  }
+  c.norm_eps = f.has("layer_norm_epsilon") ? f.get_float("layer_norm_epsilon") : 1e-5f;
+  c.tie_embeddings = f.has("tie_word_embeddings") ? f.get_bool("tie_word_embeddings") : true;
+  if (f.has("use_bias"))  // absent: false, transformers 5's default (and no bias tensors to load)
+    HM_CHECK(!f.get_bool("use_bias"), origin, ": field 'use_bias' is true (biases on in_proj and "
+             "out_proj): not supported yet");
+  if (f.has("use_conv_bias")) info.conv_bias = f.get_bool("use_conv_bias");
+  if (f.has("hidden_act")) {
+    const std::string act = f.get_string("hidden_act");
+    HM_CHECK(act == "silu" || act == "swish", origin, ": field 'hidden_act' is \"", act,
+             "\": not supported (only \"silu\")");
+  }
+  // Every other field is ignored, as transformers ignores it: initialization (initializer_range,
+  // rescale_prenorm_residual, time_step_scale/min/max/init_scheme/floor), how the scan runs
+  // (use_cache, use_mambapy, use_associative_scan), residual_in_fp32 (ours is float32 always),
+  // token ids and storage dtype. docs/MODELS.md lists each.
+  try {
+    validate(c);
+  } catch (const Error& e) {
+    throw Error(detail::cat(e.what(), " (mapped from ", origin, ")"));
+  }
+  return info;
+}
+
+HfInfo load_hf_info(const std::string& dir) {
+  const std::string path = hf_file(dir, "config.json", dir, "config.json");
+  return hf_info_from_json(parse_json_file(path), path);
+}
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+}  // namespace
+
+bool is_hf_model_dir(const std::string& dir) {
+  std::error_code ec;
+  const fs::path cfg = fs::path(dir) / "config.json";
+  if (!fs::is_regular_file(cfg, ec)) return false;
+  const nlohmann::json j = parse_json_file(cfg.string());
+  return j.is_object() && j.contains("architectures");
+}
+
+ModelConfig hf_config_from_json(const nlohmann::json& j, const std::string& origin) {
+  return hf_info_from_json(j, origin).cfg;
+}
+
+ModelConfig load_hf_config(const std::string& dir) { return load_hf_info(dir).cfg; }
+
+std::vector<std::string> hf_weight_files(const std::string& dir) {
+  std::error_code ec;
+  const bool single = fs::exists(fs::path(dir) / "model.safetensors", ec);
+  const bool indexed = fs::exists(fs::path(dir) / kIndexFile, ec);
+  HM_CHECK(!(single && indexed), dir, ": holds both model.safetensors and ", kIndexFile,
+           "; which one is the model is ambiguous");
+  if (single) return {hf_file(dir, "model.safetensors", dir, "model.safetensors")};
+  HM_CHECK(indexed, dir, ": no weights (expected model.safetensors, or shards listed in ", kIndexFile,
+           "; PyTorch .bin weights are not read)");
+  const std::string index = hf_file(dir, kIndexFile, dir, kIndexFile);
+  const nlohmann::json doc = parse_json_file(index);
+  const JsonFields j(doc, index);
+  const nlohmann::json& map = j.at("weight_map");
+  HM_CHECK(map.is_object() && !map.empty(), index, ": field 'weight_map' must be a non-empty object of "
+           "tensor name -> file, got ", map.type_name());
+  std::vector<std::string> files;
+  std::set<std::string> seen;
+  for (const auto& [name, file] : map.items()) {
+    HM_CHECK(file.is_string(), index, ": field 'weight_map.", name, "' must be a file name, got ", file.dump());
+    const std::string f = file.get<std::string>();
+    if (seen.insert(f).second) files.push_back(hf_file(dir, f, index, "weight_map." + name));
+  }
+  return files;
+}
+
+void load_hf_params(Params& p, const std::string& dir) {
+  const HfInfo info = load_hf_info(dir);
+  const ModelConfig& c = p.config();
+  HM_CHECK(config_to_json(c) == config_to_json(info.cfg), "load_hf_params: the Params' config is not the "
+           "one ", dir, "/config.json maps to");
+  std::vector<SafetensorsReader> readers;
+  for (const std::string& f : hf_weight_files(dir)) readers.emplace_back(f);
+  // Where each tensor lives; a name in two files is ambiguous.
+  std::map<std::string, const SafetensorsReader*> where;
+  for (const SafetensorsReader& r : readers)
+    for (const TensorInfo& t : r.tensors()) {
+      auto [it, fresh] = where.emplace(t.name, &r);
+      HM_CHECK(fresh, dir, ": tensor '", t.name, "' is in both ", it->second->path(), " and ", r.path());
+    }
+  // The index must say where each tensor is: a stale index means the shards are not the ones it
+  // was written for.
+  const fs::path index = fs::path(dir) / kIndexFile;
+  std::error_code ec;
+  if (fs::exists(index, ec)) {
+    const nlohmann::json doc = parse_json_file(index.string());
+    for (const auto& [name, file] : doc.at("weight_map").items()) {
+      auto it = where.find(name);
+      HM_CHECK(it != where.end(), index.string(), ": field 'weight_map.", name, "' names ", file.get<std::string>(),
+               ", which does not hold that tensor");
+      HM_CHECK(fs::path(it->second->path()).filename() == fs::path(file.get<std::string>()).filename(),
+               index.string(), ": field 'weight_map.", name, "' says ", file.get<std::string>(),
+               " but the tensor is in ", it->second->path());
+    }
+    for (const auto& [name, r] : where)
+      HM_CHECK(doc["weight_map"].contains(name), index.string(), ": tensor '", name, "' of ", r->path(),
+               " is not listed in 'weight_map'");
+  }
+
+  std::set<std::string> used;
+  for (size_t i = 0; i < p.specs().size(); ++i) {
+    const ParamSpec& s = p.specs()[i];
+    float* dst = p.at(i);
+    if (!info.conv_bias && ends_with(s.name, "mixer.conv1d.bias")) {
+      HM_CHECK(!where.count(s.name), dir, ": tensor '", s.name, "' is present but config.json says "
+               "use_conv_bias: false");
+      std::fill(dst, dst + s.numel(), 0.0f);
+      continue;
+    }
+    auto it = where.find(s.name);
+    HM_CHECK(it != where.end(), dir, ": missing tensor '", s.name, "' (shape ", nlohmann::json(s.shape).dump(), ")");
+    it->second->read_f32(s.name, s.shape, dst);
+    used.insert(s.name);
+    for (int64_t k = 0; k < s.numel(); ++k)
+      HM_CHECK(std::isfinite(dst[k]), it->second->path(), ": tensor '", s.name,
+               "' holds a non-finite value at element ", k);
+  }
+  // A tied head may still be stored (older transformers wrote it): it must be the embeddings.
+  if (c.tie_embeddings && where.count("lm_head.weight")) {
+    const std::vector<int64_t> shape = {c.vocab_size, c.d_model};
+    std::vector<float> head(size_t(c.vocab_size) * size_t(c.d_model));
+    where["lm_head.weight"]->read_f32("lm_head.weight", shape, head.data());
+    HM_CHECK(std::memcmp(head.data(), p.embeddings(), head.size() * sizeof(float)) == 0, dir,
+             ": tie_word_embeddings is true but tensor 'lm_head.weight' differs from "
+             "'backbone.embeddings.weight'");
+    used.insert("lm_head.weight");
+  }
+  for (const auto& [name, r] : where)
+    HM_CHECK(used.count(name), r->path(), ": unexpected tensor '", name, "' (not part of the model config.json "
+             "describes; biases with use_bias false, or another architecture's weights?)");
+}
+
+std::unique_ptr<HybridModel> load_any_model(const std::string& dir, Backend& be) {
+  if (!is_hf_model_dir(dir)) return load_model(dir, be);
+  auto m = std::make_unique<HybridModel>(load_hf_config(dir), be);
+  load_hf_params(m->params(), dir);
+  m->prepare();
+  return m;
+}
+
+void convert_hf_model(const std::string& hf_dir, const std::string& out_dir, const std::string& dtype) {
+  const std::string stored = dtype == "f32" ? "F32" : dtype == "bf16" ? "BF16" : dtype == "f16" ? "F16" : "";
+  HM_CHECK(!stored.empty(), "convert: --dtype must be f32, bf16 or f16, got \"", dtype, "\"");
+  HM_CHECK(is_hf_model_dir(hf_dir), "convert: ", hf_dir, " is not a Hugging Face model folder (no config.json "
+           "with 'architectures')");
+  std::error_code ec;
+  HM_CHECK(!fs::exists(fs::path(out_dir) / "config.json", ec), "convert: ", out_dir,
+           " already holds a model (config.json); choose an empty or new folder");
+  const ModelConfig c = load_hf_config(hf_dir);
+  Params p(c);
+  load_hf_params(p, hf_dir);
+  fs::create_directories(out_dir, ec);
+  HM_CHECK(!ec, "convert: cannot create ", out_dir, ": ", ec.message());
+  save_params(p, (fs::path(out_dir) / "model.safetensors").string(), stored);
+  if (fs::exists(fs::path(hf_dir) / "tokenizer.json", ec)) {
+    const std::string src = hf_file(hf_dir, "tokenizer.json", hf_dir, "tokenizer.json");
+    std::ifstream in(src, std::ios::binary);
+    HM_CHECK(in.good(), "convert: cannot open ", src);
+    std::ostringstream s;
+    s << in.rdbuf();
+    HM_CHECK(!in.bad(), "convert: read error on ", src);
+    write_file_atomic((fs::path(out_dir) / "tokenizer.json").string(), s.str());
+  }
+  // Last: a folder with config.json is a complete checkpoint.
+  save_config((fs::path(out_dir) / "config.json").string(), c);
+}
+
+}  // namespace hm

@@ -1,0 +1,384 @@
+// Hugging Face checkpoints (src/io/hf_model.h) and tokenizers: our CPU logits and token ids
+// against what transformers and tokenizers gave on the same folders (tests/fixtures/hf, written
+// by make_fixtures.py), and every kind of bad folder refused with a message naming the fault.
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <nlohmann/json.hpp>
+
+#include "backend/backend.h"
+#include "io/hf_model.h"
+#include "io/safetensors.h"
+#include "model/model.h"
+#include "runtime/memory.h"
+#include "runtime/tokenizer.h"
+#include "test_util.h"
+
+namespace hm {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+const fs::path kFixtures = fs::path(HM_SOURCE_DIR) / "tests" / "fixtures" / "hf";
+const char* const kFolders[] = {"mamba_f32", "mamba_bf16", "mamba_sharded"};
+
+json read_json(const fs::path& p) {
+  std::ifstream f(p);
+  return json::parse(f);
+}
+
+void write_text(const fs::path& p, const std::string& s) {
+  std::ofstream f(p, std::ios::binary);
+  f << s;
+}
+
+std::vector<float> read_f32_file(const fs::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  std::vector<float> v(size_t(fs::file_size(p)) / sizeof(float));
+  f.read(reinterpret_cast<char*>(v.data()), std::streamsize(v.size() * sizeof(float)));
+  return v;
+}
+
+std::vector<float> forward_all(HybridModel& m, const std::vector<int32_t>& toks) {
+  auto& be = m.backend();
+  HybridMemory mem(be, m.config(), 1, int(toks.size()) + 16);
+  Batch b;
+  b.logits_all = true;
+  b.add(0, toks);
+  std::vector<float> logits;
+  m.forward(b, mem, logits);
+  return logits;
+}
+
+// Token by token through the recurrent state: the decode path.
+std::vector<float> forward_stepwise(HybridModel& m, const std::vector<int32_t>& toks) {
+  HybridMemory mem(m.backend(), m.config(), 1, int(toks.size()) + 16);
+  std::vector<float> all, logits;
+  for (int32_t t : toks) {
+    Batch b;
+    b.add(0, {t});
+    m.forward(b, mem, logits);
+    all.insert(all.end(), logits.begin(), logits.end());
+  }
+  return all;
+}
+
+int argmax(const float* x, int n) { return int(std::max_element(x, x + n) - x); }
+
+// Copy of a fixture folder (files, not links) to mutate.
+fs::path copy_fixture(const test::TempDir& tmp, const std::string& name) {
+  const fs::path dst = tmp.path / name;
+  fs::copy(kFixtures / name, dst, fs::copy_options::recursive);
+  return dst;
+}
+
+// Rewrites a safetensors file after `edit` changed its tensor list.
+struct RawTensor {
+  std::string name;
+  DType dtype;
+  std::vector<int64_t> shape;
+  std::vector<unsigned char> bytes;
+};
+void rewrite_safetensors(const fs::path& path, const std::function<void(std::vector<RawTensor>&)>& edit) {
+  std::vector<RawTensor> ts;
+  {
+    SafetensorsReader r(path.string());
+    for (const TensorInfo& t : r.tensors()) {
+      RawTensor x{t.name, t.dtype, t.shape, std::vector<unsigned char>(t.end - t.begin)};
+      r.read_raw(t, x.bytes.data());
+      ts.push_back(std::move(x));
+    }
+  }
+  edit(ts);
+  std::vector<TensorToWrite> w;
+  for (const RawTensor& t : ts) w.push_back({t.name, t.dtype, t.shape, t.bytes.data()});
+  write_safetensors(path.string(), w);
+}
+
+void edit_config(const fs::path& dir, const std::function<void(json&)>& edit) {
+  json j = read_json(dir / "config.json");
+  edit(j);
+  write_text(dir / "config.json", j.dump(2));
+}
+
+// hm::Error whose message contains every one of `parts`.
+void expect_load_error(const fs::path& dir, std::initializer_list<std::string> parts) {
+  auto be = make_cpu_backend();
+  try {
+    load_any_model(dir.string(), *be);
+    ADD_FAILURE() << "loading " << dir << " did not fail";
+  } catch (const Error& e) {
+    for (const std::string& p : parts) EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+
+TEST(HfModel, LogitsMatchTransformers) {
+  for (const char* name : kFolders) {
+    SCOPED_TRACE(name);
+    const fs::path dir = kFixtures / name;
+    const json exp = read_json(dir / "expected.json");
+    const std::vector<int32_t> toks = exp["tokens"].get<std::vector<int32_t>>();
+    const std::vector<float> want = read_f32_file(dir / "logits.f32");
+    auto be = make_cpu_backend();
+    ASSERT_TRUE(is_hf_model_dir(dir.string()));
+    auto m = load_any_model(dir.string(), *be);
+    const int V = m->config().vocab_size;
+    ASSERT_EQ(want.size(), toks.size() * size_t(V));
+    const std::vector<float> full = forward_all(*m, toks);
+    const std::vector<float> step = forward_stepwise(*m, toks);
+    const double e_full = test::rel_err(full, want), e_step = test::rel_err(step, want);
+    std::printf("%s (stored %s): max|ours - transformers| / max|transformers| = %.3g full forward, %.3g "
+                "token by token\n", name, exp["stored_dtype"].get<std::string>().c_str(), e_full, e_step);
+    // transformers' reference ran in float32 on the stored weights (bf16 ones widened exactly),
+    // so every fixture is held to the float32 bound.
+    EXPECT_LT(e_full, 1e-4);
+    EXPECT_LT(e_step, 1e-4);
+
+    // Greedy continuation (transformers' generate with its cache) token for token.
+    if (!exp["greedy"].is_null()) {
+      HybridMemory mem(*be, m->config(), 1, int(toks.size()) + 16);
+      std::vector<float> logits;
+      Batch b;
+      b.add(0, toks);
+      m->forward(b, mem, logits);
+      std::vector<int> got;
+      for (size_t i = 0; i < exp["greedy"].size(); ++i) {
+        const int next = argmax(logits.data(), V);
+        got.push_back(next);
+        Batch d;
+        d.add(0, {next});
+        m->forward(d, mem, logits);
+      }
+      EXPECT_EQ(got, exp["greedy"].get<std::vector<int>>());
+    }
+  }
+}
+
+TEST(HfModel, PerturbedWeightIsCaught) {
+  // The parity bound is tight enough to see one weight move: the test above can fail.
+  const fs::path dir = kFixtures / "mamba_f32";
+  const json exp = read_json(dir / "expected.json");
+  const std::vector<int32_t> toks = exp["tokens"].get<std::vector<int32_t>>();
+  auto be = make_cpu_backend();
+  auto m = load_any_model(dir.string(), *be);
+  m->params().layer(1).Dskip[5] += 0.01f;
+  m->prepare();
+  EXPECT_GT(test::rel_err(forward_all(*m, toks), read_f32_file(dir / "logits.f32")), 1e-4);
+}
+
+TEST(HfModel, ConfigMapping) {
+  const ModelConfig a = load_hf_config((kFixtures / "mamba_f32").string());
+  EXPECT_EQ(a.d_model, 32);
+  EXPECT_EQ(a.n_layers, 2);
+  EXPECT_EQ(a.d_inner(), 64);
+  EXPECT_EQ(a.resolved_dt_rank(), 2);
+  EXPECT_EQ(a.d_conv, 4);
+  EXPECT_TRUE(a.tie_embeddings);
+  EXPECT_TRUE(a.attention_layers.empty());
+  const ModelConfig b = load_hf_config((kFixtures / "mamba_bf16").string());
+  EXPECT_EQ(b.resolved_dt_rank(), 5);
+  EXPECT_EQ(b.d_state, 8);
+  EXPECT_FALSE(b.tie_embeddings);
+  EXPECT_FLOAT_EQ(b.norm_eps, 1e-6f);
+  const ModelConfig c = load_hf_config((kFixtures / "mamba_sharded").string());
+  EXPECT_EQ(c.d_inner(), 48);  // intermediate_size, not expand * hidden_size
+  EXPECT_EQ(c.inner_size, 48);
+  EXPECT_EQ(hf_weight_files((kFixtures / "mamba_sharded").string()).size(), 5u);
+  // Our own config.json is not an HF one.
+  test::TempDir tmp("hf_ours");
+  save_config((tmp.path / "config.json").string(), c);
+  EXPECT_FALSE(is_hf_model_dir(tmp.str()));
+  EXPECT_EQ(load_config((tmp.path / "config.json").string()).d_inner(), 48);
+}
+
+TEST(HfModel, ConvertWritesOurCheckpoint) {
+  test::TempDir tmp("hf_convert");
+  for (const char* name : kFolders) {
+    SCOPED_TRACE(name);
+    const fs::path dir = kFixtures / name, out = tmp.path / name;
+    convert_hf_model(dir.string(), out.string(), "f32");
+    EXPECT_FALSE(is_hf_model_dir(out.string()));
+    auto be = make_cpu_backend();
+    auto hf = load_any_model(dir.string(), *be);
+    auto ours = load_any_model(out.string(), *be);
+    const auto toks = read_json(dir / "expected.json")["tokens"].get<std::vector<int32_t>>();
+    EXPECT_EQ(forward_all(*hf, toks), forward_all(*ours, toks));  // f32: the same weights exactly
+    EXPECT_TRUE(fs::exists(out / "tokenizer.json"));
+    // A second convert into the same folder is refused rather than overwriting a model.
+    EXPECT_THROW(convert_hf_model(dir.string(), out.string(), "f32"), Error);
+  }
+  convert_hf_model((kFixtures / "mamba_f32").string(), (tmp.path / "bf16").string(), "bf16");
+  EXPECT_EQ(SafetensorsReader((tmp.path / "bf16" / "model.safetensors").string())
+                .find("backbone.embeddings.weight")->dtype, DType::BF16);
+  EXPECT_THROW(convert_hf_model((kFixtures / "mamba_f32").string(), (tmp.path / "x").string(), "f8"), Error);
+}
+
+TEST(HfModel, RefusesWhatItDoesNotImplement) {
+  test::TempDir tmp("hf_refuse");
+  const fs::path d = copy_fixture(tmp, "mamba_f32");
+  const json orig = read_json(d / "config.json");
+  auto with = [&](const std::function<void(json&)>& edit, std::initializer_list<std::string> parts) {
+    write_text(d / "config.json", orig.dump());
+    edit_config(d, edit);
+    expect_load_error(d, parts);
+  };
+  with([](json& j) { j["architectures"] = {"LlamaForCausalLM"}; }, {"architectures", "LlamaForCausalLM"});
+  with([](json& j) { j["architectures"] = {"FalconMambaForCausalLM"}; },
+       {"FalconMambaForCausalLM", "not supported yet", "B, C and dt"});
+  with([](json& j) { j["use_bias"] = true; }, {"use_bias"});
+  with([](json& j) { j["hidden_act"] = "gelu"; }, {"hidden_act", "gelu"});
+  with([](json& j) { j["model_type"] = "mamba2"; }, {"model_type", "mamba2"});
+  with([](json& j) { j["rms_norm"] = false; }, {"rms_norm"});
+  with([](json& j) { j["d_model"] = 64; }, {"d_model", "hidden_size"});
+  with([](json& j) { j["time_step_rank"] = "big"; }, {"time_step_rank", "big"});
+  with([](json& j) { j["hidden_size"] = -1; }, {"hidden_size"});
+  with([](json& j) { j["architectures"] = "MambaForCausalLM"; }, {"architectures"});
+  // A config that disagrees with the weights: shapes are checked, never guessed.
+  with([](json& j) { j["state_size"] = 8; }, {"x_proj.weight", "shape"});
+  with([](json& j) { j["tie_word_embeddings"] = false; }, {"missing tensor", "lm_head.weight"});
+  // use_conv_bias false maps exactly (a zero bias), but then the file must not hold one.
+  with([](json& j) { j["use_conv_bias"] = false; }, {"conv1d.bias", "use_conv_bias"});
+}
+
+TEST(HfModel, ConvBiasFalseLoadsAsZero) {
+  test::TempDir tmp("hf_convbias");
+  const fs::path d = copy_fixture(tmp, "mamba_f32");
+  edit_config(d, [](json& j) { j["use_conv_bias"] = false; });
+  rewrite_safetensors(d / "model.safetensors", [](std::vector<RawTensor>& ts) {
+    std::erase_if(ts, [](const RawTensor& t) { return t.name.find("conv1d.bias") != std::string::npos; });
+  });
+  auto be = make_cpu_backend();
+  auto m = load_any_model(d.string(), *be);
+  for (int l = 0; l < 2; ++l)
+    for (int k = 0; k < m->config().d_inner(); ++k) EXPECT_EQ(m->params().layer(l).conv_b[k], 0.0f);
+}
+
+TEST(HfModel, RefusesBadWeights) {
+  test::TempDir tmp("hf_weights");
+  const fs::path d = copy_fixture(tmp, "mamba_f32");
+  const fs::path st = d / "model.safetensors";
+  const fs::path keep = tmp.path / "orig.safetensors";
+  fs::copy_file(st, keep);
+  auto with = [&](const std::function<void(std::vector<RawTensor>&)>& edit, std::initializer_list<std::string> parts) {
+    fs::copy_file(keep, st, fs::copy_options::overwrite_existing);
+    rewrite_safetensors(st, edit);
+    expect_load_error(d, parts);
+  };
+  auto find = [](std::vector<RawTensor>& ts, const std::string& n) -> RawTensor& {
+    for (RawTensor& t : ts)
+      if (t.name == n) return t;
+    throw std::runtime_error("no tensor " + n);
+  };
+  with([](std::vector<RawTensor>& ts) { std::erase_if(ts, [](const RawTensor& t) { return t.name == "backbone.layers.1.mixer.D"; }); },
+       {"missing tensor", "backbone.layers.1.mixer.D"});
+  with([&](std::vector<RawTensor>& ts) {
+    RawTensor& t = find(ts, "backbone.layers.0.mixer.x_proj.weight");
+    t.shape = {t.shape[1], t.shape[0]};
+  }, {"backbone.layers.0.mixer.x_proj.weight", "shape", "[34, 64]"});
+  with([&](std::vector<RawTensor>& ts) {
+    RawTensor b = find(ts, "backbone.layers.0.mixer.D");
+    b.name = "backbone.layers.0.mixer.in_proj.bias";
+    ts.push_back(b);
+  }, {"unexpected tensor", "in_proj.bias"});
+  with([&](std::vector<RawTensor>& ts) {
+    RawTensor h = find(ts, "backbone.embeddings.weight");
+    h.name = "lm_head.weight";
+    reinterpret_cast<float*>(h.bytes.data())[7] += 1.0f;
+    ts.push_back(h);
+  }, {"lm_head.weight", "differs"});
+  with([&](std::vector<RawTensor>& ts) {
+    reinterpret_cast<float*>(find(ts, "backbone.norm_f.weight").bytes.data())[3] = NAN;
+  }, {"backbone.norm_f.weight", "non-finite"});
+  with([&](std::vector<RawTensor>& ts) { find(ts, "backbone.layers.0.mixer.D").dtype = DType::I32; },
+       {"backbone.layers.0.mixer.D", "I32"});
+  // A tied head stored anyway (older transformers did) is fine when it is the embeddings.
+  fs::copy_file(keep, st, fs::copy_options::overwrite_existing);
+  rewrite_safetensors(st, [&](std::vector<RawTensor>& ts) {
+    RawTensor h = find(ts, "backbone.embeddings.weight");
+    h.name = "lm_head.weight";
+    ts.push_back(h);
+  });
+  auto be = make_cpu_backend();
+  EXPECT_NO_THROW(load_any_model(d.string(), *be));
+  // No weights at all, and both kinds at once.
+  fs::remove(st);
+  expect_load_error(d, {"no weights", "model.safetensors"});
+  fs::copy_file(keep, st);
+  write_text(d / "model.safetensors.index.json", R"({"weight_map": {}})");
+  expect_load_error(d, {"ambiguous"});
+}
+
+TEST(HfModel, RefusesCorruptIndex) {
+  test::TempDir tmp("hf_index");
+  const fs::path d = copy_fixture(tmp, "mamba_sharded");
+  const fs::path idx = d / "model.safetensors.index.json";
+  const json orig = read_json(idx);
+  auto with = [&](const std::string& text, std::initializer_list<std::string> parts) {
+    write_text(idx, text);
+    expect_load_error(d, parts);
+  };
+  with("{not json", {"model.safetensors.index.json", "invalid JSON"});
+  with(R"({"metadata": {}})", {"weight_map"});
+  with(R"({"weight_map": []})", {"weight_map"});
+  {
+    json j = orig;
+    j["weight_map"]["backbone.norm_f.weight"] = 3;
+    with(j.dump(), {"weight_map.backbone.norm_f.weight"});
+  }
+  {
+    json j = orig;
+    j["weight_map"]["backbone.norm_f.weight"] = "../../etc/passwd";
+    with(j.dump(), {"weight_map.backbone.norm_f.weight", ".."});
+  }
+  {  // a tensor said to be in the wrong shard
+    json j = orig;
+    const std::string f = j["weight_map"]["backbone.norm_f.weight"];
+    const std::string other = f == "model-00001-of-00005.safetensors" ? "model-00002-of-00005.safetensors"
+                                                                        : "model-00001-of-00005.safetensors";
+    j["weight_map"]["backbone.norm_f.weight"] = other;
+    with(j.dump(), {"backbone.norm_f.weight", other});
+  }
+  {  // a shard's tensor missing from the index
+    json j = orig;
+    j["weight_map"].erase("backbone.layers.0.mixer.D");
+    with(j.dump(), {"backbone.layers.0.mixer.D", "not listed"});
+  }
+  {  // a shard that is gone
+    write_text(idx, orig.dump());
+    fs::remove(d / "model-00005-of-00005.safetensors");
+    expect_load_error(d, {"model-00005-of-00005.safetensors"});
+  }
+}
+
+TEST(HfModel, CacheSnapshotSymlinksLoad) {
+  // huggingface_hub's cache: snapshots/REV/FILE -> ../../blobs/HASH.
+  test::TempDir tmp("hf_cache");
+  const fs::path blobs = tmp.path / "blobs", snap = tmp.path / "snapshots" / "abc123";
+  fs::create_directories(blobs);
+  fs::create_directories(snap);
+  int n = 0;
+  for (const auto& e : fs::directory_iterator(kFixtures / "mamba_sharded")) {
+    const std::string blob = "blob" + std::to_string(n++);
+    fs::copy_file(e.path(), blobs / blob);
+    fs::create_symlink(fs::path("../..") / "blobs" / blob, snap / e.path().filename());
+  }
+  auto be = make_cpu_backend();
+  auto m = load_any_model(snap.string(), *be);
+  const fs::path ref = kFixtures / "mamba_sharded";
+  const auto toks = read_json(ref / "expected.json")["tokens"].get<std::vector<int32_t>>();
+  EXPECT_LT(test::rel_err(forward_all(*m, toks), read_f32_file(ref / "logits.f32")), 1e-4);
+  EXPECT_NO_THROW(load_tokenizer(snap.string()));
+  // A link to a folder is not a weight file.
+  const fs::path shard = snap / "model-00005-of-00005.safetensors";
+  fs::remove(shard);
+  fs::create_directory_symlink(blobs, shard);
+  expect_load_error(snap, {"model-00005-of-00005.safetensors", "regular file"});
+}
+
+}  // namespace hm
