@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -379,6 +380,106 @@ TEST(HfModel, CacheSnapshotSymlinksLoad) {
   fs::remove(shard);
   fs::create_directory_symlink(blobs, shard);
   expect_load_error(snap, {"model-00005-of-00005.safetensors", "regular file"});
+}
+
+}  // namespace hm
+
+namespace hm {
+
+// Token ids of tokenizers (the Rust library transformers uses) on whitespace runs, digits,
+// contractions, accents (one decomposed, which NFC composes), CJK, emoji and special tokens.
+TEST(HfTokenizer, IdsMatchTokenizers) {
+  for (const char* name : kFolders) {
+    SCOPED_TRACE(name);
+    const fs::path dir = kFixtures / name;
+    auto tok = load_tokenizer(dir.string());
+    EXPECT_EQ(tok->type(), "hf-bpe");
+    EXPECT_EQ(tok->eos(), 0);  // config.json's eos_token_id
+    int n = 0;
+    const json exp = read_json(dir / "expected.json");
+    for (const json& c : exp["tokenizer_cases"]) {
+      const std::string text = c["text"];
+      SCOPED_TRACE(text);
+      const auto want = c["ids"].get<std::vector<int32_t>>();
+      EXPECT_EQ(tok->encode(text, false), want);
+      // Decoding: tokenizers' text, less the special tokens (decode_piece gives "" for them).
+      std::string dec = c["decoded"];
+      for (const char* special : {"<|endoftext|>", "<|padding|>"})
+        for (size_t p; (p = dec.find(special)) != std::string::npos;) dec.erase(p, std::strlen(special));
+      EXPECT_EQ(tok->decode(want), dec);
+      ++n;
+    }
+    EXPECT_EQ(n, 11);
+  }
+}
+
+TEST(HfTokenizer, Gpt2SplitMatchesTokenizers) {
+  // Pieces from tokenizers' ByteLevel pre-tokenizer (make_fixtures.py's device run), in plain text.
+  const std::vector<std::pair<std::string, std::vector<std::string>>> cases = {
+      {"a  b   c", {"a", " ", " b", "  ", " c"}},
+      {"  \n\n  y\t\tz ", {"  \n\n ", " y", "\t", "\t", "z", " "}},
+      {"I'll 've 'S 're's", {"I", "'ll", " '", "ve", " '", "S", " '", "re", "'s"}},
+      {"12345abc", {"12345", "abc"}},
+      {"a1b2", {"a", "1", "b", "2"}},
+      {"!!! ...,;", {"!!!", " ...,;"}},
+      {"x\u00a0y", {"x", "\u00a0", "y"}},
+      {"\u01c5 \u01c8 \u02b0 \u1f88", {"\u01c5", " \u01c8", " \u02b0", " \u1f88"}},
+      {"\u216b \u00bd \u00b2", {"\u216b", " \u00bd", " \u00b2"}},
+      {"a\u200bb", {"a", "\u200b", "b"}},
+      {"\r\n", {"\r\n"}},
+      {"  \u3000a", {"  ", "\u3000", "a"}},
+      {"ab'CD", {"ab", "'", "CD"}},
+  };
+  for (const auto& [text, want] : cases) {
+    std::vector<std::string> got;
+    for (std::string_view p : gpt2_split(text)) got.emplace_back(p);
+    EXPECT_EQ(got, want) << text;
+  }
+}
+
+TEST(HfTokenizer, Nfc) {
+  EXPECT_EQ(nfc("re\u0301sume\u0301"), "r\u00e9sum\u00e9");
+  EXPECT_EQ(nfc("\u1100\u1161\u11a8"), "\uac01");          // Hangul L V T -> one syllable
+  EXPECT_EQ(nfc("\u212b"), "\u00c5");                       // Angstrom sign: a singleton
+  EXPECT_EQ(nfc("a\u0323\u0302"), "\u1ead");                // reordered marks compose in turn
+  EXPECT_EQ(nfc("a\u0302\u0323"), "\u1ead");
+  EXPECT_EQ(nfc("\u0301a"), "\u0301a");                     // a leading mark stays
+  EXPECT_EQ(nfc("plain ASCII"), "plain ASCII");
+}
+
+TEST(HfTokenizer, SaveWritesTheFileAsRead) {
+  const fs::path dir = kFixtures / "mamba_bf16";
+  test::TempDir tmp("hf_tok_save");
+  load_tokenizer(dir.string())->save(tmp.str());
+  std::ifstream a(dir / "tokenizer.json", std::ios::binary), b(tmp.path / "tokenizer.json", std::ios::binary);
+  EXPECT_EQ(std::string(std::istreambuf_iterator<char>(a), {}), std::string(std::istreambuf_iterator<char>(b), {}));
+}
+
+TEST(HfTokenizer, RefusesWhatItDoesNotImplement) {
+  test::TempDir tmp("hf_tok_bad");
+  const json orig = read_json(kFixtures / "mamba_f32" / "tokenizer.json");
+  auto with = [&](const std::function<void(json&)>& edit, std::initializer_list<std::string> parts) {
+    json j = orig;
+    edit(j);
+    write_text(tmp.path / "tokenizer.json", j.dump());
+    try {
+      load_tokenizer(tmp.str());
+      ADD_FAILURE() << "no error";
+    } catch (const Error& e) {
+      for (const std::string& p : parts) EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << e.what();
+    }
+  };
+  with([](json& j) { j["normalizer"] = {{"type", "NFKC"}}; }, {"normalizer", "NFKC"});
+  with([](json& j) { j["pre_tokenizer"] = {{"type", "Metaspace"}}; }, {"pre_tokenizer", "Metaspace"});
+  with([](json& j) { j["decoder"] = nullptr; }, {"decoder"});
+  with([](json& j) { j["model"]["type"] = "Unigram"; }, {"model.type", "Unigram"});
+  with([](json& j) { j["model"]["dropout"] = 0.1; }, {"model.dropout"});
+  with([](json& j) { j["truncation"] = {{"max_length", 8}}; }, {"truncation"});
+  with([](json& j) { j["added_tokens"][0]["lstrip"] = true; }, {"added_tokens[0].lstrip"});
+  with([](json& j) { j["model"]["merges"][3] = "nospace"; }, {"model.merges[3]", "nospace"});
+  with([](json& j) { j["model"]["merges"][3] = json::array({"zz", "qq"}); }, {"model.merges[3]", "zz"});
+  with([](json& j) { j["model"]["vocab"].erase("A"); }, {"byte-level symbol", "byte 65"});
+  with([](json& j) { j["post_processor"] = {{"type", "TemplateProcessing"}}; }, {"post_processor"});
 }
 
 }  // namespace hm
