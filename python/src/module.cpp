@@ -20,6 +20,7 @@
 
 #include "backend/backend.h"
 #include "core/error.h"
+#include "io/hf_model.h"
 #include "core/interrupt.h"
 #include "core/threads.h"
 #include "eval/compare.h"
@@ -76,7 +77,7 @@ std::unique_ptr<Model> model_from_dir(const std::string& path, const std::string
   r->be = backend_for(device);
   py::gil_scoped_release nogil;
   const std::string dir = hm::checkpoint_dir(path);
-  r->m = hm::load_model(dir, *r->be);
+  r->m = hm::load_any_model(dir, *r->be);
   // No tokenizer for a model saved without one (made from a config), nor for a task model:
   // its ids are task symbols, not text.
   if (std::filesystem::exists(std::filesystem::path(dir) / "tokenizer.json") && hm::checkpoint_task(dir).name.empty())

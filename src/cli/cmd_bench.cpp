@@ -21,6 +21,7 @@
 #include "cli/commands.h"
 #include "cli/memory_guard.h"
 #include "core/error.h"
+#include "io/hf_model.h"
 #include "core/rng.h"
 #include "core/threads.h"
 #include "model/model.h"
@@ -146,7 +147,8 @@ double measure_gemm_gflops(Backend& be) {
   double best = 0;
   for (int r = 0; r < 6; ++r) {
     auto t0 = Clock::now();
-    be.linear(c.data(), n, a.data(), n, b.data(), n, n, n, false);
+    be.linear(Tensor(c.data(), DType::F32, n, n), Tensor(a.data(), DType::F32, n, n),
+              Tensor(b.data(), DType::F32, n, n), false);
     best = std::max(best, 2.0 * n * n * n / (ms(t0, Clock::now()) / 1e3) / 1e9);
   }
   return best;
@@ -450,7 +452,7 @@ Run add_bench(CLI::App& app) {
     const KvType kv = kv_type_from_name(o->kv);
     auto be = make_cpu_backend();
     std::string dir = o->model;
-    check_memory(estimate_memory(dir.empty() ? preset(o->preset) : load_config(dir + "/config.json"),
+    check_memory(estimate_memory(dir.empty() ? preset(o->preset) : load_any_config(dir),
                                  o->train ? train_shape(o->batch, o->seq_len, threads) : inference_shape(2, 8192, o->kv)),
                  "hm bench");
     std::string tmpdir;
@@ -465,7 +467,7 @@ Run add_bench(CLI::App& app) {
       save_model(*model, dir);
       ByteTokenizer().save(dir);  // the child `hm generate` below needs a tokenizer
     } else {
-      model = load_model(dir, *be);
+      model = load_any_model(dir, *be);
     }
     const ModelConfig& c = model->config();
     const int V = c.vocab_size;

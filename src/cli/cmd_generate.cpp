@@ -5,6 +5,7 @@
 #include "cli/commands.h"
 #include "cli/memory_guard.h"
 #include "core/error.h"
+#include "io/hf_model.h"
 #include "core/threads.h"
 #include "model/model.h"
 #include "runtime/generate.h"
@@ -61,7 +62,7 @@ Run add_generate(CLI::App& app) {
                                        o->ctx > 0 ? o->ctx : max_prompt_tokens(texts) + o->max_new, o->kv),
                        "hm generate");
     auto be = make_cpu_backend();
-    auto model = load_model(o->model, *be);
+    auto model = load_any_model(o->model, *be);
     auto tok = load_tokenizer(o->model);
     std::vector<std::vector<int32_t>> prompts;
     for (size_t i = 0; i < texts.size(); ++i) {

@@ -7,6 +7,7 @@
 #include "cli/commands.h"
 #include "cli/memory_guard.h"
 #include "core/error.h"
+#include "io/hf_model.h"
 #include "model/model.h"
 #include "runtime/tokenizer.h"
 
@@ -48,7 +49,7 @@ Run add_info(CLI::App& app) {
   auto dir = std::make_shared<std::string>();
   app.add_option("--model,-m", *dir, "Checkpoint directory, or a training run's folder")->required();
   return [dir] {
-    const ModelConfig c = load_config((std::filesystem::path(*dir) / "config.json").string());
+    const ModelConfig c = load_any_config(*dir);
     std::printf("%s\nparameters: %lld\n", config_to_json(c).dump(2).c_str(),
                 static_cast<long long>(count_params(c)));
     for (int i = 0; i < c.n_layers; ++i)
@@ -63,6 +64,20 @@ Run add_info(CLI::App& app) {
       std::printf("  one sequence at context %5lld: KV cache %s (f16; x2 with --kv-type f32) + state %s\n",
                   static_cast<long long>(ctx), format_bytes(e.kv_cache).c_str(), format_bytes(e.state).c_str());
     }
+    return 0;
+  };
+}
+
+Run add_convert(CLI::App& app) {
+  struct Opts { std::string in, out, dtype = "f32"; };
+  auto o = std::make_shared<Opts>();
+  app.add_option("HF_DIR", o->in, "A Hugging Face model folder (config.json, safetensors, tokenizer.json)")->required();
+  app.add_option("--out", o->out, "Checkpoint directory to write (must not hold a model)")->required();
+  app.add_option("--dtype", o->dtype, "Storage type of the weights: f32, bf16 or f16")->capture_default_str();
+  return [o] {
+    check_memory(estimate_memory(load_any_config(o->in), RunShape{}), "hm convert");
+    convert_hf_model(o->in, o->out, o->dtype);
+    std::printf("wrote %s from %s (%s)\n", o->out.c_str(), o->in.c_str(), o->dtype.c_str());
     return 0;
   };
 }

@@ -12,6 +12,7 @@
 #include "cli/commands.h"
 #include "cli/memory_guard.h"
 #include "core/error.h"
+#include "io/hf_model.h"
 #include "core/threads.h"
 #include "eval/tasks.h"
 #include "io/atomic_file.h"
@@ -245,7 +246,7 @@ Run add_route(CLI::App& app) {
     check_model_memory(dir, inference_shape(1, task.name.empty() ? int64_t(o->prompt.size()) + 1 : task.seq_len, "f32"),
                        "hm route");
     auto be = make_cpu_backend();
-    auto model = load_model(dir, *be);
+    auto model = load_any_model(dir, *be);
     const ModelConfig& c = model->config();
     HM_CHECK(!c.true_layers.empty(), "route: the model in '", o->model, "' has no true-hybrid layers "
              "(\"hybrid\": \"", c.hybrid, "\"); routing exists only in true_layers (e.g. hm init "

@@ -34,6 +34,7 @@ Run add_init(CLI::App& app);
 Run add_generate(CLI::App& app);
 Run add_bench(CLI::App& app);
 Run add_info(CLI::App& app);
+Run add_convert(CLI::App& app);
 Run add_train(CLI::App& app);
 Run add_eval(CLI::App& app);
 Run add_route(CLI::App& app);

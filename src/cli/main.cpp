@@ -8,7 +8,7 @@
 #include "core/interrupt.h"
 
 int main(int argc, char** argv) {
-  CLI::App app{"hm: hybrid Mamba + attention language models (init, train, eval, generate, bench, route, compare, info)"};
+  CLI::App app{"hm: hybrid Mamba + attention language models (init, train, eval, generate, bench, route, compare, info, convert)"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "hybrid-mamba 0.1.0");
   std::map<CLI::App*, hm::cli::Run> runs;
@@ -26,6 +26,7 @@ int main(int argc, char** argv) {
   add("compare", "Train every architecture on a task at matched size and budget; table and plot",
       hm::cli::add_compare);
   add("info", "Print a model's configuration and parameter count", hm::cli::add_info);
+  add("convert", "Write our checkpoint from a Hugging Face model folder (docs/MODELS.md)", hm::cli::add_convert);
   hm::cli::set_command_line(argc, argv);
   // Every --model may name a training run's folder: it stands for that run's checkpoint/.
   for (auto& [sub, run] : runs)

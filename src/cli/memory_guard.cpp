@@ -4,6 +4,7 @@
 #include <filesystem>
 
 #include "core/error.h"
+#include "io/hf_model.h"
 #include "core/threads.h"
 #include "model/config.h"
 #include "train/trainer.h"
@@ -66,7 +67,7 @@ RunShape eval_shape(const std::string& model_dir, int seq_len, int batch, bool t
 
 void check_model_memory(const std::string& model_dir, const RunShape& shape, const std::string& what) {
   const std::string dir = checkpoint_dir(model_dir);
-  check_memory(estimate_memory(load_config((std::filesystem::path(dir) / "config.json").string()), shape), what);
+  check_memory(estimate_memory(load_any_config(dir), shape), what);
 }
 
 }  // namespace hm::cli

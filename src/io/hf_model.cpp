@@ -237,6 +237,10 @@ void load_hf_params(Params& p, const std::string& dir) {
              "describes; biases with use_bias false, or another architecture's weights?)");
 }
 
+ModelConfig load_any_config(const std::string& dir) {
+  return is_hf_model_dir(dir) ? load_hf_config(dir) : load_config((fs::path(dir) / "config.json").string());
+}
+
 std::unique_ptr<HybridModel> load_any_model(const std::string& dir, Backend& be) {
   if (!is_hf_model_dir(dir)) return load_model(dir, be);
   auto m = std::make_unique<HybridModel>(load_hf_config(dir), be);

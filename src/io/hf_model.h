@@ -35,6 +35,8 @@ std::vector<std::string> hf_weight_files(const std::string& dir);
 // F32, F16, BF16 and F64 are converted to float32. hm::Error naming the tensor and the file.
 void load_hf_params(Params& p, const std::string& dir);
 
+// The config of our checkpoint folder or of a Hugging Face one (mapped as above).
+ModelConfig load_any_config(const std::string& dir);
 // Our checkpoint folder or a Hugging Face one: builds the model, fills params() and prepare()s it.
 std::unique_ptr<HybridModel> load_any_model(const std::string& dir, Backend& be);
 
