@@ -283,7 +283,7 @@ TEST_P(CudaBackendOps, KvWriteAttention) {
   const std::vector<Case> cases = {{{5, 1, 70, 7}, 4, 2, 64, 256, 100}, {{33}, 2, 1, 32, 64, 0},
                                    {{2, 0, 65}, 8, 8, 128, 512, 300}, {{1, 1, 1}, 8, 1, 128, 3000, 2900},
                                    {{1, 0, 1, 1}, 4, 2, 64, 1200, 1100}, {{1}, 2, 2, 32, 16, 10}};
-  for (DType kvt : {DType::BF16, DType::F16})
+  for (DType kvt : {DType::F32, DType::BF16, DType::F16})
     for (const Case& c : cases) {
       hm::Ragged rg;
       const int n_slots = fill_ragged(rg, rng, c.lens, c.max_pos0), Tn = rg.n_tokens();
@@ -404,10 +404,10 @@ TEST_P(CudaBackendOps, Errors) {
                "sequence 0 has slot 3, the pool has 1");
   // Attention: the KV pool's type, head_dim, positions past the cache.
   hm::Buffer kv(be(), 2 * 16 * 64 * 2);
-  const hm::KvPool f32kv{kv.data(), kv.data(), DType::F32, 1, 4, 64, 4 * 64};
+  const hm::KvPool i32kv{kv.data(), kv.data(), DType::I32, 1, 4, 64, 4 * 64};
   const hm::KvPool p16{kv.data(), static_cast<char*>(kv.data()) + 16 * 64 * 2, DType::F16, 1, 16, 64, 16 * 64};
   Mat q(be(), T(), 4, 64, normal(rng));
-  expect_error([&] { be().kv_write(f32kv, q.t, q.t, rg); }, "the KV cache must be bf16 or f16, got f32");
+  expect_error([&] { be().kv_write(i32kv, q.t, q.t, rg); }, "the KV cache must be f32, bf16 or f16, got");
   expect_error([&] { be().attention(q.t, q.t, p16, 1, 1, 48, rg); }, "head_dim must be 32, 64 or 128, got 48");
   hm::Ragged late;
   late.add(0, 4, 14);
@@ -472,8 +472,8 @@ TEST(CudaBackend, DeviceOrClearError) {
   EXPECT_EQ(be->default_dtype(), DType::BF16);
   for (DType t : {DType::F32, DType::BF16, DType::F16}) EXPECT_TRUE(be->supports(t));
   EXPECT_FALSE(be->supports(DType::I32));
-  EXPECT_TRUE(be->supports_kv(DType::BF16) && be->supports_kv(DType::F16));
-  EXPECT_FALSE(be->supports_kv(DType::F32));
+  EXPECT_TRUE(be->supports_kv(DType::F32) && be->supports_kv(DType::BF16) && be->supports_kv(DType::F16));
+  EXPECT_FALSE(be->supports_kv(DType::I32));
   // Memory round trip through copy and memzero on the stream.
   std::vector<int32_t> h(1000), back(1000, -1);
   std::iota(h.begin(), h.end(), 7);

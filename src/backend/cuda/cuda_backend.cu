@@ -76,7 +76,7 @@ void check_type(const char* op, const char* name, const Tensor& t, DType want) {
   HM_CHECK(t.dtype == want, "cuda ", op, ": ", name, " is ", compute_dtype_name(t.dtype), ", expected ", compute_dtype_name(want));
 }
 void check_kv_type(const char* op, DType t) {
-  HM_CHECK(t == DType::BF16 || t == DType::F16, "cuda ", op, ": the KV cache must be bf16 or f16, got ",
+  HM_CHECK(t == DType::F32 || t == DType::BF16 || t == DType::F16, "cuda ", op, ": the KV cache must be f32, bf16 or f16, got ",
            compute_dtype_name(t));
 }
 
@@ -135,7 +135,8 @@ class CudaBackendImpl final : public CudaBackend {
   Device device() const override { return Device::CUDA; }
   std::string name() const override { return "cuda"; }
   bool supports(DType t) const override { return t == DType::F32 || t == DType::BF16 || t == DType::F16; }
-  bool supports_kv(DType t) const override { return t == DType::BF16 || t == DType::F16; }
+  // F32 caches run a plain float attention kernel (the f32 model's exact path, not a fast one).
+  bool supports_kv(DType t) const override { return t == DType::F32 || t == DType::BF16 || t == DType::F16; }
   DType default_dtype() const override { return DType::BF16; }
 
   cudaStream_t stream() const override { return stream_; }
@@ -436,10 +437,12 @@ class CudaBackendImpl final : public CudaBackend {
              "cuda ", op, ": bad KV pool (row ", kv.row, ", max_ctx ", kv.max_ctx, ", slot_stride ", kv.slot_stride,
              ")");
   }
-  // Calls f with the kernels' typed pool for kv.dtype (bf16 or f16).
+  // Calls f with the kernels' typed pool for kv.dtype (checked: f32, bf16 or f16).
   template <class F>
   static void dispatch_kv(const KvPool& kv, F&& f) {
-    if (kv.dtype == DType::BF16) {
+    if (kv.dtype == DType::F32) {
+      f(cuda::KvPool<float>{static_cast<float*>(kv.k), static_cast<float*>(kv.v), kv.max_ctx, kv.slot_stride});
+    } else if (kv.dtype == DType::BF16) {
       f(cuda::KvPool<bf16>{static_cast<bf16*>(kv.k), static_cast<bf16*>(kv.v), kv.max_ctx, kv.slot_stride});
     } else {
       f(cuda::KvPool<f16>{static_cast<f16*>(kv.k), static_cast<f16*>(kv.v), kv.max_ctx, kv.slot_stride});

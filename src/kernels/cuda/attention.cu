@@ -1,8 +1,10 @@
 // Attention over a ragged batch and a per-slot KV cache: the cache write, a flash-style causal
 // prefill on the tensor cores (mma.sync m16n8k16, bf16/f16 in, f32 accumulate, online softmax,
 // no L x L matrix anywhere) and a split-KV decode (one query per sequence, the cache cut into
-// chunks read by separate warps, then a combine kernel). docs/CUDA.md has the design.
+// chunks read by separate warps, then a combine kernel). docs/CUDA.md has the design. A float
+// cache takes a plain float kernel instead (the f32 model's path, exact rather than fast).
 #include <cmath>
+#include <type_traits>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/cuda_ops.h"
@@ -363,8 +365,8 @@ void check_attention(const RaggedBatch& rb, int H, int G, int hd, int max_keys, 
 }
 
 template <class T, class KV, int HD>
-void attention_hd(T* out, int ldo, const T* q, int ldq, const KvPool<KV>& pool, const RaggedBatch& rb, int H,
-                  int G, int max_keys, void* workspace, cudaStream_t stream) {
+void attention_hd_lowp(T* out, int ldo, const T* q, int ldq, const KvPool<KV>& pool, const RaggedBatch& rb, int H,
+                       int G, int max_keys, void* workspace, cudaStream_t stream) {
   const float scale_log2 = float(1.0 / std::sqrt(double(HD))) * kLog2e;
   if (rb.max_len == 1) {
     const int chunks = decode_chunks(rb, G, max_keys), chunk = ceil_div(max_keys, chunks);
@@ -380,6 +382,82 @@ void attention_hd(T* out, int ldo, const T* q, int ldq, const KvPool<KV>& pool, 
   flash_prefill_kernel<T, KV, HD><<<dim3(ceil_div(rb.max_len, kBq), H, rb.nseq), kPrefillThreads, 0, stream>>>(
       out, ldo, q, ldq, pool, rb.cu_seqlens, rb.slots, rb.pos0, H, G, scale_log2);
   HM_CUDA_LAUNCHED("attention prefill");
+}
+
+// ---- Float cache ------------------------------------------------------------------------------
+
+// One block per (query row, query head), prefill and decode alike: each of 4 warps takes every
+// 4th key with the lanes splitting the head dimension and keeps its own online softmax in float;
+// the warps merge through shared memory. All float, q never rounded: so an f32 model matches
+// the CPU's float attention to float rounding. O(keys) per row and no tensor cores: not a fast path.
+constexpr int kF32Warps = 4;
+
+template <class T, int HD>
+__global__ void __launch_bounds__(kF32Warps * 32)
+    attention_f32kv_kernel(T* __restrict__ out, int ldo, const T* __restrict__ q, int ldq, KvPool<float> pool,
+                           const int32_t* __restrict__ cu, const int32_t* __restrict__ slots,
+                           const int32_t* __restrict__ pos0, int nseq, int H, int G, float scale) {
+  constexpr int kPer = HD / 32;
+  const int t = blockIdx.x, h = blockIdx.y, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int s = seq_of_row(cu, nseq, t);
+  const int n_keys = min(pos0[s] + t - cu[s] + 1, pool.max_ctx);  // causal: keys 0..pos
+  const int width = G * HD;
+  const size_t head = size_t(slots[s]) * pool.slot_stride + size_t(h / (H / G)) * HD;
+  float qv[kPer], acc[kPer];
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    qv[i] = to_f(q[size_t(t) * ldq + size_t(h) * HD + lane + 32 * i]);
+    acc[i] = 0.f;
+  }
+  float m = -INFINITY, l = 0.f;
+  for (int j = warp; j < n_keys; j += kF32Warps) {
+    const float* kr = pool.k + head + size_t(j) * width;
+    float d = 0.f;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) d += qv[i] * kr[lane + 32 * i];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+    const float sc = d * scale, mn = fmaxf(m, sc);
+    const float corr = expf(m - mn), p = expf(sc - mn);  // corr = 0 on the first key (m = -inf)
+    l = l * corr + p;
+    const float* vr = pool.v + head + size_t(j) * width;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) acc[i] = acc[i] * corr + p * vr[lane + 32 * i];
+    m = mn;
+  }
+  __shared__ float sm[kF32Warps], sl[kF32Warps], sacc[kF32Warps][HD];
+  if (lane == 0) {
+    sm[warp] = m;
+    sl[warp] = l;
+  }
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) sacc[warp][lane + 32 * i] = acc[i];
+  __syncthreads();
+  if (warp != 0) return;
+  float mx = -INFINITY;
+  for (int w = 0; w < kF32Warps; ++w) mx = fmaxf(mx, sm[w]);
+  float den = 0.f, num[kPer] = {};
+  for (int w = 0; w < kF32Warps; ++w) {
+    if (sm[w] == -INFINITY) continue;  // a warp with no key (fewer keys than warps)
+    const float c = expf(sm[w] - mx);
+    den += c * sl[w];
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) num[i] += c * sacc[w][lane + 32 * i];
+  }
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) out[size_t(t) * ldo + size_t(h) * HD + lane + 32 * i] = from_f<T>(num[i] / den);
+}
+
+template <class T, class KV, int HD>
+void attention_hd(T* out, int ldo, const T* q, int ldq, const KvPool<KV>& pool, const RaggedBatch& rb, int H,
+                  int G, int max_keys, void* workspace, cudaStream_t stream) {
+  if constexpr (std::is_same_v<KV, float>) {
+    attention_f32kv_kernel<T, HD><<<dim3(rb.n_tokens, H), kF32Warps * 32, 0, stream>>>(
+        out, ldo, q, ldq, pool, rb.cu_seqlens, rb.slots, rb.pos0, rb.nseq, H, G, float(1.0 / std::sqrt(double(HD))));
+    HM_CUDA_LAUNCHED("attention (float cache)");
+  } else {
+    attention_hd_lowp<T, KV, HD>(out, ldo, q, ldq, pool, rb, H, G, max_keys, workspace, stream);
+  }
 }
 
 }  // namespace
@@ -409,7 +487,8 @@ void attention(T* out, int ldo, const T* q, int ldq, const KvPool<KV>& pool, con
                (pool.slot_stride * int64_t(sizeof(KV))) % 16 == 0,
            "cuda attention: the KV pool must be 16-byte aligned (slot_stride ", pool.slot_stride, ")");
   if (rb.nseq <= 0 || rb.n_tokens <= 0) return;
-  HM_CHECK(rb.max_len != 1 || workspace != nullptr, "cuda attention: decode needs attention_workspace_bytes of workspace");
+  HM_CHECK(rb.max_len != 1 || workspace != nullptr || (std::is_same_v<KV, float>),
+           "cuda attention: decode needs attention_workspace_bytes of workspace");
   switch (hd) {
     case 32: attention_hd<T, KV, 32>(out, ldo, q, ldq, pool, rb, H, G, max_keys, workspace, stream); break;
     case 64: attention_hd<T, KV, 64>(out, ldo, q, ldq, pool, rb, H, G, max_keys, workspace, stream); break;
@@ -422,7 +501,7 @@ void attention(T* out, int ldo, const T* q, int ldq, const KvPool<KV>& pool, con
                                 cudaStream_t);                                                      \
   template void attention<T, KV>(T*, int, const T*, int, const KvPool<KV>&, const RaggedBatch&, int, int, int, \
                                  int, void*, cudaStream_t);
-#define HM_INST(T) HM_INST_KV(T, __nv_bfloat16) HM_INST_KV(T, __half)
+#define HM_INST(T) HM_INST_KV(T, __nv_bfloat16) HM_INST_KV(T, __half) HM_INST_KV(T, float)
 HM_CUDA_FOR_TYPES(HM_INST)
 #undef HM_INST
 #undef HM_INST_KV

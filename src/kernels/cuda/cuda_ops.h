@@ -94,7 +94,8 @@ template <class T>
 void rope(T* x, int ldx, int heads, int hd, const RaggedBatch& rb, float theta, cudaStream_t stream);
 
 // KV cache of one attention layer: K and V each [n_slots, max_ctx, G * hd] elements of KV
-// (bf16 or f16); slot i starts at i * slot_stride elements (16-byte aligned).
+// (bf16 or f16; float for the f32 model, which attention serves with a plain float kernel);
+// slot i starts at i * slot_stride elements (16-byte aligned).
 template <class KV>
 struct KvPool {
   KV* k = nullptr;
