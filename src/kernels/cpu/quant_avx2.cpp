@@ -16,31 +16,39 @@ inline __m256 widen_bf16(const unsigned char* p) {  // 8 bf16 -> 8 floats
       _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 }
 
+// A row's block scales, converted 8 at a time: ds[i] = d of block b0 + i, nd[i] = -8 d (see
+// quant_avx512.cpp).
+constexpr int kChunk = 64;  // blocks per batch of scales
+inline void scales(const unsigned char* row, int b0, int nb, int stride, float* ds, float* nd) {
+  alignas(16) uint16_t h[kChunk] = {};
+  for (int i = 0; i < nb; ++i) std::memcpy(&h[i], row + size_t(b0 + i) * stride, 2);
+  for (int i = 0; i < nb; i += 8) {
+    const __m256 d = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(h + i)));
+    _mm256_store_ps(ds + i, d);
+    _mm256_store_ps(nd + i, _mm256_mul_ps(d, _mm256_set1_ps(-8.0f)));
+  }
+}
+
 struct Bf16 {
-  static void block(const unsigned char* row, int b, __m256* w) {
+  static constexpr int kStride = 0;  // no scales
+  static void block(const unsigned char* row, int b, const float*, const float*, __m256* w) {
     for (int c = 0; c < 4; ++c) w[c] = widen_bf16(row + b * 64 + c * 16);
   }
   // The last n < 32 weights starting at element 32 * b; the rest read as 0.
   static void tail(const unsigned char* row, int b, int n, __m256* w) {
     unsigned char buf[64] = {};
     std::memcpy(buf, row + b * 64, size_t(n) * 2);
-    block(buf, 0, w);
+    block(buf, 0, nullptr, nullptr, w);
   }
 };
 
-inline float scale_of(const unsigned char* blk) {
-  uint16_t h;
-  std::memcpy(&h, blk, 2);
-  return _cvtsh_ss(h);
-}
-
 struct Q8 {
-  static void block(const unsigned char* row, int b, __m256* w) {
+  static constexpr int kStride = 34;
+  static void block(const unsigned char* row, int b, const float* d, const float*, __m256* w) {
     const unsigned char* p = row + b * 34;
-    const __m256 d = _mm256_set1_ps(scale_of(p));
     for (int c = 0; c < 4; ++c) {
       const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 2 + 8 * c));
-      w[c] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
+      w[c] = _mm256_mul_ps(_mm256_set1_ps(*d), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
     }
   }
   static void tail(const unsigned char*, int, int, __m256* w) {  // never called: k % 32 == 0
@@ -49,17 +57,19 @@ struct Q8 {
 };
 
 struct Q4 {
-  static void block(const unsigned char* row, int b, __m256* w) {
+  static constexpr int kStride = 18;
+  // d (q - 8) as one rounding of q d + (-8 d), as in quant_avx512.cpp.
+  static void block(const unsigned char* row, int b, const float* d, const float* nd, __m256* w) {
     const unsigned char* p = row + b * 18;
-    const __m256 d = _mm256_set1_ps(scale_of(p));
     const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2));
-    const __m128i mask = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
-    const __m128i lo = _mm_sub_epi8(_mm_and_si128(v, mask), eight);  // elements 0..15
-    const __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), mask), eight);  // 16..31
-    w[0] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)));
-    w[1] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))));
-    w[2] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)));
-    w[3] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))));
+    const __m128i mask = _mm_set1_epi8(15);
+    const __m128i lo = _mm_and_si128(v, mask);                      // elements 0..15
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);  // 16..31
+    const __m256 dv = _mm256_set1_ps(*d), ndv = _mm256_set1_ps(*nd);
+    w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), dv, ndv);
+    w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), dv, ndv);
+    w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), dv, ndv);
+    w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), dv, ndv);
   }
   static void tail(const unsigned char*, int, int, __m256* w) {  // never called: k % 32 == 0
     for (int c = 0; c < 4; ++c) w[c] = _mm256_setzero_ps();
@@ -82,12 +92,17 @@ void gemv(float* y, int ldy, const float* x, int ldx, const unsigned char* W, si
     __m256 a[M][4];
     for (int i = 0; i < M; ++i)
       for (int c = 0; c < 4; ++c) a[i][c] = _mm256_setzero_ps();
-    for (int b = 0; b < nb; ++b) {
-      __m256 w[4];
-      F::block(row, b, w);
-      for (int i = 0; i < M; ++i) {
-        const float* xi = x + size_t(i) * ldx + b * 32;
-        for (int c = 0; c < 4; ++c) a[i][c] = _mm256_fmadd_ps(w[c], _mm256_loadu_ps(xi + 8 * c), a[i][c]);
+    alignas(32) float ds[kChunk], nd[kChunk];
+    for (int b0 = 0; b0 < nb; b0 += kChunk) {
+      const int b1 = nb - b0 < kChunk ? nb : b0 + kChunk;
+      if (F::kStride) scales(row, b0, b1 - b0, F::kStride, ds, nd);
+      for (int b = b0; b < b1; ++b) {
+        __m256 w[4];
+        F::block(row, b, ds + b - b0, nd + b - b0, w);
+        for (int i = 0; i < M; ++i) {
+          const float* xi = x + size_t(i) * ldx + b * 32;
+          for (int c = 0; c < 4; ++c) a[i][c] = _mm256_fmadd_ps(w[c], _mm256_loadu_ps(xi + 8 * c), a[i][c]);
+        }
       }
     }
     if (rest) {
@@ -122,9 +137,14 @@ template <class F>
 void dequant(float* out, const unsigned char* row, int k) {
   const int nb = k / 32, rest = k % 32;
   __m256 w[4];
-  for (int b = 0; b < nb; ++b) {
-    F::block(row, b, w);
-    for (int c = 0; c < 4; ++c) _mm256_storeu_ps(out + b * 32 + 8 * c, w[c]);
+  alignas(32) float ds[kChunk], nd[kChunk];
+  for (int b0 = 0; b0 < nb; b0 += kChunk) {
+    const int b1 = nb - b0 < kChunk ? nb : b0 + kChunk;
+    if (F::kStride) scales(row, b0, b1 - b0, F::kStride, ds, nd);
+    for (int b = b0; b < b1; ++b) {
+      F::block(row, b, ds + b - b0, nd + b - b0, w);
+      for (int c = 0; c < 4; ++c) _mm256_storeu_ps(out + b * 32 + 8 * c, w[c]);
+    }
   }
   if (rest) {
     float buf[32];

@@ -19,9 +19,25 @@
 namespace hm::cpu::packed {
 namespace {
 
-// The formats, each as "weights j..j+31 of a row as two scaled vectors".
+// A row's block scales, converted 16 at a time: ds[i] = d of block b0 + i, nd[i] = -8 d.
+// Broadcasting a float from memory costs a load; converting one f16 per block costs shuffles on
+// the port the widening already saturates.
+constexpr int kChunk = 64;  // blocks per batch of scales
+inline void scales(const unsigned char* row, int b0, int nb, int stride, float* ds, float* nd) {
+  alignas(32) uint16_t h[kChunk] = {};
+  for (int i = 0; i < nb; ++i) std::memcpy(&h[i], row + size_t(b0 + i) * stride, 2);
+  for (int i = 0; i < nb; i += 16) {
+    const __m512 d = _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(h + i)));
+    _mm512_store_ps(ds + i, d);
+    _mm512_store_ps(nd + i, _mm512_mul_ps(d, _mm512_set1_ps(-8.0f)));
+  }
+}
+
+// The formats, each as "weights 32 b .. 32 b + 31 of a row as two vectors", with d and nd the
+// block's entries of scales().
 struct Bf16 {
-  static void block(const unsigned char* row, int b, __m512& w0, __m512& w1) {
+  static constexpr int kStride = 0;  // no scales
+  static void block(const unsigned char* row, int b, const float*, const float*, __m512& w0, __m512& w1) {
     const unsigned char* p = row + b * 64;
     w0 = _mm512_castsi512_ps(_mm512_slli_epi32(
         _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
@@ -39,20 +55,14 @@ struct Bf16 {
   }
 };
 
-inline float scale_of(const unsigned char* blk) {
-  uint16_t h;
-  std::memcpy(&h, blk, 2);
-  return _cvtsh_ss(h);
-}
-
 struct Q8 {
-  static void block(const unsigned char* row, int b, __m512& w0, __m512& w1) {
+  static constexpr int kStride = 34;
+  static void block(const unsigned char* row, int b, const float* d, const float*, __m512& w0, __m512& w1) {
     const unsigned char* p = row + b * 34;
-    const __m512 d = _mm512_set1_ps(scale_of(p));
     const __m128i q0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2));
     const __m128i q1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 18));
-    w0 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)));
-    w1 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)));
+    w0 = _mm512_mul_ps(_mm512_set1_ps(*d), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)));
+    w1 = _mm512_mul_ps(_mm512_set1_ps(*d), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)));
   }
   static void tail(const unsigned char*, int, int, __m512& w0, __m512& w1) {  // k % 32 == 0
     w0 = w1 = _mm512_setzero_ps();
@@ -60,15 +70,15 @@ struct Q8 {
 };
 
 struct Q4 {
-  static void block(const unsigned char* row, int b, __m512& w0, __m512& w1) {
+  static constexpr int kStride = 18;
+  // d (q - 8) as one rounding of q d + (-8 d): the reference's product exactly (-8 d is exact).
+  static void block(const unsigned char* row, int b, const float* d, const float* nd, __m512& w0, __m512& w1) {
     const unsigned char* p = row + b * 18;
-    const __m512 d = _mm512_set1_ps(scale_of(p));
     const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2)));
-    const __m512i eight = _mm512_set1_epi32(8);
-    const __m512i lo = _mm512_sub_epi32(_mm512_and_si512(v, _mm512_set1_epi32(15)), eight);
-    const __m512i hi = _mm512_sub_epi32(_mm512_srli_epi32(v, 4), eight);
-    w0 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(lo));
-    w1 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(hi));
+    const __m512i lo = _mm512_and_si512(v, _mm512_set1_epi32(15));
+    const __m512i hi = _mm512_srli_epi32(v, 4);
+    w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_set1_ps(*d), _mm512_set1_ps(*nd));
+    w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_set1_ps(*d), _mm512_set1_ps(*nd));
   }
   static void tail(const unsigned char*, int, int, __m512& w0, __m512& w1) {  // k % 32 == 0
     w0 = w1 = _mm512_setzero_ps();
@@ -86,28 +96,33 @@ void gemv(float* y, int ldy, const float* x, int ldx, const unsigned char* W, si
     __m512 a[M][4];
     for (int i = 0; i < M; ++i)
       for (int c = 0; c < 4; ++c) a[i][c] = _mm512_setzero_ps();
+    alignas(64) float ds[kChunk], nd[kChunk];
     int b = 0;
-    for (; b + 2 <= nb; b += 2) {
-      __m512 w0, w1, w2, w3;
-      F::block(row, b, w0, w1);
-      F::block(row, b + 1, w2, w3);
-      for (int i = 0; i < M; ++i) {
-        const float* xi = x + size_t(i) * ldx + b * 32;
-        a[i][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xi), a[i][0]);
-        a[i][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xi + 16), a[i][1]);
-        a[i][2] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xi + 32), a[i][2]);
-        a[i][3] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xi + 48), a[i][3]);
+    for (int b0 = 0; b0 < nb; b0 += kChunk) {
+      const int b1 = nb - b0 < kChunk ? nb : b0 + kChunk;
+      if (F::kStride) scales(row, b0, b1 - b0, F::kStride, ds, nd);
+      for (b = b0; b + 2 <= b1; b += 2) {
+        __m512 w0, w1, w2, w3;
+        F::block(row, b, ds + b - b0, nd + b - b0, w0, w1);
+        F::block(row, b + 1, ds + b + 1 - b0, nd + b + 1 - b0, w2, w3);
+        for (int i = 0; i < M; ++i) {
+          const float* xi = x + size_t(i) * ldx + b * 32;
+          a[i][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xi), a[i][0]);
+          a[i][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xi + 16), a[i][1]);
+          a[i][2] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xi + 32), a[i][2]);
+          a[i][3] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xi + 48), a[i][3]);
+        }
       }
-    }
-    if (b < nb) {
-      __m512 w0, w1;
-      F::block(row, b, w0, w1);
-      for (int i = 0; i < M; ++i) {
-        const float* xi = x + size_t(i) * ldx + b * 32;
-        a[i][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xi), a[i][0]);
-        a[i][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xi + 16), a[i][1]);
+      if (b < b1) {
+        __m512 w0, w1;
+        F::block(row, b, ds + b - b0, nd + b - b0, w0, w1);
+        for (int i = 0; i < M; ++i) {
+          const float* xi = x + size_t(i) * ldx + b * 32;
+          a[i][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xi), a[i][0]);
+          a[i][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xi + 16), a[i][1]);
+        }
+        ++b;
       }
-      ++b;
     }
     if (rest) {
       __m512 w0, w1;
@@ -143,11 +158,16 @@ void gemv_m(float* y, int ldy, const float* x, int ldx, const unsigned char* W, 
 template <class F>
 void dequant(float* out, const unsigned char* row, int k) {
   const int nb = k / 32, rest = k % 32;
-  for (int b = 0; b < nb; ++b) {
-    __m512 w0, w1;
-    F::block(row, b, w0, w1);
-    _mm512_storeu_ps(out + b * 32, w0);
-    _mm512_storeu_ps(out + b * 32 + 16, w1);
+  alignas(64) float ds[kChunk], nd[kChunk];
+  for (int b0 = 0; b0 < nb; b0 += kChunk) {
+    const int b1 = nb - b0 < kChunk ? nb : b0 + kChunk;
+    if (F::kStride) scales(row, b0, b1 - b0, F::kStride, ds, nd);
+    for (int b = b0; b < b1; ++b) {
+      __m512 w0, w1;
+      F::block(row, b, ds + b - b0, nd + b - b0, w0, w1);
+      _mm512_storeu_ps(out + b * 32, w0);
+      _mm512_storeu_ps(out + b * 32 + 16, w1);
+    }
   }
   if (rest) {
     __m512 w0, w1;
