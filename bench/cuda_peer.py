@@ -64,7 +64,7 @@ at lengths_per_sample, SDPA over the cache with a key mask; KV cache zeroed once
 hold no NaN): the same model as ours. `stock` keeps mamba_ssm's code as shipped (timings of what a
 user gets; its decode logits are wrong for attention models). Prefill attention is stock in both.
 
-JSON (bench): {"tool": "cuda_peer", "method": str, "reps": int, "warmup": int,
+JSON (bench): {"tool": "cuda_peer", "method": str, "reps": int, "warmup": int, "warm_s": float,
   "versions": {torch, triton, mamba_ssm, causal_conv1d, flash_attn|null}, "device": str,
   "attn_decode": "masked"|"stock",
   "floors": {"gemm_bf16_tflops": float (torch.matmul 8192^3, median), "copy_gb_s": float
@@ -75,10 +75,10 @@ JSON (bench): {"tool": "cuda_peer", "method": str, "reps": int, "warmup": int,
     "decode": [{"batch", "context", "ttft_ms", "ms_per_step", "tok_s", "peak_mem_bytes",
                 "new_tokens": 128}]}]}
 Decode: T(n) = wall time of MambaLMHeadModel.generate(prompt, max_length=context+n, cg=True,
-top_k=1), synchronised; each n warmed once first (n=129 first, so the graph cache is captured
-once for the larger length); ms_per_step = (median T(129) - median T(1)) / 128; tok_s =
+top_k=1), synchronised; each n warmed first (n=129 once first, so the graph cache is captured
+once for the larger length, then n=1 for at least --warm-s); ms_per_step = (median T(129) - median T(1)) / 128; tok_s =
 batch / ms_per_step; ttft_ms = median T(1) (prefill of the prompt and the first token). Prefill:
-CUDA events around model(ids, num_last_tokens=1). Peak memory: torch.cuda.max_memory_allocated
+CUDA events around model(ids, num_last_tokens=1), after --warmup calls and --warm-s seconds. Peak memory: torch.cuda.max_memory_allocated
 after a reset before the timed runs of that measurement (weights and caches included).
 
 Exit codes: 0 success, 1 a check failed (logits beyond --tol), 2 bad input or a refused config.
@@ -118,7 +118,7 @@ SHAPES = {
                   n_heads=4, n_kv_heads=2, d_ff=48, rope=False, tie_embeddings=False, norm_eps=1e-6),
 }
 DEFAULT_SHAPES = "seed-norope,mamba-130m,mamba-1.4b"
-DEFAULT_DECODE = "1x16,16x16,64x16,1x8192,16x8192"
+DEFAULT_DECODE = "1x16,16x16,64x16,1x128,16x128,1x8192,16x8192"
 NEW_TOKENS = 128
 
 
@@ -242,7 +242,8 @@ def peer_config(cfg, tensors, have_flash_attn):
     if cfg.d_ff > 0 and cfg.d_ff % 128:
         notes.append(f"d_ff {cfg.d_ff}: GatedMLP rounds its width to {-(-cfg.d_ff // 128) * 128}; "
                      f"the extra rows and columns are zeros (exact, a little more work)")
-    if cfg.norm_eps != 1e-5:
+    f32 = lambda x: float(torch.tensor(x, dtype=torch.float32))  # noqa: E731 (hm writes a float32)
+    if f32(cfg.norm_eps) != f32(1e-5):
         notes.append(f"norm_eps {cfg.norm_eps}: set on every RMSNorm after construction")
     if has_mamba:
         notes.append("decode SSM and conv states are kept in the model dtype by mamba_ssm "
@@ -345,15 +346,14 @@ def sync():
 def floors(reps):
     """bf16 GEMM rate (8192^3) and device-to-device copy bandwidth, medians after warm-up."""
     n = 8192
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)  # random data: zeros run faster
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    gemm = event_times(lambda: torch.matmul(a, b), 3, max(reps, 10))
-    del a, b
-    src = torch.randn(1 << 29, device="cuda", dtype=torch.bfloat16)  # 1 GiB
-    dst = torch.empty_like(src)
-    copy = event_times(lambda: dst.copy_(src), 3, max(reps, 10))
-    nbytes = 2 * src.numel() * src.element_size()
-    del src, dst
+    mats = [torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2)]  # zeros run faster
+    gemm = event_times(lambda: torch.matmul(mats[0], mats[1]), 3, max(reps, 10))
+    mats.clear()
+    bufs = [torch.randn(1 << 29, device="cuda", dtype=torch.bfloat16)]  # 1 GiB
+    bufs.append(torch.empty_like(bufs[0]))
+    copy = event_times(lambda: bufs[1].copy_(bufs[0]), 3, max(reps, 10))
+    nbytes = 2 * bufs[0].numel() * bufs[0].element_size()  # read + written
+    bufs.clear()
     gc.collect()
     torch.cuda.empty_cache()
     return {"gemm_bf16_tflops": round(2 * n ** 3 / (statistics.median(gemm) * 1e-3) / 1e12, 1),
@@ -376,12 +376,21 @@ def event_times(fn, warmup, reps):
     return out
 
 
-def bench_prefill(model, V, batch, seq_len, warmup, reps, gen):
+def warm_up(fn, calls, seconds):
+    """At least `calls` calls and `seconds` of them: a run on the H200 found the first
+    measurement after an idle spell (weights built on the CPU) up to 2x slow with 2 calls."""
+    t0 = time.perf_counter()
+    n = 0
+    while n < calls or time.perf_counter() - t0 < seconds:
+        fn()
+        sync()
+        n += 1
+
+
+def bench_prefill(model, V, batch, seq_len, warmup, reps, gen, warm_s):
     ids = torch.randint(0, V, (batch, seq_len), device="cuda", generator=gen)
     with torch.inference_mode():
-        for _ in range(warmup):
-            model(ids, num_last_tokens=1)
-        sync()
+        warm_up(lambda: model(ids, num_last_tokens=1), warmup, warm_s)
         torch.cuda.reset_peak_memory_stats()
         ms = statistics.median(event_times(lambda: model(ids, num_last_tokens=1), 0, reps))
         peak = torch.cuda.max_memory_allocated()
@@ -389,7 +398,7 @@ def bench_prefill(model, V, batch, seq_len, warmup, reps, gen):
             "tok_s": round(batch * seq_len / (ms * 1e-3), 1), "peak_mem_bytes": peak, "logits": "last"}
 
 
-def bench_decode(model, V, batch, context, reps, gen):
+def bench_decode(model, V, batch, context, reps, gen, warm_s):
     prompt = torch.randint(0, V, (batch, context), device="cuda", generator=gen)
     model._decoding_cache = None  # each measurement captures its own graphs
     gc.collect()
@@ -403,7 +412,7 @@ def bench_decode(model, V, batch, context, reps, gen):
         return (time.perf_counter() - t0) * 1e3
 
     run(NEW_TOKENS + 1)  # warm the longer length first: the graphs are captured for it once
-    run(1)
+    warm_up(lambda: run(1), 1, warm_s)
     torch.cuda.reset_peak_memory_stats()
     long_ms, short_ms = [], []
     for _ in range(reps):
@@ -480,15 +489,15 @@ def need_cuda():
 
 def cmd_bench(args):
     need_cuda()
-    if args.reps < 1 or args.warmup < 0:
-        raise PeerError("--reps must be >= 1 and --warmup >= 0")
+    if args.reps < 1 or args.warmup < 0 or not args.warm_s >= 0:
+        raise PeerError("--reps must be >= 1, --warmup and --warm-s >= 0")
     _, _, mha, _ = import_peer()
     install_attn_decode(mha, args.attn_decode)
     decode_cfgs = parse_decode(args.decode)
     prefill_batches = [int(b) for b in args.prefill_batches.split(",")]
     result = {"tool": "cuda_peer", "method": __doc__[__doc__.index("Decode: T(n)"):
                                                       __doc__.index("Exit codes")].strip(),
-              "reps": args.reps, "warmup": args.warmup, "versions": versions(mha),
+              "reps": args.reps, "warmup": args.warmup, "warm_s": args.warm_s, "versions": versions(mha),
               "device": torch.cuda.get_device_name(), "attn_decode": args.attn_decode,
               "floors": floors(args.reps), "models": []}
     sources = [("ckpt", args.ckpt)] if args.ckpt else [("shape", s) for s in args.shapes.split(",")]
@@ -516,9 +525,9 @@ def cmd_bench(args):
         gen = torch.Generator(device="cuda").manual_seed(args.seed)
         for b in prefill_batches:
             entry["prefill"].append(bench_prefill(model, cfg.vocab_size, b, args.prefill_len,
-                                                  max(args.warmup, 1), args.reps, gen))
+                                                  max(args.warmup, 1), args.reps, gen, args.warm_s))
         for b, c in decode_cfgs:
-            entry["decode"].append(bench_decode(model, cfg.vocab_size, b, c, args.reps, gen))
+            entry["decode"].append(bench_decode(model, cfg.vocab_size, b, c, args.reps, gen, args.warm_s))
         result["models"].append(entry)
         del model
         gc.collect()
@@ -665,6 +674,7 @@ def main(argv=None):
     s.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma list of shapes when no --ckpt")
     s.add_argument("--reps", type=int, default=5)
     s.add_argument("--warmup", type=int, default=2, help="prefill warm-up runs (decode: one per length)")
+    s.add_argument("--warm-s", type=float, default=0.5, help="least seconds of warm-up per measurement")
     s.add_argument("--prefill-batches", default="1,8")
     s.add_argument("--prefill-len", type=int, default=2048)
     s.add_argument("--decode", default=DEFAULT_DECODE, help="BATCHxCONTEXT list")
