@@ -90,6 +90,9 @@ struct Gemm::Impl {
     const uint64_t wsb = ws_bytes;
     const uint32_t al_c = al_y;
     cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb, sizeof wsb);
+    // Split-K partial sums stay float: a reduction in a bf16/f16 output type would round each part.
+    const uint32_t schemes = CUBLASLT_REDUCTION_SCHEME_INPLACE | CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &schemes, sizeof schemes);
     cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_w, sizeof al_w);
     cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_x, sizeof al_x);
     cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c, sizeof al_c);
@@ -111,6 +114,9 @@ Gemm::Gemm(size_t workspace_bytes) : impl_(std::make_unique<Impl>()) {
            cudaGetErrorString(e));
   impl_->ws_bytes = workspace_bytes;
   HM_CUBLAS_OK(cublasSetWorkspace(impl_->blas, impl_->ws, workspace_bytes), "cublasSetWorkspace");
+  // The fallback likewise reduces split-K parts in float, never in a 16-bit output type.
+  HM_CUBLAS_OK(cublasSetMathMode(impl_->blas, CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION),
+               "cublasSetMathMode");
 }
 
 Gemm::~Gemm() = default;
