@@ -447,6 +447,16 @@ TEST(HfTokenizer, Nfc) {
   EXPECT_EQ(nfc("plain ASCII"), "plain ASCII");
 }
 
+TEST(HfTokenizer, BosAndInvalidUtf8) {
+  auto tok = load_tokenizer((kFixtures / "mamba_f32").string());
+  const auto ids = tok->encode("Hello", true);
+  ASSERT_FALSE(ids.empty());
+  EXPECT_EQ(ids[0], 0);  // config.json's bos_token_id
+  EXPECT_EQ(std::vector<int32_t>(ids.begin() + 1, ids.end()), tok->encode("Hello", false));
+  EXPECT_THROW(tok->encode("bad \xff byte", false), Error);
+  EXPECT_THROW(tok->decode_piece(tok->vocab_size()), Error);
+}
+
 TEST(HfTokenizer, SaveWritesTheFileAsRead) {
   const fs::path dir = kFixtures / "mamba_bf16";
   test::TempDir tmp("hf_tok_save");
