@@ -386,7 +386,8 @@ class CudaBackendImpl final : public CudaBackend {
     // A captured decode step is replayed at later positions: size it for the whole cache.
     if (capturing()) max_keys = kv.max_ctx;
     const cuda::RaggedBatch rb = batch(rg);
-    void* ws = workspace(cuda::attention_workspace_bytes(rb, H, G, hd, max_keys));
+    // The split-KV decode of bf16/f16 caches keeps partials there; the float-cache kernel needs none.
+    void* ws = kv.dtype == DType::F32 ? nullptr : workspace(cuda::attention_workspace_bytes(rb, H, G, hd, max_keys));
     dispatch_kv(kv, [&](const auto& pool) {
       dispatch(q.dtype, [&](auto tag) {
         using T = elem_t<decltype(tag)>;
