@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "kernels/cuda/cuda_ops.h"
+#include "kernels/cuda/sampling.h"
 
 namespace {
 
@@ -250,6 +251,35 @@ void bench_attention(bool prefill, int nseq, int ctx, int H, int G, int hd, doub
   cudaFree(q); cudaFree(out); cudaFree(ws); cudaFree(dcu); cudaFree(dslots); cudaFree(dpos);
 }
 
+// Sampling a [B, V] batch of random logits (kernels/cuda/sampling.h): greedy, the CPU defaults
+// (top-k 40, top-p 0.95, min-p 0.05) and top-p 0.95 alone (a wide nucleus: the bucket-order path).
+void bench_sampling(int B, int V) {
+  float* logits = random_dev<float>(size_t(B) * V, -4.f, 4.f, 60);
+  const size_t pool_bytes = hm::cuda::sampler_pool_bytes(B, 64);
+  void *pool_mem = nullptr, *ws = nullptr;
+  int32_t* out = nullptr;
+  ck(cudaMalloc(&pool_mem, pool_bytes), "cudaMalloc");
+  ck(cudaMalloc(&ws, hm::cuda::sample_workspace_bytes(B, V)), "cudaMalloc");
+  ck(cudaMalloc(&out, size_t(B) * 4), "cudaMalloc");
+  const hm::cuda::SamplerPool pool{pool_mem, B, 64};
+  const struct { const char* name; float t; int k; float p, min_p; } cases[] = {
+      {"greedy", 0.f, 0, 1.f, 0.f}, {"top-k 40 + top-p + min-p", 0.8f, 40, 0.95f, 0.05f}, {"top-p 0.95 alone", 0.8f, 0, 0.95f, 0.f}};
+  for (const auto& c : cases) {
+    hm::cuda::SampleParams p;
+    p.temperature = c.t;
+    p.top_k = c.k;
+    p.top_p = c.p;
+    p.min_p = c.min_p;
+    for (int b = 0; b < B; ++b) {
+      p.seed = uint64_t(b);
+      hm::cuda::sampler_set_slot(pool, b, hm::cuda::make_sampler_slot(p, 64), nullptr);
+    }
+    const double ms = time_ms([&](int) { hm::cuda::sample(out, logits, V, B, V, V, pool, nullptr, ws, nullptr); }, 15, 20);
+    std::printf("sample        f32  B %-3d V %-6d %-26s %8.2f us\n", B, V, c.name, ms * 1e3);
+  }
+  cudaFree(logits); cudaFree(pool_mem); cudaFree(ws); cudaFree(out);
+}
+
 }  // namespace
 
 int main() {
@@ -274,5 +304,6 @@ int main() {
   for (int ctx : {128, 8192})
     for (int nseq : {1, 16, 64}) bench_attention<__nv_bfloat16>(false, nseq, ctx, 8, 8, 64, hbm);
   for (int nseq : {1, 16, 64}) bench_attention<__nv_bfloat16>(false, nseq, 8192, 32, 8, 128, hbm);
+  for (int B : {1, 64}) bench_sampling(B, 50280);
   return 0;
 }

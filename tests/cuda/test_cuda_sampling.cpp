@@ -15,6 +15,7 @@
 #include <array>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <deque>
 #include <limits>
 #include <map>
@@ -387,7 +388,9 @@ TEST(CudaSampling, FilteredProbsEqualCpuChain) {
     Dev<float> dlog(logits), dprobs(size_t(s.B) * ldp);
     hc::sample_probs(dprobs.p, ldp, dlog.p, ld, s.B, s.V, s.n_decodable, db.pool, db.slots->p, db.ws->p, nullptr);
     const std::vector<float> got = dprobs.get();
-    EXPECT_EQ(dlog.get(), logits) << "sample_probs changed the logits";
+    const std::vector<float> after = dlog.get();  // bitwise: the rows hold NaNs
+    EXPECT_EQ(std::memcmp(after.data(), logits.data(), logits.size() * sizeof(float)), 0)
+        << "sample_probs changed the logits";
     double worst = 0;
     for (int b = 0; b < s.B; ++b) {
       const auto ref = cpu_probs(&logits[size_t(b) * ld], s.V, s.n_decodable, params[size_t(b)], hist[size_t(b)]);
