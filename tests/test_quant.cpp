@@ -228,8 +228,9 @@ TEST(QuantDequantize, CpuEqualsReferenceOnEveryIsa) {
 
 // --- linear_packed ---------------------------------------------------------------------------
 
-// Both sides compute x . dequantize(W) in float; only the order of the k additions differs
-// (vector partial sums and a tree, or sgemm's blocking): ~sqrt(k) eps of the output scale,
+// Both sides compute x' . dequantize(W) in float (x' = x rounded per block for q8_0 / q4_0, the
+// same integers on every path); only the order of the additions differs (vector partial sums
+// and a tree, integer block sums, or sgemm's blocking): ~sqrt(k) eps of the output scale,
 // 2e-6 at k = 800 observed; 1e-5.
 TEST(QuantLinear, MatchesReferenceOnEveryIsa) {
   EachIsa each;
@@ -267,23 +268,69 @@ TEST(QuantLinear, MatchesReferenceOnEveryIsa) {
   }
 }
 
-// The reference itself against plain float math on the dequantized weight, in double.
-TEST(QuantLinear, ReferenceIsTheDequantizedProduct) {
+// The reference itself against the math of kernels/quant.h in double: x as given for bf16,
+// x rounded per block (recomputed here from the rule) for q8_0 / q4_0.
+TEST(QuantLinear, ReferenceIsTheDocumentedProduct) {
   hm::Rng rng(31);
   const int m = 3, n = 7, k = 64;
   const auto x = random_vec(rng, std::size_t(m) * k, -1, 1);
   const auto w = random_vec(rng, std::size_t(n) * k, -1, 1);
+  std::vector<float> xr(x.size());
+  for (std::size_t b = 0; b < x.size() / 32; ++b) {
+    float amax = 0;
+    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[b * 32 + j]));
+    const float d = amax / 127;
+    for (int j = 0; j < 32; ++j) {
+      xr[b * 32 + j] = d * std::nearbyint(x[b * 32 + j] * (1 / d));
+      ASSERT_LE(std::fabs(xr[b * 32 + j] - x[b * 32 + j]), d * 0.5001f);  // the rounding's bound
+    }
+  }
   for (WeightType t : kTypes) {
     const auto p = packed(t, w, n, k);
+    const std::vector<float>& xt = t == WeightType::BF16 ? x : xr;
     std::vector<float> wd(w.size()), y(std::size_t(m) * n);
     hm::ref::dequantize(t, wd.data(), p.data(), n, k);
     hm::ref::linear_packed(y.data(), n, x.data(), k, p.data(), t, m, n, k, false);
     for (int i = 0; i < m; ++i)
       for (int o = 0; o < n; ++o) {
         double s = 0;
-        for (int j = 0; j < k; ++j) s += double(x[i * k + j]) * wd[o * k + j];
+        for (int j = 0; j < k; ++j) s += double(xt[i * k + j]) * wd[o * k + j];
         EXPECT_NEAR(y[i * n + o], s, 1e-5) << hm::weight_type_name(t);
       }
+  }
+  // Ties go to even: 0.5 and 1.5 steps of d = 1 (a block whose largest |x| is 127).
+  std::vector<float> tie(32, 0.0f), out(32);
+  tie[0] = 127, tie[1] = 2.5f, tie[2] = -3.5f, tie[3] = 0.5f;
+  hm::ref::round_x8(out.data(), tie.data(), 32);
+  EXPECT_EQ(out[1], 2.0f);
+  EXPECT_EQ(out[2], -4.0f);
+  EXPECT_EQ(out[3], 0.0f);
+}
+
+// Decode (GEMV, m <= 4) and prefill (GEMM, m > 4) compute one function: a row's result does not
+// depend on how many rows came with it. A NaN in x gives NaN, on every path.
+TEST(QuantLinear, GemvAndGemmAgreeAndNanPropagates) {
+  EachIsa each;
+  hm::Rng rng(37);
+  const int n = 301, k = 256, m = 9;
+  auto x = random_vec(rng, std::size_t(m) * k, -1, 1);
+  x[5 * k + 40] = NAN;  // row 5, block 1
+  for (WeightType t : kTypes) {
+    const auto p = packed(t, random_vec(rng, std::size_t(n) * k, -1, 1), n, k);
+    for (Isa isa : each.isas) {
+      hm::cpu::set_quant_isa(isa);
+      SCOPED_TRACE(std::string(hm::weight_type_name(t)) + " " + hm::cpu::isa_name(isa));
+      std::vector<float> all(std::size_t(m) * n), one(n);
+      hm::cpu::linear_packed(all.data(), n, x.data(), k, p.data(), t, m, n, k, false);
+      for (int i = 0; i < m; ++i) {
+        hm::cpu::linear_packed(one.data(), n, x.data() + std::size_t(i) * k, k, p.data(), t, 1, n, k, false);
+        if (i == 5) {
+          for (int o = 0; o < n; ++o) ASSERT_TRUE(std::isnan(one[o]) && std::isnan(all[i * n + o])) << o;
+          continue;
+        }
+        EXPECT_LT(rel_err(one.data(), all.data() + std::size_t(i) * n, 1, n, n), 1e-5) << "row " << i;
+      }
+    }
   }
 }
 

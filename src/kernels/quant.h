@@ -16,14 +16,21 @@
 //  q = 0. k must be a multiple of 32 for them (no tail rule: every hidden size in use is one);
 //  any other k is an hm::Error.
 //
-// linear_packed: y[m,n] (=|+=) x[m,k] . dequantize(W)[n,k]^T, x and y float32, the sum in
-// float32. Exactly the math of hm::linear on the dequantized weight; only the order of the
-// additions differs between ref and cpu.
+// linear_packed: y[m,n] (=|+=) x'[m,k] . dequantize(W)[n,k]^T, sums in float32, where
+//  - bf16: x' = x;
+//  - q8_0 / q4_0: x' = x rounded to 8 bits per block of 32 as llama.cpp's CPU matmuls do:
+//    d = amax / 127 in float32, x' = d * nearbyint(x / d) (ties to even; x / d computed as
+//    x * (1 / d)); a block holding NaN or inf gives NaN. Decode then runs on integer dot
+//    products (VNNI / vpmaddubsw), 2x the speed of widening the weights to float (measured:
+//    bench/bench_quant.cpp, docs/PERFORMANCE.md); prefill feeds the same x' to sgemm, so the
+//    two paths compute one function. round_x8 is that rounding (relative error <= 1/254 of a
+//    block's largest |x|).
+// Only the order of the additions differs between ref and cpu.
 //
 // hm::ref holds the plain loops (the oracle); hm::cpu the fast ones: a GEMV path for m <= 4
-// (decode: reads each weight byte once, dequantizes in registers) and a GEMM path above
-// (dequantizes L2-sized panels of W and multiplies them with sgemm). The cpu path picks its
-// SIMD code at run time (AVX-512, AVX2+FMA+F16C, or scalar), so one binary runs on any x86-64.
+// (decode: reads each weight byte once) and a GEMM path above (dequantizes L2-sized panels of
+// W and multiplies them with sgemm). The cpu path picks its SIMD code at run time (AVX-512 with
+// VNNI, AVX2+FMA+F16C, or scalar), so one binary runs on any x86-64.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -61,13 +68,17 @@ size_t row_bytes(WeightType t, int k);
   void linear_packed(float* y, int ldy, const float* x, int ldx, const void* W, WeightType t,     \
                      int m, int n, int k, bool accumulate);
 
-namespace hm::ref { HM_DECLARE_QUANT_KERNELS }
+namespace hm::ref {
+HM_DECLARE_QUANT_KERNELS
+// out[k] = x[k] rounded to 8 bits per block of 32, as linear_packed does for q8_0 / q4_0.
+void round_x8(float* out, const float* x, int k);
+}  // namespace hm::ref
 namespace hm::cpu {
 HM_DECLARE_QUANT_KERNELS
 
 // The SIMD code the cpu kernels run. The best one the CPU supports is chosen on first use;
 // tests force each in turn.
-enum class Isa : uint8_t { Scalar, Avx2, Avx512 };
+enum class Isa : uint8_t { Scalar, Avx2, Avx512 };  // Avx512: F, BW, VL and VNNI
 const char* isa_name(Isa isa);  // "scalar" | "avx2" | "avx512"
 bool isa_supported(Isa isa);    // by this CPU (and OS)
 Isa best_isa();

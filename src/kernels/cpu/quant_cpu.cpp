@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -76,6 +77,67 @@ void gemv_scalar(float* y, int ldy, const float* x, int ldx, const unsigned char
   }
 }
 
+void quantize_x_scalar(int8_t* q, float* d, int32_t* s, const float* x, int k) {
+  for (int b = 0; b < k / kQuantBlock; ++b) {
+    const float* v = x + size_t(b) * kQuantBlock;
+    float amax = 0;
+    bool bad = false;
+    for (int j = 0; j < kQuantBlock; ++j) {
+      amax = std::max(amax, std::fabs(v[j]));
+      bad = bad || !std::isfinite(v[j]);
+    }
+    const float db = amax / 127.0f;
+    const float inv = db != 0 && !bad ? 1.0f / db : 0.0f;
+    int32_t sum = 0;
+    for (int j = 0; j < kQuantBlock; ++j) {
+      q[b * kQuantBlock + j] = bad ? 0 : int8_t(std::nearbyint(v[j] * inv));  // ties to even
+      sum += q[b * kQuantBlock + j];
+    }
+    d[b] = bad ? NAN : db;
+    s[b] = sum;
+  }
+}
+
+template <bool Q4>
+void gemv_q_scalar(float* y, int ldy, const int8_t* xq, const float* xd, const int32_t*,
+                   const unsigned char* W, size_t row_bytes, int m, int n0, int n1, int k,
+                   bool accumulate) {
+  const int nb = k / kQuantBlock;
+  for (int o = n0; o < n1; ++o) {
+    const unsigned char* row = W + size_t(o) * row_bytes;
+    float acc[4] = {};
+    for (int b = 0; b < nb; ++b) {
+      int8_t w[kQuantBlock];
+      uint16_t dh;
+      if (Q4) {
+        BlockQ4_0 blk;
+        std::memcpy(&blk, row + size_t(b) * sizeof blk, sizeof blk);
+        for (int j = 0; j < kQuantBlock / 2; ++j) {
+          w[j] = int8_t((blk.qs[j] & 15) - 8);
+          w[j + 16] = int8_t((blk.qs[j] >> 4) - 8);
+        }
+        dh = blk.d;
+      } else {
+        BlockQ8_0 blk;
+        std::memcpy(&blk, row + size_t(b) * sizeof blk, sizeof blk);
+        std::memcpy(w, blk.q, sizeof w);
+        dh = blk.d;
+      }
+      const float dw = f16_to_f32(dh);
+      for (int i = 0; i < m; ++i) {
+        const int8_t* xi = xq + size_t(i) * k + size_t(b) * kQuantBlock;
+        int32_t dot = 0;
+        for (int j = 0; j < kQuantBlock; ++j) dot += int32_t(w[j]) * xi[j];
+        acc[i] += dw * xd[size_t(i) * nb + b] * float(dot);
+      }
+    }
+    for (int i = 0; i < m; ++i) {
+      float& out = y[size_t(i) * ldy + o];
+      out = accumulate ? out + acc[i] : acc[i];
+    }
+  }
+}
+
 template <WeightType T>
 void dequant_scalar(float* out, const unsigned char* row, int k) {
   for (int b = 0; b * kQuantBlock < k; ++b)
@@ -85,7 +147,7 @@ void dequant_scalar(float* out, const unsigned char* row, int k) {
 }  // namespace
 
 Table scalar_table() {
-  return {{gemv_scalar<WeightType::BF16>, gemv_scalar<WeightType::Q8_0>, gemv_scalar<WeightType::Q4_0>},
+  return {gemv_scalar<WeightType::BF16>, {gemv_q_scalar<false>, gemv_q_scalar<true>}, quantize_x_scalar,
           {dequant_scalar<WeightType::BF16>, dequant_scalar<WeightType::Q8_0>,
            dequant_scalar<WeightType::Q4_0>}};
 }
@@ -112,7 +174,8 @@ bool isa_supported(Isa isa) {
              __builtin_cpu_supports("f16c");
     case Isa::Avx512:
       return isa_supported(Isa::Avx2) && __builtin_cpu_supports("avx512f") &&
-             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+             __builtin_cpu_supports("avx512vnni");
   }
   return false;
 }
@@ -166,13 +229,43 @@ constexpr size_t kParallelBytes = size_t(128) << 10;
 // Floats in one thread's GEMM tile (1 MiB): in L2 on the CPUs we target.
 constexpr int kTileFloats = 1 << 18;
 
+// Per-thread scratch, grown and kept (a fresh allocation per call would page-fault each time).
 std::vector<float>& tile_buffer() {
   thread_local std::vector<float> buf;
   return buf;
 }
+struct RoundedX {
+  std::vector<int8_t> q;
+  std::vector<float> d, deq;
+  std::vector<int32_t> s;
+};
+RoundedX& rounded_x_buffer() {
+  thread_local RoundedX buf;
+  return buf;
+}
+
+// x [m, k] (row stride ldx) rounded to 8 bits per block (kernels/quant.h), rows packed.
+RoundedX& round_x(const packed::Table& tab, const float* x, int ldx, int m, int k) {
+  RoundedX& r = rounded_x_buffer();
+  const size_t nb = size_t(k / kQuantBlock);
+  r.q.resize(size_t(m) * k);
+  r.d.resize(size_t(m) * nb);
+  r.s.resize(size_t(m) * nb);
+  for (int i = 0; i < m; ++i)
+    tab.quantize_x(r.q.data() + size_t(i) * k, r.d.data() + i * nb, r.s.data() + i * nb,
+                   x + size_t(i) * ldx, k);
+  return r;
+}
 
 void gemm_panels(const packed::Table& tab, float* y, int ldy, const float* x, int ldx,
                  const unsigned char* W, WeightType t, int m, int n, int k, bool accumulate) {
+  if (t != WeightType::BF16) {  // the rounded x, as floats: the GEMV's math, by sgemm
+    RoundedX& r = round_x(tab, x, ldx, m, k);
+    r.deq.resize(size_t(m) * k);
+    for (size_t i = 0; i < r.q.size(); ++i) r.deq[i] = r.d[i / kQuantBlock] * float(r.q[i]);
+    x = r.deq.data();
+    ldx = k;
+  }
   const size_t rb = row_bytes(t, k);
   const int threads = omp_get_max_threads();
   // Panel height: a tile of about kTileFloats, in multiples of 16 rows, with the panel count a
@@ -235,16 +328,27 @@ void linear_packed(float* y, int ldy, const float* x, int ldx, const void* W, We
     return;
   }
   const size_t rb = row_bytes(t, k);
-  const packed::GemvFn gemv = tab.gemv[int(t)];
-  if (size_t(n) * rb < kParallelBytes || omp_get_max_threads() == 1) {
-    gemv(y, ldy, x, ldx, Wb, rb, m, 0, n, k, accumulate);
-    return;
-  }
+  const bool parallel = size_t(n) * rb >= kParallelBytes && omp_get_max_threads() > 1;
+  // Each thread takes a contiguous range of output rows.
+  auto run = [&](auto&& gemv_range) {
+    if (!parallel) {
+      gemv_range(0, n);
+      return;
+    }
 #pragma omp parallel
-  {
-    const int id = omp_get_thread_num(), nt = omp_get_num_threads();
-    const int n0 = int(long(n) * id / nt), n1 = int(long(n) * (id + 1) / nt);
-    gemv(y, ldy, x, ldx, Wb, rb, m, n0, n1, k, accumulate);
+    {
+      const int id = omp_get_thread_num(), nt = omp_get_num_threads();
+      gemv_range(int(long(n) * id / nt), int(long(n) * (id + 1) / nt));
+    }
+  };
+  if (t == WeightType::BF16) {
+    run([&](int n0, int n1) { tab.gemv_bf16(y, ldy, x, ldx, Wb, rb, m, n0, n1, k, accumulate); });
+  } else {
+    const RoundedX& r = round_x(tab, x, ldx, m, k);
+    const packed::GemvQFn gemv = tab.gemv_q[t == WeightType::Q4_0];
+    run([&](int n0, int n1) {
+      gemv(y, ldy, r.q.data(), r.d.data(), r.s.data(), Wb, rb, m, n0, n1, k, accumulate);
+    });
   }
 }
 

@@ -10,16 +10,26 @@
 
 namespace hm::cpu::packed {
 
-// Rows o in [n0, n1) of y[m, n] (=|+=) x[m, k] . W^T for 1 <= m <= 4, W packed row by row
-// (row o at W + o * row_bytes). k is valid for the type (a multiple of 32 for q8_0 / q4_0).
+// Rows o in [n0, n1) of y[m, n] (=|+=) x[m, k] . W^T for 1 <= m <= 4 and bf16 W, packed row by
+// row (row o at W + o * row_bytes).
 using GemvFn = void (*)(float* y, int ldy, const float* x, int ldx, const unsigned char* W,
                         size_t row_bytes, int m, int n0, int n1, int k, bool accumulate);
+// One row of x rounded to 8 bits per block of 32 (kernels/quant.h): q[k], and per block its
+// scale d[k / 32] and the sum of its q, s[k / 32]. A block with a NaN or inf gets d = NaN.
+using QuantizeXFn = void (*)(int8_t* q, float* d, int32_t* s, const float* x, int k);
+// As GemvFn for q8_0 / q4_0 W, with x given by QuantizeXFn: row i at xq + i k, xd + i k/32,
+// xs + i k/32. Integer dot products per block, scaled in float.
+using GemvQFn = void (*)(float* y, int ldy, const int8_t* xq, const float* xd, const int32_t* xs,
+                         const unsigned char* W, size_t row_bytes, int m, int n0, int n1, int k,
+                         bool accumulate);
 // out[k] = one packed row as floats.
 using DequantFn = void (*)(float* out, const unsigned char* row, int k);
 
 struct Table {
-  GemvFn gemv[3];  // by WeightType: BF16, Q8_0, Q4_0
-  DequantFn dequant[3];
+  GemvFn gemv_bf16;
+  GemvQFn gemv_q[2];  // q8_0, q4_0
+  QuantizeXFn quantize_x;
+  DequantFn dequant[3];  // by WeightType: BF16, Q8_0, Q4_0
 };
 
 Table scalar_table();

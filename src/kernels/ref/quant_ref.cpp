@@ -153,17 +153,40 @@ void dequantize(WeightType t, float* dst, const void* src, int n, int k) {
     dequantize_row(t, dst + size_t(r) * k, static_cast<const unsigned char*>(src) + size_t(r) * rb, k);
 }
 
+void round_x8(float* out, const float* x, int k) {
+  HM_CHECK(k > 0 && k % kQuantBlock == 0, "round_x8: k = ", k, " is not a positive multiple of ", kQuantBlock);
+  for (int b = 0; b < k / kQuantBlock; ++b) {
+    const float* v = x + b * kQuantBlock;
+    float amax = 0;
+    bool finite = true;
+    for (int j = 0; j < kQuantBlock; ++j) {
+      amax = std::max(amax, std::fabs(v[j]));
+      finite = finite && std::isfinite(v[j]);
+    }
+    const float d = amax / 127.0f;
+    const float inv = d != 0 ? 1.0f / d : 0.0f;
+    for (int j = 0; j < kQuantBlock; ++j)
+      out[b * kQuantBlock + j] = finite ? d * std::nearbyint(v[j] * inv) : NAN;  // ties to even
+  }
+}
+
 void linear_packed(float* y, int ldy, const float* x, int ldx, const void* W, WeightType t, int m,
                    int n, int k, bool accumulate) {
   check_sizes("linear_packed", t, n, k);
   HM_CHECK(m >= 0, "linear_packed: m = ", m, " must not be negative");
   const size_t rb = row_bytes(t, k);
-  std::vector<float> w(k);
+  // The x the weights multiply: as given for bf16, rounded to 8 bits for q8_0 / q4_0.
+  std::vector<float> xr(size_t(m) * k), w(k);
+  for (int i = 0; i < m; ++i) {
+    const float* xi = x + size_t(i) * ldx;
+    if (t == WeightType::BF16) std::copy(xi, xi + k, xr.begin() + ptrdiff_t(i) * k);
+    else round_x8(xr.data() + size_t(i) * k, xi, k);
+  }
   for (int o = 0; o < n; ++o) {
     dequantize_row(t, w.data(), static_cast<const unsigned char*>(W) + size_t(o) * rb, k);
     for (int i = 0; i < m; ++i) {
       float s = 0;
-      for (int j = 0; j < k; ++j) s += x[size_t(i) * ldx + j] * w[j];
+      for (int j = 0; j < k; ++j) s += xr[size_t(i) * k + j] * w[j];
       float& out = y[size_t(i) * ldy + o];
       out = accumulate ? out + s : s;
     }
