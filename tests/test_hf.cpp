@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "backend/backend.h"
+#include "core/error.h"
 #include "io/hf_model.h"
 #include "io/safetensors.h"
 #include "model/model.h"
