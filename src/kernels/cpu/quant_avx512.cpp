@@ -226,7 +226,9 @@ void gemv_q(float* y, int ldy, const int8_t* xq, const float* xd, const int32_t*
           cs[i][j] = ds[j] * xd[size_t(i) * nb + b0 + j];
           off[i][j] = -(Q4 ? 1 : 16) * xs[size_t(i) * nb + b0 + j];
         }
-      for (int j = 0; j < cnt; ++j) {
+      // Two accumulators per x row, even and odd blocks, written out so that they stay in
+      // registers (an index j & 1 puts them on the stack).
+      auto step = [&](int j, int c) {
         const unsigned char* p = row + size_t(b0 + j) * stride + 2;
         __m256i w;
         if (Q4) {
@@ -239,9 +241,15 @@ void gemv_q(float* y, int ldy, const int8_t* xq, const float* xd, const int32_t*
         for (int i = 0; i < M; ++i) {
           const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + size_t(i) * k + (b0 + j) * 32));
           const __m256i dot = _mm256_dpbusd_epi32(_mm256_set1_epi32(off[i][j]), w, xv);
-          a[i][j & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(cs[i][j]), a[i][j & 1]);
+          a[i][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(cs[i][j]), a[i][c]);
         }
+      };
+      int j = 0;
+      for (; j + 2 <= cnt; j += 2) {
+        step(j, 0);
+        step(j + 1, 1);
       }
+      if (j < cnt) step(j, 0);
     }
     for (int i = 0; i < M; ++i) {
       const float sum = hsum(_mm256_add_ps(a[i][0], a[i][1]));
