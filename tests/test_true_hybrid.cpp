@@ -299,7 +299,8 @@ TEST(TrueHybrid, SkippedPathDoesNoWork) {
   // One linear, counted exactly: 2 m n k FLOPs, m rows.
   be.reset();
   std::vector<float> y(4 * 2), x(4 * 3), W(2 * 3);
-  be.linear(y.data(), 2, x.data(), 3, W.data(), 4, 2, 3, false);
+  be.linear(Tensor(y.data(), DType::F32, 4, 2), Tensor(x.data(), DType::F32, 4, 3),
+            Tensor(W.data(), DType::F32, 2, 3), false);
   EXPECT_EQ(be.count(OpKind::Linear).flops, 2.0 * 4 * 2 * 3);
   EXPECT_EQ(be.count(OpKind::Linear).calls, 1);
   EXPECT_EQ(be.count(OpKind::Linear).rows, 4);

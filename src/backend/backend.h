@@ -1,7 +1,8 @@
-// One backend interface (as ggml): the model calls these ops on pointers that live in the
-// backend's memory; the CPU backend is always present and is the reference for every other.
-// A CUDA backend (HM_CUDA=ON) implements the same interface; tests/test_backend_ops.cpp runs
-// every op of every compiled backend against kernels/ref.
+// One backend interface (as ggml): the model calls these ops on typed tensor views (tensor.h)
+// that live in the backend's memory, over a whole ragged batch at once. The CPU backend is
+// always present and loops today's kernels over the sequences; kernels/ref behind the same
+// interface is the oracle. The CUDA backend (HM_CUDA=ON) implements it on the device;
+// tests/test_backend_ops.cpp runs every op of every compiled backend against the reference.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -9,50 +10,70 @@
 #include <string>
 #include <vector>
 
+#include "backend/tensor.h"
+
 namespace hm {
 
 enum class Device : uint8_t { CPU, CUDA };
 const char* device_name(Device d);
+Device device_from_name(const std::string& name);  // "cpu" | "cuda", hm::Error otherwise
 
 class Backend {
  public:
   virtual ~Backend() = default;
   virtual Device device() const = 0;
   virtual std::string name() const = 0;
+  // Types the ops compute in (weights and activations), and KV cache types.
+  virtual bool supports(DType t) const = 0;
+  virtual bool supports_kv(DType t) const = 0;
+  // The activation type a model gets on this backend when none is asked for.
+  virtual DType default_dtype() const = 0;
 
   // Memory. Allocations are not zeroed.
   virtual void* alloc(size_t bytes) = 0;
   virtual void free(void* p) = 0;
   virtual void to_device(void* dst, const void* host_src, size_t bytes) = 0;
   virtual void to_host(void* host_dst, const void* src, size_t bytes) = 0;
+  virtual void copy(void* dst, const void* src, size_t bytes) = 0;  // within the backend
+  virtual void memzero(void* p, size_t bytes) = 0;
   virtual void synchronize() {}
 
-  // Ops: the contracts of kernels/ops.h, plus the small glue the model needs.
-  virtual void rmsnorm(float* out, const float* x, const float* w, int n, int d, float eps) = 0;
-  virtual void linear(float* y, int ldy, const float* x, int ldx, const float* W, int m, int n,
-                      int k, bool accumulate) = 0;
-  virtual void conv1d_silu(float* out, int ldo, float* state, const float* x, int ldx,
-                           const float* w, const float* b, int L, int E, int K) = 0;
-  virtual void selective_scan(float* y, int ldy, float* state, const float* x, int ldx,
-                              const float* dt, int lddt, const float* dt_bias, const float* A,
-                              const float* B, const float* C, int ldbc, const float* Dskip,
-                              const float* z, int ldz, int L, int E, int N) = 0;
-  virtual void rope(float* x, int ldx, int L, int heads, int hd, int pos0, float theta) = 0;
-  virtual void attention(float* out, int ldo, const float* q, int ldq, const float* k,
-                         const float* v, int L, int pos0, int H, int G, int hd) = 0;
-  virtual void attention_f16kv(float* out, int ldo, const float* q, int ldq, const uint16_t* k,
-                               const uint16_t* v, int L, int pos0, int H, int G, int hd) = 0;
-  virtual void store_f16(uint16_t* dst, int ld_dst, const float* src, int ld_src, int n, int d) = 0;
-  virtual void swiglu(float* out, int ldo, const float* g, const float* u, int ldgu, int n,
-                      int f) = 0;
-  // out[i,:] = table[ids[i],:]
-  virtual void embedding(float* out, const float* table, const int32_t* host_ids, int n, int d) = 0;
-  // y[i,:] += g[:] * x[i,:]   (g may be null: plain add)
-  virtual void add_scaled_rows(float* y, const float* x, const float* g, int n, int d) = 0;
-  // dst[i*ld_dst + j] = src[i*ld_src + j] for j < d
-  virtual void copy_rows(float* dst, int ld_dst, const float* src, int ld_src, int n, int d) = 0;
-  // out[i] = -exp(in[i])
-  virtual void neg_exp(float* out, const float* in, int64_t n) = 0;
+  // ---- Ops. Outputs first; shapes are checked by each backend (hm::Error naming the op). ----
+  // out[n,d] = x * rsqrt(mean_d(x^2) + eps) * w
+  virtual void rmsnorm(Tensor out, Tensor x, Tensor w, float eps) = 0;
+  // y[m,n] (=|+=) x[m,k] . W[n,k]^T (W a PyTorch Linear weight); y may be F32 with lower-
+  // precision x and W (the LM head writes float logits).
+  virtual void linear(Tensor y, Tensor x, Tensor W, bool accumulate) = 0;
+  // out[n,f] = silu(g) * u
+  virtual void swiglu(Tensor out, Tensor g, Tensor u) = 0;
+  // out[i,:] = table[ids[i],:] for i < out.rows; ids in backend memory, already validated.
+  virtual void embedding(Tensor out, Tensor table, const int32_t* ids) = 0;
+  // Causal depthwise conv + bias + SiLU of every sequence of rg, each continuing from its
+  // slot's window in st ([E, K-1] float, oldest first) and leaving its last K-1 inputs there.
+  // x, out [n_tokens, E]; w [E, K]; b [E].
+  virtual void conv1d_silu(Tensor out, const StatePool& st, Tensor x, Tensor w, Tensor b,
+                           const Ragged& rg) = 0;
+  // Selective scan of every sequence of rg from its slot's state in st ([E, N] float, updated):
+  // the contract of ref::selective_scan. A [E, N] float32 (-exp(A_log)) in backend memory;
+  // B and C [n_tokens, N] views sharing one row stride.
+  virtual void selective_scan(Tensor y, const StatePool& st, Tensor x, Tensor dt, Tensor dt_bias,
+                              const float* A, Tensor B, Tensor C, Tensor Dskip, Tensor z,
+                              const Ragged& rg) = 0;
+  // RoPE in place on x [n_tokens, heads * hd]: row t of sequence s at pos0[s] + t - start(s).
+  virtual void rope(Tensor x, int heads, int hd, float theta, const Ragged& rg) = 0;
+  // K and V rows of each sequence into its slot at positions pos0[s].. (converted to kv.dtype).
+  virtual void kv_write(const KvPool& kv, Tensor k, Tensor v, const Ragged& rg) = 0;
+  // Causal attention of each query row over its slot's cache rows 0..its position (kv_write
+  // first): q, out [n_tokens, H * hd]; query head j reads kv head j / (H / G).
+  virtual void attention(Tensor out, Tensor q, const KvPool& kv, int H, int G, int hd,
+                         const Ragged& rg) = 0;
+  // dst[di,:] = src[si,:] for i < n, di = dst_idx ? dst_idx[i] : i (si likewise); same dtype.
+  virtual void copy_rows(Tensor dst, const int32_t* dst_idx, Tensor src, const int32_t* src_idx,
+                         int n) = 0;
+  // dst[di,j] += gate_i * scale[j] * src[si,j] for i < n, j < dst.cols; gate_i = row_gate[i]
+  // (float, backend memory) or 1 when null, scale[j] = 1 when scale is empty.
+  virtual void add_rows(Tensor dst, const int32_t* dst_idx, Tensor src, const int32_t* src_idx,
+                        int n, const float* row_gate, Tensor scale) = 0;
 };
 
 std::unique_ptr<Backend> make_cpu_backend();
@@ -61,14 +82,14 @@ std::unique_ptr<Backend> make_ref_backend();
 // CUDA throws hm::Error when the build has no CUDA backend or no device is present.
 std::unique_ptr<Backend> make_backend(Device d);
 std::vector<Device> compiled_devices();
+// True when this build has the CUDA backend and a CUDA device is present.
+bool cuda_available();
 
-// A device-tagged allocation owned by a backend.
+// A byte allocation owned by a backend.
 class Buffer {
  public:
   Buffer() = default;
-  Buffer(Backend& be, size_t n_floats) : be_(&be), n_(n_floats) {
-    p_ = static_cast<float*>(be.alloc(n_floats * sizeof(float)));
-  }
+  Buffer(Backend& be, size_t bytes) : be_(&be), n_(bytes) { p_ = be.alloc(bytes); }
   ~Buffer() { if (p_) be_->free(p_); }
   Buffer(Buffer&& o) noexcept : be_(o.be_), p_(o.p_), n_(o.n_) { o.p_ = nullptr; o.n_ = 0; }
   Buffer& operator=(Buffer&& o) noexcept {
@@ -81,15 +102,21 @@ class Buffer {
   }
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
-  float* data() const { return p_; }
-  size_t size() const { return n_; }
+  void* data() const { return p_; }
+  float* f32() const { return static_cast<float*>(p_); }
+  size_t bytes() const { return n_; }
   Device device() const { return be_->device(); }
-  // Grows (contents not kept) when fewer than n floats are held.
-  void reserve(Backend& be, size_t n) { if (n_ < n || !p_) *this = Buffer(be, n); }
+  // rows x cols of dtype at the start of the buffer (which must hold them).
+  Tensor tensor(DType t, int rows, int cols) const {
+    HM_ASSERT(size_t(rows) * size_t(cols) * dtype_size(t) <= n_ || (rows == 0 || cols == 0));
+    return {p_, t, rows, cols, cols};
+  }
+  // Grows (contents not kept) when fewer than `bytes` are held.
+  void reserve(Backend& be, size_t bytes) { if (n_ < bytes || !p_) *this = Buffer(be, bytes); }
 
  private:
   Backend* be_ = nullptr;
-  float* p_ = nullptr;
+  void* p_ = nullptr;
   size_t n_ = 0;
 };
 

@@ -6,8 +6,8 @@ namespace hm {
 
 const char* op_kind_name(OpKind k) {
   static const char* names[] = {"rmsnorm", "linear", "conv1d_silu", "selective_scan", "rope",
-                                "attention", "store_f16", "swiglu", "embedding",
-                                "add_scaled_rows", "copy_rows", "neg_exp"};
+                                "kv_write", "attention", "swiglu", "embedding", "copy_rows",
+                                "add_rows"};
   static_assert(sizeof(names) / sizeof(names[0]) == size_t(OpKind::kCount));
   return names[size_t(k)];
 }
@@ -42,53 +42,49 @@ namespace {
 double causal_pairs(int L, int pos0) { return double(L) * pos0 + double(L) * (L + 1) / 2.0; }
 }  // namespace
 
-void CountingBackend::rmsnorm(float* out, const float* x, const float* w, int n, int d, float eps) {
-  run(OpKind::Rmsnorm, out, n, 0, [&] { in_.rmsnorm(out, x, w, n, d, eps); });
+void CountingBackend::rmsnorm(Tensor out, Tensor x, Tensor w, float eps) {
+  run(OpKind::Rmsnorm, out.data, x.rows, 0, [&] { in_.rmsnorm(out, x, w, eps); });
 }
-void CountingBackend::linear(float* y, int ldy, const float* x, int ldx, const float* W, int m, int n,
-                             int k, bool accumulate) {
-  run(OpKind::Linear, W, m, 2.0 * m * n * k, [&] { in_.linear(y, ldy, x, ldx, W, m, n, k, accumulate); });
+void CountingBackend::linear(Tensor y, Tensor x, Tensor W, bool accumulate) {
+  run(OpKind::Linear, W.data, x.rows, 2.0 * x.rows * W.rows * W.cols, [&] { in_.linear(y, x, W, accumulate); });
 }
-void CountingBackend::conv1d_silu(float* out, int ldo, float* state, const float* x, int ldx,
-                                  const float* w, const float* b, int L, int E, int K) {
-  run(OpKind::Conv, w, L, 2.0 * L * E * K, [&] { in_.conv1d_silu(out, ldo, state, x, ldx, w, b, L, E, K); });
+void CountingBackend::swiglu(Tensor out, Tensor g, Tensor u) {
+  run(OpKind::Swiglu, out.data, g.rows, 0, [&] { in_.swiglu(out, g, u); });
 }
-void CountingBackend::selective_scan(float* y, int ldy, float* state, const float* x, int ldx,
-                                     const float* dt, int lddt, const float* dt_bias, const float* A,
-                                     const float* B, const float* C, int ldbc, const float* Dskip,
-                                     const float* z, int ldz, int L, int E, int N) {
-  run(OpKind::Scan, Dskip, L, kScanFlops * L * E * N, [&] {
-    in_.selective_scan(y, ldy, state, x, ldx, dt, lddt, dt_bias, A, B, C, ldbc, Dskip, z, ldz, L, E, N);
-  });
+void CountingBackend::embedding(Tensor out, Tensor table, const int32_t* ids) {
+  run(OpKind::Embedding, out.data, out.rows, 0, [&] { in_.embedding(out, table, ids); });
 }
-void CountingBackend::rope(float* x, int ldx, int L, int heads, int hd, int pos0, float theta) {
-  run(OpKind::Rope, x, L, 0, [&] { in_.rope(x, ldx, L, heads, hd, pos0, theta); });
+void CountingBackend::conv1d_silu(Tensor out, const StatePool& st, Tensor x, Tensor w, Tensor b,
+                                  const Ragged& rg) {
+  run(OpKind::Conv, w.data, rg.n_tokens(), 2.0 * rg.n_tokens() * x.cols * w.cols,
+      [&] { in_.conv1d_silu(out, st, x, w, b, rg); });
 }
-void CountingBackend::attention(float* out, int ldo, const float* q, int ldq, const float* k,
-                                const float* v, int L, int pos0, int H, int G, int hd) {
-  run(OpKind::Attention, k, L, 4.0 * H * hd * causal_pairs(L, pos0), [&] { in_.attention(out, ldo, q, ldq, k, v, L, pos0, H, G, hd); });
+void CountingBackend::selective_scan(Tensor y, const StatePool& st, Tensor x, Tensor dt,
+                                     Tensor dt_bias, const float* A, Tensor B, Tensor C,
+                                     Tensor Dskip, Tensor z, const Ragged& rg) {
+  run(OpKind::Scan, Dskip.data, rg.n_tokens(), kScanFlops * rg.n_tokens() * x.cols * B.cols,
+      [&] { in_.selective_scan(y, st, x, dt, dt_bias, A, B, C, Dskip, z, rg); });
 }
-void CountingBackend::attention_f16kv(float* out, int ldo, const float* q, int ldq, const uint16_t* k,
-                                      const uint16_t* v, int L, int pos0, int H, int G, int hd) {
-  run(OpKind::Attention, k, L, 4.0 * H * hd * causal_pairs(L, pos0), [&] { in_.attention_f16kv(out, ldo, q, ldq, k, v, L, pos0, H, G, hd); });
+void CountingBackend::rope(Tensor x, int heads, int hd, float theta, const Ragged& rg) {
+  run(OpKind::Rope, x.data, rg.n_tokens(), 0, [&] { in_.rope(x, heads, hd, theta, rg); });
 }
-void CountingBackend::store_f16(uint16_t* dst, int ld_dst, const float* src, int ld_src, int n, int d) {
-  run(OpKind::StoreF16, dst, n, 0, [&] { in_.store_f16(dst, ld_dst, src, ld_src, n, d); });
+void CountingBackend::kv_write(const KvPool& kv, Tensor k, Tensor v, const Ragged& rg) {
+  run(OpKind::KvWrite, kv.k, rg.n_tokens(), 0, [&] { in_.kv_write(kv, k, v, rg); });
 }
-void CountingBackend::swiglu(float* out, int ldo, const float* g, const float* u, int ldgu, int n, int f) {
-  run(OpKind::Swiglu, out, n, 0, [&] { in_.swiglu(out, ldo, g, u, ldgu, n, f); });
+void CountingBackend::attention(Tensor out, Tensor q, const KvPool& kv, int H, int G, int hd,
+                                const Ragged& rg) {
+  double pairs = 0;
+  for (int s = 0; s < rg.nseq(); ++s) pairs += causal_pairs(rg.len(s), rg.pos0(s));
+  run(OpKind::Attention, kv.k, rg.n_tokens(), 4.0 * H * hd * pairs,
+      [&] { in_.attention(out, q, kv, H, G, hd, rg); });
 }
-void CountingBackend::embedding(float* out, const float* table, const int32_t* ids, int n, int d) {
-  run(OpKind::Embedding, out, n, 0, [&] { in_.embedding(out, table, ids, n, d); });
+void CountingBackend::copy_rows(Tensor dst, const int32_t* dst_idx, Tensor src,
+                                const int32_t* src_idx, int n) {
+  run(OpKind::CopyRows, dst.data, n, 0, [&] { in_.copy_rows(dst, dst_idx, src, src_idx, n); });
 }
-void CountingBackend::add_scaled_rows(float* y, const float* x, const float* g, int n, int d) {
-  run(OpKind::AddScaledRows, y, n, 0, [&] { in_.add_scaled_rows(y, x, g, n, d); });
-}
-void CountingBackend::copy_rows(float* dst, int ld_dst, const float* src, int ld_src, int n, int d) {
-  run(OpKind::CopyRows, dst, n, 0, [&] { in_.copy_rows(dst, ld_dst, src, ld_src, n, d); });
-}
-void CountingBackend::neg_exp(float* out, const float* in, int64_t n) {
-  run(OpKind::NegExp, out, n, 0, [&] { in_.neg_exp(out, in, n); });
+void CountingBackend::add_rows(Tensor dst, const int32_t* dst_idx, Tensor src, const int32_t* src_idx,
+                               int n, const float* row_gate, Tensor scale) {
+  run(OpKind::AddRows, dst.data, n, 0, [&] { in_.add_rows(dst, dst_idx, src, src_idx, n, row_gate, scale); });
 }
 
 }  // namespace hm

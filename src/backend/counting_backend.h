@@ -12,8 +12,7 @@
 namespace hm {
 
 enum class OpKind : uint8_t {
-  Rmsnorm, Linear, Conv, Scan, Rope, Attention, StoreF16, Swiglu, Embedding, AddScaledRows,
-  CopyRows, NegExp, kCount
+  Rmsnorm, Linear, Conv, Scan, Rope, KvWrite, Attention, Swiglu, Embedding, CopyRows, AddRows, kCount
 };
 const char* op_kind_name(OpKind k);
 
@@ -26,7 +25,7 @@ const char* op_kind_name(OpKind k);
 //                   pos0 + i sees pos0 + i + 1 keys): Q.K and P.V, 2 FLOPs per multiply-add
 struct OpCount {
   int64_t calls = 0;
-  int64_t rows = 0;   // m for linear, L for sequence ops, n for row ops
+  int64_t rows = 0;   // m for linear, the batch's tokens for ragged ops, n for row ops
   double flops = 0;
   double seconds = 0; // wall time inside the wrapped op (after synchronize)
 };
@@ -37,7 +36,8 @@ class CountingBackend final : public Backend {
 
   // One call, when logging is on: `tag` identifies what the call worked on, so a test can tell
   // one layer's or one path's calls from another's: the weight for linear (W) and conv1d_silu
-  // (w), Dskip for selective_scan, the K cache for attention, the output otherwise.
+  // (w), Dskip for selective_scan, the K pool for kv_write and attention, the output otherwise.
+  // rows: m for linear, the batch's tokens for ragged ops, n for row ops.
   struct Call {
     OpKind op;
     const void* tag;
@@ -54,32 +54,34 @@ class CountingBackend final : public Backend {
 
   Device device() const override { return in_.device(); }
   std::string name() const override { return "counting(" + in_.name() + ")"; }
+  bool supports(DType t) const override { return in_.supports(t); }
+  bool supports_kv(DType t) const override { return in_.supports_kv(t); }
+  DType default_dtype() const override { return in_.default_dtype(); }
   void* alloc(size_t bytes) override { return in_.alloc(bytes); }
   void free(void* p) override { in_.free(p); }
   void to_device(void* dst, const void* src, size_t bytes) override { in_.to_device(dst, src, bytes); }
   void to_host(void* dst, const void* src, size_t bytes) override { in_.to_host(dst, src, bytes); }
+  void copy(void* dst, const void* src, size_t bytes) override { in_.copy(dst, src, bytes); }
+  void memzero(void* p, size_t bytes) override { in_.memzero(p, bytes); }
   void synchronize() override { in_.synchronize(); }
 
-  void rmsnorm(float* out, const float* x, const float* w, int n, int d, float eps) override;
-  void linear(float* y, int ldy, const float* x, int ldx, const float* W, int m, int n, int k,
-              bool accumulate) override;
-  void conv1d_silu(float* out, int ldo, float* state, const float* x, int ldx, const float* w,
-                   const float* b, int L, int E, int K) override;
-  void selective_scan(float* y, int ldy, float* state, const float* x, int ldx, const float* dt,
-                      int lddt, const float* dt_bias, const float* A, const float* B,
-                      const float* C, int ldbc, const float* Dskip, const float* z, int ldz,
-                      int L, int E, int N) override;
-  void rope(float* x, int ldx, int L, int heads, int hd, int pos0, float theta) override;
-  void attention(float* out, int ldo, const float* q, int ldq, const float* k, const float* v,
-                 int L, int pos0, int H, int G, int hd) override;
-  void attention_f16kv(float* out, int ldo, const float* q, int ldq, const uint16_t* k,
-                       const uint16_t* v, int L, int pos0, int H, int G, int hd) override;
-  void store_f16(uint16_t* dst, int ld_dst, const float* src, int ld_src, int n, int d) override;
-  void swiglu(float* out, int ldo, const float* g, const float* u, int ldgu, int n, int f) override;
-  void embedding(float* out, const float* table, const int32_t* host_ids, int n, int d) override;
-  void add_scaled_rows(float* y, const float* x, const float* g, int n, int d) override;
-  void copy_rows(float* dst, int ld_dst, const float* src, int ld_src, int n, int d) override;
-  void neg_exp(float* out, const float* in, int64_t n) override;
+  void rmsnorm(Tensor out, Tensor x, Tensor w, float eps) override;
+  void linear(Tensor y, Tensor x, Tensor W, bool accumulate) override;
+  void swiglu(Tensor out, Tensor g, Tensor u) override;
+  void embedding(Tensor out, Tensor table, const int32_t* ids) override;
+  void conv1d_silu(Tensor out, const StatePool& st, Tensor x, Tensor w, Tensor b,
+                   const Ragged& rg) override;
+  void selective_scan(Tensor y, const StatePool& st, Tensor x, Tensor dt, Tensor dt_bias,
+                      const float* A, Tensor B, Tensor C, Tensor Dskip, Tensor z,
+                      const Ragged& rg) override;
+  void rope(Tensor x, int heads, int hd, float theta, const Ragged& rg) override;
+  void kv_write(const KvPool& kv, Tensor k, Tensor v, const Ragged& rg) override;
+  void attention(Tensor out, Tensor q, const KvPool& kv, int H, int G, int hd,
+                 const Ragged& rg) override;
+  void copy_rows(Tensor dst, const int32_t* dst_idx, Tensor src, const int32_t* src_idx,
+                 int n) override;
+  void add_rows(Tensor dst, const int32_t* dst_idx, Tensor src, const int32_t* src_idx, int n,
+                const float* row_gate, Tensor scale) override;
 
  private:
   // Counts the call, runs it and adds its wall time.

@@ -147,7 +147,8 @@ double measure_gemm_gflops(Backend& be) {
   double best = 0;
   for (int r = 0; r < 6; ++r) {
     auto t0 = Clock::now();
-    be.linear(c.data(), n, a.data(), n, b.data(), n, n, n, false);
+    be.linear(Tensor(c.data(), DType::F32, n, n), Tensor(a.data(), DType::F32, n, n),
+              Tensor(b.data(), DType::F32, n, n), false);
     best = std::max(best, 2.0 * n * n * n / (ms(t0, Clock::now()) / 1e3) / 1e9);
   }
   return best;

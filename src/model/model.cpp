@@ -10,132 +10,196 @@
 
 namespace hm {
 
-HybridModel::HybridModel(const ModelConfig& c, Backend& be) : cfg_(c), be_(be), params_(c) {
+HybridModel::HybridModel(const ModelConfig& c, Backend& be) : HybridModel(c, be, be.default_dtype()) {}
+
+HybridModel::HybridModel(const ModelConfig& c, Backend& be, DType dtype)
+    : cfg_(c), be_(be), dtype_(dtype), params_(c) {
   validate(c);
-  HM_CHECK(be.device() == Device::CPU, "model: parameters are host-resident; the ", be.name(),
-           " backend cannot run this model yet");
+  HM_CHECK(be.supports(dtype), "model: the ", be.name(), " backend does not compute in ",
+           compute_dtype_name(dtype));
+}
+
+Tensor HybridModel::weight(const float* host, int rows, int cols) const {
+  HM_ASSERT(host != nullptr);
+  const int64_t off = host - params_.data();
+  HM_ASSERT(off >= 0 && off + int64_t(rows) * cols <= params_.numel());
+  if (dev_weights_.data() == nullptr) return {const_cast<float*>(host), dtype_, rows, cols};
+  return {static_cast<char*>(dev_weights_.data()) + off * int64_t(dtype_size(dtype_)), dtype_, rows, cols};
 }
 
 void HybridModel::prepare() {
-  A_.assign(size_t(cfg_.n_layers), {});
-  for (int i = 0; i < cfg_.n_layers; ++i) {
-    if (cfg_.is_attention(i)) continue;
-    const LayerWeights& w = params_.layer(i);
-    A_[size_t(i)].resize(size_t(cfg_.d_inner()) * cfg_.d_state);
-    be_.neg_exp(A_[size_t(i)].data(), w.A_log, int64_t(A_[size_t(i)].size()));
+  const int D = cfg_.d_model, E = cfg_.d_inner(), N = cfg_.d_state, K = cfg_.d_conv;
+  const int R = cfg_.resolved_dt_rank(), F = cfg_.d_ff, V = cfg_.vocab_size;
+  // A host backend computing in float32 reads the arena itself; anything else gets one copy.
+  if (be_.device() == Device::CPU && dtype_ == DType::F32) {
+    dev_weights_ = Buffer();
+  } else {
+    const size_t n = size_t(params_.numel());
+    if (dev_weights_.bytes() != n * dtype_size(dtype_)) dev_weights_ = Buffer(be_, n * dtype_size(dtype_));
+    std::vector<char> staged(n * dtype_size(dtype_));
+    convert_from_f32(staged.data(), dtype_, params_.data(), n);
+    be_.to_device(dev_weights_.data(), staged.data(), staged.size());
   }
+  embeddings_ = weight(params_.embeddings(), V, D);
+  norm_f_ = weight(params_.norm_f(), 1, D);
+  lm_head_ = weight(params_.lm_head(), V, D);
+  lw_.assign(size_t(cfg_.n_layers), {});
+  A_.clear();
+  A_.resize(size_t(cfg_.n_layers));
+  for (int i = 0; i < cfg_.n_layers; ++i) {
+    const LayerWeights& w = params_.layer(i);
+    LayerTensors& t = lw_[size_t(i)];
+    t.norm = weight(w.norm, 1, D);
+    if (cfg_.has_mamba_path(i)) {
+      t.in_proj = weight(w.in_proj, 2 * E, D);
+      t.conv_w = weight(w.conv_w, E, K);
+      t.conv_b = weight(w.conv_b, 1, E);
+      t.x_proj = weight(w.x_proj, R + 2 * N, E);
+      t.dt_w = weight(w.dt_w, E, R);
+      t.dt_b = weight(w.dt_b, 1, E);
+      t.Dskip = weight(w.Dskip, 1, E);
+      t.out_proj = weight(w.out_proj, D, E);
+      std::vector<float> a(size_t(E) * N);
+      for (size_t j = 0; j < a.size(); ++j) a[j] = -std::exp(w.A_log[j]);
+      A_[size_t(i)] = Buffer(be_, sizeof(float) * a.size());
+      be_.to_device(A_[size_t(i)].data(), a.data(), sizeof(float) * a.size());
+    }
+    if (cfg_.has_attention_path(i)) {
+      const int hd = cfg_.head_dim(), QW = cfg_.n_heads * hd, KW = cfg_.n_kv_heads * hd;
+      t.wq = weight(w.wq, QW, D);
+      t.wk = weight(w.wk, KW, D);
+      t.wv = weight(w.wv, KW, D);
+      t.wo = weight(w.wo, D, QW);
+    }
+    if (F > 0) {
+      t.mlp_norm = weight(w.mlp_norm, 1, D);
+      t.w_gate = weight(w.w_gate, F, D);
+      t.w_up = weight(w.w_up, F, D);
+      t.w_down = weight(w.w_down, D, F);
+    }
+    if (cfg_.is_true(i)) {
+      t.fuse_mamba = weight(w.fuse_mamba, 1, D);
+      t.fuse_attn = weight(w.fuse_attn, 1, D);
+      t.exchange = weight(w.exchange, 1, D);
+    }
+    if (cfg_.has_bridge(i)) {
+      const int S = cfg_.inner_dim(i - 1);
+      t.bridge_norm = weight(w.bridge_norm, 1, S);
+      t.bridge_proj = weight(w.bridge_proj, D, S);
+      t.bridge_gate = weight(w.bridge_gate, 1, D);
+    }
+  }
+}
+
+Tensor HybridModel::act(Buffer& b, int rows, int cols) {
+  b.reserve(be_, size_t(rows) * size_t(cols) * dtype_size(dtype_));
+  return b.tensor(dtype_, rows, cols);
+}
+
+const int32_t* HybridModel::upload_idx(const std::vector<int32_t>& v) {
+  HM_ASSERT((idx_used_ + v.size()) * sizeof(int32_t) <= ws_.idx.bytes());
+  int32_t* p = static_cast<int32_t*>(ws_.idx.data()) + idx_used_;
+  if (!v.empty()) be_.to_device(p, v.data(), v.size() * sizeof(int32_t));
+  idx_used_ += v.size();
+  return p;
+}
+
+const float* HybridModel::upload_gates(const std::vector<float>& v) {
+  HM_ASSERT((gates_used_ + v.size()) * sizeof(float) <= ws_.gates.bytes());
+  float* p = ws_.gates.f32() + gates_used_;
+  if (!v.empty()) be_.to_device(p, v.data(), v.size() * sizeof(float));
+  gates_used_ += v.size();
+  return p;
 }
 
 // h += gate * (rmsnorm(src) @ proj^T): the previous layer type's inner representation,
 // injected into the residual stream in front of a layer of the other type (docs/STATE_BRIDGES.md).
 void HybridModel::bridge(int layer, int T) {
-  const LayerWeights& w = params_.layer(layer);
+  const LayerTensors& w = lw_[size_t(layer)];
   const int S = cfg_.inner_dim(layer - 1), D = cfg_.d_model;
-  be_.rmsnorm(ws_.u.data(), ws_.inner_prev.data(), w.bridge_norm, T, S, cfg_.norm_eps);
-  be_.linear(ws_.rows.data(), D, ws_.u.data(), S, w.bridge_proj, T, D, S, false);
-  be_.add_scaled_rows(ws_.h.data(), ws_.rows.data(), w.bridge_gate, T, D);
+  const Tensor u = act(ws_.u, T, S), rows = act(ws_.rows, T, D);
+  be_.rmsnorm(u, ws_.inner_prev.tensor(dtype_, T, S), w.bridge_norm, cfg_.norm_eps);
+  be_.linear(rows, u, w.bridge_proj, false);
+  be_.add_rows(ws_.h.tensor(dtype_, T, D), nullptr, rows, nullptr, T, nullptr, w.bridge_gate);
 }
 
-void HybridModel::mamba_path(int layer, const float* x, int n, const std::vector<PathSeg>& segs,
-                             float* out, bool accumulate, HybridMemory& mem) {
-  const LayerWeights& w = params_.layer(layer);
-  const int D = cfg_.d_model, E = cfg_.d_inner(), N = cfg_.d_state;
-  const int K = cfg_.d_conv, R = cfg_.resolved_dt_rank(), P = R + 2 * N;
-  float* xz = ws_.xz.data();     // F32 [n, 2E]: x | z
-  float* xc = ws_.xc.data();     // F32 [n, E]: silu(conv(x))
-  float* dbc = ws_.dbc.data();   // F32 [n, R + 2N]: dt_r | B | C
-  float* dt = ws_.dt.data();     // F32 [n, E]: dt_proj(dt_r), softplus applied in the scan
-  float* y = ws_.inner.data();   // F32 [n, E]: gated scan output
-  be_.linear(xz, 2 * E, x, D, w.in_proj, n, 2 * E, D, false);                       // xz = in_proj(x)
-  for (const PathSeg& g : segs) {
-    if (g.n == 0) continue;
-    be_.conv1d_silu(xc + size_t(g.row0) * E, E, mem.recurrent().conv(layer, g.slot),
-                    xz + size_t(g.row0) * 2 * E, 2 * E, w.conv_w, w.conv_b, g.n, E, K);
-  }
-  be_.linear(dbc, P, xc, E, w.x_proj, n, P, E, false);                               // x_proj(x)
-  be_.linear(dt, E, dbc, P, w.dt_w, n, E, R, false);                                 // dt_proj.weight @ dt_r
-  for (const PathSeg& g : segs) {
-    if (g.n == 0) continue;
-    const size_t t0 = size_t(g.row0);
-    be_.selective_scan(y + t0 * E, E, mem.recurrent().ssm(layer, g.slot), xc + t0 * E, E,
-                       dt + t0 * E, E, w.dt_b, A_[size_t(layer)].data(), dbc + t0 * P + R,
-                       dbc + t0 * P + R + N, P, w.Dskip, xz + t0 * 2 * E + E, 2 * E, g.n, E, N);
-  }
-  be_.linear(out, D, y, E, w.out_proj, n, D, E, accumulate);                         // out (+)= out_proj(y)
+void HybridModel::mamba_path(int layer, Tensor x, const Ragged& rg, Tensor out, bool accumulate,
+                             HybridMemory& mem) {
+  const LayerTensors& w = lw_[size_t(layer)];
+  const int n = x.rows, E = cfg_.d_inner(), N = cfg_.d_state;
+  const int R = cfg_.resolved_dt_rank(), P = R + 2 * N;
+  const Tensor xz = act(ws_.xz, n, 2 * E);    // x | z
+  const Tensor xc = act(ws_.xc, n, E);        // silu(conv(x))
+  const Tensor dbc = act(ws_.dbc, n, P);      // dt_r | B | C
+  const Tensor dt = act(ws_.dt, n, E);        // dt_proj(dt_r); softplus is applied in the scan
+  const Tensor y = act(ws_.inner, n, E);      // gated scan output
+  be_.linear(xz, x, w.in_proj, false);
+  be_.conv1d_silu(xc, mem.recurrent().conv_pool(layer), xz.cols_view(0, E), w.conv_w, w.conv_b, rg);
+  be_.linear(dbc, xc, w.x_proj, false);
+  be_.linear(dt, dbc.cols_view(0, R), w.dt_w, false);
+  be_.selective_scan(y, mem.recurrent().ssm_pool(layer), xc, dt, w.dt_b, A_[size_t(layer)].f32(),
+                     dbc.cols_view(R, N), dbc.cols_view(R + N, N), w.Dskip, xz.cols_view(E, E), rg);
+  be_.linear(out, y, w.out_proj, accumulate);
 }
 
-void HybridModel::attention_path(int layer, const float* x, int n, const std::vector<PathSeg>& segs,
-                                 float* out, bool accumulate, HybridMemory& mem) {
-  const LayerWeights& w = params_.layer(layer);
-  const int D = cfg_.d_model, H = cfg_.n_heads, G = cfg_.n_kv_heads;
+void HybridModel::attention_path(int layer, Tensor x, const Ragged& rg, Tensor out, bool accumulate,
+                                 HybridMemory& mem) {
+  const LayerTensors& w = lw_[size_t(layer)];
+  const int n = x.rows, H = cfg_.n_heads, G = cfg_.n_kv_heads;
   const int hd = cfg_.head_dim(), QW = H * hd, KW = G * hd;
-  float* q = ws_.q.data();       // F32 [n, H*hd]
-  float* k = ws_.k.data();       // F32 [n, G*hd]
-  float* v = ws_.v.data();       // F32 [n, G*hd]
-  float* ctx = ws_.inner.data(); // F32 [n, H*hd]
-  be_.linear(q, QW, x, D, w.wq, n, QW, D, false);
-  be_.linear(k, KW, x, D, w.wk, n, KW, D, false);
-  be_.linear(v, KW, x, D, w.wv, n, KW, D, false);
-  for (const PathSeg& g : segs) {
-    if (g.n == 0) continue;
-    const int t0 = g.row0, L = g.n, slot = g.slot, pos0 = g.pos0;
-    float* qs = q + size_t(t0) * QW;
-    float* ks = k + size_t(t0) * KW;
-    if (cfg_.rope) {
-      be_.rope(qs, QW, L, H, hd, pos0, cfg_.rope_theta);
-      be_.rope(ks, KW, L, G, hd, pos0, cfg_.rope_theta);
-    }
-    // The new K/V rows join the cache first; attention then reads every position from it,
-    // so prefill and decode see identical (possibly half-precision) keys and values.
-    if (mem.kv().type() == KvType::F16) {
-      auto* kc = static_cast<uint16_t*>(mem.kv().k(layer, slot));
-      auto* vc = static_cast<uint16_t*>(mem.kv().v(layer, slot));
-      be_.store_f16(kc + size_t(pos0) * KW, KW, ks, KW, L, KW);
-      be_.store_f16(vc + size_t(pos0) * KW, KW, v + size_t(t0) * KW, KW, L, KW);
-      be_.attention_f16kv(ctx + size_t(t0) * QW, QW, qs, QW, kc, vc, L, pos0, H, G, hd);
-    } else {
-      auto* kc = static_cast<float*>(mem.kv().k(layer, slot));
-      auto* vc = static_cast<float*>(mem.kv().v(layer, slot));
-      be_.copy_rows(kc + size_t(pos0) * KW, KW, ks, KW, L, KW);
-      be_.copy_rows(vc + size_t(pos0) * KW, KW, v + size_t(t0) * KW, KW, L, KW);
-      be_.attention(ctx + size_t(t0) * QW, QW, qs, QW, kc, vc, L, pos0, H, G, hd);
-    }
-    mem.kv().set_len(layer, slot, pos0 + L);
+  const Tensor q = act(ws_.q, n, QW), k = act(ws_.k, n, KW), v = act(ws_.v, n, KW);
+  const Tensor ctx = act(ws_.inner, n, QW);
+  be_.linear(q, x, w.wq, false);
+  be_.linear(k, x, w.wk, false);
+  be_.linear(v, x, w.wv, false);
+  if (cfg_.rope) {
+    be_.rope(q, H, hd, cfg_.rope_theta, rg);
+    be_.rope(k, G, hd, cfg_.rope_theta, rg);
   }
-  be_.linear(out, D, ctx, QW, w.wo, n, D, QW, accumulate);                           // out (+)= o_proj(ctx)
+  // The new K/V rows join the cache first; attention then reads every position from it,
+  // so prefill and decode see identical (possibly half-precision) keys and values.
+  const KvPool pool = mem.kv().pool(layer);
+  be_.kv_write(pool, k, v, rg);
+  be_.attention(ctx, q, pool, H, G, hd, rg);
+  for (int s = 0; s < rg.nseq(); ++s) mem.kv().set_len(layer, rg.slot(s), rg.pos0(s) + rg.len(s));
+  be_.linear(out, ctx, w.wo, accumulate);
 }
 
-void HybridModel::mamba_layer(int layer, const Batch& b, const std::vector<int>& start,
-                              HybridMemory& mem) {
-  std::vector<PathSeg> segs;
-  for (size_t s = 0; s < b.seqs.size(); ++s) segs.push_back({b.seqs[s].slot, start[s], b.seqs[s].n_tokens, 0});
-  mamba_path(layer, ws_.u.data(), int(b.tokens.size()), segs, ws_.h.data(), true, mem);  // h += mixer(u)
+void HybridModel::mamba_layer(int layer, HybridMemory& mem) {
+  const int T = rg_.n_tokens(), D = cfg_.d_model;
+  mamba_path(layer, ws_.u.tensor(dtype_, T, D), rg_, ws_.h.tensor(dtype_, T, D), true, mem);  // h += mixer(u)
 }
 
-void HybridModel::attention_layer(int layer, const Batch& b, const std::vector<int>& start,
-                                  HybridMemory& mem) {
-  std::vector<PathSeg> segs;
-  for (size_t s = 0; s < b.seqs.size(); ++s)
-    segs.push_back({b.seqs[s].slot, start[s], b.seqs[s].n_tokens, mem.pos(b.seqs[s].slot)});
-  attention_path(layer, ws_.u.data(), int(b.tokens.size()), segs, ws_.h.data(), true, mem);
+void HybridModel::attention_layer(int layer, HybridMemory& mem) {
+  const int T = rg_.n_tokens(), D = cfg_.d_model;
+  attention_path(layer, ws_.u.tensor(dtype_, T, D), rg_, ws_.h.tensor(dtype_, T, D), true, mem);
 }
 
 // A true-hybrid layer (docs/TRUE_HYBRID.md, "Forward"). Each path runs once over the rows of
 // the whole batch routed to it, gathered into a compact buffer: one GEMM per projection for
 // all sequences, and a path no token chose does no work at all. The conv and scan (Mamba) and
-// RoPE + attention run per sequence on its compacted subsequence, continuing that sequence's
-// own state, so tokens a path skips leave its state untouched.
-// The router, gathers, scatters and gates are O(T * D) host loops next to the paths'
-// O(T * D * E): parameters are host-resident and the model requires a CPU backend, so every
-// buffer is host memory (a device backend would move these into ops).
-void HybridModel::true_layer(int layer, const Batch& b, const std::vector<int>& start,
-                             HybridMemory& mem) {
-  const LayerWeights& w = params_.layer(layer);
-  const int T = int(b.tokens.size()), D = cfg_.d_model, nseq = int(b.seqs.size());
+// RoPE + attention run per sequence on its compacted subsequence (a ragged batch of its own),
+// continuing that sequence's own state, so tokens a path skips leave its state untouched.
+// The router and route decisions are O(T * D) host loops (u is read back for them); gathers,
+// the exchange, the fusion and the carried state stay in the backend's memory.
+void HybridModel::true_layer(int layer, HybridMemory& mem) {
+  const LayerWeights& hw = params_.layer(layer);  // the router's weights: host float32
+  const LayerTensors& w = lw_[size_t(layer)];
+  const int T = rg_.n_tokens(), D = cfg_.d_model, nseq = rg_.nseq();
   const th::Mode mode = th::mode_from_config(cfg_);
   const bool chunked = cfg_.routing_granularity == "chunk";
-  const float* u = ws_.u.data();  // F32 [T, D]
+  const Tensor u = ws_.u.tensor(dtype_, T, D);
   RouteState& rs = mem.route();
+
+  // u on the host, float32, for the router.
+  uhost_.resize(size_t(T) * D);
+  if (dtype_ == DType::F32) {
+    be_.to_host(uhost_.data(), u.data, uhost_.size() * sizeof(float));
+  } else {
+    std::vector<char> raw(uhost_.size() * dtype_size(dtype_));
+    be_.to_host(raw.data(), u.data, raw.size());
+    convert_to_f32(uhost_.data(), raw.data(), dtype_, uhost_.size());
+  }
 
   // Routes, chunk by chunk, each continuing its sequence's analyzer state.
   routing_.resize(size_t(nseq));
@@ -143,106 +207,97 @@ void HybridModel::true_layer(int layer, const Batch& b, const std::vector<int>& 
   feats_.resize(size_t(T) * kRouterFeatures);
   std::vector<int> moff(size_t(nseq) + 1, 0), aoff(size_t(nseq) + 1, 0);  // chunk -> first compact row
   for (int s = 0; s < nseq; ++s) {
-    const int slot = b.seqs[size_t(s)].slot, t0 = start[size_t(s)], L = b.seqs[size_t(s)].n_tokens;
+    const int slot = rg_.slot(s), t0 = rg_.start(s), L = rg_.len(s);
     th::router_forward(logit_.data() + t0, feats_.data() + size_t(t0) * kRouterFeatures,
-                       rs.ema(layer, slot), rs.chunk_logit(layer, slot), u + size_t(t0) * D, L, D,
-                       int64_t(mem.pos(slot)), w.router_w, w.router_feat, w.router_b, chunked,
-                       cfg_.routing_chunk);
+                       rs.ema(layer, slot), rs.chunk_logit(layer, slot), uhost_.data() + size_t(t0) * D,
+                       L, D, int64_t(mem.pos(slot)), hw.router_w, hw.router_feat, hw.router_b,
+                       chunked, cfg_.routing_chunk);
     th::Routing<float>& rt = routing_[size_t(s)];
     th::decide_routes(rt, logit_.data() + t0, L, int64_t(mem.pos(slot)), mode, force_f_);
     moff[size_t(s) + 1] = moff[size_t(s)] + int(rt.mamba_idx.size());
     aoff[size_t(s) + 1] = aoff[size_t(s)] + int(rt.attn_idx.size());
   }
   const int nm = moff[size_t(nseq)], na = aoff[size_t(nseq)];
-  midx_.assign(size_t(T), -1);
-  aidx_.assign(size_t(T), -1);
-  gm_.resize(size_t(T));
-  ga_.resize(size_t(T));
-  for (int s = 0; s < nseq; ++s) {
-    const th::Routing<float>& rt = routing_[size_t(s)];
-    const int t0 = start[size_t(s)];
-    std::copy(rt.gm.begin(), rt.gm.end(), gm_.begin() + t0);
-    std::copy(rt.ga.begin(), rt.ga.end(), ga_.begin() + t0);
-    for (size_t i = 0; i < rt.mamba_idx.size(); ++i) midx_[size_t(t0 + rt.mamba_idx[i])] = moff[size_t(s)] + int(i);
-    for (size_t i = 0; i < rt.attn_idx.size(); ++i) aidx_[size_t(t0 + rt.attn_idx[i])] = aoff[size_t(s)] + int(i);
-  }
   if (trace_) {
     const size_t li = size_t(std::find(trace_->layers.begin(), trace_->layers.end(), layer) - trace_->layers.begin());
     HM_ASSERT(li < trace_->layers.size());
     for (int s = 0; s < nseq; ++s) {
       const th::Routing<float>& rt = routing_[size_t(s)];
-      for (int t = 0; t < b.seqs[size_t(s)].n_tokens; ++t) {
+      for (int t = 0; t < rg_.len(s); ++t) {
         trace_->p[li].push_back(rt.p[size_t(t)]);
         trace_->route[li].push_back(rt.route[size_t(t)]);
         trace_->attention_share[li].push_back(th::attention_share(rt, t, mode));
       }
     }
   }
-
-  float* gath = ws_.gath.data();  // F32 [nm or na, D]: the path's input rows
-  float* ym = ws_.ym.data();      // F32 [nm, D]: Mamba path output, compact
-  float* ya = ws_.ya.data();      // F32 [na, D]: attention path output, compact
-  const size_t rowb = sizeof(float) * size_t(D);
-  if (nm > 0) {
-    // Every token runs Mamba (both, soft, or a hard batch that chose it throughout): u as is.
-    const float* um = u;
-    if (nm < T) {
-#pragma omp parallel for if (int64_t(T) * D > (1 << 16))
-      for (int t = 0; t < T; ++t)
-        if (midx_[size_t(t)] >= 0) std::memcpy(gath + size_t(midx_[size_t(t)]) * D, u + size_t(t) * D, rowb);
-      um = gath;
+  // Compact row -> token of the batch, and each compact row's gate, per path.
+  std::vector<int32_t> mtok, atok, ex_dst, ex_src, car_dst, car_slot, last_row, last_slot;
+  std::vector<float> gm, ga;
+  for (int s = 0; s < nseq; ++s) {
+    const th::Routing<float>& rt = routing_[size_t(s)];
+    const int t0 = rg_.start(s), slot = rg_.slot(s);
+    for (int i : rt.mamba_idx) {
+      mtok.push_back(t0 + i);
+      gm.push_back(rt.gm[size_t(i)]);
     }
-    std::vector<PathSeg> segs;
-    for (int s = 0; s < nseq; ++s)
-      segs.push_back({b.seqs[size_t(s)].slot, moff[size_t(s)], moff[size_t(s) + 1] - moff[size_t(s)], 0});
-    mamba_path(layer, um, nm, segs, ym, false, mem);
+    for (size_t k = 0; k < rt.attn_idx.size(); ++k) {
+      const int i = rt.attn_idx[k], a = aoff[size_t(s)] + int(k);
+      atok.push_back(t0 + i);
+      ga.push_back(rt.ga[size_t(i)]);
+      // x_t of the exchange: the latest Mamba output at or before t, this call's or carried.
+      if (rt.carry[k] >= 0) {
+        ex_dst.push_back(a);
+        ex_src.push_back(moff[size_t(s)] + rt.carry[k]);
+      } else {
+        car_dst.push_back(a);
+        car_slot.push_back(slot);
+      }
+    }
+    if (moff[size_t(s) + 1] > moff[size_t(s)]) {
+      last_row.push_back(moff[size_t(s) + 1] - 1);
+      last_slot.push_back(slot);
+    }
+  }
+
+  const Tensor hT = ws_.h.tensor(dtype_, T, D);
+  const Tensor carried = rs.last_mamba(layer, dtype_);
+  Tensor ym, ya;
+  if (nm > 0) {
+    ym = act(ws_.ym, nm, D);
+    rgm_.clear();
+    for (int s = 0; s < nseq; ++s) rgm_.add(rg_.slot(s), moff[size_t(s) + 1] - moff[size_t(s)], 0);
+    rgm_.upload(be_);
+    // Every token runs Mamba (both, soft, or a hard batch that chose it throughout): u as is.
+    Tensor um = u;
+    if (nm < T) {
+      um = act(ws_.gath, nm, D);
+      be_.copy_rows(um, nullptr, u, upload_idx(mtok), nm);
+    }
+    mamba_path(layer, um, rgm_, ym, false, mem);
   }
   if (na > 0) {
-    // v_t = u_t + exchange * x_t, x_t the latest Mamba output at or before t: this call's, else
-    // the one the sequence carried in from its previous call.
-    std::vector<const float*> xsrc(static_cast<size_t>(na));  // x_t of each attention row
+    // v_t = u_t + exchange * x_t.
+    const Tensor va = act(ws_.gath, na, D);
+    be_.copy_rows(va, nullptr, u, upload_idx(atok), na);
+    if (!ex_dst.empty())
+      be_.add_rows(va, upload_idx(ex_dst), ym, upload_idx(ex_src), int(ex_dst.size()), nullptr, w.exchange);
+    if (!car_dst.empty())
+      be_.add_rows(va, upload_idx(car_dst), carried, upload_idx(car_slot), int(car_dst.size()), nullptr, w.exchange);
+    ya = act(ws_.ya, na, D);
+    rga_.clear();
     for (int s = 0; s < nseq; ++s) {
-      const th::Routing<float>& rt = routing_[size_t(s)];
-      const float* carried = rs.last_mamba(layer, b.seqs[size_t(s)].slot);
-      for (size_t i = 0; i < rt.attn_idx.size(); ++i)
-        xsrc[size_t(aoff[size_t(s)]) + i] = rt.carry[i] >= 0 ? ym + size_t(moff[size_t(s)] + rt.carry[i]) * D : carried;
+      const int slot = rg_.slot(s);
+      rga_.add(slot, aoff[size_t(s) + 1] - aoff[size_t(s)], mem.kv().len(layer, slot));
     }
-#pragma omp parallel for if (int64_t(T) * D > (1 << 16))
-    for (int t = 0; t < T; ++t) {
-      const int a = aidx_[size_t(t)];
-      if (a < 0) continue;
-      const float* ut = u + size_t(t) * D;
-      const float* xt = xsrc[size_t(a)];
-      float* vt = gath + size_t(a) * D;
-      for (int j = 0; j < D; ++j) vt[j] = ut[j] + w.exchange[j] * xt[j];
-    }
-    std::vector<PathSeg> segs;
-    for (int s = 0; s < nseq; ++s) {
-      const int slot = b.seqs[size_t(s)].slot;
-      segs.push_back({slot, aoff[size_t(s)], aoff[size_t(s) + 1] - aoff[size_t(s)], mem.kv().len(layer, slot)});
-    }
-    attention_path(layer, gath, na, segs, ya, false, mem);
+    rga_.upload(be_);
+    attention_path(layer, va, rga_, ya, false, mem);
   }
   // The exchange state carries the sequence's last Mamba output into its next call.
-  for (int s = 0; s < nseq; ++s)
-    if (moff[size_t(s) + 1] > moff[size_t(s)])
-      std::memcpy(rs.last_mamba(layer, b.seqs[size_t(s)].slot), ym + size_t(moff[size_t(s) + 1] - 1) * D, rowb);
-
+  if (!last_row.empty())
+    be_.copy_rows(carried, upload_idx(last_slot), ym, upload_idx(last_row), int(last_row.size()));
   // h_t += gm_t fuse_mamba ym_t + ga_t fuse_attn ya_t, each term only where its path ran.
-#pragma omp parallel for if (int64_t(T) * D > (1 << 16))
-  for (int t = 0; t < T; ++t) {
-    float* ht = ws_.h.data() + size_t(t) * D;
-    if (const int m = midx_[size_t(t)]; m >= 0) {
-      const float g = gm_[size_t(t)];
-      const float* yt = ym + size_t(m) * D;
-      for (int j = 0; j < D; ++j) ht[j] += g * w.fuse_mamba[j] * yt[j];
-    }
-    if (const int a = aidx_[size_t(t)]; a >= 0) {
-      const float g = ga_[size_t(t)];
-      const float* yt = ya + size_t(a) * D;
-      for (int j = 0; j < D; ++j) ht[j] += g * w.fuse_attn[j] * yt[j];
-    }
-  }
+  if (nm > 0) be_.add_rows(hT, upload_idx(mtok), ym, nullptr, nm, upload_gates(gm), w.fuse_mamba);
+  if (na > 0) be_.add_rows(hT, upload_idx(atok), ya, nullptr, na, upload_gates(ga), w.fuse_attn);
 }
 
 void HybridModel::set_forced_attention_fraction(double f) {
@@ -259,23 +314,31 @@ void HybridModel::set_forced_attention_fraction(double f) {
 }
 
 void HybridModel::mlp(int layer, int T) {
-  const LayerWeights& w = params_.layer(layer);
+  const LayerTensors& w = lw_[size_t(layer)];
   const int D = cfg_.d_model, F = cfg_.d_ff;
-  be_.rmsnorm(ws_.u.data(), ws_.h.data(), w.mlp_norm, T, D, cfg_.norm_eps);
-  be_.linear(ws_.g.data(), F, ws_.u.data(), D, w.w_gate, T, F, D, false);
-  be_.linear(ws_.up.data(), F, ws_.u.data(), D, w.w_up, T, F, D, false);
-  be_.swiglu(ws_.act.data(), F, ws_.g.data(), ws_.up.data(), F, T, F);
-  be_.linear(ws_.h.data(), D, ws_.act.data(), F, w.w_down, T, D, F, true);
+  const Tensor u = act(ws_.u, T, D), g = act(ws_.g, T, F), up = act(ws_.up, T, F), a = act(ws_.act, T, F);
+  be_.rmsnorm(u, ws_.h.tensor(dtype_, T, D), w.mlp_norm, cfg_.norm_eps);
+  be_.linear(g, u, w.w_gate, false);
+  be_.linear(up, u, w.w_up, false);
+  be_.swiglu(a, g, up);
+  be_.linear(ws_.h.tensor(dtype_, T, D), a, w.w_down, true);
 }
 
 void HybridModel::forward(const Batch& b, HybridMemory& mem, std::vector<float>& logits) {
+  const Tensor out = forward_device(b, mem);
+  logits.resize(size_t(out.rows) * out.cols);
+  be_.to_host(logits.data(), out.data, logits.size() * sizeof(float));
+}
+
+Tensor HybridModel::forward_device(const Batch& b, HybridMemory& mem) {
   const int T = int(b.tokens.size()), D = cfg_.d_model, V = cfg_.vocab_size;
   HM_CHECK(!b.seqs.empty() && T > 0, "forward: empty batch");
-  HM_CHECK(!A_.empty(), "forward: model not prepared (call prepare() after init or load)");
+  HM_CHECK(!lw_.empty(), "forward: model not prepared (call prepare() after init or load)");
+  HM_CHECK(&mem.backend() == &be_, "forward: the memory lives on the ", mem.backend().name(),
+           " backend, the model on ", be_.name());
   // Validate the whole batch before touching any state.
-  std::vector<int> start;
   std::set<int> slots;
-  int t = 0;
+  rg_.clear();
   for (const SeqChunk& s : b.seqs) {
     HM_CHECK(s.slot >= 0 && s.slot < mem.n_slots(), "forward: sequence slot ", s.slot,
              " out of range [0, ", mem.n_slots(), ")");
@@ -284,39 +347,21 @@ void HybridModel::forward(const Batch& b, HybridMemory& mem, std::vector<float>&
     HM_CHECK(mem.pos(s.slot) + s.n_tokens <= mem.max_ctx(), "forward: sequence in slot ", s.slot,
              " would reach ", mem.pos(s.slot) + s.n_tokens, " tokens, over the context size ",
              mem.max_ctx());
-    start.push_back(t);
-    t += s.n_tokens;
+    rg_.add(s.slot, s.n_tokens, mem.pos(s.slot));
   }
-  HM_CHECK(t == T, "forward: chunks cover ", t, " tokens but the batch holds ", T);
+  HM_CHECK(rg_.n_tokens() == T, "forward: chunks cover ", rg_.n_tokens(), " tokens but the batch holds ", T);
   for (int i = 0; i < T; ++i)
     HM_CHECK(b.tokens[size_t(i)] >= 0 && b.tokens[size_t(i)] < V, "forward: token id ",
              b.tokens[size_t(i)], " at position ", i, " is outside the vocabulary [0, ", V, ")");
+  const int nseq = rg_.nseq();
+  rg_.upload(be_);
 
-  const int E = cfg_.d_inner(), S = std::max(E, cfg_.n_heads * cfg_.head_dim());
-  const int P = cfg_.resolved_dt_rank() + 2 * cfg_.d_state, KW = cfg_.n_kv_heads * cfg_.head_dim();
-  const size_t uT = size_t(T);
-  ws_.h.reserve(be_, uT * D);
-  ws_.u.reserve(be_, uT * std::max(D, S));
-  ws_.inner.reserve(be_, uT * S);
-  ws_.inner_prev.reserve(be_, uT * S);
-  ws_.rows.reserve(be_, uT * D);
-  ws_.xz.reserve(be_, uT * 2 * E);
-  ws_.xc.reserve(be_, uT * E);
-  ws_.dbc.reserve(be_, uT * P);
-  ws_.dt.reserve(be_, uT * E);
-  ws_.q.reserve(be_, uT * cfg_.n_heads * cfg_.head_dim());
-  ws_.k.reserve(be_, uT * KW);
-  ws_.v.reserve(be_, uT * KW);
-  if (!cfg_.true_layers.empty()) {
-    ws_.gath.reserve(be_, uT * D);
-    ws_.ym.reserve(be_, uT * D);
-    ws_.ya.reserve(be_, uT * D);
-  }
-  if (cfg_.d_ff > 0) {
-    ws_.g.reserve(be_, uT * cfg_.d_ff);
-    ws_.up.reserve(be_, uT * cfg_.d_ff);
-    ws_.act.reserve(be_, uT * cfg_.d_ff);
-  }
+  // Index and gate arrays of the whole forward, sized up front so their addresses stay put.
+  const size_t n_true = cfg_.true_layers.size();
+  idx_used_ = gates_used_ = 0;
+  ws_.idx.reserve(be_, sizeof(int32_t) * (size_t(T) + size_t(nseq) + n_true * (6 * size_t(T) + 2 * size_t(nseq))));
+  ws_.gates.reserve(be_, sizeof(float) * (n_true * 2 * size_t(T) + 1));
+  const int32_t* ids = upload_idx(b.tokens);
 
   if (trace_) {
     *trace_ = RouteTrace{};
@@ -327,16 +372,43 @@ void HybridModel::forward(const Batch& b, HybridMemory& mem, std::vector<float>&
     trace_->route.resize(n);
     trace_->attention_share.resize(n);
   }
-  be_.embedding(ws_.h.data(), params_.embeddings(), b.tokens.data(), T, D);
+  // Every buffer is sized for the whole batch now, so none is reallocated while the backend may
+  // still be running ops that read it. Each inner buffer holds the widest inner output, so
+  // bridges can read the previous layer's.
+  const int E = cfg_.d_inner(), S = std::max(E, cfg_.n_heads * cfg_.head_dim());
+  const int P = cfg_.resolved_dt_rank() + 2 * cfg_.d_state, KW = cfg_.n_kv_heads * cfg_.head_dim();
+  act(ws_.inner, T, S);
+  act(ws_.inner_prev, T, S);
+  const Tensor h = act(ws_.h, T, D);
+  act(ws_.u, T, std::max(D, S));
+  act(ws_.rows, T, D);
+  act(ws_.xz, T, 2 * E);
+  act(ws_.xc, T, E);
+  act(ws_.dbc, T, P);
+  act(ws_.dt, T, E);
+  act(ws_.q, T, cfg_.n_heads * cfg_.head_dim());
+  act(ws_.k, T, KW);
+  act(ws_.v, T, KW);
+  if (!cfg_.true_layers.empty()) {
+    act(ws_.gath, T, D);
+    act(ws_.ym, T, D);
+    act(ws_.ya, T, D);
+  }
+  if (cfg_.d_ff > 0) {
+    act(ws_.g, T, cfg_.d_ff);
+    act(ws_.up, T, cfg_.d_ff);
+    act(ws_.act, T, cfg_.d_ff);
+  }
+  be_.embedding(h, embeddings_, ids);
   for (int i = 0; i < cfg_.n_layers; ++i) {
     if (cfg_.has_bridge(i)) bridge(i, T);
-    be_.rmsnorm(ws_.u.data(), ws_.h.data(), params_.layer(i).norm, T, D, cfg_.norm_eps);
+    be_.rmsnorm(ws_.u.tensor(dtype_, T, D), h, lw_[size_t(i)].norm, cfg_.norm_eps);
     if (cfg_.is_true(i))
-      true_layer(i, b, start, mem);
+      true_layer(i, mem);
     else if (cfg_.is_attention(i))
-      attention_layer(i, b, start, mem);
+      attention_layer(i, mem);
     else
-      mamba_layer(i, b, start, mem);
+      mamba_layer(i, mem);
     if (cfg_.d_ff > 0) mlp(i, T);
     std::swap(ws_.inner, ws_.inner_prev);  // this layer's inner output feeds the next bridge
   }
@@ -344,19 +416,20 @@ void HybridModel::forward(const Batch& b, HybridMemory& mem, std::vector<float>&
 
   // Final norm and LM head only on the rows whose logits are wanted.
   int n_rows = T;
-  const float* hrows = ws_.h.data();
+  Tensor hrows = h;
   if (!b.logits_all) {
-    n_rows = int(b.seqs.size());
-    for (size_t s = 0; s < b.seqs.size(); ++s)
-      be_.copy_rows(ws_.rows.data() + s * D, D, ws_.h.data() + size_t(start[s] + b.seqs[s].n_tokens - 1) * D,
-                    D, 1, D);
-    hrows = ws_.rows.data();
+    n_rows = nseq;
+    std::vector<int32_t> last(static_cast<size_t>(nseq));
+    for (int s = 0; s < nseq; ++s) last[size_t(s)] = rg_.start(s) + rg_.len(s) - 1;
+    hrows = act(ws_.rows, n_rows, D);
+    be_.copy_rows(hrows, nullptr, h, upload_idx(last), n_rows);
   }
-  be_.rmsnorm(ws_.u.data(), hrows, params_.norm_f(), n_rows, D, cfg_.norm_eps);
-  ws_.logits_dev.reserve(be_, size_t(n_rows) * V);
-  be_.linear(ws_.logits_dev.data(), V, ws_.u.data(), D, params_.lm_head(), n_rows, V, D, false);
-  logits.resize(size_t(n_rows) * V);
-  be_.to_host(logits.data(), ws_.logits_dev.data(), logits.size() * sizeof(float));
+  const Tensor un = act(ws_.u, n_rows, D);
+  be_.rmsnorm(un, hrows, norm_f_, cfg_.norm_eps);
+  ws_.logits.reserve(be_, sizeof(float) * size_t(n_rows) * V);
+  const Tensor out = ws_.logits.tensor(DType::F32, n_rows, V);
+  be_.linear(out, un, lm_head_, false);
+  return out;
 }
 
 std::unique_ptr<HybridModel> load_model(const std::string& dir, Backend& be) {

@@ -33,10 +33,19 @@ struct Batch {
   }
 };
 
-// Scratch activations, grown to the largest batch seen; reused across calls.
+// Scratch activations in the backend's memory (bytes), grown to the largest batch seen.
 struct Workspace {
-  Buffer h, u, inner, inner_prev, xz, xc, dbc, dt, q, k, v, g, up, act, rows, logits_dev;
+  Buffer h, u, inner, inner_prev, xz, xc, dbc, dt, q, k, v, g, up, act, rows, logits;
   Buffer gath, ym, ya;  // true-hybrid layers: gathered path inputs, compact path outputs
+  Buffer ids, idx, gates;  // token ids, row indices and row gates uploaded for one forward
+};
+
+// The weights as the backend computes with them: views into Params' float32 arena on a host
+// backend computing in float32, else one converted copy in the backend's memory.
+struct LayerTensors {
+  Tensor norm, in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, Dskip, out_proj;
+  Tensor wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down;
+  Tensor fuse_mamba, fuse_attn, exchange, bridge_norm, bridge_proj, bridge_gate;
 };
 
 // What the routers of the true-hybrid layers decided in the last forward (set_route_trace).
@@ -48,29 +57,32 @@ struct RouteTrace {
   std::vector<std::vector<double>> attention_share;  // th::attention_share; Mamba's is 1 - it
 };
 
-// Rows [row0, row0 + n) of a path's compact input belong to the sequence in `slot` and continue
-// it at position pos0 (the attention path's own position: its K/V row count).
-struct PathSeg {
-  int slot = 0, row0 = 0, n = 0, pos0 = 0;
-};
-
 class HybridModel {
  public:
+  // dtype: the type weights and activations are computed in (the backend's default when not
+  // given: float32 on the CPU, bf16 on CUDA). Sums, recurrent state and logits stay float32.
   HybridModel(const ModelConfig& c, Backend& be);
+  HybridModel(const ModelConfig& c, Backend& be, DType dtype);
   const ModelConfig& config() const { return cfg_; }
   Params& params() { return params_; }
   const Params& params() const { return params_; }
   Backend& backend() { return be_; }
 
-  // Call after the parameters change (init, load): derives A = -exp(A_log).
+  DType dtype() const { return dtype_; }
+
+  // Call after the parameters change (init, load): derives A = -exp(A_log) and, on a backend
+  // that does not compute on the float32 arena itself, uploads the weights in dtype().
   void prepare();
 
   // Runs the batch and advances each chunk's sequence in mem. logits (host) receives
   // [n_tokens, vocab] when batch.logits_all, else [n_chunks, vocab]. Bad input (token id out
   // of range, slot out of range or repeated, context overflow) throws hm::Error.
   void forward(const Batch& batch, HybridMemory& mem, std::vector<float>& logits);
+  // As forward, leaving the float32 logits in the backend's memory (valid until the next call).
+  Tensor forward_device(const Batch& batch, HybridMemory& mem);
 
-  int64_t weight_bytes() const { return params_.numel() * int64_t(sizeof(float)); }
+  // Bytes of weights the backend reads (in dtype()).
+  int64_t weight_bytes() const { return params_.numel() * int64_t(dtype_size(dtype_)); }
 
   // Benchmarks and tests: send a fraction f of every sequence's tokens to attention in each
   // true-hybrid layer (th::forced_to_attention), whatever the router says; f < 0 lets the router
@@ -82,29 +94,39 @@ class HybridModel {
   void set_route_trace(RouteTrace* t) { trace_ = t; }
 
  private:
+  Tensor weight(const float* host, int rows, int cols) const;  // the backend's copy of a Params view
   void bridge(int layer, int T);
-  void mamba_layer(int layer, const Batch& b, const std::vector<int>& start, HybridMemory& mem);
-  void attention_layer(int layer, const Batch& b, const std::vector<int>& start, HybridMemory& mem);
-  void true_layer(int layer, const Batch& b, const std::vector<int>& start, HybridMemory& mem);
-  // The two paths over n compact rows x [n, D], segment by segment: out [n, D] (=|+=).
-  void mamba_path(int layer, const float* x, int n, const std::vector<PathSeg>& segs, float* out,
-                  bool accumulate, HybridMemory& mem);
-  void attention_path(int layer, const float* x, int n, const std::vector<PathSeg>& segs, float* out,
-                      bool accumulate, HybridMemory& mem);
+  void mamba_layer(int layer, HybridMemory& mem);
+  void attention_layer(int layer, HybridMemory& mem);
+  void true_layer(int layer, HybridMemory& mem);
+  // The two paths over the compact rows x [n, D] of the ragged batch rg: out [n, D] (=|+=).
+  void mamba_path(int layer, Tensor x, const Ragged& rg, Tensor out, bool accumulate, HybridMemory& mem);
+  void attention_path(int layer, Tensor x, const Ragged& rg, Tensor out, bool accumulate, HybridMemory& mem);
   void mlp(int layer, int T);
+  // Rows of a workspace buffer as a [rows, cols] tensor of the activation type (grown as needed).
+  Tensor act(Buffer& b, int rows, int cols);
+  // Host index / gate arrays into backend memory; the pointers stay valid for this forward.
+  const int32_t* upload_idx(const std::vector<int32_t>& v);
+  const float* upload_gates(const std::vector<float>& v);
 
   ModelConfig cfg_;
   Backend& be_;
+  DType dtype_;
   Params params_;
-  std::vector<std::vector<float>> A_;  // per layer: -exp(A_log) [E, N] (empty for attention)
+  Buffer dev_weights_;                 // the converted copy (empty when views alias the arena)
+  std::vector<LayerTensors> lw_;       // per layer
+  Tensor embeddings_, norm_f_, lm_head_;
+  std::vector<Buffer> A_;              // per layer: -exp(A_log) [E, N] float32 (empty for attention)
   Workspace ws_;
+  Ragged rg_, rgm_, rga_;              // the batch; a true layer's Mamba and attention rows
+  size_t idx_used_ = 0, gates_used_ = 0;  // upload offsets within ws_.idx / ws_.gates
+  std::vector<int32_t> idx_stage_;
+  std::vector<float> gate_stage_;
   double force_f_ = -1.0;
   RouteTrace* trace_ = nullptr;
   // true_layer's host scratch, reused across calls
   std::vector<th::Routing<float>> routing_;  // per chunk of the batch
-  std::vector<float> logit_, feats_;         // [T], [T, kRouterFeatures]
-  std::vector<int> midx_, aidx_;             // [T]: row in ym / ya, -1 when the path did not run
-  std::vector<float> gm_, ga_;               // [T]: the gates, batch order
+  std::vector<float> logit_, feats_, uhost_;  // [T], [T, kRouterFeatures], [T, D]
 };
 
 // Loads config.json and model.safetensors from a checkpoint directory.

@@ -1,5 +1,7 @@
 #include "runtime/memory.h"
 
+#include <algorithm>
+
 #include "core/error.h"
 
 namespace hm {
@@ -7,19 +9,27 @@ namespace hm {
 KvType kv_type_from_name(const std::string& name) {
   if (name == "f32") return KvType::F32;
   if (name == "f16") return KvType::F16;
-  throw Error(detail::cat("kv cache type must be f32 or f16, got '", name, "'"));
+  if (name == "bf16") return KvType::BF16;
+  throw Error(detail::cat("kv cache type must be f32, f16 or bf16, got '", name, "'"));
 }
 
-size_t kv_type_size(KvType t) { return t == KvType::F32 ? 4 : 2; }
+size_t kv_type_size(KvType t) { return dtype_size(t); }
 
 KVCache::KVCache(Backend& be, const ModelConfig& c, int n_slots, int max_ctx, KvType type)
-    : be_(be), type_(type), n_slots_(n_slots), max_ctx_(max_ctx), row_(c.n_kv_heads * c.head_dim()) {
+    : type_(type), n_slots_(n_slots), max_ctx_(max_ctx), row_(c.n_kv_heads * c.head_dim()) {
   HM_CHECK(n_slots > 0, "memory: number of sequences must be > 0, got ", n_slots);
   HM_CHECK(max_ctx > 0, "memory: context size must be > 0, got ", max_ctx);
   int n_attn = 0;
   for (int i = 0; i < c.n_layers; ++i) layer_index_.push_back(c.has_attention_path(i) ? n_attn++ : -1);
-  k_.resize(size_t(n_attn) * n_slots);
-  v_.resize(size_t(n_attn) * n_slots);
+  if (n_attn > 0)
+    HM_CHECK(be.supports_kv(type), "memory: the ", be.name(), " backend has no ", compute_dtype_name(type),
+             " KV cache");
+  // Never zeroed: only rows below a sequence's length are ever read.
+  const size_t bytes = size_t(n_slots) * size_t(max_ctx) * size_t(row_) * dtype_size(type);
+  for (int a = 0; a < n_attn; ++a) {
+    k_.emplace_back(be, bytes);
+    v_.emplace_back(be, bytes);
+  }
   len_.assign(size_t(n_attn) * n_slots, 0);
 }
 
@@ -29,26 +39,29 @@ size_t KVCache::index(int layer, int slot) const {
   return size_t(a) * n_slots_ + slot;
 }
 
+KvPool KVCache::pool(int layer) const {
+  const int a = layer_index_.at(size_t(layer));
+  HM_ASSERT(a >= 0);
+  KvPool p;
+  p.k = k_[size_t(a)].data();
+  p.v = v_[size_t(a)].data();
+  p.dtype = type_;
+  p.n_slots = n_slots_;
+  p.max_ctx = max_ctx_;
+  p.row = row_;
+  p.slot_stride = int64_t(max_ctx_) * row_;
+  return p;
+}
+
 void KVCache::clear(int slot) {
   HM_ASSERT(slot >= 0 && slot < n_slots_);
   for (size_t a = 0; a * n_slots_ < len_.size(); ++a) len_[a * n_slots_ + slot] = 0;
 }
 
-void* KVCache::get(std::vector<Buffer>& bufs, int layer, int slot) {
-  Buffer& b = bufs[index(layer, slot)];
-  // Lazily allocated and never zeroed: only positions < pos are ever read, and pages are
-  // committed by the OS as positions are written, so memory follows the context actually used.
-  if (!b.data()) b = Buffer(be_, (size_t(max_ctx_) * row_ * kv_type_size(type_) + 3) / 4);
-  return b.data();
-}
-
-void* KVCache::k(int layer, int slot) { return get(k_, layer, slot); }
-void* KVCache::v(int layer, int slot) { return get(v_, layer, slot); }
-
 size_t KVCache::bytes_reserved() const {
   size_t n = 0;
-  for (const auto& b : k_) n += b.size() * sizeof(float);
-  for (const auto& b : v_) n += b.size() * sizeof(float);
+  for (const auto& b : k_) n += b.bytes();
+  for (const auto& b : v_) n += b.bytes();
   return n + len_.size() * sizeof(int);
 }
 
@@ -56,76 +69,98 @@ RecurrentState::RecurrentState(Backend& be, const ModelConfig& c, int n_slots)
     : be_(be), n_slots_(n_slots), conv_n_(c.d_inner() * (c.d_conv - 1)), ssm_n_(c.d_inner() * c.d_state) {
   int n_mamba = 0;
   for (int i = 0; i < c.n_layers; ++i) layer_index_.push_back(c.has_mamba_path(i) ? n_mamba++ : -1);
-  for (int m = 0; m < n_mamba * n_slots; ++m) {
-    conv_.emplace_back(be_, size_t(conv_n_));
-    ssm_.emplace_back(be_, size_t(ssm_n_));
+  for (int m = 0; m < n_mamba; ++m) {
+    conv_.emplace_back(be_, sizeof(float) * size_t(conv_n_) * n_slots);
+    ssm_.emplace_back(be_, sizeof(float) * size_t(ssm_n_) * n_slots);
+    be_.memzero(conv_.back().data(), conv_.back().bytes());
+    be_.memzero(ssm_.back().data(), ssm_.back().bytes());
   }
-  zeros_.assign(size_t(std::max(conv_n_, ssm_n_)), 0.0f);
-  for (int s = 0; s < n_slots; ++s) clear(s);
 }
 
-float* RecurrentState::conv(int layer, int slot) {
+int RecurrentState::index(int layer) const {
   const int m = layer_index_.at(size_t(layer));
-  HM_ASSERT(m >= 0 && slot >= 0 && slot < n_slots_);
-  return conv_[size_t(m) * n_slots_ + slot].data();
+  HM_ASSERT(m >= 0);
+  return m;
 }
 
-float* RecurrentState::ssm(int layer, int slot) {
-  const int m = layer_index_.at(size_t(layer));
-  HM_ASSERT(m >= 0 && slot >= 0 && slot < n_slots_);
-  return ssm_[size_t(m) * n_slots_ + slot].data();
+StatePool RecurrentState::conv_pool(int layer) const {
+  return {conv_[size_t(index(layer))].f32(), n_slots_, int64_t(conv_n_)};
+}
+
+StatePool RecurrentState::ssm_pool(int layer) const {
+  return {ssm_[size_t(index(layer))].f32(), n_slots_, int64_t(ssm_n_)};
 }
 
 void RecurrentState::clear(int slot) {
-  for (size_t m = 0; m * n_slots_ < conv_.size(); ++m) {
-    be_.to_device(conv_[m * n_slots_ + slot].data(), zeros_.data(), sizeof(float) * size_t(conv_n_));
-    be_.to_device(ssm_[m * n_slots_ + slot].data(), zeros_.data(), sizeof(float) * size_t(ssm_n_));
+  HM_ASSERT(slot >= 0 && slot < n_slots_);
+  for (size_t m = 0; m < conv_.size(); ++m) {
+    be_.memzero(conv_[m].f32() + int64_t(slot) * conv_n_, sizeof(float) * size_t(conv_n_));
+    be_.memzero(ssm_[m].f32() + int64_t(slot) * ssm_n_, sizeof(float) * size_t(ssm_n_));
   }
 }
 
 void RecurrentState::copy(int src, int dst) {
-  std::vector<float> tmp(size_t(std::max(conv_n_, ssm_n_)));
-  for (size_t m = 0; m * n_slots_ < conv_.size(); ++m) {
-    be_.to_host(tmp.data(), conv_[m * n_slots_ + src].data(), sizeof(float) * size_t(conv_n_));
-    be_.to_device(conv_[m * n_slots_ + dst].data(), tmp.data(), sizeof(float) * size_t(conv_n_));
-    be_.to_host(tmp.data(), ssm_[m * n_slots_ + src].data(), sizeof(float) * size_t(ssm_n_));
-    be_.to_device(ssm_[m * n_slots_ + dst].data(), tmp.data(), sizeof(float) * size_t(ssm_n_));
+  for (size_t m = 0; m < conv_.size(); ++m) {
+    be_.copy(conv_[m].f32() + int64_t(dst) * conv_n_, conv_[m].f32() + int64_t(src) * conv_n_,
+             sizeof(float) * size_t(conv_n_));
+    be_.copy(ssm_[m].f32() + int64_t(dst) * ssm_n_, ssm_[m].f32() + int64_t(src) * ssm_n_,
+             sizeof(float) * size_t(ssm_n_));
   }
 }
 
 size_t RecurrentState::bytes_reserved() const {
-  return (conv_.size() * size_t(conv_n_) + ssm_.size() * size_t(ssm_n_)) * sizeof(float);
+  return (conv_.size() * size_t(conv_n_) + ssm_.size() * size_t(ssm_n_)) * sizeof(float) * size_t(n_slots_);
 }
 
 RouteState::RouteState(Backend& be, const ModelConfig& c, int n_slots)
-    : be_(be), n_slots_(n_slots), d_(c.d_model), n_(2 * c.d_model + 1) {
+    : be_(be), n_slots_(n_slots), d_(c.d_model) {
   int n_true = 0;
   for (int i = 0; i < c.n_layers; ++i) layer_index_.push_back(c.is_true(i) ? n_true++ : -1);
-  for (int t = 0; t < n_true * n_slots; ++t) st_.emplace_back(be_, size_t(n_));
-  zeros_.assign(size_t(n_), 0.0f);
-  for (int s = 0; s < n_slots; ++s) clear(s);
-}
-
-float* RouteState::get(int layer, int slot) {
-  const int t = layer_index_.at(size_t(layer));
-  HM_ASSERT(t >= 0 && slot >= 0 && slot < n_slots_);
-  return st_[size_t(t) * n_slots_ + slot].data();
-}
-
-void RouteState::clear(int slot) {
-  for (size_t t = 0; t * n_slots_ < st_.size(); ++t)
-    be_.to_device(st_[t * n_slots_ + slot].data(), zeros_.data(), sizeof(float) * size_t(n_));
-}
-
-void RouteState::copy(int src, int dst) {
-  std::vector<float> tmp(static_cast<size_t>(n_));
-  for (size_t t = 0; t * n_slots_ < st_.size(); ++t) {
-    be_.to_host(tmp.data(), st_[t * n_slots_ + src].data(), sizeof(float) * size_t(n_));
-    be_.to_device(st_[t * n_slots_ + dst].data(), tmp.data(), sizeof(float) * size_t(n_));
+  host_.assign(size_t(n_true) * n_slots * (size_t(d_) + 1), 0.0f);
+  for (int t = 0; t < n_true; ++t) {
+    x_.emplace_back(be_, sizeof(float) * size_t(d_) * n_slots);
+    be_.memzero(x_.back().data(), x_.back().bytes());
   }
 }
 
-size_t RouteState::bytes_reserved() const { return st_.size() * size_t(n_) * sizeof(float); }
+int RouteState::index(int layer) const {
+  const int t = layer_index_.at(size_t(layer));
+  HM_ASSERT(t >= 0);
+  return t;
+}
+
+float* RouteState::host(int layer, int slot) {
+  HM_ASSERT(slot >= 0 && slot < n_slots_);
+  return host_.data() + (size_t(index(layer)) * n_slots_ + slot) * (size_t(d_) + 1);
+}
+
+Tensor RouteState::last_mamba(int layer, DType t) const {
+  return {x_[size_t(index(layer))].data(), t, n_slots_, d_, int64_t(d_) * 4 / int64_t(dtype_size(t))};
+}
+
+void RouteState::clear(int slot) {
+  const size_t row = sizeof(float) * size_t(d_);
+  for (size_t t = 0; t < x_.size(); ++t) {
+    float* h = host_.data() + (t * n_slots_ + slot) * (size_t(d_) + 1);
+    std::fill(h, h + d_ + 1, 0.0f);
+    be_.memzero(static_cast<char*>(x_[t].data()) + slot * row, row);
+  }
+}
+
+void RouteState::copy(int src, int dst) {
+  const size_t row = sizeof(float) * size_t(d_), hrow = size_t(d_) + 1;
+  for (size_t t = 0; t < x_.size(); ++t) {
+    std::copy_n(host_.data() + (t * n_slots_ + src) * hrow, hrow, host_.data() + (t * n_slots_ + dst) * hrow);
+    char* x = static_cast<char*>(x_[t].data());
+    be_.copy(x + dst * row, x + src * row, row);
+  }
+}
+
+size_t RouteState::bytes_reserved() const {
+  size_t n = host_.size() * sizeof(float);
+  for (const auto& b : x_) n += b.bytes();
+  return n;
+}
 
 HybridMemory::HybridMemory(Backend& be, const ModelConfig& c, int n_slots, int max_ctx, KvType kv)
     : be_(be), cfg_(c), kv_(be, c, n_slots, max_ctx, kv), rs_(be, c, n_slots), route_(be, c, n_slots),
@@ -143,19 +178,14 @@ void HybridMemory::seq_cp(int src, int dst) {
   HM_ASSERT(src >= 0 && src < n_slots() && dst >= 0 && dst < n_slots());
   if (src == dst) return;
   const size_t row = size_t(cfg_.n_kv_heads) * cfg_.head_dim() * kv_type_size(kv_.type());
-  std::vector<char> tmp;
   for (int i = 0; i < cfg_.n_layers; ++i) {
     if (!cfg_.has_attention_path(i)) continue;
     // Each layer's own row count: a true-hybrid layer holds fewer rows than positions.
     const int n = kv_.len(i, src);
     kv_.set_len(i, dst, n);
     if (n == 0) continue;
-    const size_t bytes = size_t(n) * row;
-    tmp.resize(bytes);
-    be_.to_host(tmp.data(), kv_.k(i, src), bytes);
-    be_.to_device(kv_.k(i, dst), tmp.data(), bytes);
-    be_.to_host(tmp.data(), kv_.v(i, src), bytes);
-    be_.to_device(kv_.v(i, dst), tmp.data(), bytes);
+    be_.copy(kv_.k(i, dst), kv_.k(i, src), size_t(n) * row);
+    be_.copy(kv_.v(i, dst), kv_.v(i, src), size_t(n) * row);
   }
   rs_.copy(src, dst);
   route_.copy(src, dst);

@@ -11,20 +11,23 @@
 
 namespace hm {
 
-// Element type of the KV cache. F16 (the default, as in llama.cpp) halves the bytes that
+// Element type of the KV cache. F16 (the CPU default, as in llama.cpp) halves the bytes that
 // decoding reads per token at long contexts; F32 keeps attention bit-comparable with a float32
-// reference (the golden tests use it).
-enum class KvType : uint8_t { F32, F16 };
-KvType kv_type_from_name(const std::string& name);  // "f32" | "f16", hm::Error otherwise
+// reference (the golden tests use it); BF16 and F16 on CUDA.
+using KvType = DType;
+KvType kv_type_from_name(const std::string& name);  // "f32" | "f16" | "bf16", hm::Error otherwise
 size_t kv_type_size(KvType t);
 
-// K (after RoPE) and V of the positions each sequence holds, per layer with an attention path.
+// K (after RoPE) and V of the positions each sequence holds, per layer with an attention path:
+// one pool per layer, [n_slots, max_ctx, n_kv_heads * head_dim] of type() for K and for V.
+// On the CPU the pool's pages are committed by the OS as positions are written, so memory
+// follows the context actually used.
 class KVCache {
  public:
   KVCache(Backend& be, const ModelConfig& c, int n_slots, int max_ctx, KvType type);
-  // [max_ctx, n_kv_heads * head_dim] of type(); allocated on first use of the slot.
-  void* k(int layer, int slot);
-  void* v(int layer, int slot);
+  KvPool pool(int layer) const;
+  void* k(int layer, int slot) const { return pool(layer).k_at(slot); }
+  void* v(int layer, int slot) const { return pool(layer).v_at(slot); }
   // K/V rows held (rows [0, len) are valid). An attention layer holds one per position; a
   // true-hybrid layer only those of the tokens routed to attention (docs/TRUE_HYBRID.md).
   int len(int layer, int slot) const { return len_[index(layer, slot)]; }
@@ -36,53 +39,58 @@ class KVCache {
 
  private:
   size_t index(int layer, int slot) const;
-  void* get(std::vector<Buffer>& bufs, int layer, int slot);
-  Backend& be_;
   KvType type_;
   std::vector<int> layer_index_;  // model layer -> attention layer number, -1 for Mamba
   int n_slots_, max_ctx_, row_;
-  std::vector<Buffer> k_, v_;     // [attention layer][slot]
+  std::vector<Buffer> k_, v_;     // [attention layer]: the pools
   std::vector<int> len_;          // [attention layer][slot]
 };
 
 // Constant-size state of each Mamba layer: cost per decoded token does not grow with context.
+// One float32 pool per layer and kind: [n_slots, d_inner, d_conv - 1] and [n_slots, d_inner, d_state].
 class RecurrentState {
  public:
   RecurrentState(Backend& be, const ModelConfig& c, int n_slots);
-  float* conv(int layer, int slot);  // [d_inner, d_conv - 1]: the last inputs, oldest first
-  float* ssm(int layer, int slot);   // [d_inner, d_state]
+  StatePool conv_pool(int layer) const;
+  StatePool ssm_pool(int layer) const;
+  float* conv(int layer, int slot) const { return conv_pool(layer).at(slot); }  // the last inputs, oldest first
+  float* ssm(int layer, int slot) const { return ssm_pool(layer).at(slot); }
   void clear(int slot);
   void copy(int src_slot, int dst_slot);
   size_t bytes_reserved() const;
 
  private:
+  int index(int layer) const;
   Backend& be_;
   std::vector<int> layer_index_;  // model layer -> Mamba layer number, -1 for attention
   int n_slots_, conv_n_, ssm_n_;
-  std::vector<Buffer> conv_, ssm_;  // [Mamba layer * n_slots + slot]
-  std::vector<float> zeros_;
+  std::vector<Buffer> conv_, ssm_;  // [Mamba layer]: the pools
 };
 
 // Per true-hybrid layer and sequence, what the router and the cross-path exchange carry from
-// one call to the next (docs/TRUE_HYBRID.md): [m (D) | x (D) | chunk logit (1)], where m is the
-// analyzer's EMA of u, x the last Mamba-path output and the logit that of the current chunk.
+// one call to the next (docs/TRUE_HYBRID.md): the analyzer's EMA m of u and the logit of the
+// current chunk (host memory: the router runs on the host), and x, the last Mamba-path output
+// (backend memory, in the model's activation type: the exchange reads it on the device).
 class RouteState {
  public:
   RouteState(Backend& be, const ModelConfig& c, int n_slots);
-  float* ema(int layer, int slot) { return get(layer, slot); }
-  float* last_mamba(int layer, int slot) { return get(layer, slot) + d_; }
-  float& chunk_logit(int layer, int slot) { return get(layer, slot)[2 * d_]; }
+  float* ema(int layer, int slot) { return host(layer, slot); }                    // [D], host
+  float& chunk_logit(int layer, int slot) { return host(layer, slot)[d_]; }        // host
+  // x of every slot, [n_slots, D] of type t (the pool holds room for float32 rows, so the
+  // byte layout of a slot does not depend on t).
+  Tensor last_mamba(int layer, DType t) const;
   void clear(int slot);
   void copy(int src_slot, int dst_slot);
   size_t bytes_reserved() const;
 
  private:
-  float* get(int layer, int slot);
+  float* host(int layer, int slot);
+  int index(int layer) const;
   Backend& be_;
   std::vector<int> layer_index_;  // model layer -> true layer number, -1 for others
-  int n_slots_, d_, n_;
-  std::vector<Buffer> st_;  // [true layer * n_slots + slot], n_ = 2D + 1 floats each
-  std::vector<float> zeros_;
+  int n_slots_, d_;
+  std::vector<float> host_;      // [true layer][slot][D + 1]
+  std::vector<Buffer> x_;        // [true layer]: n_slots * D * 4 bytes
 };
 
 class HybridMemory {
@@ -97,6 +105,7 @@ class HybridMemory {
   void advance(int slot, int n) { pos_.at(size_t(slot)) += n; }
   void seq_rm(int slot);                // forget a sequence: position 0, zero state
   void seq_cp(int src, int dst);        // dst continues exactly as src would
+  Backend& backend() const { return be_; }
   size_t bytes_reserved() const {
     return kv_.bytes_reserved() + rs_.bytes_reserved() + route_.bytes_reserved() +
            pos_.size() * sizeof(int);
