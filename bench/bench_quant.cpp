@@ -57,8 +57,11 @@ size_t l3_bytes() {
   return size_t(32) << 20;
 }
 
-// Bytes per second of reading buf once, best of reps, on the current team.
+// Bytes per second of reading buf once, best of reps, on the current team. Each thread reads
+// 8 streams at once, as a GEMV reading several rows does: with one sequential stream a core
+// reached only 0.8 of what OpenBLAS's sgemv reads.
 double read_bandwidth(const float* buf, size_t n, int reps) {
+  constexpr int kStreams = 8;
   double best = 1e30;
   volatile float sink = 0;
   for (int r = 0; r < reps; ++r) {
@@ -67,11 +70,15 @@ double read_bandwidth(const float* buf, size_t n, int reps) {
 #pragma omp parallel reduction(+ : total)
     {
       const int id = omp_get_thread_num(), nt = omp_get_num_threads();
-      const size_t b = n * id / nt, e = n * (id + 1) / nt;
-      float s = 0;
-#pragma omp simd reduction(+ : s)
-      for (size_t i = b; i < e; ++i) s += buf[i];
-      total += s;
+      const size_t b = n * id / nt, len = (n * (id + 1) / nt - b) / kStreams;
+      float acc[kStreams][16] = {};  // 16 lanes per stream: the adds vectorize, no reduction
+      for (size_t i = 0; i + 16 <= len; i += 16)
+        for (int st = 0; st < kStreams; ++st)
+          for (int j = 0; j < 16; ++j) acc[st][j] += buf[b + st * len + i + j];
+      float s[kStreams] = {};
+      for (int st = 0; st < kStreams; ++st)
+        for (int j = 0; j < 16; ++j) s[st] += acc[st][j];
+      for (float v : s) total += v;
     }
     best = std::min(best, seconds_since(t0));
     sink = sink + total;

@@ -127,5 +127,8 @@ for want in "grad_ckpt=off B=1 L=32" "grad_ckpt=on B=1 L=32" "step median" "acti
   grep -qF "$want" "$W/ckpt.txt" && ok || bad "hm_bench_grad_ckpt output lacks '$want': $(cat "$W/ckpt.txt")"
 done
 
+run "hm_bench_quant" "$W/quant.json" "$B/hm_bench_quant" --quick --json
+keys "hm_bench_quant" "$W/quant.json" cpu_model l3_mb pool_mb best_isa read_bw_gbs decode prefill_m prefill
+
 echo "bench_smoke: $pass passed, $fail failed"
 [ "$fail" -eq 0 ]

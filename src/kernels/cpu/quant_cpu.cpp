@@ -2,10 +2,11 @@
 // scalar kernels and the GEMM path. This file is compiled for plain x86-64 (CMakeLists.txt):
 // it is what runs before anything is known about the CPU.
 //
-// Decode (m <= 4): a GEMV that reads each packed row once and widens it in registers; the
-// threads split n into contiguous ranges. Prefill (m > 4): panels of W are widened into a
-// per-thread float32 tile (about 1 MiB, so it stays in L2) and multiplied by OpenBLAS sgemm,
-// one panel per task; inside the parallel region sgemm runs on the calling thread.
+// Decode (m <= 4): a GEMV that reads each packed row once (bf16 widened to float in registers,
+// q8_0 / q4_0 by integer dot products with x rounded to 8 bits); the threads split n into
+// contiguous ranges. Prefill (m > 4): panels of W are widened into a per-thread float32 tile
+// and multiplied by OpenBLAS sgemm, one panel per task; inside the parallel region sgemm runs
+// on the calling thread.
 #include <cblas.h>
 #include <omp.h>
 
@@ -226,8 +227,10 @@ void check_sizes(const char* op, WeightType t, int n, int k) {
 
 // Below this many weight bytes a GEMV runs on one thread: waking the team costs more.
 constexpr size_t kParallelBytes = size_t(128) << 10;
-// Floats in one thread's GEMM tile (1 MiB): in L2 on the CPUs we target.
-constexpr int kTileFloats = 1 << 18;
+// Floats in one thread's GEMM tile (4 MiB). sgemm re-reads all of x [m, k] for each panel, so
+// panels must be tall: with 1 MiB tiles (64 rows at k = 4096) prefill at m = 512 ran at 0.55 of
+// f32 (bench/bench_quant.cpp); the tile is read once, from L2 or L3.
+constexpr int kTileFloats = 1 << 20;
 
 // Per-thread scratch, grown and kept (a fresh allocation per call would page-fault each time).
 std::vector<float>& tile_buffer() {
