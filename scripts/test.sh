@@ -17,8 +17,9 @@ cmake --build build -j "$(nproc)"
 if [ -x /usr/local/cuda/bin/nvcc ]; then
   cmake -S . -B build-cuda -DCMAKE_BUILD_TYPE=Release -DHM_WERROR=ON -DHM_CUDA=ON \
     -DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc -DHM_PYTHON=OFF >/dev/null
-  cmake --build build-cuda -j "$(nproc)" --target hm_cuda_tests hm_bench_cuda_kernels
+  cmake --build build-cuda -j "$(nproc)" --target hm hm_cuda_tests hm_cuda_model_tests hm_bench_cuda_kernels
   build-cuda/hm_cuda_tests
+  build-cuda/hm_cuda_model_tests
 else
   echo "test.sh: no /usr/local/cuda/bin/nvcc: the CUDA backend was not compiled"
 fi

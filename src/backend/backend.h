@@ -38,6 +38,14 @@ class Backend {
   virtual void memzero(void* p, size_t bytes) = 0;
   virtual void synchronize() {}
 
+  // Graphs (CUDA graphs): the ops issued between begin_capture() and end_capture() are recorded,
+  // not run; replay() runs the recording again, on the same pointers, with whatever those
+  // hold then. A backend without graphs says so and its callers run ops one by one.
+  virtual bool supports_graphs() const { return false; }
+  virtual void begin_capture() { throw Error(name() + ": no graph capture"); }
+  virtual std::shared_ptr<void> end_capture() { throw Error(name() + ": no graph capture"); }
+  virtual void replay(const std::shared_ptr<void>& /*graph*/) { throw Error(name() + ": no graph capture"); }
+
   // ---- Ops. Outputs first; shapes are checked by each backend (hm::Error naming the op). ----
   // out[n,d] = x * rsqrt(mean_d(x^2) + eps) * w
   virtual void rmsnorm(Tensor out, Tensor x, Tensor w, float eps) = 0;

@@ -44,6 +44,8 @@ void HybridModel::prepare() {
   norm_f_ = weight(params_.norm_f(), 1, D);
   lm_head_ = weight(params_.lm_head(), V, D);
   lw_.assign(size_t(cfg_.n_layers), {});
+  graphs_.clear();  // recorded steps name the old weights
+  warmed_.clear();
   A_.clear();
   A_.resize(size_t(cfg_.n_layers));
   for (int i = 0; i < cfg_.n_layers; ++i) {
@@ -118,7 +120,7 @@ void HybridModel::bridge(int layer, int T) {
   const LayerTensors& w = lw_[size_t(layer)];
   const int S = cfg_.inner_dim(layer - 1), D = cfg_.d_model;
   const Tensor u = act(ws_.u, T, S), rows = act(ws_.rows, T, D);
-  be_.rmsnorm(u, ws_.inner_prev.tensor(dtype_, T, S), w.bridge_norm, cfg_.norm_eps);
+  be_.rmsnorm(u, ws_.inner[(layer + 1) % 2].tensor(dtype_, T, S), w.bridge_norm, cfg_.norm_eps);
   be_.linear(rows, u, w.bridge_proj, false);
   be_.add_rows(ws_.h.tensor(dtype_, T, D), nullptr, rows, nullptr, T, nullptr, w.bridge_gate);
 }
@@ -132,7 +134,7 @@ void HybridModel::mamba_path(int layer, Tensor x, const Ragged& rg, Tensor out, 
   const Tensor xc = act(ws_.xc, n, E);        // silu(conv(x))
   const Tensor dbc = act(ws_.dbc, n, P);      // dt_r | B | C
   const Tensor dt = act(ws_.dt, n, E);        // dt_proj(dt_r); softplus is applied in the scan
-  const Tensor y = act(ws_.inner, n, E);      // gated scan output
+  const Tensor y = act(ws_.inner[layer % 2], n, E);  // gated scan output
   be_.linear(xz, x, w.in_proj, false);
   be_.conv1d_silu(xc, mem.recurrent().conv_pool(layer), xz.cols_view(0, E), w.conv_w, w.conv_b, rg);
   be_.linear(dbc, xc, w.x_proj, false);
@@ -148,7 +150,7 @@ void HybridModel::attention_path(int layer, Tensor x, const Ragged& rg, Tensor o
   const int n = x.rows, H = cfg_.n_heads, G = cfg_.n_kv_heads;
   const int hd = cfg_.head_dim(), QW = H * hd, KW = G * hd;
   const Tensor q = act(ws_.q, n, QW), k = act(ws_.k, n, KW), v = act(ws_.v, n, KW);
-  const Tensor ctx = act(ws_.inner, n, QW);
+  const Tensor ctx = act(ws_.inner[layer % 2], n, QW);
   be_.linear(q, x, w.wq, false);
   be_.linear(k, x, w.wk, false);
   be_.linear(v, x, w.wv, false);
@@ -161,7 +163,6 @@ void HybridModel::attention_path(int layer, Tensor x, const Ragged& rg, Tensor o
   const KvPool pool = mem.kv().pool(layer);
   be_.kv_write(pool, k, v, rg);
   be_.attention(ctx, q, pool, H, G, hd, rg);
-  for (int s = 0; s < rg.nseq(); ++s) mem.kv().set_len(layer, rg.slot(s), rg.pos0(s) + rg.len(s));
   be_.linear(out, ctx, w.wo, accumulate);
 }
 
@@ -291,6 +292,7 @@ void HybridModel::true_layer(int layer, HybridMemory& mem) {
     }
     rga_.upload(be_);
     attention_path(layer, va, rga_, ya, false, mem);
+    for (int s = 0; s < nseq; ++s) mem.kv().set_len(layer, rga_.slot(s), rga_.pos0(s) + rga_.len(s));
   }
   // The exchange state carries the sequence's last Mamba output into its next call.
   if (!last_row.empty())
@@ -361,7 +363,7 @@ Tensor HybridModel::forward_device(const Batch& b, HybridMemory& mem) {
   idx_used_ = gates_used_ = 0;
   ws_.idx.reserve(be_, sizeof(int32_t) * (size_t(T) + size_t(nseq) + n_true * (6 * size_t(T) + 2 * size_t(nseq))));
   ws_.gates.reserve(be_, sizeof(float) * (n_true * 2 * size_t(T) + 1));
-  const int32_t* ids = upload_idx(b.tokens);
+  upload_idx(b.tokens);  // first in ws_.idx: the embedding reads them there
 
   if (trace_) {
     *trace_ = RouteTrace{};
@@ -377,8 +379,8 @@ Tensor HybridModel::forward_device(const Batch& b, HybridMemory& mem) {
   // bridges can read the previous layer's.
   const int E = cfg_.d_inner(), S = std::max(E, cfg_.n_heads * cfg_.head_dim());
   const int P = cfg_.resolved_dt_rank() + 2 * cfg_.d_state, KW = cfg_.n_kv_heads * cfg_.head_dim();
-  act(ws_.inner, T, S);
-  act(ws_.inner_prev, T, S);
+  act(ws_.inner[0], T, S);
+  act(ws_.inner[1], T, S);
   const Tensor h = act(ws_.h, T, D);
   act(ws_.u, T, std::max(D, S));
   act(ws_.rows, T, D);
@@ -399,7 +401,59 @@ Tensor HybridModel::forward_device(const Batch& b, HybridMemory& mem) {
     act(ws_.up, T, cfg_.d_ff);
     act(ws_.act, T, cfg_.d_ff);
   }
-  be_.embedding(h, embeddings_, ids);
+  ws_.logits.reserve(be_, sizeof(float) * size_t(T) * V);
+
+  // The final norm and LM head run only on the rows whose logits are wanted.
+  const bool one_token_each = rg_.max_len() == 1;
+  int n_rows = T;
+  Tensor hrows = h;
+  if (!b.logits_all && !one_token_each) {
+    n_rows = nseq;
+    std::vector<int32_t> last(static_cast<size_t>(nseq));
+    for (int s = 0; s < nseq; ++s) last[size_t(s)] = rg_.start(s) + rg_.len(s) - 1;
+    hrows = act(ws_.rows, n_rows, D);
+    last_idx_ = upload_idx(last);  // run_layers gathers those rows after the last layer
+  }
+
+  const bool graph = use_graphs_ && be_.supports_graphs() && one_token_each && !b.logits_all &&
+                     cfg_.true_layers.empty() && trace_ == nullptr;
+  if (!graph) {
+    run_layers(T, n_rows, hrows, mem);
+  } else {
+    // First step of a batch size on these addresses: eagerly (it also grows the backend's own
+    // workspaces); the second is recorded; later ones replay the recording.
+    std::vector<const void*> sig = graph_signature(mem);
+    auto it = graphs_.find(T);
+    if (it != graphs_.end() && it->second.sig == sig) {
+      be_.replay(it->second.exec);
+    } else if (auto w = warmed_.find(T); w != warmed_.end() && w->second == sig) {
+      be_.begin_capture();
+      try {
+        run_layers(T, n_rows, hrows, mem);
+      } catch (...) {
+        try { be_.end_capture(); } catch (...) {}
+        throw;
+      }
+      graphs_[T] = Graph{sig, be_.end_capture()};
+      ++graphs_captured_;
+      be_.replay(graphs_[T].exec);
+    } else {
+      run_layers(T, n_rows, hrows, mem);
+      warmed_[T] = std::move(sig);
+    }
+  }
+  // Host bookkeeping, outside what a graph records.
+  for (int i = 0; i < cfg_.n_layers; ++i)
+    if (cfg_.is_attention(i) && !cfg_.is_true(i))
+      for (int s = 0; s < nseq; ++s) mem.kv().set_len(i, rg_.slot(s), rg_.pos0(s) + rg_.len(s));
+  for (const SeqChunk& s : b.seqs) mem.advance(s.slot, s.n_tokens);
+  return ws_.logits.tensor(DType::F32, n_rows, V);
+}
+
+void HybridModel::run_layers(int T, int n_rows, Tensor hrows, HybridMemory& mem) {
+  const int D = cfg_.d_model, V = cfg_.vocab_size;
+  const Tensor h = ws_.h.tensor(dtype_, T, D);
+  be_.embedding(h, embeddings_, static_cast<const int32_t*>(ws_.idx.data()));  // ids come first there
   for (int i = 0; i < cfg_.n_layers; ++i) {
     if (cfg_.has_bridge(i)) bridge(i, T);
     be_.rmsnorm(ws_.u.tensor(dtype_, T, D), h, lw_[size_t(i)].norm, cfg_.norm_eps);
@@ -410,26 +464,33 @@ Tensor HybridModel::forward_device(const Batch& b, HybridMemory& mem) {
     else
       mamba_layer(i, mem);
     if (cfg_.d_ff > 0) mlp(i, T);
-    std::swap(ws_.inner, ws_.inner_prev);  // this layer's inner output feeds the next bridge
   }
-  for (const SeqChunk& s : b.seqs) mem.advance(s.slot, s.n_tokens);
-
-  // Final norm and LM head only on the rows whose logits are wanted.
-  int n_rows = T;
-  Tensor hrows = h;
-  if (!b.logits_all) {
-    n_rows = nseq;
-    std::vector<int32_t> last(static_cast<size_t>(nseq));
-    for (int s = 0; s < nseq; ++s) last[size_t(s)] = rg_.start(s) + rg_.len(s) - 1;
-    hrows = act(ws_.rows, n_rows, D);
-    be_.copy_rows(hrows, nullptr, h, upload_idx(last), n_rows);
+  if (hrows.data != h.data) {
+    be_.copy_rows(hrows, nullptr, h, last_idx_, n_rows);  // the last row of each chunk
   }
-  const Tensor un = act(ws_.u, n_rows, D);
+  const Tensor un = ws_.u.tensor(dtype_, n_rows, D);
   be_.rmsnorm(un, hrows, norm_f_, cfg_.norm_eps);
-  ws_.logits.reserve(be_, sizeof(float) * size_t(n_rows) * V);
-  const Tensor out = ws_.logits.tensor(DType::F32, n_rows, V);
-  be_.linear(out, un, lm_head_, false);
-  return out;
+  be_.linear(ws_.logits.tensor(DType::F32, n_rows, V), un, lm_head_, false);
+}
+
+std::vector<const void*> HybridModel::graph_signature(const HybridMemory& mem) const {
+  std::vector<const void*> s = {&mem, rg_.d_cu(), ws_.idx.data(), ws_.logits.data(), ws_.h.data(),
+                                ws_.u.data(), ws_.inner[0].data(), ws_.inner[1].data(), ws_.rows.data(),
+                                ws_.xz.data(), ws_.xc.data(), ws_.dbc.data(), ws_.dt.data(), ws_.q.data(),
+                                ws_.k.data(), ws_.v.data(), ws_.g.data(), ws_.up.data(), ws_.act.data()};
+  auto& m = const_cast<HybridMemory&>(mem);
+  for (int i = 0; i < cfg_.n_layers; ++i) {
+    if (cfg_.has_attention_path(i)) {
+      const KvPool p = m.kv().pool(i);
+      s.push_back(p.k);
+      s.push_back(p.v);
+    }
+    if (cfg_.has_mamba_path(i)) {
+      s.push_back(m.recurrent().conv_pool(i).base);
+      s.push_back(m.recurrent().ssm_pool(i).base);
+    }
+  }
+  return s;
 }
 
 std::unique_ptr<HybridModel> load_model(const std::string& dir, Backend& be) {

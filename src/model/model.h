@@ -4,6 +4,7 @@
 // decode compute the same function by construction.
 #pragma once
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -35,7 +36,9 @@ struct Batch {
 
 // Scratch activations in the backend's memory (bytes), grown to the largest batch seen.
 struct Workspace {
-  Buffer h, u, inner, inner_prev, xz, xc, dbc, dt, q, k, v, g, up, act, rows, logits;
+  Buffer h, u, xz, xc, dbc, dt, q, k, v, g, up, act, rows, logits;
+  Buffer inner[2];  // a layer's inner output (scan output or attention context): layer i writes
+                    // inner[i % 2], and the bridge of layer i + 1 reads it
   Buffer gath, ym, ya;  // true-hybrid layers: gathered path inputs, compact path outputs
   Buffer ids, idx, gates;  // token ids, row indices and row gates uploaded for one forward
 };
@@ -92,6 +95,11 @@ class HybridModel {
   double forced_attention_fraction() const { return force_f_; }
   // Records the routes of every later forward into *t (null: stop recording).
   void set_route_trace(RouteTrace* t) { trace_ = t; }
+  // Decode steps (every chunk one token, last-token logits) of a model without true-hybrid
+  // layers are recorded once per batch size and memory as a graph and replayed, on backends
+  // with graphs (CUDA): one launch per step instead of one per op. On by default.
+  void set_graphs(bool on) { use_graphs_ = on; graphs_.clear(); }
+  int graphs_captured() const { return graphs_captured_; }
 
  private:
   Tensor weight(const float* host, int rows, int cols) const;  // the backend's copy of a Params view
@@ -124,6 +132,20 @@ class HybridModel {
   std::vector<float> gate_stage_;
   double force_f_ = -1.0;
   RouteTrace* trace_ = nullptr;
+  // The device work of a forward, after its inputs are uploaded: what a graph records.
+  void run_layers(int T, int n_rows, Tensor hrows, HybridMemory& mem);
+  // Every address a recorded decode step reads or writes: a graph is replayed only while
+  // they are all unchanged.
+  std::vector<const void*> graph_signature(const HybridMemory& mem) const;
+  struct Graph {
+    std::vector<const void*> sig;
+    std::shared_ptr<void> exec;
+  };
+  bool use_graphs_ = true;
+  std::map<int, Graph> graphs_;                     // by batch size
+  std::map<int, std::vector<const void*>> warmed_;  // run once eagerly with these addresses
+  int graphs_captured_ = 0;
+  const int32_t* last_idx_ = nullptr;               // the last row of each chunk, uploaded
   // true_layer's host scratch, reused across calls
   std::vector<th::Routing<float>> routing_;  // per chunk of the batch
   std::vector<float> logit_, feats_, uhost_;  // [T], [T, kRouterFeatures], [T, D]

@@ -198,6 +198,26 @@ class CudaBackendImpl final : public CudaBackend {
   // Also where an earlier kernel's asynchronous fault surfaces, as an hm::Error.
   void synchronize() override { HM_CUDA_OK(cudaStreamSynchronize(stream_), "synchronize"); }
 
+  // ---- Graphs ----
+  bool supports_graphs() const override { return true; }
+  void begin_capture() override {
+    HM_CUDA_OK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+  }
+  std::shared_ptr<void> end_capture() override {
+    cudaGraph_t g = nullptr;
+    HM_CUDA_OK(cudaStreamEndCapture(stream_, &g), "cudaStreamEndCapture");
+    cudaGraphExec_t ex = nullptr;
+    const cudaError_t e = cudaGraphInstantiate(&ex, g, 0);
+    cudaGraphDestroy(g);
+    HM_CUDA_OK(e, "cudaGraphInstantiate");
+    return std::shared_ptr<void>(static_cast<void*>(ex), [](void* p) {
+      if (p) cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(p));
+    });
+  }
+  void replay(const std::shared_ptr<void>& graph) override {
+    HM_CUDA_OK(cudaGraphLaunch(static_cast<cudaGraphExec_t>(graph.get()), stream_), "cudaGraphLaunch");
+  }
+
   // ---- Ops ----
   void rmsnorm(Tensor out, Tensor x, Tensor w, float eps) override {
     const char* op = "rmsnorm";
@@ -387,7 +407,11 @@ class CudaBackendImpl final : public CudaBackend {
     if (capturing()) max_keys = kv.max_ctx;
     const cuda::RaggedBatch rb = batch(rg);
     // The split-KV decode of bf16/f16 caches keeps partials there; the float-cache kernel needs none.
-    void* ws = kv.dtype == DType::F32 ? nullptr : workspace(cuda::attention_workspace_bytes(rb, H, G, hd, max_keys));
+    // Decode sizes it for the whole cache even when run eagerly, so the eager step that precedes
+    // a capture has already grown it as far as the captured step needs.
+    void* ws = kv.dtype == DType::F32
+                   ? nullptr
+                   : workspace(cuda::attention_workspace_bytes(rb, H, G, hd, is_decode(rg) ? kv.max_ctx : max_keys));
     dispatch_kv(kv, [&](const auto& pool) {
       dispatch(q.dtype, [&](auto tag) {
         using T = elem_t<decltype(tag)>;

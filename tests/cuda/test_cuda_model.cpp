@@ -1,0 +1,301 @@
+// Whole models on the CUDA backend against the CPU backend (issue 13, item 5): the same weights,
+// the same ragged batches (prefill of several sequences, then batched decode steps), logits
+// compared. Without a GPU every case is GTEST_SKIPped (counted as skipped by ctest).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdio>
+
+#include "backend/backend.h"
+#include "backend/counting_backend.h"
+#include "model/config.h"
+#include "model/model.h"
+#include "model/true_hybrid.h"
+#include "runtime/memory.h"
+#include "../test_util.h"
+
+namespace hm {
+namespace {
+
+using test::rel_err;
+using test::tokens;
+using test::randomize_params;
+
+#define SKIP_WITHOUT_GPU() \
+  if (!cuda_available()) GTEST_SKIP() << "no CUDA device"
+
+// The tiny presets at head_dim 32 (the CUDA attention kernels take 32, 64 and 128).
+ModelConfig gpu_tiny(bool rope = true) {
+  ModelConfig c = preset("tiny");
+  c.d_model = 64;
+  c.n_heads = 2;
+  c.n_kv_heads = 1;
+  c.rope = rope;
+  return c;
+}
+
+ModelConfig gpu_true(const char* mode, const char* gran = "token") {
+  ModelConfig c = preset("true-tiny");
+  c.d_model = 64;
+  c.n_heads = 2;
+  c.n_kv_heads = 1;
+  c.routing_mode = mode;
+  c.routing_granularity = gran;
+  return c;
+}
+
+// Wider: hd 64, d_state 16, no MLP, untied head, a bigger vocabulary.
+ModelConfig gpu_wide() {
+  ModelConfig c = preset("tiny");
+  c.d_model = 128;
+  c.n_layers = 3;
+  c.attention_layers = {1};
+  c.n_heads = 2;
+  c.n_kv_heads = 2;
+  c.d_state = 16;
+  c.d_ff = 0;
+  c.vocab_size = 1000;
+  c.tie_embeddings = false;
+  return c;
+}
+
+struct Script {
+  std::vector<std::vector<int32_t>> prompts;  // prefilled together, all logits
+  int steps = 0;                              // then decode steps of every sequence together
+};
+
+Script make_script(uint64_t seed, int vocab, std::vector<int> lens, int steps) {
+  Rng rng(seed);
+  Script s;
+  for (int L : lens) s.prompts.push_back(tokens(rng, L, vocab));
+  s.steps = steps;
+  return s;
+}
+
+// Runs the script; decode steps feed token (prompt[0] + step) % vocab so both sides see the same
+// inputs whatever they would sample. Returns every logit produced, in order.
+std::vector<float> run(HybridModel& m, KvType kv, const Script& s) {
+  const int n = int(s.prompts.size());
+  int ctx = 0;
+  for (const auto& p : s.prompts) ctx = std::max(ctx, int(p.size()));
+  HybridMemory mem(m.backend(), m.config(), n + 1, ctx + s.steps + 1, kv);
+  std::vector<float> all, logits;
+  Batch b;
+  b.logits_all = true;
+  for (int i = 0; i < n; ++i) b.add(i + 1, s.prompts[size_t(i)]);  // slot 0 stays unused
+  m.forward(b, mem, logits);
+  all.insert(all.end(), logits.begin(), logits.end());
+  for (int t = 0; t < s.steps; ++t) {
+    Batch d;
+    for (int i = 0; i < n; ++i) d.add(i + 1, {(s.prompts[size_t(i)][0] + t + i) % m.config().vocab_size});
+    m.forward(d, mem, logits);
+    all.insert(all.end(), logits.begin(), logits.end());
+  }
+  return all;
+}
+
+void copy_weights(const HybridModel& from, HybridModel& to) {
+  std::copy(from.params().data(), from.params().data() + from.params().numel(), to.params().data());
+  to.prepare();
+}
+
+// Share of rows (of V logits) whose argmax agrees.
+double argmax_agreement(const std::vector<float>& a, const std::vector<float>& b, int V) {
+  const size_t rows = a.size() / size_t(V);
+  size_t same = 0;
+  for (size_t r = 0; r < rows; ++r) {
+    const auto* x = a.data() + r * V;
+    const auto* y = b.data() + r * V;
+    same += (std::max_element(x, x + V) - x) == (std::max_element(y, y + V) - y);
+  }
+  return double(same) / double(rows);
+}
+
+std::vector<ModelConfig> every_kind() {
+  return {gpu_tiny(), gpu_tiny(false), gpu_wide(), gpu_true("hard"), gpu_true("soft"),
+          gpu_true("both"), gpu_true("hard", "chunk"), preset("mamba")};
+}
+
+TEST(CudaModel, F32LogitsEqualCpu) {
+  SKIP_WITHOUT_GPU();
+  auto cpu = make_cpu_backend();
+  auto gpu = make_backend(Device::CUDA);
+  int k = 0;
+  for (ModelConfig c : every_kind()) {
+    if (c.d_model == 512) { c.n_layers = 3; c.vocab_size = 500; }  // mamba preset, shrunk
+    HybridModel a(c, *cpu), g(c, *gpu, DType::F32);
+    randomize_params(a, 100 + k);
+    copy_weights(a, g);
+    const Script s = make_script(200 + k, c.vocab_size, {37, 1, 20, 64}, 5);
+    const double e = rel_err(run(g, KvType::F32, s), run(a, KvType::F32, s));
+    std::printf("f32 config %d: max rel err %.3g\n", k, e);
+    EXPECT_LT(e, 1e-4) << "config " << k;
+    ++k;
+  }
+}
+
+TEST(CudaModel, HalfPrecisionWithinBound) {
+  SKIP_WITHOUT_GPU();
+  auto cpu = make_cpu_backend();
+  auto gpu = make_backend(Device::CUDA);
+  int k = 0;
+  for (const ModelConfig& c : every_kind()) {
+    if (c.d_model == 512) continue;
+    HybridModel a(c, *cpu);
+    randomize_params(a, 300 + k);
+    const Script s = make_script(400 + k, c.vocab_size, {50, 3, 17}, 6);
+    const auto want = run(a, KvType::F32, s);
+    for (DType t : {DType::BF16, DType::F16}) {
+      HybridModel g(c, *gpu, t);
+      copy_weights(a, g);
+      const auto got = run(g, t == DType::BF16 ? KvType::BF16 : KvType::F16, s);
+      const double e = rel_err(got, want), agree = argmax_agreement(got, want, c.vocab_size);
+      std::printf("%s config %d: max rel err %.3g, argmax agreement %.3f\n", compute_dtype_name(t), k, e, agree);
+      EXPECT_LT(e, t == DType::BF16 ? 6e-2 : 1e-2) << compute_dtype_name(t) << " config " << k;
+      EXPECT_GT(agree, t == DType::BF16 ? 0.8 : 0.9) << compute_dtype_name(t) << " config " << k;
+    }
+    ++k;
+  }
+}
+
+// On the GPU alone: one prefill = the same tokens in chunks = token by token.
+TEST(CudaModel, PrefillEqualsChunksEqualsDecode) {
+  SKIP_WITHOUT_GPU();
+  auto gpu = make_backend(Device::CUDA);
+  int k = 0;
+  for (const ModelConfig& c : {gpu_tiny(), gpu_true("hard"), gpu_wide()}) {
+    for (DType t : {DType::F32, DType::BF16}) {
+      HybridModel g(c, *gpu, t);
+      randomize_params(g, 500 + k);
+      g.prepare();
+      const KvType kv = t == DType::F32 ? KvType::F32 : KvType::BF16;
+      Rng rng(600 + k);
+      const auto toks = tokens(rng, 70, c.vocab_size);
+      auto logits_of = [&](const std::vector<int>& cuts) {
+        HybridMemory mem(*gpu, c, 1, 70, kv);
+        std::vector<float> all, l;
+        int t0 = 0;
+        for (int cut : cuts) {
+          Batch b;
+          b.logits_all = true;
+          b.add(0, std::vector<int32_t>(toks.begin() + t0, toks.begin() + cut));
+          g.forward(b, mem, l);
+          all.insert(all.end(), l.begin(), l.end());
+          t0 = cut;
+        }
+        return all;
+      };
+      std::vector<int> one_by_one;
+      for (int i = 1; i <= 70; ++i) one_by_one.push_back(i);
+      const auto whole = logits_of({70});
+      const double e_chunks = rel_err(logits_of({5, 6, 40, 70}), whole);
+      const double e_steps = rel_err(logits_of(one_by_one), whole);
+      std::printf("%s config %d: chunks %.3g, token by token %.3g\n", compute_dtype_name(t), k, e_chunks, e_steps);
+      const double tol = t == DType::F32 ? 2e-5 : 3e-2;
+      EXPECT_LT(e_chunks, tol) << k;
+      EXPECT_LT(e_steps, tol) << k;
+    }
+    ++k;
+  }
+}
+
+// Hard routing on the device computes nothing on the path a token skips: rows counted per op.
+TEST(CudaModel, HardRoutingSkipsThePathNotChosen) {
+  SKIP_WITHOUT_GPU();
+  auto gpu = make_backend(Device::CUDA);
+  CountingBackend be(*gpu);
+  const ModelConfig c = gpu_true("hard");
+  HybridModel m(c, be, DType::BF16);
+  randomize_params(m, 700);
+  m.prepare();
+  const int L = 40;
+  Rng rng(701);
+  const auto toks = tokens(rng, L, c.vocab_size);
+  int plain_mamba = 0, plain_attn = 0;
+  for (int i = 0; i < c.n_layers; ++i) {
+    if (c.is_true(i)) continue;
+    (c.is_attention(i) ? plain_attn : plain_mamba)++;
+  }
+  const int n_true = int(c.true_layers.size());
+  for (double f : {0.0, 0.3, 1.0}) {
+    m.set_forced_attention_fraction(f);
+    HybridMemory mem(be, c, 1, L, KvType::BF16);
+    be.reset();
+    Batch b;
+    b.add(0, toks);
+    std::vector<float> logits;
+    m.forward(b, mem, logits);
+    int n_attn = 0;
+    for (int t = 0; t < L; ++t) n_attn += th::forced_to_attention(t, f);
+    EXPECT_EQ(be.count(OpKind::Attention).rows, int64_t(plain_attn) * L + int64_t(n_true) * n_attn) << f;
+    EXPECT_EQ(be.count(OpKind::Scan).rows, int64_t(plain_mamba) * L + int64_t(n_true) * (L - n_attn)) << f;
+    EXPECT_EQ(be.count(OpKind::Conv).rows, int64_t(plain_mamba) * L + int64_t(n_true) * (L - n_attn)) << f;
+    // Attention calls only for the plain layer when no token chose attention, and likewise.
+    if (f == 0.0) {
+      EXPECT_EQ(be.count(OpKind::Attention).calls, plain_attn);
+    }
+    if (f == 1.0) {
+      EXPECT_EQ(be.count(OpKind::Scan).calls, plain_mamba);
+    }
+  }
+}
+
+// Decode steps replayed from a recorded graph give the logits of steps run op by op, and one
+// graph is recorded per batch size.
+TEST(CudaModel, GraphReplayEqualsEagerDecode) {
+  SKIP_WITHOUT_GPU();
+  auto gpu = make_backend(Device::CUDA);
+  int k = 0;
+  for (const ModelConfig& c : {gpu_tiny(), gpu_wide()}) {
+    for (DType t : {DType::F32, DType::BF16}) {
+      HybridModel eager(c, *gpu, t), graphed(c, *gpu, t);
+      randomize_params(eager, 800 + k);
+      eager.prepare();
+      copy_weights(eager, graphed);
+      eager.set_graphs(false);
+      const KvType kv = t == DType::F32 ? KvType::F32 : KvType::BF16;
+      Rng rng(900 + k);
+      auto steps = [&](HybridModel& m) {
+        HybridMemory mem(*gpu, c, 4, 64, kv);
+        std::vector<float> all, l;
+        Batch b;
+        for (int s = 0; s < 3; ++s) b.add(s, tokens(rng, 5 + 7 * s, c.vocab_size));
+        m.forward(b, mem, l);
+        for (int step = 0; step < 12; ++step) {
+          Batch d;
+          for (int s = 0; s < (step < 8 ? 3 : 2); ++s) d.add(s, {(step * 7 + s) % c.vocab_size});
+          m.forward(d, mem, l);
+          all.insert(all.end(), l.begin(), l.end());
+        }
+        return all;
+      };
+      const uint64_t keep = rng.next_u64();
+      rng = Rng(keep);
+      const auto want = steps(eager);
+      rng = Rng(keep);
+      const auto got = steps(graphed);
+      const double e = rel_err(got, want);
+      std::printf("%s config %d: graph vs eager %.3g, graphs recorded %d\n", compute_dtype_name(t), k, e,
+                  graphed.graphs_captured());
+      EXPECT_LT(e, t == DType::F32 ? 1e-5 : 1e-2);
+      EXPECT_EQ(graphed.graphs_captured(), 2);  // batch sizes 3 and 2
+      EXPECT_EQ(eager.graphs_captured(), 0);
+    }
+    ++k;
+  }
+}
+
+TEST(CudaModel, UnavailableOrUnsupportedIsAClearError) {
+  auto cpu = make_cpu_backend();
+  EXPECT_THROW(HybridModel(gpu_tiny(), *cpu, DType::BF16), Error);  // the CPU computes in f32 only
+  if (cuda_available()) GTEST_SKIP() << "a CUDA device is present";
+  try {
+    make_backend(Device::CUDA);
+    FAIL() << "make_backend(CUDA) returned without a device";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("cuda"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace hm
