@@ -141,13 +141,19 @@ TEST(CudaModel, HalfPrecisionWithinBound) {
   int k = 0;
   for (const ModelConfig& c : every_kind()) {
     if (c.d_model == 512) continue;
+    // Hard routes are a threshold on the router's logit: half-precision rounding flips the route
+    // of tokens near it (H200: bf16 0.25 max error, 94% argmax agreement, unforced), which is
+    // not an error of the paths. Forced routes compare the paths themselves.
+    const bool hard = !c.true_layers.empty() && c.routing_mode == "hard";
     HybridModel a(c, *cpu);
     randomize_params(a, 300 + k);
+    if (hard) a.set_forced_attention_fraction(0.3);
     const Script s = make_script(400 + k, c.vocab_size, {50, 3, 17}, 6);
     const auto want = run(a, KvType::F32, s);
     for (DType t : {DType::BF16, DType::F16}) {
       HybridModel g(c, *gpu, t);
       copy_weights(a, g);
+      if (hard) g.set_forced_attention_fraction(0.3);
       const auto got = run(g, t == DType::BF16 ? KvType::BF16 : KvType::F16, s);
       const double e = rel_err(got, want), agree = argmax_agreement(got, want, c.vocab_size);
       std::printf("%s config %d: max rel err %.3g, argmax agreement %.3f\n", compute_dtype_name(t), k, e, agree);
@@ -168,6 +174,9 @@ TEST(CudaModel, PrefillEqualsChunksEqualsDecode) {
       HybridModel g(c, *gpu, t);
       randomize_params(g, 500 + k);
       g.prepare();
+      // Routes forced: bf16 rounding differs between the prefill and decode kernels, and a
+      // hard route near its threshold would flip (H200: 0.088 token by token, unforced).
+      if (!c.true_layers.empty()) g.set_forced_attention_fraction(0.3);
       const KvType kv = t == DType::F32 ? KvType::F32 : KvType::BF16;
       Rng rng(600 + k);
       const auto toks = tokens(rng, 70, c.vocab_size);
