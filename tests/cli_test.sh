@@ -192,7 +192,8 @@ g2=$("$HM" generate -m "$W/tiny" -p "the cat" -n 30 --temperature 0 --repeat-pen
 help=$("$HM" generate --help)
 for d in "--temperature FLOAT=0.8" "--top-k INT:NONNEGATIVE=40" "--top-p FLOAT=0.95" "--min-p FLOAT=0.05" \
          "--repeat-penalty FLOAT=1.1" "--repeat-last-n INT:NONNEGATIVE=64" "--seed UINT=0" \
-         "--max-new-tokens INT:NONNEGATIVE=64" "--ctx INT:NONNEGATIVE=0" "--kv-type TEXT=f16"; do
+         "--max-new-tokens INT:NONNEGATIVE=64" "--ctx INT:NONNEGATIVE=0" "--kv-type TEXT=auto" "--device TEXT=auto" \
+         "--dtype TEXT=auto"; do
   case "$help" in *"$d"*) ok ;; *) bad "generate --help lacks '$d'" ;; esac
 done
 
@@ -207,6 +208,34 @@ grep -q "warning: the prompt is 54 tokens, longer than the 32-token sequences" "
 ev=$("$HM" eval -m "$W/tiny" --data "$W/corpus.txt" | tail -1)
 ratio=$(printf '%s' "$ev" | sed -n 's/.*is \([0-9.]*\)x higher).*/\1/p')
 [ -n "$ratio" ] && awk "BEGIN { exit !($ratio > 1) }" && ok || bad "eval of a worse model: $ev"
+
+# --device / --dtype / --kv-type (docs/CUDA.md, "Choosing the device"). This machine has no GPU (or
+# the build no CUDA backend), so cuda is refused with that reason on every command, before any work.
+if "$HM" info -m "$W/tiny" --device cuda >/dev/null 2>&1; then
+  echo "note: a CUDA device is present: the --device cuda refusals are not checked"
+else
+  for cmd in "generate -m $W/tiny -p hi -n 2" "info -m $W/tiny" "bench --preset tiny --quick --no-peer" \
+             "route -m $W/tiny -p hi" "eval -m $W/tiny --data $W/corpus.txt"; do
+    # shellcheck disable=SC2086
+    expect_fail "$cmd --device cuda" "--device cuda: " "$HM" $cmd --device cuda
+  done
+  err=$("$HM" generate -m "$W/tiny" -p hi -n 2 --device cuda 2>&1 >/dev/null)
+  case "$err" in *"no CUDA backend"*|*"no usable CUDA device"*) ok ;; *) bad "--device cuda names no reason: $err" ;; esac
+  i=$("$HM" info -m "$W/tiny")
+  case "$i" in *"device: cpu, dtype f32, KV cache f16"*) ok ;; *) bad "info's default device line: $i" ;; esac
+fi
+expect_fail "unknown device" "--device must be cpu, cuda or auto, got 'gpu'" "$HM" generate -m "$W/tiny" -p hi --device gpu
+expect_fail "cpu bf16" "--dtype bf16: the cpu backend does not compute in this type" \
+  "$HM" generate -m "$W/tiny" -p hi --device cpu --dtype bf16
+expect_fail "cpu bf16 kv" "--kv-type bf16: the cpu backend has no KV cache of this type" \
+  "$HM" generate -m "$W/tiny" -p hi --device cpu --kv-type bf16
+expect_fail "unknown dtype" "--dtype must be f32, bf16, f16 or auto, got 'f64'" "$HM" info -m "$W/tiny" --dtype f64
+i=$("$HM" info -m "$W/tiny" --device cpu --kv-type f32)
+case "$i" in *"device: cpu, dtype f32, KV cache f32"*"weights in f32: "*"(f32)"*) ok ;; *) bad "info --kv-type f32: $i" ;; esac
+# The defaults on the CPU are the old behaviour: the same tokens with and without the options.
+d1=$("$HM" generate -m "$W/tiny" -p "the cat" -n 12 --seed 4)
+d2=$("$HM" generate -m "$W/tiny" -p "the cat" -n 12 --seed 4 --device cpu --dtype f32 --kv-type f16)
+[ -n "$d1" ] && [ "$d1" = "$d2" ] && ok || bad "--device cpu --dtype f32 --kv-type f16 changed the tokens: '$d1' vs '$d2'"
 
 # hm init keeps an existing model (or training run) unless --force.
 "$HM" init --preset tiny --out "$W/again" >/dev/null && ok || bad "init again"

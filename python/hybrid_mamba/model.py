@@ -93,7 +93,7 @@ class HybridMambaModel:
     The GIL is released while the engine computes; one computation runs per model at a time.
     """
 
-    def __init__(self, config=None, use_true_hybrid=None, *, seed=0, device="cpu", _core_model=None):
+    def __init__(self, config=None, use_true_hybrid=None, *, seed=0, device="cpu", dtype=None, _core_model=None):
         if _core_model is None:
             if config is None:
                 config = HybridMambaConfig()
@@ -113,18 +113,21 @@ class HybridMambaModel:
             text = HybridMambaConfig(**fields).to_json()
             if seed is None or int(seed) < 0:
                 raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-            _core_model = _core.Model.from_config(text, int(seed), device)
+            _core_model = _core.Model.from_config(text, int(seed), device, dtype or "")
         self._m = _core_model
-        self.device = device
+        self.device = self._m.device
+        self.dtype = self._m.dtype  # weights and activations: f32 on the CPU, bf16 on CUDA unless given
         self.config = HybridMambaConfig(**_without_type(json.loads(self._m.config_json)))
         self.last_stats = None  # timing of the last generate(): prefill_ms, decode_ms, tokens
 
     # --- loading and saving ---------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path, *, device="cpu"):
+    def from_pretrained(cls, path, *, device="cpu", dtype=None):
         """Loads a checkpoint directory (config.json, model.safetensors, tokenizer), or a
-        training output directory (its checkpoint/). The tokenizer comes with it."""
-        return cls(_core_model=_core.Model.from_dir(str(path), device), device=device)
+        training output directory (its checkpoint/). The tokenizer comes with it. device "cuda"
+        runs on the GPU (a ValueError saying why where there is none); dtype "f32", "bf16" or
+        "f16" (None: f32 on the CPU, bf16 on CUDA). The checkpoint is the same for both."""
+        return cls(_core_model=_core.Model.from_dir(str(path), device, dtype or ""))
 
     def save_pretrained(self, path, *, dtype="F32"):
         """Writes config.json, model.safetensors (F32, F16 or BF16) and the tokenizer, if the
@@ -152,9 +155,14 @@ class HybridMambaModel:
         logits = self._m.forward(ids)
         return logits[0] if single else logits
 
+    def _default_kv_type(self):
+        """hm generate's: an f16 KV cache on the CPU, bf16 on CUDA."""
+        return "bf16" if self.device == "cuda" else "f16"
+
     def _generate(self, input_ids, max_new_tokens, temperature, top_k, top_p, min_p,
                   repetition_penalty, seed, repeat_last_n, eos_token_id, kv_type, ctx, on_token):
         prompts, single = as_prompts(input_ids, "input_ids")
+        kv_type = kv_type or self._default_kv_type()
         tok = self.tokenizer
         if eos_token_id is _AUTO:
             eos_token_id = tok.eos if tok is not None else None
@@ -168,7 +176,7 @@ class HybridMambaModel:
 
     def generate(self, input_ids, max_new_tokens=64, temperature=0.8, top_k=40, top_p=0.95,
                  min_p=0.05, repetition_penalty=1.1, seed=0, *, repeat_last_n=64,
-                 eos_token_id=_AUTO, kv_type="f16", ctx=0):
+                 eos_token_id=_AUTO, kv_type=None, ctx=0):
         """Samples continuations with the engine's KV cache, recurrent state and sampling chain
         (the same as `hm generate` with the same settings and seed; sequence i samples with
         seed + i). Defaults are hm generate's; temperature 0 is greedy, top_k / top_p / min_p /
@@ -193,11 +201,12 @@ class HybridMambaModel:
 
     def generate_stream(self, input_ids, max_new_tokens=64, temperature=0.8, top_k=40, top_p=0.95,
                         min_p=0.05, repetition_penalty=1.1, seed=0, *, repeat_last_n=64,
-                        eos_token_id=_AUTO, kv_type="f16", ctx=0):
+                        eos_token_id=_AUTO, kv_type=None, ctx=0):
         """generate() as an iterator: yields (sequence index, token id) as each token is
         sampled. Each step of the engine runs in the caller's thread when the next token is
         asked for (the GIL released meanwhile); leaving the loop early stops the generation."""
         prompts, _ = as_prompts(input_ids, "input_ids")
+        kv_type = kv_type or self._default_kv_type()
         tok = self.tokenizer
         if eos_token_id is _AUTO:
             eos_token_id = tok.eos if tok is not None else None
@@ -229,7 +238,7 @@ class HybridMambaModel:
                                     kwargs.pop("top_k", 40), kwargs.pop("top_p", 0.95),
                                     kwargs.pop("min_p", 0.05), kwargs.pop("repetition_penalty", 1.1),
                                     kwargs.pop("seed", 0), kwargs.pop("repeat_last_n", 64),
-                                    kwargs.pop("eos_token_id", _AUTO), kwargs.pop("kv_type", "f16"),
+                                    kwargs.pop("eos_token_id", _AUTO), kwargs.pop("kv_type", None),
                                     kwargs.pop("ctx", 0), None)
         if kwargs:
             raise TypeError(f"generate_text got unexpected arguments {sorted(kwargs)}")

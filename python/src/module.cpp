@@ -53,7 +53,20 @@ struct Model {
 
 std::unique_ptr<hm::Backend> backend_for(const std::string& device) {
   HM_CHECK(device == "cpu" || device == "cuda", "device must be \"cpu\" or \"cuda\", got \"", device, "\"");
+  if (device == "cuda")
+    HM_CHECK(hm::cuda_available(), "device \"cuda\": ",
+             hm::compiled_devices().size() > 1 ? "no usable CUDA device is present (or the driver is too old for this build)"
+                                                : "this build has no CUDA backend (build with -DHM_CUDA=ON)",
+             "; use device=\"cpu\"");
   return hm::make_backend(device == "cpu" ? hm::Device::CPU : hm::Device::CUDA);
+}
+
+// dtype "" = the backend's default (f32 on the CPU, bf16 on CUDA); else f32, bf16 or f16.
+hm::DType dtype_for(const hm::Backend& be, const std::string& dtype) {
+  const hm::DType t = dtype.empty() ? be.default_dtype() : hm::compute_dtype_from_name(dtype);
+  HM_CHECK(be.supports(t), "dtype \"", dtype, "\": the ", be.name(), " backend does not compute in it",
+           be.device() == hm::Device::CPU ? " (cpu: f32 only)" : "");
+  return t;
 }
 
 std::string normalized_config(const std::string& json_text) {
@@ -61,23 +74,37 @@ std::string normalized_config(const std::string& json_text) {
   return hm::config_to_json(hm::config_from_json(j)).dump();
 }
 
-std::unique_ptr<Model> model_from_config(const std::string& json_text, uint64_t seed, const std::string& device) {
+std::unique_ptr<Model> model_from_config(const std::string& json_text, uint64_t seed, const std::string& device,
+                                         const std::string& dtype) {
   const hm::ModelConfig c = hm::config_from_json(nlohmann::json::parse(json_text));
   auto r = std::make_unique<Model>();
   r->be = backend_for(device);
+  const hm::DType t = dtype_for(*r->be, dtype);
   py::gil_scoped_release nogil;
-  r->m = std::make_unique<hm::HybridModel>(c, *r->be);
+  r->m = std::make_unique<hm::HybridModel>(c, *r->be, t);
   hm::init_params(r->m->params(), seed);
   r->m->prepare();
   return r;
 }
 
-std::unique_ptr<Model> model_from_dir(const std::string& path, const std::string& device) {
+std::unique_ptr<Model> model_from_dir(const std::string& path, const std::string& device, const std::string& dtype) {
   auto r = std::make_unique<Model>();
   r->be = backend_for(device);
+  const hm::DType t = dtype_for(*r->be, dtype);
   py::gil_scoped_release nogil;
   const std::string dir = hm::checkpoint_dir(path);
-  r->m = hm::load_any_model(dir, *r->be);
+  if (t == r->be->default_dtype()) {
+    r->m = hm::load_any_model(dir, *r->be);
+  } else {  // load_any_model in another compute type
+    const bool hf = hm::is_hf_model_dir(dir);
+    r->m = std::make_unique<hm::HybridModel>(
+        hf ? hm::load_hf_config(dir) : hm::load_config((std::filesystem::path(dir) / "config.json").string()), *r->be, t);
+    if (hf)
+      hm::load_hf_params(r->m->params(), dir);
+    else
+      hm::load_params(r->m->params(), (std::filesystem::path(dir) / "model.safetensors").string());
+    r->m->prepare();
+  }
   // No tokenizer for a model saved without one (made from a config), nor for a task model:
   // its ids are task symbols, not text.
   if (std::filesystem::exists(std::filesystem::path(dir) / "tokenizer.json") && hm::checkpoint_task(dir).name.empty())
@@ -409,8 +436,10 @@ PYBIND11_MODULE(_core, mod) {
 
   py::class_<Model>(mod, "Model")
       .def_static("from_config", &model_from_config, py::arg("config_json"), py::arg("seed") = 0,
-                  py::arg("device") = "cpu")
-      .def_static("from_dir", &model_from_dir, py::arg("path"), py::arg("device") = "cpu")
+                  py::arg("device") = "cpu", py::arg("dtype") = "")
+      .def_static("from_dir", &model_from_dir, py::arg("path"), py::arg("device") = "cpu", py::arg("dtype") = "")
+      .def_property_readonly("device", [](const Model& pm) { return std::string(hm::device_name(pm.be->device())); })
+      .def_property_readonly("dtype", [](const Model& pm) { return std::string(hm::compute_dtype_name(pm.m->dtype())); })
       .def("save", &save_dir, py::arg("dir"), py::arg("dtype") = "F32")
       .def_property_readonly("config_json", [](const Model& pm) { return hm::config_to_json(pm.m->config()).dump(); })
       .def_property_readonly("n_params", [](const Model& pm) { return pm.m->params().numel(); })

@@ -18,7 +18,9 @@
 
 #include "backend/backend.h"
 #include "backend/counting_backend.h"
+#include "cli/bench_common.h"
 #include "cli/commands.h"
+#include "cli/device.h"
 #include "cli/memory_guard.h"
 #include "core/error.h"
 #include "io/hf_model.h"
@@ -48,15 +50,6 @@ double process_cpu_ms() {
   clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
   return double(ts.tv_sec) * 1e3 + double(ts.tv_nsec) / 1e6;
 }
-// Every timing below is the median of --reps runs after one untimed warm-up, as the peer's
-// (statistics.median: the middle two averaged for an even count).
-double median(std::vector<double> v) {
-  if (v.empty()) return 0.0;
-  std::sort(v.begin(), v.end());
-  const size_t h = v.size() / 2;
-  return v.size() % 2 ? v[h] : 0.5 * (v[h - 1] + v[h]);
-}
-
 // The machine a figure was measured on: CPU model (/proc/cpuinfo) and L3 size (sysfs), so that
 // a bandwidth labelled DRAM can be checked against the cache it must exceed.
 std::string cpu_model_name() {
@@ -154,17 +147,6 @@ double measure_gemm_gflops(Backend& be) {
   return best;
 }
 
-// Multiply-add FLOPs of the matrix products of a forward over T tokens in n_seqs sequences
-// that produces logits for `rows` rows (the part a GEMM floor bounds; scan, conv, norms and
-// attention scores are counted separately below and are small at these lengths).
-double forward_gemm_flops(const ModelConfig& c, const Params& p, double T, double rows) {
-  double layer_params = 0;
-  for (const auto& s : p.specs())
-    if (s.shape.size() == 2 && s.name.find("embeddings") == std::string::npos && s.name != "lm_head.weight")
-      layer_params += double(s.numel());
-  return 2.0 * T * layer_params + 2.0 * rows * double(c.vocab_size) * c.d_model;
-}
-
 // Model FLOPs of one training step (forward + backward) per token at sequence length L: the work
 // the model needs, independent of how either implementation schedules it. Counted as
 //  - matrix products: 6 per weight of every linear map a token passes through (2 forward, 4
@@ -236,18 +218,6 @@ std::pair<int, double> run_child(const std::vector<std::string>& argv, bool quie
   struct rusage ru {};
   wait4(pid, &status, 0, &ru);
   return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, double(ru.ru_maxrss) / 1024.0};
-}
-
-std::string run_capture(const std::string& cmd) {
-  std::string out;
-  FILE* p = popen(cmd.c_str(), "r");
-  HM_CHECK(p != nullptr, "bench: cannot run '", cmd, "'");
-  std::array<char, 4096> buf{};
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
-  const int rc = pclose(p);
-  HM_CHECK(rc == 0, "bench: '", cmd, "' failed (status ", rc, ")");
-  return out;
 }
 
 
@@ -361,24 +331,7 @@ nlohmann::json routing_sweep(const HybridModel& src, Backend& cpu_be, int L, int
   return r;
 }
 
-// One line of the table `hm bench` prints without --json. `rate`: higher is better (tok/s);
-// otherwise a time. Missing figures are NaN and print as "-".
-struct Row {
-  std::string test, unit;
-  double ours, floor = NAN, peer = NAN;
-  bool rate = false;
-};
-
-std::string cell(double v, const char* suffix = "") {
-  if (!std::isfinite(v)) return "-";
-  char buf[64];
-  std::snprintf(buf, sizeof buf, std::fabs(v) >= 100 ? "%.1f%s" : std::fabs(v) >= 1 ? "%.2f%s" : "%.3g%s", v, suffix);
-  return buf;
-}
-
-// An aligned table like llama-bench's: one row per measurement; "of floor" is the fraction of
-// the machine's floor reached (floor time / ours, or ours / roofline rate), "vs peer" how many
-// times faster than the PyTorch peer.
+// The CPU bench's header, then its rows (print_rows).
 void print_table(const nlohmann::json& r, const std::vector<Row>& rows) {
   std::printf("model %s: %.3g M parameters (%.3g MB), %d threads, KV cache %s\n", r["preset"].get<std::string>().c_str(),
               r["params"].get<double>() / 1e6, r["weight_mb"].get<double>(), r["threads"].get<int>(),
@@ -386,31 +339,7 @@ void print_table(const nlohmann::json& r, const std::vector<Row>& rows) {
   std::printf("CPU %s, L3 %.0f MiB; each figure the median of %d runs after 1 warm-up%s\n\n",
               r["cpu_model"].get<std::string>().c_str(), r["l3_mb"].get<double>(), r["reps"].get<int>(),
               r.contains("torch_version") ? (", peer: PyTorch " + r["torch_version"].get<std::string>()).c_str() : "");
-  const std::vector<std::string> head = {"test", "ours", "unit", "floor", "of floor", "peer", "vs peer"};
-  std::vector<std::vector<std::string>> cells;
-  for (const Row& x : rows) {
-    const double of_floor = x.rate ? x.ours / x.floor : x.floor / x.ours;
-    const double vs_peer = x.rate ? x.ours / x.peer : x.peer / x.ours;
-    cells.push_back({x.test, cell(x.ours), x.unit, cell(x.floor), cell(of_floor), cell(x.peer), cell(vs_peer, "x")});
-  }
-  std::vector<size_t> w(head.size());
-  for (size_t j = 0; j < head.size(); ++j) {
-    w[j] = head[j].size();
-    for (const auto& row : cells) w[j] = std::max(w[j], row[j].size());
-  }
-  auto line = [&](const std::vector<std::string>& row) {
-    std::string out = "|";
-    for (size_t j = 0; j < row.size(); ++j) {
-      const std::string pad(w[j] - row[j].size(), ' ');
-      out += " " + (j == 0 || j == 2 ? row[j] + pad : pad + row[j]) + " |";  // text left, numbers right
-    }
-    std::printf("%s\n", out.c_str());
-  };
-  line(head);
-  std::string rule = "|";
-  for (size_t j = 0; j < head.size(); ++j) rule += " " + std::string(w[j] - (j == 0 || j == 2 ? 0 : 1), '-') + (j == 0 || j == 2 ? "" : ":") + " |";
-  std::printf("%s\n", rule.c_str());
-  for (const auto& row : cells) line(row);
+  print_rows(rows);
 }
 
 double num(const nlohmann::json& r, const char* key) { return r.contains(key) ? r[key].get<double>() : NAN; }
@@ -419,20 +348,24 @@ double num(const nlohmann::json& r, const char* key) { return r.contains(key) ? 
 
 Run add_bench(CLI::App& app) {
   struct Opts {
-    std::string preset = "seed", model, peer = std::string(HM_SOURCE_DIR) + "/bench/torch_peer.py";
+    std::string preset = "seed", config, model, peer = std::string(HM_SOURCE_DIR) + "/bench/torch_peer.py";
     int threads = 0, reps = 5;
-    std::string kv = "f16";
+    DeviceOptions dev;
     bool json = false, no_peer = false, quick = false;
     bool train = false, routing_sweep = false;
     int batch = 8, seq_len = 128, steps = 5;
   };
   auto o = std::make_shared<Opts>();
   app.add_option("--preset", o->preset, "Preset to measure (random weights)")->capture_default_str();
+  app.add_option("--config", o->config, "A config.json to measure (random weights) instead of a preset");
   app.add_option("--model", o->model, "Measure this checkpoint instead of a preset");
   app.add_option("--threads,-t", o->threads, "Threads for us and the peer (0 = all cores)")->capture_default_str();
   app.add_option("--reps", o->reps, "Repetitions per timing (median reported)")->capture_default_str();
-  app.add_option("--peer", o->peer, "Path of the PyTorch peer script")->capture_default_str();
-  app.add_option("--kv-type", o->kv, "KV cache element type: f16 or f32")->capture_default_str();
+  CLI::Option* peer_opt =
+      app.add_option("--peer", o->peer, "Path of the PyTorch peer script. --device cuda: run mamba_ssm on the same "
+                     "weights only when given, PATH naming bench/cuda_peer.py (default: beside the default)")
+          ->capture_default_str()->expected(0, 1);
+  add_device_options(app, o->dev, true);
   app.add_flag("--json", o->json, "Print one JSON object");
   app.add_flag("--no-peer", o->no_peer, "Skip the PyTorch peer");
   app.add_flag("--quick", o->quick, "Contexts up to 1024 only (for smoke tests)");
@@ -445,15 +378,36 @@ Run add_bench(CLI::App& app) {
                "True hybrid: prefill time and counted FLOPs at forced attention fractions 0..1 against routing_mode both");
   app.add_option("--steps", o->steps, "--train: timed steps (after one warm-up step)")->capture_default_str();
   add_max_memory(app);
-  return [o, seq_len_opt] {
+  app.footer("--device cuda measures prefill, time to first token, decode, device memory and the floors on the GPU "
+             "(and mamba_ssm with --peer); with --json the table goes to stderr.");
+  return [o, seq_len_opt, peer_opt] {
     namespace fs = std::filesystem;
     if (o->threads > 0) set_num_threads(o->threads);
     const int threads = num_threads();
-    const KvType kv = kv_type_from_name(o->kv);
-    auto be = make_cpu_backend();
+    HM_CHECK(o->model.empty() || o->config.empty(), "bench: give --model or --config, not both");
+    DeviceSetup dev = open_device(o->dev);
+    if (dev.device() != Device::CPU) {
+      HM_CHECK(!o->train && !o->routing_sweep, "bench --device ", device_name(dev.device()),
+               ": --train and --routing-sweep measure the CPU; use --device cpu");
+      DeviceBenchOptions d;
+      d.preset = o->preset;
+      d.config = o->config;
+      d.model = o->model;
+      d.peer = peer_opt->count() > 0;
+      const std::string cpu_peer = std::string(HM_SOURCE_DIR) + "/bench/torch_peer.py";
+      d.peer_script = o->peer == cpu_peer ? std::string(HM_SOURCE_DIR) + "/bench/cuda_peer.py" : o->peer;
+      d.json = o->json;
+      d.quick = o->quick;
+      d.reps = o->reps;
+      return bench_device(d, dev);
+    }
+    const KvType kv = dev.kv;
+    Backend* be = dev.be.get();
     std::string dir = o->model;
-    check_memory(estimate_memory(dir.empty() ? preset(o->preset) : load_any_config(dir),
-                                 o->train ? train_shape(o->batch, o->seq_len, threads) : inference_shape(2, 8192, o->kv)),
+    const ModelConfig given = !dir.empty() ? load_any_config(dir) : o->config.empty() ? preset(o->preset)
+                                                                                      : load_config(o->config);
+    check_memory(estimate_memory(given, o->train ? train_shape(o->batch, o->seq_len, threads)
+                                                 : inference_shape(2, 8192, dev.kv_name())),
                  "hm bench");
     std::string tmpdir;
     std::unique_ptr<HybridModel> model;
@@ -461,7 +415,7 @@ Run add_bench(CLI::App& app) {
       char tmpl[] = "/tmp/hm-bench-XXXXXX";
       HM_CHECK(mkdtemp(tmpl) != nullptr, "bench: cannot create a temporary directory");
       tmpdir = dir = tmpl;
-      model = std::make_unique<HybridModel>(preset(o->preset), *be);
+      model = std::make_unique<HybridModel>(given, *be);
       init_params(model->params(), 1234);
       model->prepare();
       save_model(*model, dir);
@@ -474,9 +428,9 @@ Run add_bench(CLI::App& app) {
     Rng rng(42);
     std::vector<float> logits;
     nlohmann::json r;
-    r["preset"] = o->model.empty() ? o->preset : dir;
+    r["preset"] = !o->model.empty() ? dir : !o->config.empty() ? o->config : o->preset;
     r["threads"] = threads;
-    r["kv_type"] = o->kv;
+    r["kv_type"] = dev.kv_name();
     r["params"] = model->params().numel();
     r["weight_mb"] = double(model->weight_bytes()) / 1e6;
     r["cpu_model"] = cpu_model_name();
@@ -701,7 +655,8 @@ Run add_bench(CLI::App& app) {
     {
       auto [rc, mb] = run_child({"/proc/self/exe", "generate", "--model", dir, "--prompt",
                                  "The quick brown fox jumps over the lazy dog.", "-n", "50",
-                                 "--threads", std::to_string(threads), "--kv-type", o->kv}, true);
+                                 "--threads", std::to_string(threads), "--kv-type", dev.kv_name(),
+                                 "--device", "cpu"}, true);
       HM_CHECK(rc == 0, "bench: hm generate failed with status ", rc);
       r["peak_rss_mb"] = mb;
     }

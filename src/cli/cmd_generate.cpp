@@ -3,6 +3,7 @@
 
 #include "backend/backend.h"
 #include "cli/commands.h"
+#include "cli/device.h"
 #include "cli/memory_guard.h"
 #include "core/error.h"
 #include "io/hf_model.h"
@@ -19,7 +20,7 @@ Run add_generate(CLI::App& app) {
     std::vector<std::string> prompts, prompt_files;
     int max_new = 64, threads = 0, ctx = 0;
     bool no_bos = false, stats = false;
-    std::string kv = "f16";
+    DeviceOptions dev;
     SamplingParams sp;
   };
   auto o = std::make_shared<Opts>();
@@ -40,7 +41,7 @@ Run add_generate(CLI::App& app) {
   app.add_option("--seed,-s", o->sp.seed, "Sampling seed")->capture_default_str();
   app.add_option("--threads,-t", o->threads, "Threads (0 = all cores)")->capture_default_str()->check(non_negative());
   app.add_option("--ctx", o->ctx, "Context size (0 = prompt + new tokens)")->capture_default_str()->check(non_negative());
-  app.add_option("--kv-type", o->kv, "KV cache element type: f16 or f32")->capture_default_str();
+  add_device_options(app, o->dev, true);
   app.add_flag("--no-bos", o->no_bos, "Do not prepend the BOS token");
   app.add_flag("--stats", o->stats, "Print timing to stderr at the end");
   app.footer("Prompts given with --prompt come first, then those of --prompt-file; -f FILE and -p - (standard "
@@ -52,17 +53,16 @@ Run add_generate(CLI::App& app) {
              "input) or --prompt-file FILE");
     if (o->sp.temperature == 0 && penalty->count() == 0) o->sp.repeat_penalty = 1.0f;  // plain greedy
     validate(o->sp);
-    kv_type_from_name(o->kv);
+    DeviceSetup dev = open_device(o->dev);
     if (o->threads > 0) set_num_threads(o->threads);
     std::vector<std::string> texts;
     for (const auto& p : o->prompts) texts.push_back(prompt_text(p));
     for (const auto& f : o->prompt_files) texts.push_back(prompt_file_text(f));
     check_model_memory(o->model,
                        inference_shape(int64_t(texts.size()),
-                                       o->ctx > 0 ? o->ctx : max_prompt_tokens(texts) + o->max_new, o->kv),
+                                       o->ctx > 0 ? o->ctx : max_prompt_tokens(texts) + o->max_new, dev.kv_name()),
                        "hm generate");
-    auto be = make_cpu_backend();
-    auto model = load_any_model(o->model, *be);
+    auto model = load_model_on(o->model, *dev.be, dev.dtype);
     auto tok = load_tokenizer(o->model);
     std::vector<std::vector<int32_t>> prompts;
     for (size_t i = 0; i < texts.size(); ++i) {
@@ -74,7 +74,7 @@ Run add_generate(CLI::App& app) {
     for (const auto& p : prompts) longest = std::max(longest, p.size());
     warn_if_past_trained_context(o->model, int64_t(longest));
     const int ctx = o->ctx > 0 ? o->ctx : int(longest) + o->max_new;
-    HybridMemory mem(*be, model->config(), int(prompts.size()), ctx, kv_type_from_name(o->kv));
+    HybridMemory mem(*dev.be, model->config(), int(prompts.size()), ctx, dev.kv);
     GenerateOptions opt;
     opt.max_new_tokens = o->max_new;
     opt.sampling = o->sp;

@@ -5,6 +5,7 @@
 
 #include "backend/backend.h"
 #include "cli/commands.h"
+#include "cli/device.h"
 #include "cli/memory_guard.h"
 #include "core/error.h"
 #include "io/hf_model.h"
@@ -46,23 +47,32 @@ Run add_init(CLI::App& app) {
 }
 
 Run add_info(CLI::App& app) {
-  auto dir = std::make_shared<std::string>();
-  app.add_option("--model,-m", *dir, "Checkpoint directory, or a training run's folder")->required();
-  return [dir] {
-    const ModelConfig c = load_any_config(*dir);
-    std::printf("%s\nparameters: %lld\n", config_to_json(c).dump(2).c_str(),
-                static_cast<long long>(count_params(c)));
+  struct Opts { std::string dir; DeviceOptions dev; };
+  auto o = std::make_shared<Opts>();
+  app.add_option("--model,-m", o->dir, "Checkpoint directory, or a training run's folder")->required();
+  add_device_options(app, o->dev, true);
+  return [o] {
+    const ModelConfig c = load_any_config(o->dir);
+    const DeviceSetup dev = open_device(o->dev);
+    const int64_t n = count_params(c);
+    std::printf("%s\nparameters: %lld\n", config_to_json(c).dump(2).c_str(), static_cast<long long>(n));
     for (int i = 0; i < c.n_layers; ++i)
       std::printf("layer %2d: %-9s%s\n", i,
                   c.is_true(i) ? "true" : c.is_attention(i) ? "attention" : "mamba",
                   c.has_bridge(i) ? " (bridge in front)" : "");
+    // Where the commands would run it (the same --device/--dtype/--kv-type resolution).
+    std::printf("device: %s, dtype %s, KV cache %s\n", device_name(dev.device()), compute_dtype_name(dev.dtype),
+                dev.kv_name().c_str());
+    std::printf("weights in %s: %s (%lld bytes)\n", compute_dtype_name(dev.dtype),
+                format_bytes(n * int64_t(dtype_size(dev.dtype))).c_str(),
+                static_cast<long long>(n * int64_t(dtype_size(dev.dtype))));
     // The memory estimate the commands check (--max-memory): weights, and per sequence the KV
     // cache and recurrent state at a few contexts.
     std::printf("memory: weights %s (float32)\n", format_bytes(estimate_memory(c, RunShape{}).weights).c_str());
     for (int64_t ctx : {512, 2048, 8192, 32768}) {
-      const MemoryEstimate e = estimate_memory(c, inference_shape(1, ctx, "f16"));
-      std::printf("  one sequence at context %5lld: KV cache %s (f16; x2 with --kv-type f32) + state %s\n",
-                  static_cast<long long>(ctx), format_bytes(e.kv_cache).c_str(), format_bytes(e.state).c_str());
+      const MemoryEstimate e = estimate_memory(c, inference_shape(1, ctx, dev.kv_name()));
+      std::printf("  one sequence at context %5lld: KV cache %s (%s) + state %s\n", static_cast<long long>(ctx),
+                  format_bytes(e.kv_cache).c_str(), dev.kv_name().c_str(), format_bytes(e.state).c_str());
     }
     return 0;
   };

@@ -10,6 +10,7 @@
 #include "backend/backend.h"
 #include "backend/counting_backend.h"
 #include "cli/commands.h"
+#include "cli/device.h"
 #include "cli/memory_guard.h"
 #include "core/error.h"
 #include "io/hf_model.h"
@@ -212,6 +213,7 @@ Run add_route(CLI::App& app) {
     bool json = false, no_bos = false;
     int threads = 0;
     int64_t task_examples = 0;
+    DeviceOptions dev;
   };
   auto o = std::make_shared<Opts>();
   app.add_option("--model,-m", o->model, "Checkpoint directory or training run's folder (a model with true-hybrid "
@@ -228,9 +230,11 @@ Run add_route(CLI::App& app) {
   app.add_option("--heatmap", o->heatmap, "SVG heatmap to write (\"\" = none)")->capture_default_str();
   app.add_flag("--no-bos", o->no_bos, "Do not prepend the BOS token");
   app.add_option("--threads,-t", o->threads, "Threads (0 = all cores)")->capture_default_str()->check(non_negative());
+  add_device_options(app, o->dev, false);  // routing keeps a float32 KV cache (get_routing_analysis)
   add_max_memory(app);
   return [o] {
     if (o->threads > 0) set_num_threads(o->threads);
+    DeviceSetup dev = open_device(o->dev);
     o->prompt = o->prompt_file.empty() ? prompt_text(o->prompt) : prompt_file_text(o->prompt_file);
     const TaskSpec task = checkpoint_task(o->model);
     if (!task.name.empty()) {
@@ -245,8 +249,7 @@ Run add_route(CLI::App& app) {
     const std::string dir = checkpoint_dir(o->model);
     check_model_memory(dir, inference_shape(1, task.name.empty() ? int64_t(o->prompt.size()) + 1 : task.seq_len, "f32"),
                        "hm route");
-    auto be = make_cpu_backend();
-    auto model = load_any_model(dir, *be);
+    auto model = load_model_on(dir, *dev.be, dev.dtype);
     const ModelConfig& c = model->config();
     HM_CHECK(!c.true_layers.empty(), "route: the model in '", o->model, "' has no true-hybrid layers "
              "(\"hybrid\": \"", c.hybrid, "\"); routing exists only in true_layers (e.g. hm init "

@@ -3,6 +3,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
+#include "cli/device.h"
 #include "cli/memory_guard.h"
 #include "core/error.h"
 #include "core/interrupt.h"
@@ -74,6 +75,7 @@ Run add_eval(CLI::App& app) {
     int64_t max_tokens = -1, examples = 1000;
     bool json = false;
     TaskSpec task;
+    DeviceOptions dev;
   };
   auto o = std::make_shared<Opts>();
   app.add_option("--model,-m", o->model, "A training --out directory or a checkpoint directory")->required();
@@ -89,9 +91,17 @@ Run add_eval(CLI::App& app) {
   app.add_option("--batch", o->batch, "Windows per forward")->capture_default_str();
   app.add_option("--threads,-t", o->threads, "Threads (0 = all cores)")->capture_default_str()->check(non_negative());
   app.add_flag("--json", o->json, "Print one JSON object");
+  // Evaluation computes on the CPU (src/train's evaluate and evaluate_task make their own CPU
+  // backend), so the default here is cpu whatever the machine has.
+  o->dev.device = "cpu";
+  add_device_options(app, o->dev, false);
   add_max_memory(app);
   return [o] {
     if (o->threads > 0) set_num_threads(o->threads);
+    HM_CHECK(resolve_device(o->dev.device) == Device::CPU, "hm eval --device cuda: evaluation runs on the CPU "
+             "only for now (the training forward it uses has no CUDA path); use --device cpu");
+    HM_CHECK(o->dev.dtype == "auto" || o->dev.dtype == "f32", "hm eval --dtype ", o->dev.dtype,
+             ": evaluation computes in f32 only");
     HM_CHECK(o->data.empty() != o->task.name.empty(), "give exactly one of --data (perplexity) and --task (accuracy)");
     check_model_memory(o->model, eval_shape(o->model, o->seq_len, o->batch, !o->task.name.empty()), "hm eval");
     if (!o->task.name.empty()) {

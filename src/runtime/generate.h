@@ -37,10 +37,16 @@ using TokenCallback = std::function<bool(int seq, int32_t token)>;
 // once every sequence has finished. stop(i) ends sequence i before the next step.
 // Sequence i uses memory slot i (mem must have at least prompts.size() slots); the slots are
 // reset first. Sequence i samples with seed sampling.seed + i.
+// On the CUDA backend the logits stay on the device and the device sampler (kernels/cuda/
+// sampling.h) runs the same chain with the same RNG, so the tokens equal the CPU chain's for the
+// same seed and only token ids cross to the host (repeat_last_n at most 1024 there).
 class Generator {
  public:
   Generator(HybridModel& model, HybridMemory& mem, const std::vector<std::vector<int32_t>>& prompts,
             const GenerateOptions& opt, GenerateStats* stats = nullptr);
+  ~Generator();
+  // True when tokens are sampled on the device (the CUDA backend).
+  bool samples_on_device() const { return dev_ != nullptr; }
   const std::vector<std::pair<int, int32_t>>& next();
   void stop(int seq);
   // The tokens generated so far per sequence (prompts excluded).
@@ -59,6 +65,8 @@ class Generator {
   std::vector<std::pair<int, int32_t>> step_;
   bool started_ = false;
   std::chrono::steady_clock::time_point t_decode_;
+  struct DeviceSampling;  // the CUDA path (generate.cpp); null on host backends
+  std::unique_ptr<DeviceSampling> dev_;
 };
 
 // Generator to the end, calling on_token for every token (false stops that sequence). Returns

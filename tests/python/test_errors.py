@@ -1,6 +1,7 @@
 """Bad input from Python gets ValueError / TypeError naming the argument, field or shape, and
 the interpreter (and the model) survive it."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -57,6 +58,10 @@ def test_model_construction_errors(tmp_path):
         HybridMambaModel(true_cfg, use_true_hybrid=False)
     with pytest.raises(ValueError, match="device must be \"cpu\" or \"cuda\""):
         HybridMambaModel(HybridMambaConfig.from_preset("tiny"), device="tpu")
+    with pytest.raises(ValueError, match="the cpu backend does not compute in it \\(cpu: f32 only\\)"):
+        HybridMambaModel(HybridMambaConfig.from_preset("tiny"), dtype="bf16")
+    with pytest.raises(ValueError, match="type must be f32, bf16 or f16, got 'f64'"):
+        HybridMambaModel(HybridMambaConfig.from_preset("tiny"), dtype="f64")
     with pytest.raises(ValueError, match="is not a directory"):
         HybridMambaModel.from_pretrained(tmp_path / "missing")
     (tmp_path / "broken").mkdir()
@@ -65,6 +70,18 @@ def test_model_construction_errors(tmp_path):
         HybridMambaModel.from_pretrained(tmp_path / "broken")
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         HybridMambaConfig.from_preset("huge")
+
+
+def test_cuda_unavailable_is_a_clear_error(tmp_path):
+    # This suite runs where there is no GPU (CI): device="cuda" names why; with a GPU, it loads.
+    try:
+        m = HybridMambaModel(HybridMambaConfig.from_preset("tiny"), device="cuda")
+    except ValueError as e:
+        assert re.search(r'device "cuda": (this build has no CUDA backend|no usable CUDA device)', str(e)), str(e)
+        with pytest.raises(ValueError, match='device "cuda": '):
+            HybridMambaModel.from_pretrained(tmp_path, device="cuda")
+        return
+    assert (m.device, m.dtype) == ("cuda", "bf16")
 
 
 def test_input_errors(tiny):

@@ -1,0 +1,52 @@
+// What hm bench's CPU and CUDA modes share (cmd_bench.cpp, bench_cuda.cpp): the statistic, the
+// GEMM FLOP count of a forward, child processes, and the aligned table.
+#pragma once
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "model/config.h"
+#include "model/params.h"
+
+namespace hm::cli {
+
+// Every timing is the median of --reps runs after warm-up, as the peers' (statistics.median: the
+// middle two averaged for an even count).
+double median(std::vector<double> v);
+
+// Multiply-add FLOPs of the matrix products of a forward over T tokens in n_seqs sequences
+// that produces logits for `rows` rows (the part a GEMM floor bounds; scan, conv, norms and
+// attention scores are counted separately below and are small at these lengths).
+double forward_gemm_flops(const ModelConfig& c, const Params& p, double T, double rows);
+
+// Runs a shell command; its exit status and standard output.
+std::pair<int, std::string> run_capture_status(const std::string& cmd);
+// The same, hm::Error when it exits non-zero.
+std::string run_capture(const std::string& cmd);
+
+// One line of the table `hm bench` prints without --json. `rate`: higher is better (tok/s);
+// otherwise a time. Missing figures are NaN and print as "-".
+struct Row {
+  std::string test, unit;
+  double ours, floor = NAN, peer = NAN;
+  bool rate = false;
+};
+std::string cell(double v, const char* suffix = "");
+// An aligned table like llama-bench's: one row per measurement; "of floor" is the fraction of
+// the machine's floor reached (floor time / ours, or ours / roofline rate), "vs peer" how many
+// times faster than the peer.
+void print_rows(const std::vector<Row>& rows, FILE* out = stdout);
+
+struct DeviceSetup;
+// hm bench on a device backend (bench_device.cpp): prefill, time to first token, decode, device
+// memory and the floors, and with `peer` mamba_ssm on the same weights (bench/cuda_peer.py).
+struct DeviceBenchOptions {
+  std::string preset = "seed", config, model, peer_script;
+  bool peer = false, json = false, quick = false;
+  int reps = 5;
+};
+int bench_device(const DeviceBenchOptions& o, DeviceSetup& dev);
+
+}  // namespace hm::cli

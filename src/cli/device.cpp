@@ -1,0 +1,82 @@
+#include "cli/device.h"
+
+#include <algorithm>
+#include <filesystem>
+
+#include "core/error.h"
+#include "io/hf_model.h"
+#include "model/params.h"
+
+namespace hm::cli {
+
+void add_device_options(CLI::App& app, DeviceOptions& o, bool kv) {
+  app.add_option("--device", o.device, "cpu or cuda (auto: cuda when a GPU is present, else cpu)")
+      ->capture_default_str();
+  app.add_option("--dtype", o.dtype, "Type of weights and activations: f32, bf16 or f16 (auto: f32 on cpu, bf16 "
+                 "on cuda; cpu computes in f32 only)")->capture_default_str();
+  if (kv)
+    app.add_option("--kv-type", o.kv, "KV cache element type: f32, f16 or bf16 (auto: f16 on cpu, bf16 on cuda; "
+                   "cpu: f32 or f16)")->capture_default_str();
+}
+
+Device resolve_device(const std::string& name) {
+  if (name == "auto") return cuda_available() ? Device::CUDA : Device::CPU;
+  Device d;
+  try {
+    d = device_from_name(name);
+  } catch (const Error&) {
+    throw Error(detail::cat("--device must be cpu, cuda or auto, got '", name, "'"));
+  }
+  if (d == Device::CUDA) {
+    const auto compiled = compiled_devices();
+    HM_CHECK(std::find(compiled.begin(), compiled.end(), Device::CUDA) != compiled.end(),
+             "--device cuda: this build has no CUDA backend (configure with -DHM_CUDA=ON); use --device cpu");
+    HM_CHECK(cuda_available(), "--device cuda: no usable CUDA device is present (or the driver is too old for "
+             "this build); use --device cpu");
+  }
+  return d;
+}
+
+DeviceSetup open_device(const DeviceOptions& o) {
+  // Every name is checked before the device is opened.
+  const Device d = resolve_device(o.device);
+  auto type = [](const std::string& opt, const std::string& v) {
+    try {
+      return compute_dtype_from_name(v);
+    } catch (const Error&) {
+      throw Error(detail::cat(opt, " must be f32, bf16, f16 or auto, got '", v, "'"));
+    }
+  };
+  const bool auto_dtype = o.dtype == "auto", auto_kv = o.kv == "auto";
+  const DType dtype = auto_dtype ? DType::F32 : type("--dtype", o.dtype);
+  const DType kv = auto_kv ? DType::F16 : type("--kv-type", o.kv);
+  DeviceSetup s;
+  s.be = make_backend(d);
+  const char* dev = device_name(d);
+  s.dtype = auto_dtype ? s.be->default_dtype() : dtype;
+  s.kv = auto_kv ? (d == Device::CUDA ? KvType::BF16 : KvType::F16) : kv;
+  HM_CHECK(s.be->supports(s.dtype), "--dtype ", compute_dtype_name(s.dtype), ": the ", dev,
+           " backend does not compute in this type", d == Device::CPU ? " (cpu: f32 only)" : "");
+  HM_CHECK(s.be->supports_kv(s.kv), "--kv-type ", compute_dtype_name(s.kv), ": the ", dev,
+           " backend has no KV cache of this type", d == Device::CPU ? " (cpu: f32 or f16)" : "");
+  return s;
+}
+
+std::unique_ptr<HybridModel> load_model_on(const std::string& dir, Backend& be, DType dtype) {
+  namespace fs = std::filesystem;
+  if (dtype == be.default_dtype()) return load_any_model(dir, be);
+  if (is_hf_model_dir(dir)) {
+    auto m = std::make_unique<HybridModel>(load_hf_config(dir), be, dtype);
+    load_hf_params(m->params(), dir);
+    m->prepare();
+    return m;
+  }
+  HM_CHECK(fs::is_directory(dir), "model: '", dir, "' is not a directory (expected a checkpoint folder "
+           "with config.json and model.safetensors)");
+  auto m = std::make_unique<HybridModel>(load_config((fs::path(dir) / "config.json").string()), be, dtype);
+  load_params(m->params(), (fs::path(dir) / "model.safetensors").string());
+  m->prepare();
+  return m;
+}
+
+}  // namespace hm::cli
