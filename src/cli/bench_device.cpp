@@ -303,9 +303,10 @@ int bench_device(const DeviceBenchOptions& o, DeviceSetup& dev) {
     r["floors"] = measure_floors(be, o.reps);
     gemm = r["floors"]["gemm_bf16_tflops"].get<double>() * 1e12;
     copy = r["floors"]["copy_gb_s"].get<double>() * 1e9;
-  } catch (const Error& e) {
+  } catch (const std::exception& e) {
     r["floors"] = {{"error", e.what()}};
   }
+  std::fprintf(stderr, "bench: floors %s\n", r["floors"].dump().c_str());
 
   Rng rng(42);
   std::vector<DecodeCase> cases = {{1, 16}, {16, 16}, {64, 16}, {1, 128}, {16, 128}, {1, 8192}, {16, 8192}};
@@ -321,9 +322,10 @@ int bench_device(const DeviceBenchOptions& o, DeviceSetup& dev) {
           dc.batch / (decode_step_bytes(m, dc.batch, dc.context + kNewTokens / 2.0, dev.kv) / copy);
       j["floor_tok_s"] = floor_tok_s;
       if (j["tok_s"].is_number()) j["floor_fraction"] = j["tok_s"].get<double>() / floor_tok_s;
-    } catch (const Error& e) {  // e.g. out of device memory at 16 x 8192: recorded, the run goes on
+    } catch (const std::exception& e) {  // e.g. out of device memory at 16 x 8192: recorded, the run goes on
       j = {{"batch", dc.batch}, {"context", dc.context}, {"error", e.what()}};
     }
+    std::fprintf(stderr, "bench: decode %s\n", j.dump().c_str());  // kept if the run is cut short
     r["decode"].push_back(j);
   }
   r["prefill"] = json::array();
@@ -335,9 +337,10 @@ int bench_device(const DeviceBenchOptions& o, DeviceSetup& dev) {
       const double floor_ms = forward_gemm_flops(c, m.params(), double(b) * kPrefillLen, b) / gemm * 1e3;
       j["floor_ms"] = floor_ms;
       j["floor_fraction"] = floor_ms / j["ms"].get<double>();
-    } catch (const Error& e) {
+    } catch (const std::exception& e) {
       j = {{"batch", b}, {"seq_len", kPrefillLen}, {"error", e.what()}};
     }
+    std::fprintf(stderr, "bench: prefill %s\n", j.dump().c_str());
     r["prefill"].push_back(j);
   }
 
@@ -365,7 +368,7 @@ int bench_device(const DeviceBenchOptions& o, DeviceSetup& dev) {
     write_f32(ours_prefill, pre);
     write_f32(ours_decode, dec);
     r["logits_check"] = {{"tokens", kCheckTokens}, {"ours_decode_vs_ours_prefill", compare_logits(pre, dec, V)}};
-  } catch (const Error& e) {
+  } catch (const std::exception& e) {
     r["logits_check"] = {{"error", e.what()}};
   }
 
