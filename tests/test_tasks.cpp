@@ -468,3 +468,34 @@ TEST(Tasks, RouteTaskAveragesTheRoutesOfEachRole) {
   hm::HybridModel simple(hm::arch_config("hybrid", 32, s.vocab, 2), *be);
   EXPECT_THROW(hm::route_task(simple, s, 1), hm::Error);
 }
+
+// Saved task settings (a run's settings.json) are read with types and ranges checked: a float,
+// a negative or an out-of-range count names the field instead of being truncated or wrapped.
+TEST(Tasks, SettingsFromJsonAreChecked) {
+  const nlohmann::json good = {{"name", "mqar"}, {"vocab", 64}, {"seq_len", 32}, {"kv", 4}};
+  const hm::TaskSpec s = hm::task_from_json(good);
+  EXPECT_EQ(s.name, "mqar");
+  EXPECT_EQ(s.vocab, 64);
+  EXPECT_EQ(s.seq_len, 32);
+  EXPECT_EQ(s.kv, 4);
+  auto error_of = [](const nlohmann::json& j) {
+    try {
+      hm::task_from_json(j);
+    } catch (const hm::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  auto with = [&](const char* key, const nlohmann::json& v) {
+    nlohmann::json j = good;
+    j[key] = v;
+    return j;
+  };
+  EXPECT_NE(error_of(with("vocab", 64.5)).find("vocab"), std::string::npos);
+  EXPECT_NE(error_of(with("seq_len", -3)).find("seq_len"), std::string::npos);
+  EXPECT_NE(error_of(with("kv", 4294967296LL)).find("kv"), std::string::npos);
+  EXPECT_NE(error_of(with("name", 7)).find("name"), std::string::npos);
+  nlohmann::json missing = good;
+  missing.erase("seq_len");
+  EXPECT_NE(error_of(missing).find("seq_len"), std::string::npos);
+}

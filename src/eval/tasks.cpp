@@ -1,12 +1,14 @@
 #include "eval/tasks.h"
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <limits>
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
 #include "core/rng.h"
+#include "io/json_read.h"
 #include "model/model.h"
 #include "model/routing.h"
 #include "runtime/memory.h"
@@ -208,15 +210,14 @@ nlohmann::json task_to_json(const TaskSpec& s) {
 }
 
 TaskSpec task_from_json(const nlohmann::json& j) {
+  // Typed, range-checked reads: a float or an out-of-range number is an error naming the field,
+  // not a value silently truncated or wrapped (validate_task then checks the task's own rules).
+  const JsonFields f(j, "task settings");
   TaskSpec s;
-  try {
-    s.name = j.at("name").get<std::string>();
-    s.vocab = j.at("vocab").get<int>();
-    s.seq_len = j.at("seq_len").get<int>();
-    s.kv = j.at("kv").get<int>();
-  } catch (const nlohmann::json::exception& e) {
-    throw Error(detail::cat("task settings: ", e.what()));
-  }
+  s.name = f.get_string("name");
+  s.vocab = int(f.get_int("vocab", 1, INT32_MAX));
+  s.seq_len = int(f.get_int("seq_len", 1, INT32_MAX));
+  s.kv = int(f.get_int("kv", 0, INT32_MAX));
   return s;
 }
 
