@@ -28,6 +28,9 @@ class Backend {
   virtual bool supports_kv(DType t) const = 0;
   // The activation type a model gets on this backend when none is asked for.
   virtual DType default_dtype() const = 0;
+  // Weight formats a linear's W may have on top of float32 activations (BF16, Q8_0, Q4_0:
+  // HybridModel::set_weight_format); none unless the backend says so.
+  virtual bool supports_weight_format(DType /*t*/) const { return false; }
 
   // Memory. Allocations are not zeroed.
   virtual void* alloc(size_t bytes) = 0;
@@ -50,7 +53,8 @@ class Backend {
   // out[n,d] = x * rsqrt(mean_d(x^2) + eps) * w
   virtual void rmsnorm(Tensor out, Tensor x, Tensor w, float eps) = 0;
   // y[m,n] (=|+=) x[m,k] . W[n,k]^T (W a PyTorch Linear weight); y may be F32 with lower-
-  // precision x and W (the LM head writes float logits).
+  // precision x and W (the LM head writes float logits). With F32 x and y, W may be in a weight
+  // format the backend supports (supports_weight_format): kernels/quant.h's linear_packed.
   virtual void linear(Tensor y, Tensor x, Tensor W, bool accumulate) = 0;
   // out[n,f] = silu(g) * u
   virtual void swiglu(Tensor out, Tensor g, Tensor u) = 0;

@@ -61,6 +61,7 @@ class CountingBackend final : public Backend {
   void free(void* p) override { in_.free(p); }
   void to_device(void* dst, const void* src, size_t bytes) override { in_.to_device(dst, src, bytes); }
   void to_host(void* dst, const void* src, size_t bytes) override { in_.to_host(dst, src, bytes); }
+  bool supports_weight_format(DType t) const override { return in_.supports_weight_format(t); }
   void copy(void* dst, const void* src, size_t bytes) override { in_.copy(dst, src, bytes); }
   void memzero(void* p, size_t bytes) override { in_.memzero(p, bytes); }
   void synchronize() override { in_.synchronize(); }

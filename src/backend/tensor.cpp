@@ -5,6 +5,7 @@
 
 #include "backend/backend.h"
 #include "io/safetensors.h"
+#include "kernels/quant.h"
 
 namespace hm {
 
@@ -20,8 +21,31 @@ const char* compute_dtype_name(DType t) {
     case DType::F32: return "f32";
     case DType::BF16: return "bf16";
     case DType::F16: return "f16";
+    case DType::Q8_0: return "q8_0";
+    case DType::Q4_0: return "q4_0";
     default: return dtype_name(t);
   }
+}
+
+DType weight_format_from_name(const std::string& name) {
+  for (DType t : {DType::F32, DType::BF16, DType::Q8_0, DType::Q4_0})
+    if (name == compute_dtype_name(t)) return t;
+  throw Error(detail::cat("weight format must be f32, bf16, q8_0 or q4_0, got '", name, "'"));
+}
+
+WeightType weight_type_of(DType t) {
+  switch (t) {
+    case DType::BF16: return WeightType::BF16;
+    case DType::Q8_0: return WeightType::Q8_0;
+    case DType::Q4_0: return WeightType::Q4_0;
+    default: break;
+  }
+  throw Error(detail::cat(compute_dtype_name(t), " is not a weight format (bf16, q8_0 or q4_0)"));
+}
+
+size_t packed_row_bytes(DType t, int cols) {
+  HM_CHECK(is_packed(t), "packed_row_bytes: ", dtype_name(t), " is not a packed type");
+  return row_bytes(weight_type_of(t), cols);
 }
 
 void convert_from_f32(void* dst, DType t, const float* src, size_t n) {

@@ -9,6 +9,7 @@
 
 #include "core/dtype.h"
 #include "core/error.h"
+#include "kernels/quant.h"
 
 namespace hm {
 
@@ -16,15 +17,25 @@ namespace hm {
 // recurrent state is float32 whatever the type; BF16 and F16 are storage types.
 // The compute types by their command-line names: "f32" | "bf16" | "f16", hm::Error otherwise.
 DType compute_dtype_from_name(const std::string& name);
-const char* compute_dtype_name(DType t);  // "f32" ...
+const char* compute_dtype_name(DType t);  // "f32" ... "q8_0", "q4_0"
+// The formats a model's linear weights can be stored in (HybridModel::set_weight_format) by
+// their command-line names: "f32" | "bf16" | "q8_0" | "q4_0", hm::Error otherwise.
+DType weight_format_from_name(const std::string& name);
 
 // Host conversions, round to nearest even (weights on upload, tests, logits read back); the
 // scalar ones are io/safetensors.h's.
 void convert_from_f32(void* dst, DType t, const float* src, size_t n);
 void convert_to_f32(float* dst, const void* src, DType t, size_t n);
 
+// The kernels' name for a weight format: BF16, Q8_0 or Q4_0; hm::Error for any other type.
+WeightType weight_type_of(DType t);
+// Bytes of one row of `cols` weights of a packed type (Q8_0, Q4_0: kernels/quant.h's
+// row_bytes); hm::Error naming the type when cols is not a multiple of its block.
+size_t packed_row_bytes(DType t, int cols);
+
 // rows x cols elements of `dtype` with row stride `ld` elements, in a backend's memory.
-// Column and row slices are views of the same memory, never copies.
+// Column and row slices are views of the same memory, never copies. A packed weight (Q8_0,
+// Q4_0) has ld == cols and rows of packed_row_bytes each; it has row views but no column views.
 struct Tensor {
   void* data = nullptr;
   DType dtype = DType::F32;
@@ -38,9 +49,12 @@ struct Tensor {
 
   bool empty() const { return data == nullptr; }
   size_t elem_size() const { return dtype_size(dtype); }
-  void* row(int r) const { return static_cast<char*>(data) + int64_t(r) * ld * int64_t(elem_size()); }
+  void* row(int r) const {
+    const int64_t stride = is_packed(dtype) ? int64_t(packed_row_bytes(dtype, cols)) : ld * int64_t(elem_size());
+    return static_cast<char*>(data) + int64_t(r) * stride;
+  }
   Tensor cols_view(int c0, int n) const {
-    HM_ASSERT(c0 >= 0 && n >= 0 && c0 + n <= cols);
+    HM_ASSERT(c0 >= 0 && n >= 0 && c0 + n <= cols && !is_packed(dtype));
     return {static_cast<char*>(data) + int64_t(c0) * int64_t(elem_size()), dtype, rows, n, ld};
   }
   Tensor rows_view(int r0, int n) const {

@@ -21,6 +21,7 @@ Run add_generate(CLI::App& app) {
     int max_new = 64, threads = 0, ctx = 0;
     bool no_bos = false, stats = false;
     DeviceOptions dev;
+    std::string weights = "auto";
     SamplingParams sp;
   };
   auto o = std::make_shared<Opts>();
@@ -42,6 +43,7 @@ Run add_generate(CLI::App& app) {
   app.add_option("--threads,-t", o->threads, "Threads (0 = all cores)")->capture_default_str()->check(non_negative());
   app.add_option("--ctx", o->ctx, "Context size (0 = prompt + new tokens)")->capture_default_str()->check(non_negative());
   add_device_options(app, o->dev, true);
+  add_weights_option(app, o->weights);
   app.add_flag("--no-bos", o->no_bos, "Do not prepend the BOS token");
   app.add_flag("--stats", o->stats, "Print timing to stderr at the end");
   app.footer("Prompts given with --prompt come first, then those of --prompt-file; -f FILE and -p - (standard "
@@ -62,7 +64,7 @@ Run add_generate(CLI::App& app) {
                        inference_shape(int64_t(texts.size()),
                                        o->ctx > 0 ? o->ctx : max_prompt_tokens(texts) + o->max_new, dev.kv_name()),
                        "hm generate");
-    auto model = load_model_on(o->model, *dev.be, dev.dtype);
+    auto model = load_model_on(o->model, *dev.be, dev.dtype, o->weights);
     auto tok = load_tokenizer(o->model);
     std::vector<std::vector<int32_t>> prompts;
     for (size_t i = 0; i < texts.size(); ++i) {

@@ -39,5 +39,7 @@ Run add_train(CLI::App& app);
 Run add_eval(CLI::App& app);
 Run add_route(CLI::App& app);
 Run add_compare(CLI::App& app);
+Run add_serve(CLI::App& app);
+Run add_quantize(CLI::App& app);
 
 }  // namespace hm::cli

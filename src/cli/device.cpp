@@ -62,19 +62,39 @@ DeviceSetup open_device(const DeviceOptions& o) {
   return s;
 }
 
-std::unique_ptr<HybridModel> load_model_on(const std::string& dir, Backend& be, DType dtype) {
-  namespace fs = std::filesystem;
-  if (dtype == be.default_dtype()) return load_any_model(dir, be);
-  if (is_hf_model_dir(dir)) {
-    auto m = std::make_unique<HybridModel>(load_hf_config(dir), be, dtype);
-    load_hf_params(m->params(), dir);
-    m->prepare();
-    return m;
+void add_weights_option(CLI::App& app, std::string& weights) {
+  app.add_option("--weights", weights, "Format of the linear layers' weights: f32, bf16, q8_0 or q4_0, packed at "
+                 "load (cpu only; auto: as the checkpoint stores them)")->capture_default_str();
+}
+
+DType weight_format_option(const std::string& weights, bool* given) {
+  *given = weights != "auto";
+  if (!*given) return DType::F32;
+  try {
+    return weight_format_from_name(weights);
+  } catch (const Error&) {
+    throw Error(detail::cat("--weights must be f32, bf16, q8_0, q4_0 or auto, got '", weights, "'"));
   }
-  HM_CHECK(fs::is_directory(dir), "model: '", dir, "' is not a directory (expected a checkpoint folder "
-           "with config.json and model.safetensors)");
-  auto m = std::make_unique<HybridModel>(load_config((fs::path(dir) / "config.json").string()), be, dtype);
-  load_params(m->params(), (fs::path(dir) / "model.safetensors").string());
+}
+
+std::unique_ptr<HybridModel> load_model_on(const std::string& dir, Backend& be, DType dtype,
+                                           const std::string& weights) {
+  namespace fs = std::filesystem;
+  bool given = false;
+  const DType wf = weight_format_option(weights, &given);
+  if (dtype == be.default_dtype() && !given) return load_any_model(dir, be);
+  std::unique_ptr<HybridModel> m;
+  DType stored = DType::F32;
+  if (is_hf_model_dir(dir)) {
+    m = std::make_unique<HybridModel>(load_hf_config(dir), be, dtype);
+    load_hf_params(m->params(), dir);
+  } else {
+    HM_CHECK(fs::is_directory(dir), "model: '", dir, "' is not a directory (expected a checkpoint folder "
+             "with config.json and model.safetensors)");
+    m = std::make_unique<HybridModel>(load_config((fs::path(dir) / "config.json").string()), be, dtype);
+    stored = load_params(m->params(), (fs::path(dir) / "model.safetensors").string());
+  }
+  m->set_weight_format(given ? wf : stored);
   m->prepare();
   return m;
 }

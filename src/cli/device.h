@@ -34,7 +34,16 @@ DeviceSetup open_device(const DeviceOptions& o);
 // The device --device names (auto resolved), without making a backend; the same errors.
 Device resolve_device(const std::string& name);
 
-// Our checkpoint folder or a Hugging Face one (load_any_model), computing in dtype on be.
-std::unique_ptr<HybridModel> load_model_on(const std::string& dir, Backend& be, DType dtype);
+// --weights f32|bf16|q8_0|q4_0: the format the linear layers' weights are packed in at load
+// (HybridModel::set_weight_format); "auto" keeps the checkpoint's own (f32 unless hm quantize
+// wrote it). weight_format_option is the format named, or F32 for "auto" with *given false;
+// hm::Error naming the option and value.
+void add_weights_option(CLI::App& app, std::string& weights);
+DType weight_format_option(const std::string& weights, bool* given);
+
+// Our checkpoint folder or a Hugging Face one (load_any_model), computing in dtype on be, its
+// linear weights in `weights` ("auto": as stored).
+std::unique_ptr<HybridModel> load_model_on(const std::string& dir, Backend& be, DType dtype,
+                                           const std::string& weights = "auto");
 
 }  // namespace hm::cli

@@ -8,7 +8,7 @@
 #include "core/interrupt.h"
 
 int main(int argc, char** argv) {
-  CLI::App app{"hm: hybrid Mamba + attention language models (init, train, eval, generate, bench, route, compare, info, convert)"};
+  CLI::App app{"hm: hybrid Mamba + attention language models (init, train, eval, generate, bench, route, compare, info, convert, quantize)"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "hybrid-mamba 0.1.0");
   std::map<CLI::App*, hm::cli::Run> runs;
@@ -26,7 +26,10 @@ int main(int argc, char** argv) {
   add("compare", "Train every architecture on a task at matched size and budget; table and plot",
       hm::cli::add_compare);
   add("info", "Print a model's configuration and parameter count", hm::cli::add_info);
+  add("serve", "Serve a model over an OpenAI-compatible HTTP API (docs/SERVER.md)", hm::cli::add_serve);
   add("convert", "Write our checkpoint from a Hugging Face model folder (docs/MODELS.md)", hm::cli::add_convert);
+  add("quantize", "Write a checkpoint with its linear weights packed as q8_0, q4_0 or bf16 (docs/QUANTIZATION.md)",
+      hm::cli::add_quantize);
   hm::cli::set_command_line(argc, argv);
   // Every --model may name a training run's folder: it stands for that run's checkpoint/.
   for (auto& [sub, run] : runs)

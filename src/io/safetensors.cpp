@@ -73,8 +73,16 @@ template <class... Ts>
 
 }  // namespace
 
-size_t dtype_size(DType t) { return desc(t).size; }
-const char* dtype_name(DType t) { return desc(t).name; }
+size_t dtype_size(DType t) {
+  HM_CHECK(!is_packed(t), dtype_name(t), " is a block format: its size is per row, not per element");
+  return desc(t).size;
+}
+const char* dtype_name(DType t) {
+  // The packed formats are outside kDTypes, so no file can name them (core/dtype.h).
+  if (t == DType::Q8_0) return "Q8_0";
+  if (t == DType::Q4_0) return "Q4_0";
+  return desc(t).name;
+}
 
 DType dtype_from_name(std::string_view name) {
   const DTypeDesc* d = lookup(name);
@@ -409,6 +417,8 @@ void check_tensor(const std::string& path, const std::string& name, DType dtype,
                   const void* data, uint64_t* bytes) {
   if (name.empty()) fail(path, "cannot write a tensor with an empty name");
   if (name == "__metadata__") fail(path, "cannot write a tensor named '__metadata__' (reserved)");
+  if (is_packed(dtype))
+    fail(path, "tensor '", name, "': ", dtype_name(dtype), " is not a safetensors dtype (packed rows are stored as U8)");
   for (int64_t d : shape)
     if (d < 0) fail(path, "tensor '", name, "': cannot write negative shape ", shape_str(shape));
   if (!tensor_bytes(shape, dtype, bytes)) fail(path, "tensor '", name, "': shape ", shape_str(shape), " is too large");

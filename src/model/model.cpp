@@ -7,6 +7,8 @@
 #include <set>
 
 #include "core/error.h"
+#include "kernels/quant.h"
+#include "model/packed_checkpoint.h"
 
 namespace hm {
 
@@ -27,6 +29,30 @@ Tensor HybridModel::weight(const float* host, int rows, int cols) const {
   return {static_cast<char*>(dev_weights_.data()) + off * int64_t(dtype_size(dtype_)), dtype_, rows, cols};
 }
 
+void HybridModel::set_weight_format(DType f) {
+  HM_CHECK(f == DType::F32 || be_.supports_weight_format(f), "model: the ", be_.name(), " backend has no ",
+           compute_dtype_name(f), " weights (bf16, q8_0 and q4_0 weights run on the cpu)");
+  HM_CHECK(f == DType::F32 || dtype_ == DType::F32, "model: ", compute_dtype_name(f),
+           " weights need float32 activations, this model computes in ", compute_dtype_name(dtype_));
+  wfmt_ = f;
+}
+
+Tensor HybridModel::linear_weight(const float* host, int rows, int cols) {
+  if (wfmt_ == DType::F32 || (is_packed(wfmt_) && cols % kQuantBlock != 0)) return weight(host, rows, cols);
+  const WeightType t = weight_type_of(wfmt_);
+  const size_t bytes = row_bytes(t, cols) * size_t(rows);
+  std::vector<unsigned char> staged(bytes);
+  cpu::quantize(t, staged.data(), host, rows, cols);
+  Buffer& b = packed_bufs_.emplace_back(be_, bytes);
+  be_.to_device(b.data(), staged.data(), bytes);
+  const Tensor w(b.data(), wfmt_, rows, cols);
+  packed_.push_back({host, w});
+  // A tied head's copy is extra: the embedding keeps the arena's floats.
+  const bool tied_head = host == params_.embeddings();
+  packed_delta_ += int64_t(bytes) - (tied_head ? 0 : int64_t(rows) * cols * int64_t(dtype_size(dtype_)));
+  return w;
+}
+
 void HybridModel::prepare() {
   const int D = cfg_.d_model, E = cfg_.d_inner(), N = cfg_.d_state, K = cfg_.d_conv;
   const int R = cfg_.resolved_dt_rank(), F = cfg_.d_ff, V = cfg_.vocab_size;
@@ -40,9 +66,12 @@ void HybridModel::prepare() {
     convert_from_f32(staged.data(), dtype_, params_.data(), n);
     be_.to_device(dev_weights_.data(), staged.data(), staged.size());
   }
+  packed_.clear();
+  packed_bufs_.clear();
+  packed_delta_ = 0;
   embeddings_ = weight(params_.embeddings(), V, D);
   norm_f_ = weight(params_.norm_f(), 1, D);
-  lm_head_ = weight(params_.lm_head(), V, D);
+  lm_head_ = linear_weight(params_.lm_head(), V, D);
   lw_.assign(size_t(cfg_.n_layers), {});
   graphs_.clear();  // recorded steps name the old weights
   warmed_.clear();
@@ -53,14 +82,14 @@ void HybridModel::prepare() {
     LayerTensors& t = lw_[size_t(i)];
     t.norm = weight(w.norm, 1, D);
     if (cfg_.has_mamba_path(i)) {
-      t.in_proj = weight(w.in_proj, 2 * E, D);
+      t.in_proj = linear_weight(w.in_proj, 2 * E, D);
       t.conv_w = weight(w.conv_w, E, K);
       t.conv_b = weight(w.conv_b, 1, E);
-      t.x_proj = weight(w.x_proj, R + 2 * N, E);
-      t.dt_w = weight(w.dt_w, E, R);
+      t.x_proj = linear_weight(w.x_proj, R + 2 * N, E);
+      t.dt_w = linear_weight(w.dt_w, E, R);
       t.dt_b = weight(w.dt_b, 1, E);
       t.Dskip = weight(w.Dskip, 1, E);
-      t.out_proj = weight(w.out_proj, D, E);
+      t.out_proj = linear_weight(w.out_proj, D, E);
       std::vector<float> a(size_t(E) * N);
       for (size_t j = 0; j < a.size(); ++j) a[j] = -std::exp(w.A_log[j]);
       A_[size_t(i)] = Buffer(be_, sizeof(float) * a.size());
@@ -68,16 +97,16 @@ void HybridModel::prepare() {
     }
     if (cfg_.has_attention_path(i)) {
       const int hd = cfg_.head_dim(), QW = cfg_.n_heads * hd, KW = cfg_.n_kv_heads * hd;
-      t.wq = weight(w.wq, QW, D);
-      t.wk = weight(w.wk, KW, D);
-      t.wv = weight(w.wv, KW, D);
-      t.wo = weight(w.wo, D, QW);
+      t.wq = linear_weight(w.wq, QW, D);
+      t.wk = linear_weight(w.wk, KW, D);
+      t.wv = linear_weight(w.wv, KW, D);
+      t.wo = linear_weight(w.wo, D, QW);
     }
     if (F > 0) {
       t.mlp_norm = weight(w.mlp_norm, 1, D);
-      t.w_gate = weight(w.w_gate, F, D);
-      t.w_up = weight(w.w_up, F, D);
-      t.w_down = weight(w.w_down, D, F);
+      t.w_gate = linear_weight(w.w_gate, F, D);
+      t.w_up = linear_weight(w.w_up, F, D);
+      t.w_down = linear_weight(w.w_down, D, F);
     }
     if (cfg_.is_true(i)) {
       t.fuse_mamba = weight(w.fuse_mamba, 1, D);
@@ -87,7 +116,7 @@ void HybridModel::prepare() {
     if (cfg_.has_bridge(i)) {
       const int S = cfg_.inner_dim(i - 1);
       t.bridge_norm = weight(w.bridge_norm, 1, S);
-      t.bridge_proj = weight(w.bridge_proj, D, S);
+      t.bridge_proj = linear_weight(w.bridge_proj, D, S);
       t.bridge_gate = weight(w.bridge_gate, 1, D);
     }
   }
@@ -499,7 +528,7 @@ std::unique_ptr<HybridModel> load_model(const std::string& dir, Backend& be) {
            "with config.json and model.safetensors)");
   const ModelConfig c = load_config((fs::path(dir) / "config.json").string());
   auto m = std::make_unique<HybridModel>(c, be);
-  load_params(m->params(), (fs::path(dir) / "model.safetensors").string());
+  m->set_weight_format(load_params(m->params(), (fs::path(dir) / "model.safetensors").string()));
   m->prepare();
   return m;
 }
@@ -507,7 +536,13 @@ std::unique_ptr<HybridModel> load_model(const std::string& dir, Backend& be) {
 void save_model(const HybridModel& m, const std::string& dir, const std::string& stored_dtype) {
   namespace fs = std::filesystem;
   fs::create_directories(dir);
-  save_params(m.params(), (fs::path(dir) / "model.safetensors").string(), stored_dtype);
+  if (m.weight_format() != DType::F32) {
+    HM_CHECK(stored_dtype == "F32", "save_model: a model with ", compute_dtype_name(m.weight_format()),
+             " weights is stored in that format, not ", stored_dtype);
+    save_packed_params(m, (fs::path(dir) / "model.safetensors").string());
+  } else {
+    save_params(m.params(), (fs::path(dir) / "model.safetensors").string(), stored_dtype);
+  }
   save_config((fs::path(dir) / "config.json").string(), m.config());
 }
 

@@ -69,12 +69,29 @@ class HybridModel {
   const ModelConfig& config() const { return cfg_; }
   Params& params() { return params_; }
   const Params& params() const { return params_; }
-  Backend& backend() { return be_; }
+  Backend& backend() const { return be_; }
 
   DType dtype() const { return dtype_; }
 
   // Call after the parameters change (init, load): derives A = -exp(A_log) and, on a backend
   // that does not compute on the float32 arena itself, uploads the weights in dtype().
+  // The format the linear layers' weights are stored in (issue 17): F32 (the default: the
+  // compute type) or, on a backend that supports it (supports_weight_format: the CPU), BF16,
+  // Q8_0 or Q4_0 (kernels/quant.h), packed from the float32 arena by the next prepare(). Packed:
+  // in_proj, x_proj, dt_proj, out_proj, q/k/v/o, the MLP, bridge projections and the LM head
+  // (a tied head gets a packed copy; the embedding lookup keeps float32); q8_0 / q4_0 leave a
+  // weight whose row length is not a multiple of 32 in float32 (dt_proj at dt_rank 48). Norms,
+  // conv, biases, A_log, D, routers, fusion scales and embeddings stay float32. Needs dtype() F32.
+  void set_weight_format(DType f);
+  DType weight_format() const { return wfmt_; }
+  // The packed weights of the last prepare(): each one's arena view (the float32 weights it was
+  // packed from) and its packed tensor in backend memory. Checkpoints store these packed.
+  struct PackedWeight {
+    const float* host;
+    Tensor t;
+  };
+  const std::vector<PackedWeight>& packed_weights() const { return packed_; }
+
   void prepare();
 
   // Runs the batch and advances each chunk's sequence in mem. logits (host) receives
@@ -84,8 +101,9 @@ class HybridModel {
   // As forward, leaving the float32 logits in the backend's memory (valid until the next call).
   Tensor forward_device(const Batch& batch, HybridMemory& mem);
 
-  // Bytes of weights the backend reads (in dtype()).
-  int64_t weight_bytes() const { return params_.numel() * int64_t(dtype_size(dtype_)); }
+  // Bytes of weights the backend holds: the arena in dtype(), each packed weight counted in its
+  // format instead of float32 (a tied head's packed copy on top of the embedding).
+  int64_t weight_bytes() const { return params_.numel() * int64_t(dtype_size(dtype_)) + packed_delta_; }
 
   // Benchmarks and tests: send a fraction f of every sequence's tokens to attention in each
   // true-hybrid layer (th::forced_to_attention), whatever the router says; f < 0 lets the router
@@ -105,6 +123,8 @@ class HybridModel {
   Tensor weight(const float* host, int rows, int cols) const;  // the backend's copy of a Params view
   void bridge(int layer, int T);
   void mamba_layer(int layer, HybridMemory& mem);
+  // A linear layer's W: packed in weight_format() by the rule of set_weight_format, else weight().
+  Tensor linear_weight(const float* host, int rows, int cols);
   void attention_layer(int layer, HybridMemory& mem);
   void true_layer(int layer, HybridMemory& mem);
   // The two paths over the compact rows x [n, D] of the ragged batch rg: out [n, D] (=|+=).
@@ -125,6 +145,10 @@ class HybridModel {
   std::vector<LayerTensors> lw_;       // per layer
   Tensor embeddings_, norm_f_, lm_head_;
   std::vector<Buffer> A_;              // per layer: -exp(A_log) [E, N] float32 (empty for attention)
+  DType wfmt_ = DType::F32;
+  std::vector<PackedWeight> packed_;   // made by prepare(), their bytes in packed_bufs_
+  std::vector<Buffer> packed_bufs_;
+  int64_t packed_delta_ = 0;           // weight_bytes() minus the arena's
   Workspace ws_;
   Ragged rg_, rgm_, rga_;              // the batch; a true layer's Mamba and attention rows
   size_t idx_used_ = 0, gates_used_ = 0;  // upload offsets within ws_.idx / ws_.gates

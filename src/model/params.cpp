@@ -7,6 +7,7 @@
 #include "core/error.h"
 #include "core/rng.h"
 #include "io/safetensors.h"
+#include "model/packed_checkpoint.h"
 
 namespace hm {
 
@@ -170,7 +171,7 @@ void init_params(Params& p, uint64_t seed) {
       uniform(1.0 / std::sqrt(double(c.d_conv)));
     } else if (ends_with(nm, "dt_proj.weight")) {
       uniform(1.0 / std::sqrt(double(c.resolved_dt_rank())));
-    } else if (ends_with(nm, "dt_proj.bias")) {
+    } else if (ends_with(nm, "dt_proj.bias") || ends_with(nm, "mixer.dt_bias")) {
       const double lo = std::log(0.001), hi = std::log(0.1);
       for (int64_t k = 0; k < n; ++k) {
         double dt = std::exp(rng.uniform() * (hi - lo) + lo);
@@ -209,7 +210,7 @@ void save_params(const Params& p, const std::string& path, const std::string& st
   write_safetensors(path, ts, {{"format", "pt"}, {"producer", "hybrid-mamba"}});
 }
 
-void load_params(Params& p, const std::string& path) {
+DType load_params(Params& p, const std::string& path) {
   SafetensorsReader r(path);
   std::map<std::string, bool> expected;
   for (const auto& s : p.specs()) expected[s.name] = false;
@@ -220,13 +221,19 @@ void load_params(Params& p, const std::string& path) {
   }
   for (size_t i = 0; i < p.specs().size(); ++i) {
     const ParamSpec& s = p.specs()[i];
-    HM_CHECK(r.find(s.name) != nullptr, "checkpoint: ", path, ": missing tensor '", s.name, "'");
-    r.read_f32(s.name, s.shape, p.at(i));
+    const TensorInfo* t = r.find(s.name);
+    HM_CHECK(t != nullptr, "checkpoint: ", path, ": missing tensor '", s.name, "'");
+    if (t->dtype == DType::U8)
+      read_packed_tensor(r, *t, s, format, p.at(i));
+    else
+      r.read_f32(s.name, s.shape, p.at(i));
     const float* w = p.at(i);
     for (int64_t k = 0; k < s.numel(); ++k)
       HM_CHECK(std::isfinite(w[k]), "checkpoint: ", path, ": tensor '", s.name,
+  const DType format = checkpoint_weight_format(r);
                "' holds a non-finite value at element ", k);
   }
 }
 
 }  // namespace hm
+  return format;

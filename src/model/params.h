@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "core/dtype.h"
 #include "model/config.h"
 
 namespace hm {
@@ -78,6 +79,8 @@ void init_params(Params& p, uint64_t seed);
 // Checkpoint directory: config.json + model.safetensors (+ tokenizer.json written by the caller).
 // Loading checks every tensor is present with the right shape and none is unexpected.
 void save_params(const Params& p, const std::string& safetensors_path, const std::string& stored_dtype = "F32");
-void load_params(Params& p, const std::string& safetensors_path);
+// Returns the weight format the file stores its linear weights in (model/packed_checkpoint.h:
+// F32 for a plain checkpoint), its packed tensors read dequantized into the arena.
+DType load_params(Params& p, const std::string& safetensors_path);
 
 }  // namespace hm

@@ -238,6 +238,8 @@ class CudaBackendImpl final : public CudaBackend {
   void linear(Tensor y, Tensor x, Tensor W, bool accumulate) override {
     const char* op = "linear";
     const int m = x.rows, k = x.cols, n = W.rows;
+    HM_CHECK(!is_packed(W.dtype), "cuda linear: W is ", compute_dtype_name(W.dtype),
+             ": packed weights run on the CPU only (compute in bf16 or f16 on cuda: --dtype)");
     check_view(op, "x", x, m, k);
     check_view(op, "W", W, n, k);
     check_view(op, "y", y, m, n);

@@ -1,5 +1,10 @@
 // Causal depthwise conv1d + bias + SiLU, prefill over a ragged batch and the one-token step.
 // The window of a channel is its last K-1 inputs (float, per slot) followed by the new rows.
+#include <cuda_pipeline_primitives.h>
+
+#include <cstdint>
+#include <type_traits>
+
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/cuda_ops.h"
 
@@ -7,6 +12,12 @@ namespace hm::cuda {
 namespace {
 
 constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+// Prefill tile: kRows token rows x one warp's width of 16-byte vectors (256 channels of bf16 or
+// f16, 128 of f32). 32 rows keep ~4 tiles per SM at B 1, L 2048, E 2048.
+constexpr int kRows = 32;
+template <class T> constexpr int kVec = 16 / int(sizeof(T));  // elements per 16-byte vector
+template <class T> constexpr int kCols = 32 * kVec<T>;
 
 // Input tau of sequence s for channel e: tau >= 0 is a new row, tau in [-(K-1), -1] the carried
 // state (state[K-1+tau]).
@@ -16,22 +27,102 @@ __device__ __forceinline__ float conv_input(const T* x, int ldx, int row0, const
   return tau >= 0 ? to_f(x[size_t(row0 + tau) * ldx + e]) : st[K - 1 + tau];
 }
 
-// One thread per (row, channel); rows on grid x (up to 2^31 - 1), channel blocks on y. Reads the state; never writes it (conv_state_kernel does, after).
+// 16 bytes of T as floats, and back (registers only: constant indices after unrolling).
 template <class T>
-__global__ void conv_kernel(T* __restrict__ out, int ldo, const float* __restrict__ state,
-                            const T* __restrict__ x, int ldx, const T* __restrict__ w,
-                            const T* __restrict__ b, const int32_t* __restrict__ cu,
-                            const int32_t* __restrict__ slots, int nseq, int E, int K) {
-  const int e = blockIdx.y * kThreads + threadIdx.x;
-  if (e >= E) return;
-  const int row = blockIdx.x;
-  const int s = seq_of_row(cu, nseq, row);
-  const int row0 = cu[s], t = row - row0;
-  const float* st = state + (size_t(slots[s]) * E + e) * (K - 1);
-  float acc = to_f(b[e]);
-  for (int j = 0; j < K; ++j)  // out[t] = sum_j w[e,j] * in[t-K+1+j]
-    acc += to_f(w[size_t(e) * K + j]) * conv_input(x, ldx, row0, st, K, t - K + 1 + j, e);
-  out[size_t(row) * ldo + e] = from_f<T>(silu(acc));
+__device__ __forceinline__ void unpack16(const uint4& u, float (&f)[kVec<T>]) {
+  const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+  for (int v = 0; v < kVec<T>; ++v) f[v] = to_f(e[v]);
+}
+template <class T>
+__device__ __forceinline__ uint4 pack16(const float (&f)[kVec<T>]) {
+  uint4 u;
+  T* e = reinterpret_cast<T*>(&u);
+#pragma unroll
+  for (int v = 0; v < kVec<T>; ++v) e[v] = from_f<T>(f[v]);
+  return u;
+}
+
+// Block (tile of kRows token rows of the whole batch, kCols channels). The tile and the K-1 rows
+// before it (a halo that the previous tile also reads, mostly from L2) are staged in shared
+// memory with 16-byte asynchronous copies (vec & 1: x and ldx 16-byte aligned; else element by
+// element); lane l then computes channels c0 + l V .. + V-1 of one row per warp at a time, K taps
+// from shared memory, and stores them as one 16-byte vector (vec & 2: out and ldo aligned).
+// A tile may span several sequences: each row finds its own, and a tap before its sequence's
+// first row reads the slot's carried state instead. Reads the state; never writes it
+// (conv_state_kernel does, after).
+template <class T, int K>
+__global__ void __launch_bounds__(kThreads) conv_tile_kernel(
+    T* __restrict__ out, int ldo, const float* __restrict__ state, const T* __restrict__ x, int ldx,
+    const T* __restrict__ w, const T* __restrict__ b, const int32_t* __restrict__ cu,
+    const int32_t* __restrict__ slots, int nseq, int n_tokens, int E, int vec) {
+  constexpr int V = kVec<T>, TC = kCols<T>;
+  __shared__ __align__(16) T sx[(kRows + K - 1) * TC];
+  __shared__ int s_seq[kRows], s_t[kRows];
+  const int r0 = blockIdx.x * kRows, c0 = blockIdx.y * TC;
+  // Staged rows [g0, g1): every row a tap can read. A tap of row r < g1 reads row r-K+1+j only
+  // when that row is in r's own sequence (so >= 0) and j >= 0 (so >= r0 - (K-1)).
+  const int g0 = max(r0 - (K - 1), 0), g1 = min(r0 + kRows, n_tokens);
+  for (int i = threadIdx.x; i < (g1 - g0) * 32; i += kThreads) {
+    const int r = i / 32, j = (i % 32) * V, col = c0 + j;
+    const T* p = x + size_t(g0 + r) * ldx + col;
+    T* q = sx + r * TC + j;
+    if ((vec & 1) && col + V <= E) {
+      __pipeline_memcpy_async(q, p, 16);
+    } else {  // zeros past E: those lanes compute values that are never stored
+#pragma unroll
+      for (int k = 0; k < V; ++k) q[k] = col + k < E ? p[k] : from_f<T>(0.0f);
+    }
+  }
+  __pipeline_commit();
+  if (threadIdx.x < kRows) {
+    const int r = r0 + threadIdx.x;
+    const int s = r < n_tokens ? seq_of_row(cu, nseq, r) : 0;
+    s_seq[threadIdx.x] = s;
+    s_t[threadIdx.x] = r - cu[s];  // the row's index in its sequence
+  }
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, c = c0 + lane * V;
+  float wr[K][V], bias[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    const bool ok = c + v < E;
+    bias[v] = ok ? to_f(b[c + v]) : 0.0f;
+#pragma unroll
+    for (int j = 0; j < K; ++j) wr[j][v] = ok ? to_f(w[size_t(c + v) * K + j]) : 0.0f;
+  }
+  __pipeline_wait_prior(0);
+  __syncthreads();
+
+  for (int rl = warp; rl < kRows && r0 + rl < n_tokens; rl += kWarps) {
+    const int r = r0 + rl, t = s_t[rl];
+    float acc[V];
+#pragma unroll
+    for (int v = 0; v < V; ++v) acc[v] = bias[v];
+#pragma unroll
+    for (int j = 0; j < K; ++j) {  // out[t] = b + sum_j w[e,j] * in[t-K+1+j], j ascending
+      const int tau = t - (K - 1) + j;
+      float in[V];
+      if (tau >= 0) {
+        unpack16<T>(*reinterpret_cast<const uint4*>(sx + (r - (K - 1) + j - g0) * TC + lane * V), in);
+      } else {  // before the sequence's first row: the slot's state[K-1+tau]
+        const float* st = state + (size_t(slots[s_seq[rl]]) * E + c) * (K - 1) + (K - 1 + tau);
+#pragma unroll
+        for (int v = 0; v < V; ++v) in[v] = c + v < E ? st[v * (K - 1)] : 0.0f;
+      }
+#pragma unroll
+      for (int v = 0; v < V; ++v) acc[v] += wr[j][v] * in[v];
+    }
+#pragma unroll
+    for (int v = 0; v < V; ++v) acc[v] = silu(acc[v]);
+    T* o = out + size_t(r) * ldo + c;
+    if ((vec & 2) && c + V <= E) {
+      *reinterpret_cast<uint4*>(o) = pack16<T>(acc);
+    } else {
+#pragma unroll
+      for (int v = 0; v < V; ++v)
+        if (c + v < E) o[v] = from_f<T>(acc[v]);
+    }
+  }
 }
 
 // One thread per (sequence, channel): the state becomes the last K-1 inputs, which may still
@@ -82,6 +173,27 @@ void check_conv(int K) {
   HM_CHECK(K >= 2 && K <= kMaxConv, "cuda conv1d: d_conv must be in [2, ", kMaxConv, "], got ", K);
 }
 
+// f(std::integral_constant<int, K>) for K in [2, kMaxConv] (check_conv ran first).
+template <class F>
+void with_k(int K, F&& f) {
+  static_assert(kMaxConv == 8, "with_k lists every d_conv up to kMaxConv");
+  switch (K) {
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
+// 16-byte vectors of T can start at p + i * ld for every row i.
+template <class T>
+bool aligned16(const T* p, int ld) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && size_t(ld) * sizeof(T) % 16 == 0;
+}
+
 }  // namespace
 
 template <class T>
@@ -90,8 +202,13 @@ void conv1d_silu(T* out, int ldo, float* conv_state, const T* x, int ldx, const 
   check_conv(K);
   if (rb.nseq <= 0 || E <= 0) return;
   if (rb.n_tokens > 0) {
-    conv_kernel<T><<<dim3(rb.n_tokens, ceil_div(E, kThreads)), kThreads, 0, stream>>>(
-        out, ldo, conv_state, x, ldx, w, b, rb.cu_seqlens, rb.slots, rb.nseq, E, K);
+    HM_CHECK(ceil_div(E, kCols<T>) <= 65535, "cuda conv1d: d_inner ", E, " is too wide");
+    const dim3 grid(ceil_div(rb.n_tokens, kRows), ceil_div(E, kCols<T>));
+    const int vec = (aligned16(x, ldx) ? 1 : 0) | (aligned16(out, ldo) ? 2 : 0);
+    with_k(K, [&](auto kc) {
+      conv_tile_kernel<T, decltype(kc)::value><<<grid, kThreads, 0, stream>>>(
+          out, ldo, conv_state, x, ldx, w, b, rb.cu_seqlens, rb.slots, rb.nseq, rb.n_tokens, E, vec);
+    });
     HM_CUDA_LAUNCHED("conv1d_silu");
   }
   conv_state_kernel<T><<<dim3(ceil_div(E, kThreads), rb.nseq), kThreads, 0, stream>>>(
