@@ -179,6 +179,7 @@ class HostBackend : public Backend {
   struct K {
     static constexpr auto rmsnorm = kRef ? &ref::rmsnorm : &cpu::rmsnorm;
     static constexpr auto linear = kRef ? &ref::linear : &cpu::linear;
+    static constexpr auto linear_packed = kRef ? &ref::linear_packed : &cpu::linear_packed;
     static constexpr auto swiglu = kRef ? &ref::swiglu : &cpu::swiglu;
     static constexpr auto conv1d_silu = kRef ? &ref::conv1d_silu : &cpu::conv1d_silu;
     static constexpr auto selective_scan = kRef ? &ref::selective_scan : &cpu::selective_scan;
@@ -197,4 +198,3 @@ class HostBackend : public Backend {
 };
 
 }  // namespace hm
-    static constexpr auto linear_packed = kRef ? &ref::linear_packed : &cpu::linear_packed;
