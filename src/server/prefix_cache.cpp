@@ -1,0 +1,234 @@
+#include "server/prefix_cache.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "core/error.h"
+
+namespace hm::server {
+
+struct PrefixCache::Node {
+  Node* parent = nullptr;
+  int depth = 0;                   // blocks from the root: the node ends at depth * block
+  std::map<std::vector<int32_t>, std::unique_ptr<Node>> kids;  // by the child block's tokens
+  std::vector<int> rows, cum;      // per attention layer: K/V rows this block added, rows through it
+  Buffer kv;                       // per attention layer: its K rows, then its V rows
+  Buffer state;                    // per Mamba-path layer conv then SSM; per true layer x (float32)
+  std::vector<float> route_host;   // per true layer: the analyzer's EMA [D] and the chunk logit
+  size_t bytes = 0;
+  uint64_t used = 0;               // LRU time
+  int pins = 0;                    // slots recording from this node
+};
+
+PrefixCache::PrefixCache(HybridMemory& mem, const ModelConfig& c, int block, size_t budget_bytes)
+    : mem_(mem), be_(mem.backend()), block_(block), budget_(budget_bytes), cursor_(size_t(mem.n_slots()), nullptr) {
+  HM_CHECK(block > 0, "prefix cache: block size must be > 0, got ", block);
+  for (int i = 0; i < c.n_layers; ++i) {
+    if (c.has_attention_path(i)) attn_layers_.push_back(i);
+    if (c.has_mamba_path(i)) mamba_layers_.push_back(i);
+    if (c.is_true(i)) true_layers_.push_back(i);
+  }
+  kv_row_bytes_ = size_t(c.n_kv_heads) * size_t(c.head_dim()) * kv_type_size(mem.kv().type());
+  for (int l : mamba_layers_)
+    state_bytes_ += sizeof(float) * size_t(mem.recurrent().conv_pool(l).slot_stride + mem.recurrent().ssm_pool(l).slot_stride);
+  state_bytes_ += true_layers_.size() * sizeof(float) * size_t(c.d_model);
+  route_host_ = size_t(c.d_model) + 1;
+  root_ = std::make_unique<Node>();
+  root_->rows.assign(attn_layers_.size(), 0);
+  root_->cum.assign(attn_layers_.size(), 0);
+}
+
+PrefixCache::~PrefixCache() = default;
+
+size_t PrefixCache::block_bytes() const {
+  return attn_layers_.size() * 2 * size_t(block_) * kv_row_bytes_ + state_bytes_ +
+         true_layers_.size() * route_host_ * sizeof(float);
+}
+
+PrefixCache::Node* PrefixCache::child(Node* n, const int32_t* toks) const {
+  auto it = n->kids.find(std::vector<int32_t>(toks, toks + block_));
+  return it == n->kids.end() ? nullptr : it->second.get();
+}
+
+void PrefixCache::set_cursor(int slot, Node* n) {
+  Node*& c = cursor_.at(size_t(slot));
+  if (c) --c->pins;
+  c = n;
+  if (c) ++c->pins;
+}
+
+void PrefixCache::release(int slot) { set_cursor(slot, nullptr); }
+
+std::unique_ptr<PrefixCache::Node> PrefixCache::snapshot(int slot, Node* parent, const int32_t* /*toks*/) {
+  auto n = std::make_unique<Node>();
+  n->parent = parent;
+  n->depth = parent->depth + 1;
+  size_t kv_bytes = 0;
+  for (size_t a = 0; a < attn_layers_.size(); ++a) {
+    const int cum = mem_.kv().len(attn_layers_[a], slot);
+    HM_ASSERT(cum >= parent->cum[a]);
+    n->cum.push_back(cum);
+    n->rows.push_back(cum - parent->cum[a]);
+    kv_bytes += 2 * size_t(n->rows.back()) * kv_row_bytes_;
+  }
+  if (kv_bytes > 0) {
+    n->kv = Buffer(be_, kv_bytes);
+    char* dst = static_cast<char*>(n->kv.data());
+    for (size_t a = 0; a < attn_layers_.size(); ++a) {
+      const size_t off = size_t(parent->cum[a]) * kv_row_bytes_, len = size_t(n->rows[a]) * kv_row_bytes_;
+      const int l = attn_layers_[a];
+      be_.copy(dst, static_cast<const char*>(mem_.kv().k(l, slot)) + off, len);
+      be_.copy(dst + len, static_cast<const char*>(mem_.kv().v(l, slot)) + off, len);
+      dst += 2 * len;
+    }
+  }
+  if (state_bytes_ > 0) {
+    n->state = Buffer(be_, state_bytes_);
+    char* dst = static_cast<char*>(n->state.data());
+    for (int l : mamba_layers_) {
+      for (const StatePool& p : {mem_.recurrent().conv_pool(l), mem_.recurrent().ssm_pool(l)}) {
+        const size_t len = sizeof(float) * size_t(p.slot_stride);
+        be_.copy(dst, p.at(slot), len);
+        dst += len;
+      }
+    }
+    for (int l : true_layers_) {
+      const Tensor x = mem_.route().last_mamba(l, DType::F32);
+      const size_t len = sizeof(float) * size_t(x.cols);
+      be_.copy(dst, static_cast<const char*>(x.data) + size_t(slot) * len, len);
+      dst += len;
+    }
+  }
+  for (int l : true_layers_) {
+    const float* ema = mem_.route().ema(l, slot);
+    n->route_host.insert(n->route_host.end(), ema, ema + route_host_ - 1);
+    n->route_host.push_back(mem_.route().chunk_logit(l, slot));
+  }
+  n->bytes = kv_bytes + state_bytes_ + n->route_host.size() * sizeof(float) + sizeof(Node) +
+             size_t(block_) * sizeof(int32_t);
+  return n;
+}
+
+int PrefixCache::restore(int slot, const std::vector<int32_t>& tokens) {
+  release(slot);
+  mem_.seq_rm(slot);
+  if (!enabled()) return 0;
+  const int n_tokens = int(tokens.size());
+  Node* n = root_.get();
+  while ((n->depth + 1) * block_ <= n_tokens - 1) {
+    Node* c = child(n, tokens.data() + size_t(n->depth) * block_);
+    if (!c) break;
+    n = c;
+  }
+  if (n == root_.get()) {
+    ++stats_.misses;
+    set_cursor(slot, n);
+    return 0;
+  }
+  std::vector<Node*> path;
+  for (Node* p = n; p != root_.get(); p = p->parent) path.push_back(p);
+  std::reverse(path.begin(), path.end());
+  const uint64_t now = ++clock_;
+  for (Node* p : path) p->used = now;
+  // K/V: each node's rows appended in order, per layer.
+  for (size_t a = 0; a < attn_layers_.size(); ++a) {
+    const int l = attn_layers_[a];
+    char* k = static_cast<char*>(mem_.kv().k(l, slot));
+    char* v = static_cast<char*>(mem_.kv().v(l, slot));
+    for (Node* p : path) {
+      const char* src = static_cast<const char*>(p->kv.data());
+      for (size_t b = 0; b < a; ++b) src += 2 * size_t(p->rows[b]) * kv_row_bytes_;
+      const size_t off = size_t(p->cum[a] - p->rows[a]) * kv_row_bytes_, len = size_t(p->rows[a]) * kv_row_bytes_;
+      if (len == 0) continue;
+      be_.copy(k + off, src, len);
+      be_.copy(v + off, src + len, len);
+    }
+    mem_.kv().set_len(l, slot, n->cum[a]);
+  }
+  // The recurrent state as it was at the end of the deepest block.
+  if (state_bytes_ > 0) {
+    const char* src = static_cast<const char*>(n->state.data());
+    for (int l : mamba_layers_) {
+      for (const StatePool& p : {mem_.recurrent().conv_pool(l), mem_.recurrent().ssm_pool(l)}) {
+        const size_t len = sizeof(float) * size_t(p.slot_stride);
+        be_.copy(p.at(slot), src, len);
+        src += len;
+      }
+    }
+    for (int l : true_layers_) {
+      const Tensor x = mem_.route().last_mamba(l, DType::F32);
+      const size_t len = sizeof(float) * size_t(x.cols);
+      be_.copy(static_cast<char*>(x.data) + size_t(slot) * len, src, len);
+      src += len;
+    }
+  }
+  for (size_t t = 0; t < true_layers_.size(); ++t) {
+    const float* h = n->route_host.data() + t * route_host_;
+    std::copy(h, h + route_host_ - 1, mem_.route().ema(true_layers_[t], slot));
+    mem_.route().chunk_logit(true_layers_[t], slot) = h[route_host_ - 1];
+  }
+  const int restored = n->depth * block_;
+  mem_.advance(slot, restored);
+  ++stats_.hits;
+  stats_.tokens_saved += restored;
+  set_cursor(slot, n);
+  return restored;
+}
+
+void PrefixCache::record(int slot, const std::vector<int32_t>& tokens) {
+  Node* c = cursor_.at(size_t(slot));
+  if (!c) return;
+  const int pos = mem_.pos(slot), end = (c->depth + 1) * block_;
+  if (pos < end) return;
+  if (pos > end) {  // passed a boundary mid-chunk: no state there to keep
+    release(slot);
+    return;
+  }
+  HM_ASSERT(int(tokens.size()) >= pos);
+  const int32_t* toks = tokens.data() + size_t(c->depth) * block_;
+  if (Node* have = child(c, toks)) {
+    have->used = ++clock_;
+    set_cursor(slot, have);
+    return;
+  }
+  std::unique_ptr<Node> n = snapshot(slot, c, toks);
+  evict_until(n->bytes);
+  if (size_t(stats_.bytes) + n->bytes > budget_) {  // the budget cannot hold it
+    release(slot);
+    return;
+  }
+  n->used = ++clock_;
+  Node* raw = n.get();
+  stats_.bytes += int64_t(n->bytes);
+  ++stats_.blocks;
+  ++stats_.inserted;
+  c->kids.emplace(std::vector<int32_t>(toks, toks + block_), std::move(n));
+  set_cursor(slot, raw);
+}
+
+void PrefixCache::evict_until(size_t need) {
+  while (size_t(stats_.bytes) + need > budget_) {
+    // The least recently used leaf no slot records from (inner nodes hold their children's
+    // prefix; they become leaves as those go).
+    Node* victim = nullptr;
+    std::vector<Node*> stack{root_.get()};
+    while (!stack.empty()) {
+      Node* n = stack.back();
+      stack.pop_back();
+      for (auto& [k, kid] : n->kids) stack.push_back(kid.get());
+      if (n != root_.get() && n->kids.empty() && n->pins == 0 && (!victim || n->used < victim->used)) victim = n;
+    }
+    if (!victim) return;
+    stats_.bytes -= int64_t(victim->bytes);
+    --stats_.blocks;
+    ++stats_.evicted;
+    Node* parent = victim->parent;
+    for (auto it = parent->kids.begin(); it != parent->kids.end(); ++it)
+      if (it->second.get() == victim) {
+        parent->kids.erase(it);
+        break;
+      }
+  }
+}
+
+}  // namespace hm::server

@@ -1,0 +1,75 @@
+// Prefix caching for hybrid models (docs/SERVER.md, "Prefix cache"). Attention K/V rows can be
+// reused for any shared prefix, but a Mamba layer's state (conv window, SSM state) and a true
+// layer's route state exist only at the position where they were computed. So the cache is a
+// tree of fixed-size token blocks: each node holds the K/V rows its block added to every layer
+// with an attention path, and a checkpoint of the whole recurrent state at the block's end. A
+// request resumes from the deepest node its prompt matches and computes only the rest.
+//
+// The scheduler ends prompt chunks at block boundaries and decodes one token per step, so every
+// sequence passes through each boundary with its state in memory: record() snapshots it there.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <vector>
+
+#include "backend/backend.h"
+#include "model/config.h"
+#include "runtime/memory.h"
+
+namespace hm::server {
+
+struct PrefixCacheStats {
+  int64_t hits = 0, misses = 0;   // restore() calls that resumed from a node / from nothing
+  int64_t tokens_saved = 0;       // prompt tokens restored instead of computed
+  int64_t blocks = 0, bytes = 0;  // held now
+  int64_t inserted = 0, evicted = 0;
+};
+
+class PrefixCache {
+ public:
+  // block: tokens per node (> 0); budget_bytes: the most the nodes may hold (0 = caching off).
+  PrefixCache(HybridMemory& mem, const ModelConfig& c, int block, size_t budget_bytes);
+  ~PrefixCache();
+  PrefixCache(const PrefixCache&) = delete;
+  PrefixCache& operator=(const PrefixCache&) = delete;
+
+  int block() const { return block_; }
+  bool enabled() const { return budget_ > 0; }
+
+  // Resets slot, then fills it with the state after the longest cached prefix of tokens that
+  // still leaves at least one token to compute (a whole number of blocks). Returns the number of
+  // tokens restored (0: a miss; the slot starts empty). The slot then records from there.
+  int restore(int slot, const std::vector<int32_t>& tokens);
+  // After a forward: slot holds tokens[0, mem.pos(slot)). When that position ends the block
+  // after the slot's last recorded one, its K/V rows and state become a node (or the node that
+  // already holds the same block is reused). A sequence that passes a boundary without stopping
+  // at it records nothing further.
+  void record(int slot, const std::vector<int32_t>& tokens);
+  // The slot's sequence is done (or reset): it stops recording.
+  void release(int slot);
+
+  const PrefixCacheStats& stats() const { return stats_; }
+  // Bytes one full block takes (K/V rows of every attention layer + one state checkpoint).
+  size_t block_bytes() const;
+
+ private:
+  struct Node;
+  Node* child(Node* n, const int32_t* toks) const;
+  std::unique_ptr<Node> snapshot(int slot, Node* parent, const int32_t* toks);
+  void evict_until(size_t need);
+  void set_cursor(int slot, Node* n);
+
+  HybridMemory& mem_;
+  Backend& be_;
+  int block_;
+  size_t budget_;
+  std::vector<int> attn_layers_, mamba_layers_, true_layers_;
+  size_t kv_row_bytes_ = 0, state_bytes_ = 0, route_host_ = 0;
+  std::unique_ptr<Node> root_;
+  std::vector<Node*> cursor_;  // per slot: the node of its last recorded block, or null
+  uint64_t clock_ = 0;         // LRU time
+  PrefixCacheStats stats_;
+};
+
+}  // namespace hm::server
