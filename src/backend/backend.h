@@ -71,6 +71,15 @@ class Backend {
   virtual void selective_scan(Tensor y, const StatePool& st, Tensor x, Tensor dt, Tensor dt_bias,
                               const float* A, Tensor B, Tensor C, Tensor Dskip, Tensor z,
                               const Ragged& rg) = 0;
+  // Mamba-2 SSD scan of every sequence of rg from its slot's state in st ([H, P, N] float,
+  // updated): the contract of ref::ssd_scan. x, y [n_tokens, H * P]; dt [n_tokens, H] (raw:
+  // dt_bias, softplus and the [dt_min, dt_max] clamp are applied here); B and C [n_tokens, G * N]
+  // views sharing one row stride; A [H] float32 (-exp(A_log)) in backend memory; dt_bias, Dskip [H].
+  virtual void ssd_scan(Tensor y, const StatePool& st, Tensor x, Tensor dt, Tensor dt_bias,
+                        const float* A, Tensor B, Tensor C, Tensor Dskip, int heads, int groups,
+                        float dt_min, float dt_max, const Ragged& rg) = 0;
+  // Mamba-2's gated RMSNorm: out = rmsnorm(y * silu(z)) * w over each group of `group` columns.
+  virtual void gated_rmsnorm(Tensor out, Tensor y, Tensor z, Tensor w, int group, float eps) = 0;
   // RoPE in place on x [n_tokens, heads * hd]: row t of sequence s at pos0[s] + t - start(s).
   virtual void rope(Tensor x, int heads, int hd, float theta, const Ragged& rg) = 0;
   // K and V rows of each sequence into its slot at positions pos0[s].. (converted to kv.dtype).

@@ -7,7 +7,7 @@ namespace hm {
 const char* op_kind_name(OpKind k) {
   static const char* names[] = {"rmsnorm", "linear", "conv1d_silu", "selective_scan", "rope",
                                 "kv_write", "attention", "swiglu", "embedding", "copy_rows",
-                                "add_rows"};
+                                "add_rows", "ssd_scan", "gated_rmsnorm"};
   static_assert(sizeof(names) / sizeof(names[0]) == size_t(OpKind::kCount));
   return names[size_t(k)];
 }
@@ -64,6 +64,16 @@ void CountingBackend::selective_scan(Tensor y, const StatePool& st, Tensor x, Te
                                      Tensor Dskip, Tensor z, const Ragged& rg) {
   run(OpKind::Scan, Dskip.data, rg.n_tokens(), kScanFlops * rg.n_tokens() * x.cols * B.cols,
       [&] { in_.selective_scan(y, st, x, dt, dt_bias, A, B, C, Dskip, z, rg); });
+}
+void CountingBackend::ssd_scan(Tensor y, const StatePool& st, Tensor x, Tensor dt, Tensor dt_bias,
+                               const float* A, Tensor B, Tensor C, Tensor Dskip, int heads, int groups,
+                               float dt_min, float dt_max, const Ragged& rg) {
+  const double N = groups > 0 ? double(B.cols) / groups : 0;
+  run(OpKind::SsdScan, Dskip.data, rg.n_tokens(), kSsdFlops * rg.n_tokens() * x.cols * N,
+      [&] { in_.ssd_scan(y, st, x, dt, dt_bias, A, B, C, Dskip, heads, groups, dt_min, dt_max, rg); });
+}
+void CountingBackend::gated_rmsnorm(Tensor out, Tensor y, Tensor z, Tensor w, int group, float eps) {
+  run(OpKind::GatedNorm, out.data, y.rows, 0, [&] { in_.gated_rmsnorm(out, y, z, w, group, eps); });
 }
 void CountingBackend::rope(Tensor x, int heads, int hd, float theta, const Ragged& rg) {
   run(OpKind::Rope, x.data, rg.n_tokens(), 0, [&] { in_.rope(x, heads, hd, theta, rg); });

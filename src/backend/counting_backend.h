@@ -12,7 +12,8 @@
 namespace hm {
 
 enum class OpKind : uint8_t {
-  Rmsnorm, Linear, Conv, Scan, Rope, KvWrite, Attention, Swiglu, Embedding, CopyRows, AddRows, kCount
+  Rmsnorm, Linear, Conv, Scan, Rope, KvWrite, Attention, Swiglu, Embedding, CopyRows, AddRows,
+  SsdScan, GatedNorm, kCount
 };
 const char* op_kind_name(OpKind k);
 
@@ -21,6 +22,8 @@ const char* op_kind_name(OpKind k);
 //   conv1d_silu     2 L E K                  (the depthwise taps; bias and SiLU left out)
 //   selective_scan  kScanFlops L E N         (per token, channel and state: exp(delta A) 2,
 //                                             delta B x 1, s = dA s + dBx 2, y += C s 2)
+//   ssd_scan        kSsdFlops L H P N           (per token, head, channel and state: s = a s + dx B
+//                                             3, y += C s 2; the per-head decay is amortized)
 //   attention       4 H hd per (query, key) pair attended (causal: query i at position
 //                   pos0 + i sees pos0 + i + 1 keys): Q.K and P.V, 2 FLOPs per multiply-add
 struct OpCount {
@@ -33,6 +36,7 @@ struct OpCount {
 class CountingBackend final : public Backend {
  public:
   static constexpr double kScanFlops = 7.0;
+  static constexpr double kSsdFlops = 5.0;
 
   // One call, when logging is on: `tag` identifies what the call worked on, so a test can tell
   // one layer's or one path's calls from another's: the weight for linear (W) and conv1d_silu
@@ -75,6 +79,10 @@ class CountingBackend final : public Backend {
   void selective_scan(Tensor y, const StatePool& st, Tensor x, Tensor dt, Tensor dt_bias,
                       const float* A, Tensor B, Tensor C, Tensor Dskip, Tensor z,
                       const Ragged& rg) override;
+  void ssd_scan(Tensor y, const StatePool& st, Tensor x, Tensor dt, Tensor dt_bias, const float* A,
+                Tensor B, Tensor C, Tensor Dskip, int heads, int groups, float dt_min, float dt_max,
+                const Ragged& rg) override;
+  void gated_rmsnorm(Tensor out, Tensor y, Tensor z, Tensor w, int group, float eps) override;
   void rope(Tensor x, int heads, int hd, float theta, const Ragged& rg) override;
   void kv_write(const KvPool& kv, Tensor k, Tensor v, const Ragged& rg) override;
   void attention(Tensor out, Tensor q, const KvPool& kv, int H, int G, int hd,

@@ -103,6 +103,34 @@ class HostBackend : public Backend {
                         row(z, t0), int(z.ld), rg.len(s), E, N);
     }
   }
+  void ssd_scan(Tensor y, const StatePool& st, Tensor x, Tensor dt, Tensor dt_bias, const float* A,
+                Tensor B, Tensor C, Tensor Dskip, int H, int G, float dt_min, float dt_max,
+                const Ragged& rg) override {
+    const int E = x.cols, N = G > 0 ? B.cols / G : 0, P = H > 0 ? E / H : 0;
+    HM_CHECK(H > 0 && G > 0 && H % G == 0 && P * H == E && N * G == B.cols && y.rows == x.rows &&
+                 dt.rows == x.rows && B.rows == x.rows && C.rows == x.rows && x.rows == rg.n_tokens() &&
+                 y.cols == E && dt.cols == H && C.cols == B.cols && B.ld == C.ld && dt_bias.cols == H &&
+                 Dskip.cols == H && st.slot_stride == int64_t(E) * N,
+             name(), " ssd_scan: shapes do not fit (x [", x.rows, ", ", E, "], ", H, " heads, ", G,
+             " groups, B [", B.rows, ", ", B.cols, "], dt [", dt.rows, ", ", dt.cols, "], batch of ",
+             rg.n_tokens(), " tokens)");
+    for (int s = 0; s < rg.nseq(); ++s) {
+      if (rg.len(s) == 0) continue;
+      const int t0 = rg.start(s);
+      K::ssd_scan(row(y, t0), int(y.ld), st.at(rg.slot(s)), row(x, t0), int(x.ld), row(dt, t0),
+                  int(dt.ld), dt_bias.f32(), A, row(B, t0), row(C, t0), int(B.ld), Dskip.f32(),
+                  rg.len(s), H, P, G, N, dt_min, dt_max);
+    }
+  }
+  void gated_rmsnorm(Tensor out, Tensor y, Tensor z, Tensor w, int group, float eps) override {
+    check_rows("gated_rmsnorm", out, y);
+    const int E = y.cols;
+    HM_CHECK(z.rows == y.rows && z.cols == E && out.cols == E && w.cols == E && group > 0 && E % group == 0,
+             name(), " gated_rmsnorm: y [", y.rows, ", ", E, "], z [", z.rows, ", ", z.cols, "], w ",
+             w.cols, ", group ", group, " do not fit");
+    K::gated_rmsnorm(out.f32(), int(out.ld), y.f32(), int(y.ld), z.f32(), int(z.ld), w.f32(), y.rows, E,
+                     group, eps);
+  }
   void rope(Tensor x, int heads, int hd, float theta, const Ragged& rg) override {
     HM_CHECK(x.cols >= heads * hd && x.rows == rg.n_tokens(), name(), " rope: x [", x.rows, ", ",
              x.cols, "] for ", heads, " heads of ", hd);
@@ -183,6 +211,8 @@ class HostBackend : public Backend {
     static constexpr auto swiglu = kRef ? &ref::swiglu : &cpu::swiglu;
     static constexpr auto conv1d_silu = kRef ? &ref::conv1d_silu : &cpu::conv1d_silu;
     static constexpr auto selective_scan = kRef ? &ref::selective_scan : &cpu::selective_scan;
+    static constexpr auto ssd_scan = kRef ? &ref::ssd_scan : &cpu::ssd_scan;
+    static constexpr auto gated_rmsnorm = kRef ? &ref::gated_rmsnorm : &cpu::gated_rmsnorm;
     static constexpr auto rope = kRef ? &ref::rope : &cpu::rope;
     static constexpr auto store_f16 = kRef ? &ref::store_f16 : &cpu::store_f16;
     static constexpr auto attention = kRef ? &ref::attention : &cpu::attention;

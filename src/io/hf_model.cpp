@@ -39,6 +39,9 @@ struct HfInfo {
   bool conv_bias = true;  // use_conv_bias: false means a zero conv bias and no conv1d.bias tensors
 };
 
+HfInfo mamba_info_from_json(const JsonFields& f, const std::string& origin);
+HfInfo mamba2_info_from_json(const JsonFields& f, const std::string& origin);
+
 HfInfo hf_info_from_json(const nlohmann::json& j, const std::string& origin) {
   const JsonFields f(j, origin);
   HM_CHECK(f.has("architectures"), origin, ": not a Hugging Face config (no field 'architectures')");
@@ -49,14 +52,19 @@ HfInfo hf_info_from_json(const nlohmann::json& j, const std::string& origin) {
   HM_CHECK(a != "FalconMambaForCausalLM", origin, ": field 'architectures': \"", a,
            "\" is not supported yet: Falcon-Mamba applies an RMSNorm to B, C and dt inside the mixer, "
            "which our Mamba layer does not have (docs/MODELS.md)");
-  HM_CHECK(a == "MambaForCausalLM", origin, ": field 'architectures': \"", a,
-           "\" is not supported (supported: MambaForCausalLM; docs/MODELS.md lists the families)");
-  if (f.has("model_type")) {
-    const std::string t = f.get_string("model_type");
-    HM_CHECK(t == "mamba", origin, ": field 'model_type' must be \"mamba\" for MambaForCausalLM, got \"", t, "\"");
+  HM_CHECK(a == "MambaForCausalLM" || a == "Mamba2ForCausalLM", origin, ": field 'architectures': \"", a,
+           "\" is not supported (supported: MambaForCausalLM, Mamba2ForCausalLM; docs/MODELS.md lists the families)");
+  HfInfo info = a == "MambaForCausalLM" ? mamba_info_from_json(f, origin) : mamba2_info_from_json(f, origin);
+  try {
+    validate(info.cfg);
+  } catch (const Error& e) {
+    throw Error(detail::cat(e.what(), " (mapped from ", origin, ")"));
   }
+  return info;
+}
 
-  HfInfo info;
+// The fields every Mamba family shares: sizes, eps, head tying, biases, activation.
+void common_mamba_fields(const JsonFields& f, const std::string& origin, bool tie_default, HfInfo& info) {
   ModelConfig& c = info.cfg;
   c.hybrid = "simple";
   c.attention_layers = {};
@@ -65,6 +73,94 @@ HfInfo hf_info_from_json(const nlohmann::json& j, const std::string& origin) {
   c.d_model = int(f.get_int("hidden_size", 1, kMaxDModel));
   c.n_layers = int(f.get_int("num_hidden_layers", 1, kMaxLayers));
   c.vocab_size = int(f.get_int("vocab_size", 1, kMaxVocab));
+  c.norm_eps = f.has("layer_norm_epsilon") ? f.get_float("layer_norm_epsilon") : 1e-5f;
+  c.tie_embeddings = f.has("tie_word_embeddings") ? f.get_bool("tie_word_embeddings") : tie_default;
+  if (f.has("use_bias"))  // absent: false, transformers 5's default (and no bias tensors to load)
+    HM_CHECK(!f.get_bool("use_bias"), origin, ": field 'use_bias' is true (biases on in_proj and "
+             "out_proj): not supported yet");
+  if (f.has("use_conv_bias")) info.conv_bias = f.get_bool("use_conv_bias");
+  if (f.has("hidden_act")) {
+    const std::string act = f.get_string("hidden_act");
+    HM_CHECK(act == "silu" || act == "swish", origin, ": field 'hidden_act' is \"", act,
+             "\": not supported (only \"silu\")");
+  }
+}
+
+// One element of time_step_limit: a number, or Python's Infinity (read as a string).
+double limit_value(const nlohmann::json& v, const std::string& origin, int k) {
+  if (v.is_string() && v.get<std::string>() == "Infinity") return INFINITY;
+  HM_CHECK(v.is_number(), origin, ": field 'time_step_limit[", k, "]' must be a number or Infinity, got ", v.dump());
+  return json_to_double(v, 0, 1e30, origin, detail::cat("time_step_limit[", k, "]"));
+}
+
+HfInfo mamba2_info_from_json(const JsonFields& f, const std::string& origin) {
+  if (f.has("model_type")) {
+    const std::string t = f.get_string("model_type");
+    HM_CHECK(t == "mamba2", origin, ": field 'model_type' must be \"mamba2\" for Mamba2ForCausalLM, got \"", t, "\"");
+  }
+  HfInfo info;
+  ModelConfig& c = info.cfg;
+  common_mamba_fields(f, origin, /*tie_default=*/false, info);  // Mamba2Config ties no head by default
+  c.d_state = f.has("state_size") ? int(f.get_int("state_size", 1, kMaxDState)) : 128;
+  c.d_conv = f.has("conv_kernel") ? int(f.get_int("conv_kernel", 1, kMaxDConv)) : 4;
+  // The mixer's width is int(expand * hidden_size); Mamba2Mixer never reads intermediate_size.
+  const double expand = f.has("expand") ? f.get_double("expand", 1e-9, kMaxExpand) : 2.0;
+  const int64_t inner = int64_t(expand * c.d_model);
+  HM_CHECK(inner >= 1 && inner <= int64_t(kMaxExpand) * c.d_model, origin, ": field 'expand' (", expand,
+           ") gives an intermediate size of ", inner, ", outside [1, ", kMaxExpand, " * hidden_size]");
+  if (f.has("intermediate_size"))
+    HM_CHECK(f.get_int("intermediate_size", 1, int64_t(kMaxExpand) * c.d_model) == inner, origin,
+             ": field 'intermediate_size' (", f.at("intermediate_size").dump(), ") disagrees with int(expand * "
+             "hidden_size) = ", inner, ", the width transformers' Mamba2Mixer uses");
+  if (inner % c.d_model == 0) {
+    c.expand = int(inner / c.d_model);
+  } else {
+    c.expand = 1;
+    c.inner_size = int(inner);
+  }
+  const int64_t heads = f.has("num_heads") ? f.get_int("num_heads", 1, inner) : 128;
+  c.mamba2_head_dim = f.has("head_dim") ? int(f.get_int("head_dim", 1, inner)) : 64;
+  HM_CHECK(heads * c.mamba2_head_dim == inner, origin, ": fields 'num_heads' (", heads, ") x 'head_dim' (",
+           c.mamba2_head_dim, ") must equal the intermediate size int(expand * hidden_size) = ", inner);
+  c.mamba2_groups = f.has("n_groups") ? int(f.get_int("n_groups", 1, kMaxHeads)) : 8;
+  HM_CHECK(heads % c.mamba2_groups == 0, origin, ": field 'n_groups' (", c.mamba2_groups,
+           ") must divide 'num_heads' (", heads, ")");
+  // transformers' MambaRMSNormGated (modeling_mamba2.py) normalizes over all intermediate_size
+  // columns, whatever n_groups; mamba_ssm normalizes per group. Identical for n_groups 1.
+  c.mamba2_norm_per_group = false;
+  if (f.has("time_step_limit")) {
+    const nlohmann::json& lim = f.at("time_step_limit");
+    HM_CHECK(lim.is_array() && lim.size() == 2, origin, ": field 'time_step_limit' must be [min, max], got ",
+             lim.dump());
+    c.mamba2_dt_min = float(limit_value(lim[0], origin, 0));
+    c.mamba2_dt_max = float(limit_value(lim[1], origin, 1));
+    HM_CHECK(c.mamba2_dt_max > c.mamba2_dt_min, origin, ": field 'time_step_limit' ", lim.dump(),
+             " must have min < max");
+  }
+  if (f.has("rms_norm"))  // transformers applies the gated norm whatever it says; mamba_ssm skips it
+    HM_CHECK(f.get_bool("rms_norm"), origin, ": field 'rms_norm' is false: not supported (transformers "
+             "applies the gated RMSNorm anyway, mamba_ssm does not; which one is meant is ambiguous)");
+  if (f.has("norm_before_gate"))
+    HM_CHECK(!f.get_bool("norm_before_gate"), origin, ": field 'norm_before_gate' is true: not supported "
+             "(transformers' Mamba2 gates before the norm: norm(y * silu(z)))");
+  if (f.has("chunk_size")) f.get_int("chunk_size", 1, INT32_MAX);  // how the scan is split: no effect on the result
+  c.mamba2_layers.clear();
+  for (int i = 0; i < c.n_layers; ++i) c.mamba2_layers.push_back(i);
+  // Ignored as transformers ignores them: initialization (initializer_range, time_step_min/max/
+  // floor, rescale_prenorm_residual), time_step_rank (unused by the Mamba-2 mixer), use_cache,
+  // residual_in_fp32 (ours is float32), token ids and dtype.
+  return info;
+}
+
+HfInfo mamba_info_from_json(const JsonFields& f, const std::string& origin) {
+  if (f.has("model_type")) {
+    const std::string t = f.get_string("model_type");
+    HM_CHECK(t == "mamba", origin, ": field 'model_type' must be \"mamba\" for MambaForCausalLM, got \"", t, "\"");
+  }
+
+  HfInfo info;
+  ModelConfig& c = info.cfg;
+  common_mamba_fields(f, origin, /*tie_default=*/true, info);
   // mamba_ssm's names, which some converted configs still carry: they must agree.
   if (f.has("d_model"))
     HM_CHECK(f.get_int("d_model", 1, kMaxDModel) == c.d_model, origin, ": field 'd_model' (",
@@ -98,32 +194,16 @@ HfInfo hf_info_from_json(const nlohmann::json& j, const std::string& origin) {
       c.dt_rank = int(f.get_int("time_step_rank", 1, kMaxDtRank));
     }
   }
-  c.norm_eps = f.has("layer_norm_epsilon") ? f.get_float("layer_norm_epsilon") : 1e-5f;
-  c.tie_embeddings = f.has("tie_word_embeddings") ? f.get_bool("tie_word_embeddings") : true;
-  if (f.has("use_bias"))  // absent: false, transformers 5's default (and no bias tensors to load)
-    HM_CHECK(!f.get_bool("use_bias"), origin, ": field 'use_bias' is true (biases on in_proj and "
-             "out_proj): not supported yet");
-  if (f.has("use_conv_bias")) info.conv_bias = f.get_bool("use_conv_bias");
-  if (f.has("hidden_act")) {
-    const std::string act = f.get_string("hidden_act");
-    HM_CHECK(act == "silu" || act == "swish", origin, ": field 'hidden_act' is \"", act,
-             "\": not supported (only \"silu\")");
-  }
   // Every other field is ignored, as transformers ignores it: initialization (initializer_range,
   // rescale_prenorm_residual, time_step_scale/min/max/init_scheme/floor), how the scan runs
   // (use_cache, use_mambapy, use_associative_scan), residual_in_fp32 (ours is float32 always),
   // token ids and storage dtype. docs/MODELS.md lists each.
-  try {
-    validate(c);
-  } catch (const Error& e) {
-    throw Error(detail::cat(e.what(), " (mapped from ", origin, ")"));
-  }
   return info;
 }
 
 HfInfo load_hf_info(const std::string& dir) {
   const std::string path = hf_file(dir, "config.json", dir, "config.json");
-  return hf_info_from_json(parse_json_file(path), path);
+  return hf_info_from_json(parse_hf_json_file(path), path);
 }
 
 bool ends_with(const std::string& s, const std::string& suffix) {
@@ -132,11 +212,54 @@ bool ends_with(const std::string& s, const std::string& suffix) {
 
 }  // namespace
 
+nlohmann::json parse_hf_json_file(const std::string& path) {
+  std::error_code ec;
+  HM_CHECK(fs::is_regular_file(path, ec), path, ": not a regular file (or missing)");
+  const auto size = fs::file_size(path, ec);
+  HM_CHECK(!ec && int64_t(size) <= kJsonMaxFileBytes, path, ": ", size, " bytes, more than the ",
+           kJsonMaxFileBytes, " a JSON file may have");
+  std::ifstream in(path, std::ios::binary);
+  HM_CHECK(in.good(), path, ": cannot open");
+  std::ostringstream s;
+  s << in.rdbuf();
+  HM_CHECK(!in.bad(), path, ": read error");
+  const std::string text = s.str();
+  // Python's non-standard constants, outside strings, become strings; valid JSON has none there,
+  // and anything else malformed gets parse_json's message.
+  std::string out;
+  out.reserve(text.size() + 64);
+  bool in_string = false;
+  for (size_t i = 0; i < text.size(); ++i) {
+    const char ch = text[i];
+    if (in_string) {
+      out += ch;
+      if (ch == '\\' && i + 1 < text.size()) out += text[++i];
+      else if (ch == '"') in_string = false;
+      continue;
+    }
+    if (ch == '"') in_string = true;
+    bool replaced = false;
+    for (const char* word : {"-Infinity", "Infinity", "NaN"}) {
+      const size_t n = std::strlen(word);
+      if (text.compare(i, n, word) == 0) {
+        out += '"';
+        out += word;
+        out += '"';
+        i += n - 1;
+        replaced = true;
+        break;
+      }
+    }
+    if (!replaced) out += ch;
+  }
+  return parse_json(out, path);
+}
+
 bool is_hf_model_dir(const std::string& dir) {
   std::error_code ec;
   const fs::path cfg = fs::path(dir) / "config.json";
   if (!fs::is_regular_file(cfg, ec)) return false;
-  const nlohmann::json j = parse_json_file(cfg.string());
+  const nlohmann::json j = parse_hf_json_file(cfg.string());
   return j.is_object() && j.contains("architectures");
 }
 
@@ -190,7 +313,7 @@ void load_hf_params(Params& p, const std::string& dir) {
   const fs::path index = fs::path(dir) / kIndexFile;
   std::error_code ec;
   if (fs::exists(index, ec)) {
-    const nlohmann::json doc = parse_json_file(index.string());
+    const nlohmann::json doc = parse_json_file(index.string());  // written by huggingface_hub: strict JSON
     for (const auto& [name, file] : doc.at("weight_map").items()) {
       auto it = where.find(name);
       HM_CHECK(it != where.end(), index.string(), ": field 'weight_map.", name, "' names ", file.get<std::string>(),

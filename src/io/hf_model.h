@@ -14,6 +14,11 @@ class Backend;
 class HybridModel;
 class Params;
 
+// A config.json as Python's json module writes it: the bare tokens Infinity, -Infinity and NaN
+// (transformers saves Mamba2Config's time_step_limit as [0.0, Infinity]) are read as the strings
+// "Infinity", "-Infinity" and "NaN"; everything else is strict JSON (parse_json_file).
+nlohmann::json parse_hf_json_file(const std::string& path);
+
 // True when dir/config.json exists and holds an "architectures" list (our own config.json has
 // none). Malformed JSON is an hm::Error; a missing config.json is just false.
 bool is_hf_model_dir(const std::string& dir);

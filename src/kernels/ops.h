@@ -28,6 +28,22 @@
                       int lddt, const float* dt_bias, const float* A, const float* B,              \
                       const float* C, int ldbc, const float* Dskip, const float* z, int ldz,       \
                       int L, int E, int N);                                                        \
+  /* One sequence: the Mamba-2 (SSD) recurrence continuing from state [H, P, N] (updated in     \
+     place; head h's P x N block at state + h*P*N). Head h reads group g = h / (H/G) of B and C. \
+     delta = clamp(softplus(dt[t,h] + dt_bias[h]), dt_min, dt_max); a = exp(delta * A[h]);       \
+     s[h][p,n] = a * s[h][p,n] + delta * x[t,h*P+p] * B[t,g*N+n];                                \
+     y[t,h*P+p] = sum_n s[h][p,n] * C[t,g*N+n] + Dskip[h] * x[t,h*P+p].                          \
+     x, y [L, H*P] with their own ld; dt [L, H] (lddt); B, C [L, G*N] share ldbc;                \
+     A, dt_bias, Dskip [H] (A holds -exp(A_log)). */                                              \
+  void ssd_scan(float* y, int ldy, float* state, const float* x, int ldx, const float* dt,        \
+                int lddt, const float* dt_bias, const float* A, const float* B, const float* C,     \
+                int ldbc, const float* Dskip, int L, int H, int P, int G, int N, float dt_min,      \
+                float dt_max);                                                                     \
+  /* Gated RMSNorm (Mamba-2, norm_before_gate false): g = y * silu(z), then each group of         \
+     `group` columns of a row is scaled by rsqrt(mean(g^2 over the group) + eps), times w[j].     \
+     y, z, out [n, E] with their own ld; E % group == 0. */                                      \
+  void gated_rmsnorm(float* out, int ldo, const float* y, int ldy, const float* z, int ldz,       \
+                     const float* w, int n, int E, int group, float eps);                          \
   /* RoPE ("rotate half") in place on x [L, heads, hd] (ldx) at positions pos0 .. pos0+L-1. */     \
   void rope(float* x, int ldx, int L, int heads, int hd, int pos0, float theta);                  \
   /* One sequence: L queries at positions pos0.. attend causally to cached keys 0..pos0+t.        \

@@ -22,6 +22,10 @@ bool ModelConfig::is_true(int layer) const {
   return std::find(true_layers.begin(), true_layers.end(), layer) != true_layers.end();
 }
 
+bool ModelConfig::is_mamba2(int layer) const {
+  return std::find(mamba2_layers.begin(), mamba2_layers.end(), layer) != mamba2_layers.end();
+}
+
 bool ModelConfig::any_attention() const {
   for (int i = 0; i < n_layers; ++i)
     if (has_attention_path(i)) return true;
@@ -90,6 +94,26 @@ void validate(const ModelConfig& c) {
            "config: 'attention_budget' must be in (0, 1), got ", c.attention_budget);
   HM_CHECK(c.budget_loss_weight >= 0 && std::isfinite(c.budget_loss_weight),
            "config: 'budget_loss_weight' must be >= 0, got ", c.budget_loss_weight);
+  std::set<int> seen_m2;
+  for (int i : c.mamba2_layers) {
+    HM_CHECK(i >= 0 && i < c.n_layers, "config: 'mamba2_layers' index ", i, " is out of range [0, ",
+             c.n_layers, ")");
+    HM_CHECK(seen_m2.insert(i).second, "config: 'mamba2_layers' lists layer ", i, " twice");
+    HM_CHECK(!seen.count(i), "config: layer ", i, " is in both 'attention_layers' and 'mamba2_layers'");
+    HM_CHECK(!seen_true.count(i), "config: layer ", i, " is in both 'true_layers' and 'mamba2_layers' "
+             "(a true-hybrid layer with a Mamba-2 path is not implemented yet)");
+  }
+  if (!c.mamba2_layers.empty()) {
+    const int E = c.d_inner();
+    HM_CHECK(c.mamba2_head_dim >= 1 && c.mamba2_head_dim <= E && E % c.mamba2_head_dim == 0,
+             "config: 'mamba2_head_dim' (", c.mamba2_head_dim, ") must divide d_inner (", E, ")");
+    HM_CHECK(c.mamba2_groups >= 1 && c.mamba2_heads() % c.mamba2_groups == 0, "config: 'mamba2_groups' (",
+             c.mamba2_groups, ") must divide the number of heads (d_inner / mamba2_head_dim = ",
+             c.mamba2_heads(), ")");
+    HM_CHECK(c.mamba2_dt_min >= 0 && std::isfinite(c.mamba2_dt_min) && c.mamba2_dt_max > c.mamba2_dt_min,
+             "config: 'mamba2_dt_min' (", c.mamba2_dt_min, ") must be >= 0 and below 'mamba2_dt_max' (",
+             c.mamba2_dt_max, ")");
+  }
   if (c.any_attention()) {
     HM_CHECK(c.d_model % c.n_heads == 0, "config: 'd_model' (", c.d_model,
              ") must be divisible by 'n_heads' (", c.n_heads, ")");
@@ -128,7 +152,9 @@ ModelConfig config_from_json(const nlohmann::json& j, const std::string& origin)
   f.check_known({"model_type", "hybrid", "d_model", "n_layers", "attention_layers", "vocab_size", "d_state",
                  "d_conv", "expand", "d_inner", "dt_rank", "n_heads", "n_kv_heads", "rope", "rope_theta", "d_ff",
                  "norm_eps", "tie_embeddings", "state_bridges", "true_layers", "routing_mode",
-                 "routing_granularity", "routing_chunk", "attention_budget", "budget_loss_weight"});
+                 "routing_granularity", "routing_chunk", "attention_budget", "budget_loss_weight",
+                 "mamba2_layers", "mamba2_head_dim", "mamba2_groups", "mamba2_norm_per_group",
+                 "mamba2_dt_min", "mamba2_dt_max"});
   ModelConfig c;
   if (f.has("model_type")) {
     const std::string t = f.get_string("model_type");
@@ -168,6 +194,12 @@ ModelConfig config_from_json(const nlohmann::json& j, const std::string& origin)
   if (f.has("norm_eps")) c.norm_eps = f.get_float("norm_eps");
   if (f.has("tie_embeddings")) c.tie_embeddings = f.get_bool("tie_embeddings");
   if (f.has("state_bridges")) c.state_bridges = f.get_bool("state_bridges");
+  c.mamba2_layers = get_layer_list(f, "mamba2_layers");
+  if (f.has("mamba2_head_dim")) c.mamba2_head_dim = int(f.get_int("mamba2_head_dim", 1, int64_t(kMaxExpand) * kMaxDModel));
+  if (f.has("mamba2_groups")) c.mamba2_groups = int(f.get_int("mamba2_groups", 1, kMaxHeads));
+  if (f.has("mamba2_norm_per_group")) c.mamba2_norm_per_group = f.get_bool("mamba2_norm_per_group");
+  if (f.has("mamba2_dt_min")) c.mamba2_dt_min = f.get_float("mamba2_dt_min");
+  if (f.has("mamba2_dt_max")) c.mamba2_dt_max = f.get_float("mamba2_dt_max");  // absent: no upper limit
   try {
     validate(c);
   } catch (const Error& e) {
@@ -198,6 +230,14 @@ nlohmann::json config_to_json(const ModelConfig& c) {
   j["norm_eps"] = c.norm_eps;
   j["tie_embeddings"] = c.tie_embeddings;
   j["state_bridges"] = c.state_bridges;
+  if (!c.mamba2_layers.empty()) {
+    j["mamba2_layers"] = c.mamba2_layers;
+    j["mamba2_head_dim"] = c.mamba2_head_dim;
+    j["mamba2_groups"] = c.mamba2_groups;
+    j["mamba2_norm_per_group"] = c.mamba2_norm_per_group;
+    j["mamba2_dt_min"] = c.mamba2_dt_min;
+    if (std::isfinite(c.mamba2_dt_max)) j["mamba2_dt_max"] = c.mamba2_dt_max;  // JSON has no infinity
+  }
   if (c.hybrid == "true") {
     j["true_layers"] = c.true_layers;
     j["routing_mode"] = c.routing_mode;
@@ -275,6 +315,17 @@ ModelConfig preset(const std::string& name) {
     c.routing_chunk = 3;
     return c;
   }
+  if (name == "mamba2") {
+    // Mamba-2 (SSD) layers only, at a small width: 8 layers of 1.1M, heads of 64, d_state 64.
+    c.d_model = 512;
+    c.n_layers = 8;
+    c.attention_layers = {};
+    c.mamba2_layers = {0, 1, 2, 3, 4, 5, 6, 7};
+    c.d_state = 64;
+    c.mamba2_head_dim = 64;
+    c.mamba2_groups = 1;
+    return c;
+  }
   if (name == "tiny") {
     c.d_model = 32;
     c.n_layers = 4;
@@ -286,10 +337,10 @@ ModelConfig preset(const std::string& name) {
     c.d_ff = 48;
     return c;
   }
-  throw Error(detail::cat("unknown preset '", name, "' (known: seed, mamba, transformer, true-hybrid, demo, true-demo, tiny, true-tiny)"));
+  throw Error(detail::cat("unknown preset '", name, "' (known: seed, mamba, mamba2, transformer, true-hybrid, demo, true-demo, tiny, true-tiny)"));
 }
 
-std::vector<std::string> preset_names() { return {"seed", "mamba", "transformer", "true-hybrid", "demo", "true-demo", "tiny", "true-tiny"}; }
+std::vector<std::string> preset_names() { return {"seed", "mamba", "mamba2", "transformer", "true-hybrid", "demo", "true-demo", "tiny", "true-tiny"}; }
 
 int64_t count_params(const ModelConfig& c) {
   int64_t n = 0;

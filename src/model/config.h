@@ -1,6 +1,7 @@
 // Model hyper-parameters (config.json), presets and their validation. Field names and meanings:
 // docs/MODEL.md. Mirrors the seed's HybridMambaConfig.
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -55,6 +56,18 @@ struct ModelConfig {
   int routing_chunk = 16;                    // tokens per routing decision when "chunk"
   float attention_budget = 0.5f;             // target fraction of tokens routed to attention
   float budget_loss_weight = 0.1f;           // weight of (mean p - budget)^2 in training
+  // Mamba-2 (docs/MODEL.md, "Mamba-2 layers"): the layers listed run the SSD mixer in place of
+  // Mamba's; they share d_model, d_inner, d_state and d_conv with Mamba layers. Heads of
+  // mamba2_head_dim channels, mamba2_groups groups of B and C, a per-head scalar A, D and dt bias.
+  std::vector<int> mamba2_layers;
+  int mamba2_head_dim = 64;
+  int mamba2_groups = 1;
+  // The gated RMSNorm's group: d_inner / mamba2_groups columns (true, as mamba_ssm, Bamba and
+  // Nemotron-H) or all d_inner (false, as transformers' Mamba2ForCausalLM computes it).
+  bool mamba2_norm_per_group = true;
+  // time_step_limit: delta = clamp(softplus(dt + dt_bias), min, max).
+  float mamba2_dt_min = 0.0f;
+  float mamba2_dt_max = INFINITY;
 
   int d_inner() const { return inner_size > 0 ? inner_size : expand * d_model; }
   int resolved_dt_rank() const { return dt_rank > 0 ? dt_rank : (d_model + 15) / 16; }
@@ -62,7 +75,14 @@ struct ModelConfig {
   // Layer kinds: attention only, true hybrid (both paths), or Mamba only (everything else).
   bool is_attention(int layer) const;
   bool is_true(int layer) const;
-  bool has_mamba_path(int layer) const { return !is_attention(layer); }
+  bool has_mamba_path(int layer) const { return !is_attention(layer); }  // Mamba or Mamba-2
+  bool is_mamba2(int layer) const;
+  int mamba2_heads() const { return d_inner() / mamba2_head_dim; }
+  int mamba2_conv_dim() const { return d_inner() + 2 * mamba2_groups * d_state; }  // x | B | C
+  int mamba2_in_proj_rows() const { return d_inner() + mamba2_conv_dim() + mamba2_heads(); }  // z | xBC | dt
+  int mamba2_norm_group() const { return mamba2_norm_per_group ? d_inner() / mamba2_groups : d_inner(); }
+  // The conv window of layer i's Mamba path: d_inner channels, or x | B | C for Mamba-2.
+  int conv_channels(int layer) const { return is_mamba2(layer) ? mamba2_conv_dim() : d_inner(); }
   bool has_attention_path(int layer) const { return is_attention(layer) || is_true(layer); }
   bool any_attention() const;
   // A bridge sits in front of layer i when i > 0, layer i's type differs from layer i-1's and

@@ -84,7 +84,8 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const RunShape& s) {
   arena = mul({arena, 4}, "weight bytes");
   m.weights = arena;
   for (int i = 0; i < c.n_layers; ++i)
-    if (!c.is_attention(i)) m.weights = add(m.weights, mul({E, N, 4}, "weight bytes"), "weight bytes");
+    if (!c.is_attention(i))
+      m.weights = add(m.weights, mul({c.is_mamba2(i) ? c.mamba2_heads() : E * N, 4}, "weight bytes"), "weight bytes");
 
   // Inference memory, as HybridMemory allocates it.
   if (s.slots > 0) {
@@ -93,7 +94,8 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const RunShape& s) {
       if (c.has_attention_path(i))
         m.kv_cache = add(m.kv_cache, mul({2, s.slots, kv_row_bytes}, "KV cache bytes"), "KV cache bytes");
       if (c.has_mamba_path(i))
-        m.state = add(m.state, mul({s.slots, E * (K - 1 + N), 4}, "recurrent state bytes"), "recurrent state bytes");
+        m.state = add(m.state, mul({s.slots, int64_t(c.conv_channels(i)) * (K - 1) + E * N, 4}, "recurrent state bytes"),
+                      "recurrent state bytes");
       if (c.is_true(i)) m.state = add(m.state, mul({s.slots, 2 * D + 1, 4}, "route state bytes"), "route state bytes");
     }
   }
@@ -101,6 +103,8 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const RunShape& s) {
     // HybridModel::forward's workspace buffers, per token.
     int64_t per_token = D + std::max(D, S) + 2 * S + D + 2 * E + E + P + E + H * hd + 2 * KW;
     if (!c.true_layers.empty()) per_token += 3 * D;
+    if (!c.mamba2_layers.empty())  // wider in_proj and conv outputs, and the scan's output
+      per_token += std::max<int64_t>(0, c.mamba2_in_proj_rows() - 2 * E) + std::max<int64_t>(0, c.mamba2_conv_dim() - E) + E;
     if (F > 0) per_token += 3 * F;
     m.workspace = add(mul({s.forward_tokens, per_token, 4}, "workspace bytes"),
                       mul({s.logit_rows, V, 4}, "logits bytes"), "workspace bytes");

@@ -81,7 +81,20 @@ void HybridModel::prepare() {
     const LayerWeights& w = params_.layer(i);
     LayerTensors& t = lw_[size_t(i)];
     t.norm = weight(w.norm, 1, D);
-    if (cfg_.has_mamba_path(i)) {
+    if (cfg_.is_mamba2(i)) {
+      const int H2 = cfg_.mamba2_heads(), CD = cfg_.mamba2_conv_dim();
+      t.in_proj = weight(w.in_proj, cfg_.mamba2_in_proj_rows(), D);
+      t.conv_w = weight(w.conv_w, CD, K);
+      t.conv_b = weight(w.conv_b, 1, CD);
+      t.dt_b = weight(w.dt_b, 1, H2);
+      t.Dskip = weight(w.Dskip, 1, H2);
+      t.ssm_norm = weight(w.ssm_norm, 1, E);
+      t.out_proj = weight(w.out_proj, D, E);
+      std::vector<float> a(static_cast<size_t>(H2));
+      for (size_t j = 0; j < a.size(); ++j) a[j] = -std::exp(w.A_log[j]);
+      A_[size_t(i)] = Buffer(be_, sizeof(float) * a.size());
+      be_.to_device(A_[size_t(i)].data(), a.data(), sizeof(float) * a.size());
+    } else if (cfg_.has_mamba_path(i)) {
       t.in_proj = linear_weight(w.in_proj, 2 * E, D);
       t.conv_w = weight(w.conv_w, E, K);
       t.conv_b = weight(w.conv_b, 1, E);
@@ -173,6 +186,27 @@ void HybridModel::mamba_path(int layer, Tensor x, const Ragged& rg, Tensor out, 
   be_.linear(out, y, w.out_proj, accumulate);
 }
 
+// transformers' Mamba2Mixer (torch_forward): in_proj -> z | xBC | dt; causal conv + SiLU over
+// xBC; the SSD scan per head (dt_bias, softplus, time_step_limit clamp, D skip); the gated
+// RMSNorm norm(y * silu(z)); out_proj.
+void HybridModel::mamba2_path(int layer, Tensor x, const Ragged& rg, Tensor out, bool accumulate,
+                              HybridMemory& mem) {
+  const LayerTensors& w = lw_[size_t(layer)];
+  const int n = x.rows, E = cfg_.d_inner(), N = cfg_.d_state, G = cfg_.mamba2_groups;
+  const int H = cfg_.mamba2_heads(), CD = cfg_.mamba2_conv_dim();
+  const Tensor zxd = act(ws_.xz, n, cfg_.mamba2_in_proj_rows());  // z | xBC | dt
+  const Tensor xbc = act(ws_.xc, n, CD);                          // silu(conv(xBC)): x | B | C
+  const Tensor y = act(ws_.ssd, n, E);                            // scan output
+  const Tensor yn = act(ws_.inner[layer % 2], n, E);              // gated norm output
+  be_.linear(zxd, x, w.in_proj, false);
+  be_.conv1d_silu(xbc, mem.recurrent().conv_pool(layer), zxd.cols_view(E, CD), w.conv_w, w.conv_b, rg);
+  be_.ssd_scan(y, mem.recurrent().ssm_pool(layer), xbc.cols_view(0, E), zxd.cols_view(E + CD, H), w.dt_b,
+               A_[size_t(layer)].f32(), xbc.cols_view(E, G * N), xbc.cols_view(E + G * N, G * N), w.Dskip, H, G,
+               cfg_.mamba2_dt_min, cfg_.mamba2_dt_max, rg);
+  be_.gated_rmsnorm(yn, y, zxd.cols_view(0, E), w.ssm_norm, cfg_.mamba2_norm_group(), cfg_.norm_eps);
+  be_.linear(out, yn, w.out_proj, accumulate);
+}
+
 void HybridModel::attention_path(int layer, Tensor x, const Ragged& rg, Tensor out, bool accumulate,
                                  HybridMemory& mem) {
   const LayerTensors& w = lw_[size_t(layer)];
@@ -197,7 +231,10 @@ void HybridModel::attention_path(int layer, Tensor x, const Ragged& rg, Tensor o
 
 void HybridModel::mamba_layer(int layer, HybridMemory& mem) {
   const int T = rg_.n_tokens(), D = cfg_.d_model;
-  mamba_path(layer, ws_.u.tensor(dtype_, T, D), rg_, ws_.h.tensor(dtype_, T, D), true, mem);  // h += mixer(u)
+  if (cfg_.is_mamba2(layer))
+    mamba2_path(layer, ws_.u.tensor(dtype_, T, D), rg_, ws_.h.tensor(dtype_, T, D), true, mem);
+  else
+    mamba_path(layer, ws_.u.tensor(dtype_, T, D), rg_, ws_.h.tensor(dtype_, T, D), true, mem);  // h += mixer(u)
 }
 
 void HybridModel::attention_layer(int layer, HybridMemory& mem) {
@@ -413,8 +450,11 @@ Tensor HybridModel::forward_device(const Batch& b, HybridMemory& mem) {
   const Tensor h = act(ws_.h, T, D);
   act(ws_.u, T, std::max(D, S));
   act(ws_.rows, T, D);
-  act(ws_.xz, T, 2 * E);
-  act(ws_.xc, T, E);
+  // Mamba-2 layers use xz for in_proj's z | xBC | dt, xc for the conv's x | B | C, ssd for the scan.
+  const bool m2 = !cfg_.mamba2_layers.empty();
+  act(ws_.xz, T, m2 ? std::max(2 * E, cfg_.mamba2_in_proj_rows()) : 2 * E);
+  act(ws_.xc, T, m2 ? std::max(E, cfg_.mamba2_conv_dim()) : E);
+  if (m2) act(ws_.ssd, T, E);
   act(ws_.dbc, T, P);
   act(ws_.dt, T, E);
   act(ws_.q, T, cfg_.n_heads * cfg_.head_dim());

@@ -40,6 +40,7 @@ struct Workspace {
   Buffer inner[2];  // a layer's inner output (scan output or attention context): layer i writes
                     // inner[i % 2], and the bridge of layer i + 1 reads it
   Buffer gath, ym, ya;  // true-hybrid layers: gathered path inputs, compact path outputs
+  Buffer ssd;           // Mamba-2 layers: the scan's output, before the gated norm
   Buffer ids, idx, gates;  // token ids, row indices and row gates uploaded for one forward
 };
 
@@ -49,6 +50,7 @@ struct LayerTensors {
   Tensor norm, in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, Dskip, out_proj;
   Tensor wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down;
   Tensor fuse_mamba, fuse_attn, exchange, bridge_norm, bridge_proj, bridge_gate;
+  Tensor ssm_norm;  // Mamba-2's gated RMSNorm weight [d_inner]
 };
 
 // What the routers of the true-hybrid layers decided in the last forward (set_route_trace).
@@ -129,6 +131,7 @@ class HybridModel {
   void true_layer(int layer, HybridMemory& mem);
   // The two paths over the compact rows x [n, D] of the ragged batch rg: out [n, D] (=|+=).
   void mamba_path(int layer, Tensor x, const Ragged& rg, Tensor out, bool accumulate, HybridMemory& mem);
+  void mamba2_path(int layer, Tensor x, const Ragged& rg, Tensor out, bool accumulate, HybridMemory& mem);
   void attention_path(int layer, Tensor x, const Ragged& rg, Tensor out, bool accumulate, HybridMemory& mem);
   void mlp(int layer, int T);
   // Rows of a workspace buffer as a [rows, cols] tensor of the activation type (grown as needed).
@@ -144,7 +147,7 @@ class HybridModel {
   Buffer dev_weights_;                 // the converted copy (empty when views alias the arena)
   std::vector<LayerTensors> lw_;       // per layer
   Tensor embeddings_, norm_f_, lm_head_;
-  std::vector<Buffer> A_;              // per layer: -exp(A_log) [E, N] float32 (empty for attention)
+  std::vector<Buffer> A_;              // per layer: -exp(A_log) [E, N] float32, [heads] for Mamba-2 (empty for attention)
   DType wfmt_ = DType::F32;
   std::vector<PackedWeight> packed_;   // made by prepare(), their bytes in packed_bufs_
   std::vector<Buffer> packed_bufs_;

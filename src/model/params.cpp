@@ -38,7 +38,17 @@ std::vector<ParamSpec> param_layout(const ModelConfig& c) {
       s.push_back({L + "mixer.v_proj.weight", {G * hd, D}});
       s.push_back({L + "mixer.o_proj.weight", {D, H * hd}});
     }
-    if (c.has_mamba_path(i)) {
+    if (c.is_mamba2(i)) {  // transformers' Mamba2Mixer names and shapes
+      const int64_t CD = c.mamba2_conv_dim(), Hm = c.mamba2_heads();
+      s.push_back({L + "mixer.in_proj.weight", {c.mamba2_in_proj_rows(), D}});
+      s.push_back({L + "mixer.conv1d.weight", {CD, 1, K}});
+      s.push_back({L + "mixer.conv1d.bias", {CD}});
+      s.push_back({L + "mixer.dt_bias", {Hm}});
+      s.push_back({L + "mixer.A_log", {Hm}});
+      s.push_back({L + "mixer.D", {Hm}});
+      s.push_back({L + "mixer.norm.weight", {E}});
+      s.push_back({L + "mixer.out_proj.weight", {D, E}});
+    } else if (c.has_mamba_path(i)) {
       s.push_back({L + "mixer.in_proj.weight", {2 * E, D}});
       s.push_back({L + "mixer.conv1d.weight", {E, 1, K}});
       s.push_back({L + "mixer.conv1d.bias", {E}});
@@ -97,7 +107,8 @@ Params::Params(const ModelConfig& c) : cfg_(c), specs_(param_layout(c)) {
     w.conv_b = ptr(L + "mixer.conv1d.bias");
     w.x_proj = ptr(L + "mixer.x_proj.weight");
     w.dt_w = ptr(L + "mixer.dt_proj.weight");
-    w.dt_b = ptr(L + "mixer.dt_proj.bias");
+    w.dt_b = c.is_mamba2(i) ? ptr(L + "mixer.dt_bias") : ptr(L + "mixer.dt_proj.bias");
+    w.ssm_norm = ptr(L + "mixer.norm.weight");
     w.A_log = ptr(L + "mixer.A_log");
     w.Dskip = ptr(L + "mixer.D");
     w.out_proj = ptr(L + "mixer.out_proj.weight");
@@ -162,6 +173,9 @@ void init_params(Params& p, uint64_t seed) {
     } else if (ends_with(nm, "router.weight")) {
       // u has unit RMS, so logits start ~N(0, 1): routes spread over both paths from step 0.
       for (int64_t k = 0; k < n; ++k) w[k] = float(rng.normal() / std::sqrt(double(n)));
+    } else if (ends_with(nm, "mixer.A_log") && s.shape.size() == 1) {
+      // Mamba-2: one A per head, uniform in [1, 16] as mamba_ssm draws it.
+      for (int64_t k = 0; k < n; ++k) w[k] = float(std::log(1.0 + 15.0 * rng.uniform()));
     } else if (ends_with(nm, "mixer.A_log")) {
       const int64_t N = s.shape[1];
       for (int64_t k = 0; k < n; ++k) w[k] = float(std::log(double(k % N + 1)));
@@ -212,6 +226,7 @@ void save_params(const Params& p, const std::string& path, const std::string& st
 
 DType load_params(Params& p, const std::string& path) {
   SafetensorsReader r(path);
+  const DType format = checkpoint_weight_format(r);
   std::map<std::string, bool> expected;
   for (const auto& s : p.specs()) expected[s.name] = false;
   for (const auto& t : r.tensors()) {
@@ -230,10 +245,9 @@ DType load_params(Params& p, const std::string& path) {
     const float* w = p.at(i);
     for (int64_t k = 0; k < s.numel(); ++k)
       HM_CHECK(std::isfinite(w[k]), "checkpoint: ", path, ": tensor '", s.name,
-  const DType format = checkpoint_weight_format(r);
                "' holds a non-finite value at element ", k);
   }
+  return format;
 }
 
 }  // namespace hm
-  return format;

@@ -30,6 +30,9 @@ struct LayerWeights {
   // Mamba
   float *in_proj = nullptr, *conv_w = nullptr, *conv_b = nullptr, *x_proj = nullptr;
   float *dt_w = nullptr, *dt_b = nullptr, *A_log = nullptr, *Dskip = nullptr, *out_proj = nullptr;
+  // Mamba-2 uses in_proj, conv_w, conv_b, A_log, Dskip, out_proj of the above, one value per head
+  // in dt_b (mixer.dt_bias), A_log and Dskip, and the gated RMSNorm's weight [d_inner]:
+  float* ssm_norm = nullptr;
   // Attention
   float *wq = nullptr, *wk = nullptr, *wv = nullptr, *wo = nullptr;
   // MLP

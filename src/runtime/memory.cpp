@@ -66,11 +66,14 @@ size_t KVCache::bytes_reserved() const {
 }
 
 RecurrentState::RecurrentState(Backend& be, const ModelConfig& c, int n_slots)
-    : be_(be), n_slots_(n_slots), conv_n_(c.d_inner() * (c.d_conv - 1)), ssm_n_(c.d_inner() * c.d_state) {
+    : be_(be), n_slots_(n_slots), ssm_n_(c.d_inner() * c.d_state) {
   int n_mamba = 0;
-  for (int i = 0; i < c.n_layers; ++i) layer_index_.push_back(c.has_mamba_path(i) ? n_mamba++ : -1);
+  for (int i = 0; i < c.n_layers; ++i) {
+    layer_index_.push_back(c.has_mamba_path(i) ? n_mamba++ : -1);
+    if (c.has_mamba_path(i)) conv_n_.push_back(c.conv_channels(i) * (c.d_conv - 1));
+  }
   for (int m = 0; m < n_mamba; ++m) {
-    conv_.emplace_back(be_, sizeof(float) * size_t(conv_n_) * n_slots);
+    conv_.emplace_back(be_, sizeof(float) * size_t(conv_n_[size_t(m)]) * n_slots);
     ssm_.emplace_back(be_, sizeof(float) * size_t(ssm_n_) * n_slots);
     be_.memzero(conv_.back().data(), conv_.back().bytes());
     be_.memzero(ssm_.back().data(), ssm_.back().bytes());
@@ -84,7 +87,8 @@ int RecurrentState::index(int layer) const {
 }
 
 StatePool RecurrentState::conv_pool(int layer) const {
-  return {conv_[size_t(index(layer))].f32(), n_slots_, int64_t(conv_n_)};
+  const int m = index(layer);
+  return {conv_[size_t(m)].f32(), n_slots_, int64_t(conv_n_[size_t(m)])};
 }
 
 StatePool RecurrentState::ssm_pool(int layer) const {
@@ -94,22 +98,24 @@ StatePool RecurrentState::ssm_pool(int layer) const {
 void RecurrentState::clear(int slot) {
   HM_ASSERT(slot >= 0 && slot < n_slots_);
   for (size_t m = 0; m < conv_.size(); ++m) {
-    be_.memzero(conv_[m].f32() + int64_t(slot) * conv_n_, sizeof(float) * size_t(conv_n_));
+    be_.memzero(conv_[m].f32() + int64_t(slot) * conv_n_[m], sizeof(float) * size_t(conv_n_[m]));
     be_.memzero(ssm_[m].f32() + int64_t(slot) * ssm_n_, sizeof(float) * size_t(ssm_n_));
   }
 }
 
 void RecurrentState::copy(int src, int dst) {
   for (size_t m = 0; m < conv_.size(); ++m) {
-    be_.copy(conv_[m].f32() + int64_t(dst) * conv_n_, conv_[m].f32() + int64_t(src) * conv_n_,
-             sizeof(float) * size_t(conv_n_));
+    be_.copy(conv_[m].f32() + int64_t(dst) * conv_n_[m], conv_[m].f32() + int64_t(src) * conv_n_[m],
+             sizeof(float) * size_t(conv_n_[m]));
     be_.copy(ssm_[m].f32() + int64_t(dst) * ssm_n_, ssm_[m].f32() + int64_t(src) * ssm_n_,
              sizeof(float) * size_t(ssm_n_));
   }
 }
 
 size_t RecurrentState::bytes_reserved() const {
-  return (conv_.size() * size_t(conv_n_) + ssm_.size() * size_t(ssm_n_)) * sizeof(float) * size_t(n_slots_);
+  size_t floats = ssm_.size() * size_t(ssm_n_);
+  for (int n : conv_n_) floats += size_t(n);
+  return floats * sizeof(float) * size_t(n_slots_);
 }
 
 RouteState::RouteState(Backend& be, const ModelConfig& c, int n_slots)

@@ -47,7 +47,9 @@ class KVCache {
 };
 
 // Constant-size state of each Mamba layer: cost per decoded token does not grow with context.
-// One float32 pool per layer and kind: [n_slots, d_inner, d_conv - 1] and [n_slots, d_inner, d_state].
+// One float32 pool per layer and kind: the conv window [n_slots, channels, d_conv - 1] (channels
+// d_inner, or x | B | C = d_inner + 2 groups d_state for Mamba-2) and the SSM state
+// [n_slots, d_inner, d_state] (for Mamba-2 that is [heads, head_dim, d_state] per slot).
 class RecurrentState {
  public:
   RecurrentState(Backend& be, const ModelConfig& c, int n_slots);
@@ -63,7 +65,8 @@ class RecurrentState {
   int index(int layer) const;
   Backend& be_;
   std::vector<int> layer_index_;  // model layer -> Mamba layer number, -1 for attention
-  int n_slots_, conv_n_, ssm_n_;
+  int n_slots_, ssm_n_;
+  std::vector<int> conv_n_;         // [Mamba layer]: floats of one slot's conv window
   std::vector<Buffer> conv_, ssm_;  // [Mamba layer]: the pools
 };
 

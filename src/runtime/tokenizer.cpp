@@ -17,6 +17,7 @@
 
 #include "core/error.h"
 #include "io/atomic_file.h"
+#include "io/hf_model.h"
 #include "io/json_read.h"
 #include "io/paths.h"
 
@@ -807,7 +808,7 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir) {
     int ids[3] = {-1, -1, -1};
     const fs::path cfg = fs::path(dir) / "config.json";
     if (fs::is_regular_file(cfg, ec)) {
-      const nlohmann::json c = parse_json_file(cfg.string());
+      const nlohmann::json c = parse_hf_json_file(cfg.string());  // may hold Python's Infinity
       const char* keys[3] = {"bos_token_id", "eos_token_id", "pad_token_id"};
       for (int k = 0; k < 3; ++k)
         if (c.is_object() && c.contains(keys[k]) && c[keys[k]].is_number_integer())

@@ -544,6 +544,8 @@ void train(const TrainConfig& given) {
   ModelConfig mc = c.resume ? load_config((ck / "config.json").string())
                  : c.config_file.empty() ? preset(c.preset)
                                          : load_config(c.config_file);
+  HM_CHECK(mc.mamba2_layers.empty(), "train: the model has Mamba-2 layers (config 'mamba2_layers'), which "
+           "cannot be trained yet (inference only: hm generate, hm bench)");
 
   // Data: every check on it happens before anything is written. A task needs none of it.
   Corpora data;

@@ -308,6 +308,15 @@ class CudaBackendImpl final : public CudaBackend {
     });
   }
 
+  // Mamba-2 layers run on the CPU only so far: a clear error, not a wrong answer.
+  void ssd_scan(Tensor, const StatePool&, Tensor, Tensor, Tensor, const float*, Tensor, Tensor, Tensor, int, int,
+                float, float, const Ragged&) override {
+    throw Error("cuda ssd_scan: Mamba-2 layers are not yet on CUDA (run this model with --device cpu)");
+  }
+  void gated_rmsnorm(Tensor, Tensor, Tensor, Tensor, int, float) override {
+    throw Error("cuda gated_rmsnorm: Mamba-2 layers are not yet on CUDA (run this model with --device cpu)");
+  }
+
   void selective_scan(Tensor y, const StatePool& st, Tensor x, Tensor dt, Tensor dt_bias, const float* A,
                       Tensor B, Tensor C, Tensor Dskip, Tensor z, const Ragged& rg) override {
     const char* op = "selective_scan";

@@ -144,29 +144,55 @@ __global__ void conv_state_kernel(float* state, const T* __restrict__ x, int ldx
     if (j < K - 1) st[j] = next[j];
 }
 
-// Decode: one thread per (sequence, channel) reads the window, writes the output and shifts it.
-template <class T>
-__global__ void conv_step_kernel(T* __restrict__ out, int ldo, float* state,
-                                 const int32_t* __restrict__ slots, const T* __restrict__ x,
-                                 int ldx, const T* __restrict__ w, const T* __restrict__ b, int E,
-                                 int K) {
-  const int e = blockIdx.x * kThreads + threadIdx.x;
-  if (e >= E) return;
+// Decode: one thread per (sequence, 4 channels) reads their windows, 4 (K-1) contiguous floats,
+// writes the outputs and shifts the windows. vec (the pool 16-byte aligned and E (K-1) a
+// multiple of 4, so every slot's row and every 4th channel's window start on 16 bytes): the
+// windows move as K-1 float4 each way; else (and for the last channels past a multiple of 4)
+// float by float.
+template <class T, int K>
+__global__ void __launch_bounds__(kThreads) conv_step_kernel(
+    T* __restrict__ out, int ldo, float* state, const int32_t* __restrict__ slots, const T* __restrict__ x,
+    int ldx, const T* __restrict__ w, const T* __restrict__ b, int E, bool vec) {
+  constexpr int C4 = 4, W = C4 * (K - 1);  // channels per thread, floats of their windows
+  const int c = (blockIdx.x * kThreads + threadIdx.x) * C4;
+  if (c >= E) return;
   const int s = blockIdx.y;
-  float* st = state + (size_t(slots[s]) * E + e) * (K - 1);
-  float win[kMaxConv];
+  float* st = state + (size_t(slots[s]) * E + c) * (K - 1);
+  const bool full = vec && c + C4 <= E;
+  float win[W];
+  if (full) {
 #pragma unroll
-  for (int j = 0; j < kMaxConv - 1; ++j)
-    if (j < K - 1) win[j] = st[j];
-  const float xv = to_f(x[size_t(s) * ldx + e]);
-  float acc = to_f(b[e]) + to_f(w[size_t(e) * K + K - 1]) * xv;  // conv_state[:, -1] = x
+    for (int i = 0; i < K - 1; ++i) {
+      const float4 f = reinterpret_cast<const float4*>(st)[i];
+      win[4 * i] = f.x; win[4 * i + 1] = f.y; win[4 * i + 2] = f.z; win[4 * i + 3] = f.w;
+    }
+  } else {
 #pragma unroll
-  for (int j = 0; j < kMaxConv - 1; ++j)
-    if (j < K - 1) acc += to_f(w[size_t(e) * K + j]) * win[j];
-  out[size_t(s) * ldo + e] = from_f<T>(silu(acc));
+    for (int i = 0; i < W; ++i) win[i] = c + i / (K - 1) < E ? st[i] : 0.0f;
+  }
+  float next[W];
 #pragma unroll
-  for (int j = 0; j < kMaxConv - 1; ++j)  // roll left
-    if (j < K - 1) st[j] = j + 1 < K - 1 ? win[j + 1] : xv;
+  for (int v = 0; v < C4; ++v) {
+    const int e = c + v;
+    if (e >= E) break;
+    const float* wv = win + v * (K - 1);
+    const float xv = to_f(x[size_t(s) * ldx + e]);
+    float acc = to_f(b[e]) + to_f(w[size_t(e) * K + K - 1]) * xv;  // conv_state[:, -1] = x
+#pragma unroll
+    for (int j = 0; j < K - 1; ++j) acc += to_f(w[size_t(e) * K + j]) * wv[j];
+    out[size_t(s) * ldo + e] = from_f<T>(silu(acc));
+#pragma unroll
+    for (int j = 0; j < K - 1; ++j) next[v * (K - 1) + j] = j + 1 < K - 1 ? wv[j + 1] : xv;  // roll left
+  }
+  if (full) {
+#pragma unroll
+    for (int i = 0; i < K - 1; ++i)
+      reinterpret_cast<float4*>(st)[i] = make_float4(next[4 * i], next[4 * i + 1], next[4 * i + 2], next[4 * i + 3]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < W; ++i)
+      if (c + i / (K - 1) < E) st[i] = next[i];
+  }
 }
 
 void check_conv(int K) {
@@ -221,8 +247,11 @@ void conv1d_silu_step(T* out, int ldo, float* conv_state, const int32_t* slots, 
                       const T* w, const T* b, int nseq, int E, int K, cudaStream_t stream) {
   check_conv(K);
   if (nseq <= 0 || E <= 0) return;
-  conv_step_kernel<T><<<dim3(ceil_div(E, kThreads), nseq), kThreads, 0, stream>>>(
-      out, ldo, conv_state, slots, x, ldx, w, b, E, K);
+  const bool vec = reinterpret_cast<uintptr_t>(conv_state) % 16 == 0 && E * (K - 1) % 4 == 0;
+  with_k(K, [&](auto kc) {
+    conv_step_kernel<T, decltype(kc)::value><<<dim3(ceil_div(E, 4 * kThreads), nseq), kThreads, 0, stream>>>(
+        out, ldo, conv_state, slots, x, ldx, w, b, E, vec);
+  });
   HM_CUDA_LAUNCHED("conv1d_silu_step");
 }
 

@@ -203,31 +203,77 @@ __global__ void scan_carry_kernel(const float* __restrict__ pool, const float* _
   }
 }
 
-// Decode: one thread per (sequence, channel); the N states of the channel are 4N contiguous bytes.
+// Decode: 4 threads per (sequence, channel), each holding NM / 16 groups of 4 of the channel's
+// states: thread q takes states 4 (4 k + q) .. + 3 for k < NM / 16, so the 4 threads of a
+// channel read 64 contiguous bytes per group. vec (N % 4 == 0, pool and A 16-byte aligned):
+// float4 loads and stores, a group is wholly below N or wholly above; else scalar with a bound
+// per state. y is the 4 threads' partial sums added by two shuffles (every lane of the warp
+// takes part: channels past E compute zeros and store nothing).
+constexpr int kStepLanes = 4;
 template <class T, int NM>
 __global__ void __launch_bounds__(kThreads) scan_step_kernel(
     T* __restrict__ y, int ldy, float* pool, const int32_t* __restrict__ slots,
     const T* __restrict__ x, int ldx, const T* __restrict__ dt, int lddt,
     const T* __restrict__ dt_bias, const float* __restrict__ A, const T* __restrict__ B,
     const T* __restrict__ C, int ldbc, const T* __restrict__ Dskip, const T* __restrict__ z,
-    int ldz, int E, int N) {
-  const int e = blockIdx.x * kThreads + threadIdx.x;
-  if (e >= E) return;
+    int ldz, int E, int N, bool vec) {
+  constexpr int kGroups = NM / (4 * kStepLanes);
+  const int q = threadIdx.x % kStepLanes;
+  const int e = blockIdx.x * (kThreads / kStepLanes) + threadIdx.x / kStepLanes;
   const size_t s = blockIdx.y;
-  float* st = pool + (size_t(slots[s]) * E + e) * N;
-  const float xv = to_f(x[s * ldx + e]);
-  const float delta = softplus(to_f(dt[s * lddt + e]) + to_f(dt_bias[e]));
-  const float dx = delta * xv;
-  float acc = 0.0f;
+  const bool active = e < E;
+  float acc = 0.0f, xv = 0.0f;
+  if (active) {
+    float* st = pool + (size_t(slots[s]) * E + e) * N;
+    const float* Ae = A + size_t(e) * N;
+    // Every load first: the states and A of all groups, then the per-channel scalars.
+    float sv[kGroups][4], av[kGroups][4];
 #pragma unroll
-  for (int n = 0; n < NM; ++n) {
-    if (n < N) {
-      const float v = exp2f(delta * A[size_t(e) * N + n] * kLog2e) * st[n] + dx * to_f(B[s * ldbc + n]);
-      st[n] = v;
-      acc += v * to_f(C[s * ldbc + n]);
+    for (int k = 0; k < kGroups; ++k) {
+      const int n0 = 4 * (kStepLanes * k + q);
+      if (vec) {
+        const float4 s4 = n0 < N ? *reinterpret_cast<const float4*>(st + n0) : make_float4(0, 0, 0, 0);
+        const float4 a4 = n0 < N ? *reinterpret_cast<const float4*>(Ae + n0) : make_float4(0, 0, 0, 0);
+        sv[k][0] = s4.x; sv[k][1] = s4.y; sv[k][2] = s4.z; sv[k][3] = s4.w;
+        av[k][0] = a4.x; av[k][1] = a4.y; av[k][2] = a4.z; av[k][3] = a4.w;
+      } else {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          sv[k][i] = n0 + i < N ? st[n0 + i] : 0.0f;
+          av[k][i] = n0 + i < N ? Ae[n0 + i] : 0.0f;
+        }
+      }
+    }
+    xv = to_f(x[s * ldx + e]);
+    const float delta = softplus(to_f(dt[s * lddt + e]) + to_f(dt_bias[e]));
+    const float dx = delta * xv;
+#pragma unroll
+    for (int k = 0; k < kGroups; ++k) {
+      const int n0 = 4 * (kStepLanes * k + q);
+      if (n0 >= N) continue;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int n = n0 + i;
+        if (n < N) {
+          const float v = exp2f(delta * av[k][i] * kLog2e) * sv[k][i] + dx * to_f(B[s * ldbc + n]);
+          sv[k][i] = v;
+          acc += v * to_f(C[s * ldbc + n]);
+        }
+      }
+      if (vec) {
+        *reinterpret_cast<float4*>(st + n0) = make_float4(sv[k][0], sv[k][1], sv[k][2], sv[k][3]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          if (n0 + i < N) st[n0 + i] = sv[k][i];
+      }
     }
   }
-  y[s * ldy + e] = from_f<T>((acc + to_f(Dskip[e]) * xv) * silu(to_f(z[s * ldz + e])));
+  // The 4 lanes of a channel are adjacent (threadIdx.x / 4): xor 1 and 2 stay inside them.
+  acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+  acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+  if (active && q == 0)
+    y[s * ldy + e] = from_f<T>((acc + to_f(Dskip[e]) * xv) * silu(to_f(z[s * ldz + e])));
 }
 
 void check_scan(int N, int nseq) {
@@ -321,13 +367,15 @@ void selective_scan_step(T* y, int ldy, float* ssm_state, const int32_t* slots, 
                          int N, cudaStream_t stream) {
   check_scan(N, nseq);
   if (nseq <= 0 || E <= 0) return;
-  const dim3 grid(ceil_div(E, kThreads), nseq);
+  const dim3 grid(ceil_div(E, kThreads / kStepLanes), nseq);
+  const bool vec = N % 4 == 0 && reinterpret_cast<uintptr_t>(ssm_state) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(A) % 16 == 0;
   if (N <= 16)
     scan_step_kernel<T, 16><<<grid, kThreads, 0, stream>>>(y, ldy, ssm_state, slots, x, ldx, dt, lddt,
-                                                           dt_bias, A, B, C, ldbc, Dskip, z, ldz, E, N);
+                                                           dt_bias, A, B, C, ldbc, Dskip, z, ldz, E, N, vec);
   else
     scan_step_kernel<T, kMaxState><<<grid, kThreads, 0, stream>>>(
-        y, ldy, ssm_state, slots, x, ldx, dt, lddt, dt_bias, A, B, C, ldbc, Dskip, z, ldz, E, N);
+        y, ldy, ssm_state, slots, x, ldx, dt, lddt, dt_bias, A, B, C, ldbc, Dskip, z, ldz, E, N, vec);
   HM_CUDA_LAUNCHED("selective_scan_step");
 }
 
