@@ -61,11 +61,11 @@ class CountingBackend final : public Backend {
   bool supports(DType t) const override { return in_.supports(t); }
   bool supports_kv(DType t) const override { return in_.supports_kv(t); }
   DType default_dtype() const override { return in_.default_dtype(); }
+  bool supports_weight_format(DType t) const override { return in_.supports_weight_format(t); }
   void* alloc(size_t bytes) override { return in_.alloc(bytes); }
   void free(void* p) override { in_.free(p); }
   void to_device(void* dst, const void* src, size_t bytes) override { in_.to_device(dst, src, bytes); }
   void to_host(void* dst, const void* src, size_t bytes) override { in_.to_host(dst, src, bytes); }
-  bool supports_weight_format(DType t) const override { return in_.supports_weight_format(t); }
   void copy(void* dst, const void* src, size_t bytes) override { in_.copy(dst, src, bytes); }
   void memzero(void* p, size_t bytes) override { in_.memzero(p, bytes); }
   void synchronize() override { in_.synchronize(); }

@@ -75,8 +75,6 @@ class HybridModel {
 
   DType dtype() const { return dtype_; }
 
-  // Call after the parameters change (init, load): derives A = -exp(A_log) and, on a backend
-  // that does not compute on the float32 arena itself, uploads the weights in dtype().
   // The format the linear layers' weights are stored in (issue 17): F32 (the default: the
   // compute type) or, on a backend that supports it (supports_weight_format: the CPU), BF16,
   // Q8_0 or Q4_0 (kernels/quant.h), packed from the float32 arena by the next prepare(). Packed:
@@ -94,6 +92,8 @@ class HybridModel {
   };
   const std::vector<PackedWeight>& packed_weights() const { return packed_; }
 
+  // Call after the parameters change (init, load): derives A = -exp(A_log) and, on a backend
+  // that does not compute on the float32 arena itself, uploads the weights in dtype().
   void prepare();
 
   // Runs the batch and advances each chunk's sequence in mem. logits (host) receives
@@ -123,10 +123,10 @@ class HybridModel {
 
  private:
   Tensor weight(const float* host, int rows, int cols) const;  // the backend's copy of a Params view
-  void bridge(int layer, int T);
-  void mamba_layer(int layer, HybridMemory& mem);
   // A linear layer's W: packed in weight_format() by the rule of set_weight_format, else weight().
   Tensor linear_weight(const float* host, int rows, int cols);
+  void bridge(int layer, int T);
+  void mamba_layer(int layer, HybridMemory& mem);
   void attention_layer(int layer, HybridMemory& mem);
   void true_layer(int layer, HybridMemory& mem);
   // The two paths over the compact rows x [n, D] of the ragged batch rg: out [n, D] (=|+=).
@@ -145,13 +145,13 @@ class HybridModel {
   DType dtype_;
   Params params_;
   Buffer dev_weights_;                 // the converted copy (empty when views alias the arena)
-  std::vector<LayerTensors> lw_;       // per layer
-  Tensor embeddings_, norm_f_, lm_head_;
-  std::vector<Buffer> A_;              // per layer: -exp(A_log) [E, N] float32, [heads] for Mamba-2 (empty for attention)
   DType wfmt_ = DType::F32;
   std::vector<PackedWeight> packed_;   // made by prepare(), their bytes in packed_bufs_
   std::vector<Buffer> packed_bufs_;
   int64_t packed_delta_ = 0;           // weight_bytes() minus the arena's
+  std::vector<LayerTensors> lw_;       // per layer
+  Tensor embeddings_, norm_f_, lm_head_;
+  std::vector<Buffer> A_;              // per layer: -exp(A_log) [E, N] float32, [heads] for Mamba-2 (empty for attention)
   Workspace ws_;
   Ragged rg_, rgm_, rga_;              // the batch; a true layer's Mamba and attention rows
   size_t idx_used_ = 0, gates_used_ = 0;  // upload offsets within ws_.idx / ws_.gates
