@@ -17,7 +17,7 @@ namespace hm::cli {
 Run add_init(CLI::App& app) {
   struct Opts { std::string preset = "seed", config, out, dtype = "F32"; uint64_t seed = 0; bool force = false; };
   auto o = std::make_shared<Opts>();
-  app.add_option("--preset", o->preset, "Preset: seed, mamba, transformer, demo, tiny")->capture_default_str();
+  app.add_option("--preset", o->preset, "Preset: seed, mamba, mamba2, transformer, demo, tiny")->capture_default_str();
   app.add_option("--config", o->config, "A config.json to use instead of a preset");
   app.add_option("--out", o->out, "Checkpoint directory to write")->required();
   app.add_option("--seed,-s", o->seed, "Initialization seed")->capture_default_str();
