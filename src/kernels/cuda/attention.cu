@@ -233,26 +233,30 @@ __device__ __forceinline__ void merge_weights(float m, float mo, float& a, float
 
 // Block (chunk c of the cache, kv head g, sequence s); the query heads of group g share every K
 // and V load. HD / 8 lanes read one key row with 16-byte loads, so a warp reads 32 / (HD / 8)
-// keys at a time, each lane 8 dimensions. Each lane group runs its own online softmax; the
-// groups of a warp merge by shuffles, and each warp leaves one partial (m, l, acc[HD]) per head
-// in `part` for the combine kernel.
-template <class T, class KV, int HD>
+// keys at a time, each lane 8 dimensions; a lane group takes U such keys per step, all their
+// loads issued before the first use, and folds them into its online softmax with one rescale.
+// QM bounds the heads per group (the model's H / G rounded up to 1, 2, 4 or 8), so the query
+// and accumulator arrays take the registers that group needs. The lane groups of a warp merge
+// by shuffles, and each warp leaves one partial per head for the combine kernel: acc[HD] in
+// part_acc, (m, l) in part_ml.
+template <class T, class KV, int HD, int QM>
 __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(
-    float* __restrict__ part, const T* __restrict__ q, int ldq, KvPool<KV> pool,
+    float* __restrict__ part_acc, float2* __restrict__ part_ml, const T* __restrict__ q, int ldq, KvPool<KV> pool,
     const int32_t* __restrict__ cu, const int32_t* __restrict__ slots, const int32_t* __restrict__ pos0,
     int H, int G, int chunk, float scale_log2) {
   constexpr int LPK = HD / 8, KPW = 32 / LPK;
+  constexpr int U = QM >= 8 ? 2 : 4;  // keys per lane group and step (registers: QM 8 holds 144 floats)
   const int s = blockIdx.z, g = blockIdx.y, c = blockIdx.x;
-  const int qpg = H / G;
+  const int qpg = H / G;  // <= QM (the host's choice of QM)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, sub = lane / LPK, li = lane % LPK;
   const int n_part = gridDim.x * kDecodeWarps;
   const bool has_row = cu[s + 1] - cu[s] == 1;
   const int n_keys = has_row ? pos0[s] + 1 : 0;
   const int kbeg = c * chunk, kend = min(n_keys, kbeg + chunk);
 
-  float qv[kMaxGroup][8], acc[kMaxGroup][8], m[kMaxGroup], l[kMaxGroup];
+  float qv[QM][8], acc[QM][8], m[QM], l[QM];
 #pragma unroll
-  for (int j = 0; j < kMaxGroup; ++j) {
+  for (int j = 0; j < QM; ++j) {
     m[j] = -INFINITY;
     l[j] = 0.f;
 #pragma unroll
@@ -264,44 +268,59 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(
   const KV* kb = pool.k + size_t(slots[s]) * pool.slot_stride + size_t(g) * HD + li * 8;
   const KV* vb = pool.v + size_t(slots[s]) * pool.slot_stride + size_t(g) * HD + li * 8;
   const int ldkv = G * HD;
-  // The loop bound is the same for the whole warp (the shuffles need every lane).
-  for (int base = kbeg + warp * KPW; base < kend; base += kDecodeWarps * KPW) {
-    const int key = base + sub;
-    const bool valid = key < kend;
-    uint4 kw = make_uint4(0, 0, 0, 0), vw = make_uint4(0, 0, 0, 0);
-    if (valid) {
-      kw = *reinterpret_cast<const uint4*>(kb + size_t(key) * ldkv);
-      vw = *reinterpret_cast<const uint4*>(vb + size_t(key) * ldkv);
-    }
-    const KV* ke = reinterpret_cast<const KV*>(&kw);
-    const KV* ve = reinterpret_cast<const KV*>(&vw);
-    float kf[8], vf[8];
+  // Warp w's step covers keys base .. base + U KPW - 1: key base + u KPW + sub for lane group
+  // sub. The loop bound is the same for the whole warp (the shuffles need every lane).
+  for (int base = kbeg + warp * KPW * U; base < kend; base += kDecodeWarps * KPW * U) {
+    uint4 kw[U], vw[U];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      kf[i] = to_f(ke[i]);
-      vf[i] = to_f(ve[i]);
+    for (int u = 0; u < U; ++u) {
+      const int key = base + u * KPW + sub;
+      kw[u] = vw[u] = make_uint4(0, 0, 0, 0);
+      if (key < kend) {
+        kw[u] = *reinterpret_cast<const uint4*>(kb + size_t(key) * ldkv);
+        vw[u] = *reinterpret_cast<const uint4*>(vb + size_t(key) * ldkv);
+      }
     }
+    // Keys grow with u, so a lane group has a valid key in this step iff its first one is.
+    const int n_valid = min(U, max(0, ceil_div(kend - base - sub, KPW)));
 #pragma unroll
-    for (int j = 0; j < kMaxGroup; ++j) {
+    for (int j = 0; j < QM; ++j) {
       if (j >= qpg) break;
-      float d = 0.f;
+      float d[U];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) d += qv[j][i] * kf[i];
+      for (int u = 0; u < U; ++u) {
+        const KV* ke = reinterpret_cast<const KV*>(&kw[u]);
+        d[u] = 0.f;
 #pragma unroll
-      for (int o = LPK / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
-      if (!valid) continue;
-      const float mn = fmaxf(m[j], d), a = exp2f(m[j] - mn), p = exp2f(d - mn);
+        for (int i = 0; i < 8; ++i) d[u] += qv[j][i] * to_f(ke[i]);
+#pragma unroll
+        for (int o = LPK / 2; o > 0; o >>= 1) d[u] += __shfl_xor_sync(0xffffffffu, d[u], o);
+      }
+      if (n_valid == 0) continue;
+      float mn = m[j];
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (u < n_valid) mn = fmaxf(mn, d[u]);
+      const float a = exp2f(m[j] - mn);  // m = -inf before the first key: a = 0
       m[j] = mn;
-      l[j] = l[j] * a + p;
+      l[j] *= a;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) acc[j][i] = acc[j][i] * a + p * vf[i];
+      for (int i = 0; i < 8; ++i) acc[j][i] *= a;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const float p = u < n_valid ? exp2f(d[u] - mn) : 0.f;
+        const KV* ve = reinterpret_cast<const KV*>(&vw[u]);
+        l[j] += p;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[j][i] += p * to_f(ve[i]);
+      }
     }
   }
   // Merge the KPW lane groups of the warp (lanes li, li + LPK, ...) into lanes 0..LPK-1.
 #pragma unroll
   for (int o = LPK; o < 32; o <<= 1)
 #pragma unroll
-    for (int j = 0; j < kMaxGroup; ++j) {
+    for (int j = 0; j < QM; ++j) {
       if (j >= qpg) break;
       const float mo = __shfl_xor_sync(0xffffffffu, m[j], o), lo = __shfl_xor_sync(0xffffffffu, l[j], o);
       float a, b, mn;
@@ -312,39 +331,84 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(
       for (int i = 0; i < 8; ++i) acc[j][i] = acc[j][i] * a + __shfl_xor_sync(0xffffffffu, acc[j][i], o) * b;
     }
   if (sub != 0) return;
-  // part[s][h][p][0 .. HD + 1] = acc, then m and l; partial p = chunk c, warp w.
+  // Partial p = chunk c, warp w of head h: part_acc[(s H + h) n_part + p][HD], part_ml likewise.
   const int p = c * kDecodeWarps + warp;
 #pragma unroll
-  for (int j = 0; j < kMaxGroup; ++j) {
+  for (int j = 0; j < QM; ++j) {
     if (j >= qpg) break;
-    float* dst = part + ((size_t(s) * H + g * qpg + j) * n_part + p) * (HD + 2);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) dst[li * 8 + i] = acc[j][i];
-    if (li == 0) {
-      dst[HD] = m[j];
-      dst[HD + 1] = l[j];
-    }
+    const size_t at = (size_t(s) * H + g * qpg + j) * n_part + p;
+    float4* dst = reinterpret_cast<float4*>(part_acc + at * HD + li * 8);  // 16-byte aligned: HD, li * 8 and the base
+    dst[0] = make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
+    dst[1] = make_float4(acc[j][4], acc[j][5], acc[j][6], acc[j][7]);
+    if (li == 0) part_ml[at] = make_float2(m[j], l[j]);
   }
 }
 
-// One block per (query head, sequence), one thread per dimension: the partials' softmax states merged.
-template <class T>
-__global__ void decode_combine_kernel(T* __restrict__ out, int ldo, const float* __restrict__ part,
-                                      const int32_t* __restrict__ cu, int H, int hd, int n_part) {
-  const int h = blockIdx.x, s = blockIdx.y, d = threadIdx.x;
-  if (cu[s + 1] - cu[s] != 1 || d >= hd) return;
-  const float* base = part + (size_t(s) * H + h) * n_part * (hd + 2);
+// One block of kCombineWarps warps per (query head, sequence) merges its n_part partials (264
+// at batch 1 with G 8, so a serial walk would be latency-bound). HD / 4 lanes cover one
+// partial's acc with float4 loads; lane group pg of warp w takes partials w PPS + pg, then every
+// kCombineWarps PPS-th one, weighing each by exp2(m - M) for the block's max M (empty partials,
+// m = -inf, weigh 0). The lane groups meet by shuffles, the warps in shared memory.
+constexpr int kCombineWarps = 8;
+template <class T, int HD>
+__global__ void __launch_bounds__(kCombineWarps * 32) decode_combine_kernel(
+    T* __restrict__ out, int ldo, const float* __restrict__ part_acc, const float2* __restrict__ part_ml,
+    const int32_t* __restrict__ cu, int H, int n_part) {
+  constexpr int LPP = HD / 4, PPS = 32 / LPP;  // lanes per partial, partials per warp and step
+  __shared__ float s_mx[kCombineWarps], s_den[kCombineWarps];
+  __shared__ float s_num[kCombineWarps][HD];
+  const int h = blockIdx.x, s = blockIdx.y;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, pg = lane / LPP, li = lane % LPP;
+  if (cu[s + 1] - cu[s] != 1) return;  // uniform over the block
+  const size_t first = (size_t(s) * H + h) * n_part;
+  const float2* ml = part_ml + first;
   float mx = -INFINITY;
-  for (int p = 0; p < n_part; ++p) mx = fmaxf(mx, base[size_t(p) * (hd + 2) + hd]);
-  float num = 0.f, den = 0.f;
-  for (int p = 0; p < n_part; ++p) {
-    const float* pp = base + size_t(p) * (hd + 2);
-    if (pp[hd] == -INFINITY) continue;  // an empty chunk (past the sequence's keys)
-    const float w = exp2f(pp[hd] - mx);
-    num += w * pp[d];
-    den += w * pp[hd + 1];
+  for (int p = threadIdx.x; p < n_part; p += kCombineWarps * 32) mx = fmaxf(mx, ml[p].x);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  if (lane == 0) s_mx[warp] = mx;
+  __syncthreads();
+#pragma unroll
+  for (int w = 0; w < kCombineWarps; ++w) mx = fmaxf(mx, s_mx[w]);
+  // mx is finite: warp 0 of chunk 0 holds key 0 of every sequence with a row.
+  float4 num = make_float4(0.f, 0.f, 0.f, 0.f);
+  float den = 0.f;
+  const float4* acc = reinterpret_cast<const float4*>(part_acc + first * HD) + li;  // 16-byte aligned rows
+#pragma unroll 4
+  for (int p = warp * PPS + pg; p < n_part; p += kCombineWarps * PPS) {
+    const float2 w2 = ml[p];
+    const float4 a = acc[size_t(p) * LPP];
+    const float w = w2.x == -INFINITY ? 0.f : exp2f(w2.x - mx);
+    den += w * w2.y;
+    num.x += w * a.x;
+    num.y += w * a.y;
+    num.z += w * a.z;
+    num.w += w * a.w;
   }
-  out[size_t(cu[s]) * ldo + size_t(h) * hd + d] = from_f<T>(num / den);
+#pragma unroll
+  for (int o = LPP; o < 32; o <<= 1) {  // the lane groups of the warp (same li, other pg)
+    den += __shfl_xor_sync(0xffffffffu, den, o);
+    num.x += __shfl_xor_sync(0xffffffffu, num.x, o);
+    num.y += __shfl_xor_sync(0xffffffffu, num.y, o);
+    num.z += __shfl_xor_sync(0xffffffffu, num.z, o);
+    num.w += __shfl_xor_sync(0xffffffffu, num.w, o);
+  }
+  if (pg == 0) {
+    s_num[warp][li * 4] = num.x;
+    s_num[warp][li * 4 + 1] = num.y;
+    s_num[warp][li * 4 + 2] = num.z;
+    s_num[warp][li * 4 + 3] = num.w;
+    if (li == 0) s_den[warp] = den;
+  }
+  __syncthreads();
+  if (threadIdx.x >= HD) return;  // HD <= 128 < the block's 256 threads
+  float n = 0.f, d = 0.f;
+#pragma unroll
+  for (int w = 0; w < kCombineWarps; ++w) {
+    n += s_num[w][threadIdx.x];
+    d += s_den[w];
+  }
+  out[size_t(cu[s]) * ldo + size_t(h) * HD + threadIdx.x] = from_f<T>(n / d);
 }
 
 // Chunks per (sequence, kv head): enough blocks for a few waves over 132 SMs, but at least 64
@@ -370,12 +434,26 @@ void attention_hd_lowp(T* out, int ldo, const T* q, int ldq, const KvPool<KV>& p
   const float scale_log2 = float(1.0 / std::sqrt(double(HD))) * kLog2e;
   if (rb.max_len == 1) {
     const int chunks = decode_chunks(rb, G, max_keys), chunk = ceil_div(max_keys, chunks);
-    float* part = static_cast<float*>(workspace);
-    decode_split_kernel<T, KV, HD><<<dim3(chunks, G, rb.nseq), kDecodeThreads, 0, stream>>>(
-        part, q, ldq, pool, rb.cu_seqlens, rb.slots, rb.pos0, H, G, chunk, scale_log2);
+    const int n_part = chunks * kDecodeWarps;
+    float* part_acc = static_cast<float*>(workspace);
+    float2* part_ml = reinterpret_cast<float2*>(part_acc + size_t(rb.nseq) * H * n_part * HD);
+    const dim3 grid(chunks, G, rb.nseq);
+    const int qpg = H / G;  // <= kMaxGroup (check_attention)
+    if (qpg == 1)
+      decode_split_kernel<T, KV, HD, 1><<<grid, kDecodeThreads, 0, stream>>>(
+          part_acc, part_ml, q, ldq, pool, rb.cu_seqlens, rb.slots, rb.pos0, H, G, chunk, scale_log2);
+    else if (qpg == 2)
+      decode_split_kernel<T, KV, HD, 2><<<grid, kDecodeThreads, 0, stream>>>(
+          part_acc, part_ml, q, ldq, pool, rb.cu_seqlens, rb.slots, rb.pos0, H, G, chunk, scale_log2);
+    else if (qpg <= 4)
+      decode_split_kernel<T, KV, HD, 4><<<grid, kDecodeThreads, 0, stream>>>(
+          part_acc, part_ml, q, ldq, pool, rb.cu_seqlens, rb.slots, rb.pos0, H, G, chunk, scale_log2);
+    else
+      decode_split_kernel<T, KV, HD, kMaxGroup><<<grid, kDecodeThreads, 0, stream>>>(
+          part_acc, part_ml, q, ldq, pool, rb.cu_seqlens, rb.slots, rb.pos0, H, G, chunk, scale_log2);
     HM_CUDA_LAUNCHED("attention decode");
-    decode_combine_kernel<T><<<dim3(H, rb.nseq), HD, 0, stream>>>(out, ldo, part, rb.cu_seqlens, H, HD,
-                                                                   chunks * kDecodeWarps);
+    decode_combine_kernel<T, HD><<<dim3(H, rb.nseq), kCombineWarps * 32, 0, stream>>>(out, ldo, part_acc, part_ml, rb.cu_seqlens,
+                                                                      H, n_part);
     HM_CUDA_LAUNCHED("attention decode combine");
     return;
   }
@@ -487,8 +565,9 @@ void attention(T* out, int ldo, const T* q, int ldq, const KvPool<KV>& pool, con
                (pool.slot_stride * int64_t(sizeof(KV))) % 16 == 0,
            "cuda attention: the KV pool must be 16-byte aligned (slot_stride ", pool.slot_stride, ")");
   if (rb.nseq <= 0 || rb.n_tokens <= 0) return;
-  HM_CHECK(rb.max_len != 1 || workspace != nullptr || (std::is_same_v<KV, float>),
-           "cuda attention: decode needs attention_workspace_bytes of workspace");
+  HM_CHECK(rb.max_len != 1 || (std::is_same_v<KV, float>) ||
+               (workspace != nullptr && reinterpret_cast<uintptr_t>(workspace) % 16 == 0),
+           "cuda attention: decode needs attention_workspace_bytes of 16-byte aligned workspace");
   switch (hd) {
     case 32: attention_hd<T, KV, 32>(out, ldo, q, ldq, pool, rb, H, G, max_keys, workspace, stream); break;
     case 64: attention_hd<T, KV, 64>(out, ldo, q, ldq, pool, rb, H, G, max_keys, workspace, stream); break;
