@@ -8,7 +8,7 @@
 #   - .peerdev/ (docs/PEER_GPU.md): peers.tar.xz (the prebuilt extensions) and the mamba_ssm and
 #     causal_conv1d packages.
 # Writes into $OUT (at most 8 files come back): tests.log, bench.log (progress and the tables),
-# bench_<shape>.json per shape, summary.txt. Every step's failure is reported and the script
+# bench_<shape>.json per shape, summary.txt, hf_fixtures.tar.gz (FIXTURES=0 skips it). Every step's failure is reported and the script
 # goes on; it exits 0 only when every step succeeded.
 # Usage (device machine):  bash bench/cuda_bench.sh    [REPS=3] [SHAPES="seed-norope mamba-130m mamba-1.4b"]
 set -u
@@ -83,6 +83,14 @@ for bin in hm_cuda_tests hm_cuda_model_tests; do
   fi
 done
 grep -E "^(== |\[==========\]|\[  PASSED  \]|\[  FAILED  \]|\[  SKIPPED \])" "$T" >> "$SUMMARY"
+
+# Hugging Face fixtures that need transformers (issue 14: the Mamba-2 folders that
+# tests/test_hf.cpp skips without): one tarball back in $OUT, to unpack into tests/fixtures/hf/.
+if [ "${FIXTURES:-1}" = 1 ] && [ -f tests/fixtures/hf/make_fixtures.py ]; then
+  FX=/tmp/hf_fixtures && rm -rf "$FX" && mkdir -p "$FX"
+  step "hf fixtures (mamba2)" 90 "$T" python3 tests/fixtures/hf/make_fixtures.py "$FX" mamba2 &&
+    tar czf "$OUT/hf_fixtures.tar.gz" -C "$FX" .
+fi
 
 # hm bench --device cuda --peer per shape. Each measurement's figures also go to bench.log as it
 # ends, so a shape cut off by its limit still leaves what it measured.
