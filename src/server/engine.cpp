@@ -221,8 +221,12 @@ bool Engine::step() {
     Active& a = *ap;
     const int fed = mem_.pos(a.slot);
     if (fed < a.prompt_len) {
+      // With the cache on, a chunk is at most one block: the model's state exists only where a
+      // forward stops, and the cache keeps it at every block boundary. Chunks always stop on a
+      // boundary, so a prompt is cut the same way whatever runs beside it.
       int end = std::min(a.prompt_len, fed + budget);
-      if (end < a.prompt_len) end = end / opt_.block * opt_.block;  // stop on a block boundary
+      if (cache_.enabled()) end = std::min(end, (fed / opt_.block + 1) * opt_.block);
+      if (end < a.prompt_len) end = end / opt_.block * opt_.block;
       if (end <= fed) continue;
       b.add(a.slot, std::vector<int32_t>(a.seq.begin() + fed, a.seq.begin() + end));
       budget -= end - fed;
@@ -296,9 +300,10 @@ void Engine::emit(Active& a, int32_t token, const float* logits) {
     TokenLogprob lp;
     lp.token = token;
     lp.logprob = float(double(logits[token]) - lse);
-    std::vector<int32_t> ids(static_cast<size_t>(V));
-    for (int v = 0; v < V; ++v) ids[size_t(v)] = v;
-    const int k = std::min(p.top_logprobs, V);
+    const int n = std::min(V, tok_.vocab_size());  // ids the tokenizer can show
+    std::vector<int32_t> ids(static_cast<size_t>(n));
+    for (int v = 0; v < n; ++v) ids[size_t(v)] = v;
+    const int k = std::min(p.top_logprobs, n);
     std::partial_sort(ids.begin(), ids.begin() + k, ids.end(), [&](int32_t x, int32_t y) {
       return logits[x] > logits[y] || (logits[x] == logits[y] && x < y);
     });
