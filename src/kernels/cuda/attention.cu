@@ -3,6 +3,8 @@
 // no L x L matrix anywhere) and a split-KV decode (one query per sequence, the cache cut into
 // chunks read by separate warps, then a combine kernel). docs/CUDA.md has the design. A float
 // cache takes a plain float kernel instead (the f32 model's path, exact rather than fast).
+#include <cuda_pipeline_primitives.h>
+
 #include <cmath>
 #include <type_traits>
 
@@ -42,6 +44,16 @@ template <> __device__ __forceinline__ void mma16816<__half>(float d[4], const u
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// Four 8x8 b16 matrices from shared memory, transposed: lanes 8i .. 8i+7 give the row addresses
+// of matrix i, and register i of lane t receives its elements (2 (t % 4), t / 4) and
+// (2 (t % 4) + 1, t / 4): for rows = keys and columns = dimensions, an mma B fragment of V.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void* smem_row) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
 // ---- KV write ---------------------------------------------------------------------------------
 
 // One block row per token: its K and V rows go to slot slots[s] at position pos0[s] + t.
@@ -65,19 +77,26 @@ constexpr int kBq = 64;  // query rows per block: 4 warps x 16
 constexpr int kBk = 64;  // keys per tile
 constexpr int kPrefillThreads = 128;
 
+// Shared memory of the prefill: two stages of a K and a V tile, kBk rows of HD + 8 elements
+// (the padding puts the 8 rows of a fragment or ldmatrix read in different banks).
+template <class KV, int HD>
+constexpr int prefill_smem_bytes() { return 2 * 2 * kBk * (HD + 8) * int(sizeof(KV)); }
+
 // Block (tile of 64 query rows, query head h, sequence s). Each warp owns 16 query rows: its Q
-// fragments, its output accumulators and its softmax state stay in registers. K tiles sit in
-// shared memory row-major (the B operand of S = Q K^T), V tiles transposed (the B operand of
-// O += P V); P goes from the S accumulators straight to A operands (same thread layout).
+// fragments, its output accumulators and its softmax state stay in registers. K and V tiles
+// sit in shared memory row-major, double-buffered: the 16-byte asynchronous copies of tile
+// i + 1 fly while tile i is computed. K rows are the B operand of S = Q K^T as they lie; V's B
+// fragments of O += P V come through ldmatrix.trans. P goes from the S accumulators straight
+// to A operands (same thread layout).
 template <class T, class KV, int HD>
 __global__ void __launch_bounds__(kPrefillThreads) flash_prefill_kernel(
     T* __restrict__ out, int ldo, const T* __restrict__ q, int ldq, KvPool<KV> pool,
     const int32_t* __restrict__ cu, const int32_t* __restrict__ slots, const int32_t* __restrict__ pos0,
     int H, int G, float scale_log2) {
-  constexpr int KP = HD + 8;   // padded rows: the fragment reads of a warp hit 32 banks
-  constexpr int VP = kBk + 8;
-  __shared__ __align__(16) KV ks[kBk * KP];
-  __shared__ __align__(16) KV vt[HD * VP];
+  constexpr int KP = HD + 8, kTileElems = kBk * KP;
+  extern __shared__ __align__(16) unsigned char prefill_smem[];
+  KV* const ks = reinterpret_cast<KV*>(prefill_smem);  // [2][kBk][KP]
+  KV* const vs = ks + 2 * kTileElems;                   // [2][kBk][KP]
 
   const int s = blockIdx.z, h = blockIdx.y;
   const int row0 = cu[s], L = cu[s + 1] - row0;
@@ -113,91 +132,105 @@ __global__ void __launch_bounds__(kPrefillThreads) flash_prefill_kernel(
   const int last_key = p0 + min(r0 + kBq, L) - 1;  // the last key any row of the block reads
   const int warp_last = p0 + wr + 15;              // ... and any row of this warp
   const bool warp_live = wr < L;
-  for (int k0 = 0; k0 <= last_key; k0 += kBk) {
-    __syncthreads();  // the previous tile is consumed
-    // K rows: consecutive threads take consecutive 16-byte pieces of a row.
+  // Tile at key k0 into stage buf: consecutive threads take consecutive 16-byte pieces of a
+  // row (sources 16-byte aligned: the pool, slot_stride, g HD and c all are). Rows past the
+  // block's last key are zeros: masked in S, but 0 * stale V could be NaN.
+  auto stage = [&](int buf, int k0) {
     for (int i = threadIdx.x; i < kBk * (HD / 8); i += kPrefillThreads) {
       const int r = i / (HD / 8), c = (i % (HD / 8)) * 8, key = k0 + r;
-      uint4 w = make_uint4(0, 0, 0, 0);  // keys past the block's last are zero (masked below)
-      if (key <= last_key) w = *reinterpret_cast<const uint4*>(kb + size_t(key) * ldkv + c);
-      *reinterpret_cast<uint4*>(ks + r * KP + c) = w;
-    }
-    // V rows transposed: consecutive threads take consecutive keys, so the 2-byte stores of a
-    // warp fall in consecutive addresses. Zeros past the end: 0 * garbage could be NaN.
-    for (int i = threadIdx.x; i < kBk * (HD / 8); i += kPrefillThreads) {
-      const int r = i % kBk, c = (i / kBk) * 8, key = k0 + r;
-      uint4 w = make_uint4(0, 0, 0, 0);
-      if (key <= last_key) w = *reinterpret_cast<const uint4*>(vb + size_t(key) * ldkv + c);
-      const KV* e = reinterpret_cast<const KV*>(&w);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) vt[(c + j) * VP + r] = e[j];
-    }
-    __syncthreads();
-    if (!warp_live || k0 > warp_last) continue;  // every key of the tile is in this warp's future
-
-    // S = Q K^T for 16 rows x 64 keys: 8 accumulators of 16 x 8.
-    float sc[kBk / 8][4];
-#pragma unroll
-    for (int n = 0; n < kBk / 8; ++n) {
-      sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < HD / 16; ++kk) {
-        const KV* kp = ks + (n * 8 + gid) * KP + kk * 16 + 2 * tig;
-        const uint32_t b[2] = {*reinterpret_cast<const uint32_t*>(kp), *reinterpret_cast<const uint32_t*>(kp + 8)};
-        mma16816<KV>(sc[n], qf[kk], b);
+      KV* kd = ks + buf * kTileElems + r * KP + c;
+      KV* vd = vs + buf * kTileElems + r * KP + c;
+      if (key <= last_key) {
+        __pipeline_memcpy_async(kd, kb + size_t(key) * ldkv + c, 16);
+        __pipeline_memcpy_async(vd, vb + size_t(key) * ldkv + c, 16);
+      } else {
+        *reinterpret_cast<uint4*>(kd) = make_uint4(0, 0, 0, 0);
+        *reinterpret_cast<uint4*>(vd) = make_uint4(0, 0, 0, 0);
       }
     }
-    // Scale into log2 units and mask the future: element e is row gid + 8 (e >= 2), key 2 tig + (e & 1).
-    const bool need_mask = k0 + kBk - 1 > p0 + wr;
-    float mx[2] = {-INFINITY, -INFINITY};
+    __pipeline_commit();
+  };
+  const int n_tiles = last_key / kBk + 1;
+  stage(0, 0);
+  for (int it = 0; it < n_tiles; ++it) {
+    const int k0 = it * kBk, buf = it & 1;
+    // One commit group per iteration (empty on the last), so waiting for all but the newest
+    // group always means this tile's copies have landed.
+    if (it + 1 < n_tiles) stage(buf ^ 1, k0 + kBk);
+    else __pipeline_commit();
+    __pipeline_wait_prior(1);
+    __syncthreads();  // ... in every thread's view, as have the zero stores
+    if (warp_live && k0 <= warp_last) {  // else every key of the tile is in this warp's future
+      const KV* kt = ks + buf * kTileElems;
+      const KV* vt = vs + buf * kTileElems;
+      // S = Q K^T for 16 rows x 64 keys: 8 accumulators of 16 x 8.
+      float sc[kBk / 8][4];
 #pragma unroll
-    for (int n = 0; n < kBk / 8; ++n)
+      for (int n = 0; n < kBk / 8; ++n) {
+        sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.f;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float v = sc[n][e] * scale_log2;
-        if (need_mask && k0 + n * 8 + 2 * tig + (e & 1) > p0 + wr + gid + (e >> 1) * 8) v = -INFINITY;
-        sc[n][e] = v;
-        mx[e >> 1] = fmaxf(mx[e >> 1], v);
+        for (int kk = 0; kk < HD / 16; ++kk) {
+          const KV* kp = kt + (n * 8 + gid) * KP + kk * 16 + 2 * tig;
+          const uint32_t b[2] = {*reinterpret_cast<const uint32_t*>(kp), *reinterpret_cast<const uint32_t*>(kp + 8)};
+          mma16816<KV>(sc[n], qf[kk], b);
+        }
       }
-    // Row max over the quad that shares a row; key 0 is in every row's past, so after the first
-    // tile m is finite and exp2(-inf - m) is 0.
-    float alpha[2];
+      // Scale into log2 units and mask the future: element e is row gid + 8 (e >= 2), key 2 tig + (e & 1).
+      const bool need_mask = k0 + kBk - 1 > p0 + wr;
+      float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      const float mn = fmaxf(m[r], mx[r]);
-      alpha[r] = exp2f(m[r] - mn);
-      m[r] = mn;
-      l[r] *= alpha[r];
-    }
+      for (int n = 0; n < kBk / 8; ++n)
 #pragma unroll
-    for (int n = 0; n < HD / 8; ++n) {
-      o[n][0] *= alpha[0];
-      o[n][1] *= alpha[0];
-      o[n][2] *= alpha[1];
-      o[n][3] *= alpha[1];
-    }
+        for (int e = 0; e < 4; ++e) {
+          float v = sc[n][e] * scale_log2;
+          if (need_mask && k0 + n * 8 + 2 * tig + (e & 1) > p0 + wr + gid + (e >> 1) * 8) v = -INFINITY;
+          sc[n][e] = v;
+          mx[e >> 1] = fmaxf(mx[e >> 1], v);
+        }
+      // Row max over the quad that shares a row; key 0 is in every row's past, so after the first
+      // tile m is finite and exp2(-inf - m) is 0.
+      float alpha[2];
 #pragma unroll
-    for (int n = 0; n < kBk / 8; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        sc[n][e] = exp2f(sc[n][e] - m[e >> 1]);
-        l[e >> 1] += sc[n][e];
+      for (int r = 0; r < 2; ++r) {
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+        const float mn = fmaxf(m[r], mx[r]);
+        alpha[r] = exp2f(m[r] - mn);
+        m[r] = mn;
+        l[r] *= alpha[r];
       }
-    // O += P V: the accumulators of key blocks 2j and 2j + 1 are the A fragment of keys 16j..16j+15.
-#pragma unroll
-    for (int j = 0; j < kBk / 16; ++j) {
-      const uint32_t a[4] = {pack2<KV>(sc[2 * j][0], sc[2 * j][1]), pack2<KV>(sc[2 * j][2], sc[2 * j][3]),
-                             pack2<KV>(sc[2 * j + 1][0], sc[2 * j + 1][1]),
-                             pack2<KV>(sc[2 * j + 1][2], sc[2 * j + 1][3])};
 #pragma unroll
       for (int n = 0; n < HD / 8; ++n) {
-        const KV* vp = vt + (n * 8 + gid) * VP + j * 16 + 2 * tig;
-        const uint32_t b[2] = {*reinterpret_cast<const uint32_t*>(vp), *reinterpret_cast<const uint32_t*>(vp + 8)};
-        mma16816<KV>(o[n], a, b);
+        o[n][0] *= alpha[0];
+        o[n][1] *= alpha[0];
+        o[n][2] *= alpha[1];
+        o[n][3] *= alpha[1];
+      }
+#pragma unroll
+      for (int n = 0; n < kBk / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          sc[n][e] = exp2f(sc[n][e] - m[e >> 1]);
+          l[e >> 1] += sc[n][e];
+        }
+      // O += P V: the accumulators of key blocks 2j and 2j + 1 are the A fragment of keys 16j..16j+15.
+#pragma unroll
+      for (int j = 0; j < kBk / 16; ++j) {
+        const uint32_t a[4] = {pack2<KV>(sc[2 * j][0], sc[2 * j][1]), pack2<KV>(sc[2 * j][2], sc[2 * j][3]),
+                               pack2<KV>(sc[2 * j + 1][0], sc[2 * j + 1][1]),
+                               pack2<KV>(sc[2 * j + 1][2], sc[2 * j + 1][3])};
+        // Lane t addresses key j 16 + t % 16, dimensions n 8 + (t / 16) 8: matrices 0 and 1 are
+        // keys 0-7 and 8-15 of dimension block n, 2 and 3 the same keys of block n + 1.
+#pragma unroll
+        for (int n = 0; n < HD / 8; n += 2) {
+          uint32_t b[4];
+          ldmatrix_x4_trans(b, vt + (j * 16 + (lane & 15)) * KP + n * 8 + (lane >> 4) * 8);
+          mma16816<KV>(o[n], a, b);
+          mma16816<KV>(o[n + 1], a, b + 2);
+        }
       }
     }
+    __syncthreads();  // the stage read here is refilled by the next iteration
   }
   if (!warp_live) return;
 #pragma unroll
@@ -457,7 +490,12 @@ void attention_hd_lowp(T* out, int ldo, const T* q, int ldq, const KvPool<KV>& p
     HM_CUDA_LAUNCHED("attention decode combine");
     return;
   }
-  flash_prefill_kernel<T, KV, HD><<<dim3(ceil_div(rb.max_len, kBq), H, rb.nseq), kPrefillThreads, 0, stream>>>(
+  constexpr int smem = prefill_smem_bytes<KV, HD>();
+  if (smem > 48 * 1024)  // above the default limit (hd 128: 68 KB); per call, so every device gets it
+    HM_CUDA_OK(cudaFuncSetAttribute(flash_prefill_kernel<T, KV, HD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    smem),
+               "attention prefill shared memory");
+  flash_prefill_kernel<T, KV, HD><<<dim3(ceil_div(rb.max_len, kBq), H, rb.nseq), kPrefillThreads, smem, stream>>>(
       out, ldo, q, ldq, pool, rb.cu_seqlens, rb.slots, rb.pos0, H, G, scale_log2);
   HM_CUDA_LAUNCHED("attention prefill");
 }
