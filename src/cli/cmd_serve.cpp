@@ -93,7 +93,7 @@ Run add_serve(CLI::App& app) {
                  o->drain_s);
     http.set_draining();
     engine.drain(o->drain_s);  // returns when every request has ended
-    http.stop();
+    http.stop(5);
     listener.join();
     throw Interrupted(sig, detail::cat("stopped by ", signal_name(sig), "; every request finished or was cancelled"));
   };

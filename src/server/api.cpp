@@ -4,6 +4,7 @@
 #include <ctime>
 #include <map>
 #include <mutex>
+#include <thread>
 #include <random>
 #include <sstream>
 
@@ -296,6 +297,7 @@ struct HttpServer::Impl {
   std::mutex mu;  // guards the histograms and response counts
   Histogram ttft, latency;
   std::map<int, int64_t> responses;  // by status
+  std::atomic<int> inflight{0};      // generation handlers (and streams) not yet done
 
   Impl(Engine& e, ServerOptions opt) : eng(e), o(std::move(opt)) {}
 
@@ -347,6 +349,9 @@ std::string HttpServer::Impl::metrics() {
 }
 
 void HttpServer::Impl::generate(const httplib::Request& req, httplib::Response& res, Endpoint ep, bool draining) {
+  // Held by the handler, and by a stream's provider until httplib drops it: stop() waits for it.
+  ++inflight;
+  std::shared_ptr<void> busy(nullptr, [this](void*) { --inflight; });
   if (draining) {
     res.set_header("Retry-After", "5");
     return send_error(res, {503, "the server is shutting down", "", "server_error", "unavailable"});
@@ -443,6 +448,7 @@ void HttpServer::Impl::generate(const httplib::Request& req, httplib::Response& 
   res.set_chunked_content_provider(
       "text/event-stream",
       [=, &tok](size_t, httplib::DataSink& sink) {
+        (void)busy;
         auto write = [&](const std::string& s) {
           if (!sink.write(s.data(), s.size())) {
             r->cancel();  // the client is gone: free its slot
@@ -617,6 +623,12 @@ int HttpServer::bind(const std::string& host, int port) {
 }
 
 void HttpServer::listen() { impl_->svr.listen_after_bind(); }
-void HttpServer::stop() { impl_->svr.stop(); }
+void HttpServer::stop(double wait_s) {
+  // Let finished requests' responses (a stream's last chunks) go out before the sockets close.
+  const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(int64_t(wait_s * 1000));
+  while (impl_->inflight > 0 && std::chrono::steady_clock::now() < until)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  impl_->svr.stop();
+}
 
 }  // namespace hm::server

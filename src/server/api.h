@@ -60,7 +60,8 @@ class HttpServer {
   int bind(const std::string& host, int port);
   // Serves until stop() (call from another thread).
   void listen();
-  void stop();
+  // Waits up to wait_s for responses under way to be sent, then stops listening.
+  void stop(double wait_s = 0);
   // Refuses new generation requests with 503 (the engine is draining).
   void set_draining() { draining_ = true; }
 
