@@ -31,6 +31,17 @@ ModelConfig tiny(bool tie = true) {
   return c;
 }
 
+// Mamba-2 (in_proj and out_proj packed), Mamba, attention and MLPs in one stack.
+ModelConfig mixed() {
+  ModelConfig c = tiny(false);
+  c.n_layers = 5;
+  c.attention_layers = {2};
+  c.mamba2_layers = {0, 3};
+  c.mamba2_head_dim = 16;
+  c.mamba2_groups = 2;
+  return c;
+}
+
 std::vector<float> full_logits(HybridModel& m, const std::vector<int32_t>& toks) {
   HybridMemory mem(m.backend(), m.config(), 1, int(toks.size()), KvType::F32);
   Batch b;
@@ -133,7 +144,7 @@ TEST(PackedModel, LogitsNearFloat32) {
 TEST(PackedModel, CpuBackendMatchesReferenceBackend) {
   auto cpu = make_cpu_backend();
   auto ref = make_ref_backend();
-  for (const ModelConfig& c : {tiny(), tiny(false), preset("true-tiny")}) {
+  for (const ModelConfig& c : {tiny(), mixed(), preset("true-tiny")}) {
     for (DType f : kFormats) {
       int close_ref = 0, close_decode = 0;
       for (uint64_t seed = 1; seed <= 5; ++seed) {

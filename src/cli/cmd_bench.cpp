@@ -19,6 +19,7 @@
 #include "backend/backend.h"
 #include "backend/counting_backend.h"
 #include "cli/bench_common.h"
+#include "cli/bench_weights.h"
 #include "cli/commands.h"
 #include "cli/device.h"
 #include "cli/memory_guard.h"
@@ -354,6 +355,7 @@ Run add_bench(CLI::App& app) {
     bool json = false, no_peer = false, quick = false;
     bool train = false, routing_sweep = false;
     int batch = 8, seq_len = 128, steps = 5;
+    std::string weights;
   };
   auto o = std::make_shared<Opts>();
   app.add_option("--preset", o->preset, "Preset to measure (random weights)")->capture_default_str();
@@ -377,6 +379,8 @@ Run add_bench(CLI::App& app) {
   app.add_flag("--routing-sweep", o->routing_sweep,
                "True hybrid: prefill time and counted FLOPs at forced attention fractions 0..1 against routing_mode both");
   app.add_option("--steps", o->steps, "--train: timed steps (after one warm-up step)")->capture_default_str();
+  app.add_option("--weights", o->weights, "Comma-separated weight formats, e.g. f32,bf16,q8_0,q4_0: decode and "
+                 "prefill of the model with its linear weights in each, in one run (cpu)");
   add_max_memory(app);
   app.footer("--device cuda measures prefill, time to first token, decode, device memory and the floors on the GPU "
              "(and mamba_ssm with --peer); with --json the table goes to stderr.");
@@ -440,6 +444,32 @@ Run add_bench(CLI::App& app) {
     r["warmup"] = 1;
     HM_CHECK(o->reps >= 1, "bench: --reps must be >= 1, got ", o->reps);
     auto log = [&](const char* what) { if (!o->json) std::fprintf(stderr, "bench: %s...\n", what); };
+
+    if (!o->weights.empty()) {
+      HM_CHECK(!o->train && !o->routing_sweep, "bench --weights: not with --train or --routing-sweep");
+      std::vector<DType> formats;
+      for (size_t at = 0; at <= o->weights.size();) {
+        const size_t end = std::min(o->weights.find(',', at), o->weights.size());
+        formats.push_back(weight_format_from_name(o->weights.substr(at, end - at)));
+        at = end + 1;
+      }
+      const size_t probe = dram_probe_bytes(l3);
+      log("read bandwidth");
+      r["read_bw_gbs"] = measure_read_gbs(probe);
+      r["read_bw_exceeds_l3"] = l3 > 0 && int64_t(probe) > l3;
+      r["weights"] = bench_weight_formats(*model, formats, kv, o->reps, r["read_bw_gbs"].get<double>(), o->json);
+      if (!tmpdir.empty()) fs::remove_all(tmpdir);
+      if (o->json) {
+        std::printf("%s\n", r.dump().c_str());
+      } else {
+        std::printf("model %s: %.3g M parameters, %d threads, KV cache %s; CPU %s, L3 %.0f MiB\n",
+                    r["preset"].get<std::string>().c_str(), r["params"].get<double>() / 1e6, threads,
+                    r["kv_type"].get<std::string>().c_str(), r["cpu_model"].get<std::string>().c_str(),
+                    r["l3_mb"].get<double>());
+        print_weight_formats(r["weights"]);
+      }
+      return 0;
+    }
 
     if (o->routing_sweep) {
       const int L = seq_len_opt->count() > 0 ? o->seq_len : 2048;

@@ -24,8 +24,9 @@ Run add_quantize(CLI::App& app) {
   add_max_memory(app);
   return [o] {
     namespace fs = std::filesystem;
+    HM_CHECK(o->type == "q8_0" || o->type == "q4_0" || o->type == "bf16",
+             "hm quantize --type must be q8_0, q4_0 or bf16, got '", o->type, "'");
     const DType f = weight_format_from_name(o->type);
-    HM_CHECK(f != DType::F32, "hm quantize --type: f32 stores nothing packed; give q8_0, q4_0 or bf16");
     std::error_code ec;
     HM_CHECK(fs::weakly_canonical(o->model, ec) != fs::weakly_canonical(o->out, ec),
              "hm quantize: --out ", o->out, " is the input checkpoint; choose another folder");

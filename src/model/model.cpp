@@ -83,13 +83,13 @@ void HybridModel::prepare() {
     t.norm = weight(w.norm, 1, D);
     if (cfg_.is_mamba2(i)) {
       const int H2 = cfg_.mamba2_heads(), CD = cfg_.mamba2_conv_dim();
-      t.in_proj = weight(w.in_proj, cfg_.mamba2_in_proj_rows(), D);
+      t.in_proj = linear_weight(w.in_proj, cfg_.mamba2_in_proj_rows(), D);
       t.conv_w = weight(w.conv_w, CD, K);
       t.conv_b = weight(w.conv_b, 1, CD);
       t.dt_b = weight(w.dt_b, 1, H2);
       t.Dskip = weight(w.Dskip, 1, H2);
       t.ssm_norm = weight(w.ssm_norm, 1, E);
-      t.out_proj = weight(w.out_proj, D, E);
+      t.out_proj = linear_weight(w.out_proj, D, E);
       std::vector<float> a(static_cast<size_t>(H2));
       for (size_t j = 0; j < a.size(); ++j) a[j] = -std::exp(w.A_log[j]);
       A_[size_t(i)] = Buffer(be_, sizeof(float) * a.size());
