@@ -9,9 +9,7 @@
 #include <benchmark/benchmark.h>
 #include <omp.h>
 
-#if defined(__AVX512F__)
 #include <immintrin.h>
-#endif
 
 #include <algorithm>
 #include <cmath>
@@ -20,7 +18,7 @@
 #include <vector>
 
 #include "core/rng.h"
-#include "kernels/cpu/simd.h"
+#include "kernels/cpu/aligned.h"
 #include "kernels/ops.h"
 
 namespace {
@@ -29,7 +27,7 @@ constexpr int kD = 512, kE = 1024, kN = 16, kK = 4, kH = 8, kG = 8, kHd = 64;
 
 // 64-byte aligned, like the CPU backend's buffers (unaligned rows would split every vector
 // access across two cache lines).
-using Vec = hm::cpu::simd::FloatBuf;
+using Vec = hm::cpu::AlignedVec<float>;
 
 Vec random_vec(std::size_t n, float lo, float hi, uint64_t seed) {
   hm::Rng rng(seed);
@@ -98,7 +96,7 @@ enum class Attn { ref, cpu, cpu_f16 };
 // A [rows, G*hd] cache of random values: floats, or halves of them.
 struct Cache {
   Vec f;
-  std::vector<uint16_t, hm::cpu::simd::AlignedAlloc<uint16_t>> h;
+  hm::cpu::AlignedVec<uint16_t> h;
   Cache(int rows, uint64_t seed, bool half)
       : f(random_vec(std::size_t(rows) * kG * kHd, -1, 1, seed)) {
     if (!half) return;
@@ -224,11 +222,10 @@ void BM_FloorReadBandwidth(benchmark::State& st) {
 }
 BENCHMARK(BM_FloorReadBandwidth)->UseRealTime();
 
-#if defined(__AVX512F__)
 // FMA peak: 12 independent 16-lane FMA chains per thread (enough to cover FMA latency).
-void BM_FloorFmaPeak(benchmark::State& st) {
-  const long steps = 1L << 22;
-  for (auto _ : st) {
+// AVX-512 code whatever the build targets (the kernels choose their ISA at run time); skipped
+// on CPUs without it.
+[[gnu::target("avx512f")]] void fma_peak_avx512(long steps) {
 #pragma omp parallel
     {
       __m512 acc[12];
@@ -242,11 +239,17 @@ void BM_FloorFmaPeak(benchmark::State& st) {
       _mm512_storeu_ps(sum, acc[0]);
       benchmark::DoNotOptimize(sum);
     }
+}
+void BM_FloorFmaPeak(benchmark::State& st) {
+  if (!__builtin_cpu_supports("avx512f")) {
+    st.SkipWithError("no AVX-512 on this CPU");
+    return;
   }
+  const long steps = 1L << 22;
+  for (auto _ : st) fma_peak_avx512(steps);
   set_rates(st, 0, 2.0 * 16 * 12 * double(steps) * omp_get_max_threads());
 }
 BENCHMARK(BM_FloorFmaPeak)->UseRealTime();
-#endif
 
 }  // namespace
 

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "core/rng.h"
+#include "isa_each.h"
 #include "kernels/ops.h"
 #include "kernels/cpu/grad_cpu.h"
 #include "kernels/ref/attention_grad_ref.h"
@@ -468,7 +469,7 @@ long double ce_long_double(const std::vector<T>& hn, const std::vector<T>& W, co
   return total / count;
 }
 
-TEST(GradAttention, CrossEntropyLargeLogitsAndAllIgnored) {
+HM_ISA_TEST(GradAttention, CrossEntropyLargeLogitsAndAllIgnored) {
   hm::Rng rng(81);
   const int n = 3;
   // Logits in the thousands: a softmax without the max subtraction overflows.
@@ -549,7 +550,7 @@ Vec to_double(const VecF& v) { return Vec(v.begin(), v.end()); }
 VecF rand_f(hm::Rng& rng, std::size_t n, double scale) { return to_float(randn(rng, n, scale)); }
 }  // namespace
 
-TEST(GradAttention, FastCoreMatchesReference) {
+HM_ISA_TEST(GradAttention, FastCoreMatchesReference) {
   struct Case { int L, H, G, hd; };
   for (const Case c : {Case{1, 1, 1, 8}, Case{17, 4, 2, 8}, Case{33, 3, 1, 64}, Case{64, 2, 2, 16},
                        Case{131, 2, 1, 64}}) {
@@ -602,7 +603,7 @@ TEST(GradAttention, FastRopeBackwardMatchesReference) {
 }
 
 // The whole block, rope on, GQA, odd sizes: the float forward and backward against the double.
-TEST(GradAttention, FastBlockMatchesReference) {
+HM_ISA_TEST(GradAttention, FastBlockMatchesReference) {
   const int Lb = 29, Db = 24, Hb = 4, Gb = 2, hd = 8, Q = Hb * hd, KV = Gb * hd;
   hm::Rng rng(960);
   const VecF wq = rand_f(rng, std::size_t(Q) * Db, 0.4), wk = rand_f(rng, std::size_t(KV) * Db, 0.4),

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "core/rng.h"
+#include "isa_each.h"
 #include "kernels/cpu/grad_cpu.h"
 #include "kernels/ops.h"
 #include "kernels/ref/mamba_grad_ref.h"
@@ -197,7 +198,7 @@ TEST(GradMamba, Conv1dSilu) {
 // The fast float backward (kernels/cpu/grad_cpu.cpp) against this reference in double, on the
 // same float inputs: odd channel counts around the 16-lane width, L across the 64-token
 // summation blocks, one token, and K = 3 and 4. Per tensor max |f - d| / max |d| <= 1e-5.
-TEST(GradMamba, FastConv1dSiluBackwardMatchesReference) {
+HM_ISA_TEST(GradMamba, FastConv1dSiluBackwardMatchesReference) {
   struct Case { int L, E, K; };
   for (const Case c : {Case{1, 5, 4}, Case{7, 16, 4}, Case{70, 33, 4}, Case{130, 17, 3}}) {
     hm::Rng rng(700 + c.L);
@@ -540,7 +541,7 @@ TEST(GradMamba, FloatForwardMatchesRef) {
 // one-at-a-time channels for E % 8, SIMD conv backward) against the double reference on the
 // same float inputs, with the full state and with chunk-boundary states (chunks that do and do
 // not divide L). Per tensor max |f - d| / max |d| <= 2e-5.
-TEST(GradMamba, FastBlockMatchesReference) {
+HM_ISA_TEST(GradMamba, FastBlockMatchesReference) {
   struct Case { int L, D, E, N, R, chunk; };
   for (const Case c : {Case{1, 8, 16, 16, 2, 0}, Case{37, 10, 20, 16, 3, 0}, Case{37, 10, 20, 16, 3, 8},
                        Case{64, 12, 29, 8, 2, 16}, Case{50, 6, 12, 32, 1, 0}}) {

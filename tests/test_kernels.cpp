@@ -19,6 +19,7 @@
 #include "core/threads.h"
 #include "io/safetensors.h"
 #include "kernels/ops.h"
+#include "isa_each.h"
 
 namespace {
 
@@ -86,7 +87,7 @@ TEST(KernelsLinear, MatchesReference) {
 // --- rmsnorm ---------------------------------------------------------------------------------
 // Float sum of d squares (relative error ~ few eps in vector partial sums), a sqrt and two
 // products: ~4e-7 expected; 2e-6.
-TEST(KernelsRmsnorm, MatchesReference) {
+HM_ISA_TEST(KernelsRmsnorm, MatchesReference) {
   struct Case { int n, d; };
   for (const Case c : {Case{1, 512}, Case{3, 17}, Case{7, 5}, Case{130, 1000}, Case{2, 48}}) {
     hm::Rng rng(2000 + c.n * 31 + c.d);
@@ -102,7 +103,7 @@ TEST(KernelsRmsnorm, MatchesReference) {
 
 // --- swiglu ----------------------------------------------------------------------------------
 // silu through the polynomial exp (2e-7) and a division, then one product: 1e-6.
-TEST(KernelsSwiglu, MatchesReference) {
+HM_ISA_TEST(KernelsSwiglu, MatchesReference) {
   struct Case { int n, f; };
   for (const Case c : {Case{1, 1}, Case{3, 17}, Case{1, 2048}, Case{130, 1000}}) {
     hm::Rng rng(3000 + c.n * 17 + c.f);
@@ -120,7 +121,7 @@ TEST(KernelsSwiglu, MatchesReference) {
 
 // --- rope ------------------------------------------------------------------------------------
 // cos/sin exact in double, rounded to float, then a*c - b*s in float: ~2 ulp; 1e-6.
-TEST(KernelsRope, MatchesReference) {
+HM_ISA_TEST(KernelsRope, MatchesReference) {
   struct Case { int L, heads, hd, pos0; };
   for (const Case c : {Case{1, 4, 64, 0}, Case{3, 2, 8, 5}, Case{17, 8, 16, 100},
                        Case{130, 3, 64, 1000}, Case{40, 1, 128, 100000}, Case{5, 2, 6, 7}}) {
@@ -152,7 +153,7 @@ struct ConvData {
 };
 
 // K products summed in float plus silu (2e-7): 1e-6.
-TEST(KernelsConv1dSilu, MatchesReference) {
+HM_ISA_TEST(KernelsConv1dSilu, MatchesReference) {
   struct Case { int L, E, K; };
   for (const Case c : {Case{1, 1024, 4}, Case{3, 37, 4}, Case{17, 16, 4}, Case{130, 1000, 4},
                        Case{5, 20, 3}, Case{9, 7, 2}, Case{4, 5, 1}, Case{64, 33, 6}}) {
@@ -177,7 +178,7 @@ TEST(KernelsConv1dSilu, MatchesReference) {
 // One call over L tokens == two calls (L1 + L2) == L one-token calls. The per-token arithmetic
 // does not depend on the split, so the outputs agree to rounding; 1e-6 allows a future
 // implementation to reorder sums.
-TEST(KernelsConv1dSilu, StateCarriesAcrossCalls) {
+HM_ISA_TEST(KernelsConv1dSilu, StateCarriesAcrossCalls) {
   const int L = 37, E = 45, K = 4, split = 20;
   hm::Rng rng(5500);
   ConvData d(rng, E, K);
@@ -235,10 +236,12 @@ struct ScanData {
 // Per step: exp to 2e-7, softplus 4e-7, silu 3e-7, N-term float sums. The state remembers
 // ~1/(delta |A|) steps (up to ~100 here), adding a rounding error of eps at each, which
 // reaches a few 1e-6 relative (observed <= 1.1e-6); 2e-5.
-TEST(KernelsSelectiveScan, MatchesReference) {
+HM_ISA_TEST(KernelsSelectiveScan, MatchesReference) {
   struct Case { int L, E, N; };
   for (const Case c : {Case{1, 1024, 16}, Case{3, 37, 16}, Case{17, 16, 5}, Case{130, 100, 16},
-                       Case{64, 48, 7}, Case{5, 33, 1}, Case{70, 20, 32}, Case{70, 1000, 16}}) {
+                       Case{64, 48, 7}, Case{5, 33, 1}, Case{70, 20, 32}, Case{70, 1000, 16},
+                       // decode: the row-layout path at each ISA's lane counts (N / kW = 1..4)
+                       Case{2, 45, 32}, Case{1, 29, 8}, Case{4, 21, 64}}) {
     hm::Rng rng(6000 + c.L * 7 + c.E * 3 + c.N);
     const ScanData d(rng, c.L, c.E, c.N);
     std::vector<float> y_ref(std::size_t(c.L) * d.ldy, kGuard), y_cpu = y_ref;
@@ -255,7 +258,7 @@ TEST(KernelsSelectiveScan, MatchesReference) {
 
 // dt + dt_bias across [-40, 30]: both sides of softplus's x > 20 branch, deltas from 1e-17
 // (state barely moves) to 30 (exp(delta A) underflows to 0).
-TEST(KernelsSelectiveScan, ExtremeTimeSteps) {
+HM_ISA_TEST(KernelsSelectiveScan, ExtremeTimeSteps) {
   hm::Rng rng(6500);
   const ScanData d(rng, 40, 50, 16, -36, 34);
   std::vector<float> y_ref(std::size_t(d.L) * d.ldy), y_cpu = y_ref;
@@ -269,7 +272,7 @@ TEST(KernelsSelectiveScan, ExtremeTimeSteps) {
 // One call over L tokens == two calls == L one-token calls (decoding). With N = 16 the short
 // calls take the decoding path (state kept in its row layout, sums in another order), so the
 // results agree to rounding (observed 2e-7); 1e-6.
-TEST(KernelsSelectiveScan, StateCarriesAcrossCalls) {
+HM_ISA_TEST(KernelsSelectiveScan, StateCarriesAcrossCalls) {
   for (const int N : {16, 5}) {
     hm::Rng rng(6600 + N);
     const ScanData d(rng, 37, 45, N);
@@ -313,7 +316,7 @@ void check_attention(const AttnCase& c, double tol) {
 // Float dot products over hd (sqrt(hd) eps of scores up to ~10, so ~1e-6 absolute in the
 // exponent), exp2 to 2e-7, and float sums over up to T keys whose terms are positive weights:
 // a few 1e-6 relative to the output (observed <= 1.6e-6); 2e-5.
-TEST(KernelsAttention, Prefill) {
+HM_ISA_TEST(KernelsAttention, Prefill) {
   for (const AttnCase c : {AttnCase{3, 0, 4, 4, 8}, AttnCase{3, 5, 4, 4, 8},
                            AttnCase{17, 0, 4, 2, 16}, AttnCase{130, 0, 4, 1, 64},
                            AttnCase{130, 70, 2, 2, 64}, AttnCase{65, 200, 1, 1, 40},
@@ -321,7 +324,7 @@ TEST(KernelsAttention, Prefill) {
     check_attention(c, 2e-5);
 }
 
-TEST(KernelsAttention, Decode) {
+HM_ISA_TEST(KernelsAttention, Decode) {
   for (const AttnCase c : {AttnCase{1, 0, 4, 4, 16}, AttnCase{1, 100, 4, 1, 64},
                            AttnCase{1, 4095, 8, 8, 64}, AttnCase{2, 63, 2, 1, 16},
                            AttnCase{1, 77, 2, 2, 8}, AttnCase{1, 50, 2, 2, 40},
@@ -331,7 +334,7 @@ TEST(KernelsAttention, Decode) {
 
 // With more threads than (kv head, tile) tasks, keys are split into ranges whose partial
 // softmax states are merged; force that path with 4 threads.
-TEST(KernelsAttention, SplitKeysAcrossThreads) {
+HM_ISA_TEST(KernelsAttention, SplitKeysAcrossThreads) {
   const int saved = hm::num_threads();
   hm::set_num_threads(4);
   for (const AttnCase c : {AttnCase{1, 3000, 2, 1, 64}, AttnCase{8, 2000, 1, 1, 64},
@@ -386,7 +389,7 @@ void check_attention_f16(const AttnCase& c, double tol) {
   EXPECT_TRUE(padding_intact(o_cpu, c.L, c.H * c.hd, d.ldo));
 }
 
-TEST(KernelsAttentionF16, Prefill) {
+HM_ISA_TEST(KernelsAttentionF16, Prefill) {
   for (const AttnCase c : {AttnCase{3, 0, 4, 4, 8}, AttnCase{3, 5, 4, 4, 8},
                            AttnCase{17, 0, 4, 2, 16}, AttnCase{130, 0, 4, 1, 64},
                            AttnCase{130, 70, 2, 2, 64}, AttnCase{65, 200, 1, 1, 40},
@@ -394,7 +397,7 @@ TEST(KernelsAttentionF16, Prefill) {
     check_attention_f16(c, 2e-5);
 }
 
-TEST(KernelsAttentionF16, Decode) {
+HM_ISA_TEST(KernelsAttentionF16, Decode) {
   for (const AttnCase c : {AttnCase{1, 0, 4, 4, 16}, AttnCase{1, 100, 4, 1, 64},
                            AttnCase{1, 4095, 8, 8, 64}, AttnCase{2, 63, 2, 1, 16},
                            AttnCase{1, 77, 2, 2, 8}, AttnCase{1, 50, 2, 2, 40},
@@ -402,7 +405,7 @@ TEST(KernelsAttentionF16, Decode) {
     check_attention_f16(c, 2e-5);
 }
 
-TEST(KernelsAttentionF16, SplitKeysAcrossThreads) {
+HM_ISA_TEST(KernelsAttentionF16, SplitKeysAcrossThreads) {
   const int saved = hm::num_threads();
   hm::set_num_threads(4);
   for (const AttnCase c : {AttnCase{1, 3000, 2, 1, 64}, AttnCase{1, 4095, 8, 8, 64},
@@ -415,7 +418,7 @@ TEST(KernelsAttentionF16, SplitKeysAcrossThreads) {
 // The f16 kernel is the float kernel reading halves: on a cache whose values are already
 // halves it must give the float kernel's result on the same values (the same arithmetic in
 // the same order; 1e-6 would still allow a reordered sum).
-TEST(KernelsAttentionF16, MatchesFloatOnRoundedCache) {
+HM_ISA_TEST(KernelsAttentionF16, MatchesFloatOnRoundedCache) {
   const int saved = hm::num_threads();
   for (const int threads : {1, 4}) {
     hm::set_num_threads(threads);
@@ -479,7 +482,7 @@ std::vector<float> f16_edge_values(hm::Rng& rng, std::size_t n) {
   return v;
 }
 
-TEST(KernelsStoreF16, BitExact) {
+HM_ISA_TEST(KernelsStoreF16, BitExact) {
   struct Case { int n, d; };
   const int saved = hm::num_threads();
   for (const int threads : {1, 4}) {

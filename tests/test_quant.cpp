@@ -369,7 +369,7 @@ TEST(QuantErrors, BadSizesAndValuesAreErrors) {
 
 TEST(QuantIsa, TheChosenIsaIsUsedAndReported) {
   EachIsa each;
-  EXPECT_EQ(each.saved, hm::cpu::best_isa());  // nothing set it before: the best one
+  EXPECT_EQ(each.saved, hm::cpu::default_isa());  // nothing set it before: HM_ISA or the best
   EXPECT_TRUE(hm::cpu::isa_supported(Isa::Scalar));
   for (Isa isa : each.isas) {
     hm::cpu::set_quant_isa(isa);

@@ -25,6 +25,7 @@
 #include "cli/memory_guard.h"
 #include "core/error.h"
 #include "io/hf_model.h"
+#include "kernels/cpu/dispatch.h"
 #include "core/rng.h"
 #include "core/threads.h"
 #include "model/model.h"
@@ -337,8 +338,8 @@ void print_table(const nlohmann::json& r, const std::vector<Row>& rows) {
   std::printf("model %s: %.3g M parameters (%.3g MB), %d threads, KV cache %s\n", r["preset"].get<std::string>().c_str(),
               r["params"].get<double>() / 1e6, r["weight_mb"].get<double>(), r["threads"].get<int>(),
               r["kv_type"].get<std::string>().c_str());
-  std::printf("CPU %s, L3 %.0f MiB; each figure the median of %d runs after 1 warm-up%s\n\n",
-              r["cpu_model"].get<std::string>().c_str(), r["l3_mb"].get<double>(), r["reps"].get<int>(),
+  std::printf("CPU %s (%s kernels), L3 %.0f MiB; each figure the median of %d runs after 1 warm-up%s\n\n",
+              r["cpu_model"].get<std::string>().c_str(), r.value("cpu_isa", std::string("?")).c_str(), r["l3_mb"].get<double>(), r["reps"].get<int>(),
               r.contains("torch_version") ? (", peer: PyTorch " + r["torch_version"].get<std::string>()).c_str() : "");
   print_rows(rows);
 }
@@ -438,6 +439,7 @@ Run add_bench(CLI::App& app) {
     r["params"] = model->params().numel();
     r["weight_mb"] = double(model->weight_bytes()) / 1e6;
     r["cpu_model"] = cpu_model_name();
+    r["cpu_isa"] = cpu::isa_name(cpu::kernel_isa());  // the CPU kernels' (HM_ISA forces one)
     const int64_t l3 = l3_cache_bytes();
     r["l3_mb"] = double(l3) / (1 << 20);
     r["reps"] = o->reps;

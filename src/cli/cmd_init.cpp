@@ -9,6 +9,7 @@
 #include "cli/memory_guard.h"
 #include "core/error.h"
 #include "io/hf_model.h"
+#include "kernels/cpu/dispatch.h"
 #include "model/model.h"
 #include "runtime/tokenizer.h"
 
@@ -63,6 +64,9 @@ Run add_info(CLI::App& app) {
     // Where the commands would run it (the same --device/--dtype/--kv-type resolution).
     std::printf("device: %s, dtype %s, KV cache %s\n", device_name(dev.device()), compute_dtype_name(dev.dtype),
                 dev.kv_name().c_str());
+    // The CPU kernels' ISA, chosen at startup (HM_ISA=scalar|avx2|avx512 forces one).
+    std::printf("CPU kernels: %s (best on this CPU: %s)\n", cpu::isa_name(cpu::kernel_isa()),
+                cpu::isa_name(cpu::best_isa()));
     std::printf("weights in %s: %s (%lld bytes)\n", compute_dtype_name(dev.dtype),
                 format_bytes(n * int64_t(dtype_size(dev.dtype))).c_str(),
                 static_cast<long long>(n * int64_t(dtype_size(dev.dtype))));

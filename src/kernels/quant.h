@@ -78,10 +78,13 @@ HM_DECLARE_QUANT_KERNELS
 
 // The SIMD code the cpu kernels run. The best one the CPU supports is chosen on first use;
 // tests force each in turn.
-enum class Isa : uint8_t { Scalar, Avx2, Avx512 };  // Avx512: F, BW, VL and VNNI
+// Avx2: x86-64-v3 (AVX2, FMA, F16C, BMI1/2); Avx512: x86-64-v4 (F, BW, DQ, CD, VL) and VNNI.
+// The float kernels choose theirs the same way (kernels/cpu/dispatch.h).
+enum class Isa : uint8_t { Scalar, Avx2, Avx512 };
 const char* isa_name(Isa isa);  // "scalar" | "avx2" | "avx512"
 bool isa_supported(Isa isa);    // by this CPU (and OS)
 Isa best_isa();
+Isa default_isa();  // HM_ISA=scalar|avx2|avx512 if set (hm::Error if not supported), else best_isa()
 Isa quant_isa();                // the one in use
 void set_quant_isa(Isa isa);    // hm::Error if this CPU does not support it
 }  // namespace hm::cpu

@@ -28,16 +28,20 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
-#include <vector>
 
 #include "kernels/cpu/simd.h"
 #include "kernels/ops.h"
 
-namespace hm::cpu {
+namespace hm::cpu::HM_ISA_NS {
 namespace {
 using namespace simd;
 
-constexpr int kRows = 64;   // rows per tile: 4 vectors of lanes
+// Register blocks: the tile's 4 x kQV score accumulators and pv_rows' kRB x kPV output block
+// fit 32 AVX-512 registers at 4 x 4; AVX2 and SSE2 have 16, so 2 vectors.
+constexpr int kQV = kRegs >= 32 ? 4 : 2;
+constexpr int kPV = kRegs >= 32 ? 4 : 2;
+static_assert(kQV == 2 || kQV == 4);
+constexpr int kRows = kQV * kW;  // rows per tile: kQV vectors of lanes
 constexpr int kKeys = 64;   // keys per block
 constexpr int kFewRows = 4;
 constexpr int kMinSplitKeys = 256;  // a key range shorter than this is not worth a task
@@ -169,12 +173,12 @@ template <int RB, int DV>
 template <int RB>
 void pv_cols(const float* vp, int hdp, int nk, const float* p, std::ptrdiff_t pks, float* o,
              const float* alpha, int i0) {
-  for (int c0 = 0; c0 < hdp; c0 += 4 * kW) {  // column chunks of up to 4 vectors
-    switch (std::min(4, (hdp - c0) / kW)) {
+  for (int c0 = 0; c0 < hdp; c0 += kPV * kW) {  // column chunks of up to kPV vectors
+    switch (std::min(kPV, (hdp - c0) / kW)) {
       case 1: pv_rows<RB, 1>(vp, hdp, nk, p, pks, o, c0, alpha, i0); break;
       case 2: pv_rows<RB, 2>(vp, hdp, nk, p, pks, o, c0, alpha, i0); break;
       case 3: pv_rows<RB, 3>(vp, hdp, nk, p, pks, o, c0, alpha, i0); break;
-      default: pv_rows<RB, 4>(vp, hdp, nk, p, pks, o, c0, alpha, i0);
+      default: pv_rows<RB, kPV>(vp, hdp, nk, p, pks, o, c0, alpha, i0);
     }
   }
 }
@@ -205,7 +209,7 @@ void tile_run(const Problem<T>& pr, const Tile& tl, Scratch& sc, float* m, float
         blk[i] = load_upto(pr.row_q(r / pr.group, tl.g * pr.group + r % pr.group) + d0, hd - d0) *
                  pr.qscale;
       }
-      transpose16(blk);
+      transpose(blk);
       for (int d = 0; d < kW && d0 + d < hd; ++d)
         store(qt + ((d0 + d) * QV + i0 / kW) * kW, blk[d]);
     }
@@ -255,20 +259,24 @@ void tile_run(const Problem<T>& pr, const Tile& tl, Scratch& sc, float* m, float
 template <class T>
 void run_tile(const Problem<T>& pr, const Tile& tl, Scratch& sc, const Part& part) {
   part.reset(tl.nr);
-  switch ((tl.nr + kW - 1) / kW) {
-    case 1: tile_run<1, T>(pr, tl, sc, part.m(), part.l(), part.o()); break;
-    case 2: tile_run<2, T>(pr, tl, sc, part.m(), part.l(), part.o()); break;
-    case 3: tile_run<3, T>(pr, tl, sc, part.m(), part.l(), part.o()); break;
-    default: tile_run<4, T>(pr, tl, sc, part.m(), part.l(), part.o());
+  const int qv = (tl.nr + kW - 1) / kW;  // 1 .. kQV
+  if (qv == 1) {
+    tile_run<1, T>(pr, tl, sc, part.m(), part.l(), part.o());
+  } else if constexpr (kQV == 2) {
+    tile_run<2, T>(pr, tl, sc, part.m(), part.l(), part.o());
+  } else {
+    if (qv == 2) tile_run<2, T>(pr, tl, sc, part.m(), part.l(), part.o());
+    else if (qv == 3) tile_run<3, T>(pr, tl, sc, part.m(), part.l(), part.o());
+    else tile_run<4, T>(pr, tl, sc, part.m(), part.l(), part.o());
   }
 }
 
 // --- Decode path ---------------------------------------------------------------------------
-// Keys are taken 16 at a time (kSub). Scores: for each row, the 16 dot products are first
-// accumulated as 16 vectors over head_dim, then hsum16 turns them into a vector of 16 scores
+// Keys are taken kSub = kW (16 on AVX-512) at a time. Scores: for each row, the 16 dot products are first
+// accumulated as 16 vectors over head_dim, then hsum_lanes turns them into a vector of 16 scores
 // (instead of a 16-lane reduction per score). P.V: each row's o stays in registers across the
 // 16 keys. The 16 K or V rows (all kv heads, contiguous) stay in L1 while every head uses them.
-constexpr int kSub = 16;
+constexpr int kSub = kW;
 // Half-precision caches are prefetched by software, kAhead keys (the next 16) ahead: a head's
 // segment of a row is then only 2 lines, and the hardware prefetchers, which do well on float
 // rows, left a DRAM-resident f16 cache at ~15 GB/s on one core (28 GB/s with this; it costs
@@ -301,7 +309,7 @@ void decode_scores(const float* qi, const T* kg, std::ptrdiff_t ldkv, int j0, in
     }
     part[jj] = acc;
   }
-  store(s, hsum16(part));
+  store(s, hsum_lanes(part));
 }
 
 // o_i = o_i + sum_jj p[jj] V[j0 + jj] over nk keys, with o_i kept in registers. pf: as in
@@ -363,7 +371,7 @@ void decode_run(const Problem<T>& pr, int ka, int kb, Scratch& sc, const Part& p
       vf mt = splat(-INFINITY);
       for (int j = 0; j < kKeys; j += kW) {
         vf sj = load(si + j);
-        const vi key = vi{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15} + (j0 + j);
+        const vi key = iota() + (j0 + j);
         sj = key > (j0 + nk - 1 < last ? j0 + nk - 1 : last) ? splat(-INFINITY) : sj;
         store(si + j, sj);
         mt = vmax(mt, sj);
@@ -532,4 +540,4 @@ void store_f16(uint16_t* dst, int ld_dst, const float* src, int ld_src, int n, i
   });
 }
 
-}  // namespace hm::cpu
+}  // namespace hm::cpu::HM_ISA_NS

@@ -4,12 +4,11 @@
 // the prefetcher and the TLB); the K-1 earlier rows it also reads are still in L1 (so out must
 // not overlap x).
 #include <cstddef>
-#include <vector>
 
 #include "kernels/cpu/simd.h"
 #include "kernels/ops.h"
 
-namespace hm::cpu {
+namespace hm::cpu::HM_ISA_NS {
 namespace {
 using namespace simd;
 
@@ -47,7 +46,7 @@ void conv1d_silu(float* out, int ldo, float* state, const float* x, int ldx, con
   const int nblocks = (E + kW - 1) / kW;
   run_team(long(L) * E * K >= kParallelWork, [&](int id, int nt) {
     const auto [b0, b1] = share(nblocks, id, nt);
-    thread_local std::vector<vf> wt, hist;
+    thread_local Buf<vf> wt, hist;
     wt.resize(std::size_t(b1 - b0) * K);
     hist.resize(std::size_t(b1 - b0) * (K - 1));
     for (int blk = b0; blk < b1; ++blk) {  // transpose weights and state to lanes = channels
@@ -75,4 +74,4 @@ void conv1d_silu(float* out, int ldo, float* state, const float* x, int ldx, con
   });
 }
 
-}  // namespace hm::cpu
+}  // namespace hm::cpu::HM_ISA_NS

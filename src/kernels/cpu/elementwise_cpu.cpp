@@ -2,12 +2,11 @@
 // over rows once there is enough work to pay for a parallel region.
 #include <cmath>
 #include <cstddef>
-#include <vector>
 
 #include "kernels/cpu/simd.h"
 #include "kernels/ops.h"
 
-namespace hm::cpu {
+namespace hm::cpu::HM_ISA_NS {
 namespace {
 using namespace simd;
 constexpr long kParallelElems = 1L << 16;  // below this, one thread beats a parallel region
@@ -44,7 +43,7 @@ void rmsnorm(float* out, const float* x, const float* w, int n, int d, float eps
 void rope(float* x, int ldx, int L, int heads, int hd, int pos0, float theta) {
   const int half = hd / 2;
   if (L <= 0 || half <= 0) return;
-  std::vector<double> inv_freq(half), step_c(half), step_s(half);
+  Buf<double> inv_freq(half), step_c(half), step_s(half);
   for (int i = 0; i < half; ++i) {
     inv_freq[i] = std::pow(double(theta), -2.0 * i / hd);
     step_c[i] = std::cos(inv_freq[i]);
@@ -52,8 +51,8 @@ void rope(float* x, int ldx, int L, int heads, int hd, int pos0, float theta) {
   }
   run_team(long(L) * heads * hd >= kParallelElems, [&](int id, int nt) {
     const auto [t0, t1] = share(L, id, nt);
-    std::vector<double> c(half), s(half);
-    std::vector<float> cf(half + kW), sf(half + kW);
+    Buf<double> c(half), s(half);
+    Buf<float> cf(half + kW), sf(half + kW);
     for (int t = t0; t < t1; ++t) {
       for (int i = 0; i < half; ++i) {
         if (t == t0) {
@@ -95,4 +94,4 @@ void swiglu(float* out, int ldo, const float* g, const float* u, int ldgu, int n
   });
 }
 
-}  // namespace hm::cpu
+}  // namespace hm::cpu::HM_ISA_NS

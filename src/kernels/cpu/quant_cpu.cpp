@@ -171,11 +171,14 @@ bool isa_supported(Isa isa) {
   switch (isa) {
     case Isa::Scalar: return true;
     case Isa::Avx2:
+      // x86-64-v3, which the avx2 kernels are compiled for (BMI1/2 come with it)
       return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-             __builtin_cpu_supports("f16c");
+             __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi") &&
+             __builtin_cpu_supports("bmi2");
     case Isa::Avx512:
       return isa_supported(Isa::Avx2) && __builtin_cpu_supports("avx512f") &&
              __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+             __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512cd") &&
              __builtin_cpu_supports("avx512vnni");
   }
   return false;
@@ -205,7 +208,7 @@ std::atomic<int> g_isa{-1};  // -1: not chosen yet
 Isa quant_isa() {
   int v = g_isa.load(std::memory_order_relaxed);
   if (v < 0) {
-    v = int(best_isa());
+    v = int(default_isa());
     g_isa.store(v, std::memory_order_relaxed);
   }
   return Isa(v);

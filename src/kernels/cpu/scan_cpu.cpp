@@ -1,5 +1,6 @@
 // selective_scan: the Mamba recurrence, vectorised across channels.
 //
+// (Lane counts below are AVX-512's kW = 16; AVX2 has 8, SSE2 4.)
 // x, dt, z and y are token-major, so 16 consecutive channels of one token are one cache line
 // and one vector. Each lane is a channel; the N states of a block of 16 channels are N
 // vectors ("transposed": s[n] holds state[e0..e0+15][n]). Compared with one channel at a time
@@ -22,12 +23,11 @@
 // in L1/L2 between chunks.
 #include <algorithm>
 #include <cstddef>
-#include <vector>
 
 #include "kernels/cpu/simd.h"
 #include "kernels/ops.h"
 
-namespace hm::cpu {
+namespace hm::cpu::HM_ISA_NS {
 namespace {
 using namespace simd;
 
@@ -119,13 +119,20 @@ void scan_block(const ScanArgs& a, vf* s_mem, const vf* a2, const Pre* pre, int 
   }
 }
 
-// Decoding path (N = 16, a few tokens): the state stays in its [E, 16] layout, one vector per
-// channel, so the three 16x16 transposes per block (state in and out, A) that the lane layout
-// needs are not worth paying for one token. The 16 per-channel sums s . C of a block come out
-// of one hsum16. Same arithmetic per state element as the lane path.
-void scan_rows16(const ScanArgs& a, float* state, const float* A, int E, int L, int b0, int b1) {
+// Decoding path (N a multiple of kW up to kRowsMaxVecs vectors, a few tokens): the state
+// stays in its [E, N] layout, N / kW vectors per channel, so the transposes per block (state
+// in and out, A) that the lane layout needs are not worth paying for one token. The kW
+// per-channel sums s . C of a block come out of one hsum_lanes. Same arithmetic per state
+// element as the lane path.
+constexpr int kRowsMaxVecs = 4;
+void scan_rows(const ScanArgs& a, float* state, const float* A, int E, int L, int b0, int b1) {
+  const int N = a.N, nv = N / kW;
   for (std::ptrdiff_t t = 0; t < L; ++t) {
-    const vf Bt = load(a.B + t * a.ldbc), Ct = load(a.C + t * a.ldbc);
+    vf Bt[kRowsMaxVecs], Ct[kRowsMaxVecs];
+    for (int q = 0; q < nv; ++q) {
+      Bt[q] = load(a.B + t * a.ldbc + q * kW);
+      Ct[q] = load(a.C + t * a.ldbc + q * kW);
+    }
     for (int b = b0; b < b1; ++b) {
       const int e0 = b * kW, nc = E - e0 < kW ? E - e0 : kW;
       const vf xv = load_upto(a.x + t * a.ldx + e0, nc);
@@ -139,14 +146,17 @@ void scan_rows16(const ScanArgs& a, float* state, const float* A, int E, int L, 
       for (int c = 0; c < kW; ++c) {
         sc[c] = vf{};
         if (c < nc) {
-          float* sr = state + std::ptrdiff_t(e0 + c) * kW;
-          const vf sv = vexp2_decay(load(A + std::ptrdiff_t(e0 + c) * kW) * dl[c]) * load(sr) +
-                        dx[c] * Bt;  // s = exp(delta A) s + delta B x
-          store(sr, sv);
-          sc[c] = sv * Ct;
+          float* sr = state + std::ptrdiff_t(e0 + c) * N;
+          const float* ar = A + std::ptrdiff_t(e0 + c) * N;
+          for (int q = 0; q < nv; ++q) {
+            const vf sv = vexp2_decay(load(ar + q * kW) * dl[c]) * load(sr + q * kW) +
+                          dx[c] * Bt[q];  // s = exp(delta A) s + delta B x
+            store(sr + q * kW, sv);
+            sc[c] += sv * Ct[q];
+          }
         }
       }
-      const vf yv = hsum16(sc) + load_upto(a.Dskip + e0, nc) * xv;  // y = s . C + D x
+      const vf yv = hsum_lanes(sc) + load_upto(a.Dskip + e0, nc) * xv;  // y = s . C + D x
       store_upto(a.y + t * a.ldy + e0, yv * vsilu(load_upto(a.z + t * a.ldz + e0, nc)), nc);
     }
   }
@@ -156,7 +166,7 @@ void scan_rows16(const ScanArgs& a, float* state, const float* A, int E, int L, 
 void rows_to_lanes(vf* out, const float* rows, int nc, int N) {
   if (N == kW) {
     for (int c = 0; c < kW; ++c) out[c] = c < nc ? load(rows + c * kW) : vf{};
-    transpose16(out);
+    transpose(out);
   } else {
     for (int n = 0; n < N; ++n) out[n] = load_strided(rows + n, N, nc);
   }
@@ -165,7 +175,7 @@ void lanes_to_rows(float* rows, const vf* in, int nc, int N) {
   if (N == kW) {
     vf r[kW];
     for (int n = 0; n < kW; ++n) r[n] = in[n];
-    transpose16(r);
+    transpose(r);
     for (int c = 0; c < nc; ++c) store(rows + c * kW, r[c]);
   } else {
     for (int n = 0; n < N; ++n) store_strided(rows + n, N, in[n], nc);
@@ -183,10 +193,10 @@ void selective_scan(float* y, int ldy, float* state, const float* x, int ldx, co
   const int nblocks = (E + kW - 1) / kW;
   const long work = long(L) * E * (N > 0 ? N : 1);
 
-  if (N == kW && L <= kRowsMaxTokens) {
+  if (N > 0 && N % kW == 0 && N <= kRowsMaxVecs * kW && L <= kRowsMaxTokens) {
     run_team(work >= kParallelWork, [&](int id, int nt) {
       const auto [b0, b1] = share(nblocks, id, nt);
-      scan_rows16(args, state, A, E, L, b0, b1);
+      scan_rows(args, state, A, E, L, b0, b1);
     });
     return;
   }
@@ -198,8 +208,8 @@ void selective_scan(float* y, int ldy, float* state, const float* x, int ldx, co
     const int nb = b1 - b0;
     const int tc = std::clamp(int(kPreBytes / (sizeof(Pre) * std::max(nb, 1))), 1, kChunk);
     const std::size_t per_block = 2 * std::size_t(N > 0 ? N : 1);
-    thread_local std::vector<vf> buf;
-    thread_local std::vector<Pre> pre;
+    thread_local Buf<vf> buf;
+    thread_local Buf<Pre> pre;
     if (buf.size() < nb * per_block) buf.resize(nb * per_block);
     if (pre.size() < std::size_t(nb) * tc) pre.resize(std::size_t(nb) * tc);
 
@@ -230,4 +240,4 @@ void selective_scan(float* y, int ldy, float* state, const float* x, int ldx, co
   });
 }
 
-}  // namespace hm::cpu
+}  // namespace hm::cpu::HM_ISA_NS

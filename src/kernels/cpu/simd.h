@@ -1,9 +1,18 @@
 // What the CPU kernels share: 16-lane float vectors and their math (exp, softplus, silu,
 // reductions, transposes), aligned scratch buffers, and thread-team helpers.
-// The vectors are GCC vector extensions, so one source compiles to one AVX-512 register per
-// vector under -march=native and to narrower instructions elsewhere. The few places where
-// AVX-512 has a better instruction (masked load/store, gather/scatter, round, scalef, min/max)
-// are behind __AVX512F__ with a plain fallback.
+// The vectors are GCC vector extensions one register wide: 16 lanes on AVX-512, 8 on AVX2, 4
+// on baseline SSE2 (wider than a register, g++ keeps them in memory: 3-5x slower). Kernels are
+// written for kW lanes. The places where an ISA has a better instruction (masked load/store,
+// f16 conversion, gather/scatter, round, scalef, min/max) have their AVX-512 and AVX2 forms
+// beside a plain fallback.
+//
+// Only the per-ISA kernel files include this: CMakeLists.txt compiles each of them once per ISA
+// (scalar = baseline x86-64, avx2 = x86-64-v3, avx512 = x86-64-v4) with HM_ISA_NS naming that
+// ISA, and dispatch.cpp picks one table of them at startup. Everything here and in those files
+// lives in hm::cpu::HM_ISA_NS, so no inline function or template instantiation is shared
+// between ISAs (an AVX-512 copy kept by the linker would kill a baseline caller on an AVX2 CPU);
+// containers use AlignedVec with this ISA's tag for the same reason. tests/check_isa_objects.sh
+// checks the result with objdump.
 #pragma once
 #include <omp.h>
 
@@ -11,29 +20,59 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <new>
 #include <utility>
-#include <vector>
+
+#include "kernels/cpu/aligned.h"
+
+#if !defined(HM_ISA_NS)
+#error "simd.h is for the per-ISA kernel files: CMakeLists.txt defines HM_ISA_NS for them"
+#endif
 
 #if defined(__AVX512F__)
+#if !defined(__AVX512BW__) || !defined(__AVX512VL__)
+#error "the avx512 kernels need AVX512F, BW and VL (-march=x86-64-v4)"
+#endif
+#define HM_SIMD_AVX512 1
+#include <immintrin.h>
+#elif defined(__AVX2__)
+#if !defined(__FMA__) || !defined(__F16C__)
+#error "the avx2 kernels need AVX2, FMA and F16C (-march=x86-64-v3)"
+#endif
+#define HM_SIMD_AVX2 1
 #include <immintrin.h>
 #else
-#include "io/safetensors.h"  // scalar f16 conversions
+#include "core/dtype.h"  // scalar f16 conversions (defined out of line: nothing shared inline)
 #endif
 
 // Forced inlining: besides speed, it keeps g++ from warning (-Wpsabi) that 64-byte vector
 // arguments change the calling convention when the target lacks AVX-512; the pragma covers
 // the cases it still reports. Nothing here is called across an ABI boundary.
 #define HM_SIMD_INLINE [[gnu::always_inline]] inline
-#if !defined(__AVX512F__)
+#if !defined(HM_SIMD_AVX512)
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
-namespace hm::cpu::simd {
+namespace hm::cpu::HM_ISA_NS::simd {
 
+#if defined(HM_SIMD_AVX512)
 constexpr int kW = 16;  // lanes
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
+constexpr int kRegs = 32;  // vector registers, for sizing register blocks
+#elif defined(HM_SIMD_AVX2)
+constexpr int kW = 8;
+constexpr int kRegs = 16;
+#else
+constexpr int kW = 4;
+constexpr int kRegs = 16;
+#endif
+typedef float vf __attribute__((vector_size(4 * kW)));
+typedef int32_t vi __attribute__((vector_size(4 * kW)));
+
+// Lane c = c.
+HM_SIMD_INLINE vi iota() {
+  vi v;
+  for (int c = 0; c < kW; ++c) v[c] = c;
+  return v;
+}
 
 // s - 0 folds to s (s + 0 does not: -0 + 0 = +0), so this is a bare broadcast.
 HM_SIMD_INLINE vf splat(float s) { return s - vf{}; }
@@ -41,10 +80,10 @@ HM_SIMD_INLINE vf splat(float s) { return s - vf{}; }
 // several FMAs into each of them, re-reading it from L1 every time, which makes register-
 // blocked loops load-bound instead of FMA-bound.
 HM_SIMD_INLINE void pin(vf& v) {
-#if defined(__AVX512F__)
+#if defined(HM_SIMD_AVX512)
   asm("" : "+v"(v));
 #else
-  (void)v;
+  asm("" : "+x"(v));
 #endif
 }
 
@@ -55,10 +94,19 @@ HM_SIMD_INLINE vf load(const float* p) {
 }
 HM_SIMD_INLINE void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 
+#if defined(HM_SIMD_AVX2)
+// Lane i set (all bits) where i < n: the mask of maskload / maskstore / gather.
+HM_SIMD_INLINE __m256i mask8(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+#endif
+
 // The first n lanes (0 <= n <= 16) from p; the others read as 0 and touch no memory.
 HM_SIMD_INLINE vf load_n(const float* p, int n) {
-#if defined(__AVX512F__)
+#if defined(HM_SIMD_AVX512)
   return _mm512_maskz_loadu_ps(__mmask16((1u << n) - 1u), p);
+#elif defined(HM_SIMD_AVX2)
+  return _mm256_maskload_ps(p, mask8(n));
 #else
   vf v{};
   for (int i = 0; i < n; ++i) v[i] = p[i];
@@ -66,8 +114,10 @@ HM_SIMD_INLINE vf load_n(const float* p, int n) {
 #endif
 }
 HM_SIMD_INLINE void store_n(float* p, vf v, int n) {
-#if defined(__AVX512F__)
+#if defined(HM_SIMD_AVX512)
   _mm512_mask_storeu_ps(p, __mmask16((1u << n) - 1u), v);
+#elif defined(HM_SIMD_AVX2)
+  _mm256_maskstore_ps(p, mask8(n), v);
 #else
   for (int i = 0; i < n; ++i) p[i] = v[i];
 #endif
@@ -82,16 +132,21 @@ HM_SIMD_INLINE void store_upto(float* p, vf v, int n) {
 // widened to / narrowed from float lanes, so a kernel templated on the element type reads
 // either. Widening is exact; narrowing rounds to nearest even, like hm::f32_to_f16 (inf on
 // overflow, subnormal halves kept, NaN quieted with its top payload bits).
-#if defined(__AVX512F__)
+#if defined(HM_SIMD_AVX512)
 // maskz forms: the unmasked ones start from an undefined register (see round_nearest).
 HM_SIMD_INLINE vf widen(__m256i h) { return _mm512_maskz_cvtph_ps(0xffff, h); }
 HM_SIMD_INLINE __m256i narrow(vf v) {
   return _mm512_maskz_cvtps_ph(0xffff, v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
+#elif defined(HM_SIMD_AVX2)
+HM_SIMD_INLINE vf widen(__m128i h) { return _mm256_cvtph_ps(h); }
+HM_SIMD_INLINE __m128i narrow(vf v) { return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT); }
 #endif
 HM_SIMD_INLINE vf load(const uint16_t* p) {
-#if defined(__AVX512F__)
+#if defined(HM_SIMD_AVX512)
   return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(HM_SIMD_AVX2)
+  return widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 #else
   vf v;
   for (int i = 0; i < kW; ++i) v[i] = hm::f16_to_f32(p[i]);
@@ -99,14 +154,16 @@ HM_SIMD_INLINE vf load(const uint16_t* p) {
 #endif
 }
 HM_SIMD_INLINE void store(uint16_t* p, vf v) {
-#if defined(__AVX512F__)
+#if defined(HM_SIMD_AVX512)
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow(v));
+#elif defined(HM_SIMD_AVX2)
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), narrow(v));
 #else
   for (int i = 0; i < kW; ++i) p[i] = hm::f32_to_f16(v[i]);
 #endif
 }
 HM_SIMD_INLINE vf load_n(const uint16_t* p, int n) {
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if defined(HM_SIMD_AVX512)
   return widen(_mm256_maskz_loadu_epi16(__mmask16((1u << n) - 1u), p));
 #else
   uint16_t h[kW] = {};
@@ -115,7 +172,7 @@ HM_SIMD_INLINE vf load_n(const uint16_t* p, int n) {
 #endif
 }
 HM_SIMD_INLINE void store_n(uint16_t* p, vf v, int n) {
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if defined(HM_SIMD_AVX512)
   _mm256_mask_storeu_epi16(p, __mmask16((1u << n) - 1u), narrow(v));
 #else
   uint16_t h[kW];
@@ -128,7 +185,7 @@ HM_SIMD_INLINE void store_upto(uint16_t* p, vf v, int n) {
   if (n >= kW) store(p, v); else store_n(p, v, n);
 }
 
-#if defined(__AVX512F__)
+#if defined(HM_SIMD_AVX512)
 // The masked forms with an explicit source: the plain ones start from _mm512_undefined_ps,
 // which g++ 12 reports as uninitialized.
 HM_SIMD_INLINE vf round_nearest(vf u) {
@@ -139,11 +196,15 @@ HM_SIMD_INLINE vf scale2(vf p, vf n) { return _mm512_mask_scalef_ps(p, 0xffff, p
 
 // Lane c (c < n) = p[c * stride]: a column of a row-major block; other lanes 0.
 HM_SIMD_INLINE vf load_strided(const float* p, int stride, int n) {
-#if defined(__AVX512F__)
+#if defined(HM_SIMD_AVX512)
   const __m512i idx = _mm512_mullo_epi32(
       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
       _mm512_set1_epi32(stride));
   return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), __mmask16((1u << n) - 1u), idx, p, 4);
+#elif defined(HM_SIMD_AVX2)
+  const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                         _mm256_set1_epi32(stride));
+  return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), p, idx, _mm256_castsi256_ps(mask8(n)), 4);
 #else
   vf v{};
   for (int c = 0; c < n; ++c) v[c] = p[c * stride];
@@ -151,7 +212,7 @@ HM_SIMD_INLINE vf load_strided(const float* p, int stride, int n) {
 #endif
 }
 HM_SIMD_INLINE void store_strided(float* p, int stride, vf v, int n) {
-#if defined(__AVX512F__)
+#if defined(HM_SIMD_AVX512)
   const __m512i idx = _mm512_mullo_epi32(
       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
       _mm512_set1_epi32(stride));
@@ -161,10 +222,13 @@ HM_SIMD_INLINE void store_strided(float* p, int stride, vf v, int n) {
 #endif
 }
 
-#if defined(__AVX512F__)
+#if defined(HM_SIMD_AVX512)
 // g++ turns the portable forms below into compare + blend. (Masked forms: see round_nearest.)
 HM_SIMD_INLINE vf vmax(vf a, vf b) { return _mm512_mask_max_ps(a, 0xffff, a, b); }
 HM_SIMD_INLINE vf vmin(vf a, vf b) { return _mm512_mask_min_ps(a, 0xffff, a, b); }
+#elif defined(HM_SIMD_AVX2)
+HM_SIMD_INLINE vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
+HM_SIMD_INLINE vf vmin(vf a, vf b) { return _mm256_min_ps(a, b); }
 #else
 HM_SIMD_INLINE vf vmax(vf a, vf b) { return a > b ? a : b; }
 HM_SIMD_INLINE vf vmin(vf a, vf b) { return a < b ? a : b; }
@@ -179,22 +243,22 @@ HM_SIMD_INLINE vf butterfly(vf v, std::index_sequence<c...>) {
 }
 }  // namespace detail
 
-HM_SIMD_INLINE float hsum(vf v) {
-  constexpr auto lanes = std::make_index_sequence<kW>();
-  v += detail::butterfly<8>(v, lanes);
-  v += detail::butterfly<4>(v, lanes);
-  v += detail::butterfly<2>(v, lanes);
-  v += detail::butterfly<1>(v, lanes);
-  return v[0];
+namespace detail {
+// Every lane = the sum (max) of all lanes: butterflies d, d/2, ..., 1 from d = kW/2.
+template <int d>
+HM_SIMD_INLINE vf all_sum(vf v) {
+  v += butterfly<d>(v, std::make_index_sequence<kW>());
+  if constexpr (d > 1) return all_sum<d / 2>(v); else return v;
 }
-HM_SIMD_INLINE float hmax(vf v) {
-  constexpr auto lanes = std::make_index_sequence<kW>();
-  v = vmax(v, detail::butterfly<8>(v, lanes));
-  v = vmax(v, detail::butterfly<4>(v, lanes));
-  v = vmax(v, detail::butterfly<2>(v, lanes));
-  v = vmax(v, detail::butterfly<1>(v, lanes));
-  return v[0];
+template <int d>
+HM_SIMD_INLINE vf all_max(vf v) {
+  v = vmax(v, butterfly<d>(v, std::make_index_sequence<kW>()));
+  if constexpr (d > 1) return all_max<d / 2>(v); else return v;
 }
+}  // namespace detail
+
+HM_SIMD_INLINE float hsum(vf v) { return detail::all_sum<kW / 2>(v)[0]; }
+HM_SIMD_INLINE float hmax(vf v) { return detail::all_max<kW / 2>(v)[0]; }
 
 // 2^f for f in [-0.5, 0.5]: degree-5 polynomial fitted for least maximum relative error;
 // 1.1e-7 approximation error, 1.7e-7 after float rounding (measured on 2e5 points). p(0) = 1.
@@ -209,7 +273,7 @@ HM_SIMD_INLINE vf exp2_poly(vf f) {
 
 // 2^u with relative error <= 2e-7; 0 below -150 (and for -inf), inf above 128.
 HM_SIMD_INLINE vf vexp2(vf u) {
-#if defined(__AVX512F__)
+#if defined(HM_SIMD_AVX512)
   u = vmin(vmax(u, splat(-160.f)), splat(160.f));  // keeps u - round(u) finite for +-inf
   const vf n = round_nearest(u);
   return scale2(exp2_poly(u - n), n);
@@ -224,7 +288,7 @@ HM_SIMD_INLINE vf vexp2(vf u) {
 
 // 2^u for finite u <= 0 (a decay factor), without vexp2's clamps on the AVX-512 path.
 HM_SIMD_INLINE vf vexp2_decay(vf u) {
-#if defined(__AVX512F__)
+#if defined(HM_SIMD_AVX512)
   const vf n = round_nearest(u);
   return scale2(exp2_poly(u - n), n);
 #else
@@ -236,7 +300,7 @@ HM_SIMD_INLINE vf vexp2_decay(vf u) {
 HM_SIMD_INLINE vf vexp(vf x) {
   x = vmin(vmax(x, splat(-110.f)), splat(110.f));
   const vf u = x * 1.44269504088896341f;
-#if defined(__AVX512F__)
+#if defined(HM_SIMD_AVX512)
   const vf n = round_nearest(u);
 #else
   const vf n = (u + 12582912.f) - 12582912.f;
@@ -244,7 +308,7 @@ HM_SIMD_INLINE vf vexp(vf x) {
   vf r = x - n * 0.693359375f;  // ln 2 split in two: n * hi is exact
   r = r - n * -2.12194440e-4f;
   const vf p = exp2_poly(r * 1.44269504088896341f);
-#if defined(__AVX512F__)
+#if defined(HM_SIMD_AVX512)
   return scale2(p, n);
 #else
   // Split 2^n in two factors so that |n| up to 160 stays representable.
@@ -298,41 +362,35 @@ HM_SIMD_INLINE void fold(vf* v) {
 }
 }  // namespace detail
 
-// Lane c = the sum of v[c]'s lanes, for 16 vectors (v is clobbered): 30 shuffles and 15 adds
-// instead of 16 separate reductions.
-HM_SIMD_INLINE vf hsum16(vf* v) {
-  detail::fold<8>(v);
-  detail::fold<4>(v);
-  detail::fold<2>(v);
-  detail::fold<1>(v);
+namespace detail {
+template <int d>
+HM_SIMD_INLINE void fold_all(vf* v) {
+  fold<d>(v);
+  if constexpr (d > 1) fold_all<d / 2>(v);
+}
+template <int d>
+HM_SIMD_INLINE void swap_all(vf* r) {
+  swap_stage<d>(r);
+  if constexpr (d > 1) swap_all<d / 2>(r);
+}
+}  // namespace detail
+
+// Lane c = the sum of v[c]'s lanes, for kW vectors (v is clobbered): for 16 lanes 30 shuffles
+// and 15 adds instead of 16 separate reductions.
+HM_SIMD_INLINE vf hsum_lanes(vf* v) {
+  detail::fold_all<kW / 2>(v);
   return v[0];
 }
 
-// In-place transpose of a 16x16 block held as 16 row vectors: 4 stages of block swaps,
-// 64 two-source shuffles, no memory round trip.
-HM_SIMD_INLINE void transpose16(vf* r) {
-  detail::swap_stage<8>(r);
-  detail::swap_stage<4>(r);
-  detail::swap_stage<2>(r);
-  detail::swap_stage<1>(r);
-}
+// In-place transpose of a kW x kW block held as kW row vectors: log2(kW) stages of block
+// swaps, no memory round trip.
+HM_SIMD_INLINE void transpose(vf* r) { detail::swap_all<kW / 2>(r); }
 
-// Scratch memory for float data, 64-byte aligned so that full-vector accesses never straddle
-// cache lines.
+// Containers of this ISA's own instantiation (see the top of the file).
+struct IsaTag {};
 template <class T>
-struct AlignedAlloc {
-  using value_type = T;
-  AlignedAlloc() = default;
-  template <class U>
-  AlignedAlloc(const AlignedAlloc<U>&) {}
-  T* allocate(std::size_t n) {
-    return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64)));
-  }
-  void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t(64)); }
-  template <class U>
-  bool operator==(const AlignedAlloc<U>&) const { return true; }
-};
-using FloatBuf = std::vector<float, AlignedAlloc<float>>;
+using Buf = AlignedVec<T, IsaTag>;
+using FloatBuf = Buf<float>;
 
 // buf grown to at least n floats (never shrunk: the buffers are per-thread and reused).
 inline float* scratch(FloatBuf& buf, std::size_t n) {
@@ -368,4 +426,4 @@ inline std::pair<int, int> share(int n, int id, int nt) {
   return {int(long(n) * id / nt), int(long(n) * (id + 1) / nt)};
 }
 
-}  // namespace hm::cpu::simd
+}  // namespace hm::cpu::HM_ISA_NS::simd

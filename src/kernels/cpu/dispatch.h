@@ -1,0 +1,72 @@
+// The kernels compiled once per ISA (CMakeLists.txt: scalar = baseline x86-64, avx2 =
+// x86-64-v3, avx512 = x86-64-v4; simd.h says what those files must avoid) and the table of
+// them that dispatch.cpp chooses once, at startup: HM_ISA=scalar|avx2|avx512 if set, else the
+// best this CPU supports (isa_supported, kernels/quant.h). The hm::cpu functions of ops.h and
+// grad_cpu.h call through it.
+#pragma once
+#include <cstdint>
+
+#include "kernels/ops.h"
+#include "kernels/quant.h"
+
+namespace hm::cpu {
+
+// Training's selective scan (kernels/ref/mamba_grad_ref.h layout: token-major, contiguous).
+struct ScanGradArgs {
+  const float *x, *dt, *dt_bias, *A, *B, *C, *Dskip, *z;
+  int L, E, N;
+};
+constexpr int kScanGradLanes = 8;  // the fast scan needs N % kScanGradLanes == 0
+
+// The SIMD pieces of grad_cpu.cpp's blocks (the rest is sgemm and bookkeeping, compiled once).
+#define HM_DECLARE_GRAD_KERNELS                                                                    \
+  /* ref::grad::selective_scan_forward, states saved every `chunk` tokens (chunk_states may be    \
+     null) */                                                                                      \
+  void scan_forward(float* y, const ScanGradArgs& s, double* chunk_states, int chunk);            \
+  /* ref::grad::selective_scan_backward(_chunked): chunk_states null = one chunk from zero */      \
+  void scan_backward(float* dx, float* ddt, float* ddt_bias, float* dA, float* dB, float* dC,     \
+                     float* dD, float* dz, const float* dy, const ScanGradArgs& s,                 \
+                     const double* chunk_states, int chunk);                                       \
+  /* ref::grad::conv1d_silu_backward (dx assigned, dw and db accumulated) */                       \
+  void conv1d_silu_backward(float* dx, float* dw, float* db, const float* dout, const float* x,   \
+                            const float* w, const float* b, int L, int E, int K);                  \
+  /* s[0..t] = softmax of s[0..t], s[t+1..L) = 0; returns the log-sum-exp */                      \
+  float softmax_causal_row(float* s, int t, int L);                                               \
+  /* p[j] = exp(p[j] - lse), ds[j] = p[j] (ds[j] - D) for j < n: a row of attention's backward */ \
+  void softmax_grad_row(float* p, float* ds, int n, float lse, float D);                          \
+  /* Returns -log softmax(z)[target]; z [V] becomes (softmax(z) - onehot(target)) * scale */       \
+  double cross_entropy_row(float* z, int V, int target, double scale);
+
+struct KernelTable {
+  decltype(&hm::cpu::rmsnorm) rmsnorm;
+  decltype(&hm::cpu::conv1d_silu) conv1d_silu;
+  decltype(&hm::cpu::selective_scan) selective_scan;
+  decltype(&hm::cpu::rope) rope;
+  decltype(&hm::cpu::attention) attention;
+  decltype(&hm::cpu::attention_f16kv) attention_f16kv;
+  decltype(&hm::cpu::store_f16) store_f16;
+  decltype(&hm::cpu::swiglu) swiglu;
+  struct Grad {
+    void (*scan_forward)(float*, const ScanGradArgs&, double*, int);
+    void (*scan_backward)(float*, float*, float*, float*, float*, float*, float*, float*,
+                          const float*, const ScanGradArgs&, const double*, int);
+    void (*conv1d_silu_backward)(float*, float*, float*, const float*, const float*, const float*,
+                                 const float*, int, int, int);
+    float (*softmax_causal_row)(float*, int, int);
+    void (*softmax_grad_row)(float*, float*, int, float, float);
+    double (*cross_entropy_row)(float*, int, int, double);
+  } grad;
+};
+
+// Each ISA's table (isa_table.cpp, compiled once per ISA).
+namespace scalar { KernelTable kernel_table(); }
+namespace avx2 { KernelTable kernel_table(); }
+namespace avx512 { KernelTable kernel_table(); }
+
+const KernelTable& kernels();  // the table in use
+Isa kernel_isa();              // its ISA
+// Tests and benchmarks: hm::Error if this CPU does not support isa. Not thread-safe: call it
+// while no kernel runs.
+void set_kernel_isa(Isa isa);
+
+}  // namespace hm::cpu
