@@ -306,11 +306,13 @@ TYPED_TEST(CudaOps, ConvPrefillRagged) {
   REQUIRE_GPU();
   hm::Rng rng(16);
   for (const auto& lens : kBatches)
-    for (auto [E, K] : {std::pair{67, 4}, std::pair{100, 3}}) {
+    // E 67: scalar loads and stores; E 100: vector loads, scalar stores (ldo = E + 3);
+    // E 256, ldo = E: the all-vector path of the tiled kernel.
+    for (auto [E, K] : {std::pair{67, 4}, std::pair{100, 3}, std::pair{256, 4}}) {
       const Ragged r(rng, lens);
       DevRagged dr(r);
       const ConvCase<T> c(rng, r.tokens(), r.n_slots, E, K);
-      const int ldx = 2 * E, ldo = E + 3;
+      const int ldx = 2 * E, ldo = E % 8 == 0 ? E : E + 3;
       Dev<T> dxz(c.xz.t), dw(c.w.t), db(c.b.t), out(size_t(r.tokens()) * ldo);
       Dev<float> dstate(c.state);
       hm::cuda::conv1d_silu<T>(out.p, ldo, dstate.p, dxz.p, ldx, dw.p, db.p, dr.rb, E, K, nullptr);
@@ -496,7 +498,8 @@ TYPED_TEST(CudaOps, ScanStep) {
   using T = TypeParam;
   REQUIRE_GPU();
   hm::Rng rng(20);
-  for (auto [E, N] : {std::pair{130, 16}, std::pair{67, 5}, std::pair{40, 33}}) {
+  // N 16, 32, 64: the float4 state path; N 5, 33: the scalar one.
+  for (auto [E, N] : {std::pair{130, 16}, std::pair{67, 5}, std::pair{40, 33}, std::pair{64, 32}, std::pair{24, 64}}) {
     const Ragged r(rng, {1, 1, 1, 1, 1});
     const ScanCase<T> c(rng, r.tokens(), r.n_slots, E, N);
     ScanDev<T> d(c, r.tokens());
@@ -678,7 +681,9 @@ TYPED_TEST(CudaAttention, DecodeSplitKv) {
   struct Case { std::vector<int> lens; int H, G, hd, max_pos0; };
   const std::vector<Case> cases = {{{1}, 4, 4, 64, 0},          {{1, 1, 1, 1, 1}, 8, 2, 64, 5000},
                                    {{1, 0, 1}, 8, 1, 128, 3000}, {{1, 1}, 4, 2, 32, 700},
-                                   {{1, 1, 1}, 16, 2, 128, 2000}};
+                                   {{1, 1, 1}, 16, 2, 128, 2000},
+                                   // groups of 3 and 5 run the next template up (4, 8)
+                                   {{1, 1}, 6, 2, 64, 900},      {{1}, 5, 1, 32, 300}};
   for (const Case& k : cases) {
     check_attention<T, KV>(rng, k.lens, k.H, k.G, k.hd, k.max_pos0, "attention decode");
     if (this->HasFailure()) return;
