@@ -10,6 +10,7 @@ import http.client
 import json
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -19,8 +20,10 @@ import time
 
 
 class Server:
+    extra = []  # --serve-args, on every server
+
     def __init__(self, hm, model, *flags):
-        self.p = subprocess.Popen([hm, "serve", "-m", model, "--port", "0", *flags],
+        self.p = subprocess.Popen([hm, "serve", "-m", model, "--port", "0", *flags, *Server.extra],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = self.p.stdout.readline()
         m = re.search(r":(\d+)$", line.strip())
@@ -101,13 +104,16 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--serve-args", default="", help="more hm serve flags, e.g. '--device cuda' or '-t 2'")
     a = ap.parse_args()
+    Server.extra = shlex.split(a.serve_args)
     tmp = tempfile.TemporaryDirectory()
     model = a.model
     if not model:
         model = os.path.join(tmp.name, "demo")
         subprocess.run([a.hm, "init", "--preset", "demo", "--out", model], check=True, stdout=subprocess.DEVNULL)
-    out = {"model": model, "cores": os.cpu_count(), "load": []}
+    out = {"model": model, "cores": len(os.sched_getaffinity(0)), "serve_args": a.serve_args,
+           "loadavg": os.getloadavg()[0], "load": []}
 
     srv = Server(a.hm, model, "--slots", "16", "--ctx", "1024")
     try:
