@@ -198,9 +198,10 @@ struct Served {
   std::unique_ptr<HttpServer> http;
   std::thread th;
   int port = 0;
-  explicit Served(const std::string& key = {}, int slots = 4) {
+  explicit Served(const std::string& key = {}, int slots = 4, int max_queue = 64) {
     EngineOptions o;
     o.slots = slots;
+    o.max_queue = max_queue;
     o.ctx = 128;
     o.block = 8;
     o.step_tokens = 32;
@@ -379,6 +380,10 @@ TEST(ServerHttp, ApiKeyRequired) {
   EXPECT_EQ(res->status, 401);
   EXPECT_EQ(json::parse(res->body)["error"]["code"], "invalid_api_key");
   EXPECT_EQ(c.Get("/health")->status, 200);
+  auto page = c.Get("/");  // the chat page loads without the key; its API calls send it
+  ASSERT_TRUE(page);
+  EXPECT_EQ(page->status, 200);
+  EXPECT_NE(page->body.find("/v1/chat/completions"), std::string::npos);
   httplib::Headers h = {{"Authorization", "Bearer sekret"}};
   res = c.Get("/v1/models", h);
   ASSERT_TRUE(res);
@@ -406,6 +411,33 @@ TEST(ServerHttp, DroppedStreamFreesItsSlot) {
   const EngineStats es = s.eng->stats();
   EXPECT_EQ(es.cancelled, 1);
   EXPECT_LT(es.generated_tokens, 100);
+}
+
+// A full queue answers 503 with Retry-After, and the requests already in take their turn.
+TEST(ServerHttp, FullQueueIs503) {
+  Served s({}, 1, 1);
+  auto wait_for = [&](auto pred) {
+    for (int i = 0; i < 500 && !pred(s.eng->stats()); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    return pred(s.eng->stats());
+  };
+  int st_a = 0, st_b = 0;
+  std::thread a([&] { post(s, "/v1/completions", {{"prompt", "a"}, {"max_tokens", 120}, {"ignore_eos", true}}, &st_a); });
+  ASSERT_TRUE(wait_for([](const EngineStats& e) { return e.busy == 1; }));
+  std::thread b([&] { post(s, "/v1/completions", {{"prompt", "b"}, {"max_tokens", 2}}, &st_b); });
+  ASSERT_TRUE(wait_for([](const EngineStats& e) { return e.queue == 1 || e.requests == 2; }));
+  auto c = s.client();
+  auto res = c.Post("/v1/completions", R"({"prompt": "c", "max_tokens": 2})", "application/json");
+  ASSERT_TRUE(res);
+  const bool b_waiting = s.eng->stats().busy == 1 && s.eng->stats().finished == 0;
+  a.join();
+  b.join();
+  EXPECT_EQ(st_a, 200);
+  EXPECT_EQ(st_b, 200);
+  if (b_waiting) {  // a was still running, so b sat in the one queue place
+    EXPECT_EQ(res->status, 503);
+    EXPECT_EQ(res->get_header_value("Retry-After"), "1");
+    EXPECT_EQ(json::parse(res->body)["error"]["code"], "queue_full");
+  }
 }
 
 }  // namespace

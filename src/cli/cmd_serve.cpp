@@ -44,7 +44,7 @@ Run add_serve(CLI::App& app) {
                  "Prompt tokens computed per batched step (bounds how long decoding waits for a prompt)")
       ->capture_default_str()->check(CLI::Range(1, 1 << 20));
   app.add_option("--max-queue", o->eng.max_queue, "Requests waiting for a slot before 503")->capture_default_str()
-      ->check(non_negative());
+      ->check(CLI::Range(1, 1 << 20));
   app.add_option("--api-key", o->api_key, "Require Authorization: Bearer KEY on every endpoint but /health");
   app.add_option("--model-name", o->model_name, "The model's id in the API (default: the folder's name)");
   app.add_option("--timeout", o->timeout_s, "Seconds a request may run (0 = no limit)")->capture_default_str()

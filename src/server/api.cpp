@@ -11,6 +11,7 @@
 #include <httplib.h>
 
 #include "core/error.h"
+#include "server/page.h"
 
 namespace hm::server {
 
@@ -513,7 +514,8 @@ HttpServer::HttpServer(Engine& engine, ServerOptions o) : impl_(std::make_unique
   svr.set_keep_alive_max_count(1000);
   svr.set_keep_alive_timeout(2);
   svr.set_pre_routing_handler([&m](const httplib::Request& req, httplib::Response& res) {
-    if (m.o.api_key.empty() || req.path == "/health") return httplib::Server::HandlerResponse::Unhandled;
+    if (m.o.api_key.empty() || req.path == "/health" || req.path == "/")  // the page's own calls carry the key
+      return httplib::Server::HandlerResponse::Unhandled;
     if (req.get_header_value("Authorization") == "Bearer " + m.o.api_key)
       return httplib::Server::HandlerResponse::Unhandled;
     Impl::send_error(res, {401, "a valid API key is required: Authorization: Bearer KEY", "",
@@ -557,6 +559,7 @@ HttpServer::HttpServer(Engine& engine, ServerOptions o) : impl_(std::make_unique
               {"owned_by", "hybrid-mamba"}, {"max_model_len", m.eng.options().ctx}};
     res.set_content(dump({{"object", "list"}, {"data", json::array({d})}}), "application/json");
   });
+  svr.Get("/", [](const httplib::Request&, httplib::Response& res) { res.set_content(kChatPage, "text/html; charset=utf-8"); });
   svr.Get("/health", [this](const httplib::Request&, httplib::Response& res) {
     if (draining_) {
       res.status = 503;

@@ -100,7 +100,7 @@ Engine::Engine(HybridModel& model, const Tokenizer& tok, const EngineOptions& o,
       cache_(mem_, model.config(), o.block, o.cache_bytes) {
   HM_CHECK(o.slots > 0, "--slots must be > 0, got ", o.slots);
   HM_CHECK(o.ctx > 1, "--ctx must be > 1, got ", o.ctx);
-  HM_CHECK(o.max_queue >= 0, "--max-queue must be >= 0, got ", o.max_queue);
+  HM_CHECK(o.max_queue >= 1, "--max-queue must be >= 1, got ", o.max_queue);
   // Prompt chunks end on block boundaries (where the cache keeps state): a step must hold one.
   HM_CHECK(o.step_tokens >= o.block, "--step-tokens (", o.step_tokens, ") must be at least the cache block (",
            o.block, ")");
