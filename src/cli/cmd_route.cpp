@@ -214,6 +214,7 @@ Run add_route(CLI::App& app) {
     int threads = 0;
     int64_t task_examples = 0;
     DeviceOptions dev;
+    std::string weights = "auto";
   };
   auto o = std::make_shared<Opts>();
   app.add_option("--model,-m", o->model, "Checkpoint directory or training run's folder (a model with true-hybrid "
@@ -231,6 +232,7 @@ Run add_route(CLI::App& app) {
   app.add_flag("--no-bos", o->no_bos, "Do not prepend the BOS token");
   app.add_option("--threads,-t", o->threads, "Threads (0 = all cores)")->capture_default_str()->check(non_negative());
   add_device_options(app, o->dev, false);  // routing keeps a float32 KV cache (get_routing_analysis)
+  add_weights_option(app, o->weights);
   add_max_memory(app);
   return [o] {
     if (o->threads > 0) set_num_threads(o->threads);
@@ -249,7 +251,7 @@ Run add_route(CLI::App& app) {
     const std::string dir = checkpoint_dir(o->model);
     check_model_memory(dir, inference_shape(1, task.name.empty() ? int64_t(o->prompt.size()) + 1 : task.seq_len, "f32"),
                        "hm route");
-    auto model = load_model_on(dir, *dev.be, dev.dtype);
+    auto model = load_model_on(dir, *dev.be, dev.dtype, o->weights);
     const ModelConfig& c = model->config();
     HM_CHECK(!c.true_layers.empty(), "route: the model in '", o->model, "' has no true-hybrid layers "
              "(\"hybrid\": \"", c.hybrid, "\"); routing exists only in true_layers (e.g. hm init "

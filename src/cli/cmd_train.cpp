@@ -76,6 +76,7 @@ Run add_eval(CLI::App& app) {
     bool json = false;
     TaskSpec task;
     DeviceOptions dev;
+    std::string weights = "auto";
   };
   auto o = std::make_shared<Opts>();
   app.add_option("--model,-m", o->model, "A training --out directory or a checkpoint directory")->required();
@@ -95,9 +96,14 @@ Run add_eval(CLI::App& app) {
   // backend), so the default here is cpu whatever the machine has.
   o->dev.device = "cpu";
   add_device_options(app, o->dev, false);
+  add_weights_option(app, o->weights);
   add_max_memory(app);
   return [o] {
     if (o->threads > 0) set_num_threads(o->threads);
+    bool weights_given = false;
+    const DType weights = weight_format_option(o->weights, &weights_given);
+    HM_CHECK(!weights_given || o->task.name.empty(), "hm eval --weights: scores --data only for now (task "
+             "accuracy runs the float32 training forward)");
     HM_CHECK(resolve_device(o->dev.device) == Device::CPU, "hm eval --device cuda: evaluation runs on the CPU "
              "only for now (the training forward it uses has no CUDA path); use --device cpu");
     HM_CHECK(o->dev.dtype == "auto" || o->dev.dtype == "f32", "hm eval --dtype ", o->dev.dtype,
@@ -126,7 +132,8 @@ Run add_eval(CLI::App& app) {
       }
       return 0;
     }
-    const EvalResult r = evaluate(o->model, o->data, o->seq_len, o->max_tokens, o->batch);
+    const EvalResult r = evaluate(o->model, o->data, o->seq_len, o->max_tokens, o->batch,
+                                  weights_given ? std::optional<DType>(weights) : std::nullopt);
     if (o->json) {
       nlohmann::json j = {{"loss", r.loss}, {"ppl", r.ppl}, {"tokens", r.tokens},
                           {"unigram_loss", r.unigram_loss}, {"unigram_ppl", r.unigram_ppl}};

@@ -124,6 +124,45 @@ EvalResult eval_stream(const Params& p, const std::vector<int32_t>& stream, int 
   return r;
 }
 
+// The same windows as eval_stream, scored by m's forward (its weights in their format), nb
+// windows as one ragged batch with every position's logits; float32 KV as the training forward.
+EvalResult eval_stream_model(HybridModel& m, const std::vector<int32_t>& stream, int L, int64_t max_tokens, int B) {
+  const int64_t n = int64_t(stream.size());
+  HM_CHECK(n >= 2, "validation split holds ", n, " tokens; at least 2 are needed");
+  int64_t budget = n - 1;
+  if (max_tokens > 0) budget = std::min(budget, max_tokens);
+  const int V = m.config().vocab_size;
+  HybridMemory mem(m.backend(), m.config(), B, L, KvType::F32);
+  std::vector<float> logits;
+  double sum = 0;
+  int64_t counted = 0, pos = 0;
+  while (counted < budget) {
+    const int len = int(std::min<int64_t>(L, budget - counted));
+    const int nb = int(std::min<int64_t>(B, (budget - counted) / len));
+    Batch b;
+    b.logits_all = true;
+    for (int w = 0; w < nb; ++w) {
+      mem.seq_rm(w);
+      b.add(w, std::vector<int32_t>(stream.begin() + pos + int64_t(w) * len, stream.begin() + pos + int64_t(w + 1) * len));
+    }
+    m.forward(b, mem, logits);
+    for (int64_t i = 0; i < int64_t(nb) * len; ++i) {
+      const float* row = logits.data() + i * V;
+      const double mx = *std::max_element(row, row + V);
+      double z = 0;
+      for (int v = 0; v < V; ++v) z += std::exp(double(row[v]) - mx);
+      sum += mx + std::log(z) - double(row[stream[size_t(pos + i + 1)]]);
+    }
+    pos += int64_t(nb) * len;
+    counted += int64_t(nb) * len;
+  }
+  EvalResult r;
+  r.tokens = counted;
+  r.loss = sum / double(counted);
+  r.ppl = std::exp(r.loss);
+  return r;
+}
+
 // ---- trainer state ----
 
 json settings_json(const TrainConfig& c, int64_t warmup, int threads) {
@@ -780,7 +819,7 @@ void train(const TrainConfig& given) {
 // ---- eval ----
 
 EvalResult evaluate(const std::string& model_dir, const std::string& data_path, int seq_len, int64_t max_tokens,
-                    int batch) {
+                    int batch, std::optional<DType> weights) {
   const fs::path dir = checkpoint_dir(model_dir);  // a training out_dir stands for its checkpoint
   EvalResult r;
   const fs::path sp = dir / "trainer_state.json";
@@ -799,12 +838,18 @@ EvalResult evaluate(const std::string& model_dir, const std::string& data_path, 
   HM_CHECK(batch >= 1, "batch must be >= 1");
   auto be = make_cpu_backend();
   auto model = load_model(dir.string(), *be);
+  if (weights && *weights != model->weight_format()) {
+    model->set_weight_format(*weights);
+    model->prepare();
+  }
   auto tok = load_tokenizer(dir.string());
   HM_CHECK(tok->vocab_size() <= model->config().vocab_size, dir.string(), ": the tokenizer's vocabulary (",
            tok->vocab_size(), ") exceeds the model's vocab_size (", model->config().vocab_size, ")");
   Corpora data = load_split(data_path);
   const std::vector<int32_t> valid = token_stream(*tok, valid_texts(data.corpus, data.split));
-  const EvalResult e = eval_stream(model->params(), valid, seq_len, max_tokens, batch);
+  const EvalResult e = model->weight_format() == DType::F32
+                           ? eval_stream(model->params(), valid, seq_len, max_tokens, batch)
+                           : eval_stream_model(*model, valid, seq_len, max_tokens, batch);
   r.loss = e.loss;
   r.ppl = e.ppl;
   r.tokens = e.tokens;

@@ -25,9 +25,11 @@
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "core/dtype.h"
 #include "eval/tasks.h"
 
 namespace hm {
@@ -93,9 +95,12 @@ struct EvalResult {
 // with config.json + model.safetensors + tokenizer) on the validation split of data_path,
 // the same split and windows `hm train` reports. seq_len 0 and max_tokens < 0 take the training
 // run's values from trainer_state.json when there is one (else 128 and 32768); max_tokens 0:
-// the whole split.
+// the whole split. weights: the format the linear layers are packed in (HybridModel::
+// set_weight_format), F32 to score the float32 weights; absent: as the checkpoint stores them.
+// Packed weights are scored through the model's forward (what hm generate computes), float32
+// ones through the training forward as hm train does; both over the same windows.
 EvalResult evaluate(const std::string& model_dir, const std::string& data_path, int seq_len = 0,
-                    int64_t max_tokens = -1, int batch = 8);
+                    int64_t max_tokens = -1, int batch = 8, std::optional<DType> weights = std::nullopt);
 
 // Task accuracy of a model directory (as evaluate()) on test draws 0 .. n-1 of a task. Fields
 // of `given` left empty or 0 come from the training run's trainer_state.json (hm::Error when
