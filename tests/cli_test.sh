@@ -21,7 +21,7 @@ expect_fail() {
 }
 
 "$HM" --help >/dev/null && ok || bad "hm --help"
-for sub in init train eval generate bench info; do "$HM" $sub --help >/dev/null && ok || bad "hm $sub --help"; done
+for sub in init train eval generate bench info quantize; do "$HM" $sub --help >/dev/null && ok || bad "hm $sub --help"; done
 
 "$HM" init --preset tiny --seed 3 --out "$W/tiny" >/dev/null && ok || bad "init tiny"
 [ -f "$W/tiny/config.json" ] && [ -f "$W/tiny/model.safetensors" ] && [ -f "$W/tiny/tokenizer.json" ] && ok || bad "init wrote files"
@@ -69,6 +69,17 @@ expect_fail "truncated checkpoint" "model.safetensors" "$HM" generate --model "$
 cp -r "$W/tiny" "$W/garbage"
 head -c 4096 /dev/urandom > "$W/garbage/model.safetensors"
 expect_fail "garbage checkpoint" "safetensors" "$HM" generate --model "$W/garbage" --prompt hi
+
+# Packed weights (docs/QUANTIZATION.md): a stored q8_0 checkpoint and packing at load give the
+# same greedy text.
+"$HM" quantize "$W/tiny" --out "$W/tiny_q8" --type q8_0 >/dev/null && ok || bad "quantize q8_0"
+q1=$("$HM" generate --model "$W/tiny_q8" --prompt hello -n 20 --temperature 0); rq1=$?
+q2=$("$HM" generate --model "$W/tiny" --weights q8_0 --prompt hello -n 20 --temperature 0); rq2=$?
+case "$rq1:$rq2:$q1" in 0:0:hello?*) [ "$q1" = "$q2" ] && ok || bad "stored q8_0 '$q1' != --weights q8_0 '$q2'" ;;
+  *) bad "generate with q8_0 weights: exits $rq1, $rq2: '$q1'" ;; esac
+expect_fail "quantize bad type" "--type must be q8_0, q4_0 or bf16" "$HM" quantize "$W/tiny" --out "$W/x" --type q3
+expect_fail "quantize over a model" "already holds a model" "$HM" quantize "$W/tiny" --out "$W/tiny_q8" --type q8_0
+expect_fail "bad --weights" "--weights must be" "$HM" generate --model "$W/tiny" --weights q5 --prompt hi
 
 "$HM" init --preset tiny --seed 3 --out "$W/half" --dtype BF16 >/dev/null && ok || bad "init BF16"
 "$HM" generate --model "$W/half" --prompt hi -n 3 >/dev/null && ok || bad "generate from BF16"
