@@ -190,15 +190,42 @@ TEST(Server, StopStringsCutTheText) {
   EXPECT_EQ(text, full.substr(0, full.find(g.stop[0])));
 }
 
+// A request past its timeout ends (Timeout), whether it waits for a slot or runs.
+TEST(Server, TimeoutEndsRequests) {
+  Fixture f("demo");  // 400 decode steps would need 0.125 ms each to fit in 0.05 s
+  EngineOptions o;
+  o.slots = 1;
+  o.ctx = 512;
+  o.block = 16;
+  o.cache_bytes = 0;
+  Engine e(*f.model, f.tok, o, KvType::F32);
+  GenParams run = greedy({1, 2, 3}, 400);
+  run.timeout_s = 0.05;
+  GenParams wait = greedy({4, 5}, 4);
+  wait.timeout_s = 1e-6;  // expires in the queue
+  auto a = e.submit(run);
+  auto b = e.submit(wait);
+  const auto t0 = std::chrono::steady_clock::now();
+  collect(*a);
+  collect(*b);
+  EXPECT_EQ(a->finish(), Finish::Timeout);
+  EXPECT_LT(a->completion_tokens(), 400);
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 5.0);
+  EXPECT_EQ(b->finish(), Finish::Timeout);
+  EXPECT_EQ(b->completion_tokens(), 0);
+  EXPECT_EQ(e.stats().cancelled, 2);
+}
+
 // ---- the HTTP API ----------------------------------------------------------------------
 
 struct Served {
-  Fixture f{"tiny"};
+  Fixture f;
   std::unique_ptr<Engine> eng;
   std::unique_ptr<HttpServer> http;
   std::thread th;
   int port = 0;
-  explicit Served(const std::string& key = {}, int slots = 4, int max_queue = 64) {
+  explicit Served(const std::string& key = {}, int slots = 4, int max_queue = 64, const char* model = "tiny")
+      : f(model) {
     EngineOptions o;
     o.slots = slots;
     o.max_queue = max_queue;
@@ -392,7 +419,7 @@ TEST(ServerHttp, ApiKeyRequired) {
 
 // A client that drops a stream frees its slot: with one slot, the next request still runs.
 TEST(ServerHttp, DroppedStreamFreesItsSlot) {
-  Served s({}, 1);
+  Served s({}, 1, 64, "demo");  // slow enough that 100 tokens outlast the hang-up (tiny was not)
   {
     auto c = s.client();
     const json body = {{"prompt", "abc"}, {"max_tokens", 100}, {"stream", true}, {"ignore_eos", true}};

@@ -6,6 +6,7 @@
 #include <mutex>
 #include <thread>
 #include <random>
+#include <sys/socket.h>
 #include <sstream>
 
 #include <httplib.h>
@@ -299,6 +300,7 @@ struct HttpServer::Impl {
   Histogram ttft, latency;
   std::map<int, int64_t> responses;  // by status
   std::atomic<int> inflight{0};      // generation handlers (and streams) not yet done
+  int listen_fd = -1;                // the listening socket, for its backlog
 
   Impl(Engine& e, ServerOptions opt) : eng(e), o(std::move(opt)) {}
 
@@ -511,6 +513,12 @@ HttpServer::HttpServer(Engine& engine, ServerOptions o) : impl_(std::make_unique
   const int threads = m.o.http_threads > 0 ? m.o.http_threads : engine.options().slots + engine.options().max_queue + 8;
   svr.new_task_queue = [threads] { return new httplib::ThreadPool(size_t(threads)); };
   svr.set_payload_max_length(m.o.max_body);
+  // Keep the listening socket: bind() deepens its backlog (the library listens with 5).
+  svr.set_socket_options([&m](socket_t sock) {
+    int yes = 1;
+    ::setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
+    m.listen_fd = int(sock);
+  });
   svr.set_keep_alive_max_count(1000);
   svr.set_keep_alive_timeout(2);
   svr.set_pre_routing_handler([&m](const httplib::Request& req, httplib::Response& res) {
@@ -622,6 +630,9 @@ int HttpServer::bind(const std::string& host, int port) {
     HM_CHECK(impl_->svr.bind_to_port(host, port), "serve: cannot bind ", host, ":", port,
              " (in use, or not an address of this machine)");
   }
+  // With a backlog of 5, many clients connecting at once found the queue full and some got
+  // "connection reset" (64-client load test). listen() again only changes the backlog.
+  if (impl_->listen_fd >= 0) ::listen(impl_->listen_fd, 1024);
   return bound;
 }
 

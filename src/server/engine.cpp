@@ -160,8 +160,9 @@ void Engine::admit() {
     if (active_[size_t(slot)]) continue;
     std::shared_ptr<Request> r = queue_.front();
     queue_.pop_front();
-    if (r->cancelled_) {
-      r->end(Finish::Cancelled);
+    const bool expired = r->params.timeout_s > 0 && seconds_since(r->submitted_) >= r->params.timeout_s;
+    if (r->cancelled_ || expired) {  // gone or out of time while waiting: never takes the slot
+      r->end(expired ? Finish::Timeout : Finish::Cancelled, expired ? "the request ran past its timeout" : "");
       ++stats_.cancelled;
       --slot;
       continue;
