@@ -31,7 +31,8 @@ Tensor HybridModel::weight(const float* host, int rows, int cols) const {
 
 void HybridModel::set_weight_format(DType f) {
   HM_CHECK(f == DType::F32 || be_.supports_weight_format(f), "model: the ", be_.name(), " backend has no ",
-           compute_dtype_name(f), " weights (bf16, q8_0 and q4_0 weights run on the cpu)");
+           compute_dtype_name(f), " weights (bf16, q8_0 and q4_0 weights run on the cpu; --weights f32 loads "
+           "a packed checkpoint unpacked)");
   HM_CHECK(f == DType::F32 || dtype_ == DType::F32, "model: ", compute_dtype_name(f),
            " weights need float32 activations, this model computes in ", compute_dtype_name(dtype_));
   wfmt_ = f;
