@@ -190,6 +190,43 @@ TEST(Server, StopStringsCutTheText) {
   EXPECT_EQ(text, full.substr(0, full.find(g.stop[0])));
 }
 
+// Logprobs are the model's log-softmax: for a greedy token, the best of its top list, which is
+// sorted, and probabilities that sum to at most 1.
+TEST(Server, LogprobsOfGreedyTokens) {
+  Fixture f("tiny");
+  Rng rng(2);
+  GenParams g = greedy(prompt_of(rng, 9, 256), 8);
+  g.top_logprobs = 5;
+  EngineOptions o;
+  o.slots = 1;
+  o.ctx = 64;
+  o.block = 8;
+  Engine e(*f.model, f.tok, o, KvType::F32);
+  auto r = e.submit(g);
+  std::vector<Event> ev;
+  std::vector<TokenLogprob> lps;
+  while (r->next(ev, std::chrono::milliseconds(50))) {
+    for (const auto& x : ev) lps.insert(lps.end(), x.logprobs.begin(), x.logprobs.end());
+    ev.clear();
+  }
+  ASSERT_EQ(lps.size(), 8u);
+  for (const auto& lp : lps) {
+    ASSERT_EQ(lp.top.size(), 5u);
+    EXPECT_EQ(lp.top[0].first, lp.token);
+    EXPECT_FLOAT_EQ(lp.top[0].second, lp.logprob);
+    double mass = 0;
+    for (size_t j = 0; j < lp.top.size(); ++j) {
+      EXPECT_LE(lp.top[j].second, 0.0f);
+      if (j > 0) {
+        EXPECT_LE(lp.top[j].second, lp.top[j - 1].second);
+      }
+      mass += std::exp(double(lp.top[j].second));
+    }
+    EXPECT_LE(mass, 1.0 + 1e-6);
+    EXPECT_GT(mass, 0.0);
+  }
+}
+
 // A request past its timeout ends (Timeout), whether it waits for a slot or runs.
 TEST(Server, TimeoutEndsRequests) {
   Fixture f("demo");  // 400 decode steps would need 0.125 ms each to fit in 0.05 s
