@@ -7,6 +7,7 @@
 // contiguous ranges. Prefill (m > 4): panels of W are widened into a per-thread float32 tile
 // and multiplied by OpenBLAS sgemm, one panel per task; inside the parallel region sgemm runs
 // on the calling thread.
+#include <cpuid.h>
 #include <cblas.h>
 #include <omp.h>
 
@@ -166,15 +167,22 @@ const char* isa_name(Isa isa) {
   return "?";
 }
 
+namespace {
+// F16C from CPUID (leaf 1, ECX bit 29): clang 14's __builtin_cpu_supports has no "f16c".
+bool cpu_has_f16c() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  return __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29)) != 0;
+}
+}  // namespace
+
 bool isa_supported(Isa isa) {
   __builtin_cpu_init();  // libgcc's CPU model, also checks that the OS saves the vector state
   switch (isa) {
     case Isa::Scalar: return true;
     case Isa::Avx2:
       // x86-64-v3, which the avx2 kernels are compiled for (BMI1/2 come with it)
-      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-             __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi") &&
-             __builtin_cpu_supports("bmi2");
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c() &&
+             __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
     case Isa::Avx512:
       return isa_supported(Isa::Avx2) && __builtin_cpu_supports("avx512f") &&
              __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
