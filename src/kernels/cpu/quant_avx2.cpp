@@ -214,7 +214,9 @@ void gemv_q(float* y, int ldy, const int8_t* xq, const float* xd, const int32_t*
       for (int i = 0; i < M; ++i)
         for (int j = 0; j < cnt; ++j) {
           cs[i][j] = ds[j] * xd[size_t(i) * nb + b0 + j];
-          off[i][j] = -xs[size_t(i) * nb + b0 + j];
+          // Negated in unsigned arithmetic: a NaN x block sums to INT_MIN (whose output is
+          // NaN anyway through its scale), and negating INT_MIN as int is undefined.
+          off[i][j] = int32_t(0u - uint32_t(xs[size_t(i) * nb + b0 + j]));
         }
       // Two accumulators per x row, even and odd blocks, written out so that they stay in
       // registers (an index j & 1 puts them on the stack).

@@ -224,7 +224,9 @@ void gemv_q(float* y, int ldy, const int8_t* xq, const float* xd, const int32_t*
       for (int i = 0; i < M; ++i)
         for (int j = 0; j < cnt; ++j) {
           cs[i][j] = ds[j] * xd[size_t(i) * nb + b0 + j];
-          off[i][j] = -(Q4 ? 1 : 16) * xs[size_t(i) * nb + b0 + j];
+          // In unsigned arithmetic (the same bits): a NaN x block sums to INT_MIN (its output is
+          // NaN anyway through its scale), and the product would overflow as int.
+          off[i][j] = int32_t((0u - (Q4 ? 1u : 16u)) * uint32_t(xs[size_t(i) * nb + b0 + j]));
         }
       // Two accumulators per x row, even and odd blocks, written out so that they stay in
       // registers (an index j & 1 puts them on the stack).
