@@ -329,6 +329,7 @@ TEST(ServerHttp, CompletionsChatModelsAndErrors) {
            {{{"prompt", "x"}, {"n", 2}}, 400, "n"},
            {{{"model", "gpt-4"}, {"prompt", "x"}}, 404, "model"},
            {{{"prompt", "x"}, {"max_tokens", 1000}}, 400, "max_tokens"},
+           {{{"prompt", "x"}, {"max_tokens", 0}}, 400, "max_tokens"},  // fuzzer: an unsigned 0 passed the lower bound
            {{{"prompt", std::string(200, 'a')}}, 400, "prompt"},
            {{{"prompt", "x"}, {"temperature", "hot"}}, 400, "temperature"},
            {{{"prompt", "x"}, {"top_p", 0}}, 400, "top_p"},

@@ -55,7 +55,11 @@ static int64_t integer(const json& j, const char* k, int64_t def, int64_t lo, in
   if (!has(j, k)) return def;
   const json& v = j[k];
   if (!v.is_number_integer()) throw bad(k, detail::cat(k, " must be an integer, got ", v.is_number() ? v.dump() : type_name(v)));
-  if (v.is_number_unsigned() ? v.get<uint64_t>() > uint64_t(hi) : (v.get<int64_t>() < lo || v.get<int64_t>() > hi))
+  // nlohmann stores a non-negative literal as unsigned: both bounds apply to it too (max_tokens: 0 is a 400).
+  const bool out = v.is_number_unsigned()
+                       ? (v.get<uint64_t>() > uint64_t(hi) || (lo > 0 && v.get<uint64_t>() < uint64_t(lo)))
+                       : (v.get<int64_t>() < lo || v.get<int64_t>() > hi);
+  if (out)
     throw bad(k, detail::cat(k, " must be between ", lo, " and ", hi, ", got ", v.dump()));
   return v.get<int64_t>();
 }
