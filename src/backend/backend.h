@@ -95,6 +95,61 @@ class Backend {
   // (float, backend memory) or 1 when null, scale[j] = 1 when scale is empty.
   virtual void add_rows(Tensor dst, const int32_t* dst_idx, Tensor src, const int32_t* src_idx,
                         int n, const float* row_gate, Tensor scale) = 0;
+
+  // ---- Training ops (issue 15; docs/TRAINING.md): the forward/backward pairs of
+  // kernels/ref/*_grad_ref.h on typed views. llm.c's rule: parameter gradients accumulate (+=),
+  // activation gradients are assigned (=) unless the op takes `accumulate`. The sequence ops run
+  // every sequence of rg from zero state (conv window, scan state) with its own rows as the only
+  // keys (attention); slots are not read. A forward without a training variant here (rmsnorm,
+  // linear, swiglu, rope) is the inference op. Shapes are checked by train_checks.h. The
+  // defaults throw: a backend that does not override them cannot train.
+
+  // y = x W^T: dx (=|+=) dy W (skipped when dx is empty), dW += dy^T x.
+  virtual void linear_backward(Tensor dx, Tensor dW, Tensor dy, Tensor x, Tensor W, bool accumulate_dx);
+  // rmsnorm's backward, rstd recomputed from x: dx (=|+=), dw += sum over rows of dout x rstd.
+  virtual void rmsnorm_backward(Tensor dx, Tensor dw, Tensor dout, Tensor x, Tensor w, float eps,
+                                bool accumulate_dx);
+  // out = silu(g) u: dg = dout u silu'(g), du = dout silu(g).
+  virtual void swiglu_backward(Tensor dg, Tensor du, Tensor dout, Tensor g, Tensor u);
+  // conv1d_silu of every sequence from a zero window, keeping no state; x, out [n_tokens, E].
+  virtual void conv1d_silu_train(Tensor out, Tensor x, Tensor w, Tensor b, const Ragged& rg);
+  // Its backward (the pre-activation recomputed): dx assigned, dw and db accumulated.
+  virtual void conv1d_silu_backward(Tensor dx, Tensor dw, Tensor db, Tensor dout, Tensor x,
+                                    Tensor w, Tensor b, const Ragged& rg);
+  // The selective scan for training, A = -exp(A_log) [E, N] formed inside. The forward keeps in
+  // `saved` (scan_saved_bytes of backend memory, the backend's own layout) what its backward
+  // needs besides the inputs: at most the states entering each `chunk` tokens of a sequence
+  // (chunk <= 0: the backend's choice; both calls must pass the same), never [n_tokens, E, N];
+  // the backward recomputes the states in between.
+  virtual size_t scan_saved_bytes(const Ragged& rg, int E, int N, int chunk) const;
+  virtual void selective_scan_train(Tensor y, void* saved, Tensor x, Tensor dt, Tensor dt_bias,
+                                    Tensor A_log, Tensor B, Tensor C, Tensor Dskip, Tensor z,
+                                    int chunk, const Ragged& rg);
+  // dx, ddt, dB, dC, dz assigned; ddt_bias, dA_log, dDskip accumulated. dB and dC (as B and C)
+  // may be column views of one matrix.
+  virtual void selective_scan_backward(Tensor dx, Tensor ddt, Tensor dB, Tensor dC, Tensor dz,
+                                       Tensor ddt_bias, Tensor dA_log, Tensor dDskip, Tensor dy,
+                                       const void* saved, Tensor x, Tensor dt, Tensor dt_bias,
+                                       Tensor A_log, Tensor B, Tensor C, Tensor Dskip, Tensor z,
+                                       int chunk, const Ragged& rg);
+  // Causal attention of each sequence over its own rows: q, out [n_tokens, H hd]; k, v
+  // [n_tokens, G hd]; lse [n_tokens, H] = log sum_j exp(q.k_j / sqrt(hd)), kept for the backward.
+  virtual void attention_train(Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v, int H, int G,
+                               int hd, const Ragged& rg);
+  // dq, dk, dv assigned (no L x L matrix is kept between the calls).
+  virtual void attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tensor q,
+                                  Tensor k, Tensor v, Tensor out, Tensor lse, int H, int G, int hd,
+                                  const Ragged& rg);
+  // rope's transpose in place on dx (the rotation by -angle), positions as rope's.
+  virtual void rope_backward(Tensor dx, int heads, int hd, float theta, const Ragged& rg);
+  // out = table[ids]: dtable[ids[i]] += dout[i] for i < dout.rows (ids in backend memory).
+  virtual void embedding_backward(Tensor dtable, Tensor dout, const int32_t* ids);
+  // The LM head fused with cross-entropy, never all rows' logits at once: logits = hn W^T;
+  // returns the sum over rows with targets[i] >= 0 (ids in backend memory, < W.rows) of
+  // -log softmax(logits_i)[targets[i]]; dlogits = (softmax - onehot) * scale, so dhn = dlogits W
+  // is assigned (0 on ignored rows) and dW += dlogits^T hn.
+  virtual double cross_entropy_head(Tensor dhn, Tensor dW, Tensor hn, Tensor W,
+                                    const int32_t* targets, double scale);
 };
 
 std::unique_ptr<Backend> make_cpu_backend();

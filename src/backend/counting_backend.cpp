@@ -7,7 +7,11 @@ namespace hm {
 const char* op_kind_name(OpKind k) {
   static const char* names[] = {"rmsnorm", "linear", "conv1d_silu", "selective_scan", "rope",
                                 "kv_write", "attention", "swiglu", "embedding", "copy_rows",
-                                "add_rows", "ssd_scan", "gated_rmsnorm"};
+                                "add_rows", "ssd_scan", "gated_rmsnorm", "linear_backward",
+                                "rmsnorm_backward", "swiglu_backward", "conv1d_silu_train",
+                                "conv1d_silu_backward", "selective_scan_train",
+                                "selective_scan_backward", "attention_train", "attention_backward",
+                                "rope_backward", "embedding_backward", "cross_entropy_head"};
   static_assert(sizeof(names) / sizeof(names[0]) == size_t(OpKind::kCount));
   return names[size_t(k)];
 }
@@ -40,6 +44,12 @@ void CountingBackend::run(OpKind k, const void* tag, int64_t rows, double flops,
 namespace {
 // Causal (query, key) pairs of L queries at positions pos0..pos0+L-1.
 double causal_pairs(int L, int pos0) { return double(L) * pos0 + double(L) * (L + 1) / 2.0; }
+// The same within each sequence of a training batch (every sequence its own keys from 0).
+double own_pairs(const Ragged& rg) {
+  double p = 0;
+  for (int s = 0; s < rg.nseq(); ++s) p += causal_pairs(rg.len(s), 0);
+  return p;
+}
 }  // namespace
 
 void CountingBackend::rmsnorm(Tensor out, Tensor x, Tensor w, float eps) {
@@ -95,6 +105,70 @@ void CountingBackend::copy_rows(Tensor dst, const int32_t* dst_idx, Tensor src,
 void CountingBackend::add_rows(Tensor dst, const int32_t* dst_idx, Tensor src, const int32_t* src_idx,
                                int n, const float* row_gate, Tensor scale) {
   run(OpKind::AddRows, dst.data, n, 0, [&] { in_.add_rows(dst, dst_idx, src, src_idx, n, row_gate, scale); });
+}
+
+
+void CountingBackend::linear_backward(Tensor dx, Tensor dW, Tensor dy, Tensor x, Tensor W, bool accumulate_dx) {
+  const double mnk = 2.0 * x.rows * W.rows * W.cols;
+  run(OpKind::LinearBackward, W.data, x.rows, dx.empty() ? mnk : 2 * mnk,
+      [&] { in_.linear_backward(dx, dW, dy, x, W, accumulate_dx); });
+}
+void CountingBackend::rmsnorm_backward(Tensor dx, Tensor dw, Tensor dout, Tensor x, Tensor w, float eps,
+                                       bool accumulate_dx) {
+  run(OpKind::RmsnormBackward, dx.data, x.rows, 0,
+      [&] { in_.rmsnorm_backward(dx, dw, dout, x, w, eps, accumulate_dx); });
+}
+void CountingBackend::swiglu_backward(Tensor dg, Tensor du, Tensor dout, Tensor g, Tensor u) {
+  run(OpKind::SwigluBackward, dg.data, g.rows, 0, [&] { in_.swiglu_backward(dg, du, dout, g, u); });
+}
+void CountingBackend::conv1d_silu_train(Tensor out, Tensor x, Tensor w, Tensor b, const Ragged& rg) {
+  run(OpKind::ConvTrain, w.data, rg.n_tokens(), 2.0 * rg.n_tokens() * x.cols * w.cols,
+      [&] { in_.conv1d_silu_train(out, x, w, b, rg); });
+}
+void CountingBackend::conv1d_silu_backward(Tensor dx, Tensor dw, Tensor db, Tensor dout, Tensor x,
+                                           Tensor w, Tensor b, const Ragged& rg) {
+  run(OpKind::ConvBackward, w.data, rg.n_tokens(), 4.0 * rg.n_tokens() * x.cols * w.cols,
+      [&] { in_.conv1d_silu_backward(dx, dw, db, dout, x, w, b, rg); });
+}
+void CountingBackend::selective_scan_train(Tensor y, void* saved, Tensor x, Tensor dt, Tensor dt_bias,
+                                           Tensor A_log, Tensor B, Tensor C, Tensor Dskip, Tensor z,
+                                           int chunk, const Ragged& rg) {
+  run(OpKind::ScanTrain, Dskip.data, rg.n_tokens(), kScanFlops * rg.n_tokens() * x.cols * B.cols,
+      [&] { in_.selective_scan_train(y, saved, x, dt, dt_bias, A_log, B, C, Dskip, z, chunk, rg); });
+}
+void CountingBackend::selective_scan_backward(Tensor dx, Tensor ddt, Tensor dB, Tensor dC, Tensor dz,
+                                              Tensor ddt_bias, Tensor dA_log, Tensor dDskip, Tensor dy,
+                                              const void* saved, Tensor x, Tensor dt, Tensor dt_bias,
+                                              Tensor A_log, Tensor B, Tensor C, Tensor Dskip, Tensor z,
+                                              int chunk, const Ragged& rg) {
+  run(OpKind::ScanBackward, Dskip.data, rg.n_tokens(), 2 * kScanFlops * rg.n_tokens() * x.cols * B.cols, [&] {
+    in_.selective_scan_backward(dx, ddt, dB, dC, dz, ddt_bias, dA_log, dDskip, dy, saved, x, dt, dt_bias,
+                                A_log, B, C, Dskip, z, chunk, rg);
+  });
+}
+void CountingBackend::attention_train(Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v, int H, int G,
+                                      int hd, const Ragged& rg) {
+  run(OpKind::AttentionTrain, q.data, rg.n_tokens(), 4.0 * H * hd * own_pairs(rg),
+      [&] { in_.attention_train(out, lse, q, k, v, H, G, hd, rg); });
+}
+void CountingBackend::attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tensor q, Tensor k,
+                                         Tensor v, Tensor out, Tensor lse, int H, int G, int hd,
+                                         const Ragged& rg) {
+  run(OpKind::AttentionBackward, q.data, rg.n_tokens(), 10.0 * H * hd * own_pairs(rg),
+      [&] { in_.attention_backward(dq, dk, dv, dout, q, k, v, out, lse, H, G, hd, rg); });
+}
+void CountingBackend::rope_backward(Tensor dx, int heads, int hd, float theta, const Ragged& rg) {
+  run(OpKind::RopeBackward, dx.data, rg.n_tokens(), 0, [&] { in_.rope_backward(dx, heads, hd, theta, rg); });
+}
+void CountingBackend::embedding_backward(Tensor dtable, Tensor dout, const int32_t* ids) {
+  run(OpKind::EmbeddingBackward, dtable.data, dout.rows, 0, [&] { in_.embedding_backward(dtable, dout, ids); });
+}
+double CountingBackend::cross_entropy_head(Tensor dhn, Tensor dW, Tensor hn, Tensor W,
+                                           const int32_t* targets, double scale) {
+  double loss = 0;
+  run(OpKind::CrossEntropyHead, W.data, hn.rows, 6.0 * hn.rows * W.rows * W.cols,
+      [&] { loss = in_.cross_entropy_head(dhn, dW, hn, W, targets, scale); });
+  return loss;
 }
 
 }  // namespace hm

@@ -13,7 +13,10 @@ namespace hm {
 
 enum class OpKind : uint8_t {
   Rmsnorm, Linear, Conv, Scan, Rope, KvWrite, Attention, Swiglu, Embedding, CopyRows, AddRows,
-  SsdScan, GatedNorm, kCount
+  SsdScan, GatedNorm,
+  // training (backend.h)
+  LinearBackward, RmsnormBackward, SwigluBackward, ConvTrain, ConvBackward, ScanTrain, ScanBackward,
+  AttentionTrain, AttentionBackward, RopeBackward, EmbeddingBackward, CrossEntropyHead, kCount
 };
 const char* op_kind_name(OpKind k);
 
@@ -26,6 +29,10 @@ const char* op_kind_name(OpKind k);
 //                                             3, y += C s 2; the per-head decay is amortized)
 //   attention       4 H hd per (query, key) pair attended (causal: query i at position
 //                   pos0 + i sees pos0 + i + 1 keys): Q.K and P.V, 2 FLOPs per multiply-add
+// and for training: linear_backward 2 m n k per product (dW, and dx when asked); the training
+// conv and scan as their inference ops, their backwards 2x that; attention_train as attention
+// (pairs within each sequence), attention_backward 10 H hd per pair (S recomputed, dP, dQ, dK,
+// dV); cross_entropy_head 6 n V D (logits, dhn, dW).
 struct OpCount {
   int64_t calls = 0;
   int64_t rows = 0;   // m for linear, the batch's tokens for ragged ops, n for row ops
@@ -91,6 +98,35 @@ class CountingBackend final : public Backend {
                  int n) override;
   void add_rows(Tensor dst, const int32_t* dst_idx, Tensor src, const int32_t* src_idx, int n,
                 const float* row_gate, Tensor scale) override;
+
+  // Training ops; tags: W for linear_backward, w for the conv ops, Dskip for the scan ops, q for
+  // the attention ops, W for cross_entropy_head, the gradient written otherwise.
+  void linear_backward(Tensor dx, Tensor dW, Tensor dy, Tensor x, Tensor W, bool accumulate_dx) override;
+  void rmsnorm_backward(Tensor dx, Tensor dw, Tensor dout, Tensor x, Tensor w, float eps,
+                        bool accumulate_dx) override;
+  void swiglu_backward(Tensor dg, Tensor du, Tensor dout, Tensor g, Tensor u) override;
+  void conv1d_silu_train(Tensor out, Tensor x, Tensor w, Tensor b, const Ragged& rg) override;
+  void conv1d_silu_backward(Tensor dx, Tensor dw, Tensor db, Tensor dout, Tensor x, Tensor w,
+                            Tensor b, const Ragged& rg) override;
+  size_t scan_saved_bytes(const Ragged& rg, int E, int N, int chunk) const override {
+    return in_.scan_saved_bytes(rg, E, N, chunk);
+  }
+  void selective_scan_train(Tensor y, void* saved, Tensor x, Tensor dt, Tensor dt_bias, Tensor A_log,
+                            Tensor B, Tensor C, Tensor Dskip, Tensor z, int chunk,
+                            const Ragged& rg) override;
+  void selective_scan_backward(Tensor dx, Tensor ddt, Tensor dB, Tensor dC, Tensor dz,
+                               Tensor ddt_bias, Tensor dA_log, Tensor dDskip, Tensor dy,
+                               const void* saved, Tensor x, Tensor dt, Tensor dt_bias, Tensor A_log,
+                               Tensor B, Tensor C, Tensor Dskip, Tensor z, int chunk,
+                               const Ragged& rg) override;
+  void attention_train(Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v, int H, int G, int hd,
+                       const Ragged& rg) override;
+  void attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tensor q, Tensor k, Tensor v,
+                          Tensor out, Tensor lse, int H, int G, int hd, const Ragged& rg) override;
+  void rope_backward(Tensor dx, int heads, int hd, float theta, const Ragged& rg) override;
+  void embedding_backward(Tensor dtable, Tensor dout, const int32_t* ids) override;
+  double cross_entropy_head(Tensor dhn, Tensor dW, Tensor hn, Tensor W, const int32_t* targets,
+                            double scale) override;
 
  private:
   // Counts the call, runs it and adds its wall time.

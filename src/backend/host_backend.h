@@ -9,9 +9,18 @@
 #include <cstdlib>
 #include <cstring>
 
+#include <cmath>
+#include <limits>
+#include <vector>
+
 #include "backend/backend.h"
+#include "backend/train_checks.h"
 #include "core/error.h"
+#include "kernels/cpu/dispatch.h"
+#include "kernels/cpu/grad_cpu.h"
 #include "kernels/ops.h"
+#include "kernels/ref/attention_grad_ref.h"
+#include "kernels/ref/mamba_grad_ref.h"
 
 namespace hm {
 
@@ -202,7 +211,312 @@ class HostBackend : public Backend {
     }
   }
 
+  // ---- Training ops: per sequence, kernels/cpu/grad_cpu's float blocks (cpu) or the reference
+  // pairs of kernels/ref/*_grad_ref.h in float with double sums (ref). The kernels take
+  // contiguous rows: a strided view is copied into a block and back (Block).
+
+  void linear_backward(Tensor dx, Tensor dW, Tensor dy, Tensor x, Tensor W, bool accumulate_dx) override {
+    train_check::linear_backward(name(), dx, dW, dy, x, W);
+    const int m = x.rows, n = W.rows, k = W.cols;
+    if constexpr (kRef) {
+      const float *Y = dy.f32(), *X = x.f32(), *Wp = W.f32();
+      if (!dx.empty())
+        for (int i = 0; i < m; ++i)
+          for (int c = 0; c < k; ++c) {
+            float* d = row(dx, i) + c;
+            double acc = accumulate_dx ? double(*d) : 0.0;
+            for (int o = 0; o < n; ++o) acc += double(Y[i * dy.ld + o]) * Wp[o * W.ld + c];
+            *d = float(acc);
+          }
+      for (int o = 0; o < n; ++o)
+        for (int c = 0; c < k; ++c) {
+          double acc = 0;
+          for (int i = 0; i < m; ++i) acc += double(Y[i * dy.ld + o]) * X[i * x.ld + c];
+          row(dW, o)[c] += float(acc);
+        }
+    } else {
+      if (!dx.empty())
+        cpu::grad::gemm_dyW(dx.f32(), dy.f32(), W.f32(), m, n, k, accumulate_dx, int(dx.ld), int(dy.ld), int(W.ld));
+      cpu::grad::gemm_dyTx(dW.f32(), dy.f32(), x.f32(), m, n, k, int(dW.ld), int(dy.ld), int(x.ld));
+    }
+  }
+  void rmsnorm_backward(Tensor dx, Tensor dw, Tensor dout, Tensor x, Tensor w, float eps,
+                        bool accumulate_dx) override {
+    train_check::rmsnorm_backward(name(), dx, dw, dout, x, w);
+    const int n = x.rows, d = x.cols;
+    const float* wp = w.f32();
+    std::vector<double> dw_acc(size_t(d), 0.0);
+    for (int i = 0; i < n; ++i) {  // ref::grad::rmsnorm_backward, rstd recomputed in double
+      const float *xi = row(x, i), *gi = row(dout, i);
+      float* di = row(dx, i);
+      double ss = 0, dot = 0;
+      for (int j = 0; j < d; ++j) {
+        ss += double(xi[j]) * xi[j];
+        dot += double(gi[j]) * wp[j] * xi[j];
+      }
+      const double r = 1.0 / std::sqrt(ss / d + double(eps)), c = r * r * r * dot / d;
+      for (int j = 0; j < d; ++j) {
+        const float v = float(double(gi[j]) * wp[j] * r - c * xi[j]);
+        di[j] = accumulate_dx ? di[j] + v : v;
+        dw_acc[size_t(j)] += double(gi[j]) * xi[j] * r;
+      }
+    }
+    float* dwp = dw.f32();
+    for (int j = 0; j < d; ++j) dwp[j] += float(dw_acc[size_t(j)]);
+  }
+  void swiglu_backward(Tensor dg, Tensor du, Tensor dout, Tensor g, Tensor u) override {
+    train_check::swiglu_backward(name(), dg, du, dout, g, u);
+    for (int i = 0; i < g.rows; ++i)
+      ref::grad::swiglu_backward(row(dg, i), row(du, i), row(dout, i), row(g, i), row(u, i), 1, g.cols);
+  }
+  void conv1d_silu_train(Tensor out, Tensor x, Tensor w, Tensor b, const Ragged& rg) override {
+    train_check::conv1d_silu(name(), "conv1d_silu_train", out, x, w, b, rg);
+    const int E = x.cols, Kw = w.cols;
+    std::vector<float> window(size_t(E) * size_t(Kw - 1));
+    for (int s = 0; s < rg.nseq(); ++s) {
+      if (rg.len(s) == 0) continue;
+      std::fill(window.begin(), window.end(), 0.0f);  // every sequence starts from zero
+      const int t0 = rg.start(s);
+      K::conv1d_silu(row(out, t0), int(out.ld), window.data(), row(x, t0), int(x.ld), w.f32(),
+                     b.f32(), rg.len(s), E, Kw);
+    }
+  }
+  void conv1d_silu_backward(Tensor dx, Tensor dw, Tensor db, Tensor dout, Tensor x, Tensor w,
+                            Tensor b, const Ragged& rg) override {
+    train_check::conv1d_silu(name(), "conv1d_silu_backward", dout, x, w, b, rg);
+    train_check::same_shape(name(), "conv1d_silu_backward", "dx", dx, x);
+    train_check::same_shape(name(), "conv1d_silu_backward", "dw", dw, w);
+    train_check::same_shape(name(), "conv1d_silu_backward", "db", db, b);
+    const int E = x.cols, Kw = w.cols;
+    Block wb(w, 0, E, true, false), dwb(dw, 0, E, true, true);
+    for (int s = 0; s < rg.nseq(); ++s) {
+      const int L = rg.len(s), t0 = rg.start(s);
+      if (L == 0) continue;
+      Block dxb(dx, t0, L, false, true), gb(dout, t0, L, true, false), xb(x, t0, L, true, false);
+      if constexpr (kRef)
+        ref::grad::conv1d_silu_backward(dxb.p, dwb.p, db.f32(), gb.p, xb.p, wb.p, b.f32(), L, E, Kw);
+      else
+        cpu::grad::conv1d_silu_backward(dxb.p, dwb.p, db.f32(), gb.p, xb.p, wb.p, b.f32(), L, E, Kw);
+    }
+  }
+  size_t scan_saved_bytes(const Ragged& rg, int E, int N, int chunk) const override {
+    return sizeof(double) * size_t(scan_chunks(rg, chunk_or_default(chunk))) * size_t(E) * size_t(N);
+  }
+  void selective_scan_train(Tensor y, void* saved, Tensor x, Tensor dt, Tensor dt_bias, Tensor A_log,
+                            Tensor B, Tensor C, Tensor Dskip, Tensor z, int chunk,
+                            const Ragged& rg) override {
+    train_check::selective_scan(name(), "selective_scan_train", y, x, dt, dt_bias, A_log, B, C, Dskip, z, rg);
+    const int E = x.cols, N = B.cols;
+    chunk = chunk_or_default(chunk);
+    const std::vector<float> A = neg_exp(A_log);
+    auto* states = static_cast<double*>(saved);
+    for (int s = 0; s < rg.nseq(); ++s) {
+      const int L = rg.len(s), t0 = rg.start(s);
+      if (L == 0) continue;
+      Block yb(y, t0, L, false, true), xb(x, t0, L, true, false), dtb(dt, t0, L, true, false),
+          Bb(B, t0, L, true, false), Cb(C, t0, L, true, false), zb(z, t0, L, true, false);
+      if (!kRef && N % cpu::kScanGradLanes == 0)
+        cpu::kernels().grad.scan_forward(yb.p, cpu::ScanGradArgs{xb.p, dtb.p, dt_bias.f32(), A.data(), Bb.p,
+                                                                  Cb.p, Dskip.f32(), zb.p, L, E, N},
+                                         states, chunk);
+      else
+        ref::grad::selective_scan_forward(yb.p, xb.p, dtb.p, dt_bias.f32(), A.data(), Bb.p, Cb.p,
+                                          Dskip.f32(), zb.p, L, E, N, states, chunk);
+      states += size_t(ref::grad::scan_num_chunks(L, chunk)) * size_t(E) * size_t(N);
+    }
+  }
+  void selective_scan_backward(Tensor dx, Tensor ddt, Tensor dB, Tensor dC, Tensor dz,
+                               Tensor ddt_bias, Tensor dA_log, Tensor dDskip, Tensor dy,
+                               const void* saved, Tensor x, Tensor dt, Tensor dt_bias, Tensor A_log,
+                               Tensor B, Tensor C, Tensor Dskip, Tensor z, int chunk,
+                               const Ragged& rg) override {
+    const char* op = "selective_scan_backward";
+    train_check::selective_scan(name(), op, dy, x, dt, dt_bias, A_log, B, C, Dskip, z, rg);
+    const std::pair<const char*, std::pair<Tensor, Tensor>> pairs[] = {
+        {"dx", {dx, x}}, {"ddt", {ddt, dt}}, {"dB", {dB, B}}, {"dC", {dC, C}}, {"dz", {dz, z}},
+        {"ddt_bias", {ddt_bias, dt_bias}}, {"dA_log", {dA_log, A_log}}, {"dDskip", {dDskip, Dskip}}};
+    for (const auto& [nm, gt] : pairs) train_check::same_shape(name(), op, nm, gt.first, gt.second);
+    const int E = x.cols, N = B.cols;
+    chunk = chunk_or_default(chunk);
+    const std::vector<float> A = neg_exp(A_log);
+    std::vector<float> dA(size_t(E) * size_t(N), 0.0f);
+    const auto* states = static_cast<const double*>(saved);
+    for (int s = 0; s < rg.nseq(); ++s) {
+      const int L = rg.len(s), t0 = rg.start(s);
+      if (L == 0) continue;
+      Block dxb(dx, t0, L, false, true), ddtb(ddt, t0, L, false, true), dBb(dB, t0, L, false, true),
+          dCb(dC, t0, L, false, true), dzb(dz, t0, L, false, true), dyb(dy, t0, L, true, false),
+          xb(x, t0, L, true, false), dtb(dt, t0, L, true, false), Bb(B, t0, L, true, false),
+          Cb(C, t0, L, true, false), zb(z, t0, L, true, false);
+      if (!kRef && N % cpu::kScanGradLanes == 0)
+        cpu::kernels().grad.scan_backward(dxb.p, ddtb.p, ddt_bias.f32(), dA.data(), dBb.p, dCb.p, dDskip.f32(),
+                                          dzb.p, dyb.p,
+                                          cpu::ScanGradArgs{xb.p, dtb.p, dt_bias.f32(), A.data(), Bb.p, Cb.p,
+                                                            Dskip.f32(), zb.p, L, E, N},
+                                          states, chunk);
+      else
+        ref::grad::selective_scan_backward_chunked(dxb.p, ddtb.p, ddt_bias.f32(), dA.data(), dBb.p, dCb.p,
+                                                   dDskip.f32(), dzb.p, dyb.p, xb.p, dtb.p, dt_bias.f32(),
+                                                   A.data(), Bb.p, Cb.p, Dskip.f32(), zb.p, L, E, N,
+                                                   states, chunk);
+      states += size_t(ref::grad::scan_num_chunks(L, chunk)) * size_t(E) * size_t(N);
+    }
+    for (int e = 0; e < E; ++e)  // A = -exp(A_log): dA_log += dA A
+      for (int n = 0; n < N; ++n) row(dA_log, e)[n] += dA[size_t(e) * N + n] * A[size_t(e) * N + n];
+  }
+  void attention_train(Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v, int H, int G, int hd,
+                       const Ragged& rg) override {
+    train_check::attention(name(), "attention_train", out, lse, q, k, v, H, G, hd, rg);
+    for (int s = 0; s < rg.nseq(); ++s) {
+      const int L = rg.len(s), t0 = rg.start(s);
+      if (L == 0) continue;
+      Block ob(out, t0, L, false, true), lb(lse, t0, L, false, true), qb(q, t0, L, true, false),
+          kb(k, t0, L, true, false), vb(v, t0, L, true, false);
+      if constexpr (kRef)
+        ref::grad::attention_forward(ob.p, lb.p, qb.p, kb.p, vb.p, L, H, G, hd);
+      else
+        cpu::grad::attention_core_forward(ob.p, lb.p, qb.p, kb.p, vb.p, L, H, G, hd);
+    }
+  }
+  void attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tensor q, Tensor k, Tensor v,
+                          Tensor out, Tensor lse, int H, int G, int hd, const Ragged& rg) override {
+    const char* op = "attention_backward";
+    train_check::attention(name(), op, out, lse, q, k, v, H, G, hd, rg);
+    train_check::same_shape(name(), op, "dq", dq, q);
+    train_check::same_shape(name(), op, "dk", dk, k);
+    train_check::same_shape(name(), op, "dv", dv, v);
+    train_check::same_shape(name(), op, "dout", dout, out);
+    for (int s = 0; s < rg.nseq(); ++s) {
+      const int L = rg.len(s), t0 = rg.start(s);
+      if (L == 0) continue;
+      Block dqb(dq, t0, L, false, true), dkb(dk, t0, L, false, true), dvb(dv, t0, L, false, true),
+          gb(dout, t0, L, true, false), qb(q, t0, L, true, false), kb(k, t0, L, true, false),
+          vb(v, t0, L, true, false), ob(out, t0, L, true, false), lb(lse, t0, L, true, false);
+      if constexpr (kRef)
+        ref::grad::attention_backward(dqb.p, dkb.p, dvb.p, gb.p, qb.p, kb.p, vb.p, ob.p, lb.p, L, H, G, hd);
+      else
+        cpu::grad::attention_core_backward(dqb.p, dkb.p, dvb.p, gb.p, qb.p, kb.p, vb.p, ob.p, lb.p, L, H,
+                                           G, hd);
+    }
+  }
+  void rope_backward(Tensor dx, int heads, int hd, float theta, const Ragged& rg) override {
+    train_check::rope(name(), "rope_backward", dx, heads, hd, rg);
+    const int half = hd / 2;
+    for (int s = 0; s < rg.nseq(); ++s) {
+      const int L = rg.len(s), t0 = rg.start(s);
+      if (L == 0) continue;
+      if constexpr (kRef) {
+        Block b(dx.cols_view(0, heads * hd), t0, L, true, true);
+        ref::grad::rope_backward(b.p, L, heads, hd, rg.pos0(s), double(theta));
+      } else {
+        // The transpose is the rotation by -angle: with the second halves negated before and
+        // after, the forward kernel's (a c - b s, b c + a s) becomes (a c + b s, b c - a s).
+        auto negate = [&] {
+          for (int t = t0; t < t0 + L; ++t)
+            for (int h = 0; h < heads; ++h)
+              for (int i = half; i < hd; ++i) row(dx, t)[h * hd + i] = -row(dx, t)[h * hd + i];
+        };
+        negate();
+        K::rope(row(dx, t0), int(dx.ld), L, heads, hd, rg.pos0(s), theta);
+        negate();
+      }
+    }
+  }
+  void embedding_backward(Tensor dtable, Tensor dout, const int32_t* ids) override {
+    train_check::embedding_backward(name(), dtable, dout);
+    for (int i = 0; i < dout.rows; ++i) {
+      HM_CHECK(ids[i] >= 0 && ids[i] < dtable.rows, name(), " embedding_backward: id ", ids[i],
+               " at row ", i, " is outside the table of ", dtable.rows);
+      float* d = row(dtable, ids[i]);
+      const float* g = row(dout, i);
+      for (int j = 0; j < dout.cols; ++j) d[j] += g[j];
+    }
+  }
+  double cross_entropy_head(Tensor dhn, Tensor dW, Tensor hn, Tensor W, const int32_t* targets,
+                            double scale) override {
+    train_check::cross_entropy_head(name(), dhn, dW, hn, W);
+    const int n = hn.rows, D = hn.cols, V = W.rows;
+    for (int i = 0; i < n; ++i)
+      HM_CHECK(targets[i] >= -1 && targets[i] < V, name(), " cross_entropy_head: target ", targets[i],
+               " at row ", i, " is outside [-1, ", V, ")");
+    Block hb(hn, 0, n, true, false), Wb(W, 0, V, true, false), dhb(dhn, 0, n, false, true),
+        dWb(dW, 0, V, true, true);
+    if constexpr (!kRef) {
+      return cpu::grad::cross_entropy_forward_backward(dhb.p, dWb.p, hb.p, Wb.p, targets, n, D, V, scale);
+    } else {  // one row of logits at a time, in double
+      std::vector<double> z(static_cast<size_t>(V));
+      double loss = 0;
+      for (int i = 0; i < n; ++i) {
+        const float* h = hb.p + size_t(i) * D;
+        float* dh = dhb.p + size_t(i) * D;
+        std::fill(dh, dh + D, 0.0f);
+        const int tg = targets[i];
+        if (tg < 0) continue;
+        double mx = -std::numeric_limits<double>::infinity();
+        for (int c = 0; c < V; ++c) {
+          double acc = 0;
+          for (int j = 0; j < D; ++j) acc += double(h[j]) * Wb.p[size_t(c) * D + j];
+          mx = std::max(mx, z[size_t(c)] = acc);
+        }
+        double se = 0;
+        for (int c = 0; c < V; ++c) se += std::exp(z[size_t(c)] - mx);
+        const double lse = mx + std::log(se);
+        loss += lse - z[size_t(tg)];
+        for (int c = 0; c < V; ++c) z[size_t(c)] = (std::exp(z[size_t(c)] - lse) - (c == tg)) * scale;
+        for (int j = 0; j < D; ++j) {
+          double acc = 0;
+          for (int c = 0; c < V; ++c) acc += z[size_t(c)] * Wb.p[size_t(c) * D + j];
+          dh[j] = float(acc);
+        }
+        for (int c = 0; c < V; ++c)
+          for (int j = 0; j < D; ++j) dWb.p[size_t(c) * D + j] += float(z[size_t(c)] * h[j]);
+      }
+      return loss;
+    }
+  }
+
  private:
+  // Rows [r0, r0 + n) of t as one contiguous float block: t's own memory when its rows are
+  // contiguous, else a copy (read: filled from t; write: copied back into t at the end of scope).
+  class Block {
+   public:
+    Block(Tensor t, int r0, int n, bool read, bool write) : t_(t), r0_(r0), n_(n), write_(write) {
+      if (t.empty()) return;
+      if (t.ld == t.cols || n <= 1) {
+        p = static_cast<float*>(t.row(r0));
+        write_ = false;
+        return;
+      }
+      buf_.resize(size_t(n) * size_t(t.cols));
+      p = buf_.data();
+      if (read) copy_block(p, t.cols, static_cast<float*>(t.row(r0)), t.ld, n, t.cols);
+    }
+    ~Block() {
+      if (write_) copy_block(static_cast<float*>(t_.row(r0_)), t_.ld, p, t_.cols, n_, t_.cols);
+    }
+    Block(const Block&) = delete;
+    Block& operator=(const Block&) = delete;
+    float* p = nullptr;
+
+   private:
+    Tensor t_;
+    int r0_, n_;
+    bool write_;
+    std::vector<float> buf_;
+  };
+  static constexpr int kScanChunk = 128;  // as grad_cpu's: states every 128 tokens by default
+  static int chunk_or_default(int chunk) { return chunk > 0 ? chunk : kScanChunk; }
+  static int64_t scan_chunks(const Ragged& rg, int chunk) {
+    int64_t n = 0;
+    for (int s = 0; s < rg.nseq(); ++s) n += ref::grad::scan_num_chunks(rg.len(s), chunk);
+    return n;
+  }
+  static std::vector<float> neg_exp(Tensor A_log) {  // A = -exp(A_log), as the model's forward
+    std::vector<float> A(size_t(A_log.rows) * size_t(A_log.cols));
+    for (int e = 0; e < A_log.rows; ++e)
+      for (int n = 0; n < A_log.cols; ++n) A[size_t(e) * A_log.cols + n] = -std::exp(row(A_log, e)[n]);
+    return A;
+  }
   // The kernel set, chosen at compile time.
   struct K {
     static constexpr auto rmsnorm = kRef ? &ref::rmsnorm : &cpu::rmsnorm;

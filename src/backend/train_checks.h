@@ -1,0 +1,27 @@
+// Shape checks of the training ops (backend.h), shared by every backend so each op rejects the
+// same calls with the same hm::Error: "<backend> <op>: ..." with the shapes it got.
+#pragma once
+#include <string>
+
+#include "backend/tensor.h"
+
+namespace hm::train_check {
+
+void linear_backward(const std::string& be, Tensor dx, Tensor dW, Tensor dy, Tensor x, Tensor W);
+void rmsnorm_backward(const std::string& be, Tensor dx, Tensor dw, Tensor dout, Tensor x, Tensor w);
+void swiglu_backward(const std::string& be, Tensor dg, Tensor du, Tensor dout, Tensor g, Tensor u);
+// Conv forward (dx, dw, db empty) or backward.
+void conv1d_silu(const std::string& be, const char* op, Tensor out, Tensor x, Tensor w, Tensor b,
+                 const Ragged& rg);
+// Every tensor of the scan forward; the backward checks each gradient against its input too.
+void selective_scan(const std::string& be, const char* op, Tensor y, Tensor x, Tensor dt,
+                    Tensor dt_bias, Tensor A_log, Tensor B, Tensor C, Tensor Dskip, Tensor z,
+                    const Ragged& rg);
+void same_shape(const std::string& be, const char* op, const char* name, Tensor grad, Tensor of);
+void attention(const std::string& be, const char* op, Tensor out, Tensor lse, Tensor q, Tensor k,
+               Tensor v, int H, int G, int hd, const Ragged& rg);
+void rope(const std::string& be, const char* op, Tensor x, int heads, int hd, const Ragged& rg);
+void embedding_backward(const std::string& be, Tensor dtable, Tensor dout);
+void cross_entropy_head(const std::string& be, Tensor dhn, Tensor dW, Tensor hn, Tensor W);
+
+}  // namespace hm::train_check

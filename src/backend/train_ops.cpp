@@ -1,0 +1,129 @@
+// The training ops' shape checks (train_checks.h) and the Backend defaults, which say the op is
+// missing rather than compute anything.
+#include "backend/backend.h"
+#include "backend/train_checks.h"
+
+namespace hm {
+
+namespace train_check {
+namespace {
+std::string dims(const Tensor& t) { return detail::cat("[", t.rows, ", ", t.cols, "]"); }
+}  // namespace
+
+void linear_backward(const std::string& be, Tensor dx, Tensor dW, Tensor dy, Tensor x, Tensor W) {
+  HM_CHECK(dy.rows == x.rows && dy.cols == W.rows && x.cols == W.cols && dW.rows == W.rows &&
+               dW.cols == W.cols && (dx.empty() || (dx.rows == x.rows && dx.cols == x.cols)),
+           be, " linear_backward: dy ", dims(dy), ", x ", dims(x), ", W ", dims(W), ", dW ",
+           dims(dW), ", dx ", dims(dx), " do not fit y = x W^T");
+}
+
+void rmsnorm_backward(const std::string& be, Tensor dx, Tensor dw, Tensor dout, Tensor x, Tensor w) {
+  HM_CHECK(dx.rows == x.rows && dx.cols == x.cols && dout.rows == x.rows && dout.cols == x.cols &&
+               w.cols == x.cols && dw.cols == x.cols && w.rows == 1 && dw.rows == 1,
+           be, " rmsnorm_backward: dx ", dims(dx), ", dout ", dims(dout), ", x ", dims(x), ", w ",
+           dims(w), ", dw ", dims(dw), " do not fit");
+}
+
+void swiglu_backward(const std::string& be, Tensor dg, Tensor du, Tensor dout, Tensor g, Tensor u) {
+  for (const Tensor* t : {&dg, &du, &dout, &u})
+    HM_CHECK(t->rows == g.rows && t->cols == g.cols, be, " swiglu_backward: dg ", dims(dg), ", du ",
+             dims(du), ", dout ", dims(dout), ", g ", dims(g), ", u ", dims(u), " must be one shape");
+}
+
+void conv1d_silu(const std::string& be, const char* op, Tensor out, Tensor x, Tensor w, Tensor b,
+                 const Ragged& rg) {
+  HM_CHECK(out.rows == x.rows && out.cols == x.cols && x.rows == rg.n_tokens() && w.rows == x.cols &&
+               w.cols >= 1 && b.cols == x.cols,
+           be, " ", op, ": out ", dims(out), ", x ", dims(x), ", w ", dims(w), ", b ", dims(b),
+           ", batch of ", rg.n_tokens(), " tokens do not fit");
+}
+
+void selective_scan(const std::string& be, const char* op, Tensor y, Tensor x, Tensor dt,
+                    Tensor dt_bias, Tensor A_log, Tensor B, Tensor C, Tensor Dskip, Tensor z,
+                    const Ragged& rg) {
+  const int E = x.cols, N = B.cols, n = x.rows;
+  HM_CHECK(n == rg.n_tokens() && y.rows == n && dt.rows == n && z.rows == n && B.rows == n &&
+               C.rows == n && y.cols == E && dt.cols == E && z.cols == E && C.cols == N && N >= 1 &&
+               dt_bias.cols == E && Dskip.cols == E && A_log.rows == E && A_log.cols == N,
+           be, " ", op, ": x ", dims(x), ", y ", dims(y), ", dt ", dims(dt), ", z ", dims(z), ", B ",
+           dims(B), ", C ", dims(C), ", A_log ", dims(A_log), ", dt_bias ", dt_bias.cols, ", Dskip ",
+           Dskip.cols, ", batch of ", rg.n_tokens(), " tokens do not fit");
+}
+
+void same_shape(const std::string& be, const char* op, const char* name, Tensor grad, Tensor of) {
+  HM_CHECK(grad.rows == of.rows && grad.cols == of.cols, be, " ", op, ": ", name, " ", dims(grad),
+           " must have its input's shape ", dims(of));
+}
+
+void attention(const std::string& be, const char* op, Tensor out, Tensor lse, Tensor q, Tensor k,
+               Tensor v, int H, int G, int hd, const Ragged& rg) {
+  const int n = rg.n_tokens();
+  HM_CHECK(H > 0 && G > 0 && hd > 0 && H % G == 0 && q.rows == n && out.rows == n && k.rows == n &&
+               v.rows == n && lse.rows == n && q.cols == H * hd && out.cols == H * hd &&
+               k.cols == G * hd && v.cols == G * hd && lse.cols == H,
+           be, " ", op, ": q ", dims(q), ", k ", dims(k), ", v ", dims(v), ", out ", dims(out),
+           ", lse ", dims(lse), " for ", H, " heads (", G, " kv) of ", hd, ", batch of ", n,
+           " tokens do not fit");
+}
+
+void rope(const std::string& be, const char* op, Tensor x, int heads, int hd, const Ragged& rg) {
+  HM_CHECK(heads > 0 && hd > 0 && hd % 2 == 0 && x.cols >= heads * hd && x.rows == rg.n_tokens(),
+           be, " ", op, ": x ", dims(x), " for ", heads, " heads of ", hd, ", batch of ",
+           rg.n_tokens(), " tokens");
+}
+
+void embedding_backward(const std::string& be, Tensor dtable, Tensor dout) {
+  HM_CHECK(dtable.cols == dout.cols, be, " embedding_backward: dout ", dims(dout), " for a table ",
+           dims(dtable));
+}
+
+void cross_entropy_head(const std::string& be, Tensor dhn, Tensor dW, Tensor hn, Tensor W) {
+  HM_CHECK(hn.cols == W.cols && dhn.rows == hn.rows && dhn.cols == hn.cols && dW.rows == W.rows &&
+               dW.cols == W.cols && W.rows >= 1,
+           be, " cross_entropy_head: hn ", dims(hn), ", W ", dims(W), ", dhn ", dims(dhn), ", dW ",
+           dims(dW), " do not fit");
+}
+
+}  // namespace train_check
+
+namespace {
+[[noreturn]] void missing(const Backend& be, const char* op) {
+  throw Error(detail::cat(be.name(), ": ", op, " is not implemented on this backend yet (training ops, issue 15)"));
+}
+}  // namespace
+
+void Backend::linear_backward(Tensor, Tensor, Tensor, Tensor, Tensor, bool) { missing(*this, "linear_backward"); }
+void Backend::rmsnorm_backward(Tensor, Tensor, Tensor, Tensor, Tensor, float, bool) {
+  missing(*this, "rmsnorm_backward");
+}
+void Backend::swiglu_backward(Tensor, Tensor, Tensor, Tensor, Tensor) { missing(*this, "swiglu_backward"); }
+void Backend::conv1d_silu_train(Tensor, Tensor, Tensor, Tensor, const Ragged&) {
+  missing(*this, "conv1d_silu_train");
+}
+void Backend::conv1d_silu_backward(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, const Ragged&) {
+  missing(*this, "conv1d_silu_backward");
+}
+size_t Backend::scan_saved_bytes(const Ragged&, int, int, int) const { missing(*this, "scan_saved_bytes"); }
+void Backend::selective_scan_train(Tensor, void*, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                   Tensor, Tensor, int, const Ragged&) {
+  missing(*this, "selective_scan_train");
+}
+void Backend::selective_scan_backward(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                      Tensor, const void*, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                      Tensor, Tensor, Tensor, int, const Ragged&) {
+  missing(*this, "selective_scan_backward");
+}
+void Backend::attention_train(Tensor, Tensor, Tensor, Tensor, Tensor, int, int, int, const Ragged&) {
+  missing(*this, "attention_train");
+}
+void Backend::attention_backward(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                 Tensor, int, int, int, const Ragged&) {
+  missing(*this, "attention_backward");
+}
+void Backend::rope_backward(Tensor, int, int, float, const Ragged&) { missing(*this, "rope_backward"); }
+void Backend::embedding_backward(Tensor, Tensor, const int32_t*) { missing(*this, "embedding_backward"); }
+double Backend::cross_entropy_head(Tensor, Tensor, Tensor, Tensor, const int32_t*, double) {
+  missing(*this, "cross_entropy_head");
+}
+
+}  // namespace hm
