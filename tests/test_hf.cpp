@@ -119,47 +119,50 @@ void expect_load_error(const fs::path& dir, std::initializer_list<std::string> p
   }
 }
 
+// A fixture folder of make_fixtures.py against our model m loaded from it: transformers' logits
+// over the whole sequence and token by token, then its greedy continuation (generate with its
+// cache) token for token.
+void expect_matches_transformers(const fs::path& dir, HybridModel& m) {
+  const json exp = read_json(dir / "expected.json");
+  const std::vector<int32_t> toks = exp["tokens"].get<std::vector<int32_t>>();
+  const std::vector<float> want = read_f32_file(dir / "logits.f32");
+  const int V = m.config().vocab_size;
+  ASSERT_EQ(want.size(), toks.size() * size_t(V));
+  const double e_full = test::rel_err(forward_all(m, toks), want);
+  const double e_step = test::rel_err(forward_stepwise(m, toks), want);
+  std::printf("%s (stored %s): max|ours - transformers| / max|transformers| = %.3g full forward, %.3g "
+              "token by token\n", dir.filename().c_str(), exp["stored_dtype"].get<std::string>().c_str(),
+              e_full, e_step);
+  // transformers' reference ran in float32 on the stored weights (bf16 ones widened exactly),
+  // so every fixture is held to the float32 bound.
+  EXPECT_LT(e_full, 1e-4);
+  EXPECT_LT(e_step, 1e-4);
+  if (exp["greedy"].is_null()) return;
+  HybridMemory mem(m.backend(), m.config(), 1, int(toks.size()) + 16);
+  std::vector<float> logits;
+  Batch b;
+  b.add(0, toks);
+  m.forward(b, mem, logits);
+  std::vector<int> got;
+  for (size_t i = 0; i < exp["greedy"].size(); ++i) {
+    got.push_back(argmax(logits.data(), V));
+    Batch d;
+    d.add(0, {got.back()});
+    m.forward(d, mem, logits);
+  }
+  EXPECT_EQ(got, exp["greedy"].get<std::vector<int>>());
+}
+
 }  // namespace
 
 TEST(HfModel, LogitsMatchTransformers) {
   for (const char* name : kFolders) {
     SCOPED_TRACE(name);
     const fs::path dir = kFixtures / name;
-    const json exp = read_json(dir / "expected.json");
-    const std::vector<int32_t> toks = exp["tokens"].get<std::vector<int32_t>>();
-    const std::vector<float> want = read_f32_file(dir / "logits.f32");
     auto be = make_cpu_backend();
     ASSERT_TRUE(is_hf_model_dir(dir.string()));
     auto m = load_any_model(dir.string(), *be);
-    const int V = m->config().vocab_size;
-    ASSERT_EQ(want.size(), toks.size() * size_t(V));
-    const std::vector<float> full = forward_all(*m, toks);
-    const std::vector<float> step = forward_stepwise(*m, toks);
-    const double e_full = test::rel_err(full, want), e_step = test::rel_err(step, want);
-    std::printf("%s (stored %s): max|ours - transformers| / max|transformers| = %.3g full forward, %.3g "
-                "token by token\n", name, exp["stored_dtype"].get<std::string>().c_str(), e_full, e_step);
-    // transformers' reference ran in float32 on the stored weights (bf16 ones widened exactly),
-    // so every fixture is held to the float32 bound.
-    EXPECT_LT(e_full, 1e-4);
-    EXPECT_LT(e_step, 1e-4);
-
-    // Greedy continuation (transformers' generate with its cache) token for token.
-    if (!exp["greedy"].is_null()) {
-      HybridMemory mem(*be, m->config(), 1, int(toks.size()) + 16);
-      std::vector<float> logits;
-      Batch b;
-      b.add(0, toks);
-      m->forward(b, mem, logits);
-      std::vector<int> got;
-      for (size_t i = 0; i < exp["greedy"].size(); ++i) {
-        const int next = argmax(logits.data(), V);
-        got.push_back(next);
-        Batch d;
-        d.add(0, {next});
-        m->forward(d, mem, logits);
-      }
-      EXPECT_EQ(got, exp["greedy"].get<std::vector<int>>());
-    }
+    expect_matches_transformers(dir, *m);
   }
 }
 
@@ -232,8 +235,9 @@ TEST(HfModel, RefusesWhatItDoesNotImplement) {
     expect_load_error(d, parts);
   };
   with([](json& j) { j["architectures"] = {"LlamaForCausalLM"}; }, {"architectures", "LlamaForCausalLM"});
-  with([](json& j) { j["architectures"] = {"FalconMambaForCausalLM"}; },
-       {"FalconMambaForCausalLM", "not supported yet", "B, C and dt"});
+  with([](json& j) { j["architectures"] = {"FalconMambaForCausalLM"}; }, {"model_type", "falcon_mamba"});
+  with([](json& j) { j["architectures"] = {"FalconMambaForCausalLM"}; j["model_type"] = "falcon_mamba";
+         j["mixer_rms_eps"] = 0; }, {"mixer_rms_eps"});
   with([](json& j) { j["use_bias"] = true; }, {"use_bias"});
   with([](json& j) { j["hidden_act"] = "gelu"; }, {"hidden_act", "gelu"});
   with([](json& j) { j["model_type"] = "mamba2"; }, {"model_type", "mamba2"});
@@ -622,47 +626,117 @@ TEST(HfMamba2, LogitsMatchTransformers) {
     if (!fs::exists(dir / "expected.json")) continue;
     ++found;
     const json exp = read_json(dir / "expected.json");
-    const std::vector<int32_t> toks = exp["tokens"].get<std::vector<int32_t>>();
-    const std::vector<float> want = read_f32_file(dir / "logits.f32");
     auto be = make_cpu_backend();
     auto m = load_any_model(dir.string(), *be);
-    const ModelConfig& c = m->config();
     // Which columns transformers' gated norm normalizes together, as the fixture script measured it.
-    ASSERT_EQ(exp["gated_norm_group_size"].get<int>(), c.mamba2_norm_group())
+    ASSERT_EQ(exp["gated_norm_group_size"].get<int>(), m->config().mamba2_norm_group())
         << "transformers' MambaRMSNormGated groups differently from the mapping in "
            "src/io/hf_model.cpp (mamba2_norm_per_group): update the mapping and docs/MODELS.md";
-    const int V = c.vocab_size;
-    ASSERT_EQ(want.size(), toks.size() * size_t(V));
-    const double e_full = test::rel_err(forward_all(*m, toks), want);
-    const double e_step = test::rel_err(forward_stepwise(*m, toks), want);
-    std::printf("%s (stored %s): max|ours - transformers| / max|transformers| = %.3g full forward, %.3g "
-                "token by token\n", name, exp["stored_dtype"].get<std::string>().c_str(), e_full, e_step);
-    EXPECT_LT(e_full, 1e-4);
-    EXPECT_LT(e_step, 1e-4);
-    if (!exp["greedy"].is_null()) {
-      HybridMemory mem(*be, c, 1, int(toks.size()) + 16);
-      std::vector<float> logits;
-      Batch b;
-      b.add(0, toks);
-      m->forward(b, mem, logits);
-      std::vector<int> got;
-      for (size_t i = 0; i < exp["greedy"].size(); ++i) {
-        got.push_back(argmax(logits.data(), V));
-        Batch s;
-        s.add(0, {got.back()});
-        m->forward(s, mem, logits);
-      }
-      EXPECT_EQ(got, exp["greedy"].get<std::vector<int>>());
-    }
+    expect_matches_transformers(dir, *m);
     // One perturbed weight breaks the bound: the comparison can fail.
     m->params().layer(0).Dskip[1] += 0.01f;
     m->prepare();
-    EXPECT_GT(test::rel_err(forward_all(*m, toks), want), 1e-4);
+    EXPECT_GT(test::rel_err(forward_all(*m, exp["tokens"].get<std::vector<int32_t>>()),
+                            read_f32_file(dir / "logits.f32")), 1e-4);
   }
   if (found == 0)
     GTEST_SKIP() << "no Mamba-2 fixtures in " << kFixtures.string()
                  << ": run `python3 tests/fixtures/hf/make_fixtures.py tests/fixtures/hf mamba2` where torch and "
                     "transformers are installed (the H200 device machine) and commit the mamba2_* folders";
+}
+
+// Falcon-Mamba: MambaForCausalLM's tensors, plus a weightless RMSNorm on dt_r, B and C.
+namespace {
+const char* const kFalconFolders[] = {"falcon_mamba_f32", "falcon_mamba_bf16"};
+
+// The mamba_f32 fixture relabelled as a Falcon-Mamba folder (same tensor names and shapes).
+fs::path falcon_copy(const test::TempDir& tmp, double eps) {
+  const fs::path d = copy_fixture(tmp, "mamba_f32");
+  edit_config(d, [eps](json& j) {
+    j["architectures"] = {"FalconMambaForCausalLM"};
+    j["model_type"] = "falcon_mamba";
+    j["mixer_rms_eps"] = eps;
+  });
+  return d;
+}
+}  // namespace
+
+TEST(HfFalconMamba, ConfigMapsAndTheNormRuns) {
+  test::TempDir tmp("hf_falcon");
+  const fs::path d = falcon_copy(tmp, 1e-5);
+  auto be = make_cpu_backend();
+  auto falcon = load_any_model(d.string(), *be);
+  auto plain = load_any_model((kFixtures / "mamba_f32").string(), *be);
+  const ModelConfig& c = falcon->config();
+  EXPECT_TRUE(c.mamba_bcdt_norm);
+  EXPECT_FLOAT_EQ(c.mamba_bcdt_norm_eps, 1e-5f);
+  EXPECT_FALSE(plain->config().mamba_bcdt_norm);
+  // Our checkpoint keeps both fields.
+  const ModelConfig back = config_from_json(config_to_json(c));
+  EXPECT_TRUE(back.mamba_bcdt_norm);
+  EXPECT_FLOAT_EQ(back.mamba_bcdt_norm_eps, 1e-5f);
+  Rng rng(5);
+  const std::vector<int32_t> toks = test::tokens(rng, 19, c.vocab_size);
+  const std::vector<float> full = forward_all(*falcon, toks);
+  // The same weights without the norm compute something else; prefill and decode agree.
+  EXPECT_GT(test::rel_err(full, forward_all(*plain, toks)), 1e-2);
+  EXPECT_LT(test::rel_err(forward_stepwise(*falcon, toks), full), 1e-5);
+  // Default eps when the field is absent: transformers' FalconMambaConfig, 1e-6.
+  edit_config(d, [](json& j) { j.erase("mixer_rms_eps"); });
+  EXPECT_FLOAT_EQ(load_any_model(d.string(), *be)->config().mamba_bcdt_norm_eps, 1e-6f);
+}
+
+TEST(HfFalconMamba, NormMakesDtBAndCScaleFree) {
+  // rmsnorm(a * v) = rmsnorm(v) for a > 0 (up to eps): scaling x_proj's dt_r, B or C rows leaves
+  // a Falcon-Mamba model's logits unchanged and changes a plain Mamba model's. Checks that each
+  // of the three slices is normalized on its own, over the right columns.
+  test::TempDir tmp("hf_falcon_scale");
+  const fs::path d = falcon_copy(tmp, 1e-12);
+  auto be = make_cpu_backend();
+  for (bool falcon : {true, false}) {
+    SCOPED_TRACE(falcon ? "falcon" : "plain");
+    auto m = load_any_model(falcon ? d.string() : (kFixtures / "mamba_f32").string(), *be);
+    const ModelConfig& c = m->config();
+    Rng rng(6);
+    const std::vector<int32_t> toks = test::tokens(rng, 11, c.vocab_size);
+    const std::vector<float> base = forward_all(*m, toks);
+    const int R = c.resolved_dt_rank(), N = c.d_state, E = c.d_inner();
+    const int lo[3] = {0, R, R + N}, hi[3] = {R, R + N, R + 2 * N};
+    const float scale[3] = {3.0f, 0.25f, 8.0f};
+    for (int part = 0; part < 3; ++part) {
+      SCOPED_TRACE(part);
+      for (int layer = 0; layer < c.n_layers; ++layer)
+        for (int r = lo[part]; r < hi[part]; ++r)
+          for (int k = 0; k < E; ++k) m->params().layer(layer).x_proj[int64_t(r) * E + k] *= scale[part];
+      m->prepare();
+      const double e = test::rel_err(forward_all(*m, toks), base);
+      std::printf("%s, x_proj part %d scaled by %g: logits moved by %.3g\n", falcon ? "falcon" : "plain", part,
+                  double(scale[part]), e);
+      if (falcon) EXPECT_LT(e, 1e-6); else EXPECT_GT(e, 2e-5);
+      for (int layer = 0; layer < c.n_layers; ++layer)
+        for (int r = lo[part]; r < hi[part]; ++r)
+          for (int k = 0; k < E; ++k) m->params().layer(layer).x_proj[int64_t(r) * E + k] /= scale[part];
+      m->prepare();
+    }
+  }
+}
+
+TEST(HfFalconMamba, LogitsMatchTransformers) {
+  int found = 0;
+  for (const char* name : kFalconFolders) {
+    SCOPED_TRACE(name);
+    const fs::path dir = kFixtures / name;
+    if (!fs::exists(dir / "expected.json")) continue;
+    ++found;
+    auto be = make_cpu_backend();
+    auto m = load_any_model(dir.string(), *be);
+    ASSERT_TRUE(m->config().mamba_bcdt_norm);
+    expect_matches_transformers(dir, *m);
+  }
+  if (found == 0)
+    GTEST_SKIP() << "no Falcon-Mamba fixtures in " << kFixtures.string()
+                 << ": run `python3 tests/fixtures/hf/make_fixtures.py tests/fixtures/hf falcon_mamba` where torch "
+                    "and transformers are installed (the H200 device machine) and commit the falcon_mamba_* folders";
 }
 
 }  // namespace hm

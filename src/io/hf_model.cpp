@@ -39,7 +39,7 @@ struct HfInfo {
   bool conv_bias = true;  // use_conv_bias: false means a zero conv bias and no conv1d.bias tensors
 };
 
-HfInfo mamba_info_from_json(const JsonFields& f, const std::string& origin);
+HfInfo mamba_info_from_json(const JsonFields& f, const std::string& origin, bool falcon);
 HfInfo mamba2_info_from_json(const JsonFields& f, const std::string& origin);
 
 HfInfo hf_info_from_json(const nlohmann::json& j, const std::string& origin) {
@@ -49,12 +49,11 @@ HfInfo hf_info_from_json(const nlohmann::json& j, const std::string& origin) {
   HM_CHECK(arch.is_array() && arch.size() == 1 && arch[0].is_string(), origin,
            ": field 'architectures' must list exactly one architecture, got ", arch.dump());
   const std::string a = arch[0].get<std::string>();
-  HM_CHECK(a != "FalconMambaForCausalLM", origin, ": field 'architectures': \"", a,
-           "\" is not supported yet: Falcon-Mamba applies an RMSNorm to B, C and dt inside the mixer, "
-           "which our Mamba layer does not have (docs/MODELS.md)");
-  HM_CHECK(a == "MambaForCausalLM" || a == "Mamba2ForCausalLM", origin, ": field 'architectures': \"", a,
-           "\" is not supported (supported: MambaForCausalLM, Mamba2ForCausalLM; docs/MODELS.md lists the families)");
-  HfInfo info = a == "MambaForCausalLM" ? mamba_info_from_json(f, origin) : mamba2_info_from_json(f, origin);
+  HM_CHECK(a == "MambaForCausalLM" || a == "FalconMambaForCausalLM" || a == "Mamba2ForCausalLM", origin,
+           ": field 'architectures': \"", a, "\" is not supported (supported: MambaForCausalLM, "
+           "FalconMambaForCausalLM, Mamba2ForCausalLM; docs/MODELS.md lists the families)");
+  HfInfo info = a == "Mamba2ForCausalLM" ? mamba2_info_from_json(f, origin)
+                                         : mamba_info_from_json(f, origin, a == "FalconMambaForCausalLM");
   try {
     validate(info.cfg);
   } catch (const Error& e) {
@@ -152,15 +151,26 @@ HfInfo mamba2_info_from_json(const JsonFields& f, const std::string& origin) {
   return info;
 }
 
-HfInfo mamba_info_from_json(const JsonFields& f, const std::string& origin) {
+// MambaForCausalLM, or FalconMambaForCausalLM (falcon): the same tensors, plus a weightless
+// RMSNorm on dt, B and C inside the mixer (mixer_rms_eps).
+HfInfo mamba_info_from_json(const JsonFields& f, const std::string& origin, bool falcon) {
+  const char* type = falcon ? "falcon_mamba" : "mamba";
   if (f.has("model_type")) {
     const std::string t = f.get_string("model_type");
-    HM_CHECK(t == "mamba", origin, ": field 'model_type' must be \"mamba\" for MambaForCausalLM, got \"", t, "\"");
+    HM_CHECK(t == type, origin, ": field 'model_type' must be \"", type, "\" for ",
+             falcon ? "FalconMambaForCausalLM" : "MambaForCausalLM", ", got \"", t, "\"");
   }
 
   HfInfo info;
   ModelConfig& c = info.cfg;
   common_mamba_fields(f, origin, /*tie_default=*/true, info);
+  if (falcon) {
+    c.mamba_bcdt_norm = true;
+    if (f.has("mixer_rms_eps")) {
+      const double eps = f.get_double("mixer_rms_eps", 1e-30, 0.5);
+      c.mamba_bcdt_norm_eps = float(eps);
+    }
+  }
   // mamba_ssm's names, which some converted configs still carry: they must agree.
   if (f.has("d_model"))
     HM_CHECK(f.get_int("d_model", 1, kMaxDModel) == c.d_model, origin, ": field 'd_model' (",

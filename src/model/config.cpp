@@ -114,6 +114,8 @@ void validate(const ModelConfig& c) {
              "config: 'mamba2_dt_min' (", c.mamba2_dt_min, ") must be >= 0 and below 'mamba2_dt_max' (",
              c.mamba2_dt_max, ")");
   }
+  HM_CHECK(std::isfinite(c.mamba_bcdt_norm_eps) && c.mamba_bcdt_norm_eps > 0 && c.mamba_bcdt_norm_eps < 1,
+           "config: 'mamba_bcdt_norm_eps' must be in (0, 1), got ", c.mamba_bcdt_norm_eps);
   if (c.any_attention()) {
     HM_CHECK(c.d_model % c.n_heads == 0, "config: 'd_model' (", c.d_model,
              ") must be divisible by 'n_heads' (", c.n_heads, ")");
@@ -154,7 +156,7 @@ ModelConfig config_from_json(const nlohmann::json& j, const std::string& origin)
                  "norm_eps", "tie_embeddings", "state_bridges", "true_layers", "routing_mode",
                  "routing_granularity", "routing_chunk", "attention_budget", "budget_loss_weight",
                  "mamba2_layers", "mamba2_head_dim", "mamba2_groups", "mamba2_norm_per_group",
-                 "mamba2_dt_min", "mamba2_dt_max"});
+                 "mamba2_dt_min", "mamba2_dt_max", "mamba_bcdt_norm", "mamba_bcdt_norm_eps"});
   ModelConfig c;
   if (f.has("model_type")) {
     const std::string t = f.get_string("model_type");
@@ -200,6 +202,8 @@ ModelConfig config_from_json(const nlohmann::json& j, const std::string& origin)
   if (f.has("mamba2_norm_per_group")) c.mamba2_norm_per_group = f.get_bool("mamba2_norm_per_group");
   if (f.has("mamba2_dt_min")) c.mamba2_dt_min = f.get_float("mamba2_dt_min");
   if (f.has("mamba2_dt_max")) c.mamba2_dt_max = f.get_float("mamba2_dt_max");  // absent: no upper limit
+  if (f.has("mamba_bcdt_norm")) c.mamba_bcdt_norm = f.get_bool("mamba_bcdt_norm");
+  if (f.has("mamba_bcdt_norm_eps")) c.mamba_bcdt_norm_eps = f.get_float("mamba_bcdt_norm_eps");
   try {
     validate(c);
   } catch (const Error& e) {
@@ -237,6 +241,10 @@ nlohmann::json config_to_json(const ModelConfig& c) {
     j["mamba2_norm_per_group"] = c.mamba2_norm_per_group;
     j["mamba2_dt_min"] = c.mamba2_dt_min;
     if (std::isfinite(c.mamba2_dt_max)) j["mamba2_dt_max"] = c.mamba2_dt_max;  // JSON has no infinity
+  }
+  if (c.mamba_bcdt_norm) {
+    j["mamba_bcdt_norm"] = true;
+    j["mamba_bcdt_norm_eps"] = c.mamba_bcdt_norm_eps;
   }
   if (c.hybrid == "true") {
     j["true_layers"] = c.true_layers;

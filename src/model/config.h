@@ -68,6 +68,10 @@ struct ModelConfig {
   // time_step_limit: delta = clamp(softplus(dt + dt_bias), min, max).
   float mamba2_dt_min = 0.0f;
   float mamba2_dt_max = INFINITY;
+  // Falcon-Mamba's mixer: a weightless RMSNorm (eps mamba_bcdt_norm_eps) on each of dt_r, B and
+  // C after x_proj, in every Mamba-1 path.
+  bool mamba_bcdt_norm = false;
+  float mamba_bcdt_norm_eps = 1e-6f;
 
   int d_inner() const { return inner_size > 0 ? inner_size : expand * d_model; }
   int resolved_dt_rank() const { return dt_rank > 0 ? dt_rank : (d_model + 15) / 16; }

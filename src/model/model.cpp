@@ -74,6 +74,13 @@ void HybridModel::prepare() {
   norm_f_ = weight(params_.norm_f(), 1, D);
   lm_head_ = linear_weight(params_.lm_head(), V, D);
   lw_.assign(size_t(cfg_.n_layers), {});
+  if (cfg_.mamba_bcdt_norm) {
+    const std::vector<float> one(size_t(std::max(R, N)), 1.0f);
+    std::vector<char> staged(one.size() * dtype_size(dtype_));
+    convert_from_f32(staged.data(), dtype_, one.data(), one.size());
+    ones_ = Buffer(be_, staged.size());
+    be_.to_device(ones_.data(), staged.data(), staged.size());
+  }
   graphs_.clear();  // recorded steps name the old weights
   warmed_.clear();
   A_.clear();
@@ -181,9 +188,24 @@ void HybridModel::mamba_path(int layer, Tensor x, const Ragged& rg, Tensor out, 
   be_.linear(xz, x, w.in_proj, false);
   be_.conv1d_silu(xc, mem.recurrent().conv_pool(layer), xz.cols_view(0, E), w.conv_w, w.conv_b, rg);
   be_.linear(dbc, xc, w.x_proj, false);
-  be_.linear(dt, dbc.cols_view(0, R), w.dt_w, false);
-  be_.selective_scan(y, mem.recurrent().ssm_pool(layer), xc, dt, w.dt_b, A_[size_t(layer)].f32(),
-                     dbc.cols_view(R, N), dbc.cols_view(R + N, N), w.Dskip, xz.cols_view(E, E), rg);
+  Tensor dtr = dbc.cols_view(0, R), B = dbc.cols_view(R, N), C = dbc.cols_view(R + N, N);
+  if (cfg_.mamba_bcdt_norm) {  // Falcon-Mamba: each of dt_r, B, C RMS-normalized, no weight
+    act(ws_.bcdt, n, P);
+    char* base = static_cast<char*>(ws_.bcdt.data());
+    const size_t es = dtype_size(dtype_);
+    const Tensor nd(base, dtype_, n, R), nb(base + size_t(n) * R * es, dtype_, n, N),
+        nc(base + size_t(n) * (R + N) * es, dtype_, n, N);
+    for (auto [dst, src] : {std::pair{nd, dtr}, std::pair{nb, B}, std::pair{nc, C}}) {
+      be_.copy_rows(dst, nullptr, src, nullptr, n);
+      be_.rmsnorm(dst, dst, Tensor(ones_.data(), dtype_, 1, dst.cols), cfg_.mamba_bcdt_norm_eps);
+    }
+    dtr = nd;
+    B = nb;
+    C = nc;
+  }
+  be_.linear(dt, dtr, w.dt_w, false);
+  be_.selective_scan(y, mem.recurrent().ssm_pool(layer), xc, dt, w.dt_b, A_[size_t(layer)].f32(), B, C,
+                     w.Dskip, xz.cols_view(E, E), rg);
   be_.linear(out, y, w.out_proj, accumulate);
 }
 
@@ -457,6 +479,7 @@ Tensor HybridModel::forward_device(const Batch& b, HybridMemory& mem) {
   act(ws_.xc, T, m2 ? std::max(E, cfg_.mamba2_conv_dim()) : E);
   if (m2) act(ws_.ssd, T, E);
   act(ws_.dbc, T, P);
+  if (cfg_.mamba_bcdt_norm) act(ws_.bcdt, T, P);
   act(ws_.dt, T, E);
   act(ws_.q, T, cfg_.n_heads * cfg_.head_dim());
   act(ws_.k, T, KW);
@@ -546,7 +569,7 @@ void HybridModel::run_layers(int T, int n_rows, Tensor hrows, HybridMemory& mem)
 std::vector<const void*> HybridModel::graph_signature(const HybridMemory& mem) const {
   std::vector<const void*> s = {&mem, rg_.d_cu(), ws_.idx.data(), ws_.logits.data(), ws_.h.data(),
                                 ws_.u.data(), ws_.inner[0].data(), ws_.inner[1].data(), ws_.rows.data(),
-                                ws_.xz.data(), ws_.xc.data(), ws_.dbc.data(), ws_.dt.data(), ws_.q.data(),
+                                ws_.xz.data(), ws_.xc.data(), ws_.dbc.data(), ws_.bcdt.data(), ws_.dt.data(), ws_.q.data(),
                                 ws_.k.data(), ws_.v.data(), ws_.g.data(), ws_.up.data(), ws_.act.data()};
   auto& m = const_cast<HybridMemory&>(mem);
   for (int i = 0; i < cfg_.n_layers; ++i) {

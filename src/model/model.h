@@ -41,6 +41,7 @@ struct Workspace {
                     // inner[i % 2], and the bridge of layer i + 1 reads it
   Buffer gath, ym, ya;  // true-hybrid layers: gathered path inputs, compact path outputs
   Buffer ssd;           // Mamba-2 layers: the scan's output, before the gated norm
+  Buffer bcdt;          // mamba_bcdt_norm: normalized dt_r [n, R], B [n, N], C [n, N], one after another
   Buffer ids, idx, gates;  // token ids, row indices and row gates uploaded for one forward
 };
 
@@ -152,6 +153,7 @@ class HybridModel {
   int64_t packed_delta_ = 0;           // weight_bytes() minus the arena's
   std::vector<LayerTensors> lw_;       // per layer
   Tensor embeddings_, norm_f_, lm_head_;
+  Buffer ones_;                        // mamba_bcdt_norm: the weightless norms' unit w, max(R, N) wide
   std::vector<Buffer> A_;              // per layer: -exp(A_log) [E, N] float32, [heads] for Mamba-2 (empty for attention)
   Workspace ws_;
   Ragged rg_, rgm_, rga_;              // the batch; a true layer's Mamba and attention rows
