@@ -1,6 +1,6 @@
 // Packed-weight linear kernels (kernels/quant.h) against the float32 linear, in one run:
 //
-//   hm_bench_quant [--quick] [--json] [--threads 1,2] [--reps N]
+//   hm_bench_quant [--quick] [--json] [--prefill] [--threads 1,2] [--reps N]   (--prefill: no decode)
 //
 // Decode (m = 1): GEMV time at the mamba-130m and d 2048 shapes, per weight type, for each
 // SIMD path this CPU has. "cold": the weights come from DRAM, as when a model larger than the
@@ -94,7 +94,7 @@ struct Shape {
 enum class Kind { F32, Packed };
 
 struct Config {
-  bool quick = false, json = false;
+  bool quick = false, json = false, prefill_only = false;
   std::vector<int> threads = {1, 2};
   int reps = 3;
 };
@@ -113,6 +113,7 @@ int main(int argc, char** argv) {
     const std::string a = argv[i];
     if (a == "--quick") cfg.quick = true, cfg.reps = 1;
     else if (a == "--json") cfg.json = true;
+    else if (a == "--prefill") cfg.prefill_only = true;
     else if (a == "--reps" && i + 1 < argc) cfg.reps = std::max(1, std::atoi(argv[++i]));
     else if (a == "--threads" && i + 1 < argc) {
       cfg.threads.clear();
@@ -122,14 +123,15 @@ int main(int argc, char** argv) {
         s = c == std::string::npos ? "" : s.substr(c + 1);
       }
     } else {
-      std::fprintf(stderr, "usage: %s [--quick] [--json] [--threads 1,2] [--reps N]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--quick] [--json] [--prefill] [--threads 1,2] [--reps N]\n", argv[0]);
       return 2;
     }
   }
   if (cfg.quick) cfg.threads.resize(1);
 
   const std::vector<Shape> decode_shapes =
-      cfg.quick ? std::vector<Shape>{{"130m in_proj x", 1536, 768}, {"130m out_proj", 768, 1536}}
+      cfg.prefill_only ? std::vector<Shape>{}
+      : cfg.quick ? std::vector<Shape>{{"130m in_proj x", 1536, 768}, {"130m out_proj", 768, 1536}}
                 : std::vector<Shape>{{"130m in_proj x", 1536, 768},  {"130m in_proj", 3072, 768},
                                      {"130m out_proj", 768, 1536},   {"130m lm_head", 50280, 768},
                                      {"d2048 in_proj", 8192, 2048},  {"d2048 out_proj", 2048, 4096},
@@ -137,6 +139,8 @@ int main(int argc, char** argv) {
   const std::vector<Shape> prefill_shapes =
       cfg.quick ? std::vector<Shape>{{"130m in_proj", 3072, 768}}
                 : std::vector<Shape>{{"130m in_proj", 3072, 768}, {"130m out_proj", 768, 1536},
+                                     {"mamba in_proj", 2048, 512}, {"mamba out_proj", 512, 1024},
+                                     {"mamba x_proj", 64, 1024},
                                      {"d2048 in_proj", 8192, 2048}, {"d2048 out_proj", 2048, 4096}};
   const int prefill_m = cfg.quick ? 64 : 512;
   const hm::WeightType types[] = {hm::WeightType::BF16, hm::WeightType::Q8_0, hm::WeightType::Q4_0};

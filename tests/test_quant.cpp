@@ -237,7 +237,9 @@ TEST(QuantLinear, MatchesReferenceOnEveryIsa) {
   struct Case { int m, n, k; };
   const Case cases[] = {{1, 33, 32},   {1, 37, 800},  {2, 1, 96},    {3, 131, 224}, {4, 67, 64},
                         {5, 33, 96},   {17, 131, 800}, {64, 45, 32}, {1, 2049, 256}, {4, 2049, 256},
-                        {33, 2049, 256}, {1, 19, 37},  {3, 21, 75},  {9, 21, 75}};
+                        {33, 2049, 256}, {1, 19, 37},  {3, 21, 75},  {9, 21, 75},
+                        // the integer GEMM's 6-row tiles and 32-row panels, with tails of each
+                        {6, 32, 64},   {7, 65, 96},   {13, 31, 160}, {50, 97, 32}, {130, 70, 416}};
   for (WeightType t : kTypes) {
     for (const Case c : cases) {
       if (t != WeightType::BF16 && c.k % 32) continue;

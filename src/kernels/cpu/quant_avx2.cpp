@@ -269,7 +269,7 @@ void gemv_q_m(float* y, int ldy, const int8_t* xq, const float* xd, const int32_
 
 Table avx2_table() {
   return {gemv_m<Bf16>, {gemv_q_m<false>, gemv_q_m<true>}, quantize_x,
-          {dequant<Bf16>, dequant<Q8>, dequant<Q4>}};
+          {dequant<Bf16>, dequant<Q8>, dequant<Q4>}, {nullptr, nullptr}};
 }
 
 }  // namespace hm::cpu::packed

@@ -19,6 +19,7 @@
 
 #include "core/error.h"
 #include "io/safetensors.h"
+#include "kernels/cpu/aligned.h"
 #include "kernels/cpu/quant_isa.h"
 #include "kernels/quant.h"
 
@@ -151,7 +152,8 @@ void dequant_scalar(float* out, const unsigned char* row, int k) {
 Table scalar_table() {
   return {gemv_scalar<WeightType::BF16>, {gemv_q_scalar<false>, gemv_q_scalar<true>}, quantize_x_scalar,
           {dequant_scalar<WeightType::BF16>, dequant_scalar<WeightType::Q8_0>,
-           dequant_scalar<WeightType::Q4_0>}};
+           dequant_scalar<WeightType::Q4_0>},
+          {nullptr, nullptr}};
 }
 
 }  // namespace packed
@@ -258,17 +260,48 @@ RoundedX& rounded_x_buffer() {
   return buf;
 }
 
-// x [m, k] (row stride ldx) rounded to 8 bits per block (kernels/quant.h), rows packed.
+// x [m, k] (row stride ldx) rounded to 8 bits per block (kernels/quant.h), rows packed; the
+// rows spread over the threads when there are many (prefill).
 RoundedX& round_x(const packed::Table& tab, const float* x, int ldx, int m, int k) {
   RoundedX& r = rounded_x_buffer();
   const size_t nb = size_t(k / kQuantBlock);
   r.q.resize(size_t(m) * k);
   r.d.resize(size_t(m) * nb);
   r.s.resize(size_t(m) * nb);
+#pragma omp parallel for schedule(static) if (size_t(m) * k >= (size_t(64) << 10))
   for (int i = 0; i < m; ++i)
     tab.quantize_x(r.q.data() + size_t(i) * k, r.d.data() + i * nb, r.s.data() + i * nb,
                    x + size_t(i) * ldx, k);
   return r;
+}
+
+// Prefill of q8_0 / q4_0 on an ISA with an integer GEMM: tasks of panels of W by ranges of x
+// rows, each thread repacking its panel into its own scratch.
+void gemm_int(const packed::Table& tab, float* y, int ldy, const float* x, int ldx, const unsigned char* W,
+              WeightType t, int m, int n, int k, bool accumulate) {
+  const RoundedX& r = round_x(tab, x, ldx, m, k);
+  const packed::GemmQFn gemm = tab.gemm_q[t == WeightType::Q4_0];
+  const size_t rb = row_bytes(t, k), nb = size_t(k / kQuantBlock);
+  const int threads = omp_get_max_threads();
+  // Panels of kGemmPanel rows in groups (enough tasks to balance the threads); x rows split
+  // only when there are too few panels (x_proj: 64 rows).
+  const int panels = (n + packed::kGemmPanel - 1) / packed::kGemmPanel;
+  const int groups = std::min(panels, 4 * threads);
+  const int mchunks = std::clamp(4 * threads / groups, 1, (m + 47) / 48);
+  const int mrows = (m + mchunks - 1) / mchunks;
+  const int tasks = groups * mchunks;
+#pragma omp parallel for schedule(dynamic, 1) if (tasks > 1 && threads > 1)
+  for (int task = 0; task < tasks; ++task) {
+    const int g = task / mchunks, c = task % mchunks;
+    const int o0 = int(long(panels) * g / groups) * packed::kGemmPanel;
+    const int o1 = std::min(n, int(long(panels) * (g + 1) / groups) * packed::kGemmPanel);
+    const int i0 = c * mrows, i1 = std::min(m, i0 + mrows);
+    if (o0 >= o1 || i0 >= i1) continue;
+    thread_local AlignedVec<unsigned char> scratch;
+    if (scratch.size() < nb * packed::kGemmScratchPerBlock) scratch.resize(nb * packed::kGemmScratchPerBlock);
+    gemm(y + size_t(i0) * ldy, ldy, r.q.data() + size_t(i0) * k, r.d.data() + i0 * nb, r.s.data() + i0 * nb,
+         W, rb, i1 - i0, o0, o1, k, accumulate, scratch.data());
+  }
 }
 
 void gemm_panels(const packed::Table& tab, float* y, int ldy, const float* x, int ldx,
@@ -338,7 +371,10 @@ void linear_packed(float* y, int ldy, const float* x, int ldx, const void* W, We
   const packed::Table tab = table_of(quant_isa());
   const auto* Wb = static_cast<const unsigned char*>(W);
   if (m > 4) {
-    gemm_panels(tab, y, ldy, x, ldx, Wb, t, m, n, k, accumulate);
+    if (t != WeightType::BF16 && tab.gemm_q[t == WeightType::Q4_0])
+      gemm_int(tab, y, ldy, x, ldx, Wb, t, m, n, k, accumulate);
+    else
+      gemm_panels(tab, y, ldy, x, ldx, Wb, t, m, n, k, accumulate);
     return;
   }
   const size_t rb = row_bytes(t, k);

@@ -24,12 +24,22 @@ using GemvQFn = void (*)(float* y, int ldy, const int8_t* xq, const float* xd, c
                          bool accumulate);
 // out[k] = one packed row as floats.
 using DequantFn = void (*)(float* out, const unsigned char* row, int k);
+// Prefill by integer GEMM: rows o in [n0, n1) of y[m, n] (=|+=) for any m >= 1, x and W as
+// GemvQFn's. W is repacked kGemmPanel rows at a time into scratch (kGemmScratchPerBlock bytes
+// per block of k, 64-byte aligned, the calling thread's own). Null where the ISA has none: the
+// caller then widens panels of W for sgemm.
+using GemmQFn = void (*)(float* y, int ldy, const int8_t* xq, const float* xd, const int32_t* xs,
+                         const unsigned char* W, size_t row_bytes, int m, int n0, int n1, int k,
+                         bool accumulate, unsigned char* scratch);
+constexpr int kGemmPanel = 32;
+constexpr size_t kGemmScratchPerBlock = kGemmPanel * 32 + kGemmPanel * 4;  // bytes, then scales
 
 struct Table {
   GemvFn gemv_bf16;
   GemvQFn gemv_q[2];  // q8_0, q4_0
   QuantizeXFn quantize_x;
   DequantFn dequant[3];  // by WeightType: BF16, Q8_0, Q4_0
+  GemmQFn gemm_q[2];     // q8_0, q4_0 (null: none)
 };
 
 Table scalar_table();
