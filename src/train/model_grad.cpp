@@ -6,11 +6,12 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
+#include "backend/backend.h"
 #include "core/error.h"
-#include "kernels/cpu/grad_cpu.h"
 #include "kernels/ref/attention_grad_ref.h"
 #include "kernels/ref/mamba_grad_ref.h"
 #include "model/true_hybrid.h"
@@ -19,10 +20,11 @@ namespace hm {
 namespace {
 
 namespace G = ref::grad;
-namespace C = cpu::grad;
 
-// float takes the fast blocks (sgemm, kernels/cpu/grad_cpu.h); double and long double stay the
-// plain reference, the oracle the float path is checked against.
+// float runs every layer on the backend interface's training ops (backend.h; the CPU backend's
+// are kernels/cpu/grad_cpu's blocks: sgemm, vectorised scan), so the same layer code can train on
+// any backend; double and long double stay the plain reference loops, the oracle the float path
+// is checked against.
 template <class T> constexpr bool kFast = std::is_same_v<T, float>;
 
 constexpr int64_t kNone = -1;
@@ -79,6 +81,282 @@ G::AttnShape attn_shape(const ModelConfig& c, int L) {
   return {L, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim(), c.rope, double(c.rope_theta)};
 }
 
+// ---------------------------------------------------------------- the float path's layers
+// Each layer's forward and backward as backend ops on views of the parameter arena and of the
+// saved activations. The backend is the CPU's; its ops are thread-safe, and each sequence of
+// the batch runs on its own OpenMP thread as one ragged batch of one sequence.
+// Not yet on ops (host loops, next for a device backend): the true layer's router and fusion,
+// the bridge gate's backward, A_log's -exp in the op's host code.
+
+Backend& train_backend() {
+  static const std::unique_ptr<Backend> be = make_cpu_backend();
+  return *be;
+}
+Tensor mat(const float* p, int rows, int cols) { return {const_cast<float*>(p), DType::F32, rows, cols}; }
+Tensor vec(const float* p, int n) { return mat(p, 1, n); }
+
+// One training sequence of L tokens from position 0.
+struct OneSeq {
+  Ragged rg;
+  OneSeq(Backend& be, int L) {
+    rg.add(0, L, 0);
+    rg.upload(be);
+  }
+};
+
+// What the float Mamba mixer keeps for its backward: ref::grad::MambaActs's contents, with
+// dt_r, B and C as column views of x_proj's one output and the scan's states in the op's layout.
+struct MambaSaved {
+  int L = 0, chunk = 0;
+  std::vector<float> x, z, xc, dt, yg;  // [L, E]: conv input, gate, scan input, dt (no bias), yg
+  std::vector<float> dbc;               // [L, R + 2N]: dt_r | B | C
+  Buffer scan;                          // Backend::scan_saved_bytes
+};
+template <class T> using MambaActsOf = std::conditional_t<kFast<T>, MambaSaved, G::MambaActs<T>>;
+
+// docs/MODEL.md's Mamba mixer: u [L, D] -> out [L, D] (ref::grad::mamba_block_forward's math).
+void be_mamba_forward(float* out, MambaSaved& a, const float* u, const G::MambaWeights<float>& w,
+                   const G::MambaDims& s, int L, int scan_chunk) {
+  Backend& be = train_backend();
+  const OneSeq seq(be, L);
+  const int D = s.D, E = s.E, N = s.N, R = s.R, P = R + 2 * N;
+  a.L = L;
+  a.chunk = scan_chunk;
+  for (auto* v : {&a.x, &a.z, &a.xc, &a.dt, &a.yg}) v->resize(size_t(L) * E);
+  a.dbc.resize(size_t(L) * P);
+  const Tensor U = mat(u, L, D), in_proj = mat(w.in_proj, 2 * E, D), dbc = mat(a.dbc.data(), L, P);
+  const Tensor x = mat(a.x.data(), L, E), z = mat(a.z.data(), L, E), xc = mat(a.xc.data(), L, E);
+  be.linear(x, U, in_proj.rows_view(0, E), false);  // x, z = in_proj(u).chunk(2, dim=-1)
+  be.linear(z, U, in_proj.rows_view(E, E), false);
+  be.conv1d_silu_train(xc, x, mat(w.conv_w, E, s.K), vec(w.conv_b, E), seq.rg);  // silu(conv(x))
+  be.linear(dbc, xc, mat(w.x_proj, P, E), false);  // dt_r, B, C = x_proj(xc).split([R, N, N])
+  be.linear(mat(a.dt.data(), L, E), dbc.cols_view(0, R), mat(w.dt_w, E, R), false);
+  a.scan.reserve(be, be.scan_saved_bytes(seq.rg, E, N, scan_chunk));
+  be.selective_scan_train(mat(a.yg.data(), L, E), a.scan.data(), xc, mat(a.dt.data(), L, E), vec(w.dt_b, E),
+                          mat(w.A_log, E, N), dbc.cols_view(R, N), dbc.cols_view(R + N, N), vec(w.Dskip, E),
+                          z, scan_chunk, seq.rg);
+  be.linear(mat(out, L, D), mat(a.yg.data(), L, E), mat(w.out_proj, D, E), false);  // out_proj(yg)
+}
+
+// du [L, D] assigned (may be null); every field of g accumulates. dyg_extra [L, E] (nullable):
+// gradient reaching yg from the next layer's bridge.
+void be_mamba_backward(float* du, const G::MambaGrads<float>& g, const float* dout, const float* u,
+                    const G::MambaWeights<float>& w, const MambaSaved& a, const G::MambaDims& s,
+                    const float* dyg_extra) {
+  Backend& be = train_backend();
+  const int L = a.L, D = s.D, E = s.E, N = s.N, K = s.K, R = s.R, P = R + 2 * N;
+  const OneSeq seq(be, L);
+  const size_t LE = size_t(L) * E;
+  std::vector<float> dyg(LE), dxc(LE), ddt(LE), dz(LE), ddbc(size_t(L) * P);
+  auto LxE = [&](const std::vector<float>& v) { return mat(v.data(), L, E); };
+  const Tensor dbc = mat(a.dbc.data(), L, P), gdbc = mat(ddbc.data(), L, P), U = mat(u, L, D);
+  if (dyg_extra) std::copy_n(dyg_extra, LE, dyg.begin());
+  // out = out_proj(yg)
+  be.linear_backward(LxE(dyg), mat(g.out_proj, D, E), mat(dout, L, D), LxE(a.yg), mat(w.out_proj, D, E),
+                     dyg_extra != nullptr);
+  // yg = selective_scan(xc, dt, dt_b, -exp(A_log), B, C, D, z)
+  be.selective_scan_backward(LxE(dxc), LxE(ddt), gdbc.cols_view(R, N), gdbc.cols_view(R + N, N), LxE(dz),
+                             vec(g.dt_b, E), mat(g.A_log, E, N), vec(g.Dskip, E), LxE(dyg), a.scan.data(),
+                             LxE(a.xc), LxE(a.dt), vec(w.dt_b, E), mat(w.A_log, E, N), dbc.cols_view(R, N),
+                             dbc.cols_view(R + N, N), vec(w.Dskip, E), LxE(a.z), a.chunk, seq.rg);
+  // dt = dt_r dt_w^T
+  be.linear_backward(gdbc.cols_view(0, R), mat(g.dt_w, E, R), LxE(ddt), dbc.cols_view(0, R), mat(w.dt_w, E, R),
+                     false);
+  // dbc = x_proj(xc): xc feeds the scan too, so x_proj's gradient adds into dxc
+  be.linear_backward(LxE(dxc), mat(g.x_proj, P, E), gdbc, LxE(a.xc), mat(w.x_proj, P, E), true);
+  std::vector<float>& dx = dyg;  // dyg is dead once the scan's backward is done
+  be.conv1d_silu_backward(LxE(dx), mat(g.conv_w, E, K), vec(g.conv_b, E), LxE(dxc), LxE(a.x), mat(w.conv_w, E, K),
+                          vec(w.conv_b, E), seq.rg);
+  // x, z = in_proj(u).chunk(2): each half against its rows of in_proj
+  const Tensor in_proj = mat(w.in_proj, 2 * E, D), gin = mat(g.in_proj, 2 * E, D);
+  const Tensor dU = du ? mat(du, L, D) : Tensor();
+  be.linear_backward(dU, gin.rows_view(0, E), LxE(dx), U, in_proj.rows_view(0, E), false);
+  be.linear_backward(dU, gin.rows_view(E, E), LxE(dz), U, in_proj.rows_view(E, E), true);
+}
+
+// The attention mixer (ref::grad::attention_block_forward's math and saved activations).
+void be_attention_forward(float* out, G::AttnSaved<float>& s, const float* u, const G::AttnWeights<float>& w,
+                       const G::AttnShape& c) {
+  Backend& be = train_backend();
+  const OneSeq seq(be, c.L);
+  const int Q = c.H * c.hd, KV = c.G * c.hd;
+  s.q.resize(size_t(c.L) * Q);
+  s.k.resize(size_t(c.L) * KV);
+  s.v.resize(size_t(c.L) * KV);
+  s.lse.resize(size_t(c.L) * c.H);
+  s.inner.resize(size_t(c.L) * Q);
+  const Tensor U = mat(u, c.L, c.D), q = mat(s.q.data(), c.L, Q), k = mat(s.k.data(), c.L, KV),
+               v = mat(s.v.data(), c.L, KV), inner = mat(s.inner.data(), c.L, Q);
+  be.linear(q, U, mat(w.wq, Q, c.D), false);
+  be.linear(k, U, mat(w.wk, KV, c.D), false);
+  be.linear(v, U, mat(w.wv, KV, c.D), false);
+  if (c.rope) {
+    be.rope(q, c.H, c.hd, float(c.theta), seq.rg);
+    be.rope(k, c.G, c.hd, float(c.theta), seq.rg);
+  }
+  be.attention_train(inner, mat(s.lse.data(), c.L, c.H), q, k, v, c.H, c.G, c.hd, seq.rg);
+  be.linear(mat(out, c.L, c.D), inner, mat(w.wo, c.D, Q), false);
+}
+
+// du assigned, weight gradients accumulated; dinner (nullable): gradient reaching inner from the
+// next layer's bridge.
+void be_attention_backward(float* du, const G::AttnWeightGrads<float>& gw, const float* dout, const float* dinner,
+                        const float* u, const G::AttnWeights<float>& w, const G::AttnSaved<float>& s,
+                        const G::AttnShape& c) {
+  Backend& be = train_backend();
+  const OneSeq seq(be, c.L);
+  const int Q = c.H * c.hd, KV = c.G * c.hd;
+  std::vector<float> dinn(size_t(c.L) * Q), dq(size_t(c.L) * Q), dk(size_t(c.L) * KV), dv(size_t(c.L) * KV);
+  if (dinner) std::copy(dinner, dinner + dinn.size(), dinn.begin());
+  const Tensor U = mat(u, c.L, c.D), dQ = mat(dq.data(), c.L, Q), dK = mat(dk.data(), c.L, KV),
+               dV = mat(dv.data(), c.L, KV), dI = mat(dinn.data(), c.L, Q);
+  // out = inner Wo^T
+  be.linear_backward(dI, mat(gw.wo, c.D, Q), mat(dout, c.L, c.D), mat(s.inner.data(), c.L, Q), mat(w.wo, c.D, Q),
+                     dinner != nullptr);
+  be.attention_backward(dQ, dK, dV, dI, mat(s.q.data(), c.L, Q), mat(s.k.data(), c.L, KV),
+                        mat(s.v.data(), c.L, KV), mat(s.inner.data(), c.L, Q), mat(s.lse.data(), c.L, c.H), c.H,
+                        c.G, c.hd, seq.rg);
+  if (c.rope) {  // gradients with respect to q, k before the rotation
+    be.rope_backward(dQ, c.H, c.hd, float(c.theta), seq.rg);
+    be.rope_backward(dK, c.G, c.hd, float(c.theta), seq.rg);
+  }
+  const Tensor dU = mat(du, c.L, c.D);
+  be.linear_backward(dU, mat(gw.wq, Q, c.D), dQ, U, mat(w.wq, Q, c.D), false);
+  be.linear_backward(dU, mat(gw.wk, KV, c.D), dK, U, mat(w.wk, KV, c.D), true);
+  be.linear_backward(dU, mat(gw.wv, KV, c.D), dV, U, mat(w.wv, KV, c.D), true);
+}
+
+// The SwiGLU MLP on an already-normalized m [n, D] (ref::grad::mlp_block_forward's math).
+void be_mlp_forward(float* out, G::MlpSaved<float>& s, const float* m, const G::MlpWeights<float>& w, int n, int D,
+                 int F) {
+  Backend& be = train_backend();
+  for (auto* v : {&s.g, &s.u, &s.a}) v->resize(size_t(n) * F);
+  const Tensor M = mat(m, n, D), g = mat(s.g.data(), n, F), u = mat(s.u.data(), n, F), a = mat(s.a.data(), n, F);
+  be.linear(g, M, mat(w.gate, F, D), false);
+  be.linear(u, M, mat(w.up, F, D), false);
+  be.swiglu(a, g, u);
+  be.linear(mat(out, n, D), a, mat(w.down, D, F), false);
+}
+
+void be_mlp_backward(float* dm, const G::MlpWeightGrads<float>& gw, const float* dout, const float* m,
+                  const G::MlpWeights<float>& w, const G::MlpSaved<float>& s, int n, int D, int F) {
+  Backend& be = train_backend();
+  std::vector<float> da(size_t(n) * F), dg(size_t(n) * F), du(size_t(n) * F);
+  const Tensor M = mat(m, n, D), dA = mat(da.data(), n, F), dG = mat(dg.data(), n, F), dU = mat(du.data(), n, F);
+  be.linear_backward(dA, mat(gw.down, D, F), mat(dout, n, D), mat(s.a.data(), n, F), mat(w.down, D, F), false);
+  be.swiglu_backward(dG, dU, dA, mat(s.g.data(), n, F), mat(s.u.data(), n, F));
+  be.linear_backward(mat(dm, n, D), mat(gw.gate, F, D), dG, M, mat(w.gate, F, D), false);
+  be.linear_backward(mat(dm, n, D), mat(gw.up, F, D), dU, M, mat(w.up, F, D), true);
+}
+
+// State bridge after its norm: h += gate * (y W^T); y [n, S], W [D, S], gate [D].
+void be_bridge_forward(float* h, const float* y, const float* W, const float* gate, int n, int D, int S) {
+  Backend& be = train_backend();
+  std::vector<float> p(size_t(n) * D);
+  be.linear(mat(p.data(), n, D), mat(y, n, S), mat(W, D, S), false);
+  be.add_rows(mat(h, n, D), nullptr, mat(p.data(), n, D), nullptr, n, nullptr, vec(gate, D));
+}
+
+// dy assigned, dW and dgate accumulated; dh passes through the residual unchanged. The gate's
+// backward (dgate += sum_i dh p, dp = dh gate) is a host loop: no op has it yet.
+void be_bridge_backward(float* dy, float* dW, float* dgate, const float* dh, const float* y, const float* W,
+                     const float* gate, int n, int D, int S) {
+  Backend& be = train_backend();
+  std::vector<float> p(size_t(n) * D), dp(size_t(n) * D);
+  be.linear(mat(p.data(), n, D), mat(y, n, S), mat(W, D, S), false);  // recompute p = y W^T
+  std::vector<double> acc(size_t(D), 0.0);
+  for (int i = 0; i < n; ++i)
+    for (int d = 0; d < D; ++d) {
+      const size_t o = size_t(i) * D + size_t(d);
+      acc[size_t(d)] += double(dh[o]) * p[o];
+      dp[o] = dh[o] * gate[d];
+    }
+  for (int d = 0; d < D; ++d) dgate[d] += float(acc[size_t(d)]);
+  be.linear_backward(mat(dy, n, S), mat(dW, D, S), mat(dp.data(), n, D), mat(y, n, S), mat(W, D, S), false);
+}
+
+// ---------------------------------------------------------------- one layer code for every T
+// Each block: the backend's ops for float, the reference pair otherwise.
+
+template <class T>
+void mamba_fwd(T* out, MambaActsOf<T>& a, const T* u, const G::MambaWeights<T>& w,
+               const G::MambaDims& s, int L, int scan_chunk) {
+  if constexpr (kFast<T>)
+    be_mamba_forward(out, a, u, w, s, L, scan_chunk);
+  else
+    G::mamba_block_forward(out, a, u, w, s, L, scan_chunk);
+}
+template <class T>
+void mamba_bwd(T* du, const G::MambaGrads<T>& g, const T* dout, const T* u,
+               const G::MambaWeights<T>& w, const MambaActsOf<T>& a, const G::MambaDims& s,
+               const T* dyg_extra) {
+  if constexpr (kFast<T>)
+    be_mamba_backward(du, g, dout, u, w, a, s, dyg_extra);
+  else
+    G::mamba_block_backward(du, g, dout, u, w, a, s, dyg_extra);
+}
+template <class T>
+void attention_fwd(T* out, G::AttnSaved<T>& s, const T* u, const G::AttnWeights<T>& w,
+                   const G::AttnShape& c) {
+  if constexpr (kFast<T>)
+    be_attention_forward(out, s, u, w, c);
+  else
+    G::attention_block_forward(out, s, u, w, c);
+}
+template <class T>
+void attention_bwd(T* du, const G::AttnWeightGrads<T>& gw, const T* dout, const T* dinner,
+                   const T* u, const G::AttnWeights<T>& w, const G::AttnSaved<T>& s,
+                   const G::AttnShape& c) {
+  if constexpr (kFast<T>)
+    be_attention_backward(du, gw, dout, dinner, u, w, s, c);
+  else
+    G::attention_block_backward(du, gw, dout, dinner, u, w, s, c);
+}
+template <class T>
+void mlp_fwd(T* out, G::MlpSaved<T>& s, const T* m, const G::MlpWeights<T>& w, int n, int D, int F) {
+  if constexpr (kFast<T>)
+    be_mlp_forward(out, s, m, w, n, D, F);
+  else
+    G::mlp_block_forward(out, s, m, w, n, D, F);
+}
+template <class T>
+void mlp_bwd(T* dm, const G::MlpWeightGrads<T>& gw, const T* dout, const T* m,
+             const G::MlpWeights<T>& w, const G::MlpSaved<T>& s, int n, int D, int F) {
+  if constexpr (kFast<T>)
+    be_mlp_backward(dm, gw, dout, m, w, s, n, D, F);
+  else
+    G::mlp_block_backward(dm, gw, dout, m, w, s, n, D, F);
+}
+// out = rmsnorm(x) * w over n rows of d; the reference keeps rstd [n] for its backward (the
+// backend's op recomputes it from x, and rstd stays empty).
+template <class T>
+void norm_forward(T* out, std::vector<T>& rstd, const T* x, const T* w, int n, int d, double eps) {
+  if constexpr (kFast<T>) {
+    rstd.clear();
+    train_backend().rmsnorm(mat(out, n, d), mat(x, n, d), vec(w, d), float(eps));
+  } else {
+    rstd.resize(size_t(n));
+    G::rmsnorm_forward(out, rstd.data(), x, w, n, d, eps);
+  }
+}
+// dx (= or, with accumulate, +=) the norm's input gradient, dw accumulated. tmp: n x d of
+// scratch for the reference's += (the backend's op adds itself).
+template <class T>
+void norm_backward(T* dx, T* tmp, T* dw, const T* dout, const T* x, const T* w, const std::vector<T>& rstd, int n,
+                   int d, double eps, bool accumulate) {
+  if constexpr (kFast<T>) {
+    (void)tmp;
+    (void)rstd;
+    train_backend().rmsnorm_backward(mat(dx, n, d), vec(dw, d), mat(dout, n, d), mat(x, n, d), vec(w, d),
+                                     float(eps), accumulate);
+  } else if (accumulate) {
+    G::rmsnorm_backward(tmp, dw, dout, x, w, rstd.data(), n, d);
+    for (size_t i = 0; i < size_t(n) * size_t(d); ++i) dx[i] += tmp[i];
+  } else {
+    G::rmsnorm_backward(dx, dw, dout, x, w, rstd.data(), n, d);
+  }
+}
+
 // Bridge of layer i: rmsnorm(inner output of layer i-1) [L,S] and its rstd [L].
 template <class T> struct BridgeActs {
   std::vector<T> bn, brstd;
@@ -101,7 +379,7 @@ template <class T> struct TrueActs {
 template <class T> struct LayerActs {
   BridgeActs<T> br;
   std::vector<T> h, u, rstd;  // stream entering the pre-norm [L,D], the norm's output, rstd [L]
-  G::MambaActs<T> mamba;
+  MambaActsOf<T> mamba;
   G::AttnSaved<T> attn;
   TrueActs<T> tr;  // true-hybrid layers only
   std::vector<T> h2, m, mrstd;  // MLP: stream entering mlp_norm [L,D], its output, rstd [L]
@@ -110,6 +388,14 @@ template <class T> struct LayerActs {
 
 template <class V> int64_t vec_bytes(const V& v) {
   return int64_t(v.capacity() * sizeof(typename V::value_type));
+}
+template <class T> int64_t mamba_bytes(const G::MambaActs<T>& M) {
+  return vec_bytes(M.x) + vec_bytes(M.z) + vec_bytes(M.xc) + vec_bytes(M.dt_r) + vec_bytes(M.B) +
+         vec_bytes(M.C) + vec_bytes(M.dt) + vec_bytes(M.A) + vec_bytes(M.yg) + vec_bytes(M.scan_states);
+}
+int64_t mamba_bytes(const MambaSaved& M) {
+  return vec_bytes(M.x) + vec_bytes(M.z) + vec_bytes(M.xc) + vec_bytes(M.dt) + vec_bytes(M.yg) +
+         vec_bytes(M.dbc) + int64_t(M.scan.bytes());
 }
 
 // With gradient checkpointing (ckpt) the forward keeps, per layer, only the stream entering its
@@ -141,15 +427,11 @@ template <class T> struct SeqActs {
                 vec_bytes(hf) + vec_bytes(hn) + vec_bytes(rstd_f);
     for (const auto& v : ckpt_h) n += vec_bytes(v);
     for (const LayerActs<T>& la : layers) {
-      const auto& M = la.mamba;
       const auto& A = la.attn;
       n += vec_bytes(la.br.bn) + vec_bytes(la.br.brstd) + vec_bytes(la.h) + vec_bytes(la.u) +
            vec_bytes(la.rstd) + vec_bytes(la.h2) + vec_bytes(la.m) + vec_bytes(la.mrstd) +
-           vec_bytes(la.mlp.g) + vec_bytes(la.mlp.u) + vec_bytes(la.mlp.a) + vec_bytes(M.x) +
-           vec_bytes(M.z) + vec_bytes(M.xc) + vec_bytes(M.dt_r) + vec_bytes(M.B) +
-           vec_bytes(M.C) + vec_bytes(M.dt) + vec_bytes(M.A) + vec_bytes(M.yg) +
-           vec_bytes(M.scan_states) + vec_bytes(A.q) + vec_bytes(A.k) + vec_bytes(A.v) +
-           vec_bytes(A.lse) + vec_bytes(A.inner);
+           vec_bytes(la.mlp.g) + vec_bytes(la.mlp.u) + vec_bytes(la.mlp.a) + mamba_bytes(la.mamba) +
+           vec_bytes(A.q) + vec_bytes(A.k) + vec_bytes(A.v) + vec_bytes(A.lse) + vec_bytes(A.inner);
       const TrueActs<T>& tr = la.tr;
       n += vec_bytes(tr.feats) + vec_bytes(tr.r) + vec_bytes(tr.rt.p) + vec_bytes(tr.rt.route) +
            vec_bytes(tr.rt.gm) + vec_bytes(tr.rt.ga) + vec_bytes(tr.rt.mamba_idx) +
@@ -172,9 +454,7 @@ void bridge_norm_forward(BridgeActs<T>& br, const T* src, const Layout& lo, cons
                          int L) {
   const int S = lo.c.inner_dim(i - 1);
   br.bn.resize(size_t(L) * S);
-  br.brstd.resize(size_t(L));
-  G::rmsnorm_forward(br.bn.data(), br.brstd.data(), src, at(P, lo.layers[size_t(i)].bridge_norm),
-                     L, S, lo.c.norm_eps);
+  norm_forward(br.bn.data(), br.brstd, src, at(P, lo.layers[size_t(i)].bridge_norm), L, S, lo.c.norm_eps);
 }
 
 // Mixer of true-hybrid layer i on la.u (docs/TRUE_HYBRID.md, one sequence from position 0):
@@ -205,14 +485,9 @@ void true_mixer_forward(LayerActs<T>& la, T* out, const Layout& lo, const T* P, 
   tr.ym.resize(size_t(nm) * D);
   if (nm < L)
     for (int j = 0; j < nm; ++j) std::copy_n(row(la.u.data(), M[size_t(j)]), D, row(tr.um.data(), j));
-  if (nm > 0) {
-    if constexpr (kFast<T>)
-      C::mamba_block_forward(tr.ym.data(), la.mamba, tr.mamba_in(la.u), mamba_weights(P, o),
-                             mamba_dims(c), nm, scan_chunk);
-    else
-      G::mamba_block_forward(tr.ym.data(), la.mamba, tr.mamba_in(la.u), mamba_weights(P, o),
-                             mamba_dims(c), nm, scan_chunk);
-  }
+  if (nm > 0)
+    mamba_fwd(tr.ym.data(), la.mamba, tr.mamba_in(la.u), mamba_weights(P, o), mamba_dims(c), nm,
+                        scan_chunk);
   // v = u + exchange * x, x the latest Mamba output at or before the token (none yet: 0, as the
   // sequence starts from zero state).
   const T* ex = at(P, o.exchange);
@@ -231,10 +506,7 @@ void true_mixer_forward(LayerActs<T>& la, T* out, const Layout& lo, const T* P, 
   }
   if (na > 0) {  // RoPE positions are ranks within A: the block sees A as its whole sequence
     const G::AttnWeights<T> aw{at(P, o.wq), at(P, o.wk), at(P, o.wv), at(P, o.wo)};
-    if constexpr (kFast<T>)
-      C::attention_block_forward(tr.ya.data(), la.attn, tr.va.data(), aw, attn_shape(c, na));
-    else
-      G::attention_block_forward(tr.ya.data(), la.attn, tr.va.data(), aw, attn_shape(c, na));
+    attention_fwd(tr.ya.data(), la.attn, tr.va.data(), aw, attn_shape(c, na));
   }
   // out_t = gm_t fuse_mamba * ym_t + ga_t fuse_attn * ya_t; a path that did not run adds nothing.
   const T *fm = at(P, o.fuse_mamba), *fa = at(P, o.fuse_attn);
@@ -314,12 +586,7 @@ void true_mixer_backward(T* du, T* g, const T* dout, const LayerActs<T>& la, con
   if (na > 0) {
     const G::AttnWeightGrads<T> ag{at(g, o.wq), at(g, o.wk), at(g, o.wv), at(g, o.wo)};
     const G::AttnWeights<T> aw{at(P, o.wq), at(P, o.wk), at(P, o.wv), at(P, o.wo)};
-    if constexpr (kFast<T>)
-      C::attention_block_backward(dv.data(), ag, dya.data(), none, tr.va.data(), aw, la.attn,
-                                  attn_shape(c, na));
-    else
-      G::attention_block_backward(dv.data(), ag, dya.data(), none, tr.va.data(), aw, la.attn,
-                                  attn_shape(c, na));
+    attention_bwd(dv.data(), ag, dya.data(), none, tr.va.data(), aw, la.attn, attn_shape(c, na));
     for (int k = 0; k < na; ++k) {
       const T* dvk = row(dv.data(), k);
       T* dut = row(du, A[size_t(k)]);
@@ -335,12 +602,8 @@ void true_mixer_backward(T* du, T* g, const T* dout, const LayerActs<T>& la, con
     }
   }
   if (nm > 0) {
-    if constexpr (kFast<T>)
-      C::mamba_block_backward(dum.data(), mamba_grads(g, o), dym.data(), tr.mamba_in(la.u),
-                              mamba_weights(P, o), la.mamba, mamba_dims(c), none);
-    else
-      G::mamba_block_backward(dum.data(), mamba_grads(g, o), dym.data(), tr.mamba_in(la.u),
-                              mamba_weights(P, o), la.mamba, mamba_dims(c), none);
+    mamba_bwd(dum.data(), mamba_grads(g, o), dym.data(), tr.mamba_in(la.u), mamba_weights(P, o),
+                         la.mamba, mamba_dims(c), none);
     for (int j = 0; j < nm; ++j) {
       const T* s = row(dum.data(), j);
       T* dut = row(du, M[size_t(j)]);
@@ -380,35 +643,22 @@ void layer_forward(LayerActs<T>& la, std::vector<T>& h, std::vector<T>& out, con
   out.resize(LD);
   la.h = h;
   la.u.resize(LD);
-  la.rstd.resize(size_t(L));
-  G::rmsnorm_forward(la.u.data(), la.rstd.data(), h.data(), at(P, o.norm), L, D, eps);
+  norm_forward(la.u.data(), la.rstd, h.data(), at(P, o.norm), L, D, eps);
   const G::AttnWeights<T> aw{at(P, o.wq), at(P, o.wk), at(P, o.wv), at(P, o.wo)};
   if (c.is_true(i)) {
     true_mixer_forward(la, out.data(), lo, P, i, L, scan_chunk);
   } else if (c.is_attention(i)) {
-    if constexpr (kFast<T>)
-      C::attention_block_forward(out.data(), la.attn, la.u.data(), aw, attn_shape(c, L));
-    else
-      G::attention_block_forward(out.data(), la.attn, la.u.data(), aw, attn_shape(c, L));
+    attention_fwd(out.data(), la.attn, la.u.data(), aw, attn_shape(c, L));
   } else {
-    if constexpr (kFast<T>)
-      C::mamba_block_forward(out.data(), la.mamba, la.u.data(), mamba_weights(P, o),
-                             mamba_dims(c), L, scan_chunk);
-    else
-      G::mamba_block_forward(out.data(), la.mamba, la.u.data(), mamba_weights(P, o),
-                             mamba_dims(c), L, scan_chunk);
+    mamba_fwd(out.data(), la.mamba, la.u.data(), mamba_weights(P, o), mamba_dims(c), L, scan_chunk);
   }
   add_into(h, out);
   if (F > 0) {  // h += down(silu(gate(m)) * up(m)), m = rmsnorm(h, mlp_norm)
     la.h2 = h;
     la.m.resize(LD);
-    la.mrstd.resize(size_t(L));
-    G::rmsnorm_forward(la.m.data(), la.mrstd.data(), h.data(), at(P, o.mlp_norm), L, D, eps);
+    norm_forward(la.m.data(), la.mrstd, h.data(), at(P, o.mlp_norm), L, D, eps);
     const G::MlpWeights<T> mw{at(P, o.w_gate), at(P, o.w_up), at(P, o.w_down)};
-    if constexpr (kFast<T>)
-      C::mlp_block_forward(out.data(), la.mlp, la.m.data(), mw, L, D, F);
-    else
-      G::mlp_block_forward(out.data(), la.mlp, la.m.data(), mw, L, D, F);
+    mlp_fwd(out.data(), la.mlp, la.m.data(), mw, L, D, F);
     add_into(h, out);
   }
 }
@@ -442,8 +692,11 @@ void forward_seq(SeqActs<T>& a, const Layout& lo, const T* P, const int32_t* tok
   a.layers.resize(ckpt ? 1 : size_t(c.n_layers));
   if (ckpt) a.ckpt_h.resize(size_t(c.n_layers));
   std::vector<T> h(LD), out(LD);
-  for (int t = 0; t < L; ++t)
-    std::copy_n(P + lo.emb + int64_t(tok[t]) * D, D, h.begin() + ptrdiff_t(t) * D);
+  if constexpr (kFast<T>)
+    train_backend().embedding(mat(h.data(), L, D), mat(P + lo.emb, c.vocab_size, D), tok);
+  else
+    for (int t = 0; t < L; ++t)
+      std::copy_n(P + lo.emb + int64_t(tok[t]) * D, D, h.begin() + ptrdiff_t(t) * D);
   for (int i = 0; i < c.n_layers; ++i) {
     const LayerOffsets& o = lo.layers[size_t(i)];
     if (c.has_bridge(i)) {  // h += gate * (rmsnorm(src) @ proj^T)
@@ -451,8 +704,7 @@ void forward_seq(SeqActs<T>& a, const Layout& lo, const T* P, const int32_t* tok
       BridgeActs<T>& br = a.bridge(i);
       bridge_norm_forward(br, a.inner(c, i - 1), lo, P, i, L);
       if constexpr (kFast<T>)
-        C::bridge_forward(h.data(), h.data(), br.bn.data(), at(P, o.bridge_proj),
-                          at(P, o.bridge_gate), L, D, S);
+        be_bridge_forward(h.data(), br.bn.data(), at(P, o.bridge_proj), at(P, o.bridge_gate), L, D, S);
       else
         G::bridge_forward(h.data(), h.data(), br.bn.data(), at(P, o.bridge_proj),
                           at(P, o.bridge_gate), L, D, S);
@@ -468,8 +720,7 @@ void forward_seq(SeqActs<T>& a, const Layout& lo, const T* P, const int32_t* tok
   }
   a.hf = std::move(h);
   a.hn.resize(LD);
-  a.rstd_f.resize(size_t(L));
-  G::rmsnorm_forward(a.hn.data(), a.rstd_f.data(), a.hf.data(), P + lo.norm_f, L, D, c.norm_eps);
+  norm_forward(a.hn.data(), a.rstd_f, a.hf.data(), P + lo.norm_f, L, D, c.norm_eps);
 }
 
 // Reverse of forward_seq from dhn = dloss/d rmsnorm(hf, norm_f); adds every parameter gradient
@@ -482,10 +733,10 @@ void backward_seq(T* g, SeqActs<T>& a, const Layout& lo, const T* P, const T* dh
   const ModelConfig& c = lo.c;
   const int D = c.d_model, F = c.d_ff;
   const size_t LD = size_t(L) * D;
-  std::vector<T> dh(LD), dtmp(LD), dx(LD), dy;
+  const double eps = c.norm_eps;
+  std::vector<T> dh(LD), dtmp(LD), dx(kFast<T> ? 0 : LD), dy;  // dx: the reference's scratch
   std::vector<T> dinner;  // gradient into this layer's inner output from the next layer's bridge
-  G::rmsnorm_backward(dh.data(), g + lo.norm_f, dhn, a.hf.data(), P + lo.norm_f, a.rstd_f.data(),
-                      L, D);
+  norm_backward(dh.data(), dx.data(), g + lo.norm_f, dhn, a.hf.data(), P + lo.norm_f, a.rstd_f, L, D, eps, false);
   // With ckpt the held layer is still the last one, from the forward: no recompute for it.
   for (int i = c.n_layers - 1; i >= 0; --i) {
     const LayerOffsets& o = lo.layers[size_t(i)];
@@ -493,13 +744,9 @@ void backward_seq(T* g, SeqActs<T>& a, const Layout& lo, const T* P, const T* dh
     if (F > 0) {  // h_out = h2 + mlp(rmsnorm(h2)): dh2 = dh + rmsnorm'(mlp'(dh))
       const G::MlpWeightGrads<T> mg{at(g, o.w_gate), at(g, o.w_up), at(g, o.w_down)};
       const G::MlpWeights<T> mw{at(P, o.w_gate), at(P, o.w_up), at(P, o.w_down)};
-      if constexpr (kFast<T>)
-        C::mlp_block_backward(dtmp.data(), mg, dh.data(), la.m.data(), mw, la.mlp, L, D, F);
-      else
-        G::mlp_block_backward(dtmp.data(), mg, dh.data(), la.m.data(), mw, la.mlp, L, D, F);
-      G::rmsnorm_backward(dx.data(), at(g, o.mlp_norm), dtmp.data(), la.h2.data(),
-                          at(P, o.mlp_norm), la.mrstd.data(), L, D);
-      add_into(dh, dx);
+      mlp_bwd(dtmp.data(), mg, dh.data(), la.m.data(), mw, la.mlp, L, D, F);
+      norm_backward(dh.data(), dx.data(), at(g, o.mlp_norm), dtmp.data(), la.h2.data(), at(P, o.mlp_norm),
+                    la.mrstd, L, D, eps, true);
     }
     // h2 = h + mixer(rmsnorm(h)); the mixer's inner output also feeds the next bridge (dinner).
     const T* dinn = dinner.empty() ? nullptr : dinner.data();
@@ -508,23 +755,13 @@ void backward_seq(T* g, SeqActs<T>& a, const Layout& lo, const T* P, const T* dh
     } else if (c.is_attention(i)) {
       const G::AttnWeightGrads<T> ag{at(g, o.wq), at(g, o.wk), at(g, o.wv), at(g, o.wo)};
       const G::AttnWeights<T> aw{at(P, o.wq), at(P, o.wk), at(P, o.wv), at(P, o.wo)};
-      if constexpr (kFast<T>)
-        C::attention_block_backward(dtmp.data(), ag, dh.data(), dinn, la.u.data(), aw, la.attn,
-                                    attn_shape(c, L));
-      else
-        G::attention_block_backward(dtmp.data(), ag, dh.data(), dinn, la.u.data(), aw, la.attn,
-                                    attn_shape(c, L));
+      attention_bwd(dtmp.data(), ag, dh.data(), dinn, la.u.data(), aw, la.attn, attn_shape(c, L));
     } else {
-      if constexpr (kFast<T>)
-        C::mamba_block_backward(dtmp.data(), mamba_grads(g, o), dh.data(), la.u.data(),
-                                mamba_weights(P, o), la.mamba, mamba_dims(c), dinn);
-      else
-        G::mamba_block_backward(dtmp.data(), mamba_grads(g, o), dh.data(), la.u.data(),
-                                mamba_weights(P, o), la.mamba, mamba_dims(c), dinn);
+      mamba_bwd(dtmp.data(), mamba_grads(g, o), dh.data(), la.u.data(), mamba_weights(P, o), la.mamba,
+                           mamba_dims(c), dinn);
     }
-    G::rmsnorm_backward(dx.data(), at(g, o.norm), dtmp.data(), la.h.data(), at(P, o.norm),
-                        la.rstd.data(), L, D);
-    add_into(dh, dx);
+    norm_backward(dh.data(), dx.data(), at(g, o.norm), dtmp.data(), la.h.data(), at(P, o.norm), la.rstd, L, D,
+                  eps, true);
     // Layer i is done with its activations (la is not used below): the held slot can take
     // layer i-1, whose inner output the bridge below needs.
     if (a.ckpt && i > 0) recompute_layer(a, lo, P, i - 1, L, scan_chunk);
@@ -535,19 +772,22 @@ void backward_seq(T* g, SeqActs<T>& a, const Layout& lo, const T* P, const T* dh
       dy.resize(size_t(L) * S);
       dinner.resize(size_t(L) * S);
       if constexpr (kFast<T>)
-        C::bridge_backward(dy.data(), at(g, o.bridge_proj), at(g, o.bridge_gate), dh.data(),
-                           br.bn.data(), at(P, o.bridge_proj), at(P, o.bridge_gate), L, D, S);
+        be_bridge_backward(dy.data(), at(g, o.bridge_proj), at(g, o.bridge_gate), dh.data(), br.bn.data(),
+                        at(P, o.bridge_proj), at(P, o.bridge_gate), L, D, S);
       else
         G::bridge_backward<T>(nullptr, dy.data(), at(g, o.bridge_proj), at(g, o.bridge_gate),
                               dh.data(), br.bn.data(), at(P, o.bridge_proj), at(P, o.bridge_gate),
                               L, D, S);
-      G::rmsnorm_backward(dinner.data(), at(g, o.bridge_norm), dy.data(), a.inner(c, i - 1),
-                          at(P, o.bridge_norm), br.brstd.data(), L, S);
+      norm_backward(dinner.data(), dx.data(), at(g, o.bridge_norm), dy.data(), a.inner(c, i - 1),
+                    at(P, o.bridge_norm), br.brstd, L, S, eps, false);
     } else {
       dinner.clear();
     }
   }
-  G::embedding_backward(g + lo.emb, dh.data(), tok, L, D);
+  if constexpr (kFast<T>)
+    train_backend().embedding_backward(mat(g + lo.emb, c.vocab_size, D), mat(dh.data(), L, D), tok);
+  else
+    G::embedding_backward(g + lo.emb, dh.data(), tok, L, D);
 }
 
 // Sum over the counted positions of -log softmax(hn W^T)[target], in acc_t<T> (long double for
@@ -645,9 +885,9 @@ double loss_and_grad_arena(const Params& layout, const T* params, T* grads, cons
       const G::acc_t<T> share = G::acc_t<T>(cnt) / G::acc_t<T>(total);
       seq_budget[size_t(b)] = share * a.budget;
       if constexpr (kFast<T>) {  // dlogits scaled by 1/total directly, dW added into g's head
-        seq_loss[size_t(b)] =
-            C::cross_entropy_forward_backward(dhn.data(), g + lo.head, a.hn.data(),
-                                              params + lo.head, tgt, L, D, V, 1.0 / double(total));
+        seq_loss[size_t(b)] = train_backend().cross_entropy_head(
+            mat(dhn.data(), L, D), mat(g + lo.head, V, D), mat(a.hn.data(), L, D), mat(params + lo.head, V, D),
+            tgt, 1.0 / double(total));
         backward_seq(g, a, lo, params, dhn.data(), tok, L, scan_chunk, share);
         continue;
       }

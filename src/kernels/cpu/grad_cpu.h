@@ -1,4 +1,8 @@
-// Fast float forward/backward blocks for training (train/model_grad.cpp's float path).
+// Fast float forward/backward blocks for training: the CPU backend's training ops
+// (backend/host_backend.h) call the pieces (gemms, conv backward, attention core, LM head);
+// train/model_grad.cpp composes its layers from those ops. The whole-block functions below
+// (mamba_block_*, attention_block_*, mlp_block_*, bridge_*) are no longer on the training path:
+// the tests keep them as a second check of the pieces.
 //
 // Same signatures and conventions as the reference pairs in kernels/ref/mamba_grad_ref.h and
 // kernels/ref/attention_grad_ref.h (param gradients +=, activation gradients =, same saved
