@@ -3,6 +3,8 @@
 // the packed types never pass for file dtypes.
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -370,4 +372,89 @@ TEST(PackedModel, EvalScoresPackedWeights) {
   save_model(*q, (dir.path / "q").string());
   ByteTokenizer().save((dir.path / "q").string());
   EXPECT_EQ(evaluate((dir.path / "q").string(), corpus, 32, 0, 4).loss, loss[DType::Q8_0]);
+}
+
+namespace {
+
+void expect_same_packed(const HybridModel& a, const HybridModel& b) {
+  ASSERT_EQ(a.packed_weights().size(), b.packed_weights().size());
+  for (size_t i = 0; i < a.packed_weights().size(); ++i) {
+    const Tensor& x = a.packed_weights()[i].t;
+    const Tensor& y = b.packed_weights()[i].t;
+    ASSERT_EQ(x.rows, y.rows);
+    ASSERT_EQ(x.cols, y.cols);
+    const DType f = a.weight_format();
+    const size_t n = size_t(x.rows) * (f == DType::BF16 ? size_t(x.cols) * 2 : packed_row_bytes(f, x.cols));
+    EXPECT_EQ(std::memcmp(x.data, y.data, n), 0) << "packed weight " << i;
+  }
+}
+
+}  // namespace
+
+// The inference load (hm generate / serve / route with packed weights) packs each weight as it
+// reads it and keeps no float32 copy of it, and computes what packing a loaded model does; what
+// needs the released floats is an error, saving still works.
+TEST(PackedModel, InferenceLoadKeepsNoFloatCopies) {
+  auto be = make_cpu_backend();
+  for (const ModelConfig& c : {tiny(true), mixed()}) {
+    Rng rng(23);
+    const auto toks = tokens(rng, 17, c.vocab_size);
+    test::TempDir f32dir("infer_f32");
+    save_model(*model(c, *be, DType::F32, 9), f32dir.str());
+    for (DType f : kFormats) {
+      SCOPED_TRACE(compute_dtype_name(f));
+      const auto want = model(c, *be, f, 9);
+      // From a float32 checkpoint, and from a packed one (its own format, and another).
+      test::TempDir packed_dir("infer_packed");
+      save_model(*want, packed_dir.str());
+      for (const std::string& dir : {f32dir.str(), packed_dir.str()}) {
+        auto m = load_packed_for_inference(dir, *be, f);
+        EXPECT_EQ(m->weight_format(), f);
+        EXPECT_TRUE(m->float_weights_released());
+        expect_same_packed(*want, *m);
+        EXPECT_EQ(full_logits(*want, toks), full_logits(*m, toks));
+        EXPECT_THROW(m->params(), Error);
+        EXPECT_THROW(m->prepare(), Error);
+        EXPECT_THROW(m->set_weight_format(DType::F32), Error);
+        // Saved from the packed copies: loads back to the same model.
+        test::TempDir again("infer_save");
+        save_model(*m, again.str());
+        auto back = load_model(again.str(), *be);
+        expect_same_packed(*want, *back);
+        EXPECT_EQ(full_logits(*want, toks), full_logits(*back, toks));
+      }
+    }
+    // q4_0 stored, q8_0 wanted: dequantized and packed again, as load_model + set_weight_format.
+    test::TempDir q4dir("infer_q4");
+    save_model(*model(c, *be, DType::Q4_0, 9), q4dir.str());
+    auto ref = load_model(q4dir.str(), *be);
+    ref->set_weight_format(DType::Q8_0);
+    ref->prepare();
+    expect_same_packed(*ref, *load_packed_for_inference(q4dir.str(), *be, DType::Q8_0));
+  }
+}
+
+// Peak resident memory of an inference load stays near the packed weights: the float32 arena
+// rows of packed weights are never committed (an f32 load commits them all).
+TEST(PackedModel, InferenceLoadDoesNotCommitPackedRows) {
+  auto be = make_cpu_backend();
+  ModelConfig c = preset("mamba");  // 36.7 M parameters: 147 MB in float32
+  test::TempDir dir("infer_rss");
+  {
+    HybridModel m(c, *be);
+    test::randomize_params(m.params(), 3);
+    save_model(m, dir.str());
+  }
+  auto rss = [] {  // resident bytes now, from /proc/self/statm
+    std::ifstream f("/proc/self/statm");
+    long size = 0, res = 0;
+    f >> size >> res;
+    return double(res) * double(sysconf(_SC_PAGESIZE));
+  };
+  const double before = rss();
+  auto m = load_packed_for_inference(dir.str(), *be, DType::Q4_0);
+  const double grown = rss() - before;
+  // q4_0 weights: 21.7 MB packed + the 65.5 MB float32 embedding (tied); f32 would be 147 MB.
+  EXPECT_LT(grown, 1.3 * double(m->weight_bytes())) << grown / 1e6 << " MB";
+  EXPECT_LT(double(m->weight_bytes()), 0.65 * 4.0 * double(m->kept_params().numel()));
 }

@@ -5,6 +5,7 @@
 
 #include "core/error.h"
 #include "io/hf_model.h"
+#include "model/packed_checkpoint.h"
 #include "model/params.h"
 
 namespace hm::cli {
@@ -82,6 +83,11 @@ std::unique_ptr<HybridModel> load_model_on(const std::string& dir, Backend& be, 
   namespace fs = std::filesystem;
   bool given = false;
   const DType wf = weight_format_option(weights, &given);
+  // Packed weights on the CPU: packed as they are read, never holding their float32 copies.
+  if (be.device() == Device::CPU && dtype == DType::F32 && !is_hf_model_dir(dir) && fs::is_directory(dir)) {
+    const DType f = given ? wf : stored_weight_format(dir);
+    if (f != DType::F32 && be.supports_weight_format(f)) return load_packed_for_inference(dir, be, f);
+  }
   if (dtype == be.default_dtype() && !given) return load_any_model(dir, be);
   std::unique_ptr<HybridModel> m;
   DType stored = DType::F32;

@@ -1,6 +1,10 @@
 #include "model/model.h"
 
 #include <algorithm>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -29,7 +33,62 @@ Tensor HybridModel::weight(const float* host, int rows, int cols) const {
   return {static_cast<char*>(dev_weights_.data()) + off * int64_t(dtype_size(dtype_)), dtype_, rows, cols};
 }
 
+HybridModel::~HybridModel() {
+  for (const auto& [p, n] : released_) mprotect(p, n, PROT_READ | PROT_WRITE);
+}
+
+void HybridModel::check_floats_kept() const {
+  HM_CHECK(released_.empty(), "model: the float32 copies of its ", compute_dtype_name(wfmt_), " weights were "
+           "released after loading (inference keeps only the packed ones); training, another weight format "
+           "or a float32 copy of this model needs it loaded again (e.g. --weights f32)");
+}
+
+std::vector<HybridModel::LinearRef> HybridModel::linear_weights() const {
+  // The calls of linear_weight in prepare(), in its order (prepare checks the two agree).
+  const int D = cfg_.d_model, E = cfg_.d_inner(), N = cfg_.d_state;
+  const int R = cfg_.resolved_dt_rank(), F = cfg_.d_ff, V = cfg_.vocab_size;
+  std::vector<LinearRef> v = {{params_.lm_head(), V, D}};
+  for (int i = 0; i < cfg_.n_layers; ++i) {
+    const LayerWeights& w = params_.layer(i);
+    if (cfg_.is_mamba2(i)) {
+      v.push_back({w.in_proj, cfg_.mamba2_in_proj_rows(), D});
+      v.push_back({w.out_proj, D, E});
+    } else if (cfg_.has_mamba_path(i)) {
+      v.insert(v.end(), {{w.in_proj, 2 * E, D}, {w.x_proj, R + 2 * N, E}, {w.dt_w, E, R}, {w.out_proj, D, E}});
+    }
+    if (cfg_.has_attention_path(i)) {
+      const int hd = cfg_.head_dim(), QW = cfg_.n_heads * hd, KW = cfg_.n_kv_heads * hd;
+      v.insert(v.end(), {{w.wq, QW, D}, {w.wk, KW, D}, {w.wv, KW, D}, {w.wo, D, QW}});
+    }
+    if (F > 0 && w.w_gate != nullptr) v.insert(v.end(), {{w.w_gate, F, D}, {w.w_up, F, D}, {w.w_down, D, F}});
+    if (cfg_.has_bridge(i)) v.push_back({w.bridge_proj, D, cfg_.inner_dim(i - 1)});
+  }
+  return v;
+}
+
+void HybridModel::stage_packed(const float* host, std::vector<unsigned char> bytes) {
+  staged_[host] = std::move(bytes);
+}
+
+void HybridModel::release_float_weights() {
+  HM_CHECK(!lw_.empty(), "release_float_weights: model not prepared");
+  const size_t page = size_t(sysconf(_SC_PAGESIZE));
+  for (const PackedWeight& w : packed_) {
+    if (w.host == params_.embeddings()) continue;  // the lookup table, also a tied head's source
+    // Whole pages inside the weight's rows only: the pages at its ends hold other tensors too.
+    const auto a = reinterpret_cast<uintptr_t>(w.host);
+    const uintptr_t b = a + size_t(w.t.rows) * size_t(w.t.cols) * sizeof(float);
+    const uintptr_t p0 = (a + page - 1) / page * page, p1 = b / page * page;
+    if (p1 <= p0) continue;
+    char* p = reinterpret_cast<char*>(p0);
+    HM_CHECK(madvise(p, p1 - p0, MADV_DONTNEED) == 0 && mprotect(p, p1 - p0, PROT_NONE) == 0,
+             "release_float_weights: madvise/mprotect failed: ", std::strerror(errno));
+    released_.emplace_back(p, p1 - p0);
+  }
+}
+
 void HybridModel::set_weight_format(DType f) {
+  check_floats_kept();
   HM_CHECK(f == DType::F32 || be_.supports_weight_format(f), "model: the ", be_.name(), " backend has no ",
            compute_dtype_name(f), " weights (bf16, q8_0 and q4_0 weights run on the cpu; --weights f32 loads "
            "a packed checkpoint unpacked)");
@@ -39,11 +98,20 @@ void HybridModel::set_weight_format(DType f) {
 }
 
 Tensor HybridModel::linear_weight(const float* host, int rows, int cols) {
-  if (wfmt_ == DType::F32 || (is_packed(wfmt_) && cols % kQuantBlock != 0)) return weight(host, rows, cols);
+  if (!packs(cols)) return weight(host, rows, cols);
   const WeightType t = weight_type_of(wfmt_);
   const size_t bytes = row_bytes(t, cols) * size_t(rows);
-  std::vector<unsigned char> staged(bytes);
-  cpu::quantize(t, staged.data(), host, rows, cols);
+  std::vector<unsigned char> staged;
+  if (auto it = staged_.find(host); it != staged_.end()) {
+    HM_ASSERT(it->second.size() == bytes);
+    staged = std::move(it->second);
+    staged_.erase(it);
+  } else {
+    // A streamed load fills only the rows of weights it does not stage (and the embedding).
+    HM_ASSERT(!streaming_ || host == params_.embeddings());
+    staged.resize(bytes);
+    cpu::quantize(t, staged.data(), host, rows, cols);
+  }
   Buffer& b = packed_bufs_.emplace_back(be_, bytes);
   be_.to_device(b.data(), staged.data(), bytes);
   const Tensor w(b.data(), wfmt_, rows, cols);
@@ -55,6 +123,7 @@ Tensor HybridModel::linear_weight(const float* host, int rows, int cols) {
 }
 
 void HybridModel::prepare() {
+  check_floats_kept();
   const int D = cfg_.d_model, E = cfg_.d_inner(), N = cfg_.d_state, K = cfg_.d_conv;
   const int R = cfg_.resolved_dt_rank(), F = cfg_.d_ff, V = cfg_.vocab_size;
   // A host backend computing in float32 reads the arena itself; anything else gets one copy.
@@ -67,6 +136,7 @@ void HybridModel::prepare() {
     convert_from_f32(staged.data(), dtype_, params_.data(), n);
     be_.to_device(dev_weights_.data(), staged.data(), staged.size());
   }
+  streaming_ = !staged_.empty();
   packed_.clear();
   packed_bufs_.clear();
   packed_delta_ = 0;
@@ -141,6 +211,8 @@ void HybridModel::prepare() {
       t.bridge_gate = weight(w.bridge_gate, 1, D);
     }
   }
+  HM_ASSERT(staged_.empty());  // linear_weights() named a W that prepare() did not pack
+  streaming_ = false;
 }
 
 Tensor HybridModel::act(Buffer& b, int rows, int cols) {

@@ -69,9 +69,14 @@ class HybridModel {
   // given: float32 on the CPU, bf16 on CUDA). Sums, recurrent state and logits stay float32.
   HybridModel(const ModelConfig& c, Backend& be);
   HybridModel(const ModelConfig& c, Backend& be, DType dtype);
+  ~HybridModel();  // makes released arena rows (release_float_weights) writable again
   const ModelConfig& config() const { return cfg_; }
-  Params& params() { return params_; }
-  const Params& params() const { return params_; }
+  // The float32 arena; an hm::Error after release_float_weights().
+  Params& params() { check_floats_kept(); return params_; }
+  const Params& params() const { check_floats_kept(); return params_; }
+  // The arena even after release_float_weights(), for code that reads only tensors that are
+  // not packed (save_packed_params): a packed weight's rows are then unreadable.
+  const Params& kept_params() const { return params_; }
   Backend& backend() const { return be_; }
 
   DType dtype() const { return dtype_; }
@@ -93,6 +98,26 @@ class HybridModel {
     Tensor t;
   };
   const std::vector<PackedWeight>& packed_weights() const { return packed_; }
+
+  // Inference without the float32 copies of packed weights (issue 17: resident memory).
+  // linear_weights(): every W prepare() passes to its packing rule, packed or not (dt_proj at a
+  // dt_rank that is not a multiple of 32 stays float32); packs(cols): whether the format packs a
+  // W of that row length. stage_packed(): this format's packed rows for the W at host, which the
+  // next prepare() takes instead of packing the arena's rows, so a loader that packs as it reads
+  // (load_packed_for_inference) never fills them; prepare() checks that it took every staged W
+  // and that it read no unfilled rows. release_float_weights() (after prepare) returns the arena
+  // rows of packed weights to the OS and makes them unreadable; afterwards params(), prepare()
+  // and set_weight_format() are hm::Errors. The embedding table, which a tied head is packed
+  // from, is kept. Saving still works: packed weights are saved from their packed copies.
+  struct LinearRef {
+    const float* host;
+    int rows, cols;
+  };
+  std::vector<LinearRef> linear_weights() const;
+  bool packs(int cols) const { return wfmt_ != DType::F32 && !(is_packed(wfmt_) && cols % 32 != 0); }
+  void stage_packed(const float* host, std::vector<unsigned char> bytes);
+  void release_float_weights();
+  bool float_weights_released() const { return !released_.empty(); }
 
   // Call after the parameters change (init, load): derives A = -exp(A_log) and, on a backend
   // that does not compute on the float32 arena itself, uploads the weights in dtype().
@@ -150,6 +175,10 @@ class HybridModel {
   DType wfmt_ = DType::F32;
   std::vector<PackedWeight> packed_;   // made by prepare(), their bytes in packed_bufs_
   std::vector<Buffer> packed_bufs_;
+  std::map<const float*, std::vector<unsigned char>> staged_;  // stage_packed, until prepare()
+  bool streaming_ = false;                                      // prepare() runs on staged weights
+  std::vector<std::pair<char*, size_t>> released_;              // page ranges of the arena
+  void check_floats_kept() const;
   int64_t packed_delta_ = 0;           // weight_bytes() minus the arena's
   std::vector<LayerTensors> lw_;       // per layer
   Tensor embeddings_, norm_f_, lm_head_;

@@ -1,5 +1,8 @@
 #include "model/packed_checkpoint.h"
 
+#include <cmath>
+#include <filesystem>
+#include <set>
 #include <vector>
 
 #include "backend/tensor.h"
@@ -39,7 +42,7 @@ void read_packed_tensor(const SafetensorsReader& r, const TensorInfo& t, const P
 void save_packed_params(const HybridModel& m, const std::string& path) {
   const DType f = m.weight_format();
   HM_CHECK(f != DType::F32, "save_packed_params: the model's weights are not packed");
-  const Params& p = m.params();
+  const Params& p = m.kept_params();  // packed weights' rows may be released: only the others are read
   // Each packed weight's bytes, read back from the backend; a tied head's copy is not stored
   // (the embedding is, in float32, and the head is packed from it on load).
   std::map<const float*, std::vector<unsigned char>> bytes;
@@ -64,6 +67,61 @@ void save_packed_params(const HybridModel& m, const std::string& path) {
   }
   write_safetensors(path, ts, {{"format", "pt"}, {"producer", "hybrid-mamba"},
                                {kWeightFormatKey, compute_dtype_name(f)}});
+}
+
+DType stored_weight_format(const std::string& dir) {
+  return checkpoint_weight_format(SafetensorsReader((std::filesystem::path(dir) / "model.safetensors").string()));
+}
+
+std::unique_ptr<HybridModel> load_packed_for_inference(const std::string& dir, Backend& be, DType format) {
+  namespace fs = std::filesystem;
+  HM_CHECK(fs::is_directory(dir), "model: '", dir, "' is not a directory (expected a checkpoint folder "
+           "with config.json and model.safetensors)");
+  auto m = std::make_unique<HybridModel>(load_config((fs::path(dir) / "config.json").string()), be);
+  HM_CHECK(format != DType::F32, "load_packed_for_inference: float32 is not a packed format");
+  m->set_weight_format(format);
+  Params& p = m->params();
+  const std::string path = (fs::path(dir) / "model.safetensors").string();
+  SafetensorsReader r(path);
+  const DType stored = checkpoint_weight_format(r);
+  std::set<std::string> names;
+  for (const auto& s : p.specs()) names.insert(s.name);
+  for (const auto& t : r.tensors())
+    HM_CHECK(names.count(t.name), "checkpoint: ", path, ": unexpected tensor '", t.name,
+             "' (not part of this config; does config.json match the weights?)");
+  // The weights this format packs; the embedding table is read whole even as a tied head.
+  std::map<const float*, HybridModel::LinearRef> packed;
+  for (const HybridModel::LinearRef& w : m->linear_weights())
+    if (m->packs(w.cols) && w.host != p.embeddings()) packed[w.host] = w;
+  const WeightType t = weight_type_of(format);
+  std::vector<float> tmp;
+  for (size_t i = 0; i < p.specs().size(); ++i) {
+    const ParamSpec& s = p.specs()[i];
+    const TensorInfo* ti = r.find(s.name);
+    HM_CHECK(ti != nullptr, "checkpoint: ", path, ": missing tensor '", s.name, "'");
+    const auto it = packed.find(p.at(i));
+    float* dst = p.at(i);
+    if (it != packed.end()) {
+      tmp.resize(size_t(s.numel()));
+      dst = tmp.data();
+    }
+    if (ti->dtype == DType::U8) read_packed_tensor(r, *ti, s, stored, dst);
+    else r.read_f32(s.name, s.shape, dst);
+    for (int64_t k = 0; k < s.numel(); ++k)
+      HM_CHECK(std::isfinite(dst[k]), "checkpoint: ", path, ": tensor '", s.name,
+               "' holds a non-finite value at element ", k);
+    if (it == packed.end()) continue;
+    const HybridModel::LinearRef& w = it->second;
+    HM_CHECK(int64_t(w.rows) * w.cols == s.numel(), "checkpoint: ", path, ": tensor '", s.name,
+             "' is not the [", w.rows, ", ", w.cols, "] weight the config gives");
+    // Packing the dequantized rows gives back the stored bytes (docs/QUANTIZATION.md).
+    std::vector<unsigned char> bytes(row_bytes(t, w.cols) * size_t(w.rows));
+    cpu::quantize(t, bytes.data(), tmp.data(), w.rows, w.cols);
+    m->stage_packed(w.host, std::move(bytes));
+  }
+  m->prepare();
+  m->release_float_weights();
+  return m;
 }
 
 }  // namespace hm

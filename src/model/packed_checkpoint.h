@@ -9,6 +9,7 @@
 // what the saved one did.
 #pragma once
 #include <map>
+#include <memory>
 #include <string>
 
 #include "core/dtype.h"
@@ -17,6 +18,7 @@
 
 namespace hm {
 
+class Backend;
 class HybridModel;
 
 constexpr const char* kWeightFormatKey = "hm.weight_format";
@@ -33,5 +35,14 @@ void read_packed_tensor(const SafetensorsReader& r, const TensorInfo& t, const P
 
 // model.safetensors of a model whose weight_format() is not F32, written atomically.
 void save_packed_params(const HybridModel& m, const std::string& path);
+
+// Inference only: our checkpoint in dir (f32 or packed) loaded with its linear weights in
+// `format` (bf16 | q8_0 | q4_0) on a CPU backend computing in float32, packing each weight as it
+// is read, so the float32 copy of a packed weight is never resident (one tensor at a time);
+// prepared, with release_float_weights() done. The same checks as load_params (unexpected or
+// missing tensors, shapes, non-finite values, packed layout), hm::Error naming the file.
+std::unique_ptr<HybridModel> load_packed_for_inference(const std::string& dir, Backend& be, DType format);
+// The weight format a checkpoint folder's model.safetensors names (F32 when none).
+DType stored_weight_format(const std::string& dir);
 
 }  // namespace hm
