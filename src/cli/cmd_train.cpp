@@ -8,6 +8,8 @@
 #include "core/error.h"
 #include "core/interrupt.h"
 #include "core/threads.h"
+#include "eval/weight_quality.h"
+#include "io/hf_model.h"
 #include "train/trainer.h"
 
 namespace hm::cli {
@@ -68,6 +70,52 @@ Run add_train(CLI::App& app) {
   };
 }
 
+namespace {
+
+// hm eval --weights LIST: evaluate_weights's table (or JSON), after a memory check that counts a
+// model per format and the reference, each with its forward's workspace.
+int eval_weights(const std::string& model, const std::string& data, const std::vector<DType>& formats, int seq_len,
+                 int64_t max_tokens, int batch, bool json) {
+  int64_t L = seq_len > 0 ? seq_len : trained_seq_len(model);
+  if (L <= 0) L = 128;
+  RunShape shape = inference_shape(batch, L, "f32");
+  shape.forward_tokens = shape.logit_rows = int64_t(batch) * L;
+  const ModelConfig cfg = load_any_config(checkpoint_dir(model));
+  MemoryEstimate e = estimate_memory(cfg, shape);
+  const int64_t models = int64_t(formats.size()) + 1;
+  e.weights *= models;
+  e.workspace *= models;
+  // Host logits of the reference and of one format, and the reference's log-probabilities.
+  e.workspace += int64_t(batch) * L * cfg.vocab_size * int64_t(2 * sizeof(float) + sizeof(double));
+  check_memory(e, detail::cat("hm eval --weights (", models, " models)"));
+  const WeightQualityResult r = evaluate_weights(model, data, formats, seq_len, max_tokens, batch);
+  const char* ref = compute_dtype_name(r.stored);
+  if (json) {
+    nlohmann::json j = {{"tokens", r.tokens}, {"seq_len", r.seq_len}, {"stored", ref},
+                        {"reference", {{"loss", r.ref_loss}, {"ppl", r.ref_ppl}, {"seconds", r.ref_seconds}}}};
+    if (r.step >= 0) j["step"] = r.step;
+    j["weights"] = nlohmann::json::array();
+    for (const WeightQuality& q : r.formats)
+      j["weights"].push_back({{"format", compute_dtype_name(q.format)}, {"loss", q.loss}, {"ppl", q.ppl},
+                              {"ppl_ratio", q.ppl_ratio}, {"kl_mean", q.kl_mean}, {"kl_p99", q.kl_p99},
+                              {"kl_max", q.kl_max}, {"top1_agree", q.top1_agree}, {"seconds", q.seconds}});
+    std::printf("%s\n", j.dump().c_str());
+    return 0;
+  }
+  std::printf("%lld validation tokens in windows of %d%s; reference: f32 weights%s (perplexity %.3f), the inference "
+              "forward\n",
+              static_cast<long long>(r.tokens), r.seq_len, r.step >= 0 ? (", step " + std::to_string(r.step)).c_str() : "",
+              r.stored == DType::F32 ? "" : (std::string(" dequantized from the stored ") + ref).c_str(), r.ref_ppl);
+  std::printf("%-7s %10s %9s %10s %10s %10s %9s %8s\n", "weights", "perplexity", "/ f32", "KL mean", "KL p99",
+              "KL max", "top-1 =", "seconds");
+  for (const WeightQuality& q : r.formats)
+    std::printf("%-7s %10.3f %9.5f %10.3e %10.3e %10.3e %9.5f %8.1f\n", compute_dtype_name(q.format), q.ppl,
+                q.ppl_ratio, q.kl_mean, q.kl_p99, q.kl_max, q.top1_agree, q.seconds);
+  return 0;
+}
+
+}  // namespace
+
 Run add_eval(CLI::App& app) {
   struct Opts {
     std::string model, data;
@@ -96,12 +144,14 @@ Run add_eval(CLI::App& app) {
   // backend), so the default here is cpu whatever the machine has.
   o->dev.device = "cpu";
   add_device_options(app, o->dev, false);
-  add_weights_option(app, o->weights);
+  app.add_option("--weights", o->weights, "Weight formats to score against f32, e.g. f32,bf16,q8_0,q4_0: per "
+                 "format perplexity, its ratio to f32's and KL(f32 || format) of the next-token distributions, "
+                 "all through the inference forward (cpu; auto: the float32 training forward, a packed "
+                 "checkpoint as stored)")->capture_default_str();
   add_max_memory(app);
   return [o] {
     if (o->threads > 0) set_num_threads(o->threads);
-    bool weights_given = false;
-    const DType weights = weight_format_option(o->weights, &weights_given);
+    const bool weights_given = o->weights != "auto";
     HM_CHECK(!weights_given || o->task.name.empty(), "hm eval --weights: scores --data only for now (task "
              "accuracy runs the float32 training forward)");
     HM_CHECK(resolve_device(o->dev.device) == Device::CPU, "hm eval --device cuda: evaluation runs on the CPU "
@@ -109,6 +159,8 @@ Run add_eval(CLI::App& app) {
     HM_CHECK(o->dev.dtype == "auto" || o->dev.dtype == "f32", "hm eval --dtype ", o->dev.dtype,
              ": evaluation computes in f32 only");
     HM_CHECK(o->data.empty() != o->task.name.empty(), "give exactly one of --data (perplexity) and --task (accuracy)");
+    if (weights_given) return eval_weights(o->model, o->data, weight_formats_option(o->weights), o->seq_len,
+                                           o->max_tokens, o->batch, o->json);
     check_model_memory(o->model, eval_shape(o->model, o->seq_len, o->batch, !o->task.name.empty()), "hm eval");
     if (!o->task.name.empty()) {
       TaskSpec given = o->task;
@@ -132,8 +184,7 @@ Run add_eval(CLI::App& app) {
       }
       return 0;
     }
-    const EvalResult r = evaluate(o->model, o->data, o->seq_len, o->max_tokens, o->batch,
-                                  weights_given ? std::optional<DType>(weights) : std::nullopt);
+    const EvalResult r = evaluate(o->model, o->data, o->seq_len, o->max_tokens, o->batch);
     if (o->json) {
       nlohmann::json j = {{"loss", r.loss}, {"ppl", r.ppl}, {"tokens", r.tokens},
                           {"unigram_loss", r.unigram_loss}, {"unigram_ppl", r.unigram_ppl}};

@@ -78,6 +78,24 @@ DType weight_format_option(const std::string& weights, bool* given) {
   }
 }
 
+std::vector<DType> weight_formats_option(const std::string& list) {
+  std::vector<DType> out;
+  for (size_t at = 0; at <= list.size();) {
+    const size_t end = std::min(list.find(',', at), list.size());
+    const std::string name = list.substr(at, end - at);
+    DType f = DType::F32;
+    try {
+      f = weight_format_from_name(name);
+    } catch (const Error& e) {
+      throw Error(detail::cat("--weights '", list, "': ", e.what()));
+    }
+    HM_CHECK(std::find(out.begin(), out.end(), f) == out.end(), "--weights '", list, "': ", name, " is given twice");
+    out.push_back(f);
+    at = end + 1;
+  }
+  return out;
+}
+
 std::unique_ptr<HybridModel> load_model_on(const std::string& dir, Backend& be, DType dtype,
                                            const std::string& weights) {
   namespace fs = std::filesystem;

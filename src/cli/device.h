@@ -3,6 +3,7 @@
 #pragma once
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <CLI/CLI.hpp>
 
@@ -40,6 +41,9 @@ Device resolve_device(const std::string& name);
 // hm::Error naming the option and value.
 void add_weights_option(CLI::App& app, std::string& weights);
 DType weight_format_option(const std::string& weights, bool* given);
+// A comma-separated list of weight formats (hm eval --weights f32,q8_0,q4_0), none twice ("auto"
+// is not one); hm::Error naming the list and the entry.
+std::vector<DType> weight_formats_option(const std::string& list);
 
 // Our checkpoint folder or a Hugging Face one (load_any_model), computing in dtype on be, its
 // linear weights in `weights` ("auto": as stored).

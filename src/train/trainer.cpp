@@ -583,8 +583,8 @@ void train(const TrainConfig& given) {
   ModelConfig mc = c.resume ? load_config((ck / "config.json").string())
                  : c.config_file.empty() ? preset(c.preset)
                                          : load_config(c.config_file);
-  HM_CHECK(mc.mamba2_layers.empty(), "train: the model has Mamba-2 layers (config 'mamba2_layers'), which "
-           "cannot be trained yet (inference only: hm generate, hm bench)");
+  const std::string no = training_unsupported(mc);
+  HM_CHECK(no.empty(), "train: the model cannot be trained yet: ", no, " (inference only: hm generate, hm bench)");
 
   // Data: every check on it happens before anything is written. A task needs none of it.
   Corpora data;
@@ -818,15 +818,13 @@ void train(const TrainConfig& given) {
 
 // ---- eval ----
 
-EvalResult evaluate(const std::string& model_dir, const std::string& data_path, int seq_len, int64_t max_tokens,
-                    int batch, std::optional<DType> weights) {
-  const fs::path dir = checkpoint_dir(model_dir);  // a training out_dir stands for its checkpoint
-  EvalResult r;
-  const fs::path sp = dir / "trainer_state.json";
+void eval_window_defaults(const std::string& model_dir, int& seq_len, int64_t& max_tokens, int64_t* step) {
+  const fs::path sp = fs::path(checkpoint_dir(model_dir)) / "trainer_state.json";
+  if (step) *step = -1;
   if (fs::exists(sp)) {
     const json st = read_trainer_state(sp);
     try {
-      r.step = st.at("step");
+      if (step) *step = st.at("step");
       if (seq_len <= 0) seq_len = st.at("settings").at("seq_len");
       if (max_tokens < 0) max_tokens = st.at("settings").at("eval_tokens");
     } catch (const json::exception& e) {
@@ -835,6 +833,18 @@ EvalResult evaluate(const std::string& model_dir, const std::string& data_path, 
   }
   if (seq_len <= 0) seq_len = 128;
   if (max_tokens < 0) max_tokens = 32768;
+}
+
+std::vector<int32_t> validation_tokens(const Tokenizer& tok, const std::string& data_path) {
+  const Corpora data = load_split(data_path);
+  return token_stream(tok, valid_texts(data.corpus, data.split));
+}
+
+EvalResult evaluate(const std::string& model_dir, const std::string& data_path, int seq_len, int64_t max_tokens,
+                    int batch, std::optional<DType> weights) {
+  const fs::path dir = checkpoint_dir(model_dir);  // a training out_dir stands for its checkpoint
+  EvalResult r;
+  eval_window_defaults(model_dir, seq_len, max_tokens, &r.step);
   HM_CHECK(batch >= 1, "batch must be >= 1");
   auto be = make_cpu_backend();
   auto model = load_model(dir.string(), *be);

@@ -34,6 +34,8 @@
 
 namespace hm {
 
+class Tokenizer;
+
 struct TrainConfig {
   // Model: a preset name, or a config.json (config_file wins when set). The tokenizer's vocab
   // size replaces the config's.
@@ -101,6 +103,14 @@ struct EvalResult {
 // ones through the training forward as hm train does; both over the same windows.
 EvalResult evaluate(const std::string& model_dir, const std::string& data_path, int seq_len = 0,
                     int64_t max_tokens = -1, int batch = 8, std::optional<DType> weights = std::nullopt);
+
+// evaluate()'s defaults, for other scorers of the same windows (eval/weight_quality.h): seq_len
+// <= 0 and max_tokens < 0 become the training run's values from model_dir's trainer_state.json
+// (else 128 and 32768); *step is the checkpoint's step (-1 when unknown).
+void eval_window_defaults(const std::string& model_dir, int& seq_len, int64_t& max_tokens, int64_t* step);
+// The validation split of data_path as one token stream (each document's tokens, then EOS): what
+// hm train validates on and evaluate() scores, window w being tokens [w*L, w*L + L].
+std::vector<int32_t> validation_tokens(const Tokenizer& tok, const std::string& data_path);
 
 // Task accuracy of a model directory (as evaluate()) on test draws 0 .. n-1 of a task. Fields
 // of `given` left empty or 0 come from the training run's trainer_state.json (hm::Error when
