@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "backend/counting_backend.h"
 #include "core/error.h"
 #include "core/rng.h"
 #include "model/model.h"
@@ -438,4 +439,51 @@ TEST(ModelGrad, FastFloatMatchesDoubleReference) {
       EXPECT_LE(err, 1e-4) << name;
     }
   }
+}
+
+// The float path is one layer code on the backend interface: run on the ref backend instead of
+// the CPU's it computes the same loss and gradients (to float rounding), and a CountingBackend
+// around the CPU's sees every training op once per layer and sequence, and the same results bit
+// for bit. Mamba, attention with RoPE and GQA, MLP, bridges both ways, tied head.
+TEST(ModelGrad, FloatPathRunsOnTheBackend) {
+  const ModelConfig c = small_config(true);
+  Params p(c);
+  randomize_params(p, 81);
+  const TokenBatch b = make_batch(2, 9, c.vocab_size, 82);
+  const OmpThreads one(1);  // CountingBackend counts from one thread
+  auto grads = [&](Backend* be) {
+    set_train_backend(be);
+    Params g(c);
+    std::fill(g.data(), g.data() + g.numel(), 0.0f);
+    const double loss = loss_and_grad(p, g, b.tokens.data(), b.targets.data(), b.B, b.L);
+    set_train_backend(nullptr);
+    return std::make_pair(loss, arena<float>(g));
+  };
+  const auto [l_cpu, g_cpu] = grads(nullptr);
+  auto ref = make_ref_backend();
+  const auto [l_ref, g_ref] = grads(ref.get());
+  EXPECT_NEAR(l_ref, l_cpu, 1e-6 * l_cpu);
+  const auto [err, name] = worst_tensor_err(p, g_ref.data(), g_cpu.data());
+  std::printf("  ref backend vs cpu backend: worst tensor %s: %.2e\n", name.c_str(), err);
+  EXPECT_LE(err, 1e-5) << name;
+
+  auto cpu = make_cpu_backend();
+  CountingBackend counted(*cpu);
+  const auto [l_cnt, g_cnt] = grads(&counted);
+  EXPECT_EQ(l_cnt, l_cpu);
+  EXPECT_EQ(g_cnt, g_cpu);
+  const int64_t seqs = b.B, mamba = 2, attn = 2;  // small_config: M A A M
+  EXPECT_EQ(counted.count(OpKind::ConvTrain).calls, mamba * seqs);
+  EXPECT_EQ(counted.count(OpKind::ConvBackward).calls, mamba * seqs);
+  EXPECT_EQ(counted.count(OpKind::ScanTrain).calls, mamba * seqs);
+  EXPECT_EQ(counted.count(OpKind::ScanBackward).calls, mamba * seqs);
+  EXPECT_EQ(counted.count(OpKind::AttentionTrain).calls, attn * seqs);
+  EXPECT_EQ(counted.count(OpKind::AttentionBackward).calls, attn * seqs);
+  EXPECT_EQ(counted.count(OpKind::RopeBackward).calls, 2 * attn * seqs);  // q and k
+  EXPECT_EQ(counted.count(OpKind::SwigluBackward).calls, c.n_layers * seqs);
+  EXPECT_EQ(counted.count(OpKind::CrossEntropyHead).calls, seqs);
+  EXPECT_EQ(counted.count(OpKind::EmbeddingBackward).calls, seqs);
+  // Norms: each layer's two, the final one and the two bridges' (layers 1 and 3).
+  EXPECT_EQ(counted.count(OpKind::RmsnormBackward).calls, (2 * c.n_layers + 1 + 2) * seqs);
+  EXPECT_GT(counted.count(OpKind::LinearBackward).flops, 0.0);
 }

@@ -83,12 +83,13 @@ G::AttnShape attn_shape(const ModelConfig& c, int L) {
 
 // ---------------------------------------------------------------- the float path's layers
 // Each layer's forward and backward as backend ops on views of the parameter arena and of the
-// saved activations. The backend is the CPU's; its ops are thread-safe, and each sequence of
-// the batch runs on its own OpenMP thread as one ragged batch of one sequence.
+// saved activations, on train_backend() (the CPU's unless a test sets another); each sequence
+// of the batch runs on its own OpenMP thread as one ragged batch of one sequence.
 // Not yet on ops (host loops, next for a device backend): the true layer's router and fusion,
 // the bridge gate's backward, A_log's -exp in the op's host code.
 
-Backend& train_backend() {
+std::atomic<Backend*> g_train_backend{nullptr};  // set_train_backend's; null: the CPU's
+Backend& cpu_train_backend() {
   static const std::unique_ptr<Backend> be = make_cpu_backend();
   return *be;
 }
@@ -849,6 +850,12 @@ template <class T> std::vector<T> arena_copy(const Params& p, const Layout& lo) 
 }
 
 }  // namespace
+
+Backend& train_backend() {
+  Backend* be = g_train_backend.load();
+  return be ? *be : cpu_train_backend();
+}
+void set_train_backend(Backend* be) { g_train_backend = be; }
 
 template <class T>
 double loss_and_grad_arena(const Params& layout, const T* params, T* grads, const int32_t* tokens,

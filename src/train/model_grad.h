@@ -17,6 +17,14 @@
 
 namespace hm {
 
+class Backend;
+// The backend the float path's layers compute on: the CPU backend unless set_train_backend gave
+// another (a host backend: the activations are host memory; null restores the CPU's). Its ops
+// are called from every OpenMP thread at once, so a backend that is not thread-safe (a
+// CountingBackend) needs one thread. For tests.
+Backend& train_backend();
+void set_train_backend(Backend* be);
+
 // Mean cross-entropy over positions whose target >= 0 for B sequences of length L (tokens and
 // targets [B, L], row-major; targets in [-1, vocab)). Adds (+=) every parameter's gradient into
 // grads (same config as params), so gradients accumulate over calls; the caller zeroes. With a
