@@ -16,6 +16,7 @@
 #include "core/rng.h"
 #include "io/safetensors.h"
 #include "kernels/quant.h"
+#include "model/memory_estimate.h"
 #include "model/model.h"
 #include "model/packed_checkpoint.h"
 #include "runtime/tokenizer.h"
@@ -457,4 +458,30 @@ TEST(PackedModel, InferenceLoadDoesNotCommitPackedRows) {
   // q4_0 weights: 21.7 MB packed + the 65.5 MB float32 embedding (tied); f32 would be 147 MB.
   EXPECT_LT(grown, 1.3 * double(m->weight_bytes())) << grown / 1e6 << " MB";
   EXPECT_LT(double(m->weight_bytes()), 0.65 * 4.0 * double(m->kept_params().numel()));
+}
+
+// The memory guard counts packed copies as the model holds them: beside the arena (bench, eval,
+// quantize), or instead of the packed rows of the arena (an inference load).
+TEST(PackedModel, MemoryEstimateCountsPackedCopies) {
+  auto be = make_cpu_backend();
+  for (const ModelConfig& c : {tiny(true), tiny(false), mixed()}) {
+    HybridModel plain(c, *be);
+    RunShape s;
+    const int64_t f32 = estimate_memory(c, s).weights;
+    for (DType f : kFormats) {
+      SCOPED_TRACE(compute_dtype_name(f));
+      HybridModel m(c, *be);
+      test::randomize_params(m.params(), 1);
+      m.set_weight_format(f);
+      m.prepare();
+      int64_t packed = 0;
+      for (const auto& w : m.packed_weights())
+        packed += int64_t(w.t.rows) * int64_t(f == DType::BF16 ? size_t(w.t.cols) * 2 : packed_row_bytes(f, w.t.cols));
+      s.weight_format = f;
+      s.floats_released = false;
+      EXPECT_EQ(estimate_memory(c, s).weights - f32, packed);
+      s.floats_released = true;  // weight_bytes(): the arena less the packed rows, plus the packed copies
+      EXPECT_EQ(estimate_memory(c, s).weights - f32, m.weight_bytes() - m.params().numel() * 4);
+    }
+  }
 }

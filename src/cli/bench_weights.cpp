@@ -3,7 +3,11 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <sys/resource.h>
+#include <unistd.h>
+
 #include <cstdio>
+#include <fstream>
 #include <memory>
 
 #include "cli/bench_common.h"
@@ -31,6 +35,13 @@ double decode_bytes(const HybridModel& m) {
   return double(m.weight_bytes()) - (table_is_head ? 0.0 : table - c.d_model * 4.0);
 }
 
+// Resident bytes of this process now (/proc/self/statm), NAN where it cannot be read.
+double resident_bytes() {
+  std::ifstream f("/proc/self/statm");
+  long size = 0, res = 0;
+  return f >> size >> res ? double(res) * double(sysconf(_SC_PAGESIZE)) : NAN;
+}
+
 }  // namespace
 
 nlohmann::json bench_weight_formats(const HybridModel& src, const std::vector<DType>& formats, KvType kv,
@@ -39,11 +50,15 @@ nlohmann::json bench_weight_formats(const HybridModel& src, const std::vector<DT
   const ModelConfig& c = src.config();
   const int V = c.vocab_size, prompt = 32, steps = 50, plen = 512;
   std::vector<std::unique_ptr<HybridModel>> ms;
+  std::vector<double> rss;  // what each model holds resident, as an inference load keeps it
   for (DType f : formats) {
+    const double r0 = resident_bytes();
     auto m = std::make_unique<HybridModel>(c, src.backend());
     std::copy_n(src.params().data(), src.params().numel(), m->params().data());
     m->set_weight_format(f);
     m->prepare();
+    if (f != DType::F32) m->release_float_weights();
+    rss.push_back(resident_bytes() - r0);
     ms.push_back(std::move(m));
   }
   const size_t n = ms.size();
@@ -101,6 +116,7 @@ nlohmann::json bench_weight_formats(const HybridModel& src, const std::vector<DT
     const double bytes = decode_bytes(*ms[i]);
     nlohmann::json row = {{"format", compute_dtype_name(formats[i])},
                           {"weight_mb", double(ms[i]->weight_bytes()) / 1e6},
+                          {"resident_mb", rss[i] / 1e6},
                           {"decode_mb_per_token", bytes / 1e6},
                           {"decode_tok_s", tok_s},
                           {"decode_floor_tok_s", read_bw_gbs * 1e9 / bytes},
@@ -121,23 +137,30 @@ nlohmann::json bench_weight_formats(const HybridModel& src, const std::vector<DT
     row["decode_vs_f32"] = row["decode_tok_s"].get<double>() / f32_dec;
     row["prefill_vs_f32"] = f32_pre / row["prefill_ms_per_token"].get<double>();
   }
+  rusage ru{};
+  getrusage(RUSAGE_SELF, &ru);
   return {{"formats", rows}, {"decode", "50 tokens after 32, batch 1, greedy"},
+          {"resident", "the model's resident memory after loading (packed: without the float32 copies)"},
+          {"process_peak_rss_mb", double(ru.ru_maxrss) * 1024 / 1e6},
           {"prefill", "512 tokens in one chunk"}, {"read_bw_gbs", read_bw_gbs}, {"reps", reps}};
 }
 
 void print_weight_formats(const nlohmann::json& r) {
-  std::printf("%-6s %10s %10s %11s %11s %9s %8s %14s %8s %10s\n", "format", "weights MB", "MB/token",
+  std::printf("%-6s %10s %11s %10s %11s %11s %9s %8s %14s %8s %10s\n", "format", "weights MB", "resident MB", "MB/token",
               "decode t/s", "floor t/s", "of floor", "vs f32", "prefill ms/t", "vs f32", "logit err");
   auto num = [](const nlohmann::json& j, const char* k) { return j.contains(k) ? j[k].get<double>() : NAN; };
   for (const auto& f : r["formats"])
-    std::printf("%-6s %10.1f %10.1f %11.1f %11.1f %8.0f%% %7.2fx %14.3f %7.2fx %10.2g\n",
-                f["format"].get<std::string>().c_str(), num(f, "weight_mb"), num(f, "decode_mb_per_token"),
+    std::printf("%-6s %10.1f %11.1f %10.1f %11.1f %11.1f %8.0f%% %7.2fx %14.3f %7.2fx %10.2g\n",
+                f["format"].get<std::string>().c_str(), num(f, "weight_mb"), num(f, "resident_mb"),
+                num(f, "decode_mb_per_token"),
                 num(f, "decode_tok_s"), num(f, "decode_floor_tok_s"), 100 * num(f, "decode_floor_fraction"),
                 num(f, "decode_vs_f32"), num(f, "prefill_ms_per_token"), num(f, "prefill_vs_f32"),
                 num(f, "logits_rel_err"));
   std::printf("decode: %s; prefill: %s; floor: DRAM read %.1f GB/s / MB per token; median of %d after 1 "
               "warm-up, formats interleaved\n", r["decode"].get<std::string>().c_str(),
               r["prefill"].get<std::string>().c_str(), r["read_bw_gbs"].get<double>(), r["reps"].get<int>());
+  std::printf("resident: %s; peak RSS of this process (all formats at once): %.1f MB\n",
+              r["resident"].get<std::string>().c_str(), r["process_peak_rss_mb"].get<double>());
 }
 
 }  // namespace hm::cli

@@ -11,6 +11,7 @@ namespace hm::cli {
 // For each format (a copy of src's parameters packed in it): weight bytes, the bytes a decoded
 // token reads, decode tok/s at batch 1 (50 tokens after a 32-token prompt), its fraction of
 // the DRAM floor read_bw_gbs / bytes per token, prefill ms per token (512 tokens, one chunk),
+// the resident bytes the model holds after loading (release_float_weights for packed formats),
 // and the last-position logits' max |difference| / max |f32 logit| over a 64-token prompt.
 // The repetitions of all formats are interleaved; each figure is the median of reps after one
 // warm-up.

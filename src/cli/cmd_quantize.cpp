@@ -33,7 +33,9 @@ Run add_quantize(CLI::App& app) {
     for (const char* name : {"config.json", "model.safetensors"})
       HM_CHECK(o->force || !fs::exists(fs::path(o->out) / name), o->out, " already holds a model (",
                (fs::path(o->out) / name).string(), "); choose another --out, or pass --force to overwrite it");
-    check_memory(estimate_memory(load_any_config(o->model), RunShape{}), "hm quantize");
+    RunShape shape;  // the float32 model and its packed copies
+    shape.weight_format = f;
+    check_memory(estimate_memory(load_any_config(o->model), shape), "hm quantize");
     auto be = make_cpu_backend();
     auto m = load_any_model(o->model, *be);
     const int64_t before = m->weight_bytes();

@@ -1,12 +1,14 @@
 #include "model/memory_estimate.h"
 
 #include <algorithm>
+#include <array>
 #include <cctype>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <sstream>
 
+#include "backend/tensor.h"
 #include "core/checked.h"
 #include "core/error.h"
 #include "model/params.h"
@@ -86,6 +88,25 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const RunShape& s) {
   for (int i = 0; i < c.n_layers; ++i)
     if (!c.is_attention(i))
       m.weights = add(m.weights, mul({c.is_mamba2(i) ? c.mamba2_heads() : E * N, 4}, "weight bytes"), "weight bytes");
+  if (s.weight_format != DType::F32) {
+    // The linear weights HybridModel::linear_weights() lists, packed by its rule.
+    std::vector<std::array<int64_t, 2>> lin = {{V, D}};
+    for (int i = 0; i < c.n_layers; ++i) {
+      if (c.is_mamba2(i)) lin.insert(lin.end(), {{c.mamba2_in_proj_rows(), D}, {D, E}});
+      else if (c.has_mamba_path(i))
+        lin.insert(lin.end(), {{2 * E, D}, {P, E}, {E, c.resolved_dt_rank()}, {D, E}});
+      if (c.has_attention_path(i)) lin.insert(lin.end(), {{H * hd, D}, {KW, D}, {KW, D}, {D, H * hd}});
+      if (F > 0) lin.insert(lin.end(), {{F, D}, {F, D}, {D, F}});
+      if (c.has_bridge(i)) lin.push_back({D, c.inner_dim(i - 1)});
+    }
+    for (size_t j = 0; j < lin.size(); ++j) {
+      const auto [rows, cols] = lin[j];
+      if (is_packed(s.weight_format) && cols % 32 != 0) continue;  // stays float32
+      const int64_t row = is_packed(s.weight_format) ? int64_t(packed_row_bytes(s.weight_format, int(cols))) : 2 * cols;
+      m.weights = add(m.weights, mul({rows, row}, "weight bytes"), "weight bytes");
+      if (s.floats_released && !(j == 0 && c.tie_embeddings)) m.weights -= rows * cols * 4;
+    }
+  }
 
   // Inference memory, as HybridMemory allocates it.
   if (s.slots > 0) {

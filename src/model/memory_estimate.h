@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <string>
 
+#include "core/dtype.h"
 #include "model/config.h"
 
 namespace hm {
@@ -21,6 +22,11 @@ struct RunShape {
   int scan_chunk = 0;
   bool grad_ckpt = false;
   bool forward_only = false;  // evaluation: activations, but no gradients or optimizer state
+  // Packed linear weights (HybridModel::set_weight_format): their packed copies on top of the
+  // arena, minus the arena rows of packed weights when an inference load never holds them
+  // (load_packed_for_inference; a tied head's source, the embedding, is kept).
+  DType weight_format = DType::F32;
+  bool floats_released = false;
 };
 
 struct MemoryEstimate {
