@@ -85,8 +85,8 @@ G::AttnShape attn_shape(const ModelConfig& c, int L) {
 // Each layer's forward and backward as backend ops on views of the parameter arena and of the
 // saved activations, on train_backend() (the CPU's unless a test sets another); each sequence
 // of the batch runs on its own OpenMP thread as one ragged batch of one sequence.
-// Not yet on ops (host loops, next for a device backend): the true layer's router and fusion,
-// the bridge gate's backward, A_log's -exp in the op's host code.
+// Not yet on ops (host loops, next for a device backend): the true layer's router and fusion
+// and the bridge gate's backward; the activations are host vectors.
 
 std::atomic<Backend*> g_train_backend{nullptr};  // set_train_backend's; null: the CPU's
 Backend& cpu_train_backend() {
