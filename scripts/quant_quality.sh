@@ -48,7 +48,8 @@ train() {
 train demo 800 --preset demo --lr 3e-3 --eval-every 200 --save-every 400
 train seed "$SEED_STEPS" --preset seed --lr 2e-3 --eval-every 400 --save-every 200
 
-# Every validation token (--max-tokens 0) in windows of the training length, every format in one run.
+# Every format in one run, on every validation token (--max-tokens 0: 90,202 of them) in windows of
+# the training length.
 for name in demo seed; do
   start=$SECONDS
   "$BUILD/hm" eval --model "$OUT/$name" --data data/brown --weights "$WEIGHTS" --max-tokens 0 --threads 1 \
