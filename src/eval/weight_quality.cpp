@@ -7,6 +7,7 @@
 
 #include "backend/backend.h"
 #include "core/error.h"
+#include "io/hf_model.h"
 #include "model/model.h"
 #include "runtime/memory.h"
 #include "runtime/tokenizer.h"
@@ -74,10 +75,10 @@ WeightQualityResult evaluate_weights(const std::string& model_dir, const std::st
 
   auto be = make_cpu_backend();
   // The reference: the checkpoint's float32 arena (a packed checkpoint's dequantized weights).
-  auto ref = load_model(dir, *be);
+  auto ref = load_any_model(dir, *be);
   r.stored = ref->weight_format();
   auto load_as = [&](DType f) {
-    auto m = load_model(dir, *be);
+    auto m = load_any_model(dir, *be);
     if (m->weight_format() != f) {
       m->set_weight_format(f);
       m->prepare();

@@ -37,7 +37,7 @@ struct WeightQualityResult {
   std::vector<WeightQuality> formats;  // in the order asked
 };
 
-// Scores model_dir (a training out_dir or a checkpoint) on the validation split of data_path in
+// Scores model_dir (a training out_dir, a checkpoint or a Hugging Face folder) on the validation split of data_path in
 // the windows evaluate() uses (train/trainer.h: seq_len 0 and max_tokens < 0 take the run's
 // values), `batch` windows per forward. The reference is a model loaded with float32 weights;
 // each format, f32 included, is a model of its own loaded from the same checkpoint, so f32's
