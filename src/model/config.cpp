@@ -26,6 +26,10 @@ bool ModelConfig::is_mamba2(int layer) const {
   return std::find(mamba2_layers.begin(), mamba2_layers.end(), layer) != mamba2_layers.end();
 }
 
+bool ModelConfig::is_moe(int layer) const {
+  return std::find(moe_layers.begin(), moe_layers.end(), layer) != moe_layers.end();
+}
+
 bool ModelConfig::any_attention() const {
   for (int i = 0; i < n_layers; ++i)
     if (has_attention_path(i)) return true;
@@ -114,6 +118,17 @@ void validate(const ModelConfig& c) {
              "config: 'mamba2_dt_min' (", c.mamba2_dt_min, ") must be >= 0 and below 'mamba2_dt_max' (",
              c.mamba2_dt_max, ")");
   }
+  std::set<int> seen_moe;
+  for (int i : c.moe_layers) {
+    HM_CHECK(i >= 0 && i < c.n_layers, "config: 'moe_layers' index ", i, " is out of range [0, ", c.n_layers, ")");
+    HM_CHECK(seen_moe.insert(i).second, "config: 'moe_layers' lists layer ", i, " twice");
+  }
+  if (!c.moe_layers.empty()) {
+    HM_CHECK(c.d_ff > 0, "config: 'moe_layers' needs 'd_ff' > 0 (the width of each expert)");
+    in_range(c.moe_experts, 1, kMaxExperts, "moe_experts");
+    HM_CHECK(c.moe_top_k >= 1 && c.moe_top_k <= c.moe_experts, "config: 'moe_top_k' (", c.moe_top_k,
+             ") must be in [1, moe_experts = ", c.moe_experts, "]");
+  }
   HM_CHECK(std::isfinite(c.mamba_bcdt_norm_eps) && c.mamba_bcdt_norm_eps > 0 && c.mamba_bcdt_norm_eps < 1,
            "config: 'mamba_bcdt_norm_eps' must be in (0, 1), got ", c.mamba_bcdt_norm_eps);
   if (c.any_attention()) {
@@ -156,7 +171,8 @@ ModelConfig config_from_json(const nlohmann::json& j, const std::string& origin)
                  "norm_eps", "tie_embeddings", "state_bridges", "true_layers", "routing_mode",
                  "routing_granularity", "routing_chunk", "attention_budget", "budget_loss_weight",
                  "mamba2_layers", "mamba2_head_dim", "mamba2_groups", "mamba2_norm_per_group",
-                 "mamba2_dt_min", "mamba2_dt_max", "mamba_bcdt_norm", "mamba_bcdt_norm_eps"});
+                 "mamba2_dt_min", "mamba2_dt_max", "mamba_bcdt_norm", "mamba_bcdt_norm_eps", "moe_layers", "moe_experts",
+                 "moe_top_k", "moe_renormalize"});
   ModelConfig c;
   if (f.has("model_type")) {
     const std::string t = f.get_string("model_type");
@@ -204,6 +220,10 @@ ModelConfig config_from_json(const nlohmann::json& j, const std::string& origin)
   if (f.has("mamba2_dt_max")) c.mamba2_dt_max = f.get_float("mamba2_dt_max");  // absent: no upper limit
   if (f.has("mamba_bcdt_norm")) c.mamba_bcdt_norm = f.get_bool("mamba_bcdt_norm");
   if (f.has("mamba_bcdt_norm_eps")) c.mamba_bcdt_norm_eps = f.get_float("mamba_bcdt_norm_eps");
+  c.moe_layers = get_layer_list(f, "moe_layers");
+  if (f.has("moe_experts")) c.moe_experts = int(f.get_int("moe_experts", 1, kMaxExperts));
+  if (f.has("moe_top_k")) c.moe_top_k = int(f.get_int("moe_top_k", 1, kMaxExperts));
+  if (f.has("moe_renormalize")) c.moe_renormalize = f.get_bool("moe_renormalize");
   try {
     validate(c);
   } catch (const Error& e) {
@@ -241,6 +261,12 @@ nlohmann::json config_to_json(const ModelConfig& c) {
     j["mamba2_norm_per_group"] = c.mamba2_norm_per_group;
     j["mamba2_dt_min"] = c.mamba2_dt_min;
     if (std::isfinite(c.mamba2_dt_max)) j["mamba2_dt_max"] = c.mamba2_dt_max;  // JSON has no infinity
+  }
+  if (!c.moe_layers.empty()) {
+    j["moe_layers"] = c.moe_layers;
+    j["moe_experts"] = c.moe_experts;
+    j["moe_top_k"] = c.moe_top_k;
+    j["moe_renormalize"] = c.moe_renormalize;
   }
   if (c.mamba_bcdt_norm) {
     j["mamba_bcdt_norm"] = true;
@@ -350,6 +376,13 @@ ModelConfig preset(const std::string& name) {
 }
 
 std::vector<std::string> preset_names() { return {"seed", "mamba", "mamba2", "transformer", "true-hybrid", "demo", "true-demo", "tiny", "true-tiny"}; }
+
+std::string training_unsupported(const ModelConfig& c) {
+  if (!c.mamba2_layers.empty()) return "it has Mamba-2 layers (config 'mamba2_layers')";
+  if (c.mamba_bcdt_norm) return "its Mamba mixers normalize dt, B and C (config 'mamba_bcdt_norm', Falcon-Mamba)";
+  if (!c.moe_layers.empty()) return "it has mixture-of-experts layers (config 'moe_layers')";
+  return "";
+}
 
 int64_t count_params(const ModelConfig& c) {
   int64_t n = 0;

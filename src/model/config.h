@@ -23,6 +23,7 @@ constexpr int kMaxDtRank = 65536;
 constexpr int kMaxHeads = 1024;
 constexpr int kMaxDff = 1 << 20;
 constexpr int kMaxRoutingChunk = 1 << 20;
+constexpr int kMaxExperts = 1024;
 constexpr double kMaxRopeTheta = 1e12;
 // Kernels index one weight tensor with int32.
 constexpr int64_t kMaxTensorElements = int64_t(1) << 31;
@@ -72,6 +73,14 @@ struct ModelConfig {
   // C after x_proj, in every Mamba-1 path.
   bool mamba_bcdt_norm = false;
   float mamba_bcdt_norm_eps = 1e-6f;
+  // Mixture of experts (Jamba, Granite 4.0-H, Nemotron-H): the FFN of each layer listed is
+  // moe_experts SwiGLU experts of width d_ff behind a softmax router; a token runs only its
+  // moe_top_k most probable experts, weighted by their probabilities (renormalized to sum to 1
+  // when moe_renormalize). Needs d_ff > 0.
+  std::vector<int> moe_layers;
+  int moe_experts = 8;
+  int moe_top_k = 2;
+  bool moe_renormalize = false;
 
   int d_inner() const { return inner_size > 0 ? inner_size : expand * d_model; }
   int resolved_dt_rank() const { return dt_rank > 0 ? dt_rank : (d_model + 15) / 16; }
@@ -81,6 +90,7 @@ struct ModelConfig {
   bool is_true(int layer) const;
   bool has_mamba_path(int layer) const { return !is_attention(layer); }  // Mamba or Mamba-2
   bool is_mamba2(int layer) const;
+  bool is_moe(int layer) const;
   int mamba2_heads() const { return d_inner() / mamba2_head_dim; }
   int mamba2_conv_dim() const { return d_inner() + 2 * mamba2_groups * d_state; }  // x | B | C
   int mamba2_in_proj_rows() const { return d_inner() + mamba2_conv_dim() + mamba2_heads(); }  // z | xBC | dt
@@ -106,6 +116,9 @@ ModelConfig config_from_json(const nlohmann::json& j, const std::string& origin 
 nlohmann::json config_to_json(const ModelConfig& c);
 ModelConfig load_config(const std::string& path);  // reads (parse_json_file) and validates a config.json
 void save_config(const std::string& path, const ModelConfig& c);  // atomic
+
+// Why a config cannot be trained (the layers that have no backward pass yet), or "" when it can.
+std::string training_unsupported(const ModelConfig& c);
 
 // Presets: seed (the seed's benchmark model), mamba and transformer (about seed's parameter
 // count, one layer type only), true-hybrid (about seed's count, every layer true hybrid), demo

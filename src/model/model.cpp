@@ -193,7 +193,17 @@ void HybridModel::prepare() {
       t.wv = linear_weight(w.wv, KW, D);
       t.wo = linear_weight(w.wo, D, QW);
     }
-    if (F > 0) {
+    if (F > 0 && cfg_.is_moe(i)) {
+      // Experts stay float32 under packed weight formats (not implemented for them yet).
+      t.mlp_norm = weight(w.mlp_norm, 1, D);
+      t.moe_router = weight(w.moe_router, cfg_.moe_experts, D);
+      for (int e = 0; e < cfg_.moe_experts; ++e) {
+        const int64_t o = int64_t(e) * F * D;
+        t.e_gate.push_back(weight(w.e_gate + o, F, D));
+        t.e_up.push_back(weight(w.e_up + o, F, D));
+        t.e_down.push_back(weight(w.e_down + o, D, F));
+      }
+    } else if (F > 0) {
       t.mlp_norm = weight(w.mlp_norm, 1, D);
       t.w_gate = linear_weight(w.w_gate, F, D);
       t.w_up = linear_weight(w.w_up, F, D);
@@ -487,6 +497,56 @@ void HybridModel::mlp(int layer, int T) {
   be_.linear(ws_.h.tensor(dtype_, T, D), a, w.w_down, true);
 }
 
+// h += sum over the token's top-k experts e of p_e * down_e(silu(gate_e u) * up_e u), u =
+// rmsnorm(h), p = softmax(router u) (renormalized over the top k when moe_renormalize). The
+// routing is decided on the host (router logits read back); each expert runs once on the rows
+// routed to it, gathered, and adds its output back scaled by the rows' p_e, so an expert no
+// token chose is not computed.
+void HybridModel::moe(int layer, int T) {
+  const LayerTensors& w = lw_[size_t(layer)];
+  const int D = cfg_.d_model, F = cfg_.d_ff, X = cfg_.moe_experts, k = cfg_.moe_top_k;
+  const Tensor u = act(ws_.u, T, D), h = ws_.h.tensor(dtype_, T, D);
+  be_.rmsnorm(u, h, w.mlp_norm, cfg_.norm_eps);
+  const Tensor lg = ws_.moe_logits.tensor(DType::F32, T, X);
+  be_.linear(lg, u, w.moe_router, false);
+  moe_p_.resize(size_t(T) * X);
+  be_.to_host(moe_p_.data(), lg.data, moe_p_.size() * sizeof(float));
+  std::vector<std::vector<int32_t>> rows(static_cast<size_t>(X));
+  std::vector<std::vector<float>> gates(static_cast<size_t>(X));
+  std::vector<int> order(static_cast<size_t>(X));
+  for (int t = 0; t < T; ++t) {
+    float* p = moe_p_.data() + size_t(t) * X;
+    const float mx = *std::max_element(p, p + X);
+    double sum = 0;
+    for (int e = 0; e < X; ++e) sum += std::exp(double(p[e]) - mx);
+    for (int e = 0; e < X; ++e) p[e] = float(std::exp(double(p[e]) - mx) / sum);
+    for (int e = 0; e < X; ++e) order[size_t(e)] = e;
+    // Most probable first; ties to the lower index.
+    std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                      [p](int a, int b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
+    double top = 0;
+    for (int j = 0; j < k; ++j) top += p[order[size_t(j)]];
+    for (int j = 0; j < k; ++j) {
+      const int e = order[size_t(j)];
+      rows[size_t(e)].push_back(t);
+      gates[size_t(e)].push_back(cfg_.moe_renormalize ? float(p[e] / top) : p[e]);
+    }
+  }
+  for (int e = 0; e < X; ++e) {
+    const int n = int(rows[size_t(e)].size());
+    if (n == 0) continue;
+    const int32_t* idx = upload_idx(rows[size_t(e)]);
+    const Tensor x = act(ws_.gath, n, D), g = act(ws_.g, n, F), up = act(ws_.up, n, F), a = act(ws_.act, n, F);
+    const Tensor y = act(ws_.ym, n, D);
+    be_.copy_rows(x, nullptr, u, idx, n);
+    be_.linear(g, x, w.e_gate[size_t(e)], false);
+    be_.linear(up, x, w.e_up[size_t(e)], false);
+    be_.swiglu(a, g, up);
+    be_.linear(y, a, w.e_down[size_t(e)], false);
+    be_.add_rows(h, idx, y, nullptr, n, upload_gates(gates[size_t(e)]), Tensor());
+  }
+}
+
 void HybridModel::forward(const Batch& b, HybridMemory& mem, std::vector<float>& logits) {
   const Tensor out = forward_device(b, mem);
   logits.resize(size_t(out.rows) * out.cols);
@@ -520,10 +580,12 @@ Tensor HybridModel::forward_device(const Batch& b, HybridMemory& mem) {
   rg_.upload(be_);
 
   // Index and gate arrays of the whole forward, sized up front so their addresses stay put.
-  const size_t n_true = cfg_.true_layers.size();
+  // An MoE layer uploads top_k row indices and gates per token.
+  const size_t n_true = cfg_.true_layers.size(), n_moe = cfg_.moe_layers.size(), top_k = size_t(cfg_.moe_top_k);
   idx_used_ = gates_used_ = 0;
-  ws_.idx.reserve(be_, sizeof(int32_t) * (size_t(T) + size_t(nseq) + n_true * (6 * size_t(T) + 2 * size_t(nseq))));
-  ws_.gates.reserve(be_, sizeof(float) * (n_true * 2 * size_t(T) + 1));
+  ws_.idx.reserve(be_, sizeof(int32_t) * (size_t(T) + size_t(nseq) + n_true * (6 * size_t(T) + 2 * size_t(nseq)) +
+                                          n_moe * top_k * size_t(T)));
+  ws_.gates.reserve(be_, sizeof(float) * (n_true * 2 * size_t(T) + n_moe * top_k * size_t(T) + 1));
   upload_idx(b.tokens);  // first in ws_.idx: the embedding reads them there
 
   if (trace_) {
@@ -556,11 +618,12 @@ Tensor HybridModel::forward_device(const Batch& b, HybridMemory& mem) {
   act(ws_.q, T, cfg_.n_heads * cfg_.head_dim());
   act(ws_.k, T, KW);
   act(ws_.v, T, KW);
-  if (!cfg_.true_layers.empty()) {
+  if (!cfg_.true_layers.empty() || !cfg_.moe_layers.empty()) {
     act(ws_.gath, T, D);
     act(ws_.ym, T, D);
     act(ws_.ya, T, D);
   }
+  if (!cfg_.moe_layers.empty()) ws_.moe_logits.reserve(be_, sizeof(float) * size_t(T) * cfg_.moe_experts);
   if (cfg_.d_ff > 0) {
     act(ws_.g, T, cfg_.d_ff);
     act(ws_.up, T, cfg_.d_ff);
@@ -581,7 +644,7 @@ Tensor HybridModel::forward_device(const Batch& b, HybridMemory& mem) {
   }
 
   const bool graph = use_graphs_ && be_.supports_graphs() && one_token_each && !b.logits_all &&
-                     cfg_.true_layers.empty() && trace_ == nullptr;
+                     cfg_.true_layers.empty() && cfg_.moe_layers.empty() && trace_ == nullptr;
   if (!graph) {
     run_layers(T, n_rows, hrows, mem);
   } else {
@@ -628,7 +691,10 @@ void HybridModel::run_layers(int T, int n_rows, Tensor hrows, HybridMemory& mem)
       attention_layer(i, mem);
     else
       mamba_layer(i, mem);
-    if (cfg_.d_ff > 0) mlp(i, T);
+    if (cfg_.is_moe(i))
+      moe(i, T);
+    else if (cfg_.d_ff > 0)
+      mlp(i, T);
   }
   if (hrows.data != h.data) {
     be_.copy_rows(hrows, nullptr, h, last_idx_, n_rows);  // the last row of each chunk

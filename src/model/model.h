@@ -41,6 +41,7 @@ struct Workspace {
                     // inner[i % 2], and the bridge of layer i + 1 reads it
   Buffer gath, ym, ya;  // true-hybrid layers: gathered path inputs, compact path outputs
   Buffer ssd;           // Mamba-2 layers: the scan's output, before the gated norm
+  Buffer moe_logits;    // MoE layers: router logits [n, experts], float32
   Buffer bcdt;          // mamba_bcdt_norm: normalized dt_r [n, R], B [n, N], C [n, N], one after another
   Buffer ids, idx, gates;  // token ids, row indices and row gates uploaded for one forward
 };
@@ -52,6 +53,8 @@ struct LayerTensors {
   Tensor wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down;
   Tensor fuse_mamba, fuse_attn, exchange, bridge_norm, bridge_proj, bridge_gate;
   Tensor ssm_norm;  // Mamba-2's gated RMSNorm weight [d_inner]
+  Tensor moe_router;                          // MoE layers: [experts, D]
+  std::vector<Tensor> e_gate, e_up, e_down;   // and each expert's W
 };
 
 // What the routers of the true-hybrid layers decided in the last forward (set_route_trace).
@@ -142,8 +145,8 @@ class HybridModel {
   double forced_attention_fraction() const { return force_f_; }
   // Records the routes of every later forward into *t (null: stop recording).
   void set_route_trace(RouteTrace* t) { trace_ = t; }
-  // Decode steps (every chunk one token, last-token logits) of a model without true-hybrid
-  // layers are recorded once per batch size and memory as a graph and replayed, on backends
+  // Decode steps (every chunk one token, last-token logits) of a model without true-hybrid or
+  // MoE layers (their routing is read back on the host) are recorded once per batch size and memory as a graph and replayed, on backends
   // with graphs (CUDA): one launch per step instead of one per op. On by default.
   void set_graphs(bool on) { use_graphs_ = on; graphs_.clear(); }
   int graphs_captured() const { return graphs_captured_; }
@@ -161,6 +164,7 @@ class HybridModel {
   void mamba2_path(int layer, Tensor x, const Ragged& rg, Tensor out, bool accumulate, HybridMemory& mem);
   void attention_path(int layer, Tensor x, const Ragged& rg, Tensor out, bool accumulate, HybridMemory& mem);
   void mlp(int layer, int T);
+  void moe(int layer, int T);
   // Rows of a workspace buffer as a [rows, cols] tensor of the activation type (grown as needed).
   Tensor act(Buffer& b, int rows, int cols);
   // Host index / gate arrays into backend memory; the pointers stay valid for this forward.
@@ -208,6 +212,7 @@ class HybridModel {
   // true_layer's host scratch, reused across calls
   std::vector<th::Routing<float>> routing_;  // per chunk of the batch
   std::vector<float> logit_, feats_, uhost_;  // [T], [T, kRouterFeatures], [T, D]
+  std::vector<float> moe_p_;                  // moe's host scratch: router logits [T, experts]
 };
 
 // Loads config.json and model.safetensors from a checkpoint directory.

@@ -67,7 +67,14 @@ std::vector<ParamSpec> param_layout(const ModelConfig& c) {
       s.push_back({L + "mixer.router.feat_weight", {kRouterFeatures}});
       s.push_back({L + "mixer.router.bias", {1}});
     }
-    if (F > 0) {
+    if (F > 0 && c.is_moe(i)) {  // expert e's W is slice e of each stack
+      const int64_t X = c.moe_experts;
+      s.push_back({L + "mlp_norm.weight", {D}});
+      s.push_back({L + "mlp.router.weight", {X, D}});
+      s.push_back({L + "mlp.experts.gate_proj.weight", {X, F, D}});
+      s.push_back({L + "mlp.experts.up_proj.weight", {X, F, D}});
+      s.push_back({L + "mlp.experts.down_proj.weight", {X, D, F}});
+    } else if (F > 0) {
       s.push_back({L + "mlp_norm.weight", {D}});
       s.push_back({L + "mlp.gate_proj.weight", {F, D}});
       s.push_back({L + "mlp.up_proj.weight", {F, D}});
@@ -120,6 +127,10 @@ Params::Params(const ModelConfig& c) : cfg_(c), specs_(param_layout(c)) {
     w.w_gate = ptr(L + "mlp.gate_proj.weight");
     w.w_up = ptr(L + "mlp.up_proj.weight");
     w.w_down = ptr(L + "mlp.down_proj.weight");
+    w.moe_router = ptr(L + "mlp.router.weight");
+    w.e_gate = ptr(L + "mlp.experts.gate_proj.weight");
+    w.e_up = ptr(L + "mlp.experts.up_proj.weight");
+    w.e_down = ptr(L + "mlp.experts.down_proj.weight");
     w.fuse_mamba = ptr(L + "mixer.fuse_mamba");
     w.fuse_attn = ptr(L + "mixer.fuse_attn");
     w.exchange = ptr(L + "mixer.exchange");
@@ -170,6 +181,12 @@ void init_params(Params& p, uint64_t seed) {
     } else if (ends_with(nm, "mixer.exchange") || ends_with(nm, "router.feat_weight") ||
                ends_with(nm, "router.bias")) {
       fill(0.0f);  // exchange off, routing by content alone at first: p = sigmoid(w.u)
+    } else if (ends_with(nm, "mlp.router.weight")) {  // MoE router [experts, D]
+      uniform(1.0 / std::sqrt(double(s.shape[1])));
+    } else if (s.shape.size() == 3) {  // MoE expert stacks [experts, out, in]
+      uniform(1.0 / std::sqrt(double(s.shape[2])));
+      if (ends_with(nm, "down_proj.weight"))
+        for (int64_t k = 0; k < n; ++k) w[k] = float(w[k] * residual_scale);
     } else if (ends_with(nm, "router.weight")) {
       // u has unit RMS, so logits start ~N(0, 1): routes spread over both paths from step 0.
       for (int64_t k = 0; k < n; ++k) w[k] = float(rng.normal() / std::sqrt(double(n)));

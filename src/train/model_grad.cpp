@@ -826,8 +826,9 @@ int64_t check_batch(const ModelConfig& c, const int32_t* tokens, const int32_t* 
                     int L, int scan_chunk) {
   HM_CHECK(B > 0 && L > 0, "loss: batch must be at least 1 x 1, got ", B, " x ", L);
   HM_CHECK(scan_chunk >= 0, "loss: scan_chunk must be >= 0, got ", scan_chunk);
-  HM_CHECK(c.mamba2_layers.empty(), "loss: Mamba-2 layers (config 'mamba2_layers') have no backward pass yet; "
-           "they run for inference only (generate, eval on a converted model, bench)");
+  const std::string no = training_unsupported(c);
+  HM_CHECK(no.empty(), "loss: the model has no backward pass yet: ", no, "; it runs for inference only "
+           "(generate, eval --weights, bench)");
   const int V = c.vocab_size;
   int64_t count = 0;
   for (int64_t i = 0; i < int64_t(B) * L; ++i) {
