@@ -132,6 +132,10 @@ for key in '"average_usage":' '"mamba":' '"attention":' '"per_layer":' '"layer":
 done
 grep -q "<svg" "$W/route.svg" && grep -q "layer 1" "$W/route.svg" && ok || bad "route heatmap SVG"
 "$HM" route --model "$W/truetiny" --prompt "hello" --heatmap "" | grep -q "^layer 4: Mamba usage: .*%  Attention usage: .*%" && ok || bad "route text"
+# Hard routing with packed weights: path_compute_skipped copies the parameters (floats kept).
+cp -r "$W/truetiny" "$W/truehard" && sed -i 's/"routing_mode": "soft"/"routing_mode": "hard"/' "$W/truehard/config.json"
+rh=$("$HM" route --model "$W/truehard" --weights q4_0 --prompt "The cat sat." --json --heatmap ""); rc=$?
+case "$rc:$rh" in 0:*'"hard"'*path_compute_skipped*) ok ;; *) bad "route --weights q4_0 on a hard model: exit $rc: $rh" ;; esac
 expect_fail "route on a simple model" "no true-hybrid layers" "$HM" route --model "$W/tiny" --prompt hi --heatmap ""
 expect_fail "route empty prompt" "empty" "$HM" route --model "$W/truetiny" --prompt "" --heatmap ""
 expect_fail "route missing model" "$W/nope" "$HM" route --model "$W/nope" --prompt hi --heatmap ""

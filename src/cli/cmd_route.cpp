@@ -133,6 +133,7 @@ double path_compute_skipped(const HybridModel& model, const std::vector<int32_t>
     c.routing_mode = mode;
     HybridModel m(c, cb);
     std::copy_n(model.params().data(), model.params().numel(), m.params().data());
+    m.set_weight_format(model.weight_format());  // the routes the packed model takes
     m.prepare();
     if (force >= 0) m.set_forced_attention_fraction(force);
     HybridMemory mem(cb, c, 1, int(ids.size()), KvType::F32);
@@ -251,7 +252,8 @@ Run add_route(CLI::App& app) {
     const std::string dir = checkpoint_dir(o->model);
     check_model_memory(dir, inference_shape(1, task.name.empty() ? int64_t(o->prompt.size()) + 1 : task.seq_len, "f32"),
                        "hm route");
-    auto model = load_model_on(dir, *dev.be, dev.dtype, o->weights);
+    // Floats kept: path_compute_skipped copies the parameters into its counting models.
+    auto model = load_model_on(dir, *dev.be, dev.dtype, o->weights, /*keep_floats=*/true);
     const ModelConfig& c = model->config();
     HM_CHECK(!c.true_layers.empty(), "route: the model in '", o->model, "' has no true-hybrid layers "
              "(\"hybrid\": \"", c.hybrid, "\"); routing exists only in true_layers (e.g. hm init "

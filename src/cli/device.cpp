@@ -97,12 +97,13 @@ std::vector<DType> weight_formats_option(const std::string& list) {
 }
 
 std::unique_ptr<HybridModel> load_model_on(const std::string& dir, Backend& be, DType dtype,
-                                           const std::string& weights) {
+                                           const std::string& weights, bool keep_floats) {
   namespace fs = std::filesystem;
   bool given = false;
   const DType wf = weight_format_option(weights, &given);
   // Packed weights on the CPU: packed as they are read, never holding their float32 copies.
-  if (be.device() == Device::CPU && dtype == DType::F32 && !is_hf_model_dir(dir) && fs::is_directory(dir)) {
+  if (!keep_floats && be.device() == Device::CPU && dtype == DType::F32 && !is_hf_model_dir(dir) &&
+      fs::is_directory(dir)) {
     const DType f = given ? wf : stored_weight_format(dir);
     if (f != DType::F32 && be.supports_weight_format(f)) return load_packed_for_inference(dir, be, f);
   }

@@ -46,8 +46,9 @@ DType weight_format_option(const std::string& weights, bool* given);
 std::vector<DType> weight_formats_option(const std::string& list);
 
 // Our checkpoint folder or a Hugging Face one (load_any_model), computing in dtype on be, its
-// linear weights in `weights` ("auto": as stored).
+// linear weights in `weights` ("auto": as stored). Packed weights on the CPU drop their float32
+// copies unless keep_floats (for code that copies the model's parameters).
 std::unique_ptr<HybridModel> load_model_on(const std::string& dir, Backend& be, DType dtype,
-                                           const std::string& weights = "auto");
+                                           const std::string& weights = "auto", bool keep_floats = false);
 
 }  // namespace hm::cli
