@@ -80,6 +80,7 @@ case "$rq1:$rq2:$q1" in 0:0:hello?*) [ "$q1" = "$q2" ] && ok || bad "stored q8_0
 expect_fail "quantize bad type" "--type must be q8_0, q4_0 or bf16" "$HM" quantize "$W/tiny" --out "$W/x" --type q3
 expect_fail "quantize over a model" "already holds a model" "$HM" quantize "$W/tiny" --out "$W/tiny_q8" --type q8_0
 expect_fail "bad --weights" "--weights must be" "$HM" generate --model "$W/tiny" --weights q5 --prompt hi
+expect_fail "bench --weights twice" "given twice" "$HM" bench --preset tiny --weights f32,q8_0,f32
 
 "$HM" init --preset tiny --seed 3 --out "$W/half" --dtype BF16 >/dev/null && ok || bad "init BF16"
 "$HM" generate --model "$W/half" --prompt hi -n 3 >/dev/null && ok || bad "generate from BF16"

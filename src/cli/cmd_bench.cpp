@@ -459,12 +459,7 @@ Run add_bench(CLI::App& app) {
 
     if (!o->weights.empty()) {
       HM_CHECK(!o->train && !o->routing_sweep, "bench --weights: not with --train or --routing-sweep");
-      std::vector<DType> formats;
-      for (size_t at = 0; at <= o->weights.size();) {
-        const size_t end = std::min(o->weights.find(',', at), o->weights.size());
-        formats.push_back(weight_format_from_name(o->weights.substr(at, end - at)));
-        at = end + 1;
-      }
+      const std::vector<DType> formats = weight_formats_option(o->weights);
       const size_t probe = dram_probe_bytes(l3);
       log("read bandwidth");
       r["read_bw_gbs"] = measure_read_gbs(probe);
