@@ -99,6 +99,12 @@ done
 ev=$("$HM" eval --model "$W/trained" --data "$W/corpus.txt" --json)
 case "$ev" in *'"ppl":'*'"step":5'*) ok ;; *) bad "eval --json: $ev" ;; esac
 "$HM" eval --model "$W/trained/checkpoint" --data "$W/corpus.txt" | grep -q "perplexity" && ok || bad "eval text"
+# A Hugging Face folder, and a Falcon-Mamba one (no backward pass: scored by the inference forward).
+FX="$(dirname "$0")/fixtures/hf/mamba_f32"
+"$HM" eval --model "$FX" --data "$W/corpus.txt" --seq-len 32 | grep -q "perplexity" && ok || bad "eval on a Hugging Face folder"
+cp -r "$FX" "$W/falcon" && sed -i 's/"MambaForCausalLM"/"FalconMambaForCausalLM"/; s/"model_type": "mamba"/"model_type": "falcon_mamba"/' "$W/falcon/config.json"
+ef=$("$HM" eval --model "$W/falcon" --data "$W/corpus.txt" --seq-len 32 --json); rc=$?
+case "$rc:$ef" in 0:*'"ppl":'*) ok ;; *) bad "eval on a Falcon-Mamba folder: exit $rc: $ef" ;; esac
 "$HM" generate --model "$W/trained/checkpoint" --prompt "the cat" -n 10 >/dev/null && ok || bad "generate from trained"
 expect_fail "train over a run" "--resume" "$HM" train "${T[@]}" --out "$W/trained"
 expect_fail "train missing data" "$W/none.txt" "$HM" train --data "$W/none.txt" --out "$W/t2"

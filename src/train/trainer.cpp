@@ -24,6 +24,7 @@
 #include "core/threads.h"
 #include "data/corpus.h"
 #include "io/atomic_file.h"
+#include "io/hf_model.h"
 #include "io/json_read.h"
 #include "model/memory_estimate.h"
 #include "model/config.h"
@@ -847,7 +848,7 @@ EvalResult evaluate(const std::string& model_dir, const std::string& data_path, 
   eval_window_defaults(model_dir, seq_len, max_tokens, &r.step);
   HM_CHECK(batch >= 1, "batch must be >= 1");
   auto be = make_cpu_backend();
-  auto model = load_model(dir.string(), *be);
+  auto model = load_any_model(dir.string(), *be);  // ours or a Hugging Face folder
   if (weights && *weights != model->weight_format()) {
     model->set_weight_format(*weights);
     model->prepare();
@@ -857,7 +858,10 @@ EvalResult evaluate(const std::string& model_dir, const std::string& data_path, 
            tok->vocab_size(), ") exceeds the model's vocab_size (", model->config().vocab_size, ")");
   Corpora data = load_split(data_path);
   const std::vector<int32_t> valid = token_stream(*tok, valid_texts(data.corpus, data.split));
-  const EvalResult e = model->weight_format() == DType::F32
+  // The training forward scores float32 models it can train; the others (packed weights, layers
+  // without a backward pass yet) go through the inference forward.
+  const bool trainable = training_unsupported(model->config()).empty();
+  const EvalResult e = model->weight_format() == DType::F32 && trainable
                            ? eval_stream(model->params(), valid, seq_len, max_tokens, batch)
                            : eval_stream_model(*model, valid, seq_len, max_tokens, batch);
   r.loss = e.loss;
