@@ -88,7 +88,9 @@ grep -E "^(== |\[==========\]|\[  PASSED  \]|\[  FAILED  \]|\[  SKIPPED \])" "$T
 # tests/test_hf.cpp skips without): one tarball back in $OUT, to unpack into tests/fixtures/hf/.
 if [ "${FIXTURES:-1}" = 1 ] && [ -f tests/fixtures/hf/make_fixtures.py ]; then
   FX=/tmp/hf_fixtures && rm -rf "$FX" && mkdir -p "$FX"
-  step "hf fixtures (mamba2, falcon_mamba)" 90 "$T" python3 tests/fixtures/hf/make_fixtures.py "$FX" mamba2 falcon_mamba &&
+  # Without the peer on PYTHONPATH: transformers would call causal_conv1d's CUDA kernels on the
+  # fixtures' CPU tensors; the plain PyTorch path is the reference wanted here.
+  step "hf fixtures (mamba2, falcon_mamba)" 90 "$T" env PYTHONPATH= python3 tests/fixtures/hf/make_fixtures.py "$FX" mamba2 falcon_mamba &&
     tar czf "$OUT/hf_fixtures.tar.gz" -C "$FX" .
 fi
 

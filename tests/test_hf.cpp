@@ -562,6 +562,11 @@ TEST(HfMamba2, ConfigMapsFieldByField) {
   EXPECT_FLOAT_EQ(lim.mamba2_dt_min, 0.01f);
   EXPECT_FLOAT_EQ(lim.mamba2_dt_max, 0.2f);
   EXPECT_FLOAT_EQ(config_from_json(config_to_json(lim)).mamba2_dt_max, 0.2f);
+  // transformers 5 writes a non-finite float as {"__float__": "Infinity"}.
+  test::TempDir tmp3("hf_m2_cfg_obj");
+  ModelConfig obj;
+  write_mamba2_folder(tmp3, R"(, "time_step_limit": [0.0, {"__float__": "Infinity"}])", obj, arena);
+  EXPECT_TRUE(std::isinf(obj.mamba2_dt_max));
 }
 
 TEST(HfMamba2, LoadsWeightsUnderTransformersNames) {
@@ -607,6 +612,7 @@ TEST(HfMamba2, RefusesWhatItDoesNotImplement) {
   with([](json& j) { j["intermediate_size"] = 96; }, {"intermediate_size", "64"});
   with([](json& j) { j["time_step_limit"] = {0.5, 0.1}; }, {"time_step_limit"});
   with([](json& j) { j["time_step_limit"] = {0.0, "big"}; }, {"time_step_limit[1]"});
+  with([](json& j) { j["time_step_limit"] = json::array({0.0, json{{"__float__", "NaN"}}}); }, {"time_step_limit[1]"});
   with([](json& j) { j["chunk_size"] = 0; }, {"chunk_size"});
   // Shapes are checked against the weights, never guessed: a d_mlp split (a wider in_proj, which
   // transformers' Mamba2Mixer cannot load either) or another state size.

@@ -85,9 +85,13 @@ void common_mamba_fields(const JsonFields& f, const std::string& origin, bool ti
   }
 }
 
-// One element of time_step_limit: a number, or Python's Infinity (read as a string).
+// One element of time_step_limit: a number, or Python's Infinity: read as the bare string, or as
+// {"__float__": "Infinity"}, the form transformers 5 writes for non-finite floats.
 double limit_value(const nlohmann::json& v, const std::string& origin, int k) {
   if (v.is_string() && v.get<std::string>() == "Infinity") return INFINITY;
+  if (v.is_object() && v.size() == 1 && v.contains("__float__") && v["__float__"].is_string() &&
+      v["__float__"].get<std::string>() == "Infinity")
+    return INFINITY;
   HM_CHECK(v.is_number(), origin, ": field 'time_step_limit[", k, "]' must be a number or Infinity, got ", v.dump());
   return json_to_double(v, 0, 1e30, origin, detail::cat("time_step_limit[", k, "]"));
 }
