@@ -1,4 +1,4 @@
-// CUDA kernels of the Mamba-1 path, attention and the shared elementwise ops (docs/CUDA.md).
+// CUDA kernels of the Mamba-1 and Mamba-2 paths, attention and the shared elementwise ops (docs/CUDA.md).
 //
 // Each op is the contract of kernels/ops.h (hm::ref is the oracle), with three changes:
 //  - Activations and weights are T = float, __nv_bfloat16 or __half; every sum and every
@@ -87,6 +87,23 @@ void selective_scan_step(T* y, int ldy, float* ssm_state, const int32_t* slots, 
                          const T* dt, int lddt, const T* dt_bias, const float* A, const T* B,
                          const T* C, int ldbc, const T* Dskip, const T* z, int ldz, int nseq, int E,
                          int N, cudaStream_t stream);
+
+// Mamba-2 (SSD) scan over the ragged batch (ssd.cu): ref::ssd_scan for every sequence,
+// continuing from ssm_state[slots[s]] ([H, P, N] float, dense slots) and leaving the final state
+// there; a decode batch (one row per sequence) is the same call. x, y [n_tokens, H * P]; dt
+// [n_tokens, H] (raw); B, C [n_tokens, G * N] share ldbc; A [H] float (-exp(A_log)); dt_bias,
+// Dskip [H]. N <= kMaxSsdState.
+constexpr int kMaxSsdState = 256;
+template <class T>
+void ssd_scan(T* y, int ldy, float* ssm_state, const T* x, int ldx, const T* dt, int lddt, const T* dt_bias,
+              const float* A, const T* B, const T* C, int ldbc, const T* Dskip, const RaggedBatch& rb, int H, int P,
+              int G, int N, float dt_min, float dt_max, cudaStream_t stream);
+
+// Mamba-2's gated RMSNorm (ref::gated_rmsnorm): g = y * silu(z) in float, each group of `group`
+// columns of a row scaled by rsqrt(mean(g^2) + eps), times w. y, z, out [n, E] (own strides).
+template <class T>
+void gated_rmsnorm(T* out, int ldo, const T* y, int ldy, const T* z, int ldz, const T* w, int n, int E, int group,
+                   float eps, cudaStream_t stream);
 
 // RoPE (rotate half) in place on x [n_tokens, heads, hd] (ldx); row t of sequence s is at
 // position pos0[s] + t - cu_seqlens[s].

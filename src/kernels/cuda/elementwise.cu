@@ -1,5 +1,5 @@
 // Row and elementwise ops (rows on grid x, which allows 2^31 - 1 of them): RMSNorm (optionally fused with the residual add), embedding gather,
-// SwiGLU and RoPE over a ragged batch. Memory-bound; one pass over the data where possible.
+// Mamba-2's gated RMSNorm, SwiGLU and RoPE over a ragged batch. Memory-bound; one pass over the data where possible.
 #include <cmath>
 
 #include "kernels/cuda/common.cuh"
@@ -45,6 +45,28 @@ __global__ void __launch_bounds__(kRowThreads) rmsnorm_kernel(T* __restrict__ ou
   // Each thread re-reads only the elements it wrote itself, so no barrier is needed.
   for (int j = threadIdx.x; j < d; j += kRowThreads)
     out[row + j] = from_f<T>(to_f(h[row + j]) * r * to_f(w[j]));
+}
+
+// One block per (row, group): g = y * silu(z) in float, out = g * rsqrt(mean_group(g^2) + eps) * w.
+// g is recomputed in the second loop rather than kept: each thread reads only its own columns,
+// so out may alias y.
+template <class T>
+__global__ void __launch_bounds__(kRowThreads) gated_rmsnorm_kernel(T* out, int ldo, const T* y, int ldy,
+                                                                    const T* __restrict__ z, int ldz,
+                                                                    const T* __restrict__ w, int group,
+                                                                    float eps) {
+  const size_t i = blockIdx.x;
+  const int j0 = blockIdx.y * group;
+  float ss = 0;
+  for (int j = j0 + threadIdx.x; j < j0 + group; j += kRowThreads) {
+    const float g = to_f(y[i * ldy + j]) * silu(to_f(z[i * ldz + j]));
+    ss += g * g;
+  }
+  const float r = rsqrtf(block_sum(ss) / float(group) + eps);
+  for (int j = j0 + threadIdx.x; j < j0 + group; j += kRowThreads) {
+    const float g = to_f(y[i * ldy + j]) * silu(to_f(z[i * ldz + j]));
+    out[i * ldo + j] = from_f<T>(g * r * to_f(w[j]));
+  }
 }
 
 template <class T>
@@ -101,6 +123,16 @@ void add_rmsnorm(T* out, T* h, const T* delta, const T* w, int n, int d, float e
 }
 
 template <class T>
+void gated_rmsnorm(T* out, int ldo, const T* y, int ldy, const T* z, int ldz, const T* w, int n, int E, int group,
+                   float eps, cudaStream_t stream) {
+  HM_CHECK(group > 0 && E % group == 0 && E / group <= 65535, "cuda gated_rmsnorm: group ", group,
+           " must divide d_inner ", E, " into at most 65535 groups");
+  if (n <= 0 || E <= 0) return;
+  gated_rmsnorm_kernel<T><<<dim3(n, E / group), kRowThreads, 0, stream>>>(out, ldo, y, ldy, z, ldz, w, group, eps);
+  HM_CUDA_LAUNCHED("gated_rmsnorm");
+}
+
+template <class T>
 void embedding(T* out, const T* table, const int32_t* ids, int n, int d, cudaStream_t stream) {
   if (n <= 0) return;
   embedding_kernel<T><<<dim3(n, ceil_div(d, 256)), 256, 0, stream>>>(out, table, ids, d);
@@ -128,6 +160,8 @@ void rope(T* x, int ldx, int heads, int hd, const RaggedBatch& rb, float theta, 
   template void rmsnorm<T>(T*, const T*, const T*, int, int, float, cudaStream_t);             \
   template void add_rmsnorm<T>(T*, T*, const T*, const T*, int, int, float, cudaStream_t);     \
   template void embedding<T>(T*, const T*, const int32_t*, int, int, cudaStream_t);            \
+  template void gated_rmsnorm<T>(T*, int, const T*, int, const T*, int, const T*, int, int, int, float, \
+                                 cudaStream_t);                                                \
   template void swiglu<T>(T*, int, const T*, const T*, int, int, int, cudaStream_t);           \
   template void rope<T>(T*, int, int, int, const RaggedBatch&, float, cudaStream_t);
 HM_CUDA_FOR_TYPES(HM_INST)
