@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -743,6 +744,328 @@ TEST(HfFalconMamba, LogitsMatchTransformers) {
     GTEST_SKIP() << "no Falcon-Mamba fixtures in " << kFixtures.string()
                  << ": run `python3 tests/fixtures/hf/make_fixtures.py tests/fixtures/hf falcon_mamba` where torch "
                     "and transformers are installed (the H200 device machine) and commit the falcon_mamba_* folders";
+}
+
+}  // namespace hm
+
+// Jamba: Mamba-1 mixers with weighted RMSNorms on dt_r, B and C, attention without positional
+// encoding (GQA), and after every layer a dense SwiGLU MLP or a mixture of experts.
+namespace hm {
+
+namespace {
+
+const char* const kJambaFolders[] = {"jamba_f32", "jamba_bf16"};
+
+// transformers' name of each of our tensors, written here from modeling_jamba.py's module tree
+// (independently of src/io/hf_model.cpp's mapping). Expert stacks are handled by the caller.
+std::string jamba_name(const std::string& ours) {
+  if (ours == "backbone.embeddings.weight") return "model.embed_tokens.weight";
+  if (ours == "backbone.norm_f.weight") return "model.final_layernorm.weight";
+  if (ours == "lm_head.weight") return ours;
+  const size_t a = std::strlen("backbone.layers."), b = ours.find('.', a);
+  const std::string L = "model.layers." + ours.substr(a, b - a) + ".", rest = ours.substr(b + 1);
+  const std::pair<const char*, const char*> table[] = {
+      {"norm.weight", "input_layernorm.weight"}, {"mlp_norm.weight", "pre_ff_layernorm.weight"},
+      {"mixer.q_proj.weight", "self_attn.q_proj.weight"}, {"mixer.k_proj.weight", "self_attn.k_proj.weight"},
+      {"mixer.v_proj.weight", "self_attn.v_proj.weight"}, {"mixer.o_proj.weight", "self_attn.o_proj.weight"},
+      {"mlp.router.weight", "feed_forward.router.weight"}, {"mlp.gate_proj.weight", "feed_forward.gate_proj.weight"},
+      {"mlp.up_proj.weight", "feed_forward.up_proj.weight"}, {"mlp.down_proj.weight", "feed_forward.down_proj.weight"},
+  };
+  for (const auto& [o, h] : table)
+    if (rest == o) return L + h;
+  EXPECT_EQ(rest.compare(0, 6, "mixer."), 0) << ours;
+  return L + "mamba." + rest.substr(6);  // in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj, *_layernorm
+}
+
+// A JambaForCausalLM folder as transformers 5's save_pretrained writes it (JambaConfig's fields;
+// experts one tensor each, or fused as transformers holds them in memory), with our random
+// weights; `arena` gets them in our layout.
+fs::path write_jamba_folder(const test::TempDir& tmp, const std::string& extra_fields, ModelConfig& c,
+                            std::vector<float>& arena, bool fused_experts = false) {
+  const fs::path d = tmp.path / "jamba";
+  fs::create_directories(d);
+  write_text(d / "config.json", R"({
+  "architectures": ["JambaForCausalLM"], "model_type": "jamba", "vocab_size": 120,
+  "tie_word_embeddings": false, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 4,
+  "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_act": "silu", "initializer_range": 0.02,
+  "rms_norm_eps": 1e-06, "use_cache": true, "num_logits_to_keep": 1, "output_router_logits": false,
+  "router_aux_loss_coef": 0.001, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+  "sliding_window": null, "max_position_embeddings": 262144, "attention_dropout": 0.0,
+  "num_experts_per_tok": 2, "num_experts": 4, "expert_layer_period": 2, "expert_layer_offset": 1,
+  "attn_layer_period": 4, "attn_layer_offset": 2, "use_mamba_kernels": false, "mamba_d_state": 8,
+  "mamba_d_conv": 3, "mamba_expand": 2, "mamba_dt_rank": 5, "mamba_conv_bias": true,
+  "mamba_proj_bias": false, "dtype": "float32", "transformers_version": "5.17.0")" +
+                                   extra_fields + "}\n");
+  c = load_hf_config(d.string());
+  Params p(c);
+  test::randomize_params(p, 41);
+  std::vector<TensorToWrite> ts;
+  std::deque<std::vector<float>> fused;  // storage of the fused gate_up stacks
+  for (size_t i = 0; i < p.specs().size(); ++i) {
+    const ParamSpec& s = p.specs()[i];
+    if (s.name.find(".mlp.experts.") == std::string::npos) {
+      ts.push_back({jamba_name(s.name), DType::F32, s.shape, p.at(i)});
+      continue;
+    }
+    // backbone.layers.N.mlp.experts.P.weight -> model.layers.N.feed_forward.experts.E.P.weight
+    const std::string L = jamba_name(s.name.substr(0, s.name.find(".mlp.")) + ".norm.weight");
+    const std::string stem = L.substr(0, L.rfind("input_layernorm")) + "feed_forward.experts.";
+    const std::string proj = s.name.substr(s.name.rfind("experts.") + 8);
+    const int64_t X = s.shape[0], R = s.shape[1], C = s.shape[2];
+    if (!fused_experts) {
+      for (int64_t e = 0; e < X; ++e)
+        ts.push_back({stem + std::to_string(e) + "." + proj, DType::F32, {R, C}, p.at(i) + e * R * C});
+    } else if (proj == "down_proj.weight") {
+      ts.push_back({stem + "down_proj", DType::F32, s.shape, p.at(i)});
+    } else if (proj == "gate_proj.weight") {  // gate_up_proj[e] = gate_e rows then up_e rows
+      const float* up = p.get(s.name.substr(0, s.name.rfind("gate_proj")) + "up_proj.weight");
+      std::vector<float>& g = fused.emplace_back(size_t(X * 2 * R * C));
+      for (int64_t e = 0; e < X; ++e) {
+        std::copy_n(p.at(i) + e * R * C, R * C, g.data() + e * 2 * R * C);
+        std::copy_n(up + e * R * C, R * C, g.data() + e * 2 * R * C + R * C);
+      }
+      ts.push_back({stem + "gate_up_proj", DType::F32, {X, 2 * R, C}, g.data()});
+    }
+  }
+  write_safetensors((d / "model.safetensors").string(), ts);
+  arena.assign(p.data(), p.data() + p.numel());
+  return d;
+}
+
+}  // namespace
+
+TEST(HfJamba, ConfigMapsFieldByField) {
+  test::TempDir tmp("hf_jamba_cfg");
+  ModelConfig c;
+  std::vector<float> arena;
+  write_jamba_folder(tmp, "", c, arena);
+  EXPECT_EQ(c.hybrid, "simple");
+  EXPECT_EQ(c.d_model, 32);
+  EXPECT_EQ(c.n_layers, 4);
+  EXPECT_EQ(c.vocab_size, 120);
+  EXPECT_EQ(c.attention_layers, (std::vector<int>{2}));  // i % attn_layer_period == attn_layer_offset
+  EXPECT_EQ(c.moe_layers, (std::vector<int>{1, 3}));     // i % expert_layer_period == expert_layer_offset
+  EXPECT_EQ(c.moe_experts, 4);
+  EXPECT_EQ(c.moe_top_k, 2);
+  EXPECT_FALSE(c.moe_renormalize);  // JambaSparseMoeBlock keeps the softmax probabilities of the top k
+  EXPECT_EQ(c.d_ff, 48);
+  EXPECT_EQ(c.n_heads, 4);
+  EXPECT_EQ(c.n_kv_heads, 2);
+  EXPECT_EQ(c.head_dim(), 8);
+  EXPECT_FALSE(c.rope);
+  EXPECT_EQ(c.d_state, 8);
+  EXPECT_EQ(c.d_conv, 3);
+  EXPECT_EQ(c.d_inner(), 64);
+  EXPECT_EQ(c.resolved_dt_rank(), 5);
+  EXPECT_FLOAT_EQ(c.norm_eps, 1e-6f);
+  EXPECT_TRUE(c.mamba_bcdt_norm);
+  EXPECT_TRUE(c.mamba_bcdt_norm_weight);
+  EXPECT_FLOAT_EQ(c.mamba_bcdt_norm_eps, 1e-6f);  // the dt/B/C norms use rms_norm_eps
+  EXPECT_FALSE(c.tie_embeddings);
+  EXPECT_FALSE(c.state_bridges);
+  EXPECT_TRUE(c.true_layers.empty());
+  EXPECT_TRUE(c.mamba2_layers.empty());
+  // Our checkpoint keeps every field.
+  EXPECT_EQ(config_to_json(config_from_json(config_to_json(c))), config_to_json(c));
+  EXPECT_TRUE(config_from_json(config_to_json(c)).mamba_bcdt_norm_weight);
+  // JambaConfig's defaults where fields are absent, and the other spellings.
+  auto mapped = [](const std::function<void(json&)>& edit) {
+    test::TempDir t("hf_jamba_cfg2");
+    ModelConfig m;
+    std::vector<float> a;
+    const fs::path d = write_jamba_folder(t, "", m, a);
+    edit_config(d, edit);
+    return load_hf_config(d.string());
+  };
+  const ModelConfig def = mapped([](json& j) {
+    for (const char* k : {"attn_layer_period", "attn_layer_offset", "expert_layer_period", "expert_layer_offset",
+                          "rms_norm_eps", "tie_word_embeddings", "mamba_d_state", "mamba_d_conv", "mamba_expand"})
+      j.erase(k);
+    j["num_hidden_layers"] = 9;
+    j["mamba_dt_rank"] = "auto";
+  });
+  EXPECT_EQ(def.attention_layers, (std::vector<int>{4}));             // period 8, offset 4
+  EXPECT_EQ(def.moe_layers, (std::vector<int>{1, 3, 5, 7}));          // period 2, offset 1
+  EXPECT_FLOAT_EQ(def.norm_eps, 1e-6f);
+  EXPECT_FALSE(def.tie_embeddings);
+  EXPECT_EQ(def.d_state, 16);
+  EXPECT_EQ(def.d_conv, 4);
+  EXPECT_EQ(def.d_inner(), 64);
+  EXPECT_EQ(def.resolved_dt_rank(), 2);  // "auto": ceil(32 / 16)
+  const ModelConfig dense = mapped([](json& j) { j["num_experts"] = 1; });
+  EXPECT_TRUE(dense.moe_layers.empty());  // one expert: every FFN is the dense MLP
+  const ModelConfig mha = mapped([](json& j) { j["num_key_value_heads"] = nullptr; });
+  EXPECT_EQ(mha.n_kv_heads, 4);
+  const ModelConfig tied = mapped([](json& j) { j["tie_word_embeddings"] = true; j["rms_norm_eps"] = 1e-5; });
+  EXPECT_TRUE(tied.tie_embeddings);
+  EXPECT_FLOAT_EQ(tied.mamba_bcdt_norm_eps, 1e-5f);
+}
+
+TEST(HfJamba, LoadsWeightsUnderTransformersNames) {
+  // Our model on the same arena gives the same logits bit for bit: names and shapes map one to
+  // one, experts stored one tensor each or fused. Prefill = token by token; convert keeps them.
+  test::TempDir tmp("hf_jamba_load");
+  ModelConfig c;
+  std::vector<float> arena;
+  const fs::path d = write_jamba_folder(tmp, "", c, arena);
+  auto be = make_cpu_backend();
+  auto hf = load_any_model(d.string(), *be);
+  HybridModel ours(c, *be);
+  std::copy(arena.begin(), arena.end(), ours.params().data());
+  ours.prepare();
+  Rng rng(3);
+  const std::vector<int32_t> toks = test::tokens(rng, 23, c.vocab_size);
+  const std::vector<float> full = forward_all(*hf, toks);
+  EXPECT_EQ(full, forward_all(ours, toks));
+  const double e_step = test::rel_err(forward_stepwise(*hf, toks), full);
+  std::printf("jamba: prefill vs token by token %.3g\n", e_step);
+  EXPECT_LT(e_step, 1e-5);
+  convert_hf_model(d.string(), (tmp.path / "conv").string(), "f32");
+  auto conv = load_any_model((tmp.path / "conv").string(), *be);
+  EXPECT_EQ(forward_all(*conv, toks), full);
+  // The fused expert layout (gate_up_proj [experts, 2F, D], down_proj [experts, D, F]).
+  test::TempDir tmp2("hf_jamba_fused");
+  ModelConfig c2;
+  std::vector<float> arena2;
+  const fs::path f = write_jamba_folder(tmp2, "", c2, arena2, /*fused_experts=*/true);
+  EXPECT_TRUE(SafetensorsReader((f / "model.safetensors").string()).find("model.layers.1.feed_forward.experts.gate_up_proj"));
+  EXPECT_EQ(forward_all(*load_any_model(f.string(), *be), toks), full);
+  // The reference backend (plain loops) computes the same model.
+  auto ref = make_ref_backend();
+  EXPECT_LT(test::rel_err(forward_all(*load_any_model(d.string(), *ref), toks), full), 1e-5);
+}
+
+TEST(HfJamba, DtBAndCNormWeightsAreApplied) {
+  test::TempDir tmp("hf_jamba_norms");
+  ModelConfig c;
+  std::vector<float> arena;
+  const fs::path d = write_jamba_folder(tmp, "", c, arena);
+  auto be = make_cpu_backend();
+  auto m = load_any_model(d.string(), *be);
+  Rng rng(4);
+  const std::vector<int32_t> toks = test::tokens(rng, 17, c.vocab_size);
+  const std::vector<float> base = forward_all(*m, toks);
+  auto scaled = [&](float sd, float sb, float sc) {
+    for (int l = 0; l < c.n_layers; ++l) {
+      if (c.is_attention(l)) continue;
+      LayerWeights& w = m->params().layer(l);
+      for (int k = 0; k < c.resolved_dt_rank(); ++k) w.dt_norm[k] *= sd;
+      for (int k = 0; k < c.d_state; ++k) w.b_norm[k] *= sb, w.c_norm[k] *= sc;
+    }
+    m->prepare();
+    const double e = test::rel_err(forward_all(*m, toks), base);
+    std::printf("norm weights dt x %g, B x %g, C x %g: logits moved by %.3g\n", double(sd), double(sb), double(sc), e);
+    for (int l = 0; l < c.n_layers; ++l) {
+      if (c.is_attention(l)) continue;
+      LayerWeights& w = m->params().layer(l);
+      for (int k = 0; k < c.resolved_dt_rank(); ++k) w.dt_norm[k] /= sd;
+      for (int k = 0; k < c.d_state; ++k) w.b_norm[k] /= sb, w.c_norm[k] /= sc;
+    }
+    m->prepare();
+    return e;
+  };
+  // y depends on the B and C norm weights only through their product per state channel (the
+  // scan is bilinear in B and C): B's x 4 with C's / 4 is the same model (exactly: powers of
+  // two), either alone is not; dt's weights move delta.
+  EXPECT_LT(scaled(1, 4, 0.25f), 1e-5);
+  EXPECT_GT(scaled(1, 4, 1), 1e-3);
+  EXPECT_GT(scaled(1, 1, 0.25f), 1e-3);
+  EXPECT_GT(scaled(3, 1, 1), 1e-3);
+  // All-one weights are Falcon-Mamba's weightless norm, bit for bit.
+  for (int l = 0; l < c.n_layers; ++l) {
+    if (c.is_attention(l)) continue;
+    LayerWeights& w = m->params().layer(l);
+    std::fill_n(w.dt_norm, c.resolved_dt_rank(), 1.0f);
+    std::fill_n(w.b_norm, c.d_state, 1.0f);
+    std::fill_n(w.c_norm, c.d_state, 1.0f);
+  }
+  m->prepare();
+  ModelConfig plain_cfg = c;
+  plain_cfg.mamba_bcdt_norm_weight = false;
+  HybridModel plain(plain_cfg, *be);
+  for (size_t i = 0; i < plain.params().specs().size(); ++i) {
+    const ParamSpec& s = plain.params().specs()[i];
+    std::copy_n(m->params().get(s.name), s.numel(), plain.params().at(i));
+  }
+  plain.prepare();
+  EXPECT_EQ(forward_all(plain, toks), forward_all(*m, toks));
+}
+
+TEST(HfJamba, RefusesWhatItDoesNotImplement) {
+  test::TempDir tmp("hf_jamba_refuse");
+  ModelConfig c;
+  std::vector<float> arena;
+  const fs::path d = write_jamba_folder(tmp, "", c, arena);
+  const json orig = read_json(d / "config.json");
+  auto with = [&](const std::function<void(json&)>& edit, std::initializer_list<std::string> parts) {
+    write_text(d / "config.json", orig.dump());
+    edit_config(d, edit);
+    expect_load_error(d, parts);
+  };
+  with([](json& j) { j["model_type"] = "mamba"; }, {"model_type", "jamba"});
+  with([](json& j) { j["mamba_proj_bias"] = true; }, {"mamba_proj_bias"});
+  with([](json& j) { j["sliding_window"] = 4096; }, {"sliding_window", "4096"});
+  with([](json& j) { j["hidden_act"] = "gelu"; }, {"hidden_act", "gelu"});
+  with([](json& j) { j["head_dim"] = 16; }, {"head_dim", "16"});
+  with([](json& j) { j["num_attention_heads"] = 5; }, {"num_attention_heads", "hidden_size"});
+  with([](json& j) { j["num_key_value_heads"] = 3; }, {"num_key_value_heads", "3"});
+  with([](json& j) { j["attn_layer_offset"] = 4; }, {"attn_layer_offset", "attn_layer_period"});
+  with([](json& j) { j["expert_layer_offset"] = 2; }, {"expert_layer_offset", "expert_layer_period"});
+  with([](json& j) { j["num_experts_per_tok"] = 5; }, {"num_experts_per_tok", "num_experts"});
+  with([](json& j) { j["mamba_dt_rank"] = "big"; }, {"mamba_dt_rank", "big"});
+  with([](json& j) { j["mamba_expand"] = 1.5; }, {"mamba_expand"});
+  with([](json& j) { j["rms_norm_eps"] = 0; }, {"rms_norm_eps"});
+  // A config that disagrees with the weights: shapes and names are checked, never guessed.
+  with([](json& j) { j["mamba_d_state"] = 4; }, {"model.layers.0.mamba.x_proj.weight", "shape"});
+  with([](json& j) { j["num_experts"] = 3; }, {"model.layers.1.feed_forward.router.weight", "shape"});
+  with([](json& j) { j["expert_layer_offset"] = 0; }, {"missing tensor", "model.layers.0.feed_forward.router.weight"});
+  with([](json& j) { j["attn_layer_offset"] = 1; }, {"missing tensor", "model.layers.1.self_attn.q_proj.weight"});
+  with([](json& j) { j["tie_word_embeddings"] = true; }, {"lm_head.weight", "differs", "model.embed_tokens.weight"});
+  with([](json& j) { j["mamba_conv_bias"] = false; }, {"model.layers.0.mamba.conv1d.bias", "mamba_conv_bias"});
+  // One expert's tensor missing.
+  write_text(d / "config.json", orig.dump());
+  rewrite_safetensors(d / "model.safetensors", [](std::vector<RawTensor>& ts) {
+    std::erase_if(ts, [](const RawTensor& t) { return t.name == "model.layers.3.feed_forward.experts.2.up_proj.weight"; });
+  });
+  expect_load_error(d, {"missing tensor", "model.layers.3.feed_forward.experts.2.up_proj.weight"});
+  // A fifth expert beyond num_experts.
+  write_jamba_folder(tmp, "", c, arena);
+  rewrite_safetensors(d / "model.safetensors", [](std::vector<RawTensor>& ts) {
+    for (const RawTensor& t : ts)
+      if (t.name == "model.layers.1.feed_forward.experts.0.down_proj.weight") {
+        RawTensor extra = t;
+        extra.name = "model.layers.1.feed_forward.experts.4.down_proj.weight";
+        ts.push_back(extra);
+        break;
+      }
+  });
+  expect_load_error(d, {"unexpected tensor", "model.layers.1.feed_forward.experts.4.down_proj.weight"});
+}
+
+TEST(HfJamba, LogitsMatchTransformers) {
+  int found = 0;
+  for (const char* name : kJambaFolders) {
+    SCOPED_TRACE(name);
+    const fs::path dir = kFixtures / name;
+    if (!fs::exists(dir / "expected.json")) continue;
+    ++found;
+    const json exp = read_json(dir / "expected.json");
+    auto be = make_cpu_backend();
+    auto m = load_any_model(dir.string(), *be);
+    ASSERT_TRUE(m->config().mamba_bcdt_norm_weight);
+    ASSERT_FALSE(m->config().attention_layers.empty());
+    ASSERT_FALSE(m->config().moe_layers.empty());
+    expect_matches_transformers(dir, *m);
+    // One perturbed weight breaks the bound: the comparison can fail.
+    m->params().layer(0).b_norm[1] += 0.05f;
+    m->prepare();
+    EXPECT_GT(test::rel_err(forward_all(*m, exp["tokens"].get<std::vector<int32_t>>()),
+                            read_f32_file(dir / "logits.f32")), 1e-4);
+  }
+  if (found == 0)
+    GTEST_SKIP() << "no Jamba fixtures in " << kFixtures.string()
+                 << ": run `python3 tests/fixtures/hf/make_fixtures.py tests/fixtures/hf jamba` where torch and "
+                    "transformers are installed (the H200 device machine) and commit the jamba_* folders";
 }
 
 }  // namespace hm

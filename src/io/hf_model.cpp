@@ -1,5 +1,6 @@
 #include "io/hf_model.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -37,10 +38,13 @@ std::string hf_file(const std::string& dir, const std::string& name, const std::
 struct HfInfo {
   ModelConfig cfg;
   bool conv_bias = true;  // use_conv_bias: false means a zero conv bias and no conv1d.bias tensors
+  std::string conv_bias_field = "use_conv_bias";
+  bool jamba = false;     // tensors under transformers' Jamba names (jamba_tensor_name)
 };
 
 HfInfo mamba_info_from_json(const JsonFields& f, const std::string& origin, bool falcon);
 HfInfo mamba2_info_from_json(const JsonFields& f, const std::string& origin);
+HfInfo jamba_info_from_json(const JsonFields& f, const std::string& origin);
 
 HfInfo hf_info_from_json(const nlohmann::json& j, const std::string& origin) {
   const JsonFields f(j, origin);
@@ -49,11 +53,13 @@ HfInfo hf_info_from_json(const nlohmann::json& j, const std::string& origin) {
   HM_CHECK(arch.is_array() && arch.size() == 1 && arch[0].is_string(), origin,
            ": field 'architectures' must list exactly one architecture, got ", arch.dump());
   const std::string a = arch[0].get<std::string>();
-  HM_CHECK(a == "MambaForCausalLM" || a == "FalconMambaForCausalLM" || a == "Mamba2ForCausalLM", origin,
-           ": field 'architectures': \"", a, "\" is not supported (supported: MambaForCausalLM, "
-           "FalconMambaForCausalLM, Mamba2ForCausalLM; docs/MODELS.md lists the families)");
-  HfInfo info = a == "Mamba2ForCausalLM" ? mamba2_info_from_json(f, origin)
-                                         : mamba_info_from_json(f, origin, a == "FalconMambaForCausalLM");
+  HM_CHECK(a == "MambaForCausalLM" || a == "FalconMambaForCausalLM" || a == "Mamba2ForCausalLM" ||
+               a == "JambaForCausalLM",
+           origin, ": field 'architectures': \"", a, "\" is not supported (supported: MambaForCausalLM, "
+           "FalconMambaForCausalLM, Mamba2ForCausalLM, JambaForCausalLM; docs/MODELS.md lists the families)");
+  HfInfo info = a == "Mamba2ForCausalLM"  ? mamba2_info_from_json(f, origin)
+                : a == "JambaForCausalLM" ? jamba_info_from_json(f, origin)
+                                          : mamba_info_from_json(f, origin, a == "FalconMambaForCausalLM");
   try {
     validate(info.cfg);
   } catch (const Error& e) {
@@ -215,6 +221,131 @@ HfInfo mamba_info_from_json(const JsonFields& f, const std::string& origin, bool
   return info;
 }
 
+// A field that is present and not null (transformers writes unset optional fields as null).
+bool present(const JsonFields& f, const char* key) { return f.has(key) && !f.at(key).is_null(); }
+
+// JambaForCausalLM (transformers' modeling_jamba.py): every layer is input_layernorm -> Mamba
+// mixer or attention -> residual, pre_ff_layernorm -> dense SwiGLU MLP or mixture of experts ->
+// residual; final_layernorm and the head. The Mamba mixer is Mamba-1 with weighted RMSNorms on
+// dt_r, B and C (eps rms_norm_eps); attention has no positional encoding. Defaults are
+// JambaConfig's.
+HfInfo jamba_info_from_json(const JsonFields& f, const std::string& origin) {
+  if (f.has("model_type")) {
+    const std::string t = f.get_string("model_type");
+    HM_CHECK(t == "jamba", origin, ": field 'model_type' must be \"jamba\" for JambaForCausalLM, got \"", t, "\"");
+  }
+  HfInfo info;
+  info.jamba = true;
+  info.conv_bias_field = "mamba_conv_bias";
+  ModelConfig& c = info.cfg;
+  c.hybrid = "simple";
+  c.state_bridges = false;
+  c.rope = false;  // JambaAttention applies no positional encoding
+  c.d_model = int(f.get_int("hidden_size", 1, kMaxDModel));
+  c.n_layers = int(f.get_int("num_hidden_layers", 1, kMaxLayers));
+  c.vocab_size = int(f.get_int("vocab_size", 1, kMaxVocab));
+  c.d_ff = f.has("intermediate_size") ? int(f.get_int("intermediate_size", 1, kMaxDff)) : 14336;
+  c.norm_eps = f.has("rms_norm_eps") ? f.get_float("rms_norm_eps") : 1e-6f;
+  HM_CHECK(c.norm_eps > 0 && c.norm_eps < 1, origin, ": field 'rms_norm_eps' must be in (0, 1), got ", c.norm_eps);
+  c.tie_embeddings = f.has("tie_word_embeddings") ? f.get_bool("tie_word_embeddings") : false;
+  if (f.has("hidden_act")) {  // the conv's, the MLP's and the experts' activation
+    const std::string act = f.get_string("hidden_act");
+    HM_CHECK(act == "silu" || act == "swish", origin, ": field 'hidden_act' is \"", act,
+             "\": not supported (only \"silu\")");
+  }
+
+  // Attention: no RoPE, GQA, head_dim = hidden_size / num_attention_heads, scale 1/sqrt(head_dim).
+  c.n_heads = f.has("num_attention_heads") ? int(f.get_int("num_attention_heads", 1, kMaxHeads)) : 32;
+  c.n_kv_heads = present(f, "num_key_value_heads") ? int(f.get_int("num_key_value_heads", 1, kMaxHeads))
+                 : f.has("num_key_value_heads")     ? c.n_heads  // null: transformers falls back to MHA
+                                                    : 8;
+  HM_CHECK(!present(f, "sliding_window"), origin, ": field 'sliding_window' is ", f.at("sliding_window").dump(),
+           ": sliding-window attention is not supported (null only)");
+
+  // The layer pattern: attention where i % attn_layer_period == attn_layer_offset, experts where
+  // i % expert_layer_period == expert_layer_offset (and num_experts > 1).
+  const auto period = [&](const char* p, const char* o, int64_t dp, int64_t dof) {
+    const int64_t per = f.has(p) ? f.get_int(p, 1, kMaxLayers) : dp;
+    const int64_t off = f.has(o) ? f.get_int(o, 0, kMaxLayers) : dof;
+    HM_CHECK(off < per, origin, ": field '", o, "' (", off, ") must be smaller than '", p, "' (", per, ")");
+    return std::pair{per, off};
+  };
+  const auto [attn_per, attn_off] = period("attn_layer_period", "attn_layer_offset", 8, 4);
+  const auto [exp_per, exp_off] = period("expert_layer_period", "expert_layer_offset", 2, 1);
+  c.moe_experts = f.has("num_experts") ? int(f.get_int("num_experts", 1, kMaxExperts)) : 16;
+  c.moe_top_k = f.has("num_experts_per_tok") ? int(f.get_int("num_experts_per_tok", 1, kMaxExperts)) : 2;
+  c.moe_renormalize = false;  // JambaSparseMoeBlock weights the top k by their softmax probabilities as they are
+  c.attention_layers.clear();
+  c.moe_layers.clear();
+  for (int i = 0; i < c.n_layers; ++i) {
+    if (i % attn_per == attn_off) c.attention_layers.push_back(i);
+    if (c.moe_experts > 1 && i % exp_per == exp_off) c.moe_layers.push_back(i);
+  }
+  if (!c.attention_layers.empty()) {  // checked where transformers builds attention
+    HM_CHECK(c.d_model % c.n_heads == 0, origin, ": field 'num_attention_heads' (", c.n_heads,
+             ") must divide 'hidden_size' (", c.d_model, ")");
+    HM_CHECK(c.n_heads % c.n_kv_heads == 0, origin, ": field 'num_key_value_heads' (", c.n_kv_heads,
+             ") must divide 'num_attention_heads' (", c.n_heads, ")");
+    if (present(f, "head_dim"))  // transformers' attention would read it; ours is hidden_size / heads
+      HM_CHECK(f.get_int("head_dim", 1, kMaxDModel) == c.head_dim(), origin, ": field 'head_dim' (",
+               f.at("head_dim").dump(), ") differs from hidden_size / num_attention_heads = ", c.head_dim(),
+               ": not supported");
+  }
+  if (!c.moe_layers.empty())
+    HM_CHECK(c.moe_top_k <= c.moe_experts, origin, ": field 'num_experts_per_tok' (", c.moe_top_k,
+             ") exceeds 'num_experts' (", c.moe_experts, ")");
+  if (c.moe_layers.empty()) {  // no MoE layer: keep our defaults so the config round-trips
+    c.moe_experts = ModelConfig{}.moe_experts;
+    c.moe_top_k = ModelConfig{}.moe_top_k;
+  }
+
+  // The Mamba mixer.
+  c.d_state = f.has("mamba_d_state") ? int(f.get_int("mamba_d_state", 1, kMaxDState)) : 16;
+  c.d_conv = f.has("mamba_d_conv") ? int(f.get_int("mamba_d_conv", 1, kMaxDConv)) : 4;
+  c.expand = f.has("mamba_expand") ? int(f.get_int("mamba_expand", 1, kMaxExpand)) : 2;
+  c.dt_rank = 0;
+  if (f.has("mamba_dt_rank")) {
+    if (f.at("mamba_dt_rank").is_string()) {
+      const std::string v = f.get_string("mamba_dt_rank");
+      HM_CHECK(v == "auto", origin, ": field 'mamba_dt_rank' must be \"auto\" or an integer, got \"", v, "\"");
+    } else {
+      c.dt_rank = int(f.get_int("mamba_dt_rank", 1, kMaxDtRank));
+    }
+  }
+  if (f.has("mamba_conv_bias")) info.conv_bias = f.get_bool("mamba_conv_bias");
+  if (f.has("mamba_proj_bias"))
+    HM_CHECK(!f.get_bool("mamba_proj_bias"), origin, ": field 'mamba_proj_bias' is true (biases on the Mamba "
+             "in_proj and out_proj): not supported yet");
+  c.mamba_bcdt_norm = true;
+  c.mamba_bcdt_norm_weight = true;
+  c.mamba_bcdt_norm_eps = c.norm_eps;  // dt_layernorm, b_layernorm, c_layernorm use rms_norm_eps
+  // Ignored as transformers' forward ignores them: use_mamba_kernels (which scan runs, not what
+  // it computes), attention_dropout (training only), max_position_embeddings, num_logits_to_keep,
+  // output_router_logits, router_aux_loss_coef, initializer_range, use_cache, token ids, dtype.
+  return info;
+}
+
+// Our tensor name -> transformers' Jamba name (expert stacks aside: load_jamba_experts).
+std::string jamba_tensor_name(const std::string& ours) {
+  if (ours == "backbone.embeddings.weight") return "model.embed_tokens.weight";
+  if (ours == "backbone.norm_f.weight") return "model.final_layernorm.weight";
+  if (ours == "lm_head.weight") return ours;
+  const std::string pre = "backbone.layers.";
+  HM_ASSERT(ours.compare(0, pre.size(), pre) == 0);
+  const size_t dot = ours.find('.', pre.size());
+  HM_ASSERT(dot != std::string::npos);
+  const std::string L = "model.layers." + ours.substr(pre.size(), dot - pre.size()) + ".";
+  const std::string rest = ours.substr(dot + 1);
+  if (rest == "norm.weight") return L + "input_layernorm.weight";
+  if (rest == "mlp_norm.weight") return L + "pre_ff_layernorm.weight";
+  for (const char* p : {"q_proj", "k_proj", "v_proj", "o_proj"})
+    if (rest == std::string("mixer.") + p + ".weight") return L + "self_attn." + p + ".weight";
+  if (rest.compare(0, 6, "mixer.") == 0) return L + "mamba." + rest.substr(6);
+  if (rest.compare(0, 4, "mlp.") == 0) return L + "feed_forward." + rest.substr(4);
+  HM_ASSERT(!"no Jamba name for this tensor");
+  return {};
+}
+
 HfInfo load_hf_info(const std::string& dir) {
   const std::string path = hf_file(dir, "config.json", dir, "config.json");
   return hf_info_from_json(parse_hf_json_file(path), path);
@@ -342,22 +473,48 @@ void load_hf_params(Params& p, const std::string& dir) {
   }
 
   std::set<std::string> used;
+  // Stored tensor `name` of `shape` into out: present, of that shape, every value finite.
+  const auto read = [&](const std::string& name, const std::vector<int64_t>& shape, float* out) {
+    auto it = where.find(name);
+    HM_CHECK(it != where.end(), dir, ": missing tensor '", name, "' (shape ", nlohmann::json(shape).dump(), ")");
+    it->second->read_f32(name, shape, out);
+    used.insert(name);
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    for (int64_t k = 0; k < n; ++k)
+      HM_CHECK(std::isfinite(out[k]), it->second->path(), ": tensor '", name, "' holds a non-finite value at element ", k);
+  };
   for (size_t i = 0; i < p.specs().size(); ++i) {
     const ParamSpec& s = p.specs()[i];
     float* dst = p.at(i);
+    const std::string name = info.jamba ? jamba_tensor_name(s.name) : s.name;
     if (!info.conv_bias && ends_with(s.name, "mixer.conv1d.bias")) {
-      HM_CHECK(!where.count(s.name), dir, ": tensor '", s.name, "' is present but config.json says "
-               "use_conv_bias: false");
+      HM_CHECK(!where.count(name), dir, ": tensor '", name, "' is present but config.json says ",
+               info.conv_bias_field, ": false");
       std::fill(dst, dst + s.numel(), 0.0f);
       continue;
     }
-    auto it = where.find(s.name);
-    HM_CHECK(it != where.end(), dir, ": missing tensor '", s.name, "' (shape ", nlohmann::json(s.shape).dump(), ")");
-    it->second->read_f32(s.name, s.shape, dst);
-    used.insert(s.name);
-    for (int64_t k = 0; k < s.numel(); ++k)
-      HM_CHECK(std::isfinite(dst[k]), it->second->path(), ": tensor '", s.name,
-               "' holds a non-finite value at element ", k);
+    if (const size_t at = name.rfind(".experts."); info.jamba && at != std::string::npos) {
+      // An expert stack [experts, out, in].
+      const size_t cut = at + 9;
+      const std::string stem = name.substr(0, cut), proj = name.substr(cut);  // e.g. "gate_proj.weight"
+      const int64_t X = s.shape[0], rows = s.shape[1], cols = s.shape[2], one = rows * cols;
+      const std::string fused = stem + (proj == "down_proj.weight" ? "down_proj" : "gate_up_proj");
+      if (where.count(stem + "0." + proj) || !where.count(fused)) {
+        // One tensor per expert: the published checkpoints, and what save_pretrained writes.
+        for (int64_t e = 0; e < X; ++e) read(stem + std::to_string(e) + "." + proj, {rows, cols}, dst + e * one);
+      } else if (fused == stem + "down_proj") {  // transformers 5's in-memory layout [experts, D, F]
+        read(fused, s.shape, dst);
+      } else {  // gate_up_proj [experts, 2F, D]: expert e's gate rows, then its up rows
+        std::vector<float> both(size_t(X * 2 * one));
+        read(fused, {X, 2 * rows, cols}, both.data());
+        const int64_t half = proj == "gate_proj.weight" ? 0 : one;
+        for (int64_t e = 0; e < X; ++e)
+          std::copy_n(both.data() + e * 2 * one + half, one, dst + e * one);
+      }
+      continue;
+    }
+    read(name, s.shape, dst);
   }
   // A tied head may still be stored (older transformers wrote it): it must be the embeddings.
   if (c.tie_embeddings && where.count("lm_head.weight")) {
@@ -365,8 +522,8 @@ void load_hf_params(Params& p, const std::string& dir) {
     std::vector<float> head(size_t(c.vocab_size) * size_t(c.d_model));
     where["lm_head.weight"]->read_f32("lm_head.weight", shape, head.data());
     HM_CHECK(std::memcmp(head.data(), p.embeddings(), head.size() * sizeof(float)) == 0, dir,
-             ": tie_word_embeddings is true but tensor 'lm_head.weight' differs from "
-             "'backbone.embeddings.weight'");
+             ": tie_word_embeddings is true but tensor 'lm_head.weight' differs from '",
+             info.jamba ? jamba_tensor_name("backbone.embeddings.weight") : "backbone.embeddings.weight", "'");
     used.insert("lm_head.weight");
   }
   for (const auto& [name, r] : where)

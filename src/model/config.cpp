@@ -131,6 +131,8 @@ void validate(const ModelConfig& c) {
   }
   HM_CHECK(std::isfinite(c.mamba_bcdt_norm_eps) && c.mamba_bcdt_norm_eps > 0 && c.mamba_bcdt_norm_eps < 1,
            "config: 'mamba_bcdt_norm_eps' must be in (0, 1), got ", c.mamba_bcdt_norm_eps);
+  HM_CHECK(!c.mamba_bcdt_norm_weight || c.mamba_bcdt_norm, "config: 'mamba_bcdt_norm_weight' needs "
+           "'mamba_bcdt_norm' (the weights belong to the dt, B and C norms)");
   if (c.any_attention()) {
     HM_CHECK(c.d_model % c.n_heads == 0, "config: 'd_model' (", c.d_model,
              ") must be divisible by 'n_heads' (", c.n_heads, ")");
@@ -171,7 +173,8 @@ ModelConfig config_from_json(const nlohmann::json& j, const std::string& origin)
                  "norm_eps", "tie_embeddings", "state_bridges", "true_layers", "routing_mode",
                  "routing_granularity", "routing_chunk", "attention_budget", "budget_loss_weight",
                  "mamba2_layers", "mamba2_head_dim", "mamba2_groups", "mamba2_norm_per_group",
-                 "mamba2_dt_min", "mamba2_dt_max", "mamba_bcdt_norm", "mamba_bcdt_norm_eps", "moe_layers", "moe_experts",
+                 "mamba2_dt_min", "mamba2_dt_max", "mamba_bcdt_norm", "mamba_bcdt_norm_eps",
+                 "mamba_bcdt_norm_weight", "moe_layers", "moe_experts",
                  "moe_top_k", "moe_renormalize"});
   ModelConfig c;
   if (f.has("model_type")) {
@@ -220,6 +223,7 @@ ModelConfig config_from_json(const nlohmann::json& j, const std::string& origin)
   if (f.has("mamba2_dt_max")) c.mamba2_dt_max = f.get_float("mamba2_dt_max");  // absent: no upper limit
   if (f.has("mamba_bcdt_norm")) c.mamba_bcdt_norm = f.get_bool("mamba_bcdt_norm");
   if (f.has("mamba_bcdt_norm_eps")) c.mamba_bcdt_norm_eps = f.get_float("mamba_bcdt_norm_eps");
+  if (f.has("mamba_bcdt_norm_weight")) c.mamba_bcdt_norm_weight = f.get_bool("mamba_bcdt_norm_weight");
   c.moe_layers = get_layer_list(f, "moe_layers");
   if (f.has("moe_experts")) c.moe_experts = int(f.get_int("moe_experts", 1, kMaxExperts));
   if (f.has("moe_top_k")) c.moe_top_k = int(f.get_int("moe_top_k", 1, kMaxExperts));
@@ -271,6 +275,7 @@ nlohmann::json config_to_json(const ModelConfig& c) {
   if (c.mamba_bcdt_norm) {
     j["mamba_bcdt_norm"] = true;
     j["mamba_bcdt_norm_eps"] = c.mamba_bcdt_norm_eps;
+    if (c.mamba_bcdt_norm_weight) j["mamba_bcdt_norm_weight"] = true;
   }
   if (c.hybrid == "true") {
     j["true_layers"] = c.true_layers;

@@ -73,6 +73,9 @@ struct ModelConfig {
   // C after x_proj, in every Mamba-1 path.
   bool mamba_bcdt_norm = false;
   float mamba_bcdt_norm_eps = 1e-6f;
+  // Jamba's variant: the three norms have learned weights (mixer.dt_layernorm.weight [dt_rank],
+  // mixer.b_layernorm.weight and mixer.c_layernorm.weight [d_state]). Needs mamba_bcdt_norm.
+  bool mamba_bcdt_norm_weight = false;
   // Mixture of experts (Jamba, Granite 4.0-H, Nemotron-H): the FFN of each layer listed is
   // moe_experts SwiGLU experts of width d_ff behind a softmax router; a token runs only its
   // moe_top_k most probable experts, weighted by their probabilities (renormalized to sum to 1

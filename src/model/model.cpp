@@ -9,6 +9,7 @@
 #include <cstring>
 #include <filesystem>
 #include <set>
+#include <tuple>
 
 #include "core/error.h"
 #include "kernels/quant.h"
@@ -144,7 +145,7 @@ void HybridModel::prepare() {
   norm_f_ = weight(params_.norm_f(), 1, D);
   lm_head_ = linear_weight(params_.lm_head(), V, D);
   lw_.assign(size_t(cfg_.n_layers), {});
-  if (cfg_.mamba_bcdt_norm) {
+  if (cfg_.mamba_bcdt_norm && !cfg_.mamba_bcdt_norm_weight) {
     const std::vector<float> one(size_t(std::max(R, N)), 1.0f);
     std::vector<char> staged(one.size() * dtype_size(dtype_));
     convert_from_f32(staged.data(), dtype_, one.data(), one.size());
@@ -181,6 +182,11 @@ void HybridModel::prepare() {
       t.dt_b = weight(w.dt_b, 1, E);
       t.Dskip = weight(w.Dskip, 1, E);
       t.out_proj = linear_weight(w.out_proj, D, E);
+      if (cfg_.mamba_bcdt_norm_weight) {
+        t.dt_norm = weight(w.dt_norm, 1, R);
+        t.b_norm = weight(w.b_norm, 1, N);
+        t.c_norm = weight(w.c_norm, 1, N);
+      }
       std::vector<float> a(size_t(E) * N);
       for (size_t j = 0; j < a.size(); ++j) a[j] = -std::exp(w.A_log[j]);
       A_[size_t(i)] = Buffer(be_, sizeof(float) * a.size());
@@ -271,15 +277,19 @@ void HybridModel::mamba_path(int layer, Tensor x, const Ragged& rg, Tensor out, 
   be_.conv1d_silu(xc, mem.recurrent().conv_pool(layer), xz.cols_view(0, E), w.conv_w, w.conv_b, rg);
   be_.linear(dbc, xc, w.x_proj, false);
   Tensor dtr = dbc.cols_view(0, R), B = dbc.cols_view(R, N), C = dbc.cols_view(R + N, N);
-  if (cfg_.mamba_bcdt_norm) {  // Falcon-Mamba: each of dt_r, B, C RMS-normalized, no weight
+  if (cfg_.mamba_bcdt_norm) {  // each of dt_r, B, C RMS-normalized: no weight (Falcon-Mamba) or learned (Jamba)
     act(ws_.bcdt, n, P);
     char* base = static_cast<char*>(ws_.bcdt.data());
     const size_t es = dtype_size(dtype_);
     const Tensor nd(base, dtype_, n, R), nb(base + size_t(n) * R * es, dtype_, n, N),
         nc(base + size_t(n) * (R + N) * es, dtype_, n, N);
-    for (auto [dst, src] : {std::pair{nd, dtr}, std::pair{nb, B}, std::pair{nc, C}}) {
+    const bool learned = cfg_.mamba_bcdt_norm_weight;
+    const Tensor wd = learned ? w.dt_norm : Tensor(ones_.data(), dtype_, 1, R);
+    const Tensor wb = learned ? w.b_norm : Tensor(ones_.data(), dtype_, 1, N);
+    const Tensor wc = learned ? w.c_norm : Tensor(ones_.data(), dtype_, 1, N);
+    for (auto [dst, src, nw] : {std::tuple{nd, dtr, wd}, std::tuple{nb, B, wb}, std::tuple{nc, C, wc}}) {
       be_.copy_rows(dst, nullptr, src, nullptr, n);
-      be_.rmsnorm(dst, dst, Tensor(ones_.data(), dtype_, 1, dst.cols), cfg_.mamba_bcdt_norm_eps);
+      be_.rmsnorm(dst, dst, nw, cfg_.mamba_bcdt_norm_eps);
     }
     dtr = nd;
     B = nb;

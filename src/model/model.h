@@ -53,6 +53,7 @@ struct LayerTensors {
   Tensor wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down;
   Tensor fuse_mamba, fuse_attn, exchange, bridge_norm, bridge_proj, bridge_gate;
   Tensor ssm_norm;  // Mamba-2's gated RMSNorm weight [d_inner]
+  Tensor dt_norm, b_norm, c_norm;  // mamba_bcdt_norm_weight: the dt, B and C norms' weights
   Tensor moe_router;                          // MoE layers: [experts, D]
   std::vector<Tensor> e_gate, e_up, e_down;   // and each expert's W
 };

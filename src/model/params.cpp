@@ -58,6 +58,11 @@ std::vector<ParamSpec> param_layout(const ModelConfig& c) {
       s.push_back({L + "mixer.A_log", {E, N}});
       s.push_back({L + "mixer.D", {E}});
       s.push_back({L + "mixer.out_proj.weight", {D, E}});
+      if (c.mamba_bcdt_norm_weight) {  // Jamba's names
+        s.push_back({L + "mixer.dt_layernorm.weight", {R}});
+        s.push_back({L + "mixer.b_layernorm.weight", {N}});
+        s.push_back({L + "mixer.c_layernorm.weight", {N}});
+      }
     }
     if (c.is_true(i)) {  // fusion, cross-path exchange and router (docs/TRUE_HYBRID.md)
       s.push_back({L + "mixer.fuse_mamba", {D}});
@@ -119,6 +124,9 @@ Params::Params(const ModelConfig& c) : cfg_(c), specs_(param_layout(c)) {
     w.A_log = ptr(L + "mixer.A_log");
     w.Dskip = ptr(L + "mixer.D");
     w.out_proj = ptr(L + "mixer.out_proj.weight");
+    w.dt_norm = ptr(L + "mixer.dt_layernorm.weight");
+    w.b_norm = ptr(L + "mixer.b_layernorm.weight");
+    w.c_norm = ptr(L + "mixer.c_layernorm.weight");
     w.wq = ptr(L + "mixer.q_proj.weight");
     w.wk = ptr(L + "mixer.k_proj.weight");
     w.wv = ptr(L + "mixer.v_proj.weight");

@@ -33,6 +33,8 @@ struct LayerWeights {
   // Mamba-2 uses in_proj, conv_w, conv_b, A_log, Dskip, out_proj of the above, one value per head
   // in dt_b (mixer.dt_bias), A_log and Dskip, and the gated RMSNorm's weight [d_inner]:
   float* ssm_norm = nullptr;
+  // mamba_bcdt_norm_weight (Jamba): the dt, B and C norms' weights [dt_rank], [d_state], [d_state]
+  float *dt_norm = nullptr, *b_norm = nullptr, *c_norm = nullptr;
   // Attention
   float *wq = nullptr, *wk = nullptr, *wv = nullptr, *wo = nullptr;
   // MLP
