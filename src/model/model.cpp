@@ -717,7 +717,7 @@ void HybridModel::run_layers(int T, int n_rows, Tensor hrows, HybridMemory& mem)
 std::vector<const void*> HybridModel::graph_signature(const HybridMemory& mem) const {
   std::vector<const void*> s = {&mem, rg_.d_cu(), ws_.idx.data(), ws_.logits.data(), ws_.h.data(),
                                 ws_.u.data(), ws_.inner[0].data(), ws_.inner[1].data(), ws_.rows.data(),
-                                ws_.xz.data(), ws_.xc.data(), ws_.dbc.data(), ws_.bcdt.data(), ws_.dt.data(), ws_.q.data(),
+                                ws_.xz.data(), ws_.xc.data(), ws_.ssd.data(), ws_.dbc.data(), ws_.bcdt.data(), ws_.dt.data(), ws_.q.data(),
                                 ws_.k.data(), ws_.v.data(), ws_.g.data(), ws_.up.data(), ws_.act.data()};
   auto& m = const_cast<HybridMemory&>(mem);
   for (int i = 0; i < cfg_.n_layers; ++i) {

@@ -276,6 +276,126 @@ TEST_P(CudaBackendOps, SelectiveScan) {
     }
 }
 
+// Mamba-2's scan: x | B | C as column views of one wide matrix (as the conv writes them), dt a
+// column view, nonzero starting states in shuffled slots (the unused ones must stay as they
+// were). Heads not a power of two, odd head_dim and d_state, groups 1 to 3, every d_state
+// branch of the kernel (32, 64, 128, 256 states per channel), channel tiles of 16 cut inside a
+// head (P 17), and time_step_limits that bind (dt_max 0.3 cuts about half of delta; dt_min 0.2
+// lifts some) or are absent.
+TEST_P(CudaBackendOps, SsdScan) {
+  hm::Rng rng(32);
+  struct Case { int H, P, G, N; float dt_min, dt_max; };
+  const std::vector<Case> cases = {{6, 5, 2, 7, 0.0f, 0.3f}, {3, 16, 1, 33, 0.0f, INFINITY},
+                                   {5, 17, 1, 128, 0.2f, 0.3f}, {6, 3, 3, 200, 0.0f, INFINITY}};
+  for (const auto& lens : kBatches)
+    for (const Case& c : cases) {
+      hm::Ragged rg;
+      const int n_slots = fill_ragged(rg, rng, lens, 0), Tn = rg.n_tokens();
+      rg.upload(be());
+      const int E = c.H * c.P, GN = c.G * c.N, ld = E + 2 * GN + 3, lddt = c.H + 2, ldy = E + 1;
+      Mat xbc(be(), T(), Tn, ld, normal(rng)), dt(be(), T(), Tn, lddt, normal(rng, 0.5, -1));
+      Mat dt_bias(be(), T(), 1, c.H, uniform(rng, -1, 0.5)), D(be(), T(), 1, c.H, normal(rng));
+      Mat y(be(), T(), Tn, ldy, poison());
+      Mat A(be(), DType::F32, 1, c.H, [&rng] { return -std::exp(-1 + 2.5 * rng.uniform()); });
+      Mat st(be(), DType::F32, n_slots, E * c.N, normal(rng, 0.5));
+      const hm::StatePool pool{static_cast<float*>(st.buf.data()), n_slots, int64_t(E) * c.N};
+      be().ssd_scan(y.cols(0, E), pool, xbc.cols(1, E), dt.cols(1, c.H), dt_bias.t,
+                    static_cast<const float*>(A.buf.data()), xbc.cols(1 + E, GN), xbc.cols(1 + E + GN, GN), D.t, c.H,
+                    c.G, c.dt_min, c.dt_max, rg);
+      std::vector<float> ref(y.f.size()), ref_st = st.f;
+      for (int s = 0; s < rg.nseq(); ++s) {
+        if (rg.len(s) == 0) continue;
+        const size_t t0 = size_t(rg.start(s));
+        const float* row = xbc.f.data() + t0 * ld;
+        hm::ref::ssd_scan(ref.data() + t0 * ldy, ldy, ref_st.data() + size_t(rg.slot(s)) * E * c.N, row + 1, ld,
+                          dt.f.data() + t0 * lddt + 1, lddt, dt_bias.f.data(), A.f.data(), row + 1 + E,
+                          row + 1 + E + GN, ld, D.f.data(), rg.len(s), c.H, c.P, c.G, c.N, c.dt_min, c.dt_max);
+      }
+      const std::string what = "ssd_scan H " + std::to_string(c.H) + " P " + std::to_string(c.P) + " G " +
+                               std::to_string(c.G) + " N " + std::to_string(c.N) + ", lens[0] " +
+                               std::to_string(lens[0]);
+      EXPECT_CLOSE(rel_err(y.get(be()), ref, Tn, E, ldy), tol(T()), what);
+      EXPECT_CLOSE(rel_err(st.get(be()), ref_st, n_slots, E * c.N, E * c.N), kStateTol, what << " state");
+    }
+}
+
+// The decode step continues a prefill: two sequences of 40 tokens at once equal 17 prefilled
+// and then 23 decode batches of one row per sequence, in every output and the final states
+// (the same float recurrence, so equal to rounding), and the reference.
+TEST_P(CudaBackendOps, SsdScanPrefillThenDecode) {
+  hm::Rng rng(33);
+  const int H = 5, P = 9, G = 1, N = 24, E = H * P, L = 40, cut = 17;
+  // Sequence s's token t is row s * L + t of these.
+  Mat x(be(), T(), 2 * L, E, normal(rng)), bc(be(), T(), 2 * L, 2 * G * N, normal(rng));
+  Mat dt(be(), T(), 2 * L, H, normal(rng, 0.5, -1)), v(be(), T(), 1, H, uniform(rng, -1, 0.5));
+  Mat A(be(), DType::F32, 1, H, [&rng] { return -std::exp(-1 + 2.5 * rng.uniform()); });
+  const std::vector<float> st0 = Mat(be(), DType::F32, 2, E * N, normal(rng, 0.5)).f;
+  // Tokens [t_begin, t_end) of both sequences in one call, from the state in st; y gets them.
+  auto run = [&](Mat& st, std::vector<float>& y, int t_begin, int t_end) {
+    const int n = t_end - t_begin;
+    hm::Ragged rg;
+    for (int s = 0; s < 2; ++s) rg.add(s, n, 0);
+    rg.upload(be());
+    Mat xb(be(), T(), 2 * n, E, poison()), bcb(be(), T(), 2 * n, 2 * G * N, poison());
+    Mat dtb(be(), T(), 2 * n, H, poison()), yb(be(), T(), 2 * n, E, poison());
+    for (int s = 0; s < 2; ++s) {
+      const ptrdiff_t from = s * L + t_begin, to = s * n;
+      std::copy_n(x.f.begin() + from * E, n * E, xb.f.begin() + to * E);
+      std::copy_n(bc.f.begin() + from * 2 * G * N, n * 2 * G * N, bcb.f.begin() + to * 2 * G * N);
+      std::copy_n(dt.f.begin() + from * H, n * H, dtb.f.begin() + to * H);
+    }
+    xb.put(be());
+    bcb.put(be());
+    dtb.put(be());
+    const hm::StatePool pool{static_cast<float*>(st.buf.data()), 2, int64_t(E) * N};
+    be().ssd_scan(yb.t, pool, xb.t, dtb.t, v.t, static_cast<const float*>(A.buf.data()), bcb.cols(0, G * N),
+                  bcb.cols(G * N, G * N), v.t, H, G, 0.0f, 0.5f, rg);
+    const std::vector<float> got = yb.get(be());
+    for (int s = 0; s < 2; ++s)
+      std::copy_n(got.begin() + ptrdiff_t(s) * n * E, n * E, y.begin() + (ptrdiff_t(s) * L + t_begin) * E);
+  };
+  Mat st_whole(be(), DType::F32, 2, E * N, poison()), st_steps(be(), DType::F32, 2, E * N, poison());
+  st_whole.f = st_steps.f = st0;
+  st_whole.put(be());
+  st_steps.put(be());
+  std::vector<float> y_whole(size_t(2 * L) * E, NAN), y_steps = y_whole;
+  run(st_whole, y_whole, 0, L);
+  run(st_steps, y_steps, 0, cut);
+  for (int t = cut; t < L; ++t) run(st_steps, y_steps, t, t + 1);
+  const std::vector<float> s_whole = st_whole.get(be());
+  EXPECT_CLOSE(rel_err(y_steps, y_whole, 2 * L, E, E), 1e-6, "outputs, steps vs whole");
+  EXPECT_CLOSE(rel_err(st_steps.get(be()), s_whole, 2, E * N, E * N), 1e-6, "state, steps vs whole");
+  std::vector<float> ref(size_t(2 * L) * E), ref_st = st0;
+  for (int s = 0; s < 2; ++s) {
+    const size_t r0 = size_t(s) * L;
+    hm::ref::ssd_scan(ref.data() + r0 * E, E, ref_st.data() + size_t(s) * E * N, x.f.data() + r0 * E, E,
+                      dt.f.data() + r0 * H, H, v.f.data(), A.f.data(), bc.f.data() + r0 * 2 * G * N,
+                      bc.f.data() + r0 * 2 * G * N + G * N, 2 * G * N, v.f.data(), L, H, P, G, N, 0.0f, 0.5f);
+  }
+  EXPECT_CLOSE(rel_err(y_whole, ref, 2 * L, E, E), tol(T()), "whole vs ref");
+  EXPECT_CLOSE(rel_err(s_whole, ref_st, 2, E * N, E * N), kStateTol, "state vs ref");
+}
+
+// out = rmsnorm_per_group(y * silu(z)) * w, y and z column views of wider matrices (z from the
+// same matrix, as in_proj's output holds it), groups smaller and larger than a block.
+TEST_P(CudaBackendOps, GatedRmsNorm) {
+  hm::Rng rng(34);
+  for (auto [n, E, group] : {std::tuple{7, 48, 48}, std::tuple{5, 333, 111}, std::tuple{1, 2048, 256},
+                             std::tuple{3, 1536, 1536}, std::tuple{4, 30, 3}}) {
+    const int ld = 2 * E + 5, ldo = E + 3;
+    Mat zy(be(), T(), n, ld, normal(rng, 1.5)), w(be(), T(), 1, E, normal(rng, 0.2, 1)), out(be(), T(), n, ldo, poison());
+    be().gated_rmsnorm(out.cols(0, E), zy.cols(2 + E, E), zy.cols(1, E), w.t, group, 1e-5f);
+    std::vector<float> ref(out.f.size());
+    hm::ref::gated_rmsnorm(ref.data(), ldo, zy.f.data() + 2 + E, ld, zy.f.data() + 1, ld, w.f.data(), n, E, group,
+                           1e-5f);
+    const std::vector<float> got = out.get(be());
+    EXPECT_CLOSE(rel_err(got, ref, n, E, ldo), tol(T()),
+                 "gated_rmsnorm n " << n << " E " << E << " group " << group);
+    for (int i = 0; i < n; ++i)  // the padding columns are untouched
+      for (int j = E; j < ldo; ++j) EXPECT_TRUE(std::isnan(got[size_t(i) * ldo + j])) << "wrote padding";
+  }
+}
+
 // kv_write then attention: prefill mixes continuing a cache, and decode batches over long caches.
 TEST_P(CudaBackendOps, KvWriteAttention) {
   hm::Rng rng(28);
@@ -400,6 +520,23 @@ TEST_P(CudaBackendOps, Errors) {
   bad_slot.add(3, 4, 0);
   bad_slot.upload(be());
   const hm::StatePool pool16{static_cast<float*>(st.buf.data()), 1, 8 * 3};
+  // ssd_scan: 8 columns in 3 heads; B and C with different strides; d_state past the kernels'.
+  Mat dt2(be(), T(), 4, 2, normal(rng)), wide2(be(), T(), 4, 2 * 257, normal(rng));
+  const float* fA = static_cast<const float*>(st.buf.data());
+  const Tensor h2 = Tensor::vec(b.t.data, T(), 2);
+  expect_error([&] { be().ssd_scan(a.t, pool, a.t, dt2.t, h2, fA, a.cols(0, 4), a.cols(4, 4), h2, 3, 1, 0, 1, rg); },
+               "cuda ssd_scan: 3 heads in 1 groups do not fit x's 8 columns");
+  expect_error([&] { be().ssd_scan(a.t, pool, a.t, dt2.t, h2, fA, a.cols(0, 4), c.cols(0, 4), h2, 2, 1, 0, 1, rg); },
+               "cuda ssd_scan: B and C must share a row stride");
+  expect_error([&] {
+    be().ssd_scan(a.t, pool, a.t, dt2.t, h2, fA, wide2.cols(0, 257), wide2.cols(257, 257), h2, 2, 1, 0, 1, rg);
+  }, "cuda ssd_scan: d_state must be in [1, 256], got 257");
+  expect_error([&] { be().ssd_scan(a.t, pool16, a.t, dt2.t, h2, fA, a.cols(0, 4), a.cols(4, 4), h2, 2, 1, 0, 1, rg); },
+               "cuda ssd_scan: the state pool's slot stride is 24, the kernels need 32");
+  expect_error([&] { be().gated_rmsnorm(a.t, a.t, b.t, Tensor::vec(b.t.data, T(), 8), 3, 1e-5f); },
+               "cuda gated_rmsnorm: group 3 does not divide y's 8 columns");
+  expect_error([&] { be().gated_rmsnorm(o.t, a.t, b.t, Tensor::vec(b.t.data, T(), 8), 4, 1e-5f); },
+               "cuda gated_rmsnorm: out is");
   expect_error([&] { be().conv1d_silu(a.t, pool16, a.t, w84.t, Tensor::vec(b.t.data, T(), 8), bad_slot); },
                "sequence 0 has slot 3, the pool has 1");
   // Attention: the KV pool's type, head_dim, positions past the cache.

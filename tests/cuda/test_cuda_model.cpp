@@ -294,6 +294,115 @@ TEST(CudaModel, GraphReplayEqualsEagerDecode) {
   }
 }
 
+// Mamba-2 models (issue 13: every layer type on CUDA). Mixed: Mamba-2 layers 0 and 3 beside a
+// Mamba layer and attention (with bridges), 12 heads of 16 in 3 groups, d_state 24, the gated
+// norm over the whole d_inner, a time_step_limit that binds. Pure: three Mamba-2 layers of the
+// mamba2 preset's head shape (2 heads of 64, d_state 64, one group), norm per group, no limit.
+ModelConfig gpu_mamba2(bool mixed) {
+  ModelConfig c = gpu_tiny();
+  if (mixed) {
+    c.n_layers = 4;
+    c.attention_layers = {2};
+    c.mamba2_layers = {0, 3};
+    c.expand = 3;  // d_inner 192
+    c.d_state = 24;
+    c.mamba2_head_dim = 16;
+    c.mamba2_groups = 3;
+    c.mamba2_norm_per_group = false;
+    c.mamba2_dt_min = 0.01f;
+    c.mamba2_dt_max = 0.08f;
+  } else {
+    c.n_layers = 3;
+    c.attention_layers = {};
+    c.mamba2_layers = {0, 1, 2};
+    c.d_state = 64;
+    c.mamba2_head_dim = 64;
+    c.mamba2_groups = 1;
+  }
+  return c;
+}
+
+// CPU f32 against CUDA f32 (<= 1e-4), bf16 and f16 (the bounds of HalfPrecisionWithinBound):
+// a ragged prefill of four sequences (one of a single token), then batched decode steps.
+TEST(CudaModel, Mamba2MatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  auto cpu = make_cpu_backend();
+  auto gpu = make_backend(Device::CUDA);
+  for (bool mixed : {true, false}) {
+    const ModelConfig c = gpu_mamba2(mixed);
+    HybridModel a(c, *cpu);
+    randomize_params(a, 1000 + mixed);
+    const Script s = make_script(1100 + mixed, c.vocab_size, {37, 1, 20, 64}, 6);
+    const auto want = run(a, KvType::F32, s);
+    for (DType t : {DType::F32, DType::BF16, DType::F16}) {
+      HybridModel g(c, *gpu, t);
+      copy_weights(a, g);
+      const KvType kv = t == DType::F32 ? KvType::F32 : t == DType::BF16 ? KvType::BF16 : KvType::F16;
+      const auto got = run(g, kv, s);
+      const double e = rel_err(got, want), agree = argmax_agreement(got, want, c.vocab_size);
+      std::printf("mamba2 %s %s: max rel err %.3g, argmax agreement %.3f\n", mixed ? "mixed" : "pure",
+                  compute_dtype_name(t), e, agree);
+      const double bound = t == DType::F32 ? 1e-4 : t == DType::BF16 ? 6e-2 : 1e-2;
+      EXPECT_LT(e, bound) << compute_dtype_name(t) << " mixed " << mixed;
+      if (t != DType::F32) {
+        EXPECT_GT(agree, t == DType::BF16 ? 0.8 : 0.9) << compute_dtype_name(t) << " mixed " << mixed;
+      }
+    }
+  }
+}
+
+// On the GPU alone: one prefill = chunks = token by token, and decode steps replayed from
+// recorded graphs = the same steps run op by op.
+TEST(CudaModel, Mamba2PrefillChunksDecodeAndGraphs) {
+  SKIP_WITHOUT_GPU();
+  auto gpu = make_backend(Device::CUDA);
+  int k = 0;
+  for (bool mixed : {true, false}) {
+    const ModelConfig c = gpu_mamba2(mixed);
+    for (DType t : {DType::F32, DType::BF16}) {
+      const KvType kv = t == DType::F32 ? KvType::F32 : KvType::BF16;
+      HybridModel g(c, *gpu, t);
+      randomize_params(g, 1200 + k);
+      Rng rng(1300 + k);
+      const auto toks = tokens(rng, 70, c.vocab_size);
+      auto logits_of = [&](HybridModel& m, const std::vector<int>& cuts) {
+        HybridMemory mem(*gpu, c, 1, 70, kv);
+        std::vector<float> all, l;
+        int t0 = 0;
+        for (int cut : cuts) {
+          Batch b;
+          b.logits_all = cut - t0 > 1;  // one row gives its logits anyway; a graph needs this off
+          b.add(0, std::vector<int32_t>(toks.begin() + t0, toks.begin() + cut));
+          m.forward(b, mem, l);
+          all.insert(all.end(), l.begin(), l.end());
+          t0 = cut;
+        }
+        return all;
+      };
+      std::vector<int> one_by_one;
+      for (int i = 1; i <= 70; ++i) one_by_one.push_back(i);
+      g.set_graphs(false);
+      const auto whole = logits_of(g, {70});
+      const double e_chunks = rel_err(logits_of(g, {5, 6, 40, 70}), whole);
+      const auto eager_steps = logits_of(g, one_by_one);
+      const double e_steps = rel_err(eager_steps, whole);
+      HybridModel graphed(c, *gpu, t);
+      copy_weights(g, graphed);
+      const double e_graph = rel_err(logits_of(graphed, one_by_one), eager_steps);
+      std::printf("mamba2 %s %s: chunks %.3g, token by token %.3g, graphs vs eager %.3g (%d recorded)\n",
+                  mixed ? "mixed" : "pure", compute_dtype_name(t), e_chunks, e_steps, e_graph,
+                  graphed.graphs_captured());
+      const double tol = t == DType::F32 ? 2e-5 : 3e-2;
+      EXPECT_LT(e_chunks, tol) << k;
+      EXPECT_LT(e_steps, tol) << k;
+      EXPECT_LT(e_graph, t == DType::F32 ? 1e-5 : 1e-2) << k;
+      EXPECT_EQ(graphed.graphs_captured(), 1) << k;  // steps 3.. replayed the graph of step 2
+      EXPECT_EQ(g.graphs_captured(), 0) << k;
+      ++k;
+    }
+  }
+}
+
 TEST(CudaModel, UnavailableOrUnsupportedIsAClearError) {
   auto cpu = make_cpu_backend();
   EXPECT_THROW(HybridModel(gpu_tiny(), *cpu, DType::BF16), Error);  // the CPU computes in f32 only

@@ -308,13 +308,59 @@ class CudaBackendImpl final : public CudaBackend {
     });
   }
 
-  // Mamba-2 layers run on the CPU only so far: a clear error, not a wrong answer.
-  void ssd_scan(Tensor, const StatePool&, Tensor, Tensor, Tensor, const float*, Tensor, Tensor, Tensor, int, int,
-                float, float, const Ragged&) override {
-    throw Error("cuda ssd_scan: Mamba-2 layers are not yet on CUDA (run this model with --device cpu)");
+  // Prefill and decode batches are the same kernel (one block per sequence, head and tile of
+  // channels walks the sequence's rows): no workspace, so a decode step captures as it is.
+  void ssd_scan(Tensor y, const StatePool& st, Tensor x, Tensor dt, Tensor dt_bias, const float* A, Tensor B,
+                Tensor C, Tensor Dskip, int H, int G, float dt_min, float dt_max, const Ragged& rg) override {
+    const char* op = "ssd_scan";
+    const int E = x.cols, T_ = rg.n_tokens();
+    HM_CHECK(H > 0 && G > 0 && H % G == 0 && E % H == 0, "cuda ssd_scan: ", H, " heads in ", G,
+             " groups do not fit x's ", E, " columns (heads must divide them, groups the heads)");
+    HM_CHECK(B.cols % G == 0, "cuda ssd_scan: B's ", B.cols, " columns are not ", G, " groups of d_state");
+    const int P = E / H, N = B.cols / G;
+    HM_CHECK(N >= 1 && N <= cuda::kMaxSsdState, "cuda ssd_scan: d_state must be in [1, ", cuda::kMaxSsdState,
+             "], got ", N);
+    check_view(op, "x", x, T_, E);
+    check_view(op, "y", y, T_, E);
+    check_view(op, "dt", dt, T_, H);
+    check_view(op, "B", B, T_, G * N);
+    check_view(op, "C", C, T_, G * N);
+    HM_CHECK(B.ld == C.ld, "cuda ssd_scan: B and C must share a row stride (", B.ld, " vs ", C.ld, ")");
+    check_vec(op, "dt_bias", dt_bias, H);
+    check_vec(op, "Dskip", Dskip, H);
+    HM_CHECK(A != nullptr, "cuda ssd_scan: A is null");
+    for (const auto& [name, t] : {std::pair{"dt", &dt}, std::pair{"y", &y}, std::pair{"B", &B}, std::pair{"C", &C},
+                                  std::pair{"dt_bias", &dt_bias}, std::pair{"Dskip", &Dskip}})
+      check_type(op, name, *t, x.dtype);
+    check_state(op, st, int64_t(E) * N);
+    check_ragged(op, rg, st.n_slots);
+    if (rg.nseq() == 0 || T_ == 0) return;
+    const cuda::RaggedBatch rb = batch(rg);
+    dispatch(x.dtype, [&](auto tag) {
+      using T = elem_t<decltype(tag)>;
+      cuda::ssd_scan<T>(ptr<T>(y), int(y.ld), st.base, ptr<T>(x), int(x.ld), ptr<T>(dt), int(dt.ld),
+                        ptr<T>(dt_bias), A, ptr<T>(B), ptr<T>(C), int(B.ld), ptr<T>(Dskip), rb, H, P, G, N, dt_min,
+                        dt_max, stream_);
+    });
   }
-  void gated_rmsnorm(Tensor, Tensor, Tensor, Tensor, int, float) override {
-    throw Error("cuda gated_rmsnorm: Mamba-2 layers are not yet on CUDA (run this model with --device cpu)");
+
+  void gated_rmsnorm(Tensor out, Tensor y, Tensor z, Tensor w, int group, float eps) override {
+    const char* op = "gated_rmsnorm";
+    const int n = y.rows, E = y.cols;
+    HM_CHECK(group > 0 && E % group == 0, "cuda gated_rmsnorm: group ", group, " does not divide y's ", E,
+             " columns");
+    check_view(op, "y", y, n, E);
+    check_view(op, "z", z, n, E);
+    check_view(op, "out", out, n, E);
+    check_vec(op, "w", w, E);
+    check_type(op, "z", z, y.dtype);
+    check_type(op, "out", out, y.dtype);
+    check_type(op, "w", w, y.dtype);
+    dispatch(y.dtype, [&](auto tag) {
+      using T = elem_t<decltype(tag)>;
+      cuda::gated_rmsnorm<T>(ptr<T>(out), int(out.ld), ptr<T>(y), int(y.ld), ptr<T>(z), int(z.ld), ptr<T>(w), n, E,
+                             group, eps, stream_);
+    });
   }
 
   void selective_scan(Tensor y, const StatePool& st, Tensor x, Tensor dt, Tensor dt_bias, const float* A,
