@@ -88,6 +88,18 @@ class Backend {
   // first): q, out [n_tokens, H * hd]; query head j reads kv head j / (H / G).
   virtual void attention(Tensor out, Tensor q, const KvPool& kv, int H, int G, int hd,
                          const Ragged& rg) = 0;
+  // ---- Composite ops: the default runs the plain ops above in order (backend.cpp); a backend
+  // overrides one where fusing pays (CUDA's decode step: fewer launches, no round trips). ----
+  // The Mamba mixer's input stage: xz = x' . in_proj^T, x' = rmsnorm(x) * norm_w when norm_w
+  // has data (else x itself), then xc = conv1d_silu(xz[:, :E]) continuing the conv state.
+  // `normed` (x-sized) is scratch for x': an override may leave it unwritten.
+  virtual void mamba_in(Tensor xz, Tensor xc, const StatePool& conv, Tensor x, Tensor normed, Tensor norm_w,
+                        float eps, Tensor in_proj, Tensor conv_w, Tensor conv_b, const Ragged& rg);
+  // dt = dt_r . dt_w^T, then selective_scan with that dt. `dt` is scratch ([n_tokens, E]):
+  // an override may compute each dt where the scan needs it and leave it unwritten.
+  virtual void dt_scan(Tensor y, const StatePool& st, Tensor x, Tensor dt_r, Tensor dt_w, Tensor dt,
+                       Tensor dt_bias, const float* A, Tensor B, Tensor C, Tensor Dskip, Tensor z,
+                       const Ragged& rg);
   // dst[di,:] = src[si,:] for i < n, di = dst_idx ? dst_idx[i] : i (si likewise); same dtype.
   virtual void copy_rows(Tensor dst, const int32_t* dst_idx, Tensor src, const int32_t* src_idx,
                          int n) = 0;

@@ -264,7 +264,7 @@ void HybridModel::bridge(int layer, int T) {
 }
 
 void HybridModel::mamba_path(int layer, Tensor x, const Ragged& rg, Tensor out, bool accumulate,
-                             HybridMemory& mem) {
+                             HybridMemory& mem, Tensor norm_w) {
   const LayerTensors& w = lw_[size_t(layer)];
   const int n = x.rows, E = cfg_.d_inner(), N = cfg_.d_state;
   const int R = cfg_.resolved_dt_rank(), P = R + 2 * N;
@@ -273,8 +273,9 @@ void HybridModel::mamba_path(int layer, Tensor x, const Ragged& rg, Tensor out, 
   const Tensor dbc = act(ws_.dbc, n, P);      // dt_r | B | C
   const Tensor dt = act(ws_.dt, n, E);        // dt_proj(dt_r); softplus is applied in the scan
   const Tensor y = act(ws_.inner[layer % 2], n, E);  // gated scan output
-  be_.linear(xz, x, w.in_proj, false);
-  be_.conv1d_silu(xc, mem.recurrent().conv_pool(layer), xz.cols_view(0, E), w.conv_w, w.conv_b, rg);
+  // With norm_w, x is the residual stream and the layer's pre-norm runs inside mamba_in.
+  be_.mamba_in(xz, xc, mem.recurrent().conv_pool(layer), x, norm_w.data ? act(ws_.u, n, x.cols) : Tensor(),
+               norm_w, cfg_.norm_eps, w.in_proj, w.conv_w, w.conv_b, rg);
   be_.linear(dbc, xc, w.x_proj, false);
   Tensor dtr = dbc.cols_view(0, R), B = dbc.cols_view(R, N), C = dbc.cols_view(R + N, N);
   if (cfg_.mamba_bcdt_norm) {  // each of dt_r, B, C RMS-normalized: no weight (Falcon-Mamba) or learned (Jamba)
@@ -295,9 +296,8 @@ void HybridModel::mamba_path(int layer, Tensor x, const Ragged& rg, Tensor out, 
     B = nb;
     C = nc;
   }
-  be_.linear(dt, dtr, w.dt_w, false);
-  be_.selective_scan(y, mem.recurrent().ssm_pool(layer), xc, dt, w.dt_b, A_[size_t(layer)].f32(), B, C,
-                     w.Dskip, xz.cols_view(E, E), rg);
+  be_.dt_scan(y, mem.recurrent().ssm_pool(layer), xc, dtr, w.dt_w, dt, w.dt_b, A_[size_t(layer)].f32(), B, C,
+              w.Dskip, xz.cols_view(E, E), rg);
   be_.linear(out, y, w.out_proj, accumulate);
 }
 
@@ -349,7 +349,8 @@ void HybridModel::mamba_layer(int layer, HybridMemory& mem) {
   if (cfg_.is_mamba2(layer))
     mamba2_path(layer, ws_.u.tensor(dtype_, T, D), rg_, ws_.h.tensor(dtype_, T, D), true, mem);
   else
-    mamba_path(layer, ws_.u.tensor(dtype_, T, D), rg_, ws_.h.tensor(dtype_, T, D), true, mem);  // h += mixer(u)
+    mamba_path(layer, ws_.h.tensor(dtype_, T, D), rg_, ws_.h.tensor(dtype_, T, D), true, mem,
+               lw_[size_t(layer)].norm);  // h += mixer(rmsnorm(h))
 }
 
 void HybridModel::attention_layer(int layer, HybridMemory& mem) {
@@ -694,7 +695,9 @@ void HybridModel::run_layers(int T, int n_rows, Tensor hrows, HybridMemory& mem)
   be_.embedding(h, embeddings_, static_cast<const int32_t*>(ws_.idx.data()));  // ids come first there
   for (int i = 0; i < cfg_.n_layers; ++i) {
     if (cfg_.has_bridge(i)) bridge(i, T);
-    be_.rmsnorm(ws_.u.tensor(dtype_, T, D), h, lw_[size_t(i)].norm, cfg_.norm_eps);
+    // A Mamba-1 layer applies its pre-norm inside mamba_in (fused on CUDA's decode step).
+    const bool mamba1 = !cfg_.is_true(i) && !cfg_.is_attention(i) && !cfg_.is_mamba2(i);
+    if (!mamba1) be_.rmsnorm(ws_.u.tensor(dtype_, T, D), h, lw_[size_t(i)].norm, cfg_.norm_eps);
     if (cfg_.is_true(i))
       true_layer(i, mem);
     else if (cfg_.is_attention(i))

@@ -161,7 +161,9 @@ class HybridModel {
   void attention_layer(int layer, HybridMemory& mem);
   void true_layer(int layer, HybridMemory& mem);
   // The two paths over the compact rows x [n, D] of the ragged batch rg: out [n, D] (=|+=).
-  void mamba_path(int layer, Tensor x, const Ragged& rg, Tensor out, bool accumulate, HybridMemory& mem);
+  // norm_w: x is the residual stream, pre-normed inside (Backend::mamba_in); empty: x is normed.
+  void mamba_path(int layer, Tensor x, const Ragged& rg, Tensor out, bool accumulate, HybridMemory& mem,
+                  Tensor norm_w = Tensor());
   void mamba2_path(int layer, Tensor x, const Ragged& rg, Tensor out, bool accumulate, HybridMemory& mem);
   void attention_path(int layer, Tensor x, const Ragged& rg, Tensor out, bool accumulate, HybridMemory& mem);
   void mlp(int layer, int T);

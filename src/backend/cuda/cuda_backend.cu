@@ -5,6 +5,7 @@
 // and synchronize() wait. Each op dispatches on Tensor::dtype to the float, bf16 or f16
 // instantiation; decode batches (every sequence one row) take the one-step kernels.
 #include <algorithm>
+#include <cstdlib>
 #include <climits>
 #include <cstdint>
 #include <memory>
@@ -16,6 +17,7 @@
 #include "core/error.h"
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/cuda_ops.h"
+#include "kernels/cuda/decode.h"
 #include "kernels/cuda/linear.h"
 #include "kernels/cuda/rows.h"
 
@@ -106,6 +108,13 @@ cuda::RaggedBatch batch(const Ragged& rg) {
 // Every sequence is one row, at row s: the one-step kernels apply.
 bool is_decode(const Ragged& rg) { return rg.max_len() == 1 && rg.n_tokens() == rg.nseq(); }
 
+// The decode kernels of kernels/cuda/decode.h (GEMV, fused Mamba input stage and dt scan);
+// HM_CUDA_GEMV=0 keeps every projection on cuBLASLt and every op unfused (the A/B switch).
+bool decode_kernels_default() {
+  const char* v = std::getenv("HM_CUDA_GEMV");
+  return v == nullptr || std::string(v) != "0";
+}
+
 class CudaBackendImpl final : public CudaBackend {
  public:
   CudaBackendImpl() {
@@ -141,7 +150,13 @@ class CudaBackendImpl final : public CudaBackend {
 
   cudaStream_t stream() const override { return stream_; }
   size_t workspace_bytes() const override { return ws_bytes_; }
-  void set_linear_fallback_only(bool on) override { gemm_->set_use_lt(!on); }
+  void set_linear_fallback_only(bool on) override {
+    gemm_->set_use_lt(!on);
+    fallback_only_ = on;
+  }
+  void set_decode_kernels(bool on) override { decode_kernels_ = on; }
+  // The fallback-only test mode means cublasGemmEx for every linear, so no GEMV either.
+  bool decode_kernels_on() const { return decode_kernels_ && !fallback_only_; }
   void reserve_workspace(size_t bytes) override {
     if (bytes <= ws_bytes_) return;
     HM_CHECK(!capturing(), "cuda: the op workspace must grow to ", bytes, " bytes (holds ", ws_bytes_,
@@ -246,8 +261,101 @@ class CudaBackendImpl final : public CudaBackend {
     check_type(op, "W", W, x.dtype);
     HM_CHECK(y.dtype == x.dtype || y.dtype == DType::F32, "cuda linear: y is ", compute_dtype_name(y.dtype),
              ", expected ", compute_dtype_name(x.dtype), " (x's type) or f32");
+    if (decode_kernels_on() && cuda::gemv_fits(m, k, x.data, x.ld, W.data, W.ld, nullptr, dtype_size(x.dtype))) {
+      dispatch(x.dtype, [&](auto tag) {
+        using T = elem_t<decltype(tag)>;
+        if (y.dtype == DType::F32)
+          cuda::gemv<T, float>(ptr<float>(y), int(y.ld), ptr<T>(x), int(x.ld), ptr<T>(W), int(W.ld), m, n, k,
+                               accumulate, nullptr, 0.0f, nullptr, stream_);
+        else
+          cuda::gemv<T, T>(ptr<T>(y), int(y.ld), ptr<T>(x), int(x.ld), ptr<T>(W), int(W.ld), m, n, k, accumulate,
+                           nullptr, 0.0f, nullptr, stream_);
+      });
+      return;
+    }
     gemm_->linear(y.data, cuda_type(y.dtype), y.ld, x.data, x.ld, W.data, W.ld, cuda_type(x.dtype), m, n, k,
                   accumulate, stream_);
+  }
+
+  // Decode with at most kGemvMaxRows sequences: pre-norm, in_proj and the conv step in one
+  // kernel (decode.h); otherwise the default sequence of ops.
+  void mamba_in(Tensor xz, Tensor xc, const StatePool& conv, Tensor x, Tensor normed, Tensor norm_w, float eps,
+                Tensor in_proj, Tensor conv_w, Tensor conv_b, const Ragged& rg) override {
+    const char* op = "mamba_in";
+    const int m = x.rows, k = x.cols, n = in_proj.rows, E = xc.cols, K = conv_w.cols;
+    const bool norm = norm_w.data != nullptr;
+    if (!decode_kernels_on() || !is_decode(rg) || is_packed(in_proj.dtype) || K < 2 || K > cuda::kMaxConv ||
+        !cuda::gemv_fits(m, k, x.data, x.ld, in_proj.data, in_proj.ld, norm ? norm_w.data : nullptr,
+                         dtype_size(x.dtype))) {
+      Backend::mamba_in(xz, xc, conv, x, normed, norm_w, eps, in_proj, conv_w, conv_b, rg);
+      return;
+    }
+    check_view(op, "x", x, rg.n_tokens(), k);
+    check_view(op, "in_proj", in_proj, n, k);
+    check_view(op, "xz", xz, m, n);
+    check_view(op, "xc", xc, m, E);
+    HM_CHECK(E <= n, "cuda mamba_in: ", E, " conv channels but in_proj gives ", n, " columns");
+    check_view(op, "conv_w", conv_w, E, K);
+    check_dense(op, "conv_w", conv_w);
+    check_vec(op, "conv_b", conv_b, E);
+    if (norm) check_vec(op, "norm_w", norm_w, k);
+    for (const auto& [name, t] : {std::pair{"in_proj", &in_proj}, std::pair{"xz", &xz}, std::pair{"xc", &xc},
+                                  std::pair{"conv_w", &conv_w}, std::pair{"conv_b", &conv_b}})
+      check_type(op, name, *t, x.dtype);
+    if (norm) check_type(op, "norm_w", norm_w, x.dtype);
+    check_state(op, conv, int64_t(E) * (K - 1));
+    check_ragged(op, rg, conv.n_slots);
+    dispatch(x.dtype, [&](auto tag) {
+      using T = elem_t<decltype(tag)>;
+      cuda::ConvStep<T> cs;
+      cs.state = conv.base;
+      cs.slots = rg.d_slots();
+      cs.w = ptr<T>(conv_w);
+      cs.b = ptr<T>(conv_b);
+      cs.out = ptr<T>(xc);
+      cs.ldo = int(xc.ld);
+      cs.E = E;
+      cs.K = K;
+      cuda::gemv<T, T>(ptr<T>(xz), int(xz.ld), ptr<T>(x), int(x.ld), ptr<T>(in_proj), int(in_proj.ld), m, n, k,
+                       false, norm ? ptr<T>(norm_w) : nullptr, eps, &cs, stream_);
+    });
+  }
+
+  // Decode: dt_proj inside the scan step; otherwise the default (linear, then the scan).
+  void dt_scan(Tensor y, const StatePool& st, Tensor x, Tensor dt_r, Tensor dt_w, Tensor dt, Tensor dt_bias,
+               const float* A, Tensor B, Tensor C, Tensor Dskip, Tensor z, const Ragged& rg) override {
+    const char* op = "dt_scan";
+    const int E = x.cols, N = B.cols, R = dt_r.cols, T_ = rg.n_tokens();
+    if (!decode_kernels_on() || !is_decode(rg) || is_packed(dt_w.dtype) || T_ == 0) {
+      Backend::dt_scan(y, st, x, dt_r, dt_w, dt, dt_bias, A, B, C, Dskip, z, rg);
+      return;
+    }
+    HM_CHECK(N >= 1 && N <= cuda::kMaxState, "cuda dt_scan: d_state must be in [1, ", cuda::kMaxState, "], got ", N);
+    check_view(op, "x", x, T_, E);
+    check_view(op, "dt_r", dt_r, T_, R);
+    check_view(op, "dt_w", dt_w, E, R);
+    check_dense(op, "dt_w", dt_w);
+    check_view(op, "z", z, T_, E);
+    check_view(op, "y", y, T_, E);
+    check_view(op, "B", B, T_, N);
+    check_view(op, "C", C, T_, N);
+    HM_CHECK(B.ld == C.ld, "cuda dt_scan: B and C must share a row stride (", B.ld, " vs ", C.ld, ")");
+    check_vec(op, "dt_bias", dt_bias, E);
+    check_vec(op, "Dskip", Dskip, E);
+    HM_CHECK(A != nullptr || E == 0, "cuda dt_scan: A is null");
+    for (const auto& [name, t] : {std::pair{"dt_r", &dt_r}, std::pair{"dt_w", &dt_w}, std::pair{"z", &z},
+                                  std::pair{"y", &y}, std::pair{"B", &B}, std::pair{"C", &C},
+                                  std::pair{"dt_bias", &dt_bias}, std::pair{"Dskip", &Dskip}})
+      check_type(op, name, *t, x.dtype);
+    check_state(op, st, int64_t(E) * N);
+    check_ragged(op, rg, st.n_slots);
+    dispatch(x.dtype, [&](auto tag) {
+      using T = elem_t<decltype(tag)>;
+      cuda::selective_scan_step_dt<T>(ptr<T>(y), int(y.ld), st.base, rg.d_slots(), ptr<T>(x), int(x.ld),
+                                      ptr<T>(dt_r), int(dt_r.ld), ptr<T>(dt_w), R, ptr<T>(dt_bias), A, ptr<T>(B),
+                                      ptr<T>(C), int(B.ld), ptr<T>(Dskip), ptr<T>(z), int(z.ld), rg.nseq(), E, N,
+                                      stream_);
+    });
   }
 
   void swiglu(Tensor out, Tensor g, Tensor u) override {
@@ -543,6 +651,8 @@ class CudaBackendImpl final : public CudaBackend {
   int dev_ = 0;
   cudaStream_t stream_ = nullptr;
   std::unique_ptr<cuda::Gemm> gemm_;
+  bool decode_kernels_ = decode_kernels_default();
+  bool fallback_only_ = false;
   void* ws_ = nullptr;
   size_t ws_bytes_ = 0;
   std::vector<void*> retired_;  // outgrown workspaces, freed with the backend

@@ -29,6 +29,10 @@ class CudaBackend : public Backend {
   virtual size_t workspace_bytes() const = 0;
   // Tests: route linear through cublasGemmEx (cuBLASLt's fallback) instead of cuBLASLt.
   virtual void set_linear_fallback_only(bool on) = 0;
+  // The decode kernels (kernels/cuda/decode.h: GEMV for linear at <= 8 rows, the fused Mamba
+  // input stage and dt scan). On unless HM_CUDA_GEMV=0; off, every op runs unfused on cuBLASLt
+  // and the plain kernels (tests and benchmarks compare the two).
+  virtual void set_decode_kernels(bool on) = 0;
 };
 
 }  // namespace hm

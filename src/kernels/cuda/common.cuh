@@ -42,6 +42,39 @@ __device__ __forceinline__ int seq_of_row(const int32_t* cu, int nseq, int t) {
 
 __host__ __device__ inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+// Programmatic dependent launch (Hopper): a kernel launched with launch_pdl() may start while
+// the kernel before it in the stream still runs, once that one has called pdl_trigger(). It
+// must call pdl_wait() before it reads or writes anything an earlier kernel touches; before
+// the wait it may only load constants (weights), which is the point: their DRAM latency and
+// the launch overlap the previous kernel's tail. Without the launch attribute both are no-ops.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Launches kernel with the programmatic-dependent-launch attribute (see pdl_wait), unless
+// HM_CUDA_PDL=0 (read once: the A/B switch of docs/CUDA.md).
+bool pdl_enabled();
+template <class... P, class... A>
+void launch_pdl(const char* op, void (*kernel)(P...), dim3 grid, dim3 block, cudaStream_t stream, A&&... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = pdl_enabled() ? 1 : 0;
+  HM_CUDA_OK(cudaLaunchKernelEx(&cfg, kernel, static_cast<A&&>(args)...), op);
+}
+
 }  // namespace hm::cuda
 
 // One explicit instantiation per activation type.

@@ -13,6 +13,7 @@
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/cuda_ops.h"
+#include "kernels/cuda/decode.h"
 
 namespace hm::cuda {
 namespace {
@@ -209,43 +210,68 @@ __global__ void scan_carry_kernel(const float* __restrict__ pool, const float* _
 // float4 loads and stores, a group is wholly below N or wholly above; else scalar with a bound
 // per state. y is the 4 threads' partial sums added by two shuffles (every lane of the warp
 // takes part: channels past E compute zeros and store nothing).
+// DTW: dt is not read but computed, dt_r[s, :] . dt_w[e, :] over R columns split across the 4
+// threads, rounded to T as the unfused linear would store it. A (a constant) loads before
+// pdl_wait(); nothing else may.
 constexpr int kStepLanes = 4;
-template <class T, int NM>
+template <class T, int NM, bool DTW>
 __global__ void __launch_bounds__(kThreads) scan_step_kernel(
     T* __restrict__ y, int ldy, float* pool, const int32_t* __restrict__ slots,
     const T* __restrict__ x, int ldx, const T* __restrict__ dt, int lddt,
+    const T* __restrict__ dt_w, int R,
     const T* __restrict__ dt_bias, const float* __restrict__ A, const T* __restrict__ B,
     const T* __restrict__ C, int ldbc, const T* __restrict__ Dskip, const T* __restrict__ z,
     int ldz, int E, int N, bool vec) {
   constexpr int kGroups = NM / (4 * kStepLanes);
+  pdl_trigger();
   const int q = threadIdx.x % kStepLanes;
   const int e = blockIdx.x * (kThreads / kStepLanes) + threadIdx.x / kStepLanes;
   const size_t s = blockIdx.y;
   const bool active = e < E;
+  const float* Ae = A + size_t(active ? e : 0) * N;
+  float sv[kGroups][4], av[kGroups][4];
+#pragma unroll
+  for (int k = 0; k < kGroups; ++k) {
+    const int n0 = 4 * (kStepLanes * k + q);
+    if (vec) {
+      const float4 a4 = active && n0 < N ? *reinterpret_cast<const float4*>(Ae + n0) : make_float4(0, 0, 0, 0);
+      av[k][0] = a4.x; av[k][1] = a4.y; av[k][2] = a4.z; av[k][3] = a4.w;
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) av[k][i] = active && n0 + i < N ? Ae[n0 + i] : 0.0f;
+    }
+  }
+  pdl_wait();
+  float draw = 0.0f;  // dt before its bias
+  if constexpr (DTW) {
+    float part = 0.0f;
+    if (active) {
+      const T* wr = dt_w + size_t(e) * R;
+      const T* xr = dt + s * lddt;  // dt holds dt_r here
+      for (int i = q; i < R; i += kStepLanes) part += to_f(wr[i]) * to_f(xr[i]);
+    }
+    part += __shfl_xor_sync(0xffffffffu, part, 1);
+    part += __shfl_xor_sync(0xffffffffu, part, 2);
+    draw = to_f(from_f<T>(part));
+  } else {
+    draw = active ? to_f(dt[s * lddt + e]) : 0.0f;
+  }
   float acc = 0.0f, xv = 0.0f;
   if (active) {
     float* st = pool + (size_t(slots[s]) * E + e) * N;
-    const float* Ae = A + size_t(e) * N;
-    // Every load first: the states and A of all groups, then the per-channel scalars.
-    float sv[kGroups][4], av[kGroups][4];
 #pragma unroll
     for (int k = 0; k < kGroups; ++k) {
       const int n0 = 4 * (kStepLanes * k + q);
       if (vec) {
         const float4 s4 = n0 < N ? *reinterpret_cast<const float4*>(st + n0) : make_float4(0, 0, 0, 0);
-        const float4 a4 = n0 < N ? *reinterpret_cast<const float4*>(Ae + n0) : make_float4(0, 0, 0, 0);
         sv[k][0] = s4.x; sv[k][1] = s4.y; sv[k][2] = s4.z; sv[k][3] = s4.w;
-        av[k][0] = a4.x; av[k][1] = a4.y; av[k][2] = a4.z; av[k][3] = a4.w;
       } else {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          sv[k][i] = n0 + i < N ? st[n0 + i] : 0.0f;
-          av[k][i] = n0 + i < N ? Ae[n0 + i] : 0.0f;
-        }
+        for (int i = 0; i < 4; ++i) sv[k][i] = n0 + i < N ? st[n0 + i] : 0.0f;
       }
     }
     xv = to_f(x[s * ldx + e]);
-    const float delta = softplus(to_f(dt[s * lddt + e]) + to_f(dt_bias[e]));
+    const float delta = softplus(draw + to_f(dt_bias[e]));
     const float dx = delta * xv;
 #pragma unroll
     for (int k = 0; k < kGroups; ++k) {
@@ -360,23 +386,43 @@ void selective_scan(T* y, int ldy, float* ssm_state, const T* x, int ldx, const 
                                      Dskip, z, ldz, rb, E, N, chunk, workspace, stream);
 }
 
-template <class T>
-void selective_scan_step(T* y, int ldy, float* ssm_state, const int32_t* slots, const T* x, int ldx,
-                         const T* dt, int lddt, const T* dt_bias, const float* A, const T* B,
-                         const T* C, int ldbc, const T* Dskip, const T* z, int ldz, int nseq, int E,
-                         int N, cudaStream_t stream) {
+namespace {
+template <class T, bool DTW>
+void step_launch(T* y, int ldy, float* ssm_state, const int32_t* slots, const T* x, int ldx, const T* dt,
+                 int lddt, const T* dt_w, int R, const T* dt_bias, const float* A, const T* B, const T* C,
+                 int ldbc, const T* Dskip, const T* z, int ldz, int nseq, int E, int N, cudaStream_t stream) {
   check_scan(N, nseq);
   if (nseq <= 0 || E <= 0) return;
   const dim3 grid(ceil_div(E, kThreads / kStepLanes), nseq);
   const bool vec = N % 4 == 0 && reinterpret_cast<uintptr_t>(ssm_state) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(A) % 16 == 0;
   if (N <= 16)
-    scan_step_kernel<T, 16><<<grid, kThreads, 0, stream>>>(y, ldy, ssm_state, slots, x, ldx, dt, lddt,
-                                                           dt_bias, A, B, C, ldbc, Dskip, z, ldz, E, N, vec);
+    launch_pdl("selective_scan_step", scan_step_kernel<T, 16, DTW>, grid, dim3(kThreads), stream, y, ldy, ssm_state,
+               slots, x, ldx, dt, lddt, dt_w, R, dt_bias, A, B, C, ldbc, Dskip, z, ldz, E, N, vec);
   else
-    scan_step_kernel<T, kMaxState><<<grid, kThreads, 0, stream>>>(
-        y, ldy, ssm_state, slots, x, ldx, dt, lddt, dt_bias, A, B, C, ldbc, Dskip, z, ldz, E, N, vec);
-  HM_CUDA_LAUNCHED("selective_scan_step");
+    launch_pdl("selective_scan_step", scan_step_kernel<T, kMaxState, DTW>, grid, dim3(kThreads), stream, y, ldy,
+               ssm_state, slots, x, ldx, dt, lddt, dt_w, R, dt_bias, A, B, C, ldbc, Dskip, z, ldz, E, N, vec);
+}
+
+}  // namespace
+
+template <class T>
+void selective_scan_step(T* y, int ldy, float* ssm_state, const int32_t* slots, const T* x, int ldx,
+                         const T* dt, int lddt, const T* dt_bias, const float* A, const T* B,
+                         const T* C, int ldbc, const T* Dskip, const T* z, int ldz, int nseq, int E,
+                         int N, cudaStream_t stream) {
+  step_launch<T, false>(y, ldy, ssm_state, slots, x, ldx, dt, lddt, nullptr, 0, dt_bias, A, B, C, ldbc, Dskip, z,
+                        ldz, nseq, E, N, stream);
+}
+
+template <class T>
+void selective_scan_step_dt(T* y, int ldy, float* ssm_state, const int32_t* slots, const T* x, int ldx,
+                            const T* dt_r, int lddtr, const T* dt_w, int R, const T* dt_bias, const float* A,
+                            const T* B, const T* C, int ldbc, const T* Dskip, const T* z, int ldz, int nseq,
+                            int E, int N, cudaStream_t stream) {
+  HM_CHECK(R >= 1, "cuda selective_scan_step_dt: dt rank ", R, " must be >= 1");
+  step_launch<T, true>(y, ldy, ssm_state, slots, x, ldx, dt_r, lddtr, dt_w, R, dt_bias, A, B, C, ldbc, Dskip, z,
+                       ldz, nseq, E, N, stream);
 }
 
 #define HM_INST(T)                                                                                \
@@ -385,7 +431,11 @@ void selective_scan_step(T* y, int ldy, float* ssm_state, const int32_t* slots, 
                                   const RaggedBatch&, int, int, int, void*, cudaStream_t);        \
   template void selective_scan_step<T>(T*, int, float*, const int32_t*, const T*, int, const T*, \
                                        int, const T*, const float*, const T*, const T*, int,     \
-                                       const T*, const T*, int, int, int, int, cudaStream_t);
+                                       const T*, const T*, int, int, int, int, cudaStream_t);    \
+  template void selective_scan_step_dt<T>(T*, int, float*, const int32_t*, const T*, int, const T*, \
+                                          int, const T*, int, const T*, const float*, const T*,     \
+                                          const T*, int, const T*, const T*, int, int, int, int,    \
+                                          cudaStream_t);
 HM_CUDA_FOR_TYPES(HM_INST)
 #undef HM_INST
 

@@ -1,0 +1,25 @@
+// The composite ops' default: the plain ops in order (backend.h). Backends that fuse them
+// override; this sequence is what an override must equal.
+#include "backend/backend.h"
+
+namespace hm {
+
+void Backend::mamba_in(Tensor xz, Tensor xc, const StatePool& conv, Tensor x, Tensor normed, Tensor norm_w,
+                       float eps, Tensor in_proj, Tensor conv_w, Tensor conv_b, const Ragged& rg) {
+  Tensor src = x;
+  if (norm_w.data != nullptr) {
+    rmsnorm(normed, x, norm_w, eps);
+    src = normed;
+  }
+  linear(xz, src, in_proj, false);
+  conv1d_silu(xc, conv, xz.cols_view(0, xc.cols), conv_w, conv_b, rg);
+}
+
+void Backend::dt_scan(Tensor y, const StatePool& st, Tensor x, Tensor dt_r, Tensor dt_w, Tensor dt,
+                      Tensor dt_bias, const float* A, Tensor B, Tensor C, Tensor Dskip, Tensor z,
+                      const Ragged& rg) {
+  linear(dt, dt_r, dt_w, false);
+  selective_scan(y, st, x, dt, dt_bias, A, B, C, Dskip, z, rg);
+}
+
+}  // namespace hm

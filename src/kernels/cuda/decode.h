@@ -1,0 +1,56 @@
+// Kernels of the decode step (docs/CUDA.md, "Decode step"): at a few tokens per step every
+// projection reads its whole weight matrix for a handful of rows, so the step is weight
+// bandwidth plus a fixed cost per kernel. These cut both: a GEMV that streams the weights at
+// full bandwidth (cuBLASLt's small-m kernels reach 0.7-2.8 TB/s of the H200's 4.2) and starts
+// loading them before the previous kernel ends (programmatic dependent launch), with the
+// Mamba layer's pre-norm and conv step fused into in_proj, and dt_proj fused into the scan
+// step: 4 kernels per Mamba layer instead of 7 to 9.
+// Plain C++ declarations, callable from g++-compiled files.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace hm::cuda {
+
+constexpr int kGemvMaxRows = 8;  // more rows than this go to cuBLASLt (their GEMM is no longer thin)
+
+// The conv step fused after in_proj: rows s < m of the output are sequences s (one token each),
+// columns j < E are the conv's input channels. Per channel: the window of slot slots[s] in
+// state ([E, K-1] float, oldest first) is read and shifted, out[s, j] = silu(conv + b).
+template <class T>
+struct ConvStep {
+  float* state = nullptr;
+  const int32_t* slots = nullptr;
+  const T* w = nullptr;  // [E, K]
+  const T* b = nullptr;  // [E]
+  T* out = nullptr;
+  int ldo = 0;
+  int E = 0;  // 0: no conv
+  int K = 0;
+};
+
+// Whether gemv takes this shape: 1 <= m <= kGemvMaxRows, k a whole number of 16-byte vectors,
+// x, W (and norm_w) 16-byte aligned with row strides in whole vectors.
+bool gemv_fits(int m, int k, const void* x, int64_t ldx, const void* W, int64_t ldw, const void* norm_w,
+               size_t elem_bytes);
+
+// y[m, n] (=|+=) x'[m, k] . W[n, k]^T, x' = x or, with norm_w, rmsnorm(x) * norm_w (eps);
+// float sums, y rounded once. With conv (TY == T, not accumulating), the conv step above runs
+// on the rounded y of columns j < conv->E. Call only where gemv_fits.
+template <class T, class TY>
+void gemv(TY* y, int ldy, const T* x, int ldx, const T* W, int ldw, int m, int n, int k, bool accumulate,
+          const T* norm_w, float eps, const ConvStep<T>* conv, cudaStream_t stream);
+
+// The selective-scan decode step with dt_proj fused: dt[s, e] = dt_r[s, :] . dt_w[e, :] (R
+// columns, rounded to T as a stored dt would be), then selective_scan_step's contract.
+template <class T>
+void selective_scan_step_dt(T* y, int ldy, float* ssm_state, const int32_t* slots, const T* x, int ldx,
+                            const T* dt_r, int lddtr, const T* dt_w, int R, const T* dt_bias, const float* A,
+                            const T* B, const T* C, int ldbc, const T* Dskip, const T* z, int ldz, int nseq,
+                            int E, int N, cudaStream_t stream);
+
+}  // namespace hm::cuda

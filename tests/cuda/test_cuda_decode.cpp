@@ -1,0 +1,258 @@
+// The decode-step kernels (kernels/cuda/decode.h) against kernels/ref on fresh random inputs:
+// the GEMV at every row count it takes (1..8) and odd column counts, with and without the fused
+// RMSNorm, accumulation and a float output; the Mamba input stage (norm + in_proj + conv step)
+// and the dt-projecting scan step through the backend, on decode batches in shuffled slots of a
+// pool with unused slots, against the plain ops in order. Inputs are rounded to the tested
+// type and the reference gets the same values widened; bounds on max|got - ref| / max|ref| as
+// in test_cuda_backend.cpp (f32 1e-5, f16 1e-3, bf16 8e-3; float states 1e-5 except where
+// a rounded input feeds them). Skipped without a GPU.
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "backend/cuda/cuda_backend.h"
+#include "core/rng.h"
+#include "kernels/cuda/decode.h"
+#include "kernels/ops.h"
+
+namespace {
+
+using hm::DType;
+using hm::Tensor;
+
+bool has_gpu() {
+  static const bool ok = [] {
+    int n = 0;
+    return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+  }();
+  return ok;
+}
+double tol(DType t) { return t == DType::F32 ? 1e-5 : t == DType::F16 ? 1e-3 : 8e-3; }
+
+double rel_err(const std::vector<float>& got, const std::vector<float>& ref, int rows, int cols, int64_t ld,
+               int c0 = 0) {
+  double num = 0, den = 0;
+  for (int i = 0; i < rows; ++i)
+    for (int j = c0; j < c0 + cols; ++j) {
+      const size_t k = size_t(i) * size_t(ld) + size_t(j);
+      if (std::isnan(got[k]) || std::isnan(ref[k])) return NAN;
+      num = std::max(num, std::fabs(double(got[k]) - ref[k]));
+      den = std::max(den, std::fabs(double(ref[k])));
+    }
+  return num / std::max(den, 1e-30);
+}
+
+// A rows x ld matrix of `dt` on the device; `f` holds its values (rounded to dt) as floats.
+struct DevMat {
+  hm::Buffer buf;
+  Tensor t;
+  std::vector<float> f;
+  DevMat(hm::Backend& be, DType dt, int rows, int ld, hm::Rng& rng, double scale, double mean = 0)
+      : buf(be, std::max<size_t>(16, size_t(rows) * size_t(ld) * hm::dtype_size(dt))),
+        t(buf.data(), dt, rows, ld, ld), f(size_t(rows) * size_t(ld)) {
+    for (auto& v : f) v = float(mean + scale * rng.normal());
+    std::vector<char> bytes(f.size() * hm::dtype_size(dt));
+    hm::convert_from_f32(bytes.data(), dt, f.data(), f.size());
+    hm::convert_to_f32(f.data(), bytes.data(), dt, f.size());
+    be.to_device(buf.data(), bytes.data(), bytes.size());
+  }
+  std::vector<float> get(hm::Backend& be) const {
+    std::vector<char> bytes(f.size() * t.elem_size());
+    be.to_host(bytes.data(), buf.data(), bytes.size());
+    std::vector<float> out(f.size());
+    hm::convert_to_f32(out.data(), bytes.data(), t.dtype, f.size());
+    return out;
+  }
+  // Rows x n from column c0, as the kernels see it.
+  Tensor cols(int c0, int n) const { return t.cols_view(c0, n); }
+};
+
+// The row-major [rows, cols] block of f at stride ld from column c0, dense.
+std::vector<float> dense(const std::vector<float>& f, int rows, int cols, int ld, int c0) {
+  std::vector<float> d(size_t(rows) * size_t(cols));
+  for (int i = 0; i < rows; ++i) std::copy_n(f.begin() + ptrdiff_t(i) * ld + c0, cols, d.begin() + ptrdiff_t(i) * cols);
+  return d;
+}
+
+// nseq one-token sequences in distinct shuffled slots of a pool of nseq + 3 (decode batch).
+int decode_batch(hm::Ragged& rg, hm::Rng& rng, int nseq) {
+  const int n_slots = nseq + 3;
+  std::vector<int> all(static_cast<size_t>(n_slots));
+  std::iota(all.begin(), all.end(), 0);
+  for (int i = n_slots - 1; i > 0; --i) std::swap(all[size_t(i)], all[rng.next_u64() % uint64_t(i + 1)]);
+  rg.clear();
+  for (int s = 0; s < nseq; ++s) rg.add(all[size_t(s)], 1, 5 + s);
+  return n_slots;
+}
+
+class CudaDecode : public ::testing::TestWithParam<DType> {
+ protected:
+  void SetUp() override {
+    if (!has_gpu()) GTEST_SKIP() << "no CUDA device";
+    be_ = hm::make_cuda_backend();
+    cuda_ = dynamic_cast<hm::CudaBackend*>(be_.get());
+    ASSERT_NE(cuda_, nullptr);
+  }
+  hm::Backend& be() { return *be_; }
+  DType T() const { return GetParam(); }
+  std::unique_ptr<hm::Backend> be_;
+  hm::CudaBackend* cuda_ = nullptr;
+};
+
+template <class F>
+void with_type(DType t, F&& f) {
+  if (t == DType::F32) f(static_cast<float*>(nullptr));
+  else if (t == DType::BF16) f(static_cast<__nv_bfloat16*>(nullptr));
+  else f(static_cast<__half*>(nullptr));
+}
+
+// cuda::gemv directly: every row count 1..8, columns from 1 to past two waves of blocks,
+// k from one vector to 4096 (so 1, 2, 4 or 8 warps per column), views at aligned offsets of
+// wider matrices, y a view at an odd offset whose neighbours must stay untouched.
+TEST_P(CudaDecode, GemvMatchesRef) {
+  hm::Rng rng(301);
+  const std::vector<DType> outs = T() == DType::F32 ? std::vector<DType>{DType::F32}
+                                                    : std::vector<DType>{T(), DType::F32};
+  for (auto [n, k] : {std::pair{1, 8}, std::pair{67, 136}, std::pair{1001, 1048}, std::pair{160, 4096},
+                      std::pair{3001, 512}})
+    for (int m : {1, 2, 3, 5, 8})
+      for (DType ty : outs)
+        for (int variant = 0; variant < 3; ++variant) {  // 0 plain, 1 accumulate, 2 fused norm
+          const bool acc = variant == 1, norm = variant == 2;
+          const int ldx = k + 16, ldw = k + 8, ldy = n + 5;
+          DevMat x(be(), T(), m, ldx, rng, 1.0), W(be(), T(), n, ldw, rng, 0.1);
+          DevMat g(be(), T(), 1, k + 8, rng, 0.3, 1.0), y(be(), ty, m, ldy, rng, 1.0);
+          const float eps = 1e-5f;
+          with_type(T(), [&](auto tag) {
+            using E = std::remove_pointer_t<decltype(tag)>;
+            const E* xp = static_cast<const E*>(x.cols(8, k).data);
+            const E* gp = norm ? static_cast<const E*>(g.cols(8, k).data) : nullptr;
+            ASSERT_TRUE(hm::cuda::gemv_fits(m, k, xp, ldx, W.buf.data(), ldw, gp, sizeof(E)));
+            if (ty == DType::F32)
+              hm::cuda::gemv<E, float>(static_cast<float*>(y.cols(1, n).data), ldy, xp, ldx,
+                                       static_cast<const E*>(W.buf.data()), ldw, m, n, k, acc, gp, eps, nullptr,
+                                       cuda_->stream());
+            else
+              hm::cuda::gemv<E, E>(static_cast<E*>(y.cols(1, n).data), ldy, xp, ldx, static_cast<const E*>(W.buf.data()),
+                                   ldw, m, n, k, acc, gp, eps, nullptr, cuda_->stream());
+          });
+          std::vector<float> xin = dense(x.f, m, k, ldx, 8);
+          if (norm) {
+            std::vector<float> gd = dense(g.f, 1, k, k + 8, 8), xn(xin.size());
+            hm::ref::rmsnorm(xn.data(), xin.data(), gd.data(), m, k, eps);
+            xin = xn;
+          }
+          std::vector<float> ref = y.f;
+          hm::ref::linear(ref.data() + 1, ldy, xin.data(), k, dense(W.f, n, k, ldw, 0).data(), m, n, k, acc);
+          const std::vector<float> got = y.get(be());
+          const double bound = ty == DType::F32 ? 1e-5 : tol(ty);  // float logits: only the sums' order differs
+          EXPECT_LE(rel_err(got, ref, m, n, ldy, 1), bound)
+              << "gemv m " << m << " n " << n << " k " << k << " out " << hm::compute_dtype_name(ty) << " variant "
+              << variant;
+          for (int i = 0; i < m; ++i)
+            for (int j : {0, n + 1, n + 4}) EXPECT_EQ(got[size_t(i) * ldy + j], y.f[size_t(i) * ldy + j]);
+        }
+  // What it does not take: 9 rows, k not whole vectors, a misaligned x.
+  const DevMat x(be(), T(), 9, 64, rng, 1.0);
+  EXPECT_FALSE(hm::cuda::gemv_fits(9, 32, x.buf.data(), 64, x.buf.data(), 64, nullptr, hm::dtype_size(T())));
+  EXPECT_FALSE(hm::cuda::gemv_fits(1, 12, x.buf.data(), 64, x.buf.data(), 64, nullptr, 2));
+  EXPECT_FALSE(hm::cuda::gemv_fits(1, 32, x.cols(1, 32).data, 64, x.buf.data(), 64, nullptr, hm::dtype_size(T())));
+}
+
+// Backend::mamba_in on CUDA (fused at <= 8 one-token sequences, the plain ops otherwise)
+// against rmsnorm -> linear -> conv1d_silu of kernels/ref per sequence.
+TEST_P(CudaDecode, MambaInMatchesPlainOps) {
+  hm::Rng rng(302);
+  const int D = 136, E = 72, K = 4;
+  for (int nseq : {1, 3, 8, 9})
+    for (bool norm : {true, false})
+      for (bool fused : {true, false}) {
+        cuda_->set_decode_kernels(fused);
+        hm::Ragged rg;
+        const int n_slots = decode_batch(rg, rng, nseq);
+        rg.upload(be());
+        const int ldxz = 2 * E + 8, ldxc = E + 3;
+        DevMat x(be(), T(), nseq, D, rng, 2.0), normed(be(), T(), nseq, D, rng, 0.0);
+        DevMat g(be(), T(), 1, D, rng, 0.3, 1.0), W(be(), T(), 2 * E, D, rng, 0.1);
+        DevMat w(be(), T(), E, K, rng, 0.4), b(be(), T(), 1, E, rng, 0.3);
+        DevMat xz(be(), T(), nseq, ldxz, rng, 1.0), xc(be(), T(), nseq, ldxc, rng, 1.0);
+        DevMat st(be(), DType::F32, n_slots, E * (K - 1), rng, 1.0);
+        const hm::StatePool pool{static_cast<float*>(st.buf.data()), n_slots, int64_t(E) * (K - 1)};
+        be().mamba_in(xz.cols(0, 2 * E), xc.cols(0, E), pool, x.t, normed.t, norm ? g.t : Tensor(), 1e-5f, W.t, w.t,
+                      b.t, rg);
+        std::vector<float> u = x.f;
+        if (norm) hm::ref::rmsnorm(u.data(), x.f.data(), g.f.data(), nseq, D, 1e-5f);
+        std::vector<float> rxz = xz.f, rxc = xc.f, rst = st.f;
+        hm::ref::linear(rxz.data(), ldxz, u.data(), D, W.f.data(), nseq, 2 * E, D, false);
+        // The conv reads xz as stored in T (rounded), as the kernels do.
+        std::vector<float> xr = dense(rxz, nseq, E, ldxz, 0);
+        std::vector<char> bytes(xr.size() * hm::dtype_size(T()));
+        hm::convert_from_f32(bytes.data(), T(), xr.data(), xr.size());
+        hm::convert_to_f32(xr.data(), bytes.data(), T(), xr.size());
+        for (int s = 0; s < nseq; ++s)
+          hm::ref::conv1d_silu(rxc.data() + size_t(s) * ldxc, ldxc, rst.data() + size_t(rg.slot(s)) * E * (K - 1),
+                               xr.data() + size_t(s) * E, E, w.f.data(), b.f.data(), 1, E, K);
+        const std::string what = std::string("mamba_in nseq ") + std::to_string(nseq) + (norm ? " norm" : "") +
+                                 (fused ? " fused" : " plain");
+        EXPECT_LE(rel_err(xz.get(be()), rxz, nseq, 2 * E, ldxz), tol(T())) << what << " xz";
+        EXPECT_LE(rel_err(xc.get(be()), rxc, nseq, E, ldxc), tol(T())) << what << " xc";
+        // The window holds the stored x, which a last-bit difference in xz can flip.
+        EXPECT_LE(rel_err(st.get(be()), rst, n_slots, E * (K - 1), E * (K - 1)), T() == DType::F32 ? 1e-5 : tol(T()))
+            << what << " conv state";
+      }
+  cuda_->set_decode_kernels(true);
+}
+
+// Backend::dt_scan on CUDA (dt_proj inside the scan step for decode batches) against
+// linear (dt rounded to T, as a stored dt is) -> selective_scan of kernels/ref.
+TEST_P(CudaDecode, DtScanMatchesPlainOps) {
+  hm::Rng rng(303);
+  for (int nseq : {1, 5})
+    for (auto [E, N, R] : {std::tuple{67, 16, 5}, std::tuple{40, 5, 48}, std::tuple{130, 33, 17}})
+      for (bool fused : {true, false}) {
+        cuda_->set_decode_kernels(fused);
+        hm::Ragged rg;
+        const int n_slots = decode_batch(rg, rng, nseq);
+        rg.upload(be());
+        const int ldbc = R + 2 * N + 3, ldy = E + 1;
+        DevMat xz(be(), T(), nseq, 2 * E, rng, 1.0), dbc(be(), T(), nseq, ldbc, rng, 1.0);
+        DevMat dtw(be(), T(), E, R, rng, 0.3), dt(be(), T(), nseq, E, rng, 0.0);
+        DevMat dt_bias(be(), T(), 1, E, rng, 0.4, -0.5), Dm(be(), T(), 1, E, rng, 1.0), y(be(), T(), nseq, ldy, rng, 1.0);
+        DevMat A(be(), DType::F32, E, N, rng, 0.0);
+        for (auto& v : A.f) v = -std::exp(-1 + 2.5 * rng.uniform());
+        be().to_device(A.buf.data(), A.f.data(), A.f.size() * 4);
+        DevMat st(be(), DType::F32, n_slots, E * N, rng, 0.5);
+        const hm::StatePool pool{static_cast<float*>(st.buf.data()), n_slots, int64_t(E) * N};
+        be().dt_scan(y.cols(0, E), pool, xz.cols(0, E), dbc.cols(0, R), dtw.t, dt.t, dt_bias.t,
+                     static_cast<const float*>(A.buf.data()), dbc.cols(R, N), dbc.cols(R + N, N), Dm.t, xz.cols(E, E),
+                     rg);
+        std::vector<float> rdt(size_t(nseq) * E);
+        hm::ref::linear(rdt.data(), E, dense(dbc.f, nseq, R, ldbc, 0).data(), R, dtw.f.data(), nseq, E, R, false);
+        std::vector<char> bytes(rdt.size() * hm::dtype_size(T()));
+        hm::convert_from_f32(bytes.data(), T(), rdt.data(), rdt.size());
+        hm::convert_to_f32(rdt.data(), bytes.data(), T(), rdt.size());
+        std::vector<float> ref = y.f, rst = st.f;
+        for (int s = 0; s < nseq; ++s)
+          hm::ref::selective_scan(ref.data() + size_t(s) * ldy, ldy, rst.data() + size_t(rg.slot(s)) * E * N,
+                                  xz.f.data() + size_t(s) * 2 * E, 2 * E, rdt.data() + size_t(s) * E, E, dt_bias.f.data(),
+                                  A.f.data(), dbc.f.data() + size_t(s) * ldbc + R, dbc.f.data() + size_t(s) * ldbc + R + N,
+                                  ldbc, Dm.f.data(), xz.f.data() + size_t(s) * 2 * E + E, 2 * E, 1, E, N);
+        const std::string what = "dt_scan nseq " + std::to_string(nseq) + " E " + std::to_string(E) + " N " +
+                                 std::to_string(N) + " R " + std::to_string(R) + (fused ? " fused" : " plain");
+        EXPECT_LE(rel_err(y.get(be()), ref, nseq, E, ldy), tol(T())) << what;
+        // A dt one rounding step apart moves the state by about that step.
+        EXPECT_LE(rel_err(st.get(be()), rst, n_slots, E * N, E * N), T() == DType::F32 ? 1e-5 : tol(T())) << what << " state";
+      }
+  cuda_->set_decode_kernels(true);
+}
+
+INSTANTIATE_TEST_SUITE_P(Types, CudaDecode, ::testing::Values(DType::F32, DType::BF16, DType::F16),
+                         [](const ::testing::TestParamInfo<DType>& p) { return std::string(hm::compute_dtype_name(p.param)); });
+
+}  // namespace
