@@ -84,13 +84,13 @@ for bin in hm_cuda_tests hm_cuda_model_tests; do
 done
 grep -E "^(== |\[==========\]|\[  PASSED  \]|\[  FAILED  \]|\[  SKIPPED \])" "$T" >> "$SUMMARY"
 
-# Hugging Face fixtures that need transformers (issue 14: the Mamba-2 folders that
-# tests/test_hf.cpp skips without): one tarball back in $OUT, to unpack into tests/fixtures/hf/.
+# Hugging Face fixtures that need transformers (issue 14: the families whose parity tests in
+# tests/test_hf.cpp skip without them; FIXTURE_FAMILIES, default jamba): one tarball back in $OUT, to unpack into tests/fixtures/hf/.
 if [ "${FIXTURES:-1}" = 1 ] && [ -f tests/fixtures/hf/make_fixtures.py ]; then
   FX=/tmp/hf_fixtures && rm -rf "$FX" && mkdir -p "$FX"
   # Without the peer on PYTHONPATH: transformers would call causal_conv1d's CUDA kernels on the
   # fixtures' CPU tensors; the plain PyTorch path is the reference wanted here.
-  step "hf fixtures (mamba2, falcon_mamba)" 90 "$T" env PYTHONPATH= python3 tests/fixtures/hf/make_fixtures.py "$FX" mamba2 falcon_mamba &&
+  step "hf fixtures (${FIXTURE_FAMILIES:-jamba})" 90 "$T" env PYTHONPATH= python3 tests/fixtures/hf/make_fixtures.py "$FX" ${FIXTURE_FAMILIES:-jamba} &&
     tar czf "$OUT/hf_fixtures.tar.gz" -C "$FX" .
 fi
 

@@ -1,5 +1,5 @@
 // The decode-step kernels (kernels/cuda/decode.h) against kernels/ref on fresh random inputs:
-// the GEMV at every row count it takes (1..8) and odd column counts, with and without the fused
+// both GEMV kernels at the row counts they take (to 32) and odd column counts, with and without the fused
 // RMSNorm, accumulation and a float output; the Mamba input stage (norm + in_proj + conv step)
 // and the dt-projecting scan step through the backend, on decode batches in shuffled slots of a
 // pool with unused slots, against the plain ops in order. Inputs are rounded to the tested
@@ -112,55 +112,83 @@ void with_type(DType t, F&& f) {
   else f(static_cast<__half*>(nullptr));
 }
 
-// cuda::gemv directly: every row count 1..8, columns from 1 to past two waves of blocks,
-// k from one vector to 4096 (so 1, 2, 4 or 8 warps per column), views at aligned offsets of
-// wider matrices, y a view at an odd offset whose neighbours must stay untouched.
+// cuda::gemv directly, both kernels (tensor cores on and off): row counts 1 to 32 (two mma
+// tiles; the CUDA-core kernel to 8), column counts from 1 to past two waves of blocks (groups
+// of 8 cut at odd n), k from one vector to 4096 (so 1 to 8 warps per column) with k % 32 != 0
+// for the CUDA-core kernel only, views at aligned offsets of wider matrices, y a view at an odd
+// offset whose neighbours must stay untouched. Shapes a kernel does not take are skipped, and
+// counted so the test fails if the tensor-core kernel never ran.
 TEST_P(CudaDecode, GemvMatchesRef) {
   hm::Rng rng(301);
   const std::vector<DType> outs = T() == DType::F32 ? std::vector<DType>{DType::F32}
                                                     : std::vector<DType>{T(), DType::F32};
+  int ran_mma = 0, ran_core = 0;
+  const bool tc_default = hm::cuda::gemv_tensor_cores();
   for (auto [n, k] : {std::pair{1, 8}, std::pair{67, 136}, std::pair{1001, 1048}, std::pair{160, 4096},
-                      std::pair{3001, 512}})
-    for (int m : {1, 2, 3, 5, 8})
-      for (DType ty : outs)
-        for (int variant = 0; variant < 3; ++variant) {  // 0 plain, 1 accumulate, 2 fused norm
-          const bool acc = variant == 1, norm = variant == 2;
-          const int ldx = k + 16, ldw = k + 8, ldy = n + 5;
-          DevMat x(be(), T(), m, ldx, rng, 1.0), W(be(), T(), n, ldw, rng, 0.1);
-          DevMat g(be(), T(), 1, k + 8, rng, 0.3, 1.0), y(be(), ty, m, ldy, rng, 1.0);
-          const float eps = 1e-5f;
-          with_type(T(), [&](auto tag) {
-            using E = std::remove_pointer_t<decltype(tag)>;
-            const E* xp = static_cast<const E*>(x.cols(8, k).data);
-            const E* gp = norm ? static_cast<const E*>(g.cols(8, k).data) : nullptr;
-            ASSERT_TRUE(hm::cuda::gemv_fits(m, k, xp, ldx, W.buf.data(), ldw, gp, sizeof(E)));
-            if (ty == DType::F32)
-              hm::cuda::gemv<E, float>(static_cast<float*>(y.cols(1, n).data), ldy, xp, ldx,
-                                       static_cast<const E*>(W.buf.data()), ldw, m, n, k, acc, gp, eps, nullptr,
-                                       cuda_->stream());
-            else
-              hm::cuda::gemv<E, E>(static_cast<E*>(y.cols(1, n).data), ldy, xp, ldx, static_cast<const E*>(W.buf.data()),
-                                   ldw, m, n, k, acc, gp, eps, nullptr, cuda_->stream());
-          });
-          std::vector<float> xin = dense(x.f, m, k, ldx, 8);
-          if (norm) {
-            std::vector<float> gd = dense(g.f, 1, k, k + 8, 8), xn(xin.size());
-            hm::ref::rmsnorm(xn.data(), xin.data(), gd.data(), m, k, eps);
-            xin = xn;
+                      std::pair{3001, 512}, std::pair{77, 160}, std::pair{8, 96}})
+    for (int m : {1, 2, 3, 5, 8, 9, 16, 17, 32})
+      for (bool tc : {true, false})
+        for (DType ty : outs)
+          for (int variant = 0; variant < 3; ++variant) {  // 0 plain, 1 accumulate, 2 fused norm
+            const bool acc = variant == 1, norm = variant == 2;
+            hm::cuda::set_gemv_tensor_cores(tc);
+            const int ldx = k + 16, ldw = k + 8, ldy = n + 5;
+            DevMat x(be(), T(), m, ldx, rng, 1.0), W(be(), T(), n, ldw, rng, 0.1);
+            DevMat g(be(), T(), 1, k + 8, rng, 0.3, 1.0), y(be(), ty, m, ldy, rng, 1.0);
+            const float eps = 1e-5f;
+            bool ran = false;
+            with_type(T(), [&](auto tag) {
+              using E = std::remove_pointer_t<decltype(tag)>;
+              const E* xp = static_cast<const E*>(x.cols(8, k).data);
+              const E* gp = norm ? static_cast<const E*>(g.cols(8, k).data) : nullptr;
+              if (!hm::cuda::gemv_fits(m, k, xp, ldx, W.buf.data(), ldw, gp, sizeof(E))) return;
+              ran = true;
+              if (ty == DType::F32)
+                hm::cuda::gemv<E, float>(static_cast<float*>(y.cols(1, n).data), ldy, xp, ldx,
+                                         static_cast<const E*>(W.buf.data()), ldw, m, n, k, acc, gp, eps, nullptr,
+                                         cuda_->stream());
+              else
+                hm::cuda::gemv<E, E>(static_cast<E*>(y.cols(1, n).data), ldy, xp, ldx,
+                                     static_cast<const E*>(W.buf.data()), ldw, m, n, k, acc, gp, eps, nullptr,
+                                     cuda_->stream());
+            });
+            if (!ran) continue;
+            const bool mma = tc && T() != DType::F32 && k % 32 == 0;
+            (mma ? ran_mma : ran_core) += 1;
+            std::vector<float> xin = dense(x.f, m, k, ldx, 8);
+            if (norm) {
+              std::vector<float> gd = dense(g.f, 1, k, k + 8, 8), xn(xin.size());
+              hm::ref::rmsnorm(xn.data(), xin.data(), gd.data(), m, k, eps);
+              // The tensor cores take the normed row as stored in T, as the unfused path does.
+              if (mma) {
+                std::vector<char> bytes(xn.size() * hm::dtype_size(T()));
+                hm::convert_from_f32(bytes.data(), T(), xn.data(), xn.size());
+                hm::convert_to_f32(xn.data(), bytes.data(), T(), xn.size());
+              }
+              xin = xn;
+            }
+            std::vector<float> ref = y.f;
+            hm::ref::linear(ref.data() + 1, ldy, xin.data(), k, dense(W.f, n, k, ldw, 0).data(), m, n, k, acc);
+            const std::vector<float> got = y.get(be());
+            // Float output: only the sums' order differs, unless the tensor cores took a normed
+            // row rounded to T, where one element can round the other way than the reference's.
+            const double bound = ty != DType::F32 ? tol(ty) : mma && norm ? tol(T()) : 1e-5;
+            EXPECT_LE(rel_err(got, ref, m, n, ldy, 1), bound)
+                << "gemv m " << m << " n " << n << " k " << k << " out " << hm::compute_dtype_name(ty) << " variant "
+                << variant << (mma ? " tensor cores" : " cuda cores");
+            for (int i = 0; i < m; ++i)
+              for (int j : {0, n + 1, n + 4}) EXPECT_EQ(got[size_t(i) * ldy + j], y.f[size_t(i) * ldy + j]);
           }
-          std::vector<float> ref = y.f;
-          hm::ref::linear(ref.data() + 1, ldy, xin.data(), k, dense(W.f, n, k, ldw, 0).data(), m, n, k, acc);
-          const std::vector<float> got = y.get(be());
-          const double bound = ty == DType::F32 ? 1e-5 : tol(ty);  // float logits: only the sums' order differs
-          EXPECT_LE(rel_err(got, ref, m, n, ldy, 1), bound)
-              << "gemv m " << m << " n " << n << " k " << k << " out " << hm::compute_dtype_name(ty) << " variant "
-              << variant;
-          for (int i = 0; i < m; ++i)
-            for (int j : {0, n + 1, n + 4}) EXPECT_EQ(got[size_t(i) * ldy + j], y.f[size_t(i) * ldy + j]);
-        }
-  // What it does not take: 9 rows, k not whole vectors, a misaligned x.
-  const DevMat x(be(), T(), 9, 64, rng, 1.0);
-  EXPECT_FALSE(hm::cuda::gemv_fits(9, 32, x.buf.data(), 64, x.buf.data(), 64, nullptr, hm::dtype_size(T())));
+  hm::cuda::set_gemv_tensor_cores(tc_default);
+  EXPECT_GT(ran_core, 50);
+  if (T() != DType::F32) {
+    EXPECT_GT(ran_mma, 100);
+  }
+  // What it does not take: too many rows (9 with the norm), k not whole vectors, a misaligned x.
+  const DevMat x(be(), T(), 33, 64, rng, 1.0);
+  EXPECT_FALSE(hm::cuda::gemv_fits(T() == DType::F32 ? 9 : 33, 32, x.buf.data(), 64, x.buf.data(), 64, nullptr,
+                                   hm::dtype_size(T())));
+  EXPECT_FALSE(hm::cuda::gemv_fits(9, 32, x.buf.data(), 64, x.buf.data(), 64, x.buf.data(), hm::dtype_size(T())));
   EXPECT_FALSE(hm::cuda::gemv_fits(1, 12, x.buf.data(), 64, x.buf.data(), 64, nullptr, 2));
   EXPECT_FALSE(hm::cuda::gemv_fits(1, 32, x.cols(1, 32).data, 64, x.buf.data(), 64, nullptr, hm::dtype_size(T())));
 }
@@ -170,7 +198,7 @@ TEST_P(CudaDecode, GemvMatchesRef) {
 TEST_P(CudaDecode, MambaInMatchesPlainOps) {
   hm::Rng rng(302);
   const int D = 136, E = 72, K = 4;
-  for (int nseq : {1, 3, 8, 9})
+  for (int nseq : {1, 3, 8, 9, 16, 33})
     for (bool norm : {true, false})
       for (bool fused : {true, false}) {
         cuda_->set_decode_kernels(fused);

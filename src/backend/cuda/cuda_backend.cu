@@ -110,6 +110,13 @@ bool is_decode(const Ragged& rg) { return rg.max_len() == 1 && rg.n_tokens() == 
 
 // The decode kernels of kernels/cuda/decode.h (GEMV, fused Mamba input stage and dt scan);
 // HM_CUDA_GEMV=0 keeps every projection on cuBLASLt and every op unfused (the A/B switch).
+// The most rows the backend hands to the GEMV and the fused Mamba input stage. Measured on the
+// H200 (docs/CUDA.md, "Decode step"): at one row the CUDA-core GEMV beats cuBLASLt (130M decode
+// 1,491 -> 2,269 tok/s, 1.4B even), at four rows it loses on the 1.4B shape (2,029 -> 1,195),
+// and the tensor-core GEMV lost to both at every shape measured. The kernels take more rows
+// (their tests run them); this is the policy until a faster kernel wins there.
+constexpr int kGemvRows = 1;
+
 bool decode_kernels_default() {
   const char* v = std::getenv("HM_CUDA_GEMV");
   return v == nullptr || std::string(v) != "0";
@@ -261,7 +268,8 @@ class CudaBackendImpl final : public CudaBackend {
     check_type(op, "W", W, x.dtype);
     HM_CHECK(y.dtype == x.dtype || y.dtype == DType::F32, "cuda linear: y is ", compute_dtype_name(y.dtype),
              ", expected ", compute_dtype_name(x.dtype), " (x's type) or f32");
-    if (decode_kernels_on() && cuda::gemv_fits(m, k, x.data, x.ld, W.data, W.ld, nullptr, dtype_size(x.dtype))) {
+    if (decode_kernels_on() && m <= kGemvRows &&
+        cuda::gemv_fits(m, k, x.data, x.ld, W.data, W.ld, nullptr, dtype_size(x.dtype))) {
       dispatch(x.dtype, [&](auto tag) {
         using T = elem_t<decltype(tag)>;
         if (y.dtype == DType::F32)
@@ -277,14 +285,15 @@ class CudaBackendImpl final : public CudaBackend {
                   accumulate, stream_);
   }
 
-  // Decode with at most kGemvMaxRows sequences: pre-norm, in_proj and the conv step in one
+  // Decode with at most kGemvRows sequences: pre-norm, in_proj and the conv step in one
   // kernel (decode.h); otherwise the default sequence of ops.
   void mamba_in(Tensor xz, Tensor xc, const StatePool& conv, Tensor x, Tensor normed, Tensor norm_w, float eps,
                 Tensor in_proj, Tensor conv_w, Tensor conv_b, const Ragged& rg) override {
     const char* op = "mamba_in";
     const int m = x.rows, k = x.cols, n = in_proj.rows, E = xc.cols, K = conv_w.cols;
     const bool norm = norm_w.data != nullptr;
-    if (!decode_kernels_on() || !is_decode(rg) || is_packed(in_proj.dtype) || K < 2 || K > cuda::kMaxConv ||
+    if (!decode_kernels_on() || !is_decode(rg) || m > kGemvRows || is_packed(in_proj.dtype) || K < 2 ||
+        K > cuda::kMaxConv ||
         !cuda::gemv_fits(m, k, x.data, x.ld, in_proj.data, in_proj.ld, norm ? norm_w.data : nullptr,
                          dtype_size(x.dtype))) {
       Backend::mamba_in(xz, xc, conv, x, normed, norm_w, eps, in_proj, conv_w, conv_b, rg);

@@ -42,6 +42,35 @@ __device__ __forceinline__ int seq_of_row(const int32_t* cu, int nseq, int t) {
 
 __host__ __device__ inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+// Two floats rounded to KV and packed as one 32-bit mma operand (low half first).
+template <class KV> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// d += a . b on the tensor cores: one m16n8k16 tile, bf16 or f16 in, float accumulate (the
+// PTX ISA's fragment layouts: a 4 registers of 2 elements, b 2, d 4 floats per lane).
+template <class KV> __device__ __forceinline__ void mma16816(float d[4], const uint32_t a[4], const uint32_t b[2]);
+template <> __device__ __forceinline__ void mma16816<__nv_bfloat16>(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <> __device__ __forceinline__ void mma16816<__half>(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
 // Programmatic dependent launch (Hopper): a kernel launched with launch_pdl() may start while
 // the kernel before it in the stream still runs, once that one has called pdl_trigger(). It
 // must call pdl_wait() before it reads or writes anything an earlier kernel touches; before
@@ -62,10 +91,12 @@ __device__ __forceinline__ void pdl_trigger() {
 // HM_CUDA_PDL=0 (read once: the A/B switch of docs/CUDA.md).
 bool pdl_enabled();
 template <class... P, class... A>
-void launch_pdl(const char* op, void (*kernel)(P...), dim3 grid, dim3 block, cudaStream_t stream, A&&... args) {
+void launch_pdl(const char* op, void (*kernel)(P...), dim3 grid, dim3 block, cudaStream_t stream, size_t smem,
+                A&&... args) {
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = grid;
   cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cudaLaunchAttribute attr{};
   attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;

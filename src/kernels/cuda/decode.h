@@ -16,7 +16,12 @@
 
 namespace hm::cuda {
 
-constexpr int kGemvMaxRows = 8;  // more rows than this go to cuBLASLt (their GEMM is no longer thin)
+// Rows the GEMV takes: bf16/f16 run on the tensor cores (one or two m16n8k16 tiles of rows,
+// so up to 32, 8 with the fused norm); f32 (and shapes the tensor-core kernel does not take)
+// run on the CUDA cores, one float sum per row, up to 8. More rows go to cuBLASLt.
+constexpr int kGemvMaxRows = 32;
+constexpr int kGemvMaxRowsCudaCores = 8;
+constexpr int kGemvMaxNormRows = 8;
 
 // The conv step fused after in_proj: rows s < m of the output are sequences s (one token each),
 // columns j < E are the conv's input channels. Per channel: the window of slot slots[s] in
@@ -33,10 +38,15 @@ struct ConvStep {
   int K = 0;
 };
 
-// Whether gemv takes this shape: 1 <= m <= kGemvMaxRows, k a whole number of 16-byte vectors,
-// x, W (and norm_w) 16-byte aligned with row strides in whole vectors.
+// Whether gemv takes this shape: x, W (and norm_w) 16-byte aligned with row strides in whole
+// 16-byte vectors, and either the tensor-core kernel's (2-byte types, k % 32 == 0, m <= 32, or
+// <= 8 with norm_w) or the CUDA-core kernel's (k whole vectors, m <= 8).
 bool gemv_fits(int m, int k, const void* x, int64_t ldx, const void* W, int64_t ldw, const void* norm_w,
                size_t elem_bytes);
+// Whether bf16/f16 may take the tensor-core kernel: off unless HM_CUDA_GEMV_TC=1 (it measured
+// slower); tests switch it to check both kernels.
+void set_gemv_tensor_cores(bool on);
+bool gemv_tensor_cores();
 
 // y[m, n] (=|+=) x'[m, k] . W[n, k]^T, x' = x or, with norm_w, rmsnorm(x) * norm_w (eps);
 // float sums, y rounded once. With conv (TY == T, not accumulating), the conv step above runs

@@ -1,8 +1,16 @@
-// The decode step's GEMV (decode.h). One warp, or ks warps splitting k, per output column j
-// of y (a row of W); 8 warps per block. Each lane streams 16-byte vectors of its W row and
-// keeps one float sum per x row (m <= 8), so W is read exactly once and x comes from L1/L2.
-// The first kPre vectors of every lane load before pdl_wait(): they are weights, constant,
-// and their DRAM latency is what a tiny per-kernel budget cannot otherwise hide.
+// The decode step's GEMV (decode.h), two kernels:
+//  - bf16/f16 on the tensor cores: a warp computes 8 columns of y (8 rows of W) for up to 16
+//    (MT = 1) or 32 (MT = 2) rows of x with mma m16n8k16, W as the B operand. Lane (g, q) loads
+//    16 contiguous bytes of W row g, elements 8q..8q+7 of each 32-wide k chunk, and x row g
+//    (and g + 8) at the same elements: the mma's k order is a permutation of the chunk's, the
+//    same for both operands, so the dot products are unchanged and every load is one 16-byte
+//    vector with no conversion or shuffle. ks warps split k when the columns alone would not
+//    fill the GPU.
+//  - f32 (and other shapes) on the CUDA cores: one warp, or ks warps splitting k, per column,
+//    lanes streaming 16-byte vectors of the W row, one float sum per x row (m <= 8).
+// Either way W is read exactly once, x comes from L1/L2, and the first kPre vectors of every
+// lane load before pdl_wait(): they are weights, constant, and their DRAM latency is what a
+// tiny per-kernel budget cannot otherwise hide.
 #include <cstdlib>
 #include <cstring>
 
@@ -21,8 +29,19 @@ bool pdl_enabled() {
 }
 
 namespace {
+// Off unless HM_CUDA_GEMV_TC=1: on the H200 the tensor-core kernel lost to the CUDA-core one
+// and to cuBLASLt at every shape measured (docs/CUDA.md, "Decode step"); tests still run it.
+bool g_tensor_cores = [] {
+  const char* v = std::getenv("HM_CUDA_GEMV_TC");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}();
+}  // namespace
+void set_gemv_tensor_cores(bool on) { g_tensor_cores = on; }
+bool gemv_tensor_cores() { return g_tensor_cores; }
 
-constexpr int kWarps = 8, kThreads = 32 * kWarps, kPre = 4;
+namespace {
+
+constexpr int kWarps = 8, kThreads = 32 * kWarps, kPre = 4, kPreMma = 8;
 
 // 16 bytes of T as floats.
 template <class T> __device__ __forceinline__ void widen(const uint4& u, float* f);
@@ -61,7 +80,29 @@ struct Args {
   bool accumulate;
   const T* norm_w; float eps;
   ConvStep<T> conv;
+  int xs_ld;  // tensor-core kernel: x (normed) staged in shared memory at this row stride; 0: read from global
 };
+
+// The conv step of sequence r, channel j on y[r, j] = v (conv_step_kernel's order of sums).
+template <class T>
+__device__ __forceinline__ void conv_step(const ConvStep<T>& cs, int r, int j, float v) {
+  const int K = cs.K;
+  const float xv = to_f(from_f<T>(v));  // the conv reads x as stored
+  float* st = cs.state + (size_t(cs.slots[r]) * cs.E + j) * (K - 1);
+  const T* w = cs.w + size_t(j) * K;
+  float win[kMaxConv];
+  float c = to_f(cs.b[j]) + to_f(w[K - 1]) * xv;
+#pragma unroll
+  for (int i = 0; i < kMaxConv - 1; ++i)
+    if (i < K - 1) {
+      win[i] = st[i];
+      c += to_f(w[i]) * win[i];
+    }
+  cs.out[size_t(r) * cs.ldo + j] = from_f<T>(silu(c));
+#pragma unroll
+  for (int i = 0; i < kMaxConv - 1; ++i)
+    if (i < K - 1) st[i] = i + 1 < K - 1 ? win[i + 1] : xv;
+}
 
 template <class T, class TY, int M>
 __global__ void __launch_bounds__(kThreads) gemv_kernel(const Args<T, TY> a) {
@@ -180,24 +221,155 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const Args<T, TY> a) {
   TY* yp = a.y + size_t(r) * a.ldy + j;
   if (a.accumulate) v += to_f(*yp);
   *yp = from_f<TY>(v);
-  if (j < a.conv.E) {  // the conv step of sequence r, channel j (conv_step_kernel's order of sums)
-    const int K = a.conv.K;
-    const float xv = to_f(from_f<T>(v));
-    float* st = a.conv.state + (size_t(a.conv.slots[r]) * a.conv.E + j) * (K - 1);
-    const T* w = a.conv.w + size_t(j) * K;
-    float win[kMaxConv];
-    float c = to_f(a.conv.b[j]) + to_f(w[K - 1]) * xv;
+  if (j < a.conv.E) conv_step(a.conv, r, j, v);
+}
+
+// One output y[r, j] of the tensor-core kernel's tile: rounded, accumulated, stored, and fed
+// to the conv step when j is a conv channel.
+template <class T, class TY>
+__device__ __forceinline__ void finish(const Args<T, TY>& a, int r, int j, float v) {
+  if (r >= a.m || j >= a.n) return;
+  TY* yp = a.y + size_t(r) * a.ldy + j;
+  if (a.accumulate) v += to_f(*yp);
+  *yp = from_f<TY>(v);
+  if (j < a.conv.E) conv_step(a.conv, r, j, v);
+}
+
+// 16 bytes of x row r at column k0 as an mma operand: zero past the m rows; staged rows
+// (already normed) from shared memory, else straight from global (never with the norm).
+template <class T, class TY>
+__device__ __forceinline__ uint4 x_frag(const Args<T, TY>& a, const T* xs, int r, int k0) {
+  if (r >= a.m) return make_uint4(0, 0, 0, 0);
+  if (a.xs_ld > 0) return *reinterpret_cast<const uint4*>(xs + size_t(r) * a.xs_ld + k0);
+  return *reinterpret_cast<const uint4*>(a.x + size_t(r) * a.ldx + k0);
+}
+
+template <class T, class TY, int MT>
+__global__ void __launch_bounds__(kThreads) gemv_mma_kernel(const Args<T, TY> a) {
+  __shared__ float red[kWarps][4 * MT][32];
+  __shared__ float inv[kGemvMaxNormRows];
+  extern __shared__ uint4 xs_raw[];  // the staged x rows (xs_ld elements apart)
+  const T* xs = reinterpret_cast<const T*>(xs_raw);
+  pdl_trigger();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+  const int part = warp % a.ks;
+  const int n0 = (blockIdx.x * (kWarps / a.ks) + warp / a.ks) * 8;
+  const bool row_ok = n0 + g < a.n;
+  const int chunks = a.k / 32;
+  // Chunk c of this lane's W row: the 16 bytes at element 32 c + 8 q.
+  const uint4* wrow = reinterpret_cast<const uint4*>(a.W + size_t(row_ok ? n0 + g : 0) * a.ldw) + q;
+
+  uint4 pre[kPreMma];
 #pragma unroll
-    for (int i = 0; i < kMaxConv - 1; ++i)
-      if (i < K - 1) {
-        win[i] = st[i];
-        c += to_f(w[i]) * win[i];
-      }
-    a.conv.out[size_t(r) * a.conv.ldo + j] = from_f<T>(silu(c));
-#pragma unroll
-    for (int i = 0; i < kMaxConv - 1; ++i)
-      if (i < K - 1) st[i] = i + 1 < K - 1 ? win[i + 1] : xv;
+  for (int i = 0; i < kPreMma; ++i) {
+    const int c = part + i * a.ks;
+    pre[i] = row_ok && c < chunks ? __ldg(wrow + 4 * c) : make_uint4(0, 0, 0, 0);
   }
+  pdl_wait();
+
+  if (a.norm_w != nullptr) {  // 1 / rms of the m <= 8 rows of x, over the whole block
+    float ss[kGemvMaxNormRows];
+#pragma unroll
+    for (int r = 0; r < kGemvMaxNormRows; ++r) ss[r] = 0.0f;
+    for (int i = threadIdx.x; i < a.k; i += kThreads) {
+#pragma unroll
+      for (int r = 0; r < kGemvMaxNormRows; ++r)
+        if (r < a.m) {
+          const float v = to_f(a.x[size_t(r) * a.ldx + i]);
+          ss[r] += v * v;
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < kGemvMaxNormRows; ++r) {
+      ss[r] = warp_sum(ss[r]);
+      if (lane == 0) red[warp][r % (4 * MT)][r / (4 * MT)] = ss[r];
+    }
+    __syncthreads();
+    if (threadIdx.x < kGemvMaxNormRows) {
+      const int r = threadIdx.x;
+      float t = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) t += red[w][r % (4 * MT)][r / (4 * MT)];
+      inv[r] = rsqrtf(t / float(a.k) + a.eps);
+    }
+    __syncthreads();
+  }
+  // Stage x (normed, rounded to T as a stored normed row) in shared memory: every chunk then
+  // reads its x fragment at shared-memory latency instead of one L2 round trip per chunk.
+  if (a.xs_ld > 0) {
+    T* xw = reinterpret_cast<T*>(xs_raw);
+    const int vpr = a.k / 8;  // 16-byte vectors per row
+    for (int i = threadIdx.x; i < a.m * vpr; i += kThreads) {
+      const int r = i / vpr, k0 = 8 * (i % vpr);
+      uint4 v = *reinterpret_cast<const uint4*>(a.x + size_t(r) * a.ldx + k0);
+      if (a.norm_w != nullptr) {
+        float xf[8], gf[8];
+        widen<T>(v, xf);
+        widen<T>(*reinterpret_cast<const uint4*>(a.norm_w + k0), gf);
+        const float sc = inv[r];
+        v = make_uint4(pack2<T>(xf[0] * sc * gf[0], xf[1] * sc * gf[1]), pack2<T>(xf[2] * sc * gf[2], xf[3] * sc * gf[3]),
+                       pack2<T>(xf[4] * sc * gf[4], xf[5] * sc * gf[5]), pack2<T>(xf[6] * sc * gf[6], xf[7] * sc * gf[7]));
+      }
+      *reinterpret_cast<uint4*>(xw + size_t(r) * a.xs_ld + k0) = v;
+    }
+    __syncthreads();
+  }
+
+  float acc[MT][4];
+#pragma unroll
+  for (int t = 0; t < MT; ++t)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[t][i] = 0.0f;
+  // Every lane takes part in every mma (a warp-wide instruction): masked rows load zeros.
+  auto consume = [&](const uint4& wv, int c) {
+    const int k0 = 32 * c + 8 * q;
+    const uint32_t b0[2] = {wv.x, wv.y}, b1[2] = {wv.z, wv.w};
+#pragma unroll
+    for (int t = 0; t < MT; ++t) {
+      const uint4 xa = x_frag(a, xs, 16 * t + g, k0), xb = x_frag(a, xs, 16 * t + g + 8, k0);
+      const uint32_t a0[4] = {xa.x, xb.x, xa.y, xb.y}, a1[4] = {xa.z, xb.z, xa.w, xb.w};
+      mma16816<T>(acc[t], a0, b0);
+      mma16816<T>(acc[t], a1, b1);
+    }
+  };
+#pragma unroll
+  for (int i = 0; i < kPreMma; ++i) {
+    const int c = part + i * a.ks;  // the same for the whole warp
+    if (c < chunks) consume(pre[i], c);
+  }
+  for (int base = part + kPreMma * a.ks; base < chunks; base += kPreMma * a.ks) {
+    uint4 w8[kPreMma];
+#pragma unroll
+    for (int i = 0; i < kPreMma; ++i) {
+      const int c = base + i * a.ks;
+      w8[i] = row_ok && c < chunks ? __ldg(wrow + 4 * c) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int i = 0; i < kPreMma; ++i) {
+      const int c = base + i * a.ks;
+      if (c < chunks) consume(w8[i], c);
+    }
+  }
+
+  if (a.ks > 1) {  // the ks warps of a column group are adjacent: the first adds the others' tiles
+    __syncthreads();  // red may still be read for the norm
+#pragma unroll
+    for (int t = 0; t < MT; ++t)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) red[warp][4 * t + i][lane] = acc[t][i];
+    __syncthreads();
+    if (part != 0) return;
+#pragma unroll
+    for (int t = 0; t < MT; ++t)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        for (int p = 1; p < a.ks; ++p) acc[t][i] += red[warp + p][4 * t + i][lane];
+  }
+  // acc[t] = rows 16 t + g (0, 1) and 16 t + g + 8 (2, 3) of x, columns n0 + 2 q (+1) of y.
+#pragma unroll
+  for (int t = 0; t < MT; ++t)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) finish(a, 16 * t + g + 8 * (i / 2), n0 + 2 * q + i % 2, acc[t][i]);
 }
 
 int sm_count() {
@@ -216,11 +388,34 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 
 }  // namespace
 
+namespace {
+bool core_fits(int m, int k, size_t elem_bytes) {
+  return m >= 1 && m <= kGemvMaxRowsCudaCores && k >= 1 && k % int(16 / elem_bytes) == 0;
+}
+// x staged in shared memory: rows padded by 32 elements so the 8 rows of a fragment load fall
+// in different banks. Up to kMaxStage bytes (opt-in above 48 KB); the fused norm needs it.
+constexpr size_t kMaxStage = 96 * 1024;
+size_t stage_bytes(int m, int k) { return size_t(m) * size_t(k + 32) * 2; }
+bool mma_fits(int m, int k, bool norm, size_t elem_bytes) {
+  return g_tensor_cores && elem_bytes == 2 && m >= 1 && m <= (norm ? kGemvMaxNormRows : kGemvMaxRows) && k >= 32 &&
+         k % 32 == 0 && (!norm || stage_bytes(m, k) <= kMaxStage);
+}
+// Lets the kernel take up to kMaxStage bytes of dynamic shared memory (once per instantiation,
+// on the device current at the first call: the backend drives one device).
+template <class T, class TY, int MT>
+void allow_stage() {
+  static const cudaError_t e =
+      cudaFuncSetAttribute(gemv_mma_kernel<T, TY, MT>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kMaxStage));
+  HM_CUDA_OK(e, "gemv: cudaFuncSetAttribute");
+}
+}  // namespace
+
 bool gemv_fits(int m, int k, const void* x, int64_t ldx, const void* W, int64_t ldw, const void* norm_w,
                size_t elem_bytes) {
   const int64_t v = 16 / int64_t(elem_bytes);
-  return m >= 1 && m <= kGemvMaxRows && k >= 1 && k % v == 0 && ldx % v == 0 && ldw % v == 0 && aligned16(x) &&
-         aligned16(W) && (norm_w == nullptr || aligned16(norm_w));
+  const bool aligned = ldx % v == 0 && ldw % v == 0 && aligned16(x) && aligned16(W) &&
+                       (norm_w == nullptr || aligned16(norm_w));
+  return aligned && (core_fits(m, k, elem_bytes) || mma_fits(m, k, norm_w != nullptr, elem_bytes));
 }
 
 template <class T, class TY>
@@ -233,19 +428,38 @@ void gemv(TY* y, int ldy, const T* x, int ldx, const T* W, int ldw, int m, int n
            "cuda gemv: the fused conv step needs y of the input type, no accumulation, E <= n, K in [2, ",
            kMaxConv, "]");
   if (n <= 0) return;
-  Args<T, TY> a{y, ldy, x, ldx, W, ldw, m, n, k, 1, accumulate, norm_w, eps, conv ? *conv : ConvStep<T>{}};
+  Args<T, TY> a{y, ldy, x, ldx, W, ldw, m, n, k, 1, accumulate, norm_w, eps, conv ? *conv : ConvStep<T>{}, 0};
+  if constexpr (sizeof(T) == 2) {
+    if (mma_fits(m, k, norm_w != nullptr, sizeof(T))) {
+      // Column groups of 8; more warps per group (splitting k) while the grid is under two
+      // waves and each warp keeps at least two chunks.
+      const int groups = ceil_div(n, 8), chunks = k / 32;
+      while (a.ks < kWarps && ceil_div(groups, kWarps / a.ks) < 2 * sm_count() && chunks >= 4 * a.ks) a.ks *= 2;
+      const dim3 grid(ceil_div(groups, kWarps / a.ks));
+      const size_t smem = stage_bytes(m, k) <= kMaxStage ? stage_bytes(m, k) : 0;
+      a.xs_ld = smem > 0 ? k + 32 : 0;
+      if (m <= 16) {
+        allow_stage<T, TY, 1>();
+        launch_pdl("gemv", gemv_mma_kernel<T, TY, 1>, grid, dim3(kThreads), stream, smem, a);
+      } else {
+        allow_stage<T, TY, 2>();
+        launch_pdl("gemv", gemv_mma_kernel<T, TY, 2>, grid, dim3(kThreads), stream, smem, a);
+      }
+      return;
+    }
+  }
   // Enough blocks for two waves; more warps per column only while each still gets vectors.
   const int nvec = k / (16 / int(sizeof(T)));
   while (a.ks < kWarps && ceil_div(n, kWarps / a.ks) < 2 * sm_count() && 64 * a.ks <= nvec) a.ks *= 2;
   const dim3 grid(ceil_div(n, kWarps / a.ks));
   if (m == 1)
-    launch_pdl("gemv", gemv_kernel<T, TY, 1>, grid, dim3(kThreads), stream, a);
+    launch_pdl("gemv", gemv_kernel<T, TY, 1>, grid, dim3(kThreads), stream, 0, a);
   else if (m == 2)
-    launch_pdl("gemv", gemv_kernel<T, TY, 2>, grid, dim3(kThreads), stream, a);
+    launch_pdl("gemv", gemv_kernel<T, TY, 2>, grid, dim3(kThreads), stream, 0, a);
   else if (m <= 4)
-    launch_pdl("gemv", gemv_kernel<T, TY, 4>, grid, dim3(kThreads), stream, a);
+    launch_pdl("gemv", gemv_kernel<T, TY, 4>, grid, dim3(kThreads), stream, 0, a);
   else
-    launch_pdl("gemv", gemv_kernel<T, TY, 8>, grid, dim3(kThreads), stream, a);
+    launch_pdl("gemv", gemv_kernel<T, TY, 8>, grid, dim3(kThreads), stream, 0, a);
 }
 
 #define HM_INST(T, TY)                                                                                  \

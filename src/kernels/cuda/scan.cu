@@ -397,10 +397,10 @@ void step_launch(T* y, int ldy, float* ssm_state, const int32_t* slots, const T*
   const bool vec = N % 4 == 0 && reinterpret_cast<uintptr_t>(ssm_state) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(A) % 16 == 0;
   if (N <= 16)
-    launch_pdl("selective_scan_step", scan_step_kernel<T, 16, DTW>, grid, dim3(kThreads), stream, y, ldy, ssm_state,
+    launch_pdl("selective_scan_step", scan_step_kernel<T, 16, DTW>, grid, dim3(kThreads), stream, 0, y, ldy, ssm_state,
                slots, x, ldx, dt, lddt, dt_w, R, dt_bias, A, B, C, ldbc, Dskip, z, ldz, E, N, vec);
   else
-    launch_pdl("selective_scan_step", scan_step_kernel<T, kMaxState, DTW>, grid, dim3(kThreads), stream, y, ldy,
+    launch_pdl("selective_scan_step", scan_step_kernel<T, kMaxState, DTW>, grid, dim3(kThreads), stream, 0, y, ldy,
                ssm_state, slots, x, ldx, dt, lddt, dt_w, R, dt_bias, A, B, C, ldbc, Dskip, z, ldz, E, N, vec);
 }
 
