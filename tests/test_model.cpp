@@ -341,3 +341,32 @@ TEST(Model, GeneratorStepsEqualGenerate) {
     EXPECT_EQ(generate(m, alone, {prompts[size_t(i)]}, o1)[0], want[size_t(i)]) << "sequence " << i;
   }
 }
+
+// A prefill that wants only each sequence's last logits holds only those rows: the logits
+// buffer is nseq x V, not n_tokens x V (at a 50k vocabulary, 16 x 2048 tokens would be 6.6 GB).
+TEST(Model, PrefillHoldsOnlyTheLogitsItReturns) {
+  ModelConfig c = tiny();
+  c.vocab_size = 4096;  // the logits dominate the workspace when all rows are kept
+  auto be = make_cpu_backend();
+  HybridModel m(c, *be);
+  randomize_params(m, 13);
+  Rng rng(17);
+  const int V = c.vocab_size;
+  HybridMemory mem(*be, c, 4, 512);
+  Batch b;
+  b.add(0, tokens(rng, 300, V));
+  b.add(1, tokens(rng, 200, V));
+  std::vector<float> logits;
+  m.forward(b, mem, logits);
+  EXPECT_EQ(logits.size(), size_t(2) * size_t(V));
+  const size_t all_rows = size_t(500) * size_t(V) * sizeof(float);
+  EXPECT_LT(m.workspace_bytes(), all_rows) << "the prefill kept logits for every token";
+  // Whole-sequence logits do need every row, and get them.
+  Batch all;
+  all.logits_all = true;
+  all.add(2, tokens(rng, 300, V));
+  all.add(3, tokens(rng, 200, V));
+  m.forward(all, mem, logits);
+  EXPECT_EQ(logits.size(), size_t(500) * size_t(V));
+  EXPECT_GE(m.workspace_bytes(), all_rows);
+}

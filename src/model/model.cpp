@@ -640,9 +640,9 @@ Tensor HybridModel::forward_device(const Batch& b, HybridMemory& mem) {
     act(ws_.up, T, cfg_.d_ff);
     act(ws_.act, T, cfg_.d_ff);
   }
-  ws_.logits.reserve(be_, sizeof(float) * size_t(T) * V);
-
-  // The final norm and LM head run only on the rows whose logits are wanted.
+  // The final norm and LM head run only on the rows whose logits are wanted, and the logits
+  // buffer holds only those: T x V floats for a 16 x 2048-token prefill chunk would be 6.6 GB
+  // at a 50k vocabulary.
   const bool one_token_each = rg_.max_len() == 1;
   int n_rows = T;
   Tensor hrows = h;
@@ -653,6 +653,7 @@ Tensor HybridModel::forward_device(const Batch& b, HybridMemory& mem) {
     hrows = act(ws_.rows, n_rows, D);
     last_idx_ = upload_idx(last);  // run_layers gathers those rows after the last layer
   }
+  ws_.logits.reserve(be_, sizeof(float) * size_t(n_rows) * V);
 
   const bool graph = use_graphs_ && be_.supports_graphs() && one_token_each && !b.logits_all &&
                      cfg_.true_layers.empty() && cfg_.moe_layers.empty() && trace_ == nullptr;
@@ -715,6 +716,15 @@ void HybridModel::run_layers(int T, int n_rows, Tensor hrows, HybridMemory& mem)
   const Tensor un = ws_.u.tensor(dtype_, n_rows, D);
   be_.rmsnorm(un, hrows, norm_f_, cfg_.norm_eps);
   be_.linear(ws_.logits.tensor(DType::F32, n_rows, V), un, lm_head_, false);
+}
+
+size_t HybridModel::workspace_bytes() const {
+  size_t n = 0;
+  for (const Buffer* b : {&ws_.h, &ws_.u, &ws_.xz, &ws_.xc, &ws_.dbc, &ws_.dt, &ws_.q, &ws_.k, &ws_.v, &ws_.g,
+                          &ws_.up, &ws_.act, &ws_.rows, &ws_.logits, &ws_.inner[0], &ws_.inner[1], &ws_.gath,
+                          &ws_.ym, &ws_.ya, &ws_.ssd, &ws_.moe_logits, &ws_.bcdt, &ws_.ids, &ws_.idx, &ws_.gates})
+    n += b->bytes();
+  return n;
 }
 
 std::vector<const void*> HybridModel::graph_signature(const HybridMemory& mem) const {

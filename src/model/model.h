@@ -136,6 +136,9 @@ class HybridModel {
 
   // Bytes of weights the backend holds: the arena in dtype(), each packed weight counted in its
   // format instead of float32 (a tied head's packed copy on top of the embedding).
+  // Bytes of the scratch activations held now (grown to the largest batch seen; the backend's
+  // own workspaces, e.g. CUDA's scan chunk states, are not counted).
+  size_t workspace_bytes() const;
   int64_t weight_bytes() const { return params_.numel() * int64_t(dtype_size(dtype_)) + packed_delta_; }
 
   // Benchmarks and tests: send a fraction f of every sequence's tokens to attention in each
