@@ -47,31 +47,9 @@ std::vector<float> read_f32_file(const fs::path& p) {
   return v;
 }
 
-// The KV cache is float32 unless asked otherwise: transformers' reference keeps K and V in float32
-// (the engine's default f16 cache alone moves attention models' logits by about 1e-4).
-std::vector<float> forward_all(HybridModel& m, const std::vector<int32_t>& toks, KvType kv = KvType::F32) {
-  auto& be = m.backend();
-  HybridMemory mem(be, m.config(), 1, int(toks.size()) + 16, kv);
-  Batch b;
-  b.logits_all = true;
-  b.add(0, toks);
-  std::vector<float> logits;
-  m.forward(b, mem, logits);
-  return logits;
-}
-
-// Token by token through the recurrent state: the decode path.
-std::vector<float> forward_stepwise(HybridModel& m, const std::vector<int32_t>& toks) {
-  HybridMemory mem(m.backend(), m.config(), 1, int(toks.size()) + 16, KvType::F32);
-  std::vector<float> all, logits;
-  for (int32_t t : toks) {
-    Batch b;
-    b.add(0, {t});
-    m.forward(b, mem, logits);
-    all.insert(all.end(), logits.begin(), logits.end());
-  }
-  return all;
-}
+// Float32 KV cache unless asked otherwise, as transformers' reference keeps K and V.
+using test::forward_all;
+using test::forward_stepwise;
 
 int argmax(const float* x, int n) { return int(std::max_element(x, x + n) - x); }
 

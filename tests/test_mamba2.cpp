@@ -257,15 +257,7 @@ ModelConfig mamba2_config(int groups, bool per_group) {
   return c;
 }
 
-std::vector<float> forward_all(HybridModel& m, const std::vector<int32_t>& toks) {
-  HybridMemory mem(m.backend(), m.config(), 1, int(toks.size()) + 4, KvType::F32);
-  Batch b;
-  b.logits_all = true;
-  b.add(0, toks);
-  std::vector<float> logits;
-  m.forward(b, mem, logits);
-  return logits;
-}
+using test::forward_all;
 
 std::vector<float> to_float(const Mat& m) { return std::vector<float>(m.begin(), m.end()); }
 

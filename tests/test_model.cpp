@@ -31,33 +31,13 @@ using test::randomize_params;
 
 using test::tokens;
 using test::rel_err;
+using test::forward_all;
+using test::forward_stepwise;
 
 // Two computations of the same logits agree to float rounding (1e-5 of their scale) with a float
 // cache. With a half cache, a key that two paths compute one float bit apart (a GEMM row against
 // a GEMV) can round to neighbouring halves, 2^-11 apart: observed up to 3e-5 on random weights.
 double kv_tol(KvType kv) { return kv == KvType::F32 ? 1e-5 : 1e-4; }
-
-std::vector<float> full_logits(HybridModel& m, const std::vector<int32_t>& toks, KvType kv = KvType::F16) {
-  HybridMemory mem(m.backend(), m.config(), 1, int(toks.size()), kv);
-  Batch b;
-  b.add(0, toks);
-  b.logits_all = true;
-  std::vector<float> logits;
-  m.forward(b, mem, logits);
-  return logits;
-}
-
-std::vector<float> decode_logits(HybridModel& m, const std::vector<int32_t>& toks, KvType kv = KvType::F16) {
-  HybridMemory mem(m.backend(), m.config(), 1, int(toks.size()), kv);
-  std::vector<float> all, logits;
-  for (int32_t t : toks) {
-    Batch b;
-    b.add(0, {t});
-    m.forward(b, mem, logits);
-    all.insert(all.end(), logits.begin(), logits.end());
-  }
-  return all;
-}
 
 }  // namespace
 
@@ -71,7 +51,7 @@ TEST(Model, CpuBackendMatchesReferenceBackend) {
     Rng rng(9);
     const auto toks = tokens(rng, 37, c.vocab_size);
     for (KvType kv : {KvType::F32, KvType::F16})
-      EXPECT_LT(rel_err(full_logits(a, toks, kv), full_logits(b, toks, kv)), kv_tol(kv));
+      EXPECT_LT(rel_err(forward_all(a, toks, kv), forward_all(b, toks, kv)), kv_tol(kv));
   }
 }
 
@@ -83,9 +63,9 @@ TEST(Model, DecodingEqualsFullForward) {
     Rng rng(11);
     const auto toks = tokens(rng, 45, c.vocab_size);
     for (KvType kv : {KvType::F32, KvType::F16})
-      EXPECT_LT(rel_err(decode_logits(m, toks, kv), full_logits(m, toks, kv)), kv_tol(kv));
+      EXPECT_LT(rel_err(forward_stepwise(m, toks, kv), forward_all(m, toks, kv)), kv_tol(kv));
     // A half-precision cache changes the answer by rounding K and V only.
-    EXPECT_LT(rel_err(full_logits(m, toks, KvType::F16), full_logits(m, toks, KvType::F32)), 5e-3);
+    EXPECT_LT(rel_err(forward_all(m, toks, KvType::F16), forward_all(m, toks, KvType::F32)), 5e-3);
   }
 }
 
@@ -95,7 +75,7 @@ TEST(Model, PrefillInChunksThenDecodeEqualsFullForward) {
   randomize_params(m, 6);
   Rng rng(12);
   const auto toks = tokens(rng, 40, m.config().vocab_size);
-  const auto want = full_logits(m, toks);
+  const auto want = forward_all(m, toks, KvType::F16);
   HybridMemory mem(*be, m.config(), 1, 40);
   std::vector<float> got, logits;
   size_t at = 0;
@@ -127,7 +107,7 @@ TEST(Model, RaggedBatchEqualsSeparateSequences) {
   m.forward(b, mem, logits);
   ASSERT_EQ(logits.size(), 3u * V);
   for (size_t s = 0; s < seqs.size(); ++s) {
-    const auto full = full_logits(m, seqs[s]);
+    const auto full = forward_all(m, seqs[s], KvType::F16);
     std::vector<float> last(full.end() - V, full.end());
     std::vector<float> got(logits.begin() + long(s * V), logits.begin() + long((s + 1) * V));
     EXPECT_LT(rel_err(got, last), 1e-5) << "sequence " << s;
@@ -174,10 +154,10 @@ TEST(Model, BridgesStartAsIdentity) {
   b.prepare();
   Rng rng(15);
   const auto toks = tokens(rng, 19, on.vocab_size);
-  EXPECT_EQ(full_logits(a, toks), full_logits(b, toks));
+  EXPECT_EQ(forward_all(a, toks, KvType::F16), forward_all(b, toks, KvType::F16));
   // And a nonzero gate changes the output: the bridge is wired in.
   a.params().layer(1).bridge_gate[0] = 1.0f;
-  EXPECT_NE(full_logits(a, toks), full_logits(b, toks));
+  EXPECT_NE(forward_all(a, toks, KvType::F16), forward_all(b, toks, KvType::F16));
 }
 
 TEST(Model, BadInputIsRejected) {

@@ -118,16 +118,6 @@ std::unique_ptr<HybridModel> moe_model(Backend& be, const ModelConfig& c, uint64
   return m;
 }
 
-std::vector<float> logits_all(HybridModel& m, const std::vector<int32_t>& toks) {
-  HybridMemory mem(m.backend(), m.config(), 1, int(toks.size()) + 4);
-  Batch b;
-  b.logits_all = true;
-  b.add(0, toks);
-  std::vector<float> out;
-  m.forward(b, mem, out);
-  return out;
-}
-
 }  // namespace
 
 TEST(Moe, MatchesPlainReference) {
@@ -139,7 +129,7 @@ TEST(Moe, MatchesPlainReference) {
     auto m = moe_model(*be, c, 40 + uint64_t(X * 10 + k));
     Rng rng(9);
     const std::vector<int32_t> toks = test::tokens(rng, 23, c.vocab_size);
-    const std::vector<float> got = logits_all(*m, toks);
+    const std::vector<float> got = test::forward_all(*m, toks, KvType::F16);
     std::vector<float> want;
     for (int32_t t : toks) {
       const std::vector<double> r = reference_logits(m->params(), t);
@@ -156,7 +146,7 @@ TEST(Moe, ReferenceCanFail) {
   auto m = moe_model(*be, c, 3);
   Rng rng(9);
   const std::vector<int32_t> toks = test::tokens(rng, 23, c.vocab_size);
-  const std::vector<float> got = logits_all(*m, toks);
+  const std::vector<float> got = test::forward_all(*m, toks, KvType::F16);
   for (auto [k, renorm] : {std::pair{1, true}, std::pair{3, true}, std::pair{2, false}}) {
     ModelConfig o = c;
     o.moe_top_k = k;
@@ -183,7 +173,7 @@ TEST(Moe, OnlyChosenExpertsRun) {
     Rng rng(4);
     const std::vector<int32_t> toks = test::tokens(rng, 19, c.vocab_size);
     be.reset();
-    logits_all(*m, toks);
+    test::forward_all(*m, toks, KvType::F16);
     const int64_t T = int64_t(toks.size());
     EXPECT_EQ(be.count(OpKind::Linear).rows, 4 * T + T + 3 * k * T + T) << "top " << k;
   }
@@ -201,19 +191,11 @@ TEST(Moe, BatchingDoesNotChangeTheAnswer) {
   test::randomize_params(*m, 21);
   Rng rng(5);
   const std::vector<int32_t> a = test::tokens(rng, 17, c.vocab_size), b = test::tokens(rng, 9, c.vocab_size);
-  const std::vector<float> full_a = logits_all(*m, a), full_b = logits_all(*m, b);
+  const std::vector<float> full_a = test::forward_all(*m, a, KvType::F16);
+  const std::vector<float> full_b = test::forward_all(*m, b, KvType::F16);
   const int V = c.vocab_size;
-  {
-    HybridMemory mem(*be, c, 1, 32);
-    std::vector<float> step, all;
-    for (int32_t t : a) {
-      Batch s;
-      s.add(0, {t});
-      m->forward(s, mem, step);
-      all.insert(all.end(), step.begin(), step.end());
-    }
-    EXPECT_LT(test::rel_err(all, full_a), 1e-4);  // f16 cache, as test_model.cpp's kv_tol
-  }
+  // The f16 cache's tolerance, as test_model.cpp's kv_tol.
+  EXPECT_LT(test::rel_err(test::forward_stepwise(*m, a, KvType::F16), full_a), 1e-4);
   HybridMemory mem(*be, c, 2, 32);
   Batch both;
   both.logits_all = true;

@@ -33,13 +33,8 @@ using test::tokens;
 using test::rel_err;
 
 std::vector<float> full_logits(HybridModel& m, const std::vector<int32_t>& toks, RouteTrace* tr = nullptr) {
-  HybridMemory mem(m.backend(), m.config(), 1, int(toks.size()), KvType::F32);
-  Batch b;
-  b.add(0, toks);
-  b.logits_all = true;
-  std::vector<float> logits;
   m.set_route_trace(tr);
-  m.forward(b, mem, logits);
+  std::vector<float> logits = test::forward_all(m, toks);
   m.set_route_trace(nullptr);
   return logits;
 }

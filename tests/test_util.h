@@ -16,6 +16,7 @@
 #include "core/rng.h"
 #include "model/model.h"
 #include "model/params.h"
+#include "runtime/memory.h"
 
 namespace hm::test {
 
@@ -41,6 +42,34 @@ inline std::vector<int32_t> tokens(Rng& rng, int n, int vocab) {
   std::vector<int32_t> t(static_cast<size_t>(n));
   for (auto& x : t) x = int32_t(rng.next_u64() % uint64_t(vocab));
   return t;
+}
+
+// Every position's logits [T, V] of toks, run as one chunk in slot 0 of a fresh memory. The KV
+// cache is float32 unless asked otherwise (HybridMemory's own default is f16): transformers'
+// reference keeps K and V in float32, and the f16 cache alone moves attention models' logits by
+// about 1e-4.
+inline std::vector<float> forward_all(HybridModel& m, const std::vector<int32_t>& toks, KvType kv = KvType::F32) {
+  HybridMemory mem(m.backend(), m.config(), 1, int(toks.size()), kv);
+  Batch b;
+  b.logits_all = true;
+  b.add(0, toks);
+  std::vector<float> logits;
+  m.forward(b, mem, logits);
+  return logits;
+}
+
+// The same, token by token through the memory: the decode path.
+inline std::vector<float> forward_stepwise(HybridModel& m, const std::vector<int32_t>& toks,
+                                           KvType kv = KvType::F32) {
+  HybridMemory mem(m.backend(), m.config(), 1, int(toks.size()), kv);
+  std::vector<float> all, logits;
+  for (int32_t t : toks) {
+    Batch b;
+    b.add(0, {t});
+    m.forward(b, mem, logits);
+    all.insert(all.end(), logits.begin(), logits.end());
+  }
+  return all;
 }
 
 // max |a - b| / max |b|: relative to the logits' scale, not per element (which is ill-posed
