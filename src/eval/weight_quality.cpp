@@ -46,19 +46,6 @@ struct Scored {
   int64_t agree = 0;
 };
 
-// The nb windows of len tokens starting at stream[pos], every position's logits [nb * len, V].
-void forward_windows(HybridModel& m, HybridMemory& mem, const std::vector<int32_t>& stream, int64_t pos, int nb,
-                     int len, std::vector<float>& logits) {
-  Batch b;
-  b.logits_all = true;
-  for (int w = 0; w < nb; ++w) {
-    mem.seq_rm(w);
-    const auto first = stream.begin() + pos + int64_t(w) * len;
-    b.add(w, std::vector<int32_t>(first, first + len));
-  }
-  m.forward(b, mem, logits);
-}
-
 }  // namespace
 
 WeightQualityResult evaluate_weights(const std::string& model_dir, const std::string& data_path,
@@ -100,21 +87,13 @@ WeightQualityResult evaluate_weights(const std::string& model_dir, const std::st
   HM_CHECK(tok->vocab_size() <= V, dir, ": the tokenizer's vocabulary (", tok->vocab_size(),
            ") exceeds the model's vocab_size (", V, ")");
   const std::vector<int32_t> stream = validation_tokens(*tok, data_path);
-  const int64_t n = int64_t(stream.size());
-  HM_CHECK(n >= 2, "validation split holds ", n, " tokens; at least 2 are needed");
-  int64_t budget = n - 1;
-  if (max_tokens > 0) budget = std::min(budget, max_tokens);
 
   HybridMemory mem(*be, ref->config(), batch, seq_len, KvType::F32);
   std::vector<float> ref_logits, logits;
   std::vector<double> ref_lp, lq(size_t(V), 0.0);
   std::vector<int32_t> ref_top;
-  double ref_nll = 0;
-  int64_t counted = 0, pos = 0;
-  // eval_stream's windows: consecutive, seq_len long (the last shorter), `batch` at a time.
-  while (counted < budget) {
-    const int len = int(std::min<int64_t>(seq_len, budget - counted));
-    const int nb = int(std::min<int64_t>(batch, (budget - counted) / len));
+  // The reference's loss accumulates in nll; each format's in its own Scored.
+  auto score = [&](int64_t pos, int nb, int len, double& nll) {
     const int64_t rows = int64_t(nb) * len;
     auto t0 = Clock::now();
     forward_windows(*ref, mem, stream, pos, nb, len, ref_logits);
@@ -124,7 +103,7 @@ WeightQualityResult evaluate_weights(const std::string& model_dir, const std::st
     for (int64_t i = 0; i < rows; ++i) {
       const float* row = ref_logits.data() + i * V;
       log_softmax(row, V, ref_lp.data() + i * V);
-      ref_nll -= ref_lp[size_t(i * V + stream[size_t(pos + i + 1)])];
+      nll -= ref_lp[size_t(i * V + stream[size_t(pos + i + 1)])];
       ref_top[size_t(i)] = int32_t(std::max_element(row, row + V) - row);
     }
     for (Scored& s : scored) {
@@ -139,13 +118,13 @@ WeightQualityResult evaluate_weights(const std::string& model_dir, const std::st
         s.agree += int32_t(std::max_element(row, row + V) - row) == ref_top[size_t(i)];
       }
     }
-    pos += rows;
-    counted += rows;
-  }
+  };
+  const EvalResult e = eval_windows(stream, seq_len, max_tokens, batch, score);
 
+  const int64_t counted = e.tokens;
   r.tokens = counted;
-  r.ref_loss = ref_nll / double(counted);
-  r.ref_ppl = std::exp(r.ref_loss);
+  r.ref_loss = e.loss;
+  r.ref_ppl = e.ppl;
   for (Scored& s : scored) {
     WeightQuality& q = s.q;
     q.loss = s.nll / double(counted);

@@ -92,76 +92,37 @@ Corpora load_split(const std::string& path) {
   return c;
 }
 
-// Mean cross-entropy over consecutive windows of the validation stream: window w covers
-// tokens [w*L, w*L + L] (inputs the first L, targets the last L), the last one shorter, until
-// max_tokens targets (0: all). Equal-length windows go B at a time.
+// Mean cross-entropy of the training forward over eval_windows.
 EvalResult eval_stream(const Params& p, const std::vector<int32_t>& stream, int L, int64_t max_tokens,
                        int B) {
-  const int64_t n = int64_t(stream.size());
-  HM_CHECK(n >= 2, "validation split holds ", n, " tokens; at least 2 are needed");
-  int64_t budget = n - 1;
-  if (max_tokens > 0) budget = std::min(budget, max_tokens);
   std::vector<int32_t> in, tg;
-  double sum = 0;
-  int64_t counted = 0, pos = 0;
-  while (counted < budget) {
-    const int len = int(std::min<int64_t>(L, budget - counted));
-    // As many windows of this length as fit in one batch and in the budget.
-    const int nb = int(std::min<int64_t>(B, (budget - counted) / len));
+  return eval_windows(stream, L, max_tokens, B, [&](int64_t pos, int nb, int len, double& nll) {
     in.resize(size_t(nb) * len);
     tg.resize(size_t(nb) * len);
     for (int b = 0; b < nb; ++b) {
-      std::copy_n(stream.begin() + pos, len, in.begin() + int64_t(b) * len);
-      std::copy_n(stream.begin() + pos + 1, len, tg.begin() + int64_t(b) * len);
-      pos += len;
+      std::copy_n(stream.begin() + pos + int64_t(b) * len, len, in.begin() + int64_t(b) * len);
+      std::copy_n(stream.begin() + pos + int64_t(b) * len + 1, len, tg.begin() + int64_t(b) * len);
     }
-    sum += loss_only(p, in.data(), tg.data(), nb, len) * double(nb) * len;
-    counted += int64_t(nb) * len;
-  }
-  EvalResult r;
-  r.tokens = counted;
-  r.loss = sum / double(counted);
-  r.ppl = std::exp(r.loss);
-  return r;
+    nll += loss_only(p, in.data(), tg.data(), nb, len) * double(nb) * len;
+  });
 }
 
-// The same windows as eval_stream, scored by m's forward (its weights in their format), nb
-// windows as one ragged batch with every position's logits; float32 KV as the training forward.
+// The same windows scored by m's forward (its weights in their format); float32 KV as the
+// training forward.
 EvalResult eval_stream_model(HybridModel& m, const std::vector<int32_t>& stream, int L, int64_t max_tokens, int B) {
-  const int64_t n = int64_t(stream.size());
-  HM_CHECK(n >= 2, "validation split holds ", n, " tokens; at least 2 are needed");
-  int64_t budget = n - 1;
-  if (max_tokens > 0) budget = std::min(budget, max_tokens);
   const int V = m.config().vocab_size;
   HybridMemory mem(m.backend(), m.config(), B, L, KvType::F32);
   std::vector<float> logits;
-  double sum = 0;
-  int64_t counted = 0, pos = 0;
-  while (counted < budget) {
-    const int len = int(std::min<int64_t>(L, budget - counted));
-    const int nb = int(std::min<int64_t>(B, (budget - counted) / len));
-    Batch b;
-    b.logits_all = true;
-    for (int w = 0; w < nb; ++w) {
-      mem.seq_rm(w);
-      b.add(w, std::vector<int32_t>(stream.begin() + pos + int64_t(w) * len, stream.begin() + pos + int64_t(w + 1) * len));
-    }
-    m.forward(b, mem, logits);
+  return eval_windows(stream, L, max_tokens, B, [&](int64_t pos, int nb, int len, double& nll) {
+    forward_windows(m, mem, stream, pos, nb, len, logits);
     for (int64_t i = 0; i < int64_t(nb) * len; ++i) {
       const float* row = logits.data() + i * V;
       const double mx = *std::max_element(row, row + V);
       double z = 0;
       for (int v = 0; v < V; ++v) z += std::exp(double(row[v]) - mx);
-      sum += mx + std::log(z) - double(row[stream[size_t(pos + i + 1)]]);
+      nll += mx + std::log(z) - double(row[stream[size_t(pos + i + 1)]]);
     }
-    pos += int64_t(nb) * len;
-    counted += int64_t(nb) * len;
-  }
-  EvalResult r;
-  r.tokens = counted;
-  r.loss = sum / double(counted);
-  r.ppl = std::exp(r.loss);
-  return r;
+  });
 }
 
 // ---- trainer state ----
@@ -839,6 +800,40 @@ void eval_window_defaults(const std::string& model_dir, int& seq_len, int64_t& m
 std::vector<int32_t> validation_tokens(const Tokenizer& tok, const std::string& data_path) {
   const Corpora data = load_split(data_path);
   return token_stream(tok, valid_texts(data.corpus, data.split));
+}
+
+EvalResult eval_windows(const std::vector<int32_t>& stream, int L, int64_t max_tokens, int B,
+                        const std::function<void(int64_t pos, int nb, int len, double& nll)>& score) {
+  const int64_t n = int64_t(stream.size());
+  HM_CHECK(n >= 2, "validation split holds ", n, " tokens; at least 2 are needed");
+  int64_t budget = n - 1;
+  if (max_tokens > 0) budget = std::min(budget, max_tokens);
+  double nll = 0;
+  int64_t counted = 0;
+  while (counted < budget) {
+    const int len = int(std::min<int64_t>(L, budget - counted));
+    // As many windows of this length as fit in one batch and in the budget.
+    const int nb = int(std::min<int64_t>(B, (budget - counted) / len));
+    score(counted, nb, len, nll);  // the windows so far end at token counted, where the next begin
+    counted += int64_t(nb) * len;
+  }
+  EvalResult r;
+  r.tokens = counted;
+  r.loss = nll / double(counted);
+  r.ppl = std::exp(r.loss);
+  return r;
+}
+
+void forward_windows(HybridModel& m, HybridMemory& mem, const std::vector<int32_t>& stream, int64_t pos, int nb,
+                     int len, std::vector<float>& logits) {
+  Batch b;
+  b.logits_all = true;
+  for (int w = 0; w < nb; ++w) {
+    mem.seq_rm(w);
+    const auto first = stream.begin() + pos + int64_t(w) * len;
+    b.add(w, std::vector<int32_t>(first, first + len));
+  }
+  m.forward(b, mem, logits);
 }
 
 EvalResult evaluate(const std::string& model_dir, const std::string& data_path, int seq_len, int64_t max_tokens,

@@ -34,6 +34,8 @@
 
 namespace hm {
 
+class HybridMemory;
+class HybridModel;
 class Tokenizer;
 
 struct TrainConfig {
@@ -111,6 +113,19 @@ void eval_window_defaults(const std::string& model_dir, int& seq_len, int64_t& m
 // The validation split of data_path as one token stream (each document's tokens, then EOS): what
 // hm train validates on and evaluate() scores, window w being tokens [w*L, w*L + L].
 std::vector<int32_t> validation_tokens(const Tokenizer& tok, const std::string& data_path);
+
+// The one walk over evaluate()'s windows of a token stream, for every scorer of them (the training
+// forward, the inference forward, eval/weight_quality.h): window w covers tokens [w*L, w*L + L]
+// (inputs the first L, targets the last L), the last one shorter, until max_tokens targets (0:
+// all); equal-length windows go B at a time. score(pos, nb, len) scores the nb windows of len
+// tokens from stream[pos] on and adds the cross-entropy summed over their nb * len targets
+// (stream[pos + 1 ..]) to nll. Returns the mean over all targets scored (step and unigram unset).
+EvalResult eval_windows(const std::vector<int32_t>& stream, int L, int64_t max_tokens, int B,
+                        const std::function<void(int64_t pos, int nb, int len, double& nll)>& score);
+// Runs the nb windows of len tokens from stream[pos] on through m's forward as one ragged batch
+// in slots 0 .. nb-1 of mem (cleared first): every position's logits, [nb * len, V].
+void forward_windows(HybridModel& m, HybridMemory& mem, const std::vector<int32_t>& stream, int64_t pos, int nb,
+                     int len, std::vector<float>& logits);
 
 // Task accuracy of a model directory (as evaluate()) on test draws 0 .. n-1 of a task. Fields
 // of `given` left empty or 0 come from the training run's trainer_state.json (hm::Error when
