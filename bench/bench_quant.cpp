@@ -143,7 +143,8 @@ int main(int argc, char** argv) {
                                      {"mamba x_proj", 64, 1024},
                                      {"d2048 in_proj", 8192, 2048}, {"d2048 out_proj", 2048, 4096}};
   const int prefill_m = cfg.quick ? 64 : 512;
-  const hm::WeightType types[] = {hm::WeightType::BF16, hm::WeightType::Q8_0, hm::WeightType::Q4_0};
+  const hm::WeightType types[] = {hm::WeightType::BF16, hm::WeightType::F16, hm::WeightType::Q8_0,
+                                  hm::WeightType::Q4_0};
   std::vector<hm::cpu::Isa> isas;
   for (hm::cpu::Isa isa : {hm::cpu::Isa::Avx512, hm::cpu::Isa::Avx2})
     if (hm::cpu::isa_supported(isa)) isas.push_back(isa);

@@ -77,7 +77,12 @@ q1=$("$HM" generate --model "$W/tiny_q8" --prompt hello -n 20 --temperature 0); 
 q2=$("$HM" generate --model "$W/tiny" --weights q8_0 --prompt hello -n 20 --temperature 0); rq2=$?
 case "$rq1:$rq2:$q1" in 0:0:hello?*) [ "$q1" = "$q2" ] && ok || bad "stored q8_0 '$q1' != --weights q8_0 '$q2'" ;;
   *) bad "generate with q8_0 weights: exits $rq1, $rq2: '$q1'" ;; esac
-expect_fail "quantize bad type" "--type must be q8_0, q4_0 or bf16" "$HM" quantize "$W/tiny" --out "$W/x" --type q3
+"$HM" quantize "$W/tiny" --out "$W/tiny_f16" --type f16 >/dev/null && ok || bad "quantize f16"
+h1=$("$HM" generate --model "$W/tiny_f16" --prompt hello -n 20 --temperature 0); rh1=$?
+h2=$("$HM" generate --model "$W/tiny" --weights f16 --prompt hello -n 20 --temperature 0); rh2=$?
+case "$rh1:$rh2:$h1" in 0:0:hello?*) [ "$h1" = "$h2" ] && ok || bad "stored f16 '$h1' != --weights f16 '$h2'" ;;
+  *) bad "generate with f16 weights: exits $rh1, $rh2: '$h1'" ;; esac
+expect_fail "quantize bad type" "--type must be q8_0, q4_0, bf16 or f16" "$HM" quantize "$W/tiny" --out "$W/x" --type q3
 expect_fail "quantize over a model" "already holds a model" "$HM" quantize "$W/tiny" --out "$W/tiny_q8" --type q8_0
 expect_fail "bad --weights" "--weights must be" "$HM" generate --model "$W/tiny" --weights q5 --prompt hi
 expect_fail "bench --weights twice" "given twice" "$HM" bench --preset tiny --weights f32,q8_0,f32

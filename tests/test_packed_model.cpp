@@ -1,4 +1,4 @@
-// Models with packed linear weights (issue 17): bf16 / q8_0 / q4_0 against float32, the CPU
+// Models with packed linear weights (issue 17): f16 / bf16 / q8_0 / q4_0 against float32, the CPU
 // backend against the reference one, decode against prefill, packed checkpoints round trip, and
 // the packed types never pass for file dtypes.
 #include <gtest/gtest.h>
@@ -59,7 +59,8 @@ std::unique_ptr<HybridModel> model(const ModelConfig& c, Backend& be, DType f, u
   return m;
 }
 
-constexpr DType kFormats[] = {DType::BF16, DType::Q8_0, DType::Q4_0};
+// In order of growing error (LogitsNearFloat32).
+constexpr DType kFormats[] = {DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0};
 
 }  // namespace
 
@@ -73,12 +74,12 @@ TEST(PackedModel, PacksTheLinearWeightsByTheRule) {
     const size_t q_count = mamba * 3 + attn * 4 + 4 * 3 + bridges + 1;
     for (DType f : kFormats) {
       auto m = model(c, *be, f, 1);
-      // bf16 also packs dt_proj (k = dt_rank = 2); q8_0 / q4_0 leave it in float32.
-      EXPECT_EQ(m->packed_weights().size(), q_count + (f == DType::BF16 ? mamba : 0)) << compute_dtype_name(f);
+      // bf16 / f16 also pack dt_proj (k = dt_rank = 2); q8_0 / q4_0 leave it in float32.
+      EXPECT_EQ(m->packed_weights().size(), q_count + (is_packed(f) ? 0 : mamba)) << compute_dtype_name(f);
       int64_t packed_bytes = 0, packed_f32 = 0;
       for (const auto& w : m->packed_weights()) {
         EXPECT_EQ(w.t.dtype, f);
-        const size_t rb = f == DType::BF16 ? size_t(w.t.cols) * 2 : packed_row_bytes(f, w.t.cols);
+        const size_t rb = is_packed(f) ? packed_row_bytes(f, w.t.cols) : size_t(w.t.cols) * 2;
         packed_bytes += int64_t(rb) * w.t.rows;
         if (!(tie && w.host == m->params().embeddings())) packed_f32 += int64_t(w.t.rows) * w.t.cols * 4;
       }
@@ -89,14 +90,15 @@ TEST(PackedModel, PacksTheLinearWeightsByTheRule) {
 
 // Bounds at the demo preset's shape (6 layers of d_model 192, attention at 2 and 5, vocab 4096)
 // with docs/MODEL.md's init, on max |logit - f32 logit| / max |f32 logit| over 37 positions
-// (printed; measured: bf16 ~4e-3, q8_0 ~1.6e-2, q4_0 ~0.17). At the mamba preset (12 Mamba
+// (printed; measured: f16 ~5e-4, bf16 ~4e-3, q8_0 ~1.6e-2, q4_0 ~0.17). At the mamba preset (12 Mamba
 // layers, d 512) the same measure gives bf16 2e-3, q8_0 1e-2, q4_0 8e-2; narrower models err
 // more (at d 32 a block is a whole row: q8_0 4-10%). Perplexity is the measure that matters
 // for quality (docs/QUANTIZATION.md); this one catches a wrong packing or kernel.
 TEST(PackedModel, LogitsNearFloat32) {
   auto be = make_cpu_backend();
   const ModelConfig c = preset("demo");
-  const std::map<DType, double> bound = {{DType::BF16, 1e-2}, {DType::Q8_0, 3e-2}, {DType::Q4_0, 0.3}};
+  const std::map<DType, double> bound = {
+      {DType::F16, 2e-3}, {DType::BF16, 1e-2}, {DType::Q8_0, 3e-2}, {DType::Q4_0, 0.3}};
   for (uint64_t seed : {1, 2, 3}) {
     auto init = [&](DType f) {
       auto m = std::make_unique<HybridModel>(c, *be);
@@ -141,7 +143,7 @@ TEST(PackedModel, CpuBackendMatchesReferenceBackend) {
         const double e_ref = rel_err(full, forward_all(*b, toks)), e_dec = rel_err(forward_stepwise(*a, toks), full);
         close_ref += e_ref < 1e-5;
         close_decode += e_dec < 1e-5;
-        const double cap = f == DType::BF16 ? 1e-5 : 5e-2;  // bf16 does not round x
+        const double cap = is_packed(f) ? 5e-2 : 1e-5;  // bf16 / f16 do not round x
         EXPECT_LT(e_ref, cap) << compute_dtype_name(f) << " seed " << seed;
         EXPECT_LT(e_dec, cap) << compute_dtype_name(f) << " seed " << seed;
       }
@@ -154,9 +156,12 @@ TEST(PackedModel, CpuBackendMatchesReferenceBackend) {
 TEST(PackedModel, FormatChecks) {
   auto be = make_cpu_backend();
   HybridModel m(tiny(), *be);
-  for (DType bad : {DType::F16, DType::U8, DType::I8})
+  for (DType bad : {DType::U8, DType::I8, DType::F64})
     EXPECT_THROW(m.set_weight_format(bad), Error);
   EXPECT_EQ(weight_format_from_name("q4_0"), DType::Q4_0);
+  EXPECT_EQ(weight_format_from_name("f16"), DType::F16);
+  EXPECT_EQ(weight_type_of(DType::F16), WeightType::F16);
+  EXPECT_THROW(weight_type_of(DType::F32), Error);
   EXPECT_THROW(weight_format_from_name("q4"), Error);
   EXPECT_THROW(weight_format_from_name("Q8_0"), Error);
   // A packed W of the wrong row length is refused by the backend's shape check.
@@ -212,7 +217,7 @@ TEST(PackedModel, CheckpointRoundTripIsExact) {
       EXPECT_EQ(r.metadata().at(kWeightFormatKey), compute_dtype_name(f));
       const TensorInfo* in_proj = r.find("backbone.layers.0.mixer.in_proj.weight");
       ASSERT_NE(in_proj, nullptr);
-      EXPECT_EQ(in_proj->dtype, f == DType::BF16 ? DType::BF16 : DType::U8);
+      EXPECT_EQ(in_proj->dtype, is_packed(f) ? DType::U8 : f);  // bf16 / f16: BF16 / F16 tensors
       EXPECT_EQ(r.find("backbone.layers.0.mixer.A_log")->dtype, DType::F32);
       EXPECT_EQ(r.find("backbone.embeddings.weight")->dtype, DType::F32);
       auto b = load_model(dir.str(), *be);
@@ -223,7 +228,7 @@ TEST(PackedModel, CheckpointRoundTripIsExact) {
         const Tensor& y = b->packed_weights()[i].t;
         ASSERT_EQ(x.rows, y.rows);
         ASSERT_EQ(x.cols, y.cols);
-        const size_t n = size_t(x.rows) * (f == DType::BF16 ? size_t(x.cols) * 2 : packed_row_bytes(f, x.cols));
+        const size_t n = size_t(x.rows) * (is_packed(f) ? packed_row_bytes(f, x.cols) : size_t(x.cols) * 2);
         EXPECT_EQ(std::memcmp(x.data, y.data, n), 0) << "packed weight " << i;
       }
       EXPECT_EQ(forward_all(*a, toks), forward_all(*b, toks)) << compute_dtype_name(f);
@@ -307,6 +312,23 @@ TEST(PackedModel, BadPackedCheckpointsAreRejected) {
   // And the untouched checkpoint loads.
   fresh();
   EXPECT_EQ(load_model(dir.str(), *be)->weight_format(), DType::Q8_0);
+  // A bf16 or f16 checkpoint stores its packed weights in its own 16-bit type: the other one
+  // would be rounded again on load (not the saved model), on either loader.
+  for (DType f : {DType::F16, DType::BF16}) {
+    const DType other = f == DType::F16 ? DType::BF16 : DType::F16;
+    save_model(*model(c, *be, f, 8), dir.str());
+    EXPECT_EQ(load_model(dir.str(), *be)->weight_format(), f);
+    rewrite(dir.str(), W, other, {32, 64}, std::vector<unsigned char>(32 * 64 * 2), {{kWeightFormatKey, compute_dtype_name(f)}});
+    const std::string msg = "'" + W + "' is " + dtype_name(other) + " but the metadata's hm.weight_format is " +
+                            compute_dtype_name(f);
+    expect_load_error(dir.str(), msg);
+    try {
+      load_packed_for_inference(dir.str(), *be, DType::Q8_0);
+      ADD_FAILURE() << "loaded a bad checkpoint";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(msg), std::string::npos) << e.what();
+    }
+  }
 }
 
 // hm eval --weights: packed weights are scored through the model's forward on the same windows
@@ -344,6 +366,8 @@ TEST(PackedModel, EvalScoresPackedWeights) {
   }
   EXPECT_LT(std::fabs(loss[DType::BF16] - f32.loss), 1e-3 * f32.loss);
   EXPECT_NE(loss[DType::BF16], f32.loss);
+  EXPECT_LT(std::fabs(loss[DType::F16] - f32.loss), 2e-4 * f32.loss);  // 3 more mantissa bits
+  EXPECT_NE(loss[DType::F16], f32.loss);
   EXPECT_LT(std::fabs(loss[DType::Q8_0] - f32.loss), 1e-2 * f32.loss);
   EXPECT_LT(std::fabs(loss[DType::Q4_0] - f32.loss), 1e-1 * f32.loss);
   // A checkpoint stored packed is scored as packed, the same as packing at load.
@@ -365,7 +389,7 @@ void expect_same_packed(const HybridModel& a, const HybridModel& b) {
     ASSERT_EQ(x.rows, y.rows);
     ASSERT_EQ(x.cols, y.cols);
     const DType f = a.weight_format();
-    const size_t n = size_t(x.rows) * (f == DType::BF16 ? size_t(x.cols) * 2 : packed_row_bytes(f, x.cols));
+    const size_t n = size_t(x.rows) * (is_packed(f) ? packed_row_bytes(f, x.cols) : size_t(x.cols) * 2);
     EXPECT_EQ(std::memcmp(x.data, y.data, n), 0) << "packed weight " << i;
   }
 }
@@ -463,7 +487,7 @@ TEST(PackedModel, MemoryEstimateCountsPackedCopies) {
       m.prepare();
       int64_t packed = 0;
       for (const auto& w : m.packed_weights())
-        packed += int64_t(w.t.rows) * int64_t(f == DType::BF16 ? size_t(w.t.cols) * 2 : packed_row_bytes(f, w.t.cols));
+        packed += int64_t(w.t.rows) * int64_t(is_packed(f) ? packed_row_bytes(f, w.t.cols) : size_t(w.t.cols) * 2);
       s.weight_format = f;
       s.floats_released = false;
       EXPECT_EQ(estimate_memory(c, s).weights - f32, packed);

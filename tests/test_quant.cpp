@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -19,7 +20,7 @@ namespace {
 using hm::WeightType;
 using hm::cpu::Isa;
 
-constexpr WeightType kTypes[] = {WeightType::BF16, WeightType::Q8_0, WeightType::Q4_0};
+constexpr WeightType kTypes[] = {WeightType::BF16, WeightType::F16, WeightType::Q8_0, WeightType::Q4_0};
 
 std::vector<float> random_vec(hm::Rng& rng, std::size_t n, float lo, float hi) {
   std::vector<float> v(n);
@@ -160,12 +161,65 @@ TEST(QuantBytes, Bf16RoundsToNearestEven) {
   EXPECT_EQ(h[3], 0x0000);
 }
 
+// f16 rounds as core/dtype.h's f32_to_f16: ties to even (also between subnormals), inf and NaN
+// kept, -0 kept; a finite weight that would round to inf is an error, not an inf weight.
+TEST(QuantBytes, F16RoundsToNearestEven) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const std::vector<float> w = {1.0f + 0x1p-11f, 1.0f + 3 * 0x1p-11f, -2.0f, -0.0f, 0x1p-24f, 0x1p-25f,
+                                3 * 0x1p-25f, 65504.0f, 65519.0f, -inf, NAN};
+  const int k = int(w.size());
+  const auto p = packed(WeightType::F16, w, 1, k);
+  std::vector<uint16_t> h(w.size());
+  std::memcpy(h.data(), p.data(), p.size());
+  const uint16_t want[] = {0x3c00, 0x3c02, 0xc000, 0x8000, 0x0001, 0x0000, 0x0002, 0x7bff, 0x7bff, 0xfc00};
+  for (int j = 0; j < k - 1; ++j) EXPECT_EQ(h[std::size_t(j)], want[j]) << "element " << j;
+  EXPECT_EQ(h.back() & 0x7c00, 0x7c00);  // NaN: exponent all ones, mantissa not zero
+  EXPECT_NE(h.back() & 0x03ff, 0);
+  for (float big : {65520.0f, -1e6f, std::numeric_limits<float>::max()}) {
+    std::vector<float> bad(40, 0.5f);
+    bad[33] = big;
+    std::vector<unsigned char> buf(hm::row_bytes(WeightType::F16, 40) * 2);
+    EXPECT_THROW(hm::ref::quantize(WeightType::F16, buf.data(), bad.data(), 1, 40), hm::Error) << big;
+    EXPECT_THROW(hm::cpu::quantize(WeightType::F16, buf.data(), bad.data(), 1, 40), hm::Error) << big;
+  }
+}
+
 // --- dequantize: error bounds and agreement --------------------------------------------------
+
+// Every 16-bit pattern of bf16 and f16 (subnormals, infs, NaNs, -0) widens on every ISA to what
+// the conversions of core/dtype.h give, bit for bit (any NaN for a NaN).
+TEST(QuantDequantize, EveryHalfPatternWidensAsTheConversion) {
+  EachIsa each;
+  const int k = 1 << 16;
+  std::vector<uint16_t> bits(k);
+  for (int j = 0; j < k; ++j) bits[std::size_t(j)] = uint16_t(j);
+  for (WeightType t : {WeightType::BF16, WeightType::F16}) {
+    std::vector<float> want(k);
+    hm::ref::dequantize(t, want.data(), bits.data(), 1, k);
+    for (int j = 0; j < k; ++j) {
+      const float c = t == WeightType::BF16 ? hm::bf16_to_f32(bits[std::size_t(j)]) : hm::f16_to_f32(bits[std::size_t(j)]);
+      ASSERT_TRUE(std::memcmp(&c, &want[std::size_t(j)], 4) == 0 || (std::isnan(c) && std::isnan(want[std::size_t(j)])))
+          << hm::weight_type_name(t) << " bits " << j;
+    }
+    for (Isa isa : each.isas) {
+      hm::cpu::set_quant_isa(isa);
+      SCOPED_TRACE(std::string(hm::weight_type_name(t)) + " " + hm::cpu::isa_name(isa));
+      std::vector<float> got(k, 12345.0f);
+      hm::cpu::dequantize(t, got.data(), bits.data(), 1, k);
+      std::size_t differ = 0;
+      for (int j = 0; j < k; ++j) {
+        const float g = got[std::size_t(j)], w = want[std::size_t(j)];
+        differ += !(std::memcmp(&g, &w, 4) == 0 || (std::isnan(g) && std::isnan(w)));
+      }
+      EXPECT_EQ(differ, 0u);
+    }
+  }
+}
 
 // |w - dequantize(quantize(w))| per element: q8_0 <= d/2 plus the f16 rounding of d (2^-11
 // relative, times |q| <= 127); q4_0 <= |d| (the clamped top value of the side opposite m loses
 // up to one step), plus 8 |d| 2^-11; bf16 <= 2^-8 relative (half a step of 7 stored mantissa
-// bits). The RMS over Gaussian weights says the error is also typical for the format, not just
+// bits); f16 <= 2^-11 relative (10 bits), or 2^-25 below 2^-14 (its subnormals' half step). The RMS over Gaussian weights says the error is also typical for the format, not just
 // bounded: q8_0 ~0.5%, q4_0 ~8% of rms(w).
 TEST(QuantRoundTrip, ErrorWithinTheFormatsBound) {
   hm::Rng rng(23);
@@ -186,6 +240,7 @@ TEST(QuantRoundTrip, ErrorWithinTheFormatsBound) {
         const double err = std::fabs(double(w[i]) - back[i]);
         double bound;
         if (t == WeightType::BF16) bound = std::fabs(w[i]) * 0x1p-8;
+        else if (t == WeightType::F16) bound = std::max(std::fabs(w[i]) * 0x1p-11, 0x1p-25);
         else if (t == WeightType::Q8_0) bound = amax / 127.0 * (0.5 + 127 * 0x1p-11) * (1 + 1e-6);
         else bound = amax / 8.0 * (1 + 8 * 0x1p-11) * (1 + 1e-6);
         ASSERT_LE(err, bound) << "element " << i;
@@ -194,7 +249,7 @@ TEST(QuantRoundTrip, ErrorWithinTheFormatsBound) {
       }
     }
     const double rel_rms = std::sqrt(se / ss);
-    const double limit = t == WeightType::BF16 ? 3e-3 : t == WeightType::Q8_0 ? 0.01 : 0.12;
+    const double limit = t == WeightType::BF16 ? 3e-3 : t == WeightType::F16 ? 4e-4 : t == WeightType::Q8_0 ? 0.01 : 0.12;
     EXPECT_LT(rel_rms, limit);
     EXPECT_GT(rel_rms, limit / 30);  // a format that loses nothing would be a bug in the test
   }
@@ -205,7 +260,7 @@ TEST(QuantDequantize, CpuEqualsReferenceOnEveryIsa) {
   hm::Rng rng(29);
   for (WeightType t : kTypes) {
     for (int k : {32, 96, 800, 37, 75}) {
-      if (t != WeightType::BF16 && k % 32) continue;
+      if (hm::is_block_format(t) && k % 32) continue;
       const int n = 1031;  // over the threading threshold for every type at k = 800
       const auto w = random_vec(rng, std::size_t(n) * k, -2, 2);
       const auto p = packed(t, w, n, k);
@@ -242,7 +297,7 @@ TEST(QuantLinear, MatchesReferenceOnEveryIsa) {
                         {6, 32, 64},   {7, 65, 96},   {13, 31, 160}, {50, 97, 32}, {130, 70, 416}};
   for (WeightType t : kTypes) {
     for (const Case c : cases) {
-      if (t != WeightType::BF16 && c.k % 32) continue;
+      if (hm::is_block_format(t) && c.k % 32) continue;
       for (bool acc : {false, true}) {
         hm::Rng rng(1000 + c.m * 7 + c.n * 13 + c.k + acc + 100 * int(t));
         const int ldx = c.k + 3, ldy = c.n + 5;
@@ -289,7 +344,7 @@ TEST(QuantLinear, ReferenceIsTheDocumentedProduct) {
   }
   for (WeightType t : kTypes) {
     const auto p = packed(t, w, n, k);
-    const std::vector<float>& xt = t == WeightType::BF16 ? x : xr;
+    const std::vector<float>& xt = hm::is_block_format(t) ? xr : x;
     std::vector<float> wd(w.size()), y(std::size_t(m) * n);
     hm::ref::dequantize(t, wd.data(), p.data(), n, k);
     hm::ref::linear_packed(y.data(), n, x.data(), k, p.data(), t, m, n, k, false);
@@ -307,6 +362,35 @@ TEST(QuantLinear, ReferenceIsTheDocumentedProduct) {
   EXPECT_EQ(out[1], 2.0f);
   EXPECT_EQ(out[2], -4.0f);
   EXPECT_EQ(out[3], 0.0f);
+}
+
+// f16 weights that are subnormal, infinite or NaN multiply as their float values on every path
+// (GEMV and GEMM, every ISA): a row of subnormals gives their sum, a row holding +inf gives +inf
+// (x > 0), one holding NaN gives NaN. k = 45 also runs the tails.
+TEST(QuantLinear, F16SpecialWeightsOnEveryPath) {
+  EachIsa each;
+  const int n = 4, k = 45;
+  std::vector<uint16_t> bits(std::size_t(n) * k, 0x3c00);  // 1.0
+  for (int j = 0; j < k; ++j) bits[std::size_t(j)] = uint16_t(1 + j);  // row 0: subnormals 2^-24 (1 + j)
+  bits[std::size_t(k) + 44] = 0x7c00;                                    // row 1: +inf in the tail
+  bits[2 * std::size_t(k) + 3] = 0x7e00;                                 // row 2: NaN
+  double sub = 0;
+  for (int j = 0; j < k; ++j) sub += (1 + j) * 0x1p-24;
+  for (int m : {1, 3, 6}) {
+    const std::vector<float> x(std::size_t(m) * k, 1.0f);
+    for (Isa isa : each.isas) {
+      hm::cpu::set_quant_isa(isa);
+      SCOPED_TRACE(std::string(hm::cpu::isa_name(isa)) + " m=" + std::to_string(m));
+      std::vector<float> y(std::size_t(m) * n, -1.0f);
+      hm::cpu::linear_packed(y.data(), n, x.data(), k, bits.data(), WeightType::F16, m, n, k, false);
+      for (int i = 0; i < m; ++i) {
+        EXPECT_NEAR(y[std::size_t(i) * n], sub, sub * 1e-6);
+        EXPECT_EQ(y[std::size_t(i) * n + 1], std::numeric_limits<float>::infinity());
+        EXPECT_TRUE(std::isnan(y[std::size_t(i) * n + 2]));
+        EXPECT_EQ(y[std::size_t(i) * n + 3], float(k));
+      }
+    }
+  }
 }
 
 // Decode (GEMV, m <= 4) and prefill (GEMM, m > 4) compute one function: a row's result does not
@@ -364,9 +448,12 @@ TEST(QuantErrors, BadSizesAndValuesAreErrors) {
   }
   EXPECT_THROW(hm::weight_type_from_name("q5_1"), hm::Error);
   EXPECT_EQ(hm::weight_type_from_name("q4_0"), WeightType::Q4_0);
+  EXPECT_EQ(hm::weight_type_from_name("f16"), WeightType::F16);
+  EXPECT_THROW(hm::weight_type_from_name("fp16"), hm::Error);
   EXPECT_EQ(hm::row_bytes(WeightType::Q8_0, 768), 24u * 34);
   EXPECT_EQ(hm::row_bytes(WeightType::Q4_0, 768), 24u * 18);
   EXPECT_EQ(hm::row_bytes(WeightType::BF16, 37), 74u);
+  EXPECT_EQ(hm::row_bytes(WeightType::F16, 37), 74u);
 }
 
 TEST(QuantIsa, TheChosenIsaIsUsedAndReported) {

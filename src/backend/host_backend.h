@@ -2,7 +2,7 @@
 // memory, parameterised by the kernel set (hm::cpu or hm::ref, kernels/ops.h). Each ragged op is
 // a loop over the batch's sequences that calls the kernel once per sequence on its rows and its
 // slot's state, as the model did before the interface was ragged (same calls, same speed).
-// Host backends compute in float32 only; a linear's W may also be packed (bf16, q8_0, q4_0).
+// Host backends compute in float32 only; a linear's W may also be packed (bf16, f16, q8_0, q4_0).
 #pragma once
 #include <omp.h>
 
@@ -33,7 +33,7 @@ class HostBackend : public Backend {
   bool supports_kv(DType t) const override { return t == DType::F32 || t == DType::F16; }
   DType default_dtype() const override { return DType::F32; }
   bool supports_weight_format(DType t) const override {
-    return t == DType::BF16 || t == DType::Q8_0 || t == DType::Q4_0;
+    return t == DType::BF16 || t == DType::F16 || t == DType::Q8_0 || t == DType::Q4_0;
   }
 
   void* alloc(size_t bytes) override {
@@ -64,7 +64,7 @@ class HostBackend : public Backend {
       return;
     }
     HM_CHECK(supports_weight_format(W.dtype), name(), " linear: W of type ", compute_dtype_name(W.dtype),
-             " is not supported (f32, bf16, q8_0 or q4_0)");
+             " is not supported (f32, bf16, f16, q8_0 or q4_0)");
     K::linear_packed(y.f32(), int(y.ld), x.f32(), int(x.ld), W.data, weight_type_of(W.dtype), x.rows,
                      W.rows, x.cols, accumulate);
   }

@@ -28,19 +28,20 @@ const char* compute_dtype_name(DType t) {
 }
 
 DType weight_format_from_name(const std::string& name) {
-  for (DType t : {DType::F32, DType::BF16, DType::Q8_0, DType::Q4_0})
+  for (DType t : {DType::F32, DType::BF16, DType::F16, DType::Q8_0, DType::Q4_0})
     if (name == compute_dtype_name(t)) return t;
-  throw Error(detail::cat("weight format must be f32, bf16, q8_0 or q4_0, got '", name, "'"));
+  throw Error(detail::cat("weight format must be f32, bf16, f16, q8_0 or q4_0, got '", name, "'"));
 }
 
 WeightType weight_type_of(DType t) {
   switch (t) {
     case DType::BF16: return WeightType::BF16;
+    case DType::F16: return WeightType::F16;
     case DType::Q8_0: return WeightType::Q8_0;
     case DType::Q4_0: return WeightType::Q4_0;
     default: break;
   }
-  throw Error(detail::cat(compute_dtype_name(t), " is not a weight format (bf16, q8_0 or q4_0)"));
+  throw Error(detail::cat(compute_dtype_name(t), " is not a weight format (bf16, f16, q8_0 or q4_0)"));
 }
 
 size_t packed_row_bytes(DType t, int cols) {

@@ -19,7 +19,9 @@ namespace hm {
 DType compute_dtype_from_name(const std::string& name);
 const char* compute_dtype_name(DType t);  // "f32" ... "q8_0", "q4_0"
 // The formats a model's linear weights can be stored in (HybridModel::set_weight_format) by
-// their command-line names: "f32" | "bf16" | "q8_0" | "q4_0", hm::Error otherwise.
+// their command-line names: "f32" | "bf16" | "f16" | "q8_0" | "q4_0", hm::Error otherwise.
+// BF16 / F16 here are a float32 model's linear weights stored in 16 bits (kernels/quant.h), not
+// the type it computes in (HybridModel::dtype(): f16 compute is CUDA's, with f16 weights there).
 DType weight_format_from_name(const std::string& name);
 
 // Host conversions, round to nearest even (weights on upload, tests, logits read back); the
@@ -27,7 +29,7 @@ DType weight_format_from_name(const std::string& name);
 void convert_from_f32(void* dst, DType t, const float* src, size_t n);
 void convert_to_f32(float* dst, const void* src, DType t, size_t n);
 
-// The kernels' name for a weight format: BF16, Q8_0 or Q4_0; hm::Error for any other type.
+// The kernels' name for a weight format: BF16, F16, Q8_0 or Q4_0; hm::Error for any other type.
 WeightType weight_type_of(DType t);
 // Bytes of one row of `cols` weights of a packed type (Q8_0, Q4_0: kernels/quant.h's
 // row_bytes); hm::Error naming the type when cols is not a multiple of its block.

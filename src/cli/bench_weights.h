@@ -1,4 +1,4 @@
-// hm bench --weights f32,bf16,q8_0,q4_0 (issue 17): one model measured with its linear weights in
+// hm bench --weights f32,bf16,f16,q8_0,q4_0 (issue 17): one model measured with its linear weights in
 // each format, in one run on the CPU, so the ratios hold on a noisy machine.
 #pragma once
 #include <nlohmann/json.hpp>

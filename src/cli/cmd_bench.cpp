@@ -390,7 +390,7 @@ Run add_bench(CLI::App& app) {
   app.add_flag("--routing-sweep", o->routing_sweep,
                "True hybrid: prefill time and counted FLOPs at forced attention fractions 0..1 against routing_mode both");
   app.add_option("--steps", o->steps, "--train: timed steps (after one warm-up step)")->capture_default_str();
-  app.add_option("--weights", o->weights, "Comma-separated weight formats, e.g. f32,bf16,q8_0,q4_0: decode and "
+  app.add_option("--weights", o->weights, "Comma-separated weight formats, e.g. f32,bf16,f16,q8_0,q4_0: decode and "
                  "prefill of the model with its linear weights in each, in one run (cpu)");
   add_max_memory(app);
   app.footer("--device cuda measures prefill, time to first token, decode, device memory and the floors on the GPU "

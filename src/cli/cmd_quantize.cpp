@@ -19,13 +19,13 @@ Run add_quantize(CLI::App& app) {
   auto o = std::make_shared<Opts>();
   app.add_option("model,--model,-m", o->model, "Checkpoint directory (ours or a Hugging Face folder)")->required();
   app.add_option("--out,-o", o->out, "Checkpoint directory to write")->required();
-  app.add_option("--type", o->type, "Format of the linear layers' weights: q8_0, q4_0 or bf16")->required();
+  app.add_option("--type", o->type, "Format of the linear layers' weights: q8_0, q4_0, bf16 or f16")->required();
   app.add_flag("--force", o->force, "Overwrite a model already in --out");
   add_max_memory(app);
   return [o] {
     namespace fs = std::filesystem;
-    HM_CHECK(o->type == "q8_0" || o->type == "q4_0" || o->type == "bf16",
-             "hm quantize --type must be q8_0, q4_0 or bf16, got '", o->type, "'");
+    HM_CHECK(o->type == "q8_0" || o->type == "q4_0" || o->type == "bf16" || o->type == "f16",
+             "hm quantize --type must be q8_0, q4_0, bf16 or f16, got '", o->type, "'");
     const DType f = weight_format_from_name(o->type);
     std::error_code ec;
     HM_CHECK(fs::weakly_canonical(o->model, ec) != fs::weakly_canonical(o->out, ec),

@@ -144,7 +144,7 @@ Run add_eval(CLI::App& app) {
   // backend), so the default here is cpu whatever the machine has.
   o->dev.device = "cpu";
   add_device_options(app, o->dev, false);
-  app.add_option("--weights", o->weights, "Weight formats to score against f32, e.g. f32,bf16,q8_0,q4_0: per "
+  app.add_option("--weights", o->weights, "Weight formats to score against f32, e.g. f32,bf16,f16,q8_0,q4_0: per "
                  "format perplexity, its ratio to f32's and KL(f32 || format) of the next-token distributions, "
                  "all through the inference forward (cpu; auto: the float32 training forward, a packed "
                  "checkpoint as stored)")->capture_default_str();

@@ -64,7 +64,7 @@ DeviceSetup open_device(const DeviceOptions& o) {
 }
 
 void add_weights_option(CLI::App& app, std::string& weights) {
-  app.add_option("--weights", weights, "Format of the linear layers' weights: f32, bf16, q8_0 or q4_0, packed at "
+  app.add_option("--weights", weights, "Format of the linear layers' weights: f32, bf16, f16, q8_0 or q4_0, packed at "
                  "load (cpu only; auto: as the checkpoint stores them)")->capture_default_str();
 }
 
@@ -74,7 +74,7 @@ DType weight_format_option(const std::string& weights, bool* given) {
   try {
     return weight_format_from_name(weights);
   } catch (const Error&) {
-    throw Error(detail::cat("--weights must be f32, bf16, q8_0, q4_0 or auto, got '", weights, "'"));
+    throw Error(detail::cat("--weights must be f32, bf16, f16, q8_0, q4_0 or auto, got '", weights, "'"));
   }
 }
 

@@ -35,7 +35,7 @@ DeviceSetup open_device(const DeviceOptions& o);
 // The device --device names (auto resolved), without making a backend; the same errors.
 Device resolve_device(const std::string& name);
 
-// --weights f32|bf16|q8_0|q4_0: the format the linear layers' weights are packed in at load
+// --weights f32|bf16|f16|q8_0|q4_0: the format the linear layers' weights are packed in at load
 // (HybridModel::set_weight_format); "auto" keeps the checkpoint's own (f32 unless hm quantize
 // wrote it). weight_format_option is the format named, or F32 for "auto" with *given false;
 // hm::Error naming the option and value.

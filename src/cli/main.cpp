@@ -28,7 +28,7 @@ int main(int argc, char** argv) {
   add("info", "Print a model's configuration and parameter count", hm::cli::add_info);
   add("serve", "Serve a model over an OpenAI-compatible HTTP API (docs/SERVER.md)", hm::cli::add_serve);
   add("convert", "Write our checkpoint from a Hugging Face model folder (docs/MODELS.md)", hm::cli::add_convert);
-  add("quantize", "Write a checkpoint with its linear weights packed as q8_0, q4_0 or bf16 (docs/QUANTIZATION.md)",
+  add("quantize", "Write a checkpoint with its linear weights packed as q8_0, q4_0, bf16 or f16 (docs/QUANTIZATION.md)",
       hm::cli::add_quantize);
   hm::cli::set_command_line(argc, argv);
   // Every --model may name a training run's folder: it stands for that run's checkpoint/.

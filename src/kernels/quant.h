@@ -4,6 +4,9 @@
 // is packed on its own, so row r starts at r * row_bytes(type, k).
 //
 //  - BF16: k bfloat16 values (the top 16 bits of the float), rounded to nearest even.
+//  - F16:  k IEEE binary16 values, rounded to nearest even (core/dtype.h's f32_to_f16: NaN and
+//          inf stay themselves, small values become f16 subnormals or 0). A finite weight
+//          beyond the f16 range (|w| >= 65520, which would round to inf) is an hm::Error.
 //  - Q8_0: k/32 blocks of {f16 d; int8 q[32]} (34 bytes), w = d * q. Per block,
 //          amax = max |w|, d = amax / 127, q = round-half-away(w / d) in [-127, 127].
 //  - Q4_0: k/32 blocks of {f16 d; uint8 qs[16]} (18 bytes), w = d * (nibble - 8).
@@ -17,7 +20,7 @@
 //  any other k is an hm::Error.
 //
 // linear_packed: y[m,n] (=|+=) x'[m,k] . dequantize(W)[n,k]^T, sums in float32, where
-//  - bf16: x' = x;
+//  - bf16, f16: x' = x;
 //  - q8_0 / q4_0: x' = x rounded to 8 bits per block of 32 as llama.cpp's CPU matmuls do:
 //    d = amax / 127 in float32, x' = d * nearbyint(x / d) (ties to even; x / d computed as
 //    x * (1 / d)); a block holding NaN or inf gives NaN. Decode then runs on integer dot
@@ -38,11 +41,14 @@
 
 namespace hm {
 
-enum class WeightType : uint8_t { BF16, Q8_0, Q4_0 };
-const char* weight_type_name(WeightType t);  // "bf16" | "q8_0" | "q4_0"
+enum class WeightType : uint8_t { BF16, Q8_0, Q4_0, F16 };
+const char* weight_type_name(WeightType t);  // "bf16" | "f16" | "q8_0" | "q4_0"
 WeightType weight_type_from_name(const std::string& name);  // hm::Error for anything else
 
 constexpr int kQuantBlock = 32;  // weights per q8_0 / q4_0 block, along k
+// q8_0 / q4_0: blocks of kQuantBlock weights with a scale (k a multiple of 32; x rounded to 8
+// bits); bf16 / f16: one 16-bit value per weight, any k, x as given.
+constexpr bool is_block_format(WeightType t) { return t == WeightType::Q8_0 || t == WeightType::Q4_0; }
 
 struct BlockQ8_0 {
   uint16_t d;  // f16 bits

@@ -87,7 +87,7 @@ class HybridModel {
 
   // The format the linear layers' weights are stored in (issue 17): F32 (the default: the
   // compute type) or, on a backend that supports it (supports_weight_format: the CPU), BF16,
-  // Q8_0 or Q4_0 (kernels/quant.h), packed from the float32 arena by the next prepare(). Packed:
+  // F16, Q8_0 or Q4_0 (kernels/quant.h), packed from the float32 arena by the next prepare(). Packed:
   // in_proj, x_proj, dt_proj, out_proj (Mamba-2: in_proj, out_proj), q/k/v/o, the MLP, bridge
   // projections and the LM head (a tied head gets a packed copy; the embedding lookup keeps
   // float32); q8_0 / q4_0 leave a weight whose row length is not a multiple of 32 in float32

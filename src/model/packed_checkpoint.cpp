@@ -16,9 +16,22 @@ DType checkpoint_weight_format(const SafetensorsReader& r) {
   const auto it = r.metadata().find(kWeightFormatKey);
   if (it == r.metadata().end()) return DType::F32;
   const std::string& v = it->second;
-  HM_CHECK(v == "bf16" || v == "q8_0" || v == "q4_0", "checkpoint: ", r.path(), ": metadata ",
-           kWeightFormatKey, " is '", v, "' (expected bf16, q8_0 or q4_0)");
+  HM_CHECK(v == "bf16" || v == "f16" || v == "q8_0" || v == "q4_0", "checkpoint: ", r.path(), ": metadata ",
+           kWeightFormatKey, " is '", v, "' (expected bf16, f16, q8_0 or q4_0)");
   return weight_format_from_name(v);
+}
+
+void read_weight_tensor(const SafetensorsReader& r, const TensorInfo& t, const ParamSpec& s, DType format,
+                        float* dst) {
+  if (t.dtype == DType::U8) {
+    read_packed_tensor(r, t, s, format, dst);
+    return;
+  }
+  const bool half = t.dtype == DType::BF16 || t.dtype == DType::F16;
+  HM_CHECK(!half || (format != DType::BF16 && format != DType::F16) || t.dtype == format, "checkpoint: ", r.path(),
+           ": tensor '", t.name, "' is ", dtype_name(t.dtype), " but the metadata's ", kWeightFormatKey, " is ",
+           compute_dtype_name(format), " (its packed weights are stored as ", dtype_name(format), ")");
+  r.read_f32(s.name, s.shape, dst);
 }
 
 void read_packed_tensor(const SafetensorsReader& r, const TensorInfo& t, const ParamSpec& s, DType format,
@@ -59,8 +72,8 @@ void save_packed_params(const HybridModel& m, const std::string& path) {
     const auto it = bytes.find(p.at(i));
     if (it == bytes.end()) {
       ts.push_back({s.name, DType::F32, s.shape, p.at(i)});
-    } else if (f == DType::BF16) {
-      ts.push_back({s.name, DType::BF16, s.shape, it->second.data()});
+    } else if (!is_packed(f)) {  // bf16 / f16: the 16-bit values themselves
+      ts.push_back({s.name, f, s.shape, it->second.data()});
     } else {
       ts.push_back({s.name, DType::U8, {s.shape[0], int64_t(it->second.size()) / s.shape[0]}, it->second.data()});
     }
@@ -105,8 +118,7 @@ std::unique_ptr<HybridModel> load_packed_for_inference(const std::string& dir, B
       tmp.resize(size_t(s.numel()));
       dst = tmp.data();
     }
-    if (ti->dtype == DType::U8) read_packed_tensor(r, *ti, s, stored, dst);
-    else r.read_f32(s.name, s.shape, dst);
+    read_weight_tensor(r, *ti, s, stored, dst);
     for (int64_t k = 0; k < s.numel(); ++k)
       HM_CHECK(std::isfinite(dst[k]), "checkpoint: ", path, ": tensor '", s.name,
                "' holds a non-finite value at element ", k);

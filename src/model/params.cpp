@@ -263,10 +263,7 @@ DType load_params(Params& p, const std::string& path) {
     const ParamSpec& s = p.specs()[i];
     const TensorInfo* t = r.find(s.name);
     HM_CHECK(t != nullptr, "checkpoint: ", path, ": missing tensor '", s.name, "'");
-    if (t->dtype == DType::U8)
-      read_packed_tensor(r, *t, s, format, p.at(i));
-    else
-      r.read_f32(s.name, s.shape, p.at(i));
+    read_weight_tensor(r, *t, s, format, p.at(i));
     const float* w = p.at(i);
     for (int64_t k = 0; k < s.numel(); ++k)
       HM_CHECK(std::isfinite(w[k]), "checkpoint: ", path, ": tensor '", s.name,

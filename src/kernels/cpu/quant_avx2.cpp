@@ -13,10 +13,9 @@
 namespace hm::cpu::packed {
 namespace {
 
-inline __m256 widen_bf16(const unsigned char* p) {  // 8 bf16 -> 8 floats
-  return _mm256_castsi256_ps(
-      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
-}
+// 8 bf16 or f16 (F16C) -> 8 floats.
+inline __m256 widen_bf16(__m128i h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
+inline __m256 widen_f16(__m128i h) { return _mm256_cvtph_ps(h); }
 
 // A row's block scales, converted 8 at a time: ds[i] = d of block b0 + i, nd[i] = -8 d (see
 // quant_avx512.cpp).
@@ -31,10 +30,12 @@ inline void scales(const unsigned char* row, int b0, int nb, int stride, float* 
   }
 }
 
-struct Bf16 {
+// bf16 or f16: 16 bits per weight, widened by Widen.
+template <__m256 (*Widen)(__m128i)>
+struct Half {
   static constexpr int kStride = 0;  // no scales
   static void block(const unsigned char* row, int b, const float*, const float*, __m256* w) {
-    for (int c = 0; c < 4; ++c) w[c] = widen_bf16(row + b * 64 + c * 16);
+    for (int c = 0; c < 4; ++c) w[c] = Widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 64 + c * 16)));
   }
   // The last n < 32 weights starting at element 32 * b; the rest read as 0.
   static void tail(const unsigned char* row, int b, int n, __m256* w) {
@@ -43,6 +44,8 @@ struct Bf16 {
     block(buf, 0, nullptr, nullptr, w);
   }
 };
+using Bf16 = Half<widen_bf16>;
+using F16 = Half<widen_f16>;
 
 struct Q8 {
   static constexpr int kStride = 34;
@@ -88,7 +91,7 @@ inline float hsum(__m256 v) {
 template <int M, class F>
 void gemv(float* y, int ldy, const float* x, int ldx, const unsigned char* W, size_t row_bytes,
           int n0, int n1, int k, bool accumulate) {
-  const int nb = k / 32, rest = k % 32;  // rest: bf16 only
+  const int nb = k / 32, rest = k % 32;  // rest: bf16 / f16 only
   for (int o = n0; o < n1; ++o) {
     const unsigned char* row = W + size_t(o) * row_bytes;
     __m256 a[M][4];
@@ -268,8 +271,8 @@ void gemv_q_m(float* y, int ldy, const int8_t* xq, const float* xd, const int32_
 }  // namespace
 
 Table avx2_table() {
-  return {gemv_m<Bf16>, {gemv_q_m<false>, gemv_q_m<true>}, quantize_x,
-          {dequant<Bf16>, dequant<Q8>, dequant<Q4>}, {nullptr, nullptr}};
+  return {{gemv_m<Bf16>, gemv_m<F16>}, {gemv_q_m<false>, gemv_q_m<true>}, quantize_x,
+          {dequant<Bf16>, dequant<Q8>, dequant<Q4>, dequant<F16>}, {nullptr, nullptr}};
 }
 
 }  // namespace hm::cpu::packed

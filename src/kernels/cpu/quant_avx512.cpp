@@ -2,8 +2,8 @@
 // whatever the rest of the build targets; called only where the CPU has them. Keep this file
 // free of shared inline code (see quant_isa.h).
 //
-// bf16: each 32 weights are widened to two 16-lane float vectors and multiplied with float x
-// by FMAs. q8_0 / q4_0: x arrives rounded to int8 per block; one VNNI instruction (vpdpbusd,
+// bf16 / f16: each 32 weights are widened to two 16-lane float vectors (a shift, or F16C's
+// vcvtph2ps) and multiplied with float x by FMAs. q8_0 / q4_0: x arrives rounded to int8 per block; one VNNI instruction (vpdpbusd,
 // unsigned x signed bytes) per 32 weights and x row gives 8 partial sums, started from minus
 // the offset the unsigned weights add (q8_0 + 128, q4_0 nibbles are q + 8); they are scaled by
 // d_w d_x in float. These use 256-bit vectors: ports 0, 1 and 5 stay available (512-bit
@@ -38,25 +38,30 @@ inline void scales(const unsigned char* row, int b0, int nb, int stride, float* 
 
 // The formats, each as "weights 32 b .. 32 b + 31 of a row as two vectors", with d and nd the
 // block's entries of scales().
-struct Bf16 {
+// 16 bf16 or f16 -> 16 floats.
+inline __m512 widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+inline __m512 widen_f16(__m256i h) { return _mm512_cvtph_ps(h); }
+
+// bf16 or f16: 16 bits per weight, widened by Widen.
+template <__m512 (*Widen)(__m256i)>
+struct Half {
   static constexpr int kStride = 0;  // no scales
   static void block(const unsigned char* row, int b, const float*, const float*, __m512& w0, __m512& w1) {
     const unsigned char* p = row + b * 64;
-    w0 = _mm512_castsi512_ps(_mm512_slli_epi32(
-        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-    w1 = _mm512_castsi512_ps(_mm512_slli_epi32(
-        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32))), 16));
+    w0 = Widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    w1 = Widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)));
   }
   // The last n < 32 weights starting at element 32 * b; lanes past them read as 0.
   static void tail(const unsigned char* row, int b, int n, __m512& w0, __m512& w1) {
     const uint16_t* p = reinterpret_cast<const uint16_t*>(row + b * 64);
     const __mmask16 m0 = __mmask16(n >= 16 ? 0xffff : (1u << n) - 1u);
     const __mmask16 m1 = __mmask16(n <= 16 ? 0 : (1u << (n - 16)) - 1u);
-    w0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m0, p)), 16));
-    w1 = _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m1, p + 16)), 16));
+    w0 = Widen(_mm256_maskz_loadu_epi16(m0, p));
+    w1 = Widen(_mm256_maskz_loadu_epi16(m1, p + 16));
   }
 };
+using Bf16 = Half<widen_bf16>;
+using F16 = Half<widen_f16>;
 
 struct Q8 {
   static constexpr int kStride = 34;
@@ -93,7 +98,7 @@ struct Q4 {
 template <int M, class F>
 void gemv(float* y, int ldy, const float* x, int ldx, const unsigned char* W, size_t row_bytes,
           int n0, int n1, int k, bool accumulate) {
-  const int nb = k / 32, rest = k % 32;  // rest: bf16 only
+  const int nb = k / 32, rest = k % 32;  // rest: bf16 / f16 only
   for (int o = n0; o < n1; ++o) {
     const unsigned char* row = W + size_t(o) * row_bytes;
     __m512 a[M][4];
@@ -384,8 +389,8 @@ void gemm_q(float* y, int ldy, const int8_t* xq, const float* xd, const int32_t*
 }  // namespace
 
 Table avx512_table() {
-  return {gemv_m<Bf16>, {gemv_q_m<false>, gemv_q_m<true>}, quantize_x,
-          {dequant<Bf16>, dequant<Q8>, dequant<Q4>}, {gemm_q<false>, gemm_q<true>}};
+  return {{gemv_m<Bf16>, gemv_m<F16>}, {gemv_q_m<false>, gemv_q_m<true>}, quantize_x,
+          {dequant<Bf16>, dequant<Q8>, dequant<Q4>, dequant<F16>}, {gemm_q<false>, gemm_q<true>}};
 }
 
 }  // namespace hm::cpu::packed

@@ -2,7 +2,7 @@
 // scalar kernels and the GEMM path. This file is compiled for plain x86-64 (CMakeLists.txt):
 // it is what runs before anything is known about the CPU.
 //
-// Decode (m <= 4): a GEMV that reads each packed row once (bf16 widened to float in registers,
+// Decode (m <= 4): a GEMV that reads each packed row once (bf16 / f16 widened to float in registers,
 // q8_0 / q4_0 by integer dot products with x rounded to 8 bits); the threads split n into
 // contiguous ranges. Prefill (m > 4): panels of W are widened into a per-thread float32 tile
 // and multiplied by OpenBLAS sgemm, one panel per task; inside the parallel region sgemm runs
@@ -47,11 +47,11 @@ void dequant_block(WeightType t, float* w, const unsigned char* row, int b) {
 // The weights of elements [32 b, 32 b + n) of a row.
 template <WeightType T>
 void chunk(float* w, const unsigned char* row, int b, int n) {
-  if constexpr (T == WeightType::BF16) {
+  if constexpr (!is_block_format(T)) {
     for (int j = 0; j < n; ++j) {
       uint16_t h;
       std::memcpy(&h, row + (size_t(b) * kQuantBlock + j) * 2, 2);
-      w[j] = bf16_to_f32(h);
+      w[j] = T == WeightType::BF16 ? bf16_to_f32(h) : f16_to_f32(h);
     }
   } else {
     dequant_block(T, w, row, b);
@@ -150,9 +150,11 @@ void dequant_scalar(float* out, const unsigned char* row, int k) {
 }  // namespace
 
 Table scalar_table() {
-  return {gemv_scalar<WeightType::BF16>, {gemv_q_scalar<false>, gemv_q_scalar<true>}, quantize_x_scalar,
-          {dequant_scalar<WeightType::BF16>, dequant_scalar<WeightType::Q8_0>,
-           dequant_scalar<WeightType::Q4_0>},
+  return {{gemv_scalar<WeightType::BF16>, gemv_scalar<WeightType::F16>},
+          {gemv_q_scalar<false>, gemv_q_scalar<true>},
+          quantize_x_scalar,
+          {dequant_scalar<WeightType::BF16>, dequant_scalar<WeightType::Q8_0>, dequant_scalar<WeightType::Q4_0>,
+           dequant_scalar<WeightType::F16>},
           {nullptr, nullptr}};
 }
 
@@ -306,7 +308,7 @@ void gemm_int(const packed::Table& tab, float* y, int ldy, const float* x, int l
 
 void gemm_panels(const packed::Table& tab, float* y, int ldy, const float* x, int ldx,
                  const unsigned char* W, WeightType t, int m, int n, int k, bool accumulate) {
-  if (t != WeightType::BF16) {  // the rounded x, as floats: the GEMV's math, by sgemm
+  if (is_block_format(t)) {  // the rounded x, as floats: the GEMV's math, by sgemm
     RoundedX& r = round_x(tab, x, ldx, m, k);
     r.deq.resize(size_t(m) * k);
     for (size_t i = 0; i < r.q.size(); ++i) r.deq[i] = r.d[i / kQuantBlock] * float(r.q[i]);
@@ -371,7 +373,7 @@ void linear_packed(float* y, int ldy, const float* x, int ldx, const void* W, We
   const packed::Table tab = table_of(quant_isa());
   const auto* Wb = static_cast<const unsigned char*>(W);
   if (m > 4) {
-    if (t != WeightType::BF16 && tab.gemm_q[t == WeightType::Q4_0])
+    if (is_block_format(t) && tab.gemm_q[t == WeightType::Q4_0])
       gemm_int(tab, y, ldy, x, ldx, Wb, t, m, n, k, accumulate);
     else
       gemm_panels(tab, y, ldy, x, ldx, Wb, t, m, n, k, accumulate);
@@ -391,8 +393,9 @@ void linear_packed(float* y, int ldy, const float* x, int ldx, const void* W, We
       gemv_range(int(long(n) * id / nt), int(long(n) * (id + 1) / nt));
     }
   };
-  if (t == WeightType::BF16) {
-    run([&](int n0, int n1) { tab.gemv_bf16(y, ldy, x, ldx, Wb, rb, m, n0, n1, k, accumulate); });
+  if (!is_block_format(t)) {
+    const packed::GemvFn gemv = tab.gemv_half[t == WeightType::F16];
+    run([&](int n0, int n1) { gemv(y, ldy, x, ldx, Wb, rb, m, n0, n1, k, accumulate); });
   } else {
     const RoundedX& r = round_x(tab, x, ldx, m, k);
     const packed::GemvQFn gemv = tab.gemv_q[t == WeightType::Q4_0];

@@ -10,8 +10,8 @@
 
 namespace hm::cpu::packed {
 
-// Rows o in [n0, n1) of y[m, n] (=|+=) x[m, k] . W^T for 1 <= m <= 4 and bf16 W, packed row by
-// row (row o at W + o * row_bytes).
+// Rows o in [n0, n1) of y[m, n] (=|+=) x[m, k] . W^T for 1 <= m <= 4 and bf16 or f16 W, packed
+// row by row (row o at W + o * row_bytes).
 using GemvFn = void (*)(float* y, int ldy, const float* x, int ldx, const unsigned char* W,
                         size_t row_bytes, int m, int n0, int n1, int k, bool accumulate);
 // One row of x rounded to 8 bits per block of 32 (kernels/quant.h): q[k], and per block its
@@ -35,10 +35,10 @@ constexpr int kGemmPanel = 32;
 constexpr size_t kGemmScratchPerBlock = kGemmPanel * 32 + kGemmPanel * 4;  // bytes, then scales
 
 struct Table {
-  GemvFn gemv_bf16;
-  GemvQFn gemv_q[2];  // q8_0, q4_0
+  GemvFn gemv_half[2];  // bf16, f16
+  GemvQFn gemv_q[2];    // q8_0, q4_0
   QuantizeXFn quantize_x;
-  DequantFn dequant[3];  // by WeightType: BF16, Q8_0, Q4_0
+  DequantFn dequant[4];  // by WeightType: BF16, Q8_0, Q4_0, F16
   GemmQFn gemm_q[2];     // q8_0, q4_0 (null: none)
 };
 

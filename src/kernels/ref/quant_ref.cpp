@@ -14,6 +14,7 @@ namespace hm {
 const char* weight_type_name(WeightType t) {
   switch (t) {
     case WeightType::BF16: return "bf16";
+    case WeightType::F16: return "f16";
     case WeightType::Q8_0: return "q8_0";
     case WeightType::Q4_0: return "q4_0";
   }
@@ -21,14 +22,14 @@ const char* weight_type_name(WeightType t) {
 }
 
 WeightType weight_type_from_name(const std::string& name) {
-  for (WeightType t : {WeightType::BF16, WeightType::Q8_0, WeightType::Q4_0})
+  for (WeightType t : {WeightType::BF16, WeightType::F16, WeightType::Q8_0, WeightType::Q4_0})
     if (name == weight_type_name(t)) return t;
-  throw Error("unknown weight type '" + name + "' (expected bf16, q8_0 or q4_0)");
+  throw Error("unknown weight type '" + name + "' (expected bf16, f16, q8_0 or q4_0)");
 }
 
 size_t row_bytes(WeightType t, int k) {
   HM_CHECK(k > 0, "packed weights: k = ", k, " must be positive");
-  if (t == WeightType::BF16) return size_t(k) * 2;
+  if (!is_block_format(t)) return size_t(k) * 2;
   HM_CHECK(k % kQuantBlock == 0, "packed weights: k = ", k, " is not a multiple of ", kQuantBlock,
            " (the ", weight_type_name(t), " block size)");
   const size_t blocks = size_t(k / kQuantBlock);
@@ -80,10 +81,11 @@ BlockQ4_0 quantize_q4_0(const float* w) {
 void dequantize_row(WeightType t, float* out, const unsigned char* row, int k) {
   switch (t) {
     case WeightType::BF16:
+    case WeightType::F16:
       for (int j = 0; j < k; ++j) {
         uint16_t h;
         std::memcpy(&h, row + 2 * j, 2);
-        out[j] = bf16_to_f32(h);
+        out[j] = t == WeightType::BF16 ? bf16_to_f32(h) : f16_to_f32(h);
       }
       break;
     case WeightType::Q8_0:
@@ -116,9 +118,12 @@ void quantize(WeightType t, void* dst, const float* src, int n, int k) {
   for (int r = 0; r < n; ++r) {
     const float* w = src + size_t(r) * k;
     unsigned char* out = static_cast<unsigned char*>(dst) + size_t(r) * rb;
-    if (t == WeightType::BF16) {
+    if (t == WeightType::BF16 || t == WeightType::F16) {
       for (int j = 0; j < k; ++j) {
-        const uint16_t h = f32_to_bf16(w[j]);
+        const uint16_t h = t == WeightType::BF16 ? f32_to_bf16(w[j]) : f32_to_f16(w[j]);
+        // f16's largest value is 65504: a finite weight must not become inf.
+        HM_CHECK(t == WeightType::BF16 || !std::isfinite(w[j]) || std::isfinite(f16_to_f32(h)), "quantize to f16: "
+                 "weight [", r, ", ", j, "] is ", w[j], ", beyond the f16 range (largest 65504); use bf16");
         std::memcpy(out + 2 * j, &h, 2);
       }
       continue;
@@ -175,11 +180,11 @@ void linear_packed(float* y, int ldy, const float* x, int ldx, const void* W, We
   check_sizes("linear_packed", t, n, k);
   HM_CHECK(m >= 0, "linear_packed: m = ", m, " must not be negative");
   const size_t rb = row_bytes(t, k);
-  // The x the weights multiply: as given for bf16, rounded to 8 bits for q8_0 / q4_0.
+  // The x the weights multiply: as given for bf16 / f16, rounded to 8 bits for q8_0 / q4_0.
   std::vector<float> xr(size_t(m) * k), w(k);
   for (int i = 0; i < m; ++i) {
     const float* xi = x + size_t(i) * ldx;
-    if (t == WeightType::BF16) std::copy(xi, xi + k, xr.begin() + ptrdiff_t(i) * k);
+    if (!is_block_format(t)) std::copy(xi, xi + k, xr.begin() + ptrdiff_t(i) * k);
     else round_x8(xr.data() + size_t(i) * k, xi, k);
   }
   for (int o = 0; o < n; ++o) {
