@@ -39,12 +39,14 @@ struct HfInfo {
   ModelConfig cfg;
   bool conv_bias = true;  // use_conv_bias: false means a zero conv bias and no conv1d.bias tensors
   std::string conv_bias_field = "use_conv_bias";
-  bool jamba = false;     // tensors under transformers' Jamba names (jamba_tensor_name)
+  bool layers_names = false;  // tensors under transformers' model.layers.N.{mamba,self_attn,feed_forward}
+                              // names (layers_tensor_name): Jamba, Bamba
 };
 
 HfInfo mamba_info_from_json(const JsonFields& f, const std::string& origin, bool falcon);
 HfInfo mamba2_info_from_json(const JsonFields& f, const std::string& origin);
 HfInfo jamba_info_from_json(const JsonFields& f, const std::string& origin);
+HfInfo bamba_info_from_json(const JsonFields& f, const std::string& origin);
 
 HfInfo hf_info_from_json(const nlohmann::json& j, const std::string& origin) {
   const JsonFields f(j, origin);
@@ -54,11 +56,13 @@ HfInfo hf_info_from_json(const nlohmann::json& j, const std::string& origin) {
            ": field 'architectures' must list exactly one architecture, got ", arch.dump());
   const std::string a = arch[0].get<std::string>();
   HM_CHECK(a == "MambaForCausalLM" || a == "FalconMambaForCausalLM" || a == "Mamba2ForCausalLM" ||
-               a == "JambaForCausalLM",
+               a == "JambaForCausalLM" || a == "BambaForCausalLM",
            origin, ": field 'architectures': \"", a, "\" is not supported (supported: MambaForCausalLM, "
-           "FalconMambaForCausalLM, Mamba2ForCausalLM, JambaForCausalLM; docs/MODELS.md lists the families)");
+           "FalconMambaForCausalLM, Mamba2ForCausalLM, JambaForCausalLM, BambaForCausalLM; docs/MODELS.md "
+           "lists the families)");
   HfInfo info = a == "Mamba2ForCausalLM"  ? mamba2_info_from_json(f, origin)
                 : a == "JambaForCausalLM" ? jamba_info_from_json(f, origin)
+                : a == "BambaForCausalLM" ? bamba_info_from_json(f, origin)
                                           : mamba_info_from_json(f, origin, a == "FalconMambaForCausalLM");
   try {
     validate(info.cfg);
@@ -102,6 +106,18 @@ double limit_value(const nlohmann::json& v, const std::string& origin, int k) {
   return json_to_double(v, 0, 1e30, origin, detail::cat("time_step_limit[", k, "]"));
 }
 
+// time_step_limit [min, max] (absent: (0, inf)): the Mamba-2 mixer's clamp of softplus(dt + dt_bias).
+void read_time_step_limit(const JsonFields& f, const std::string& origin, ModelConfig& c) {
+  if (!f.has("time_step_limit")) return;
+  const nlohmann::json& lim = f.at("time_step_limit");
+  HM_CHECK(lim.is_array() && lim.size() == 2, origin, ": field 'time_step_limit' must be [min, max], got ",
+           lim.dump());
+  c.mamba2_dt_min = float(limit_value(lim[0], origin, 0));
+  c.mamba2_dt_max = float(limit_value(lim[1], origin, 1));
+  HM_CHECK(c.mamba2_dt_max > c.mamba2_dt_min, origin, ": field 'time_step_limit' ", lim.dump(),
+           " must have min < max");
+}
+
 HfInfo mamba2_info_from_json(const JsonFields& f, const std::string& origin) {
   if (f.has("model_type")) {
     const std::string t = f.get_string("model_type");
@@ -137,15 +153,7 @@ HfInfo mamba2_info_from_json(const JsonFields& f, const std::string& origin) {
   // transformers' MambaRMSNormGated (modeling_mamba2.py) normalizes over all intermediate_size
   // columns, whatever n_groups; mamba_ssm normalizes per group. Identical for n_groups 1.
   c.mamba2_norm_per_group = false;
-  if (f.has("time_step_limit")) {
-    const nlohmann::json& lim = f.at("time_step_limit");
-    HM_CHECK(lim.is_array() && lim.size() == 2, origin, ": field 'time_step_limit' must be [min, max], got ",
-             lim.dump());
-    c.mamba2_dt_min = float(limit_value(lim[0], origin, 0));
-    c.mamba2_dt_max = float(limit_value(lim[1], origin, 1));
-    HM_CHECK(c.mamba2_dt_max > c.mamba2_dt_min, origin, ": field 'time_step_limit' ", lim.dump(),
-             " must have min < max");
-  }
+  read_time_step_limit(f, origin, c);
   if (f.has("rms_norm"))  // transformers applies the gated norm whatever it says; mamba_ssm skips it
     HM_CHECK(f.get_bool("rms_norm"), origin, ": field 'rms_norm' is false: not supported (transformers "
              "applies the gated RMSNorm anyway, mamba_ssm does not; which one is meant is ambiguous)");
@@ -235,7 +243,7 @@ HfInfo jamba_info_from_json(const JsonFields& f, const std::string& origin) {
     HM_CHECK(t == "jamba", origin, ": field 'model_type' must be \"jamba\" for JambaForCausalLM, got \"", t, "\"");
   }
   HfInfo info;
-  info.jamba = true;
+  info.layers_names = true;
   info.conv_bias_field = "mamba_conv_bias";
   ModelConfig& c = info.cfg;
   c.hybrid = "simple";
@@ -325,8 +333,138 @@ HfInfo jamba_info_from_json(const JsonFields& f, const std::string& origin) {
   return info;
 }
 
-// Our tensor name -> transformers' Jamba name (expert stacks aside: load_jamba_experts).
-std::string jamba_tensor_name(const std::string& ours) {
+// BambaForCausalLM (transformers' modeling_bamba.py): Jamba's layer (input_layernorm -> mixer ->
+// residual, pre_ff_layernorm -> SwiGLU MLP -> residual, on every layer) with transformers'
+// Mamba-2 mixer, and Llama attention at attn_layer_indices whose RoPE rotates the first half of
+// each head (BambaConfig fixes partial_rotary_factor at 0.5). Defaults are BambaConfig's.
+HfInfo bamba_info_from_json(const JsonFields& f, const std::string& origin) {
+  if (f.has("model_type")) {
+    const std::string t = f.get_string("model_type");
+    HM_CHECK(t == "bamba", origin, ": field 'model_type' must be \"bamba\" for BambaForCausalLM, got \"", t, "\"");
+  }
+  HfInfo info;
+  info.layers_names = true;
+  info.conv_bias_field = "mamba_conv_bias";
+  ModelConfig& c = info.cfg;
+  c.hybrid = "simple";
+  c.state_bridges = false;
+  c.d_model = int(f.get_int("hidden_size", 1, kMaxDModel));
+  c.n_layers = int(f.get_int("num_hidden_layers", 1, kMaxLayers));
+  c.vocab_size = int(f.get_int("vocab_size", 1, kMaxVocab));
+  c.d_ff = f.has("intermediate_size") ? int(f.get_int("intermediate_size", 1, kMaxDff)) : 14336;
+  c.norm_eps = f.has("rms_norm_eps") ? f.get_float("rms_norm_eps") : 1e-5f;  // every RMSNorm, the gated one too
+  HM_CHECK(c.norm_eps > 0 && c.norm_eps < 1, origin, ": field 'rms_norm_eps' must be in (0, 1), got ", c.norm_eps);
+  c.tie_embeddings = f.has("tie_word_embeddings") ? f.get_bool("tie_word_embeddings") : false;
+  if (f.has("hidden_act")) {  // the conv's and the MLP's activation
+    const std::string act = f.get_string("hidden_act");
+    HM_CHECK(act == "silu" || act == "swish", origin, ": field 'hidden_act' is \"", act,
+             "\": not supported (only \"silu\")");
+  }
+  for (const char* k : {"attention_bias", "mlp_bias", "mamba_proj_bias"})
+    if (present(f, k))
+      HM_CHECK(!f.get_bool(k), origin, ": field '", k, "' is true: biases on those projections are not supported");
+
+  // The layer pattern: attention at attn_layer_indices (null: none), Mamba-2 everywhere else.
+  c.attention_layers.clear();
+  if (present(f, "attn_layer_indices")) {
+    const nlohmann::json& idx = f.at("attn_layer_indices");
+    HM_CHECK(idx.is_array(), origin, ": field 'attn_layer_indices' must be a list of layer indices, got ", idx.dump());
+    for (size_t k = 0; k < idx.size(); ++k) {
+      const int i = int(json_to_int(idx[k], 0, c.n_layers - 1, origin, detail::cat("attn_layer_indices[", k, "]")));
+      HM_CHECK(!c.is_attention(i), origin, ": field 'attn_layer_indices' lists layer ", i, " twice");
+      c.attention_layers.push_back(i);
+    }
+    std::sort(c.attention_layers.begin(), c.attention_layers.end());
+  }
+  c.mamba2_layers.clear();
+  for (int i = 0; i < c.n_layers; ++i)
+    if (!c.is_attention(i)) c.mamba2_layers.push_back(i);
+  if (present(f, "layers_block_type")) {  // a property of BambaConfig; a saved copy must agree
+    const nlohmann::json& t = f.at("layers_block_type");
+    HM_CHECK(t.is_array() && t.size() == size_t(c.n_layers), origin, ": field 'layers_block_type' must list ",
+             c.n_layers, " layer types, got ", t.dump());
+    for (int i = 0; i < c.n_layers; ++i) {
+      const std::string want = c.is_attention(i) ? "attention" : "mamba";
+      HM_CHECK(t[size_t(i)] == want, origin, ": field 'layers_block_type[", i, "]' is ", t[size_t(i)].dump(),
+               " but 'attn_layer_indices' makes layer ", i, " \"", want, "\"");
+    }
+  }
+
+  // Attention: GQA with RoPE on the first head_dim / 2 channels of each head, no biases.
+  c.n_heads = f.has("num_attention_heads") ? int(f.get_int("num_attention_heads", 1, kMaxHeads)) : 32;
+  c.n_kv_heads = present(f, "num_key_value_heads") ? int(f.get_int("num_key_value_heads", 1, kMaxHeads)) : 8;
+  if (f.has("num_key_value_heads") && f.at("num_key_value_heads").is_null()) c.n_kv_heads = c.n_heads;
+  c.rope = true;
+  c.rope_theta = 10000.0f;
+  const auto rope_fields = [&](const JsonFields& r) {
+    if (present(r, "rope_type")) {
+      const std::string t = r.get_string("rope_type");
+      HM_CHECK(t == "default", origin, ": field '", r.field("rope_type"), "' is \"", t,
+               "\": only \"default\" RoPE (no scaling) is supported");
+    }
+    if (&r != &f && present(r, "type"))  // rope_scaling's older spelling of rope_type
+      HM_CHECK(r.get_string("type") == "default", origin, ": field '", r.field("type"), "' is ",
+               r.at("type").dump(), ": only \"default\" RoPE (no scaling) is supported");
+    if (present(r, "rope_theta")) c.rope_theta = float(r.get_double("rope_theta", 1e-30, kMaxRopeTheta));
+    if (present(r, "partial_rotary_factor")) {
+      const double partial = r.get_double("partial_rotary_factor", 0, 1);
+      HM_CHECK(partial == 0.5, origin, ": field '", r.field("partial_rotary_factor"), "' is ", partial,
+               ": BambaConfig fixes it at 0.5 whatever config.json says, so another value is ambiguous and refused");
+    }
+  };
+  rope_fields(f);
+  if (present(f, "rope_parameters")) rope_fields(f.object("rope_parameters"));
+  if (present(f, "rope_scaling")) rope_fields(f.object("rope_scaling"));
+  if (!c.attention_layers.empty()) {  // checked where transformers builds attention
+    HM_CHECK(c.d_model % c.n_heads == 0, origin, ": field 'num_attention_heads' (", c.n_heads,
+             ") must divide 'hidden_size' (", c.d_model, ")");
+    HM_CHECK(c.n_heads % c.n_kv_heads == 0, origin, ": field 'num_key_value_heads' (", c.n_kv_heads,
+             ") must divide 'num_attention_heads' (", c.n_heads, ")");
+    if (present(f, "head_dim"))  // BambaAttention would read it; ours is hidden_size / heads
+      HM_CHECK(f.get_int("head_dim", 1, kMaxDModel) == c.head_dim(), origin, ": field 'head_dim' (",
+               f.at("head_dim").dump(), ") differs from hidden_size / num_attention_heads = ", c.head_dim(),
+               ": not supported");
+    // transformers rotates int(head_dim * 0.5) channels, rotate-half style: an odd count would pair
+    // them differently from its own frequency table.
+    c.rope_dim = c.head_dim() / 2;
+    HM_CHECK(c.head_dim() % 4 == 0, origin, ": hidden_size / num_attention_heads = ", c.head_dim(),
+             " rotates ", c.rope_dim, " channels per head (partial_rotary_factor 0.5): only an even count is supported");
+  } else {  // no attention layer: keep our defaults so the config round-trips
+    c.n_heads = ModelConfig{}.n_heads;
+    c.n_kv_heads = ModelConfig{}.n_kv_heads;
+  }
+
+  // The Mamba-2 mixer: width int(mamba_expand * hidden_size), mamba_n_heads heads of mamba_d_head.
+  c.d_state = f.has("mamba_d_state") ? int(f.get_int("mamba_d_state", 1, kMaxDState)) : 256;
+  c.d_conv = f.has("mamba_d_conv") ? int(f.get_int("mamba_d_conv", 1, kMaxDConv)) : 4;
+  c.expand = f.has("mamba_expand") ? int(f.get_int("mamba_expand", 1, kMaxExpand)) : 2;
+  const int inner = c.d_inner();
+  const int heads = f.has("mamba_n_heads") ? int(f.get_int("mamba_n_heads", 1, inner)) : 128;
+  HM_CHECK(inner % heads == 0, origin, ": field 'mamba_n_heads' (", heads, ") must divide mamba_expand * "
+           "hidden_size = ", inner);
+  c.mamba2_head_dim = inner / heads;
+  if (f.has("mamba_d_head") && !(f.at("mamba_d_head").is_string() && f.get_string("mamba_d_head") == "auto"))
+    HM_CHECK(f.get_int("mamba_d_head", 1, inner) == c.mamba2_head_dim, origin, ": field 'mamba_d_head' (",
+             f.at("mamba_d_head").dump(), ") x 'mamba_n_heads' (", heads, ") must equal mamba_expand * hidden_size = ",
+             inner);
+  c.mamba2_groups = f.has("mamba_n_groups") ? int(f.get_int("mamba_n_groups", 1, kMaxHeads)) : 1;
+  HM_CHECK(heads % c.mamba2_groups == 0, origin, ": field 'mamba_n_groups' (", c.mamba2_groups,
+           ") must divide 'mamba_n_heads' (", heads, ")");
+  // BambaRMSNormGated is transformers' MambaRMSNormGated: one norm over all intermediate_size
+  // columns, whatever the groups (mamba_ssm's per-group norm differs when mamba_n_groups > 1).
+  c.mamba2_norm_per_group = false;
+  read_time_step_limit(f, origin, c);
+  if (f.has("mamba_chunk_size")) f.get_int("mamba_chunk_size", 1, INT32_MAX);  // how the scan is split only
+  if (f.has("mamba_conv_bias")) info.conv_bias = f.get_bool("mamba_conv_bias");
+  // Ignored as transformers' forward ignores them: initializer_range, time_step_min/max
+  // (initialization), z_loss_coefficient and attention_dropout (training only), use_cache,
+  // num_logits_to_keep, max_position_embeddings (no effect with default RoPE), token ids, dtype.
+  return info;
+}
+
+// Our tensor name -> transformers' name in Jamba and Bamba (expert stacks aside: load_hf_params
+// reads them per expert or fused).
+std::string layers_tensor_name(const std::string& ours) {
   if (ours == "backbone.embeddings.weight") return "model.embed_tokens.weight";
   if (ours == "backbone.norm_f.weight") return "model.final_layernorm.weight";
   if (ours == "lm_head.weight") return ours;
@@ -487,14 +625,14 @@ void load_hf_params(Params& p, const std::string& dir) {
   for (size_t i = 0; i < p.specs().size(); ++i) {
     const ParamSpec& s = p.specs()[i];
     float* dst = p.at(i);
-    const std::string name = info.jamba ? jamba_tensor_name(s.name) : s.name;
+    const std::string name = info.layers_names ? layers_tensor_name(s.name) : s.name;
     if (!info.conv_bias && ends_with(s.name, "mixer.conv1d.bias")) {
       HM_CHECK(!where.count(name), dir, ": tensor '", name, "' is present but config.json says ",
                info.conv_bias_field, ": false");
       std::fill(dst, dst + s.numel(), 0.0f);
       continue;
     }
-    if (const size_t at = name.rfind(".experts."); info.jamba && at != std::string::npos) {
+    if (const size_t at = name.rfind(".experts."); info.layers_names && at != std::string::npos) {
       // An expert stack [experts, out, in].
       const size_t cut = at + 9;
       const std::string stem = name.substr(0, cut), proj = name.substr(cut);  // e.g. "gate_proj.weight"
@@ -523,7 +661,7 @@ void load_hf_params(Params& p, const std::string& dir) {
     where["lm_head.weight"]->read_f32("lm_head.weight", shape, head.data());
     HM_CHECK(std::memcmp(head.data(), p.embeddings(), head.size() * sizeof(float)) == 0, dir,
              ": tie_word_embeddings is true but tensor 'lm_head.weight' differs from '",
-             info.jamba ? jamba_tensor_name("backbone.embeddings.weight") : "backbone.embeddings.weight", "'");
+             info.layers_names ? layers_tensor_name("backbone.embeddings.weight") : "backbone.embeddings.weight", "'");
     used.insert("lm_head.weight");
   }
   for (const auto& [name, r] : where)

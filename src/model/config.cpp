@@ -67,6 +67,7 @@ void validate(const ModelConfig& c) {
   in_range(c.n_kv_heads, 1, kMaxHeads, "n_kv_heads");
   in_range(c.d_ff, 0, kMaxDff, "d_ff");  // 0 = no MLP
   HM_CHECK(c.norm_eps > 0 && c.norm_eps <= 1, "config: 'norm_eps' must be in (0, 1], got ", c.norm_eps);
+  HM_CHECK(c.rope_dim >= 0, "config: 'rope_dim' must be >= 0 (0 = the whole head), got ", c.rope_dim);
   HM_CHECK(c.rope_theta > 0 && c.rope_theta <= kMaxRopeTheta, "config: 'rope_theta' must be in (0, ",
            kMaxRopeTheta, "], got ", c.rope_theta);
   std::set<int> seen;
@@ -140,6 +141,8 @@ void validate(const ModelConfig& c) {
              ") must be divisible by 'n_kv_heads' (", c.n_kv_heads, ")");
     HM_CHECK(!c.rope || c.head_dim() % 2 == 0, "config: 'rope' needs an even head_dim, got ",
              c.head_dim());
+    HM_CHECK(c.rope_dim == 0 || (c.rope_dim % 2 == 0 && c.rope_dim <= c.head_dim()), "config: 'rope_dim' (",
+             c.rope_dim, ") must be even and at most head_dim (", c.head_dim(), "), or 0 for the whole head");
   }
   // Kernels index a weight tensor with int32: the largest (embeddings, in_proj, the MLP's)
   // must stay below kMaxTensorElements. Checked in 64 bits from the bounded fields.
@@ -169,7 +172,7 @@ std::vector<int> get_layer_list(const JsonFields& f, const char* key) {
 ModelConfig config_from_json(const nlohmann::json& j, const std::string& origin) {
   const JsonFields f(j, origin);
   f.check_known({"model_type", "hybrid", "d_model", "n_layers", "attention_layers", "vocab_size", "d_state",
-                 "d_conv", "expand", "d_inner", "dt_rank", "n_heads", "n_kv_heads", "rope", "rope_theta", "d_ff",
+                 "d_conv", "expand", "d_inner", "dt_rank", "n_heads", "n_kv_heads", "rope", "rope_theta", "rope_dim", "d_ff",
                  "norm_eps", "tie_embeddings", "state_bridges", "true_layers", "routing_mode",
                  "routing_granularity", "routing_chunk", "attention_budget", "budget_loss_weight",
                  "mamba2_layers", "mamba2_head_dim", "mamba2_groups", "mamba2_norm_per_group",
@@ -211,6 +214,7 @@ ModelConfig config_from_json(const nlohmann::json& j, const std::string& origin)
   c.n_kv_heads = f.has("n_kv_heads") ? int(f.get_int("n_kv_heads", 1, kMaxHeads)) : c.n_heads;
   if (f.has("rope")) c.rope = f.get_bool("rope");
   if (f.has("rope_theta")) c.rope_theta = f.get_float("rope_theta");
+  if (f.has("rope_dim")) c.rope_dim = int(f.get_int("rope_dim", 0, kMaxDModel));
   if (f.has("d_ff")) c.d_ff = int(f.get_int("d_ff", 0, kMaxDff));
   if (f.has("norm_eps")) c.norm_eps = f.get_float("norm_eps");
   if (f.has("tie_embeddings")) c.tie_embeddings = f.get_bool("tie_embeddings");
@@ -254,6 +258,7 @@ nlohmann::json config_to_json(const ModelConfig& c) {
   j["n_kv_heads"] = c.n_kv_heads;
   j["rope"] = c.rope;
   j["rope_theta"] = c.rope_theta;
+  if (c.rope_dim > 0) j["rope_dim"] = c.rope_dim;
   j["d_ff"] = c.d_ff;
   j["norm_eps"] = c.norm_eps;
   j["tie_embeddings"] = c.tie_embeddings;
@@ -386,6 +391,8 @@ std::string training_unsupported(const ModelConfig& c) {
   if (!c.mamba2_layers.empty()) return "it has Mamba-2 layers (config 'mamba2_layers')";
   if (c.mamba_bcdt_norm) return "its Mamba mixers normalize dt, B and C (config 'mamba_bcdt_norm', Falcon-Mamba)";
   if (!c.moe_layers.empty()) return "it has mixture-of-experts layers (config 'moe_layers')";
+  if (c.rope && c.any_attention() && c.resolved_rope_dim() < c.head_dim())
+    return "its attention rotates only part of each head (config 'rope_dim')";
   return "";
 }
 

@@ -45,6 +45,10 @@ struct ModelConfig {
   int n_kv_heads = 8;
   bool rope = true;
   float rope_theta = 10000.0f;
+  // Channels of each head RoPE rotates: the first rope_dim, paired rotate-half style (i with
+  // i + rope_dim / 2, frequencies theta^(-2i / rope_dim)); the rest pass unchanged (Bamba's
+  // partial_rotary_factor 0.5). 0 = the whole head.
+  int rope_dim = 0;
   int d_ff = 0;
   float norm_eps = 1e-5f;
   bool tie_embeddings = true;
@@ -88,6 +92,7 @@ struct ModelConfig {
   int d_inner() const { return inner_size > 0 ? inner_size : expand * d_model; }
   int resolved_dt_rank() const { return dt_rank > 0 ? dt_rank : (d_model + 15) / 16; }
   int head_dim() const { return d_model / n_heads; }
+  int resolved_rope_dim() const { return rope_dim > 0 ? rope_dim : head_dim(); }
   // Layer kinds: attention only, true hybrid (both paths), or Mamba only (everything else).
   bool is_attention(int layer) const;
   bool is_true(int layer) const;

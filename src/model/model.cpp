@@ -91,7 +91,7 @@ void HybridModel::release_float_weights() {
 void HybridModel::set_weight_format(DType f) {
   check_floats_kept();
   HM_CHECK(f == DType::F32 || be_.supports_weight_format(f), "model: the ", be_.name(), " backend has no ",
-           compute_dtype_name(f), " weights (bf16, q8_0 and q4_0 weights run on the cpu; --weights f32 loads "
+           compute_dtype_name(f), " weights (bf16, f16, q8_0 and q4_0 weights run on the cpu; --weights f32 loads "
            "a packed checkpoint unpacked)");
   HM_CHECK(f == DType::F32 || dtype_ == DType::F32, "model: ", compute_dtype_name(f),
            " weights need float32 activations, this model computes in ", compute_dtype_name(dtype_));
@@ -322,6 +322,28 @@ void HybridModel::mamba2_path(int layer, Tensor x, const Ragged& rg, Tensor out,
   be_.linear(out, yn, w.out_proj, accumulate);
 }
 
+namespace {
+
+// RoPE on each of the `heads` heads of x [n, heads * head_dim] (contiguous): the whole head, or
+// only its first rope_dim channels (Bamba's partial rotary), which are gathered into scratch
+// (at least n * heads * rope_dim elements), rotated there and put back: plain backend ops only.
+void rope_heads(Backend& be, const ModelConfig& c, Tensor x, int heads, Tensor scratch, const Ragged& rg) {
+  const int hd = c.head_dim(), rd = c.resolved_rope_dim();
+  if (rd == hd) {
+    be.rope(x, heads, hd, c.rope_theta, rg);
+    return;
+  }
+  HM_ASSERT(x.ld == int64_t(heads) * hd && scratch.rows * int64_t(scratch.ld) >= int64_t(x.rows) * heads * rd);
+  const int rows = x.rows * heads;
+  const Tensor per_head = Tensor(x.data, x.dtype, rows, hd).cols_view(0, rd);  // one row per (token, head)
+  const Tensor part(scratch.data, x.dtype, rows, rd);                         // = [n, heads * rd]
+  be.copy_rows(part, nullptr, per_head, nullptr, rows);
+  be.rope(Tensor(scratch.data, x.dtype, x.rows, heads * rd), heads, rd, c.rope_theta, rg);
+  be.copy_rows(per_head, nullptr, part, nullptr, rows);
+}
+
+}  // namespace
+
 void HybridModel::attention_path(int layer, Tensor x, const Ragged& rg, Tensor out, bool accumulate,
                                  HybridMemory& mem) {
   const LayerTensors& w = lw_[size_t(layer)];
@@ -332,9 +354,9 @@ void HybridModel::attention_path(int layer, Tensor x, const Ragged& rg, Tensor o
   be_.linear(q, x, w.wq, false);
   be_.linear(k, x, w.wk, false);
   be_.linear(v, x, w.wv, false);
-  if (cfg_.rope) {
-    be_.rope(q, H, hd, cfg_.rope_theta, rg);
-    be_.rope(k, G, hd, cfg_.rope_theta, rg);
+  if (cfg_.rope) {  // ctx is free until attention writes it: the scratch of a partial rotation
+    rope_heads(be_, cfg_, q, H, ctx, rg);
+    rope_heads(be_, cfg_, k, G, ctx, rg);
   }
   // The new K/V rows join the cache first; attention then reads every position from it,
   // so prefill and decode see identical (possibly half-precision) keys and values.
