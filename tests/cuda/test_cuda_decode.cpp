@@ -122,16 +122,18 @@ TEST_P(CudaDecode, GemvMatchesRef) {
   hm::Rng rng(301);
   const std::vector<DType> outs = T() == DType::F32 ? std::vector<DType>{DType::F32}
                                                     : std::vector<DType>{T(), DType::F32};
-  int ran_mma = 0, ran_core = 0;
-  const bool tc_default = hm::cuda::gemv_tensor_cores();
+  int ran_mma = 0, ran_core = 0, ran_row = 0;
+  const bool tc_default = hm::cuda::gemv_tensor_cores(), row_default = hm::cuda::gemv_row_kernel();
   for (auto [n, k] : {std::pair{1, 8}, std::pair{67, 136}, std::pair{1001, 1048}, std::pair{160, 4096},
                       std::pair{3001, 512}, std::pair{77, 160}, std::pair{8, 96}})
     for (int m : {1, 2, 3, 5, 8, 9, 16, 17, 32})
-      for (bool tc : {true, false})
+      for (int kernel = 0; kernel < 3; ++kernel)  // 0 tensor cores allowed, 1 CUDA cores, 2 row kernel
         for (DType ty : outs)
           for (int variant = 0; variant < 3; ++variant) {  // 0 plain, 1 accumulate, 2 fused norm
             const bool acc = variant == 1, norm = variant == 2;
+            const bool tc = kernel == 0;
             hm::cuda::set_gemv_tensor_cores(tc);
+            hm::cuda::set_gemv_row_kernel(kernel == 2);
             const int ldx = k + 16, ldw = k + 8, ldy = n + 5;
             DevMat x(be(), T(), m, ldx, rng, 1.0), W(be(), T(), n, ldw, rng, 0.1);
             DevMat g(be(), T(), 1, k + 8, rng, 0.3, 1.0), y(be(), ty, m, ldy, rng, 1.0);
@@ -153,8 +155,9 @@ TEST_P(CudaDecode, GemvMatchesRef) {
                                      cuda_->stream());
             });
             if (!ran) continue;
-            const bool mma = tc && T() != DType::F32 && k % 32 == 0;
-            (mma ? ran_mma : ran_core) += 1;
+            const bool row = kernel == 2 && m == 1 && size_t(k) * 4 <= 48 * 1024;
+            const bool mma = !row && tc && T() != DType::F32 && k % 32 == 0;
+            (row ? ran_row : mma ? ran_mma : ran_core) += 1;
             std::vector<float> xin = dense(x.f, m, k, ldx, 8);
             if (norm) {
               std::vector<float> gd = dense(g.f, 1, k, k + 8, 8), xn(xin.size());
@@ -175,12 +178,14 @@ TEST_P(CudaDecode, GemvMatchesRef) {
             const double bound = ty != DType::F32 ? tol(ty) : mma && norm ? tol(T()) : 1e-5;
             EXPECT_LE(rel_err(got, ref, m, n, ldy, 1), bound)
                 << "gemv m " << m << " n " << n << " k " << k << " out " << hm::compute_dtype_name(ty) << " variant "
-                << variant << (mma ? " tensor cores" : " cuda cores");
+                << variant << (row ? " row kernel" : mma ? " tensor cores" : " cuda cores");
             for (int i = 0; i < m; ++i)
               for (int j : {0, n + 1, n + 4}) EXPECT_EQ(got[size_t(i) * ldy + j], y.f[size_t(i) * ldy + j]);
           }
   hm::cuda::set_gemv_tensor_cores(tc_default);
+  hm::cuda::set_gemv_row_kernel(row_default);
   EXPECT_GT(ran_core, 50);
+  EXPECT_GE(ran_row, 7 * int(outs.size()) * 3);  // every shape at one row, every output type and variant
   if (T() != DType::F32) {
     EXPECT_GT(ran_mma, 100);
   }
@@ -198,10 +203,12 @@ TEST_P(CudaDecode, GemvMatchesRef) {
 TEST_P(CudaDecode, MambaInMatchesPlainOps) {
   hm::Rng rng(302);
   const int D = 136, E = 72, K = 4;
+  const bool row_default = hm::cuda::gemv_row_kernel();
   for (int nseq : {1, 3, 8, 9, 16, 33})
     for (bool norm : {true, false})
-      for (bool fused : {true, false}) {
-        cuda_->set_decode_kernels(fused);
+      for (int fused = 0; fused < 3; ++fused) {  // 0 plain ops, 1 fused, 2 fused on the row kernel
+        cuda_->set_decode_kernels(fused > 0);
+        hm::cuda::set_gemv_row_kernel(fused == 2);
         hm::Ragged rg;
         const int n_slots = decode_batch(rg, rng, nseq);
         rg.upload(be());
@@ -227,7 +234,7 @@ TEST_P(CudaDecode, MambaInMatchesPlainOps) {
           hm::ref::conv1d_silu(rxc.data() + size_t(s) * ldxc, ldxc, rst.data() + size_t(rg.slot(s)) * E * (K - 1),
                                xr.data() + size_t(s) * E, E, w.f.data(), b.f.data(), 1, E, K);
         const std::string what = std::string("mamba_in nseq ") + std::to_string(nseq) + (norm ? " norm" : "") +
-                                 (fused ? " fused" : " plain");
+                                 (fused == 2 ? " fused, row kernel" : fused ? " fused" : " plain");
         EXPECT_LE(rel_err(xz.get(be()), rxz, nseq, 2 * E, ldxz), tol(T())) << what << " xz";
         EXPECT_LE(rel_err(xc.get(be()), rxc, nseq, E, ldxc), tol(T())) << what << " xc";
         // The window holds the stored x, which a last-bit difference in xz can flip.
@@ -235,6 +242,7 @@ TEST_P(CudaDecode, MambaInMatchesPlainOps) {
             << what << " conv state";
       }
   cuda_->set_decode_kernels(true);
+  hm::cuda::set_gemv_row_kernel(row_default);
 }
 
 // Backend::dt_scan on CUDA (dt_proj inside the scan step for decode batches) against

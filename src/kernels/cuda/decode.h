@@ -47,6 +47,10 @@ bool gemv_fits(int m, int k, const void* x, int64_t ldx, const void* W, int64_t 
 // slower); tests switch it to check both kernels.
 void set_gemv_tensor_cores(bool on);
 bool gemv_tensor_cores();
+// Whether one-row GEMVs take the row kernel (x staged once per block, 4 columns per warp): off
+// unless HM_CUDA_GEMV_ROW=1 until it is measured on the device; tests switch it.
+void set_gemv_row_kernel(bool on);
+bool gemv_row_kernel();
 
 // y[m, n] (=|+=) x'[m, k] . W[n, k]^T, x' = x or, with norm_w, rmsnorm(x) * norm_w (eps);
 // float sums, y rounded once. With conv (TY == T, not accumulating), the conv step above runs

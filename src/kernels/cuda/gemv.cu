@@ -40,6 +40,16 @@ void set_gemv_tensor_cores(bool on) { g_tensor_cores = on; }
 bool gemv_tensor_cores() { return g_tensor_cores; }
 
 namespace {
+// Off unless HM_CUDA_GEMV_ROW=1: written after the H200 session, not yet measured there.
+bool g_row_kernel = [] {
+  const char* v = std::getenv("HM_CUDA_GEMV_ROW");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}();
+}  // namespace
+void set_gemv_row_kernel(bool on) { g_row_kernel = on; }
+bool gemv_row_kernel() { return g_row_kernel; }
+
+namespace {
 
 constexpr int kWarps = 8, kThreads = 32 * kWarps, kPre = 4, kPreMma = 8;
 
@@ -372,6 +382,129 @@ __global__ void __launch_bounds__(kThreads) gemv_mma_kernel(const Args<T, TY> a)
     for (int i = 0; i < 4; ++i) finish(a, 16 * t + g + 8 * (i / 2), n0 + 2 * q + i % 2, acc[t][i]);
 }
 
+// One row of x (m == 1): x (normed) staged once per block in shared memory as floats; each
+// warp, or ks warps splitting k, computes kRowCols adjacent columns, so every x vector read
+// from shared memory feeds kRowCols weight vectors, and each lane keeps kRowPre x kRowCols
+// 16-byte weight loads in flight (the first batch issued before pdl_wait). Per 16 weight bytes:
+// one load, the widening, 8 FMAs and a quarter of the x reads, against the CUDA-core kernel's
+// x (and norm weight) reload from L1 per vector.
+constexpr int kRowCols = 4, kRowPre = 2;
+template <class T, class TY>
+__global__ void __launch_bounds__(kThreads) gemv_row_kernel(const Args<T, TY> a) {
+  constexpr int V = 16 / sizeof(T);
+  extern __shared__ uint4 xs_raw[];
+  float* xs = reinterpret_cast<float*>(xs_raw);  // k floats
+  __shared__ float red[kWarps][kRowCols];
+  __shared__ float inv_s;
+  pdl_trigger();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int part = warp % a.ks;
+  const int j0 = (blockIdx.x * (kWarps / a.ks) + warp / a.ks) * kRowCols;
+  const int nvec = a.k / V, stride = 32 * a.ks, v0 = part * 32 + lane;
+  const uint4* wrow[kRowCols];
+  bool ok[kRowCols];
+#pragma unroll
+  for (int c = 0; c < kRowCols; ++c) {
+    ok[c] = j0 + c < a.n;
+    wrow[c] = reinterpret_cast<const uint4*>(a.W + size_t(ok[c] ? j0 + c : 0) * a.ldw);
+  }
+  uint4 pre[kRowPre][kRowCols];
+#pragma unroll
+  for (int i = 0; i < kRowPre; ++i)
+#pragma unroll
+    for (int c = 0; c < kRowCols; ++c) {
+      const int v = v0 + i * stride;
+      pre[i][c] = ok[c] && v < nvec ? __ldg(wrow[c] + v) : make_uint4(0, 0, 0, 0);
+    }
+  pdl_wait();
+
+  if (a.norm_w != nullptr) {
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < a.k; i += kThreads) {
+      const float v = to_f(a.x[i]);
+      ss += v * v;
+    }
+    ss = warp_sum(ss);
+    if (lane == 0) red[warp][0] = ss;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float t = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) t += red[w][0];
+      inv_s = rsqrtf(t / float(a.k) + a.eps);
+    }
+    __syncthreads();
+  }
+  const float inv = a.norm_w != nullptr ? inv_s : 1.0f;
+  for (int i = threadIdx.x; i < a.k; i += kThreads)
+    xs[i] = a.norm_w != nullptr ? to_f(a.x[i]) * inv * to_f(a.norm_w[i]) : to_f(a.x[i]);
+  __syncthreads();
+
+  float acc[kRowCols];
+#pragma unroll
+  for (int c = 0; c < kRowCols; ++c) acc[c] = 0.0f;
+  auto consume = [&](const uint4 (&w)[kRowCols], int v) {
+    float xf[V];
+#pragma unroll
+    for (int q = 0; q < V / 4; ++q) {
+      const float4 f = reinterpret_cast<const float4*>(xs + v * V)[q];
+      xf[4 * q] = f.x; xf[4 * q + 1] = f.y; xf[4 * q + 2] = f.z; xf[4 * q + 3] = f.w;
+    }
+#pragma unroll
+    for (int c = 0; c < kRowCols; ++c) {
+      float wf[V];
+      widen<T>(w[c], wf);
+#pragma unroll
+      for (int e = 0; e < V; ++e) acc[c] += wf[e] * xf[e];
+    }
+  };
+#pragma unroll
+  for (int i = 0; i < kRowPre; ++i) {
+    const int v = v0 + i * stride;
+    if (v < nvec) consume(pre[i], v);
+  }
+  for (int base = v0 + kRowPre * stride; base < nvec; base += kRowPre * stride) {
+    uint4 w[kRowPre][kRowCols];
+#pragma unroll
+    for (int i = 0; i < kRowPre; ++i)
+#pragma unroll
+      for (int c = 0; c < kRowCols; ++c) {
+        const int v = base + i * stride;
+        w[i][c] = ok[c] && v < nvec ? __ldg(wrow[c] + v) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+    for (int i = 0; i < kRowPre; ++i) {
+      const int v = base + i * stride;
+      if (v < nvec) consume(w[i], v);
+    }
+  }
+#pragma unroll
+  for (int c = 0; c < kRowCols; ++c) acc[c] = warp_sum(acc[c]);
+  if (a.ks > 1) {  // the ks warps of a column group are adjacent: the first adds the others'
+    __syncthreads();  // red was read for the norm
+    if (lane == 0) {
+#pragma unroll
+      for (int c = 0; c < kRowCols; ++c) red[warp][c] = acc[c];
+    }
+    __syncthreads();
+    if (part != 0) return;
+#pragma unroll
+    for (int c = 0; c < kRowCols; ++c)
+      for (int p = 1; p < a.ks; ++p) acc[c] += red[warp + p][c];
+  }
+  if (part != 0 || lane >= kRowCols) return;
+  float v = 0.0f;  // lane c finishes column j0 + c (a register picked without dynamic indexing)
+#pragma unroll
+  for (int c = 0; c < kRowCols; ++c)
+    if (c == lane) v = acc[c];
+  const int j = j0 + lane;
+  if (j >= a.n) return;
+  TY* yp = a.y + j;
+  if (a.accumulate) v += to_f(*yp);
+  *yp = from_f<TY>(v);
+  if (j < a.conv.E) conv_step(a.conv, 0, j, v);
+}
+
 int sm_count() {
   static const int n = [] {
     int dev = 0, c = 0;
@@ -395,6 +528,7 @@ bool core_fits(int m, int k, size_t elem_bytes) {
 // x staged in shared memory: rows padded by 32 elements so the 8 rows of a fragment load fall
 // in different banks. Up to kMaxStage bytes (opt-in above 48 KB); the fused norm needs it.
 constexpr size_t kMaxStage = 96 * 1024;
+constexpr size_t kMaxRowStage = 48 * 1024;  // the row kernel's float x: no opt-in needed
 size_t stage_bytes(int m, int k) { return size_t(m) * size_t(k + 32) * 2; }
 bool mma_fits(int m, int k, bool norm, size_t elem_bytes) {
   return g_tensor_cores && elem_bytes == 2 && m >= 1 && m <= (norm ? kGemvMaxNormRows : kGemvMaxRows) && k >= 32 &&
@@ -429,6 +563,13 @@ void gemv(TY* y, int ldy, const T* x, int ldx, const T* W, int ldw, int m, int n
            kMaxConv, "]");
   if (n <= 0) return;
   Args<T, TY> a{y, ldy, x, ldx, W, ldw, m, n, k, 1, accumulate, norm_w, eps, conv ? *conv : ConvStep<T>{}, 0};
+  if (g_row_kernel && m == 1 && size_t(k) * sizeof(float) <= kMaxRowStage) {
+    const int groups = ceil_div(n, kRowCols), nvec = k / (16 / int(sizeof(T)));
+    while (a.ks < kWarps && ceil_div(groups, kWarps / a.ks) < 2 * sm_count() && 64 * a.ks <= nvec) a.ks *= 2;
+    launch_pdl("gemv", gemv_row_kernel<T, TY>, dim3(ceil_div(groups, kWarps / a.ks)), dim3(kThreads), stream,
+               size_t(k) * sizeof(float), a);
+    return;
+  }
   if constexpr (sizeof(T) == 2) {
     if (mma_fits(m, k, norm_w != nullptr, sizeof(T))) {
       // Column groups of 8; more warps per group (splitting k) while the grid is under two
