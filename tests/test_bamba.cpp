@@ -1,16 +1,19 @@
-// Bamba (BambaForCausalLM, src/io/hf_model.cpp): Mamba-2 mixers and attention with RoPE on half
-// of each head, a SwiGLU MLP after every layer. The mapping field by field, loading under
-// transformers' names, the partial rotation against a reference written here, refusals, and
-// parity with transformers on the fixtures of tests/fixtures/hf/make_fixtures.py (skipped when
-// they are absent).
+// Bamba (BambaForCausalLM) and Granite 4.0-H (GraniteMoeHybridForCausalLM), src/io/hf_model.cpp:
+// Mamba-2 mixers and attention (Bamba's with RoPE on half of each head, Granite's without), an
+// MLP after every layer (Granite's: experts plus a shared MLP, and its scalings). The mappings
+// field by field, loading under transformers' names, the new model features against references
+// written here, refusals, and parity with transformers on the fixtures of
+// tests/fixtures/hf/make_fixtures.py (skipped when they are absent).
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <map>
 #include <nlohmann/json.hpp>
 
 #include "backend/backend.h"
@@ -129,6 +132,21 @@ void edit_config(const fs::path& dir, const std::function<void(json&)>& edit) {
   json j = parse_hf_json_file((dir / "config.json").string());
   edit(j);
   write_text(dir / "config.json", j.dump(2));
+}
+
+// A copy of tensor `from` of a safetensors file added under the name `to`.
+void add_tensor_copy(const fs::path& path, const std::string& from, const std::string& to) {
+  std::deque<std::vector<unsigned char>> bytes;
+  std::vector<TensorToWrite> ts;
+  {
+    SafetensorsReader r(path.string());
+    for (const TensorInfo& t : r.tensors()) {
+      r.read_raw(t, bytes.emplace_back(t.end - t.begin).data());
+      ts.push_back({t.name, t.dtype, t.shape, bytes.back().data()});
+      if (t.name == from) ts.push_back({to, t.dtype, t.shape, bytes.back().data()});
+    }
+  }
+  write_safetensors(path.string(), ts);
 }
 
 // hm::Error whose message contains every one of `parts`.
@@ -510,6 +528,452 @@ TEST(HfBamba, LogitsMatchTransformers) {
     GTEST_SKIP() << "no Bamba fixtures in " << kFixtures.string()
                  << ": run `python3 tests/fixtures/hf/make_fixtures.py tests/fixtures/hf bamba` where torch and "
                     "transformers are installed (the H200 device machine) and commit the bamba_* folders";
+}
+
+}  // namespace hm
+
+// Granite 4.0-H (GraniteMoeHybridForCausalLM): Bamba's Mamba-2 mixer, attention without
+// positional encoding, experts plus a shared MLP after every layer, and Granite's scalings.
+namespace hm {
+
+namespace {
+
+const char* const kGraniteFolders[] = {"granite_f32", "granite_bf16"};
+
+// A GraniteMoeHybridForCausalLM folder as transformers 5's save_pretrained writes it, our random
+// weights under its names (written here from modeling_granitemoehybrid.py's module tree): the
+// experts' and the shared MLP's gate and up projections fused into input_linear (per slab, the
+// gate's rows then the up projection's). in_memory: transformers 5's in-memory expert names.
+fs::path write_granite_folder(const test::TempDir& tmp, const std::string& extra_fields, ModelConfig& c,
+                              std::vector<float>& arena, bool in_memory = false,
+                              const std::function<void(json&)>& edit = nullptr) {
+  const fs::path d = tmp.path / "granite";
+  fs::create_directories(d);
+  write_text(d / "config.json", R"({
+  "architectures": ["GraniteMoeHybridForCausalLM"], "model_type": "granitemoehybrid", "vocab_size": 120,
+  "hidden_size": 32, "intermediate_size": 24, "num_hidden_layers": 4, "num_attention_heads": 4,
+  "num_key_value_heads": 2, "hidden_act": "silu", "max_position_embeddings": 4096, "initializer_range": 0.1,
+  "rms_norm_eps": 1e-05, "use_cache": true, "pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0,
+  "tie_word_embeddings": true, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+  "attention_bias": false, "attention_dropout": 0.0, "embedding_multiplier": 3.0, "logits_scaling": 2.5,
+  "residual_multiplier": 0.5, "attention_multiplier": 0.09, "num_local_experts": 4, "num_experts_per_tok": 2,
+  "output_router_logits": false, "router_aux_loss_coef": 0.01, "shared_intermediate_size": 40,
+  "position_embedding_type": "nope", "layer_types": ["mamba", "attention", "mamba", "mamba"],
+  "mamba_n_heads": 4, "mamba_n_groups": 2, "mamba_d_state": 8, "mamba_d_head": 16, "mamba_d_conv": 3,
+  "mamba_expand": 2, "mamba_chunk_size": 8, "mamba_conv_bias": true, "mamba_proj_bias": false,
+  "time_step_min": 0.001, "time_step_max": 0.1, "time_step_limit": [0.0, Infinity],
+  "dtype": "float32", "transformers_version": "5.17.0")" +
+                                   extra_fields + "}\n");
+  if (edit) edit_config(d, edit);
+  c = load_hf_config(d.string());
+  Params p(c);
+  test::randomize_params(p, 61);
+  std::vector<TensorToWrite> ts;
+  std::deque<std::vector<float>> fused;  // storage of the fused input_linear tensors
+  auto fuse = [&](const float* gate, const float* up, int64_t slabs, int64_t rows, int64_t cols) {
+    std::vector<float>& f = fused.emplace_back(size_t(slabs * 2 * rows * cols));
+    for (int64_t k = 0; k < slabs; ++k) {
+      std::copy_n(gate + k * rows * cols, rows * cols, f.data() + (2 * k) * rows * cols);
+      std::copy_n(up + k * rows * cols, rows * cols, f.data() + (2 * k + 1) * rows * cols);
+    }
+    return f.data();
+  };
+  for (size_t i = 0; i < p.specs().size(); ++i) {
+    const ParamSpec& s = p.specs()[i];
+    const std::string& n = s.name;
+    std::string rest, L;
+    if (n.compare(0, 16, "backbone.layers.") == 0) {
+      const size_t b = n.find('.', 16);
+      L = "model.layers." + n.substr(16, b - 16) + ".";
+      rest = n.substr(b + 1);
+    }
+    const std::string moe = L + "block_sparse_moe.", mlp = L + "shared_mlp.";
+    auto put = [&](const std::string& name, std::vector<int64_t> shape, const float* data) {
+      ts.push_back({name, DType::F32, std::move(shape), data});
+    };
+    if (n == "backbone.embeddings.weight") put("model.embed_tokens.weight", s.shape, p.at(i));
+    else if (n == "backbone.norm_f.weight") put("model.norm.weight", s.shape, p.at(i));
+    else if (n == "lm_head.weight") put(n, s.shape, p.at(i));
+    else if (rest == "norm.weight") put(L + "input_layernorm.weight", s.shape, p.at(i));
+    else if (rest == "mlp_norm.weight") put(L + "post_attention_layernorm.weight", s.shape, p.at(i));
+    else if (rest == "mlp.router.weight") put(moe + (in_memory ? "router.weight" : "router.layer.weight"), s.shape, p.at(i));
+    else if (rest == "mlp.experts.gate_proj.weight")
+      put(moe + (in_memory ? "experts.gate_up_proj" : "input_linear.weight"), {s.shape[0], 2 * s.shape[1], s.shape[2]},
+          fuse(p.at(i), p.get(n.substr(0, n.size() - 16) + "up_proj.weight"), s.shape[0], s.shape[1], s.shape[2]));
+    else if (rest == "mlp.experts.down_proj.weight") put(moe + (in_memory ? "experts.down_proj" : "output_linear.weight"), s.shape, p.at(i));
+    else if (rest == "mlp.shared_gate_proj.weight" || rest == "mlp.gate_proj.weight")
+      put(mlp + "input_linear.weight", {2 * s.shape[0], s.shape[1]},
+          fuse(p.at(i), p.get(n.substr(0, n.size() - 16) + "up_proj.weight"), 1, s.shape[0], s.shape[1]));
+    else if (rest == "mlp.shared_down_proj.weight" || rest == "mlp.down_proj.weight") put(mlp + "output_linear.weight", s.shape, p.at(i));
+    else if (rest == "mlp.experts.up_proj.weight" || rest == "mlp.shared_up_proj.weight" || rest == "mlp.up_proj.weight") continue;  // fused above
+    else if (rest.compare(0, 6, "mixer.") == 0 && rest.find("_proj.weight") == 7)
+      put(L + "self_attn." + rest.substr(6), s.shape, p.at(i));  // q/k/v/o_proj (in_proj, out_proj: Mamba's)
+    else if (rest.compare(0, 6, "mixer.") == 0) put(L + "mamba." + rest.substr(6), s.shape, p.at(i));
+    else ADD_FAILURE() << "no Granite name for " << n;
+  }
+  write_safetensors((d / "model.safetensors").string(), ts);
+  arena.assign(p.data(), p.data() + p.numel());
+  return d;
+}
+
+// Copies of `base`'s weights into a model of config c: every tensor of c's layout found in
+// base under the same name (the caller sets the others).
+std::unique_ptr<HybridModel> model_like(Backend& be, const ModelConfig& c, Params& base) {
+  auto m = std::make_unique<HybridModel>(c, be);
+  std::map<std::string, const float*> have;
+  for (size_t i = 0; i < base.specs().size(); ++i) have[base.specs()[i].name] = base.at(i);
+  for (size_t i = 0; i < m->params().specs().size(); ++i) {
+    const ParamSpec& s = m->params().specs()[i];
+    if (auto it = have.find(s.name); it != have.end()) std::copy_n(it->second, s.numel(), m->params().at(i));
+  }
+  return m;
+}
+
+}  // namespace
+
+TEST(HfGranite, ConfigMapsFieldByField) {
+  test::TempDir tmp("hf_granite_cfg");
+  ModelConfig c;
+  std::vector<float> arena;
+  write_granite_folder(tmp, "", c, arena);
+  EXPECT_EQ(c.d_model, 32);
+  EXPECT_EQ(c.n_layers, 4);
+  EXPECT_EQ(c.attention_layers, (std::vector<int>{1}));
+  EXPECT_EQ(c.mamba2_layers, (std::vector<int>{0, 2, 3}));
+  EXPECT_EQ(c.moe_layers, (std::vector<int>{0, 1, 2, 3}));  // every layer
+  EXPECT_EQ(c.moe_experts, 4);
+  EXPECT_EQ(c.moe_top_k, 2);
+  EXPECT_TRUE(c.moe_renormalize);  // softmax over the top-k logits
+  EXPECT_EQ(c.d_ff, 24);
+  EXPECT_EQ(c.moe_shared_ff, 40);
+  EXPECT_EQ(c.n_heads, 4);
+  EXPECT_EQ(c.n_kv_heads, 2);
+  EXPECT_FALSE(c.rope);
+  EXPECT_FLOAT_EQ(c.attention_scale, 0.09f);
+  EXPECT_FLOAT_EQ(c.embedding_multiplier, 3.0f);
+  EXPECT_FLOAT_EQ(c.residual_multiplier, 0.5f);
+  EXPECT_FLOAT_EQ(c.logits_scaling, 2.5f);
+  EXPECT_EQ(c.mamba2_heads(), 4);
+  EXPECT_EQ(c.mamba2_groups, 2);
+  EXPECT_FALSE(c.mamba2_norm_per_group);
+  EXPECT_EQ(c.d_state, 8);
+  EXPECT_EQ(c.d_conv, 3);
+  EXPECT_FLOAT_EQ(c.norm_eps, 1e-5f);
+  EXPECT_TRUE(c.tie_embeddings);
+  EXPECT_FALSE(c.state_bridges);
+  EXPECT_EQ(config_to_json(config_from_json(config_to_json(c))), config_to_json(c));
+  EXPECT_FLOAT_EQ(config_from_json(config_to_json(c)).attention_scale, 0.09f);
+  EXPECT_EQ(config_from_json(config_to_json(c)).moe_shared_ff, 40);
+  EXPECT_NE(training_unsupported(c), "");
+
+  auto mapped = [](const std::function<void(json&)>& edit) {
+    test::TempDir t("hf_granite_cfg2");
+    ModelConfig m;
+    std::vector<float> a;
+    const fs::path d = write_granite_folder(t, "", m, a);
+    edit_config(d, edit);
+    return load_hf_config(d.string());
+  };
+  // GraniteMoeHybridConfig's defaults where fields are absent: every layer Mamba, 8 experts of
+  // 11008, top 2, a shared MLP of 1024, no scaling, untied, eps 1e-6.
+  const ModelConfig def = mapped([](json& j) {
+    for (const char* k : {"layer_types", "num_local_experts", "num_experts_per_tok", "intermediate_size",
+                          "shared_intermediate_size", "embedding_multiplier", "residual_multiplier",
+                          "attention_multiplier", "logits_scaling", "tie_word_embeddings", "rms_norm_eps",
+                          "position_embedding_type", "num_key_value_heads"})
+      j.erase(k);
+  });
+  EXPECT_TRUE(def.attention_layers.empty());
+  EXPECT_EQ(def.mamba2_layers.size(), 4u);
+  EXPECT_EQ(def.moe_experts, 8);
+  EXPECT_EQ(def.moe_top_k, 2);
+  EXPECT_EQ(def.d_ff, 11008);
+  EXPECT_EQ(def.moe_shared_ff, 1024);
+  EXPECT_EQ(def.embedding_multiplier, 1.0f);
+  EXPECT_EQ(def.residual_multiplier, 1.0f);
+  EXPECT_EQ(def.logits_scaling, 1.0f);
+  EXPECT_FALSE(def.tie_embeddings);
+  EXPECT_FLOAT_EQ(def.norm_eps, 1e-6f);
+  // With attention and no multiplier given: scores times 1.0 (the config's default), not 1/sqrt(hd).
+  const ModelConfig one = mapped([](json& j) { j.erase("attention_multiplier"); j["num_key_value_heads"] = nullptr; });
+  EXPECT_FLOAT_EQ(one.attention_scale, 1.0f);
+  EXPECT_EQ(one.n_kv_heads, 4);
+  // No experts: the shared MLP is the dense FFN. The older name of layer_types.
+  const ModelConfig dense = mapped([](json& j) {
+    j["num_local_experts"] = 0;
+    j["layers_block_type"] = j["layer_types"];
+    j.erase("layer_types");
+    j["position_embedding_type"] = nullptr;
+  });
+  EXPECT_TRUE(dense.moe_layers.empty());
+  EXPECT_EQ(dense.d_ff, 40);
+  EXPECT_EQ(dense.moe_shared_ff, 0);
+  EXPECT_EQ(dense.attention_layers, (std::vector<int>{1}));
+}
+
+TEST(HfGranite, LoadsWeightsUnderTransformersNames) {
+  // Our model on the same arena gives the same logits bit for bit: names, shapes and the halves
+  // of every fused input_linear map one to one. Prefill = token by token; the reference backend
+  // agrees; convert keeps the logits; transformers 5's in-memory expert names load the same.
+  test::TempDir tmp("hf_granite_load");
+  ModelConfig c;
+  std::vector<float> arena;
+  const fs::path d = write_granite_folder(tmp, "", c, arena);
+  auto be = make_cpu_backend();
+  auto hf = load_any_model(d.string(), *be);
+  HybridModel ours(c, *be);
+  std::copy(arena.begin(), arena.end(), ours.params().data());
+  ours.prepare();
+  Rng rng(5);
+  const std::vector<int32_t> toks = test::tokens(rng, 23, c.vocab_size);
+  const std::vector<float> full = logits_all(*hf, toks);
+  EXPECT_EQ(full, logits_all(ours, toks));
+  const double e_step = test::rel_err(logits_stepwise(*hf, toks), full);
+  std::printf("granite: prefill vs token by token %.3g\n", e_step);
+  EXPECT_LT(e_step, 1e-5);
+  auto ref = make_ref_backend();
+  const double e_ref = test::rel_err(logits_all(*load_any_model(d.string(), *ref), toks), full);
+  std::printf("granite: reference backend vs cpu %.3g\n", e_ref);
+  EXPECT_LT(e_ref, 1e-5);
+  convert_hf_model(d.string(), (tmp.path / "conv").string(), "f32");
+  EXPECT_EQ(logits_all(*load_any_model((tmp.path / "conv").string(), *be), toks), full);
+  test::TempDir tmp2("hf_granite_mem");
+  ModelConfig c2;
+  std::vector<float> arena2;
+  const fs::path m = write_granite_folder(tmp2, "", c2, arena2, /*in_memory=*/true);
+  EXPECT_TRUE(SafetensorsReader((m / "model.safetensors").string()).find("model.layers.0.block_sparse_moe.experts.gate_up_proj"));
+  EXPECT_EQ(logits_all(*load_any_model(m.string(), *be), toks), full);
+  // The dense variant (no experts): the shared MLP's halves are the MLP's gate and up.
+  test::TempDir tmp3("hf_granite_dense");
+  ModelConfig c3;
+  std::vector<float> arena3;
+  const fs::path dn = write_granite_folder(tmp3, "", c3, arena3, false, [](json& j) { j["num_local_experts"] = 0; });
+  HybridModel ours3(c3, *be);
+  std::copy(arena3.begin(), arena3.end(), ours3.params().data());
+  ours3.prepare();
+  EXPECT_EQ(logits_all(*load_any_model(dn.string(), *be), toks), logits_all(ours3, toks));
+}
+
+TEST(HfGranite, ScalingsAndSharedExpertAreApplied) {
+  // Each of Granite's scalings against the same model with the scaling folded into weights
+  // (which is what it means), on the cpu and the reference backend: embedding_multiplier = an
+  // untied model with the embeddings scaled; residual_multiplier = every output projection
+  // (out_proj, o_proj, experts' and shared down) scaled; attention_scale = q_proj scaled by
+  // attention_scale * sqrt(head_dim); logits_scaling = the logits divided. And the shared expert
+  // beside a one-expert MoE = one dense MLP of both widths (gate/up rows and down columns stacked).
+  ModelConfig base;
+  base.d_model = 32;
+  base.n_layers = 3;
+  base.attention_layers = {1};
+  base.mamba2_layers = {0, 2};
+  base.vocab_size = 60;
+  base.n_heads = 4;
+  base.n_kv_heads = 2;
+  base.rope = false;
+  base.d_state = 8;
+  base.mamba2_head_dim = 16;
+  base.mamba2_groups = 1;
+  base.d_ff = 24;
+  base.moe_layers = {0, 1, 2};
+  base.moe_experts = 3;
+  base.moe_top_k = 2;
+  base.moe_renormalize = true;
+  base.moe_shared_ff = 20;
+  base.tie_embeddings = false;
+  base.state_bridges = false;
+  validate(base);
+  Params p(base);
+  test::randomize_params(p, 71);
+  Rng rng(8);
+  const std::vector<int32_t> toks = test::tokens(rng, 19, base.vocab_size);
+  auto cpu = make_cpu_backend();
+  auto ref = make_ref_backend();
+  for (Backend* be : {cpu.get(), ref.get()}) {
+    SCOPED_TRACE(be->name());
+    auto compare = [&](const char* what, const ModelConfig& scaled, const std::function<void(Params&)>& fold,
+                       double divide = 1.0) {
+      auto a = model_like(*be, scaled, p);
+      a->prepare();
+      auto b = model_like(*be, base, p);
+      fold(b->params());
+      b->prepare();
+      std::vector<float> want = logits_all(*b, toks);
+      for (float& x : want) x = float(x / divide);
+      const double e = test::rel_err(logits_all(*a, toks), want);
+      auto unscaled = model_like(*be, base, p);
+      unscaled->prepare();
+      const double moved = test::rel_err(logits_all(*unscaled, toks), want);
+      std::printf("%s (%s): %.3g against the folded model, which is %.3g from the unscaled one\n", what,
+                  be->name().c_str(), e, moved);
+      EXPECT_LT(e, 1e-5) << what;
+      EXPECT_GT(moved, 1e-3) << what;  // the scaling changes the model: the comparison can fail
+    };
+    auto scale = [](float* w, int64_t n, double s) {
+      for (int64_t k = 0; k < n; ++k) w[k] = float(w[k] * s);
+    };
+    ModelConfig c = base;
+    c.embedding_multiplier = 3.0f;
+    compare("embedding_multiplier 3", c, [&](Params& q) { scale(q.embeddings(), int64_t(base.vocab_size) * base.d_model, 3.0); });
+    c = base;
+    c.residual_multiplier = 0.5f;
+    compare("residual_multiplier 0.5", c, [&](Params& q) {
+      const int64_t D = base.d_model, E = base.d_inner(), F = base.d_ff, S = base.moe_shared_ff, X = base.moe_experts;
+      for (int l = 0; l < base.n_layers; ++l) {
+        LayerWeights& w = q.layer(l);
+        if (base.is_attention(l)) scale(w.wo, D * base.n_heads * base.head_dim(), 0.5);
+        else scale(w.out_proj, D * E, 0.5);
+        scale(w.e_down, X * D * F, 0.5);
+        scale(w.s_down, D * S, 0.5);
+      }
+    });
+    c = base;
+    c.attention_scale = 0.3f;
+    compare("attention_scale 0.3", c, [&](Params& q) {
+      const int hd = base.head_dim();
+      scale(q.layer(1).wq, int64_t(base.n_heads) * hd * base.d_model, 0.3 * std::sqrt(double(hd)));
+    });
+    c = base;
+    c.logits_scaling = 4.0f;
+    compare("logits_scaling 4", c, [](Params&) {}, 4.0);
+  }
+  // The shared expert: one expert (its gate is 1) plus a shared MLP of width S = a dense MLP of
+  // width F + S.
+  ModelConfig moe1 = base;
+  moe1.moe_experts = 1;
+  moe1.moe_top_k = 1;
+  ModelConfig dense = base;
+  dense.moe_layers.clear();
+  dense.moe_shared_ff = 0;
+  dense.d_ff = base.d_ff + base.moe_shared_ff;
+  Params p1(moe1);
+  test::randomize_params(p1, 72);
+  auto a = model_like(*cpu, moe1, p1);
+  a->prepare();
+  auto b = model_like(*cpu, dense, p1);
+  const int64_t D = base.d_model, F = base.d_ff, S = base.moe_shared_ff;
+  for (int l = 0; l < base.n_layers; ++l) {
+    const LayerWeights& s = p1.layer(l);
+    LayerWeights& t = b->params().layer(l);
+    std::copy_n(s.e_gate, F * D, t.w_gate);
+    std::copy_n(s.s_gate, S * D, t.w_gate + F * D);
+    std::copy_n(s.e_up, F * D, t.w_up);
+    std::copy_n(s.s_up, S * D, t.w_up + F * D);
+    for (int64_t r = 0; r < D; ++r) {
+      std::copy_n(s.e_down + r * F, F, t.w_down + r * (F + S));
+      std::copy_n(s.s_down + r * S, S, t.w_down + r * (F + S) + F);
+    }
+  }
+  b->prepare();
+  const double e = test::rel_err(logits_all(*a, toks), logits_all(*b, toks));
+  std::printf("one expert + shared MLP against one dense MLP of both widths: %.3g\n", e);
+  EXPECT_LT(e, 1e-5);
+  // Validation of the new fields.
+  ModelConfig bad = base;
+  bad.residual_multiplier = 0;
+  EXPECT_THROW(validate(bad), Error);
+  bad = base;
+  bad.attention_scale = -1;
+  EXPECT_THROW(validate(bad), Error);
+  bad = base;
+  bad.moe_layers.clear();
+  EXPECT_THROW(validate(bad), Error);  // a shared expert needs MoE layers
+  bad = preset("tiny");
+  bad.residual_multiplier = 0.5f;  // tiny has bridges
+  EXPECT_THROW(validate(bad), Error);
+}
+
+TEST(HfGranite, RefusesWhatItDoesNotImplement) {
+  test::TempDir tmp("hf_granite_refuse");
+  ModelConfig c;
+  std::vector<float> arena;
+  const fs::path d = write_granite_folder(tmp, "", c, arena);
+  const json orig = parse_hf_json_file((d / "config.json").string());
+  auto with = [&](const std::function<void(json&)>& edit, std::initializer_list<std::string> parts) {
+    write_text(d / "config.json", orig.dump());
+    edit_config(d, edit);
+    expect_load_error(d, parts);
+  };
+  with([](json& j) { j["model_type"] = "bamba"; }, {"model_type", "granitemoehybrid"});
+  with([](json& j) { j["position_embedding_type"] = "rope"; }, {"position_embedding_type", "rope"});
+  with([](json& j) { j["attention_bias"] = true; }, {"attention_bias"});
+  with([](json& j) { j["mamba_proj_bias"] = true; }, {"mamba_proj_bias"});
+  with([](json& j) { j["hidden_act"] = "gelu"; }, {"hidden_act", "gelu"});
+  with([](json& j) { j["layer_types"] = {"mamba", "attention", "mamba"}; }, {"layer_types", "4"});
+  with([](json& j) { j["layer_types"][2] = "moe"; }, {"layer_types[2]", "moe"});
+  with([](json& j) { j["layers_block_type"] = {"mamba", "mamba", "mamba", "mamba"}; },
+       {"layer_types", "layers_block_type", "layer 1"});
+  with([](json& j) { j["num_experts_per_tok"] = 5; }, {"num_experts_per_tok", "num_local_experts"});
+  with([](json& j) { j["num_local_experts"] = 0; j["shared_intermediate_size"] = 0; }, {"shared_intermediate_size"});
+  with([](json& j) { j["embedding_multiplier"] = 0; }, {"embedding_multiplier"});
+  with([](json& j) { j["logits_scaling"] = -2; }, {"logits_scaling"});
+  with([](json& j) { j["attention_multiplier"] = 0; }, {"attention_multiplier"});
+  with([](json& j) { j["head_dim"] = 16; }, {"head_dim", "16"});
+  with([](json& j) { j["num_key_value_heads"] = 3; }, {"num_key_value_heads", "3"});
+  with([](json& j) { j["mamba_n_groups"] = 3; }, {"mamba_n_groups"});
+  // A config that disagrees with the weights.
+  with([](json& j) { j["num_local_experts"] = 3; }, {"model.layers.0.block_sparse_moe.router.layer.weight", "shape"});
+  with([](json& j) { j["intermediate_size"] = 20; }, {"model.layers.0.block_sparse_moe.input_linear.weight", "shape"});
+  with([](json& j) { j["shared_intermediate_size"] = 16; }, {"model.layers.0.shared_mlp.input_linear.weight", "shape"});
+  with([](json& j) { j["layer_types"] = {"mamba", "mamba", "attention", "mamba"}; },
+       {"missing tensor", "model.layers.1.mamba.in_proj.weight"});
+  with([](json& j) { j["tie_word_embeddings"] = false; }, {"missing tensor", "lm_head.weight"});
+  // Both spellings of one tensor: which one is the model is ambiguous.
+  write_text(d / "config.json", orig.dump());
+  add_tensor_copy(d / "model.safetensors", "model.layers.2.block_sparse_moe.router.layer.weight",
+                  "model.layers.2.block_sparse_moe.router.weight");
+  expect_load_error(d, {"unexpected tensor", "model.layers.2.block_sparse_moe.router.weight"});
+}
+
+TEST(HfGranite, LogitsMatchTransformers) {
+  int found = 0;
+  for (const char* name : kGraniteFolders) {
+    SCOPED_TRACE(name);
+    const fs::path dir = kFixtures / name;
+    if (!fs::exists(dir / "expected.json")) continue;
+    ++found;
+    const json exp = read_json(dir / "expected.json");
+    auto be = make_cpu_backend();
+    auto m = load_any_model(dir.string(), *be);
+    const ModelConfig& c = m->config();
+    ASSERT_FALSE(c.mamba2_layers.empty());
+    ASSERT_EQ(exp["gated_norm_group_size"].get<int>(), c.mamba2_norm_group()) << "the gated norm groups differently";
+    const json lim = exp["mixer_time_step_limit"];
+    ASSERT_FLOAT_EQ(lim[0].get<float>(), c.mamba2_dt_min) << "the Mamba layer applies another time_step_limit";
+    ASSERT_EQ(lim[1].is_null(), std::isinf(c.mamba2_dt_max)) << "the Mamba layer applies another time_step_limit";
+    ASSERT_FLOAT_EQ(exp["mixer_norm_eps"].get<float>(), c.norm_eps) << "the Mamba layer's gated norm uses another eps";
+    ASSERT_EQ(exp["rotary"].get<bool>(), c.rope) << "transformers' Granite attention applies RoPE here";
+    const std::vector<int32_t> toks = exp["tokens"].get<std::vector<int32_t>>();
+    const std::vector<float> want = read_f32_file(dir / "logits.f32");
+    ASSERT_EQ(want.size(), toks.size() * size_t(c.vocab_size));
+    const double e_full = test::rel_err(logits_all(*m, toks), want);
+    const double e_step = test::rel_err(logits_stepwise(*m, toks), want);
+    std::printf("%s (stored %s): max|ours - transformers| / max|transformers| = %.3g full forward, %.3g token "
+                "by token\n", name, exp["stored_dtype"].get<std::string>().c_str(), e_full, e_step);
+    EXPECT_LT(e_full, 1e-4);
+    EXPECT_LT(e_step, 1e-4);
+    if (!exp["greedy"].is_null()) {
+      HybridMemory mem(m->backend(), c, 1, int(toks.size()) + 16, KvType::F32);
+      std::vector<float> logits;
+      Batch b;
+      b.add(0, toks);
+      m->forward(b, mem, logits);
+      std::vector<int> got;
+      for (size_t i = 0; i < exp["greedy"].size(); ++i) {
+        got.push_back(int(std::max_element(logits.begin(), logits.end()) - logits.begin()));
+        Batch step;
+        step.add(0, {got.back()});
+        m->forward(step, mem, logits);
+      }
+      EXPECT_EQ(got, exp["greedy"].get<std::vector<int>>());
+    }
+    m->params().layer(c.mamba2_layers[0]).Dskip[1] += 0.05f;
+    m->prepare();
+    EXPECT_GT(test::rel_err(logits_all(*m, toks), want), 1e-4);
+  }
+  if (found == 0)
+    GTEST_SKIP() << "no Granite fixtures in " << kFixtures.string()
+                 << ": run `python3 tests/fixtures/hf/make_fixtures.py tests/fixtures/hf granite` where torch and "
+                    "transformers are installed (the H200 device machine) and commit the granite_* folders";
 }
 
 }  // namespace hm

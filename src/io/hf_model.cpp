@@ -41,12 +41,14 @@ struct HfInfo {
   std::string conv_bias_field = "use_conv_bias";
   bool layers_names = false;  // tensors under transformers' model.layers.N.{mamba,self_attn,feed_forward}
                               // names (layers_tensor_name): Jamba, Bamba
+  bool granite_names = false;  // GraniteMoeHybrid's names and fused tensors (granite_source)
 };
 
 HfInfo mamba_info_from_json(const JsonFields& f, const std::string& origin, bool falcon);
 HfInfo mamba2_info_from_json(const JsonFields& f, const std::string& origin);
 HfInfo jamba_info_from_json(const JsonFields& f, const std::string& origin);
 HfInfo bamba_info_from_json(const JsonFields& f, const std::string& origin);
+HfInfo granite_info_from_json(const JsonFields& f, const std::string& origin);
 
 HfInfo hf_info_from_json(const nlohmann::json& j, const std::string& origin) {
   const JsonFields f(j, origin);
@@ -56,13 +58,14 @@ HfInfo hf_info_from_json(const nlohmann::json& j, const std::string& origin) {
            ": field 'architectures' must list exactly one architecture, got ", arch.dump());
   const std::string a = arch[0].get<std::string>();
   HM_CHECK(a == "MambaForCausalLM" || a == "FalconMambaForCausalLM" || a == "Mamba2ForCausalLM" ||
-               a == "JambaForCausalLM" || a == "BambaForCausalLM",
+               a == "JambaForCausalLM" || a == "BambaForCausalLM" || a == "GraniteMoeHybridForCausalLM",
            origin, ": field 'architectures': \"", a, "\" is not supported (supported: MambaForCausalLM, "
-           "FalconMambaForCausalLM, Mamba2ForCausalLM, JambaForCausalLM, BambaForCausalLM; docs/MODELS.md "
-           "lists the families)");
+           "FalconMambaForCausalLM, Mamba2ForCausalLM, JambaForCausalLM, BambaForCausalLM, "
+           "GraniteMoeHybridForCausalLM; docs/MODELS.md lists the families)");
   HfInfo info = a == "Mamba2ForCausalLM"  ? mamba2_info_from_json(f, origin)
                 : a == "JambaForCausalLM" ? jamba_info_from_json(f, origin)
                 : a == "BambaForCausalLM" ? bamba_info_from_json(f, origin)
+                : a == "GraniteMoeHybridForCausalLM" ? granite_info_from_json(f, origin)
                                           : mamba_info_from_json(f, origin, a == "FalconMambaForCausalLM");
   try {
     validate(info.cfg);
@@ -333,6 +336,33 @@ HfInfo jamba_info_from_json(const JsonFields& f, const std::string& origin) {
   return info;
 }
 
+// The Mamba-2 mixer fields BambaConfig and GraniteMoeHybridConfig share (mamba_*, time_step_limit),
+// with their defaults: width mamba_expand * hidden_size, mamba_n_heads heads of mamba_d_head.
+void mamba2_fields(const JsonFields& f, const std::string& origin, HfInfo& info) {
+  ModelConfig& c = info.cfg;
+  c.d_state = f.has("mamba_d_state") ? int(f.get_int("mamba_d_state", 1, kMaxDState)) : 256;
+  c.d_conv = f.has("mamba_d_conv") ? int(f.get_int("mamba_d_conv", 1, kMaxDConv)) : 4;
+  c.expand = f.has("mamba_expand") ? int(f.get_int("mamba_expand", 1, kMaxExpand)) : 2;
+  const int inner = c.d_inner();
+  const int heads = f.has("mamba_n_heads") ? int(f.get_int("mamba_n_heads", 1, inner)) : 128;
+  HM_CHECK(inner % heads == 0, origin, ": field 'mamba_n_heads' (", heads, ") must divide mamba_expand * "
+           "hidden_size = ", inner);
+  c.mamba2_head_dim = inner / heads;
+  if (f.has("mamba_d_head") && !(f.at("mamba_d_head").is_string() && f.get_string("mamba_d_head") == "auto"))
+    HM_CHECK(f.get_int("mamba_d_head", 1, inner) == c.mamba2_head_dim, origin, ": field 'mamba_d_head' (",
+             f.at("mamba_d_head").dump(), ") x 'mamba_n_heads' (", heads, ") must equal mamba_expand * hidden_size = ",
+             inner);
+  c.mamba2_groups = f.has("mamba_n_groups") ? int(f.get_int("mamba_n_groups", 1, kMaxHeads)) : 1;
+  HM_CHECK(heads % c.mamba2_groups == 0, origin, ": field 'mamba_n_groups' (", c.mamba2_groups,
+           ") must divide 'mamba_n_heads' (", heads, ")");
+  // BambaRMSNormGated is transformers' MambaRMSNormGated: one norm over all intermediate_size
+  // columns, whatever the groups (mamba_ssm's per-group norm differs when mamba_n_groups > 1).
+  c.mamba2_norm_per_group = false;
+  read_time_step_limit(f, origin, c);
+  if (f.has("mamba_chunk_size")) f.get_int("mamba_chunk_size", 1, INT32_MAX);  // how the scan is split only
+  if (f.has("mamba_conv_bias")) info.conv_bias = f.get_bool("mamba_conv_bias");
+}
+
 // BambaForCausalLM (transformers' modeling_bamba.py): Jamba's layer (input_layernorm -> mixer ->
 // residual, pre_ff_layernorm -> SwiGLU MLP -> residual, on every layer) with transformers'
 // Mamba-2 mixer, and Llama attention at attn_layer_indices whose RoPE rotates the first half of
@@ -434,31 +464,125 @@ HfInfo bamba_info_from_json(const JsonFields& f, const std::string& origin) {
     c.n_kv_heads = ModelConfig{}.n_kv_heads;
   }
 
-  // The Mamba-2 mixer: width int(mamba_expand * hidden_size), mamba_n_heads heads of mamba_d_head.
-  c.d_state = f.has("mamba_d_state") ? int(f.get_int("mamba_d_state", 1, kMaxDState)) : 256;
-  c.d_conv = f.has("mamba_d_conv") ? int(f.get_int("mamba_d_conv", 1, kMaxDConv)) : 4;
-  c.expand = f.has("mamba_expand") ? int(f.get_int("mamba_expand", 1, kMaxExpand)) : 2;
-  const int inner = c.d_inner();
-  const int heads = f.has("mamba_n_heads") ? int(f.get_int("mamba_n_heads", 1, inner)) : 128;
-  HM_CHECK(inner % heads == 0, origin, ": field 'mamba_n_heads' (", heads, ") must divide mamba_expand * "
-           "hidden_size = ", inner);
-  c.mamba2_head_dim = inner / heads;
-  if (f.has("mamba_d_head") && !(f.at("mamba_d_head").is_string() && f.get_string("mamba_d_head") == "auto"))
-    HM_CHECK(f.get_int("mamba_d_head", 1, inner) == c.mamba2_head_dim, origin, ": field 'mamba_d_head' (",
-             f.at("mamba_d_head").dump(), ") x 'mamba_n_heads' (", heads, ") must equal mamba_expand * hidden_size = ",
-             inner);
-  c.mamba2_groups = f.has("mamba_n_groups") ? int(f.get_int("mamba_n_groups", 1, kMaxHeads)) : 1;
-  HM_CHECK(heads % c.mamba2_groups == 0, origin, ": field 'mamba_n_groups' (", c.mamba2_groups,
-           ") must divide 'mamba_n_heads' (", heads, ")");
-  // BambaRMSNormGated is transformers' MambaRMSNormGated: one norm over all intermediate_size
-  // columns, whatever the groups (mamba_ssm's per-group norm differs when mamba_n_groups > 1).
-  c.mamba2_norm_per_group = false;
-  read_time_step_limit(f, origin, c);
-  if (f.has("mamba_chunk_size")) f.get_int("mamba_chunk_size", 1, INT32_MAX);  // how the scan is split only
-  if (f.has("mamba_conv_bias")) info.conv_bias = f.get_bool("mamba_conv_bias");
+  mamba2_fields(f, origin, info);
   // Ignored as transformers' forward ignores them: initializer_range, time_step_min/max
   // (initialization), z_loss_coefficient and attention_dropout (training only), use_cache,
   // num_logits_to_keep, max_position_embeddings (no effect with default RoPE), token ids, dtype.
+  return info;
+}
+
+// GraniteMoeHybridForCausalLM (transformers' modeling_granitemoehybrid.py): embeddings times
+// embedding_multiplier; per layer input_layernorm -> Bamba's Mamba-2 mixer or attention (no
+// positional encoding, scores times attention_multiplier) -> h += residual_multiplier * out, then
+// post_attention_layernorm -> experts (softmax over the top-k router logits) + a shared SwiGLU
+// MLP, or the shared MLP alone when num_local_experts is 0 -> h += residual_multiplier * out;
+// norm, head, logits / logits_scaling. Defaults are GraniteMoeHybridConfig's.
+HfInfo granite_info_from_json(const JsonFields& f, const std::string& origin) {
+  if (f.has("model_type")) {
+    const std::string t = f.get_string("model_type");
+    HM_CHECK(t == "granitemoehybrid", origin, ": field 'model_type' must be \"granitemoehybrid\" for "
+             "GraniteMoeHybridForCausalLM, got \"", t, "\"");
+  }
+  HfInfo info;
+  info.granite_names = true;
+  info.conv_bias_field = "mamba_conv_bias";
+  ModelConfig& c = info.cfg;
+  c.hybrid = "simple";
+  c.state_bridges = false;
+  c.rope = false;
+  c.d_model = int(f.get_int("hidden_size", 1, kMaxDModel));
+  c.n_layers = int(f.get_int("num_hidden_layers", 1, kMaxLayers));
+  c.vocab_size = int(f.get_int("vocab_size", 1, kMaxVocab));
+  c.norm_eps = f.has("rms_norm_eps") ? f.get_float("rms_norm_eps") : 1e-6f;
+  HM_CHECK(c.norm_eps > 0 && c.norm_eps < 1, origin, ": field 'rms_norm_eps' must be in (0, 1), got ", c.norm_eps);
+  c.tie_embeddings = f.has("tie_word_embeddings") ? f.get_bool("tie_word_embeddings") : false;
+  if (f.has("hidden_act")) {
+    const std::string act = f.get_string("hidden_act");
+    HM_CHECK(act == "silu" || act == "swish", origin, ": field 'hidden_act' is \"", act,
+             "\": not supported (only \"silu\")");
+  }
+  for (const char* k : {"attention_bias", "mamba_proj_bias"})
+    if (present(f, k))
+      HM_CHECK(!f.get_bool(k), origin, ": field '", k, "' is true: biases on those projections are not supported");
+
+  // The layer pattern: layer_types (or its older name layers_block_type), "mamba" or "attention"
+  // per layer; absent: every layer Mamba.
+  std::vector<std::string> types(size_t(c.n_layers), "mamba");
+  std::string types_field;
+  for (const char* k : {"layer_types", "layers_block_type"}) {
+    if (!present(f, k)) continue;
+    const nlohmann::json& t = f.at(k);
+    HM_CHECK(t.is_array() && t.size() == size_t(c.n_layers), origin, ": field '", k, "' must list ", c.n_layers,
+             " layer types, got ", t.dump());
+    for (int i = 0; i < c.n_layers; ++i) {
+      const nlohmann::json& v = t[size_t(i)];
+      HM_CHECK(v == "mamba" || v == "attention", origin, ": field '", k, "[", i, "]' is ", v.dump(),
+               ": only \"mamba\" and \"attention\" layers are supported");
+      HM_CHECK(types_field.empty() || v == types[size_t(i)], origin, ": fields '", types_field, "' and '", k,
+               "' disagree at layer ", i);
+      types[size_t(i)] = v.get<std::string>();
+    }
+    types_field = k;
+  }
+  c.attention_layers.clear();
+  c.mamba2_layers.clear();
+  for (int i = 0; i < c.n_layers; ++i) (types[size_t(i)] == "attention" ? c.attention_layers : c.mamba2_layers).push_back(i);
+
+  // Attention: GQA without positional encoding, scores q.k * attention_multiplier.
+  c.n_heads = f.has("num_attention_heads") ? int(f.get_int("num_attention_heads", 1, kMaxHeads)) : 32;
+  c.n_kv_heads = present(f, "num_key_value_heads") ? int(f.get_int("num_key_value_heads", 1, kMaxHeads)) : c.n_heads;
+  if (present(f, "position_embedding_type")) {
+    const std::string p = f.get_string("position_embedding_type");
+    HM_CHECK(p == "nope", origin, ": field 'position_embedding_type' is \"", p, "\": only none (null or "
+             "\"nope\") is supported (transformers versions differ on whether Granite's attention applies RoPE)");
+  }
+  const double attn_mult = f.has("attention_multiplier") ? f.get_double("attention_multiplier", 1e-30, 1e30) : 1.0;
+  if (!c.attention_layers.empty()) {
+    HM_CHECK(c.d_model % c.n_heads == 0, origin, ": field 'num_attention_heads' (", c.n_heads,
+             ") must divide 'hidden_size' (", c.d_model, ")");
+    HM_CHECK(c.n_heads % c.n_kv_heads == 0, origin, ": field 'num_key_value_heads' (", c.n_kv_heads,
+             ") must divide 'num_attention_heads' (", c.n_heads, ")");
+    if (present(f, "head_dim"))
+      HM_CHECK(f.get_int("head_dim", 1, kMaxDModel) == c.head_dim(), origin, ": field 'head_dim' (",
+               f.at("head_dim").dump(), ") differs from hidden_size / num_attention_heads = ", c.head_dim(),
+               ": not supported");
+    c.attention_scale = float(attn_mult);
+  } else {  // no attention layer: keep our defaults so the config round-trips
+    c.n_heads = ModelConfig{}.n_heads;
+    c.n_kv_heads = ModelConfig{}.n_kv_heads;
+  }
+
+  // The FFN: experts of width intermediate_size plus the shared MLP, or the shared MLP alone.
+  const int experts = f.has("num_local_experts") ? int(f.get_int("num_local_experts", 0, kMaxExperts)) : 8;
+  const int shared = f.has("shared_intermediate_size") ? int(f.get_int("shared_intermediate_size", 0, kMaxDff)) : 1024;
+  c.moe_layers.clear();
+  if (experts > 0) {
+    c.d_ff = f.has("intermediate_size") ? int(f.get_int("intermediate_size", 1, kMaxDff)) : 11008;
+    c.moe_experts = experts;
+    c.moe_top_k = f.has("num_experts_per_tok") ? int(f.get_int("num_experts_per_tok", 1, kMaxExperts)) : 2;
+    HM_CHECK(c.moe_top_k <= experts, origin, ": field 'num_experts_per_tok' (", c.moe_top_k,
+             ") exceeds 'num_local_experts' (", experts, ")");
+    c.moe_renormalize = true;  // a softmax over the top-k logits: the top-k probabilities renormalized
+    c.moe_shared_ff = shared;
+    for (int i = 0; i < c.n_layers; ++i) c.moe_layers.push_back(i);
+  } else {
+    HM_CHECK(shared > 0, origin, ": fields 'num_local_experts' and 'shared_intermediate_size' are both 0: no FFN "
+             "at all is not supported");
+    c.d_ff = shared;  // the shared MLP is a dense SwiGLU MLP
+  }
+
+  // Granite's scalings.
+  const auto multiplier = [&](const char* k) {
+    return f.has(k) ? float(f.get_double(k, 1e-30, 1e30)) : 1.0f;
+  };
+  c.embedding_multiplier = multiplier("embedding_multiplier");
+  c.residual_multiplier = multiplier("residual_multiplier");
+  c.logits_scaling = multiplier("logits_scaling");
+
+  mamba2_fields(f, origin, info);
+  // Ignored as transformers' forward ignores them: rope_parameters / rope_theta (no RoPE),
+  // initializer_range, time_step_min/max (initialization), attention_dropout, output_router_logits,
+  // router_aux_loss_coef (training only), use_cache, max_position_embeddings, token ids, dtype.
   return info;
 }
 
@@ -481,6 +605,42 @@ std::string layers_tensor_name(const std::string& ours) {
   if (rest.compare(0, 6, "mixer.") == 0) return L + "mamba." + rest.substr(6);
   if (rest.compare(0, 4, "mlp.") == 0) return L + "feed_forward." + rest.substr(4);
   HM_ASSERT(!"no Jamba name for this tensor");
+  return {};
+}
+
+// Where one of our tensors lives in a GraniteMoeHybrid checkpoint: under one of `names` (the
+// published name first, then transformers 5's in-memory one), whole, or one half of the rows of
+// each slab of a fused tensor (half 0: the gate's rows, 1: the up projection's), as
+// GraniteMoeSharedMLP and GraniteMoeParallelExperts split input_linear with chunk(2).
+struct GraniteSource {
+  std::vector<std::string> names;
+  int half = -1;
+};
+
+GraniteSource granite_source(const std::string& ours) {
+  if (ours == "backbone.embeddings.weight") return {{"model.embed_tokens.weight"}};
+  if (ours == "backbone.norm_f.weight") return {{"model.norm.weight"}};
+  if (ours == "lm_head.weight") return {{ours}};
+  const std::string pre = "backbone.layers.";
+  HM_ASSERT(ours.compare(0, pre.size(), pre) == 0);
+  const size_t dot = ours.find('.', pre.size());
+  HM_ASSERT(dot != std::string::npos);
+  const std::string L = "model.layers." + ours.substr(pre.size(), dot - pre.size()) + ".";
+  const std::string rest = ours.substr(dot + 1), moe = L + "block_sparse_moe.", mlp = L + "shared_mlp.";
+  if (rest == "norm.weight") return {{L + "input_layernorm.weight"}};
+  if (rest == "mlp_norm.weight") return {{L + "post_attention_layernorm.weight"}};
+  for (const char* p : {"q_proj", "k_proj", "v_proj", "o_proj"})
+    if (rest == std::string("mixer.") + p + ".weight") return {{L + "self_attn." + p + ".weight"}};
+  if (rest.compare(0, 6, "mixer.") == 0) return {{L + "mamba." + rest.substr(6)}};
+  if (rest == "mlp.router.weight") return {{moe + "router.layer.weight", moe + "router.weight"}};
+  if (rest == "mlp.experts.gate_proj.weight" || rest == "mlp.experts.up_proj.weight")
+    return {{moe + "input_linear.weight", moe + "experts.gate_up_proj"}, rest == "mlp.experts.gate_proj.weight" ? 0 : 1};
+  if (rest == "mlp.experts.down_proj.weight") return {{moe + "output_linear.weight", moe + "experts.down_proj"}};
+  // The shared MLP: beside the experts (shared_*), or the dense FFN when there are none.
+  if (rest == "mlp.shared_gate_proj.weight" || rest == "mlp.gate_proj.weight") return {{mlp + "input_linear.weight"}, 0};
+  if (rest == "mlp.shared_up_proj.weight" || rest == "mlp.up_proj.weight") return {{mlp + "input_linear.weight"}, 1};
+  if (rest == "mlp.shared_down_proj.weight" || rest == "mlp.down_proj.weight") return {{mlp + "output_linear.weight"}};
+  HM_ASSERT(!"no GraniteMoeHybrid name for this tensor");
   return {};
 }
 
@@ -625,11 +785,30 @@ void load_hf_params(Params& p, const std::string& dir) {
   for (size_t i = 0; i < p.specs().size(); ++i) {
     const ParamSpec& s = p.specs()[i];
     float* dst = p.at(i);
-    const std::string name = info.layers_names ? layers_tensor_name(s.name) : s.name;
+    const GraniteSource granite = info.granite_names ? granite_source(s.name) : GraniteSource{};
+    std::string name = info.layers_names ? layers_tensor_name(s.name) : s.name;
+    if (info.granite_names) {  // the first of its names the file holds (a second one left over is refused below)
+      name = granite.names[0];
+      for (const std::string& n : granite.names)
+        if (where.count(n)) {
+          name = n;
+          break;
+        }
+    }
     if (!info.conv_bias && ends_with(s.name, "mixer.conv1d.bias")) {
       HM_CHECK(!where.count(name), dir, ": tensor '", name, "' is present but config.json says ",
                info.conv_bias_field, ": false");
       std::fill(dst, dst + s.numel(), 0.0f);
+      continue;
+    }
+    if (granite.half >= 0) {  // one half of the rows of each slab of [.., 2R, C]
+      std::vector<int64_t> shape = s.shape;
+      const int64_t one = shape[shape.size() - 2] * shape.back(), slabs = s.numel() / one;
+      shape[shape.size() - 2] *= 2;
+      std::vector<float> both(size_t(2 * s.numel()));
+      read(name, shape, both.data());
+      for (int64_t k = 0; k < slabs; ++k)
+        std::copy_n(both.data() + (2 * k + granite.half) * one, one, dst + k * one);
       continue;
     }
     if (const size_t at = name.rfind(".experts."); info.layers_names && at != std::string::npos) {
@@ -661,7 +840,7 @@ void load_hf_params(Params& p, const std::string& dir) {
     where["lm_head.weight"]->read_f32("lm_head.weight", shape, head.data());
     HM_CHECK(std::memcmp(head.data(), p.embeddings(), head.size() * sizeof(float)) == 0, dir,
              ": tie_word_embeddings is true but tensor 'lm_head.weight' differs from '",
-             info.layers_names ? layers_tensor_name("backbone.embeddings.weight") : "backbone.embeddings.weight", "'");
+             info.layers_names || info.granite_names ? "model.embed_tokens.weight" : "backbone.embeddings.weight", "'");
     used.insert("lm_head.weight");
   }
   for (const auto& [name, r] : where)

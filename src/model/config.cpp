@@ -130,6 +130,21 @@ void validate(const ModelConfig& c) {
     HM_CHECK(c.moe_top_k >= 1 && c.moe_top_k <= c.moe_experts, "config: 'moe_top_k' (", c.moe_top_k,
              ") must be in [1, moe_experts = ", c.moe_experts, "]");
   }
+  in_range(c.moe_shared_ff, 0, kMaxDff, "moe_shared_ff");
+  HM_CHECK(c.moe_shared_ff == 0 || !c.moe_layers.empty(), "config: 'moe_shared_ff' (", c.moe_shared_ff,
+           ") needs 'moe_layers' (the shared expert sits beside the experts)");
+  for (auto [v, field] : {std::pair{c.embedding_multiplier, "embedding_multiplier"},
+                          std::pair{c.residual_multiplier, "residual_multiplier"},
+                          std::pair{c.logits_scaling, "logits_scaling"}})
+    HM_CHECK(std::isfinite(v) && v > 0, "config: '", field, "' must be a positive number, got ", v);
+  HM_CHECK(std::isfinite(c.attention_scale) && c.attention_scale >= 0, "config: 'attention_scale' must be >= 0 "
+           "(0 = 1/sqrt(head_dim)), got ", c.attention_scale);
+  if (c.residual_multiplier != 1.0f) {
+    HM_CHECK(c.true_layers.empty(), "config: 'residual_multiplier' is not implemented for true-hybrid layers");
+    for (int i = 0; i < c.n_layers; ++i)
+      HM_CHECK(!c.has_bridge(i), "config: 'residual_multiplier' is not implemented with state bridges (layer ", i,
+               " has one; set 'state_bridges' false)");
+  }
   HM_CHECK(std::isfinite(c.mamba_bcdt_norm_eps) && c.mamba_bcdt_norm_eps > 0 && c.mamba_bcdt_norm_eps < 1,
            "config: 'mamba_bcdt_norm_eps' must be in (0, 1), got ", c.mamba_bcdt_norm_eps);
   HM_CHECK(!c.mamba_bcdt_norm_weight || c.mamba_bcdt_norm, "config: 'mamba_bcdt_norm_weight' needs "
@@ -178,7 +193,8 @@ ModelConfig config_from_json(const nlohmann::json& j, const std::string& origin)
                  "mamba2_layers", "mamba2_head_dim", "mamba2_groups", "mamba2_norm_per_group",
                  "mamba2_dt_min", "mamba2_dt_max", "mamba_bcdt_norm", "mamba_bcdt_norm_eps",
                  "mamba_bcdt_norm_weight", "moe_layers", "moe_experts",
-                 "moe_top_k", "moe_renormalize"});
+                 "moe_top_k", "moe_renormalize", "moe_shared_ff", "embedding_multiplier",
+                 "residual_multiplier", "attention_scale", "logits_scaling"});
   ModelConfig c;
   if (f.has("model_type")) {
     const std::string t = f.get_string("model_type");
@@ -232,6 +248,11 @@ ModelConfig config_from_json(const nlohmann::json& j, const std::string& origin)
   if (f.has("moe_experts")) c.moe_experts = int(f.get_int("moe_experts", 1, kMaxExperts));
   if (f.has("moe_top_k")) c.moe_top_k = int(f.get_int("moe_top_k", 1, kMaxExperts));
   if (f.has("moe_renormalize")) c.moe_renormalize = f.get_bool("moe_renormalize");
+  if (f.has("moe_shared_ff")) c.moe_shared_ff = int(f.get_int("moe_shared_ff", 0, kMaxDff));
+  if (f.has("embedding_multiplier")) c.embedding_multiplier = f.get_float("embedding_multiplier");
+  if (f.has("residual_multiplier")) c.residual_multiplier = f.get_float("residual_multiplier");
+  if (f.has("attention_scale")) c.attention_scale = f.get_float("attention_scale");
+  if (f.has("logits_scaling")) c.logits_scaling = f.get_float("logits_scaling");
   try {
     validate(c);
   } catch (const Error& e) {
@@ -276,7 +297,13 @@ nlohmann::json config_to_json(const ModelConfig& c) {
     j["moe_experts"] = c.moe_experts;
     j["moe_top_k"] = c.moe_top_k;
     j["moe_renormalize"] = c.moe_renormalize;
+    if (c.moe_shared_ff > 0) j["moe_shared_ff"] = c.moe_shared_ff;
   }
+  // Granite's scalings, only where they are not the identity.
+  if (c.embedding_multiplier != 1.0f) j["embedding_multiplier"] = c.embedding_multiplier;
+  if (c.residual_multiplier != 1.0f) j["residual_multiplier"] = c.residual_multiplier;
+  if (c.attention_scale != 0.0f) j["attention_scale"] = c.attention_scale;
+  if (c.logits_scaling != 1.0f) j["logits_scaling"] = c.logits_scaling;
   if (c.mamba_bcdt_norm) {
     j["mamba_bcdt_norm"] = true;
     j["mamba_bcdt_norm_eps"] = c.mamba_bcdt_norm_eps;
@@ -391,6 +418,10 @@ std::string training_unsupported(const ModelConfig& c) {
   if (!c.mamba2_layers.empty()) return "it has Mamba-2 layers (config 'mamba2_layers')";
   if (c.mamba_bcdt_norm) return "its Mamba mixers normalize dt, B and C (config 'mamba_bcdt_norm', Falcon-Mamba)";
   if (!c.moe_layers.empty()) return "it has mixture-of-experts layers (config 'moe_layers')";
+  if (c.embedding_multiplier != 1.0f || c.residual_multiplier != 1.0f || c.attention_scale != 0.0f ||
+      c.logits_scaling != 1.0f)
+    return "it scales embeddings, residuals, attention scores or logits (config 'embedding_multiplier', "
+           "'residual_multiplier', 'attention_scale', 'logits_scaling')";
   if (c.rope && c.any_attention() && c.resolved_rope_dim() < c.head_dim())
     return "its attention rotates only part of each head (config 'rope_dim')";
   return "";

@@ -88,6 +88,16 @@ struct ModelConfig {
   int moe_experts = 8;
   int moe_top_k = 2;
   bool moe_renormalize = false;
+  // A shared expert on every MoE layer (Granite 4.0-H): a SwiGLU MLP of this width on the same
+  // normed input, its output added to the experts' (mlp.shared_{gate,up,down}_proj.weight). 0 = none.
+  int moe_shared_ff = 0;
+  // Granite's scalings: the embeddings times embedding_multiplier; each mixer's and FFN's output
+  // times residual_multiplier before it joins the residual stream; attention scores q.k times
+  // attention_scale (0 = 1/sqrt(head_dim)); the logits divided by logits_scaling. Inference only.
+  float embedding_multiplier = 1.0f;
+  float residual_multiplier = 1.0f;
+  float attention_scale = 0.0f;
+  float logits_scaling = 1.0f;
 
   int d_inner() const { return inner_size > 0 ? inner_size : expand * d_model; }
   int resolved_dt_rank() const { return dt_rank > 0 ? dt_rank : (d_model + 15) / 16; }

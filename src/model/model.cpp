@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <set>
 #include <tuple>
 
@@ -152,6 +153,7 @@ void HybridModel::prepare() {
     ones_ = Buffer(be_, staged.size());
     be_.to_device(ones_.data(), staged.data(), staged.size());
   }
+  prepare_scales();
   graphs_.clear();  // recorded steps name the old weights
   warmed_.clear();
   A_.clear();
@@ -209,6 +211,12 @@ void HybridModel::prepare() {
         t.e_up.push_back(weight(w.e_up + o, F, D));
         t.e_down.push_back(weight(w.e_down + o, D, F));
       }
+      if (cfg_.moe_shared_ff > 0) {  // float32 as the experts
+        const int S = cfg_.moe_shared_ff;
+        t.s_gate = weight(w.s_gate, S, D);
+        t.s_up = weight(w.s_up, S, D);
+        t.s_down = weight(w.s_down, D, S);
+      }
     } else if (F > 0) {
       t.mlp_norm = weight(w.mlp_norm, 1, D);
       t.w_gate = linear_weight(w.w_gate, F, D);
@@ -229,6 +237,53 @@ void HybridModel::prepare() {
   }
   HM_ASSERT(staged_.empty());  // linear_weights() named a W that prepare() did not pack
   streaming_ = false;
+}
+
+// Granite's scalings as backend vectors (scales_), each segment 16-element aligned.
+void HybridModel::prepare_scales() {
+  const int D = cfg_.d_model;
+  emb_scale_ = resid_scale_ = q_scale_ = Tensor();
+  scales_ = Buffer();
+  std::vector<float> v;
+  const auto put = [&](int n, const std::function<float(int)>& value) {
+    const size_t o = v.size();
+    for (int j = 0; j < n; ++j) v.push_back(value(j));
+    v.resize((v.size() + 15) / 16 * 16, 0.0f);
+    return std::pair{o, n};
+  };
+  std::pair<size_t, int> norm{}, emb{}, res{}, q{};
+  // logits / s = head(rmsnorm(h) * (norm_f / s)): folded into the final norm's weight.
+  if (cfg_.logits_scaling != 1.0f)
+    norm = put(D, [&](int j) { return float(double(params_.norm_f()[j]) / double(cfg_.logits_scaling)); });
+  if (cfg_.embedding_multiplier != 1.0f) emb = put(D, [&](int) { return cfg_.embedding_multiplier; });
+  if (cfg_.residual_multiplier != 1.0f) res = put(D, [&](int) { return cfg_.residual_multiplier; });
+  if (cfg_.attention_scale != 0.0f && cfg_.any_attention()) {
+    // The attention op divides by sqrt(head_dim): q times attention_scale * sqrt(head_dim) gives
+    // scores q.k * attention_scale.
+    const int hd = cfg_.head_dim();
+    q = put(cfg_.n_heads * hd, [&](int) { return float(double(cfg_.attention_scale) * std::sqrt(double(hd))); });
+  }
+  if (v.empty()) return;
+  std::vector<char> staged(v.size() * dtype_size(dtype_));
+  convert_from_f32(staged.data(), dtype_, v.data(), v.size());
+  scales_ = Buffer(be_, staged.size());
+  be_.to_device(scales_.data(), staged.data(), staged.size());
+  const auto at = [&](std::pair<size_t, int> seg) {
+    return Tensor(static_cast<char*>(scales_.data()) + seg.first * dtype_size(dtype_), dtype_, 1, seg.second);
+  };
+  if (norm.second > 0) norm_f_ = at(norm);
+  if (emb.second > 0) emb_scale_ = at(emb);
+  if (res.second > 0) resid_scale_ = at(res);
+  if (q.second > 0) q_scale_ = at(q);
+}
+
+Tensor HybridModel::residual_target(int T) {
+  return resid_scale_.empty() ? ws_.h.tensor(dtype_, T, cfg_.d_model) : act(ws_.ym, T, cfg_.d_model);
+}
+
+void HybridModel::join_residual(Tensor out) {
+  if (!resid_scale_.empty())
+    be_.add_rows(ws_.h.tensor(dtype_, out.rows, out.cols), nullptr, out, nullptr, out.rows, nullptr, resid_scale_);
 }
 
 Tensor HybridModel::act(Buffer& b, int rows, int cols) {
@@ -351,7 +406,13 @@ void HybridModel::attention_path(int layer, Tensor x, const Ragged& rg, Tensor o
   const int hd = cfg_.head_dim(), QW = H * hd, KW = G * hd;
   const Tensor q = act(ws_.q, n, QW), k = act(ws_.k, n, KW), v = act(ws_.v, n, KW);
   const Tensor ctx = act(ws_.inner[layer % 2], n, QW);
-  be_.linear(q, x, w.wq, false);
+  if (q_scale_.empty()) {
+    be_.linear(q, x, w.wq, false);
+  } else {  // q = attention_scale * sqrt(hd) * (x wq^T), through ctx (free until attention writes it)
+    be_.linear(ctx, x, w.wq, false);
+    be_.memzero(q.data, size_t(n) * QW * dtype_size(dtype_));
+    be_.add_rows(q, nullptr, ctx, nullptr, n, nullptr, q_scale_);
+  }
   be_.linear(k, x, w.wk, false);
   be_.linear(v, x, w.wv, false);
   if (cfg_.rope) {  // ctx is free until attention writes it: the scratch of a partial rotation
@@ -368,16 +429,21 @@ void HybridModel::attention_path(int layer, Tensor x, const Ragged& rg, Tensor o
 
 void HybridModel::mamba_layer(int layer, HybridMemory& mem) {
   const int T = rg_.n_tokens(), D = cfg_.d_model;
+  const Tensor out = residual_target(T);
+  const bool acc = resid_scale_.empty();
   if (cfg_.is_mamba2(layer))
-    mamba2_path(layer, ws_.u.tensor(dtype_, T, D), rg_, ws_.h.tensor(dtype_, T, D), true, mem);
+    mamba2_path(layer, ws_.u.tensor(dtype_, T, D), rg_, out, acc, mem);
   else
-    mamba_path(layer, ws_.h.tensor(dtype_, T, D), rg_, ws_.h.tensor(dtype_, T, D), true, mem,
+    mamba_path(layer, ws_.h.tensor(dtype_, T, D), rg_, out, acc, mem,
                lw_[size_t(layer)].norm);  // h += mixer(rmsnorm(h))
+  join_residual(out);
 }
 
 void HybridModel::attention_layer(int layer, HybridMemory& mem) {
   const int T = rg_.n_tokens(), D = cfg_.d_model;
-  attention_path(layer, ws_.u.tensor(dtype_, T, D), rg_, ws_.h.tensor(dtype_, T, D), true, mem);
+  const Tensor out = residual_target(T);
+  attention_path(layer, ws_.u.tensor(dtype_, T, D), rg_, out, resid_scale_.empty(), mem);
+  join_residual(out);
 }
 
 // A true-hybrid layer (docs/TRUE_HYBRID.md, "Forward"). Each path runs once over the rows of
@@ -527,7 +593,9 @@ void HybridModel::mlp(int layer, int T) {
   be_.linear(g, u, w.w_gate, false);
   be_.linear(up, u, w.w_up, false);
   be_.swiglu(a, g, up);
-  be_.linear(ws_.h.tensor(dtype_, T, D), a, w.w_down, true);
+  const Tensor out = residual_target(T);
+  be_.linear(out, a, w.w_down, resid_scale_.empty());
+  join_residual(out);
 }
 
 // h += sum over the token's top-k experts e of p_e * down_e(silu(gate_e u) * up_e u), u =
@@ -562,7 +630,8 @@ void HybridModel::moe(int layer, int T) {
     for (int j = 0; j < k; ++j) {
       const int e = order[size_t(j)];
       rows[size_t(e)].push_back(t);
-      gates[size_t(e)].push_back(cfg_.moe_renormalize ? float(p[e] / top) : p[e]);
+      const double pe = cfg_.moe_renormalize ? p[e] / top : p[e];
+      gates[size_t(e)].push_back(float(pe * cfg_.residual_multiplier));
     }
   }
   for (int e = 0; e < X; ++e) {
@@ -577,6 +646,16 @@ void HybridModel::moe(int layer, int T) {
     be_.swiglu(a, g, up);
     be_.linear(y, a, w.e_down[size_t(e)], false);
     be_.add_rows(h, idx, y, nullptr, n, upload_gates(gates[size_t(e)]), Tensor());
+  }
+  if (cfg_.moe_shared_ff > 0) {  // the shared expert, on every row
+    const int S = cfg_.moe_shared_ff;
+    const Tensor g = act(ws_.g, T, S), up = act(ws_.up, T, S), a = act(ws_.act, T, S);
+    be_.linear(g, u, w.s_gate, false);
+    be_.linear(up, u, w.s_up, false);
+    be_.swiglu(a, g, up);
+    const Tensor out = residual_target(T);
+    be_.linear(out, a, w.s_down, resid_scale_.empty());
+    join_residual(out);
   }
 }
 
@@ -653,14 +732,17 @@ Tensor HybridModel::forward_device(const Batch& b, HybridMemory& mem) {
   act(ws_.v, T, KW);
   if (!cfg_.true_layers.empty() || !cfg_.moe_layers.empty()) {
     act(ws_.gath, T, D);
-    act(ws_.ym, T, D);
     act(ws_.ya, T, D);
   }
+  if (!cfg_.true_layers.empty() || !cfg_.moe_layers.empty() || cfg_.residual_multiplier != 1.0f ||
+      cfg_.embedding_multiplier != 1.0f)
+    act(ws_.ym, T, D);  // also the scratch of the scaled residual and embeddings
   if (!cfg_.moe_layers.empty()) ws_.moe_logits.reserve(be_, sizeof(float) * size_t(T) * cfg_.moe_experts);
   if (cfg_.d_ff > 0) {
-    act(ws_.g, T, cfg_.d_ff);
-    act(ws_.up, T, cfg_.d_ff);
-    act(ws_.act, T, cfg_.d_ff);
+    const int F = std::max(cfg_.d_ff, cfg_.moe_shared_ff);
+    act(ws_.g, T, F);
+    act(ws_.up, T, F);
+    act(ws_.act, T, F);
   }
   // The final norm and LM head run only on the rows whose logits are wanted, and the logits
   // buffer holds only those: T x V floats for a 16 x 2048-token prefill chunk would be 6.6 GB
@@ -715,7 +797,14 @@ Tensor HybridModel::forward_device(const Batch& b, HybridMemory& mem) {
 void HybridModel::run_layers(int T, int n_rows, Tensor hrows, HybridMemory& mem) {
   const int D = cfg_.d_model, V = cfg_.vocab_size;
   const Tensor h = ws_.h.tensor(dtype_, T, D);
-  be_.embedding(h, embeddings_, static_cast<const int32_t*>(ws_.idx.data()));  // ids come first there
+  if (emb_scale_.empty()) {
+    be_.embedding(h, embeddings_, static_cast<const int32_t*>(ws_.idx.data()));  // ids come first there
+  } else {  // h = embedding_multiplier * embeddings
+    const Tensor e = act(ws_.ym, T, D);
+    be_.embedding(e, embeddings_, static_cast<const int32_t*>(ws_.idx.data()));
+    be_.memzero(h.data, size_t(T) * D * dtype_size(dtype_));
+    be_.add_rows(h, nullptr, e, nullptr, T, nullptr, emb_scale_);
+  }
   for (int i = 0; i < cfg_.n_layers; ++i) {
     if (cfg_.has_bridge(i)) bridge(i, T);
     // A Mamba-1 layer applies its pre-norm inside mamba_in (fused on CUDA's decode step).

@@ -56,6 +56,7 @@ struct LayerTensors {
   Tensor dt_norm, b_norm, c_norm;  // mamba_bcdt_norm_weight: the dt, B and C norms' weights
   Tensor moe_router;                          // MoE layers: [experts, D]
   std::vector<Tensor> e_gate, e_up, e_down;   // and each expert's W
+  Tensor s_gate, s_up, s_down;                // the shared expert's (moe_shared_ff)
 };
 
 // What the routers of the true-hybrid layers decided in the last forward (set_route_trace).
@@ -171,6 +172,11 @@ class HybridModel {
   void attention_path(int layer, Tensor x, const Ragged& rg, Tensor out, bool accumulate, HybridMemory& mem);
   void mlp(int layer, int T);
   void moe(int layer, int T);
+  // Where a mixer or FFN writes its output over T rows: h itself (accumulated), or, with a
+  // residual_multiplier, scratch that join_residual then adds to h scaled.
+  Tensor residual_target(int T);
+  void join_residual(Tensor out);
+  void prepare_scales();  // scales_ and the tensors into it (prepare)
   // Rows of a workspace buffer as a [rows, cols] tensor of the activation type (grown as needed).
   Tensor act(Buffer& b, int rows, int cols);
   // Host index / gate arrays into backend memory; the pointers stay valid for this forward.
@@ -193,6 +199,12 @@ class HybridModel {
   std::vector<LayerTensors> lw_;       // per layer
   Tensor embeddings_, norm_f_, lm_head_;
   Buffer ones_;                        // mamba_bcdt_norm: the weightless norms' unit w, max(R, N) wide
+  // Granite's scalings as per-column vectors in the compute type: norm_f / logits_scaling [D] (the
+  // final norm's weight then), and for add_rows (dst += scale * src) embedding_multiplier [D],
+  // residual_multiplier [D] and attention_scale * sqrt(head_dim) [n_heads * head_dim]; empty
+  // where a scaling is the identity.
+  Buffer scales_;
+  Tensor emb_scale_, resid_scale_, q_scale_;
   std::vector<Buffer> A_;              // per layer: -exp(A_log) [E, N] float32, [heads] for Mamba-2 (empty for attention)
   Workspace ws_;
   Ragged rg_, rgm_, rga_;              // the batch; a true layer's Mamba and attention rows

@@ -79,6 +79,12 @@ std::vector<ParamSpec> param_layout(const ModelConfig& c) {
       s.push_back({L + "mlp.experts.gate_proj.weight", {X, F, D}});
       s.push_back({L + "mlp.experts.up_proj.weight", {X, F, D}});
       s.push_back({L + "mlp.experts.down_proj.weight", {X, D, F}});
+      if (c.moe_shared_ff > 0) {
+        const int64_t S = c.moe_shared_ff;
+        s.push_back({L + "mlp.shared_gate_proj.weight", {S, D}});
+        s.push_back({L + "mlp.shared_up_proj.weight", {S, D}});
+        s.push_back({L + "mlp.shared_down_proj.weight", {D, S}});
+      }
     } else if (F > 0) {
       s.push_back({L + "mlp_norm.weight", {D}});
       s.push_back({L + "mlp.gate_proj.weight", {F, D}});
@@ -139,6 +145,9 @@ Params::Params(const ModelConfig& c) : cfg_(c), specs_(param_layout(c)) {
     w.e_gate = ptr(L + "mlp.experts.gate_proj.weight");
     w.e_up = ptr(L + "mlp.experts.up_proj.weight");
     w.e_down = ptr(L + "mlp.experts.down_proj.weight");
+    w.s_gate = ptr(L + "mlp.shared_gate_proj.weight");
+    w.s_up = ptr(L + "mlp.shared_up_proj.weight");
+    w.s_down = ptr(L + "mlp.shared_down_proj.weight");
     w.fuse_mamba = ptr(L + "mixer.fuse_mamba");
     w.fuse_attn = ptr(L + "mixer.fuse_attn");
     w.exchange = ptr(L + "mixer.exchange");

@@ -42,6 +42,8 @@ struct LayerWeights {
   // Mixture of experts (an MoE layer has these instead of w_gate, w_up, w_down): router
   // [experts, D] and expert stacks [experts, F, D], [experts, F, D], [experts, D, F]
   float *moe_router = nullptr, *e_gate = nullptr, *e_up = nullptr, *e_down = nullptr;
+  // its shared expert (moe_shared_ff = S > 0): [S, D], [S, D], [D, S]
+  float *s_gate = nullptr, *s_up = nullptr, *s_down = nullptr;
   // True-hybrid layer: per-channel fusion scales, cross-path exchange, router
   float *fuse_mamba = nullptr, *fuse_attn = nullptr, *exchange = nullptr;  // [D] each
   float *router_w = nullptr, *router_feat = nullptr, *router_b = nullptr;  // [D], [kRouterFeatures], [1]
