@@ -255,8 +255,14 @@ TEST(HfBamba, ConfigMapsFieldByField) {
   const ModelConfig two = mapped([](json& j) {
     j["attn_layer_indices"] = {3, 0};
     j["layers_block_type"] = {"attention", "mamba", "mamba", "attention"};
+    j["layer_types"] = {"full_attention", "linear_attention", "linear_attention", "full_attention"};
   });
   EXPECT_EQ(two.attention_layers, (std::vector<int>{0, 3}));
+  const ModelConfig by_types = mapped([](json& j) {  // no indices: the per-layer types say it
+    j.erase("attn_layer_indices");
+    j["layer_types"] = {"linear_attention", "full_attention", "linear_attention", "linear_attention"};
+  });
+  EXPECT_EQ(by_types.attention_layers, (std::vector<int>{1}));
   EXPECT_EQ(two.mamba2_layers, (std::vector<int>{1, 2}));
 }
 
@@ -451,6 +457,7 @@ TEST(HfBamba, RefusesWhatItDoesNotImplement) {
   with([](json& j) { j["attn_layer_indices"] = 2; }, {"attn_layer_indices", "list"});
   with([](json& j) { j["layers_block_type"] = {"mamba", "mamba", "mamba", "mamba"}; },
        {"layers_block_type[2]", "attention"});
+  with([](json& j) { j["layer_types"] = {"mamba", "mamba", "full_attention", "moe"}; }, {"layer_types[3]", "moe"});
   with([](json& j) { j["mamba_n_heads"] = 5; }, {"mamba_n_heads", "64"});
   with([](json& j) { j["mamba_d_head"] = 8; }, {"mamba_d_head", "64"});
   with([](json& j) { j["mamba_n_groups"] = 3; }, {"mamba_n_groups", "mamba_n_heads"});
@@ -901,6 +908,12 @@ TEST(HfGranite, RefusesWhatItDoesNotImplement) {
   with([](json& j) { j["hidden_act"] = "gelu"; }, {"hidden_act", "gelu"});
   with([](json& j) { j["layer_types"] = {"mamba", "attention", "mamba"}; }, {"layer_types", "4"});
   with([](json& j) { j["layer_types"][2] = "moe"; }, {"layer_types[2]", "moe"});
+  const ModelConfig spelled = [&] {  // newer transformers' spelling of the layer types
+    write_text(d / "config.json", orig.dump());
+    edit_config(d, [](json& j) { j["layer_types"] = {"linear_attention", "full_attention", "linear_attention", "linear_attention"}; });
+    return load_hf_config(d.string());
+  }();
+  EXPECT_EQ(spelled.attention_layers, (std::vector<int>{1}));
   with([](json& j) { j["layers_block_type"] = {"mamba", "mamba", "mamba", "mamba"}; },
        {"layer_types", "layers_block_type", "layer 1"});
   with([](json& j) { j["num_experts_per_tok"] = 5; }, {"num_experts_per_tok", "num_local_experts"});

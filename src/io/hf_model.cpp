@@ -363,6 +363,14 @@ void mamba2_fields(const JsonFields& f, const std::string& origin, HfInfo& info)
   if (f.has("mamba_conv_bias")) info.conv_bias = f.get_bool("mamba_conv_bias");
 }
 
+// A layer type as BambaConfig and GraniteMoeHybridConfig list them: "attention" or "mamba" (newer
+// transformers also spell them "full_attention" and "linear_attention"); "" for anything else.
+std::string layer_kind(const nlohmann::json& v) {
+  if (v == "attention" || v == "full_attention") return "attention";
+  if (v == "mamba" || v == "linear_attention") return "mamba";
+  return "";
+}
+
 // BambaForCausalLM (transformers' modeling_bamba.py): Jamba's layer (input_layernorm -> mixer ->
 // residual, pre_ff_layernorm -> SwiGLU MLP -> residual, on every layer) with transformers'
 // Mamba-2 mixer, and Llama attention at attn_layer_indices whose RoPE rotates the first half of
@@ -405,17 +413,23 @@ HfInfo bamba_info_from_json(const JsonFields& f, const std::string& origin) {
       c.attention_layers.push_back(i);
     }
     std::sort(c.attention_layers.begin(), c.attention_layers.end());
+  } else if (present(f, "layer_types") && f.at("layer_types").is_array()) {
+    // No indices, but the per-layer types (checked below): the pattern is theirs.
+    const nlohmann::json& t = f.at("layer_types");
+    for (size_t i = 0; i < t.size() && i < size_t(c.n_layers); ++i)
+      if (layer_kind(t[i]) == "attention") c.attention_layers.push_back(int(i));
   }
   c.mamba2_layers.clear();
   for (int i = 0; i < c.n_layers; ++i)
     if (!c.is_attention(i)) c.mamba2_layers.push_back(i);
-  if (present(f, "layers_block_type")) {  // a property of BambaConfig; a saved copy must agree
-    const nlohmann::json& t = f.at("layers_block_type");
-    HM_CHECK(t.is_array() && t.size() == size_t(c.n_layers), origin, ": field 'layers_block_type' must list ",
-             c.n_layers, " layer types, got ", t.dump());
+  for (const char* k : {"layers_block_type", "layer_types"}) {  // derived by BambaConfig: a saved copy must agree
+    if (!present(f, k)) continue;
+    const nlohmann::json& t = f.at(k);
+    HM_CHECK(t.is_array() && t.size() == size_t(c.n_layers), origin, ": field '", k, "' must list ", c.n_layers,
+             " layer types, got ", t.dump());
     for (int i = 0; i < c.n_layers; ++i) {
       const std::string want = c.is_attention(i) ? "attention" : "mamba";
-      HM_CHECK(t[size_t(i)] == want, origin, ": field 'layers_block_type[", i, "]' is ", t[size_t(i)].dump(),
+      HM_CHECK(layer_kind(t[size_t(i)]) == want, origin, ": field '", k, "[", i, "]' is ", t[size_t(i)].dump(),
                " but 'attn_layer_indices' makes layer ", i, " \"", want, "\"");
     }
   }
@@ -516,11 +530,12 @@ HfInfo granite_info_from_json(const JsonFields& f, const std::string& origin) {
              " layer types, got ", t.dump());
     for (int i = 0; i < c.n_layers; ++i) {
       const nlohmann::json& v = t[size_t(i)];
-      HM_CHECK(v == "mamba" || v == "attention", origin, ": field '", k, "[", i, "]' is ", v.dump(),
+      const std::string kind = layer_kind(v);
+      HM_CHECK(!kind.empty(), origin, ": field '", k, "[", i, "]' is ", v.dump(),
                ": only \"mamba\" and \"attention\" layers are supported");
-      HM_CHECK(types_field.empty() || v == types[size_t(i)], origin, ": fields '", types_field, "' and '", k,
+      HM_CHECK(types_field.empty() || kind == types[size_t(i)], origin, ": fields '", types_field, "' and '", k,
                "' disagree at layer ", i);
-      types[size_t(i)] = v.get<std::string>();
+      types[size_t(i)] = kind;
     }
     types_field = k;
   }
