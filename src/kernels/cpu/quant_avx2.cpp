@@ -103,7 +103,7 @@ void gemv(float* y, int ldy, const float* x, int ldx, const unsigned char* W, si
       if (F::kStride) scales(row, b0, b1 - b0, F::kStride, ds, nd);
       for (int b = b0; b < b1; ++b) {
         __m256 w[4];
-        F::block(row, b, ds + b - b0, nd + b - b0, w);
+        F::block(row, b, ds + (b - b0), nd + (b - b0), w);
         for (int i = 0; i < M; ++i) {
           const float* xi = x + size_t(i) * ldx + b * 32;
           for (int c = 0; c < 4; ++c) a[i][c] = _mm256_fmadd_ps(w[c], _mm256_loadu_ps(xi + 8 * c), a[i][c]);
@@ -147,7 +147,7 @@ void dequant(float* out, const unsigned char* row, int k) {
     const int b1 = nb - b0 < kChunk ? nb : b0 + kChunk;
     if (F::kStride) scales(row, b0, b1 - b0, F::kStride, ds, nd);
     for (int b = b0; b < b1; ++b) {
-      F::block(row, b, ds + b - b0, nd + b - b0, w);
+      F::block(row, b, ds + (b - b0), nd + (b - b0), w);
       for (int c = 0; c < 4; ++c) _mm256_storeu_ps(out + b * 32 + 8 * c, w[c]);
     }
   }

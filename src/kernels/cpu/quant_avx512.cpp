@@ -12,8 +12,11 @@
 #include <immintrin.h>
 
 // g++ 12's AVX-512 intrinsics start from _mm512_undefined_*(), which it then reports as
-// maybe-uninitialized (simd.h works around the same with masked forms).
+// maybe-uninitialized (simd.h works around the same with masked forms). clang has no such
+// warning (and warns about the unknown name).
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 
 #include <cstring>
 
@@ -111,7 +114,7 @@ void gemv(float* y, int ldy, const float* x, int ldx, const unsigned char* W, si
       if (F::kStride) scales(row, b0, b1 - b0, F::kStride, ds, nd);
       for (b = b0; b + 2 <= b1; b += 2) {
         __m512 w0, w1, w2, w3;
-        F::block(row, b, ds + b - b0, nd + b - b0, w0, w1);
+        F::block(row, b, ds + (b - b0), nd + (b - b0), w0, w1);
         F::block(row, b + 1, ds + b + 1 - b0, nd + b + 1 - b0, w2, w3);
         for (int i = 0; i < M; ++i) {
           const float* xi = x + size_t(i) * ldx + b * 32;
@@ -123,7 +126,7 @@ void gemv(float* y, int ldy, const float* x, int ldx, const unsigned char* W, si
       }
       if (b < b1) {
         __m512 w0, w1;
-        F::block(row, b, ds + b - b0, nd + b - b0, w0, w1);
+        F::block(row, b, ds + (b - b0), nd + (b - b0), w0, w1);
         for (int i = 0; i < M; ++i) {
           const float* xi = x + size_t(i) * ldx + b * 32;
           a[i][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xi), a[i][0]);
@@ -172,7 +175,7 @@ void dequant(float* out, const unsigned char* row, int k) {
     if (F::kStride) scales(row, b0, b1 - b0, F::kStride, ds, nd);
     for (int b = b0; b < b1; ++b) {
       __m512 w0, w1;
-      F::block(row, b, ds + b - b0, nd + b - b0, w0, w1);
+      F::block(row, b, ds + (b - b0), nd + (b - b0), w0, w1);
       _mm512_storeu_ps(out + b * 32, w0);
       _mm512_storeu_ps(out + b * 32 + 16, w1);
     }
