@@ -22,6 +22,7 @@
 #include "io/safetensors.h"
 #include "model/model.h"
 #include "runtime/memory.h"
+#include "hf_test_util.h"
 #include "test_util.h"
 
 namespace hm {
@@ -33,46 +34,12 @@ using nlohmann::json;
 const fs::path kFixtures = fs::path(HM_SOURCE_DIR) / "tests" / "fixtures" / "hf";
 const char* const kBambaFolders[] = {"bamba_f32", "bamba_bf16"};
 
-json read_json(const fs::path& p) {
-  std::ifstream f(p);
-  return json::parse(f);
-}
+using test::read_f32_file;
+using test::read_json;
+using test::write_text;
 
-void write_text(const fs::path& p, const std::string& s) {
-  std::ofstream f(p, std::ios::binary);
-  f << s;
-}
-
-std::vector<float> read_f32_file(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  std::vector<float> v(size_t(fs::file_size(p)) / sizeof(float));
-  f.read(reinterpret_cast<char*>(v.data()), std::streamsize(v.size() * sizeof(float)));
-  return v;
-}
-
-// Every position's logits, one prefill; the KV cache float32 as transformers keeps it.
-std::vector<float> logits_all(HybridModel& m, const std::vector<int32_t>& toks, KvType kv = KvType::F32) {
-  HybridMemory mem(m.backend(), m.config(), 1, int(toks.size()) + 16, kv);
-  Batch b;
-  b.logits_all = true;
-  b.add(0, toks);
-  std::vector<float> logits;
-  m.forward(b, mem, logits);
-  return logits;
-}
-
-// The same token by token: the decode path.
-std::vector<float> logits_stepwise(HybridModel& m, const std::vector<int32_t>& toks) {
-  HybridMemory mem(m.backend(), m.config(), 1, int(toks.size()) + 16, KvType::F32);
-  std::vector<float> all, logits;
-  for (int32_t t : toks) {
-    Batch b;
-    b.add(0, {t});
-    m.forward(b, mem, logits);
-    all.insert(all.end(), logits.begin(), logits.end());
-  }
-  return all;
-}
+using test::forward_all;  // float32 KV cache by default, as transformers keeps it
+using test::forward_stepwise;
 
 // transformers' name of each of our tensors, written from modeling_bamba.py's module tree
 // (independently of src/io/hf_model.cpp's mapping).
@@ -282,19 +249,19 @@ TEST(HfBamba, LoadsWeightsUnderTransformersNames) {
   ours.prepare();
   Rng rng(3);
   const std::vector<int32_t> toks = test::tokens(rng, 23, c.vocab_size);
-  const std::vector<float> full = logits_all(*hf, toks);
-  EXPECT_EQ(full, logits_all(ours, toks));
-  const double e_step = test::rel_err(logits_stepwise(*hf, toks), full);
+  const std::vector<float> full = forward_all(*hf, toks);
+  EXPECT_EQ(full, forward_all(ours, toks));
+  const double e_step = test::rel_err(forward_stepwise(*hf, toks), full);
   std::printf("bamba: prefill vs token by token %.3g\n", e_step);
   EXPECT_LT(e_step, 1e-5);
   auto ref = make_ref_backend();
-  const double e_ref = test::rel_err(logits_all(*load_any_model(d.string(), *ref), toks), full);
+  const double e_ref = test::rel_err(forward_all(*load_any_model(d.string(), *ref), toks), full);
   std::printf("bamba: reference backend vs cpu %.3g\n", e_ref);
   EXPECT_LT(e_ref, 1e-5);
   convert_hf_model(d.string(), (tmp.path / "conv").string(), "f32");
   auto conv = load_any_model((tmp.path / "conv").string(), *be);
   EXPECT_EQ(conv->config().rope_dim, 4);
-  EXPECT_EQ(logits_all(*conv, toks), full);
+  EXPECT_EQ(forward_all(*conv, toks), full);
 }
 
 namespace {
@@ -400,7 +367,7 @@ TEST(HfBamba, PartialRopeMatchesReference) {
     HybridModel m(cc, be);
     std::copy_n(p.data(), p.numel(), m.params().data());
     m.prepare();
-    return std::pair{logits_all(m, toks), logits_stepwise(m, toks)};
+    return std::pair{forward_all(m, toks), forward_stepwise(m, toks)};
   };
   auto cpu = make_cpu_backend();
   auto ref = make_ref_backend();
@@ -503,9 +470,9 @@ TEST(HfBamba, LogitsMatchTransformers) {
     const std::vector<float> want = read_f32_file(dir / "logits.f32");
     const int V = c.vocab_size;
     ASSERT_EQ(want.size(), toks.size() * size_t(V));
-    const double e_full = test::rel_err(logits_all(*m, toks), want);
-    const double e_step = test::rel_err(logits_stepwise(*m, toks), want);
-    const double e16 = test::rel_err(logits_all(*m, toks, KvType::F16), want);
+    const double e_full = test::rel_err(forward_all(*m, toks), want);
+    const double e_step = test::rel_err(forward_stepwise(*m, toks), want);
+    const double e16 = test::rel_err(forward_all(*m, toks, KvType::F16), want);
     std::printf("%s (stored %s): max|ours - transformers| / max|transformers| = %.3g full forward, %.3g token "
                 "by token, %.3g with an f16 KV cache\n",
                 name, exp["stored_dtype"].get<std::string>().c_str(), e_full, e_step, e16);
@@ -530,7 +497,7 @@ TEST(HfBamba, LogitsMatchTransformers) {
     // One perturbed weight breaks the bound: the comparison can fail.
     m->params().layer(c.mamba2_layers[0]).Dskip[1] += 0.05f;
     m->prepare();
-    EXPECT_GT(test::rel_err(logits_all(*m, toks), want), 1e-4);
+    EXPECT_GT(test::rel_err(forward_all(*m, toks), want), 1e-4);
   }
   if (found == 0)
     GTEST_SKIP() << "no Bamba fixtures in " << kFixtures.string()
@@ -734,23 +701,23 @@ TEST(HfGranite, LoadsWeightsUnderTransformersNames) {
   ours.prepare();
   Rng rng(5);
   const std::vector<int32_t> toks = test::tokens(rng, 23, c.vocab_size);
-  const std::vector<float> full = logits_all(*hf, toks);
-  EXPECT_EQ(full, logits_all(ours, toks));
-  const double e_step = test::rel_err(logits_stepwise(*hf, toks), full);
+  const std::vector<float> full = forward_all(*hf, toks);
+  EXPECT_EQ(full, forward_all(ours, toks));
+  const double e_step = test::rel_err(forward_stepwise(*hf, toks), full);
   std::printf("granite: prefill vs token by token %.3g\n", e_step);
   EXPECT_LT(e_step, 1e-5);
   auto ref = make_ref_backend();
-  const double e_ref = test::rel_err(logits_all(*load_any_model(d.string(), *ref), toks), full);
+  const double e_ref = test::rel_err(forward_all(*load_any_model(d.string(), *ref), toks), full);
   std::printf("granite: reference backend vs cpu %.3g\n", e_ref);
   EXPECT_LT(e_ref, 1e-5);
   convert_hf_model(d.string(), (tmp.path / "conv").string(), "f32");
-  EXPECT_EQ(logits_all(*load_any_model((tmp.path / "conv").string(), *be), toks), full);
+  EXPECT_EQ(forward_all(*load_any_model((tmp.path / "conv").string(), *be), toks), full);
   test::TempDir tmp2("hf_granite_mem");
   ModelConfig c2;
   std::vector<float> arena2;
   const fs::path m = write_granite_folder(tmp2, "", c2, arena2, /*in_memory=*/true);
   EXPECT_TRUE(SafetensorsReader((m / "model.safetensors").string()).find("model.layers.0.block_sparse_moe.experts.gate_up_proj"));
-  EXPECT_EQ(logits_all(*load_any_model(m.string(), *be), toks), full);
+  EXPECT_EQ(forward_all(*load_any_model(m.string(), *be), toks), full);
   // The dense variant (no experts): the shared MLP's halves are the MLP's gate and up.
   test::TempDir tmp3("hf_granite_dense");
   ModelConfig c3;
@@ -759,7 +726,7 @@ TEST(HfGranite, LoadsWeightsUnderTransformersNames) {
   HybridModel ours3(c3, *be);
   std::copy(arena3.begin(), arena3.end(), ours3.params().data());
   ours3.prepare();
-  EXPECT_EQ(logits_all(*load_any_model(dn.string(), *be), toks), logits_all(ours3, toks));
+  EXPECT_EQ(forward_all(*load_any_model(dn.string(), *be), toks), forward_all(ours3, toks));
 }
 
 TEST(HfGranite, ScalingsAndSharedExpertAreApplied) {
@@ -805,12 +772,12 @@ TEST(HfGranite, ScalingsAndSharedExpertAreApplied) {
       auto b = model_like(*be, base, p);
       fold(b->params());
       b->prepare();
-      std::vector<float> want = logits_all(*b, toks);
+      std::vector<float> want = forward_all(*b, toks);
       for (float& x : want) x = float(x / divide);
-      const double e = test::rel_err(logits_all(*a, toks), want);
+      const double e = test::rel_err(forward_all(*a, toks), want);
       auto unscaled = model_like(*be, base, p);
       unscaled->prepare();
-      const double moved = test::rel_err(logits_all(*unscaled, toks), want);
+      const double moved = test::rel_err(forward_all(*unscaled, toks), want);
       std::printf("%s (%s): %.3g against the folded model, which is %.3g from the unscaled one\n", what,
                   be->name().c_str(), e, moved);
       EXPECT_LT(e, 1e-5) << what;
@@ -872,7 +839,7 @@ TEST(HfGranite, ScalingsAndSharedExpertAreApplied) {
     }
   }
   b->prepare();
-  const double e = test::rel_err(logits_all(*a, toks), logits_all(*b, toks));
+  const double e = test::rel_err(forward_all(*a, toks), forward_all(*b, toks));
   std::printf("one expert + shared MLP against one dense MLP of both widths: %.3g\n", e);
   EXPECT_LT(e, 1e-5);
   // Validation of the new fields.
@@ -961,8 +928,8 @@ TEST(HfGranite, LogitsMatchTransformers) {
     const std::vector<int32_t> toks = exp["tokens"].get<std::vector<int32_t>>();
     const std::vector<float> want = read_f32_file(dir / "logits.f32");
     ASSERT_EQ(want.size(), toks.size() * size_t(c.vocab_size));
-    const double e_full = test::rel_err(logits_all(*m, toks), want);
-    const double e_step = test::rel_err(logits_stepwise(*m, toks), want);
+    const double e_full = test::rel_err(forward_all(*m, toks), want);
+    const double e_step = test::rel_err(forward_stepwise(*m, toks), want);
     std::printf("%s (stored %s): max|ours - transformers| / max|transformers| = %.3g full forward, %.3g token "
                 "by token\n", name, exp["stored_dtype"].get<std::string>().c_str(), e_full, e_step);
     EXPECT_LT(e_full, 1e-4);
@@ -984,7 +951,7 @@ TEST(HfGranite, LogitsMatchTransformers) {
     }
     m->params().layer(c.mamba2_layers[0]).Dskip[1] += 0.05f;
     m->prepare();
-    EXPECT_GT(test::rel_err(logits_all(*m, toks), want), 1e-4);
+    EXPECT_GT(test::rel_err(forward_all(*m, toks), want), 1e-4);
   }
   if (found == 0)
     GTEST_SKIP() << "no Granite fixtures in " << kFixtures.string()

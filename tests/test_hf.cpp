@@ -19,6 +19,7 @@
 #include "model/model.h"
 #include "runtime/memory.h"
 #include "runtime/tokenizer.h"
+#include "hf_test_util.h"
 #include "test_util.h"
 
 namespace hm {
@@ -30,22 +31,9 @@ using nlohmann::json;
 const fs::path kFixtures = fs::path(HM_SOURCE_DIR) / "tests" / "fixtures" / "hf";
 const char* const kFolders[] = {"mamba_f32", "mamba_bf16", "mamba_sharded"};
 
-json read_json(const fs::path& p) {
-  std::ifstream f(p);
-  return json::parse(f);
-}
-
-void write_text(const fs::path& p, const std::string& s) {
-  std::ofstream f(p, std::ios::binary);
-  f << s;
-}
-
-std::vector<float> read_f32_file(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  std::vector<float> v(size_t(fs::file_size(p)) / sizeof(float));
-  f.read(reinterpret_cast<char*>(v.data()), std::streamsize(v.size() * sizeof(float)));
-  return v;
-}
+using test::read_f32_file;
+using test::read_json;
+using test::write_text;
 
 // Float32 KV cache unless asked otherwise, as transformers' reference keeps K and V.
 using test::forward_all;

@@ -21,6 +21,7 @@
 #include "backend/cuda/cuda_backend.h"
 #include "core/error.h"
 #include "core/rng.h"
+#include "cuda_test_util.h"
 #include "kernels/ops.h"
 
 namespace {
@@ -28,30 +29,12 @@ namespace {
 using hm::DType;
 using hm::Tensor;
 
-bool has_gpu() {
-  static const bool ok = [] {
-    int n = 0;
-    return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-  }();
-  return ok;
-}
+using hm::test::has_gpu;
+using hm::test::rel_err;
+using hm::test::tol;
 
-double tol(DType t) { return t == DType::F32 ? 1e-5 : t == DType::F16 ? 1e-3 : 8e-3; }
 constexpr double kStateTol = 1e-5;
 
-// max|got - ref| / max|ref| over rows x cols at row stride ld, from column c0 (NaN fails).
-double rel_err(const std::vector<float>& got, const std::vector<float>& ref, int rows, int cols, int64_t ld,
-               int c0 = 0) {
-  double num = 0, den = 0;
-  for (int i = 0; i < rows; ++i)
-    for (int j = c0; j < c0 + cols; ++j) {
-      const size_t k = size_t(i) * size_t(ld) + size_t(j);
-      if (std::isnan(got[k]) || std::isnan(ref[k])) return NAN;
-      num = std::max(num, std::fabs(double(got[k]) - ref[k]));
-      den = std::max(den, std::fabs(double(ref[k])));
-    }
-  return num / std::max(den, 1e-30);
-}
 #define EXPECT_CLOSE(err, bound, what) EXPECT_TRUE((err) <= (bound)) << what << ": error " << (err) << " over " << (bound)
 
 // Values as stored in `t` (rounded to nearest even), widened back to float.

@@ -20,6 +20,7 @@
 
 #include "core/error.h"
 #include "core/rng.h"
+#include "cuda_test_util.h"
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/ops.h"
 
@@ -28,13 +29,7 @@ namespace {
 using bf16 = __nv_bfloat16;
 using f16 = __half;
 
-bool has_gpu() {
-  static const bool ok = [] {
-    int n = 0;
-    return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-  }();
-  return ok;
-}
+using hm::test::has_gpu;
 #define REQUIRE_GPU() \
   if (!has_gpu()) GTEST_SKIP() << "no CUDA device"
 

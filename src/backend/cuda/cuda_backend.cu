@@ -95,6 +95,28 @@ void check_state(const char* op, const StatePool& st, int64_t per_slot) {
   HM_CHECK(st.base != nullptr || st.n_slots == 0, "cuda ", op, ": the state pool has no data");
 }
 
+// What selective_scan and dt_scan share: y, x, z [n_tokens, E], B and C [n_tokens, N] on one
+// row stride, dt_bias and Dskip [E], A, the element types, the dense state and the slots.
+void check_scan(const char* op, Tensor y, const StatePool& st, Tensor x, Tensor dt_bias, const float* A, Tensor B,
+                Tensor C, Tensor Dskip, Tensor z, const Ragged& rg) {
+  const int E = x.cols, N = B.cols, T_ = rg.n_tokens();
+  HM_CHECK(N >= 1 && N <= cuda::kMaxState, "cuda ", op, ": d_state must be in [1, ", cuda::kMaxState, "], got ", N);
+  check_view(op, "x", x, T_, E);
+  check_view(op, "z", z, T_, E);
+  check_view(op, "y", y, T_, E);
+  check_view(op, "B", B, T_, N);
+  check_view(op, "C", C, T_, N);
+  HM_CHECK(B.ld == C.ld, "cuda ", op, ": B and C must share a row stride (", B.ld, " vs ", C.ld, ")");
+  check_vec(op, "dt_bias", dt_bias, E);
+  check_vec(op, "Dskip", Dskip, E);
+  HM_CHECK(A != nullptr || E == 0, "cuda ", op, ": A is null");
+  for (const auto& [name, t] : {std::pair{"z", &z}, std::pair{"y", &y}, std::pair{"B", &B}, std::pair{"C", &C},
+                                std::pair{"dt_bias", &dt_bias}, std::pair{"Dskip", &Dskip}})
+    check_type(op, name, *t, x.dtype);
+  check_state(op, st, int64_t(E) * N);
+  check_ragged(op, rg, st.n_slots);
+}
+
 cuda::RaggedBatch batch(const Ragged& rg) {
   cuda::RaggedBatch rb;
   rb.cu_seqlens = rg.d_cu();
@@ -339,25 +361,12 @@ class CudaBackendImpl final : public CudaBackend {
       Backend::dt_scan(y, st, x, dt_r, dt_w, dt, dt_bias, A, B, C, Dskip, z, rg);
       return;
     }
-    HM_CHECK(N >= 1 && N <= cuda::kMaxState, "cuda dt_scan: d_state must be in [1, ", cuda::kMaxState, "], got ", N);
-    check_view(op, "x", x, T_, E);
+    check_scan(op, y, st, x, dt_bias, A, B, C, Dskip, z, rg);
     check_view(op, "dt_r", dt_r, T_, R);
     check_view(op, "dt_w", dt_w, E, R);
     check_dense(op, "dt_w", dt_w);
-    check_view(op, "z", z, T_, E);
-    check_view(op, "y", y, T_, E);
-    check_view(op, "B", B, T_, N);
-    check_view(op, "C", C, T_, N);
-    HM_CHECK(B.ld == C.ld, "cuda dt_scan: B and C must share a row stride (", B.ld, " vs ", C.ld, ")");
-    check_vec(op, "dt_bias", dt_bias, E);
-    check_vec(op, "Dskip", Dskip, E);
-    HM_CHECK(A != nullptr || E == 0, "cuda dt_scan: A is null");
-    for (const auto& [name, t] : {std::pair{"dt_r", &dt_r}, std::pair{"dt_w", &dt_w}, std::pair{"z", &z},
-                                  std::pair{"y", &y}, std::pair{"B", &B}, std::pair{"C", &C},
-                                  std::pair{"dt_bias", &dt_bias}, std::pair{"Dskip", &Dskip}})
-      check_type(op, name, *t, x.dtype);
-    check_state(op, st, int64_t(E) * N);
-    check_ragged(op, rg, st.n_slots);
+    check_type(op, "dt_r", dt_r, x.dtype);
+    check_type(op, "dt_w", dt_w, x.dtype);
     dispatch(x.dtype, [&](auto tag) {
       using T = elem_t<decltype(tag)>;
       cuda::selective_scan_step_dt<T>(ptr<T>(y), int(y.ld), st.base, rg.d_slots(), ptr<T>(x), int(x.ld),
@@ -484,23 +493,9 @@ class CudaBackendImpl final : public CudaBackend {
                       Tensor B, Tensor C, Tensor Dskip, Tensor z, const Ragged& rg) override {
     const char* op = "selective_scan";
     const int E = x.cols, N = B.cols, T_ = rg.n_tokens();
-    HM_CHECK(N >= 1 && N <= cuda::kMaxState, "cuda selective_scan: d_state must be in [1, ", cuda::kMaxState,
-             "], got ", N);
-    check_view(op, "x", x, T_, E);
+    check_scan(op, y, st, x, dt_bias, A, B, C, Dskip, z, rg);
     check_view(op, "dt", dt, T_, E);
-    check_view(op, "z", z, T_, E);
-    check_view(op, "y", y, T_, E);
-    check_view(op, "B", B, T_, N);
-    check_view(op, "C", C, T_, N);
-    HM_CHECK(B.ld == C.ld, "cuda selective_scan: B and C must share a row stride (", B.ld, " vs ", C.ld, ")");
-    check_vec(op, "dt_bias", dt_bias, E);
-    check_vec(op, "Dskip", Dskip, E);
-    HM_CHECK(A != nullptr || E == 0, "cuda selective_scan: A is null");
-    for (const auto& [name, t] : {std::pair{"dt", &dt}, std::pair{"z", &z}, std::pair{"y", &y}, std::pair{"B", &B},
-                                  std::pair{"C", &C}, std::pair{"dt_bias", &dt_bias}, std::pair{"Dskip", &Dskip}})
-      check_type(op, name, *t, x.dtype);
-    check_state(op, st, int64_t(E) * N);
-    check_ragged(op, rg, st.n_slots);
+    check_type(op, "dt", dt, x.dtype);
     if (rg.nseq() == 0 || T_ == 0) return;
     const cuda::RaggedBatch rb = batch(rg);
     const bool decode = is_decode(rg);
