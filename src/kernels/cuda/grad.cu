@@ -1,0 +1,318 @@
+// The training kernels of grad.h besides attention (attention_grad.cu): cuBLAS GEMMs with
+// transposes, RMSNorm / SwiGLU / RoPE backward, the embedding scatter and the cross-entropy rows.
+#include <cublas_v2.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/grad.h"
+
+#define HM_BLAS_OK(call, what)                                                                        \
+  do {                                                                                                \
+    const cublasStatus_t hm_st_ = (call);                                                             \
+    HM_CHECK(hm_st_ == CUBLAS_STATUS_SUCCESS, "cuda training gemm: ", what, ": ", cublasGetStatusString(hm_st_)); \
+  } while (0)
+
+namespace hm::cuda {
+
+// ---- Blas ----
+
+struct Blas::Impl {
+  cublasHandle_t h = nullptr;
+  void* ws = nullptr;
+  ~Impl() {
+    if (h) cublasDestroy(h);
+    if (ws) cudaFree(ws);
+  }
+};
+
+Blas::Blas() : impl_(std::make_unique<Impl>()) {
+  constexpr size_t kWorkspace = size_t(32) << 20;  // as linear.h's Gemm
+  HM_BLAS_OK(cublasCreate(&impl_->h), "cublasCreate");
+  const cudaError_t e = cudaMalloc(&impl_->ws, kWorkspace);
+  HM_CHECK(e == cudaSuccess, "cuda training gemm: cudaMalloc of the cuBLAS workspace: ", cudaGetErrorString(e));
+  HM_BLAS_OK(cublasSetWorkspace(impl_->h, impl_->ws, kWorkspace), "cublasSetWorkspace");
+  // Split-K parts reduce in float, never in a 16-bit output type.
+  HM_BLAS_OK(cublasSetMathMode(impl_->h, CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION), "cublasSetMathMode");
+}
+
+Blas::~Blas() = default;
+
+void Blas::gemm(void* C, cudaDataType_t tc, int64_t ldc, const void* A, int64_t lda, bool ta, const void* B,
+                int64_t ldb, bool tb, cudaDataType_t tin, int m, int n, int k, bool accumulate,
+                cudaStream_t stream) {
+  HM_CHECK(m >= 0 && n >= 0 && k >= 0, "cuda training gemm: negative shape m ", m, " n ", n, " k ", k);
+  if (m == 0 || n == 0) return;
+  if (k == 0) {  // an empty sum
+    if (!accumulate) {
+      const size_t es = tc == CUDA_R_32F ? 4 : 2;
+      HM_CUDA_OK(cudaMemset2DAsync(C, size_t(ldc) * es, 0, size_t(n) * es, size_t(m), stream),
+                 "training gemm (cudaMemset2DAsync)");
+    }
+    return;
+  }
+  HM_CHECK(lda <= INT32_MAX && ldb <= INT32_MAX && ldc <= INT32_MAX,
+           "cuda training gemm: leading dimension over 2^31");
+  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+  HM_BLAS_OK(cublasSetStream(impl_->h, stream), "cublasSetStream");
+  // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T, and a row-major matrix read
+  // column-major is its transpose: B goes first, each with its own flag, no copies.
+  HM_BLAS_OK(cublasGemmEx(impl_->h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, &alpha,
+                          B, tin, int(ldb), A, tin, int(lda), &beta, C, tc, int(ldc), CUBLAS_COMPUTE_32F,
+                          CUBLAS_GEMM_DEFAULT),
+             "cublasGemmEx (m " + std::to_string(m) + " n " + std::to_string(n) + " k " + std::to_string(k) + ")");
+}
+
+namespace {
+
+constexpr int kThreads = 256;
+
+// Sum (or max) over the block of kThreads threads; every thread gets the result.
+template <bool kMax>
+__device__ float block_reduce(float v) {
+  __shared__ float part[kThreads / 32];
+  for (int o = 16; o > 0; o >>= 1) {
+    const float u = __shfl_xor_sync(0xffffffffu, v, o);
+    v = kMax ? fmaxf(v, u) : v + u;
+  }
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) part[warp] = v;
+  __syncthreads();
+  float r = part[0];
+#pragma unroll
+  for (int i = 1; i < kThreads / 32; ++i) r = kMax ? fmaxf(r, part[i]) : r + part[i];
+  __syncthreads();  // part is reused by the next call
+  return r;
+}
+
+// ---- RMSNorm backward ----
+
+// One block per row: dx and the row's rstd (kept for the dw pass).
+template <class T>
+__global__ void __launch_bounds__(kThreads) rmsnorm_dx_kernel(T* dx, int lddx, float* __restrict__ rstd,
+                                                              const T* __restrict__ g, int ldg,
+                                                              const T* __restrict__ x, int ldx,
+                                                              const T* __restrict__ w, int d, float eps, bool acc) {
+  const size_t i = blockIdx.x;
+  const T* xi = x + i * ldx;
+  const T* gi = g + i * ldg;
+  float ss = 0, dot = 0;
+  for (int j = threadIdx.x; j < d; j += kThreads) {
+    const float xv = to_f(xi[j]);
+    ss += xv * xv;
+    dot += to_f(gi[j]) * to_f(w[j]) * xv;
+  }
+  ss = block_reduce<false>(ss);
+  dot = block_reduce<false>(dot);
+  const float r = 1.0f / sqrtf(ss / float(d) + eps), c = r * r * r * dot / float(d);
+  T* di = dx + i * lddx;
+  for (int j = threadIdx.x; j < d; j += kThreads) {
+    const float v = to_f(gi[j]) * to_f(w[j]) * r - c * to_f(xi[j]);
+    di[j] = from_f<T>(acc ? to_f(di[j]) + v : v);
+  }
+  if (threadIdx.x == 0) rstd[i] = r;
+}
+
+// dw partial sums: block (32 columns, one chunk of rows); thread (column, phase y of 8) sums
+// rows r0 + y, r0 + y + 8, ... in order, then the 8 phases are added in order.
+constexpr int kDwPhases = 8;
+template <class T>
+__global__ void __launch_bounds__(32 * kDwPhases) rmsnorm_dw_partial_kernel(float* __restrict__ part,
+                                                                           const T* __restrict__ g, int ldg,
+                                                                           const T* __restrict__ x, int ldx,
+                                                                           const float* __restrict__ rstd, int n,
+                                                                           int d, int rows_per_chunk) {
+  __shared__ float s[kDwPhases][33];
+  const int j = blockIdx.x * 32 + threadIdx.x;
+  const int r0 = blockIdx.y * rows_per_chunk, r1 = min(n, r0 + rows_per_chunk);
+  float acc = 0;
+  if (j < d)
+    for (int i = r0 + threadIdx.y; i < r1; i += kDwPhases)
+      acc += to_f(g[size_t(i) * ldg + j]) * to_f(x[size_t(i) * ldx + j]) * rstd[i];
+  s[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && j < d) {
+    float t = 0;
+    for (int y = 0; y < kDwPhases; ++y) t += s[y][threadIdx.x];
+    part[size_t(blockIdx.y) * d + j] = t;
+  }
+}
+
+// dw[j] += the chunks' partial sums, in chunk order.
+template <class G>
+__global__ void rmsnorm_dw_finish_kernel(G* dw, const float* __restrict__ part, int chunks, int d) {
+  const int j = blockIdx.x * kThreads + threadIdx.x;
+  if (j >= d) return;
+  float t = 0;
+  for (int c = 0; c < chunks; ++c) t += part[size_t(c) * d + j];
+  dw[j] = from_f<G>(to_f(dw[j]) + t);
+}
+
+// Rows per chunk of the dw pass: at least 64, and at most 512 chunks.
+int dw_rows_per_chunk(int n) { return std::max(64, ceil_div(n, 512)); }
+
+// ---- SwiGLU, RoPE ----
+
+template <class T>
+__global__ void swiglu_backward_kernel(T* dg, int lddg, T* du, int lddu, const T* __restrict__ dout, int ldo,
+                                       const T* __restrict__ g, int ldgg, const T* __restrict__ u, int ldu, int f) {
+  const int j = blockIdx.y * blockDim.x + threadIdx.x;
+  if (j >= f) return;
+  const size_t i = blockIdx.x;
+  const float gv = to_f(g[i * ldgg + j]), d = to_f(dout[i * ldo + j]);
+  const float sg = 1.0f / (1.0f + expf(-gv));
+  // Both read before either is written: dg or du may alias an input.
+  const float uv = to_f(u[i * ldu + j]);
+  du[i * lddu + j] = from_f<T>(d * gv * sg);                          // du = dout silu(g)
+  dg[i * lddg + j] = from_f<T>(d * uv * sg * (1.0f + gv * (1.0f - sg)));  // silu' = s (1 + g (1 - s))
+}
+
+// As elementwise.cu's rope_kernel (same angle, formed in double), rotating by -angle:
+// (a, b) -> (a cos + b sin, b cos - a sin).
+template <class T>
+__global__ void rope_backward_kernel(T* x, int ldx, int heads, int hd, const int32_t* __restrict__ cu,
+                                     const int32_t* __restrict__ pos0, int nseq, double log2_theta) {
+  const int half = hd / 2;
+  const int idx = blockIdx.y * blockDim.x + threadIdx.x;
+  if (idx >= heads * half) return;
+  const int t = blockIdx.x, h = idx / half, i = idx % half;
+  const int s = seq_of_row(cu, nseq, t);
+  const double pos = double(pos0[s] + (t - cu[s]));
+  const double ang = pos * exp2(-2.0 * i / hd * log2_theta);
+  double sn, cs;
+  sincos(ang, &sn, &cs);
+  T* v = x + size_t(t) * ldx + size_t(h) * hd;
+  const float a = to_f(v[i]), b = to_f(v[i + half]);
+  v[i] = from_f<T>(float(a * cs + b * sn));
+  v[i + half] = from_f<T>(float(b * cs - a * sn));
+}
+
+// ---- Embedding ----
+
+template <class T, class G>
+__global__ void embedding_backward_kernel(G* dtable, int ldt, const T* __restrict__ dout, int ldo,
+                                          const int32_t* __restrict__ order, const int32_t* __restrict__ seg,
+                                          const int32_t* __restrict__ seg_id, int d) {
+  const int j = blockIdx.y * blockDim.x + threadIdx.x;
+  if (j >= d) return;
+  const int s = blockIdx.x;
+  float acc = 0;
+  for (int p = seg[s]; p < seg[s + 1]; ++p) acc += to_f(dout[size_t(order[p]) * ldo + j]);
+  G* row = dtable + size_t(seg_id[s]) * ldt;
+  row[j] = from_f<G>(to_f(row[j]) + acc);
+}
+
+// ---- Cross-entropy rows ----
+
+// One block per row. z[target] is read before any dz is written (dz may be z).
+template <class TD>
+__global__ void __launch_bounds__(kThreads) cross_entropy_rows_kernel(TD* dz, const float* z,
+                                                                      const int32_t* __restrict__ targets,
+                                                                      float* __restrict__ loss, int V,
+                                                                      float scale) {
+  const size_t r = blockIdx.x;
+  const float* zr = z + r * V;
+  TD* dr = dz + r * V;
+  const int tg = targets[r];
+  if (tg < 0) {  // ignored row: no loss, no gradient
+    for (int j = threadIdx.x; j < V; j += kThreads) dr[j] = from_f<TD>(0.0f);
+    if (threadIdx.x == 0) loss[r] = 0.0f;
+    return;
+  }
+  float mx = -INFINITY;
+  for (int j = threadIdx.x; j < V; j += kThreads) mx = fmaxf(mx, zr[j]);
+  mx = block_reduce<true>(mx);
+  const float zt = zr[tg];
+  float se = 0;
+  for (int j = threadIdx.x; j < V; j += kThreads) se += expf(zr[j] - mx);
+  se = block_reduce<false>(se);  // its barriers also order every read of z above before the writes below
+  const float lse = mx + logf(se);
+  if (threadIdx.x == 0) loss[r] = lse - zt;
+  for (int j = threadIdx.x; j < V; j += kThreads)
+    dr[j] = from_f<TD>((expf(zr[j] - lse) - (j == tg ? 1.0f : 0.0f)) * scale);
+}
+
+}  // namespace
+
+// ---- Launchers ----
+
+size_t rmsnorm_backward_workspace_bytes(int n, int d) {
+  if (n <= 0) return 0;
+  const int chunks = ceil_div(n, dw_rows_per_chunk(n));
+  return sizeof(float) * (size_t(n) + size_t(chunks) * size_t(std::max(d, 0)));
+}
+
+template <class T, class G>
+void rmsnorm_backward(T* dx, int lddx, G* dw, const T* dout, int ldg, const T* x, int ldx, const T* w, int n, int d,
+                      float eps, bool accumulate_dx, void* workspace, cudaStream_t stream) {
+  if (n <= 0 || d <= 0) return;
+  auto* rstd = static_cast<float*>(workspace);
+  float* part = rstd + n;
+  const int rpc = dw_rows_per_chunk(n), chunks = ceil_div(n, rpc);
+  rmsnorm_dx_kernel<T><<<n, kThreads, 0, stream>>>(dx, lddx, rstd, dout, ldg, x, ldx, w, d, eps, accumulate_dx);
+  HM_CUDA_LAUNCHED("rmsnorm_backward (dx)");
+  rmsnorm_dw_partial_kernel<T><<<dim3(ceil_div(d, 32), chunks), dim3(32, kDwPhases), 0, stream>>>(
+      part, dout, ldg, x, ldx, rstd, n, d, rpc);
+  HM_CUDA_LAUNCHED("rmsnorm_backward (dw partials)");
+  rmsnorm_dw_finish_kernel<G><<<ceil_div(d, kThreads), kThreads, 0, stream>>>(dw, part, chunks, d);
+  HM_CUDA_LAUNCHED("rmsnorm_backward (dw)");
+}
+
+template <class T>
+void swiglu_backward(T* dg, int lddg, T* du, int lddu, const T* dout, int ldo, const T* g, int ldgg, const T* u,
+                     int ldu, int n, int f, cudaStream_t stream) {
+  if (n <= 0 || f <= 0) return;
+  HM_CHECK(ceil_div(f, kThreads) <= 65535, "cuda swiglu_backward: ", f, " columns are too many");
+  swiglu_backward_kernel<T><<<dim3(n, ceil_div(f, kThreads)), kThreads, 0, stream>>>(dg, lddg, du, lddu, dout, ldo,
+                                                                                     g, ldgg, u, ldu, f);
+  HM_CUDA_LAUNCHED("swiglu_backward");
+}
+
+template <class T>
+void rope_backward(T* dx, int ldx, int heads, int hd, const RaggedBatch& rb, float theta, cudaStream_t stream) {
+  HM_CHECK(hd > 0 && hd % 2 == 0, "cuda rope_backward: head_dim must be even, got ", hd);
+  if (rb.n_tokens <= 0) return;
+  const int per_row = heads * (hd / 2);
+  rope_backward_kernel<T><<<dim3(rb.n_tokens, ceil_div(per_row, 128)), 128, 0, stream>>>(
+      dx, ldx, heads, hd, rb.cu_seqlens, rb.pos0, rb.nseq, std::log2(double(theta)));
+  HM_CUDA_LAUNCHED("rope_backward");
+}
+
+template <class T, class G>
+void embedding_backward(G* dtable, int ldt, const T* dout, int ldo, const int32_t* order, const int32_t* seg,
+                        const int32_t* seg_id, int nseg, int d, cudaStream_t stream) {
+  if (nseg <= 0 || d <= 0) return;
+  HM_CHECK(ceil_div(d, kThreads) <= 65535, "cuda embedding_backward: ", d, " columns are too many");
+  embedding_backward_kernel<T, G><<<dim3(nseg, ceil_div(d, kThreads)), kThreads, 0, stream>>>(
+      dtable, ldt, dout, ldo, order, seg, seg_id, d);
+  HM_CUDA_LAUNCHED("embedding_backward");
+}
+
+template <class TD>
+void cross_entropy_rows(TD* dz, const float* z, const int32_t* targets, float* loss, int n, int V, float scale,
+                        cudaStream_t stream) {
+  if (n <= 0 || V <= 0) return;
+  cross_entropy_rows_kernel<TD><<<n, kThreads, 0, stream>>>(dz, z, targets, loss, V, scale);
+  HM_CUDA_LAUNCHED("cross_entropy_head (rows)");
+}
+
+#define HM_INST_G(T, G)                                                                                        \
+  template void rmsnorm_backward<T, G>(T*, int, G*, const T*, int, const T*, int, const T*, int, int, float, bool, \
+                                       void*, cudaStream_t);                                                   \
+  template void embedding_backward<T, G>(G*, int, const T*, int, const int32_t*, const int32_t*, const int32_t*, \
+                                         int, int, cudaStream_t);
+#define HM_INST(T)                                                                                              \
+  HM_INST_G(T, T)                                                                                               \
+  template void swiglu_backward<T>(T*, int, T*, int, const T*, int, const T*, int, const T*, int, int, int,       \
+                                   cudaStream_t);                                                               \
+  template void rope_backward<T>(T*, int, int, int, const RaggedBatch&, float, cudaStream_t);                  \
+  template void cross_entropy_rows<T>(T*, const float*, const int32_t*, float*, int, int, float, cudaStream_t);
+HM_CUDA_FOR_TYPES(HM_INST)
+HM_INST_G(__nv_bfloat16, float)
+HM_INST_G(__half, float)
+#undef HM_INST
+#undef HM_INST_G
+
+}  // namespace hm::cuda

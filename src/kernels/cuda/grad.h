@@ -1,0 +1,95 @@
+// CUDA kernels of the training ops besides the Mamba ones (issue 15; Backend's training ops in
+// backend/backend.h): the GEMMs of the linear and LM-head backward passes, RMSNorm, SwiGLU and
+// RoPE backward, the embedding's gradient scatter, the LM head's softmax / cross-entropy rows,
+// and flash-style causal attention forward (with lse) and backward over a ragged batch.
+//
+// Activations are T = float, __nv_bfloat16 or __half; parameter gradients G are T or float.
+// Every sum runs in float and every reduction has one fixed order (no atomics): a rerun gives
+// the same bits. Pointers are device memory; launches go on `stream` without waiting.
+// Plain C++ (no device code), so host files compiled by g++ can call these.
+#pragma once
+#include <cuda_runtime.h>
+#include <library_types.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+#include "kernels/cuda/cuda_ops.h"
+
+namespace hm::cuda {
+
+// Row-major GEMMs with either operand transposed, on cuBLAS (cublasGemmEx, CUBLAS_COMPUTE_32F:
+// float accumulation, never TF32, split-K parts reduced in float): the backward passes need
+// dy W and dy^T x, which linear.h's y = x W^T does not express.
+class Blas {
+ public:
+  Blas();  // a cuBLAS handle and its workspace on the current device (hm::Error on failure)
+  ~Blas();
+  Blas(const Blas&) = delete;
+  Blas& operator=(const Blas&) = delete;
+
+  // C[m,n] (=|+=) op(A) . op(B): op(A) is A [m,k] (lda), or with ta the transpose of A [k,m];
+  // op(B) is B [k,n] (ldb), or with tb the transpose of B [n,k]. A and B of type tin (f32, bf16,
+  // f16), C of tin or f32. k = 0 writes zeros (or leaves C when accumulating).
+  void gemm(void* C, cudaDataType_t tc, int64_t ldc, const void* A, int64_t lda, bool ta, const void* B,
+            int64_t ldb, bool tb, cudaDataType_t tin, int m, int n, int k, bool accumulate, cudaStream_t stream);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// RMSNorm backward, rstd recomputed from x (rows of d, own strides): dx (=|+=) dout w r -
+// x r^3 mean(dout w x); dw += sum over rows of dout x r, summed per chunk of rows and then over
+// chunks, in order. `workspace` holds rmsnorm_backward_workspace_bytes(n, d) bytes.
+template <class T, class G>
+void rmsnorm_backward(T* dx, int lddx, G* dw, const T* dout, int ldg, const T* x, int ldx, const T* w, int n, int d,
+                      float eps, bool accumulate_dx, void* workspace, cudaStream_t stream);
+size_t rmsnorm_backward_workspace_bytes(int n, int d);
+
+// out = silu(g) u: dg = dout u silu'(g), du = dout silu(g) (every tensor its own row stride).
+template <class T>
+void swiglu_backward(T* dg, int lddg, T* du, int lddu, const T* dout, int ldo, const T* g, int ldgg, const T* u,
+                     int ldu, int n, int f, cudaStream_t stream);
+
+// RoPE's transpose in place on dx [n_tokens, heads * hd] (the rotation by -angle), positions
+// and angles as rope's (cuda_ops.h).
+template <class T>
+void rope_backward(T* dx, int ldx, int heads, int hd, const RaggedBatch& rb, float theta, cudaStream_t stream);
+
+// dtable[ids[i]] += dout[i]: the rows of the batch grouped by id (host-built, uploaded):
+// segment s holds the batch rows order[seg[s] .. seg[s+1]) (ascending), all of id seg_id[s].
+// One thread per (segment, column) sums its rows in that order and adds once: deterministic,
+// no atomics, whatever the repeats.
+template <class T, class G>
+void embedding_backward(G* dtable, int ldt, const T* dout, int ldo, const int32_t* order, const int32_t* seg,
+                        const int32_t* seg_id, int nseg, int d, cudaStream_t stream);
+
+// The cross-entropy rows of the fused LM head: z [n, V] float logits (dense); for target
+// t = targets[i] >= 0, loss[i] = logsumexp(z_i) - z_i[t] and dz_i = (softmax(z_i) - onehot(t)) *
+// scale; rows with t < 0 get loss 0 and dz 0. dz [n, V] (dense, of TD) may be z itself (TD float).
+template <class TD>
+void cross_entropy_rows(TD* dz, const float* z, const int32_t* targets, float* loss, int n, int V, float scale,
+                        cudaStream_t stream);
+
+// Causal GQA attention for training (each sequence of rb over its own rows; slots and pos0 are
+// not read): q, out [n_tokens, H * hd]; k, v [n_tokens, G * hd]; lse [n_tokens, H] float (ldl)
+// = log sum_j exp(q.k_j / sqrt(hd)). Flash-style: 32-query tiles stream 32-key tiles through
+// shared memory with an online softmax in float; no L x L matrix. hd <= kMaxTrainHeadDim.
+constexpr int kMaxTrainHeadDim = 256;
+template <class T>
+void attention_train(T* out, int ldo, float* lse, int ldl, const T* q, int ldq, const T* k, int ldk, const T* v,
+                     int ldv, const RaggedBatch& rb, int H, int G, int hd, cudaStream_t stream);
+
+// Its backward, P recomputed from q, k and lse: D = rowsum(dout * out) per (row, head), then one
+// kernel per key tile and kv head (dk, dv summed over the group's query heads and the query
+// tiles in order) and one per query tile and head (dq): no atomics. dq, dk, dv assigned.
+// `workspace` holds attention_backward_workspace_bytes(n_tokens, H) bytes.
+template <class T>
+void attention_backward(T* dq, int lddq, T* dk, int lddk, T* dv, int lddv, const T* dout, int ldg, const T* q,
+                        int ldq, const T* k, int ldk, const T* v, int ldv, const T* out, int ldo, const float* lse,
+                        int ldl, const RaggedBatch& rb, int H, int G, int hd, void* workspace, cudaStream_t stream);
+size_t attention_backward_workspace_bytes(int n_tokens, int H);
+
+}  // namespace hm::cuda

@@ -1,0 +1,529 @@
+// The CUDA backend's training ops (issue 15; kernels/cuda/grad.h) against the CPU backend, in
+// f32, bf16 and f16.
+//
+// Each case draws fresh random inputs at odd sizes, rounds them to the tested type and gives the
+// CPU backend the same values widened to float; inputs and outputs are column (and row) views
+// of wider matrices, assigned outputs start as NaN on the device, and the device copy must keep
+// every element outside an output's view. Ragged batches mix odd lengths, a sequence of no rows
+// and one-row sequences; attention runs GQA groups of 1, 3 and 4 and odd head sizes.
+// Bounds on max|got - ref| / max|ref|: 1e-5 for float outputs (f32, and the f32 gradients of
+// bf16/f16 inputs, whose products are exact in float), tol(type) (f16 1e-3, bf16 8e-3) for
+// outputs stored in the 16-bit type and for the LM head's gradients (its dlogits are rounded to
+// the type as the GEMMs' input); the loss and lse within 1e-5 in every type (float math on the
+// same inputs). Every failure names the tensor and its worst element.
+// Without a GPU every case is GTEST_SKIPped.
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "backend/backend.h"
+#include "core/error.h"
+#include "core/rng.h"
+#include "cuda_test_util.h"
+
+namespace {
+
+using hm::Backend;
+using hm::DType;
+using hm::Tensor;
+using hm::test::has_gpu;
+using hm::test::tol;
+
+constexpr double kFloatTol = 1e-5;
+
+std::vector<float> rounded(std::vector<float> v, DType t) {
+  std::vector<char> bytes(v.size() * hm::dtype_size(t));
+  hm::convert_from_f32(bytes.data(), t, v.data(), v.size());
+  hm::convert_to_f32(v.data(), bytes.data(), t, v.size());
+  return v;
+}
+
+// A rows x ld matrix held twice with the same values: on the device in `dt` (f, as stored)
+// and on the host in float for the CPU backend (h, which the CPU ops update in place). An
+// output made by out() starts as NaN on the device and 0 on the host.
+struct Both {
+  hm::Buffer buf;
+  DType dt;
+  int rows, ld;
+  std::vector<float> f, h;
+
+  Both(Backend& gpu, DType t, int r, int l, std::vector<float> values)
+      : buf(gpu, std::max<size_t>(1, size_t(r) * size_t(l) * hm::dtype_size(t))), dt(t), rows(r), ld(l),
+        f(rounded(std::move(values), t)), h(f) {
+    put(gpu);
+  }
+  Both(Backend& gpu, DType t, int r, int l, const std::function<double()>& draw)
+      : Both(gpu, t, r, l, drawn(size_t(r) * size_t(l), draw)) {}
+  static Both out(Backend& gpu, DType t, int r, int l) {
+    Both b(gpu, t, r, l, std::vector<float>(size_t(r) * size_t(l), NAN));
+    std::fill(b.h.begin(), b.h.end(), 0.0f);
+    return b;
+  }
+  static std::vector<float> drawn(size_t n, const std::function<double()>& draw) {
+    std::vector<float> v(n);
+    for (auto& x : v) x = float(draw());
+    return v;
+  }
+  void put(Backend& gpu) const {
+    std::vector<char> bytes(f.size() * hm::dtype_size(dt));
+    hm::convert_from_f32(bytes.data(), dt, f.data(), f.size());
+    gpu.to_device(buf.data(), bytes.data(), bytes.size());
+  }
+  std::vector<float> get(Backend& gpu) const {
+    std::vector<char> bytes(f.size() * hm::dtype_size(dt));
+    gpu.to_host(bytes.data(), buf.data(), bytes.size());
+    std::vector<float> v(f.size());
+    hm::convert_to_f32(v.data(), bytes.data(), dt, f.size());
+    return v;
+  }
+  std::vector<char> raw(Backend& gpu) const {
+    std::vector<char> bytes(f.size() * hm::dtype_size(dt));
+    gpu.to_host(bytes.data(), buf.data(), bytes.size());
+    return bytes;
+  }
+  Tensor dev(int c0, int n) const { return Tensor(buf.data(), dt, rows, ld, ld).cols_view(c0, n); }
+  Tensor cpu(int c0, int n) { return Tensor(h.data(), DType::F32, rows, ld, ld).cols_view(c0, n); }
+};
+
+std::function<double()> normal(hm::Rng& rng, double scale = 1, double mean = 0) {
+  return [&rng, scale, mean] { return mean + scale * rng.normal(); };
+}
+
+bool same(float a, float b) { return (std::isnan(a) && std::isnan(b)) || std::memcmp(&a, &b, sizeof a) == 0; }
+
+// The device result `got` of b's view [r0, r0 + nr) x [c0, c0 + nc) against the CPU's (b.h):
+// max|got - ref| / max|ref| <= bound, naming the tensor and the worst element (row and column
+// within the view); every element outside the view must still hold the device's initial value.
+::testing::AssertionResult matches(const std::string& what, const Both& b, const std::vector<float>& got, int r0,
+                                   int nr, int c0, int nc, double bound) {
+  double num = 0, den = 0;
+  int wi = 0, wj = 0;
+  for (int i = 0; i < b.rows; ++i)
+    for (int j = 0; j < b.ld; ++j) {
+      const size_t k = size_t(i) * size_t(b.ld) + size_t(j);
+      const bool in = i >= r0 && i < r0 + nr && j >= c0 && j < c0 + nc;
+      if (!in) {
+        if (!same(got[k], b.f[k]))
+          return ::testing::AssertionFailure() << what << ": wrote outside its view at [" << i << ", " << j
+                                               << "] (got " << got[k] << ", held " << b.f[k] << ")";
+        continue;
+      }
+      if (std::isnan(got[k]) || std::isnan(b.h[k]))
+        return ::testing::AssertionFailure() << what << ": NaN at [" << i - r0 << ", " << j - c0 << "] (got "
+                                             << got[k] << ", cpu " << b.h[k] << ")";
+      const double e = std::fabs(double(got[k]) - b.h[k]);
+      if (e > num) {
+        num = e;
+        wi = i - r0;
+        wj = j - c0;
+      }
+      den = std::max(den, std::fabs(double(b.h[k])));
+    }
+  const double err = num / std::max(den, 1e-30);
+  if (err <= bound) return ::testing::AssertionSuccess();
+  const size_t k = size_t(wi + r0) * size_t(b.ld) + size_t(wj + c0);
+  return ::testing::AssertionFailure() << what << ": error " << err << " over " << bound << ", worst at [" << wi
+                                       << ", " << wj << "]: got " << got[k] << ", cpu " << b.h[k] << " (max|cpu| "
+                                       << den << ")";
+}
+::testing::AssertionResult matches(const std::string& what, Backend& gpu, const Both& b, int c0, int nc,
+                                   double bound) {
+  return matches(what, b, b.get(gpu), 0, b.rows, c0, nc, bound);
+}
+
+// Several outputs as column views of one matrix, checked one at a time: `got` with the other
+// views' columns set back to the device's initial values, so only the checked view may differ.
+std::vector<float> only_view(std::vector<float> got, const Both& b, int c0, const std::vector<std::pair<int, int>>& views) {
+  for (const auto& [c1, n1] : views)
+    if (c1 != c0)
+      for (int i = 0; i < b.rows; ++i)
+        for (int j = c1; j < c1 + n1; ++j) got[size_t(i) * size_t(b.ld) + size_t(j)] = b.f[size_t(i) * size_t(b.ld) + size_t(j)];
+  return got;
+}
+
+// An int32 array in device memory.
+struct Ints {
+  hm::Buffer buf;
+  Ints(Backend& be, const std::vector<int32_t>& v) : buf(be, std::max<size_t>(4, v.size() * 4)) {
+    be.to_device(buf.data(), v.data(), v.size() * 4);
+  }
+  const int32_t* p() const { return static_cast<const int32_t*>(buf.data()); }
+};
+
+// The same batch for both backends: sequence s of lens[s] rows at position pos0s[s].
+void fill(hm::Ragged& rg, Backend& be, const std::vector<int>& lens, const std::vector<int>& pos0s) {
+  rg.clear();
+  for (size_t s = 0; s < lens.size(); ++s) rg.add(int(s), lens[s], pos0s[s]);
+  rg.upload(be);
+}
+
+const std::vector<std::vector<int>> kSeqs = {{1}, {37}, {333}, {5, 1, 70, 0, 33}, {1, 1, 1}};
+
+class CudaGradOps : public ::testing::TestWithParam<DType> {
+ protected:
+  void SetUp() override {
+    if (!has_gpu()) GTEST_SKIP() << "no CUDA device";
+    gpu_ = hm::make_backend(hm::Device::CUDA);
+    cpu_ = hm::make_cpu_backend();
+  }
+  Backend& gpu() { return *gpu_; }
+  Backend& cpu() { return *cpu_; }
+  DType T() const { return GetParam(); }
+  // The gradient types of parameters: the compute type, and f32 beside a 16-bit one.
+  std::vector<DType> grad_types() const {
+    return T() == DType::F32 ? std::vector<DType>{DType::F32} : std::vector<DType>{T(), DType::F32};
+  }
+  // The bound for an output stored in `t` with no rounding but its own.
+  double bound(DType t) const { return t == DType::F32 ? kFloatTol : tol(t); }
+  std::unique_ptr<Backend> gpu_, cpu_;
+};
+
+// dx (=|+=) dy W and dW += dy^T x through column and row views, dx skipped or not, gradients in
+// the type and in f32.
+TEST_P(CudaGradOps, LinearBackward) {
+  hm::Rng rng(101);
+  for (auto [m, n, k] : {std::tuple{37, 129, 333}, std::tuple{1, 67, 130}, std::tuple{300, 5, 1},
+                         std::tuple{64, 256, 96}})
+    for (DType gt : grad_types())
+      for (bool acc : {false, true})
+        for (bool with_dx : {true, false}) {
+          Both dy(gpu(), T(), m, n + 3, normal(rng)), x(gpu(), T(), m, k + 5, normal(rng)),
+              W(gpu(), T(), n, k + 2, normal(rng, 0.1)), dW(gpu(), gt, n + 1, k + 4, normal(rng, 0.1));
+          Both dx = acc ? Both(gpu(), gt, m, k + 6, normal(rng)) : Both::out(gpu(), gt, m, k + 6);
+          gpu().linear_backward(with_dx ? dx.dev(1, k) : Tensor(), dW.dev(2, k).rows_view(1, n), dy.dev(1, n),
+                                x.dev(3, k), W.dev(0, k), acc);
+          cpu().linear_backward(with_dx ? dx.cpu(1, k) : Tensor(), dW.cpu(2, k).rows_view(1, n), dy.cpu(1, n),
+                                x.cpu(3, k), W.cpu(0, k), acc);
+          std::ostringstream what;
+          what << "m " << m << " n " << n << " k " << k << " grads " << hm::compute_dtype_name(gt) << " acc " << acc
+               << " dx " << with_dx << ": ";
+          EXPECT_TRUE(matches(what.str() + "dW", dW, dW.get(gpu()), 1, n, 2, k, bound(gt)));
+          if (with_dx) EXPECT_TRUE(matches(what.str() + "dx", gpu(), dx, 1, k, bound(gt)));
+          else EXPECT_TRUE(matches(what.str() + "dx (skipped)", dx, dx.get(gpu()), 0, 0, 0, 0, 0.0));
+        }
+}
+
+// dx (=|+=) and dw += over rows, dw in the type and in f32; row counts past one chunk of the dw
+// pass (64 rows) and past 512 chunks (rows per chunk above 64, a short last chunk).
+TEST_P(CudaGradOps, RmsNormBackward) {
+  hm::Rng rng(102);
+  for (auto [n, d] : {std::pair{7, 333}, std::pair{1, 31}, std::pair{130, 2049}, std::pair{700, 64},
+                      std::pair{33000, 40}})
+    for (DType gt : grad_types())
+      for (bool acc : {false, true}) {
+        Both x(gpu(), T(), n, d + 3, normal(rng, 2)), g(gpu(), T(), n, d + 1, normal(rng)),
+            w(gpu(), T(), 1, d, normal(rng, 0.2, 1)), dw(gpu(), gt, 1, d, normal(rng, 0.1));
+        Both dx = acc ? Both(gpu(), T(), n, d + 2, normal(rng)) : Both::out(gpu(), T(), n, d + 2);
+        gpu().rmsnorm_backward(dx.dev(2, d), dw.dev(0, d), g.dev(0, d), x.dev(1, d), w.dev(0, d), 1e-5f, acc);
+        cpu().rmsnorm_backward(dx.cpu(2, d), dw.cpu(0, d), g.cpu(0, d), x.cpu(1, d), w.cpu(0, d), 1e-5f, acc);
+        std::ostringstream what;
+        what << "n " << n << " d " << d << " dw " << hm::compute_dtype_name(gt) << " acc " << acc << ": ";
+        EXPECT_TRUE(matches(what.str() + "dx", gpu(), dx, 2, d, bound(T())));
+        EXPECT_TRUE(matches(what.str() + "dw", gpu(), dw, 0, d, bound(gt)));
+      }
+}
+
+// g and u as the halves of one matrix, dg and du as the halves of another.
+TEST_P(CudaGradOps, SwigluBackward) {
+  hm::Rng rng(103);
+  for (auto [n, f] : {std::pair{5, 333}, std::pair{70, 1}, std::pair{1, 1025}}) {
+    Both gu(gpu(), T(), n, 2 * f + 3, normal(rng, 2)), dout(gpu(), T(), n, f + 1, normal(rng));
+    Both d = Both::out(gpu(), T(), n, 2 * f + 1);
+    gpu().swiglu_backward(d.dev(0, f), d.dev(f + 1, f), dout.dev(1, f), gu.dev(0, f), gu.dev(f + 2, f));
+    cpu().swiglu_backward(d.cpu(0, f), d.cpu(f + 1, f), dout.cpu(1, f), gu.cpu(0, f), gu.cpu(f + 2, f));
+    const std::vector<float> got = d.get(gpu());
+    const std::string what = "n " + std::to_string(n) + " f " + std::to_string(f) + ": ";
+    const std::vector<std::pair<int, int>> views = {{0, f}, {f + 1, f}};
+    EXPECT_TRUE(matches(what + "dg", d, only_view(got, d, 0, views), 0, n, 0, f, bound(T())));
+    EXPECT_TRUE(matches(what + "du", d, only_view(got, d, f + 1, views), 0, n, f + 1, f, bound(T())));
+  }
+}
+
+// Against the CPU's rope_backward at positions up to 9000, and as the transpose of the device's
+// own rope: rope then rope_backward gives x back.
+TEST_P(CudaGradOps, RopeBackward) {
+  hm::Rng rng(104);
+  const int heads = 3, hd = 10, ld = heads * hd + 4;
+  for (const auto& lens : kSeqs) {
+    std::vector<int> pos0s;
+    for (size_t s = 0; s < lens.size(); ++s) pos0s.push_back(int(rng.next_u64() % 9001));
+    hm::Ragged rg_gpu, rg_cpu;
+    fill(rg_gpu, gpu(), lens, pos0s);
+    fill(rg_cpu, cpu(), lens, pos0s);
+    const int n = rg_gpu.n_tokens();
+    Both dx(gpu(), T(), n, ld, normal(rng));
+    gpu().rope_backward(dx.dev(1, heads * hd), heads, hd, 10000.0f, rg_gpu);
+    cpu().rope_backward(dx.cpu(1, heads * hd), heads, hd, 10000.0f, rg_cpu);
+    const std::string what = "rope_backward, lens[0] " + std::to_string(lens[0]);
+    EXPECT_TRUE(matches(what, gpu(), dx, 1, heads * hd, bound(T())));
+
+    Both x(gpu(), T(), n, ld, normal(rng));
+    gpu().rope(x.dev(1, heads * hd), heads, hd, 10000.0f, rg_gpu);
+    gpu().rope_backward(x.dev(1, heads * hd), heads, hd, 10000.0f, rg_gpu);
+    // x.h still holds x: the round trip must come back to it (two roundings in 16 bits).
+    EXPECT_TRUE(matches(what + " after rope", gpu(), x, 1, heads * hd, T() == DType::F32 ? kFloatTol : 2 * tol(T())));
+  }
+}
+
+// Repeated ids (30 distinct over 300 rows, so segments of many rows) and a few lone ones;
+// dtable a column view, in the type and in f32; out-of-range ids are refused before any write.
+TEST_P(CudaGradOps, EmbeddingBackward) {
+  hm::Rng rng(105);
+  const int V = 1001, d = 77, n = 300;
+  for (DType gt : grad_types()) {
+    std::vector<int32_t> ids(static_cast<size_t>(n));
+    for (auto& i : ids) i = int32_t(rng.next_u64() % 30);
+    ids[7] = V - 1;
+    ids[200] = 500;
+    ids[201] = 500;
+    Ints dids(gpu(), ids);
+    Both table(gpu(), gt, V, d + 3, normal(rng, 0.1)), dout(gpu(), T(), n, d + 2, normal(rng));
+    gpu().embedding_backward(table.dev(1, d), dout.dev(0, d), dids.p());
+    cpu().embedding_backward(table.cpu(1, d), dout.cpu(0, d), ids.data());
+    EXPECT_TRUE(matches(std::string("dtable ") + hm::compute_dtype_name(gt), gpu(), table, 1, d, bound(gt)));
+
+    for (int32_t bad : {V, -1}) {
+      std::vector<int32_t> wrong = ids;
+      wrong[123] = bad;
+      Ints dwrong(gpu(), wrong);
+      const std::vector<float> before = table.get(gpu());
+      try {
+        gpu().embedding_backward(table.dev(1, d), dout.dev(0, d), dwrong.p());
+        ADD_FAILURE() << "embedding_backward accepted id " << bad;
+      } catch (const hm::Error& e) {
+        const std::string msg = e.what();
+        EXPECT_NE(msg.find("embedding_backward"), std::string::npos) << msg;
+        EXPECT_NE(msg.find("row 123"), std::string::npos) << msg;
+      }
+      const std::vector<float> after = table.get(gpu());
+      EXPECT_TRUE(std::equal(before.begin(), before.end(), after.begin(), same)) << "a refused call wrote dtable";
+    }
+  }
+}
+
+// The fused LM head: loss, dhn (assigned, 0 on ignored rows) and dW (+=) against the CPU, for a
+// vocabulary large enough that the rows run in two blocks (40,009 x 901 logits are over the
+// 128 MiB block in every type), dW and dhn in the type and in f32; bad targets are refused.
+TEST_P(CudaGradOps, CrossEntropyHead) {
+  hm::Rng rng(106);
+  const double scale = 0.37;
+  for (auto [n, D, V] : {std::tuple{37, 48, 257}, std::tuple{1, 64, 1000}, std::tuple{901, 48, 40009}})
+    for (DType gt : grad_types()) {
+      std::vector<int32_t> tg(static_cast<size_t>(n));
+      for (auto& t : tg) t = rng.next_u64() % 5 == 0 ? -1 : int32_t(rng.next_u64() % uint64_t(V));
+      tg[0] = n > 1 ? -1 : tg[0];
+      Ints dtg(gpu(), tg);
+      Both hn(gpu(), T(), n, D + 1, normal(rng)), W(gpu(), T(), V, D + 2, normal(rng, 0.3)),
+          dW(gpu(), gt, V, D, normal(rng, 0.01));
+      Both dhn = Both::out(gpu(), gt, n, D + 3);
+      const double lg = gpu().cross_entropy_head(dhn.dev(2, D), dW.dev(0, D), hn.dev(1, D), W.dev(1, D), dtg.p(), scale);
+      const double lc = cpu().cross_entropy_head(dhn.cpu(2, D), dW.cpu(0, D), hn.cpu(1, D), W.cpu(1, D), tg.data(), scale);
+      std::ostringstream what;
+      what << "n " << n << " D " << D << " V " << V << " grads " << hm::compute_dtype_name(gt) << ": ";
+      EXPECT_LE(std::fabs(lg - lc), kFloatTol * std::fabs(lc)) << what.str() << "loss " << lg << " vs cpu " << lc;
+      const double gb = T() == DType::F32 ? kFloatTol : tol(T());  // dlogits rounded to the type
+      EXPECT_TRUE(matches(what.str() + "dhn", gpu(), dhn, 2, D, gb));
+      EXPECT_TRUE(matches(what.str() + "dW", gpu(), dW, 0, D, gb));
+      if (n > 1) {
+        const std::vector<float> got = dhn.get(gpu());
+        for (int j = 0; j < D; ++j) EXPECT_EQ(got[size_t(2 + j)], 0.0f) << what.str() << "ignored row 0, dhn col " << j;
+      }
+    }
+  // Every row ignored: loss 0, dhn 0, dW unchanged.
+  {
+    const int n = 3, D = 5, V = 11;
+    Ints dtg(gpu(), std::vector<int32_t>(n, -1));
+    Both hn(gpu(), T(), n, D, normal(rng)), W(gpu(), T(), V, D, normal(rng)), dW(gpu(), T(), V, D, normal(rng));
+    Both dhn = Both::out(gpu(), T(), n, D);
+    EXPECT_EQ(gpu().cross_entropy_head(dhn.dev(0, D), dW.dev(0, D), hn.dev(0, D), W.dev(0, D), dtg.p(), 1.0), 0.0);
+    for (float v : dhn.get(gpu())) EXPECT_EQ(v, 0.0f);
+    const std::vector<float> got = dW.get(gpu());
+    EXPECT_TRUE(std::equal(got.begin(), got.end(), dW.f.begin(), same)) << "dW changed with every row ignored";
+  }
+  for (int32_t bad : {11, -2}) {
+    const int n = 4, D = 5, V = 11;
+    std::vector<int32_t> tg = {1, 2, bad, 3};
+    Ints dtg(gpu(), tg);
+    Both hn(gpu(), T(), n, D, normal(rng)), W(gpu(), T(), V, D, normal(rng)), dW(gpu(), T(), V, D, normal(rng));
+    Both dhn = Both::out(gpu(), T(), n, D);
+    try {
+      gpu().cross_entropy_head(dhn.dev(0, D), dW.dev(0, D), hn.dev(0, D), W.dev(0, D), dtg.p(), 1.0);
+      ADD_FAILURE() << "cross_entropy_head accepted target " << bad;
+    } catch (const hm::Error& e) {
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find("cross_entropy_head"), std::string::npos) << msg;
+      EXPECT_NE(msg.find("row 2"), std::string::npos) << msg;
+    }
+  }
+}
+
+// Attention shapes: (H, G, hd) with GQA groups 3, 1 (MHA), 3 (MQA) and 2; odd and large heads.
+const std::vector<std::tuple<int, int, int>> kAttn = {{6, 2, 64}, {4, 4, 37}, {3, 1, 128}, {2, 1, 200}, {4, 2, 16}};
+
+// q, k, v as column views of one qkv matrix (as the fused projection leaves them).
+struct Qkv {
+  int H, G, hd, n;
+  Both m;
+  Qkv(Backend& gpu, DType t, int H_, int G_, int hd_, int n_, hm::Rng& rng)
+      : H(H_), G(G_), hd(hd_), n(n_), m(gpu, t, n_, (H_ + 2 * G_) * hd_ + 3, normal(rng)) {}
+  int qc() const { return 1; }
+  int kc() const { return 1 + H * hd; }
+  int vc() const { return 1 + (H + G) * hd; }
+};
+
+TEST_P(CudaGradOps, AttentionTrain) {
+  hm::Rng rng(107);
+  for (const auto& [H, G, hd] : kAttn)
+    for (const auto& lens : kSeqs) {
+      hm::Ragged rg_gpu, rg_cpu;
+      fill(rg_gpu, gpu(), lens, std::vector<int>(lens.size(), 0));
+      fill(rg_cpu, cpu(), lens, std::vector<int>(lens.size(), 0));
+      const int n = rg_gpu.n_tokens();
+      Qkv x(gpu(), T(), H, G, hd, n, rng);
+      Both out = Both::out(gpu(), T(), n, H * hd + 5), lse = Both::out(gpu(), DType::F32, n, H + 1);
+      gpu().attention_train(out.dev(2, H * hd), lse.dev(1, H), x.m.dev(x.qc(), H * hd), x.m.dev(x.kc(), G * hd),
+                            x.m.dev(x.vc(), G * hd), H, G, hd, rg_gpu);
+      cpu().attention_train(out.cpu(2, H * hd), lse.cpu(1, H), x.m.cpu(x.qc(), H * hd), x.m.cpu(x.kc(), G * hd),
+                            x.m.cpu(x.vc(), G * hd), H, G, hd, rg_cpu);
+      std::ostringstream what;
+      what << "H " << H << " G " << G << " hd " << hd << " lens[0] " << lens[0] << " of " << lens.size() << ": ";
+      EXPECT_TRUE(matches(what.str() + "out", gpu(), out, 2, H * hd, bound(T())));
+      EXPECT_TRUE(matches(what.str() + "lse", gpu(), lse, 1, H, kFloatTol));
+    }
+}
+
+// The backward on the CPU forward's out and lse (out rounded to the type for both), so only the
+// backward is measured; dq, dk, dv as column views of one matrix.
+TEST_P(CudaGradOps, AttentionBackward) {
+  hm::Rng rng(108);
+  for (const auto& [H, G, hd] : kAttn)
+    for (const auto& lens : kSeqs) {
+      hm::Ragged rg_gpu, rg_cpu;
+      fill(rg_gpu, gpu(), lens, std::vector<int>(lens.size(), 0));
+      fill(rg_cpu, cpu(), lens, std::vector<int>(lens.size(), 0));
+      const int n = rg_gpu.n_tokens(), Q = H * hd, KV = G * hd;
+      Qkv x(gpu(), T(), H, G, hd, n, rng);
+      std::vector<float> o(size_t(n) * size_t(Q)), l(size_t(n) * size_t(H));
+      cpu().attention_train(Tensor(o.data(), DType::F32, n, Q), Tensor(l.data(), DType::F32, n, H),
+                            x.m.cpu(x.qc(), Q), x.m.cpu(x.kc(), KV), x.m.cpu(x.vc(), KV), H, G, hd, rg_cpu);
+      Both out(gpu(), T(), n, Q, o), lse(gpu(), DType::F32, n, H, l), dout(gpu(), T(), n, Q + 1, normal(rng));
+      Both d = Both::out(gpu(), T(), n, Q + 2 * KV + 2);
+      const int dqc = 0, dkc = Q + 1, dvc = Q + KV + 2;
+      gpu().attention_backward(d.dev(dqc, Q), d.dev(dkc, KV), d.dev(dvc, KV), dout.dev(1, Q), x.m.dev(x.qc(), Q),
+                               x.m.dev(x.kc(), KV), x.m.dev(x.vc(), KV), out.dev(0, Q), lse.dev(0, H), H, G, hd,
+                               rg_gpu);
+      cpu().attention_backward(d.cpu(dqc, Q), d.cpu(dkc, KV), d.cpu(dvc, KV), dout.cpu(1, Q), x.m.cpu(x.qc(), Q),
+                               x.m.cpu(x.kc(), KV), x.m.cpu(x.vc(), KV), out.cpu(0, Q), lse.cpu(0, H), H, G, hd,
+                               rg_cpu);
+      std::ostringstream what;
+      what << "H " << H << " G " << G << " hd " << hd << " lens[0] " << lens[0] << " of " << lens.size() << ": ";
+      const std::vector<float> got = d.get(gpu());
+      const std::vector<std::pair<int, int>> views = {{dqc, Q}, {dkc, KV}, {dvc, KV}};
+      for (const auto& [name, c0, nc] : {std::tuple{"dq", dqc, Q}, std::tuple{"dk", dkc, KV}, std::tuple{"dv", dvc, KV}})
+        EXPECT_TRUE(matches(what.str() + name, d, only_view(got, d, c0, views), 0, n, c0, nc, bound(T())));
+    }
+}
+
+// Determinism (issue 15): every op with a reduction gives the same bits when rerun on the same
+// inputs (no atomics; fixed orders).
+TEST_P(CudaGradOps, RerunsAreBitIdentical) {
+  hm::Rng rng(109);
+  auto twice = [&](const char* what, const std::vector<const Both*>& outs, const std::function<void()>& run) {
+    std::vector<std::vector<char>> first;
+    for (const Both* b : outs) b->put(gpu());
+    run();
+    for (const Both* b : outs) first.push_back(b->raw(gpu()));
+    for (const Both* b : outs) b->put(gpu());
+    run();
+    for (size_t i = 0; i < outs.size(); ++i) EXPECT_TRUE(outs[i]->raw(gpu()) == first[i]) << what << ", output " << i;
+  };
+  const DType gt = grad_types().back();
+  {
+    const int n = 3000, d = 96;
+    Both x(gpu(), T(), n, d, normal(rng)), g(gpu(), T(), n, d, normal(rng)), w(gpu(), T(), 1, d, normal(rng, 0.2, 1));
+    Both dx = Both::out(gpu(), T(), n, d), dw(gpu(), gt, 1, d, normal(rng));
+    twice("rmsnorm_backward", {&dx, &dw},
+          [&] { gpu().rmsnorm_backward(dx.dev(0, d), dw.dev(0, d), g.dev(0, d), x.dev(0, d), w.dev(0, d), 1e-5f, false); });
+  }
+  {
+    const int n = 2000, d = 64, V = 50;
+    std::vector<int32_t> ids(static_cast<size_t>(n));
+    for (auto& i : ids) i = int32_t(rng.next_u64() % V);
+    Ints dids(gpu(), ids);
+    Both table(gpu(), gt, V, d, normal(rng)), dout(gpu(), T(), n, d, normal(rng));
+    twice("embedding_backward", {&table}, [&] { gpu().embedding_backward(table.dev(0, d), dout.dev(0, d), dids.p()); });
+  }
+  {
+    const int n = 300, D = 64, V = 5003;
+    std::vector<int32_t> tg(static_cast<size_t>(n));
+    for (auto& t : tg) t = int32_t(rng.next_u64() % V);
+    Ints dtg(gpu(), tg);
+    Both hn(gpu(), T(), n, D, normal(rng)), W(gpu(), T(), V, D, normal(rng, 0.3)), dW(gpu(), gt, V, D, normal(rng));
+    Both dhn = Both::out(gpu(), T(), n, D);
+    twice("cross_entropy_head", {&dhn, &dW},
+          [&] { gpu().cross_entropy_head(dhn.dev(0, D), dW.dev(0, D), hn.dev(0, D), W.dev(0, D), dtg.p(), 0.01); });
+  }
+  {
+    const int H = 6, G = 2, hd = 64;
+    hm::Ragged rg;
+    fill(rg, gpu(), {300, 77}, {0, 0});
+    const int n = rg.n_tokens(), Q = H * hd, KV = G * hd;
+    Qkv x(gpu(), T(), H, G, hd, n, rng);
+    Both out = Both::out(gpu(), T(), n, Q), lse = Both::out(gpu(), DType::F32, n, H);
+    twice("attention_train", {&out, &lse}, [&] {
+      gpu().attention_train(out.dev(0, Q), lse.dev(0, H), x.m.dev(x.qc(), Q), x.m.dev(x.kc(), KV),
+                            x.m.dev(x.vc(), KV), H, G, hd, rg);
+    });
+    Both dout(gpu(), T(), n, Q, normal(rng)), dq = Both::out(gpu(), T(), n, Q), dk = Both::out(gpu(), T(), n, KV),
+        dv = Both::out(gpu(), T(), n, KV);
+    twice("attention_backward", {&dq, &dk, &dv}, [&] {
+      gpu().attention_backward(dq.dev(0, Q), dk.dev(0, KV), dv.dev(0, KV), dout.dev(0, Q), x.m.dev(x.qc(), Q),
+                               x.m.dev(x.kc(), KV), x.m.dev(x.vc(), KV), out.dev(0, Q), lse.dev(0, H), H, G, hd, rg);
+    });
+  }
+}
+
+// Calls the op cannot run name it and what is wrong.
+TEST_P(CudaGradOps, RefusalsNameTheProblem) {
+  hm::Rng rng(110);
+  auto refuses = [](const char* what, const std::function<void()>& f, const char* needle) {
+    try {
+      f();
+      ADD_FAILURE() << what << " was accepted";
+    } catch (const hm::Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << what << ": " << e.what();
+    }
+  };
+  hm::Ragged rg;
+  fill(rg, gpu(), {5}, {0});
+  Both a(gpu(), T(), 5, 8, normal(rng)), lse16(gpu(), T(), 5, 2, normal(rng)), big(gpu(), T(), 5, 2 * 257, normal(rng));
+  if (T() != DType::F32)
+    refuses("a 16-bit lse", [&] {
+      gpu().attention_train(a.dev(0, 8), lse16.dev(0, 2), a.dev(0, 8), a.dev(0, 8), a.dev(0, 8), 2, 2, 4, rg);
+    }, "lse");
+  refuses("head_dim 257", [&] {
+    gpu().attention_train(big.dev(0, 257), Both::out(gpu(), DType::F32, 5, 1).dev(0, 1), big.dev(0, 257),
+                          big.dev(257, 257), big.dev(0, 257), 1, 1, 257, rg);
+  }, "head_dim");
+  Both half_type(gpu(), T() == DType::F16 ? DType::BF16 : DType::F16, 5, 8, normal(rng));
+  refuses("mixed activation types", [&] {
+    gpu().swiglu_backward(a.dev(0, 8), a.dev(0, 8), a.dev(0, 8), a.dev(0, 8), half_type.dev(0, 8));
+  }, "swiglu_backward");
+  refuses("a mis-shaped dW", [&] {
+    gpu().linear_backward(Tensor(), a.dev(0, 7), a.dev(0, 8), a.dev(0, 8), a.dev(0, 8).rows_view(0, 5), false);
+  }, "linear_backward");
+}
+
+INSTANTIATE_TEST_SUITE_P(Types, CudaGradOps, ::testing::Values(DType::F32, DType::BF16, DType::F16),
+                         [](const ::testing::TestParamInfo<DType>& i) { return std::string(hm::compute_dtype_name(i.param)); });
+
+}  // namespace
