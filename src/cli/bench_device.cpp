@@ -25,6 +25,8 @@
 
 #ifdef HM_HAVE_CUDA
 #include <cuda_runtime.h>
+
+#include "backend/cuda/cuda_backend.h"
 #endif
 
 namespace hm::cli {
@@ -61,6 +63,22 @@ int64_t device_used_bytes() {
   cudaGetLastError();
 #endif
   return 0;
+}
+
+// The most bytes held through the backend's alloc since reset_alloc_peak (the CUDA backend
+// counts them; -1 elsewhere): the same measure as the peer's torch.cuda.max_memory_allocated.
+void reset_alloc_peak(Backend& be) {
+#ifdef HM_HAVE_CUDA
+  if (auto* cb = dynamic_cast<CudaBackend*>(&be)) cb->reset_peak();
+#endif
+  (void)be;
+}
+int64_t alloc_peak(Backend& be) {
+#ifdef HM_HAVE_CUDA
+  if (auto* cb = dynamic_cast<CudaBackend*>(&be)) return int64_t(cb->peak_allocated_bytes());
+#endif
+  (void)be;
+  return -1;
 }
 
 std::vector<int32_t> random_ids(Rng& rng, size_t n, int vocab) {
@@ -142,6 +160,7 @@ struct DecodeCase {
 json decode_case(HybridModel& m, const DecodeCase& dc, KvType kv, int reps, Rng& rng, int64_t used0) {
   Backend& be = m.backend();
   const ModelConfig& c = m.config();
+  reset_alloc_peak(be);
   HybridMemory mem(be, c, dc.batch, dc.context + kNewTokens + 1, kv);
   std::vector<std::vector<int32_t>> prompts;
   for (int b = 0; b < dc.batch; ++b) prompts.push_back(random_ids(rng, size_t(dc.context), c.vocab_size));
@@ -171,7 +190,7 @@ json decode_case(HybridModel& m, const DecodeCase& dc, KvType kv, int reps, Rng&
   const double step = (median(long_ms) - median(short_ms)) / kNewTokens;
   json j = {{"batch", dc.batch}, {"context", dc.context}, {"ttft_ms", median(short_ms)},
             {"ms_per_step", step}, {"new_tokens", kNewTokens}, {"sampled_on_device", on_device},
-            {"mem_bytes", device_used_bytes() - used0}};
+            {"mem_bytes", device_used_bytes() - used0}, {"alloc_peak_bytes", alloc_peak(be)}};
   j["tok_s"] = step > 0 ? json(dc.batch / (step * 1e-3)) : json(nullptr);
   return j;
 }
@@ -181,6 +200,7 @@ json decode_case(HybridModel& m, const DecodeCase& dc, KvType kv, int reps, Rng&
 json prefill_case(HybridModel& m, int batch, KvType kv, int reps, Rng& rng, int64_t used0) {
   Backend& be = m.backend();
   const ModelConfig& c = m.config();
+  reset_alloc_peak(be);
   HybridMemory mem(be, c, batch, kPrefillLen, kv);
   Batch b;
   for (int s = 0; s < batch; ++s) b.add(s, random_ids(rng, kPrefillLen, c.vocab_size));
@@ -188,7 +208,7 @@ json prefill_case(HybridModel& m, int batch, KvType kv, int reps, Rng& rng, int6
   const double ms = timed_median(
       be, reps, [&] { for (int s = 0; s < batch; ++s) mem.seq_rm(s); }, [&] { m.forward_device(b, mem); });
   return {{"batch", batch}, {"seq_len", kPrefillLen}, {"ms", ms}, {"tok_s", batch * kPrefillLen / (ms * 1e-3)},
-          {"logits", "last"}, {"mem_bytes", device_used_bytes() - used0}};
+          {"logits", "last"}, {"mem_bytes", device_used_bytes() - used0}, {"alloc_peak_bytes", alloc_peak(be)}};
 }
 
 void write_f32(const std::string& path, const std::vector<float>& v) {
@@ -294,8 +314,10 @@ int bench_device(const DeviceBenchOptions& o, DeviceSetup& dev) {
       "mem_bytes: device memory in use (cudaMemGetInfo total - free) after the measurement's runs, while its "
       "cache and the model's workspaces are still held, minus the use before the model was built (the CUDA "
       "context excluded); our buffers only grow within a run, so this is their high-water mark, including "
-      "workspaces grown by earlier measurements of the same run (the peer reports "
-      "torch.cuda.max_memory_allocated)";
+      "workspaces grown by earlier measurements of the same run; another process freeing memory meanwhile can "
+      "make it wrong, even negative. alloc_peak_bytes (the table's figure and the ratio's): the most bytes held "
+      "through the backend's alloc during the measurement (weights, caches, activations, op workspaces; not "
+      "cuBLAS's own 32 MiB workspace), as the peer's torch.cuda.max_memory_allocated counts its tensors";
 
   log("floors (bf16 GEMM 8192^3, device copy)");
   double gemm = NAN, copy = NAN;
@@ -433,8 +455,9 @@ int bench_device(const DeviceBenchOptions& o, DeviceSetup& dev) {
             json x = {{"batch", ours["batch"]}, {"context", ours["context"]},
                       {"decode_tok_s", ours["tok_s"].get<double>() / theirs["tok_s"].get<double>()},
                       {"ttft", theirs["ttft_ms"].get<double>() / ours["ttft_ms"].get<double>()}};
-            if (theirs.contains("peak_mem_bytes") && ours.contains("mem_bytes") && ours["mem_bytes"].get<double>() > 0)
-              x["mem_peer_over_ours"] = theirs["peak_mem_bytes"].get<double>() / ours["mem_bytes"].get<double>();
+            if (theirs.contains("peak_mem_bytes") && ours.value("alloc_peak_bytes", int64_t(-1)) > 0)
+              x["mem_peer_over_ours"] =
+                  theirs["peak_mem_bytes"].get<double>() / ours["alloc_peak_bytes"].get<double>();
             ratios.push_back(x);
           }
       for (const auto& ours : r["prefill"])
@@ -468,7 +491,7 @@ int bench_device(const DeviceBenchOptions& o, DeviceSetup& dev) {
     rows.push_back({"decode batch " + shape, "tok/s", num(j, "tok_s"), num(j, "floor_tok_s"),
                     peer_of("decode", j, "tok_s"), true});
     rows.push_back({"  time to first token, " + shape, "ms", num(j, "ttft_ms"), NAN, peer_of("decode", j, "ttft_ms")});
-    rows.push_back({"  device memory, " + shape, "MiB", num(j, "mem_bytes") / 1048576.0, NAN,
+    rows.push_back({"  memory allocated (peak), " + shape, "MiB", num(j, "alloc_peak_bytes") / 1048576.0, NAN,
                     peer_of("decode", j, "peak_mem_bytes") / 1048576.0});
   }
   rows.push_back({"bf16 GEMM 8192^3 (our linear)", "TFLOP/s", gemm / 1e12, NAN,

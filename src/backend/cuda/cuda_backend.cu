@@ -11,6 +11,7 @@
 #include <memory>
 #include <string>
 #include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 #include "backend/cuda/cuda_backend.h"
@@ -211,6 +212,9 @@ class CudaBackendImpl final : public CudaBackend {
       throw Error(detail::cat("cuda: cudaMalloc of ", bytes, " bytes failed (", cudaGetErrorString(e), "); ",
                               free_b, " of ", total_b, " bytes free on device ", dev_));
     }
+    sizes_[p] = bytes;
+    live_ += bytes;
+    peak_ = std::max(peak_, live_);
     return p;
   }
   // Waits for the stream first: an op still queued may read the block. Never throws (Buffer's
@@ -219,7 +223,14 @@ class CudaBackendImpl final : public CudaBackend {
     if (!p) return;
     cudaStreamSynchronize(stream_);
     cudaFree(p);
+    if (auto it = sizes_.find(p); it != sizes_.end()) {
+      live_ -= it->second;
+      sizes_.erase(it);
+    }
   }
+  size_t allocated_bytes() const override { return live_; }
+  size_t peak_allocated_bytes() const override { return peak_; }
+  void reset_peak() override { peak_ = live_; }
   // From pageable host memory the copy returns once the source is staged, so the caller may
   // reuse it; ordered after every op already queued.
   void to_device(void* dst, const void* src, size_t bytes) override {
@@ -660,6 +671,8 @@ class CudaBackendImpl final : public CudaBackend {
   void* ws_ = nullptr;
   size_t ws_bytes_ = 0;
   std::vector<void*> retired_;  // outgrown workspaces, freed with the backend
+  std::unordered_map<void*, size_t> sizes_;  // alloc's blocks, for allocated_bytes
+  size_t live_ = 0, peak_ = 0;
 };
 
 }  // namespace

@@ -33,6 +33,12 @@ class CudaBackend : public Backend {
   // input stage and dt scan). On unless HM_CUDA_GEMV=0; off, every op runs unfused on cuBLASLt
   // and the plain kernels (tests and benchmarks compare the two).
   virtual void set_decode_kernels(bool on) = 0;
+  // Bytes held through alloc now (weights, caches, activations, op workspaces; not cuBLAS's own
+  // workspace), and the most held since the last reset_peak: what torch.cuda.max_memory_allocated
+  // reports, so benchmarks compare like with like, unaffected by other processes on the device.
+  virtual size_t allocated_bytes() const = 0;
+  virtual size_t peak_allocated_bytes() const = 0;
+  virtual void reset_peak() = 0;
 };
 
 }  // namespace hm

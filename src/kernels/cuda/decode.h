@@ -47,8 +47,8 @@ bool gemv_fits(int m, int k, const void* x, int64_t ldx, const void* W, int64_t 
 // slower); tests switch it to check both kernels.
 void set_gemv_tensor_cores(bool on);
 bool gemv_tensor_cores();
-// Whether one-row GEMVs take the row kernel (x staged once per block, 4 columns per warp): off
-// unless HM_CUDA_GEMV_ROW=1 until it is measured on the device; tests switch it.
+// Whether one-row GEMVs take the row kernel (x staged once per block, 4 columns per warp): on
+// unless HM_CUDA_GEMV_ROW=0 (measured faster on the H200, docs/CUDA.md); tests switch it.
 void set_gemv_row_kernel(bool on);
 bool gemv_row_kernel();
 

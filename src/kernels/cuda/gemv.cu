@@ -40,10 +40,11 @@ void set_gemv_tensor_cores(bool on) { g_tensor_cores = on; }
 bool gemv_tensor_cores() { return g_tensor_cores; }
 
 namespace {
-// Off unless HM_CUDA_GEMV_ROW=1: written after the H200 session, not yet measured there.
+// On unless HM_CUDA_GEMV_ROW=0: on the H200 it took the 1.4B shape's decode step from 1.97 to
+// 1.54 ms and cost the 130M shape 1.4% (docs/CUDA.md, "Decode step").
 bool g_row_kernel = [] {
   const char* v = std::getenv("HM_CUDA_GEMV_ROW");
-  return v != nullptr && std::strcmp(v, "1") == 0;
+  return v == nullptr || std::strcmp(v, "0") != 0;
 }();
 }  // namespace
 void set_gemv_row_kernel(bool on) { g_row_kernel = on; }
