@@ -101,10 +101,11 @@ std::function<double()> normal(hm::Rng& rng, double scale = 1, double mean = 0) 
 bool same(float a, float b) { return (std::isnan(a) && std::isnan(b)) || std::memcmp(&a, &b, sizeof a) == 0; }
 
 // The device result `got` of b's view [r0, r0 + nr) x [c0, c0 + nc) against the CPU's (b.h):
-// max|got - ref| / max|ref| <= bound, naming the tensor and the worst element (row and column
-// within the view); every element outside the view must still hold the device's initial value.
+// max|got - ref| / max(max|ref|, floor) <= bound, naming the tensor and the worst element (row
+// and column within the view); every element outside the view must still hold the device's
+// initial value.
 ::testing::AssertionResult matches(const std::string& what, const Both& b, const std::vector<float>& got, int r0,
-                                   int nr, int c0, int nc, double bound) {
+                                   int nr, int c0, int nc, double bound, double floor = 0) {
   double num = 0, den = 0;
   int wi = 0, wj = 0;
   for (int i = 0; i < b.rows; ++i)
@@ -128,6 +129,7 @@ bool same(float a, float b) { return (std::isnan(a) && std::isnan(b)) || std::me
       }
       den = std::max(den, std::fabs(double(b.h[k])));
     }
+  den = std::max(den, floor);
   const double err = num / std::max(den, 1e-30);
   if (err <= bound) return ::testing::AssertionSuccess();
   const size_t k = size_t(wi + r0) * size_t(b.ld) + size_t(wj + c0);
@@ -402,7 +404,9 @@ TEST_P(CudaGradOps, AttentionTrain) {
 }
 
 // The backward on the CPU forward's out and lse (out rounded to the type for both), so only the
-// backward is measured; dq, dk, dv as column views of one matrix.
+// backward is measured; dq, dk, dv as column views of one matrix. In a batch of one-row
+// sequences dq and dk are exactly zero (P = 1, dS = dP - D = 0) and both backends leave float
+// noise there: errors are measured against at least 1, the scale of the inputs and of dv.
 TEST_P(CudaGradOps, AttentionBackward) {
   hm::Rng rng(108);
   for (const auto& [H, G, hd] : kAttn)
@@ -429,7 +433,7 @@ TEST_P(CudaGradOps, AttentionBackward) {
       const std::vector<float> got = d.get(gpu());
       const std::vector<std::pair<int, int>> views = {{dqc, Q}, {dkc, KV}, {dvc, KV}};
       for (const auto& [name, c0, nc] : {std::tuple{"dq", dqc, Q}, std::tuple{"dk", dkc, KV}, std::tuple{"dv", dvc, KV}})
-        EXPECT_TRUE(matches(what.str() + name, d, only_view(got, d, c0, views), 0, n, c0, nc, bound(T())));
+        EXPECT_TRUE(matches(what.str() + name, d, only_view(got, d, c0, views), 0, n, c0, nc, bound(T()), 1.0));
     }
 }
 
