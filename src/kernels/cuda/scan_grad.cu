@@ -1,0 +1,654 @@
+// Mamba-1 selective scan for training: the forward that saves one state per chunk and the
+// backward that recomputes the states in between (mamba_grad.h; the math of
+// ref::grad::selective_scan_forward / scan_step_backward).
+//
+// Per channel e and state n: h_t = a_t h_{t-1} + delta_t B[t,n] x[t,e], a_t = exp(delta_t A[e,n]).
+// The adjoint g_t = dL/dh_t = dyc_t C[t,n] + a_{t+1} g_{t+1} needs no state, so both directions
+// split into groups of kScanGroup tokens the same way: each group is scanned from zero (its end
+// state, or its start adjoint, and its sum of delta), a pass over the groups of a sequence
+// carries the true value across them (the end is P s_in + S with P = exp(A sum delta)), and a
+// last pass runs every group from its true start. That keeps the SMs busy at small batch.
+//
+// Threads: kNpl = 4 states of one channel per thread (n = q + NL k for lane q of the channel's
+// NL lanes), so sums over n are NL-lane shuffles; CPB channels per block. dB and dC sum over
+// channels: a reduce-scatter over the channels of a warp, then over the warps of the block in
+// shared memory, gives one part per block of channels, which a last kernel adds up in order.
+#include <algorithm>
+#include <cstdint>
+
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/mamba_grad.h"
+
+namespace hm::cuda {
+namespace {
+
+constexpr int kNpl = 4;                     // states per thread
+constexpr int kSub = 8;                     // tokens whose states the backward holds at once
+constexpr int kMaxSub = kScanGroup / kSub;  // sub-chunks per group
+
+template <int NM>
+struct Cfg {
+  static constexpr int NL = NM / kNpl;              // lanes per channel: 4 or 16
+  static constexpr int TPB = NM == 16 ? 256 : 128;  // threads per block
+  static constexpr int CPB = TPB / NL;              // channels per block
+  static constexpr int CW = 32 / NL;                // channels per warp
+  static constexpr int W = TPB / 32;                // warps per block
+  static constexpr int RV = 2 * kNpl / CW;          // dB, dC sums a lane holds after the reduce-scatter
+  static_assert(RV >= 1 && NL <= 32, "layout");
+};
+
+__device__ __forceinline__ float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
+__device__ __forceinline__ float softplus_acc(float v) { return v > 20.0f ? v : log1pf(expf(v)); }
+
+// Sum over the NL lanes of a channel (adjacent lanes); every lane gets the sum.
+template <int NL>
+__device__ __forceinline__ float lane_sum(float v) {
+#pragma unroll
+  for (int o = 1; o < NL; o *= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Reduce-scatter of V values over the lanes that differ in bits O, O/2, .., NL (the channels of
+// a warp): afterwards v[0 .. V*NL/32) of lane l holds the sums of values
+// (l / NL) * (V*NL/32) + j over those lanes.
+template <int H, int O, int NL, int V>
+__device__ __forceinline__ void reduce_scatter(float (&v)[V], int lane) {
+  if constexpr (O >= NL) {
+    const bool up = (lane & O) != 0;
+#pragma unroll
+    for (int i = 0; i < H; ++i) {
+      const float send = up ? v[i] : v[i + H];
+      const float keep = up ? v[i + H] : v[i];
+      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, O);
+    }
+    reduce_scatter<H / 2, O / 2, NL, V>(v, lane);
+  }
+}
+
+__host__ __device__ inline int groups_per_chunk(int chunk) { return ceil_div(chunk, kScanGroup); }
+// Groups of a sequence of L tokens: each chunk cut into pieces of kScanGroup.
+__host__ __device__ inline int groups_of(int L, int chunk) {
+  return (L / chunk) * groups_per_chunk(chunk) + ceil_div(L % chunk, kScanGroup);
+}
+struct Group {
+  int ci, t0, len;  // its chunk, first token and length in the sequence
+};
+__device__ __forceinline__ Group group_at(int g, int L, int chunk) {
+  const int gpc = groups_per_chunk(chunk), ci = g / gpc, gi = g % gpc;
+  Group r;
+  r.ci = ci;
+  r.t0 = ci * chunk + gi * kScanGroup;
+  r.len = min(min(kScanGroup, chunk - gi * kScanGroup), L - r.t0);
+  return r;
+}
+
+// The per-thread view of one channel: its index (clamped for idle lanes, which compute on
+// channel 0 and store nothing), its lane, A and the channel's scalars.
+template <class T, int NM>
+struct Chan {
+  int e, ec, q;
+  bool on;
+  float A[kNpl];
+  float dtb, dsk;
+  __device__ Chan(const float* Aall, const T* dt_bias, const T* Dskip, int E, int N) {
+    using K = Cfg<NM>;
+    q = threadIdx.x % K::NL;
+    e = blockIdx.x * K::CPB + threadIdx.x / K::NL;
+    on = e < E;
+    ec = on ? e : 0;
+#pragma unroll
+    for (int k = 0; k < kNpl; ++k) {
+      const int n = q + K::NL * k;
+      A[k] = n < N ? Aall[size_t(ec) * N + n] : 0.0f;  // 0 past N: those states stay 0
+    }
+    dtb = to_f(dt_bias[ec]);
+    dsk = to_f(Dskip[ec]);
+  }
+  __device__ int n(int k) const { return q + Cfg<NM>::NL * k; }
+};
+
+// B[r, n] (or C) of this thread's states, 0 past N.
+template <class T, int NM>
+__device__ __forceinline__ void load_states(float (&v)[kNpl], const T* P, size_t r, int ldbc, int q, int N) {
+#pragma unroll
+  for (int k = 0; k < kNpl; ++k) {
+    const int n = q + Cfg<NM>::NL * k;
+    v[k] = n < N ? to_f(P[r * ldbc + n]) : 0.0f;
+  }
+}
+
+// One forward step of row r: h = exp(delta A) h + delta B x; returns delta.
+template <class T, int NM>
+__device__ __forceinline__ float step_forward(float (&h)[kNpl], const Chan<T, NM>& c, const ScanTrainIn<T>& in,
+                                              size_t r, int N) {
+  const float delta = softplus_acc(to_f(in.dt[r * in.lddt + c.ec]) + c.dtb);
+  const float xv = to_f(in.x[r * in.ldx + c.ec]);
+  float Bv[kNpl];
+  load_states<T, NM>(Bv, in.B, r, in.ldbc, c.q, N);
+#pragma unroll
+  for (int k = 0; k < kNpl; ++k) h[k] = expf(delta * c.A[k]) * h[k] + delta * Bv[k] * xv;
+  return delta;
+}
+
+// Group-level passes of the forward. kLocal: scan the group from zero, write its end state and
+// sum of delta to ws_state / ws_sum [group, e]. kOut: scan from the true start state (ws_state
+// after train_carry_kernel) and write y.
+enum FwdPass { kLocal, kOut };
+template <class T, int NM, FwdPass P>
+__global__ void __launch_bounds__(Cfg<NM>::TPB) train_fwd_kernel(T* __restrict__ y, int ldy, const ScanTrainIn<T> in,
+                                                                  const float* __restrict__ A,
+                                                                  const int32_t* __restrict__ cu,
+                                                                  const int32_t* __restrict__ goff, int E, int N,
+                                                                  int chunk, float* ws_state, float* ws_sum) {
+  const int g = blockIdx.y, s = blockIdx.z;
+  const int row0 = cu[s], L = cu[s + 1] - row0;
+  if (g >= groups_of(L, chunk)) return;  // uniform over the block
+  const Group gr = group_at(g, L, chunk);
+  const Chan<T, NM> c(A, in.dt_bias, in.Dskip, E, N);
+  const size_t gi = size_t(goff[s] + g) * E + c.ec;  // [group, e]
+  float h[kNpl];
+#pragma unroll
+  for (int k = 0; k < kNpl; ++k) h[k] = P == kOut && c.n(k) < N ? ws_state[gi * N + c.n(k)] : 0.0f;
+  float sum_delta = 0.0f;
+  for (int i = 0; i < gr.len; ++i) {
+    const size_t r = size_t(row0 + gr.t0 + i);
+    const float delta = step_forward<T, NM>(h, c, in, r, N);
+    if constexpr (P == kOut) {
+      float Cv[kNpl];
+      load_states<T, NM>(Cv, in.C, r, in.ldbc, c.q, N);
+      float acc = 0.0f;
+#pragma unroll
+      for (int k = 0; k < kNpl; ++k) acc += h[k] * Cv[k];
+      acc = lane_sum<Cfg<NM>::NL>(acc);  // yc = h . C + D x; y = yc silu(z)
+      if (c.on && c.q == 0) {
+        const float xv = to_f(in.x[r * in.ldx + c.e]);
+        y[r * ldy + c.e] = from_f<T>((acc + c.dsk * xv) * silu(to_f(in.z[r * in.ldz + c.e])));
+      }
+    } else {
+      sum_delta += delta;
+    }
+  }
+  if (P == kLocal && c.on) {
+#pragma unroll
+    for (int k = 0; k < kNpl; ++k)
+      if (c.n(k) < N) ws_state[gi * N + c.n(k)] = h[k];
+    if (c.q == 0) ws_sum[gi] = sum_delta;
+  }
+}
+
+// One thread per (sequence, e * N + n) walks the sequence's groups in order: the end-state parts
+// in ws_state become each group's true start state, and the state entering each chunk goes to
+// `saved` (entry coff[s] + chunk).
+__global__ void train_carry_kernel(float* __restrict__ saved, const float* __restrict__ A,
+                                   const int32_t* __restrict__ cu, const int32_t* __restrict__ coff,
+                                   const int32_t* __restrict__ goff, int E, int N, int chunk,
+                                   float* __restrict__ ws_state, const float* __restrict__ ws_sum) {
+  const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= E * N) return;
+  const int s = blockIdx.y, e = idx / N;
+  const int ng = groups_of(cu[s + 1] - cu[s], chunk), gpc = groups_per_chunk(chunk);
+  const float a = A[idx];
+  float st = 0.0f;  // every sequence starts from zero
+  for (int g = 0; g < ng; ++g) {
+    const size_t w = size_t(goff[s] + g) * E;
+    if (g % gpc == 0) saved[size_t(coff[s] + g / gpc) * E * N + idx] = st;
+    float* ws = ws_state + w * N + idx;
+    const float local = *ws;
+    *ws = st;
+    st = expf(a * ws_sum[w + e]) * st + local;
+  }
+}
+
+// Backward pass 1: each group from its end with a zero adjoint coming in: the adjoint it
+// passes to the group before (ws_g) and its sum of delta (ws_sum), [group, e].
+template <class T, int NM>
+__global__ void __launch_bounds__(Cfg<NM>::TPB) grad_local_kernel(const T* __restrict__ dy, int lddy,
+                                                                   const ScanTrainIn<T> in, const float* __restrict__ A,
+                                                                   const int32_t* __restrict__ cu,
+                                                                   const int32_t* __restrict__ goff, int E, int N,
+                                                                   int chunk, float* ws_g, float* ws_sum) {
+  const int g = blockIdx.y, s = blockIdx.z;
+  const int row0 = cu[s], L = cu[s + 1] - row0;
+  if (g >= groups_of(L, chunk)) return;
+  const Group gr = group_at(g, L, chunk);
+  const Chan<T, NM> c(A, in.dt_bias, in.Dskip, E, N);
+  float gk[kNpl] = {};
+  float sum_delta = 0.0f;
+  for (int i = gr.len - 1; i >= 0; --i) {
+    const size_t r = size_t(row0 + gr.t0 + i);
+    const float delta = softplus_acc(to_f(in.dt[r * in.lddt + c.ec]) + c.dtb);
+    const float dyc = to_f(dy[r * lddy + c.ec]) * silu(to_f(in.z[r * in.ldz + c.ec]));
+    float Cv[kNpl];
+    load_states<T, NM>(Cv, in.C, r, in.ldbc, c.q, N);
+#pragma unroll
+    for (int k = 0; k < kNpl; ++k) gk[k] = (gk[k] + dyc * Cv[k]) * expf(delta * c.A[k]);
+    sum_delta += delta;
+  }
+  if (!c.on) return;
+  const size_t gi = size_t(goff[s] + g) * E + c.e;
+#pragma unroll
+  for (int k = 0; k < kNpl; ++k)
+    if (c.n(k) < N) ws_g[gi * N + c.n(k)] = gk[k];
+  if (c.q == 0) ws_sum[gi] = sum_delta;
+}
+
+// Backward pass 2: one thread per (sequence, e * N + n) walks the groups in reverse; ws_g
+// becomes the adjoint coming into each group from the ones after it.
+__global__ void grad_carry_kernel(const float* __restrict__ A, const int32_t* __restrict__ cu,
+                                  const int32_t* __restrict__ goff, int E, int N, int chunk, float* __restrict__ ws_g,
+                                  const float* __restrict__ ws_sum) {
+  const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= E * N) return;
+  const int s = blockIdx.y, e = idx / N;
+  const int ng = groups_of(cu[s + 1] - cu[s], chunk);
+  const float a = A[idx];
+  float gin = 0.0f;
+  for (int g = ng - 1; g >= 0; --g) {
+    const size_t w = size_t(goff[s] + g) * E;
+    float* ws = ws_g + w * N + idx;
+    const float local = *ws;
+    *ws = gin;
+    gin = expf(a * ws_sum[w + e]) * gin + local;
+  }
+}
+
+// Backward pass 3, one group per block (ref::grad::scan_step_backward at every token, in
+// reverse). Writes dx, ddt, dz; dB and dC sums of this block's channels to part_bc
+// [blockIdx.x, row, 0 | 1, NM]; dA sums to ws_g (each thread overwrites the adjoint it read);
+// ddt_bias and Dskip sums to part_e [group, 0 | 1, E].
+template <class T, int NM>
+__global__ void __launch_bounds__(Cfg<NM>::TPB) grad_kernel(
+    const ScanTrainGrad<T, float> gr_out, const T* __restrict__ dy, int lddy, const float* __restrict__ saved,
+    const ScanTrainIn<T> in, const float* __restrict__ A, const int32_t* __restrict__ cu,
+    const int32_t* __restrict__ coff, const int32_t* __restrict__ goff, int E, int N, int chunk, int n_tokens,
+    float* ws_g, float* __restrict__ part_e, float* __restrict__ part_bc) {
+  using K = Cfg<NM>;
+  __shared__ float stash[kSub * kNpl * K::TPB];     // [i][k][thread]: the sub-chunk's states
+  __shared__ float red[kSub * K::W * 32 * K::RV];   // [i][warp][lane][j]: dB, dC per warp
+  const int g = blockIdx.y, s = blockIdx.z, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int row0 = cu[s], L = cu[s + 1] - row0;
+  if (g >= groups_of(L, chunk)) return;
+  const Group gr = group_at(g, L, chunk);
+  const Chan<T, NM> c(A, in.dt_bias, in.Dskip, E, N);
+
+  // The state entering the group: the chunk's saved state, walked to the group's first token.
+  float h[kNpl];
+  const size_t ci = size_t(coff[s] + gr.ci) * E + c.ec;
+#pragma unroll
+  for (int k = 0; k < kNpl; ++k) h[k] = c.n(k) < N ? saved[ci * N + c.n(k)] : 0.0f;
+  for (int t = gr.ci * chunk; t < gr.t0; ++t) step_forward<T, NM>(h, c, in, size_t(row0 + t), N);
+  // The state entering each sub-chunk (registers: constant indices after unrolling).
+  const int nsub = ceil_div(gr.len, kSub);
+  float sub[kMaxSub][kNpl];
+#pragma unroll
+  for (int j = 0; j < kMaxSub; ++j) {
+#pragma unroll
+    for (int k = 0; k < kNpl; ++k) sub[j][k] = h[k];
+    if (j + 1 < nsub) {
+#pragma unroll 1
+      for (int i = 0; i < kSub; ++i) step_forward<T, NM>(h, c, in, size_t(row0 + gr.t0 + j * kSub + i), N);
+    }
+  }
+
+  const size_t gi = size_t(goff[s] + g) * E + c.ec;
+  float gk[kNpl], dA[kNpl] = {};  // gk: dL/dh from the tokens after, through their a
+#pragma unroll
+  for (int k = 0; k < kNpl; ++k) gk[k] = c.n(k) < N ? ws_g[gi * N + c.n(k)] : 0.0f;
+  float ddtb = 0.0f, dD = 0.0f;
+#pragma unroll
+  for (int j = kMaxSub - 1; j >= 0; --j) {
+    if (j >= nsub) continue;  // uniform over the block
+    const int ts = gr.t0 + j * kSub, slen = min(kSub, gr.len - j * kSub);
+    float hp[kNpl];
+#pragma unroll
+    for (int k = 0; k < kNpl; ++k) hp[k] = sub[j][k];
+#pragma unroll 1
+    for (int i = 0; i < slen; ++i) {
+      step_forward<T, NM>(hp, c, in, size_t(row0 + ts + i), N);
+#pragma unroll
+      for (int k = 0; k < kNpl; ++k) stash[(i * kNpl + k) * K::TPB + tid] = hp[k];
+    }
+#pragma unroll 1
+    for (int i = slen - 1; i >= 0; --i) {
+      const size_t r = size_t(row0 + ts + i);
+      float ht[kNpl], hv[kNpl];  // h[t], h[t-1]
+#pragma unroll
+      for (int k = 0; k < kNpl; ++k) {
+        ht[k] = stash[(i * kNpl + k) * K::TPB + tid];
+        hv[k] = i > 0 ? stash[((i - 1) * kNpl + k) * K::TPB + tid] : sub[j][k];
+      }
+      const float pre = to_f(in.dt[r * in.lddt + c.ec]) + c.dtb;
+      const float delta = softplus_acc(pre);
+      const float xv = to_f(in.x[r * in.ldx + c.ec]), zv = to_f(in.z[r * in.ldz + c.ec]);
+      const float dyv = to_f(dy[r * lddy + c.ec]);
+      float Bv[kNpl], Cv[kNpl];
+      load_states<T, NM>(Bv, in.B, r, in.ldbc, c.q, N);
+      load_states<T, NM>(Cv, in.C, r, in.ldbc, c.q, N);
+      float yc = 0.0f;
+#pragma unroll
+      for (int k = 0; k < kNpl; ++k) yc += ht[k] * Cv[k];
+      yc = lane_sum<K::NL>(yc) + c.dsk * xv;                      // yc = h[t] . C[t] + D x
+      const float sz = sigmoid(zv), dyc = dyv * zv * sz;           // y = yc silu(z)
+      dD += dyc * xv;
+      float v[2 * kNpl];  // dB, then dC, of this thread's states
+      float ddelta = 0.0f, dxs = 0.0f;
+#pragma unroll
+      for (int k = 0; k < kNpl; ++k) {
+        v[kNpl + k] = dyc * ht[k];                                 // dC[t,n] += dyc h[t]
+        gk[k] += dyc * Cv[k];                                      // dL/dh[t], complete
+        const float a = expf(delta * c.A[k]);                      // h[t] = a h[t-1] + delta B x
+        ddelta += gk[k] * (c.A[k] * a * hv[k] + Bv[k] * xv);
+        dA[k] += gk[k] * delta * a * hv[k];
+        v[k] = gk[k] * delta * xv;                                 // dB[t,n]
+        dxs += gk[k] * delta * Bv[k];
+        gk[k] *= a;                                                // dL/dh[t-1] through h[t]
+      }
+      ddelta = lane_sum<K::NL>(ddelta);
+      dxs = lane_sum<K::NL>(dxs);
+      const float dpre = ddelta * sigmoid(pre);                    // delta = softplus(dt + dt_bias)
+      ddtb += dpre;
+      if (c.on && c.q == 0) {
+        gr_out.dz[r * gr_out.lddz + c.e] = from_f<T>(dyv * yc * sz * (1.0f + zv * (1.0f - sz)));
+        gr_out.ddt[r * gr_out.lddt + c.e] = from_f<T>(dpre);
+        gr_out.dx[r * gr_out.lddx + c.e] = from_f<T>(dyc * c.dsk + dxs);
+      }
+      if (!c.on) {
+#pragma unroll
+        for (int k = 0; k < 2 * kNpl; ++k) v[k] = 0.0f;  // idle channels add nothing
+      }
+      reduce_scatter<kNpl, 16, K::NL, 2 * kNpl>(v, lane);
+#pragma unroll
+      for (int jj = 0; jj < K::RV; ++jj) red[((i * K::W + warp) * 32 + lane) * K::RV + jj] = v[jj];
+    }
+    __syncthreads();
+    // This block's channels summed over its warps: value (lane / NL) RV + jj of lane q = lane % NL.
+    for (int idx = tid; idx < slen * 32 * K::RV; idx += K::TPB) {
+      const int i = idx / (32 * K::RV), ln = (idx / K::RV) % 32, jj = idx % K::RV;
+      float sum = 0.0f;
+#pragma unroll
+      for (int w = 0; w < K::W; ++w) sum += red[((i * K::W + w) * 32 + ln) * K::RV + jj];
+      const int vi = (ln / K::NL) * K::RV + jj, which = vi / kNpl, n = ln % K::NL + K::NL * (vi % kNpl);
+      part_bc[((size_t(blockIdx.x) * n_tokens + row0 + ts + i) * 2 + which) * NM + n] = sum;
+    }
+    __syncthreads();  // red is refilled by the next sub-chunk
+  }
+  if (!c.on) return;
+#pragma unroll
+  for (int k = 0; k < kNpl; ++k)
+    if (c.n(k) < N) ws_g[gi * N + c.n(k)] = dA[k];
+  if (c.q == 0) {
+    part_e[(size_t(goff[s] + g) * 2 + 0) * E + c.e] = ddtb;
+    part_e[(size_t(goff[s] + g) * 2 + 1) * E + c.e] = dD;
+  }
+}
+
+// dB[t, n] and dC[t, n]: the parts of every block of channels, in order.
+template <class T, int NM>
+__global__ void grad_bc_kernel(T* __restrict__ dB, int lddB, T* __restrict__ dC, int lddC,
+                               const float* __restrict__ part_bc, int tiles, int n_tokens, int N) {
+  const int idx = blockIdx.x * blockDim.x + threadIdx.x;  // (t * 2 + which) * N + n
+  if (idx >= n_tokens * 2 * N) return;
+  const int n = idx % N, which = (idx / N) % 2, t = idx / (2 * N);
+  float sum = 0.0f;
+  for (int b = 0; b < tiles; ++b) sum += part_bc[((size_t(b) * n_tokens + t) * 2 + which) * NM + n];
+  if (which == 0)
+    dB[size_t(t) * lddB + n] = from_f<T>(sum);
+  else
+    dC[size_t(t) * lddC + n] = from_f<T>(sum);
+}
+
+// The parameter gradients, every group's part in order: dA_log += dA A (A = -exp(A_log)),
+// ddt_bias and dDskip (at n == 0) likewise.
+template <class G>
+__global__ void grad_param_kernel(G* __restrict__ dA_log, int lddA, G* __restrict__ ddt_bias,
+                                  G* __restrict__ dDskip, const float* __restrict__ A,
+                                  const float* __restrict__ part_a, const float* __restrict__ part_e,
+                                  int64_t groups, int E, int N) {
+  const int idx = blockIdx.x * blockDim.x + threadIdx.x;  // e * N + n
+  if (idx >= E * N) return;
+  const int e = idx / N, n = idx % N;
+  float sa = 0.0f;
+  for (int64_t g = 0; g < groups; ++g) sa += part_a[size_t(g) * E * N + idx];
+  G* d = dA_log + size_t(e) * lddA + n;
+  *d = from_f<G>(to_f(*d) + sa * A[idx]);
+  if (n == 0) {
+    float sb = 0.0f, sd = 0.0f;
+    for (int64_t g = 0; g < groups; ++g) {
+      sb += part_e[(size_t(g) * 2 + 0) * E + e];
+      sd += part_e[(size_t(g) * 2 + 1) * E + e];
+    }
+    ddt_bias[e] = from_f<G>(to_f(ddt_bias[e]) + sb);
+    dDskip[e] = from_f<G>(to_f(dDskip[e]) + sd);
+  }
+}
+
+// A = -exp(A_log) as float [E, N] (dense).
+template <class P>
+__global__ void neg_exp_kernel(float* __restrict__ A, const P* __restrict__ A_log, int ld, int E, int N) {
+  const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= E * N) return;
+  A[idx] = -expf(to_f(A_log[size_t(idx / N) * ld + idx % N]));
+}
+
+// coff[s], goff[s]: the first saved chunk and the first group of sequence s (exclusive sums over
+// the sequences before it). One block: each thread sums a run of sequences, thread 0 scans the
+// runs.
+__global__ void offsets_kernel(const int32_t* __restrict__ cu, int nseq, int chunk, int32_t* __restrict__ coff,
+                               int32_t* __restrict__ goff) {
+  constexpr int kT = 256;
+  __shared__ int sc[kT], sg[kT];
+  const int per = ceil_div(nseq, kT), s0 = min(nseq, int(threadIdx.x) * per), s1 = min(nseq, s0 + per);
+  int c = 0, g = 0;
+  for (int s = s0; s < s1; ++s) {
+    const int L = cu[s + 1] - cu[s];
+    c += ceil_div(L, chunk);
+    g += groups_of(L, chunk);
+  }
+  sc[threadIdx.x] = c;
+  sg[threadIdx.x] = g;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int rc = 0, rg = 0;
+    for (int i = 0; i < kT; ++i) {
+      const int vc = sc[i], vg = sg[i];
+      sc[i] = rc;
+      sg[i] = rg;
+      rc += vc;
+      rg += vg;
+    }
+  }
+  __syncthreads();
+  c = sc[threadIdx.x];
+  g = sg[threadIdx.x];
+  for (int s = s0; s < s1; ++s) {
+    const int L = cu[s + 1] - cu[s];
+    coff[s] = c;
+    goff[s] = g;
+    c += ceil_div(L, chunk);
+    g += groups_of(L, chunk);
+  }
+}
+
+// The workspace, carved in 256-byte pieces: A, the offsets, the group states or adjoints and
+// their delta sums; the backward adds part_e and part_bc.
+struct Work {
+  float *A, *state, *sum, *part_e, *part_bc;
+  int32_t *coff, *goff;
+  size_t bytes;
+};
+int nm_of(int N) { return N <= 16 ? 16 : kMaxState; }
+int block_tiles(const ScanTrainShape& sh) {
+  return ceil_div(sh.E, sh.N <= 16 ? Cfg<16>::CPB : Cfg<kMaxState>::CPB);
+}
+Work carve(void* base, const ScanTrainShape& sh, bool backward) {
+  char* p = static_cast<char*>(base);
+  size_t off = 0;
+  auto take = [&](size_t bytes) {
+    char* q = p ? p + off : nullptr;
+    off += (bytes + 255) / 256 * 256;
+    return q;
+  };
+  const size_t E = size_t(sh.E), N = size_t(sh.N), G = size_t(sh.groups);
+  Work w{};
+  w.A = reinterpret_cast<float*>(take(E * N * sizeof(float)));
+  w.coff = reinterpret_cast<int32_t*>(take(size_t(sh.nseq + 1) * sizeof(int32_t)));
+  w.goff = reinterpret_cast<int32_t*>(take(size_t(sh.nseq + 1) * sizeof(int32_t)));
+  w.state = reinterpret_cast<float*>(take(G * E * N * sizeof(float)));
+  w.sum = reinterpret_cast<float*>(take(G * E * sizeof(float)));
+  if (backward) {
+    w.part_e = reinterpret_cast<float*>(take(G * 2 * E * sizeof(float)));
+    w.part_bc = reinterpret_cast<float*>(
+        take(size_t(block_tiles(sh)) * size_t(sh.n_tokens) * 2 * size_t(nm_of(sh.N)) * sizeof(float)));
+  }
+  w.bytes = off;
+  return w;
+}
+
+template <class T>
+void prologue(const Work& w, const ScanTrainIn<T>& in, const RaggedBatch& rb, const ScanTrainShape& sh,
+              cudaStream_t stream) {
+  const int EN = sh.E * sh.N;
+  if (in.a_log_f32)
+    neg_exp_kernel<float><<<ceil_div(EN, 256), 256, 0, stream>>>(w.A, static_cast<const float*>(in.A_log), in.ldA,
+                                                                 sh.E, sh.N);
+  else
+    neg_exp_kernel<T><<<ceil_div(EN, 256), 256, 0, stream>>>(w.A, static_cast<const T*>(in.A_log), in.ldA, sh.E,
+                                                             sh.N);
+  HM_CUDA_LAUNCHED("selective_scan_train A");
+  offsets_kernel<<<1, 256, 0, stream>>>(rb.cu_seqlens, rb.nseq, sh.chunk, w.coff, w.goff);
+  HM_CUDA_LAUNCHED("selective_scan_train offsets");
+}
+
+bool skip(const RaggedBatch& rb, const ScanTrainShape& sh) {
+  return rb.nseq <= 0 || sh.n_tokens <= 0 || sh.E <= 0 || sh.groups == 0;
+}
+
+template <class T, int NM>
+void train_launch(T* y, int ldy, float* saved, const ScanTrainIn<T>& in, const RaggedBatch& rb,
+                  const ScanTrainShape& sh, const Work& w, cudaStream_t stream) {
+  using K = Cfg<NM>;
+  const dim3 grid(ceil_div(sh.E, K::CPB), sh.max_groups, rb.nseq);
+  train_fwd_kernel<T, NM, kLocal><<<grid, K::TPB, 0, stream>>>(y, ldy, in, w.A, rb.cu_seqlens, w.goff, sh.E, sh.N,
+                                                               sh.chunk, w.state, w.sum);
+  HM_CUDA_LAUNCHED("selective_scan_train group states");
+  train_carry_kernel<<<dim3(ceil_div(sh.E * sh.N, 256), rb.nseq), 256, 0, stream>>>(
+      saved, w.A, rb.cu_seqlens, w.coff, w.goff, sh.E, sh.N, sh.chunk, w.state, w.sum);
+  HM_CUDA_LAUNCHED("selective_scan_train carry");
+  train_fwd_kernel<T, NM, kOut><<<grid, K::TPB, 0, stream>>>(y, ldy, in, w.A, rb.cu_seqlens, w.goff, sh.E, sh.N,
+                                                             sh.chunk, w.state, w.sum);
+  HM_CUDA_LAUNCHED("selective_scan_train output");
+}
+
+template <class T, class G, int NM>
+void grad_launch(const ScanTrainGrad<T, G>& gd, const T* dy, int lddy, const float* saved, const ScanTrainIn<T>& in,
+                 const RaggedBatch& rb, const ScanTrainShape& sh, const Work& w, cudaStream_t stream) {
+  using K = Cfg<NM>;
+  const dim3 grid(ceil_div(sh.E, K::CPB), sh.max_groups, rb.nseq);
+  grad_local_kernel<T, NM><<<grid, K::TPB, 0, stream>>>(dy, lddy, in, w.A, rb.cu_seqlens, w.goff, sh.E, sh.N,
+                                                        sh.chunk, w.state, w.sum);
+  HM_CUDA_LAUNCHED("selective_scan_backward group adjoints");
+  grad_carry_kernel<<<dim3(ceil_div(sh.E * sh.N, 256), rb.nseq), 256, 0, stream>>>(
+      w.A, rb.cu_seqlens, w.goff, sh.E, sh.N, sh.chunk, w.state, w.sum);
+  HM_CUDA_LAUNCHED("selective_scan_backward carry");
+  ScanTrainGrad<T, float> act{};  // the activation gradients (the parameter ones come last)
+  act.dx = gd.dx;
+  act.lddx = gd.lddx;
+  act.ddt = gd.ddt;
+  act.lddt = gd.lddt;
+  act.dz = gd.dz;
+  act.lddz = gd.lddz;
+  grad_kernel<T, NM><<<grid, K::TPB, 0, stream>>>(act, dy, lddy, saved, in, w.A, rb.cu_seqlens, w.coff, w.goff,
+                                                  sh.E, sh.N, sh.chunk, sh.n_tokens, w.state, w.part_e, w.part_bc);
+  HM_CUDA_LAUNCHED("selective_scan_backward");
+  grad_bc_kernel<T, NM><<<ceil_div(sh.n_tokens * 2 * sh.N, 256), 256, 0, stream>>>(
+      gd.dB, gd.lddB, gd.dC, gd.lddC, w.part_bc, int(grid.x), sh.n_tokens, sh.N);
+  HM_CUDA_LAUNCHED("selective_scan_backward dB dC");
+  grad_param_kernel<G><<<ceil_div(sh.E * sh.N, 256), 256, 0, stream>>>(
+      gd.dA_log, gd.lddA, gd.ddt_bias, gd.dDskip, w.A, w.state, w.part_e, sh.groups, sh.E, sh.N);
+  HM_CUDA_LAUNCHED("selective_scan_backward parameters");
+}
+
+void check_shape(const ScanTrainShape& sh, const RaggedBatch& rb, const char* op) {
+  HM_CHECK(sh.N >= 1 && sh.N <= kMaxState, "cuda ", op, ": d_state must be in [1, ", kMaxState, "], got ", sh.N);
+  HM_CHECK(sh.chunk >= 1, "cuda ", op, ": chunk ", sh.chunk, " must be positive");
+  HM_CHECK(rb.nseq == sh.nseq && rb.n_tokens == sh.n_tokens, "cuda ", op, ": the shape is of another batch (",
+           sh.nseq, " sequences of ", sh.n_tokens, " tokens, the batch has ", rb.nseq, " of ", rb.n_tokens, ")");
+  HM_CHECK(rb.nseq <= 65535 && sh.max_groups <= 65535, "cuda ", op, ": ", rb.nseq, " sequences of up to ",
+           sh.max_groups, " groups of ", kScanGroup, " tokens; at most 65535 of each per call");
+  HM_CHECK(ceil_div(sh.E, Cfg<kMaxState>::CPB) <= INT32_MAX / 2 && int64_t(sh.E) * sh.N <= INT32_MAX,
+           "cuda ", op, ": d_inner ", sh.E, " is too wide");
+}
+
+}  // namespace
+
+ScanTrainShape scan_train_shape(const int32_t* host_cu, int nseq, int E, int N, int chunk) {
+  ScanTrainShape sh;
+  sh.E = E;
+  sh.N = N;
+  sh.chunk = chunk > 0 ? chunk : kScanTrainChunk;
+  sh.nseq = nseq;
+  sh.n_tokens = nseq > 0 ? host_cu[nseq] : 0;
+  for (int s = 0; s < nseq; ++s) {
+    const int L = host_cu[s + 1] - host_cu[s];
+    sh.chunks += ceil_div(L, sh.chunk);
+    const int g = groups_of(L, sh.chunk);
+    sh.groups += g;
+    sh.max_groups = std::max(sh.max_groups, g);
+  }
+  return sh;
+}
+
+size_t scan_train_saved_bytes(const ScanTrainShape& sh) {
+  return size_t(sh.chunks) * size_t(sh.E) * size_t(sh.N) * sizeof(float);
+}
+
+size_t scan_train_workspace_bytes(const ScanTrainShape& sh, bool backward) {
+  return carve(nullptr, sh, backward).bytes;
+}
+
+template <class T>
+void selective_scan_train(T* y, int ldy, float* saved, const ScanTrainIn<T>& in, const RaggedBatch& rb,
+                          const ScanTrainShape& sh, void* workspace, cudaStream_t stream) {
+  check_shape(sh, rb, "selective_scan_train");
+  if (skip(rb, sh)) return;
+  HM_CHECK(workspace != nullptr && saved != nullptr, "cuda selective_scan_train: no workspace or saved buffer");
+  const Work w = carve(workspace, sh, false);
+  prologue(w, in, rb, sh, stream);
+  if (sh.N <= 16)
+    train_launch<T, 16>(y, ldy, saved, in, rb, sh, w, stream);
+  else
+    train_launch<T, kMaxState>(y, ldy, saved, in, rb, sh, w, stream);
+}
+
+template <class T, class G>
+void selective_scan_backward(const ScanTrainGrad<T, G>& grad, const T* dy, int lddy, const float* saved,
+                             const ScanTrainIn<T>& in, const RaggedBatch& rb, const ScanTrainShape& sh,
+                             void* workspace, cudaStream_t stream) {
+  check_shape(sh, rb, "selective_scan_backward");
+  if (skip(rb, sh)) return;
+  HM_CHECK(workspace != nullptr && saved != nullptr, "cuda selective_scan_backward: no workspace or saved buffer");
+  const Work w = carve(workspace, sh, true);
+  prologue(w, in, rb, sh, stream);
+  if (sh.N <= 16)
+    grad_launch<T, G, 16>(grad, dy, lddy, saved, in, rb, sh, w, stream);
+  else
+    grad_launch<T, G, kMaxState>(grad, dy, lddy, saved, in, rb, sh, w, stream);
+}
+
+#define HM_INST(T)                                                                                         \
+  template void selective_scan_train<T>(T*, int, float*, const ScanTrainIn<T>&, const RaggedBatch&,       \
+                                        const ScanTrainShape&, void*, cudaStream_t);                       \
+  template void selective_scan_backward<T, float>(const ScanTrainGrad<T, float>&, const T*, int,         \
+                                                  const float*, const ScanTrainIn<T>&, const RaggedBatch&, \
+                                                  const ScanTrainShape&, void*, cudaStream_t);
+HM_CUDA_FOR_TYPES(HM_INST)
+#undef HM_INST
+#define HM_INST(T)                                                                                              \
+  template void selective_scan_backward<T, T>(const ScanTrainGrad<T, T>&, const T*, int, const float*,        \
+                                              const ScanTrainIn<T>&, const RaggedBatch&, const ScanTrainShape&, \
+                                              void*, cudaStream_t);
+HM_INST(__nv_bfloat16)
+HM_INST(__half)
+#undef HM_INST
+
+}  // namespace hm::cuda
