@@ -335,23 +335,29 @@ __device__ Pick select_bucket(int n, Weight weight, Bucket bucket, u64 target, S
 
 // ---- kernels ----
 
-// Row b: working logits (NaN -> -inf, ids < n), penalties from the slot's window (each distinct
-// token once, as RepetitionPenalty; then presence and frequency), max, min finite, arg-max.
+// The prep pass runs on kPrepChunk ids per block, a row over several blocks: one block per row
+// streamed a 50k vocabulary at ~22 us a step (Nsight, docs/CUDA.md), a tenth of a small model's
+// decode step.
+constexpr int kPrepChunk = 4096;
+struct PrepPart {
+  float mx, lo;
+  int am;
+};
+int prep_chunks(int n) { return ceil_div(n, kPrepChunk); }
+
+// Row b, ids [c * kPrepChunk, ...) < n: working logits (NaN -> -inf), the penalties of the slot's
+// window that fall there (each distinct token once, as RepetitionPenalty; then presence and
+// frequency), and the chunk's max, min finite and arg-max into part[b * chunks + c].
 __global__ void __launch_bounds__(kThreads) prep_kernel(const float* __restrict__ logits, int ld, int n,
                                                         PoolView pool, const int32_t* __restrict__ slots,
-                                                        RowState* rs, float* work, size_t ldw) {
-  const int b = blockIdx.x;
+                                                        PrepPart* part, float* work, size_t ldw) {
+  const int c = blockIdx.x, b = blockIdx.y, chunks = gridDim.x;
   const int slot = slot_of(slots, b, pool.n_slots);
-  if (slot < 0) {
-    if (threadIdx.x == 0) {
-      rs[b].active = 0;
-      rs[b].argmax = -1;
-    }
-    return;
-  }
+  if (slot < 0) return;  // prep_finish_kernel marks the row
+  const int v0 = c * kPrepChunk, v1 = min(n, v0 + kPrepChunk);
   const float* src = logits + size_t(b) * ld;
   float* w = work + size_t(b) * ldw;  // written and re-read by this block: no read-only loads
-  for (int v = threadIdx.x; v < n; v += kThreads) w[v] = canon(src[v]);
+  for (int v = v0 + int(threadIdx.x); v < v1; v += kThreads) w[v] = canon(src[v]);
   __syncthreads();
 
   const SamplerSlot& sp = pool.slots[slot];
@@ -366,7 +372,7 @@ __global__ void __launch_bounds__(kThreads) prep_kernel(const float* __restrict_
     __syncthreads();
     for (int j = threadIdx.x; j < len; j += kThreads) {
       const int t = window[j];
-      if (t < 0 || t >= n) continue;
+      if (t < v0 || t >= v1) continue;  // another chunk's id (or outside [0, n))
       bool first = true;
       int count = 0;
       for (int i = 0; i < len; ++i) {
@@ -388,7 +394,7 @@ __global__ void __launch_bounds__(kThreads) prep_kernel(const float* __restrict_
 
   float mx = -INFINITY, lo = INFINITY;
   int am = INT_MAX;
-  for (int v = threadIdx.x; v < n; v += kThreads) {
+  for (int v = v0 + int(threadIdx.x); v < v1; v += kThreads) {
     const float l = w[v];
     if (am == INT_MAX || l > mx) {  // ids rise within a thread: the first of equals stays
       mx = l;
@@ -396,16 +402,38 @@ __global__ void __launch_bounds__(kThreads) prep_kernel(const float* __restrict_
     }
     if (isfinite(l)) lo = fminf(lo, l);
   }
-  const float M = block_reduce(mx, [](float a, float c) { return fmaxf(a, c); });
-  const int A = block_reduce(mx == M ? am : INT_MAX, [](int a, int c) { return min(a, c); });
-  const float LO = block_reduce(lo, [](float a, float c) { return fminf(a, c); });
-  if (threadIdx.x == 0) {
-    RowState& r = rs[b];
-    r.active = sp.temperature > 0.0f;
-    r.argmax = A;
-    r.mx = M;
-    r.lo = fminf(LO, M);
+  const float M = block_reduce(mx, [](float a, float d) { return fmaxf(a, d); });
+  const int A = block_reduce(mx == M ? am : INT_MAX, [](int a, int d) { return min(a, d); });
+  const float LO = block_reduce(lo, [](float a, float d) { return fminf(a, d); });
+  if (threadIdx.x == 0) part[size_t(b) * chunks + c] = PrepPart{M, LO, A};
+}
+
+// Row b's state from its chunks' parts, in id order (the lowest id of equal maxima wins).
+__global__ void prep_finish_kernel(PoolView pool, const int32_t* __restrict__ slots, const PrepPart* __restrict__ part,
+                                   int chunks, RowState* rs) {
+  const int b = blockIdx.x;
+  if (threadIdx.x != 0) return;
+  const int slot = slot_of(slots, b, pool.n_slots);
+  RowState& r = rs[b];
+  if (slot < 0) {
+    r.active = 0;
+    r.argmax = -1;
+    return;
   }
+  float M = -INFINITY, LO = INFINITY;
+  int A = INT_MAX;
+  for (int c = 0; c < chunks; ++c) {
+    const PrepPart p = part[size_t(b) * chunks + c];
+    if (A == INT_MAX || p.mx > M) {  // chunks rise in id: the first of equal maxima stays
+      M = p.mx;
+      A = p.am;
+    }
+    LO = fminf(LO, p.lo);
+  }
+  r.active = pool.slots[slot].temperature > 0.0f;
+  r.argmax = A;
+  r.mx = M;
+  r.lo = fminf(LO, M);
 }
 
 // pass 0: e = exp(l - mx) over ids < n (TopP's probabilities before normalising).
@@ -625,9 +653,13 @@ void run(int32_t* out, float* probs, int ldp, const float* logits, int ld, int B
   auto* rs = static_cast<RowState*>(workspace);
   float* work = reinterpret_cast<float*>(static_cast<unsigned char*>(workspace) + align_up(sizeof(RowState) * size_t(B), 256));
   float* e = work + size_t(B) * ldw;
+  auto* part = reinterpret_cast<PrepPart*>(e + size_t(B) * ldw);
   const PoolView pv = view_of(pool);
   const dim3 exp_grid(unsigned(ceil_div(n_decodable, kExpThreads * kExpPerThread)), unsigned(B));
-  prep_kernel<<<B, kThreads, 0, stream>>>(logits, ld, n_decodable, pv, slots, rs, work, ldw);
+  const int chunks = prep_chunks(n_decodable);
+  prep_kernel<<<dim3(unsigned(chunks), unsigned(B)), kThreads, 0, stream>>>(logits, ld, n_decodable, pv, slots, part,
+                                                                            work, ldw);
+  prep_finish_kernel<<<B, 32, 0, stream>>>(pv, slots, part, chunks, rs);
   exp_kernel<<<exp_grid, kExpThreads, 0, stream>>>(rs, work, e, ldw, n_decodable, 0);
   select_kernel<<<B, kThreads, 0, stream>>>(pv, slots, rs, work, e, ldw, n_decodable);
   exp_kernel<<<exp_grid, kExpThreads, 0, stream>>>(rs, work, e, ldw, n_decodable, 1);
@@ -694,7 +726,8 @@ void sampler_accept(const SamplerPool& pool, const int32_t* slots, const int32_t
 
 size_t sample_workspace_bytes(int B, int V) {
   HM_CHECK(B >= 1 && V >= 1, "sample_workspace_bytes: B and V must be >= 1 (got ", B, ", ", V, ")");
-  return align_up(sizeof(RowState) * size_t(B), 256) + 2 * sizeof(float) * size_t(B) * work_ld(V);
+  return align_up(sizeof(RowState) * size_t(B), 256) + 2 * sizeof(float) * size_t(B) * work_ld(V) +
+         sizeof(PrepPart) * size_t(B) * size_t(prep_chunks(V));
 }
 
 void sample(int32_t* out, const float* logits, int ld, int B, int V, int n_decodable, const SamplerPool& pool,
