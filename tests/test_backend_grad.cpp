@@ -554,6 +554,7 @@ TEST(BackendGrad, CountingForwardsAndDefaultsThrow) {
     void rmsnorm(Tensor, Tensor, Tensor, float) override {}
     void linear(Tensor, Tensor, Tensor, bool) override {}
     void swiglu(Tensor, Tensor, Tensor) override {}
+    void relu2(Tensor, Tensor) override {}
     void embedding(Tensor, Tensor, const int32_t*) override {}
     void conv1d_silu(Tensor, const StatePool&, Tensor, Tensor, Tensor, const Ragged&) override {}
     void selective_scan(Tensor, const StatePool&, Tensor, Tensor, Tensor, const float*, Tensor, Tensor, Tensor,

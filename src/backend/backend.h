@@ -58,6 +58,8 @@ class Backend {
   virtual void linear(Tensor y, Tensor x, Tensor W, bool accumulate) = 0;
   // out[n,f] = silu(g) * u
   virtual void swiglu(Tensor out, Tensor g, Tensor u) = 0;
+  // out[n,f] = max(x, 0)^2 (squared ReLU)
+  virtual void relu2(Tensor out, Tensor x) = 0;
   // out[i,:] = table[ids[i],:] for i < out.rows; ids in backend memory, already validated.
   virtual void embedding(Tensor out, Tensor table, const int32_t* ids) = 0;
   // Causal depthwise conv + bias + SiLU of every sequence of rg, each continuing from its

@@ -7,7 +7,7 @@ namespace hm {
 const char* op_kind_name(OpKind k) {
   static const char* names[] = {"rmsnorm", "linear", "conv1d_silu", "selective_scan", "rope",
                                 "kv_write", "attention", "swiglu", "embedding", "copy_rows",
-                                "add_rows", "ssd_scan", "gated_rmsnorm", "linear_backward",
+                                "add_rows", "ssd_scan", "gated_rmsnorm", "relu2", "linear_backward",
                                 "rmsnorm_backward", "swiglu_backward", "conv1d_silu_train",
                                 "conv1d_silu_backward", "selective_scan_train",
                                 "selective_scan_backward", "attention_train", "attention_backward",
@@ -60,6 +60,10 @@ void CountingBackend::linear(Tensor y, Tensor x, Tensor W, bool accumulate) {
 }
 void CountingBackend::swiglu(Tensor out, Tensor g, Tensor u) {
   run(OpKind::Swiglu, out.data, g.rows, 0, [&] { in_.swiglu(out, g, u); });
+}
+
+void CountingBackend::relu2(Tensor out, Tensor x) {
+  run(OpKind::Relu2, out.data, x.rows, 0, [&] { in_.relu2(out, x); });
 }
 void CountingBackend::embedding(Tensor out, Tensor table, const int32_t* ids) {
   run(OpKind::Embedding, out.data, out.rows, 0, [&] { in_.embedding(out, table, ids); });

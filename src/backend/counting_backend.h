@@ -13,7 +13,7 @@ namespace hm {
 
 enum class OpKind : uint8_t {
   Rmsnorm, Linear, Conv, Scan, Rope, KvWrite, Attention, Swiglu, Embedding, CopyRows, AddRows,
-  SsdScan, GatedNorm,
+  SsdScan, GatedNorm, Relu2,
   // training (backend.h)
   LinearBackward, RmsnormBackward, SwigluBackward, ConvTrain, ConvBackward, ScanTrain, ScanBackward,
   AttentionTrain, AttentionBackward, RopeBackward, EmbeddingBackward, CrossEntropyHead, kCount
@@ -80,6 +80,7 @@ class CountingBackend final : public Backend {
   void rmsnorm(Tensor out, Tensor x, Tensor w, float eps) override;
   void linear(Tensor y, Tensor x, Tensor W, bool accumulate) override;
   void swiglu(Tensor out, Tensor g, Tensor u) override;
+  void relu2(Tensor out, Tensor x) override;
   void embedding(Tensor out, Tensor table, const int32_t* ids) override;
   void conv1d_silu(Tensor out, const StatePool& st, Tensor x, Tensor w, Tensor b,
                    const Ragged& rg) override;

@@ -74,6 +74,12 @@ class HostBackend : public Backend {
              " swiglu: g and u must have one shape and row stride");
     K::swiglu(out.f32(), int(out.ld), g.f32(), u.f32(), int(g.ld), g.rows, g.cols);
   }
+  void relu2(Tensor out, Tensor x) override {
+    check_rows("relu2", out, x);
+    HM_CHECK(out.cols == x.cols, name(), " relu2: out [", out.rows, ", ", out.cols, "] vs x [", x.rows, ", ",
+             x.cols, "]");
+    K::relu2(out.f32(), int(out.ld), x.f32(), int(x.ld), x.rows, x.cols);
+  }
   void embedding(Tensor out, Tensor table, const int32_t* ids) override {
     HM_CHECK(out.cols == table.cols, name(), " embedding: width ", out.cols, " vs table ", table.cols);
     const float* t = table.f32();
@@ -523,6 +529,7 @@ class HostBackend : public Backend {
     static constexpr auto linear = kRef ? &ref::linear : &cpu::linear;
     static constexpr auto linear_packed = kRef ? &ref::linear_packed : &cpu::linear_packed;
     static constexpr auto swiglu = kRef ? &ref::swiglu : &cpu::swiglu;
+    static constexpr auto relu2 = kRef ? &ref::relu2 : &cpu::relu2;
     static constexpr auto conv1d_silu = kRef ? &ref::conv1d_silu : &cpu::conv1d_silu;
     static constexpr auto selective_scan = kRef ? &ref::selective_scan : &cpu::selective_scan;
     static constexpr auto ssd_scan = kRef ? &ref::ssd_scan : &cpu::ssd_scan;

@@ -42,6 +42,16 @@ struct HfInfo {
   bool layers_names = false;  // tensors under transformers' model.layers.N.{mamba,self_attn,feed_forward}
                               // names (layers_tensor_name): Jamba, Bamba
   bool granite_names = false;  // GraniteMoeHybrid's names and fused tensors (granite_source)
+  // Falcon-H1: its constant multipliers, folded into the weights after loading (fold_falcon_h1).
+  struct FalconH1 {
+    bool on = false;
+    double ssm_in = 1, ssm_out = 1, attn_in = 1, attn_out = 1, key = 1, lm_head = 1;
+    double ssm[5] = {1, 1, 1, 1, 1};  // in_proj's z | x | B | C | dt rows
+    double mlp_gate = 1, mlp_down = 1;
+  } falcon;
+  // Nemotron-H: per layer of ours, the block holding its mixer and the "-" block holding its MLP
+  // (-1: none); empty for other families.
+  std::vector<std::pair<int, int>> nemotron_blocks;
 };
 
 HfInfo mamba_info_from_json(const JsonFields& f, const std::string& origin, bool falcon);
@@ -49,6 +59,8 @@ HfInfo mamba2_info_from_json(const JsonFields& f, const std::string& origin);
 HfInfo jamba_info_from_json(const JsonFields& f, const std::string& origin);
 HfInfo bamba_info_from_json(const JsonFields& f, const std::string& origin);
 HfInfo granite_info_from_json(const JsonFields& f, const std::string& origin);
+HfInfo falcon_h1_info_from_json(const JsonFields& f, const std::string& origin);
+HfInfo nemotron_h_info_from_json(const JsonFields& f, const std::string& origin);
 
 HfInfo hf_info_from_json(const nlohmann::json& j, const std::string& origin) {
   const JsonFields f(j, origin);
@@ -58,14 +70,17 @@ HfInfo hf_info_from_json(const nlohmann::json& j, const std::string& origin) {
            ": field 'architectures' must list exactly one architecture, got ", arch.dump());
   const std::string a = arch[0].get<std::string>();
   HM_CHECK(a == "MambaForCausalLM" || a == "FalconMambaForCausalLM" || a == "Mamba2ForCausalLM" ||
-               a == "JambaForCausalLM" || a == "BambaForCausalLM" || a == "GraniteMoeHybridForCausalLM",
+               a == "JambaForCausalLM" || a == "BambaForCausalLM" || a == "GraniteMoeHybridForCausalLM" ||
+               a == "FalconH1ForCausalLM" || a == "NemotronHForCausalLM",
            origin, ": field 'architectures': \"", a, "\" is not supported (supported: MambaForCausalLM, "
            "FalconMambaForCausalLM, Mamba2ForCausalLM, JambaForCausalLM, BambaForCausalLM, "
-           "GraniteMoeHybridForCausalLM; docs/MODELS.md lists the families)");
+           "GraniteMoeHybridForCausalLM, FalconH1ForCausalLM, NemotronHForCausalLM; docs/MODELS.md lists the families)");
   HfInfo info = a == "Mamba2ForCausalLM"  ? mamba2_info_from_json(f, origin)
                 : a == "JambaForCausalLM" ? jamba_info_from_json(f, origin)
                 : a == "BambaForCausalLM" ? bamba_info_from_json(f, origin)
                 : a == "GraniteMoeHybridForCausalLM" ? granite_info_from_json(f, origin)
+                : a == "FalconH1ForCausalLM" ? falcon_h1_info_from_json(f, origin)
+                : a == "NemotronHForCausalLM" ? nemotron_h_info_from_json(f, origin)
                                           : mamba_info_from_json(f, origin, a == "FalconMambaForCausalLM");
   try {
     validate(info.cfg);
@@ -601,6 +616,338 @@ HfInfo granite_info_from_json(const JsonFields& f, const std::string& origin) {
   return info;
 }
 
+// The attention heads of Falcon-H1 and Nemotron-H: GQA with an explicit head_dim (absent: `dflt`,
+// 0 = hidden_size / heads), stored in our config only when it is not hidden_size / heads.
+void explicit_head_fields(const JsonFields& f, const std::string& origin, int64_t dflt, ModelConfig& c) {
+  c.n_heads = f.has("num_attention_heads") ? int(f.get_int("num_attention_heads", 1, kMaxHeads)) : 32;
+  c.n_kv_heads = present(f, "num_key_value_heads") ? int(f.get_int("num_key_value_heads", 1, kMaxHeads)) : 8;
+  if (f.has("num_key_value_heads") && f.at("num_key_value_heads").is_null()) c.n_kv_heads = c.n_heads;
+  HM_CHECK(c.n_heads % c.n_kv_heads == 0, origin, ": field 'num_key_value_heads' (", c.n_kv_heads,
+           ") must divide 'num_attention_heads' (", c.n_heads, ")");
+  const int64_t hd = present(f, "head_dim") ? f.get_int("head_dim", 1, kMaxDModel) : dflt;
+  if (hd == 0 || (c.d_model % c.n_heads == 0 && hd == c.d_model / c.n_heads)) {
+    HM_CHECK(c.d_model % c.n_heads == 0, origin, ": field 'num_attention_heads' (", c.n_heads,
+             ") must divide 'hidden_size' (", c.d_model, ") when there is no 'head_dim'");
+    c.attn_head_dim = 0;
+  } else {
+    c.attn_head_dim = int(hd);
+  }
+}
+
+// A multiplier of Falcon-H1's: a finite number (absent: 1).
+double falcon_multiplier(const JsonFields& f, const char* key) {
+  return present(f, key) ? f.get_double(key, -1e30, 1e30) : 1.0;
+}
+
+// FalconH1ForCausalLM (transformers' modeling_falcon_h1.py): h = embedding_multiplier * embeddings;
+// every layer u = rmsnorm(h, input_layernorm), h += ssm_out * Mamba2(ssm_in * u) + attn_out *
+// Attention(attn_in * u), both on the same u; then h += SwiGLU MLP(rmsnorm(h, pre_ff_layernorm)) with
+// its gate and down multipliers; final_layernorm, head, logits * lm_head_multiplier. The layer is our
+// True Hybrid layer in "both" mode with a Mamba-2 path (docs/MODELS.md); the constant multipliers are
+// folded into the weights after loading (fold_falcon_h1). Defaults are FalconH1Config's.
+HfInfo falcon_h1_info_from_json(const JsonFields& f, const std::string& origin) {
+  if (f.has("model_type")) {
+    const std::string t = f.get_string("model_type");
+    HM_CHECK(t == "falcon_h1", origin, ": field 'model_type' must be \"falcon_h1\" for FalconH1ForCausalLM, got \"",
+             t, "\"");
+  }
+  HfInfo info;
+  info.layers_names = true;  // Jamba's names: model.layers.N.{input_layernorm, mamba, self_attn, pre_ff_layernorm, feed_forward}
+  info.conv_bias_field = "mamba_conv_bias";
+  info.falcon.on = true;
+  ModelConfig& c = info.cfg;
+  c.hybrid = "true";
+  c.routing_mode = "both";  // both paths on every token, summed: no router decision
+  c.state_bridges = false;
+  c.attention_layers.clear();
+  c.d_model = int(f.get_int("hidden_size", 1, kMaxDModel));
+  c.n_layers = int(f.get_int("num_hidden_layers", 1, kMaxLayers));
+  c.vocab_size = int(f.get_int("vocab_size", 1, kMaxVocab));
+  c.d_ff = f.has("intermediate_size") ? int(f.get_int("intermediate_size", 1, kMaxDff)) : 14336;
+  c.norm_eps = f.has("rms_norm_eps") ? f.get_float("rms_norm_eps") : 1e-5f;
+  HM_CHECK(c.norm_eps > 0 && c.norm_eps < 1, origin, ": field 'rms_norm_eps' must be in (0, 1), got ", c.norm_eps);
+  c.tie_embeddings = f.has("tie_word_embeddings") ? f.get_bool("tie_word_embeddings") : false;
+  if (f.has("hidden_act")) {  // the conv's and the MLP's activation
+    const std::string act = f.get_string("hidden_act");
+    HM_CHECK(act == "silu" || act == "swish", origin, ": field 'hidden_act' is \"", act,
+             "\": not supported (only \"silu\")");
+  }
+  for (const char* k : {"attention_bias", "mlp_bias", "mamba_proj_bias", "projectors_bias"})
+    if (present(f, k))
+      HM_CHECK(!f.get_bool(k), origin, ": field '", k, "' is true: biases on those projections are not supported");
+  if (present(f, "layers_block_type")) {  // a property of FalconH1Config: every layer "hybrid"
+    const nlohmann::json& t = f.at("layers_block_type");
+    HM_CHECK(t.is_array() && t.size() == size_t(c.n_layers), origin, ": field 'layers_block_type' must list ",
+             c.n_layers, " layers, got ", t.dump());
+    for (size_t i = 0; i < t.size(); ++i)
+      HM_CHECK(t[i] == "hybrid", origin, ": field 'layers_block_type[", i, "]' is ", t[i].dump(),
+               ": Falcon-H1 layers are all \"hybrid\"");
+  }
+  c.true_layers.clear();
+  c.mamba2_layers.clear();
+  for (int i = 0; i < c.n_layers; ++i) {
+    c.true_layers.push_back(i);
+    c.mamba2_layers.push_back(i);
+  }
+
+  // Attention: GQA, RoPE on the whole head, explicit head_dim.
+  explicit_head_fields(f, origin, 0, c);
+  c.rope = true;
+  bool theta = false;
+  const auto rope_fields = [&](const JsonFields& r) {
+    for (const char* k : {"rope_type", "type"})
+      if (present(r, k))
+        HM_CHECK(r.get_string(k) == "default", origin, ": field '", r.field(k), "' is ", r.at(k).dump(),
+                 ": only \"default\" RoPE (no scaling) is supported");
+    if (present(r, "rope_theta")) {
+      c.rope_theta = float(r.get_double("rope_theta", 1e-30, kMaxRopeTheta));
+      theta = true;
+    }
+    if (present(r, "partial_rotary_factor"))
+      HM_CHECK(r.get_double("partial_rotary_factor", 0, 1) == 1.0, origin, ": field '", r.field("partial_rotary_factor"),
+               "' is ", r.at("partial_rotary_factor").dump(), ": FalconH1Attention rotates the whole head");
+  };
+  rope_fields(f);
+  if (present(f, "rope_parameters")) rope_fields(f.object("rope_parameters"));
+  if (present(f, "rope_scaling")) rope_fields(f.object("rope_scaling"));
+  HM_CHECK(theta, origin, ": no 'rope_theta' (top level or in 'rope_parameters'): its default differs between "
+           "transformers versions, so it must be given");
+
+  // The Mamba-2 mixer: width mamba_d_ssm (null: mamba_expand * hidden_size).
+  c.d_state = f.has("mamba_d_state") ? int(f.get_int("mamba_d_state", 1, kMaxDState)) : 256;
+  c.d_conv = f.has("mamba_d_conv") ? int(f.get_int("mamba_d_conv", 1, kMaxDConv)) : 4;
+  const int64_t expand = f.has("mamba_expand") ? f.get_int("mamba_expand", 1, kMaxExpand) : 2;
+  const int64_t inner = f.has("mamba_d_ssm") && f.at("mamba_d_ssm").is_null() ? expand * c.d_model
+                        : f.has("mamba_d_ssm") ? f.get_int("mamba_d_ssm", 1, int64_t(kMaxExpand) * c.d_model)
+                                               : 1024;
+  if (inner % c.d_model == 0) {
+    c.expand = int(inner / c.d_model);
+  } else {
+    c.expand = 1;
+    c.inner_size = int(inner);
+  }
+  const int64_t heads = f.has("mamba_n_heads") ? f.get_int("mamba_n_heads", 1, inner) : 128;
+  HM_CHECK(inner % heads == 0, origin, ": field 'mamba_n_heads' (", heads, ") must divide the mixer width ", inner);
+  c.mamba2_head_dim = int(inner / heads);
+  if (present(f, "mamba_d_head") && !(f.at("mamba_d_head").is_string() && f.get_string("mamba_d_head") == "auto"))
+    HM_CHECK(f.get_int("mamba_d_head", 1, inner) == c.mamba2_head_dim, origin, ": field 'mamba_d_head' (",
+             f.at("mamba_d_head").dump(), ") x 'mamba_n_heads' (", heads, ") must equal the mixer width ", inner);
+  c.mamba2_groups = f.has("mamba_n_groups") ? int(f.get_int("mamba_n_groups", 1, kMaxHeads)) : 1;
+  HM_CHECK(heads % c.mamba2_groups == 0, origin, ": field 'mamba_n_groups' (", c.mamba2_groups,
+           ") must divide 'mamba_n_heads' (", heads, ")");
+  read_time_step_limit(f, origin, c);
+  if (f.has("mamba_chunk_size")) f.get_int("mamba_chunk_size", 1, INT32_MAX);  // how the scan is split only
+  if (f.has("mamba_conv_bias")) info.conv_bias = f.get_bool("mamba_conv_bias");
+  // The gate: y * silu(z) without a norm (mamba_rms_norm false, FalconH1Config's default), or
+  // FalconH1RMSNormGated per group of width / mamba_n_groups, which gates first only when
+  // mamba_norm_before_gate is false (its default, true, normalizes y before gating: not implemented).
+  const bool rms = f.has("mamba_rms_norm") && f.get_bool("mamba_rms_norm");
+  const bool before = !f.has("mamba_norm_before_gate") || f.get_bool("mamba_norm_before_gate");
+  HM_CHECK(!rms || !before, origin, ": fields 'mamba_rms_norm' true with 'mamba_norm_before_gate' true (or absent: "
+           "FalconH1Config's default): rmsnorm(y) * silu(z) is not supported (only rmsnorm(y * silu(z)), "
+           "mamba_norm_before_gate false, or no norm)");
+  c.mamba2_gated_norm = rms;
+  c.mamba2_norm_per_group = true;
+
+  // The multipliers.
+  HfInfo::FalconH1& m = info.falcon;
+  m.ssm_in = falcon_multiplier(f, "ssm_in_multiplier");
+  m.ssm_out = falcon_multiplier(f, "ssm_out_multiplier");
+  m.attn_in = falcon_multiplier(f, "attention_in_multiplier");
+  m.attn_out = falcon_multiplier(f, "attention_out_multiplier");
+  m.key = falcon_multiplier(f, "key_multiplier");
+  m.lm_head = falcon_multiplier(f, "lm_head_multiplier");
+  const auto list = [&](const char* key, size_t n, double* out) {
+    if (!present(f, key)) return;
+    const nlohmann::json& v = f.at(key);
+    HM_CHECK(v.is_array() && v.size() == n, origin, ": field '", key, "' must list ", n, " numbers, got ", v.dump());
+    for (size_t k = 0; k < n; ++k) out[k] = json_to_double(v[k], -1e30, 1e30, origin, detail::cat(key, "[", k, "]"));
+  };
+  list("ssm_multipliers", 5, m.ssm);
+  double mlp[2] = {1, 1};
+  list("mlp_multipliers", 2, mlp);
+  m.mlp_gate = mlp[0];
+  m.mlp_down = mlp[1];
+  const double emb = falcon_multiplier(f, "embedding_multiplier");
+  HM_CHECK(emb > 0, origin, ": field 'embedding_multiplier' (", emb, ") must be positive");
+  c.embedding_multiplier = float(emb);
+  // Ignored as transformers' forward ignores them: initializer_range, time_step_min/max
+  // (initialization), attention_dropout, use_cache, num_logits_to_keep, max_position_embeddings
+  // (no effect with default RoPE), token ids, dtype.
+  return info;
+}
+
+// NemotronHForCausalLM (transformers' modeling_nemotron_h.py): a stack of pre-norm residual blocks
+// h += mixer(rmsnorm(h)), each block one of Mamba-2 ("M"), attention ("*", no positional
+// encoding), a squared-ReLU MLP ("-") or MoE ("E", refused); norm_f and the head. Our layer is a
+// mixer block with the "-" block that follows it as its FFN (ffn_layers). Defaults are NemotronHConfig's.
+HfInfo nemotron_h_info_from_json(const JsonFields& f, const std::string& origin) {
+  if (f.has("model_type")) {
+    const std::string t = f.get_string("model_type");
+    HM_CHECK(t == "nemotron_h", origin, ": field 'model_type' must be \"nemotron_h\" for NemotronHForCausalLM, got \"",
+             t, "\"");
+  }
+  HfInfo info;
+  ModelConfig& c = info.cfg;
+  c.hybrid = "simple";
+  c.state_bridges = false;
+  c.rope = false;  // NemotronHAttention applies no positional encoding
+  c.d_model = int(f.get_int("hidden_size", 1, kMaxDModel));
+  c.vocab_size = int(f.get_int("vocab_size", 1, kMaxVocab));
+  c.norm_eps = f.has("layer_norm_epsilon") ? f.get_float("layer_norm_epsilon") : 1e-5f;
+  HM_CHECK(c.norm_eps > 0 && c.norm_eps < 1, origin, ": field 'layer_norm_epsilon' must be in (0, 1), got ", c.norm_eps);
+  c.tie_embeddings = f.has("tie_word_embeddings") ? f.get_bool("tie_word_embeddings") : false;
+  for (const char* k : {"attention_bias", "mlp_bias", "mamba_proj_bias", "use_bias"})
+    if (present(f, k))
+      HM_CHECK(!f.get_bool(k), origin, ": field '", k, "' is true: biases on those projections are not supported");
+  HM_CHECK(!present(f, "sliding_window"), origin, ": field 'sliding_window' is ", f.at("sliding_window").dump(),
+           ": sliding-window attention is not supported (null only)");
+  if (present(f, "num_nextn_predict_layers"))
+    HM_CHECK(f.get_int("num_nextn_predict_layers", 0, kMaxLayers) == 0, origin, ": field 'num_nextn_predict_layers' is ",
+             f.at("num_nextn_predict_layers").dump(), ": multi-token prediction layers are not supported (0 only)");
+  if (present(f, "mlp_hidden_act")) {
+    const std::string act = f.get_string("mlp_hidden_act");
+    HM_CHECK(act == "relu2", origin, ": field 'mlp_hidden_act' is \"", act, "\": only \"relu2\" is supported");
+  }
+  if (present(f, "mamba_hidden_act")) {
+    const std::string act = f.get_string("mamba_hidden_act");
+    HM_CHECK(act == "silu" || act == "swish", origin, ": field 'mamba_hidden_act' is \"", act,
+             "\": only \"silu\" is supported");
+  }
+
+  // The block pattern: hybrid_override_pattern ("M*-E" characters) or the per-block list
+  // layers_block_type / layer_types (older and newer names of each type); both present must agree.
+  std::vector<char> blocks;
+  std::string blocks_field;
+  if (present(f, "hybrid_override_pattern")) {
+    const std::string p = f.get_string("hybrid_override_pattern");
+    for (size_t j = 0; j < p.size(); ++j) {
+      HM_CHECK(p[j] == 'M' || p[j] == '*' || p[j] == '-' || p[j] == 'E', origin, ": field 'hybrid_override_pattern' has '",
+               p[j], "' at block ", j, " (known: M, *, -, E)");
+      blocks.push_back(p[j]);
+    }
+    blocks_field = "hybrid_override_pattern";
+  }
+  for (const char* k : {"layers_block_type", "layer_types"}) {
+    if (!present(f, k)) continue;
+    const nlohmann::json& t = f.at(k);
+    HM_CHECK(t.is_array(), origin, ": field '", k, "' must be a list of block types, got ", t.dump());
+    std::vector<char> b;
+    for (size_t j = 0; j < t.size(); ++j) {
+      const nlohmann::json& v = t[j];
+      const char ch = v == "mamba" || v == "linear_attention"  ? 'M'
+                      : v == "attention" || v == "full_attention" ? '*'
+                      : v == "mlp"                             ? '-'
+                      : v == "moe"                             ? 'E'
+                                                               : '?';
+      HM_CHECK(ch != '?', origin, ": field '", k, "[", j, "]' is ", v.dump(),
+               " (known: mamba / linear_attention, attention / full_attention, mlp, moe)");
+      b.push_back(ch);
+    }
+    HM_CHECK(blocks_field.empty() || b == blocks, origin, ": fields '", blocks_field, "' and '", k, "' disagree");
+    blocks = b;
+    blocks_field = k;
+  }
+  HM_CHECK(!blocks.empty(), origin, ": no block pattern (field 'hybrid_override_pattern' or 'layers_block_type')");
+  if (present(f, "num_hidden_layers"))
+    HM_CHECK(f.get_int("num_hidden_layers", 1, kMaxLayers) == int64_t(blocks.size()), origin, ": field "
+             "'num_hidden_layers' (", f.at("num_hidden_layers").dump(), ") differs from the ", blocks.size(),
+             " blocks of '", blocks_field, "'");
+  bool any_mlp = false;
+  for (size_t j = 0; j < blocks.size(); ++j) {
+    HM_CHECK(blocks[j] != 'E', origin, ": field '", blocks_field, "' has a mixture-of-experts block (E) at block ", j,
+             ": Nemotron-H's MoE (sigmoid router with score correction, group-limited top-k, squared-ReLU "
+             "experts, shared expert) is not supported");
+    if (blocks[j] == '-') {
+      HM_CHECK(!info.nemotron_blocks.empty() && info.nemotron_blocks.back().second < 0, origin, ": field '",
+               blocks_field, "' has an MLP block (-) at block ", j, " that follows no Mamba or attention block: "
+               "only an MLP right after a mixer is supported");
+      info.nemotron_blocks.back().second = int(j);
+      any_mlp = true;
+    } else {
+      info.nemotron_blocks.push_back({int(j), -1});
+    }
+  }
+  c.n_layers = int(info.nemotron_blocks.size());
+  HM_CHECK(c.n_layers <= kMaxLayers, origin, ": ", c.n_layers, " mixer blocks, more than ", kMaxLayers);
+  c.attention_layers.clear();
+  c.mamba2_layers.clear();
+  c.ffn_layers.clear();
+  bool all_ffn = true;
+  for (int i = 0; i < c.n_layers; ++i) {
+    const auto [mix, ff] = info.nemotron_blocks[size_t(i)];
+    (blocks[size_t(mix)] == '*' ? c.attention_layers : c.mamba2_layers).push_back(i);
+    if (ff >= 0) c.ffn_layers.push_back(i);
+    all_ffn = all_ffn && ff >= 0;
+  }
+  if (all_ffn) c.ffn_layers.clear();  // every layer: the default
+  c.d_ff = 0;
+  c.mlp_act = "relu2";
+  if (any_mlp) c.d_ff = f.has("intermediate_size") ? int(f.get_int("intermediate_size", 1, kMaxDff)) : 21504;
+
+  // Attention: GQA, explicit head_dim (NemotronHConfig's default 128), no RoPE, scale 1/sqrt(head_dim).
+  if (!c.attention_layers.empty()) {
+    explicit_head_fields(f, origin, 128, c);
+  } else {  // no attention layer: keep our defaults so the config round-trips
+    c.n_heads = ModelConfig{}.n_heads;
+    c.n_kv_heads = ModelConfig{}.n_kv_heads;
+  }
+
+  // The Mamba-2 mixer: mamba_num_heads heads of mamba_head_dim (its width; `expand` is not read),
+  // mamba_ssm's per-group gated norm, and the older mamba_* spellings NemotronHConfig still accepts.
+  const auto alias = [&](const char* k, const char* old) -> const char* {
+    HM_CHECK(!(present(f, k) && present(f, old)), origin, ": fields '", k, "' and '", old, "' both given");
+    return present(f, old) ? old : k;
+  };
+  const char* kgroups = alias("n_groups", "mamba_n_groups");
+  const char* kconv = alias("conv_kernel", "mamba_d_conv");
+  const char* kbias = alias("use_conv_bias", "mamba_conv_bias");
+  const char* kchunk = alias("chunk_size", "mamba_chunk_size");
+  const char* kmin = alias("time_step_min", "mamba_dt_min");
+  info.conv_bias_field = kbias;
+  c.d_state = f.has("ssm_state_size") ? int(f.get_int("ssm_state_size", 1, kMaxDState)) : 128;
+  c.d_conv = present(f, kconv) ? int(f.get_int(kconv, 1, kMaxDConv)) : 4;
+  const int64_t heads = f.has("mamba_num_heads") ? f.get_int("mamba_num_heads", 1, kMaxHeads * 64) : 128;
+  c.mamba2_head_dim = f.has("mamba_head_dim") ? int(f.get_int("mamba_head_dim", 1, kMaxDModel)) : 64;
+  const int64_t inner = heads * c.mamba2_head_dim;
+  HM_CHECK(inner <= int64_t(kMaxExpand) * c.d_model, origin, ": fields 'mamba_num_heads' x 'mamba_head_dim' = ",
+           inner, ", more than ", kMaxExpand, " x hidden_size");
+  if (inner % c.d_model == 0) {
+    c.expand = int(inner / c.d_model);
+  } else {
+    c.expand = 1;
+    c.inner_size = int(inner);
+  }
+  c.mamba2_groups = present(f, kgroups) ? int(f.get_int(kgroups, 1, kMaxHeads)) : 8;
+  HM_CHECK(heads % c.mamba2_groups == 0, origin, ": field '", kgroups, "' (", c.mamba2_groups,
+           ") must divide 'mamba_num_heads' (", heads, ")");
+  c.mamba2_norm_per_group = true;  // Zamba2RMSNormGated, group_size = width / n_groups
+  if (present(f, kbias)) info.conv_bias = f.get_bool(kbias);
+  if (present(f, kchunk)) f.get_int(kchunk, 1, INT32_MAX);  // how the scan is split only
+  // transformers' CPU path (torch_forward) clamps softplus(dt + dt_bias) from below at time_step_min
+  // and never reads time_step_limit (its CUDA kernels use time_step_limit instead): we follow the
+  // CPU path, which is what the fixtures record.
+  c.mamba2_dt_min = present(f, kmin) ? float(f.get_double(kmin, 0, 1e30)) : 0.001f;
+  c.mamba2_dt_max = INFINITY;
+  if (c.mamba2_layers.empty()) {  // no Mamba layer: keep our defaults so the config round-trips
+    const ModelConfig d;
+    c.d_state = d.d_state;
+    c.d_conv = d.d_conv;
+    c.expand = d.expand;
+    c.inner_size = 0;
+    c.mamba2_head_dim = d.mamba2_head_dim;
+    c.mamba2_groups = d.mamba2_groups;
+    c.mamba2_norm_per_group = d.mamba2_norm_per_group;
+    c.mamba2_dt_min = d.mamba2_dt_min;
+  }
+  // Ignored as transformers' forward ignores them: expand (the mixer's width is heads x head_dim),
+  // time_step_max / time_step_floor / time_step_limit (initialization; see above), the moe_* and
+  // n_routed_experts fields when there is no E block, residual_in_fp32, rescale_prenorm_residual,
+  // initializer_range, hidden_dropout, attention_dropout, use_mamba_kernels, mamba_ssm_cache_dtype,
+  // num_logits_to_keep, max_position_embeddings (no positional encoding), use_cache, token ids, dtype.
+  return info;
+}
+
 // Our tensor name -> transformers' name in Jamba and Bamba (expert stacks aside: load_hf_params
 // reads them per expert or fused).
 std::string layers_tensor_name(const std::string& ours) {
@@ -657,6 +1004,58 @@ GraniteSource granite_source(const std::string& ours) {
   if (rest == "mlp.shared_down_proj.weight" || rest == "mlp.down_proj.weight") return {{mlp + "output_linear.weight"}};
   HM_ASSERT(!"no GraniteMoeHybrid name for this tensor");
   return {};
+}
+
+// Where one of our tensors lives in a Nemotron-H checkpoint: prefix P ("backbone." as published,
+// or "model."), our layer i's mixer in block mix, its MLP in block ff (HfInfo::nemotron_blocks).
+std::string nemotron_name(const std::string& ours, const std::vector<std::pair<int, int>>& blocks,
+                          const std::string& P) {
+  if (ours == "backbone.embeddings.weight") return P + "embeddings.weight";
+  if (ours == "backbone.norm_f.weight") return P + "norm_f.weight";
+  if (ours == "lm_head.weight") return ours;
+  const std::string pre = "backbone.layers.";
+  HM_ASSERT(ours.compare(0, pre.size(), pre) == 0);
+  const size_t dot = ours.find('.', pre.size());
+  HM_ASSERT(dot != std::string::npos);
+  const auto [mix, ff] = blocks[size_t(std::stoi(ours.substr(pre.size(), dot - pre.size())))];
+  const std::string rest = ours.substr(dot + 1);
+  const std::string M = P + "layers." + std::to_string(mix) + ".", F = P + "layers." + std::to_string(ff) + ".";
+  if (rest == "norm.weight" || rest.compare(0, 6, "mixer.") == 0) return M + rest;
+  if (rest == "mlp_norm.weight") return F + "norm.weight";
+  if (rest.compare(0, 4, "mlp.") == 0) return F + "mixer." + rest.substr(4);
+  HM_ASSERT(!"no Nemotron-H name for this tensor");
+  return {};
+}
+
+// Falcon-H1's constant multipliers folded into the loaded weights, each product formed in double
+// and rounded once: in_proj rows times ssm_in_multiplier and their ssm_multipliers part (z | x | B
+// | C | dt), q/k/v times attention_in_multiplier (k also key_multiplier), the MLP's gate and down
+// times mlp_multipliers, the final norm's weight times lm_head_multiplier (logits = head(norm(h)) *
+// m). ssm_out / attention_out are the true layers' fusion scales, filled in load_hf_params;
+// embedding_multiplier is the config's.
+void fold_falcon_h1(Params& p, const HfInfo::FalconH1& m) {
+  const ModelConfig& c = p.config();
+  const int D = c.d_model, E = c.d_inner(), GN = c.mamba2_groups * c.d_state, F = c.d_ff;
+  const int hd = c.head_dim(), QW = c.n_heads * hd, KW = c.n_kv_heads * hd;
+  const auto scale = [](float* w, int64_t n, double s) {
+    if (s == 1.0) return;
+    for (int64_t k = 0; k < n; ++k) w[k] = float(double(w[k]) * s);
+  };
+  for (int i = 0; i < c.n_layers; ++i) {
+    const LayerWeights& w = p.layer(i);
+    const int parts[5] = {E, E, GN, GN, c.mamba2_heads()};
+    float* row = w.in_proj;
+    for (int k = 0; k < 5; ++k) {
+      scale(row, int64_t(parts[k]) * D, m.ssm_in * m.ssm[k]);
+      row += int64_t(parts[k]) * D;
+    }
+    scale(w.wq, int64_t(QW) * D, m.attn_in);
+    scale(w.wk, int64_t(KW) * D, m.attn_in * m.key);
+    scale(w.wv, int64_t(KW) * D, m.attn_in);
+    scale(w.w_gate, int64_t(F) * D, m.mlp_gate);
+    scale(w.w_down, int64_t(D) * F, m.mlp_down);
+  }
+  scale(p.norm_f(), D, m.lm_head);
 }
 
 HfInfo load_hf_info(const std::string& dir) {
@@ -785,6 +1184,15 @@ void load_hf_params(Params& p, const std::string& dir) {
                " is not listed in 'weight_map'");
   }
 
+  // Nemotron-H: the published checkpoints keep the original code's "backbone." prefix; transformers
+  // names its module "model." (and may save under it).
+  std::string nemotron_prefix = "backbone.";
+  if (!info.nemotron_blocks.empty()) {
+    const bool b = where.count("backbone.embeddings.weight") > 0, m = where.count("model.embeddings.weight") > 0;
+    HM_CHECK(!(b && m), dir, ": holds both 'backbone.embeddings.weight' and 'model.embeddings.weight'; which "
+             "prefix is the model's is ambiguous");
+    if (m) nemotron_prefix = "model.";
+  }
   std::set<std::string> used;
   // Stored tensor `name` of `shape` into out: present, of that shape, every value finite.
   const auto read = [&](const std::string& name, const std::vector<int64_t>& shape, float* out) {
@@ -801,7 +1209,19 @@ void load_hf_params(Params& p, const std::string& dir) {
     const ParamSpec& s = p.specs()[i];
     float* dst = p.at(i);
     const GraniteSource granite = info.granite_names ? granite_source(s.name) : GraniteSource{};
+    if (info.falcon.on) {  // the true-hybrid tensors Falcon-H1's checkpoint has no copy of
+      const bool fm = ends_with(s.name, "mixer.fuse_mamba"), fa = ends_with(s.name, "mixer.fuse_attn");
+      if (fm || fa) {  // h += ssm_out_multiplier * mamba + attention_out_multiplier * attention
+        std::fill(dst, dst + s.numel(), float(fm ? info.falcon.ssm_out : info.falcon.attn_out));
+        continue;
+      }
+      if (ends_with(s.name, "mixer.exchange") || s.name.find("mixer.router.") != std::string::npos) {
+        std::fill(dst, dst + s.numel(), 0.0f);  // no exchange; the router's output is unused in "both" mode
+        continue;
+      }
+    }
     std::string name = info.layers_names ? layers_tensor_name(s.name) : s.name;
+    if (!info.nemotron_blocks.empty()) name = nemotron_name(s.name, info.nemotron_blocks, nemotron_prefix);
     if (info.granite_names) {  // the first of its names the file holds (a second one left over is refused below)
       name = granite.names[0];
       for (const std::string& n : granite.names)
@@ -855,9 +1275,12 @@ void load_hf_params(Params& p, const std::string& dir) {
     where["lm_head.weight"]->read_f32("lm_head.weight", shape, head.data());
     HM_CHECK(std::memcmp(head.data(), p.embeddings(), head.size() * sizeof(float)) == 0, dir,
              ": tie_word_embeddings is true but tensor 'lm_head.weight' differs from '",
-             info.layers_names || info.granite_names ? "model.embed_tokens.weight" : "backbone.embeddings.weight", "'");
+             info.layers_names || info.granite_names ? "model.embed_tokens.weight"
+             : info.nemotron_blocks.empty()          ? "backbone.embeddings.weight"
+                                                     : nemotron_prefix + "embeddings.weight", "'");
     used.insert("lm_head.weight");
   }
+  if (info.falcon.on) fold_falcon_h1(p, info.falcon);
   for (const auto& [name, r] : where)
     HM_CHECK(used.count(name), r->path(), ": unexpected tensor '", name, "' (not part of the model config.json "
              "describes; biases with use_bias false, or another architecture's weights?)");

@@ -59,7 +59,9 @@
      (cache writes) */                                                                             \
   void store_f16(uint16_t* dst, int ld_dst, const float* src, int ld_src, int n, int d);          \
   /* out[n,f] = silu(g[n,f]) * u[n,f]; g and u have row stride ldgu, out ldo */                    \
-  void swiglu(float* out, int ldo, const float* g, const float* u, int ldgu, int n, int f);
+  void swiglu(float* out, int ldo, const float* g, const float* u, int ldgu, int n, int f);       \
+  /* out[n,f] = max(x[n,f], 0)^2 (squared ReLU: Nemotron-H's MLP); x row stride ldx, out ldo */    \
+  void relu2(float* out, int ldo, const float* x, int ldx, int n, int f);
 
 namespace hm::ref { HM_DECLARE_KERNELS }
 namespace hm::cpu { HM_DECLARE_KERNELS }

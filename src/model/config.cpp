@@ -30,6 +30,11 @@ bool ModelConfig::is_moe(int layer) const {
   return std::find(moe_layers.begin(), moe_layers.end(), layer) != moe_layers.end();
 }
 
+bool ModelConfig::has_ffn(int layer) const {
+  return d_ff > 0 && (ffn_layers.empty() ||
+                      std::find(ffn_layers.begin(), ffn_layers.end(), layer) != ffn_layers.end());
+}
+
 bool ModelConfig::any_attention() const {
   for (int i = 0; i < n_layers; ++i)
     if (has_attention_path(i)) return true;
@@ -105,8 +110,6 @@ void validate(const ModelConfig& c) {
              c.n_layers, ")");
     HM_CHECK(seen_m2.insert(i).second, "config: 'mamba2_layers' lists layer ", i, " twice");
     HM_CHECK(!seen.count(i), "config: layer ", i, " is in both 'attention_layers' and 'mamba2_layers'");
-    HM_CHECK(!seen_true.count(i), "config: layer ", i, " is in both 'true_layers' and 'mamba2_layers' "
-             "(a true-hybrid layer with a Mamba-2 path is not implemented yet)");
   }
   if (!c.mamba2_layers.empty()) {
     const int E = c.d_inner();
@@ -119,11 +122,23 @@ void validate(const ModelConfig& c) {
              "config: 'mamba2_dt_min' (", c.mamba2_dt_min, ") must be >= 0 and below 'mamba2_dt_max' (",
              c.mamba2_dt_max, ")");
   }
+  std::set<int> seen_ffn;
+  for (int i : c.ffn_layers) {
+    HM_CHECK(i >= 0 && i < c.n_layers, "config: 'ffn_layers' index ", i, " is out of range [0, ", c.n_layers, ")");
+    HM_CHECK(seen_ffn.insert(i).second, "config: 'ffn_layers' lists layer ", i, " twice");
+  }
+  HM_CHECK(c.ffn_layers.empty() || c.d_ff > 0, "config: 'ffn_layers' needs 'd_ff' > 0");
+  HM_CHECK(c.mlp_act == "swiglu" || c.mlp_act == "relu2", "config: 'mlp_act' must be \"swiglu\" or \"relu2\", got \"",
+           c.mlp_act, "\"");
   std::set<int> seen_moe;
   for (int i : c.moe_layers) {
     HM_CHECK(i >= 0 && i < c.n_layers, "config: 'moe_layers' index ", i, " is out of range [0, ", c.n_layers, ")");
     HM_CHECK(seen_moe.insert(i).second, "config: 'moe_layers' lists layer ", i, " twice");
+    HM_CHECK(c.ffn_layers.empty() || seen_ffn.count(i), "config: layer ", i, " is in 'moe_layers' but not in "
+             "'ffn_layers'");
   }
+  HM_CHECK(c.moe_layers.empty() || c.mlp_act == "swiglu", "config: 'moe_layers' needs 'mlp_act' \"swiglu\" "
+           "(the experts are SwiGLU MLPs)");
   if (!c.moe_layers.empty()) {
     HM_CHECK(c.d_ff > 0, "config: 'moe_layers' needs 'd_ff' > 0 (the width of each expert)");
     in_range(c.moe_experts, 1, kMaxExperts, "moe_experts");
@@ -149,9 +164,11 @@ void validate(const ModelConfig& c) {
            "config: 'mamba_bcdt_norm_eps' must be in (0, 1), got ", c.mamba_bcdt_norm_eps);
   HM_CHECK(!c.mamba_bcdt_norm_weight || c.mamba_bcdt_norm, "config: 'mamba_bcdt_norm_weight' needs "
            "'mamba_bcdt_norm' (the weights belong to the dt, B and C norms)");
+  HM_CHECK(c.attn_head_dim >= 0 && c.attn_head_dim <= kMaxDModel, "config: 'head_dim' must be in [1, ", kMaxDModel,
+           "] (or absent: d_model / n_heads), got ", c.attn_head_dim);
   if (c.any_attention()) {
-    HM_CHECK(c.d_model % c.n_heads == 0, "config: 'd_model' (", c.d_model,
-             ") must be divisible by 'n_heads' (", c.n_heads, ")");
+    HM_CHECK(c.attn_head_dim > 0 || c.d_model % c.n_heads == 0, "config: 'd_model' (", c.d_model,
+             ") must be divisible by 'n_heads' (", c.n_heads, ") unless 'head_dim' is given");
     HM_CHECK(c.n_heads % c.n_kv_heads == 0, "config: 'n_heads' (", c.n_heads,
              ") must be divisible by 'n_kv_heads' (", c.n_kv_heads, ")");
     HM_CHECK(!c.rope || c.head_dim() % 2 == 0, "config: 'rope' needs an even head_dim, got ",
@@ -187,10 +204,10 @@ std::vector<int> get_layer_list(const JsonFields& f, const char* key) {
 ModelConfig config_from_json(const nlohmann::json& j, const std::string& origin) {
   const JsonFields f(j, origin);
   f.check_known({"model_type", "hybrid", "d_model", "n_layers", "attention_layers", "vocab_size", "d_state",
-                 "d_conv", "expand", "d_inner", "dt_rank", "n_heads", "n_kv_heads", "rope", "rope_theta", "rope_dim", "d_ff",
-                 "norm_eps", "tie_embeddings", "state_bridges", "true_layers", "routing_mode",
+                 "d_conv", "expand", "d_inner", "dt_rank", "n_heads", "n_kv_heads", "head_dim", "rope", "rope_theta", "rope_dim", "d_ff",
+                 "ffn_layers", "mlp_act", "norm_eps", "tie_embeddings", "state_bridges", "true_layers", "routing_mode",
                  "routing_granularity", "routing_chunk", "attention_budget", "budget_loss_weight",
-                 "mamba2_layers", "mamba2_head_dim", "mamba2_groups", "mamba2_norm_per_group",
+                 "mamba2_layers", "mamba2_head_dim", "mamba2_groups", "mamba2_norm_per_group", "mamba2_gated_norm",
                  "mamba2_dt_min", "mamba2_dt_max", "mamba_bcdt_norm", "mamba_bcdt_norm_eps",
                  "mamba_bcdt_norm_weight", "moe_layers", "moe_experts",
                  "moe_top_k", "moe_renormalize", "moe_shared_ff", "embedding_multiplier",
@@ -228,10 +245,13 @@ ModelConfig config_from_json(const nlohmann::json& j, const std::string& origin)
   }
   if (f.has("n_heads")) c.n_heads = int(f.get_int("n_heads", 1, kMaxHeads));
   c.n_kv_heads = f.has("n_kv_heads") ? int(f.get_int("n_kv_heads", 1, kMaxHeads)) : c.n_heads;
+  if (f.has("head_dim")) c.attn_head_dim = int(f.get_int("head_dim", 1, kMaxDModel));
   if (f.has("rope")) c.rope = f.get_bool("rope");
   if (f.has("rope_theta")) c.rope_theta = f.get_float("rope_theta");
   if (f.has("rope_dim")) c.rope_dim = int(f.get_int("rope_dim", 0, kMaxDModel));
   if (f.has("d_ff")) c.d_ff = int(f.get_int("d_ff", 0, kMaxDff));
+  c.ffn_layers = get_layer_list(f, "ffn_layers");
+  if (f.has("mlp_act")) c.mlp_act = f.get_string("mlp_act");
   if (f.has("norm_eps")) c.norm_eps = f.get_float("norm_eps");
   if (f.has("tie_embeddings")) c.tie_embeddings = f.get_bool("tie_embeddings");
   if (f.has("state_bridges")) c.state_bridges = f.get_bool("state_bridges");
@@ -239,6 +259,7 @@ ModelConfig config_from_json(const nlohmann::json& j, const std::string& origin)
   if (f.has("mamba2_head_dim")) c.mamba2_head_dim = int(f.get_int("mamba2_head_dim", 1, int64_t(kMaxExpand) * kMaxDModel));
   if (f.has("mamba2_groups")) c.mamba2_groups = int(f.get_int("mamba2_groups", 1, kMaxHeads));
   if (f.has("mamba2_norm_per_group")) c.mamba2_norm_per_group = f.get_bool("mamba2_norm_per_group");
+  if (f.has("mamba2_gated_norm")) c.mamba2_gated_norm = f.get_bool("mamba2_gated_norm");
   if (f.has("mamba2_dt_min")) c.mamba2_dt_min = f.get_float("mamba2_dt_min");
   if (f.has("mamba2_dt_max")) c.mamba2_dt_max = f.get_float("mamba2_dt_max");  // absent: no upper limit
   if (f.has("mamba_bcdt_norm")) c.mamba_bcdt_norm = f.get_bool("mamba_bcdt_norm");
@@ -277,10 +298,13 @@ nlohmann::json config_to_json(const ModelConfig& c) {
   if (c.dt_rank > 0) j["dt_rank"] = c.dt_rank; else j["dt_rank"] = "auto";
   j["n_heads"] = c.n_heads;
   j["n_kv_heads"] = c.n_kv_heads;
+  if (c.attn_head_dim > 0) j["head_dim"] = c.attn_head_dim;
   j["rope"] = c.rope;
   j["rope_theta"] = c.rope_theta;
   if (c.rope_dim > 0) j["rope_dim"] = c.rope_dim;
   j["d_ff"] = c.d_ff;
+  if (!c.ffn_layers.empty()) j["ffn_layers"] = c.ffn_layers;
+  if (c.mlp_act != "swiglu") j["mlp_act"] = c.mlp_act;
   j["norm_eps"] = c.norm_eps;
   j["tie_embeddings"] = c.tie_embeddings;
   j["state_bridges"] = c.state_bridges;
@@ -289,6 +313,7 @@ nlohmann::json config_to_json(const ModelConfig& c) {
     j["mamba2_head_dim"] = c.mamba2_head_dim;
     j["mamba2_groups"] = c.mamba2_groups;
     j["mamba2_norm_per_group"] = c.mamba2_norm_per_group;
+    if (!c.mamba2_gated_norm) j["mamba2_gated_norm"] = false;
     j["mamba2_dt_min"] = c.mamba2_dt_min;
     if (std::isfinite(c.mamba2_dt_max)) j["mamba2_dt_max"] = c.mamba2_dt_max;  // JSON has no infinity
   }
@@ -416,6 +441,9 @@ std::vector<std::string> preset_names() { return {"seed", "mamba", "mamba2", "tr
 
 std::string training_unsupported(const ModelConfig& c) {
   if (!c.mamba2_layers.empty()) return "it has Mamba-2 layers (config 'mamba2_layers')";
+  if (c.attn_head_dim > 0) return "its attention heads have an explicit size (config 'head_dim')";
+  if (!c.ffn_layers.empty()) return "only some of its layers have an FFN (config 'ffn_layers')";
+  if (c.mlp_act != "swiglu") return "its MLPs use squared ReLU (config 'mlp_act')";
   if (c.mamba_bcdt_norm) return "its Mamba mixers normalize dt, B and C (config 'mamba_bcdt_norm', Falcon-Mamba)";
   if (!c.moe_layers.empty()) return "it has mixture-of-experts layers (config 'moe_layers')";
   if (c.embedding_multiplier != 1.0f || c.residual_multiplier != 1.0f || c.attention_scale != 0.0f ||

@@ -43,6 +43,9 @@ struct ModelConfig {
   int dt_rank = 0;  // 0 = "auto": ceil(d_model / 16)
   int n_heads = 8;
   int n_kv_heads = 8;
+  // Attention head size when it is not d_model / n_heads (Falcon-H1's and Nemotron-H's explicit
+  // head_dim); 0 = d_model / n_heads.
+  int attn_head_dim = 0;
   bool rope = true;
   float rope_theta = 10000.0f;
   // Channels of each head RoPE rotates: the first rope_dim, paired rotate-half style (i with
@@ -50,6 +53,12 @@ struct ModelConfig {
   // partial_rotary_factor 0.5). 0 = the whole head.
   int rope_dim = 0;
   int d_ff = 0;
+  // The layers that have an FFN after their mixer (Nemotron-H, whose MLP blocks follow only some
+  // mixers); empty = every layer (when d_ff > 0).
+  std::vector<int> ffn_layers;
+  // The dense MLP: "swiglu" (down(silu(gate u) * up u)) or "relu2" (down(relu(up u)^2), no gate
+  // projection: Nemotron-H).
+  std::string mlp_act = "swiglu";
   float norm_eps = 1e-5f;
   bool tie_embeddings = true;
   bool state_bridges = true;
@@ -70,6 +79,9 @@ struct ModelConfig {
   // The gated RMSNorm's group: d_inner / mamba2_groups columns (true, as mamba_ssm, Bamba and
   // Nemotron-H) or all d_inner (false, as transformers' Mamba2ForCausalLM computes it).
   bool mamba2_norm_per_group = true;
+  // false: no gated RMSNorm, the scan output is gated as y * silu(z) (Falcon-H1's mamba_rms_norm
+  // false) and the layer has no mixer.norm.weight.
+  bool mamba2_gated_norm = true;
   // time_step_limit: delta = clamp(softplus(dt + dt_bias), min, max).
   float mamba2_dt_min = 0.0f;
   float mamba2_dt_max = INFINITY;
@@ -101,7 +113,7 @@ struct ModelConfig {
 
   int d_inner() const { return inner_size > 0 ? inner_size : expand * d_model; }
   int resolved_dt_rank() const { return dt_rank > 0 ? dt_rank : (d_model + 15) / 16; }
-  int head_dim() const { return d_model / n_heads; }
+  int head_dim() const { return attn_head_dim > 0 ? attn_head_dim : d_model / n_heads; }
   int resolved_rope_dim() const { return rope_dim > 0 ? rope_dim : head_dim(); }
   // Layer kinds: attention only, true hybrid (both paths), or Mamba only (everything else).
   bool is_attention(int layer) const;
@@ -109,6 +121,7 @@ struct ModelConfig {
   bool has_mamba_path(int layer) const { return !is_attention(layer); }  // Mamba or Mamba-2
   bool is_mamba2(int layer) const;
   bool is_moe(int layer) const;
+  bool has_ffn(int layer) const;  // an MLP or MoE after the mixer
   int mamba2_heads() const { return d_inner() / mamba2_head_dim; }
   int mamba2_conv_dim() const { return d_inner() + 2 * mamba2_groups * d_state; }  // x | B | C
   int mamba2_in_proj_rows() const { return d_inner() + mamba2_conv_dim() + mamba2_heads(); }  // z | xBC | dt

@@ -62,7 +62,10 @@ std::vector<HybridModel::LinearRef> HybridModel::linear_weights() const {
       const int hd = cfg_.head_dim(), QW = cfg_.n_heads * hd, KW = cfg_.n_kv_heads * hd;
       v.insert(v.end(), {{w.wq, QW, D}, {w.wk, KW, D}, {w.wv, KW, D}, {w.wo, D, QW}});
     }
-    if (F > 0 && w.w_gate != nullptr) v.insert(v.end(), {{w.w_gate, F, D}, {w.w_up, F, D}, {w.w_down, D, F}});
+    if (cfg_.has_ffn(i) && !cfg_.is_moe(i)) {
+      if (w.w_gate != nullptr) v.push_back({w.w_gate, F, D});
+      v.insert(v.end(), {{w.w_up, F, D}, {w.w_down, D, F}});
+    }
     if (cfg_.has_bridge(i)) v.push_back({w.bridge_proj, D, cfg_.inner_dim(i - 1)});
   }
   return v;
@@ -169,7 +172,7 @@ void HybridModel::prepare() {
       t.conv_b = weight(w.conv_b, 1, CD);
       t.dt_b = weight(w.dt_b, 1, H2);
       t.Dskip = weight(w.Dskip, 1, H2);
-      t.ssm_norm = weight(w.ssm_norm, 1, E);
+      if (cfg_.mamba2_gated_norm) t.ssm_norm = weight(w.ssm_norm, 1, E);
       t.out_proj = linear_weight(w.out_proj, D, E);
       std::vector<float> a(static_cast<size_t>(H2));
       for (size_t j = 0; j < a.size(); ++j) a[j] = -std::exp(w.A_log[j]);
@@ -201,7 +204,7 @@ void HybridModel::prepare() {
       t.wv = linear_weight(w.wv, KW, D);
       t.wo = linear_weight(w.wo, D, QW);
     }
-    if (F > 0 && cfg_.is_moe(i)) {
+    if (cfg_.has_ffn(i) && cfg_.is_moe(i)) {
       // Experts stay float32 under packed weight formats (not implemented for them yet).
       t.mlp_norm = weight(w.mlp_norm, 1, D);
       t.moe_router = weight(w.moe_router, cfg_.moe_experts, D);
@@ -217,9 +220,9 @@ void HybridModel::prepare() {
         t.s_up = weight(w.s_up, S, D);
         t.s_down = weight(w.s_down, D, S);
       }
-    } else if (F > 0) {
+    } else if (cfg_.has_ffn(i)) {
       t.mlp_norm = weight(w.mlp_norm, 1, D);
-      t.w_gate = linear_weight(w.w_gate, F, D);
+      if (w.w_gate != nullptr) t.w_gate = linear_weight(w.w_gate, F, D);
       t.w_up = linear_weight(w.w_up, F, D);
       t.w_down = linear_weight(w.w_down, D, F);
     }
@@ -373,7 +376,13 @@ void HybridModel::mamba2_path(int layer, Tensor x, const Ragged& rg, Tensor out,
   be_.ssd_scan(y, mem.recurrent().ssm_pool(layer), xbc.cols_view(0, E), zxd.cols_view(E + CD, H), w.dt_b,
                A_[size_t(layer)].f32(), xbc.cols_view(E, G * N), xbc.cols_view(E + G * N, G * N), w.Dskip, H, G,
                cfg_.mamba2_dt_min, cfg_.mamba2_dt_max, rg);
-  be_.gated_rmsnorm(yn, y, zxd.cols_view(0, E), w.ssm_norm, cfg_.mamba2_norm_group(), cfg_.norm_eps);
+  if (cfg_.mamba2_gated_norm) {
+    be_.gated_rmsnorm(yn, y, zxd.cols_view(0, E), w.ssm_norm, cfg_.mamba2_norm_group(), cfg_.norm_eps);
+  } else {  // y * silu(z) (Falcon-H1 without mamba_rms_norm): z copied out of zxd to swiglu's layout
+    const Tensor z = act(ws_.dt, n, E);
+    be_.copy_rows(z, nullptr, zxd.cols_view(0, E), nullptr, n);
+    be_.swiglu(yn, z, y);
+  }
   be_.linear(out, yn, w.out_proj, accumulate);
 }
 
@@ -544,7 +553,10 @@ void HybridModel::true_layer(int layer, HybridMemory& mem) {
       um = act(ws_.gath, nm, D);
       be_.copy_rows(um, nullptr, u, upload_idx(mtok), nm);
     }
-    mamba_path(layer, um, rgm_, ym, false, mem);
+    if (cfg_.is_mamba2(layer))
+      mamba2_path(layer, um, rgm_, ym, false, mem);
+    else
+      mamba_path(layer, um, rgm_, ym, false, mem);
   }
   if (na > 0) {
     // v_t = u_t + exchange * x_t.
@@ -590,9 +602,13 @@ void HybridModel::mlp(int layer, int T) {
   const int D = cfg_.d_model, F = cfg_.d_ff;
   const Tensor u = act(ws_.u, T, D), g = act(ws_.g, T, F), up = act(ws_.up, T, F), a = act(ws_.act, T, F);
   be_.rmsnorm(u, ws_.h.tensor(dtype_, T, D), w.mlp_norm, cfg_.norm_eps);
-  be_.linear(g, u, w.w_gate, false);
   be_.linear(up, u, w.w_up, false);
-  be_.swiglu(a, g, up);
+  if (cfg_.mlp_act == "relu2") {
+    be_.relu2(a, up);
+  } else {
+    be_.linear(g, u, w.w_gate, false);
+    be_.swiglu(a, g, up);
+  }
   const Tensor out = residual_target(T);
   be_.linear(out, a, w.w_down, resid_scale_.empty());
   join_residual(out);
@@ -816,9 +832,10 @@ void HybridModel::run_layers(int T, int n_rows, Tensor hrows, HybridMemory& mem)
       attention_layer(i, mem);
     else
       mamba_layer(i, mem);
+    if (!cfg_.has_ffn(i)) continue;
     if (cfg_.is_moe(i))
       moe(i, T);
-    else if (cfg_.d_ff > 0)
+    else
       mlp(i, T);
   }
   if (hrows.data != h.data) {

@@ -46,7 +46,7 @@ std::vector<ParamSpec> param_layout(const ModelConfig& c) {
       s.push_back({L + "mixer.dt_bias", {Hm}});
       s.push_back({L + "mixer.A_log", {Hm}});
       s.push_back({L + "mixer.D", {Hm}});
-      s.push_back({L + "mixer.norm.weight", {E}});
+      if (c.mamba2_gated_norm) s.push_back({L + "mixer.norm.weight", {E}});
       s.push_back({L + "mixer.out_proj.weight", {D, E}});
     } else if (c.has_mamba_path(i)) {
       s.push_back({L + "mixer.in_proj.weight", {2 * E, D}});
@@ -72,7 +72,7 @@ std::vector<ParamSpec> param_layout(const ModelConfig& c) {
       s.push_back({L + "mixer.router.feat_weight", {kRouterFeatures}});
       s.push_back({L + "mixer.router.bias", {1}});
     }
-    if (F > 0 && c.is_moe(i)) {  // expert e's W is slice e of each stack
+    if (c.has_ffn(i) && c.is_moe(i)) {  // expert e's W is slice e of each stack
       const int64_t X = c.moe_experts;
       s.push_back({L + "mlp_norm.weight", {D}});
       s.push_back({L + "mlp.router.weight", {X, D}});
@@ -85,9 +85,9 @@ std::vector<ParamSpec> param_layout(const ModelConfig& c) {
         s.push_back({L + "mlp.shared_up_proj.weight", {S, D}});
         s.push_back({L + "mlp.shared_down_proj.weight", {D, S}});
       }
-    } else if (F > 0) {
+    } else if (c.has_ffn(i)) {
       s.push_back({L + "mlp_norm.weight", {D}});
-      s.push_back({L + "mlp.gate_proj.weight", {F, D}});
+      if (c.mlp_act == "swiglu") s.push_back({L + "mlp.gate_proj.weight", {F, D}});
       s.push_back({L + "mlp.up_proj.weight", {F, D}});
       s.push_back({L + "mlp.down_proj.weight", {D, F}});
     }

@@ -173,6 +173,16 @@ TEST_P(CudaBackendOps, SwiGlu) {
   EXPECT_CLOSE(rel_err(out.get(be()), ref, n, f, ldo), tol(T()), "swiglu");
 }
 
+TEST_P(CudaBackendOps, Relu2) {
+  hm::Rng rng(29);
+  const int n = 5, f = 333, ldx = f + 3, ldo = f + 7;  // half the inputs negative
+  Mat x(be(), T(), n, ldx, normal(rng, 2)), out(be(), T(), n, ldo, poison());
+  be().relu2(out.cols(0, f), x.cols(0, f));
+  std::vector<float> ref(out.f.size());
+  hm::ref::relu2(ref.data(), ldo, x.f.data(), ldx, n, f);
+  EXPECT_CLOSE(rel_err(out.get(be()), ref, n, f, ldo), tol(T()), "relu2");
+}
+
 TEST_P(CudaBackendOps, Embedding) {
   hm::Rng rng(24);
   const int V = 101, d = 77, n = 13;

@@ -402,6 +402,18 @@ class CudaBackendImpl final : public CudaBackend {
     });
   }
 
+  void relu2(Tensor out, Tensor x) override {
+    const char* op = "relu2";
+    const int n = x.rows, f = x.cols;
+    check_view(op, "x", x, n, f);
+    check_view(op, "out", out, n, f);
+    check_type(op, "out", out, x.dtype);
+    dispatch(x.dtype, [&](auto tag) {
+      using T = elem_t<decltype(tag)>;
+      cuda::relu2<T>(ptr<T>(out), int(out.ld), ptr<T>(x), int(x.ld), n, f, stream_);
+    });
+  }
+
   void embedding(Tensor out, Tensor table, const int32_t* ids) override {
     const char* op = "embedding";
     const int n = out.rows, d = table.cols;

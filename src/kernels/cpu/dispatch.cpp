@@ -95,5 +95,8 @@ void store_f16(uint16_t* dst, int ld_dst, const float* src, int ld_src, int n, i
 void swiglu(float* out, int ldo, const float* g, const float* u, int ldgu, int n, int f) {
   kernels().swiglu(out, ldo, g, u, ldgu, n, f);
 }
+void relu2(float* out, int ldo, const float* x, int ldx, int n, int f) {
+  kernels().relu2(out, ldo, x, ldx, n, f);
+}
 
 }  // namespace hm::cpu

@@ -46,6 +46,7 @@ struct KernelTable {
   decltype(&hm::cpu::attention_f16kv) attention_f16kv;
   decltype(&hm::cpu::store_f16) store_f16;
   decltype(&hm::cpu::swiglu) swiglu;
+  decltype(&hm::cpu::relu2) relu2;
   struct Grad {
     void (*scan_forward)(float*, const ScanGradArgs&, double*, int);
     void (*scan_backward)(float*, float*, float*, float*, float*, float*, float*, float*,

@@ -1,4 +1,4 @@
-// Row-wise and element-wise ops: rmsnorm, rope, swiglu. Vectorised along the row, parallel
+// Row-wise and element-wise ops: rmsnorm, rope, swiglu, relu2. Vectorised along the row, parallel
 // over rows once there is enough work to pay for a parallel region.
 #include <cmath>
 #include <cstddef>
@@ -90,6 +90,21 @@ void swiglu(float* out, int ldo, const float* g, const float* u, int ldgu, int n
       float* oi = out + std::ptrdiff_t(i) * ldo;
       for (int j = 0; j < f; j += kW)
         store_upto(oi + j, vsilu(load_upto(gi + j, f - j)) * load_upto(ui + j, f - j), f - j);
+    }
+  });
+}
+
+void relu2(float* out, int ldo, const float* x, int ldx, int n, int f) {
+  run_team(long(n) * f >= kParallelElems, [&](int id, int nt) {
+    const auto [i0, i1] = share(n, id, nt);
+    const vf zero{};
+    for (int i = i0; i < i1; ++i) {
+      const float* xi = x + std::ptrdiff_t(i) * ldx;
+      float* oi = out + std::ptrdiff_t(i) * ldo;
+      for (int j = 0; j < f; j += kW) {
+        const vf r = vmax(load_upto(xi + j, f - j), zero);
+        store_upto(oi + j, r * r, f - j);
+      }
     }
   });
 }

@@ -51,6 +51,9 @@ void embedding(T* out, const T* table, const int32_t* ids, int n, int d, cudaStr
 // out[n,f] = silu(g) * u; g and u share the row stride ldgu.
 template <class T>
 void swiglu(T* out, int ldo, const T* g, const T* u, int ldgu, int n, int f, cudaStream_t stream);
+// out[n,f] = max(x, 0)^2, float math
+template <class T>
+void relu2(T* out, int ldo, const T* x, int ldx, int n, int f, cudaStream_t stream);
 
 // Prefill: causal depthwise conv + bias + SiLU over every sequence of the batch, each
 // continuing from conv_state[slots[s]] ([E, K-1] float, oldest first) and leaving there its

@@ -84,6 +84,16 @@ __global__ void swiglu_kernel(T* __restrict__ out, int ldo, const T* __restrict_
   if (j < f) out[i * ldo + j] = from_f<T>(silu(to_f(g[i * ldgu + j])) * to_f(u[i * ldgu + j]));
 }
 
+template <class T>
+__global__ void relu2_kernel(T* __restrict__ out, int ldo, const T* __restrict__ x, int ldx, int f) {
+  const int j = blockIdx.y * blockDim.x + threadIdx.x;
+  const size_t i = blockIdx.x;
+  if (j < f) {
+    const float r = fmaxf(to_f(x[i * ldx + j]), 0.0f);
+    out[i * ldo + j] = from_f<T>(r * r);
+  }
+}
+
 // One thread per (row, head, i < hd/2). The angle is formed and reduced in double: at position
 // 8192 a float angle would already be off by ~5e-4 rad.
 template <class T>
@@ -147,6 +157,13 @@ void swiglu(T* out, int ldo, const T* g, const T* u, int ldgu, int n, int f, cud
 }
 
 template <class T>
+void relu2(T* out, int ldo, const T* x, int ldx, int n, int f, cudaStream_t stream) {
+  if (n <= 0) return;
+  relu2_kernel<T><<<dim3(n, ceil_div(f, 256)), 256, 0, stream>>>(out, ldo, x, ldx, f);
+  HM_CUDA_LAUNCHED("relu2");
+}
+
+template <class T>
 void rope(T* x, int ldx, int heads, int hd, const RaggedBatch& rb, float theta, cudaStream_t stream) {
   HM_CHECK(hd % 2 == 0, "cuda rope: head_dim must be even, got ", hd);
   if (rb.n_tokens <= 0) return;
@@ -163,6 +180,7 @@ void rope(T* x, int ldx, int heads, int hd, const RaggedBatch& rb, float theta, 
   template void gated_rmsnorm<T>(T*, int, const T*, int, const T*, int, const T*, int, int, int, float, \
                                  cudaStream_t);                                                \
   template void swiglu<T>(T*, int, const T*, const T*, int, int, int, cudaStream_t);           \
+  template void relu2<T>(T*, int, const T*, int, int, int, cudaStream_t);                      \
   template void rope<T>(T*, int, int, int, const RaggedBatch&, float, cudaStream_t);
 HM_CUDA_FOR_TYPES(HM_INST)
 #undef HM_INST

@@ -1,5 +1,6 @@
 // Reference kernels: plain loops, double accumulation where a sum is long, no tricks.
 // They define what the fast kernels must compute; each line mirrors docs/MODEL.md.
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <vector>
@@ -136,6 +137,14 @@ void swiglu(float* out, int ldo, const float* g, const float* u, int ldgu, int n
   for (int i = 0; i < n; ++i)
     for (int j = 0; j < f; ++j)
       out[i * ldo + j] = float(silu(g[i * ldgu + j]) * u[i * ldgu + j]);
+}
+
+void relu2(float* out, int ldo, const float* x, int ldx, int n, int f) {
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < f; ++j) {
+      const double r = std::max(double(x[i * ldx + j]), 0.0);
+      out[i * ldo + j] = float(r * r);
+    }
 }
 
 }  // namespace hm::ref

@@ -1,0 +1,391 @@
+// Nemotron-H (NemotronHForCausalLM), src/io/hf_model.cpp: a pattern of pre-norm residual blocks,
+// each Mamba-2 (M), attention without positional encoding (*), or a squared-ReLU MLP (-); our layer
+// is a mixer block with the MLP block that follows it (ffn_layers, mlp_act relu2). The mapping,
+// loading under transformers' names, the relu2 op and MLP against references written here,
+// refusals, and parity with transformers on make_fixtures.py's fixtures (skipped when absent).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <functional>
+#include <nlohmann/json.hpp>
+
+#include "backend/backend.h"
+#include "core/error.h"
+#include "io/hf_model.h"
+#include "io/safetensors.h"
+#include "model/model.h"
+#include "runtime/memory.h"
+#include "hf_test_util.h"
+#include "test_util.h"
+
+namespace hm {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+using test::forward_all;
+using test::forward_stepwise;
+using test::read_f32_file;
+using test::read_json;
+using test::write_text;
+
+const fs::path kFixtures = fs::path(HM_SOURCE_DIR) / "tests" / "fixtures" / "hf";
+
+// The synthetic folder's pattern "M-*M-": our layers are (M, -), (*), (M, -).
+const int kMixBlock[] = {0, 2, 3};
+const int kMlpBlock[] = {1, -1, 4};
+
+// transformers' name of each of our tensors (written from modeling_nemotron_h.py's module tree:
+// P.layers.{block}.norm / .mixer.*, independently of hf_model.cpp's mapping).
+std::string nemotron_name(const std::string& ours, const std::string& P) {
+  if (ours == "backbone.embeddings.weight") return P + "embeddings.weight";
+  if (ours == "backbone.norm_f.weight") return P + "norm_f.weight";
+  if (ours == "lm_head.weight") return ours;
+  const size_t a = std::strlen("backbone.layers."), b = ours.find('.', a);
+  const int i = std::stoi(ours.substr(a, b - a));
+  const std::string rest = ours.substr(b + 1);
+  const std::string M = P + "layers." + std::to_string(kMixBlock[i]) + ".";
+  const std::string F = P + "layers." + std::to_string(kMlpBlock[i]) + ".";
+  if (rest == "mlp_norm.weight") return F + "norm.weight";
+  if (rest == "mlp.up_proj.weight") return F + "mixer.up_proj.weight";
+  if (rest == "mlp.down_proj.weight") return F + "mixer.down_proj.weight";
+  return M + rest;  // norm.weight, mixer.{in_proj, conv1d, dt_bias, A_log, D, norm, out_proj, q/k/v/o_proj}
+}
+
+// A NemotronHForCausalLM folder (NemotronHConfig's fields, pattern "M-*M-") with our random weights
+// under its names (prefix P); `arena` gets them in our layout. hidden 32; attention 4 heads (2 KV)
+// of head_dim 12 (not 32 / 4); Mamba-2 with 4 heads of 12 (width 48) in 2 groups, d_state 8, conv 3.
+fs::path write_nemotron_folder(const test::TempDir& tmp, const std::string& extra, ModelConfig& c,
+                               std::vector<float>& arena, const std::string& P = "backbone.") {
+  const fs::path d = tmp.path / "nemotron_h";
+  fs::create_directories(d);
+  write_text(d / "config.json", R"({
+  "architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h", "vocab_size": 90,
+  "hidden_size": 32, "hybrid_override_pattern": "M-*M-", "num_hidden_layers": 5,
+  "tie_word_embeddings": false, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 12,
+  "max_position_embeddings": 4096, "attention_bias": false, "attention_dropout": 0.0, "sliding_window": null,
+  "intermediate_size": 40, "mlp_hidden_act": "relu2", "mlp_bias": false, "use_mamba_kernels": false,
+  "ssm_state_size": 8, "mamba_num_heads": 4, "mamba_head_dim": 12, "mamba_hidden_act": "silu", "n_groups": 2,
+  "conv_kernel": 3, "expand": 2, "time_step_min": 0.02, "time_step_max": 0.1, "time_step_limit": [0.0, Infinity],
+  "time_step_floor": 0.0001, "use_conv_bias": true, "chunk_size": 8, "mamba_proj_bias": false,
+  "use_bias": false, "initializer_range": 0.02, "layer_norm_epsilon": 1e-06, "residual_in_fp32": false,
+  "rescale_prenorm_residual": true, "num_logits_to_keep": 1, "pad_token_id": 0, "bos_token_id": 1,
+  "eos_token_id": 2, "dtype": "float32", "transformers_version": "5.17.0")" +
+                                   extra + "}\n");
+  c = load_hf_config(d.string());
+  Params p(c);
+  test::randomize_params(p, 61);
+  std::vector<TensorToWrite> ts;
+  for (size_t i = 0; i < p.specs().size(); ++i)
+    ts.push_back({nemotron_name(p.specs()[i].name, P), DType::F32, p.specs()[i].shape, p.at(i)});
+  write_safetensors((d / "model.safetensors").string(), ts);
+  arena.assign(p.data(), p.data() + p.numel());
+  return d;
+}
+
+void edit_config(const fs::path& dir, const std::function<void(json&)>& edit) {
+  json j = parse_hf_json_file((dir / "config.json").string());
+  edit(j);
+  write_text(dir / "config.json", j.dump(2));
+}
+
+void expect_load_error(const fs::path& dir, std::initializer_list<std::string> parts) {
+  auto be = make_cpu_backend();
+  try {
+    load_any_model(dir.string(), *be);
+    ADD_FAILURE() << "loading " << dir << " did not fail";
+  } catch (const Error& e) {
+    for (const std::string& p : parts) EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+
+TEST(HfNemotronH, ConfigMapsFieldByField) {
+  test::TempDir tmp("hf_nemotron_cfg");
+  ModelConfig c;
+  std::vector<float> arena;
+  write_nemotron_folder(tmp, "", c, arena);
+  EXPECT_EQ(c.n_layers, 3);  // M-, *, M-
+  EXPECT_EQ(c.mamba2_layers, (std::vector<int>{0, 2}));
+  EXPECT_EQ(c.attention_layers, (std::vector<int>{1}));
+  EXPECT_EQ(c.ffn_layers, (std::vector<int>{0, 2}));
+  EXPECT_TRUE(c.has_ffn(0));
+  EXPECT_FALSE(c.has_ffn(1));
+  EXPECT_EQ(c.d_ff, 40);
+  EXPECT_EQ(c.mlp_act, "relu2");
+  EXPECT_EQ(c.n_heads, 4);
+  EXPECT_EQ(c.n_kv_heads, 2);
+  EXPECT_EQ(c.head_dim(), 12);
+  EXPECT_FALSE(c.rope);
+  EXPECT_EQ(c.d_inner(), 48);  // mamba_num_heads x mamba_head_dim, not expand x hidden_size
+  EXPECT_EQ(c.mamba2_heads(), 4);
+  EXPECT_EQ(c.mamba2_groups, 2);
+  EXPECT_TRUE(c.mamba2_norm_per_group);
+  EXPECT_EQ(c.mamba2_norm_group(), 24);
+  EXPECT_FLOAT_EQ(c.mamba2_dt_min, 0.02f);  // time_step_min: the CPU path's clamp
+  EXPECT_TRUE(std::isinf(c.mamba2_dt_max));
+  EXPECT_EQ(c.d_state, 8);
+  EXPECT_EQ(c.d_conv, 3);
+  EXPECT_FLOAT_EQ(c.norm_eps, 1e-6f);
+  EXPECT_FALSE(c.tie_embeddings);
+  EXPECT_EQ(config_to_json(config_from_json(config_to_json(c))), config_to_json(c));
+  EXPECT_NE(training_unsupported(c), "");
+
+  auto mapped = [](const std::function<void(json&)>& edit) {
+    test::TempDir t("hf_nemotron_cfg2");
+    ModelConfig m;
+    std::vector<float> a;
+    const fs::path d = write_nemotron_folder(t, "", m, a);
+    edit_config(d, edit);
+    return load_hf_config(d.string());
+  };
+  // The list spellings of the pattern, old and new, and the older mamba_* field names.
+  const ModelConfig listed = mapped([](json& j) {
+    j.erase("hybrid_override_pattern");
+    j["layers_block_type"] = {"mamba", "mlp", "attention", "mamba", "mlp"};
+    j["layer_types"] = {"linear_attention", "mlp", "full_attention", "linear_attention", "mlp"};
+    j.erase("n_groups");
+    j["mamba_n_groups"] = 4;
+  });
+  EXPECT_EQ(config_to_json(listed).dump(), [&] {
+    ModelConfig w = c;
+    w.mamba2_groups = 4;
+    return config_to_json(w).dump();
+  }());
+  // Defaults: head_dim 128, time_step_min 0.001; every mixer followed by an MLP: ffn_layers empty.
+  const ModelConfig def = mapped([](json& j) {
+    j.erase("head_dim");
+    j.erase("time_step_min");
+    j["hybrid_override_pattern"] = "M-*-";
+    j.erase("num_hidden_layers");
+  });
+  EXPECT_EQ(def.head_dim(), 128);
+  EXPECT_FLOAT_EQ(def.mamba2_dt_min, 0.001f);
+  EXPECT_TRUE(def.ffn_layers.empty());
+  EXPECT_TRUE(def.has_ffn(1));
+  // head_dim equal to hidden_size / heads is not stored.
+  EXPECT_EQ(mapped([](json& j) { j["head_dim"] = 8; }).attn_head_dim, 0);
+}
+
+TEST(HfNemotronH, LoadsWeightsUnderTransformersNames) {
+  auto be = make_cpu_backend();
+  auto ref = make_ref_backend();
+  for (const char* prefix : {"backbone.", "model."}) {
+    SCOPED_TRACE(prefix);
+    test::TempDir tmp("hf_nemotron_load");
+    ModelConfig c;
+    std::vector<float> arena;
+    const fs::path d = write_nemotron_folder(tmp, "", c, arena, prefix);
+    auto hf = load_any_model(d.string(), *be);
+    HybridModel ours(c, *be);
+    std::copy(arena.begin(), arena.end(), ours.params().data());
+    ours.prepare();
+    Rng rng(5);
+    const std::vector<int32_t> toks = test::tokens(rng, 19, c.vocab_size);
+    const std::vector<float> full = forward_all(*hf, toks);
+    EXPECT_EQ(full, forward_all(ours, toks));
+    const double e_step = test::rel_err(forward_stepwise(*hf, toks), full);
+    EXPECT_LT(e_step, 1e-5);
+    const double e_ref = test::rel_err(forward_all(*load_any_model(d.string(), *ref), toks), full);
+    EXPECT_LT(e_ref, 1e-5);
+    std::printf("nemotron-h synthetic (%s): prefill = token by token within %.2g, ref backend within %.2g\n", prefix,
+                e_step, e_ref);
+    convert_hf_model(d.string(), (tmp.path / "conv").string(), "f32");
+    EXPECT_EQ(forward_all(*load_any_model((tmp.path / "conv").string(), *be), toks), full);
+  }
+}
+
+TEST(HfNemotronH, Relu2OpMatchesReference) {
+  // Squared ReLU on both host backends: strided rows, negatives, zeros, odd widths; against the
+  // formula itself.
+  auto cpu = make_cpu_backend();
+  auto ref = make_ref_backend();
+  Rng rng(3);
+  for (int f : {1, 7, 16, 33, 100}) {
+    const int n = 5, ld = f + 3;
+    std::vector<float> x(size_t(n) * ld), want(size_t(n) * f);
+    for (size_t k = 0; k < x.size(); ++k) x[k] = float(rng.normal());
+    x[0] = 0.0f;
+    for (int i = 0; i < n; ++i)
+      for (int j = 0; j < f; ++j) {
+        const double v = std::max(0.0, double(x[size_t(i) * ld + j]));
+        want[size_t(i) * f + j] = float(v * v);
+      }
+    for (Backend* be : {cpu.get(), ref.get()}) {
+      std::vector<float> out(size_t(n) * f, -1.0f);
+      be->relu2(Tensor(out.data(), DType::F32, n, f), Tensor(x.data(), DType::F32, n, f, ld));
+      for (size_t k = 0; k < out.size(); ++k) ASSERT_FLOAT_EQ(out[k], want[k]) << be->name() << " f=" << f << " k=" << k;
+    }
+  }
+}
+
+TEST(HfNemotronH, AttentionAndRelu2MlpMatchReference) {
+  // One "*-" pair (attention with head_dim 12 of a 32-wide model, then the squared-ReLU MLP) and
+  // the head, for a single token (attention then returns o_proj(v)), against a double reference of
+  // NemotronHBlock written here; cpu and ref backends.
+  test::TempDir tmp("hf_nemotron_ref");
+  ModelConfig c;
+  std::vector<float> arena;
+  const fs::path d = write_nemotron_folder(tmp, "", c, arena);
+  edit_config(d, [](json& j) {
+    j["hybrid_override_pattern"] = "*-";
+    j["num_hidden_layers"] = 2;
+  });
+  c = load_hf_config(d.string());
+  Params p(c);
+  test::randomize_params(p, 71);
+  std::vector<TensorToWrite> ts;
+  for (size_t i = 0; i < p.specs().size(); ++i) {
+    std::string n = p.specs()[i].name;
+    n = n == "backbone.layers.0.mlp_norm.weight"     ? "backbone.layers.1.norm.weight"
+        : n == "backbone.layers.0.mlp.up_proj.weight"  ? "backbone.layers.1.mixer.up_proj.weight"
+        : n == "backbone.layers.0.mlp.down_proj.weight" ? "backbone.layers.1.mixer.down_proj.weight"
+                                                        : n;
+    ts.push_back({n, DType::F32, p.specs()[i].shape, p.at(i)});
+  }
+  write_safetensors((d / "model.safetensors").string(), ts);
+  const int D = c.d_model, V = c.vocab_size, F = c.d_ff, QW = c.n_heads * 12, KW = c.n_kv_heads * 12;
+  ASSERT_EQ(c.head_dim(), 12);
+  const LayerWeights& w = p.layer(0);
+  const auto rmsnorm = [&](const std::vector<double>& x, const float* wt) {
+    double ss = 0;
+    for (double v : x) ss += v * v;
+    const double r = 1.0 / std::sqrt(ss / double(x.size()) + double(c.norm_eps));
+    std::vector<double> y(x.size());
+    for (size_t j = 0; j < x.size(); ++j) y[j] = x[j] * r * wt[j];
+    return y;
+  };
+  const auto matvec = [](const float* W, const std::vector<double>& x, int rows) {
+    std::vector<double> y(static_cast<size_t>(rows));
+    for (int r = 0; r < rows; ++r)
+      for (size_t k = 0; k < x.size(); ++k) y[size_t(r)] += double(W[size_t(r) * x.size() + k]) * x[k];
+    return y;
+  };
+  const int tok = 7;
+  // square: relu(x)^2 (Nemotron-H's relu2); false: plain relu, a different MLP for the check below.
+  const auto reference = [&](bool square) {
+    std::vector<double> h(p.embeddings() + size_t(tok) * D, p.embeddings() + size_t(tok) * D + D);
+    const std::vector<double> v = matvec(w.wv, rmsnorm(h, w.norm), KW);
+    std::vector<double> ctx(static_cast<size_t>(QW));  // one key: query head j reads kv head j / (H / G)
+    for (int hh = 0; hh < c.n_heads; ++hh)
+      for (int e = 0; e < 12; ++e) ctx[size_t(hh) * 12 + e] = v[size_t(hh / (c.n_heads / c.n_kv_heads)) * 12 + e];
+    const std::vector<double> o = matvec(w.wo, ctx, D);
+    for (int j = 0; j < D; ++j) h[size_t(j)] += o[size_t(j)];
+    std::vector<double> up = matvec(w.w_up, rmsnorm(h, w.mlp_norm), F);
+    for (double& x : up) x = x > 0 ? (square ? x * x : x) : 0.0;
+    const std::vector<double> down = matvec(w.w_down, up, D);
+    for (int j = 0; j < D; ++j) h[size_t(j)] += down[size_t(j)];
+    const std::vector<double> lg = matvec(p.lm_head(), rmsnorm(h, p.norm_f()), V);
+    return std::vector<float>(lg.begin(), lg.end());
+  };
+  const std::vector<float> want = reference(true);
+  auto cpu = make_cpu_backend();
+  auto ref = make_ref_backend();
+  for (Backend* be : {cpu.get(), ref.get()}) {
+    const double e = test::rel_err(forward_all(*load_any_model(d.string(), *be), {tok}), want);
+    std::printf("nemotron-h '*-' vs double reference (%s): %.2g\n", be->name().c_str(), e);
+    EXPECT_LT(e, 2e-6);
+  }
+  // An unsquared ReLU of the same weights is far from it: the check tells them apart.
+  EXPECT_GT(test::rel_err(forward_all(*load_any_model(d.string(), *cpu), {tok}), reference(false)), 1e-3);
+}
+
+TEST(HfNemotronH, RefusesWhatItDoesNotImplement) {
+  auto with = [](const std::function<void(json&)>& edit, std::initializer_list<std::string> parts) {
+    test::TempDir tmp("hf_nemotron_refuse");
+    ModelConfig c;
+    std::vector<float> arena;
+    const fs::path d = write_nemotron_folder(tmp, "", c, arena);
+    edit_config(d, edit);
+    expect_load_error(d, parts);
+  };
+  with([](json& j) { j["hybrid_override_pattern"] = "M-E-M"; j["num_hidden_layers"] = 5; },
+       {"hybrid_override_pattern", "mixture-of-experts", "block 2"});
+  with([](json& j) { j["hybrid_override_pattern"] = "-M*M-"; }, {"MLP block (-) at block 0"});
+  with([](json& j) { j["hybrid_override_pattern"] = "M--M-"; }, {"MLP block (-) at block 2"});
+  with([](json& j) { j["hybrid_override_pattern"] = "M-*X-"; }, {"hybrid_override_pattern", "'X'"});
+  with([](json& j) { j["num_hidden_layers"] = 6; }, {"num_hidden_layers", "5 blocks"});
+  with([](json& j) { j["layers_block_type"] = {"mamba", "mlp", "mamba", "mamba", "mlp"}; },
+       {"hybrid_override_pattern", "layers_block_type", "disagree"});
+  with([](json& j) { j.erase("hybrid_override_pattern"); }, {"no block pattern"});
+  with([](json& j) { j["mlp_hidden_act"] = "silu"; }, {"mlp_hidden_act", "relu2"});
+  with([](json& j) { j["mamba_hidden_act"] = "gelu"; }, {"mamba_hidden_act"});
+  for (const char* k : {"attention_bias", "mlp_bias", "mamba_proj_bias", "use_bias"})
+    with([k](json& j) { j[k] = true; }, {k, "biases"});
+  with([](json& j) { j["sliding_window"] = 64; }, {"sliding_window"});
+  with([](json& j) { j["num_nextn_predict_layers"] = 1; }, {"num_nextn_predict_layers"});
+  with([](json& j) { j["n_groups"] = 3; }, {"n_groups", "mamba_num_heads"});
+  with([](json& j) { j["mamba_n_groups"] = 2; }, {"n_groups", "mamba_n_groups", "both"});
+  with([](json& j) { j["num_key_value_heads"] = 3; }, {"num_key_value_heads"});
+  with([](json& j) { j["layer_norm_epsilon"] = 0; }, {"layer_norm_epsilon"});
+  // Configs that disagree with the weights.
+  with([](json& j) { j["use_conv_bias"] = false; }, {"conv1d.bias", "use_conv_bias"});
+  with([](json& j) { j["intermediate_size"] = 41; }, {"backbone.layers.1.mixer.up_proj.weight"});
+  with([](json& j) { j["hybrid_override_pattern"] = "M-M*-"; }, {"backbone.layers."});
+  with([](json& j) { j["head_dim"] = 16; }, {"q_proj"});
+}
+
+TEST(HfNemotronH, LogitsMatchTransformers) {
+  int found = 0;
+  for (const char* name : {"nemotron_h_f32", "nemotron_h_bf16"}) {
+    SCOPED_TRACE(name);
+    const fs::path dir = kFixtures / name;
+    if (!fs::exists(dir / "expected.json")) continue;
+    ++found;
+    const json exp = read_json(dir / "expected.json");
+    auto be = make_cpu_backend();
+    auto m = load_any_model(dir.string(), *be);
+    const ModelConfig& c = m->config();
+    ASSERT_FALSE(c.attention_layers.empty());
+    ASSERT_FALSE(c.mamba2_layers.empty());
+    // What the fixture script read off transformers' modules: a mismatch is a changed library, not
+    // noise; the mapping in src/io/hf_model.cpp (and docs/MODELS.md) must follow it.
+    ASSERT_EQ(exp["gated_norm_group_size"].get<int>(), c.mamba2_norm_group()) << "the gated norm groups differently";
+    ASSERT_FLOAT_EQ(exp["mixer_norm_eps"].get<float>(), c.norm_eps) << "the gated norm uses another eps";
+    const json clamp = exp["mixer_dt_clamp"];
+    ASSERT_FALSE(clamp.is_null()) << "the fixture script could not read how NemotronHMamba2Mixer.torch_forward clamps "
+                                     "dt: read it and fix the mapping of time_step_min / time_step_limit";
+    ASSERT_FLOAT_EQ(clamp[0].get<float>(), c.mamba2_dt_min) << "NemotronHMamba2Mixer's CPU path clamps dt otherwise";
+    ASSERT_EQ(clamp[1].is_null(), std::isinf(c.mamba2_dt_max)) << "NemotronHMamba2Mixer's CPU path clamps dt otherwise";
+    ASSERT_EQ(exp["attention_head_dim"].get<int>(), c.head_dim());
+    ASSERT_FALSE(exp["attention_uses_rope"].get<bool>()) << "NemotronHAttention now applies RoPE";
+
+    const std::vector<int32_t> toks = exp["tokens"].get<std::vector<int32_t>>();
+    const std::vector<float> want = read_f32_file(dir / "logits.f32");
+    ASSERT_EQ(want.size(), toks.size() * size_t(c.vocab_size));
+    const double e_full = test::rel_err(forward_all(*m, toks), want);
+    const double e_step = test::rel_err(forward_stepwise(*m, toks), want);
+    std::printf("%s (stored %s): max|ours - transformers| / max|transformers| = %.3g full forward, %.3g token "
+                "by token\n",
+                name, exp["stored_dtype"].get<std::string>().c_str(), e_full, e_step);
+    EXPECT_LT(e_full, 1e-4);
+    EXPECT_LT(e_step, 1e-4);
+    if (!exp["greedy"].is_null()) {
+      HybridMemory mem(m->backend(), c, 1, int(toks.size()) + 16, KvType::F32);
+      std::vector<float> logits;
+      Batch b;
+      b.add(0, toks);
+      m->forward(b, mem, logits);
+      std::vector<int> got;
+      for (size_t i = 0; i < exp["greedy"].size(); ++i) {
+        got.push_back(int(std::max_element(logits.begin(), logits.end()) - logits.begin()));
+        Batch step;
+        step.add(0, {got.back()});
+        m->forward(step, mem, logits);
+      }
+      EXPECT_EQ(got, exp["greedy"].get<std::vector<int>>());
+    }
+    m->params().layer(c.mamba2_layers[0]).Dskip[1] += 0.05f;
+    m->prepare();
+    EXPECT_GT(test::rel_err(forward_all(*m, toks), want), 1e-4);
+  }
+  if (found == 0)
+    GTEST_SKIP() << "no Nemotron-H fixtures in " << kFixtures.string()
+                 << ": run `python3 tests/fixtures/hf/make_fixtures.py tests/fixtures/hf nemotron_h` where torch and "
+                    "transformers are installed (the H200 device machine) and commit the nemotron_h_* folders";
+}
+
+}  // namespace hm
