@@ -8,17 +8,23 @@
 #include <cstdlib>
 #include <climits>
 #include <cstdint>
+#include <initializer_list>
 #include <memory>
+#include <numeric>
 #include <string>
 #include <type_traits>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "backend/cuda/cuda_backend.h"
+#include "backend/train_checks.h"
 #include "core/error.h"
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/cuda/decode.h"
+#include "kernels/cuda/grad.h"
+#include "kernels/cuda/mamba_grad.h"
 #include "kernels/cuda/linear.h"
 #include "kernels/cuda/rows.h"
 
@@ -77,6 +83,35 @@ void check_dense(const char* op, const char* name, const Tensor& t) {
 }
 void check_type(const char* op, const char* name, const Tensor& t, DType want) {
   HM_CHECK(t.dtype == want, "cuda ", op, ": ", name, " is ", compute_dtype_name(t.dtype), ", expected ", compute_dtype_name(want));
+}
+// A gradient the training ops write in the activations' type `act` or in float.
+void check_grad_type(const char* op, const char* name, const Tensor& t, DType act) {
+  HM_CHECK(t.dtype == act || t.dtype == DType::F32, "cuda ", op, ": ", name, " is ", compute_dtype_name(t.dtype),
+           ", expected ", compute_dtype_name(act), " or f32");
+}
+// Calls f with a null G* for a gradient of type g: float, or T itself (check_grad_type first).
+template <class T, class F>
+void dispatch_grad(DType g, F&& f) {
+  if (g == DType::F32) f(static_cast<float*>(nullptr));
+  else f(static_cast<T*>(nullptr));
+}
+using Named = std::pair<const char*, Tensor>;
+// The attention training ops' views: query-side [n_tokens, H hd] and kv-side [n_tokens, G hd],
+// all of type t; lse [n_tokens, H] float.
+void check_attention(const char* op, DType t, std::initializer_list<Named> qside, std::initializer_list<Named> kvside,
+                     const Tensor& lse, int H, int G, int hd, const Ragged& rg) {
+  const int n = rg.n_tokens();
+  for (const auto& [name, v] : qside) {
+    check_view(op, name, v, n, H * hd);
+    check_type(op, name, v, t);
+  }
+  for (const auto& [name, v] : kvside) {
+    check_view(op, name, v, n, G * hd);
+    check_type(op, name, v, t);
+  }
+  check_view(op, "lse", lse, n, H);
+  check_type(op, "lse", lse, DType::F32);
+  HM_CHECK(rg.nseq() == 0 || rg.d_cu() != nullptr, "cuda ", op, ": the Ragged batch was not uploaded");
 }
 void check_kv_type(const char* op, DType t) {
   HM_CHECK(t == DType::F32 || t == DType::BF16 || t == DType::F16, "cuda ", op, ": the KV cache must be f32, bf16 or f16, got ",
@@ -140,6 +175,9 @@ bool is_decode(const Ragged& rg) { return rg.max_len() == 1 && rg.n_tokens() == 
 // (their tests run them); this is the policy until a faster kernel wins there.
 constexpr int kGemvRows = 1;
 
+// cross_entropy_head's logits (and dlogits) of one block of rows stay within this.
+constexpr size_t kHeadBlockBytes = size_t(128) << 20;
+
 bool decode_kernels_default() {
   const char* v = std::getenv("HM_CUDA_GEMV");
   return v == nullptr || std::string(v) != "0";
@@ -166,6 +204,7 @@ class CudaBackendImpl final : public CudaBackend {
   ~CudaBackendImpl() override {
     cudaStreamSynchronize(stream_);
     gemm_.reset();
+    blas_.reset();
     cudaFree(ws_);
     for (void* p : retired_) cudaFree(p);
     cudaStreamDestroy(stream_);
@@ -612,6 +651,182 @@ class CudaBackendImpl final : public CudaBackend {
     });
   }
 
+  // ---- Training ops of the Mamba path (kernels/cuda/mamba_grad.h): conv and selective scan,
+  // every sequence from zero state. Inputs of one compute type (A_log may be f32); parameter
+  // gradients of that type or f32, all of one op the same. ----
+
+  void conv1d_silu_train(Tensor out, Tensor x, Tensor w, Tensor b, const Ragged& rg) override {
+    const char* op = "conv1d_silu_train";
+    train_check::conv1d_silu(name(), op, out, x, w, b, rg);
+    check_conv_train(op, {{"out", out}}, x, w, b, rg);
+    if (rg.n_tokens() == 0) return;
+    dispatch(x.dtype, [&](auto tag) {
+      using T = elem_t<decltype(tag)>;
+      cuda::conv1d_silu_train<T>(ptr<T>(out), int(out.ld), ptr<T>(x), int(x.ld), ptr<T>(w), int(w.ld), ptr<T>(b),
+                                 batch(rg), x.cols, w.cols, stream_);
+    });
+  }
+
+  void conv1d_silu_backward(Tensor dx, Tensor dw, Tensor db, Tensor dout, Tensor x, Tensor w, Tensor b,
+                            const Ragged& rg) override {
+    const char* op = "conv1d_silu_backward";
+    train_check::conv1d_silu(name(), op, dout, x, w, b, rg);
+    check_conv_train(op, {{"dout", dout}, {"dx", dx}}, x, w, b, rg);
+    const int E = x.cols, K = w.cols;
+    check_view(op, "dw", dw, E, K);
+    check_vec(op, "db", db, E);
+    check_grad_type(op, "dw", dw, x.dtype);
+    check_type(op, "db", db, dw.dtype);
+    if (rg.n_tokens() == 0) return;
+    void* ws = workspace(cuda::conv1d_silu_backward_workspace_bytes(rg.n_tokens(), E, K));
+    dispatch(x.dtype, [&](auto tag) {
+      using T = elem_t<decltype(tag)>;
+      dispatch_grad<T>(dw.dtype, [&](auto gtag) {
+        using G = elem_t<decltype(gtag)>;
+        cuda::conv1d_silu_backward<T, G>(ptr<T>(dx), int(dx.ld), ptr<G>(dw), int(dw.ld), ptr<G>(db), ptr<T>(dout),
+                                         int(dout.ld), ptr<T>(x), int(x.ld), ptr<T>(w), int(w.ld), ptr<T>(b),
+                                         batch(rg), E, K, ws, stream_);
+      });
+    });
+  }
+
+  // The saved states: float, the state entering every chunk of each sequence (mamba_grad.h).
+  size_t scan_saved_bytes(const Ragged& rg, int E, int N, int chunk) const override {
+    return cuda::scan_train_saved_bytes(scan_shape(rg, E, N, chunk));
+  }
+
+  void selective_scan_train(Tensor y, void* saved, Tensor x, Tensor dt, Tensor dt_bias, Tensor A_log, Tensor B,
+                            Tensor C, Tensor Dskip, Tensor z, int chunk, const Ragged& rg) override {
+    const char* op = "selective_scan_train";
+    train_check::selective_scan(name(), op, y, x, dt, dt_bias, A_log, B, C, Dskip, z, rg);
+    check_scan_train(op, {{"y", y}}, x, dt, dt_bias, A_log, B, C, Dskip, z, rg);
+    const cuda::ScanTrainShape sh = scan_shape(rg, x.cols, B.cols, chunk);
+    HM_CHECK(saved != nullptr || cuda::scan_train_saved_bytes(sh) == 0, "cuda ", op, ": no buffer for the saved states");
+    if (rg.n_tokens() == 0) return;
+    void* ws = workspace(cuda::scan_train_workspace_bytes(sh, false));
+    dispatch(x.dtype, [&](auto tag) {
+      using T = elem_t<decltype(tag)>;
+      cuda::selective_scan_train<T>(ptr<T>(y), int(y.ld), static_cast<float*>(saved),
+                                    scan_in<T>(x, dt, dt_bias, A_log, B, C, Dskip, z), batch(rg), sh, ws, stream_);
+    });
+  }
+
+  void selective_scan_backward(Tensor dx, Tensor ddt, Tensor dB, Tensor dC, Tensor dz, Tensor ddt_bias,
+                               Tensor dA_log, Tensor dDskip, Tensor dy, const void* saved, Tensor x, Tensor dt,
+                               Tensor dt_bias, Tensor A_log, Tensor B, Tensor C, Tensor Dskip, Tensor z, int chunk,
+                               const Ragged& rg) override {
+    const char* op = "selective_scan_backward";
+    train_check::selective_scan(name(), op, dy, x, dt, dt_bias, A_log, B, C, Dskip, z, rg);
+    check_scan_train(op, {{"dy", dy}, {"dx", dx}, {"ddt", ddt}, {"dz", dz}}, x, dt, dt_bias, A_log, B, C, Dskip, z,
+                     rg);
+    const int E = x.cols, N = B.cols, T_ = rg.n_tokens();
+    check_view(op, "dB", dB, T_, N);
+    check_view(op, "dC", dC, T_, N);
+    check_type(op, "dB", dB, x.dtype);
+    check_type(op, "dC", dC, x.dtype);
+    check_view(op, "dA_log", dA_log, E, N);
+    check_vec(op, "ddt_bias", ddt_bias, E);
+    check_vec(op, "dDskip", dDskip, E);
+    check_grad_type(op, "dA_log", dA_log, x.dtype);
+    check_type(op, "ddt_bias", ddt_bias, dA_log.dtype);
+    check_type(op, "dDskip", dDskip, dA_log.dtype);
+    const cuda::ScanTrainShape sh = scan_shape(rg, E, N, chunk);
+    HM_CHECK(saved != nullptr || cuda::scan_train_saved_bytes(sh) == 0, "cuda ", op, ": no saved states");
+    if (T_ == 0) return;
+    void* ws = workspace(cuda::scan_train_workspace_bytes(sh, true));
+    dispatch(x.dtype, [&](auto tag) {
+      using T = elem_t<decltype(tag)>;
+      dispatch_grad<T>(dA_log.dtype, [&](auto gtag) {
+        using G = elem_t<decltype(gtag)>;
+        cuda::ScanTrainGrad<T, G> gd;
+        gd.dx = ptr<T>(dx);
+        gd.lddx = int(dx.ld);
+        gd.ddt = ptr<T>(ddt);
+        gd.lddt = int(ddt.ld);
+        gd.dB = ptr<T>(dB);
+        gd.lddB = int(dB.ld);
+        gd.dC = ptr<T>(dC);
+        gd.lddC = int(dC.ld);
+        gd.dz = ptr<T>(dz);
+        gd.lddz = int(dz.ld);
+        gd.ddt_bias = ptr<G>(ddt_bias);
+        gd.dA_log = ptr<G>(dA_log);
+        gd.lddA = int(dA_log.ld);
+        gd.dDskip = ptr<G>(dDskip);
+        cuda::selective_scan_backward<T, G>(gd, ptr<T>(dy), int(dy.ld), static_cast<const float*>(saved),
+                                            scan_in<T>(x, dt, dt_bias, A_log, B, C, Dskip, z), batch(rg), sh, ws,
+                                            stream_);
+      });
+    });
+  }
+
+  static cuda::ScanTrainShape scan_shape(const Ragged& rg, int E, int N, int chunk) {
+    return cuda::scan_train_shape(rg.host_cu().data(), rg.nseq(), E, N, chunk);
+  }
+  template <class T>
+  static cuda::ScanTrainIn<T> scan_in(Tensor x, Tensor dt, Tensor dt_bias, Tensor A_log, Tensor B, Tensor C,
+                                      Tensor Dskip, Tensor z) {
+    cuda::ScanTrainIn<T> in;
+    in.x = ptr<T>(x);
+    in.ldx = int(x.ld);
+    in.dt = ptr<T>(dt);
+    in.lddt = int(dt.ld);
+    in.dt_bias = ptr<T>(dt_bias);
+    in.B = ptr<T>(B);
+    in.C = ptr<T>(C);
+    in.ldbc = int(B.ld);
+    in.Dskip = ptr<T>(Dskip);
+    in.z = ptr<T>(z);
+    in.ldz = int(z.ld);
+    in.A_log = A_log.data;
+    in.ldA = int(A_log.ld);
+    in.a_log_f32 = A_log.dtype == DType::F32;
+    return in;
+  }
+  // The conv's [n_tokens, E] views `acts` and x, w [E, K], b [E], all of x's type.
+  static void check_conv_train(const char* op, std::initializer_list<Named> acts, const Tensor& x, const Tensor& w,
+                               const Tensor& b, const Ragged& rg) {
+    const int E = x.cols, K = w.cols, T_ = rg.n_tokens();
+    HM_CHECK(K >= 2 && K <= cuda::kMaxConv, "cuda ", op, ": d_conv must be in [2, ", cuda::kMaxConv, "], got ", K);
+    check_view(op, "x", x, T_, E);
+    for (const auto& [nm, t] : acts) {
+      check_view(op, nm, t, T_, E);
+      check_type(op, nm, t, x.dtype);
+    }
+    check_view(op, "w", w, E, K);
+    check_vec(op, "b", b, E);
+    check_type(op, "w", w, x.dtype);
+    check_type(op, "b", b, x.dtype);
+    HM_CHECK(rg.nseq() == 0 || rg.d_cu() != nullptr, "cuda ", op, ": the Ragged batch was not uploaded");
+  }
+  // The scan's inputs and the [n_tokens, E] views `acts`: one type but A_log (or f32).
+  static void check_scan_train(const char* op, std::initializer_list<Named> acts, const Tensor& x, const Tensor& dt,
+                               const Tensor& dt_bias, const Tensor& A_log, const Tensor& B, const Tensor& C,
+                               const Tensor& Dskip, const Tensor& z, const Ragged& rg) {
+    const int E = x.cols, N = B.cols, T_ = rg.n_tokens();
+    HM_CHECK(N >= 1 && N <= cuda::kMaxState, "cuda ", op, ": d_state must be in [1, ", cuda::kMaxState, "], got ", N);
+    for (const auto& [nm, t] : std::initializer_list<Named>{{"x", x}, {"dt", dt}, {"z", z}}) {
+      check_view(op, nm, t, T_, E);
+      check_type(op, nm, t, x.dtype);
+    }
+    for (const auto& [nm, t] : acts) {
+      check_view(op, nm, t, T_, E);
+      check_type(op, nm, t, x.dtype);
+    }
+    check_view(op, "B", B, T_, N);
+    check_view(op, "C", C, T_, N);
+    HM_CHECK(B.ld == C.ld, "cuda ", op, ": B and C must share a row stride (", B.ld, " vs ", C.ld, ")");
+    check_type(op, "B", B, x.dtype);
+    check_type(op, "C", C, x.dtype);
+    check_vec(op, "dt_bias", dt_bias, E);
+    check_vec(op, "Dskip", Dskip, E);
+    check_type(op, "dt_bias", dt_bias, x.dtype);
+    check_type(op, "Dskip", Dskip, x.dtype);
+    check_view(op, "A_log", A_log, E, N);
+    check_grad_type(op, "A_log", A_log, x.dtype);
+    HM_CHECK(rg.nseq() == 0 || rg.d_cu() != nullptr, "cuda ", op, ": the Ragged batch was not uploaded");
+  }
+
   void copy_rows(Tensor dst, const int32_t* dst_idx, Tensor src, const int32_t* src_idx, int n) override {
     check_rows("copy_rows", dst, dst_idx, src, src_idx, n);
     dispatch(dst.dtype, [&](auto tag) {
@@ -635,11 +850,224 @@ class CudaBackendImpl final : public CudaBackend {
     });
   }
 
+  // ---- Training ops (issue 15; kernels/cuda/grad.h). Activations are of one compute type;
+  // parameter gradients (dW, dw, dtable) and the GEMMs' dx and dhn may also be f32; lse is f32.
+  // Every reduction has one fixed order, so a rerun gives the same bits. ----
+
+  void linear_backward(Tensor dx, Tensor dW, Tensor dy, Tensor x, Tensor W, bool accumulate_dx) override {
+    const char* op = "linear_backward";
+    train_check::linear_backward(name(), dx, dW, dy, x, W);
+    const int m = x.rows, k = x.cols, n = W.rows;
+    check_view(op, "dy", dy, m, n);
+    check_view(op, "x", x, m, k);
+    check_view(op, "W", W, n, k);
+    check_view(op, "dW", dW, n, k);
+    check_type(op, "x", x, dy.dtype);
+    check_type(op, "W", W, dy.dtype);
+    check_grad_type(op, "dW", dW, dy.dtype);
+    if (!dx.empty()) {
+      check_view(op, "dx", dx, m, k);
+      check_grad_type(op, "dx", dx, dy.dtype);
+    }
+    const cudaDataType_t tin = cuda_type(dy.dtype);
+    if (!dx.empty())  // dx [m,k] (=|+=) dy [m,n] . W [n,k]
+      blas().gemm(dx.data, cuda_type(dx.dtype), dx.ld, dy.data, dy.ld, false, W.data, W.ld, false, tin, m, k, n,
+                  accumulate_dx, stream_);
+    // dW [n,k] += dy^T [n,m] . x [m,k]
+    blas().gemm(dW.data, cuda_type(dW.dtype), dW.ld, dy.data, dy.ld, true, x.data, x.ld, false, tin, n, k, m, true,
+                stream_);
+  }
+
+  void rmsnorm_backward(Tensor dx, Tensor dw, Tensor dout, Tensor x, Tensor w, float eps,
+                        bool accumulate_dx) override {
+    const char* op = "rmsnorm_backward";
+    train_check::rmsnorm_backward(name(), dx, dw, dout, x, w);
+    const int n = x.rows, d = x.cols;
+    check_view(op, "x", x, n, d);
+    check_view(op, "dout", dout, n, d);
+    check_view(op, "dx", dx, n, d);
+    check_vec(op, "w", w, d);
+    check_vec(op, "dw", dw, d);
+    check_type(op, "dout", dout, x.dtype);
+    check_type(op, "dx", dx, x.dtype);
+    check_type(op, "w", w, x.dtype);
+    check_grad_type(op, "dw", dw, x.dtype);
+    if (n == 0 || d == 0) return;
+    void* ws = workspace(cuda::rmsnorm_backward_workspace_bytes(n, d));
+    dispatch(x.dtype, [&](auto tag) {
+      using T = elem_t<decltype(tag)>;
+      dispatch_grad<T>(dw.dtype, [&](auto gtag) {
+        using G = elem_t<decltype(gtag)>;
+        cuda::rmsnorm_backward<T, G>(ptr<T>(dx), int(dx.ld), ptr<G>(dw), ptr<T>(dout), int(dout.ld), ptr<T>(x),
+                                     int(x.ld), ptr<T>(w), n, d, eps, accumulate_dx, ws, stream_);
+      });
+    });
+  }
+
+  void swiglu_backward(Tensor dg, Tensor du, Tensor dout, Tensor g, Tensor u) override {
+    const char* op = "swiglu_backward";
+    train_check::swiglu_backward(name(), dg, du, dout, g, u);
+    const int n = g.rows, f = g.cols;
+    for (const auto& [nm, t] : {std::pair{"dg", &dg}, std::pair{"du", &du}, std::pair{"dout", &dout},
+                                std::pair{"g", &g}, std::pair{"u", &u}}) {
+      check_view(op, nm, *t, n, f);
+      check_type(op, nm, *t, g.dtype);
+    }
+    dispatch(g.dtype, [&](auto tag) {
+      using T = elem_t<decltype(tag)>;
+      cuda::swiglu_backward<T>(ptr<T>(dg), int(dg.ld), ptr<T>(du), int(du.ld), ptr<T>(dout), int(dout.ld), ptr<T>(g),
+                               int(g.ld), ptr<T>(u), int(u.ld), n, f, stream_);
+    });
+  }
+
+  void attention_train(Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v, int H, int G, int hd,
+                       const Ragged& rg) override {
+    const char* op = "attention_train";
+    train_check::attention(name(), op, out, lse, q, k, v, H, G, hd, rg);
+    check_attention(op, q.dtype, {{"out", out}, {"q", q}}, {{"k", k}, {"v", v}}, lse, H, G, hd, rg);
+    if (rg.n_tokens() == 0) return;
+    dispatch(q.dtype, [&](auto tag) {
+      using T = elem_t<decltype(tag)>;
+      cuda::attention_train<T>(ptr<T>(out), int(out.ld), ptr<float>(lse), int(lse.ld), ptr<T>(q), int(q.ld), ptr<T>(k),
+                               int(k.ld), ptr<T>(v), int(v.ld), batch(rg), H, G, hd, stream_);
+    });
+  }
+
+  void attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out,
+                          Tensor lse, int H, int G, int hd, const Ragged& rg) override {
+    const char* op = "attention_backward";
+    train_check::attention(name(), op, out, lse, q, k, v, H, G, hd, rg);
+    check_attention(op, q.dtype, {{"out", out}, {"q", q}, {"dq", dq}, {"dout", dout}}, {{"k", k}, {"v", v}, {"dk", dk}, {"dv", dv}},
+                    lse, H, G, hd, rg);
+    const int n = rg.n_tokens();
+    if (n == 0) return;
+    void* ws = workspace(cuda::attention_backward_workspace_bytes(n, H));
+    dispatch(q.dtype, [&](auto tag) {
+      using T = elem_t<decltype(tag)>;
+      cuda::attention_backward<T>(ptr<T>(dq), int(dq.ld), ptr<T>(dk), int(dk.ld), ptr<T>(dv), int(dv.ld), ptr<T>(dout),
+                                  int(dout.ld), ptr<T>(q), int(q.ld), ptr<T>(k), int(k.ld), ptr<T>(v), int(v.ld),
+                                  ptr<T>(out), int(out.ld), ptr<float>(lse), int(lse.ld), batch(rg), H, G, hd, ws,
+                                  stream_);
+    });
+  }
+
+  void rope_backward(Tensor dx, int heads, int hd, float theta, const Ragged& rg) override {
+    const char* op = "rope_backward";
+    train_check::rope(name(), op, dx, heads, hd, rg);
+    check_view(op, "dx", dx, rg.n_tokens(), dx.cols);
+    check_ragged(op, rg, INT_MAX);
+    if (rg.n_tokens() == 0) return;
+    dispatch(dx.dtype, [&](auto tag) {
+      using T = elem_t<decltype(tag)>;
+      cuda::rope_backward<T>(ptr<T>(dx), int(dx.ld), heads, hd, batch(rg), theta, stream_);
+    });
+  }
+
+  // The ids come to the host (one wait) to be checked as the CPU backend checks them and grouped
+  // by a stable sort: each table row's gradient is then one sum over its rows in batch order,
+  // deterministic whatever the repeats, with no atomics.
+  void embedding_backward(Tensor dtable, Tensor dout, const int32_t* ids) override {
+    const char* op = "embedding_backward";
+    train_check::embedding_backward(name(), dtable, dout);
+    const int n = dout.rows, d = dout.cols;
+    check_view(op, "dout", dout, n, d);
+    check_view(op, "dtable", dtable, dtable.rows, d);
+    check_grad_type(op, "dtable", dtable, dout.dtype);
+    if (n == 0 || d == 0) return;
+    HM_CHECK(ids != nullptr, "cuda embedding_backward: no ids for ", n, " rows");
+    std::vector<int32_t> id(static_cast<size_t>(n));
+    to_host(id.data(), ids, sizeof(int32_t) * id.size());
+    for (int i = 0; i < n; ++i)
+      HM_CHECK(id[size_t(i)] >= 0 && id[size_t(i)] < dtable.rows, "cuda embedding_backward: id ", id[size_t(i)],
+               " at row ", i, " is outside the table of ", dtable.rows);
+    // plan = [order: n rows by id, stable | seg: nseg + 1 starts in order | seg_id: nseg ids]
+    std::vector<int32_t> order(static_cast<size_t>(n));
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return id[size_t(a)] < id[size_t(b)]; });
+    std::vector<int32_t> seg, seg_id;
+    for (int p = 0; p < n; ++p)
+      if (p == 0 || id[size_t(order[size_t(p)])] != id[size_t(order[size_t(p - 1)])]) {
+        seg.push_back(p);
+        seg_id.push_back(id[size_t(order[size_t(p)])]);
+      }
+    const int nseg = int(seg_id.size());
+    seg.push_back(n);
+    std::vector<int32_t> plan(order);
+    plan.insert(plan.end(), seg.begin(), seg.end());
+    plan.insert(plan.end(), seg_id.begin(), seg_id.end());
+    auto* dplan = static_cast<int32_t*>(workspace(sizeof(int32_t) * plan.size()));
+    to_device(dplan, plan.data(), sizeof(int32_t) * plan.size());
+    dispatch(dout.dtype, [&](auto tag) {
+      using T = elem_t<decltype(tag)>;
+      dispatch_grad<T>(dtable.dtype, [&](auto gtag) {
+        using G = elem_t<decltype(gtag)>;
+        cuda::embedding_backward<T, G>(ptr<G>(dtable), int(dtable.ld), ptr<T>(dout), int(dout.ld), dplan, dplan + n,
+                                       dplan + n + nseg + 1, nseg, d, stream_);
+      });
+    });
+  }
+
+  // Per block of rows: float logits through cuBLAS, the softmax rows on the device (dlogits in
+  // the compute type, the GEMMs' input), then dhn = dz W and dW += dz^T hn; the row losses are
+  // summed on the host in double. At most kHeadBlockBytes of logits exist at once.
+  double cross_entropy_head(Tensor dhn, Tensor dW, Tensor hn, Tensor W, const int32_t* targets,
+                            double scale) override {
+    const char* op = "cross_entropy_head";
+    train_check::cross_entropy_head(name(), dhn, dW, hn, W);
+    const int n = hn.rows, D = hn.cols, V = W.rows;
+    check_view(op, "hn", hn, n, D);
+    check_view(op, "W", W, V, D);
+    check_view(op, "dhn", dhn, n, D);
+    check_view(op, "dW", dW, V, D);
+    check_type(op, "W", W, hn.dtype);
+    check_grad_type(op, "dhn", dhn, hn.dtype);
+    check_grad_type(op, "dW", dW, hn.dtype);
+    const cudaDataType_t tin = cuda_type(hn.dtype);
+    if (n == 0) return 0.0;
+    HM_CHECK(targets != nullptr, "cuda cross_entropy_head: no targets for ", n, " rows");
+    std::vector<int32_t> tg(static_cast<size_t>(n));
+    to_host(tg.data(), targets, sizeof(int32_t) * tg.size());
+    for (int i = 0; i < n; ++i)
+      HM_CHECK(tg[size_t(i)] >= -1 && tg[size_t(i)] < V, "cuda cross_entropy_head: target ", tg[size_t(i)], " at row ",
+               i, " is outside [-1, ", V, ")");
+    const size_t dz_bytes = hn.dtype == DType::F32 ? 0 : dtype_size(hn.dtype);  // dz is z itself in f32
+    const int rows = int(std::clamp<size_t>(kHeadBlockBytes / (size_t(V) * (sizeof(float) + dz_bytes)), 1, size_t(n)));
+    auto round_up = [](size_t b) { return (b + 255) / 256 * 256; };
+    const size_t loss_b = round_up(sizeof(float) * size_t(n)), z_b = round_up(sizeof(float) * size_t(rows) * V);
+    char* ws = static_cast<char*>(workspace(loss_b + z_b + dz_bytes * size_t(rows) * V));
+    auto* loss = reinterpret_cast<float*>(ws);
+    auto* z = reinterpret_cast<float*>(ws + loss_b);
+    void* dz = dz_bytes == 0 ? static_cast<void*>(z) : static_cast<void*>(ws + loss_b + z_b);
+    for (int r0 = 0; r0 < n; r0 += rows) {
+      const int nb = std::min(rows, n - r0);
+      const void* h = hn.row(r0);
+      // z [nb,V] = hn [nb,D] . W [V,D]^T
+      blas().gemm(z, CUDA_R_32F, V, h, hn.ld, false, W.data, W.ld, true, tin, nb, V, D, false, stream_);
+      dispatch(hn.dtype, [&](auto tag) {
+        using T = elem_t<decltype(tag)>;
+        cuda::cross_entropy_rows<T>(static_cast<T*>(dz), z, targets + r0, loss + r0, nb, V, float(scale), stream_);
+      });
+      // dhn [nb,D] = dz [nb,V] . W [V,D]; dW [V,D] += dz^T [V,nb] . hn [nb,D]
+      blas().gemm(dhn.row(r0), cuda_type(dhn.dtype), dhn.ld, dz, V, false, W.data, W.ld, false, tin, nb, D, V, false,
+                  stream_);
+      blas().gemm(dW.data, cuda_type(dW.dtype), dW.ld, dz, V, true, h, hn.ld, false, tin, V, D, nb, true, stream_);
+    }
+    std::vector<float> row_loss(static_cast<size_t>(n));
+    to_host(row_loss.data(), loss, sizeof(float) * row_loss.size());
+    double sum = 0;
+    for (const float l : row_loss) sum += double(l);
+    return sum;
+  }
+
  private:
   bool capturing() const {
     cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
     HM_CUDA_OK(cudaStreamIsCapturing(stream_, &cs), "cudaStreamIsCapturing");
     return cs != cudaStreamCaptureStatusNone;
+  }
+  cuda::Blas& blas() {
+    if (!blas_) blas_ = std::make_unique<cuda::Blas>();
+    return *blas_;
   }
   // The op workspace, grown to `bytes` when needed (never during a capture).
   void* workspace(size_t bytes) {
@@ -683,8 +1111,9 @@ class CudaBackendImpl final : public CudaBackend {
   void* ws_ = nullptr;
   size_t ws_bytes_ = 0;
   std::vector<void*> retired_;  // outgrown workspaces, freed with the backend
+  std::unique_ptr<cuda::Blas> blas_;
   std::unordered_map<void*, size_t> sizes_;  // alloc's blocks, for allocated_bytes
-  size_t live_ = 0, peak_ = 0;
+  size_t live_ = 0, peak_ = 0;  // the training ops' GEMMs (kernels/cuda/grad.h), made on first use
 };
 
 }  // namespace
