@@ -87,14 +87,14 @@ __device__ __forceinline__ Group group_at(int g, int L, int chunk) {
 }
 
 // The per-thread view of one channel: its index (clamped for idle lanes, which compute on
-// channel 0 and store nothing), its lane, A and the channel's scalars.
+// channel 0 and store nothing), its lane, A and Dskip (dt_bias is staged with dt).
 template <class T, int NM>
 struct Chan {
   int e, ec, q;
   bool on;
   float A[kNpl], A2[kNpl];  // A[e, n] and A[e, n] log2 e
-  float dtb, dsk;
-  __device__ Chan(const float* Aall, const T* dt_bias, const T* Dskip, int E, int N) {
+  float dsk;
+  __device__ Chan(const float* Aall, const T* Dskip, int E, int N) {
     using K = Cfg<NM>;
     q = threadIdx.x % K::NL;
     e = blockIdx.x * K::CPB + threadIdx.x / K::NL;
@@ -106,7 +106,6 @@ struct Chan {
       A[k] = n < N ? Aall[size_t(ec) * N + n] : 0.0f;  // 0 past N: those states stay 0
       A2[k] = A[k] * kLog2e;
     }
-    dtb = to_f(dt_bias[ec]);
     dsk = to_f(Dskip[ec]);
   }
   __device__ int n(int k) const { return q + Cfg<NM>::NL * k; }
@@ -122,17 +121,32 @@ __device__ __forceinline__ void load_states(float (&v)[kNpl], const T* P, size_t
   }
 }
 
-// One forward step of row r: h = exp(delta A) h + delta B x; returns delta.
+// One forward step of row r: h = exp(delta A) h + delta B x.
 template <class T, int NM>
-__device__ __forceinline__ float step_forward(float (&h)[kNpl], const Chan<T, NM>& c, const ScanTrainIn<T>& in,
-                                              size_t r, int N) {
-  const float delta = softplus_acc(to_f(in.dt[r * in.lddt + c.ec]) + c.dtb);
+__device__ __forceinline__ void step_forward(float (&h)[kNpl], const Chan<T, NM>& c, const ScanTrainIn<T>& in,
+                                             size_t r, float delta, int N) {
   const float xv = to_f(in.x[r * in.ldx + c.ec]);
   float Bv[kNpl];
   load_states<T, NM>(Bv, in.B, r, in.ldbc, c.q, N);
 #pragma unroll
   for (int k = 0; k < kNpl; ++k) h[k] = exp2f(delta * c.A2[k]) * h[k] + delta * Bv[k] * xv;
-  return delta;
+}
+
+// pre = dt + dt_bias and delta = softplus(pre) of rows [row, row + n) (n <= kSub) for the block's
+// channels, into sPre / sDelta [i * CPB + channel]: once per channel, not once per lane. Every
+// thread of the block calls it (it synchronizes).
+template <class T, int NM>
+__device__ __forceinline__ void stage_delta(float* sPre, float* sDelta, const ScanTrainIn<T>& in, int row, int n,
+                                            int E) {
+  using K = Cfg<NM>;
+  __syncthreads();  // the previous rows are consumed
+  for (int idx = threadIdx.x; idx < n * K::CPB; idx += K::TPB) {
+    const int i = idx / K::CPB, e = blockIdx.x * K::CPB + idx % K::CPB;
+    const float pre = e < E ? to_f(in.dt[size_t(row + i) * in.lddt + e]) + to_f(in.dt_bias[e]) : 0.0f;
+    sPre[idx] = pre;
+    sDelta[idx] = softplus_acc(pre);
+  }
+  __syncthreads();
 }
 
 // Group-level passes of the forward. kLocal: scan the group from zero, write its end state and
@@ -145,11 +159,13 @@ __global__ void __launch_bounds__(Cfg<NM>::TPB) train_fwd_kernel(T* __restrict__
                                                                   const int32_t* __restrict__ cu,
                                                                   const int32_t* __restrict__ goff, int E, int N,
                                                                   int chunk, float* ws_state, float* ws_sum) {
+  __shared__ float sPre[kSub * Cfg<NM>::CPB], sDelta[kSub * Cfg<NM>::CPB];
   const int g = blockIdx.y, s = blockIdx.z;
   const int row0 = cu[s], L = cu[s + 1] - row0;
   if (g >= groups_of(L, chunk)) return;  // uniform over the block
   const Group gr = group_at(g, L, chunk);
-  const Chan<T, NM> c(A, in.dt_bias, in.Dskip, E, N);
+  const Chan<T, NM> c(A, in.Dskip, E, N);
+  const int ch = threadIdx.x / Cfg<NM>::NL;
   const size_t gi = size_t(goff[s] + g) * E + c.ec;  // [group, e]
   float h[kNpl];
 #pragma unroll
@@ -157,7 +173,9 @@ __global__ void __launch_bounds__(Cfg<NM>::TPB) train_fwd_kernel(T* __restrict__
   float sum_delta = 0.0f;
   for (int i = 0; i < gr.len; ++i) {
     const size_t r = size_t(row0 + gr.t0 + i);
-    const float delta = step_forward<T, NM>(h, c, in, r, N);
+    if (i % kSub == 0) stage_delta<T, NM>(sPre, sDelta, in, row0 + gr.t0 + i, min(kSub, gr.len - i), E);
+    const float delta = sDelta[(i % kSub) * Cfg<NM>::CPB + ch];
+    step_forward<T, NM>(h, c, in, r, delta, N);
     if constexpr (P == kOut) {
       float Cv[kNpl];
       load_states<T, NM>(Cv, in.C, r, in.ldbc, c.q, N);
@@ -212,16 +230,21 @@ __global__ void __launch_bounds__(Cfg<NM>::TPB) grad_local_kernel(const T* __res
                                                                    const int32_t* __restrict__ cu,
                                                                    const int32_t* __restrict__ goff, int E, int N,
                                                                    int chunk, float* ws_g, float* ws_sum) {
+  __shared__ float sPre[kSub * Cfg<NM>::CPB], sDelta[kSub * Cfg<NM>::CPB];
   const int g = blockIdx.y, s = blockIdx.z;
   const int row0 = cu[s], L = cu[s + 1] - row0;
   if (g >= groups_of(L, chunk)) return;
   const Group gr = group_at(g, L, chunk);
-  const Chan<T, NM> c(A, in.dt_bias, in.Dskip, E, N);
+  const Chan<T, NM> c(A, in.Dskip, E, N);
+  const int ch = threadIdx.x / Cfg<NM>::NL;
   float gk[kNpl] = {};
   float sum_delta = 0.0f;
   for (int i = gr.len - 1; i >= 0; --i) {
     const size_t r = size_t(row0 + gr.t0 + i);
-    const float delta = softplus_acc(to_f(in.dt[r * in.lddt + c.ec]) + c.dtb);
+    const int i0 = i / kSub * kSub;  // the staged rows: the sub-chunk holding i
+    if (i == gr.len - 1 || i % kSub == kSub - 1)
+      stage_delta<T, NM>(sPre, sDelta, in, row0 + gr.t0 + i0, min(kSub, gr.len - i0), E);
+    const float delta = sDelta[(i - i0) * Cfg<NM>::CPB + ch];
     const float zv = to_f(in.z[r * in.ldz + c.ec]), dyc = to_f(dy[r * lddy + c.ec]) * zv * sigmoid(zv);
     float Cv[kNpl];
     load_states<T, NM>(Cv, in.C, r, in.ldbc, c.q, N);
@@ -270,18 +293,26 @@ __global__ void __launch_bounds__(Cfg<NM>::TPB) grad_kernel(
   using K = Cfg<NM>;
   __shared__ float stash[kSub * kNpl * K::TPB];     // [i][k][thread]: the sub-chunk's states
   __shared__ float red[kSub * K::W * 32 * K::RV];   // [i][warp][lane][j]: dB, dC per warp
+  __shared__ float sPre[kSub * K::CPB], sDelta[kSub * K::CPB];
   const int g = blockIdx.y, s = blockIdx.z, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int row0 = cu[s], L = cu[s + 1] - row0;
   if (g >= groups_of(L, chunk)) return;
   const Group gr = group_at(g, L, chunk);
-  const Chan<T, NM> c(A, in.dt_bias, in.Dskip, E, N);
+  const Chan<T, NM> c(A, in.Dskip, E, N);
+  const int ch = tid / K::NL;
+  // n <= kSub rows from row r0 forward (before the group, or a sub-chunk), keeping no states.
+  auto walk = [&](float (&st)[kNpl], int r0, int n) {
+    stage_delta<T, NM>(sPre, sDelta, in, r0, n, E);
+#pragma unroll 1
+    for (int i = 0; i < n; ++i) step_forward<T, NM>(st, c, in, size_t(r0 + i), sDelta[i * K::CPB + ch], N);
+  };
 
   // The state entering the group: the chunk's saved state, walked to the group's first token.
   float h[kNpl];
   const size_t ci = size_t(coff[s] + gr.ci) * E + c.ec;
 #pragma unroll
   for (int k = 0; k < kNpl; ++k) h[k] = c.n(k) < N ? saved[ci * N + c.n(k)] : 0.0f;
-  for (int t = gr.ci * chunk; t < gr.t0; ++t) step_forward<T, NM>(h, c, in, size_t(row0 + t), N);
+  for (int t = gr.ci * chunk; t < gr.t0; t += kSub) walk(h, row0 + t, min(kSub, gr.t0 - t));
   // The state entering each sub-chunk (registers: constant indices after unrolling).
   const int nsub = ceil_div(gr.len, kSub);
   float sub[kMaxSub][kNpl];
@@ -289,10 +320,7 @@ __global__ void __launch_bounds__(Cfg<NM>::TPB) grad_kernel(
   for (int j = 0; j < kMaxSub; ++j) {
 #pragma unroll
     for (int k = 0; k < kNpl; ++k) sub[j][k] = h[k];
-    if (j + 1 < nsub) {
-#pragma unroll 1
-      for (int i = 0; i < kSub; ++i) step_forward<T, NM>(h, c, in, size_t(row0 + gr.t0 + j * kSub + i), N);
-    }
+    if (j + 1 < nsub) walk(h, row0 + gr.t0 + j * kSub, kSub);
   }
 
   const size_t gi = size_t(goff[s] + g) * E + c.ec;
@@ -307,9 +335,10 @@ __global__ void __launch_bounds__(Cfg<NM>::TPB) grad_kernel(
     float hp[kNpl];
 #pragma unroll
     for (int k = 0; k < kNpl; ++k) hp[k] = sub[j][k];
+    stage_delta<T, NM>(sPre, sDelta, in, row0 + ts, slen, E);
 #pragma unroll 1
     for (int i = 0; i < slen; ++i) {
-      step_forward<T, NM>(hp, c, in, size_t(row0 + ts + i), N);
+      step_forward<T, NM>(hp, c, in, size_t(row0 + ts + i), sDelta[i * K::CPB + ch], N);
 #pragma unroll
       for (int k = 0; k < kNpl; ++k) stash[(i * kNpl + k) * K::TPB + tid] = hp[k];
     }
@@ -322,8 +351,7 @@ __global__ void __launch_bounds__(Cfg<NM>::TPB) grad_kernel(
         ht[k] = stash[(i * kNpl + k) * K::TPB + tid];
         hv[k] = i > 0 ? stash[((i - 1) * kNpl + k) * K::TPB + tid] : sub[j][k];
       }
-      const float pre = to_f(in.dt[r * in.lddt + c.ec]) + c.dtb;
-      const float delta = softplus_acc(pre);
+      const float pre = sPre[i * K::CPB + ch], delta = sDelta[i * K::CPB + ch];
       const float xv = to_f(in.x[r * in.ldx + c.ec]), zv = to_f(in.z[r * in.ldz + c.ec]);
       const float dyv = to_f(dy[r * lddy + c.ec]);
       float Bv[kNpl], Cv[kNpl];
