@@ -608,8 +608,9 @@ void check_shape(const ScanTrainShape& sh, const RaggedBatch& rb, const char* op
            sh.nseq, " sequences of ", sh.n_tokens, " tokens, the batch has ", rb.nseq, " of ", rb.n_tokens, ")");
   HM_CHECK(rb.nseq <= 65535 && sh.max_groups <= 65535, "cuda ", op, ": ", rb.nseq, " sequences of up to ",
            sh.max_groups, " groups of ", kScanGroup, " tokens; at most 65535 of each per call");
-  HM_CHECK(ceil_div(sh.E, Cfg<kMaxState>::CPB) <= INT32_MAX / 2 && int64_t(sh.E) * sh.N <= INT32_MAX,
-           "cuda ", op, ": d_inner ", sh.E, " is too wide");
+  // The element-wise kernels index [E, N] and [n_tokens, 2, N] with an int.
+  HM_CHECK(int64_t(sh.E) * sh.N <= INT32_MAX && int64_t(sh.n_tokens) * 2 * sh.N <= INT32_MAX, "cuda ", op, ": ",
+           sh.n_tokens, " tokens of d_inner ", sh.E, " and d_state ", sh.N, " are too many for one call");
 }
 
 }  // namespace
