@@ -796,7 +796,12 @@ HfInfo nemotron_h_info_from_json(const JsonFields& f, const std::string& origin)
   c.vocab_size = int(f.get_int("vocab_size", 1, kMaxVocab));
   c.norm_eps = f.has("layer_norm_epsilon") ? f.get_float("layer_norm_epsilon") : 1e-5f;
   HM_CHECK(c.norm_eps > 0 && c.norm_eps < 1, origin, ": field 'layer_norm_epsilon' must be in (0, 1), got ", c.norm_eps);
-  c.tie_embeddings = f.has("tie_word_embeddings") ? f.get_bool("tie_word_embeddings") : false;
+  // Never tied: transformers' NemotronHForCausalLM (5.17) keeps lm_head.weight apart even with
+  // tie_word_embeddings true, saves it, and computes with it (the nemotron_h_bf16 fixture: a
+  // tied config whose stored head differs from the embeddings). The published checkpoints are
+  // untied. A folder without lm_head.weight is the missing-tensor error.
+  if (present(f, "tie_word_embeddings")) (void)f.get_bool("tie_word_embeddings");  // type-checked, not used
+  c.tie_embeddings = false;
   for (const char* k : {"attention_bias", "mlp_bias", "mamba_proj_bias", "use_bias"})
     if (present(f, k))
       HM_CHECK(!f.get_bool(k), origin, ": field '", k, "' is true: biases on those projections are not supported");
