@@ -494,7 +494,7 @@ def cmd_bench(args):
     _, _, mha, _ = import_peer()
     install_attn_decode(mha, args.attn_decode)
     decode_cfgs = parse_decode(args.decode)
-    prefill_batches = [int(b) for b in args.prefill_batches.split(",")]
+    prefill_batches = [int(b) for b in args.prefill_batches.split(",") if b]  # "": decode cases only
     result = {"tool": "cuda_peer", "method": __doc__[__doc__.index("Decode: T(n)"):
                                                       __doc__.index("Exit codes")].strip(),
               "reps": args.reps, "warmup": args.warmup, "warm_s": args.warm_s, "versions": versions(mha),

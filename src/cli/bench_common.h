@@ -45,6 +45,7 @@ struct DeviceSetup;
 struct DeviceBenchOptions {
   std::string preset = "seed", config, model, peer_script;
   bool peer = false, json = false, quick = false;
+  std::string decode_cases;  // "BxC,...": only these decode cases (batch x context), no prefill cases
   int reps = 5;
 };
 int bench_device(const DeviceBenchOptions& o, DeviceSetup& dev);

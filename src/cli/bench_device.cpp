@@ -13,6 +13,7 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <utility>
 
 #include "cli/bench_common.h"
 #include "cli/commands.h"
@@ -153,6 +154,33 @@ double decode_step_bytes(const HybridModel& m, int batch, double ctx, DType kv) 
 struct DecodeCase {
   int batch, context;
 };
+
+// "64x16,16x8192" -> {{64, 16}, {16, 8192}}; anything else is an error naming the item.
+std::vector<DecodeCase> parse_decode_cases(const std::string& spec) {
+  std::vector<DecodeCase> out;
+  size_t pos = 0;
+  while (pos <= spec.size()) {
+    const size_t end = std::min(spec.find(',', pos), spec.size());
+    const std::string item = spec.substr(pos, end - pos);
+    const size_t x = item.find('x');
+    int b = 0, c = 0;
+    size_t nb = 0, nc = 0;
+    try {
+      if (x != std::string::npos) {
+        b = std::stoi(item.substr(0, x), &nb);
+        c = std::stoi(item.substr(x + 1), &nc);
+      }
+    } catch (const std::exception&) {
+      nb = nc = 0;
+    }
+    HM_CHECK(x != std::string::npos && nb == x && nc == item.size() - x - 1 && b >= 1 && b <= 4096 && c >= 1 &&
+                 c <= (1 << 20),
+             "bench --decode-cases: '", item, "' is not BATCHxCONTEXT with batch in [1, 4096] and context in [1, 2^20]");
+    out.push_back({b, c});
+    pos = end + 1;
+  }
+  return out;
+}
 
 // T(n) = wall time of Generator (prefill + first token) and n - 1 decode steps, greedy, tokens
 // sampled on the device; decode = (T(129) - T(1)) / 128, TTFT = T(1), as cuda_peer.py times
@@ -334,6 +362,10 @@ int bench_device(const DeviceBenchOptions& o, DeviceSetup& dev) {
   std::vector<DecodeCase> cases = {{1, 16}, {16, 16}, {64, 16}, {1, 128}, {16, 128}, {1, 8192}, {16, 8192}};
   if (o.quick) cases = {{1, 16}, {4, 16}, {1, 128}};
   std::vector<int> prefill_batches = o.quick ? std::vector<int>{1, 2} : std::vector<int>{1, 8};
+  if (!o.decode_cases.empty()) {
+    cases = parse_decode_cases(o.decode_cases);
+    prefill_batches.clear();
+  }
   r["decode"] = json::array();
   for (const DecodeCase& dc : cases) {
     log("decode batch " + std::to_string(dc.batch) + " after " + std::to_string(dc.context));
@@ -415,7 +447,7 @@ int bench_device(const DeviceBenchOptions& o, DeviceSetup& dev) {
       const std::string peer_json = tmp + "/peer.json";
       const auto [rc, out] = run_capture_status(
           "python3 " + quoted(o.peer_script) + " bench --ckpt " + quoted(ckpt) + " --reps " +
-          std::to_string(o.reps) + " --decode " + dec_list + " --prefill-batches " + pre_list + " --json " +
+          std::to_string(o.reps) + " --decode " + dec_list + " --prefill-batches " + quoted(std::as_const(pre_list)) + " --json " +
           quoted(peer_json) + " 2>&1");
       p["bench_status"] = rc;
       try {

@@ -366,7 +366,7 @@ Run add_bench(CLI::App& app) {
     bool json = false, no_peer = false, quick = false;
     bool train = false, routing_sweep = false;
     int batch = 8, seq_len = 128, steps = 5;
-    std::string weights;
+    std::string weights, decode_cases;
   };
   auto o = std::make_shared<Opts>();
   app.add_option("--preset", o->preset, "Preset to measure (random weights)")->capture_default_str();
@@ -382,6 +382,9 @@ Run add_bench(CLI::App& app) {
   app.add_flag("--json", o->json, "Print one JSON object");
   app.add_flag("--no-peer", o->no_peer, "Skip the PyTorch peer");
   app.add_flag("--quick", o->quick, "Contexts up to 1024 only (for smoke tests)");
+  app.add_option("--decode-cases", o->decode_cases,
+                 "--device cuda: only these decode cases, BATCHxCONTEXT comma-separated (e.g. 64x16,16x8192), and no "
+                 "prefill cases: for A/B runs and profiles of one case");
   app.add_flag("--train", o->train, "Measure training steps (loss_and_grad + AdamW) instead of inference");
   app.add_option("--batch", o->batch, "--train: sequences per step")->capture_default_str();
   CLI::Option* seq_len_opt =
@@ -413,6 +416,7 @@ Run add_bench(CLI::App& app) {
       d.peer_script = o->peer == cpu_peer ? std::string(HM_SOURCE_DIR) + "/bench/cuda_peer.py" : o->peer;
       d.json = o->json;
       d.quick = o->quick;
+      d.decode_cases = o->decode_cases;
       d.reps = o->reps;
       return bench_device(d, dev);
     }

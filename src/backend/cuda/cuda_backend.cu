@@ -178,6 +178,17 @@ constexpr int kGemvRows = 1;
 // cross_entropy_head's logits (and dlogits) of one block of rows stay within this.
 constexpr size_t kHeadBlockBytes = size_t(128) << 20;
 
+// The most sequences a decode step runs dt_proj inside the scan step (dt_scan) for. Each
+// (sequence, channel) re-reads its row of dt_proj, so the weight is read once per sequence:
+// 1 MB per layer per sequence on the 1.4B shape (dt rank 128, E 4096). Above this, dt_proj is
+// one cuBLASLt GEMM that reads it once. HM_CUDA_DT_SCAN_SEQS=N overrides (the A/B switch).
+constexpr int kDtScanSeqs = 1;
+
+int dt_scan_seqs_default() {
+  const char* v = std::getenv("HM_CUDA_DT_SCAN_SEQS");
+  return v != nullptr && std::atoi(v) >= 0 ? std::atoi(v) : kDtScanSeqs;
+}
+
 bool decode_kernels_default() {
   const char* v = std::getenv("HM_CUDA_GEMV");
   return v == nullptr || std::string(v) != "0";
@@ -224,6 +235,7 @@ class CudaBackendImpl final : public CudaBackend {
     fallback_only_ = on;
   }
   void set_decode_kernels(bool on) override { decode_kernels_ = on; }
+  void set_dt_scan_seqs(int n) override { dt_scan_seqs_ = n; }
   // The fallback-only test mode means cublasGemmEx for every linear, so no GEMV either.
   bool decode_kernels_on() const { return decode_kernels_ && !fallback_only_; }
   void reserve_workspace(size_t bytes) override {
@@ -407,7 +419,7 @@ class CudaBackendImpl final : public CudaBackend {
                const float* A, Tensor B, Tensor C, Tensor Dskip, Tensor z, const Ragged& rg) override {
     const char* op = "dt_scan";
     const int E = x.cols, N = B.cols, R = dt_r.cols, T_ = rg.n_tokens();
-    if (!decode_kernels_on() || !is_decode(rg) || is_packed(dt_w.dtype) || T_ == 0) {
+    if (!decode_kernels_on() || !is_decode(rg) || rg.nseq() > dt_scan_seqs_ || is_packed(dt_w.dtype) || T_ == 0) {
       Backend::dt_scan(y, st, x, dt_r, dt_w, dt, dt_bias, A, B, C, Dskip, z, rg);
       return;
     }
@@ -1107,6 +1119,7 @@ class CudaBackendImpl final : public CudaBackend {
   cudaStream_t stream_ = nullptr;
   std::unique_ptr<cuda::Gemm> gemm_;
   bool decode_kernels_ = decode_kernels_default();
+  int dt_scan_seqs_ = dt_scan_seqs_default();
   bool fallback_only_ = false;
   void* ws_ = nullptr;
   size_t ws_bytes_ = 0;

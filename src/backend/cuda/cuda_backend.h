@@ -29,10 +29,13 @@ class CudaBackend : public Backend {
   virtual size_t workspace_bytes() const = 0;
   // Tests: route linear through cublasGemmEx (cuBLASLt's fallback) instead of cuBLASLt.
   virtual void set_linear_fallback_only(bool on) = 0;
-  // The decode kernels (kernels/cuda/decode.h: GEMV for linear at <= 8 rows, the fused Mamba
+  // The decode kernels (kernels/cuda/decode.h: GEMV for one-row linear, the fused Mamba
   // input stage and dt scan). On unless HM_CUDA_GEMV=0; off, every op runs unfused on cuBLASLt
   // and the plain kernels (tests and benchmarks compare the two).
   virtual void set_decode_kernels(bool on) = 0;
+  // The most sequences whose decode step runs dt_proj inside the scan (dt_scan); above, dt_proj is
+  // a GEMM. Default 1 (HM_CUDA_DT_SCAN_SEQS overrides); tests raise it to run the fused kernel.
+  virtual void set_dt_scan_seqs(int n) = 0;
   // Bytes held through alloc now (weights, caches, activations, op workspaces; not cuBLAS's own
   // workspace), and the most held since the last reset_peak: what torch.cuda.max_memory_allocated
   // reports, so benchmarks compare like with like, unaffected by other processes on the device.
