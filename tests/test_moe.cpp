@@ -205,8 +205,11 @@ TEST(Moe, BatchingDoesNotChangeTheAnswer) {
   m->forward(both, mem, out);
   const std::vector<float> out_a(out.begin(), out.begin() + a.size() * size_t(V));
   const std::vector<float> out_b(out.begin() + a.size() * size_t(V), out.end());
-  EXPECT_LT(test::rel_err(out_a, full_a), 1e-5);
-  EXPECT_LT(test::rel_err(out_b, full_b), 1e-5);
+  // Float noise only: OpenBLAS picks its GEMM kernel by m and by CPU, so two sequences in one
+  // batch sum in another order than one alone (1.5e-5 on a Zen 4 EPYC, under 1e-5 on the Xeons).
+  // A row mixed up between sequences or a wrong expert moves logits by O(1).
+  EXPECT_LT(test::rel_err(out_a, full_a), 1e-4);
+  EXPECT_LT(test::rel_err(out_b, full_b), 1e-4);
 }
 
 TEST(Moe, ConfigRoundTripAndBadConfigs) {
