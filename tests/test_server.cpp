@@ -112,6 +112,10 @@ TEST(Server, PrefixCacheHitEqualsMissAndSkipsWork) {
       o.step_tokens = 32;
       o.cache_bytes = 64u << 20;
       Engine e(*f.model, f.tok, o, KvType::F32);
+      // Without true layers a prompt runs in multi-block chunks, checkpointed at chunk ends, at
+      // its last boundary and at the branch point (prefix_cache.h); true layers, every block.
+      const bool multi = f.model->config().true_layers.empty();
+      int64_t saved = 0;
       // The first request fills the cache; each later one shares 45 tokens, then differs.
       for (int k = 0; k < 4; ++k) {
         std::vector<int32_t> prompt = shared;
@@ -119,12 +123,25 @@ TEST(Server, PrefixCacheHitEqualsMissAndSkipsWork) {
         prompt.insert(prompt.end(), tail.begin(), tail.end());
         const GenParams g = greedy(prompt, 5);
         const std::vector<int32_t> want = run_alone(f, g);  // no cache
-        const int64_t before = e.stats().computed_tokens;
+        const int64_t before = e.stats().computed_tokens, steps_before = e.stats().steps;
         auto r = e.submit(g);
         EXPECT_EQ(collect(*r), want) << "request " << k;
         const int cached = r->cached_tokens();
-        if (k == 0) EXPECT_EQ(cached, 0);
-        else EXPECT_EQ(cached, 45 / block * block) << "request " << k;
+        saved += cached;
+        if (k == 0) {
+          EXPECT_EQ(cached, 0);
+          // 48 prompt tokens in chunks of up to 32 (block 7: 28, 42, 48), not one forward a block.
+          if (multi) {
+            EXPECT_LE(e.stats().steps - steps_before, 3 + g.max_tokens - 1);
+          }
+        } else if (k == 1 && multi) {
+          // Request 0 left checkpoints at its chunk ends only: the deepest within the shared 45.
+          EXPECT_GT(cached, 0);
+          EXPECT_LE(cached, 45 / block * block);
+          EXPECT_EQ(cached % block, 0);
+        } else {  // request 1 stopped at the branch point (45 rounded down) and left one there
+          EXPECT_EQ(cached, 45 / block * block) << "request " << k;
+        }
         // Computed: the uncached prompt tokens, then one per decoded token but the last.
         EXPECT_EQ(e.stats().computed_tokens - before, int64_t(prompt.size()) - cached + g.max_tokens - 1);
       }
@@ -134,10 +151,16 @@ TEST(Server, PrefixCacheHitEqualsMissAndSkipsWork) {
       const std::vector<int32_t> want = run_alone(f, g);  // before submit: one model, one engine at a time
       auto r = e.submit(g);
       EXPECT_EQ(collect(*r), want);
-      EXPECT_EQ(r->cached_tokens(), 44 / block * block);
+      // Block 1 (multi-block chunks): the branch checkpoint is at 45, past the 44 this prompt may
+      // restore; it resumes from request 0's chunk end.
+      if (multi && block == 1) {
+        EXPECT_EQ(r->cached_tokens(), 32);
+      } else {
+        EXPECT_EQ(r->cached_tokens(), 44 / block * block);
+      }
       const EngineStats s = e.stats();
       EXPECT_EQ(s.cache.hits, 4);
-      EXPECT_EQ(s.cache.tokens_saved, 3 * (45 / block * block) + 44 / block * block);
+      EXPECT_EQ(s.cache.tokens_saved, saved + r->cached_tokens());
     }
   }
 }

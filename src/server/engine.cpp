@@ -92,6 +92,7 @@ struct Engine::Active {
   std::map<int32_t, int> counts;      // generated tokens, for presence/frequency penalties
   std::vector<float> row;             // penalised logits
   int generated = 0;
+  int branch = 0;  // the prefix cache's branch point: a prompt chunk ends there (0: none)
   Clock::time_point deadline = Clock::time_point::max();
 };
 
@@ -177,7 +178,7 @@ void Engine::admit() {
     a->dec = std::make_unique<Utf8StreamDecoder>(tok_);
     if (r->params.timeout_s > 0)
       a->deadline = r->submitted_ + std::chrono::milliseconds(int64_t(r->params.timeout_s * 1000));
-    const int cached = cache_.restore(slot, a->seq);
+    const int cached = cache_.restore(slot, a->seq, &a->branch);
     {
       std::lock_guard<std::mutex> rl(r->mu_);
       r->cached_ = cached;
@@ -222,11 +223,17 @@ bool Engine::step() {
     Active& a = *ap;
     const int fed = mem_.pos(a.slot);
     if (fed < a.prompt_len) {
-      // With the cache on, a chunk is at most one block: the model's state exists only where a
-      // forward stops, and the cache keeps it at every block boundary. Chunks always stop on a
-      // boundary, so a prompt is cut the same way whatever runs beside it.
+      // Chunks end on block boundaries. With the cache on, the model's state exists only where a
+      // forward stops, so a chunk also stops where a checkpoint pays (prefix_cache.h): at the
+      // branch point and at the last boundary before the prompt's last token; a model with true
+      // layers stops at every block.
       int end = std::min(a.prompt_len, fed + budget);
-      if (cache_.enabled()) end = std::min(end, (fed / opt_.block + 1) * opt_.block);
+      if (cache_.enabled()) {
+        if (cache_.one_block_chunks()) end = std::min(end, (fed / opt_.block + 1) * opt_.block);
+        // (prompt_len - 1) rounded down: the most the same prompt sent again may restore.
+        for (int stop : {a.branch, (a.prompt_len - 1) / opt_.block * opt_.block})
+          if (stop > fed && stop < end) end = stop;
+      }
       if (end < a.prompt_len) end = end / opt_.block * opt_.block;
       if (end <= fed) continue;
       b.add(a.slot, std::vector<int32_t>(a.seq.begin() + fed, a.seq.begin() + end));

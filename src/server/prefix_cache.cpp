@@ -18,6 +18,7 @@ struct PrefixCache::Node {
   size_t bytes = 0;
   uint64_t used = 0;               // LRU time
   int pins = 0;                    // slots recording from this node
+  bool has_state = false;          // a checkpoint at the block's end (the root: the empty state)
 };
 
 PrefixCache::PrefixCache(HybridMemory& mem, const ModelConfig& c, int block, size_t budget_bytes)
@@ -34,6 +35,7 @@ PrefixCache::PrefixCache(HybridMemory& mem, const ModelConfig& c, int block, siz
   state_bytes_ += true_layers_.size() * sizeof(float) * size_t(c.d_model);
   route_host_ = size_t(c.d_model) + 1;
   root_ = std::make_unique<Node>();
+  root_->has_state = true;
   root_->rows.assign(attn_layers_.size(), 0);
   root_->cum.assign(attn_layers_.size(), 0);
 }
@@ -59,14 +61,16 @@ void PrefixCache::set_cursor(int slot, Node* n) {
 
 void PrefixCache::release(int slot) { set_cursor(slot, nullptr); }
 
-std::unique_ptr<PrefixCache::Node> PrefixCache::snapshot(int slot, Node* parent, const int32_t* /*toks*/) {
+std::unique_ptr<PrefixCache::Node> PrefixCache::snapshot(int slot, Node* parent, bool with_state) {
   auto n = std::make_unique<Node>();
   n->parent = parent;
   n->depth = parent->depth + 1;
   size_t kv_bytes = 0;
   for (size_t a = 0; a < attn_layers_.size(); ++a) {
-    const int cum = mem_.kv().len(attn_layers_[a], slot);
-    HM_ASSERT(cum >= parent->cum[a]);
+    // At a checkpoint the cache's own length; inside a multi-block chunk (no true layers, so every
+    // attention layer holds a row per token) the block's end.
+    const int cum = with_state ? mem_.kv().len(attn_layers_[a], slot) : n->depth * block_;
+    HM_ASSERT(cum >= parent->cum[a] && cum <= mem_.kv().len(attn_layers_[a], slot));
     n->cum.push_back(cum);
     n->rows.push_back(cum - parent->cum[a]);
     kv_bytes += 2 * size_t(n->rows.back()) * kv_row_bytes_;
@@ -82,9 +86,16 @@ std::unique_ptr<PrefixCache::Node> PrefixCache::snapshot(int slot, Node* parent,
       dst += 2 * len;
     }
   }
+  n->bytes = kv_bytes + sizeof(Node) + size_t(block_) * sizeof(int32_t);
+  if (with_state) snapshot_state(*n, slot);
+  return n;
+}
+
+// The slot's recurrent state (and true layers' route state) into n, which ends at its position.
+void PrefixCache::snapshot_state(Node& n, int slot) {
   if (state_bytes_ > 0) {
-    n->state = Buffer(be_, state_bytes_);
-    char* dst = static_cast<char*>(n->state.data());
+    n.state = Buffer(be_, state_bytes_);
+    char* dst = static_cast<char*>(n.state.data());
     for (int l : mamba_layers_) {
       for (const StatePool& p : {mem_.recurrent().conv_pool(l), mem_.recurrent().ssm_pool(l)}) {
         const size_t len = sizeof(float) * size_t(p.slot_stride);
@@ -101,25 +112,28 @@ std::unique_ptr<PrefixCache::Node> PrefixCache::snapshot(int slot, Node* parent,
   }
   for (int l : true_layers_) {
     const float* ema = mem_.route().ema(l, slot);
-    n->route_host.insert(n->route_host.end(), ema, ema + route_host_ - 1);
-    n->route_host.push_back(mem_.route().chunk_logit(l, slot));
+    n.route_host.insert(n.route_host.end(), ema, ema + route_host_ - 1);
+    n.route_host.push_back(mem_.route().chunk_logit(l, slot));
   }
-  n->bytes = kv_bytes + state_bytes_ + n->route_host.size() * sizeof(float) + sizeof(Node) +
-             size_t(block_) * sizeof(int32_t);
-  return n;
+  n.bytes += state_bytes_ + n.route_host.size() * sizeof(float);
+  n.has_state = true;
 }
 
-int PrefixCache::restore(int slot, const std::vector<int32_t>& tokens) {
+int PrefixCache::restore(int slot, const std::vector<int32_t>& tokens, int* branch) {
   release(slot);
   mem_.seq_rm(slot);
+  if (branch) *branch = 0;
   if (!enabled()) return 0;
   const int n_tokens = int(tokens.size());
+  Node* deepest = root_.get();  // the deepest match, then the deepest match with a checkpoint
   Node* n = root_.get();
-  while ((n->depth + 1) * block_ <= n_tokens - 1) {
-    Node* c = child(n, tokens.data() + size_t(n->depth) * block_);
+  while ((deepest->depth + 1) * block_ <= n_tokens - 1) {
+    Node* c = child(deepest, tokens.data() + size_t(deepest->depth) * block_);
     if (!c) break;
-    n = c;
+    deepest = c;
+    if (c->has_state) n = c;
   }
+  if (branch && deepest != n) *branch = deepest->depth * block_;
   if (n == root_.get()) {
     ++stats_.misses;
     set_cursor(slot, n);
@@ -176,34 +190,45 @@ int PrefixCache::restore(int slot, const std::vector<int32_t>& tokens) {
 }
 
 void PrefixCache::record(int slot, const std::vector<int32_t>& tokens) {
-  Node* c = cursor_.at(size_t(slot));
-  if (!c) return;
-  const int pos = mem_.pos(slot), end = (c->depth + 1) * block_;
-  if (pos < end) return;
-  if (pos > end) {  // passed a boundary mid-chunk: no state there to keep
-    release(slot);
-    return;
-  }
+  const int pos = mem_.pos(slot);
   HM_ASSERT(int(tokens.size()) >= pos);
-  const int32_t* toks = tokens.data() + size_t(c->depth) * block_;
-  if (Node* have = child(c, toks)) {
-    have->used = ++clock_;
-    set_cursor(slot, have);
-    return;
+  for (Node* c = cursor_.at(size_t(slot)); c != nullptr && (c->depth + 1) * block_ <= pos;
+       c = cursor_.at(size_t(slot))) {
+    const bool at_end = (c->depth + 1) * block_ == pos;
+    if (!at_end && one_block_chunks()) {  // passed a boundary mid-chunk: no per-block rows or state
+      release(slot);
+      return;
+    }
+    const int32_t* toks = tokens.data() + size_t(c->depth) * block_;
+    if (Node* have = child(c, toks)) {
+      have->used = ++clock_;
+      set_cursor(slot, have);  // pinned: the eviction below cannot take it
+      if (at_end && !have->has_state) {
+        const size_t before = have->bytes, need = state_bytes_ + true_layers_.size() * route_host_ * sizeof(float);
+        evict_until(need);
+        if (size_t(stats_.bytes) + need > budget_) {  // no room for the checkpoint
+          release(slot);
+          return;
+        }
+        snapshot_state(*have, slot);
+        stats_.bytes += int64_t(have->bytes - before);
+      }
+      continue;
+    }
+    std::unique_ptr<Node> n = snapshot(slot, c, at_end);
+    evict_until(n->bytes);
+    if (size_t(stats_.bytes) + n->bytes > budget_) {  // the budget cannot hold it
+      release(slot);
+      return;
+    }
+    n->used = ++clock_;
+    Node* raw = n.get();
+    stats_.bytes += int64_t(n->bytes);
+    ++stats_.blocks;
+    ++stats_.inserted;
+    c->kids.emplace(std::vector<int32_t>(toks, toks + block_), std::move(n));
+    set_cursor(slot, raw);
   }
-  std::unique_ptr<Node> n = snapshot(slot, c, toks);
-  evict_until(n->bytes);
-  if (size_t(stats_.bytes) + n->bytes > budget_) {  // the budget cannot hold it
-    release(slot);
-    return;
-  }
-  n->used = ++clock_;
-  Node* raw = n.get();
-  stats_.bytes += int64_t(n->bytes);
-  ++stats_.blocks;
-  ++stats_.inserted;
-  c->kids.emplace(std::vector<int32_t>(toks, toks + block_), std::move(n));
-  set_cursor(slot, raw);
 }
 
 void PrefixCache::evict_until(size_t need) {

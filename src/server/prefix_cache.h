@@ -2,11 +2,17 @@
 // reused for any shared prefix, but a Mamba layer's state (conv window, SSM state) and a true
 // layer's route state exist only at the position where they were computed. So the cache is a
 // tree of fixed-size token blocks: each node holds the K/V rows its block added to every layer
-// with an attention path, and a checkpoint of the whole recurrent state at the block's end. A
-// request resumes from the deepest node its prompt matches and computes only the rest.
+// with an attention path and, where a forward stopped at the block's end, a checkpoint of the
+// whole recurrent state there. A request resumes from the deepest node its prompt matches that
+// has a checkpoint, and computes only the rest.
 //
-// The scheduler ends prompt chunks at block boundaries and decodes one token per step, so every
-// sequence passes through each boundary with its state in memory: record() snapshots it there.
+// Prompt chunks span many blocks (one forward per chunk, not per block: on a GPU a 2,000-token
+// prompt in 64-token chunks cost 7x its single forward). They end on block boundaries, and where
+// a checkpoint pays: the last boundary before the prompt's last token (what the same prompt sent
+// again restores), and the branch point, the end of the deepest
+// node the prompt matches beyond the checkpoint it resumed from (the next request that shares
+// that prefix resumes there). Decoding passes each boundary with its state in memory. Models with
+// true layers keep one-block chunks: their rows routed inside a chunk are not known per block.
 #pragma once
 #include <cstdint>
 #include <map>
@@ -37,15 +43,18 @@ class PrefixCache {
   int block() const { return block_; }
   bool enabled() const { return budget_ > 0; }
 
-  // Resets slot, then fills it with the state after the longest cached prefix of tokens that
-  // still leaves at least one token to compute (a whole number of blocks). Returns the number of
-  // tokens restored (0: a miss; the slot starts empty). The slot then records from there.
-  int restore(int slot, const std::vector<int32_t>& tokens);
-  // After a forward: slot holds tokens[0, mem.pos(slot)). When that position ends the block
-  // after the slot's last recorded one, its K/V rows and state become a node (or the node that
-  // already holds the same block is reused). A sequence that passes a boundary without stopping
-  // at it records nothing further.
+  // Resets slot, then fills it with the state after the longest cached prefix of tokens with a
+  // checkpoint that still leaves at least one token to compute (a whole number of blocks).
+  // Returns the number of tokens restored (0: a miss; the slot starts empty). The slot then
+  // records from there. *branch (if given): the end of the deepest node the tokens match (0 when
+  // no node beyond the restored one matches), where a chunk should stop to leave a checkpoint.
+  int restore(int slot, const std::vector<int32_t>& tokens, int* branch = nullptr);
+  // After a forward: slot holds tokens[0, mem.pos(slot)). Every block it completed since its
+  // last recorded one becomes a node (or reuses the node that holds the same block) with its K/V
+  // rows; the block ending exactly at the position also gets the state checkpoint.
   void record(int slot, const std::vector<int32_t>& tokens);
+  // Prompt chunks must end at every block boundary (models with true layers).
+  bool one_block_chunks() const { return !true_layers_.empty(); }
   // The slot's sequence is done (or reset): it stops recording.
   void release(int slot);
 
@@ -56,7 +65,8 @@ class PrefixCache {
  private:
   struct Node;
   Node* child(Node* n, const int32_t* toks) const;
-  std::unique_ptr<Node> snapshot(int slot, Node* parent, const int32_t* toks);
+  std::unique_ptr<Node> snapshot(int slot, Node* parent, bool with_state);
+  void snapshot_state(Node& n, int slot);
   void evict_until(size_t need);
   void set_cursor(int slot, Node* n);
 
