@@ -284,7 +284,8 @@ struct Served {
   std::unique_ptr<HttpServer> http;
   std::thread th;
   int port = 0;
-  explicit Served(const std::string& key = {}, int slots = 4, int max_queue = 64, const char* model = "tiny")
+  explicit Served(const std::string& key = {}, int slots = 4, int max_queue = 64, const char* model = "tiny",
+                  std::shared_ptr<const ChatFormat> chat = nullptr)
       : f(model) {
     EngineOptions o;
     o.slots = slots;
@@ -297,6 +298,7 @@ struct Served {
     so.model_id = "tiny";
     so.api_key = key;
     so.max_body = 4096;
+    so.chat = std::move(chat);
     http = std::make_unique<HttpServer>(*eng, so);
     port = http->bind("127.0.0.1", 0);
     th = std::thread([this] { http->listen(); });
@@ -320,6 +322,52 @@ json post(const Served& s, const char* path, const json& body, int* status = nul
   if (!res) return {};
   if (status) *status = res->status;
   return json::parse(res->body);
+}
+
+// A template in the style of the chat-tuned families: bos text, role tags, raise_exception.
+std::shared_ptr<const ChatFormat> test_chat_format() {
+  HfChatTemplate t;
+  t.source =
+      "{{ bos_token }}{% for m in messages %}{% if m.role not in ['system', 'user', 'assistant'] %}"
+      "{{ raise_exception('role ' + m.role + ' is not supported') }}{% endif %}<{{ m.role }}>{{ m.content }}"
+      "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}";
+  t.special_tokens["bos_token"] = "B";
+  return std::make_shared<const ChatFormat>(t);
+}
+
+TEST(ServerApi, ChatUsesTheModelsTemplateElseTheDefault) {
+  ByteTokenizer tok;
+  const auto chat = test_chat_format();
+  json body = {{"messages",
+                {{{"role", "system"}, {"content", "s"}},
+                 {{"role", "user"},
+                  {"content", json::array({{{"type", "text"}, {"text", "hi"}}, {{"type", "text"}, {"text", " there"}}})}}}}};
+  // The template writes its own bos: the prompt is its text, encoded without another.
+  EXPECT_EQ(parse_request(body.dump(), Endpoint::Chat, tok, "m", 256, chat.get()).gen.prompt,
+            tok.encode("B<system>s<user>hi there<assistant>", false));
+  EXPECT_EQ(parse_request(body.dump(), Endpoint::Chat, tok, "m", 256).gen.prompt,
+            tok.encode("<|system|>\ns\n<|user|>\nhi there\n<|assistant|>\n", true));
+  body["messages"].push_back({{"role", "tool"}, {"content", "x"}});
+  try {
+    parse_request(body.dump(), Endpoint::Chat, tok, "m", 256, chat.get());
+    ADD_FAILURE() << "no error";
+  } catch (const ApiError& e) {
+    EXPECT_EQ(e.status, 400);
+    EXPECT_EQ(e.param, "messages");
+    EXPECT_NE(e.message.find("role tool is not supported"), std::string::npos) << e.message;
+  }
+}
+
+TEST(ServerHttp, ChatUsesTheModelsTemplate) {
+  Served s({}, 4, 64, "tiny", test_chat_format());
+  int st = 0;
+  json r = post(s, "/v1/chat/completions",
+                {{"messages", {{{"role", "user"}, {"content", "hi"}}}}, {"max_tokens", 2}, {"temperature", 0}}, &st);
+  EXPECT_EQ(st, 200) << r.dump();
+  EXPECT_EQ(r["usage"]["prompt_tokens"], std::string("B<user>hi<assistant>").size()) << r.dump();
+  r = post(s, "/v1/chat/completions", {{"messages", {{{"role", "tool"}, {"content", "x"}}}}, {"max_tokens", 2}}, &st);
+  EXPECT_EQ(st, 400) << r.dump();
+  EXPECT_NE(r["error"]["message"].get<std::string>().find("role tool is not supported"), std::string::npos) << r.dump();
 }
 
 TEST(ServerHttp, CompletionsChatModelsAndErrors) {

@@ -11,6 +11,7 @@
 #include "core/error.h"
 #include "core/interrupt.h"
 #include "core/threads.h"
+#include "runtime/chat_template.h"
 #include "runtime/tokenizer.h"
 #include "server/api.h"
 #include "server/engine.h"
@@ -38,7 +39,8 @@ Run add_serve(CLI::App& app) {
       ->check(CLI::Range(2, 1 << 20));
   app.add_option("--cache-mb", o->cache_mb, "Prefix cache size in MiB (0 = off)")->capture_default_str()
       ->check(non_negative());
-  app.add_option("--cache-block", o->eng.block, "Prefix cache block in tokens: state is kept at every multiple")
+  app.add_option("--cache-block", o->eng.block, "Prefix cache block in tokens: K/V kept per block, state checkpoints at block ends where a "
+                 "forward stops (docs/SERVER.md)")
       ->capture_default_str()->check(CLI::Range(1, 1 << 16));
   app.add_option("--step-tokens", o->eng.step_tokens,
                  "Prompt tokens computed per batched step (bounds how long decoding waits for a prompt)")
@@ -77,6 +79,9 @@ Run add_serve(CLI::App& app) {
     so.max_body = size_t(o->max_body_kb) * 1024;
     so.timeout_s = o->timeout_s;
     so.http_threads = o->http_threads;
+    // The folder's own chat template when it has one (a Hugging Face folder), else our default.
+    HfChatTemplate chat = read_chat_template(o->model);
+    if (!chat.empty()) so.chat = std::make_shared<const ChatFormat>(chat);
     InterruptScope interrupts;
     server::Engine engine(*model, *tok, o->eng, dev.kv);
     server::HttpServer http(engine, so);
@@ -85,6 +90,8 @@ Run add_serve(CLI::App& app) {
     std::fprintf(stderr, "hm serve: model '%s' on %s, listening on http://%s:%d (slots %d, ctx %d, cache %lld MiB)\n",
                  so.model_id.c_str(), dev.be->name().c_str(), o->host.c_str(), port, o->eng.slots, o->eng.ctx,
                  static_cast<long long>(o->cache_mb));
+    std::fprintf(stderr, "hm serve: chat template: %s\n",
+                 so.chat ? so.chat->info().origin.c_str() : "none in the folder, the default <|role|> format");
     std::printf("listening on http://%s:%d\n", o->host.c_str(), port);
     std::fflush(stdout);
     while (interrupt_signal() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(50));

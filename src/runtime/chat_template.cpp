@@ -3141,11 +3141,7 @@ std::string ChatFormat::apply(const nlohmann::json& messages, bool add_generatio
   vars["tools"] = tools;
   vars["documents"] = nullptr;
   vars["add_generation_prompt"] = add_generation_prompt;
-  try {
-    return tmpl_.render(vars);
-  } catch (const Error& e) {
-    throw Error(info_.origin.empty() ? e.what() : info_.origin + ": " + e.what());
-  }
+  return tmpl_.render(vars);
 }
 
 }  // namespace hm

@@ -93,8 +93,21 @@ std::string apply_chat_template(const json& messages) {
   return s + "<|assistant|>\n";
 }
 
+std::string apply_model_chat_template(const ChatFormat& chat, const json& messages) {
+  json m = json::array();
+  for (size_t i = 0; i < messages.size(); ++i) {
+    m.push_back(messages[i]);
+    m.back()["content"] = message_text(messages[i]["content"], i);
+  }
+  try {
+    return chat.apply(m, true);
+  } catch (const Error& e) {
+    throw bad("messages", std::string("the model's chat template refused the messages: ") + e.what());
+  }
+}
+
 ParsedRequest parse_request(const std::string& body, Endpoint ep, const Tokenizer& tok, const std::string& model_id,
-                            int ctx) {
+                            int ctx, const ChatFormat* chat) {
   json j;
   try {
     j = json::parse(body);
@@ -148,7 +161,7 @@ ParsedRequest parse_request(const std::string& body, Endpoint ep, const Tokenize
       if (!m[i].contains("content") || m[i]["content"].is_null())
         throw bad(p + ".content", p + ".content is required");
     }
-    g.prompt = tok.encode(apply_chat_template(m), true);
+    g.prompt = chat ? tok.encode(apply_model_chat_template(*chat, m), false) : tok.encode(apply_chat_template(m), true);
   }
   if (g.prompt.empty()) throw bad("prompt", "the prompt is empty");
   const int n = int(g.prompt.size());
@@ -365,7 +378,7 @@ void HttpServer::Impl::generate(const httplib::Request& req, httplib::Response& 
   }
   ParsedRequest pr;
   try {
-    pr = parse_request(req.body, ep, eng.tokenizer(), o.model_id, eng.options().ctx);
+    pr = parse_request(req.body, ep, eng.tokenizer(), o.model_id, eng.options().ctx, o.chat.get());
   } catch (const ApiError& e) {
     return send_error(res, e);
   } catch (const std::exception& e) {  // the tokenizer on odd text

@@ -9,6 +9,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "runtime/chat_template.h"
 #include "server/engine.h"
 
 namespace hm::server {
@@ -40,9 +41,15 @@ struct ParsedRequest {
 // each message as "<|role|>\n" content "\n", then "<|assistant|>\n".
 std::string apply_chat_template(const nlohmann::json& messages);
 
+// The model's own chat template (runtime/chat_template.h) applied to the checked messages, each
+// content given as its text: the prompt text, encoded without an added bos (the template writes
+// its own). A message the template refuses (raise_exception) is an ApiError 400 naming it.
+std::string apply_model_chat_template(const ChatFormat& chat, const nlohmann::json& messages);
+
 // Checks every field (type and range) and the prompt against the context. Throws ApiError.
+// chat: the model's template for chat requests (null: apply_chat_template above).
 ParsedRequest parse_request(const std::string& body, Endpoint ep, const Tokenizer& tok,
-                            const std::string& model_id, int ctx);
+                            const std::string& model_id, int ctx, const ChatFormat* chat = nullptr);
 
 struct ServerOptions {
   std::string model_id = "model";
@@ -50,6 +57,7 @@ struct ServerOptions {
   size_t max_body = 1u << 20;      // bytes; larger bodies get 413
   double timeout_s = 600;          // per request; 0 = none
   int http_threads = 0;            // 0: slots + max_queue + 8
+  std::shared_ptr<const ChatFormat> chat;  // the model's chat template; null: apply_chat_template
 };
 
 class HttpServer {
