@@ -132,6 +132,7 @@ def level(srv, bodies, clients, requests, reference):
                 if reference is not None and r["text"] != reference[k]:
                     differ.append(k)
 
+    m0 = srv.metrics()
     t0 = time.perf_counter()
     ts = [threading.Thread(target=client) for _ in range(clients)]
     for t in ts:
@@ -139,6 +140,7 @@ def level(srv, bodies, clients, requests, reference):
     for t in ts:
         t.join()
     wall = time.perf_counter() - t0
+    m1 = srv.metrics()
     ttft = [r["ttft"] for _, r in done]
     gaps = [g for _, r in done for g in r["gaps"]]
     # Time per output token of each request after its first (the gaps' mean, per request): unlike
@@ -152,6 +154,17 @@ def level(srv, bodies, clients, requests, reference):
            "itl_p50_ms": round(1000 * pct(gaps, 50), 2), "itl_p99_ms": round(1000 * pct(gaps, 99), 2),
            "tpot_p50_ms": round(1000 * pct(tpot, 50), 2), "tpot_p99_ms": round(1000 * pct(tpot, 99), 2),
            "tokens_per_text_chunk": round(tokens / max(1, sum(len(r["gaps"]) + 1 for _, r in done)), 3)}
+    # Where the engine's time went (/metrics): the share of the wall time it was inside steps (near
+    # 1: the server is the bottleneck; far below: the clients are), and how its steps split.
+    d = {k: m1.get(k, 0.0) - m0.get(k, 0.0) for k in ("hm_step_seconds_total", "hm_step_forward_seconds_total",
+                                                      "hm_step_cache_seconds_total", "hm_step_sample_seconds_total",
+                                                      "hm_steps_total")}
+    if d["hm_steps_total"] > 0:
+        out["engine_busy"] = round(d["hm_step_seconds_total"] / wall, 3)
+        out["step_ms"] = round(1000 * d["hm_step_seconds_total"] / d["hm_steps_total"], 3)
+        for k, name in (("hm_step_forward_seconds_total", "forward_ms"), ("hm_step_cache_seconds_total", "cache_ms"),
+                        ("hm_step_sample_seconds_total", "sample_ms")):
+            out[name] = round(1000 * d[k] / d["hm_steps_total"], 3)
     if failed:
         out["first_failure"] = failed[0]
     return out, done

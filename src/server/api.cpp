@@ -351,6 +351,11 @@ std::string HttpServer::Impl::metrics() {
   metric("hm_computed_tokens_total", "counter", "Tokens the model ran forward (prompt chunks and decode steps)",
          double(s.computed_tokens));
   metric("hm_steps_total", "counter", "Batched forward steps", double(s.steps));
+  metric("hm_step_seconds_total", "counter", "Seconds the engine spent in steps", s.step_s);
+  metric("hm_step_forward_seconds_total", "counter", "Of those, in the model's forward (logits on the host)",
+         s.forward_s);
+  metric("hm_step_cache_seconds_total", "counter", "Of those, recording prefix-cache blocks", s.cache_s);
+  metric("hm_step_sample_seconds_total", "counter", "Of those, sampling and sending tokens", s.sample_s);
   metric("hm_queue_depth", "gauge", "Requests waiting for a slot", double(s.queue));
   metric("hm_slots_busy", "gauge", "Slots running a request", double(s.busy));
   metric("hm_slots_total", "gauge", "Slots", double(s.slots));

@@ -208,6 +208,7 @@ void Engine::loop() {
 }
 
 bool Engine::step() {
+  const Clock::time_point t_step = Clock::now();
   admit();
   const auto now = Clock::now();
   for (auto& a : active_) {
@@ -249,21 +250,27 @@ bool Engine::step() {
   }
   if (in.empty()) return false;
   std::vector<float> logits;
+  const Clock::time_point t_fwd = Clock::now();
   try {
     model_.forward(b, mem_, logits);
   } catch (const std::exception& e) {
     for (Active* a : in) finish(*a, Finish::Error, e.what());
     return true;
   }
+  const double forward_s = seconds_since(t_fwd);
   {
     std::lock_guard<std::mutex> lk(mu_);
     stats_.computed_tokens += int64_t(b.tokens.size());
     ++stats_.steps;
   }
   const int V = model_.config().vocab_size;
+  double cache_s = 0;
+  const Clock::time_point t_after = Clock::now();
   for (size_t i = 0; i < in.size(); ++i) {
     Active& a = *in[i];
+    const Clock::time_point t_rec = Clock::now();
     cache_.record(a.slot, a.seq);
+    cache_s += seconds_since(t_rec);
     if (mem_.pos(a.slot) < a.prompt_len) continue;  // more prompt to go
     const float* row = logits.data() + i * size_t(V);
     const GenParams& p = a.req->params;
@@ -280,6 +287,10 @@ bool Engine::step() {
   {
     std::lock_guard<std::mutex> lk(mu_);
     stats_.cache = cache_.stats();
+    stats_.forward_s += forward_s;
+    stats_.cache_s += cache_s;
+    stats_.sample_s += seconds_since(t_after) - cache_s;
+    stats_.step_s += seconds_since(t_step);
   }
   return true;
 }

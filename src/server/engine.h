@@ -92,6 +92,10 @@ struct EngineStats {
   int64_t prompt_tokens = 0, generated_tokens = 0;
   int64_t computed_tokens = 0;  // tokens the model ran forward (prompt chunks + decode steps)
   int64_t steps = 0;
+  // Seconds of the engine thread inside steps, and of them: the model's forward (logits on the
+  // host), the prefix cache's records, sampling and emitting. What the load test reads to tell
+  // a busy engine from a slow client.
+  double step_s = 0, forward_s = 0, cache_s = 0, sample_s = 0;
   int queue = 0, busy = 0, slots = 0;
   PrefixCacheStats cache;
   std::vector<double> ttft_s, latency_s;  // finished since the last take (for histograms)
