@@ -21,7 +21,7 @@ expect_fail() {
 }
 
 "$HM" --help >/dev/null && ok || bad "hm --help"
-for sub in init train eval generate bench info quantize; do "$HM" $sub --help >/dev/null && ok || bad "hm $sub --help"; done
+for sub in init train eval generate chat bench info quantize; do "$HM" $sub --help >/dev/null && ok || bad "hm $sub --help"; done
 
 "$HM" init --preset tiny --seed 3 --out "$W/tiny" >/dev/null && ok || bad "init tiny"
 [ -f "$W/tiny/config.json" ] && [ -f "$W/tiny/model.safetensors" ] && [ -f "$W/tiny/tokenizer.json" ] && ok || bad "init wrote files"
@@ -314,6 +314,40 @@ grep -q "interrupted by SIGTERM after step" "$W/cmpint.err" && grep -qF "resume 
 "$HM" "${C[@]}" --out "$W/cmpfull" >/dev/null 2>&1 && ok || bad "compare uninterrupted"
 l1=$(grep '"loss"' "$W/cmpint/results.json"); l2=$(grep '"loss"' "$W/cmpfull/results.json")
 [ -n "$l1" ] && [ "$l1" = "$l2" ] && ok || bad "resumed compare loss '$l1' != '$l2'"
+
+# hm chat: lines piped in are user turns rendered with the folder's chat template; the model reads
+# only what is new each turn (its state kept), which must reply as re-reading everything would.
+cp -r "$W/tiny" "$W/chat"
+cat > "$W/chat/tokenizer_config.json" <<'JSON'
+{"bos_token": {"content": "<s>"}, "eos_token": "</s>",
+ "chat_template": "{{ bos_token }}{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system turns here') }}{% endif %}<{{ m.role }}>{{ m.content }}{% if m.role == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"}
+JSON
+chat() { printf 'hello\nhow are you?\n/reset\nbye\n' | "$HM" chat --model "$W/chat" -n 12 --temperature 0 --stats "$@"; }
+c1=$(chat 2>"$W/chat1.err"); rc1=$?
+c2=$(chat --reread 2>"$W/chat2.err"); rc2=$?
+[ "$rc1" -eq 0 ] && [ "$rc2" -eq 0 ] && [ -n "$c1" ] && ok || bad "chat exits 0 with replies: $rc1, $rc2: $(cat "$W/chat1.err")"
+[ "$c1" = "$c2" ] && ok || bad "chat keeping its state replies as re-reading the conversation does"
+grep -q "chat template: $W/chat/tokenizer_config.json" "$W/chat1.err" && ok || bad "chat names its template: $(cat "$W/chat1.err")"
+grep -q "turn 2: 33 new prompt tokens (37 already held)" "$W/chat1.err" && ok || bad "chat turn 2 reads only the new tokens: $(cat "$W/chat1.err")"
+grep -q "turn 2: 70 new prompt tokens (0 already held)" "$W/chat2.err" && ok || bad "chat --reread reads everything: $(cat "$W/chat2.err")"
+grep -q "a new conversation" "$W/chat1.err" && grep -q "turn 1: 23 new prompt tokens (0 already held)" "$W/chat1.err" \
+  && ok || bad "chat /reset starts again: $(cat "$W/chat1.err")"
+! grep -q "reading the whole conversation again" "$W/chat1.err" && ok || bad "chat re-read a template that extends"
+# A template that rewrites earlier turns (the marker moves to the last message): read again, said on stderr.
+cp -r "$W/chat" "$W/chat_moving"
+cat > "$W/chat_moving/tokenizer_config.json" <<'JSON'
+{"chat_template": "{% for m in messages %}{% if loop.last %}[last]{% endif %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>"}
+JSON
+m1=$(printf 'hello\nhow are you?\n' | "$HM" chat --model "$W/chat_moving" -n 8 --temperature 0 2>"$W/chat3.err"); rm1=$?
+m2=$(printf 'hello\nhow are you?\n' | "$HM" chat --model "$W/chat_moving" -n 8 --temperature 0 --reread 2>/dev/null)
+[ "$rm1" -eq 0 ] && [ "$m1" = "$m2" ] && ok || bad "chat with a rewriting template: exit $rm1, '$m1' vs '$m2'"
+grep -q "reading the whole conversation again" "$W/chat3.err" && ok || bad "chat says it re-reads: $(cat "$W/chat3.err")"
+# Template errors name the template's message; the folder without a template uses hm serve's format.
+expect_fail "chat template raises" "no system turns here" bash -c "printf 'hi\\n' | '$HM' chat --model '$W/chat' --system x -n 1"
+printf '{"chat_template": "{%% if %%}"}' > "$W/chat_moving/tokenizer_config.json"
+expect_fail "chat template syntax error" "chat template line 1" "$HM" chat --model "$W/chat_moving" < /dev/null
+d=$(printf 'hi\n' | "$HM" chat --model "$W/tiny" -n 4 --temperature 0 2>&1 >/dev/null); rd=$?
+[ "$rd" -eq 0 ] && case "$d" in *"<|role|> format"*) true ;; *) false ;; esac && ok || bad "chat without a template: $rd: $d"
 
 echo "$pass passed, $fail failed"
 [ "$fail" -eq 0 ]

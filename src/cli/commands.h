@@ -40,6 +40,7 @@ Run add_eval(CLI::App& app);
 Run add_route(CLI::App& app);
 Run add_compare(CLI::App& app);
 Run add_serve(CLI::App& app);
+Run add_chat(CLI::App& app);
 Run add_quantize(CLI::App& app);
 
 }  // namespace hm::cli

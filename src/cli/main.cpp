@@ -8,7 +8,7 @@
 #include "core/interrupt.h"
 
 int main(int argc, char** argv) {
-  CLI::App app{"hm: hybrid Mamba + attention language models (init, train, eval, generate, bench, route, compare, info, convert, quantize)"};
+  CLI::App app{"hm: hybrid Mamba + attention language models (init, train, eval, generate, chat, bench, route, compare, info, convert, quantize)"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "hybrid-mamba 0.1.0");
   std::map<CLI::App*, hm::cli::Run> runs;
@@ -27,6 +27,8 @@ int main(int argc, char** argv) {
       hm::cli::add_compare);
   add("info", "Print a model's configuration and parameter count", hm::cli::add_info);
   add("serve", "Serve a model over an OpenAI-compatible HTTP API (docs/SERVER.md)", hm::cli::add_serve);
+  add("chat", "Chat with a model on the terminal, with its chat template, keeping its state between turns",
+      hm::cli::add_chat);
   add("convert", "Write our checkpoint from a Hugging Face model folder (docs/MODELS.md)", hm::cli::add_convert);
   add("quantize", "Write a checkpoint with its linear weights packed as q8_0, q4_0, bf16 or f16 (docs/QUANTIZATION.md)",
       hm::cli::add_quantize);
