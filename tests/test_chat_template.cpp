@@ -377,5 +377,66 @@ TEST(ChatTemplate, ReadsTheModelFoldersTemplate) {
   fs::remove_all(dir);
 }
 
+// Random token soups and mutated fixture templates: each parses and renders, or fails with
+// hm::Error; nothing else escapes, nothing crashes or hangs (tests/fuzz/fuzz_chat_template.cpp
+// is the libFuzzer version).
+TEST(ChatTemplate, RandomAndMutatedTemplatesEndInOutputOrError) {
+  const char* pieces[] = {"{{", "}}", "{%", "%}", "{%-", "-%}", "{#", "#}", "if ", "elif ", "else", "endif", "for ",
+                          "endfor", " in ", "set ", "endset", "macro ", "endmacro", "raw", "endraw", "break", "continue",
+                          "filter ", "endfilter", "messages", "m", "x", "loop.", "index", "last", "ns", "namespace(",
+                          "a=1", ")", "(", "[", "]", "{", "}", "|", "tojson", "trim", "length", "map(attribute='role')",
+                          "join(',')", "default(", "'s'", "\"d\"", "1", "2.5", "-", "+", "*", "/", "//", "%", "**",
+                          "~", ".", ",", ":", "=", "==", "<", " is ", "not ", "defined", "none", "true", " and ",
+                          " or ", "raise_exception('r')", "range(", "strftime_now('%Y')", " ", "\n", "'", "\"", "\\"};
+  const ojson vars = {{"messages", {{{"role", "user"}, {"content", "hi"}}, {{"role", "assistant"}, {"content", nullptr}}}},
+                      {"add_generation_prompt", true},
+                      {"bos_token", "<s>"}};
+  ChatTemplateLimits lim;
+  lim.max_steps = 200000;
+  lim.max_output = 1 << 20;
+  uint64_t state = 12345;
+  auto rnd = [&](uint64_t n) {
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    return (state >> 33) % n;
+  };
+  int rendered = 0, refused = 0;
+  auto attempt = [&](const std::string& src) {
+    try {
+      ChatTemplate t(src, lim);
+      t.set_clock(fixed_now);
+      EXPECT_LE(t.render(vars).size(), lim.max_output);
+      ++rendered;
+    } catch (const Error&) {
+      ++refused;
+    } catch (const std::exception& e) {
+      ADD_FAILURE() << "not an hm::Error: " << e.what() << " from: " << src;
+    }
+  };
+  for (int k = 0; k < 4000; ++k) {
+    std::string src;
+    const uint64_t n = 1 + rnd(40);
+    for (uint64_t j = 0; j < n; ++j) src += pieces[rnd(std::size(pieces))];
+    attempt(src);
+  }
+  std::vector<std::string> fixtures;
+  for (const auto& f : fs::directory_iterator(kDir))
+    if (f.path().extension() == ".jinja") fixtures.push_back(slurp(f.path().string()));
+  for (int k = 0; k < 1500; ++k) {
+    std::string src = fixtures[rnd(fixtures.size())];
+    for (uint64_t m = 1 + rnd(4); m-- > 0 && !src.empty();) {
+      const size_t at = rnd(src.size());
+      switch (rnd(4)) {
+        case 0: src.erase(at, 1 + rnd(8)); break;
+        case 1: src.insert(at, pieces[rnd(std::size(pieces))]); break;
+        case 2: src[at] = char(rnd(256)); break;
+        default: src.insert(at, src.substr(rnd(src.size()), rnd(40))); break;
+      }
+    }
+    attempt(src);
+  }
+  EXPECT_GT(rendered, 100);
+  EXPECT_GT(refused, 100);
+}
+
 }  // namespace
 }  // namespace hm

