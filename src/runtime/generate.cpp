@@ -5,10 +5,6 @@
 
 #include "core/error.h"
 
-#ifdef HM_HAVE_CUDA
-#include "backend/cuda/cuda_backend.h"
-#include "kernels/cuda/sampling.h"
-#endif
 
 namespace hm {
 
@@ -17,93 +13,6 @@ double ms_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 }
 }  // namespace
-
-#ifdef HM_HAVE_CUDA
-// Sampling on the device: one SamplerPool slot per sequence (slot = sequence index), the
-// prompt accepted into its history, each sampled id accepted there before it is read back.
-struct Generator::DeviceSampling {
-  CudaBackend& be;
-  int V, n_decodable;
-  cuda::SamplerPool pool;
-  Buffer pool_mem, ws, ids, slots, prompt_tokens, prompt_cu;
-  std::vector<cuda::SamplerSlot> slot_params;
-  std::vector<int32_t> host_slots, host_ids, host_tokens, host_cu;
-
-  DeviceSampling(CudaBackend& b, const std::vector<std::vector<int32_t>>& prompts, const SamplingParams& sp,
-                 int vocab, int n_dec)
-      : be(b), V(vocab), n_decodable(n_dec) {
-    const int n = int(prompts.size());
-    HM_CHECK(sp.repeat_last_n <= cuda::kMaxSampleLastN, "generate: repeat_last_n ", sp.repeat_last_n,
-             " exceeds the CUDA sampler's window of ", cuda::kMaxSampleLastN, " tokens");
-    const int window = std::max(sp.repeat_last_n, 1);
-    pool_mem = Buffer(be, cuda::sampler_pool_bytes(n, window));
-    pool = {pool_mem.data(), n, window};
-    ws = Buffer(be, cuda::sample_workspace_bytes(n, V));
-    ids = Buffer(be, sizeof(int32_t) * size_t(n));
-    slots = Buffer(be, sizeof(int32_t) * size_t(n));
-    for (int i = 0; i < n; ++i) {
-      cuda::SampleParams p;
-      p.temperature = sp.temperature;
-      p.top_k = sp.top_k;
-      p.top_p = sp.top_p;
-      p.min_p = sp.min_p;
-      p.repeat_penalty = sp.repeat_penalty;
-      p.repeat_last_n = sp.repeat_last_n;
-      p.seed = sp.seed + uint64_t(i);  // as the CPU chains
-      slot_params.push_back(cuda::make_sampler_slot(p, window));
-    }
-    for (int i = 0; i < n; ++i) cuda::sampler_set_slot(pool, i, slot_params[size_t(i)], be.stream());
-    // Every prompt token into its sequence's history, one ragged call.
-    host_cu.assign(1, 0);
-    for (int i = 0; i < n; ++i) {
-      host_tokens.insert(host_tokens.end(), prompts[size_t(i)].begin(), prompts[size_t(i)].end());
-      host_cu.push_back(int32_t(host_tokens.size()));
-      host_slots.push_back(i);
-    }
-    prompt_tokens = Buffer(be, sizeof(int32_t) * host_tokens.size());
-    prompt_cu = Buffer(be, sizeof(int32_t) * host_cu.size());
-    be.to_device(prompt_tokens.data(), host_tokens.data(), sizeof(int32_t) * host_tokens.size());
-    be.to_device(prompt_cu.data(), host_cu.data(), sizeof(int32_t) * host_cu.size());
-    be.to_device(slots.data(), host_slots.data(), sizeof(int32_t) * size_t(n));
-    cuda::sampler_accept(pool, static_cast<const int32_t*>(slots.data()),
-                         static_cast<const int32_t*>(prompt_tokens.data()),
-                         static_cast<const int32_t*>(prompt_cu.data()), n, be.stream());
-  }
-
-  // Samples row k of logits for sequence seqs[k] where take[k], accepts each sampled id into its
-  // history and writes it to next[seqs[k]]. Rows run in contiguous groups (one launch set each).
-  void sample(const Tensor& logits, const std::vector<int>& seqs, const std::vector<bool>& take,
-              std::vector<int32_t>& next) {
-    const int m = int(seqs.size());
-    HM_ASSERT(logits.dtype == DType::F32 && logits.rows >= m && logits.cols == V);
-    host_slots.assign(seqs.begin(), seqs.end());
-    be.to_device(slots.data(), host_slots.data(), sizeof(int32_t) * size_t(m));
-    auto* d_ids = static_cast<int32_t*>(ids.data());
-    const auto* d_slots = static_cast<const int32_t*>(slots.data());
-    bool any = false;
-    for (int k = 0; k < m;) {
-      if (!take[size_t(k)]) { ++k; continue; }
-      int e = k;
-      while (e < m && take[size_t(e)]) ++e;
-      cuda::sample(d_ids + k, static_cast<const float*>(logits.row(k)), int(logits.ld), e - k, V, n_decodable,
-                   pool, d_slots + k, ws.data(), be.stream());
-      cuda::sampler_accept(pool, d_slots + k, d_ids + k, nullptr, e - k, be.stream());
-      any = true;
-      k = e;
-    }
-    if (!any) return;
-    host_ids.resize(size_t(m));
-    be.to_host(host_ids.data(), d_ids, sizeof(int32_t) * size_t(m));  // waits for the stream
-    for (int k = 0; k < m; ++k)
-      if (take[size_t(k)]) {
-        HM_CHECK(host_ids[size_t(k)] >= 0, "generate: the device sampler gave no token for sequence ", seqs[size_t(k)]);
-        next[size_t(seqs[size_t(k)])] = host_ids[size_t(k)];
-      }
-  }
-};
-#else
-struct Generator::DeviceSampling {};
-#endif
 
 Generator::~Generator() = default;
 
@@ -124,10 +33,18 @@ Generator::Generator(HybridModel& model, HybridMemory& mem, const std::vector<st
   }
   const int n_decodable = opt.n_decodable > 0 ? std::min(opt.n_decodable, V) : V;
 
-#ifdef HM_HAVE_CUDA
-  if (auto* cuda_be = dynamic_cast<CudaBackend*>(&model.backend()))
-    dev_ = std::make_unique<DeviceSampling>(*cuda_be, prompts, opt.sampling, V, n_decodable);
-#endif
+  // On the CUDA backend the logits stay on the device: one sampler slot per sequence, seeded as
+  // the host chains are (seed + i), its prompt accepted into its history.
+  dev_ = DeviceSampler::make(model.backend(), n, V, n_decodable, std::max(opt.sampling.repeat_last_n, 1));
+  if (dev_) {
+    std::vector<int> slots(static_cast<size_t>(n));
+    std::vector<SamplingParams> params(static_cast<size_t>(n), opt.sampling);
+    for (int i = 0; i < n; ++i) {
+      slots[size_t(i)] = i;
+      params[size_t(i)].seed += uint64_t(i);
+    }
+    dev_->set(slots, params, prompts);
+  }
   for (int i = 0; i < n; ++i) {
     if (!dev_) {
       SamplingParams sp = opt.sampling;
@@ -158,12 +75,12 @@ Generator::Generator(HybridModel& model, HybridMemory& mem, const std::vector<st
     }
     if (who.empty()) break;
     if (dev_) {  // sample each prompt's first token as soon as its last chunk has run
-#ifdef HM_HAVE_CUDA
       std::vector<bool> take(who.size());
       for (size_t k = 0; k < who.size(); ++k)
         take[k] = live_[size_t(who[k])] && done[size_t(who[k])] == prompts[size_t(who[k])].size();
-      dev_->sample(model.forward_device(b, mem), who, take, next_);
-#endif
+      const std::vector<int32_t> ids = dev_->sample(model.forward_device(b, mem), who, take);
+      for (size_t k = 0; k < who.size(); ++k)
+        if (take[k]) next_[size_t(who[k])] = ids[k];
     } else {
       model.forward(b, mem, logits_);
       for (size_t k = 0; k < who.size(); ++k)
@@ -202,9 +119,8 @@ const std::vector<std::pair<int, int32_t>>& Generator::next() {
         who.push_back(i);
       }
     if (!who.empty() && dev_) {
-#ifdef HM_HAVE_CUDA
-      dev_->sample(model_.forward_device(b, mem_), who, std::vector<bool>(who.size(), true), next_);
-#endif
+      const std::vector<int32_t> ids = dev_->sample(model_.forward_device(b, mem_), who, std::vector<bool>(who.size(), true));
+      for (size_t k = 0; k < who.size(); ++k) next_[size_t(who[k])] = ids[k];
     } else if (!who.empty()) {
       model_.forward(b, mem_, logits_);
       for (size_t k = 0; k < who.size(); ++k)

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "model/model.h"
+#include "runtime/device_sampler.h"
 #include "runtime/memory.h"
 #include "runtime/sampling.h"
 
@@ -65,8 +66,7 @@ class Generator {
   std::vector<std::pair<int, int32_t>> step_;
   bool started_ = false;
   std::chrono::steady_clock::time_point t_decode_;
-  struct DeviceSampling;  // the CUDA path (generate.cpp); null on host backends
-  std::unique_ptr<DeviceSampling> dev_;
+  std::unique_ptr<DeviceSampler> dev_;  // the CUDA path; null on host backends
 };
 
 // Generator to the end, calling on_token for every token (false stops that sequence). Returns

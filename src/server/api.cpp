@@ -351,6 +351,8 @@ std::string HttpServer::Impl::metrics() {
   metric("hm_computed_tokens_total", "counter", "Tokens the model ran forward (prompt chunks and decode steps)",
          double(s.computed_tokens));
   metric("hm_steps_total", "counter", "Batched forward steps", double(s.steps));
+  metric("hm_device_sampled_tokens_total", "counter", "Tokens sampled on the device (only their ids came back)",
+         double(s.device_sampled));
   metric("hm_step_seconds_total", "counter", "Seconds the engine spent in steps", s.step_s);
   metric("hm_step_forward_seconds_total", "counter", "Of those, in the model's forward (logits on the host)",
          s.forward_s);

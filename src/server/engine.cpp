@@ -90,7 +90,8 @@ struct Engine::Active {
   size_t emitted = 0;        // bytes of text already sent
   std::vector<TokenLogprob> pending;  // logprobs of tokens whose text is not sent yet
   std::map<int32_t, int> counts;      // generated tokens, for presence/frequency penalties
-  std::vector<float> row;             // penalised logits
+  std::vector<float> row;             // penalised logits, or the row read back from the device
+  bool on_device = false;             // sampled by the engine's DeviceSampler (no host chain)
   int generated = 0;
   int branch = 0;  // the prefix cache's branch point: a prompt chunk ends there (0: none)
   Clock::time_point deadline = Clock::time_point::max();
@@ -105,6 +106,10 @@ Engine::Engine(HybridModel& model, const Tokenizer& tok, const EngineOptions& o,
   // Prompt chunks end on block boundaries (where the cache keeps state): a step must hold one.
   HM_CHECK(o.step_tokens >= o.block, "--step-tokens (", o.step_tokens, ") must be at least the cache block (",
            o.block, ")");
+  if (o.device_sampling) {
+    const int V = model.config().vocab_size;
+    dev_ = DeviceSampler::make(model.backend(), o.slots, V, std::min(tok.vocab_size(), V), DeviceSampler::kMaxWindow);
+  }
   active_.resize(size_t(o.slots));
   stats_.slots = o.slots;
   thread_ = std::thread([this] { loop(); });
@@ -173,8 +178,18 @@ void Engine::admit() {
     a->slot = slot;
     a->seq = r->params.prompt;
     a->prompt_len = int(a->seq.size());
-    a->chain = make_sampler_chain(r->params.sampling, tok_.vocab_size());
-    for (int32_t t : a->seq) a->chain->accept(t);
+    // On the device unless the request needs the logits on the host: the OpenAI penalties over
+    // generated tokens and logprobs are host-side (the device sampler's penalties cover a window
+    // of accepted tokens, prompt included: another rule).
+    const GenParams& gp = r->params;
+    a->on_device = dev_ && gp.presence_penalty == 0 && gp.frequency_penalty == 0 && gp.top_logprobs < 0 &&
+                   gp.sampling.repeat_last_n <= dev_->max_last_n();
+    if (a->on_device) {
+      dev_->set({slot}, {gp.sampling}, {a->seq});
+    } else {
+      a->chain = make_sampler_chain(gp.sampling, tok_.vocab_size());
+      for (int32_t t : a->seq) a->chain->accept(t);
+    }
     a->dec = std::make_unique<Utf8StreamDecoder>(tok_);
     if (r->params.timeout_s > 0)
       a->deadline = r->submitted_ + std::chrono::milliseconds(int64_t(r->params.timeout_s * 1000));
@@ -249,10 +264,12 @@ bool Engine::step() {
     stats_.busy = int(std::count_if(active_.begin(), active_.end(), [](const auto& a) { return bool(a); }));
   }
   if (in.empty()) return false;
-  std::vector<float> logits;
+  std::vector<float> logits;  // host backends: every row; CUDA: the device's rows stay there
+  Tensor dlogits;
   const Clock::time_point t_fwd = Clock::now();
   try {
-    model_.forward(b, mem_, logits);
+    if (dev_) dlogits = model_.forward_device(b, mem_);
+    else model_.forward(b, mem_, logits);
   } catch (const std::exception& e) {
     for (Active* a : in) finish(*a, Finish::Error, e.what());
     return true;
@@ -266,27 +283,55 @@ bool Engine::step() {
   const int V = model_.config().vocab_size;
   double cache_s = 0;
   const Clock::time_point t_after = Clock::now();
+  std::vector<bool> due(in.size()), on_dev(in.size());  // samples now; and on the device
   for (size_t i = 0; i < in.size(); ++i) {
     Active& a = *in[i];
     const Clock::time_point t_rec = Clock::now();
     cache_.record(a.slot, a.seq);
     cache_s += seconds_since(t_rec);
-    if (mem_.pos(a.slot) < a.prompt_len) continue;  // more prompt to go
-    const float* row = logits.data() + i * size_t(V);
+    due[i] = mem_.pos(a.slot) >= a.prompt_len;  // else more prompt to go
+    on_dev[i] = due[i] && a.on_device;
+  }
+  std::vector<int32_t> dev_ids;
+  if (dev_ && std::find(on_dev.begin(), on_dev.end(), true) != on_dev.end()) {
+    std::vector<int> slots;
+    for (Active* a : in) slots.push_back(a->slot);
+    try {
+      dev_ids = dev_->sample(dlogits, slots, on_dev);
+    } catch (const std::exception& e) {
+      for (Active* a : in) finish(*a, Finish::Error, e.what());
+      return true;
+    }
+  }
+  for (size_t i = 0; i < in.size(); ++i) {
+    if (!due[i]) continue;
+    Active& a = *in[i];
+    if (on_dev[i]) {
+      emit(a, dev_ids[i], nullptr);
+      continue;
+    }
+    std::vector<float> back;  // CUDA: this request samples on the host, so its row alone comes back
+    if (dev_) {
+      back.resize(size_t(V));
+      model_.backend().to_host(back.data(), dlogits.row(int(i)), sizeof(float) * size_t(V));
+    }
+    const float* raw = dev_ ? back.data() : logits.data() + i * size_t(V);
+    const float* row = raw;
     const GenParams& p = a.req->params;
     if (p.presence_penalty != 0 || p.frequency_penalty != 0) {
-      a.row.assign(row, row + V);
+      a.row.assign(raw, raw + V);
       for (const auto& [t, n] : a.counts)
         a.row[size_t(t)] -= p.presence_penalty + p.frequency_penalty * float(n);
       row = a.row.data();
     }
     const int32_t t = a.chain->sample(row, V);
     a.chain->accept(t);
-    emit(a, t, logits.data() + i * size_t(V));
+    emit(a, t, raw);
   }
   {
     std::lock_guard<std::mutex> lk(mu_);
     stats_.cache = cache_.stats();
+    stats_.device_sampled += std::count(on_dev.begin(), on_dev.end(), true);
     stats_.forward_s += forward_s;
     stats_.cache_s += cache_s;
     stats_.sample_s += seconds_since(t_after) - cache_s;

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "model/model.h"
+#include "runtime/device_sampler.h"
 #include "runtime/memory.h"
 #include "runtime/sampling.h"
 #include "runtime/tokenizer.h"
@@ -29,6 +30,7 @@ struct EngineOptions {
   int step_tokens = 512;      // prompt tokens computed per step, over all requests: bounds a
                               // step so decoding never stalls behind a long prompt
   int max_queue = 64;         // requests waiting for a slot before submit refuses (503)
+  bool device_sampling = true;  // CUDA: sample on the device, only ids to the host (false: A/B, tests)
 };
 
 struct GenParams {
@@ -92,6 +94,7 @@ struct EngineStats {
   int64_t prompt_tokens = 0, generated_tokens = 0;
   int64_t computed_tokens = 0;  // tokens the model ran forward (prompt chunks + decode steps)
   int64_t steps = 0;
+  int64_t device_sampled = 0;   // tokens sampled on the device (CUDA; only their ids came back)
   // Seconds of the engine thread inside steps, and of them: the model's forward (logits on the
   // host), the prefix cache's records, sampling and emitting. What the load test reads to tell
   // a busy engine from a slow client.
@@ -137,6 +140,7 @@ class Engine {
   EngineOptions opt_;
   HybridMemory mem_;
   PrefixCache cache_;
+  std::unique_ptr<DeviceSampler> dev_;  // CUDA: one sampler slot per engine slot; null on the CPU
   std::vector<std::unique_ptr<Active>> active_;  // by slot (null: free)
   std::deque<std::shared_ptr<Request>> queue_;
   std::mutex mu_;
