@@ -223,6 +223,9 @@ TEST(ChatTemplate, Filters) {
             "[1, 2, 3]['A', 'b'][1, 2][2, 1]912.01.2");
   EXPECT_EQ(render("{{ 'a\nb\n\nc' | indent(2) }}|{{ 'a\nb' | indent(2, true) }}"), "a\n  b\n\n  c|  a\n  b");
   EXPECT_EQ(render("{{ '<&>' | e }}"), "&lt;&amp;&gt;");
+  // markupsafe, as jinja2 without autoescape still has it: Markup + str escapes the str.
+  EXPECT_EQ(render("{{ '<a>' + ('x' | safe) }}|{{ ('x' | safe) + '<' }}|{{ '<' ~ ('x' | safe) }}|{{ ('<' | safe) | e }}"),
+            "&lt;a&gt;x|x&lt;|<x|<");
 }
 
 TEST(ChatTemplate, ToJsonAsTransformersDefinesIt) {

@@ -321,6 +321,21 @@ std::string py_repr_str(std::string_view s) {
   return r;
 }
 
+std::string html_escape(const std::string& s) {
+  std::string r;
+  for (char c : s) {
+    switch (c) {
+      case '&': r += "&amp;"; break;
+      case '<': r += "&lt;"; break;
+      case '>': r += "&gt;"; break;
+      case '"': r += "&#34;"; break;
+      case '\'': r += "&#39;"; break;
+      default: r.push_back(c);
+    }
+  }
+  return r;
+}
+
 // ---------------------------------------------------------------- values
 
 struct Value;
@@ -336,6 +351,7 @@ struct Value {
   enum T : uint8_t { Undef, None, Bool, Int, Float, Str, List, Dict, Fn };
   T t = Undef;
   bool tuple = false;  // a List made by a tuple literal or items(): repr (a, b)
+  bool markup = false;  // a Str marked safe (| safe, | e): + escapes a plain str joined to it
   bool b = false;
   int64_t i = 0;
   double f = 0;
@@ -1805,7 +1821,16 @@ struct Renderer {
       if (x.t == Value::Str && y.t == Value::Str) {
         check_size(x.s.size() + y.s.size(), line);
         step(line, (x.s.size() + y.s.size()) / 64);
-        return Value::str(x.s + y.s);
+        if (x.markup == y.markup) {
+          Value r = Value::str(x.s + y.s);
+          r.markup = x.markup;
+          return r;
+        }
+        // markupsafe: Markup + str escapes the str (and the sum is Markup).
+        Value r = Value::str((x.markup ? x.s : html_escape(x.s)) + (y.markup ? y.s : html_escape(y.s)));
+        r.markup = true;
+        check_size(r.s.size(), line);
+        return r;
       }
       if (x.t == Value::List && y.t == Value::List && x.tuple == y.tuple) {
         check_size(x.l->size() + y.l->size(), line);
@@ -2562,20 +2587,6 @@ Value Renderer::method(const Value& obj, const std::string& name, int line) cons
   });
 }
 
-std::string html_escape(const std::string& s) {
-  std::string r;
-  for (char c : s) {
-    switch (c) {
-      case '&': r += "&amp;"; break;
-      case '<': r += "&lt;"; break;
-      case '>': r += "&gt;"; break;
-      case '"': r += "&#34;"; break;
-      case '\'': r += "&#39;"; break;
-      default: r.push_back(c);
-    }
-  }
-  return r;
-}
 
 std::string Renderer::replace(const std::string& s, const std::string& old, const std::string& nw, int64_t count,
                               int line) const {
@@ -2648,7 +2659,10 @@ Value Renderer::filter(const std::string& name, const Value& v, Args& a, int lin
   }
   if (name == "escape" || name == "e") {
     check_args(a, what, 0, {}, line);
-    return Value::str(html_escape(s_of(v)));
+    if (v.t == Value::Str && v.markup) return v;
+    Value r = Value::str(html_escape(s_of(v)));
+    r.markup = true;
+    return r;
   }
   if (name == "first" || name == "last") {
     check_args(a, what, 0, {}, line);
@@ -2853,7 +2867,14 @@ Value Renderer::filter(const std::string& name, const Value& v, Args& a, int lin
   }
   if (name == "safe" || name == "string") {
     check_args(a, what, 0, {}, line);
-    return Value::str(s_of(v));
+    if (v.t == Value::Str) {
+      Value r = v;
+      r.markup = r.markup || name == "safe";
+      return r;
+    }
+    Value r = Value::str(s_of(v));
+    r.markup = name == "safe";
+    return r;
   }
   if (name == "sort" || name == "unique") {
     const bool srt = name == "sort";
