@@ -61,4 +61,27 @@ wait $CURL || true
 [ $RC = 143 ] || fail "exit code $RC after SIGTERM: $(cat err.txt)"
 tail -c 16 long.txt | grep -q 'data: \[DONE\]' || fail "the in-flight stream did not finish: $(tail -c 300 long.txt)"
 grep -c '"text"' long.txt >/dev/null
+
+# A folder with its own chat template: chat requests are rendered with it (bos text included,
+# no bos token added), and a message it refuses is a 400 with its message.
+cp -r tiny tiny_chat
+cat > tiny_chat/tokenizer_config.json <<'JSON'
+{"bos_token": "<s>", "chat_template": "{{ bos_token }}{% for m in messages %}{% if m.role == 'tool' %}{{ raise_exception('no tool turns') }}{% endif %}[{{ m.role }}]{{ m.content }}{% endfor %}[assistant]"}
+JSON
+"$HM" serve -m tiny_chat --port 0 --slots 1 --ctx 128 -t 1 >out2.txt 2>err2.txt &
+PID=$!
+for _ in $(seq 100); do grep -q listening out2.txt 2>/dev/null && break; sleep 0.05; done
+PORT=$(sed -n 's/.*:\([0-9]*\)$/\1/p' out2.txt)
+[ -n "$PORT" ] || fail "no port: $(cat err2.txt)"
+URL=http://127.0.0.1:$PORT
+grep -q "chat template: tiny_chat/tokenizer_config.json" err2.txt || fail "the template is not named: $(cat err2.txt)"
+[ "$(code $URL/v1/chat/completions -d '{"messages":[{"role":"user","content":"hi"}],"max_tokens":2}')" = 200 ] ||
+  fail "chat with the folder's template: $(cat body.txt)"
+# "<s>[user]hi[assistant]": 22 bytes, 22 tokens of the byte tokenizer.
+grep -q '"prompt_tokens":22' body.txt || fail "chat prompt is not the template's: $(cat body.txt)"
+[ "$(code $URL/v1/chat/completions -d '{"messages":[{"role":"tool","content":"x"}],"max_tokens":2}')" = 400 ] ||
+  fail "a message the template refuses: $(cat body.txt)"
+grep -q 'no tool turns' body.txt || fail "the template's message: $(cat body.txt)"
+kill -TERM $PID
+wait $PID || true
 echo "server_test: ok"
