@@ -334,8 +334,30 @@ TEST(ChatTemplate, NestingStepsAndOutputAreBounded) {
                 .find("exceeds"),
             std::string::npos);
   EXPECT_NE(error_of("{{ range(1000000) | length }}").find("range too big"), std::string::npos);
-  // A namespace holding itself prints as an error, not a crash.
+  // A namespace holding itself prints as an error, not a crash (and is freed).
   EXPECT_NE(error_of("{% set ns = namespace() %}{% set ns.me = ns %}{{ ns }}").find("deeper"), std::string::npos);
+  // Chains parsed in a loop (1 + 1 + ..., x|f|f..., a.b.c...) are bounded too: evaluating or
+  // freeing them recurses as deep as they are long.
+  std::string chain = "{{ 1";
+  for (int k = 0; k < 100000; ++k) chain += " + 1";
+  EXPECT_NE(error_of(chain + " }}").find("nests deeper"), std::string::npos);
+  std::string filters = "{{ 'x'";
+  for (int k = 0; k < 100000; ++k) filters += " | trim";
+  EXPECT_NE(error_of(filters + " }}").find("nests deeper"), std::string::npos);
+  std::string attrs = "{{ m";
+  for (int k = 0; k < 100000; ++k) attrs += ".a";
+  EXPECT_NE(error_of(attrs + " }}").find("nests deeper"), std::string::npos);
+  // Values nested 300,000 deep through a namespace are built and freed without recursion.
+  EXPECT_EQ(render("{% set ns = namespace(x=[], n=none) %}{% for i in range(100000) %}{% for j in range(3) %}"
+                   "{% set ns.x = [ns.x] %}{% set ns.n = namespace(prev=ns.n) %}{% endfor %}{% endfor %}done"),
+            "done");
+  EXPECT_NE(error_of("{% set ns = namespace(x=[]) %}{% for i in range(1000) %}{% set ns.x = [ns.x] %}{% endfor %}"
+                     "{{ ns.x }}")
+                .find("deeper"),
+            std::string::npos);
+  // A recursive macro that nests deep expressions stops at the evaluation depth bound.
+  const std::string e = error_of("{% macro f(n) %}{{ " + std::string(100, '-') + "f(n + 1) }}{% endmacro %}{{ f(0) }}");
+  EXPECT_NE(e.find("recurses deeper than 2048 evaluations"), std::string::npos) << e;
 }
 
 TEST(ChatTemplate, ReadsTheModelFoldersTemplate) {

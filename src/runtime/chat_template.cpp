@@ -394,13 +394,7 @@ struct Value {
     v.s = std::move(x);
     return v;
   }
-  static Value list(std::vector<Value> x, bool is_tuple = false) {
-    Value v;
-    v.t = List;
-    v.tuple = is_tuple;
-    v.l = std::make_shared<std::vector<Value>>(std::move(x));
-    return v;
-  }
+  static Value list(std::vector<Value> x, bool is_tuple = false);
   static Value dict(bool ns = false);
   bool is_num() const { return t == Int || t == Float || t == Bool; }
   bool is_intlike() const { return t == Int || t == Bool; }
@@ -431,10 +425,37 @@ struct Func {
   std::function<Value(Renderer&, Args&, int)> call;
 };
 
+// Lists and dicts are freed through a worklist, not recursively: a value nested 100,000 deep
+// (a namespace that wrapped itself in a loop) must not overflow the stack when it goes.
+template <class T>
+struct IterativeDelete {
+  void operator()(T* p) const {
+    thread_local std::vector<std::function<void()>> pending;
+    thread_local bool draining = false;
+    pending.emplace_back([p] { delete p; });
+    if (draining) return;
+    draining = true;
+    while (!pending.empty()) {
+      auto f = std::move(pending.back());
+      pending.pop_back();
+      f();  // frees p's elements; those whose count drops to 0 land in pending, not on the stack
+    }
+    draining = false;
+  }
+};
+
+Value Value::list(std::vector<Value> x, bool is_tuple) {
+  Value v;
+  v.t = List;
+  v.tuple = is_tuple;
+  v.l = std::shared_ptr<std::vector<Value>>(new std::vector<Value>(std::move(x)), IterativeDelete<std::vector<Value>>());
+  return v;
+}
+
 Value Value::dict(bool ns) {
   Value v;
   v.t = Dict;
-  v.d = std::make_shared<DictT>();
+  v.d = std::shared_ptr<DictT>(new DictT(), IterativeDelete<DictT>());
   v.d->ns = ns;
   return v;
 }
@@ -841,6 +862,7 @@ struct Expr {
   std::vector<std::string> ops;   // Cmp: one per comparison
   std::vector<std::pair<std::string, EP>> kw;
   bool neg = false;               // Test: is not
+  int depth = 1;                  // of the tree under it (the parser bounds it)
 };
 
 struct Node;
@@ -1121,6 +1143,18 @@ class Parser {
     e->line = line;
     return e;
   }
+  // Sets n's depth from its operands: a chain such as 1 + 1 + ... is parsed in a loop, so this,
+  // not the parser's own recursion, bounds how deep evaluating (and freeing) the tree recurses.
+  EP settle(EP n) {
+    int d = 0;
+    for (const auto& c : n->a)
+      if (c) d = std::max(d, c->depth);
+    for (const auto& c : n->kw) d = std::max(d, c.second->depth);
+    n->depth = d + 1;
+    if (n->depth > 4 * max_depth_)
+      fail(n->line, detail::cat("the expression nests deeper than ", 4 * max_depth_, " levels"));
+    return n;
+  }
 
   bool tuple_end(const char* extra) const {
     const Tok& tk = cur();
@@ -1147,7 +1181,7 @@ class Parser {
     }
     EP e = node(Expr::TupleLit, line);
     e->a = std::move(items);
-    return e;
+    return settle(std::move(e));
   }
 
   EP expression(bool condexpr) { return condexpr ? cond_expr() : or_expr(); }
@@ -1167,7 +1201,7 @@ class Parser {
       n->a.push_back(std::move(c));
       n->a.push_back(std::move(e));
       n->a.push_back(std::move(other));
-      e = std::move(n);
+      e = settle(std::move(n));
     }
     return e;
   }
@@ -1178,7 +1212,7 @@ class Parser {
       next();
       n->a.push_back(std::move(e));
       n->a.push_back(and_expr());
-      e = std::move(n);
+      e = settle(std::move(n));
     }
     return e;
   }
@@ -1189,7 +1223,7 @@ class Parser {
       next();
       n->a.push_back(std::move(e));
       n->a.push_back(not_expr());
-      e = std::move(n);
+      e = settle(std::move(n));
     }
     return e;
   }
@@ -1199,7 +1233,7 @@ class Parser {
       EP n = node(Expr::Not, cur().line);
       next();
       n->a.push_back(not_expr());
-      return n;
+      return settle(std::move(n));
     }
     return compare();
   }
@@ -1230,14 +1264,14 @@ class Parser {
       n->ops.push_back(op);
       n->a.push_back(math1());
     }
-    return n ? std::move(n) : std::move(first);
+    return n ? settle(std::move(n)) : std::move(first);
   }
   EP binary(EP left, const std::string& op, EP right, int line) {
     EP n = node(Expr::Bin, line);
     n->name = op;
     n->a.push_back(std::move(left));
     n->a.push_back(std::move(right));
-    return n;
+    return settle(std::move(n));
   }
   EP math1() {
     EP e = concat();
@@ -1259,7 +1293,7 @@ class Parser {
       next();
       n->a.push_back(math2());
     }
-    return n;
+    return settle(std::move(n));
   }
   EP math2() {
     EP e = power();
@@ -1287,6 +1321,7 @@ class Parser {
       e = node(is_op("-") ? Expr::Neg : Expr::Pos, cur().line);
       next();
       e->a.push_back(unary(false));
+      e = settle(std::move(e));
     } else {
       e = primary();
     }
@@ -1341,7 +1376,7 @@ class Parser {
         e->a.push_back(expression(true));
       }
       next();
-      return e;
+      return settle(std::move(e));
     }
     if (is_op("{")) {
       next();
@@ -1354,7 +1389,7 @@ class Parser {
         e->a.push_back(expression(true));
       }
       next();
-      return e;
+      return settle(std::move(e));
     }
     unexpected("an expression");
   }
@@ -1367,7 +1402,7 @@ class Parser {
           EP n = node(Expr::Attr, line);
           n->name = cur().s;
           n->a.push_back(std::move(e));
-          e = std::move(n);
+          e = settle(std::move(n));
           next();
         } else if (cur().k == TK::Int) {
           EP n = node(Expr::Item, line);
@@ -1375,7 +1410,7 @@ class Parser {
           EP k = node(Expr::Lit, line);
           k->lit = Value::integer(cur().i);
           n->a.push_back(std::move(k));
-          e = std::move(n);
+          e = settle(std::move(n));
           next();
         } else {
           unexpected("an attribute name");
@@ -1399,7 +1434,7 @@ class Parser {
         EP n = node(Expr::Item, line);
         n->a.push_back(std::move(obj));
         n->a.push_back(std::move(start));
-        return n;
+        return settle(std::move(n));
       }
     }
     next();  // ':'
@@ -1414,7 +1449,7 @@ class Parser {
     n->a.push_back(std::move(start));
     n->a.push_back(std::move(stop));
     n->a.push_back(std::move(step));
-    return n;
+    return settle(std::move(n));
   }
   // (args): positional and keyword arguments into e->a (after any operands) and e->kw.
   void call_args(Expr& e) {
@@ -1441,7 +1476,7 @@ class Parser {
     EP n = node(Expr::Call, line);
     n->a.push_back(std::move(callee));
     call_args(*n);
-    return n;
+    return settle(std::move(n));
   }
   EP filter(EP operand, bool pipe = true) {
     if (pipe) expect_op("|");
@@ -1451,7 +1486,7 @@ class Parser {
     if (!known_filters().count(n->name)) fail(line, "no filter named '" + n->name + "'");
     n->a.push_back(std::move(operand));
     if (is_op("(")) call_args(*n);
-    return n;
+    return settle(std::move(n));
   }
   EP filter_expr(EP e) {
     for (;;) {
@@ -1480,7 +1515,7 @@ class Parser {
           if (is_name("is")) fail(tk.line, "you cannot chain multiple tests with is");
           n->a.push_back(postfix(primary()));
         }
-        e = std::move(n);
+        e = settle(std::move(n));
       } else if (is_op("(")) {
         e = call(std::move(e), cur().line);
       } else {
@@ -1500,8 +1535,26 @@ struct Renderer {
   std::vector<std::vector<std::pair<std::string, Value>>> frames;
   uint64_t steps = 0;
   int macro_depth = 0;
+  int frames_deep = 0;  // eval and exec calls under way: bounds the C++ stack whatever recurses
+  // Every namespace made: emptied at the end, so that one holding itself is freed too.
+  std::vector<std::shared_ptr<DictT>> namespaces;
+
+  struct Frame {
+    Renderer& r;
+    Frame(Renderer& x, int line) : r(x) {
+      if (++r.frames_deep > std::max(256, r.lim.max_depth * 16))
+        fail(line, detail::cat("the template recurses deeper than ", std::max(256, r.lim.max_depth * 16),
+                               " evaluations (macros calling macros?)"));
+    }
+    ~Frame() { --r.frames_deep; }
+  };
 
   Renderer(const ChatTemplateLimits& l, const std::function<std::tm()>& c) : lim(l), clock(c) {}
+  ~Renderer() {
+    for (auto& d : namespaces) d->kv.clear();
+  }
+  Renderer(const Renderer&) = delete;
+  Renderer& operator=(const Renderer&) = delete;
 
   void step(int line, uint64_t n = 1) {
     steps += n;
@@ -1607,7 +1660,8 @@ struct Renderer {
   }
 
   // x < y as Python orders them; TypeError where Python has none.
-  bool less(const Value& x, const Value& y, int line, const char* op = "<") const {
+  bool less(const Value& x, const Value& y, int line, const char* op = "<", int depth = 0) const {
+    if (depth > 256) fail(line, "a value nests deeper than 256 levels");
     if (x.t == Value::Undef) undefined_error(x, line);
     if (y.t == Value::Undef) undefined_error(y, line);
     if (x.is_num() && y.is_num()) {
@@ -1619,7 +1673,7 @@ struct Renderer {
       const size_t n = std::min(x.l->size(), y.l->size());
       for (size_t k = 0; k < n; ++k) {
         if (eq((*x.l)[k], (*y.l)[k], line)) continue;
-        return less((*x.l)[k], (*y.l)[k], line, op);
+        return less((*x.l)[k], (*y.l)[k], line, op, depth + 1);
       }
       return x.l->size() < y.l->size();
     }
@@ -1906,6 +1960,7 @@ struct Renderer {
 
   Value eval(const Expr& e) {
     step(e.line);
+    Frame guard(*this, e.line);
     switch (e.k) {
       case Expr::Lit: return e.lit;
       case Expr::Name: return lookup(e.name);
@@ -2188,6 +2243,7 @@ struct Renderer {
 
   Flow exec(const Node& n, std::string& out) {
     step(n.line);
+    Frame guard(*this, n.line);
     switch (n.k) {
       case Node::Text: emit(out, n.text, n.line); return Flow::Normal;
       case Node::Out: emit(out, str(eval(*n.e), n.line), n.line); return Flow::Normal;
@@ -2344,13 +2400,13 @@ Value Renderer::global(const std::string& name) const {
   if (name == "namespace" || name == "dict")
     return make_func(name, [ns = name == "namespace"](Renderer& r, Args& a, int line) -> Value {
       Value d = Value::dict(ns);
+      if (ns) r.namespaces.push_back(d.d);
       if (a.pos.size() > 1) fail(line, detail::cat(ns ? "namespace" : "dict", " takes at most 1 positional argument"));
       if (!a.pos.empty()) {
         if (a.pos[0].t != Value::Dict) fail(line, detail::cat(ns ? "namespace" : "dict", ": the argument must be a mapping"));
         for (const auto& kv : a.pos[0].d->kv) d.d->put(kv.first, kv.second);
       }
       for (auto& kv : a.kw) d.d->put(kv.first, kv.second);
-      (void)r;
       return d;
     });
   if (name == "raise_exception")
