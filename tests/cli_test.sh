@@ -333,6 +333,10 @@ grep -q "turn 2: 70 new prompt tokens (0 already held)" "$W/chat2.err" && ok || 
 grep -q "a new conversation" "$W/chat1.err" && grep -q "turn 1: 23 new prompt tokens (0 already held)" "$W/chat1.err" \
   && ok || bad "chat /reset starts again: $(cat "$W/chat1.err")"
 ! grep -q "reading the whole conversation again" "$W/chat1.err" && ok || bad "chat re-read a template that extends"
+# hm quantize keeps the folder's chat template.
+"$HM" quantize "$W/chat" --out "$W/chat_q8" --type q8_0 >/dev/null && ok || bad "quantize a folder with a chat template"
+printf 'hi\n' | "$HM" chat --model "$W/chat_q8" -n 2 2>&1 >/dev/null | grep -q "chat template: $W/chat_q8/tokenizer_config.json" \
+  && ok || bad "the quantized checkpoint keeps the chat template"
 # A template that rewrites earlier turns (the marker moves to the last message): read again, said on stderr.
 cp -r "$W/chat" "$W/chat_moving"
 cat > "$W/chat_moving/tokenizer_config.json" <<'JSON'

@@ -385,6 +385,12 @@ TEST(ChatTemplate, ReadsTheModelFoldersTemplate) {
   // chat_template.jinja wins over tokenizer_config.json.
   write("chat_template.jinja", "J{{ messages | length }}\n");
   EXPECT_EQ(ChatFormat(read_chat_template(dir.string())).apply(nlohmann::json::array()), "J0");
+  // A checkpoint written from the folder takes its template files along.
+  const fs::path out = dir / "converted";
+  fs::create_directories(out);
+  EXPECT_EQ(copy_chat_template_files(dir.string(), out.string()), 2);
+  EXPECT_EQ(ChatFormat(read_chat_template(out.string())).apply(nlohmann::json::array()), "J0");
+  EXPECT_EQ(copy_chat_template_files(out.string(), out.string()), 0);  // onto itself: nothing to do
   // Errors name the file.
   write("chat_template.jinja", "{% if %}");
   try {

@@ -10,6 +10,7 @@
 #include "core/error.h"
 #include "io/hf_model.h"
 #include "model/model.h"
+#include "runtime/chat_template.h"
 #include "runtime/tokenizer.h"
 
 namespace hm::cli {
@@ -43,6 +44,7 @@ Run add_quantize(CLI::App& app) {
     m->prepare();
     save_model(*m, o->out);
     if (fs::exists(fs::path(o->model) / "tokenizer.json")) load_tokenizer(o->model)->save(o->out);
+    copy_chat_template_files(o->model, o->out);
     std::printf("wrote %s: %zu linear weights in %s, %.1f MB of weights (from %.1f MB)\n", o->out.c_str(),
                 m->packed_weights().size(), o->type.c_str(), double(m->weight_bytes()) / 1e6, double(before) / 1e6);
     return 0;

@@ -18,6 +18,7 @@
 #include "io/safetensors.h"
 #include "model/model.h"
 #include "model/params.h"
+#include "runtime/chat_template.h"
 
 namespace hm {
 
@@ -1326,6 +1327,7 @@ void convert_hf_model(const std::string& hf_dir, const std::string& out_dir, con
     HM_CHECK(!in.bad(), "convert: read error on ", src);
     write_file_atomic((fs::path(out_dir) / "tokenizer.json").string(), s.str());
   }
+  copy_chat_template_files(hf_dir, out_dir);  // the chat template and its special tokens
   // Last: a folder with config.json is a complete checkpoint.
   save_config((fs::path(out_dir) / "config.json").string(), c);
 }

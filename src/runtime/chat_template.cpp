@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "io/atomic_file.h"
 #include "io/json_read.h"
 
 namespace hm {
@@ -3194,6 +3195,20 @@ HfChatTemplate read_chat_template(const std::string& model_dir, bool with_tools)
     t.origin = cfg_path.string();
   }
   return t;
+}
+
+int copy_chat_template_files(const std::string& from_dir, const std::string& out_dir) {
+  namespace fs = std::filesystem;
+  int n = 0;
+  std::error_code ec;
+  for (const char* name : {"chat_template.jinja", "chat_template.json", "tokenizer_config.json"}) {
+    const fs::path src = fs::path(from_dir) / name;
+    if (!fs::is_regular_file(src, ec)) continue;
+    if (fs::equivalent(src, fs::path(out_dir) / name, ec)) continue;
+    write_file_atomic((fs::path(out_dir) / name).string(), read_text_file(src));
+    ++n;
+  }
+  return n;
 }
 
 namespace {

@@ -65,6 +65,11 @@ struct HfChatTemplate {
 // when the files are malformed.
 HfChatTemplate read_chat_template(const std::string& model_dir, bool with_tools = false);
 
+// Copies a model folder's chat template files (chat_template.jinja, chat_template.json,
+// tokenizer_config.json: those present) into out_dir, so that a checkpoint written from it (hm
+// convert, hm quantize) renders chats as the original does. Returns the number copied.
+int copy_chat_template_files(const std::string& from_dir, const std::string& out_dir);
+
 // A compiled folder template: renders `messages` as transformers' apply_chat_template(messages,
 // tokenize=False, add_generation_prompt=...) would (tools and documents None unless given).
 class ChatFormat {
