@@ -5,11 +5,14 @@
 // Supported: {{ }}, {% %}, {# #}, whitespace control (- and +), raw; if/elif/else, for (tuple
 // targets, `if` filter, else, loop.*, break/continue), set (names, tuples, ns.attr, block set),
 // macro, filter blocks, generation (a no-op, as transformers' AssistantTracker renders it);
-// Python-like values (none/bool/int/float/str/list/dict, namespace) with jinja2's default
-// Undefined; the filters, tests, globals and str/dict methods listed in chat_template.cpp.
-// Everything else (call blocks, include/extends/import, Unicode case mapping) is an hm::Error
-// naming the template line, never a crash: parsing and rendering are bounded in nesting depth,
-// steps and output size.
+// Python-like values (none/bool/int/float/str/list/dict, namespace, markupsafe's Markup) with
+// jinja2's default Undefined (printing, testing and iterating one is fine; its attributes and
+// arithmetic are errors, as in jinja2); the filters, tests, globals and str/dict methods listed
+// in chat_template.cpp. Not supported, each an hm::Error naming the template line: call blocks,
+// include/extends/import/block/with/do, recursive loops, *args, printf-style % and str.format,
+// dict literals with non-string keys; integers are 64-bit (overflow is an error) and upper/lower
+// map ASCII, Latin-1, Latin Extended-A, Greek and Cyrillic only. Nothing crashes or hangs:
+// parsing and rendering are bounded in nesting depth, steps and output size.
 #pragma once
 #include <cstddef>
 #include <cstdint>
