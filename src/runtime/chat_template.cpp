@@ -1152,8 +1152,10 @@ class Parser {
       if (c) d = std::max(d, c->depth);
     for (const auto& c : n->kw) d = std::max(d, c.second->depth);
     n->depth = d + 1;
-    if (n->depth > 4 * max_depth_)
-      fail(n->line, detail::cat("the expression nests deeper than ", 4 * max_depth_, " levels"));
+    // max_depth, not more: under AddressSanitizer an eval frame takes over 16 KB, and 512 levels
+    // overflowed the 8 MB stack (ChatTemplate.NestingStepsAndOutputAreBounded in CI).
+    if (n->depth > max_depth_)
+      fail(n->line, detail::cat("the expression nests deeper than ", max_depth_, " levels"));
     return n;
   }
 
@@ -1540,11 +1542,14 @@ struct Renderer {
   // Every namespace made: emptied at the end, so that one holding itself is freed too.
   std::vector<std::shared_ptr<DictT>> namespaces;
 
+  // At most 4 x max_depth (512 by default) eval and exec calls deep: under AddressSanitizer an
+  // eval frame is several KB, and 2,048 of them overflowed the 8 MB stack in CI.
+  int max_frames() const { return std::max(256, lim.max_depth * 4); }
   struct Frame {
     Renderer& r;
     Frame(Renderer& x, int line) : r(x) {
-      if (++r.frames_deep > std::max(256, r.lim.max_depth * 16))
-        fail(line, detail::cat("the template recurses deeper than ", std::max(256, r.lim.max_depth * 16),
+      if (++r.frames_deep > r.max_frames())
+        fail(line, detail::cat("the template recurses deeper than ", r.max_frames(),
                                " evaluations (macros calling macros?)"));
     }
     ~Frame() { --r.frames_deep; }
@@ -2341,8 +2346,11 @@ struct Renderer {
   }
 
   Value call_macro(const Node& m, Args& a, int line) {
-    if (macro_depth >= lim.max_depth)
-      fail(line, detail::cat("macro '", m.text, "' calls nest deeper than ", lim.max_depth, " levels"));
+    // A macro level is a dozen frames (eval, the call, the body's exec): under AddressSanitizer
+    // 128 levels overflowed the 8 MB stack, so calls nest at most a quarter as deep as blocks.
+    const int max_calls = std::max(8, lim.max_depth / 4);
+    if (macro_depth >= max_calls)
+      fail(line, detail::cat("macro '", m.text, "' calls nest deeper than ", max_calls, " levels"));
     if (a.pos.size() > m.params.size())
       fail(line, detail::cat("macro '", m.text, "' takes not more than ", m.params.size(), " argument(s)"));
     for (const auto& kv : a.kw) {

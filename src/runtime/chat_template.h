@@ -27,7 +27,8 @@ namespace hm {
 
 struct ChatTemplateLimits {
   size_t max_output = size_t(16) << 20;  // bytes of output, and of any one string or list built
-  int max_depth = 128;                   // nesting of blocks and expressions, and of macro calls
+  int max_depth = 128;                   // nesting of blocks and expressions; macro calls a quarter of it,
+                                         // eval and exec calls 4x it (the C++ stack, ASan included)
   uint64_t max_steps = 20'000'000;       // evaluation steps of one render
 };
 
