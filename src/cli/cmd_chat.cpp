@@ -137,15 +137,7 @@ Run add_chat(CLI::App& app) {
       ->check(CLI::Range(1, 1 << 20));
   app.add_option("--ctx", o->ctx, "Tokens the whole conversation may hold")->capture_default_str()
       ->check(CLI::Range(2, 1 << 24));
-  app.add_option("--temperature", o->sp.temperature,
-                 "0 = greedy, with the repeat penalty off unless --repeat-penalty is given")->capture_default_str();
-  app.add_option("--top-k", o->sp.top_k, "0 = off")->capture_default_str()->check(non_negative());
-  app.add_option("--top-p", o->sp.top_p, "1 = off")->capture_default_str();
-  app.add_option("--min-p", o->sp.min_p, "0 = off")->capture_default_str();
-  CLI::Option* penalty = app.add_option("--repeat-penalty", o->sp.repeat_penalty, "1 = off")->capture_default_str();
-  app.add_option("--repeat-last-n", o->sp.repeat_last_n, "Tokens the penalty looks back over")
-      ->capture_default_str()->check(non_negative());
-  app.add_option("--seed,-s", o->sp.seed, "Sampling seed")->capture_default_str();
+  add_sampling_options(app, o->sp);
   app.add_option("--threads,-t", o->threads, "Threads (0 = all cores)")->capture_default_str()->check(non_negative());
   app.add_flag("--stats", o->stats, "Per turn on stderr: the prompt tokens read, the tokens generated");
   app.add_flag("--reread", o->reread,
@@ -157,8 +149,8 @@ Run add_chat(CLI::App& app) {
              "new conversation, /exit (or end of input) ends. The conversation is rendered with the folder's chat "
              "template (chat_template.jinja, chat_template.json or tokenizer_config.json), else hm serve's "
              "<|role|> format.");
-  return [o, penalty] {
-    if (o->sp.temperature == 0 && penalty->count() == 0) o->sp.repeat_penalty = 1.0f;  // plain greedy
+  return [o, &app] {
+    finish_sampling_options(app, o->sp);
     validate(o->sp);
     DeviceSetup dev = open_device(o->dev);
     if (o->threads > 0) set_num_threads(o->threads);

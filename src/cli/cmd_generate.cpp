@@ -31,15 +31,7 @@ Run add_generate(CLI::App& app) {
       ->check(CLI::ExistingFile);
   app.add_option("--max-new-tokens,-n", o->max_new, "Tokens to generate per prompt")
       ->capture_default_str()->check(non_negative());
-  app.add_option("--temperature", o->sp.temperature,
-                 "0 = greedy, with the repeat penalty off unless --repeat-penalty is given")->capture_default_str();
-  app.add_option("--top-k", o->sp.top_k, "0 = off")->capture_default_str()->check(non_negative());
-  app.add_option("--top-p", o->sp.top_p, "1 = off")->capture_default_str();
-  app.add_option("--min-p", o->sp.min_p, "0 = off")->capture_default_str();
-  CLI::Option* penalty = app.add_option("--repeat-penalty", o->sp.repeat_penalty, "1 = off")->capture_default_str();
-  app.add_option("--repeat-last-n", o->sp.repeat_last_n, "Tokens the penalty looks back over")
-      ->capture_default_str()->check(non_negative());
-  app.add_option("--seed,-s", o->sp.seed, "Sampling seed")->capture_default_str();
+  add_sampling_options(app, o->sp);
   app.add_option("--threads,-t", o->threads, "Threads (0 = all cores)")->capture_default_str()->check(non_negative());
   app.add_option("--ctx", o->ctx, "Context size (0 = prompt + new tokens)")->capture_default_str()->check(non_negative());
   add_device_options(app, o->dev, true);
@@ -49,11 +41,11 @@ Run add_generate(CLI::App& app) {
   app.footer("Prompts given with --prompt come first, then those of --prompt-file; -f FILE and -p - (standard "
              "input) drop one trailing newline.");
   add_max_memory(app);
-  return [o, penalty] {
+  return [o, &app] {
     // Every setting is checked before anything is loaded or printed.
     HM_CHECK(!o->prompts.empty() || !o->prompt_files.empty(), "give a prompt: --prompt TEXT, --prompt - (standard "
              "input) or --prompt-file FILE");
-    if (o->sp.temperature == 0 && penalty->count() == 0) o->sp.repeat_penalty = 1.0f;  // plain greedy
+    finish_sampling_options(app, o->sp);
     validate(o->sp);
     DeviceSetup dev = open_device(o->dev);
     if (o->threads > 0) set_num_threads(o->threads);

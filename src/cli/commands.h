@@ -7,6 +7,10 @@
 
 #include <CLI/CLI.hpp>
 
+namespace hm {
+struct SamplingParams;
+}
+
 namespace hm::cli {
 
 using Run = std::function<int()>;
@@ -15,6 +19,11 @@ using Run = std::function<int()>;
 // For counts and sizes: "--top-k: must be 0 or more (got -3)" (CLI11's NonNegativeNumber names
 // the largest double as its bound).
 CLI::Validator non_negative();
+// --temperature, --top-k, --top-p, --min-p, --repeat-penalty, --repeat-last-n, --seed into sp
+// (hm generate, hm chat). Call finish_sampling_options when the command runs: --temperature 0
+// without --repeat-penalty is plain greedy (the penalty off).
+void add_sampling_options(CLI::App& app, SamplingParams& sp);
+void finish_sampling_options(const CLI::App& app, SamplingParams& sp);
 // The command line as typed, quoted for a shell; argv[0] as typed (e.g. build/hm).
 void set_command_line(int argc, char** argv);
 std::string command_line();

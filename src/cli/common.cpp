@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cli/commands.h"
+#include "runtime/sampling.h"
 #include "core/error.h"
 #include "train/trainer.h"
 
@@ -33,6 +34,22 @@ std::string shell_quote(const std::string& a) {
   std::string q = "'";
   for (char ch : a) q += ch == '\'' ? std::string("'\\''") : std::string(1, ch);
   return q + "'";
+}
+
+void add_sampling_options(CLI::App& app, SamplingParams& sp) {
+  app.add_option("--temperature", sp.temperature,
+                 "0 = greedy, with the repeat penalty off unless --repeat-penalty is given")->capture_default_str();
+  app.add_option("--top-k", sp.top_k, "0 = off")->capture_default_str()->check(non_negative());
+  app.add_option("--top-p", sp.top_p, "1 = off")->capture_default_str();
+  app.add_option("--min-p", sp.min_p, "0 = off")->capture_default_str();
+  app.add_option("--repeat-penalty", sp.repeat_penalty, "1 = off")->capture_default_str();
+  app.add_option("--repeat-last-n", sp.repeat_last_n, "Tokens the penalty looks back over")
+      ->capture_default_str()->check(non_negative());
+  app.add_option("--seed,-s", sp.seed, "Sampling seed")->capture_default_str();
+}
+
+void finish_sampling_options(const CLI::App& app, SamplingParams& sp) {
+  if (sp.temperature == 0 && app.count("--repeat-penalty") == 0) sp.repeat_penalty = 1.0f;  // plain greedy
 }
 
 CLI::Validator non_negative() {
