@@ -90,7 +90,8 @@ struct Engine::Active {
   size_t emitted = 0;        // bytes of text already sent
   std::vector<TokenLogprob> pending;  // logprobs of tokens whose text is not sent yet
   std::map<int32_t, int> counts;      // generated tokens, for presence/frequency penalties
-  std::vector<float> row;             // penalised logits, or the row read back from the device
+  std::vector<float> row;             // penalised logits
+  std::vector<float> back;            // CUDA, host-sampled requests: the row read back from the device
   bool on_device = false;             // sampled by the engine's DeviceSampler (no host chain)
   int generated = 0;
   int branch = 0;  // the prefix cache's branch point: a prompt chunk ends there (0: none)
@@ -310,12 +311,11 @@ bool Engine::step() {
       emit(a, dev_ids[i], nullptr);
       continue;
     }
-    std::vector<float> back;  // CUDA: this request samples on the host, so its row alone comes back
-    if (dev_) {
-      back.resize(size_t(V));
-      model_.backend().to_host(back.data(), dlogits.row(int(i)), sizeof(float) * size_t(V));
+    if (dev_) {  // CUDA: this request samples on the host, so its row alone comes back
+      a.back.resize(size_t(V));
+      model_.backend().to_host(a.back.data(), dlogits.row(int(i)), sizeof(float) * size_t(V));
     }
-    const float* raw = dev_ ? back.data() : logits.data() + i * size_t(V);
+    const float* raw = dev_ ? a.back.data() : logits.data() + i * size_t(V);
     const float* row = raw;
     const GenParams& p = a.req->params;
     if (p.presence_penalty != 0 || p.frequency_penalty != 0) {
