@@ -3,7 +3,10 @@
 #include <omp.h>
 
 #include <cstdint>
+#include <cmath>
 #include <cstdlib>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "core/rng.h"
@@ -36,6 +39,23 @@ template <class T> std::vector<T> arena(const Params& p) {
     for (int64_t i = 0; i < p.specs()[k].numel(); ++i)
       a[size_t(p.at(k) - p.data() + i)] = T(p.at(k)[i]);
   return a;
+}
+
+// Per tensor: max_i |a_i - b_i| / max_i |b_i|; the worst tensor's value and name.
+template <class A, class B>
+std::pair<double, std::string> worst_tensor_err(const Params& layout, const A* a, const B* b) {
+  std::pair<double, std::string> worst{0.0, ""};
+  for (size_t k = 0; k < layout.specs().size(); ++k) {
+    const int64_t off = layout.at(k) - layout.data();
+    double num = 0, den = 0;
+    for (int64_t i = off; i < off + layout.specs()[k].numel(); ++i) {
+      num = std::max(num, std::fabs(double(a[i]) - double(b[i])));
+      den = std::max(den, std::fabs(double(b[i])));
+    }
+    const double e = den > 0 ? num / den : (num > 0 ? INFINITY : 0.0);
+    if (e >= worst.first) worst = {e, layout.specs()[k].name};
+  }
+  return worst;
 }
 
 inline bool verbose() { return std::getenv("HM_GRAD_VERBOSE") != nullptr; }

@@ -137,22 +137,7 @@ void check_fd(bool tied, uint64_t seed, const std::function<int(const std::strin
               loss, worst, p.specs().size());
 }
 
-// Per tensor: max_i |a_i - b_i| / max_i |b_i|; the worst tensor's value and name.
-template <class A, class B>
-std::pair<double, std::string> worst_tensor_err(const Params& layout, const A* a, const B* b) {
-  std::pair<double, std::string> worst{0.0, ""};
-  for (size_t k = 0; k < layout.specs().size(); ++k) {
-    const int64_t off = layout.at(k) - layout.data();
-    double num = 0, den = 0;
-    for (int64_t i = off; i < off + layout.specs()[k].numel(); ++i) {
-      num = std::max(num, std::fabs(double(a[i]) - double(b[i])));
-      den = std::max(den, std::fabs(double(b[i])));
-    }
-    const double e = den > 0 ? num / den : (num > 0 ? INFINITY : 0.0);
-    if (e >= worst.first) worst = {e, layout.specs()[k].name};
-  }
-  return worst;
-}
+using test::worst_tensor_err;
 
 }  // namespace
 

@@ -164,6 +164,31 @@ class Backend {
   // is assigned (0 on ignored rows) and dW += dlogits^T hn.
   virtual double cross_entropy_head(Tensor dhn, Tensor dW, Tensor hn, Tensor W,
                                     const int32_t* targets, double scale);
+  // The backward of add_rows(dst, -, src, -, src.rows, nullptr, scale): dsrc = ddst * scale
+  // (per column, assigned), dscale += the sum over rows of ddst * src (a bridge's gate).
+  virtual void scale_cols_backward(Tensor dsrc, Tensor dscale, Tensor ddst, Tensor src, Tensor scale);
+  // dst = src in dst's type (same shape; round to nearest even): the compute copy of float32
+  // master weights in mixed-precision training.
+  virtual void convert(Tensor dst, Tensor src);
+
+  // ---- Optimizer ops (issue 15): the tensors of a float32 arena in backend memory (a Params
+  // layout), each [offset, offset + n) with its weight decay. ----
+  struct ArenaSpan {
+    int64_t offset = 0, n = 0;
+    float weight_decay = 0;
+  };
+  // The sum of x^2 over every span, accumulated in double in one fixed order (any launch shape
+  // and thread count gives the same bits: a resumed run clips as the uninterrupted one).
+  virtual double sum_squares(const float* x, const std::vector<ArenaSpan>& spans);
+  // optimizer.h's AdamW update of every span in one pass over p, g, m, v, with the gradient
+  // g * grad_scale (the clipped one; g itself is not written):
+  //   m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
+  //   p -= lr (m inv_bc1 / (sqrt(v inv_bc2) + eps) + weight_decay p).
+  struct AdamWStep {
+    float lr = 0, beta1 = 0, beta2 = 0, eps = 0, inv_bc1 = 1, inv_bc2 = 1, grad_scale = 1;
+  };
+  virtual void adamw_step(float* p, const float* g, float* m, float* v, const std::vector<ArenaSpan>& spans,
+                          const AdamWStep& k);
 };
 
 std::unique_ptr<Backend> make_cpu_backend();

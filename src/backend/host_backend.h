@@ -480,6 +480,45 @@ class HostBackend : public Backend {
       return loss;
     }
   }
+  void scale_cols_backward(Tensor dsrc, Tensor dscale, Tensor ddst, Tensor src, Tensor scale) override {
+    train_check::scale_cols_backward(name(), dsrc, dscale, ddst, src, scale);
+    const int n = src.rows, d = src.cols;
+    std::vector<double> acc(size_t(d), 0.0);  // rows in order: one fixed sum per column
+    const float* sc = scale.f32();
+    for (int i = 0; i < n; ++i) {
+      const float *dd = row(ddst, i), *x = row(src, i);
+      float* dx = row(dsrc, i);
+      for (int j = 0; j < d; ++j) {
+        acc[size_t(j)] += double(dd[j]) * double(x[j]);
+        dx[j] = dd[j] * sc[j];
+      }
+    }
+    float* ds = dscale.f32();
+    for (int j = 0; j < d; ++j) ds[j] += float(acc[size_t(j)]);
+  }
+  void convert(Tensor dst, Tensor src) override {
+    train_check::convert(name(), dst, src);
+    HM_CHECK(dst.dtype == DType::F32 && src.dtype == DType::F32, name(), " convert: float32 only on this backend");
+    for (int i = 0; i < src.rows; ++i) std::memmove(row(dst, i), row(src, i), sizeof(float) * size_t(src.cols));
+  }
+  double sum_squares(const float* x, const std::vector<ArenaSpan>& spans) override {
+    train_check::spans(name(), "sum_squares", spans);
+    double s = 0;
+    for (const ArenaSpan& sp : spans)
+      for (int64_t k = 0; k < sp.n; ++k) s += double(x[sp.offset + k]) * double(x[sp.offset + k]);
+    return s;
+  }
+  void adamw_step(float* p, const float* g, float* m, float* v, const std::vector<ArenaSpan>& spans,
+                  const AdamWStep& k) override {
+    train_check::spans(name(), "adamw_step", spans);
+    for (const ArenaSpan& sp : spans)
+      for (int64_t j = sp.offset; j < sp.offset + sp.n; ++j) {
+        const float gi = g[j] * k.grad_scale;
+        m[j] = k.beta1 * m[j] + (1.0f - k.beta1) * gi;
+        v[j] = k.beta2 * v[j] + (1.0f - k.beta2) * (gi * gi);
+        p[j] -= k.lr * (m[j] * k.inv_bc1 / (std::sqrt(v[j] * k.inv_bc2) + k.eps) + sp.weight_decay * p[j]);
+      }
+  }
 
  private:
   // Rows [r0, r0 + n) of t as one contiguous float block: t's own memory when its rows are

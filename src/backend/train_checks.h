@@ -3,6 +3,9 @@
 #pragma once
 #include <string>
 
+#include <vector>
+
+#include "backend/backend.h"
 #include "backend/tensor.h"
 
 namespace hm::train_check {
@@ -23,5 +26,8 @@ void attention(const std::string& be, const char* op, Tensor out, Tensor lse, Te
 void rope(const std::string& be, const char* op, Tensor x, int heads, int hd, const Ragged& rg);
 void embedding_backward(const std::string& be, Tensor dtable, Tensor dout);
 void cross_entropy_head(const std::string& be, Tensor dhn, Tensor dW, Tensor hn, Tensor W);
+void scale_cols_backward(const std::string& be, Tensor dsrc, Tensor dscale, Tensor ddst, Tensor src, Tensor scale);
+void convert(const std::string& be, Tensor dst, Tensor src);
+void spans(const std::string& be, const char* op, const std::vector<Backend::ArenaSpan>& sp);
 
 }  // namespace hm::train_check

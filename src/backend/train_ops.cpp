@@ -1,5 +1,7 @@
 // The training ops' shape checks (train_checks.h) and the Backend defaults, which say the op is
 // missing rather than compute anything.
+#include <cmath>
+
 #include "backend/backend.h"
 #include "backend/train_checks.h"
 
@@ -84,6 +86,26 @@ void cross_entropy_head(const std::string& be, Tensor dhn, Tensor dW, Tensor hn,
            dims(dW), " do not fit");
 }
 
+void scale_cols_backward(const std::string& be, Tensor dsrc, Tensor dscale, Tensor ddst, Tensor src,
+                         Tensor scale) {
+  HM_CHECK(dsrc.rows == src.rows && dsrc.cols == src.cols && ddst.rows == src.rows && ddst.cols == src.cols &&
+               scale.rows == 1 && scale.cols == src.cols && dscale.rows == 1 && dscale.cols == src.cols,
+           be, " scale_cols_backward: dsrc ", dims(dsrc), ", dscale ", dims(dscale), ", ddst ", dims(ddst), ", src ",
+           dims(src), ", scale ", dims(scale), " do not fit dst += src * scale");
+}
+
+void convert(const std::string& be, Tensor dst, Tensor src) {
+  HM_CHECK(dst.rows == src.rows && dst.cols == src.cols && !is_packed(dst.dtype) && !is_packed(src.dtype), be,
+           " convert: dst ", dims(dst), " ", compute_dtype_name(dst.dtype), " and src ", dims(src), " ",
+           compute_dtype_name(src.dtype), " must be one shape of unpacked types");
+}
+
+void spans(const std::string& be, const char* op, const std::vector<Backend::ArenaSpan>& sp) {
+  for (size_t i = 0; i < sp.size(); ++i)
+    HM_CHECK(sp[i].offset >= 0 && sp[i].n >= 0 && std::isfinite(sp[i].weight_decay), be, " ", op, ": span ", i,
+             " (offset ", sp[i].offset, ", n ", sp[i].n, ", weight decay ", sp[i].weight_decay, ") is invalid");
+}
+
 }  // namespace train_check
 
 namespace {
@@ -124,6 +146,12 @@ void Backend::rope_backward(Tensor, int, int, float, const Ragged&) { missing(*t
 void Backend::embedding_backward(Tensor, Tensor, const int32_t*) { missing(*this, "embedding_backward"); }
 double Backend::cross_entropy_head(Tensor, Tensor, Tensor, Tensor, const int32_t*, double) {
   missing(*this, "cross_entropy_head");
+}
+void Backend::scale_cols_backward(Tensor, Tensor, Tensor, Tensor, Tensor) { missing(*this, "scale_cols_backward"); }
+void Backend::convert(Tensor, Tensor) { missing(*this, "convert"); }
+double Backend::sum_squares(const float*, const std::vector<ArenaSpan>&) { missing(*this, "sum_squares"); }
+void Backend::adamw_step(float*, const float*, float*, float*, const std::vector<ArenaSpan>&, const AdamWStep&) {
+  missing(*this, "adamw_step");
 }
 
 }  // namespace hm

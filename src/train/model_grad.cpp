@@ -15,6 +15,7 @@
 #include "kernels/ref/attention_grad_ref.h"
 #include "kernels/ref/mamba_grad_ref.h"
 #include "model/true_hybrid.h"
+#include "train/layout.h"
 
 namespace hm {
 namespace {
@@ -27,42 +28,7 @@ namespace G = ref::grad;
 // is checked against.
 template <class T> constexpr bool kFast = std::is_same_v<T, float>;
 
-constexpr int64_t kNone = -1;
-
-// Where each tensor sits in the arena, as element offsets, so float, double and long double
-// copies of the parameters (and gradient buffers) share Params' layout.
-struct LayerOffsets {
-  int64_t norm, in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A_log, Dskip, out_proj;
-  int64_t wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down, bridge_norm, bridge_proj, bridge_gate;
-  int64_t fuse_mamba, fuse_attn, exchange, router_w, router_feat, router_b;  // true layers
-};
-
-struct Layout {
-  ModelConfig c;
-  int64_t numel = 0, emb = 0, norm_f = 0, head = 0;  // head == emb when tied
-  std::vector<LayerOffsets> layers;
-  std::vector<std::pair<int64_t, int64_t>> tensors;  // (offset, numel); the padding between is skipped
-
-  explicit Layout(const Params& p) : c(p.config()), numel(p.numel()) {
-    const float* base = p.data();
-    auto off = [&](const float* q) { return q ? int64_t(q - base) : kNone; };
-    emb = off(p.embeddings());
-    norm_f = off(p.norm_f());
-    head = off(p.lm_head());
-    for (int i = 0; i < c.n_layers; ++i) {
-      const LayerWeights& w = p.layer(i);
-      layers.push_back({off(w.norm), off(w.in_proj), off(w.conv_w), off(w.conv_b), off(w.x_proj),
-                        off(w.dt_w), off(w.dt_b), off(w.A_log), off(w.Dskip), off(w.out_proj),
-                        off(w.wq), off(w.wk), off(w.wv), off(w.wo), off(w.mlp_norm),
-                        off(w.w_gate), off(w.w_up), off(w.w_down), off(w.bridge_norm),
-                        off(w.bridge_proj), off(w.bridge_gate), off(w.fuse_mamba),
-                        off(w.fuse_attn), off(w.exchange), off(w.router_w), off(w.router_feat),
-                        off(w.router_b)});
-    }
-    for (size_t k = 0; k < p.specs().size(); ++k)
-      tensors.emplace_back(int64_t(p.at(k) - base), p.specs()[k].numel());
-  }
-};
+constexpr int64_t kNone = kNoTensor;
 
 template <class P> P* at(P* base, int64_t off) { return off == kNone ? nullptr : base + off; }
 
@@ -820,10 +786,10 @@ int count_targets(const int32_t* tgt, int n) {
   return k;
 }
 
-// Validates the batch (before any parallel region: exceptions must not leave one); returns the
-// number of counted positions.
-int64_t check_batch(const ModelConfig& c, const int32_t* tokens, const int32_t* targets, int B,
-                    int L, int scan_chunk) {
+}  // namespace
+
+int64_t check_train_batch(const ModelConfig& c, const int32_t* tokens, const int32_t* targets, int B, int L,
+                          int scan_chunk) {
   HM_CHECK(B > 0 && L > 0, "loss: batch must be at least 1 x 1, got ", B, " x ", L);
   HM_CHECK(scan_chunk >= 0, "loss: scan_chunk must be >= 0, got ", scan_chunk);
   const std::string no = training_unsupported(c);
@@ -840,6 +806,8 @@ int64_t check_batch(const ModelConfig& c, const int32_t* tokens, const int32_t* 
   }
   return count;
 }
+
+namespace {
 
 int threads_for(int B) { return std::max(1, std::min(omp_get_max_threads(), B)); }
 
@@ -864,7 +832,7 @@ double loss_and_grad_arena(const Params& layout, const T* params, T* grads, cons
                            double* aux_loss) {
   const Layout lo(layout);
   const ModelConfig& c = lo.c;
-  const int64_t total = check_batch(c, tokens, targets, B, L, scan_chunk);
+  const int64_t total = check_train_batch(c, tokens, targets, B, L, scan_chunk);
   if (total == 0) return 0.0;
   const int D = c.d_model, V = c.vocab_size, nt = threads_for(B);
   // Thread 0 adds straight into grads; each other thread into a private arena summed into
@@ -941,7 +909,7 @@ long double loss_only_arena(const Params& layout, const T* params, const int32_t
                             const int32_t* targets, int B, int L, LossAux* aux) {
   const Layout lo(layout);
   const ModelConfig& c = lo.c;
-  const int64_t total = check_batch(c, tokens, targets, B, L, 0);
+  const int64_t total = check_train_batch(c, tokens, targets, B, L, 0);
   if (aux) {
     aux->budget_loss = 0;
     aux->logits.clear();

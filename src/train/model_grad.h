@@ -18,6 +18,12 @@
 namespace hm {
 
 class Backend;
+
+// Checks a training batch as every loss function here does (B, L >= 1, scan_chunk >= 0, a model
+// that can train, tokens in [0, vocab), targets in [-1, vocab): hm::Error naming the position
+// otherwise); returns the number of counted positions (targets >= 0).
+int64_t check_train_batch(const ModelConfig& c, const int32_t* tokens, const int32_t* targets, int B, int L,
+                          int scan_chunk);
 // The backend the float path's layers compute on: the CPU backend unless set_train_backend gave
 // another (a host backend: the activations are host memory; null restores the CPU's). Its ops
 // are called from every OpenMP thread at once, so a backend that is not thread-safe (a

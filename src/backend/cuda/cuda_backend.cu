@@ -1071,7 +1071,89 @@ class CudaBackendImpl final : public CudaBackend {
     return sum;
   }
 
+  void scale_cols_backward(Tensor dsrc, Tensor dscale, Tensor ddst, Tensor src, Tensor scale) override {
+    const char* op = "scale_cols_backward";
+    train_check::scale_cols_backward(name(), dsrc, dscale, ddst, src, scale);
+    const int n = src.rows, d = src.cols;
+    check_view(op, "src", src, n, d);
+    check_view(op, "ddst", ddst, n, d);
+    check_view(op, "dsrc", dsrc, n, d);
+    check_vec(op, "scale", scale, d);
+    check_vec(op, "dscale", dscale, d);
+    check_type(op, "ddst", ddst, src.dtype);
+    check_type(op, "dsrc", dsrc, src.dtype);
+    check_type(op, "scale", scale, src.dtype);
+    check_grad_type(op, "dscale", dscale, src.dtype);
+    if (n == 0 || d == 0) return;
+    void* ws = workspace(cuda::scale_cols_backward_workspace_bytes(n, d));
+    dispatch(src.dtype, [&](auto tag) {
+      using T = elem_t<decltype(tag)>;
+      dispatch_grad<T>(dscale.dtype, [&](auto gtag) {
+        using G = elem_t<decltype(gtag)>;
+        cuda::scale_cols_backward<T, G>(ptr<T>(dsrc), int(dsrc.ld), ptr<G>(dscale), ptr<T>(ddst), int(ddst.ld),
+                                        ptr<T>(src), int(src.ld), ptr<T>(scale), n, d, ws, stream_);
+      });
+    });
+  }
+
+  void convert(Tensor dst, Tensor src) override {
+    const char* op = "convert";
+    train_check::convert(name(), dst, src);
+    check_view(op, "dst", dst, src.rows, src.cols);
+    check_view(op, "src", src, src.rows, src.cols);
+    HM_CHECK(dst.dtype == DType::F32 || src.dtype == DType::F32, "cuda convert: one side must be float32, got ",
+             compute_dtype_name(src.dtype), " -> ", compute_dtype_name(dst.dtype));
+    if (src.rows == 0 || src.cols == 0) return;
+    if (src.dtype == DType::F32) {
+      dispatch(dst.dtype, [&](auto tag) {
+        using T = elem_t<decltype(tag)>;
+        cuda::convert<T, float>(ptr<T>(dst), dst.ld, ptr<float>(src), src.ld, src.rows, src.cols, stream_);
+      });
+    } else {
+      dispatch(src.dtype, [&](auto tag) {
+        using T = elem_t<decltype(tag)>;
+        cuda::convert<float, T>(ptr<float>(dst), dst.ld, ptr<T>(src), src.ld, src.rows, src.cols, stream_);
+      });
+    }
+  }
+
+  // The chunk table is built on the host and uploaded per call (a few thousand entries).
+  double sum_squares(const float* x, const std::vector<ArenaSpan>& spans) override {
+    train_check::spans(name(), "sum_squares", spans);
+    const std::vector<cuda::OptChunk> ch = opt_chunks(spans);
+    if (ch.empty()) return 0.0;
+    const size_t tb = (sizeof(cuda::OptChunk) * ch.size() + 255) / 256 * 256;
+    char* ws = static_cast<char*>(workspace(tb + sizeof(double) * ch.size()));
+    auto* table = reinterpret_cast<cuda::OptChunk*>(ws);
+    auto* partial = reinterpret_cast<double*>(ws + tb);
+    to_device(table, ch.data(), sizeof(cuda::OptChunk) * ch.size());
+    cuda::sum_squares(partial, x, table, int(ch.size()), stream_);
+    std::vector<double> part(ch.size());
+    to_host(part.data(), partial, sizeof(double) * part.size());
+    double s = 0;
+    for (const double v : part) s += v;  // chunk order: fixed
+    return s;
+  }
+
+  void adamw_step(float* p, const float* g, float* m, float* v, const std::vector<ArenaSpan>& spans,
+                  const AdamWStep& k) override {
+    train_check::spans(name(), "adamw_step", spans);
+    const std::vector<cuda::OptChunk> ch = opt_chunks(spans);
+    if (ch.empty()) return;
+    auto* table = static_cast<cuda::OptChunk*>(workspace(sizeof(cuda::OptChunk) * ch.size()));
+    to_device(table, ch.data(), sizeof(cuda::OptChunk) * ch.size());
+    cuda::adamw_step(p, g, m, v, table, int(ch.size()), k.lr, k.beta1, k.beta2, k.eps, k.inv_bc1, k.inv_bc2,
+                     k.grad_scale, stream_);
+  }
+
  private:
+  static std::vector<cuda::OptChunk> opt_chunks(const std::vector<ArenaSpan>& spans) {
+    std::vector<cuda::OptChunk> ch;
+    for (const ArenaSpan& sp : spans)
+      for (int64_t k = 0; k < sp.n; k += cuda::kOptChunk)
+        ch.push_back({sp.offset + k, int32_t(std::min<int64_t>(cuda::kOptChunk, sp.n - k)), sp.weight_decay});
+    return ch;
+  }
   bool capturing() const {
     cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
     HM_CUDA_OK(cudaStreamIsCapturing(stream_, &cs), "cudaStreamIsCapturing");

@@ -92,4 +92,33 @@ void attention_backward(T* dq, int lddq, T* dk, int lddk, T* dv, int lddv, const
                         int ldl, const RaggedBatch& rb, int H, int G, int hd, void* workspace, cudaStream_t stream);
 size_t attention_backward_workspace_bytes(int n_tokens, int H);
 
+// ---- Bridges, mixed precision and the optimizer (optim.cu) ----
+
+// The backward of dst += src * scale (per column): dsrc = ddst * scale (assigned) and dscale +=
+// the column sums of ddst * src, summed per chunk of kScaleRows rows and then over the chunks in
+// order (no atomics). `workspace` holds scale_cols_backward_workspace_bytes(n, d) bytes.
+template <class T, class G>
+void scale_cols_backward(T* dsrc, int ldds, G* dscale, const T* ddst, int lddd, const T* src, int lds,
+                         const T* scale, int n, int d, void* workspace, cudaStream_t stream);
+size_t scale_cols_backward_workspace_bytes(int n, int d);
+
+// dst = src converted (round to nearest even), rows x cols, each its own row stride.
+template <class TD, class TS>
+void convert(TD* dst, int64_t ldd, const TS* src, int64_t lds, int rows, int cols, cudaStream_t stream);
+
+// The optimizer's work list: the arena cut into chunks of at most kOptChunk elements, in
+// tensor order, each with its tensor's weight decay (built on the host, uploaded).
+constexpr int kOptChunk = 16384;
+struct OptChunk {
+  int64_t offset;
+  int32_t n;
+  float weight_decay;
+};
+// partial[c] = sum over chunk c of x^2 in double, one fixed reduction tree per chunk.
+void sum_squares(double* partial, const float* x, const OptChunk* chunks, int n_chunks, cudaStream_t stream);
+// Backend::adamw_step's update of every chunk.
+void adamw_step(float* p, const float* g, float* m, float* v, const OptChunk* chunks, int n_chunks, float lr,
+                float beta1, float beta2, float eps, float inv_bc1, float inv_bc2, float grad_scale,
+                cudaStream_t stream);
+
 }  // namespace hm::cuda

@@ -1,0 +1,56 @@
+// Loss and gradients of a whole batch on one backend (docs/TRAINING.md, "Training on a device"):
+// the B sequences run as one ragged batch through the backend's training ops, with parameters,
+// gradients and activations in the backend's memory. This is how `hm train --device cuda`
+// computes; on a host backend it computes what loss_and_grad (model_grad.h) does, which the
+// tests use to check it.
+//
+// Weights: a float32 master arena in the layout of a Params (element offsets of model_grad's
+// Layout). The ops compute in `compute` (f32, or bf16 / f16 on a backend that supports them):
+// in a 16-bit type the master arena is converted once per set_weights into a compute copy, and
+// every parameter gradient still accumulates in float32 (mixed precision as practitioners run
+// it: 16-bit activations and GEMM inputs, float32 master weights, gradients and optimizer).
+//
+// Not yet: True Hybrid layers (their router and fusion have no ops) and per-layer gradient
+// checkpointing: the constructor says so by name.
+#pragma once
+#include <cstdint>
+#include <memory>
+
+#include "backend/backend.h"
+#include "model/params.h"
+
+namespace hm {
+
+class BatchGrad {
+ public:
+  // layout: the model's Params (its config and offsets; values are not read).
+  BatchGrad(Backend& be, const Params& layout, DType compute);
+  ~BatchGrad();
+  BatchGrad(const BatchGrad&) = delete;
+  BatchGrad& operator=(const BatchGrad&) = delete;
+
+  // The weights the next calls compute with: master, layout.numel() floats in the backend's
+  // memory (kept by pointer: set it again after the values change, e.g. after an optimizer step).
+  void set_weights(const float* master);
+
+  // Mean cross-entropy over the positions whose target is >= 0 of B sequences of L tokens
+  // (tokens, targets: host arrays [B, L], checked as loss_and_grad checks them); adds
+  // grad_scale x its gradient into grads (layout.numel() floats in the backend's memory).
+  // Returns 0 without touching grads when no target counts.
+  double loss_and_grad(float* grads, const int32_t* tokens, const int32_t* targets, int B, int L,
+                       double grad_scale = 1.0);
+  // The forward alone: the sum of the cross-entropies of the counted positions (*counted gets
+  // their number).
+  double loss_sum(const int32_t* tokens, const int32_t* targets, int B, int L, int64_t* counted);
+
+  // Bytes of backend memory the activations and scratch buffers hold now (they are kept and
+  // reused between calls, grown when a batch needs more).
+  size_t activation_bytes() const;
+  DType compute() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace hm

@@ -1,0 +1,205 @@
+// train/batch_grad.h: the whole batch as one ragged batch on a backend (what hm train --device
+// cuda runs), checked on the host backends against loss_and_grad (model_grad.h), itself checked
+// against finite differences in test_model_grad.cpp. And the optimizer ops of backend.h against
+// hm::AdamW and grad_norm, and the bridge gate's backward against a double loop.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "core/error.h"
+#include "core/rng.h"
+#include "model/params.h"
+#include "train/batch_grad.h"
+#include "train/model_grad.h"
+#include "train/optimizer.h"
+#include "grad_test_util.h"
+#include "test_util.h"
+
+using namespace hm;
+using test::arena;
+using test::make_batch;
+using test::randomize_params;
+using test::TokenBatch;
+using test::worst_tensor_err;
+
+// stmt throws hm::Error whose message contains text.
+#define EXPECT_THROW_MSG(stmt, text)                                                        \
+  do {                                                                                      \
+    try {                                                                                   \
+      stmt;                                                                                 \
+      ADD_FAILURE() << "no error from " #stmt;                                              \
+    } catch (const hm::Error& e) {                                                          \
+      EXPECT_NE(std::string(e.what()).find(text), std::string::npos) << e.what();           \
+    }                                                                                       \
+  } while (0)
+
+namespace {
+
+// Every feature the batched path has: M A A M (bridges both ways and a pair without one), GQA,
+// RoPE, SwiGLU MLP, explicit dt_rank, d_conv 3; tied or untied head.
+ModelConfig hybrid_config(bool tied) {
+  ModelConfig c;
+  c.d_model = 16;
+  c.n_layers = 4;
+  c.attention_layers = {1, 2};
+  c.vocab_size = 23;
+  c.d_state = 4;
+  c.d_conv = 3;
+  c.expand = 2;
+  c.dt_rank = 2;
+  c.n_heads = 4;
+  c.n_kv_heads = 2;
+  c.rope = true;
+  c.d_ff = 12;
+  c.tie_embeddings = tied;
+  c.state_bridges = true;
+  validate(c);
+  return c;
+}
+
+std::vector<float> zeros(const Params& p) { return std::vector<float>(size_t(p.numel()), 0.0f); }
+
+// loss_and_grad's result and BatchGrad's on backend `be` (host memory), for one batch.
+void compare(const ModelConfig& c, Backend& be, uint64_t seed, int B, int L, double tol) {
+  Params p(c);
+  randomize_params(p, seed);
+  const TokenBatch b = make_batch(B, L, c.vocab_size, seed + 1);
+  Params g_ref(c);
+  std::fill(g_ref.data(), g_ref.data() + g_ref.numel(), 0.0f);
+  const double l_ref = loss_and_grad_f64(p, g_ref, b.tokens.data(), b.targets.data(), B, L);
+
+  BatchGrad bg(be, p, DType::F32);
+  bg.set_weights(p.data());
+  std::vector<float> g = zeros(p);
+  const double l = bg.loss_and_grad(g.data(), b.tokens.data(), b.targets.data(), B, L);
+  EXPECT_NEAR(l, l_ref, 1e-6 * l_ref);
+  const auto [err, name] = worst_tensor_err(p, g.data(), g_ref.data());
+  std::printf("  %s backend, %s head, %d x %d: loss %.8f vs %.8f (double); worst tensor %s: %.2e\n",
+              be.name().c_str(), c.tie_embeddings ? "tied" : "untied", B, L, l, l_ref, name.c_str(), err);
+  EXPECT_LE(err, tol) << name;
+
+  // The forward alone gives the same loss; a second call with grad_scale 2 adds twice the gradient.
+  int64_t counted = 0;
+  const double sum = bg.loss_sum(b.tokens.data(), b.targets.data(), B, L, &counted);
+  EXPECT_NEAR(sum / double(counted), l, 1e-12 * l);
+  std::vector<float> g2 = zeros(p);
+  bg.loss_and_grad(g2.data(), b.tokens.data(), b.targets.data(), B, L, 0.5);
+  bg.loss_and_grad(g2.data(), b.tokens.data(), b.targets.data(), B, L, 0.5);
+  EXPECT_LE(worst_tensor_err(p, g2.data(), g.data()).first, 1e-6);
+}
+
+}  // namespace
+
+TEST(BatchGrad, MatchesDoubleReferenceOnTheCpuBackend) {
+  auto cpu = make_cpu_backend();
+  for (bool tied : {true, false}) compare(hybrid_config(tied), *cpu, 11, 3, 37, 2e-5);
+  ModelConfig mamba = preset("tiny");
+  mamba.attention_layers.clear();
+  mamba.d_ff = 0;
+  validate(mamba);
+  compare(mamba, *cpu, 13, 2, 70, 2e-5);
+}
+
+TEST(BatchGrad, MatchesDoubleReferenceOnTheRefBackend) {
+  auto ref = make_ref_backend();
+  compare(hybrid_config(true), *ref, 21, 2, 19, 2e-5);
+}
+
+TEST(BatchGrad, RefusesWhatItCannotTrain) {
+  auto cpu = make_cpu_backend();
+  ModelConfig t = preset("true-tiny");
+  Params p(t);
+  EXPECT_THROW_MSG((void)BatchGrad(*cpu, p, DType::F32), "True Hybrid layer");
+  Params q(hybrid_config(true));
+  EXPECT_THROW_MSG((void)BatchGrad(*cpu, q, DType::BF16), "cannot compute in bf16");
+  BatchGrad bg(*cpu, q, DType::F32);
+  std::vector<int32_t> tok(6, 0), tgt(6, 0);
+  std::vector<float> g = zeros(q);
+  EXPECT_THROW_MSG(bg.loss_and_grad(g.data(), tok.data(), tgt.data(), 2, 3), "set_weights");
+  bg.set_weights(q.data());
+  tok[4] = 99;
+  EXPECT_THROW_MSG(bg.loss_and_grad(g.data(), tok.data(), tgt.data(), 2, 3), "token id 99 at [1, 1]");
+}
+
+// Backend::adamw_step and sum_squares on the host backends against hm::AdamW::step and
+// grad_norm on the same arenas, over three steps with clipping on.
+TEST(BatchGrad, OptimizerOpsMatchAdamW) {
+  const ModelConfig c = hybrid_config(false);
+  Params p(c), g(c);
+  randomize_params(p, 31);
+  randomize_params(g, 32);
+  AdamWConfig oc;
+  oc.lr = 1e-2f;
+  oc.clip_norm = 0.5f;
+  AdamW opt(p, oc);
+  std::vector<float> pd = arena<float>(p), m(pd.size(), 0.0f), v(pd.size(), 0.0f);
+  std::vector<Backend::ArenaSpan> spans;
+  for (size_t k = 0; k < p.specs().size(); ++k)
+    spans.push_back({p.at(k) - p.data(), p.specs()[k].numel(), decays(p.specs()[k].name) ? oc.weight_decay : 0.0f});
+  for (auto make : {make_cpu_backend, make_ref_backend}) {
+    auto be = make();
+    std::vector<float> pb = pd, mb = m, vb = v;
+    Params pp(c), gg(c);
+    std::copy_n(p.data(), p.numel(), pp.data());
+    AdamW o2(pp, oc);
+    for (int t = 1; t <= 3; ++t) {
+      std::copy_n(g.data(), g.numel(), gg.data());
+      const std::vector<float> gd = arena<float>(g);
+      const double sq = be->sum_squares(gd.data(), spans);
+      const double norm = o2.step(pp, gg, 0.01f * float(t));
+      EXPECT_NEAR(std::sqrt(sq), norm, 1e-12 * norm);
+      Backend::AdamWStep k;
+      k.lr = 0.01f * float(t);
+      k.beta1 = oc.beta1;
+      k.beta2 = oc.beta2;
+      k.eps = oc.eps;
+      k.inv_bc1 = float(1.0 / (1.0 - std::pow(double(oc.beta1), double(t))));
+      k.inv_bc2 = float(1.0 / (1.0 - std::pow(double(oc.beta2), double(t))));
+      k.grad_scale = float(double(oc.clip_norm) / std::sqrt(sq));
+      be->adamw_step(pb.data(), gd.data(), mb.data(), vb.data(), spans, k);
+    }
+    const auto [err, name] = worst_tensor_err(p, pb.data(), arena<float>(pp).data());
+    EXPECT_LE(err, 1e-6) << be->name() << " " << name;
+    EXPECT_LE(worst_tensor_err(p, mb.data(), arena<float>(o2.m()).data()).first, 1e-6);
+    EXPECT_LE(worst_tensor_err(p, vb.data(), arena<float>(o2.v()).data()).first, 1e-6);
+  }
+}
+
+// The bridge gate's backward: dsrc = ddst * scale, dscale += column sums of ddst * src.
+TEST(BatchGrad, ScaleColsBackward) {
+  const int n = 37, d = 13;
+  Rng rng(41);
+  auto rnd = [&](size_t k) {
+    std::vector<float> x(k);
+    for (float& e : x) e = float(rng.uniform() * 2 - 1);
+    return x;
+  };
+  const std::vector<float> ddst = rnd(size_t(n) * d), src = rnd(size_t(n) * d), scale = rnd(size_t(d));
+  for (auto make : {make_cpu_backend, make_ref_backend}) {
+    auto be = make();
+    std::vector<float> dsrc(size_t(n) * d, NAN), dscale(size_t(d), 0.5f);
+    be->scale_cols_backward(Tensor(dsrc.data(), DType::F32, n, d), Tensor::vec(dscale.data(), DType::F32, d),
+                            Tensor(const_cast<float*>(ddst.data()), DType::F32, n, d),
+                            Tensor(const_cast<float*>(src.data()), DType::F32, n, d),
+                            Tensor::vec(scale.data(), DType::F32, d));
+    for (int j = 0; j < d; ++j) {
+      double s = 0;
+      for (int i = 0; i < n; ++i) {
+        s += double(ddst[size_t(i) * d + j]) * src[size_t(i) * d + j];
+        EXPECT_EQ(dsrc[size_t(i) * d + j], ddst[size_t(i) * d + j] * scale[size_t(j)]);
+      }
+      EXPECT_NEAR(dscale[size_t(j)], 0.5 + s, 1e-6);
+    }
+    std::vector<float> bad(static_cast<size_t>(d));
+    EXPECT_THROW_MSG(be->scale_cols_backward(Tensor(dsrc.data(), DType::F32, n, d), Tensor::vec(bad.data(), DType::F32, d - 1),
+                                             Tensor(const_cast<float*>(ddst.data()), DType::F32, n, d),
+                                             Tensor(const_cast<float*>(src.data()), DType::F32, n, d),
+                                             Tensor::vec(scale.data(), DType::F32, d)),
+                     "scale_cols_backward");
+  }
+}
