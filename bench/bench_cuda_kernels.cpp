@@ -6,6 +6,9 @@
 // Bandwidth is bytes that must move (each input read once, each output written once, the
 // state read and written) over the median time, and its fraction of a device-to-device copy
 // measured in the same run. Times are CUDA events around back-to-back launches (no graph).
+// Last, the decode projections of the 1.4B shape at 1, 16 and 64 rows: the skinny GEMM
+// (kernels/cuda/skinny.h) against cuBLASLt and, at one row, the GEMV, with the bytes floor.
+// `hm_bench_cuda_kernels skinny` runs that part alone.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -16,8 +19,11 @@
 #include <vector>
 
 #include "kernels/cuda/cuda_ops.h"
+#include "kernels/cuda/decode.h"
+#include "kernels/cuda/linear.h"
 #include "kernels/cuda/mamba_grad.h"
 #include "kernels/cuda/sampling.h"
+#include "kernels/cuda/skinny.h"
 
 namespace {
 
@@ -357,9 +363,52 @@ void bench_sampling(int B, int V) {
   cudaFree(logits); cudaFree(pool_mem); cudaFree(ws); cudaFree(out);
 }
 
+// One decode projection y[m, n] = x[m, k] . W[n, k]^T (bf16 x and W; y bf16, or float for the
+// LM head's logits) at m = 1, 16 and 64: the skinny GEMM, cuBLASLt through hm::cuda::Gemm (the
+// backend's path for 2-64 rows before the skinny kernel, with its split-K reduce kernel where
+// its heuristic picks one) and, at one row, the GEMV (decode.h, the backend's path there). W
+// rotates over copies totalling >= 256 MB, so every call streams it from memory as a decode step
+// does (a step reads every layer's weights once; they do not stay in the 50-60 MB L2). floor =
+// W bytes / the copy rate; "x floor" = that over the measured time (1.00 = at the copy rate).
+template <class TY>
+void bench_skinny(const char* name, int n, int k, double hbm, hm::cuda::Gemm& gemm) {
+  using T = __nv_bfloat16;
+  const size_t wbytes = size_t(n) * size_t(k) * sizeof(T);
+  const int sets = int(std::clamp<size_t>(((size_t(256) << 20) + wbytes - 1) / wbytes, 2, 256));
+  std::vector<T*> Ws;
+  for (int i = 0; i < sets; ++i) Ws.push_back(random_dev<T>(size_t(n) * k, -0.05f, 0.05f, 70 + uint64_t(i)));
+  T* x = random_dev<T>(size_t(64) * k, -1.f, 1.f, 66);
+  TY* y = random_dev<TY>(size_t(64) * n, -1.f, 1.f, 67);
+  const cudaDataType_t ty = sizeof(TY) == 4 ? CUDA_R_32F : CUDA_R_16BF;
+  const double floor_us = double(wbytes) / (hbm * 1e9) * 1e6;
+  const hm::cuda::SkinnyPlan plan = hm::cuda::skinny_plan(n, k, sizeof(T));
+  for (int m : {1, 16, 64}) {
+    const double us_sk = 1e3 * time_ms([&](int i) {
+      hm::cuda::skinny<T, TY>(y, n, x, k, Ws[size_t(i % sets)], k, m, n, k, false, nullptr);
+    }, 15, 20);
+    const double us_lt = 1e3 * time_ms([&](int i) {
+      gemm.linear(y, ty, n, x, k, Ws[size_t(i % sets)], k, CUDA_R_16BF, m, n, k, false, nullptr);
+    }, 15, 20);
+    double us_gv = 0;
+    if (m == 1 && hm::cuda::gemv_fits(m, k, x, k, Ws[0], k, nullptr, sizeof(T)))
+      us_gv = 1e3 * time_ms([&](int i) {
+        hm::cuda::gemv<T, TY>(y, n, x, k, Ws[size_t(i % sets)], k, m, n, k, false, nullptr, 0.0f, nullptr, nullptr);
+      }, 15, 20);
+    std::printf("skinny        %-8s m %-2d n %-5d k %-4d W %6.1f MB  floor %6.2f us | skinny %7.2f us (%4.2fx floor, "
+                "bn %3d, %d splits) | cuBLASLt %7.2f us (%4.2fx floor) %5.2fx",
+                name, m, n, k, double(wbytes) / 1e6, floor_us, us_sk, floor_us / us_sk, plan.bn, plan.splits, us_lt,
+                floor_us / us_lt, us_lt / us_sk);
+    if (us_gv > 0) std::printf(" | gemv %7.2f us (%4.2fx floor) %5.2fx", us_gv, floor_us / us_gv, us_gv / us_sk);
+    std::printf("\n");
+  }
+  for (T* w : Ws) cudaFree(w);
+  cudaFree(x);
+  cudaFree(y);
+}
+
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
   int dev = 0;
   cudaDeviceProp prop{};
   if (cudaGetDevice(&dev) != cudaSuccess || cudaGetDeviceProperties(&prop, dev) != cudaSuccess) {
@@ -369,6 +418,19 @@ int main() {
   const double hbm = copy_gbs();
   std::printf("device %s, %d SMs, L2 %d MB; device-to-device copy %.0f GB/s (read + write)\n", prop.name,
               prop.multiProcessorCount, prop.l2CacheSize >> 20, hbm);
+  const bool skinny_only = argc > 1 && std::string(argv[1]) == "skinny";
+  auto skinny = [&] {
+    hm::cuda::Gemm gemm;
+    bench_skinny<__nv_bfloat16>("in_proj", 8192, 2048, hbm, gemm);
+    bench_skinny<__nv_bfloat16>("x_proj", 160, 4096, hbm, gemm);
+    bench_skinny<__nv_bfloat16>("dt_proj", 4096, 128, hbm, gemm);
+    bench_skinny<__nv_bfloat16>("out_proj", 2048, 4096, hbm, gemm);
+    bench_skinny<float>("lm_head", 50280, 2048, hbm, gemm);
+  };
+  if (skinny_only) {
+    skinny();
+    return 0;
+  }
   bench_scan<__nv_bfloat16>(8, 2048, 2048, 16, hbm, 0.59);
   bench_scan<__nv_bfloat16>(1, 2048, 2048, 16, hbm, 0);
   bench_scan<__nv_bfloat16>(1, 4096, 2048, 16, hbm, 0);
@@ -383,5 +445,6 @@ int main() {
     for (int nseq : {1, 16, 64}) bench_attention<__nv_bfloat16>(false, nseq, ctx, 8, 8, 64, hbm);
   for (int nseq : {1, 16, 64}) bench_attention<__nv_bfloat16>(false, nseq, 8192, 32, 8, 128, hbm);
   for (int B : {1, 64}) bench_sampling(B, 50280);
+  skinny();
   return 0;
 }

@@ -27,6 +27,7 @@
 #include "kernels/cuda/mamba_grad.h"
 #include "kernels/cuda/linear.h"
 #include "kernels/cuda/rows.h"
+#include "kernels/cuda/skinny.h"
 
 namespace hm {
 namespace {
@@ -174,6 +175,27 @@ bool is_decode(const Ragged& rg) { return rg.max_len() == 1 && rg.n_tokens() == 
 // and the tensor-core GEMV lost to both at every shape measured. The kernels take more rows
 // (their tests run them); this is the policy until a faster kernel wins there.
 constexpr int kGemvRows = 1;
+
+// Linears of kSkinnyMinRows..kSkinnyRows rows (decode steps of 2-64 sequences) run on the skinny
+// GEMM (kernels/cuda/skinny.h): W streamed once for all rows, split-K reduced inside the launch,
+// and every row's bits independent of the batch (issue 16). One row keeps the GEMV above until
+// the skinny kernel is measured to match it there (then the whole decode path up to 64 rows is
+// batch-invariant; until then one row and several rows sum in different orders). Shapes whose
+// x or W is not in whole 16-byte vectors go to cuBLASLt. HM_CUDA_SKINNY=0 turns it off (every
+// such linear on cuBLASLt, the A/B switch); HM_CUDA_SKINNY=2 gives it one-row linears too.
+constexpr int kSkinnyRows = cuda::kSkinnyMaxRows;
+constexpr int kSkinnyMinRows = 2;
+
+// The skinny GEMM's smallest row count, from HM_CUDA_SKINNY (read once): 0 when off.
+int skinny_min_rows() {
+  static const int rows = [] {
+    const char* v = std::getenv("HM_CUDA_SKINNY");
+    if (v != nullptr && std::string(v) == "0") return 0;
+    if (v != nullptr && std::string(v) == "2") return 1;
+    return kSkinnyMinRows;
+  }();
+  return rows;
+}
 
 // cross_entropy_head's logits (and dlogits) of one block of rows stay within this.
 constexpr size_t kHeadBlockBytes = size_t(128) << 20;
@@ -352,6 +374,17 @@ class CudaBackendImpl final : public CudaBackend {
     check_type(op, "W", W, x.dtype);
     HM_CHECK(y.dtype == x.dtype || y.dtype == DType::F32, "cuda linear: y is ", compute_dtype_name(y.dtype),
              ", expected ", compute_dtype_name(x.dtype), " (x's type) or f32");
+    if (decode_kernels_on() && skinny_min_rows() > 0 && m >= skinny_min_rows() && m <= kSkinnyRows &&
+        cuda::skinny_fits(m, n, k) && cuda::skinny_vectorized(k, x.data, x.ld, W.data, W.ld, dtype_size(x.dtype))) {
+      dispatch(x.dtype, [&](auto tag) {
+        using T = elem_t<decltype(tag)>;
+        if (y.dtype == DType::F32)
+          cuda::skinny<T, float>(ptr<float>(y), y.ld, ptr<T>(x), x.ld, ptr<T>(W), W.ld, m, n, k, accumulate, stream_);
+        else
+          cuda::skinny<T, T>(ptr<T>(y), y.ld, ptr<T>(x), x.ld, ptr<T>(W), W.ld, m, n, k, accumulate, stream_);
+      });
+      return;
+    }
     if (decode_kernels_on() && m <= kGemvRows &&
         cuda::gemv_fits(m, k, x.data, x.ld, W.data, W.ld, nullptr, dtype_size(x.dtype))) {
       dispatch(x.dtype, [&](auto tag) {
