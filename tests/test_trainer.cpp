@@ -1,8 +1,10 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <csignal>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -460,4 +462,58 @@ TEST(Trainer, TaskSettingsAreChecked) {
     EXPECT_NE(std::string(e.what()).find("must exceed --seq-len"), std::string::npos) << e.what();
   }
   EXPECT_FALSE(fs::exists(d.file("run")));
+}
+
+// The device path (BatchGrad over the whole batch, Backend::adamw_step, weights and moments in
+// the backend's memory), run here on the CPU backend, follows the CPU path's loss curve to float
+// rounding, with gradient accumulation and validation; and a run stopped on one path resumes on
+// the other (checkpoints are the same files), ending where the uninterrupted run does to rounding.
+TEST(Trainer, DevicePathFollowsTheCpuRun) {
+  TrainerTempDir d("devpath");
+  write(d.file("corpus.txt"), small_corpus());
+  auto run = [&](const std::string& out, bool device_path, int64_t stop_after) {
+    hm::TrainConfig c = base_config(d, out);
+    c.steps = 8;
+    c.grad_accum = 2;
+    c.eval_every = 4;
+    c.stop_after = stop_after;
+    c.device_path_on_cpu = device_path;
+    hm::train(c);
+  };
+  run("cpu", false, 0);
+  run("dev", true, 0);
+  const auto a = read_csv(d.file("cpu/train_log.csv")), b = read_csv(d.file("dev/train_log.csv"));
+  ASSERT_EQ(a.size(), 9u);
+  ASSERT_EQ(b.size(), 9u);
+  double rel = 0;
+  for (size_t r = 1; r < a.size(); ++r)
+    for (size_t col : {size_t(2), size_t(3)}) {  // train_loss, grad_norm
+      const double x = std::stod(a[r][col]), y = std::stod(b[r][col]);
+      EXPECT_NEAR(y, x, 1e-4 * std::fabs(x)) << "step " << r << " column " << a[0][col];
+      rel = std::max(rel, std::fabs(y - x) / std::fabs(x));
+    }
+  std::printf("  device path vs cpu path: worst relative loss / norm difference %.2e over 8 steps\n", rel);
+  EXPECT_NEAR(std::stod(b[8][5]), std::stod(a[8][5]), 1e-4 * std::stod(a[8][5]));  // val_loss
+  std::vector<float> wa, wb;
+  load_weights(d.file("cpu/checkpoint"), wa);
+  load_weights(d.file("dev/checkpoint"), wb);
+  ASSERT_EQ(wa.size(), wb.size());
+  double worst = 0;
+  for (size_t i = 0; i < wa.size(); ++i) worst = std::max(worst, double(std::fabs(wa[i] - wb[i])));
+  EXPECT_LE(worst, 1e-4);
+  EXPECT_GT(worst, 0.0);  // two computations, not one path twice
+
+  // Stopped on the device path at step 4, resumed on the CPU path.
+  run("mixed", true, 4);
+  hm::TrainConfig again;
+  again.out_dir = d.file("mixed");
+  again.resume = true;
+  again.progress = false;
+  hm::train(again);
+  std::vector<float> wm;
+  load_weights(d.file("mixed/checkpoint"), wm);
+  ASSERT_EQ(wm.size(), wa.size());
+  worst = 0;
+  for (size_t i = 0; i < wa.size(); ++i) worst = std::max(worst, double(std::fabs(wa[i] - wm[i])));
+  EXPECT_LE(worst, 1e-4);
 }

@@ -40,8 +40,12 @@ Run add_train(CLI::App& app) {
                "Gradient checkpointing: recompute each layer's activations in the backward "
                "(less memory, ~1 more forward of time; same results)");
   app.add_flag("--resume", o->resume, "Continue the run in --out from its checkpoint, exactly");
-  auto device = std::make_shared<std::string>("cpu");
-  app.add_option("--device", *device, "cpu (training on cuda is not wired yet: docs/TRAINING.md)")->capture_default_str();
+  auto device = std::make_shared<std::string>("auto");
+  app.add_option("--device", *device, "cpu, cuda or auto (cuda when a GPU is present): where the steps compute; "
+                 "checkpoints are the same files on either")->capture_default_str();
+  auto dtype = std::make_shared<std::string>("auto");
+  app.add_option("--dtype", *dtype, "What activations and GEMM inputs compute in: f32, bf16, f16 or auto (bf16 on "
+                 "cuda, f32 on cpu); master weights, gradients and AdamW stay f32")->capture_default_str();
   app.add_option("--tokenizer", o->tokenizer, "byte or bpe (trained on the training split)")->capture_default_str();
   app.add_option("--vocab", o->vocab, "BPE vocabulary size")->capture_default_str();
   app.add_option("--eval-every", o->eval_every, "Validation every N steps (0: only at the end)")->capture_default_str();
@@ -56,10 +60,17 @@ Run add_train(CLI::App& app) {
       "ignores); --steps N with --resume continues the run to step N. Ctrl-C (or SIGTERM) finishes the "
       "current step, saves a checkpoint and exits with 130 (143); a second Ctrl-C exits at once.");
   add_max_memory(app);
-  return [o, device, &app] {
-    HM_CHECK(resolve_device(*device) == Device::CPU, "hm train --device ", *device, ": training runs on the CPU only for "
-             "now (the CUDA training ops exist and are tested, the trainer is not on them yet: docs/TRAINING.md); use "
-             "--device cpu");
+  return [o, device, dtype, &app] {
+    o->device = resolve_device(*device);
+    if (*dtype == "auto") {
+      o->compute = o->device == Device::CUDA ? DType::BF16 : DType::F32;
+    } else {
+      try {
+        o->compute = compute_dtype_from_name(*dtype);
+      } catch (const Error&) {
+        throw Error(detail::cat("--dtype must be f32, bf16, f16 or auto, got '", *dtype, "'"));
+      }
+    }
     HM_CHECK(o->resume || !o->data_path.empty() || !o->task.name.empty(),
              "--data or --task is required (unless --resume)");
     for (const CLI::Option* opt : app.get_options())

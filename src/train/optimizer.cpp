@@ -187,6 +187,12 @@ double AdamW::step(Params& p, Params& grads, float lr) {
   return norm;
 }
 
+std::pair<float, float> AdamW::count_step() {
+  ++t_;
+  return {float(1.0 / (1.0 - std::pow(double(cfg_.beta1), double(t_)))),
+          float(1.0 / (1.0 - std::pow(double(cfg_.beta2), double(t_))))};
+}
+
 void AdamW::save(const std::string& path) const {
   std::vector<F32Tensor> ts;
   ts.reserve(2 * m_->specs().size());

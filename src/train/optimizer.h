@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "model/params.h"
@@ -43,6 +44,12 @@ class AdamW {
   const AdamWConfig& config() const { return cfg_; }
   const Params& m() const { return *m_; }
   const Params& v() const { return *v_; }
+  // For a step taken elsewhere (Backend::adamw_step on a device, whose moments are copied in
+  // here to save and out after a load): counts one step and returns its bias corrections
+  // 1 / (1 - beta1^t) and 1 / (1 - beta2^t), computed as step() computes them.
+  std::pair<float, float> count_step();
+  Params& m() { return *m_; }
+  Params& v() { return *v_; }
 
   // safetensors with m.<name> and v.<name> (F32, the parameter's shape) and the step count in the
   // metadata ("step"); atomic. load() checks the layout (every tensor present with the same shape

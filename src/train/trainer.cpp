@@ -11,10 +11,13 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <tuple>
 #include <vector>
 
 #include "backend/backend.h"
@@ -30,6 +33,8 @@
 #include "model/config.h"
 #include "model/model.h"
 #include "runtime/tokenizer.h"
+#include "train/batch_grad.h"
+#include "train/layout.h"
 #include "train/model_grad.h"
 #include "train/optimizer.h"
 
@@ -92,8 +97,11 @@ Corpora load_split(const std::string& path) {
   return c;
 }
 
+// The mean cross-entropy of nb windows of len tokens (inputs, targets), every target counted.
+using WindowLoss = std::function<double(const int32_t* in, const int32_t* tg, int nb, int len)>;
+
 // Mean cross-entropy of the training forward over eval_windows.
-EvalResult eval_stream(const Params& p, const std::vector<int32_t>& stream, int L, int64_t max_tokens,
+EvalResult eval_stream(const WindowLoss& mean_loss, const std::vector<int32_t>& stream, int L, int64_t max_tokens,
                        int B) {
   std::vector<int32_t> in, tg;
   return eval_windows(stream, L, max_tokens, B, [&](int64_t pos, int nb, int len, double& nll) {
@@ -103,9 +111,69 @@ EvalResult eval_stream(const Params& p, const std::vector<int32_t>& stream, int 
       std::copy_n(stream.begin() + pos + int64_t(b) * len, len, in.begin() + int64_t(b) * len);
       std::copy_n(stream.begin() + pos + int64_t(b) * len + 1, len, tg.begin() + int64_t(b) * len);
     }
-    nll += loss_only(p, in.data(), tg.data(), nb, len) * double(nb) * len;
+    nll += mean_loss(in.data(), tg.data(), nb, len) * double(nb) * len;
   });
 }
+EvalResult eval_stream(const Params& p, const std::vector<int32_t>& stream, int L, int64_t max_tokens, int B) {
+  return eval_stream([&](const int32_t* in, const int32_t* tg, int nb, int len) { return loss_only(p, in, tg, nb, len); },
+                     stream, L, max_tokens, B);
+}
+
+// hm train --device cuda: the float32 master weights, gradients and AdamW moments live in the
+// device's memory; BatchGrad computes each micro-batch there and Backend::adamw_step updates
+// them in one pass. The host Params and AdamW get copies when a checkpoint or a task score
+// needs them (to_host), so checkpoints are the CPU run's files.
+struct DeviceRun {
+  std::unique_ptr<Backend> be;
+  Buffer p, g, m, v;
+  std::vector<Backend::ArenaSpan> spans;
+  std::unique_ptr<BatchGrad> bg;
+  AdamWConfig oc;
+
+  DeviceRun(Device d, DType compute, const Params& P, const AdamW& opt) : be(make_backend(d)), oc(opt.config()) {
+    const size_t bytes = sizeof(float) * size_t(P.numel());
+    p = Buffer(*be, bytes);
+    g = Buffer(*be, bytes);
+    m = Buffer(*be, bytes);
+    v = Buffer(*be, bytes);
+    be->to_device(p.data(), P.data(), bytes);
+    be->to_device(m.data(), opt.m().data(), bytes);
+    be->to_device(v.data(), opt.v().data(), bytes);
+    be->memzero(g.data(), bytes);  // the padding between tensors stays 0
+    for (size_t k = 0; k < P.specs().size(); ++k)
+      spans.push_back({P.at(k) - P.data(), P.specs()[k].numel(), decays(P.specs()[k].name) ? oc.weight_decay : 0.0f});
+    bg = std::make_unique<BatchGrad>(*be, P, compute);
+    bg->set_weights(p.f32());
+  }
+  void zero_grads() { be->memzero(g.data(), g.bytes()); }
+  // As AdamW::step: clip by the global norm, one step; a non-finite norm touches nothing.
+  double step(AdamW& opt, float lr) {
+    const double norm = std::sqrt(be->sum_squares(g.f32(), spans));
+    if (!std::isfinite(norm)) return norm;
+    const bool clip = oc.clip_norm > 0.0f && norm > double(oc.clip_norm);
+    Backend::AdamWStep k;
+    k.lr = lr;
+    k.beta1 = oc.beta1;
+    k.beta2 = oc.beta2;
+    k.eps = oc.eps;
+    std::tie(k.inv_bc1, k.inv_bc2) = opt.count_step();
+    k.grad_scale = clip ? float(double(oc.clip_norm) / norm) : 1.0f;
+    be->adamw_step(p.f32(), g.f32(), m.f32(), v.f32(), spans, k);
+    bg->set_weights(p.f32());  // the compute copy follows the new master weights
+    return norm;
+  }
+  void to_host(Params& P, AdamW* opt) {
+    be->to_host(P.data(), p.data(), p.bytes());
+    if (!opt) return;
+    be->to_host(opt->m().data(), m.data(), m.bytes());
+    be->to_host(opt->v().data(), v.data(), v.bytes());
+  }
+  double mean_loss(const int32_t* in, const int32_t* tg, int nb, int len) {
+    int64_t counted = 0;
+    const double sum = bg->loss_sum(in, tg, nb, len, &counted);
+    return counted > 0 ? sum / double(counted) : 0.0;
+  }
+};
 
 // The same windows scored by m's forward (its weights in their format); float32 KV as the
 // training forward.
@@ -598,7 +666,13 @@ void train(const TrainConfig& given) {
   }
   validate(mc);
 
-  {  // Everything the run allocates, before it does (--max-memory, MemAvailable).
+  const bool on_device = c.device != Device::CPU || c.device_path_on_cpu;
+  HM_CHECK(on_device || c.compute == DType::F32, "training computes in ", compute_dtype_name(c.compute),
+           " on --device cuda only; the CPU trains in f32");
+  HM_CHECK(!on_device || !c.grad_ckpt, "--grad-ckpt: per-layer gradient checkpointing runs on the CPU only so far");
+  HM_CHECK(!on_device || c.scan_chunk == 0, "--scan-chunk applies to the CPU's scan; on CUDA the scan keeps one "
+           "state per 64-token chunk and recomputes the rest");
+  if (!on_device) {  // Everything the run allocates, before it does (--max-memory, MemAvailable).
     RunShape shape;
     shape.train_batch = c.batch, shape.seq_len = L, shape.threads = threads;
     shape.scan_chunk = c.scan_chunk, shape.grad_ckpt = c.grad_ckpt;
@@ -631,7 +705,10 @@ void train(const TrainConfig& given) {
   }
   fs::create_directories(out);
   recover_checkpoint(out);
-  Params grads(mc);
+  std::optional<Params> grads;  // the CPU path's (a device keeps its own)
+  if (!on_device) grads.emplace(mc);
+  std::unique_ptr<DeviceRun> dev;
+  if (on_device) dev = std::make_unique<DeviceRun>(c.device, c.compute, P, opt);
 
   say(detail::cat(c.resume ? "resuming" : "training", " ", count_params(mc), " parameters (",
                   c.config_file.empty() ? c.preset : c.config_file, "), ",
@@ -640,11 +717,13 @@ void train(const TrainConfig& given) {
                                           valid_tok.size(), " validation tokens"),
                   "; ", c.steps,
                   " steps of ", c.batch, "x", L, c.grad_accum > 1 ? detail::cat(" x", c.grad_accum) : "",
-                  " tokens, lr ", c.lr, ", ", threads, " threads",
+                  " tokens, lr ", c.lr, ", ",
+                  on_device ? detail::cat(device_name(c.device), " (", compute_dtype_name(c.compute), ")")
+                            : detail::cat(threads, " threads"),
                   c.resume ? detail::cat(", from step ", start) : ""));
 
   int64_t last_ckpt = c.resume ? start : -1;
-  auto checkpoint = [&](int64_t step) {
+  auto checkpoint = [&](int64_t step) {  // on a device: after dev->to_host
     const fs::path tmp = out / detail::cat("ckpt.tmp-", ::getpid(), "-", step);
     fs::remove_all(tmp);
     fs::create_directories(tmp);
@@ -684,7 +763,10 @@ void train(const TrainConfig& given) {
   const int64_t end = c.stop_after > 0 ? std::min(c.steps, c.stop_after) : c.steps;
   for (int64_t step = start; step < end; ++step) {
     const auto t0 = Clock::now();
-    zero(grads);
+    if (dev)
+      dev->zero_grads();
+    else
+      zero(*grads);
     double loss = 0;
     for (int a = 0; a < c.grad_accum; ++a) {
       if (task_mode) {
@@ -697,20 +779,24 @@ void train(const TrainConfig& given) {
           std::copy_n(train_tok.begin() + int64_t(p) + 1, L, tg.begin() + int64_t(b) * L);
         }
       }
-      loss += loss_and_grad(P, grads, in.data(), tg.data(), c.batch, L, c.scan_chunk,
-                            c.grad_ckpt);
+      if (dev)  // each micro-batch's gradient already scaled by 1 / grad_accum
+        loss += dev->bg->loss_and_grad(dev->g.f32(), in.data(), tg.data(), c.batch, L, 1.0 / c.grad_accum);
+      else
+        loss += loss_and_grad(P, *grads, in.data(), tg.data(), c.batch, L, c.scan_chunk, c.grad_ckpt);
     }
-    if (c.grad_accum > 1) {
+    if (dev) {
+      loss /= c.grad_accum;
+    } else if (c.grad_accum > 1) {
       // Micro-batches are equal-sized, so the mean of their mean losses is the batch mean.
       loss /= c.grad_accum;
       const float s = 1.0f / float(c.grad_accum);
-      float* g = grads.data();
-      for (int64_t i = 0; i < grads.numel(); ++i) g[i] *= s;
+      float* g = grads->data();
+      for (int64_t i = 0; i < grads->numel(); ++i) g[i] *= s;
     }
     if (step + 1 == c.debug_nan_step) loss = std::numeric_limits<double>::quiet_NaN();
     if (!std::isfinite(loss)) fail(step + 1, "training loss is " + fmt_num(loss));
     const float lr = lr_at(step, c.warmup, c.lr_steps, c.lr, min_lr);
-    const double norm = opt.step(P, grads, lr);
+    const double norm = dev ? dev->step(opt, lr) : opt.step(P, *grads, lr);
     if (!std::isfinite(norm)) fail(step + 1, "gradient norm is " + fmt_num(norm));
     const int64_t done = step + 1;
     const int64_t step_tokens = int64_t(c.batch) * L * c.grad_accum;
@@ -727,6 +813,7 @@ void train(const TrainConfig& given) {
     r.tps = dt > 0 ? double(step_tokens) / dt : 0;
     const bool last = done == end;
     if (task_mode && c.task_eval > 0 && ((c.eval_every > 0 && done % c.eval_every == 0) || last)) {
+      if (dev) dev->to_host(P, nullptr);
       const TaskScore sc = score_task(model, c.task, c.task_eval);
       r.val_loss = sc.loss;
       r.val_ppl = std::exp(sc.loss);
@@ -736,7 +823,10 @@ void train(const TrainConfig& given) {
                      static_cast<long long>(done), sc.loss, sc.accuracy, static_cast<long long>(sc.scored),
                      static_cast<long long>(sc.examples));
     } else if (!task_mode && ((c.eval_every > 0 && done % c.eval_every == 0) || last)) {
-      const EvalResult e = eval_stream(P, valid_tok, L, c.eval_tokens, c.batch);
+      const EvalResult e =
+          dev ? eval_stream([&](const int32_t* i, const int32_t* t, int nb, int len) { return dev->mean_loss(i, t, nb, len); },
+                            valid_tok, L, c.eval_tokens, c.batch)
+              : eval_stream(P, valid_tok, L, c.eval_tokens, c.batch);
       r.val_loss = e.loss;
       r.val_ppl = e.ppl;
       clear_line();
@@ -756,6 +846,7 @@ void train(const TrainConfig& given) {
     }
     if ((c.save_every > 0 && done % c.save_every == 0) || last) {
       // A step can leave weights overflowed while its loss and norm were finite: never save those.
+      if (dev) dev->to_host(P, &opt);
       if (!all_finite(P)) fail(done, "parameters became non-finite");
       checkpoint(done);
       write_logs(out, rows, c.steps);
@@ -763,6 +854,7 @@ void train(const TrainConfig& given) {
     // Ctrl-C or SIGTERM: keep this step's work and stop (core/interrupt.h).
     if (const int sig = interrupt_signal(); sig != 0 && !last) {
       if (last_ckpt != done) {
+        if (dev) dev->to_host(P, &opt);
         if (!all_finite(P)) fail(done, "parameters became non-finite");
         checkpoint(done);
         write_logs(out, rows, c.steps);

@@ -29,6 +29,7 @@
 #include <string>
 #include <vector>
 
+#include "backend/backend.h"
 #include "core/dtype.h"
 #include "eval/tasks.h"
 
@@ -53,6 +54,16 @@ struct TrainConfig {
   float lr = 1e-3f, min_lr_ratio = 0.1f, weight_decay = 0.1f, clip_norm = 1.0f;
   int64_t warmup = -1;  // < 0: min(100, steps / 10)
   int threads = 0;      // 0: all cores. Results are bit-reproducible for a fixed thread count.
+  // Where the steps compute. CUDA: the whole batch at once on the GPU (train/batch_grad.h), the
+  // float32 master weights, gradients and AdamW moments kept there; checkpoints are the same
+  // files, so a run resumes on either device (the loss curves of the two differ by rounding).
+  Device device = Device::CPU;
+  // CUDA only: the type activations and GEMM inputs compute in (f32, bf16, f16); master weights,
+  // gradients and the optimizer stay float32.
+  DType compute = DType::F32;
+  // Test hook: a CPU run through the device path (BatchGrad and the optimizer ops on the CPU
+  // backend), to check that path where no GPU is.
+  bool device_path_on_cpu = false;
   uint64_t seed = 0;    // initialization and batch order
   int64_t eval_every = 100; // 0: only at the end
   int64_t save_every = 200; // 0: only at the end
