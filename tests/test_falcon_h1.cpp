@@ -378,6 +378,112 @@ TEST(HfFalconH1, ParallelLayerMatchesReference) {
   }
 }
 
+TEST(HfFalconH1, NormBeforeGateMatchesReference) {
+  // mamba_rms_norm with mamba_norm_before_gate true (FalconH1RMSNormGated's default): the scan
+  // output is normalized per group of width / mamba_n_groups, times the weight, then gated by
+  // silu(z). One layer, one token, every multiplier 1, against a double reference written here
+  // (the reference's other parts as ParallelLayerMatchesReference's); 2 groups and 1; cpu and ref
+  // backends. The gate-first norm of the same weights is far from it, so the check tells them apart.
+  for (int groups : {2, 1}) {
+    SCOPED_TRACE(groups);
+    test::TempDir tmp("hf_falcon_nbg");
+    ModelConfig c;
+    std::vector<float> arena;
+    const fs::path d = write_falcon_folder(tmp, [&](json& j) {
+      j["num_hidden_layers"] = 1;
+      j["mamba_rms_norm"] = true;
+      j["mamba_norm_before_gate"] = true;
+      j["mamba_n_groups"] = groups;
+    }, c, arena);
+    ASSERT_TRUE(c.mamba2_gated_norm);
+    ASSERT_TRUE(c.mamba2_norm_before_gate);
+    ASSERT_EQ(c.mamba2_norm_group(), c.d_inner() / groups);
+    EXPECT_EQ(config_to_json(config_from_json(config_to_json(c))), config_to_json(c));
+    Params p(c);
+    std::copy(arena.begin(), arena.end(), p.data());
+    const LayerWeights& w = p.layer(0);
+    const int D = c.d_model, V = c.vocab_size, F = c.d_ff, E = c.d_inner(), N = c.d_state, G = c.mamba2_groups;
+    const int Hm = c.mamba2_heads(), P = c.mamba2_head_dim, K = c.d_conv, hd = c.head_dim(), KW = c.n_kv_heads * hd;
+    const auto rmsnorm = [&](const std::vector<double>& x, const float* wt) {
+      double ss = 0;
+      for (double v : x) ss += v * v;
+      const double r = 1.0 / std::sqrt(ss / double(x.size()) + double(c.norm_eps));
+      std::vector<double> y(x.size());
+      for (size_t j = 0; j < x.size(); ++j) y[j] = x[j] * r * wt[j];
+      return y;
+    };
+    const auto matvec = [](const float* W, const std::vector<double>& x, int rows) {
+      std::vector<double> y(static_cast<size_t>(rows));
+      for (int r = 0; r < rows; ++r)
+        for (size_t k = 0; k < x.size(); ++k) y[size_t(r)] += double(W[size_t(r) * x.size() + k]) * x[k];
+      return y;
+    };
+    const auto silu = [](double x) { return x / (1 + std::exp(-x)); };
+    const int tok = 13;
+    const auto reference = [&](bool norm_before_gate) {
+      std::vector<double> h(p.embeddings() + size_t(tok) * D, p.embeddings() + size_t(tok) * D + D);
+      const std::vector<double> u = rmsnorm(h, w.norm);
+      const std::vector<double> zxd = matvec(w.in_proj, u, 2 * E + 2 * G * N + Hm);
+      std::vector<double> xbc(static_cast<size_t>(E + 2 * G * N));
+      for (size_t ch = 0; ch < xbc.size(); ++ch)
+        xbc[ch] = silu(double(w.conv_w[ch * size_t(K) + size_t(K - 1)]) * zxd[size_t(E) + ch] + w.conv_b[ch]);
+      std::vector<double> y(static_cast<size_t>(E));  // the scan of one token from state 0, D skip
+      for (int hh = 0; hh < Hm; ++hh) {
+        const int g = hh / (Hm / G);
+        double dt = zxd[size_t(2 * E + 2 * G * N + hh)] + w.dt_b[hh];
+        dt = dt > 20 ? dt : std::log1p(std::exp(dt));
+        double bc = 0;
+        for (int n = 0; n < N; ++n) bc += xbc[size_t(E + g * N + n)] * xbc[size_t(E + G * N + g * N + n)];
+        for (int q = 0; q < P; ++q) y[size_t(hh * P + q)] = (dt * bc + w.Dskip[hh]) * xbc[size_t(hh * P + q)];
+      }
+      // FalconH1RMSNormGated: gate before (norm_before_gate false) or after the per-group norm.
+      if (!norm_before_gate)
+        for (int e = 0; e < E; ++e) y[size_t(e)] *= silu(zxd[size_t(e)]);
+      const int gw = E / G;
+      for (int g = 0; g < G; ++g) {
+        double ss = 0;
+        for (int e = g * gw; e < (g + 1) * gw; ++e) ss += y[size_t(e)] * y[size_t(e)];
+        const double r = 1.0 / std::sqrt(ss / gw + double(c.norm_eps));
+        for (int e = g * gw; e < (g + 1) * gw; ++e) y[size_t(e)] *= r * double(w.ssm_norm[e]);
+      }
+      if (norm_before_gate)
+        for (int e = 0; e < E; ++e) y[size_t(e)] *= silu(zxd[size_t(e)]);
+      const std::vector<double> mo = matvec(w.out_proj, y, D);
+      const std::vector<double> v = matvec(w.wv, u, KW);  // attention over one key: o_proj(v)
+      std::vector<double> ctx(size_t(c.n_heads) * hd);
+      for (int hh = 0; hh < c.n_heads; ++hh)
+        for (int e = 0; e < hd; ++e) ctx[size_t(hh * hd + e)] = v[size_t((hh / (c.n_heads / c.n_kv_heads)) * hd + e)];
+      const std::vector<double> ao = matvec(w.wo, ctx, D);
+      for (int j = 0; j < D; ++j) h[size_t(j)] += mo[size_t(j)] + ao[size_t(j)];
+      const std::vector<double> um = rmsnorm(h, w.mlp_norm);
+      const std::vector<double> gt = matvec(w.w_gate, um, F), upv = matvec(w.w_up, um, F);
+      std::vector<double> act(static_cast<size_t>(F));
+      for (int f = 0; f < F; ++f) act[size_t(f)] = upv[size_t(f)] * silu(gt[size_t(f)]);
+      const std::vector<double> down = matvec(w.w_down, act, D);
+      for (int j = 0; j < D; ++j) h[size_t(j)] += down[size_t(j)];
+      const std::vector<double> lg = matvec(p.lm_head(), rmsnorm(h, p.norm_f()), V);
+      return std::vector<float>(lg.begin(), lg.end());
+    };
+    const std::vector<float> want = reference(true);
+    auto cpu = make_cpu_backend();
+    auto ref = make_ref_backend();
+    for (Backend* be : {cpu.get(), ref.get()}) {
+      const double e = test::rel_err(forward_all(*load_any_model(d.string(), *be), {tok}), want);
+      std::printf("falcon-h1 norm before gate, %d group(s), vs double reference (%s): %.2g\n", groups,
+                  be->name().c_str(), e);
+      EXPECT_LT(e, 2e-6);
+    }
+    EXPECT_GT(test::rel_err(forward_all(*load_any_model(d.string(), *cpu), {tok}), reference(false)), 1e-3);
+    // Several tokens: prefill = token by token, and the ref backend agrees.
+    auto m = load_any_model(d.string(), *cpu);
+    Rng rng(9);
+    const std::vector<int32_t> toks = test::tokens(rng, 17, c.vocab_size);
+    const std::vector<float> full = forward_all(*m, toks);
+    EXPECT_LT(test::rel_err(forward_stepwise(*m, toks), full), 1e-5);
+    EXPECT_LT(test::rel_err(forward_all(*load_any_model(d.string(), *ref), toks), full), 1e-5);
+  }
+}
+
 TEST(HfFalconH1, TrueLayerWithMamba2PathDecodesAsItPrefills) {
   // Our own true-hybrid config with Mamba-2 paths in every routing mode: prefill equals token by
   // token decoding (hard routing compacts the Mamba-2 path's tokens: skipped ones leave its conv
@@ -426,7 +532,8 @@ TEST(HfFalconH1, RefusesWhatItDoesNotImplement) {
   };
   for (const char* k : {"attention_bias", "mlp_bias", "mamba_proj_bias", "projectors_bias"})
     with([k](json& j) { j[k] = true; }, {k, "biases"});
-  with([](json& j) { j["mamba_rms_norm"] = true; }, {"mamba_rms_norm", "mamba_norm_before_gate"});
+  // The gated norm (norm before gate, FalconH1Config's default) needs its weight.
+  with([](json& j) { j["mamba_rms_norm"] = true; }, {"missing tensor", "mamba.norm.weight"});
   with([](json& j) { j["rope_parameters"]["rope_type"] = "linear"; }, {"rope_type", "default"});
   with([](json& j) { j["rope_parameters"]["partial_rotary_factor"] = 0.5; }, {"partial_rotary_factor"});
   with([](json& j) { j.erase("rope_parameters"); }, {"rope_theta"});
@@ -446,64 +553,86 @@ TEST(HfFalconH1, RefusesWhatItDoesNotImplement) {
   with([](json& j) { j["tie_word_embeddings"] = true; }, {"lm_head.weight"});
 }
 
+namespace {
+
+// One Falcon-H1 fixture of make_fixtures.py against transformers' logits (whole sequence, token by
+// token, greedy continuation), after checking what the script read off transformers' modules;
+// false when the fixture is absent.
+bool check_falcon_fixture(const char* name) {
+  SCOPED_TRACE(name);
+  const fs::path dir = kFixtures / name;
+  if (!fs::exists(dir / "expected.json")) return false;
+  const json exp = read_json(dir / "expected.json");
+  auto be = make_cpu_backend();
+  auto m = load_any_model(dir.string(), *be);
+  const ModelConfig& c = m->config();
+  // What the fixture script read off transformers' modules (a mismatch is a changed library).
+  EXPECT_EQ(exp["attention_head_dim"].get<int>(), c.head_dim());
+  EXPECT_EQ(exp["rotary_dim"].get<int>(), c.resolved_rope_dim()) << "FalconH1's RoPE rotates another width";
+  EXPECT_EQ(exp["mixer_gated_norm"].get<bool>(), c.mamba2_gated_norm);
+  if (exp.contains("gated_norm_group_size")) {
+    EXPECT_EQ(exp["gated_norm_group_size"].get<int>(), c.mamba2_norm_group()) << "FalconH1RMSNormGated groups differently";
+  }
+  if (exp.contains("mixer_norm_before_gate")) {
+    EXPECT_EQ(exp["mixer_norm_before_gate"].get<bool>(), c.mamba2_norm_before_gate)
+        << "FalconH1RMSNormGated gates on the other side of the norm";
+  }
+  const json lim = exp["mixer_time_step_limit"];
+  EXPECT_FLOAT_EQ(lim[0].get<float>(), c.mamba2_dt_min) << "FalconH1Mixer applies another time_step_limit";
+  EXPECT_EQ(lim[1].is_null(), std::isinf(c.mamba2_dt_max)) << "FalconH1Mixer applies another time_step_limit";
+  if (!lim[1].is_null()) {
+    EXPECT_FLOAT_EQ(lim[1].get<float>(), c.mamba2_dt_max);
+  }
+
+  const std::vector<int32_t> toks = exp["tokens"].get<std::vector<int32_t>>();
+  const std::vector<float> want = read_f32_file(dir / "logits.f32");
+  EXPECT_EQ(want.size(), toks.size() * size_t(c.vocab_size));
+  if (want.size() != toks.size() * size_t(c.vocab_size)) return true;
+  const double e_full = test::rel_err(forward_all(*m, toks), want);
+  const double e_step = test::rel_err(forward_stepwise(*m, toks), want);
+  std::printf("%s (stored %s): max|ours - transformers| / max|transformers| = %.3g full forward, %.3g token "
+              "by token\n",
+              name, exp["stored_dtype"].get<std::string>().c_str(), e_full, e_step);
+  EXPECT_LT(e_full, 1e-4);
+  EXPECT_LT(e_step, 1e-4);
+  if (!exp["greedy"].is_null()) {
+    HybridMemory mem(m->backend(), c, 1, int(toks.size()) + 16, KvType::F32);
+    std::vector<float> logits;
+    Batch b;
+    b.add(0, toks);
+    m->forward(b, mem, logits);
+    std::vector<int> got;
+    for (size_t i = 0; i < exp["greedy"].size(); ++i) {
+      got.push_back(int(std::max_element(logits.begin(), logits.end()) - logits.begin()));
+      Batch step;
+      step.add(0, {got.back()});
+      m->forward(step, mem, logits);
+    }
+    EXPECT_EQ(got, exp["greedy"].get<std::vector<int>>());
+  }
+  m->params().layer(0).Dskip[1] += 0.05f;
+  m->prepare();
+  EXPECT_GT(test::rel_err(forward_all(*m, toks), want), 1e-4);
+  return true;
+}
+
+}  // namespace
+
 TEST(HfFalconH1, LogitsMatchTransformers) {
   int found = 0;
-  for (const char* name : {"falcon_h1_f32", "falcon_h1_bf16"}) {
-    SCOPED_TRACE(name);
-    const fs::path dir = kFixtures / name;
-    if (!fs::exists(dir / "expected.json")) continue;
-    ++found;
-    const json exp = read_json(dir / "expected.json");
-    auto be = make_cpu_backend();
-    auto m = load_any_model(dir.string(), *be);
-    const ModelConfig& c = m->config();
-    // What the fixture script read off transformers' modules (a mismatch is a changed library).
-    ASSERT_EQ(exp["attention_head_dim"].get<int>(), c.head_dim());
-    ASSERT_EQ(exp["rotary_dim"].get<int>(), c.resolved_rope_dim()) << "FalconH1's RoPE rotates another width";
-    ASSERT_EQ(exp["mixer_gated_norm"].get<bool>(), c.mamba2_gated_norm);
-    if (exp.contains("gated_norm_group_size")) {
-      ASSERT_EQ(exp["gated_norm_group_size"].get<int>(), c.mamba2_norm_group()) << "FalconH1RMSNormGated groups differently";
-    }
-    const json lim = exp["mixer_time_step_limit"];
-    ASSERT_FLOAT_EQ(lim[0].get<float>(), c.mamba2_dt_min) << "FalconH1Mixer applies another time_step_limit";
-    ASSERT_EQ(lim[1].is_null(), std::isinf(c.mamba2_dt_max)) << "FalconH1Mixer applies another time_step_limit";
-    if (!lim[1].is_null()) {
-      ASSERT_FLOAT_EQ(lim[1].get<float>(), c.mamba2_dt_max);
-    }
-
-    const std::vector<int32_t> toks = exp["tokens"].get<std::vector<int32_t>>();
-    const std::vector<float> want = read_f32_file(dir / "logits.f32");
-    ASSERT_EQ(want.size(), toks.size() * size_t(c.vocab_size));
-    const double e_full = test::rel_err(forward_all(*m, toks), want);
-    const double e_step = test::rel_err(forward_stepwise(*m, toks), want);
-    std::printf("%s (stored %s): max|ours - transformers| / max|transformers| = %.3g full forward, %.3g token "
-                "by token\n",
-                name, exp["stored_dtype"].get<std::string>().c_str(), e_full, e_step);
-    EXPECT_LT(e_full, 1e-4);
-    EXPECT_LT(e_step, 1e-4);
-    if (!exp["greedy"].is_null()) {
-      HybridMemory mem(m->backend(), c, 1, int(toks.size()) + 16, KvType::F32);
-      std::vector<float> logits;
-      Batch b;
-      b.add(0, toks);
-      m->forward(b, mem, logits);
-      std::vector<int> got;
-      for (size_t i = 0; i < exp["greedy"].size(); ++i) {
-        got.push_back(int(std::max_element(logits.begin(), logits.end()) - logits.begin()));
-        Batch step;
-        step.add(0, {got.back()});
-        m->forward(step, mem, logits);
-      }
-      EXPECT_EQ(got, exp["greedy"].get<std::vector<int>>());
-    }
-    m->params().layer(0).Dskip[1] += 0.05f;
-    m->prepare();
-    EXPECT_GT(test::rel_err(forward_all(*m, toks), want), 1e-4);
-  }
+  for (const char* name : {"falcon_h1_f32", "falcon_h1_bf16"}) found += check_falcon_fixture(name);
   if (found == 0)
     GTEST_SKIP() << "no Falcon-H1 fixtures in " << kFixtures.string()
                  << ": run `python3 tests/fixtures/hf/make_fixtures.py tests/fixtures/hf falcon_h1` where torch and "
                     "transformers are installed (the H200 device machine) and commit the falcon_h1_* folders";
+}
+
+TEST(HfFalconH1, NormBeforeGateLogitsMatchTransformers) {
+  // mamba_rms_norm with mamba_norm_before_gate true: rmsnorm(y) * w * silu(z) per group.
+  if (!check_falcon_fixture("falcon_h1_nbg"))
+    GTEST_SKIP() << "no falcon_h1_nbg fixture in " << kFixtures.string()
+                 << ": run `python3 tests/fixtures/hf/make_fixtures.py --out tests/fixtures/hf --only falcon_h1_nbg` "
+                    "where torch and transformers are installed (the H200 device machine) and commit the folder";
 }
 
 }  // namespace hm

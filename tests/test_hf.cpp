@@ -135,6 +135,25 @@ TEST(HfModel, LogitsMatchTransformers) {
   }
 }
 
+TEST(HfModel, BiasLogitsMatchTransformers) {
+  // use_bias true: in_proj and out_proj biases (make_fixtures.py's mamba_bias fixture).
+  const fs::path dir = kFixtures / "mamba_bias";
+  if (!fs::exists(dir / "expected.json"))
+    GTEST_SKIP() << "no mamba_bias fixture in " << kFixtures.string()
+                 << ": run `python3 tests/fixtures/hf/make_fixtures.py --out tests/fixtures/hf --only mamba_bias` "
+                    "where torch and transformers are installed (the H200 device machine) and commit the folder";
+  auto be = make_cpu_backend();
+  auto m = load_any_model(dir.string(), *be);
+  ASSERT_TRUE(m->config().mamba_proj_bias);
+  expect_matches_transformers(dir, *m);
+  // The biases are part of what matches: one bias element moved breaks the bound.
+  const json exp = read_json(dir / "expected.json");
+  const std::vector<int32_t> toks = exp["tokens"].get<std::vector<int32_t>>();
+  m->params().layer(0).in_proj_b[3] += 0.05f;
+  m->prepare();
+  EXPECT_GT(test::rel_err(forward_all(*m, toks), read_f32_file(dir / "logits.f32")), 1e-4);
+}
+
 TEST(HfModel, PerturbedWeightIsCaught) {
   // The parity bound is tight enough to see one weight move: the test above can fail.
   const fs::path dir = kFixtures / "mamba_f32";
@@ -207,7 +226,8 @@ TEST(HfModel, RefusesWhatItDoesNotImplement) {
   with([](json& j) { j["architectures"] = {"FalconMambaForCausalLM"}; }, {"model_type", "falcon_mamba"});
   with([](json& j) { j["architectures"] = {"FalconMambaForCausalLM"}; j["model_type"] = "falcon_mamba";
          j["mixer_rms_eps"] = 0; }, {"mixer_rms_eps"});
-  with([](json& j) { j["use_bias"] = true; }, {"use_bias"});
+  // use_bias maps to in_proj / out_proj biases, which the file must then hold.
+  with([](json& j) { j["use_bias"] = true; }, {"missing tensor", "backbone.layers.0.mixer.in_proj.bias"});
   with([](json& j) { j["hidden_act"] = "gelu"; }, {"hidden_act", "gelu"});
   with([](json& j) { j["model_type"] = "mamba2"; }, {"model_type", "mamba2"});
   with([](json& j) { j["rms_norm"] = false; }, {"rms_norm"});
@@ -220,6 +240,131 @@ TEST(HfModel, RefusesWhatItDoesNotImplement) {
   with([](json& j) { j["tie_word_embeddings"] = false; }, {"missing tensor", "lm_head.weight"});
   // use_conv_bias false maps exactly (a zero bias), but then the file must not hold one.
   with([](json& j) { j["use_conv_bias"] = false; }, {"conv1d.bias", "use_conv_bias"});
+}
+
+TEST(HfModel, ProjBiasesMatchReference) {
+  // use_bias true (MambaForCausalLM, FalconMambaForCausalLM): in_proj and out_proj carry biases
+  // (mamba_proj_bias). The mamba_f32 fixture's weights plus random biases under transformers' names,
+  // against a double reference of MambaMixer.slow_forward written here (13 tokens, both layers);
+  // cpu and ref backends, prefill = token by token, hm convert keeps the logits; zeroing either bias
+  // moves the logits, so the check sees each.
+  test::TempDir tmp("hf_bias");
+  const fs::path d = copy_fixture(tmp, "mamba_f32");
+  edit_config(d, [](json& j) { j["use_bias"] = true; });
+  const ModelConfig c = load_hf_config(d.string());
+  ASSERT_TRUE(c.mamba_proj_bias);
+  EXPECT_EQ(config_to_json(config_from_json(config_to_json(c))), config_to_json(c));
+  EXPECT_NE(training_unsupported(c).find("mamba_proj_bias"), std::string::npos);
+  const int D = c.d_model, E = c.d_inner(), N = c.d_state, K = c.d_conv, R = c.resolved_dt_rank(), V = c.vocab_size;
+  Rng rng(17);
+  rewrite_safetensors(d / "model.safetensors", [&](std::vector<RawTensor>& ts) {
+    for (int i = 0; i < c.n_layers; ++i)
+      for (const auto& [name, n] : {std::pair{std::string("in_proj.bias"), 2 * E}, std::pair{std::string("out_proj.bias"), D}}) {
+        std::vector<float> b(static_cast<size_t>(n));
+        for (float& x : b) x = float(0.3 * rng.normal());
+        RawTensor t{"backbone.layers." + std::to_string(i) + ".mixer." + name, DType::F32, {n},
+                    std::vector<unsigned char>(b.size() * sizeof(float))};
+        std::memcpy(t.bytes.data(), b.data(), t.bytes.size());
+        ts.push_back(std::move(t));
+      }
+  });
+  auto cpu = make_cpu_backend();
+  auto ref = make_ref_backend();
+  auto m = load_any_model(d.string(), *cpu);
+  const Params& p = m->params();
+  const std::vector<int32_t> toks = test::tokens(rng, 13, V);
+  const auto silu = [](double x) { return x / (1 + std::exp(-x)); };
+  // use_in / use_out: whether the reference adds in_proj's / out_proj's bias.
+  const auto reference = [&](bool use_in, bool use_out) {
+    const int T = int(toks.size());
+    std::vector<std::vector<double>> h(static_cast<size_t>(T), std::vector<double>(static_cast<size_t>(D)));
+    for (int t = 0; t < T; ++t)
+      for (int j = 0; j < D; ++j) h[size_t(t)][size_t(j)] = p.embeddings()[size_t(toks[size_t(t)]) * D + j];
+    const auto rmsnorm = [&](const std::vector<double>& x, const float* wt) {
+      double ss = 0;
+      for (double v : x) ss += v * v;
+      const double r = 1.0 / std::sqrt(ss / double(x.size()) + double(c.norm_eps));
+      std::vector<double> y(x.size());
+      for (size_t j = 0; j < x.size(); ++j) y[j] = x[j] * r * wt[j];
+      return y;
+    };
+    const auto matvec = [](const float* W, const std::vector<double>& x, int rows) {
+      std::vector<double> y(static_cast<size_t>(rows));
+      for (int r = 0; r < rows; ++r)
+        for (size_t k = 0; k < x.size(); ++k) y[size_t(r)] += double(W[size_t(r) * x.size() + k]) * x[k];
+      return y;
+    };
+    for (int i = 0; i < c.n_layers; ++i) {
+      const LayerWeights& w = p.layer(i);
+      std::vector<std::vector<double>> xs(static_cast<size_t>(T));  // in_proj's x half, per token
+      std::vector<double> s(size_t(E) * N, 0.0);       // the scan state
+      for (int t = 0; t < T; ++t) {
+        std::vector<double> xz = matvec(w.in_proj, rmsnorm(h[size_t(t)], w.norm), 2 * E);  // in_proj(u) (+ b)
+        if (use_in)
+          for (int r = 0; r < 2 * E; ++r) xz[size_t(r)] += w.in_proj_b[r];
+        xs[size_t(t)].assign(xz.begin(), xz.begin() + E);
+        std::vector<double> xc(static_cast<size_t>(E));  // causal conv over zero-padded history + bias, SiLU
+        for (int e = 0; e < E; ++e) {
+          double a = w.conv_b[e];
+          for (int k = 0; k < K; ++k) {
+            const int src = t - (K - 1) + k;
+            if (src >= 0) a += double(w.conv_w[size_t(e) * K + k]) * xs[size_t(src)][size_t(e)];
+          }
+          xc[size_t(e)] = silu(a);
+        }
+        const std::vector<double> dbc = matvec(w.x_proj, xc, R + 2 * N);  // dt_r | B | C
+        std::vector<double> y(static_cast<size_t>(E));
+        for (int e = 0; e < E; ++e) {
+          double dt = w.dt_b[e];
+          for (int r = 0; r < R; ++r) dt += double(w.dt_w[size_t(e) * R + r]) * dbc[size_t(r)];
+          dt = dt > 20 ? dt : std::log1p(std::exp(dt));  // softplus
+          double acc = 0;
+          for (int n = 0; n < N; ++n) {
+            double& sn = s[size_t(e) * N + n];
+            sn = std::exp(-dt * std::exp(double(w.A_log[size_t(e) * N + n]))) * sn + dt * dbc[size_t(R + n)] * xc[size_t(e)];
+            acc += sn * dbc[size_t(R + N + n)];
+          }
+          y[size_t(e)] = (acc + w.Dskip[e] * xc[size_t(e)]) * silu(xz[size_t(E + e)]);
+        }
+        const std::vector<double> o = matvec(w.out_proj, y, D);  // out_proj(y) (+ b)
+        for (int j = 0; j < D; ++j) h[size_t(t)][size_t(j)] += o[size_t(j)] + (use_out ? double(w.out_proj_b[j]) : 0.0);
+      }
+    }
+    std::vector<float> logits;
+    for (int t = 0; t < T; ++t) {
+      const std::vector<double> lg = matvec(p.lm_head(), rmsnorm(h[size_t(t)], p.norm_f()), V);
+      logits.insert(logits.end(), lg.begin(), lg.end());
+    }
+    return logits;
+  };
+  const std::vector<float> want = reference(true, true);
+  const std::vector<float> full = forward_all(*m, toks);
+  for (Backend* be : {cpu.get(), ref.get()}) {
+    const double e = test::rel_err(forward_all(*load_any_model(d.string(), *be), toks), want);
+    std::printf("mamba with in_proj/out_proj biases vs double reference (%s): %.2g\n", be->name().c_str(), e);
+    EXPECT_LT(e, 2e-6);
+  }
+  EXPECT_LT(test::rel_err(forward_stepwise(*m, toks), full), 1e-5);
+  EXPECT_GT(test::rel_err(full, reference(false, true)), 1e-3);
+  EXPECT_GT(test::rel_err(full, reference(true, false)), 1e-3);
+  convert_hf_model(d.string(), (tmp.path / "conv").string(), "f32");
+  EXPECT_EQ(forward_all(*load_any_model((tmp.path / "conv").string(), *cpu), toks), full);
+  // Falcon-Mamba reads use_bias the same way.
+  edit_config(d, [](json& j) {
+    j["architectures"] = {"FalconMambaForCausalLM"};
+    j["model_type"] = "falcon_mamba";
+  });
+  const ModelConfig fc = load_hf_config(d.string());
+  EXPECT_TRUE(fc.mamba_proj_bias);
+  EXPECT_TRUE(fc.mamba_bcdt_norm);
+  auto fm = load_any_model(d.string(), *cpu);
+  EXPECT_LT(test::rel_err(forward_stepwise(*fm, toks), forward_all(*fm, toks)), 1e-5);
+  // Mamba-2 still refuses biases, naming the field.
+  edit_config(d, [](json& j) {
+    j["architectures"] = {"Mamba2ForCausalLM"};
+    j["model_type"] = "mamba2";
+  });
+  expect_load_error(d, {"use_bias", "Mamba2ForCausalLM"});
 }
 
 TEST(HfModel, ConvBiasFalseLoadsAsZero) {

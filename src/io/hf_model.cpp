@@ -103,9 +103,9 @@ void common_mamba_fields(const JsonFields& f, const std::string& origin, bool ti
   c.vocab_size = int(f.get_int("vocab_size", 1, kMaxVocab));
   c.norm_eps = f.has("layer_norm_epsilon") ? f.get_float("layer_norm_epsilon") : 1e-5f;
   c.tie_embeddings = f.has("tie_word_embeddings") ? f.get_bool("tie_word_embeddings") : tie_default;
-  if (f.has("use_bias"))  // absent: false, transformers 5's default (and no bias tensors to load)
-    HM_CHECK(!f.get_bool("use_bias"), origin, ": field 'use_bias' is true (biases on in_proj and "
-             "out_proj): not supported yet");
+  // use_bias (absent: false, transformers 5's default): biases on in_proj and out_proj, which the
+  // Mamba-1 mixer has (mamba_proj_bias); the Mamba-2 caller refuses them.
+  c.mamba_proj_bias = f.has("use_bias") && f.get_bool("use_bias");
   if (f.has("use_conv_bias")) info.conv_bias = f.get_bool("use_conv_bias");
   if (f.has("hidden_act")) {
     const std::string act = f.get_string("hidden_act");
@@ -145,6 +145,8 @@ HfInfo mamba2_info_from_json(const JsonFields& f, const std::string& origin) {
   HfInfo info;
   ModelConfig& c = info.cfg;
   common_mamba_fields(f, origin, /*tie_default=*/false, info);  // Mamba2Config ties no head by default
+  HM_CHECK(!c.mamba_proj_bias, origin, ": field 'use_bias' is true (biases on in_proj and out_proj): not "
+           "supported for Mamba2ForCausalLM yet");
   c.d_state = f.has("state_size") ? int(f.get_int("state_size", 1, kMaxDState)) : 128;
   c.d_conv = f.has("conv_kernel") ? int(f.get_int("conv_kernel", 1, kMaxDConv)) : 4;
   // The mixer's width is int(expand * hidden_size); Mamba2Mixer never reads intermediate_size.
@@ -740,14 +742,12 @@ HfInfo falcon_h1_info_from_json(const JsonFields& f, const std::string& origin) 
   if (f.has("mamba_chunk_size")) f.get_int("mamba_chunk_size", 1, INT32_MAX);  // how the scan is split only
   if (f.has("mamba_conv_bias")) info.conv_bias = f.get_bool("mamba_conv_bias");
   // The gate: y * silu(z) without a norm (mamba_rms_norm false, FalconH1Config's default), or
-  // FalconH1RMSNormGated per group of width / mamba_n_groups, which gates first only when
-  // mamba_norm_before_gate is false (its default, true, normalizes y before gating: not implemented).
+  // FalconH1RMSNormGated per group of width / mamba_n_groups: rmsnorm(y * silu(z)) * w when
+  // mamba_norm_before_gate is false, rmsnorm(y) * w * silu(z) when it is true (its default).
   const bool rms = f.has("mamba_rms_norm") && f.get_bool("mamba_rms_norm");
   const bool before = !f.has("mamba_norm_before_gate") || f.get_bool("mamba_norm_before_gate");
-  HM_CHECK(!rms || !before, origin, ": fields 'mamba_rms_norm' true with 'mamba_norm_before_gate' true (or absent: "
-           "FalconH1Config's default): rmsnorm(y) * silu(z) is not supported (only rmsnorm(y * silu(z)), "
-           "mamba_norm_before_gate false, or no norm)");
   c.mamba2_gated_norm = rms;
+  c.mamba2_norm_before_gate = rms && before;
   c.mamba2_norm_per_group = true;
 
   // The multipliers.
@@ -778,10 +778,64 @@ HfInfo falcon_h1_info_from_json(const JsonFields& f, const std::string& origin) 
   return info;
 }
 
+// Nemotron-H's MoE blocks (transformers' NemotronHMoE): a sigmoid router whose choice adds
+// gate.e_score_correction_bias, group-limited top-k (n_group, topk_group), the chosen scores
+// renormalized (norm_topk_prob) and times routed_scaling_factor; squared-ReLU experts without a gate
+// of width moe_intermediate_size; one shared squared-ReLU MLP of moe_shared_expert_intermediate_size
+// (0 or null: intermediate_size, as NemotronHMLP's `intermediate_size or config.intermediate_size`).
+// Our experts' width is moe_ff, unless d_ff (the "-" blocks') is 0 or the same: then d_ff itself.
+void nemotron_moe_fields(const JsonFields& f, const std::string& origin, int mlp_width, ModelConfig& c) {
+  HM_CHECK(!(present(f, "n_routed_experts") && present(f, "num_local_experts")), origin,
+           ": fields 'n_routed_experts' and 'num_local_experts' both given");
+  const char* kx = present(f, "num_local_experts") ? "num_local_experts" : "n_routed_experts";
+  c.moe_experts = present(f, kx) ? int(f.get_int(kx, 1, kMaxExperts)) : 8;
+  HM_CHECK(c.moe_experts >= 2, origin, ": field '", kx, "' is ", c.moe_experts, ": NemotronHMoE scores groups by "
+           "their two best experts, so it needs at least 2");
+  c.moe_top_k = present(f, "num_experts_per_tok") ? int(f.get_int("num_experts_per_tok", 1, kMaxExperts)) : 2;
+  HM_CHECK(c.moe_top_k <= c.moe_experts, origin, ": field 'num_experts_per_tok' (", c.moe_top_k, ") exceeds '", kx,
+           "' (", c.moe_experts, ")");
+  const int experts_ff = present(f, "moe_intermediate_size") ? int(f.get_int("moe_intermediate_size", 1, kMaxDff)) : 7688;
+  if (c.d_ff == 0 || c.d_ff == experts_ff) {
+    c.d_ff = experts_ff;
+    c.moe_ff = 0;
+  } else {
+    c.moe_ff = experts_ff;
+  }
+  const int64_t shared = present(f, "moe_shared_expert_intermediate_size")
+                             ? f.get_int("moe_shared_expert_intermediate_size", 0, kMaxDff)
+                             : 7688;
+  c.moe_shared_ff = shared > 0 ? int(shared) : mlp_width;
+  if (present(f, "n_shared_experts"))  // NemotronHMoE builds one shared MLP whatever it says
+    HM_CHECK(f.get_int("n_shared_experts", 0, kMaxExperts) == 1, origin, ": field 'n_shared_experts' is ",
+             f.at("n_shared_experts").dump(), ": transformers' NemotronHMoE builds exactly one shared expert whatever "
+             "it says, so another value is ambiguous and refused");
+  HM_CHECK(!present(f, "moe_latent_size"), origin, ": field 'moe_latent_size' is ", f.at("moe_latent_size").dump(),
+           ": the experts' latent projections (fc1_latent_proj / fc2_latent_proj) are not supported (null only)");
+  c.moe_router = "sigmoid";
+  c.moe_groups = present(f, "n_group") ? int(f.get_int("n_group", 1, kMaxExperts)) : 1;
+  c.moe_topk_groups = present(f, "topk_group") ? int(f.get_int("topk_group", 1, kMaxExperts)) : 1;
+  HM_CHECK(c.moe_experts % c.moe_groups == 0, origin, ": field 'n_group' (", c.moe_groups, ") must divide '", kx,
+           "' (", c.moe_experts, ")");
+  HM_CHECK(c.moe_topk_groups <= c.moe_groups, origin, ": field 'topk_group' (", c.moe_topk_groups,
+           ") exceeds 'n_group' (", c.moe_groups, ")");
+  const int per = c.moe_experts / c.moe_groups;
+  HM_CHECK(per >= 2, origin, ": fields '", kx, "' / 'n_group' leave ", per, " expert per group: NemotronHMoE scores a "
+           "group by its two best experts, so each group needs at least 2");
+  HM_CHECK(c.moe_top_k <= c.moe_topk_groups * per, origin, ": field 'num_experts_per_tok' (", c.moe_top_k,
+           ") exceeds the ", c.moe_topk_groups * per, " experts of the 'topk_group' (", c.moe_topk_groups,
+           ") groups kept: transformers would pick masked experts");
+  c.moe_renormalize = present(f, "norm_topk_prob") ? f.get_bool("norm_topk_prob") : true;
+  c.moe_scaling = present(f, "routed_scaling_factor")
+                      ? float(f.get_double("routed_scaling_factor", 1e-30, 1e30))
+                      : 1.0f;
+  // Ignored: moe_shared_expert_overlap (how the shared expert is scheduled, not what it computes),
+  // mtp_layers_block_type (with num_nextn_predict_layers 0, which is checked), router_aux_loss_coef.
+}
+
 // NemotronHForCausalLM (transformers' modeling_nemotron_h.py): a stack of pre-norm residual blocks
 // h += mixer(rmsnorm(h)), each block one of Mamba-2 ("M"), attention ("*", no positional
-// encoding), a squared-ReLU MLP ("-") or MoE ("E", refused); norm_f and the head. Our layer is a
-// mixer block with the "-" block that follows it as its FFN (ffn_layers). Defaults are NemotronHConfig's.
+// encoding), a squared-ReLU MLP ("-") or MoE ("E"); norm_f and the head. Our layer is a mixer block with
+// the "-" or "E" block that follows it as its FFN (ffn_layers; moe_layers for "E"). Defaults are NemotronHConfig's.
 HfInfo nemotron_h_info_from_json(const JsonFields& f, const std::string& origin) {
   if (f.has("model_type")) {
     const std::string t = f.get_string("model_type");
@@ -859,17 +913,15 @@ HfInfo nemotron_h_info_from_json(const JsonFields& f, const std::string& origin)
     HM_CHECK(f.get_int("num_hidden_layers", 1, kMaxLayers) == int64_t(blocks.size()), origin, ": field "
              "'num_hidden_layers' (", f.at("num_hidden_layers").dump(), ") differs from the ", blocks.size(),
              " blocks of '", blocks_field, "'");
-  bool any_mlp = false;
+  bool any_mlp = false, any_moe = false;
   for (size_t j = 0; j < blocks.size(); ++j) {
-    HM_CHECK(blocks[j] != 'E', origin, ": field '", blocks_field, "' has a mixture-of-experts block (E) at block ", j,
-             ": Nemotron-H's MoE (sigmoid router with score correction, group-limited top-k, squared-ReLU "
-             "experts, shared expert) is not supported");
-    if (blocks[j] == '-') {
+    if (blocks[j] == '-' || blocks[j] == 'E') {
+      const char* what = blocks[j] == '-' ? "an MLP block (-)" : "a mixture-of-experts block (E)";
       HM_CHECK(!info.nemotron_blocks.empty() && info.nemotron_blocks.back().second < 0, origin, ": field '",
-               blocks_field, "' has an MLP block (-) at block ", j, " that follows no Mamba or attention block: "
-               "only an MLP right after a mixer is supported");
+               blocks_field, "' has ", what, " at block ", j, " that follows no Mamba or attention block: "
+               "only an MLP or MoE block right after a mixer is supported");
       info.nemotron_blocks.back().second = int(j);
-      any_mlp = true;
+      (blocks[j] == '-' ? any_mlp : any_moe) = true;
     } else {
       info.nemotron_blocks.push_back({int(j), -1});
     }
@@ -879,17 +931,21 @@ HfInfo nemotron_h_info_from_json(const JsonFields& f, const std::string& origin)
   c.attention_layers.clear();
   c.mamba2_layers.clear();
   c.ffn_layers.clear();
+  c.moe_layers.clear();
   bool all_ffn = true;
   for (int i = 0; i < c.n_layers; ++i) {
     const auto [mix, ff] = info.nemotron_blocks[size_t(i)];
     (blocks[size_t(mix)] == '*' ? c.attention_layers : c.mamba2_layers).push_back(i);
     if (ff >= 0) c.ffn_layers.push_back(i);
+    if (ff >= 0 && blocks[size_t(ff)] == 'E') c.moe_layers.push_back(i);
     all_ffn = all_ffn && ff >= 0;
   }
   if (all_ffn) c.ffn_layers.clear();  // every layer: the default
   c.d_ff = 0;
-  c.mlp_act = "relu2";
-  if (any_mlp) c.d_ff = f.has("intermediate_size") ? int(f.get_int("intermediate_size", 1, kMaxDff)) : 21504;
+  c.mlp_act = "relu2";  // the MLPs', the experts' and the shared expert's activation (mlp_hidden_act)
+  const int64_t mlp_width = f.has("intermediate_size") ? f.get_int("intermediate_size", 1, kMaxDff) : 21504;
+  if (any_mlp) c.d_ff = int(mlp_width);
+  if (any_moe) nemotron_moe_fields(f, origin, int(mlp_width), c);
 
   // Attention: GQA, explicit head_dim (NemotronHConfig's default 128), no RoPE, scale 1/sqrt(head_dim).
   if (!c.attention_layers.empty()) {
@@ -1028,6 +1084,12 @@ std::string nemotron_name(const std::string& ours, const std::vector<std::pair<i
   const std::string M = P + "layers." + std::to_string(mix) + ".", F = P + "layers." + std::to_string(ff) + ".";
   if (rest == "norm.weight" || rest.compare(0, 6, "mixer.") == 0) return M + rest;
   if (rest == "mlp_norm.weight") return F + "norm.weight";
+  // An E block (NemotronHMoE): router, its choice bias, the shared expert. The expert stacks
+  // (mlp.experts.*) are read per expert or stacked by load_hf_params.
+  if (rest == "mlp.router.weight") return F + "mixer.gate.weight";
+  if (rest == "mlp.router.correction_bias") return F + "mixer.gate.e_score_correction_bias";
+  if (rest == "mlp.shared_up_proj.weight") return F + "mixer.shared_experts.up_proj.weight";
+  if (rest == "mlp.shared_down_proj.weight") return F + "mixer.shared_experts.down_proj.weight";
   if (rest.compare(0, 4, "mlp.") == 0) return F + "mixer." + rest.substr(4);
   HM_ASSERT(!"no Nemotron-H name for this tensor");
   return {};
@@ -1250,6 +1312,20 @@ void load_hf_params(Params& p, const std::string& dir) {
       read(name, shape, both.data());
       for (int64_t k = 0; k < slabs; ++k)
         std::copy_n(both.data() + (2 * k + granite.half) * one, one, dst + k * one);
+      continue;
+    }
+    if (const size_t at = name.rfind(".experts."); !info.nemotron_blocks.empty() && at != std::string::npos) {
+      // Nemotron-H's expert stacks [experts, out, in]: one tensor per expert, as the published
+      // checkpoints and transformers' save_pretrained store them, or transformers 5's in-memory
+      // stack (experts.up_proj / experts.down_proj, same layout).
+      const std::string stem = name.substr(0, at + 9), proj = name.substr(at + 9);  // e.g. "up_proj.weight"
+      const std::string stacked = stem + proj.substr(0, proj.size() - 7);           // e.g. "...experts.up_proj"
+      const int64_t X = s.shape[0], rows = s.shape[1], cols = s.shape[2], one = rows * cols;
+      if (where.count(stem + "0." + proj) || !where.count(stacked)) {
+        for (int64_t e = 0; e < X; ++e) read(stem + std::to_string(e) + "." + proj, {rows, cols}, dst + e * one);
+      } else {
+        read(stacked, s.shape, dst);
+      }
       continue;
     }
     if (const size_t at = name.rfind(".experts."); info.layers_names && at != std::string::npos) {

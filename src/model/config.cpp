@@ -137,14 +137,33 @@ void validate(const ModelConfig& c) {
     HM_CHECK(c.ffn_layers.empty() || seen_ffn.count(i), "config: layer ", i, " is in 'moe_layers' but not in "
              "'ffn_layers'");
   }
-  HM_CHECK(c.moe_layers.empty() || c.mlp_act == "swiglu", "config: 'moe_layers' needs 'mlp_act' \"swiglu\" "
-           "(the experts are SwiGLU MLPs)");
+  in_range(c.moe_ff, 0, kMaxDff, "moe_ff");  // 0 = d_ff
+  HM_CHECK(c.moe_router == "softmax" || c.moe_router == "sigmoid", "config: 'moe_router' must be \"softmax\" or "
+           "\"sigmoid\", got \"", c.moe_router, "\"");
+  HM_CHECK(std::isfinite(c.moe_scaling) && c.moe_scaling > 0, "config: 'moe_scaling' must be a positive number, got ",
+           c.moe_scaling);
   if (!c.moe_layers.empty()) {
-    HM_CHECK(c.d_ff > 0, "config: 'moe_layers' needs 'd_ff' > 0 (the width of each expert)");
+    HM_CHECK(c.d_ff > 0, "config: 'moe_layers' needs 'd_ff' > 0 (the width of each expert when 'moe_ff' is 0)");
     in_range(c.moe_experts, 1, kMaxExperts, "moe_experts");
     HM_CHECK(c.moe_top_k >= 1 && c.moe_top_k <= c.moe_experts, "config: 'moe_top_k' (", c.moe_top_k,
              ") must be in [1, moe_experts = ", c.moe_experts, "]");
+    HM_CHECK(c.moe_groups >= 1 && c.moe_experts % c.moe_groups == 0, "config: 'moe_groups' (", c.moe_groups,
+             ") must divide 'moe_experts' (", c.moe_experts, ")");
+    HM_CHECK(c.moe_topk_groups >= 1 && c.moe_topk_groups <= c.moe_groups, "config: 'moe_topk_groups' (",
+             c.moe_topk_groups, ") must be in [1, moe_groups = ", c.moe_groups, "]");
+    if (c.moe_groups > 1) {
+      const int per = c.moe_experts / c.moe_groups;
+      HM_CHECK(c.moe_router == "sigmoid", "config: 'moe_groups' > 1 needs 'moe_router' \"sigmoid\"");
+      HM_CHECK(per >= 2, "config: 'moe_groups' (", c.moe_groups, ") leaves ", per, " expert per group; a group is "
+               "scored by its two best experts, so each needs at least 2");
+      HM_CHECK(c.moe_top_k <= c.moe_topk_groups * per, "config: 'moe_top_k' (", c.moe_top_k, ") exceeds the ",
+               c.moe_topk_groups * per, " experts of the 'moe_topk_groups' (", c.moe_topk_groups, ") groups kept");
+    }
   }
+  HM_CHECK(!c.mamba2_norm_before_gate || c.mamba2_gated_norm, "config: 'mamba2_norm_before_gate' needs "
+           "'mamba2_gated_norm' (it says where the gated norm gates)");
+  HM_CHECK(!c.mamba_proj_bias || c.mamba2_layers.empty(), "config: 'mamba_proj_bias' is implemented for Mamba-1 "
+           "layers only, and the model has 'mamba2_layers'");
   in_range(c.moe_shared_ff, 0, kMaxDff, "moe_shared_ff");
   HM_CHECK(c.moe_shared_ff == 0 || !c.moe_layers.empty(), "config: 'moe_shared_ff' (", c.moe_shared_ff,
            ") needs 'moe_layers' (the shared expert sits beside the experts)");
@@ -209,8 +228,9 @@ ModelConfig config_from_json(const nlohmann::json& j, const std::string& origin)
                  "routing_granularity", "routing_chunk", "attention_budget", "budget_loss_weight",
                  "mamba2_layers", "mamba2_head_dim", "mamba2_groups", "mamba2_norm_per_group", "mamba2_gated_norm",
                  "mamba2_dt_min", "mamba2_dt_max", "mamba_bcdt_norm", "mamba_bcdt_norm_eps",
-                 "mamba_bcdt_norm_weight", "moe_layers", "moe_experts",
-                 "moe_top_k", "moe_renormalize", "moe_shared_ff", "embedding_multiplier",
+                 "mamba_bcdt_norm_weight", "mamba_proj_bias", "mamba2_norm_before_gate", "moe_layers", "moe_experts",
+                 "moe_top_k", "moe_renormalize", "moe_ff", "moe_router", "moe_groups", "moe_topk_groups",
+                 "moe_scaling", "moe_shared_ff", "embedding_multiplier",
                  "residual_multiplier", "attention_scale", "logits_scaling"});
   ModelConfig c;
   if (f.has("model_type")) {
@@ -270,6 +290,13 @@ ModelConfig config_from_json(const nlohmann::json& j, const std::string& origin)
   if (f.has("moe_top_k")) c.moe_top_k = int(f.get_int("moe_top_k", 1, kMaxExperts));
   if (f.has("moe_renormalize")) c.moe_renormalize = f.get_bool("moe_renormalize");
   if (f.has("moe_shared_ff")) c.moe_shared_ff = int(f.get_int("moe_shared_ff", 0, kMaxDff));
+  if (f.has("moe_ff")) c.moe_ff = int(f.get_int("moe_ff", 0, kMaxDff));
+  if (f.has("moe_router")) c.moe_router = f.get_string("moe_router");
+  if (f.has("moe_groups")) c.moe_groups = int(f.get_int("moe_groups", 1, kMaxExperts));
+  if (f.has("moe_topk_groups")) c.moe_topk_groups = int(f.get_int("moe_topk_groups", 1, kMaxExperts));
+  if (f.has("moe_scaling")) c.moe_scaling = f.get_float("moe_scaling");
+  if (f.has("mamba_proj_bias")) c.mamba_proj_bias = f.get_bool("mamba_proj_bias");
+  if (f.has("mamba2_norm_before_gate")) c.mamba2_norm_before_gate = f.get_bool("mamba2_norm_before_gate");
   if (f.has("embedding_multiplier")) c.embedding_multiplier = f.get_float("embedding_multiplier");
   if (f.has("residual_multiplier")) c.residual_multiplier = f.get_float("residual_multiplier");
   if (f.has("attention_scale")) c.attention_scale = f.get_float("attention_scale");
@@ -314,6 +341,7 @@ nlohmann::json config_to_json(const ModelConfig& c) {
     j["mamba2_groups"] = c.mamba2_groups;
     j["mamba2_norm_per_group"] = c.mamba2_norm_per_group;
     if (!c.mamba2_gated_norm) j["mamba2_gated_norm"] = false;
+    if (c.mamba2_norm_before_gate) j["mamba2_norm_before_gate"] = true;
     j["mamba2_dt_min"] = c.mamba2_dt_min;
     if (std::isfinite(c.mamba2_dt_max)) j["mamba2_dt_max"] = c.mamba2_dt_max;  // JSON has no infinity
   }
@@ -323,7 +351,14 @@ nlohmann::json config_to_json(const ModelConfig& c) {
     j["moe_top_k"] = c.moe_top_k;
     j["moe_renormalize"] = c.moe_renormalize;
     if (c.moe_shared_ff > 0) j["moe_shared_ff"] = c.moe_shared_ff;
+    // Nemotron-H's router and expert width, only where they differ from the defaults.
+    if (c.moe_ff > 0) j["moe_ff"] = c.moe_ff;
+    if (c.moe_router != "softmax") j["moe_router"] = c.moe_router;
+    if (c.moe_groups != 1) j["moe_groups"] = c.moe_groups;
+    if (c.moe_topk_groups != 1) j["moe_topk_groups"] = c.moe_topk_groups;
+    if (c.moe_scaling != 1.0f) j["moe_scaling"] = c.moe_scaling;
   }
+  if (c.mamba_proj_bias) j["mamba_proj_bias"] = true;
   // Granite's scalings, only where they are not the identity.
   if (c.embedding_multiplier != 1.0f) j["embedding_multiplier"] = c.embedding_multiplier;
   if (c.residual_multiplier != 1.0f) j["residual_multiplier"] = c.residual_multiplier;
@@ -444,6 +479,7 @@ std::string training_unsupported(const ModelConfig& c) {
   if (c.attn_head_dim > 0) return "its attention heads have an explicit size (config 'head_dim')";
   if (!c.ffn_layers.empty()) return "only some of its layers have an FFN (config 'ffn_layers')";
   if (c.mlp_act != "swiglu") return "its MLPs use squared ReLU (config 'mlp_act')";
+  if (c.mamba_proj_bias) return "its Mamba mixers have in_proj / out_proj biases (config 'mamba_proj_bias')";
   if (c.mamba_bcdt_norm) return "its Mamba mixers normalize dt, B and C (config 'mamba_bcdt_norm', Falcon-Mamba)";
   if (!c.moe_layers.empty()) return "it has mixture-of-experts layers (config 'moe_layers')";
   if (c.embedding_multiplier != 1.0f || c.residual_multiplier != 1.0f || c.attention_scale != 0.0f ||

@@ -82,6 +82,9 @@ struct ModelConfig {
   // false: no gated RMSNorm, the scan output is gated as y * silu(z) (Falcon-H1's mamba_rms_norm
   // false) and the layer has no mixer.norm.weight.
   bool mamba2_gated_norm = true;
+  // true: the gated norm normalizes first, rmsnorm(y) * w * silu(z) per group (Falcon-H1's
+  // mamba_norm_before_gate); false: rmsnorm(y * silu(z)) * w. Needs mamba2_gated_norm.
+  bool mamba2_norm_before_gate = false;
   // time_step_limit: delta = clamp(softplus(dt + dt_bias), min, max).
   float mamba2_dt_min = 0.0f;
   float mamba2_dt_max = INFINITY;
@@ -92,16 +95,29 @@ struct ModelConfig {
   // Jamba's variant: the three norms have learned weights (mixer.dt_layernorm.weight [dt_rank],
   // mixer.b_layernorm.weight and mixer.c_layernorm.weight [d_state]). Needs mamba_bcdt_norm.
   bool mamba_bcdt_norm_weight = false;
+  // Biases on the Mamba-1 mixers' in_proj and out_proj (transformers' use_bias):
+  // mixer.in_proj.bias [2 * d_inner], mixer.out_proj.bias [d_model]. Inference only.
+  bool mamba_proj_bias = false;
   // Mixture of experts (Jamba, Granite 4.0-H, Nemotron-H): the FFN of each layer listed is
-  // moe_experts SwiGLU experts of width d_ff behind a softmax router; a token runs only its
-  // moe_top_k most probable experts, weighted by their probabilities (renormalized to sum to 1
-  // when moe_renormalize). Needs d_ff > 0.
+  // moe_experts MLPs (mlp_act: SwiGLU, or squared ReLU without a gate) of width moe_ff (0 = d_ff)
+  // behind a router; a token runs only its moe_top_k best-scored experts, each weighted by its
+  // score (renormalized over the chosen ones to sum to 1 when moe_renormalize) times moe_scaling.
+  // moe_router "softmax": scores = softmax(router u). "sigmoid" (Nemotron-H, DeepSeek-V3):
+  // scores = sigmoid(router u); experts are chosen by score + mlp.router.correction_bias [experts]
+  // and, with moe_groups > 1, only among the moe_topk_groups groups (of experts / moe_groups
+  // consecutive experts) whose two best choice scores sum highest. Needs d_ff > 0.
   std::vector<int> moe_layers;
   int moe_experts = 8;
   int moe_top_k = 2;
   bool moe_renormalize = false;
-  // A shared expert on every MoE layer (Granite 4.0-H): a SwiGLU MLP of this width on the same
-  // normed input, its output added to the experts' (mlp.shared_{gate,up,down}_proj.weight). 0 = none.
+  int moe_ff = 0;
+  std::string moe_router = "softmax";
+  int moe_groups = 1;
+  int moe_topk_groups = 1;
+  float moe_scaling = 1.0f;
+  // A shared expert on every MoE layer (Granite 4.0-H, Nemotron-H): an MLP (mlp_act) of this width
+  // on the same normed input, its output added to the experts' (mlp.shared_{gate,up,down}_proj.weight).
+  // 0 = none.
   int moe_shared_ff = 0;
   // Granite's scalings: the embeddings times embedding_multiplier; each mixer's and FFN's output
   // times residual_multiplier before it joins the residual stream; attention scores q.k times
@@ -113,6 +129,7 @@ struct ModelConfig {
 
   int d_inner() const { return inner_size > 0 ? inner_size : expand * d_model; }
   int resolved_dt_rank() const { return dt_rank > 0 ? dt_rank : (d_model + 15) / 16; }
+  int moe_width() const { return moe_ff > 0 ? moe_ff : d_ff; }  // each expert's
   int head_dim() const { return attn_head_dim > 0 ? attn_head_dim : d_model / n_heads; }
   int resolved_rope_dim() const { return rope_dim > 0 ? rope_dim : head_dim(); }
   // Layer kinds: attention only, true hybrid (both paths), or Mamba only (everything else).

@@ -126,7 +126,8 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const RunShape& s) {
     if (!c.true_layers.empty()) per_token += 3 * D;
     if (!c.mamba2_layers.empty())  // wider in_proj and conv outputs, and the scan's output
       per_token += std::max<int64_t>(0, c.mamba2_in_proj_rows() - 2 * E) + std::max<int64_t>(0, c.mamba2_conv_dim() - E) + E;
-    if (F > 0) per_token += 3 * std::max<int64_t>(F, c.moe_shared_ff);
+    if (F > 0) per_token += 3 * std::max<int64_t>({F, c.moe_shared_ff, c.moe_width()});
+    if (c.mamba_proj_bias) per_token += 1;  // the zero row indices the biases are added through
     if (c.true_layers.empty() && (c.residual_multiplier != 1.0f || c.embedding_multiplier != 1.0f))
       per_token += D;  // their scratch (ym), which true and MoE layers reserve anyway
     m.workspace = add(mul({s.forward_tokens, per_token, 4}, "workspace bytes"),

@@ -149,8 +149,15 @@ void HybridModel::prepare() {
   norm_f_ = weight(params_.norm_f(), 1, D);
   lm_head_ = linear_weight(params_.lm_head(), V, D);
   lw_.assign(size_t(cfg_.n_layers), {});
-  if (cfg_.mamba_bcdt_norm && !cfg_.mamba_bcdt_norm_weight) {
-    const std::vector<float> one(size_t(std::max(R, N)), 1.0f);
+  // A unit weight for the weightless norms: Falcon-Mamba's dt/B/C norms (max(R, N) wide), the
+  // per-group normalization of a norm-before-gate gated norm of several groups (a group wide).
+  size_t n_ones = 0;
+  if (cfg_.mamba_bcdt_norm && !cfg_.mamba_bcdt_norm_weight) n_ones = size_t(std::max(R, N));
+  if (cfg_.mamba2_norm_before_gate && !cfg_.mamba2_layers.empty() && cfg_.mamba2_norm_group() < E)
+    n_ones = std::max(n_ones, size_t(cfg_.mamba2_norm_group()));
+  ones_ = Buffer();
+  if (n_ones > 0) {
+    const std::vector<float> one(n_ones, 1.0f);
     std::vector<char> staged(one.size() * dtype_size(dtype_));
     convert_from_f32(staged.data(), dtype_, one.data(), one.size());
     ones_ = Buffer(be_, staged.size());
@@ -187,6 +194,10 @@ void HybridModel::prepare() {
       t.dt_b = weight(w.dt_b, 1, E);
       t.Dskip = weight(w.Dskip, 1, E);
       t.out_proj = linear_weight(w.out_proj, D, E);
+      if (cfg_.mamba_proj_bias) {
+        t.in_b = weight(w.in_proj_b, 1, 2 * E);
+        t.out_b = weight(w.out_proj_b, 1, D);
+      }
       if (cfg_.mamba_bcdt_norm_weight) {
         t.dt_norm = weight(w.dt_norm, 1, R);
         t.b_norm = weight(w.b_norm, 1, N);
@@ -208,15 +219,16 @@ void HybridModel::prepare() {
       // Experts stay float32 under packed weight formats (not implemented for them yet).
       t.mlp_norm = weight(w.mlp_norm, 1, D);
       t.moe_router = weight(w.moe_router, cfg_.moe_experts, D);
+      const int Fe = cfg_.moe_width();
       for (int e = 0; e < cfg_.moe_experts; ++e) {
-        const int64_t o = int64_t(e) * F * D;
-        t.e_gate.push_back(weight(w.e_gate + o, F, D));
-        t.e_up.push_back(weight(w.e_up + o, F, D));
-        t.e_down.push_back(weight(w.e_down + o, D, F));
+        const int64_t o = int64_t(e) * Fe * D;
+        t.e_gate.push_back(w.e_gate != nullptr ? weight(w.e_gate + o, Fe, D) : Tensor());  // none with relu2
+        t.e_up.push_back(weight(w.e_up + o, Fe, D));
+        t.e_down.push_back(weight(w.e_down + o, D, Fe));
       }
       if (cfg_.moe_shared_ff > 0) {  // float32 as the experts
         const int S = cfg_.moe_shared_ff;
-        t.s_gate = weight(w.s_gate, S, D);
+        if (w.s_gate != nullptr) t.s_gate = weight(w.s_gate, S, D);
         t.s_up = weight(w.s_up, S, D);
         t.s_down = weight(w.s_down, D, S);
       }
@@ -331,9 +343,20 @@ void HybridModel::mamba_path(int layer, Tensor x, const Ragged& rg, Tensor out, 
   const Tensor dbc = act(ws_.dbc, n, P);      // dt_r | B | C
   const Tensor dt = act(ws_.dt, n, E);        // dt_proj(dt_r); softplus is applied in the scan
   const Tensor y = act(ws_.inner[layer % 2], n, E);  // gated scan output
-  // With norm_w, x is the residual stream and the layer's pre-norm runs inside mamba_in.
-  be_.mamba_in(xz, xc, mem.recurrent().conv_pool(layer), x, norm_w.data ? act(ws_.u, n, x.cols) : Tensor(),
-               norm_w, cfg_.norm_eps, w.in_proj, w.conv_w, w.conv_b, rg);
+  if (!cfg_.mamba_proj_bias) {
+    // With norm_w, x is the residual stream and the layer's pre-norm runs inside mamba_in.
+    be_.mamba_in(xz, xc, mem.recurrent().conv_pool(layer), x, norm_w.data ? act(ws_.u, n, x.cols) : Tensor(),
+                 norm_w, cfg_.norm_eps, w.in_proj, w.conv_w, w.conv_b, rg);
+  } else {  // mamba_in's steps with in_proj's bias between the projection and the conv
+    Tensor src = x;
+    if (norm_w.data) {
+      src = act(ws_.u, n, x.cols);
+      be_.rmsnorm(src, x, norm_w, cfg_.norm_eps);
+    }
+    be_.linear(xz, src, w.in_proj, false);  // x | z = in_proj(u) + b
+    add_bias(xz, w.in_b);
+    be_.conv1d_silu(xc, mem.recurrent().conv_pool(layer), xz.cols_view(0, E), w.conv_w, w.conv_b, rg);
+  }
   be_.linear(dbc, xc, w.x_proj, false);
   Tensor dtr = dbc.cols_view(0, R), B = dbc.cols_view(R, N), C = dbc.cols_view(R + N, N);
   if (cfg_.mamba_bcdt_norm) {  // each of dt_r, B, C RMS-normalized: no weight (Falcon-Mamba) or learned (Jamba)
@@ -357,6 +380,12 @@ void HybridModel::mamba_path(int layer, Tensor x, const Ragged& rg, Tensor out, 
   be_.dt_scan(y, mem.recurrent().ssm_pool(layer), xc, dtr, w.dt_w, dt, w.dt_b, A_[size_t(layer)].f32(), B, C,
               w.Dskip, xz.cols_view(E, E), rg);
   be_.linear(out, y, w.out_proj, accumulate);
+  if (cfg_.mamba_proj_bias) add_bias(out, w.out_b);  // out (+)= out_proj(y) + b
+}
+
+void HybridModel::add_bias(Tensor dst, Tensor b) {
+  HM_ASSERT(size_t(dst.rows) * sizeof(int32_t) <= ws_.zeros.bytes() && b.rows == 1 && b.cols == dst.cols);
+  be_.add_rows(dst, nullptr, b, static_cast<const int32_t*>(ws_.zeros.data()), dst.rows, nullptr, Tensor());
 }
 
 // transformers' Mamba2Mixer (torch_forward): in_proj -> z | xBC | dt; causal conv + SiLU over
@@ -376,7 +405,25 @@ void HybridModel::mamba2_path(int layer, Tensor x, const Ragged& rg, Tensor out,
   be_.ssd_scan(y, mem.recurrent().ssm_pool(layer), xbc.cols_view(0, E), zxd.cols_view(E + CD, H), w.dt_b,
                A_[size_t(layer)].f32(), xbc.cols_view(E, G * N), xbc.cols_view(E + G * N, G * N), w.Dskip, H, G,
                cfg_.mamba2_dt_min, cfg_.mamba2_dt_max, rg);
-  if (cfg_.mamba2_gated_norm) {
+  if (cfg_.mamba2_gated_norm && cfg_.mamba2_norm_before_gate) {
+    // rmsnorm(y) * w * silu(z) per group of gw columns (FalconH1RMSNormGated, norm_before_gate):
+    // y normalized in place, one row per (token, group), with w itself when one group spans the
+    // row, else with a unit weight and w applied per column after; then gated by silu(z).
+    const int gw = cfg_.mamba2_norm_group(), groups = E / gw;
+    const Tensor z = act(ws_.dt, n, E);
+    be_.copy_rows(z, nullptr, zxd.cols_view(0, E), nullptr, n);
+    const Tensor yg(y.data, y.dtype, n * groups, gw);
+    Tensor normed = y;
+    if (groups == 1) {
+      be_.rmsnorm(yg, yg, w.ssm_norm, cfg_.norm_eps);
+    } else {
+      be_.rmsnorm(yg, yg, Tensor(ones_.data(), dtype_, 1, gw), cfg_.norm_eps);
+      normed = act(ws_.xc, n, E);  // x | B | C is read: free scratch
+      be_.memzero(normed.data, size_t(n) * E * dtype_size(dtype_));
+      be_.add_rows(normed, nullptr, y, nullptr, n, nullptr, w.ssm_norm);  // = w * rmsnorm(y)
+    }
+    be_.swiglu(yn, z, normed);
+  } else if (cfg_.mamba2_gated_norm) {
     be_.gated_rmsnorm(yn, y, zxd.cols_view(0, E), w.ssm_norm, cfg_.mamba2_norm_group(), cfg_.norm_eps);
   } else {  // y * silu(z) (Falcon-H1 without mamba_rms_norm): z copied out of zxd to swiglu's layout
     const Tensor z = act(ws_.dt, n, E);
@@ -614,14 +661,34 @@ void HybridModel::mlp(int layer, int T) {
   join_residual(out);
 }
 
-// h += sum over the token's top-k experts e of p_e * down_e(silu(gate_e u) * up_e u), u =
-// rmsnorm(h), p = softmax(router u) (renormalized over the top k when moe_renormalize). The
-// routing is decided on the host (router logits read back); each expert runs once on the rows
-// routed to it, gathered, and adds its output back scaled by the rows' p_e, so an expert no
-// token chose is not computed.
+void HybridModel::ffn(Tensor y, Tensor x, Tensor gate, Tensor up, Tensor down, bool accumulate) {
+  const int n = x.rows, F = up.rows;
+  const Tensor u = act(ws_.up, n, F), a = act(ws_.act, n, F);
+  be_.linear(u, x, up, false);
+  if (cfg_.mlp_act == "relu2") {
+    be_.relu2(a, u);
+  } else {
+    const Tensor g = act(ws_.g, n, F);
+    be_.linear(g, x, gate, false);
+    be_.swiglu(a, g, u);
+  }
+  be_.linear(y, a, down, accumulate);
+}
+
+// h += sum over the token's top-k experts e of g_e * expert_e(u), u = rmsnorm(h), plus the shared
+// expert's output. Scores s = softmax(router u), or sigmoid(router u) (moe_router "sigmoid"), which
+// picks the experts by s + correction bias, among the moe_topk_groups best groups when moe_groups
+// > 1 (a group's score: the sum of its two best choice scores), as transformers' NemotronHMoE and
+// DeepSeek-V3 route. g_e = s_e, divided by the chosen experts' sum when moe_renormalize, times
+// moe_scaling. The routing is decided on the host (router logits read back); each expert runs once
+// on the rows routed to it, gathered, and adds its output back scaled by the rows' g_e, so an
+// expert no token chose is not computed.
 void HybridModel::moe(int layer, int T) {
   const LayerTensors& w = lw_[size_t(layer)];
-  const int D = cfg_.d_model, F = cfg_.d_ff, X = cfg_.moe_experts, k = cfg_.moe_top_k;
+  const float* corr = params_.layer(layer).moe_bias;  // host float32 (never packed); sigmoid only
+  const int D = cfg_.d_model, X = cfg_.moe_experts, k = cfg_.moe_top_k;
+  const bool sigmoid = cfg_.moe_router == "sigmoid";
+  const int NG = cfg_.moe_groups, per = X / NG;
   const Tensor u = act(ws_.u, T, D), h = ws_.h.tensor(dtype_, T, D);
   be_.rmsnorm(u, h, w.mlp_norm, cfg_.norm_eps);
   const Tensor lg = ws_.moe_logits.tensor(DType::F32, T, X);
@@ -630,47 +697,64 @@ void HybridModel::moe(int layer, int T) {
   be_.to_host(moe_p_.data(), lg.data, moe_p_.size() * sizeof(float));
   std::vector<std::vector<int32_t>> rows(static_cast<size_t>(X));
   std::vector<std::vector<float>> gates(static_cast<size_t>(X));
-  std::vector<int> order(static_cast<size_t>(X));
+  std::vector<int> order(static_cast<size_t>(X)), gorder(static_cast<size_t>(NG));
+  std::vector<float> choice(static_cast<size_t>(X)), gscore(static_cast<size_t>(NG));
   for (int t = 0; t < T; ++t) {
     float* p = moe_p_.data() + size_t(t) * X;
-    const float mx = *std::max_element(p, p + X);
-    double sum = 0;
-    for (int e = 0; e < X; ++e) sum += std::exp(double(p[e]) - mx);
-    for (int e = 0; e < X; ++e) p[e] = float(std::exp(double(p[e]) - mx) / sum);
+    if (sigmoid) {
+      for (int e = 0; e < X; ++e) p[e] = float(1.0 / (1.0 + std::exp(-double(p[e]))));
+      for (int e = 0; e < X; ++e) choice[size_t(e)] = p[e] + corr[e];  // float32, as transformers adds them
+    } else {
+      const float mx = *std::max_element(p, p + X);
+      double sum = 0;
+      for (int e = 0; e < X; ++e) sum += std::exp(double(p[e]) - mx);
+      for (int e = 0; e < X; ++e) p[e] = float(std::exp(double(p[e]) - mx) / sum);
+      std::copy(p, p + X, choice.begin());
+    }
+    if (NG > 1) {  // only the experts of the topk_groups best groups stay eligible
+      for (int g = 0; g < NG; ++g) {
+        const float* c = choice.data() + size_t(g) * per;
+        const int best = int(std::max_element(c, c + per) - c);
+        float second = -INFINITY;
+        for (int j = 0; j < per; ++j)
+          if (j != best) second = std::max(second, c[j]);
+        gscore[size_t(g)] = c[best] + second;
+        gorder[size_t(g)] = g;
+      }
+      std::partial_sort(gorder.begin(), gorder.begin() + cfg_.moe_topk_groups, gorder.end(), [&](int a, int b) {
+        return gscore[size_t(a)] > gscore[size_t(b)] || (gscore[size_t(a)] == gscore[size_t(b)] && a < b);
+      });
+      std::vector<bool> kept(static_cast<size_t>(NG), false);
+      for (int j = 0; j < cfg_.moe_topk_groups; ++j) kept[size_t(gorder[size_t(j)])] = true;
+      for (int e = 0; e < X; ++e)
+        if (!kept[size_t(e / per)]) choice[size_t(e)] = -INFINITY;
+    }
     for (int e = 0; e < X; ++e) order[size_t(e)] = e;
-    // Most probable first; ties to the lower index.
+    // Best first; ties to the lower index.
+    const float* c = choice.data();
     std::partial_sort(order.begin(), order.begin() + k, order.end(),
-                      [p](int a, int b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
+                      [c](int a, int b) { return c[a] > c[b] || (c[a] == c[b] && a < b); });
     double top = 0;
     for (int j = 0; j < k; ++j) top += p[order[size_t(j)]];
     for (int j = 0; j < k; ++j) {
       const int e = order[size_t(j)];
       rows[size_t(e)].push_back(t);
-      const double pe = cfg_.moe_renormalize ? p[e] / top : p[e];
-      gates[size_t(e)].push_back(float(pe * cfg_.residual_multiplier));
+      const double pe = cfg_.moe_renormalize ? p[e] / (top + 1e-20) : p[e];
+      gates[size_t(e)].push_back(float(pe * cfg_.moe_scaling * cfg_.residual_multiplier));
     }
   }
   for (int e = 0; e < X; ++e) {
     const int n = int(rows[size_t(e)].size());
     if (n == 0) continue;
     const int32_t* idx = upload_idx(rows[size_t(e)]);
-    const Tensor x = act(ws_.gath, n, D), g = act(ws_.g, n, F), up = act(ws_.up, n, F), a = act(ws_.act, n, F);
-    const Tensor y = act(ws_.ym, n, D);
+    const Tensor x = act(ws_.gath, n, D), y = act(ws_.ym, n, D);
     be_.copy_rows(x, nullptr, u, idx, n);
-    be_.linear(g, x, w.e_gate[size_t(e)], false);
-    be_.linear(up, x, w.e_up[size_t(e)], false);
-    be_.swiglu(a, g, up);
-    be_.linear(y, a, w.e_down[size_t(e)], false);
+    ffn(y, x, w.e_gate[size_t(e)], w.e_up[size_t(e)], w.e_down[size_t(e)], false);
     be_.add_rows(h, idx, y, nullptr, n, upload_gates(gates[size_t(e)]), Tensor());
   }
   if (cfg_.moe_shared_ff > 0) {  // the shared expert, on every row
-    const int S = cfg_.moe_shared_ff;
-    const Tensor g = act(ws_.g, T, S), up = act(ws_.up, T, S), a = act(ws_.act, T, S);
-    be_.linear(g, u, w.s_gate, false);
-    be_.linear(up, u, w.s_up, false);
-    be_.swiglu(a, g, up);
     const Tensor out = residual_target(T);
-    be_.linear(out, a, w.s_down, resid_scale_.empty());
+    ffn(out, u, w.s_gate, w.s_up, w.s_down, resid_scale_.empty());
     join_residual(out);
   }
 }
@@ -715,6 +799,10 @@ Tensor HybridModel::forward_device(const Batch& b, HybridMemory& mem) {
                                           n_moe * top_k * size_t(T)));
   ws_.gates.reserve(be_, sizeof(float) * (n_true * 2 * size_t(T) + n_moe * top_k * size_t(T) + 1));
   upload_idx(b.tokens);  // first in ws_.idx: the embedding reads them there
+  if (cfg_.mamba_proj_bias) {  // add_bias's source row index, 0 for every row
+    ws_.zeros.reserve(be_, sizeof(int32_t) * size_t(T));
+    be_.memzero(ws_.zeros.data(), sizeof(int32_t) * size_t(T));
+  }
 
   if (trace_) {
     *trace_ = RouteTrace{};
@@ -755,7 +843,7 @@ Tensor HybridModel::forward_device(const Batch& b, HybridMemory& mem) {
     act(ws_.ym, T, D);  // also the scratch of the scaled residual and embeddings
   if (!cfg_.moe_layers.empty()) ws_.moe_logits.reserve(be_, sizeof(float) * size_t(T) * cfg_.moe_experts);
   if (cfg_.d_ff > 0) {
-    const int F = std::max(cfg_.d_ff, cfg_.moe_shared_ff);
+    const int F = std::max({cfg_.d_ff, cfg_.moe_shared_ff, cfg_.moe_layers.empty() ? 0 : cfg_.moe_width()});
     act(ws_.g, T, F);
     act(ws_.up, T, F);
     act(ws_.act, T, F);
@@ -850,7 +938,7 @@ size_t HybridModel::workspace_bytes() const {
   size_t n = 0;
   for (const Buffer* b : {&ws_.h, &ws_.u, &ws_.xz, &ws_.xc, &ws_.dbc, &ws_.dt, &ws_.q, &ws_.k, &ws_.v, &ws_.g,
                           &ws_.up, &ws_.act, &ws_.rows, &ws_.logits, &ws_.inner[0], &ws_.inner[1], &ws_.gath,
-                          &ws_.ym, &ws_.ya, &ws_.ssd, &ws_.moe_logits, &ws_.bcdt, &ws_.ids, &ws_.idx, &ws_.gates})
+                          &ws_.ym, &ws_.ya, &ws_.ssd, &ws_.moe_logits, &ws_.bcdt, &ws_.ids, &ws_.idx, &ws_.gates, &ws_.zeros})
     n += b->bytes();
   return n;
 }
@@ -858,7 +946,7 @@ size_t HybridModel::workspace_bytes() const {
 std::vector<const void*> HybridModel::graph_signature(const HybridMemory& mem) const {
   std::vector<const void*> s = {&mem, rg_.d_cu(), ws_.idx.data(), ws_.logits.data(), ws_.h.data(),
                                 ws_.u.data(), ws_.inner[0].data(), ws_.inner[1].data(), ws_.rows.data(),
-                                ws_.xz.data(), ws_.xc.data(), ws_.ssd.data(), ws_.dbc.data(), ws_.bcdt.data(), ws_.dt.data(), ws_.q.data(),
+                                ws_.xz.data(), ws_.xc.data(), ws_.ssd.data(), ws_.dbc.data(), ws_.bcdt.data(), ws_.dt.data(), ws_.q.data(), ws_.zeros.data(),
                                 ws_.k.data(), ws_.v.data(), ws_.g.data(), ws_.up.data(), ws_.act.data()};
   auto& m = const_cast<HybridMemory&>(mem);
   for (int i = 0; i < cfg_.n_layers; ++i) {

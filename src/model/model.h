@@ -44,6 +44,7 @@ struct Workspace {
   Buffer moe_logits;    // MoE layers: router logits [n, experts], float32
   Buffer bcdt;          // mamba_bcdt_norm: normalized dt_r [n, R], B [n, N], C [n, N], one after another
   Buffer ids, idx, gates;  // token ids, row indices and row gates uploaded for one forward
+  Buffer zeros;            // mamba_proj_bias: T int32 zeros, the row index of a bias added to every row
 };
 
 // The weights as the backend computes with them: views into Params' float32 arena on a host
@@ -54,6 +55,7 @@ struct LayerTensors {
   Tensor fuse_mamba, fuse_attn, exchange, bridge_norm, bridge_proj, bridge_gate;
   Tensor ssm_norm;  // Mamba-2's gated RMSNorm weight [d_inner]
   Tensor dt_norm, b_norm, c_norm;  // mamba_bcdt_norm_weight: the dt, B and C norms' weights
+  Tensor in_b, out_b;  // mamba_proj_bias: in_proj's and out_proj's biases
   Tensor moe_router;                          // MoE layers: [experts, D]
   std::vector<Tensor> e_gate, e_up, e_down;   // and each expert's W
   Tensor s_gate, s_up, s_down;                // the shared expert's (moe_shared_ff)
@@ -171,6 +173,12 @@ class HybridModel {
   void mamba2_path(int layer, Tensor x, const Ragged& rg, Tensor out, bool accumulate, HybridMemory& mem);
   void attention_path(int layer, Tensor x, const Ragged& rg, Tensor out, bool accumulate, HybridMemory& mem);
   void mlp(int layer, int T);
+  // dst[i, :] += b[0, :] for every row i < dst.rows (b a [1, dst.cols] weight), through add_rows
+  // with ws_.zeros as the source rows.
+  void add_bias(Tensor dst, Tensor b);
+  // An expert or shared MLP on x [n, D] (mlp_act: down(silu(gate x) * up x) or down(relu(up x)^2),
+  // gate unused then) into y [n, D], overwritten or accumulated.
+  void ffn(Tensor y, Tensor x, Tensor gate, Tensor up, Tensor down, bool accumulate);
   void moe(int layer, int T);
   // Where a mixer or FFN writes its output over T rows: h itself (accumulated), or, with a
   // residual_multiplier, scratch that join_residual then adds to h scaled.

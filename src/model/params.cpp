@@ -58,6 +58,10 @@ std::vector<ParamSpec> param_layout(const ModelConfig& c) {
       s.push_back({L + "mixer.A_log", {E, N}});
       s.push_back({L + "mixer.D", {E}});
       s.push_back({L + "mixer.out_proj.weight", {D, E}});
+      if (c.mamba_proj_bias) {  // transformers' use_bias
+        s.push_back({L + "mixer.in_proj.bias", {2 * E}});
+        s.push_back({L + "mixer.out_proj.bias", {D}});
+      }
       if (c.mamba_bcdt_norm_weight) {  // Jamba's names
         s.push_back({L + "mixer.dt_layernorm.weight", {R}});
         s.push_back({L + "mixer.b_layernorm.weight", {N}});
@@ -73,15 +77,17 @@ std::vector<ParamSpec> param_layout(const ModelConfig& c) {
       s.push_back({L + "mixer.router.bias", {1}});
     }
     if (c.has_ffn(i) && c.is_moe(i)) {  // expert e's W is slice e of each stack
-      const int64_t X = c.moe_experts;
+      const int64_t X = c.moe_experts, Fe = c.moe_width();
+      const bool gated = c.mlp_act == "swiglu";  // relu2 experts have no gate projection
       s.push_back({L + "mlp_norm.weight", {D}});
       s.push_back({L + "mlp.router.weight", {X, D}});
-      s.push_back({L + "mlp.experts.gate_proj.weight", {X, F, D}});
-      s.push_back({L + "mlp.experts.up_proj.weight", {X, F, D}});
-      s.push_back({L + "mlp.experts.down_proj.weight", {X, D, F}});
+      if (c.moe_router == "sigmoid") s.push_back({L + "mlp.router.correction_bias", {X}});
+      if (gated) s.push_back({L + "mlp.experts.gate_proj.weight", {X, Fe, D}});
+      s.push_back({L + "mlp.experts.up_proj.weight", {X, Fe, D}});
+      s.push_back({L + "mlp.experts.down_proj.weight", {X, D, Fe}});
       if (c.moe_shared_ff > 0) {
         const int64_t S = c.moe_shared_ff;
-        s.push_back({L + "mlp.shared_gate_proj.weight", {S, D}});
+        if (gated) s.push_back({L + "mlp.shared_gate_proj.weight", {S, D}});
         s.push_back({L + "mlp.shared_up_proj.weight", {S, D}});
         s.push_back({L + "mlp.shared_down_proj.weight", {D, S}});
       }
@@ -130,6 +136,8 @@ Params::Params(const ModelConfig& c) : cfg_(c), specs_(param_layout(c)) {
     w.A_log = ptr(L + "mixer.A_log");
     w.Dskip = ptr(L + "mixer.D");
     w.out_proj = ptr(L + "mixer.out_proj.weight");
+    w.in_proj_b = ptr(L + "mixer.in_proj.bias");
+    w.out_proj_b = ptr(L + "mixer.out_proj.bias");
     w.dt_norm = ptr(L + "mixer.dt_layernorm.weight");
     w.b_norm = ptr(L + "mixer.b_layernorm.weight");
     w.c_norm = ptr(L + "mixer.c_layernorm.weight");
@@ -142,6 +150,7 @@ Params::Params(const ModelConfig& c) : cfg_(c), specs_(param_layout(c)) {
     w.w_up = ptr(L + "mlp.up_proj.weight");
     w.w_down = ptr(L + "mlp.down_proj.weight");
     w.moe_router = ptr(L + "mlp.router.weight");
+    w.moe_bias = ptr(L + "mlp.router.correction_bias");
     w.e_gate = ptr(L + "mlp.experts.gate_proj.weight");
     w.e_up = ptr(L + "mlp.experts.up_proj.weight");
     w.e_down = ptr(L + "mlp.experts.down_proj.weight");
@@ -198,6 +207,9 @@ void init_params(Params& p, uint64_t seed) {
     } else if (ends_with(nm, "mixer.exchange") || ends_with(nm, "router.feat_weight") ||
                ends_with(nm, "router.bias")) {
       fill(0.0f);  // exchange off, routing by content alone at first: p = sigmoid(w.u)
+    } else if (ends_with(nm, "mixer.in_proj.bias") || ends_with(nm, "mixer.out_proj.bias") ||
+               ends_with(nm, "router.correction_bias")) {
+      fill(0.0f);  // in_proj / out_proj biases, the router's choice correction: none at first
     } else if (ends_with(nm, "mlp.router.weight")) {  // MoE router [experts, D]
       uniform(1.0 / std::sqrt(double(s.shape[1])));
     } else if (s.shape.size() == 3) {  // MoE expert stacks [experts, out, in]

@@ -30,6 +30,8 @@ struct LayerWeights {
   // Mamba
   float *in_proj = nullptr, *conv_w = nullptr, *conv_b = nullptr, *x_proj = nullptr;
   float *dt_w = nullptr, *dt_b = nullptr, *A_log = nullptr, *Dskip = nullptr, *out_proj = nullptr;
+  // mamba_proj_bias: in_proj's [2 * d_inner] and out_proj's [D] biases
+  float *in_proj_b = nullptr, *out_proj_b = nullptr;
   // Mamba-2 uses in_proj, conv_w, conv_b, A_log, Dskip, out_proj of the above, one value per head
   // in dt_b (mixer.dt_bias), A_log and Dskip, and the gated RMSNorm's weight [d_inner]:
   float* ssm_norm = nullptr;
@@ -40,8 +42,10 @@ struct LayerWeights {
   // MLP
   float *mlp_norm = nullptr, *w_gate = nullptr, *w_up = nullptr, *w_down = nullptr;
   // Mixture of experts (an MoE layer has these instead of w_gate, w_up, w_down): router
-  // [experts, D] and expert stacks [experts, F, D], [experts, F, D], [experts, D, F]
+  // [experts, D] and expert stacks [experts, F, D], [experts, F, D], [experts, D, F] (F =
+  // moe_width(); no gate stack with mlp_act relu2); a sigmoid router's choice bias [experts]
   float *moe_router = nullptr, *e_gate = nullptr, *e_up = nullptr, *e_down = nullptr;
+  float* moe_bias = nullptr;
   // its shared expert (moe_shared_ff = S > 0): [S, D], [S, D], [D, S]
   float *s_gate = nullptr, *s_up = nullptr, *s_down = nullptr;
   // True-hybrid layer: per-channel fusion scales, cross-path exchange, router
