@@ -18,6 +18,9 @@ Subcommands:
            max abs and relative differences and the argmax agreement
   export   writes the peer model (mamba_ssm's save_pretrained: config.json, pytorch_model.bin)
            and peer_extras.json (what its config cannot carry: norm eps, the notes below)
+  train    times training steps of the peer as its users train it: float32 parameters, bf16
+           autocast, PyTorch's fused AdamW, cross-entropy over the model's full logits; ms/step,
+           tok/s, peak memory and the bf16 GEMM floor (JSON with --json)
   write-random  writes a random checkpoint in OUR format (torch_peer's random weights, bridge
            gates 0 as hm init writes them) for a --shape, for checks without hm
 
@@ -658,6 +661,46 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def cmd_train(args):
+    need_cuda()
+    name, source, cfg, tensors, model, mc, notes = get_model(args, torch.float32)
+    model.train()
+    V = cfg.vocab_size
+    gen = torch.Generator(device="cuda").manual_seed(args.seed)
+    ids = torch.randint(0, V, (args.batch, args.seq_len + 1), device="cuda", generator=gen)
+    x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(x).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().view(-1, V), y.view(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    warm_up(step, args.warmup, args.warm_s)
+    torch.cuda.reset_peak_memory_stats()
+    ms = statistics.median(event_times(step, 0, args.reps))
+    peak = torch.cuda.max_memory_allocated()
+    params = sum(p.numel() for p in model.parameters())
+    tokens = args.batch * args.seq_len
+    out = {"peer": "mamba_ssm MambaLMHeadModel, bf16 autocast, fused AdamW", "model": name, "params": params,
+           "batch": args.batch, "seq_len": args.seq_len, "ms_per_step": round(ms, 3),
+           "tok_s": round(tokens / (ms * 1e-3), 1), "peak_mem_bytes": peak,
+           "model_tflops": round(6 * params * tokens / (ms * 1e-3) / 1e12, 2), "floors": floors(args.reps),
+           "notes": notes}
+    out["mfu"] = round(out["model_tflops"] / out["floors"]["gemm_bf16_tflops"], 4)
+    text = json.dumps(out, indent=1)
+    if args.json and args.json != "-":
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    return 0
+
+
 def main(argv=None):
     p = _Parser(prog="cuda_peer", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -699,6 +742,16 @@ def main(argv=None):
     s.add_argument("--out", required=True)
     s.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16")
     s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("train", help="time the peer's training steps (bf16 autocast, fused AdamW)")
+    model_args(s, "seed-norope")
+    s.add_argument("--batch", type=int, default=8)
+    s.add_argument("--seq-len", type=int, default=2048)
+    s.add_argument("--reps", type=int, default=10)
+    s.add_argument("--warmup", type=int, default=3)
+    s.add_argument("--warm-s", type=float, default=1.0)
+    s.add_argument("--json", help="also write the JSON object here")
+    s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("write-random", help="write a random checkpoint in our format")
     s.add_argument("--shape", required=True, choices=sorted(SHAPES))

@@ -40,6 +40,11 @@ class Backend {
   virtual void copy(void* dst, const void* src, size_t bytes) = 0;  // within the backend
   virtual void memzero(void* p, size_t bytes) = 0;
   virtual void synchronize() {}
+  // Bytes held through alloc now, and the most held since the last reset_peak (what
+  // torch.cuda.max_memory_allocated reports); 0 on a backend that does not count (host memory).
+  virtual size_t allocated_bytes() const { return 0; }
+  virtual size_t peak_allocated_bytes() const { return 0; }
+  virtual void reset_peak() {}
 
   // Graphs (CUDA graphs): the ops issued between begin_capture() and end_capture() are recorded,
   // not run; replay() runs the recording again, on the same pointers, with whatever those

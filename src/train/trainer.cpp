@@ -865,6 +865,9 @@ void train(const TrainConfig& given) {
     }
   }
   if (c.progress && tty) std::fprintf(stderr, "\n");
+  if (dev && dev->be->peak_allocated_bytes() > 0)
+    say(detail::cat("device memory: peak ", fmt_num(double(dev->be->peak_allocated_bytes()) / (1 << 20)),
+                    " MiB allocated (weights, gradients, AdamW, activations, workspaces)"));
   if (end == start) write_logs(out, rows, c.steps);
   say(detail::cat(end < c.steps ? "stopped at step " : "done at step ", end, "; checkpoint in ", ck.string(),
                   ", log in ", (out / "train_log.csv").string()));

@@ -39,9 +39,9 @@ class CudaBackend : public Backend {
   // Bytes held through alloc now (weights, caches, activations, op workspaces; not cuBLAS's own
   // workspace), and the most held since the last reset_peak: what torch.cuda.max_memory_allocated
   // reports, so benchmarks compare like with like, unaffected by other processes on the device.
-  virtual size_t allocated_bytes() const = 0;
-  virtual size_t peak_allocated_bytes() const = 0;
-  virtual void reset_peak() = 0;
+  size_t allocated_bytes() const override = 0;
+  size_t peak_allocated_bytes() const override = 0;
+  void reset_peak() override = 0;
 };
 
 }  // namespace hm
