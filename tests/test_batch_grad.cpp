@@ -7,7 +7,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "backend/backend.h"
@@ -124,6 +126,77 @@ TEST(BatchGrad, RefusesWhatItCannotTrain) {
   bg.set_weights(q.data());
   tok[4] = 99;
   EXPECT_THROW_MSG(bg.loss_and_grad(g.data(), tok.data(), tgt.data(), 2, 3), "token id 99 at [1, 1]");
+}
+
+namespace {
+
+// loss_and_grad and loss_sum of BatchGrad with grad_ckpt on against off on one backend: equal
+// bits. Returns the activation bytes {off, on}.
+std::pair<size_t, size_t> ckpt_vs_plain(const ModelConfig& c, Backend& be, uint64_t seed, int B, int L) {
+  Params p(c);
+  randomize_params(p, seed);
+  const TokenBatch b = make_batch(B, L, c.vocab_size, seed + 1);
+  BatchGrad off(be, p, DType::F32), on(be, p, DType::F32, true);
+  EXPECT_FALSE(off.grad_ckpt());
+  EXPECT_TRUE(on.grad_ckpt());
+  off.set_weights(p.data());
+  on.set_weights(p.data());
+  std::vector<float> g_off = zeros(p), g_on = zeros(p);
+  const double l_off = off.loss_and_grad(g_off.data(), b.tokens.data(), b.targets.data(), B, L);
+  const double l_on = on.loss_and_grad(g_on.data(), b.tokens.data(), b.targets.data(), B, L);
+  EXPECT_EQ(l_on, l_off);
+  int64_t differ = 0, first = -1;
+  for (size_t k = 0; k < g_off.size(); ++k)
+    if (std::memcmp(&g_off[k], &g_on[k], sizeof(float)) != 0 && differ++ == 0) first = int64_t(k);
+  EXPECT_EQ(differ, 0) << "gradient entries differ, first at arena offset " << first;
+  int64_t n_off = 0, n_on = 0;
+  const double s_off = off.loss_sum(b.tokens.data(), b.targets.data(), B, L, &n_off);
+  const double s_on = on.loss_sum(b.tokens.data(), b.targets.data(), B, L, &n_on);
+  EXPECT_EQ(s_on, s_off);
+  EXPECT_EQ(n_on, n_off);
+  std::printf("  %s backend, %d layers, %s head, %d x %d: loss %.8f both; activations %zu -> %zu bytes (%.1f%%)\n",
+              be.name().c_str(), c.n_layers, c.tie_embeddings ? "tied" : "untied", B, L, l_on,
+              off.activation_bytes(), on.activation_bytes(),
+              100.0 * double(on.activation_bytes()) / double(off.activation_bytes()));
+  return {off.activation_bytes(), on.activation_bytes()};
+}
+
+}  // namespace
+
+// grad_ckpt re-runs each layer's forward (the same ops on the same inputs) before its backward:
+// loss and every gradient bit-identical, on the cpu and ref backends, tied and untied, with
+// bridges from a Mamba into an attention layer, between attention layers and back (M A A M).
+TEST(BatchGrad, GradCheckpointingIsBitIdentical) {
+  for (auto make : {make_cpu_backend, make_ref_backend}) {
+    auto be = make();
+    for (bool tied : {true, false}) ckpt_vs_plain(hybrid_config(tied), *be, 51, 3, 37);
+  }
+  ModelConfig deep = hybrid_config(false);
+  deep.n_layers = 8;
+  deep.attention_layers = {1, 2, 6};
+  validate(deep);
+  auto cpu = make_cpu_backend();
+  const auto [deep_off, deep_on] = ckpt_vs_plain(deep, *cpu, 53, 2, 64);
+  EXPECT_LT(2 * deep_on, deep_off);
+  // Four Mamba layers, no MLP, no bridges. Without grad_ckpt each layer keeps u [n, D], x, z, xc,
+  // dt, yg [n, E], dt_r|B|C [n, R + 2N] and the scan's states besides its input [n, D]; with it
+  // one slot holds one layer's, so the saving is at least 3 such sets (views are padded to an
+  // alignment, hence >=), and with the shared scratch (stream, backward temporaries: 7 [n, D],
+  // 4 [n, E], 1 [n, R + 2N], loss_sum's [V, D]) the total drops below half.
+  ModelConfig mamba = preset("tiny");
+  mamba.attention_layers.clear();
+  mamba.d_ff = 0;
+  validate(mamba);
+  const int B = 2, L = 64;
+  const auto [off, on] = ckpt_vs_plain(mamba, *cpu, 55, B, L);
+  Ragged rg;
+  rg.clear();
+  for (int b = 0; b < B; ++b) rg.add(b, L, 0);
+  const size_t n = size_t(B) * L, D = size_t(mamba.d_model), E = size_t(mamba.d_inner()),
+               P = size_t(mamba.resolved_dt_rank() + 2 * mamba.d_state);
+  const size_t layer = sizeof(float) * n * (D + 5 * E + P) + cpu->scan_saved_bytes(rg, int(E), mamba.d_state, 0);
+  EXPECT_GE(off - on, size_t(mamba.n_layers - 1) * layer);
+  EXPECT_LT(2 * on, off);
 }
 
 // Backend::adamw_step and sum_squares on the host backends against hm::AdamW::step and

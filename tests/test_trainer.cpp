@@ -471,17 +471,32 @@ TEST(Trainer, TaskSettingsAreChecked) {
 TEST(Trainer, DevicePathFollowsTheCpuRun) {
   TrainerTempDir d("devpath");
   write(d.file("corpus.txt"), small_corpus());
-  auto run = [&](const std::string& out, bool device_path, int64_t stop_after) {
+  auto run = [&](const std::string& out, bool device_path, int64_t stop_after, bool grad_ckpt = false) {
     hm::TrainConfig c = base_config(d, out);
     c.steps = 8;
     c.grad_accum = 2;
     c.eval_every = 4;
     c.stop_after = stop_after;
     c.device_path_on_cpu = device_path;
+    c.grad_ckpt = grad_ckpt;
     hm::train(c);
   };
   run("cpu", false, 0);
   run("dev", true, 0);
+  // --grad-ckpt on the device path (BatchGrad's per-layer recompute): the same curve, bitwise.
+  run("devckpt", true, 0, true);
+  {
+    const auto p = read_csv(d.file("dev/train_log.csv")), q = read_csv(d.file("devckpt/train_log.csv"));
+    ASSERT_EQ(p.size(), q.size());
+    for (size_t r = 1; r < p.size(); ++r)
+      for (size_t col : {size_t(1), size_t(2), size_t(3), size_t(5), size_t(6)})  // all but tokens/s
+        EXPECT_EQ(q[r][col], p[r][col]) << "step " << r << " column " << p[0][col];
+    std::vector<float> wp, wq;
+    load_weights(d.file("dev/checkpoint"), wp);
+    load_weights(d.file("devckpt/checkpoint"), wq);
+    ASSERT_EQ(wp.size(), wq.size());
+    EXPECT_EQ(std::memcmp(wp.data(), wq.data(), wp.size() * sizeof(float)), 0);
+  }
   const auto a = read_csv(d.file("cpu/train_log.csv")), b = read_csv(d.file("dev/train_log.csv"));
   ASSERT_EQ(a.size(), 9u);
   ASSERT_EQ(b.size(), 9u);

@@ -1,5 +1,6 @@
 #include "train/batch_grad.h"
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -17,13 +18,38 @@ Tensor act(Backend& be, Buffer& b, DType t, int rows, int cols) {
   return b.tensor(t, rows, cols);
 }
 
-// What one layer's forward keeps for its backward (docs/MODEL.md's names).
-struct LayerBufs {
-  Buffer h, u;                       // stream entering the pre-norm, its norm
-  Buffer x, z, xc, dt, yg, dbc, scan;  // Mamba: conv input, gate, scan input, dt, y*silu(z), dt_r|B|C, scan states
-  Buffer q, k, v, lse, inner;        // attention
-  Buffer h2, m, g, up, a;            // MLP: stream entering mlp_norm, its norm, gate, up, silu(gate)*up
-  Buffer bn;                         // the bridge's rmsnorm(source)
+// What one layer's forward keeps for its backward besides the stream entering it (docs/MODEL.md's
+// names): views into one backend buffer (the layer's own, or with grad_ckpt the one slot every
+// layer is computed in), each view aligned to kAlign bytes.
+struct LayerActs {
+  Tensor u;                               // rmsnorm(stream entering the layer, norm)
+  Tensor x, z, xc, dt, yg, dbc;           // Mamba: conv input, gate, scan input, dt, y*silu(z), dt_r|B|C
+  void* scan = nullptr;                   // Mamba: the scan's saved states (scan_saved_bytes)
+  Tensor q, k, v, lse, inner;             // attention (lse float32 [n, H])
+  Tensor h2, m, g, up, a;                 // MLP: stream entering mlp_norm, its norm, gate, up, silu(gate)*up
+  Tensor bn;                              // the bridge's rmsnorm(source) (without grad_ckpt)
+};
+
+constexpr size_t kAlign = 256;
+
+// Lays out one layer's activations from base (nullptr: only counts); returns the bytes they take.
+class Carver {
+ public:
+  explicit Carver(char* base) : base_(base) {}
+  Tensor take(DType t, int rows, int cols) {
+    void* p = bytes(size_t(rows) * size_t(cols) * dtype_size(t));
+    return {p, t, rows, cols};
+  }
+  void* bytes(size_t b) {
+    char* p = base_ ? base_ + off_ : nullptr;
+    off_ += (b + kAlign - 1) / kAlign * kAlign;
+    return p;
+  }
+  size_t size() const { return off_; }
+
+ private:
+  char* base_;
+  size_t off_ = 0;
 };
 
 }  // namespace
@@ -32,6 +58,7 @@ struct BatchGrad::Impl {
   Backend& be;
   Layout lo;
   DType ct;
+  bool ckpt;
   const float* master = nullptr;
   Buffer wc;  // the compute copy of the weights (16-bit types only)
   const char* W = nullptr;
@@ -39,7 +66,9 @@ struct BatchGrad::Impl {
   Ragged rg;
   int n = 0;  // tokens of the current batch
   Buffer ids, tgts;
-  std::vector<LayerBufs> layers;
+  std::vector<Buffer> hin;     // [n_layers] the stream entering each layer's pre-norm (after its bridge)
+  std::vector<Buffer> arenas;  // each layer's LayerActs, or with ckpt one slot that any layer fits
+  Buffer bnb;                  // ckpt: the bridge's rmsnorm(source), one bridge at a time
   Buffer h, mix, hn, p;  // stream, a block's output, the final norm, a bridge's projection
   Buffer dh, dtmp, dbridge, dy, dhn, dp;
   Buffer dyg, dxc, ddt, dz, ddbc;  // Mamba backward
@@ -47,7 +76,7 @@ struct BatchGrad::Impl {
   Buffer da, dg, dup;              // MLP backward
   Buffer dW_scratch;               // loss_sum's head gradient (discarded)
 
-  Impl(Backend& b, const Params& layout, DType t) : be(b), lo(layout), ct(t) {}
+  Impl(Backend& b, const Params& layout, DType t, bool grad_ckpt) : be(b), lo(layout), ct(t), ckpt(grad_ckpt) {}
 
   const ModelConfig& c() const { return lo.c; }
   // Weights in the compute type; A_log stays float32 (the scan forms A = -exp(A_log) in float).
@@ -65,8 +94,51 @@ struct BatchGrad::Impl {
   }
   Tensor a(Buffer& b, int cols) { return act(be, b, ct, n, cols); }
 
+  // Layer i's activations laid out from base (nullptr: sizes only).
+  LayerActs carve(int i, char* base, size_t* bytes) const {
+    const ModelConfig& mc = c();
+    const int D = mc.d_model;
+    Carver cv(base);
+    LayerActs s;
+    s.u = cv.take(ct, n, D);
+    if (mc.is_attention(i)) {
+      const int H = mc.n_heads, Q = H * mc.head_dim(), KV = mc.n_kv_heads * mc.head_dim();
+      s.q = cv.take(ct, n, Q);
+      s.k = cv.take(ct, n, KV);
+      s.v = cv.take(ct, n, KV);
+      s.inner = cv.take(ct, n, Q);
+      s.lse = cv.take(DType::F32, n, H);
+    } else {
+      const int E = mc.d_inner(), N = mc.d_state, P = mc.resolved_dt_rank() + 2 * N;
+      s.x = cv.take(ct, n, E);
+      s.z = cv.take(ct, n, E);
+      s.xc = cv.take(ct, n, E);
+      s.dt = cv.take(ct, n, E);
+      s.yg = cv.take(ct, n, E);
+      s.dbc = cv.take(ct, n, P);
+      s.scan = cv.bytes(be.scan_saved_bytes(rg, E, N, 0));
+    }
+    if (mc.d_ff > 0) {
+      s.h2 = cv.take(ct, n, D);
+      s.m = cv.take(ct, n, D);
+      s.g = cv.take(ct, n, mc.d_ff);
+      s.up = cv.take(ct, n, mc.d_ff);
+      s.a = cv.take(ct, n, mc.d_ff);
+    }
+    if (!ckpt && mc.has_bridge(i)) s.bn = cv.take(ct, n, mc.inner_dim(i - 1));
+    if (bytes) *bytes = cv.size();
+    return s;
+  }
+  // Layer i's activations (with ckpt: valid while the slot holds layer i).
+  LayerActs acts(int i) { return carve(i, static_cast<char*>(arenas[ckpt ? 0 : size_t(i)].data()), nullptr); }
+  // Layer i's bridge input rmsnorm(inner(i - 1)): saved by the forward, or with ckpt recomputed.
+  Tensor bridge_norm(int i) {
+    return ckpt ? act(be, bnb, ct, n, c().inner_dim(i - 1)) : acts(i).bn;
+  }
+
   void begin(const int32_t* tokens, const int32_t* targets, int B, int L) {
     HM_CHECK(master != nullptr, "BatchGrad: set_weights was not called");
+    const ModelConfig& mc = c();
     n = B * L;
     rg.clear();
     for (int b = 0; b < B; ++b) rg.add(b, L, 0);
@@ -75,74 +147,86 @@ struct BatchGrad::Impl {
     tgts.reserve(be, sizeof(int32_t) * size_t(n));
     be.to_device(ids.data(), tokens, sizeof(int32_t) * size_t(n));
     be.to_device(tgts.data(), targets, sizeof(int32_t) * size_t(n));
-    layers.resize(size_t(c().n_layers));
+    // Every buffer grown here, before the forward: the slot must not be reallocated while it
+    // holds a layer whose inner output the next bridge reads.
+    hin.resize(size_t(mc.n_layers));
+    arenas.resize(ckpt ? 1 : size_t(mc.n_layers));
+    size_t slot = 1, S = 0;
+    for (int i = 0; i < mc.n_layers; ++i) {
+      hin[size_t(i)].reserve(be, size_t(n) * size_t(mc.d_model) * dtype_size(ct));
+      size_t bytes = 0;
+      carve(i, nullptr, &bytes);
+      if (ckpt)
+        slot = std::max(slot, bytes);
+      else
+        arenas[size_t(i)].reserve(be, std::max<size_t>(1, bytes));
+      if (mc.has_bridge(i)) S = std::max(S, size_t(mc.inner_dim(i - 1)));
+    }
+    if (ckpt) {
+      arenas[0].reserve(be, slot);
+      if (S > 0) bnb.reserve(be, size_t(n) * S * dtype_size(ct));
+    }
   }
 
   // ---- the layers: forward and backward side by side ----
 
   // out [n, D] = the Mamba mixer of u (ref::grad::mamba_block_forward's math).
-  void mamba_forward(LayerBufs& s, Tensor out, Tensor u, const LayerOffsets& o) {
+  void mamba_forward(const LayerActs& s, Tensor out, Tensor u, const LayerOffsets& o) {
     const ModelConfig& mc = c();
     const int D = mc.d_model, E = mc.d_inner(), N = mc.d_state, R = mc.resolved_dt_rank(), P = R + 2 * N;
-    const Tensor x = a(s.x, E), z = a(s.z, E), xc = a(s.xc, E), dt = a(s.dt, E), yg = a(s.yg, E), dbc = a(s.dbc, P);
     const Tensor in_proj = w(o.in_proj, 2 * E, D);
-    be.linear(x, u, in_proj.rows_view(0, E), false);  // x, z = in_proj(u).chunk(2, dim=-1)
-    be.linear(z, u, in_proj.rows_view(E, E), false);
-    be.conv1d_silu_train(xc, x, w(o.conv_w, E, mc.d_conv), w(o.conv_b, 1, E), rg);
-    be.linear(dbc, xc, w(o.x_proj, P, E), false);  // dt_r, B, C = x_proj(xc).split([R, N, N])
-    be.linear(dt, dbc.cols_view(0, R), w(o.dt_w, E, R), false);
-    s.scan.reserve(be, std::max<size_t>(1, be.scan_saved_bytes(rg, E, N, 0)));
-    be.selective_scan_train(yg, s.scan.data(), xc, dt, w(o.dt_b, 1, E), w32(o.A_log, E, N), dbc.cols_view(R, N),
-                            dbc.cols_view(R + N, N), w(o.Dskip, 1, E), z, 0, rg);
-    be.linear(out, yg, w(o.out_proj, D, E), false);
+    be.linear(s.x, u, in_proj.rows_view(0, E), false);  // x, z = in_proj(u).chunk(2, dim=-1)
+    be.linear(s.z, u, in_proj.rows_view(E, E), false);
+    be.conv1d_silu_train(s.xc, s.x, w(o.conv_w, E, mc.d_conv), w(o.conv_b, 1, E), rg);
+    be.linear(s.dbc, s.xc, w(o.x_proj, P, E), false);  // dt_r, B, C = x_proj(xc).split([R, N, N])
+    be.linear(s.dt, s.dbc.cols_view(0, R), w(o.dt_w, E, R), false);
+    be.selective_scan_train(s.yg, s.scan, s.xc, s.dt, w(o.dt_b, 1, E), w32(o.A_log, E, N), s.dbc.cols_view(R, N),
+                            s.dbc.cols_view(R + N, N), w(o.Dskip, 1, E), s.z, 0, rg);
+    be.linear(out, s.yg, w(o.out_proj, D, E), false);
   }
   // du assigned; dinner (may be empty): the gradient reaching yg from the next layer's bridge.
-  void mamba_backward(Tensor du, Tensor dout, Tensor dinner, Tensor u, LayerBufs& s, const LayerOffsets& o) {
+  void mamba_backward(Tensor du, Tensor dout, Tensor dinner, Tensor u, const LayerActs& s, const LayerOffsets& o) {
     const ModelConfig& mc = c();
     const int D = mc.d_model, E = mc.d_inner(), N = mc.d_state, K = mc.d_conv, R = mc.resolved_dt_rank(),
               P = R + 2 * N;
-    const Tensor x = a(s.x, E), z = a(s.z, E), xc = a(s.xc, E), dt = a(s.dt, E), yg = a(s.yg, E), dbc = a(s.dbc, P);
     const Tensor dYg = a(dyg, E), dXc = a(dxc, E), dDt = a(ddt, E), dZ = a(dz, E), gdbc = a(ddbc, P);
     if (!dinner.empty()) be.copy(dYg.data, dinner.data, size_t(n) * size_t(E) * dtype_size(ct));
-    be.linear_backward(dYg, g(o.out_proj, D, E), dout, yg, w(o.out_proj, D, E), !dinner.empty());
+    be.linear_backward(dYg, g(o.out_proj, D, E), dout, s.yg, w(o.out_proj, D, E), !dinner.empty());
     be.selective_scan_backward(dXc, dDt, gdbc.cols_view(R, N), gdbc.cols_view(R + N, N), dZ, g(o.dt_b, 1, E),
-                               g(o.A_log, E, N), g(o.Dskip, 1, E), dYg, s.scan.data(), xc, dt, w(o.dt_b, 1, E),
-                               w32(o.A_log, E, N), dbc.cols_view(R, N), dbc.cols_view(R + N, N), w(o.Dskip, 1, E), z,
-                               0, rg);
-    be.linear_backward(gdbc.cols_view(0, R), g(o.dt_w, E, R), dDt, dbc.cols_view(0, R), w(o.dt_w, E, R), false);
+                               g(o.A_log, E, N), g(o.Dskip, 1, E), dYg, s.scan, s.xc, s.dt, w(o.dt_b, 1, E),
+                               w32(o.A_log, E, N), s.dbc.cols_view(R, N), s.dbc.cols_view(R + N, N),
+                               w(o.Dskip, 1, E), s.z, 0, rg);
+    be.linear_backward(gdbc.cols_view(0, R), g(o.dt_w, E, R), dDt, s.dbc.cols_view(0, R), w(o.dt_w, E, R), false);
     // xc feeds both x_proj and the scan: x_proj's gradient adds into dxc
-    be.linear_backward(dXc, g(o.x_proj, P, E), gdbc, xc, w(o.x_proj, P, E), true);
+    be.linear_backward(dXc, g(o.x_proj, P, E), gdbc, s.xc, w(o.x_proj, P, E), true);
     const Tensor dx = dYg;  // dyg is dead once the scan's backward is done
-    be.conv1d_silu_backward(dx, g(o.conv_w, E, K), g(o.conv_b, 1, E), dXc, x, w(o.conv_w, E, K), w(o.conv_b, 1, E),
-                            rg);
+    be.conv1d_silu_backward(dx, g(o.conv_w, E, K), g(o.conv_b, 1, E), dXc, s.x, w(o.conv_w, E, K),
+                            w(o.conv_b, 1, E), rg);
     const Tensor in_proj = w(o.in_proj, 2 * E, D), gin = g(o.in_proj, 2 * E, D);
     be.linear_backward(du, gin.rows_view(0, E), dx, u, in_proj.rows_view(0, E), false);
     be.linear_backward(du, gin.rows_view(E, E), dZ, u, in_proj.rows_view(E, E), true);
   }
-  void attention_forward(LayerBufs& s, Tensor out, Tensor u, const LayerOffsets& o) {
+  void attention_forward(const LayerActs& s, Tensor out, Tensor u, const LayerOffsets& o) {
     const ModelConfig& mc = c();
     const int D = mc.d_model, H = mc.n_heads, Gk = mc.n_kv_heads, hd = mc.head_dim(), Q = H * hd, KV = Gk * hd;
-    const Tensor q = a(s.q, Q), k = a(s.k, KV), v = a(s.v, KV), inner = a(s.inner, Q);
-    const Tensor lse = act(be, s.lse, DType::F32, n, H);
-    be.linear(q, u, w(o.wq, Q, D), false);
-    be.linear(k, u, w(o.wk, KV, D), false);
-    be.linear(v, u, w(o.wv, KV, D), false);
+    be.linear(s.q, u, w(o.wq, Q, D), false);
+    be.linear(s.k, u, w(o.wk, KV, D), false);
+    be.linear(s.v, u, w(o.wv, KV, D), false);
     if (mc.rope) {
-      be.rope(q, H, hd, mc.rope_theta, rg);
-      be.rope(k, Gk, hd, mc.rope_theta, rg);
+      be.rope(s.q, H, hd, mc.rope_theta, rg);
+      be.rope(s.k, Gk, hd, mc.rope_theta, rg);
     }
-    be.attention_train(inner, lse, q, k, v, H, Gk, hd, rg);
-    be.linear(out, inner, w(o.wo, D, Q), false);
+    be.attention_train(s.inner, s.lse, s.q, s.k, s.v, H, Gk, hd, rg);
+    be.linear(out, s.inner, w(o.wo, D, Q), false);
   }
-  void attention_backward(Tensor du, Tensor dout, Tensor dinner, Tensor u, LayerBufs& s, const LayerOffsets& o) {
+  void attention_backward(Tensor du, Tensor dout, Tensor dinner, Tensor u, const LayerActs& s,
+                          const LayerOffsets& o) {
     const ModelConfig& mc = c();
     const int D = mc.d_model, H = mc.n_heads, Gk = mc.n_kv_heads, hd = mc.head_dim(), Q = H * hd, KV = Gk * hd;
-    const Tensor q = a(s.q, Q), k = a(s.k, KV), v = a(s.v, KV), inner = a(s.inner, Q);
-    const Tensor lse = act(be, s.lse, DType::F32, n, H);
     const Tensor dI = a(dinn, Q), dQ = a(dq, Q), dK = a(dk, KV), dV = a(dv, KV);
     if (!dinner.empty()) be.copy(dI.data, dinner.data, size_t(n) * size_t(Q) * dtype_size(ct));
-    be.linear_backward(dI, g(o.wo, D, Q), dout, inner, w(o.wo, D, Q), !dinner.empty());
-    be.attention_backward(dQ, dK, dV, dI, q, k, v, inner, lse, H, Gk, hd, rg);
+    be.linear_backward(dI, g(o.wo, D, Q), dout, s.inner, w(o.wo, D, Q), !dinner.empty());
+    be.attention_backward(dQ, dK, dV, dI, s.q, s.k, s.v, s.inner, s.lse, H, Gk, hd, rg);
     if (mc.rope) {  // gradients with respect to q, k before the rotation
       be.rope_backward(dQ, H, hd, mc.rope_theta, rg);
       be.rope_backward(dK, Gk, hd, mc.rope_theta, rg);
@@ -153,30 +237,62 @@ struct BatchGrad::Impl {
   }
 
   // out = down(silu(gate(m)) * up(m))
-  void mlp_forward(LayerBufs& s, Tensor out, Tensor m, const LayerOffsets& o) {
+  void mlp_forward(const LayerActs& s, Tensor out, const LayerOffsets& o) {
     const int D = c().d_model, F = c().d_ff;
-    const Tensor gt = a(s.g, F), up = a(s.up, F), av = a(s.a, F);
-    be.linear(gt, m, w(o.w_gate, F, D), false);
-    be.linear(up, m, w(o.w_up, F, D), false);
-    be.swiglu(av, gt, up);
-    be.linear(out, av, w(o.w_down, D, F), false);
+    be.linear(s.g, s.m, w(o.w_gate, F, D), false);
+    be.linear(s.up, s.m, w(o.w_up, F, D), false);
+    be.swiglu(s.a, s.g, s.up);
+    be.linear(out, s.a, w(o.w_down, D, F), false);
   }
-  void mlp_backward(Tensor dm, Tensor dout, Tensor m, LayerBufs& s, const LayerOffsets& o) {
+  void mlp_backward(Tensor dm, Tensor dout, const LayerActs& s, const LayerOffsets& o) {
     const int D = c().d_model, F = c().d_ff;
-    const Tensor gt = a(s.g, F), up = a(s.up, F), av = a(s.a, F), dA = a(da, F), dG = a(dg, F), dU = a(dup, F);
-    be.linear_backward(dA, g(o.w_down, D, F), dout, av, w(o.w_down, D, F), false);
-    be.swiglu_backward(dG, dU, dA, gt, up);
-    be.linear_backward(dm, g(o.w_gate, F, D), dG, m, w(o.w_gate, F, D), false);
-    be.linear_backward(dm, g(o.w_up, F, D), dU, m, w(o.w_up, F, D), true);
+    const Tensor dA = a(da, F), dG = a(dg, F), dU = a(dup, F);
+    be.linear_backward(dA, g(o.w_down, D, F), dout, s.a, w(o.w_down, D, F), false);
+    be.swiglu_backward(dG, dU, dA, s.g, s.up);
+    be.linear_backward(dm, g(o.w_gate, F, D), dG, s.m, w(o.w_gate, F, D), false);
+    be.linear_backward(dm, g(o.w_up, F, D), dU, s.m, w(o.w_up, F, D), true);
   }
 
   // Layer i's inner representation (y * silu(z) or the head contexts): the next bridge's source.
+  // With ckpt, valid while the slot holds layer i.
   Tensor inner(int i) {
-    LayerBufs& s = layers[size_t(i)];
-    return c().is_attention(i) ? a(s.inner, c().inner_dim(i)) : a(s.yg, c().inner_dim(i));
+    const LayerActs s = acts(i);
+    return c().is_attention(i) ? s.inner : s.yg;
   }
 
-  // The whole forward, every layer's activations kept; leaves rmsnorm(h, norm_f) in hn.
+  // Layer i after its bridge: H (the stream entering the pre-norm, already saved in hin[i])
+  // becomes the layer's output, saving its activations. The only code that computes a layer,
+  // so grad_ckpt's recompute is bit-identical.
+  void layer_forward(int i, Tensor H, Tensor O) {
+    const ModelConfig& mc = c();
+    const int D = mc.d_model;
+    const float eps = float(mc.norm_eps);
+    const LayerOffsets& o = lo.layers[size_t(i)];
+    const LayerActs s = acts(i);
+    be.rmsnorm(s.u, H, w(o.norm, 1, D), eps);
+    if (mc.is_attention(i))
+      attention_forward(s, O, s.u, o);
+    else
+      mamba_forward(s, O, s.u, o);
+    be.add_rows(H, nullptr, O, nullptr, n, nullptr, Tensor());
+    if (mc.d_ff > 0) {
+      be.copy(s.h2.data, H.data, size_t(n) * D * dtype_size(ct));
+      be.rmsnorm(s.m, H, w(o.mlp_norm, 1, D), eps);
+      mlp_forward(s, O, o);
+      be.add_rows(H, nullptr, O, nullptr, n, nullptr, Tensor());
+    }
+  }
+  // grad_ckpt: re-runs layer i's forward from hin[i] into the slot, in the stream and block
+  // buffers (the backward is done with them).
+  void recompute(int i) {
+    const int D = c().d_model;
+    const Tensor H = a(h, D), O = a(mix, D);
+    be.copy(H.data, hin[size_t(i)].data(), size_t(n) * D * dtype_size(ct));
+    layer_forward(i, H, O);
+  }
+
+  // The whole forward, every layer's activations kept (with ckpt: each layer's input, and the
+  // last layer's activations in the slot); leaves rmsnorm(h, norm_f) in hn.
   Tensor forward() {
     const ModelConfig& mc = c();
     const int D = mc.d_model, V = mc.vocab_size;
@@ -185,36 +301,24 @@ struct BatchGrad::Impl {
     be.embedding(H, w(lo.emb, V, D), static_cast<const int32_t*>(ids.data()));
     for (int i = 0; i < mc.n_layers; ++i) {
       const LayerOffsets& o = lo.layers[size_t(i)];
-      LayerBufs& s = layers[size_t(i)];
-      if (mc.has_bridge(i)) {  // h += gate * (rmsnorm(src) proj^T)
+      if (mc.has_bridge(i)) {  // h += gate * (rmsnorm(src) proj^T); src is still in the slot with ckpt
         const int S = mc.inner_dim(i - 1);
-        const Tensor bn = a(s.bn, S), pp = a(p, D);
+        const Tensor bn = bridge_norm(i), pp = a(p, D);
         be.rmsnorm(bn, inner(i - 1), w(o.bridge_norm, 1, S), eps);
         be.linear(pp, bn, w(o.bridge_proj, D, S), false);
         be.add_rows(H, nullptr, pp, nullptr, n, nullptr, w(o.bridge_gate, 1, D));
       }
-      const Tensor hin = a(s.h, D), u = a(s.u, D);
-      be.copy(hin.data, H.data, size_t(n) * D * dtype_size(ct));
-      be.rmsnorm(u, H, w(o.norm, 1, D), eps);
-      if (mc.is_attention(i))
-        attention_forward(s, O, u, o);
-      else
-        mamba_forward(s, O, u, o);
-      be.add_rows(H, nullptr, O, nullptr, n, nullptr, Tensor());
-      if (mc.d_ff > 0) {
-        const Tensor h2 = a(s.h2, D), m = a(s.m, D);
-        be.copy(h2.data, H.data, size_t(n) * D * dtype_size(ct));
-        be.rmsnorm(m, H, w(o.mlp_norm, 1, D), eps);
-        mlp_forward(s, O, m, o);
-        be.add_rows(H, nullptr, O, nullptr, n, nullptr, Tensor());
-      }
+      be.copy(hin[size_t(i)].data(), H.data, size_t(n) * D * dtype_size(ct));
+      layer_forward(i, H, O);
     }
     const Tensor HN = a(hn, D);
     be.rmsnorm(HN, H, w(lo.norm_f, 1, D), eps);
     return HN;
   }
 
-  // The reverse of forward() from dhn; adds every parameter gradient but the head's.
+  // The reverse of forward() from dhn; adds every parameter gradient but the head's. With ckpt
+  // the slot still holds the last layer from the forward; once layer i's mixer backward is done,
+  // layer i-1 is re-run into it, which also rebuilds the inner output layer i's bridge needs.
   void backward(Tensor dHN) {
     const ModelConfig& mc = c();
     const int D = mc.d_model, V = mc.vocab_size;
@@ -224,20 +328,24 @@ struct BatchGrad::Impl {
     Tensor dI;  // gradient into layer i's inner output from layer i+1's bridge (empty: none)
     for (int i = mc.n_layers - 1; i >= 0; --i) {
       const LayerOffsets& o = lo.layers[size_t(i)];
-      LayerBufs& s = layers[size_t(i)];
+      const LayerActs s = acts(i);
+      const Tensor hi = hin[size_t(i)].tensor(ct, n, D);
       if (mc.d_ff > 0) {  // h_out = h2 + mlp(rmsnorm(h2))
-        mlp_backward(dT, dH, a(s.m, D), s, o);
-        be.rmsnorm_backward(dH, g(o.mlp_norm, 1, D), dT, a(s.h2, D), w(o.mlp_norm, 1, D), eps, true);
+        mlp_backward(dT, dH, s, o);
+        be.rmsnorm_backward(dH, g(o.mlp_norm, 1, D), dT, s.h2, w(o.mlp_norm, 1, D), eps, true);
       }
       if (mc.is_attention(i))
-        attention_backward(dT, dH, dI, a(s.u, D), s, o);
+        attention_backward(dT, dH, dI, s.u, s, o);
       else
-        mamba_backward(dT, dH, dI, a(s.u, D), s, o);
-      be.rmsnorm_backward(dH, g(o.norm, 1, D), dT, a(s.h, D), w(o.norm, 1, D), eps, true);
+        mamba_backward(dT, dH, dI, s.u, s, o);
+      be.rmsnorm_backward(dH, g(o.norm, 1, D), dT, hi, w(o.norm, 1, D), eps, true);
+      // Layer i's activations are dead: the slot takes layer i-1, whose inner output the bridge needs.
+      if (ckpt && i > 0) recompute(i - 1);
       dI = Tensor();
       if (mc.has_bridge(i)) {  // h = h_in + gate * (bn proj^T): dh passes through as is
         const int S = mc.inner_dim(i - 1);
-        const Tensor bn = a(s.bn, S), pp = a(p, D), dP = a(dp, D), dY = a(dy, S);
+        const Tensor bn = bridge_norm(i), pp = a(p, D), dP = a(dp, D), dY = a(dy, S);
+        if (ckpt) be.rmsnorm(bn, inner(i - 1), w(o.bridge_norm, 1, S), eps);
         be.linear(pp, bn, w(o.bridge_proj, D, S), false);  // recomputed: cheaper than keeping it
         be.scale_cols_backward(dP, g(o.bridge_gate, 1, D), dH, pp, w(o.bridge_gate, 1, D));
         be.linear_backward(dY, g(o.bridge_proj, D, S), dP, bn, w(o.bridge_proj, D, S), false);
@@ -249,8 +357,8 @@ struct BatchGrad::Impl {
   }
 };
 
-BatchGrad::BatchGrad(Backend& be, const Params& layout, DType compute)
-    : impl_(std::make_unique<Impl>(be, layout, compute)) {
+BatchGrad::BatchGrad(Backend& be, const Params& layout, DType compute, bool grad_ckpt)
+    : impl_(std::make_unique<Impl>(be, layout, compute, grad_ckpt)) {
   const ModelConfig& c = layout.config();
   HM_CHECK(be.supports(compute), be.name(), " backend: training cannot compute in ", compute_dtype_name(compute));
   const std::string no = training_unsupported(c);
@@ -263,6 +371,7 @@ BatchGrad::BatchGrad(Backend& be, const Params& layout, DType compute)
 BatchGrad::~BatchGrad() = default;
 
 DType BatchGrad::compute() const { return impl_->ct; }
+bool BatchGrad::grad_ckpt() const { return impl_->ckpt; }
 
 void BatchGrad::set_weights(const float* master) {
   Impl& I = *impl_;
@@ -317,11 +426,9 @@ double BatchGrad::loss_sum(const int32_t* tokens, const int32_t* targets, int B,
 
 size_t BatchGrad::activation_bytes() const {
   const Impl& I = *impl_;
-  size_t b = 0;
-  for (const LayerBufs& s : I.layers)
-    for (const Buffer* x : {&s.h, &s.u, &s.x, &s.z, &s.xc, &s.dt, &s.yg, &s.dbc, &s.scan, &s.q, &s.k, &s.v, &s.lse,
-                            &s.inner, &s.h2, &s.m, &s.g, &s.up, &s.a, &s.bn})
-      b += x->bytes();
+  size_t b = I.bnb.bytes();
+  for (const Buffer& x : I.hin) b += x.bytes();
+  for (const Buffer& x : I.arenas) b += x.bytes();
   for (const Buffer* x : {&I.h, &I.mix, &I.hn, &I.p, &I.dh, &I.dtmp, &I.dbridge, &I.dy, &I.dhn, &I.dp, &I.dyg, &I.dxc,
                           &I.ddt, &I.dz, &I.ddbc, &I.dinn, &I.dq, &I.dk, &I.dv, &I.da, &I.dg, &I.dup, &I.dW_scratch})
     b += x->bytes();

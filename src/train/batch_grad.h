@@ -10,8 +10,14 @@
 // every parameter gradient still accumulates in float32 (mixed precision as practitioners run
 // it: 16-bit activations and GEMM inputs, float32 master weights, gradients and optimizer).
 //
-// Not yet: True Hybrid layers (their router and fusion have no ops) and per-layer gradient
-// checkpointing: the constructor says so by name.
+// grad_ckpt (per-layer activation checkpointing, as loss_and_grad's): the forward keeps, per
+// layer, only the stream entering it (after its bridge, [n, D]) and computes every layer in one
+// slot; the backward re-runs layer i-1's forward into the slot once layer i's mixer backward is
+// done, which also rebuilds the inner output layer i's bridge needs. The same ops on the same
+// inputs, so loss and gradients are bit-identical to grad_ckpt off, for about one more forward.
+//
+// Not yet: True Hybrid layers (their router and fusion have no ops): the constructor says so by
+// name.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -24,7 +30,7 @@ namespace hm {
 class BatchGrad {
  public:
   // layout: the model's Params (its config and offsets; values are not read).
-  BatchGrad(Backend& be, const Params& layout, DType compute);
+  BatchGrad(Backend& be, const Params& layout, DType compute, bool grad_ckpt = false);
   ~BatchGrad();
   BatchGrad(const BatchGrad&) = delete;
   BatchGrad& operator=(const BatchGrad&) = delete;
@@ -44,9 +50,13 @@ class BatchGrad {
   double loss_sum(const int32_t* tokens, const int32_t* targets, int B, int L, int64_t* counted);
 
   // Bytes of backend memory the activations and scratch buffers hold now (they are kept and
-  // reused between calls, grown when a batch needs more).
+  // reused between calls, grown when a batch needs more). Without grad_ckpt: per layer the
+  // stream entering it and everything its backward reads (a Mamba layer's x, z, xc, dt, yg
+  // [n, d_inner], dt_r|B|C, scan states; an attention layer's q, k, v, contexts, lse; the MLP's);
+  // with it: per layer the stream, plus one slot as large as the largest layer.
   size_t activation_bytes() const;
   DType compute() const;
+  bool grad_ckpt() const;
 
  private:
   struct Impl;

@@ -130,7 +130,8 @@ struct DeviceRun {
   std::unique_ptr<BatchGrad> bg;
   AdamWConfig oc;
 
-  DeviceRun(Device d, DType compute, const Params& P, const AdamW& opt) : be(make_backend(d)), oc(opt.config()) {
+  DeviceRun(Device d, DType compute, bool grad_ckpt, const Params& P, const AdamW& opt)
+      : be(make_backend(d)), oc(opt.config()) {
     const size_t bytes = sizeof(float) * size_t(P.numel());
     p = Buffer(*be, bytes);
     g = Buffer(*be, bytes);
@@ -142,7 +143,7 @@ struct DeviceRun {
     be->memzero(g.data(), bytes);  // the padding between tensors stays 0
     for (size_t k = 0; k < P.specs().size(); ++k)
       spans.push_back({P.at(k) - P.data(), P.specs()[k].numel(), decays(P.specs()[k].name) ? oc.weight_decay : 0.0f});
-    bg = std::make_unique<BatchGrad>(*be, P, compute);
+    bg = std::make_unique<BatchGrad>(*be, P, compute, grad_ckpt);
     bg->set_weights(p.f32());
   }
   void zero_grads() { be->memzero(g.data(), g.bytes()); }
@@ -669,7 +670,6 @@ void train(const TrainConfig& given) {
   const bool on_device = c.device != Device::CPU || c.device_path_on_cpu;
   HM_CHECK(on_device || c.compute == DType::F32, "training computes in ", compute_dtype_name(c.compute),
            " on --device cuda only; the CPU trains in f32");
-  HM_CHECK(!on_device || !c.grad_ckpt, "--grad-ckpt: per-layer gradient checkpointing runs on the CPU only so far");
   HM_CHECK(!on_device || c.scan_chunk == 0, "--scan-chunk applies to the CPU's scan; on CUDA the scan keeps one "
            "state per 64-token chunk and recomputes the rest");
   if (!on_device) {  // Everything the run allocates, before it does (--max-memory, MemAvailable).
@@ -708,7 +708,7 @@ void train(const TrainConfig& given) {
   std::optional<Params> grads;  // the CPU path's (a device keeps its own)
   if (!on_device) grads.emplace(mc);
   std::unique_ptr<DeviceRun> dev;
-  if (on_device) dev = std::make_unique<DeviceRun>(c.device, c.compute, P, opt);
+  if (on_device) dev = std::make_unique<DeviceRun>(c.device, c.compute, c.grad_ckpt, P, opt);
 
   say(detail::cat(c.resume ? "resuming" : "training", " ", count_params(mc), " parameters (",
                   c.config_file.empty() ? c.preset : c.config_file, "), ",
