@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -17,6 +18,7 @@
 #include "core/error.h"
 #include "core/interrupt.h"
 #include "core/rng.h"
+#include "eval/compare.h"
 #include "model/config.h"
 #include "model/model.h"
 #include "model/params.h"
@@ -531,4 +533,85 @@ TEST(Trainer, DevicePathFollowsTheCpuRun) {
   worst = 0;
   for (size_t i = 0; i < wa.size(); ++i) worst = std::max(worst, double(std::fabs(wa[i] - wm[i])));
   EXPECT_LE(worst, 1e-4);
+}
+
+// hm eval --device: evaluate() scores the windows with BatchGrad::loss_sum on a backend (the
+// code the device path validates with), here the CPU backend through the test hook: the same
+// loss as the CPU's training forward to 1e-6 relative, on the same windows and tokens, and the
+// device run's own last validation. What only the CPU scores is refused by name.
+TEST(Trainer, EvalOnTheDevicePathMatchesTheCpu) {
+  TrainerTempDir d("deveval");
+  write(d.file("corpus.txt"), small_corpus());
+  hm::TrainConfig c = base_config(d, "dev");
+  c.steps = 4;
+  c.device_path_on_cpu = true;
+  hm::train(c);
+  hm::EvalDevice where;
+  where.path_on_cpu = true;
+  const hm::EvalResult cpu = hm::evaluate(c.out_dir, c.data_path, 0, -1, c.batch);
+  const hm::EvalResult dev = hm::evaluate(c.out_dir, c.data_path, 0, -1, c.batch, std::nullopt, where);
+  std::printf("  eval: cpu %.9f, device path %.9f (%lld tokens)\n", cpu.loss, dev.loss,
+              static_cast<long long>(dev.tokens));
+  EXPECT_NEAR(dev.loss, cpu.loss, 1e-6 * cpu.loss);
+  EXPECT_DOUBLE_EQ(dev.ppl, std::exp(dev.loss));
+  EXPECT_EQ(dev.tokens, cpu.tokens);
+  EXPECT_EQ(dev.step, 4);
+  EXPECT_EQ(dev.unigram_loss, cpu.unigram_loss);
+  const auto log = read_csv(d.file("dev/train_log.csv"));
+  ASSERT_EQ(log.size(), 5u);
+  EXPECT_NEAR(std::stod(log[4][5]), dev.loss, 1e-5 * dev.loss);  // the run's validation, same windows
+
+  auto refused = [&](const std::string& dir, std::optional<hm::DType> weights, const std::string& text) {
+    try {
+      hm::evaluate(dir, c.data_path, 0, -1, c.batch, weights, where);
+      ADD_FAILURE() << "no error for " << dir;
+    } catch (const hm::Error& e) {
+      EXPECT_NE(std::string(e.what()).find(text), std::string::npos) << e.what();
+    }
+  };
+  refused(c.out_dir, hm::DType::Q8_0, "q8_0 weights, which are scored through the model's forward");
+  hm::TrainConfig t = base_config(d, "true");
+  t.preset = "true-tiny";
+  t.steps = 2;
+  hm::train(t);
+  refused(t.out_dir, std::nullopt, "is a True Hybrid layer");
+}
+
+// hm compare --device: every run's TrainConfig gets the device and compute type; the run keys
+// record them, so a device sweep into the same folder trains again rather than reusing the CPU's
+// results (and reuses its own). Here the device path on the CPU backend: the loss follows the
+// CPU's to rounding; a True Hybrid arch fails with the trainer's message and is recorded.
+TEST(Trainer, CompareTrainsOnTheDevicePath) {
+  TrainerTempDir d("cmpdev");
+  hm::CompareConfig c;
+  c.task = "mqar";
+  c.task_vocab = 20;
+  c.kv = 2;
+  c.seq_lens = {8};
+  c.sizes = {16};
+  c.archs = {"mamba", "true-soft"};
+  c.lrs = {1e-2f};
+  c.budget = 6;
+  c.batch = 4;
+  c.test_examples = 20;
+  c.threads = 1;
+  c.progress = false;
+  c.out_dir = d.file("cmp");
+  const std::vector<hm::CompareRun> cpu = hm::run_compare(c);
+  c.device_path_on_cpu = true;
+  const std::vector<hm::CompareRun> dev = hm::run_compare(c);
+  ASSERT_EQ(cpu.size(), 2u);
+  ASSERT_EQ(dev.size(), 2u);
+  EXPECT_EQ(cpu[0].error, "");
+  EXPECT_EQ(cpu[1].error, "");
+  EXPECT_EQ(dev[0].error, "");
+  EXPECT_NEAR(dev[0].loss, cpu[0].loss, 1e-3 * cpu[0].loss);
+  EXPECT_NE(dev[0].loss, cpu[0].loss);  // trained again on the device path, not reused
+  EXPECT_NE(dev[1].error.find("True Hybrid layer"), std::string::npos) << dev[1].error;
+  const std::string results = slurp(d.file("cmp/results.json"));
+  EXPECT_NE(results.find("\"device\": \"cpu\""), std::string::npos);
+  const std::vector<hm::CompareRun> again = hm::run_compare(c);  // reused: the same numbers
+  ASSERT_EQ(again.size(), 2u);
+  EXPECT_EQ(again[0].loss, dev[0].loss);
+  EXPECT_EQ(again[0].train_s, dev[0].train_s);
 }

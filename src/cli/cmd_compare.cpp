@@ -3,6 +3,7 @@
 #include <memory>
 
 #include "cli/commands.h"
+#include "cli/device.h"
 #include "cli/memory_guard.h"
 #include "core/error.h"
 #include "core/interrupt.h"
@@ -30,13 +31,32 @@ Run add_compare(CLI::App& app) {
   app.add_option("--threads,-t", o->threads, "Threads (0 = all cores)")->capture_default_str()->check(non_negative());
   app.add_option("--seed,-s", o->seed, "Initialization and training-draw seed (the test draws are fixed)")
       ->capture_default_str();
+  auto device = std::make_shared<std::string>("cpu");
+  app.add_option("--device", *device, "cpu, cuda or auto (cuda when a GPU is present): where every run trains, as "
+                 "hm train --device (True Hybrid archs train on the cpu only so far: their runs fail, recorded)")
+      ->capture_default_str();
+  auto dtype = std::make_shared<std::string>("auto");
+  app.add_option("--dtype", *dtype, "cuda: what activations and GEMM inputs compute in, f32, bf16, f16 or auto "
+                 "(bf16 on cuda, f32 on cpu), as hm train --dtype")->capture_default_str();
   app.footer(
       "Each architecture's layer count is chosen to match the 4-layer Mamba's parameter count; finished runs in "
       "--out are reused when their settings match, so an interrupted sweep continues. Ctrl-C (or SIGTERM) "
       "finishes the current step, saves that run's checkpoint and exits with 130 (143); the same command "
       "continues it. docs/EVALUATION.md.");
   add_max_memory(app);  // each run's train() checks its own estimate
-  return [o] {
+  return [o, device, dtype] {
+    o->device = resolve_device(*device);
+    if (*dtype == "auto") {
+      o->compute = o->device == Device::CUDA ? DType::BF16 : DType::F32;
+    } else {
+      try {
+        o->compute = compute_dtype_from_name(*dtype);
+      } catch (const Error&) {
+        throw Error(detail::cat("--dtype must be f32, bf16, f16 or auto, got '", *dtype, "'"));
+      }
+    }
+    HM_CHECK(o->device != Device::CPU || o->compute == DType::F32, "hm compare --dtype ", *dtype,
+             ": the CPU trains in f32 only (bf16 and f16 compute on --device cuda)");
     InterruptScope scope;
     std::vector<CompareRun> runs;
     try {

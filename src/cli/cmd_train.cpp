@@ -156,10 +156,13 @@ Run add_eval(CLI::App& app) {
   app.add_option("--batch", o->batch, "Windows per forward")->capture_default_str();
   app.add_option("--threads,-t", o->threads, "Threads (0 = all cores)")->capture_default_str()->check(non_negative());
   app.add_flag("--json", o->json, "Print one JSON object");
-  // Evaluation computes on the CPU (src/train's evaluate and evaluate_task make their own CPU
-  // backend), so the default here is cpu whatever the machine has.
+  // Evaluation computes on the CPU unless asked (--device cuda scores --data perplexity through
+  // the training forward on the GPU, as hm train --device cuda validates), so the default here is
+  // cpu whatever the machine has.
   o->dev.device = "cpu";
   add_device_options(app, o->dev, false);
+  app.get_option("--dtype")->description("What activations and GEMM inputs compute in on --device cuda: f32, bf16 "
+                                         "or f16 (auto: f32, the CPU's scores to rounding); the CPU evaluates in f32");
   app.add_option("--weights", o->weights, "Weight formats to score against f32, e.g. f32,bf16,f16,q8_0,q4_0: per "
                  "format perplexity, its ratio to f32's and KL(f32 || format) of the next-token distributions, "
                  "all through the inference forward (cpu; auto: the float32 training forward, a packed "
@@ -170,14 +173,29 @@ Run add_eval(CLI::App& app) {
     const bool weights_given = o->weights != "auto";
     HM_CHECK(!weights_given || o->task.name.empty(), "hm eval --weights: scores --data only for now (task "
              "accuracy runs the float32 training forward)");
-    HM_CHECK(resolve_device(o->dev.device) == Device::CPU, "hm eval --device cuda: evaluation runs on the CPU "
-             "only for now (the training forward it uses has no CUDA path); use --device cpu");
-    HM_CHECK(o->dev.dtype == "auto" || o->dev.dtype == "f32", "hm eval --dtype ", o->dev.dtype,
-             ": evaluation computes in f32 only");
+    EvalDevice where;
+    where.device = resolve_device(o->dev.device);
+    const bool on_cpu = where.device == Device::CPU;
+    if (o->dev.dtype != "auto") {
+      try {
+        where.compute = compute_dtype_from_name(o->dev.dtype);
+      } catch (const Error&) {
+        throw Error(detail::cat("hm eval --dtype must be f32, bf16, f16 or auto, got '", o->dev.dtype, "'"));
+      }
+    }
+    HM_CHECK(!on_cpu || where.compute == DType::F32, "hm eval --dtype ", o->dev.dtype,
+             ": the CPU evaluates in f32 only (bf16 and f16 compute on --device cuda)");
     HM_CHECK(o->data.empty() != o->task.name.empty(), "give exactly one of --data (perplexity) and --task (accuracy)");
+    HM_CHECK(on_cpu || !weights_given, "hm eval --weights runs the inference forward of each format on the CPU "
+             "only for now; use --device cpu");
+    HM_CHECK(on_cpu || o->task.name.empty(), "hm eval --task: task accuracy is scored through the model's forward "
+             "on the CPU only for now; use --device cpu (--data perplexity runs on --device ",
+             device_name(where.device), ")");
     if (weights_given) return eval_weights(o->model, o->data, weight_formats_option(o->weights), o->seq_len,
                                            o->max_tokens, o->batch, o->json);
-    check_model_memory(o->model, eval_shape(o->model, o->seq_len, o->batch, !o->task.name.empty()), "hm eval");
+    // On a device the activations are the device's: the host holds the model alone.
+    if (on_cpu)
+      check_model_memory(o->model, eval_shape(o->model, o->seq_len, o->batch, !o->task.name.empty()), "hm eval");
     if (!o->task.name.empty()) {
       TaskSpec given = o->task;
       given.seq_len = o->seq_len;
@@ -200,7 +218,7 @@ Run add_eval(CLI::App& app) {
       }
       return 0;
     }
-    const EvalResult r = evaluate(o->model, o->data, o->seq_len, o->max_tokens, o->batch);
+    const EvalResult r = evaluate(o->model, o->data, o->seq_len, o->max_tokens, o->batch, std::nullopt, where);
     if (o->json) {
       nlohmann::json j = {{"loss", r.loss}, {"ppl", r.ppl}, {"tokens", r.tokens},
                           {"unigram_loss", r.unigram_loss}, {"unigram_ppl", r.unigram_ppl}};

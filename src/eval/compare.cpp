@@ -94,6 +94,10 @@ void write_outputs(const CompareConfig& c, const std::vector<CompareRun>& runs) 
   j["settings"] = {{"sizes", c.sizes},   {"seq_lens", c.seq_lens},   {"lrs", c.lrs},
                    {"archs", c.archs},   {"budget_steps", c.budget}, {"batch", c.batch},
                    {"seed", c.seed},     {"threads", num_threads()}};
+  if (c.on_device()) {
+    j["settings"]["device"] = device_name(c.device);
+    j["settings"]["dtype"] = compute_dtype_name(c.compute);
+  }
   if (is_task(c.task)) {
     j["settings"]["task_vocab"] = c.task_vocab;
     j["settings"]["kv"] = c.kv;
@@ -223,6 +227,9 @@ std::vector<CompareRun> run_compare(const CompareConfig& c) {
                       {"lr", lr},
                       {"seed", c.seed},
                       {"test", task ? c.test_examples : c.eval_tokens}};
+          if (c.on_device())  // rounding differs from the CPU's: never reuse one for the other
+            key["device"] = {{"device", device_name(c.device)}, {"dtype", compute_dtype_name(c.compute)},
+                             {"path_on_cpu", c.device_path_on_cpu}};
           const std::string label = detail::cat("[", done, "/", total, "] ", c.task, " L=", L, " d=", d, " ",
                                                 arch, " (", mc.n_layers, " layers, ", r.params, " params) lr ",
                                                 fmt_lr(lr));
@@ -277,6 +284,9 @@ std::vector<CompareRun> run_compare(const CompareConfig& c) {
             t.lr = lr;
             t.seed = c.seed;
             t.threads = c.threads;
+            t.device = c.device;
+            t.compute = c.compute;
+            t.device_path_on_cpu = c.device_path_on_cpu;
             t.eval_every = 0;
             t.save_every = 0;
             t.progress = false;

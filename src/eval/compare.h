@@ -20,6 +20,8 @@
 #include <string>
 #include <vector>
 
+#include "backend/backend.h"
+#include "core/dtype.h"
 #include "model/config.h"
 
 namespace hm {
@@ -49,6 +51,13 @@ struct CompareConfig {
   int threads = 0;
   uint64_t seed = 0;
   bool progress = true;
+  // Where every run trains (TrainConfig::device, compute): on a device a run's key records both,
+  // so CPU results are not reused for it nor the other way round. True Hybrid architectures do
+  // not train on a device yet: those runs fail with the trainer's message and are recorded.
+  Device device = Device::CPU;
+  DType compute = DType::F32;
+  bool device_path_on_cpu = false;  // test hook: TrainConfig::device_path_on_cpu
+  bool on_device() const { return device != Device::CPU || device_path_on_cpu; }
 };
 
 struct CompareRun {

@@ -119,32 +119,53 @@ EvalResult eval_stream(const Params& p, const std::vector<int32_t>& stream, int 
                      stream, L, max_tokens, B);
 }
 
+// A model's float32 weights in a backend's memory with a BatchGrad over them: what the device
+// path trains, validates and what `hm eval --device` scores with (BatchGrad::loss_sum).
+struct DeviceModel {
+  std::unique_ptr<Backend> be;
+  Buffer p;
+  std::unique_ptr<BatchGrad> bg;
+
+  DeviceModel(Device d, DType compute, bool grad_ckpt, const Params& P) : be(make_backend(d)) {
+    const size_t bytes = sizeof(float) * size_t(P.numel());
+    p = Buffer(*be, bytes);
+    be->to_device(p.data(), P.data(), bytes);
+    bg = std::make_unique<BatchGrad>(*be, P, compute, grad_ckpt);
+    bg->set_weights(p.f32());
+  }
+  double mean_loss(const int32_t* in, const int32_t* tg, int nb, int len) {
+    int64_t counted = 0;
+    const double sum = bg->loss_sum(in, tg, nb, len, &counted);
+    return counted > 0 ? sum / double(counted) : 0.0;
+  }
+};
+
+// Mean cross-entropy over eval_windows, the windows scored on the device.
+EvalResult eval_stream(DeviceModel& dm, const std::vector<int32_t>& stream, int L, int64_t max_tokens, int B) {
+  return eval_stream([&](const int32_t* in, const int32_t* tg, int nb, int len) { return dm.mean_loss(in, tg, nb, len); },
+                     stream, L, max_tokens, B);
+}
+
 // hm train --device cuda: the float32 master weights, gradients and AdamW moments live in the
 // device's memory; BatchGrad computes each micro-batch there and Backend::adamw_step updates
 // them in one pass. The host Params and AdamW get copies when a checkpoint or a task score
 // needs them (to_host), so checkpoints are the CPU run's files.
-struct DeviceRun {
-  std::unique_ptr<Backend> be;
-  Buffer p, g, m, v;
+struct DeviceRun : DeviceModel {
+  Buffer g, m, v;
   std::vector<Backend::ArenaSpan> spans;
-  std::unique_ptr<BatchGrad> bg;
   AdamWConfig oc;
 
   DeviceRun(Device d, DType compute, bool grad_ckpt, const Params& P, const AdamW& opt)
-      : be(make_backend(d)), oc(opt.config()) {
+      : DeviceModel(d, compute, grad_ckpt, P), oc(opt.config()) {
     const size_t bytes = sizeof(float) * size_t(P.numel());
-    p = Buffer(*be, bytes);
     g = Buffer(*be, bytes);
     m = Buffer(*be, bytes);
     v = Buffer(*be, bytes);
-    be->to_device(p.data(), P.data(), bytes);
     be->to_device(m.data(), opt.m().data(), bytes);
     be->to_device(v.data(), opt.v().data(), bytes);
     be->memzero(g.data(), bytes);  // the padding between tensors stays 0
     for (size_t k = 0; k < P.specs().size(); ++k)
       spans.push_back({P.at(k) - P.data(), P.specs()[k].numel(), decays(P.specs()[k].name) ? oc.weight_decay : 0.0f});
-    bg = std::make_unique<BatchGrad>(*be, P, compute, grad_ckpt);
-    bg->set_weights(p.f32());
   }
   void zero_grads() { be->memzero(g.data(), g.bytes()); }
   // As AdamW::step: clip by the global norm, one step; a non-finite norm touches nothing.
@@ -168,11 +189,6 @@ struct DeviceRun {
     if (!opt) return;
     be->to_host(opt->m().data(), m.data(), m.bytes());
     be->to_host(opt->v().data(), v.data(), v.bytes());
-  }
-  double mean_loss(const int32_t* in, const int32_t* tg, int nb, int len) {
-    int64_t counted = 0;
-    const double sum = bg->loss_sum(in, tg, nb, len, &counted);
-    return counted > 0 ? sum / double(counted) : 0.0;
   }
 };
 
@@ -824,9 +840,7 @@ void train(const TrainConfig& given) {
                      static_cast<long long>(sc.examples));
     } else if (!task_mode && ((c.eval_every > 0 && done % c.eval_every == 0) || last)) {
       const EvalResult e =
-          dev ? eval_stream([&](const int32_t* i, const int32_t* t, int nb, int len) { return dev->mean_loss(i, t, nb, len); },
-                            valid_tok, L, c.eval_tokens, c.batch)
-              : eval_stream(P, valid_tok, L, c.eval_tokens, c.batch);
+          dev ? eval_stream(*dev, valid_tok, L, c.eval_tokens, c.batch) : eval_stream(P, valid_tok, L, c.eval_tokens, c.batch);
       r.val_loss = e.loss;
       r.val_ppl = e.ppl;
       clear_line();
@@ -932,7 +946,7 @@ void forward_windows(HybridModel& m, HybridMemory& mem, const std::vector<int32_
 }
 
 EvalResult evaluate(const std::string& model_dir, const std::string& data_path, int seq_len, int64_t max_tokens,
-                    int batch, std::optional<DType> weights) {
+                    int batch, std::optional<DType> weights, const EvalDevice& where) {
   const fs::path dir = checkpoint_dir(model_dir);  // a training out_dir stands for its checkpoint
   EvalResult r;
   eval_window_defaults(model_dir, seq_len, max_tokens, &r.step);
@@ -950,10 +964,26 @@ EvalResult evaluate(const std::string& model_dir, const std::string& data_path, 
   const std::vector<int32_t> valid = token_stream(*tok, valid_texts(data.corpus, data.split));
   // The training forward scores float32 models it can train; the others (packed weights, layers
   // without a backward pass yet) go through the inference forward.
-  const bool trainable = training_unsupported(model->config()).empty();
-  const EvalResult e = model->weight_format() == DType::F32 && trainable
-                           ? eval_stream(model->params(), valid, seq_len, max_tokens, batch)
-                           : eval_stream_model(*model, valid, seq_len, max_tokens, batch);
+  const std::string untrainable = training_unsupported(model->config());
+  const bool trainable = untrainable.empty();
+  EvalResult e;
+  if (where.on_device()) {
+    const std::string dev = detail::cat("hm eval --device ", device_name(where.device), ": ");
+    HM_CHECK(model->weight_format() == DType::F32, dev, dir.string(), " has ",
+             compute_dtype_name(model->weight_format()), " weights, which are scored through the model's forward; "
+             "that runs on the CPU for evaluation (--device cpu)");
+    HM_CHECK(trainable, dev, dir.string(), ": ", untrainable, "; such a model is scored through the inference "
+             "forward, on the CPU (--device cpu)");
+    for (int i = 0; i < model->config().n_layers; ++i)
+      HM_CHECK(!model->config().is_true(i), dev, dir.string(), ": layer ", i, " is a True Hybrid layer, whose "
+               "router and fusion have no device ops yet; evaluate it with --device cpu");
+    DeviceModel dm(where.device, where.compute, false, model->params());
+    e = eval_stream(dm, valid, seq_len, max_tokens, batch);
+  } else {
+    e = model->weight_format() == DType::F32 && trainable
+            ? eval_stream(model->params(), valid, seq_len, max_tokens, batch)
+            : eval_stream_model(*model, valid, seq_len, max_tokens, batch);
+  }
   r.loss = e.loss;
   r.ppl = e.ppl;
   r.tokens = e.tokens;

@@ -114,8 +114,20 @@ struct EvalResult {
 // set_weight_format), F32 to score the float32 weights; absent: as the checkpoint stores them.
 // Packed weights are scored through the model's forward (what hm generate computes), float32
 // ones through the training forward as hm train does; both over the same windows.
+// where: on a device (hm eval --device cuda) the float32 weights go to the backend and each batch
+// of windows is scored by BatchGrad::loss_sum, as the trainer's validation on --device cuda;
+// hm::Error naming the reason for what only the CPU scores (packed weights, True Hybrid layers,
+// layers without a backward pass).
+struct EvalDevice {
+  Device device = Device::CPU;
+  DType compute = DType::F32;  // what activations and GEMM inputs compute in there
+  // Test hook: the device path on the CPU backend (as TrainConfig::device_path_on_cpu).
+  bool path_on_cpu = false;
+  bool on_device() const { return device != Device::CPU || path_on_cpu; }
+};
 EvalResult evaluate(const std::string& model_dir, const std::string& data_path, int seq_len = 0,
-                    int64_t max_tokens = -1, int batch = 8, std::optional<DType> weights = std::nullopt);
+                    int64_t max_tokens = -1, int batch = 8, std::optional<DType> weights = std::nullopt,
+                    const EvalDevice& where = {});
 
 // evaluate()'s defaults, for other scorers of the same windows (eval/weight_quality.h): seq_len
 // <= 0 and max_tokens < 0 become the training run's values from model_dir's trainer_state.json
