@@ -44,7 +44,7 @@ Run add_train(CLI::App& app) {
   app.add_option("--device", *device, "cpu, cuda or auto (cuda when a GPU is present): where the steps compute; "
                  "checkpoints are the same files on either")->capture_default_str();
   auto dtype = std::make_shared<std::string>("auto");
-  app.add_option("--dtype", *dtype, "What activations and GEMM inputs compute in: f32, bf16, f16 or auto (bf16 on "
+  app.add_option("--dtype", *dtype, "What activations and GEMM inputs compute in: f32, bf16 or auto (bf16 on "
                  "cuda, f32 on cpu); master weights, gradients and AdamW stay f32")->capture_default_str();
   app.add_option("--tokenizer", o->tokenizer, "byte or bpe (trained on the training split)")->capture_default_str();
   app.add_option("--vocab", o->vocab, "BPE vocabulary size")->capture_default_str();

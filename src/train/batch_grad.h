@@ -42,7 +42,8 @@ class BatchGrad {
   // Mean cross-entropy over the positions whose target is >= 0 of B sequences of L tokens
   // (tokens, targets: host arrays [B, L], checked as loss_and_grad checks them); adds
   // grad_scale x its gradient into grads (layout.numel() floats in the backend's memory).
-  // Returns 0 without touching grads when no target counts.
+  // Returns 0 without touching grads when no target counts. Not in f16: without loss scaling its
+  // gradients underflow (hm::Error; bf16 has float32's range).
   double loss_and_grad(float* grads, const int32_t* tokens, const int32_t* targets, int B, int L,
                        double grad_scale = 1.0);
   // The forward alone: the sum of the cross-entropies of the counted positions (*counted gets

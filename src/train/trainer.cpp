@@ -686,6 +686,8 @@ void train(const TrainConfig& given) {
   const bool on_device = c.device != Device::CPU || c.device_path_on_cpu;
   HM_CHECK(on_device || c.compute == DType::F32, "training computes in ", compute_dtype_name(c.compute),
            " on --device cuda only; the CPU trains in f32");
+  HM_CHECK(c.compute != DType::F16, "training in f16 needs loss scaling, which is not implemented (its gradients "
+           "underflow); use --dtype bf16");
   HM_CHECK(!on_device || c.scan_chunk == 0, "--scan-chunk applies to the CPU's scan; on CUDA the scan keeps one "
            "state per 64-token chunk and recomputes the rest");
   if (!on_device) {  // Everything the run allocates, before it does (--max-memory, MemAvailable).

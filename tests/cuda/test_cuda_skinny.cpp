@@ -230,8 +230,9 @@ TEST_P(CudaSkinny, BackendRoutesDecodeRows) {
     const char* v = std::getenv(env);
     if (v != nullptr && std::string(v) == "0") GTEST_SKIP() << env << "=0: the backend does not use the kernel";
   }
+  if (T() == DType::F32) GTEST_SKIP() << "f32 linears stay on cuBLASLt (cuda_backend.cu, kSkinnyMaxWeightBytes)";
   hm::Rng rng(403);
-  const int n = 160, k = 4096;
+  const int n = 160, k = 4096;  // W of 1.3 MB in 16 bits: within the backend's bound
   for (int m : {2, 17, 64}) {
     Mat x(be(), T(), m, k, rng, 1.0), W(be(), T(), n, k, rng, 0.1);
     Mat y1(be(), T(), m, n, rng, 0.0), y2(be(), T(), m, n, rng, 0.0);

@@ -7,6 +7,8 @@
 // thousands of terms); bf16 and f16 compute: the loss within 1e-2 relative and every tensor's
 // gradient within 0.15 of its scale with a cosine similarity >= 0.99 to the f32 one (16-bit
 // activations and GEMM inputs, float32 sums). Reruns are bitwise equal (fixed reduction orders).
+// f16 is refused for training (no loss scaling: measured here, its gradients underflowed, dt_proj's
+// 0.35 off with cosine 0.92).
 // Without a GPU every case is GTEST_SKIPped.
 #include <gtest/gtest.h>
 
@@ -103,7 +105,9 @@ TEST(CudaTrain, BatchGradMatchesCpu) {
     const std::vector<float> again = grads_on(*gpu, p, DType::F32, b, &again_loss);
     EXPECT_EQ(again_loss, l_gpu);
     EXPECT_EQ(std::memcmp(again.data(), g_gpu.data(), sizeof(float) * again.size()), 0) << "rerun differs";
-    for (DType ct : {DType::BF16, DType::F16}) {
+    double unused = 0;
+    EXPECT_THROW(grads_on(*gpu, p, DType::F16, b, &unused), Error);
+    for (DType ct : {DType::BF16}) {
       double l16 = 0;
       const std::vector<float> g16 = grads_on(*gpu, p, ct, b, &l16);
       EXPECT_NEAR(l16, l_cpu, 1e-2 * l_cpu) << compute_dtype_name(ct);

@@ -183,8 +183,13 @@ constexpr int kGemvRows = 1;
 // batch-invariant; until then one row and several rows sum in different orders). Shapes whose
 // x or W is not in whole 16-byte vectors go to cuBLASLt. HM_CUDA_SKINNY=0 turns it off (every
 // such linear on cuBLASLt, the A/B switch); HM_CUDA_SKINNY=2 gives it one-row linears too.
+// Measured on the H200 (hm_bench_cuda_kernels skinny, bench/results/h200-2026-12-04b): it beats
+// cuBLASLt 1.4-2.2x on the 1.4B shape's x_proj and dt_proj (W of 1.0-1.3 MB) and loses 0.5-0.8x
+// on in_proj, out_proj and the LM head (W of 16.8 MB and more: too few blocks in flight to
+// stream W at HBM rate), so it takes 16-bit weights of at most kSkinnyMaxWeightBytes.
 constexpr int kSkinnyRows = cuda::kSkinnyMaxRows;
 constexpr int kSkinnyMinRows = 2;
+constexpr size_t kSkinnyMaxWeightBytes = size_t(4) << 20;
 
 // The skinny GEMM's smallest row count, from HM_CUDA_SKINNY (read once): 0 when off.
 int skinny_min_rows() {
@@ -375,6 +380,7 @@ class CudaBackendImpl final : public CudaBackend {
     HM_CHECK(y.dtype == x.dtype || y.dtype == DType::F32, "cuda linear: y is ", compute_dtype_name(y.dtype),
              ", expected ", compute_dtype_name(x.dtype), " (x's type) or f32");
     if (decode_kernels_on() && skinny_min_rows() > 0 && m >= skinny_min_rows() && m <= kSkinnyRows &&
+        x.dtype != DType::F32 && size_t(n) * size_t(k) * dtype_size(x.dtype) <= kSkinnyMaxWeightBytes &&
         cuda::skinny_fits(m, n, k) && cuda::skinny_vectorized(k, x.data, x.ld, W.data, W.ld, dtype_size(x.dtype))) {
       dispatch(x.dtype, [&](auto tag) {
         using T = elem_t<decltype(tag)>;
