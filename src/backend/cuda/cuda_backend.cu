@@ -176,30 +176,24 @@ bool is_decode(const Ragged& rg) { return rg.max_len() == 1 && rg.n_tokens() == 
 // (their tests run them); this is the policy until a faster kernel wins there.
 constexpr int kGemvRows = 1;
 
-// Linears of kSkinnyMinRows..kSkinnyRows rows (decode steps of 2-64 sequences) run on the skinny
-// GEMM (kernels/cuda/skinny.h): W streamed once for all rows, split-K reduced inside the launch,
-// and every row's bits independent of the batch (issue 16). One row keeps the GEMV above until
-// the skinny kernel is measured to match it there (then the whole decode path up to 64 rows is
-// batch-invariant; until then one row and several rows sum in different orders). Shapes whose
-// x or W is not in whole 16-byte vectors go to cuBLASLt. HM_CUDA_SKINNY=0 turns it off (every
-// such linear on cuBLASLt, the A/B switch); HM_CUDA_SKINNY=2 gives it one-row linears too.
-// Measured on the H200 (hm_bench_cuda_kernels skinny, bench/results/h200-2026-12-04b): it beats
-// cuBLASLt 1.4-2.2x on the 1.4B shape's x_proj and dt_proj (W of 1.0-1.3 MB) and loses 0.5-0.8x
-// on in_proj, out_proj and the LM head (W of 16.8 MB and more: too few blocks in flight to
-// stream W at HBM rate), so it takes 16-bit weights of at most kSkinnyMaxWeightBytes.
+// Linears of 2..kSkinnyRows rows (decode steps of 2-64 sequences) can run on the skinny GEMM
+// (kernels/cuda/skinny.h): W streamed once for all rows, split-K reduced inside the launch, and
+// every row's bits independent of the batch (issue 16). Off by default: on the H200
+// (bench/results/h200-2026-12-04b) it beat cuBLASLt 1.4-2.2x alone on the 1.4B shape's x_proj and
+// dt_proj (W of 1.0-1.3 MB) but lost 0.5-0.8x on in_proj, out_proj and the LM head (W of 16.8 MB
+// and more: too few blocks in flight to stream W at HBM rate), and with only the small weights
+// on it a whole decode step at batch 4 was still slower (1.4B 1.97 -> 2.07 ms, seed 0.35 -> 0.38
+// ms). HM_CUDA_SKINNY=1 turns it on for 2-64 rows, =2 also for one row (set_skinny_min_rows).
+// It takes 16-bit weights of at most kSkinnyMaxWeightBytes; other shapes stay on cuBLASLt.
 constexpr int kSkinnyRows = cuda::kSkinnyMaxRows;
-constexpr int kSkinnyMinRows = 2;
 constexpr size_t kSkinnyMaxWeightBytes = size_t(4) << 20;
 
-// The skinny GEMM's smallest row count, from HM_CUDA_SKINNY (read once): 0 when off.
-int skinny_min_rows() {
-  static const int rows = [] {
-    const char* v = std::getenv("HM_CUDA_SKINNY");
-    if (v != nullptr && std::string(v) == "0") return 0;
-    if (v != nullptr && std::string(v) == "2") return 1;
-    return kSkinnyMinRows;
-  }();
-  return rows;
+// The skinny GEMM's smallest row count, from HM_CUDA_SKINNY: 0 (off) unless it says 1 or 2.
+int skinny_min_rows_default() {
+  const char* v = std::getenv("HM_CUDA_SKINNY");
+  if (v != nullptr && std::string(v) == "1") return 2;
+  if (v != nullptr && std::string(v) == "2") return 1;
+  return 0;
 }
 
 // cross_entropy_head's logits (and dlogits) of one block of rows stay within this.
@@ -263,6 +257,7 @@ class CudaBackendImpl final : public CudaBackend {
   }
   void set_decode_kernels(bool on) override { decode_kernels_ = on; }
   void set_dt_scan_seqs(int n) override { dt_scan_seqs_ = n; }
+  void set_skinny_min_rows(int rows) override { skinny_min_rows_ = rows; }
   // The fallback-only test mode means cublasGemmEx for every linear, so no GEMV either.
   bool decode_kernels_on() const { return decode_kernels_ && !fallback_only_; }
   void reserve_workspace(size_t bytes) override {
@@ -379,7 +374,7 @@ class CudaBackendImpl final : public CudaBackend {
     check_type(op, "W", W, x.dtype);
     HM_CHECK(y.dtype == x.dtype || y.dtype == DType::F32, "cuda linear: y is ", compute_dtype_name(y.dtype),
              ", expected ", compute_dtype_name(x.dtype), " (x's type) or f32");
-    if (decode_kernels_on() && skinny_min_rows() > 0 && m >= skinny_min_rows() && m <= kSkinnyRows &&
+    if (decode_kernels_on() && skinny_min_rows_ > 0 && m >= skinny_min_rows_ && m <= kSkinnyRows &&
         x.dtype != DType::F32 && size_t(n) * size_t(k) * dtype_size(x.dtype) <= kSkinnyMaxWeightBytes &&
         cuda::skinny_fits(m, n, k) && cuda::skinny_vectorized(k, x.data, x.ld, W.data, W.ld, dtype_size(x.dtype))) {
       dispatch(x.dtype, [&](auto tag) {
@@ -1241,6 +1236,7 @@ class CudaBackendImpl final : public CudaBackend {
   std::unique_ptr<cuda::Gemm> gemm_;
   bool decode_kernels_ = decode_kernels_default();
   int dt_scan_seqs_ = dt_scan_seqs_default();
+  int skinny_min_rows_ = skinny_min_rows_default();
   bool fallback_only_ = false;
   void* ws_ = nullptr;
   size_t ws_bytes_ = 0;

@@ -36,6 +36,9 @@ class CudaBackend : public Backend {
   // The most sequences whose decode step runs dt_proj inside the scan (dt_scan); above, dt_proj is
   // a GEMM. Default 1 (HM_CUDA_DT_SCAN_SEQS overrides); tests raise it to run the fused kernel.
   virtual void set_dt_scan_seqs(int n) = 0;
+  // The fewest rows a linear runs on the skinny GEMM with (kernels/cuda/skinny.h; up to 64 rows,
+  // 16-bit weights of at most 4 MB); 0: never (the default unless HM_CUDA_SKINNY=1 or 2).
+  virtual void set_skinny_min_rows(int rows) = 0;
   // Bytes held through alloc now (weights, caches, activations, op workspaces; not cuBLAS's own
   // workspace), and the most held since the last reset_peak: what torch.cuda.max_memory_allocated
   // reports, so benchmarks compare like with like, unaffected by other processes on the device.
