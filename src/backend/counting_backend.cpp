@@ -11,7 +11,8 @@ const char* op_kind_name(OpKind k) {
                                 "rmsnorm_backward", "swiglu_backward", "conv1d_silu_train",
                                 "conv1d_silu_backward", "selective_scan_train",
                                 "selective_scan_backward", "attention_train", "attention_backward",
-                                "rope_backward", "embedding_backward", "cross_entropy_head"};
+                                "rope_backward", "embedding_backward", "cross_entropy_head",
+                                "scale_cols_backward", "convert", "sum_squares", "adamw_step", "copy"};
   static_assert(sizeof(names) / sizeof(names[0]) == size_t(OpKind::kCount));
   return names[size_t(k)];
 }
@@ -173,6 +174,25 @@ double CountingBackend::cross_entropy_head(Tensor dhn, Tensor dW, Tensor hn, Ten
   run(OpKind::CrossEntropyHead, W.data, hn.rows, 6.0 * hn.rows * W.rows * W.cols,
       [&] { loss = in_.cross_entropy_head(dhn, dW, hn, W, targets, scale); });
   return loss;
+}
+
+void CountingBackend::scale_cols_backward(Tensor dsrc, Tensor dscale, Tensor ddst, Tensor src, Tensor scale) {
+  run(OpKind::ScaleColsBackward, dscale.data, src.rows, 0, [&] { in_.scale_cols_backward(dsrc, dscale, ddst, src, scale); });
+}
+void CountingBackend::convert(Tensor dst, Tensor src) {
+  run(OpKind::Convert, dst.data, src.rows, 0, [&] { in_.convert(dst, src); });
+}
+double CountingBackend::sum_squares(const float* x, const std::vector<ArenaSpan>& spans) {
+  double s = 0;
+  run(OpKind::SumSquares, x, int64_t(spans.size()), 0, [&] { s = in_.sum_squares(x, spans); });
+  return s;
+}
+void CountingBackend::adamw_step(float* p, const float* g, float* m, float* v, const std::vector<ArenaSpan>& spans,
+                                 const AdamWStep& k) {
+  run(OpKind::AdamwStep, p, int64_t(spans.size()), 0, [&] { in_.adamw_step(p, g, m, v, spans, k); });
+}
+void CountingBackend::copy(void* dst, const void* src, size_t bytes) {
+  run(OpKind::Copy, dst, int64_t(bytes), 0, [&] { in_.copy(dst, src, bytes); });
 }
 
 }  // namespace hm

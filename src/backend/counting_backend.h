@@ -16,7 +16,8 @@ enum class OpKind : uint8_t {
   SsdScan, GatedNorm, Relu2,
   // training (backend.h)
   LinearBackward, RmsnormBackward, SwigluBackward, ConvTrain, ConvBackward, ScanTrain, ScanBackward,
-  AttentionTrain, AttentionBackward, RopeBackward, EmbeddingBackward, CrossEntropyHead, kCount
+  AttentionTrain, AttentionBackward, RopeBackward, EmbeddingBackward, CrossEntropyHead,
+  ScaleColsBackward, Convert, SumSquares, AdamwStep, Copy, kCount
 };
 const char* op_kind_name(OpKind k);
 
@@ -73,9 +74,12 @@ class CountingBackend final : public Backend {
   void free(void* p) override { in_.free(p); }
   void to_device(void* dst, const void* src, size_t bytes) override { in_.to_device(dst, src, bytes); }
   void to_host(void* dst, const void* src, size_t bytes) override { in_.to_host(dst, src, bytes); }
-  void copy(void* dst, const void* src, size_t bytes) override { in_.copy(dst, src, bytes); }
+  void copy(void* dst, const void* src, size_t bytes) override;
   void memzero(void* p, size_t bytes) override { in_.memzero(p, bytes); }
   void synchronize() override { in_.synchronize(); }
+  size_t allocated_bytes() const override { return in_.allocated_bytes(); }
+  size_t peak_allocated_bytes() const override { return in_.peak_allocated_bytes(); }
+  void reset_peak() override { in_.reset_peak(); }
 
   void rmsnorm(Tensor out, Tensor x, Tensor w, float eps) override;
   void linear(Tensor y, Tensor x, Tensor W, bool accumulate) override;
@@ -128,6 +132,11 @@ class CountingBackend final : public Backend {
   void embedding_backward(Tensor dtable, Tensor dout, const int32_t* ids) override;
   double cross_entropy_head(Tensor dhn, Tensor dW, Tensor hn, Tensor W, const int32_t* targets,
                             double scale) override;
+  void scale_cols_backward(Tensor dsrc, Tensor dscale, Tensor ddst, Tensor src, Tensor scale) override;
+  void convert(Tensor dst, Tensor src) override;
+  double sum_squares(const float* x, const std::vector<ArenaSpan>& spans) override;
+  void adamw_step(float* p, const float* g, float* m, float* v, const std::vector<ArenaSpan>& spans,
+                  const AdamWStep& k) override;
 
  private:
   // Counts the call, runs it and adds its wall time.

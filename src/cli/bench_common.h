@@ -7,6 +7,9 @@
 #include <utility>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
+#include "backend/backend.h"
 #include "model/config.h"
 #include "model/params.h"
 
@@ -49,5 +52,8 @@ struct DeviceBenchOptions {
   int reps = 5;
 };
 int bench_device(const DeviceBenchOptions& o, DeviceSetup& dev);
+// The device's floors, as cuda_peer.py measures them: the backend's bf16 linear at 8192^3
+// ("gemm_bf16_tflops") and a 1 GiB device-to-device copy ("copy_gb_s", bytes read + written).
+nlohmann::json measure_device_floors(Backend& be, int reps);
 
 }  // namespace hm::cli

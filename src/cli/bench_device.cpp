@@ -294,6 +294,8 @@ std::string quoted(const std::string& s) { return shell_quote(s); }
 
 }  // namespace
 
+json measure_device_floors(Backend& be, int reps) { return measure_floors(be, reps); }
+
 int bench_device(const DeviceBenchOptions& o, DeviceSetup& dev) {
   namespace fs = std::filesystem;
   Backend& be = *dev.be;

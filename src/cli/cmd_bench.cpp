@@ -31,6 +31,7 @@
 #include "core/threads.h"
 #include "model/model.h"
 #include "runtime/tokenizer.h"
+#include "train/device_run.h"
 #include "train/model_grad.h"
 #include "train/optimizer.h"
 
@@ -356,6 +357,117 @@ void print_table(const nlohmann::json& r, const std::vector<Row>& rows) {
 
 double num(const nlohmann::json& r, const char* key) { return r.contains(key) ? r[key].get<double>() : NAN; }
 
+// hm bench --train --device cuda (issue 15): timed steps of hm train's device path (BatchGrad in
+// the compute type over float32 master weights, Backend::adamw_step with clipping) on random
+// tokens, model FLOP/s and MFU against the bf16 GEMM rate measured in the same run, the peak of
+// the backend's allocations; with --peer, mamba_ssm's MambaLMHeadModel trained by PyTorch (bf16
+// autocast, fused AdamW: bench/cuda_peer.py train) on the same weights and shape; with --profile,
+// every op of some more steps timed (synchronized) and summed by kind.
+struct DeviceTrainBench {
+  ModelConfig config;
+  std::string name, peer_script;
+  int batch = 8, seq_len = 2048, steps = 5, reps = 5;
+  bool profile = false, json = false, peer = false;
+};
+
+int bench_train_device(const DeviceTrainBench& o, DeviceSetup& dev) {
+  namespace fs = std::filesystem;
+  HM_CHECK(o.batch >= 1 && o.seq_len >= 2 && o.steps >= 1,
+           "bench: --train needs --batch >= 1, --seq-len >= 2 and --steps >= 1");
+  auto log = [&](const std::string& what) { std::fprintf(stderr, "bench: %s...\n", what.c_str()); };
+  const ModelConfig& c = o.config;
+  const int B = o.batch, L = o.seq_len, V = c.vocab_size;
+  Backend& real = *dev.be;
+  CountingBackend counting(real);
+  Backend& be = o.profile ? static_cast<Backend&>(counting) : real;
+  Params P(c);
+  init_params(P, 1234);
+  AdamWConfig oc;
+  oc.lr = 1e-4f;
+  AdamW opt(P, oc);
+  Rng rng(42);
+  std::vector<int32_t> tokens = random_tokens(rng, B * L, V), targets(tokens.size());
+  for (int b = 0; b < B; ++b)
+    for (int t = 0; t < L; ++t) targets[size_t(b * L + t)] = t + 1 < L ? tokens[size_t(b * L + t + 1)] : -1;
+  nlohmann::json r;
+  r["tool"] = "hm bench --train --device";
+  r["device"] = device_name(dev.device());
+  r["model"] = o.name;
+  r["params"] = P.numel();
+  r["dtype"] = compute_dtype_name(dev.dtype);
+  r["batch"] = B;
+  r["seq_len"] = L;
+  r["steps"] = o.steps;
+  real.reset_peak();
+  log("model on the device");
+  DeviceRun run(be, dev.dtype, false, P, opt);
+  auto one_step = [&] {
+    run.zero_grads();
+    run.bg->loss_and_grad(run.g.f32(), tokens.data(), targets.data(), B, L);
+    run.step(opt, oc.lr);
+    be.synchronize();
+  };
+  log("training steps");
+  std::vector<double> step_ms;
+  for (int s = 0; s < o.steps + 1; ++s) {  // step 0 warms allocations, cuBLAS and the workspace
+    const auto t0 = Clock::now();
+    one_step();
+    if (s > 0) step_ms.push_back(ms(t0, Clock::now()));
+    if (o.profile && s == 0) counting.reset();
+  }
+  if (o.profile) {  // the timed steps ran through the counter too (each op synchronized)
+    nlohmann::json ops;
+    double total = 0;
+    for (int k = 0; k < int(OpKind::kCount); ++k) total += counting.count(OpKind(k)).seconds;
+    for (int k = 0; k < int(OpKind::kCount); ++k) {
+      const OpCount& oc2 = counting.count(OpKind(k));
+      if (oc2.calls == 0) continue;
+      ops[op_kind_name(OpKind(k))] = {{"ms_per_step", oc2.seconds * 1e3 / o.steps},
+                                      {"calls_per_step", double(oc2.calls) / o.steps},
+                                      {"share", oc2.seconds / total}};
+    }
+    r["profile"] = ops;
+  }
+  const double step = median(step_ms), tok = double(B) * L;
+  r["train_step_ms"] = step;
+  r["train_tok_s"] = tok / (step / 1e3);
+  r["peak_mem_bytes"] = double(real.peak_allocated_bytes());
+  const double fpt = train_flops_per_token(c, P, L);
+  r["train_flops_per_token"] = fpt;
+  r["model_tflops"] = fpt * tok / (step / 1e3) / 1e12;
+  log("floors");
+  r["floors"] = measure_device_floors(real, o.reps);
+  r["mfu"] = r["model_tflops"].get<double>() / r["floors"].at("gemm_bf16_tflops").get<double>();
+  if (o.peer) {
+    char tmpl[] = "/tmp/hm-bench-train-XXXXXX";
+    HM_CHECK(mkdtemp(tmpl) != nullptr, "bench: cannot create a temporary directory");
+    const std::string dir = tmpl;
+    save_params(P, dir + "/model.safetensors");
+    save_config(dir + "/config.json", c);
+    log("mamba_ssm + PyTorch peer (training)");
+    const auto [rc, out] = run_capture_status("python3 " + shell_quote(o.peer_script) + " train --ckpt " +
+                                              shell_quote(dir) + " --batch " + std::to_string(B) + " --seq-len " +
+                                              std::to_string(L) + " --json " + shell_quote(dir + "/peer.json") + " 2>&1");
+    try {
+      std::ifstream f(dir + "/peer.json");
+      HM_CHECK(f.good(), "the peer wrote no peer.json (exit ", rc, "): ", out.substr(out.size() > 1500 ? out.size() - 1500 : 0));
+      const nlohmann::json pj = nlohmann::json::parse(f);
+      r["peer"] = pj;
+      r["vs_peer_tok_s"] = r["train_tok_s"].get<double>() / pj.at("tok_s").get<double>();
+      r["vs_peer_memory"] = r["peak_mem_bytes"].get<double>() / pj.at("peak_mem_bytes").get<double>();
+    } catch (const std::exception& e) {
+      r["peer"] = {{"error", e.what()}};
+    }
+    fs::remove_all(dir);
+  }
+  if (o.json) {
+    std::printf("%s\n", r.dump().c_str());
+  } else {
+    std::printf("%s\n", r.dump(1).c_str());
+  }
+  return 0;
+}
+
 }  // namespace
 
 Run add_bench(CLI::App& app) {
@@ -364,7 +476,7 @@ Run add_bench(CLI::App& app) {
     int threads = 0, reps = 5;
     DeviceOptions dev;
     bool json = false, no_peer = false, quick = false;
-    bool train = false, routing_sweep = false;
+    bool train = false, routing_sweep = false, profile = false;
     int batch = 8, seq_len = 128, steps = 5;
     std::string weights, decode_cases;
   };
@@ -393,6 +505,8 @@ Run add_bench(CLI::App& app) {
   app.add_flag("--routing-sweep", o->routing_sweep,
                "True hybrid: prefill time and counted FLOPs at forced attention fractions 0..1 against routing_mode both");
   app.add_option("--steps", o->steps, "--train: timed steps (after one warm-up step)")->capture_default_str();
+  app.add_flag("--profile", o->profile, "--train --device cuda: also time every op of the steps (each op synchronized: "
+               "a per-op table, slower steps) after the timed ones");
   app.add_option("--weights", o->weights, "Comma-separated weight formats, e.g. f32,bf16,f16,q8_0,q4_0: decode and "
                  "prefill of the model with its linear weights in each, in one run (cpu)");
   add_max_memory(app);
@@ -404,9 +518,25 @@ Run add_bench(CLI::App& app) {
     const int threads = num_threads();
     HM_CHECK(o->model.empty() || o->config.empty(), "bench: give --model or --config, not both");
     DeviceSetup dev = open_device(o->dev);
+    if (dev.device() != Device::CPU && o->train) {
+      DeviceTrainBench t;
+      t.config = !o->model.empty() ? load_any_config(o->model) : o->config.empty() ? preset(o->preset)
+                                                                                  : load_config(o->config);
+      t.name = !o->model.empty() ? o->model : !o->config.empty() ? o->config : o->preset;
+      t.batch = o->batch;
+      t.seq_len = o->seq_len;
+      t.steps = o->steps;
+      t.reps = o->reps;
+      t.profile = o->profile;
+      t.json = o->json;
+      t.peer = peer_opt->count() > 0;
+      const std::string cpu_peer = std::string(HM_SOURCE_DIR) + "/bench/torch_peer.py";
+      t.peer_script = o->peer == cpu_peer ? std::string(HM_SOURCE_DIR) + "/bench/cuda_peer.py" : o->peer;
+      return bench_train_device(t, dev);
+    }
     if (dev.device() != Device::CPU) {
-      HM_CHECK(!o->train && !o->routing_sweep, "bench --device ", device_name(dev.device()),
-               ": --train and --routing-sweep measure the CPU; use --device cpu");
+      HM_CHECK(!o->routing_sweep, "bench --device ", device_name(dev.device()),
+               ": --routing-sweep measures the CPU; use --device cpu");
       DeviceBenchOptions d;
       d.preset = o->preset;
       d.config = o->config;

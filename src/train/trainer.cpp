@@ -34,6 +34,7 @@
 #include "model/model.h"
 #include "runtime/tokenizer.h"
 #include "train/batch_grad.h"
+#include "train/device_run.h"
 #include "train/layout.h"
 #include "train/model_grad.h"
 #include "train/optimizer.h"
@@ -119,78 +120,11 @@ EvalResult eval_stream(const Params& p, const std::vector<int32_t>& stream, int 
                      stream, L, max_tokens, B);
 }
 
-// A model's float32 weights in a backend's memory with a BatchGrad over them: what the device
-// path trains, validates and what `hm eval --device` scores with (BatchGrad::loss_sum).
-struct DeviceModel {
-  std::unique_ptr<Backend> be;
-  Buffer p;
-  std::unique_ptr<BatchGrad> bg;
-
-  DeviceModel(Device d, DType compute, bool grad_ckpt, const Params& P) : be(make_backend(d)) {
-    const size_t bytes = sizeof(float) * size_t(P.numel());
-    p = Buffer(*be, bytes);
-    be->to_device(p.data(), P.data(), bytes);
-    bg = std::make_unique<BatchGrad>(*be, P, compute, grad_ckpt);
-    bg->set_weights(p.f32());
-  }
-  double mean_loss(const int32_t* in, const int32_t* tg, int nb, int len) {
-    int64_t counted = 0;
-    const double sum = bg->loss_sum(in, tg, nb, len, &counted);
-    return counted > 0 ? sum / double(counted) : 0.0;
-  }
-};
-
 // Mean cross-entropy over eval_windows, the windows scored on the device.
 EvalResult eval_stream(DeviceModel& dm, const std::vector<int32_t>& stream, int L, int64_t max_tokens, int B) {
   return eval_stream([&](const int32_t* in, const int32_t* tg, int nb, int len) { return dm.mean_loss(in, tg, nb, len); },
                      stream, L, max_tokens, B);
 }
-
-// hm train --device cuda: the float32 master weights, gradients and AdamW moments live in the
-// device's memory; BatchGrad computes each micro-batch there and Backend::adamw_step updates
-// them in one pass. The host Params and AdamW get copies when a checkpoint or a task score
-// needs them (to_host), so checkpoints are the CPU run's files.
-struct DeviceRun : DeviceModel {
-  Buffer g, m, v;
-  std::vector<Backend::ArenaSpan> spans;
-  AdamWConfig oc;
-
-  DeviceRun(Device d, DType compute, bool grad_ckpt, const Params& P, const AdamW& opt)
-      : DeviceModel(d, compute, grad_ckpt, P), oc(opt.config()) {
-    const size_t bytes = sizeof(float) * size_t(P.numel());
-    g = Buffer(*be, bytes);
-    m = Buffer(*be, bytes);
-    v = Buffer(*be, bytes);
-    be->to_device(m.data(), opt.m().data(), bytes);
-    be->to_device(v.data(), opt.v().data(), bytes);
-    be->memzero(g.data(), bytes);  // the padding between tensors stays 0
-    for (size_t k = 0; k < P.specs().size(); ++k)
-      spans.push_back({P.at(k) - P.data(), P.specs()[k].numel(), decays(P.specs()[k].name) ? oc.weight_decay : 0.0f});
-  }
-  void zero_grads() { be->memzero(g.data(), g.bytes()); }
-  // As AdamW::step: clip by the global norm, one step; a non-finite norm touches nothing.
-  double step(AdamW& opt, float lr) {
-    const double norm = std::sqrt(be->sum_squares(g.f32(), spans));
-    if (!std::isfinite(norm)) return norm;
-    const bool clip = oc.clip_norm > 0.0f && norm > double(oc.clip_norm);
-    Backend::AdamWStep k;
-    k.lr = lr;
-    k.beta1 = oc.beta1;
-    k.beta2 = oc.beta2;
-    k.eps = oc.eps;
-    std::tie(k.inv_bc1, k.inv_bc2) = opt.count_step();
-    k.grad_scale = clip ? float(double(oc.clip_norm) / norm) : 1.0f;
-    be->adamw_step(p.f32(), g.f32(), m.f32(), v.f32(), spans, k);
-    bg->set_weights(p.f32());  // the compute copy follows the new master weights
-    return norm;
-  }
-  void to_host(Params& P, AdamW* opt) {
-    be->to_host(P.data(), p.data(), p.bytes());
-    if (!opt) return;
-    be->to_host(opt->m().data(), m.data(), m.bytes());
-    be->to_host(opt->v().data(), v.data(), v.bytes());
-  }
-};
 
 // The same windows scored by m's forward (its weights in their format); float32 KV as the
 // training forward.
@@ -881,8 +815,8 @@ void train(const TrainConfig& given) {
     }
   }
   if (c.progress && tty) std::fprintf(stderr, "\n");
-  if (dev && dev->be->peak_allocated_bytes() > 0)
-    say(detail::cat("device memory: peak ", fmt_num(double(dev->be->peak_allocated_bytes()) / (1 << 20)),
+  if (dev && dev->be.peak_allocated_bytes() > 0)
+    say(detail::cat("device memory: peak ", fmt_num(double(dev->be.peak_allocated_bytes()) / (1 << 20)),
                     " MiB allocated (weights, gradients, AdamW, activations, workspaces)"));
   if (end == start) write_logs(out, rows, c.steps);
   say(detail::cat(end < c.steps ? "stopped at step " : "done at step ", end, "; checkpoint in ", ck.string(),
