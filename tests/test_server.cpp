@@ -335,6 +335,21 @@ std::shared_ptr<const ChatFormat> test_chat_format() {
   return std::make_shared<const ChatFormat>(t);
 }
 
+// A message's keys reach the template in the client's order (transformers' tojson keeps it): the
+// tool call's arguments {"b", "a"} print as written, not sorted.
+TEST(ServerApi, ChatTemplateSeesKeysInTheClientsOrder) {
+  ByteTokenizer tok;
+  HfChatTemplate t;
+  t.source = "{% for m in messages %}{{ m | tojson }};{% endfor %}";
+  const ChatFormat chat(t);
+  const std::string body =
+      R"({"messages": [{"role": "assistant", "content": "c", "tool_calls": [{"function": {"name": "f", )"
+      R"("arguments": {"b": 1, "a": 2}}}]}]})";
+  const std::string want =
+      R"({"role": "assistant", "content": "c", "tool_calls": [{"function": {"name": "f", "arguments": {"b": 1, "a": 2}}}]};)";
+  EXPECT_EQ(parse_request(body, Endpoint::Chat, tok, "m", 512, &chat).gen.prompt, tok.encode(want, false));
+}
+
 TEST(ServerApi, ChatUsesTheModelsTemplateElseTheDefault) {
   ByteTokenizer tok;
   const auto chat = test_chat_format();

@@ -3234,6 +3234,18 @@ ChatTemplate compile(const HfChatTemplate& t, ChatTemplateLimits limits) {
 ChatFormat::ChatFormat(HfChatTemplate t, ChatTemplateLimits limits)
     : info_(std::move(t)), tmpl_(compile(info_, limits)) {}
 
+std::string ChatFormat::apply(const nlohmann::ordered_json& messages, bool add_generation_prompt,
+                              const nlohmann::ordered_json& tools) const {
+  nlohmann::ordered_json vars = nlohmann::ordered_json::object();
+  if (info_.special_tokens.is_object())
+    for (const auto& [k, v] : info_.special_tokens.items()) vars[k] = nlohmann::ordered_json(v);
+  vars["messages"] = messages;
+  vars["tools"] = tools;
+  vars["documents"] = nullptr;
+  vars["add_generation_prompt"] = add_generation_prompt;
+  return tmpl_.render(vars);
+}
+
 std::string ChatFormat::apply(const nlohmann::json& messages, bool add_generation_prompt,
                               const nlohmann::json& tools) const {
   nlohmann::json vars = info_.special_tokens.is_object() ? info_.special_tokens : nlohmann::json::object();

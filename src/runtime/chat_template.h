@@ -81,6 +81,10 @@ class ChatFormat {
   explicit ChatFormat(HfChatTemplate t, ChatTemplateLimits limits = {});
   std::string apply(const nlohmann::json& messages, bool add_generation_prompt = true,
                     const nlohmann::json& tools = nullptr) const;
+  // The same with every object's keys in the order given (a request as its client wrote it):
+  // transformers' tojson prints a message's keys, and a tool call's arguments, in that order.
+  std::string apply(const nlohmann::ordered_json& messages, bool add_generation_prompt = true,
+                    const nlohmann::ordered_json& tools = nullptr) const;
   const HfChatTemplate& info() const { return info_; }
   ChatTemplate& compiled() { return tmpl_; }
 

@@ -93,10 +93,13 @@ std::string apply_chat_template(const json& messages) {
   return s + "<|assistant|>\n";
 }
 
-std::string apply_model_chat_template(const ChatFormat& chat, const json& messages) {
-  json m = json::array();
+// The messages as the client ordered their keys (body re-read as ordered_json: `json` sorts
+// them), so a template's tojson prints them as transformers would.
+std::string apply_model_chat_template(const ChatFormat& chat, const json& messages, const std::string& body) {
+  const nlohmann::ordered_json ordered = nlohmann::ordered_json::parse(body).at("messages");
+  nlohmann::ordered_json m = nlohmann::ordered_json::array();
   for (size_t i = 0; i < messages.size(); ++i) {
-    m.push_back(messages[i]);
+    m.push_back(ordered[i]);
     m.back()["content"] = message_text(messages[i]["content"], i);
   }
   try {
@@ -161,7 +164,7 @@ ParsedRequest parse_request(const std::string& body, Endpoint ep, const Tokenize
       if (!m[i].contains("content") || m[i]["content"].is_null())
         throw bad(p + ".content", p + ".content is required");
     }
-    g.prompt = chat ? tok.encode(apply_model_chat_template(*chat, m), false) : tok.encode(apply_chat_template(m), true);
+    g.prompt = chat ? tok.encode(apply_model_chat_template(*chat, m, body), false) : tok.encode(apply_chat_template(m), true);
   }
   if (g.prompt.empty()) throw bad("prompt", "the prompt is empty");
   const int n = int(g.prompt.size());
