@@ -33,7 +33,7 @@ Run add_compare(CLI::App& app) {
       ->capture_default_str();
   auto device = std::make_shared<std::string>("cpu");
   app.add_option("--device", *device, "cpu, cuda or auto (cuda when a GPU is present): where every run trains, as "
-                 "hm train --device (True Hybrid archs train on the cpu only so far: their runs fail, recorded)")
+                 "hm train --device")
       ->capture_default_str();
   auto dtype = std::make_shared<std::string>("auto");
   app.add_option("--dtype", *dtype, "cuda: what activations and GEMM inputs compute in, f32, bf16, f16 or auto "

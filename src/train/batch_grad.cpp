@@ -1,10 +1,13 @@
 #include "train/batch_grad.h"
 
 #include <algorithm>
+#include <cmath>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "core/error.h"
+#include "model/true_hybrid.h"
 #include "train/layout.h"
 #include "train/model_grad.h"
 
@@ -28,6 +31,37 @@ struct LayerActs {
   Tensor q, k, v, lse, inner;             // attention (lse float32 [n, H])
   Tensor h2, m, g, up, a;                 // MLP: stream entering mlp_norm, its norm, gate, up, silu(gate)*up
   Tensor bn;                              // the bridge's rmsnorm(source) (without grad_ckpt)
+  Tensor um, ym, va, ya;                  // true layers: the Mamba path's input rows and output, the
+                                          // attention path's input u + exchange * x and output
+};
+
+// The first `rows` rows of every [n, .] view (a true layer's paths run on compacted rows).
+LayerActs first_rows(const LayerActs& s, int rows) {
+  LayerActs r = s;
+  for (Tensor* t : {&r.u, &r.x, &r.z, &r.xc, &r.dt, &r.yg, &r.dbc, &r.q, &r.k, &r.v, &r.lse, &r.inner, &r.um, &r.ym,
+                    &r.va, &r.ya})
+    if (!t->empty()) *t = t->rows_view(0, std::min(rows, t->rows));
+  return r;
+}
+
+// A true layer's routing of the current batch (docs/TRUE_HYBRID.md): the router runs on the host
+// (as inference's does) on the layer's normed input, per sequence from position 0; the paths
+// and the fusion run as backend ops over compacted rows. The indices are global rows of the
+// batch (m_rows, a_rows) or rows of the compacted path outputs (ex_dst into va, ex_src into ym).
+struct TrueState {
+  std::vector<std::vector<float>> feats, r;  // per sequence: analyzer features, routing logits
+  std::vector<th::Routing<float>> rt;        // per sequence
+  std::vector<double> pmean;                 // per sequence: mean_t p_t
+  std::vector<float> u;                      // the layer's normed input on the host [n, D]
+  std::vector<int32_t> m_rows, a_rows, ex_dst, ex_src;
+  std::vector<float> gm, ga;                 // the gates of m_rows' and a_rows' outputs
+  Ragged rgm, rga;                           // the two paths' compacted sequences
+  Buffer idx, gates;                         // device copies: [m_rows | a_rows], [gm | ga]
+  int nm = 0, na = 0;
+  const int32_t* d_m() const { return static_cast<const int32_t*>(idx.data()); }
+  const int32_t* d_a() const { return d_m() + nm; }
+  const float* d_gm() const { return static_cast<const float*>(gates.data()); }
+  const float* d_ga() const { return d_gm() + nm; }
 };
 
 constexpr size_t kAlign = 256;
@@ -75,6 +109,13 @@ struct BatchGrad::Impl {
   Buffer dinn, dq, dk, dv;         // attention backward
   Buffer da, dg, dup;              // MLP backward
   Buffer dW_scratch;               // loss_sum's head gradient (discarded)
+  std::vector<std::unique_ptr<TrueState>> tstate;  // [n_layers]: true layers' routing
+  std::vector<int64_t> seq_count;  // counted targets per sequence (the budget loss's weights)
+  double budget_scale = 0;         // grad_scale / total: a sequence's budget weight is cnt_b times it
+  double inv_total = 0;            // 1 / total: the budget loss's weight per counted target
+  double budget_loss = 0;          // the objective's budget term of the last forward
+  bool recomputing = false;        // grad_ckpt's re-run of a layer (its budget term is counted once)
+  Buffer dym, dya, dvv, dum, hostbuf;  // true layers' backward: path gradients, a host-made [n, D]
 
   Impl(Backend& b, const Params& layout, DType t, bool grad_ckpt) : be(b), lo(layout), ct(t), ckpt(grad_ckpt) {}
 
@@ -101,14 +142,15 @@ struct BatchGrad::Impl {
     Carver cv(base);
     LayerActs s;
     s.u = cv.take(ct, n, D);
-    if (mc.is_attention(i)) {
+    if (mc.has_attention_path(i)) {
       const int H = mc.n_heads, Q = H * mc.head_dim(), KV = mc.n_kv_heads * mc.head_dim();
       s.q = cv.take(ct, n, Q);
       s.k = cv.take(ct, n, KV);
       s.v = cv.take(ct, n, KV);
       s.inner = cv.take(ct, n, Q);
       s.lse = cv.take(DType::F32, n, H);
-    } else {
+    }
+    if (mc.has_mamba_path(i)) {
       const int E = mc.d_inner(), N = mc.d_state, P = mc.resolved_dt_rank() + 2 * N;
       s.x = cv.take(ct, n, E);
       s.z = cv.take(ct, n, E);
@@ -116,7 +158,14 @@ struct BatchGrad::Impl {
       s.dt = cv.take(ct, n, E);
       s.yg = cv.take(ct, n, E);
       s.dbc = cv.take(ct, n, P);
+      // A true layer's Mamba path runs fewer tokens in at most as many sequences: rg's bound holds.
       s.scan = cv.bytes(be.scan_saved_bytes(rg, E, N, 0));
+    }
+    if (mc.is_true(i)) {  // the paths' inputs and outputs, compacted (docs/TRUE_HYBRID.md)
+      s.um = cv.take(ct, n, D);
+      s.ym = cv.take(ct, n, D);
+      s.va = cv.take(ct, n, D);
+      s.ya = cv.take(ct, n, D);
     }
     if (mc.d_ff > 0) {
       s.h2 = cv.take(ct, n, D);
@@ -151,6 +200,12 @@ struct BatchGrad::Impl {
     // holds a layer whose inner output the next bridge reads.
     hin.resize(size_t(mc.n_layers));
     arenas.resize(ckpt ? 1 : size_t(mc.n_layers));
+    tstate.resize(size_t(mc.n_layers));
+    for (int i = 0; i < mc.n_layers; ++i)
+      if (mc.is_true(i) && !tstate[size_t(i)]) tstate[size_t(i)] = std::make_unique<TrueState>();
+    seq_count.assign(size_t(B), 0);
+    for (int b = 0; b < B; ++b)
+      for (int t = 0; t < L; ++t) seq_count[size_t(b)] += targets[int64_t(b) * L + t] >= 0;
     size_t slot = 1, S = 0;
     for (int i = 0; i < mc.n_layers; ++i) {
       hin[size_t(i)].reserve(be, size_t(n) * size_t(mc.d_model) * dtype_size(ct));
@@ -170,66 +225,76 @@ struct BatchGrad::Impl {
 
   // ---- the layers: forward and backward side by side ----
 
-  // out [n, D] = the Mamba mixer of u (ref::grad::mamba_block_forward's math).
-  void mamba_forward(const LayerActs& s, Tensor out, Tensor u, const LayerOffsets& o) {
+  // out [rows, D] = the Mamba mixer of u over the sequences of r (rows = r.n_tokens(): every
+  // token, or a true layer's Mamba tokens); ref::grad::mamba_block_forward's math.
+  void mamba_forward(const LayerActs& s0, Tensor out, Tensor u, const LayerOffsets& o, const Ragged& r) {
     const ModelConfig& mc = c();
     const int D = mc.d_model, E = mc.d_inner(), N = mc.d_state, R = mc.resolved_dt_rank(), P = R + 2 * N;
+    const LayerActs s = first_rows(s0, r.n_tokens());
     const Tensor in_proj = w(o.in_proj, 2 * E, D);
     be.linear(s.x, u, in_proj.rows_view(0, E), false);  // x, z = in_proj(u).chunk(2, dim=-1)
     be.linear(s.z, u, in_proj.rows_view(E, E), false);
-    be.conv1d_silu_train(s.xc, s.x, w(o.conv_w, E, mc.d_conv), w(o.conv_b, 1, E), rg);
+    be.conv1d_silu_train(s.xc, s.x, w(o.conv_w, E, mc.d_conv), w(o.conv_b, 1, E), r);
     be.linear(s.dbc, s.xc, w(o.x_proj, P, E), false);  // dt_r, B, C = x_proj(xc).split([R, N, N])
     be.linear(s.dt, s.dbc.cols_view(0, R), w(o.dt_w, E, R), false);
     be.selective_scan_train(s.yg, s.scan, s.xc, s.dt, w(o.dt_b, 1, E), w32(o.A_log, E, N), s.dbc.cols_view(R, N),
-                            s.dbc.cols_view(R + N, N), w(o.Dskip, 1, E), s.z, 0, rg);
+                            s.dbc.cols_view(R + N, N), w(o.Dskip, 1, E), s.z, 0, r);
     be.linear(out, s.yg, w(o.out_proj, D, E), false);
   }
   // du assigned; dinner (may be empty): the gradient reaching yg from the next layer's bridge.
-  void mamba_backward(Tensor du, Tensor dout, Tensor dinner, Tensor u, const LayerActs& s, const LayerOffsets& o) {
+  void mamba_backward(Tensor du, Tensor dout, Tensor dinner, Tensor u, const LayerActs& s0, const LayerOffsets& o,
+                      const Ragged& r) {
     const ModelConfig& mc = c();
     const int D = mc.d_model, E = mc.d_inner(), N = mc.d_state, K = mc.d_conv, R = mc.resolved_dt_rank(),
-              P = R + 2 * N;
-    const Tensor dYg = a(dyg, E), dXc = a(dxc, E), dDt = a(ddt, E), dZ = a(dz, E), gdbc = a(ddbc, P);
-    if (!dinner.empty()) be.copy(dYg.data, dinner.data, size_t(n) * size_t(E) * dtype_size(ct));
+              P = R + 2 * N, rows = r.n_tokens();
+    const LayerActs s = first_rows(s0, rows);
+    const Tensor dYg = a(dyg, E).rows_view(0, rows), dXc = a(dxc, E).rows_view(0, rows),
+                 dDt = a(ddt, E).rows_view(0, rows), dZ = a(dz, E).rows_view(0, rows),
+                 gdbc = a(ddbc, P).rows_view(0, rows);
+    if (!dinner.empty()) be.copy(dYg.data, dinner.data, size_t(rows) * size_t(E) * dtype_size(ct));
     be.linear_backward(dYg, g(o.out_proj, D, E), dout, s.yg, w(o.out_proj, D, E), !dinner.empty());
     be.selective_scan_backward(dXc, dDt, gdbc.cols_view(R, N), gdbc.cols_view(R + N, N), dZ, g(o.dt_b, 1, E),
                                g(o.A_log, E, N), g(o.Dskip, 1, E), dYg, s.scan, s.xc, s.dt, w(o.dt_b, 1, E),
                                w32(o.A_log, E, N), s.dbc.cols_view(R, N), s.dbc.cols_view(R + N, N),
-                               w(o.Dskip, 1, E), s.z, 0, rg);
+                               w(o.Dskip, 1, E), s.z, 0, r);
     be.linear_backward(gdbc.cols_view(0, R), g(o.dt_w, E, R), dDt, s.dbc.cols_view(0, R), w(o.dt_w, E, R), false);
     // xc feeds both x_proj and the scan: x_proj's gradient adds into dxc
     be.linear_backward(dXc, g(o.x_proj, P, E), gdbc, s.xc, w(o.x_proj, P, E), true);
     const Tensor dx = dYg;  // dyg is dead once the scan's backward is done
     be.conv1d_silu_backward(dx, g(o.conv_w, E, K), g(o.conv_b, 1, E), dXc, s.x, w(o.conv_w, E, K),
-                            w(o.conv_b, 1, E), rg);
+                            w(o.conv_b, 1, E), r);
     const Tensor in_proj = w(o.in_proj, 2 * E, D), gin = g(o.in_proj, 2 * E, D);
     be.linear_backward(du, gin.rows_view(0, E), dx, u, in_proj.rows_view(0, E), false);
     be.linear_backward(du, gin.rows_view(E, E), dZ, u, in_proj.rows_view(E, E), true);
   }
-  void attention_forward(const LayerActs& s, Tensor out, Tensor u, const LayerOffsets& o) {
+  void attention_forward(const LayerActs& s0, Tensor out, Tensor u, const LayerOffsets& o, const Ragged& r) {
     const ModelConfig& mc = c();
     const int D = mc.d_model, H = mc.n_heads, Gk = mc.n_kv_heads, hd = mc.head_dim(), Q = H * hd, KV = Gk * hd;
+    const LayerActs s = first_rows(s0, r.n_tokens());
     be.linear(s.q, u, w(o.wq, Q, D), false);
     be.linear(s.k, u, w(o.wk, KV, D), false);
     be.linear(s.v, u, w(o.wv, KV, D), false);
     if (mc.rope) {
-      be.rope(s.q, H, hd, mc.rope_theta, rg);
-      be.rope(s.k, Gk, hd, mc.rope_theta, rg);
+      be.rope(s.q, H, hd, mc.rope_theta, r);
+      be.rope(s.k, Gk, hd, mc.rope_theta, r);
     }
-    be.attention_train(s.inner, s.lse, s.q, s.k, s.v, H, Gk, hd, rg);
+    be.attention_train(s.inner, s.lse, s.q, s.k, s.v, H, Gk, hd, r);
     be.linear(out, s.inner, w(o.wo, D, Q), false);
   }
-  void attention_backward(Tensor du, Tensor dout, Tensor dinner, Tensor u, const LayerActs& s,
-                          const LayerOffsets& o) {
+  void attention_backward(Tensor du, Tensor dout, Tensor dinner, Tensor u, const LayerActs& s0,
+                          const LayerOffsets& o, const Ragged& r) {
     const ModelConfig& mc = c();
-    const int D = mc.d_model, H = mc.n_heads, Gk = mc.n_kv_heads, hd = mc.head_dim(), Q = H * hd, KV = Gk * hd;
-    const Tensor dI = a(dinn, Q), dQ = a(dq, Q), dK = a(dk, KV), dV = a(dv, KV);
-    if (!dinner.empty()) be.copy(dI.data, dinner.data, size_t(n) * size_t(Q) * dtype_size(ct));
+    const int D = mc.d_model, H = mc.n_heads, Gk = mc.n_kv_heads, hd = mc.head_dim(), Q = H * hd, KV = Gk * hd,
+              rows = r.n_tokens();
+    const LayerActs s = first_rows(s0, rows);
+    const Tensor dI = a(dinn, Q).rows_view(0, rows), dQ = a(dq, Q).rows_view(0, rows),
+                 dK = a(dk, KV).rows_view(0, rows), dV = a(dv, KV).rows_view(0, rows);
+    if (!dinner.empty()) be.copy(dI.data, dinner.data, size_t(rows) * size_t(Q) * dtype_size(ct));
     be.linear_backward(dI, g(o.wo, D, Q), dout, s.inner, w(o.wo, D, Q), !dinner.empty());
-    be.attention_backward(dQ, dK, dV, dI, s.q, s.k, s.v, s.inner, s.lse, H, Gk, hd, rg);
+    be.attention_backward(dQ, dK, dV, dI, s.q, s.k, s.v, s.inner, s.lse, H, Gk, hd, r);
     if (mc.rope) {  // gradients with respect to q, k before the rotation
-      be.rope_backward(dQ, H, hd, mc.rope_theta, rg);
-      be.rope_backward(dK, Gk, hd, mc.rope_theta, rg);
+      be.rope_backward(dQ, H, hd, mc.rope_theta, r);
+      be.rope_backward(dK, Gk, hd, mc.rope_theta, r);
     }
     be.linear_backward(du, g(o.wq, Q, D), dQ, u, w(o.wq, Q, D), false);
     be.linear_backward(du, g(o.wk, KV, D), dK, u, w(o.wk, KV, D), true);
@@ -253,6 +318,229 @@ struct BatchGrad::Impl {
     be.linear_backward(dm, g(o.w_up, F, D), dU, s.m, w(o.w_up, F, D), true);
   }
 
+  // ---- host transfers for a true layer's router (float32 on the host, any type on the device) ----
+  std::vector<float> download(Tensor t) {
+    std::vector<float> out(size_t(t.rows) * size_t(t.cols));
+    if (out.empty()) return out;
+    HM_ASSERT(t.ld == t.cols);
+    if (t.dtype == DType::F32) {
+      be.to_host(out.data(), t.data, sizeof(float) * out.size());
+    } else {
+      std::vector<uint16_t> h16(out.size());
+      be.to_host(h16.data(), t.data, sizeof(uint16_t) * h16.size());
+      convert_to_f32(out.data(), h16.data(), t.dtype, out.size());
+    }
+    return out;
+  }
+  // rows x D floats from the host into hostbuf, in the compute type, as a tensor.
+  Tensor upload(const std::vector<float>& v, int rows, int cols) {
+    const Tensor t = act(be, hostbuf, ct, rows, cols);
+    if (v.empty()) return t;
+    if (ct == DType::F32) {
+      be.to_device(t.data, v.data(), sizeof(float) * v.size());
+    } else {
+      std::vector<uint16_t> h16(v.size());
+      convert_from_f32(h16.data(), ct, v.data(), v.size());
+      be.to_device(t.data, h16.data(), sizeof(uint16_t) * h16.size());
+    }
+    return t;
+  }
+  std::vector<float> param(int64_t off, int count) {
+    std::vector<float> v(static_cast<size_t>(count));
+    be.to_host(v.data(), master + off, sizeof(float) * v.size());
+    return v;
+  }
+  // Adds a host gradient into the float32 arena at off (through a float32 upload).
+  template <class V> void add_grad(int64_t off, const V& v) {
+    std::vector<float> f(v.begin(), v.end());
+    const Tensor t = act(be, hostbuf, DType::F32, 1, int(f.size()));
+    be.to_device(t.data, f.data(), sizeof(float) * f.size());
+    be.add_rows(g(off, 1, int(f.size())), nullptr, t, nullptr, 1, nullptr, Tensor());
+  }
+
+  // A true layer's mixer on s.u (model_grad.cpp's true_mixer_forward over the whole batch):
+  // the router and the route decisions on the host, per sequence from position 0; the Mamba path
+  // over the Mamba tokens of every sequence, the attention path over the attention tokens
+  // (v = u + exchange * the latest Mamba output at or before the token), fused into out [n, D].
+  // A path without tokens does not run; in hard mode neither touches the tokens not chosen.
+  void true_forward(int i, const LayerActs& s, Tensor out, const LayerOffsets& o) {
+    const ModelConfig& mc = c();
+    const int D = mc.d_model, C = mc.routing_chunk, B = rg.nseq();
+    const bool chunked = mc.routing_granularity == "chunk";
+    const th::Mode mode = th::mode_from_config(mc);
+    TrueState& T = *tstate[size_t(i)];
+    T.u = download(s.u);
+    const std::vector<float> rw = param(o.router_w, D), rf = param(o.router_feat, kRouterFeatures),
+                             rb = param(o.router_b, 1);
+    T.feats.resize(size_t(B));
+    T.r.resize(size_t(B));
+    T.rt.resize(size_t(B));
+    T.pmean.assign(size_t(B), 0.0);
+    for (auto* v : {&T.m_rows, &T.a_rows, &T.ex_dst, &T.ex_src}) v->clear();
+    T.gm.clear();
+    T.ga.clear();
+    T.rgm.clear();
+    T.rga.clear();
+    for (int b = 0; b < B; ++b) {
+      const int L = rg.len(b), t0 = rg.start(b);
+      std::vector<float>&f = T.feats[size_t(b)], &r = T.r[size_t(b)];
+      f.resize(size_t(L) * kRouterFeatures);
+      r.resize(size_t(L));
+      std::vector<float> ema(size_t(D), 0.0f);  // whole sequences: the analyzer starts empty
+      float chunk_logit = 0;
+      th::router_forward(r.data(), f.data(), ema.data(), chunk_logit, T.u.data() + int64_t(t0) * D, L, D, int64_t(0),
+                         rw.data(), rf.data(), rb.data(), chunked, C);
+      th::decide_routes(T.rt[size_t(b)], r.data(), L, 0, mode, -1.0);
+      const th::Routing<float>& rt = T.rt[size_t(b)];
+      const int m0 = int(T.m_rows.size()), a0 = int(T.a_rows.size());
+      for (int j : rt.mamba_idx) {
+        T.m_rows.push_back(t0 + j);
+        T.gm.push_back(rt.gm[size_t(j)]);
+      }
+      for (size_t k = 0; k < rt.attn_idx.size(); ++k) {
+        T.a_rows.push_back(t0 + rt.attn_idx[k]);
+        T.ga.push_back(rt.ga[size_t(rt.attn_idx[k])]);
+        if (rt.carry[k] >= 0) {
+          T.ex_dst.push_back(a0 + int(k));
+          T.ex_src.push_back(m0 + rt.carry[k]);
+        }
+      }
+      T.rgm.add(b, int(rt.mamba_idx.size()), 0);
+      T.rga.add(b, int(rt.attn_idx.size()), 0);
+      double ps = 0;
+      for (const float pt : rt.p) ps += double(pt);
+      T.pmean[size_t(b)] = ps / double(L);
+      if (mode != th::Mode::Both && !recomputing) {
+        const double e = T.pmean[size_t(b)] - double(mc.attention_budget);
+        budget_loss += double(seq_count[size_t(b)]) * inv_total * double(mc.budget_loss_weight) * e * e;
+      }
+    }
+    T.nm = int(T.m_rows.size());
+    T.na = int(T.a_rows.size());
+    std::vector<int32_t> idx(T.m_rows);
+    for (const auto* v : {&T.a_rows, &T.ex_dst, &T.ex_src}) idx.insert(idx.end(), v->begin(), v->end());
+    std::vector<float> gates(T.gm);
+    gates.insert(gates.end(), T.ga.begin(), T.ga.end());
+    T.idx.reserve(be, sizeof(int32_t) * std::max<size_t>(1, idx.size()));
+    T.gates.reserve(be, sizeof(float) * std::max<size_t>(1, gates.size()));
+    be.to_device(T.idx.data(), idx.data(), sizeof(int32_t) * idx.size());
+    be.to_device(T.gates.data(), gates.data(), sizeof(float) * gates.size());
+    T.rgm.upload(be);
+    T.rga.upload(be);
+    const int nm = T.nm, na = T.na, nex = int(T.ex_dst.size());
+    const int32_t* d_exdst = T.d_a() + na;
+    const int32_t* d_exsrc = d_exdst + nex;
+    const Tensor ym = s.ym.rows_view(0, nm), ya = s.ya.rows_view(0, na);
+    if (nm > 0) {
+      const Tensor um = s.um.rows_view(0, nm);
+      be.copy_rows(um, nullptr, s.u, T.d_m(), nm);
+      mamba_forward(s, ym, um, o, T.rgm);
+    }
+    if (na > 0) {
+      const Tensor va = s.va.rows_view(0, na);
+      be.copy_rows(va, nullptr, s.u, T.d_a(), na);
+      if (nex > 0) be.add_rows(va, d_exdst, ym, d_exsrc, nex, nullptr, w(o.exchange, 1, D));
+      attention_forward(s, ya, va, o, T.rga);
+    }
+    // out_t = gm_t fuse_mamba * ym_t + ga_t fuse_attn * ya_t; a path that did not run adds nothing.
+    be.memzero(out.data, size_t(n) * size_t(D) * dtype_size(ct));
+    if (nm > 0) be.add_rows(out, T.d_m(), ym, nullptr, nm, T.d_gm(), w(o.fuse_mamba, 1, D));
+    if (na > 0) be.add_rows(out, T.d_a(), ya, nullptr, na, T.d_ga(), w(o.fuse_attn, 1, D));
+  }
+
+  // Its gradient (model_grad.cpp's true_mixer_backward): du [n, D] assigned from dout. The gates'
+  // and exchange's dot products, the router and the budget loss on the host; the paths' backward
+  // passes and the row scatters as backend ops.
+  void true_backward(int i, Tensor du, Tensor dout, const LayerActs& s, const LayerOffsets& o) {
+    const ModelConfig& mc = c();
+    const int D = mc.d_model, C = mc.routing_chunk, B = rg.nseq();
+    const bool chunked = mc.routing_granularity == "chunk";
+    const th::Mode mode = th::mode_from_config(mc);
+    TrueState& T = *tstate[size_t(i)];
+    const int nm = T.nm, na = T.na, nex = int(T.ex_dst.size());
+    const std::vector<float> go = download(dout), ymh = download(s.ym.rows_view(0, nm)),
+                             yah = download(s.ya.rows_view(0, na));
+    const std::vector<float> fm = param(o.fuse_mamba, D), fa = param(o.fuse_attn, D), ex = param(o.exchange, D);
+    std::vector<double> dfm(size_t(D), 0.0), dfa(size_t(D), 0.0), dex(size_t(D), 0.0), dprob(size_t(n), 0.0);
+    auto gate_dots = [&](const std::vector<int32_t>& rows, const std::vector<float>& gates, const std::vector<float>& y,
+                         const std::vector<float>& f, std::vector<double>& df, double sign) {
+      for (size_t j = 0; j < rows.size(); ++j) {
+        const float* yj = y.data() + j * size_t(D);
+        const float* gj = go.data() + size_t(rows[j]) * size_t(D);
+        double dgate = 0;
+        for (int d = 0; d < D; ++d) {
+          df[size_t(d)] += double(gates[j]) * yj[d] * gj[d];
+          dgate += double(f[size_t(d)]) * yj[d] * gj[d];
+        }
+        dprob[size_t(rows[j])] += sign * dgate;
+      }
+    };
+    gate_dots(T.m_rows, T.gm, ymh, fm, dfm, -1.0);  // gm = 1 - p
+    gate_dots(T.a_rows, T.ga, yah, fa, dfa, 1.0);   // ga = p
+    // The paths' output gradients: dy = gate * fuse ⊙ dout at their tokens.
+    const Tensor dYm = act(be, dym, ct, n, D).rows_view(0, nm), dYa = act(be, dya, ct, n, D).rows_view(0, na);
+    if (nm > 0) {
+      be.memzero(dYm.data, size_t(nm) * D * dtype_size(ct));
+      be.add_rows(dYm, nullptr, dout, T.d_m(), nm, T.d_gm(), w(o.fuse_mamba, 1, D));
+    }
+    if (na > 0) {
+      be.memzero(dYa.data, size_t(na) * D * dtype_size(ct));
+      be.add_rows(dYa, nullptr, dout, T.d_a(), na, T.d_ga(), w(o.fuse_attn, 1, D));
+    }
+    be.memzero(du.data, size_t(n) * size_t(D) * dtype_size(ct));
+    // Attention first: v = u + exchange * x sends gradient to the Mamba output x was carried from.
+    if (na > 0) {
+      const Tensor dV = act(be, dvv, ct, n, D).rows_view(0, na);
+      attention_backward(dV, dYa, Tensor(), s.va.rows_view(0, na), s, o, T.rga);
+      be.add_rows(du, T.d_a(), dV, nullptr, na, nullptr, Tensor());
+      if (nex > 0) {  // several attention tokens may carry one Mamba row: summed on the host
+        const std::vector<float> dvh = download(dV);
+        std::vector<float> extra(size_t(nm) * size_t(D), 0.0f);
+        for (int e = 0; e < nex; ++e) {
+          const float* dvk = dvh.data() + size_t(T.ex_dst[size_t(e)]) * size_t(D);
+          const size_t src = size_t(T.ex_src[size_t(e)]) * size_t(D);
+          for (int d = 0; d < D; ++d) {
+            dex[size_t(d)] += double(dvk[d]) * ymh[src + size_t(d)];
+            extra[src + size_t(d)] += ex[size_t(d)] * dvk[d];
+          }
+        }
+        be.add_rows(dYm, nullptr, upload(extra, nm, D), nullptr, nm, nullptr, Tensor());
+      }
+    }
+    if (nm > 0) {
+      const Tensor dUm = act(be, dum, ct, n, D).rows_view(0, nm);
+      mamba_backward(dUm, dYm, Tensor(), s.um.rows_view(0, nm), s, o, T.rgm);
+      be.add_rows(du, T.d_m(), dUm, nullptr, nm, nullptr, Tensor());
+    }
+    add_grad(o.fuse_mamba, dfm);
+    add_grad(o.fuse_attn, dfa);
+    add_grad(o.exchange, dex);
+    if (mode == th::Mode::Both) return;  // constant gates, no budget: no router gradient
+    // The router: dr_t = (dL/dp_t + the budget term's) p (1 - p); budget weight cnt_b x
+    // budget_scale, as the cross-entropy weighs the sequence.
+    const std::vector<float> rw = param(o.router_w, D);
+    std::vector<float> duh(size_t(n) * size_t(D), 0.0f), dw(size_t(D), 0.0f), dfw(size_t(kRouterFeatures), 0.0f),
+        db(1, 0.0f);
+    for (int b = 0; b < B; ++b) {
+      const int L = rg.len(b), t0 = rg.start(b);
+      const th::Routing<float>& rt = T.rt[size_t(b)];
+      const double share = budget_scale * double(seq_count[size_t(b)]);
+      const double dbud = share * double(mc.budget_loss_weight) * 2.0 *
+                          (T.pmean[size_t(b)] - double(mc.attention_budget)) / double(L);
+      std::vector<float> dr(static_cast<size_t>(L));
+      for (int t = 0; t < L; ++t) {
+        const double pt = rt.p[size_t(t)];
+        dr[size_t(t)] = float((dprob[size_t(t0 + t)] + dbud) * pt * (1 - pt));
+      }
+      th::router_backward(duh.data() + int64_t(t0) * D, dw.data(), dfw.data(), db.data(), dr.data(),
+                          T.feats[size_t(b)].data(), T.u.data() + int64_t(t0) * D, rw.data(), L, D, chunked, C);
+    }
+    be.add_rows(du, nullptr, upload(duh, n, D), nullptr, n, nullptr, Tensor());
+    add_grad(o.router_w, dw);
+    add_grad(o.router_feat, dfw);
+    add_grad(o.router_b, db);
+  }
+
   // Layer i's inner representation (y * silu(z) or the head contexts): the next bridge's source.
   // With ckpt, valid while the slot holds layer i.
   Tensor inner(int i) {
@@ -270,10 +558,12 @@ struct BatchGrad::Impl {
     const LayerOffsets& o = lo.layers[size_t(i)];
     const LayerActs s = acts(i);
     be.rmsnorm(s.u, H, w(o.norm, 1, D), eps);
-    if (mc.is_attention(i))
-      attention_forward(s, O, s.u, o);
+    if (mc.is_true(i))
+      true_forward(i, s, O, o);
+    else if (mc.is_attention(i))
+      attention_forward(s, O, s.u, o, rg);
     else
-      mamba_forward(s, O, s.u, o);
+      mamba_forward(s, O, s.u, o, rg);
     be.add_rows(H, nullptr, O, nullptr, n, nullptr, Tensor());
     if (mc.d_ff > 0) {
       be.copy(s.h2.data, H.data, size_t(n) * D * dtype_size(ct));
@@ -288,7 +578,9 @@ struct BatchGrad::Impl {
     const int D = c().d_model;
     const Tensor H = a(h, D), O = a(mix, D);
     be.copy(H.data, hin[size_t(i)].data(), size_t(n) * D * dtype_size(ct));
+    recomputing = true;
     layer_forward(i, H, O);
+    recomputing = false;
   }
 
   // The whole forward, every layer's activations kept (with ckpt: each layer's input, and the
@@ -334,10 +626,12 @@ struct BatchGrad::Impl {
         mlp_backward(dT, dH, s, o);
         be.rmsnorm_backward(dH, g(o.mlp_norm, 1, D), dT, s.h2, w(o.mlp_norm, 1, D), eps, true);
       }
-      if (mc.is_attention(i))
-        attention_backward(dT, dH, dI, s.u, s, o);
+      if (mc.is_true(i))
+        true_backward(i, dT, dH, s, o);
+      else if (mc.is_attention(i))
+        attention_backward(dT, dH, dI, s.u, s, o, rg);
       else
-        mamba_backward(dT, dH, dI, s.u, s, o);
+        mamba_backward(dT, dH, dI, s.u, s, o, rg);
       be.rmsnorm_backward(dH, g(o.norm, 1, D), dT, hi, w(o.norm, 1, D), eps, true);
       // Layer i's activations are dead: the slot takes layer i-1, whose inner output the bridge needs.
       if (ckpt && i > 0) recompute(i - 1);
@@ -363,9 +657,6 @@ BatchGrad::BatchGrad(Backend& be, const Params& layout, DType compute, bool grad
   HM_CHECK(be.supports(compute), be.name(), " backend: training cannot compute in ", compute_dtype_name(compute));
   const std::string no = training_unsupported(c);
   HM_CHECK(no.empty(), "training: the model has no backward pass yet: ", no);
-  for (int i = 0; i < c.n_layers; ++i)
-    HM_CHECK(!c.is_true(i), "training on the ", be.name(), " backend: layer ", i,
-             " is a True Hybrid layer, whose router and fusion train on the CPU only so far (--device cpu)");
 }
 
 BatchGrad::~BatchGrad() = default;
@@ -403,6 +694,9 @@ double BatchGrad::loss_and_grad(float* grads, const int32_t* tokens, const int32
   HM_CHECK(int64_t(B) * L <= INT32_MAX, "training: a batch of ", B, " x ", L, " tokens is too large");
   I.G = grads;
   I.begin(tokens, targets, B, L);
+  I.inv_total = 1.0 / double(total);
+  I.budget_scale = grad_scale / double(total);
+  I.budget_loss = 0;
   const Tensor HN = I.forward();
   const int D = I.c().d_model, V = I.c().vocab_size;
   const Tensor dHN = I.a(I.dhn, D);
@@ -418,6 +712,8 @@ double BatchGrad::loss_sum(const int32_t* tokens, const int32_t* targets, int B,
   if (counted) *counted = total;
   if (total == 0) return 0.0;
   I.begin(tokens, targets, B, L);
+  I.inv_total = 1.0 / double(total);
+  I.budget_loss = 0;
   const Tensor HN = I.forward();
   const int D = I.c().d_model, V = I.c().vocab_size;
   // The fused head also forms gradients: scale 0 and a scratch dW, discarded.
@@ -426,13 +722,15 @@ double BatchGrad::loss_sum(const int32_t* tokens, const int32_t* targets, int B,
                                  static_cast<const int32_t*>(I.tgts.data()), 0.0);
 }
 
+double BatchGrad::budget_loss() const { return impl_->budget_loss; }
+
 size_t BatchGrad::activation_bytes() const {
   const Impl& I = *impl_;
   size_t b = I.bnb.bytes();
   for (const Buffer& x : I.hin) b += x.bytes();
   for (const Buffer& x : I.arenas) b += x.bytes();
   for (const Buffer* x : {&I.h, &I.mix, &I.hn, &I.p, &I.dh, &I.dtmp, &I.dbridge, &I.dy, &I.dhn, &I.dp, &I.dyg, &I.dxc,
-                          &I.ddt, &I.dz, &I.ddbc, &I.dinn, &I.dq, &I.dk, &I.dv, &I.da, &I.dg, &I.dup, &I.dW_scratch})
+                          &I.ddt, &I.dz, &I.ddbc, &I.dinn, &I.dq, &I.dk, &I.dv, &I.da, &I.dg, &I.dup, &I.dW_scratch, &I.dym, &I.dya, &I.dvv, &I.dum, &I.hostbuf})
     b += x->bytes();
   return b;
 }

@@ -16,8 +16,9 @@
 // done, which also rebuilds the inner output layer i's bridge needs. The same ops on the same
 // inputs, so loss and gradients are bit-identical to grad_ckpt off, for about one more forward.
 //
-// Not yet: True Hybrid layers (their router and fusion have no ops): the constructor says so by
-// name.
+// True Hybrid layers train on cross-entropy + budget loss as model_grad.h describes: the router,
+// the route decisions and the gates' dot products run on the host (as inference's router does),
+// the two paths over their compacted tokens and the fusion as backend ops.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -56,6 +57,9 @@ class BatchGrad {
   // [n, d_inner], dt_r|B|C, scan states; an attention layer's q, k, v, contexts, lse; the MLP's);
   // with it: per layer the stream, plus one slot as large as the largest layer.
   size_t activation_bytes() const;
+  // The objective's budget term of the last call (True Hybrid models; 0 otherwise), weighted as
+  // loss_and_grad's *aux_loss; loss_and_grad and loss_sum return the cross-entropy alone.
+  double budget_loss() const;
   DType compute() const;
   bool grad_ckpt() const;
 

@@ -910,9 +910,6 @@ EvalResult evaluate(const std::string& model_dir, const std::string& data_path, 
              "that runs on the CPU for evaluation (--device cpu)");
     HM_CHECK(trainable, dev, dir.string(), ": ", untrainable, "; such a model is scored through the inference "
              "forward, on the CPU (--device cpu)");
-    for (int i = 0; i < model->config().n_layers; ++i)
-      HM_CHECK(!model->config().is_true(i), dev, dir.string(), ": layer ", i, " is a True Hybrid layer, whose "
-               "router and fusion have no device ops yet; evaluate it with --device cpu");
     DeviceModel dm(where.device, where.compute, false, model->params());
     e = eval_stream(dm, valid, seq_len, max_tokens, batch);
   } else {
