@@ -37,9 +37,11 @@ void ck(cudaError_t e, const char* what) {
 template <class T> T to_t(float v);
 template <> float to_t<float>(float v) { return v; }
 template <> __nv_bfloat16 to_t<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> __half to_t<__half>(float v) { return __float2half_rn(v); }
 template <class T> const char* type_name();
 template <> const char* type_name<float>() { return "f32"; }
 template <> const char* type_name<__nv_bfloat16>() { return "bf16"; }
+template <> const char* type_name<__half>() { return "f16"; }
 
 // Device array of n random values in [lo, hi) (never zeros: METHOD.md).
 template <class T>
@@ -263,10 +265,13 @@ void bench_scan_train(int nseq, int E, int L, int N, double hbm) {
   const double ms_bwd = time_ms([&](int) {
     hm::cuda::selective_scan_backward<T, float>(gd, dy, E, static_cast<const float*>(saved), in, rb, sh, ws, nullptr);
   });
+  // The forward reads x, dt, z, B, C and writes y; the backward as above.
+  const double fwd_bytes = double(T_) * (4.0 * E + 2.0 * N) * sizeof(T);
   const double bwd_bytes = double(T_) * (8.0 * E + 4.0 * N) * sizeof(T);
-  std::printf("scan train    %-4s B %-2d E %-4d L %-4d N %-2d  prefill %.4f ms  train fwd %.4f ms  bwd %.4f ms "
-              "(%.0f GB/s %4.1f%% HBM)  fwd+bwd %.2fx prefill  saved %.1f MB  workspace %.1f MB\n",
-              type_name<T>(), nseq, E, L, N, ms_inf, ms_fwd, ms_bwd, bwd_bytes / (ms_bwd * 1e-3) / 1e9,
+  std::printf("scan train    %-4s B %-2d E %-4d L %-4d N %-2d  prefill %.4f ms  train fwd %.4f ms (%.0f GB/s)  "
+              "bwd %.4f ms (%.0f GB/s %4.1f%% HBM)  fwd+bwd %.2fx prefill  saved %.1f MB  workspace %.1f MB\n",
+              type_name<T>(), nseq, E, L, N, ms_inf, ms_fwd, fwd_bytes / (ms_fwd * 1e-3) / 1e9, ms_bwd,
+              bwd_bytes / (ms_bwd * 1e-3) / 1e9,
               100.0 * bwd_bytes / (ms_bwd * 1e-3) / 1e9 / hbm, (ms_fwd + ms_bwd) / ms_inf,
               double(hm::cuda::scan_train_saved_bytes(sh)) / 1e6, double(ws_bytes) / 1e6);
   {
@@ -436,6 +441,9 @@ int main(int argc, char** argv) {
   bench_scan<__nv_bfloat16>(1, 4096, 2048, 16, hbm, 0);
   bench_scan<float>(8, 2048, 2048, 16, hbm, 1.16);
   bench_scan_train<__nv_bfloat16>(8, 1536, 2048, 16, hbm);
+  bench_scan_train<__nv_bfloat16>(8, 2048, 2048, 16, hbm);  // mamba_ssm's fwd + bwd here: 3.1 ms
+  bench_scan_train<__half>(8, 1536, 2048, 16, hbm);
+  bench_scan_train<float>(8, 1536, 2048, 16, hbm);
   for (int nseq : {1, 16, 64}) bench_step<__nv_bfloat16>(nseq, 4096, 16, 4, hbm);
   for (int nseq : {1, 16, 64}) bench_step<__nv_bfloat16>(nseq, 1536, 16, 4, hbm);
   bench_attention<__nv_bfloat16>(true, 8, 2048, 8, 8, 64, hbm);

@@ -292,6 +292,13 @@ TEST_P(CudaGradMamba, ScanN16MatchesCpu) {
   for (int chunk : {0, 16, 37, 100}) run_scan(*gpu_, *cpu_, T(), G(), kScanLens, 67, 16, chunk, uint64_t(seed++));
 }
 
+// Several chunks and groups per sequence, E past two blocks of 64 channels and not a multiple
+// of them, a 1-token sequence and one ending one token into its last sub-chunk of 8.
+TEST_P(CudaGradMamba, ScanLongSequencesMatchCpu) {
+  run_scan(*gpu_, *cpu_, T(), G(), {700, 1, 129, 321}, 130, 16, 0, 30);
+  run_scan(*gpu_, *cpu_, T(), G(), {700, 1, 129}, 130, 12, 200, 31);
+}
+
 TEST_P(CudaGradMamba, ScanOddNMatchesCpu) {
   run_scan(*gpu_, *cpu_, T(), G(), kScanLens, 67, 5, 0, 20);   // 4 lanes, states past N padded
   run_scan(*gpu_, *cpu_, T(), G(), kScanLens, 19, 23, 37, 21);  // 16 lanes per channel

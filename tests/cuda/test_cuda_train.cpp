@@ -136,6 +136,38 @@ TEST(CudaTrain, BatchGradMatchesCpu) {
   }
 }
 
+// True Hybrid layers (router on the host, paths as ops) on the GPU against the CPU backend, f32:
+// soft and both run every token on both paths; hard compacts them (a route could flip where a
+// logit is within rounding of 0, so hard checks the loss only, and the routing is printed).
+TEST(CudaTrain, TrueHybridMatchesCpu) {
+  if (!has_gpu()) GTEST_SKIP() << "no CUDA device";
+  auto gpu = make_backend(Device::CUDA);
+  auto cpu = make_cpu_backend();
+  for (const char* mode : {"soft", "both", "hard"}) {
+    ModelConfig c = preset("true-tiny");
+    c.routing_mode = mode;
+    c.attention_budget = 0.3f;
+    c.budget_loss_weight = 0.5f;
+    validate(c);
+    Params p(c);
+    test::randomize_params(p, 15);
+    const test::TokenBatch b = test::make_batch(3, 61, c.vocab_size, 16);
+    double l_cpu = 0, l_gpu = 0;
+    const std::vector<float> g_cpu = grads_on(*cpu, p, DType::F32, b, &l_cpu);
+    const std::vector<float> g_gpu = grads_on(*gpu, p, DType::F32, b, &l_gpu);
+    const auto [err, name] = test::worst_tensor_err(p, g_gpu.data(), g_cpu.data());
+    std::printf("  true-tiny %s, f32: loss %.7f vs cpu %.7f; worst tensor %s: %.2e\n", mode, l_gpu, l_cpu,
+                name.c_str(), err);
+    EXPECT_NEAR(l_gpu, l_cpu, 1e-5 * l_cpu) << mode;
+    if (std::string(mode) != "hard") {
+      EXPECT_LE(err, 1e-4) << mode << " " << name;
+    }
+    double l16 = 0;
+    grads_on(*gpu, p, DType::BF16, b, &l16);
+    EXPECT_NEAR(l16, l_cpu, 1e-2 * l_cpu) << mode << " bf16";
+  }
+}
+
 TEST(CudaTrain, OptimizerOpsMatchCpu) {
   if (!has_gpu()) GTEST_SKIP() << "no CUDA device";
   auto gpu = make_backend(Device::CUDA);

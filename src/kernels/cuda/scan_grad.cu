@@ -34,7 +34,7 @@ struct Cfg {
   static constexpr int CW = 32 / NL;                // channels per warp
   static constexpr int W = TPB / 32;                // warps per block
   static constexpr int RV = 2 * kNpl / CW;          // dB, dC sums a lane holds after the reduce-scatter
-  static_assert(RV >= 1 && NL <= 32, "layout");
+  static_assert(RV >= 1 && NL <= 32 && W * 32 == TPB, "layout");
 };
 
 // The fast forms the inference scan uses: exp2f (one MUFU op, 2 ulp) for the decay
@@ -415,6 +415,317 @@ __global__ void __launch_bounds__(Cfg<NM>::TPB) grad_kernel(
   }
 }
 
+// ---- The fast path for N <= 16 (Mamba-1's d_state): 2 lanes per channel, 8 states per lane ----
+// Lane q of channel ch holds states n = 8 q + k (k < 8), so B and C of a token are two float4
+// reads from shared memory, and the sums over n (y, ddelta, dx) are one shuffle. A block of
+// kFCh channels stages a tile of R tokens at a time (x, dt + dt_bias and its softplus, z, dy as
+// floats, B and C padded to 16 with zeros) with one pair of barriers: every input is read from
+// global memory once per pass, 16 to 32 bytes per row of the block, not once per state lane.
+// States past N have A = 0 and B = C = 0: they stay 0 and add nothing.
+constexpr int kFCh = 64;          // channels per block
+constexpr int kFT = 2 * kFCh;     // threads per block
+constexpr int kSpt = 8;           // states per lane
+constexpr int kFTile = 16;        // tokens per tile in the forward and the adjoint pass
+constexpr float kLn2 = 0.6931471805599453f;
+static_assert(kFCh == Cfg<16>::CPB, "part_bc is carved for Cfg<16>'s blocks of channels");
+
+template <int R>
+struct Tile {
+  float B[R * 16], C[R * 16];  // [i][n], first: 16-byte aligned with the struct
+  float x[R * kFCh], pre[R * kFCh], delta[R * kFCh], z[R * kFCh], dy[R * kFCh];  // [i][channel]
+};
+enum Stage { kStX = 1, kStZ = 2, kStDy = 4, kStB = 8, kStC = 16 };
+
+// Rows [row, row + nrows) (nrows <= R) of the block's channels into tl; rows past nrows and
+// channels past E are zeros. Every thread of the block calls it (it synchronizes).
+template <class T, int R>
+__device__ __forceinline__ void stage_tile(Tile<R>& tl, const ScanTrainIn<T>& in, const T* __restrict__ dy,
+                                           int lddy, int row, int nrows, int E, int N, int what) {
+  __syncthreads();  // the previous tile (and whatever else the block shares) is consumed
+  const int e0 = blockIdx.x * kFCh;
+  for (int idx = threadIdx.x; idx < R * kFCh; idx += kFT) {
+    const int i = idx / kFCh, e = e0 + idx % kFCh;
+    float pre = 0.0f, xv = 0.0f, zv = 0.0f, dv = 0.0f;
+    if (i < nrows && e < E) {
+      const size_t r = size_t(row + i);
+      pre = to_f(in.dt[r * in.lddt + e]) + to_f(in.dt_bias[e]);
+      if (what & kStX) xv = to_f(in.x[r * in.ldx + e]);
+      if (what & kStZ) zv = to_f(in.z[r * in.ldz + e]);
+      if (what & kStDy) dv = to_f(dy[r * lddy + e]);
+    }
+    tl.pre[idx] = pre;
+    tl.delta[idx] = softplus_acc(pre);
+    tl.x[idx] = xv;
+    tl.z[idx] = zv;
+    tl.dy[idx] = dv;
+  }
+  for (int idx = threadIdx.x; idx < R * 16; idx += kFT) {
+    const int i = idx / 16, n = idx % 16;
+    const bool ok = i < nrows && n < N;
+    const size_t r = size_t(row + (ok ? i : 0)) * in.ldbc + n;
+    tl.B[idx] = ok && (what & kStB) ? to_f(in.B[r]) : 0.0f;
+    tl.C[idx] = ok && (what & kStC) ? to_f(in.C[r]) : 0.0f;
+  }
+  __syncthreads();
+}
+
+// The 8 values of this lane's states from a [16] row of shared memory.
+__device__ __forceinline__ void load8(float (&v)[kSpt], const float* row16, int q) {
+  const float4 a = reinterpret_cast<const float4*>(row16)[2 * q], b = reinterpret_cast<const float4*>(row16)[2 * q + 1];
+  v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+  v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+
+// The per-thread view: channel (clamped for idle lanes, which compute on channel 0 and store
+// nothing), lane, A log2 e of its states, Dskip.
+struct FLane {
+  int q, ch, e, ec;
+  bool on;
+  float A2[kSpt];
+  float dsk;
+  template <class T>
+  __device__ FLane(const float* Aall, const T* Dskip, int E, int N) {
+    q = threadIdx.x & 1;
+    ch = threadIdx.x >> 1;
+    e = blockIdx.x * kFCh + ch;
+    on = e < E;
+    ec = on ? e : 0;
+#pragma unroll
+    for (int k = 0; k < kSpt; ++k) A2[k] = n(k) < N ? Aall[size_t(ec) * N + n(k)] * kLog2e : 0.0f;
+    dsk = to_f(Dskip[ec]);
+  }
+  __device__ int n(int k) const { return kSpt * q + k; }
+};
+
+// h = exp(delta A) h + delta B x at row i of the tile.
+template <int R>
+__device__ __forceinline__ void fstep(float (&h)[kSpt], const FLane& c, const Tile<R>& tl, int i) {
+  const float delta = tl.delta[i * kFCh + c.ch], dx = delta * tl.x[i * kFCh + c.ch];
+  float Bv[kSpt];
+  load8(Bv, tl.B + i * 16, c.q);
+#pragma unroll
+  for (int k = 0; k < kSpt; ++k) h[k] = exp2f(delta * c.A2[k]) * h[k] + dx * Bv[k];
+}
+
+// train_fwd_kernel's two passes on the fast layout.
+template <class T, FwdPass P>
+__global__ void __launch_bounds__(kFT) fast_fwd_kernel(T* __restrict__ y, int ldy, const ScanTrainIn<T> in,
+                                                       const float* __restrict__ A, const int32_t* __restrict__ cu,
+                                                       const int32_t* __restrict__ goff, int E, int N, int chunk,
+                                                       float* ws_state, float* ws_sum) {
+  __shared__ __align__(16) Tile<kFTile> tl;
+  const int g = blockIdx.y, s = blockIdx.z;
+  const int row0 = cu[s], L = cu[s + 1] - row0;
+  if (g >= groups_of(L, chunk)) return;  // uniform over the block
+  const Group gr = group_at(g, L, chunk);
+  const FLane c(A, in.Dskip, E, N);
+  const size_t gi = size_t(goff[s] + g) * E + c.ec;  // [group, e]
+  float h[kSpt];
+#pragma unroll
+  for (int k = 0; k < kSpt; ++k) h[k] = P == kOut && c.n(k) < N ? ws_state[gi * N + c.n(k)] : 0.0f;
+  float sum_delta = 0.0f;
+  for (int t0 = 0; t0 < gr.len; t0 += kFTile) {
+    const int nt = min(kFTile, gr.len - t0), rt = row0 + gr.t0 + t0;
+    stage_tile<T, kFTile>(tl, in, nullptr, 0, rt, nt, E, N, P == kOut ? kStX | kStZ | kStB | kStC : kStX | kStB);
+    for (int i = 0; i < nt; ++i) {
+      fstep(h, c, tl, i);
+      if constexpr (P == kOut) {
+        float Cv[kSpt];
+        load8(Cv, tl.C + i * 16, c.q);
+        float acc = 0.0f;
+#pragma unroll
+        for (int k = 0; k < kSpt; ++k) acc += h[k] * Cv[k];
+        acc += __shfl_xor_sync(0xffffffffu, acc, 1);  // yc = h . C + D x; y = yc silu(z)
+        if (c.on && c.q == 0) {
+          const float xv = tl.x[i * kFCh + c.ch];
+          y[size_t(rt + i) * ldy + c.e] = from_f<T>((acc + c.dsk * xv) * silu(tl.z[i * kFCh + c.ch]));
+        }
+      } else {
+        sum_delta += tl.delta[i * kFCh + c.ch];
+      }
+    }
+  }
+  if (P == kLocal && c.on) {
+#pragma unroll
+    for (int k = 0; k < kSpt; ++k)
+      if (c.n(k) < N) ws_state[gi * N + c.n(k)] = h[k];
+    if (c.q == 0) ws_sum[gi] = sum_delta;
+  }
+}
+
+// grad_local_kernel on the fast layout: each group from its end with a zero adjoint.
+template <class T>
+__global__ void __launch_bounds__(kFT) fast_grad_local_kernel(const T* __restrict__ dy, int lddy,
+                                                              const ScanTrainIn<T> in, const float* __restrict__ A,
+                                                              const int32_t* __restrict__ cu,
+                                                              const int32_t* __restrict__ goff, int E, int N,
+                                                              int chunk, float* ws_g, float* ws_sum) {
+  __shared__ __align__(16) Tile<kFTile> tl;
+  const int g = blockIdx.y, s = blockIdx.z;
+  const int row0 = cu[s], L = cu[s + 1] - row0;
+  if (g >= groups_of(L, chunk)) return;
+  const Group gr = group_at(g, L, chunk);
+  const FLane c(A, in.Dskip, E, N);
+  float gk[kSpt] = {};
+  float sum_delta = 0.0f;
+  for (int t0 = (gr.len - 1) / kFTile * kFTile; t0 >= 0; t0 -= kFTile) {
+    const int nt = min(kFTile, gr.len - t0);
+    stage_tile<T, kFTile>(tl, in, dy, lddy, row0 + gr.t0 + t0, nt, E, N, kStZ | kStDy | kStC);
+    for (int i = nt - 1; i >= 0; --i) {
+      const float delta = tl.delta[i * kFCh + c.ch], zv = tl.z[i * kFCh + c.ch];
+      const float dyc = tl.dy[i * kFCh + c.ch] * zv * sigmoid(zv);
+      float Cv[kSpt];
+      load8(Cv, tl.C + i * 16, c.q);
+#pragma unroll
+      for (int k = 0; k < kSpt; ++k) gk[k] = (gk[k] + dyc * Cv[k]) * exp2f(delta * c.A2[k]);
+      sum_delta += delta;
+    }
+  }
+  if (!c.on) return;
+  const size_t gi = size_t(goff[s] + g) * E + c.e;
+#pragma unroll
+  for (int k = 0; k < kSpt; ++k)
+    if (c.n(k) < N) ws_g[gi * N + c.n(k)] = gk[k];
+  if (c.q == 0) ws_sum[gi] = sum_delta;
+}
+
+// grad_kernel on the fast layout (same outputs and workspace layout). The state entering each
+// sub-chunk of kSub tokens stays in registers; a sub-chunk's tile is staged once, its kSub
+// states recomputed into `stash`, then walked in reverse.
+template <class T>
+__global__ void __launch_bounds__(kFT, 3) fast_grad_kernel(
+    const ScanTrainGrad<T, float> gr_out, const T* __restrict__ dy, int lddy, const float* __restrict__ saved,
+    const ScanTrainIn<T> in, const float* __restrict__ A, const int32_t* __restrict__ cu,
+    const int32_t* __restrict__ coff, const int32_t* __restrict__ goff, int E, int N, int chunk, int n_tokens,
+    float* ws_g, float* __restrict__ part_e, float* __restrict__ part_bc) {
+  constexpr int W = kFT / 32;
+  __shared__ __align__(16) Tile<kSub> tl;
+  __shared__ float stash[kSub * kSpt * kFT];  // [i][k][thread]: the sub-chunk's states
+  __shared__ float red[kSub * W * 32];        // [i][warp][lane]: dB, dC after the warp's reduce-scatter
+  const int g = blockIdx.y, s = blockIdx.z, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int row0 = cu[s], L = cu[s + 1] - row0;
+  if (g >= groups_of(L, chunk)) return;
+  const Group gr = group_at(g, L, chunk);
+  const FLane c(A, in.Dskip, E, N);
+  // n <= kSub rows from row r0 forward, keeping no states.
+  auto walk = [&](float (&st)[kSpt], int r0, int n) {
+    stage_tile<T, kSub>(tl, in, nullptr, 0, r0, n, E, N, kStX | kStB);
+#pragma unroll 1
+    for (int i = 0; i < n; ++i) fstep(st, c, tl, i);
+  };
+
+  // The state entering the group: the chunk's saved state, walked to the group's first token.
+  float h[kSpt];
+  const size_t ci = size_t(coff[s] + gr.ci) * E + c.ec;
+#pragma unroll
+  for (int k = 0; k < kSpt; ++k) h[k] = c.n(k) < N ? saved[ci * N + c.n(k)] : 0.0f;
+  for (int t = gr.ci * chunk; t < gr.t0; t += kSub) walk(h, row0 + t, min(kSub, gr.t0 - t));
+  const int nsub = ceil_div(gr.len, kSub);
+  float sub[kMaxSub][kSpt];
+#pragma unroll
+  for (int j = 0; j < kMaxSub; ++j) {
+#pragma unroll
+    for (int k = 0; k < kSpt; ++k) sub[j][k] = h[k];
+    if (j + 1 < nsub) walk(h, row0 + gr.t0 + j * kSub, kSub);
+  }
+
+  const size_t gi = size_t(goff[s] + g) * E + c.ec;
+  float gk[kSpt], dA[kSpt] = {};  // gk: dL/dh from the tokens after, through their a
+#pragma unroll
+  for (int k = 0; k < kSpt; ++k) gk[k] = c.n(k) < N ? ws_g[gi * N + c.n(k)] : 0.0f;
+  float ddtb = 0.0f, dD = 0.0f;
+#pragma unroll
+  for (int j = kMaxSub - 1; j >= 0; --j) {
+    if (j >= nsub) continue;  // uniform over the block
+    const int ts = gr.t0 + j * kSub, slen = min(kSub, gr.len - j * kSub);
+    stage_tile<T, kSub>(tl, in, dy, lddy, row0 + ts, slen, E, N, kStX | kStZ | kStDy | kStB | kStC);
+    {
+      float hp[kSpt];
+#pragma unroll
+      for (int k = 0; k < kSpt; ++k) hp[k] = sub[j][k];
+#pragma unroll 1
+      for (int i = 0; i < slen; ++i) {
+        fstep(hp, c, tl, i);
+#pragma unroll
+        for (int k = 0; k < kSpt; ++k) stash[(i * kSpt + k) * kFT + tid] = hp[k];
+      }
+    }
+#pragma unroll 1
+    for (int i = slen - 1; i >= 0; --i) {
+      const size_t r = size_t(row0 + ts + i);
+      float ht[kSpt], hv[kSpt];  // h[t], h[t-1]
+#pragma unroll
+      for (int k = 0; k < kSpt; ++k) {
+        ht[k] = stash[(i * kSpt + k) * kFT + tid];
+        hv[k] = i > 0 ? stash[((i - 1) * kSpt + k) * kFT + tid] : sub[j][k];
+      }
+      const int ti = i * kFCh + c.ch;
+      const float pre = tl.pre[ti], delta = tl.delta[ti], xv = tl.x[ti], zv = tl.z[ti], dyv = tl.dy[ti];
+      float Bv[kSpt], Cv[kSpt];
+      load8(Bv, tl.B + i * 16, c.q);
+      load8(Cv, tl.C + i * 16, c.q);
+      float yc = 0.0f;
+#pragma unroll
+      for (int k = 0; k < kSpt; ++k) yc += ht[k] * Cv[k];
+      yc += __shfl_xor_sync(0xffffffffu, yc, 1);
+      yc += c.dsk * xv;                                    // yc = h[t] . C[t] + D x
+      const float sz = sigmoid(zv), dyc = dyv * zv * sz;  // y = yc silu(z)
+      dD += dyc * xv;
+      float v[2 * kSpt];  // dB, then dC, of this lane's states
+      float sa = 0.0f, sb = 0.0f;  // sum_n g A2 a h[t-1], sum_n g B
+#pragma unroll
+      for (int k = 0; k < kSpt; ++k) {
+        v[kSpt + k] = dyc * ht[k];                         // dC[t,n] += dyc h[t]
+        gk[k] += dyc * Cv[k];                              // dL/dh[t], complete
+        const float a = exp2f(delta * c.A2[k]);            // h[t] = a h[t-1] + delta B x
+        const float ah = a * hv[k];
+        sa += gk[k] * c.A2[k] * ah;
+        sb += gk[k] * Bv[k];
+        dA[k] += gk[k] * delta * ah;
+        v[k] = gk[k] * delta * xv;                         // dB[t,n]
+        gk[k] *= a;                                        // dL/dh[t-1] through h[t]
+      }
+      sa += __shfl_xor_sync(0xffffffffu, sa, 1);
+      sb += __shfl_xor_sync(0xffffffffu, sb, 1);
+      const float ddelta = sa * kLn2 + sb * xv;            // A = A2 ln 2
+      const float dpre = ddelta * sigmoid(pre);            // delta = softplus(dt + dt_bias)
+      ddtb += dpre;
+      if (c.on && c.q == 0) {
+        gr_out.dz[r * gr_out.lddz + c.e] = from_f<T>(dyv * yc * sz * (1.0f + zv * (1.0f - sz)));
+        gr_out.ddt[r * gr_out.lddt + c.e] = from_f<T>(dpre);
+        gr_out.dx[r * gr_out.lddx + c.e] = from_f<T>(dyc * c.dsk + delta * sb);
+      }
+      if (!c.on) {
+#pragma unroll
+        for (int k = 0; k < 2 * kSpt; ++k) v[k] = 0.0f;  // idle channels add nothing
+      }
+      // Over the warp's 16 channels (lane bits 1-4): lane l keeps value l / 2 of its half q.
+      reduce_scatter<kSpt, 16, 2, 2 * kSpt>(v, lane);
+      red[(i * W + warp) * 32 + lane] = v[0];
+    }
+    __syncthreads();
+    // This block's channels summed over its warps, in order: lane ln holds value vi = ln / 2 of
+    // half q = ln % 2, i.e. dB (vi < 8) or dC of state 8 q + vi % 8.
+    for (int idx = tid; idx < slen * 32; idx += kFT) {
+      const int i = idx / 32, ln = idx % 32;
+      float sum = 0.0f;
+#pragma unroll
+      for (int w = 0; w < W; ++w) sum += red[(i * W + w) * 32 + ln];
+      const int vi = ln / 2, which = vi / kSpt, n = kSpt * (ln % 2) + vi % kSpt;
+      part_bc[((size_t(blockIdx.x) * n_tokens + row0 + ts + i) * 2 + which) * 16 + n] = sum;
+    }
+    // the next stage_tile's barrier keeps red and stash until this is read
+  }
+  if (!c.on) return;
+#pragma unroll
+  for (int k = 0; k < kSpt; ++k)
+    if (c.n(k) < N) ws_g[gi * N + c.n(k)] = dA[k];
+  if (c.q == 0) {
+    part_e[(size_t(goff[s] + g) * 2 + 0) * E + c.e] = ddtb;
+    part_e[(size_t(goff[s] + g) * 2 + 1) * E + c.e] = dD;
+  }
+}
+
 // dB[t, n] and dC[t, n]: the parts of every block of channels, in order.
 template <class T, int NM>
 __global__ void grad_bc_kernel(T* __restrict__ dB, int lddB, T* __restrict__ dC, int lddC,
@@ -572,13 +883,32 @@ void train_launch(T* y, int ldy, float* saved, const ScanTrainIn<T>& in, const R
   HM_CUDA_LAUNCHED("selective_scan_train output");
 }
 
-template <class T, class G, int NM>
+template <class T>
+void fast_train_launch(T* y, int ldy, float* saved, const ScanTrainIn<T>& in, const RaggedBatch& rb,
+                       const ScanTrainShape& sh, const Work& w, cudaStream_t stream) {
+  const dim3 grid(ceil_div(sh.E, kFCh), sh.max_groups, rb.nseq);
+  fast_fwd_kernel<T, kLocal><<<grid, kFT, 0, stream>>>(y, ldy, in, w.A, rb.cu_seqlens, w.goff, sh.E, sh.N, sh.chunk,
+                                                      w.state, w.sum);
+  HM_CUDA_LAUNCHED("selective_scan_train group states");
+  train_carry_kernel<<<dim3(ceil_div(sh.E * sh.N, 256), rb.nseq), 256, 0, stream>>>(
+      saved, w.A, rb.cu_seqlens, w.coff, w.goff, sh.E, sh.N, sh.chunk, w.state, w.sum);
+  HM_CUDA_LAUNCHED("selective_scan_train carry");
+  fast_fwd_kernel<T, kOut><<<grid, kFT, 0, stream>>>(y, ldy, in, w.A, rb.cu_seqlens, w.goff, sh.E, sh.N, sh.chunk,
+                                                    w.state, w.sum);
+  HM_CUDA_LAUNCHED("selective_scan_train output");
+}
+
+template <class T, class G, int NM, bool FAST>
 void grad_launch(const ScanTrainGrad<T, G>& gd, const T* dy, int lddy, const float* saved, const ScanTrainIn<T>& in,
                  const RaggedBatch& rb, const ScanTrainShape& sh, const Work& w, cudaStream_t stream) {
   using K = Cfg<NM>;
-  const dim3 grid(ceil_div(sh.E, K::CPB), sh.max_groups, rb.nseq);
-  grad_local_kernel<T, NM><<<grid, K::TPB, 0, stream>>>(dy, lddy, in, w.A, rb.cu_seqlens, w.goff, sh.E, sh.N,
+  const dim3 grid(ceil_div(sh.E, FAST ? kFCh : K::CPB), sh.max_groups, rb.nseq);
+  if constexpr (FAST)
+    fast_grad_local_kernel<T><<<grid, kFT, 0, stream>>>(dy, lddy, in, w.A, rb.cu_seqlens, w.goff, sh.E, sh.N,
                                                         sh.chunk, w.state, w.sum);
+  else
+    grad_local_kernel<T, NM><<<grid, K::TPB, 0, stream>>>(dy, lddy, in, w.A, rb.cu_seqlens, w.goff, sh.E, sh.N,
+                                                          sh.chunk, w.state, w.sum);
   HM_CUDA_LAUNCHED("selective_scan_backward group adjoints");
   grad_carry_kernel<<<dim3(ceil_div(sh.E * sh.N, 256), rb.nseq), 256, 0, stream>>>(
       w.A, rb.cu_seqlens, w.goff, sh.E, sh.N, sh.chunk, w.state, w.sum);
@@ -590,8 +920,12 @@ void grad_launch(const ScanTrainGrad<T, G>& gd, const T* dy, int lddy, const flo
   act.lddt = gd.lddt;
   act.dz = gd.dz;
   act.lddz = gd.lddz;
-  grad_kernel<T, NM><<<grid, K::TPB, 0, stream>>>(act, dy, lddy, saved, in, w.A, rb.cu_seqlens, w.coff, w.goff,
+  if constexpr (FAST)
+    fast_grad_kernel<T><<<grid, kFT, 0, stream>>>(act, dy, lddy, saved, in, w.A, rb.cu_seqlens, w.coff, w.goff,
                                                   sh.E, sh.N, sh.chunk, sh.n_tokens, w.state, w.part_e, w.part_bc);
+  else
+    grad_kernel<T, NM><<<grid, K::TPB, 0, stream>>>(act, dy, lddy, saved, in, w.A, rb.cu_seqlens, w.coff, w.goff,
+                                                    sh.E, sh.N, sh.chunk, sh.n_tokens, w.state, w.part_e, w.part_bc);
   HM_CUDA_LAUNCHED("selective_scan_backward");
   grad_bc_kernel<T, NM><<<ceil_div(sh.n_tokens * 2 * sh.N, 256), 256, 0, stream>>>(
       gd.dB, gd.lddB, gd.dC, gd.lddC, w.part_bc, int(grid.x), sh.n_tokens, sh.N);
@@ -649,7 +983,7 @@ void selective_scan_train(T* y, int ldy, float* saved, const ScanTrainIn<T>& in,
   const Work w = carve(workspace, sh, false);
   prologue(w, in, rb, sh, stream);
   if (sh.N <= 16)
-    train_launch<T, 16>(y, ldy, saved, in, rb, sh, w, stream);
+    fast_train_launch<T>(y, ldy, saved, in, rb, sh, w, stream);
   else
     train_launch<T, kMaxState>(y, ldy, saved, in, rb, sh, w, stream);
 }
@@ -664,9 +998,9 @@ void selective_scan_backward(const ScanTrainGrad<T, G>& grad, const T* dy, int l
   const Work w = carve(workspace, sh, true);
   prologue(w, in, rb, sh, stream);
   if (sh.N <= 16)
-    grad_launch<T, G, 16>(grad, dy, lddy, saved, in, rb, sh, w, stream);
+    grad_launch<T, G, 16, true>(grad, dy, lddy, saved, in, rb, sh, w, stream);
   else
-    grad_launch<T, G, kMaxState>(grad, dy, lddy, saved, in, rb, sh, w, stream);
+    grad_launch<T, G, kMaxState, false>(grad, dy, lddy, saved, in, rb, sh, w, stream);
 }
 
 #define HM_INST(T)                                                                                         \
