@@ -40,7 +40,8 @@ size_t conv1d_silu_backward_workspace_bytes(int n_tokens, int E, int K);
 // per group walks from the chunk's saved state to the group, keeps the state entering each
 // sub-chunk of 8 tokens in registers and, sub-chunk by sub-chunk in reverse, recomputes its 8
 // states into shared memory and runs the reverse step. Channels are split over thread blocks
-// (64 per block when N <= 16, else 8), each channel's N states over 4 (N <= 16) or 16 threads.
+// (64 per block when N <= 16, else 8), each channel's N states over 2 (N <= 16: 8 each, inputs staged per
+// tile in shared memory) or 16 threads.
 constexpr int kScanGroup = 64;
 constexpr int kScanTrainChunk = kScanGroup;  // chunk <= 0: saved states every 64 tokens
 
