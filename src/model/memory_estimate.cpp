@@ -154,7 +154,22 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const RunShape& s) {
       per_seq = s.grad_ckpt ? std::max(per_seq, layer) : add(per_seq, layer, "activation bytes");
     }
     if (s.grad_ckpt) per_seq = add(per_seq, mul({c.n_layers + 2, L, D}, "activation bytes"), "activation bytes");
-    per_seq = add(per_seq, mul({L, 3 * D + 1}, "activation bytes"), "activation bytes");  // final norm, dhn
+    // BatchGrad's (train/batch_grad.cpp) stream, block output, final norm, bridge projection and
+    // the backward's scratch, held once per thread: 8 [L, D] and 2 [L, S] buffers, and per layer
+    // kind its backward's (Mamba 4 [L, E] + [L, P]; attention 2 [L, H hd] + 2 [L, KW]; MLP
+    // 3 [L, F]; true layers 5 [L, D]).
+    bool any_mamba = false, any_attn = false, any_true = false;
+    for (int i = 0; i < c.n_layers; ++i) {
+      any_mamba = any_mamba || c.has_mamba_path(i);
+      any_attn = any_attn || c.has_attention_path(i);
+      any_true = any_true || c.is_true(i);
+    }
+    int64_t scratch = 8 * D + 2 * S;
+    if (any_mamba) scratch += 4 * E + P;
+    if (any_attn) scratch += 2 * H * hd + 2 * KW;
+    if (F > 0) scratch += 3 * F;
+    if (any_true) scratch += 5 * D;
+    per_seq = add(per_seq, mul({L, scratch}, "activation bytes"), "activation bytes");
     per_seq = add(per_seq, mul({L, V}, "logits bytes"), "activation bytes");
     m.activations = mul({nt, per_seq, 4}, "activation bytes");
     // The whole batch's input and target token ids (int32), drawn before the threads split it.

@@ -117,7 +117,9 @@ struct BatchGrad::Impl {
   bool recomputing = false;        // grad_ckpt's re-run of a layer (its budget term is counted once)
   Buffer dym, dya, dvv, dum, hostbuf;  // true layers' backward: path gradients, a host-made [n, D]
 
-  Impl(Backend& b, const Params& layout, DType t, bool grad_ckpt) : be(b), lo(layout), ct(t), ckpt(grad_ckpt) {}
+  int chunk;  // the scan's saved-state spacing (0: the backend's)
+  Impl(Backend& b, const Params& layout, DType t, bool grad_ckpt, int scan_chunk)
+      : be(b), lo(layout), ct(t), ckpt(grad_ckpt), chunk(scan_chunk) {}
 
   const ModelConfig& c() const { return lo.c; }
   // Weights in the compute type; A_log stays float32 (the scan forms A = -exp(A_log) in float).
@@ -159,7 +161,7 @@ struct BatchGrad::Impl {
       s.yg = cv.take(ct, n, E);
       s.dbc = cv.take(ct, n, P);
       // A true layer's Mamba path runs fewer tokens in at most as many sequences: rg's bound holds.
-      s.scan = cv.bytes(be.scan_saved_bytes(rg, E, N, 0));
+      s.scan = cv.bytes(be.scan_saved_bytes(rg, E, N, chunk));
     }
     if (mc.is_true(i)) {  // the paths' inputs and outputs, compacted (docs/TRUE_HYBRID.md)
       s.um = cv.take(ct, n, D);
@@ -238,7 +240,7 @@ struct BatchGrad::Impl {
     be.linear(s.dbc, s.xc, w(o.x_proj, P, E), false);  // dt_r, B, C = x_proj(xc).split([R, N, N])
     be.linear(s.dt, s.dbc.cols_view(0, R), w(o.dt_w, E, R), false);
     be.selective_scan_train(s.yg, s.scan, s.xc, s.dt, w(o.dt_b, 1, E), w32(o.A_log, E, N), s.dbc.cols_view(R, N),
-                            s.dbc.cols_view(R + N, N), w(o.Dskip, 1, E), s.z, 0, r);
+                            s.dbc.cols_view(R + N, N), w(o.Dskip, 1, E), s.z, chunk, r);
     be.linear(out, s.yg, w(o.out_proj, D, E), false);
   }
   // du assigned; dinner (may be empty): the gradient reaching yg from the next layer's bridge.
@@ -256,7 +258,7 @@ struct BatchGrad::Impl {
     be.selective_scan_backward(dXc, dDt, gdbc.cols_view(R, N), gdbc.cols_view(R + N, N), dZ, g(o.dt_b, 1, E),
                                g(o.A_log, E, N), g(o.Dskip, 1, E), dYg, s.scan, s.xc, s.dt, w(o.dt_b, 1, E),
                                w32(o.A_log, E, N), s.dbc.cols_view(R, N), s.dbc.cols_view(R + N, N),
-                               w(o.Dskip, 1, E), s.z, 0, r);
+                               w(o.Dskip, 1, E), s.z, chunk, r);
     be.linear_backward(gdbc.cols_view(0, R), g(o.dt_w, E, R), dDt, s.dbc.cols_view(0, R), w(o.dt_w, E, R), false);
     // xc feeds both x_proj and the scan: x_proj's gradient adds into dxc
     be.linear_backward(dXc, g(o.x_proj, P, E), gdbc, s.xc, w(o.x_proj, P, E), true);
@@ -651,8 +653,9 @@ struct BatchGrad::Impl {
   }
 };
 
-BatchGrad::BatchGrad(Backend& be, const Params& layout, DType compute, bool grad_ckpt)
-    : impl_(std::make_unique<Impl>(be, layout, compute, grad_ckpt)) {
+BatchGrad::BatchGrad(Backend& be, const Params& layout, DType compute, bool grad_ckpt, int scan_chunk)
+    : impl_(std::make_unique<Impl>(be, layout, compute, grad_ckpt, scan_chunk)) {
+  HM_CHECK(scan_chunk >= 0, "training: scan_chunk must be >= 0, got ", scan_chunk);
   const ModelConfig& c = layout.config();
   HM_CHECK(be.supports(compute), be.name(), " backend: training cannot compute in ", compute_dtype_name(compute));
   const std::string no = training_unsupported(c);
@@ -723,6 +726,15 @@ double BatchGrad::loss_sum(const int32_t* tokens, const int32_t* targets, int B,
 }
 
 double BatchGrad::budget_loss() const { return impl_->budget_loss; }
+
+std::vector<double> BatchGrad::route_logits() const {
+  const Impl& I = *impl_;
+  std::vector<double> out;
+  for (int b = 0; b < I.rg.nseq(); ++b)
+    for (const auto& t : I.tstate)
+      if (t && size_t(b) < t->r.size()) out.insert(out.end(), t->r[size_t(b)].begin(), t->r[size_t(b)].end());
+  return out;
+}
 
 size_t BatchGrad::activation_bytes() const {
   const Impl& I = *impl_;

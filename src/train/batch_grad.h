@@ -22,6 +22,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "backend/backend.h"
 #include "model/params.h"
@@ -31,7 +32,9 @@ namespace hm {
 class BatchGrad {
  public:
   // layout: the model's Params (its config and offsets; values are not read).
-  BatchGrad(Backend& be, const Params& layout, DType compute, bool grad_ckpt = false);
+  // scan_chunk: the selective scan keeps the state entering every scan_chunk tokens and
+  // recomputes the rest in the backward (0: the backend's choice; Backend::scan_saved_bytes).
+  BatchGrad(Backend& be, const Params& layout, DType compute, bool grad_ckpt = false, int scan_chunk = 0);
   ~BatchGrad();
   BatchGrad(const BatchGrad&) = delete;
   BatchGrad& operator=(const BatchGrad&) = delete;
@@ -60,6 +63,9 @@ class BatchGrad {
   // The objective's budget term of the last call (True Hybrid models; 0 otherwise), weighted as
   // loss_and_grad's *aux_loss; loss_and_grad and loss_sum return the cross-entropy alone.
   double budget_loss() const;
+  // The routing logits r_t of the last forward: sequence by sequence, then true layer, then t
+  // (model_grad.h's LossAux::logits order). Empty without True Hybrid layers.
+  std::vector<double> route_logits() const;
   DType compute() const;
   bool grad_ckpt() const;
 

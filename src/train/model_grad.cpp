@@ -15,6 +15,7 @@
 #include "kernels/ref/attention_grad_ref.h"
 #include "kernels/ref/mamba_grad_ref.h"
 #include "model/true_hybrid.h"
+#include "train/batch_grad.h"
 #include "train/layout.h"
 
 namespace hm {
@@ -820,6 +821,102 @@ template <class T> std::vector<T> arena_copy(const Params& p, const Layout& lo) 
 
 }  // namespace
 
+namespace {
+
+// float: every sequence of the batch through BatchGrad (batch_grad.h) on train_backend(), one
+// sequence at a time per OpenMP thread: the one layer code of every backend. Thread 0 adds
+// straight into grads; each other thread into a private arena summed into grads at the end in
+// thread order (deterministic for a given thread count).
+double batched_loss_and_grad(const Params& layout, const float* params, float* grads, const int32_t* tokens,
+                             const int32_t* targets, int B, int L, int scan_chunk, bool grad_ckpt,
+                             double* aux_loss) {
+  const Layout lo(layout);
+  const int64_t total = check_train_batch(lo.c, tokens, targets, B, L, scan_chunk);
+  if (total == 0) return 0.0;
+  const int nt = threads_for(B);
+  std::vector<std::vector<float>> priv(static_cast<size_t>(nt));
+  std::vector<double> seq_loss(size_t(B), 0.0), seq_budget(size_t(B), 0.0);
+  std::atomic<int64_t> act_bytes{0};  // every thread's activations are alive at once
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = omp_get_thread_num();
+    if (tid > 0) priv[size_t(tid)].assign(size_t(lo.numel), 0.0f);
+    float* const g = tid == 0 ? grads : priv[size_t(tid)].data();
+    BatchGrad bg(train_backend(), layout, DType::F32, grad_ckpt, scan_chunk);
+    bg.set_weights(params);
+#pragma omp for schedule(static)
+    for (int b = 0; b < B; ++b) {
+      const int32_t* tok = tokens + int64_t(b) * L;
+      const int32_t* tgt = targets + int64_t(b) * L;
+      const int cnt = count_targets(tgt, L);
+      if (cnt == 0) continue;  // contributes neither loss nor gradient
+      // This sequence's share of the batch mean: its gradient weighed cnt / total.
+      const double share = double(cnt) / double(total);
+      seq_loss[size_t(b)] = bg.loss_and_grad(g, tok, tgt, 1, L, share) * cnt;
+      seq_budget[size_t(b)] = share * bg.budget_loss();
+    }
+    act_bytes += int64_t(bg.activation_bytes());
+    if (nt > 1)
+#pragma omp for schedule(static)
+    for (size_t k = 0; k < lo.tensors.size(); ++k) {
+      const auto [off, n] = lo.tensors[k];
+      for (int64_t j = off; j < off + n; ++j) {
+        double s = 0;
+        for (size_t t = 1; t < priv.size(); ++t) s += priv[t][size_t(j)];
+        grads[j] += float(s);
+      }
+    }
+  }
+  int64_t prev = g_act_peak.load();
+  while (prev < act_bytes && !g_act_peak.compare_exchange_weak(prev, act_bytes)) {
+  }
+  double sum = 0, budget = 0;
+  for (size_t b = 0; b < seq_loss.size(); ++b) {
+    sum += seq_loss[b];
+    budget += seq_budget[b];
+  }
+  if (aux_loss) *aux_loss = budget;
+  return sum / double(total);
+}
+
+long double batched_loss_only(const Params& layout, const float* params, const int32_t* tokens,
+                              const int32_t* targets, int B, int L, LossAux* aux) {
+  const Layout lo(layout);
+  const int64_t total = check_train_batch(lo.c, tokens, targets, B, L, 0);
+  if (aux) {
+    aux->budget_loss = 0;
+    aux->logits.clear();
+  }
+  if (total == 0) return 0.0L;
+  std::vector<long double> seq_loss(size_t(B), 0.0L), seq_budget(size_t(B), 0.0L);
+  const bool want_logits = aux && aux->want_logits;
+  std::vector<std::vector<double>> seq_logits(want_logits ? size_t(B) : 0);
+#pragma omp parallel num_threads(threads_for(B))
+  {
+    BatchGrad bg(train_backend(), layout, DType::F32);
+    bg.set_weights(params);
+#pragma omp for schedule(static)
+    for (int b = 0; b < B; ++b) {
+      const int32_t* tgt = targets + int64_t(b) * L;
+      int64_t cnt = 0;
+      const double s = bg.loss_sum(tokens + int64_t(b) * L, tgt, 1, L, &cnt);
+      if (cnt == 0) continue;
+      seq_loss[size_t(b)] = s;
+      seq_budget[size_t(b)] = (long double)(cnt) / (long double)(total) * bg.budget_loss();
+      if (want_logits) seq_logits[size_t(b)] = bg.route_logits();
+    }
+  }
+  if (aux) {
+    for (long double v : seq_budget) aux->budget_loss += v;
+    for (const auto& v : seq_logits) aux->logits.insert(aux->logits.end(), v.begin(), v.end());
+  }
+  long double sum = 0;
+  for (long double l : seq_loss) sum += l;
+  return sum / (long double)(total);
+}
+
+}  // namespace
+
 Backend& train_backend() {
   Backend* be = g_train_backend.load();
   return be ? *be : cpu_train_backend();
@@ -830,6 +927,8 @@ template <class T>
 double loss_and_grad_arena(const Params& layout, const T* params, T* grads, const int32_t* tokens,
                            const int32_t* targets, int B, int L, int scan_chunk, bool grad_ckpt,
                            double* aux_loss) {
+  if constexpr (kFast<T>)
+    return batched_loss_and_grad(layout, params, grads, tokens, targets, B, L, scan_chunk, grad_ckpt, aux_loss);
   const Layout lo(layout);
   const ModelConfig& c = lo.c;
   const int64_t total = check_train_batch(c, tokens, targets, B, L, scan_chunk);
@@ -907,6 +1006,7 @@ double loss_and_grad_arena(const Params& layout, const T* params, T* grads, cons
 template <class T>
 long double loss_only_arena(const Params& layout, const T* params, const int32_t* tokens,
                             const int32_t* targets, int B, int L, LossAux* aux) {
+  if constexpr (kFast<T>) return batched_loss_only(layout, params, tokens, targets, B, L, aux);
   const Layout lo(layout);
   const ModelConfig& c = lo.c;
   const int64_t total = check_train_batch(c, tokens, targets, B, L, 0);
