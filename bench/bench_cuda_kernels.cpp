@@ -8,7 +8,8 @@
 // measured in the same run. Times are CUDA events around back-to-back launches (no graph).
 // Last, the decode projections of the 1.4B shape at 1, 16 and 64 rows: the skinny GEMM
 // (kernels/cuda/skinny.h) against cuBLASLt and, at one row, the GEMV, with the bytes floor.
-// `hm_bench_cuda_kernels skinny` runs that part alone.
+// `hm_bench_cuda_kernels skinny` runs that part alone; `hm_bench_cuda_kernels attn-train` the
+// training attention (forward and backward TFLOP/s at B 8, L 2048) alone.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -20,6 +21,7 @@
 
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/cuda/decode.h"
+#include "kernels/cuda/grad.h"
 #include "kernels/cuda/linear.h"
 #include "kernels/cuda/mamba_grad.h"
 #include "kernels/cuda/sampling.h"
@@ -339,6 +341,45 @@ void bench_attention(bool prefill, int nseq, int ctx, int H, int G, int hd, doub
   cudaFree(q); cudaFree(out); cudaFree(ws); cudaFree(dcu); cudaFree(dslots); cudaFree(dpos);
 }
 
+// Training attention (kernels/cuda/grad.h) on nseq causal sequences of L tokens, q, k, v as
+// column views of one packed [tokens, (H + 2G) hd] matrix (as the fused projection leaves them):
+// attention_train (out and lse) and attention_backward (D, dk/dv, dq). FLOPs over the causal
+// pairs as the prefill's: forward 4 hd per (query, key, head), backward 2.5x that
+// (flash-attention's convention: 5 products against 2; ours recomputes S and dP in its dq
+// kernel, 7 products).
+template <class T>
+void bench_attention_train(int nseq, int L, int H, int G, int hd) {
+  const int n = nseq * L, ldqkv = (H + 2 * G) * hd;
+  T* qkv = random_dev<T>(size_t(n) * ldqkv, -1.f, 1.f, 70);
+  T* out = random_dev<T>(size_t(n) * H * hd, -1.f, 1.f, 71);
+  T* dout = random_dev<T>(size_t(n) * H * hd, -1.f, 1.f, 72);
+  T* dqkv = random_dev<T>(size_t(n) * ldqkv, -1.f, 1.f, 73);
+  float* lse = random_dev<float>(size_t(n) * H, 0.f, 1.f, 74);
+  void* ws = nullptr;
+  ck(cudaMalloc(&ws, std::max<size_t>(1, hm::cuda::attention_backward_workspace_bytes(n, H))), "cudaMalloc ws");
+  std::vector<int32_t> cu(size_t(nseq) + 1), slots(static_cast<size_t>(nseq)), pos0(static_cast<size_t>(nseq), 0);
+  for (int s = 0; s <= nseq; ++s) cu[size_t(s)] = s * L;
+  for (int s = 0; s < nseq; ++s) slots[size_t(s)] = s;
+  int32_t *dcu = upload_i32(cu), *dslots = upload_i32(slots), *dpos = upload_i32(pos0);
+  const hm::cuda::RaggedBatch rb{dcu, dslots, dpos, nseq, n, L};
+  const T *q = qkv, *k = qkv + size_t(H) * hd, *v = qkv + size_t(H + G) * hd;
+  T *dq = dqkv, *dk = dqkv + size_t(H) * hd, *dv = dqkv + size_t(H + G) * hd;
+  auto fwd = [&](int) { hm::cuda::attention_train<T>(out, H * hd, lse, H, q, ldqkv, k, ldqkv, v, ldqkv, rb, H, G, hd, nullptr); };
+  const double ms_f = time_ms(fwd);
+  fwd(0);  // out and lse of these inputs for the backward
+  const double ms_b = time_ms([&](int) {
+    hm::cuda::attention_backward<T>(dq, ldqkv, dk, ldqkv, dv, ldqkv, dout, H * hd, q, ldqkv, k, ldqkv, v, ldqkv, out,
+                                    H * hd, lse, H, rb, H, G, hd, ws, nullptr);
+  });
+  const double flops = 4.0 * nseq * H * hd * (double(L) * (L + 1) / 2);
+  std::printf("attn train    %-4s B %-2d L %-5d H %-2d G %-2d hd %-3d  fwd %8.4f ms %6.1f TFLOP/s  bwd %8.4f ms %6.1f "
+              "TFLOP/s (2.5x fwd FLOPs)  fwd+bwd %.3f ms\n",
+              type_name<T>(), nseq, L, H, G, hd, ms_f, flops / (ms_f * 1e-3) / 1e12, ms_b,
+              2.5 * flops / (ms_b * 1e-3) / 1e12, ms_f + ms_b);
+  cudaFree(qkv); cudaFree(out); cudaFree(dout); cudaFree(dqkv); cudaFree(lse); cudaFree(ws);
+  cudaFree(dcu); cudaFree(dslots); cudaFree(dpos);
+}
+
 // Sampling a [B, V] batch of random logits (kernels/cuda/sampling.h): greedy, the CPU defaults
 // (top-k 40, top-p 0.95, min-p 0.05) and top-p 0.95 alone (a wide nucleus: the bucket-order path).
 void bench_sampling(int B, int V) {
@@ -436,6 +477,15 @@ int main(int argc, char** argv) {
     skinny();
     return 0;
   }
+  auto attn_train = [] {
+    bench_attention_train<__nv_bfloat16>(8, 2048, 8, 8, 64);   // the seed shape's attention layer
+    bench_attention_train<__nv_bfloat16>(8, 2048, 16, 16, 128);
+    bench_attention_train<__nv_bfloat16>(8, 2048, 16, 4, 128);  // GQA 4
+  };
+  if (argc > 1 && std::string(argv[1]) == "attn-train") {  // this part alone
+    attn_train();
+    return 0;
+  }
   bench_scan<__nv_bfloat16>(8, 2048, 2048, 16, hbm, 0.59);
   bench_scan<__nv_bfloat16>(1, 2048, 2048, 16, hbm, 0);
   bench_scan<__nv_bfloat16>(1, 4096, 2048, 16, hbm, 0);
@@ -452,6 +502,7 @@ int main(int argc, char** argv) {
   for (int ctx : {128, 8192})
     for (int nseq : {1, 16, 64}) bench_attention<__nv_bfloat16>(false, nseq, ctx, 8, 8, 64, hbm);
   for (int nseq : {1, 16, 64}) bench_attention<__nv_bfloat16>(false, nseq, 8192, 32, 8, 128, hbm);
+  attn_train();
   for (int B : {1, 64}) bench_sampling(B, 50280);
   skinny();
   return 0;

@@ -371,15 +371,18 @@ TEST_P(CudaGradOps, CrossEntropyHead) {
 // Attention shapes: (H, G, hd) with GQA groups 3, 1 (MHA), 3 (MQA) and 2; odd and large heads.
 const std::vector<std::tuple<int, int, int>> kAttn = {{6, 2, 64}, {4, 4, 37}, {3, 1, 128}, {2, 1, 200}, {4, 2, 16}};
 
-// q, k, v as column views of one qkv matrix (as the fused projection leaves them).
+// q, k, v as column views of one qkv matrix (as the fused projection leaves them): by default
+// one column in and 3 columns wider (rows not 16-byte aligned: the tensor-core kernels' plain
+// loads); `packed`, exactly [n, (H + 2G) hd] from column 0 (their asynchronous copies).
 struct Qkv {
-  int H, G, hd, n;
+  int H, G, hd, n, c0;
   Both m;
-  Qkv(Backend& gpu, DType t, int H_, int G_, int hd_, int n_, hm::Rng& rng)
-      : H(H_), G(G_), hd(hd_), n(n_), m(gpu, t, n_, (H_ + 2 * G_) * hd_ + 3, normal(rng)) {}
-  int qc() const { return 1; }
-  int kc() const { return 1 + H * hd; }
-  int vc() const { return 1 + (H + G) * hd; }
+  Qkv(Backend& gpu, DType t, int H_, int G_, int hd_, int n_, hm::Rng& rng, bool packed = false)
+      : H(H_), G(G_), hd(hd_), n(n_), c0(packed ? 0 : 1),
+        m(gpu, t, n_, (H_ + 2 * G_) * hd_ + (packed ? 0 : 3), normal(rng)) {}
+  int qc() const { return c0; }
+  int kc() const { return c0 + H * hd; }
+  int vc() const { return c0 + (H + G) * hd; }
 };
 
 TEST_P(CudaGradOps, AttentionTrain) {
@@ -437,6 +440,47 @@ TEST_P(CudaGradOps, AttentionBackward) {
     }
 }
 
+// The tensor-core kernels (bf16 / f16 at hd 64 and 128; f32 runs its float kernels here) on
+// aligned, packed q/k/v and dense outputs, over sequences of many 64-row tiles whose lengths are
+// not multiples of the tile (and 1, 0, 64, 65), GQA groups 1, 3 and 4: the forward (out, lse)
+// and the backward (on the CPU forward's out and lse) against the CPU backend.
+TEST_P(CudaGradOps, AttentionTensorCoreTiles) {
+  hm::Rng rng(111);
+  const std::vector<std::vector<int>> seqs = {{300}, {129, 64, 1, 0, 65, 190}};
+  for (const auto& [H, G, hd] : {std::tuple{4, 4, 64}, std::tuple{6, 2, 64}, std::tuple{4, 1, 128},
+                                 std::tuple{2, 2, 128}})
+    for (const auto& lens : seqs) {
+      hm::Ragged rg_gpu, rg_cpu;
+      fill(rg_gpu, gpu(), lens, std::vector<int>(lens.size(), 0));
+      fill(rg_cpu, cpu(), lens, std::vector<int>(lens.size(), 0));
+      const int n = rg_gpu.n_tokens(), Q = H * hd, KV = G * hd;
+      Qkv x(gpu(), T(), H, G, hd, n, rng, true);
+      std::ostringstream what;
+      what << "packed H " << H << " G " << G << " hd " << hd << " lens[0] " << lens[0] << " of " << lens.size() << ": ";
+      Both out = Both::out(gpu(), T(), n, Q), lse = Both::out(gpu(), DType::F32, n, H);
+      gpu().attention_train(out.dev(0, Q), lse.dev(0, H), x.m.dev(x.qc(), Q), x.m.dev(x.kc(), KV),
+                            x.m.dev(x.vc(), KV), H, G, hd, rg_gpu);
+      cpu().attention_train(out.cpu(0, Q), lse.cpu(0, H), x.m.cpu(x.qc(), Q), x.m.cpu(x.kc(), KV),
+                            x.m.cpu(x.vc(), KV), H, G, hd, rg_cpu);
+      EXPECT_TRUE(matches(what.str() + "out", gpu(), out, 0, Q, bound(T())));
+      EXPECT_TRUE(matches(what.str() + "lse", gpu(), lse, 0, H, kFloatTol));
+
+      std::vector<float> o(size_t(n) * size_t(Q)), l(size_t(n) * size_t(H));
+      cpu().attention_train(Tensor(o.data(), DType::F32, n, Q), Tensor(l.data(), DType::F32, n, H),
+                            x.m.cpu(x.qc(), Q), x.m.cpu(x.kc(), KV), x.m.cpu(x.vc(), KV), H, G, hd, rg_cpu);
+      Both out2(gpu(), T(), n, Q, o), lse2(gpu(), DType::F32, n, H, l), dout(gpu(), T(), n, Q, normal(rng));
+      Both dq = Both::out(gpu(), T(), n, Q), dk = Both::out(gpu(), T(), n, KV), dv = Both::out(gpu(), T(), n, KV);
+      gpu().attention_backward(dq.dev(0, Q), dk.dev(0, KV), dv.dev(0, KV), dout.dev(0, Q), x.m.dev(x.qc(), Q),
+                               x.m.dev(x.kc(), KV), x.m.dev(x.vc(), KV), out2.dev(0, Q), lse2.dev(0, H), H, G, hd,
+                               rg_gpu);
+      cpu().attention_backward(dq.cpu(0, Q), dk.cpu(0, KV), dv.cpu(0, KV), dout.cpu(0, Q), x.m.cpu(x.qc(), Q),
+                               x.m.cpu(x.kc(), KV), x.m.cpu(x.vc(), KV), out2.cpu(0, Q), lse2.cpu(0, H), H, G, hd,
+                               rg_cpu);
+      for (const auto& [name, b, nc] : {std::tuple{"dq", &dq, Q}, std::tuple{"dk", &dk, KV}, std::tuple{"dv", &dv, KV}})
+        EXPECT_TRUE(matches(what.str() + name, *b, b->get(gpu()), 0, n, 0, nc, bound(T()), 1.0));
+    }
+}
+
 // Determinism (issue 15): every op with a reduction gives the same bits when rerun on the same
 // inputs (no atomics; fixed orders).
 TEST_P(CudaGradOps, RerunsAreBitIdentical) {
@@ -476,12 +520,12 @@ TEST_P(CudaGradOps, RerunsAreBitIdentical) {
     twice("cross_entropy_head", {&dhn, &dW},
           [&] { gpu().cross_entropy_head(dhn.dev(0, D), dW.dev(0, D), hn.dev(0, D), W.dev(0, D), dtg.p(), 0.01); });
   }
-  {
+  for (bool packed : {false, true}) {  // the tensor-core kernels' plain loads and async copies
     const int H = 6, G = 2, hd = 64;
     hm::Ragged rg;
     fill(rg, gpu(), {300, 77}, {0, 0});
     const int n = rg.n_tokens(), Q = H * hd, KV = G * hd;
-    Qkv x(gpu(), T(), H, G, hd, n, rng);
+    Qkv x(gpu(), T(), H, G, hd, n, rng, packed);
     Both out = Both::out(gpu(), T(), n, Q), lse = Both::out(gpu(), DType::F32, n, H);
     twice("attention_train", {&out, &lse}, [&] {
       gpu().attention_train(out.dev(0, Q), lse.dev(0, H), x.m.dev(x.qc(), Q), x.m.dev(x.kc(), KV),

@@ -75,8 +75,11 @@ void cross_entropy_rows(TD* dz, const float* z, const int32_t* targets, float* l
 
 // Causal GQA attention for training (each sequence of rb over its own rows; slots and pos0 are
 // not read): q, out [n_tokens, H * hd]; k, v [n_tokens, G * hd]; lse [n_tokens, H] float (ldl)
-// = log sum_j exp(q.k_j / sqrt(hd)). Flash-style: 32-query tiles stream 32-key tiles through
-// shared memory with an online softmax in float; no L x L matrix. hd <= kMaxTrainHeadDim.
+// = log sum_j exp(q.k_j / sqrt(hd)). Flash-style, no L x L matrix: bf16/f16 at hd 64 and 128 on
+// the tensor cores (mma.sync m16n8k16, float accumulate; 64-query tiles stream 64-key tiles
+// through shared memory by cp.async, double-buffered, online softmax in float, P rounded to T
+// for P V as flash-attention does); f32 and every other hd take float kernels (32 x 32 tiles).
+// Sequences of at most 65535 x 32 rows; hd <= kMaxTrainHeadDim.
 constexpr int kMaxTrainHeadDim = 256;
 template <class T>
 void attention_train(T* out, int ldo, float* lse, int ldl, const T* q, int ldq, const T* k, int ldk, const T* v,
@@ -84,7 +87,10 @@ void attention_train(T* out, int ldo, float* lse, int ldl, const T* q, int ldq, 
 
 // Its backward, P recomputed from q, k and lse: D = rowsum(dout * out) per (row, head), then one
 // kernel per key tile and kv head (dk, dv summed over the group's query heads and the query
-// tiles in order) and one per query tile and head (dq): no atomics. dq, dk, dv assigned.
+// tiles in order) and one per query tile and head (dq): no atomics. dq, dk, dv assigned. On the
+// tensor cores as the forward (bf16/f16, hd 64 and 128): 64-key blocks stream 64-query tiles
+// (32 at hd 128) and 64-query blocks 64-key tiles (32 at hd 128); P and dS rounded to T as the
+// mma operands, every sum float.
 // `workspace` holds attention_backward_workspace_bytes(n_tokens, H) bytes.
 template <class T>
 void attention_backward(T* dq, int lddq, T* dk, int lddk, T* dv, int lddv, const T* dout, int ldg, const T* q,
