@@ -23,13 +23,18 @@ namespace {
 
 namespace G = ref::grad;
 
-// float runs every layer on the backend interface's training ops (backend.h; the CPU backend's
-// are kernels/cpu/grad_cpu's blocks: sgemm, vectorised scan), so the same layer code can train on
-// any backend; double and long double stay the plain reference loops, the oracle the float path
-// is checked against.
+// float trains through BatchGrad (batch_grad.h): the one layer code of every backend (on the CPU
+// backend, kernels/cpu/grad_cpu's blocks: sgemm, vectorised scan); double and long double are
+// the plain reference loops below, the oracle the float path is checked against.
 template <class T> constexpr bool kFast = std::is_same_v<T, float>;
 
 constexpr int64_t kNone = kNoTensor;
+
+std::atomic<Backend*> g_train_backend{nullptr};  // set_train_backend's; null: the CPU's
+Backend& cpu_train_backend() {
+  static const std::unique_ptr<Backend> be = make_cpu_backend();
+  return *be;
+}
 
 template <class P> P* at(P* base, int64_t off) { return off == kNone ? nullptr : base + off; }
 
@@ -48,276 +53,22 @@ G::AttnShape attn_shape(const ModelConfig& c, int L) {
   return {L, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim(), c.rope, double(c.rope_theta)};
 }
 
-// ---------------------------------------------------------------- the float path's layers
-// Each layer's forward and backward as backend ops on views of the parameter arena and of the
-// saved activations, on train_backend() (the CPU's unless a test sets another); each sequence
-// of the batch runs on its own OpenMP thread as one ragged batch of one sequence.
-// Not yet on ops (host loops, next for a device backend): the true layer's router and fusion
-// and the bridge gate's backward; the activations are host vectors.
+// ---------------------------------------------------------------- the reference model
+// double and long double: the plain forward/backward pairs of kernels/ref/*_grad_ref.h, the
+// oracle for the checks (float trains through BatchGrad: batched_loss_and_grad below).
 
-std::atomic<Backend*> g_train_backend{nullptr};  // set_train_backend's; null: the CPU's
-Backend& cpu_train_backend() {
-  static const std::unique_ptr<Backend> be = make_cpu_backend();
-  return *be;
-}
-Tensor mat(const float* p, int rows, int cols) { return {const_cast<float*>(p), DType::F32, rows, cols}; }
-Tensor vec(const float* p, int n) { return mat(p, 1, n); }
-
-// One training sequence of L tokens from position 0.
-struct OneSeq {
-  Ragged rg;
-  OneSeq(Backend& be, int L) {
-    rg.add(0, L, 0);
-    rg.upload(be);
-  }
-};
-
-// What the float Mamba mixer keeps for its backward: ref::grad::MambaActs's contents, with
-// dt_r, B and C as column views of x_proj's one output and the scan's states in the op's layout.
-struct MambaSaved {
-  int L = 0, chunk = 0;
-  std::vector<float> x, z, xc, dt, yg;  // [L, E]: conv input, gate, scan input, dt (no bias), yg
-  std::vector<float> dbc;               // [L, R + 2N]: dt_r | B | C
-  Buffer scan;                          // Backend::scan_saved_bytes
-};
-template <class T> using MambaActsOf = std::conditional_t<kFast<T>, MambaSaved, G::MambaActs<T>>;
-
-// docs/MODEL.md's Mamba mixer: u [L, D] -> out [L, D] (ref::grad::mamba_block_forward's math).
-void be_mamba_forward(float* out, MambaSaved& a, const float* u, const G::MambaWeights<float>& w,
-                   const G::MambaDims& s, int L, int scan_chunk) {
-  Backend& be = train_backend();
-  const OneSeq seq(be, L);
-  const int D = s.D, E = s.E, N = s.N, R = s.R, P = R + 2 * N;
-  a.L = L;
-  a.chunk = scan_chunk;
-  for (auto* v : {&a.x, &a.z, &a.xc, &a.dt, &a.yg}) v->resize(size_t(L) * E);
-  a.dbc.resize(size_t(L) * P);
-  const Tensor U = mat(u, L, D), in_proj = mat(w.in_proj, 2 * E, D), dbc = mat(a.dbc.data(), L, P);
-  const Tensor x = mat(a.x.data(), L, E), z = mat(a.z.data(), L, E), xc = mat(a.xc.data(), L, E);
-  be.linear(x, U, in_proj.rows_view(0, E), false);  // x, z = in_proj(u).chunk(2, dim=-1)
-  be.linear(z, U, in_proj.rows_view(E, E), false);
-  be.conv1d_silu_train(xc, x, mat(w.conv_w, E, s.K), vec(w.conv_b, E), seq.rg);  // silu(conv(x))
-  be.linear(dbc, xc, mat(w.x_proj, P, E), false);  // dt_r, B, C = x_proj(xc).split([R, N, N])
-  be.linear(mat(a.dt.data(), L, E), dbc.cols_view(0, R), mat(w.dt_w, E, R), false);
-  a.scan.reserve(be, be.scan_saved_bytes(seq.rg, E, N, scan_chunk));
-  be.selective_scan_train(mat(a.yg.data(), L, E), a.scan.data(), xc, mat(a.dt.data(), L, E), vec(w.dt_b, E),
-                          mat(w.A_log, E, N), dbc.cols_view(R, N), dbc.cols_view(R + N, N), vec(w.Dskip, E),
-                          z, scan_chunk, seq.rg);
-  be.linear(mat(out, L, D), mat(a.yg.data(), L, E), mat(w.out_proj, D, E), false);  // out_proj(yg)
-}
-
-// du [L, D] assigned (may be null); every field of g accumulates. dyg_extra [L, E] (nullable):
-// gradient reaching yg from the next layer's bridge.
-void be_mamba_backward(float* du, const G::MambaGrads<float>& g, const float* dout, const float* u,
-                    const G::MambaWeights<float>& w, const MambaSaved& a, const G::MambaDims& s,
-                    const float* dyg_extra) {
-  Backend& be = train_backend();
-  const int L = a.L, D = s.D, E = s.E, N = s.N, K = s.K, R = s.R, P = R + 2 * N;
-  const OneSeq seq(be, L);
-  const size_t LE = size_t(L) * E;
-  std::vector<float> dyg(LE), dxc(LE), ddt(LE), dz(LE), ddbc(size_t(L) * P);
-  auto LxE = [&](const std::vector<float>& v) { return mat(v.data(), L, E); };
-  const Tensor dbc = mat(a.dbc.data(), L, P), gdbc = mat(ddbc.data(), L, P), U = mat(u, L, D);
-  if (dyg_extra) std::copy_n(dyg_extra, LE, dyg.begin());
-  // out = out_proj(yg)
-  be.linear_backward(LxE(dyg), mat(g.out_proj, D, E), mat(dout, L, D), LxE(a.yg), mat(w.out_proj, D, E),
-                     dyg_extra != nullptr);
-  // yg = selective_scan(xc, dt, dt_b, -exp(A_log), B, C, D, z)
-  be.selective_scan_backward(LxE(dxc), LxE(ddt), gdbc.cols_view(R, N), gdbc.cols_view(R + N, N), LxE(dz),
-                             vec(g.dt_b, E), mat(g.A_log, E, N), vec(g.Dskip, E), LxE(dyg), a.scan.data(),
-                             LxE(a.xc), LxE(a.dt), vec(w.dt_b, E), mat(w.A_log, E, N), dbc.cols_view(R, N),
-                             dbc.cols_view(R + N, N), vec(w.Dskip, E), LxE(a.z), a.chunk, seq.rg);
-  // dt = dt_r dt_w^T
-  be.linear_backward(gdbc.cols_view(0, R), mat(g.dt_w, E, R), LxE(ddt), dbc.cols_view(0, R), mat(w.dt_w, E, R),
-                     false);
-  // dbc = x_proj(xc): xc feeds the scan too, so x_proj's gradient adds into dxc
-  be.linear_backward(LxE(dxc), mat(g.x_proj, P, E), gdbc, LxE(a.xc), mat(w.x_proj, P, E), true);
-  std::vector<float>& dx = dyg;  // dyg is dead once the scan's backward is done
-  be.conv1d_silu_backward(LxE(dx), mat(g.conv_w, E, K), vec(g.conv_b, E), LxE(dxc), LxE(a.x), mat(w.conv_w, E, K),
-                          vec(w.conv_b, E), seq.rg);
-  // x, z = in_proj(u).chunk(2): each half against its rows of in_proj
-  const Tensor in_proj = mat(w.in_proj, 2 * E, D), gin = mat(g.in_proj, 2 * E, D);
-  const Tensor dU = du ? mat(du, L, D) : Tensor();
-  be.linear_backward(dU, gin.rows_view(0, E), LxE(dx), U, in_proj.rows_view(0, E), false);
-  be.linear_backward(dU, gin.rows_view(E, E), LxE(dz), U, in_proj.rows_view(E, E), true);
-}
-
-// The attention mixer (ref::grad::attention_block_forward's math and saved activations).
-void be_attention_forward(float* out, G::AttnSaved<float>& s, const float* u, const G::AttnWeights<float>& w,
-                       const G::AttnShape& c) {
-  Backend& be = train_backend();
-  const OneSeq seq(be, c.L);
-  const int Q = c.H * c.hd, KV = c.G * c.hd;
-  s.q.resize(size_t(c.L) * Q);
-  s.k.resize(size_t(c.L) * KV);
-  s.v.resize(size_t(c.L) * KV);
-  s.lse.resize(size_t(c.L) * c.H);
-  s.inner.resize(size_t(c.L) * Q);
-  const Tensor U = mat(u, c.L, c.D), q = mat(s.q.data(), c.L, Q), k = mat(s.k.data(), c.L, KV),
-               v = mat(s.v.data(), c.L, KV), inner = mat(s.inner.data(), c.L, Q);
-  be.linear(q, U, mat(w.wq, Q, c.D), false);
-  be.linear(k, U, mat(w.wk, KV, c.D), false);
-  be.linear(v, U, mat(w.wv, KV, c.D), false);
-  if (c.rope) {
-    be.rope(q, c.H, c.hd, float(c.theta), seq.rg);
-    be.rope(k, c.G, c.hd, float(c.theta), seq.rg);
-  }
-  be.attention_train(inner, mat(s.lse.data(), c.L, c.H), q, k, v, c.H, c.G, c.hd, seq.rg);
-  be.linear(mat(out, c.L, c.D), inner, mat(w.wo, c.D, Q), false);
-}
-
-// du assigned, weight gradients accumulated; dinner (nullable): gradient reaching inner from the
-// next layer's bridge.
-void be_attention_backward(float* du, const G::AttnWeightGrads<float>& gw, const float* dout, const float* dinner,
-                        const float* u, const G::AttnWeights<float>& w, const G::AttnSaved<float>& s,
-                        const G::AttnShape& c) {
-  Backend& be = train_backend();
-  const OneSeq seq(be, c.L);
-  const int Q = c.H * c.hd, KV = c.G * c.hd;
-  std::vector<float> dinn(size_t(c.L) * Q), dq(size_t(c.L) * Q), dk(size_t(c.L) * KV), dv(size_t(c.L) * KV);
-  if (dinner) std::copy(dinner, dinner + dinn.size(), dinn.begin());
-  const Tensor U = mat(u, c.L, c.D), dQ = mat(dq.data(), c.L, Q), dK = mat(dk.data(), c.L, KV),
-               dV = mat(dv.data(), c.L, KV), dI = mat(dinn.data(), c.L, Q);
-  // out = inner Wo^T
-  be.linear_backward(dI, mat(gw.wo, c.D, Q), mat(dout, c.L, c.D), mat(s.inner.data(), c.L, Q), mat(w.wo, c.D, Q),
-                     dinner != nullptr);
-  be.attention_backward(dQ, dK, dV, dI, mat(s.q.data(), c.L, Q), mat(s.k.data(), c.L, KV),
-                        mat(s.v.data(), c.L, KV), mat(s.inner.data(), c.L, Q), mat(s.lse.data(), c.L, c.H), c.H,
-                        c.G, c.hd, seq.rg);
-  if (c.rope) {  // gradients with respect to q, k before the rotation
-    be.rope_backward(dQ, c.H, c.hd, float(c.theta), seq.rg);
-    be.rope_backward(dK, c.G, c.hd, float(c.theta), seq.rg);
-  }
-  const Tensor dU = mat(du, c.L, c.D);
-  be.linear_backward(dU, mat(gw.wq, Q, c.D), dQ, U, mat(w.wq, Q, c.D), false);
-  be.linear_backward(dU, mat(gw.wk, KV, c.D), dK, U, mat(w.wk, KV, c.D), true);
-  be.linear_backward(dU, mat(gw.wv, KV, c.D), dV, U, mat(w.wv, KV, c.D), true);
-}
-
-// The SwiGLU MLP on an already-normalized m [n, D] (ref::grad::mlp_block_forward's math).
-void be_mlp_forward(float* out, G::MlpSaved<float>& s, const float* m, const G::MlpWeights<float>& w, int n, int D,
-                 int F) {
-  Backend& be = train_backend();
-  for (auto* v : {&s.g, &s.u, &s.a}) v->resize(size_t(n) * F);
-  const Tensor M = mat(m, n, D), g = mat(s.g.data(), n, F), u = mat(s.u.data(), n, F), a = mat(s.a.data(), n, F);
-  be.linear(g, M, mat(w.gate, F, D), false);
-  be.linear(u, M, mat(w.up, F, D), false);
-  be.swiglu(a, g, u);
-  be.linear(mat(out, n, D), a, mat(w.down, D, F), false);
-}
-
-void be_mlp_backward(float* dm, const G::MlpWeightGrads<float>& gw, const float* dout, const float* m,
-                  const G::MlpWeights<float>& w, const G::MlpSaved<float>& s, int n, int D, int F) {
-  Backend& be = train_backend();
-  std::vector<float> da(size_t(n) * F), dg(size_t(n) * F), du(size_t(n) * F);
-  const Tensor M = mat(m, n, D), dA = mat(da.data(), n, F), dG = mat(dg.data(), n, F), dU = mat(du.data(), n, F);
-  be.linear_backward(dA, mat(gw.down, D, F), mat(dout, n, D), mat(s.a.data(), n, F), mat(w.down, D, F), false);
-  be.swiglu_backward(dG, dU, dA, mat(s.g.data(), n, F), mat(s.u.data(), n, F));
-  be.linear_backward(mat(dm, n, D), mat(gw.gate, F, D), dG, M, mat(w.gate, F, D), false);
-  be.linear_backward(mat(dm, n, D), mat(gw.up, F, D), dU, M, mat(w.up, F, D), true);
-}
-
-// State bridge after its norm: h += gate * (y W^T); y [n, S], W [D, S], gate [D].
-void be_bridge_forward(float* h, const float* y, const float* W, const float* gate, int n, int D, int S) {
-  Backend& be = train_backend();
-  std::vector<float> p(size_t(n) * D);
-  be.linear(mat(p.data(), n, D), mat(y, n, S), mat(W, D, S), false);
-  be.add_rows(mat(h, n, D), nullptr, mat(p.data(), n, D), nullptr, n, nullptr, vec(gate, D));
-}
-
-// dy assigned, dW and dgate accumulated; dh passes through the residual unchanged. The gate's
-// backward (dgate += sum_i dh p, dp = dh gate) is a host loop: no op has it yet.
-void be_bridge_backward(float* dy, float* dW, float* dgate, const float* dh, const float* y, const float* W,
-                     const float* gate, int n, int D, int S) {
-  Backend& be = train_backend();
-  std::vector<float> p(size_t(n) * D), dp(size_t(n) * D);
-  be.linear(mat(p.data(), n, D), mat(y, n, S), mat(W, D, S), false);  // recompute p = y W^T
-  std::vector<double> acc(size_t(D), 0.0);
-  for (int i = 0; i < n; ++i)
-    for (int d = 0; d < D; ++d) {
-      const size_t o = size_t(i) * D + size_t(d);
-      acc[size_t(d)] += double(dh[o]) * p[o];
-      dp[o] = dh[o] * gate[d];
-    }
-  for (int d = 0; d < D; ++d) dgate[d] += float(acc[size_t(d)]);
-  be.linear_backward(mat(dy, n, S), mat(dW, D, S), mat(dp.data(), n, D), mat(y, n, S), mat(W, D, S), false);
-}
-
-// ---------------------------------------------------------------- one layer code for every T
-// Each block: the backend's ops for float, the reference pair otherwise.
-
-template <class T>
-void mamba_fwd(T* out, MambaActsOf<T>& a, const T* u, const G::MambaWeights<T>& w,
-               const G::MambaDims& s, int L, int scan_chunk) {
-  if constexpr (kFast<T>)
-    be_mamba_forward(out, a, u, w, s, L, scan_chunk);
-  else
-    G::mamba_block_forward(out, a, u, w, s, L, scan_chunk);
-}
-template <class T>
-void mamba_bwd(T* du, const G::MambaGrads<T>& g, const T* dout, const T* u,
-               const G::MambaWeights<T>& w, const MambaActsOf<T>& a, const G::MambaDims& s,
-               const T* dyg_extra) {
-  if constexpr (kFast<T>)
-    be_mamba_backward(du, g, dout, u, w, a, s, dyg_extra);
-  else
-    G::mamba_block_backward(du, g, dout, u, w, a, s, dyg_extra);
-}
-template <class T>
-void attention_fwd(T* out, G::AttnSaved<T>& s, const T* u, const G::AttnWeights<T>& w,
-                   const G::AttnShape& c) {
-  if constexpr (kFast<T>)
-    be_attention_forward(out, s, u, w, c);
-  else
-    G::attention_block_forward(out, s, u, w, c);
-}
-template <class T>
-void attention_bwd(T* du, const G::AttnWeightGrads<T>& gw, const T* dout, const T* dinner,
-                   const T* u, const G::AttnWeights<T>& w, const G::AttnSaved<T>& s,
-                   const G::AttnShape& c) {
-  if constexpr (kFast<T>)
-    be_attention_backward(du, gw, dout, dinner, u, w, s, c);
-  else
-    G::attention_block_backward(du, gw, dout, dinner, u, w, s, c);
-}
-template <class T>
-void mlp_fwd(T* out, G::MlpSaved<T>& s, const T* m, const G::MlpWeights<T>& w, int n, int D, int F) {
-  if constexpr (kFast<T>)
-    be_mlp_forward(out, s, m, w, n, D, F);
-  else
-    G::mlp_block_forward(out, s, m, w, n, D, F);
-}
-template <class T>
-void mlp_bwd(T* dm, const G::MlpWeightGrads<T>& gw, const T* dout, const T* m,
-             const G::MlpWeights<T>& w, const G::MlpSaved<T>& s, int n, int D, int F) {
-  if constexpr (kFast<T>)
-    be_mlp_backward(dm, gw, dout, m, w, s, n, D, F);
-  else
-    G::mlp_block_backward(dm, gw, dout, m, w, s, n, D, F);
-}
-// out = rmsnorm(x) * w over n rows of d; the reference keeps rstd [n] for its backward (the
-// backend's op recomputes it from x, and rstd stays empty).
+// out = rmsnorm(x) * w over n rows of d, keeping rstd [n] for the backward.
 template <class T>
 void norm_forward(T* out, std::vector<T>& rstd, const T* x, const T* w, int n, int d, double eps) {
-  if constexpr (kFast<T>) {
-    rstd.clear();
-    train_backend().rmsnorm(mat(out, n, d), mat(x, n, d), vec(w, d), float(eps));
-  } else {
-    rstd.resize(size_t(n));
-    G::rmsnorm_forward(out, rstd.data(), x, w, n, d, eps);
-  }
+  rstd.resize(size_t(n));
+  G::rmsnorm_forward(out, rstd.data(), x, w, n, d, eps);
 }
 // dx (= or, with accumulate, +=) the norm's input gradient, dw accumulated. tmp: n x d of
-// scratch for the reference's += (the backend's op adds itself).
+// scratch for the +=.
 template <class T>
 void norm_backward(T* dx, T* tmp, T* dw, const T* dout, const T* x, const T* w, const std::vector<T>& rstd, int n,
-                   int d, double eps, bool accumulate) {
-  if constexpr (kFast<T>) {
-    (void)tmp;
-    (void)rstd;
-    train_backend().rmsnorm_backward(mat(dx, n, d), vec(dw, d), mat(dout, n, d), mat(x, n, d), vec(w, d),
-                                     float(eps), accumulate);
-  } else if (accumulate) {
+                   int d, double /*eps*/, bool accumulate) {
+  if (accumulate) {
     G::rmsnorm_backward(tmp, dw, dout, x, w, rstd.data(), n, d);
     for (size_t i = 0; i < size_t(n) * size_t(d); ++i) dx[i] += tmp[i];
   } else {
@@ -347,7 +98,7 @@ template <class T> struct TrueActs {
 template <class T> struct LayerActs {
   BridgeActs<T> br;
   std::vector<T> h, u, rstd;  // stream entering the pre-norm [L,D], the norm's output, rstd [L]
-  MambaActsOf<T> mamba;
+  G::MambaActs<T> mamba;
   G::AttnSaved<T> attn;
   TrueActs<T> tr;  // true-hybrid layers only
   std::vector<T> h2, m, mrstd;  // MLP: stream entering mlp_norm [L,D], its output, rstd [L]
@@ -360,10 +111,6 @@ template <class V> int64_t vec_bytes(const V& v) {
 template <class T> int64_t mamba_bytes(const G::MambaActs<T>& M) {
   return vec_bytes(M.x) + vec_bytes(M.z) + vec_bytes(M.xc) + vec_bytes(M.dt_r) + vec_bytes(M.B) +
          vec_bytes(M.C) + vec_bytes(M.dt) + vec_bytes(M.A) + vec_bytes(M.yg) + vec_bytes(M.scan_states);
-}
-int64_t mamba_bytes(const MambaSaved& M) {
-  return vec_bytes(M.x) + vec_bytes(M.z) + vec_bytes(M.xc) + vec_bytes(M.dt) + vec_bytes(M.yg) +
-         vec_bytes(M.dbc) + int64_t(M.scan.bytes());
 }
 
 // With gradient checkpointing (ckpt) the forward keeps, per layer, only the stream entering its
@@ -454,7 +201,7 @@ void true_mixer_forward(LayerActs<T>& la, T* out, const Layout& lo, const T* P, 
   if (nm < L)
     for (int j = 0; j < nm; ++j) std::copy_n(row(la.u.data(), M[size_t(j)]), D, row(tr.um.data(), j));
   if (nm > 0)
-    mamba_fwd(tr.ym.data(), la.mamba, tr.mamba_in(la.u), mamba_weights(P, o), mamba_dims(c), nm,
+    G::mamba_block_forward(tr.ym.data(), la.mamba, tr.mamba_in(la.u), mamba_weights(P, o), mamba_dims(c), nm,
                         scan_chunk);
   // v = u + exchange * x, x the latest Mamba output at or before the token (none yet: 0, as the
   // sequence starts from zero state).
@@ -474,7 +221,7 @@ void true_mixer_forward(LayerActs<T>& la, T* out, const Layout& lo, const T* P, 
   }
   if (na > 0) {  // RoPE positions are ranks within A: the block sees A as its whole sequence
     const G::AttnWeights<T> aw{at(P, o.wq), at(P, o.wk), at(P, o.wv), at(P, o.wo)};
-    attention_fwd(tr.ya.data(), la.attn, tr.va.data(), aw, attn_shape(c, na));
+    G::attention_block_forward(tr.ya.data(), la.attn, tr.va.data(), aw, attn_shape(c, na));
   }
   // out_t = gm_t fuse_mamba * ym_t + ga_t fuse_attn * ya_t; a path that did not run adds nothing.
   const T *fm = at(P, o.fuse_mamba), *fa = at(P, o.fuse_attn);
@@ -554,7 +301,7 @@ void true_mixer_backward(T* du, T* g, const T* dout, const LayerActs<T>& la, con
   if (na > 0) {
     const G::AttnWeightGrads<T> ag{at(g, o.wq), at(g, o.wk), at(g, o.wv), at(g, o.wo)};
     const G::AttnWeights<T> aw{at(P, o.wq), at(P, o.wk), at(P, o.wv), at(P, o.wo)};
-    attention_bwd(dv.data(), ag, dya.data(), none, tr.va.data(), aw, la.attn, attn_shape(c, na));
+    G::attention_block_backward(dv.data(), ag, dya.data(), none, tr.va.data(), aw, la.attn, attn_shape(c, na));
     for (int k = 0; k < na; ++k) {
       const T* dvk = row(dv.data(), k);
       T* dut = row(du, A[size_t(k)]);
@@ -570,7 +317,7 @@ void true_mixer_backward(T* du, T* g, const T* dout, const LayerActs<T>& la, con
     }
   }
   if (nm > 0) {
-    mamba_bwd(dum.data(), mamba_grads(g, o), dym.data(), tr.mamba_in(la.u), mamba_weights(P, o),
+    G::mamba_block_backward(dum.data(), mamba_grads(g, o), dym.data(), tr.mamba_in(la.u), mamba_weights(P, o),
                          la.mamba, mamba_dims(c), none);
     for (int j = 0; j < nm; ++j) {
       const T* s = row(dum.data(), j);
@@ -616,9 +363,9 @@ void layer_forward(LayerActs<T>& la, std::vector<T>& h, std::vector<T>& out, con
   if (c.is_true(i)) {
     true_mixer_forward(la, out.data(), lo, P, i, L, scan_chunk);
   } else if (c.is_attention(i)) {
-    attention_fwd(out.data(), la.attn, la.u.data(), aw, attn_shape(c, L));
+    G::attention_block_forward(out.data(), la.attn, la.u.data(), aw, attn_shape(c, L));
   } else {
-    mamba_fwd(out.data(), la.mamba, la.u.data(), mamba_weights(P, o), mamba_dims(c), L, scan_chunk);
+    G::mamba_block_forward(out.data(), la.mamba, la.u.data(), mamba_weights(P, o), mamba_dims(c), L, scan_chunk);
   }
   add_into(h, out);
   if (F > 0) {  // h += down(silu(gate(m)) * up(m)), m = rmsnorm(h, mlp_norm)
@@ -626,7 +373,7 @@ void layer_forward(LayerActs<T>& la, std::vector<T>& h, std::vector<T>& out, con
     la.m.resize(LD);
     norm_forward(la.m.data(), la.mrstd, h.data(), at(P, o.mlp_norm), L, D, eps);
     const G::MlpWeights<T> mw{at(P, o.w_gate), at(P, o.w_up), at(P, o.w_down)};
-    mlp_fwd(out.data(), la.mlp, la.m.data(), mw, L, D, F);
+    G::mlp_block_forward(out.data(), la.mlp, la.m.data(), mw, L, D, F);
     add_into(h, out);
   }
 }
@@ -660,22 +407,14 @@ void forward_seq(SeqActs<T>& a, const Layout& lo, const T* P, const int32_t* tok
   a.layers.resize(ckpt ? 1 : size_t(c.n_layers));
   if (ckpt) a.ckpt_h.resize(size_t(c.n_layers));
   std::vector<T> h(LD), out(LD);
-  if constexpr (kFast<T>)
-    train_backend().embedding(mat(h.data(), L, D), mat(P + lo.emb, c.vocab_size, D), tok);
-  else
-    for (int t = 0; t < L; ++t)
-      std::copy_n(P + lo.emb + int64_t(tok[t]) * D, D, h.begin() + ptrdiff_t(t) * D);
+  for (int t = 0; t < L; ++t) std::copy_n(P + lo.emb + int64_t(tok[t]) * D, D, h.begin() + ptrdiff_t(t) * D);
   for (int i = 0; i < c.n_layers; ++i) {
     const LayerOffsets& o = lo.layers[size_t(i)];
     if (c.has_bridge(i)) {  // h += gate * (rmsnorm(src) @ proj^T)
       const int S = c.inner_dim(i - 1);
       BridgeActs<T>& br = a.bridge(i);
       bridge_norm_forward(br, a.inner(c, i - 1), lo, P, i, L);
-      if constexpr (kFast<T>)
-        be_bridge_forward(h.data(), br.bn.data(), at(P, o.bridge_proj), at(P, o.bridge_gate), L, D, S);
-      else
-        G::bridge_forward(h.data(), h.data(), br.bn.data(), at(P, o.bridge_proj),
-                          at(P, o.bridge_gate), L, D, S);
+      G::bridge_forward(h.data(), h.data(), br.bn.data(), at(P, o.bridge_proj), at(P, o.bridge_gate), L, D, S);
     }
     // The last layer is never recomputed: its activations are still held when the backward starts.
     if (ckpt && i + 1 < c.n_layers) a.ckpt_h[size_t(i)] = h;
@@ -702,7 +441,7 @@ void backward_seq(T* g, SeqActs<T>& a, const Layout& lo, const T* P, const T* dh
   const int D = c.d_model, F = c.d_ff;
   const size_t LD = size_t(L) * D;
   const double eps = c.norm_eps;
-  std::vector<T> dh(LD), dtmp(LD), dx(kFast<T> ? 0 : LD), dy;  // dx: the reference's scratch
+  std::vector<T> dh(LD), dtmp(LD), dx(LD), dy;  // dx: norm_backward's scratch
   std::vector<T> dinner;  // gradient into this layer's inner output from the next layer's bridge
   norm_backward(dh.data(), dx.data(), g + lo.norm_f, dhn, a.hf.data(), P + lo.norm_f, a.rstd_f, L, D, eps, false);
   // With ckpt the held layer is still the last one, from the forward: no recompute for it.
@@ -712,7 +451,7 @@ void backward_seq(T* g, SeqActs<T>& a, const Layout& lo, const T* P, const T* dh
     if (F > 0) {  // h_out = h2 + mlp(rmsnorm(h2)): dh2 = dh + rmsnorm'(mlp'(dh))
       const G::MlpWeightGrads<T> mg{at(g, o.w_gate), at(g, o.w_up), at(g, o.w_down)};
       const G::MlpWeights<T> mw{at(P, o.w_gate), at(P, o.w_up), at(P, o.w_down)};
-      mlp_bwd(dtmp.data(), mg, dh.data(), la.m.data(), mw, la.mlp, L, D, F);
+      G::mlp_block_backward(dtmp.data(), mg, dh.data(), la.m.data(), mw, la.mlp, L, D, F);
       norm_backward(dh.data(), dx.data(), at(g, o.mlp_norm), dtmp.data(), la.h2.data(), at(P, o.mlp_norm),
                     la.mrstd, L, D, eps, true);
     }
@@ -723,9 +462,9 @@ void backward_seq(T* g, SeqActs<T>& a, const Layout& lo, const T* P, const T* dh
     } else if (c.is_attention(i)) {
       const G::AttnWeightGrads<T> ag{at(g, o.wq), at(g, o.wk), at(g, o.wv), at(g, o.wo)};
       const G::AttnWeights<T> aw{at(P, o.wq), at(P, o.wk), at(P, o.wv), at(P, o.wo)};
-      attention_bwd(dtmp.data(), ag, dh.data(), dinn, la.u.data(), aw, la.attn, attn_shape(c, L));
+      G::attention_block_backward(dtmp.data(), ag, dh.data(), dinn, la.u.data(), aw, la.attn, attn_shape(c, L));
     } else {
-      mamba_bwd(dtmp.data(), mamba_grads(g, o), dh.data(), la.u.data(), mamba_weights(P, o), la.mamba,
+      G::mamba_block_backward(dtmp.data(), mamba_grads(g, o), dh.data(), la.u.data(), mamba_weights(P, o), la.mamba,
                            mamba_dims(c), dinn);
     }
     norm_backward(dh.data(), dx.data(), at(g, o.norm), dtmp.data(), la.h.data(), at(P, o.norm), la.rstd, L, D,
@@ -739,23 +478,15 @@ void backward_seq(T* g, SeqActs<T>& a, const Layout& lo, const T* P, const T* dh
       if (a.ckpt) bridge_norm_forward(br, a.inner(c, i - 1), lo, P, i, L);
       dy.resize(size_t(L) * S);
       dinner.resize(size_t(L) * S);
-      if constexpr (kFast<T>)
-        be_bridge_backward(dy.data(), at(g, o.bridge_proj), at(g, o.bridge_gate), dh.data(), br.bn.data(),
-                        at(P, o.bridge_proj), at(P, o.bridge_gate), L, D, S);
-      else
-        G::bridge_backward<T>(nullptr, dy.data(), at(g, o.bridge_proj), at(g, o.bridge_gate),
-                              dh.data(), br.bn.data(), at(P, o.bridge_proj), at(P, o.bridge_gate),
-                              L, D, S);
+      G::bridge_backward<T>(nullptr, dy.data(), at(g, o.bridge_proj), at(g, o.bridge_gate), dh.data(), br.bn.data(),
+                            at(P, o.bridge_proj), at(P, o.bridge_gate), L, D, S);
       norm_backward(dinner.data(), dx.data(), at(g, o.bridge_norm), dy.data(), a.inner(c, i - 1),
                     at(P, o.bridge_norm), br.brstd, L, S, eps, false);
     } else {
       dinner.clear();
     }
   }
-  if constexpr (kFast<T>)
-    train_backend().embedding_backward(mat(g + lo.emb, c.vocab_size, D), mat(dh.data(), L, D), tok);
-  else
-    G::embedding_backward(g + lo.emb, dh.data(), tok, L, D);
+  G::embedding_backward(g + lo.emb, dh.data(), tok, L, D);
 }
 
 // Sum over the counted positions of -log softmax(hn W^T)[target], in acc_t<T> (long double for
@@ -923,12 +654,13 @@ Backend& train_backend() {
 }
 void set_train_backend(Backend* be) { g_train_backend = be; }
 
+namespace {
+
+// The reference model's loss and gradients (double, long double): one sequence per OpenMP thread.
 template <class T>
-double loss_and_grad_arena(const Params& layout, const T* params, T* grads, const int32_t* tokens,
-                           const int32_t* targets, int B, int L, int scan_chunk, bool grad_ckpt,
-                           double* aux_loss) {
-  if constexpr (kFast<T>)
-    return batched_loss_and_grad(layout, params, grads, tokens, targets, B, L, scan_chunk, grad_ckpt, aux_loss);
+double reference_loss_and_grad(const Params& layout, const T* params, T* grads, const int32_t* tokens,
+                               const int32_t* targets, int B, int L, int scan_chunk, bool grad_ckpt,
+                               double* aux_loss) {
   const Layout lo(layout);
   const ModelConfig& c = lo.c;
   const int64_t total = check_train_batch(c, tokens, targets, B, L, scan_chunk);
@@ -946,8 +678,8 @@ double loss_and_grad_arena(const Params& layout, const T* params, T* grads, cons
     const int tid = omp_get_thread_num();
     if (tid > 0) priv[size_t(tid)].assign(size_t(lo.numel), T(0));
     T* const g = tid == 0 ? grads : priv[size_t(tid)].data();
-    // The reference head needs a whole [V, D] buffer per thread; the fast one writes into g.
-    std::vector<T> dhn(size_t(L) * D), dW(kFast<T> ? 0 : size_t(V) * D);
+    // The reference head needs a whole [V, D] buffer per thread.
+    std::vector<T> dhn(size_t(L) * D), dW(size_t(V) * D);
     SeqActs<T> a;
 #pragma omp for schedule(static)
     for (int b = 0; b < B; ++b) {
@@ -959,13 +691,6 @@ double loss_and_grad_arena(const Params& layout, const T* params, T* grads, cons
       // The budget loss is weighted like this sequence's cross-entropy (header: cnt / total).
       const G::acc_t<T> share = G::acc_t<T>(cnt) / G::acc_t<T>(total);
       seq_budget[size_t(b)] = share * a.budget;
-      if constexpr (kFast<T>) {  // dlogits scaled by 1/total directly, dW added into g's head
-        seq_loss[size_t(b)] = train_backend().cross_entropy_head(
-            mat(dhn.data(), L, D), mat(g + lo.head, V, D), mat(a.hn.data(), L, D), mat(params + lo.head, V, D),
-            tgt, 1.0 / double(total));
-        backward_seq(g, a, lo, params, dhn.data(), tok, L, scan_chunk, share);
-        continue;
-      }
       // The reference cross-entropy is the mean over this sequence's cnt positions; the batch
       // loss is the mean over all `total`, so this sequence's gradients are scaled by cnt/total.
       std::fill(dW.begin(), dW.end(), T(0));
@@ -1004,9 +729,8 @@ double loss_and_grad_arena(const Params& layout, const T* params, T* grads, cons
 }
 
 template <class T>
-long double loss_only_arena(const Params& layout, const T* params, const int32_t* tokens,
-                            const int32_t* targets, int B, int L, LossAux* aux) {
-  if constexpr (kFast<T>) return batched_loss_only(layout, params, tokens, targets, B, L, aux);
+long double reference_loss_only(const Params& layout, const T* params, const int32_t* tokens,
+                                const int32_t* targets, int B, int L, LossAux* aux) {
   const Layout lo(layout);
   const ModelConfig& c = lo.c;
   const int64_t total = check_train_batch(c, tokens, targets, B, L, 0);
@@ -1043,6 +767,27 @@ long double loss_only_arena(const Params& layout, const T* params, const int32_t
   long double sum = 0;
   for (long double l : seq_loss) sum += l;
   return sum / (long double)(total);
+}
+
+}  // namespace
+
+template <class T>
+double loss_and_grad_arena(const Params& layout, const T* params, T* grads, const int32_t* tokens,
+                           const int32_t* targets, int B, int L, int scan_chunk, bool grad_ckpt,
+                           double* aux_loss) {
+  if constexpr (kFast<T>)
+    return batched_loss_and_grad(layout, params, grads, tokens, targets, B, L, scan_chunk, grad_ckpt, aux_loss);
+  else
+    return reference_loss_and_grad<T>(layout, params, grads, tokens, targets, B, L, scan_chunk, grad_ckpt, aux_loss);
+}
+
+template <class T>
+long double loss_only_arena(const Params& layout, const T* params, const int32_t* tokens,
+                            const int32_t* targets, int B, int L, LossAux* aux) {
+  if constexpr (kFast<T>)
+    return batched_loss_only(layout, params, tokens, targets, B, L, aux);
+  else
+    return reference_loss_only<T>(layout, params, tokens, targets, B, L, aux);
 }
 
 template double loss_and_grad_arena<float>(const Params&, const float*, float*, const int32_t*,

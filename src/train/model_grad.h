@@ -6,9 +6,10 @@
 // is the mean cross-entropy over every position (of every sequence) whose target is >= 0.
 // Sequences run in parallel (OpenMP): each thread keeps its activations and a private gradient
 // buffer, and the buffers are summed in thread order at the end (deterministic for a given thread
-// count). float runs every layer through the backend interface's training ops (backend.h; on
-// the CPU backend: kernels/cpu/grad_cpu.h's sgemm products and vectorised scan); double and long
-// double run the plain reference loops, the oracle for the checks.
+// count). float runs each sequence through BatchGrad (batch_grad.h: every layer as the backend
+// interface's training ops, the same code hm train --device cuda runs; on the CPU backend:
+// kernels/cpu/grad_cpu.h's sgemm products and vectorised scan); double and long double run the
+// plain reference loops, the oracle for the checks.
 #pragma once
 #include <cstdint>
 #include <vector>
