@@ -58,6 +58,30 @@ std::pair<double, std::string> worst_tensor_err(const Params& layout, const A* a
   return worst;
 }
 
+// Small enough for fast differences, with every feature of a Simple Hybrid on: M A A M gives a
+// Mamba -> attention bridge (1, source width d_inner 32), an attention -> Mamba bridge (3, source
+// width 16) and neighbours of one type without one (2); GQA, RoPE, SwiGLU MLP, explicit dt_rank,
+// d_conv != 4.
+inline ModelConfig small_hybrid_config(bool tied) {
+  ModelConfig c;
+  c.d_model = 16;
+  c.n_layers = 4;
+  c.attention_layers = {1, 2};
+  c.vocab_size = 23;
+  c.d_state = 4;
+  c.d_conv = 3;
+  c.expand = 2;
+  c.dt_rank = 2;
+  c.n_heads = 4;
+  c.n_kv_heads = 2;
+  c.rope = true;
+  c.d_ff = 12;
+  c.tie_embeddings = tied;
+  c.state_bridges = true;
+  validate(c);
+  return c;
+}
+
 inline bool verbose() { return std::getenv("HM_GRAD_VERBOSE") != nullptr; }
 
 // Restores the OpenMP thread count on scope exit.

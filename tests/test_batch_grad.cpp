@@ -42,27 +42,6 @@ using test::worst_tensor_err;
 
 namespace {
 
-// Every feature the batched path has: M A A M (bridges both ways and a pair without one), GQA,
-// RoPE, SwiGLU MLP, explicit dt_rank, d_conv 3; tied or untied head.
-ModelConfig hybrid_config(bool tied) {
-  ModelConfig c;
-  c.d_model = 16;
-  c.n_layers = 4;
-  c.attention_layers = {1, 2};
-  c.vocab_size = 23;
-  c.d_state = 4;
-  c.d_conv = 3;
-  c.expand = 2;
-  c.dt_rank = 2;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.rope = true;
-  c.d_ff = 12;
-  c.tie_embeddings = tied;
-  c.state_bridges = true;
-  validate(c);
-  return c;
-}
 
 std::vector<float> zeros(const Params& p) { return std::vector<float>(size_t(p.numel()), 0.0f); }
 
@@ -99,7 +78,7 @@ void compare(const ModelConfig& c, Backend& be, uint64_t seed, int B, int L, dou
 
 TEST(BatchGrad, MatchesDoubleReferenceOnTheCpuBackend) {
   auto cpu = make_cpu_backend();
-  for (bool tied : {true, false}) compare(hybrid_config(tied), *cpu, 11, 3, 37, 2e-5);
+  for (bool tied : {true, false}) compare(test::small_hybrid_config(tied), *cpu, 11, 3, 37, 2e-5);
   ModelConfig mamba = preset("tiny");
   mamba.attention_layers.clear();
   mamba.d_ff = 0;
@@ -109,7 +88,7 @@ TEST(BatchGrad, MatchesDoubleReferenceOnTheCpuBackend) {
 
 TEST(BatchGrad, MatchesDoubleReferenceOnTheRefBackend) {
   auto ref = make_ref_backend();
-  compare(hybrid_config(true), *ref, 21, 2, 19, 2e-5);
+  compare(test::small_hybrid_config(true), *ref, 21, 2, 19, 2e-5);
 }
 
 // True Hybrid layers (soft, hard, both; token and chunk routing): the same loss, budget term and
@@ -160,7 +139,7 @@ TEST(BatchGrad, TrueHybridMatchesDoubleReference) {
 
 TEST(BatchGrad, RefusesWhatItCannotTrain) {
   auto cpu = make_cpu_backend();
-  Params q(hybrid_config(true));
+  Params q(test::small_hybrid_config(true));
   EXPECT_THROW_MSG((void)BatchGrad(*cpu, q, DType::BF16), "cannot compute in bf16");
   BatchGrad bg(*cpu, q, DType::F32);
   std::vector<int32_t> tok(6, 0), tgt(6, 0);
@@ -212,9 +191,9 @@ std::pair<size_t, size_t> ckpt_vs_plain(const ModelConfig& c, Backend& be, uint6
 TEST(BatchGrad, GradCheckpointingIsBitIdentical) {
   for (auto make : {make_cpu_backend, make_ref_backend}) {
     auto be = make();
-    for (bool tied : {true, false}) ckpt_vs_plain(hybrid_config(tied), *be, 51, 3, 37);
+    for (bool tied : {true, false}) ckpt_vs_plain(test::small_hybrid_config(tied), *be, 51, 3, 37);
   }
-  ModelConfig deep = hybrid_config(false);
+  ModelConfig deep = test::small_hybrid_config(false);
   deep.n_layers = 8;
   deep.attention_layers = {1, 2, 6};
   validate(deep);
@@ -245,7 +224,7 @@ TEST(BatchGrad, GradCheckpointingIsBitIdentical) {
 // Backend::adamw_step and sum_squares on the host backends against hm::AdamW::step and
 // grad_norm on the same arenas, over three steps with clipping on.
 TEST(BatchGrad, OptimizerOpsMatchAdamW) {
-  const ModelConfig c = hybrid_config(false);
+  const ModelConfig c = test::small_hybrid_config(false);
   Params p(c), g(c);
   randomize_params(p, 31);
   randomize_params(g, 32);

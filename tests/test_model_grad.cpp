@@ -46,28 +46,6 @@ namespace {
 
 using LD = long double;
 
-// Small enough for fast differences, with every feature on: M A A M gives a Mamba -> attention
-// bridge (1, source width d_inner 32), an attention -> Mamba bridge (3, source width 16) and
-// neighbours of one type without one (2); GQA, RoPE, SwiGLU MLP, explicit dt_rank, d_conv != 4.
-ModelConfig small_config(bool tied) {
-  ModelConfig c;
-  c.d_model = 16;
-  c.n_layers = 4;
-  c.attention_layers = {1, 2};
-  c.vocab_size = 23;
-  c.d_state = 4;
-  c.d_conv = 3;
-  c.expand = 2;
-  c.dt_rank = 2;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.rope = true;
-  c.d_ff = 12;
-  c.tie_embeddings = tied;
-  c.state_bridges = true;
-  validate(c);
-  return c;
-}
 
 using test::randomize_params;
 
@@ -80,7 +58,7 @@ using test::OmpThreads;
 // `entries(name)`: how many entries of a tensor to check: the one with the largest gradient,
 // then random ones.
 void check_fd(bool tied, uint64_t seed, const std::function<int(const std::string&)>& entries) {
-  const ModelConfig c = small_config(tied);
+  const ModelConfig c = test::small_hybrid_config(tied);
   Params p(c);
   randomize_params(p, seed);
   const TokenBatch b = make_batch(2, 6, c.vocab_size, seed + 1);
@@ -219,7 +197,7 @@ TEST(ModelGrad, FloatGradientsMatchDouble) {
 
 // Keeping only every k-th scan state and recomputing the rest gives the same gradients.
 TEST(ModelGrad, ChunkedScanGivesSameGradients) {
-  const ModelConfig c = small_config(true);
+  const ModelConfig c = test::small_hybrid_config(true);
   Params p(c);
   randomize_params(p, 41);
   const TokenBatch b = make_batch(2, 9, c.vocab_size, 42);
@@ -276,17 +254,17 @@ template <class T> void check_ckpt_identical(const ModelConfig& c, int chunk, ui
 }
 
 TEST(ModelGrad, GradCheckpointingIsBitIdentical) {
-  ModelConfig no_mlp = small_config(false);
+  ModelConfig no_mlp = test::small_hybrid_config(false);
   no_mlp.d_ff = 0;
-  ModelConfig attn_first = small_config(true);
+  ModelConfig attn_first = test::small_hybrid_config(true);
   attn_first.attention_layers = {0, 3};
-  ModelConfig no_bridges = small_config(false);
+  ModelConfig no_bridges = test::small_hybrid_config(false);
   no_bridges.state_bridges = false;
   validate(no_mlp);
   validate(attn_first);
   validate(no_bridges);
   uint64_t seed = 300;
-  for (const ModelConfig& c : {small_config(true), small_config(false), no_mlp, attn_first,
+  for (const ModelConfig& c : {test::small_hybrid_config(true), test::small_hybrid_config(false), no_mlp, attn_first,
                                no_bridges, preset("tiny")}) {
     for (int chunk : {0, 4}) {
       SCOPED_TRACE("layers " + std::to_string(c.n_layers) + ", d_ff " + std::to_string(c.d_ff) +
@@ -297,7 +275,7 @@ TEST(ModelGrad, GradCheckpointingIsBitIdentical) {
     }
   }
   // The public entry points forward the flag.
-  const ModelConfig c = small_config(true);
+  const ModelConfig c = test::small_hybrid_config(true);
   Params p(c), a(c), bb(c), ad(c), bd(c);
   randomize_params(p, 77);
   const TokenBatch b = make_batch(2, 10, c.vocab_size, 78);
@@ -316,7 +294,7 @@ TEST(ModelGrad, GradCheckpointingIsBitIdentical) {
 // per-sequence means), gradients add into grads, a sequence without targets contributes
 // nothing, and the thread count does not change the result.
 TEST(ModelGrad, BatchMeanAccumulationAndThreads) {
-  const ModelConfig c = small_config(false);
+  const ModelConfig c = test::small_hybrid_config(false);
   Params p(c);
   randomize_params(p, 51);
   TokenBatch b = make_batch(3, 8, c.vocab_size, 52);
@@ -374,7 +352,7 @@ TEST(ModelGrad, BatchMeanAccumulationAndThreads) {
 }
 
 TEST(ModelGrad, BadInputIsAnError) {
-  const ModelConfig c = small_config(true);
+  const ModelConfig c = test::small_hybrid_config(true);
   Params p(c), g(c);
   randomize_params(p, 61);
   std::vector<int32_t> tok = {1, 2, 3}, tgt = {2, 3, -1};
@@ -431,7 +409,7 @@ TEST(ModelGrad, FastFloatMatchesDoubleReference) {
 // around the CPU's sees every training op once per layer and sequence, and the same results bit
 // for bit. Mamba, attention with RoPE and GQA, MLP, bridges both ways, tied head.
 TEST(ModelGrad, FloatPathRunsOnTheBackend) {
-  const ModelConfig c = small_config(true);
+  const ModelConfig c = test::small_hybrid_config(true);
   Params p(c);
   randomize_params(p, 81);
   const TokenBatch b = make_batch(2, 9, c.vocab_size, 82);

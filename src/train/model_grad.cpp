@@ -554,6 +554,34 @@ template <class T> std::vector<T> arena_copy(const Params& p, const Layout& lo) 
 
 namespace {
 
+// Inside a parallel region: adds every other thread's private gradient arena into grads, in
+// thread order (deterministic for a given thread count), each thread a share of the tensors.
+template <class T, class A>
+void add_private_arenas(T* grads, const std::vector<std::vector<T>>& priv, const Layout& lo) {
+#pragma omp for schedule(static)
+  for (size_t k = 0; k < lo.tensors.size(); ++k) {
+    const auto [off, n] = lo.tensors[k];
+    for (int64_t j = off; j < off + n; ++j) {
+      A s = 0;
+      for (size_t t = 1; t < priv.size(); ++t) s += priv[t][size_t(j)];
+      grads[j] += T(s);
+    }
+  }
+}
+
+// loss_only's result from its per-sequence parts (sequences in order).
+long double finish_loss_only(LossAux* aux, const std::vector<long double>& seq_loss,
+                             const std::vector<long double>& seq_budget,
+                             const std::vector<std::vector<double>>& seq_logits, int64_t total) {
+  if (aux) {
+    for (long double v : seq_budget) aux->budget_loss += v;
+    for (const auto& v : seq_logits) aux->logits.insert(aux->logits.end(), v.begin(), v.end());
+  }
+  long double sum = 0;
+  for (long double l : seq_loss) sum += l;
+  return sum / (long double)(total);
+}
+
 // float: every sequence of the batch through BatchGrad (batch_grad.h) on train_backend(), one
 // sequence at a time per OpenMP thread: the one layer code of every backend. Thread 0 adds
 // straight into grads; each other thread into a private arena summed into grads at the end in
@@ -587,16 +615,7 @@ double batched_loss_and_grad(const Params& layout, const float* params, float* g
       seq_budget[size_t(b)] = share * bg.budget_loss();
     }
     act_bytes += int64_t(bg.activation_bytes());
-    if (nt > 1)
-#pragma omp for schedule(static)
-    for (size_t k = 0; k < lo.tensors.size(); ++k) {
-      const auto [off, n] = lo.tensors[k];
-      for (int64_t j = off; j < off + n; ++j) {
-        double s = 0;
-        for (size_t t = 1; t < priv.size(); ++t) s += priv[t][size_t(j)];
-        grads[j] += float(s);
-      }
-    }
+    if (nt > 1) add_private_arenas<float, double>(grads, priv, lo);
   }
   int64_t prev = g_act_peak.load();
   while (prev < act_bytes && !g_act_peak.compare_exchange_weak(prev, act_bytes)) {
@@ -637,13 +656,7 @@ long double batched_loss_only(const Params& layout, const float* params, const i
       if (want_logits) seq_logits[size_t(b)] = bg.route_logits();
     }
   }
-  if (aux) {
-    for (long double v : seq_budget) aux->budget_loss += v;
-    for (const auto& v : seq_logits) aux->logits.insert(aux->logits.end(), v.begin(), v.end());
-  }
-  long double sum = 0;
-  for (long double l : seq_loss) sum += l;
-  return sum / (long double)(total);
+  return finish_loss_only(aux, seq_loss, seq_budget, seq_logits, total);
 }
 
 }  // namespace
@@ -703,17 +716,7 @@ double reference_loss_and_grad(const Params& layout, const T* params, T* grads, 
       backward_seq(g, a, lo, params, dhn.data(), tok, L, scan_chunk, share);
     }
     act_bytes += a.bytes();
-    // Sum the other threads' buffers in thread order, each thread a share of the tensors.
-    if (nt > 1)
-#pragma omp for schedule(static)
-    for (size_t k = 0; k < lo.tensors.size(); ++k) {
-      const auto [off, n] = lo.tensors[k];
-      for (int64_t j = off; j < off + n; ++j) {
-        G::acc_t<T> s = 0;
-        for (size_t t = 1; t < priv.size(); ++t) s += priv[t][size_t(j)];
-        grads[j] += T(s);
-      }
-    }
+    if (nt > 1) add_private_arenas<T, G::acc_t<T>>(grads, priv, lo);
   }
   int64_t prev = g_act_peak.load();
   while (prev < act_bytes && !g_act_peak.compare_exchange_weak(prev, act_bytes)) {
@@ -760,13 +763,7 @@ long double reference_loss_only(const Params& layout, const T* params, const int
             for (T r : a.layer(i).tr.r) seq_logits[size_t(b)].push_back(double(r));
     }
   }
-  if (aux) {
-    for (long double v : seq_budget) aux->budget_loss += v;
-    for (const auto& v : seq_logits) aux->logits.insert(aux->logits.end(), v.begin(), v.end());
-  }
-  long double sum = 0;
-  for (long double l : seq_loss) sum += l;
-  return sum / (long double)(total);
+  return finish_loss_only(aux, seq_loss, seq_budget, seq_logits, total);
 }
 
 }  // namespace
