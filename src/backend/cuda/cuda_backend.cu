@@ -196,8 +196,11 @@ int skinny_min_rows_default() {
   return 0;
 }
 
-// cross_entropy_head's logits (and dlogits) of one block of rows stay within this.
-constexpr size_t kHeadBlockBytes = size_t(128) << 20;
+// cross_entropy_head's logits (and dlogits) of one block of rows stay within this. Each block's
+// dW += dz^T hn reads and writes the whole float [V, D] gradient, so small blocks multiply that
+// traffic: at 128 MB a Mamba-1 130M step (8 x 2048 tokens, V 50280) ran 37 blocks, 11 GB of dW
+// traffic and 15.4 ms in the head on the H200 (docs/TRAINING.md's profile); 1 GiB takes 5.
+constexpr size_t kHeadBlockBytes = size_t(1) << 30;
 
 // The most sequences a decode step runs dt_proj inside the scan step (dt_scan) for. Each
 // (sequence, channel) re-reads its row of dt_proj, so the weight is read once per sequence:
