@@ -13,6 +13,8 @@
 // NL lanes), so sums over n are NL-lane shuffles; CPB channels per block. dB and dC sum over
 // channels: a reduce-scatter over the channels of a warp, then over the warps of the block in
 // shared memory, gives one part per block of channels, which a last kernel adds up in order.
+#include <cuda_pipeline_primitives.h>
+
 #include <algorithm>
 #include <cstdint>
 
@@ -469,6 +471,66 @@ __device__ __forceinline__ void stage_tile(Tile<R>& tl, const ScanTrainIn<T>& in
   __syncthreads();
 }
 
+// stage_tile in two halves, so that the global loads of the next tile are in flight while the
+// block computes on the current one: tile_load reads this thread's share of the rows into
+// registers (raw T), tile_store converts it into tl between a pair of barriers.
+template <class T, int R>
+struct TileRegs {
+  static constexpr int PE = R * kFCh / kFT, PN = R * 16 / kFT;  // per thread: [i][channel], [i][n]
+  static_assert(PE * kFT == R * kFCh && PN * kFT == R * 16, "tile split");
+  T dt[PE], x[PE], z[PE], dy[PE], b[PN], c[PN];
+  int nrows;
+};
+template <class T, int R>
+__device__ __forceinline__ void tile_load(TileRegs<T, R>& rg, const ScanTrainIn<T>& in, const T* __restrict__ dy,
+                                          int lddy, int row, int nrows, int E, int N, int what) {
+  const int e0 = blockIdx.x * kFCh;
+  rg.nrows = nrows;
+  const T zero = from_f<T>(0.0f);
+#pragma unroll
+  for (int p = 0; p < TileRegs<T, R>::PE; ++p) {
+    const int idx = threadIdx.x + p * kFT, i = idx / kFCh, e = e0 + idx % kFCh;
+    rg.dt[p] = rg.x[p] = rg.z[p] = rg.dy[p] = zero;
+    if (i < nrows && e < E) {
+      const size_t r = size_t(row + i);
+      rg.dt[p] = in.dt[r * in.lddt + e];
+      if (what & kStX) rg.x[p] = in.x[r * in.ldx + e];
+      if (what & kStZ) rg.z[p] = in.z[r * in.ldz + e];
+      if (what & kStDy) rg.dy[p] = dy[r * lddy + e];
+    }
+  }
+#pragma unroll
+  for (int p = 0; p < TileRegs<T, R>::PN; ++p) {
+    const int idx = threadIdx.x + p * kFT, i = idx / 16, n = idx % 16;
+    const bool ok = i < nrows && n < N;
+    const size_t r = size_t(row + (ok ? i : 0)) * in.ldbc + n;
+    rg.b[p] = ok && (what & kStB) ? in.B[r] : zero;
+    rg.c[p] = ok && (what & kStC) ? in.C[r] : zero;
+  }
+}
+template <class T, int R>
+__device__ __forceinline__ void tile_store(Tile<R>& tl, const TileRegs<T, R>& rg, const ScanTrainIn<T>& in, int E) {
+  const int e0 = blockIdx.x * kFCh;
+  __syncthreads();  // the previous tile (and whatever else the block shares) is consumed
+#pragma unroll
+  for (int p = 0; p < TileRegs<T, R>::PE; ++p) {
+    const int idx = threadIdx.x + p * kFT, i = idx / kFCh, e = e0 + idx % kFCh;
+    const float pre = i < rg.nrows && e < E ? to_f(rg.dt[p]) + to_f(in.dt_bias[e]) : 0.0f;
+    tl.pre[idx] = pre;
+    tl.delta[idx] = softplus_acc(pre);
+    tl.x[idx] = to_f(rg.x[p]);
+    tl.z[idx] = to_f(rg.z[p]);
+    tl.dy[idx] = to_f(rg.dy[p]);
+  }
+#pragma unroll
+  for (int p = 0; p < TileRegs<T, R>::PN; ++p) {
+    const int idx = threadIdx.x + p * kFT;
+    tl.B[idx] = to_f(rg.b[p]);
+    tl.C[idx] = to_f(rg.c[p]);
+  }
+  __syncthreads();
+}
+
 // The 8 values of this lane's states from a [16] row of shared memory.
 __device__ __forceinline__ void load8(float (&v)[kSpt], const float* row16, int q) {
   const float4 a = reinterpret_cast<const float4*>(row16)[2 * q], b = reinterpret_cast<const float4*>(row16)[2 * q + 1];
@@ -507,70 +569,228 @@ __device__ __forceinline__ void fstep(float (&h)[kSpt], const FLane& c, const Ti
   for (int k = 0; k < kSpt; ++k) h[k] = exp2f(delta * c.A2[k]) * h[k] + dx * Bv[k];
 }
 
-// train_fwd_kernel's two passes on the fast layout.
-template <class T, FwdPass P>
-__global__ void __launch_bounds__(kFT) fast_fwd_kernel(T* __restrict__ y, int ldy, const ScanTrainIn<T> in,
-                                                       const float* __restrict__ A, const int32_t* __restrict__ cu,
-                                                       const int32_t* __restrict__ goff, int E, int N, int chunk,
-                                                       float* ws_state, float* ws_sum) {
-  __shared__ __align__(16) Tile<kFTile> tl;
-  const int g = blockIdx.y, s = blockIdx.z;
-  const int row0 = cu[s], L = cu[s + 1] - row0;
-  if (g >= groups_of(L, chunk)) return;  // uniform over the block
-  const Group gr = group_at(g, L, chunk);
-  const FLane c(A, in.Dskip, E, N);
-  const size_t gi = size_t(goff[s] + g) * E + c.ec;  // [group, e]
-  float h[kSpt];
-#pragma unroll
-  for (int k = 0; k < kSpt; ++k) h[k] = P == kOut && c.n(k) < N ? ws_state[gi * N + c.n(k)] : 0.0f;
-  float sum_delta = 0.0f;
-  for (int t0 = 0; t0 < gr.len; t0 += kFTile) {
-    const int nt = min(kFTile, gr.len - t0), rt = row0 + gr.t0 + t0;
-    stage_tile<T, kFTile>(tl, in, nullptr, 0, rt, nt, E, N, P == kOut ? kStX | kStZ | kStB | kStC : kStX | kStB);
-    for (int i = 0; i < nt; ++i) {
-      fstep(h, c, tl, i);
-      if constexpr (P == kOut) {
-        float Cv[kSpt];
-        load8(Cv, tl.C + i * 16, c.q);
-        float acc = 0.0f;
-#pragma unroll
-        for (int k = 0; k < kSpt; ++k) acc += h[k] * Cv[k];
-        acc += __shfl_xor_sync(0xffffffffu, acc, 1);  // yc = h . C + D x; y = yc silu(z)
-        if (c.on && c.q == 0) {
-          const float xv = tl.x[i * kFCh + c.ch];
-          y[size_t(rt + i) * ldy + c.e] = from_f<T>((acc + c.dsk * xv) * silu(tl.z[i * kFCh + c.ch]));
-        }
-      } else {
-        sum_delta += tl.delta[i * kFCh + c.ch];
-      }
+// ---- The training forward for N <= 16, laid out as the prefill (scan.cu): one thread per
+// channel with its 16 states in registers, kPT channels per block, tiles of x, dt (and z) copied
+// to shared memory 16 bytes at a time. Its groups are `fg` tokens long (fwd_group: a multiple of
+// kScanGroup such that the blocks fill the GPU about once; only this kernel's passes use them):
+// kLocal scans each group but a sequence's last from zero, fwd_carry_kernel turns the end states
+// into start states, kOut scans from there, writes y and, at every chunk start, the state
+// entering the chunk to `saved`.
+constexpr int kPT = 128;
+template <class T>
+constexpr int kPTile = sizeof(T) == 4 ? 16 : 32;
+
+// Rows [row, row + nt) x columns [e0, e0 + kPT) of src into dst [nt][kPT]: 16-byte asynchronous
+// copies when vec (src and its row stride 16-byte aligned), else element by element. Columns
+// past E are left unwritten (their threads compute nothing).
+template <class T>
+__device__ __forceinline__ void stage_cols(T* dst, const T* src, int ld, int row, int nt, int e0, int E, bool vec) {
+  constexpr int V = 16 / sizeof(T), VPR = kPT / V;
+  for (int i = threadIdx.x; i < nt * VPR; i += kPT) {
+    const int t = i / VPR, j = (i % VPR) * V, col = e0 + j;
+    const T* p = src + size_t(row + t) * ld + col;
+    T* q = dst + t * kPT + j;
+    if (vec && col + V <= E) {
+      __pipeline_memcpy_async(q, p, 16);
+    } else {
+      for (int k = 0; k < V; ++k)
+        if (col + k < E) q[k] = p[k];
     }
-  }
-  if (P == kLocal && c.on) {
-#pragma unroll
-    for (int k = 0; k < kSpt; ++k)
-      if (c.n(k) < N) ws_state[gi * N + c.n(k)] = h[k];
-    if (c.q == 0) ws_sum[gi] = sum_delta;
   }
 }
 
-// grad_local_kernel on the fast layout: each group from its end with a zero adjoint.
+template <class T, FwdPass P>
+__global__ void __launch_bounds__(kPT) pf_fwd_kernel(T* __restrict__ y, int ldy, float* __restrict__ saved,
+                                                     const ScanTrainIn<T> in, const float* __restrict__ A,
+                                                     const int32_t* __restrict__ cu, const int32_t* __restrict__ coff,
+                                                     const int32_t* __restrict__ foff, int E, int N, int chunk,
+                                                     int fg, float* ws_state, float* ws_sum, int vec) {
+  constexpr int kT = kPTile<T>;
+  __shared__ __align__(16) float sB[kT * 16];
+  __shared__ __align__(16) float sC[P == kOut ? kT * 16 : 4];
+  __shared__ __align__(16) T sX[kT * kPT];
+  __shared__ __align__(16) T sD[kT * kPT];
+  __shared__ __align__(16) T sZ[P == kOut ? kT * kPT : 8];
+  const int e0 = blockIdx.x * kPT, e = e0 + threadIdx.x;
+  const int g = blockIdx.y, s = blockIdx.z;
+  const int row0 = cu[s], L = cu[s + 1] - row0;
+  const int tb = g * fg;
+  if (tb >= L) return;  // uniform over the block
+  const bool last = tb + fg >= L;
+  if (P == kLocal && last) return;  // only the start state of a sequence's last group is needed
+  const int te = min(L, tb + fg);
+  const bool active = e < E;
+  const size_t wi = size_t(foff[s] + g) * E + e;  // [group, e]
+  float a2[16], st[16];
+  float dtb = 0.0f, dsk = 0.0f, sum_delta = 0.0f;
+#pragma unroll
+  for (int n = 0; n < 16; ++n) a2[n] = st[n] = 0.0f;
+  if (active) {
+    dtb = to_f(in.dt_bias[e]);
+    dsk = to_f(in.Dskip[e]);
+#pragma unroll
+    for (int n = 0; n < 16; ++n) {
+      if (n < N) {
+        a2[n] = A[size_t(e) * N + n] * kLog2e;
+        if (P == kOut) st[n] = ws_state[wi * N + n];
+      }
+    }
+  }
+  int next_save = ceil_div(tb, chunk) * chunk;  // the next chunk start (kOut)
+  for (int t0 = tb; t0 < te; t0 += kT) {
+    const int nt = min(kT, te - t0);
+    __syncthreads();  // the previous tile is consumed
+    stage_cols(sX, in.x, in.ldx, row0 + t0, nt, e0, E, vec & 1);
+    stage_cols(sD, in.dt, in.lddt, row0 + t0, nt, e0, E, vec & 2);
+    if constexpr (P == kOut) stage_cols(sZ, in.z, in.ldz, row0 + t0, nt, e0, E, vec & 4);
+    __pipeline_commit();
+    for (int i = threadIdx.x; i < nt * 16; i += kPT) {
+      const int t = i / 16, n = i % 16;
+      const bool ok = n < N;
+      const size_t r = size_t(row0 + t0 + t) * in.ldbc + (ok ? n : 0);
+      sB[i] = ok ? to_f(in.B[r]) : 0.0f;  // B = C = 0 past N: those states stay 0
+      if constexpr (P == kOut) sC[i] = ok ? to_f(in.C[r]) : 0.0f;
+    }
+    __pipeline_wait_prior(0);
+    __syncthreads();
+    if (!active) continue;
+#pragma unroll 4
+    for (int tt = 0; tt < nt; ++tt) {
+      if (P == kOut && t0 + tt == next_save) {  // the state entering a chunk
+        float* d = saved + (size_t(coff[s] + next_save / chunk) * E + e) * N;
+#pragma unroll
+        for (int n = 0; n < 16; ++n)
+          if (n < N) d[n] = st[n];
+        next_save += chunk;
+      }
+      const float xv = to_f(sX[tt * kPT + threadIdx.x]);
+      const float delta = softplus_acc(to_f(sD[tt * kPT + threadIdx.x]) + dtb);
+      const float dx = delta * xv;
+      const float4* B4 = reinterpret_cast<const float4*>(sB + tt * 16);
+      const float4* C4 = reinterpret_cast<const float4*>(sC + tt * 16);
+      float acc = 0.0f;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const float4 b4 = B4[q];
+        const float bq[4] = {b4.x, b4.y, b4.z, b4.w};
+        float cq[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        if constexpr (P == kOut) {
+          const float4 c4 = C4[q];
+          cq[0] = c4.x;
+          cq[1] = c4.y;
+          cq[2] = c4.z;
+          cq[3] = c4.w;
+        }
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const int n = 4 * q + k;
+          st[n] = exp2f(delta * a2[n]) * st[n] + dx * bq[k];  // h = exp(delta A) h + delta B x
+          if constexpr (P == kOut) acc += st[n] * cq[k];
+        }
+      }
+      if constexpr (P == kOut) {  // yc = h . C + D x; y = yc silu(z)
+        const float zv = to_f(sZ[tt * kPT + threadIdx.x]);
+        y[size_t(row0 + t0 + tt) * ldy + e] = from_f<T>((acc + dsk * xv) * silu(zv));
+      } else {
+        sum_delta += delta;
+      }
+    }
+  }
+  if (P == kLocal && active) {
+#pragma unroll
+    for (int n = 0; n < 16; ++n)
+      if (n < N) ws_state[wi * N + n] = st[n];
+    ws_sum[wi] = sum_delta;
+  }
+}
+
+// One thread per (sequence, e * N + n) walks the sequence's groups of fg tokens in order: the
+// end-state parts in ws_state become each group's true start state (the last group's part was
+// never written: only its start is stored).
+__global__ void fwd_carry_kernel(const float* __restrict__ A, const int32_t* __restrict__ cu,
+                                 const int32_t* __restrict__ foff, int E, int N, int fg, float* __restrict__ ws_state,
+                                 const float* __restrict__ ws_sum) {
+  const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= E * N) return;
+  const int s = blockIdx.y, e = idx / N;
+  const int ng = ceil_div(cu[s + 1] - cu[s], fg);
+  const float a2 = A[idx] * kLog2e;
+  float st = 0.0f;  // every sequence starts from zero
+  for (int g = 0; g < ng; ++g) {
+    const size_t w = size_t(foff[s] + g) * E;
+    float* ws = ws_state + w * N + idx;
+    if (g + 1 == ng) {
+      *ws = st;
+      break;
+    }
+    const float local = *ws;
+    *ws = st;
+    st = exp2f(a2 * ws_sum[w + e]) * st + local;
+  }
+}
+
+// grad_local_kernel on the fast layout: each group from its end with a zero adjoint. Also walks
+// the group forward from its chunk's saved state and writes the true state entering each of its
+// sub-chunks of kSub tokens to ws_sub [group, kMaxSub, E, N], which fast_grad_kernel then reads
+// instead of walking the group again and holding the states in registers.
 template <class T>
 __global__ void __launch_bounds__(kFT) fast_grad_local_kernel(const T* __restrict__ dy, int lddy,
+                                                              const float* __restrict__ saved,
                                                               const ScanTrainIn<T> in, const float* __restrict__ A,
                                                               const int32_t* __restrict__ cu,
+                                                              const int32_t* __restrict__ coff,
                                                               const int32_t* __restrict__ goff, int E, int N,
-                                                              int chunk, float* ws_g, float* ws_sum) {
+                                                              int chunk, float* ws_g, float* ws_sum,
+                                                              float* __restrict__ ws_sub) {
   __shared__ __align__(16) Tile<kFTile> tl;
   const int g = blockIdx.y, s = blockIdx.z;
   const int row0 = cu[s], L = cu[s + 1] - row0;
   if (g >= groups_of(L, chunk)) return;
   const Group gr = group_at(g, L, chunk);
   const FLane c(A, in.Dskip, E, N);
+  TileRegs<T, kFTile> rg;
+  // Forward: the chunk's saved state walked to the group's start, then through its sub-chunks
+  // but the last (whose end state nothing needs).
+  {
+    float h[kSpt];
+    const size_t ci = size_t(coff[s] + gr.ci) * E + c.ec;
+#pragma unroll
+    for (int k = 0; k < kSpt; ++k) h[k] = c.n(k) < N ? saved[ci * N + c.n(k)] : 0.0f;
+    const int tw = gr.ci * chunk, te = gr.t0 + (ceil_div(gr.len, kSub) - 1) * kSub;  // walk [tw, te)
+    const size_t sbase = size_t(goff[s] + g) * kMaxSub;
+    if (tw < te) tile_load<T, kFTile>(rg, in, nullptr, 0, row0 + tw, min(kFTile, te - tw), E, N, kStX | kStB);
+    for (int t0 = tw; t0 < te; t0 += kFTile) {
+      const int nt = min(kFTile, te - t0);
+      tile_store<T, kFTile>(tl, rg, in, E);
+      if (t0 + kFTile < te)
+        tile_load<T, kFTile>(rg, in, nullptr, 0, row0 + t0 + kFTile, min(kFTile, te - t0 - kFTile), E, N,
+                             kStX | kStB);
+      for (int i = 0; i < nt; ++i) {
+        const int t = t0 + i;
+        if (t >= gr.t0 && (t - gr.t0) % kSub == 0 && c.on) {
+          float* d = ws_sub + ((sbase + (t - gr.t0) / kSub) * E + c.e) * N;
+#pragma unroll
+          for (int k = 0; k < kSpt; ++k)
+            if (c.n(k) < N) d[c.n(k)] = h[k];
+        }
+        fstep(h, c, tl, i);
+      }
+    }
+    if (c.on) {  // the last sub-chunk's entry (the group's start when it has one sub-chunk)
+      float* d = ws_sub + ((sbase + (te - gr.t0) / kSub) * E + c.e) * N;
+#pragma unroll
+      for (int k = 0; k < kSpt; ++k)
+        if (c.n(k) < N) d[c.n(k)] = h[k];
+    }
+  }
   float gk[kSpt] = {};
   float sum_delta = 0.0f;
-  for (int t0 = (gr.len - 1) / kFTile * kFTile; t0 >= 0; t0 -= kFTile) {
+  int t0 = (gr.len - 1) / kFTile * kFTile;
+  tile_load<T, kFTile>(rg, in, dy, lddy, row0 + gr.t0 + t0, min(kFTile, gr.len - t0), E, N, kStZ | kStDy | kStC);
+  for (; t0 >= 0; t0 -= kFTile) {
     const int nt = min(kFTile, gr.len - t0);
-    stage_tile<T, kFTile>(tl, in, dy, lddy, row0 + gr.t0 + t0, nt, E, N, kStZ | kStDy | kStC);
+    tile_store<T, kFTile>(tl, rg, in, E);
+    if (t0 > 0) tile_load<T, kFTile>(rg, in, dy, lddy, row0 + gr.t0 + t0 - kFTile, kFTile, E, N, kStZ | kStDy | kStC);
     for (int i = nt - 1; i >= 0; --i) {
       const float delta = tl.delta[i * kFCh + c.ch], zv = tl.z[i * kFCh + c.ch];
       const float dyc = tl.dy[i * kFCh + c.ch] * zv * sigmoid(zv);
@@ -590,13 +810,14 @@ __global__ void __launch_bounds__(kFT) fast_grad_local_kernel(const T* __restric
 }
 
 // grad_kernel on the fast layout (same outputs and workspace layout). The state entering each
-// sub-chunk of kSub tokens stays in registers; a sub-chunk's tile is staged once, its kSub
-// states recomputed into `stash`, then walked in reverse.
+// sub-chunk of kSub tokens comes from ws_sub (fast_grad_local_kernel), the next one's load in
+// flight while this one computes, as is the next sub-chunk's tile (TileRegs); a sub-chunk's
+// kSub states are recomputed into `stash`, then walked in reverse.
 template <class T>
-__global__ void __launch_bounds__(kFT, 3) fast_grad_kernel(
-    const ScanTrainGrad<T, float> gr_out, const T* __restrict__ dy, int lddy, const float* __restrict__ saved,
+__global__ void __launch_bounds__(kFT, 4) fast_grad_kernel(
+    const ScanTrainGrad<T, float> gr_out, const T* __restrict__ dy, int lddy, const float* __restrict__ ws_sub,
     const ScanTrainIn<T> in, const float* __restrict__ A, const int32_t* __restrict__ cu,
-    const int32_t* __restrict__ coff, const int32_t* __restrict__ goff, int E, int N, int chunk, int n_tokens,
+    const int32_t* __restrict__ goff, int E, int N, int chunk, int n_tokens,
     float* ws_g, float* __restrict__ part_e, float* __restrict__ part_bc) {
   constexpr int W = kFT / 32;
   __shared__ __align__(16) Tile<kSub> tl;
@@ -607,26 +828,20 @@ __global__ void __launch_bounds__(kFT, 3) fast_grad_kernel(
   if (g >= groups_of(L, chunk)) return;
   const Group gr = group_at(g, L, chunk);
   const FLane c(A, in.Dskip, E, N);
-  // n <= kSub rows from row r0 forward, keeping no states.
-  auto walk = [&](float (&st)[kSpt], int r0, int n) {
-    stage_tile<T, kSub>(tl, in, nullptr, 0, r0, n, E, N, kStX | kStB);
-#pragma unroll 1
-    for (int i = 0; i < n; ++i) fstep(st, c, tl, i);
-  };
-
-  // The state entering the group: the chunk's saved state, walked to the group's first token.
-  float h[kSpt];
-  const size_t ci = size_t(coff[s] + gr.ci) * E + c.ec;
-#pragma unroll
-  for (int k = 0; k < kSpt; ++k) h[k] = c.n(k) < N ? saved[ci * N + c.n(k)] : 0.0f;
-  for (int t = gr.ci * chunk; t < gr.t0; t += kSub) walk(h, row0 + t, min(kSub, gr.t0 - t));
   const int nsub = ceil_div(gr.len, kSub);
-  float sub[kMaxSub][kSpt];
+  const size_t sbase = size_t(goff[s] + g) * kMaxSub;
+  auto load_sub = [&](float (&v)[kSpt], int j) {
+    const float* p = ws_sub + ((sbase + j) * E + c.ec) * N;
 #pragma unroll
-  for (int j = 0; j < kMaxSub; ++j) {
-#pragma unroll
-    for (int k = 0; k < kSpt; ++k) sub[j][k] = h[k];
-    if (j + 1 < nsub) walk(h, row0 + gr.t0 + j * kSub, kSub);
+    for (int k = 0; k < kSpt; ++k) v[k] = c.n(k) < N ? p[c.n(k)] : 0.0f;
+  };
+  constexpr int kAll = kStX | kStZ | kStDy | kStB | kStC;
+  float hn[kSpt];  // the state entering sub-chunk j - 1, loaded ahead
+  load_sub(hn, nsub - 1);
+  TileRegs<T, kSub> rg;
+  {
+    const int ts = gr.t0 + (nsub - 1) * kSub;
+    tile_load<T, kSub>(rg, in, dy, lddy, row0 + ts, gr.len - (nsub - 1) * kSub, E, N, kAll);
   }
 
   const size_t gi = size_t(goff[s] + g) * E + c.ec;
@@ -634,15 +849,21 @@ __global__ void __launch_bounds__(kFT, 3) fast_grad_kernel(
 #pragma unroll
   for (int k = 0; k < kSpt; ++k) gk[k] = c.n(k) < N ? ws_g[gi * N + c.n(k)] : 0.0f;
   float ddtb = 0.0f, dD = 0.0f;
-#pragma unroll
-  for (int j = kMaxSub - 1; j >= 0; --j) {
-    if (j >= nsub) continue;  // uniform over the block
+#pragma unroll 1
+  for (int j = nsub - 1; j >= 0; --j) {
     const int ts = gr.t0 + j * kSub, slen = min(kSub, gr.len - j * kSub);
-    stage_tile<T, kSub>(tl, in, dy, lddy, row0 + ts, slen, E, N, kStX | kStZ | kStDy | kStB | kStC);
+    float hs[kSpt];  // the state entering this sub-chunk
+#pragma unroll
+    for (int k = 0; k < kSpt; ++k) hs[k] = hn[k];
+    tile_store<T, kSub>(tl, rg, in, E);
+    if (j > 0) {
+      load_sub(hn, j - 1);
+      tile_load<T, kSub>(rg, in, dy, lddy, row0 + ts - kSub, kSub, E, N, kAll);
+    }
     {
       float hp[kSpt];
 #pragma unroll
-      for (int k = 0; k < kSpt; ++k) hp[k] = sub[j][k];
+      for (int k = 0; k < kSpt; ++k) hp[k] = hs[k];
 #pragma unroll 1
       for (int i = 0; i < slen; ++i) {
         fstep(hp, c, tl, i);
@@ -657,7 +878,7 @@ __global__ void __launch_bounds__(kFT, 3) fast_grad_kernel(
 #pragma unroll
       for (int k = 0; k < kSpt; ++k) {
         ht[k] = stash[(i * kSpt + k) * kFT + tid];
-        hv[k] = i > 0 ? stash[((i - 1) * kSpt + k) * kFT + tid] : sub[j][k];
+        hv[k] = i > 0 ? stash[((i - 1) * kSpt + k) * kFT + tid] : hs[k];
       }
       const int ti = i * kFCh + c.ch;
       const float pre = tl.pre[ti], delta = tl.delta[ti], xv = tl.x[ti], zv = tl.z[ti], dyv = tl.dy[ti];
@@ -714,7 +935,7 @@ __global__ void __launch_bounds__(kFT, 3) fast_grad_kernel(
       const int vi = ln / 2, which = vi / kSpt, n = kSpt * (ln % 2) + vi % kSpt;
       part_bc[((size_t(blockIdx.x) * n_tokens + row0 + ts + i) * 2 + which) * 16 + n] = sum;
     }
-    // the next stage_tile's barrier keeps red and stash until this is read
+    // the next tile_store's barrier keeps red and stash until this is read
   }
   if (!c.on) return;
 #pragma unroll
@@ -816,8 +1037,8 @@ __global__ void offsets_kernel(const int32_t* __restrict__ cu, int nseq, int chu
 // The workspace, carved in 256-byte pieces: A, the offsets, the group states or adjoints and
 // their delta sums; the backward adds part_e and part_bc.
 struct Work {
-  float *A, *state, *sum, *part_e, *part_bc;
-  int32_t *coff, *goff;
+  float *A, *state, *sum, *part_e, *part_bc, *sub;
+  int32_t *coff, *goff, *foff, *fdum;
   size_t bytes;
 };
 int nm_of(int N) { return N <= 16 ? 16 : kMaxState; }
@@ -837,12 +1058,16 @@ Work carve(void* base, const ScanTrainShape& sh, bool backward) {
   w.A = reinterpret_cast<float*>(take(E * N * sizeof(float)));
   w.coff = reinterpret_cast<int32_t*>(take(size_t(sh.nseq + 1) * sizeof(int32_t)));
   w.goff = reinterpret_cast<int32_t*>(take(size_t(sh.nseq + 1) * sizeof(int32_t)));
+  w.foff = reinterpret_cast<int32_t*>(take(size_t(sh.nseq + 1) * sizeof(int32_t)));  // the forward's groups
+  w.fdum = reinterpret_cast<int32_t*>(take(size_t(sh.nseq + 1) * sizeof(int32_t)));
   w.state = reinterpret_cast<float*>(take(G * E * N * sizeof(float)));
   w.sum = reinterpret_cast<float*>(take(G * E * sizeof(float)));
   if (backward) {
     w.part_e = reinterpret_cast<float*>(take(G * 2 * E * sizeof(float)));
     w.part_bc = reinterpret_cast<float*>(
         take(size_t(block_tiles(sh)) * size_t(sh.n_tokens) * 2 * size_t(nm_of(sh.N)) * sizeof(float)));
+    if (sh.N <= 16)  // the state entering every sub-chunk: [group, kMaxSub, E, N]
+      w.sub = reinterpret_cast<float*>(take(G * kMaxSub * E * N * sizeof(float)));
   }
   w.bytes = off;
   return w;
@@ -883,18 +1108,45 @@ void train_launch(T* y, int ldy, float* saved, const ScanTrainIn<T>& in, const R
   HM_CUDA_LAUNCHED("selective_scan_train output");
 }
 
+// The forward's group length: the fewest kScanGroup multiples that keep every SM busy (one
+// wave of pf_fwd_kernel blocks), as the prefill picks its chunks; never more groups than sh.groups.
+int fwd_group(const ScanTrainShape& sh) {
+  static const long resident = [] {
+    int dev = 0, sms = 132, per_sm = 4;
+    if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, pf_fwd_kernel<__nv_bfloat16, kOut>, kPT, 0) !=
+        cudaSuccess)
+      per_sm = 4;
+    return long(sms) * std::max(per_sm, 1);
+  }();
+  const long per_group = long(ceil_div(sh.E, kPT)) * std::max(sh.nseq, 1);
+  const int target = int(std::max(1L, resident / per_group));
+  const int lmax = kScanGroup * sh.max_groups;  // at least the longest sequence
+  return std::max(kScanGroup, ceil_div(ceil_div(lmax, target), kScanGroup) * kScanGroup);
+}
+
+template <class T>
+bool aligned16(const T* p, int ld) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && (size_t(ld) * sizeof(T)) % 16 == 0;
+}
+
 template <class T>
 void fast_train_launch(T* y, int ldy, float* saved, const ScanTrainIn<T>& in, const RaggedBatch& rb,
                        const ScanTrainShape& sh, const Work& w, cudaStream_t stream) {
-  const dim3 grid(ceil_div(sh.E, kFCh), sh.max_groups, rb.nseq);
-  fast_fwd_kernel<T, kLocal><<<grid, kFT, 0, stream>>>(y, ldy, in, w.A, rb.cu_seqlens, w.goff, sh.E, sh.N, sh.chunk,
-                                                      w.state, w.sum);
+  const int fg = fwd_group(sh);
+  offsets_kernel<<<1, 256, 0, stream>>>(rb.cu_seqlens, rb.nseq, fg, w.foff, w.fdum);
+  HM_CUDA_LAUNCHED("selective_scan_train forward offsets");
+  const int vec = (aligned16(in.x, in.ldx) ? 1 : 0) | (aligned16(in.dt, in.lddt) ? 2 : 0) |
+                  (aligned16(in.z, in.ldz) ? 4 : 0);
+  const dim3 grid(ceil_div(sh.E, kPT), ceil_div(kScanGroup * sh.max_groups, fg), rb.nseq);
+  pf_fwd_kernel<T, kLocal><<<grid, kPT, 0, stream>>>(y, ldy, saved, in, w.A, rb.cu_seqlens, w.coff, w.foff, sh.E,
+                                                     sh.N, sh.chunk, fg, w.state, w.sum, vec);
   HM_CUDA_LAUNCHED("selective_scan_train group states");
-  train_carry_kernel<<<dim3(ceil_div(sh.E * sh.N, 256), rb.nseq), 256, 0, stream>>>(
-      saved, w.A, rb.cu_seqlens, w.coff, w.goff, sh.E, sh.N, sh.chunk, w.state, w.sum);
+  fwd_carry_kernel<<<dim3(ceil_div(sh.E * sh.N, 256), rb.nseq), 256, 0, stream>>>(
+      w.A, rb.cu_seqlens, w.foff, sh.E, sh.N, fg, w.state, w.sum);
   HM_CUDA_LAUNCHED("selective_scan_train carry");
-  fast_fwd_kernel<T, kOut><<<grid, kFT, 0, stream>>>(y, ldy, in, w.A, rb.cu_seqlens, w.goff, sh.E, sh.N, sh.chunk,
-                                                    w.state, w.sum);
+  pf_fwd_kernel<T, kOut><<<grid, kPT, 0, stream>>>(y, ldy, saved, in, w.A, rb.cu_seqlens, w.coff, w.foff, sh.E, sh.N,
+                                                   sh.chunk, fg, w.state, w.sum, vec);
   HM_CUDA_LAUNCHED("selective_scan_train output");
 }
 
@@ -904,8 +1156,8 @@ void grad_launch(const ScanTrainGrad<T, G>& gd, const T* dy, int lddy, const flo
   using K = Cfg<NM>;
   const dim3 grid(ceil_div(sh.E, FAST ? kFCh : K::CPB), sh.max_groups, rb.nseq);
   if constexpr (FAST)
-    fast_grad_local_kernel<T><<<grid, kFT, 0, stream>>>(dy, lddy, in, w.A, rb.cu_seqlens, w.goff, sh.E, sh.N,
-                                                        sh.chunk, w.state, w.sum);
+    fast_grad_local_kernel<T><<<grid, kFT, 0, stream>>>(dy, lddy, saved, in, w.A, rb.cu_seqlens, w.coff, w.goff,
+                                                        sh.E, sh.N, sh.chunk, w.state, w.sum, w.sub);
   else
     grad_local_kernel<T, NM><<<grid, K::TPB, 0, stream>>>(dy, lddy, in, w.A, rb.cu_seqlens, w.goff, sh.E, sh.N,
                                                           sh.chunk, w.state, w.sum);
@@ -921,8 +1173,8 @@ void grad_launch(const ScanTrainGrad<T, G>& gd, const T* dy, int lddy, const flo
   act.dz = gd.dz;
   act.lddz = gd.lddz;
   if constexpr (FAST)
-    fast_grad_kernel<T><<<grid, kFT, 0, stream>>>(act, dy, lddy, saved, in, w.A, rb.cu_seqlens, w.coff, w.goff,
-                                                  sh.E, sh.N, sh.chunk, sh.n_tokens, w.state, w.part_e, w.part_bc);
+    fast_grad_kernel<T><<<grid, kFT, 0, stream>>>(act, dy, lddy, w.sub, in, w.A, rb.cu_seqlens, w.goff, sh.E, sh.N,
+                                                  sh.chunk, sh.n_tokens, w.state, w.part_e, w.part_bc);
   else
     grad_kernel<T, NM><<<grid, K::TPB, 0, stream>>>(act, dy, lddy, saved, in, w.A, rb.cu_seqlens, w.coff, w.goff,
                                                     sh.E, sh.N, sh.chunk, sh.n_tokens, w.state, w.part_e, w.part_bc);
