@@ -36,12 +36,16 @@ size_t conv1d_silu_backward_workspace_bytes(int n_tokens, int E, int K);
 // sequence, [sum_s ceil(L_s / chunk), E, N]. The kernels work on groups of at most kScanGroup
 // tokens (a chunk is cut into ceil(chunk / kScanGroup) of them): the forward scans every group
 // from zero, carries the states across groups and rescans each from its true start (as
-// cuda_ops.h's prefill); the backward carries dL/dh across groups the same way in reverse, then
-// per group walks from the chunk's saved state to the group, keeps the state entering each
-// sub-chunk of 8 tokens in registers and, sub-chunk by sub-chunk in reverse, recomputes its 8
-// states into shared memory and runs the reverse step. Channels are split over thread blocks
-// (64 per block when N <= 16, else 8), each channel's N states over 2 (N <= 16: 8 each, inputs staged per
-// tile in shared memory) or 16 threads.
+// cuda_ops.h's prefill; for N <= 16 the forward's groups are longer, a multiple of kScanGroup
+// sized to fill the GPU once, one thread per channel, and its output pass writes the saved
+// states); the backward carries dL/dh across groups the same way in reverse, then per group
+// starts each sub-chunk of 8 tokens from its entering state and, sub-chunk by sub-chunk in
+// reverse, recomputes its 8 states into shared memory and runs the reverse step. For N <= 16
+// the adjoint pass also walks each group forward from its chunk's saved state and writes the
+// state entering every sub-chunk to the workspace; otherwise the gradient pass walks the group
+// itself and keeps those states in registers. Channels are split over thread blocks (64 per
+// block when N <= 16, else 8), each channel's N states over 2 (N <= 16: 8 each, inputs staged
+// per tile in shared memory) or 16 threads.
 constexpr int kScanGroup = 64;
 constexpr int kScanTrainChunk = kScanGroup;  // chunk <= 0: saved states every 64 tokens
 

@@ -871,7 +871,7 @@ __global__ void __launch_bounds__(kFT, 4) fast_grad_kernel(
         for (int k = 0; k < kSpt; ++k) stash[(i * kSpt + k) * kFT + tid] = hp[k];
       }
     }
-#pragma unroll 1
+#pragma unroll 2  // the dB, dC shuffles of one token overlap the next
     for (int i = slen - 1; i >= 0; --i) {
       const size_t r = size_t(row0 + ts + i);
       float ht[kSpt], hv[kSpt];  // h[t], h[t-1]
@@ -962,26 +962,43 @@ __global__ void grad_bc_kernel(T* __restrict__ dB, int lddB, T* __restrict__ dC,
     dC[size_t(t) * lddC + n] = from_f<T>(sum);
 }
 
-// The parameter gradients, every group's part in order: dA_log += dA A (A = -exp(A_log)),
-// ddt_bias and dDskip (at n == 0) likewise.
+// The parameter gradients, every group's part in a fixed order: dA_log += dA A (A = -exp(A_log)),
+// ddt_bias and dDskip (at n == 0) likewise. A block holds kPrmCols entries (e * N + n) x kPrmSl
+// slices: slice j sums groups j, j + kPrmSl, ... in order, then slice 0 adds the slices in order.
+constexpr int kPrmCols = 32, kPrmSl = 8;
 template <class G>
-__global__ void grad_param_kernel(G* __restrict__ dA_log, int lddA, G* __restrict__ ddt_bias,
-                                  G* __restrict__ dDskip, const float* __restrict__ A,
-                                  const float* __restrict__ part_a, const float* __restrict__ part_e,
-                                  int64_t groups, int E, int N) {
-  const int idx = blockIdx.x * blockDim.x + threadIdx.x;  // e * N + n
-  if (idx >= E * N) return;
-  const int e = idx / N, n = idx % N;
-  float sa = 0.0f;
-  for (int64_t g = 0; g < groups; ++g) sa += part_a[size_t(g) * E * N + idx];
+__global__ void __launch_bounds__(kPrmCols* kPrmSl) grad_param_kernel(
+    G* __restrict__ dA_log, int lddA, G* __restrict__ ddt_bias, G* __restrict__ dDskip, const float* __restrict__ A,
+    const float* __restrict__ part_a, const float* __restrict__ part_e, int64_t groups, int E, int N) {
+  __shared__ float red[3][kPrmSl][kPrmCols];
+  const int col = threadIdx.x % kPrmCols, sl = threadIdx.x / kPrmCols;
+  const int idx = blockIdx.x * kPrmCols + col;  // e * N + n
+  const bool ok = idx < E * N;
+  const int e = ok ? idx / N : 0, n = ok ? idx % N : 1;
+  float sa = 0.0f, sb = 0.0f, sd = 0.0f;
+  if (ok) {
+    for (int64_t g = sl; g < groups; g += kPrmSl) sa += part_a[size_t(g) * E * N + idx];
+    if (n == 0)
+      for (int64_t g = sl; g < groups; g += kPrmSl) {
+        sb += part_e[(size_t(g) * 2 + 0) * E + e];
+        sd += part_e[(size_t(g) * 2 + 1) * E + e];
+      }
+  }
+  red[0][sl][col] = sa;
+  red[1][sl][col] = sb;
+  red[2][sl][col] = sd;
+  __syncthreads();
+  if (sl != 0 || !ok) return;
+  sa = sb = sd = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kPrmSl; ++j) {
+    sa += red[0][j][col];
+    sb += red[1][j][col];
+    sd += red[2][j][col];
+  }
   G* d = dA_log + size_t(e) * lddA + n;
   *d = from_f<G>(to_f(*d) + sa * A[idx]);
   if (n == 0) {
-    float sb = 0.0f, sd = 0.0f;
-    for (int64_t g = 0; g < groups; ++g) {
-      sb += part_e[(size_t(g) * 2 + 0) * E + e];
-      sd += part_e[(size_t(g) * 2 + 1) * E + e];
-    }
     ddt_bias[e] = from_f<G>(to_f(ddt_bias[e]) + sb);
     dDskip[e] = from_f<G>(to_f(dDskip[e]) + sd);
   }
@@ -1182,7 +1199,7 @@ void grad_launch(const ScanTrainGrad<T, G>& gd, const T* dy, int lddy, const flo
   grad_bc_kernel<T, NM><<<ceil_div(sh.n_tokens * 2 * sh.N, 256), 256, 0, stream>>>(
       gd.dB, gd.lddB, gd.dC, gd.lddC, w.part_bc, int(grid.x), sh.n_tokens, sh.N);
   HM_CUDA_LAUNCHED("selective_scan_backward dB dC");
-  grad_param_kernel<G><<<ceil_div(sh.E * sh.N, 256), 256, 0, stream>>>(
+  grad_param_kernel<G><<<ceil_div(sh.E * sh.N, kPrmCols), kPrmCols * kPrmSl, 0, stream>>>(
       gd.dA_log, gd.lddA, gd.ddt_bias, gd.dDskip, w.A, w.state, w.part_e, sh.groups, sh.E, sh.N);
   HM_CUDA_LAUNCHED("selective_scan_backward parameters");
 }
