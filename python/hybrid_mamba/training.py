@@ -10,7 +10,7 @@ from .tasks import task_spec
 _TRAIN_FIELDS = ("preset", "tokenizer", "vocab", "steps", "batch", "seq_len",
                  "grad_accum", "lr", "min_lr_ratio", "weight_decay", "clip_norm", "warmup",
                  "threads", "seed", "eval_every", "save_every", "eval_tokens", "scan_chunk",
-                 "grad_ckpt", "resume", "stop_after", "progress", "task_eval")
+                 "grad_ckpt", "resume", "stop_after", "progress", "task_eval", "device", "dtype")
 
 
 class Trainer:
@@ -23,7 +23,8 @@ class Trainer:
     data: a corpus file or folder; or task="mqar" (with task_vocab, task_kv) trains on a recall
     task instead. config: a HybridMambaConfig instead of a preset. Other keywords: hm train's
     flags (steps, batch, seq_len, lr, warmup, seed, eval_every, save_every, ...). progress=False
-    silences the progress line on stderr.
+    silences the progress line on stderr. device="cuda" trains on the GPU (the CPU's checkpoint
+    files; dtype "bf16" unless given, or "f32"), as hm train --device cuda.
     """
 
     def __init__(self, out_dir, data=None, config=None, task=None, task_vocab=0, task_kv=0, **kwargs):
@@ -39,6 +40,8 @@ class Trainer:
             spec = _core.TaskSpec()
             spec.name, spec.vocab, spec.kv = str(task), int(task_vocab), int(task_kv)
             self._c.task = spec
+        if kwargs.get("device") == "cuda" and "dtype" not in kwargs:
+            kwargs["dtype"] = "bf16"  # hm train's default on the GPU
         for k, v in kwargs.items():
             if k not in _TRAIN_FIELDS:
                 raise TypeError(f"Trainer got an unknown setting '{k}' (known: {', '.join(_TRAIN_FIELDS)})")

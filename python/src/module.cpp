@@ -500,6 +500,8 @@ PYBIND11_MODULE(_core, mod) {
   });
   mod.attr("TASK_TEST_SEED") = hm::kTaskTestSeed;
 
+  mod.def("cuda_available", &hm::cuda_available, "whether this build has the CUDA backend and a GPU is present");
+
   py::class_<hm::TrainConfig>(mod, "TrainConfig")
       .def(py::init<>())
       .def_readwrite("preset", &hm::TrainConfig::preset)
@@ -528,7 +530,13 @@ PYBIND11_MODULE(_core, mod) {
       .def_readwrite("stop_after", &hm::TrainConfig::stop_after)
       .def_readwrite("progress", &hm::TrainConfig::progress)
       .def_readwrite("task", &hm::TrainConfig::task)
-      .def_readwrite("task_eval", &hm::TrainConfig::task_eval);
+      .def_readwrite("task_eval", &hm::TrainConfig::task_eval)
+      .def_property(
+          "device", [](const hm::TrainConfig& c) { return std::string(hm::device_name(c.device)); },
+          [](hm::TrainConfig& c, const std::string& d) { c.device = hm::device_from_name(d); })
+      .def_property(
+          "dtype", [](const hm::TrainConfig& c) { return std::string(hm::compute_dtype_name(c.compute)); },
+          [](hm::TrainConfig& c, const std::string& t) { c.compute = hm::compute_dtype_from_name(t); });
 
   mod.def("train",
           [](hm::TrainConfig c, const py::object& on_step) {

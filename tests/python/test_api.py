@@ -218,6 +218,24 @@ def test_trainer_checkpoints_resume_and_evaluate(tmp_path):
     assert ev["perplexity"] == pytest.approx(np.exp(ev["loss"]))
 
 
+def test_trainer_device_and_dtype_settings(tmp_path):
+    # device / dtype reach hm train's TrainConfig; what a machine cannot do is a clear error.
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"Line {i}: the quick brown fox.\n" for i in range(200)))
+    common = dict(data=corpus, preset="tiny", steps=2, batch=2, seq_len=16, progress=False, threads=1)
+    with pytest.raises(ValueError, match="bf16 on --device cuda only"):
+        hmpy.Trainer(tmp_path / "a", dtype="bf16", **common).train()
+    with pytest.raises(ValueError, match="cpu|cuda"):
+        hmpy.Trainer(tmp_path / "b", device="tpu", **common)
+    t = hmpy.Trainer(tmp_path / "c", device="cuda", **common)
+    assert t._c.device == "cuda" and t._c.dtype == "bf16"
+    if not hmpy._core.cuda_available():
+        with pytest.raises(ValueError, match="cuda"):
+            t.train()
+    model = hmpy.Trainer(tmp_path / "d", device="cpu", dtype="f32", **common).train()
+    assert model.config.vocab_size > 0
+
+
 def test_trainer_interrupt_saves_and_resumes(tmp_path):
     """KeyboardInterrupt in the callback stops as Ctrl-C stops hm train: that step is saved and
     a resume continues after it. Any other exception ends the run at once."""
