@@ -8,7 +8,7 @@ $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends \
   build-essential cmake g++ pkg-config ca-certificates \
   libopenblas-openmp-dev nlohmann-json3-dev libcli11-dev \
-  libgtest-dev libbenchmark-dev libsentencepiece-dev libcpp-httplib-dev \
+  libgtest-dev libbenchmark-dev libsentencepiece-dev libcpp-httplib-dev libopenmpi-dev openmpi-bin \
   python3 python3-numpy python3-torch python3-jinja2 \
   python3-dev pybind11-dev python3-pytest python3-pip python3-setuptools python3-venv >/dev/null
 # The sanitizer build and the fuzzers (scripts/test.sh, scripts/fuzz.sh): clang, its ASan, UBSan

@@ -8,6 +8,7 @@
 #include "core/error.h"
 #include "core/interrupt.h"
 #include "core/threads.h"
+#include "dist/mpi_comm.h"
 #include "eval/weight_quality.h"
 #include "io/hf_model.h"
 #include "train/trainer.h"
@@ -75,12 +76,24 @@ Run add_train(CLI::App& app) {
              "--data or --task is required (unless --resume)");
     for (const CLI::Option* opt : app.get_options())
       if (opt->count() > 0) o->given_flags.push_back(opt->get_name());
+    // Started by mpirun: one data-parallel rank of the job (docs/DISTRIBUTED.md).
+    std::unique_ptr<Comm> comm;
+    if (launcher_world_size() > 0) comm = mpi_world();
+    o->comm = comm.get();
+    const bool ranks = comm && comm->size() > 1;
     InterruptScope scope;
     try {
       train(*o);
     } catch (const Interrupted& e) {
-      throw Interrupted(e.signal(), detail::cat(e.what(), "\nresume with: ", program_name(), " train --out ",
-                                                shell_quote(o->out_dir), " --resume"));
+      if (ranks && comm->rank() != 0) return e.exit_code();  // rank 0 says it
+      throw Interrupted(e.signal(), detail::cat(e.what(), "\nresume with: ", ranks ? "mpirun -np N " : "",
+                                                program_name(), " train --out ", shell_quote(o->out_dir), " --resume"));
+    } catch (const std::exception& e) {
+      if (!ranks) throw;
+      // The others may be waiting for this rank in a collective: end the whole job.
+      std::fflush(stdout);
+      std::fprintf(stderr, "hm: error on rank %d of %d: %s\n", comm->rank(), comm->size(), e.what());
+      mpi_abort(1);
     }
     return 0;
   };

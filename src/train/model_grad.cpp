@@ -588,10 +588,16 @@ long double finish_loss_only(LossAux* aux, const std::vector<long double>& seq_l
 // thread order (deterministic for a given thread count).
 double batched_loss_and_grad(const Params& layout, const float* params, float* grads, const int32_t* tokens,
                              const int32_t* targets, int B, int L, int scan_chunk, bool grad_ckpt,
-                             double* aux_loss) {
+                             double* aux_loss, int64_t whole = 0) {
   const Layout lo(layout);
-  const int64_t total = check_train_batch(lo.c, tokens, targets, B, L, scan_chunk);
+  int64_t total = check_train_batch(lo.c, tokens, targets, B, L, scan_chunk);
+  if (aux_loss) *aux_loss = 0;
   if (total == 0) return 0.0;
+  if (whole > 0) {  // a part of a larger batch (model_grad.h)
+    HM_CHECK(whole >= total, "loss_and_grad: the whole batch's ", whole, " counted positions are fewer than this "
+             "part's ", total);
+    total = whole;
+  }
   const int nt = threads_for(B);
   std::vector<std::vector<float>> priv(static_cast<size_t>(nt));
   std::vector<double> seq_loss(size_t(B), 0.0), seq_budget(size_t(B), 0.0);
@@ -801,10 +807,10 @@ template long double loss_only_arena<long double>(const Params&, const long doub
 
 double loss_and_grad(const Params& params, Params& grads, const int32_t* tokens,
                      const int32_t* targets, int B, int L, int scan_chunk, bool grad_ckpt,
-                     double* aux_loss) {
+                     double* aux_loss, int64_t total) {
   HM_CHECK(grads.numel() == params.numel(), "loss_and_grad: grads has another layout");
-  return loss_and_grad_arena<float>(params, params.data(), grads.data(), tokens, targets, B, L,
-                                    scan_chunk, grad_ckpt, aux_loss);
+  return batched_loss_and_grad(params, params.data(), grads.data(), tokens, targets, B, L, scan_chunk, grad_ckpt,
+                               aux_loss, total);
 }
 
 double loss_and_grad_f64(const Params& params, Params& grads, const int32_t* tokens,

@@ -51,9 +51,14 @@ void set_train_backend(Backend* be);
 // over sequences when every sequence counts the same number of positions. The gradients are
 // those of that objective; the returned loss is the cross-entropy alone (perplexity stays
 // meaningful) and the budget part goes to *aux_loss when given (0 for other models).
+//
+// total > 0: these B sequences are one part of a larger batch (a data-parallel rank's shard,
+// TrainConfig::comm) whose counted positions number `total`; every share above is cnt_b / total,
+// so the returned loss, *aux_loss and the gradients are this part's terms of the whole batch's
+// mean, and the parts' sums are the whole batch's values.
 double loss_and_grad(const Params& params, Params& grads, const int32_t* tokens,
                      const int32_t* targets, int B, int L, int scan_chunk = 0,
-                     bool grad_ckpt = false, double* aux_loss = nullptr);
+                     bool grad_ckpt = false, double* aux_loss = nullptr, int64_t total = 0);
 
 // The same in double precision, on double copies of the float parameters; the double gradients
 // are rounded once when added into grads. For checks.

@@ -34,6 +34,7 @@
 #include "model/model.h"
 #include "runtime/tokenizer.h"
 #include "train/batch_grad.h"
+#include "train/comm.h"
 #include "train/device_run.h"
 #include "train/layout.h"
 #include "train/model_grad.h"
@@ -101,29 +102,39 @@ Corpora load_split(const std::string& path) {
 // The mean cross-entropy of nb windows of len tokens (inputs, targets), every target counted.
 using WindowLoss = std::function<double(const int32_t* in, const int32_t* tg, int nb, int len)>;
 
-// Mean cross-entropy of the training forward over eval_windows.
+// Mean cross-entropy of the training forward over eval_windows. With data-parallel ranks (comm),
+// rank r scores the window batches r, r + size, ... and the sums meet in an allreduce.
 EvalResult eval_stream(const WindowLoss& mean_loss, const std::vector<int32_t>& stream, int L, int64_t max_tokens,
-                       int B) {
+                       int B, Comm* comm = nullptr) {
   std::vector<int32_t> in, tg;
-  return eval_windows(stream, L, max_tokens, B, [&](int64_t pos, int nb, int len, double& nll) {
+  int64_t batch_no = 0;
+  double part = 0;  // this rank's windows' sum
+  EvalResult r = eval_windows(stream, L, max_tokens, B, [&](int64_t pos, int nb, int len, double&) {
+    if (comm && batch_no++ % comm->size() != comm->rank()) return;
     in.resize(size_t(nb) * len);
     tg.resize(size_t(nb) * len);
     for (int b = 0; b < nb; ++b) {
       std::copy_n(stream.begin() + pos + int64_t(b) * len, len, in.begin() + int64_t(b) * len);
       std::copy_n(stream.begin() + pos + int64_t(b) * len + 1, len, tg.begin() + int64_t(b) * len);
     }
-    nll += mean_loss(in.data(), tg.data(), nb, len) * double(nb) * len;
+    part += mean_loss(in.data(), tg.data(), nb, len) * double(nb) * len;
   });
+  if (comm) comm->allreduce_sum(&part, 1);
+  r.loss = part / double(r.tokens);
+  r.ppl = std::exp(r.loss);
+  return r;
 }
-EvalResult eval_stream(const Params& p, const std::vector<int32_t>& stream, int L, int64_t max_tokens, int B) {
+EvalResult eval_stream(const Params& p, const std::vector<int32_t>& stream, int L, int64_t max_tokens, int B,
+                       Comm* comm = nullptr) {
   return eval_stream([&](const int32_t* in, const int32_t* tg, int nb, int len) { return loss_only(p, in, tg, nb, len); },
-                     stream, L, max_tokens, B);
+                     stream, L, max_tokens, B, comm);
 }
 
 // Mean cross-entropy over eval_windows, the windows scored on the device.
-EvalResult eval_stream(DeviceModel& dm, const std::vector<int32_t>& stream, int L, int64_t max_tokens, int B) {
+EvalResult eval_stream(DeviceModel& dm, const std::vector<int32_t>& stream, int L, int64_t max_tokens, int B,
+                       Comm* comm = nullptr) {
   return eval_stream([&](const int32_t* in, const int32_t* tg, int nb, int len) { return dm.mean_loss(in, tg, nb, len); },
-                     stream, L, max_tokens, B);
+                     stream, L, max_tokens, B, comm);
 }
 
 // The same windows scored by m's forward (its weights in their format); float32 KV as the
@@ -197,6 +208,7 @@ json read_trainer_state(const fs::path& p) {
   if (f.has("format")) f.get_string("format");
   int_field(f, "step", 0, INT64_MAX);
   int_field(f, "tokens_seen", 0, INT64_MAX);
+  int_field(f, "ranks", 1, INT32_MAX);
   if (f.has("rng")) {
     const JsonFields r = f.object("rng");
     const json& words = r.at("s");
@@ -459,9 +471,28 @@ void train(const TrainConfig& given) {
   TrainConfig c = given;
   const fs::path out = c.out_dir.empty() ? fs::path() : fs::path(c.out_dir);
   const fs::path ck = out / "checkpoint";
+  // Data parallelism (trainer.h): rank 0 alone writes and prints.
+  Comm* const comm = c.comm && c.comm->size() > 1 ? c.comm : nullptr;
+  const int n_ranks = comm ? comm->size() : 1, rank = comm ? comm->rank() : 0;
+  const bool writer = rank == 0;
+  if (!writer) c.progress = false;
   auto say = [&](const std::string& s) {
     if (c.progress) std::fprintf(stderr, "%s\n", s.c_str());
   };
+  // The ranks' command lines first, before any rank reads or writes: a rank started with other
+  // flags would otherwise wait in a collective the others never reach.
+  if (comm) {
+    json g = settings_json_all(given, given.warmup, 0);
+    g["out_dir"] = given.out_dir;
+    g["resume"] = given.resume;
+    g["stop_after"] = given.stop_after;
+    g["save_every"] = given.save_every;
+    g["eval_every"] = given.eval_every;
+    g["device"] = device_name(given.device);
+    g["compute"] = compute_dtype_name(given.compute);
+    const std::string text = g.dump();
+    check_same_on_ranks(comm, bytes_hash(text.data(), text.size()), "hm train settings (its flags)");
+  }
 
   // Settings. On resume the saved ones govern everything that shapes the math; the command
   // line still picks threads (default: the saved count), logging and checkpoint cadence.
@@ -470,7 +501,8 @@ void train(const TrainConfig& given) {
   int saved_threads = 0;
   if (c.resume) {
     HM_CHECK(!c.out_dir.empty(), "no output directory given (--out DIR)");
-    if (fs::exists(out)) recover_checkpoint(out);
+    if (writer && fs::exists(out)) recover_checkpoint(out);
+    if (comm) comm->barrier();  // the others read what rank 0 recovered
     HM_CHECK(fs::exists(ck / "trainer_state.json"), "--resume: no checkpoint in ", out.string(),
              " (expected ", (ck / "trainer_state.json").string(), ")");
     state = read_trainer_state(ck / "trainer_state.json");
@@ -554,11 +586,19 @@ void train(const TrainConfig& given) {
     HM_CHECK(!fs::exists(ck) && !fs::exists(out / "checkpoint.old"), out.string(),
              " already holds a checkpoint: pass --resume to continue it, or choose another --out");
   }
+  // Ranks on one machine share its cores.
+  if (c.threads <= 0 && comm && comm->local_size() > 1)
+    c.threads = std::max(1, num_threads() / comm->local_size());
   if (c.threads > 0) set_num_threads(c.threads);
   const int threads = num_threads();
+  HM_CHECK(c.batch >= n_ranks, "--batch ", c.batch, " across ", n_ranks, " ranks: each rank computes a part of the "
+           "global batch and needs at least one sequence; give --batch ", n_ranks, " or more");
   if (c.resume && saved_threads > 0 && threads != saved_threads)
     say(detail::cat("note: ", threads, " threads instead of the run's ", saved_threads,
                     "; the result will not be bit-identical to an uninterrupted run"));
+  if (c.resume && state.value("ranks", 1) != n_ranks)
+    say(detail::cat("note: ", n_ranks, " data-parallel rank", n_ranks > 1 ? "s" : "", " instead of the run's ",
+                    state.value("ranks", 1), "; the global batch is the same, the sums differ by rounding"));
 
   // Model config before data, so a bad preset fails fast.
   ModelConfig mc = c.resume ? load_config((ck / "config.json").string())
@@ -584,10 +624,13 @@ void train(const TrainConfig& given) {
     tok = std::make_unique<ByteTokenizer>();
   } else {
     // Trained on the training side only, so validation text stays unseen.
-    std::vector<std::string> texts(train_txt.begin(), train_txt.end());
     const fs::path tdir = out / "tokenizer";
-    say(detail::cat("training a ", c.vocab, "-token BPE tokenizer on ", texts.size(), " documents"));
-    train_sentencepiece_bpe(texts, c.vocab, tdir.string());
+    if (writer) {
+      std::vector<std::string> texts(train_txt.begin(), train_txt.end());
+      say(detail::cat("training a ", c.vocab, "-token BPE tokenizer on ", texts.size(), " documents"));
+      train_sentencepiece_bpe(texts, c.vocab, tdir.string());
+    }
+    if (comm) comm->barrier();  // the other ranks load rank 0's (out_dir is shared)
     tok = std::make_unique<SentencePieceTokenizer>((tdir / "tokenizer.model").string());
   }
   const std::vector<int32_t> train_tok = tok ? token_stream(*tok, train_txt) : std::vector<int32_t>();
@@ -598,6 +641,11 @@ void train(const TrainConfig& given) {
            " + 1; give more text or a shorter --seq-len");
   HM_CHECK(task_mode || valid_tok.size() >= 2, "training data ", c.data_path, ": the validation split holds ",
            valid_tok.size(), " tokens; give more text");
+  if (comm) {
+    const uint64_t h = bytes_hash(valid_tok.data(), valid_tok.size() * sizeof(int32_t),
+                                  bytes_hash(train_tok.data(), train_tok.size() * sizeof(int32_t)));
+    check_same_on_ranks(comm, h, detail::cat("training data (", c.data_path, ", tokenized)"));
+  }
 
   if (task_mode) {
     if (mc.vocab_size != c.task.vocab) {
@@ -655,8 +703,17 @@ void train(const TrainConfig& given) {
   } else {
     init_params(P, c.seed);
   }
-  fs::create_directories(out);
-  recover_checkpoint(out);
+  if (writer) {
+    fs::create_directories(out);
+    recover_checkpoint(out);
+  }
+  // Every rank starts from the same weights and optimizer state (same seed, or the same files).
+  auto state_hash = [&] {
+    uint64_t h = bytes_hash(P.data(), size_t(P.numel()) * sizeof(float));
+    h = bytes_hash(opt.m().data(), size_t(opt.m().numel()) * sizeof(float), h);
+    return bytes_hash(opt.v().data(), size_t(opt.v().numel()) * sizeof(float), h);
+  };
+  check_same_on_ranks(comm, state_hash(), c.resume ? "checkpoint (weights and optimizer state)" : "initial weights");
   std::optional<Params> grads;  // the CPU path's (a device keeps its own)
   if (!on_device) grads.emplace(mc);
   std::unique_ptr<DeviceRun> dev;
@@ -672,10 +729,15 @@ void train(const TrainConfig& given) {
                   " tokens, lr ", c.lr, ", ",
                   on_device ? detail::cat(device_name(c.device), " (", compute_dtype_name(c.compute), ")")
                             : detail::cat(threads, " threads"),
+                  comm ? detail::cat(" on each of ", n_ranks, " ranks") : "",
                   c.resume ? detail::cat(", from step ", start) : ""));
 
   int64_t last_ckpt = c.resume ? start : -1;
   auto checkpoint = [&](int64_t step) {  // on a device: after dev->to_host
+    // Every rank took the same steps: check that its weights are rank 0's, then rank 0 saves them.
+    check_same_on_ranks(comm, state_hash(), detail::cat("weights and optimizer state after step ", step));
+    last_ckpt = step;
+    if (!writer) return;
     const fs::path tmp = out / detail::cat("ckpt.tmp-", ::getpid(), "-", step);
     fs::remove_all(tmp);
     fs::create_directories(tmp);
@@ -686,11 +748,11 @@ void train(const TrainConfig& given) {
                {"step", step},
                {"tokens_seen", tokens_seen},
                {"rng", rng_json(rng)},
-               {"settings", settings_json_all(c, c.warmup, threads)}};
+               {"settings", settings_json_all(c, c.warmup, threads)},
+               {"ranks", n_ranks}};
     write_file_atomic((tmp / "trainer_state.json").string(), st.dump(2) + "\n");
     fsync_dir(tmp);
     swap_in(tmp, out);
-    last_ckpt = step;
   };
 
   const bool tty = ::isatty(2) == 1;
@@ -700,7 +762,7 @@ void train(const TrainConfig& given) {
   };
   auto fail = [&](int64_t step, const std::string& what) {
     clear_line();
-    write_logs(out, rows, c.steps);
+    if (writer) write_logs(out, rows, c.steps);
     throw Error(detail::cat(
         "step ", step, ": ", what, "; training stopped (lower --lr?). ",
         last_ckpt >= 0 ? detail::cat("The last good checkpoint, step ", last_ckpt, ", is in ", ck.string())
@@ -713,6 +775,13 @@ void train(const TrainConfig& given) {
   double train_time = 0;
   int64_t timed_steps = 0, timed_tokens = 0;
   const int64_t end = c.stop_after > 0 ? std::min(c.steps, c.stop_after) : c.steps;
+  // This rank's sequences of every global micro-batch.
+  const int seq_lo = int(int64_t(c.batch) * rank / n_ranks), seq_hi = int(int64_t(c.batch) * (rank + 1) / n_ranks);
+  auto counted = [&](int lo, int hi) {
+    int64_t n = 0;
+    for (int64_t i = int64_t(lo) * L; i < int64_t(hi) * L; ++i) n += tg[size_t(i)] >= 0;
+    return n;
+  };
   for (int64_t step = start; step < end; ++step) {
     const auto t0 = Clock::now();
     if (dev)
@@ -731,10 +800,27 @@ void train(const TrainConfig& given) {
           std::copy_n(train_tok.begin() + int64_t(p) + 1, L, tg.begin() + int64_t(b) * L);
         }
       }
-      if (dev)  // each micro-batch's gradient already scaled by 1 / grad_accum
-        loss += dev->bg->loss_and_grad(dev->g.f32(), in.data(), tg.data(), c.batch, L, 1.0 / c.grad_accum);
+      // This rank's part of the micro-batch's mean: its counted targets over the whole batch's
+      // (every target of the whole batch when alone).
+      const int64_t whole = counted(0, c.batch);
+      const int64_t off = int64_t(seq_lo) * L;
+      if (dev) {  // each micro-batch's gradient already scaled by 1 / grad_accum
+        const int64_t mine = comm ? counted(seq_lo, seq_hi) : whole;
+        const double share = whole > 0 ? double(mine) / double(whole) : 0.0;
+        if (mine > 0)
+          loss += share * dev->bg->loss_and_grad(dev->g.f32(), in.data() + off, tg.data() + off, seq_hi - seq_lo, L,
+                                                 share / c.grad_accum);
+      } else {
+        loss += loss_and_grad(P, *grads, in.data() + off, tg.data() + off, seq_hi - seq_lo, L, c.scan_chunk,
+                              c.grad_ckpt, nullptr, comm ? whole : 0);
+      }
+    }
+    if (comm) {  // the sum of the ranks' parts: the whole batch's gradient and loss, on every rank
+      if (dev)
+        comm->allreduce_sum_device(dev->be, dev->g.f32(), P.numel());
       else
-        loss += loss_and_grad(P, *grads, in.data(), tg.data(), c.batch, L, c.scan_chunk, c.grad_ckpt);
+        comm->allreduce_sum(grads->data(), grads->numel());
+      comm->allreduce_sum(&loss, 1);
     }
     if (dev) {
       loss /= c.grad_accum;
@@ -776,7 +862,8 @@ void train(const TrainConfig& given) {
                      static_cast<long long>(sc.examples));
     } else if (!task_mode && ((c.eval_every > 0 && done % c.eval_every == 0) || last)) {
       const EvalResult e =
-          dev ? eval_stream(*dev, valid_tok, L, c.eval_tokens, c.batch) : eval_stream(P, valid_tok, L, c.eval_tokens, c.batch);
+          dev ? eval_stream(*dev, valid_tok, L, c.eval_tokens, c.batch, comm)
+              : eval_stream(P, valid_tok, L, c.eval_tokens, c.batch, comm);
       r.val_loss = e.loss;
       r.val_ppl = e.ppl;
       clear_line();
@@ -799,15 +886,21 @@ void train(const TrainConfig& given) {
       if (dev) dev->to_host(P, &opt);
       if (!all_finite(P)) fail(done, "parameters became non-finite");
       checkpoint(done);
-      write_logs(out, rows, c.steps);
+      if (writer) write_logs(out, rows, c.steps);
     }
-    // Ctrl-C or SIGTERM: keep this step's work and stop (core/interrupt.h).
-    if (const int sig = interrupt_signal(); sig != 0 && !last) {
+    // Ctrl-C or SIGTERM: keep this step's work and stop (core/interrupt.h). Ranks may see the
+    // signal at different steps: all stop at the first step where any rank has it.
+    int sig = interrupt_signal();
+    if (comm) {
+      for (const uint64_t s : comm->allgather(uint64_t(sig)))
+        if (sig == 0) sig = int(s);
+    }
+    if (sig != 0 && !last) {
       if (last_ckpt != done) {
         if (dev) dev->to_host(P, &opt);
         if (!all_finite(P)) fail(done, "parameters became non-finite");
         checkpoint(done);
-        write_logs(out, rows, c.steps);
+        if (writer) write_logs(out, rows, c.steps);
       }
       clear_line();
       throw Interrupted(sig, detail::cat("interrupted by ", signal_name(sig), " after step ", done, " of ", c.steps,
@@ -818,7 +911,7 @@ void train(const TrainConfig& given) {
   if (dev && dev->be.peak_allocated_bytes() > 0)
     say(detail::cat("device memory: peak ", fmt_num(double(dev->be.peak_allocated_bytes()) / (1 << 20)),
                     " MiB allocated (weights, gradients, AdamW, activations, workspaces)"));
-  if (end == start) write_logs(out, rows, c.steps);
+  if (end == start && writer) write_logs(out, rows, c.steps);
   say(detail::cat(end < c.steps ? "stopped at step " : "done at step ", end, "; checkpoint in ", ck.string(),
                   ", log in ", (out / "train_log.csv").string()));
 }

@@ -35,6 +35,7 @@
 
 namespace hm {
 
+class Comm;
 class HybridMemory;
 class HybridModel;
 class Tokenizer;
@@ -85,6 +86,17 @@ struct TrainConfig {
   int64_t task_eval = 512;  // test examples scored at each validation (0: no validation)
   // Called after every optimizer step (a caller's progress display); may be empty.
   std::function<void(int64_t step, int64_t steps, double loss)> on_step;
+
+  // Data parallelism (docs/DISTRIBUTED.md): this process is rank comm->rank() of comm->size();
+  // null: alone. --batch stays the global micro-batch: rank r computes sequences
+  // [r * batch / size, (r + 1) * batch / size) of every micro-batch (each rank draws the whole
+  // global batch, so the data order, and a resume on another number of ranks, is the
+  // single-process run's), weighed by its share of the counted targets; the gradients are summed
+  // across ranks before the optimizer step, which every rank then takes alike. Rank 0 alone
+  // writes the checkpoint, logs and progress; every rank reads a checkpoint on resume (out_dir on
+  // a file system all ranks see). The ranks check that they hold the same settings, data and
+  // weights (hm::Error naming what differs).
+  Comm* comm = nullptr;
 
   // Test hook: treat the loss of this step (1-based) as NaN. -1: off.
   int64_t debug_nan_step = -1;

@@ -1,0 +1,42 @@
+// The collectives data-parallel training needs (docs/DISTRIBUTED.md): one process per rank, each
+// computing the gradient of its shard of the global batch; the gradients are summed across ranks
+// so every rank takes the same optimizer step. The trainer sees only this interface: the MPI
+// implementation (dist/mpi_comm.h, with NCCL for device buffers) lives in the hm binary, so the
+// core library and the Python module do not link MPI.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace hm {
+
+class Backend;
+
+class Comm {
+ public:
+  virtual ~Comm() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  // Ranks on this machine (a default thread count divides the cores among them).
+  virtual int local_size() const = 0;
+  // In place: every rank's x becomes the element-wise sum over ranks, identical on every rank.
+  virtual void allreduce_sum(float* x, int64_t n) = 0;
+  virtual void allreduce_sum(double* x, int64_t n) = 0;
+  // The same for n floats in `be`'s memory (a GPU's: NCCL on the backend's stream).
+  virtual void allreduce_sum_device(Backend& be, float* x, int64_t n) = 0;
+  // Every rank's v, in rank order, on every rank.
+  virtual std::vector<uint64_t> allgather(uint64_t v) = 0;
+  // Rank `root`'s bytes on every rank (the receivers' buffers hold n bytes already).
+  virtual void broadcast(void* data, int64_t n, int root = 0) = 0;
+  virtual void barrier() = 0;
+};
+
+// A 64-bit hash of n bytes (FNV-1a's step over 8-byte words, then the tail's bytes): what the
+// ranks compare to check that they hold the same settings, data and weights.
+uint64_t bytes_hash(const void* data, size_t n, uint64_t h = 1469598103934665603ULL);
+
+// Checks that every rank passed the same v; otherwise hm::Error (on every rank) naming `what`
+// and the first rank that differs from rank 0. comm may be null (one process).
+void check_same_on_ranks(Comm* comm, uint64_t v, const std::string& what);
+
+}  // namespace hm
