@@ -17,6 +17,7 @@
 #include "core/rng.h"
 #include "model/params.h"
 #include "train/batch_grad.h"
+#include "train/comm.h"
 #include "train/model_grad.h"
 #include "train/optimizer.h"
 #include "grad_test_util.h"
@@ -135,6 +136,118 @@ TEST(BatchGrad, TrueHybridMatchesDoubleReference) {
           g_prev = g;
         }
     }
+}
+
+// Data parallelism's two pieces (trainer.h, TrainConfig::comm): loss_and_grad over parts of a
+// batch, each told the whole batch's count of targets, sums to the whole batch's loss, budget
+// term and gradient; BatchGrad reports every span of the gradient arena done exactly once, from
+// the end down, each after its last write (a span's values do not change afterwards).
+TEST(BatchGrad, PartsOfABatchSumToTheWhole) {
+  ModelConfig c = preset("true-tiny");
+  c.budget_loss_weight = 0.5f;
+  c.attention_budget = 0.3f;
+  validate(c);
+  Params p(c);
+  randomize_params(p, 71);
+  TokenBatch b = make_batch(3, 23, c.vocab_size, 72);
+  for (int t = 0; t < 15; ++t) b.targets[size_t(t)] = -1;  // the parts count different numbers of targets
+  int64_t whole = 0;
+  for (const int32_t t : b.targets) whole += t >= 0;
+  Params g_all(c), g_parts(c);
+  std::fill(g_all.data(), g_all.data() + g_all.numel(), 0.0f);
+  std::fill(g_parts.data(), g_parts.data() + g_parts.numel(), 0.0f);
+  double aux_all = 0, aux1 = 0, aux2 = 0;
+  const double l_all = loss_and_grad(p, g_all, b.tokens.data(), b.targets.data(), 3, b.L, 0, false, &aux_all);
+  const double l1 = loss_and_grad(p, g_parts, b.tokens.data(), b.targets.data(), 1, b.L, 0, false, &aux1, whole);
+  const double l2 = loss_and_grad(p, g_parts, b.tokens.data() + b.L, b.targets.data() + b.L, 2, b.L, 0, false, &aux2,
+                                  whole);
+  EXPECT_NEAR(l1 + l2, l_all, 1e-6 * l_all);
+  EXPECT_NEAR(aux1 + aux2, aux_all, 1e-6 * aux_all);
+  EXPECT_GT(aux1, 0.0);
+  EXPECT_LE(worst_tensor_err(p, g_parts.data(), g_all.data()).first, 2e-6);
+  EXPECT_THROW_MSG(loss_and_grad(p, g_parts, b.tokens.data(), b.targets.data(), 3, b.L, 0, false, nullptr, whole - 1),
+                   "fewer than this part's");
+
+  auto cpu = make_cpu_backend();
+  for (bool ckpt : {false, true}) {
+    BatchGrad bg(*cpu, p, DType::F32, ckpt);
+    bg.set_weights(p.data());
+    std::vector<float> g = zeros(p);
+    std::vector<std::pair<int64_t, int64_t>> spans;
+    std::vector<std::vector<float>> at_report;  // each span's values when reported
+    bg.set_grads_done([&](int64_t lo, int64_t hi) {
+      spans.emplace_back(lo, hi);
+      at_report.emplace_back(g.begin() + lo, g.begin() + hi);
+    });
+    bg.loss_and_grad(g.data(), b.tokens.data(), b.targets.data(), 3, b.L);
+    ASSERT_EQ(spans.size(), size_t(c.n_layers) + 2);  // final norm + head, each layer, the embedding
+    int64_t frontier = p.numel();
+    for (size_t k = 0; k < spans.size(); ++k) {
+      EXPECT_EQ(spans[k].second, frontier) << "span " << k;
+      EXPECT_LE(spans[k].first, spans[k].second);
+      frontier = spans[k].first;
+      EXPECT_TRUE(std::equal(at_report[k].begin(), at_report[k].end(), g.begin() + spans[k].first))
+          << "span " << k << " [" << spans[k].first << ", " << spans[k].second << ") changed after it was reported";
+    }
+    EXPECT_EQ(frontier, 0);
+    // Without a callback nothing is called; with it cleared, neither.
+    bg.set_grads_done(nullptr);
+    spans.clear();
+    bg.loss_and_grad(g.data(), b.tokens.data(), b.targets.data(), 3, b.L);
+    EXPECT_TRUE(spans.empty());
+  }
+}
+
+namespace {
+// Two ranks holding the same values: a sum doubles them. Records each call's span.
+struct DoublingComm : Comm {
+  std::vector<std::pair<int64_t, int64_t>> calls;  // (offset from base, count)
+  const float* base = nullptr;
+  int rank() const override { return 0; }
+  int size() const override { return 2; }
+  int local_size() const override { return 2; }
+  void allreduce_sum(float* x, int64_t n) override {
+    calls.emplace_back(x - base, n);
+    for (int64_t i = 0; i < n; ++i) x[i] *= 2;
+  }
+  void allreduce_sum(double* x, int64_t n) override {
+    for (int64_t i = 0; i < n; ++i) x[i] *= 2;
+  }
+  void allreduce_sum_device(Backend&, float* x, int64_t n) override { allreduce_sum(x, n); }
+  void wait_device(Backend&) override {}
+  std::vector<uint64_t> allgather(uint64_t v) override { return {v, v}; }
+  void broadcast(void*, int64_t, int) override {}
+  void barrier() override {}
+};
+}  // namespace
+
+// GradReducer's buckets: fixed by the arena's size, sent from the end down as the backward
+// reports spans done, every element summed once; a rank whose backward reported nothing sends
+// the same buckets from finish().
+TEST(BatchGrad, GradReducerBuckets) {
+  const int64_t numel = 1000, bucket = 128;
+  std::vector<float> g(size_t(numel), 1.0f);
+  DoublingComm driven, idle;
+  driven.base = idle.base = g.data();
+  {
+    GradReducer r(driven, nullptr, g.data(), numel, bucket);
+    r.done(900, 1000);  // the last bucket, [872, 1000), is not all done yet
+    EXPECT_EQ(r.buckets_sent(), 0);
+    r.done(300, 900);
+    EXPECT_EQ(r.buckets_sent(), 5);  // down to 360
+    EXPECT_THROW_MSG(r.done(0, 250), "from the end of the arena down");
+    r.finish();
+    EXPECT_EQ(r.buckets_sent(), 8);
+  }
+  for (float v : g) EXPECT_EQ(v, 2.0f);
+  {
+    GradReducer r(idle, nullptr, g.data(), numel, bucket);
+    r.finish();
+  }
+  EXPECT_EQ(driven.calls, idle.calls);
+  ASSERT_EQ(driven.calls.size(), 8u);
+  EXPECT_EQ(driven.calls.front(), std::make_pair(int64_t(872), int64_t(128)));
+  EXPECT_EQ(driven.calls.back(), std::make_pair(int64_t(0), int64_t(104)));
 }
 
 TEST(BatchGrad, RefusesWhatItCannotTrain) {

@@ -461,8 +461,8 @@ TEST(TrueHybridGrad, HardRoutingSkipsThePathNotChosen) {
     for (bool f64 : {false, true}) {
       Params g(c);
       std::fill(g.data(), g.data() + g.numel(), 0.0f);
-      const double loss = (f64 ? loss_and_grad_f64 : loss_and_grad)(
-          p, g, b.tokens.data(), b.targets.data(), b.B, b.L, 0, false, nullptr);
+      const double loss = f64 ? loss_and_grad_f64(p, g, b.tokens.data(), b.targets.data(), b.B, b.L)
+                              : loss_and_grad(p, g, b.tokens.data(), b.targets.data(), b.B, b.L);
       SCOPED_TRACE(std::string(f64 ? "double" : "float") + (pass ? ", NaN weights" : ""));
       if (pass == 0) ref_loss[int(f64)] = loss;
       EXPECT_EQ(loss, ref_loss[int(f64)]);

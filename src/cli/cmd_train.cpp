@@ -47,6 +47,11 @@ Run add_train(CLI::App& app) {
   auto dtype = std::make_shared<std::string>("auto");
   app.add_option("--dtype", *dtype, "What activations and GEMM inputs compute in: f32, bf16 or auto (bf16 on "
                  "cuda, f32 on cpu); master weights, gradients and AdamW stay f32")->capture_default_str();
+  app.add_option("--bucket-mb", o->bucket_mb, "Under mpirun: gradients are summed across ranks in buckets of this "
+                 "many MiB, on a GPU while the backward goes on (docs/DISTRIBUTED.md)")->capture_default_str();
+  // Hidden test hook (tests/dist): the device path (BatchGrad, the optimizer as backend ops, the
+  // gradient buckets summed during the backward) on the CPU backend, where no GPU is.
+  app.add_flag("--device-path-on-cpu", o->device_path_on_cpu)->group("");
   app.add_option("--tokenizer", o->tokenizer, "byte or bpe (trained on the training split)")->capture_default_str();
   app.add_option("--vocab", o->vocab, "BPE vocabulary size")->capture_default_str();
   app.add_option("--eval-every", o->eval_every, "Validation every N steps (0: only at the end)")->capture_default_str();

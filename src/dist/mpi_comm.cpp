@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include "backend/backend.h"
 #include "core/error.h"
@@ -70,6 +71,10 @@ class MpiComm final : public Comm {
   }
   ~MpiComm() override {
 #ifdef HM_HAVE_NCCL
+    if (reduce_) cudaStreamSynchronize(reduce_);
+    if (ready_) cudaEventDestroy(ready_);
+    if (summed_) cudaEventDestroy(summed_);
+    if (reduce_) cudaStreamDestroy(reduce_);
     if (nccl_) ncclCommDestroy(nccl_);
 #endif
     int finalized = 0;
@@ -87,13 +92,25 @@ class MpiComm final : public Comm {
   void allreduce_sum_device(Backend& be, float* x, int64_t n) override {
     if (be.device() == Device::CPU) return allreduce_sum(x, n);
 #ifdef HM_HAVE_NCCL
-    auto* cb = dynamic_cast<CudaBackend*>(&be);
-    HM_CHECK(cb, "allreduce: a ", device_name(be.device()), " backend that is not the CUDA one");
+    cudaStream_t compute = cuda_stream(be);
     if (!nccl_) init_nccl();
-    nccl_ok(ncclAllReduce(x, x, size_t(n), ncclFloat32, ncclSum, nccl_, cb->stream()), "ncclAllReduce");
+    // The sum waits for what the backend enqueued so far (this bucket's gradients), on the
+    // reduction stream, while the backend's stream goes on with the rest of the backward.
+    cuda_ok(cudaEventRecord(ready_, compute), "cudaEventRecord");
+    cuda_ok(cudaStreamWaitEvent(reduce_, ready_, 0), "cudaStreamWaitEvent");
+    nccl_ok(ncclAllReduce(x, x, size_t(n), ncclFloat32, ncclSum, nccl_, reduce_), "ncclAllReduce");
 #else
     (void)x, (void)n;
     throw Error(detail::cat("allreduce of ", device_name(be.device()), " memory: this hm was built without NCCL"));
+#endif
+  }
+
+  void wait_device(Backend& be) override {
+    if (be.device() == Device::CPU) return;
+#ifdef HM_HAVE_NCCL
+    if (!nccl_) return;
+    cuda_ok(cudaEventRecord(summed_, reduce_), "cudaEventRecord");
+    cuda_ok(cudaStreamWaitEvent(cuda_stream(be), summed_, 0), "cudaStreamWaitEvent");
 #endif
   }
 
@@ -123,13 +140,28 @@ class MpiComm final : public Comm {
   static void nccl_ok(ncclResult_t r, const char* what) {
     HM_CHECK(r == ncclSuccess, "NCCL: ", what, " failed: ", ncclGetErrorString(r));
   }
+  static void cuda_ok(cudaError_t e, const char* what) {
+    HM_CHECK(e == cudaSuccess, "CUDA: ", what, " failed: ", cudaGetErrorString(e));
+  }
+  static cudaStream_t cuda_stream(Backend& be) {
+    auto* cb = dynamic_cast<CudaBackend*>(&be);
+    HM_CHECK(cb, "allreduce: a ", device_name(be.device()), " backend that is not the CUDA one");
+    return cb->stream();
+  }
   void init_nccl() {
     ncclUniqueId id;
     if (rank_ == 0) nccl_ok(ncclGetUniqueId(&id), "ncclGetUniqueId");
     broadcast(&id, int64_t(sizeof id), 0);
     nccl_ok(ncclCommInitRank(&nccl_, size_, id, rank_), "ncclCommInitRank");
+    cuda_ok(cudaStreamCreateWithFlags(&reduce_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
+    // A wait takes the event's record at the time it is enqueued, so one event per direction,
+    // recorded again for every bucket, is enough.
+    cuda_ok(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+    cuda_ok(cudaEventCreateWithFlags(&summed_, cudaEventDisableTiming), "cudaEventCreateWithFlags");
   }
   ncclComm_t nccl_ = nullptr;
+  cudaStream_t reduce_ = nullptr;
+  cudaEvent_t ready_ = nullptr, summed_ = nullptr;
 #endif
 
   int rank_ = 0, size_ = 1, local_rank_ = 0, local_size_ = 1;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -97,6 +98,7 @@ struct BatchGrad::Impl {
   Buffer wc;  // the compute copy of the weights (16-bit types only)
   const char* W = nullptr;
   float* G = nullptr;  // the gradient arena of the current call
+  std::function<void(int64_t, int64_t)> grads_done;  // set_grads_done's callback
   Ragged rg;
   int n = 0;  // tokens of the current batch
   Buffer ids, tgts;
@@ -120,6 +122,24 @@ struct BatchGrad::Impl {
   int chunk;  // the scan's saved-state spacing (0: the backend's)
   Impl(Backend& b, const Params& layout, DType t, bool grad_ckpt, int scan_chunk)
       : be(b), lo(layout), ct(t), ckpt(grad_ckpt), chunk(scan_chunk) {}
+
+  // Where layer i's tensors begin in the arena (Params keeps a layer's tensors together, after
+  // the embedding and before the final norm and an untied head); i = n_layers: the final norm.
+  int64_t layer_begin(int i) const {
+    if (i == c().n_layers) return lo.norm_f;
+    const LayerOffsets& o = lo.layers[size_t(i)];
+    int64_t b = lo.norm_f;
+    for (const int64_t off : {o.norm, o.in_proj, o.conv_w, o.conv_b, o.x_proj, o.dt_w, o.dt_b, o.A_log, o.Dskip,
+                              o.out_proj, o.wq, o.wk, o.wv, o.wo, o.mlp_norm, o.w_gate, o.w_up, o.w_down,
+                              o.bridge_norm, o.bridge_proj, o.bridge_gate, o.fuse_mamba, o.fuse_attn, o.exchange,
+                              o.router_w, o.router_feat, o.router_b})
+      if (off != kNoTensor) b = std::min(b, off);
+    return b;
+  }
+  // The gradients of [begin, end) are final for this call (set_grads_done).
+  void report(int64_t begin, int64_t end) {
+    if (grads_done) grads_done(begin, end);
+  }
 
   const ModelConfig& c() const { return lo.c; }
   // Weights in the compute type; A_log stays float32 (the scan forms A = -exp(A_log) in float).
@@ -619,6 +639,7 @@ struct BatchGrad::Impl {
     const float eps = float(mc.norm_eps);
     const Tensor dH = a(dh, D), dT = a(dtmp, D), H = a(h, D);
     be.rmsnorm_backward(dH, g(lo.norm_f, 1, D), dHN, H, w(lo.norm_f, 1, D), eps, false);
+    report(lo.norm_f, lo.numel);  // the final norm and an untied head
     Tensor dI;  // gradient into layer i's inner output from layer i+1's bridge (empty: none)
     for (int i = mc.n_layers - 1; i >= 0; --i) {
       const LayerOffsets& o = lo.layers[size_t(i)];
@@ -648,8 +669,10 @@ struct BatchGrad::Impl {
         dI = a(dbridge, S);
         be.rmsnorm_backward(dI, g(o.bridge_norm, 1, S), dY, inner(i - 1), w(o.bridge_norm, 1, S), eps, false);
       }
+      report(layer_begin(i), layer_begin(i + 1));
     }
     be.embedding_backward(g(lo.emb, V, D), dH, static_cast<const int32_t*>(ids.data()));
+    report(0, layer_begin(0));  // the embedding (and a tied head)
   }
 };
 
@@ -665,6 +688,7 @@ BatchGrad::BatchGrad(Backend& be, const Params& layout, DType compute, bool grad
 BatchGrad::~BatchGrad() = default;
 
 DType BatchGrad::compute() const { return impl_->ct; }
+void BatchGrad::set_grads_done(std::function<void(int64_t begin, int64_t end)> fn) { impl_->grads_done = std::move(fn); }
 bool BatchGrad::grad_ckpt() const { return impl_->ckpt; }
 
 void BatchGrad::set_weights(const float* master) {

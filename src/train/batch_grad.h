@@ -21,6 +21,7 @@
 // the two paths over their compacted tokens and the fusion as backend ops.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -68,6 +69,12 @@ class BatchGrad {
   std::vector<double> route_logits() const;
   DType compute() const;
   bool grad_ckpt() const;
+  // Called during loss_and_grad's backward each time a span of the gradient arena is final for
+  // the call: [begin, end) in elements, from the end of the arena down (final norm and an untied
+  // head, the last layer, ..., the first, the embedding), together [0, layout.numel()) once.
+  // The backend's work for the span is enqueued, not necessarily done. Data parallelism sums
+  // each span across ranks meanwhile (GradReducer, train/comm.h). Empty: no calls.
+  void set_grads_done(std::function<void(int64_t begin, int64_t end)> fn);
 
  private:
   struct Impl;

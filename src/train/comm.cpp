@@ -1,7 +1,9 @@
 #include "train/comm.h"
 
+#include <algorithm>
 #include <cstring>
 
+#include "backend/backend.h"
 #include "core/error.h"
 
 namespace hm {
@@ -17,6 +19,37 @@ uint64_t bytes_hash(const void* data, size_t n, uint64_t h) {
   }
   for (; i < n; ++i) h = (h ^ p[i]) * kPrime;
   return h;
+}
+
+GradReducer::GradReducer(Comm& comm, Backend* be, float* grads, int64_t numel, int64_t bucket)
+    : comm_(comm), be_(be), g_(grads), numel_(numel), bucket_(bucket), next_hi_(numel), frontier_(numel) {
+  HM_CHECK(bucket > 0, "GradReducer: bucket must be > 0");
+}
+
+void GradReducer::done(int64_t begin, int64_t end) {
+  HM_CHECK(end == frontier_ && begin >= 0 && begin <= end, "GradReducer: gradients reported done at [", begin, ", ",
+           end, ") after [", frontier_, ", ...): the backward must report them from the end of the arena down");
+  frontier_ = begin;
+  send_down_to(frontier_);
+}
+
+void GradReducer::send_down_to(int64_t frontier) {
+  // Bucket k covers [numel - (k+1) * bucket, numel - k * bucket), clipped at 0.
+  while (next_hi_ > 0 && std::max<int64_t>(0, next_hi_ - bucket_) >= frontier) {
+    const int64_t lo = std::max<int64_t>(0, next_hi_ - bucket_);
+    if (be_)
+      comm_.allreduce_sum_device(*be_, g_ + lo, next_hi_ - lo);
+    else
+      comm_.allreduce_sum(g_ + lo, next_hi_ - lo);
+    ++sent_;
+    next_hi_ = lo;
+  }
+}
+
+void GradReducer::finish() {
+  frontier_ = 0;
+  send_down_to(0);
+  if (be_) comm_.wait_device(*be_);
 }
 
 void check_same_on_ranks(Comm* comm, uint64_t v, const std::string& what) {

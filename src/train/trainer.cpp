@@ -419,6 +419,8 @@ void check_settings(const TrainConfig& c) {
   HM_CHECK(c.batch >= 1, "--batch must be >= 1 (got ", c.batch, ")");
   HM_CHECK(c.seq_len >= 1, "--seq-len must be >= 1 (got ", c.seq_len, ")");
   HM_CHECK(c.grad_accum >= 1, "--grad-accum must be >= 1 (got ", c.grad_accum, ")");
+  HM_CHECK(std::isfinite(c.bucket_mb) && c.bucket_mb > 0 && c.bucket_mb <= 1e6, "--bucket-mb must be in (0, 1e6] (got ",
+           c.bucket_mb, ")");
   HM_CHECK(std::isfinite(c.lr) && c.lr > 0, "--lr must be a positive number (got ", c.lr, ")");
   HM_CHECK(c.min_lr_ratio >= 0 && c.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]");
   HM_CHECK(c.lr_steps >= 1 && c.lr_steps <= c.steps, "lr schedule length ", c.lr_steps, " not in [1, ", c.steps, "]");
@@ -708,10 +710,12 @@ void train(const TrainConfig& given) {
     recover_checkpoint(out);
   }
   // Every rank starts from the same weights and optimizer state (same seed, or the same files).
-  auto state_hash = [&] {
-    uint64_t h = bytes_hash(P.data(), size_t(P.numel()) * sizeof(float));
-    h = bytes_hash(opt.m().data(), size_t(opt.m().numel()) * sizeof(float), h);
-    return bytes_hash(opt.v().data(), size_t(opt.v().numel()) * sizeof(float), h);
+  auto state_hash = [&] {  // tensor by tensor: the padding between them is not state
+    uint64_t h = bytes_hash(nullptr, 0);
+    for (const Params* q : {&P, &opt.m(), &opt.v()})
+      for (size_t k = 0; k < q->specs().size(); ++k)
+        h = bytes_hash(q->at(k), size_t(q->specs()[k].numel()) * sizeof(float), h);
+    return h;
   };
   check_same_on_ranks(comm, state_hash(), c.resume ? "checkpoint (weights and optimizer state)" : "initial weights");
   std::optional<Params> grads;  // the CPU path's (a device keeps its own)
@@ -775,8 +779,14 @@ void train(const TrainConfig& given) {
   double train_time = 0;
   int64_t timed_steps = 0, timed_tokens = 0;
   const int64_t end = c.stop_after > 0 ? std::min(c.steps, c.stop_after) : c.steps;
+  const int64_t bucket_floats = std::max<int64_t>(1, int64_t(c.bucket_mb * double(1 << 20) / sizeof(float)));
   // This rank's sequences of every global micro-batch.
   const int seq_lo = int(int64_t(c.batch) * rank / n_ranks), seq_hi = int(int64_t(c.batch) * (rank + 1) / n_ranks);
+  if (comm)
+    say(detail::cat("data parallel: ", n_ranks, " ranks of ", c.batch / n_ranks,
+                    c.batch % n_ranks ? detail::cat("-", c.batch / n_ranks + 1) : std::string(),
+                    " sequences per micro-batch; gradients summed in ", (P.numel() + bucket_floats - 1) / bucket_floats,
+                    " buckets of up to ", c.bucket_mb, " MiB", dev ? ", each as the backward finishes it" : ""));
   auto counted = [&](int lo, int hi) {
     int64_t n = 0;
     for (int64_t i = int64_t(lo) * L; i < int64_t(hi) * L; ++i) n += tg[size_t(i)] >= 0;
@@ -789,6 +799,11 @@ void train(const TrainConfig& given) {
     else
       zero(*grads);
     double loss = 0;
+    // With ranks the gradients are summed in buckets; on a device, while the last micro-batch's
+    // backward still runs (the buckets it has finished).
+    std::optional<GradReducer> reduce;
+    if (comm)
+      reduce.emplace(*comm, dev ? &dev->be : nullptr, dev ? dev->g.f32() : grads->data(), P.numel(), bucket_floats);
     for (int a = 0; a < c.grad_accum; ++a) {
       if (task_mode) {
         const uint64_t first = (uint64_t(step) * uint64_t(c.grad_accum) + uint64_t(a)) * uint64_t(c.batch);
@@ -807,19 +822,19 @@ void train(const TrainConfig& given) {
       if (dev) {  // each micro-batch's gradient already scaled by 1 / grad_accum
         const int64_t mine = comm ? counted(seq_lo, seq_hi) : whole;
         const double share = whole > 0 ? double(mine) / double(whole) : 0.0;
+        if (reduce && a + 1 == c.grad_accum)
+          dev->bg->set_grads_done([&](int64_t b, int64_t e) { reduce->done(b, e); });
         if (mine > 0)
           loss += share * dev->bg->loss_and_grad(dev->g.f32(), in.data() + off, tg.data() + off, seq_hi - seq_lo, L,
                                                  share / c.grad_accum);
+        dev->bg->set_grads_done(nullptr);
       } else {
         loss += loss_and_grad(P, *grads, in.data() + off, tg.data() + off, seq_hi - seq_lo, L, c.scan_chunk,
                               c.grad_ckpt, nullptr, comm ? whole : 0);
       }
     }
     if (comm) {  // the sum of the ranks' parts: the whole batch's gradient and loss, on every rank
-      if (dev)
-        comm->allreduce_sum_device(dev->be, dev->g.f32(), P.numel());
-      else
-        comm->allreduce_sum(grads->data(), grads->numel());
+      reduce->finish();
       comm->allreduce_sum(&loss, 1);
     }
     if (dev) {

@@ -97,6 +97,9 @@ struct TrainConfig {
   // a file system all ranks see). The ranks check that they hold the same settings, data and
   // weights (hm::Error naming what differs).
   Comm* comm = nullptr;
+  // With ranks: the gradients are summed in buckets of this many MiB (as PyTorch DDP's
+  // bucket_cap_mb); on a device each is sent as soon as the backward has finished it.
+  double bucket_mb = 25;
 
   // Test hook: treat the loss of this step (1-based) as NaN. -1: off.
   int64_t debug_nan_step = -1;
