@@ -777,6 +777,7 @@ void train(const TrainConfig& given) {
   const uint64_t n_pos = task_mode ? 0 : uint64_t(train_tok.size()) - uint64_t(L);  // window starts 0..n_pos-1
   const float min_lr = c.lr * c.min_lr_ratio;
   double train_time = 0;
+  double comm_time = 0;  // with ranks: summing after the backward (host path: all of the summing)
   int64_t timed_steps = 0, timed_tokens = 0;
   const int64_t end = c.stop_after > 0 ? std::min(c.steps, c.stop_after) : c.steps;
   const int64_t bucket_floats = std::max<int64_t>(1, int64_t(c.bucket_mb * double(1 << 20) / sizeof(float)));
@@ -834,8 +835,10 @@ void train(const TrainConfig& given) {
       }
     }
     if (comm) {  // the sum of the ranks' parts: the whole batch's gradient and loss, on every rank
+      const auto tc = Clock::now();
       reduce->finish();
       comm->allreduce_sum(&loss, 1);
+      comm_time += elapsed_s(tc);
     }
     if (dev) {
       loss /= c.grad_accum;
@@ -923,6 +926,12 @@ void train(const TrainConfig& given) {
     }
   }
   if (c.progress && tty) std::fprintf(stderr, "\n");
+  if (comm && !dev && train_time > 0) {
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "data parallel: summing the gradients across ranks took %.3f s of %.3f s of steps "
+                  "(%.1f%%)", comm_time, train_time, 100 * comm_time / train_time);
+    say(buf);
+  }
   if (dev && dev->be.peak_allocated_bytes() > 0)
     say(detail::cat("device memory: peak ", fmt_num(double(dev->be.peak_allocated_bytes()) / (1 << 20)),
                     " MiB allocated (weights, gradients, AdamW, activations, workspaces)"));
