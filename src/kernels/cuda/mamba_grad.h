@@ -41,9 +41,12 @@ size_t conv1d_silu_backward_workspace_bytes(int n_tokens, int E, int K);
 // states); the backward carries dL/dh across groups the same way in reverse, then per group
 // starts each sub-chunk of 8 tokens from its entering state and, sub-chunk by sub-chunk in
 // reverse, recomputes its 8 states into shared memory and runs the reverse step. For N <= 16
-// the adjoint pass also walks each group forward from its chunk's saved state and writes the
-// state entering every sub-chunk to the workspace; otherwise the gradient pass walks the group
-// itself and keeps those states in registers. Channels are split over thread blocks (64 per
+// the adjoint pass is one forward walk of each group from its chunk's saved state: it writes the
+// state entering every sub-chunk to the workspace, and the group's adjoint from a zero one after
+// it is sum_t dyc_t C_t prod_{s <= t} a_s, a running product of the same decays (one exp2 per
+// state and token serves both); the per-channel scalars of the reverse step (sigmoid(dt + bias),
+// dy silu(z), dz's factor) are staged once per (token, channel). Otherwise the gradient pass walks
+// the group itself and keeps those states in registers. Channels are split over thread blocks (64 per
 // block when N <= 16, else 8), each channel's N states over 2 (N <= 16: 8 each, inputs staged
 // per tile in shared memory) or 16 threads.
 constexpr int kScanGroup = 64;

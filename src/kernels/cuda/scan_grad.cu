@@ -508,7 +508,10 @@ __device__ __forceinline__ void tile_load(TileRegs<T, R>& rg, const ScanTrainIn<
     rg.c[p] = ok && (what & kStC) ? in.C[r] : zero;
   }
 }
-template <class T, int R>
+// GS (the backward's form): the per-channel scalars of the reverse step once per (token,
+// channel), not once per state lane: tl.pre holds sigmoid(pre) (ddelta -> dpre), tl.dy holds
+// dyc = dy silu(z) (dL/dyc), tl.z holds dy sigmoid(z) (1 + z (1 - sigmoid(z))) (dz = yc times it).
+template <class T, int R, bool GS = false>
 __device__ __forceinline__ void tile_store(Tile<R>& tl, const TileRegs<T, R>& rg, const ScanTrainIn<T>& in, int E) {
   const int e0 = blockIdx.x * kFCh;
   __syncthreads();  // the previous tile (and whatever else the block shares) is consumed
@@ -516,11 +519,19 @@ __device__ __forceinline__ void tile_store(Tile<R>& tl, const TileRegs<T, R>& rg
   for (int p = 0; p < TileRegs<T, R>::PE; ++p) {
     const int idx = threadIdx.x + p * kFT, i = idx / kFCh, e = e0 + idx % kFCh;
     const float pre = i < rg.nrows && e < E ? to_f(rg.dt[p]) + to_f(in.dt_bias[e]) : 0.0f;
-    tl.pre[idx] = pre;
     tl.delta[idx] = softplus_acc(pre);
     tl.x[idx] = to_f(rg.x[p]);
-    tl.z[idx] = to_f(rg.z[p]);
-    tl.dy[idx] = to_f(rg.dy[p]);
+    const float zv = to_f(rg.z[p]), dyv = to_f(rg.dy[p]);
+    if constexpr (GS) {
+      const float sz = sigmoid(zv);                        // y = yc silu(z)
+      tl.pre[idx] = sigmoid(pre);                          // delta = softplus(dt + dt_bias)
+      tl.dy[idx] = dyv * zv * sz;
+      tl.z[idx] = dyv * sz * (1.0f + zv * (1.0f - sz));
+    } else {
+      tl.pre[idx] = pre;
+      tl.z[idx] = zv;
+      tl.dy[idx] = dyv;
+    }
   }
 #pragma unroll
   for (int p = 0; p < TileRegs<T, R>::PN; ++p) {
@@ -729,10 +740,12 @@ __global__ void fwd_carry_kernel(const float* __restrict__ A, const int32_t* __r
   }
 }
 
-// grad_local_kernel on the fast layout: each group from its end with a zero adjoint. Also walks
-// the group forward from its chunk's saved state and writes the true state entering each of its
-// sub-chunks of kSub tokens to ws_sub [group, kMaxSub, E, N], which fast_grad_kernel then reads
-// instead of walking the group again and holding the states in registers.
+// grad_local_kernel on the fast layout, in one forward walk: the chunk's saved state walked to
+// the group's start, then through the group, writing the true state entering each of its
+// sub-chunks of kSub tokens to ws_sub [group, kMaxSub, E, N] (fast_grad_kernel reads them instead
+// of walking the group again). The same walk gives the group's adjoint from a zero one after it:
+// the reverse recurrence g = (g + dyc_t C_t) a_t ends at sum_t dyc_t C_t prod_{s <= t} a_s, so a
+// running product P of the decays (one exp2 per state and token serves the state and P).
 template <class T>
 __global__ void __launch_bounds__(kFT) fast_grad_local_kernel(const T* __restrict__ dy, int lddy,
                                                               const float* __restrict__ saved,
@@ -749,55 +762,54 @@ __global__ void __launch_bounds__(kFT) fast_grad_local_kernel(const T* __restric
   const Group gr = group_at(g, L, chunk);
   const FLane c(A, in.Dskip, E, N);
   TileRegs<T, kFTile> rg;
-  // Forward: the chunk's saved state walked to the group's start, then through its sub-chunks
-  // but the last (whose end state nothing needs).
-  {
-    float h[kSpt];
-    const size_t ci = size_t(coff[s] + gr.ci) * E + c.ec;
+  float h[kSpt];
+  const size_t ci = size_t(coff[s] + gr.ci) * E + c.ec;
 #pragma unroll
-    for (int k = 0; k < kSpt; ++k) h[k] = c.n(k) < N ? saved[ci * N + c.n(k)] : 0.0f;
-    const int tw = gr.ci * chunk, te = gr.t0 + (ceil_div(gr.len, kSub) - 1) * kSub;  // walk [tw, te)
-    const size_t sbase = size_t(goff[s] + g) * kMaxSub;
-    if (tw < te) tile_load<T, kFTile>(rg, in, nullptr, 0, row0 + tw, min(kFTile, te - tw), E, N, kStX | kStB);
-    for (int t0 = tw; t0 < te; t0 += kFTile) {
-      const int nt = min(kFTile, te - t0);
-      tile_store<T, kFTile>(tl, rg, in, E);
-      if (t0 + kFTile < te)
-        tile_load<T, kFTile>(rg, in, nullptr, 0, row0 + t0 + kFTile, min(kFTile, te - t0 - kFTile), E, N,
-                             kStX | kStB);
-      for (int i = 0; i < nt; ++i) {
-        const int t = t0 + i;
-        if (t >= gr.t0 && (t - gr.t0) % kSub == 0 && c.on) {
-          float* d = ws_sub + ((sbase + (t - gr.t0) / kSub) * E + c.e) * N;
-#pragma unroll
-          for (int k = 0; k < kSpt; ++k)
-            if (c.n(k) < N) d[c.n(k)] = h[k];
-        }
-        fstep(h, c, tl, i);
-      }
-    }
-    if (c.on) {  // the last sub-chunk's entry (the group's start when it has one sub-chunk)
-      float* d = ws_sub + ((sbase + (te - gr.t0) / kSub) * E + c.e) * N;
-#pragma unroll
-      for (int k = 0; k < kSpt; ++k)
-        if (c.n(k) < N) d[c.n(k)] = h[k];
-    }
-  }
-  float gk[kSpt] = {};
-  float sum_delta = 0.0f;
-  int t0 = (gr.len - 1) / kFTile * kFTile;
-  tile_load<T, kFTile>(rg, in, dy, lddy, row0 + gr.t0 + t0, min(kFTile, gr.len - t0), E, N, kStZ | kStDy | kStC);
-  for (; t0 >= 0; t0 -= kFTile) {
-    const int nt = min(kFTile, gr.len - t0);
+  for (int k = 0; k < kSpt; ++k) h[k] = c.n(k) < N ? saved[ci * N + c.n(k)] : 0.0f;
+  // The chunk's tokens before the group: the state only.
+  const int tw = gr.ci * chunk;
+  if (tw < gr.t0) tile_load<T, kFTile>(rg, in, nullptr, 0, row0 + tw, min(kFTile, gr.t0 - tw), E, N, kStX | kStB);
+  for (int t0 = tw; t0 < gr.t0; t0 += kFTile) {
+    const int nt = min(kFTile, gr.t0 - t0);
     tile_store<T, kFTile>(tl, rg, in, E);
-    if (t0 > 0) tile_load<T, kFTile>(rg, in, dy, lddy, row0 + gr.t0 + t0 - kFTile, kFTile, E, N, kStZ | kStDy | kStC);
-    for (int i = nt - 1; i >= 0; --i) {
-      const float delta = tl.delta[i * kFCh + c.ch], zv = tl.z[i * kFCh + c.ch];
-      const float dyc = tl.dy[i * kFCh + c.ch] * zv * sigmoid(zv);
-      float Cv[kSpt];
+    if (t0 + kFTile < gr.t0)
+      tile_load<T, kFTile>(rg, in, nullptr, 0, row0 + t0 + kFTile, min(kFTile, gr.t0 - t0 - kFTile), E, N,
+                           kStX | kStB);
+    for (int i = 0; i < nt; ++i) fstep(h, c, tl, i);
+  }
+  // The group: state, entries of the sub-chunks, decay product and adjoint.
+  constexpr int kAll = kStX | kStZ | kStDy | kStB | kStC;
+  const size_t sbase = size_t(goff[s] + g) * kMaxSub;
+  float P[kSpt], gk[kSpt];
+#pragma unroll
+  for (int k = 0; k < kSpt; ++k) P[k] = 1.0f, gk[k] = 0.0f;
+  float sum_delta = 0.0f;
+  tile_load<T, kFTile>(rg, in, dy, lddy, row0 + gr.t0, min(kFTile, gr.len), E, N, kAll);
+  for (int t0 = 0; t0 < gr.len; t0 += kFTile) {
+    const int nt = min(kFTile, gr.len - t0);
+    tile_store<T, kFTile, true>(tl, rg, in, E);
+    if (t0 + kFTile < gr.len)
+      tile_load<T, kFTile>(rg, in, dy, lddy, row0 + gr.t0 + t0 + kFTile, min(kFTile, gr.len - t0 - kFTile), E, N,
+                           kAll);
+    for (int i = 0; i < nt; ++i) {
+      if ((t0 + i) % kSub == 0 && c.on) {
+        float* d = ws_sub + ((sbase + (t0 + i) / kSub) * E + c.e) * N;
+#pragma unroll
+        for (int k = 0; k < kSpt; ++k)
+          if (c.n(k) < N) d[c.n(k)] = h[k];
+      }
+      const int ti = i * kFCh + c.ch;
+      const float delta = tl.delta[ti], dx = delta * tl.x[ti], dyc = tl.dy[ti];
+      float Bv[kSpt], Cv[kSpt];
+      load8(Bv, tl.B + i * 16, c.q);
       load8(Cv, tl.C + i * 16, c.q);
 #pragma unroll
-      for (int k = 0; k < kSpt; ++k) gk[k] = (gk[k] + dyc * Cv[k]) * exp2f(delta * c.A2[k]);
+      for (int k = 0; k < kSpt; ++k) {
+        const float a = exp2f(delta * c.A2[k]);
+        h[k] = a * h[k] + dx * Bv[k];  // h = exp(delta A) h + delta B x
+        P[k] *= a;
+        gk[k] += P[k] * (dyc * Cv[k]);
+      }
       sum_delta += delta;
     }
   }
@@ -855,7 +867,7 @@ __global__ void __launch_bounds__(kFT, 4) fast_grad_kernel(
     float hs[kSpt];  // the state entering this sub-chunk
 #pragma unroll
     for (int k = 0; k < kSpt; ++k) hs[k] = hn[k];
-    tile_store<T, kSub>(tl, rg, in, E);
+    tile_store<T, kSub, true>(tl, rg, in, E);
     if (j > 0) {
       load_sub(hn, j - 1);
       tile_load<T, kSub>(rg, in, dy, lddy, row0 + ts - kSub, kSub, E, N, kAll);
@@ -871,17 +883,17 @@ __global__ void __launch_bounds__(kFT, 4) fast_grad_kernel(
         for (int k = 0; k < kSpt; ++k) stash[(i * kSpt + k) * kFT + tid] = hp[k];
       }
     }
+    float ht[kSpt];  // h[t], carried down the loop: h[t-1] of one token is h[t] of the next
+#pragma unroll
+    for (int k = 0; k < kSpt; ++k) ht[k] = stash[((slen - 1) * kSpt + k) * kFT + tid];
 #pragma unroll 2  // the dB, dC shuffles of one token overlap the next
     for (int i = slen - 1; i >= 0; --i) {
       const size_t r = size_t(row0 + ts + i);
-      float ht[kSpt], hv[kSpt];  // h[t], h[t-1]
+      float hv[kSpt];  // h[t-1]
 #pragma unroll
-      for (int k = 0; k < kSpt; ++k) {
-        ht[k] = stash[(i * kSpt + k) * kFT + tid];
-        hv[k] = i > 0 ? stash[((i - 1) * kSpt + k) * kFT + tid] : hs[k];
-      }
-      const int ti = i * kFCh + c.ch;
-      const float pre = tl.pre[ti], delta = tl.delta[ti], xv = tl.x[ti], zv = tl.z[ti], dyv = tl.dy[ti];
+      for (int k = 0; k < kSpt; ++k) hv[k] = i > 0 ? stash[((i - 1) * kSpt + k) * kFT + tid] : hs[k];
+      const int ti = i * kFCh + c.ch;  // the channel's scalars, staged once per (token, channel)
+      const float spre = tl.pre[ti], delta = tl.delta[ti], xv = tl.x[ti], dzf = tl.z[ti], dyc = tl.dy[ti];
       float Bv[kSpt], Cv[kSpt];
       load8(Bv, tl.B + i * 16, c.q);
       load8(Cv, tl.C + i * 16, c.q);
@@ -889,9 +901,9 @@ __global__ void __launch_bounds__(kFT, 4) fast_grad_kernel(
 #pragma unroll
       for (int k = 0; k < kSpt; ++k) yc += ht[k] * Cv[k];
       yc += __shfl_xor_sync(0xffffffffu, yc, 1);
-      yc += c.dsk * xv;                                    // yc = h[t] . C[t] + D x
-      const float sz = sigmoid(zv), dyc = dyv * zv * sz;  // y = yc silu(z)
+      yc += c.dsk * xv;  // yc = h[t] . C[t] + D x; y = yc silu(z), dyc = dy silu(z)
       dD += dyc * xv;
+      const float dxv = delta * xv;
       float v[2 * kSpt];  // dB, then dC, of this lane's states
       float sa = 0.0f, sb = 0.0f;  // sum_n g A2 a h[t-1], sum_n g B
 #pragma unroll
@@ -899,20 +911,21 @@ __global__ void __launch_bounds__(kFT, 4) fast_grad_kernel(
         v[kSpt + k] = dyc * ht[k];                         // dC[t,n] += dyc h[t]
         gk[k] += dyc * Cv[k];                              // dL/dh[t], complete
         const float a = exp2f(delta * c.A2[k]);            // h[t] = a h[t-1] + delta B x
-        const float ah = a * hv[k];
-        sa += gk[k] * c.A2[k] * ah;
+        const float gah = gk[k] * (a * hv[k]);
+        sa += gah * c.A2[k];
+        dA[k] += gah * delta;
         sb += gk[k] * Bv[k];
-        dA[k] += gk[k] * delta * ah;
-        v[k] = gk[k] * delta * xv;                         // dB[t,n]
+        v[k] = gk[k] * dxv;                                // dB[t,n]
         gk[k] *= a;                                        // dL/dh[t-1] through h[t]
+        ht[k] = hv[k];
       }
       sa += __shfl_xor_sync(0xffffffffu, sa, 1);
       sb += __shfl_xor_sync(0xffffffffu, sb, 1);
       const float ddelta = sa * kLn2 + sb * xv;            // A = A2 ln 2
-      const float dpre = ddelta * sigmoid(pre);            // delta = softplus(dt + dt_bias)
+      const float dpre = ddelta * spre;                    // delta = softplus(dt + dt_bias)
       ddtb += dpre;
       if (c.on && c.q == 0) {
-        gr_out.dz[r * gr_out.lddz + c.e] = from_f<T>(dyv * yc * sz * (1.0f + zv * (1.0f - sz)));
+        gr_out.dz[r * gr_out.lddz + c.e] = from_f<T>(yc * dzf);
         gr_out.ddt[r * gr_out.lddt + c.e] = from_f<T>(dpre);
         gr_out.dx[r * gr_out.lddx + c.e] = from_f<T>(dyc * c.dsk + delta * sb);
       }
