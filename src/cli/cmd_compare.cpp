@@ -22,7 +22,16 @@ Run add_compare(CLI::App& app) {
   app.add_option("--archs", o->archs, "Architectures: mamba, transformer, hybrid, hybrid-nobridge, true-soft, true-hard (matched to the 4-layer mamba); attention-2l (Zoology's 2-layer attention, unmatched)")
       ->delimiter(',')->capture_default_str();
   app.add_option("--budget", o->budget, "Optimizer steps per run (equal for every run)")->capture_default_str();
-  app.add_option("--batch", o->batch, "Examples (or windows) per step")->capture_default_str();
+  app.add_option("--examples", o->budget_examples, "Training examples per run instead of --budget steps: each run "
+                 "takes ceil(examples / its batch) steps (Zoology: 6400000, 100,000 examples x 64 epochs)")
+      ->check(non_negative());
+  auto batches = std::make_shared<std::vector<int>>(std::vector<int>{o->batch});
+  app.add_option("--batch", *batches, "Examples (or windows) per step: one value, or one per --seq-lens value "
+                 "(Zoology: 512,512,256 at 64,128,256)")
+      ->delimiter(',')->capture_default_str();
+  app.add_option("--jobs,-j", o->jobs, "Runs trained at once, each in its own thread with its own device backend "
+                 "(--device cuda); results do not depend on it")
+      ->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--task-vocab", o->task_vocab, "Task vocabulary (Zoology uses 8192)")->capture_default_str();
   app.add_option("--kv", o->kv, "mqar pairs / copy tokens (0: task default)")->capture_default_str();
   app.add_option("--test-examples", o->test_examples, "Task test examples scored per run")->capture_default_str();
@@ -44,8 +53,11 @@ Run add_compare(CLI::App& app) {
       "finishes the current step, saves that run's checkpoint and exits with 130 (143); the same command "
       "continues it. docs/EVALUATION.md.");
   add_max_memory(app);  // each run's train() checks its own estimate
-  return [o, device, dtype] {
+  return [o, device, dtype, batches] {
     o->device = resolve_device(*device);
+    HM_CHECK(!batches->empty(), "--batch needs a value");
+    if (batches->size() == 1) o->batch = batches->front();
+    else o->batches = *batches;
     if (*dtype == "auto") {
       o->compute = o->device == Device::CUDA ? DType::BF16 : DType::F32;
     } else {

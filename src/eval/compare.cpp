@@ -11,7 +11,9 @@
 #include <limits>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <mutex>
 #include <sstream>
+#include <thread>
 
 #include "backend/backend.h"
 #include "core/error.h"
@@ -21,6 +23,7 @@
 #include "io/atomic_file.h"
 #include "io/json_read.h"
 #include "model/model.h"
+#include "runtime/memory.h"
 #include "runtime/tokenizer.h"
 #include "train/trainer.h"
 
@@ -55,7 +58,8 @@ json run_json(const CompareRun& r) {
   json j = {{"arch", r.arch},       {"d_model", r.d_model}, {"n_layers", r.n_layers},
             {"params", r.params},   {"seq_len", r.seq_len}, {"kv", r.kv},
             {"lr", std::stod(fmt_lr(r.lr))}, {"metric", r.metric},   {"loss", r.loss},
-            {"train_s", r.train_s}, {"best", r.best}};
+            {"train_s", r.train_s}, {"score_s", r.score_s}, {"steps", r.steps},
+            {"batch", r.batch},     {"best", r.best}};
   if (!r.error.empty()) j["error"] = r.error;
   return j;
 }
@@ -63,12 +67,13 @@ json run_json(const CompareRun& r) {
 std::string csv_text(const CompareConfig& c, const std::vector<CompareRun>& runs) {
   const char* metric = is_task(c.task) ? "accuracy" : "val_ppl";
   std::string s = detail::cat("task,arch,d_model,n_layers,params,seq_len,kv,lr,", metric,
-                              ",loss,train_s,best,error\n");
+                              ",loss,train_s,steps,batch,best,error\n");
   char buf[512];
   for (const CompareRun& r : runs) {
-    std::snprintf(buf, sizeof buf, "%s,%s,%d,%d,%lld,%d,%d,%s,%.6g,%.6g,%.2f,%d,", c.task.c_str(),
+    std::snprintf(buf, sizeof buf, "%s,%s,%d,%d,%lld,%d,%d,%s,%.6g,%.6g,%.2f,%lld,%d,%d,", c.task.c_str(),
                   r.arch.c_str(), r.d_model, r.n_layers, static_cast<long long>(r.params), r.seq_len, r.kv,
-                  fmt_lr(r.lr).c_str(), r.metric, r.loss, r.train_s, int(r.best));
+                  fmt_lr(r.lr).c_str(), r.metric, r.loss, r.train_s, static_cast<long long>(r.steps), r.batch,
+                  int(r.best));
     std::string err = r.error;
     std::replace(err.begin(), err.end(), ',', ';');  // one cell
     std::replace(err.begin(), err.end(), '\n', ' ');
@@ -87,13 +92,27 @@ bool better(const CompareConfig& c, const CompareRun& a, const CompareRun& b) {
   return a.metric < b.metric;
 }
 
-void write_outputs(const CompareConfig& c, const std::vector<CompareRun>& runs) {
+// What the runs trained by one run_compare call took (results.json's "sweep").
+struct SweepStats {
+  int jobs = 1;
+  int64_t trained = 0;  // runs trained (not reused)
+  double wall_s = 0;    // from the first of them starting to the last finishing
+  double tokens = 0;    // their training tokens (steps x batch x seq_len, summed)
+};
+
+void write_outputs(const CompareConfig& c, const std::vector<CompareRun>& runs, const SweepStats* st = nullptr) {
   const fs::path out = c.out_dir;
   json j;
   j["task"] = c.task;
   j["settings"] = {{"sizes", c.sizes},   {"seq_lens", c.seq_lens},   {"lrs", c.lrs},
                    {"archs", c.archs},   {"budget_steps", c.budget}, {"batch", c.batch},
                    {"seed", c.seed},     {"threads", num_threads()}};
+  if (!c.batches.empty()) j["settings"]["batch"] = c.batches;
+  if (c.budget_examples > 0) j["settings"]["budget_examples"] = c.budget_examples;
+  if (c.jobs > 1) j["settings"]["jobs"] = c.jobs;
+  if (st)
+    j["sweep"] = {{"jobs", st->jobs},     {"trained_runs", st->trained}, {"wall_s", st->wall_s},
+                  {"tokens", st->tokens}, {"tokens_per_s", st->wall_s > 0 ? st->tokens / st->wall_s : 0.0}};
   if (c.on_device()) {
     j["settings"]["device"] = device_name(c.device);
     j["settings"]["dtype"] = compute_dtype_name(c.compute);
@@ -165,12 +184,315 @@ ModelConfig matched_config(const std::string& arch, int d_model, int vocab) {
   return best;
 }
 
+namespace {
+
+// One run of the sweep, as planned before any of them trains.
+struct Planned {
+  int L = 0, d = 0, batch = 0;
+  int64_t steps = 0;
+  std::string arch, name, label;
+  float lr = 0;
+  ModelConfig mc;
+  fs::path dir;
+  json key;
+  size_t cell = 0;  // index of its (seq_len, d_model, arch) cell
+};
+
+// What run_compare's runs share while they train, one thread per job: every field below `mu`
+// is read and written under it.
+struct Sweep {
+  Sweep(const CompareConfig& cfg, const std::vector<Planned>& p, std::vector<CompareRun>& r) : c(cfg), plan(p), runs(r) {}
+  const CompareConfig& c;
+  const std::vector<Planned>& plan;
+  std::vector<CompareRun>& runs;
+  std::mutex mu;
+  std::vector<char> finished;
+  std::vector<size_t> cell_left, cell_begin, cell_end;
+  size_t next = 0;                      // the next pending run to hand out (index into pending)
+  std::vector<size_t> pending;          // the runs to train, in sweep order
+  int64_t done = 0;                     // runs finished (trained, failed or reused)
+  double work_done = 0, work_left = 0;  // tokens (steps x batch x seq_len) trained here, and to train
+  int64_t trained = 0;
+  Clock::time_point t_start = Clock::now(), t_train = Clock::now();
+  std::exception_ptr failure;           // the first exception that is no run's own failure
+  bool interrupted = false;             // a run stopped for a signal (its pending.json is written)
+  std::exception_ptr interrupt;
+};
+
+double run_tokens(const Planned& p) { return double(p.steps) * p.batch * p.L; }
+
+// The runs of every finished cell, in sweep order: what results.* hold.
+std::vector<CompareRun> finished_cells(const Sweep& s) {
+  std::vector<CompareRun> out;
+  for (size_t k = 0; k < s.cell_left.size(); ++k)
+    if (s.cell_left[k] == 0)
+      for (size_t i = s.cell_begin[k]; i < s.cell_end[k]; ++i) out.push_back(s.runs[i]);
+  return out;
+}
+
+// Records run i (under s.mu): progress line, and when its cell is complete the cell's best lr
+// and the output files.
+void finish_run(Sweep& s, size_t i, bool reused, bool trained_here) {
+  const CompareConfig& c = s.c;
+  const CompareRun& r = s.runs[i];
+  s.finished[i] = 1;
+  ++s.done;
+  if (trained_here) {
+    s.work_done += run_tokens(s.plan[i]);
+    s.work_left -= run_tokens(s.plan[i]);
+    ++s.trained;
+  }
+  if (c.progress) {
+    // Remaining work in tokens, at the rate this sweep has trained so far (wall clock: with
+    // --jobs N the runs overlap).
+    const double wall = std::chrono::duration<double>(Clock::now() - s.t_train).count();
+    const double eta = s.work_done > 0 ? std::max(0.0, s.work_left) * wall / s.work_done : std::nan("");
+    const bool tty = ::isatty(2) == 1;
+    const std::string what = r.error.empty() ? detail::cat(is_task(c.task) ? "accuracy " : "val ppl ", r.metric)
+                                             : "FAILED: " + r.error.substr(0, 160);
+    std::fprintf(stderr, "%s[%lld/%lld] %s: %s%s | %s%s | sweep %s elapsed, ETA %s\n", tty ? "\r" : "",
+                 static_cast<long long>(s.done), static_cast<long long>(s.plan.size()), s.plan[i].label.c_str(),
+                 what.c_str(), reused ? " (reused)" : "", fmt_duration(r.train_s).c_str(), tty ? "          " : "",
+                 fmt_duration(std::chrono::duration<double>(Clock::now() - s.t_start).count()).c_str(),
+                 fmt_duration(eta).c_str());
+    std::fflush(stderr);
+  }
+  const size_t k = s.plan[i].cell;
+  if (--s.cell_left[k] == 0) {
+    size_t best = s.cell_begin[k];
+    for (size_t j = s.cell_begin[k]; j < s.cell_end[k]; ++j)
+      if (better(c, s.runs[j], s.runs[best])) best = j;
+    s.runs[best].best = true;
+    write_outputs(c, finished_cells(s));
+  }
+}
+
+// The argmax and cross-entropy of one row of logits against target y.
+void score_row(const float* z, int V, int32_t y, TaskScore& sc, double& nll) {
+  int best = 0;
+  for (int v = 1; v < V; ++v)
+    if (z[v] > z[best]) best = v;
+  double se = 0;
+  for (int v = 0; v < V; ++v) se += std::exp(double(z[v]) - double(z[best]));
+  nll += double(z[best]) + std::log(se) - double(z[y]);
+  sc.correct += best == y;
+  ++sc.scored;
+}
+
+// score_task for a sweep on a device: test examples 0 .. n-1, each run through the model in
+// chunks that end at its scored positions (the memory carries the state between them), so each
+// forward forms and returns the logits of one position per example ([nb, V]), not of all L.
+// score_task's [nb x L, V] logits cost more than the training on a GPU (8 GB through PCIe per
+// L 256 run at V 8192); here a run's scoring is kv small forwards per batch of examples.
+TaskScore score_task_chunked(HybridModel& model, const TaskSpec& s, int64_t n, int batch) {
+  const ModelConfig& mc = model.config();
+  HM_CHECK(mc.vocab_size >= s.vocab, "task ", s.name, " uses ", s.vocab, " tokens but the model's vocab_size is ",
+           mc.vocab_size);
+  model.prepare();
+  const int L = s.seq_len, V = mc.vocab_size;
+  const int B = int(std::min<int64_t>(batch, n));
+  HybridMemory mem(model.backend(), mc, B, L, KvType::F32);
+  std::vector<int32_t> in(size_t(B) * L), tgt(size_t(B) * L);
+  std::vector<std::vector<int>> pos(static_cast<size_t>(B));  // each example's scored positions, in order
+  std::vector<float> logits;
+  std::vector<int> who;
+  TaskScore sc;
+  double nll = 0;
+  for (int64_t done = 0; done < n;) {
+    const int nb = int(std::min<int64_t>(B, n - done));
+    task_examples(s, TaskSplit::Test, kTaskTestSeed, uint64_t(done), nb, in.data(), tgt.data());
+    size_t rounds = 0;
+    for (int k = 0; k < nb; ++k) {
+      pos[size_t(k)].clear();
+      for (int t = 0; t < L; ++t)
+        if (tgt[size_t(k) * L + size_t(t)] >= 0) pos[size_t(k)].push_back(t);
+      rounds = std::max(rounds, pos[size_t(k)].size());
+      mem.seq_rm(k);
+    }
+    for (size_t i = 0; i < rounds; ++i) {
+      Batch b;
+      who.clear();
+      for (int k = 0; k < nb; ++k) {
+        const std::vector<int>& p = pos[size_t(k)];
+        if (i >= p.size()) continue;
+        const int from = i == 0 ? 0 : p[i - 1] + 1, to = p[i] + 1;  // tokens [from, to)
+        const auto row = in.begin() + int64_t(k) * L;
+        b.add(k, std::vector<int32_t>(row + from, row + to));
+        who.push_back(k);
+      }
+      model.forward(b, mem, logits);  // one row per chunk: its last token's
+      HM_ASSERT(logits.size() == who.size() * size_t(V));
+      for (size_t j = 0; j < who.size(); ++j) {
+        const int k = who[j];
+        score_row(logits.data() + j * size_t(V), V, tgt[size_t(k) * L + size_t(pos[size_t(k)][i])], sc, nll);
+      }
+    }
+    done += nb;
+    sc.examples = done;
+  }
+  sc.accuracy = sc.scored ? double(sc.correct) / double(sc.scored) : 0;
+  sc.loss = sc.scored ? nll / double(sc.scored) : 0;
+  return sc;
+}
+
+// Trains (or continues) run i and scores it; a failure of the run itself (hm::Error) is recorded
+// in the result, a signal saves its checkpoint and pending.json and rethrows Interrupted.
+void train_run(Sweep& s, size_t i, const std::map<int, TaskSpec>& specs, bool print_steps) {
+  const CompareConfig& c = s.c;
+  const Planned& p = s.plan[i];
+  const bool task = is_task(c.task);
+  CompareRun r;
+  {
+    std::lock_guard<std::mutex> lk(s.mu);
+    r = s.runs[i];
+  }
+  const fs::path& dir = p.dir;
+  // A run interrupted by a signal left pending.json (its key and time so far) beside its
+  // checkpoint: the same run continues from there, exactly.
+  const fs::path pending = dir / "pending.json";
+  bool resume = false;
+  double earlier_s = 0;
+  if (fs::exists(pending) && fs::exists(dir / "train" / "checkpoint" / "trainer_state.json")) {
+    try {
+      std::ifstream f(pending);
+      const json j = json::parse(f);
+      if (j.at("key") == p.key) {
+        earlier_s = j.at("train_s");
+        resume = true;
+      }
+    } catch (const std::exception&) {
+      // unreadable: train again
+    }
+  }
+  if (!resume) {
+    fs::remove_all(dir);
+    fs::create_directories(dir);
+    save_config((dir / "model_config.json").string(), p.mc);
+  }
+  TrainConfig t;
+  t.resume = resume;
+  t.config_file = (dir / "model_config.json").string();
+  t.out_dir = (dir / "train").string();
+  t.steps = p.steps;
+  t.batch = p.batch;
+  t.seq_len = p.L;
+  t.lr = p.lr;
+  t.seed = c.seed;
+  t.threads = c.threads;
+  t.device = c.device;
+  t.compute = c.compute;
+  t.device_path_on_cpu = c.device_path_on_cpu;
+  t.eval_every = 0;
+  t.save_every = 0;
+  t.progress = false;
+  if (task) {
+    t.task = specs.at(p.L);
+    t.task_eval = 0;  // scored below, once
+  } else {
+    t.data_path = c.data_path;
+    t.eval_tokens = c.eval_tokens;
+  }
+  const int64_t every = std::max<int64_t>(1, p.steps / 10);
+  const bool tty = ::isatty(2) == 1;
+  if (print_steps)
+    t.on_step = [&](int64_t step, int64_t steps, double loss) {
+      if (!c.progress || !(tty || step % every == 0)) return;
+      std::fprintf(stderr, "%s[%lld/%lld] %s: step %lld/%lld loss %.4f%s", tty ? "\r" : "",
+                   static_cast<long long>(s.done + 1), static_cast<long long>(s.plan.size()), p.label.c_str(),
+                   static_cast<long long>(step), static_cast<long long>(steps), loss, tty ? "   " : "\n");
+      std::fflush(stderr);
+    };
+  const auto t0 = Clock::now();
+  try {
+    train(t);
+    r.train_s = earlier_s + std::chrono::duration<double>(Clock::now() - t0).count();
+    const auto t1 = Clock::now();
+    if (task && c.on_device()) {
+      // On the device the runs train on, through a backend of this run's own.
+      auto be = make_backend(c.device);
+      auto model = load_model((dir / "train" / "checkpoint").string(), *be);
+      const TaskScore sc = score_task_chunked(*model, specs.at(p.L), c.test_examples, 256);
+      r.metric = sc.accuracy;
+      r.loss = sc.loss;
+    } else if (task) {
+      auto be = make_cpu_backend();
+      auto model = load_model((dir / "train" / "checkpoint").string(), *be);
+      const TaskScore sc = score_task(*model, specs.at(p.L), c.test_examples);
+      r.metric = sc.accuracy;
+      r.loss = sc.loss;
+    } else {
+      // The run's last row already holds the validation loss of the final weights
+      // (the same split and windows evaluate() scores): no second pass.
+      std::ifstream f(dir / "train" / "train_log.csv");
+      std::string line, last;
+      while (std::getline(f, line))
+        if (!line.empty()) last = line;
+      std::vector<std::string> cells;
+      std::stringstream ss(last);
+      for (std::string cell; std::getline(ss, cell, ',');) cells.push_back(cell);
+      HM_CHECK(cells.size() >= 7 && !cells[5].empty(), (dir / "train" / "train_log.csv").string(),
+               ": no validation loss in the last row");
+      r.loss = std::stod(cells[5]);
+      r.metric = std::exp(r.loss);
+    }
+    r.score_s = std::chrono::duration<double>(Clock::now() - t1).count();
+  } catch (const Interrupted&) {
+    const json j = {{"key", p.key},
+                    {"train_s", earlier_s + std::chrono::duration<double>(Clock::now() - t0).count()}};
+    write_file_atomic(pending.string(), j.dump(2) + "\n");
+    throw;
+  } catch (const Error& e) {
+    r.train_s = earlier_s + std::chrono::duration<double>(Clock::now() - t0).count();
+    r.error = e.what();
+  }
+  json res = run_json(r);
+  res["key"] = p.key;
+  write_file_atomic((dir / "result.json").string(), res.dump(2) + "\n");
+  fs::remove(pending);
+  std::lock_guard<std::mutex> lk(s.mu);
+  s.runs[i] = r;
+  finish_run(s, i, false, true);
+}
+
+// One job: takes the next pending run until none is left, a signal arrived or a job failed.
+void job(Sweep& s, const std::map<int, TaskSpec>& specs, bool print_steps) {
+  for (;;) {
+    size_t i;
+    {
+      std::lock_guard<std::mutex> lk(s.mu);
+      if (s.next >= s.pending.size() || s.failure || s.interrupted || interrupt_signal() != 0) return;
+      i = s.pending[s.next++];
+    }
+    try {
+      train_run(s, i, specs, print_steps);
+    } catch (const Interrupted&) {
+      std::lock_guard<std::mutex> lk(s.mu);
+      if (!s.interrupted) s.interrupt = std::current_exception();
+      s.interrupted = true;
+      return;
+    } catch (...) {
+      std::lock_guard<std::mutex> lk(s.mu);
+      if (!s.failure) s.failure = std::current_exception();
+      return;
+    }
+  }
+}
+
+}  // namespace
+
 std::vector<CompareRun> run_compare(const CompareConfig& c) {
   HM_CHECK(!c.out_dir.empty(), "hm compare: no output directory given (--out DIR)");
   HM_CHECK(!c.sizes.empty() && !c.seq_lens.empty() && !c.lrs.empty() && !c.archs.empty(),
            "hm compare: --sizes, --seq-lens, --lrs and --archs must each list at least one value");
   HM_CHECK(c.budget >= 1, "hm compare: --budget must be >= 1 step (got ", c.budget, ")");
+  HM_CHECK(c.budget_examples >= 0, "hm compare: --examples must be >= 0 (got ", c.budget_examples, ")");
   HM_CHECK(c.batch >= 1, "hm compare: --batch must be >= 1 (got ", c.batch, ")");
+  HM_CHECK(c.batches.empty() || c.batches.size() == c.seq_lens.size(), "hm compare: --batch lists ",
+           c.batches.size(), " values for ", c.seq_lens.size(), " --seq-lens; give one, or one per sequence length");
+  for (int b : c.batches) HM_CHECK(b >= 1, "hm compare: --batch must be >= 1 (got ", b, ")");
+  HM_CHECK(c.jobs >= 1, "hm compare: --jobs must be >= 1 (got ", c.jobs, ")");
+  HM_CHECK(c.jobs == 1 || c.on_device(), "hm compare --jobs ", c.jobs, ": runs train side by side on a device "
+           "only (--device cuda); on the CPU one run already uses every core");
   for (float lr : c.lrs) HM_CHECK(std::isfinite(lr) && lr > 0, "hm compare: learning rate ", lr, " is not positive");
   for (int d : c.sizes) HM_CHECK(d >= 16 && d % 16 == 0, "hm compare: d_model ", d, " must be a multiple of 16, >= 16");
   for (const auto& a : c.archs) arch_config(a, 64, 512, 4);  // names checked before any work
@@ -197,19 +519,36 @@ std::vector<CompareRun> run_compare(const CompareConfig& c) {
   const fs::path out = c.out_dir;
   fs::create_directories(out / "runs");
 
-  const int64_t total = int64_t(c.seq_lens.size() * c.sizes.size() * c.archs.size() * c.lrs.size());
-  int64_t done = 0;
-  double spent = 0, work_done = 0;  // seconds and (steps x seq_len) of the runs trained here
-  const bool tty = ::isatty(2) == 1;
+  // The plan: every (seq_len, d_model, arch, lr) run in sweep order, with the key its result is
+  // reused by.
+  std::vector<Planned> plan;
   std::vector<CompareRun> runs;
-  const auto t_start = Clock::now();
-  for (int L : c.seq_lens) {
+  std::vector<size_t> cell_begin, cell_end;
+  const int64_t total = int64_t(c.seq_lens.size() * c.sizes.size() * c.archs.size() * c.lrs.size());
+  for (size_t li = 0; li < c.seq_lens.size(); ++li) {
+    const int L = c.seq_lens[li];
+    const int batch = c.batch_for(li);
+    const int64_t steps = c.steps_for(li);
     for (int d : c.sizes) {
       for (const std::string& arch : c.archs) {
         const ModelConfig mc = matched_config(arch, d, vocab);
-        const size_t cell_begin = runs.size();
+        cell_begin.push_back(plan.size());
         for (float lr : c.lrs) {
-          ++done;
+          Planned p;
+          p.L = L, p.d = d, p.batch = batch, p.steps = steps, p.arch = arch, p.lr = lr, p.mc = mc;
+          p.cell = cell_begin.size() - 1;
+          p.name = detail::cat(c.task, "_L", L, "_d", d, "_", arch, "_lr", fmt_lr(lr));
+          p.dir = out / "runs" / p.name;
+          p.key = {{"task", task ? task_to_json(specs[L]) : json(c.data_path)},
+                   {"config", config_to_json(mc)},
+                   {"steps", steps},
+                   {"batch", batch},
+                   {"lr", lr},
+                   {"seed", c.seed},
+                   {"test", task ? c.test_examples : c.eval_tokens}};
+          if (c.on_device())  // rounding differs from the CPU's: never reuse one for the other
+            p.key["device"] = {{"device", device_name(c.device)}, {"dtype", compute_dtype_name(c.compute)},
+                               {"path_on_cpu", c.device_path_on_cpu}, {"score", "chunked"}};
           CompareRun r;
           r.arch = arch;
           r.d_model = d;
@@ -218,165 +557,93 @@ std::vector<CompareRun> run_compare(const CompareConfig& c) {
           r.seq_len = L;
           r.kv = task ? specs[L].kv : 0;
           r.lr = lr;
-          const std::string name = detail::cat(c.task, "_L", L, "_d", d, "_", arch, "_lr", fmt_lr(lr));
-          const fs::path dir = out / "runs" / name;
-          json key = {{"task", task ? task_to_json(specs[L]) : json(c.data_path)},
-                      {"config", config_to_json(mc)},
-                      {"steps", c.budget},
-                      {"batch", c.batch},
-                      {"lr", lr},
-                      {"seed", c.seed},
-                      {"test", task ? c.test_examples : c.eval_tokens}};
-          if (c.on_device())  // rounding differs from the CPU's: never reuse one for the other
-            key["device"] = {{"device", device_name(c.device)}, {"dtype", compute_dtype_name(c.compute)},
-                             {"path_on_cpu", c.device_path_on_cpu}};
-          const std::string label = detail::cat("[", done, "/", total, "] ", c.task, " L=", L, " d=", d, " ",
-                                                arch, " (", mc.n_layers, " layers, ", r.params, " params) lr ",
-                                                fmt_lr(lr));
-          bool reused = false;
-          if (fs::exists(dir / "result.json")) {
-            try {
-              const std::string file = (dir / "result.json").string();
-              const json old = parse_json_file(file);
-              const JsonFields f(old, file);
-              if (f.at("key") == key) {
-                const double inf = std::numeric_limits<double>::max();
-                r.metric = f.get_double("metric", 0, inf);
-                r.loss = f.get_double("loss", 0, inf);
-                r.train_s = f.get_double("train_s", 0, inf);
-                r.error = f.has("error") ? f.get_string("error") : "";
-                reused = true;
-              }
-            } catch (const std::exception&) {
-              // unreadable or out of range: train again
-            }
-          }
-          // A run interrupted by a signal left pending.json (its key and time so far) beside its
-          // checkpoint: the same run continues from there, exactly.
-          const fs::path pending = dir / "pending.json";
-          bool resume = false;
-          double earlier_s = 0;
-          if (!reused && fs::exists(pending) && fs::exists(dir / "train" / "checkpoint" / "trainer_state.json")) {
-            try {
-              std::ifstream f(pending);
-              const json p = json::parse(f);
-              if (p.at("key") == key) {
-                earlier_s = p.at("train_s");
-                resume = true;
-              }
-            } catch (const std::exception&) {
-              // unreadable: train again
-            }
-          }
-          if (!reused) {
-            if (!resume) {
-              fs::remove_all(dir);
-              fs::create_directories(dir);
-              save_config((dir / "model_config.json").string(), mc);
-            }
-            TrainConfig t;
-            t.resume = resume;
-            t.config_file = (dir / "model_config.json").string();
-            t.out_dir = (dir / "train").string();
-            t.steps = c.budget;
-            t.batch = c.batch;
-            t.seq_len = L;
-            t.lr = lr;
-            t.seed = c.seed;
-            t.threads = c.threads;
-            t.device = c.device;
-            t.compute = c.compute;
-            t.device_path_on_cpu = c.device_path_on_cpu;
-            t.eval_every = 0;
-            t.save_every = 0;
-            t.progress = false;
-            if (task) {
-              t.task = specs[L];
-              t.task_eval = 0;  // scored below, once
-            } else {
-              t.data_path = c.data_path;
-              t.eval_tokens = c.eval_tokens;
-            }
-            const int64_t every = std::max<int64_t>(1, c.budget / 10);
-            t.on_step = [&](int64_t step, int64_t steps, double loss) {
-              if (!c.progress || !(tty || step % every == 0)) return;
-              std::fprintf(stderr, "%s%s: step %lld/%lld loss %.4f%s", tty ? "\r" : "", label.c_str(),
-                           static_cast<long long>(step), static_cast<long long>(steps), loss, tty ? "   " : "\n");
-              std::fflush(stderr);
-            };
-            const auto t0 = Clock::now();
-            try {
-              train(t);
-              r.train_s = earlier_s + std::chrono::duration<double>(Clock::now() - t0).count();
-              if (task) {
-                auto be = make_cpu_backend();
-                auto model = load_model((dir / "train" / "checkpoint").string(), *be);
-                const TaskScore sc = score_task(*model, specs[L], c.test_examples);
-                r.metric = sc.accuracy;
-                r.loss = sc.loss;
-              } else {
-                // The run's last row already holds the validation loss of the final weights
-                // (the same split and windows evaluate() scores): no second pass.
-                std::ifstream f(dir / "train" / "train_log.csv");
-                std::string line, last;
-                while (std::getline(f, line))
-                  if (!line.empty()) last = line;
-                std::vector<std::string> cells;
-                std::stringstream ss(last);
-                for (std::string cell; std::getline(ss, cell, ',');) cells.push_back(cell);
-                HM_CHECK(cells.size() >= 7 && !cells[5].empty(), (dir / "train" / "train_log.csv").string(),
-                         ": no validation loss in the last row");
-                r.loss = std::stod(cells[5]);
-                r.metric = std::exp(r.loss);
-              }
-            } catch (const Interrupted&) {
-              const json p = {{"key", key},
-                              {"train_s", earlier_s + std::chrono::duration<double>(Clock::now() - t0).count()}};
-              write_file_atomic(pending.string(), p.dump(2) + "\n");
-              throw;
-            } catch (const Error& e) {
-              r.train_s = earlier_s + std::chrono::duration<double>(Clock::now() - t0).count();
-              r.error = e.what();
-            }
-            spent += r.train_s;
-            work_done += double(c.budget) * L;
-            json res = run_json(r);
-            res["key"] = key;
-            write_file_atomic((dir / "result.json").string(), res.dump(2) + "\n");
-            fs::remove(pending);
-          }
+          r.steps = steps;
+          r.batch = batch;
+          p.label = detail::cat(c.task, " L=", L, " d=", d, " ", arch, " (", mc.n_layers, " layers, ", r.params,
+                                " params) lr ", fmt_lr(lr));
+          plan.push_back(std::move(p));
           runs.push_back(r);
-          if (c.progress) {
-            // Remaining work in steps x seq_len, at the rate measured so far in this sweep.
-            double left = 0;
-            {
-              int64_t k = 0;
-              for (int L2 : c.seq_lens)
-                for (size_t i = 0; i < c.sizes.size() * c.archs.size() * c.lrs.size(); ++i)
-                  if (++k > done) left += double(c.budget) * L2;
-            }
-            const double eta = work_done > 0 ? left * spent / work_done : std::nan("");
-            std::fprintf(stderr, "%s%s: %s%s | %s%s | sweep %s elapsed, ETA %s\n", tty ? "\r" : "", label.c_str(),
-                         r.error.empty()
-                             ? detail::cat(task ? "accuracy " : "val ppl ", r.metric).c_str()
-                             : ("FAILED: " + r.error.substr(0, 160)).c_str(),
-                         reused ? " (reused)" : "", fmt_duration(r.train_s).c_str(), tty ? "          " : "",
-                         fmt_duration(std::chrono::duration<double>(Clock::now() - t_start).count()).c_str(),
-                         fmt_duration(eta).c_str());
-            std::fflush(stderr);
-          }
-          // Ctrl-C or SIGTERM between runs: every finished run is saved (result.json).
-          if (const int sig = interrupt_signal(); sig != 0 && done < total)
-            throw Interrupted(sig, detail::cat("interrupted by ", signal_name(sig), " after run ", done, " of ", total,
-                                               "; finished runs are kept in ", (out / "runs").string()));
         }
-        size_t best = cell_begin;
-        for (size_t i = cell_begin; i < runs.size(); ++i)
-          if (better(c, runs[i], runs[best])) best = i;
-        runs[best].best = true;
-        write_outputs(c, runs);
+        cell_end.push_back(plan.size());
       }
     }
+  }
+  HM_ASSERT(int64_t(plan.size()) == total);
+
+  Sweep s(c, plan, runs);
+  s.finished.assign(plan.size(), 0);
+  s.cell_begin = cell_begin;
+  s.cell_end = cell_end;
+  for (size_t k = 0; k < cell_begin.size(); ++k) s.cell_left.push_back(cell_end[k] - cell_begin[k]);
+  // Finished runs with the same key are reused; the others train.
+  for (size_t i = 0; i < plan.size(); ++i) {
+    const fs::path file_path = plan[i].dir / "result.json";
+    bool reused = false;
+    if (fs::exists(file_path)) {
+      try {
+        const std::string file = file_path.string();
+        const json old = parse_json_file(file);
+        const JsonFields f(old, file);
+        if (f.at("key") == plan[i].key) {
+          const double inf = std::numeric_limits<double>::max();
+          CompareRun& r = runs[i];
+          r.metric = f.get_double("metric", 0, inf);
+          r.loss = f.get_double("loss", 0, inf);
+          r.train_s = f.get_double("train_s", 0, inf);
+          r.score_s = f.has("score_s") ? f.get_double("score_s", 0, inf) : 0;
+          r.error = f.has("error") ? f.get_string("error") : "";
+          reused = true;
+        }
+      } catch (const std::exception&) {
+        // unreadable or out of range: train again
+      }
+    }
+    if (reused) {
+      finish_run(s, i, true, false);
+    } else {
+      s.pending.push_back(i);
+      s.work_left += run_tokens(plan[i]);
+    }
+  }
+
+  // The pending runs: in this thread with one job, else in `jobs` threads, each run with its
+  // own backend (a CUDA backend owns its stream, cuBLAS handles and workspace), so the host work
+  // and launch latency of one run overlaps the others' kernels. A run computes the same whatever
+  // the number of jobs: its math reads nothing another run writes.
+  s.t_train = Clock::now();
+  const int jobs = int(std::min<size_t>(size_t(c.jobs), s.pending.size()));
+  if (jobs <= 1) {
+    job(s, specs, true);
+  } else {
+    // Host threads per job: the runs' own host work (batches, the embedding gradient's plan,
+    // True Hybrid routers) is serial; OpenMP regions (the cpu backend of the test hook) share
+    // the cores.
+    const int per_job = c.threads > 0 ? c.threads : std::max(1, int(std::thread::hardware_concurrency()) / jobs);
+    std::vector<std::thread> pool;
+    for (int j = 0; j < jobs; ++j)
+      pool.emplace_back([&s, &specs, per_job] {
+        set_num_threads(per_job);
+        job(s, specs, false);
+      });
+    for (std::thread& t : pool) t.join();
+  }
+  const double wall = std::chrono::duration<double>(Clock::now() - s.t_train).count();
+  if (s.failure) std::rethrow_exception(s.failure);
+  if (s.interrupt) std::rethrow_exception(s.interrupt);
+  if (const int sig = interrupt_signal(); sig != 0 && s.done < total)
+    throw Interrupted(sig, detail::cat("interrupted by ", signal_name(sig), " after ", s.done, " of ", total,
+                                       " runs; finished runs are kept in ", (out / "runs").string()));
+  if (s.trained > 0) {
+    SweepStats st;
+    st.jobs = jobs;
+    st.trained = s.trained;
+    st.wall_s = wall;
+    st.tokens = s.work_done;
+    write_outputs(c, runs, &st);
+    if (c.progress)
+      std::fprintf(stderr, "trained %lld runs in %s with %d jobs: %.4g tokens, %.4g tokens/s\n",
+                   static_cast<long long>(st.trained), fmt_duration(wall).c_str(), jobs, st.tokens,
+                   wall > 0 ? st.tokens / wall : 0.0);
   }
   return runs;
 }

@@ -41,8 +41,12 @@ struct CompareConfig {
   std::vector<int> seq_lens = {64, 128, 256};
   std::vector<float> lrs = {1e-4f, 4.6e-4f, 2.2e-3f, 1e-2f};  // Zoology: logspace(-4, -2, 4)
   std::vector<std::string> archs = arch_names();
-  int64_t budget = 1000;  // optimizer steps per run, every run
-  int batch = 64;         // examples (or windows) per step, every run
+  int64_t budget = 1000;  // optimizer steps per run, every run (unless budget_examples)
+  // > 0: the budget in training examples per run instead (Zoology's is 100,000 x 64 epochs):
+  // each run takes ceil(budget_examples / its batch) steps, so runs of every batch see as many.
+  int64_t budget_examples = 0;
+  int batch = 64;            // examples (or windows) per step, every run
+  std::vector<int> batches;  // or one per seq_lens entry (Zoology: 512, 512, 256 at L 64, 128, 256)
   int task_vocab = 512;   // tasks: vocabulary (Zoology: 8192; reduced for CPU)
   int kv = 0;             // mqar pairs / copy tokens (0: the task default, mqar L/16)
   int64_t test_examples = 1000;  // tasks: test draws scored per run
@@ -52,12 +56,22 @@ struct CompareConfig {
   uint64_t seed = 0;
   bool progress = true;
   // Where every run trains (TrainConfig::device, compute): on a device a run's key records both,
-  // so CPU results are not reused for it nor the other way round. True Hybrid architectures do
-  // not train on a device yet: those runs fail with the trainer's message and are recorded.
+  // so CPU results are not reused for it nor the other way round. A task run is scored there
+  // too (each test example in chunks ending at its scored positions: one row of logits per
+  // example and forward, where the CPU's score_task forms all L).
   Device device = Device::CPU;
   DType compute = DType::F32;
   bool device_path_on_cpu = false;  // test hook: TrainConfig::device_path_on_cpu
+  // Runs trained at once (device only), each in its own thread with its own backend: small
+  // models are bound by launch latency and host work, which other runs' kernels then fill.
+  // A run's result does not depend on it.
+  int jobs = 1;
   bool on_device() const { return device != Device::CPU || device_path_on_cpu; }
+  int batch_for(size_t seq_len_index) const { return batches.empty() ? batch : batches.at(seq_len_index); }
+  int64_t steps_for(size_t seq_len_index) const {
+    const int64_t b = batch_for(seq_len_index);
+    return budget_examples > 0 ? (budget_examples + b - 1) / b : budget;
+  }
 };
 
 struct CompareRun {
@@ -68,13 +82,18 @@ struct CompareRun {
   double metric = 0;  // tasks: test accuracy; perplexity: validation perplexity
   double loss = 0;    // tasks: test loss on the scored positions; perplexity: validation loss
   double train_s = 0;
+  double score_s = 0;  // tasks: scoring the test examples after training
+  int64_t steps = 0;   // optimizer steps of batch examples
+  int batch = 0;
   bool best = false;  // the best lr of its (arch, d_model, seq_len) cell
   std::string error;  // non-empty: the run failed (metric meaningless)
 };
 
 // Runs (or reuses, when out_dir/runs/<name>/result.json exists from an identical run) every
-// (seq_len, d_model, arch, lr) combination; writes out_dir/results.csv, results.json and
-// results.svg atomically after each cell, so an interrupted sweep keeps what it finished.
+// (seq_len, d_model, arch, lr) combination, `jobs` at a time; writes out_dir/results.csv,
+// results.json and results.svg atomically after each cell completes (with the runs of every
+// complete cell, in sweep order), so an interrupted sweep keeps what it finished. On a device a
+// task run is scored there (each example in chunks ending at its scored positions).
 // Failed runs (e.g. an architecture whose training is not built) are recorded and skipped.
 // On a signal (core/interrupt.h) the run in progress saves a checkpoint and pending.json, and
 // hm::Interrupted is thrown; the same call later continues that run from its checkpoint.
