@@ -49,6 +49,9 @@ Run add_train(CLI::App& app) {
                  "cuda, f32 on cpu); master weights, gradients and AdamW stay f32")->capture_default_str();
   app.add_option("--bucket-mb", o->bucket_mb, "Under mpirun: gradients are summed across ranks in buckets of this "
                  "many MiB, on a GPU while the backward goes on (docs/DISTRIBUTED.md)")->capture_default_str();
+  app.add_option("--dist-timeout", o->dist_timeout_s, "Under mpirun: a step that takes longer than this many seconds "
+                 "on any rank ends the job with an error, instead of waiting forever on a stuck rank (0: wait)")
+      ->capture_default_str();
   // Hidden test hook (tests/dist): the device path (BatchGrad, the optimizer as backend ops, the
   // gradient buckets summed during the backward) on the CPU backend, where no GPU is.
   app.add_flag("--device-path-on-cpu", o->device_path_on_cpu)->group("");

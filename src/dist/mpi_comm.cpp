@@ -128,6 +128,8 @@ class MpiComm final : public Comm {
 
   void barrier() override { mpi_ok(MPI_Barrier(MPI_COMM_WORLD), "MPI_Barrier"); }
 
+  [[noreturn]] void abort(int code) override { mpi_abort(code); }
+
  private:
   template <class T>
   void allreduce(T* x, int64_t n, MPI_Datatype type) {

@@ -1,7 +1,12 @@
 #include "train/comm.h"
 
 #include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
 #include <cstring>
+#include <mutex>
+#include <thread>
 
 #include "backend/backend.h"
 #include "core/error.h"
@@ -50,6 +55,65 @@ void GradReducer::finish() {
   frontier_ = 0;
   send_down_to(0);
   if (be_) comm_.wait_device(*be_);
+}
+
+struct Watchdog::State {
+  Comm& comm;
+  double timeout;
+  std::mutex mu;
+  std::condition_variable cv;
+  std::chrono::steady_clock::time_point last;
+  std::string what;
+  bool stop = false;
+  std::thread thread;
+  State(Comm& c, double t) : comm(c), timeout(t), last(std::chrono::steady_clock::now()) {}
+
+  void run() {
+    std::unique_lock<std::mutex> lock(mu);
+    for (;;) {
+      const auto deadline = last + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                                       std::chrono::duration<double>(timeout));
+      if (cv.wait_until(lock, deadline, [&] { return stop || std::chrono::steady_clock::now() >= deadline; })) {
+        if (stop) return;
+        if (std::chrono::steady_clock::now() < last + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                                                          std::chrono::duration<double>(timeout)))
+          continue;  // a beat came in the meantime
+        std::fflush(stdout);
+        std::fprintf(stderr,
+                     "hm: error on rank %d of %d: %s made no progress for %g s: another rank is stuck or gone, "
+                     "or a collective hangs; ending the job (--dist-timeout)\n",
+                     comm.rank(), comm.size(), what.c_str(), timeout);
+        comm.abort(1);
+      }
+    }
+  }
+};
+
+Watchdog::Watchdog(Comm& comm, double timeout_s) {
+  if (timeout_s <= 0) return;
+  s_ = std::make_unique<State>(comm, timeout_s);
+  s_->what = "the run's start";
+  s_->thread = std::thread([st = s_.get()] { st->run(); });
+}
+
+Watchdog::~Watchdog() {
+  if (!s_) return;
+  {
+    std::lock_guard<std::mutex> lock(s_->mu);
+    s_->stop = true;
+  }
+  s_->cv.notify_all();
+  s_->thread.join();
+}
+
+void Watchdog::beat(const std::string& what) {
+  if (!s_) return;
+  {
+    std::lock_guard<std::mutex> lock(s_->mu);
+    s_->last = std::chrono::steady_clock::now();
+    s_->what = what;
+  }
+  s_->cv.notify_all();
 }
 
 void check_same_on_ranks(Comm* comm, uint64_t v, const std::string& what) {

@@ -5,6 +5,7 @@
 // core library and the Python module do not link MPI.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -32,6 +33,25 @@ class Comm {
   // Rank `root`'s bytes on every rank (the receivers' buffers hold n bytes already).
   virtual void broadcast(void* data, int64_t n, int root = 0) = 0;
   virtual void barrier() = 0;
+  // Ends every rank of the job now (a rank that cannot go on while the others may be waiting
+  // for it in a collective). Does not return.
+  [[noreturn]] virtual void abort(int code) = 0;
+};
+
+// Watches a data-parallel run from a thread of its own: when no beat() came for `timeout`
+// seconds, it prints what it waited for and calls comm.abort(1). Inactive with timeout <= 0.
+class Watchdog {
+ public:
+  Watchdog(Comm& comm, double timeout_s);
+  ~Watchdog();
+  Watchdog(const Watchdog&) = delete;
+  Watchdog& operator=(const Watchdog&) = delete;
+  // Progress: restarts the clock; `what` names what comes next ("step 12").
+  void beat(const std::string& what);
+
+ private:
+  struct State;
+  std::unique_ptr<State> s_;
 };
 
 // A 64-bit hash of n bytes (FNV-1a's step over 8-byte words, then the tail's bytes): what the

@@ -419,6 +419,8 @@ void check_settings(const TrainConfig& c) {
   HM_CHECK(c.batch >= 1, "--batch must be >= 1 (got ", c.batch, ")");
   HM_CHECK(c.seq_len >= 1, "--seq-len must be >= 1 (got ", c.seq_len, ")");
   HM_CHECK(c.grad_accum >= 1, "--grad-accum must be >= 1 (got ", c.grad_accum, ")");
+  HM_CHECK(std::isfinite(c.dist_timeout_s) && c.dist_timeout_s >= 0, "--dist-timeout must be >= 0 seconds (got ",
+           c.dist_timeout_s, ")");
   HM_CHECK(std::isfinite(c.bucket_mb) && c.bucket_mb > 0 && c.bucket_mb <= 1e6, "--bucket-mb must be in (0, 1e6] (got ",
            c.bucket_mb, ")");
   HM_CHECK(std::isfinite(c.lr) && c.lr > 0, "--lr must be a positive number (got ", c.lr, ")");
@@ -793,7 +795,10 @@ void train(const TrainConfig& given) {
     for (int64_t i = int64_t(lo) * L; i < int64_t(hi) * L; ++i) n += tg[size_t(i)] >= 0;
     return n;
   };
+  std::optional<Watchdog> watchdog;
+  if (comm) watchdog.emplace(*comm, c.dist_timeout_s);
   for (int64_t step = start; step < end; ++step) {
+    if (watchdog) watchdog->beat(detail::cat("step ", step + 1));
     const auto t0 = Clock::now();
     if (dev)
       dev->zero_grads();

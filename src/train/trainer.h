@@ -100,6 +100,11 @@ struct TrainConfig {
   // With ranks: the gradients are summed in buckets of this many MiB (as PyTorch DDP's
   // bucket_cap_mb); on a device each is sent as soon as the backward has finished it.
   double bucket_mb = 25;
+  // With ranks: a step (its compute, collectives and checkpoint) that takes longer than this
+  // many seconds on any rank ends the whole job with an error naming the rank and step, where a
+  // collective would otherwise wait forever for a rank that is stuck (or gone without mpirun
+  // noticing). 0: wait forever. The default is PyTorch's NCCL timeout.
+  double dist_timeout_s = 600;
 
   // Test hook: treat the loss of this step (1-based) as NaN. -1: off.
   int64_t debug_nan_step = -1;

@@ -205,55 +205,68 @@ TEST(DataParallel, BatchSmallerThanRanksFails) {
   fs::remove_all(d);
 }
 
-// A rank killed mid-run (SIGKILL: no handler, no message) ends the job instead of leaving the
-// other waiting in an allreduce.
-TEST(DataParallel, KilledRankEndsTheJob) {
-  const fs::path d = scratch("kill");
+// Starts a 2-rank run with `flags`, waits until both ranks train, sends rank 1 `sig`, and checks
+// that the job ends with a failure within `bound` seconds and leaves no rank behind. Returns the
+// job's output.
+std::string fault(const std::string& name, int sig, const std::string& flags, int bound) {
+  const fs::path d = scratch(name);
   const fs::path out = d / "x";
   const pid_t launcher = ::fork();
-  ASSERT_GE(launcher, 0);
+  if (launcher < 0) {
+    ADD_FAILURE() << "fork";
+    return "";
+  }
   if (launcher == 0) {
     ::setpgid(0, 0);
-    const std::string cmd = mpirun(2) + " " + kHm + kTaskRun + " --steps 100000 --save-every 0 --eval-every 0 --out " +
-                            out.string() + " > '" + (d / "log").string() + "' 2>&1";
+    const std::string cmd = mpirun(2) + " " + kHm + kTaskRun + " --steps 100000 --save-every 0 --eval-every 0 " +
+                            flags + " --out " + out.string() + " > '" + (d / "log").string() + "' 2>&1";
     ::execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
     ::_exit(127);
   }
-  // Wait until both ranks are training (rank 0 has said so), then kill one of them.
+  // Wait until both ranks are training (rank 0 has said so).
   const auto t0 = std::chrono::steady_clock::now();
   std::vector<pid_t> ranks;
-  int early = 0;
+  int status = 0;
   while (std::chrono::steady_clock::now() - t0 < std::chrono::seconds(60)) {
     std::this_thread::sleep_for(std::chrono::milliseconds(200));
-    ASSERT_EQ(::waitpid(launcher, &early, WNOHANG), 0) << "the job ended before a rank was killed\n"
-                                                       << read_text(d / "log");
+    if (::waitpid(launcher, &status, WNOHANG) != 0) {
+      ADD_FAILURE() << "the job ended before the fault\n" << read_text(d / "log");
+      return "";
+    }
     ranks.clear();
     for (const auto& e : fs::directory_iterator("/proc")) {
-      const std::string name = e.path().filename().string();
-      if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+      const std::string pid = e.path().filename().string();
+      if (pid.find_first_not_of("0123456789") != std::string::npos) continue;
       const std::string cmdline = read_text(e.path() / "cmdline");
       if (cmdline.rfind(kHm, 0) == 0 && cmdline.find(out.string()) != std::string::npos)
-        ranks.push_back(pid_t(std::stoi(name)));
+        ranks.push_back(pid_t(std::stoi(pid)));
     }
     if (ranks.size() == 2 && read_text(d / "log").find("training ") != std::string::npos) break;
   }
-  ASSERT_EQ(ranks.size(), 2u) << read_text(d / "log");
+  std::sort(ranks.begin(), ranks.end());
+  if (ranks.size() != 2) {
+    ::kill(-launcher, SIGKILL);
+    ::waitpid(launcher, &status, 0);
+    ADD_FAILURE() << "found " << ranks.size() << " rank processes\n" << read_text(d / "log");
+    return "";
+  }
   std::this_thread::sleep_for(std::chrono::seconds(1));
-  ASSERT_EQ(::kill(ranks[1], SIGKILL), 0);
-  // The launcher must end, with a failure, well before the test's bound.
-  int status = 0;
+  EXPECT_EQ(::kill(ranks[1], sig), 0);
+  // The launcher must end, with a failure, within the bound.
   pid_t done = 0;
   const auto t1 = std::chrono::steady_clock::now();
   while ((done = ::waitpid(launcher, &status, WNOHANG)) == 0 &&
-         std::chrono::steady_clock::now() - t1 < std::chrono::seconds(60))
+         std::chrono::steady_clock::now() - t1 < std::chrono::seconds(bound))
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  const std::string log = read_text(d / "log");
   if (done == 0) {  // hung: clean up, then fail
     ::kill(-launcher, SIGKILL);
     for (pid_t p : ranks) ::kill(p, SIGKILL);
     ::waitpid(launcher, &status, 0);
-    FAIL() << "the job still ran 60 s after a rank was killed\n" << read_text(d / "log");
+    ADD_FAILURE() << "the job still ran " << bound << " s after the fault\n" << log;
+    return log;
   }
-  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) != 0) << read_text(d / "log");
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) != 0) << log;
   // Neither rank is left behind (a zombie waiting to be reaped counts as gone).
   auto alive = [](pid_t p) {
     const std::string st = read_text("/proc/" + std::to_string(p) + "/stat");
@@ -265,11 +278,25 @@ TEST(DataParallel, KilledRankEndsTheJob) {
     while (alive(p) && std::chrono::steady_clock::now() - t2 < std::chrono::seconds(20))
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
     EXPECT_FALSE(alive(p)) << "rank process " << p << " still runs 20 s after the job ended";
+    if (alive(p)) ::kill(p, SIGKILL);
   }
-  std::fprintf(stderr, "job ended %.1f s after the kill; its ranks %.1f s after that\n",
+  std::fprintf(stderr, "%s: the job ended %.1f s after the fault; its ranks %.1f s after that\n", name.c_str(),
                std::chrono::duration<double>(t2 - t1).count(),
                std::chrono::duration<double>(std::chrono::steady_clock::now() - t2).count());
   fs::remove_all(d);
+  return log;
+}
+
+// A rank killed mid-run (SIGKILL: no handler, no message) ends the job instead of leaving the
+// other waiting in an allreduce: mpirun notices.
+TEST(DataParallel, KilledRankEndsTheJob) { fault("kill", SIGKILL, "", 60); }
+
+// A rank that stops (SIGSTOP: alive, so mpirun sees nothing wrong) leaves the other waiting in
+// an allreduce; --dist-timeout's watchdog ends the job with an error naming the rank and step.
+TEST(DataParallel, StuckRankEndsTheJobAfterTheTimeout) {
+  const std::string log = fault("stop", SIGSTOP, "--dist-timeout 3", 40);
+  EXPECT_NE(log.find("hm: error on rank 0 of 2: step "), std::string::npos) << log;
+  EXPECT_NE(log.find("made no progress for 3 s"), std::string::npos) << log;
 }
 
 }  // namespace
