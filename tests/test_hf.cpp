@@ -135,6 +135,54 @@ TEST(HfModel, LogitsMatchTransformers) {
   }
 }
 
+// transformers' logits for a batch of 3 sequences in one forward (make_fixtures.py's
+// batch_logits.f32, every fixture folder of every family): ours as one ragged batch in slots 0-2,
+// and as batched decode steps (one token of each sequence per step).
+TEST(HfModel, BatchLogitsMatchTransformers) {
+  int checked = 0;
+  for (const auto& entry : fs::directory_iterator(kFixtures)) {
+    const fs::path dir = entry.path();
+    if (!fs::exists(dir / "batch_logits.f32")) continue;
+    SCOPED_TRACE(dir.filename().string());
+    const json exp = read_json(dir / "expected.json");
+    const auto seqs = exp["batch_tokens"].get<std::vector<std::vector<int32_t>>>();
+    auto be = make_cpu_backend();
+    auto m = load_any_model(dir.string(), *be);
+    const int V = m->config().vocab_size, B = int(seqs.size()), T = int(seqs[0].size());
+    const std::vector<float> want = read_f32_file(dir / "batch_logits.f32");
+    ASSERT_EQ(want.size(), size_t(B) * size_t(T) * size_t(V));
+    std::vector<float> full;
+    {
+      HybridMemory mem(*be, m->config(), B, T, KvType::F32);
+      Batch b;
+      b.logits_all = true;
+      for (int s = 0; s < B; ++s) b.add(s, seqs[size_t(s)]);
+      m->forward(b, mem, full);
+    }
+    std::vector<float> steps(want.size());
+    {
+      HybridMemory mem(*be, m->config(), B, T, KvType::F32);
+      std::vector<float> logits;
+      for (int t = 0; t < T; ++t) {
+        Batch b;
+        for (int s = 0; s < B; ++s) b.add(s, {seqs[size_t(s)][size_t(t)]});
+        m->forward(b, mem, logits);
+        for (int s = 0; s < B; ++s)
+          std::copy_n(logits.begin() + int64_t(s) * V, V, steps.begin() + (int64_t(s) * T + t) * V);
+      }
+    }
+    const double e_full = test::rel_err(full, want), e_step = test::rel_err(steps, want);
+    std::printf("%s: batch of %d x %d, max|ours - transformers| / max|transformers| = %.3g one forward, %.3g "
+                "batched decode\n", dir.filename().c_str(), B, T, e_full, e_step);
+    EXPECT_LT(e_full, 1e-4);
+    EXPECT_LT(e_step, 1e-4);
+    ++checked;
+  }
+  std::printf("%d fixture folders with a batch\n", checked);
+  // Every fixture folder carries one once make_fixtures.py --add-batch has run; skip before that.
+  if (checked == 0) GTEST_SKIP() << "no batch_logits.f32 in " << kFixtures;
+}
+
 TEST(HfModel, BiasLogitsMatchTransformers) {
   // use_bias true: in_proj and out_proj biases (make_fixtures.py's mamba_bias fixture).
   const fs::path dir = kFixtures / "mamba_bias";
