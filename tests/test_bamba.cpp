@@ -165,7 +165,7 @@ TEST(HfBamba, ConfigMapsFieldByField) {
   // Our checkpoint keeps every field, rope_dim included.
   EXPECT_EQ(config_to_json(config_from_json(config_to_json(c))), config_to_json(c));
   EXPECT_EQ(config_from_json(config_to_json(c)).rope_dim, 4);
-  EXPECT_EQ(training_unsupported(c), "it has Mamba-2 layers (config 'mamba2_layers')");
+  EXPECT_NE(training_unsupported(c).find("rope_dim"), std::string::npos) << training_unsupported(c);  // Mamba-2 itself trains
 
   auto mapped = [](const std::function<void(json&)>& edit) {
     test::TempDir t("hf_bamba_cfg2");

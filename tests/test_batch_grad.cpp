@@ -17,6 +17,9 @@
 #include "core/error.h"
 #include "core/rng.h"
 #include "model/params.h"
+#include "runtime/memory.h"
+#include "model/config.h"
+#include "model/model.h"
 #include "train/batch_grad.h"
 #include "train/comm.h"
 #include "train/model_grad.h"
@@ -250,6 +253,107 @@ TEST(BatchGrad, GradReducerBuckets) {
   ASSERT_EQ(driven.calls.size(), 8u);
   EXPECT_EQ(driven.calls.front(), std::make_pair(int64_t(872), int64_t(128)));
   EXPECT_EQ(driven.calls.back(), std::make_pair(int64_t(0), int64_t(104)));
+}
+
+// Mamba-2 layers (HF's Mamba2 mixer with its gated RMSNorm) train through BatchGrad: its forward
+// is the inference forward (HybridModel::mamba2_path), and its gradient of each Mamba-2 tensor
+// agrees with central differences of its own float loss along a random direction (the ops'
+// exact check is tests/test_grad_ssd.cpp's, in double; this one catches the wiring: views,
+// strides, which gradient goes where). Layers 0 and 3 Mamba-2 with two groups, attention between,
+// a bridge from a Mamba-2 layer, MLPs; dt clamped by a time_step_limit.
+TEST(BatchGrad, Mamba2LayersTrain) {
+  ModelConfig c = test::small_hybrid_config(false);
+  c.mamba2_layers = {0, 3};
+  c.mamba2_head_dim = 8;
+  c.mamba2_groups = 2;
+  c.mamba2_dt_min = 0.01f;
+  c.mamba2_dt_max = 0.3f;
+  validate(c);
+  ASSERT_EQ(training_unsupported(c), "");
+  auto cpu = make_cpu_backend();
+  HybridModel m(c, *cpu);
+  randomize_params(m.params(), 81);
+  m.prepare();
+  const Params& p = m.params();
+  const TokenBatch b = make_batch(3, 17, c.vocab_size, 82);
+
+  // The forward: BatchGrad's loss is the inference forward's cross-entropy.
+  HybridMemory mem(*cpu, c, b.B, b.L, KvType::F32);
+  hm::Batch batch;
+  batch.logits_all = true;
+  for (int s = 0; s < b.B; ++s)
+    batch.add(s, std::vector<int32_t>(b.tokens.begin() + s * b.L, b.tokens.begin() + (s + 1) * b.L));
+  std::vector<float> logits;
+  m.forward(batch, mem, logits);
+  const int V = c.vocab_size;
+  double want = 0;
+  int64_t count = 0;
+  for (size_t i = 0; i < b.targets.size(); ++i) {
+    if (b.targets[i] < 0) continue;
+    const float* z = logits.data() + i * size_t(V);
+    const double mx = *std::max_element(z, z + V);
+    double se = 0;
+    for (int v = 0; v < V; ++v) se += std::exp(double(z[v]) - mx);
+    want += mx + std::log(se) - z[b.targets[i]];
+    ++count;
+  }
+  want /= double(count);
+  BatchGrad bg(*cpu, p, DType::F32);
+  bg.set_weights(p.data());
+  std::vector<float> g = zeros(p);
+  const double loss = bg.loss_and_grad(g.data(), b.tokens.data(), b.targets.data(), b.B, b.L);
+  EXPECT_NEAR(loss, want, 2e-6 * want);
+  // loss_and_grad (the CPU trainer's path, one sequence per thread) gives the same gradient.
+  Params g2(c);
+  std::fill(g2.data(), g2.data() + g2.numel(), 0.0f);
+  EXPECT_NEAR(loss_and_grad(p, g2, b.tokens.data(), b.targets.data(), b.B, b.L), loss, 1e-6 * loss);
+  EXPECT_LE(worst_tensor_err(p, g2.data(), g.data()).first, 1e-5);
+  // The double reference model refuses them, by name.
+  EXPECT_THROW_MSG(loss_and_grad_f64(p, g2, b.tokens.data(), b.targets.data(), b.B, b.L), "no Mamba-2 layers");
+
+  // The gradient of every Mamba-2 tensor along a random unit direction d: (l(w + h d) - l(w - h d)) / 2h.
+  std::vector<float> w(p.data(), p.data() + p.numel());
+  auto mean_loss = [&] {
+    BatchGrad f(*cpu, p, DType::F32);
+    f.set_weights(w.data());
+    int64_t cnt = 0;
+    const double sum = f.loss_sum(b.tokens.data(), b.targets.data(), b.B, b.L, &cnt);
+    return sum / double(cnt);
+  };
+  Rng rng(83);
+  int checked = 0;
+  double worst = 0;
+  for (size_t k = 0; k < p.specs().size(); ++k) {
+    const std::string& name = p.specs()[k].name;
+    if (name.rfind("backbone.layers.0.", 0) != 0 && name.rfind("backbone.layers.3.", 0) != 0) continue;
+    if (name.find("mixer") == std::string::npos && name.find(".norm.") == std::string::npos) continue;
+    const int64_t off = p.at(k) - p.data(), cnt = p.specs()[k].numel();
+    std::vector<double> d(static_cast<size_t>(cnt));
+    double nrm = 0;
+    for (double& v : d) {
+      v = rng.normal();
+      nrm += v * v;
+    }
+    double along = 0;  // analytic: g . d
+    for (int64_t i = 0; i < cnt; ++i) {
+      d[size_t(i)] /= std::sqrt(nrm);
+      along += double(g[size_t(off + i)]) * d[size_t(i)];
+    }
+    const double h = 1e-2;
+    for (int64_t i = 0; i < cnt; ++i) w[size_t(off + i)] = float(p.data()[off + i] + h * d[size_t(i)]);
+    const double up = mean_loss();
+    for (int64_t i = 0; i < cnt; ++i) w[size_t(off + i)] = float(p.data()[off + i] - h * d[size_t(i)]);
+    const double down = mean_loss();
+    for (int64_t i = 0; i < cnt; ++i) w[size_t(off + i)] = p.data()[off + i];
+    const double fd = (up - down) / (2 * h);
+    const double err = std::fabs(fd - along) / std::max(std::fabs(along), 1e-3);
+    std::printf("  %-40s g.d %+.6e  differences %+.6e  rel %.1e\n", name.c_str(), along, fd, err);
+    EXPECT_LE(err, 5e-3) << name;
+    worst = std::max(worst, err);
+    ++checked;
+  }
+  EXPECT_EQ(checked, 18);  // norm, in_proj, conv weight and bias, dt_bias, A_log, D, gated norm, out_proj; x2
+  std::printf("  worst %.1e over %d tensors\n", worst, checked);
 }
 
 TEST(BatchGrad, RefusesWhatItCannotTrain) {

@@ -151,6 +151,19 @@ class Backend {
                                        const void* saved, Tensor x, Tensor dt, Tensor dt_bias,
                                        Tensor A_log, Tensor B, Tensor C, Tensor Dskip, Tensor z,
                                        int chunk, const Ragged& rg);
+  // Mamba-2's SSD scan of every sequence from a zero state, keeping nothing: ssd_scan's contract
+  // with A_log [1, heads] float32 (A = -exp(A_log) formed inside) in place of A.
+  virtual void ssd_scan_train(Tensor y, Tensor x, Tensor dt, Tensor dt_bias, Tensor A_log, Tensor B, Tensor C,
+                              Tensor Dskip, int heads, int groups, float dt_min, float dt_max, const Ragged& rg);
+  // Its backward, the states recomputed from the inputs: dx, ddt, dB, dC assigned (dB and dC may
+  // be column views of one matrix, as B and C); ddt_bias, dA_log, dDskip accumulated.
+  virtual void ssd_scan_backward(Tensor dx, Tensor ddt, Tensor dB, Tensor dC, Tensor ddt_bias, Tensor dA_log,
+                                 Tensor dDskip, Tensor dy, Tensor x, Tensor dt, Tensor dt_bias, Tensor A_log,
+                                 Tensor B, Tensor C, Tensor Dskip, int heads, int groups, float dt_min,
+                                 float dt_max, const Ragged& rg);
+  // gated_rmsnorm's backward: dy and dz assigned, dw accumulated.
+  virtual void gated_rmsnorm_backward(Tensor dy, Tensor dz, Tensor dw, Tensor dout, Tensor y, Tensor z, Tensor w,
+                                      int group, float eps);
   // Causal attention of each sequence over its own rows: q, out [n_tokens, H hd]; k, v
   // [n_tokens, G hd]; lse [n_tokens, H] = log sum_j exp(q.k_j / sqrt(hd)), kept for the backward.
   virtual void attention_train(Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v, int H, int G,

@@ -12,7 +12,8 @@ const char* op_kind_name(OpKind k) {
                                 "conv1d_silu_backward", "selective_scan_train",
                                 "selective_scan_backward", "attention_train", "attention_backward",
                                 "rope_backward", "embedding_backward", "cross_entropy_head",
-                                "scale_cols_backward", "convert", "sum_squares", "adamw_step", "copy"};
+                                "scale_cols_backward", "convert", "sum_squares", "adamw_step", "copy",
+                                "ssd_scan_train", "ssd_scan_backward", "gated_rmsnorm_backward"};
   static_assert(sizeof(names) / sizeof(names[0]) == size_t(OpKind::kCount));
   return names[size_t(k)];
 }
@@ -150,6 +151,28 @@ void CountingBackend::selective_scan_backward(Tensor dx, Tensor ddt, Tensor dB, 
     in_.selective_scan_backward(dx, ddt, dB, dC, dz, ddt_bias, dA_log, dDskip, dy, saved, x, dt, dt_bias,
                                 A_log, B, C, Dskip, z, chunk, rg);
   });
+}
+void CountingBackend::ssd_scan_train(Tensor y, Tensor x, Tensor dt, Tensor dt_bias, Tensor A_log, Tensor B,
+                                     Tensor C, Tensor Dskip, int heads, int groups, float dt_min, float dt_max,
+                                     const Ragged& rg) {
+  const double N = groups > 0 ? double(B.cols) / groups : 0;
+  run(OpKind::SsdScanTrain, Dskip.data, rg.n_tokens(), kSsdFlops * rg.n_tokens() * x.cols * N,
+      [&] { in_.ssd_scan_train(y, x, dt, dt_bias, A_log, B, C, Dskip, heads, groups, dt_min, dt_max, rg); });
+}
+void CountingBackend::ssd_scan_backward(Tensor dx, Tensor ddt, Tensor dB, Tensor dC, Tensor ddt_bias, Tensor dA_log,
+                                        Tensor dDskip, Tensor dy, Tensor x, Tensor dt, Tensor dt_bias, Tensor A_log,
+                                        Tensor B, Tensor C, Tensor Dskip, int heads, int groups, float dt_min,
+                                        float dt_max, const Ragged& rg) {
+  const double N = groups > 0 ? double(B.cols) / groups : 0;
+  run(OpKind::SsdScanBackward, Dskip.data, rg.n_tokens(), 3 * kSsdFlops * rg.n_tokens() * x.cols * N, [&] {
+    in_.ssd_scan_backward(dx, ddt, dB, dC, ddt_bias, dA_log, dDskip, dy, x, dt, dt_bias, A_log, B, C, Dskip, heads,
+                          groups, dt_min, dt_max, rg);
+  });
+}
+void CountingBackend::gated_rmsnorm_backward(Tensor dy, Tensor dz, Tensor dw, Tensor dout, Tensor y, Tensor z,
+                                             Tensor w, int group, float eps) {
+  run(OpKind::GatedNormBackward, dout.data, y.rows, 0,
+      [&] { in_.gated_rmsnorm_backward(dy, dz, dw, dout, y, z, w, group, eps); });
 }
 void CountingBackend::attention_train(Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v, int H, int G,
                                       int hd, const Ragged& rg) {

@@ -17,7 +17,8 @@ enum class OpKind : uint8_t {
   // training (backend.h)
   LinearBackward, RmsnormBackward, SwigluBackward, ConvTrain, ConvBackward, ScanTrain, ScanBackward,
   AttentionTrain, AttentionBackward, RopeBackward, EmbeddingBackward, CrossEntropyHead,
-  ScaleColsBackward, Convert, SumSquares, AdamwStep, Copy, kCount
+  ScaleColsBackward, Convert, SumSquares, AdamwStep, Copy, SsdScanTrain, SsdScanBackward, GatedNormBackward,
+  kCount
 };
 const char* op_kind_name(OpKind k);
 
@@ -124,6 +125,13 @@ class CountingBackend final : public Backend {
                                const void* saved, Tensor x, Tensor dt, Tensor dt_bias, Tensor A_log,
                                Tensor B, Tensor C, Tensor Dskip, Tensor z, int chunk,
                                const Ragged& rg) override;
+  void ssd_scan_train(Tensor y, Tensor x, Tensor dt, Tensor dt_bias, Tensor A_log, Tensor B, Tensor C, Tensor Dskip,
+                      int heads, int groups, float dt_min, float dt_max, const Ragged& rg) override;
+  void ssd_scan_backward(Tensor dx, Tensor ddt, Tensor dB, Tensor dC, Tensor ddt_bias, Tensor dA_log, Tensor dDskip,
+                         Tensor dy, Tensor x, Tensor dt, Tensor dt_bias, Tensor A_log, Tensor B, Tensor C,
+                         Tensor Dskip, int heads, int groups, float dt_min, float dt_max, const Ragged& rg) override;
+  void gated_rmsnorm_backward(Tensor dy, Tensor dz, Tensor dw, Tensor dout, Tensor y, Tensor z, Tensor w, int group,
+                              float eps) override;
   void attention_train(Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v, int H, int G, int hd,
                        const Ragged& rg) override;
   void attention_backward(Tensor dq, Tensor dk, Tensor dv, Tensor dout, Tensor q, Tensor k, Tensor v,

@@ -21,6 +21,7 @@
 #include "kernels/ops.h"
 #include "kernels/ref/attention_grad_ref.h"
 #include "kernels/ref/mamba_grad_ref.h"
+#include "kernels/ref/ssd_grad_ref.h"
 
 namespace hm {
 
@@ -369,6 +370,52 @@ class HostBackend : public Backend {
     }
     for (int e = 0; e < E; ++e)  // A = -exp(A_log): dA_log += dA A
       for (int n = 0; n < N; ++n) row(dA_log, e)[n] += dA[size_t(e) * N + n] * A[size_t(e) * N + n];
+  }
+  // Mamba-2's training ops: the plain reference loops on both host backends (sequence by
+  // sequence, strides passed through).
+  void ssd_scan_train(Tensor y, Tensor x, Tensor dt, Tensor dt_bias, Tensor A_log, Tensor B, Tensor C, Tensor Dskip,
+                      int heads, int groups, float dt_min, float dt_max, const Ragged& rg) override {
+    train_check::ssd_scan(name(), "ssd_scan_train", y, x, dt, dt_bias, A_log, B, C, Dskip, heads, groups, rg);
+    const int P = x.cols / heads, N = B.cols / groups;
+    for (int s = 0; s < rg.nseq(); ++s) {
+      const int L = rg.len(s), t0 = rg.start(s);
+      if (L == 0) continue;
+      ref::grad::ssd_scan_forward<float>(row(y, t0), int(y.ld), row(x, t0), int(x.ld), row(dt, t0), int(dt.ld),
+                                         dt_bias.f32(), A_log.f32(), row(B, t0), row(C, t0), int(B.ld), Dskip.f32(),
+                                         L, heads, P, groups, N, dt_min, dt_max);
+    }
+  }
+  void ssd_scan_backward(Tensor dx, Tensor ddt, Tensor dB, Tensor dC, Tensor ddt_bias, Tensor dA_log, Tensor dDskip,
+                         Tensor dy, Tensor x, Tensor dt, Tensor dt_bias, Tensor A_log, Tensor B, Tensor C,
+                         Tensor Dskip, int heads, int groups, float dt_min, float dt_max, const Ragged& rg) override {
+    const char* op = "ssd_scan_backward";
+    train_check::ssd_scan(name(), op, dy, x, dt, dt_bias, A_log, B, C, Dskip, heads, groups, rg);
+    const std::pair<const char*, std::pair<Tensor, Tensor>> pairs[] = {
+        {"dx", {dx, x}}, {"ddt", {ddt, dt}}, {"dB", {dB, B}}, {"dC", {dC, C}},
+        {"ddt_bias", {ddt_bias, dt_bias}}, {"dA_log", {dA_log, A_log}}, {"dDskip", {dDskip, Dskip}}};
+    for (const auto& [nm, gt] : pairs) train_check::same_shape(name(), op, nm, gt.first, gt.second);
+    HM_CHECK(dB.ld == dC.ld, name(), " ", op, ": dB and dC must share one row stride (got ", dB.ld, " and ", dC.ld, ")");
+    const int P = x.cols / heads, N = B.cols / groups;
+    for (int s = 0; s < rg.nseq(); ++s) {
+      const int L = rg.len(s), t0 = rg.start(s);
+      if (L == 0) continue;
+      ref::grad::ssd_scan_backward<float>(row(dx, t0), int(dx.ld), row(ddt, t0), int(ddt.ld), row(dB, t0), row(dC, t0),
+                                          int(dB.ld), ddt_bias.f32(), dA_log.f32(), dDskip.f32(), row(dy, t0),
+                                          int(dy.ld), row(x, t0), int(x.ld), row(dt, t0), int(dt.ld), dt_bias.f32(),
+                                          A_log.f32(), row(B, t0), row(C, t0), int(B.ld), Dskip.f32(), L, heads, P,
+                                          groups, N, dt_min, dt_max);
+    }
+  }
+  void gated_rmsnorm_backward(Tensor dy, Tensor dz, Tensor dw, Tensor dout, Tensor y, Tensor z, Tensor w, int group,
+                              float eps) override {
+    const char* op = "gated_rmsnorm_backward";
+    train_check::gated_rmsnorm(name(), op, dout, y, z, w, group);
+    train_check::same_shape(name(), op, "dy", dy, y);
+    train_check::same_shape(name(), op, "dz", dz, z);
+    train_check::same_shape(name(), op, "dw", dw, w);
+    ref::grad::gated_rmsnorm_backward<float>(dy.f32(), int(dy.ld), dz.f32(), int(dz.ld), dw.f32(), dout.f32(),
+                                             int(dout.ld), y.f32(), int(y.ld), z.f32(), int(z.ld), w.f32(), y.rows,
+                                             y.cols, group, eps);
   }
   void attention_train(Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v, int H, int G, int hd,
                        const Ragged& rg) override {

@@ -20,6 +20,12 @@ void conv1d_silu(const std::string& be, const char* op, Tensor out, Tensor x, Te
 void selective_scan(const std::string& be, const char* op, Tensor y, Tensor x, Tensor dt,
                     Tensor dt_bias, Tensor A_log, Tensor B, Tensor C, Tensor Dskip, Tensor z,
                     const Ragged& rg);
+// Every tensor of the SSD scan (y, x [n, heads * P]; dt [n, heads]; B, C [n, groups * N];
+// dt_bias, A_log, Dskip [1, heads]).
+void ssd_scan(const std::string& be, const char* op, Tensor y, Tensor x, Tensor dt, Tensor dt_bias, Tensor A_log,
+              Tensor B, Tensor C, Tensor Dskip, int heads, int groups, const Ragged& rg);
+// The gated RMSNorm's (out, y, z [n, E]; w [1, E]; group divides E).
+void gated_rmsnorm(const std::string& be, const char* op, Tensor out, Tensor y, Tensor z, Tensor w, int group);
 void same_shape(const std::string& be, const char* op, const char* name, Tensor grad, Tensor of);
 void attention(const std::string& be, const char* op, Tensor out, Tensor lse, Tensor q, Tensor k,
                Tensor v, int H, int G, int hd, const Ragged& rg);

@@ -52,6 +52,25 @@ void selective_scan(const std::string& be, const char* op, Tensor y, Tensor x, T
            Dskip.cols, ", batch of ", rg.n_tokens(), " tokens do not fit");
 }
 
+void ssd_scan(const std::string& be, const char* op, Tensor y, Tensor x, Tensor dt, Tensor dt_bias, Tensor A_log,
+              Tensor B, Tensor C, Tensor Dskip, int heads, int groups, const Ragged& rg) {
+  const int n = x.rows;
+  HM_CHECK(heads >= 1 && groups >= 1 && heads % groups == 0 && x.cols % heads == 0 && B.cols % groups == 0 &&
+               B.cols >= groups && n == rg.n_tokens() && y.rows == n && dt.rows == n && B.rows == n &&
+               C.rows == n && y.cols == x.cols && dt.cols == heads && C.cols == B.cols && dt_bias.cols == heads &&
+               A_log.cols == heads && Dskip.cols == heads && A_log.dtype == DType::F32,
+           be, " ", op, ": x ", dims(x), ", y ", dims(y), ", dt ", dims(dt), ", B ", dims(B), ", C ", dims(C),
+           ", dt_bias ", dims(dt_bias), ", A_log ", dims(A_log), " (", compute_dtype_name(A_log.dtype), "), Dskip ",
+           dims(Dskip), ", ", heads, " heads in ", groups, " groups, batch of ", rg.n_tokens(), " tokens do not fit");
+}
+
+void gated_rmsnorm(const std::string& be, const char* op, Tensor out, Tensor y, Tensor z, Tensor w, int group) {
+  HM_CHECK(group >= 1 && y.cols % group == 0 && out.rows == y.rows && out.cols == y.cols && z.rows == y.rows &&
+               z.cols == y.cols && w.rows == 1 && w.cols == y.cols,
+           be, " ", op, ": out ", dims(out), ", y ", dims(y), ", z ", dims(z), ", w ", dims(w), ", group ", group,
+           " do not fit");
+}
+
 void same_shape(const std::string& be, const char* op, const char* name, Tensor grad, Tensor of) {
   HM_CHECK(grad.rows == of.rows && grad.cols == of.cols, be, " ", op, ": ", name, " ", dims(grad),
            " must have its input's shape ", dims(of));
@@ -134,6 +153,17 @@ void Backend::selective_scan_backward(Tensor, Tensor, Tensor, Tensor, Tensor, Te
                                       Tensor, const void*, Tensor, Tensor, Tensor, Tensor, Tensor,
                                       Tensor, Tensor, Tensor, int, const Ragged&) {
   missing(*this, "selective_scan_backward");
+}
+void Backend::ssd_scan_train(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int, int, float, float,
+                             const Ragged&) {
+  missing(*this, "ssd_scan_train");
+}
+void Backend::ssd_scan_backward(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                Tensor, Tensor, Tensor, Tensor, int, int, float, float, const Ragged&) {
+  missing(*this, "ssd_scan_backward");
+}
+void Backend::gated_rmsnorm_backward(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int, float) {
+  missing(*this, "gated_rmsnorm_backward");
 }
 void Backend::attention_train(Tensor, Tensor, Tensor, Tensor, Tensor, int, int, int, const Ragged&) {
   missing(*this, "attention_train");

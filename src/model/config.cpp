@@ -475,7 +475,10 @@ ModelConfig preset(const std::string& name) {
 std::vector<std::string> preset_names() { return {"seed", "mamba", "mamba2", "transformer", "true-hybrid", "demo", "true-demo", "tiny", "true-tiny"}; }
 
 std::string training_unsupported(const ModelConfig& c) {
-  if (!c.mamba2_layers.empty()) return "it has Mamba-2 layers (config 'mamba2_layers')";
+  if (!c.mamba2_layers.empty() && !c.mamba2_gated_norm)
+    return "its Mamba-2 layers gate without a norm (config 'mamba2_gated_norm' false, Falcon-H1's mamba_rms_norm)";
+  if (!c.mamba2_layers.empty() && c.mamba2_norm_before_gate)
+    return "its Mamba-2 layers normalize before the gate (config 'mamba2_norm_before_gate', Falcon-H1)";
   if (c.attn_head_dim > 0) return "its attention heads have an explicit size (config 'head_dim')";
   if (!c.ffn_layers.empty()) return "only some of its layers have an FFN (config 'ffn_layers')";
   if (c.mlp_act != "swiglu") return "its MLPs use squared ReLU (config 'mlp_act')";

@@ -31,6 +31,7 @@ struct LayerActs {
   void* scan = nullptr;                   // Mamba: the scan's saved states (scan_saved_bytes)
   Tensor q, k, v, lse, inner;             // attention (lse float32 [n, H])
   Tensor h2, m, g, up, a;                 // MLP: stream entering mlp_norm, its norm, gate, up, silu(gate)*up
+  Tensor zxd, xbc, ys, yn;                // Mamba-2: in_proj's z | xBC | dt, silu(conv(xBC)), scan output, gated norm
   Tensor bn;                              // the bridge's rmsnorm(source) (without grad_ckpt)
   Tensor um, ym, va, ya;                  // true layers: the Mamba path's input rows and output, the
                                           // attention path's input u + exchange * x and output
@@ -40,7 +41,7 @@ struct LayerActs {
 LayerActs first_rows(const LayerActs& s, int rows) {
   LayerActs r = s;
   for (Tensor* t : {&r.u, &r.x, &r.z, &r.xc, &r.dt, &r.yg, &r.dbc, &r.q, &r.k, &r.v, &r.lse, &r.inner, &r.um, &r.ym,
-                    &r.va, &r.ya})
+                    &r.va, &r.ya, &r.zxd, &r.xbc, &r.ys, &r.yn})
     if (!t->empty()) *t = t->rows_view(0, std::min(rows, t->rows));
   return r;
 }
@@ -108,6 +109,7 @@ struct BatchGrad::Impl {
   Buffer h, mix, hn, p;  // stream, a block's output, the final norm, a bridge's projection
   Buffer dh, dtmp, dbridge, dy, dhn, dp;
   Buffer dyg, dxc, ddt, dz, ddbc;  // Mamba backward
+  Buffer dzxd, dxbc;               // Mamba-2 backward (with dyg, dz: the norm's and the scan's output gradients)
   Buffer dinn, dq, dk, dv;         // attention backward
   Buffer da, dg, dup;              // MLP backward
   Buffer dW_scratch;               // loss_sum's head gradient (discarded)
@@ -132,7 +134,7 @@ struct BatchGrad::Impl {
     for (const int64_t off : {o.norm, o.in_proj, o.conv_w, o.conv_b, o.x_proj, o.dt_w, o.dt_b, o.A_log, o.Dskip,
                               o.out_proj, o.wq, o.wk, o.wv, o.wo, o.mlp_norm, o.w_gate, o.w_up, o.w_down,
                               o.bridge_norm, o.bridge_proj, o.bridge_gate, o.fuse_mamba, o.fuse_attn, o.exchange,
-                              o.router_w, o.router_feat, o.router_b})
+                              o.router_w, o.router_feat, o.router_b, o.ssm_norm})
       if (off != kNoTensor) b = std::min(b, off);
     return b;
   }
@@ -172,7 +174,13 @@ struct BatchGrad::Impl {
       s.inner = cv.take(ct, n, Q);
       s.lse = cv.take(DType::F32, n, H);
     }
-    if (mc.has_mamba_path(i)) {
+    if (mc.is_mamba2(i)) {
+      const int E = mc.d_inner();
+      s.zxd = cv.take(ct, n, mc.mamba2_in_proj_rows());
+      s.xbc = cv.take(ct, n, mc.mamba2_conv_dim());
+      s.ys = cv.take(ct, n, E);
+      s.yn = cv.take(ct, n, E);
+    } else if (mc.has_mamba_path(i)) {
       const int E = mc.d_inner(), N = mc.d_state, P = mc.resolved_dt_rank() + 2 * N;
       s.x = cv.take(ct, n, E);
       s.z = cv.take(ct, n, E);
@@ -288,6 +296,41 @@ struct BatchGrad::Impl {
     const Tensor in_proj = w(o.in_proj, 2 * E, D), gin = g(o.in_proj, 2 * E, D);
     be.linear_backward(du, gin.rows_view(0, E), dx, u, in_proj.rows_view(0, E), false);
     be.linear_backward(du, gin.rows_view(E, E), dZ, u, in_proj.rows_view(E, E), true);
+  }
+  // out [n, D] = the Mamba-2 mixer of u (HybridModel::mamba2_path's math with its gated RMSNorm,
+  // rmsnorm(y * silu(z)) * w: what training supports; training_unsupported names the rest).
+  void mamba2_forward(const LayerActs& s, Tensor out, Tensor u, const LayerOffsets& o, const Ragged& r) {
+    const ModelConfig& mc = c();
+    const int D = mc.d_model, E = mc.d_inner(), N = mc.d_state, Gr = mc.mamba2_groups, H = mc.mamba2_heads(),
+              CD = mc.mamba2_conv_dim(), IN = mc.mamba2_in_proj_rows();
+    be.linear(s.zxd, u, w(o.in_proj, IN, D), false);  // z | xBC | dt = in_proj(u)
+    be.conv1d_silu_train(s.xbc, s.zxd.cols_view(E, CD), w(o.conv_w, CD, mc.d_conv), w(o.conv_b, 1, CD), r);
+    be.ssd_scan_train(s.ys, s.xbc.cols_view(0, E), s.zxd.cols_view(E + CD, H), w(o.dt_b, 1, H), w32(o.A_log, 1, H),
+                      s.xbc.cols_view(E, Gr * N), s.xbc.cols_view(E + Gr * N, Gr * N), w(o.Dskip, 1, H), H, Gr,
+                      mc.mamba2_dt_min, mc.mamba2_dt_max, r);
+    be.gated_rmsnorm(s.yn, s.ys, s.zxd.cols_view(0, E), w(o.ssm_norm, 1, E), mc.mamba2_norm_group(),
+                     float(mc.norm_eps));
+    be.linear(out, s.yn, w(o.out_proj, D, E), false);
+  }
+  // du assigned; dinner (may be empty): the gradient reaching yn from the next layer's bridge.
+  void mamba2_backward(Tensor du, Tensor dout, Tensor dinner, Tensor u, const LayerActs& s, const LayerOffsets& o,
+                       const Ragged& r) {
+    const ModelConfig& mc = c();
+    const int D = mc.d_model, E = mc.d_inner(), N = mc.d_state, Gr = mc.mamba2_groups, H = mc.mamba2_heads(),
+              CD = mc.mamba2_conv_dim(), IN = mc.mamba2_in_proj_rows(), K = mc.d_conv;
+    const Tensor dYn = a(dyg, E), dYs = a(dz, E), dZXD = a(dzxd, IN), dXBC = a(dxbc, CD);
+    if (!dinner.empty()) be.copy(dYn.data, dinner.data, size_t(n) * size_t(E) * dtype_size(ct));
+    be.linear_backward(dYn, g(o.out_proj, D, E), dout, s.yn, w(o.out_proj, D, E), !dinner.empty());
+    be.gated_rmsnorm_backward(dYs, dZXD.cols_view(0, E), g(o.ssm_norm, 1, E), dYn, s.ys, s.zxd.cols_view(0, E),
+                              w(o.ssm_norm, 1, E), mc.mamba2_norm_group(), float(mc.norm_eps));
+    be.ssd_scan_backward(dXBC.cols_view(0, E), dZXD.cols_view(E + CD, H), dXBC.cols_view(E, Gr * N),
+                         dXBC.cols_view(E + Gr * N, Gr * N), g(o.dt_b, 1, H), g(o.A_log, 1, H), g(o.Dskip, 1, H), dYs,
+                         s.xbc.cols_view(0, E), s.zxd.cols_view(E + CD, H), w(o.dt_b, 1, H), w32(o.A_log, 1, H),
+                         s.xbc.cols_view(E, Gr * N), s.xbc.cols_view(E + Gr * N, Gr * N), w(o.Dskip, 1, H), H, Gr,
+                         mc.mamba2_dt_min, mc.mamba2_dt_max, r);
+    be.conv1d_silu_backward(dZXD.cols_view(E, CD), g(o.conv_w, CD, K), g(o.conv_b, 1, CD), dXBC,
+                            s.zxd.cols_view(E, CD), w(o.conv_w, CD, K), w(o.conv_b, 1, CD), r);
+    be.linear_backward(du, g(o.in_proj, IN, D), dZXD, u, w(o.in_proj, IN, D), false);
   }
   void attention_forward(const LayerActs& s0, Tensor out, Tensor u, const LayerOffsets& o, const Ragged& r) {
     const ModelConfig& mc = c();
@@ -567,7 +610,7 @@ struct BatchGrad::Impl {
   // With ckpt, valid while the slot holds layer i.
   Tensor inner(int i) {
     const LayerActs s = acts(i);
-    return c().is_attention(i) ? s.inner : s.yg;
+    return c().is_attention(i) ? s.inner : c().is_mamba2(i) ? s.yn : s.yg;
   }
 
   // Layer i after its bridge: H (the stream entering the pre-norm, already saved in hin[i])
@@ -584,6 +627,8 @@ struct BatchGrad::Impl {
       true_forward(i, s, O, o);
     else if (mc.is_attention(i))
       attention_forward(s, O, s.u, o, rg);
+    else if (mc.is_mamba2(i))
+      mamba2_forward(s, O, s.u, o, rg);
     else
       mamba_forward(s, O, s.u, o, rg);
     be.add_rows(H, nullptr, O, nullptr, n, nullptr, Tensor());
@@ -653,6 +698,8 @@ struct BatchGrad::Impl {
         true_backward(i, dT, dH, s, o);
       else if (mc.is_attention(i))
         attention_backward(dT, dH, dI, s.u, s, o, rg);
+      else if (mc.is_mamba2(i))
+        mamba2_backward(dT, dH, dI, s.u, s, o, rg);
       else
         mamba_backward(dT, dH, dI, s.u, s, o, rg);
       be.rmsnorm_backward(dH, g(o.norm, 1, D), dT, hi, w(o.norm, 1, D), eps, true);

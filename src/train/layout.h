@@ -15,6 +15,7 @@ struct LayerOffsets {
   int64_t norm, in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, A_log, Dskip, out_proj;
   int64_t wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down, bridge_norm, bridge_proj, bridge_gate;
   int64_t fuse_mamba, fuse_attn, exchange, router_w, router_feat, router_b;  // true layers
+  int64_t ssm_norm;  // Mamba-2 layers' gated RMSNorm
 };
 
 struct Layout {
@@ -37,7 +38,7 @@ struct Layout {
                         off(w.w_gate), off(w.w_up), off(w.w_down), off(w.bridge_norm),
                         off(w.bridge_proj), off(w.bridge_gate), off(w.fuse_mamba),
                         off(w.fuse_attn), off(w.exchange), off(w.router_w), off(w.router_feat),
-                        off(w.router_b)});
+                        off(w.router_b), off(w.ssm_norm)});
     }
     for (size_t k = 0; k < p.specs().size(); ++k)
       tensors.emplace_back(int64_t(p.at(k) - base), p.specs()[k].numel());

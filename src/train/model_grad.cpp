@@ -675,6 +675,13 @@ void set_train_backend(Backend* be) { g_train_backend = be; }
 
 namespace {
 
+// What the double reference model does not have: Mamba-2 layers train through BatchGrad alone
+// (their ops are checked against finite differences one by one: tests/test_grad_ssd.cpp).
+void check_reference_layers(const ModelConfig& c) {
+  HM_CHECK(c.mamba2_layers.empty(), "loss: the double-precision reference model has no Mamba-2 layers (float "
+           "training runs them: loss_and_grad)");
+}
+
 // The reference model's loss and gradients (double, long double): one sequence per OpenMP thread.
 template <class T>
 double reference_loss_and_grad(const Params& layout, const T* params, T* grads, const int32_t* tokens,
@@ -683,6 +690,7 @@ double reference_loss_and_grad(const Params& layout, const T* params, T* grads, 
   const Layout lo(layout);
   const ModelConfig& c = lo.c;
   const int64_t total = check_train_batch(c, tokens, targets, B, L, scan_chunk);
+  check_reference_layers(c);
   if (total == 0) return 0.0;
   const int D = c.d_model, V = c.vocab_size, nt = threads_for(B);
   // Thread 0 adds straight into grads; each other thread into a private arena summed into
@@ -743,6 +751,7 @@ long double reference_loss_only(const Params& layout, const T* params, const int
   const Layout lo(layout);
   const ModelConfig& c = lo.c;
   const int64_t total = check_train_batch(c, tokens, targets, B, L, 0);
+  check_reference_layers(c);
   if (aux) {
     aux->budget_loss = 0;
     aux->logits.clear();
