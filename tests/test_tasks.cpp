@@ -217,8 +217,11 @@ TEST(Tasks, ConstraintsAreNamedErrors) {
 TEST(Tasks, ArchitecturesAreMatchedWithinTenPercent) {
   for (int d : {64, 128, 256}) {
     const int64_t ref = hm::count_params(hm::matched_config("mamba", d, 512));
-    for (const auto& a : hm::arch_names()) {
+    std::vector<std::string> archs = hm::arch_names();
+    for (const auto& a : hm::extra_arch_names()) archs.push_back(a);
+    for (const auto& a : archs) {
       const hm::ModelConfig c = hm::matched_config(a, d, 512);
+      EXPECT_EQ(hm::training_unsupported(c), "") << a;
       const double rel = double(hm::count_params(c)) / double(ref);
       EXPECT_NEAR(rel, 1.0, 0.10) << a << " d " << d << ": " << c.n_layers << " layers";
       EXPECT_EQ(c.d_ff, 0) << "no MLPs";

@@ -19,7 +19,7 @@ Run add_compare(CLI::App& app) {
   app.add_option("--seq-lens", o->seq_lens, "Sequence lengths (mqar: kv = seq_len/16 unless --kv)")
       ->delimiter(',')->capture_default_str();
   app.add_option("--lrs", o->lrs, "Learning rates tried per cell; the best is kept")->delimiter(',')->capture_default_str();
-  app.add_option("--archs", o->archs, "Architectures: mamba, transformer, hybrid, hybrid-nobridge, true-soft, true-hard (matched to the 4-layer mamba); attention-2l (Zoology's 2-layer attention, unmatched)")
+  app.add_option("--archs", o->archs, "Architectures: mamba, transformer, hybrid, hybrid-nobridge, true-soft, true-hard (matched to the 4-layer mamba; the default); mamba2, hybrid-mamba2 (matched, CPU only so far); attention-2l (Zoology's 2-layer attention, unmatched)")
       ->delimiter(',')->capture_default_str();
   app.add_option("--budget", o->budget, "Optimizer steps per run (equal for every run)")->capture_default_str();
   app.add_option("--examples", o->budget_examples, "Training examples per run instead of --budget steps: each run "

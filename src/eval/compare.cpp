@@ -139,6 +139,8 @@ std::vector<std::string> arch_names() {
   return {"mamba", "transformer", "hybrid", "hybrid-nobridge", "true-soft", "true-hard"};
 }
 
+std::vector<std::string> extra_arch_names() { return {"mamba2", "hybrid-mamba2"}; }
+
 const char* const kZoologyAttention = "attention-2l";
 
 ModelConfig arch_config(const std::string& arch, int d_model, int vocab, int n_layers) {
@@ -155,6 +157,15 @@ ModelConfig arch_config(const std::string& arch, int d_model, int vocab, int n_l
   } else if (arch == "hybrid" || arch == "hybrid-nobridge") {
     for (int i = 1; i < n_layers; i += 2) c.attention_layers.push_back(i);
     c.state_bridges = arch == "hybrid";
+  } else if (arch == "mamba2" || arch == "hybrid-mamba2") {
+    c.d_state = 64;
+    c.mamba2_head_dim = std::min(64, c.d_inner());
+    for (int i = 0; i < n_layers; ++i) {
+      if (arch == "hybrid-mamba2" && i % 2 == 1)
+        c.attention_layers.push_back(i);
+      else
+        c.mamba2_layers.push_back(i);
+    }
   } else if (arch == "true-soft" || arch == "true-hard") {
     HM_CHECK(n_layers >= 2, "arch ", arch, " needs at least 2 layers");
     c.hybrid = "true";
@@ -163,6 +174,7 @@ ModelConfig arch_config(const std::string& arch, int d_model, int vocab, int n_l
   } else {
     std::string known;
     for (const auto& a : arch_names()) known += (known.empty() ? "" : ", ") + a;
+    for (const auto& a : extra_arch_names()) known += ", " + a;
     known += std::string(", ") + kZoologyAttention;
     throw Error(detail::cat("unknown architecture '", arch, "' (known: ", known, ")"));
   }

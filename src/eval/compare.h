@@ -10,9 +10,13 @@
 //   hybrid-nobridge  the same without bridges (the bridge ablation)
 //   true-soft      True Hybrid: layer 0 Mamba, the rest true-hybrid layers, soft routing
 //   true-hard      the same with hard routing
-// and, outside the matched set (not in arch_names(), named explicitly with --archs):
+// and, outside the default set (named explicitly with --archs):
 //   attention-2l   Zoology's own attention baseline, 2 attention layers at any size (about
 //                  40% of the reference's parameters), to set results against its Figure 2
+//   mamba2         Mamba-2 (SSD) layers only, d_state 64, heads of min(64, d_inner) channels,
+//                  matched like the others (extra_arch_names(); they train on the CPU only
+//                  so far: a --device cuda run of them fails with the trainer's reason)
+//   hybrid-mamba2  Mamba-2 and attention alternating (M2 A M2 A ...), without bridges
 // The layer count of each non-reference architecture is the one whose parameter count
 // (embeddings included) is closest to the reference's; matched_config() reports it.
 #pragma once
@@ -28,6 +32,8 @@ namespace hm {
 
 // The matched architectures (the default --archs).
 std::vector<std::string> arch_names();
+// Matched architectures outside the default set (mamba2, hybrid-mamba2).
+std::vector<std::string> extra_arch_names();
 extern const char* const kZoologyAttention;  // "attention-2l"
 // The config of `arch` with n_layers layers (hm::Error for an unknown arch).
 ModelConfig arch_config(const std::string& arch, int d_model, int vocab, int n_layers);
