@@ -278,26 +278,7 @@ TEST(BatchGrad, Mamba2LayersTrain) {
   const TokenBatch b = make_batch(3, 17, c.vocab_size, 82);
 
   // The forward: BatchGrad's loss is the inference forward's cross-entropy.
-  HybridMemory mem(*cpu, c, b.B, b.L, KvType::F32);
-  hm::Batch batch;
-  batch.logits_all = true;
-  for (int s = 0; s < b.B; ++s)
-    batch.add(s, std::vector<int32_t>(b.tokens.begin() + s * b.L, b.tokens.begin() + (s + 1) * b.L));
-  std::vector<float> logits;
-  m.forward(batch, mem, logits);
-  const int V = c.vocab_size;
-  double want = 0;
-  int64_t count = 0;
-  for (size_t i = 0; i < b.targets.size(); ++i) {
-    if (b.targets[i] < 0) continue;
-    const float* z = logits.data() + i * size_t(V);
-    const double mx = *std::max_element(z, z + V);
-    double se = 0;
-    for (int v = 0; v < V; ++v) se += std::exp(double(z[v]) - mx);
-    want += mx + std::log(se) - z[b.targets[i]];
-    ++count;
-  }
-  want /= double(count);
+  const double want = test::inference_mean_loss(m, b.tokens, b.targets, b.B, b.L);
   BatchGrad bg(*cpu, p, DType::F32);
   bg.set_weights(p.data());
   std::vector<float> g = zeros(p);

@@ -144,26 +144,7 @@ TEST(ModelGrad, LossOnlyMatchesInferenceForward) {
       HybridModel m(c, *be);
       randomize_params(m.params(), 22);
       m.prepare();
-      HybridMemory mem(*be, c, b.B, b.L, KvType::F32);
-      hm::Batch batch;
-      batch.logits_all = true;
-      for (int s = 0; s < b.B; ++s)
-        batch.add(s, std::vector<int32_t>(b.tokens.begin() + s * b.L, b.tokens.begin() + (s + 1) * b.L));
-      std::vector<float> logits;
-      m.forward(batch, mem, logits);
-      const int V = c.vocab_size;
-      double want = 0;
-      int count = 0;
-      for (size_t i = 0; i < b.targets.size(); ++i) {
-        if (b.targets[i] < 0) continue;
-        const float* z = logits.data() + i * size_t(V);
-        const double mx = *std::max_element(z, z + V);
-        double se = 0;
-        for (int v = 0; v < V; ++v) se += std::exp(double(z[v]) - mx);
-        want += mx + std::log(se) - z[b.targets[i]];
-        ++count;
-      }
-      want /= count;
+      const double want = test::inference_mean_loss(m, b.tokens, b.targets, b.B, b.L);
       const double got = loss_only(m.params(), b.tokens.data(), b.targets.data(), b.B, b.L);
       EXPECT_NEAR(got, want, 2e-6 * want) << (tied ? "tied " : "untied ") << be->name();
       std::printf("  %s %s: loss_only %.8f, inference %.8f, rel diff %.1e\n", tied ? "tied" : "untied",

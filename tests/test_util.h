@@ -72,6 +72,33 @@ inline std::vector<float> forward_stepwise(HybridModel& m, const std::vector<int
   return all;
 }
 
+// The mean cross-entropy over the counted targets (>= 0) of B sequences of L tokens [B, L], from
+// m's inference forward (every position's logits, one ragged batch, float32 KV cache): what the
+// training forward must equal.
+inline double inference_mean_loss(HybridModel& m, const std::vector<int32_t>& tokens,
+                                  const std::vector<int32_t>& targets, int B, int L) {
+  HybridMemory mem(m.backend(), m.config(), B, L, KvType::F32);
+  Batch batch;
+  batch.logits_all = true;
+  for (int s = 0; s < B; ++s)
+    batch.add(s, std::vector<int32_t>(tokens.begin() + int64_t(s) * L, tokens.begin() + int64_t(s + 1) * L));
+  std::vector<float> logits;
+  m.forward(batch, mem, logits);
+  const int V = m.config().vocab_size;
+  double sum = 0;
+  int64_t count = 0;
+  for (size_t i = 0; i < targets.size(); ++i) {
+    if (targets[i] < 0) continue;
+    const float* z = logits.data() + i * size_t(V);
+    const double mx = *std::max_element(z, z + V);
+    double se = 0;
+    for (int v = 0; v < V; ++v) se += std::exp(double(z[v]) - mx);
+    sum += mx + std::log(se) - z[targets[i]];
+    ++count;
+  }
+  return sum / double(count);
+}
+
 // max |a - b| / max |b|: relative to the logits' scale, not per element (which is ill-posed
 // for logits near zero).
 inline double rel_err(const std::vector<float>& a, const std::vector<float>& b) {

@@ -279,17 +279,6 @@ void finish_run(Sweep& s, size_t i, bool reused, bool trained_here) {
   }
 }
 
-// The argmax and cross-entropy of one row of logits against target y.
-void score_row(const float* z, int V, int32_t y, TaskScore& sc, double& nll) {
-  int best = 0;
-  for (int v = 1; v < V; ++v)
-    if (z[v] > z[best]) best = v;
-  double se = 0;
-  for (int v = 0; v < V; ++v) se += std::exp(double(z[v]) - double(z[best]));
-  nll += double(z[best]) + std::log(se) - double(z[y]);
-  sc.correct += best == y;
-  ++sc.scored;
-}
 
 // score_task for a sweep on a device: test examples 0 .. n-1, each run through the model in
 // chunks that end at its scored positions (the memory carries the state between them), so each
@@ -336,7 +325,7 @@ TaskScore score_task_chunked(HybridModel& model, const TaskSpec& s, int64_t n, i
       HM_ASSERT(logits.size() == who.size() * size_t(V));
       for (size_t j = 0; j < who.size(); ++j) {
         const int k = who[j];
-        score_row(logits.data() + j * size_t(V), V, tgt[size_t(k) * L + size_t(pos[size_t(k)][i])], sc, nll);
+        score_logits_row(logits.data() + j * size_t(V), V, tgt[size_t(k) * L + size_t(pos[size_t(k)][i])], sc, nll);
       }
     }
     done += nb;

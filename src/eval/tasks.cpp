@@ -221,6 +221,17 @@ TaskSpec task_from_json(const nlohmann::json& j) {
   return s;
 }
 
+void score_logits_row(const float* z, int V, int32_t y, TaskScore& sc, double& nll) {
+  int best = 0;
+  for (int v = 1; v < V; ++v)
+    if (z[v] > z[best]) best = v;
+  double se = 0;
+  for (int v = 0; v < V; ++v) se += std::exp(double(z[v]) - double(z[best]));
+  nll += double(z[best]) + std::log(se) - double(z[y]);
+  sc.correct += best == y;
+  ++sc.scored;
+}
+
 TaskScore score_task(HybridModel& model, const TaskSpec& s, int64_t n, int batch, uint64_t first) {
   HM_CHECK(n >= 1, "task evaluation needs at least one example (got ", n, ")");
   HM_CHECK(batch >= 1, "task evaluation batch must be >= 1 (got ", batch, ")");
@@ -248,15 +259,7 @@ TaskScore score_task(HybridModel& model, const TaskSpec& s, int64_t n, int batch
     for (int64_t t = 0; t < int64_t(nb) * L; ++t) {
       const int32_t y = tgt[size_t(t)];
       if (y < 0) continue;
-      const float* z = logits.data() + t * V;
-      int best = 0;
-      for (int v = 1; v < V; ++v)
-        if (z[v] > z[best]) best = v;
-      double se = 0;
-      for (int v = 0; v < V; ++v) se += std::exp(double(z[v]) - double(z[best]));
-      nll += double(z[best]) + std::log(se) - double(z[y]);
-      sc.correct += best == y;
-      ++sc.scored;
+      score_logits_row(logits.data() + t * V, V, y, sc, nll);
     }
     done += nb;
     sc.examples = done;

@@ -78,6 +78,10 @@ struct TaskScore {
   double loss = 0;      // mean cross-entropy over the scored positions (nats)
 };
 
+// One scored position: its row of logits z [V] against target y (counts a correct argmax into sc,
+// adds the cross-entropy to nll). score_task's and hm compare's device scorer's one rule.
+void score_logits_row(const float* z, int V, int32_t y, TaskScore& sc, double& nll);
+
 // Scores test examples first .. first+n-1 (seed kTaskTestSeed) with the inference forward
 // (float32 KV cache, every position's logits), `batch` examples per forward. Calls
 // model.prepare() first, so the parameters may have changed since the last forward.
