@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <memory>
 #include <sstream>
 #include <string>
@@ -75,8 +76,9 @@ double rel_diff(const std::unique_ptr<hm::Params>& pa, const std::unique_ptr<hm:
   return d / m;
 }
 
-// The train_log.csv losses (column 3), one per step.
-std::vector<double> losses(const fs::path& run) {
+// A column of train_log.csv (3: train loss, 6: validation loss), one value per step; NaN where
+// the cell is empty (no validation at that step).
+std::vector<double> log_column(const fs::path& run, int col) {
   std::vector<double> out;
   std::istringstream in(read_text(run / "train_log.csv"));
   std::string line;
@@ -84,12 +86,13 @@ std::vector<double> losses(const fs::path& run) {
   while (std::getline(in, line)) {
     std::istringstream row(line);
     std::string cell;
-    for (int k = 0; k < 3 && std::getline(row, cell, ','); ++k) {
-    }
-    out.push_back(std::stod(cell));
+    for (int k = 0; k < col; ++k)
+      if (!std::getline(row, cell, ',')) cell.clear();
+    out.push_back(cell.empty() ? std::numeric_limits<double>::quiet_NaN() : std::stod(cell));
   }
   return out;
 }
+std::vector<double> losses(const fs::path& run) { return log_column(run, 3); }
 
 const std::string kHm = HM_BIN;
 // MQAR draws: targets only at the queries, so the ranks' parts count different numbers of
@@ -177,6 +180,21 @@ TEST(DataParallel, ResumeOnAnotherNumberOfRanks) {
     EXPECT_NEAR(la[i], lr[i], 2e-5) << "step " << i + 1;
     EXPECT_NEAR(lb[i], lr[i], 2e-5) << "step " << i + 1;
   }
+  // Validation (steps 2 and 4): on 2 ranks its windows are dealt out and summed in an
+  // allreduce; the same loss as one process scoring them all.
+  const std::vector<double> vr = log_column(d / "ref", 6), va = log_column(d / "a", 6), vb = log_column(d / "b", 6);
+  int validated = 0;
+  for (size_t i = 0; i < vr.size(); ++i) {
+    if (std::isnan(vr[i])) continue;
+    ++validated;
+    EXPECT_NEAR(va[i], vr[i], 2e-5) << "validation at step " << i + 1;
+    EXPECT_NEAR(vb[i], vr[i], 2e-5) << "validation at step " << i + 1;
+  }
+  EXPECT_EQ(validated, 2);
+  // Rank 0 alone reports: one final line in the 2-rank run's output.
+  const std::string two = read_text(d / "b2.log");
+  EXPECT_EQ(two.find("done at step 4"), two.rfind("done at step 4")) << two;
+  EXPECT_NE(two.find("done at step 4"), std::string::npos) << two;
   fs::remove_all(d);
 }
 
