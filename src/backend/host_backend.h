@@ -371,18 +371,22 @@ class HostBackend : public Backend {
     for (int e = 0; e < E; ++e)  // A = -exp(A_log): dA_log += dA A
       for (int n = 0; n < N; ++n) row(dA_log, e)[n] += dA[size_t(e) * N + n] * A[size_t(e) * N + n];
   }
-  // Mamba-2's training ops: the plain reference loops on both host backends (sequence by
-  // sequence, strides passed through).
+  // Mamba-2's training ops, sequence by sequence, strides passed through: the forward is the
+  // inference scan from a zero state; the backward the reference loops (ref) or their
+  // vectorized, chunk-recomputing copy (cpu, kernels/cpu/grad_simd.cpp).
   void ssd_scan_train(Tensor y, Tensor x, Tensor dt, Tensor dt_bias, Tensor A_log, Tensor B, Tensor C, Tensor Dskip,
                       int heads, int groups, float dt_min, float dt_max, const Ragged& rg) override {
     train_check::ssd_scan(name(), "ssd_scan_train", y, x, dt, dt_bias, A_log, B, C, Dskip, heads, groups, rg);
     const int P = x.cols / heads, N = B.cols / groups;
+    // The inference scan (the cpu backend's chunked one) from a zero state, A = -exp(A_log).
+    std::vector<float> A(static_cast<size_t>(heads)), state;
+    for (int h = 0; h < heads; ++h) A[size_t(h)] = -std::exp(A_log.f32()[h]);
     for (int s = 0; s < rg.nseq(); ++s) {
       const int L = rg.len(s), t0 = rg.start(s);
       if (L == 0) continue;
-      ref::grad::ssd_scan_forward<float>(row(y, t0), int(y.ld), row(x, t0), int(x.ld), row(dt, t0), int(dt.ld),
-                                         dt_bias.f32(), A_log.f32(), row(B, t0), row(C, t0), int(B.ld), Dskip.f32(),
-                                         L, heads, P, groups, N, dt_min, dt_max);
+      state.assign(size_t(heads) * size_t(P) * size_t(N), 0.0f);
+      K::ssd_scan(row(y, t0), int(y.ld), state.data(), row(x, t0), int(x.ld), row(dt, t0), int(dt.ld), dt_bias.f32(),
+                  A.data(), row(B, t0), row(C, t0), int(B.ld), Dskip.f32(), L, heads, P, groups, N, dt_min, dt_max);
     }
   }
   void ssd_scan_backward(Tensor dx, Tensor ddt, Tensor dB, Tensor dC, Tensor ddt_bias, Tensor dA_log, Tensor dDskip,
@@ -399,11 +403,20 @@ class HostBackend : public Backend {
     for (int s = 0; s < rg.nseq(); ++s) {
       const int L = rg.len(s), t0 = rg.start(s);
       if (L == 0) continue;
-      ref::grad::ssd_scan_backward<float>(row(dx, t0), int(dx.ld), row(ddt, t0), int(ddt.ld), row(dB, t0), row(dC, t0),
-                                          int(dB.ld), ddt_bias.f32(), dA_log.f32(), dDskip.f32(), row(dy, t0),
-                                          int(dy.ld), row(x, t0), int(x.ld), row(dt, t0), int(dt.ld), dt_bias.f32(),
-                                          A_log.f32(), row(B, t0), row(C, t0), int(B.ld), Dskip.f32(), L, heads, P,
-                                          groups, N, dt_min, dt_max);
+      if constexpr (kRef)
+        ref::grad::ssd_scan_backward<float>(row(dx, t0), int(dx.ld), row(ddt, t0), int(ddt.ld), row(dB, t0),
+                                            row(dC, t0), int(dB.ld), ddt_bias.f32(), dA_log.f32(), dDskip.f32(),
+                                            row(dy, t0), int(dy.ld), row(x, t0), int(x.ld), row(dt, t0), int(dt.ld),
+                                            dt_bias.f32(), A_log.f32(), row(B, t0), row(C, t0), int(B.ld),
+                                            Dskip.f32(), L, heads, P, groups, N, dt_min, dt_max);
+      else
+        cpu::kernels().grad.ssd_backward(row(dx, t0), int(dx.ld), row(ddt, t0), int(ddt.ld), row(dB, t0), row(dC, t0),
+                                         int(dB.ld), ddt_bias.f32(), dA_log.f32(), dDskip.f32(), row(dy, t0),
+                                         int(dy.ld),
+                                         cpu::SsdGradArgs{row(x, t0), int(x.ld), row(dt, t0), int(dt.ld),
+                                                          dt_bias.f32(), A_log.f32(), row(B, t0), row(C, t0),
+                                                          int(B.ld), Dskip.f32(), L, heads, P, groups, N, dt_min,
+                                                          dt_max});
     }
   }
   void gated_rmsnorm_backward(Tensor dy, Tensor dz, Tensor dw, Tensor dout, Tensor y, Tensor z, Tensor w, int group,

@@ -17,6 +17,18 @@ struct ScanGradArgs {
   int L, E, N;
 };
 constexpr int kScanGradLanes = 8;  // the fast scan needs N % kScanGradLanes == 0
+// Training's Mamba-2 SSD scan (kernels/ref/ssd_grad_ref.h's layout and arguments).
+struct SsdGradArgs {
+  const float* x;
+  int ldx;
+  const float* dt;
+  int lddt;
+  const float *dt_bias, *A_log, *B, *C;
+  int ldbc;
+  const float* Dskip;
+  int L, H, P, G, N;
+  double dt_min, dt_max;
+};
 
 // The SIMD pieces of grad_cpu.cpp's blocks (the rest is sgemm and bookkeeping, compiled once).
 #define HM_DECLARE_GRAD_KERNELS                                                                    \
@@ -27,6 +39,10 @@ constexpr int kScanGradLanes = 8;  // the fast scan needs N % kScanGradLanes == 
   void scan_backward(float* dx, float* ddt, float* ddt_bias, float* dA, float* dB, float* dC,     \
                      float* dD, float* dz, const float* dy, const ScanGradArgs& s,                 \
                      const double* chunk_states, int chunk);                                       \
+  /* ref::grad::ssd_scan_backward: the same sums in double, states recomputed per chunk */       \
+  void ssd_backward(float* dx, int lddx, float* ddt, int lddt_out, float* dB, float* dC, int lddbc, \
+                    float* ddt_bias, float* dA_log, float* dDskip, const float* dy, int lddy,       \
+                    const SsdGradArgs& a);                                                          \
   /* ref::grad::conv1d_silu_backward (dx assigned, dw and db accumulated) */                       \
   void conv1d_silu_backward(float* dx, float* dw, float* db, const float* dout, const float* x,   \
                             const float* w, const float* b, int L, int E, int K);                  \
@@ -51,6 +67,8 @@ struct KernelTable {
     void (*scan_forward)(float*, const ScanGradArgs&, double*, int);
     void (*scan_backward)(float*, float*, float*, float*, float*, float*, float*, float*,
                           const float*, const ScanGradArgs&, const double*, int);
+    void (*ssd_backward)(float*, int, float*, int, float*, float*, int, float*, float*, float*, const float*, int,
+                         const SsdGradArgs&);
     void (*conv1d_silu_backward)(float*, float*, float*, const float*, const float*, const float*,
                                  const float*, int, int, int);
     float (*softmax_causal_row)(float*, int, int);

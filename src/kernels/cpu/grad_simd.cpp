@@ -315,6 +315,112 @@ void scan_backward(float* dx, float* ddt, float* ddt_bias, float* dA, float* dB,
   }
 }
 
+// ---------------------------------------------------------------- Mamba-2 SSD scan backward
+// ref::grad::ssd_scan_backward's sums, in double, with the states recomputed per chunk of
+// kSsdChunk tokens from checkpoints taken on a first forward walk (the reference keeps all L of
+// a head). The loops over the state index n are what vectorizes: per (token, channel p) they
+// read and write rows of N doubles and reduce two sums.
+namespace {
+constexpr int kSsdChunk = 32;
+}  // namespace
+
+void ssd_backward(float* dx, int lddx, float* ddt, int lddt_out, float* dB, float* dC, int lddbc, float* ddt_bias,
+                  float* dA_log, float* dDskip, const float* dy, int lddy, const SsdGradArgs& a) {
+  const int L = a.L, H = a.H, P = a.P, G = a.G, N = a.N, hpg = H / G, GN = G * N;
+  const size_t PN = sz(P, N);
+  const int nch = (L + kSsdChunk - 1) / kSsdChunk;
+  Buf<double> gB(sz(L, GN), 0.0), gC(sz(L, GN), 0.0);  // dB, dC summed over a group's heads
+  Buf<double> ck(sz(nch, int(PN))), S(sz(kSsdChunk + 1, int(PN))), Gs(PN), run(PN);
+  Buf<double> delta(static_cast<size_t>(L)), ddu(static_cast<size_t>(L)), decay(static_cast<size_t>(L));
+  for (int h = 0; h < H; ++h) {
+    const int g = h / hpg;
+    const double A = -std::exp(double(a.A_log[h])), D = a.Dskip[h];
+    for (int t = 0; t < L; ++t) {  // delta = clamp(softplus(dt + bias)); the clamp passes the gradient inside
+      const double u = double(a.dt[sz(t, a.lddt) + size_t(h)]) + double(a.dt_bias[h]);
+      const double sp = u > 20.0 ? u : std::log1p(std::exp(u));
+      const double dl = std::min(std::max(sp, a.dt_min), a.dt_max);
+      delta[size_t(t)] = dl;
+      ddu[size_t(t)] = (sp >= a.dt_min && sp <= a.dt_max) ? 1.0 / (1.0 + std::exp(-u)) : 0.0;
+      decay[size_t(t)] = std::exp(dl * A);
+    }
+    // The forward walk: the state entering every chunk.
+    std::fill(run.begin(), run.end(), 0.0);
+    for (int t = 0; t < L; ++t) {
+      if (t % kSsdChunk == 0) std::copy(run.begin(), run.end(), ck.begin() + std::ptrdiff_t(sz(t / kSsdChunk, int(PN))));
+      const float* Bt = a.B + sz(t, a.ldbc) + sz(g, N);
+      const double dec = decay[size_t(t)], dl = delta[size_t(t)];
+      for (int p = 0; p < P; ++p) {
+        const double cx = dl * double(a.x[sz(t, a.ldx) + sz(h, P) + size_t(p)]);
+        double* r = &run[sz(p, N)];
+#pragma omp simd
+        for (int n = 0; n < N; ++n) r[n] = dec * r[n] + cx * double(Bt[n]);
+      }
+    }
+    std::fill(Gs.begin(), Gs.end(), 0.0);  // dL/dS, carried down
+    double dA = 0, dDacc = 0, dbias = 0;
+    for (int c = nch - 1; c >= 0; --c) {
+      const int t0 = c * kSsdChunk, len = std::min(kSsdChunk, L - t0);
+      std::copy(ck.begin() + std::ptrdiff_t(sz(c, int(PN))), ck.begin() + std::ptrdiff_t(sz(c + 1, int(PN))),
+                S.begin());
+      for (int i = 0; i < len; ++i) {  // S[i + 1]: the state after token t0 + i
+        const int t = t0 + i;
+        const float* Bt = a.B + sz(t, a.ldbc) + sz(g, N);
+        const double dec = decay[size_t(t)], dl = delta[size_t(t)];
+        for (int p = 0; p < P; ++p) {
+          const double cx = dl * double(a.x[sz(t, a.ldx) + sz(h, P) + size_t(p)]);
+          const double* prev = &S[sz(i, int(PN)) + sz(p, N)];
+          double* cur = &S[sz(i + 1, int(PN)) + sz(p, N)];
+#pragma omp simd
+          for (int n = 0; n < N; ++n) cur[n] = dec * prev[n] + cx * double(Bt[n]);
+        }
+      }
+      for (int i = len - 1; i >= 0; --i) {
+        const int t = t0 + i;
+        const float *Bt = a.B + sz(t, a.ldbc) + sz(g, N), *Ct = a.C + sz(t, a.ldbc) + sz(g, N);
+        const double dec = decay[size_t(t)], dl = delta[size_t(t)];
+        double* gCt = &gC[sz(t, GN) + sz(g, N)];
+        double* gBt = &gB[sz(t, GN) + sz(g, N)];
+        double ddelta = 0, dprev = 0;  // sum G . (x B^T), sum G . S_{t-1}
+        for (int p = 0; p < P; ++p) {
+          const size_t xo = sz(t, a.ldx) + sz(h, P) + size_t(p);
+          const double gy = dy[sz(t, lddy) + sz(h, P) + size_t(p)], xt = a.x[xo];
+          dDacc += gy * xt;  // y += D x
+          double* Gp = &Gs[sz(p, N)];
+          const double* cur = &S[sz(i + 1, int(PN)) + sz(p, N)];
+          const double* prev = &S[sz(i, int(PN)) + sz(p, N)];
+          const double dlx = dl * xt;
+          double gb = 0, gp = 0;
+#pragma omp simd reduction(+ : gb, gp)
+          for (int n = 0; n < N; ++n) {
+            const double Gn = Gp[n] + gy * double(Ct[n]);  // y = S_t C_t
+            gCt[n] += gy * cur[n];
+            gb += Gn * double(Bt[n]);  // S_t += delta x B^T: dx, d delta
+            gBt[n] += dlx * Gn;
+            gp += Gn * prev[n];
+            Gp[n] = Gn * dec;  // S_t = exp(delta A) S_{t-1}
+          }
+          dx[sz(t, lddx) + sz(h, P) + size_t(p)] = float(D * gy + dl * gb);
+          ddelta += xt * gb;
+          dprev += gp;
+        }
+        ddelta += dprev * dec * A;  // d exp(delta A) = exp(delta A) (A d delta + delta dA)
+        dA += dprev * dec * dl;
+        const double du = ddelta * ddu[size_t(t)];
+        ddt[sz(t, lddt_out) + size_t(h)] = float(du);
+        dbias += du;
+      }
+    }
+    ddt_bias[h] += float(dbias);
+    dA_log[h] += float(dA * A);  // A = -exp(A_log)
+    dDskip[h] += float(dDacc);
+  }
+  for (int t = 0; t < L; ++t)
+    for (int j = 0; j < GN; ++j) {
+      dB[sz(t, lddbc) + size_t(j)] = float(gB[sz(t, GN) + size_t(j)]);
+      dC[sz(t, lddbc) + size_t(j)] = float(gC[sz(t, GN) + size_t(j)]);
+    }
+}
+
 // ---------------------------------------------------------------- causal conv + SiLU backward
 // ref::grad::conv1d_silu_backward with 16 channels per vector (rows are token-major, so the
 // reference's per-channel walk over t strided through memory), one block of channels at a time
