@@ -675,8 +675,8 @@ void train(const TrainConfig& given) {
   HM_CHECK(c.compute != DType::F16, "training in f16 needs loss scaling, which is not implemented (its gradients "
            "underflow); use --dtype bf16");
   HM_CHECK(c.device != Device::CUDA || mc.mamba2_layers.empty(), "the model has Mamba-2 layers, which train on the "
-           "CPU only so far (--device cpu): their CUDA backward (ssd_scan_backward, gated_rmsnorm_backward) is not "
-           "written yet");
+           "CPU only so far (--device cpu): their CUDA kernels (ssd_scan_backward, gated_rmsnorm_backward) are written "
+           "but not yet verified on a GPU");
   HM_CHECK(!on_device || c.scan_chunk == 0, "--scan-chunk applies to the CPU's scan; on CUDA the scan keeps one "
            "state per 64-token chunk and recomputes the rest");
   if (!on_device) {  // Everything the run allocates, before it does (--max-memory, MemAvailable).

@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -483,6 +484,80 @@ TEST_P(CudaGradOps, AttentionTensorCoreTiles) {
 
 // Determinism (issue 15): every op with a reduction gives the same bits when rerun on the same
 // inputs (no atomics; fixed orders).
+// Mamba-2's training ops (kernels/cuda/ssd_grad.cu) against the cpu backend's (the inference
+// scan from zero, the vectorized reference backward): every sequence from a zero state, B | C as
+// column views of one matrix and dB | dC of another, groups of heads, a time_step_limit that
+// clamps, odd d_state and head sizes; the parameter gradients float32, accumulated into.
+TEST_P(CudaGradOps, SsdScanTrainAndBackward) {
+  setenv("HM_CUDA_SSD_TRAIN_UNVERIFIED", "1", 1);  // the backend's gate until this passes on a GPU
+  hm::Rng rng(131);
+  struct Shape {
+    int H, P, G, N;
+    float dt_min, dt_max;
+  };
+  for (const Shape& k : {Shape{3, 7, 1, 16, 0.0f, INFINITY}, Shape{4, 5, 2, 5, 0.02f, 0.4f}, Shape{2, 16, 2, 64, 0.0f, INFINITY}})
+    for (const auto& lens : kSeqs) {
+      hm::Ragged rg, rc;
+      fill(rg, gpu(), lens, std::vector<int>(lens.size(), 0));
+      fill(rc, cpu(), lens, std::vector<int>(lens.size(), 0));
+      const int T_ = rg.n_tokens(), E = k.H * k.P, GN = k.G * k.N;
+      if (T_ == 0) continue;
+      Both x(gpu(), T(), T_, E + 1, normal(rng)), dt(gpu(), T(), T_, k.H + 2, normal(rng, 1, -1.5)),
+          bc(gpu(), T(), T_, 2 * GN + 3, normal(rng)), bias(gpu(), T(), 1, k.H, normal(rng, 0.5)),
+          Dk(gpu(), T(), 1, k.H, normal(rng)), alog(gpu(), DType::F32, 1, k.H, normal(rng, 0.5, 0.5)),
+          dy(gpu(), T(), T_, E + 2, normal(rng));
+      Both y = Both::out(gpu(), T(), T_, E + 2);
+      gpu().ssd_scan_train(y.dev(1, E), x.dev(0, E), dt.dev(1, k.H), bias.dev(0, k.H), alog.dev(0, k.H),
+                           bc.dev(1, GN), bc.dev(1 + GN, GN), Dk.dev(0, k.H), k.H, k.G, k.dt_min, k.dt_max, rg);
+      cpu().ssd_scan_train(y.cpu(1, E), x.cpu(0, E), dt.cpu(1, k.H), bias.cpu(0, k.H), alog.cpu(0, k.H),
+                           bc.cpu(1, GN), bc.cpu(1 + GN, GN), Dk.cpu(0, k.H), k.H, k.G, k.dt_min, k.dt_max, rc);
+      std::ostringstream what;
+      what << "H " << k.H << " P " << k.P << " G " << k.G << " N " << k.N << ", " << lens.size() << " seqs of " << T_
+           << " rows: ";
+      EXPECT_TRUE(matches(what.str() + "y", gpu(), y, 1, E, 2 * bound(T())));
+      Both dx = Both::out(gpu(), T(), T_, E + 3), ddt = Both::out(gpu(), T(), T_, k.H + 1),
+           dbc = Both::out(gpu(), T(), T_, 2 * GN + 2);
+      Both dbias(gpu(), DType::F32, 1, k.H, normal(rng)), dalog(gpu(), DType::F32, 1, k.H, normal(rng)),
+          dD(gpu(), DType::F32, 1, k.H, normal(rng));
+      gpu().ssd_scan_backward(dx.dev(2, E), ddt.dev(1, k.H), dbc.dev(0, GN), dbc.dev(GN, GN), dbias.dev(0, k.H),
+                              dalog.dev(0, k.H), dD.dev(0, k.H), dy.dev(1, E), x.dev(0, E), dt.dev(1, k.H),
+                              bias.dev(0, k.H), alog.dev(0, k.H), bc.dev(1, GN), bc.dev(1 + GN, GN), Dk.dev(0, k.H),
+                              k.H, k.G, k.dt_min, k.dt_max, rg);
+      cpu().ssd_scan_backward(dx.cpu(2, E), ddt.cpu(1, k.H), dbc.cpu(0, GN), dbc.cpu(GN, GN), dbias.cpu(0, k.H),
+                              dalog.cpu(0, k.H), dD.cpu(0, k.H), dy.cpu(1, E), x.cpu(0, E), dt.cpu(1, k.H),
+                              bias.cpu(0, k.H), alog.cpu(0, k.H), bc.cpu(1, GN), bc.cpu(1 + GN, GN), Dk.cpu(0, k.H),
+                              k.H, k.G, k.dt_min, k.dt_max, rc);
+      EXPECT_TRUE(matches(what.str() + "dx", gpu(), dx, 2, E, bound(T())));
+      EXPECT_TRUE(matches(what.str() + "ddt", gpu(), ddt, 1, k.H, bound(T())));
+      EXPECT_TRUE(matches(what.str() + "dB|dC", gpu(), dbc, 0, 2 * GN, bound(T())));
+      EXPECT_TRUE(matches(what.str() + "ddt_bias", gpu(), dbias, 0, k.H, kFloatTol));
+      EXPECT_TRUE(matches(what.str() + "dA_log", gpu(), dalog, 0, k.H, kFloatTol));
+      EXPECT_TRUE(matches(what.str() + "dD", gpu(), dD, 0, k.H, kFloatTol));
+    }
+}
+
+// rmsnorm(y silu(z)) w per group: dy and dz assigned, dw (float) accumulated.
+TEST_P(CudaGradOps, GatedRmsnormBackward) {
+  setenv("HM_CUDA_SSD_TRAIN_UNVERIFIED", "1", 1);
+  hm::Rng rng(132);
+  for (auto [n, E, group] : {std::tuple{7, 96, 96}, std::tuple{33, 96, 32}, std::tuple{1, 30, 10},
+                             std::tuple{700, 1000, 500}}) {
+    Both y(gpu(), T(), n, E + 1, normal(rng)), z(gpu(), T(), n, E + 2, normal(rng, 1.5)),
+        w(gpu(), T(), 1, E, normal(rng, 0.2, 1)), g(gpu(), T(), n, E, normal(rng)),
+        dw(gpu(), DType::F32, 1, E, normal(rng, 0.1));
+    Both dy = Both::out(gpu(), T(), n, E + 3), dz = Both::out(gpu(), T(), n, E + 1);
+    gpu().gated_rmsnorm_backward(dy.dev(3, E), dz.dev(0, E), dw.dev(0, E), g.dev(0, E), y.dev(1, E), z.dev(2, E),
+                                 w.dev(0, E), group, 1e-5f);
+    cpu().gated_rmsnorm_backward(dy.cpu(3, E), dz.cpu(0, E), dw.cpu(0, E), g.cpu(0, E), y.cpu(1, E), z.cpu(2, E),
+                                 w.cpu(0, E), group, 1e-5f);
+    std::ostringstream what;
+    what << "n " << n << " E " << E << " group " << group << ": ";
+    EXPECT_TRUE(matches(what.str() + "dy", gpu(), dy, 3, E, bound(T())));
+    EXPECT_TRUE(matches(what.str() + "dz", gpu(), dz, 0, E, bound(T())));
+    EXPECT_TRUE(matches(what.str() + "dw", gpu(), dw, 0, E, kFloatTol));
+  }
+}
+
 TEST_P(CudaGradOps, RerunsAreBitIdentical) {
   hm::Rng rng(109);
   auto twice = [&](const char* what, const std::vector<const Both*>& outs, const std::function<void()>& run) {

@@ -102,6 +102,31 @@ void ssd_scan(T* y, int ldy, float* ssm_state, const T* x, int ldx, const T* dt,
               const float* A, const T* B, const T* C, int ldbc, const T* Dskip, const RaggedBatch& rb, int H, int P,
               int G, int N, float dt_min, float dt_max, cudaStream_t stream);
 
+// Mamba-2 training (ssd_grad.cu), every sequence of rb from a zero state; training batches put
+// sequence s in slot s. ssd_scan_train: the inference scan over a zeroed pool, A = -exp(A_log)
+// [H] float formed inside (workspace: ssd_train_workspace_bytes). ssd_scan_backward:
+// ref::grad::ssd_scan_backward (dx, ddt, dB, dC assigned; ddt_bias, dA_log, dDskip float [H]
+// accumulated; workspace: ssd_backward_workspace_bytes). gated_rmsnorm_backward:
+// ref::grad::gated_rmsnorm_backward (dy, dz assigned; dw float [E] accumulated; workspace:
+// gated_rmsnorm_backward_workspace_bytes). Deterministic: every sum in a fixed order.
+size_t ssd_train_workspace_bytes(const RaggedBatch& rb, int H, int P, int N);
+size_t ssd_backward_workspace_bytes(const RaggedBatch& rb, int H, int P, int N);
+size_t gated_rmsnorm_backward_workspace_bytes(int n, int E);
+template <class T>
+void ssd_scan_train(T* y, int ldy, const T* x, int ldx, const T* dt, int lddt, const T* dt_bias, const float* A_log,
+                    const T* B, const T* C, int ldbc, const T* Dskip, const RaggedBatch& rb, int H, int P, int G,
+                    int N, float dt_min, float dt_max, void* workspace, cudaStream_t stream);
+template <class T>
+void ssd_scan_backward(T* dx, int lddx, T* ddt, int lddt_out, T* dB, T* dC, int lddbc, float* ddt_bias, float* dA_log,
+                       float* dDskip, const T* dy, int lddy, const T* x, int ldx, const T* dt, int lddt,
+                       const T* dt_bias, const float* A_log, const T* B, const T* C, int ldbc, const T* Dskip,
+                       const RaggedBatch& rb, int H, int P, int G, int N, float dt_min, float dt_max,
+                       void* workspace, cudaStream_t stream);
+template <class T>
+void gated_rmsnorm_backward(T* dy, int lddy, T* dz, int lddz, float* dw, const T* dout, int lddo, const T* y, int ldy,
+                            const T* z, int ldz, const T* w, int n, int E, int group, float eps, void* workspace,
+                            cudaStream_t stream);
+
 // Mamba-2's gated RMSNorm (ref::gated_rmsnorm): g = y * silu(z) in float, each group of `group`
 // columns of a row scaled by rsqrt(mean(g^2) + eps), times w. y, z, out [n, E] (own strides).
 template <class T>

@@ -1,0 +1,355 @@
+// Mamba-2 training on CUDA: the SSD scan from a zero state (the inference kernel over a zeroed
+// pool), its backward (ref::grad::ssd_scan_backward's sums, the states recomputed per chunk of
+// kChunk tokens from checkpoints) and the gated RMSNorm's backward.
+//
+// The backward is written for correctness first: one block per (sequence, head) walks the
+// sequence's tokens in order; each thread owns a fixed set of the head's P x N state elements
+// (so the forward walk and the per-chunk recompute need no synchronization), and the sums over
+// channels and states of each token are block reductions in a fixed order. dB and dC (summed
+// over a group's heads) and the per-head parameter sums (over sequences) are written per head or
+// per sequence and added in order by two small kernels, so every result is deterministic.
+// Workspace: ssd_backward_workspace_bytes. The chunked matmul form (the Mamba-2 paper's SSD) is
+// the fast one; this one is the reference the fast one will be checked against on the device.
+#include <cstdint>
+
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/cuda_ops.h"
+
+namespace hm::cuda {
+namespace {
+
+constexpr int kChunk = 32;     // tokens recomputed from one checkpoint
+constexpr int kThreads = 256;  // per block
+
+// The per-(sequence, head) scratch, in doubles, laid out from the block's base.
+struct SsdScratch {
+  int64_t PN, nch, max_len;
+  __host__ __device__ int64_t ck() const { return 0; }                         // [nch][PN]
+  __host__ __device__ int64_t S() const { return nch * PN; }                  // [kChunk + 1][PN]
+  __host__ __device__ int64_t G() const { return S() + (kChunk + 1) * PN; }   // [PN] dL/dS carried
+  __host__ __device__ int64_t Gn() const { return G() + PN; }                 // [PN] this token's dL/dS_t
+  __host__ __device__ int64_t delta() const { return Gn() + PN; }             // [max_len]
+  __host__ __device__ int64_t ddu() const { return delta() + max_len; }       // [max_len]
+  __host__ __device__ int64_t decay() const { return ddu() + max_len; }       // [max_len]
+  __host__ __device__ int64_t size() const { return decay() + max_len; }
+};
+
+__device__ double block_sum(double v, double* red) {
+  red[threadIdx.x] = v;
+  __syncthreads();
+  for (int o = kThreads / 2; o > 0; o >>= 1) {
+    if (int(threadIdx.x) < o) red[threadIdx.x] += red[threadIdx.x + o];
+    __syncthreads();
+  }
+  const double r = red[0];
+  __syncthreads();
+  return r;
+}
+
+// Grid (H, nseq). part_bc [n_tokens, H, 2, N] float: per token and head, gB then gC summed over
+// the head's channels; part_p [nseq, H, 3] double: ddt_bias, dA_log, dD of the sequence.
+template <class T>
+__global__ void __launch_bounds__(kThreads) ssd_backward_kernel(
+    T* __restrict__ dx, int lddx, T* __restrict__ ddt, int lddt_out, float* __restrict__ part_bc,
+    double* __restrict__ part_p, const T* __restrict__ dy, int lddy, const T* __restrict__ x, int ldx,
+    const T* __restrict__ dt, int lddt, const T* __restrict__ dt_bias, const float* __restrict__ A_log,
+    const T* __restrict__ B, const T* __restrict__ C, int ldbc, const T* __restrict__ Dskip,
+    const int32_t* __restrict__ cu, int H, int P, int G, int N, float dt_min, float dt_max, double* ws,
+    SsdScratch sc) {
+  __shared__ double red[kThreads];
+  const int h = blockIdx.x, s = blockIdx.y, g = h / (H / G);
+  const int row0 = cu[s], L = cu[s + 1] - row0;
+  double* base = ws + (int64_t(s) * H + h) * sc.size();
+  double *ck = base + sc.ck(), *S = base + sc.S(), *Gs = base + sc.G(), *Gn = base + sc.Gn();
+  double *delta = base + sc.delta(), *ddu = base + sc.ddu(), *decay = base + sc.decay();
+  const int64_t PN = sc.PN;
+  const double A = -exp(double(A_log[h])), D = to_f(Dskip[h]), bias = to_f(dt_bias[h]);
+  for (int t = threadIdx.x; t < L; t += kThreads) {
+    const double u = double(to_f(dt[int64_t(row0 + t) * lddt + h])) + bias;
+    const double sp = u > 20.0 ? u : log1p(exp(u));
+    const double dl = fmin(fmax(sp, double(dt_min)), double(dt_max));
+    delta[t] = dl;
+    ddu[t] = (sp >= double(dt_min) && sp <= double(dt_max)) ? 1.0 / (1.0 + exp(-u)) : 0.0;
+    decay[t] = exp(dl * A);
+  }
+  __syncthreads();
+  // The forward walk: each thread its own elements; the state entering every chunk kept.
+  for (int64_t i = threadIdx.x; i < PN; i += kThreads) {
+    const int p = int(i / N), n = int(i % N);
+    double v = 0;
+    for (int t = 0; t < L; ++t) {
+      if (t % kChunk == 0) ck[int64_t(t / kChunk) * PN + i] = v;
+      const int64_t r = row0 + t;
+      v = decay[t] * v + delta[t] * double(to_f(x[r * ldx + int64_t(h) * P + p])) *
+                             double(to_f(B[r * ldbc + int64_t(g) * N + n]));
+    }
+    Gs[i] = 0;
+  }
+  __syncthreads();
+  double dA = 0, dD = 0, dbias = 0;  // thread 0's
+  const int nch = (L + kChunk - 1) / kChunk;
+  for (int c = nch - 1; c >= 0; --c) {
+    const int t0 = c * kChunk, len = min(kChunk, L - t0);
+    for (int64_t i = threadIdx.x; i < PN; i += kThreads) {  // S[k + 1]: the state after token t0 + k
+      const int p = int(i / N), n = int(i % N);
+      double v = ck[int64_t(c) * PN + i];
+      S[i] = v;
+      for (int k = 0; k < len; ++k) {
+        const int64_t r = row0 + t0 + k;
+        v = decay[t0 + k] * v + delta[t0 + k] * double(to_f(x[r * ldx + int64_t(h) * P + p])) *
+                                    double(to_f(B[r * ldbc + int64_t(g) * N + n]));
+        S[int64_t(k + 1) * PN + i] = v;
+      }
+    }
+    __syncthreads();
+    for (int k = len - 1; k >= 0; --k) {
+      const int t = t0 + k;
+      const int64_t r = row0 + t;
+      const double dl = delta[t], dec = decay[t];
+      const double* cur = S + int64_t(k + 1) * PN;
+      const double* prev = S + int64_t(k) * PN;
+      double gp = 0;  // sum G . S_{t-1}, this thread's part
+      for (int64_t i = threadIdx.x; i < PN; i += kThreads) {
+        const int p = int(i / N), n = int(i % N);
+        const double gy = to_f(dy[r * lddy + int64_t(h) * P + p]);
+        const double v = Gs[i] + gy * double(to_f(C[r * ldbc + int64_t(g) * N + n]));  // y = S_t C_t
+        Gn[i] = v;
+        gp += v * prev[i];
+        Gs[i] = v * dec;  // S_t = exp(delta A) S_{t-1}
+      }
+      const double gp_all = block_sum(gp, red);  // also orders Gn's writes before the reads below
+      // Per channel p: dx, and its share of d delta and dD.
+      double dd = 0, dDt = 0;
+      for (int p = threadIdx.x; p < P; p += kThreads) {
+        const double gy = to_f(dy[r * lddy + int64_t(h) * P + p]);
+        const double xt = to_f(x[r * ldx + int64_t(h) * P + p]);
+        double gb = 0;
+        for (int n = 0; n < N; ++n) gb += Gn[int64_t(p) * N + n] * double(to_f(B[r * ldbc + int64_t(g) * N + n]));
+        dx[r * lddx + int64_t(h) * P + p] = from_f<T>(float(D * gy + dl * gb));
+        dd += xt * gb;
+        dDt += gy * xt;
+      }
+      // Per state n: the head's gB and gC of this token (summed over p).
+      for (int n = threadIdx.x; n < N; n += kThreads) {
+        double gB = 0, gC = 0;
+        for (int p = 0; p < P; ++p) {
+          const double gy = to_f(dy[r * lddy + int64_t(h) * P + p]);
+          const double xt = to_f(x[r * ldx + int64_t(h) * P + p]);
+          gB += dl * xt * Gn[int64_t(p) * N + n];
+          gC += gy * cur[int64_t(p) * N + n];
+        }
+        float* pb = part_bc + (r * H + h) * 2 * int64_t(N);
+        pb[n] = float(gB);
+        pb[N + n] = float(gC);
+      }
+      const double dd_all = block_sum(dd, red), dD_all = block_sum(dDt, red);
+      if (threadIdx.x == 0) {
+        const double ddelta = dd_all + gp_all * dec * A;  // d exp(delta A) = exp(delta A)(A d delta + delta dA)
+        dA += gp_all * dec * dl;
+        dD += dD_all;
+        const double du = ddelta * ddu[t];
+        ddt[r * lddt_out + h] = from_f<T>(float(du));
+        dbias += du;
+      }
+      __syncthreads();
+    }
+  }
+  if (threadIdx.x == 0) {
+    double* pp = part_p + (int64_t(s) * H + h) * 3;
+    pp[0] = dbias;
+    pp[1] = dA * A;  // A = -exp(A_log)
+    pp[2] = dD;
+  }
+}
+
+// dB, dC [t, g*N + n] = the sums over the group's heads of part_bc (assigned).
+template <class T>
+__global__ void ssd_bc_finish_kernel(T* __restrict__ dB, T* __restrict__ dC, int lddbc,
+                                     const float* __restrict__ part_bc, int n_tokens, int H, int G, int N) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= int64_t(n_tokens) * G * N) return;
+  const int64_t t = i / (int64_t(G) * N);
+  const int j = int(i % (int64_t(G) * N)), g = j / N, n = j % N, hpg = H / G;
+  double sB = 0, sC = 0;
+  for (int h = g * hpg; h < (g + 1) * hpg; ++h) {
+    const float* pb = part_bc + (t * H + h) * 2 * int64_t(N);
+    sB += pb[n];
+    sC += pb[N + n];
+  }
+  dB[t * lddbc + j] = from_f<T>(float(sB));
+  dC[t * lddbc + j] = from_f<T>(float(sC));
+}
+
+// ddt_bias, dA_log, dDskip [h] += the sums over sequences of part_p, in order.
+__global__ void ssd_param_finish_kernel(float* __restrict__ ddt_bias, float* __restrict__ dA_log,
+                                        float* __restrict__ dDskip, const double* __restrict__ part_p, int nseq,
+                                        int H) {
+  const int h = int(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (h >= H) return;
+  double b = 0, a = 0, d = 0;
+  for (int s = 0; s < nseq; ++s) {
+    const double* pp = part_p + (int64_t(s) * H + h) * 3;
+    b += pp[0];
+    a += pp[1];
+    d += pp[2];
+  }
+  ddt_bias[h] += float(b);
+  dA_log[h] += float(a);
+  dDskip[h] += float(d);
+}
+
+// The gated RMSNorm's backward, one block per row (ref::grad::gated_rmsnorm_backward): dy and dz
+// assigned, the row's share of dw into part_w [n, E] float (summed over rows in order by
+// colsum_add_kernel).
+template <class T>
+__global__ void __launch_bounds__(kThreads) gated_norm_backward_kernel(
+    T* __restrict__ dy, int lddy, T* __restrict__ dz, int lddz, float* __restrict__ part_w,
+    const T* __restrict__ dout, int lddo, const T* __restrict__ y, int ldy, const T* __restrict__ z, int ldz,
+    const T* __restrict__ w, int E, int group, float eps) {
+  __shared__ double red[kThreads];
+  const int64_t i = blockIdx.x;
+  for (int j0 = 0; j0 < E; j0 += group) {
+    double ss = 0, dot = 0;
+    for (int j = j0 + int(threadIdx.x); j < j0 + group; j += kThreads) {
+      const double zj = to_f(z[i * ldz + j]);
+      const double v = double(to_f(y[i * ldy + j])) * zj / (1.0 + exp(-zj));
+      ss += v * v;
+      dot += double(to_f(w[j])) * double(to_f(dout[i * lddo + j])) * v;
+    }
+    ss = block_sum(ss, red);
+    dot = block_sum(dot, red);
+    const double r = 1.0 / sqrt(ss / double(group) + double(eps));
+    for (int j = j0 + int(threadIdx.x); j < j0 + group; j += kThreads) {
+      const double zj = to_f(z[i * ldz + j]), yj = to_f(y[i * ldy + j]), go = to_f(dout[i * lddo + j]);
+      const double sg = 1.0 / (1.0 + exp(-zj));
+      const double v = yj * zj * sg;
+      const double dv = r * double(to_f(w[j])) * go - v * r * r * r / double(group) * dot;
+      dy[i * lddy + j] = from_f<T>(float(dv * zj * sg));                           // silu(z)
+      dz[i * lddz + j] = from_f<T>(float(dv * yj * sg * (1.0 + zj * (1.0 - sg))));  // silu'(z)
+      part_w[i * E + j] = float(go * v * r);
+    }
+  }
+}
+
+// dw[j] += sum over rows of part_w[:, j], in row order.
+__global__ void colsum_add_kernel(float* __restrict__ dw, const float* __restrict__ part_w, int n, int E) {
+  const int j = int(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= E) return;
+  double acc = 0;
+  for (int i = 0; i < n; ++i) acc += part_w[int64_t(i) * E + j];
+  dw[j] += float(acc);
+}
+
+__global__ void neg_exp_kernel(float* __restrict__ A, const float* __restrict__ A_log, int H) {
+  const int h = int(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (h < H) A[h] = -expf(A_log[h]);
+}
+
+SsdScratch scratch_of(int max_len, int P, int N) {
+  SsdScratch sc;
+  sc.PN = int64_t(P) * N;
+  sc.nch = ceil_div(max(max_len, 1), kChunk);
+  sc.max_len = max(max_len, 1);
+  return sc;
+}
+
+// The workspace's parts, in bytes from its start: per-block scratch, part_bc, part_p.
+struct SsdLayout {
+  size_t scratch, bc, p, total;
+};
+SsdLayout layout_of(const RaggedBatch& rb, int H, int P, int N) {
+  const SsdScratch sc = scratch_of(rb.max_len, P, N);
+  SsdLayout l;
+  l.scratch = 0;
+  l.bc = size_t(rb.nseq) * size_t(H) * size_t(sc.size()) * sizeof(double);
+  l.p = l.bc + (size_t(rb.n_tokens) * size_t(H) * 2 * size_t(N) * sizeof(float) + 255) / 256 * 256;
+  l.total = l.p + size_t(rb.nseq) * size_t(H) * 3 * sizeof(double);
+  return l;
+}
+
+}  // namespace
+
+size_t ssd_train_workspace_bytes(const RaggedBatch& rb, int H, int P, int N) {
+  // The forward's zeroed state pool [nseq, H, P, N] float and A [H] float.
+  return (size_t(rb.nseq) * size_t(H) * size_t(P) * size_t(N) + size_t(H)) * sizeof(float);
+}
+
+size_t ssd_backward_workspace_bytes(const RaggedBatch& rb, int H, int P, int N) {
+  return layout_of(rb, H, P, N).total;
+}
+
+template <class T>
+void ssd_scan_train(T* y, int ldy, const T* x, int ldx, const T* dt, int lddt, const T* dt_bias, const float* A_log,
+                    const T* B, const T* C, int ldbc, const T* Dskip, const RaggedBatch& rb, int H, int P, int G,
+                    int N, float dt_min, float dt_max, void* workspace, cudaStream_t stream) {
+  if (rb.nseq <= 0 || rb.n_tokens <= 0) return;
+  float* pool = static_cast<float*>(workspace);
+  float* A = pool + size_t(rb.nseq) * size_t(H) * size_t(P) * size_t(N);
+  HM_CUDA_OK(cudaMemsetAsync(pool, 0, size_t(rb.nseq) * size_t(H) * size_t(P) * size_t(N) * sizeof(float), stream),
+             "cudaMemsetAsync");
+  neg_exp_kernel<<<ceil_div(H, 128), 128, 0, stream>>>(A, A_log, H);
+  HM_CUDA_LAUNCHED("ssd_scan_train");
+  // Training batches put sequence s in slot s (BatchGrad's Ragged): the pool is dense.
+  ssd_scan<T>(y, ldy, pool, x, ldx, dt, lddt, dt_bias, A, B, C, ldbc, Dskip, rb, H, P, G, N, dt_min, dt_max, stream);
+}
+
+template <class T>
+void ssd_scan_backward(T* dx, int lddx, T* ddt, int lddt_out, T* dB, T* dC, int lddbc, float* ddt_bias, float* dA_log,
+                       float* dDskip, const T* dy, int lddy, const T* x, int ldx, const T* dt, int lddt,
+                       const T* dt_bias, const float* A_log, const T* B, const T* C, int ldbc, const T* Dskip,
+                       const RaggedBatch& rb, int H, int P, int G, int N, float dt_min, float dt_max,
+                       void* workspace, cudaStream_t stream) {
+  HM_CHECK(H > 0 && G > 0 && H % G == 0 && P > 0 && N > 0, "cuda ssd_scan_backward: ", H, " heads of ", P, " in ", G,
+           " groups, d_state ", N, " do not fit");
+  HM_CHECK(rb.nseq <= 65535 && H <= 65535, "cuda ssd_scan_backward: at most 65535 sequences and heads, got ", rb.nseq,
+           " and ", H);
+  if (rb.nseq <= 0 || rb.n_tokens <= 0) return;
+  const SsdLayout l = layout_of(rb, H, P, N);
+  char* ws = static_cast<char*>(workspace);
+  float* part_bc = reinterpret_cast<float*>(ws + l.bc);
+  double* part_p = reinterpret_cast<double*>(ws + l.p);
+  // Rows of empty sequences and padding of part_bc are never read; part_p is written by every block.
+  const dim3 grid(unsigned(H), unsigned(rb.nseq));
+  ssd_backward_kernel<T><<<grid, kThreads, 0, stream>>>(
+      dx, lddx, ddt, lddt_out, part_bc, part_p, dy, lddy, x, ldx, dt, lddt, dt_bias, A_log, B, C, ldbc, Dskip,
+      rb.cu_seqlens, H, P, G, N, dt_min, dt_max, reinterpret_cast<double*>(ws + l.scratch),
+      scratch_of(rb.max_len, P, N));
+  HM_CUDA_LAUNCHED("ssd_scan_backward");
+  const int64_t nbc = int64_t(rb.n_tokens) * G * N;
+  ssd_bc_finish_kernel<T><<<unsigned((nbc + 255) / 256), 256, 0, stream>>>(dB, dC, lddbc, part_bc, rb.n_tokens, H, G,
+                                                                          N);
+  HM_CUDA_LAUNCHED("ssd_scan_backward (dB, dC)");
+  ssd_param_finish_kernel<<<ceil_div(H, 128), 128, 0, stream>>>(ddt_bias, dA_log, dDskip, part_p, rb.nseq, H);
+  HM_CUDA_LAUNCHED("ssd_scan_backward (parameters)");
+}
+
+size_t gated_rmsnorm_backward_workspace_bytes(int n, int E) { return size_t(n) * size_t(E) * sizeof(float); }
+
+template <class T>
+void gated_rmsnorm_backward(T* dy, int lddy, T* dz, int lddz, float* dw, const T* dout, int lddo, const T* y, int ldy,
+                            const T* z, int ldz, const T* w, int n, int E, int group, float eps, void* workspace,
+                            cudaStream_t stream) {
+  HM_CHECK(group > 0 && E % group == 0, "cuda gated_rmsnorm_backward: group ", group, " does not divide ", E);
+  if (n <= 0 || E <= 0) return;
+  float* part_w = static_cast<float*>(workspace);
+  gated_norm_backward_kernel<T><<<unsigned(n), kThreads, 0, stream>>>(dy, lddy, dz, lddz, part_w, dout, lddo, y, ldy,
+                                                                      z, ldz, w, E, group, eps);
+  HM_CUDA_LAUNCHED("gated_rmsnorm_backward");
+  colsum_add_kernel<<<ceil_div(E, 128), 128, 0, stream>>>(dw, part_w, n, E);
+  HM_CUDA_LAUNCHED("gated_rmsnorm_backward (dw)");
+}
+
+#define HM_INST(T)                                                                                              \
+  template void ssd_scan_train<T>(T*, int, const T*, int, const T*, int, const T*, const float*, const T*,       \
+                                  const T*, int, const T*, const RaggedBatch&, int, int, int, int, float, float,  \
+                                  void*, cudaStream_t);                                                           \
+  template void ssd_scan_backward<T>(T*, int, T*, int, T*, T*, int, float*, float*, float*, const T*, int,        \
+                                     const T*, int, const T*, int, const T*, const float*, const T*, const T*, int, \
+                                     const T*, const RaggedBatch&, int, int, int, int, float, float, void*,       \
+                                     cudaStream_t);                                                               \
+  template void gated_rmsnorm_backward<T>(T*, int, T*, int, float*, const T*, int, const T*, int, const T*, int,   \
+                                          const T*, int, int, int, float, void*, cudaStream_t);
+HM_CUDA_FOR_TYPES(HM_INST)
+#undef HM_INST
+
+}  // namespace hm::cuda
