@@ -148,7 +148,6 @@ class Engine {
   std::atomic<bool> draining_{false}, stop_{false};
   std::chrono::steady_clock::time_point drain_deadline_;
   EngineStats stats_;
-  uint64_t seed_counter_ = 0;
   std::thread thread_;
 };
 
