@@ -5,14 +5,14 @@
 # Prints one line per target and fails if any crashed: the crashing input is then in
 # build-fuzz/fuzz/crashes/TARGET/; fix the bug and commit the input under
 # tests/fuzz/regressions/TARGET/, where the test suite replays it (docs/RELIABILITY.md).
-# Usage: scripts/fuzz.sh [SECONDS] [TARGET...]   (targets: safetensors config tokenizer trainer_state chat_template server_request)
+# Usage: scripts/fuzz.sh [SECONDS] [TARGET...]   (targets: safetensors config tokenizer text_regex trainer_state chat_template server_request)
 # Environment: HM_FUZZ_BUILD (build directory, default build-fuzz).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-60}
 shift || true
 targets=("$@")
-if [ ${#targets[@]} -eq 0 ]; then targets=(safetensors config tokenizer trainer_state chat_template server_request); fi
+if [ ${#targets[@]} -eq 0 ]; then targets=(safetensors config tokenizer text_regex trainer_state chat_template server_request); fi
 B=${HM_FUZZ_BUILD:-build-fuzz}
 
 # A build directory already configured with HM_FUZZ (scripts/test.sh's build-asan) is only built.

@@ -648,7 +648,7 @@ TEST(HfTokenizer, RefusesWhatItDoesNotImplement) {
     }
   };
   with([](json& j) { j["normalizer"] = {{"type", "NFKC"}}; }, {"normalizer", "NFKC"});
-  with([](json& j) { j["pre_tokenizer"] = {{"type", "Metaspace"}}; }, {"pre_tokenizer", "Metaspace"});
+  with([](json& j) { j["pre_tokenizer"] = {{"type", "BertPreTokenizer"}}; }, {"pre_tokenizer", "BertPreTokenizer"});
   with([](json& j) { j["decoder"] = nullptr; }, {"decoder"});
   with([](json& j) { j["model"]["type"] = "Unigram"; }, {"model.type", "Unigram"});
   with([](json& j) { j["model"]["dropout"] = 0.1; }, {"model.dropout"});

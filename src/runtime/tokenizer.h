@@ -7,6 +7,8 @@
 #include <string_view>
 #include <vector>
 
+#include "runtime/unicode.h"
+
 namespace sentencepiece {
 class SentencePieceProcessor;
 }  // namespace sentencepiece
@@ -24,8 +26,9 @@ class Tokenizer {
   virtual std::vector<int32_t> encode(std::string_view text, bool add_bos) const = 0;
   // Raw bytes of one token ("" for specials); hm::Error for an id out of range.
   virtual std::string decode_piece(int32_t id) const = 0;
-  // Concatenated pieces: raw bytes, not necessarily valid UTF-8 (see Utf8StreamDecoder).
-  std::string decode(const std::vector<int32_t>& ids) const;
+  // The text of a whole sequence: by default the concatenated pieces, raw bytes, not
+  // necessarily valid UTF-8 (see Utf8StreamDecoder).
+  virtual std::string decode(const std::vector<int32_t>& ids) const;
   // Writes dir/tokenizer.json atomically, creating dir if needed.
   virtual void save(const std::string& dir) const = 0;
 };
@@ -88,18 +91,28 @@ class SentencePieceTokenizer : public Tokenizer {
   int bos_ = -1, eos_ = -1, pad_ = -1;
 };
 
-// A Hugging Face tokenizer.json with a byte-level BPE model, as GPT-2, GPT-NeoX and Mamba use:
-// added tokens (matched leftmost-longest before anything else; "normalized" ones after the
-// normalizer), normalizer null or NFC, pre-tokenizer ByteLevel (its GPT-2 split, optional prefix
-// space), model BPE (vocab; merges as "a b" strings or [a, b] pairs; ignore_merges), decoder
-// ByteLevel. Encoding equals the tokenizers library's for valid UTF-8 text (Unicode tables:
-// unicode_tables.inc, Unicode 14). Anything else in the file (other normalizers or
-// pre-tokenizers, BPE dropout, word prefixes or suffixes, truncation, lstrip/rstrip/single_word
-// added tokens, a post-processor that adds tokens) is an hm::Error naming the field.
-// decode_piece: a token's bytes (ByteLevel-decoded), "" for special added tokens.
+// A Hugging Face tokenizer.json with a BPE model (src/runtime/hf_tokenizer.cpp), run as the
+// tokenizers library runs it:
+//   added tokens   matched first, leftmost-longest; "normalized" ones after the normalizer;
+//                  lstrip/rstrip/single_word are refused
+//   normalizer     NFC, Prepend, Replace (string or regex), Sequence of them
+//   pre_tokenizer  ByteLevel (GPT-2 split, prefix space), Split (string or regex: text_regex.h;
+//                  every behavior, invert), Metaspace (prepend_scheme, split), Digits,
+//                  Punctuation, Sequence of them
+//   model          BPE: vocab, merges ("a b" or [a, b]), unk_token, fuse_unk, byte_fallback,
+//                  ignore_merges (dropout and word prefixes/suffixes are refused)
+//   post_processor ByteLevel, TemplateProcessing (its special tokens around one text), Sequence
+//   decoder        ByteLevel, Replace, ByteFallback, Fuse, Strip, Metaspace, Sequence of them
+// Anything else (another model or component, truncation) is an hm::Error naming the field.
+// Encoding equals the library's for valid UTF-8 text (Unicode tables: Unicode 14).
+// encode(text, true) adds what the template adds (add_special_tokens=True in transformers), or
+// bos where there is no template. decode(ids) is the library's decode(ids, skip_special_tokens=
+// True) but keeps raw bytes where ByteLevel pieces do not form UTF-8. decode_piece(id) is the
+// token as it reads inside a text: "" for special added tokens, byte pieces as their byte, and
+// no stripping of a leading space (which decode does only at the start of a sequence).
 // bos/eos/pad: the model folder's config.json bos_token_id/eos_token_id/pad_token_id when given
-// (see load_tokenizer), else the id of "<|endoftext|>" if it is an added token, else -1; encode
-// with add_bos and no bos is an error.
+// (see load_tokenizer); else eos is the id of "<|endoftext|>" if it is an added token, bos the
+// template's first token or eos, pad eos (-1 when none); encode with add_bos and no bos is an error.
 class HfBpeTokenizer : public Tokenizer {
  public:
   // text: tokenizer.json's content; origin names it in errors.
@@ -112,6 +125,7 @@ class HfBpeTokenizer : public Tokenizer {
   int pad() const override { return pad_; }
   std::vector<int32_t> encode(std::string_view text, bool add_bos) const override;
   std::string decode_piece(int32_t id) const override;
+  std::string decode(const std::vector<int32_t>& ids) const override;
   // Writes dir/tokenizer.json: the file as read, byte for byte.
   void save(const std::string& dir) const override;
 
@@ -127,8 +141,9 @@ class HfBpeTokenizer : public Tokenizer {
 // 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
 // Returns the pieces of valid UTF-8 text, in order (their concatenation is text).
 std::vector<std::string_view> gpt2_split(std::string_view text);
-// Unicode NFC of valid UTF-8 text (canonical decomposition, reordering, composition).
-std::string nfc(std::string_view text);
+// The pieces that a tokenizer.json pre_tokenizer (its JSON text) cuts from valid UTF-8 text, as
+// the tokenizers library's pre_tokenize_str gives them: what the fixture tests compare.
+std::vector<std::string> hf_pre_tokenize(const std::string& pre_tokenizer_json, std::string_view text);
 
 // Trains a byte-fallback BPE SentencePiece model on texts (each split into lines; empty lines
 // skipped) and writes it with SentencePieceTokenizer::save to out_dir. Deterministic: the same

@@ -3,7 +3,7 @@
 # fuzz_replay_NAME and replays the seed corpus (tests/fuzz/corpus/NAME) and every input that
 # once crashed it (tests/fuzz/regressions/NAME); HM_FUZZ also links it with libFuzzer into
 # fuzz_NAME, which scripts/fuzz.sh runs.
-set(HM_FUZZ_TARGETS safetensors config tokenizer trainer_state chat_template)
+set(HM_FUZZ_TARGETS safetensors config tokenizer text_regex trainer_state chat_template)
 foreach(t ${HM_FUZZ_TARGETS})
   if(HM_BUILD_TESTS)
     add_executable(fuzz_replay_${t} tests/fuzz/fuzz_${t}.cpp tests/fuzz/replay_main.cpp)
