@@ -15,6 +15,9 @@
 #include "core/rng.h"
 #include "runtime/tokenizer.h"
 
+#include <sentencepiece_processor.h>
+#include <sentencepiece_trainer.h>
+
 namespace hm {
 namespace {
 
@@ -270,4 +273,64 @@ TEST(BpeTraining, BadInputsAreRejected) {
 }
 
 }  // namespace
+}  // namespace hm
+
+namespace hm {
+
+// A Hugging Face folder with only tokenizer.model (Llama 2 style: a dummy prefix, no pad):
+// config.json's ids, SentencePiece's own ids for the text, and transformers' decode (no
+// leading space); hm convert's save keeps the ids.
+TEST(HfSentencePiece, FolderWithOnlyTokenizerModel) {
+  TempDir tmp("hf_spm");
+  std::string model;
+  {
+    std::string corpus;
+    for (const std::string& t : training_texts()) corpus += t + "\n";
+    const fs::path txt = tmp.path / "corpus.txt";
+    write(txt, corpus);
+    const auto st = sentencepiece::SentencePieceTrainer::Train(
+        "--input=" + txt.string() + " --model_prefix=" + (tmp.path / "m").string() +
+        " --model_type=bpe --vocab_size=400 --byte_fallback=true --pad_id=-1 --unk_id=0 --bos_id=1 --eos_id=2"
+        " --add_dummy_prefix=true --minloglevel=2 --num_threads=1");
+    ASSERT_TRUE(st.ok()) << st.ToString();
+  }
+  const fs::path dir = tmp.path / "hf";
+  fs::create_directories(dir);
+  fs::copy_file(tmp.path / "m.model", dir / "tokenizer.model");
+  write(dir / "config.json", R"({"architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2})");
+  auto tok = load_tokenizer(dir.string());
+  EXPECT_EQ(tok->type(), "sentencepiece");
+  EXPECT_EQ(tok->bos(), 1);
+  EXPECT_EQ(tok->eos(), 2);
+  EXPECT_EQ(tok->pad(), -1);
+  sentencepiece::SentencePieceProcessor sp;
+  ASSERT_TRUE(sp.Load((dir / "tokenizer.model").string()).ok());
+  const std::string text = "the cat sat on the mat, caf\u00e9 \u65e5";
+  std::vector<int> want;
+  ASSERT_TRUE(sp.Encode(text, &want).ok());
+  want.insert(want.begin(), 1);
+  const auto ids = tok->encode(text, true);
+  EXPECT_EQ(ids, std::vector<int32_t>(want.begin(), want.end()));
+  std::string spm_text;
+  ASSERT_TRUE(sp.Decode(want, &spm_text).ok());
+  EXPECT_EQ(tok->decode(ids), spm_text);
+  EXPECT_EQ(tok->decode(ids), text);
+  EXPECT_EQ(tok->decode_piece(ids[1])[0], ' ');  // mid-text view keeps the prefix space
+  const fs::path out = tmp.path / "converted";
+  tok->save(out.string());
+  auto again = load_tokenizer(out.string());
+  EXPECT_EQ(again->bos(), 1);
+  EXPECT_EQ(again->pad(), -1);
+  EXPECT_EQ(again->encode(text, true), ids);
+  // Without config.json's ids, a model with no pad is refused, naming it.
+  fs::remove(dir / "config.json");
+  write(dir / "tokenizer.json", R"({"type": "sentencepiece"})");
+  try {
+    load_tokenizer(dir.string());
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("pad"), std::string::npos) << e.what();
+  }
+}
+
 }  // namespace hm

@@ -885,10 +885,11 @@ std::vector<int32_t> HfBpeTokenizer::encode(std::string_view text, bool add_bos)
   return ids;
 }
 
+// An id inside the range that names no token (a gap in the vocabulary) reads as "", as the
+// library skips ids it has no token for.
 std::string HfBpeTokenizer::decode_piece(int32_t id) const {
   const int n = vocab_size();
-  HM_CHECK(id >= 0 && id < n && impl_->has_token[size_t(id)], "tokenizer: token id ", id,
-           id >= 0 && id < n ? " has no token in this tokenizer" : " out of range", " [0, ", n, ")");
+  HM_CHECK(id >= 0 && id < n, "tokenizer: token id ", id, " out of range [0, ", n, ")");
   return impl_->pieces[size_t(id)];
 }
 
@@ -896,7 +897,7 @@ std::string HfBpeTokenizer::decode(const std::vector<int32_t>& ids) const {
   std::vector<std::string> toks;
   for (int32_t id : ids) {
     (void)decode_piece(id);  // range check
-    if (!impl_->special[size_t(id)]) toks.push_back(impl_->token[size_t(id)]);
+    if (impl_->has_token[size_t(id)] && !impl_->special[size_t(id)]) toks.push_back(impl_->token[size_t(id)]);
   }
   return impl_->run_decoders(std::move(toks), /*stream=*/false);
 }

@@ -195,20 +195,20 @@ class LineIterator : public sentencepiece::SentenceIterator {
 
 }  // namespace
 
-SentencePieceTokenizer::SentencePieceTokenizer(const std::string& model_file) {
-  init(read_whole_file(model_file, "SentencePiece model"), model_file);
+SentencePieceTokenizer::SentencePieceTokenizer(const std::string& model_file, SpecialIds ids) {
+  init(read_whole_file(model_file, "SentencePiece model"), model_file, ids);
 }
 
 SentencePieceTokenizer::~SentencePieceTokenizer() = default;
 
 std::unique_ptr<SentencePieceTokenizer> SentencePieceTokenizer::from_serialized(
-    std::string model, const std::string& origin) {
+    std::string model, const std::string& origin, SpecialIds ids) {
   std::unique_ptr<SentencePieceTokenizer> tok(new SentencePieceTokenizer());
-  tok->init(std::move(model), origin);
+  tok->init(std::move(model), origin, ids);
   return tok;
 }
 
-void SentencePieceTokenizer::init(std::string model, const std::string& origin) {
+void SentencePieceTokenizer::init(std::string model, const std::string& origin, SpecialIds ids) {
   HM_CHECK(!model.empty(), "tokenizer: ", origin, ": empty file, not a SentencePiece model");
   sp_ = std::make_unique<sentencepiece::SentencePieceProcessor>();
   const auto st = sp_->LoadFromSerializedProto(model);
@@ -216,10 +216,15 @@ void SentencePieceTokenizer::init(std::string model, const std::string& origin) 
            ")");
   const int n = sp_->GetPieceSize();
   HM_CHECK(n > 0, "tokenizer: ", origin, ": SentencePiece model has no pieces");
-  bos_ = sp_->bos_id(), eos_ = sp_->eos_id(), pad_ = sp_->pad_id();
-  HM_CHECK(bos_ >= 0 && bos_ < n && eos_ >= 0 && eos_ < n && pad_ >= 0 && pad_ < n,
+  overrides_ = ids;
+  bos_ = ids.bos >= 0 ? ids.bos : sp_->bos_id();
+  eos_ = ids.eos >= 0 ? ids.eos : sp_->eos_id();
+  pad_ = ids.pad >= 0 ? ids.pad : sp_->pad_id();
+  const bool overridden = ids.bos >= 0 || ids.eos >= 0 || ids.pad >= 0;
+  HM_CHECK(bos_ >= 0 && bos_ < n && eos_ >= 0 && eos_ < n && pad_ < n && (pad_ >= 0 || overridden),
            "tokenizer: ", origin, ": SentencePiece model must define bos, eos and pad (got ",
-           bos_, ", ", eos_, ", ", pad_, ")");
+           bos_, ", ", eos_, ", ", pad_, ")", overridden ? " within its " : "",
+           overridden ? std::to_string(n) : std::string(), overridden ? " pieces" : "");
   static constexpr std::string_view kMetaSpace = "\xE2\x96\x81";  // U+2581, SentencePiece's space
   pieces_.assign(static_cast<size_t>(n), {});
   for (int id = 0; id < n; ++id) {
@@ -248,6 +253,16 @@ void SentencePieceTokenizer::init(std::string model, const std::string& origin) 
     }
   }
   model_ = std::move(model);
+  // A dummy prefix shows as "▁" starting the first piece of a text that starts with a letter.
+  std::vector<std::string> probe;
+  dummy_prefix_ = sp_->Encode("a", &probe).ok() && !probe.empty() && probe[0].compare(0, kMetaSpace.size(), kMetaSpace) == 0;
+}
+
+std::string SentencePieceTokenizer::decode(const std::vector<int32_t>& ids) const {
+  std::string out = Tokenizer::decode(ids);
+  // SentencePiece drops the space its dummy prefix put before the text.
+  if (dummy_prefix_ && !out.empty() && out[0] == ' ') out.erase(0, 1);
+  return out;
 }
 
 std::vector<int32_t> SentencePieceTokenizer::encode(std::string_view text, bool add_bos) const {
@@ -271,7 +286,10 @@ void SentencePieceTokenizer::save(const std::string& dir) const {
   create_dir(dir);
   // The model first: tokenizer.json never names a model that is not there yet.
   write_file_atomic((fs::path(dir) / "tokenizer.model").string(), model_);
-  const nlohmann::json j = {{"type", type()}, {"model", "tokenizer.model"}};
+  nlohmann::json j = {{"type", type()}, {"model", "tokenizer.model"}};
+  if (overrides_.bos >= 0) j["bos"] = overrides_.bos;
+  if (overrides_.eos >= 0) j["eos"] = overrides_.eos;
+  if (overrides_.pad >= 0) j["pad"] = overrides_.pad;
   write_file_atomic((fs::path(dir) / "tokenizer.json").string(), j.dump(2) + "\n");
 }
 
@@ -335,7 +353,23 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir) {
   const fs::path path = fs::path(dir) / "tokenizer.json";
   const std::string name = path.string();
   std::error_code ec;
+  // A Hugging Face folder's special ids live in its config.json.
+  auto config_ids = [&] {
+    SpecialIds ids;
+    const fs::path cfg = fs::path(dir) / "config.json";
+    if (!fs::is_regular_file(cfg, ec)) return ids;
+    const nlohmann::json c = parse_hf_json_file(cfg.string());  // may hold Python's Infinity
+    int* dst[3] = {&ids.bos, &ids.eos, &ids.pad};
+    const char* keys[3] = {"bos_token_id", "eos_token_id", "pad_token_id"};
+    for (int k = 0; k < 3; ++k)
+      if (c.is_object() && c.contains(keys[k]) && c[keys[k]].is_number_integer())
+        *dst[k] = int(json_to_int(c[keys[k]], 0, kMaxTokenizerVocab - 1, cfg.string(), keys[k]));
+    return ids;
+  };
   if (fs::status(path, ec).type() == fs::file_type::not_found) {
+    const fs::path spm = fs::path(dir) / "tokenizer.model";
+    if (fs::is_regular_file(fs::path(dir) / "config.json", ec) && fs::exists(spm, ec))
+      return std::make_unique<SentencePieceTokenizer>(spm.string(), config_ids());
     check_not_task_checkpoint(dir);
     // No quiet switch to bytes: a BPE model decoded as bytes prints control characters.
     throw Error(detail::cat("tokenizer: ", name, " does not exist; every checkpoint names its tokenizer ",
@@ -344,23 +378,16 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir) {
   }
   const nlohmann::json doc = parse_json_file(name);
   if (doc.is_object() && doc.contains("model") && doc["model"].is_object()) {
-    // A Hugging Face tokenizer.json; the special ids live in the model's config.json.
-    int ids[3] = {-1, -1, -1};
-    const fs::path cfg = fs::path(dir) / "config.json";
-    if (fs::is_regular_file(cfg, ec)) {
-      const nlohmann::json c = parse_hf_json_file(cfg.string());  // may hold Python's Infinity
-      const char* keys[3] = {"bos_token_id", "eos_token_id", "pad_token_id"};
-      for (int k = 0; k < 3; ++k)
-        if (c.is_object() && c.contains(keys[k]) && c[keys[k]].is_number_integer())
-          ids[k] = int(json_to_int(c[keys[k]], 0, kMaxTokenizerVocab - 1, cfg.string(), keys[k]));
-    }
-    return std::make_unique<HfBpeTokenizer>(read_whole_file(path, "tokenizer.json"), name, ids[0], ids[1], ids[2]);
+    // A Hugging Face tokenizer.json.
+    const SpecialIds ids = config_ids();
+    return std::make_unique<HfBpeTokenizer>(read_whole_file(path, "tokenizer.json"), name, ids.bos, ids.eos, ids.pad);
   }
   const JsonFields j(doc, name);
-  j.check_known({"type", "model"});
+  j.check_known({"type", "model", "bos", "eos", "pad"});
   const std::string type = j.get_string("type");
   if (type == "byte") {
-    HM_CHECK(!j.has("model"), "tokenizer: ", name, ": field 'model' does not apply to type \"byte\"");
+    for (const char* k : {"model", "bos", "eos", "pad"})
+      HM_CHECK(!j.has(k), "tokenizer: ", name, ": field '", k, "' does not apply to type \"byte\"");
     return std::make_unique<ByteTokenizer>();
   }
   if (type == "sentencepiece") {
@@ -368,7 +395,11 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir) {
     const std::string model_path = file_inside_dir(dir, model, name, "model");
     HM_CHECK(fs::exists(model_path, ec), "tokenizer: ", name, ": field 'model': sentencepiece ",
              "model ", model_path, " does not exist");
-    return std::make_unique<SentencePieceTokenizer>(model_path);
+    SpecialIds ids;
+    if (j.has("bos")) ids.bos = int(j.get_int("bos", 0, kMaxTokenizerVocab - 1));
+    if (j.has("eos")) ids.eos = int(j.get_int("eos", 0, kMaxTokenizerVocab - 1));
+    if (j.has("pad")) ids.pad = int(j.get_int("pad", 0, kMaxTokenizerVocab - 1));
+    return std::make_unique<SentencePieceTokenizer>(model_path, ids);
   }
   throw Error("tokenizer: " + name + ": field 'type': unknown tokenizer type \"" + type +
               "\" (expected \"byte\" or \"sentencepiece\")");

@@ -55,12 +55,17 @@ class ByteTokenizer : public Tokenizer {
 // of SentencePiece itself: U+2581 in the text comes back as a space, and invalid UTF-8 is
 // not preserved. decode_piece: the piece's bytes with U+2581 as ' ', <0xNN> as that one byte,
 // "" for pad/bos/eos, U+FFFD for unk (only a model without byte fallback produces it).
-// A model trained elsewhere loads too if it defines bos, eos and pad; one with a dummy
-// prefix decodes with a leading space.
+// A model trained elsewhere (a Hugging Face folder's tokenizer.model: Llama 2 style) loads too;
+// `ids` then overrides its bos/eos/pad (config.json's), and pad may be absent (-1). One with a
+// dummy prefix (SentencePiece's "▁" before the text) decodes a whole sequence without that
+// leading space, as SentencePiece and transformers do; decode_piece keeps it (mid-text view).
+struct SpecialIds {
+  int bos = -1, eos = -1, pad = -1;  // -1: the model's own
+};
 class SentencePieceTokenizer : public Tokenizer {
  public:
   // hm::Error naming the file when it is missing, unreadable or not a SentencePiece model.
-  explicit SentencePieceTokenizer(const std::string& model_file);
+  explicit SentencePieceTokenizer(const std::string& model_file, SpecialIds ids = {});
   ~SentencePieceTokenizer() override;
   SentencePieceTokenizer(const SentencePieceTokenizer&) = delete;
   SentencePieceTokenizer& operator=(const SentencePieceTokenizer&) = delete;
@@ -72,23 +77,27 @@ class SentencePieceTokenizer : public Tokenizer {
   int pad() const override { return pad_; }
   std::vector<int32_t> encode(std::string_view text, bool add_bos) const override;
   std::string decode_piece(int32_t id) const override;
+  std::string decode(const std::vector<int32_t>& ids) const override;
   // Writes dir/tokenizer.model, then dir/tokenizer.json ({"type": "sentencepiece", "model":
-  // "tokenizer.model"}), each atomically.
+  // "tokenizer.model"}, and "bos"/"eos"/"pad" where they override the model's), each atomically.
   void save(const std::string& dir) const override;
   // The model as stored in tokenizer.model (a serialized ModelProto).
   const std::string& serialized_model() const { return model_; }
   // origin names the model in error messages.
   static std::unique_ptr<SentencePieceTokenizer> from_serialized(std::string model,
-                                                                 const std::string& origin);
+                                                                 const std::string& origin,
+                                                                 SpecialIds ids = {});
 
  private:
   SentencePieceTokenizer() = default;
-  void init(std::string model, const std::string& origin);
+  void init(std::string model, const std::string& origin, SpecialIds ids);
 
   std::unique_ptr<sentencepiece::SentencePieceProcessor> sp_;
   std::string model_;
   std::vector<std::string> pieces_;  // decode_piece of every id, computed once
   int bos_ = -1, eos_ = -1, pad_ = -1;
+  SpecialIds overrides_;
+  bool dummy_prefix_ = false;  // the model puts "▁" before the text
 };
 
 // A Hugging Face tokenizer.json with a BPE model (src/runtime/hf_tokenizer.cpp), run as the
@@ -108,7 +117,8 @@ class SentencePieceTokenizer : public Tokenizer {
 // encode(text, true) adds what the template adds (add_special_tokens=True in transformers), or
 // bos where there is no template. decode(ids) is the library's decode(ids, skip_special_tokens=
 // True) but keeps raw bytes where ByteLevel pieces do not form UTF-8. decode_piece(id) is the
-// token as it reads inside a text: "" for special added tokens, byte pieces as their byte, and
+// token as it reads inside a text: "" for special added tokens and for ids in the range that
+// name no token (gaps, which the library skips too), byte pieces as their byte, and
 // no stripping of a leading space (which decode does only at the start of a sequence).
 // bos/eos/pad: the model folder's config.json bos_token_id/eos_token_id/pad_token_id when given
 // (see load_tokenizer); else eos is the id of "<|endoftext|>" if it is an added token, bos the
@@ -158,7 +168,8 @@ void train_sentencepiece_bpe(const std::vector<std::string>& texts, int vocab_si
 // Reads dir/tokenizer.json (parse_json_file): {"type": "byte"}, or {"type": "sentencepiece",
 // "model": FILE} with FILE inside dir (file_inside_dir; default "tokenizer.model"), or a Hugging
 // Face tokenizer.json (one whose "model" is an object): HfBpeTokenizer, with bos/eos/pad from
-// dir/config.json's *_token_id when that file has them. A missing
+// dir/config.json's *_token_id when that file has them. A Hugging Face folder (config.json)
+// with tokenizer.model and no tokenizer.json: SentencePieceTokenizer with config.json's ids. A missing
 // tokenizer.json is an error (for a task checkpoint, one naming its task), as are an unknown
 // type or field, malformed JSON, a missing or corrupt model: hm::Error naming file and field.
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir);
