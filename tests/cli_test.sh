@@ -104,7 +104,7 @@ done
 ev=$("$HM" eval --model "$W/trained" --data "$W/corpus.txt" --json)
 case "$ev" in *'"ppl":'*'"step":5'*) ok ;; *) bad "eval --json: $ev" ;; esac
 "$HM" eval --model "$W/trained/checkpoint" --data "$W/corpus.txt" | grep -q "perplexity" && ok || bad "eval text"
-# A Hugging Face folder, and a Falcon-Mamba one (no backward pass: scored by the inference forward).
+# A Hugging Face folder, and a Falcon-Mamba one (its dt/B/C norms).
 FX="$(dirname "$0")/fixtures/hf/mamba_f32"
 "$HM" eval --model "$FX" --data "$W/corpus.txt" --seq-len 32 | grep -q "perplexity" && ok || bad "eval on a Hugging Face folder"
 cp -r "$FX" "$W/falcon" && sed -i 's/"MambaForCausalLM"/"FalconMambaForCausalLM"/; s/"model_type": "mamba"/"model_type": "falcon_mamba"/' "$W/falcon/config.json"

@@ -337,6 +337,86 @@ TEST(BatchGrad, Mamba2LayersTrain) {
   std::printf("  worst %.1e over %d tensors\n", worst, checked);
 }
 
+// Falcon-Mamba's weightless RMSNorms on dt_r, B and C, and Jamba's learned ones: BatchGrad's
+// forward is inference's, and the gradient of every mixer tensor (the norms' weights included)
+// matches central differences of the loss along a random direction.
+TEST(BatchGrad, BcdtNormsTrain) {
+  for (const bool learned : {false, true}) {
+    SCOPED_TRACE(learned ? "learned (Jamba)" : "weightless (Falcon-Mamba)");
+    ModelConfig c = test::small_hybrid_config(false);
+    c.mamba_bcdt_norm = true;
+    c.mamba_bcdt_norm_weight = learned;
+    c.mamba_bcdt_norm_eps = 1e-5f;
+    validate(c);
+    ASSERT_EQ(training_unsupported(c), "");
+    auto cpu = make_cpu_backend();
+    HybridModel m(c, *cpu);
+    randomize_params(m.params(), learned ? 91 : 92);
+    m.prepare();
+    const Params& p = m.params();
+    const TokenBatch b = make_batch(3, 13, c.vocab_size, 93);
+    const double want = test::inference_mean_loss(m, b.tokens, b.targets, b.B, b.L);
+    BatchGrad bg(*cpu, p, DType::F32);
+    bg.set_weights(p.data());
+    std::vector<float> g = zeros(p);
+    const double loss = bg.loss_and_grad(g.data(), b.tokens.data(), b.targets.data(), b.B, b.L);
+    EXPECT_NEAR(loss, want, 2e-6 * want);
+    Params g2(c);
+    std::fill(g2.data(), g2.data() + g2.numel(), 0.0f);
+    EXPECT_NEAR(loss_and_grad(p, g2, b.tokens.data(), b.targets.data(), b.B, b.L), loss, 1e-6 * loss);
+    EXPECT_LE(worst_tensor_err(p, g2.data(), g.data()).first, 1e-5);
+    EXPECT_THROW_MSG(loss_and_grad_f64(p, g2, b.tokens.data(), b.targets.data(), b.B, b.L), "dt/B/C norms");
+
+    std::vector<float> w(p.data(), p.data() + p.numel());
+    auto mean_loss = [&] {
+      BatchGrad f(*cpu, p, DType::F32);
+      f.set_weights(w.data());
+      int64_t cnt = 0;
+      const double sum = f.loss_sum(b.tokens.data(), b.targets.data(), b.B, b.L, &cnt);
+      return sum / double(cnt);
+    };
+    Rng rng(94);
+    int checked = 0, norms = 0;
+    double worst = 0;
+    for (size_t k = 0; k < p.specs().size(); ++k) {
+      const std::string& name = p.specs()[k].name;
+      if (name.find("mixer") == std::string::npos) continue;
+      const int layer = std::stoi(name.substr(name.find("layers.") + 7));
+      if (!c.has_mamba_path(layer) || c.is_true(layer)) continue;
+      const int64_t off = p.at(k) - p.data(), cnt = p.specs()[k].numel();
+      std::vector<double> d(static_cast<size_t>(cnt));
+      double nrm = 0;
+      for (double& v : d) {
+        v = rng.normal();
+        nrm += v * v;
+      }
+      double along = 0;
+      for (int64_t i = 0; i < cnt; ++i) {
+        d[size_t(i)] /= std::sqrt(nrm);
+        along += double(g[size_t(off + i)]) * d[size_t(i)];
+      }
+      const double h = 1e-2;
+      for (int64_t i = 0; i < cnt; ++i) w[size_t(off + i)] = float(p.data()[off + i] + h * d[size_t(i)]);
+      const double up = mean_loss();
+      for (int64_t i = 0; i < cnt; ++i) w[size_t(off + i)] = float(p.data()[off + i] - h * d[size_t(i)]);
+      const double down = mean_loss();
+      for (int64_t i = 0; i < cnt; ++i) w[size_t(off + i)] = p.data()[off + i];
+      const double fd = (up - down) / (2 * h);
+      const double err = std::fabs(fd - along) / std::max(std::fabs(along), 1e-3);
+      std::printf("  %-44s g.d %+.6e  differences %+.6e  rel %.1e\n", name.c_str(), along, fd, err);
+      EXPECT_LE(err, 5e-3) << name;
+      worst = std::max(worst, err);
+      ++checked;
+      norms += name.find("layernorm") != std::string::npos;
+    }
+    EXPECT_GE(checked, 9);
+    int mamba_layers = 0;
+    for (int i = 0; i < c.n_layers; ++i) mamba_layers += c.has_mamba_path(i) && !c.is_true(i);
+    EXPECT_EQ(norms, learned ? 3 * mamba_layers : 0);
+    std::printf("  worst %.1e over %d tensors\n", worst, checked);
+  }
+}
+
 TEST(BatchGrad, RefusesWhatItCannotTrain) {
   auto cpu = make_cpu_backend();
   Params q(test::small_hybrid_config(true));

@@ -483,7 +483,6 @@ std::string training_unsupported(const ModelConfig& c) {
   if (!c.ffn_layers.empty()) return "only some of its layers have an FFN (config 'ffn_layers')";
   if (c.mlp_act != "swiglu") return "its MLPs use squared ReLU (config 'mlp_act')";
   if (c.mamba_proj_bias) return "its Mamba mixers have in_proj / out_proj biases (config 'mamba_proj_bias')";
-  if (c.mamba_bcdt_norm) return "its Mamba mixers normalize dt, B and C (config 'mamba_bcdt_norm', Falcon-Mamba)";
   if (!c.moe_layers.empty()) return "it has mixture-of-experts layers (config 'moe_layers')";
   if (c.embedding_multiplier != 1.0f || c.residual_multiplier != 1.0f || c.attention_scale != 0.0f ||
       c.logits_scaling != 1.0f)

@@ -1,6 +1,7 @@
 #include "train/batch_grad.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <functional>
 #include <memory>
@@ -28,6 +29,8 @@ Tensor act(Backend& be, Buffer& b, DType t, int rows, int cols) {
 struct LayerActs {
   Tensor u;                               // rmsnorm(stream entering the layer, norm)
   Tensor x, z, xc, dt, yg, dbc;           // Mamba: conv input, gate, scan input, dt, y*silu(z), dt_r|B|C
+  Tensor rbc, nbc;                        // mamba_bcdt_norm: dt_r, B, C copied out of dbc and normalized,
+                                          // each a contiguous block (bcdt_blocks)
   void* scan = nullptr;                   // Mamba: the scan's saved states (scan_saved_bytes)
   Tensor q, k, v, lse, inner;             // attention (lse float32 [n, H])
   Tensor h2, m, g, up, a;                 // MLP: stream entering mlp_norm, its norm, gate, up, silu(gate)*up
@@ -109,6 +112,8 @@ struct BatchGrad::Impl {
   Buffer h, mix, hn, p;  // stream, a block's output, the final norm, a bridge's projection
   Buffer dh, dtmp, dbridge, dy, dhn, dp;
   Buffer dyg, dxc, ddt, dz, ddbc;  // Mamba backward
+  Buffer dnbc, drbc;               // mamba_bcdt_norm's backward: gradients of the normed and raw blocks
+  Buffer ones, dw_ones;            // the weightless dt/B/C norms' unit weight and its discarded gradient
   Buffer dzxd, dxbc;               // Mamba-2 backward (with dyg, dz: the norm's and the scan's output gradients)
   Buffer dinn, dq, dk, dv;         // attention backward
   Buffer da, dg, dup;              // MLP backward
@@ -134,7 +139,7 @@ struct BatchGrad::Impl {
     for (const int64_t off : {o.norm, o.in_proj, o.conv_w, o.conv_b, o.x_proj, o.dt_w, o.dt_b, o.A_log, o.Dskip,
                               o.out_proj, o.wq, o.wk, o.wv, o.wo, o.mlp_norm, o.w_gate, o.w_up, o.w_down,
                               o.bridge_norm, o.bridge_proj, o.bridge_gate, o.fuse_mamba, o.fuse_attn, o.exchange,
-                              o.router_w, o.router_feat, o.router_b, o.ssm_norm})
+                              o.router_w, o.router_feat, o.router_b, o.ssm_norm, o.dt_norm, o.b_norm, o.c_norm})
       if (off != kNoTensor) b = std::min(b, off);
     return b;
   }
@@ -188,6 +193,10 @@ struct BatchGrad::Impl {
       s.dt = cv.take(ct, n, E);
       s.yg = cv.take(ct, n, E);
       s.dbc = cv.take(ct, n, P);
+      if (mc.mamba_bcdt_norm) {
+        s.rbc = cv.take(ct, n, P);
+        s.nbc = cv.take(ct, n, P);
+      }
       // A true layer's Mamba path runs fewer tokens in at most as many sequences: rg's bound holds.
       s.scan = cv.bytes(be.scan_saved_bytes(rg, E, N, chunk));
     }
@@ -255,6 +264,39 @@ struct BatchGrad::Impl {
 
   // ---- the layers: forward and backward side by side ----
 
+  // mamba_bcdt_norm: dt_r [rows, R], B and C [rows, N] as contiguous blocks of buf (the norm
+  // ops take whole rows), for the first `rows` tokens.
+  std::array<Tensor, 3> bcdt_blocks(Tensor buf, int rows) const {
+    const int R = c().resolved_dt_rank(), N = c().d_state;
+    char* base = static_cast<char*>(buf.data);
+    const size_t es = dtype_size(ct);
+    return {Tensor(base, ct, rows, R), Tensor(base + size_t(rows) * R * es, ct, rows, N),
+            Tensor(base + size_t(rows) * (R + N) * es, ct, rows, N)};
+  }
+  // The weights of the dt, B and C norms (Jamba's learned ones, or ones) and where their
+  // gradients go (a scratch row for the weightless ones).
+  std::array<std::pair<Tensor, Tensor>, 3> bcdt_weights(const LayerOffsets& o) {
+    const ModelConfig& mc = c();
+    const int R = mc.resolved_dt_rank(), N = mc.d_state;
+    if (mc.mamba_bcdt_norm_weight)
+      return {std::pair{w(o.dt_norm, 1, R), g(o.dt_norm, 1, R)}, std::pair{w(o.b_norm, 1, N), g(o.b_norm, 1, N)},
+              std::pair{w(o.c_norm, 1, N), g(o.c_norm, 1, N)}};
+    const int M = std::max(R, N);
+    if (ones.bytes() < size_t(M) * dtype_size(ct)) {
+      ones.reserve(be, size_t(M) * dtype_size(ct));
+      dw_ones.reserve(be, size_t(M) * sizeof(float));
+      const std::vector<float> host(size_t(M), 1.0f);
+      Buffer f32;
+      f32.reserve(be, host.size() * sizeof(float));
+      be.to_device(f32.data(), host.data(), host.size() * sizeof(float));
+      be.convert(Tensor(ones.data(), ct, 1, M), Tensor(f32.data(), DType::F32, 1, M));
+      be.synchronize();  // f32 is freed on return
+    }
+    const Tensor one(ones.data(), ct, 1, M), dw(dw_ones.data(), DType::F32, 1, M);
+    return {std::pair{one.cols_view(0, R), dw.cols_view(0, R)}, std::pair{one.cols_view(0, N), dw.cols_view(0, N)},
+            std::pair{one.cols_view(0, N), dw.cols_view(0, N)}};
+  }
+
   // out [rows, D] = the Mamba mixer of u over the sequences of r (rows = r.n_tokens(): every
   // token, or a true layer's Mamba tokens); ref::grad::mamba_block_forward's math.
   void mamba_forward(const LayerActs& s0, Tensor out, Tensor u, const LayerOffsets& o, const Ragged& r) {
@@ -266,9 +308,20 @@ struct BatchGrad::Impl {
     be.linear(s.z, u, in_proj.rows_view(E, E), false);
     be.conv1d_silu_train(s.xc, s.x, w(o.conv_w, E, mc.d_conv), w(o.conv_b, 1, E), r);
     be.linear(s.dbc, s.xc, w(o.x_proj, P, E), false);  // dt_r, B, C = x_proj(xc).split([R, N, N])
-    be.linear(s.dt, s.dbc.cols_view(0, R), w(o.dt_w, E, R), false);
-    be.selective_scan_train(s.yg, s.scan, s.xc, s.dt, w(o.dt_b, 1, E), w32(o.A_log, E, N), s.dbc.cols_view(R, N),
-                            s.dbc.cols_view(R + N, N), w(o.Dskip, 1, E), s.z, chunk, r);
+    Tensor dtr = s.dbc.cols_view(0, R), B = s.dbc.cols_view(R, N), C = s.dbc.cols_view(R + N, N);
+    if (mc.mamba_bcdt_norm) {  // each RMS-normalized (Falcon-Mamba, Jamba), as HybridModel::mamba_path
+      const auto raw = bcdt_blocks(s.rbc, r.n_tokens()), nrm = bcdt_blocks(s.nbc, r.n_tokens());
+      const auto wts = bcdt_weights(o);
+      const Tensor src[3] = {dtr, B, C};
+      for (int k = 0; k < 3; ++k) {
+        be.copy_rows(raw[size_t(k)], nullptr, src[k], nullptr, r.n_tokens());
+        be.rmsnorm(nrm[size_t(k)], raw[size_t(k)], wts[size_t(k)].first, mc.mamba_bcdt_norm_eps);
+      }
+      dtr = nrm[0], B = nrm[1], C = nrm[2];
+    }
+    be.linear(s.dt, dtr, w(o.dt_w, E, R), false);
+    be.selective_scan_train(s.yg, s.scan, s.xc, s.dt, w(o.dt_b, 1, E), w32(o.A_log, E, N), B, C,
+                            w(o.Dskip, 1, E), s.z, chunk, r);
     be.linear(out, s.yg, w(o.out_proj, D, E), false);
   }
   // du assigned; dinner (may be empty): the gradient reaching yg from the next layer's bridge.
@@ -283,11 +336,30 @@ struct BatchGrad::Impl {
                  gdbc = a(ddbc, P).rows_view(0, rows);
     if (!dinner.empty()) be.copy(dYg.data, dinner.data, size_t(rows) * size_t(E) * dtype_size(ct));
     be.linear_backward(dYg, g(o.out_proj, D, E), dout, s.yg, w(o.out_proj, D, E), !dinner.empty());
-    be.selective_scan_backward(dXc, dDt, gdbc.cols_view(R, N), gdbc.cols_view(R + N, N), dZ, g(o.dt_b, 1, E),
-                               g(o.A_log, E, N), g(o.Dskip, 1, E), dYg, s.scan, s.xc, s.dt, w(o.dt_b, 1, E),
-                               w32(o.A_log, E, N), s.dbc.cols_view(R, N), s.dbc.cols_view(R + N, N),
-                               w(o.Dskip, 1, E), s.z, chunk, r);
-    be.linear_backward(gdbc.cols_view(0, R), g(o.dt_w, E, R), dDt, s.dbc.cols_view(0, R), w(o.dt_w, E, R), false);
+    // The scan's and dt_proj's inputs, and where their gradients go: dbc's columns, or with the
+    // dt/B/C norms the normed blocks, whose gradients the norms' backward carries into dbc.
+    Tensor dtr = s.dbc.cols_view(0, R), B = s.dbc.cols_view(R, N), C = s.dbc.cols_view(R + N, N);
+    Tensor gdtr = gdbc.cols_view(0, R), gB = gdbc.cols_view(R, N), gC = gdbc.cols_view(R + N, N);
+    if (mc.mamba_bcdt_norm) {
+      const auto nrm = bcdt_blocks(s.nbc, rows), gn = bcdt_blocks(a(dnbc, P), rows);
+      dtr = nrm[0], B = nrm[1], C = nrm[2];
+      gdtr = gn[0], gB = gn[1], gC = gn[2];
+    }
+    be.selective_scan_backward(dXc, dDt, gB, gC, dZ, g(o.dt_b, 1, E), g(o.A_log, E, N), g(o.Dskip, 1, E), dYg,
+                               s.scan, s.xc, s.dt, w(o.dt_b, 1, E), w32(o.A_log, E, N), B, C, w(o.Dskip, 1, E),
+                               s.z, chunk, r);
+    be.linear_backward(gdtr, g(o.dt_w, E, R), dDt, dtr, w(o.dt_w, E, R), false);
+    if (mc.mamba_bcdt_norm) {
+      const auto raw = bcdt_blocks(s.rbc, rows), gn = bcdt_blocks(a(dnbc, P), rows),
+                 gr = bcdt_blocks(a(drbc, P), rows);
+      const auto wts = bcdt_weights(o);
+      const Tensor dst[3] = {gdbc.cols_view(0, R), gdbc.cols_view(R, N), gdbc.cols_view(R + N, N)};
+      for (int k = 0; k < 3; ++k) {
+        be.rmsnorm_backward(gr[size_t(k)], wts[size_t(k)].second, gn[size_t(k)], raw[size_t(k)],
+                            wts[size_t(k)].first, mc.mamba_bcdt_norm_eps, false);
+        be.copy_rows(dst[k], nullptr, gr[size_t(k)], nullptr, rows);
+      }
+    }
     // xc feeds both x_proj and the scan: x_proj's gradient adds into dxc
     be.linear_backward(dXc, g(o.x_proj, P, E), gdbc, s.xc, w(o.x_proj, P, E), true);
     const Tensor dx = dYg;  // dyg is dead once the scan's backward is done

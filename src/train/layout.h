@@ -16,6 +16,7 @@ struct LayerOffsets {
   int64_t wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down, bridge_norm, bridge_proj, bridge_gate;
   int64_t fuse_mamba, fuse_attn, exchange, router_w, router_feat, router_b;  // true layers
   int64_t ssm_norm;  // Mamba-2 layers' gated RMSNorm
+  int64_t dt_norm, b_norm, c_norm;  // Jamba's learned dt, B and C norms (mamba_bcdt_norm_weight)
 };
 
 struct Layout {
@@ -38,7 +39,7 @@ struct Layout {
                         off(w.w_gate), off(w.w_up), off(w.w_down), off(w.bridge_norm),
                         off(w.bridge_proj), off(w.bridge_gate), off(w.fuse_mamba),
                         off(w.fuse_attn), off(w.exchange), off(w.router_w), off(w.router_feat),
-                        off(w.router_b), off(w.ssm_norm)});
+                        off(w.router_b), off(w.ssm_norm), off(w.dt_norm), off(w.b_norm), off(w.c_norm)});
     }
     for (size_t k = 0; k < p.specs().size(); ++k)
       tensors.emplace_back(int64_t(p.at(k) - base), p.specs()[k].numel());

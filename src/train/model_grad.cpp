@@ -675,11 +675,14 @@ void set_train_backend(Backend* be) { g_train_backend = be; }
 
 namespace {
 
-// What the double reference model does not have: Mamba-2 layers train through BatchGrad alone
-// (their ops are checked against finite differences one by one: tests/test_grad_ssd.cpp).
+// What the double reference model does not have: Mamba-2 layers and the dt/B/C norms train
+// through BatchGrad alone (their ops are checked against finite differences one by one:
+// tests/test_grad_ssd.cpp, the rmsnorm backward's tests).
 void check_reference_layers(const ModelConfig& c) {
   HM_CHECK(c.mamba2_layers.empty(), "loss: the double-precision reference model has no Mamba-2 layers (float "
            "training runs them: loss_and_grad)");
+  HM_CHECK(!c.mamba_bcdt_norm, "loss: the double-precision reference model has no dt/B/C norms in its Mamba "
+           "mixers (float training runs them: loss_and_grad)");
 }
 
 // The reference model's loss and gradients (double, long double): one sequence per OpenMP thread.

@@ -97,8 +97,12 @@ TEST(CudaTrain, BatchGradMatchesCpu) {
   mamba2.mamba2_head_dim = 16;
   mamba2.mamba2_groups = 2;
   validate(mamba2);
+  ModelConfig bcdt = hybrid_config(false);  // Jamba's learned dt/B/C norms (Falcon-Mamba's are weightless)
+  bcdt.mamba_bcdt_norm = true;
+  bcdt.mamba_bcdt_norm_weight = true;
+  validate(bcdt);
   setenv("HM_CUDA_SSD_TRAIN_UNVERIFIED", "1", 1);  // the backend's gate until this passes on a GPU
-  for (const ModelConfig& c : {hybrid_config(true), hybrid_config(false), mamba, mamba2}) {
+  for (const ModelConfig& c : {hybrid_config(true), hybrid_config(false), mamba, mamba2, bcdt}) {
     Params p(c);
     test::randomize_params(p, 5);
     const test::TokenBatch b = test::make_batch(3, 77, c.vocab_size, 6);
