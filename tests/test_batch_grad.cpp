@@ -4,6 +4,8 @@
 // hm::AdamW and grad_norm, and the bridge gate's backward against a double loop.
 #include <gtest/gtest.h>
 
+#include <functional>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -49,6 +51,55 @@ namespace {
 
 
 std::vector<float> zeros(const Params& p) { return std::vector<float>(size_t(p.numel()), 0.0f); }
+
+// The gradient g of every tensor whose name `pick` accepts, along a random unit direction d per
+// tensor, against central differences of BatchGrad's own float loss: (l(w + h d) - l(w - h d)) / 2h.
+// Returns the number of tensors checked; each must agree within tol (relative).
+int check_directions(const Params& p, const std::vector<float>& g, const TokenBatch& b, uint64_t seed,
+                     const std::function<bool(const std::string&)>& pick, double tol = 5e-3) {
+  auto cpu = make_cpu_backend();
+  std::vector<float> w(p.data(), p.data() + p.numel());
+  auto mean_loss = [&] {
+    BatchGrad f(*cpu, p, DType::F32);
+    f.set_weights(w.data());
+    int64_t cnt = 0;
+    const double sum = f.loss_sum(b.tokens.data(), b.targets.data(), b.B, b.L, &cnt);
+    return sum / double(cnt);
+  };
+  Rng rng(seed);
+  int checked = 0;
+  double worst = 0;
+  for (size_t k = 0; k < p.specs().size(); ++k) {
+    const std::string& name = p.specs()[k].name;
+    if (!pick(name)) continue;
+    const int64_t off = p.at(k) - p.data(), cnt = p.specs()[k].numel();
+    std::vector<double> d(static_cast<size_t>(cnt));
+    double nrm = 0;
+    for (double& v : d) {
+      v = rng.normal();
+      nrm += v * v;
+    }
+    double along = 0;  // analytic: g . d
+    for (int64_t i = 0; i < cnt; ++i) {
+      d[size_t(i)] /= std::sqrt(nrm);
+      along += double(g[size_t(off + i)]) * d[size_t(i)];
+    }
+    const double h = 1e-2;
+    for (int64_t i = 0; i < cnt; ++i) w[size_t(off + i)] = float(p.data()[off + i] + h * d[size_t(i)]);
+    const double up = mean_loss();
+    for (int64_t i = 0; i < cnt; ++i) w[size_t(off + i)] = float(p.data()[off + i] - h * d[size_t(i)]);
+    const double down = mean_loss();
+    for (int64_t i = 0; i < cnt; ++i) w[size_t(off + i)] = p.data()[off + i];
+    const double fd = (up - down) / (2 * h);
+    const double err = std::fabs(fd - along) / std::max(std::fabs(along), 1e-3);
+    std::printf("  %-44s g.d %+.6e  differences %+.6e  rel %.1e\n", name.c_str(), along, fd, err);
+    EXPECT_LE(err, tol) << name;
+    worst = std::max(worst, err);
+    ++checked;
+  }
+  std::printf("  worst %.1e over %d tensors\n", worst, checked);
+  return checked;
+}
 
 // loss_and_grad's result and BatchGrad's on backend `be` (host memory), for one batch.
 void compare(const ModelConfig& c, Backend& be, uint64_t seed, int B, int L, double tol) {
@@ -292,49 +343,12 @@ TEST(BatchGrad, Mamba2LayersTrain) {
   // The double reference model refuses them, by name.
   EXPECT_THROW_MSG(loss_and_grad_f64(p, g2, b.tokens.data(), b.targets.data(), b.B, b.L), "no Mamba-2 layers");
 
-  // The gradient of every Mamba-2 tensor along a random unit direction d: (l(w + h d) - l(w - h d)) / 2h.
-  std::vector<float> w(p.data(), p.data() + p.numel());
-  auto mean_loss = [&] {
-    BatchGrad f(*cpu, p, DType::F32);
-    f.set_weights(w.data());
-    int64_t cnt = 0;
-    const double sum = f.loss_sum(b.tokens.data(), b.targets.data(), b.B, b.L, &cnt);
-    return sum / double(cnt);
-  };
-  Rng rng(83);
-  int checked = 0;
-  double worst = 0;
-  for (size_t k = 0; k < p.specs().size(); ++k) {
-    const std::string& name = p.specs()[k].name;
-    if (name.rfind("backbone.layers.0.", 0) != 0 && name.rfind("backbone.layers.3.", 0) != 0) continue;
-    if (name.find("mixer") == std::string::npos && name.find(".norm.") == std::string::npos) continue;
-    const int64_t off = p.at(k) - p.data(), cnt = p.specs()[k].numel();
-    std::vector<double> d(static_cast<size_t>(cnt));
-    double nrm = 0;
-    for (double& v : d) {
-      v = rng.normal();
-      nrm += v * v;
-    }
-    double along = 0;  // analytic: g . d
-    for (int64_t i = 0; i < cnt; ++i) {
-      d[size_t(i)] /= std::sqrt(nrm);
-      along += double(g[size_t(off + i)]) * d[size_t(i)];
-    }
-    const double h = 1e-2;
-    for (int64_t i = 0; i < cnt; ++i) w[size_t(off + i)] = float(p.data()[off + i] + h * d[size_t(i)]);
-    const double up = mean_loss();
-    for (int64_t i = 0; i < cnt; ++i) w[size_t(off + i)] = float(p.data()[off + i] - h * d[size_t(i)]);
-    const double down = mean_loss();
-    for (int64_t i = 0; i < cnt; ++i) w[size_t(off + i)] = p.data()[off + i];
-    const double fd = (up - down) / (2 * h);
-    const double err = std::fabs(fd - along) / std::max(std::fabs(along), 1e-3);
-    std::printf("  %-40s g.d %+.6e  differences %+.6e  rel %.1e\n", name.c_str(), along, fd, err);
-    EXPECT_LE(err, 5e-3) << name;
-    worst = std::max(worst, err);
-    ++checked;
-  }
+  // The gradient of every Mamba-2 tensor along a random direction.
+  const int checked = check_directions(p, g, b, 83, [](const std::string& name) {
+    return (name.rfind("backbone.layers.0.", 0) == 0 || name.rfind("backbone.layers.3.", 0) == 0) &&
+           (name.find("mixer") != std::string::npos || name.find(".norm.") != std::string::npos);
+  });
   EXPECT_EQ(checked, 18);  // norm, in_proj, conv weight and bias, dt_bias, A_log, D, gated norm, out_proj; x2
-  std::printf("  worst %.1e over %d tensors\n", worst, checked);
 }
 
 // Falcon-Mamba's weightless RMSNorms on dt_r, B and C, and Jamba's learned ones: BatchGrad's
@@ -367,54 +381,55 @@ TEST(BatchGrad, BcdtNormsTrain) {
     EXPECT_LE(worst_tensor_err(p, g2.data(), g.data()).first, 1e-5);
     EXPECT_THROW_MSG(loss_and_grad_f64(p, g2, b.tokens.data(), b.targets.data(), b.B, b.L), "dt/B/C norms");
 
-    std::vector<float> w(p.data(), p.data() + p.numel());
-    auto mean_loss = [&] {
-      BatchGrad f(*cpu, p, DType::F32);
-      f.set_weights(w.data());
-      int64_t cnt = 0;
-      const double sum = f.loss_sum(b.tokens.data(), b.targets.data(), b.B, b.L, &cnt);
-      return sum / double(cnt);
-    };
-    Rng rng(94);
-    int checked = 0, norms = 0;
-    double worst = 0;
-    for (size_t k = 0; k < p.specs().size(); ++k) {
-      const std::string& name = p.specs()[k].name;
-      if (name.find("mixer") == std::string::npos) continue;
-      const int layer = std::stoi(name.substr(name.find("layers.") + 7));
-      if (!c.has_mamba_path(layer) || c.is_true(layer)) continue;
-      const int64_t off = p.at(k) - p.data(), cnt = p.specs()[k].numel();
-      std::vector<double> d(static_cast<size_t>(cnt));
-      double nrm = 0;
-      for (double& v : d) {
-        v = rng.normal();
-        nrm += v * v;
-      }
-      double along = 0;
-      for (int64_t i = 0; i < cnt; ++i) {
-        d[size_t(i)] /= std::sqrt(nrm);
-        along += double(g[size_t(off + i)]) * d[size_t(i)];
-      }
-      const double h = 1e-2;
-      for (int64_t i = 0; i < cnt; ++i) w[size_t(off + i)] = float(p.data()[off + i] + h * d[size_t(i)]);
-      const double up = mean_loss();
-      for (int64_t i = 0; i < cnt; ++i) w[size_t(off + i)] = float(p.data()[off + i] - h * d[size_t(i)]);
-      const double down = mean_loss();
-      for (int64_t i = 0; i < cnt; ++i) w[size_t(off + i)] = p.data()[off + i];
-      const double fd = (up - down) / (2 * h);
-      const double err = std::fabs(fd - along) / std::max(std::fabs(along), 1e-3);
-      std::printf("  %-44s g.d %+.6e  differences %+.6e  rel %.1e\n", name.c_str(), along, fd, err);
-      EXPECT_LE(err, 5e-3) << name;
-      worst = std::max(worst, err);
-      ++checked;
-      norms += name.find("layernorm") != std::string::npos;
-    }
-    EXPECT_GE(checked, 9);
-    int mamba_layers = 0;
+    int mamba_layers = 0, norms = 0;
     for (int i = 0; i < c.n_layers; ++i) mamba_layers += c.has_mamba_path(i) && !c.is_true(i);
+    const int checked = check_directions(p, g, b, 94, [&](const std::string& name) {
+      if (name.find("mixer") == std::string::npos) return false;
+      const int layer = std::stoi(name.substr(name.find("layers.") + 7));
+      if (!c.has_mamba_path(layer) || c.is_true(layer)) return false;
+      norms += name.find("layernorm") != std::string::npos;
+      return true;
+    });
+    EXPECT_EQ(checked, 9 * mamba_layers + norms);
     EXPECT_EQ(norms, learned ? 3 * mamba_layers : 0);
-    std::printf("  worst %.1e over %d tensors\n", worst, checked);
   }
+}
+
+// Bamba's partial rotary (rope_dim < head_dim): the rotated channels gathered, rotated and put
+// back in the forward, the transpose likewise in the backward.
+TEST(BatchGrad, PartialRopeTrains) {
+  ModelConfig c = test::small_hybrid_config(false);
+  c.n_heads = 2;
+  c.n_kv_heads = 1;
+  c.rope_dim = 4;  // of head_dim 8
+  validate(c);
+  ASSERT_EQ(training_unsupported(c), "");
+  auto cpu = make_cpu_backend();
+  HybridModel m(c, *cpu);
+  randomize_params(m.params(), 95);
+  m.prepare();
+  const Params& p = m.params();
+  const TokenBatch b = make_batch(3, 13, c.vocab_size, 96);
+  BatchGrad bg(*cpu, p, DType::F32);
+  bg.set_weights(p.data());
+  std::vector<float> g = zeros(p);
+  const double loss = bg.loss_and_grad(g.data(), b.tokens.data(), b.targets.data(), b.B, b.L);
+  EXPECT_NEAR(loss, test::inference_mean_loss(m, b.tokens, b.targets, b.B, b.L), 2e-6 * loss);
+  // The double reference rotates partially too: the two gradients agree.
+  Params g2(c);
+  std::fill(g2.data(), g2.data() + g2.numel(), 0.0f);
+  EXPECT_NEAR(loss_and_grad_f64(p, g2, b.tokens.data(), b.targets.data(), b.B, b.L), loss, 1e-5 * loss);
+  EXPECT_LE(worst_tensor_err(p, g2.data(), g.data()).first, 1e-4);
+  const int checked = check_directions(p, g, b, 97, [](const std::string& name) {
+    return name.find("q_proj") != std::string::npos || name.find("k_proj") != std::string::npos;
+  });
+  EXPECT_EQ(checked, 4);
+  // The whole head rotated instead would be a different model: the loss moves.
+  c.rope_dim = 8;
+  HybridModel whole(c, *cpu);
+  std::copy(p.data(), p.data() + p.numel(), whole.params().data());
+  whole.prepare();
+  EXPECT_GT(std::fabs(test::inference_mean_loss(whole, b.tokens, b.targets, b.B, b.L) - loss), 1e-4);
 }
 
 TEST(BatchGrad, RefusesWhatItCannotTrain) {

@@ -488,8 +488,6 @@ std::string training_unsupported(const ModelConfig& c) {
       c.logits_scaling != 1.0f)
     return "it scales embeddings, residuals, attention scores or logits (config 'embedding_multiplier', "
            "'residual_multiplier', 'attention_scale', 'logits_scaling')";
-  if (c.rope && c.any_attention() && c.resolved_rope_dim() < c.head_dim())
-    return "its attention rotates only part of each head (config 'rope_dim')";
   return "";
 }
 

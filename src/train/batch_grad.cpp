@@ -116,6 +116,7 @@ struct BatchGrad::Impl {
   Buffer ones, dw_ones;            // the weightless dt/B/C norms' unit weight and its discarded gradient
   Buffer dzxd, dxbc;               // Mamba-2 backward (with dyg, dz: the norm's and the scan's output gradients)
   Buffer dinn, dq, dk, dv;         // attention backward
+  Buffer rope_tmp;                 // partial rotary: the rotated channels of every head
   Buffer da, dg, dup;              // MLP backward
   Buffer dW_scratch;               // loss_sum's head gradient (discarded)
   std::vector<std::unique_ptr<TrueState>> tstate;  // [n_layers]: true layers' routing
@@ -297,6 +298,26 @@ struct BatchGrad::Impl {
             std::pair{one.cols_view(0, N), dw.cols_view(0, N)}};
   }
 
+  // RoPE (or its transpose, on a gradient) on x [rows, heads * head_dim], contiguous: the whole
+  // head, or only its first rope_dim channels (Bamba's partial rotary), gathered into scratch,
+  // rotated there and put back, as inference's rope_heads does.
+  void rope(Tensor x, int heads, const Ragged& r, bool transpose) {
+    const ModelConfig& mc = c();
+    const int hd = mc.head_dim(), rd = mc.resolved_rope_dim();
+    auto run = [&](Tensor t, int dim) {
+      if (transpose) be.rope_backward(t, heads, dim, mc.rope_theta, r);
+      else be.rope(t, heads, dim, mc.rope_theta, r);
+    };
+    if (rd == hd) return run(x, hd);
+    HM_ASSERT(x.ld == int64_t(heads) * hd);
+    const int rows = x.rows * heads;
+    const Tensor per_head = Tensor(x.data, ct, rows, hd).cols_view(0, rd);  // one row per (token, head)
+    const Tensor part = act(be, rope_tmp, ct, rows, rd);                   // = [n, heads * rd]
+    be.copy_rows(part, nullptr, per_head, nullptr, rows);
+    run(Tensor(part.data, ct, x.rows, heads * rd), rd);
+    be.copy_rows(per_head, nullptr, part, nullptr, rows);
+  }
+
   // out [rows, D] = the Mamba mixer of u over the sequences of r (rows = r.n_tokens(): every
   // token, or a true layer's Mamba tokens); ref::grad::mamba_block_forward's math.
   void mamba_forward(const LayerActs& s0, Tensor out, Tensor u, const LayerOffsets& o, const Ragged& r) {
@@ -412,8 +433,8 @@ struct BatchGrad::Impl {
     be.linear(s.k, u, w(o.wk, KV, D), false);
     be.linear(s.v, u, w(o.wv, KV, D), false);
     if (mc.rope) {
-      be.rope(s.q, H, hd, mc.rope_theta, r);
-      be.rope(s.k, Gk, hd, mc.rope_theta, r);
+      rope(s.q, H, r, false);
+      rope(s.k, Gk, r, false);
     }
     be.attention_train(s.inner, s.lse, s.q, s.k, s.v, H, Gk, hd, r);
     be.linear(out, s.inner, w(o.wo, D, Q), false);
@@ -430,8 +451,8 @@ struct BatchGrad::Impl {
     be.linear_backward(dI, g(o.wo, D, Q), dout, s.inner, w(o.wo, D, Q), !dinner.empty());
     be.attention_backward(dQ, dK, dV, dI, s.q, s.k, s.v, s.inner, s.lse, H, Gk, hd, r);
     if (mc.rope) {  // gradients with respect to q, k before the rotation
-      be.rope_backward(dQ, H, hd, mc.rope_theta, r);
-      be.rope_backward(dK, Gk, hd, mc.rope_theta, r);
+      rope(dQ, H, r, true);
+      rope(dK, Gk, r, true);
     }
     be.linear_backward(du, g(o.wq, Q, D), dQ, u, w(o.wq, Q, D), false);
     be.linear_backward(du, g(o.wk, KV, D), dK, u, w(o.wk, KV, D), true);

@@ -50,7 +50,7 @@ G::MambaDims mamba_dims(const ModelConfig& c) {
   return {c.d_model, c.d_inner(), c.d_state, c.d_conv, c.resolved_dt_rank()};
 }
 G::AttnShape attn_shape(const ModelConfig& c, int L) {
-  return {L, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim(), c.rope, double(c.rope_theta)};
+  return {L, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim(), c.rope, double(c.rope_theta), c.resolved_rope_dim()};
 }
 
 // ---------------------------------------------------------------- the reference model

@@ -101,8 +101,13 @@ TEST(CudaTrain, BatchGradMatchesCpu) {
   bcdt.mamba_bcdt_norm = true;
   bcdt.mamba_bcdt_norm_weight = true;
   validate(bcdt);
+  ModelConfig partial = hybrid_config(false);  // Bamba's partial rotary
+  partial.n_heads = 2;
+  partial.n_kv_heads = 1;
+  partial.rope_dim = partial.head_dim() / 2;
+  validate(partial);
   setenv("HM_CUDA_SSD_TRAIN_UNVERIFIED", "1", 1);  // the backend's gate until this passes on a GPU
-  for (const ModelConfig& c : {hybrid_config(true), hybrid_config(false), mamba, mamba2, bcdt}) {
+  for (const ModelConfig& c : {hybrid_config(true), hybrid_config(false), mamba, mamba2, bcdt, partial}) {
     Params p(c);
     test::randomize_params(p, 5);
     const test::TokenBatch b = test::make_batch(3, 77, c.vocab_size, 6);

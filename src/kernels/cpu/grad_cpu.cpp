@@ -244,6 +244,8 @@ void rope_backward(float* dx, int L, int heads, int hd, float theta) {
 
 void attention_block_forward(float* out, G::AttnSaved<float>& s, const float* u,
                              const G::AttnWeights<float>& w, const G::AttnShape& c) {
+  HM_CHECK(!c.rope || c.rope_dim == 0 || c.rope_dim == c.hd, "attention block: a partial rotary (rope_dim ",
+           c.rope_dim, " of head_dim ", c.hd, ") trains through BatchGrad");
   const int Q = c.H * c.hd, KV = c.G * c.hd;
   s.q.resize(sz(c.L, Q));
   s.k.resize(sz(c.L, KV));

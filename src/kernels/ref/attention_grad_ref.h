@@ -68,18 +68,20 @@ inline double attn_sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 }  // namespace detail
 
 // ---------------------------------------------------------------------------------------------
-// RoPE, "rotate half": per head, pairs (i, i+half) rotate by angle = pos * theta^(-2i/hd).
+// RoPE, "rotate half": per head, pairs (i, i+half) rotate by angle = pos * theta^(-2i/rd), over
+// the first rd channels of each head (rd = hd, or a partial rotary's rope_dim; the rest pass).
 // x [L, heads, hd] at positions pos0 .. pos0+L-1.
 
 template <class T>
-void rope_forward(T* x, int L, int heads, int hd, int pos0, double theta) {
-  HM_ASSERT(hd % 2 == 0);
-  const int half = hd / 2;
+void rope_forward(T* x, int L, int heads, int hd, int pos0, double theta, int rd = 0) {
+  if (rd == 0) rd = hd;
+  HM_ASSERT(rd % 2 == 0 && rd <= hd);
+  const int half = rd / 2;
   for (int t = 0; t < L; ++t)
     for (int h = 0; h < heads; ++h) {
       T* v = x + (std::size_t(t) * heads + h) * hd;
       for (int i = 0; i < half; ++i) {
-        const double ang = double(pos0 + t) * std::pow(theta, -2.0 * i / hd);
+        const double ang = double(pos0 + t) * std::pow(theta, -2.0 * i / rd);
         const double c = std::cos(ang), s = std::sin(ang);
         const double a = v[i], b = v[i + half];
         v[i] = T(a * c - b * s);         // out_a = a cos - b sin
@@ -90,14 +92,15 @@ void rope_forward(T* x, int L, int heads, int hd, int pos0, double theta) {
 
 // dx = R^T dout: a rotation's transpose is the rotation by -angle. In place on dx.
 template <class T>
-void rope_backward(T* dx, int L, int heads, int hd, int pos0, double theta) {
-  HM_ASSERT(hd % 2 == 0);
-  const int half = hd / 2;
+void rope_backward(T* dx, int L, int heads, int hd, int pos0, double theta, int rd = 0) {
+  if (rd == 0) rd = hd;
+  HM_ASSERT(rd % 2 == 0 && rd <= hd);
+  const int half = rd / 2;
   for (int t = 0; t < L; ++t)
     for (int h = 0; h < heads; ++h) {
       T* g = dx + (std::size_t(t) * heads + h) * hd;
       for (int i = 0; i < half; ++i) {
-        const double ang = double(pos0 + t) * std::pow(theta, -2.0 * i / hd);
+        const double ang = double(pos0 + t) * std::pow(theta, -2.0 * i / rd);
         const double c = std::cos(ang), s = std::sin(ang);
         const double ga = g[i], gb = g[i + half];
         g[i] = T(ga * c + gb * s);         // da = dout_a cos + dout_b sin
@@ -193,6 +196,7 @@ struct AttnShape {
   int L, D, H, G, hd;
   bool rope;
   double theta;
+  int rope_dim = 0;  // channels rotated per head (0: all hd)
 };
 
 template <class T>
@@ -232,8 +236,8 @@ void attention_block_forward(T* out, AttnSaved<T>& s, const T* u, const AttnWeig
   detail::attn_xwT(s.k.data(), u, w.wk, c.L, KV, c.D);
   detail::attn_xwT(s.v.data(), u, w.wv, c.L, KV, c.D);
   if (c.rope) {
-    rope_forward(s.q.data(), c.L, c.H, c.hd, 0, c.theta);
-    rope_forward(s.k.data(), c.L, c.G, c.hd, 0, c.theta);
+    rope_forward(s.q.data(), c.L, c.H, c.hd, 0, c.theta, c.rope_dim);
+    rope_forward(s.k.data(), c.L, c.G, c.hd, 0, c.theta, c.rope_dim);
   }
   attention_forward(s.inner.data(), s.lse.data(), s.q.data(), s.k.data(), s.v.data(), c.L, c.H,
                     c.G, c.hd);
@@ -256,8 +260,8 @@ void attention_block_backward(T* du, const AttnWeightGrads<T>& gw, const T* dout
   attention_backward(dq.data(), dk.data(), dv.data(), dinn.data(), s.q.data(), s.k.data(),
                      s.v.data(), s.inner.data(), s.lse.data(), c.L, c.H, c.G, c.hd);
   if (c.rope) {  // gradients with respect to q, k before the rotation
-    rope_backward(dq.data(), c.L, c.H, c.hd, 0, c.theta);
-    rope_backward(dk.data(), c.L, c.G, c.hd, 0, c.theta);
+    rope_backward(dq.data(), c.L, c.H, c.hd, 0, c.theta, c.rope_dim);
+    rope_backward(dk.data(), c.L, c.G, c.hd, 0, c.theta, c.rope_dim);
   }
   // q = u Wq^T etc.:  du = dq Wq + dk Wk + dv Wv;  dWq += dq^T u etc.
   detail::attn_dyW(du, dq.data(), w.wq, c.L, Q, c.D, false);
