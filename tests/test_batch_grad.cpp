@@ -432,6 +432,102 @@ TEST(BatchGrad, PartialRopeTrains) {
   EXPECT_GT(std::fabs(test::inference_mean_loss(whole, b.tokens, b.targets, b.B, b.L) - loss), 1e-4);
 }
 
+// Mixture-of-experts layers (Jamba's softmax top-2, Granite's renormalized router with a shared
+// expert, a DeepSeek-V3-style sigmoid router with correction bias and groups): BatchGrad's forward
+// is inference's, and the gradients of the router, the experts and the shared expert match
+// central differences of the loss along a random direction (the routing choice is piecewise
+// constant; a step of 1e-2 moves no token to other experts in these draws, which the loss's
+// agreement with the derivative would show).
+TEST(BatchGrad, MoeTrains) {
+  struct Case {
+    const char* name;
+    std::function<void(ModelConfig&)> set;
+  };
+  const Case cases[] = {
+      {"softmax top-2 (Jamba)", [](ModelConfig& c) { c.moe_layers = {1, 3}; }},
+      {"renormalized, shared expert, scaling (Granite)",
+       [](ModelConfig& c) {
+         c.moe_layers = {0, 2};
+         c.moe_renormalize = true;
+         c.moe_shared_ff = 10;
+         c.moe_scaling = 1.5f;
+       }},
+      {"sigmoid, correction bias, groups (DeepSeek-V3)",
+       [](ModelConfig& c) {
+         c.moe_layers = {0, 1, 2, 3};
+         c.moe_router = "sigmoid";
+         c.moe_groups = 2;
+         c.moe_topk_groups = 1;
+         c.moe_renormalize = true;
+         c.moe_scaling = 2.5f;
+       }},
+  };
+  for (const Case& cs : cases) {
+    SCOPED_TRACE(cs.name);
+    std::printf("%s\n", cs.name);
+    ModelConfig c = test::small_hybrid_config(false);
+    c.moe_experts = 4;
+    c.moe_top_k = 2;
+    c.moe_ff = 8;
+    cs.set(c);
+    validate(c);
+    ASSERT_EQ(training_unsupported(c), "");
+    auto cpu = make_cpu_backend();
+    HybridModel m(c, *cpu);
+    randomize_params(m.params(), 101);
+    m.prepare();
+    const Params& p = m.params();
+    const TokenBatch b = make_batch(3, 11, c.vocab_size, 102);
+    BatchGrad bg(*cpu, p, DType::F32);
+    bg.set_weights(p.data());
+    std::vector<float> g = zeros(p);
+    const double loss = bg.loss_and_grad(g.data(), b.tokens.data(), b.targets.data(), b.B, b.L);
+    EXPECT_NEAR(loss, test::inference_mean_loss(m, b.tokens, b.targets, b.B, b.L), 2e-6 * loss);
+    Params g2(c);
+    std::fill(g2.data(), g2.data() + g2.numel(), 0.0f);
+    EXPECT_NEAR(loss_and_grad(p, g2, b.tokens.data(), b.targets.data(), b.B, b.L), loss, 1e-6 * loss);
+    EXPECT_LE(worst_tensor_err(p, g2.data(), g.data()).first, 1e-5);
+    EXPECT_THROW_MSG(loss_and_grad_f64(p, g2, b.tokens.data(), b.targets.data(), b.B, b.L), "mixture-of-experts");
+    int bias = 0;
+    const int checked = check_directions(p, g, b, 103, [&](const std::string& name) {
+      if (name.find("correction_bias") != std::string::npos) {  // a buffer in transformers: no gradient
+        ++bias;
+        const int64_t off = p.get(name) - p.data();
+        for (int64_t q = 0; q < c.moe_experts; ++q) EXPECT_EQ(g[size_t(off + q)], 0.0f);
+        return false;
+      }
+      return name.find(".mlp.") != std::string::npos || name.find("mlp_norm") != std::string::npos;
+    });
+    const int n_moe = int(c.moe_layers.size()), n_dense = c.n_layers - n_moe;
+    EXPECT_EQ(checked, n_moe * (1 + 1 + 3 + (c.moe_shared_ff > 0 ? 3 : 0)) + n_dense * 4);
+    EXPECT_EQ(bias, c.moe_router == "sigmoid" ? n_moe : 0);
+  }
+}
+
+// ffn_layers (only some layers have an FFN, as Nemotron-H's blocks): BatchGrad and the double
+// reference both skip the missing MLPs.
+TEST(BatchGrad, FfnOnSomeLayersTrains) {
+  ModelConfig c = test::small_hybrid_config(true);
+  c.ffn_layers = {0, 2};
+  validate(c);
+  ASSERT_EQ(training_unsupported(c), "");
+  auto cpu = make_cpu_backend();
+  HybridModel m(c, *cpu);
+  randomize_params(m.params(), 104);
+  m.prepare();
+  const Params& p = m.params();
+  const TokenBatch b = make_batch(2, 15, c.vocab_size, 105);
+  BatchGrad bg(*cpu, p, DType::F32);
+  bg.set_weights(p.data());
+  std::vector<float> g = zeros(p);
+  const double loss = bg.loss_and_grad(g.data(), b.tokens.data(), b.targets.data(), b.B, b.L);
+  EXPECT_NEAR(loss, test::inference_mean_loss(m, b.tokens, b.targets, b.B, b.L), 2e-6 * loss);
+  Params g2(c);
+  std::fill(g2.data(), g2.data() + g2.numel(), 0.0f);
+  EXPECT_NEAR(loss_and_grad_f64(p, g2, b.tokens.data(), b.targets.data(), b.B, b.L), loss, 1e-5 * loss);
+  EXPECT_LE(worst_tensor_err(p, g2.data(), g.data()).first, 1e-4);
+}
+
 TEST(BatchGrad, RefusesWhatItCannotTrain) {
   auto cpu = make_cpu_backend();
   Params q(test::small_hybrid_config(true));
@@ -495,6 +591,19 @@ TEST(BatchGrad, GradCheckpointingIsBitIdentical) {
   auto cpu = make_cpu_backend();
   const auto [deep_off, deep_on] = ckpt_vs_plain(deep, *cpu, 53, 2, 64);
   EXPECT_LT(2 * deep_on, deep_off);
+  // The HF families' layers: MoE (its routing re-decided in the re-run), dt/B/C norms, a partial
+  // rotary, FFNs on some layers only.
+  ModelConfig fam = test::small_hybrid_config(false);
+  fam.moe_layers = {0, 1};
+  fam.moe_experts = 4;
+  fam.moe_shared_ff = 6;
+  fam.ffn_layers = {0, 1, 3};
+  fam.mamba_bcdt_norm = true;
+  fam.n_heads = 2;
+  fam.n_kv_heads = 1;
+  fam.rope_dim = 4;
+  validate(fam);
+  ckpt_vs_plain(fam, *cpu, 55, 3, 21);
   // Four Mamba layers, no MLP, no bridges. Without grad_ckpt each layer keeps u [n, D], x, z, xc,
   // dt, yg [n, E], dt_r|B|C [n, R + 2N] and the scan's states besides its input [n, D]; with it
   // one slot holds one layer's, so the saving is at least 3 such sets (views are padded to an

@@ -480,10 +480,8 @@ std::string training_unsupported(const ModelConfig& c) {
   if (!c.mamba2_layers.empty() && c.mamba2_norm_before_gate)
     return "its Mamba-2 layers normalize before the gate (config 'mamba2_norm_before_gate', Falcon-H1)";
   if (c.attn_head_dim > 0) return "its attention heads have an explicit size (config 'head_dim')";
-  if (!c.ffn_layers.empty()) return "only some of its layers have an FFN (config 'ffn_layers')";
   if (c.mlp_act != "swiglu") return "its MLPs use squared ReLU (config 'mlp_act')";
   if (c.mamba_proj_bias) return "its Mamba mixers have in_proj / out_proj biases (config 'mamba_proj_bias')";
-  if (!c.moe_layers.empty()) return "it has mixture-of-experts layers (config 'moe_layers')";
   if (c.embedding_multiplier != 1.0f || c.residual_multiplier != 1.0f || c.attention_scale != 0.0f ||
       c.logits_scaling != 1.0f)
     return "it scales embeddings, residuals, attention scores or logits (config 'embedding_multiplier', "

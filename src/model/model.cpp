@@ -1,5 +1,7 @@
 #include "model/model.h"
 
+#include "model/moe.h"
+
 #include <algorithm>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -676,73 +678,22 @@ void HybridModel::ffn(Tensor y, Tensor x, Tensor gate, Tensor up, Tensor down, b
 }
 
 // h += sum over the token's top-k experts e of g_e * expert_e(u), u = rmsnorm(h), plus the shared
-// expert's output. Scores s = softmax(router u), or sigmoid(router u) (moe_router "sigmoid"), which
-// picks the experts by s + correction bias, among the moe_topk_groups best groups when moe_groups
-// > 1 (a group's score: the sum of its two best choice scores), as transformers' NemotronHMoE and
-// DeepSeek-V3 route. g_e = s_e, divided by the chosen experts' sum when moe_renormalize, times
-// moe_scaling. The routing is decided on the host (router logits read back); each expert runs once
-// on the rows routed to it, gathered, and adds its output back scaled by the rows' g_e, so an
-// expert no token chose is not computed.
+// expert's output; the routing (model/moe.h) is decided on the host from the router's logits,
+// read back. Each expert runs once on the rows routed to it, gathered, and adds its output back
+// scaled by the rows' g_e, so an expert no token chose is not computed.
 void HybridModel::moe(int layer, int T) {
   const LayerTensors& w = lw_[size_t(layer)];
   const float* corr = params_.layer(layer).moe_bias;  // host float32 (never packed); sigmoid only
-  const int D = cfg_.d_model, X = cfg_.moe_experts, k = cfg_.moe_top_k;
-  const bool sigmoid = cfg_.moe_router == "sigmoid";
-  const int NG = cfg_.moe_groups, per = X / NG;
+  const int D = cfg_.d_model, X = cfg_.moe_experts;
   const Tensor u = act(ws_.u, T, D), h = ws_.h.tensor(dtype_, T, D);
   be_.rmsnorm(u, h, w.mlp_norm, cfg_.norm_eps);
   const Tensor lg = ws_.moe_logits.tensor(DType::F32, T, X);
   be_.linear(lg, u, w.moe_router, false);
   moe_p_.resize(size_t(T) * X);
   be_.to_host(moe_p_.data(), lg.data, moe_p_.size() * sizeof(float));
-  std::vector<std::vector<int32_t>> rows(static_cast<size_t>(X));
-  std::vector<std::vector<float>> gates(static_cast<size_t>(X));
-  std::vector<int> order(static_cast<size_t>(X)), gorder(static_cast<size_t>(NG));
-  std::vector<float> choice(static_cast<size_t>(X)), gscore(static_cast<size_t>(NG));
-  for (int t = 0; t < T; ++t) {
-    float* p = moe_p_.data() + size_t(t) * X;
-    if (sigmoid) {
-      for (int e = 0; e < X; ++e) p[e] = float(1.0 / (1.0 + std::exp(-double(p[e]))));
-      for (int e = 0; e < X; ++e) choice[size_t(e)] = p[e] + corr[e];  // float32, as transformers adds them
-    } else {
-      const float mx = *std::max_element(p, p + X);
-      double sum = 0;
-      for (int e = 0; e < X; ++e) sum += std::exp(double(p[e]) - mx);
-      for (int e = 0; e < X; ++e) p[e] = float(std::exp(double(p[e]) - mx) / sum);
-      std::copy(p, p + X, choice.begin());
-    }
-    if (NG > 1) {  // only the experts of the topk_groups best groups stay eligible
-      for (int g = 0; g < NG; ++g) {
-        const float* c = choice.data() + size_t(g) * per;
-        const int best = int(std::max_element(c, c + per) - c);
-        float second = -INFINITY;
-        for (int j = 0; j < per; ++j)
-          if (j != best) second = std::max(second, c[j]);
-        gscore[size_t(g)] = c[best] + second;
-        gorder[size_t(g)] = g;
-      }
-      std::partial_sort(gorder.begin(), gorder.begin() + cfg_.moe_topk_groups, gorder.end(), [&](int a, int b) {
-        return gscore[size_t(a)] > gscore[size_t(b)] || (gscore[size_t(a)] == gscore[size_t(b)] && a < b);
-      });
-      std::vector<bool> kept(static_cast<size_t>(NG), false);
-      for (int j = 0; j < cfg_.moe_topk_groups; ++j) kept[size_t(gorder[size_t(j)])] = true;
-      for (int e = 0; e < X; ++e)
-        if (!kept[size_t(e / per)]) choice[size_t(e)] = -INFINITY;
-    }
-    for (int e = 0; e < X; ++e) order[size_t(e)] = e;
-    // Best first; ties to the lower index.
-    const float* c = choice.data();
-    std::partial_sort(order.begin(), order.begin() + k, order.end(),
-                      [c](int a, int b) { return c[a] > c[b] || (c[a] == c[b] && a < b); });
-    double top = 0;
-    for (int j = 0; j < k; ++j) top += p[order[size_t(j)]];
-    for (int j = 0; j < k; ++j) {
-      const int e = order[size_t(j)];
-      rows[size_t(e)].push_back(t);
-      const double pe = cfg_.moe_renormalize ? p[e] / (top + 1e-20) : p[e];
-      gates[size_t(e)].push_back(float(pe * cfg_.moe_scaling * cfg_.residual_multiplier));
-    }
-  }
+  moe_route(cfg_, moe_p_.data(), corr, T, moe_rt_);
+  const auto& rows = moe_rt_.rows;
+  const auto& gates = moe_rt_.gates;
   for (int e = 0; e < X; ++e) {
     const int n = int(rows[size_t(e)].size());
     if (n == 0) continue;

@@ -11,6 +11,7 @@
 
 #include "backend/backend.h"
 #include "model/config.h"
+#include "model/moe.h"
 #include "model/params.h"
 #include "model/true_hybrid.h"
 #include "runtime/memory.h"
@@ -239,6 +240,7 @@ class HybridModel {
   std::vector<th::Routing<float>> routing_;  // per chunk of the batch
   std::vector<float> logit_, feats_, uhost_;  // [T], [T, kRouterFeatures], [T, D]
   std::vector<float> moe_p_;                  // moe's host scratch: router logits [T, experts]
+  MoeRouting moe_rt_;                         // moe's routing of the current chunk
 };
 
 // Loads config.json and model.safetensors from a checkpoint directory.

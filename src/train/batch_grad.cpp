@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "model/moe.h"
 #include "model/true_hybrid.h"
 #include "train/layout.h"
 #include "train/model_grad.h"
@@ -34,6 +35,10 @@ struct LayerActs {
   void* scan = nullptr;                   // Mamba: the scan's saved states (scan_saved_bytes)
   Tensor q, k, v, lse, inner;             // attention (lse float32 [n, H])
   Tensor h2, m, g, up, a;                 // MLP: stream entering mlp_norm, its norm, gate, up, silu(gate)*up
+  Tensor lg;                              // MoE: the router's logits (float32 [n, X])
+  Tensor xe, ge, ue, ae, ye;              // MoE: the experts' n*k rows, expert by expert: input, gate, up,
+                                          // silu(gate)*up, output
+  Tensor sg, sup, sa;                     // MoE: the shared expert's gate, up, silu(gate)*up
   Tensor zxd, xbc, ys, yn;                // Mamba-2: in_proj's z | xBC | dt, silu(conv(xBC)), scan output, gated norm
   Tensor bn;                              // the bridge's rmsnorm(source) (without grad_ckpt)
   Tensor um, ym, va, ya;                  // true layers: the Mamba path's input rows and output, the
@@ -67,6 +72,16 @@ struct TrueState {
   const int32_t* d_a() const { return d_m() + nm; }
   const float* d_gm() const { return static_cast<const float*>(gates.data()); }
   const float* d_ga() const { return d_gm() + nm; }
+};
+
+// An MoE layer's routing of the current batch (model/moe.h), and its rows grouped by expert.
+struct MoeState {
+  MoeRouting rt;
+  std::vector<int32_t> idx;   // every expert's rows (tokens), expert by expert
+  std::vector<float> gates;   // their gates
+  std::vector<int> begin;     // [X + 1]: where each expert's rows start in idx
+  std::vector<int32_t> slot;  // [n, k]: token t's j-th choice's position in idx
+  Buffer d_idx, d_gates;      // device copies of idx and gates
 };
 
 constexpr size_t kAlign = 256;
@@ -120,6 +135,8 @@ struct BatchGrad::Impl {
   Buffer da, dg, dup;              // MLP backward
   Buffer dW_scratch;               // loss_sum's head gradient (discarded)
   std::vector<std::unique_ptr<TrueState>> tstate;  // [n_layers]: true layers' routing
+  std::vector<std::unique_ptr<MoeState>> mstate;   // [n_layers]: MoE layers' routing
+  Buffer dye, dxe;                                 // MoE backward: one expert's output and input gradients
   std::vector<int64_t> seq_count;  // counted targets per sequence (the budget loss's weights)
   double budget_scale = 0;         // grad_scale / total: a sequence's budget weight is cnt_b times it
   double inv_total = 0;            // 1 / total: the budget loss's weight per counted target
@@ -140,7 +157,8 @@ struct BatchGrad::Impl {
     for (const int64_t off : {o.norm, o.in_proj, o.conv_w, o.conv_b, o.x_proj, o.dt_w, o.dt_b, o.A_log, o.Dskip,
                               o.out_proj, o.wq, o.wk, o.wv, o.wo, o.mlp_norm, o.w_gate, o.w_up, o.w_down,
                               o.bridge_norm, o.bridge_proj, o.bridge_gate, o.fuse_mamba, o.fuse_attn, o.exchange,
-                              o.router_w, o.router_feat, o.router_b, o.ssm_norm, o.dt_norm, o.b_norm, o.c_norm})
+                              o.router_w, o.router_feat, o.router_b, o.ssm_norm, o.dt_norm, o.b_norm, o.c_norm,
+                              o.moe_router, o.moe_bias, o.e_gate, o.e_up, o.e_down, o.s_gate, o.s_up, o.s_down})
       if (off != kNoTensor) b = std::min(b, off);
     return b;
   }
@@ -207,12 +225,27 @@ struct BatchGrad::Impl {
       s.va = cv.take(ct, n, D);
       s.ya = cv.take(ct, n, D);
     }
-    if (mc.d_ff > 0) {
+    if (mc.has_ffn(i)) {
       s.h2 = cv.take(ct, n, D);
       s.m = cv.take(ct, n, D);
-      s.g = cv.take(ct, n, mc.d_ff);
-      s.up = cv.take(ct, n, mc.d_ff);
-      s.a = cv.take(ct, n, mc.d_ff);
+      if (mc.is_moe(i)) {
+        const int K = n * mc.moe_top_k, Fe = mc.moe_width(), S = mc.moe_shared_ff;
+        s.lg = cv.take(DType::F32, n, mc.moe_experts);
+        s.xe = cv.take(ct, K, D);
+        s.ge = cv.take(ct, K, Fe);
+        s.ue = cv.take(ct, K, Fe);
+        s.ae = cv.take(ct, K, Fe);
+        s.ye = cv.take(ct, K, D);
+        if (S > 0) {
+          s.sg = cv.take(ct, n, S);
+          s.sup = cv.take(ct, n, S);
+          s.sa = cv.take(ct, n, S);
+        }
+      } else {
+        s.g = cv.take(ct, n, mc.d_ff);
+        s.up = cv.take(ct, n, mc.d_ff);
+        s.a = cv.take(ct, n, mc.d_ff);
+      }
     }
     if (!ckpt && mc.has_bridge(i)) s.bn = cv.take(ct, n, mc.inner_dim(i - 1));
     if (bytes) *bytes = cv.size();
@@ -241,8 +274,11 @@ struct BatchGrad::Impl {
     hin.resize(size_t(mc.n_layers));
     arenas.resize(ckpt ? 1 : size_t(mc.n_layers));
     tstate.resize(size_t(mc.n_layers));
-    for (int i = 0; i < mc.n_layers; ++i)
+    mstate.resize(size_t(mc.n_layers));
+    for (int i = 0; i < mc.n_layers; ++i) {
       if (mc.is_true(i) && !tstate[size_t(i)]) tstate[size_t(i)] = std::make_unique<TrueState>();
+      if (mc.has_ffn(i) && mc.is_moe(i) && !mstate[size_t(i)]) mstate[size_t(i)] = std::make_unique<MoeState>();
+    }
     seq_count.assign(size_t(B), 0);
     for (int b = 0; b < B; ++b)
       for (int t = 0; t < L; ++t) seq_count[size_t(b)] += targets[int64_t(b) * L + t] >= 0;
@@ -460,20 +496,122 @@ struct BatchGrad::Impl {
   }
 
   // out = down(silu(gate(m)) * up(m))
+  // out (=|+=) down(silu(x gate^T) * (x up^T)), keeping gate, up and their product for the backward.
+  void ffn_forward(Tensor x, Tensor gt, Tensor up_, Tensor act_, Tensor out, Tensor Wg, Tensor Wu, Tensor Wd,
+                   bool accumulate) {
+    be.linear(gt, x, Wg, false);
+    be.linear(up_, x, Wu, false);
+    be.swiglu(act_, gt, up_);
+    be.linear(out, act_, Wd, accumulate);
+  }
+  // Its backward: dx (=|+=), the weights' gradients accumulated (Gg, Gu, Gd).
+  void ffn_backward(Tensor dx, bool accumulate, Tensor dout, Tensor x, Tensor gt, Tensor up_, Tensor act_, Tensor Wg,
+                    Tensor Wu, Tensor Wd, Tensor Gg, Tensor Gu, Tensor Gd) {
+    const int rows = x.rows, F = gt.cols;
+    const Tensor dA = a(da, F).rows_view(0, rows), dG = a(dg, F).rows_view(0, rows), dU = a(dup, F).rows_view(0, rows);
+    be.linear_backward(dA, Gd, dout, act_, Wd, false);
+    be.swiglu_backward(dG, dU, dA, gt, up_);
+    be.linear_backward(dx, Gg, dG, x, Wg, accumulate);
+    be.linear_backward(dx, Gu, dU, x, Wu, true);
+  }
   void mlp_forward(const LayerActs& s, Tensor out, const LayerOffsets& o) {
     const int D = c().d_model, F = c().d_ff;
-    be.linear(s.g, s.m, w(o.w_gate, F, D), false);
-    be.linear(s.up, s.m, w(o.w_up, F, D), false);
-    be.swiglu(s.a, s.g, s.up);
-    be.linear(out, s.a, w(o.w_down, D, F), false);
+    ffn_forward(s.m, s.g, s.up, s.a, out, w(o.w_gate, F, D), w(o.w_up, F, D), w(o.w_down, D, F), false);
   }
   void mlp_backward(Tensor dm, Tensor dout, const LayerActs& s, const LayerOffsets& o) {
     const int D = c().d_model, F = c().d_ff;
-    const Tensor dA = a(da, F), dG = a(dg, F), dU = a(dup, F);
-    be.linear_backward(dA, g(o.w_down, D, F), dout, s.a, w(o.w_down, D, F), false);
-    be.swiglu_backward(dG, dU, dA, s.g, s.up);
-    be.linear_backward(dm, g(o.w_gate, F, D), dG, s.m, w(o.w_gate, F, D), false);
-    be.linear_backward(dm, g(o.w_up, F, D), dU, s.m, w(o.w_up, F, D), true);
+    ffn_backward(dm, false, dout, s.m, s.g, s.up, s.a, w(o.w_gate, F, D), w(o.w_up, F, D), w(o.w_down, D, F),
+                 g(o.w_gate, F, D), g(o.w_up, F, D), g(o.w_down, D, F));
+  }
+
+  // Expert e's gate, up and down matrices (slices of the stacks), as weights or as gradients.
+  std::array<Tensor, 3> expert(const LayerOffsets& o, int e, bool grad) const {
+    const int D = c().d_model, Fe = c().moe_width();
+    const int64_t fd = int64_t(Fe) * D;
+    auto t = [&](int64_t off, int r, int cols) { return grad ? g(off, r, cols) : w(off, r, cols); };
+    return {t(o.e_gate + e * fd, Fe, D), t(o.e_up + e * fd, Fe, D), t(o.e_down + e * fd, D, Fe)};
+  }
+
+  // out [n, D] = the MoE of s.m (HybridModel::moe's math): the router's logits read back, the
+  // routing decided on the host (moe_route), each expert run once over its rows gathered, its
+  // output added back scaled by the rows' gates, and the shared expert over every row.
+  void moe_forward(int i, const LayerActs& s, Tensor out, const LayerOffsets& o) {
+    const ModelConfig& mc = c();
+    const int D = mc.d_model, X = mc.moe_experts, k = mc.moe_top_k, S = mc.moe_shared_ff;
+    MoeState& M = *mstate[size_t(i)];
+    be.linear(s.lg, s.m, w(o.moe_router, X, D), false);
+    std::vector<float> lg(size_t(n) * X);
+    be.to_host(lg.data(), s.lg.data, sizeof(float) * lg.size());
+    const std::vector<float> corr = mc.moe_router == "sigmoid" ? param(o.moe_bias, X) : std::vector<float>();
+    moe_route(mc, lg.data(), corr.empty() ? nullptr : corr.data(), n, M.rt);
+    M.idx.clear(), M.gates.clear();
+    M.begin.assign(size_t(X) + 1, 0);
+    for (int e = 0; e < X; ++e) {
+      M.begin[size_t(e)] = int(M.idx.size());
+      M.idx.insert(M.idx.end(), M.rt.rows[size_t(e)].begin(), M.rt.rows[size_t(e)].end());
+      M.gates.insert(M.gates.end(), M.rt.gates[size_t(e)].begin(), M.rt.gates[size_t(e)].end());
+    }
+    M.begin[size_t(X)] = int(M.idx.size());
+    std::vector<int> cursor(M.begin.begin(), M.begin.end() - 1);  // rows[e] is in token order
+    M.slot.resize(size_t(n) * k);
+    for (int t = 0; t < n; ++t)
+      for (int j = 0; j < k; ++j) M.slot[size_t(t) * k + j] = cursor[size_t(M.rt.chosen[size_t(t) * k + j])]++;
+    M.d_idx.reserve(be, sizeof(int32_t) * M.idx.size());
+    M.d_gates.reserve(be, sizeof(float) * M.gates.size());
+    be.to_device(M.d_idx.data(), M.idx.data(), sizeof(int32_t) * M.idx.size());
+    be.to_device(M.d_gates.data(), M.gates.data(), sizeof(float) * M.gates.size());
+    if (S > 0)
+      ffn_forward(s.m, s.sg, s.sup, s.sa, out, w(o.s_gate, S, D), w(o.s_up, S, D), w(o.s_down, D, S), false);
+    else
+      be.memzero(out.data, size_t(n) * D * dtype_size(ct));
+    for (int e = 0; e < X; ++e) {
+      const int b = M.begin[size_t(e)], ne = M.begin[size_t(e) + 1] - b;
+      if (ne == 0) continue;  // an expert no token chose is not computed
+      const int32_t* idx = static_cast<const int32_t*>(M.d_idx.data()) + b;
+      const Tensor xe = s.xe.rows_view(b, ne), ye = s.ye.rows_view(b, ne);
+      const auto We = expert(o, e, false);
+      be.copy_rows(xe, nullptr, s.m, idx, ne);
+      ffn_forward(xe, s.ge.rows_view(b, ne), s.ue.rows_view(b, ne), s.ae.rows_view(b, ne), ye, We[0], We[1], We[2],
+                  false);
+      be.add_rows(out, idx, ye, nullptr, ne, static_cast<const float*>(M.d_gates.data()) + b, Tensor());
+    }
+  }
+  // dm (assigned) from dout: the shared expert's and every expert's backward, and the router's:
+  // each gate's gradient dout . y_e on the host, carried to the logits by moe_route_backward.
+  void moe_backward(int i, Tensor dm, Tensor dout, const LayerActs& s, const LayerOffsets& o) {
+    const ModelConfig& mc = c();
+    const int D = mc.d_model, X = mc.moe_experts, k = mc.moe_top_k, S = mc.moe_shared_ff;
+    const MoeState& M = *mstate[size_t(i)];
+    const std::vector<float> dout_h = download(dout), ye = download(s.ye.rows_view(0, int(M.idx.size())));
+    std::vector<double> dgate(size_t(n) * k), dl(size_t(n) * X);
+    for (int t = 0; t < n; ++t)
+      for (int j = 0; j < k; ++j) {
+        const float* y = ye.data() + size_t(M.slot[size_t(t) * k + j]) * D;
+        const float* d = dout_h.data() + size_t(t) * D;
+        double acc = 0;
+        for (int q = 0; q < D; ++q) acc += double(d[q]) * y[q];
+        dgate[size_t(t) * k + j] = acc;
+      }
+    moe_route_backward(mc, M.rt, dgate.data(), dl.data());
+    if (S > 0)
+      ffn_backward(dm, false, dout, s.m, s.sg, s.sup, s.sa, w(o.s_gate, S, D), w(o.s_up, S, D), w(o.s_down, D, S),
+                   g(o.s_gate, S, D), g(o.s_up, S, D), g(o.s_down, D, S));
+    else
+      be.memzero(dm.data, size_t(n) * D * dtype_size(ct));
+    for (int e = 0; e < X; ++e) {
+      const int b = M.begin[size_t(e)], ne = M.begin[size_t(e) + 1] - b;
+      if (ne == 0) continue;
+      const int32_t* idx = static_cast<const int32_t*>(M.d_idx.data()) + b;
+      const Tensor dY = a(dye, D).rows_view(0, ne), dX = a(dxe, D).rows_view(0, ne);
+      be.memzero(dY.data, size_t(ne) * D * dtype_size(ct));
+      be.add_rows(dY, nullptr, dout, idx, ne, static_cast<const float*>(M.d_gates.data()) + b, Tensor());  // g * dout
+      const auto We = expert(o, e, false), Ge = expert(o, e, true);
+      ffn_backward(dX, false, dY, s.xe.rows_view(b, ne), s.ge.rows_view(b, ne), s.ue.rows_view(b, ne),
+                   s.ae.rows_view(b, ne), We[0], We[1], We[2], Ge[0], Ge[1], Ge[2]);
+      be.add_rows(dm, idx, dX, nullptr, ne, nullptr, Tensor());
+    }
+    const Tensor dL = upload(std::vector<float>(dl.begin(), dl.end()), n, X);
+    be.linear_backward(dm, g(o.moe_router, X, D), dL, s.m, w(o.moe_router, X, D), true);
   }
 
   // ---- host transfers for a true layer's router (float32 on the host, any type on the device) ----
@@ -725,10 +863,13 @@ struct BatchGrad::Impl {
     else
       mamba_forward(s, O, s.u, o, rg);
     be.add_rows(H, nullptr, O, nullptr, n, nullptr, Tensor());
-    if (mc.d_ff > 0) {
+    if (mc.has_ffn(i)) {
       be.copy(s.h2.data, H.data, size_t(n) * D * dtype_size(ct));
       be.rmsnorm(s.m, H, w(o.mlp_norm, 1, D), eps);
-      mlp_forward(s, O, o);
+      if (mc.is_moe(i))
+        moe_forward(i, s, O, o);
+      else
+        mlp_forward(s, O, o);
       be.add_rows(H, nullptr, O, nullptr, n, nullptr, Tensor());
     }
   }
@@ -783,8 +924,11 @@ struct BatchGrad::Impl {
       const LayerOffsets& o = lo.layers[size_t(i)];
       const LayerActs s = acts(i);
       const Tensor hi = hin[size_t(i)].tensor(ct, n, D);
-      if (mc.d_ff > 0) {  // h_out = h2 + mlp(rmsnorm(h2))
-        mlp_backward(dT, dH, s, o);
+      if (mc.has_ffn(i)) {  // h_out = h2 + mlp(rmsnorm(h2))
+        if (mc.is_moe(i))
+          moe_backward(i, dT, dH, s, o);
+        else
+          mlp_backward(dT, dH, s, o);
         be.rmsnorm_backward(dH, g(o.mlp_norm, 1, D), dT, s.h2, w(o.mlp_norm, 1, D), eps, true);
       }
       if (mc.is_true(i))

@@ -17,6 +17,9 @@ struct LayerOffsets {
   int64_t fuse_mamba, fuse_attn, exchange, router_w, router_feat, router_b;  // true layers
   int64_t ssm_norm;  // Mamba-2 layers' gated RMSNorm
   int64_t dt_norm, b_norm, c_norm;  // Jamba's learned dt, B and C norms (mamba_bcdt_norm_weight)
+  // MoE layers: the router [X, D], its correction bias [X] (sigmoid routers), the experts' stacks
+  // [X, Fe, D], [X, Fe, D], [X, D, Fe], the shared expert [S, D], [S, D], [D, S]
+  int64_t moe_router, moe_bias, e_gate, e_up, e_down, s_gate, s_up, s_down;
 };
 
 struct Layout {
@@ -39,7 +42,9 @@ struct Layout {
                         off(w.w_gate), off(w.w_up), off(w.w_down), off(w.bridge_norm),
                         off(w.bridge_proj), off(w.bridge_gate), off(w.fuse_mamba),
                         off(w.fuse_attn), off(w.exchange), off(w.router_w), off(w.router_feat),
-                        off(w.router_b), off(w.ssm_norm), off(w.dt_norm), off(w.b_norm), off(w.c_norm)});
+                        off(w.router_b), off(w.ssm_norm), off(w.dt_norm), off(w.b_norm), off(w.c_norm),
+                        off(w.moe_router), off(w.moe_bias), off(w.e_gate), off(w.e_up), off(w.e_down),
+                        off(w.s_gate), off(w.s_up), off(w.s_down)});
     }
     for (size_t k = 0; k < p.specs().size(); ++k)
       tensors.emplace_back(int64_t(p.at(k) - base), p.specs()[k].numel());

@@ -368,7 +368,7 @@ void layer_forward(LayerActs<T>& la, std::vector<T>& h, std::vector<T>& out, con
     G::mamba_block_forward(out.data(), la.mamba, la.u.data(), mamba_weights(P, o), mamba_dims(c), L, scan_chunk);
   }
   add_into(h, out);
-  if (F > 0) {  // h += down(silu(gate(m)) * up(m)), m = rmsnorm(h, mlp_norm)
+  if (c.has_ffn(i)) {  // h += down(silu(gate(m)) * up(m)), m = rmsnorm(h, mlp_norm)
     la.h2 = h;
     la.m.resize(LD);
     norm_forward(la.m.data(), la.mrstd, h.data(), at(P, o.mlp_norm), L, D, eps);
@@ -383,6 +383,7 @@ void layer_forward(LayerActs<T>& la, std::vector<T>& h, std::vector<T>& out, con
 // mixers' high-water marks, which would cost the saving a third.
 template <class T> void hold_only(LayerActs<T>& la, const ModelConfig& c, int i) {
   if (!c.has_mamba_path(i)) la.mamba = {};
+  if (!c.has_ffn(i)) la.mlp = {};
   if (!c.has_attention_path(i)) la.attn = {};
 }
 
@@ -448,7 +449,7 @@ void backward_seq(T* g, SeqActs<T>& a, const Layout& lo, const T* P, const T* dh
   for (int i = c.n_layers - 1; i >= 0; --i) {
     const LayerOffsets& o = lo.layers[size_t(i)];
     const LayerActs<T>& la = a.layer(i);
-    if (F > 0) {  // h_out = h2 + mlp(rmsnorm(h2)): dh2 = dh + rmsnorm'(mlp'(dh))
+    if (c.has_ffn(i)) {  // h_out = h2 + mlp(rmsnorm(h2)): dh2 = dh + rmsnorm'(mlp'(dh))
       const G::MlpWeightGrads<T> mg{at(g, o.w_gate), at(g, o.w_up), at(g, o.w_down)};
       const G::MlpWeights<T> mw{at(P, o.w_gate), at(P, o.w_up), at(P, o.w_down)};
       G::mlp_block_backward(dtmp.data(), mg, dh.data(), la.m.data(), mw, la.mlp, L, D, F);
@@ -683,6 +684,8 @@ void check_reference_layers(const ModelConfig& c) {
            "training runs them: loss_and_grad)");
   HM_CHECK(!c.mamba_bcdt_norm, "loss: the double-precision reference model has no dt/B/C norms in its Mamba "
            "mixers (float training runs them: loss_and_grad)");
+  HM_CHECK(c.moe_layers.empty(), "loss: the double-precision reference model has no mixture-of-experts layers "
+           "(float training runs them: loss_and_grad)");
 }
 
 // The reference model's loss and gradients (double, long double): one sequence per OpenMP thread.

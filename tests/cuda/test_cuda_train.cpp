@@ -106,8 +106,15 @@ TEST(CudaTrain, BatchGradMatchesCpu) {
   partial.n_kv_heads = 1;
   partial.rope_dim = partial.head_dim() / 2;
   validate(partial);
+  ModelConfig moe = hybrid_config(false);  // Granite-style experts with a shared one, FFNs on some layers
+  moe.moe_layers = {0, 2};
+  moe.ffn_layers = {0, 2, 3};
+  moe.moe_experts = 4;
+  moe.moe_renormalize = true;
+  moe.moe_shared_ff = 32;
+  validate(moe);
   setenv("HM_CUDA_SSD_TRAIN_UNVERIFIED", "1", 1);  // the backend's gate until this passes on a GPU
-  for (const ModelConfig& c : {hybrid_config(true), hybrid_config(false), mamba, mamba2, bcdt, partial}) {
+  for (const ModelConfig& c : {hybrid_config(true), hybrid_config(false), mamba, mamba2, bcdt, partial, moe}) {
     Params p(c);
     test::randomize_params(p, 5);
     const test::TokenBatch b = test::make_batch(3, 77, c.vocab_size, 6);
