@@ -56,7 +56,7 @@ std::vector<float> zeros(const Params& p) { return std::vector<float>(size_t(p.n
 // tensor, against central differences of BatchGrad's own float loss: (l(w + h d) - l(w - h d)) / 2h.
 // Returns the number of tensors checked; each must agree within tol (relative).
 int check_directions(const Params& p, const std::vector<float>& g, const TokenBatch& b, uint64_t seed,
-                     const std::function<bool(const std::string&)>& pick, double tol = 5e-3) {
+                     const std::function<bool(const std::string&)>& pick, double tol = 5e-3, double h = 1e-2) {
   auto cpu = make_cpu_backend();
   std::vector<float> w(p.data(), p.data() + p.numel());
   auto mean_loss = [&] {
@@ -84,7 +84,6 @@ int check_directions(const Params& p, const std::vector<float>& g, const TokenBa
       d[size_t(i)] /= std::sqrt(nrm);
       along += double(g[size_t(off + i)]) * d[size_t(i)];
     }
-    const double h = 1e-2;
     for (int64_t i = 0; i < cnt; ++i) w[size_t(off + i)] = float(p.data()[off + i] + h * d[size_t(i)]);
     const double up = mean_loss();
     for (int64_t i = 0; i < cnt; ++i) w[size_t(off + i)] = float(p.data()[off + i] - h * d[size_t(i)]);
@@ -501,6 +500,51 @@ TEST(BatchGrad, MoeTrains) {
     const int n_moe = int(c.moe_layers.size()), n_dense = c.n_layers - n_moe;
     EXPECT_EQ(checked, n_moe * (1 + 1 + 3 + (c.moe_shared_ff > 0 ? 3 : 0)) + n_dense * 4);
     EXPECT_EQ(bias, c.moe_router == "sigmoid" ? n_moe : 0);
+  }
+}
+
+// Granite's multipliers: embeddings times embedding_multiplier, each mixer's and FFN's output
+// (an MoE's included) times residual_multiplier, scores q.k times attention_scale, logits divided
+// by logits_scaling. Every tensor's gradient against central differences, without MoE and with
+// one (whose router makes the loss jump where a step moves a token to another expert: the
+// embeddings, which move every router input, are checked without it).
+TEST(BatchGrad, MultipliersTrain) {
+  for (const bool moe : {false, true}) {
+    SCOPED_TRACE(moe ? "with an MoE layer" : "dense");
+    ModelConfig c = test::small_hybrid_config(false);
+    c.state_bridges = false;  // residual_multiplier is not defined with bridges (validate)
+    c.embedding_multiplier = 3.0f;
+    c.residual_multiplier = 0.5f;
+    c.attention_scale = 0.3f;
+    c.logits_scaling = 2.5f;
+    if (moe) {
+      c.moe_layers = {3};
+      c.moe_experts = 4;
+      c.moe_renormalize = true;
+      c.moe_shared_ff = 6;
+    }
+    validate(c);
+    ASSERT_EQ(training_unsupported(c), "");
+    auto cpu = make_cpu_backend();
+    HybridModel m(c, *cpu);
+    randomize_params(m.params(), 106);
+    m.prepare();
+    const Params& p = m.params();
+    const TokenBatch b = make_batch(3, 11, c.vocab_size, 107);
+    BatchGrad bg(*cpu, p, DType::F32);
+    bg.set_weights(p.data());
+    std::vector<float> g = zeros(p);
+    const double loss = bg.loss_and_grad(g.data(), b.tokens.data(), b.targets.data(), b.B, b.L);
+    EXPECT_NEAR(loss, test::inference_mean_loss(m, b.tokens, b.targets, b.B, b.L), 2e-6 * loss);
+    Params g2(c);
+    EXPECT_THROW_MSG(loss_and_grad_f64(p, g2, b.tokens.data(), b.targets.data(), b.B, b.L),
+                     moe ? "mixture-of-experts" : "multipliers");
+    auto is_emb = [](const std::string& name) { return name.find("embeddings") != std::string::npos; };
+    // Steps of 3e-3: the multipliers (3 on the embeddings) put 1e-2 past the curvature's reach.
+    const int checked = check_directions(p, g, b, 108, [&](const std::string& name) { return !is_emb(name); },
+                                         5e-3, 3e-3);
+    const int emb = moe ? 0 : check_directions(p, g, b, 109, is_emb, 5e-3, 3e-3);
+    EXPECT_EQ(checked + emb, int(p.specs().size()) - (moe ? 1 : 0));
   }
 }
 

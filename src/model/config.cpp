@@ -482,10 +482,6 @@ std::string training_unsupported(const ModelConfig& c) {
   if (c.attn_head_dim > 0) return "its attention heads have an explicit size (config 'head_dim')";
   if (c.mlp_act != "swiglu") return "its MLPs use squared ReLU (config 'mlp_act')";
   if (c.mamba_proj_bias) return "its Mamba mixers have in_proj / out_proj biases (config 'mamba_proj_bias')";
-  if (c.embedding_multiplier != 1.0f || c.residual_multiplier != 1.0f || c.attention_scale != 0.0f ||
-      c.logits_scaling != 1.0f)
-    return "it scales embeddings, residuals, attention scores or logits (config 'embedding_multiplier', "
-           "'residual_multiplier', 'attention_scale', 'logits_scaling')";
   return "";
 }
 

@@ -701,7 +701,7 @@ void HybridModel::moe(int layer, int T) {
     const Tensor x = act(ws_.gath, n, D), y = act(ws_.ym, n, D);
     be_.copy_rows(x, nullptr, u, idx, n);
     ffn(y, x, w.e_gate[size_t(e)], w.e_up[size_t(e)], w.e_down[size_t(e)], false);
-    be_.add_rows(h, idx, y, nullptr, n, upload_gates(gates[size_t(e)]), Tensor());
+    be_.add_rows(h, idx, y, nullptr, n, upload_gates(gates[size_t(e)]), resid_scale_);  // g_e (x residual_multiplier)
   }
   if (cfg_.moe_shared_ff > 0) {  // the shared expert, on every row
     const Tensor out = residual_target(T);

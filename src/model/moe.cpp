@@ -60,7 +60,7 @@ void moe_route(const ModelConfig& c, const float* logits, const float* corr, int
     for (int j = 0; j < k; ++j) {
       const int e = order[size_t(j)];
       const double pe = c.moe_renormalize ? p[e] / (top + 1e-20) : p[e];
-      const float g = float(pe * c.moe_scaling * c.residual_multiplier);
+      const float g = float(pe * c.moe_scaling);
       r.chosen[size_t(t) * k + j] = e;
       r.gate[size_t(t) * k + j] = g;
       r.rows[size_t(e)].push_back(t);
@@ -71,7 +71,7 @@ void moe_route(const ModelConfig& c, const float* logits, const float* corr, int
 
 void moe_route_backward(const ModelConfig& c, const MoeRouting& r, const double* dgate, double* dlogits) {
   const int X = r.X, k = r.k;
-  const double scale = double(c.moe_scaling) * double(c.residual_multiplier);
+  const double scale = double(c.moe_scaling);
   std::vector<double> ds(static_cast<size_t>(X));
   for (int t = 0; t < r.T; ++t) {
     const float* p = r.probs.data() + size_t(t) * X;

@@ -23,7 +23,8 @@ struct MoeRouting {
 // by s + correction bias (corr, [X]; sigmoid only), among the moe_topk_groups best groups when
 // moe_groups > 1 (a group's score: the sum of its two best choice scores), as transformers'
 // NemotronHMoE and DeepSeek-V3 route; the k best, ties to the lower index. Gate g_e = s_e, divided
-// by the chosen experts' sum when moe_renormalize, times moe_scaling and residual_multiplier.
+// by the chosen experts' sum when moe_renormalize, times moe_scaling (residual_multiplier applies
+// to the layer's whole output, as to any FFN's).
 // logits: [T, X] floats.
 void moe_route(const ModelConfig& c, const float* logits, const float* corr, int T, MoeRouting& r);
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <array>
+#include <map>
 #include <cmath>
 #include <functional>
 #include <memory>
@@ -128,7 +129,9 @@ struct BatchGrad::Impl {
   Buffer dh, dtmp, dbridge, dy, dhn, dp;
   Buffer dyg, dxc, ddt, dz, ddbc;  // Mamba backward
   Buffer dnbc, drbc;               // mamba_bcdt_norm's backward: gradients of the normed and raw blocks
-  Buffer ones, dw_ones;            // the weightless dt/B/C norms' unit weight and its discarded gradient
+  Buffer dw_ones;                  // the weightless dt/B/C norms' discarded weight gradient
+  std::map<float, Buffer> consts;  // const_row's rows, by value
+  Buffer dres, hns;                // residual_multiplier's scaled gradient; logits_scaling's scaled norm
   Buffer dzxd, dxbc;               // Mamba-2 backward (with dyg, dz: the norm's and the scan's output gradients)
   Buffer dinn, dq, dk, dv;         // attention backward
   Buffer rope_tmp;                 // partial rotary: the rotated channels of every head
@@ -301,6 +304,39 @@ struct BatchGrad::Impl {
 
   // ---- the layers: forward and backward side by side ----
 
+  // A row of `cols` copies of v in the compute type (a scale vector for add_rows), kept.
+  Tensor const_row(float v, int cols) {
+    Buffer& b = consts[v];
+    if (b.bytes() < size_t(cols) * dtype_size(ct)) {
+      b.reserve(be, size_t(cols) * dtype_size(ct));
+      const std::vector<float> host(size_t(cols), v);
+      Buffer f32;
+      f32.reserve(be, host.size() * sizeof(float));
+      be.to_device(f32.data(), host.data(), host.size() * sizeof(float));
+      be.convert(Tensor(b.data(), ct, 1, cols), Tensor(f32.data(), DType::F32, 1, cols));
+      be.synchronize();  // f32 is freed on return
+    }
+    return Tensor(b.data(), ct, 1, cols);
+  }
+  // dst = v * src, elementwise (dst and src distinct, same shape).
+  void scale_into(Tensor dst, Tensor src, float v) {
+    be.memzero(dst.data, size_t(dst.rows) * size_t(dst.cols) * dtype_size(ct));
+    be.add_rows(dst, nullptr, src, nullptr, dst.rows, nullptr, const_row(v, dst.cols));
+  }
+  // Granite's multipliers: each mixer's and FFN's output joins the stream times residual_multiplier.
+  Tensor resid_scale() { return c().residual_multiplier != 1.0f ? const_row(c().residual_multiplier, c().d_model) : Tensor(); }
+  // The gradient reaching a block's output from dH: dH itself, or times residual_multiplier.
+  Tensor block_grad(Tensor dH) {
+    if (c().residual_multiplier == 1.0f) return dH;
+    const Tensor d = a(dres, c().d_model);
+    scale_into(d, dH, c().residual_multiplier);
+    return d;
+  }
+  // q's scale when attention_scale replaces 1/sqrt(head_dim) (the attention op divides by it).
+  float q_scale() const {
+    return c().attention_scale != 0.0f ? float(double(c().attention_scale) * std::sqrt(double(c().head_dim()))) : 1.0f;
+  }
+
   // mamba_bcdt_norm: dt_r [rows, R], B and C [rows, N] as contiguous blocks of buf (the norm
   // ops take whole rows), for the first `rows` tokens.
   std::array<Tensor, 3> bcdt_blocks(Tensor buf, int rows) const {
@@ -319,17 +355,8 @@ struct BatchGrad::Impl {
       return {std::pair{w(o.dt_norm, 1, R), g(o.dt_norm, 1, R)}, std::pair{w(o.b_norm, 1, N), g(o.b_norm, 1, N)},
               std::pair{w(o.c_norm, 1, N), g(o.c_norm, 1, N)}};
     const int M = std::max(R, N);
-    if (ones.bytes() < size_t(M) * dtype_size(ct)) {
-      ones.reserve(be, size_t(M) * dtype_size(ct));
-      dw_ones.reserve(be, size_t(M) * sizeof(float));
-      const std::vector<float> host(size_t(M), 1.0f);
-      Buffer f32;
-      f32.reserve(be, host.size() * sizeof(float));
-      be.to_device(f32.data(), host.data(), host.size() * sizeof(float));
-      be.convert(Tensor(ones.data(), ct, 1, M), Tensor(f32.data(), DType::F32, 1, M));
-      be.synchronize();  // f32 is freed on return
-    }
-    const Tensor one(ones.data(), ct, 1, M), dw(dw_ones.data(), DType::F32, 1, M);
+    dw_ones.reserve(be, size_t(M) * sizeof(float));
+    const Tensor one = const_row(1.0f, M), dw(dw_ones.data(), DType::F32, 1, M);
     return {std::pair{one.cols_view(0, R), dw.cols_view(0, R)}, std::pair{one.cols_view(0, N), dw.cols_view(0, N)},
             std::pair{one.cols_view(0, N), dw.cols_view(0, N)}};
   }
@@ -465,7 +492,12 @@ struct BatchGrad::Impl {
     const ModelConfig& mc = c();
     const int D = mc.d_model, H = mc.n_heads, Gk = mc.n_kv_heads, hd = mc.head_dim(), Q = H * hd, KV = Gk * hd;
     const LayerActs s = first_rows(s0, r.n_tokens());
-    be.linear(s.q, u, w(o.wq, Q, D), false);
+    if (q_scale() == 1.0f) {
+      be.linear(s.q, u, w(o.wq, Q, D), false);
+    } else {  // q = attention_scale * sqrt(hd) * (u wq^T), through inner (free until attention writes it)
+      be.linear(s.inner, u, w(o.wq, Q, D), false);
+      scale_into(s.q, s.inner, q_scale());
+    }
     be.linear(s.k, u, w(o.wk, KV, D), false);
     be.linear(s.v, u, w(o.wv, KV, D), false);
     if (mc.rope) {
@@ -490,7 +522,12 @@ struct BatchGrad::Impl {
       rope(dQ, H, r, true);
       rope(dK, Gk, r, true);
     }
-    be.linear_backward(du, g(o.wq, Q, D), dQ, u, w(o.wq, Q, D), false);
+    Tensor dQl = dQ;  // with respect to u wq^T
+    if (q_scale() != 1.0f) {
+      dQl = dI;  // dead once attention's backward has run
+      scale_into(dQl, dQ, q_scale());
+    }
+    be.linear_backward(du, g(o.wq, Q, D), dQl, u, w(o.wq, Q, D), false);
     be.linear_backward(du, g(o.wk, KV, D), dK, u, w(o.wk, KV, D), true);
     be.linear_backward(du, g(o.wv, KV, D), dV, u, w(o.wv, KV, D), true);
   }
@@ -862,7 +899,7 @@ struct BatchGrad::Impl {
       mamba2_forward(s, O, s.u, o, rg);
     else
       mamba_forward(s, O, s.u, o, rg);
-    be.add_rows(H, nullptr, O, nullptr, n, nullptr, Tensor());
+    be.add_rows(H, nullptr, O, nullptr, n, nullptr, resid_scale());
     if (mc.has_ffn(i)) {
       be.copy(s.h2.data, H.data, size_t(n) * D * dtype_size(ct));
       be.rmsnorm(s.m, H, w(o.mlp_norm, 1, D), eps);
@@ -870,7 +907,7 @@ struct BatchGrad::Impl {
         moe_forward(i, s, O, o);
       else
         mlp_forward(s, O, o);
-      be.add_rows(H, nullptr, O, nullptr, n, nullptr, Tensor());
+      be.add_rows(H, nullptr, O, nullptr, n, nullptr, resid_scale());
     }
   }
   // grad_ckpt: re-runs layer i's forward from hin[i] into the slot, in the stream and block
@@ -891,7 +928,12 @@ struct BatchGrad::Impl {
     const int D = mc.d_model, V = mc.vocab_size;
     const float eps = float(mc.norm_eps);
     const Tensor H = a(h, D), O = a(mix, D);
-    be.embedding(H, w(lo.emb, V, D), static_cast<const int32_t*>(ids.data()));
+    if (mc.embedding_multiplier == 1.0f) {
+      be.embedding(H, w(lo.emb, V, D), static_cast<const int32_t*>(ids.data()));
+    } else {  // h = embedding_multiplier * embeddings
+      be.embedding(O, w(lo.emb, V, D), static_cast<const int32_t*>(ids.data()));
+      scale_into(H, O, mc.embedding_multiplier);
+    }
     for (int i = 0; i < mc.n_layers; ++i) {
       const LayerOffsets& o = lo.layers[size_t(i)];
       if (mc.has_bridge(i)) {  // h += gate * (rmsnorm(src) proj^T); src is still in the slot with ckpt
@@ -906,7 +948,10 @@ struct BatchGrad::Impl {
     }
     const Tensor HN = a(hn, D);
     be.rmsnorm(HN, H, w(lo.norm_f, 1, D), eps);
-    return HN;
+    if (mc.logits_scaling == 1.0f) return HN;
+    const Tensor HS = a(hns, D);  // logits / logits_scaling: the head's input scaled
+    scale_into(HS, HN, float(1.0 / double(mc.logits_scaling)));
+    return HS;
   }
 
   // The reverse of forward() from dhn; adds every parameter gradient but the head's. With ckpt
@@ -917,6 +962,10 @@ struct BatchGrad::Impl {
     const int D = mc.d_model, V = mc.vocab_size;
     const float eps = float(mc.norm_eps);
     const Tensor dH = a(dh, D), dT = a(dtmp, D), H = a(h, D);
+    if (mc.logits_scaling != 1.0f) {  // dHN holds the gradient of the scaled norm: scale it back
+      scale_into(dT, dHN, float(1.0 / double(mc.logits_scaling)));
+      be.copy(dHN.data, dT.data, size_t(n) * D * dtype_size(ct));
+    }
     be.rmsnorm_backward(dH, g(lo.norm_f, 1, D), dHN, H, w(lo.norm_f, 1, D), eps, false);
     report(lo.norm_f, lo.numel);  // the final norm and an untied head
     Tensor dI;  // gradient into layer i's inner output from layer i+1's bridge (empty: none)
@@ -925,20 +974,22 @@ struct BatchGrad::Impl {
       const LayerActs s = acts(i);
       const Tensor hi = hin[size_t(i)].tensor(ct, n, D);
       if (mc.has_ffn(i)) {  // h_out = h2 + mlp(rmsnorm(h2))
+        const Tensor dO = block_grad(dH);
         if (mc.is_moe(i))
-          moe_backward(i, dT, dH, s, o);
+          moe_backward(i, dT, dO, s, o);
         else
-          mlp_backward(dT, dH, s, o);
+          mlp_backward(dT, dO, s, o);
         be.rmsnorm_backward(dH, g(o.mlp_norm, 1, D), dT, s.h2, w(o.mlp_norm, 1, D), eps, true);
       }
+      const Tensor dO = block_grad(dH);  // no true layers or bridges with residual_multiplier (validate)
       if (mc.is_true(i))
-        true_backward(i, dT, dH, s, o);
+        true_backward(i, dT, dO, s, o);
       else if (mc.is_attention(i))
-        attention_backward(dT, dH, dI, s.u, s, o, rg);
+        attention_backward(dT, dO, dI, s.u, s, o, rg);
       else if (mc.is_mamba2(i))
-        mamba2_backward(dT, dH, dI, s.u, s, o, rg);
+        mamba2_backward(dT, dO, dI, s.u, s, o, rg);
       else
-        mamba_backward(dT, dH, dI, s.u, s, o, rg);
+        mamba_backward(dT, dO, dI, s.u, s, o, rg);
       be.rmsnorm_backward(dH, g(o.norm, 1, D), dT, hi, w(o.norm, 1, D), eps, true);
       // Layer i's activations are dead: the slot takes layer i-1, whose inner output the bridge needs.
       if (ckpt && i > 0) recompute(i - 1);
@@ -955,7 +1006,12 @@ struct BatchGrad::Impl {
       }
       report(layer_begin(i), layer_begin(i + 1));
     }
-    be.embedding_backward(g(lo.emb, V, D), dH, static_cast<const int32_t*>(ids.data()));
+    Tensor dE = dH;  // with respect to the embedding rows
+    if (mc.embedding_multiplier != 1.0f) {
+      dE = dT;
+      scale_into(dE, dH, mc.embedding_multiplier);
+    }
+    be.embedding_backward(g(lo.emb, V, D), dE, static_cast<const int32_t*>(ids.data()));
     report(0, layer_begin(0));  // the embedding (and a tied head)
   }
 };
