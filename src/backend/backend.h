@@ -130,6 +130,8 @@ class Backend {
                                 bool accumulate_dx);
   // out = silu(g) u: dg = dout u silu'(g), du = dout silu(g).
   virtual void swiglu_backward(Tensor dg, Tensor du, Tensor dout, Tensor g, Tensor u);
+  // out = relu2(x) = max(x, 0)^2: dx = dout 2 max(x, 0).
+  virtual void relu2_backward(Tensor dx, Tensor dout, Tensor x);
   // conv1d_silu of every sequence from a zero window, keeping no state; x, out [n_tokens, E].
   virtual void conv1d_silu_train(Tensor out, Tensor x, Tensor w, Tensor b, const Ragged& rg);
   // Its backward (the pre-activation recomputed): dx assigned, dw and db accumulated.

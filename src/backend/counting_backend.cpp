@@ -13,7 +13,8 @@ const char* op_kind_name(OpKind k) {
                                 "selective_scan_backward", "attention_train", "attention_backward",
                                 "rope_backward", "embedding_backward", "cross_entropy_head",
                                 "scale_cols_backward", "convert", "sum_squares", "adamw_step", "copy",
-                                "ssd_scan_train", "ssd_scan_backward", "gated_rmsnorm_backward"};
+                                "ssd_scan_train", "ssd_scan_backward", "gated_rmsnorm_backward",
+                                "relu2_backward"};
   static_assert(sizeof(names) / sizeof(names[0]) == size_t(OpKind::kCount));
   return names[size_t(k)];
 }
@@ -126,6 +127,9 @@ void CountingBackend::rmsnorm_backward(Tensor dx, Tensor dw, Tensor dout, Tensor
 }
 void CountingBackend::swiglu_backward(Tensor dg, Tensor du, Tensor dout, Tensor g, Tensor u) {
   run(OpKind::SwigluBackward, dg.data, g.rows, 0, [&] { in_.swiglu_backward(dg, du, dout, g, u); });
+}
+void CountingBackend::relu2_backward(Tensor dx, Tensor dout, Tensor x) {
+  run(OpKind::Relu2Backward, dx.data, x.rows, 0, [&] { in_.relu2_backward(dx, dout, x); });
 }
 void CountingBackend::conv1d_silu_train(Tensor out, Tensor x, Tensor w, Tensor b, const Ragged& rg) {
   run(OpKind::ConvTrain, w.data, rg.n_tokens(), 2.0 * rg.n_tokens() * x.cols * w.cols,

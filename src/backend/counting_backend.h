@@ -18,6 +18,7 @@ enum class OpKind : uint8_t {
   LinearBackward, RmsnormBackward, SwigluBackward, ConvTrain, ConvBackward, ScanTrain, ScanBackward,
   AttentionTrain, AttentionBackward, RopeBackward, EmbeddingBackward, CrossEntropyHead,
   ScaleColsBackward, Convert, SumSquares, AdamwStep, Copy, SsdScanTrain, SsdScanBackward, GatedNormBackward,
+  Relu2Backward,
   kCount
 };
 const char* op_kind_name(OpKind k);
@@ -111,6 +112,7 @@ class CountingBackend final : public Backend {
   void rmsnorm_backward(Tensor dx, Tensor dw, Tensor dout, Tensor x, Tensor w, float eps,
                         bool accumulate_dx) override;
   void swiglu_backward(Tensor dg, Tensor du, Tensor dout, Tensor g, Tensor u) override;
+  void relu2_backward(Tensor dx, Tensor dout, Tensor x) override;
   void conv1d_silu_train(Tensor out, Tensor x, Tensor w, Tensor b, const Ragged& rg) override;
   void conv1d_silu_backward(Tensor dx, Tensor dw, Tensor db, Tensor dout, Tensor x, Tensor w,
                             Tensor b, const Ragged& rg) override;

@@ -276,6 +276,10 @@ class HostBackend : public Backend {
     for (int i = 0; i < g.rows; ++i)
       ref::grad::swiglu_backward(row(dg, i), row(du, i), row(dout, i), row(g, i), row(u, i), 1, g.cols);
   }
+  void relu2_backward(Tensor dx, Tensor dout, Tensor x) override {
+    train_check::relu2_backward(name(), dx, dout, x);
+    for (int i = 0; i < x.rows; ++i) ref::grad::relu2_backward(row(dx, i), row(dout, i), row(x, i), 1, x.cols);
+  }
   void conv1d_silu_train(Tensor out, Tensor x, Tensor w, Tensor b, const Ragged& rg) override {
     train_check::conv1d_silu(name(), "conv1d_silu_train", out, x, w, b, rg);
     const int E = x.cols, Kw = w.cols;

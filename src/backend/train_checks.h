@@ -13,6 +13,7 @@ namespace hm::train_check {
 void linear_backward(const std::string& be, Tensor dx, Tensor dW, Tensor dy, Tensor x, Tensor W);
 void rmsnorm_backward(const std::string& be, Tensor dx, Tensor dw, Tensor dout, Tensor x, Tensor w);
 void swiglu_backward(const std::string& be, Tensor dg, Tensor du, Tensor dout, Tensor g, Tensor u);
+void relu2_backward(const std::string& be, Tensor dx, Tensor dout, Tensor x);
 // Conv forward (dx, dw, db empty) or backward.
 void conv1d_silu(const std::string& be, const char* op, Tensor out, Tensor x, Tensor w, Tensor b,
                  const Ragged& rg);

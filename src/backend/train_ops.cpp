@@ -32,6 +32,11 @@ void swiglu_backward(const std::string& be, Tensor dg, Tensor du, Tensor dout, T
              dims(du), ", dout ", dims(dout), ", g ", dims(g), ", u ", dims(u), " must be one shape");
 }
 
+void relu2_backward(const std::string& be, Tensor dx, Tensor dout, Tensor x) {
+  HM_CHECK(dx.rows == x.rows && dx.cols == x.cols && dout.rows == x.rows && dout.cols == x.cols, be,
+           " relu2_backward: dx ", dims(dx), ", dout ", dims(dout), ", x ", dims(x), " must be one shape");
+}
+
 void conv1d_silu(const std::string& be, const char* op, Tensor out, Tensor x, Tensor w, Tensor b,
                  const Ragged& rg) {
   HM_CHECK(out.rows == x.rows && out.cols == x.cols && x.rows == rg.n_tokens() && w.rows == x.cols &&
@@ -138,6 +143,7 @@ void Backend::rmsnorm_backward(Tensor, Tensor, Tensor, Tensor, Tensor, float, bo
   missing(*this, "rmsnorm_backward");
 }
 void Backend::swiglu_backward(Tensor, Tensor, Tensor, Tensor, Tensor) { missing(*this, "swiglu_backward"); }
+void Backend::relu2_backward(Tensor, Tensor, Tensor) { missing(*this, "relu2_backward"); }
 void Backend::conv1d_silu_train(Tensor, Tensor, Tensor, Tensor, const Ragged&) {
   missing(*this, "conv1d_silu_train");
 }

@@ -479,8 +479,6 @@ std::string training_unsupported(const ModelConfig& c) {
     return "its Mamba-2 layers gate without a norm (config 'mamba2_gated_norm' false, Falcon-H1's mamba_rms_norm)";
   if (!c.mamba2_layers.empty() && c.mamba2_norm_before_gate)
     return "its Mamba-2 layers normalize before the gate (config 'mamba2_norm_before_gate', Falcon-H1)";
-  if (c.attn_head_dim > 0) return "its attention heads have an explicit size (config 'head_dim')";
-  if (c.mlp_act != "swiglu") return "its MLPs use squared ReLU (config 'mlp_act')";
   if (c.mamba_proj_bias) return "its Mamba mixers have in_proj / out_proj biases (config 'mamba_proj_bias')";
   return "";
 }

@@ -7,7 +7,8 @@
 
 namespace hm {
 
-void moe_route(const ModelConfig& c, const float* logits, const float* corr, int T, MoeRouting& r) {
+void moe_route(const ModelConfig& c, const float* logits, const float* corr, int T, MoeRouting& r,
+               const int32_t* forced) {
   const int X = c.moe_experts, k = c.moe_top_k, NG = c.moe_groups, per = X / NG;
   const bool sigmoid = c.moe_router == "sigmoid";
   HM_CHECK(!sigmoid || corr, "moe_route: a sigmoid router needs its correction bias");
@@ -52,8 +53,11 @@ void moe_route(const ModelConfig& c, const float* logits, const float* corr, int
     }
     for (int e = 0; e < X; ++e) order[size_t(e)] = e;
     const float* ch = choice.data();  // best first; ties to the lower index
-    std::partial_sort(order.begin(), order.begin() + k, order.end(),
-                      [ch](int a, int b) { return ch[a] > ch[b] || (ch[a] == ch[b] && a < b); });
+    if (forced)
+      std::copy(forced + size_t(t) * k, forced + size_t(t + 1) * k, order.begin());
+    else
+      std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                        [ch](int a, int b) { return ch[a] > ch[b] || (ch[a] == ch[b] && a < b); });
     double top = 0;
     for (int j = 0; j < k; ++j) top += p[order[size_t(j)]];
     r.top[size_t(t)] = top;

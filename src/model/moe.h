@@ -25,8 +25,10 @@ struct MoeRouting {
 // NemotronHMoE and DeepSeek-V3 route; the k best, ties to the lower index. Gate g_e = s_e, divided
 // by the chosen experts' sum when moe_renormalize, times moe_scaling (residual_multiplier applies
 // to the layer's whole output, as to any FFN's).
-// logits: [T, X] floats.
-void moe_route(const ModelConfig& c, const float* logits, const float* corr, int T, MoeRouting& r);
+// logits: [T, X] floats. forced ([T, k], optional): the experts to choose instead, best first (the
+// gates follow the new scores; BatchGrad::freeze_routing).
+void moe_route(const ModelConfig& c, const float* logits, const float* corr, int T, MoeRouting& r,
+               const int32_t* forced = nullptr);
 
 // dlogits [T, X] (assigned) from dgate [T, k], the loss's gradient with respect to each chosen
 // expert's gate: through the renormalization and the softmax or sigmoid, with the choice held

@@ -140,6 +140,7 @@ struct BatchGrad::Impl {
   std::vector<std::unique_ptr<TrueState>> tstate;  // [n_layers]: true layers' routing
   std::vector<std::unique_ptr<MoeState>> mstate;   // [n_layers]: MoE layers' routing
   Buffer dye, dxe;                                 // MoE backward: one expert's output and input gradients
+  bool freeze = false;                             // freeze_routing
   std::vector<int64_t> seq_count;  // counted targets per sequence (the budget loss's weights)
   double budget_scale = 0;         // grad_scale / total: a sequence's budget weight is cnt_b times it
   double inv_total = 0;            // 1 / total: the budget loss's weight per counted target
@@ -533,32 +534,46 @@ struct BatchGrad::Impl {
   }
 
   // out = down(silu(gate(m)) * up(m))
-  // out (=|+=) down(silu(x gate^T) * (x up^T)), keeping gate, up and their product for the backward.
+  // out (=|+=) down(silu(x gate^T) * (x up^T)), or with squared-ReLU MLPs (mlp_act relu2: no gate,
+  // gt and Wg empty) down(relu2(x up^T)); keeps gate, up and the activation for the backward.
   void ffn_forward(Tensor x, Tensor gt, Tensor up_, Tensor act_, Tensor out, Tensor Wg, Tensor Wu, Tensor Wd,
                    bool accumulate) {
-    be.linear(gt, x, Wg, false);
     be.linear(up_, x, Wu, false);
-    be.swiglu(act_, gt, up_);
+    if (Wg.empty()) {
+      be.relu2(act_, up_);
+    } else {
+      be.linear(gt, x, Wg, false);
+      be.swiglu(act_, gt, up_);
+    }
     be.linear(out, act_, Wd, accumulate);
   }
   // Its backward: dx (=|+=), the weights' gradients accumulated (Gg, Gu, Gd).
   void ffn_backward(Tensor dx, bool accumulate, Tensor dout, Tensor x, Tensor gt, Tensor up_, Tensor act_, Tensor Wg,
                     Tensor Wu, Tensor Wd, Tensor Gg, Tensor Gu, Tensor Gd) {
-    const int rows = x.rows, F = gt.cols;
-    const Tensor dA = a(da, F).rows_view(0, rows), dG = a(dg, F).rows_view(0, rows), dU = a(dup, F).rows_view(0, rows);
+    const int rows = x.rows, F = up_.cols;
+    const Tensor dA = a(da, F).rows_view(0, rows), dU = a(dup, F).rows_view(0, rows);
     be.linear_backward(dA, Gd, dout, act_, Wd, false);
+    if (Wg.empty()) {
+      be.relu2_backward(dU, dA, up_);
+      be.linear_backward(dx, Gu, dU, x, Wu, accumulate);
+      return;
+    }
+    const Tensor dG = a(dg, F).rows_view(0, rows);
     be.swiglu_backward(dG, dU, dA, gt, up_);
     be.linear_backward(dx, Gg, dG, x, Wg, accumulate);
     be.linear_backward(dx, Gu, dU, x, Wu, true);
   }
+  // A gate projection's weight or gradient, or nothing for squared-ReLU MLPs.
+  Tensor wg(int64_t off, int rows, int cols) const { return off == kNoTensor ? Tensor() : w(off, rows, cols); }
+  Tensor gg(int64_t off, int rows, int cols) const { return off == kNoTensor ? Tensor() : g(off, rows, cols); }
   void mlp_forward(const LayerActs& s, Tensor out, const LayerOffsets& o) {
     const int D = c().d_model, F = c().d_ff;
-    ffn_forward(s.m, s.g, s.up, s.a, out, w(o.w_gate, F, D), w(o.w_up, F, D), w(o.w_down, D, F), false);
+    ffn_forward(s.m, s.g, s.up, s.a, out, wg(o.w_gate, F, D), w(o.w_up, F, D), w(o.w_down, D, F), false);
   }
   void mlp_backward(Tensor dm, Tensor dout, const LayerActs& s, const LayerOffsets& o) {
     const int D = c().d_model, F = c().d_ff;
-    ffn_backward(dm, false, dout, s.m, s.g, s.up, s.a, w(o.w_gate, F, D), w(o.w_up, F, D), w(o.w_down, D, F),
-                 g(o.w_gate, F, D), g(o.w_up, F, D), g(o.w_down, D, F));
+    ffn_backward(dm, false, dout, s.m, s.g, s.up, s.a, wg(o.w_gate, F, D), w(o.w_up, F, D), w(o.w_down, D, F),
+                 gg(o.w_gate, F, D), g(o.w_up, F, D), g(o.w_down, D, F));
   }
 
   // Expert e's gate, up and down matrices (slices of the stacks), as weights or as gradients.
@@ -566,7 +581,8 @@ struct BatchGrad::Impl {
     const int D = c().d_model, Fe = c().moe_width();
     const int64_t fd = int64_t(Fe) * D;
     auto t = [&](int64_t off, int r, int cols) { return grad ? g(off, r, cols) : w(off, r, cols); };
-    return {t(o.e_gate + e * fd, Fe, D), t(o.e_up + e * fd, Fe, D), t(o.e_down + e * fd, D, Fe)};
+    const Tensor gate = o.e_gate == kNoTensor ? Tensor() : t(o.e_gate + e * fd, Fe, D);  // none with relu2
+    return {gate, t(o.e_up + e * fd, Fe, D), t(o.e_down + e * fd, D, Fe)};
   }
 
   // out [n, D] = the MoE of s.m (HybridModel::moe's math): the router's logits read back, the
@@ -580,7 +596,12 @@ struct BatchGrad::Impl {
     std::vector<float> lg(size_t(n) * X);
     be.to_host(lg.data(), s.lg.data, sizeof(float) * lg.size());
     const std::vector<float> corr = mc.moe_router == "sigmoid" ? param(o.moe_bias, X) : std::vector<float>();
-    moe_route(mc, lg.data(), corr.empty() ? nullptr : corr.data(), n, M.rt);
+    std::vector<int32_t> forced;
+    if (freeze) {
+      HM_CHECK(M.rt.T == n, "BatchGrad: freeze_routing holds the routing of a batch of ", M.rt.T, " tokens, not ", n);
+      forced = M.rt.chosen;
+    }
+    moe_route(mc, lg.data(), corr.empty() ? nullptr : corr.data(), n, M.rt, forced.empty() ? nullptr : forced.data());
     M.idx.clear(), M.gates.clear();
     M.begin.assign(size_t(X) + 1, 0);
     for (int e = 0; e < X; ++e) {
@@ -598,7 +619,7 @@ struct BatchGrad::Impl {
     be.to_device(M.d_idx.data(), M.idx.data(), sizeof(int32_t) * M.idx.size());
     be.to_device(M.d_gates.data(), M.gates.data(), sizeof(float) * M.gates.size());
     if (S > 0)
-      ffn_forward(s.m, s.sg, s.sup, s.sa, out, w(o.s_gate, S, D), w(o.s_up, S, D), w(o.s_down, D, S), false);
+      ffn_forward(s.m, s.sg, s.sup, s.sa, out, wg(o.s_gate, S, D), w(o.s_up, S, D), w(o.s_down, D, S), false);
     else
       be.memzero(out.data, size_t(n) * D * dtype_size(ct));
     for (int e = 0; e < X; ++e) {
@@ -631,8 +652,8 @@ struct BatchGrad::Impl {
       }
     moe_route_backward(mc, M.rt, dgate.data(), dl.data());
     if (S > 0)
-      ffn_backward(dm, false, dout, s.m, s.sg, s.sup, s.sa, w(o.s_gate, S, D), w(o.s_up, S, D), w(o.s_down, D, S),
-                   g(o.s_gate, S, D), g(o.s_up, S, D), g(o.s_down, D, S));
+      ffn_backward(dm, false, dout, s.m, s.sg, s.sup, s.sa, wg(o.s_gate, S, D), w(o.s_up, S, D), w(o.s_down, D, S),
+                   gg(o.s_gate, S, D), g(o.s_up, S, D), g(o.s_down, D, S));
     else
       be.memzero(dm.data, size_t(n) * D * dtype_size(ct));
     for (int e = 0; e < X; ++e) {
@@ -1030,6 +1051,7 @@ BatchGrad::~BatchGrad() = default;
 DType BatchGrad::compute() const { return impl_->ct; }
 void BatchGrad::set_grads_done(std::function<void(int64_t begin, int64_t end)> fn) { impl_->grads_done = std::move(fn); }
 bool BatchGrad::grad_ckpt() const { return impl_->ckpt; }
+void BatchGrad::freeze_routing(bool on) { impl_->freeze = on; }
 
 void BatchGrad::set_weights(const float* master) {
   Impl& I = *impl_;

@@ -75,6 +75,11 @@ class BatchGrad {
   // The backend's work for the span is enqueued, not necessarily done. Data parallelism sums
   // each span across ranks meanwhile (GradReducer, train/comm.h). Empty: no calls.
   void set_grads_done(std::function<void(int64_t begin, int64_t end)> fn);
+  // On: every MoE layer chooses the experts its last forward chose for each token (the gates
+  // still follow the scores), so the loss is smooth in the weights and central differences
+  // measure the gradient, which holds the choice fixed. For the tests; the next batch must have
+  // the last one's shape.
+  void freeze_routing(bool on);
 
  private:
   struct Impl;

@@ -677,6 +677,9 @@ void train(const TrainConfig& given) {
   HM_CHECK(c.device != Device::CUDA || mc.mamba2_layers.empty(), "the model has Mamba-2 layers, which train on the "
            "CPU only so far (--device cpu): their CUDA kernels (ssd_scan_backward, gated_rmsnorm_backward) are written "
            "but not yet verified on a GPU");
+  HM_CHECK(c.device != Device::CUDA || mc.mlp_act == "swiglu", "the model has squared-ReLU MLPs, which train on "
+           "the CPU only so far (--device cpu): their CUDA kernel (relu2_backward) is written but not yet verified "
+           "on a GPU");
   HM_CHECK(!on_device || c.scan_chunk == 0, "--scan-chunk applies to the CPU's scan; on CUDA the scan keeps one "
            "state per 64-token chunk and recomputes the rest");
   if (!on_device) {  // Everything the run allocates, before it does (--max-memory, MemAvailable).

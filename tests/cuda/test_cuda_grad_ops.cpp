@@ -251,6 +251,19 @@ TEST_P(CudaGradOps, SwigluBackward) {
   }
 }
 
+// Squared ReLU's backward on strided views; x spans both signs.
+TEST_P(CudaGradOps, Relu2Backward) {
+  setenv("HM_CUDA_TRAIN_UNVERIFIED", "1", 1);  // the backend's gate until this passes on a GPU
+  hm::Rng rng(104);
+  for (auto [n, f] : {std::pair{5, 333}, std::pair{70, 1}, std::pair{1, 1025}}) {
+    Both x(gpu(), T(), n, f + 3, normal(rng, 2)), dout(gpu(), T(), n, f + 1, normal(rng));
+    Both d = Both::out(gpu(), T(), n, f + 2);
+    gpu().relu2_backward(d.dev(1, f), dout.dev(1, f), x.dev(2, f));
+    cpu().relu2_backward(d.cpu(1, f), dout.cpu(1, f), x.cpu(2, f));
+    EXPECT_TRUE(matches("n " + std::to_string(n) + " f " + std::to_string(f), gpu(), d, 1, f, bound(T())));
+  }
+}
+
 // Against the CPU's rope_backward at positions up to 9000, and as the transpose of the device's
 // own rope: rope then rope_backward gives x back.
 TEST_P(CudaGradOps, RopeBackward) {
@@ -489,7 +502,7 @@ TEST_P(CudaGradOps, AttentionTensorCoreTiles) {
 // column views of one matrix and dB | dC of another, groups of heads, a time_step_limit that
 // clamps, odd d_state and head sizes; the parameter gradients float32, accumulated into.
 TEST_P(CudaGradOps, SsdScanTrainAndBackward) {
-  setenv("HM_CUDA_SSD_TRAIN_UNVERIFIED", "1", 1);  // the backend's gate until this passes on a GPU
+  setenv("HM_CUDA_TRAIN_UNVERIFIED", "1", 1);  // the backend's gate until this passes on a GPU
   hm::Rng rng(131);
   struct Shape {
     int H, P, G, N;
@@ -538,7 +551,7 @@ TEST_P(CudaGradOps, SsdScanTrainAndBackward) {
 
 // rmsnorm(y silu(z)) w per group: dy and dz assigned, dw (float) accumulated.
 TEST_P(CudaGradOps, GatedRmsnormBackward) {
-  setenv("HM_CUDA_SSD_TRAIN_UNVERIFIED", "1", 1);
+  setenv("HM_CUDA_TRAIN_UNVERIFIED", "1", 1);
   hm::Rng rng(132);
   for (auto [n, E, group] : {std::tuple{7, 96, 96}, std::tuple{33, 96, 32}, std::tuple{1, 30, 10},
                              std::tuple{700, 1000, 500}}) {

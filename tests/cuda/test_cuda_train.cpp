@@ -113,7 +113,7 @@ TEST(CudaTrain, BatchGradMatchesCpu) {
   moe.moe_renormalize = true;
   moe.moe_shared_ff = 32;
   validate(moe);
-  setenv("HM_CUDA_SSD_TRAIN_UNVERIFIED", "1", 1);  // the backend's gate until this passes on a GPU
+  setenv("HM_CUDA_TRAIN_UNVERIFIED", "1", 1);  // the backend's gate until this passes on a GPU
   for (const ModelConfig& c : {hybrid_config(true), hybrid_config(false), mamba, mamba2, bcdt, partial, moe}) {
     Params p(c);
     test::randomize_params(p, 5);

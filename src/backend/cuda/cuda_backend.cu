@@ -836,16 +836,16 @@ class CudaBackendImpl final : public CudaBackend {
     for (int s = 0; s < rg.nseq(); ++s)
       HM_CHECK(rg.slot(s) == s, "cuda ", op, ": training batches put sequence s in slot s (sequence ", s, " is in slot ",
                rg.slot(s), ")");
-    check_ssd_train_verified(op);
+    check_train_verified(op);
   }
-  // The Mamba-2 training kernels were written while no GPU was lent (stop 28): until their tests
-  // (CudaGradOps.SsdScanTrainAndBackward, .GatedRmsnormBackward, CudaTrain.BatchGradMatchesCpu)
-  // have passed on a device they run only where HM_CUDA_SSD_TRAIN_UNVERIFIED=1 (the tests set it),
-  // so no command gives numbers from them.
-  static void check_ssd_train_verified(const char* op) {
-    const char* v = std::getenv("HM_CUDA_SSD_TRAIN_UNVERIFIED");
-    HM_CHECK(v && std::string(v) == "1", "cuda ", op, ": Mamba-2 training on CUDA is written but not yet verified on a "
-             "GPU; train Mamba-2 layers on the CPU (--device cpu)");
+  // Training kernels written while no GPU was lent (Mamba-2's in stop 28, relu2_backward in stop
+  // 29): until their tests (CudaGradOps.SsdScanTrainAndBackward, .GatedRmsnormBackward,
+  // .Relu2Backward, CudaTrain.BatchGradMatchesCpu) have passed on a device they run only where
+  // HM_CUDA_TRAIN_UNVERIFIED=1 (the tests set it), so no command gives numbers from them.
+  static void check_train_verified(const char* op) {
+    const char* v = std::getenv("HM_CUDA_TRAIN_UNVERIFIED");
+    HM_CHECK(v && std::string(v) == "1", "cuda ", op, ": this training op is written but not yet verified on a GPU "
+             "(Mamba-2 layers, squared-ReLU MLPs); train such models on the CPU (--device cpu)");
   }
 
   void ssd_scan_train(Tensor y, Tensor x, Tensor dt, Tensor dt_bias, Tensor A_log, Tensor B, Tensor C, Tensor Dskip,
@@ -910,7 +910,7 @@ class CudaBackendImpl final : public CudaBackend {
     check_type(op, "w", w, y.dtype);
     check_vec(op, "dw", dw, E);
     check_type(op, "dw", dw, DType::F32);
-    check_ssd_train_verified(op);
+    check_train_verified(op);
     if (n == 0 || E == 0) return;
     void* ws = workspace(cuda::gated_rmsnorm_backward_workspace_bytes(n, E));
     dispatch(y.dtype, [&](auto tag) {
@@ -1078,6 +1078,21 @@ class CudaBackendImpl final : public CudaBackend {
       using T = elem_t<decltype(tag)>;
       cuda::swiglu_backward<T>(ptr<T>(dg), int(dg.ld), ptr<T>(du), int(du.ld), ptr<T>(dout), int(dout.ld), ptr<T>(g),
                                int(g.ld), ptr<T>(u), int(u.ld), n, f, stream_);
+    });
+  }
+
+  void relu2_backward(Tensor dx, Tensor dout, Tensor x) override {
+    const char* op = "relu2_backward";
+    train_check::relu2_backward(name(), dx, dout, x);
+    check_train_verified(op);
+    const int n = x.rows, f = x.cols;
+    for (const auto& [nm, t] : {std::pair{"dx", &dx}, std::pair{"dout", &dout}, std::pair{"x", &x}}) {
+      check_view(op, nm, *t, n, f);
+      check_type(op, nm, *t, x.dtype);
+    }
+    dispatch(x.dtype, [&](auto tag) {
+      using T = elem_t<decltype(tag)>;
+      cuda::relu2_backward<T>(ptr<T>(dx), int(dx.ld), ptr<T>(dout), int(dout.ld), ptr<T>(x), int(x.ld), n, f, stream_);
     });
   }
 

@@ -169,6 +169,16 @@ __global__ void swiglu_backward_kernel(T* dg, int lddg, T* du, int lddu, const T
   dg[i * lddg + j] = from_f<T>(d * uv * sg * (1.0f + gv * (1.0f - sg)));  // silu' = s (1 + g (1 - s))
 }
 
+template <class T>
+__global__ void relu2_backward_kernel(T* dx, int lddx, const T* dout, int ldo, const T* __restrict__ x, int ldx,
+                                      int f) {
+  const int j = blockIdx.y * blockDim.x + threadIdx.x;
+  if (j >= f) return;
+  const size_t i = blockIdx.x;
+  const float xv = to_f(x[i * ldx + j]), d = to_f(dout[i * ldo + j]);
+  dx[i * lddx + j] = from_f<T>(xv > 0.0f ? 2.0f * xv * d : 0.0f);
+}
+
 // As elementwise.cu's rope_kernel (same angle, formed in double), rotating by -angle:
 // (a, b) -> (a cos + b sin, b cos - a sin).
 template <class T>
@@ -298,6 +308,14 @@ void cross_entropy_rows(TD* dz, const float* z, const int32_t* targets, float* l
   HM_CUDA_LAUNCHED("cross_entropy_head (rows)");
 }
 
+template <class T>
+void relu2_backward(T* dx, int lddx, const T* dout, int ldo, const T* x, int ldx, int n, int f, cudaStream_t stream) {
+  if (n <= 0 || f <= 0) return;
+  HM_CHECK(ceil_div(f, kThreads) <= 65535, "cuda relu2_backward: ", f, " columns are too many");
+  relu2_backward_kernel<T><<<dim3(n, ceil_div(f, kThreads)), kThreads, 0, stream>>>(dx, lddx, dout, ldo, x, ldx, f);
+  HM_CUDA_LAUNCHED("relu2_backward");
+}
+
 #define HM_INST_G(T, G)                                                                                        \
   template void rmsnorm_backward<T, G>(T*, int, G*, const T*, int, const T*, int, const T*, int, int, float, bool, \
                                        void*, cudaStream_t);                                                   \
@@ -307,6 +325,7 @@ void cross_entropy_rows(TD* dz, const float* z, const int32_t* targets, float* l
   HM_INST_G(T, T)                                                                                               \
   template void swiglu_backward<T>(T*, int, T*, int, const T*, int, const T*, int, const T*, int, int, int,       \
                                    cudaStream_t);                                                               \
+  template void relu2_backward<T>(T*, int, const T*, int, const T*, int, int, int, cudaStream_t);              \
   template void rope_backward<T>(T*, int, int, int, const RaggedBatch&, float, cudaStream_t);                  \
   template void cross_entropy_rows<T>(T*, const float*, const int32_t*, float*, int, int, float, cudaStream_t);
 HM_CUDA_FOR_TYPES(HM_INST)

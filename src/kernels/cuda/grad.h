@@ -53,6 +53,10 @@ template <class T>
 void swiglu_backward(T* dg, int lddg, T* du, int lddu, const T* dout, int ldo, const T* g, int ldgg, const T* u,
                      int ldu, int n, int f, cudaStream_t stream);
 
+// out = relu2(x) = max(x, 0)^2: dx = dout 2 max(x, 0) (each its own row stride; dx may alias dout).
+template <class T>
+void relu2_backward(T* dx, int lddx, const T* dout, int ldo, const T* x, int ldx, int n, int f, cudaStream_t stream);
+
 // RoPE's transpose in place on dx [n_tokens, heads * hd] (the rotation by -angle), positions
 // and angles as rope's (cuda_ops.h).
 template <class T>

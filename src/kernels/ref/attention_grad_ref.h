@@ -292,6 +292,19 @@ void swiglu_backward(T* dg, T* du, const T* dout, const T* g, const T* u, int n,
   }                                                      // silu' = s (1 + g (1 - s))
 }
 
+// Squared ReLU, out = max(x, 0)^2, and its backward: dx = dout * 2 max(x, 0).
+template <class T>
+void relu2_forward(T* out, const T* x, int n, int f) {
+  for (std::size_t i = 0; i < std::size_t(n) * f; ++i) {
+    const double r = x[i] > 0 ? double(x[i]) : 0.0;
+    out[i] = T(r * r);
+  }
+}
+template <class T>
+void relu2_backward(T* dx, const T* dout, const T* x, int n, int f) {
+  for (std::size_t i = 0; i < std::size_t(n) * f; ++i) dx[i] = T(x[i] > 0 ? 2.0 * double(x[i]) * double(dout[i]) : 0.0);
+}
+
 // MLP branch on an already-normalized m [n, D]: out = (silu(m Wg^T) * (m Wu^T)) Wd^T [n, D].
 // The residual add is the caller's.
 template <class T>
