@@ -356,6 +356,70 @@ TEST(BatchGrad, Mamba2LayersTrain) {
   EXPECT_EQ(checked, 18);  // norm, in_proj, conv weight and bias, dt_bias, A_log, D, gated norm, out_proj; x2
 }
 
+// Falcon-H1's Mamba-2 gates (y * silu(z) without a norm; rmsnorm(y) * w * silu(z), the norm
+// before the gate, per group or over the whole row) and its layer: a true layer in `both` mode
+// whose Mamba path is Mamba-2. Loss = inference's; every tensor against central differences.
+TEST(BatchGrad, Mamba2GateVariantsAndTrueLayersTrain) {
+  struct Case {
+    const char* name;
+    std::function<void(ModelConfig&)> set;
+  };
+  auto m2 = [](ModelConfig& c) {
+    c.mamba2_layers = {0, 3};
+    c.mamba2_head_dim = 8;
+    c.mamba2_groups = 2;
+  };
+  const Case cases[] = {
+      {"no norm", [&](ModelConfig& c) { m2(c); c.mamba2_gated_norm = false; }},
+      {"norm before the gate, per group",
+       [&](ModelConfig& c) { m2(c); c.mamba2_norm_before_gate = true; }},
+      {"norm before the gate, whole row",
+       [&](ModelConfig& c) { m2(c); c.mamba2_norm_before_gate = true; c.mamba2_norm_per_group = false; }},
+      {"true layers in both mode with Mamba-2 paths (Falcon-H1)",
+       [&](ModelConfig& c) {
+         c = preset("true-tiny");
+         c.routing_mode = "both";
+         c.state_bridges = false;
+         c.mamba2_layers = {0, 1, 2, 4};
+         c.mamba2_head_dim = 16;
+         c.mamba2_groups = 2;
+         c.mamba2_gated_norm = false;
+       }},
+  };
+  for (const Case& cs : cases) {
+    SCOPED_TRACE(cs.name);
+    std::printf("%s\n", cs.name);
+    ModelConfig c = test::small_hybrid_config(false);
+    cs.set(c);
+    validate(c);
+    ASSERT_EQ(training_unsupported(c), "");
+    auto cpu = make_cpu_backend();
+    HybridModel m(c, *cpu);
+    randomize_params(m.params(), 115);
+    m.prepare();
+    const Params& p = m.params();
+    const TokenBatch b = make_batch(2, 13, c.vocab_size, 116);
+    BatchGrad bg(*cpu, p, DType::F32);
+    bg.set_weights(p.data());
+    std::vector<float> g = zeros(p);
+    const double loss = bg.loss_and_grad(g.data(), b.tokens.data(), b.targets.data(), b.B, b.L);
+    EXPECT_NEAR(loss, test::inference_mean_loss(m, b.tokens, b.targets, b.B, b.L), 2e-6 * loss);
+    Params g2(c);
+    std::fill(g2.data(), g2.data() + g2.numel(), 0.0f);
+    EXPECT_NEAR(loss_and_grad(p, g2, b.tokens.data(), b.targets.data(), b.B, b.L), loss, 1e-6 * loss);
+    EXPECT_LE(worst_tensor_err(p, g2.data(), g.data()).first, 1e-5);
+    // In both mode the router's output is unused: no gradient reaches it, and none is checked.
+    // Steps of 1e-2, and 1e-3 along the embeddings: the norm before the gate curves there (the
+    // differences' error falls as h^2: 4.7e-2, 4.4e-3, 3.8e-4 at 1e-2, 3e-3, 1e-3).
+    auto is_emb = [](const std::string& name) { return name.find("embeddings") != std::string::npos; };
+    const int checked = check_directions(p, g, b, 117, [&](const std::string& name) {
+      return name.find("router") == std::string::npos && !is_emb(name);
+    });
+    EXPECT_GT(checked, 20);
+    EXPECT_EQ(check_directions(p, g, b, 118, is_emb, 5e-3, 1e-3), 1);
+  }
+}
+
 // Falcon-Mamba's weightless RMSNorms on dt_r, B and C, and Jamba's learned ones: BatchGrad's
 // forward is inference's, and the gradient of every mixer tensor (the norms' weights included)
 // matches central differences of the loss along a random direction.

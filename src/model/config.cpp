@@ -475,10 +475,6 @@ ModelConfig preset(const std::string& name) {
 std::vector<std::string> preset_names() { return {"seed", "mamba", "mamba2", "transformer", "true-hybrid", "demo", "true-demo", "tiny", "true-tiny"}; }
 
 std::string training_unsupported(const ModelConfig& c) {
-  if (!c.mamba2_layers.empty() && !c.mamba2_gated_norm)
-    return "its Mamba-2 layers gate without a norm (config 'mamba2_gated_norm' false, Falcon-H1's mamba_rms_norm)";
-  if (!c.mamba2_layers.empty() && c.mamba2_norm_before_gate)
-    return "its Mamba-2 layers normalize before the gate (config 'mamba2_norm_before_gate', Falcon-H1)";
   if (c.mamba_proj_bias) return "its Mamba mixers have in_proj / out_proj biases (config 'mamba_proj_bias')";
   return "";
 }

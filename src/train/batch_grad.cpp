@@ -41,6 +41,7 @@ struct LayerActs {
                                           // silu(gate)*up, output
   Tensor sg, sup, sa;                     // MoE: the shared expert's gate, up, silu(gate)*up
   Tensor zxd, xbc, ys, yn;                // Mamba-2: in_proj's z | xBC | dt, silu(conv(xBC)), scan output, gated norm
+  Tensor ynorm;                           // Mamba-2 norm before the gate: the normed scan output (w applied)
   Tensor bn;                              // the bridge's rmsnorm(source) (without grad_ckpt)
   Tensor um, ym, va, ya;                  // true layers: the Mamba path's input rows and output, the
                                           // attention path's input u + exchange * x and output
@@ -50,7 +51,7 @@ struct LayerActs {
 LayerActs first_rows(const LayerActs& s, int rows) {
   LayerActs r = s;
   for (Tensor* t : {&r.u, &r.x, &r.z, &r.xc, &r.dt, &r.yg, &r.dbc, &r.q, &r.k, &r.v, &r.lse, &r.inner, &r.um, &r.ym,
-                    &r.va, &r.ya, &r.zxd, &r.xbc, &r.ys, &r.yn})
+                    &r.va, &r.ya, &r.zxd, &r.xbc, &r.ys, &r.yn, &r.ynorm})
     if (!t->empty()) *t = t->rows_view(0, std::min(rows, t->rows));
   return r;
 }
@@ -133,6 +134,8 @@ struct BatchGrad::Impl {
   std::map<float, Buffer> consts;  // const_row's rows, by value
   Buffer dres, hns;                // residual_multiplier's scaled gradient; logits_scaling's scaled norm
   Buffer dzxd, dxbc;               // Mamba-2 backward (with dyg, dz: the norm's and the scan's output gradients)
+  Buffer zc, dzc, dnorm, dun, dvn; // Mamba-2 gate variants: z contiguous, its gradient, the unit norm, its gradient,
+                                   // the normed output's gradient
   Buffer dinn, dq, dk, dv;         // attention backward
   Buffer rope_tmp;                 // partial rotary: the rotated channels of every head
   Buffer da, dg, dup;              // MLP backward
@@ -208,6 +211,7 @@ struct BatchGrad::Impl {
       s.xbc = cv.take(ct, n, mc.mamba2_conv_dim());
       s.ys = cv.take(ct, n, E);
       s.yn = cv.take(ct, n, E);
+      if (mc.mamba2_gated_norm && mc.mamba2_norm_before_gate) s.ynorm = cv.take(ct, n, E);
     } else if (mc.has_mamba_path(i)) {
       const int E = mc.d_inner(), N = mc.d_state, P = mc.resolved_dt_rank() + 2 * N;
       s.x = cv.take(ct, n, E);
@@ -454,32 +458,77 @@ struct BatchGrad::Impl {
     be.linear_backward(du, gin.rows_view(0, E), dx, u, in_proj.rows_view(0, E), false);
     be.linear_backward(du, gin.rows_view(E, E), dZ, u, in_proj.rows_view(E, E), true);
   }
-  // out [n, D] = the Mamba-2 mixer of u (HybridModel::mamba2_path's math with its gated RMSNorm,
-  // rmsnorm(y * silu(z)) * w: what training supports; training_unsupported names the rest).
-  void mamba2_forward(const LayerActs& s, Tensor out, Tensor u, const LayerOffsets& o, const Ragged& r) {
+  // out [rows, D] = the Mamba-2 mixer of u over the sequences of r (HybridModel::mamba2_path's
+  // math): the gate is the gated RMSNorm rmsnorm(y * silu(z)) * w, or (Falcon-H1) y * silu(z)
+  // without a norm, or rmsnorm(y) * w * silu(z) with the norm before the gate, per group.
+  void mamba2_forward(const LayerActs& s0, Tensor out, Tensor u, const LayerOffsets& o, const Ragged& r) {
     const ModelConfig& mc = c();
     const int D = mc.d_model, E = mc.d_inner(), N = mc.d_state, Gr = mc.mamba2_groups, H = mc.mamba2_heads(),
-              CD = mc.mamba2_conv_dim(), IN = mc.mamba2_in_proj_rows();
+              CD = mc.mamba2_conv_dim(), IN = mc.mamba2_in_proj_rows(), rows = r.n_tokens();
+    const LayerActs s = first_rows(s0, rows);
     be.linear(s.zxd, u, w(o.in_proj, IN, D), false);  // z | xBC | dt = in_proj(u)
     be.conv1d_silu_train(s.xbc, s.zxd.cols_view(E, CD), w(o.conv_w, CD, mc.d_conv), w(o.conv_b, 1, CD), r);
     be.ssd_scan_train(s.ys, s.xbc.cols_view(0, E), s.zxd.cols_view(E + CD, H), w(o.dt_b, 1, H), w32(o.A_log, 1, H),
                       s.xbc.cols_view(E, Gr * N), s.xbc.cols_view(E + Gr * N, Gr * N), w(o.Dskip, 1, H), H, Gr,
                       mc.mamba2_dt_min, mc.mamba2_dt_max, r);
-    be.gated_rmsnorm(s.yn, s.ys, s.zxd.cols_view(0, E), w(o.ssm_norm, 1, E), mc.mamba2_norm_group(),
-                     float(mc.norm_eps));
+    if (mc.mamba2_gated_norm && !mc.mamba2_norm_before_gate) {
+      be.gated_rmsnorm(s.yn, s.ys, s.zxd.cols_view(0, E), w(o.ssm_norm, 1, E), mc.mamba2_norm_group(),
+                       float(mc.norm_eps));
+    } else {  // through swiglu (silu(z) * v) on a contiguous copy of z
+      const Tensor z = act(be, zc, ct, rows, E);
+      be.copy_rows(z, nullptr, s.zxd.cols_view(0, E), nullptr, rows);
+      Tensor v = s.ys;
+      if (mc.mamba2_gated_norm) {  // v = rmsnorm(y) * w per group: one row per (token, group)
+        v = s.ynorm;
+        norm_groups(v, s.ys, w(o.ssm_norm, 1, E), rows);
+      }
+      be.swiglu(s.yn, z, v);
+    }
     be.linear(out, s.yn, w(o.out_proj, D, E), false);
   }
+  // v = rmsnorm(y) * w over groups of mamba2_norm_group() columns: with w itself when one group
+  // spans the row, else with a unit weight, w applied per column after.
+  void norm_groups(Tensor v, Tensor y, Tensor wt, int rows) {
+    const ModelConfig& mc = c();
+    const int E = mc.d_inner(), gw = mc.mamba2_norm_group(), groups = E / gw;
+    if (groups == 1) return be.rmsnorm(v, y, wt, float(mc.norm_eps));
+    be.rmsnorm(Tensor(v.data, ct, rows * groups, gw), Tensor(y.data, ct, rows * groups, gw), const_row(1.0f, gw),
+               float(mc.norm_eps));
+    const Tensor un = act(be, dnorm, ct, rows, E);  // scratch: the unit-weight norm
+    be.copy(un.data, v.data, size_t(rows) * E * dtype_size(ct));
+    scale_cols(v, un, wt);
+  }
+  // dst = src * w per column.
+  void scale_cols(Tensor dst, Tensor src, Tensor wt) {
+    be.memzero(dst.data, size_t(dst.rows) * dst.cols * dtype_size(ct));
+    be.add_rows(dst, nullptr, src, nullptr, dst.rows, nullptr, wt);
+  }
   // du assigned; dinner (may be empty): the gradient reaching yn from the next layer's bridge.
-  void mamba2_backward(Tensor du, Tensor dout, Tensor dinner, Tensor u, const LayerActs& s, const LayerOffsets& o,
+  void mamba2_backward(Tensor du, Tensor dout, Tensor dinner, Tensor u, const LayerActs& s0, const LayerOffsets& o,
                        const Ragged& r) {
     const ModelConfig& mc = c();
     const int D = mc.d_model, E = mc.d_inner(), N = mc.d_state, Gr = mc.mamba2_groups, H = mc.mamba2_heads(),
-              CD = mc.mamba2_conv_dim(), IN = mc.mamba2_in_proj_rows(), K = mc.d_conv;
-    const Tensor dYn = a(dyg, E), dYs = a(dz, E), dZXD = a(dzxd, IN), dXBC = a(dxbc, CD);
-    if (!dinner.empty()) be.copy(dYn.data, dinner.data, size_t(n) * size_t(E) * dtype_size(ct));
+              CD = mc.mamba2_conv_dim(), IN = mc.mamba2_in_proj_rows(), K = mc.d_conv, rows = r.n_tokens();
+    const LayerActs s = first_rows(s0, rows);
+    const Tensor dYn = a(dyg, E).rows_view(0, rows), dYs = a(dz, E).rows_view(0, rows),
+                 dZXD = a(dzxd, IN).rows_view(0, rows), dXBC = a(dxbc, CD).rows_view(0, rows);
+    if (!dinner.empty()) be.copy(dYn.data, dinner.data, size_t(rows) * size_t(E) * dtype_size(ct));
     be.linear_backward(dYn, g(o.out_proj, D, E), dout, s.yn, w(o.out_proj, D, E), !dinner.empty());
-    be.gated_rmsnorm_backward(dYs, dZXD.cols_view(0, E), g(o.ssm_norm, 1, E), dYn, s.ys, s.zxd.cols_view(0, E),
-                              w(o.ssm_norm, 1, E), mc.mamba2_norm_group(), float(mc.norm_eps));
+    if (mc.mamba2_gated_norm && !mc.mamba2_norm_before_gate) {
+      be.gated_rmsnorm_backward(dYs, dZXD.cols_view(0, E), g(o.ssm_norm, 1, E), dYn, s.ys, s.zxd.cols_view(0, E),
+                                w(o.ssm_norm, 1, E), mc.mamba2_norm_group(), float(mc.norm_eps));
+    } else {
+      const Tensor z = act(be, zc, ct, rows, E), dZ = act(be, dzc, ct, rows, E);
+      be.copy_rows(z, nullptr, s.zxd.cols_view(0, E), nullptr, rows);
+      if (!mc.mamba2_gated_norm) {
+        be.swiglu_backward(dZ, dYs, dYn, z, s.ys);
+      } else {  // yn = silu(z) * v, v = norm_groups(ys)
+        const Tensor dV = a(dvn, E).rows_view(0, rows);
+        be.swiglu_backward(dZ, dV, dYn, z, s.ynorm);
+        norm_groups_backward(dYs, dV, s.ys, o, rows);
+      }
+      be.copy_rows(dZXD.cols_view(0, E), nullptr, dZ, nullptr, rows);
+    }
     be.ssd_scan_backward(dXBC.cols_view(0, E), dZXD.cols_view(E + CD, H), dXBC.cols_view(E, Gr * N),
                          dXBC.cols_view(E + Gr * N, Gr * N), g(o.dt_b, 1, H), g(o.A_log, 1, H), g(o.Dskip, 1, H), dYs,
                          s.xbc.cols_view(0, E), s.zxd.cols_view(E + CD, H), w(o.dt_b, 1, H), w32(o.A_log, 1, H),
@@ -488,6 +537,22 @@ struct BatchGrad::Impl {
     be.conv1d_silu_backward(dZXD.cols_view(E, CD), g(o.conv_w, CD, K), g(o.conv_b, 1, CD), dXBC,
                             s.zxd.cols_view(E, CD), w(o.conv_w, CD, K), w(o.conv_b, 1, CD), r);
     be.linear_backward(du, g(o.in_proj, IN, D), dZXD, u, w(o.in_proj, IN, D), false);
+  }
+  // norm_groups' backward: dy assigned from dv, the norm weight's gradient accumulated.
+  void norm_groups_backward(Tensor dY, Tensor dV, Tensor y, const LayerOffsets& o, int rows) {
+    const ModelConfig& mc = c();
+    const int E = mc.d_inner(), gw = mc.mamba2_norm_group(), groups = E / gw;
+    const float eps = float(mc.norm_eps);
+    if (groups == 1)
+      return be.rmsnorm_backward(dY, g(o.ssm_norm, 1, E), dV, y, w(o.ssm_norm, 1, E), eps, false);
+    // v = w * un, un = rmsnorm(y) per group with a unit weight (recomputed).
+    const Tensor un = act(be, dnorm, ct, rows, E), dUn = act(be, dun, ct, rows, E);
+    be.rmsnorm(Tensor(un.data, ct, rows * groups, gw), Tensor(y.data, ct, rows * groups, gw), const_row(1.0f, gw), eps);
+    be.scale_cols_backward(dUn, g(o.ssm_norm, 1, E), dV, un, w(o.ssm_norm, 1, E));
+    dw_ones.reserve(be, size_t(gw) * sizeof(float));
+    be.rmsnorm_backward(Tensor(dY.data, ct, rows * groups, gw), Tensor(dw_ones.data(), DType::F32, 1, gw),
+                        Tensor(dUn.data, ct, rows * groups, gw), Tensor(y.data, ct, rows * groups, gw),
+                        const_row(1.0f, gw), eps, false);
   }
   void attention_forward(const LayerActs& s0, Tensor out, Tensor u, const LayerOffsets& o, const Ragged& r) {
     const ModelConfig& mc = c();
@@ -788,7 +853,10 @@ struct BatchGrad::Impl {
     if (nm > 0) {
       const Tensor um = s.um.rows_view(0, nm);
       be.copy_rows(um, nullptr, s.u, T.d_m(), nm);
-      mamba_forward(s, ym, um, o, T.rgm);
+      if (c().is_mamba2(i))
+        mamba2_forward(s, ym, um, o, T.rgm);
+      else
+        mamba_forward(s, ym, um, o, T.rgm);
     }
     if (na > 0) {
       const Tensor va = s.va.rows_view(0, na);
@@ -863,7 +931,10 @@ struct BatchGrad::Impl {
     }
     if (nm > 0) {
       const Tensor dUm = act(be, dum, ct, n, D).rows_view(0, nm);
-      mamba_backward(dUm, dYm, Tensor(), s.um.rows_view(0, nm), s, o, T.rgm);
+      if (c().is_mamba2(i))
+        mamba2_backward(dUm, dYm, Tensor(), s.um.rows_view(0, nm), s, o, T.rgm);
+      else
+        mamba_backward(dUm, dYm, Tensor(), s.um.rows_view(0, nm), s, o, T.rgm);
       be.add_rows(du, T.d_m(), dUm, nullptr, nm, nullptr, Tensor());
     }
     add_grad(o.fuse_mamba, dfm);
