@@ -165,7 +165,8 @@ struct BatchGrad::Impl {
                               o.out_proj, o.wq, o.wk, o.wv, o.wo, o.mlp_norm, o.w_gate, o.w_up, o.w_down,
                               o.bridge_norm, o.bridge_proj, o.bridge_gate, o.fuse_mamba, o.fuse_attn, o.exchange,
                               o.router_w, o.router_feat, o.router_b, o.ssm_norm, o.dt_norm, o.b_norm, o.c_norm,
-                              o.moe_router, o.moe_bias, o.e_gate, o.e_up, o.e_down, o.s_gate, o.s_up, o.s_down})
+                              o.moe_router, o.moe_bias, o.e_gate, o.e_up, o.e_down, o.s_gate, o.s_up, o.s_down,
+                              o.in_proj_b, o.out_proj_b})
       if (off != kNoTensor) b = std::min(b, off);
     return b;
   }
@@ -313,6 +314,7 @@ struct BatchGrad::Impl {
   Tensor const_row(float v, int cols) {
     Buffer& b = consts[v];
     if (b.bytes() < size_t(cols) * dtype_size(ct)) {
+      be.synchronize();  // ops already enqueued may still read the smaller row being replaced
       b.reserve(be, size_t(cols) * dtype_size(ct));
       const std::vector<float> host(size_t(cols), v);
       Buffer f32;
@@ -395,6 +397,10 @@ struct BatchGrad::Impl {
     const Tensor in_proj = w(o.in_proj, 2 * E, D);
     be.linear(s.x, u, in_proj.rows_view(0, E), false);  // x, z = in_proj(u).chunk(2, dim=-1)
     be.linear(s.z, u, in_proj.rows_view(E, E), false);
+    if (mc.mamba_proj_bias) {  // + in_proj's bias: a linear of a ones column, as its backward sums
+      add_bias(s.x, o.in_proj_b, E);
+      add_bias(s.z, o.in_proj_b + E, E);
+    }
     be.conv1d_silu_train(s.xc, s.x, w(o.conv_w, E, mc.d_conv), w(o.conv_b, 1, E), r);
     be.linear(s.dbc, s.xc, w(o.x_proj, P, E), false);  // dt_r, B, C = x_proj(xc).split([R, N, N])
     Tensor dtr = s.dbc.cols_view(0, R), B = s.dbc.cols_view(R, N), C = s.dbc.cols_view(R + N, N);
@@ -412,7 +418,17 @@ struct BatchGrad::Impl {
     be.selective_scan_train(s.yg, s.scan, s.xc, s.dt, w(o.dt_b, 1, E), w32(o.A_log, E, N), B, C,
                             w(o.Dskip, 1, E), s.z, chunk, r);
     be.linear(out, s.yg, w(o.out_proj, D, E), false);
+    if (mc.mamba_proj_bias) add_bias(out, o.out_proj_b, D);
   }
+  // y [rows, cols] += b (cols floats at off) on every row, as y += ones[rows, 1] b^T; its
+  // gradient db += dy^T ones (bias_backward).
+  void add_bias(Tensor y, int64_t off, int cols) {
+    be.linear(y, ones_col(y.rows), w(off, cols, 1), true);
+  }
+  void bias_backward(Tensor dY, int64_t off, int cols) {
+    be.linear_backward(Tensor(), g(off, cols, 1), dY, ones_col(dY.rows), w(off, cols, 1), false);
+  }
+  Tensor ones_col(int rows) { return Tensor(const_row(1.0f, n).data, ct, rows, 1); }
   // du assigned; dinner (may be empty): the gradient reaching yg from the next layer's bridge.
   void mamba_backward(Tensor du, Tensor dout, Tensor dinner, Tensor u, const LayerActs& s0, const LayerOffsets& o,
                       const Ragged& r) {
@@ -425,6 +441,7 @@ struct BatchGrad::Impl {
                  gdbc = a(ddbc, P).rows_view(0, rows);
     if (!dinner.empty()) be.copy(dYg.data, dinner.data, size_t(rows) * size_t(E) * dtype_size(ct));
     be.linear_backward(dYg, g(o.out_proj, D, E), dout, s.yg, w(o.out_proj, D, E), !dinner.empty());
+    if (mc.mamba_proj_bias) bias_backward(dout, o.out_proj_b, D);
     // The scan's and dt_proj's inputs, and where their gradients go: dbc's columns, or with the
     // dt/B/C norms the normed blocks, whose gradients the norms' backward carries into dbc.
     Tensor dtr = s.dbc.cols_view(0, R), B = s.dbc.cols_view(R, N), C = s.dbc.cols_view(R + N, N);
@@ -457,6 +474,10 @@ struct BatchGrad::Impl {
     const Tensor in_proj = w(o.in_proj, 2 * E, D), gin = g(o.in_proj, 2 * E, D);
     be.linear_backward(du, gin.rows_view(0, E), dx, u, in_proj.rows_view(0, E), false);
     be.linear_backward(du, gin.rows_view(E, E), dZ, u, in_proj.rows_view(E, E), true);
+    if (mc.mamba_proj_bias) {
+      bias_backward(dx, o.in_proj_b, E);
+      bias_backward(dZ, o.in_proj_b + E, E);
+    }
   }
   // out [rows, D] = the Mamba-2 mixer of u over the sequences of r (HybridModel::mamba2_path's
   // math): the gate is the gated RMSNorm rmsnorm(y * silu(z)) * w, or (Falcon-H1) y * silu(z)

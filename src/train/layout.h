@@ -20,6 +20,7 @@ struct LayerOffsets {
   // MoE layers: the router [X, D], its correction bias [X] (sigmoid routers), the experts' stacks
   // [X, Fe, D], [X, Fe, D], [X, D, Fe], the shared expert [S, D], [S, D], [D, S]
   int64_t moe_router, moe_bias, e_gate, e_up, e_down, s_gate, s_up, s_down;
+  int64_t in_proj_b, out_proj_b;  // mamba_proj_bias: in_proj's [2E] and out_proj's [D] biases
 };
 
 struct Layout {
@@ -44,7 +45,7 @@ struct Layout {
                         off(w.fuse_attn), off(w.exchange), off(w.router_w), off(w.router_feat),
                         off(w.router_b), off(w.ssm_norm), off(w.dt_norm), off(w.b_norm), off(w.c_norm),
                         off(w.moe_router), off(w.moe_bias), off(w.e_gate), off(w.e_up), off(w.e_down),
-                        off(w.s_gate), off(w.s_up), off(w.s_down)});
+                        off(w.s_gate), off(w.s_up), off(w.s_down), off(w.in_proj_b), off(w.out_proj_b)});
     }
     for (size_t k = 0; k < p.specs().size(); ++k)
       tensors.emplace_back(int64_t(p.at(k) - base), p.specs()[k].numel());

@@ -686,6 +686,8 @@ void check_reference_layers(const ModelConfig& c) {
            "mixers (float training runs them: loss_and_grad)");
   HM_CHECK(c.moe_layers.empty(), "loss: the double-precision reference model has no mixture-of-experts layers "
            "(float training runs them: loss_and_grad)");
+  HM_CHECK(!c.mamba_proj_bias, "loss: the double-precision reference model has no in_proj / out_proj biases "
+           "(float training runs them: loss_and_grad)");
   HM_CHECK(c.mlp_act == "swiglu", "loss: the double-precision reference model has no squared-ReLU MLPs (float "
            "training runs them: loss_and_grad)");
   HM_CHECK(c.embedding_multiplier == 1.0f && c.residual_multiplier == 1.0f && c.attention_scale == 0.0f &&

@@ -113,8 +113,11 @@ TEST(CudaTrain, BatchGradMatchesCpu) {
   moe.moe_renormalize = true;
   moe.moe_shared_ff = 32;
   validate(moe);
+  ModelConfig bias = hybrid_config(true);  // Mamba's use_bias: in_proj and out_proj biases
+  bias.mamba_proj_bias = true;
+  validate(bias);
   setenv("HM_CUDA_TRAIN_UNVERIFIED", "1", 1);  // the backend's gate until this passes on a GPU
-  for (const ModelConfig& c : {hybrid_config(true), hybrid_config(false), mamba, mamba2, bcdt, partial, moe}) {
+  for (const ModelConfig& c : {hybrid_config(true), hybrid_config(false), mamba, mamba2, bcdt, partial, moe, bias}) {
     Params p(c);
     test::randomize_params(p, 5);
     const test::TokenBatch b = test::make_batch(3, 77, c.vocab_size, 6);
