@@ -169,6 +169,7 @@ std::vector<std::pair<size_t, size_t>> split_spans(size_t n, const std::vector<s
 struct Piece {
   std::string text;
   bool first;
+  bool raw = false;  // bytes that a final ByteLevel step left unmapped: bpe maps them itself
 };
 
 }  // namespace
@@ -261,6 +262,7 @@ struct HfBpeTokenizer::Impl {
   std::vector<Dec> dec;
   int32_t unk = -1;
   int32_t byte_token[256];  // ids of "<0xNN>", -1 where missing (byte_fallback)
+  int32_t byte_id[256];     // ids of the byte-level symbols (a ByteLevel pre-tokenizer's vocabulary)
   bool byte_fallback = false, fuse_unk = false, ignore_merges = false;
   bool has_template = false;
   std::vector<int32_t> prefix, suffix;  // the post-processor's special tokens around the text
@@ -288,6 +290,7 @@ struct HfBpeTokenizer::Impl {
   std::vector<Piece> pre_tokenize(Piece whole) const {
     std::vector<Piece> cur{std::move(whole)}, next;
     for (const Pre& s : pre) {
+      const bool last = &s == &pre.back();
       next.clear();
       for (Piece& p : cur) {
         std::vector<size_t> off;
@@ -299,9 +302,13 @@ struct HfBpeTokenizer::Impl {
             else words = {p.text};
             size_t at = 0;
             for (std::string_view w : words) {
-              std::string mapped;
-              for (char ch : w) mapped += byte_symbols()[static_cast<unsigned char>(ch)];
-              next.push_back({std::move(mapped), p.first && at == 0});
+              if (last) {  // the model maps the bytes to their symbols' ids directly (bpe)
+                next.push_back({std::string(w), p.first && at == 0, true});
+              } else {  // later steps see the symbols, as in the library
+                std::string mapped;
+                for (char ch : w) mapped += byte_symbols()[static_cast<unsigned char>(ch)];
+                next.push_back({std::move(mapped), p.first && at == 0});
+              }
               at += w.size();
             }
             break;
@@ -360,13 +367,23 @@ struct HfBpeTokenizer::Impl {
   // BPE of one pre-token: its characters (byte pieces for those the vocabulary lacks, with
   // byte_fallback; else the unknown token, fused), then merges lowest rank first (leftmost among
   // equals) as tokenizers' Word::merge_all does, with a heap so a long word costs O(n log n).
-  void bpe(std::string_view word, std::vector<int32_t>& ids) const {
-    if (ignore_merges)
-      if (auto it = vocab.find(std::string(word)); it != vocab.end()) {
+  // raw: word is bytes, each standing for its byte-level symbol.
+  void bpe(std::string_view word, bool raw, std::vector<int32_t>& ids) const {
+    if (ignore_merges) {
+      std::string key;
+      if (raw)
+        for (char ch : word) key += byte_symbols()[static_cast<unsigned char>(ch)];
+      if (auto it = vocab.find(raw ? key : std::string(word)); it != vocab.end()) {
         ids.push_back(it->second);
         return;
       }
+    }
     std::vector<int32_t> sym;
+    if (raw) {
+      sym.reserve(word.size());
+      for (char ch : word) sym.push_back(byte_id[static_cast<unsigned char>(ch)]);
+      return merge(sym, ids);
+    }
     bool last_unk = false;
     for (const char32_t c : code_points(word)) {
       if (const auto it = char_id.find(c); it != char_id.end()) {
@@ -390,6 +407,10 @@ struct HfBpeTokenizer::Impl {
         last_unk = true;
       }
     }
+    merge(sym, ids);
+  }
+  // Merges sym lowest rank first and appends the result to ids.
+  void merge(std::vector<int32_t>& sym, std::vector<int32_t>& ids) const {
     const int n = int(sym.size());
     std::vector<int> next(static_cast<size_t>(n)), prev(static_cast<size_t>(n));
     for (int i = 0; i < n; ++i) next[size_t(i)] = i + 1 < n ? i + 1 : -1, prev[size_t(i)] = i - 1;
@@ -736,11 +757,14 @@ HfBpeTokenizer::HfBpeTokenizer(std::string text, const std::string& origin, int 
     m.vocab.emplace(tok, v);
     if (const auto cp = code_points(tok); cp.size() == 1) m.char_id.emplace(cp[0], v);
   }
+  std::fill(std::begin(m.byte_id), std::end(m.byte_id), -1);
   if (byte_level)
-    for (int b = 0; b < 256; ++b)
-      HM_CHECK(m.vocab.count(byte_symbols()[size_t(b)]), "tokenizer: ", origin,
-               ": field 'model.vocab' lacks the byte-level symbol of byte ", b, " (\"", byte_symbols()[size_t(b)],
-               "\"): not a byte-level BPE vocabulary");
+    for (int b = 0; b < 256; ++b) {
+      const auto it = m.vocab.find(byte_symbols()[size_t(b)]);
+      HM_CHECK(it != m.vocab.end(), "tokenizer: ", origin, ": field 'model.vocab' lacks the byte-level symbol of byte ",
+               b, " (\"", byte_symbols()[size_t(b)], "\"): not a byte-level BPE vocabulary");
+      m.byte_id[b] = it->second;
+    }
   for (int b = 0; b < 256; ++b) {
     char name[8];
     std::snprintf(name, sizeof name, "<0x%02X>", b);
@@ -878,7 +902,7 @@ std::vector<int32_t> HfBpeTokenizer::encode(std::string_view text, bool add_bos)
     const std::string norm = m.normalize(std::string(seg));
     m.split_added(norm, /*normalized=*/true, ids, [&](std::string_view s, size_t at2) {
       if (s.empty()) return;
-      for (const Piece& p : m.pre_tokenize({std::string(s), at == 0 && at2 == 0})) m.bpe(p.text, ids);
+      for (const Piece& p : m.pre_tokenize({std::string(s), at == 0 && at2 == 0})) m.bpe(p.text, p.raw, ids);
     });
   });
   if (add_bos && m.has_template) ids.insert(ids.end(), m.suffix.begin(), m.suffix.end());
@@ -909,7 +933,15 @@ std::vector<std::string> hf_pre_tokenize(const std::string& pre_tokenizer_json, 
   Reader{origin}.pre_tokenizer(parse_json(pre_tokenizer_json, origin), m.pre);
   std::vector<std::string> out;
   if (text.empty()) return out;
-  for (Piece& p : m.pre_tokenize({std::string(text), true})) out.push_back(std::move(p.text));
+  for (Piece& p : m.pre_tokenize({std::string(text), true})) {
+    if (!p.raw) {
+      out.push_back(std::move(p.text));
+      continue;
+    }
+    std::string mapped;  // the library shows the byte-level symbols
+    for (char ch : p.text) mapped += byte_symbols()[static_cast<unsigned char>(ch)];
+    out.push_back(std::move(mapped));
+  }
   return out;
 }
 
