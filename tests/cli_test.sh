@@ -111,6 +111,18 @@ cp -r "$FX" "$W/falcon" && sed -i 's/"MambaForCausalLM"/"FalconMambaForCausalLM"
 ef=$("$HM" eval --model "$W/falcon" --data "$W/corpus.txt" --seq-len 32 --json); rc=$?
 case "$rc:$ef" in 0:*'"ppl":'*) ok ;; *) bad "eval on a Falcon-Mamba folder: exit $rc: $ef" ;; esac
 "$HM" generate --model "$W/trained/checkpoint" --prompt "the cat" -n 10 >/dev/null && ok || bad "generate from trained"
+# Fine-tuning a Hugging Face folder (--init-from): one step at lr 1e-12 leaves the weights, so the
+# checkpoint scores the data as the folder does; its tokenizer and special ids come along.
+"$HM" train --init-from "$FX" --data "$W/corpus.txt" --out "$W/ft" --steps 1 --batch 2 --seq-len 32 --lr 1e-12 \
+  --warmup 0 2>"$W/ft.err" && ok || bad "train --init-from: $(cat "$W/ft.err")"
+e_hf=$("$HM" eval --model "$FX" --data "$W/corpus.txt" --seq-len 32 --max-tokens 0 --json)
+e_ft=$("$HM" eval --model "$W/ft/checkpoint" --data "$W/corpus.txt" --seq-len 32 --max-tokens 0 --json)
+python3 -c 'import json,sys; a,b=json.loads(sys.argv[1]),json.loads(sys.argv[2]); sys.exit(abs(a["loss"]-b["loss"])>1e-6*a["loss"] or a["tokens"]!=b["tokens"])' \
+  "$e_hf" "$e_ft" && ok || bad "init-from checkpoint scores as the folder: $e_hf vs $e_ft"
+grep -q '"eos_token_id": 0' "$W/ft/checkpoint/config.json" && ok || bad "init-from keeps eos_token_id"
+"$HM" generate --model "$W/ft/checkpoint" --prompt "the cat" -n 5 >/dev/null && ok || bad "generate from a fine-tuned folder"
+expect_fail "init-from with --preset" "does not apply" "$HM" train --init-from "$FX" --preset tiny --data "$W/corpus.txt" --out "$W/ft2"
+expect_fail "init-from a missing folder" "$W/none" "$HM" train --init-from "$W/none" --data "$W/corpus.txt" --out "$W/ft3"
 expect_fail "train over a run" "--resume" "$HM" train "${T[@]}" --out "$W/trained"
 expect_fail "train missing data" "$W/none.txt" "$HM" train --data "$W/none.txt" --out "$W/t2"
 printf 'caf\xe9 au lait\n' > "$W/latin1.txt"

@@ -19,6 +19,8 @@ Run add_train(CLI::App& app) {
   auto o = std::make_shared<TrainConfig>();
   app.add_option("--preset", o->preset, "Model preset: seed, mamba, transformer, demo, tiny")->capture_default_str();
   app.add_option("--config", o->config_file, "A config.json to use instead of a preset");
+  app.add_option("--init-from", o->init_from, "Fine-tune a model folder (ours or a Hugging Face one): start from its "
+                 "config, weights and tokenizer instead of --preset/--config/--tokenizer");
   app.add_option("--data", o->data_path, "Training text: a UTF-8 file or a folder of them (required unless --resume or --task)");
   app.add_option("--task", o->task.name, "Train on a synthetic task's draws instead of --data: mqar, copy, induction "
                  "(docs/EVALUATION.md)");

@@ -1128,7 +1128,16 @@ void fold_falcon_h1(Params& p, const HfInfo::FalconH1& m) {
 
 HfInfo load_hf_info(const std::string& dir) {
   const std::string path = hf_file(dir, "config.json", dir, "config.json");
-  return hf_info_from_json(parse_hf_json_file(path), path);
+  const nlohmann::json j = parse_hf_json_file(path);
+  HfInfo info = hf_info_from_json(j, path);
+  // The tokenizer's special ids, where they are single integers (a list of eos ids is left to
+  // the tokenizer files), for our config.json (ModelConfig::bos_token_id).
+  int* dst[3] = {&info.cfg.bos_token_id, &info.cfg.eos_token_id, &info.cfg.pad_token_id};
+  const char* keys[3] = {"bos_token_id", "eos_token_id", "pad_token_id"};
+  for (int k = 0; k < 3; ++k)
+    if (j.is_object() && j.contains(keys[k]) && j[keys[k]].is_number_integer())
+      *dst[k] = int(json_to_int(j[keys[k]], 0, (1 << 24) - 1, path, keys[k]));
+  return info;
 }
 
 bool ends_with(const std::string& s, const std::string& suffix) {

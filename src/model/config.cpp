@@ -231,7 +231,8 @@ ModelConfig config_from_json(const nlohmann::json& j, const std::string& origin)
                  "mamba_bcdt_norm_weight", "mamba_proj_bias", "mamba2_norm_before_gate", "moe_layers", "moe_experts",
                  "moe_top_k", "moe_renormalize", "moe_ff", "moe_router", "moe_groups", "moe_topk_groups",
                  "moe_scaling", "moe_shared_ff", "embedding_multiplier",
-                 "residual_multiplier", "attention_scale", "logits_scaling"});
+                 "residual_multiplier", "attention_scale", "logits_scaling", "bos_token_id", "eos_token_id",
+                 "pad_token_id"});
   ModelConfig c;
   if (f.has("model_type")) {
     const std::string t = f.get_string("model_type");
@@ -298,6 +299,9 @@ ModelConfig config_from_json(const nlohmann::json& j, const std::string& origin)
   if (f.has("mamba_proj_bias")) c.mamba_proj_bias = f.get_bool("mamba_proj_bias");
   if (f.has("mamba2_norm_before_gate")) c.mamba2_norm_before_gate = f.get_bool("mamba2_norm_before_gate");
   if (f.has("embedding_multiplier")) c.embedding_multiplier = f.get_float("embedding_multiplier");
+  if (f.has("bos_token_id")) c.bos_token_id = int(f.get_int("bos_token_id", 0, (1 << 24) - 1));
+  if (f.has("eos_token_id")) c.eos_token_id = int(f.get_int("eos_token_id", 0, (1 << 24) - 1));
+  if (f.has("pad_token_id")) c.pad_token_id = int(f.get_int("pad_token_id", 0, (1 << 24) - 1));
   if (f.has("residual_multiplier")) c.residual_multiplier = f.get_float("residual_multiplier");
   if (f.has("attention_scale")) c.attention_scale = f.get_float("attention_scale");
   if (f.has("logits_scaling")) c.logits_scaling = f.get_float("logits_scaling");
@@ -364,6 +368,9 @@ nlohmann::json config_to_json(const ModelConfig& c) {
   if (c.residual_multiplier != 1.0f) j["residual_multiplier"] = c.residual_multiplier;
   if (c.attention_scale != 0.0f) j["attention_scale"] = c.attention_scale;
   if (c.logits_scaling != 1.0f) j["logits_scaling"] = c.logits_scaling;
+  if (c.bos_token_id >= 0) j["bos_token_id"] = c.bos_token_id;
+  if (c.eos_token_id >= 0) j["eos_token_id"] = c.eos_token_id;
+  if (c.pad_token_id >= 0) j["pad_token_id"] = c.pad_token_id;
   if (c.mamba_bcdt_norm) {
     j["mamba_bcdt_norm"] = true;
     j["mamba_bcdt_norm_eps"] = c.mamba_bcdt_norm_eps;

@@ -122,6 +122,10 @@ struct ModelConfig {
   // Granite's scalings: the embeddings times embedding_multiplier; each mixer's and FFN's output
   // times residual_multiplier before it joins the residual stream; attention scores q.k times
   // attention_scale (0 = 1/sqrt(head_dim)); the logits divided by logits_scaling. Inference only.
+  // The tokenizer's special ids as a Hugging Face config.json gives them (-1: none). They do not
+  // change the math; our config.json keeps them so the tokenizer of a converted or fine-tuned
+  // checkpoint finds them there (load_tokenizer reads them).
+  int bos_token_id = -1, eos_token_id = -1, pad_token_id = -1;
   float embedding_multiplier = 1.0f;
   float residual_multiplier = 1.0f;
   float attention_scale = 0.0f;

@@ -158,7 +158,8 @@ EvalResult eval_stream_model(HybridModel& m, const std::vector<int32_t>& stream,
 // ---- trainer state ----
 
 json settings_json(const TrainConfig& c, int64_t warmup, int threads) {
-  return {{"preset", c.preset},       {"config_file", c.config_file}, {"data_path", c.data_path},
+  return {{"preset", c.preset},       {"config_file", c.config_file}, {"init_from", c.init_from},
+          {"data_path", c.data_path},
           {"tokenizer", c.tokenizer}, {"vocab", c.vocab},             {"steps", c.steps},
           {"batch", c.batch},         {"seq_len", c.seq_len},         {"grad_accum", c.grad_accum},
           {"lr", c.lr},               {"min_lr_ratio", c.min_lr_ratio},
@@ -219,7 +220,7 @@ json read_trainer_state(const fs::path& p) {
   }
   if (f.has("settings")) {
     const JsonFields s = f.object("settings");
-    for (const char* key : {"preset", "config_file", "data_path", "tokenizer"})
+    for (const char* key : {"preset", "config_file", "init_from", "data_path", "tokenizer"})
       if (s.has(key)) s.get_string(key);
     for (const char* key : {"vocab", "scan_chunk", "threads"}) int_field(s, key, 0, INT32_MAX);
     for (const char* key : {"batch", "seq_len", "grad_accum"}) int_field(s, key, 1, INT32_MAX);
@@ -448,6 +449,7 @@ void report_ignored(const TrainConfig& given, const TrainConfig& run, const std:
   const std::pair<const char*, std::pair<std::string, std::string>> table[] = {
       {"--preset", {str(given.preset), str(run.preset)}},
       {"--config", {str(given.config_file), str(run.config_file)}},
+      {"--init-from", {str(given.init_from), str(run.init_from)}},
       {"--tokenizer", {str(given.tokenizer), str(run.tokenizer)}},
       {"--vocab", {str(given.vocab), str(run.vocab)}},
       {"--batch", {str(given.batch), str(run.batch)}},
@@ -516,6 +518,7 @@ void train(const TrainConfig& given) {
       const json& s = state.at("settings");
       c.preset = s.at("preset");
       c.config_file = s.at("config_file");
+      c.init_from = s.value("init_from", std::string());  // absent in runs from before stop 29
       const std::string saved_data = s.at("data_path");
       if (c.data_path.empty()) c.data_path = saved_data;
       else if (fs::absolute(c.data_path).lexically_normal().string() != saved_data)
@@ -605,7 +608,13 @@ void train(const TrainConfig& given) {
                     state.value("ranks", 1), "; the global batch is the same, the sums differ by rounding"));
 
   // Model config before data, so a bad preset fails fast.
+  const bool init = !c.init_from.empty() && !c.resume;
+  for (const char* flag : {"--preset", "--config", "--tokenizer", "--vocab"})
+    HM_CHECK(!init || !was_given(c, flag), "--init-from ", c.init_from, " gives the model and its tokenizer: ", flag,
+             " does not apply");
+  HM_CHECK(!init || !task_mode, "--init-from fine-tunes a text model; --task trains on task ids");
   ModelConfig mc = c.resume ? load_config((ck / "config.json").string())
+                 : init     ? load_any_config(c.init_from)
                  : c.config_file.empty() ? preset(c.preset)
                                          : load_config(c.config_file);
   const std::string no = training_unsupported(mc);
@@ -624,6 +633,8 @@ void train(const TrainConfig& given) {
     // No tokenizer: task tokens are ids.
   } else if (c.resume) {
     tok = load_tokenizer(ck.string());
+  } else if (init) {
+    tok = load_tokenizer(c.init_from);
   } else if (c.tokenizer == "byte") {
     tok = std::make_unique<ByteTokenizer>();
   } else {
@@ -658,6 +669,10 @@ void train(const TrainConfig& given) {
       say(detail::cat("model vocab_size ", mc.vocab_size, " -> ", c.task.vocab, " (task ", c.task.name, ")"));
       mc.vocab_size = c.task.vocab;
     }
+  } else if (init || (c.resume && !c.init_from.empty())) {
+    // The weights fix the vocabulary; a tokenizer may use fewer ids (published models pad it).
+    HM_CHECK(tok->vocab_size() <= mc.vocab_size, c.init_from, ": the tokenizer has ", tok->vocab_size(),
+             " ids, more than the model's vocab_size ", mc.vocab_size);
   } else if (mc.vocab_size != tok->vocab_size()) {
     if (c.resume) {
       HM_CHECK(false, ck.string(), ": config vocab_size ", mc.vocab_size, " differs from the tokenizer's ",
@@ -710,6 +725,11 @@ void train(const TrainConfig& given) {
       throw Error(detail::cat((ck / "trainer_state.json").string(), ": ", e.what()));
     }
     rows = read_csv(out / "train_log.csv", start);
+  } else if (init) {
+    if (is_hf_model_dir(c.init_from))
+      load_hf_params(P, c.init_from);
+    else
+      load_params(P, (fs::path(c.init_from) / "model.safetensors").string());
   } else {
     init_params(P, c.seed);
   }
@@ -732,9 +752,10 @@ void train(const TrainConfig& given) {
   if (on_device) dev = std::make_unique<DeviceRun>(c.device, c.compute, c.grad_ckpt, P, opt);
 
   say(detail::cat(c.resume ? "resuming" : "training", " ", count_params(mc), " parameters (",
-                  c.config_file.empty() ? c.preset : c.config_file, "), ",
+                  !c.init_from.empty() ? "from " + c.init_from : c.config_file.empty() ? c.preset : c.config_file,
+                  "), ",
                   task_mode ? detail::cat("task ", c.task.name, " (vocab ", c.task.vocab, ", kv ", c.task.kv, ")")
-                            : detail::cat(c.tokenizer, " tokenizer, ", train_tok.size(), " train / ",
+                            : detail::cat(tok->type(), " tokenizer, ", train_tok.size(), " train / ",
                                           valid_tok.size(), " validation tokens"),
                   "; ", c.steps,
                   " steps of ", c.batch, "x", L, c.grad_accum > 1 ? detail::cat(" x", c.grad_accum) : "",

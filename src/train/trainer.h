@@ -44,6 +44,9 @@ struct TrainConfig {
   // Model: a preset name, or a config.json (config_file wins when set). The tokenizer's vocab
   // size replaces the config's.
   std::string preset = "tiny", config_file;
+  // A model folder to fine-tune (ours, or a Hugging Face one): its config, weights and tokenizer
+  // replace preset, config_file and tokenizer, and its vocab_size stays.
+  std::string init_from;
   std::string data_path, out_dir;
   std::string tokenizer = "byte";  // byte | bpe (SentencePiece BPE trained on the train split)
   int vocab = 4096;                // BPE only
