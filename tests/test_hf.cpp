@@ -915,7 +915,9 @@ namespace hm {
 
 namespace {
 
-const char* const kJambaFolders[] = {"jamba_f32", "jamba_bf16"};
+// jamba_bias (mamba_proj_bias) was added to make_fixtures.py in stop 29, when no device was lent:
+// until a device run writes it, the test says so and checks the others.
+const char* const kJambaFolders[] = {"jamba_f32", "jamba_bf16", "jamba_bias"};
 
 // transformers' name of each of our tensors, written here from modeling_jamba.py's module tree
 // (independently of src/io/hf_model.cpp's mapping). Expert stacks are handled by the caller.
@@ -942,7 +944,7 @@ std::string jamba_name(const std::string& ours) {
 // experts one tensor each, or fused as transformers holds them in memory), with our random
 // weights; `arena` gets them in our layout.
 fs::path write_jamba_folder(const test::TempDir& tmp, const std::string& extra_fields, ModelConfig& c,
-                            std::vector<float>& arena, bool fused_experts = false) {
+                            std::vector<float>& arena, bool fused_experts = false, bool proj_bias = false) {
   const fs::path d = tmp.path / "jamba";
   fs::create_directories(d);
   write_text(d / "config.json", R"({
@@ -955,8 +957,8 @@ fs::path write_jamba_folder(const test::TempDir& tmp, const std::string& extra_f
   "num_experts_per_tok": 2, "num_experts": 4, "expert_layer_period": 2, "expert_layer_offset": 1,
   "attn_layer_period": 4, "attn_layer_offset": 2, "use_mamba_kernels": false, "mamba_d_state": 8,
   "mamba_d_conv": 3, "mamba_expand": 2, "mamba_dt_rank": 5, "mamba_conv_bias": true,
-  "mamba_proj_bias": false, "dtype": "float32", "transformers_version": "5.17.0")" +
-                                   extra_fields + "}\n");
+  "mamba_proj_bias": )" + std::string(proj_bias ? "true" : "false") +
+                                   R"(, "dtype": "float32", "transformers_version": "5.17.0")" + extra_fields + "}\n");
   c = load_hf_config(d.string());
   Params p(c);
   test::randomize_params(p, 41);
@@ -1096,6 +1098,32 @@ TEST(HfJamba, LoadsWeightsUnderTransformersNames) {
   EXPECT_LT(test::rel_err(forward_all(*load_any_model(d.string(), *ref), toks), full), 1e-5);
 }
 
+// mamba_proj_bias: in_proj's and out_proj's biases under JambaMambaMixer's names (the same math
+// as Mamba's use_bias, which matches transformers on the mamba_bias fixture): our model on the
+// same arena gives the same logits, and the biases matter.
+TEST(HfJamba, ProjBiasesLoad) {
+  test::TempDir tmp("hf_jamba_bias");
+  ModelConfig c;
+  std::vector<float> arena;
+  const fs::path d = write_jamba_folder(tmp, "", c, arena, false, /*proj_bias=*/true);
+  ASSERT_TRUE(c.mamba_proj_bias);
+  EXPECT_TRUE(SafetensorsReader((d / "model.safetensors").string()).find("model.layers.0.mamba.in_proj.bias"));
+  auto be = make_cpu_backend();
+  auto hf = load_any_model(d.string(), *be);
+  HybridModel ours(c, *be);
+  std::copy(arena.begin(), arena.end(), ours.params().data());
+  ours.prepare();
+  Rng rng(5);
+  const std::vector<int32_t> toks = test::tokens(rng, 19, c.vocab_size);
+  const std::vector<float> full = forward_all(*hf, toks);
+  EXPECT_EQ(full, forward_all(ours, toks));
+  float* b = ours.params().get("backbone.layers.0.mixer.out_proj.bias");
+  std::fill(b, b + c.d_model, 0.0f);
+  ours.prepare();
+  EXPECT_GT(test::rel_err(forward_all(ours, toks), full), 1e-4);
+  EXPECT_EQ(training_unsupported(c), "");
+}
+
 TEST(HfJamba, DtBAndCNormWeightsAreApplied) {
   test::TempDir tmp("hf_jamba_norms");
   ModelConfig c;
@@ -1164,7 +1192,6 @@ TEST(HfJamba, RefusesWhatItDoesNotImplement) {
     expect_load_error(d, parts);
   };
   with([](json& j) { j["model_type"] = "mamba"; }, {"model_type", "jamba"});
-  with([](json& j) { j["mamba_proj_bias"] = true; }, {"mamba_proj_bias"});
   with([](json& j) { j["sliding_window"] = 4096; }, {"sliding_window", "4096"});
   with([](json& j) { j["hidden_act"] = "gelu"; }, {"hidden_act", "gelu"});
   with([](json& j) { j["head_dim"] = 16; }, {"head_dim", "16"});
@@ -1208,7 +1235,10 @@ TEST(HfJamba, LogitsMatchTransformers) {
   for (const char* name : kJambaFolders) {
     SCOPED_TRACE(name);
     const fs::path dir = kFixtures / name;
-    if (!fs::exists(dir / "expected.json")) continue;
+    if (!fs::exists(dir / "expected.json")) {
+      std::printf("%s: no fixture yet (make_fixtures.py OUT jamba writes it on a machine with transformers)\n", name);
+      continue;
+    }
     ++found;
     const json exp = read_json(dir / "expected.json");
     auto be = make_cpu_backend();

@@ -137,6 +137,7 @@ inline void randomize_params(Params& p, uint64_t seed) {
       else if (ends("router.weight")) w[i] += float(0.5 * rng.normal() / std::sqrt(D));
       else if (ends("router.feat_weight")) w[i] = float(0.5 * rng.normal());
       else if (ends("router.bias")) w[i] = float(0.3 * rng.normal());
+      else if (ends("in_proj.bias") || ends("out_proj.bias")) w[i] = float(0.1 * rng.normal());  // init: 0
     }
   }
 }

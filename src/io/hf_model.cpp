@@ -342,9 +342,8 @@ HfInfo jamba_info_from_json(const JsonFields& f, const std::string& origin) {
     }
   }
   if (f.has("mamba_conv_bias")) info.conv_bias = f.get_bool("mamba_conv_bias");
-  if (f.has("mamba_proj_bias"))
-    HM_CHECK(!f.get_bool("mamba_proj_bias"), origin, ": field 'mamba_proj_bias' is true (biases on the Mamba "
-             "in_proj and out_proj): not supported yet");
+  // Biases on in_proj and out_proj: Mamba's use_bias under another name.
+  if (f.has("mamba_proj_bias")) c.mamba_proj_bias = f.get_bool("mamba_proj_bias");
   c.mamba_bcdt_norm = true;
   c.mamba_bcdt_norm_weight = true;
   c.mamba_bcdt_norm_eps = c.norm_eps;  // dt_layernorm, b_layernorm, c_layernorm use rms_norm_eps
