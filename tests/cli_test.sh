@@ -113,8 +113,11 @@ case "$rc:$ef" in 0:*'"ppl":'*) ok ;; *) bad "eval on a Falcon-Mamba folder: exi
 "$HM" generate --model "$W/trained/checkpoint" --prompt "the cat" -n 10 >/dev/null && ok || bad "generate from trained"
 # Fine-tuning a Hugging Face folder (--init-from): one step at lr 1e-12 leaves the weights, so the
 # checkpoint scores the data as the folder does; its tokenizer and special ids come along.
-"$HM" train --init-from "$FX" --data "$W/corpus.txt" --out "$W/ft" --steps 1 --batch 2 --seq-len 32 --lr 1e-12 \
+cp -r "$FX" "$W/hfchat" && printf '%s' '{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}' \
+  > "$W/hfchat/chat_template.jinja"
+"$HM" train --init-from "$W/hfchat" --data "$W/corpus.txt" --out "$W/ft" --steps 1 --batch 2 --seq-len 32 --lr 1e-12 \
   --warmup 0 2>"$W/ft.err" && ok || bad "train --init-from: $(cat "$W/ft.err")"
+cmp -s "$W/hfchat/chat_template.jinja" "$W/ft/checkpoint/chat_template.jinja" && ok || bad "init-from keeps the chat template"
 e_hf=$("$HM" eval --model "$FX" --data "$W/corpus.txt" --seq-len 32 --max-tokens 0 --json)
 e_ft=$("$HM" eval --model "$W/ft/checkpoint" --data "$W/corpus.txt" --seq-len 32 --max-tokens 0 --json)
 python3 -c 'import json,sys; a,b=json.loads(sys.argv[1]),json.loads(sys.argv[2]); sys.exit(abs(a["loss"]-b["loss"])>1e-6*a["loss"] or a["tokens"]!=b["tokens"])' \

@@ -28,6 +28,7 @@
 #include "data/corpus.h"
 #include "io/atomic_file.h"
 #include "io/hf_model.h"
+#include "runtime/chat_template.h"
 #include "io/json_read.h"
 #include "model/memory_estimate.h"
 #include "model/config.h"
@@ -776,6 +777,10 @@ void train(const TrainConfig& given) {
     fs::create_directories(tmp);
     save_model(model, tmp.string());
     if (tok) tok->save(tmp.string());
+    // A fine-tuned model keeps its chat template (hm chat, hm serve): from the folder it started
+    // from, or, once that has been saved, from the checkpoint this one replaces.
+    if (!c.init_from.empty()) copy_chat_template_files(fs::exists(ck / "config.json") ? ck.string() : c.init_from,
+                                                       tmp.string());
     opt.save((tmp / "optimizer.safetensors").string());
     json st = {{"format", kStateFormat},
                {"step", step},
