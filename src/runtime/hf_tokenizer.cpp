@@ -256,6 +256,7 @@ struct HfBpeTokenizer::Impl {
   std::vector<std::string> pieces;                // id -> decode_piece ("" for specials)
   std::vector<bool> has_token, special;
   std::vector<Added> added;                       // longest first: the first match at a position wins
+  std::array<std::vector<int>, 256> added_by_byte;  // indices into added, by first byte (in added's order)
   std::map<std::pair<int32_t, int32_t>, std::pair<int, int32_t>> merges;  // pair -> (rank, merged id)
   std::vector<Norm> norm;
   std::vector<Pre> pre;
@@ -445,11 +446,13 @@ struct HfBpeTokenizer::Impl {
     size_t start = 0;
     for (size_t i = 0; i < text.size();) {
       const Added* hit = nullptr;
-      for (const Added& a : added)
+      for (const int k : added_by_byte[static_cast<unsigned char>(text[i])]) {
+        const Added& a = added[size_t(k)];
         if (a.normalized == normalized && text.compare(i, a.content.size(), a.content) == 0) {
           hit = &a;
           break;
         }
+      }
       if (!hit) {
         ++i;
         continue;
@@ -822,6 +825,8 @@ HfBpeTokenizer::HfBpeTokenizer(std::string text, const std::string& origin, int 
     }
     std::stable_sort(m.added.begin(), m.added.end(),
                      [](const Impl::Added& x, const Impl::Added& y) { return x.content.size() > y.content.size(); });
+    for (size_t k = 0; k < m.added.size(); ++k)
+      m.added_by_byte[static_cast<unsigned char>(m.added[k].content[0])].push_back(int(k));
   }
   HM_CHECK(max_id >= 0, "tokenizer: ", origin, ": no tokens");
 
