@@ -625,6 +625,30 @@ TEST(HfTokenizer, BosAndInvalidUtf8) {
   EXPECT_THROW(tok->decode_piece(tok->vocab_size()), Error);
 }
 
+// eos_token_id as a list (config.json) and generation_config.json's: the first is eos, every one
+// stops generation (is_eos); an id outside the tokenizer is an error naming it.
+TEST(HfTokenizer, EosListsFromConfigAndGenerationConfig) {
+  test::TempDir tmp("hf_tok_eos");
+  for (const char* f : {"config.json", "tokenizer.json"})
+    fs::copy_file(kFixtures / "mamba_f32" / f, tmp.path / f);
+  json cfg = read_json(tmp.path / "config.json");
+  cfg["eos_token_id"] = json::array({3, 5});
+  write_text(tmp.path / "config.json", cfg.dump());
+  write_text(tmp.path / "generation_config.json", R"({"eos_token_id": [3, 7], "do_sample": false})");
+  auto tok = load_tokenizer(tmp.str());
+  EXPECT_EQ(tok->eos(), 3);
+  EXPECT_EQ(tok->more_eos(), (std::vector<int32_t>{5, 7}));
+  for (int id : {3, 5, 7}) EXPECT_TRUE(tok->is_eos(id)) << id;
+  for (int id : {0, 6}) EXPECT_FALSE(tok->is_eos(id)) << id;
+  write_text(tmp.path / "generation_config.json", R"({"eos_token_id": 100000})");
+  try {
+    load_tokenizer(tmp.str());
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("100000"), std::string::npos) << e.what();
+  }
+}
+
 TEST(HfTokenizer, SaveWritesTheFileAsRead) {
   const fs::path dir = kFixtures / "mamba_bf16";
   test::TempDir tmp("hf_tok_save");

@@ -84,7 +84,7 @@ class Session {
     Utf8StreamDecoder dec(tok_);
     while (int(reply.size()) < o_.max_new && mem_.pos(0) < ctx) {
       const int32_t t = sampler_->sample(logits_.data(), V);
-      if (t == tok_.eos()) break;
+      if (tok_.is_eos(t)) break;
       sampler_->accept(t);
       reply.push_back(t);
       std::fputs(dec.push(t).c_str(), stdout);

@@ -74,6 +74,7 @@ Run add_generate(CLI::App& app) {
     opt.sampling = o->sp;
     opt.n_decodable = tok->vocab_size();
     opt.eos = tok->eos();
+    opt.more_eos = tok->more_eos();
     // One prompt streams to stdout as tokens arrive; a batch prints each result when done.
     const bool stream = prompts.size() == 1;
     std::vector<Utf8StreamDecoder> dec;

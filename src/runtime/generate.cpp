@@ -135,7 +135,8 @@ const std::vector<std::pair<int, int32_t>>& Generator::next() {
     out_[size_t(i)].push_back(tok);
     if (!dev_) samplers_[size_t(i)]->accept(tok);  // the device accepted it when it sampled it
     step_.emplace_back(i, tok);
-    if (tok == opt_.eos || int(out_[size_t(i)].size()) >= opt_.max_new_tokens) live_[size_t(i)] = false;
+    const bool eos = tok == opt_.eos || std::find(opt_.more_eos.begin(), opt_.more_eos.end(), tok) != opt_.more_eos.end();
+    if (eos || int(out_[size_t(i)].size()) >= opt_.max_new_tokens) live_[size_t(i)] = false;
   }
   if (stats_) {
     stats_->decode_ms = ms_since(t_decode_);

@@ -21,6 +21,7 @@ struct GenerateOptions {
   SamplingParams sampling;
   int n_decodable = 0;        // tokens the tokenizer can decode (0 = the model's vocabulary)
   int eos = -1;               // stop a sequence when it samples this token (-1 = never)
+  std::vector<int32_t> more_eos;  // or one of these (Tokenizer::more_eos)
   int prefill_chunk = 512;    // tokens per sequence per prefill forward
 };
 

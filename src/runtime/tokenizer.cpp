@@ -91,6 +91,10 @@ size_t append_sanitized(std::string_view in, bool final, std::string& out) {
 
 }  // namespace
 
+bool Tokenizer::is_eos(int32_t id) const {
+  return (id >= 0 && id == eos()) || std::find(more_eos_.begin(), more_eos_.end(), id) != more_eos_.end();
+}
+
 std::string Tokenizer::decode(const std::vector<int32_t>& ids) const {
   std::string out;
   for (int32_t id : ids) out += decode_piece(id);
@@ -353,7 +357,16 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir) {
   const fs::path path = fs::path(dir) / "tokenizer.json";
   const std::string name = path.string();
   std::error_code ec;
-  // A Hugging Face folder's special ids live in its config.json.
+  // A Hugging Face folder's special ids live in its config.json; eos may be a list there or in
+  // generation_config.json (more_eos).
+  std::vector<int32_t> more_eos;
+  auto eos_list = [&](const nlohmann::json& v, const std::string& file) {
+    std::vector<int32_t> out;
+    if (v.is_number_integer()) out.push_back(int32_t(json_to_int(v, 0, kMaxTokenizerVocab - 1, file, "eos_token_id")));
+    if (v.is_array())
+      for (const auto& e : v) out.push_back(int32_t(json_to_int(e, 0, kMaxTokenizerVocab - 1, file, "eos_token_id")));
+    return out;
+  };
   auto config_ids = [&] {
     SpecialIds ids;
     const fs::path cfg = fs::path(dir) / "config.json";
@@ -364,12 +377,35 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir) {
     for (int k = 0; k < 3; ++k)
       if (c.is_object() && c.contains(keys[k]) && c[keys[k]].is_number_integer())
         *dst[k] = int(json_to_int(c[keys[k]], 0, kMaxTokenizerVocab - 1, cfg.string(), keys[k]));
+    if (c.is_object() && c.contains("eos_token_id") && c["eos_token_id"].is_array()) {
+      more_eos = eos_list(c["eos_token_id"], cfg.string());
+      if (!more_eos.empty()) ids.eos = more_eos[0];
+    }
+    const fs::path gen = fs::path(dir) / "generation_config.json";
+    if (fs::is_regular_file(gen, ec)) {
+      const nlohmann::json g = parse_hf_json_file(gen.string());
+      if (g.is_object() && g.contains("eos_token_id"))
+        for (int32_t id : eos_list(g["eos_token_id"], gen.string())) more_eos.push_back(id);
+    }
     return ids;
+  };
+  auto with_more = [&](std::unique_ptr<Tokenizer> t) {
+    std::vector<int32_t> keep;
+    for (int32_t id : more_eos)
+      if (id != t->eos() && std::find(keep.begin(), keep.end(), id) == keep.end()) {
+        HM_CHECK(id < t->vocab_size(), "tokenizer: ", dir, ": eos_token_id ", id, " is outside the tokenizer's ",
+                 t->vocab_size(), " ids");
+        keep.push_back(id);
+      }
+    t->set_more_eos(std::move(keep));
+    return t;
   };
   if (fs::status(path, ec).type() == fs::file_type::not_found) {
     const fs::path spm = fs::path(dir) / "tokenizer.model";
-    if (fs::is_regular_file(fs::path(dir) / "config.json", ec) && fs::exists(spm, ec))
-      return std::make_unique<SentencePieceTokenizer>(spm.string(), config_ids());
+    if (fs::is_regular_file(fs::path(dir) / "config.json", ec) && fs::exists(spm, ec)) {
+      const SpecialIds ids = config_ids();
+      return with_more(std::make_unique<SentencePieceTokenizer>(spm.string(), ids));
+    }
     check_not_task_checkpoint(dir);
     // No quiet switch to bytes: a BPE model decoded as bytes prints control characters.
     throw Error(detail::cat("tokenizer: ", name, " does not exist; every checkpoint names its tokenizer ",
@@ -380,7 +416,8 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir) {
   if (doc.is_object() && doc.contains("model") && doc["model"].is_object()) {
     // A Hugging Face tokenizer.json.
     const SpecialIds ids = config_ids();
-    return std::make_unique<HfBpeTokenizer>(read_whole_file(path, "tokenizer.json"), name, ids.bos, ids.eos, ids.pad);
+    return with_more(
+        std::make_unique<HfBpeTokenizer>(read_whole_file(path, "tokenizer.json"), name, ids.bos, ids.eos, ids.pad));
   }
   const JsonFields j(doc, name);
   j.check_known({"type", "model", "bos", "eos", "pad"});

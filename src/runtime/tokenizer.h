@@ -23,6 +23,11 @@ class Tokenizer {
   virtual int bos() const = 0;
   virtual int eos() const = 0;
   virtual int pad() const = 0;
+  // eos, or one of the further ids a model stops at (a Hugging Face folder's eos_token_id list in
+  // config.json or generation_config.json: chat models end a turn with a token of their own).
+  bool is_eos(int32_t id) const;
+  const std::vector<int32_t>& more_eos() const { return more_eos_; }
+  void set_more_eos(std::vector<int32_t> ids) { more_eos_ = std::move(ids); }
   virtual std::vector<int32_t> encode(std::string_view text, bool add_bos) const = 0;
   // Raw bytes of one token ("" for specials); hm::Error for an id out of range.
   virtual std::string decode_piece(int32_t id) const = 0;
@@ -31,6 +36,9 @@ class Tokenizer {
   virtual std::string decode(const std::vector<int32_t>& ids) const;
   // Writes dir/tokenizer.json atomically, creating dir if needed.
   virtual void save(const std::string& dir) const = 0;
+
+ private:
+  std::vector<int32_t> more_eos_;
 };
 
 // Byte-level: ids 0..255 are the bytes; 256 <bos>, 257 <eos>, 258 <pad>. Any byte string,
@@ -172,6 +180,8 @@ void train_sentencepiece_bpe(const std::vector<std::string>& texts, int vocab_si
 // with tokenizer.model and no tokenizer.json: SentencePieceTokenizer with config.json's ids. A missing
 // tokenizer.json is an error (for a task checkpoint, one naming its task), as are an unknown
 // type or field, malformed JSON, a missing or corrupt model: hm::Error naming file and field.
+// In a folder with config.json, eos_token_id given as a list there or in generation_config.json
+// (an integer or a list) sets more_eos (and eos, when config.json's is a list: its first).
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& dir);
 
 // Turns a token stream into text as it arrives. A UTF-8 character may span tokens: push()

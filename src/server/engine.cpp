@@ -385,7 +385,7 @@ void Engine::emit(Active& a, int32_t token, const float* logits) {
     std::lock_guard<std::mutex> lk(mu_);
     ++stats_.generated_tokens;
   }
-  if (token == tok_.eos() && !p.ignore_eos) {
+  if (tok_.is_eos(token) && !p.ignore_eos) {
     a.pending.clear();  // the end-of-sequence token has no text
     finish(a, Finish::Stop);
     return;
