@@ -388,7 +388,8 @@ TEST(ChatTemplate, ReadsTheModelFoldersTemplate) {
   // A checkpoint written from the folder takes its template files along.
   const fs::path out = dir / "converted";
   fs::create_directories(out);
-  EXPECT_EQ(copy_chat_template_files(dir.string(), out.string()), 2);
+  write("generation_config.json", R"({"eos_token_id": [2, 5]})");  // stop tokens go along too
+  EXPECT_EQ(copy_chat_template_files(dir.string(), out.string()), 3);
   EXPECT_EQ(ChatFormat(read_chat_template(out.string())).apply(nlohmann::json::array()), "J0");
   EXPECT_EQ(copy_chat_template_files(out.string(), out.string()), 0);  // onto itself: nothing to do
   // Errors name the file.

@@ -3209,7 +3209,8 @@ int copy_chat_template_files(const std::string& from_dir, const std::string& out
   namespace fs = std::filesystem;
   int n = 0;
   std::error_code ec;
-  for (const char* name : {"chat_template.jinja", "chat_template.json", "tokenizer_config.json"}) {
+  for (const char* name : {"chat_template.jinja", "chat_template.json", "tokenizer_config.json",
+                           "generation_config.json"}) {
     const fs::path src = fs::path(from_dir) / name;
     if (!fs::is_regular_file(src, ec)) continue;
     if (fs::equivalent(src, fs::path(out_dir) / name, ec)) continue;

@@ -70,8 +70,9 @@ struct HfChatTemplate {
 HfChatTemplate read_chat_template(const std::string& model_dir, bool with_tools = false);
 
 // Copies a model folder's chat template files (chat_template.jinja, chat_template.json,
-// tokenizer_config.json: those present) into out_dir, so that a checkpoint written from it (hm
-// convert, hm quantize) renders chats as the original does. Returns the number copied.
+// tokenizer_config.json) and generation_config.json (its stop tokens), those present, into
+// out_dir, so that a checkpoint written from it (hm convert, hm quantize, hm train --init-from)
+// renders chats and stops as the original does. Returns the number copied.
 int copy_chat_template_files(const std::string& from_dir, const std::string& out_dir);
 
 // A compiled folder template: renders `messages` as transformers' apply_chat_template(messages,
