@@ -11,6 +11,20 @@ _INT32_MAX = 2**31 - 1
 _AUTO = object()  # eos_token_id's default: the tokenizer's EOS when the model has one
 
 
+def _stop_ids(eos_token_id, tok):
+    """The tokens that end a sequence: the tokenizer's EOS and its further stop tokens (a Hugging
+    Face folder's eos_token_id lists) by default; None for none; an int or a list of ints."""
+    if eos_token_id is _AUTO:
+        if tok is None:
+            return []
+        return ([tok.eos] if tok.eos >= 0 else []) + [int(i) for i in tok.more_eos]
+    if eos_token_id is None:
+        return []
+    if isinstance(eos_token_id, (list, tuple)):
+        return [int(i) for i in eos_token_id]
+    return [int(eos_token_id)]
+
+
 def as_array(x, name):
     """Any array-like as a NumPy array: NumPy arrays as they are, objects exposing __array__
     (PyTorch, MLX, ...) or only DLPack through NumPy, so no copy is made where the layout
@@ -164,12 +178,11 @@ class HybridMambaModel:
         prompts, single = as_prompts(input_ids, "input_ids")
         kv_type = kv_type or self._default_kv_type()
         tok = self.tokenizer
-        if eos_token_id is _AUTO:
-            eos_token_id = tok.eos if tok is not None else None
+        eos = _stop_ids(eos_token_id, tok)
         sp = _sampling(temperature, top_k, top_p, min_p, repetition_penalty, repeat_last_n, seed)
         seqs, stats = self._m.generate(
             [p.tolist() for p in prompts], int(max_new_tokens), sp,
-            -1 if eos_token_id is None else int(eos_token_id),
+            eos,
             tok.vocab_size if tok is not None else 0, kv_type, int(ctx), on_token)
         self.last_stats = stats
         return prompts, seqs, single
@@ -185,8 +198,9 @@ class HybridMambaModel:
         input_ids: [T], [B, T], or a list of prompts of different lengths. Returns the prompt
         followed by the new tokens: a 1-D array for a 1-D prompt, a 2-D [B, T + n] array when
         every row has the same length, else a list of 1-D arrays (a ragged batch, or rows that
-        stopped at EOS). eos_token_id: the tokenizer's EOS by default (none without a
-        tokenizer); None never stops early. The model's tokenizer also limits sampling to the
+        stopped at EOS). eos_token_id: the tokenizer's EOS and further stop tokens by default
+        (a Hugging Face folder's eos_token_id lists; none without a tokenizer), an int or a list
+        of ints, as transformers takes it; None never stops early. The model's tokenizer also limits sampling to the
         ids it can decode, as hm generate does.
         """
         prompts, seqs, single = self._generate(
@@ -208,12 +222,11 @@ class HybridMambaModel:
         prompts, _ = as_prompts(input_ids, "input_ids")
         kv_type = kv_type or self._default_kv_type()
         tok = self.tokenizer
-        if eos_token_id is _AUTO:
-            eos_token_id = tok.eos if tok is not None else None
+        eos = _stop_ids(eos_token_id, tok)
         sp = _sampling(temperature, top_k, top_p, min_p, repetition_penalty, repeat_last_n, seed)
         stream = self._m.stream(
             [p.tolist() for p in prompts], int(max_new_tokens), sp,
-            -1 if eos_token_id is None else int(eos_token_id),
+            eos,
             tok.vocab_size if tok is not None else 0, kv_type, int(ctx))
         while True:
             step = stream.next()

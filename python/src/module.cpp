@@ -157,12 +157,14 @@ struct GenerateSetup {
 };
 
 GenerateSetup generate_setup(const std::vector<std::vector<int32_t>>& prompts, int max_new_tokens,
-                             const hm::SamplingParams& sp, int eos, int n_decodable, const std::string& kv_type,
+                             const hm::SamplingParams& sp, const std::vector<int>& eos, int n_decodable, const std::string& kv_type,
                              int ctx) {
   GenerateSetup g;
   g.opt.max_new_tokens = max_new_tokens;
   g.opt.sampling = sp;
-  g.opt.eos = eos;
+  // The first stop token is eos, the rest more_eos (a list, as transformers' eos_token_id takes).
+  g.opt.eos = eos.empty() ? -1 : eos[0];
+  if (eos.size() > 1) g.opt.more_eos.assign(eos.begin() + 1, eos.end());
   g.opt.n_decodable = n_decodable;
   g.kv = hm::kv_type_from_name(kv_type);
   HM_CHECK(!prompts.empty(), "input_ids holds no prompt");
@@ -188,7 +190,7 @@ py::dict stats_dict(const hm::GenerateStats& st) {
 // Runs hm::generate. on_token(seq, token) -> falsy stops that sequence; it and Ctrl-C are seen
 // once per generated token (the GIL is taken for that moment only).
 py::tuple generate(Model& pm, const std::vector<std::vector<int32_t>>& prompts, int max_new_tokens,
-                   const hm::SamplingParams& sp, int eos, int n_decodable, const std::string& kv_type,
+                   const hm::SamplingParams& sp, const std::vector<int>& eos, int n_decodable, const std::string& kv_type,
                    int ctx, const py::object& on_token) {
   const GenerateSetup g = generate_setup(prompts, max_new_tokens, sp, eos, n_decodable, kv_type, ctx);
   auto cb = [&on_token](int seq, int32_t t) {
@@ -222,7 +224,7 @@ struct Stream {
 };
 
 std::unique_ptr<Stream> start_stream(Model& pm, const std::vector<std::vector<int32_t>>& prompts,
-                                     int max_new_tokens, const hm::SamplingParams& sp, int eos, int n_decodable,
+                                     int max_new_tokens, const hm::SamplingParams& sp, const std::vector<int>& eos, int n_decodable,
                                      const std::string& kv_type, int ctx) {
   const GenerateSetup g = generate_setup(prompts, max_new_tokens, sp, eos, n_decodable, kv_type, ctx);
   auto s = std::make_unique<Stream>();
@@ -393,6 +395,7 @@ PYBIND11_MODULE(_core, mod) {
       .def_property_readonly("vocab_size", &hm::Tokenizer::vocab_size)
       .def_property_readonly("bos", &hm::Tokenizer::bos)
       .def_property_readonly("eos", &hm::Tokenizer::eos)
+      .def_property_readonly("more_eos", &hm::Tokenizer::more_eos)
       .def_property_readonly("pad", &hm::Tokenizer::pad)
       .def("encode",
            [](const hm::Tokenizer& t, const std::string& text, bool add_bos) {

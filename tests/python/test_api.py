@@ -133,6 +133,11 @@ def test_generate_options(tiny):
     stop = len(p) + plain[len(p):].tolist().index(eos) + 1  # the first time eos is sampled
     rows = tiny.generate([p, [7, 7]], 15, temperature=0, repetition_penalty=None, eos_token_id=eos)
     assert isinstance(rows, list) and rows[0].tolist() == plain[:stop].tolist()
+    # A list stops at any of its tokens (transformers' eos_token_id takes one too): the earlier wins.
+    first = int(plain[len(p) + 2])
+    stop2 = len(p) + plain[len(p):].tolist().index(first) + 1
+    rows = tiny.generate(p, 15, temperature=0, repetition_penalty=None, eos_token_id=[eos, first])
+    assert rows.tolist() == plain[:min(stop, stop2)].tolist()
     ids = tiny.generate(p, 15, kv_type="f32", top_k=None, top_p=None, min_p=None)
     assert len(ids) == 18
 
