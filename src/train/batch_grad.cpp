@@ -358,9 +358,12 @@ struct BatchGrad::Impl {
   std::array<std::pair<Tensor, Tensor>, 3> bcdt_weights(const LayerOffsets& o) {
     const ModelConfig& mc = c();
     const int R = mc.resolved_dt_rank(), N = mc.d_state;
-    if (mc.mamba_bcdt_norm_weight)
-      return {std::pair{w(o.dt_norm, 1, R), g(o.dt_norm, 1, R)}, std::pair{w(o.b_norm, 1, N), g(o.b_norm, 1, N)},
-              std::pair{w(o.c_norm, 1, N), g(o.c_norm, 1, N)}};
+    if (mc.mamba_bcdt_norm_weight) {
+      // No gradient arena in loss_sum: the forward reads only the weights.
+      auto gr = [&](int64_t off, int cols) { return G ? g(off, 1, cols) : Tensor(); };
+      return {std::pair{w(o.dt_norm, 1, R), gr(o.dt_norm, R)}, std::pair{w(o.b_norm, 1, N), gr(o.b_norm, N)},
+              std::pair{w(o.c_norm, 1, N), gr(o.c_norm, N)}};
+    }
     const int M = std::max(R, N);
     dw_ones.reserve(be, size_t(M) * sizeof(float));
     const Tensor one = const_row(1.0f, M), dw(dw_ones.data(), DType::F32, 1, M);
@@ -1192,6 +1195,7 @@ double BatchGrad::loss_sum(const int32_t* tokens, const int32_t* targets, int B,
   const int64_t total = check_train_batch(I.c(), tokens, targets, B, L, 0);
   if (counted) *counted = total;
   if (total == 0) return 0.0;
+  I.G = nullptr;  // no gradients: the forward must not form pointers into a previous call's arena
   I.begin(tokens, targets, B, L);
   I.inv_total = 1.0 / double(total);
   I.budget_loss = 0;
