@@ -170,7 +170,10 @@ class Parser {
     auto number = [&](int& v) {
       const size_t s = k;
       v = 0;
-      while (k < p_.size() && p_[k] >= '0' && p_[k] <= '9' && v <= 100000) v = v * 10 + int(p_[k++] - '0');
+      while (k < p_.size() && p_[k] >= '0' && p_[k] <= '9') {
+        if (v > 100000) fail("a repeat count above 100000");  // Oniguruma's limit too
+        v = v * 10 + int(p_[k++] - '0');
+      }
       return k > s;
     };
     int a = 0, b = -1;
