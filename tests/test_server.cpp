@@ -419,6 +419,8 @@ TEST(ServerHttp, CompletionsChatModelsAndErrors) {
            {{{"prompt", std::string(200, 'a')}}, 400, "prompt"},
            {{{"prompt", "x"}, {"temperature", "hot"}}, 400, "temperature"},
            {{{"prompt", "x"}, {"top_p", 0}}, 400, "top_p"},
+           {{{"prompt", "x"}, {"top_p", 1e-300}}, 400, "top_p"},  // above 0, but 0 as a float
+           {{{"prompt", "x"}, {"repetition_penalty", 1.11e-300}}, 400, "repetition_penalty"},
            {{{"prompt", {1, 2, 999}}}, 400, "prompt"},
            {{{"prompt", {"a", "b"}}}, 400, "prompt"},
            {{{"prompt", "x"}, {"stop", {1}}}, 400, "stop"},

@@ -46,7 +46,9 @@ static double number(const json& j, const char* k, double def, double lo, double
   const json& v = j[k];
   if (!v.is_number()) throw bad(k, detail::cat(k, " must be a number, got ", type_name(v)));
   const double x = v.get<double>();
-  if (!std::isfinite(x) || x < lo || x > hi || (lo_open && x == lo))
+  // Every caller stores the value as a float: an open bound holds after that rounding too
+  // (1e-300 is above 0 but becomes 0.0f).
+  if (!std::isfinite(x) || x < lo || x > hi || (lo_open && (x == lo || float(x) == float(lo))))
     throw bad(k, detail::cat(k, " must be in ", lo_open ? "(" : "[", lo, ", ", hi, "], got ", v.dump()));
   return x;
 }
