@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <functional>
+#include <memory>
 
 #include <algorithm>
 #include <cmath>
@@ -110,6 +111,55 @@ int check_directions(const Params& p, const std::vector<float>& g, const TokenBa
   }
   std::printf("  worst %.1e over %d tensors\n", worst, checked);
   return checked;
+}
+
+// A model with random weights (seed w_seed), a batch (seed b_seed), and BatchGrad's loss and
+// gradient on it, whose loss must be the inference forward's cross-entropy.
+struct GradRun {
+  std::unique_ptr<Backend> cpu = make_cpu_backend();
+  std::unique_ptr<HybridModel> model;
+  TokenBatch b;
+  std::vector<float> g;
+  double loss = 0;
+  const Params& p() const { return model->params(); }
+};
+
+std::unique_ptr<GradRun> grad_run(const ModelConfig& c, uint64_t w_seed, uint64_t b_seed, int B, int L) {
+  validate(c);
+  EXPECT_EQ(training_unsupported(c), "");
+  auto r = std::make_unique<GradRun>();
+  r->model = std::make_unique<HybridModel>(c, *r->cpu);
+  randomize_params(r->model->params(), w_seed);
+  r->model->prepare();
+  r->b = make_batch(B, L, c.vocab_size, b_seed);
+  BatchGrad bg(*r->cpu, r->p(), DType::F32);
+  bg.set_weights(r->p().data());
+  r->g = zeros(r->p());
+  r->loss = bg.loss_and_grad(r->g.data(), r->b.tokens.data(), r->b.targets.data(), B, L);
+  EXPECT_NEAR(r->loss, test::inference_mean_loss(*r->model, r->b.tokens, r->b.targets, B, L), 2e-6 * r->loss);
+  return r;
+}
+
+// loss_and_grad (the CPU trainer's float path, one sequence per thread) gives BatchGrad's loss and gradient.
+void expect_float_path_agrees(const GradRun& r) {
+  Params g2(r.model->config());
+  std::fill(g2.data(), g2.data() + g2.numel(), 0.0f);
+  EXPECT_NEAR(loss_and_grad(r.p(), g2, r.b.tokens.data(), r.b.targets.data(), r.b.B, r.b.L), r.loss, 1e-6 * r.loss);
+  EXPECT_LE(worst_tensor_err(r.p(), g2.data(), r.g.data()).first, 1e-5);
+}
+
+// The double reference model (model_grad.h) agrees with BatchGrad.
+void expect_double_agrees(const GradRun& r) {
+  Params g2(r.model->config());
+  std::fill(g2.data(), g2.data() + g2.numel(), 0.0f);
+  EXPECT_NEAR(loss_and_grad_f64(r.p(), g2, r.b.tokens.data(), r.b.targets.data(), r.b.B, r.b.L), r.loss, 1e-5 * r.loss);
+  EXPECT_LE(worst_tensor_err(r.p(), g2.data(), r.g.data()).first, 1e-4);
+}
+
+// The double reference model does not have this layer kind, and says so by name.
+void expect_double_refuses(const GradRun& r, const std::string& text) {
+  Params g2(r.model->config());
+  EXPECT_THROW_MSG(loss_and_grad_f64(r.p(), g2, r.b.tokens.data(), r.b.targets.data(), r.b.B, r.b.L), text);
 }
 
 // loss_and_grad's result and BatchGrad's on backend `be` (host memory), for one batch.
@@ -330,32 +380,11 @@ TEST(BatchGrad, Mamba2LayersTrain) {
   c.mamba2_groups = 2;
   c.mamba2_dt_min = 0.01f;
   c.mamba2_dt_max = 0.3f;
-  validate(c);
-  ASSERT_EQ(training_unsupported(c), "");
-  auto cpu = make_cpu_backend();
-  HybridModel m(c, *cpu);
-  randomize_params(m.params(), 81);
-  m.prepare();
-  const Params& p = m.params();
-  const TokenBatch b = make_batch(3, 17, c.vocab_size, 82);
-
-  // The forward: BatchGrad's loss is the inference forward's cross-entropy.
-  const double want = test::inference_mean_loss(m, b.tokens, b.targets, b.B, b.L);
-  BatchGrad bg(*cpu, p, DType::F32);
-  bg.set_weights(p.data());
-  std::vector<float> g = zeros(p);
-  const double loss = bg.loss_and_grad(g.data(), b.tokens.data(), b.targets.data(), b.B, b.L);
-  EXPECT_NEAR(loss, want, 2e-6 * want);
-  // loss_and_grad (the CPU trainer's path, one sequence per thread) gives the same gradient.
-  Params g2(c);
-  std::fill(g2.data(), g2.data() + g2.numel(), 0.0f);
-  EXPECT_NEAR(loss_and_grad(p, g2, b.tokens.data(), b.targets.data(), b.B, b.L), loss, 1e-6 * loss);
-  EXPECT_LE(worst_tensor_err(p, g2.data(), g.data()).first, 1e-5);
-  // The double reference model refuses them, by name.
-  EXPECT_THROW_MSG(loss_and_grad_f64(p, g2, b.tokens.data(), b.targets.data(), b.B, b.L), "no Mamba-2 layers");
-
+  const auto r = grad_run(c, 81, 82, 3, 17);
+  expect_float_path_agrees(*r);
+  expect_double_refuses(*r, "no Mamba-2 layers");
   // The gradient of every Mamba-2 tensor along a random direction.
-  const int checked = check_directions(p, g, b, 83, [](const std::string& name) {
+  const int checked = check_directions(r->p(), r->g, r->b, 83, [](const std::string& name) {
     return (name.rfind("backbone.layers.0.", 0) == 0 || name.rfind("backbone.layers.3.", 0) == 0) &&
            (name.find("mixer") != std::string::npos || name.find(".norm.") != std::string::npos);
   });
@@ -397,27 +426,12 @@ TEST(BatchGrad, Mamba2GateVariantsAndTrueLayersTrain) {
     std::printf("%s\n", cs.name);
     ModelConfig c = test::small_hybrid_config(false);
     cs.set(c);
-    validate(c);
-    ASSERT_EQ(training_unsupported(c), "");
-    auto cpu = make_cpu_backend();
-    HybridModel m(c, *cpu);
-    randomize_params(m.params(), 115);
-    m.prepare();
-    const Params& p = m.params();
-    const TokenBatch b = make_batch(2, 13, c.vocab_size, 116);
-    BatchGrad bg(*cpu, p, DType::F32);
-    bg.set_weights(p.data());
-    std::vector<float> g = zeros(p);
-    const double loss = bg.loss_and_grad(g.data(), b.tokens.data(), b.targets.data(), b.B, b.L);
-    EXPECT_NEAR(loss, test::inference_mean_loss(m, b.tokens, b.targets, b.B, b.L), 2e-6 * loss);
-    Params g2(c);
-    std::fill(g2.data(), g2.data() + g2.numel(), 0.0f);
-    EXPECT_NEAR(loss_and_grad(p, g2, b.tokens.data(), b.targets.data(), b.B, b.L), loss, 1e-6 * loss);
-    EXPECT_LE(worst_tensor_err(p, g2.data(), g.data()).first, 1e-5);
+    const auto r = grad_run(c, 115, 116, 2, 13);
+    expect_float_path_agrees(*r);
     // In both mode the router's output is unused: no gradient reaches it, and none is checked.
     // (Along the embeddings the norm before the gate curves: plain central differences' error falls
     // as h^2, 4.7e-2, 4.4e-3, 3.8e-4 at steps of 1e-2, 3e-3, 1e-3; check_directions extrapolates.)
-    const int checked = check_directions(p, g, b, 117, [](const std::string& name) {
+    const int checked = check_directions(r->p(), r->g, r->b, 117, [](const std::string& name) {
       return name.find("router") == std::string::npos;
     });
     EXPECT_GT(checked, 20);
@@ -429,27 +443,14 @@ TEST(BatchGrad, Mamba2GateVariantsAndTrueLayersTrain) {
 TEST(BatchGrad, ProjBiasesTrain) {
   ModelConfig c = test::small_hybrid_config(true);
   c.mamba_proj_bias = true;
-  validate(c);
-  ASSERT_EQ(training_unsupported(c), "");
-  auto cpu = make_cpu_backend();
-  HybridModel m(c, *cpu);
-  randomize_params(m.params(), 119);
-  m.prepare();
-  const Params& p = m.params();
-  const TokenBatch b = make_batch(2, 13, c.vocab_size, 120);
-  BatchGrad bg(*cpu, p, DType::F32);
-  bg.set_weights(p.data());
-  std::vector<float> g = zeros(p);
-  const double loss = bg.loss_and_grad(g.data(), b.tokens.data(), b.targets.data(), b.B, b.L);
-  EXPECT_NEAR(loss, test::inference_mean_loss(m, b.tokens, b.targets, b.B, b.L), 2e-6 * loss);
-  Params g2(c);
-  EXPECT_THROW_MSG(loss_and_grad_f64(p, g2, b.tokens.data(), b.targets.data(), b.B, b.L), "biases");
+  const auto r = grad_run(c, 119, 120, 2, 13);
+  expect_double_refuses(*r, "biases");
   int biases = 0;
-  const int checked = check_directions(p, g, b, 121, [&](const std::string& name) {
+  const int checked = check_directions(r->p(), r->g, r->b, 121, [&](const std::string& name) {
     biases += name.find("in_proj.bias") != std::string::npos || name.find("out_proj.bias") != std::string::npos;
     return true;
   });
-  EXPECT_EQ(checked, int(p.specs().size()));
+  EXPECT_EQ(checked, int(r->p().specs().size()));
   EXPECT_EQ(biases, 4);  // in_proj and out_proj of the two Mamba layers
 }
 
@@ -463,29 +464,12 @@ TEST(BatchGrad, BcdtNormsTrain) {
     c.mamba_bcdt_norm = true;
     c.mamba_bcdt_norm_weight = learned;
     c.mamba_bcdt_norm_eps = 1e-5f;
-    validate(c);
-    ASSERT_EQ(training_unsupported(c), "");
-    auto cpu = make_cpu_backend();
-    HybridModel m(c, *cpu);
-    randomize_params(m.params(), learned ? 91 : 92);
-    m.prepare();
-    const Params& p = m.params();
-    const TokenBatch b = make_batch(3, 13, c.vocab_size, 93);
-    const double want = test::inference_mean_loss(m, b.tokens, b.targets, b.B, b.L);
-    BatchGrad bg(*cpu, p, DType::F32);
-    bg.set_weights(p.data());
-    std::vector<float> g = zeros(p);
-    const double loss = bg.loss_and_grad(g.data(), b.tokens.data(), b.targets.data(), b.B, b.L);
-    EXPECT_NEAR(loss, want, 2e-6 * want);
-    Params g2(c);
-    std::fill(g2.data(), g2.data() + g2.numel(), 0.0f);
-    EXPECT_NEAR(loss_and_grad(p, g2, b.tokens.data(), b.targets.data(), b.B, b.L), loss, 1e-6 * loss);
-    EXPECT_LE(worst_tensor_err(p, g2.data(), g.data()).first, 1e-5);
-    EXPECT_THROW_MSG(loss_and_grad_f64(p, g2, b.tokens.data(), b.targets.data(), b.B, b.L), "dt/B/C norms");
-
+    const auto r = grad_run(c, learned ? 91 : 92, 93, 3, 13);
+    expect_float_path_agrees(*r);
+    expect_double_refuses(*r, "dt/B/C norms");
     int mamba_layers = 0, norms = 0;
     for (int i = 0; i < c.n_layers; ++i) mamba_layers += c.has_mamba_path(i) && !c.is_true(i);
-    const int checked = check_directions(p, g, b, 94, [&](const std::string& name) {
+    const int checked = check_directions(r->p(), r->g, r->b, 94, [&](const std::string& name) {
       if (name.find("mixer") == std::string::npos) return false;
       const int layer = std::stoi(name.substr(name.find("layers.") + 7));
       if (!c.has_mamba_path(layer) || c.is_true(layer)) return false;
@@ -504,34 +488,18 @@ TEST(BatchGrad, PartialRopeTrains) {
   c.n_heads = 2;
   c.n_kv_heads = 1;
   c.rope_dim = 4;  // of head_dim 8
-  validate(c);
-  ASSERT_EQ(training_unsupported(c), "");
-  auto cpu = make_cpu_backend();
-  HybridModel m(c, *cpu);
-  randomize_params(m.params(), 95);
-  m.prepare();
-  const Params& p = m.params();
-  const TokenBatch b = make_batch(3, 13, c.vocab_size, 96);
-  BatchGrad bg(*cpu, p, DType::F32);
-  bg.set_weights(p.data());
-  std::vector<float> g = zeros(p);
-  const double loss = bg.loss_and_grad(g.data(), b.tokens.data(), b.targets.data(), b.B, b.L);
-  EXPECT_NEAR(loss, test::inference_mean_loss(m, b.tokens, b.targets, b.B, b.L), 2e-6 * loss);
-  // The double reference rotates partially too: the two gradients agree.
-  Params g2(c);
-  std::fill(g2.data(), g2.data() + g2.numel(), 0.0f);
-  EXPECT_NEAR(loss_and_grad_f64(p, g2, b.tokens.data(), b.targets.data(), b.B, b.L), loss, 1e-5 * loss);
-  EXPECT_LE(worst_tensor_err(p, g2.data(), g.data()).first, 1e-4);
-  const int checked = check_directions(p, g, b, 97, [](const std::string& name) {
+  const auto r = grad_run(c, 95, 96, 3, 13);
+  expect_double_agrees(*r);  // the double reference rotates partially too
+  const int checked = check_directions(r->p(), r->g, r->b, 97, [](const std::string& name) {
     return name.find("q_proj") != std::string::npos || name.find("k_proj") != std::string::npos;
   });
   EXPECT_EQ(checked, 4);
   // The whole head rotated instead would be a different model: the loss moves.
   c.rope_dim = 8;
-  HybridModel whole(c, *cpu);
-  std::copy(p.data(), p.data() + p.numel(), whole.params().data());
+  HybridModel whole(c, *r->cpu);
+  std::copy(r->p().data(), r->p().data() + r->p().numel(), whole.params().data());
   whole.prepare();
-  EXPECT_GT(std::fabs(test::inference_mean_loss(whole, b.tokens, b.targets, b.B, b.L) - loss), 1e-4);
+  EXPECT_GT(std::fabs(test::inference_mean_loss(whole, r->b.tokens, r->b.targets, r->b.B, r->b.L) - r->loss), 1e-4);
 }
 
 // Mixture-of-experts layers (Jamba's softmax top-2, Granite's renormalized router with a shared
@@ -570,35 +538,20 @@ TEST(BatchGrad, MoeTrains) {
     c.moe_top_k = 2;
     c.moe_ff = 8;
     cs.set(c);
-    validate(c);
-    ASSERT_EQ(training_unsupported(c), "");
-    auto cpu = make_cpu_backend();
-    HybridModel m(c, *cpu);
-    randomize_params(m.params(), 101);
-    m.prepare();
-    const Params& p = m.params();
-    const TokenBatch b = make_batch(3, 11, c.vocab_size, 102);
-    BatchGrad bg(*cpu, p, DType::F32);
-    bg.set_weights(p.data());
-    std::vector<float> g = zeros(p);
-    const double loss = bg.loss_and_grad(g.data(), b.tokens.data(), b.targets.data(), b.B, b.L);
-    EXPECT_NEAR(loss, test::inference_mean_loss(m, b.tokens, b.targets, b.B, b.L), 2e-6 * loss);
-    Params g2(c);
-    std::fill(g2.data(), g2.data() + g2.numel(), 0.0f);
-    EXPECT_NEAR(loss_and_grad(p, g2, b.tokens.data(), b.targets.data(), b.B, b.L), loss, 1e-6 * loss);
-    EXPECT_LE(worst_tensor_err(p, g2.data(), g.data()).first, 1e-5);
-    EXPECT_THROW_MSG(loss_and_grad_f64(p, g2, b.tokens.data(), b.targets.data(), b.B, b.L), "mixture-of-experts");
+    const auto r = grad_run(c, 101, 102, 3, 11);
+    expect_float_path_agrees(*r);
+    expect_double_refuses(*r, "mixture-of-experts");
     int bias = 0;
-    const int checked = check_directions(p, g, b, 103, [&](const std::string& name) {
+    const int checked = check_directions(r->p(), r->g, r->b, 103, [&](const std::string& name) {
       if (name.find("correction_bias") != std::string::npos) {  // a buffer in transformers: no gradient
         ++bias;
-        const int64_t off = p.get(name) - p.data();
-        for (int64_t q = 0; q < c.moe_experts; ++q) EXPECT_EQ(g[size_t(off + q)], 0.0f);
+        const int64_t off = r->p().get(name) - r->p().data();
+        for (int64_t q = 0; q < c.moe_experts; ++q) EXPECT_EQ(r->g[size_t(off + q)], 0.0f);
         return false;
       }
       return true;
     });
-    EXPECT_EQ(checked + bias, int(p.specs().size()));
+    EXPECT_EQ(checked + bias, int(r->p().specs().size()));
     EXPECT_EQ(bias, c.moe_router == "sigmoid" ? int(c.moe_layers.size()) : 0);
   }
 }
@@ -621,24 +574,10 @@ TEST(BatchGrad, MultipliersTrain) {
       c.moe_renormalize = true;
       c.moe_shared_ff = 6;
     }
-    validate(c);
-    ASSERT_EQ(training_unsupported(c), "");
-    auto cpu = make_cpu_backend();
-    HybridModel m(c, *cpu);
-    randomize_params(m.params(), 106);
-    m.prepare();
-    const Params& p = m.params();
-    const TokenBatch b = make_batch(3, 11, c.vocab_size, 107);
-    BatchGrad bg(*cpu, p, DType::F32);
-    bg.set_weights(p.data());
-    std::vector<float> g = zeros(p);
-    const double loss = bg.loss_and_grad(g.data(), b.tokens.data(), b.targets.data(), b.B, b.L);
-    EXPECT_NEAR(loss, test::inference_mean_loss(m, b.tokens, b.targets, b.B, b.L), 2e-6 * loss);
-    Params g2(c);
-    EXPECT_THROW_MSG(loss_and_grad_f64(p, g2, b.tokens.data(), b.targets.data(), b.B, b.L),
-                     moe ? "mixture-of-experts" : "multipliers");
-    const int checked = check_directions(p, g, b, 108, [](const std::string&) { return true; });
-    EXPECT_EQ(checked, int(p.specs().size()));
+    const auto r = grad_run(c, 106, 107, 3, 11);
+    expect_double_refuses(*r, moe ? "mixture-of-experts" : "multipliers");
+    const int checked = check_directions(r->p(), r->g, r->b, 108, [](const std::string&) { return true; });
+    EXPECT_EQ(checked, int(r->p().specs().size()));
   }
 }
 
@@ -647,23 +586,7 @@ TEST(BatchGrad, MultipliersTrain) {
 TEST(BatchGrad, ExplicitHeadDimTrains) {
   ModelConfig c = test::small_hybrid_config(false);
   c.attn_head_dim = 6;  // d_model 16 over 4 heads would give 4
-  validate(c);
-  ASSERT_EQ(training_unsupported(c), "");
-  auto cpu = make_cpu_backend();
-  HybridModel m(c, *cpu);
-  randomize_params(m.params(), 110);
-  m.prepare();
-  const Params& p = m.params();
-  const TokenBatch b = make_batch(2, 13, c.vocab_size, 111);
-  BatchGrad bg(*cpu, p, DType::F32);
-  bg.set_weights(p.data());
-  std::vector<float> g = zeros(p);
-  const double loss = bg.loss_and_grad(g.data(), b.tokens.data(), b.targets.data(), b.B, b.L);
-  EXPECT_NEAR(loss, test::inference_mean_loss(m, b.tokens, b.targets, b.B, b.L), 2e-6 * loss);
-  Params g2(c);
-  std::fill(g2.data(), g2.data() + g2.numel(), 0.0f);
-  EXPECT_NEAR(loss_and_grad_f64(p, g2, b.tokens.data(), b.targets.data(), b.B, b.L), loss, 1e-5 * loss);
-  EXPECT_LE(worst_tensor_err(p, g2.data(), g.data()).first, 1e-4);
+  expect_double_agrees(*grad_run(c, 110, 111, 2, 13));
 }
 
 // Squared-ReLU MLPs (Nemotron-H: no gate projection), dense and as MoE experts with a shared
@@ -681,27 +604,13 @@ TEST(BatchGrad, Relu2MlpsTrain) {
       c.moe_renormalize = true;
       c.moe_shared_ff = 6;
     }
-    validate(c);
-    ASSERT_EQ(training_unsupported(c), "");
-    auto cpu = make_cpu_backend();
-    HybridModel m(c, *cpu);
-    randomize_params(m.params(), 112);
-    m.prepare();
-    const Params& p = m.params();
-    const TokenBatch b = make_batch(3, 11, c.vocab_size, 113);
-    BatchGrad bg(*cpu, p, DType::F32);
-    bg.set_weights(p.data());
-    std::vector<float> g = zeros(p);
-    const double loss = bg.loss_and_grad(g.data(), b.tokens.data(), b.targets.data(), b.B, b.L);
-    EXPECT_NEAR(loss, test::inference_mean_loss(m, b.tokens, b.targets, b.B, b.L), 2e-6 * loss);
-    Params g2(c);
-    EXPECT_THROW_MSG(loss_and_grad_f64(p, g2, b.tokens.data(), b.targets.data(), b.B, b.L),
-                     moe ? "mixture-of-experts" : "squared-ReLU");
+    const auto r = grad_run(c, 112, 113, 3, 11);
+    expect_double_refuses(*r, moe ? "mixture-of-experts" : "squared-ReLU");
     // Steps of 1e-2: the squared ReLU's curvature jumps at 0, which longer steps cross more often.
-    const int checked = check_directions(p, g, b, 114, [&](const std::string& name) {
+    const int checked = check_directions(r->p(), r->g, r->b, 114, [&](const std::string& name) {
       return name.find("correction_bias") == std::string::npos;
     }, 5e-3, 1e-2);
-    EXPECT_EQ(checked, int(p.specs().size()) - (moe ? 2 : 0));
+    EXPECT_EQ(checked, int(r->p().specs().size()) - (moe ? 2 : 0));
   }
 }
 
@@ -710,23 +619,7 @@ TEST(BatchGrad, Relu2MlpsTrain) {
 TEST(BatchGrad, FfnOnSomeLayersTrains) {
   ModelConfig c = test::small_hybrid_config(true);
   c.ffn_layers = {0, 2};
-  validate(c);
-  ASSERT_EQ(training_unsupported(c), "");
-  auto cpu = make_cpu_backend();
-  HybridModel m(c, *cpu);
-  randomize_params(m.params(), 104);
-  m.prepare();
-  const Params& p = m.params();
-  const TokenBatch b = make_batch(2, 15, c.vocab_size, 105);
-  BatchGrad bg(*cpu, p, DType::F32);
-  bg.set_weights(p.data());
-  std::vector<float> g = zeros(p);
-  const double loss = bg.loss_and_grad(g.data(), b.tokens.data(), b.targets.data(), b.B, b.L);
-  EXPECT_NEAR(loss, test::inference_mean_loss(m, b.tokens, b.targets, b.B, b.L), 2e-6 * loss);
-  Params g2(c);
-  std::fill(g2.data(), g2.data() + g2.numel(), 0.0f);
-  EXPECT_NEAR(loss_and_grad_f64(p, g2, b.tokens.data(), b.targets.data(), b.B, b.L), loss, 1e-5 * loss);
-  EXPECT_LE(worst_tensor_err(p, g2.data(), g.data()).first, 1e-4);
+  expect_double_agrees(*grad_run(c, 104, 105, 2, 15));
 }
 
 TEST(BatchGrad, RefusesWhatItCannotTrain) {
