@@ -1,12 +1,21 @@
-// File helpers of the Hugging Face tests (test_hf.cpp, test_bamba.cpp): fixture folders hold
-// config.json, expected.json and transformers' logits as raw little-endian float32.
+// Helpers of the Hugging Face tests (test_hf*.cpp, test_bamba.cpp, test_falcon_h1.cpp,
+// test_nemotron_h.cpp): fixture folders hold config.json, expected.json and transformers' logits
+// as raw little-endian float32; bad folders must fail to load with a message naming the fault.
 #pragma once
+#include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <initializer_list>
 #include <string>
 #include <vector>
+
+#include "backend/backend.h"
+#include "core/error.h"
+#include "io/hf_model.h"
+#include "runtime/tokenizer.h"
 
 namespace hm::test {
 
@@ -25,6 +34,50 @@ inline std::vector<float> read_f32_file(const std::filesystem::path& p) {
   std::vector<float> v(size_t(std::filesystem::file_size(p)) / sizeof(float));
   f.read(reinterpret_cast<char*>(v.data()), std::streamsize(v.size() * sizeof(float)));
   return v;
+}
+
+// An hm::Error from fn whose message contains every one of `parts`.
+inline void expect_error_naming(const std::function<void()>& fn, std::initializer_list<std::string> parts) {
+  try {
+    fn();
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    for (const std::string& p : parts) EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << e.what();
+  }
+}
+
+// Loading the model folder dir fails, naming every one of `parts`.
+inline void expect_load_error(const std::filesystem::path& dir, std::initializer_list<std::string> parts) {
+  auto be = make_cpu_backend();
+  expect_error_naming([&] { load_any_model(dir.string(), *be); }, parts);
+}
+
+// config.json through the mapping's own reader (Python's Infinity becomes the string "Infinity",
+// which the mapping reads back the same), edited, written back.
+inline void edit_config(const std::filesystem::path& dir, const std::function<void(nlohmann::json&)>& edit) {
+  nlohmann::json j = parse_hf_json_file((dir / "config.json").string());
+  edit(j);
+  write_text(dir / "config.json", j.dump(2));
+}
+
+// with(edit, parts): dir's config.json as it is now, edited, must fail to load naming `parts`.
+inline auto config_refusals(const std::filesystem::path& dir) {
+  const std::string orig = parse_hf_json_file((dir / "config.json").string()).dump(2);
+  return [dir, orig](const std::function<void(nlohmann::json&)>& edit, std::initializer_list<std::string> parts) {
+    write_text(dir / "config.json", orig);
+    edit_config(dir, edit);
+    expect_load_error(dir, parts);
+  };
+}
+
+// with(edit, parts): tokenizer.json `orig`, edited and written to dir, must fail to load naming `parts`.
+inline auto tokenizer_refusals(const std::filesystem::path& dir, const nlohmann::json& orig) {
+  return [dir, orig](const std::function<void(nlohmann::json&)>& edit, std::initializer_list<std::string> parts) {
+    nlohmann::json j = orig;
+    edit(j);
+    write_text(dir / "tokenizer.json", j.dump());
+    expect_error_naming([&] { load_tokenizer(dir.string()); }, parts);
+  };
 }
 
 }  // namespace hm::test

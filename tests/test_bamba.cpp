@@ -28,6 +28,9 @@
 namespace hm {
 namespace {
 
+using test::edit_config;
+using test::expect_load_error;
+
 namespace fs = std::filesystem;
 using nlohmann::json;
 
@@ -93,14 +96,6 @@ fs::path write_bamba_folder(const test::TempDir& tmp, const std::string& extra_f
   return d;
 }
 
-// config.json through the mapping's own reader: Python's Infinity becomes the string "Infinity",
-// which the mapping reads back the same.
-void edit_config(const fs::path& dir, const std::function<void(json&)>& edit) {
-  json j = parse_hf_json_file((dir / "config.json").string());
-  edit(j);
-  write_text(dir / "config.json", j.dump(2));
-}
-
 // A copy of tensor `from` of a safetensors file added under the name `to`.
 void add_tensor_copy(const fs::path& path, const std::string& from, const std::string& to) {
   std::deque<std::vector<unsigned char>> bytes;
@@ -114,17 +109,6 @@ void add_tensor_copy(const fs::path& path, const std::string& from, const std::s
     }
   }
   write_safetensors(path.string(), ts);
-}
-
-// hm::Error whose message contains every one of `parts`.
-void expect_load_error(const fs::path& dir, std::initializer_list<std::string> parts) {
-  auto be = make_cpu_backend();
-  try {
-    load_any_model(dir.string(), *be);
-    ADD_FAILURE() << "loading " << dir << " did not fail";
-  } catch (const Error& e) {
-    for (const std::string& p : parts) EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << e.what();
-  }
 }
 
 }  // namespace
@@ -400,12 +384,7 @@ TEST(HfBamba, RefusesWhatItDoesNotImplement) {
   ModelConfig c;
   std::vector<float> arena;
   const fs::path d = write_bamba_folder(tmp, "", c, arena);
-  const json orig = parse_hf_json_file((d / "config.json").string());
-  auto with = [&](const std::function<void(json&)>& edit, std::initializer_list<std::string> parts) {
-    write_text(d / "config.json", orig.dump());
-    edit_config(d, edit);
-    expect_load_error(d, parts);
-  };
+  const auto with = test::config_refusals(d);
   with([](json& j) { j["model_type"] = "jamba"; }, {"model_type", "bamba"});
   with([](json& j) { j["attention_bias"] = true; }, {"attention_bias"});
   with([](json& j) { j["mlp_bias"] = true; }, {"mlp_bias"});
@@ -863,11 +842,7 @@ TEST(HfGranite, RefusesWhatItDoesNotImplement) {
   std::vector<float> arena;
   const fs::path d = write_granite_folder(tmp, "", c, arena);
   const json orig = parse_hf_json_file((d / "config.json").string());
-  auto with = [&](const std::function<void(json&)>& edit, std::initializer_list<std::string> parts) {
-    write_text(d / "config.json", orig.dump());
-    edit_config(d, edit);
-    expect_load_error(d, parts);
-  };
+  const auto with = test::config_refusals(d);
   with([](json& j) { j["model_type"] = "bamba"; }, {"model_type", "granitemoehybrid"});
   with([](json& j) { j["position_embedding_type"] = "rope"; }, {"position_embedding_type", "rope"});
   with([](json& j) { j["attention_bias"] = true; }, {"attention_bias"});

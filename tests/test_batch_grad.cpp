@@ -50,7 +50,6 @@ using test::worst_tensor_err;
 
 namespace {
 
-
 std::vector<float> zeros(const Params& p) { return std::vector<float>(size_t(p.numel()), 0.0f); }
 
 // The gradient g of every tensor whose name `pick` accepts, along a random unit direction d per

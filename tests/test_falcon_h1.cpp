@@ -26,6 +26,9 @@
 namespace hm {
 namespace {
 
+using test::edit_config;
+using test::expect_load_error;
+
 namespace fs = std::filesystem;
 using nlohmann::json;
 using test::forward_all;
@@ -109,16 +112,6 @@ fs::path write_falcon_folder(const test::TempDir& tmp, const std::function<void(
   write_safetensors((d / "model.safetensors").string(), ts);
   arena.assign(p.data(), p.data() + p.numel());
   return d;
-}
-
-void expect_load_error(const fs::path& dir, std::initializer_list<std::string> parts) {
-  auto be = make_cpu_backend();
-  try {
-    load_any_model(dir.string(), *be);
-    ADD_FAILURE() << "loading " << dir << " did not fail";
-  } catch (const Error& e) {
-    for (const std::string& p : parts) EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << e.what();
-  }
 }
 
 }  // namespace

@@ -25,6 +25,9 @@
 namespace hm {
 namespace {
 
+using test::edit_config;
+using test::expect_load_error;
+
 namespace fs = std::filesystem;
 using nlohmann::json;
 
@@ -69,23 +72,6 @@ void rewrite_safetensors(const fs::path& path, const std::function<void(std::vec
   std::vector<TensorToWrite> w;
   for (const RawTensor& t : ts) w.push_back({t.name, t.dtype, t.shape, t.bytes.data()});
   write_safetensors(path.string(), w);
-}
-
-void edit_config(const fs::path& dir, const std::function<void(json&)>& edit) {
-  json j = read_json(dir / "config.json");
-  edit(j);
-  write_text(dir / "config.json", j.dump(2));
-}
-
-// hm::Error whose message contains every one of `parts`.
-void expect_load_error(const fs::path& dir, std::initializer_list<std::string> parts) {
-  auto be = make_cpu_backend();
-  try {
-    load_any_model(dir.string(), *be);
-    ADD_FAILURE() << "loading " << dir << " did not fail";
-  } catch (const Error& e) {
-    for (const std::string& p : parts) EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << e.what();
-  }
 }
 
 // A fixture folder of make_fixtures.py against our model m loaded from it: transformers' logits
@@ -264,12 +250,7 @@ TEST(HfModel, ConvertWritesOurCheckpoint) {
 TEST(HfModel, RefusesWhatItDoesNotImplement) {
   test::TempDir tmp("hf_refuse");
   const fs::path d = copy_fixture(tmp, "mamba_f32");
-  const json orig = read_json(d / "config.json");
-  auto with = [&](const std::function<void(json&)>& edit, std::initializer_list<std::string> parts) {
-    write_text(d / "config.json", orig.dump());
-    edit_config(d, edit);
-    expect_load_error(d, parts);
-  };
+  const auto with = test::config_refusals(d);
   with([](json& j) { j["architectures"] = {"LlamaForCausalLM"}; }, {"architectures", "LlamaForCausalLM"});
   with([](json& j) { j["architectures"] = {"FalconMambaForCausalLM"}; }, {"model_type", "falcon_mamba"});
   with([](json& j) { j["architectures"] = {"FalconMambaForCausalLM"}; j["model_type"] = "falcon_mamba";
@@ -660,17 +641,7 @@ TEST(HfTokenizer, SaveWritesTheFileAsRead) {
 TEST(HfTokenizer, RefusesWhatItDoesNotImplement) {
   test::TempDir tmp("hf_tok_bad");
   const json orig = read_json(kFixtures / "mamba_f32" / "tokenizer.json");
-  auto with = [&](const std::function<void(json&)>& edit, std::initializer_list<std::string> parts) {
-    json j = orig;
-    edit(j);
-    write_text(tmp.path / "tokenizer.json", j.dump());
-    try {
-      load_tokenizer(tmp.str());
-      ADD_FAILURE() << "no error";
-    } catch (const Error& e) {
-      for (const std::string& p : parts) EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << e.what();
-    }
-  };
+  const auto with = test::tokenizer_refusals(tmp.path, orig);
   with([](json& j) { j["normalizer"] = {{"type", "NFKC"}}; }, {"normalizer", "NFKC"});
   with([](json& j) { j["pre_tokenizer"] = {{"type", "BertPreTokenizer"}}; }, {"pre_tokenizer", "BertPreTokenizer"});
   with([](json& j) { j["decoder"] = nullptr; }, {"decoder"});
@@ -782,12 +753,7 @@ TEST(HfMamba2, RefusesWhatItDoesNotImplement) {
   ModelConfig c;
   std::vector<float> arena;
   const fs::path d = write_mamba2_folder(tmp, "", c, arena);
-  const json orig = read_json(d / "config.json");
-  auto with = [&](const std::function<void(json&)>& edit, std::initializer_list<std::string> parts) {
-    write_text(d / "config.json", orig.dump());
-    edit_config(d, edit);
-    expect_load_error(d, parts);
-  };
+  const auto with = test::config_refusals(d);
   with([](json& j) { j["use_bias"] = true; }, {"use_bias"});
   with([](json& j) { j["rms_norm"] = false; }, {"rms_norm"});
   with([](json& j) { j["norm_before_gate"] = true; }, {"norm_before_gate"});
@@ -1210,11 +1176,7 @@ TEST(HfJamba, RefusesWhatItDoesNotImplement) {
   std::vector<float> arena;
   const fs::path d = write_jamba_folder(tmp, "", c, arena);
   const json orig = read_json(d / "config.json");
-  auto with = [&](const std::function<void(json&)>& edit, std::initializer_list<std::string> parts) {
-    write_text(d / "config.json", orig.dump());
-    edit_config(d, edit);
-    expect_load_error(d, parts);
-  };
+  const auto with = test::config_refusals(d);
   with([](json& j) { j["model_type"] = "mamba"; }, {"model_type", "jamba"});
   with([](json& j) { j["sliding_window"] = 4096; }, {"sliding_window", "4096"});
   with([](json& j) { j["hidden_act"] = "gelu"; }, {"hidden_act", "gelu"});

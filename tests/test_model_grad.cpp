@@ -46,7 +46,6 @@ namespace {
 
 using LD = long double;
 
-
 using test::randomize_params;
 
 using test::TokenBatch;

@@ -24,6 +24,9 @@
 namespace hm {
 namespace {
 
+using test::edit_config;
+using test::expect_load_error;
+
 namespace fs = std::filesystem;
 using nlohmann::json;
 using test::forward_all;
@@ -85,23 +88,6 @@ fs::path write_nemotron_folder(const test::TempDir& tmp, const std::string& extr
   arena.assign(p.data(), p.data() + p.numel());
   return d;
 }
-
-void edit_config(const fs::path& dir, const std::function<void(json&)>& edit) {
-  json j = parse_hf_json_file((dir / "config.json").string());
-  edit(j);
-  write_text(dir / "config.json", j.dump(2));
-}
-
-void expect_load_error(const fs::path& dir, std::initializer_list<std::string> parts) {
-  auto be = make_cpu_backend();
-  try {
-    load_any_model(dir.string(), *be);
-    ADD_FAILURE() << "loading " << dir << " did not fail";
-  } catch (const Error& e) {
-    for (const std::string& p : parts) EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << e.what();
-  }
-}
-
 
 // transformers' name of one of our tensors in a folder whose layer i is made of blocks mix[i] (its
 // mixer) and ff[i] (its "-" or "E" block), written from modeling_nemotron_h.py's module tree
