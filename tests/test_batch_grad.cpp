@@ -795,3 +795,37 @@ TEST(BatchGrad, ScaleColsBackward) {
                      "scale_cols_backward");
   }
 }
+
+// row_dots (an MoE gate's gradient) on the host backends against a double loop, with indices
+// (repeated, out of order) and without, over column views; a bad index and mismatched widths refused.
+TEST(BatchGrad, RowDots) {
+  const int rows = 29, d = 17, na = 11, lda = 20, ldb = 19;
+  Rng rng(43);
+  std::vector<float> a(size_t(na) * lda), b(size_t(rows) * ldb);
+  for (float& e : a) e = float(rng.normal());
+  for (float& e : b) e = float(rng.normal());
+  std::vector<int32_t> idx(static_cast<size_t>(rows));
+  for (auto& i : idx) i = int32_t(rng.next_u64() % uint64_t(na));
+  const Tensor A = Tensor(a.data(), DType::F32, na, lda, lda).cols_view(2, d);
+  const Tensor Bt = Tensor(b.data(), DType::F32, rows, ldb, ldb).cols_view(1, d);
+  for (auto make : {make_cpu_backend, make_ref_backend}) {
+    auto be = make();
+    for (const bool indexed : {true, false}) {
+      const int n = indexed ? rows : na;  // without indices row r of a meets row r of b
+      std::vector<float> out(size_t(n), NAN);
+      be->row_dots(Tensor::vec(out.data(), DType::F32, n), A, indexed ? idx.data() : nullptr, Bt.rows_view(0, n));
+      for (int r = 0; r < n; ++r) {
+        const int ar = indexed ? idx[size_t(r)] : r;
+        double want = 0;
+        for (int q = 0; q < d; ++q) want += double(a[size_t(ar) * lda + 2 + q]) * b[size_t(r) * ldb + 1 + q];
+        EXPECT_NEAR(out[size_t(r)], want, 1e-6 * (1 + std::fabs(want))) << be->name() << " row " << r;
+      }
+    }
+    std::vector<float> out(static_cast<size_t>(rows));
+    std::vector<int32_t> bad = idx;
+    bad[3] = na;
+    EXPECT_THROW_MSG(be->row_dots(Tensor::vec(out.data(), DType::F32, rows), A, bad.data(), Bt), "index 11 of row 3");
+    EXPECT_THROW_MSG(be->row_dots(Tensor::vec(out.data(), DType::F32, rows), A.cols_view(0, d - 1), idx.data(), Bt),
+                     "row_dots");
+  }
+}

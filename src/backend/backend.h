@@ -187,6 +187,9 @@ class Backend {
   // The backward of add_rows(dst, -, src, -, src.rows, nullptr, scale): dsrc = ddst * scale
   // (per column, assigned), dscale += the sum over rows of ddst * src (a bridge's gate).
   virtual void scale_cols_backward(Tensor dsrc, Tensor dscale, Tensor ddst, Tensor src, Tensor scale);
+  // out[r] = a[a_idx ? a_idx[r] : r] . b[r] for each of b's rows (out float32 [1, b.rows]; a_idx
+  // in backend memory): an MoE gate's gradient, dout of the token . its expert's output.
+  virtual void row_dots(Tensor out, Tensor a, const int32_t* a_idx, Tensor b);
   // dst = src in dst's type (same shape; round to nearest even): the compute copy of float32
   // master weights in mixed-precision training.
   virtual void convert(Tensor dst, Tensor src);

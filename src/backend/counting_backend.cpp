@@ -14,7 +14,7 @@ const char* op_kind_name(OpKind k) {
                                 "rope_backward", "embedding_backward", "cross_entropy_head",
                                 "scale_cols_backward", "convert", "sum_squares", "adamw_step", "copy",
                                 "ssd_scan_train", "ssd_scan_backward", "gated_rmsnorm_backward",
-                                "relu2_backward"};
+                                "relu2_backward", "row_dots"};
   static_assert(sizeof(names) / sizeof(names[0]) == size_t(OpKind::kCount));
   return names[size_t(k)];
 }
@@ -205,6 +205,9 @@ double CountingBackend::cross_entropy_head(Tensor dhn, Tensor dW, Tensor hn, Ten
 
 void CountingBackend::scale_cols_backward(Tensor dsrc, Tensor dscale, Tensor ddst, Tensor src, Tensor scale) {
   run(OpKind::ScaleColsBackward, dscale.data, src.rows, 0, [&] { in_.scale_cols_backward(dsrc, dscale, ddst, src, scale); });
+}
+void CountingBackend::row_dots(Tensor out, Tensor a, const int32_t* a_idx, Tensor b) {
+  run(OpKind::RowDots, out.data, b.rows, 2.0 * b.rows * b.cols, [&] { in_.row_dots(out, a, a_idx, b); });
 }
 void CountingBackend::convert(Tensor dst, Tensor src) {
   run(OpKind::Convert, dst.data, src.rows, 0, [&] { in_.convert(dst, src); });

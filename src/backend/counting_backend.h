@@ -18,7 +18,7 @@ enum class OpKind : uint8_t {
   LinearBackward, RmsnormBackward, SwigluBackward, ConvTrain, ConvBackward, ScanTrain, ScanBackward,
   AttentionTrain, AttentionBackward, RopeBackward, EmbeddingBackward, CrossEntropyHead,
   ScaleColsBackward, Convert, SumSquares, AdamwStep, Copy, SsdScanTrain, SsdScanBackward, GatedNormBackward,
-  Relu2Backward,
+  Relu2Backward, RowDots,
   kCount
 };
 const char* op_kind_name(OpKind k);
@@ -143,6 +143,7 @@ class CountingBackend final : public Backend {
   double cross_entropy_head(Tensor dhn, Tensor dW, Tensor hn, Tensor W, const int32_t* targets,
                             double scale) override;
   void scale_cols_backward(Tensor dsrc, Tensor dscale, Tensor ddst, Tensor src, Tensor scale) override;
+  void row_dots(Tensor out, Tensor a, const int32_t* a_idx, Tensor b) override;
   void convert(Tensor dst, Tensor src) override;
   double sum_squares(const float* x, const std::vector<ArenaSpan>& spans) override;
   void adamw_step(float* p, const float* g, float* m, float* v, const std::vector<ArenaSpan>& spans,

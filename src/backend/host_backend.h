@@ -560,6 +560,17 @@ class HostBackend : public Backend {
     float* ds = dscale.f32();
     for (int j = 0; j < d; ++j) ds[j] += float(acc[size_t(j)]);
   }
+  void row_dots(Tensor out, Tensor a, const int32_t* a_idx, Tensor b) override {
+    train_check::row_dots(name(), out, a, b);
+    for (int r = 0; r < b.rows; ++r) {
+      const int ar = a_idx ? a_idx[r] : r;
+      HM_CHECK(ar >= 0 && ar < a.rows, name(), " row_dots: index ", ar, " of row ", r, " outside a's ", a.rows, " rows");
+      const float *x = row(a, ar), *y = row(b, r);
+      double acc = 0;
+      for (int q = 0; q < b.cols; ++q) acc += double(x[q]) * double(y[q]);
+      out.f32()[r] = float(acc);
+    }
+  }
   void convert(Tensor dst, Tensor src) override {
     train_check::convert(name(), dst, src);
     HM_CHECK(dst.dtype == DType::F32 && src.dtype == DType::F32, name(), " convert: float32 only on this backend");

@@ -118,6 +118,13 @@ void scale_cols_backward(const std::string& be, Tensor dsrc, Tensor dscale, Tens
            dims(src), ", scale ", dims(scale), " do not fit dst += src * scale");
 }
 
+void row_dots(const std::string& be, Tensor out, Tensor a, Tensor b) {
+  HM_CHECK(a.cols == b.cols && a.dtype == b.dtype && out.dtype == DType::F32 && out.rows == 1 && out.cols == b.rows,
+           be, " row_dots: out ", dims(out), " ", compute_dtype_name(out.dtype), ", a ", dims(a), " ",
+           compute_dtype_name(a.dtype), ", b ", dims(b), " ", compute_dtype_name(b.dtype),
+           " do not fit out[r] = a[idx[r]] . b[r] (out float32 [1, b.rows]; a and b one type and width)");
+}
+
 void convert(const std::string& be, Tensor dst, Tensor src) {
   HM_CHECK(dst.rows == src.rows && dst.cols == src.cols && !is_packed(dst.dtype) && !is_packed(src.dtype), be,
            " convert: dst ", dims(dst), " ", compute_dtype_name(dst.dtype), " and src ", dims(src), " ",
@@ -184,6 +191,7 @@ double Backend::cross_entropy_head(Tensor, Tensor, Tensor, Tensor, const int32_t
   missing(*this, "cross_entropy_head");
 }
 void Backend::scale_cols_backward(Tensor, Tensor, Tensor, Tensor, Tensor) { missing(*this, "scale_cols_backward"); }
+void Backend::row_dots(Tensor, Tensor, const int32_t*, Tensor) { missing(*this, "row_dots"); }
 void Backend::convert(Tensor, Tensor) { missing(*this, "convert"); }
 double Backend::sum_squares(const float*, const std::vector<ArenaSpan>&) { missing(*this, "sum_squares"); }
 void Backend::adamw_step(float*, const float*, float*, float*, const std::vector<ArenaSpan>&, const AdamWStep&) {

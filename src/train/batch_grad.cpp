@@ -143,6 +143,7 @@ struct BatchGrad::Impl {
   std::vector<std::unique_ptr<TrueState>> tstate;  // [n_layers]: true layers' routing
   std::vector<std::unique_ptr<MoeState>> mstate;   // [n_layers]: MoE layers' routing
   Buffer dye, dxe;                                 // MoE backward: one expert's output and input gradients
+  Buffer moe_dots;                                 // MoE backward: the gates' gradients (row_dots)
   bool freeze = false;                             // freeze_routing
   std::vector<int64_t> seq_count;  // counted targets per sequence (the budget loss's weights)
   double budget_scale = 0;         // grad_scale / total: a sequence's budget weight is cnt_b times it
@@ -724,21 +725,19 @@ struct BatchGrad::Impl {
     }
   }
   // dm (assigned) from dout: the shared expert's and every expert's backward, and the router's:
-  // each gate's gradient dout . y_e on the host, carried to the logits by moe_route_backward.
+  // each gate's gradient dout . y_e on the device (n k floats come back, not the rows), carried
+  // to the logits by moe_route_backward on the host.
   void moe_backward(int i, Tensor dm, Tensor dout, const LayerActs& s, const LayerOffsets& o) {
     const ModelConfig& mc = c();
     const int D = mc.d_model, X = mc.moe_experts, k = mc.moe_top_k, S = mc.moe_shared_ff;
     const MoeState& M = *mstate[size_t(i)];
-    const std::vector<float> dout_h = download(dout), ye = download(s.ye.rows_view(0, int(M.idx.size())));
+    const int rows = int(M.idx.size());
+    const Tensor dots = act(be, moe_dots, DType::F32, 1, rows);  // per row of idx: dout[token] . y_e
+    be.row_dots(dots, dout, static_cast<const int32_t*>(M.d_idx.data()), s.ye.rows_view(0, rows));
+    std::vector<float> dots_h(static_cast<size_t>(rows));
+    be.to_host(dots_h.data(), dots.data, sizeof(float) * dots_h.size());
     std::vector<double> dgate(size_t(n) * k), dl(size_t(n) * X);
-    for (int t = 0; t < n; ++t)
-      for (int j = 0; j < k; ++j) {
-        const float* y = ye.data() + size_t(M.slot[size_t(t) * k + j]) * D;
-        const float* d = dout_h.data() + size_t(t) * D;
-        double acc = 0;
-        for (int q = 0; q < D; ++q) acc += double(d[q]) * y[q];
-        dgate[size_t(t) * k + j] = acc;
-      }
+    for (size_t q = 0; q < dgate.size(); ++q) dgate[q] = dots_h[size_t(M.slot[q])];
     moe_route_backward(mc, M.rt, dgate.data(), dl.data());
     if (S > 0)
       ffn_backward(dm, false, dout, s.m, s.sg, s.sup, s.sa, wg(o.s_gate, S, D), w(o.s_up, S, D), w(o.s_down, D, S),

@@ -696,6 +696,9 @@ void train(const TrainConfig& given) {
   HM_CHECK(c.device != Device::CUDA || mc.mlp_act == "swiglu", "the model has squared-ReLU MLPs, which train on "
            "the CPU only so far (--device cpu): their CUDA kernel (relu2_backward) is written but not yet verified "
            "on a GPU");
+  HM_CHECK(c.device != Device::CUDA || mc.moe_layers.empty(), "the model has mixture-of-experts layers, which "
+           "train on the CPU only so far (--device cpu): their CUDA kernel (row_dots, the gates' gradients) is "
+           "written but not yet verified on a GPU");
   HM_CHECK(!on_device || c.scan_chunk == 0, "--scan-chunk applies to the CPU's scan; on CUDA the scan keeps one "
            "state per 64-token chunk and recomputes the rest");
   if (!on_device) {  // Everything the run allocates, before it does (--max-memory, MemAvailable).

@@ -264,6 +264,25 @@ TEST_P(CudaGradOps, Relu2Backward) {
   }
 }
 
+// An MoE gate's gradient: out[r] = a[idx[r]] . b[r] in float, over column views, with indices
+// (repeated, out of order) and without; several blocks of warps; one column and a long row.
+TEST_P(CudaGradOps, RowDots) {
+  setenv("HM_CUDA_TRAIN_UNVERIFIED", "1", 1);  // the backend's gate until this passes on a GPU
+  hm::Rng rng(105);
+  for (auto [rows, d, na, indexed] : {std::tuple{7, 333, 5, true}, std::tuple{70, 1, 70, false},
+                                      std::tuple{1, 1025, 3, true}, std::tuple{33, 64, 40, true}}) {
+    Both a(gpu(), T(), na, d + 3, normal(rng)), b(gpu(), T(), rows, d + 2, normal(rng));
+    Both out = Both::out(gpu(), DType::F32, 1, rows + 2);
+    std::vector<int32_t> idx(static_cast<size_t>(rows));
+    for (auto& i : idx) i = int32_t(rng.next_u64() % uint64_t(na));
+    const Ints didx(gpu(), idx);
+    gpu().row_dots(out.dev(1, rows), a.dev(1, d), indexed ? didx.p() : nullptr, b.dev(2, d));
+    cpu().row_dots(out.cpu(1, rows), a.cpu(1, d), indexed ? idx.data() : nullptr, b.cpu(2, d));
+    // Products of stored values are exact in float; only the order of the sum differs.
+    EXPECT_TRUE(matches("rows " + std::to_string(rows) + " d " + std::to_string(d), gpu(), out, 1, rows, kFloatTol));
+  }
+}
+
 // Against the CPU's rope_backward at positions up to 9000, and as the transpose of the device's
 // own rope: rope then rope_backward gives x back.
 TEST_P(CudaGradOps, RopeBackward) {

@@ -839,13 +839,15 @@ class CudaBackendImpl final : public CudaBackend {
     check_train_verified(op);
   }
   // Training kernels written while no GPU was lent (Mamba-2's in stop 28, relu2_backward in stop
-  // 29): until their tests (CudaGradOps.SsdScanTrainAndBackward, .GatedRmsnormBackward,
-  // .Relu2Backward, CudaTrain.BatchGradMatchesCpu) have passed on a device they run only where
+  // 29, row_dots in stop 30): until their tests (CudaGradOps.SsdScanTrainAndBackward,
+  // .GatedRmsnormBackward, .Relu2Backward, .RowDots, CudaTrain.BatchGradMatchesCpu) have passed on
+  // a device they run only where
   // HM_CUDA_TRAIN_UNVERIFIED=1 (the tests set it), so no command gives numbers from them.
   static void check_train_verified(const char* op) {
     const char* v = std::getenv("HM_CUDA_TRAIN_UNVERIFIED");
     HM_CHECK(v && std::string(v) == "1", "cuda ", op, ": this training op is written but not yet verified on a GPU "
-             "(Mamba-2 layers, squared-ReLU MLPs); train such models on the CPU (--device cpu)");
+             "(Mamba-2 layers, squared-ReLU MLPs, mixture-of-experts layers); train such models on the CPU "
+             "(--device cpu)");
   }
 
   void ssd_scan_train(Tensor y, Tensor x, Tensor dt, Tensor dt_bias, Tensor A_log, Tensor B, Tensor C, Tensor Dskip,
@@ -1257,6 +1259,21 @@ class CudaBackendImpl final : public CudaBackend {
         cuda::scale_cols_backward<T, G>(ptr<T>(dsrc), int(dsrc.ld), ptr<G>(dscale), ptr<T>(ddst), int(ddst.ld),
                                         ptr<T>(src), int(src.ld), ptr<T>(scale), n, d, ws, stream_);
       });
+    });
+  }
+
+  // a_idx is not range-checked here (it lives on the device), as add_rows' indices.
+  void row_dots(Tensor out, Tensor a, const int32_t* a_idx, Tensor b) override {
+    const char* op = "row_dots";
+    train_check::row_dots(name(), out, a, b);
+    check_train_verified(op);
+    check_view(op, "a", a, a.rows, a.cols);
+    check_view(op, "b", b, b.rows, b.cols);
+    check_vec(op, "out", out, b.rows);
+    HM_CHECK(a_idx || b.rows <= a.rows, "cuda row_dots: ", b.rows, " rows of b against a of ", a.rows, " without indices");
+    dispatch(a.dtype, [&](auto tag) {
+      using T = elem_t<decltype(tag)>;
+      cuda::row_dots<T>(out.f32(), ptr<T>(a), int(a.ld), a_idx, ptr<T>(b), int(b.ld), b.rows, b.cols, stream_);
     });
   }
 

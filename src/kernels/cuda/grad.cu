@@ -179,6 +179,20 @@ __global__ void relu2_backward_kernel(T* dx, int lddx, const T* dout, int ldo, c
   dx[i * lddx + j] = from_f<T>(xv > 0.0f ? 2.0f * xv * d : 0.0f);
 }
 
+// One warp per row: lanes stride the columns, then a butterfly sum.
+template <class T>
+__global__ void row_dots_kernel(float* out, const T* __restrict__ a, int lda, const int32_t* __restrict__ a_idx,
+                                const T* __restrict__ b, int ldb, int rows, int d) {
+  const int r = int(blockIdx.x) * (kThreads / 32) + int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
+  if (r >= rows) return;
+  const T* x = a + int64_t(a_idx ? a_idx[r] : r) * lda;
+  const T* y = b + int64_t(r) * ldb;
+  float acc = 0.0f;
+  for (int q = lane; q < d; q += 32) acc += to_f(x[q]) * to_f(y[q]);
+  for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  if (lane == 0) out[r] = acc;
+}
+
 // As elementwise.cu's rope_kernel (same angle, formed in double), rotating by -angle:
 // (a, b) -> (a cos + b sin, b cos - a sin).
 template <class T>
@@ -316,6 +330,14 @@ void relu2_backward(T* dx, int lddx, const T* dout, int ldo, const T* x, int ldx
   HM_CUDA_LAUNCHED("relu2_backward");
 }
 
+template <class T>
+void row_dots(float* out, const T* a, int lda, const int32_t* a_idx, const T* b, int ldb, int rows, int d,
+              cudaStream_t stream) {
+  if (rows <= 0) return;
+  row_dots_kernel<T><<<ceil_div(rows, kThreads / 32), kThreads, 0, stream>>>(out, a, lda, a_idx, b, ldb, rows, d);
+  HM_CUDA_LAUNCHED("row_dots");
+}
+
 #define HM_INST_G(T, G)                                                                                        \
   template void rmsnorm_backward<T, G>(T*, int, G*, const T*, int, const T*, int, const T*, int, int, float, bool, \
                                        void*, cudaStream_t);                                                   \
@@ -326,6 +348,7 @@ void relu2_backward(T* dx, int lddx, const T* dout, int ldo, const T* x, int ldx
   template void swiglu_backward<T>(T*, int, T*, int, const T*, int, const T*, int, const T*, int, int, int,       \
                                    cudaStream_t);                                                               \
   template void relu2_backward<T>(T*, int, const T*, int, const T*, int, int, int, cudaStream_t);              \
+  template void row_dots<T>(float*, const T*, int, const int32_t*, const T*, int, int, int, cudaStream_t);      \
   template void rope_backward<T>(T*, int, int, int, const RaggedBatch&, float, cudaStream_t);                  \
   template void cross_entropy_rows<T>(T*, const float*, const int32_t*, float*, int, int, float, cudaStream_t);
 HM_CUDA_FOR_TYPES(HM_INST)

@@ -112,6 +112,11 @@ void scale_cols_backward(T* dsrc, int ldds, G* dscale, const T* ddst, int lddd, 
                          const T* scale, int n, int d, void* workspace, cudaStream_t stream);
 size_t scale_cols_backward_workspace_bytes(int n, int d);
 
+// out[r] = a[a_idx ? a_idx[r] : r] . b[r] in float (rows of d, own strides): an MoE gate's gradient.
+template <class T>
+void row_dots(float* out, const T* a, int lda, const int32_t* a_idx, const T* b, int ldb, int rows, int d,
+              cudaStream_t stream);
+
 // dst = src converted (round to nearest even), rows x cols, each its own row stride.
 template <class TD, class TS>
 void convert(TD* dst, int64_t ldd, const TS* src, int64_t lds, int rows, int cols, cudaStream_t stream);
