@@ -17,6 +17,7 @@
 
 #include "backend/backend.h"
 #include "core/error.h"
+#include "core/format.h"
 #include "core/interrupt.h"
 #include "core/threads.h"
 #include "eval/tasks.h"
@@ -42,16 +43,6 @@ std::string fmt_lr(float lr) {
   char b[32];
   std::snprintf(b, sizeof b, "%.3g", double(lr));
   return b;
-}
-
-std::string fmt_duration(double s) {
-  if (!std::isfinite(s) || s < 0) return "?";
-  const long long t = static_cast<long long>(s + 0.5);
-  char buf[32];
-  if (t >= 3600) std::snprintf(buf, sizeof buf, "%lldh%02lldm", t / 3600, (t / 60) % 60);
-  else if (t >= 60) std::snprintf(buf, sizeof buf, "%lldm%02llds", t / 60, t % 60);
-  else std::snprintf(buf, sizeof buf, "%llds", t);
-  return buf;
 }
 
 json run_json(const CompareRun& r) {

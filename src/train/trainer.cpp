@@ -22,6 +22,7 @@
 
 #include "backend/backend.h"
 #include "core/error.h"
+#include "core/format.h"
 #include "core/interrupt.h"
 #include "core/rng.h"
 #include "core/threads.h"
@@ -63,16 +64,6 @@ std::string fmt_num(double v) {
   if (std::isnan(v)) return "NaN";
   if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
   return detail::cat(v);
-}
-
-std::string fmt_duration(double s) {
-  if (!std::isfinite(s) || s < 0) return "?";
-  const long long t = static_cast<long long>(s + 0.5);
-  char buf[32];
-  if (t >= 3600) std::snprintf(buf, sizeof buf, "%lldh%02lldm", t / 3600, (t / 60) % 60);
-  else if (t >= 60) std::snprintf(buf, sizeof buf, "%lldm%02llds", t / 60, t % 60);
-  else std::snprintf(buf, sizeof buf, "%llds", t);
-  return buf;
 }
 
 // ---- data ----
