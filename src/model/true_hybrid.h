@@ -63,21 +63,30 @@ void router_forward(T* r, T* feats, T* ema, T& chunk_logit, const T* u, int L, i
   }
 }
 
-// Gradient of router_forward from dr [L] (dL/dr_t): adds into the router's weight gradients and
-// into du [L, D]. pos0 == 0 only (training runs whole sequences), so every chunk start is inside.
+// The gradient ds [L] of each token's own logit s_t from dr [L] (dL/dr_t): with chunk routing
+// every token of a chunk uses the logit of its first token, where their dr add up.
+template <class T>
+void router_logit_grad(T* ds, const T* dr, int L, bool chunked, int C) {
+  for (int t = 0; t < L; ++t) ds[t] = T(0);
+  for (int t = 0; t < L; ++t) ds[chunked ? t / C * C : t] += dr[t];
+}
+
+// Gradient of router_forward from dr [L] (dL/dr_t): adds into the router's weight gradients and,
+// unless du is null (a caller adding ds_t w on a device), into du [L, D]. pos0 == 0 only
+// (training runs whole sequences), so every chunk start is inside.
 template <class T>
 void router_backward(T* du, T* dw, T* dfw, T* db, const T* dr, const T* feats, const T* u,
                      const T* w, int L, int D, bool chunked, int C) {
-  std::vector<T> ds(static_cast<size_t>(L), T(0));
-  for (int t = 0; t < L; ++t) ds[size_t(chunked ? t / C * C : t)] += dr[t];
+  std::vector<T> ds(static_cast<size_t>(L));
+  router_logit_grad(ds.data(), dr, L, chunked, C);
   for (int t = 0; t < L; ++t) {
     const T g = ds[size_t(t)];
     if (g == T(0)) continue;
     const T* ut = u + int64_t(t) * D;
-    T* dut = du + int64_t(t) * D;
-    for (int j = 0; j < D; ++j) {
-      dw[j] += g * ut[j];
-      dut[j] += g * w[j];
+    for (int j = 0; j < D; ++j) dw[j] += g * ut[j];
+    if (du) {
+      T* dut = du + int64_t(t) * D;
+      for (int j = 0; j < D; ++j) dut[j] += g * w[j];
     }
     for (int k = 0; k < kRouterFeatures; ++k) dfw[k] += g * feats[int64_t(t) * kRouterFeatures + k];
     db[0] += g;

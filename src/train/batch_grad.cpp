@@ -4,6 +4,7 @@
 #include <array>
 #include <map>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <string>
@@ -143,7 +144,8 @@ struct BatchGrad::Impl {
   std::vector<std::unique_ptr<TrueState>> tstate;  // [n_layers]: true layers' routing
   std::vector<std::unique_ptr<MoeState>> mstate;   // [n_layers]: MoE layers' routing
   Buffer dye, dxe;                                 // MoE backward: one expert's output and input gradients
-  Buffer moe_dots;                                 // MoE backward: the gates' gradients (row_dots)
+  Buffer row_dot_out;                              // row_dots' output: MoE gates', true layers' dL/dp
+  Buffer ex_a, ex_b, ex_c, router_aux;             // true layers' backward: gathered rows, [zeros | ds]
   bool freeze = false;                             // freeze_routing
   std::vector<int64_t> seq_count;  // counted targets per sequence (the budget loss's weights)
   double budget_scale = 0;         // grad_scale / total: a sequence's budget weight is cnt_b times it
@@ -732,7 +734,7 @@ struct BatchGrad::Impl {
     const int D = mc.d_model, X = mc.moe_experts, k = mc.moe_top_k, S = mc.moe_shared_ff;
     const MoeState& M = *mstate[size_t(i)];
     const int rows = int(M.idx.size());
-    const Tensor dots = act(be, moe_dots, DType::F32, 1, rows);  // per row of idx: dout[token] . y_e
+    const Tensor dots = act(be, row_dot_out, DType::F32, 1, rows);  // per row of idx: dout[token] . y_e
     be.row_dots(dots, dout, static_cast<const int32_t*>(M.d_idx.data()), s.ye.rows_view(0, rows));
     std::vector<float> dots_h(static_cast<size_t>(rows));
     be.to_host(dots_h.data(), dots.data, sizeof(float) * dots_h.size());
@@ -893,9 +895,9 @@ struct BatchGrad::Impl {
     if (na > 0) be.add_rows(out, T.d_a(), ya, nullptr, na, T.d_ga(), w(o.fuse_attn, 1, D));
   }
 
-  // Its gradient (model_grad.cpp's true_mixer_backward): du [n, D] assigned from dout. The gates'
-  // and exchange's dot products, the router and the budget loss on the host; the paths' backward
-  // passes and the row scatters as backend ops.
+  // Its gradient (model_grad.cpp's true_mixer_backward): du [n, D] assigned from dout, all of it
+  // as ops but the router's own parameters: n floats (dL/dp) go to the host and n come back (the
+  // logits' gradients), never a [n, D] matrix.
   void true_backward(int i, Tensor du, Tensor dout, const LayerActs& s, const LayerOffsets& o) {
     const ModelConfig& mc = c();
     const int D = mc.d_model, C = mc.routing_chunk, B = rg.nseq();
@@ -903,53 +905,35 @@ struct BatchGrad::Impl {
     const th::Mode mode = th::mode_from_config(mc);
     TrueState& T = *tstate[size_t(i)];
     const int nm = T.nm, na = T.na, nex = int(T.ex_dst.size());
-    const std::vector<float> go = download(dout), ymh = download(s.ym.rows_view(0, nm)),
-                             yah = download(s.ya.rows_view(0, na));
-    const std::vector<float> fm = param(o.fuse_mamba, D), fa = param(o.fuse_attn, D), ex = param(o.exchange, D);
-    std::vector<double> dfm(size_t(D), 0.0), dfa(size_t(D), 0.0), dex(size_t(D), 0.0), dprob(size_t(n), 0.0);
-    auto gate_dots = [&](const std::vector<int32_t>& rows, const std::vector<float>& gates, const std::vector<float>& y,
-                         const std::vector<float>& f, std::vector<double>& df, double sign) {
-      for (size_t j = 0; j < rows.size(); ++j) {
-        const float* yj = y.data() + j * size_t(D);
-        const float* gj = go.data() + size_t(rows[j]) * size_t(D);
-        double dgate = 0;
-        for (int d = 0; d < D; ++d) {
-          df[size_t(d)] += double(gates[j]) * yj[d] * gj[d];
-          dgate += double(f[size_t(d)]) * yj[d] * gj[d];
-        }
-        dprob[size_t(rows[j])] += sign * dgate;
-      }
-    };
-    gate_dots(T.m_rows, T.gm, ymh, fm, dfm, -1.0);  // gm = 1 - p
-    gate_dots(T.a_rows, T.ga, yah, fa, dfa, 1.0);   // ga = p
-    // The paths' output gradients: dy = gate * fuse ⊙ dout at their tokens.
+    const Tensor ym = s.ym.rows_view(0, nm), ya = s.ya.rows_view(0, na);
+    // dL/dp_t, p the router's attention probability: gm = 1 - p, ga = p (constant in both mode).
+    std::vector<double> dprob(size_t(n), 0.0);
+    if (mode != th::Mode::Both) {
+      gate_dots(dprob, dout, ym, T.d_m(), T.m_rows, o.fuse_mamba, -1.0);
+      gate_dots(dprob, dout, ya, T.d_a(), T.a_rows, o.fuse_attn, 1.0);
+    }
+    // The paths' output gradients dy = gate * fuse ⊙ dout at their tokens; the fuse vectors'
+    // gradients sum gate * dout ⊙ y over the path's rows.
     const Tensor dYm = act(be, dym, ct, n, D).rows_view(0, nm), dYa = act(be, dya, ct, n, D).rows_view(0, na);
-    if (nm > 0) {
-      be.memzero(dYm.data, size_t(nm) * D * dtype_size(ct));
-      be.add_rows(dYm, nullptr, dout, T.d_m(), nm, T.d_gm(), w(o.fuse_mamba, 1, D));
-    }
-    if (na > 0) {
-      be.memzero(dYa.data, size_t(na) * D * dtype_size(ct));
-      be.add_rows(dYa, nullptr, dout, T.d_a(), na, T.d_ga(), w(o.fuse_attn, 1, D));
-    }
+    path_output_grad(dYm, o.fuse_mamba, dout, ym, T.d_m(), T.d_gm());
+    path_output_grad(dYa, o.fuse_attn, dout, ya, T.d_a(), T.d_ga());
     be.memzero(du.data, size_t(n) * size_t(D) * dtype_size(ct));
     // Attention first: v = u + exchange * x sends gradient to the Mamba output x was carried from.
     if (na > 0) {
       const Tensor dV = act(be, dvv, ct, n, D).rows_view(0, na);
       attention_backward(dV, dYa, Tensor(), s.va.rows_view(0, na), s, o, T.rga);
       be.add_rows(du, T.d_a(), dV, nullptr, na, nullptr, Tensor());
-      if (nex > 0) {  // several attention tokens may carry one Mamba row: summed on the host
-        const std::vector<float> dvh = download(dV);
-        std::vector<float> extra(size_t(nm) * size_t(D), 0.0f);
-        for (int e = 0; e < nex; ++e) {
-          const float* dvk = dvh.data() + size_t(T.ex_dst[size_t(e)]) * size_t(D);
-          const size_t src = size_t(T.ex_src[size_t(e)]) * size_t(D);
-          for (int d = 0; d < D; ++d) {
-            dex[size_t(d)] += double(dvk[d]) * ymh[src + size_t(d)];
-            extra[src + size_t(d)] += ex[size_t(d)] * dvk[d];
-          }
-        }
-        be.add_rows(dYm, nullptr, upload(extra, nm, D), nullptr, nm, nullptr, Tensor());
+      if (nex > 0) {
+        // Each carry e: dexchange += dV[dst] ⊙ ym[src], dYm[src] += exchange ⊙ dV[dst]; several
+        // attention tokens may carry one Mamba row, so the scatter is embedding_backward's
+        // (ordered, no races), not add_rows'.
+        const int32_t* d_exdst = T.d_a() + na;
+        const int32_t* d_exsrc = d_exdst + nex;
+        const Tensor gv = act(be, ex_a, ct, nex, D), ys = act(be, ex_b, ct, nex, D), e = act(be, ex_c, ct, nex, D);
+        be.copy_rows(gv, nullptr, dV, d_exdst, nex);
+        be.copy_rows(ys, nullptr, ym, d_exsrc, nex);
+        be.scale_cols_backward(e, g(o.exchange, 1, D), gv, ys, w(o.exchange, 1, D));
+        be.embedding_backward(dYm, e, d_exsrc);
       }
     }
     if (nm > 0) {
@@ -960,15 +944,13 @@ struct BatchGrad::Impl {
         mamba_backward(dUm, dYm, Tensor(), s.um.rows_view(0, nm), s, o, T.rgm);
       be.add_rows(du, T.d_m(), dUm, nullptr, nm, nullptr, Tensor());
     }
-    add_grad(o.fuse_mamba, dfm);
-    add_grad(o.fuse_attn, dfa);
-    add_grad(o.exchange, dex);
     if (mode == th::Mode::Both) return;  // constant gates, no budget: no router gradient
     // The router: dr_t = (dL/dp_t + the budget term's) p (1 - p); budget weight cnt_b x
-    // budget_scale, as the cross-entropy weighs the sequence.
+    // budget_scale, as the cross-entropy weighs the sequence. Its parameters' gradients on the
+    // host (from the features and u kept by the forward); du_t += ds_t w_router as one gated
+    // row add of w's single row.
     const std::vector<float> rw = param(o.router_w, D);
-    std::vector<float> duh(size_t(n) * size_t(D), 0.0f), dw(size_t(D), 0.0f), dfw(size_t(kRouterFeatures), 0.0f),
-        db(1, 0.0f);
+    std::vector<float> ds(static_cast<size_t>(n)), dw(size_t(D), 0.0f), dfw(size_t(kRouterFeatures), 0.0f), db(1, 0.0f);
     for (int b = 0; b < B; ++b) {
       const int L = rg.len(b), t0 = rg.start(b);
       const th::Routing<float>& rt = T.rt[size_t(b)];
@@ -980,13 +962,47 @@ struct BatchGrad::Impl {
         const double pt = rt.p[size_t(t)];
         dr[size_t(t)] = float((dprob[size_t(t0 + t)] + dbud) * pt * (1 - pt));
       }
-      th::router_backward(duh.data() + int64_t(t0) * D, dw.data(), dfw.data(), db.data(), dr.data(),
-                          T.feats[size_t(b)].data(), T.u.data() + int64_t(t0) * D, rw.data(), L, D, chunked, C);
+      th::router_backward<float>(nullptr, dw.data(), dfw.data(), db.data(), dr.data(), T.feats[size_t(b)].data(),
+                                 T.u.data() + int64_t(t0) * D, rw.data(), L, D, chunked, C);
+      th::router_logit_grad(ds.data() + t0, dr.data(), L, chunked, C);
     }
-    be.add_rows(du, nullptr, upload(duh, n, D), nullptr, n, nullptr, Tensor());
+    // [n zeros | ds]: every row reads row 0 of w, gated by its ds.
+    router_aux.reserve(be, sizeof(int32_t) * size_t(n) * 2);
+    std::vector<int32_t> aux(size_t(n) * 2, 0);
+    std::memcpy(aux.data() + n, ds.data(), sizeof(float) * size_t(n));
+    be.to_device(router_aux.data(), aux.data(), sizeof(int32_t) * aux.size());
+    const auto* zeros = static_cast<const int32_t*>(router_aux.data());
+    be.add_rows(du, nullptr, w(o.router_w, 1, D), zeros, n, reinterpret_cast<const float*>(zeros + n), Tensor());
     add_grad(o.router_w, dw);
     add_grad(o.router_feat, dfw);
     add_grad(o.router_b, db);
+  }
+
+  // dprob[rows[j]] += sign * fuse . (y_j ⊙ dout[rows[j]]) for the path's rows j (idx: rows on the
+  // device): y ⊙ fuse formed once, then one row_dots; its rows' floats come back.
+  void gate_dots(std::vector<double>& dprob, Tensor dout, Tensor y, const int32_t* idx,
+                 const std::vector<int32_t>& rows, int64_t fuse, double sign) {
+    const int m = y.rows, D = c().d_model;
+    if (m == 0) return;
+    const Tensor q = act(be, ex_a, ct, m, D);
+    be.memzero(q.data, size_t(m) * size_t(D) * dtype_size(ct));
+    be.add_rows(q, nullptr, y, nullptr, m, nullptr, w(fuse, 1, D));
+    const Tensor dots = act(be, row_dot_out, DType::F32, 1, m);
+    be.row_dots(dots, dout, idx, q);
+    std::vector<float> got(static_cast<size_t>(m));
+    be.to_host(got.data(), dots.data, sizeof(float) * got.size());
+    for (int j = 0; j < m; ++j) dprob[size_t(rows[size_t(j)])] += sign * double(got[size_t(j)]);
+  }
+
+  // dpath [m, D] = gates ⊙ fuse ⊙ dout at the path's rows (assigned), and fuse's gradient += the sum
+  // over them of gate * dout ⊙ y: the gated rows gathered, then scale_cols_backward.
+  void path_output_grad(Tensor dpath, int64_t fuse, Tensor dout, Tensor y, const int32_t* idx, const float* gates) {
+    const int m = y.rows, D = c().d_model;
+    if (m == 0) return;
+    const Tensor gd = act(be, ex_b, ct, m, D);
+    be.memzero(gd.data, size_t(m) * size_t(D) * dtype_size(ct));
+    be.add_rows(gd, nullptr, dout, idx, m, gates, Tensor());
+    be.scale_cols_backward(dpath, g(fuse, 1, D), gd, y, w(fuse, 1, D));
   }
 
   // Layer i's inner representation (y * silu(z) or the head contexts): the next bridge's source.
@@ -1223,7 +1239,8 @@ size_t BatchGrad::activation_bytes() const {
   for (const Buffer& x : I.hin) b += x.bytes();
   for (const Buffer& x : I.arenas) b += x.bytes();
   for (const Buffer* x : {&I.h, &I.mix, &I.hn, &I.p, &I.dh, &I.dtmp, &I.dbridge, &I.dy, &I.dhn, &I.dp, &I.dyg, &I.dxc,
-                          &I.ddt, &I.dz, &I.ddbc, &I.dinn, &I.dq, &I.dk, &I.dv, &I.da, &I.dg, &I.dup, &I.dW_scratch, &I.dym, &I.dya, &I.dvv, &I.dum, &I.hostbuf})
+                          &I.ddt, &I.dz, &I.ddbc, &I.dinn, &I.dq, &I.dk, &I.dv, &I.da, &I.dg, &I.dup, &I.dW_scratch, &I.dym, &I.dya, &I.dvv, &I.dum, &I.hostbuf,
+                          &I.dye, &I.dxe, &I.row_dot_out, &I.ex_a, &I.ex_b, &I.ex_c, &I.router_aux})
     b += x->bytes();
   return b;
 }
