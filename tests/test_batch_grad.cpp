@@ -829,3 +829,72 @@ TEST(BatchGrad, RowDots) {
                      "row_dots");
   }
 }
+
+// router_train on the host backends against the router's definition written out in double
+// (docs/TRUE_HYBRID.md): per sequence an EMA from zero, novelty 1 - cos(u_t, m_{t-1}), position
+// log2(1 + t) / 16, s_t = w.u_t + fw.f_t + b; chunk routing broadcasts each chunk's first logit.
+TEST(BatchGrad, RouterTrain) {
+  const int D = 23;
+  const std::vector<int> lens = {9, 1, 30};
+  Rng rng(44);
+  int n = 0;
+  for (int l : lens) n += l;
+  std::vector<float> u(size_t(n) * D), w(static_cast<size_t>(D)), fw(kRouterFeatures), b(1);
+  for (auto* v : {&u, &w, &fw, &b})
+    for (float& e : *v) e = float(rng.normal());
+  for (int j = 0; j < D; ++j) u[size_t(2) * D + j] = 0.0f;  // a zero row: cos is 0 there
+  for (auto make : {make_cpu_backend, make_ref_backend}) {
+    auto be = make();
+    Ragged rg;
+    for (size_t s = 0; s < lens.size(); ++s) rg.add(int(s), lens[s], 0);
+    for (const int chunk : {0, 4}) {
+      std::vector<float> r(size_t(n), NAN), f(size_t(n) * kRouterFeatures, NAN);
+      be->router_train(Tensor::vec(r.data(), DType::F32, n), Tensor(f.data(), DType::F32, n, kRouterFeatures),
+                       Tensor(u.data(), DType::F32, n, D), Tensor::vec(w.data(), DType::F32, D),
+                       Tensor::vec(fw.data(), DType::F32, kRouterFeatures), Tensor::vec(b.data(), DType::F32, 1), rg,
+                       chunk);
+      int t0 = 0;
+      for (const int L : lens) {
+        std::vector<double> m(size_t(D), 0.0), own(static_cast<size_t>(L));
+        for (int t = 0; t < L; ++t) {
+          const float* x = u.data() + size_t(t0 + t) * D;
+          double dot = 0, nx = 0, nm = 0, s = b[0];
+          for (int j = 0; j < D; ++j) {
+            dot += x[j] * m[size_t(j)];
+            nx += double(x[j]) * x[j];
+            nm += m[size_t(j)] * m[size_t(j)];
+            s += double(w[size_t(j)]) * x[j];
+          }
+          const double nov = nx > 0 && nm > 0 ? 1 - dot / std::sqrt(nx * nm) : 1.0, pos = std::log2(1.0 + t) / 16;
+          s += fw[0] * nov + fw[1] * pos;
+          own[size_t(t)] = s;
+          for (int j = 0; j < D; ++j) m[size_t(j)] = 0.875 * m[size_t(j)] + 0.125 * x[j];
+          EXPECT_NEAR(f[size_t(t0 + t) * 2], nov, 1e-5) << be->name() << " token " << t0 + t;
+          EXPECT_NEAR(f[size_t(t0 + t) * 2 + 1], pos, 1e-7);
+        }
+        for (int t = 0; t < L; ++t)
+          EXPECT_NEAR(r[size_t(t0 + t)], own[size_t(chunk > 0 ? t / chunk * chunk : t)], 1e-5 * (1 + std::fabs(own[size_t(t)])))
+              << be->name() << " chunk " << chunk << " token " << t0 + t;
+        t0 += L;
+      }
+    }
+    // A column view of a wider u gives the same floats.
+    std::vector<float> wide(size_t(n) * (D + 3), NAN);
+    for (int t = 0; t < n; ++t) std::copy_n(u.data() + size_t(t) * D, D, wide.data() + size_t(t) * (D + 3) + 1);
+    std::vector<float> r(static_cast<size_t>(n)), f(size_t(n) * kRouterFeatures), r2(r), f2(f);
+    const auto run = [&](std::vector<float>& rr, std::vector<float>& ff, Tensor uu) {
+      be->router_train(Tensor::vec(rr.data(), DType::F32, n), Tensor(ff.data(), DType::F32, n, kRouterFeatures), uu,
+                       Tensor::vec(w.data(), DType::F32, D), Tensor::vec(fw.data(), DType::F32, kRouterFeatures),
+                       Tensor::vec(b.data(), DType::F32, 1), rg, 3);
+    };
+    run(r, f, Tensor(u.data(), DType::F32, n, D));
+    run(r2, f2, Tensor(wide.data(), DType::F32, n, D + 3, D + 3).cols_view(1, D));
+    EXPECT_EQ(r, r2);
+    EXPECT_EQ(f, f2);
+    EXPECT_THROW_MSG(be->router_train(Tensor::vec(r.data(), DType::F32, n), Tensor(f.data(), DType::F32, n, kRouterFeatures),
+                                      Tensor(u.data(), DType::F32, n, D), Tensor::vec(w.data(), DType::F32, D - 1),
+                                      Tensor::vec(fw.data(), DType::F32, kRouterFeatures),
+                                      Tensor::vec(b.data(), DType::F32, 1), rg, 0),
+                     "router_train");
+  }
+}

@@ -21,6 +21,7 @@
 #include "kernels/ops.h"
 #include "kernels/ref/attention_grad_ref.h"
 #include "kernels/ref/mamba_grad_ref.h"
+#include "kernels/ref/router_ref.h"
 #include "kernels/ref/ssd_grad_ref.h"
 
 namespace hm {
@@ -569,6 +570,26 @@ class HostBackend : public Backend {
       double acc = 0;
       for (int q = 0; q < b.cols; ++q) acc += double(x[q]) * double(y[q]);
       out.f32()[r] = float(acc);
+    }
+  }
+  void router_train(Tensor r, Tensor feats, Tensor u, Tensor w, Tensor fw, Tensor b, const Ragged& rg,
+                    int chunk) override {
+    train_check::router_train(name(), r, feats, u, w, fw, b, rg, chunk);
+    HM_CHECK(feats.ld == feats.cols, name(), " router_train: feats must be dense");
+    const int D = u.cols;
+    std::vector<float> ema, dense;  // router_forward reads rows of D: a strided u is copied
+    for (int s = 0; s < rg.nseq(); ++s) {
+      const int t0 = rg.start(s), L = rg.len(s);
+      const float* us = row(u, t0);
+      if (u.ld != D) {
+        dense.resize(size_t(L) * D);
+        for (int t = 0; t < L; ++t) std::memcpy(dense.data() + size_t(t) * D, row(u, t0 + t), sizeof(float) * size_t(D));
+        us = dense.data();
+      }
+      ema.assign(size_t(D), 0.0f);
+      float chunk_logit = 0;
+      th::router_forward(r.f32() + t0, row(feats, t0), ema.data(), chunk_logit, us, L, D, int64_t(0), w.f32(), fw.f32(),
+                         b.f32(), chunk > 0, chunk);
     }
   }
   void convert(Tensor dst, Tensor src) override {

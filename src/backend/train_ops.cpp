@@ -4,6 +4,7 @@
 
 #include "backend/backend.h"
 #include "backend/train_checks.h"
+#include "kernels/ref/router_ref.h"
 
 namespace hm {
 
@@ -125,6 +126,17 @@ void row_dots(const std::string& be, Tensor out, Tensor a, Tensor b) {
            " do not fit out[r] = a[idx[r]] . b[r] (out float32 [1, b.rows]; a and b one type and width)");
 }
 
+void router_train(const std::string& be, Tensor r, Tensor feats, Tensor u, Tensor w, Tensor fw, Tensor b,
+                  const Ragged& rg, int chunk) {
+  const int n = rg.n_tokens(), D = u.cols;
+  const auto f32_vec = [](Tensor t, int len) { return t.dtype == DType::F32 && t.rows == 1 && t.cols == len; };
+  HM_CHECK(u.rows == n && f32_vec(r, n) && feats.dtype == DType::F32 && feats.rows == n &&
+               feats.cols == kRouterFeatures && f32_vec(w, D) && f32_vec(fw, kRouterFeatures) && f32_vec(b, 1) &&
+               chunk >= 0,
+           be, " router_train: r ", dims(r), ", feats ", dims(feats), ", u ", dims(u), ", w ", dims(w), ", fw ",
+           dims(fw), ", b ", dims(b), ", chunk ", chunk, " do not fit ", n, " tokens (r, feats, w, fw, b float32)");
+}
+
 void convert(const std::string& be, Tensor dst, Tensor src) {
   HM_CHECK(dst.rows == src.rows && dst.cols == src.cols && !is_packed(dst.dtype) && !is_packed(src.dtype), be,
            " convert: dst ", dims(dst), " ", compute_dtype_name(dst.dtype), " and src ", dims(src), " ",
@@ -192,6 +204,9 @@ double Backend::cross_entropy_head(Tensor, Tensor, Tensor, Tensor, const int32_t
 }
 void Backend::scale_cols_backward(Tensor, Tensor, Tensor, Tensor, Tensor) { missing(*this, "scale_cols_backward"); }
 void Backend::row_dots(Tensor, Tensor, const int32_t*, Tensor) { missing(*this, "row_dots"); }
+void Backend::router_train(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, const Ragged&, int) {
+  missing(*this, "router_train");
+}
 void Backend::convert(Tensor, Tensor) { missing(*this, "convert"); }
 double Backend::sum_squares(const float*, const std::vector<ArenaSpan>&) { missing(*this, "sum_squares"); }
 void Backend::adamw_step(float*, const float*, float*, float*, const std::vector<ArenaSpan>&, const AdamWStep&) {

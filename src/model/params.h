@@ -8,12 +8,10 @@
 #include <vector>
 
 #include "core/dtype.h"
+#include "kernels/ref/router_ref.h"
 #include "model/config.h"
 
 namespace hm {
-
-// Causal features the complexity analyzer hands the router besides u itself (novelty, position).
-constexpr int kRouterFeatures = 2;
 
 struct ParamSpec {
   std::string name;

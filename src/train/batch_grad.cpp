@@ -65,7 +65,6 @@ struct TrueState {
   std::vector<std::vector<float>> feats, r;  // per sequence: analyzer features, routing logits
   std::vector<th::Routing<float>> rt;        // per sequence
   std::vector<double> pmean;                 // per sequence: mean_t p_t
-  std::vector<float> u;                      // the layer's normed input on the host [n, D]
   std::vector<int32_t> m_rows, a_rows, ex_dst, ex_src;
   std::vector<float> gm, ga;                 // the gates of m_rows' and a_rows' outputs
   Ragged rgm, rga;                           // the two paths' compacted sequences
@@ -145,7 +144,9 @@ struct BatchGrad::Impl {
   std::vector<std::unique_ptr<MoeState>> mstate;   // [n_layers]: MoE layers' routing
   Buffer dye, dxe;                                 // MoE backward: one expert's output and input gradients
   Buffer row_dot_out;                              // row_dots' output: MoE gates', true layers' dL/dp
-  Buffer ex_a, ex_b, ex_c, router_aux;             // true layers' backward: gathered rows, [zeros | ds]
+  Buffer ex_a, ex_b, ex_c;                         // true layers' backward: gathered rows
+  Buffer router_r, router_f;                       // true layers' router: logits [n], features [n, 2]
+  Buffer router_aux;                               // true layers' backward: [n zeros | ds]
   bool freeze = false;                             // freeze_routing
   std::vector<int64_t> seq_count;  // counted targets per sequence (the budget loss's weights)
   double budget_scale = 0;         // grad_scale / total: a sequence's budget weight is cnt_b times it
@@ -803,7 +804,8 @@ struct BatchGrad::Impl {
   }
 
   // A true layer's mixer on s.u (model_grad.cpp's true_mixer_forward over the whole batch):
-  // the router and the route decisions on the host, per sequence from position 0; the Mamba path
+  // the router as one op (router_train: features and logits, 3 floats a token come back), the
+  // route decisions on the host, per sequence from position 0; the Mamba path
   // over the Mamba tokens of every sequence, the attention path over the attention tokens
   // (v = u + exchange * the latest Mamba output at or before the token), fused into out [n, D].
   // A path without tokens does not run; in hard mode neither touches the tokens not chosen.
@@ -813,9 +815,12 @@ struct BatchGrad::Impl {
     const bool chunked = mc.routing_granularity == "chunk";
     const th::Mode mode = th::mode_from_config(mc);
     TrueState& T = *tstate[size_t(i)];
-    T.u = download(s.u);
-    const std::vector<float> rw = param(o.router_w, D), rf = param(o.router_feat, kRouterFeatures),
-                             rb = param(o.router_b, 1);
+    const Tensor r_all = act(be, router_r, DType::F32, 1, n), f_all = act(be, router_f, DType::F32, n, kRouterFeatures);
+    be.router_train(r_all, f_all, s.u, w32(o.router_w, 1, D), w32(o.router_feat, 1, kRouterFeatures),
+                    w32(o.router_b, 1, 1), rg, chunked ? C : 0);
+    std::vector<float> r_host(static_cast<size_t>(n)), f_host(size_t(n) * kRouterFeatures);
+    be.to_host(r_host.data(), r_all.data, sizeof(float) * r_host.size());
+    be.to_host(f_host.data(), f_all.data, sizeof(float) * f_host.size());
     T.feats.resize(size_t(B));
     T.r.resize(size_t(B));
     T.rt.resize(size_t(B));
@@ -828,12 +833,8 @@ struct BatchGrad::Impl {
     for (int b = 0; b < B; ++b) {
       const int L = rg.len(b), t0 = rg.start(b);
       std::vector<float>&f = T.feats[size_t(b)], &r = T.r[size_t(b)];
-      f.resize(size_t(L) * kRouterFeatures);
-      r.resize(size_t(L));
-      std::vector<float> ema(size_t(D), 0.0f);  // whole sequences: the analyzer starts empty
-      float chunk_logit = 0;
-      th::router_forward(r.data(), f.data(), ema.data(), chunk_logit, T.u.data() + int64_t(t0) * D, L, D, int64_t(0),
-                         rw.data(), rf.data(), rb.data(), chunked, C);
+      f.assign(f_host.begin() + int64_t(t0) * kRouterFeatures, f_host.begin() + int64_t(t0 + L) * kRouterFeatures);
+      r.assign(r_host.begin() + t0, r_host.begin() + t0 + L);
       th::decide_routes(T.rt[size_t(b)], r.data(), L, 0, mode, -1.0);
       const th::Routing<float>& rt = T.rt[size_t(b)];
       const int m0 = int(T.m_rows.size()), a0 = int(T.a_rows.size());
@@ -946,11 +947,11 @@ struct BatchGrad::Impl {
     }
     if (mode == th::Mode::Both) return;  // constant gates, no budget: no router gradient
     // The router: dr_t = (dL/dp_t + the budget term's) p (1 - p); budget weight cnt_b x
-    // budget_scale, as the cross-entropy weighs the sequence. Its parameters' gradients on the
-    // host (from the features and u kept by the forward); du_t += ds_t w_router as one gated
-    // row add of w's single row.
-    const std::vector<float> rw = param(o.router_w, D);
-    std::vector<float> ds(static_cast<size_t>(n)), dw(size_t(D), 0.0f), dfw(size_t(kRouterFeatures), 0.0f), db(1, 0.0f);
+    // budget_scale, as the cross-entropy weighs the sequence; ds_t, the gradient of token t's own
+    // logit s_t = w_router . u_t + fw . f_t + b, on the host. The features are constants
+    // (TRUE_HYBRID.md): dw_router += ds^T u (a one-column linear's weight gradient) and
+    // du += ds w_router on the device; dfw and db are sums over n scalars.
+    std::vector<float> ds(static_cast<size_t>(n)), dfw(size_t(kRouterFeatures), 0.0f), db(1, 0.0f);
     for (int b = 0; b < B; ++b) {
       const int L = rg.len(b), t0 = rg.start(b);
       const th::Routing<float>& rt = T.rt[size_t(b)];
@@ -962,18 +963,25 @@ struct BatchGrad::Impl {
         const double pt = rt.p[size_t(t)];
         dr[size_t(t)] = float((dprob[size_t(t0 + t)] + dbud) * pt * (1 - pt));
       }
-      th::router_backward<float>(nullptr, dw.data(), dfw.data(), db.data(), dr.data(), T.feats[size_t(b)].data(),
-                                 T.u.data() + int64_t(t0) * D, rw.data(), L, D, chunked, C);
       th::router_logit_grad(ds.data() + t0, dr.data(), L, chunked, C);
+      const std::vector<float>& f = T.feats[size_t(b)];
+      for (int t = 0; t < L; ++t) {
+        const float g = ds[size_t(t0 + t)];
+        for (int k = 0; k < kRouterFeatures; ++k) dfw[size_t(k)] += g * f[size_t(t) * kRouterFeatures + size_t(k)];
+        db[0] += g;
+      }
     }
-    // [n zeros | ds]: every row reads row 0 of w, gated by its ds.
+    const Tensor dst = upload(ds, n, 1);
+    be.linear_backward(Tensor(), g(o.router_w, 1, D), dst, s.u, w(o.router_w, 1, D), true);
+    // du_t += ds_t w_router: every row reads the router's one row (index 0), gated by its ds.
+    // (Not linear_backward's dx: OpenBLAS's sgemm with an inner dimension of 1 made 2 of 10
+    // `hm compare --jobs 3` test runs non-finite, never with this add_rows.)
     router_aux.reserve(be, sizeof(int32_t) * size_t(n) * 2);
     std::vector<int32_t> aux(size_t(n) * 2, 0);
     std::memcpy(aux.data() + n, ds.data(), sizeof(float) * size_t(n));
     be.to_device(router_aux.data(), aux.data(), sizeof(int32_t) * aux.size());
     const auto* zeros = static_cast<const int32_t*>(router_aux.data());
     be.add_rows(du, nullptr, w(o.router_w, 1, D), zeros, n, reinterpret_cast<const float*>(zeros + n), Tensor());
-    add_grad(o.router_w, dw);
     add_grad(o.router_feat, dfw);
     add_grad(o.router_b, db);
   }
@@ -1240,7 +1248,7 @@ size_t BatchGrad::activation_bytes() const {
   for (const Buffer& x : I.arenas) b += x.bytes();
   for (const Buffer* x : {&I.h, &I.mix, &I.hn, &I.p, &I.dh, &I.dtmp, &I.dbridge, &I.dy, &I.dhn, &I.dp, &I.dyg, &I.dxc,
                           &I.ddt, &I.dz, &I.ddbc, &I.dinn, &I.dq, &I.dk, &I.dv, &I.da, &I.dg, &I.dup, &I.dW_scratch, &I.dym, &I.dya, &I.dvv, &I.dum, &I.hostbuf,
-                          &I.dye, &I.dxe, &I.row_dot_out, &I.ex_a, &I.ex_b, &I.ex_c, &I.router_aux})
+                          &I.dye, &I.dxe, &I.row_dot_out, &I.ex_a, &I.ex_b, &I.ex_c, &I.router_r, &I.router_f})
     b += x->bytes();
   return b;
 }

@@ -690,11 +690,11 @@ void train(const TrainConfig& given) {
   HM_CHECK(c.device != Device::CUDA || mc.moe_layers.empty(), "the model has mixture-of-experts layers, which "
            "train on the CPU only so far (--device cpu): their CUDA kernel (row_dots, the gates' gradients) is "
            "written but not yet verified on a GPU");
-  bool routed = false;  // true layers whose router trains (soft or hard), through row_dots too
-  for (int i = 0; i < mc.n_layers; ++i) routed = routed || (mc.is_true(i) && mc.routing_mode != "both");
-  HM_CHECK(c.device != Device::CUDA || !routed, "the model has True Hybrid layers with ", mc.routing_mode,
-           " routing, which train on the CPU only until the CUDA kernel of their gates' gradients (row_dots) has "
-           "run on a GPU (--device cpu, or routing_mode \"both\")");
+  bool has_true = false;
+  for (int i = 0; i < mc.n_layers; ++i) has_true = has_true || mc.is_true(i);
+  HM_CHECK(c.device != Device::CUDA || !has_true, "the model has True Hybrid layers, which train on the CPU only "
+           "(--device cpu) until the CUDA kernels of their router (router_train) and gates' gradients (row_dots) "
+           "have run on a GPU");
   HM_CHECK(!on_device || c.scan_chunk == 0, "--scan-chunk applies to the CPU's scan; on CUDA the scan keeps one "
            "state per 64-token chunk and recomputes the rest");
   if (!on_device) {  // Everything the run allocates, before it does (--max-memory, MemAvailable).

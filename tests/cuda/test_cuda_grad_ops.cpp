@@ -29,6 +29,7 @@
 #include "backend/backend.h"
 #include "core/error.h"
 #include "core/rng.h"
+#include "kernels/ref/router_ref.h"
 #include "cuda_test_util.h"
 
 namespace {
@@ -280,6 +281,38 @@ TEST_P(CudaGradOps, RowDots) {
     cpu().row_dots(out.cpu(1, rows), a.cpu(1, d), indexed ? idx.data() : nullptr, b.cpu(2, d));
     // Products of stored values are exact in float; only the order of the sum differs.
     EXPECT_TRUE(matches("rows " + std::to_string(rows) + " d " + std::to_string(d), gpu(), out, 1, rows, kFloatTol));
+  }
+}
+
+// The True Hybrid router over ragged batches (a sequence of 333 tokens spans six blocks of 64,
+// each warming its EMA up from zero), token and chunk routing, on a strided u in the tested type;
+// widths below and above one pass of the block's threads. Features and logits are float math on
+// the same inputs, summed in another order: 1e-5 of the largest.
+TEST_P(CudaGradOps, RouterTrain) {
+  setenv("HM_CUDA_TRAIN_UNVERIFIED", "1", 1);  // the backend's gate until this passes on a GPU
+  hm::Rng rng(106);
+  for (const int D : {77, 1000}) {
+    for (const auto& lens : kSeqs) {
+      int n = 0;
+      for (int l : lens) n += l;
+      std::vector<int> pos0s(lens.size(), 0);
+      hm::Ragged rg_gpu, rg_cpu;
+      fill(rg_gpu, gpu(), lens, pos0s);
+      fill(rg_cpu, cpu(), lens, pos0s);
+      Both u(gpu(), T(), n, D + 3, normal(rng));
+      Both w(gpu(), DType::F32, 1, D, normal(rng, 0.1)), fw(gpu(), DType::F32, 1, hm::kRouterFeatures, normal(rng)),
+          b(gpu(), DType::F32, 1, 1, normal(rng));
+      for (const int chunk : {0, 5}) {
+        Both r = Both::out(gpu(), DType::F32, 1, n), f = Both::out(gpu(), DType::F32, n, hm::kRouterFeatures);
+        gpu().router_train(r.dev(0, n), f.dev(0, hm::kRouterFeatures), u.dev(2, D), w.dev(0, D),
+                           fw.dev(0, hm::kRouterFeatures), b.dev(0, 1), rg_gpu, chunk);
+        cpu().router_train(r.cpu(0, n), f.cpu(0, hm::kRouterFeatures), u.cpu(2, D), w.cpu(0, D),
+                           fw.cpu(0, hm::kRouterFeatures), b.cpu(0, 1), rg_cpu, chunk);
+        std::string what = "D " + std::to_string(D) + " n " + std::to_string(n) + " chunk " + std::to_string(chunk);
+        EXPECT_TRUE(matches(what + " logits", gpu(), r, 0, n, kFloatTol));
+        EXPECT_TRUE(matches(what + " features", gpu(), f, 0, hm::kRouterFeatures, kFloatTol));
+      }
+    }
   }
 }
 

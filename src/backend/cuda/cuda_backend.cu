@@ -24,6 +24,7 @@
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/cuda/decode.h"
 #include "kernels/cuda/grad.h"
+#include "kernels/ref/router_ref.h"
 #include "kernels/cuda/mamba_grad.h"
 #include "kernels/cuda/linear.h"
 #include "kernels/cuda/rows.h"
@@ -839,14 +840,15 @@ class CudaBackendImpl final : public CudaBackend {
     check_train_verified(op);
   }
   // Training kernels written while no GPU was lent (Mamba-2's in stop 28, relu2_backward in stop
-  // 29, row_dots in stop 30): until their tests (CudaGradOps.SsdScanTrainAndBackward,
-  // .GatedRmsnormBackward, .Relu2Backward, .RowDots, CudaTrain.BatchGradMatchesCpu) have passed on
-  // a device they run only where
+  // 29, row_dots and router_train in stop 30): until their tests (CudaGradOps.SsdScanTrainAndBackward,
+  // .GatedRmsnormBackward, .Relu2Backward, .RowDots, .RouterTrain, CudaTrain.BatchGradMatchesCpu,
+  // .TrueHybridMatchesCpu) have passed on a device they run only where
   // HM_CUDA_TRAIN_UNVERIFIED=1 (the tests set it), so no command gives numbers from them.
   static void check_train_verified(const char* op) {
     const char* v = std::getenv("HM_CUDA_TRAIN_UNVERIFIED");
     HM_CHECK(v && std::string(v) == "1", "cuda ", op, ": this training op is written but not yet verified on a GPU "
-             "(Mamba-2 layers, squared-ReLU MLPs, mixture-of-experts layers); train such models on the CPU "
+             "(Mamba-2 layers, squared-ReLU MLPs, mixture-of-experts layers, True Hybrid routers); train such models "
+             "on the CPU "
              "(--device cpu)");
   }
 
@@ -1259,6 +1261,28 @@ class CudaBackendImpl final : public CudaBackend {
         cuda::scale_cols_backward<T, G>(ptr<T>(dsrc), int(dsrc.ld), ptr<G>(dscale), ptr<T>(ddst), int(ddst.ld),
                                         ptr<T>(src), int(src.ld), ptr<T>(scale), n, d, ws, stream_);
       });
+    });
+  }
+
+  void router_train(Tensor r, Tensor feats, Tensor u, Tensor w, Tensor fw, Tensor b, const Ragged& rg,
+                    int chunk) override {
+    const char* op = "router_train";
+    train_check::router_train(name(), r, feats, u, w, fw, b, rg, chunk);
+    check_train_verified(op);
+    const int n = rg.n_tokens();
+    check_view(op, "u", u, n, u.cols);
+    check_dense(op, "feats", feats);
+    check_vec(op, "r", r, n);
+    check_vec(op, "w", w, u.cols);
+    check_vec(op, "fw", fw, kRouterFeatures);
+    check_vec(op, "b", b, 1);
+    check_ragged(op, rg, INT_MAX);
+    if (n == 0) return;
+    float* s_tmp = chunk > 0 ? static_cast<float*>(workspace(sizeof(float) * size_t(n))) : nullptr;
+    dispatch(u.dtype, [&](auto tag) {
+      using T = elem_t<decltype(tag)>;
+      cuda::router_train<T>(r.f32(), s_tmp, feats.f32(), ptr<T>(u), int(u.ld), u.cols, w.f32(), fw.f32(), b.f32(),
+                            batch(rg), chunk, stream_);
     });
   }
 

@@ -8,6 +8,7 @@
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/grad.h"
+#include "kernels/ref/router_ref.h"
 
 #define HM_BLAS_OK(call, what)                                                                        \
   do {                                                                                                \
@@ -193,6 +194,77 @@ __global__ void row_dots_kernel(float* out, const T* __restrict__ a, int lda, co
   if (lane == 0) out[r] = acc;
 }
 
+// The router: block (s, c) computes tokens [c kRouterTokens, (c + 1) kRouterTokens) of sequence
+// s. The analyzer's EMA decays by 7/8 a token, so the block starts it from zero kRouterWarmup
+// tokens earlier (what it leaves out weighs 0.875^192 = 7.6e-12 of the sum: below float
+// rounding) and then runs its own tokens in order, as router_forward does: four block sums per
+// token (u.m, u.u, m.m, w.u), the features and the logit by thread 0. Each thread keeps its own
+// channels of the EMA in shared memory, so only the sums need barriers.
+constexpr int kRouterTokens = 64, kRouterWarmup = 192;
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) router_train_kernel(float* s_out, float* feats, const T* __restrict__ u,
+                                                                int ldu, int D, const float* __restrict__ w,
+                                                                const float* __restrict__ fw,
+                                                                const float* __restrict__ b,
+                                                                const int32_t* __restrict__ cu) {
+  extern __shared__ float ema[];  // [D]
+  __shared__ float part[kThreads / 32][4];
+  const int t0 = cu[blockIdx.x], L = cu[blockIdx.x + 1] - t0;
+  const int first = int(blockIdx.y) * kRouterTokens;
+  if (first >= L) return;
+  const int last = min(L, first + kRouterTokens);
+  const float beta = float(th::kEmaDecay), alpha = float(1.0 - th::kEmaDecay);
+  for (int j = threadIdx.x; j < D; j += kThreads) ema[j] = 0.0f;
+  for (int t = max(0, first - kRouterWarmup); t < first; ++t) {
+    const T* ut = u + int64_t(t0 + t) * ldu;
+    for (int j = threadIdx.x; j < D; j += kThreads) ema[j] = beta * ema[j] + alpha * to_f(ut[j]);
+  }
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int t = first; t < last; ++t) {
+    const T* ut = u + int64_t(t0 + t) * ldu;
+    float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // u.m, u.u, m.m, w.u
+    for (int j = threadIdx.x; j < D; j += kThreads) {
+      const float x = to_f(ut[j]), m = ema[j];
+      v[0] += x * m;
+      v[1] += x * x;
+      v[2] += m * m;
+      v[3] += w[j] * x;
+      ema[j] = beta * m + alpha * x;
+    }
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      for (int o = 16; o > 0; o /= 2) v[k] += __shfl_xor_sync(0xffffffffu, v[k], o);
+    if (lane == 0)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) part[warp][k] = v[k];
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float sum[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        sum[k] = part[0][k];
+        for (int q = 1; q < kThreads / 32; ++q) sum[k] += part[q][k];
+      }
+      const float denom = sqrtf(sum[1]) * sqrtf(sum[2]);
+      float* f = feats + int64_t(t0 + t) * kRouterFeatures;
+      f[0] = 1.0f - (denom > 0.0f ? sum[0] / denom : 0.0f);
+      f[1] = float(log2(double(t) + 1.0) / 16.0);
+      float s = sum[3];
+      for (int k = 0; k < kRouterFeatures; ++k) s += fw[k] * f[k];
+      s_out[t0 + t] = s + b[0];
+    }
+    __syncthreads();  // part is reused by the next token
+  }
+}
+
+// Chunk routing: every token takes the logit of its chunk's first token.
+__global__ void router_chunk_kernel(float* r, const float* __restrict__ s, const int32_t* __restrict__ cu, int chunk) {
+  const int t0 = cu[blockIdx.x], L = cu[blockIdx.x + 1] - t0;
+  const int t = int(blockIdx.y) * kThreads + int(threadIdx.x);
+  if (t < L) r[t0 + t] = s[t0 + t / chunk * chunk];
+}
+
 // As elementwise.cu's rope_kernel (same angle, formed in double), rotating by -angle:
 // (a, b) -> (a cos + b sin, b cos - a sin).
 template <class T>
@@ -338,6 +410,24 @@ void row_dots(float* out, const T* a, int lda, const int32_t* a_idx, const T* b,
   HM_CUDA_LAUNCHED("row_dots");
 }
 
+template <class T>
+void router_train(float* r, float* s_tmp, float* feats, const T* u, int ldu, int D, const float* w, const float* fw,
+                  const float* b, const RaggedBatch& rb, int chunk, cudaStream_t stream) {
+  if (rb.n_tokens <= 0 || rb.nseq <= 0) return;
+  HM_CHECK(D >= 1 && D <= kMaxRouterWidth, "cuda router_train: width ", D, " (1 to ", kMaxRouterWidth, ")");
+  HM_CHECK(ceil_div(rb.max_len, kRouterTokens) <= 65535, "cuda router_train: a sequence of ", rb.max_len,
+           " tokens is too long");
+  float* s = chunk > 0 ? s_tmp : r;
+  router_train_kernel<T><<<dim3(rb.nseq, ceil_div(rb.max_len, kRouterTokens)), kThreads, sizeof(float) * size_t(D),
+                           stream>>>(s, feats, u, ldu, D, w, fw, b, rb.cu_seqlens);
+  HM_CUDA_LAUNCHED("router_train");
+  if (chunk > 0) {
+    router_chunk_kernel<<<dim3(rb.nseq, ceil_div(rb.max_len, kThreads)), kThreads, 0, stream>>>(r, s, rb.cu_seqlens,
+                                                                                               chunk);
+    HM_CUDA_LAUNCHED("router_train (chunks)");
+  }
+}
+
 #define HM_INST_G(T, G)                                                                                        \
   template void rmsnorm_backward<T, G>(T*, int, G*, const T*, int, const T*, int, const T*, int, int, float, bool, \
                                        void*, cudaStream_t);                                                   \
@@ -349,6 +439,8 @@ void row_dots(float* out, const T* a, int lda, const int32_t* a_idx, const T* b,
                                    cudaStream_t);                                                               \
   template void relu2_backward<T>(T*, int, const T*, int, const T*, int, int, int, cudaStream_t);              \
   template void row_dots<T>(float*, const T*, int, const int32_t*, const T*, int, int, int, cudaStream_t);      \
+  template void router_train<T>(float*, float*, float*, const T*, int, int, const float*, const float*,         \
+                                const float*, const RaggedBatch&, int, cudaStream_t);                           \
   template void rope_backward<T>(T*, int, int, int, const RaggedBatch&, float, cudaStream_t);                  \
   template void cross_entropy_rows<T>(T*, const float*, const int32_t*, float*, int, int, float, cudaStream_t);
 HM_CUDA_FOR_TYPES(HM_INST)

@@ -117,6 +117,15 @@ template <class T>
 void row_dots(float* out, const T* a, int lda, const int32_t* a_idx, const T* b, int ldb, int rows, int d,
               cudaStream_t stream);
 
+// The True Hybrid router over whole sequences (Backend::router_train, kernels/ref/router_ref.h):
+// feats [n, kRouterFeatures] and the logits r [n] (float) from u [n, D] (row stride ldu) and the
+// float weights w [D], fw [kRouterFeatures], b [1]; chunk > 0 broadcasts each chunk's first logit
+// through s_tmp [n] (r itself when chunk == 0). D <= kMaxRouterWidth.
+constexpr int kMaxRouterWidth = 12288;
+template <class T>
+void router_train(float* r, float* s_tmp, float* feats, const T* u, int ldu, int D, const float* w, const float* fw,
+                  const float* b, const RaggedBatch& rb, int chunk, cudaStream_t stream);
+
 // dst = src converted (round to nearest even), rows x cols, each its own row stride.
 template <class TD, class TS>
 void convert(TD* dst, int64_t ldd, const TS* src, int64_t lds, int rows, int cols, cudaStream_t stream);
