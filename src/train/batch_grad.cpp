@@ -974,8 +974,6 @@ struct BatchGrad::Impl {
     const Tensor dst = upload(ds, n, 1);
     be.linear_backward(Tensor(), g(o.router_w, 1, D), dst, s.u, w(o.router_w, 1, D), true);
     // du_t += ds_t w_router: every row reads the router's one row (index 0), gated by its ds.
-    // (Not linear_backward's dx: OpenBLAS's sgemm with an inner dimension of 1 made 2 of 10
-    // `hm compare --jobs 3` test runs non-finite, never with this add_rows.)
     router_aux.reserve(be, sizeof(int32_t) * size_t(n) * 2);
     std::vector<int32_t> aux(size_t(n) * 2, 0);
     std::memcpy(aux.data() + n, ds.data(), sizeof(float) * size_t(n));
