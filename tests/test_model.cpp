@@ -350,3 +350,24 @@ TEST(Model, PrefillHoldsOnlyTheLogitsItReturns) {
   EXPECT_EQ(logits.size(), size_t(500) * size_t(V));
   EXPECT_GE(m.workspace_bytes(), all_rows);
 }
+
+// The parameter arena pads each tensor to 16 floats; the padding is 0 from construction, so the
+// arena is defined as a whole (a device's master copy, all_finite and sums read it as one block).
+// A True Hybrid layer's router has tensors of 2 and 1 floats, padded by 14 and 15. (A fresh large
+// allocation is often zero anyway: the ASan run of scripts/test.sh fills every new allocation
+// with 0xFF, which is where this test can fail.)
+TEST(Model, ParamArenaPaddingIsZero) {
+  ModelConfig c = preset("true-tiny");
+  validate(c);
+  const Params p(c);
+  int64_t padded = 0;
+  for (size_t k = 0; k < p.specs().size(); ++k) {
+    const int64_t end = (p.at(k) - p.data()) + p.specs()[k].numel();
+    const int64_t next = k + 1 < p.specs().size() ? p.at(k + 1) - p.data() : p.numel();
+    for (int64_t i = end; i < next; ++i) {
+      EXPECT_EQ(p.data()[i], 0.0f) << p.specs()[k].name << " + " << i - end;
+      ++padded;
+    }
+  }
+  EXPECT_GT(padded, 0);
+}

@@ -1,5 +1,6 @@
 #include "model/params.h"
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 
@@ -112,7 +113,14 @@ Params::Params(const ModelConfig& c) : cfg_(c), specs_(param_layout(c)) {
     index[specs_[i].name] = i;
   }
   // Default-initialised (not zeroed): pages are committed only when written, by init or load.
+  // The padding after each tensor is zeroed, so the whole arena is defined: it is copied, summed
+  // and checked as one block (a device's master weights, all_finite), and garbage there once
+  // stopped a run as "non-finite".
   data_.reset(new float[size_t(numel_)]);
+  for (size_t i = 0; i < specs_.size(); ++i) {
+    const int64_t end = offsets_[i] + specs_[i].numel(), next = i + 1 < specs_.size() ? offsets_[i + 1] : numel_;
+    std::fill(data_.get() + end, data_.get() + next, 0.0f);
+  }
   auto ptr = [&](const std::string& name) -> float* {
     auto it = index.find(name);
     return it == index.end() ? nullptr : at(it->second);
