@@ -31,6 +31,9 @@ if [ "${HM_TEST_SANITIZE:-1}" = 0 ]; then exit 0; fi
 CC=clang CXX=clang++ cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Release -DHM_FUZZ=ON \
   -DHM_BUILD_TESTS=ON -DHM_BUILD_BENCH=OFF >/dev/null
 cmake --build build-asan -j "$(nproc)"
-(cd build-asan && ctest --output-on-failure -j "$(nproc)")
+# ASan fills every new heap allocation with 0xFF bytes (a NaN in every float), so a read of
+# memory nothing wrote shows up as a NaN instead of as whatever the allocator left there.
+(cd build-asan && ASAN_OPTIONS=malloc_fill_byte=255:max_malloc_fill_size=2147483647 \
+  ctest --output-on-failure -j "$(nproc)")
 # Each fuzzer for 20 s from its seed corpus (scripts/fuzz.sh: 10 minutes each before a release).
 HM_FUZZ_BUILD=build-asan bash scripts/fuzz.sh 20
