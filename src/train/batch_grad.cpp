@@ -4,7 +4,6 @@
 #include <array>
 #include <map>
 #include <cmath>
-#include <cstring>
 #include <functional>
 #include <memory>
 #include <string>
@@ -146,7 +145,6 @@ struct BatchGrad::Impl {
   Buffer row_dot_out;                              // row_dots' output: MoE gates', true layers' dL/dp
   Buffer ex_a, ex_b, ex_c;                         // true layers' backward: gathered rows
   Buffer router_r, router_f;                       // true layers' router: logits [n], features [n, 2]
-  Buffer router_aux;                               // true layers' backward: [n zeros | ds]
   bool freeze = false;                             // freeze_routing
   std::vector<int64_t> seq_count;  // counted targets per sequence (the budget loss's weights)
   double budget_scale = 0;         // grad_scale / total: a sequence's budget weight is cnt_b times it
@@ -949,8 +947,8 @@ struct BatchGrad::Impl {
     // The router: dr_t = (dL/dp_t + the budget term's) p (1 - p); budget weight cnt_b x
     // budget_scale, as the cross-entropy weighs the sequence; ds_t, the gradient of token t's own
     // logit s_t = w_router . u_t + fw . f_t + b, on the host. The features are constants
-    // (TRUE_HYBRID.md): dw_router += ds^T u (a one-column linear's weight gradient) and
-    // du += ds w_router on the device; dfw and db are sums over n scalars.
+    // (TRUE_HYBRID.md): du += ds w_router and dw_router += ds^T u are a one-column linear's
+    // backward on the device; dfw and db are sums over n scalars.
     std::vector<float> ds(static_cast<size_t>(n)), dfw(size_t(kRouterFeatures), 0.0f), db(1, 0.0f);
     for (int b = 0; b < B; ++b) {
       const int L = rg.len(b), t0 = rg.start(b);
@@ -971,15 +969,7 @@ struct BatchGrad::Impl {
         db[0] += g;
       }
     }
-    const Tensor dst = upload(ds, n, 1);
-    be.linear_backward(Tensor(), g(o.router_w, 1, D), dst, s.u, w(o.router_w, 1, D), true);
-    // du_t += ds_t w_router: every row reads the router's one row (index 0), gated by its ds.
-    router_aux.reserve(be, sizeof(int32_t) * size_t(n) * 2);
-    std::vector<int32_t> aux(size_t(n) * 2, 0);
-    std::memcpy(aux.data() + n, ds.data(), sizeof(float) * size_t(n));
-    be.to_device(router_aux.data(), aux.data(), sizeof(int32_t) * aux.size());
-    const auto* zeros = static_cast<const int32_t*>(router_aux.data());
-    be.add_rows(du, nullptr, w(o.router_w, 1, D), zeros, n, reinterpret_cast<const float*>(zeros + n), Tensor());
+    be.linear_backward(du, g(o.router_w, 1, D), upload(ds, n, 1), s.u, w(o.router_w, 1, D), true);
     add_grad(o.router_feat, dfw);
     add_grad(o.router_b, db);
   }
