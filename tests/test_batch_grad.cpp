@@ -830,10 +830,10 @@ TEST(BatchGrad, RowDots) {
   }
 }
 
-// router_train on the host backends against the router's definition written out in double
+// router on the host backends against the router's definition written out in double
 // (docs/TRUE_HYBRID.md): per sequence an EMA from zero, novelty 1 - cos(u_t, m_{t-1}), position
 // log2(1 + t) / 16, s_t = w.u_t + fw.f_t + b; chunk routing broadcasts each chunk's first logit.
-TEST(BatchGrad, RouterTrain) {
+TEST(BatchGrad, Router) {
   const int D = 23;
   const std::vector<int> lens = {9, 1, 30};
   Rng rng(44);
@@ -849,10 +849,10 @@ TEST(BatchGrad, RouterTrain) {
     for (size_t s = 0; s < lens.size(); ++s) rg.add(int(s), lens[s], 0);
     for (const int chunk : {0, 4}) {
       std::vector<float> r(size_t(n), NAN), f(size_t(n) * kRouterFeatures, NAN);
-      be->router_train(Tensor::vec(r.data(), DType::F32, n), Tensor(f.data(), DType::F32, n, kRouterFeatures),
-                       Tensor(u.data(), DType::F32, n, D), Tensor::vec(w.data(), DType::F32, D),
-                       Tensor::vec(fw.data(), DType::F32, kRouterFeatures), Tensor::vec(b.data(), DType::F32, 1), rg,
-                       chunk);
+      be->router(Tensor::vec(r.data(), DType::F32, n), Tensor(f.data(), DType::F32, n, kRouterFeatures),
+                 Tensor(u.data(), DType::F32, n, D), Tensor::vec(w.data(), DType::F32, D),
+                 Tensor::vec(fw.data(), DType::F32, kRouterFeatures), Tensor::vec(b.data(), DType::F32, 1), rg, chunk,
+                 nullptr);
       int t0 = 0;
       for (const int L : lens) {
         std::vector<double> m(size_t(D), 0.0), own(static_cast<size_t>(L));
@@ -883,18 +883,80 @@ TEST(BatchGrad, RouterTrain) {
     for (int t = 0; t < n; ++t) std::copy_n(u.data() + size_t(t) * D, D, wide.data() + size_t(t) * (D + 3) + 1);
     std::vector<float> r(static_cast<size_t>(n)), f(size_t(n) * kRouterFeatures), r2(r), f2(f);
     const auto run = [&](std::vector<float>& rr, std::vector<float>& ff, Tensor uu) {
-      be->router_train(Tensor::vec(rr.data(), DType::F32, n), Tensor(ff.data(), DType::F32, n, kRouterFeatures), uu,
-                       Tensor::vec(w.data(), DType::F32, D), Tensor::vec(fw.data(), DType::F32, kRouterFeatures),
-                       Tensor::vec(b.data(), DType::F32, 1), rg, 3);
+      be->router(Tensor::vec(rr.data(), DType::F32, n), Tensor(ff.data(), DType::F32, n, kRouterFeatures), uu,
+                 Tensor::vec(w.data(), DType::F32, D), Tensor::vec(fw.data(), DType::F32, kRouterFeatures),
+                 Tensor::vec(b.data(), DType::F32, 1), rg, 3, nullptr);
     };
     run(r, f, Tensor(u.data(), DType::F32, n, D));
     run(r2, f2, Tensor(wide.data(), DType::F32, n, D + 3, D + 3).cols_view(1, D));
     EXPECT_EQ(r, r2);
     EXPECT_EQ(f, f2);
-    EXPECT_THROW_MSG(be->router_train(Tensor::vec(r.data(), DType::F32, n), Tensor(f.data(), DType::F32, n, kRouterFeatures),
-                                      Tensor(u.data(), DType::F32, n, D), Tensor::vec(w.data(), DType::F32, D - 1),
-                                      Tensor::vec(fw.data(), DType::F32, kRouterFeatures),
-                                      Tensor::vec(b.data(), DType::F32, 1), rg, 0),
-                     "router_train");
+    EXPECT_THROW_MSG(be->router(Tensor::vec(r.data(), DType::F32, n), Tensor(f.data(), DType::F32, n, kRouterFeatures),
+                                Tensor(u.data(), DType::F32, n, D), Tensor::vec(w.data(), DType::F32, D - 1),
+                                Tensor::vec(fw.data(), DType::F32, kRouterFeatures),
+                                Tensor::vec(b.data(), DType::F32, 1), rg, 0, nullptr),
+                     "router");
+  }
+}
+
+// Inference's router: sequences fed in pieces (cut mid-chunk, in slots out of order), each
+// continuing its slot's analyzer state (EMA, chunk logit) at its position, give exactly the
+// logits of one call over the whole sequences; no features asked for.
+TEST(BatchGrad, RouterContinuesState) {
+  const int D = 19;
+  const std::vector<int> lens = {9, 1, 30};
+  const std::vector<std::vector<int>> pieces = {{3, 6, 0}, {1, 0, 0}, {7, 13, 10}};  // per call
+  const std::vector<int> slot_of = {2, 0, 1};
+  Rng rng(45);
+  int n = 0;
+  for (int l : lens) n += l;
+  std::vector<float> u(size_t(n) * D), w(static_cast<size_t>(D)), fw(kRouterFeatures), b(1);
+  for (auto* v : {&u, &w, &fw, &b})
+    for (float& e : *v) e = float(rng.normal());
+  const Tensor wt = Tensor::vec(w.data(), DType::F32, D), fwt = Tensor::vec(fw.data(), DType::F32, kRouterFeatures),
+               bt = Tensor::vec(b.data(), DType::F32, 1);
+  for (auto make : {make_cpu_backend, make_ref_backend}) {
+    auto be = make();
+    for (const int chunk : {0, 4}) {
+      Ragged whole;
+      for (size_t s = 0; s < lens.size(); ++s) whole.add(int(s), lens[s], 0);
+      std::vector<float> want(size_t(n), NAN), f(size_t(n) * kRouterFeatures);
+      be->router(Tensor::vec(want.data(), DType::F32, n), Tensor(f.data(), DType::F32, n, kRouterFeatures),
+                 Tensor(u.data(), DType::F32, n, D), wt, fwt, bt, whole, chunk, nullptr);
+
+      std::vector<float> pool(size_t(3) * (D + 1), 0.0f), got(size_t(n), NAN);
+      const StatePool st{pool.data(), 3, D + 1};
+      std::vector<int> done(lens.size(), 0), first(lens.size(), 0);
+      for (size_t s = 1; s < lens.size(); ++s) first[s] = first[s - 1] + lens[s - 1];
+      for (int call = 0; call < 3; ++call) {
+        Ragged rg;
+        std::vector<float> uc, rc;
+        for (size_t s = 0; s < lens.size(); ++s) {
+          const int L = pieces[s][size_t(call)];
+          if (L == 0) continue;
+          rg.add(slot_of[s], L, done[s]);
+          const float* src = u.data() + size_t(first[s] + done[s]) * D;
+          uc.insert(uc.end(), src, src + size_t(L) * D);
+        }
+        const int m = rg.n_tokens();
+        rc.assign(size_t(m), NAN);
+        be->router(Tensor::vec(rc.data(), DType::F32, m), Tensor(), Tensor(uc.data(), DType::F32, m, D), wt, fwt, bt,
+                   rg, chunk, &st);
+        int k = 0;
+        for (size_t s = 0; s < lens.size(); ++s) {
+          const int L = pieces[s][size_t(call)];
+          for (int t = 0; t < L; ++t) got[size_t(first[s] + done[s] + t)] = rc[size_t(k++)];
+          done[s] += L;
+        }
+      }
+      EXPECT_EQ(got, want) << be->name() << " chunk " << chunk;
+      const StatePool narrow{pool.data(), 3, D};
+      Ragged one;
+      one.add(0, 1, 0);
+      std::vector<float> r1(1);
+      EXPECT_THROW_MSG(be->router(Tensor::vec(r1.data(), DType::F32, 1), Tensor(), Tensor(u.data(), DType::F32, 1, D),
+                                  wt, fwt, bt, one, chunk, &narrow),
+                       "analyzer state");
+    }
   }
 }

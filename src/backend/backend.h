@@ -190,13 +190,15 @@ class Backend {
   // out[r] = a[a_idx ? a_idx[r] : r] . b[r] for each of b's rows (out float32 [1, b.rows]; a_idx
   // in backend memory): an MoE gate's gradient, dout of the token . its expert's output.
   virtual void row_dots(Tensor out, Tensor a, const int32_t* a_idx, Tensor b);
-  // The True Hybrid router over whole sequences (kernels/ref/router_ref.h's router_forward, each
-  // sequence of rg from position 0 with an empty EMA): from u [n, D] and the router's float32
-  // weights w [1, D], fw [1, kRouterFeatures], b [1, 1], the features feats [n, kRouterFeatures]
-  // and the logits r [1, n] (float32); chunk > 0: each chunk of `chunk` tokens takes the logit
-  // of its first token.
-  virtual void router_train(Tensor r, Tensor feats, Tensor u, Tensor w, Tensor fw, Tensor b, const Ragged& rg,
-                            int chunk);
+  // The True Hybrid router (kernels/ref/router_ref.h's router_forward) over a ragged batch: from
+  // u [n, D] and the router's float32 weights w [1, D], fw [1, kRouterFeatures], b [1, 1], the
+  // logits r [1, n] and, unless feats is empty (no data), the features feats [n, kRouterFeatures]
+  // (float32); chunk > 0: each chunk of `chunk` positions takes the logit of its first token.
+  // st null (training): each sequence from position 0 with an empty EMA. st given (inference):
+  // each sequence continues its slot's analyzer state at position rg.pos0(s): st->at(slot) holds
+  // the EMA [D] then the current chunk's logit (slot_stride D + 1), read and brought up to date.
+  virtual void router(Tensor r, Tensor feats, Tensor u, Tensor w, Tensor fw, Tensor b, const Ragged& rg,
+                      int chunk, const StatePool* st);
   // dst = src in dst's type (same shape; round to nearest even): the compute copy of float32
   // master weights in mixed-precision training.
   virtual void convert(Tensor dst, Tensor src);

@@ -14,7 +14,7 @@ const char* op_kind_name(OpKind k) {
                                 "rope_backward", "embedding_backward", "cross_entropy_head",
                                 "scale_cols_backward", "convert", "sum_squares", "adamw_step", "copy",
                                 "ssd_scan_train", "ssd_scan_backward", "gated_rmsnorm_backward",
-                                "relu2_backward", "row_dots", "router_train"};
+                                "relu2_backward", "row_dots", "router"};
   static_assert(sizeof(names) / sizeof(names[0]) == size_t(OpKind::kCount));
   return names[size_t(k)];
 }
@@ -209,9 +209,9 @@ void CountingBackend::scale_cols_backward(Tensor dsrc, Tensor dscale, Tensor dds
 void CountingBackend::row_dots(Tensor out, Tensor a, const int32_t* a_idx, Tensor b) {
   run(OpKind::RowDots, out.data, b.rows, 2.0 * b.rows * b.cols, [&] { in_.row_dots(out, a, a_idx, b); });
 }
-void CountingBackend::router_train(Tensor r, Tensor feats, Tensor u, Tensor w, Tensor fw, Tensor b,
-                                   const Ragged& rg, int chunk) {
-  run(OpKind::RouterTrain, r.data, u.rows, 8.0 * u.rows * u.cols, [&] { in_.router_train(r, feats, u, w, fw, b, rg, chunk); });
+void CountingBackend::router(Tensor r, Tensor feats, Tensor u, Tensor w, Tensor fw, Tensor b, const Ragged& rg,
+                             int chunk, const StatePool* st) {
+  run(OpKind::Router, r.data, u.rows, 8.0 * u.rows * u.cols, [&] { in_.router(r, feats, u, w, fw, b, rg, chunk, st); });
 }
 void CountingBackend::convert(Tensor dst, Tensor src) {
   run(OpKind::Convert, dst.data, src.rows, 0, [&] { in_.convert(dst, src); });

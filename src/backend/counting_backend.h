@@ -18,7 +18,7 @@ enum class OpKind : uint8_t {
   LinearBackward, RmsnormBackward, SwigluBackward, ConvTrain, ConvBackward, ScanTrain, ScanBackward,
   AttentionTrain, AttentionBackward, RopeBackward, EmbeddingBackward, CrossEntropyHead,
   ScaleColsBackward, Convert, SumSquares, AdamwStep, Copy, SsdScanTrain, SsdScanBackward, GatedNormBackward,
-  Relu2Backward, RowDots, RouterTrain,
+  Relu2Backward, RowDots, Router,
   kCount
 };
 const char* op_kind_name(OpKind k);
@@ -144,8 +144,8 @@ class CountingBackend final : public Backend {
                             double scale) override;
   void scale_cols_backward(Tensor dsrc, Tensor dscale, Tensor ddst, Tensor src, Tensor scale) override;
   void row_dots(Tensor out, Tensor a, const int32_t* a_idx, Tensor b) override;
-  void router_train(Tensor r, Tensor feats, Tensor u, Tensor w, Tensor fw, Tensor b, const Ragged& rg,
-                    int chunk) override;
+  void router(Tensor r, Tensor feats, Tensor u, Tensor w, Tensor fw, Tensor b, const Ragged& rg, int chunk,
+              const StatePool* st) override;
   void convert(Tensor dst, Tensor src) override;
   double sum_squares(const float* x, const std::vector<ArenaSpan>& spans) override;
   void adamw_step(float* p, const float* g, float* m, float* v, const std::vector<ArenaSpan>& spans,

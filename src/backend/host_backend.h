@@ -572,12 +572,12 @@ class HostBackend : public Backend {
       out.f32()[r] = float(acc);
     }
   }
-  void router_train(Tensor r, Tensor feats, Tensor u, Tensor w, Tensor fw, Tensor b, const Ragged& rg,
-                    int chunk) override {
-    train_check::router_train(name(), r, feats, u, w, fw, b, rg, chunk);
-    HM_CHECK(feats.ld == feats.cols, name(), " router_train: feats must be dense");
+  void router(Tensor r, Tensor feats, Tensor u, Tensor w, Tensor fw, Tensor b, const Ragged& rg, int chunk,
+              const StatePool* st) override {
+    train_check::router(name(), r, feats, u, w, fw, b, rg, chunk, st);
+    HM_CHECK(!feats.data || feats.ld == feats.cols, name(), " router: feats must be dense");
     const int D = u.cols;
-    std::vector<float> ema, dense;  // router_forward reads rows of D: a strided u is copied
+    std::vector<float> ema, dense, scratch;  // router_forward reads rows of D: a strided u is copied
     for (int s = 0; s < rg.nseq(); ++s) {
       const int t0 = rg.start(s), L = rg.len(s);
       const float* us = row(u, t0);
@@ -586,10 +586,17 @@ class HostBackend : public Backend {
         for (int t = 0; t < L; ++t) std::memcpy(dense.data() + size_t(t) * D, row(u, t0 + t), sizeof(float) * size_t(D));
         us = dense.data();
       }
-      ema.assign(size_t(D), 0.0f);
-      float chunk_logit = 0;
-      th::router_forward(r.f32() + t0, row(feats, t0), ema.data(), chunk_logit, us, L, D, int64_t(0), w.f32(), fw.f32(),
-                         b.f32(), chunk > 0, chunk);
+      float* f = feats.data ? row(feats, t0) : (scratch.resize(size_t(L) * kRouterFeatures), scratch.data());
+      if (st) {
+        float* state = st->at(rg.slot(s));
+        th::router_forward(r.f32() + t0, f, state, state[D], us, L, D, int64_t(rg.pos0(s)), w.f32(), fw.f32(),
+                           b.f32(), chunk > 0, chunk);
+      } else {
+        ema.assign(size_t(D), 0.0f);
+        float chunk_logit = 0;
+        th::router_forward(r.f32() + t0, f, ema.data(), chunk_logit, us, L, D, int64_t(0), w.f32(), fw.f32(), b.f32(),
+                           chunk > 0, chunk);
+      }
     }
   }
   void convert(Tensor dst, Tensor src) override {

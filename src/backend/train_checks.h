@@ -35,8 +35,8 @@ void embedding_backward(const std::string& be, Tensor dtable, Tensor dout);
 void cross_entropy_head(const std::string& be, Tensor dhn, Tensor dW, Tensor hn, Tensor W);
 void scale_cols_backward(const std::string& be, Tensor dsrc, Tensor dscale, Tensor ddst, Tensor src, Tensor scale);
 void row_dots(const std::string& be, Tensor out, Tensor a, Tensor b);
-void router_train(const std::string& be, Tensor r, Tensor feats, Tensor u, Tensor w, Tensor fw, Tensor b,
-                  const Ragged& rg, int chunk);
+void router(const std::string& be, Tensor r, Tensor feats, Tensor u, Tensor w, Tensor fw, Tensor b,
+            const Ragged& rg, int chunk, const StatePool* st);
 void convert(const std::string& be, Tensor dst, Tensor src);
 void spans(const std::string& be, const char* op, const std::vector<Backend::ArenaSpan>& sp);
 

@@ -126,15 +126,21 @@ void row_dots(const std::string& be, Tensor out, Tensor a, Tensor b) {
            " do not fit out[r] = a[idx[r]] . b[r] (out float32 [1, b.rows]; a and b one type and width)");
 }
 
-void router_train(const std::string& be, Tensor r, Tensor feats, Tensor u, Tensor w, Tensor fw, Tensor b,
-                  const Ragged& rg, int chunk) {
+void router(const std::string& be, Tensor r, Tensor feats, Tensor u, Tensor w, Tensor fw, Tensor b,
+            const Ragged& rg, int chunk, const StatePool* st) {
   const int n = rg.n_tokens(), D = u.cols;
   const auto f32_vec = [](Tensor t, int len) { return t.dtype == DType::F32 && t.rows == 1 && t.cols == len; };
-  HM_CHECK(u.rows == n && f32_vec(r, n) && feats.dtype == DType::F32 && feats.rows == n &&
-               feats.cols == kRouterFeatures && f32_vec(w, D) && f32_vec(fw, kRouterFeatures) && f32_vec(b, 1) &&
-               chunk >= 0,
-           be, " router_train: r ", dims(r), ", feats ", dims(feats), ", u ", dims(u), ", w ", dims(w), ", fw ",
+  const bool feats_ok = !feats.data || (feats.dtype == DType::F32 && feats.rows == n && feats.cols == kRouterFeatures);
+  HM_CHECK(u.rows == n && f32_vec(r, n) && feats_ok && f32_vec(w, D) && f32_vec(fw, kRouterFeatures) &&
+               f32_vec(b, 1) && chunk >= 0,
+           be, " router: r ", dims(r), ", feats ", dims(feats), ", u ", dims(u), ", w ", dims(w), ", fw ",
            dims(fw), ", b ", dims(b), ", chunk ", chunk, " do not fit ", n, " tokens (r, feats, w, fw, b float32)");
+  if (!st) return;
+  HM_CHECK(st->base && st->slot_stride == int64_t(D) + 1, be, " router: the analyzer state's slots hold ",
+           st->slot_stride, " floats, not D + 1 = ", D + 1);
+  for (int s = 0; s < rg.nseq(); ++s)
+    HM_CHECK(rg.slot(s) >= 0 && rg.slot(s) < st->n_slots && rg.pos0(s) >= 0, be, " router: sequence ", s,
+             " is in slot ", rg.slot(s), " at position ", rg.pos0(s), " (", st->n_slots, " slots)");
 }
 
 void convert(const std::string& be, Tensor dst, Tensor src) {
@@ -204,8 +210,8 @@ double Backend::cross_entropy_head(Tensor, Tensor, Tensor, Tensor, const int32_t
 }
 void Backend::scale_cols_backward(Tensor, Tensor, Tensor, Tensor, Tensor) { missing(*this, "scale_cols_backward"); }
 void Backend::row_dots(Tensor, Tensor, const int32_t*, Tensor) { missing(*this, "row_dots"); }
-void Backend::router_train(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, const Ragged&, int) {
-  missing(*this, "router_train");
+void Backend::router(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, const Ragged&, int, const StatePool*) {
+  missing(*this, "router");
 }
 void Backend::convert(Tensor, Tensor) { missing(*this, "convert"); }
 double Backend::sum_squares(const float*, const std::vector<ArenaSpan>&) { missing(*this, "sum_squares"); }

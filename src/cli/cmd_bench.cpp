@@ -293,7 +293,7 @@ nlohmann::json routing_sweep(const HybridModel& src, Backend& cpu_be, int L, int
     for (int k = 0; k < n_cfg; ++k) {
       be.reset();
       const double tk = run(k);
-      // Time inside backend ops by kind; what remains is host glue (router, gathers, fusion).
+      // Time inside backend ops by kind; what remains is host glue (route decisions, index lists).
       nlohmann::json j;
       double in_ops = 0;
       for (int op = 0; op < int(OpKind::kCount); ++op) {

@@ -123,7 +123,7 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const RunShape& s) {
   if (s.forward_tokens > 0 || s.logit_rows > 0) {
     // HybridModel::forward's workspace buffers, per token.
     int64_t per_token = D + std::max(D, S) + 2 * S + D + 2 * E + E + P + E + H * hd + 2 * KW;
-    if (!c.true_layers.empty()) per_token += 3 * D;
+    if (!c.true_layers.empty()) per_token += 3 * D + 1;  // path rows, router logits
     if (!c.mamba2_layers.empty())  // wider in_proj and conv outputs, and the scan's output
       per_token += std::max<int64_t>(0, c.mamba2_in_proj_rows() - 2 * E) + std::max<int64_t>(0, c.mamba2_conv_dim() - E) + E;
     if (F > 0) per_token += 3 * std::max<int64_t>({F, c.moe_shared_ff, c.moe_width()});

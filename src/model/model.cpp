@@ -170,6 +170,8 @@ void HybridModel::prepare() {
   warmed_.clear();
   A_.clear();
   A_.resize(size_t(cfg_.n_layers));
+  router_.clear();
+  router_.resize(size_t(cfg_.n_layers));
   for (int i = 0; i < cfg_.n_layers; ++i) {
     const LayerWeights& w = params_.layer(i);
     LayerTensors& t = lw_[size_t(i)];
@@ -244,6 +246,24 @@ void HybridModel::prepare() {
       t.fuse_mamba = weight(w.fuse_mamba, 1, D);
       t.fuse_attn = weight(w.fuse_attn, 1, D);
       t.exchange = weight(w.exchange, 1, D);
+      // The router computes in float32 at every dtype: the arena's own floats on a host
+      // backend, else one float32 copy.
+      const float* rw = w.router_w;
+      const float* rf = w.router_feat;
+      const float* rb = w.router_b;
+      if (be_.device() != Device::CPU) {
+        std::vector<float> all(rw, rw + D);
+        all.insert(all.end(), rf, rf + kRouterFeatures);
+        all.push_back(rb[0]);
+        Buffer& buf = router_[size_t(i)] = Buffer(be_, sizeof(float) * all.size());
+        be_.to_device(buf.data(), all.data(), sizeof(float) * all.size());
+        rw = buf.f32();
+        rf = rw + D;
+        rb = rf + kRouterFeatures;
+      }
+      t.router_w = Tensor::vec(const_cast<float*>(rw), DType::F32, D);
+      t.router_fw = Tensor::vec(const_cast<float*>(rf), DType::F32, kRouterFeatures);
+      t.router_b = Tensor::vec(const_cast<float*>(rb), DType::F32, 1);
     }
     if (cfg_.has_bridge(i)) {
       const int S = cfg_.inner_dim(i - 1);
@@ -509,10 +529,10 @@ void HybridModel::attention_layer(int layer, HybridMemory& mem) {
 // all sequences, and a path no token chose does no work at all. The conv and scan (Mamba) and
 // RoPE + attention run per sequence on its compacted subsequence (a ragged batch of its own),
 // continuing that sequence's own state, so tokens a path skips leave its state untouched.
-// The router and route decisions are O(T * D) host loops (u is read back for them); gathers,
-// the exchange, the fusion and the carried state stay in the backend's memory.
+// The router runs on the backend, continuing each sequence's analyzer state, and only its
+// logits (a float a token) come to the host for the route decisions; gathers, the exchange,
+// the fusion and the carried state stay in the backend's memory.
 void HybridModel::true_layer(int layer, HybridMemory& mem) {
-  const LayerWeights& hw = params_.layer(layer);  // the router's weights: host float32
   const LayerTensors& w = lw_[size_t(layer)];
   const int T = rg_.n_tokens(), D = cfg_.d_model, nseq = rg_.nseq();
   const th::Mode mode = th::mode_from_config(cfg_);
@@ -520,29 +540,19 @@ void HybridModel::true_layer(int layer, HybridMemory& mem) {
   const Tensor u = ws_.u.tensor(dtype_, T, D);
   RouteState& rs = mem.route();
 
-  // u on the host, float32, for the router.
-  uhost_.resize(size_t(T) * D);
-  if (dtype_ == DType::F32) {
-    be_.to_host(uhost_.data(), u.data, uhost_.size() * sizeof(float));
-  } else {
-    std::vector<char> raw(uhost_.size() * dtype_size(dtype_));
-    be_.to_host(raw.data(), u.data, raw.size());
-    convert_to_f32(uhost_.data(), raw.data(), dtype_, uhost_.size());
-  }
-
-  // Routes, chunk by chunk, each continuing its sequence's analyzer state.
-  routing_.resize(size_t(nseq));
+  const Tensor r = ws_.route_logits.tensor(DType::F32, 1, T);
+  const StatePool analyzer = rs.analyzer(layer);
+  be_.router(r, Tensor(), u, w.router_w, w.router_fw, w.router_b, rg_, chunked ? cfg_.routing_chunk : 0, &analyzer);
   logit_.resize(size_t(T));
-  feats_.resize(size_t(T) * kRouterFeatures);
+  be_.to_host(logit_.data(), r.data, sizeof(float) * logit_.size());
+
+  // Routes, chunk by chunk (rg_.pos0 is the sequence's position).
+  routing_.resize(size_t(nseq));
   std::vector<int> moff(size_t(nseq) + 1, 0), aoff(size_t(nseq) + 1, 0);  // chunk -> first compact row
   for (int s = 0; s < nseq; ++s) {
-    const int slot = rg_.slot(s), t0 = rg_.start(s), L = rg_.len(s);
-    th::router_forward(logit_.data() + t0, feats_.data() + size_t(t0) * kRouterFeatures,
-                       rs.ema(layer, slot), rs.chunk_logit(layer, slot), uhost_.data() + size_t(t0) * D,
-                       L, D, int64_t(mem.pos(slot)), hw.router_w, hw.router_feat, hw.router_b,
-                       chunked, cfg_.routing_chunk);
+    const int t0 = rg_.start(s), L = rg_.len(s);
     th::Routing<float>& rt = routing_[size_t(s)];
-    th::decide_routes(rt, logit_.data() + t0, L, int64_t(mem.pos(slot)), mode, force_f_);
+    th::decide_routes(rt, logit_.data() + t0, L, int64_t(rg_.pos0(s)), mode, force_f_);
     moff[size_t(s) + 1] = moff[size_t(s)] + int(rt.mamba_idx.size());
     aoff[size_t(s) + 1] = aoff[size_t(s)] + int(rt.attn_idx.size());
   }
@@ -793,6 +803,7 @@ Tensor HybridModel::forward_device(const Batch& b, HybridMemory& mem) {
       cfg_.embedding_multiplier != 1.0f)
     act(ws_.ym, T, D);  // also the scratch of the scaled residual and embeddings
   if (!cfg_.moe_layers.empty()) ws_.moe_logits.reserve(be_, sizeof(float) * size_t(T) * cfg_.moe_experts);
+  if (!cfg_.true_layers.empty()) ws_.route_logits.reserve(be_, sizeof(float) * size_t(T));
   if (cfg_.d_ff > 0) {
     const int F = std::max({cfg_.d_ff, cfg_.moe_shared_ff, cfg_.moe_layers.empty() ? 0 : cfg_.moe_width()});
     act(ws_.g, T, F);
@@ -889,7 +900,8 @@ size_t HybridModel::workspace_bytes() const {
   size_t n = 0;
   for (const Buffer* b : {&ws_.h, &ws_.u, &ws_.xz, &ws_.xc, &ws_.dbc, &ws_.dt, &ws_.q, &ws_.k, &ws_.v, &ws_.g,
                           &ws_.up, &ws_.act, &ws_.rows, &ws_.logits, &ws_.inner[0], &ws_.inner[1], &ws_.gath,
-                          &ws_.ym, &ws_.ya, &ws_.ssd, &ws_.moe_logits, &ws_.bcdt, &ws_.ids, &ws_.idx, &ws_.gates, &ws_.zeros})
+                          &ws_.ym, &ws_.ya, &ws_.ssd, &ws_.moe_logits, &ws_.route_logits, &ws_.bcdt, &ws_.ids,
+                          &ws_.idx, &ws_.gates, &ws_.zeros})
     n += b->bytes();
   return n;
 }

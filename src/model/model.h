@@ -43,6 +43,7 @@ struct Workspace {
   Buffer gath, ym, ya;  // true-hybrid layers: gathered path inputs, compact path outputs
   Buffer ssd;           // Mamba-2 layers: the scan's output, before the gated norm
   Buffer moe_logits;    // MoE layers: router logits [n, experts], float32
+  Buffer route_logits;  // true-hybrid layers: router logits [1, n], float32
   Buffer bcdt;          // mamba_bcdt_norm: normalized dt_r [n, R], B [n, N], C [n, N], one after another
   Buffer ids, idx, gates;  // token ids, row indices and row gates uploaded for one forward
   Buffer zeros;            // mamba_proj_bias: T int32 zeros, the row index of a bias added to every row
@@ -58,6 +59,7 @@ struct LayerTensors {
   Tensor dt_norm, b_norm, c_norm;  // mamba_bcdt_norm_weight: the dt, B and C norms' weights
   Tensor in_b, out_b;  // mamba_proj_bias: in_proj's and out_proj's biases
   Tensor moe_router;                          // MoE layers: [experts, D]
+  Tensor router_w, router_fw, router_b;       // true-hybrid layers: [1, D], [1, kRouterFeatures], [1, 1], float32
   std::vector<Tensor> e_gate, e_up, e_down;   // and each expert's W
   Tensor s_gate, s_up, s_down;                // the shared expert's (moe_shared_ff)
 };
@@ -215,6 +217,7 @@ class HybridModel {
   Buffer scales_;
   Tensor emb_scale_, resid_scale_, q_scale_;
   std::vector<Buffer> A_;              // per layer: -exp(A_log) [E, N] float32, [heads] for Mamba-2 (empty for attention)
+  std::vector<Buffer> router_;         // per true layer off a host backend: its router's w | fw | b, float32
   Workspace ws_;
   Ragged rg_, rgm_, rga_;              // the batch; a true layer's Mamba and attention rows
   size_t idx_used_ = 0, gates_used_ = 0;  // upload offsets within ws_.idx / ws_.gates
@@ -238,7 +241,7 @@ class HybridModel {
   const int32_t* last_idx_ = nullptr;               // the last row of each chunk, uploaded
   // true_layer's host scratch, reused across calls
   std::vector<th::Routing<float>> routing_;  // per chunk of the batch
-  std::vector<float> logit_, feats_, uhost_;  // [T], [T, kRouterFeatures], [T, D]
+  std::vector<float> logit_;                  // [T]
   std::vector<float> moe_p_;                  // moe's host scratch: router logits [T, experts]
   MoeRouting moe_rt_;                         // moe's routing of the current chunk
 };

@@ -122,9 +122,10 @@ RouteState::RouteState(Backend& be, const ModelConfig& c, int n_slots)
     : be_(be), n_slots_(n_slots), d_(c.d_model) {
   int n_true = 0;
   for (int i = 0; i < c.n_layers; ++i) layer_index_.push_back(c.is_true(i) ? n_true++ : -1);
-  host_.assign(size_t(n_true) * n_slots * (size_t(d_) + 1), 0.0f);
   for (int t = 0; t < n_true; ++t) {
+    an_.emplace_back(be_, sizeof(float) * size_t(d_ + 1) * n_slots);
     x_.emplace_back(be_, sizeof(float) * size_t(d_) * n_slots);
+    be_.memzero(an_.back().data(), an_.back().bytes());
     be_.memzero(x_.back().data(), x_.back().bytes());
   }
 }
@@ -135,35 +136,34 @@ int RouteState::index(int layer) const {
   return t;
 }
 
-float* RouteState::host(int layer, int slot) {
-  HM_ASSERT(slot >= 0 && slot < n_slots_);
-  return host_.data() + (size_t(index(layer)) * n_slots_ + slot) * (size_t(d_) + 1);
+std::array<StatePool, 2> RouteState::pools(size_t t) const {
+  return {StatePool{an_[t].f32(), n_slots_, int64_t(d_) + 1}, StatePool{x_[t].f32(), n_slots_, int64_t(d_)}};
 }
+
+StatePool RouteState::analyzer(int layer) const { return pools(size_t(index(layer)))[0]; }
 
 Tensor RouteState::last_mamba(int layer, DType t) const {
   return {x_[size_t(index(layer))].data(), t, n_slots_, d_, int64_t(d_) * 4 / int64_t(dtype_size(t))};
 }
 
+StatePool RouteState::last_mamba_pool(int layer) const { return pools(size_t(index(layer)))[1]; }
+
 void RouteState::clear(int slot) {
-  const size_t row = sizeof(float) * size_t(d_);
+  HM_ASSERT(slot >= 0 && slot < n_slots_);
   for (size_t t = 0; t < x_.size(); ++t) {
-    float* h = host_.data() + (t * n_slots_ + slot) * (size_t(d_) + 1);
-    std::fill(h, h + d_ + 1, 0.0f);
-    be_.memzero(static_cast<char*>(x_[t].data()) + slot * row, row);
+    for (const StatePool& p : pools(t)) be_.memzero(p.at(slot), sizeof(float) * size_t(p.slot_stride));
   }
 }
 
 void RouteState::copy(int src, int dst) {
-  const size_t row = sizeof(float) * size_t(d_), hrow = size_t(d_) + 1;
   for (size_t t = 0; t < x_.size(); ++t) {
-    std::copy_n(host_.data() + (t * n_slots_ + src) * hrow, hrow, host_.data() + (t * n_slots_ + dst) * hrow);
-    char* x = static_cast<char*>(x_[t].data());
-    be_.copy(x + dst * row, x + src * row, row);
+    for (const StatePool& p : pools(t)) be_.copy(p.at(dst), p.at(src), sizeof(float) * size_t(p.slot_stride));
   }
 }
 
 size_t RouteState::bytes_reserved() const {
-  size_t n = host_.size() * sizeof(float);
+  size_t n = 0;
+  for (const auto& b : an_) n += b.bytes();
   for (const auto& b : x_) n += b.bytes();
   return n;
 }

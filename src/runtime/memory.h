@@ -2,6 +2,7 @@
 // attention layers and a recurrent state (conv window + SSM state) for the Mamba layers, behind
 // one interface addressed by sequence slot.
 #pragma once
+#include <array>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -71,29 +72,28 @@ class RecurrentState {
 };
 
 // Per true-hybrid layer and sequence, what the router and the cross-path exchange carry from
-// one call to the next (docs/TRUE_HYBRID.md): the analyzer's EMA m of u and the logit of the
-// current chunk (host memory: the router runs on the host), and x, the last Mamba-path output
-// (backend memory, in the model's activation type: the exchange reads it on the device).
+// one call to the next (docs/TRUE_HYBRID.md), both in backend memory: the analyzer's state (the
+// EMA m of u [D], then the logit of the current chunk: Backend::router's StatePool) and x, the
+// last Mamba-path output, in the model's activation type (the exchange reads it).
 class RouteState {
  public:
   RouteState(Backend& be, const ModelConfig& c, int n_slots);
-  float* ema(int layer, int slot) { return host(layer, slot); }                    // [D], host
-  float& chunk_logit(int layer, int slot) { return host(layer, slot)[d_]; }        // host
+  StatePool analyzer(int layer) const;  // slot_stride D + 1, float32
   // x of every slot, [n_slots, D] of type t (the pool holds room for float32 rows, so the
   // byte layout of a slot does not depend on t).
   Tensor last_mamba(int layer, DType t) const;
+  StatePool last_mamba_pool(int layer) const;  // the same memory as float32 slots of D (for copies)
   void clear(int slot);
   void copy(int src_slot, int dst_slot);
   size_t bytes_reserved() const;
 
  private:
-  float* host(int layer, int slot);
   int index(int layer) const;
+  std::array<StatePool, 2> pools(size_t t) const;  // true layer t's analyzer and x
   Backend& be_;
   std::vector<int> layer_index_;  // model layer -> true layer number, -1 for others
   int n_slots_, d_;
-  std::vector<float> host_;      // [true layer][slot][D + 1]
-  std::vector<Buffer> x_;        // [true layer]: n_slots * D * 4 bytes
+  std::vector<Buffer> an_, x_;    // [true layer]: n_slots * (D + 1) floats, n_slots * D * 4 bytes
 };
 
 class HybridMemory {

@@ -13,8 +13,7 @@ struct PrefixCache::Node {
   std::map<std::vector<int32_t>, std::unique_ptr<Node>> kids;  // by the child block's tokens
   std::vector<int> rows, cum;      // per attention layer: K/V rows this block added, rows through it
   Buffer kv;                       // per attention layer: its K rows, then its V rows
-  Buffer state;                    // per Mamba-path layer conv then SSM; per true layer x (float32)
-  std::vector<float> route_host;   // per true layer: the analyzer's EMA [D] and the chunk logit
+  Buffer state;                    // one slot of each of state_pools_, in order
   size_t bytes = 0;
   uint64_t used = 0;               // LRU time
   int pins = 0;                    // slots recording from this node
@@ -24,16 +23,20 @@ struct PrefixCache::Node {
 PrefixCache::PrefixCache(HybridMemory& mem, const ModelConfig& c, int block, size_t budget_bytes)
     : mem_(mem), be_(mem.backend()), block_(block), budget_(budget_bytes), cursor_(size_t(mem.n_slots()), nullptr) {
   HM_CHECK(block > 0, "prefix cache: block size must be > 0, got ", block);
+  kv_row_bytes_ = size_t(c.n_kv_heads) * size_t(c.head_dim()) * kv_type_size(mem.kv().type());
   for (int i = 0; i < c.n_layers; ++i) {
     if (c.has_attention_path(i)) attn_layers_.push_back(i);
-    if (c.has_mamba_path(i)) mamba_layers_.push_back(i);
     if (c.is_true(i)) true_layers_.push_back(i);
+    if (c.has_mamba_path(i)) {
+      state_pools_.push_back(mem.recurrent().conv_pool(i));
+      state_pools_.push_back(mem.recurrent().ssm_pool(i));
+    }
+    if (c.is_true(i)) {
+      state_pools_.push_back(mem.route().analyzer(i));
+      state_pools_.push_back(mem.route().last_mamba_pool(i));
+    }
   }
-  kv_row_bytes_ = size_t(c.n_kv_heads) * size_t(c.head_dim()) * kv_type_size(mem.kv().type());
-  for (int l : mamba_layers_)
-    state_bytes_ += sizeof(float) * size_t(mem.recurrent().conv_pool(l).slot_stride + mem.recurrent().ssm_pool(l).slot_stride);
-  state_bytes_ += true_layers_.size() * sizeof(float) * size_t(c.d_model);
-  route_host_ = size_t(c.d_model) + 1;
+  for (const StatePool& p : state_pools_) state_bytes_ += sizeof(float) * size_t(p.slot_stride);
   root_ = std::make_unique<Node>();
   root_->has_state = true;
   root_->rows.assign(attn_layers_.size(), 0);
@@ -43,8 +46,7 @@ PrefixCache::PrefixCache(HybridMemory& mem, const ModelConfig& c, int block, siz
 PrefixCache::~PrefixCache() = default;
 
 size_t PrefixCache::block_bytes() const {
-  return attn_layers_.size() * 2 * size_t(block_) * kv_row_bytes_ + state_bytes_ +
-         true_layers_.size() * route_host_ * sizeof(float);
+  return attn_layers_.size() * 2 * size_t(block_) * kv_row_bytes_ + state_bytes_;
 }
 
 PrefixCache::Node* PrefixCache::child(Node* n, const int32_t* toks) const {
@@ -96,26 +98,13 @@ void PrefixCache::snapshot_state(Node& n, int slot) {
   if (state_bytes_ > 0) {
     n.state = Buffer(be_, state_bytes_);
     char* dst = static_cast<char*>(n.state.data());
-    for (int l : mamba_layers_) {
-      for (const StatePool& p : {mem_.recurrent().conv_pool(l), mem_.recurrent().ssm_pool(l)}) {
-        const size_t len = sizeof(float) * size_t(p.slot_stride);
-        be_.copy(dst, p.at(slot), len);
-        dst += len;
-      }
-    }
-    for (int l : true_layers_) {
-      const Tensor x = mem_.route().last_mamba(l, DType::F32);
-      const size_t len = sizeof(float) * size_t(x.cols);
-      be_.copy(dst, static_cast<const char*>(x.data) + size_t(slot) * len, len);
+    for (const StatePool& p : state_pools_) {
+      const size_t len = sizeof(float) * size_t(p.slot_stride);
+      be_.copy(dst, p.at(slot), len);
       dst += len;
     }
   }
-  for (int l : true_layers_) {
-    const float* ema = mem_.route().ema(l, slot);
-    n.route_host.insert(n.route_host.end(), ema, ema + route_host_ - 1);
-    n.route_host.push_back(mem_.route().chunk_logit(l, slot));
-  }
-  n.bytes += state_bytes_ + n.route_host.size() * sizeof(float);
+  n.bytes += state_bytes_;
   n.has_state = true;
 }
 
@@ -162,24 +151,11 @@ int PrefixCache::restore(int slot, const std::vector<int32_t>& tokens, int* bran
   // The recurrent state as it was at the end of the deepest block.
   if (state_bytes_ > 0) {
     const char* src = static_cast<const char*>(n->state.data());
-    for (int l : mamba_layers_) {
-      for (const StatePool& p : {mem_.recurrent().conv_pool(l), mem_.recurrent().ssm_pool(l)}) {
-        const size_t len = sizeof(float) * size_t(p.slot_stride);
-        be_.copy(p.at(slot), src, len);
-        src += len;
-      }
-    }
-    for (int l : true_layers_) {
-      const Tensor x = mem_.route().last_mamba(l, DType::F32);
-      const size_t len = sizeof(float) * size_t(x.cols);
-      be_.copy(static_cast<char*>(x.data) + size_t(slot) * len, src, len);
+    for (const StatePool& p : state_pools_) {
+      const size_t len = sizeof(float) * size_t(p.slot_stride);
+      be_.copy(p.at(slot), src, len);
       src += len;
     }
-  }
-  for (size_t t = 0; t < true_layers_.size(); ++t) {
-    const float* h = n->route_host.data() + t * route_host_;
-    std::copy(h, h + route_host_ - 1, mem_.route().ema(true_layers_[t], slot));
-    mem_.route().chunk_logit(true_layers_[t], slot) = h[route_host_ - 1];
   }
   const int restored = n->depth * block_;
   mem_.advance(slot, restored);
@@ -204,7 +180,7 @@ void PrefixCache::record(int slot, const std::vector<int32_t>& tokens) {
       have->used = ++clock_;
       set_cursor(slot, have);  // pinned: the eviction below cannot take it
       if (at_end && !have->has_state) {
-        const size_t before = have->bytes, need = state_bytes_ + true_layers_.size() * route_host_ * sizeof(float);
+        const size_t before = have->bytes, need = state_bytes_;
         evict_until(need);
         if (size_t(stats_.bytes) + need > budget_) {  // no room for the checkpoint
           release(slot);

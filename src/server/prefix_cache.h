@@ -74,8 +74,9 @@ class PrefixCache {
   Backend& be_;
   int block_;
   size_t budget_;
-  std::vector<int> attn_layers_, mamba_layers_, true_layers_;
-  size_t kv_row_bytes_ = 0, state_bytes_ = 0, route_host_ = 0;
+  std::vector<int> attn_layers_, true_layers_;
+  std::vector<StatePool> state_pools_;  // what a checkpoint holds of a slot: conv, SSM, route state
+  size_t kv_row_bytes_ = 0, state_bytes_ = 0;
   std::unique_ptr<Node> root_;
   std::vector<Node*> cursor_;  // per slot: the node of its last recorded block, or null
   uint64_t clock_ = 0;         // LRU time

@@ -802,7 +802,7 @@ struct BatchGrad::Impl {
   }
 
   // A true layer's mixer on s.u (model_grad.cpp's true_mixer_forward over the whole batch):
-  // the router as one op (router_train: features and logits, 3 floats a token come back), the
+  // the router as one op (router: features and logits, 3 floats a token come back), the
   // route decisions on the host, per sequence from position 0; the Mamba path
   // over the Mamba tokens of every sequence, the attention path over the attention tokens
   // (v = u + exchange * the latest Mamba output at or before the token), fused into out [n, D].
@@ -814,8 +814,8 @@ struct BatchGrad::Impl {
     const th::Mode mode = th::mode_from_config(mc);
     TrueState& T = *tstate[size_t(i)];
     const Tensor r_all = act(be, router_r, DType::F32, 1, n), f_all = act(be, router_f, DType::F32, n, kRouterFeatures);
-    be.router_train(r_all, f_all, s.u, w32(o.router_w, 1, D), w32(o.router_feat, 1, kRouterFeatures),
-                    w32(o.router_b, 1, 1), rg, chunked ? C : 0);
+    be.router(r_all, f_all, s.u, w32(o.router_w, 1, D), w32(o.router_feat, 1, kRouterFeatures),
+              w32(o.router_b, 1, 1), rg, chunked ? C : 0, nullptr);
     std::vector<float> r_host(static_cast<size_t>(n)), f_host(size_t(n) * kRouterFeatures);
     be.to_host(r_host.data(), r_all.data, sizeof(float) * r_host.size());
     be.to_host(f_host.data(), f_all.data, sizeof(float) * f_host.size());

@@ -693,7 +693,7 @@ void train(const TrainConfig& given) {
   bool has_true = false;
   for (int i = 0; i < mc.n_layers; ++i) has_true = has_true || mc.is_true(i);
   HM_CHECK(c.device != Device::CUDA || !has_true, "the model has True Hybrid layers, which train on the CPU only "
-           "(--device cpu) until the CUDA kernels of their router (router_train) and gates' gradients (row_dots) "
+           "(--device cpu) until the CUDA kernels of their router (router) and gates' gradients (row_dots) "
            "have run on a GPU");
   HM_CHECK(!on_device || c.scan_chunk == 0, "--scan-chunk applies to the CPU's scan; on CUDA the scan keeps one "
            "state per 64-token chunk and recomputes the rest");

@@ -287,33 +287,56 @@ TEST_P(CudaGradOps, RowDots) {
 // The True Hybrid router over ragged batches (a sequence of 333 tokens spans six blocks of 64,
 // each warming its EMA up from zero), token and chunk routing, on a strided u in the tested type;
 // widths below and above one pass of the block's threads. Features and logits are float math on
-// the same inputs, summed in another order: 1e-5 of the largest.
-TEST_P(CudaGradOps, RouterTrain) {
-  setenv("HM_CUDA_TRAIN_UNVERIFIED", "1", 1);  // the backend's gate until this passes on a GPU
+// the same inputs, summed in another order: 1e-5 of the largest. Then inference's form: each
+// sequence continues a random analyzer state (EMA, chunk logit) at a random position, giving
+// the logits and the state after the call, by the kernels and by the host path that inference
+// keeps until this test has passed (HM_CUDA_TRAIN_UNVERIFIED unset).
+TEST_P(CudaGradOps, Router) {
   hm::Rng rng(106);
-  for (const int D : {77, 1000}) {
-    for (const auto& lens : kSeqs) {
-      int n = 0;
-      for (int l : lens) n += l;
-      std::vector<int> pos0s(lens.size(), 0);
-      hm::Ragged rg_gpu, rg_cpu;
-      fill(rg_gpu, gpu(), lens, pos0s);
-      fill(rg_cpu, cpu(), lens, pos0s);
-      Both u(gpu(), T(), n, D + 3, normal(rng));
-      Both w(gpu(), DType::F32, 1, D, normal(rng, 0.1)), fw(gpu(), DType::F32, 1, hm::kRouterFeatures, normal(rng)),
-          b(gpu(), DType::F32, 1, 1, normal(rng));
-      for (const int chunk : {0, 5}) {
-        Both r = Both::out(gpu(), DType::F32, 1, n), f = Both::out(gpu(), DType::F32, n, hm::kRouterFeatures);
-        gpu().router_train(r.dev(0, n), f.dev(0, hm::kRouterFeatures), u.dev(2, D), w.dev(0, D),
-                           fw.dev(0, hm::kRouterFeatures), b.dev(0, 1), rg_gpu, chunk);
-        cpu().router_train(r.cpu(0, n), f.cpu(0, hm::kRouterFeatures), u.cpu(2, D), w.cpu(0, D),
-                           fw.cpu(0, hm::kRouterFeatures), b.cpu(0, 1), rg_cpu, chunk);
-        std::string what = "D " + std::to_string(D) + " n " + std::to_string(n) + " chunk " + std::to_string(chunk);
-        EXPECT_TRUE(matches(what + " logits", gpu(), r, 0, n, kFloatTol));
-        EXPECT_TRUE(matches(what + " features", gpu(), f, 0, hm::kRouterFeatures, kFloatTol));
+  for (const char* kernels : {"1", "0"}) {
+    setenv("HM_CUDA_TRAIN_UNVERIFIED", kernels, 1);  // "1": the kernels (the backend's gate until this passes)
+    for (const int D : {77, 1000}) {
+      for (const auto& lens : kSeqs) {
+        int n = 0;
+        for (int l : lens) n += l;
+        std::vector<int> zeros(lens.size(), 0), pos0s;
+        for (size_t s = 0; s < lens.size(); ++s) pos0s.push_back(int(rng.next_u64() % 5000));
+        hm::Ragged rg_gpu, rg_cpu;
+        Both u(gpu(), T(), n, D + 3, normal(rng));
+        Both w(gpu(), DType::F32, 1, D, normal(rng, 0.1)), fw(gpu(), DType::F32, 1, hm::kRouterFeatures, normal(rng)),
+            b(gpu(), DType::F32, 1, 1, normal(rng));
+        for (const int chunk : {0, 5}) {
+          const std::string what = "D " + std::to_string(D) + " n " + std::to_string(n) + " chunk " +
+                                   std::to_string(chunk) + (kernels[0] == '1' ? "" : " (host path)");
+          Both r = Both::out(gpu(), DType::F32, 1, n);
+          if (kernels[0] == '1') {  // training's form: whole sequences, features too
+            fill(rg_gpu, gpu(), lens, zeros);
+            fill(rg_cpu, cpu(), lens, zeros);
+            Both f = Both::out(gpu(), DType::F32, n, hm::kRouterFeatures);
+            gpu().router(r.dev(0, n), f.dev(0, hm::kRouterFeatures), u.dev(2, D), w.dev(0, D),
+                         fw.dev(0, hm::kRouterFeatures), b.dev(0, 1), rg_gpu, chunk, nullptr);
+            cpu().router(r.cpu(0, n), f.cpu(0, hm::kRouterFeatures), u.cpu(2, D), w.cpu(0, D),
+                         fw.cpu(0, hm::kRouterFeatures), b.cpu(0, 1), rg_cpu, chunk, nullptr);
+            EXPECT_TRUE(matches(what + " logits", gpu(), r, 0, n, kFloatTol));
+            EXPECT_TRUE(matches(what + " features", gpu(), f, 0, hm::kRouterFeatures, kFloatTol));
+          }
+          fill(rg_gpu, gpu(), lens, pos0s);
+          fill(rg_cpu, cpu(), lens, pos0s);
+          const int slots = int(lens.size());
+          Both st(gpu(), DType::F32, slots, D + 1, normal(rng, 0.5));
+          const hm::StatePool st_gpu{static_cast<float*>(st.buf.data()), slots, D + 1},
+              st_cpu{st.h.data(), slots, D + 1};
+          gpu().router(r.dev(0, n), Tensor(), u.dev(2, D), w.dev(0, D), fw.dev(0, hm::kRouterFeatures), b.dev(0, 1),
+                       rg_gpu, chunk, &st_gpu);
+          cpu().router(r.cpu(0, n), Tensor(), u.cpu(2, D), w.cpu(0, D), fw.cpu(0, hm::kRouterFeatures), b.cpu(0, 1),
+                       rg_cpu, chunk, &st_cpu);
+          EXPECT_TRUE(matches(what + " logits continuing a state", gpu(), r, 0, n, kFloatTol));
+          EXPECT_TRUE(matches(what + " state after", gpu(), st, 0, D + 1, kFloatTol));
+        }
       }
     }
   }
+  setenv("HM_CUDA_TRAIN_UNVERIFIED", "1", 1);
 }
 
 // Against the CPU's rope_backward at positions up to 9000, and as the transpose of the device's

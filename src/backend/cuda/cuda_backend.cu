@@ -840,13 +840,16 @@ class CudaBackendImpl final : public CudaBackend {
     check_train_verified(op);
   }
   // Training kernels written while no GPU was lent (Mamba-2's in stop 28, relu2_backward in stop
-  // 29, row_dots and router_train in stop 30): until their tests (CudaGradOps.SsdScanTrainAndBackward,
-  // .GatedRmsnormBackward, .Relu2Backward, .RowDots, .RouterTrain, CudaTrain.BatchGradMatchesCpu,
+  // 29, row_dots and router in stop 30): until their tests (CudaGradOps.SsdScanTrainAndBackward,
+  // .GatedRmsnormBackward, .Relu2Backward, .RowDots, .Router, CudaTrain.BatchGradMatchesCpu,
   // .TrueHybridMatchesCpu) have passed on a device they run only where
   // HM_CUDA_TRAIN_UNVERIFIED=1 (the tests set it), so no command gives numbers from them.
-  static void check_train_verified(const char* op) {
+  static bool train_verified() {
     const char* v = std::getenv("HM_CUDA_TRAIN_UNVERIFIED");
-    HM_CHECK(v && std::string(v) == "1", "cuda ", op, ": this training op is written but not yet verified on a GPU "
+    return v && std::string(v) == "1";
+  }
+  static void check_train_verified(const char* op) {
+    HM_CHECK(train_verified(), "cuda ", op, ": this training op is written but not yet verified on a GPU "
              "(Mamba-2 layers, squared-ReLU MLPs, mixture-of-experts layers, True Hybrid routers); train such models "
              "on the CPU "
              "(--device cpu)");
@@ -1264,26 +1267,53 @@ class CudaBackendImpl final : public CudaBackend {
     });
   }
 
-  void router_train(Tensor r, Tensor feats, Tensor u, Tensor w, Tensor fw, Tensor b, const Ragged& rg,
-                    int chunk) override {
-    const char* op = "router_train";
-    train_check::router_train(name(), r, feats, u, w, fw, b, rg, chunk);
-    check_train_verified(op);
+  void router(Tensor r, Tensor feats, Tensor u, Tensor w, Tensor fw, Tensor b, const Ragged& rg, int chunk,
+              const StatePool* st) override {
+    const char* op = "router";
+    train_check::router(name(), r, feats, u, w, fw, b, rg, chunk, st);
     const int n = rg.n_tokens();
     check_view(op, "u", u, n, u.cols);
-    check_dense(op, "feats", feats);
+    if (feats.data) check_dense(op, "feats", feats);
     check_vec(op, "r", r, n);
     check_vec(op, "w", w, u.cols);
     check_vec(op, "fw", fw, kRouterFeatures);
     check_vec(op, "b", b, 1);
     check_ragged(op, rg, INT_MAX);
+    if (!st) check_train_verified(op);
     if (n == 0) return;
+    if (st && !train_verified()) return router_on_host(r, u, w, fw, b, rg, chunk, *st);
     float* s_tmp = chunk > 0 ? static_cast<float*>(workspace(sizeof(float) * size_t(n))) : nullptr;
     dispatch(u.dtype, [&](auto tag) {
       using T = elem_t<decltype(tag)>;
-      cuda::router_train<T>(r.f32(), s_tmp, feats.f32(), ptr<T>(u), int(u.ld), u.cols, w.f32(), fw.f32(), b.f32(),
-                            batch(rg), chunk, stream_);
+      cuda::router<T>(r.f32(), s_tmp, feats.data ? feats.f32() : nullptr, ptr<T>(u), int(u.ld), u.cols, w.f32(),
+                      fw.f32(), b.f32(), batch(rg), chunk, st ? st->base : nullptr, stream_);
     });
+  }
+  // Inference's router as it ran before the kernel above (and as verified on a GPU), until
+  // CudaGradOps.Router has passed there: u and the slots' analyzer state to the host,
+  // kernels/ref's router_forward, the logits and the state back.
+  void router_on_host(Tensor r, Tensor u, Tensor w, Tensor fw, Tensor b, const Ragged& rg, int chunk,
+                      const StatePool& st) {
+    const int n = rg.n_tokens(), D = u.cols;
+    const size_t es = dtype_size(u.dtype);
+    std::vector<char> raw((size_t(n - 1) * size_t(u.ld) + size_t(D)) * es);
+    to_host(raw.data(), u.data, raw.size());
+    std::vector<float> uh(size_t(n) * D), rh(static_cast<size_t>(n)), feats(size_t(n) * kRouterFeatures),
+        wh(size_t(D) + kRouterFeatures + 1), state(size_t(D) + 1);
+    for (int t = 0; t < n; ++t) convert_to_f32(uh.data() + size_t(t) * D, raw.data() + size_t(t) * u.ld * es, u.dtype, size_t(D));
+    to_host(wh.data(), w.data, sizeof(float) * size_t(D));
+    to_host(wh.data() + D, fw.data, sizeof(float) * kRouterFeatures);
+    to_host(wh.data() + D + kRouterFeatures, b.data, sizeof(float));
+    for (int s = 0; s < rg.nseq(); ++s) {
+      const int t0 = rg.start(s), L = rg.len(s);
+      float* slot = st.at(rg.slot(s));
+      to_host(state.data(), slot, sizeof(float) * state.size());
+      th::router_forward(rh.data() + t0, feats.data() + size_t(t0) * kRouterFeatures, state.data(), state[size_t(D)],
+                         uh.data() + size_t(t0) * D, L, D, int64_t(rg.pos0(s)), wh.data(), wh.data() + D,
+                         wh.data() + D + kRouterFeatures, chunk > 0, chunk);
+      to_device(slot, state.data(), sizeof(float) * state.size());
+    }
+    to_device(r.data, rh.data(), sizeof(float) * rh.size());
   }
 
   // a_idx is not range-checked here (it lives on the device), as add_rows' indices.

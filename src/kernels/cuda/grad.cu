@@ -197,26 +197,33 @@ __global__ void row_dots_kernel(float* out, const T* __restrict__ a, int lda, co
 // The router: block (s, c) computes tokens [c kRouterTokens, (c + 1) kRouterTokens) of sequence
 // s. The analyzer's EMA decays by 7/8 a token, so the block starts it from zero kRouterWarmup
 // tokens earlier (what it leaves out weighs 0.875^192 = 7.6e-12 of the sum: below float
-// rounding) and then runs its own tokens in order, as router_forward does: four block sums per
-// token (u.m, u.u, m.m, w.u), the features and the logit by thread 0. Each thread keeps its own
-// channels of the EMA in shared memory, so only the sums need barriers.
+// rounding), or from the slot's carried EMA when that reaches back to the call's first token, and
+// then runs its own tokens in order, as router_forward does: four block sums per token (u.m,
+// u.u, m.m, w.u), the features and the logit by thread 0. Each thread keeps its own channels of
+// the EMA in shared memory, so only the sums need barriers. state null: positions from 0.
 constexpr int kRouterTokens = 64, kRouterWarmup = 192;
 
 template <class T>
-__global__ void __launch_bounds__(kThreads) router_train_kernel(float* s_out, float* feats, const T* __restrict__ u,
-                                                                int ldu, int D, const float* __restrict__ w,
-                                                                const float* __restrict__ fw,
-                                                                const float* __restrict__ b,
-                                                                const int32_t* __restrict__ cu) {
+__global__ void __launch_bounds__(kThreads) router_kernel(float* s_out, float* feats, const T* __restrict__ u,
+                                                          int ldu, int D, const float* __restrict__ w,
+                                                          const float* __restrict__ fw,
+                                                          const float* __restrict__ b,
+                                                          const int32_t* __restrict__ cu,
+                                                          const int32_t* __restrict__ slots,
+                                                          const int32_t* __restrict__ pos0s,
+                                                          const float* __restrict__ state) {
   extern __shared__ float ema[];  // [D]
   __shared__ float part[kThreads / 32][4];
   const int t0 = cu[blockIdx.x], L = cu[blockIdx.x + 1] - t0;
   const int first = int(blockIdx.y) * kRouterTokens;
   if (first >= L) return;
   const int last = min(L, first + kRouterTokens);
+  const int64_t pos0 = state ? pos0s[blockIdx.x] : 0;
   const float beta = float(th::kEmaDecay), alpha = float(1.0 - th::kEmaDecay);
-  for (int j = threadIdx.x; j < D; j += kThreads) ema[j] = 0.0f;
-  for (int t = max(0, first - kRouterWarmup); t < first; ++t) {
+  const bool carried = state && first <= kRouterWarmup;
+  const float* m0 = carried ? state + int64_t(slots[blockIdx.x]) * (D + 1) : nullptr;
+  for (int j = threadIdx.x; j < D; j += kThreads) ema[j] = carried ? m0[j] : 0.0f;
+  for (int t = carried ? 0 : max(0, first - kRouterWarmup); t < first; ++t) {
     const T* ut = u + int64_t(t0 + t) * ldu;
     for (int j = threadIdx.x; j < D; j += kThreads) ema[j] = beta * ema[j] + alpha * to_f(ut[j]);
   }
@@ -247,22 +254,54 @@ __global__ void __launch_bounds__(kThreads) router_train_kernel(float* s_out, fl
         for (int q = 1; q < kThreads / 32; ++q) sum[k] += part[q][k];
       }
       const float denom = sqrtf(sum[1]) * sqrtf(sum[2]);
-      float* f = feats + int64_t(t0 + t) * kRouterFeatures;
-      f[0] = 1.0f - (denom > 0.0f ? sum[0] / denom : 0.0f);
-      f[1] = float(log2(double(t) + 1.0) / 16.0);
+      const float f[kRouterFeatures] = {1.0f - (denom > 0.0f ? sum[0] / denom : 0.0f),
+                                        float(log2(double(pos0 + t) + 1.0) / 16.0)};
       float s = sum[3];
-      for (int k = 0; k < kRouterFeatures; ++k) s += fw[k] * f[k];
+      for (int k = 0; k < kRouterFeatures; ++k) {
+        s += fw[k] * f[k];
+        if (feats) feats[int64_t(t0 + t) * kRouterFeatures + k] = f[k];
+      }
       s_out[t0 + t] = s + b[0];
     }
     __syncthreads();  // part is reused by the next token
   }
 }
 
-// Chunk routing: every token takes the logit of its chunk's first token.
-__global__ void router_chunk_kernel(float* r, const float* __restrict__ s, const int32_t* __restrict__ cu, int chunk) {
+// Chunk routing: every token takes the logit of its chunk's first token, which is this call's
+// or, for a chunk begun in an earlier call, the slot's carried chunk logit.
+__global__ void router_chunk_kernel(float* r, const float* __restrict__ s, const int32_t* __restrict__ cu,
+                                    const int32_t* __restrict__ slots, const int32_t* __restrict__ pos0s,
+                                    const float* __restrict__ state, int D, int chunk) {
   const int t0 = cu[blockIdx.x], L = cu[blockIdx.x + 1] - t0;
   const int t = int(blockIdx.y) * kThreads + int(threadIdx.x);
-  if (t < L) r[t0 + t] = s[t0 + t / chunk * chunk];
+  if (t >= L) return;
+  const int64_t pos0 = state ? pos0s[blockIdx.x] : 0, cs = (pos0 + t) / chunk * chunk;
+  r[t0 + t] = cs >= pos0 ? s[t0 + int(cs - pos0)] : state[int64_t(slots[blockIdx.x]) * (D + 1) + D];
+}
+
+// The slots' analyzer state after the call (after router_kernel and router_chunk_kernel have
+// read it): the EMA through the last token, one thread a channel (from zero kRouterWarmup tokens
+// back, as the blocks), and the logit of the last chunk begun in the call (the last logit with
+// token routing, as router_forward keeps it).
+template <class T>
+__global__ void router_state_kernel(float* state, const T* __restrict__ u, int ldu, int D, const float* __restrict__ s,
+                                    const int32_t* __restrict__ cu, const int32_t* __restrict__ slots,
+                                    const int32_t* __restrict__ pos0s, int chunk) {
+  const int t0 = cu[blockIdx.x], L = cu[blockIdx.x + 1] - t0;
+  if (L == 0) return;
+  float* st = state + int64_t(slots[blockIdx.x]) * (D + 1);
+  const int j = int(blockIdx.y) * kThreads + int(threadIdx.x);
+  if (j < D) {
+    const float beta = float(th::kEmaDecay), alpha = float(1.0 - th::kEmaDecay);
+    const int start = max(0, L - kRouterWarmup);
+    float m = start == 0 ? st[j] : 0.0f;
+    for (int t = start; t < L; ++t) m = beta * m + alpha * to_f(u[int64_t(t0 + t) * ldu + j]);
+    st[j] = m;
+  }
+  if (blockIdx.y == 0 && threadIdx.x == 0) {
+    const int64_t pos0 = pos0s[blockIdx.x], cs = chunk > 0 ? (pos0 + L - 1) / chunk * chunk : pos0 + L - 1;
+    if (cs >= pos0) st[D] = s[t0 + int(cs - pos0)];
+  }
 }
 
 // As elementwise.cu's rope_kernel (same angle, formed in double), rotating by -angle:
@@ -411,20 +450,25 @@ void row_dots(float* out, const T* a, int lda, const int32_t* a_idx, const T* b,
 }
 
 template <class T>
-void router_train(float* r, float* s_tmp, float* feats, const T* u, int ldu, int D, const float* w, const float* fw,
-                  const float* b, const RaggedBatch& rb, int chunk, cudaStream_t stream) {
+void router(float* r, float* s_tmp, float* feats, const T* u, int ldu, int D, const float* w, const float* fw,
+            const float* b, const RaggedBatch& rb, int chunk, float* state, cudaStream_t stream) {
   if (rb.n_tokens <= 0 || rb.nseq <= 0) return;
-  HM_CHECK(D >= 1 && D <= kMaxRouterWidth, "cuda router_train: width ", D, " (1 to ", kMaxRouterWidth, ")");
-  HM_CHECK(ceil_div(rb.max_len, kRouterTokens) <= 65535, "cuda router_train: a sequence of ", rb.max_len,
+  HM_CHECK(D >= 1 && D <= kMaxRouterWidth, "cuda router: width ", D, " (1 to ", kMaxRouterWidth, ")");
+  HM_CHECK(ceil_div(rb.max_len, kRouterTokens) <= 65535, "cuda router: a sequence of ", rb.max_len,
            " tokens is too long");
   float* s = chunk > 0 ? s_tmp : r;
-  router_train_kernel<T><<<dim3(rb.nseq, ceil_div(rb.max_len, kRouterTokens)), kThreads, sizeof(float) * size_t(D),
-                           stream>>>(s, feats, u, ldu, D, w, fw, b, rb.cu_seqlens);
-  HM_CUDA_LAUNCHED("router_train");
+  router_kernel<T><<<dim3(rb.nseq, ceil_div(rb.max_len, kRouterTokens)), kThreads, sizeof(float) * size_t(D),
+                     stream>>>(s, feats, u, ldu, D, w, fw, b, rb.cu_seqlens, rb.slots, rb.pos0, state);
+  HM_CUDA_LAUNCHED("router");
   if (chunk > 0) {
-    router_chunk_kernel<<<dim3(rb.nseq, ceil_div(rb.max_len, kThreads)), kThreads, 0, stream>>>(r, s, rb.cu_seqlens,
-                                                                                               chunk);
-    HM_CUDA_LAUNCHED("router_train (chunks)");
+    router_chunk_kernel<<<dim3(rb.nseq, ceil_div(rb.max_len, kThreads)), kThreads, 0, stream>>>(
+        r, s, rb.cu_seqlens, rb.slots, rb.pos0, state, D, chunk);
+    HM_CUDA_LAUNCHED("router (chunks)");
+  }
+  if (state) {
+    router_state_kernel<T><<<dim3(rb.nseq, ceil_div(D, kThreads)), kThreads, 0, stream>>>(
+        state, u, ldu, D, s, rb.cu_seqlens, rb.slots, rb.pos0, chunk);
+    HM_CUDA_LAUNCHED("router (state)");
   }
 }
 
@@ -439,8 +483,8 @@ void router_train(float* r, float* s_tmp, float* feats, const T* u, int ldu, int
                                    cudaStream_t);                                                               \
   template void relu2_backward<T>(T*, int, const T*, int, const T*, int, int, int, cudaStream_t);              \
   template void row_dots<T>(float*, const T*, int, const int32_t*, const T*, int, int, int, cudaStream_t);      \
-  template void router_train<T>(float*, float*, float*, const T*, int, int, const float*, const float*,         \
-                                const float*, const RaggedBatch&, int, cudaStream_t);                           \
+  template void router<T>(float*, float*, float*, const T*, int, int, const float*, const float*,               \
+                          const float*, const RaggedBatch&, int, float*, cudaStream_t);                         \
   template void rope_backward<T>(T*, int, int, int, const RaggedBatch&, float, cudaStream_t);                  \
   template void cross_entropy_rows<T>(T*, const float*, const int32_t*, float*, int, int, float, cudaStream_t);
 HM_CUDA_FOR_TYPES(HM_INST)

@@ -117,15 +117,17 @@ template <class T>
 void row_dots(float* out, const T* a, int lda, const int32_t* a_idx, const T* b, int ldb, int rows, int d,
               cudaStream_t stream);
 
-// The True Hybrid router over whole sequences (Backend::router_train, kernels/ref/router_ref.h):
-// feats [n, kRouterFeatures] and the logits r [n] (float) from u [n, D] (row stride ldu) and the
-// float weights w [D], fw [kRouterFeatures], b [1]; chunk > 0 broadcasts each chunk's first logit
-// through s_tmp [n] (r itself when chunk == 0). D <= kMaxRouterWidth: the EMA [D] and the sums
-// fit the 48 KB of shared memory a block has without opting in.
+// The True Hybrid router (Backend::router, kernels/ref/router_ref.h): the logits r [n] and,
+// unless feats is null, the features [n, kRouterFeatures] (float) from u [n, D] (row stride ldu)
+// and the float weights w [D], fw [kRouterFeatures], b [1]; chunk > 0 broadcasts each chunk's
+// first logit through s_tmp [n] (r itself when chunk == 0). state null: each sequence from
+// position 0 with an empty EMA; else the analyzer pool [slots][D + 1] (EMA, chunk logit) that
+// each sequence continues at rb.pos0 and that is brought up to date. D <= kMaxRouterWidth: the
+// EMA [D] and the sums fit the 48 KB of shared memory a block has without opting in.
 constexpr int kMaxRouterWidth = 12000;
 template <class T>
-void router_train(float* r, float* s_tmp, float* feats, const T* u, int ldu, int D, const float* w, const float* fw,
-                  const float* b, const RaggedBatch& rb, int chunk, cudaStream_t stream);
+void router(float* r, float* s_tmp, float* feats, const T* u, int ldu, int D, const float* w, const float* fw,
+            const float* b, const RaggedBatch& rb, int chunk, float* state, cudaStream_t stream);
 
 // dst = src converted (round to nearest even), rows x cols, each its own row stride.
 template <class TD, class TS>

@@ -1,6 +1,6 @@
 // The True Hybrid router (docs/TRUE_HYBRID.md): the complexity analyzer's features and the
-// routing logits, and their gradient. The reference of every backend's router_train, and what
-// inference (model/model.cpp) and the double training reference (train/model_grad.cpp) run.
+// routing logits, and their gradient. The reference of every backend's router op (which
+// inference and BatchGrad call), and what the double training reference (train/model_grad.cpp) runs.
 // Plain loops: this is O(L * D) next to the paths' O(L * D * E) and O(L^2 * D).
 #pragma once
 #include <cmath>
