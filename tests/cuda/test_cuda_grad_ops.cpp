@@ -326,6 +326,7 @@ TEST_P(CudaGradOps, Router) {
           Both st(gpu(), DType::F32, slots, D + 1, normal(rng, 0.5));
           const hm::StatePool st_gpu{static_cast<float*>(st.buf.data()), slots, D + 1},
               st_cpu{st.h.data(), slots, D + 1};
+          r = Both::out(gpu(), DType::F32, 1, n);  // NaN on the device: a row not written shows
           gpu().router(r.dev(0, n), Tensor(), u.dev(2, D), w.dev(0, D), fw.dev(0, hm::kRouterFeatures), b.dev(0, 1),
                        rg_gpu, chunk, &st_gpu);
           cpu().router(r.cpu(0, n), Tensor(), u.cpu(2, D), w.cpu(0, D), fw.cpu(0, hm::kRouterFeatures), b.cpu(0, 1),

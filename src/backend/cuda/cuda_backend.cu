@@ -1281,7 +1281,10 @@ class CudaBackendImpl final : public CudaBackend {
     check_ragged(op, rg, INT_MAX);
     if (!st) check_train_verified(op);
     if (n == 0) return;
-    if (st && !train_verified()) return router_on_host(r, u, w, fw, b, rg, chunk, *st);
+    if (st && !train_verified()) {
+      HM_CHECK(!feats.data, "cuda router: the host path (until the kernels are verified) writes no features");
+      return router_on_host(r, u, w, fw, b, rg, chunk, *st);
+    }
     float* s_tmp = chunk > 0 ? static_cast<float*>(workspace(sizeof(float) * size_t(n))) : nullptr;
     dispatch(u.dtype, [&](auto tag) {
       using T = elem_t<decltype(tag)>;
