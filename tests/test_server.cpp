@@ -22,8 +22,12 @@ struct Fixture {
   std::unique_ptr<Backend> be = make_cpu_backend();
   std::unique_ptr<HybridModel> model;
   ByteTokenizer tok;
+  // preset_name, or "true-tiny-hard": true-tiny with hard routes (K/V rows for some tokens only).
   explicit Fixture(const std::string& preset_name) {
-    model = std::make_unique<HybridModel>(preset(preset_name), *be);
+    const bool hard = preset_name == "true-tiny-hard";
+    ModelConfig c = preset(hard ? "true-tiny" : preset_name);
+    if (hard) c.routing_mode = "hard";
+    model = std::make_unique<HybridModel>(c, *be);
     test::randomize_params(*model, 11);
   }
 };
@@ -68,7 +72,7 @@ std::vector<int32_t> run_alone(Fixture& f, const GenParams& g, size_t cache_byte
 // Requests decoded beside others (more requests than slots: some wait, join between steps)
 // give the tokens each gives alone.
 TEST(Server, BatchedGreedyEqualsAlone) {
-  for (const char* p : {"tiny", "true-tiny"}) {
+  for (const char* p : {"tiny", "true-tiny", "true-tiny-hard"}) {
     SCOPED_TRACE(p);
     Fixture f(p);
     Rng rng(3);
@@ -99,8 +103,20 @@ TEST(Server, BatchedGreedyEqualsAlone) {
 // A prefix-cache hit gives the tokens of a run without the cache, across block sizes and
 // prompts that end mid-block, and computes only the uncached part.
 TEST(Server, PrefixCacheHitEqualsMissAndSkipsWork) {
-  for (const char* p : {"tiny", "true-tiny"}) {
+  for (const char* p : {"tiny", "true-tiny", "true-tiny-hard"}) {
     Fixture f(p);
+    if (std::string(p) == "true-tiny-hard") {  // what this case is for: K/V rows for some tokens only
+      HybridMemory mem(*f.be, f.model->config(), 1, 256, KvType::F32);
+      Rng rng(5);
+      Batch b;
+      b.add(0, prompt_of(rng, 48, 256));
+      std::vector<float> logits;
+      f.model->forward(b, mem, logits);
+      for (int layer : f.model->config().true_layers) {
+        EXPECT_GT(mem.kv().len(layer, 0), 4) << "layer " << layer;
+        EXPECT_LT(mem.kv().len(layer, 0), 44) << "layer " << layer;
+      }
+    }
     for (int block : {1, 4, 7, 16}) {
       SCOPED_TRACE(std::string(p) + " block " + std::to_string(block));
       Rng rng{uint64_t(block)};
@@ -112,9 +128,8 @@ TEST(Server, PrefixCacheHitEqualsMissAndSkipsWork) {
       o.step_tokens = 32;
       o.cache_bytes = 64u << 20;
       Engine e(*f.model, f.tok, o, KvType::F32);
-      // Without true layers a prompt runs in multi-block chunks, checkpointed at chunk ends, at
-      // its last boundary and at the branch point (prefix_cache.h); true layers, every block.
-      const bool multi = f.model->config().true_layers.empty();
+      // A prompt runs in multi-block chunks, checkpointed at chunk ends, at its last boundary and
+      // at the branch point (prefix_cache.h).
       int64_t saved = 0;
       // The first request fills the cache; each later one shares 45 tokens, then differs.
       for (int k = 0; k < 4; ++k) {
@@ -131,10 +146,8 @@ TEST(Server, PrefixCacheHitEqualsMissAndSkipsWork) {
         if (k == 0) {
           EXPECT_EQ(cached, 0);
           // 48 prompt tokens in chunks of up to 32 (block 7: 28, 42, 48), not one forward a block.
-          if (multi) {
-            EXPECT_LE(e.stats().steps - steps_before, 3 + g.max_tokens - 1);
-          }
-        } else if (k == 1 && multi) {
+          EXPECT_LE(e.stats().steps - steps_before, 3 + g.max_tokens - 1);
+        } else if (k == 1) {
           // Request 0 left checkpoints at its chunk ends only: the deepest within the shared 45.
           EXPECT_GT(cached, 0);
           EXPECT_LE(cached, 45 / block * block);
@@ -153,7 +166,7 @@ TEST(Server, PrefixCacheHitEqualsMissAndSkipsWork) {
       EXPECT_EQ(collect(*r), want);
       // Block 1 (multi-block chunks): the branch checkpoint is at 45, past the 44 this prompt may
       // restore; it resumes from request 0's chunk end.
-      if (multi && block == 1) {
+      if (block == 1) {
         EXPECT_EQ(r->cached_tokens(), 32);
       } else {
         EXPECT_EQ(r->cached_tokens(), 44 / block * block);

@@ -117,7 +117,8 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const RunShape& s) {
       if (c.has_mamba_path(i))
         m.state = add(m.state, mul({s.slots, int64_t(c.conv_channels(i)) * (K - 1) + E * N, 4}, "recurrent state bytes"),
                       "recurrent state bytes");
-      if (c.is_true(i)) m.state = add(m.state, mul({s.slots, 2 * D + 1, 4}, "route state bytes"), "route state bytes");
+      if (c.is_true(i))  // analyzer [D + 1] and x [D]; the K/V row count at each position (host)
+        m.state = add(m.state, mul({s.slots, 2 * D + 1 + s.ctx + 1, 4}, "route state bytes"), "route state bytes");
     }
   }
   if (s.forward_tokens > 0 || s.logit_rows > 0) {

@@ -555,6 +555,16 @@ void HybridModel::true_layer(int layer, HybridMemory& mem) {
     th::decide_routes(rt, logit_.data() + t0, L, int64_t(rg_.pos0(s)), mode, force_f_);
     moff[size_t(s) + 1] = moff[size_t(s)] + int(rt.mamba_idx.size());
     aoff[size_t(s) + 1] = aoff[size_t(s)] + int(rt.attn_idx.size());
+    // The K/V row count after each position (the prefix cache cuts chunks into blocks by it).
+    int rows = mem.kv().len(layer, rg_.slot(s));
+    size_t k = 0;
+    for (int t = 0; t < L; ++t) {
+      if (k < rt.attn_idx.size() && rt.attn_idx[k] == t) {
+        ++rows;
+        ++k;
+      }
+      mem.kv().push_rows(layer, rg_.slot(s), rows);
+    }
   }
   const int nm = moff[size_t(nseq)], na = aoff[size_t(nseq)];
   if (trace_) {

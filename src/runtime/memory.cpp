@@ -20,7 +20,10 @@ KVCache::KVCache(Backend& be, const ModelConfig& c, int n_slots, int max_ctx, Kv
   HM_CHECK(n_slots > 0, "memory: number of sequences must be > 0, got ", n_slots);
   HM_CHECK(max_ctx > 0, "memory: context size must be > 0, got ", max_ctx);
   int n_attn = 0;
-  for (int i = 0; i < c.n_layers; ++i) layer_index_.push_back(c.has_attention_path(i) ? n_attn++ : -1);
+  for (int i = 0; i < c.n_layers; ++i) {
+    layer_index_.push_back(c.has_attention_path(i) ? n_attn++ : -1);
+    if (c.has_attention_path(i)) routed_.push_back(c.is_true(i));
+  }
   if (n_attn > 0)
     HM_CHECK(be.supports_kv(type), "memory: the ", be.name(), " backend has no ", compute_dtype_name(type),
              " KV cache");
@@ -31,6 +34,9 @@ KVCache::KVCache(Backend& be, const ModelConfig& c, int n_slots, int max_ctx, Kv
     v_.emplace_back(be, bytes);
   }
   len_.assign(size_t(n_attn) * n_slots, 0);
+  rows_at_.assign(len_.size(), RowsAt{});
+  for (size_t i = 0; i < rows_at_.size(); ++i)
+    if (routed_[i / size_t(n_slots)]) rows_at_[i].rows.reserve(size_t(max_ctx) + 1);  // never grown
 }
 
 size_t KVCache::index(int layer, int slot) const {
@@ -55,13 +61,51 @@ KvPool KVCache::pool(int layer) const {
 
 void KVCache::clear(int slot) {
   HM_ASSERT(slot >= 0 && slot < n_slots_);
-  for (size_t a = 0; a * n_slots_ < len_.size(); ++a) len_[a * n_slots_ + slot] = 0;
+  for (size_t a = 0; a * n_slots_ < len_.size(); ++a) {
+    len_[a * n_slots_ + slot] = 0;
+    RowsAt& r = rows_at_[a * n_slots_ + slot];
+    r.from = 0;
+    r.rows.assign(1, 0);
+  }
+}
+
+int KVCache::rows_at(int layer, int slot, int pos) const {
+  const size_t i = index(layer, slot);
+  if (!routed_[size_t(layer_index_[size_t(layer)])]) return pos;
+  const RowsAt& r = rows_at_[i];
+  HM_ASSERT(pos >= r.from && size_t(pos - r.from) < r.rows.size());
+  return r.rows[size_t(pos - r.from)];
+}
+
+void KVCache::push_rows(int layer, int slot, int rows) {
+  RowsAt& r = rows_at_[index(layer, slot)];
+  HM_ASSERT(rows >= r.rows.back() && r.rows.size() <= size_t(max_ctx_));
+  r.rows.push_back(rows);
+}
+
+void KVCache::reset_rows_at(int slot, int pos) {
+  for (size_t a = 0; a * n_slots_ < len_.size(); ++a) {
+    const size_t i = a * n_slots_ + size_t(slot);
+    rows_at_[i].from = pos;
+    rows_at_[i].rows.assign(1, len_[i]);
+  }
+}
+
+void KVCache::copy_rows_at(int src, int dst) {
+  for (size_t a = 0; a * n_slots_ < len_.size(); ++a) {
+    const RowsAt& from = rows_at_[a * n_slots_ + size_t(src)];
+    RowsAt& to = rows_at_[a * n_slots_ + size_t(dst)];
+    to.from = from.from;
+    to.rows.assign(from.rows.begin(), from.rows.end());  // within the reserved capacity
+  }
 }
 
 size_t KVCache::bytes_reserved() const {
   size_t n = 0;
   for (const auto& b : k_) n += b.bytes();
   for (const auto& b : v_) n += b.bytes();
+  for (size_t i = 0; i < rows_at_.size(); ++i)
+    if (routed_[i / size_t(n_slots_)]) n += rows_at_[i].rows.capacity() * sizeof(int);
   return n + len_.size() * sizeof(int);
 }
 
@@ -193,6 +237,7 @@ void HybridMemory::seq_cp(int src, int dst) {
     be_.copy(kv_.k(i, dst), kv_.k(i, src), size_t(n) * row);
     be_.copy(kv_.v(i, dst), kv_.v(i, src), size_t(n) * row);
   }
+  kv_.copy_rows_at(src, dst);
   rs_.copy(src, dst);
   route_.copy(src, dst);
   pos_[size_t(dst)] = pos_[size_t(src)];

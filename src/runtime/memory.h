@@ -34,6 +34,14 @@ class KVCache {
   int len(int layer, int slot) const { return len_[index(layer, slot)]; }
   void set_len(int layer, int slot, int n) { len_[index(layer, slot)] = n; }
   void clear(int slot);  // every layer's len to 0
+  // The row count after the sequence's first `pos` positions, so that the prefix cache can cut a
+  // many-block prompt chunk into blocks: pos itself in a plain attention layer; in a true layer
+  // what push_rows recorded, for pos from the slot's last clear or reset_rows_at up to its
+  // position.
+  int rows_at(int layer, int slot, int pos) const;
+  void push_rows(int layer, int slot, int rows);  // a true layer: the count after the next position
+  void reset_rows_at(int slot, int pos);          // the counts at pos are len(); none before it
+  void copy_rows_at(int src_slot, int dst_slot);
   KvType type() const { return type_; }
   int max_ctx() const { return max_ctx_; }
   size_t bytes_reserved() const;
@@ -45,6 +53,12 @@ class KVCache {
   int n_slots_, max_ctx_, row_;
   std::vector<Buffer> k_, v_;     // [attention layer]: the pools
   std::vector<int> len_;          // [attention layer][slot]
+  struct RowsAt {
+    int from = 0;                 // rows[k]: the row count after position from + k
+    std::vector<int> rows{0};     // a true layer's reserves max_ctx + 1 (host memory)
+  };
+  std::vector<bool> routed_;      // [attention layer]: a true layer (rows only for some tokens)
+  std::vector<RowsAt> rows_at_;   // [attention layer][slot], used for true layers
 };
 
 // Constant-size state of each Mamba layer: cost per decoded token does not grow with context.

@@ -242,11 +242,9 @@ bool Engine::step() {
     if (fed < a.prompt_len) {
       // Chunks end on block boundaries. With the cache on, the model's state exists only where a
       // forward stops, so a chunk also stops where a checkpoint pays (prefix_cache.h): at the
-      // branch point and at the last boundary before the prompt's last token; a model with true
-      // layers stops at every block.
+      // branch point and at the last boundary before the prompt's last token.
       int end = std::min(a.prompt_len, fed + budget);
       if (cache_.enabled()) {
-        if (cache_.one_block_chunks()) end = std::min(end, (fed / opt_.block + 1) * opt_.block);
         // (prompt_len - 1) rounded down: the most the same prompt sent again may restore.
         for (int stop : {a.branch, (a.prompt_len - 1) / opt_.block * opt_.block})
           if (stop > fed && stop < end) end = stop;

@@ -26,7 +26,6 @@ PrefixCache::PrefixCache(HybridMemory& mem, const ModelConfig& c, int block, siz
   kv_row_bytes_ = size_t(c.n_kv_heads) * size_t(c.head_dim()) * kv_type_size(mem.kv().type());
   for (int i = 0; i < c.n_layers; ++i) {
     if (c.has_attention_path(i)) attn_layers_.push_back(i);
-    if (c.is_true(i)) true_layers_.push_back(i);
     if (c.has_mamba_path(i)) {
       state_pools_.push_back(mem.recurrent().conv_pool(i));
       state_pools_.push_back(mem.recurrent().ssm_pool(i));
@@ -69,9 +68,9 @@ std::unique_ptr<PrefixCache::Node> PrefixCache::snapshot(int slot, Node* parent,
   n->depth = parent->depth + 1;
   size_t kv_bytes = 0;
   for (size_t a = 0; a < attn_layers_.size(); ++a) {
-    // At a checkpoint the cache's own length; inside a multi-block chunk (no true layers, so every
-    // attention layer holds a row per token) the block's end.
-    const int cum = with_state ? mem_.kv().len(attn_layers_[a], slot) : n->depth * block_;
+    // The rows through the block's end: its end in a plain attention layer, what the routes gave
+    // in a true layer (a many-block chunk passes several block ends in one forward).
+    const int cum = mem_.kv().rows_at(attn_layers_[a], slot, n->depth * block_);
     HM_ASSERT(cum >= parent->cum[a] && cum <= mem_.kv().len(attn_layers_[a], slot));
     n->cum.push_back(cum);
     n->rows.push_back(cum - parent->cum[a]);
@@ -159,6 +158,7 @@ int PrefixCache::restore(int slot, const std::vector<int32_t>& tokens, int* bran
   }
   const int restored = n->depth * block_;
   mem_.advance(slot, restored);
+  mem_.kv().reset_rows_at(slot, restored);
   ++stats_.hits;
   stats_.tokens_saved += restored;
   set_cursor(slot, n);
@@ -171,10 +171,6 @@ void PrefixCache::record(int slot, const std::vector<int32_t>& tokens) {
   for (Node* c = cursor_.at(size_t(slot)); c != nullptr && (c->depth + 1) * block_ <= pos;
        c = cursor_.at(size_t(slot))) {
     const bool at_end = (c->depth + 1) * block_ == pos;
-    if (!at_end && one_block_chunks()) {  // passed a boundary mid-chunk: no per-block rows or state
-      release(slot);
-      return;
-    }
     const int32_t* toks = tokens.data() + size_t(c->depth) * block_;
     if (Node* have = child(c, toks)) {
       have->used = ++clock_;

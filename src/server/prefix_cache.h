@@ -11,8 +11,9 @@
 // a checkpoint pays: the last boundary before the prompt's last token (what the same prompt sent
 // again restores), and the branch point, the end of the deepest
 // node the prompt matches beyond the checkpoint it resumed from (the next request that shares
-// that prefix resumes there). Decoding passes each boundary with its state in memory. Models with
-// true layers keep one-block chunks: their rows routed inside a chunk are not known per block.
+// that prefix resumes there). Decoding passes each boundary with its state in memory. A true
+// layer's K/V rows are those of the tokens routed to attention; the memory keeps their count at
+// every position (KVCache::rows_at), which cuts a chunk's rows into blocks.
 #pragma once
 #include <cstdint>
 #include <map>
@@ -53,8 +54,6 @@ class PrefixCache {
   // last recorded one becomes a node (or reuses the node that holds the same block) with its K/V
   // rows; the block ending exactly at the position also gets the state checkpoint.
   void record(int slot, const std::vector<int32_t>& tokens);
-  // Prompt chunks must end at every block boundary (models with true layers).
-  bool one_block_chunks() const { return !true_layers_.empty(); }
   // The slot's sequence is done (or reset): it stops recording.
   void release(int slot);
 
@@ -74,7 +73,7 @@ class PrefixCache {
   Backend& be_;
   int block_;
   size_t budget_;
-  std::vector<int> attn_layers_, true_layers_;
+  std::vector<int> attn_layers_;
   std::vector<StatePool> state_pools_;  // what a checkpoint holds of a slot: conv, SSM, route state
   size_t kv_row_bytes_ = 0, state_bytes_ = 0;
   std::unique_ptr<Node> root_;
