@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <functional>
 #include <fstream>
 
 #include "backend/backend.h"
@@ -115,6 +116,107 @@ TEST(Model, RaggedBatchEqualsSeparateSequences) {
   EXPECT_EQ(mem.pos(2), 5);
   EXPECT_EQ(mem.pos(0), 23);
   EXPECT_EQ(mem.pos(1), 0);
+}
+
+// A decode step of many one-token sequences runs them on several threads at once (the host
+// backend's for_seqs): conv, selective scan, SSD scan and attention (float and half cache, at
+// contexts long enough that attention splits its keys) give exactly what each sequence alone
+// gives, beside a longer sequence that runs as before.
+TEST(Model, OneTokenSequencesOnThreadsEqualEachAlone) {
+  auto be = make_cpu_backend();
+  Rng rng(31);
+  const int E = 40, N = 16, K = 4, H = 4, G = 2, hd = 32, Hs = 5, Gs = 1, ctx = 1200;
+  const std::vector<int> lens = {1, 1, 7, 1, 1, 1}, slots = {4, 0, 2, 5, 1, 3}, pos0s = {0, 1, 300, 17, 1000, 555};
+  const int S = int(lens.size());
+  int n = 0;
+  for (int l : lens) n += l;
+  auto rnd = [&](size_t k, double scale = 1.0) {
+    std::vector<float> v(k);
+    for (float& x : v) x = float(scale * rng.normal());
+    return v;
+  };
+  Ragged all;
+  for (int s = 0; s < S; ++s) all.add(slots[size_t(s)], lens[size_t(s)], pos0s[size_t(s)]);
+  // Runs op over `all` once, then sequence by sequence from the same state; outputs and states
+  // must match bit for bit.
+  auto check = [&](const char* what, std::vector<float>& out, std::vector<float>& state, int out_cols,
+                   const std::function<void(const Ragged&, float*, float*, int)>& op) {
+    std::vector<float> out1 = out, st1 = state;
+    op(all, out1.data(), st1.data(), 0);
+    std::vector<float> out2 = out, st2 = state;
+    int t0 = 0;
+    for (int s = 0; s < S; ++s) {
+      Ragged one;
+      one.add(slots[size_t(s)], lens[size_t(s)], pos0s[size_t(s)]);
+      op(one, out2.data() + size_t(t0) * out_cols, st2.data(), t0);
+      t0 += lens[size_t(s)];
+    }
+    EXPECT_EQ(out1, out2) << what;
+    EXPECT_EQ(st1, st2) << what;
+  };
+  {  // conv1d_silu
+    std::vector<float> x = rnd(size_t(n) * E), w = rnd(size_t(E) * K, 0.5), b = rnd(E), out(size_t(n) * E),
+                       st = rnd(size_t(6) * E * (K - 1));
+    check("conv1d_silu", out, st, E, [&](const Ragged& rg, float* o, float* sp, int t0) {
+      be->conv1d_silu(Tensor(o, DType::F32, rg.n_tokens(), E), StatePool{sp, 6, int64_t(E) * (K - 1)},
+                      Tensor(x.data() + size_t(t0) * E, DType::F32, rg.n_tokens(), E), Tensor(w.data(), DType::F32, E, K),
+                      Tensor::vec(b.data(), DType::F32, E), rg);
+    });
+  }
+  {  // selective_scan
+    std::vector<float> x = rnd(size_t(n) * E), dt = rnd(size_t(n) * E, 0.5), dtb = rnd(E, 0.2), z = rnd(size_t(n) * E),
+                       A = rnd(size_t(E) * N), Bm = rnd(size_t(n) * N), Cm = rnd(size_t(n) * N), Dk = rnd(E),
+                       out(size_t(n) * E), st = rnd(size_t(6) * E * N);
+    for (float& a : A) a = -std::fabs(a);
+    check("selective_scan", out, st, E, [&](const Ragged& rg, float* o, float* sp, int t0) {
+      const int m = rg.n_tokens();
+      be->selective_scan(Tensor(o, DType::F32, m, E), StatePool{sp, 6, int64_t(E) * N},
+                         Tensor(x.data() + size_t(t0) * E, DType::F32, m, E),
+                         Tensor(dt.data() + size_t(t0) * E, DType::F32, m, E), Tensor::vec(dtb.data(), DType::F32, E),
+                         A.data(), Tensor(Bm.data() + size_t(t0) * N, DType::F32, m, N),
+                         Tensor(Cm.data() + size_t(t0) * N, DType::F32, m, N), Tensor::vec(Dk.data(), DType::F32, E),
+                         Tensor(z.data() + size_t(t0) * E, DType::F32, m, E), rg);
+    });
+  }
+  {  // ssd_scan: Hs heads of E / Hs, Gs group
+    std::vector<float> x = rnd(size_t(n) * E), dt = rnd(size_t(n) * Hs, 0.5), dtb = rnd(Hs, 0.2), A = rnd(Hs),
+                       Bm = rnd(size_t(n) * Gs * N), Cm = rnd(size_t(n) * Gs * N), Dk = rnd(Hs), out(size_t(n) * E),
+                       st = rnd(size_t(6) * E * N);
+    for (float& a : A) a = -std::fabs(a);
+    check("ssd_scan", out, st, E, [&](const Ragged& rg, float* o, float* sp, int t0) {
+      const int m = rg.n_tokens();
+      be->ssd_scan(Tensor(o, DType::F32, m, E), StatePool{sp, 6, int64_t(E) * N},
+                   Tensor(x.data() + size_t(t0) * E, DType::F32, m, E),
+                   Tensor(dt.data() + size_t(t0) * Hs, DType::F32, m, Hs), Tensor::vec(dtb.data(), DType::F32, Hs),
+                   A.data(), Tensor(Bm.data() + size_t(t0) * Gs * N, DType::F32, m, Gs * N),
+                   Tensor(Cm.data() + size_t(t0) * Gs * N, DType::F32, m, Gs * N),
+                   Tensor::vec(Dk.data(), DType::F32, Hs), Hs, Gs, 0.0f, INFINITY, rg);
+    });
+  }
+  for (DType kt : {DType::F32, DType::F16}) {  // attention over each slot's cache
+    const int row = G * hd;
+    std::vector<float> kf = rnd(size_t(6) * ctx * row), vf = rnd(size_t(6) * ctx * row);
+    std::vector<uint16_t> kh(kf.size()), vh(vf.size());
+    for (size_t i = 0; i < kf.size(); ++i) {
+      kh[i] = f32_to_f16(kf[i]);
+      vh[i] = f32_to_f16(vf[i]);
+    }
+    KvPool kv;
+    kv.k = kt == DType::F16 ? static_cast<void*>(kh.data()) : kf.data();
+    kv.v = kt == DType::F16 ? static_cast<void*>(vh.data()) : vf.data();
+    kv.dtype = kt;
+    kv.n_slots = 6;
+    kv.max_ctx = ctx;
+    kv.row = row;
+    kv.slot_stride = int64_t(ctx) * row;
+    std::vector<float> q = rnd(size_t(n) * H * hd), out(size_t(n) * H * hd), none;
+    check(kt == DType::F16 ? "attention, half cache" : "attention, float cache", out, none, H * hd,
+          [&](const Ragged& rg, float* o, float*, int t0) {
+            const int m = rg.n_tokens();
+            be->attention(Tensor(o, DType::F32, m, H * hd), Tensor(q.data() + size_t(t0) * H * hd, DType::F32, m, H * hd),
+                          kv, H, G, hd, rg);
+          });
+  }
 }
 
 TEST(Model, SeqCopyContinuesIdentically) {

@@ -7,6 +7,7 @@
 #include <omp.h>
 
 #include <cstdlib>
+#include <exception>
 #include <cstring>
 
 #include <cmath>
@@ -96,12 +97,11 @@ class HostBackend : public Backend {
     HM_CHECK(out.cols == E && w.rows == E && b.cols == E && x.rows == rg.n_tokens(), name(),
              " conv1d_silu: x [", x.rows, ", ", E, "], w [", w.rows, ", ", Kw, "], batch of ",
              rg.n_tokens(), " tokens do not fit");
-    for (int s = 0; s < rg.nseq(); ++s) {
-      if (rg.len(s) == 0) continue;
+    for_seqs(rg, [&](int s) {
       const int t0 = rg.start(s);
       K::conv1d_silu(row(out, t0), int(out.ld), st.at(rg.slot(s)), row(x, t0), int(x.ld), w.f32(),
                      b.f32(), rg.len(s), E, Kw);
-    }
+    });
   }
   void selective_scan(Tensor y, const StatePool& st, Tensor x, Tensor dt, Tensor dt_bias,
                       const float* A, Tensor B, Tensor C, Tensor Dskip, Tensor z,
@@ -112,13 +112,12 @@ class HostBackend : public Backend {
                  z.cols == E && C.cols == N && B.ld == C.ld && dt_bias.cols == E && Dskip.cols == E,
              name(), " selective_scan: shapes do not fit (x [", x.rows, ", ", E, "], B [", B.rows,
              ", ", N, "], batch of ", rg.n_tokens(), " tokens)");
-    for (int s = 0; s < rg.nseq(); ++s) {
-      if (rg.len(s) == 0) continue;
+    for_seqs(rg, [&](int s) {
       const int t0 = rg.start(s);
       K::selective_scan(row(y, t0), int(y.ld), st.at(rg.slot(s)), row(x, t0), int(x.ld), row(dt, t0),
                         int(dt.ld), dt_bias.f32(), A, row(B, t0), row(C, t0), int(B.ld), Dskip.f32(),
                         row(z, t0), int(z.ld), rg.len(s), E, N);
-    }
+    });
   }
   void ssd_scan(Tensor y, const StatePool& st, Tensor x, Tensor dt, Tensor dt_bias, const float* A,
                 Tensor B, Tensor C, Tensor Dskip, int H, int G, float dt_min, float dt_max,
@@ -131,13 +130,12 @@ class HostBackend : public Backend {
              name(), " ssd_scan: shapes do not fit (x [", x.rows, ", ", E, "], ", H, " heads, ", G,
              " groups, B [", B.rows, ", ", B.cols, "], dt [", dt.rows, ", ", dt.cols, "], batch of ",
              rg.n_tokens(), " tokens)");
-    for (int s = 0; s < rg.nseq(); ++s) {
-      if (rg.len(s) == 0) continue;
+    for_seqs(rg, [&](int s) {
       const int t0 = rg.start(s);
       K::ssd_scan(row(y, t0), int(y.ld), st.at(rg.slot(s)), row(x, t0), int(x.ld), row(dt, t0),
                   int(dt.ld), dt_bias.f32(), A, row(B, t0), row(C, t0), int(B.ld), Dskip.f32(),
                   rg.len(s), H, P, G, N, dt_min, dt_max);
-    }
+    });
   }
   void gated_rmsnorm(Tensor out, Tensor y, Tensor z, Tensor w, int group, float eps) override {
     check_rows("gated_rmsnorm", out, y);
@@ -180,9 +178,8 @@ class HostBackend : public Backend {
     HM_CHECK(q.cols == H * hd && out.cols == H * hd && kv.row == G * hd && q.rows == rg.n_tokens() &&
                  out.rows == q.rows, name(), " attention: q [", q.rows, ", ", q.cols, "] for ", H,
              " heads of ", hd, " over kv rows of ", kv.row);
-    for (int s = 0; s < rg.nseq(); ++s) {
+    for_seqs(rg, [&](int s) {
       const int L = rg.len(s), t0 = rg.start(s), slot = rg.slot(s);
-      if (L == 0) continue;
       if (kv.dtype == DType::F16)
         K::attention_f16kv(row(out, t0), int(out.ld), row(q, t0), int(q.ld),
                            static_cast<const uint16_t*>(kv.k_at(slot)),
@@ -191,7 +188,7 @@ class HostBackend : public Backend {
         K::attention(row(out, t0), int(out.ld), row(q, t0), int(q.ld),
                      static_cast<const float*>(kv.k_at(slot)), static_cast<const float*>(kv.v_at(slot)),
                      L, rg.pos0(s), H, G, hd);
-    }
+    });
   }
   void copy_rows(Tensor dst, const int32_t* di, Tensor src, const int32_t* si, int n) override {
     HM_CHECK(dst.cols <= src.cols, name(), " copy_rows: ", dst.cols, " columns from ", src.cols);
@@ -665,6 +662,38 @@ class HostBackend : public Backend {
       for (int n = 0; n < A_log.cols; ++n) A[size_t(e) * A_log.cols + n] = -std::exp(row(A_log, e)[n]);
     return A;
   }
+  // fn(s) for each sequence of rg with tokens. Those of one token (a decode step) are spread over
+  // the threads, one sequence to a thread: each alone is too small for its kernel to split, so a
+  // step of many would otherwise run them one by one on one core. Longer ones run one after
+  // another, each kernel using the threads itself. A kernel computes a sequence the same way
+  // on any thread (its splits follow omp_get_max_threads(), which a region leaves unchanged, and
+  // its scratch is per thread), so the results do not change. The reference runs in order.
+  template <class Fn>
+  static void for_seqs(const Ragged& rg, Fn&& fn) {
+    int ones = 0;
+    for (int s = 0; s < rg.nseq(); ++s) {
+      if (rg.len(s) > 1) fn(s);
+      ones += rg.len(s) == 1;
+    }
+    if (kRef || ones < 2 || omp_get_max_threads() < 2) {
+      for (int s = 0; s < rg.nseq(); ++s)
+        if (rg.len(s) == 1) fn(s);
+      return;
+    }
+    std::exception_ptr err;  // an exception must not leave the region
+#pragma omp parallel for schedule(static)
+    for (int s = 0; s < rg.nseq(); ++s) {
+      if (rg.len(s) != 1) continue;
+      try {
+        fn(s);
+      } catch (...) {
+#pragma omp critical(hm_for_seqs)
+        if (!err) err = std::current_exception();
+      }
+    }
+    if (err) std::rethrow_exception(err);
+  }
+
   // The kernel set, chosen at compile time.
   struct K {
     static constexpr auto rmsnorm = kRef ? &ref::rmsnorm : &cpu::rmsnorm;

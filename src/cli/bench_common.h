@@ -12,6 +12,11 @@
 #include "backend/backend.h"
 #include "model/config.h"
 #include "model/params.h"
+#include "runtime/memory.h"
+
+namespace hm {
+class HybridModel;
+}
 
 namespace hm::cli {
 
@@ -55,5 +60,9 @@ int bench_device(const DeviceBenchOptions& o, DeviceSetup& dev);
 // The device's floors, as cuda_peer.py measures them: the backend's bf16 linear at 8192^3
 // ("gemm_bf16_tflops") and a 1 GiB device-to-device copy ("copy_gb_s", bytes read + written).
 nlohmann::json measure_device_floors(Backend& be, int reps);
+// Decode of each BATCHxCONTEXT case ("64x16,1x4096"), as the device bench times it (Generator,
+// greedy: ttft_ms = T(1), ms_per_step = (T(129) - T(1)) / 128, tok_s = batch / ms_per_step), on
+// the model's backend: batched decoding on the CPU.
+nlohmann::json bench_decode_cases(HybridModel& m, const std::string& spec, KvType kv, int reps);
 
 }  // namespace hm::cli

@@ -296,6 +296,21 @@ std::string quoted(const std::string& s) { return shell_quote(s); }
 
 json measure_device_floors(Backend& be, int reps) { return measure_floors(be, reps); }
 
+json bench_decode_cases(HybridModel& m, const std::string& spec, KvType kv, int reps) {
+  Rng rng(42);
+  json out = json::array();
+  for (const DecodeCase& dc : parse_decode_cases(spec)) {
+    std::fprintf(stderr, "bench: decode batch %d after %d...\n", dc.batch, dc.context);
+    json j = decode_case(m, dc, kv, reps, rng, 0);
+    j.erase("mem_bytes");  // device figures; a host backend has neither
+    j.erase("alloc_peak_bytes");
+    j.erase("sampled_on_device");
+    out.push_back(j);
+  }
+  return out;
+}
+
+
 int bench_device(const DeviceBenchOptions& o, DeviceSetup& dev) {
   namespace fs = std::filesystem;
   Backend& be = *dev.be;

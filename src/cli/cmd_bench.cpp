@@ -495,8 +495,8 @@ Run add_bench(CLI::App& app) {
   app.add_flag("--no-peer", o->no_peer, "Skip the PyTorch peer");
   app.add_flag("--quick", o->quick, "Contexts up to 1024 only (for smoke tests)");
   app.add_option("--decode-cases", o->decode_cases,
-                 "--device cuda: only these decode cases, BATCHxCONTEXT comma-separated (e.g. 64x16,16x8192), and no "
-                 "prefill cases: for A/B runs and profiles of one case");
+                 "Only these decode cases, BATCHxCONTEXT comma-separated (e.g. 64x16,16x8192): batched decode tok/s "
+                 "and time to first token, no prefill cases (on cuda: for A/B runs and profiles of one case)");
   app.add_flag("--train", o->train, "Measure training steps (loss_and_grad + AdamW) instead of inference");
   app.add_option("--batch", o->batch, "--train: sequences per step")->capture_default_str();
   CLI::Option* seq_len_opt =
@@ -592,7 +592,8 @@ Run add_bench(CLI::App& app) {
     auto log = [&](const char* what) { if (!o->json) std::fprintf(stderr, "bench: %s...\n", what); };
 
     if (!o->weights.empty()) {
-      HM_CHECK(!o->train && !o->routing_sweep, "bench --weights: not with --train or --routing-sweep");
+      HM_CHECK(!o->train && !o->routing_sweep && o->decode_cases.empty(),
+               "bench --weights: not with --train, --routing-sweep or --decode-cases");
       const std::vector<DType> formats = weight_formats_option(o->weights);
       const size_t probe = dram_probe_bytes(l3);
       log("read bandwidth");
@@ -608,6 +609,25 @@ Run add_bench(CLI::App& app) {
                     r["kv_type"].get<std::string>().c_str(), r["cpu_model"].get<std::string>().c_str(),
                     r["l3_mb"].get<double>());
         print_weight_formats(r["weights"]);
+      }
+      return 0;
+    }
+
+    if (!o->decode_cases.empty()) {
+      HM_CHECK(!o->train && !o->routing_sweep, "bench --decode-cases: not with --train or --routing-sweep");
+      r["decode"] = bench_decode_cases(*model, o->decode_cases, kv, o->reps);
+      if (!tmpdir.empty()) fs::remove_all(tmpdir);
+      if (o->json) {
+        std::printf("%s\n", r.dump().c_str());
+      } else {
+        std::vector<Row> rows;
+        for (const auto& d : r["decode"]) {
+          const std::string bc = std::to_string(d["batch"].get<int>()) + " x " + std::to_string(d["context"].get<int>());
+          rows.push_back({"decode " + bc, "tok/s", d["tok_s"].is_number() ? d["tok_s"].get<double>() : NAN});
+          rows.back().rate = true;
+          rows.push_back({"ttft " + bc, "ms", d["ttft_ms"].get<double>()});
+        }
+        print_table(r, rows);
       }
       return 0;
     }
