@@ -7,6 +7,7 @@
 // Counters: bytes and flops are rates (per second of wall time); ns/tok/ch is the inverse rate
 // per (token, channel). Wall time throughout: the kernels run on all OpenMP threads.
 #include <benchmark/benchmark.h>
+#include <cblas.h>
 #include <omp.h>
 
 #include <immintrin.h>
@@ -19,6 +20,7 @@
 
 #include "core/rng.h"
 #include "kernels/cpu/aligned.h"
+#include "kernels/cpu/dispatch.h"
 #include "kernels/ops.h"
 
 namespace {
@@ -176,6 +178,34 @@ BENCHMARK_CAPTURE(BM_AttentionDecode, cpu, Attn::cpu)->Arg(512)->Arg(4096)->UseR
 // In the L3 at T = 4096 (8.4 MB of halves against 16.8 MB of floats).
 BENCHMARK_CAPTURE(BM_AttentionDecode, cpu_f16, Attn::cpu_f16)->Arg(512)->Arg(4096)->UseRealTime();
 BENCHMARK_CAPTURE(BM_AttentionDecode, ref, Attn::ref)->Arg(512)->Arg(4096)->UseRealTime();
+
+// --- linear at a few rows (decoding a small batch): W [n, k] from memory, as in decode -------
+// linear_rows (W read once for all m rows) against OpenBLAS's sgemm (sgemv at m = 1), which
+// linear() used for every m before: the crossover sets kLinearRowsMax. Copies of W fill 4x the
+// last-level cache and each call reads the next one. Args: m, n, k.
+void BM_LinearRows(benchmark::State& st, bool blas) {
+  const int m = int(st.range(0)), n = int(st.range(1)), k = int(st.range(2));
+  const std::size_t wn = std::size_t(n) * k;
+  const int copies = int(std::max<std::size_t>(2, 4 * llc_bytes() / (wn * sizeof(float)) + 1));
+  const auto W = random_vec(wn * copies, -1, 1, 21), x = random_vec(std::size_t(m) * k, -1, 1, 22);
+  Vec y(std::size_t(m) * n);
+  int c = 0;
+  for (auto _ : st) {
+    const float* w = W.data() + std::size_t(c) * wn;
+    if (!blas) hm::cpu::kernels().linear_rows(y.data(), n, x.data(), k, w, m, n, k, false);
+    else if (m == 1) cblas_sgemv(CblasRowMajor, CblasNoTrans, n, k, 1.0f, w, k, x.data(), 1, 0.0f, y.data(), 1);
+    else cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, x.data(), k, w, k, 0.0f, y.data(), n);
+    c = (c + 1) % copies;
+    benchmark::DoNotOptimize(y.data());
+  }
+  set_rates(st, double(wn) * sizeof(float), 2.0 * m * n * k);
+}
+void LinearRowsArgs(benchmark::internal::Benchmark* b) {
+  for (int m : {1, 2, 4, 8, 12, 16, 32, 64, 128})
+    for (auto [n, k] : {std::pair{2048, 512}, {512, 1024}, {32000, 512}}) b->Args({m, n, k});
+}
+BENCHMARK_CAPTURE(BM_LinearRows, rows, false)->Apply(LinearRowsArgs)->UseRealTime();
+BENCHMARK_CAPTURE(BM_LinearRows, blas, true)->Apply(LinearRowsArgs)->UseRealTime();
 
 // --- rmsnorm: x read, out written --------------------------------------------------------------
 void BM_Rmsnorm(benchmark::State& st, bool ref) {

@@ -1,4 +1,5 @@
-// linear: y = x . W^T through OpenBLAS (chosen over BLIS in bench/blas_choice.cpp). The build
+// linear: y = x . W^T; up to kLinearRowsMax rows by gemv_cpu.cpp's kernel, more through OpenBLAS
+// (chosen over BLIS in bench/blas_choice.cpp). The build
 // links OpenBLAS's OpenMP flavour, which shares our thread pool; call it from outside parallel
 // regions (inside one it runs on a single thread).
 #include <cblas.h>
@@ -6,6 +7,7 @@
 #include <algorithm>
 #include <cstddef>
 
+#include "kernels/cpu/dispatch.h"
 #include "kernels/ops.h"
 
 namespace hm::cpu {
@@ -21,16 +23,12 @@ void linear(float* y, int ldy, const float* x, int ldx, const float* W, int m, i
       }
     return;
   }
-  const float beta = accumulate ? 1.0f : 0.0f;
-  if (m == 1) {  // decoding: a matrix-vector product, bound by reading W
-    // gemv applies beta by scaling y, and some OpenBLAS versions let 0 * NaN through: y may be
-    // uninitialised workspace.
-    if (!accumulate) std::fill(y, y + n, 0.0f);
-    cblas_sgemv(CblasRowMajor, CblasNoTrans, n, k, 1.0f, W, k, x, 1, beta, y, 1);
-  } else {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, x, ldx, W, k, beta, y,
-                ldy);
+  if (m <= kLinearRowsMax) {  // decoding a small batch: bound by reading W, which this reads once
+    kernels().linear_rows(y, ldy, x, ldx, W, m, n, k, accumulate);
+    return;
   }
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, x, ldx, W, k, accumulate ? 1.0f : 0.0f, y,
+              ldy);
 }
 
 }  // namespace hm::cpu
