@@ -31,7 +31,7 @@ void block(float* y, int ldy, const float* x, int ldx, const float* W, int k, bo
     for (int r = 0; r < NR; ++r) w[r] = load(W + int64_t(r) * k + kk);
     for (int i = 0; i < NI; ++i) {
       const vf xv = load(x + int64_t(i) * ldx + kk);
-      for (int r = 0; r < NR; ++r) acc[i][r] += w[r] * xv;
+      for (int r = 0; r < NR; ++r) acc[i][r] = fmadd(w[r], xv, acc[i][r]);
     }
   }
   if (kk < k) {
@@ -40,7 +40,7 @@ void block(float* y, int ldy, const float* x, int ldx, const float* W, int k, bo
     for (int r = 0; r < NR; ++r) w[r] = load_n(W + int64_t(r) * k + kk, t);
     for (int i = 0; i < NI; ++i) {
       const vf xv = load_n(x + int64_t(i) * ldx + kk, t);
-      for (int r = 0; r < NR; ++r) acc[i][r] += w[r] * xv;
+      for (int r = 0; r < NR; ++r) acc[i][r] = fmadd(w[r], xv, acc[i][r]);
     }
   }
   for (int i = 0; i < NI; ++i)

@@ -76,6 +76,18 @@ HM_SIMD_INLINE vi iota() {
 
 // s - 0 folds to s (s + 0 does not: -0 + 0 = +0), so this is a bare broadcast.
 HM_SIMD_INLINE vf splat(float s) { return s - vf{}; }
+// a * b + c, in one rounding where the ISA has FMA whatever the compiler's contraction choices
+// (a kernel whose result must not depend on its code path spells it out); baseline x86-64 has
+// no FMA: two roundings, the same everywhere.
+HM_SIMD_INLINE vf fmadd(vf a, vf b, vf c) {
+#if defined(HM_SIMD_AVX512)
+  return _mm512_fmadd_ps(a, b, c);
+#elif defined(HM_SIMD_AVX2)
+  return _mm256_fmadd_ps(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
 // Keeps v in a register from here on. g++ otherwise folds the load of a vector that is used by
 // several FMAs into each of them, re-reading it from L1 every time, which makes register-
 // blocked loops load-bound instead of FMA-bound.
