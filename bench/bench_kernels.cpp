@@ -181,7 +181,7 @@ BENCHMARK_CAPTURE(BM_AttentionDecode, ref, Attn::ref)->Arg(512)->Arg(4096)->UseR
 
 // --- linear at a few rows (decoding a small batch): W [n, k] from memory, as in decode -------
 // linear_rows (W read once for all m rows) against OpenBLAS's sgemm (sgemv at m = 1), which
-// linear() used for every m before: the crossover sets kLinearRowsMax. Copies of W fill 4x the
+// linear() used for every m before: the crossover sets linear_rows_max. Copies of W fill 4x the
 // last-level cache and each call reads the next one. Args: m, n, k.
 void BM_LinearRows(benchmark::State& st, bool blas) {
   const int m = int(st.range(0)), n = int(st.range(1)), k = int(st.range(2));

@@ -53,12 +53,6 @@ struct SsdGradArgs {
   /* Returns -log softmax(z)[target]; z [V] becomes (softmax(z) - onehot(target)) * scale */       \
   double cross_entropy_row(float* z, int V, int target, double scale);
 
-// linear() runs up to this many rows through the table's linear_rows, more through sgemm. On the
-// AMD EPYC (Zen 5) host linear_rows was faster at every m measured, 1 to 128
-// (bench/results/cpu-amd-zen5-2026-12-05/linear_rows.txt: OpenBLAS 0.3.21 runs its Haswell
-// kernels there); 64 covers the decode steps of 64 sequences and leaves prefill to sgemm.
-constexpr int kLinearRowsMax = 64;
-
 struct KernelTable {
   decltype(&hm::cpu::rmsnorm) rmsnorm;
   decltype(&hm::cpu::conv1d_silu) conv1d_silu;
@@ -69,8 +63,13 @@ struct KernelTable {
   decltype(&hm::cpu::store_f16) store_f16;
   decltype(&hm::cpu::swiglu) swiglu;
   decltype(&hm::cpu::relu2) relu2;
-  // linear for m <= kLinearRowsMax rows of x (gemv_cpu.cpp): W read once for all of them
+  // linear for m <= linear_rows_max rows of x (gemv_cpu.cpp): W read once for all of them.
+  // linear() runs more rows through sgemm. The most rows where it beat OpenBLAS, per ISA
+  // (bench/results/cpu-amd-zen5-2026-12-05/linear_rows.txt, an AMD EPYC Zen 5, where OpenBLAS
+  // 0.3.21 runs its AVX2 kernels): avx512 64 (faster at every m to 128), avx2 16 (a tie at 16,
+  // sgemm 1.2x faster at 32), scalar 8.
   decltype(&hm::cpu::linear) linear_rows;
+  int linear_rows_max;
   struct Grad {
     void (*scan_forward)(float*, const ScanGradArgs&, double*, int);
     void (*scan_backward)(float*, float*, float*, float*, float*, float*, float*, float*,

@@ -17,8 +17,9 @@ using namespace simd;
 
 namespace {
 
-constexpr int kRows = 4;  // W rows per block
-constexpr int kXs = 4;    // rows of x per pass over a block
+constexpr int kRows = 4;   // W rows per block
+constexpr int kRows1 = 8;  // ... for one row of x: more independent sums and streams of W
+constexpr int kXs = 4;     // rows of x per pass over a block
 
 template <int NR, int NI>
 void block(float* y, int ldy, const float* x, int ldx, const float* W, int k, bool accumulate) {
@@ -67,18 +68,26 @@ void rows_block(float* y, int ldy, const float* x, int ldx, const float* W, int 
 
 }  // namespace
 
+// dispatch.h's KernelTable::linear_rows_max for this ISA (measured there).
+extern const int kLinearRowsMax = kW == 16 ? 64 : kW == 8 ? 16 : 8;
+
 void linear_rows(float* y, int ldy, const float* x, int ldx, const float* W, int m, int n, int k,
                  bool accumulate) {
   if (m <= 0 || n <= 0) return;
-  const int blocks = (n + kRows - 1) / kRows;
+  const int R = m == 1 ? kRows1 : kRows;  // the blocking does not change any output's sum
+  const int blocks = (n + R - 1) / R;
   // A parallel region costs ~1-2 us: below ~64K multiply-adds one thread is faster.
   run_team(int64_t(m) * n * k >= (1 << 16) && blocks > 1, [&](int id, int nt) {
     const auto [b0, b1] = share(blocks, id, nt);
     for (int b = b0; b < b1; ++b) {
-      const int j0 = b * kRows, nr = std::min(kRows, n - j0);
+      const int j0 = b * R, nr = std::min(R, n - j0);
       float* yb = y + j0;
       const float* Wb = W + int64_t(j0) * k;
       switch (nr) {
+        case 8: rows_block<8>(yb, ldy, x, ldx, Wb, m, k, accumulate); break;
+        case 7: rows_block<7>(yb, ldy, x, ldx, Wb, m, k, accumulate); break;
+        case 6: rows_block<6>(yb, ldy, x, ldx, Wb, m, k, accumulate); break;
+        case 5: rows_block<5>(yb, ldy, x, ldx, Wb, m, k, accumulate); break;
         case 4: rows_block<4>(yb, ldy, x, ldx, Wb, m, k, accumulate); break;
         case 3: rows_block<3>(yb, ldy, x, ldx, Wb, m, k, accumulate); break;
         case 2: rows_block<2>(yb, ldy, x, ldx, Wb, m, k, accumulate); break;

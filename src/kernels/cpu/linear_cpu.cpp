@@ -1,4 +1,4 @@
-// linear: y = x . W^T; up to kLinearRowsMax rows by gemv_cpu.cpp's kernel, more through OpenBLAS
+// linear: y = x . W^T; up to linear_rows_max rows (dispatch.h) by gemv_cpu.cpp's kernel, more through OpenBLAS
 // (chosen over BLIS in bench/blas_choice.cpp). The build
 // links OpenBLAS's OpenMP flavour, which shares our thread pool; call it from outside parallel
 // regions (inside one it runs on a single thread).
@@ -23,7 +23,7 @@ void linear(float* y, int ldy, const float* x, int ldx, const float* W, int m, i
       }
     return;
   }
-  if (m <= kLinearRowsMax) {  // decoding a small batch: bound by reading W, which this reads once
+  if (m <= kernels().linear_rows_max) {  // decoding a small batch: bound by reading W, which this reads once
     kernels().linear_rows(y, ldy, x, ldx, W, m, n, k, accumulate);
     return;
   }
