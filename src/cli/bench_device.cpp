@@ -310,7 +310,6 @@ json bench_decode_cases(HybridModel& m, const std::string& spec, KvType kv, int 
   return out;
 }
 
-
 int bench_device(const DeviceBenchOptions& o, DeviceSetup& dev) {
   namespace fs = std::filesystem;
   Backend& be = *dev.be;
