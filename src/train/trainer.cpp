@@ -681,20 +681,6 @@ void train(const TrainConfig& given) {
            " on --device cuda only; the CPU trains in f32");
   HM_CHECK(c.compute != DType::F16, "training in f16 needs loss scaling, which is not implemented (its gradients "
            "underflow); use --dtype bf16");
-  HM_CHECK(c.device != Device::CUDA || mc.mamba2_layers.empty(), "the model has Mamba-2 layers, which train on the "
-           "CPU only so far (--device cpu): their CUDA kernels (ssd_scan_backward, gated_rmsnorm_backward) are written "
-           "but not yet verified on a GPU");
-  HM_CHECK(c.device != Device::CUDA || mc.mlp_act == "swiglu", "the model has squared-ReLU MLPs, which train on "
-           "the CPU only so far (--device cpu): their CUDA kernel (relu2_backward) is written but not yet verified "
-           "on a GPU");
-  HM_CHECK(c.device != Device::CUDA || mc.moe_layers.empty(), "the model has mixture-of-experts layers, which "
-           "train on the CPU only so far (--device cpu): their CUDA kernel (row_dots, the gates' gradients) is "
-           "written but not yet verified on a GPU");
-  bool has_true = false;
-  for (int i = 0; i < mc.n_layers; ++i) has_true = has_true || mc.is_true(i);
-  HM_CHECK(c.device != Device::CUDA || !has_true, "the model has True Hybrid layers, which train on the CPU only "
-           "(--device cpu) until the CUDA kernels of their router (router) and gates' gradients (row_dots) "
-           "have run on a GPU");
   HM_CHECK(!on_device || c.scan_chunk == 0, "--scan-chunk applies to the CPU's scan; on CUDA the scan keeps one "
            "state per 64-token chunk and recomputes the rest");
   if (!on_device) {  // Everything the run allocates, before it does (--max-memory, MemAvailable).

@@ -254,7 +254,6 @@ TEST_P(CudaGradOps, SwigluBackward) {
 
 // Squared ReLU's backward on strided views; x spans both signs.
 TEST_P(CudaGradOps, Relu2Backward) {
-  setenv("HM_CUDA_TRAIN_UNVERIFIED", "1", 1);  // the backend's gate until this passes on a GPU
   hm::Rng rng(104);
   for (auto [n, f] : {std::pair{5, 333}, std::pair{70, 1}, std::pair{1, 1025}}) {
     Both x(gpu(), T(), n, f + 3, normal(rng, 2)), dout(gpu(), T(), n, f + 1, normal(rng));
@@ -268,7 +267,6 @@ TEST_P(CudaGradOps, Relu2Backward) {
 // An MoE gate's gradient: out[r] = a[idx[r]] . b[r] in float, over column views, with indices
 // (repeated, out of order) and without; several blocks of warps; one column and a long row.
 TEST_P(CudaGradOps, RowDots) {
-  setenv("HM_CUDA_TRAIN_UNVERIFIED", "1", 1);  // the backend's gate until this passes on a GPU
   hm::Rng rng(105);
   for (auto [rows, d, na, indexed] : {std::tuple{7, 333, 5, true}, std::tuple{70, 1, 70, false},
                                       std::tuple{1, 1025, 3, true}, std::tuple{33, 64, 40, true}}) {
@@ -289,55 +287,50 @@ TEST_P(CudaGradOps, RowDots) {
 // widths below and above one pass of the block's threads. Features and logits are float math on
 // the same inputs, summed in another order: 1e-5 of the largest. Then inference's form: each
 // sequence continues a random analyzer state (EMA, chunk logit) at a random position, giving
-// the logits and the state after the call, by the kernels and by the host path that inference
-// keeps until this test has passed (HM_CUDA_TRAIN_UNVERIFIED unset).
+// the logits and the state after the call.
 TEST_P(CudaGradOps, Router) {
   hm::Rng rng(106);
-  for (const char* kernels : {"1", "0"}) {
-    setenv("HM_CUDA_TRAIN_UNVERIFIED", kernels, 1);  // "1": the kernels (the backend's gate until this passes)
-    for (const int D : {77, 1000}) {
-      for (const auto& lens : kSeqs) {
-        int n = 0;
-        for (int l : lens) n += l;
-        std::vector<int> zeros(lens.size(), 0), pos0s;
-        for (size_t s = 0; s < lens.size(); ++s) pos0s.push_back(int(rng.next_u64() % 5000));
-        hm::Ragged rg_gpu, rg_cpu;
-        Both u(gpu(), T(), n, D + 3, normal(rng));
-        Both w(gpu(), DType::F32, 1, D, normal(rng, 0.1)), fw(gpu(), DType::F32, 1, hm::kRouterFeatures, normal(rng)),
-            b(gpu(), DType::F32, 1, 1, normal(rng));
-        for (const int chunk : {0, 5}) {
-          const std::string what = "D " + std::to_string(D) + " n " + std::to_string(n) + " chunk " +
-                                   std::to_string(chunk) + (kernels[0] == '1' ? "" : " (host path)");
-          Both r = Both::out(gpu(), DType::F32, 1, n);
-          if (kernels[0] == '1') {  // training's form: whole sequences, features too
-            fill(rg_gpu, gpu(), lens, zeros);
-            fill(rg_cpu, cpu(), lens, zeros);
-            Both f = Both::out(gpu(), DType::F32, n, hm::kRouterFeatures);
-            gpu().router(r.dev(0, n), f.dev(0, hm::kRouterFeatures), u.dev(2, D), w.dev(0, D),
-                         fw.dev(0, hm::kRouterFeatures), b.dev(0, 1), rg_gpu, chunk, nullptr);
-            cpu().router(r.cpu(0, n), f.cpu(0, hm::kRouterFeatures), u.cpu(2, D), w.cpu(0, D),
-                         fw.cpu(0, hm::kRouterFeatures), b.cpu(0, 1), rg_cpu, chunk, nullptr);
-            EXPECT_TRUE(matches(what + " logits", gpu(), r, 0, n, kFloatTol));
-            EXPECT_TRUE(matches(what + " features", gpu(), f, 0, hm::kRouterFeatures, kFloatTol));
-          }
-          fill(rg_gpu, gpu(), lens, pos0s);
-          fill(rg_cpu, cpu(), lens, pos0s);
-          const int slots = int(lens.size());
-          Both st(gpu(), DType::F32, slots, D + 1, normal(rng, 0.5));
-          const hm::StatePool st_gpu{static_cast<float*>(st.buf.data()), slots, D + 1},
-              st_cpu{st.h.data(), slots, D + 1};
-          r = Both::out(gpu(), DType::F32, 1, n);  // NaN on the device: a row not written shows
-          gpu().router(r.dev(0, n), Tensor(), u.dev(2, D), w.dev(0, D), fw.dev(0, hm::kRouterFeatures), b.dev(0, 1),
-                       rg_gpu, chunk, &st_gpu);
-          cpu().router(r.cpu(0, n), Tensor(), u.cpu(2, D), w.cpu(0, D), fw.cpu(0, hm::kRouterFeatures), b.cpu(0, 1),
-                       rg_cpu, chunk, &st_cpu);
-          EXPECT_TRUE(matches(what + " logits continuing a state", gpu(), r, 0, n, kFloatTol));
-          EXPECT_TRUE(matches(what + " state after", gpu(), st, 0, D + 1, kFloatTol));
+  for (const int D : {77, 1000}) {
+    for (const auto& lens : kSeqs) {
+      int n = 0;
+      for (int l : lens) n += l;
+      std::vector<int> zeros(lens.size(), 0), pos0s;
+      for (size_t s = 0; s < lens.size(); ++s) pos0s.push_back(int(rng.next_u64() % 5000));
+      hm::Ragged rg_gpu, rg_cpu;
+      Both u(gpu(), T(), n, D + 3, normal(rng));
+      Both w(gpu(), DType::F32, 1, D, normal(rng, 0.1)), fw(gpu(), DType::F32, 1, hm::kRouterFeatures, normal(rng)),
+          b(gpu(), DType::F32, 1, 1, normal(rng));
+      for (const int chunk : {0, 5}) {
+        const std::string what = "D " + std::to_string(D) + " n " + std::to_string(n) + " chunk " +
+                                 std::to_string(chunk);
+        Both r = Both::out(gpu(), DType::F32, 1, n);
+        {  // training's form: whole sequences, features too
+          fill(rg_gpu, gpu(), lens, zeros);
+          fill(rg_cpu, cpu(), lens, zeros);
+          Both f = Both::out(gpu(), DType::F32, n, hm::kRouterFeatures);
+          gpu().router(r.dev(0, n), f.dev(0, hm::kRouterFeatures), u.dev(2, D), w.dev(0, D),
+                       fw.dev(0, hm::kRouterFeatures), b.dev(0, 1), rg_gpu, chunk, nullptr);
+          cpu().router(r.cpu(0, n), f.cpu(0, hm::kRouterFeatures), u.cpu(2, D), w.cpu(0, D),
+                       fw.cpu(0, hm::kRouterFeatures), b.cpu(0, 1), rg_cpu, chunk, nullptr);
+          EXPECT_TRUE(matches(what + " logits", gpu(), r, 0, n, kFloatTol));
+          EXPECT_TRUE(matches(what + " features", gpu(), f, 0, hm::kRouterFeatures, kFloatTol));
         }
+        fill(rg_gpu, gpu(), lens, pos0s);
+        fill(rg_cpu, cpu(), lens, pos0s);
+        const int slots = int(lens.size());
+        Both st(gpu(), DType::F32, slots, D + 1, normal(rng, 0.5));
+        const hm::StatePool st_gpu{static_cast<float*>(st.buf.data()), slots, D + 1},
+            st_cpu{st.h.data(), slots, D + 1};
+        r = Both::out(gpu(), DType::F32, 1, n);  // NaN on the device: a row not written shows
+        gpu().router(r.dev(0, n), Tensor(), u.dev(2, D), w.dev(0, D), fw.dev(0, hm::kRouterFeatures), b.dev(0, 1),
+                     rg_gpu, chunk, &st_gpu);
+        cpu().router(r.cpu(0, n), Tensor(), u.cpu(2, D), w.cpu(0, D), fw.cpu(0, hm::kRouterFeatures), b.cpu(0, 1),
+                     rg_cpu, chunk, &st_cpu);
+        EXPECT_TRUE(matches(what + " logits continuing a state", gpu(), r, 0, n, kFloatTol));
+        EXPECT_TRUE(matches(what + " state after", gpu(), st, 0, D + 1, kFloatTol));
       }
     }
   }
-  setenv("HM_CUDA_TRAIN_UNVERIFIED", "1", 1);
 }
 
 // Against the CPU's rope_backward at positions up to 9000, and as the transpose of the device's
@@ -578,7 +571,6 @@ TEST_P(CudaGradOps, AttentionTensorCoreTiles) {
 // column views of one matrix and dB | dC of another, groups of heads, a time_step_limit that
 // clamps, odd d_state and head sizes; the parameter gradients float32, accumulated into.
 TEST_P(CudaGradOps, SsdScanTrainAndBackward) {
-  setenv("HM_CUDA_TRAIN_UNVERIFIED", "1", 1);  // the backend's gate until this passes on a GPU
   hm::Rng rng(131);
   struct Shape {
     int H, P, G, N;
@@ -627,7 +619,6 @@ TEST_P(CudaGradOps, SsdScanTrainAndBackward) {
 
 // rmsnorm(y silu(z)) w per group: dy and dz assigned, dw (float) accumulated.
 TEST_P(CudaGradOps, GatedRmsnormBackward) {
-  setenv("HM_CUDA_TRAIN_UNVERIFIED", "1", 1);
   hm::Rng rng(132);
   for (auto [n, E, group] : {std::tuple{7, 96, 96}, std::tuple{33, 96, 32}, std::tuple{1, 30, 10},
                              std::tuple{700, 1000, 500}}) {

@@ -24,11 +24,11 @@
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/cuda/decode.h"
 #include "kernels/cuda/grad.h"
-#include "kernels/ref/router_ref.h"
 #include "kernels/cuda/mamba_grad.h"
 #include "kernels/cuda/linear.h"
 #include "kernels/cuda/rows.h"
 #include "kernels/cuda/skinny.h"
+#include "kernels/ref/router_ref.h"  // kRouterFeatures
 
 namespace hm {
 namespace {
@@ -837,24 +837,7 @@ class CudaBackendImpl final : public CudaBackend {
     for (int s = 0; s < rg.nseq(); ++s)
       HM_CHECK(rg.slot(s) == s, "cuda ", op, ": training batches put sequence s in slot s (sequence ", s, " is in slot ",
                rg.slot(s), ")");
-    check_train_verified(op);
   }
-  // Training kernels written while no GPU was lent (Mamba-2's in stop 28, relu2_backward in stop
-  // 29, row_dots and router in stop 30): until their tests (CudaGradOps.SsdScanTrainAndBackward,
-  // .GatedRmsnormBackward, .Relu2Backward, .RowDots, .Router, CudaTrain.BatchGradMatchesCpu,
-  // .TrueHybridMatchesCpu) have passed on a device they run only where
-  // HM_CUDA_TRAIN_UNVERIFIED=1 (the tests set it), so no command gives numbers from them.
-  static bool train_verified() {
-    const char* v = std::getenv("HM_CUDA_TRAIN_UNVERIFIED");
-    return v && std::string(v) == "1";
-  }
-  static void check_train_verified(const char* op) {
-    HM_CHECK(train_verified(), "cuda ", op, ": this training op is written but not yet verified on a GPU "
-             "(Mamba-2 layers, squared-ReLU MLPs, mixture-of-experts layers, True Hybrid routers); train such models "
-             "on the CPU "
-             "(--device cpu)");
-  }
-
   void ssd_scan_train(Tensor y, Tensor x, Tensor dt, Tensor dt_bias, Tensor A_log, Tensor B, Tensor C, Tensor Dskip,
                       int heads, int groups, float dt_min, float dt_max, const Ragged& rg) override {
     const char* op = "ssd_scan_train";
@@ -917,7 +900,6 @@ class CudaBackendImpl final : public CudaBackend {
     check_type(op, "w", w, y.dtype);
     check_vec(op, "dw", dw, E);
     check_type(op, "dw", dw, DType::F32);
-    check_train_verified(op);
     if (n == 0 || E == 0) return;
     void* ws = workspace(cuda::gated_rmsnorm_backward_workspace_bytes(n, E));
     dispatch(y.dtype, [&](auto tag) {
@@ -1091,7 +1073,6 @@ class CudaBackendImpl final : public CudaBackend {
   void relu2_backward(Tensor dx, Tensor dout, Tensor x) override {
     const char* op = "relu2_backward";
     train_check::relu2_backward(name(), dx, dout, x);
-    check_train_verified(op);
     const int n = x.rows, f = x.cols;
     for (const auto& [nm, t] : {std::pair{"dx", &dx}, std::pair{"dout", &dout}, std::pair{"x", &x}}) {
       check_view(op, nm, *t, n, f);
@@ -1279,12 +1260,7 @@ class CudaBackendImpl final : public CudaBackend {
     check_vec(op, "fw", fw, kRouterFeatures);
     check_vec(op, "b", b, 1);
     check_ragged(op, rg, INT_MAX);
-    if (!st) check_train_verified(op);
     if (n == 0) return;
-    if (st && !train_verified()) {
-      HM_CHECK(!feats.data, "cuda router: the host path (until the kernels are verified) writes no features");
-      return router_on_host(r, u, w, fw, b, rg, chunk, *st);
-    }
     float* s_tmp = chunk > 0 ? static_cast<float*>(workspace(sizeof(float) * size_t(n))) : nullptr;
     dispatch(u.dtype, [&](auto tag) {
       using T = elem_t<decltype(tag)>;
@@ -1292,38 +1268,10 @@ class CudaBackendImpl final : public CudaBackend {
                       fw.f32(), b.f32(), batch(rg), chunk, st ? st->base : nullptr, stream_);
     });
   }
-  // Inference's router as it ran before the kernel above (and as verified on a GPU), until
-  // CudaGradOps.Router has passed there: u and the slots' analyzer state to the host,
-  // kernels/ref's router_forward, the logits and the state back.
-  void router_on_host(Tensor r, Tensor u, Tensor w, Tensor fw, Tensor b, const Ragged& rg, int chunk,
-                      const StatePool& st) {
-    const int n = rg.n_tokens(), D = u.cols;
-    const size_t es = dtype_size(u.dtype);
-    std::vector<char> raw((size_t(n - 1) * size_t(u.ld) + size_t(D)) * es);
-    to_host(raw.data(), u.data, raw.size());
-    std::vector<float> uh(size_t(n) * D), rh(static_cast<size_t>(n)), feats(size_t(n) * kRouterFeatures),
-        wh(size_t(D) + kRouterFeatures + 1), state(size_t(D) + 1);
-    for (int t = 0; t < n; ++t) convert_to_f32(uh.data() + size_t(t) * D, raw.data() + size_t(t) * u.ld * es, u.dtype, size_t(D));
-    to_host(wh.data(), w.data, sizeof(float) * size_t(D));
-    to_host(wh.data() + D, fw.data, sizeof(float) * kRouterFeatures);
-    to_host(wh.data() + D + kRouterFeatures, b.data, sizeof(float));
-    for (int s = 0; s < rg.nseq(); ++s) {
-      const int t0 = rg.start(s), L = rg.len(s);
-      float* slot = st.at(rg.slot(s));
-      to_host(state.data(), slot, sizeof(float) * state.size());
-      th::router_forward(rh.data() + t0, feats.data() + size_t(t0) * kRouterFeatures, state.data(), state[size_t(D)],
-                         uh.data() + size_t(t0) * D, L, D, int64_t(rg.pos0(s)), wh.data(), wh.data() + D,
-                         wh.data() + D + kRouterFeatures, chunk > 0, chunk);
-      to_device(slot, state.data(), sizeof(float) * state.size());
-    }
-    to_device(r.data, rh.data(), sizeof(float) * rh.size());
-  }
-
   // a_idx is not range-checked here (it lives on the device), as add_rows' indices.
   void row_dots(Tensor out, Tensor a, const int32_t* a_idx, Tensor b) override {
     const char* op = "row_dots";
     train_check::row_dots(name(), out, a, b);
-    check_train_verified(op);
     check_view(op, "a", a, a.rows, a.cols);
     check_view(op, "b", b, b.rows, b.cols);
     check_vec(op, "out", out, b.rows);
