@@ -12,6 +12,8 @@
 
 #include <cmath>
 #include <cstdio>
+#include <algorithm>
+#include <numeric>
 #include <functional>
 #include <limits>
 #include <memory>
@@ -20,6 +22,7 @@
 
 #include "backend/backend.h"
 #include "backend/counting_backend.h"
+#include "backend/id_rows.h"
 #include "core/error.h"
 #include "core/rng.h"
 #include "kernels/ref/attention_grad_ref.h"
@@ -482,6 +485,40 @@ TEST(BackendGrad, Attention) {
 }
 TEST(BackendGrad, RopeBackward) { check_op(rope_case(), 50); }
 TEST(BackendGrad, EmbeddingBackward) { check_op(embedding_case(), 51); }
+
+// The CUDA embedding_backward's grouping (a counting sort) against a stable sort by id: the same
+// order (ties by row), segment starts and ids, at odd sizes with heavy repeats and with unused ids.
+TEST(BackendGrad, GroupRowsByIdIsAStableSort) {
+  Rng rng(52);
+  for (auto [n, n_ids] : {std::pair{1, 1}, std::pair{37, 5}, std::pair{1000, 8191}, std::pair{333, 40000}}) {
+    std::vector<int32_t> id(static_cast<size_t>(n));
+    for (auto& v : id) v = int32_t(rng.next_u64() % uint64_t(n_ids));
+    std::vector<int32_t> order(static_cast<size_t>(n)), seg, seg_id;
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return id[size_t(a)] < id[size_t(b)]; });
+    for (int p = 0; p < n; ++p)
+      if (p == 0 || id[size_t(order[size_t(p)])] != id[size_t(order[size_t(p - 1)])]) {
+        seg.push_back(p);
+        seg_id.push_back(id[size_t(order[size_t(p)])]);
+      }
+    const int nseg = int(seg_id.size());
+    seg.push_back(n);
+    std::vector<int32_t> want(order);
+    want.insert(want.end(), seg.begin(), seg.end());
+    want.insert(want.end(), seg_id.begin(), seg_id.end());
+    const IdRows g = group_rows_by_id(id.data(), n, n_ids, "test");
+    EXPECT_EQ(g.nseg, nseg) << n << " rows";
+    EXPECT_EQ(g.plan, want) << n << " rows";
+  }
+  const int32_t bad[] = {0, 3, -1};
+  EXPECT_THROW(group_rows_by_id(bad, 2, 3, "test"), Error);  // 3 is outside a table of 3
+  try {
+    group_rows_by_id(bad, 3, 4, "cuda embedding_backward");
+    FAIL() << "id -1 accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("id -1 at row 2"), std::string::npos) << e.what();
+  }
+}
 TEST(BackendGrad, CrossEntropyHead) {
   check_op(cross_entropy_case(29, 9), 52);
   check_op(cross_entropy_case(150, 70), 53);  // more rows than the CPU's blocks of 64

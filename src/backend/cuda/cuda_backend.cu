@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "backend/cuda/cuda_backend.h"
+#include "backend/id_rows.h"
 #include "backend/train_checks.h"
 #include "core/error.h"
 #include "kernels/cuda/common.cuh"
@@ -1128,8 +1129,8 @@ class CudaBackendImpl final : public CudaBackend {
   }
 
   // The ids come to the host (one wait) to be checked as the CPU backend checks them and grouped
-  // by a stable sort: each table row's gradient is then one sum over its rows in batch order,
-  // deterministic whatever the repeats, with no atomics.
+  // by id (group_rows_by_id): each table row's gradient is then one sum over its rows in batch
+  // order, deterministic whatever the repeats, with no atomics.
   void embedding_backward(Tensor dtable, Tensor dout, const int32_t* ids) override {
     const char* op = "embedding_backward";
     train_check::embedding_backward(name(), dtable, dout);
@@ -1141,26 +1142,10 @@ class CudaBackendImpl final : public CudaBackend {
     HM_CHECK(ids != nullptr, "cuda embedding_backward: no ids for ", n, " rows");
     std::vector<int32_t> id(static_cast<size_t>(n));
     to_host(id.data(), ids, sizeof(int32_t) * id.size());
-    for (int i = 0; i < n; ++i)
-      HM_CHECK(id[size_t(i)] >= 0 && id[size_t(i)] < dtable.rows, "cuda embedding_backward: id ", id[size_t(i)],
-               " at row ", i, " is outside the table of ", dtable.rows);
-    // plan = [order: n rows by id, stable | seg: nseg + 1 starts in order | seg_id: nseg ids]
-    std::vector<int32_t> order(static_cast<size_t>(n));
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return id[size_t(a)] < id[size_t(b)]; });
-    std::vector<int32_t> seg, seg_id;
-    for (int p = 0; p < n; ++p)
-      if (p == 0 || id[size_t(order[size_t(p)])] != id[size_t(order[size_t(p - 1)])]) {
-        seg.push_back(p);
-        seg_id.push_back(id[size_t(order[size_t(p)])]);
-      }
-    const int nseg = int(seg_id.size());
-    seg.push_back(n);
-    std::vector<int32_t> plan(order);
-    plan.insert(plan.end(), seg.begin(), seg.end());
-    plan.insert(plan.end(), seg_id.begin(), seg_id.end());
-    auto* dplan = static_cast<int32_t*>(workspace(sizeof(int32_t) * plan.size()));
-    to_device(dplan, plan.data(), sizeof(int32_t) * plan.size());
+    const IdRows g = group_rows_by_id(id.data(), n, dtable.rows, "cuda embedding_backward");
+    const int nseg = g.nseg;
+    auto* dplan = static_cast<int32_t*>(workspace(sizeof(int32_t) * g.plan.size()));
+    to_device(dplan, g.plan.data(), sizeof(int32_t) * g.plan.size());
     dispatch(dout.dtype, [&](auto tag) {
       using T = elem_t<decltype(tag)>;
       dispatch_grad<T>(dtable.dtype, [&](auto gtag) {
