@@ -391,11 +391,15 @@ TEST_P(CudaBackendOps, GatedRmsNorm) {
 
 // kv_write then attention: prefill mixes continuing a cache, and decode batches over long caches.
 TEST_P(CudaBackendOps, KvWriteAttention) {
+  setenv("HM_CUDA_UNVERIFIED", "1", 1);  // the other head sizes' kernel: the backend's gate until this passes
   hm::Rng rng(28);
   struct Case { std::vector<int> lens; int H, G, hd, max_ctx, max_pos0; };
   const std::vector<Case> cases = {{{5, 1, 70, 7}, 4, 2, 64, 256, 100}, {{33}, 2, 1, 32, 64, 0},
                                    {{2, 0, 65}, 8, 8, 128, 512, 300}, {{1, 1, 1}, 8, 1, 128, 3000, 2900},
-                                   {{1, 0, 1, 1}, 4, 2, 64, 1200, 1100}, {{1}, 2, 2, 32, 16, 10}};
+                                   {{1, 0, 1, 1}, 4, 2, 64, 1200, 1100}, {{1}, 2, 2, 32, 16, 10},
+                                   // head sizes the fast kernels do not take: prefill and decode
+                                   {{5, 1, 40}, 4, 1, 48, 128, 60}, {{1, 1}, 6, 3, 80, 600, 500},
+                                   {{3, 1}, 2, 1, 20, 64, 30}, {{2, 1}, 2, 2, 256, 48, 40}};
   for (DType kvt : {DType::F32, DType::BF16, DType::F16})
     for (const Case& c : cases) {
       hm::Ragged rg;
@@ -538,7 +542,10 @@ TEST_P(CudaBackendOps, Errors) {
   const hm::KvPool p16{kv.data(), static_cast<char*>(kv.data()) + 16 * 64 * 2, DType::F16, 1, 16, 64, 16 * 64};
   Mat q(be(), T(), 4, 64, normal(rng));
   expect_error([&] { be().kv_write(i32kv, q.t, q.t, rg); }, "the KV cache must be f32, bf16 or f16, got");
-  expect_error([&] { be().attention(q.t, q.t, p16, 1, 1, 48, rg); }, "head_dim must be 32, 64 or 128, got 48");
+  expect_error([&] { be().attention(q.t, q.t, p16, 1, 1, 300, rg); }, "head_dim must be in [1, 256], got 300");
+  unsetenv("HM_CUDA_UNVERIFIED");
+  const hm::KvPool p16_48{kv.data(), static_cast<char*>(kv.data()) + 16 * 48 * 2, DType::F16, 1, 16, 48, 16 * 48};
+  expect_error([&] { be().attention(q.t, q.t, p16_48, 1, 1, 48, rg); }, "HM_CUDA_UNVERIFIED=1 runs it");
   hm::Ragged late;
   late.add(0, 4, 14);
   late.upload(be());

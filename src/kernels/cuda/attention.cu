@@ -423,10 +423,14 @@ int decode_chunks(const RaggedBatch& rb, int G, int max_keys) {
   return std::max(1, std::min(want, ceil_div(max_keys, 64)));
 }
 
+// The tensor-core prefill and split-KV decode kernels are specialised for these head sizes; any
+// other head_dim up to kMaxAnyHd runs attention_any_hd_kernel (float, no tensor cores).
+bool fast_head_dim(int hd) { return hd == 32 || hd == 64 || hd == 128; }
+
 void check_attention(const RaggedBatch& rb, int H, int G, int hd, int max_keys, int max_ctx) {
-  HM_CHECK(hd == 32 || hd == 64 || hd == 128, "cuda attention: head_dim must be 32, 64 or 128, got ", hd);
+  HM_CHECK(hd >= 1 && hd <= kMaxAnyHd, "cuda attention: head_dim must be in [1, ", kMaxAnyHd, "], got ", hd);
   HM_CHECK(G > 0 && H > 0 && H % G == 0, "cuda attention: n_heads ", H, " is not a multiple of n_kv_heads ", G);
-  if (rb.max_len == 1)
+  if (rb.max_len == 1 && fast_head_dim(hd))
     HM_CHECK(H / G <= kMaxGroup, "cuda attention: the decode kernel takes at most ", kMaxGroup,
              " query heads per kv head, got ", H / G);
   HM_CHECK(max_keys >= 1 && max_keys <= max_ctx, "cuda attention: max_keys must be in [1, max_ctx ", max_ctx,
@@ -536,6 +540,69 @@ __global__ void __launch_bounds__(kF32Warps * 32)
   for (int i = 0; i < kPer; ++i) out[size_t(t) * ldo + size_t(h) * HD + lane + 32 * i] = from_f<T>(num[i] / den);
 }
 
+// attention_f32kv_kernel's scheme for a head_dim the fast kernels do not take (true-demo's 48,
+// Hugging Face models' 80 or 96), from a cache of any type: lane l holds columns l, l + 32, ...
+// below hd. Correct for every size up to kMaxAnyHd, and slow: O(keys) per row on CUDA cores.
+template <class T, class KV>
+__global__ void __launch_bounds__(kF32Warps * 32)
+    attention_any_hd_kernel(T* __restrict__ out, int ldo, const T* __restrict__ q, int ldq, KvPool<KV> pool,
+                            const int32_t* __restrict__ cu, const int32_t* __restrict__ slots,
+                            const int32_t* __restrict__ pos0, int nseq, int H, int G, int hd, float scale) {
+  constexpr int kPer = kMaxAnyHd / 32;
+  const int t = blockIdx.x, h = blockIdx.y, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int s = seq_of_row(cu, nseq, t);
+  const int n_keys = min(pos0[s] + t - cu[s] + 1, pool.max_ctx);  // causal: keys 0..pos
+  const int width = G * hd;
+  const size_t head = size_t(slots[s]) * pool.slot_stride + size_t(h / (H / G)) * hd;
+  float qv[kPer], acc[kPer];
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int c = lane + 32 * i;
+    qv[i] = c < hd ? to_f(q[size_t(t) * ldq + size_t(h) * hd + c]) : 0.f;
+    acc[i] = 0.f;
+  }
+  float m = -INFINITY, l = 0.f;
+  for (int j = warp; j < n_keys; j += kF32Warps) {
+    const KV* kr = pool.k + head + size_t(j) * width;
+    float d = 0.f;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i)
+      if (lane + 32 * i < hd) d += qv[i] * to_f(kr[lane + 32 * i]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+    const float sc = d * scale, mn = fmaxf(m, sc);
+    const float corr = expf(m - mn), p = expf(sc - mn);  // corr = 0 on the first key (m = -inf)
+    l = l * corr + p;
+    const KV* vr = pool.v + head + size_t(j) * width;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i)
+      if (lane + 32 * i < hd) acc[i] = acc[i] * corr + p * to_f(vr[lane + 32 * i]);
+    m = mn;
+  }
+  __shared__ float sm[kF32Warps], sl[kF32Warps], sacc[kF32Warps][kMaxAnyHd];
+  if (lane == 0) {
+    sm[warp] = m;
+    sl[warp] = l;
+  }
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) sacc[warp][lane + 32 * i] = acc[i];
+  __syncthreads();
+  if (warp != 0) return;
+  float mx = -INFINITY;
+  for (int w = 0; w < kF32Warps; ++w) mx = fmaxf(mx, sm[w]);
+  float den = 0.f, num[kPer] = {};
+  for (int w = 0; w < kF32Warps; ++w) {
+    if (sm[w] == -INFINITY) continue;  // a warp with no key (fewer keys than warps)
+    const float c = expf(sm[w] - mx);
+    den += c * sl[w];
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) num[i] += c * sacc[w][lane + 32 * i];
+  }
+#pragma unroll
+  for (int i = 0; i < kPer; ++i)
+    if (lane + 32 * i < hd) out[size_t(t) * ldo + size_t(h) * hd + lane + 32 * i] = from_f<T>(num[i] / den);
+}
+
 template <class T, class KV, int HD>
 void attention_hd(T* out, int ldo, const T* q, int ldq, const KvPool<KV>& pool, const RaggedBatch& rb, int H,
                   int G, int max_keys, void* workspace, cudaStream_t stream) {
@@ -562,7 +629,7 @@ void kv_write(const KvPool<KV>& pool, const T* k, int ldk, const T* v, int ldv, 
 }
 
 size_t attention_workspace_bytes(const RaggedBatch& rb, int H, int G, int hd, int max_keys) {
-  if (rb.max_len != 1 || rb.nseq <= 0 || G <= 0) return 0;
+  if (rb.max_len != 1 || rb.nseq <= 0 || G <= 0 || !fast_head_dim(hd)) return 0;
   const int chunks = decode_chunks(rb, G, std::max(max_keys, 1));
   return size_t(rb.nseq) * H * chunks * kDecodeWarps * (hd + 2) * sizeof(float);
 }
@@ -575,6 +642,13 @@ void attention(T* out, int ldo, const T* q, int ldq, const KvPool<KV>& pool, con
                (pool.slot_stride * int64_t(sizeof(KV))) % 16 == 0,
            "cuda attention: the KV pool must be 16-byte aligned (slot_stride ", pool.slot_stride, ")");
   if (rb.nseq <= 0 || rb.n_tokens <= 0) return;
+  if (!fast_head_dim(hd)) {
+    attention_any_hd_kernel<T, KV><<<dim3(rb.n_tokens, H), kF32Warps * 32, 0, stream>>>(
+        out, ldo, q, ldq, pool, rb.cu_seqlens, rb.slots, rb.pos0, rb.nseq, H, G, hd,
+        float(1.0 / std::sqrt(double(hd))));
+    HM_CUDA_LAUNCHED("attention (any head_dim)");
+    return;
+  }
   HM_CHECK(rb.max_len != 1 || (std::is_same_v<KV, float>) ||
                (workspace != nullptr && reinterpret_cast<uintptr_t>(workspace) % 16 == 0),
            "cuda attention: decode needs attention_workspace_bytes of 16-byte aligned workspace");

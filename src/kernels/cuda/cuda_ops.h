@@ -151,6 +151,8 @@ struct KvPool {
 
 // Most query heads per kv head (H / G) the decode kernel takes (their queries live in registers).
 constexpr int kMaxGroup = 8;
+// Largest head_dim attention takes (32, 64 and 128 have fast kernels; others a plain one).
+constexpr int kMaxAnyHd = 256;
 
 // Rows t of k and v ([n_tokens, G * hd], row strides ldk, ldv) to slot slots[s] at positions
 // pos0[s] + t - cu_seqlens[s], rounded to KV. The caller checks the positions against max_ctx
@@ -162,8 +164,10 @@ void kv_write(const KvPool<KV>& pool, const T* k, int ldk, const T* v, int ldv, 
 // Causal attention of every query row over its sequence's cache (written by kv_write first):
 // row t of sequence s, at position p = pos0[s] + t - cu_seqlens[s], attends to keys 0..p of
 // slot slots[s]. q [n_tokens, H * hd] (ldq), out likewise (ldo); query head j reads kv head
-// j / (H / G); scale 1 / sqrt(hd); hd 32, 64 or 128. max_keys bounds pos0[s] + length over the
+// j / (H / G); scale 1 / sqrt(hd). max_keys bounds pos0[s] + length over the
 // batch (max_ctx always does).
+//  - hd other than 32, 64 or 128 (up to kMaxAnyHd): one plain float kernel for prefill and
+//    decode (CUDA cores, O(keys) per row), no workspace.
 //  - max_len > 1 (prefill): flash kernel on the tensor cores; q and the softmax weights are
 //    rounded to KV for the mma, every sum is float.
 //  - max_len == 1 (decode): split-KV kernel (float math) plus a combine; H / G <= kMaxGroup;
