@@ -179,9 +179,14 @@ def prefix_ttft(srv, prefixes, questions, max_tokens):
             m0 = srv.metrics()
             r = srv.stream({"prompt": p + q, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
             m1 = srv.metrics()
+            d = lambda k: m1.get(k, 0.0) - m0.get(k, 0.0)
             rows.append({"ttft": r["ttft"], "cached": r["usage"]["prompt_tokens_details"]["cached_tokens"],
-                         "computed": m1["hm_computed_tokens_total"] - m0["hm_computed_tokens_total"],
-                         "prompt": r["usage"]["prompt_tokens"], "text": r["text"]})
+                         "computed": d("hm_computed_tokens_total"), "prompt": r["usage"]["prompt_tokens"],
+                         "text": r["text"],
+                         # where the time went (engine counters over the request: its steps, their
+                         # forwards and the prefix cache's checkpoints, and evictions it caused)
+                         "steps": d("hm_steps_total"), "forward": d("hm_step_forward_seconds_total"),
+                         "cache": d("hm_step_cache_seconds_total"), "evictions": d("hm_prefix_cache_evictions_total")})
     return rows[0::2], rows[1::2]  # first question of each prefix, second question of each
 
 
@@ -264,6 +269,11 @@ def main():
           "hit_computed": med(hit, "computed"),
           "miss_ttft_ms": round(1000 * med(miss, "ttft"), 1), "miss_computed": med(miss, "computed"),
           "no_cache_ttft_ms": round(1000 * med(off, "ttft"), 1), "no_cache_computed": med(off, "computed")}
+    for name, rows in (("hit", hit), ("miss", miss), ("no_cache", off)):
+        pc[name + "_steps"] = med(rows, "steps")
+        pc[name + "_forward_ms"] = round(1000 * med(rows, "forward"), 1)
+        pc[name + "_cache_ms"] = round(1000 * med(rows, "cache"), 2)
+        pc[name + "_evictions"] = med(rows, "evictions")
     pc["hit_vs_miss"] = round(pc["miss_ttft_ms"] / pc["hit_ttft_ms"], 1)
     pc["hit_vs_no_cache"] = round(pc["no_cache_ttft_ms"] / pc["hit_ttft_ms"], 1)
     out["prefix_cache"] = pc
