@@ -10,6 +10,9 @@
 #     the CPU in f32 trained it without NaN.
 #  3. the d 64 Mamba step profile: embedding_backward was 4.2 of 10.6 ms with the stable sort.
 #  4. true-demo (head_dim 48) served on CUDA through the new kernel.
+#  5. true-hybrid served again: serve_load_test.py now gives the miss's steps, forward and
+#     checkpoint time and evictions. Stop 32's miss cost 59 ms against 23 without the cache; the
+#     suspects are a cudaMalloc per cached block and a synchronizing cudaFree per eviction.
 set -u
 R=$OUT
 T00=$(date +%s)
@@ -41,4 +44,6 @@ for f in ('bench_mamba64','prof_mamba64'):
 PY
 mkdir -p $R/serve
 HM_CUDA_UNVERIFIED=1 PRESET=true-demo CAP=110 bash bench/cuda_serve.sh $HM $R/serve 64; tail -14 $R/serve/serve_block64.log
+mkdir -p $R/serve_th
+PRESET=true-hybrid CAP=120 bash bench/cuda_serve.sh $HM $R/serve_th 64; grep prefix_tokens $R/serve_th/serve_block64.log
 echo "done at $(( $(date +%s) - T00 )) s"
