@@ -7,6 +7,8 @@
 
 #include <filesystem>
 #include <fstream>
+#include <algorithm>
+#include <cstdio>
 #include <functional>
 #include <initializer_list>
 #include <string>
@@ -16,6 +18,7 @@
 #include "core/error.h"
 #include "io/hf_model.h"
 #include "runtime/tokenizer.h"
+#include "test_util.h"
 
 namespace hm::test {
 
@@ -78,6 +81,49 @@ inline auto tokenizer_refusals(const std::filesystem::path& dir, const nlohmann:
     write_text(dir / "tokenizer.json", j.dump());
     expect_error_naming([&] { load_tokenizer(dir.string()); }, parts);
   };
+}
+
+
+// A committed fixture folder (make_fixtures.py writes them on a machine with transformers): its
+// absence is a failure, not a skip.
+inline bool has_fixture(const std::filesystem::path& dir) {
+  const bool ok = std::filesystem::exists(dir / "expected.json");
+  EXPECT_TRUE(ok) << dir << " has no expected.json: run tests/fixtures/hf/make_fixtures.py where torch and "
+                              "transformers are installed (the device machine) and commit the folder";
+  return ok;
+}
+
+// transformers' logits for the fixture's tokens against ours, whole sequence and token by token,
+// each within 1e-4 of the largest (transformers ran in float32 on the stored weights, bf16 ones
+// widened exactly, so every fixture is held to the float32 bound), and transformers' greedy
+// continuation, where the fixture has one, through our decode path.
+inline void expect_matches_transformers(const std::filesystem::path& dir, HybridModel& m) {
+  const nlohmann::json exp = read_json(dir / "expected.json");
+  const std::vector<int32_t> toks = exp["tokens"].get<std::vector<int32_t>>();
+  const std::vector<float> want = read_f32_file(dir / "logits.f32");
+  const int V = m.config().vocab_size;
+  ASSERT_EQ(want.size(), toks.size() * size_t(V));
+  const double e_full = rel_err(forward_all(m, toks), want);
+  const double e_step = rel_err(forward_stepwise(m, toks), want);
+  std::printf("%s (stored %s): max|ours - transformers| / max|transformers| = %.3g full forward, %.3g "
+              "token by token\n", dir.filename().c_str(), exp["stored_dtype"].get<std::string>().c_str(),
+              e_full, e_step);
+  EXPECT_LT(e_full, 1e-4);
+  EXPECT_LT(e_step, 1e-4);
+  if (exp["greedy"].is_null()) return;
+  HybridMemory mem(m.backend(), m.config(), 1, int(toks.size()) + 16, KvType::F32);
+  std::vector<float> logits;
+  Batch b;
+  b.add(0, toks);
+  m.forward(b, mem, logits);
+  std::vector<int> got;
+  for (size_t i = 0; i < exp["greedy"].size(); ++i) {
+    got.push_back(int(std::max_element(logits.begin(), logits.begin() + V) - logits.begin()));
+    Batch d;
+    d.add(0, {got.back()});
+    m.forward(d, mem, logits);
+  }
+  EXPECT_EQ(got, exp["greedy"].get<std::vector<int>>());
 }
 
 }  // namespace hm::test

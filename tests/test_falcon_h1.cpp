@@ -551,10 +551,10 @@ namespace {
 // One Falcon-H1 fixture of make_fixtures.py against transformers' logits (whole sequence, token by
 // token, greedy continuation), after checking what the script read off transformers' modules;
 // false when the fixture is absent.
-bool check_falcon_fixture(const char* name) {
+void check_falcon_fixture(const char* name) {
   SCOPED_TRACE(name);
   const fs::path dir = kFixtures / name;
-  if (!fs::exists(dir / "expected.json")) return false;
+  if (!test::has_fixture(dir)) return;
   const json exp = read_json(dir / "expected.json");
   auto be = make_cpu_backend();
   auto m = load_any_model(dir.string(), *be);
@@ -577,55 +577,23 @@ bool check_falcon_fixture(const char* name) {
     EXPECT_FLOAT_EQ(lim[1].get<float>(), c.mamba2_dt_max);
   }
 
+  test::expect_matches_transformers(dir, *m);
   const std::vector<int32_t> toks = exp["tokens"].get<std::vector<int32_t>>();
   const std::vector<float> want = read_f32_file(dir / "logits.f32");
-  EXPECT_EQ(want.size(), toks.size() * size_t(c.vocab_size));
-  if (want.size() != toks.size() * size_t(c.vocab_size)) return true;
-  const double e_full = test::rel_err(forward_all(*m, toks), want);
-  const double e_step = test::rel_err(forward_stepwise(*m, toks), want);
-  std::printf("%s (stored %s): max|ours - transformers| / max|transformers| = %.3g full forward, %.3g token "
-              "by token\n",
-              name, exp["stored_dtype"].get<std::string>().c_str(), e_full, e_step);
-  EXPECT_LT(e_full, 1e-4);
-  EXPECT_LT(e_step, 1e-4);
-  if (!exp["greedy"].is_null()) {
-    HybridMemory mem(m->backend(), c, 1, int(toks.size()) + 16, KvType::F32);
-    std::vector<float> logits;
-    Batch b;
-    b.add(0, toks);
-    m->forward(b, mem, logits);
-    std::vector<int> got;
-    for (size_t i = 0; i < exp["greedy"].size(); ++i) {
-      got.push_back(int(std::max_element(logits.begin(), logits.end()) - logits.begin()));
-      Batch step;
-      step.add(0, {got.back()});
-      m->forward(step, mem, logits);
-    }
-    EXPECT_EQ(got, exp["greedy"].get<std::vector<int>>());
-  }
   m->params().layer(0).Dskip[1] += 0.05f;
   m->prepare();
   EXPECT_GT(test::rel_err(forward_all(*m, toks), want), 1e-4);
-  return true;
 }
 
 }  // namespace
 
 TEST(HfFalconH1, LogitsMatchTransformers) {
-  int found = 0;
-  for (const char* name : {"falcon_h1_f32", "falcon_h1_bf16"}) found += check_falcon_fixture(name);
-  if (found == 0)
-    GTEST_SKIP() << "no Falcon-H1 fixtures in " << kFixtures.string()
-                 << ": run `python3 tests/fixtures/hf/make_fixtures.py tests/fixtures/hf falcon_h1` where torch and "
-                    "transformers are installed (the H200 device machine) and commit the falcon_h1_* folders";
+  for (const char* name : {"falcon_h1_f32", "falcon_h1_bf16"}) check_falcon_fixture(name);
 }
 
 TEST(HfFalconH1, NormBeforeGateLogitsMatchTransformers) {
   // mamba_rms_norm with mamba_norm_before_gate true: rmsnorm(y) * w * silu(z) per group.
-  if (!check_falcon_fixture("falcon_h1_nbg"))
-    GTEST_SKIP() << "no falcon_h1_nbg fixture in " << kFixtures.string()
-                 << ": run `python3 tests/fixtures/hf/make_fixtures.py --out tests/fixtures/hf --only falcon_h1_nbg` "
-                    "where torch and transformers are installed (the H200 device machine) and commit the folder";
+  check_falcon_fixture("falcon_h1_nbg");
 }
 
 }  // namespace hm

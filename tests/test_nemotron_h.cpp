@@ -631,10 +631,7 @@ TEST(HfNemotronH, MoeRefusesWhatItDoesNotImplement) {
 
 TEST(HfNemotronH, MoeLogitsMatchTransformers) {
   const fs::path dir = kFixtures / "nemotron_h_moe";
-  if (!fs::exists(dir / "expected.json"))
-    GTEST_SKIP() << "no nemotron_h_moe fixture in " << kFixtures.string()
-                 << ": run `python3 tests/fixtures/hf/make_fixtures.py --out tests/fixtures/hf --only nemotron_h_moe` "
-                    "where torch and transformers are installed (the H200 device machine) and commit the folder";
+  ASSERT_TRUE(test::has_fixture(dir));
   const json exp = read_json(dir / "expected.json");
   auto be = make_cpu_backend();
   auto m = load_any_model(dir.string(), *be);
@@ -643,30 +640,9 @@ TEST(HfNemotronH, MoeLogitsMatchTransformers) {
   // What the fixture script read off transformers: the routing margin its tokens leave (a choice
   // closer than rounding could flip, and the comparison would test luck).
   ASSERT_GT(exp["router_min_margin"].get<double>(), 1e-4) << "the fixture's routing has a near tie";
+  test::expect_matches_transformers(dir, *m);
   const std::vector<int32_t> toks = exp["tokens"].get<std::vector<int32_t>>();
   const std::vector<float> want = read_f32_file(dir / "logits.f32");
-  ASSERT_EQ(want.size(), toks.size() * size_t(c.vocab_size));
-  const double e_full = test::rel_err(forward_all(*m, toks), want);
-  const double e_step = test::rel_err(forward_stepwise(*m, toks), want);
-  std::printf("nemotron_h_moe (stored %s): max|ours - transformers| / max|transformers| = %.3g full forward, %.3g "
-              "token by token\n", exp["stored_dtype"].get<std::string>().c_str(), e_full, e_step);
-  EXPECT_LT(e_full, 1e-4);
-  EXPECT_LT(e_step, 1e-4);
-  if (!exp["greedy"].is_null()) {
-    HybridMemory mem(m->backend(), c, 1, int(toks.size()) + 16, KvType::F32);
-    std::vector<float> logits;
-    Batch b;
-    b.add(0, toks);
-    m->forward(b, mem, logits);
-    std::vector<int> got;
-    for (size_t i = 0; i < exp["greedy"].size(); ++i) {
-      got.push_back(int(std::max_element(logits.begin(), logits.end()) - logits.begin()));
-      Batch step;
-      step.add(0, {got.back()});
-      m->forward(step, mem, logits);
-    }
-    EXPECT_EQ(got, exp["greedy"].get<std::vector<int>>());
-  }
   // The correction bias is part of what matches: moving one expert's breaks the bound.
   m->params().layer(c.moe_layers[0]).moe_bias[0] += 0.5f;
   m->prepare();
@@ -674,12 +650,10 @@ TEST(HfNemotronH, MoeLogitsMatchTransformers) {
 }
 
 TEST(HfNemotronH, LogitsMatchTransformers) {
-  int found = 0;
   for (const char* name : {"nemotron_h_f32", "nemotron_h_bf16"}) {
     SCOPED_TRACE(name);
     const fs::path dir = kFixtures / name;
-    if (!fs::exists(dir / "expected.json")) continue;
-    ++found;
+    if (!test::has_fixture(dir)) continue;
     const json exp = read_json(dir / "expected.json");
     auto be = make_cpu_backend();
     auto m = load_any_model(dir.string(), *be);
@@ -698,39 +672,13 @@ TEST(HfNemotronH, LogitsMatchTransformers) {
     ASSERT_EQ(exp["attention_head_dim"].get<int>(), c.head_dim());
     ASSERT_FALSE(exp["attention_uses_rope"].get<bool>()) << "NemotronHAttention now applies RoPE";
 
+    test::expect_matches_transformers(dir, *m);
     const std::vector<int32_t> toks = exp["tokens"].get<std::vector<int32_t>>();
     const std::vector<float> want = read_f32_file(dir / "logits.f32");
-    ASSERT_EQ(want.size(), toks.size() * size_t(c.vocab_size));
-    const double e_full = test::rel_err(forward_all(*m, toks), want);
-    const double e_step = test::rel_err(forward_stepwise(*m, toks), want);
-    std::printf("%s (stored %s): max|ours - transformers| / max|transformers| = %.3g full forward, %.3g token "
-                "by token\n",
-                name, exp["stored_dtype"].get<std::string>().c_str(), e_full, e_step);
-    EXPECT_LT(e_full, 1e-4);
-    EXPECT_LT(e_step, 1e-4);
-    if (!exp["greedy"].is_null()) {
-      HybridMemory mem(m->backend(), c, 1, int(toks.size()) + 16, KvType::F32);
-      std::vector<float> logits;
-      Batch b;
-      b.add(0, toks);
-      m->forward(b, mem, logits);
-      std::vector<int> got;
-      for (size_t i = 0; i < exp["greedy"].size(); ++i) {
-        got.push_back(int(std::max_element(logits.begin(), logits.end()) - logits.begin()));
-        Batch step;
-        step.add(0, {got.back()});
-        m->forward(step, mem, logits);
-      }
-      EXPECT_EQ(got, exp["greedy"].get<std::vector<int>>());
-    }
     m->params().layer(c.mamba2_layers[0]).Dskip[1] += 0.05f;
     m->prepare();
     EXPECT_GT(test::rel_err(forward_all(*m, toks), want), 1e-4);
   }
-  if (found == 0)
-    GTEST_SKIP() << "no Nemotron-H fixtures in " << kFixtures.string()
-                 << ": run `python3 tests/fixtures/hf/make_fixtures.py tests/fixtures/hf nemotron_h` where torch and "
-                    "transformers are installed (the H200 device machine) and commit the nemotron_h_* folders";
 }
 
 }  // namespace hm
