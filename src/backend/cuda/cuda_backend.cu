@@ -231,6 +231,13 @@ class CudaBackendImpl final : public CudaBackend {
     HM_CUDA_OK(cudaGetDevice(&dev_), "cudaGetDevice");
     HM_CUDA_OK(cudaSetDevice(dev_), "cudaSetDevice");
     HM_CUDA_OK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
+    // Blocks come from the device's stream-ordered pool, which keeps what is freed (threshold:
+    // never release): a prefix-cache node or a step's scratch costs no cudaMalloc, and a free
+    // does not wait for the stream.
+    HM_CUDA_OK(cudaDeviceGetDefaultMemPool(&pool_, dev_), "cudaDeviceGetDefaultMemPool");
+    uint64_t keep = UINT64_MAX;
+    HM_CUDA_OK(cudaMemPoolSetAttribute(pool_, cudaMemPoolAttrReleaseThreshold, &keep),
+               "cudaMemPoolSetAttribute(release threshold)");
     try {
       gemm_ = std::make_unique<cuda::Gemm>();
     } catch (...) {
@@ -242,8 +249,11 @@ class CudaBackendImpl final : public CudaBackend {
     cudaStreamSynchronize(stream_);
     gemm_.reset();
     blas_.reset();
-    cudaFree(ws_);
-    for (void* p : retired_) cudaFree(p);
+    for (void* p : deferred_) cudaFreeAsync(p, stream_);
+    cudaFreeAsync(ws_, stream_);
+    for (void* p : retired_) cudaFreeAsync(p, stream_);
+    cudaStreamSynchronize(stream_);
+    cudaMemPoolTrimTo(pool_, 0);
     cudaStreamDestroy(stream_);
   }
 
@@ -279,28 +289,47 @@ class CudaBackendImpl final : public CudaBackend {
   }
 
   // ---- Memory ----
+  // Stream-ordered: the block may be used by ops queued after this call (every op runs on
+  // stream_). Not while capturing: the pool's allocation would become a node of the graph.
   void* alloc(size_t bytes) override {
     if (bytes == 0) return nullptr;
+    HM_CHECK(!capturing(), "cuda: alloc of ", bytes, " bytes while the stream is being captured into a graph");
+    free_deferred();
     void* p = nullptr;
-    const cudaError_t e = cudaMalloc(&p, bytes);
+    cudaError_t e = cudaMallocAsync(&p, bytes, stream_);
     if (e != cudaSuccess) {
       cudaGetLastError();  // out of memory is not sticky: clear it
+      // Hand the pool's idle blocks back to the device (cuBLAS and other pools may hold the
+      // rest), then try once more.
+      cudaStreamSynchronize(stream_);
+      cudaMemPoolTrimTo(pool_, 0);
+      e = cudaMallocAsync(&p, bytes, stream_);
+    }
+    if (e != cudaSuccess) {
+      cudaGetLastError();
       size_t free_b = 0, total_b = 0;
       cudaMemGetInfo(&free_b, &total_b);
-      throw Error(detail::cat("cuda: cudaMalloc of ", bytes, " bytes failed (", cudaGetErrorString(e), "); ",
-                              free_b, " of ", total_b, " bytes free on device ", dev_));
+      throw Error(detail::cat("cuda: cudaMallocAsync of ", bytes, " bytes failed (", cudaGetErrorString(e),
+                              "); ", free_b, " of ", total_b, " bytes free on device ", dev_, ", ", live_,
+                              " held by this backend"));
     }
     sizes_[p] = bytes;
     live_ += bytes;
     peak_ = std::max(peak_, live_);
     return p;
   }
-  // Waits for the stream first: an op still queued may read the block. Never throws (Buffer's
+  // Stream-ordered: the block returns to the pool after every op already queued, so the host
+  // does not wait. During a capture it is held until the capture ends. Never throws (Buffer's
   // destructor calls it).
   void free(void* p) override {
     if (!p) return;
-    cudaStreamSynchronize(stream_);
-    cudaFree(p);
+    cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(stream_, &cs) != cudaSuccess || cs != cudaStreamCaptureStatusNone) {
+      deferred_.push_back(p);
+    } else {
+      free_deferred();
+      cudaFreeAsync(p, stream_);
+    }
     if (auto it = sizes_.find(p); it != sizes_.end()) {
       live_ -= it->second;
       sizes_.erase(it);
@@ -339,6 +368,7 @@ class CudaBackendImpl final : public CudaBackend {
   std::shared_ptr<void> end_capture() override {
     cudaGraph_t g = nullptr;
     HM_CUDA_OK(cudaStreamEndCapture(stream_, &g), "cudaStreamEndCapture");
+    free_deferred();
     cudaGraphExec_t ex = nullptr;
     const cudaError_t e = cudaGraphInstantiate(&ex, g, 0);
     cudaGraphDestroy(g);
@@ -1334,6 +1364,10 @@ class CudaBackendImpl final : public CudaBackend {
         ch.push_back({sp.offset + k, int32_t(std::min<int64_t>(cuda::kOptChunk, sp.n - k)), sp.weight_decay});
     return ch;
   }
+  void free_deferred() {
+    for (void* p : deferred_) cudaFreeAsync(p, stream_);
+    deferred_.clear();
+  }
   bool capturing() const {
     cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
     HM_CUDA_OK(cudaStreamIsCapturing(stream_, &cs), "cudaStreamIsCapturing");
@@ -1387,6 +1421,8 @@ class CudaBackendImpl final : public CudaBackend {
   void* ws_ = nullptr;
   size_t ws_bytes_ = 0;
   std::vector<void*> retired_;  // outgrown workspaces, freed with the backend
+  cudaMemPool_t pool_ = nullptr;  // the device's default pool (alloc/free)
+  std::vector<void*> deferred_;   // freed during a capture, returned to the pool after it
   std::unique_ptr<cuda::Blas> blas_;
   std::unordered_map<void*, size_t> sizes_;  // alloc's blocks, for allocated_bytes
   size_t live_ = 0, peak_ = 0;  // the training ops' GEMMs (kernels/cuda/grad.h), made on first use
