@@ -46,6 +46,14 @@ class Backend {
   virtual size_t peak_allocated_bytes() const { return 0; }
   virtual void reset_peak() {}
 
+  // Batch invariance (a server's greedy output must not depend on what runs beside it): every
+  // row's result then depends only on its own sequence, not on the other rows of the batch, the
+  // batch's size or mix of prompt chunks and decode steps, nor on where a prompt was split into
+  // chunks at multiples of 64 tokens. The host backends' kernels always are; the CUDA backend is
+  // on request (fixed GEMM algorithms, no decode-only kernels: slower, docs/SERVING.md).
+  virtual void set_batch_invariant(bool /*on*/) {}
+  virtual bool batch_invariant() const { return true; }
+
   // Graphs (CUDA graphs): the ops issued between begin_capture() and end_capture() are recorded,
   // not run; replay() runs the recording again, on the same pointers, with whatever those
   // hold then. A backend without graphs says so and its callers run ops one by one.

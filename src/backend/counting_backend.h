@@ -78,6 +78,8 @@ class CountingBackend final : public Backend {
   void to_host(void* dst, const void* src, size_t bytes) override { in_.to_host(dst, src, bytes); }
   void copy(void* dst, const void* src, size_t bytes) override;
   void memzero(void* p, size_t bytes) override { in_.memzero(p, bytes); }
+  void set_batch_invariant(bool on) override { in_.set_batch_invariant(on); }
+  bool batch_invariant() const override { return in_.batch_invariant(); }
   void synchronize() override { in_.synchronize(); }
   size_t allocated_bytes() const override { return in_.allocated_bytes(); }
   size_t peak_allocated_bytes() const override { return in_.peak_allocated_bytes(); }

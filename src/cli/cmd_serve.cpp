@@ -24,6 +24,7 @@ Run add_serve(CLI::App& app) {
     int port = 8080, threads = 0, http_threads = 0;
     int64_t cache_mb = 256, max_body_kb = 1024;
     double timeout_s = 600, drain_s = 30;
+    bool batch_invariant = false;
     DeviceOptions dev;
     server::EngineOptions eng;
   };
@@ -59,6 +60,9 @@ Run add_serve(CLI::App& app) {
       ->check(non_negative());
   app.add_option("--http-threads", o->http_threads, "HTTP worker threads (0 = slots + max-queue + 8)")
       ->capture_default_str()->check(non_negative());
+  app.add_flag("--batch-invariant", o->batch_invariant,
+               "A request's output does not depend on what runs beside it (greedy: the same tokens as alone). "
+               "Always so on the CPU; on CUDA it costs speed (docs/SERVING.md)");
   add_device_options(app, o->dev, true);
   add_max_memory(app);
   return [o]() -> int {
@@ -67,6 +71,7 @@ Run add_serve(CLI::App& app) {
     o->eng.cache_bytes = size_t(o->cache_mb) << 20;
     check_model_memory(o->model, inference_shape(o->eng.slots, o->eng.ctx, dev.kv_name()), "hm serve");
     auto model = load_model_on(o->model, *dev.be, dev.dtype);
+    if (o->batch_invariant) dev.be->set_batch_invariant(true);
     auto tok = load_tokenizer(o->model);
     server::ServerOptions so;
     so.model_id = !o->model_name.empty()
@@ -87,9 +92,10 @@ Run add_serve(CLI::App& app) {
     server::HttpServer http(engine, so);
     const int port = http.bind(o->host, o->port);
     std::thread listener([&] { http.listen(); });
-    std::fprintf(stderr, "hm serve: model '%s' on %s, listening on http://%s:%d (slots %d, ctx %d, cache %lld MiB)\n",
+    std::fprintf(stderr,
+                 "hm serve: model '%s' on %s, listening on http://%s:%d (slots %d, ctx %d, cache %lld MiB%s)\n",
                  so.model_id.c_str(), dev.be->name().c_str(), o->host.c_str(), port, o->eng.slots, o->eng.ctx,
-                 static_cast<long long>(o->cache_mb));
+                 static_cast<long long>(o->cache_mb), o->batch_invariant ? ", batch-invariant" : "");
     std::fprintf(stderr, "hm serve: chat template: %s\n",
                  so.chat ? so.chat->info().origin.c_str() : "none in the folder, the default <|role|> format");
     std::printf("listening on http://%s:%d\n", o->host.c_str(), port);

@@ -12,6 +12,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstring>
 #include <functional>
 #include <numeric>
 #include <string>
@@ -161,6 +163,49 @@ TEST_P(CudaBackendOps, Linear) {
   Mat x(be(), T(), 4, 1, normal(rng)), W(be(), T(), 6, 1, normal(rng)), y(be(), T(), 4, 6, poison());
   be().linear(y.t, x.cols(0, 0), W.cols(0, 0), false);
   for (float v : y.get(be())) EXPECT_EQ(v, 0.0f);
+}
+
+// Batch-invariant mode: row i of y = x W^T has the same bits whatever m (1 to 2048) is, and is
+// within the type's bound of the reference; also with odd n and k and the float-logits output.
+// The default mode's differences are printed, not asserted.
+TEST_P(CudaBackendOps, LinearBatchInvariant) {
+  hm::Rng rng(29);
+  const int M = 2048;
+  const std::vector<int> ms = {1, 2, 7, 64, 65, 300, 1000, M};
+  for (auto [n, k] : {std::pair{1536, 512}, std::pair{512, 1536}, std::pair{32000, 256}, std::pair{97, 333}})
+    for (DType ty : T() == DType::F32 ? std::vector<DType>{DType::F32} : std::vector<DType>{T(), DType::F32}) {
+      Mat x(be(), T(), M, k, normal(rng)), W(be(), T(), n, k, normal(rng, 0.05));
+      for (bool inv : {false, true}) {
+        be().set_batch_invariant(inv);
+        std::vector<float> full;
+        int differ = 0;
+        for (auto it = ms.rbegin(); it != ms.rend(); ++it) {
+          const int m = *it;
+          Mat y(be(), ty, m, n, poison());
+          be().linear(y.t, x.t.rows_view(0, m), W.t, false);
+          std::vector<float> got = y.get(be());
+          if (m == M) {
+            full = got;
+            if (inv) {
+              std::vector<float> ref(size_t(M) * n);
+              hm::ref::linear(ref.data(), n, x.f.data(), k, W.f.data(), M, n, k, false);
+              EXPECT_CLOSE(rel_err(got, ref, M, n, n), ty == DType::F32 ? 1e-5 : tol(ty),
+                           "invariant linear n " << n << " k " << k);
+            }
+            continue;
+          }
+          const bool same = std::memcmp(got.data(), full.data(), got.size() * sizeof(float)) == 0;
+          differ += !same;
+          if (inv) {
+            EXPECT_TRUE(same) << "n " << n << " k " << k << " m " << m << " out " << hm::compute_dtype_name(ty);
+          }
+        }
+        if (!inv)
+          std::printf("linear %s -> %s n %d k %d, default mode: %d of %zu row counts differ from m %d\n",
+                      hm::compute_dtype_name(T()), hm::compute_dtype_name(ty), n, k, differ, ms.size() - 1, M);
+      }
+      be().set_batch_invariant(false);
+    }
 }
 
 TEST_P(CudaBackendOps, SwiGlu) {

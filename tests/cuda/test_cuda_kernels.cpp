@@ -618,7 +618,8 @@ struct AttnCase {
 // kv_write then attention on the GPU against the host: the pools exactly (other slots and
 // positions untouched), the outputs within the bound, NaN-poisoned outputs all written.
 template <class T, class KV>
-void check_attention(hm::Rng& rng, const std::vector<int>& lens, int H, int G, int hd, int max_pos0, const char* op) {
+void check_attention(hm::Rng& rng, const std::vector<int>& lens, int H, int G, int hd, int max_pos0, const char* op,
+                     bool split_kv = true) {
   Ragged r(rng, lens);
   for (auto& p : r.pos0) p = int32_t(rng.next_u64() % uint64_t(max_pos0 + 1));
   int max_keys = 1;
@@ -632,10 +633,10 @@ void check_attention(hm::Rng& rng, const std::vector<int>& lens, int H, int G, i
   const hm::cuda::KvPool<KV> pool{dk.p, dv.p, max_ctx, int64_t(c.slot_stride())};
   hm::cuda::kv_write<T, KV>(pool, dqkv.p + size_t(H) * hd, c.ldq, dqkv.p + size_t(H + G) * hd, c.ldq, dr.rb, G, hd,
                             nullptr);
-  const size_t ws_bytes = hm::cuda::attention_workspace_bytes(dr.rb, H, G, hd, max_keys);
+  const size_t ws_bytes = hm::cuda::attention_workspace_bytes(dr.rb, H, G, hd, max_keys, split_kv);
   Dev<char> ws(ws_bytes);
   hm::cuda::attention<T, KV>(out.p, ldo, dqkv.p, c.ldq, pool, dr.rb, H, G, hd, max_keys, ws_bytes ? ws.p : nullptr,
-                             nullptr);
+                             nullptr, split_kv);
   std::vector<float> kref, vref;
   c.write_ref(r, kref, vref);
   EXPECT_EQ(rel_err(widen(dk.get()), kref), 0.0) << "kv_write K";
@@ -645,7 +646,8 @@ void check_attention(hm::Rng& rng, const std::vector<int>& lens, int H, int G, i
   const double err = rel_err(widen(out.get()), ref, r.tokens(), H * hd, ldo);
   expect_close(what, (std::string(type_name<T>()) + "/" + type_name<KV>()).c_str(), err, attn_tol<T, KV>());
   if (!(err <= attn_tol<T, KV>()))
-    ADD_FAILURE() << op << " lens[0] " << lens[0] << " nseq " << lens.size() << " H " << H << " G " << G << " hd " << hd;
+    ADD_FAILURE() << op << " lens[0] " << lens[0] << " nseq " << lens.size() << " H " << H << " G " << G << " hd " << hd
+                  << (split_kv ? "" : " (flash kernel)");
 }
 
 // Prefill: single sequences of 1, 7, 333 rows and ragged mixes, continuing from a cache
@@ -681,6 +683,8 @@ TYPED_TEST(CudaAttention, DecodeSplitKv) {
                                    {{1, 1}, 6, 2, 64, 900},      {{1}, 5, 1, 32, 300}};
   for (const Case& k : cases) {
     check_attention<T, KV>(rng, k.lens, k.H, k.G, k.hd, k.max_pos0, "attention decode");
+    // The same decode rows on the flash kernel (split_kv false: batch-invariant mode).
+    check_attention<T, KV>(rng, k.lens, k.H, k.G, k.hd, k.max_pos0, "attention decode", false);
     if (this->HasFailure()) return;
   }
 }

@@ -273,8 +273,19 @@ class CudaBackendImpl final : public CudaBackend {
   void set_decode_kernels(bool on) override { decode_kernels_ = on; }
   void set_dt_scan_seqs(int n) override { dt_scan_seqs_ = n; }
   void set_skinny_min_rows(int rows) override { skinny_min_rows_ = rows; }
+  // Batch invariance: one GEMM algorithm per shape whatever m, and none of the kernels that
+  // only a pure decode batch (or one row) runs: GEMV, the fused Mamba input stage and dt scan,
+  // the one-step conv and scan, split-KV attention. The prefill kernels then serve every row,
+  // the scan walks each sequence's tokens in order from its slot's state (no chunking).
+  void set_batch_invariant(bool on) override {
+    inv_ = on;
+    gemm_->set_invariant(on);
+  }
+  bool batch_invariant() const override { return inv_; }
   // The fallback-only test mode means cublasGemmEx for every linear, so no GEMV either.
-  bool decode_kernels_on() const { return decode_kernels_ && !fallback_only_; }
+  bool decode_kernels_on() const { return decode_kernels_ && !fallback_only_ && !inv_; }
+  // A pure decode batch on its one-step kernels (not in batch-invariant mode).
+  bool decode_step(const Ragged& rg) const { return !inv_ && is_decode(rg); }
   void reserve_workspace(size_t bytes) override {
     if (bytes <= ws_bytes_) return;
     HM_CHECK(!capturing(), "cuda: the op workspace must grow to ", bytes, " bytes (holds ", ws_bytes_,
@@ -568,7 +579,7 @@ class CudaBackendImpl final : public CudaBackend {
     const cuda::RaggedBatch rb = batch(rg);
     dispatch(x.dtype, [&](auto tag) {
       using T = elem_t<decltype(tag)>;
-      if (is_decode(rg))
+      if (decode_step(rg))
         cuda::conv1d_silu_step<T>(ptr<T>(out), int(out.ld), st.base, rb.slots, ptr<T>(x), int(x.ld), ptr<T>(w),
                                   ptr<T>(b), rb.nseq, E, K, stream_);
       else
@@ -641,8 +652,9 @@ class CudaBackendImpl final : public CudaBackend {
     check_type(op, "dt", dt, x.dtype);
     if (rg.nseq() == 0 || T_ == 0) return;
     const cuda::RaggedBatch rb = batch(rg);
-    const bool decode = is_decode(rg);
-    const int chunk = decode ? 0 : cuda::scan_chunk_auto(rb, E);
+    const bool decode = decode_step(rg);
+    // Batch-invariant: one chunk per sequence, its tokens in order whatever the batch.
+    const int chunk = decode ? 0 : inv_ ? std::max(rb.max_len, 1) : cuda::scan_chunk_auto(rb, E);
     void* ws = decode ? nullptr : workspace(cuda::selective_scan_workspace_bytes(rb, E, N, chunk));
     dispatch(x.dtype, [&](auto tag) {
       using T = elem_t<decltype(tag)>;
@@ -732,11 +744,13 @@ class CudaBackendImpl final : public CudaBackend {
     // a capture has already grown it as far as the captured step needs.
     void* ws = kv.dtype == DType::F32
                    ? nullptr
-                   : workspace(cuda::attention_workspace_bytes(rb, H, G, hd, is_decode(rg) ? kv.max_ctx : max_keys));
+                   : workspace(cuda::attention_workspace_bytes(rb, H, G, hd, is_decode(rg) ? kv.max_ctx : max_keys,
+                                                               !inv_));
     dispatch_kv(kv, [&](const auto& pool) {
       dispatch(q.dtype, [&](auto tag) {
         using T = elem_t<decltype(tag)>;
-        cuda::attention(ptr<T>(out), int(out.ld), ptr<T>(q), int(q.ld), pool, rb, H, G, hd, max_keys, ws, stream_);
+        cuda::attention(ptr<T>(out), int(out.ld), ptr<T>(q), int(q.ld), pool, rb, H, G, hd, max_keys, ws, stream_,
+                        !inv_);
       });
     });
   }
@@ -1417,6 +1431,7 @@ class CudaBackendImpl final : public CudaBackend {
   bool decode_kernels_ = decode_kernels_default();
   int dt_scan_seqs_ = dt_scan_seqs_default();
   int skinny_min_rows_ = skinny_min_rows_default();
+  bool inv_ = false;  // set_batch_invariant
   bool fallback_only_ = false;
   void* ws_ = nullptr;
   size_t ws_bytes_ = 0;

@@ -427,10 +427,10 @@ int decode_chunks(const RaggedBatch& rb, int G, int max_keys) {
 // other head_dim up to kMaxAnyHd runs attention_any_hd_kernel (float, no tensor cores).
 bool fast_head_dim(int hd) { return hd == 32 || hd == 64 || hd == 128; }
 
-void check_attention(const RaggedBatch& rb, int H, int G, int hd, int max_keys, int max_ctx) {
+void check_attention(const RaggedBatch& rb, int H, int G, int hd, int max_keys, int max_ctx, bool split_kv) {
   HM_CHECK(hd >= 1 && hd <= kMaxAnyHd, "cuda attention: head_dim must be in [1, ", kMaxAnyHd, "], got ", hd);
   HM_CHECK(G > 0 && H > 0 && H % G == 0, "cuda attention: n_heads ", H, " is not a multiple of n_kv_heads ", G);
-  if (rb.max_len == 1 && fast_head_dim(hd))
+  if (rb.max_len == 1 && split_kv && fast_head_dim(hd))
     HM_CHECK(H / G <= kMaxGroup, "cuda attention: the decode kernel takes at most ", kMaxGroup,
              " query heads per kv head, got ", H / G);
   HM_CHECK(max_keys >= 1 && max_keys <= max_ctx, "cuda attention: max_keys must be in [1, max_ctx ", max_ctx,
@@ -439,9 +439,9 @@ void check_attention(const RaggedBatch& rb, int H, int G, int hd, int max_keys, 
 
 template <class T, class KV, int HD>
 void attention_hd_lowp(T* out, int ldo, const T* q, int ldq, const KvPool<KV>& pool, const RaggedBatch& rb, int H,
-                       int G, int max_keys, void* workspace, cudaStream_t stream) {
+                       int G, int max_keys, void* workspace, cudaStream_t stream, bool split_kv) {
   const float scale_log2 = float(1.0 / std::sqrt(double(HD))) * kLog2e;
-  if (rb.max_len == 1) {
+  if (rb.max_len == 1 && split_kv) {
     const int chunks = decode_chunks(rb, G, max_keys), chunk = ceil_div(max_keys, chunks);
     const int n_part = chunks * kDecodeWarps;
     float* part_acc = static_cast<float*>(workspace);
@@ -605,13 +605,13 @@ __global__ void __launch_bounds__(kF32Warps * 32)
 
 template <class T, class KV, int HD>
 void attention_hd(T* out, int ldo, const T* q, int ldq, const KvPool<KV>& pool, const RaggedBatch& rb, int H,
-                  int G, int max_keys, void* workspace, cudaStream_t stream) {
+                  int G, int max_keys, void* workspace, cudaStream_t stream, bool split_kv) {
   if constexpr (std::is_same_v<KV, float>) {
     attention_f32kv_kernel<T, HD><<<dim3(rb.n_tokens, H), kF32Warps * 32, 0, stream>>>(
         out, ldo, q, ldq, pool, rb.cu_seqlens, rb.slots, rb.pos0, rb.nseq, H, G, float(1.0 / std::sqrt(double(HD))));
     HM_CUDA_LAUNCHED("attention (float cache)");
   } else {
-    attention_hd_lowp<T, KV, HD>(out, ldo, q, ldq, pool, rb, H, G, max_keys, workspace, stream);
+    attention_hd_lowp<T, KV, HD>(out, ldo, q, ldq, pool, rb, H, G, max_keys, workspace, stream, split_kv);
   }
 }
 
@@ -628,16 +628,16 @@ void kv_write(const KvPool<KV>& pool, const T* k, int ldk, const T* v, int ldv, 
   HM_CUDA_LAUNCHED("kv_write");
 }
 
-size_t attention_workspace_bytes(const RaggedBatch& rb, int H, int G, int hd, int max_keys) {
-  if (rb.max_len != 1 || rb.nseq <= 0 || G <= 0 || !fast_head_dim(hd)) return 0;
+size_t attention_workspace_bytes(const RaggedBatch& rb, int H, int G, int hd, int max_keys, bool split_kv) {
+  if (rb.max_len != 1 || !split_kv || rb.nseq <= 0 || G <= 0 || !fast_head_dim(hd)) return 0;
   const int chunks = decode_chunks(rb, G, std::max(max_keys, 1));
   return size_t(rb.nseq) * H * chunks * kDecodeWarps * (hd + 2) * sizeof(float);
 }
 
 template <class T, class KV>
 void attention(T* out, int ldo, const T* q, int ldq, const KvPool<KV>& pool, const RaggedBatch& rb, int H, int G,
-               int hd, int max_keys, void* workspace, cudaStream_t stream) {
-  check_attention(rb, H, G, hd, max_keys, pool.max_ctx);
+               int hd, int max_keys, void* workspace, cudaStream_t stream, bool split_kv) {
+  check_attention(rb, H, G, hd, max_keys, pool.max_ctx, split_kv);
   HM_CHECK((reinterpret_cast<uintptr_t>(pool.k) | reinterpret_cast<uintptr_t>(pool.v)) % 16 == 0 &&
                (pool.slot_stride * int64_t(sizeof(KV))) % 16 == 0,
            "cuda attention: the KV pool must be 16-byte aligned (slot_stride ", pool.slot_stride, ")");
@@ -649,13 +649,13 @@ void attention(T* out, int ldo, const T* q, int ldq, const KvPool<KV>& pool, con
     HM_CUDA_LAUNCHED("attention (any head_dim)");
     return;
   }
-  HM_CHECK(rb.max_len != 1 || (std::is_same_v<KV, float>) ||
+  HM_CHECK(rb.max_len != 1 || !split_kv || (std::is_same_v<KV, float>) ||
                (workspace != nullptr && reinterpret_cast<uintptr_t>(workspace) % 16 == 0),
            "cuda attention: decode needs attention_workspace_bytes of 16-byte aligned workspace");
   switch (hd) {
-    case 32: attention_hd<T, KV, 32>(out, ldo, q, ldq, pool, rb, H, G, max_keys, workspace, stream); break;
-    case 64: attention_hd<T, KV, 64>(out, ldo, q, ldq, pool, rb, H, G, max_keys, workspace, stream); break;
-    default: attention_hd<T, KV, 128>(out, ldo, q, ldq, pool, rb, H, G, max_keys, workspace, stream); break;
+    case 32: attention_hd<T, KV, 32>(out, ldo, q, ldq, pool, rb, H, G, max_keys, workspace, stream, split_kv); break;
+    case 64: attention_hd<T, KV, 64>(out, ldo, q, ldq, pool, rb, H, G, max_keys, workspace, stream, split_kv); break;
+    default: attention_hd<T, KV, 128>(out, ldo, q, ldq, pool, rb, H, G, max_keys, workspace, stream, split_kv); break;
   }
 }
 
@@ -663,7 +663,7 @@ void attention(T* out, int ldo, const T* q, int ldq, const KvPool<KV>& pool, con
   template void kv_write<T, KV>(const KvPool<KV>&, const T*, int, const T*, int, const RaggedBatch&, int, int, \
                                 cudaStream_t);                                                      \
   template void attention<T, KV>(T*, int, const T*, int, const KvPool<KV>&, const RaggedBatch&, int, int, int, \
-                                 int, void*, cudaStream_t);
+                                 int, void*, cudaStream_t, bool);
 #define HM_INST(T) HM_INST_KV(T, __nv_bfloat16) HM_INST_KV(T, __half) HM_INST_KV(T, float)
 HM_CUDA_FOR_TYPES(HM_INST)
 #undef HM_INST

@@ -171,10 +171,12 @@ void kv_write(const KvPool<KV>& pool, const T* k, int ldk, const T* v, int ldv, 
 //  - max_len > 1 (prefill): flash kernel on the tensor cores; q and the softmax weights are
 //    rounded to KV for the mma, every sum is float.
 //  - max_len == 1 (decode): split-KV kernel (float math) plus a combine; H / G <= kMaxGroup;
-//    `workspace` holds attention_workspace_bytes(...) bytes.
+//    `workspace` holds attention_workspace_bytes(...) bytes. split_kv false runs the flash
+//    kernel for decode too: a query row's arithmetic is then the same whatever the batch holds
+//    and wherever its prompt was cut (key tiles start at key 0), as batch invariance needs.
 template <class T, class KV>
 void attention(T* out, int ldo, const T* q, int ldq, const KvPool<KV>& pool, const RaggedBatch& rb, int H, int G,
-               int hd, int max_keys, void* workspace, cudaStream_t stream);
-size_t attention_workspace_bytes(const RaggedBatch& rb, int H, int G, int hd, int max_keys);
+               int hd, int max_keys, void* workspace, cudaStream_t stream, bool split_kv = true);
+size_t attention_workspace_bytes(const RaggedBatch& rb, int H, int G, int hd, int max_keys, bool split_kv = true);
 
 }  // namespace hm::cuda

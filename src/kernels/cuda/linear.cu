@@ -57,7 +57,9 @@ struct Gemm::Impl {
   cublasHandle_t blas = nullptr;
   void* ws = nullptr;
   size_t ws_bytes = 0;
-  std::map<Key, Plan> plans;
+  std::map<Key, Plan> plans;      // per shape (m included)
+  std::map<Key, Plan> inv_plans;  // batch-invariant mode: per shape, with the algorithm of fixed_algos
+  std::map<Key, cublasLtMatmulAlgo_t> fixed_algos;  // batch-invariant mode: per shape with m = 0
 
   ~Impl() {
     drop_plans();
@@ -68,11 +70,13 @@ struct Gemm::Impl {
   void drop_plans() {
     for (auto& kv : plans) kv.second.destroy();
     plans.clear();
+    for (auto& kv : inv_plans) kv.second.destroy();
+    inv_plans.clear();
   }
 
-  Plan make_plan(cudaDataType_t ty, int64_t ldy, uint32_t al_y, int64_t ldx, uint32_t al_x, int64_t ldw,
-                 uint32_t al_w, cudaDataType_t tin, int m, int n, int k) {
-    Plan p;
+  // The descriptors of one shape (no algorithm yet).
+  static void describe(Plan& p, cudaDataType_t ty, int64_t ldy, int64_t ldx, int64_t ldw, cudaDataType_t tin,
+                       int m, int n, int k) {
     try {
       HM_CUBLAS_OK(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate");
       const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
@@ -85,6 +89,69 @@ struct Gemm::Impl {
       p.destroy();
       throw;
     }
+  }
+
+  // Batch-invariant mode: the algorithm of the shape with kInvariantRefRows rows, split-K off,
+  // the first of the heuristic's candidates that accepts that; then checked for this m.
+  Plan make_invariant_plan(const Key& key0, cudaDataType_t ty, int64_t ldy, uint32_t al_y, int64_t ldx,
+                           uint32_t al_x, int64_t ldw, uint32_t al_w, cudaDataType_t tin, int m, int n, int k) {
+    auto it = fixed_algos.find(key0);
+    if (it == fixed_algos.end()) {
+      Plan ref;
+      describe(ref, ty, ldy, ldx, ldw, tin, Gemm::kInvariantRefRows, n, k);
+      cublasLtMatmulPreference_t pref = nullptr;
+      cublasLtMatmulHeuristicResult_t cand[16] = {};
+      int found = 0;
+      if (cublasLtMatmulPreferenceCreate(&pref) == CUBLAS_STATUS_SUCCESS) {
+        const uint64_t wsb = ws_bytes;
+        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb, sizeof wsb);
+        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_w, sizeof al_w);
+        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_x, sizeof al_x);
+        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_y, sizeof al_y);
+        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_y, sizeof al_y);
+        if (cublasLtMatmulAlgoGetHeuristic(lt, ref.op, ref.a, ref.b, ref.c, ref.c, pref, 16, cand, &found) !=
+            CUBLAS_STATUS_SUCCESS)
+          found = 0;
+        cublasLtMatmulPreferenceDestroy(pref);
+      }
+      bool ok = false;
+      cublasLtMatmulAlgo_t algo{};
+      for (int i = 0; i < found && !ok; ++i) {
+        algo = cand[i].algo;
+        const int32_t one = 1;
+        const uint32_t none = CUBLASLT_REDUCTION_SCHEME_NONE;
+        cublasLtMatmulHeuristicResult_t r{};
+        ok = cublasLtMatmulAlgoConfigSetAttribute(&algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &one, sizeof one) ==
+                 CUBLAS_STATUS_SUCCESS &&
+             cublasLtMatmulAlgoConfigSetAttribute(&algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &none,
+                                                  sizeof none) == CUBLAS_STATUS_SUCCESS &&
+             cublasLtMatmulAlgoCheck(lt, ref.op, ref.a, ref.b, ref.c, ref.c, &algo, &r) == CUBLAS_STATUS_SUCCESS &&
+             r.workspaceSize <= ws_bytes;
+      }
+      ref.destroy();
+      HM_CHECK(ok, "cuda linear (batch-invariant): cuBLASLt offers no algorithm without split-K for n ", n, " k ",
+               k, " (", found, " candidates)");
+      it = fixed_algos.emplace(key0, algo).first;
+    }
+    Plan p;
+    describe(p, ty, ldy, ldx, ldw, tin, m, n, k);
+    p.algo.algo = it->second;
+    cublasLtMatmulHeuristicResult_t r{};
+    const cublasStatus_t st = cublasLtMatmulAlgoCheck(lt, p.op, p.a, p.b, p.c, p.c, &p.algo.algo, &r);
+    if (st != CUBLAS_STATUS_SUCCESS || r.workspaceSize > ws_bytes) {
+      p.destroy();
+      HM_CHECK(false, "cuda linear (batch-invariant): the fixed algorithm of n ", n, " k ", k,
+               " does not run m ", m, " (", cublasLtGetStatusString(st), ")");
+    }
+    p.algo.workspaceSize = r.workspaceSize;
+    p.lt_ok = true;
+    return p;
+  }
+
+  Plan make_plan(cudaDataType_t ty, int64_t ldy, uint32_t al_y, int64_t ldx, uint32_t al_x, int64_t ldw,
+                 uint32_t al_w, cudaDataType_t tin, int m, int n, int k) {
+    Plan p;
+    describe(p, ty, ldy, ldx, ldw, tin, m, n, k);
     cublasLtMatmulPreference_t pref = nullptr;
     if (cublasLtMatmulPreferenceCreate(&pref) != CUBLAS_STATUS_SUCCESS) return p;  // lt_ok false: the fallback runs
     const uint64_t wsb = ws_bytes;
@@ -142,6 +209,24 @@ void Gemm::linear(void* y, cudaDataType_t ty, int64_t ldy, const void* x, int64_
     return;
   }
   const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+  if (invariant_) {
+    const uint32_t al_y = alignment(y), al_x = alignment(x), al_w = alignment(W);
+    const Key key{m, n, k, ldx, ldw, ldy, int(tin), int(ty), al_x, al_w, al_y};
+    auto it = impl_->inv_plans.find(key);
+    if (it == impl_->inv_plans.end()) {
+      if (impl_->inv_plans.size() >= kMaxPlans) impl_->drop_plans();
+      const Key key0{0, n, k, ldx, ldw, ldy, int(tin), int(ty), al_x, al_w, al_y};
+      it = impl_->inv_plans
+               .emplace(key, impl_->make_invariant_plan(key0, ty, ldy, al_y, ldx, al_x, ldw, al_w, tin, m, n, k))
+               .first;
+    }
+    const Plan& p = it->second;
+    HM_CUBLAS_OK(cublasLtMatmul(impl_->lt, p.op, &alpha, W, p.a, x, p.b, &beta, y, p.c, y, p.c, &p.algo.algo,
+                                impl_->ws, p.algo.workspaceSize, stream),
+                 "cublasLtMatmul (batch-invariant, m " + std::to_string(m) + " n " + std::to_string(n) + " k " +
+                     std::to_string(k) + ")");
+    return;
+  }
   if (use_lt_) {
     const uint32_t al_y = alignment(y), al_x = alignment(x), al_w = alignment(W);
     const Key key{m, n, k, ldx, ldw, ldy, int(tin), int(ty), al_x, al_w, al_y};

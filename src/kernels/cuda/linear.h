@@ -33,6 +33,13 @@ class Gemm {
 
   // Tests: route every call through cublasGemmEx (the fallback) instead of cuBLASLt.
   void set_use_lt(bool on) { use_lt_ = on; }
+  // Batch invariance (Backend::set_batch_invariant): one cuBLASLt algorithm per (n, k, leading
+  // dimensions, types, alignments) whatever m, chosen once at kInvariantRefRows rows with split-K
+  // off, so each output element is one K loop in a fixed order and a row's bits do not depend on
+  // how many rows are beside it. A shape that algorithm cannot run is an hm::Error, never a
+  // silent fallback.
+  void set_invariant(bool on) { invariant_ = on; }
+  static constexpr int kInvariantRefRows = 64;
   // Calls that ran through the fallback since construction.
   int64_t fallback_calls() const { return fallbacks_; }
   // Cached plans (distinct shapes seen; the cache is dropped when it grows past a bound).
@@ -42,6 +49,7 @@ class Gemm {
   struct Impl;
   std::unique_ptr<Impl> impl_;
   bool use_lt_ = true;
+  bool invariant_ = false;
   int64_t fallbacks_ = 0;
 };
 
