@@ -476,7 +476,7 @@ void attention_hd_lowp(T* out, int ldo, const T* q, int ldq, const KvPool<KV>& p
   HM_CUDA_LAUNCHED("attention prefill");
 }
 
-// ---- Float cache ------------------------------------------------------------------------------
+// ---- Plain float kernel: the float cache, and head sizes the fast kernels do not take ------------
 
 // One block per (query row, query head), prefill and decode alike: each of 4 warps takes every
 // 4th key with the lanes splitting the head dimension and keeps its own online softmax in float;
@@ -484,71 +484,14 @@ void attention_hd_lowp(T* out, int ldo, const T* q, int ldq, const KvPool<KV>& p
 // the CPU's float attention to float rounding. O(keys) per row and no tensor cores: not a fast path.
 constexpr int kF32Warps = 4;
 
-template <class T, int HD>
-__global__ void __launch_bounds__(kF32Warps * 32)
-    attention_f32kv_kernel(T* __restrict__ out, int ldo, const T* __restrict__ q, int ldq, KvPool<float> pool,
-                           const int32_t* __restrict__ cu, const int32_t* __restrict__ slots,
-                           const int32_t* __restrict__ pos0, int nseq, int H, int G, float scale) {
-  constexpr int kPer = HD / 32;
-  const int t = blockIdx.x, h = blockIdx.y, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int s = seq_of_row(cu, nseq, t);
-  const int n_keys = min(pos0[s] + t - cu[s] + 1, pool.max_ctx);  // causal: keys 0..pos
-  const int width = G * HD;
-  const size_t head = size_t(slots[s]) * pool.slot_stride + size_t(h / (H / G)) * HD;
-  float qv[kPer], acc[kPer];
-#pragma unroll
-  for (int i = 0; i < kPer; ++i) {
-    qv[i] = to_f(q[size_t(t) * ldq + size_t(h) * HD + lane + 32 * i]);
-    acc[i] = 0.f;
-  }
-  float m = -INFINITY, l = 0.f;
-  for (int j = warp; j < n_keys; j += kF32Warps) {
-    const float* kr = pool.k + head + size_t(j) * width;
-    float d = 0.f;
-#pragma unroll
-    for (int i = 0; i < kPer; ++i) d += qv[i] * kr[lane + 32 * i];
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
-    const float sc = d * scale, mn = fmaxf(m, sc);
-    const float corr = expf(m - mn), p = expf(sc - mn);  // corr = 0 on the first key (m = -inf)
-    l = l * corr + p;
-    const float* vr = pool.v + head + size_t(j) * width;
-#pragma unroll
-    for (int i = 0; i < kPer; ++i) acc[i] = acc[i] * corr + p * vr[lane + 32 * i];
-    m = mn;
-  }
-  __shared__ float sm[kF32Warps], sl[kF32Warps], sacc[kF32Warps][HD];
-  if (lane == 0) {
-    sm[warp] = m;
-    sl[warp] = l;
-  }
-#pragma unroll
-  for (int i = 0; i < kPer; ++i) sacc[warp][lane + 32 * i] = acc[i];
-  __syncthreads();
-  if (warp != 0) return;
-  float mx = -INFINITY;
-  for (int w = 0; w < kF32Warps; ++w) mx = fmaxf(mx, sm[w]);
-  float den = 0.f, num[kPer] = {};
-  for (int w = 0; w < kF32Warps; ++w) {
-    if (sm[w] == -INFINITY) continue;  // a warp with no key (fewer keys than warps)
-    const float c = expf(sm[w] - mx);
-    den += c * sl[w];
-#pragma unroll
-    for (int i = 0; i < kPer; ++i) num[i] += c * sacc[w][lane + 32 * i];
-  }
-#pragma unroll
-  for (int i = 0; i < kPer; ++i) out[size_t(t) * ldo + size_t(h) * HD + lane + 32 * i] = from_f<T>(num[i] / den);
-}
-
-// attention_f32kv_kernel's scheme for a head_dim the fast kernels do not take (true-demo's 48,
-// Hugging Face models' 80 or 96), from a cache of any type: lane l holds columns l, l + 32, ...
-// below hd. Correct for every size up to kMaxAnyHd, and slow: O(keys) per row on CUDA cores.
-template <class T, class KV>
+// Any head_dim up to 32 PER (true-demo's 48, Hugging Face models' 80 or 96, and the float
+// cache's 32, 64 or 128) from a cache of any type: lane l holds columns l, l + 32, ... below hd.
+template <class T, class KV, int PER>
 __global__ void __launch_bounds__(kF32Warps * 32)
     attention_any_hd_kernel(T* __restrict__ out, int ldo, const T* __restrict__ q, int ldq, KvPool<KV> pool,
                             const int32_t* __restrict__ cu, const int32_t* __restrict__ slots,
                             const int32_t* __restrict__ pos0, int nseq, int H, int G, int hd, float scale) {
-  constexpr int kPer = kMaxAnyHd / 32;
+  constexpr int kPer = PER;
   const int t = blockIdx.x, h = blockIdx.y, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int s = seq_of_row(cu, nseq, t);
   const int n_keys = min(pos0[s] + t - cu[s] + 1, pool.max_ctx);  // causal: keys 0..pos
@@ -579,7 +522,7 @@ __global__ void __launch_bounds__(kF32Warps * 32)
       if (lane + 32 * i < hd) acc[i] = acc[i] * corr + p * to_f(vr[lane + 32 * i]);
     m = mn;
   }
-  __shared__ float sm[kF32Warps], sl[kF32Warps], sacc[kF32Warps][kMaxAnyHd];
+  __shared__ float sm[kF32Warps], sl[kF32Warps], sacc[kF32Warps][32 * PER];
   if (lane == 0) {
     sm[warp] = m;
     sl[warp] = l;
@@ -607,8 +550,9 @@ template <class T, class KV, int HD>
 void attention_hd(T* out, int ldo, const T* q, int ldq, const KvPool<KV>& pool, const RaggedBatch& rb, int H,
                   int G, int max_keys, void* workspace, cudaStream_t stream, bool split_kv) {
   if constexpr (std::is_same_v<KV, float>) {
-    attention_f32kv_kernel<T, HD><<<dim3(rb.n_tokens, H), kF32Warps * 32, 0, stream>>>(
-        out, ldo, q, ldq, pool, rb.cu_seqlens, rb.slots, rb.pos0, rb.nseq, H, G, float(1.0 / std::sqrt(double(HD))));
+    attention_any_hd_kernel<T, KV, HD / 32><<<dim3(rb.n_tokens, H), kF32Warps * 32, 0, stream>>>(
+        out, ldo, q, ldq, pool, rb.cu_seqlens, rb.slots, rb.pos0, rb.nseq, H, G, HD,
+        float(1.0 / std::sqrt(double(HD))));
     HM_CUDA_LAUNCHED("attention (float cache)");
   } else {
     attention_hd_lowp<T, KV, HD>(out, ldo, q, ldq, pool, rb, H, G, max_keys, workspace, stream, split_kv);
@@ -643,7 +587,7 @@ void attention(T* out, int ldo, const T* q, int ldq, const KvPool<KV>& pool, con
            "cuda attention: the KV pool must be 16-byte aligned (slot_stride ", pool.slot_stride, ")");
   if (rb.nseq <= 0 || rb.n_tokens <= 0) return;
   if (!fast_head_dim(hd)) {
-    attention_any_hd_kernel<T, KV><<<dim3(rb.n_tokens, H), kF32Warps * 32, 0, stream>>>(
+    attention_any_hd_kernel<T, KV, kMaxAnyHd / 32><<<dim3(rb.n_tokens, H), kF32Warps * 32, 0, stream>>>(
         out, ldo, q, ldq, pool, rb.cu_seqlens, rb.slots, rb.pos0, rb.nseq, H, G, hd,
         float(1.0 / std::sqrt(double(hd))));
     HM_CUDA_LAUNCHED("attention (any head_dim)");
