@@ -921,6 +921,9 @@ std::vector<const void*> HybridModel::graph_signature(const HybridMemory& mem) c
                                 ws_.u.data(), ws_.inner[0].data(), ws_.inner[1].data(), ws_.rows.data(),
                                 ws_.xz.data(), ws_.xc.data(), ws_.ssd.data(), ws_.dbc.data(), ws_.bcdt.data(), ws_.dt.data(), ws_.q.data(), ws_.zeros.data(),
                                 ws_.k.data(), ws_.v.data(), ws_.g.data(), ws_.up.data(), ws_.act.data()};
+  // The kernels a step records depend on the backend's mode too: a graph captured before
+  // set_batch_invariant(true) holds the decode-only kernels and must not be replayed after it.
+  s.push_back(reinterpret_cast<const void*>(uintptr_t(be_.batch_invariant() ? 1 : 2)));
   auto& m = const_cast<HybridMemory&>(mem);
   for (int i = 0; i < cfg_.n_layers; ++i) {
     if (cfg_.has_attention_path(i)) {

@@ -186,10 +186,11 @@ TEST_P(CudaBackendOps, LinearBatchInvariant) {
           std::vector<float> got = y.get(be());
           if (m == M) {
             full = got;
-            if (inv) {
-              std::vector<float> ref(size_t(M) * n);
-              hm::ref::linear(ref.data(), n, x.f.data(), k, W.f.data(), M, n, k, false);
-              EXPECT_CLOSE(rel_err(got, ref, M, n, n), ty == DType::F32 ? 1e-5 : tol(ty),
+            if (inv) {  // the first 64 rows against the reference (all 2048 on the host: minutes)
+              const int R = 64;
+              std::vector<float> ref(size_t(R) * n);
+              hm::ref::linear(ref.data(), n, x.f.data(), k, W.f.data(), R, n, k, false);
+              EXPECT_CLOSE(rel_err(got, ref, R, n, n), ty == DType::F32 ? 1e-5 : tol(ty),
                            "invariant linear n " << n << " k " << k);
             }
             continue;
@@ -436,7 +437,6 @@ TEST_P(CudaBackendOps, GatedRmsNorm) {
 
 // kv_write then attention: prefill mixes continuing a cache, and decode batches over long caches.
 TEST_P(CudaBackendOps, KvWriteAttention) {
-  setenv("HM_CUDA_UNVERIFIED", "1", 1);  // the other head sizes' kernel: the backend's gate until this passes
   hm::Rng rng(28);
   struct Case { std::vector<int> lens; int H, G, hd, max_ctx, max_pos0; };
   const std::vector<Case> cases = {{{5, 1, 70, 7}, 4, 2, 64, 256, 100}, {{33}, 2, 1, 32, 64, 0},
@@ -588,9 +588,6 @@ TEST_P(CudaBackendOps, Errors) {
   Mat q(be(), T(), 4, 64, normal(rng));
   expect_error([&] { be().kv_write(i32kv, q.t, q.t, rg); }, "the KV cache must be f32, bf16 or f16, got");
   expect_error([&] { be().attention(q.t, q.t, p16, 1, 1, 300, rg); }, "head_dim must be in [1, 256], got 300");
-  unsetenv("HM_CUDA_UNVERIFIED");
-  const hm::KvPool p16_48{kv.data(), static_cast<char*>(kv.data()) + 16 * 48 * 2, DType::F16, 1, 16, 48, 16 * 48};
-  expect_error([&] { be().attention(q.t, q.t, p16_48, 1, 1, 48, rg); }, "HM_CUDA_UNVERIFIED=1 runs it");
   hm::Ragged late;
   late.add(0, 4, 14);
   late.upload(be());

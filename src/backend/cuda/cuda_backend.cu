@@ -713,14 +713,6 @@ class CudaBackendImpl final : public CudaBackend {
     check_kv_pool(op, kv);
     HM_CHECK(hd >= 1 && hd <= cuda::kMaxAnyHd, "cuda attention: head_dim must be in [1, ", cuda::kMaxAnyHd, "], got ",
              hd);
-    // The plain kernel for other head sizes was written in stop 32 with no GPU left to run it:
-    // until CudaBackendOps.KvWriteAttention has passed on one, it runs only on request.
-    if (hd != 32 && hd != 64 && hd != 128) {  // (getenv only off the fast sizes: this runs every layer and step)
-      const char* unverified = std::getenv("HM_CUDA_UNVERIFIED");
-      HM_CHECK(unverified && std::string(unverified) == "1", "cuda attention: head_dim ", hd,
-               " (the fast kernels take 32, 64 or 128) runs a kernel not yet verified on a GPU; HM_CUDA_UNVERIFIED=1 "
-               "runs it, or use --device cpu");
-    }
     HM_CHECK(G > 0 && H > 0 && H % G == 0, "cuda attention: n_heads ", H, " is not a multiple of n_kv_heads ", G);
     HM_CHECK(int64_t(G) * hd == kv.row, "cuda attention: ", G, " kv heads of ", hd, " do not match the cache row ",
              kv.row);
