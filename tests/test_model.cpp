@@ -8,6 +8,7 @@
 #include <fstream>
 
 #include "backend/backend.h"
+#include "backend/host_backend.h"
 #include "core/error.h"
 #include "core/rng.h"
 #include "model/model.h"
@@ -451,6 +452,54 @@ TEST(Model, PrefillHoldsOnlyTheLogitsItReturns) {
   m.forward(all, mem, logits);
   EXPECT_EQ(logits.size(), size_t(500) * size_t(V));
   EXPECT_GE(m.workspace_bytes(), all_rows);
+}
+
+// The reference backend, saying it records graphs: a "capture" runs the ops as they come (so
+// the step's results are right) and a "replay" runs nothing. Only the model's choice between
+// the two is checked.
+class GraphLoggingBackend final : public HostBackend<true> {
+ public:
+  bool supports_graphs() const override { return true; }
+  void begin_capture() override { ++captures; }
+  std::shared_ptr<void> end_capture() override { return std::make_shared<int>(0); }
+  void replay(const std::shared_ptr<void>&) override { ++replays; }
+  void set_batch_invariant(bool on) override { inv_ = on; }
+  bool batch_invariant() const override { return inv_; }
+  int captures = 0, replays = 0;
+
+ private:
+  bool inv_ = false;
+};
+
+// A decode graph recorded in one backend mode is not replayed in the other: in stop 33 the CUDA
+// backend replayed default-mode graphs (GEMV, split-KV attention) after set_batch_invariant(true).
+TEST(Model, DecodeGraphsAreKeyedOnTheBackendMode) {
+  const ModelConfig c = tiny();
+  GraphLoggingBackend be;
+  HybridModel m(c, be);
+  randomize_params(m, 5);
+  HybridMemory mem(be, c, 2, 64);
+  std::vector<float> logits;
+  Batch p;
+  p.add(0, {1, 2, 3});
+  m.forward(p, mem, logits);
+  auto step = [&](int32_t t) {
+    Batch d;
+    d.add(0, {t});
+    m.forward(d, mem, logits);
+  };
+  step(4);  // first one-row step: eager
+  step(5);  // second: recorded, then replayed
+  step(6);  // replayed
+  EXPECT_EQ(be.captures, 1);
+  EXPECT_EQ(be.replays, 2);
+  be.set_batch_invariant(true);
+  step(7);  // the other mode: eager again, not the old recording
+  EXPECT_EQ(be.replays, 2);
+  step(8);  // recorded in this mode
+  EXPECT_EQ(be.captures, 2);
+  EXPECT_EQ(be.replays, 3);
+  EXPECT_EQ(m.graphs_captured(), 2);
 }
 
 // The parameter arena pads each tensor to 16 floats; the padding is 0 from construction, so the
