@@ -502,6 +502,19 @@ TEST(Model, DecodeGraphsAreKeyedOnTheBackendMode) {
   EXPECT_EQ(m.graphs_captured(), 2);
 }
 
+// The host backends have no batch-invariant mode: asking for one is an error, not a silent no.
+TEST(Model, BatchInvariantModeIsAnErrorOnTheCpu) {
+  auto be = make_cpu_backend();
+  EXPECT_FALSE(be->batch_invariant());
+  be->set_batch_invariant(false);
+  try {
+    be->set_batch_invariant(true);
+    ADD_FAILURE() << "the CPU backend accepted batch-invariant mode";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("no batch-invariant mode"), std::string::npos) << e.what();
+  }
+}
+
 // The parameter arena pads each tensor to 16 floats; the padding is 0 from construction, so the
 // arena is defined as a whole (a device's master copy, all_finite and sums read it as one block).
 // A True Hybrid layer's router has tensors of 2 and 1 floats, padded by 14 and 15. (A fresh large

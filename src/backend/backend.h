@@ -48,11 +48,14 @@ class Backend {
 
   // Batch invariance (a server's greedy output must not depend on what runs beside it): every
   // row's result then depends only on its own sequence, not on the other rows of the batch, the
-  // batch's size or mix of prompt chunks and decode steps, nor on where a prompt was split into
-  // chunks at multiples of 64 tokens. The host backends' kernels always are; the CUDA backend is
-  // on request (fixed GEMM algorithms, no decode-only kernels: slower, docs/SERVING.md).
-  virtual void set_batch_invariant(bool /*on*/) {}
-  virtual bool batch_invariant() const { return true; }
+  // batch's size or mix of prompt chunks and decode steps, nor on where its prompt was cut into
+  // chunks. The CUDA backend has it on request (fixed GEMM algorithms, no decode-only kernels:
+  // slower, docs/SERVING.md). The host backends have no such mode (their linear layers pick
+  // kernels by row count, docs/SERVER.md): asking for it is an error there, not a silent no.
+  virtual void set_batch_invariant(bool on) {
+    HM_CHECK(!on, name(), ": no batch-invariant mode on this backend (CUDA has one; docs/SERVER.md)");
+  }
+  virtual bool batch_invariant() const { return false; }
 
   // Graphs (CUDA graphs): the ops issued between begin_capture() and end_capture() are recorded,
   // not run; replay() runs the recording again, on the same pointers, with whatever those
