@@ -49,11 +49,10 @@ class Backend {
   // Batch invariance (a server's greedy output must not depend on what runs beside it): every
   // row's result then depends only on its own sequence, not on the other rows of the batch, the
   // batch's size or mix of prompt chunks and decode steps, nor on where its prompt was cut into
-  // chunks. The CUDA backend has it on request (fixed GEMM algorithms, no decode-only kernels:
-  // slower, docs/SERVING.md). The host backends have no such mode (their linear layers pick
-  // kernels by row count, docs/SERVER.md): asking for it is an error there, not a silent no.
+  // chunks. Off by default: it costs speed (CPU: no sgemm for many rows; CUDA: fixed GEMM
+  // algorithms, no decode-only kernels; docs/SERVING.md). A backend without the mode refuses it.
   virtual void set_batch_invariant(bool on) {
-    HM_CHECK(!on, name(), ": no batch-invariant mode on this backend (CUDA has one; docs/SERVER.md)");
+    HM_CHECK(!on, name(), ": no batch-invariant mode on this backend");
   }
   virtual bool batch_invariant() const { return false; }
 

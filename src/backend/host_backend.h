@@ -6,6 +6,7 @@
 #pragma once
 #include <omp.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <exception>
 #include <cstring>
@@ -62,15 +63,27 @@ class HostBackend : public Backend {
     HM_CHECK(y.rows == x.rows && W.cols == x.cols && y.cols == W.rows && W.ld == W.cols, name(),
              " linear: y [", y.rows, ", ", y.cols, "] = x [", x.rows, ", ", x.cols, "] . W [",
              W.rows, ", ", W.cols, "]^T does not fit");
-    if (W.dtype == DType::F32) {
-      K::linear(y.f32(), int(y.ld), x.f32(), int(x.ld), W.f32(), x.rows, W.rows, x.cols, accumulate);
-      return;
+    HM_CHECK(W.dtype == DType::F32 || supports_weight_format(W.dtype), name(), " linear: W of type ",
+             compute_dtype_name(W.dtype), " is not supported (f32, bf16, f16, q8_0 or q4_0)");
+    // Batch-invariant mode: rows in blocks the per-row kernel takes (linear_rows, whose outputs do
+    // not depend on the other rows: KernelsLinear.RowsDoNotDependOnTheBatch), never sgemm, whose
+    // kernels change with m; packed weights a row at a time. The reference's loops already are.
+    const int block = kRef || !inv_ ? x.rows : W.dtype == DType::F32 ? cpu::kernels().linear_rows_max : 1;
+    for (int r0 = 0; r0 < x.rows; r0 += std::max(block, 1)) {
+      const int m = std::min(std::max(block, 1), x.rows - r0);
+      float* yr = y.f32() + int64_t(r0) * y.ld;
+      const float* xr = x.f32() + int64_t(r0) * x.ld;
+      if (W.dtype == DType::F32)
+        K::linear(yr, int(y.ld), xr, int(x.ld), W.f32(), m, W.rows, x.cols, accumulate);
+      else
+        K::linear_packed(yr, int(y.ld), xr, int(x.ld), W.data, weight_type_of(W.dtype), m, W.rows, x.cols,
+                         accumulate);
     }
-    HM_CHECK(supports_weight_format(W.dtype), name(), " linear: W of type ", compute_dtype_name(W.dtype),
-             " is not supported (f32, bf16, f16, q8_0 or q4_0)");
-    K::linear_packed(y.f32(), int(y.ld), x.f32(), int(x.ld), W.data, weight_type_of(W.dtype), x.rows,
-                     W.rows, x.cols, accumulate);
   }
+  // See Backend::set_batch_invariant: here only the linear layers change (the other ops compute
+  // each sequence on its own, in token order).
+  void set_batch_invariant(bool on) override { inv_ = on; }
+  bool batch_invariant() const override { return inv_ || kRef; }
   void swiglu(Tensor out, Tensor g, Tensor u) override {
     check_rows("swiglu", out, g);
     HM_CHECK(g.ld == u.ld && g.rows == u.rows && g.cols == u.cols && out.cols == g.cols, name(),
@@ -693,6 +706,8 @@ class HostBackend : public Backend {
     }
     if (err) std::rethrow_exception(err);
   }
+
+  bool inv_ = false;  // set_batch_invariant
 
   // The kernel set, chosen at compile time.
   struct K {

@@ -62,7 +62,7 @@ Run add_serve(CLI::App& app) {
       ->capture_default_str()->check(non_negative());
   app.add_flag("--batch-invariant", o->batch_invariant,
                "A request's output does not depend on what runs beside it (greedy: the same tokens as alone). "
-               "CUDA only; it costs speed (docs/SERVING.md)");
+               "It costs speed (docs/SERVING.md)");
   add_device_options(app, o->dev, true);
   add_max_memory(app);
   return [o]() -> int {
