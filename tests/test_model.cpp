@@ -15,6 +15,7 @@
 #include "model/model.h"
 #include "io/safetensors.h"
 #include "runtime/generate.h"
+#include "batch_invariance_util.h"
 #include "test_util.h"
 
 using namespace hm;
@@ -516,63 +517,20 @@ TEST(Model, BatchInvariantModeGivesEveryRowItsBitsAlone) {
       SCOPED_TRACE(std::to_string(k) + (kv == KvType::F16 ? " f16 cache" : " f32 cache"));
       HybridModel g(c, *be);
       randomize_params(g, 900 + k);
-      const int V = c.vocab_size, P = 150, steps = 6;
-      Rng rng(910 + k);
-      const auto X = tokens(rng, P, V), dec = tokens(rng, steps, V);
-      std::vector<std::vector<int32_t>> others;
-      for (int L : {40, 97, 130, 200, 65}) others.push_back(tokens(rng, L, V));
-      struct Step {
-        int x_end;                 // X's prompt fed up to here, or -1: X decodes, 0: X idle
-        std::vector<int> prompts;  // others that prefill their whole prompt
-        std::vector<int> decodes;  // others that decode one token
-      };
-      auto run_schedule = [&](const std::vector<Step>& sched) {
-        HybridMemory mem(*be, c, 6, 512, kv);
-        std::vector<float> xs, l;
-        int x_fed = 0, x_dec = 0;
-        for (const Step& st : sched) {
-          Batch b;
-          int x_row = -1;
-          for (int o : st.decodes) b.add(o + 1, {int32_t((o * 7 + 3) % V)});
-          if (st.x_end > 0) {
-            x_row = int(b.seqs.size());
-            b.add(0, std::vector<int32_t>(X.begin() + x_fed, X.begin() + st.x_end));
-            x_fed = st.x_end;
-          } else if (st.x_end < 0) {
-            x_row = int(b.seqs.size());
-            b.add(0, {dec[size_t(x_dec++)]});
-          }
-          for (int o : st.prompts) b.add(o + 1, others[size_t(o)]);
-          g.forward(b, mem, l);
-          if (x_row >= 0 && (st.x_end < 0 || x_fed == P))
-            xs.insert(xs.end(), l.begin() + ptrdiff_t(x_row) * V, l.begin() + ptrdiff_t(x_row + 1) * V);
-        }
-        return xs;
-      };
-      std::vector<std::vector<Step>> scheds;
-      scheds.push_back({{P, {}, {}}});
-      scheds.push_back({{64, {}, {}}, {128, {}, {}}, {P, {}, {}}});
-      scheds.push_back({{128, {0, 1, 2}, {}}, {P, {3}, {0, 1, 2}}, {-1, {}, {0, 1, 2, 3}}, {-1, {4}, {0, 2}},
-                        {-1, {}, {0, 1, 2, 3, 4}}});
-      scheds.push_back({{0, {0, 4}, {}}, {64, {}, {0, 4}}, {0, {1}, {0}}, {P, {}, {0, 1, 4}}});
-      for (size_t i = 0; i < scheds.size(); ++i) {
-        const int have = i == 2 ? 3 : 0;
-        for (int t = have; t < steps; ++t)
-          scheds[i].push_back(i == 2 ? Step{-1, {}, {1, 3}} : i == 3 ? Step{-1, {}, {t % 2}} : Step{-1, {}, {}});
-      }
+      const test::InvarianceSchedules sched(910 + k, c.vocab_size);
       be->set_batch_invariant(true);
       EXPECT_TRUE(be->batch_invariant());
-      const std::vector<float> ref = run_schedule(scheds[0]);
-      ASSERT_EQ(ref.size(), size_t(1 + steps) * V);
-      for (size_t i = 1; i < scheds.size(); ++i) {
-        const std::vector<float> got = run_schedule(scheds[i]);
+      const std::vector<float> ref = sched.run(g, kv, 0);
+      ASSERT_EQ(ref.size(), size_t(1 + sched.kSteps) * c.vocab_size);
+      for (size_t i = 1; i < sched.size(); ++i) {
+        const std::vector<float> got = sched.run(g, kv, i);
         ASSERT_EQ(got.size(), ref.size()) << "schedule " << i;
         EXPECT_TRUE(std::memcmp(got.data(), ref.data(), ref.size() * sizeof(float)) == 0)
             << "schedule " << i << ": rel err " << rel_err(got, ref);
       }
       // The default mode: the same model within float rounding of it (sgemm for the prompts).
       be->set_batch_invariant(false);
-      EXPECT_LT(rel_err(run_schedule(scheds[2]), ref), 1e-4);
+      EXPECT_LT(rel_err(sched.run(g, kv, 2), ref), 1e-4);
     }
     ++k;
   }

@@ -13,6 +13,7 @@
 #include "model/model.h"
 #include "model/true_hybrid.h"
 #include "runtime/memory.h"
+#include "../batch_invariance_util.h"
 #include "../test_util.h"
 
 namespace hm {
@@ -404,11 +405,10 @@ TEST(CudaModel, Mamba2PrefillChunksDecodeAndGraphs) {
   }
 }
 
-// Batch-invariant mode (Backend::set_batch_invariant, hm serve --batch-invariant): sequence X's
-// logits (its prompt's last row, then each decode step) are the same bits run alone in one
-// prefill, with its prompt cut at multiples of 64 tokens, beside other sequences' prompt chunks
-// and decode steps, and in decode batches of other sizes. Without the mode the same schedules
-// may differ: counted and printed, not asserted (they can agree by chance).
+// Batch-invariant mode (Backend::set_batch_invariant, hm serve --batch-invariant): the schedules
+// of batch_invariance_util.h give sequence X the same logits bits in every one. The default mode
+// runs first (so its recorded decode graphs must not be replayed after the switch); its
+// differences are counted and printed, not asserted (they can agree by chance).
 TEST(CudaModel, BatchInvariantModeGivesEveryRowItsBitsAlone) {
   SKIP_WITHOUT_GPU();
   auto gpu = make_backend(Device::CUDA);
@@ -418,75 +418,22 @@ TEST(CudaModel, BatchInvariantModeGivesEveryRowItsBitsAlone) {
     HybridModel g(c, *gpu, DType::BF16);
     randomize_params(g, 900 + k);
     g.prepare();
-    const int V = c.vocab_size, P = 150, steps = 6;
-    Rng rng(910 + k);
-    const auto X = tokens(rng, P, V), dec = tokens(rng, steps, V);
-    std::vector<std::vector<int32_t>> others;
-    for (int L : {40, 97, 130, 200, 65}) others.push_back(tokens(rng, L, V));
-    // One schedule: each step lists X's chunk (or none) and which others run and how (their
-    // whole prompt, or one decode token). Returns X's logits rows.
-    struct Step {
-      int x_end;                 // X's tokens fed up to here (prompt), or -1: X decodes, 0: X idle
-      std::vector<int> prompts;  // others that prefill their whole prompt this step
-      std::vector<int> decodes;  // others that decode one token this step
-    };
-    auto run_schedule = [&](const std::vector<Step>& sched) {
-      HybridMemory mem(*gpu, c, 6, 512, KvType::BF16);
-      std::vector<float> xs, l;
-      int x_fed = 0, x_dec = 0;
-      for (const Step& st : sched) {
-        Batch b;
-        int x_row = -1;
-        for (int o : st.decodes) b.add(o + 1, {int32_t((o * 7 + 3) % V)});
-        if (st.x_end > 0) {
-          x_row = int(b.seqs.size());
-          b.add(0, std::vector<int32_t>(X.begin() + x_fed, X.begin() + st.x_end));
-          x_fed = st.x_end;
-        } else if (st.x_end < 0) {
-          x_row = int(b.seqs.size());
-          b.add(0, {dec[size_t(x_dec++)]});
-        }
-        for (int o : st.prompts) b.add(o + 1, others[size_t(o)]);
-        g.forward(b, mem, l);
-        const bool x_row_wanted = x_row >= 0 && (st.x_end < 0 || x_fed == P);
-        if (x_row_wanted) xs.insert(xs.end(), l.begin() + size_t(x_row) * V, l.begin() + size_t(x_row + 1) * V);
-      }
-      return xs;
-    };
-    std::vector<std::vector<Step>> scheds;
-    {  // 0: alone, one prefill, decode alone
-      std::vector<Step> s{{P, {}, {}}};
-      for (int t = 0; t < steps; ++t) s.push_back({-1, {}, {}});
-      scheds.push_back(s);
-    }
-    {  // 1: alone, the prompt cut at 64 and 128
-      std::vector<Step> s{{64, {}, {}}, {128, {}, {}}, {P, {}, {}}};
-      for (int t = 0; t < steps; ++t) s.push_back({-1, {}, {}});
-      scheds.push_back(s);
-    }
-    {  // 2: beside others' prompts, then in mixed and growing decode batches
-      std::vector<Step> s{{128, {0, 1, 2}, {}}, {P, {3}, {0, 1, 2}}, {-1, {}, {0, 1, 2, 3}},
-                          {-1, {4}, {0, 2}},    {-1, {}, {0, 1, 2, 3, 4}}};
-      for (int t = 3; t < steps; ++t) s.push_back({-1, {}, {1, 3}});
-      scheds.push_back(s);
-    }
-    {  // 3: others' decodes before X's chunks, X idle for a step, decode beside one other
-      std::vector<Step> s{{0, {0, 4}, {}}, {64, {}, {0, 4}}, {0, {1}, {0}}, {P, {}, {0, 1, 4}}};
-      for (int t = 0; t < steps; ++t) s.push_back({-1, {}, {t % 2 == 0 ? 0 : 1}});
-      scheds.push_back(s);
-    }
+    const test::InvarianceSchedules sched(910 + k, c.vocab_size);
     std::vector<float> default_ref;
     for (bool inv : {false, true}) {
       gpu->set_batch_invariant(inv);
       EXPECT_EQ(gpu->batch_invariant(), inv);
-      const std::vector<float> ref = run_schedule(scheds[0]);
-      ASSERT_EQ(ref.size(), size_t(1 + steps) * V);
+      const std::vector<float> ref = sched.run(g, KvType::BF16, 0);
+      ASSERT_EQ(ref.size(), size_t(1 + sched.kSteps) * c.vocab_size);
       // Other kernels, the same model: within bf16's bound of the default mode.
-      if (!inv) default_ref = ref;
-      else EXPECT_LT(rel_err(ref, default_ref), 3e-2);
+      if (!inv) {
+        default_ref = ref;
+      } else {
+        EXPECT_LT(rel_err(ref, default_ref), 3e-2);
+      }
       int differ = 0;
-      for (size_t i = 1; i < scheds.size(); ++i) {
-        const std::vector<float> got = run_schedule(scheds[i]);
+      for (size_t i = 1; i < sched.size(); ++i) {
+        const std::vector<float> got = sched.run(g, KvType::BF16, i);
         ASSERT_EQ(got.size(), ref.size()) << "schedule " << i;
         const bool same = std::memcmp(got.data(), ref.data(), ref.size() * sizeof(float)) == 0;
         differ += !same;
@@ -498,7 +445,7 @@ TEST(CudaModel, BatchInvariantModeGivesEveryRowItsBitsAlone) {
         }
       }
       std::printf("config %d, %s: %d of %zu schedules differ from alone\n", k,
-                  inv ? "batch-invariant" : "default mode", differ, scheds.size() - 1);
+                  inv ? "batch-invariant" : "default mode", differ, sched.size() - 1);
     }
     gpu->set_batch_invariant(false);
     ++k;
