@@ -186,7 +186,12 @@ def prefix_ttft(srv, prefixes, questions, max_tokens):
                          # where the time went (engine counters over the request: its steps, their
                          # forwards and the prefix cache's checkpoints, and evictions it caused)
                          "steps": d("hm_steps_total"), "forward": d("hm_step_forward_seconds_total"),
-                         "cache": d("hm_step_cache_seconds_total"), "evictions": d("hm_prefix_cache_evictions_total")})
+                         "cache": d("hm_step_cache_seconds_total"), "evictions": d("hm_prefix_cache_evictions_total"),
+                         # the server's own view of the first token (from its submit: the client's
+                         # TTFT less this is HTTP, parsing and the client), its wait for a slot,
+                         # and admission (cache restore, device sampler setup)
+                         "server_ttft": d("hm_time_to_first_token_seconds_sum"),
+                         "queue": d("hm_request_queue_seconds_sum"), "admit": d("hm_step_admit_seconds_total")})
     return rows[0::2], rows[1::2]  # first question of each prefix, second question of each
 
 
@@ -274,6 +279,9 @@ def main():
         pc[name + "_forward_ms"] = round(1000 * med(rows, "forward"), 1)
         pc[name + "_cache_ms"] = round(1000 * med(rows, "cache"), 2)
         pc[name + "_evictions"] = med(rows, "evictions")
+        pc[name + "_server_ttft_ms"] = round(1000 * med(rows, "server_ttft"), 2)
+        pc[name + "_queue_ms"] = round(1000 * med(rows, "queue"), 2)
+        pc[name + "_admit_ms"] = round(1000 * med(rows, "admit"), 2)
     pc["hit_vs_miss"] = round(pc["miss_ttft_ms"] / pc["hit_ttft_ms"], 1)
     pc["hit_vs_no_cache"] = round(pc["no_cache_ttft_ms"] / pc["hit_ttft_ms"], 1)
     out["prefix_cache"] = pc
@@ -298,6 +306,13 @@ def main():
         print(f"| hit | {pc['hit_ttft_ms']} | {pc['hit_computed']:.0f} ({pc['hit_cached']:.0f} cached) |")
         print(f"| miss (cache on) | {pc['miss_ttft_ms']} | {pc['miss_computed']:.0f} |")
         print(f"| no cache | {pc['no_cache_ttft_ms']} | {pc['no_cache_computed']:.0f} |")
+        print("\n| request | client TTFT | server TTFT | of it: queue | admit (restore) | forward, whole request "
+              "(steps) | cache records |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for name in ("hit", "miss", "no_cache"):
+            print(f"| {name} | {pc[name + '_ttft_ms']} | {pc[name + '_server_ttft_ms']} | {pc[name + '_queue_ms']} | "
+                  f"{pc[name + '_admit_ms']} | {pc[name + '_forward_ms']} ({pc[name + '_steps']:.0f}) | "
+                  f"{pc[name + '_cache_ms']} |")
     if not ok:
         print("FAILED: failed or differing requests, or a server exit other than 143", file=sys.stderr)
     return 0 if ok else 1

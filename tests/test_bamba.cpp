@@ -635,6 +635,29 @@ TEST(HfGranite, ConfigMapsFieldByField) {
   EXPECT_EQ(dense.d_ff, 40);
   EXPECT_EQ(dense.moe_shared_ff, 0);
   EXPECT_EQ(dense.attention_layers, (std::vector<int>{1}));
+  // position_embedding_type "rope": the whole head rotated, rope_theta from rope_parameters (the
+  // folder's 10000), transformers 4's top-level rope_theta, or the config class's default 10000.
+  const ModelConfig rope = mapped([](json& j) {
+    j["position_embedding_type"] = "rope";
+    j["rope_parameters"]["rope_theta"] = 500.0;
+  });
+  EXPECT_TRUE(rope.rope);
+  EXPECT_EQ(rope.resolved_rope_dim(), rope.head_dim());
+  EXPECT_FLOAT_EQ(rope.rope_theta, 500.0f);
+  EXPECT_TRUE(config_from_json(config_to_json(rope)).rope);
+  const ModelConfig rope4 = mapped([](json& j) {
+    j["position_embedding_type"] = "rope";
+    j.erase("rope_parameters");
+    j["rope_theta"] = 2000.0;
+    j["rope_scaling"] = nullptr;
+  });
+  EXPECT_FLOAT_EQ(rope4.rope_theta, 2000.0f);
+  const ModelConfig rope_def = mapped([](json& j) {
+    j["position_embedding_type"] = "rope";
+    j.erase("rope_parameters");
+  });
+  EXPECT_FLOAT_EQ(rope_def.rope_theta, 10000.0f);
+  EXPECT_EQ(rope_def.resolved_rope_dim(), 8);
 }
 
 TEST(HfGranite, LoadsWeightsUnderTransformersNames) {
@@ -678,6 +701,28 @@ TEST(HfGranite, LoadsWeightsUnderTransformersNames) {
   std::copy(arena3.begin(), arena3.end(), ours3.params().data());
   ours3.prepare();
   EXPECT_EQ(forward_all(*load_any_model(dn.string(), *be), toks), forward_all(ours3, toks));
+  // With RoPE: our model with rope on the whole head, bit for bit, and the rotation matters.
+  test::TempDir tmp4("hf_granite_rope");
+  ModelConfig c4;
+  std::vector<float> arena4;
+  const fs::path rd = write_granite_folder(tmp4, "", c4, arena4, false, [](json& j) {
+    j["position_embedding_type"] = "rope";
+    j["rope_parameters"]["rope_theta"] = 300.0;
+  });
+  ASSERT_TRUE(c4.rope);
+  HybridModel ours4(c4, *be);
+  std::copy(arena4.begin(), arena4.end(), ours4.params().data());
+  ours4.prepare();
+  auto hf4 = load_any_model(rd.string(), *be);
+  const std::vector<float> with_rope = forward_all(*hf4, toks);
+  EXPECT_EQ(with_rope, forward_all(ours4, toks));
+  EXPECT_LT(test::rel_err(forward_stepwise(*hf4, toks), with_rope), 1e-5);
+  ModelConfig c5 = c4;
+  c5.rope = false;
+  HybridModel nope(c5, *be);
+  std::copy(arena4.begin(), arena4.end(), nope.params().data());
+  nope.prepare();
+  EXPECT_GT(test::rel_err(forward_all(nope, toks), with_rope), 1e-4);
 }
 
 TEST(HfGranite, ScalingsAndSharedExpertAreApplied) {
@@ -816,7 +861,19 @@ TEST(HfGranite, RefusesWhatItDoesNotImplement) {
   const json orig = parse_hf_json_file((d / "config.json").string());
   const auto with = test::config_refusals(d);
   with([](json& j) { j["model_type"] = "bamba"; }, {"model_type", "granitemoehybrid"});
-  with([](json& j) { j["position_embedding_type"] = "rope"; }, {"position_embedding_type", "rope"});
+  with([](json& j) { j["position_embedding_type"] = "alibi"; }, {"position_embedding_type", "alibi"});
+  with([](json& j) {
+    j["position_embedding_type"] = "rope";
+    j["rope_parameters"]["rope_type"] = "yarn";
+  }, {"rope_parameters.rope_type", "yarn"});
+  with([](json& j) {
+    j["position_embedding_type"] = "rope";
+    j["rope_parameters"]["partial_rotary_factor"] = 0.5;
+  }, {"partial_rotary_factor", "0.5"});
+  with([](json& j) {
+    j["position_embedding_type"] = "rope";
+    j["rope_scaling"] = {{"type", "linear"}, {"factor", 2.0}};
+  }, {"rope_scaling.type", "linear"});
   with([](json& j) { j["attention_bias"] = true; }, {"attention_bias"});
   with([](json& j) { j["mamba_proj_bias"] = true; }, {"mamba_proj_bias"});
   with([](json& j) { j["hidden_act"] = "gelu"; }, {"hidden_act", "gelu"});
@@ -870,6 +927,12 @@ TEST(HfGranite, LogitsMatchTransformers) {
       ASSERT_FLOAT_EQ(lim[1].get<float>(), c.mamba2_dt_max);
     }
     ASSERT_FLOAT_EQ(exp["mixer_norm_eps"].get<float>(), c.norm_eps) << "the Mamba layer's gated norm uses another eps";
+    // Whether transformers' attention applies RoPE, and over how many channels, as measured there.
+    ASSERT_EQ(exp.value("attention_uses_rope", false), c.rope) << "transformers' Granite attention and ours "
+                                                                  "disagree on RoPE";
+    if (c.rope) {
+      ASSERT_EQ(exp["rotary_dim"].get<int>(), c.resolved_rope_dim()) << "transformers' Granite RoPE rotates another width";
+    }
     test::expect_matches_transformers(dir, *m);
     const std::vector<int32_t> toks = exp["tokens"].get<std::vector<int32_t>>();
     const std::vector<float> want = read_f32_file(dir / "logits.f32");

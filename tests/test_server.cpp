@@ -464,6 +464,8 @@ TEST(ServerHttp, CompletionsChatModelsAndErrors) {
   EXPECT_NE(res->body.find("hm_requests_total 2"), std::string::npos) << res->body;
   EXPECT_NE(res->body.find("hm_prefix_cache_hits_total"), std::string::npos);
   EXPECT_NE(res->body.find("hm_time_to_first_token_seconds_bucket{le=\"+Inf\"} 2"), std::string::npos);
+  EXPECT_NE(res->body.find("hm_request_queue_seconds_bucket{le=\"+Inf\"} 2"), std::string::npos) << res->body;
+  EXPECT_NE(res->body.find("hm_step_admit_seconds_total"), std::string::npos);
 }
 
 // The SSE stream as OpenAI sends it: "data: {json}\n\n" lines, role first, content deltas, a

@@ -503,8 +503,8 @@ HfInfo bamba_info_from_json(const JsonFields& f, const std::string& origin) {
 }
 
 // GraniteMoeHybridForCausalLM (transformers' modeling_granitemoehybrid.py): embeddings times
-// embedding_multiplier; per layer input_layernorm -> Bamba's Mamba-2 mixer or attention (no
-// positional encoding, scores times attention_multiplier) -> h += residual_multiplier * out, then
+// embedding_multiplier; per layer input_layernorm -> Bamba's Mamba-2 mixer or attention (RoPE
+// over the whole head with position_embedding_type "rope", else none; scores times attention_multiplier) -> h += residual_multiplier * out, then
 // post_attention_layernorm -> experts (softmax over the top-k router logits) + a shared SwiGLU
 // MLP, or the shared MLP alone when num_local_experts is 0 -> h += residual_multiplier * out;
 // norm, head, logits / logits_scaling. Defaults are GraniteMoeHybridConfig's.
@@ -560,13 +560,35 @@ HfInfo granite_info_from_json(const JsonFields& f, const std::string& origin) {
   c.mamba2_layers.clear();
   for (int i = 0; i < c.n_layers; ++i) (types[size_t(i)] == "attention" ? c.attention_layers : c.mamba2_layers).push_back(i);
 
-  // Attention: GQA without positional encoding, scores q.k * attention_multiplier.
+  // Attention: GQA, RoPE only with position_embedding_type "rope", scores q.k * attention_multiplier.
   c.n_heads = f.has("num_attention_heads") ? int(f.get_int("num_attention_heads", 1, kMaxHeads)) : 32;
   c.n_kv_heads = present(f, "num_key_value_heads") ? int(f.get_int("num_key_value_heads", 1, kMaxHeads)) : c.n_heads;
+  // position_embedding_type "rope": transformers 5's GraniteMoeHybridModel builds a default rotary
+  // embedding over the whole head (rotate-half, rope_theta) and its attention applies it; null or
+  // "nope": no positional encoding (the published Granite 4.0-H models).
   if (present(f, "position_embedding_type")) {
     const std::string p = f.get_string("position_embedding_type");
-    HM_CHECK(p == "nope", origin, ": field 'position_embedding_type' is \"", p, "\": only none (null or "
-             "\"nope\") is supported (transformers versions differ on whether Granite's attention applies RoPE)");
+    HM_CHECK(p == "nope" || p == "rope", origin, ": field 'position_embedding_type' is \"", p,
+             "\": only null, \"nope\" or \"rope\" is supported");
+    c.rope = p == "rope";
+  }
+  if (c.rope) {
+    c.rope_theta = 10000.0f;  // GraniteMoeHybridConfig's default
+    c.rope_dim = 0;           // the whole head
+    const auto rope_fields = [&](const JsonFields& r) {
+      for (const char* k : {"rope_type", "type"})
+        if (present(r, k) && (&r != &f || std::string(k) == "rope_type"))
+          HM_CHECK(r.get_string(k) == "default", origin, ": field '", r.field(k), "' is ", r.at(k).dump(),
+                   ": only \"default\" RoPE (no scaling) is supported");
+      if (present(r, "rope_theta")) c.rope_theta = float(r.get_double("rope_theta", 1e-30, kMaxRopeTheta));
+      if (present(r, "partial_rotary_factor"))
+        HM_CHECK(r.get_double("partial_rotary_factor", 0, 1) == 1.0, origin, ": field '",
+                 r.field("partial_rotary_factor"), "' is ", r.at("partial_rotary_factor").dump(),
+                 ": only the whole head (1.0) is supported for Granite's RoPE");
+    };
+    rope_fields(f);
+    if (present(f, "rope_parameters")) rope_fields(f.object("rope_parameters"));
+    if (present(f, "rope_scaling")) rope_fields(f.object("rope_scaling"));
   }
   const double attn_mult = f.has("attention_multiplier") ? f.get_double("attention_multiplier", 1e-30, 1e30) : 1.0;
   if (!c.attention_layers.empty()) {
@@ -612,8 +634,8 @@ HfInfo granite_info_from_json(const JsonFields& f, const std::string& origin) {
   c.logits_scaling = multiplier("logits_scaling");
 
   mamba2_fields(f, origin, info);
-  // Ignored as transformers' forward ignores them: rope_parameters / rope_theta (no RoPE),
-  // initializer_range, time_step_min/max (initialization), attention_dropout, output_router_logits,
+  // Ignored as transformers' forward ignores them: rope_parameters / rope_theta when there is no
+  // RoPE, initializer_range, time_step_min/max (initialization), attention_dropout, output_router_logits,
   // router_aux_loss_coef (training only), use_cache, max_position_embeddings, token ids, dtype.
   return info;
 }

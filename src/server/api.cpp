@@ -290,7 +290,7 @@ static std::string dump(const json& j) { return j.dump(-1, ' ', false, json::err
 // ---- metrics ---------------------------------------------------------------------------
 
 struct Histogram {
-  std::vector<double> bounds{0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120};
+  std::vector<double> bounds{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120};
   std::vector<int64_t> counts = std::vector<int64_t>(bounds.size() + 1, 0);
   double sum = 0;
   int64_t n = 0;
@@ -319,7 +319,7 @@ struct HttpServer::Impl {
   ServerOptions o;
   httplib::Server svr;
   std::mutex mu;  // guards the histograms and response counts
-  Histogram ttft, latency;
+  Histogram ttft, latency, queue;
   std::map<int, int64_t> responses;  // by status
   std::atomic<int> inflight{0};      // generation handlers (and streams) not yet done
   int listen_fd = -1;                // the listening socket, for its backlog
@@ -343,6 +343,7 @@ std::string HttpServer::Impl::metrics() {
   std::lock_guard<std::mutex> lk(mu);
   for (double x : s.ttft_s) ttft.add(x);
   for (double x : s.latency_s) latency.add(x);
+  for (double x : s.queue_s) queue.add(x);
   std::ostringstream out;
   auto metric = [&](const char* name, const char* type, const char* help, double v) {
     out << "# HELP " << name << ' ' << help << "\n# TYPE " << name << ' ' << type << '\n' << name << ' ' << v << '\n';
@@ -363,6 +364,8 @@ std::string HttpServer::Impl::metrics() {
          s.forward_s);
   metric("hm_step_cache_seconds_total", "counter", "Of those, recording prefix-cache blocks", s.cache_s);
   metric("hm_step_sample_seconds_total", "counter", "Of those, sampling and sending tokens", s.sample_s);
+  metric("hm_step_admit_seconds_total", "counter",
+         "Of those, admitting requests (prefix-cache restore, device sampler setup)", s.admit_s);
   metric("hm_queue_depth", "gauge", "Requests waiting for a slot", double(s.queue));
   metric("hm_slots_busy", "gauge", "Slots running a request", double(s.busy));
   metric("hm_slots_total", "gauge", "Slots", double(s.slots));
@@ -377,6 +380,7 @@ std::string HttpServer::Impl::metrics() {
   for (const auto& [st, n] : responses) out << "hm_http_responses_total{code=\"" << st << "\"} " << n << '\n';
   ttft.write(out, "hm_time_to_first_token_seconds", "Time from request to its first token");
   latency.write(out, "hm_request_duration_seconds", "Time from request to its end");
+  queue.write(out, "hm_request_queue_seconds", "Time from request to its slot");
   return out.str();
 }
 

@@ -154,14 +154,17 @@ EngineStats Engine::stats(bool take_latencies) {
   if (take_latencies) {
     stats_.ttft_s.clear();
     stats_.latency_s.clear();
+    stats_.queue_s.clear();
   } else {
     s.ttft_s.clear();
     s.latency_s.clear();
+    s.queue_s.clear();
   }
   return s;
 }
 
 void Engine::admit() {
+  const Clock::time_point t_admit = Clock::now();
   std::lock_guard<std::mutex> lk(mu_);
   for (int slot = 0; slot < opt_.slots && !queue_.empty(); ++slot) {
     if (active_[size_t(slot)]) continue;
@@ -174,6 +177,8 @@ void Engine::admit() {
       --slot;
       continue;
     }
+    stats_.queue_s.push_back(seconds_since(r->submitted_));
+    if (stats_.queue_s.size() > 100000) stats_.queue_s.clear();  // nobody scrapes /metrics
     auto a = std::make_unique<Active>();
     a->req = r;
     a->slot = slot;
@@ -203,6 +208,7 @@ void Engine::admit() {
     active_[size_t(slot)] = std::move(a);
   }
   stats_.queue = int(queue_.size());
+  stats_.admit_s += seconds_since(t_admit);
 }
 
 void Engine::loop() {

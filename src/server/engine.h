@@ -99,9 +99,13 @@ struct EngineStats {
   // host), the prefix cache's records, sampling and emitting. What the load test reads to tell
   // a busy engine from a slow client.
   double step_s = 0, forward_s = 0, cache_s = 0, sample_s = 0;
+  // Of step_s, admitting requests: the prefix cache's restore and the device sampler's setup.
+  double admit_s = 0;
   int queue = 0, busy = 0, slots = 0;
   PrefixCacheStats cache;
-  std::vector<double> ttft_s, latency_s;  // finished since the last take (for histograms)
+  // Since the last take (for histograms): time to first token and to the end of finished
+  // requests, and the time admitted requests waited for a slot.
+  std::vector<double> ttft_s, latency_s, queue_s;
 };
 
 class QueueFull : public Error {
