@@ -183,7 +183,11 @@ BENCHMARK_CAPTURE(BM_AttentionDecode, ref, Attn::ref)->Arg(512)->Arg(4096)->UseR
 // linear_rows (W read once for all m rows) against OpenBLAS's sgemm (sgemv at m = 1), which
 // linear() used for every m before: the crossover sets linear_rows_max. Copies of W fill 4x the
 // last-level cache and each call reads the next one. Args: m, n, k.
-void BM_LinearRows(benchmark::State& st, bool blas) {
+// rows: one call of the per-row kernel for all m rows; blas: sgemv / sgemm; blocks: the per-row
+// kernel on blocks of linear_rows_max rows (what linear() runs for large m where OpenBLAS lacks
+// this CPU's widest kernels, linear_cpu.cpp).
+enum class LinearWay { rows, blas, blocks };
+void BM_LinearRows(benchmark::State& st, LinearWay way) {
   const int m = int(st.range(0)), n = int(st.range(1)), k = int(st.range(2));
   const std::size_t wn = std::size_t(n) * k;
   const int copies = int(std::max<std::size_t>(2, 4 * llc_bytes() / (wn * sizeof(float)) + 1));
@@ -192,8 +196,13 @@ void BM_LinearRows(benchmark::State& st, bool blas) {
   int c = 0;
   for (auto _ : st) {
     const float* w = W.data() + std::size_t(c) * wn;
-    if (!blas) hm::cpu::kernels().linear_rows(y.data(), n, x.data(), k, w, m, n, k, false);
-    else if (m == 1) cblas_sgemv(CblasRowMajor, CblasNoTrans, n, k, 1.0f, w, k, x.data(), 1, 0.0f, y.data(), 1);
+    if (way == LinearWay::rows) hm::cpu::kernels().linear_rows(y.data(), n, x.data(), k, w, m, n, k, false);
+    else if (way == LinearWay::blocks) {
+      const int b = hm::cpu::kernels().linear_rows_max;
+      for (int r = 0; r < m; r += b)
+        hm::cpu::kernels().linear_rows(y.data() + std::size_t(r) * n, n, x.data() + std::size_t(r) * k, k, w,
+                                       std::min(b, m - r), n, k, false);
+    } else if (m == 1) cblas_sgemv(CblasRowMajor, CblasNoTrans, n, k, 1.0f, w, k, x.data(), 1, 0.0f, y.data(), 1);
     else cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, x.data(), k, w, k, 0.0f, y.data(), n);
     c = (c + 1) % copies;
     benchmark::DoNotOptimize(y.data());
@@ -204,8 +213,15 @@ void LinearRowsArgs(benchmark::internal::Benchmark* b) {
   for (int m : {1, 2, 4, 8, 12, 16, 32, 64, 128})
     for (auto [n, k] : {std::pair{2048, 512}, {512, 1024}, {32000, 512}}) b->Args({m, n, k});
 }
-BENCHMARK_CAPTURE(BM_LinearRows, rows, false)->Apply(LinearRowsArgs)->UseRealTime();
-BENCHMARK_CAPTURE(BM_LinearRows, blas, true)->Apply(LinearRowsArgs)->UseRealTime();
+BENCHMARK_CAPTURE(BM_LinearRows, rows, LinearWay::rows)->Apply(LinearRowsArgs)->UseRealTime();
+BENCHMARK_CAPTURE(BM_LinearRows, blas, LinearWay::blas)->Apply(LinearRowsArgs)->UseRealTime();
+// Prefill-sized m: OpenBLAS's sgemm against the per-row kernel in blocks.
+void LinearPrefillArgs(benchmark::internal::Benchmark* b) {
+  for (int m : {256, 2048})
+    for (auto [n, k] : {std::pair{2048, 512}, {512, 1024}, {32000, 512}}) b->Args({m, n, k});
+}
+BENCHMARK_CAPTURE(BM_LinearRows, prefill_blas, LinearWay::blas)->Apply(LinearPrefillArgs)->UseRealTime();
+BENCHMARK_CAPTURE(BM_LinearRows, prefill_blocks, LinearWay::blocks)->Apply(LinearPrefillArgs)->UseRealTime();
 
 // --- rmsnorm: x read, out written --------------------------------------------------------------
 void BM_Rmsnorm(benchmark::State& st, bool ref) {

@@ -272,6 +272,15 @@ expect_fail "cpu bf16" "--dtype bf16: the cpu backend does not compute in this t
 expect_fail "cpu bf16 kv" "--kv-type bf16: the cpu backend has no KV cache of this type" \
   "$HM" generate -m "$W/tiny" -p hi --device cpu --kv-type bf16
 expect_fail "unknown dtype" "--dtype must be f32, bf16, f16 or auto, got 'f64'" "$HM" info -m "$W/tiny" --dtype f64
+expect_fail "info without a model" "--model is required (or --system)" "$HM" info
+# hm info --system: the kernel paths this machine runs, each forced by its variable.
+s=$("$HM" info --system)
+case "$s" in *"CPU: "*"CPU kernels: "*"CPU linear, more than "*"OpenBLAS core "*"CUDA: "*) ok ;; *) bad "info --system: $s" ;; esac
+case "$(HM_LINEAR=blas "$HM" info --system)" in *"rows: OpenBLAS sgemm"*) ok ;; *) bad "HM_LINEAR=blas not shown" ;; esac
+case "$(HM_LINEAR=blocks HM_ISA=scalar "$HM" info --system)" in
+  *"CPU kernels: scalar"*"rows: the per-row kernel in blocks"*) ok ;; *) bad "HM_LINEAR=blocks HM_ISA=scalar not shown" ;; esac
+e=$(HM_LINEAR=gpu "$HM" info --system 2>&1); rc=$?  # refused at startup, as a bad HM_ISA (exit 2)
+[ "$rc" -eq 2 ] && case "$e" in *"HM_LINEAR=gpu: must be blas or blocks"*) true ;; *) false ;; esac && ok || bad "bad HM_LINEAR: exit $rc: $e"
 i=$("$HM" info -m "$W/tiny" --device cpu --kv-type f32)
 case "$i" in *"device: cpu, dtype f32, KV cache f32"*"weights in f32: "*"(f32)"*) ok ;; *) bad "info --kv-type f32: $i" ;; esac
 # The defaults on the CPU are the old behaviour: the same tokens with and without the options.

@@ -60,14 +60,20 @@ bool padding_intact(const std::vector<float>& buf, int rows, int cols, int ld) {
 // --- linear ----------------------------------------------------------------------------------
 // Float sums of k products: error ~ sqrt(k) eps relative to the output scale (k eps at worst,
 // 3e-5 at k = 512); 1e-5 leaves a margin over the ~1e-6 observed.
-// Up to linear_rows_max rows run the per-ISA linear_rows kernel (every ISA here), more sgemm.
+// Up to linear_rows_max rows run the per-ISA linear_rows kernel (every ISA here), more sgemm or
+// that kernel in blocks (dispatch.h, LinearLarge): both paths on every ISA.
 HM_ISA_TEST(KernelsLinear, MatchesReference) {
   struct Case { int m, n, k; };
+  const int rmax = hm::cpu::kernels().linear_rows_max;
+  const hm::cpu::LinearLarge saved = hm::cpu::linear_large_mode();
+  for (hm::cpu::LinearLarge large : {hm::cpu::LinearLarge::Blas, hm::cpu::LinearLarge::Blocks}) {
+  hm::cpu::set_linear_large(large);
+  SCOPED_TRACE(large == hm::cpu::LinearLarge::Blas ? "large m: sgemm" : "large m: blocks");
   for (const Case c : {Case{1, 33, 17}, Case{1, 512, 1024}, Case{2, 1, 1}, Case{5, 64, 512},
                        Case{130, 100, 37}, Case{17, 48, 16}, Case{3, 5, 0}, Case{1, 7, 3}, Case{2, 9, 15},
                        Case{3, 13, 33}, Case{4, 6, 100}, Case{6, 3, 7}, Case{7, 37, 129}, Case{8, 5, 16},
-                       Case{9, 11, 31}, Case{33, 19, 65}, Case{hm::cpu::kernels().linear_rows_max, 23, 47},
-                       Case{hm::cpu::kernels().linear_rows_max + 1, 23, 47}}) {
+                       Case{9, 11, 31}, Case{33, 19, 65}, Case{rmax, 23, 47}, Case{rmax + 1, 23, 47},
+                       Case{3 * rmax + 5, 29, 71}, Case{300, 0, 9}, Case{301, 7, 0}}) {
     for (bool acc : {false, true}) {
       hm::Rng rng(1000 + c.m * 7 + c.n * 13 + c.k + acc);
       const int ldx = c.k + 3, ldy = c.n + 5;
@@ -82,21 +88,27 @@ HM_ISA_TEST(KernelsLinear, MatchesReference) {
       hm::cpu::linear(y_cpu.data(), ldy, x.data(), ldx, W.data(), c.m, c.n, c.k, acc);
       SCOPED_TRACE("m=" + std::to_string(c.m) + " n=" + std::to_string(c.n) +
                    " k=" + std::to_string(c.k) + " acc=" + std::to_string(acc));
-      EXPECT_LT(rel_err(y_cpu.data(), y_ref.data(), c.m, c.n, ldy), 1e-5);
+      if (c.n > 0) {
+        EXPECT_LT(rel_err(y_cpu.data(), y_ref.data(), c.m, c.n, ldy), 1e-5);
+      }
       EXPECT_TRUE(padding_intact(y_cpu, c.m, c.n, ldy));
     }
   }
+  }
+  hm::cpu::set_linear_large(saved);
 }
 
 // A row's output does not depend on the other rows of the call, up to linear_rows_max rows
 // (linear_rows computes each output the same way at any m), so a sequence decoded beside up to
-// that many others gets the linear outputs it gets alone.
+// that many others gets the linear outputs it gets alone; with large m in blocks, at any m.
 HM_ISA_TEST(KernelsLinear, RowsDoNotDependOnTheBatch) {
   hm::Rng rng(77);
   const int n = 37, k = 131;
   const auto W = random_vec(rng, std::size_t(n) * k, -1, 1);
-  for (int m : {2, 3, 5, 8, 13, hm::cpu::kernels().linear_rows_max}) {
-    if (m > hm::cpu::kernels().linear_rows_max) continue;  // sgemm's rows: not promised
+  const int rmax = hm::cpu::kernels().linear_rows_max;
+  const hm::cpu::LinearLarge saved = hm::cpu::linear_large_mode();
+  hm::cpu::set_linear_large(hm::cpu::LinearLarge::Blocks);
+  for (int m : {2, 3, 5, 8, 13, rmax, rmax + 1, 2 * rmax + 3}) {
     const auto x = random_vec(rng, std::size_t(m) * k, -1, 1);
     std::vector<float> y(std::size_t(m) * n), one(static_cast<std::size_t>(n));
     hm::cpu::linear(y.data(), n, x.data(), k, W.data(), m, n, k, false);
@@ -105,6 +117,7 @@ HM_ISA_TEST(KernelsLinear, RowsDoNotDependOnTheBatch) {
       EXPECT_TRUE(std::equal(one.begin(), one.end(), y.begin() + std::ptrdiff_t(i) * n)) << "m " << m << " row " << i;
     }
   }
+  hm::cpu::set_linear_large(saved);
 }
 
 // --- rmsnorm ---------------------------------------------------------------------------------

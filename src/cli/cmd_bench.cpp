@@ -143,7 +143,8 @@ double measure_read_gbs(size_t bytes) {
   return best;
 }
 
-// The GEMM rate our linear layers get: backend linear (OpenBLAS sgemm) at 1024^3, best of several.
+// The GEMM rate our linear layers get: backend linear at 1024^3 (OpenBLAS sgemm, or the per-row
+// kernel in blocks: kernels/cpu/dispatch.h, LinearLarge), best of several.
 double measure_gemm_gflops(Backend& be) {
   const int n = 1024;
   std::vector<float> a(size_t(n) * n), b(size_t(n) * n), c(size_t(n) * n);
@@ -584,6 +585,8 @@ Run add_bench(CLI::App& app) {
     r["weight_mb"] = double(model->weight_bytes()) / 1e6;
     r["cpu_model"] = cpu_model_name();
     r["cpu_isa"] = cpu::isa_name(cpu::kernel_isa());  // the CPU kernels' (HM_ISA forces one)
+    r["cpu_linear_large"] = cpu::linear_large_in_blocks() ? "blocks" : "blas";  // HM_LINEAR forces one
+    r["blas_core"] = cpu::blas_core();
     const int64_t l3 = l3_cache_bytes();
     r["l3_mb"] = double(l3) / (1 << 20);
     r["reps"] = o->reps;
@@ -669,6 +672,7 @@ Run add_bench(CLI::App& app) {
     log("GEMM rate");
     const double gemm = measure_gemm_gflops(*be);
     r["gemm_gflops"] = gemm;
+    const std::string gemm_row = std::string("GEMM 1024^3 (") + (cpu::linear_large_in_blocks() ? "linear in blocks" : "sgemm") + ")";
     if (o->train) {
       HM_CHECK(o->batch >= 1 && o->seq_len >= 2 && o->steps >= 1,
                "bench: --train needs --batch >= 1, --seq-len >= 2 and --steps >= 1");
@@ -733,7 +737,7 @@ Run add_bench(CLI::App& app) {
                          num(r, "peer_train_step_ms")},
                         {"train " + shape, "tok/s", train_tok_s,
                          gemm * 1e9 / fpt, num(r, "peer_train_tok_s"), true},
-                        {"GEMM 1024^3 (sgemm)", "GFLOP/s", gemm, NAN, NAN, true}});
+                        {gemm_row, "GFLOP/s", gemm, NAN, NAN, true}});
       }
       return 0;
     }
@@ -892,7 +896,7 @@ Run add_bench(CLI::App& app) {
     rows.push_back({"read bandwidth, " + cell(num(r, "read_bw_probe_mb")) + " MiB" +
                         (r["read_bw_exceeds_l3"].get<bool>() ? " (DRAM)" : " (may fit L3)"),
                     "GB/s", num(r, "read_bw_gbs"), NAN, NAN, true});
-    rows.push_back({"GEMM 1024^3 (sgemm)", "GFLOP/s", gemm, NAN, NAN, true});
+    rows.push_back({gemm_row, "GFLOP/s", gemm, NAN, NAN, true});
     print_table(r, rows);
     return 0;
   };

@@ -1,5 +1,8 @@
+#include <omp.h>
+
 #include <cstdio>
 #include <filesystem>
+#include <string>
 #include <memory>
 #include <nlohmann/json.hpp>
 
@@ -47,12 +50,57 @@ Run add_init(CLI::App& app) {
   };
 }
 
+// hm info --system: this machine as the engine sees it (CPU, the kernel paths chosen, OpenBLAS,
+// CUDA), what every figure in the docs is quoted beside.
+static void print_system() {
+  std::string cpu = "unknown";
+  int logical = 0;
+  std::string flags;
+  if (std::FILE* f = std::fopen("/proc/cpuinfo", "r")) {
+    char line[8192];
+    while (std::fgets(line, sizeof line, f)) {
+      const std::string l = line;
+      const auto value = [&] {
+        const size_t c = l.find(':');
+        std::string v = c == std::string::npos ? "" : l.substr(c + 1);
+        while (!v.empty() && (v.front() == ' ' || v.front() == '\t')) v.erase(v.begin());
+        while (!v.empty() && (v.back() == '\n' || v.back() == ' ')) v.pop_back();
+        return v;
+      };
+      if (l.rfind("model name", 0) == 0 && cpu == "unknown") cpu = value();
+      if (l.rfind("processor", 0) == 0) ++logical;
+      if (l.rfind("flags", 0) == 0 && flags.empty()) flags = " " + value() + " ";
+    }
+    std::fclose(f);
+  }
+  std::printf("CPU: %s, %d logical cores, %d OpenMP threads\n", cpu.c_str(), logical, omp_get_max_threads());
+  std::printf("CPU features:");
+  for (const char* k : {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+                        "avx512_fp16", "avx_vnni"})
+    if (flags.find(std::string(" ") + k + " ") != std::string::npos) std::printf(" %s", k);
+  std::printf("\n");
+  std::printf("CPU kernels: %s (best on this CPU: %s; HM_ISA=scalar|avx2|avx512 forces one)\n",
+              cpu::isa_name(cpu::kernel_isa()), cpu::isa_name(cpu::best_isa()));
+  std::printf("CPU linear, more than %d rows: %s (OpenBLAS core %s; HM_LINEAR=blas|blocks forces one)\n",
+              cpu::kernels().linear_rows_max,
+              cpu::linear_large_in_blocks() ? "the per-row kernel in blocks" : "OpenBLAS sgemm", cpu::blas_core());
+  std::printf("CUDA: %s\n", cuda_available() ? "a device is present (--device auto picks it)"
+                                              : "no device, or this build has no CUDA backend");
+}
+
 Run add_info(CLI::App& app) {
-  struct Opts { std::string dir; DeviceOptions dev; };
+  struct Opts { std::string dir; DeviceOptions dev; bool system = false; };
   auto o = std::make_shared<Opts>();
-  app.add_option("--model,-m", o->dir, "Checkpoint directory, or a training run's folder")->required();
+  app.add_option("--model,-m", o->dir, "Checkpoint directory, or a training run's folder");
+  app.add_flag("--system", o->system, "Print this machine's CPU, the kernel paths chosen, OpenBLAS and CUDA");
   add_device_options(app, o->dev, true);
   return [o] {
+    if (o->system) {
+      print_system();
+      if (o->dir.empty()) return 0;
+      std::printf("\n");
+    }
+    HM_CHECK(!o->dir.empty(), "hm info: --model is required (or --system)");
     const ModelConfig c = load_any_config(o->dir);
     const DeviceSetup dev = open_device(o->dev);
     const int64_t n = count_params(c);
@@ -64,7 +112,7 @@ Run add_info(CLI::App& app) {
     // Where the commands would run it (the same --device/--dtype/--kv-type resolution).
     std::printf("device: %s, dtype %s, KV cache %s\n", device_name(dev.device()), compute_dtype_name(dev.dtype),
                 dev.kv_name().c_str());
-    // The CPU kernels' ISA, chosen at startup (HM_ISA=scalar|avx2|avx512 forces one).
+    // The CPU kernels' ISA, chosen at startup (HM_ISA=scalar|avx2|avx512 forces one); more: --system.
     std::printf("CPU kernels: %s (best on this CPU: %s)\n", cpu::isa_name(cpu::kernel_isa()),
                 cpu::isa_name(cpu::best_isa()));
     std::printf("weights in %s: %s (%lld bytes)\n", compute_dtype_name(dev.dtype),

@@ -95,4 +95,17 @@ Isa kernel_isa();              // its ISA
 // while no kernel runs.
 void set_kernel_isa(Isa isa);
 
+// How linear() (linear_cpu.cpp) runs more than linear_rows_max rows: OpenBLAS's sgemm, or the
+// per-row kernel in blocks of linear_rows_max rows (which, like every linear_rows call, gives
+// each row the bits it gets alone). Auto: blocks where the kernels are AVX-512 and OpenBLAS's
+// chosen core has no AVX-512 kernels (Debian's 0.3.21 runs its Haswell kernels on AMD Zen 4/5:
+// there the blocks are 1.2-1.7x faster at m 256 and 2048, bench/results/cpu-amd-zen5-2026-12-05/
+// linear_prefill.txt), else sgemm. HM_LINEAR=blas|blocks forces one at startup.
+enum class LinearLarge { Auto, Blas, Blocks };
+bool linear_large_in_blocks();           // the rule above for the ISA in use
+const char* blas_core();                 // OpenBLAS's name of the core it chose (openblas_get_corename)
+// Tests and benchmarks: not thread-safe, like set_kernel_isa.
+void set_linear_large(LinearLarge mode);
+LinearLarge linear_large_mode();
+
 }  // namespace hm::cpu
