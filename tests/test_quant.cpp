@@ -13,6 +13,7 @@
 #include "core/error.h"
 #include "core/rng.h"
 #include "io/safetensors.h"
+#include "kernels/cpu/dispatch.h"
 #include "kernels/quant.h"
 
 namespace {
@@ -289,6 +290,7 @@ TEST(QuantDequantize, CpuEqualsReferenceOnEveryIsa) {
 // 2e-6 at k = 800 observed; 1e-5.
 TEST(QuantLinear, MatchesReferenceOnEveryIsa) {
   EachIsa each;
+  const hm::cpu::LinearLarge saved_large = hm::cpu::linear_large_mode();
   struct Case { int m, n, k; };
   const Case cases[] = {{1, 33, 32},   {1, 37, 800},  {2, 1, 96},    {3, 131, 224}, {4, 67, 64},
                         {5, 33, 96},   {17, 131, 800}, {64, 45, 32}, {1, 2049, 256}, {4, 2049, 256},
@@ -309,17 +311,20 @@ TEST(QuantLinear, MatchesReferenceOnEveryIsa) {
           for (int o = 0; o < c.n; ++o) y0[i * ldy + o] = acc ? rng.uniform(-1, 1) : NAN;
         auto want = y0;
         hm::ref::linear_packed(want.data(), ldy, x.data(), ldx, p.data(), t, c.m, c.n, c.k, acc);
-        for (Isa isa : each.isas) {
-          hm::cpu::set_quant_isa(isa);
-          SCOPED_TRACE(std::string(hm::weight_type_name(t)) + " " + hm::cpu::isa_name(isa) +
-                       " m=" + std::to_string(c.m) + " n=" + std::to_string(c.n) +
-                       " k=" + std::to_string(c.k) + " acc=" + std::to_string(acc));
-          auto got = y0;
-          hm::cpu::linear_packed(got.data(), ldy, x.data(), ldx, p.data(), t, c.m, c.n, c.k, acc);
-          EXPECT_LT(rel_err(got.data(), want.data(), c.m, c.n, ldy), 1e-5);
-          for (int i = 0; i < c.m; ++i)
-            for (int o = c.n; o < ldy; ++o) ASSERT_EQ(got[i * ldy + o], 12345.0f);
-        }
+        for (Isa isa : each.isas)
+          for (hm::cpu::LinearLarge large : {hm::cpu::LinearLarge::Blas, hm::cpu::LinearLarge::Blocks}) {
+            hm::cpu::set_quant_isa(isa);
+            hm::cpu::set_linear_large(large);  // the float tiles' product: sgemm or linear_rows blocks
+            SCOPED_TRACE(std::string(hm::weight_type_name(t)) + " " + hm::cpu::isa_name(isa) +
+                         (large == hm::cpu::LinearLarge::Blas ? " sgemm" : " blocks") + " m=" + std::to_string(c.m) +
+                         " n=" + std::to_string(c.n) + " k=" + std::to_string(c.k) + " acc=" + std::to_string(acc));
+            auto got = y0;
+            hm::cpu::linear_packed(got.data(), ldy, x.data(), ldx, p.data(), t, c.m, c.n, c.k, acc);
+            EXPECT_LT(rel_err(got.data(), want.data(), c.m, c.n, ldy), 1e-5);
+            for (int i = 0; i < c.m; ++i)
+              for (int o = c.n; o < ldy; ++o) ASSERT_EQ(got[i * ldy + o], 12345.0f);
+          }
+        hm::cpu::set_linear_large(saved_large);
       }
     }
   }
