@@ -19,6 +19,10 @@ namespace hm::cpu::grad {
 void gemm_xwT(float* y, const float* x, const float* W, int m, int n, int k, bool accumulate,
               int ldy, int ldx, int ldw) {
   if (m <= 0 || n <= 0) return;
+  if (ldw == 0 || ldw == k) {  // inference's linear: its per-row kernel where that is faster (dispatch.h)
+    hm::cpu::linear(y, ldy ? ldy : n, x, ldx ? ldx : k, W, m, n, k, accumulate);
+    return;
+  }
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, x, ldx ? ldx : k, W,
               ldw ? ldw : k, accumulate ? 1.0f : 0.0f, y, ldy ? ldy : n);
 }
