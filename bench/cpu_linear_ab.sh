@@ -15,7 +15,7 @@ TMP=$(mktemp -d); trap 'rm -rf "$TMP"' EXIT
 for p in $PRESETS; do
   for r in $(seq "$ROUNDS"); do
     for m in blas blocks; do
-      HM_LINEAR=$m "$HM" bench --preset "$p" --no-peer --reps 3 --json 2>/dev/null > "$TMP/$p.$m.$r.json"
+      HM_LINEAR=$m "$HM" bench --device cpu --preset "$p" --no-peer --reps 3 --json 2>/dev/null > "$TMP/$p.$m.$r.json"
     done
   done
 done
