@@ -6,6 +6,7 @@
 # median over rounds, and the speedup of the blocks (> 1: blocks faster; times blas / blocks,
 # rates blocks / blas).
 # Usage: bash bench/cpu_linear_ab.sh [HM] [ROUNDS] [PRESET...]   (default build/hm 3 seed demo)
+# Env: THREADS (hm bench -t; default 0 = all cores).
 set -eu
 HM=${1:-build/hm}; ROUNDS=${2:-3}; shift $(( $# > 2 ? 2 : $# )) || true
 PRESETS=${*:-seed demo}
@@ -15,7 +16,7 @@ TMP=$(mktemp -d); trap 'rm -rf "$TMP"' EXIT
 for p in $PRESETS; do
   for r in $(seq "$ROUNDS"); do
     for m in blas blocks; do
-      HM_LINEAR=$m "$HM" bench --device cpu --preset "$p" --no-peer --reps 3 --json 2>/dev/null > "$TMP/$p.$m.$r.json"
+      HM_LINEAR=$m "$HM" bench --device cpu -t "${THREADS:-0}" --preset "$p" --no-peer --reps 3 --json 2>/dev/null > "$TMP/$p.$m.$r.json"
     done
   done
 done
