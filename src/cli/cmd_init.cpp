@@ -1,6 +1,7 @@
 #include <omp.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <string>
 #include <memory>
@@ -81,9 +82,11 @@ static void print_system() {
   std::printf("\n");
   std::printf("CPU kernels: %s (best on this CPU: %s; HM_ISA=scalar|avx2|avx512 forces one)\n",
               cpu::isa_name(cpu::kernel_isa()), cpu::isa_name(cpu::best_isa()));
-  std::printf("CPU linear, more than %d rows: %s (OpenBLAS core %s; HM_LINEAR=blas|blocks forces one)\n",
+  const char* coretype = std::getenv("OPENBLAS_CORETYPE");
+  std::printf("CPU linear, more than %d rows: %s (OpenBLAS core %s%s%s; HM_LINEAR=blas|blocks forces one)\n",
               cpu::kernels().linear_rows_max,
-              cpu::linear_large_in_blocks() ? "the per-row kernel in blocks" : "OpenBLAS sgemm", cpu::blas_core());
+              cpu::linear_large_in_blocks() ? "the per-row kernel in blocks" : "OpenBLAS sgemm", cpu::blas_core(),
+              coretype ? ", set by OPENBLAS_CORETYPE=" : "", coretype ? coretype : "");
   std::printf("CUDA: %s\n", cuda_available() ? "a device is present (--device auto picks it)"
                                               : "no device, or this build has no CUDA backend");
 }

@@ -65,9 +65,11 @@ struct KernelTable {
   decltype(&hm::cpu::relu2) relu2;
   // linear for m <= linear_rows_max rows of x (gemv_cpu.cpp): W read once for all of them.
   // linear() runs more rows through sgemm. The most rows where it beat OpenBLAS, per ISA
-  // (bench/results/cpu-amd-zen5-2026-12-05/linear_rows.txt, an AMD EPYC Zen 5, where OpenBLAS
-  // 0.3.21 runs its AVX2 kernels): avx512 64 (faster at every m to 128), avx2 16 (a tie at 16,
-  // sgemm 1.2x faster at 32), scalar 8.
+  // (bench/results/cpu-amd-zen5-2026-12-05/linear_rows.txt, an AMD EPYC Zen 5 where the
+  // environment sets OPENBLAS_CORETYPE=Haswell, so OpenBLAS ran its AVX2 kernels): avx512 64
+  // (faster at every m to 128), avx2 16 (a tie at 16, sgemm 1.2x faster at 32), scalar 8. With
+  // OpenBLAS's own choice there (Cooperlake, AVX-512) sgemm ties linear_rows at m 64 and wins
+  // from 128 (linear_prefill_cooperlake.txt in the same folder): 64 holds either way.
   decltype(&hm::cpu::linear) linear_rows;
   int linear_rows_max;
   struct Grad {
@@ -98,9 +100,11 @@ void set_kernel_isa(Isa isa);
 // How linear() (linear_cpu.cpp) runs more than linear_rows_max rows: OpenBLAS's sgemm, or the
 // per-row kernel in blocks of linear_rows_max rows (which, like every linear_rows call, gives
 // each row the bits it gets alone). Auto: blocks where the kernels are AVX-512 and OpenBLAS's
-// chosen core has no AVX-512 kernels (Debian's 0.3.21 runs its Haswell kernels on AMD Zen 4/5:
-// there the blocks are 1.2-1.7x faster at m 256 and 2048, bench/results/cpu-amd-zen5-2026-12-05/
-// linear_prefill.txt), else sgemm. HM_LINEAR=blas|blocks forces one at startup.
+// core has no AVX-512 kernels (an OPENBLAS_CORETYPE=Haswell in the environment, as on this
+// project's Zen 5 build host, or a CPU that OpenBLAS does not know: there the blocks were 1.2-1.9x
+// its sgemm at m 256 and 2048, bench/results/cpu-amd-zen5-2026-12-05/linear_prefill.txt), else
+// sgemm (OpenBLAS's AVX-512 sgemm beat the blocks by 1.1-1.8x at those sizes on the same CPU,
+// linear_prefill_cooperlake.txt). HM_LINEAR=blas|blocks forces one at startup.
 enum class LinearLarge { Auto, Blas, Blocks };
 bool linear_large_in_blocks();           // the rule above for the ISA in use
 const char* blas_core();                 // OpenBLAS's name of the core it chose (openblas_get_corename)
