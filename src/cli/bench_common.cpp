@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdio>
+#include <fstream>
 
 #include "core/error.h"
 
@@ -78,5 +79,18 @@ void print_rows(const std::vector<Row>& rows, FILE* out) {
   for (const auto& row : cells) line(row);
 }
 
+
+std::string cpuinfo_value(const std::string& key) {
+  std::ifstream f("/proc/cpuinfo");
+  for (std::string line; std::getline(f, line);) {
+    const size_t colon = line.find(':');
+    if (line.rfind(key, 0) != 0 || colon == std::string::npos) continue;
+    const size_t name_end = line.find_last_not_of(" \t", colon - 1);
+    if (name_end + 1 != key.size()) continue;  // "flags" is not "vmx flags"
+    std::string v = line.substr(colon + 1);
+    return v.substr(std::min(v.size(), v.find_first_not_of(' ')));
+  }
+  return "unknown";
+}
 
 }  // namespace hm::cli

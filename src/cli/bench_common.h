@@ -29,6 +29,10 @@ double median(std::vector<double> v);
 // attention scores are counted separately below and are small at these lengths).
 double forward_gemm_flops(const ModelConfig& c, const Params& p, double T, double rows);
 
+// The value of a /proc/cpuinfo field for the first processor ("model name", "flags"), or
+// "unknown": the machine a figure was measured on (hm bench, hm info --system).
+std::string cpuinfo_value(const std::string& key);
+
 // Runs a shell command; its exit status and standard output.
 std::pair<int, std::string> run_capture_status(const std::string& cmd);
 // The same, hm::Error when it exits non-zero.

@@ -56,15 +56,7 @@ double process_cpu_ms() {
 }
 // The machine a figure was measured on: CPU model (/proc/cpuinfo) and L3 size (sysfs), so that
 // a bandwidth labelled DRAM can be checked against the cache it must exceed.
-std::string cpu_model_name() {
-  std::ifstream f("/proc/cpuinfo");
-  for (std::string line; std::getline(f, line);)
-    if (line.rfind("model name", 0) == 0 && line.find(':') != std::string::npos) {
-      std::string v = line.substr(line.find(':') + 1);
-      return v.substr(std::min(v.size(), v.find_first_not_of(' ')));
-    }
-  return "unknown";
-}
+std::string cpu_model_name() { return cpuinfo_value("model name"); }
 
 // Bytes of the largest level-3 cache cpu0 sees, 0 when sysfs does not say.
 int64_t l3_cache_bytes() {

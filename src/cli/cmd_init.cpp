@@ -3,11 +3,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
-#include <string>
 #include <memory>
+#include <string>
 #include <nlohmann/json.hpp>
 
 #include "backend/backend.h"
+#include "cli/bench_common.h"
 #include "cli/commands.h"
 #include "cli/device.h"
 #include "cli/memory_guard.h"
@@ -54,27 +55,9 @@ Run add_init(CLI::App& app) {
 // hm info --system: this machine as the engine sees it (CPU, the kernel paths chosen, OpenBLAS,
 // CUDA), what every figure in the docs is quoted beside.
 static void print_system() {
-  std::string cpu = "unknown";
-  int logical = 0;
-  std::string flags;
-  if (std::FILE* f = std::fopen("/proc/cpuinfo", "r")) {
-    char line[8192];
-    while (std::fgets(line, sizeof line, f)) {
-      const std::string l = line;
-      const auto value = [&] {
-        const size_t c = l.find(':');
-        std::string v = c == std::string::npos ? "" : l.substr(c + 1);
-        while (!v.empty() && (v.front() == ' ' || v.front() == '\t')) v.erase(v.begin());
-        while (!v.empty() && (v.back() == '\n' || v.back() == ' ')) v.pop_back();
-        return v;
-      };
-      if (l.rfind("model name", 0) == 0 && cpu == "unknown") cpu = value();
-      if (l.rfind("processor", 0) == 0) ++logical;
-      if (l.rfind("flags", 0) == 0 && flags.empty()) flags = " " + value() + " ";
-    }
-    std::fclose(f);
-  }
-  std::printf("CPU: %s, %d logical cores, %d OpenMP threads\n", cpu.c_str(), logical, omp_get_max_threads());
+  const std::string flags = " " + cpuinfo_value("flags") + " ";
+  std::printf("CPU: %s, %d processors, %d OpenMP threads\n", cpuinfo_value("model name").c_str(), omp_get_num_procs(),
+              omp_get_max_threads());
   std::printf("CPU features:");
   for (const char* k : {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
                         "avx512_fp16", "avx_vnni"})

@@ -107,6 +107,9 @@ void set_kernel_isa(Isa isa);
 // linear_prefill_cooperlake.txt). HM_LINEAR=blas|blocks forces one at startup.
 enum class LinearLarge { Auto, Blas, Blocks };
 bool linear_large_in_blocks();           // the rule above for the ISA in use
+// y = x . W^T by linear_rows on blocks of linear_rows_max rows of x (W contiguous, [n, k]).
+void linear_in_blocks(float* y, int ldy, const float* x, int ldx, const float* W, int m, int n, int k,
+                      bool accumulate);
 const char* blas_core();                 // OpenBLAS's name of the core it chose (openblas_get_corename)
 // Tests and benchmarks: not thread-safe, like set_kernel_isa.
 void set_linear_large(LinearLarge mode);

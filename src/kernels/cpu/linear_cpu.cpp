@@ -60,6 +60,14 @@ bool linear_large_in_blocks() {
   return kernel_isa() == Isa::Avx512 && !blas512;
 }
 
+void linear_in_blocks(float* y, int ldy, const float* x, int ldx, const float* W, int m, int n, int k,
+                      bool accumulate) {
+  const int block = kernels().linear_rows_max;  // W stays in cache across blocks of this size
+  for (int r = 0; r < m; r += block)
+    kernels().linear_rows(y + std::ptrdiff_t(r) * ldy, ldy, x + std::ptrdiff_t(r) * ldx, ldx, W,
+                          std::min(block, m - r), n, k, accumulate);
+}
+
 void linear(float* y, int ldy, const float* x, int ldx, const float* W, int m, int n, int k,
             bool accumulate) {
   if (m <= 0 || n <= 0) return;
@@ -71,15 +79,12 @@ void linear(float* y, int ldy, const float* x, int ldx, const float* W, int m, i
       }
     return;
   }
-  const int rows_max = kernels().linear_rows_max;
-  if (m <= rows_max) {  // decoding a small batch: bound by reading W, which this reads once
+  if (m <= kernels().linear_rows_max) {  // decoding a small batch: bound by reading W, which this reads once
     kernels().linear_rows(y, ldy, x, ldx, W, m, n, k, accumulate);
     return;
   }
-  if (linear_large_in_blocks()) {  // W stays in cache across blocks of this size
-    for (int r = 0; r < m; r += rows_max)
-      kernels().linear_rows(y + std::ptrdiff_t(r) * ldy, ldy, x + std::ptrdiff_t(r) * ldx, ldx, W,
-                            std::min(rows_max, m - r), n, k, accumulate);
+  if (linear_large_in_blocks()) {
+    linear_in_blocks(y, ldy, x, ldx, W, m, n, k, accumulate);
     return;
   }
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, 1.0f, x, ldx, W, k, accumulate ? 1.0f : 0.0f, y,

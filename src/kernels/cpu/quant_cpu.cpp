@@ -327,7 +327,6 @@ void gemm_panels(const packed::Table& tab, float* y, int ldy, const float* x, in
   panels = (n + rows - 1) / rows;
   const float beta = accumulate ? 1.0f : 0.0f;
   const bool in_blocks = linear_large_in_blocks();
-  const int block = kernels().linear_rows_max;
 #pragma omp parallel for schedule(dynamic, 1) if (panels > 1)
   for (int p = 0; p < panels; ++p) {
     const int o0 = p * rows, h = std::min(rows, n - o0);
@@ -335,9 +334,7 @@ void gemm_panels(const packed::Table& tab, float* y, int ldy, const float* x, in
     if (tile.size() < size_t(h) * k) tile.resize(size_t(h) * k);
     for (int r = 0; r < h; ++r) tab.dequant[int(t)](tile.data() + size_t(r) * k, W + size_t(o0 + r) * rb, k);
     if (in_blocks) {  // as linear() for float W (dispatch.h, LinearLarge)
-      for (int i = 0; i < m; i += block)
-        kernels().linear_rows(y + size_t(i) * ldy + o0, ldy, x + size_t(i) * ldx, ldx, tile.data(),
-                              std::min(block, m - i), h, k, accumulate);
+      linear_in_blocks(y + o0, ldy, x, ldx, tile.data(), m, h, k, accumulate);
     } else {
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, h, k, 1.0f, x, ldx, tile.data(), k, beta,
                   y + o0, ldy);
