@@ -464,7 +464,7 @@ namespace hm {
 
 namespace {
 
-const char* const kGraniteFolders[] = {"granite_f32", "granite_bf16"};
+const char* const kGraniteFolders[] = {"granite_f32", "granite_bf16", "granite_rope"};
 
 // A GraniteMoeHybridForCausalLM folder as transformers 5's save_pretrained writes it, our random
 // weights under its names (written here from modeling_granitemoehybrid.py's module tree): the
