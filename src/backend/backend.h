@@ -38,6 +38,17 @@ class Backend {
   virtual void to_device(void* dst, const void* host_src, size_t bytes) = 0;
   virtual void to_host(void* host_dst, const void* src, size_t bytes) = 0;
   virtual void copy(void* dst, const void* src, size_t bytes) = 0;  // within the backend
+  // Many copies within the backend in one call, in any order among themselves (no span may
+  // write what another reads or writes): a prefix-cache restore is ~100 small copies, and on a
+  // GPU each copy() pays its own launch.
+  struct CopySpan {
+    void* dst;
+    const void* src;
+    size_t bytes;
+  };
+  virtual void copy_many(const std::vector<CopySpan>& spans) {
+    for (const CopySpan& s : spans) copy(s.dst, s.src, s.bytes);
+  }
   virtual void memzero(void* p, size_t bytes) = 0;
   virtual void synchronize() {}
   // Bytes held through alloc now, and the most held since the last reset_peak (what

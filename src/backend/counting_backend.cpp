@@ -229,4 +229,11 @@ void CountingBackend::copy(void* dst, const void* src, size_t bytes) {
   run(OpKind::Copy, dst, int64_t(bytes), 0, [&] { in_.copy(dst, src, bytes); });
 }
 
+void CountingBackend::copy_many(const std::vector<CopySpan>& spans) {
+  if (spans.empty()) return;
+  int64_t bytes = 0;
+  for (const CopySpan& s : spans) bytes += int64_t(s.bytes);
+  run(OpKind::Copy, spans[0].dst, bytes, 0, [&] { in_.copy_many(spans); });
+}
+
 }  // namespace hm

@@ -77,6 +77,7 @@ class CountingBackend final : public Backend {
   void to_device(void* dst, const void* src, size_t bytes) override { in_.to_device(dst, src, bytes); }
   void to_host(void* dst, const void* src, size_t bytes) override { in_.to_host(dst, src, bytes); }
   void copy(void* dst, const void* src, size_t bytes) override;
+  void copy_many(const std::vector<CopySpan>& spans) override;
   void memzero(void* p, size_t bytes) override { in_.memzero(p, bytes); }
   void set_batch_invariant(bool on) override { in_.set_batch_invariant(on); }
   bool batch_invariant() const override { return in_.batch_invariant(); }

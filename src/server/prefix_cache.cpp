@@ -62,7 +62,8 @@ void PrefixCache::set_cursor(int slot, Node* n) {
 
 void PrefixCache::release(int slot) { set_cursor(slot, nullptr); }
 
-std::unique_ptr<PrefixCache::Node> PrefixCache::snapshot(int slot, Node* parent, bool with_state) {
+std::unique_ptr<PrefixCache::Node> PrefixCache::snapshot(int slot, Node* parent, bool with_state,
+                                                        std::vector<Backend::CopySpan>& copies) {
   auto n = std::make_unique<Node>();
   n->parent = parent;
   n->depth = parent->depth + 1;
@@ -82,24 +83,24 @@ std::unique_ptr<PrefixCache::Node> PrefixCache::snapshot(int slot, Node* parent,
     for (size_t a = 0; a < attn_layers_.size(); ++a) {
       const size_t off = size_t(parent->cum[a]) * kv_row_bytes_, len = size_t(n->rows[a]) * kv_row_bytes_;
       const int l = attn_layers_[a];
-      be_.copy(dst, static_cast<const char*>(mem_.kv().k(l, slot)) + off, len);
-      be_.copy(dst + len, static_cast<const char*>(mem_.kv().v(l, slot)) + off, len);
+      copies.push_back({dst, static_cast<const char*>(mem_.kv().k(l, slot)) + off, len});
+      copies.push_back({dst + len, static_cast<const char*>(mem_.kv().v(l, slot)) + off, len});
       dst += 2 * len;
     }
   }
   n->bytes = kv_bytes + sizeof(Node) + size_t(block_) * sizeof(int32_t);
-  if (with_state) snapshot_state(*n, slot);
+  if (with_state) snapshot_state(*n, slot, copies);
   return n;
 }
 
 // The slot's recurrent state (and true layers' route state) into n, which ends at its position.
-void PrefixCache::snapshot_state(Node& n, int slot) {
+void PrefixCache::snapshot_state(Node& n, int slot, std::vector<Backend::CopySpan>& copies) {
   if (state_bytes_ > 0) {
     n.state = Buffer(be_, state_bytes_);
     char* dst = static_cast<char*>(n.state.data());
     for (const StatePool& p : state_pools_) {
       const size_t len = sizeof(float) * size_t(p.slot_stride);
-      be_.copy(dst, p.at(slot), len);
+      copies.push_back({dst, p.at(slot), len});
       dst += len;
     }
   }
@@ -132,6 +133,7 @@ int PrefixCache::restore(int slot, const std::vector<int32_t>& tokens, int* bran
   std::reverse(path.begin(), path.end());
   const uint64_t now = ++clock_;
   for (Node* p : path) p->used = now;
+  copies_.clear();
   // K/V: each node's rows appended in order, per layer.
   for (size_t a = 0; a < attn_layers_.size(); ++a) {
     const int l = attn_layers_[a];
@@ -142,8 +144,8 @@ int PrefixCache::restore(int slot, const std::vector<int32_t>& tokens, int* bran
       for (size_t b = 0; b < a; ++b) src += 2 * size_t(p->rows[b]) * kv_row_bytes_;
       const size_t off = size_t(p->cum[a] - p->rows[a]) * kv_row_bytes_, len = size_t(p->rows[a]) * kv_row_bytes_;
       if (len == 0) continue;
-      be_.copy(k + off, src, len);
-      be_.copy(v + off, src + len, len);
+      copies_.push_back({k + off, src, len});
+      copies_.push_back({v + off, src + len, len});
     }
     mem_.kv().set_len(l, slot, n->cum[a]);
   }
@@ -152,10 +154,11 @@ int PrefixCache::restore(int slot, const std::vector<int32_t>& tokens, int* bran
     const char* src = static_cast<const char*>(n->state.data());
     for (const StatePool& p : state_pools_) {
       const size_t len = sizeof(float) * size_t(p.slot_stride);
-      be_.copy(p.at(slot), src, len);
+      copies_.push_back({p.at(slot), src, len});
       src += len;
     }
   }
+  be_.copy_many(copies_);
   const int restored = n->depth * block_;
   mem_.advance(slot, restored);
   mem_.kv().reset_rows_at(slot, restored);
@@ -168,10 +171,13 @@ int PrefixCache::restore(int slot, const std::vector<int32_t>& tokens, int* bran
 void PrefixCache::record(int slot, const std::vector<int32_t>& tokens) {
   const int pos = mem_.pos(slot);
   HM_ASSERT(int(tokens.size()) >= pos);
+  copies_.clear();
+  std::vector<Backend::CopySpan> mine;  // one node's copies, kept once the node is
   for (Node* c = cursor_.at(size_t(slot)); c != nullptr && (c->depth + 1) * block_ <= pos;
        c = cursor_.at(size_t(slot))) {
     const bool at_end = (c->depth + 1) * block_ == pos;
     const int32_t* toks = tokens.data() + size_t(c->depth) * block_;
+    mine.clear();
     if (Node* have = child(c, toks)) {
       have->used = ++clock_;
       set_cursor(slot, have);  // pinned: the eviction below cannot take it
@@ -180,19 +186,21 @@ void PrefixCache::record(int slot, const std::vector<int32_t>& tokens) {
         evict_until(need);
         if (size_t(stats_.bytes) + need > budget_) {  // no room for the checkpoint
           release(slot);
-          return;
+          break;
         }
-        snapshot_state(*have, slot);
+        snapshot_state(*have, slot, mine);
+        copies_.insert(copies_.end(), mine.begin(), mine.end());
         stats_.bytes += int64_t(have->bytes - before);
       }
       continue;
     }
-    std::unique_ptr<Node> n = snapshot(slot, c, at_end);
+    std::unique_ptr<Node> n = snapshot(slot, c, at_end, mine);
     evict_until(n->bytes);
-    if (size_t(stats_.bytes) + n->bytes > budget_) {  // the budget cannot hold it
+    if (size_t(stats_.bytes) + n->bytes > budget_) {  // the budget cannot hold it: n and its copies go
       release(slot);
-      return;
+      break;
     }
+    copies_.insert(copies_.end(), mine.begin(), mine.end());
     n->used = ++clock_;
     Node* raw = n.get();
     stats_.bytes += int64_t(n->bytes);
@@ -201,6 +209,9 @@ void PrefixCache::record(int slot, const std::vector<int32_t>& tokens) {
     c->kids.emplace(std::vector<int32_t>(toks, toks + block_), std::move(n));
     set_cursor(slot, raw);
   }
+  // The kept nodes' copies; none of those nodes can have been evicted (each is the slot's
+  // pinned cursor or above it).
+  be_.copy_many(copies_);
 }
 
 void PrefixCache::evict_until(size_t need) {

@@ -64,8 +64,10 @@ class PrefixCache {
  private:
   struct Node;
   Node* child(Node* n, const int32_t* toks) const;
-  std::unique_ptr<Node> snapshot(int slot, Node* parent, bool with_state);
-  void snapshot_state(Node& n, int slot);
+  // Both allocate the node's buffers and add the copies that fill them to copies_; record()
+  // issues them in one copy_many once the node is kept (dropping it first frees its buffers).
+  std::unique_ptr<Node> snapshot(int slot, Node* parent, bool with_state, std::vector<Backend::CopySpan>& copies);
+  void snapshot_state(Node& n, int slot, std::vector<Backend::CopySpan>& copies);
   void evict_until(size_t need);
   void set_cursor(int slot, Node* n);
 
@@ -79,6 +81,7 @@ class PrefixCache {
   std::unique_ptr<Node> root_;
   std::vector<Node*> cursor_;  // per slot: the node of its last recorded block, or null
   uint64_t clock_ = 0;         // LRU time
+  std::vector<Backend::CopySpan> copies_;  // record()'s and restore()'s copies, issued at once
   PrefixCacheStats stats_;
 };
 

@@ -16,6 +16,7 @@
 #include <cstring>
 #include <functional>
 #include <numeric>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -672,6 +673,44 @@ TEST(CudaBackend, DeviceOrClearError) {
   } catch (const hm::Error& e) {
     EXPECT_NE(std::string(e.what()).find("1125899906842624 bytes"), std::string::npos) << e.what();
   }
+}
+
+// copy_many (one cudaMemcpyBatchAsync) gives what one copy per span gives: spans of odd sizes
+// and offsets, some empty, from two sources into disjoint places of a buffer that a kernel wrote
+// just before (stream order: the copies must see it), on fresh random bytes.
+TEST(CudaBackend, CopyManyEqualsOneCopyPerSpan) {
+  if (!has_gpu()) GTEST_SKIP() << "no CUDA device";
+  auto be = hm::make_cuda_backend();
+  std::mt19937 rng(1234);
+  const size_t n = 100003;
+  std::vector<uint8_t> h0(n), h1(n), want(n), got(n);
+  for (auto* v : {&h0, &h1, &want})
+    for (auto& x : *v) x = uint8_t(rng());
+  hm::Buffer s0(*be, n), s1(*be, n), dst(*be, n), ref(*be, n);
+  be->to_device(s0.data(), h0.data(), n);
+  be->to_device(s1.data(), h1.data(), n);
+  be->to_device(dst.data(), want.data(), n);
+  be->to_device(ref.data(), want.data(), n);
+  be->memzero(s1.data(), 13);  // queued before the copies: they read the zeros
+  std::fill(h1.begin(), h1.begin() + 13, uint8_t(0));
+  std::vector<hm::Backend::CopySpan> spans;
+  size_t at = 0;
+  for (int i = 0; at < n; ++i) {
+    const size_t len = std::min<size_t>(i % 7 == 3 ? 0 : 1 + rng() % 997, n - at);
+    const size_t from = rng() % (n - len + 1);
+    const uint8_t* src = static_cast<const uint8_t*>(i % 2 ? s1.data() : s0.data()) + from;
+    spans.push_back({static_cast<uint8_t*>(dst.data()) + at, src, len});
+    std::memcpy(want.data() + at, (i % 2 ? h1.data() : h0.data()) + from, len);
+    be->copy(static_cast<uint8_t*>(ref.data()) + at, src, len);
+    at += len + rng() % 5;  // gaps keep the bytes between spans
+  }
+  ASSERT_GT(spans.size(), 150u);
+  be->copy_many(spans);
+  be->to_host(got.data(), dst.data(), n);
+  EXPECT_EQ(got, want);
+  be->to_host(got.data(), ref.data(), n);
+  EXPECT_EQ(got, want);
+  be->copy_many({});  // nothing to do
 }
 
 // Blocks come from a stream-ordered pool: a free does not wait for the stream, a freed block is

@@ -87,5 +87,78 @@ TEST(CudaServe, DeviceSamplingEqualsHostSampling) {
   }
 }
 
+// The prefix cache on the device: a hit restores K/V rows and the recurrent state with one
+// copy_many and computes only the rest, and greedy decoding then gives the text of the same
+// prompt without the cache. Batch-invariant mode makes that an exact comparison (a restored
+// prefix cuts the prompt into other chunks than one whole forward). Simple and True Hybrid
+// (hard routes: K/V rows for some tokens only).
+TEST(CudaServe, PrefixCacheHitEqualsNoCache) {
+  SKIP_WITHOUT_GPU();
+  for (const char* name : {"tiny", "true-tiny"}) {
+    SCOPED_TRACE(name);
+    ModelConfig c = preset(name);
+    c.d_model = 64;  // head_dim 32
+    c.n_heads = 2;
+    c.n_kv_heads = 1;
+    if (std::string(name) == "true-tiny") c.routing_mode = "hard";
+    auto be = make_backend(Device::CUDA);
+    be->set_batch_invariant(true);
+    HybridModel m(c, *be, DType::F32);
+    test::randomize_params(m, 9);
+    m.prepare();
+    ByteTokenizer tok;
+    Rng rng(21);
+    const int vocab = std::min(c.vocab_size, tok.vocab_size());
+    const std::vector<int32_t> shared = test::tokens(rng, 75, vocab);
+    std::vector<GenParams> reqs;
+    for (int k = 0; k < 3; ++k) {
+      GenParams g;
+      g.prompt = shared;
+      const std::vector<int32_t> tail = test::tokens(rng, 2 + 9 * k, vocab);
+      g.prompt.insert(g.prompt.end(), tail.begin(), tail.end());
+      g.max_tokens = 12;
+      g.ignore_eos = true;
+      g.sampling.temperature = 0;
+      reqs.push_back(g);
+    }
+    std::vector<Output> cached, plain;
+    std::vector<int> hit_tokens;
+    for (bool cache : {true, false}) {
+      EngineOptions o;
+      o.slots = 2;
+      o.ctx = 256;
+      o.block = 8;
+      o.step_tokens = 32;
+      o.cache_bytes = cache ? (16u << 20) : 0;
+      Engine e(m, tok, o, KvType::F32);
+      for (const GenParams& g : reqs) {
+        auto r = e.submit(g);
+        Output out;
+        std::vector<Event> ev;
+        while (r->next(ev, std::chrono::milliseconds(50))) {
+          for (const auto& x : ev) out.text += x.text;
+          ev.clear();
+        }
+        out.finish = r->finish();
+        (cache ? cached : plain).push_back(out);
+        if (cache) hit_tokens.push_back(r->cached_tokens());
+      }
+      if (cache) {
+        EXPECT_EQ(e.stats().cache.hits, 2);
+      }
+    }
+    EXPECT_EQ(hit_tokens[0], 0);
+    for (size_t k = 1; k < reqs.size(); ++k) {
+      EXPECT_GE(hit_tokens[k], 64) << "request " << k;
+      EXPECT_EQ(hit_tokens[k] % 8, 0) << "request " << k;
+    }
+    for (size_t k = 0; k < reqs.size(); ++k) {
+      EXPECT_EQ(cached[k].finish, Finish::Length) << "request " << k;
+      EXPECT_FALSE(cached[k].text.empty()) << "request " << k;
+      EXPECT_EQ(cached[k].text, plain[k].text) << "request " << k;
+    }
+  }
+}
+
 }  // namespace
 }  // namespace hm::server
