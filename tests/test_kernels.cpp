@@ -120,6 +120,27 @@ HM_ISA_TEST(KernelsLinear, RowsDoNotDependOnTheBatch) {
   hm::cpu::set_linear_large(saved);
 }
 
+// Which path runs large m (dispatch.h): blocks only where our kernels are wider than the sgemm
+// of the core OpenBLAS chose, by openblas_get_corename's names.
+TEST(KernelsLinear, BlocksWhereOpenBlasIsNarrower) {
+  using hm::cpu::Isa;
+  EXPECT_EQ(hm::cpu::blas_core_level("SkylakeX"), 2);
+  EXPECT_EQ(hm::cpu::blas_core_level("Cooperlake"), 2);
+  EXPECT_EQ(hm::cpu::blas_core_level("SapphireRapids"), 2);
+  EXPECT_EQ(hm::cpu::blas_core_level("Haswell"), 1);
+  EXPECT_EQ(hm::cpu::blas_core_level("Zen"), 1);
+  for (const char* core : {"Prescott", "Nehalem", "Sandybridge", "Core2", "unknown", ""})
+    EXPECT_EQ(hm::cpu::blas_core_level(core), 0) << core;
+  EXPECT_TRUE(hm::cpu::blocks_beat_blas(Isa::Avx512, "Haswell"));
+  EXPECT_TRUE(hm::cpu::blocks_beat_blas(Isa::Avx512, "Prescott"));
+  EXPECT_TRUE(hm::cpu::blocks_beat_blas(Isa::Avx2, "Prescott"));
+  EXPECT_TRUE(hm::cpu::blocks_beat_blas(Isa::Avx2, "Sandybridge"));
+  EXPECT_FALSE(hm::cpu::blocks_beat_blas(Isa::Avx512, "Cooperlake"));
+  EXPECT_FALSE(hm::cpu::blocks_beat_blas(Isa::Avx2, "Haswell"));
+  EXPECT_FALSE(hm::cpu::blocks_beat_blas(Isa::Avx2, "Zen"));
+  EXPECT_FALSE(hm::cpu::blocks_beat_blas(Isa::Scalar, "Prescott"));
+}
+
 // --- rmsnorm ---------------------------------------------------------------------------------
 // Float sum of d squares (relative error ~ few eps in vector partial sums), a sqrt and two
 // products: ~4e-7 expected; 2e-6.

@@ -5,6 +5,7 @@
 // grad_cpu.h call through it.
 #pragma once
 #include <cstdint>
+#include <string>
 
 #include "kernels/ops.h"
 #include "kernels/quant.h"
@@ -99,14 +100,21 @@ void set_kernel_isa(Isa isa);
 
 // How linear() (linear_cpu.cpp) runs more than linear_rows_max rows: OpenBLAS's sgemm, or the
 // per-row kernel in blocks of linear_rows_max rows (which, like every linear_rows call, gives
-// each row the bits it gets alone). Auto: blocks where the kernels are AVX-512 and OpenBLAS's
-// core has no AVX-512 kernels (an OPENBLAS_CORETYPE=Haswell in the environment, as on this
-// project's Zen 5 build host, or a CPU that OpenBLAS does not know: there the blocks were 1.2-1.9x
-// its sgemm at m 256 and 2048, bench/results/cpu-amd-zen5-2026-12-05/linear_prefill.txt), else
-// sgemm (OpenBLAS's AVX-512 sgemm beat the blocks by 1.1-1.8x at those sizes on the same CPU,
-// linear_prefill_cooperlake.txt). HM_LINEAR=blas|blocks forces one at startup.
+// each row the bits it gets alone). Auto: blocks where our kernels use wider vectors than the
+// sgemm of the core OpenBLAS chose (blas_core_level), else sgemm. Measured: AVX-512 kernels
+// against OpenBLAS's AVX2 Haswell core (OPENBLAS_CORETYPE=Haswell in the environment, as on this
+// project's Zen 5 build host): blocks 1.2-1.9x at m 256 and 2048
+// (bench/results/cpu-amd-zen5-2026-12-05/linear_prefill.txt); against its SSE Prescott core (what
+// it picks on a CPU it does not know, as the H200 host's Xeon): avx512 3.1-4.0x, avx2 1.2-1.7x
+// (cpu-amd-zen5-2026-12-06/linear_prefill_prescott.txt); its AVX-512 sgemm beat the avx512 blocks 1.1-1.8x
+// (linear_prefill_cooperlake.txt) and its Haswell sgemm the avx2 blocks 1.6x (_prescott.txt).
+// HM_LINEAR=blas|blocks forces one at startup.
 enum class LinearLarge { Auto, Blas, Blocks };
 bool linear_large_in_blocks();           // the rule above for the ISA in use
+// The rule itself: 2 for OpenBLAS cores with AVX-512 sgemm kernels, 1 with AVX2, else 0; blocks
+// where the ISA's level (avx512 2, avx2 1, scalar 0) is higher.
+int blas_core_level(const std::string& core);
+bool blocks_beat_blas(Isa isa, const std::string& core);
 // y = x . W^T by linear_rows on blocks of linear_rows_max rows of x (W contiguous, [n, k]).
 void linear_in_blocks(float* y, int ldy, const float* x, int ldx, const float* W, int m, int n, int k,
                       bool accumulate);

@@ -33,13 +33,7 @@ LinearLarge& mode() {
 }
 [[maybe_unused]] const bool g_mode_at_startup = (mode(), true);
 
-// OpenBLAS cores with AVX-512 sgemm kernels (its kernel/x86_64 directories for them).
-bool blas_has_avx512() {
-  const std::string core = blas_core();
-  for (const char* k : {"SkylakeX", "Cooperlake", "SapphireRapids"})
-    if (core.find(k) != std::string::npos) return true;
-  return false;
-}
+int isa_level(Isa isa) { return isa == Isa::Avx512 ? 2 : isa == Isa::Avx2 ? 1 : 0; }
 
 }  // namespace
 
@@ -50,14 +44,27 @@ const char* blas_core() {
 void set_linear_large(LinearLarge m) { mode() = m; }
 LinearLarge linear_large_mode() { return mode(); }
 
+int blas_core_level(const std::string& core) {
+  // OpenBLAS's x86-64 cores whose sgemm kernels use AVX-512, then AVX2 (its kernel/x86_64
+  // KERNEL.<core> files); any other core (Prescott, Nehalem, Sandybridge, a name it gives a CPU it
+  // does not know) runs SSE or AVX kernels.
+  for (const char* k : {"SkylakeX", "Cooperlake", "SapphireRapids"})
+    if (core.find(k) != std::string::npos) return 2;
+  for (const char* k : {"Haswell", "Zen"})
+    if (core.find(k) != std::string::npos) return 1;
+  return 0;
+}
+
+bool blocks_beat_blas(Isa isa, const std::string& core) { return isa_level(isa) > blas_core_level(core); }
+
 bool linear_large_in_blocks() {
   switch (mode()) {
     case LinearLarge::Blas: return false;
     case LinearLarge::Blocks: return true;
     case LinearLarge::Auto: break;
   }
-  static const bool blas512 = blas_has_avx512();
-  return kernel_isa() == Isa::Avx512 && !blas512;
+  static const std::string core = blas_core();
+  return blocks_beat_blas(kernel_isa(), core);
 }
 
 void linear_in_blocks(float* y, int ldy, const float* x, int ldx, const float* W, int m, int n, int k,
