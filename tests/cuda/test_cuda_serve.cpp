@@ -25,7 +25,8 @@ struct Output {
   Finish finish = Finish::None;
 };
 
-Output run(Engine& e, const GenParams& g) {
+// cached: where to put the prompt tokens the request took from the prefix cache.
+Output run(Engine& e, const GenParams& g, int* cached = nullptr) {
   auto r = e.submit(g);
   Output out;
   std::vector<Event> ev;
@@ -34,6 +35,7 @@ Output run(Engine& e, const GenParams& g) {
     ev.clear();
   }
   out.finish = r->finish();
+  if (cached) *cached = r->cached_tokens();
   return out;
 }
 
@@ -132,16 +134,9 @@ TEST(CudaServe, PrefixCacheHitEqualsNoCache) {
       o.cache_bytes = cache ? (16u << 20) : 0;
       Engine e(m, tok, o, KvType::F32);
       for (const GenParams& g : reqs) {
-        auto r = e.submit(g);
-        Output out;
-        std::vector<Event> ev;
-        while (r->next(ev, std::chrono::milliseconds(50))) {
-          for (const auto& x : ev) out.text += x.text;
-          ev.clear();
-        }
-        out.finish = r->finish();
-        (cache ? cached : plain).push_back(out);
-        if (cache) hit_tokens.push_back(r->cached_tokens());
+        int hit = 0;
+        (cache ? cached : plain).push_back(run(e, g, &hit));
+        if (cache) hit_tokens.push_back(hit);
       }
       if (cache) {
         EXPECT_EQ(e.stats().cache.hits, 2);
