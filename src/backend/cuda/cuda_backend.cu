@@ -364,25 +364,6 @@ class CudaBackendImpl final : public CudaBackend {
     if (bytes == 0) return;
     HM_CUDA_OK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_), "copy");
   }
-  // One cudaMemcpyBatchAsync for all spans: the driver takes the list in one call.
-  void copy_many(const std::vector<CopySpan>& spans) override {
-    std::vector<void*> dst;
-    std::vector<const void*> src;
-    std::vector<size_t> bytes;
-    for (const CopySpan& s : spans)
-      if (s.bytes > 0) {
-        dst.push_back(s.dst);
-        src.push_back(s.src);
-        bytes.push_back(s.bytes);
-      }
-    if (dst.empty()) return;
-    cudaMemcpyAttributes attr{};
-    attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;  // after the kernels that wrote the sources
-    attr.flags = cudaMemcpyFlagDefault;
-    size_t first = 0;
-    HM_CUDA_OK(cudaMemcpyBatchAsync(dst.data(), src.data(), bytes.data(), dst.size(), &attr, &first, 1, stream_),
-               "copy_many (cudaMemcpyBatchAsync)");
-  }
   void memzero(void* p, size_t bytes) override {
     if (bytes == 0) return;
     HM_CUDA_OK(cudaMemsetAsync(p, 0, bytes, stream_), "memzero");
