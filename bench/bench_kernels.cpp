@@ -22,6 +22,10 @@
 #include "kernels/cpu/aligned.h"
 #include "kernels/cpu/dispatch.h"
 #include "kernels/ops.h"
+#include "model/config.h"
+#include "model/params.h"
+#include "runtime/sampling.h"
+#include "train/optimizer.h"
 
 namespace {
 
@@ -237,6 +241,62 @@ void BM_Rmsnorm(benchmark::State& st, bool ref) {
 }
 BENCHMARK_CAPTURE(BM_Rmsnorm, cpu, false)->Arg(1)->Arg(64)->Arg(512)->Arg(4096)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Rmsnorm, ref, true)->Arg(1)->Arg(64)->Arg(512)->Arg(4096)->UseRealTime();
+
+// --- sampling: exp_sum over a vocabulary row, and whole sampler chains ------------------------
+// Logits N(0, 3) over 32,000 ids (a peaked distribution, as a language model's); one token each.
+std::vector<float> vocab_logits() {
+  hm::Rng rng(31);
+  std::vector<float> l(32000);
+  for (float& v : l) v = 3.0f * float(rng.normal());
+  return l;
+}
+
+void BM_ExpSum(benchmark::State& st, bool ref) {
+  const auto l = vocab_logits();
+  std::vector<float> out(l.size());
+  const float mx = *std::max_element(l.begin(), l.end());
+  auto fn = ref ? hm::ref::exp_sum : hm::cpu::exp_sum;
+  for (auto _ : st) benchmark::DoNotOptimize(fn(out.data(), l.data(), int(l.size()), mx));
+  set_rates(st, 8.0 * double(l.size()), 0);
+}
+BENCHMARK_CAPTURE(BM_ExpSum, cpu, false)->UseRealTime();
+BENCHMARK_CAPTURE(BM_ExpSum, ref, true)->UseRealTime();
+
+// The chains: the OpenAI API's defaults (temperature 1, no truncation: a softmax over the whole
+// vocabulary), hm generate's (top-k 40, top-p 0.95, min-p 0.05, repeat penalty 1.1), greedy, and
+// top-p 0.9 alone.
+void BM_Sampler(benchmark::State& st, int which) {
+  hm::SamplingParams p;
+  if (which == 0) { p.top_k = 0; p.top_p = 1; p.min_p = 0; p.repeat_penalty = 1; p.temperature = 1; }
+  if (which == 2) p.temperature = 0;
+  if (which == 3) { p.top_k = 0; p.top_p = 0.9f; p.min_p = 0; p.repeat_penalty = 1; p.temperature = 1; }
+  const auto l = vocab_logits();
+  auto chain = hm::make_sampler_chain(p, int(l.size()));
+  for (auto _ : st) {
+    const int32_t t = chain->sample(l.data(), int(l.size()));
+    chain->accept(t);
+    benchmark::DoNotOptimize(t);
+  }
+}
+BENCHMARK_CAPTURE(BM_Sampler, api_defaults, 0)->UseRealTime();
+BENCHMARK_CAPTURE(BM_Sampler, hm_defaults, 1)->UseRealTime();
+BENCHMARK_CAPTURE(BM_Sampler, greedy, 2)->UseRealTime();
+BENCHMARK_CAPTURE(BM_Sampler, top_p_0_9, 3)->UseRealTime();
+
+// --- AdamW over the seed preset's 37.2 M parameters (train/optimizer.cpp, compiled for baseline
+// x86-64): reads p, g, m, v and writes p, m, v, 28 bytes a parameter.
+void BM_AdamWStep(benchmark::State& st) {
+  const hm::ModelConfig c = hm::preset("seed");
+  hm::Params p(c), g(c);
+  for (int64_t i = 0; i < p.numel(); ++i) {
+    p.data()[i] = 0.01f * float(i % 97);
+    g.data()[i] = 1e-3f * float(i % 13);
+  }
+  hm::AdamW opt(p, hm::AdamWConfig{});
+  for (auto _ : st) benchmark::DoNotOptimize(opt.step(p, g, 1e-4f));
+  set_rates(st, 28.0 * double(p.numel()), 0);
+}
+BENCHMARK(BM_AdamWStep)->UseRealTime()->Unit(benchmark::kMillisecond);
 
 // --- floors ------------------------------------------------------------------------------------
 // DRAM read bandwidth: a vectorised sum over 4x the last-level cache and at least 1 GiB (a

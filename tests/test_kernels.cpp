@@ -176,6 +176,42 @@ HM_ISA_TEST(KernelsSwiglu, MatchesReference) {
   }
 }
 
+// --- exp_sum (sampling's softmax) -------------------------------------------------------------
+// Against exp in double of x - shift in double: vexp's ~2e-7 relative error plus the rounding of
+// x - shift to float (half an ulp of |x - shift| <= 88: up to 6e-8 |x - shift| relative after
+// exp); the sum 1e-6. Masked logits (-inf) and ones far below the shift give exactly 0; the
+// output past n is untouched.
+HM_ISA_TEST(KernelsExpSum, MatchesReference) {
+  const float inf = std::numeric_limits<float>::infinity();
+  for (int n : {1, 7, 17, 100, 1000, 32001}) {
+    hm::Rng rng(7000 + n);
+    std::vector<float> x = random_vec(rng, std::size_t(n), -30, 8);
+    for (int i = 1; i < n; i += 11) x[std::size_t(i)] = -inf;  // x[0] stays finite: so does the max
+    for (int i = 5; i < n; i += 13) x[std::size_t(i)] = -95.0f - float(i % 7);
+    float mx = -inf;
+    for (float v : x) mx = std::max(mx, v);
+    std::vector<float> o_ref(std::size_t(n) + 3, kGuard), o_cpu = o_ref;
+    const double s_ref = hm::ref::exp_sum(o_ref.data(), x.data(), n, mx);
+    const double s_cpu = hm::cpu::exp_sum(o_cpu.data(), x.data(), n, mx);
+    SCOPED_TRACE("n=" + std::to_string(n));
+    EXPECT_NEAR(s_cpu, s_ref, 1e-6 * s_ref);
+    EXPECT_GE(s_ref, 1.0);  // the max contributes exp(0)
+    double worst = 0;  // relative error over its bound
+    for (int i = 0; i < n; ++i) {
+      const float r = o_ref[std::size_t(i)], c = o_cpu[std::size_t(i)];
+      const double d = double(x[std::size_t(i)]) - mx;
+      if (d < -88.0) {
+        EXPECT_EQ(c, 0.0f) << "i=" << i;
+        EXPECT_EQ(r, 0.0f) << "i=" << i;
+      } else {
+        worst = std::max(worst, std::abs(double(c) - r) / r / (3e-7 + 6e-8 * std::abs(d)));
+      }
+    }
+    EXPECT_LT(worst, 1.0);
+    for (int i = n; i < n + 3; ++i) EXPECT_EQ(o_cpu[std::size_t(i)], kGuard);
+  }
+}
+
 // --- rope ------------------------------------------------------------------------------------
 // cos/sin exact in double, rounded to float, then a*c - b*s in float: ~2 ulp; 1e-6.
 HM_ISA_TEST(KernelsRope, MatchesReference) {

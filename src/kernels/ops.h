@@ -61,7 +61,10 @@
   /* out[n,f] = silu(g[n,f]) * u[n,f]; g and u have row stride ldgu, out ldo */                    \
   void swiglu(float* out, int ldo, const float* g, const float* u, int ldgu, int n, int f);       \
   /* out[n,f] = max(x[n,f], 0)^2 (squared ReLU: Nemotron-H's MLP); x row stride ldx, out ldo */    \
-  void relu2(float* out, int ldo, const float* x, int ldx, int n, int f);
+  void relu2(float* out, int ldo, const float* x, int ldx, int n, int f);                          \
+  /* out[i] = exp(x[i] - shift) for i < n (0 where x[i] - shift < -88, -inf included: below the   \
+     smallest normal float), returns their sum (sampling's softmax over the vocabulary). */        \
+  double exp_sum(float* out, const float* x, int n, float shift);
 
 namespace hm::ref { HM_DECLARE_KERNELS }
 namespace hm::cpu { HM_DECLARE_KERNELS }

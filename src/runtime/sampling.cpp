@@ -6,6 +6,7 @@
 #include <numeric>
 
 #include "core/error.h"
+#include "kernels/ops.h"
 
 namespace hm {
 
@@ -92,11 +93,9 @@ void compute_probs(Candidates& c) {
     for (size_t i = 0; i < n; ++i) c.probs[i] = c.logits[i] == mx ? p : 0.0f;
     return;
   }
-  double sum = 0.0;
-  for (size_t i = 0; i < n; ++i) {
-    c.probs[i] = std::exp(c.logits[i] - mx);
-    sum += c.probs[i];
-  }
+  // The SIMD exp of the kernels in use: over a whole vocabulary (the API defaults) the chain went
+  // from ~150 to ~83 us per token (bench_kernels BM_Sampler; docs/PERFORMANCE.md).
+  const double sum = cpu::exp_sum(c.probs.data(), c.logits.data(), static_cast<int>(n), mx);
   const float inv = static_cast<float>(1.0 / sum);  // sum >= 1: the max contributes exp(0)
   for (float& p : c.probs) p *= inv;
 }

@@ -98,5 +98,6 @@ void swiglu(float* out, int ldo, const float* g, const float* u, int ldgu, int n
 void relu2(float* out, int ldo, const float* x, int ldx, int n, int f) {
   kernels().relu2(out, ldo, x, ldx, n, f);
 }
+double exp_sum(float* out, const float* x, int n, float shift) { return kernels().exp_sum(out, x, n, shift); }
 
 }  // namespace hm::cpu

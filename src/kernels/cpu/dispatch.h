@@ -64,6 +64,7 @@ struct KernelTable {
   decltype(&hm::cpu::store_f16) store_f16;
   decltype(&hm::cpu::swiglu) swiglu;
   decltype(&hm::cpu::relu2) relu2;
+  decltype(&hm::cpu::exp_sum) exp_sum;
   // linear for m <= linear_rows_max rows of x (gemv_cpu.cpp): W read once for all of them.
   // linear() runs more rows through sgemm. The most rows where it beat OpenBLAS, per ISA
   // (bench/results/cpu-amd-zen5-2026-12-05/linear_rows.txt, an AMD EPYC Zen 5 where the

@@ -1,5 +1,6 @@
 // Row-wise and element-wise ops: rmsnorm, rope, swiglu, relu2. Vectorised along the row, parallel
 // over rows once there is enough work to pay for a parallel region.
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 
@@ -92,6 +93,24 @@ void swiglu(float* out, int ldo, const float* g, const float* u, int ldgu, int n
         store_upto(oi + j, vsilu(load_upto(gi + j, f - j)) * load_upto(ui + j, f - j), f - j);
     }
   });
+}
+
+// One thread: a vocabulary row (32,000 floats) takes a few microseconds. Lane sums go into the
+// double total every 16 vectors, so the sum's rounding does not grow with n.
+double exp_sum(float* out, const float* x, int n, float shift) {
+  const vi lane = iota();
+  double total = 0.0;
+  for (int j0 = 0; j0 < n; j0 += 16 * kW) {
+    vf acc{};
+    for (int j = j0; j < std::min(n, j0 + 16 * kW); j += kW) {
+      const vf d = load_upto(x + j, n - j) - shift;
+      const vf e = ((d < -88.0f) | (lane >= n - j)) ? vf{} : vexp(d);
+      store_upto(out + j, e, n - j);
+      acc += e;
+    }
+    total += double(hsum(acc));
+  }
+  return total;
 }
 
 void relu2(float* out, int ldo, const float* x, int ldx, int n, int f) {

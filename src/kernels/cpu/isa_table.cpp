@@ -9,7 +9,7 @@ extern const int kLinearRowsMax;
 namespace grad { HM_DECLARE_GRAD_KERNELS }
 
 KernelTable kernel_table() {
-  return {rmsnorm, conv1d_silu, selective_scan, rope, attention, attention_f16kv, store_f16, swiglu, relu2, linear_rows, kLinearRowsMax,
+  return {rmsnorm, conv1d_silu, selective_scan, rope, attention, attention_f16kv, store_f16, swiglu, relu2, exp_sum, linear_rows, kLinearRowsMax,
           {grad::scan_forward, grad::scan_backward, grad::ssd_backward, grad::conv1d_silu_backward,
            grad::softmax_causal_row, grad::softmax_grad_row, grad::cross_entropy_row}};
 }

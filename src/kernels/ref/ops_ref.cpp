@@ -147,4 +147,14 @@ void relu2(float* out, int ldo, const float* x, int ldx, int n, int f) {
     }
 }
 
+double exp_sum(float* out, const float* x, int n, float shift) {
+  double sum = 0.0;
+  for (int i = 0; i < n; ++i) {
+    const double d = double(x[i]) - double(shift);
+    out[i] = d < -88.0 ? 0.0f : float(std::exp(d));
+    sum += out[i];
+  }
+  return sum;
+}
+
 }  // namespace hm::ref
