@@ -1,13 +1,7 @@
 #!/usr/bin/env bash
-# Stop 35, call E (callD cut to ~5 min): copy_many + CudaServe tests, seed prefix split, the
-# granite_rope_cuda fixture + CudaHf, scan-backward patch (grad/train tests, timings base vs new),
-# Intel CPU avx512 vs avx2 decode (interleaved) and linear prefill kernels per ISA.
-set -u
-R=$OUT; T00=$(date +%s)
-[ -e /work/main ] || { mkdir -p /work && ln -s "$PWD" /work/main; }
-H=/tmp/hm_bundle; rm -rf $H; mkdir -p $H; tar xJf .devbundle/hm.tar.xz -C $H
-export LD_LIBRARY_PATH=$H/lib; HM=$H/bin/hm
-nvidia-smi --query-gpu=name --format=csv,noheader
+# Stop 35, call F (callE's first half): copy_many + CudaServe tests, the seed's prefix split, and
+# the scan-backward patch's grad tests and one timing against the baseline binary.
+. bench/device_env.sh
 timeout 60 $H/bin/hm_cuda_tests --gtest_filter='CudaBackend.CopyMany*' > $R/copymany.log 2>&1; echo "copy_many test rc $?"; grep -E "^\[  (PASSED|FAILED)|Failure" $R/copymany.log | head
 timeout 90 $H/bin/hm_cuda_model_tests --gtest_filter='CudaServe.*' > $R/serve_tests.log 2>&1; echo "CudaServe rc $?"; grep -E "^\[  (PASSED|FAILED)|Failure|Expected|Which is|request" $R/serve_tests.log | head -20
 mkdir -p $R/seed_default
