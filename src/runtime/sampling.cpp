@@ -94,7 +94,7 @@ void compute_probs(Candidates& c) {
     return;
   }
   // The SIMD exp of the kernels in use: over a whole vocabulary (the API defaults) the chain went
-  // from ~150 to ~83 us per token (bench_kernels BM_Sampler; docs/PERFORMANCE.md).
+  // from ~150 to ~80 us per token (bench_kernels BM_Sampler; docs/PERFORMANCE.md).
   const double sum = cpu::exp_sum(c.probs.data(), c.logits.data(), static_cast<int>(n), mx);
   const float inv = static_cast<float>(1.0 / sum);  // sum >= 1: the max contributes exp(0)
   for (float& p : c.probs) p *= inv;

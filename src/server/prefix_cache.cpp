@@ -172,12 +172,10 @@ void PrefixCache::record(int slot, const std::vector<int32_t>& tokens) {
   const int pos = mem_.pos(slot);
   HM_ASSERT(int(tokens.size()) >= pos);
   copies_.clear();
-  std::vector<Backend::CopySpan> mine;  // one node's copies, kept once the node is
   for (Node* c = cursor_.at(size_t(slot)); c != nullptr && (c->depth + 1) * block_ <= pos;
        c = cursor_.at(size_t(slot))) {
     const bool at_end = (c->depth + 1) * block_ == pos;
     const int32_t* toks = tokens.data() + size_t(c->depth) * block_;
-    mine.clear();
     if (Node* have = child(c, toks)) {
       have->used = ++clock_;
       set_cursor(slot, have);  // pinned: the eviction below cannot take it
@@ -188,19 +186,19 @@ void PrefixCache::record(int slot, const std::vector<int32_t>& tokens) {
           release(slot);
           break;
         }
-        snapshot_state(*have, slot, mine);
-        copies_.insert(copies_.end(), mine.begin(), mine.end());
+        snapshot_state(*have, slot, copies_);
         stats_.bytes += int64_t(have->bytes - before);
       }
       continue;
     }
-    std::unique_ptr<Node> n = snapshot(slot, c, at_end, mine);
+    const size_t kept = copies_.size();
+    std::unique_ptr<Node> n = snapshot(slot, c, at_end, copies_);
     evict_until(n->bytes);
     if (size_t(stats_.bytes) + n->bytes > budget_) {  // the budget cannot hold it: n and its copies go
+      copies_.resize(kept);
       release(slot);
       break;
     }
-    copies_.insert(copies_.end(), mine.begin(), mine.end());
     n->used = ++clock_;
     Node* raw = n.get();
     stats_.bytes += int64_t(n->bytes);

@@ -64,8 +64,8 @@ class PrefixCache {
  private:
   struct Node;
   Node* child(Node* n, const int32_t* toks) const;
-  // Both allocate the node's buffers and add the copies that fill them to copies_; record()
-  // issues them in one copy_many once the node is kept (dropping it first frees its buffers).
+  // Both allocate the node's buffers and append the copies that fill them to `copies`; record()
+  // drops a rejected node's copies with it and issues the rest in one copy_many at its end.
   std::unique_ptr<Node> snapshot(int slot, Node* parent, bool with_state, std::vector<Backend::CopySpan>& copies);
   void snapshot_state(Node& n, int slot, std::vector<Backend::CopySpan>& copies);
   void evict_until(size_t need);
