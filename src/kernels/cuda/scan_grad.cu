@@ -44,6 +44,13 @@ struct Cfg {
 // log1p keeps a small delta accurate.
 constexpr float kLog2e = 1.4426950408889634f;
 __device__ __forceinline__ float sigmoid(float v) { return __fdividef(1.0f, 1.0f + __expf(-v)); }
+// 2^v as the one MUFU op alone: exp2f adds a fix-up (3 more instructions) for results below
+// 2^-126, which this flushes to 0; a decay that small leaves nothing of the state either way.
+__device__ __forceinline__ float fexp2(float v) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
+}
 __device__ __forceinline__ float softplus_acc(float v) { return v > 20.0f ? v : log1pf(__expf(v)); }
 
 // Sum over the NL lanes of a channel (adjacent lanes); every lane gets the sum.
@@ -131,7 +138,7 @@ __device__ __forceinline__ void step_forward(float (&h)[kNpl], const Chan<T, NM>
   float Bv[kNpl];
   load_states<T, NM>(Bv, in.B, r, in.ldbc, c.q, N);
 #pragma unroll
-  for (int k = 0; k < kNpl; ++k) h[k] = exp2f(delta * c.A2[k]) * h[k] + delta * Bv[k] * xv;
+  for (int k = 0; k < kNpl; ++k) h[k] = fexp2(delta * c.A2[k]) * h[k] + delta * Bv[k] * xv;
 }
 
 // pre = dt + dt_bias and delta = softplus(pre) of rows [row, row + n) (n <= kSub) for the block's
@@ -220,7 +227,7 @@ __global__ void train_carry_kernel(float* __restrict__ saved, const float* __res
     float* ws = ws_state + w * N + idx;
     const float local = *ws;
     *ws = st;
-    st = exp2f(a * kLog2e * ws_sum[w + e]) * st + local;
+    st = fexp2(a * kLog2e * ws_sum[w + e]) * st + local;
   }
 }
 
@@ -251,7 +258,7 @@ __global__ void __launch_bounds__(Cfg<NM>::TPB) grad_local_kernel(const T* __res
     float Cv[kNpl];
     load_states<T, NM>(Cv, in.C, r, in.ldbc, c.q, N);
 #pragma unroll
-    for (int k = 0; k < kNpl; ++k) gk[k] = (gk[k] + dyc * Cv[k]) * exp2f(delta * c.A2[k]);
+    for (int k = 0; k < kNpl; ++k) gk[k] = (gk[k] + dyc * Cv[k]) * fexp2(delta * c.A2[k]);
     sum_delta += delta;
   }
   if (!c.on) return;
@@ -267,18 +274,27 @@ __global__ void __launch_bounds__(Cfg<NM>::TPB) grad_local_kernel(const T* __res
 __global__ void grad_carry_kernel(const float* __restrict__ A, const int32_t* __restrict__ cu,
                                   const int32_t* __restrict__ goff, int E, int N, int chunk, float* __restrict__ ws_g,
                                   const float* __restrict__ ws_sum) {
+  constexpr int kB = 8;  // groups whose loads are in flight at once (the chain itself is serial)
   const int idx = blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= E * N) return;
   const int s = blockIdx.y, e = idx / N;
   const int ng = groups_of(cu[s + 1] - cu[s], chunk);
-  const float a = A[idx];
+  const float a2 = A[idx] * kLog2e;
   float gin = 0.0f;
-  for (int g = ng - 1; g >= 0; --g) {
-    const size_t w = size_t(goff[s] + g) * E;
-    float* ws = ws_g + w * N + idx;
-    const float local = *ws;
-    *ws = gin;
-    gin = exp2f(a * kLog2e * ws_sum[w + e]) * gin + local;
+  for (int g0 = ng - 1; g0 >= 0; g0 -= kB) {
+    float local[kB], sum[kB];
+#pragma unroll
+    for (int j = 0; j < kB; ++j) {
+      const size_t w = size_t(goff[s] + max(g0 - j, 0)) * E;
+      local[j] = ws_g[w * N + idx];
+      sum[j] = ws_sum[w + e];
+    }
+#pragma unroll
+    for (int j = 0; j < kB; ++j) {
+      if (g0 - j < 0) break;
+      ws_g[size_t(goff[s] + g0 - j) * E * N + idx] = gin;
+      gin = fexp2(a2 * sum[j]) * gin + local[j];
+    }
   }
 }
 
@@ -371,7 +387,7 @@ __global__ void __launch_bounds__(Cfg<NM>::TPB) grad_kernel(
       for (int k = 0; k < kNpl; ++k) {
         v[kNpl + k] = dyc * ht[k];                                 // dC[t,n] += dyc h[t]
         gk[k] += dyc * Cv[k];                                      // dL/dh[t], complete
-        const float a = exp2f(delta * c.A2[k]);                    // h[t] = a h[t-1] + delta B x
+        const float a = fexp2(delta * c.A2[k]);                    // h[t] = a h[t-1] + delta B x
         ddelta += gk[k] * (c.A[k] * a * hv[k] + Bv[k] * xv);
         dA[k] += gk[k] * delta * a * hv[k];
         v[k] = gk[k] * delta * xv;                                 // dB[t,n]
@@ -577,7 +593,7 @@ __device__ __forceinline__ void fstep(float (&h)[kSpt], const FLane& c, const Ti
   float Bv[kSpt];
   load8(Bv, tl.B + i * 16, c.q);
 #pragma unroll
-  for (int k = 0; k < kSpt; ++k) h[k] = exp2f(delta * c.A2[k]) * h[k] + dx * Bv[k];
+  for (int k = 0; k < kSpt; ++k) h[k] = fexp2(delta * c.A2[k]) * h[k] + dx * Bv[k];
 }
 
 // ---- The training forward for N <= 16, laid out as the prefill (scan.cu): one thread per
@@ -695,7 +711,7 @@ __global__ void __launch_bounds__(kPT) pf_fwd_kernel(T* __restrict__ y, int ldy,
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
           const int n = 4 * q + k;
-          st[n] = exp2f(delta * a2[n]) * st[n] + dx * bq[k];  // h = exp(delta A) h + delta B x
+          st[n] = fexp2(delta * a2[n]) * st[n] + dx * bq[k];  // h = exp(delta A) h + delta B x
           if constexpr (P == kOut) acc += st[n] * cq[k];
         }
       }
@@ -736,7 +752,7 @@ __global__ void fwd_carry_kernel(const float* __restrict__ A, const int32_t* __r
     }
     const float local = *ws;
     *ws = st;
-    st = exp2f(a2 * ws_sum[w + e]) * st + local;
+    st = fexp2(a2 * ws_sum[w + e]) * st + local;
   }
 }
 
@@ -747,7 +763,7 @@ __global__ void fwd_carry_kernel(const float* __restrict__ A, const int32_t* __r
 // the reverse recurrence g = (g + dyc_t C_t) a_t ends at sum_t dyc_t C_t prod_{s <= t} a_s, so a
 // running product P of the decays (one exp2 per state and token serves the state and P).
 template <class T>
-__global__ void __launch_bounds__(kFT) fast_grad_local_kernel(const T* __restrict__ dy, int lddy,
+__global__ void __launch_bounds__(kFT, 4) fast_grad_local_kernel(const T* __restrict__ dy, int lddy,
                                                               const float* __restrict__ saved,
                                                               const ScanTrainIn<T> in, const float* __restrict__ A,
                                                               const int32_t* __restrict__ cu,
@@ -794,9 +810,14 @@ __global__ void __launch_bounds__(kFT) fast_grad_local_kernel(const T* __restric
     for (int i = 0; i < nt; ++i) {
       if ((t0 + i) % kSub == 0 && c.on) {
         float* d = ws_sub + ((sbase + (t0 + i) / kSub) * E + c.e) * N;
+        if (N == 16) {  // as fast_grad_kernel's load_sub
+          reinterpret_cast<float4*>(d)[2 * c.q] = make_float4(h[0], h[1], h[2], h[3]);
+          reinterpret_cast<float4*>(d)[2 * c.q + 1] = make_float4(h[4], h[5], h[6], h[7]);
+        } else {
 #pragma unroll
-        for (int k = 0; k < kSpt; ++k)
-          if (c.n(k) < N) d[c.n(k)] = h[k];
+          for (int k = 0; k < kSpt; ++k)
+            if (c.n(k) < N) d[c.n(k)] = h[k];
+        }
       }
       const int ti = i * kFCh + c.ch;
       const float delta = tl.delta[ti], dx = delta * tl.x[ti], dyc = tl.dy[ti];
@@ -805,7 +826,7 @@ __global__ void __launch_bounds__(kFT) fast_grad_local_kernel(const T* __restric
       load8(Cv, tl.C + i * 16, c.q);
 #pragma unroll
       for (int k = 0; k < kSpt; ++k) {
-        const float a = exp2f(delta * c.A2[k]);
+        const float a = fexp2(delta * c.A2[k]);
         h[k] = a * h[k] + dx * Bv[k];  // h = exp(delta A) h + delta B x
         P[k] *= a;
         gk[k] += P[k] * (dyc * Cv[k]);
@@ -825,6 +846,9 @@ __global__ void __launch_bounds__(kFT) fast_grad_local_kernel(const T* __restric
 // sub-chunk of kSub tokens comes from ws_sub (fast_grad_local_kernel), the next one's load in
 // flight while this one computes, as is the next sub-chunk's tile (TileRegs); a sub-chunk's
 // kSub states are recomputed into `stash`, then walked in reverse.
+constexpr int kFastGradSmem =
+    int(sizeof(Tile<kSub>)) + ((kSub - 1) * kSpt * kFT + kSub * (kFT / 32) * 32 + kFT * 16) * int(sizeof(float));
+static_assert(sizeof(Tile<kSub>) % 16 == 0, "the stash after the tile stays 16-byte aligned");
 template <class T>
 __global__ void __launch_bounds__(kFT, 4) fast_grad_kernel(
     const ScanTrainGrad<T, float> gr_out, const T* __restrict__ dy, int lddy, const float* __restrict__ ws_sub,
@@ -832,9 +856,11 @@ __global__ void __launch_bounds__(kFT, 4) fast_grad_kernel(
     const int32_t* __restrict__ goff, int E, int N, int chunk, int n_tokens,
     float* ws_g, float* __restrict__ part_e, float* __restrict__ part_bc) {
   constexpr int W = kFT / 32;
-  __shared__ __align__(16) Tile<kSub> tl;
-  __shared__ float stash[kSub * kSpt * kFT];  // [i][k][thread]: the sub-chunk's states
-  __shared__ float red[kSub * W * 32];        // [i][warp][lane]: dB, dC after the warp's reduce-scatter
+  extern __shared__ __align__(16) unsigned char fg_smem[];  // kFastGradSmem bytes
+  Tile<kSub>& tl = *reinterpret_cast<Tile<kSub>*>(fg_smem);
+  float* stash = reinterpret_cast<float*>(fg_smem + sizeof(Tile<kSub>));  // [i][k][thread]: states but the last
+  float* red = stash + (kSub - 1) * kSpt * kFT;  // [i][warp][lane]: dB, dC summed over the warp's channels
+  float* xp = red + kSub * W * 32;               // [warp][lane][16]: one token's dB, dC, to transpose
   const int g = blockIdx.y, s = blockIdx.z, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int row0 = cu[s], L = cu[s + 1] - row0;
   if (g >= groups_of(L, chunk)) return;
@@ -844,6 +870,12 @@ __global__ void __launch_bounds__(kFT, 4) fast_grad_kernel(
   const size_t sbase = size_t(goff[s] + g) * kMaxSub;
   auto load_sub = [&](float (&v)[kSpt], int j) {
     const float* p = ws_sub + ((sbase + j) * E + c.ec) * N;
+    if (N == 16) {  // 32-byte aligned: the workspace is 256-aligned and a lane's 8 states start at 8 q
+      const float4 a = reinterpret_cast<const float4*>(p)[2 * c.q], b = reinterpret_cast<const float4*>(p)[2 * c.q + 1];
+      v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+      v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+      return;
+    }
 #pragma unroll
     for (int k = 0; k < kSpt; ++k) v[k] = c.n(k) < N ? p[c.n(k)] : 0.0f;
   };
@@ -872,20 +904,21 @@ __global__ void __launch_bounds__(kFT, 4) fast_grad_kernel(
       load_sub(hn, j - 1);
       tile_load<T, kSub>(rg, in, dy, lddy, row0 + ts - kSub, kSub, E, N, kAll);
     }
+    float ht[kSpt];  // h[t], carried down the reverse loop: h[t-1] of one token is h[t] of the next
     {
       float hp[kSpt];
 #pragma unroll
       for (int k = 0; k < kSpt; ++k) hp[k] = hs[k];
 #pragma unroll 1
-      for (int i = 0; i < slen; ++i) {
+      for (int i = 0; i < slen - 1; ++i) {
         fstep(hp, c, tl, i);
 #pragma unroll
         for (int k = 0; k < kSpt; ++k) stash[(i * kSpt + k) * kFT + tid] = hp[k];
       }
-    }
-    float ht[kSpt];  // h[t], carried down the loop: h[t-1] of one token is h[t] of the next
+      fstep(hp, c, tl, slen - 1);  // the last state stays in registers
 #pragma unroll
-    for (int k = 0; k < kSpt; ++k) ht[k] = stash[((slen - 1) * kSpt + k) * kFT + tid];
+      for (int k = 0; k < kSpt; ++k) ht[k] = hp[k];
+    }
 #pragma unroll 2  // the dB, dC shuffles of one token overlap the next
     for (int i = slen - 1; i >= 0; --i) {
       const size_t r = size_t(row0 + ts + i);
@@ -910,7 +943,7 @@ __global__ void __launch_bounds__(kFT, 4) fast_grad_kernel(
       for (int k = 0; k < kSpt; ++k) {
         v[kSpt + k] = dyc * ht[k];                         // dC[t,n] += dyc h[t]
         gk[k] += dyc * Cv[k];                              // dL/dh[t], complete
-        const float a = exp2f(delta * c.A2[k]);            // h[t] = a h[t-1] + delta B x
+        const float a = fexp2(delta * c.A2[k]);            // h[t] = a h[t-1] + delta B x
         const float gah = gk[k] * (a * hv[k]);
         sa += gah * c.A2[k];
         dA[k] += gah * delta;
@@ -929,13 +962,26 @@ __global__ void __launch_bounds__(kFT, 4) fast_grad_kernel(
         gr_out.ddt[r * gr_out.lddt + c.e] = from_f<T>(dpre);
         gr_out.dx[r * gr_out.lddx + c.e] = from_f<T>(dyc * c.dsk + delta * sb);
       }
-      if (!c.on) {
+      // Idle channels add nothing: their tile columns are zeros (x, dy), so dxv = dyc = 0 and v = 0.
+      // Over the warp's 16 channels: lane l sums value l / 2 of the lanes of its half q = l % 2
+      // (lanes 2 c + q), through a transpose in shared memory: row l holds lane l's 16 values,
+      // its float4 j at slot j ^ ((l >> 1) & 3), so that both the writes and the reads are free of
+      // bank conflicts.
+      float* xw = xp + warp * 32 * 16;
+      __syncwarp();  // the previous token's reads are done
 #pragma unroll
-        for (int k = 0; k < 2 * kSpt; ++k) v[k] = 0.0f;  // idle channels add nothing
+      for (int j = 0; j < 4; ++j)
+        reinterpret_cast<float4*>(xw + lane * 16)[j ^ ((lane >> 1) & 3)] =
+            make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
+      __syncwarp();
+      {
+        const int q = lane & 1, vi = lane >> 1;
+        const float* col = xw + q * 16 + (vi & 3);
+        float sum = 0.0f;
+#pragma unroll
+        for (int cc = 0; cc < 16; ++cc) sum += col[cc * 32 + 4 * ((vi >> 2) ^ (cc & 3))];
+        red[(i * W + warp) * 32 + lane] = sum;
       }
-      // Over the warp's 16 channels (lane bits 1-4): lane l keeps value l / 2 of its half q.
-      reduce_scatter<kSpt, 16, 2, 2 * kSpt>(v, lane);
-      red[(i * W + warp) * 32 + lane] = v[0];
     }
     __syncthreads();
     // This block's channels summed over its warps, in order: lane ln holds value vi = ln / 2 of
@@ -1202,12 +1248,20 @@ void grad_launch(const ScanTrainGrad<T, G>& gd, const T* dy, int lddy, const flo
   act.lddt = gd.lddt;
   act.dz = gd.dz;
   act.lddz = gd.lddz;
-  if constexpr (FAST)
-    fast_grad_kernel<T><<<grid, kFT, 0, stream>>>(act, dy, lddy, w.sub, in, w.A, rb.cu_seqlens, w.goff, sh.E, sh.N,
-                                                  sh.chunk, sh.n_tokens, w.state, w.part_e, w.part_bc);
-  else
+  if constexpr (FAST) {
+    // Above the default 48 KB of shared memory; set on every call, so every device gets it.
+    HM_CUDA_OK(cudaFuncSetAttribute(fast_grad_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, kFastGradSmem),
+               "selective_scan_backward shared memory");
+    HM_CUDA_OK(cudaFuncSetAttribute(fast_grad_kernel<T>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                    int(cudaSharedmemCarveoutMaxShared)),
+               "selective_scan_backward shared memory");  // 4 blocks of 52 KB per SM
+    fast_grad_kernel<T><<<grid, kFT, kFastGradSmem, stream>>>(act, dy, lddy, w.sub, in, w.A, rb.cu_seqlens, w.goff,
+                                                              sh.E, sh.N, sh.chunk, sh.n_tokens, w.state, w.part_e,
+                                                              w.part_bc);
+  } else {
     grad_kernel<T, NM><<<grid, K::TPB, 0, stream>>>(act, dy, lddy, saved, in, w.A, rb.cu_seqlens, w.coff, w.goff,
                                                     sh.E, sh.N, sh.chunk, sh.n_tokens, w.state, w.part_e, w.part_bc);
+  }
   HM_CUDA_LAUNCHED("selective_scan_backward");
   grad_bc_kernel<T, NM><<<ceil_div(sh.n_tokens * 2 * sh.N, 256), 256, 0, stream>>>(
       gd.dB, gd.lddB, gd.dC, gd.lddC, w.part_bc, int(grid.x), sh.n_tokens, sh.N);
