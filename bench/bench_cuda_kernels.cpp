@@ -9,10 +9,12 @@
 // Last, the decode projections of the 1.4B shape at 1, 16 and 64 rows: the skinny GEMM
 // (kernels/cuda/skinny.h) against cuBLASLt and, at one row, the GEMV, with the bytes floor.
 // `hm_bench_cuda_kernels skinny` runs that part alone; `hm_bench_cuda_kernels attn-train` the
-// training attention (forward and backward TFLOP/s at B 8, L 2048) alone.
+// training attention (forward and backward TFLOP/s at B 8, L 2048) alone; `copy-spans` the
+// prefix-cache restore's copies alone.
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -24,6 +26,7 @@
 #include "kernels/cuda/grad.h"
 #include "kernels/cuda/linear.h"
 #include "kernels/cuda/mamba_grad.h"
+#include "kernels/cuda/rows.h"
 #include "kernels/cuda/sampling.h"
 #include "kernels/cuda/skinny.h"
 
@@ -452,6 +455,75 @@ void bench_skinny(const char* name, int n, int k, double hbm, hm::cuda::Gemm& ge
   cudaFree(y);
 }
 
+// A prefix-cache restore of the seed preset at 1,984 cached tokens (docs/SERVING.md): 186 spans
+// of 64 KB (3 attention layers x 31 blocks x K and V rows) and 18 state spans (9 Mamba layers'
+// 12 KB conv window and 64 KB SSM state), copied by one cudaMemcpyAsync per span, by one
+// cudaMemcpyBatchAsync, and by the copy_spans kernel (Backend::copy_many on CUDA). Host: the
+// call's own time (what a server's admission pays); done: until a stream synchronize returns.
+void bench_copy_spans() {
+  std::vector<hm::cuda::Span> spans;
+  std::vector<size_t> sizes(186, 65536);
+  for (int l = 0; l < 9; ++l) {
+    sizes.push_back(12288);
+    sizes.push_back(65536);
+  }
+  size_t total = 0;
+  for (size_t b : sizes) total += b;
+  char *src = nullptr, *dst = nullptr;
+  ck(cudaMalloc(&src, total), "cudaMalloc");
+  ck(cudaMalloc(&dst, total), "cudaMalloc");
+  ck(cudaMemset(src, 1, total), "cudaMemset");
+  size_t at = 0;
+  for (size_t b : sizes) {
+    spans.push_back({dst + at, src + at, b});
+    at += b;
+  }
+  std::vector<void*> dv, sv;
+  std::vector<size_t> bv;
+  for (const auto& s : spans) {
+    dv.push_back(s.dst);
+    sv.push_back(const_cast<void*>(s.src));
+    bv.push_back(s.bytes);
+  }
+  // A stream of its own: cudaMemcpyBatchAsync refuses the legacy default stream ("invalid
+  // argument", seen on the H100 in stop 36).
+  cudaStream_t st = nullptr;
+  ck(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), "cudaStreamCreate");
+  using Clock = std::chrono::steady_clock;
+  auto run = [&](const char* name, auto issue) {
+    std::vector<double> host, done;
+    for (int r = 0; r < 25; ++r) {
+      ck(cudaDeviceSynchronize(), "sync");
+      const auto t0 = Clock::now();
+      issue();
+      const auto t1 = Clock::now();
+      ck(cudaStreamSynchronize(st), "sync");
+      const auto t2 = Clock::now();
+      if (r < 5) continue;  // warm-up
+      host.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
+      done.push_back(std::chrono::duration<double, std::micro>(t2 - t0).count());
+    }
+    std::sort(host.begin(), host.end());
+    std::sort(done.begin(), done.end());
+    std::printf("copy spans    %zu spans, %.1f MB  %-26s host %8.1f us  done %8.1f us\n", spans.size(), double(total) / 1e6,
+                name, host[host.size() / 2], done[done.size() / 2]);
+  };
+  run("cudaMemcpyAsync per span", [&] {
+    for (const auto& s : spans) ck(cudaMemcpyAsync(s.dst, s.src, s.bytes, cudaMemcpyDeviceToDevice, st), "copy");
+  });
+  run("cudaMemcpyBatchAsync", [&] {
+    cudaMemcpyAttributes attr{};
+    attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+    size_t first = 0;
+    ck(cudaMemcpyBatchAsync(dv.data(), sv.data(), bv.data(), dv.size(), &attr, &first, 1, st),
+       "cudaMemcpyBatchAsync");
+  });
+  run("copy_spans kernel", [&] { hm::cuda::copy_spans(spans.data(), int(spans.size()), st); });
+  cudaStreamDestroy(st);
+  cudaFree(src);
+  cudaFree(dst);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -492,6 +564,10 @@ int main(int argc, char** argv) {
     bench_scan_train<__half>(8, 1536, 2048, 16, hbm);
     bench_scan_train<float>(8, 1536, 2048, 16, hbm);
   };
+  if (argc > 1 && std::string(argv[1]) == "copy-spans") {  // this part alone
+    bench_copy_spans();
+    return 0;
+  }
   if (argc > 1 && std::string(argv[1]) == "scan-train") {  // this part alone
     scan_train();
     return 0;
@@ -511,6 +587,7 @@ int main(int argc, char** argv) {
   for (int nseq : {1, 16, 64}) bench_attention<__nv_bfloat16>(false, nseq, 8192, 32, 8, 128, hbm);
   attn_train();
   for (int B : {1, 64}) bench_sampling(B, 50280);
+  bench_copy_spans();
   skinny();
   return 0;
 }

@@ -675,14 +675,16 @@ TEST(CudaBackend, DeviceOrClearError) {
   }
 }
 
-// copy_many (one cudaMemcpyBatchAsync) gives what one copy per span gives: spans of odd sizes
-// and offsets, some empty, from two sources into disjoint places of a buffer that a kernel wrote
-// just before (stream order: the copies must see it), on fresh random bytes.
+// copy_many (the copy_spans kernel, 128 spans a launch) gives what one copy per span gives:
+// spans of odd sizes and offsets (byte copies), 4-byte ones, and 16-byte aligned ones up to 40 KB
+// (several blocks a span), some empty, from two sources into disjoint places of a buffer, one
+// source zeroed by an op queued just before (stream order: the copies must see it), on fresh
+// random bytes.
 TEST(CudaBackend, CopyManyEqualsOneCopyPerSpan) {
   if (!has_gpu()) GTEST_SKIP() << "no CUDA device";
   auto be = hm::make_cuda_backend();
   std::mt19937 rng(1234);
-  const size_t n = 100003;
+  const size_t n = 3000003;
   std::vector<uint8_t> h0(n), h1(n), want(n), got(n);
   for (auto* v : {&h0, &h1, &want})
     for (auto& x : *v) x = uint8_t(rng());
@@ -696,15 +698,19 @@ TEST(CudaBackend, CopyManyEqualsOneCopyPerSpan) {
   std::vector<hm::Backend::CopySpan> spans;
   size_t at = 0;
   for (int i = 0; at < n; ++i) {
-    const size_t len = std::min<size_t>(i % 7 == 3 ? 0 : 1 + rng() % 997, n - at);
-    const size_t from = rng() % (n - len + 1);
+    const size_t align = i % 3 == 0 ? 16 : i % 3 == 1 ? 4 : 1;  // the kernel's three word sizes
+    at = (at + align - 1) / align * align;
+    if (at >= n) break;
+    const size_t most = align == 16 ? 40000 : 997;
+    size_t len = std::min<size_t>(i % 7 == 3 ? 0 : 1 + rng() % most, n - at) / align * align;
+    const size_t from = (rng() % (n - len + 1)) / align * align;
     const uint8_t* src = static_cast<const uint8_t*>(i % 2 ? s1.data() : s0.data()) + from;
     spans.push_back({static_cast<uint8_t*>(dst.data()) + at, src, len});
     std::memcpy(want.data() + at, (i % 2 ? h1.data() : h0.data()) + from, len);
     be->copy(static_cast<uint8_t*>(ref.data()) + at, src, len);
     at += len + rng() % 5;  // gaps keep the bytes between spans
   }
-  ASSERT_GT(spans.size(), 150u);
+  ASSERT_GT(spans.size(), 300u);  // three launches
   be->copy_many(spans);
   be->to_host(got.data(), dst.data(), n);
   EXPECT_EQ(got, want);

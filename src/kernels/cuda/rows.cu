@@ -1,4 +1,6 @@
 // Row gathers and scatters (rows.h): one block row per moved row, columns on grid y.
+#include <algorithm>
+
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/rows.h"
 
@@ -59,6 +61,50 @@ void add_rows(T* dst, int64_t ldd, int dst_rows, const int32_t* dst_idx, const T
   add_rows_kernel<T><<<dim3(n, ceil_div(cols, kThreads)), kThreads, 0, stream>>>(
       dst, ldd, dst_rows, dst_idx, src, lds, src_rows, src_idx, cols, row_gate, scale);
   HM_CUDA_LAUNCHED("add_rows");
+}
+
+namespace {
+struct SpanList {
+  Span s[kMaxSpansPerLaunch];
+};
+
+// Block (i, part) copies the part-th slice of span i: 16-byte words when the span's ends and
+// length allow, else 4-byte words, else bytes.
+template <class W>
+__device__ __forceinline__ void copy_words(const Span& sp, size_t lo, size_t hi) {
+  W* d = static_cast<W*>(sp.dst);
+  const W* s = static_cast<const W*>(sp.src);
+  for (size_t i = lo + threadIdx.x; i < hi; i += kThreads) d[i] = s[i];
+}
+__global__ void copy_spans_kernel(const __grid_constant__ SpanList list) {
+  const Span& sp = list.s[blockIdx.x];
+  const uintptr_t bits = reinterpret_cast<uintptr_t>(sp.dst) | reinterpret_cast<uintptr_t>(sp.src) | sp.bytes;
+  const size_t w = bits % 16 == 0 ? 16 : bits % 4 == 0 ? 4 : 1, words = sp.bytes / w;
+  const size_t per = (words + gridDim.y - 1) / gridDim.y;
+  const size_t lo = min(words, size_t(blockIdx.y) * per), hi = min(words, lo + per);
+  if (w == 16)
+    copy_words<uint4>(sp, lo, hi);
+  else if (w == 4)
+    copy_words<uint32_t>(sp, lo, hi);
+  else
+    copy_words<unsigned char>(sp, lo, hi);
+}
+}  // namespace
+
+void copy_spans(const Span* spans, int n, cudaStream_t stream) {
+  for (int at = 0; at < n; at += kMaxSpansPerLaunch) {
+    SpanList list{};
+    const int m = std::min(n - at, kMaxSpansPerLaunch);
+    size_t most = 0;
+    for (int i = 0; i < m; ++i) {
+      list.s[i] = spans[at + i];
+      most = std::max(most, spans[at + i].bytes);
+    }
+    // A block per 16 KB of the longest span (up to 64), so a long state copy is spread too.
+    const unsigned parts = unsigned(std::min<size_t>(64, std::max<size_t>(1, (most + 16383) / 16384)));
+    copy_spans_kernel<<<dim3(unsigned(m), parts), kThreads, 0, stream>>>(list);
+    HM_CUDA_LAUNCHED("copy_spans");
+  }
 }
 
 #define HM_INST(T)                                                                                   \
