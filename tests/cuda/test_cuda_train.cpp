@@ -116,7 +116,35 @@ TEST(CudaTrain, BatchGradMatchesCpu) {
   ModelConfig bias = hybrid_config(true);  // Mamba's use_bias: in_proj and out_proj biases
   bias.mamba_proj_bias = true;
   validate(bias);
-  for (const ModelConfig& c : {hybrid_config(true), hybrid_config(false), mamba, mamba2, bcdt, partial, moe, bias}) {
+  // Nemotron-H's pieces: Mamba-2 layers, squared-ReLU MLPs on some layers only, an explicit
+  // attention head_dim (4 heads of 8 in d 64).
+  ModelConfig nemotron = hybrid_config(false);
+  nemotron.mamba2_layers = {0, 3};
+  nemotron.mamba2_head_dim = 16;
+  nemotron.mamba2_groups = 2;
+  nemotron.mlp_act = "relu2";
+  nemotron.ffn_layers = {0, 2};
+  nemotron.attn_head_dim = 8;
+  validate(nemotron);
+  // Granite's multipliers (embedding, residual, attention scale, logits scaling).
+  ModelConfig mult = hybrid_config(false);
+  mult.state_bridges = false;  // residual_multiplier is not defined with bridges (validate)
+  mult.embedding_multiplier = 3.0f;
+  mult.residual_multiplier = 0.5f;
+  mult.attention_scale = 0.3f;
+  mult.logits_scaling = 2.5f;
+  validate(mult);
+  // Falcon-H1's layer: Mamba-2 and attention side by side (true layers in both mode), no gated norm.
+  ModelConfig falcon = preset("true-tiny");
+  falcon.routing_mode = "both";
+  falcon.state_bridges = false;
+  falcon.mamba2_layers = {0, 1, 2, 4};
+  falcon.mamba2_head_dim = 16;
+  falcon.mamba2_groups = 2;
+  falcon.mamba2_gated_norm = false;
+  validate(falcon);
+  for (const ModelConfig& c :
+       {hybrid_config(true), hybrid_config(false), mamba, mamba2, bcdt, partial, moe, bias, nemotron, mult, falcon}) {
     Params p(c);
     test::randomize_params(p, 5);
     const test::TokenBatch b = test::make_batch(3, 77, c.vocab_size, 6);
