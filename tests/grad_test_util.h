@@ -82,6 +82,20 @@ inline ModelConfig small_hybrid_config(bool tied) {
   return c;
 }
 
+// Falcon-H1's layer: Mamba-2 and attention side by side (true-tiny's true layers in `both` mode,
+// Mamba-2 paths in groups, no gated norm, no bridges).
+inline ModelConfig falcon_h1_layer_config() {
+  ModelConfig c = preset("true-tiny");
+  c.routing_mode = "both";
+  c.state_bridges = false;
+  c.mamba2_layers = {0, 1, 2, 4};
+  c.mamba2_head_dim = 16;
+  c.mamba2_groups = 2;
+  c.mamba2_gated_norm = false;
+  validate(c);
+  return c;
+}
+
 inline bool verbose() { return std::getenv("HM_GRAD_VERBOSE") != nullptr; }
 
 // Restores the OpenMP thread count on scope exit.

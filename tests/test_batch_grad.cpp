@@ -410,15 +410,7 @@ TEST(BatchGrad, Mamba2GateVariantsAndTrueLayersTrain) {
       {"norm before the gate, whole row",
        [&](ModelConfig& c) { m2(c); c.mamba2_norm_before_gate = true; c.mamba2_norm_per_group = false; }},
       {"true layers in both mode with Mamba-2 paths (Falcon-H1)",
-       [&](ModelConfig& c) {
-         c = preset("true-tiny");
-         c.routing_mode = "both";
-         c.state_bridges = false;
-         c.mamba2_layers = {0, 1, 2, 4};
-         c.mamba2_head_dim = 16;
-         c.mamba2_groups = 2;
-         c.mamba2_gated_norm = false;
-       }},
+       [&](ModelConfig& c) { c = test::falcon_h1_layer_config(); }},
   };
   for (const Case& cs : cases) {
     SCOPED_TRACE(cs.name);

@@ -134,15 +134,7 @@ TEST(CudaTrain, BatchGradMatchesCpu) {
   mult.attention_scale = 0.3f;
   mult.logits_scaling = 2.5f;
   validate(mult);
-  // Falcon-H1's layer: Mamba-2 and attention side by side (true layers in both mode), no gated norm.
-  ModelConfig falcon = preset("true-tiny");
-  falcon.routing_mode = "both";
-  falcon.state_bridges = false;
-  falcon.mamba2_layers = {0, 1, 2, 4};
-  falcon.mamba2_head_dim = 16;
-  falcon.mamba2_groups = 2;
-  falcon.mamba2_gated_norm = false;
-  validate(falcon);
+  const ModelConfig falcon = test::falcon_h1_layer_config();
   for (const ModelConfig& c :
        {hybrid_config(true), hybrid_config(false), mamba, mamba2, bcdt, partial, moe, bias, nemotron, mult, falcon}) {
     Params p(c);
