@@ -485,40 +485,44 @@ TEST_P(CudaBackendOps, KvWriteAttention) {
     }
 }
 
+// Views at odd columns (one element a thread) and at 4-aligned columns of a multiple of 4
+// (4 elements a thread, 8- or 16-byte accesses).
 TEST_P(CudaBackendOps, CopyAndAddRows) {
   hm::Rng rng(29);
-  const int cols = 21, n = 5;
-  const std::vector<int32_t> di = {7, 0, 10, 3, 4}, si = {8, 8, 0, 2, 5};  // dst distinct, src repeats
-  const std::vector<float> gate = {0.5f, -1.25f, 2.0f, 0.0f, 1.0f};
-  Ints ddi(be(), di), dsi(be(), si);
-  hm::Buffer dgate(be(), gate.size() * 4);
-  be().to_device(dgate.data(), gate.data(), gate.size() * 4);
-  for (bool use_di : {false, true})
-    for (bool use_si : {false, true})
-      for (int mode = 0; mode < 4; ++mode) {  // 0 copy, 1 add, 2 add with gates, 3 add with gates and scale
-        Mat src(be(), T(), 9, cols + 4, normal(rng)), dst(be(), T(), 11, cols + 2, normal(rng));
-        Mat scale(be(), T(), 1, cols, normal(rng, 0.3, 1));
-        const int32_t* pd = use_di ? ddi.p() : nullptr;
-        const int32_t* ps = use_si ? dsi.p() : nullptr;
-        if (mode == 0)
-          be().copy_rows(dst.cols(1, cols), pd, src.cols(3, cols), ps, n);
-        else
-          be().add_rows(dst.cols(1, cols), pd, src.cols(3, cols), ps, n,
-                        mode >= 2 ? static_cast<const float*>(dgate.data()) : nullptr, mode == 3 ? scale.t : Tensor());
-        std::vector<float> ref = dst.f;
-        for (int i = 0; i < n; ++i) {
-          const int d = use_di ? di[size_t(i)] : i, s = use_si ? si[size_t(i)] : i;
-          for (int j = 0; j < cols; ++j) {
-            float& r = ref[size_t(d) * (cols + 2) + 1 + j];
-            const float v = src.f[size_t(s) * (cols + 4) + 3 + j];
-            r = mode == 0 ? v : r + v * (mode == 3 ? scale.f[size_t(j)] : 1.0f) * (mode >= 2 ? gate[size_t(i)] : 1.0f);
+  for (const bool vec : {false, true}) {
+    const int cols = vec ? 516 : 21, n = 5, od = vec ? 4 : 1, os = vec ? 8 : 3, wd = vec ? 8 : 2, ws = vec ? 12 : 4;
+    const std::vector<int32_t> di = {7, 0, 10, 3, 4}, si = {8, 8, 0, 2, 5};  // dst distinct, src repeats
+    const std::vector<float> gate = {0.5f, -1.25f, 2.0f, 0.0f, 1.0f};
+    Ints ddi(be(), di), dsi(be(), si);
+    hm::Buffer dgate(be(), gate.size() * 4);
+    be().to_device(dgate.data(), gate.data(), gate.size() * 4);
+    for (bool use_di : {false, true})
+      for (bool use_si : {false, true})
+        for (int mode = 0; mode < 4; ++mode) {  // 0 copy, 1 add, 2 add with gates, 3 add with gates and scale
+          Mat src(be(), T(), 9, cols + ws, normal(rng)), dst(be(), T(), 11, cols + wd, normal(rng));
+          Mat scale(be(), T(), 1, cols, normal(rng, 0.3, 1));
+          const int32_t* pd = use_di ? ddi.p() : nullptr;
+          const int32_t* ps = use_si ? dsi.p() : nullptr;
+          if (mode == 0)
+            be().copy_rows(dst.cols(od, cols), pd, src.cols(os, cols), ps, n);
+          else
+            be().add_rows(dst.cols(od, cols), pd, src.cols(os, cols), ps, n,
+                          mode >= 2 ? static_cast<const float*>(dgate.data()) : nullptr, mode == 3 ? scale.t : Tensor());
+          std::vector<float> ref = dst.f;
+          for (int i = 0; i < n; ++i) {
+            const int d = use_di ? di[size_t(i)] : i, s = use_si ? si[size_t(i)] : i;
+            for (int j = 0; j < cols; ++j) {
+              float& r = ref[size_t(d) * (cols + wd) + od + j];
+              const float v = src.f[size_t(s) * (cols + ws) + os + j];
+              r = mode == 0 ? v : r + v * (mode == 3 ? scale.f[size_t(j)] : 1.0f) * (mode >= 2 ? gate[size_t(i)] : 1.0f);
+            }
           }
+          ref = rounded(ref, T());
+          const double bound = mode == 0 ? 0.0 : tol(T());
+          EXPECT_CLOSE(rel_err(dst.get(be()), ref, 11, cols + wd, cols + wd), bound,
+                       "rows cols " << cols << " mode " << mode << " dst_idx " << use_di << " src_idx " << use_si);
         }
-        ref = rounded(ref, T());
-        const double bound = mode == 0 ? 0.0 : tol(T());
-        EXPECT_CLOSE(rel_err(dst.get(be()), ref, 11, cols + 2, cols + 2), bound,
-                     "rows mode " << mode << " dst_idx " << use_di << " src_idx " << use_si);
-      }
+  }
 }
 
 // Bad shapes and types are hm::Errors naming the op and the value, before anything is enqueued.

@@ -217,23 +217,31 @@ TEST_P(CudaGradOps, LinearBackward) {
 }
 
 // dx (=|+=) and dw += over rows, dw in the type and in f32; row counts past one chunk of the dw
-// pass (64 rows) and past 512 chunks (rows per chunk above 64, a short last chunk).
+// pass (64 rows) and past 512 chunks (rows per chunk above 64, a short last chunk). Views at odd
+// columns take the two-kernel path; views at 4-aligned columns with d % 4 == 0 and d <= 1024 the
+// fused one (one warp a row, K = 1, 2, 4 and 8 vectors of 128 columns, a part-filled last vector).
 TEST_P(CudaGradOps, RmsNormBackward) {
   hm::Rng rng(102);
-  for (auto [n, d] : {std::pair{7, 333}, std::pair{1, 31}, std::pair{130, 2049}, std::pair{700, 64},
-                      std::pair{33000, 40}})
-    for (DType gt : grad_types())
-      for (bool acc : {false, true}) {
-        Both x(gpu(), T(), n, d + 3, normal(rng, 2)), g(gpu(), T(), n, d + 1, normal(rng)),
-            w(gpu(), T(), 1, d, normal(rng, 0.2, 1)), dw(gpu(), gt, 1, d, normal(rng, 0.1));
-        Both dx = acc ? Both(gpu(), T(), n, d + 2, normal(rng)) : Both::out(gpu(), T(), n, d + 2);
-        gpu().rmsnorm_backward(dx.dev(2, d), dw.dev(0, d), g.dev(0, d), x.dev(1, d), w.dev(0, d), 1e-5f, acc);
-        cpu().rmsnorm_backward(dx.cpu(2, d), dw.cpu(0, d), g.cpu(0, d), x.cpu(1, d), w.cpu(0, d), 1e-5f, acc);
-        std::ostringstream what;
-        what << "n " << n << " d " << d << " dw " << hm::compute_dtype_name(gt) << " acc " << acc << ": ";
-        EXPECT_TRUE(matches(what.str() + "dx", gpu(), dx, 2, d, bound(T())));
-        EXPECT_TRUE(matches(what.str() + "dw", gpu(), dw, 0, d, bound(gt)));
-      }
+  for (const bool aligned : {false, true})
+    for (auto [n, d] : {std::pair{7, 333}, std::pair{1, 31}, std::pair{130, 2049}, std::pair{700, 64},
+                        std::pair{33000, 40}, std::pair{5, 1020}, std::pair{2100, 512}, std::pair{33, 200},
+                        std::pair{65, 768}})
+      for (DType gt : grad_types())
+        for (bool acc : {false, true}) {
+          // aligned: every view at column 0 or 4 of rows of d + 4 or d + 8
+          const int ox = aligned ? 4 : 1, og = 0, odx = aligned ? 4 : 2;
+          Both x(gpu(), T(), n, d + (aligned ? 8 : 3), normal(rng, 2)), g(gpu(), T(), n, d + (aligned ? 4 : 1), normal(rng)),
+              w(gpu(), T(), 1, d, normal(rng, 0.2, 1)), dw(gpu(), gt, 1, d, normal(rng, 0.1));
+          Both dx = acc ? Both(gpu(), T(), n, d + (aligned ? 4 : 2), normal(rng))
+                        : Both::out(gpu(), T(), n, d + (aligned ? 4 : 2));
+          gpu().rmsnorm_backward(dx.dev(odx, d), dw.dev(0, d), g.dev(og, d), x.dev(ox, d), w.dev(0, d), 1e-5f, acc);
+          cpu().rmsnorm_backward(dx.cpu(odx, d), dw.cpu(0, d), g.cpu(og, d), x.cpu(ox, d), w.cpu(0, d), 1e-5f, acc);
+          std::ostringstream what;
+          what << "n " << n << " d " << d << (aligned ? " aligned" : "") << " dw " << hm::compute_dtype_name(gt)
+               << " acc " << acc << ": ";
+          EXPECT_TRUE(matches(what.str() + "dx", gpu(), dx, odx, d, bound(T())));
+          EXPECT_TRUE(matches(what.str() + "dw", gpu(), dw, 0, d, bound(gt)));
+        }
 }
 
 // g and u as the halves of one matrix, dg and du as the halves of another.
@@ -395,34 +403,52 @@ TEST_P(CudaGradOps, EmbeddingBackward) {
   }
 }
 
-// The fused LM head: loss, dhn (assigned, 0 on ignored rows) and dW (+=) against the CPU, for a
-// vocabulary large enough that the rows run in two blocks (40,009 x 901 logits are over the
-// 128 MiB block in every type), dW and dhn in the type and in f32; bad targets are refused.
+// The fused LM head: loss, dhn (assigned, 0 on ignored rows) and dW (+=) against the CPU, dW and
+// dhn in the type and in f32, with float logits (the default) and with logits of the type
+// (HM_CUDA_HEAD_LOGITS=type, as autocast makes them: the loss is then compared at the type's
+// tolerance). With float gradients the rows run in many blocks (HM_CUDA_HEAD_BLOCK_BYTES at 4 MB:
+// 901 x 40,009 logits take 19 to 57 of them); 16-bit dW, rounded after each block's GEMM, is
+// checked in one block (over 19 blocks its rounding reached 1.7e-3 of the largest entry, past
+// f16's 1e-3 bound). A 120,011-entry row is over any GPU's shared memory in every type, so it
+// takes the three-pass kernel.
 TEST_P(CudaGradOps, CrossEntropyHead) {
   hm::Rng rng(106);
   const double scale = 0.37;
-  for (auto [n, D, V] : {std::tuple{37, 48, 257}, std::tuple{1, 64, 1000}, std::tuple{901, 48, 40009}})
-    for (DType gt : grad_types()) {
-      std::vector<int32_t> tg(static_cast<size_t>(n));
-      for (auto& t : tg) t = rng.next_u64() % 5 == 0 ? -1 : int32_t(rng.next_u64() % uint64_t(V));
-      tg[0] = n > 1 ? -1 : tg[0];
-      Ints dtg(gpu(), tg);
-      Both hn(gpu(), T(), n, D + 1, normal(rng)), W(gpu(), T(), V, D + 2, normal(rng, 0.3)),
-          dW(gpu(), gt, V, D, normal(rng, 0.01));
-      Both dhn = Both::out(gpu(), gt, n, D + 3);
-      const double lg = gpu().cross_entropy_head(dhn.dev(2, D), dW.dev(0, D), hn.dev(1, D), W.dev(1, D), dtg.p(), scale);
-      const double lc = cpu().cross_entropy_head(dhn.cpu(2, D), dW.cpu(0, D), hn.cpu(1, D), W.cpu(1, D), tg.data(), scale);
-      std::ostringstream what;
-      what << "n " << n << " D " << D << " V " << V << " grads " << hm::compute_dtype_name(gt) << ": ";
-      EXPECT_LE(std::fabs(lg - lc), kFloatTol * std::fabs(lc)) << what.str() << "loss " << lg << " vs cpu " << lc;
-      const double gb = T() == DType::F32 ? kFloatTol : tol(T());  // dlogits rounded to the type
-      EXPECT_TRUE(matches(what.str() + "dhn", gpu(), dhn, 2, D, gb));
-      EXPECT_TRUE(matches(what.str() + "dW", gpu(), dW, 0, D, gb));
-      if (n > 1) {
-        const std::vector<float> got = dhn.get(gpu());
-        for (int j = 0; j < D; ++j) EXPECT_EQ(got[size_t(2 + j)], 0.0f) << what.str() << "ignored row 0, dhn col " << j;
+  for (const char* logits : {"f32", "type"}) {
+    ::setenv("HM_CUDA_HEAD_LOGITS", logits, 1);
+    for (auto [n, D, V] : {std::tuple{37, 48, 257}, std::tuple{1, 64, 1000}, std::tuple{901, 48, 40009},
+                           std::tuple{5, 16, 120011}})
+      for (DType gt : grad_types()) {
+        if (gt == DType::F32) ::setenv("HM_CUDA_HEAD_BLOCK_BYTES", "4000000", 1);
+        else ::unsetenv("HM_CUDA_HEAD_BLOCK_BYTES");
+        std::vector<int32_t> tg(static_cast<size_t>(n));
+        for (auto& t : tg) t = rng.next_u64() % 5 == 0 ? -1 : int32_t(rng.next_u64() % uint64_t(V));
+        tg[0] = n > 1 ? -1 : tg[0];
+        Ints dtg(gpu(), tg);
+        Both hn(gpu(), T(), n, D + 1, normal(rng)), W(gpu(), T(), V, D + 2, normal(rng, 0.3)),
+            dW(gpu(), gt, V, D, normal(rng, 0.01));
+        Both dhn = Both::out(gpu(), gt, n, D + 3);
+        const double lg =
+            gpu().cross_entropy_head(dhn.dev(2, D), dW.dev(0, D), hn.dev(1, D), W.dev(1, D), dtg.p(), scale);
+        const double lc =
+            cpu().cross_entropy_head(dhn.cpu(2, D), dW.cpu(0, D), hn.cpu(1, D), W.cpu(1, D), tg.data(), scale);
+        std::ostringstream what;
+        what << "logits " << logits << " n " << n << " D " << D << " V " << V << " grads "
+             << hm::compute_dtype_name(gt) << ": ";
+        const double gb = T() == DType::F32 ? kFloatTol : tol(T());  // dlogits rounded to the type
+        const double lb = T() == DType::F32 || std::string(logits) == "f32" ? kFloatTol : tol(T());
+        EXPECT_LE(std::fabs(lg - lc), lb * std::fabs(lc)) << what.str() << "loss " << lg << " vs cpu " << lc;
+        EXPECT_TRUE(matches(what.str() + "dhn", gpu(), dhn, 2, D, gb));
+        EXPECT_TRUE(matches(what.str() + "dW", gpu(), dW, 0, D, gb));
+        if (n > 1) {
+          const std::vector<float> got = dhn.get(gpu());
+          for (int j = 0; j < D; ++j)
+            EXPECT_EQ(got[size_t(2 + j)], 0.0f) << what.str() << "ignored row 0, dhn col " << j;
+        }
       }
-    }
+  }
+  ::unsetenv("HM_CUDA_HEAD_LOGITS");
+  ::unsetenv("HM_CUDA_HEAD_BLOCK_BYTES");
   // Every row ignored: loss 0, dhn 0, dW unchanged.
   {
     const int n = 3, D = 5, V = 11;

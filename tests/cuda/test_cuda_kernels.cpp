@@ -205,7 +205,9 @@ TYPED_TEST(CudaOps, RmsNorm) {
   using T = TypeParam;
   REQUIRE_GPU();
   hm::Rng rng(11);
-  for (auto [n, d] : {std::pair{7, 333}, std::pair{3, 2049}, std::pair{1, 31}}) {
+  // 2,500 and 2,049 rows of d % 4 == 0 take the warp-a-row kernel, the others a block a row.
+  for (auto [n, d] : {std::pair{7, 333}, std::pair{3, 2049}, std::pair{1, 31}, std::pair{2500, 512},
+                      std::pair{2049, 1028}, std::pair{2100, 333}}) {
     const auto x = normal<T>(rng, size_t(n) * d, 2.0), w = normal<T>(rng, size_t(d), 0.2, 1.0);
     Dev<T> dx(x.t), dw(w.t), out(size_t(n) * d);
     hm::cuda::rmsnorm<T>(out.p, dx.p, dw.p, n, d, 1e-5f, nullptr);
@@ -220,7 +222,7 @@ TYPED_TEST(CudaOps, AddRmsNorm) {
   using T = TypeParam;
   REQUIRE_GPU();
   hm::Rng rng(12);
-  for (auto [n, d] : {std::pair{5, 333}, std::pair{2, 2049}}) {
+  for (auto [n, d] : {std::pair{5, 333}, std::pair{2, 2049}, std::pair{2500, 512}, std::pair{2049, 100}}) {
     const auto h = normal<T>(rng, size_t(n) * d), delta = normal<T>(rng, size_t(n) * d, 0.5);
     const auto w = normal<T>(rng, size_t(d), 0.2, 1.0);
     Dev<T> dh(h.t), ddelta(delta.t), dw(w.t), out(size_t(n) * d);

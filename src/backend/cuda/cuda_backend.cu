@@ -202,7 +202,19 @@ int skinny_min_rows_default() {
 // dW += dz^T hn reads and writes the whole float [V, D] gradient, so small blocks multiply that
 // traffic: at 128 MB a Mamba-1 130M step (8 x 2048 tokens, V 50280) ran 37 blocks, 11 GB of dW
 // traffic and 15.4 ms in the head on the H200 (docs/TRAINING.md's profile); 1 GiB takes 5.
+// HM_CUDA_HEAD_BLOCK_BYTES=N overrides (tests use it to run many blocks on small shapes).
 constexpr size_t kHeadBlockBytes = size_t(1) << 30;
+
+// cross_entropy_head's logits are of the compute type unless HM_CUDA_HEAD_LOGITS=f32.
+bool head_logits_in_type() {
+  const char* v = std::getenv("HM_CUDA_HEAD_LOGITS");
+  return v == nullptr || std::string(v) != "f32";
+}
+
+size_t head_block_bytes() {
+  const char* v = std::getenv("HM_CUDA_HEAD_BLOCK_BYTES");
+  return v != nullptr && std::atoll(v) > 0 ? size_t(std::atoll(v)) : kHeadBlockBytes;
+}
 
 // The most sequences a decode step runs dt_proj inside the scan step (dt_scan) for. Each
 // (sequence, channel) re-reads its row of dt_proj, so the weight is read once per sequence:
@@ -1232,22 +1244,34 @@ class CudaBackendImpl final : public CudaBackend {
     for (int i = 0; i < n; ++i)
       HM_CHECK(tg[size_t(i)] >= -1 && tg[size_t(i)] < V, "cuda cross_entropy_head: target ", tg[size_t(i)], " at row ",
                i, " is outside [-1, ", V, ")");
-    const size_t dz_bytes = hn.dtype == DType::F32 ? 0 : dtype_size(hn.dtype);  // dz is z itself in f32
-    const int rows = int(std::clamp<size_t>(kHeadBlockBytes / (size_t(V) * (sizeof(float) + dz_bytes)), 1, size_t(n)));
+    // The logits come out of the GEMM in the compute type, as the peer's autocast makes them, and
+    // dz is written over them (float math in between). HM_CUDA_HEAD_LOGITS=f32 keeps them in float
+    // with dz beside them: 6 bytes a logit instead of 2 (H100, stop 37: the seed step 27.3 ms
+    // against 28.7, the 130M 79.0 against 80.3).
+    const bool logits_f32 = hn.dtype == DType::F32 || !head_logits_in_type();
+    const size_t es = dtype_size(hn.dtype), zs = logits_f32 ? sizeof(float) : es;
+    const size_t dz_bytes = logits_f32 && hn.dtype != DType::F32 ? es : 0;  // 0: dz is z
+    const int rows = int(std::clamp<size_t>(head_block_bytes() / (size_t(V) * (zs + dz_bytes)), 1, size_t(n)));
     auto round_up = [](size_t b) { return (b + 255) / 256 * 256; };
-    const size_t loss_b = round_up(sizeof(float) * size_t(n)), z_b = round_up(sizeof(float) * size_t(rows) * V);
+    const size_t loss_b = round_up(sizeof(float) * size_t(n)), z_b = round_up(zs * size_t(rows) * V);
     char* ws = static_cast<char*>(workspace(loss_b + z_b + dz_bytes * size_t(rows) * V));
     auto* loss = reinterpret_cast<float*>(ws);
-    auto* z = reinterpret_cast<float*>(ws + loss_b);
-    void* dz = dz_bytes == 0 ? static_cast<void*>(z) : static_cast<void*>(ws + loss_b + z_b);
+    void* z = ws + loss_b;
+    void* dz = dz_bytes == 0 ? z : static_cast<void*>(ws + loss_b + z_b);
     for (int r0 = 0; r0 < n; r0 += rows) {
       const int nb = std::min(rows, n - r0);
       const void* h = hn.row(r0);
       // z [nb,V] = hn [nb,D] . W [V,D]^T
-      blas().gemm(z, CUDA_R_32F, V, h, hn.ld, false, W.data, W.ld, true, tin, nb, V, D, false, stream_);
+      blas().gemm(z, logits_f32 ? CUDA_R_32F : tin, V, h, hn.ld, false, W.data, W.ld, true, tin, nb, V, D, false,
+                  stream_);
       dispatch(hn.dtype, [&](auto tag) {
         using T = elem_t<decltype(tag)>;
-        cuda::cross_entropy_rows<T>(static_cast<T*>(dz), z, targets + r0, loss + r0, nb, V, float(scale), stream_);
+        if (logits_f32)
+          cuda::cross_entropy_rows<float, T>(static_cast<T*>(dz), static_cast<const float*>(z), targets + r0,
+                                             loss + r0, nb, V, float(scale), stream_);
+        else
+          cuda::cross_entropy_rows<T, T>(static_cast<T*>(dz), static_cast<const T*>(z), targets + r0, loss + r0, nb,
+                                         V, float(scale), stream_);
       });
       // dhn [nb,D] = dz [nb,V] . W [V,D]; dW [V,D] += dz^T [V,nb] . hn [nb,D]
       blas().gemm(dhn.row(r0), cuda_type(dhn.dtype), dhn.ld, dz, V, false, W.data, W.ld, false, tin, nb, D, V, false,

@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "core/error.h"
 
@@ -26,6 +27,38 @@ template <class T> __device__ __forceinline__ T from_f(float v);
 template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+
+// Four adjacent elements as one 8- or 16-byte access (the address 4-element aligned).
+template <class T>
+struct Vec4 {
+  using Raw = std::conditional_t<sizeof(T) == 4, float4, uint2>;
+  union {
+    Raw raw;
+    T e[4];
+  };
+};
+
+template <class T>
+__device__ __forceinline__ void load4(const T* p, float v[4]) {
+  Vec4<T> u;
+  u.raw = *reinterpret_cast<const typename Vec4<T>::Raw*>(p);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) v[i] = to_f(u.e[i]);
+}
+
+template <class T>
+__device__ __forceinline__ void store4(T* p, const float v[4]) {
+  Vec4<T> u;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) u.e[i] = from_f<T>(v[i]);
+  *reinterpret_cast<typename Vec4<T>::Raw*>(p) = u.raw;
+}
+
+// Whether p (and every row start, given the row stride ld) is 4-element aligned.
+template <class T>
+inline bool aligned4(const T* p, int64_t ld) {
+  return reinterpret_cast<uintptr_t>(p) % (4 * sizeof(T)) == 0 && ld % 4 == 0;
+}
 
 __device__ __forceinline__ float silu(float v) { return v / (1.0f + expf(-v)); }
 __device__ __forceinline__ float softplus(float v) { return v > 20.0f ? v : log1pf(expf(v)); }

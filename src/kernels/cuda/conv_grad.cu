@@ -11,12 +11,14 @@
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/mamba_grad.h"
+#include "kernels/cuda/reduce.cuh"
 
 namespace hm::cuda {
 namespace {
 
 constexpr int kThreads = 128;  // channels per block
 constexpr int kRows = 64;      // token rows per block
+constexpr int kAhead = 8;      // rows whose loads a thread issues at once
 
 __device__ __forceinline__ float silu_grad(float v) {  // s + v s (1 - s), s = sigmoid(v)
   const float s = 1.0f / (1.0f + expf(-v));
@@ -55,18 +57,26 @@ __global__ void __launch_bounds__(kThreads) conv_train_kernel(T* __restrict__ ou
   int s = seq_of_row(cu, nseq, r0), end = cu[s + 1];
   float xw[K];
   window_before<T, K>(xw, x, ldx, r0, cu[s], e);
-  for (int t = r0; t < r1; ++t) {
-    if (t == end) {  // the next sequence (skipping empty ones) starts from zeros
-      while (cu[s + 1] <= t) ++s;
-      end = cu[s + 1];
+  for (int t0 = r0; t0 < r1; t0 += kAhead) {
+    float xa[kAhead];  // the group's loads are issued together, not one row's latency at a time
 #pragma unroll
-      for (int j = 0; j < K; ++j) xw[j] = 0.0f;
+    for (int u = 0; u < kAhead; ++u) xa[u] = t0 + u < r1 ? to_f(x[size_t(t0 + u) * ldx + e]) : 0.0f;
+#pragma unroll
+    for (int u = 0; u < kAhead; ++u) {
+      const int t = t0 + u;
+      if (t >= r1) break;
+      if (t == end) {  // the next sequence (skipping empty ones) starts from zeros
+        while (cu[s + 1] <= t) ++s;
+        end = cu[s + 1];
+#pragma unroll
+        for (int j = 0; j < K; ++j) xw[j] = 0.0f;
+      }
+      shift_in<K>(xw, xa[u]);
+      float acc = bias;  // pre[t] = b + sum_j w[j] x[t-K+1+j], j ascending
+#pragma unroll
+      for (int j = 0; j < K; ++j) acc += wr[j] * xw[j];
+      out[size_t(t) * ldo + e] = from_f<T>(silu(acc));
     }
-    shift_in<K>(xw, to_f(x[size_t(t) * ldx + e]));
-    float acc = bias;  // pre[t] = b + sum_j w[j] x[t-K+1+j], j ascending
-#pragma unroll
-    for (int j = 0; j < K; ++j) acc += wr[j] * xw[j];
-    out[size_t(t) * ldo + e] = from_f<T>(silu(acc));
   }
 }
 
@@ -92,38 +102,54 @@ __global__ void __launch_bounds__(kThreads) conv_grad_kernel(T* __restrict__ dx,
 #pragma unroll
   for (int j = 0; j < K; ++j) dacc[j] = dw[j] = 0.0f;
   window_before<T, K>(xw, x, ldx, r0, first, e);
-  for (int t = r0; t < tend; ++t) {
-    if (t == end) {
-      if (t >= r1) break;  // rows of the next sequence add nothing to this tile's dx
-      while (cu[s + 1] <= t) ++s;
-      first = cu[s];
-      end = cu[s + 1];
+  bool done = false;
+  for (int t0 = r0; t0 < tend && !done; t0 += kAhead) {
+    float xa[kAhead], ga[kAhead];  // the group's loads are issued together
 #pragma unroll
-      for (int j = 0; j < K; ++j) xw[j] = dacc[j] = 0.0f;
-    }
-    shift_in<K>(xw, to_f(x[size_t(t) * ldx + e]));
-    shift_in<K>(dacc, 0.0f);
-    float pre = bias;
-#pragma unroll
-    for (int j = 0; j < K; ++j) pre += wr[j] * xw[j];
-    const float dp = to_f(dout[size_t(t) * ldg + e]) * silu_grad(pre);  // out = silu(pre)
-    if (t < r1) {
-      db += dp;  // db += dpre.sum(t)
-#pragma unroll
-      for (int j = 0; j < K; ++j) dw[j] += dp * xw[j];  // dw[j] += dpre[t] x[t-K+1+j]
+    for (int u = 0; u < kAhead; ++u) {
+      const bool in = t0 + u < tend;
+      xa[u] = in ? to_f(x[size_t(t0 + u) * ldx + e]) : 0.0f;
+      ga[u] = in ? to_f(dout[size_t(t0 + u) * ldg + e]) : 0.0f;
     }
 #pragma unroll
-    for (int j = 0; j < K; ++j) dacc[j] += wr[j] * dp;  // dx[t-K+1+j] += dpre[t] w[j]
-    const int lo = max(r0, first);
-    if (t + 1 == end) {  // the sequence ends: every row still held is complete
+    for (int u = 0; u < kAhead; ++u) {
+      const int t = t0 + u;
+      if (t >= tend) break;
+      if (t == end) {
+        if (t >= r1) {  // rows of the next sequence add nothing to this tile's dx
+          done = true;
+          break;
+        }
+        while (cu[s + 1] <= t) ++s;
+        first = cu[s];
+        end = cu[s + 1];
 #pragma unroll
-      for (int j = 0; j < K; ++j) {
-        const int r = t - K + 1 + j;
-        if (r >= lo && r < r1) dx[size_t(r) * lddx + e] = from_f<T>(dacc[j]);
+        for (int j = 0; j < K; ++j) xw[j] = dacc[j] = 0.0f;
       }
-    } else {  // no later row reads row t-K+1
-      const int r = t - K + 1;
-      if (r >= lo && r < r1) dx[size_t(r) * lddx + e] = from_f<T>(dacc[0]);
+      shift_in<K>(xw, xa[u]);
+      shift_in<K>(dacc, 0.0f);
+      float pre = bias;
+#pragma unroll
+      for (int j = 0; j < K; ++j) pre += wr[j] * xw[j];
+      const float dp = ga[u] * silu_grad(pre);  // out = silu(pre)
+      if (t < r1) {
+        db += dp;  // db += dpre.sum(t)
+#pragma unroll
+        for (int j = 0; j < K; ++j) dw[j] += dp * xw[j];  // dw[j] += dpre[t] x[t-K+1+j]
+      }
+#pragma unroll
+      for (int j = 0; j < K; ++j) dacc[j] += wr[j] * dp;  // dx[t-K+1+j] += dpre[t] w[j]
+      const int lo = max(r0, first);
+      if (t + 1 == end) {  // the sequence ends: every row still held is complete
+#pragma unroll
+        for (int j = 0; j < K; ++j) {
+          const int r = t - K + 1 + j;
+          if (r >= lo && r < r1) dx[size_t(r) * lddx + e] = from_f<T>(dacc[j]);
+        }
+      } else {  // no later row reads row t-K+1
+        const int r = t - K + 1;
+        if (r >= lo && r < r1) dx[size_t(r) * lddx + e] = from_f<T>(dacc[0]);
+      }
     }
   }
   float* p = part + size_t(blockIdx.x) * (K + 1) * E + e;
@@ -132,18 +158,19 @@ __global__ void __launch_bounds__(kThreads) conv_grad_kernel(T* __restrict__ dx,
   p[size_t(K) * E] = db;
 }
 
-// dw[e, j] += sum over tiles of part (j < K), db[e] likewise (j = K); one thread per (j, e).
+// dw[e, j] += the tiles' sum of part for column j * E + e (j < K), db[e] for j = K.
 template <class G>
-__global__ void conv_grad_sum_kernel(G* __restrict__ dw, int lddw, G* __restrict__ db,
-                                     const float* __restrict__ part, int tiles, int E, int K) {
-  const int idx = blockIdx.x * blockDim.x + threadIdx.x;  // j * E + e
-  if (idx >= (K + 1) * E) return;
-  const int j = idx / E, e = idx % E;
-  float acc = 0.0f;
-  for (int i = 0; i < tiles; ++i) acc += part[size_t(i) * (K + 1) * E + idx];
-  G* d = j < K ? dw + size_t(e) * lddw + j : db + e;
-  *d = from_f<G>(to_f(*d) + acc);
-}
+struct ConvGradOut {
+  G* dw;
+  int lddw;
+  G* db;
+  int E, K;
+  __device__ void operator()(int idx, float t) const {
+    const int j = idx / E, e = idx % E;
+    G* d = j < K ? dw + size_t(e) * lddw + j : db + e;
+    *d = from_f<G>(to_f(*d) + t);
+  }
+};
 
 void check_conv(int K) {
   HM_CHECK(K >= 2 && K <= kMaxConv, "cuda conv1d_silu_train: d_conv must be in [2, ", kMaxConv, "], got ", K);
@@ -201,7 +228,8 @@ void conv1d_silu_backward(T* dx, int lddx, G* dw, int lddw, G* db, const T* dout
         dx, lddx, part, dout, ldg, x, ldx, w, ldw, b, rb.cu_seqlens, rb.nseq, rb.n_tokens, E);
   });
   HM_CUDA_LAUNCHED("conv1d_silu_backward");
-  conv_grad_sum_kernel<G><<<ceil_div((K + 1) * E, 256), 256, 0, stream>>>(dw, lddw, db, part, int(grid.x), E, K);
+  column_sums<float>(part, int(grid.x), (K + 1) * E, ConvGradOut<G>{dw, lddw, db, E, K}, stream,
+                    "conv1d_silu_backward (dw, db)");
   HM_CUDA_LAUNCHED("conv1d_silu_backward sum");
 }
 

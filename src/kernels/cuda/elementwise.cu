@@ -47,6 +47,41 @@ __global__ void __launch_bounds__(kRowThreads) rmsnorm_kernel(T* __restrict__ ou
     out[row + j] = from_f<T>(to_f(h[row + j]) * r * to_f(w[j]));
 }
 
+// Many rows (training, long prefills): one warp a row, 4 columns a lane per access, 8 rows a
+// block; the second pass re-reads the row from L1/L2, not HBM. Same math as rmsnorm_kernel.
+constexpr int kWarpRowsMin = 2048;  // below this, a block a row keeps more of the GPU busy
+template <class T>
+__global__ void __launch_bounds__(256) rmsnorm_warp_kernel(T* __restrict__ out, T* h, const T* __restrict__ delta,
+                                                           const T* __restrict__ w, int n, int d, float eps) {
+  const int row = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (row >= n) return;
+  const size_t r0 = size_t(row) * d;
+  float ss = 0;
+  for (int j = lane * 4; j < d; j += 128) {
+    float v[4];
+    load4(h + r0 + j, v);
+    if (delta) {
+      float dv[4];
+      load4(delta + r0 + j, dv);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) v[e] = to_f(from_f<T>(v[e] + dv[e]));
+      store4(h + r0 + j, v);
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) ss += v[e] * v[e];
+  }
+  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  const float r = rsqrtf(ss / float(d) + eps);
+  for (int j = lane * 4; j < d; j += 128) {  // each lane re-reads only what it wrote
+    float v[4], wv[4];
+    load4(h + r0 + j, v);
+    load4(w + j, wv);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) v[e] = v[e] * r * wv[e];
+    store4(out + r0 + j, v);
+  }
+}
+
 // One block per (row, group): g = y * silu(z) in float, out = g * rsqrt(mean_group(g^2) + eps) * w.
 // g is recomputed in the second loop rather than kept: each thread reads only its own columns,
 // so out may alias y.
@@ -120,7 +155,10 @@ template <class T>
 void rmsnorm(T* out, const T* x, const T* w, int n, int d, float eps, cudaStream_t stream) {
   if (n <= 0) return;
   // x is only read: the kernel writes h only when delta is given.
-  rmsnorm_kernel<T><<<n, kRowThreads, 0, stream>>>(out, const_cast<T*>(x), nullptr, w, d, eps);
+  if (n >= kWarpRowsMin && aligned4(out, d) && aligned4(x, d) && aligned4(w, d))
+    rmsnorm_warp_kernel<T><<<ceil_div(n, 8), 256, 0, stream>>>(out, const_cast<T*>(x), nullptr, w, n, d, eps);
+  else
+    rmsnorm_kernel<T><<<n, kRowThreads, 0, stream>>>(out, const_cast<T*>(x), nullptr, w, d, eps);
   HM_CUDA_LAUNCHED("rmsnorm");
 }
 
@@ -128,7 +166,10 @@ template <class T>
 void add_rmsnorm(T* out, T* h, const T* delta, const T* w, int n, int d, float eps,
                  cudaStream_t stream) {
   if (n <= 0) return;
-  rmsnorm_kernel<T><<<n, kRowThreads, 0, stream>>>(out, h, delta, w, d, eps);
+  if (n >= kWarpRowsMin && aligned4(out, d) && aligned4(h, d) && aligned4(delta, d) && aligned4(w, d))
+    rmsnorm_warp_kernel<T><<<ceil_div(n, 8), 256, 0, stream>>>(out, h, delta, w, n, d, eps);
+  else
+    rmsnorm_kernel<T><<<n, kRowThreads, 0, stream>>>(out, h, delta, w, d, eps);
   HM_CUDA_LAUNCHED("add_rmsnorm");
 }
 

@@ -4,10 +4,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <string>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/grad.h"
+#include "kernels/cuda/reduce.cuh"
 #include "kernels/ref/router_ref.h"
 
 #define HM_BLAS_OK(call, what)                                                                        \
@@ -141,14 +143,76 @@ __global__ void __launch_bounds__(32 * kDwPhases) rmsnorm_dw_partial_kernel(floa
   }
 }
 
-// dw[j] += the chunks' partial sums, in chunk order.
+// dw[j] += the chunks' partial sums (column_sums: a fixed order).
 template <class G>
-__global__ void rmsnorm_dw_finish_kernel(G* dw, const float* __restrict__ part, int chunks, int d) {
-  const int j = blockIdx.x * kThreads + threadIdx.x;
-  if (j >= d) return;
-  float t = 0;
-  for (int c = 0; c < chunks; ++c) t += part[size_t(c) * d + j];
-  dw[j] = from_f<G>(to_f(dw[j]) + t);
+struct AddToVec {
+  G* v;
+  __device__ void operator()(int j, float t) const { v[j] = from_f<G>(to_f(v[j]) + t); }
+};
+
+// The fused path for rows of up to 1,024 columns (d % 4 == 0, 4-element aligned rows): one warp
+// per row, a lane holding 4 adjacent columns of each 128, so x and dout are read from HBM once for
+// both dx and dw (the two-kernel path reads them twice, 256 threads a row). Each warp adds its rows'
+// dout x r to its own shared-memory row of dw partials in row order; the block then adds its 8 warps'
+// rows in order into the chunk's partial: the same fixed order on every run.
+constexpr int kFusedWarps = 8;
+
+template <class T, int K>
+__global__ void __launch_bounds__(32 * kFusedWarps) rmsnorm_backward_fused_kernel(
+    T* dx, int lddx, float* __restrict__ part, const T* __restrict__ g, int ldg, const T* __restrict__ x, int ldx,
+    const T* __restrict__ w, int n, int d, float eps, bool acc, int rows_per_chunk) {
+  extern __shared__ float pd[];  // [kFusedWarps][4][K * 32]: column c at [c % 4][c / 4]
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, width = K * 128;
+  float* mine = pd + warp * width;
+  for (int c = lane; c < width; c += 32) mine[c] = 0.0f;
+  const int r0 = blockIdx.x * rows_per_chunk, r1 = min(n, r0 + rows_per_chunk);
+  for (int i = r0 + warp; i < r1; i += kFusedWarps) {
+    float xv[K][4], gv[K][4];
+    float ss = 0, dot = 0;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int c = (k * 32 + lane) * 4;
+      if (c < d) {
+        float wv[4];
+        load4(x + size_t(i) * ldx + c, xv[k]);
+        load4(g + size_t(i) * ldg + c, gv[k]);
+        load4(w + c, wv);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          ss += xv[k][e] * xv[k][e];
+          dot += gv[k][e] * wv[e] * xv[k][e];
+        }
+      }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+      ss += __shfl_xor_sync(0xffffffffu, ss, o);
+      dot += __shfl_xor_sync(0xffffffffu, dot, o);
+    }
+    const float r = 1.0f / sqrtf(ss / float(d) + eps), cc = r * r * r * dot / float(d);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int c = (k * 32 + lane) * 4;
+      if (c < d) {
+        float wv[4], out[4];
+        load4(w + c, wv);
+        T* di = dx + size_t(i) * lddx + c;
+        if (acc) load4(di, out);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float v = gv[k][e] * wv[e] * r - cc * xv[k][e];
+          out[e] = acc ? out[e] + v : v;
+          mine[e * (K * 32) + c / 4] += gv[k][e] * xv[k][e] * r;  // lanes on consecutive banks
+        }
+        store4(di, out);
+      }
+    }
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < d; c += 32 * kFusedWarps) {
+    float t = 0;
+    for (int y = 0; y < kFusedWarps; ++y) t += pd[y * width + (c % 4) * (K * 32) + c / 4];
+    part[size_t(blockIdx.x) * d + c] = t;
+  }
 }
 
 // Rows per chunk of the dw pass: at least 64, and at most 512 chunks.
@@ -341,32 +405,85 @@ __global__ void embedding_backward_kernel(G* dtable, int ldt, const T* __restric
 
 // ---- Cross-entropy rows ----
 
-// One block per row. z[target] is read before any dz is written (dz may be z).
-template <class TD>
-__global__ void __launch_bounds__(kThreads) cross_entropy_rows_kernel(TD* dz, const float* z,
-                                                                      const int32_t* __restrict__ targets,
-                                                                      float* __restrict__ loss, int V,
-                                                                      float scale) {
+// The row staged once in shared memory (V x TZ bytes: a 32,000-entry bf16 row is 64 KB, 3 blocks
+// an SM; float 128 KB, one): the logits are read from HBM once. dz may be z itself (TZ = TD): the
+// whole row is in shared memory before the first write.
+constexpr int kCeThreads = 512;
+
+template <int NT, bool kMax>
+__device__ float block_reduce_n(float v, float* part) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const float u = __shfl_xor_sync(0xffffffffu, v, o);
+    v = kMax ? fmaxf(v, u) : v + u;
+  }
+  if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = v;
+  __syncthreads();
+  float r = part[0];
+#pragma unroll
+  for (int i = 1; i < NT / 32; ++i) r = kMax ? fmaxf(r, part[i]) : r + part[i];
+  __syncthreads();  // part is reused by the next call
+  return r;
+}
+
+template <class TZ, class TD>
+__global__ void __launch_bounds__(kCeThreads) cross_entropy_rows_smem_kernel(TD* dz, const TZ* z,
+                                                                             const int32_t* __restrict__ targets,
+                                                                             float* __restrict__ loss, int V,
+                                                                             float scale) {
+  extern __shared__ __align__(16) unsigned char ce_smem[];
+  TZ* row = reinterpret_cast<TZ*>(ce_smem);
+  __shared__ float part[kCeThreads / 32];
   const size_t r = blockIdx.x;
-  const float* zr = z + r * V;
-  TD* dr = dz + r * V;
+  const TZ* zr = z + r * size_t(V);
+  TD* dr = dz + r * size_t(V);
   const int tg = targets[r];
   if (tg < 0) {  // ignored row: no loss, no gradient
+    for (int j = threadIdx.x; j < V; j += kCeThreads) dr[j] = from_f<TD>(0.0f);
+    if (threadIdx.x == 0) loss[r] = 0.0f;
+    return;
+  }
+  float mx = -INFINITY;
+#pragma unroll 8
+  for (int j = threadIdx.x; j < V; j += kCeThreads) {
+    const TZ v = zr[j];
+    row[j] = v;
+    mx = fmaxf(mx, to_f(v));
+  }
+  mx = block_reduce_n<kCeThreads, true>(mx, part);  // its barrier also publishes row[]
+  float se = 0;
+  for (int j = threadIdx.x; j < V; j += kCeThreads) se += expf(to_f(row[j]) - mx);
+  se = block_reduce_n<kCeThreads, false>(se, part);
+  const float lse = mx + logf(se);
+  if (threadIdx.x == 0) loss[r] = lse - to_f(row[tg]);
+  for (int j = threadIdx.x; j < V; j += kCeThreads)
+    dr[j] = from_f<TD>((expf(to_f(row[j]) - lse) - (j == tg ? 1.0f : 0.0f)) * scale);
+}
+
+// Rows too long for shared memory: three passes over z in global memory (max, sum, dz).
+template <class TZ, class TD>
+__global__ void __launch_bounds__(kThreads) cross_entropy_rows_kernel(TD* dz, const TZ* z,
+                                                                      const int32_t* __restrict__ targets,
+                                                                      float* __restrict__ loss, int V, float scale) {
+  const size_t r = blockIdx.x;
+  const TZ* zr = z + r * size_t(V);
+  TD* dr = dz + r * size_t(V);
+  const int tg = targets[r];
+  if (tg < 0) {
     for (int j = threadIdx.x; j < V; j += kThreads) dr[j] = from_f<TD>(0.0f);
     if (threadIdx.x == 0) loss[r] = 0.0f;
     return;
   }
   float mx = -INFINITY;
-  for (int j = threadIdx.x; j < V; j += kThreads) mx = fmaxf(mx, zr[j]);
+  for (int j = threadIdx.x; j < V; j += kThreads) mx = fmaxf(mx, to_f(zr[j]));
   mx = block_reduce<true>(mx);
-  const float zt = zr[tg];
+  const float zt = to_f(zr[tg]);
   float se = 0;
-  for (int j = threadIdx.x; j < V; j += kThreads) se += expf(zr[j] - mx);
+  for (int j = threadIdx.x; j < V; j += kThreads) se += expf(to_f(zr[j]) - mx);
   se = block_reduce<false>(se);  // its barriers also order every read of z above before the writes below
   const float lse = mx + logf(se);
   if (threadIdx.x == 0) loss[r] = lse - zt;
-  for (int j = threadIdx.x; j < V; j += kThreads)
-    dr[j] = from_f<TD>((expf(zr[j] - lse) - (j == tg ? 1.0f : 0.0f)) * scale);
+  for (int j = threadIdx.x; j < V; j += kThreads)  // each thread reads z[j] before it writes dz[j]
+    dr[j] = from_f<TD>((expf(to_f(zr[j]) - lse) - (j == tg ? 1.0f : 0.0f)) * scale);
 }
 
 }  // namespace
@@ -386,13 +503,29 @@ void rmsnorm_backward(T* dx, int lddx, G* dw, const T* dout, int ldg, const T* x
   auto* rstd = static_cast<float*>(workspace);
   float* part = rstd + n;
   const int rpc = dw_rows_per_chunk(n), chunks = ceil_div(n, rpc);
+  const int K = d <= 128 ? 1 : d <= 256 ? 2 : d <= 512 ? 4 : d <= 1024 ? 8 : 0;
+  const char* ab = std::getenv("HM_CUDA_RMSNORM_BWD");  // =two: the two-kernel path (A/B runs)
+  const bool two = ab != nullptr && std::string(ab) == "two";
+  if (!two && K > 0 && d % 4 == 0 && aligned4(dx, lddx) && aligned4(dout, ldg) && aligned4(x, ldx) && aligned4(w, 0)) {
+    const size_t smem = sizeof(float) * kFusedWarps * size_t(K) * 128;
+    auto launch = [&](auto kernel) {
+      kernel<<<chunks, 32 * kFusedWarps, smem, stream>>>(dx, lddx, part, dout, ldg, x, ldx, w, n, d, eps,
+                                                         accumulate_dx, rpc);
+    };
+    if (K == 1) launch(rmsnorm_backward_fused_kernel<T, 1>);
+    else if (K == 2) launch(rmsnorm_backward_fused_kernel<T, 2>);
+    else if (K == 4) launch(rmsnorm_backward_fused_kernel<T, 4>);
+    else launch(rmsnorm_backward_fused_kernel<T, 8>);
+    HM_CUDA_LAUNCHED("rmsnorm_backward (fused dx and dw partials)");
+    column_sums<float>(part, chunks, d, AddToVec<G>{dw}, stream, "rmsnorm_backward (dw)");
+    return;
+  }
   rmsnorm_dx_kernel<T><<<n, kThreads, 0, stream>>>(dx, lddx, rstd, dout, ldg, x, ldx, w, d, eps, accumulate_dx);
   HM_CUDA_LAUNCHED("rmsnorm_backward (dx)");
   rmsnorm_dw_partial_kernel<T><<<dim3(ceil_div(d, 32), chunks), dim3(32, kDwPhases), 0, stream>>>(
       part, dout, ldg, x, ldx, rstd, n, d, rpc);
   HM_CUDA_LAUNCHED("rmsnorm_backward (dw partials)");
-  rmsnorm_dw_finish_kernel<G><<<ceil_div(d, kThreads), kThreads, 0, stream>>>(dw, part, chunks, d);
-  HM_CUDA_LAUNCHED("rmsnorm_backward (dw)");
+  column_sums<float>(part, chunks, d, AddToVec<G>{dw}, stream, "rmsnorm_backward (dw)");
 }
 
 template <class T>
@@ -425,11 +558,29 @@ void embedding_backward(G* dtable, int ldt, const T* dout, int ldo, const int32_
   HM_CUDA_LAUNCHED("embedding_backward");
 }
 
-template <class TD>
-void cross_entropy_rows(TD* dz, const float* z, const int32_t* targets, float* loss, int n, int V, float scale,
+template <class TZ, class TD>
+void cross_entropy_rows(TD* dz, const TZ* z, const int32_t* targets, float* loss, int n, int V, float scale,
                         cudaStream_t stream) {
   if (n <= 0 || V <= 0) return;
-  cross_entropy_rows_kernel<TD><<<n, kThreads, 0, stream>>>(dz, z, targets, loss, V, scale);
+  static const int max_smem = [] {
+    int dev = 0, v = 0;
+    HM_CUDA_OK(cudaGetDevice(&dev), "cross_entropy_head (cudaGetDevice)");
+    HM_CUDA_OK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
+               "cross_entropy_head (shared memory per block)");
+    return v;
+  }();
+  const size_t bytes = size_t(V) * sizeof(TZ);
+  const size_t static_bytes = sizeof(float) * (kCeThreads / 32);
+  const char* ab = std::getenv("HM_CUDA_HEAD_ROWS");  // =passes: the three-pass kernel (A/B runs)
+  const bool passes = ab != nullptr && std::string(ab) == "passes";
+  if (!passes && bytes + static_bytes <= size_t(max_smem)) {
+    static const cudaError_t attr = cudaFuncSetAttribute(
+        cross_entropy_rows_smem_kernel<TZ, TD>, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem - int(static_bytes));
+    HM_CUDA_OK(attr, "cross_entropy_head (cudaFuncSetAttribute)");
+    cross_entropy_rows_smem_kernel<TZ, TD><<<n, kCeThreads, bytes, stream>>>(dz, z, targets, loss, V, scale);
+  } else {
+    cross_entropy_rows_kernel<TZ, TD><<<n, kThreads, 0, stream>>>(dz, z, targets, loss, V, scale);
+  }
   HM_CUDA_LAUNCHED("cross_entropy_head (rows)");
 }
 
@@ -486,10 +637,14 @@ void router(float* r, float* s_tmp, float* feats, const T* u, int ldu, int D, co
   template void router<T>(float*, float*, float*, const T*, int, int, const float*, const float*,               \
                           const float*, const RaggedBatch&, int, float*, cudaStream_t);                         \
   template void rope_backward<T>(T*, int, int, int, const RaggedBatch&, float, cudaStream_t);                  \
-  template void cross_entropy_rows<T>(T*, const float*, const int32_t*, float*, int, int, float, cudaStream_t);
+  template void cross_entropy_rows<T, T>(T*, const T*, const int32_t*, float*, int, int, float, cudaStream_t);
 HM_CUDA_FOR_TYPES(HM_INST)
 HM_INST_G(__nv_bfloat16, float)
 HM_INST_G(__half, float)
+template void cross_entropy_rows<float, __nv_bfloat16>(__nv_bfloat16*, const float*, const int32_t*, float*, int, int,
+                                                       float, cudaStream_t);
+template void cross_entropy_rows<float, __half>(__half*, const float*, const int32_t*, float*, int, int, float,
+                                                cudaStream_t);
 #undef HM_INST
 #undef HM_INST_G
 

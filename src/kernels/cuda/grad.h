@@ -70,11 +70,13 @@ template <class T, class G>
 void embedding_backward(G* dtable, int ldt, const T* dout, int ldo, const int32_t* order, const int32_t* seg,
                         const int32_t* seg_id, int nseg, int d, cudaStream_t stream);
 
-// The cross-entropy rows of the fused LM head: z [n, V] float logits (dense); for target
-// t = targets[i] >= 0, loss[i] = logsumexp(z_i) - z_i[t] and dz_i = (softmax(z_i) - onehot(t)) *
-// scale; rows with t < 0 get loss 0 and dz 0. dz [n, V] (dense, of TD) may be z itself (TD float).
-template <class TD>
-void cross_entropy_rows(TD* dz, const float* z, const int32_t* targets, float* loss, int n, int V, float scale,
+// The cross-entropy rows of the fused LM head: z [n, V] logits (dense, of TZ: float, or the compute
+// type T); for target t = targets[i] >= 0, loss[i] = logsumexp(z_i) - z_i[t] and dz_i = (softmax(z_i)
+// - onehot(t)) * scale (float math); rows with t < 0 get loss 0 and dz 0. dz [n, V] (dense, of TD)
+// may be z itself when TZ = TD. A row that fits in shared memory is read from HBM once; longer rows
+// take three reading passes. Instantiated for <T, T> and <float, T>.
+template <class TZ, class TD>
+void cross_entropy_rows(TD* dz, const TZ* z, const int32_t* targets, float* loss, int n, int V, float scale,
                         cudaStream_t stream);
 
 // Causal GQA attention for training (each sequence of rb over its own rows; slots and pos0 are

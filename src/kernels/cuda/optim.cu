@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/reduce.cuh"
 #include "kernels/cuda/grad.h"
 
 namespace hm::cuda {
@@ -30,13 +31,10 @@ __global__ void scale_cols_partial_kernel(T* dsrc, int ldds, const T* ddst, int 
 }
 
 template <class G>
-__global__ void scale_cols_sum_kernel(G* dscale, const float* partial, int n_chunks, int d) {
-  const int c = blockIdx.x * kThreads + threadIdx.x;
-  if (c >= d) return;
-  double acc = 0.0;
-  for (int k = 0; k < n_chunks; ++k) acc += double(partial[int64_t(k) * d + c]);
-  dscale[c] = from_f<G>(to_f(dscale[c]) + float(acc));
-}
+struct AddToScale {  // the column's double sum, rounded once
+  G* v;
+  __device__ void operator()(int c, double t) const { v[c] = from_f<G>(to_f(v[c]) + float(t)); }
+};
 
 template <class TD, class TS>
 __global__ void convert_kernel(TD* dst, int64_t ldd, const TS* src, int64_t lds, int rows, int cols) {
@@ -97,8 +95,7 @@ void scale_cols_backward(T* dsrc, int ldds, G* dscale, const T* ddst, int lddd, 
   scale_cols_partial_kernel<T><<<dim3(ceil_div(d, kThreads), n_chunks), kThreads, 0, stream>>>(
       dsrc, ldds, ddst, lddd, src, lds, scale, n, d, partial);
   HM_CUDA_LAUNCHED("scale_cols_backward (partial sums)");
-  scale_cols_sum_kernel<G><<<ceil_div(d, kThreads), kThreads, 0, stream>>>(dscale, partial, n_chunks, d);
-  HM_CUDA_LAUNCHED("scale_cols_backward (column sums)");
+  column_sums<double>(partial, n_chunks, d, AddToScale<G>{dscale}, stream, "scale_cols_backward (column sums)");
 }
 
 template <class TD, class TS>
