@@ -206,6 +206,7 @@ def main():
     ap.add_argument("--hm", default="build/hm")
     ap.add_argument("--model", help="model folder (default: hm init --preset PRESET in a temp dir, random weights)")
     ap.add_argument("--preset", default="demo")
+    ap.add_argument("--config", help="a config.json for hm init instead of --preset (random bf16 weights)")
     ap.add_argument("--levels", default="1,8,64", help="concurrent clients; the first must be 1 (the reference)")
     ap.add_argument("--requests", default="100,200,1000", help="requests at each level")
     ap.add_argument("--distinct", type=int, default=100, help="distinct prompts")
@@ -222,11 +223,12 @@ def main():
     if levels[0] != 1 or len(levels) != len(counts):
         raise SystemExit("--levels must start with 1 and --requests give one count per level")
     tmp = tempfile.TemporaryDirectory()
-    model = a.model or os.path.join(tmp.name, a.preset)
+    model = a.model or os.path.join(tmp.name, "model")
+    source = ["--config", a.config, "--dtype", "BF16"] if a.config else ["--preset", a.preset]
     if not a.model:
-        subprocess.run([a.hm, "init", "--preset", a.preset, "--out", model], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([a.hm, "init", *source, "--out", model], check=True, stdout=subprocess.DEVNULL)
     flags = shlex.split(a.serve_args)
-    out = {"model": a.model or f"hm init --preset {a.preset} (random weights)", "cpu": cpu_name(),
+    out = {"model": a.model or f"hm init {' '.join(source)} (random weights)", "cpu": cpu_name(),
            "cores": len(os.sched_getaffinity(0)), "serve_args": a.serve_args,
            "loadavg_start": list(os.getloadavg()), "max_tokens": a.max_tokens, "levels": []}
 
