@@ -217,7 +217,7 @@ TEST_P(CudaGradOps, LinearBackward) {
 }
 
 // dx (=|+=) and dw += over rows, dw in the type and in f32; row counts past one chunk of the dw
-// pass (64 rows) and past 512 chunks (rows per chunk above 64, a short last chunk). Views at odd
+// pass (32 rows) and past 1,024 chunks (rows per chunk above 32, a short last chunk). Views at odd
 // columns take the two-kernel path; views at 4-aligned columns with d % 4 == 0 and d <= 1024 the
 // fused one (one warp a row, K = 1, 2, 4 and 8 vectors of 128 columns, a part-filled last vector).
 TEST_P(CudaGradOps, RmsNormBackward) {

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <string>
+#include <utility>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/grad.h"
@@ -72,10 +73,10 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// Sum (or max) over the block of kThreads threads; every thread gets the result.
-template <bool kMax>
+// Sum (or max) over the block of NT threads; every thread gets the result.
+template <bool kMax, int NT = kThreads>
 __device__ float block_reduce(float v) {
-  __shared__ float part[kThreads / 32];
+  __shared__ float part[NT / 32];
   for (int o = 16; o > 0; o >>= 1) {
     const float u = __shfl_xor_sync(0xffffffffu, v, o);
     v = kMax ? fmaxf(v, u) : v + u;
@@ -85,7 +86,7 @@ __device__ float block_reduce(float v) {
   __syncthreads();
   float r = part[0];
 #pragma unroll
-  for (int i = 1; i < kThreads / 32; ++i) r = kMax ? fmaxf(r, part[i]) : r + part[i];
+  for (int i = 1; i < NT / 32; ++i) r = kMax ? fmaxf(r, part[i]) : r + part[i];
   __syncthreads();  // part is reused by the next call
   return r;
 }
@@ -215,8 +216,9 @@ __global__ void __launch_bounds__(32 * kFusedWarps) rmsnorm_backward_fused_kerne
   }
 }
 
-// Rows per chunk of the dw pass: at least 64, and at most 512 chunks.
-int dw_rows_per_chunk(int n) { return std::max(64, ceil_div(n, 512)); }
+// Rows per chunk of the dw pass: at least 32, and at most 1,024 chunks (the fused kernel's
+// warps take 4 rows each at 16,384 rows: 512 blocks, more of them in flight than at 64 rows).
+int dw_rows_per_chunk(int n) { return std::max(32, ceil_div(n, 1024)); }
 
 // ---- SwiGLU, RoPE ----
 
@@ -410,21 +412,6 @@ __global__ void embedding_backward_kernel(G* dtable, int ldt, const T* __restric
 // whole row is in shared memory before the first write.
 constexpr int kCeThreads = 512;
 
-template <int NT, bool kMax>
-__device__ float block_reduce_n(float v, float* part) {
-  for (int o = 16; o > 0; o >>= 1) {
-    const float u = __shfl_xor_sync(0xffffffffu, v, o);
-    v = kMax ? fmaxf(v, u) : v + u;
-  }
-  if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = v;
-  __syncthreads();
-  float r = part[0];
-#pragma unroll
-  for (int i = 1; i < NT / 32; ++i) r = kMax ? fmaxf(r, part[i]) : r + part[i];
-  __syncthreads();  // part is reused by the next call
-  return r;
-}
-
 template <class TZ, class TD>
 __global__ void __launch_bounds__(kCeThreads) cross_entropy_rows_smem_kernel(TD* dz, const TZ* z,
                                                                              const int32_t* __restrict__ targets,
@@ -432,7 +419,6 @@ __global__ void __launch_bounds__(kCeThreads) cross_entropy_rows_smem_kernel(TD*
                                                                              float scale) {
   extern __shared__ __align__(16) unsigned char ce_smem[];
   TZ* row = reinterpret_cast<TZ*>(ce_smem);
-  __shared__ float part[kCeThreads / 32];
   const size_t r = blockIdx.x;
   const TZ* zr = z + r * size_t(V);
   TD* dr = dz + r * size_t(V);
@@ -449,10 +435,10 @@ __global__ void __launch_bounds__(kCeThreads) cross_entropy_rows_smem_kernel(TD*
     row[j] = v;
     mx = fmaxf(mx, to_f(v));
   }
-  mx = block_reduce_n<kCeThreads, true>(mx, part);  // its barrier also publishes row[]
+  mx = block_reduce<true, kCeThreads>(mx);  // its barrier also publishes row[]
   float se = 0;
   for (int j = threadIdx.x; j < V; j += kCeThreads) se += expf(to_f(row[j]) - mx);
-  se = block_reduce_n<kCeThreads, false>(se, part);
+  se = block_reduce<false, kCeThreads>(se);
   const float lse = mx + logf(se);
   if (threadIdx.x == 0) loss[r] = lse - to_f(row[tg]);
   for (int j = threadIdx.x; j < V; j += kCeThreads)
@@ -562,21 +548,26 @@ template <class TZ, class TD>
 void cross_entropy_rows(TD* dz, const TZ* z, const int32_t* targets, float* loss, int n, int V, float scale,
                         cudaStream_t stream) {
   if (n <= 0 || V <= 0) return;
-  static const int max_smem = [] {
-    int dev = 0, v = 0;
+  // The kernel's own static shared memory (its block reductions' arrays) counts against the same
+  // per-block limit as the row: both are read from the device and the function, not assumed.
+  static const std::pair<int, int> limits = [] {
+    int dev = 0, optin = 0;
     HM_CUDA_OK(cudaGetDevice(&dev), "cross_entropy_head (cudaGetDevice)");
-    HM_CUDA_OK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
+    HM_CUDA_OK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
                "cross_entropy_head (shared memory per block)");
-    return v;
+    cudaFuncAttributes fa{};
+    HM_CUDA_OK(cudaFuncGetAttributes(&fa, cross_entropy_rows_smem_kernel<TZ, TD>),
+               "cross_entropy_head (cudaFuncGetAttributes)");
+    const int dyn = optin - int(fa.sharedSizeBytes);
+    HM_CUDA_OK(cudaFuncSetAttribute(cross_entropy_rows_smem_kernel<TZ, TD>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, dyn),
+               "cross_entropy_head (cudaFuncSetAttribute)");
+    return std::pair<int, int>{optin, dyn};
   }();
   const size_t bytes = size_t(V) * sizeof(TZ);
-  const size_t static_bytes = sizeof(float) * (kCeThreads / 32);
   const char* ab = std::getenv("HM_CUDA_HEAD_ROWS");  // =passes: the three-pass kernel (A/B runs)
   const bool passes = ab != nullptr && std::string(ab) == "passes";
-  if (!passes && bytes + static_bytes <= size_t(max_smem)) {
-    static const cudaError_t attr = cudaFuncSetAttribute(
-        cross_entropy_rows_smem_kernel<TZ, TD>, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem - int(static_bytes));
-    HM_CUDA_OK(attr, "cross_entropy_head (cudaFuncSetAttribute)");
+  if (!passes && bytes <= size_t(limits.second)) {
     cross_entropy_rows_smem_kernel<TZ, TD><<<n, kCeThreads, bytes, stream>>>(dz, z, targets, loss, V, scale);
   } else {
     cross_entropy_rows_kernel<TZ, TD><<<n, kThreads, 0, stream>>>(dz, z, targets, loss, V, scale);
