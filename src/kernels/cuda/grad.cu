@@ -1,7 +1,5 @@
-// The training kernels of grad.h besides attention (attention_grad.cu): cuBLAS GEMMs with
-// transposes, RMSNorm / SwiGLU / RoPE backward, the embedding scatter and the cross-entropy rows.
-#include <cublas_v2.h>
-
+// The training kernels of grad.h besides attention (attention_grad.cu): GEMMs with transposes
+// (linear.h's Gemm), RMSNorm / SwiGLU / RoPE backward, the embedding scatter, cross-entropy rows.
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -10,63 +8,32 @@
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/grad.h"
+#include "kernels/cuda/linear.h"
 #include "kernels/cuda/reduce.cuh"
 #include "kernels/ref/router_ref.h"
-
-#define HM_BLAS_OK(call, what)                                                                        \
-  do {                                                                                                \
-    const cublasStatus_t hm_st_ = (call);                                                             \
-    HM_CHECK(hm_st_ == CUBLAS_STATUS_SUCCESS, "cuda training gemm: ", what, ": ", cublasGetStatusString(hm_st_)); \
-  } while (0)
 
 namespace hm::cuda {
 
 // ---- Blas ----
 
+// The training products run through Gemm::gemm: cublasGemmEx (what every measured run used), or
+// with HM_CUDA_TRAIN_GEMM=lt cuBLASLt with cached plans (and, with HM_CUDA_GEMM_BUCKETS=1,
+// algorithms per bucketed shape). The cuBLASLt route was written in stop 37 after the device
+// time ran out: not yet run on a GPU, so not the default.
 struct Blas::Impl {
-  cublasHandle_t h = nullptr;
-  void* ws = nullptr;
-  ~Impl() {
-    if (h) cublasDestroy(h);
-    if (ws) cudaFree(ws);
-  }
+  Gemm g;
 };
 
-Blas::Blas() : impl_(std::make_unique<Impl>()) {
-  constexpr size_t kWorkspace = size_t(32) << 20;  // as linear.h's Gemm
-  HM_BLAS_OK(cublasCreate(&impl_->h), "cublasCreate");
-  const cudaError_t e = cudaMalloc(&impl_->ws, kWorkspace);
-  HM_CHECK(e == cudaSuccess, "cuda training gemm: cudaMalloc of the cuBLAS workspace: ", cudaGetErrorString(e));
-  HM_BLAS_OK(cublasSetWorkspace(impl_->h, impl_->ws, kWorkspace), "cublasSetWorkspace");
-  // Split-K parts reduce in float, never in a 16-bit output type.
-  HM_BLAS_OK(cublasSetMathMode(impl_->h, CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION), "cublasSetMathMode");
-}
+Blas::Blas() : impl_(std::make_unique<Impl>()) {}
 
 Blas::~Blas() = default;
 
 void Blas::gemm(void* C, cudaDataType_t tc, int64_t ldc, const void* A, int64_t lda, bool ta, const void* B,
                 int64_t ldb, bool tb, cudaDataType_t tin, int m, int n, int k, bool accumulate,
                 cudaStream_t stream) {
-  HM_CHECK(m >= 0 && n >= 0 && k >= 0, "cuda training gemm: negative shape m ", m, " n ", n, " k ", k);
-  if (m == 0 || n == 0) return;
-  if (k == 0) {  // an empty sum
-    if (!accumulate) {
-      const size_t es = tc == CUDA_R_32F ? 4 : 2;
-      HM_CUDA_OK(cudaMemset2DAsync(C, size_t(ldc) * es, 0, size_t(n) * es, size_t(m), stream),
-                 "training gemm (cudaMemset2DAsync)");
-    }
-    return;
-  }
-  HM_CHECK(lda <= INT32_MAX && ldb <= INT32_MAX && ldc <= INT32_MAX,
-           "cuda training gemm: leading dimension over 2^31");
-  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
-  HM_BLAS_OK(cublasSetStream(impl_->h, stream), "cublasSetStream");
-  // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T, and a row-major matrix read
-  // column-major is its transpose: B goes first, each with its own flag, no copies.
-  HM_BLAS_OK(cublasGemmEx(impl_->h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k, &alpha,
-                          B, tin, int(ldb), A, tin, int(lda), &beta, C, tc, int(ldc), CUBLAS_COMPUTE_32F,
-                          CUBLAS_GEMM_DEFAULT),
-             "cublasGemmEx (m " + std::to_string(m) + " n " + std::to_string(n) + " k " + std::to_string(k) + ")");
+  const char* v = std::getenv("HM_CUDA_TRAIN_GEMM");
+  impl_->g.set_use_lt(v != nullptr && std::string(v) == "lt");
+  impl_->g.gemm(C, tc, ldc, A, lda, ta, B, ldb, tb, tin, m, n, k, accumulate, stream);
 }
 
 namespace {

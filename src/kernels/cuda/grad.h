@@ -24,7 +24,7 @@ namespace hm::cuda {
 // dy W and dy^T x, which linear.h's y = x W^T does not express.
 class Blas {
  public:
-  Blas();  // a cuBLAS handle and its workspace on the current device (hm::Error on failure)
+  Blas();  // cuBLASLt and cuBLAS handles and their workspace on the current device (hm::Error on failure)
   ~Blas();
   Blas(const Blas&) = delete;
   Blas& operator=(const Blas&) = delete;

@@ -6,7 +6,11 @@
 #include <cublasLt.h>
 #include <cublas_v2.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <map>
+#include <string>
+#include <utility>
 #include <tuple>
 
 #include "core/error.h"
@@ -36,6 +40,28 @@ size_t type_bytes(cudaDataType_t t) { return t == CUDA_R_32F ? 4 : 2; }
 constexpr size_t kMaxPlans = 512;
 
 using Key = std::tuple<int, int, int, int64_t, int64_t, int64_t, int, int, uint32_t, uint32_t, uint32_t>;
+// A general product's key: m, n, k, lda, ldb, ldc, transposes (ta | tb << 1), tin, tc, and the
+// alignments of A, B, C.
+using GKey = std::tuple<int, int, int, int64_t, int64_t, int64_t, int, int, int, uint32_t, uint32_t, uint32_t>;
+
+// The size whose algorithm a dimension borrows: itself when small or a multiple of 256 (weights,
+// batches of whole sequences), else rounded up to 1/8 of its power of two (8,213 -> 8,704). Token
+// counts that change every call (True Hybrid's paths, prefill chunks of a server) then share one
+// heuristic query per bucket instead of paying one (about a millisecond) per new count.
+// Off unless HM_CUDA_GEMM_BUCKETS=1: written in stop 37 after the device time ran out, not yet
+// run on a GPU (tests/cuda: CudaGradOps.LinearBackwardBucketedRows turns it on).
+bool buckets_on() {
+  const char* v = std::getenv("HM_CUDA_GEMM_BUCKETS");
+  return v != nullptr && std::string(v) == "1";
+}
+
+int bucket(int v) {
+  if (v <= 128 || v % 256 == 0) return v;
+  int g = 1;
+  while (g * 2 <= v) g *= 2;
+  g /= 8;
+  return (v + g - 1) / g * g;
+}
 
 struct Plan {
   cublasLtMatmulDesc_t op = nullptr;
@@ -60,6 +86,8 @@ struct Gemm::Impl {
   std::map<Key, Plan> plans;      // per shape (m included)
   std::map<Key, Plan> inv_plans;  // batch-invariant mode: per shape, with the algorithm of fixed_algos
   std::map<Key, cublasLtMatmulAlgo_t> fixed_algos;  // batch-invariant mode: per shape with m = 0
+  std::map<GKey, Plan> gplans;                      // general products (Gemm::gemm), per exact shape
+  std::map<GKey, std::pair<bool, cublasLtMatmulAlgo_t>> rep_algos;  // per bucketed shape
 
   ~Impl() {
     drop_plans();
@@ -72,6 +100,8 @@ struct Gemm::Impl {
     plans.clear();
     for (auto& kv : inv_plans) kv.second.destroy();
     inv_plans.clear();
+    for (auto& kv : gplans) kv.second.destroy();
+    gplans.clear();
   }
 
   // The descriptors of one shape (no algorithm yet).
@@ -89,6 +119,84 @@ struct Gemm::Impl {
       p.destroy();
       throw;
     }
+  }
+
+  // The descriptors of the general product C [m,n] = op(A) [m,k] . op(B) [k,n] (row-major), as the
+  // column-major C^T = op(B)^T op(A)^T: cuBLASLt's A is our B, its B our A.
+  static void describe_general(Plan& p, bool ta, bool tb, cudaDataType_t tin, cudaDataType_t tc, int m, int n, int k,
+                               int64_t lda, int64_t ldb, int64_t ldc) {
+    try {
+      HM_CUBLAS_OK(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate");
+      const cublasOperation_t oa = tb ? CUBLAS_OP_T : CUBLAS_OP_N, ob = ta ? CUBLAS_OP_T : CUBLAS_OP_N;
+      HM_CUBLAS_OK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &oa, sizeof oa), "TRANSA");
+      HM_CUBLAS_OK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &ob, sizeof ob), "TRANSB");
+      HM_CUBLAS_OK(cublasLtMatrixLayoutCreate(&p.a, tin, uint64_t(tb ? k : n), uint64_t(tb ? n : k), ldb), "layout B");
+      HM_CUBLAS_OK(cublasLtMatrixLayoutCreate(&p.b, tin, uint64_t(ta ? m : k), uint64_t(ta ? k : m), lda), "layout A");
+      HM_CUBLAS_OK(cublasLtMatrixLayoutCreate(&p.c, tc, uint64_t(n), uint64_t(m), ldc), "layout C");
+    } catch (...) {
+      p.destroy();
+      throw;
+    }
+  }
+
+  // The heuristic's first algorithm for plan p (its descriptors made), with split-K parts reduced
+  // in float and the pointers' alignments; false when it offers none within the workspace.
+  bool heuristic(Plan& p, uint32_t al_a, uint32_t al_b, uint32_t al_c, cublasLtMatmulHeuristicResult_t& out) {
+    cublasLtMatmulPreference_t pref = nullptr;
+    if (cublasLtMatmulPreferenceCreate(&pref) != CUBLAS_STATUS_SUCCESS) return false;
+    const uint64_t wsb = ws_bytes;
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb, sizeof wsb);
+    // Split-K partial sums stay float: a reduction in a bf16/f16 output type would round each part.
+    const uint32_t schemes = CUBLASLT_REDUCTION_SCHEME_INPLACE | CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &schemes, sizeof schemes);
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a, sizeof al_a);
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b, sizeof al_b);
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c, sizeof al_c);
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c, sizeof al_c);
+    int found = 0;
+    const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(lt, p.op, p.a, p.b, p.c, p.c, pref, 1, &out, &found);
+    cublasLtMatmulPreferenceDestroy(pref);
+    return st == CUBLAS_STATUS_SUCCESS && found > 0 && out.workspaceSize <= ws_bytes;
+  }
+
+  // A general plan. The algorithm is the one the heuristic gives the problem with every dimension
+  // at its bucket (cached per bucket), if cuBLASLt accepts it for the exact problem; else the
+  // heuristic's for the exact problem. Either way a function of the shape alone, not of the order
+  // shapes came in, so reruns and resumed runs pick the same kernels.
+  Plan make_general_plan(bool ta, bool tb, cudaDataType_t tin, cudaDataType_t tc, int m, int n, int k, int64_t lda,
+                         int64_t ldb, int64_t ldc, uint32_t al_a, uint32_t al_b, uint32_t al_c) {
+    Plan p;
+    describe_general(p, ta, tb, tin, tc, m, n, k, lda, ldb, ldc);
+    const int mb = bucket(m), nb = bucket(n), kb = bucket(k);
+    if (buckets_on() && (mb != m || nb != n || kb != k)) {
+      // Leading dimensions at least the bucketed rows of each column-major operand.
+      const int64_t la = std::max<int64_t>(lda, ta ? mb : kb), lb = std::max<int64_t>(ldb, tb ? kb : nb),
+                    lc = std::max<int64_t>(ldc, nb);
+      const GKey rk{mb, nb, kb, la, lb, lc, int(ta) | int(tb) << 1, int(tin), int(tc), al_a, al_b, al_c};
+      auto it = rep_algos.find(rk);
+      if (it == rep_algos.end()) {
+        if (rep_algos.size() >= kMaxPlans) rep_algos.clear();
+        Plan r;
+        describe_general(r, ta, tb, tin, tc, mb, nb, kb, la, lb, lc);
+        cublasLtMatmulHeuristicResult_t h{};
+        const bool ok = heuristic(r, al_b, al_a, al_c, h);
+        r.destroy();
+        it = rep_algos.emplace(rk, std::pair<bool, cublasLtMatmulAlgo_t>{ok, h.algo}).first;
+      }
+      if (it->second.first) {
+        cublasLtMatmulHeuristicResult_t res{};
+        if (cublasLtMatmulAlgoCheck(lt, p.op, p.a, p.b, p.c, p.c, &it->second.second, &res) == CUBLAS_STATUS_SUCCESS &&
+            res.workspaceSize <= ws_bytes) {
+          p.algo = res;
+          p.algo.algo = it->second.second;
+          p.lt_ok = true;
+          return p;
+        }
+      }
+    }
+    // No algorithm (an odd leading dimension or alignment) is not an error: cublasGemmEx runs it.
+    p.lt_ok = heuristic(p, al_b, al_a, al_c, p.algo);
+    return p;
   }
 
   // Batch-invariant mode: the algorithm of the shape with kInvariantRefRows rows, split-K off,
@@ -148,29 +256,6 @@ struct Gemm::Impl {
     return p;
   }
 
-  Plan make_plan(cudaDataType_t ty, int64_t ldy, uint32_t al_y, int64_t ldx, uint32_t al_x, int64_t ldw,
-                 uint32_t al_w, cudaDataType_t tin, int m, int n, int k) {
-    Plan p;
-    describe(p, ty, ldy, ldx, ldw, tin, m, n, k);
-    cublasLtMatmulPreference_t pref = nullptr;
-    if (cublasLtMatmulPreferenceCreate(&pref) != CUBLAS_STATUS_SUCCESS) return p;  // lt_ok false: the fallback runs
-    const uint64_t wsb = ws_bytes;
-    const uint32_t al_c = al_y;
-    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb, sizeof wsb);
-    // Split-K partial sums stay float: a reduction in a bf16/f16 output type would round each part.
-    const uint32_t schemes = CUBLASLT_REDUCTION_SCHEME_INPLACE | CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
-    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &schemes, sizeof schemes);
-    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_w, sizeof al_w);
-    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_x, sizeof al_x);
-    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c, sizeof al_c);
-    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c, sizeof al_c);
-    int found = 0;
-    const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(lt, p.op, p.a, p.b, p.c, p.c, pref, 1, &p.algo, &found);
-    cublasLtMatmulPreferenceDestroy(pref);
-    // No algorithm (an odd leading dimension or alignment) is not an error: cublasGemmEx runs it.
-    p.lt_ok = st == CUBLAS_STATUS_SUCCESS && found > 0 && p.algo.workspaceSize <= ws_bytes;
-    return p;
-  }
 };
 
 Gemm::Gemm(size_t workspace_bytes) : impl_(std::make_unique<Impl>()) {
@@ -233,7 +318,10 @@ void Gemm::linear(void* y, cudaDataType_t ty, int64_t ldy, const void* x, int64_
     auto it = impl_->plans.find(key);
     if (it == impl_->plans.end()) {
       if (impl_->plans.size() >= kMaxPlans) impl_->drop_plans();
-      it = impl_->plans.emplace(key, impl_->make_plan(ty, ldy, al_y, ldx, al_x, ldw, al_w, tin, m, n, k)).first;
+      // y = x W^T is the general product with A = x, B = W transposed.
+      it = impl_->plans
+               .emplace(key, impl_->make_general_plan(false, true, tin, ty, m, n, k, ldx, ldw, ldy, al_x, al_w, al_y))
+               .first;
     }
     Plan& p = it->second;
     if (p.lt_ok) {
@@ -252,6 +340,53 @@ void Gemm::linear(void* y, cudaDataType_t ty, int64_t ldy, const void* x, int64_
   HM_CUBLAS_OK(cublasSetStream(impl_->blas, stream), "cublasSetStream");
   HM_CUBLAS_OK(cublasGemmEx(impl_->blas, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &alpha, W, tin, int(ldw), x, tin,
                             int(ldx), &beta, y, ty, int(ldy), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+               "cublasGemmEx (m " + std::to_string(m) + " n " + std::to_string(n) + " k " + std::to_string(k) + ")");
+}
+
+void Gemm::gemm(void* C, cudaDataType_t tc, int64_t ldc, const void* A, int64_t lda, bool ta, const void* B,
+                int64_t ldb, bool tb, cudaDataType_t tin, int m, int n, int k, bool accumulate, cudaStream_t stream) {
+  HM_CHECK(tin == CUDA_R_32F || tin == CUDA_R_16BF || tin == CUDA_R_16F,
+           "cuda gemm: input type ", int(tin), " is not f32, bf16 or f16");
+  HM_CHECK(tc == tin || tc == CUDA_R_32F, "cuda gemm: output type ", int(tc), " must be the input's or f32");
+  HM_CHECK(m >= 0 && n >= 0 && k >= 0, "cuda gemm: negative shape m ", m, " n ", n, " k ", k);
+  if (m == 0 || n == 0) return;
+  if (k == 0) {  // an empty sum
+    if (!accumulate) {
+      const size_t es = type_bytes(tc);
+      const cudaError_t e = cudaMemset2DAsync(C, size_t(ldc) * es, 0, size_t(n) * es, size_t(m), stream);
+      HM_CHECK(e == cudaSuccess, "cuda gemm: cudaMemset2DAsync: ", cudaGetErrorString(e));
+    }
+    return;
+  }
+  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+  if (use_lt_) {
+    const uint32_t al_a = alignment(A), al_b = alignment(B), al_c = alignment(C);
+    const GKey key{m, n, k, lda, ldb, ldc, int(ta) | int(tb) << 1, int(tin), int(tc), al_a, al_b, al_c};
+    auto it = impl_->gplans.find(key);
+    if (it == impl_->gplans.end()) {
+      if (impl_->gplans.size() >= kMaxPlans) impl_->drop_plans();
+      it = impl_->gplans
+               .emplace(key, impl_->make_general_plan(ta, tb, tin, tc, m, n, k, lda, ldb, ldc, al_a, al_b, al_c))
+               .first;
+    }
+    Plan& p = it->second;
+    if (p.lt_ok) {
+      const cublasStatus_t st = cublasLtMatmul(impl_->lt, p.op, &alpha, B, p.a, A, p.b, &beta, C, p.c, C, p.c,
+                                               &p.algo.algo, impl_->ws, p.algo.workspaceSize, stream);
+      if (st == CUBLAS_STATUS_SUCCESS) return;
+      HM_CHECK(st == CUBLAS_STATUS_NOT_SUPPORTED || st == CUBLAS_STATUS_INVALID_VALUE,
+               "cuda gemm: cublasLtMatmul (m ", m, " n ", n, " k ", k, "): ", cublasLtGetStatusString(st));
+      p.lt_ok = false;
+    }
+  }
+  HM_CHECK(lda <= INT32_MAX && ldb <= INT32_MAX && ldc <= INT32_MAX,
+           "cuda gemm: leading dimension over 2^31 for cublasGemmEx");
+  ++fallbacks_;
+  HM_CUBLAS_OK(cublasSetStream(impl_->blas, stream), "cublasSetStream");
+  // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: B goes first, no copies.
+  HM_CUBLAS_OK(cublasGemmEx(impl_->blas, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, n, m, k,
+                            &alpha, B, tin, int(ldb), A, tin, int(lda), &beta, C, tc, int(ldc), CUBLAS_COMPUTE_32F,
+                            CUBLAS_GEMM_DEFAULT),
                "cublasGemmEx (m " + std::to_string(m) + " n " + std::to_string(n) + " k " + std::to_string(k) + ")");
 }
 

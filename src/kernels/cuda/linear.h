@@ -31,6 +31,15 @@ class Gemm {
               int64_t ldw, cudaDataType_t tin, int m, int n, int k, bool accumulate,
               cudaStream_t stream);
 
+  // The general product for training: C[m,n] (=|+=) op(A) . op(B), op(A) = A [m,k] (lda) or with
+  // ta the transpose of A [k,m], op(B) = B [k,n] (ldb) or with tb the transpose of B [n,k]; A and
+  // B of tin, C of tin or f32. Plans cached as linear's. With HM_CUDA_GEMM_BUCKETS=1 (this and
+  // linear) the algorithm comes from the shape with each dimension rounded to its bucket (16,384
+  // and 8,192 stay, 8,213 -> 8,704) when cuBLASLt accepts it for the exact shape, so row counts
+  // that change every step cost no new heuristic query (stop 37: not yet run on a GPU).
+  void gemm(void* C, cudaDataType_t tc, int64_t ldc, const void* A, int64_t lda, bool ta, const void* B, int64_t ldb,
+            bool tb, cudaDataType_t tin, int m, int n, int k, bool accumulate, cudaStream_t stream);
+
   // Tests: route every call through cublasGemmEx (the fallback) instead of cuBLASLt.
   void set_use_lt(bool on) { use_lt_ = on; }
   // Batch invariance (Backend::set_batch_invariant): one cuBLASLt algorithm per (n, k, leading
