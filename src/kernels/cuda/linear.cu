@@ -36,6 +36,24 @@ uint32_t alignment(const void* p) {
 
 size_t type_bytes(cudaDataType_t t) { return t == CUDA_R_32F ? 4 : 2; }
 
+// The checks both entry points share, and the products with nothing to compute: true when done
+// (an empty output, or k = 0: C = 0, or unchanged when accumulating).
+bool checked_trivial(const char* who, void* C, cudaDataType_t tc, int64_t ldc, cudaDataType_t tin, int m, int n,
+                     int k, bool accumulate, cudaStream_t stream) {
+  HM_CHECK(tin == CUDA_R_32F || tin == CUDA_R_16BF || tin == CUDA_R_16F, who, ": input type ", int(tin),
+           " is not f32, bf16 or f16");
+  HM_CHECK(tc == tin || tc == CUDA_R_32F, who, ": output type ", int(tc), " must be the input's or f32");
+  HM_CHECK(m >= 0 && n >= 0 && k >= 0, who, ": negative shape m ", m, " n ", n, " k ", k);
+  if (m == 0 || n == 0) return true;
+  if (k > 0) return false;
+  if (!accumulate) {
+    const size_t es = type_bytes(tc);
+    const cudaError_t e = cudaMemset2DAsync(C, size_t(ldc) * es, 0, size_t(n) * es, size_t(m), stream);
+    HM_CHECK(e == cudaSuccess, who, ": cudaMemset2DAsync: ", cudaGetErrorString(e));
+  }
+  return true;
+}
+
 // The drop bound of the plan cache: prefill chunks of many lengths must not grow it forever.
 constexpr size_t kMaxPlans = 512;
 
@@ -83,7 +101,6 @@ struct Gemm::Impl {
   cublasHandle_t blas = nullptr;
   void* ws = nullptr;
   size_t ws_bytes = 0;
-  std::map<Key, Plan> plans;      // per shape (m included)
   std::map<Key, Plan> inv_plans;  // batch-invariant mode: per shape, with the algorithm of fixed_algos
   std::map<Key, cublasLtMatmulAlgo_t> fixed_algos;  // batch-invariant mode: per shape with m = 0
   std::map<GKey, Plan> gplans;                      // general products (Gemm::gemm), per exact shape
@@ -96,8 +113,6 @@ struct Gemm::Impl {
     if (ws) cudaFree(ws);
   }
   void drop_plans() {
-    for (auto& kv : plans) kv.second.destroy();
-    plans.clear();
     for (auto& kv : inv_plans) kv.second.destroy();
     inv_plans.clear();
     for (auto& kv : gplans) kv.second.destroy();
@@ -273,26 +288,14 @@ Gemm::Gemm(size_t workspace_bytes) : impl_(std::make_unique<Impl>()) {
 
 Gemm::~Gemm() = default;
 
-size_t Gemm::cached_plans() const { return impl_->plans.size(); }
+size_t Gemm::cached_plans() const { return impl_->gplans.size(); }
 
 void Gemm::linear(void* y, cudaDataType_t ty, int64_t ldy, const void* x, int64_t ldx, const void* W,
                   int64_t ldw, cudaDataType_t tin, int m, int n, int k, bool accumulate,
                   cudaStream_t stream) {
-  HM_CHECK(tin == CUDA_R_32F || tin == CUDA_R_16BF || tin == CUDA_R_16F,
-           "cuda linear: input type ", int(tin), " is not f32, bf16 or f16");
-  HM_CHECK(ty == tin || ty == CUDA_R_32F, "cuda linear: output type ", int(ty), " must be the input's or f32");
-  HM_CHECK(m >= 0 && n >= 0 && k >= 0, "cuda linear: negative shape m ", m, " n ", n, " k ", k);
   HM_CHECK(ldx >= k && ldw >= k && ldy >= n, "cuda linear: leading dimensions ldx ", ldx, " ldw ", ldw, " ldy ",
            ldy, " below k ", k, " / n ", n);
-  if (m == 0 || n == 0) return;
-  if (k == 0) {  // an empty sum: y = 0, or unchanged when accumulating
-    if (!accumulate) {
-      const size_t es = type_bytes(ty);
-      const cudaError_t e = cudaMemset2DAsync(y, size_t(ldy) * es, 0, size_t(n) * es, size_t(m), stream);
-      HM_CHECK(e == cudaSuccess, "cuda linear: cudaMemset2DAsync: ", cudaGetErrorString(e));
-    }
-    return;
-  }
+  if (checked_trivial("cuda linear", y, ty, ldy, tin, m, n, k, accumulate, stream)) return;
   const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
   if (invariant_) {
     const uint32_t al_y = alignment(y), al_x = alignment(x), al_w = alignment(W);
@@ -312,52 +315,13 @@ void Gemm::linear(void* y, cudaDataType_t ty, int64_t ldy, const void* x, int64_
                      std::to_string(k) + ")");
     return;
   }
-  if (use_lt_) {
-    const uint32_t al_y = alignment(y), al_x = alignment(x), al_w = alignment(W);
-    const Key key{m, n, k, ldx, ldw, ldy, int(tin), int(ty), al_x, al_w, al_y};
-    auto it = impl_->plans.find(key);
-    if (it == impl_->plans.end()) {
-      if (impl_->plans.size() >= kMaxPlans) impl_->drop_plans();
-      // y = x W^T is the general product with A = x, B = W transposed.
-      it = impl_->plans
-               .emplace(key, impl_->make_general_plan(false, true, tin, ty, m, n, k, ldx, ldw, ldy, al_x, al_w, al_y))
-               .first;
-    }
-    Plan& p = it->second;
-    if (p.lt_ok) {
-      const cublasStatus_t st = cublasLtMatmul(impl_->lt, p.op, &alpha, W, p.a, x, p.b, &beta, y, p.c, y, p.c,
-                                               &p.algo.algo, impl_->ws, p.algo.workspaceSize, stream);
-      if (st == CUBLAS_STATUS_SUCCESS) return;
-      // Rejected at launch (not an asynchronous failure): remember it and use the fallback.
-      HM_CHECK(st == CUBLAS_STATUS_NOT_SUPPORTED || st == CUBLAS_STATUS_INVALID_VALUE,
-               "cuda linear: cublasLtMatmul (m ", m, " n ", n, " k ", k, "): ", cublasLtGetStatusString(st));
-      p.lt_ok = false;
-    }
-  }
-  HM_CHECK(ldx <= INT32_MAX && ldw <= INT32_MAX && ldy <= INT32_MAX,
-           "cuda linear: leading dimension over 2^31 for cublasGemmEx");
-  ++fallbacks_;
-  HM_CUBLAS_OK(cublasSetStream(impl_->blas, stream), "cublasSetStream");
-  HM_CUBLAS_OK(cublasGemmEx(impl_->blas, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &alpha, W, tin, int(ldw), x, tin,
-                            int(ldx), &beta, y, ty, int(ldy), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-               "cublasGemmEx (m " + std::to_string(m) + " n " + std::to_string(n) + " k " + std::to_string(k) + ")");
+  // y = x W^T is the general product with A = x and B = W transposed.
+  gemm(y, ty, ldy, x, ldx, false, W, ldw, true, tin, m, n, k, accumulate, stream);
 }
 
 void Gemm::gemm(void* C, cudaDataType_t tc, int64_t ldc, const void* A, int64_t lda, bool ta, const void* B,
                 int64_t ldb, bool tb, cudaDataType_t tin, int m, int n, int k, bool accumulate, cudaStream_t stream) {
-  HM_CHECK(tin == CUDA_R_32F || tin == CUDA_R_16BF || tin == CUDA_R_16F,
-           "cuda gemm: input type ", int(tin), " is not f32, bf16 or f16");
-  HM_CHECK(tc == tin || tc == CUDA_R_32F, "cuda gemm: output type ", int(tc), " must be the input's or f32");
-  HM_CHECK(m >= 0 && n >= 0 && k >= 0, "cuda gemm: negative shape m ", m, " n ", n, " k ", k);
-  if (m == 0 || n == 0) return;
-  if (k == 0) {  // an empty sum
-    if (!accumulate) {
-      const size_t es = type_bytes(tc);
-      const cudaError_t e = cudaMemset2DAsync(C, size_t(ldc) * es, 0, size_t(n) * es, size_t(m), stream);
-      HM_CHECK(e == cudaSuccess, "cuda gemm: cudaMemset2DAsync: ", cudaGetErrorString(e));
-    }
-    return;
-  }
+  if (checked_trivial("cuda gemm", C, tc, ldc, tin, m, n, k, accumulate, stream)) return;
   const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
   if (use_lt_) {
     const uint32_t al_a = alignment(A), al_b = alignment(B), al_c = alignment(C);
