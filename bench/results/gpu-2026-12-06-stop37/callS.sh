@@ -13,4 +13,8 @@ for p in true-hybrid seed; do
     python3 -c "import json,sys;d=json.load(open(sys.argv[1]));print(sys.argv[1].split('/')[-1],'ms',round(d['train_step_ms'],2),'mfu',round(d['mfu'],3))" $R/t_${p}_$mode.json
   done
 done
+# Issue 16: the 1.3B hybrid's load test with the bucketed algorithms (prefill chunks of many lengths).
+M=/tmp/hyb13; timeout 60 $HM init --config bench/serve_configs/hybrid-1.3b.json --dtype BF16 --out $M > /dev/null 2>&1
+HM_CUDA_GEMM_BUCKETS=1 MODEL=$M CAP=150 timeout 155 bash bench/cuda_serve.sh $HM $R/serve13_buckets 64 > $R/serve13_buckets.log 2>&1
+grep -E "^\| ((1|8|64) \||hit|miss|no_cache)" $R/serve13_buckets/serve_block64.log
 echo "done at $(( $(date +%s) - T00 )) s"
