@@ -4,6 +4,11 @@
 # counts change every call). The GEMM tests (LinearBackwardBucketedRows turns both switches on),
 # CudaTrain with the switches on, then True Hybrid and seed steps with and without them.
 . bench/device_env.sh
+# First, both suites whole with the defaults: after the last GPU run (callQ, be3428e) Gemm::linear's
+# cuBLASLt path and the training products' cublasGemmEx path were moved into Gemm::gemm (0cde2ad,
+# ec39d09), the same descriptors and calls by reading, not yet by running.
+timeout 170 $H/bin/hm_cuda_tests > $R/cuda_tests.log 2>&1; echo "hm_cuda_tests rc $?"; grep -E "^\[  (PASSED|FAILED)|Failure" $R/cuda_tests.log | head
+timeout 170 $H/bin/hm_cuda_model_tests > $R/cuda_model_tests.log 2>&1; echo "hm_cuda_model_tests rc $?"; grep -E "^\[  (PASSED|FAILED)|Failure" $R/cuda_model_tests.log | head
 timeout 60 $H/bin/hm_cuda_tests --gtest_filter='*Linear*:*CrossEntropyHead*' > $R/ops_tests.log 2>&1; echo "ops rc $?"; grep -E "^\[  (PASSED|FAILED)|Failure" $R/ops_tests.log | head
 HM_CUDA_TRAIN_GEMM=lt HM_CUDA_GEMM_BUCKETS=1 timeout 60 $H/bin/hm_cuda_model_tests --gtest_filter='CudaTrain*' > $R/train_tests.log 2>&1; echo "CudaTrain (lt, buckets) rc $?"; grep -E "^\[  (PASSED|FAILED)|Failure" $R/train_tests.log | head
 for p in true-hybrid seed; do
