@@ -86,6 +86,7 @@ expect_fail "quantize bad type" "--type must be q8_0, q4_0, bf16 or f16" "$HM" q
 expect_fail "quantize over a model" "already holds a model" "$HM" quantize "$W/tiny" --out "$W/tiny_q8" --type q8_0
 expect_fail "bad --weights" "--weights must be" "$HM" generate --model "$W/tiny" --weights q5 --prompt hi
 expect_fail "bench --weights twice" "given twice" "$HM" bench --preset tiny --weights f32,q8_0,f32
+expect_fail "bench --prefill-cases on the cpu" "--device cuda only" "$HM" bench --preset tiny --device cpu --prefill-cases 1x52
 
 "$HM" init --preset tiny --seed 3 --out "$W/half" --dtype BF16 >/dev/null && ok || bad "init BF16"
 "$HM" generate --model "$W/half" --prompt hi -n 3 >/dev/null && ok || bad "generate from BF16"

@@ -57,7 +57,8 @@ struct DeviceSetup;
 struct DeviceBenchOptions {
   std::string preset = "seed", config, model, peer_script;
   bool peer = false, json = false, quick = false;
-  std::string decode_cases;  // "BxC,...": only these decode cases (batch x context), no prefill cases
+  std::string decode_cases;   // "BxC,...": only these decode cases (batch x context), no prefill cases
+  std::string prefill_cases;  // "BxL,...": only these prefill cases (batch x tokens), no decode cases
   int reps = 5;
 };
 int bench_device(const DeviceBenchOptions& o, DeviceSetup& dev);

@@ -156,7 +156,7 @@ struct DecodeCase {
 };
 
 // "64x16,16x8192" -> {{64, 16}, {16, 8192}}; anything else is an error naming the item.
-std::vector<DecodeCase> parse_decode_cases(const std::string& spec) {
+std::vector<DecodeCase> parse_decode_cases(const std::string& spec, const char* option = "--decode-cases") {
   std::vector<DecodeCase> out;
   size_t pos = 0;
   while (pos <= spec.size()) {
@@ -175,7 +175,7 @@ std::vector<DecodeCase> parse_decode_cases(const std::string& spec) {
     }
     HM_CHECK(x != std::string::npos && nb == x && nc == item.size() - x - 1 && b >= 1 && b <= 4096 && c >= 1 &&
                  c <= (1 << 20),
-             "bench --decode-cases: '", item, "' is not BATCHxCONTEXT with batch in [1, 4096] and context in [1, 2^20]");
+             "bench ", option, ": '", item, "' is not BATCHxN with batch in [1, 4096] and N in [1, 2^20]");
     out.push_back({b, c});
     pos = end + 1;
   }
@@ -223,20 +223,29 @@ json decode_case(HybridModel& m, const DecodeCase& dc, KvType kv, int reps, Rng&
   return j;
 }
 
-// One forward of `batch` fresh sequences of kPrefillLen tokens, logits of each last token left on
-// the device (the peer: model(ids, num_last_tokens=1)).
-json prefill_case(HybridModel& m, int batch, KvType kv, int reps, Rng& rng, int64_t used0) {
+// One forward of `batch` fresh sequences of `len` tokens, logits of each last token left on the
+// device (the peer: model(ids, num_last_tokens=1)). enqueue_ms: the host's time inside the forward
+// call alone (launches and host work; the GPU runs behind it): near ms, the forward is host-bound.
+json prefill_case(HybridModel& m, int batch, int len, KvType kv, int reps, Rng& rng, int64_t used0) {
   Backend& be = m.backend();
   const ModelConfig& c = m.config();
   reset_alloc_peak(be);
-  HybridMemory mem(be, c, batch, kPrefillLen, kv);
+  HybridMemory mem(be, c, batch, len, kv);
   Batch b;
-  for (int s = 0; s < batch; ++s) b.add(s, random_ids(rng, kPrefillLen, c.vocab_size));
+  for (int s = 0; s < batch; ++s) b.add(s, random_ids(rng, size_t(len), c.vocab_size));
+  std::vector<double> enqueue;
   // The slots are cleared outside the timed part.
   const double ms = timed_median(
-      be, reps, [&] { for (int s = 0; s < batch; ++s) mem.seq_rm(s); }, [&] { m.forward_device(b, mem); });
-  return {{"batch", batch}, {"seq_len", kPrefillLen}, {"ms", ms}, {"tok_s", batch * kPrefillLen / (ms * 1e-3)},
-          {"logits", "last"}, {"mem_bytes", device_used_bytes() - used0}, {"alloc_peak_bytes", alloc_peak(be)}};
+      be, reps, [&] { for (int s = 0; s < batch; ++s) mem.seq_rm(s); },
+      [&] {
+        const auto t0 = Clock::now();
+        m.forward_device(b, mem);
+        enqueue.push_back(ms_between(t0, Clock::now()));
+      });
+  enqueue.erase(enqueue.begin(), enqueue.end() - reps);  // the timed calls, not the warm-up's
+  return {{"batch", batch}, {"seq_len", len}, {"ms", ms}, {"tok_s", batch * len / (ms * 1e-3)},
+          {"enqueue_ms", median(enqueue)}, {"logits", "last"}, {"mem_bytes", device_used_bytes() - used0},
+          {"alloc_peak_bytes", alloc_peak(be)}};
 }
 
 void write_f32(const std::string& path, const std::vector<float>& v) {
@@ -377,11 +386,14 @@ int bench_device(const DeviceBenchOptions& o, DeviceSetup& dev) {
   Rng rng(42);
   std::vector<DecodeCase> cases = {{1, 16}, {16, 16}, {64, 16}, {1, 128}, {16, 128}, {1, 8192}, {16, 8192}};
   if (o.quick) cases = {{1, 16}, {4, 16}, {1, 128}};
-  std::vector<int> prefill_batches = o.quick ? std::vector<int>{1, 2} : std::vector<int>{1, 8};
-  if (!o.decode_cases.empty()) {
-    cases = parse_decode_cases(o.decode_cases);
-    prefill_batches.clear();
+  // Prefill cases as (batch, tokens per sequence).
+  std::vector<DecodeCase> prefills = {{1, kPrefillLen}, {o.quick ? 2 : 8, kPrefillLen}};
+  if (!o.decode_cases.empty() || !o.prefill_cases.empty()) {
+    cases = o.decode_cases.empty() ? std::vector<DecodeCase>{} : parse_decode_cases(o.decode_cases);
+    prefills = o.prefill_cases.empty() ? std::vector<DecodeCase>{} : parse_decode_cases(o.prefill_cases, "--prefill-cases");
   }
+  HM_CHECK(!o.peer || o.prefill_cases.empty(), "bench --prefill-cases: not with --peer (the peer times ",
+           kPrefillLen, "-token prefills only)");
   r["decode"] = json::array();
   for (const DecodeCase& dc : cases) {
     log("decode batch " + std::to_string(dc.batch) + " after " + std::to_string(dc.context));
@@ -399,16 +411,16 @@ int bench_device(const DeviceBenchOptions& o, DeviceSetup& dev) {
     r["decode"].push_back(j);
   }
   r["prefill"] = json::array();
-  for (int b : prefill_batches) {
-    log("prefill " + std::to_string(b) + " x " + std::to_string(kPrefillLen));
+  for (const auto [b, len] : prefills) {
+    log("prefill " + std::to_string(b) + " x " + std::to_string(len));
     json j;
     try {
-      j = prefill_case(m, b, dev.kv, o.reps, rng, used0);
-      const double floor_ms = forward_gemm_flops(c, m.params(), double(b) * kPrefillLen, b) / gemm * 1e3;
+      j = prefill_case(m, b, len, dev.kv, o.reps, rng, used0);
+      const double floor_ms = forward_gemm_flops(c, m.params(), double(b) * len, b) / gemm * 1e3;
       j["floor_ms"] = floor_ms;
       j["floor_fraction"] = floor_ms / j["ms"].get<double>();
     } catch (const std::exception& e) {
-      j = {{"batch", b}, {"seq_len", kPrefillLen}, {"error", e.what()}};
+      j = {{"batch", b}, {"seq_len", len}, {"error", e.what()}};
     }
     std::fprintf(stderr, "bench: prefill %s\n", j.dump().c_str());
     r["prefill"].push_back(j);
@@ -458,7 +470,7 @@ int bench_device(const DeviceBenchOptions& o, DeviceSetup& dev) {
       std::string dec_list, pre_list;
       for (const DecodeCase& dc : cases)
         dec_list += (dec_list.empty() ? "" : ",") + std::to_string(dc.batch) + "x" + std::to_string(dc.context);
-      for (int b : prefill_batches) pre_list += (pre_list.empty() ? "" : ",") + std::to_string(b);
+      for (const auto& pc : prefills) pre_list += (pre_list.empty() ? "" : ",") + std::to_string(pc.batch);
       log("mamba_ssm peer (bench)");
       const std::string peer_json = tmp + "/peer.json";
       const auto [rc, out] = run_capture_status(
@@ -532,8 +544,11 @@ int bench_device(const DeviceBenchOptions& o, DeviceSetup& dev) {
   auto num = [](const json& j, const char* key) -> double { return j.contains(key) && j[key].is_number() ? j[key].get<double>() : NAN; };
   std::vector<Row> rows;
   for (const auto& j : r["prefill"])
-    rows.push_back({"prefill " + std::to_string(j["batch"].get<int>()) + " x " + std::to_string(kPrefillLen), "ms",
-                    num(j, "ms"), num(j, "floor_ms"), peer_of("prefill", j, "ms")});
+  {
+    rows.push_back({"prefill " + std::to_string(j["batch"].get<int>()) + " x " + std::to_string(j["seq_len"].get<int>()),
+                    "ms", num(j, "ms"), num(j, "floor_ms"), peer_of("prefill", j, "ms")});
+    rows.push_back({"  host time inside the call", "ms", num(j, "enqueue_ms"), NAN, NAN});
+  }
   for (const auto& j : r["decode"]) {
     const std::string shape = std::to_string(j["batch"].get<int>()) + " after " + std::to_string(j["context"].get<int>());
     rows.push_back({"decode batch " + shape, "tok/s", num(j, "tok_s"), num(j, "floor_tok_s"),

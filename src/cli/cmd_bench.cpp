@@ -471,7 +471,7 @@ Run add_bench(CLI::App& app) {
     bool json = false, no_peer = false, quick = false;
     bool train = false, routing_sweep = false, profile = false;
     int batch = 8, seq_len = 128, steps = 5;
-    std::string weights, decode_cases;
+    std::string weights, decode_cases, prefill_cases;
   };
   auto o = std::make_shared<Opts>();
   app.add_option("--preset", o->preset, "Preset to measure (random weights)")->capture_default_str();
@@ -490,6 +490,9 @@ Run add_bench(CLI::App& app) {
   app.add_option("--decode-cases", o->decode_cases,
                  "Only these decode cases, BATCHxCONTEXT comma-separated (e.g. 64x16,16x8192): batched decode tok/s "
                  "and time to first token, no prefill cases (on cuda: for A/B runs and profiles of one case)");
+  app.add_option("--prefill-cases", o->prefill_cases,
+                 "--device cuda: only these prefill cases, BATCHxTOKENS comma-separated (e.g. 1x52,8x2048): time and "
+                 "the host's time inside the forward call, no decode cases unless --decode-cases");
   app.add_flag("--train", o->train, "Measure training steps (loss_and_grad + AdamW) instead of inference");
   app.add_option("--batch", o->batch, "--train: sequences per step")->capture_default_str();
   CLI::Option* seq_len_opt =
@@ -540,9 +543,12 @@ Run add_bench(CLI::App& app) {
       d.json = o->json;
       d.quick = o->quick;
       d.decode_cases = o->decode_cases;
+      d.prefill_cases = o->prefill_cases;
       d.reps = o->reps;
       return bench_device(d, dev);
     }
+    HM_CHECK(o->prefill_cases.empty(), "bench --prefill-cases: --device cuda only (the CPU bench's prefill is "
+             "its 'prefill' rows)");
     const KvType kv = dev.kv;
     Backend* be = dev.be.get();
     std::string dir = o->model;

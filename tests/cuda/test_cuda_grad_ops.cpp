@@ -217,13 +217,11 @@ TEST_P(CudaGradOps, LinearBackward) {
 }
 
 // Dense, aligned operands at row counts that are not multiples of 256, as a True Hybrid path's
-// compacted rows are, through cuBLASLt (HM_CUDA_TRAIN_GEMM=lt) with algorithms per bucketed shape
-// (HM_CUDA_GEMM_BUCKETS=1: 1,100 -> 1,152 rows, 8,213 -> 8,704), which must give the exact
-// shape's result; two counts of one bucket share one. Written in stop 37, not yet run on a GPU.
+// compacted rows are, through the default route: cuBLASLt with algorithms per bucketed shape
+// (1,100 -> 1,152 rows, 8,213 -> 8,704), which must give the exact shape's result; two counts of
+// one bucket share one. (HM_CUDA_TRAIN_GEMM=ex / HM_CUDA_GEMM_BUCKETS=0 are read once a process.)
 TEST_P(CudaGradOps, LinearBackwardBucketedRows) {
   hm::Rng rng(111);
-  ::setenv("HM_CUDA_TRAIN_GEMM", "lt", 1);
-  ::setenv("HM_CUDA_GEMM_BUCKETS", "1", 1);
   for (auto [m, n, k] : {std::tuple{1100, 96, 256}, std::tuple{1090, 96, 256}, std::tuple{8213, 64, 512}})
     for (DType gt : grad_types()) {
       Both dy(gpu(), T(), m, n, normal(rng)), x(gpu(), T(), m, k, normal(rng)), W(gpu(), T(), n, k, normal(rng, 0.1)),
@@ -239,8 +237,6 @@ TEST_P(CudaGradOps, LinearBackwardBucketedRows) {
       EXPECT_TRUE(matches(what.str() + "dx", gpu(), dx, 0, k, bound(gt)));
       EXPECT_TRUE(matches(what.str() + "y", gpu(), y, 0, n, bound(T())));
     }
-  ::unsetenv("HM_CUDA_TRAIN_GEMM");
-  ::unsetenv("HM_CUDA_GEMM_BUCKETS");
 }
 
 // dx (=|+=) and dw += over rows, dw in the type and in f32; row counts past one chunk of the dw

@@ -16,10 +16,10 @@ namespace hm::cuda {
 
 // ---- Blas ----
 
-// The training products run through Gemm::gemm: cublasGemmEx (what every measured run used), or
-// with HM_CUDA_TRAIN_GEMM=lt cuBLASLt with cached plans (and, with HM_CUDA_GEMM_BUCKETS=1,
-// algorithms per bucketed shape). The cuBLASLt route was written in stop 37 after the device
-// time ran out: not yet run on a GPU, so not the default.
+// The training products run through Gemm::gemm: cuBLASLt with plans cached per shape and
+// algorithms per bucketed shape (linear.h), the default since stop 38; HM_CUDA_TRAIN_GEMM=ex sends
+// them through cublasGemmEx (what every run before stop 38 used), which chooses per exact shape
+// inside cuBLAS and so pays for every new row count of a True Hybrid path.
 struct Blas::Impl {
   Gemm g;
 };
@@ -31,8 +31,11 @@ Blas::~Blas() = default;
 void Blas::gemm(void* C, cudaDataType_t tc, int64_t ldc, const void* A, int64_t lda, bool ta, const void* B,
                 int64_t ldb, bool tb, cudaDataType_t tin, int m, int n, int k, bool accumulate,
                 cudaStream_t stream) {
-  const char* v = std::getenv("HM_CUDA_TRAIN_GEMM");
-  impl_->g.set_use_lt(v != nullptr && std::string(v) == "lt");
+  static const bool lt = [] {
+    const char* v = std::getenv("HM_CUDA_TRAIN_GEMM");
+    return v == nullptr || std::string(v) != "ex";
+  }();
+  impl_->g.set_use_lt(lt);
   impl_->g.gemm(C, tc, ldc, A, lda, ta, B, ldb, tb, tin, m, n, k, accumulate, stream);
 }
 

@@ -33,10 +33,10 @@ class Gemm {
 
   // The general product for training: C[m,n] (=|+=) op(A) . op(B), op(A) = A [m,k] (lda) or with
   // ta the transpose of A [k,m], op(B) = B [k,n] (ldb) or with tb the transpose of B [n,k]; A and
-  // B of tin, C of tin or f32. Plans cached as linear's. With HM_CUDA_GEMM_BUCKETS=1 (this and
-  // linear) the algorithm comes from the shape with each dimension rounded to its bucket (16,384
-  // and 8,192 stay, 8,213 -> 8,704) when cuBLASLt accepts it for the exact shape, so row counts
-  // that change every step cost no new heuristic query (stop 37: not yet run on a GPU).
+  // B of tin, C of tin or f32. Plans cached as linear's. The algorithm (this and linear) comes
+  // from the shape with each dimension rounded to its bucket (16,384 and 8,192 stay, 8,213 ->
+  // 8,704) when cuBLASLt accepts it for the exact shape, so row counts that change every step
+  // cost no new heuristic query (HM_CUDA_GEMM_BUCKETS=0: the exact shape's, every time).
   void gemm(void* C, cudaDataType_t tc, int64_t ldc, const void* A, int64_t lda, bool ta, const void* B, int64_t ldb,
             bool tb, cudaDataType_t tin, int m, int n, int k, bool accumulate, cudaStream_t stream);
 
