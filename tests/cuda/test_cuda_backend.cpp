@@ -262,10 +262,16 @@ TEST_P(CudaBackendOps, Rope) {
   }
 }
 
+// kBatches take the short tiles (fewer blocks of 32 rows than twice the SMs); 3,033 tokens at
+// E 600 take the tiles of 32 rows (282 or more blocks).
 TEST_P(CudaBackendOps, Conv1dSilu) {
   hm::Rng rng(26);
+  struct Case { std::vector<int> lens; int E, K; };
+  std::vector<Case> cases;
   for (const auto& lens : kBatches)
-    for (auto [E, K] : {std::pair{67, 4}, std::pair{100, 3}}) {
+    for (auto [E, K] : {std::pair{67, 4}, std::pair{100, 3}}) cases.push_back({lens, E, K});
+  cases.push_back({{2900, 3, 130}, 600, 4});
+  for (const auto& [lens, E, K] : cases) {
       hm::Ragged rg;
       const int n_slots = fill_ragged(rg, rng, lens, 0), Tn = rg.n_tokens();
       rg.upload(be());
@@ -279,14 +285,19 @@ TEST_P(CudaBackendOps, Conv1dSilu) {
         hm::ref::conv1d_silu(ref.data() + size_t(rg.start(s)) * (E + 3), E + 3,
                              ref_st.data() + size_t(rg.slot(s)) * E * (K - 1), xz.f.data() + size_t(rg.start(s)) * 2 * E,
                              2 * E, w.f.data(), b.f.data(), rg.len(s), E, K);
-      EXPECT_CLOSE(rel_err(out.get(be()), ref, Tn, E, E + 3), tol(T()), "conv1d_silu, lens[0] " << lens[0]);
+      EXPECT_CLOSE(rel_err(out.get(be()), ref, Tn, E, E + 3), tol(T()), "conv1d_silu E " << E << ", lens[0] " << lens[0]);
       EXPECT_EQ(rel_err(st.get(be()), ref_st, n_slots, E * (K - 1), E * (K - 1)), 0.0) << "conv state";
     }
 }
 
+// Batches whose sequences are all <= 64 tokens ({7}, {2, 0, 37, 64, 5}, {63}) take the short
+// path at N <= 16 (selective_scan_short); the others, and N 33, the chunked passes.
 TEST_P(CudaBackendOps, SelectiveScan) {
   hm::Rng rng(27);
-  for (const auto& lens : kBatches)
+  std::vector<std::vector<int>> batches = kBatches;
+  batches.push_back({2, 0, 37, 64, 5});
+  batches.push_back({63});
+  for (const auto& lens : batches)
     for (auto [E, N] : {std::pair{67, 16}, std::pair{40, 5}, std::pair{130, 33}}) {
       hm::Ragged rg;
       const int n_slots = fill_ragged(rg, rng, lens, 0), Tn = rg.n_tokens();

@@ -673,12 +673,18 @@ class CudaBackendImpl final : public CudaBackend {
     if (rg.nseq() == 0 || T_ == 0) return;
     const cuda::RaggedBatch rb = batch(rg);
     const bool decode = decode_step(rg);
+    // Short prompts (a cache hit's rest, a chat turn): one launch instead of three chunked passes.
+    const bool short_seqs = !decode && !inv_ && cuda::scan_short_fits(rb, N);
     // Batch-invariant: one chunk per sequence, its tokens in order whatever the batch.
-    const int chunk = decode ? 0 : inv_ ? std::max(rb.max_len, 1) : cuda::scan_chunk_auto(rb, E);
-    void* ws = decode ? nullptr : workspace(cuda::selective_scan_workspace_bytes(rb, E, N, chunk));
+    const int chunk = decode || short_seqs ? 0 : inv_ ? std::max(rb.max_len, 1) : cuda::scan_chunk_auto(rb, E);
+    void* ws = decode || short_seqs ? nullptr : workspace(cuda::selective_scan_workspace_bytes(rb, E, N, chunk));
     dispatch(x.dtype, [&](auto tag) {
       using T = elem_t<decltype(tag)>;
-      if (decode)
+      if (short_seqs)
+        cuda::selective_scan_short<T>(ptr<T>(y), int(y.ld), st.base, ptr<T>(x), int(x.ld), ptr<T>(dt), int(dt.ld),
+                                      ptr<T>(dt_bias), A, ptr<T>(B), ptr<T>(C), int(B.ld), ptr<T>(Dskip), ptr<T>(z),
+                                      int(z.ld), rb, E, N, stream_);
+      else if (decode)
         cuda::selective_scan_step<T>(ptr<T>(y), int(y.ld), st.base, rb.slots, ptr<T>(x), int(x.ld), ptr<T>(dt),
                                      int(dt.ld), ptr<T>(dt_bias), A, ptr<T>(B), ptr<T>(C), int(B.ld),
                                      ptr<T>(Dskip), ptr<T>(z), int(z.ld), rb.nseq, E, N, stream_);

@@ -14,8 +14,11 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 // Prefill tile: kRows token rows x one warp's width of 16-byte vectors (256 channels of bf16 or
-// f16, 128 of f32). 32 rows keep ~4 tiles per SM at B 1, L 2048, E 2048.
+// f16, 128 of f32). 32 rows keep ~4 tiles per SM at B 1, L 2048, E 2048. A batch too small to
+// give every SM two such tiles (a short prompt: 52 tokens at E 4096 made 32 blocks, 12.6 us on an
+// H100) takes tiles of kShortRows, one row per warp.
 constexpr int kRows = 32;
+constexpr int kShortRows = kWarps;
 template <class T> constexpr int kVec = 16 / int(sizeof(T));  // elements per 16-byte vector
 template <class T> constexpr int kCols = 32 * kVec<T>;
 
@@ -43,7 +46,7 @@ __device__ __forceinline__ uint4 pack16(const float (&f)[kVec<T>]) {
   return u;
 }
 
-// Block (tile of kRows token rows of the whole batch, kCols channels). The tile and the K-1 rows
+// Block (tile of R token rows of the whole batch, kRows or kShortRows; kCols channels). The tile and the K-1 rows
 // before it (a halo that the previous tile also reads, mostly from L2) are staged in shared
 // memory with 16-byte asynchronous copies (vec & 1: x and ldx 16-byte aligned; else element by
 // element); lane l then computes channels c0 + l V .. + V-1 of one row per warp at a time, K taps
@@ -51,18 +54,18 @@ __device__ __forceinline__ uint4 pack16(const float (&f)[kVec<T>]) {
 // A tile may span several sequences: each row finds its own, and a tap before its sequence's
 // first row reads the slot's carried state instead. Reads the state; never writes it
 // (conv_state_kernel does, after).
-template <class T, int K>
+template <class T, int K, int R>
 __global__ void __launch_bounds__(kThreads) conv_tile_kernel(
     T* __restrict__ out, int ldo, const float* __restrict__ state, const T* __restrict__ x, int ldx,
     const T* __restrict__ w, const T* __restrict__ b, const int32_t* __restrict__ cu,
     const int32_t* __restrict__ slots, int nseq, int n_tokens, int E, int vec) {
   constexpr int V = kVec<T>, TC = kCols<T>;
-  __shared__ __align__(16) T sx[(kRows + K - 1) * TC];
-  __shared__ int s_seq[kRows], s_t[kRows];
-  const int r0 = blockIdx.x * kRows, c0 = blockIdx.y * TC;
+  __shared__ __align__(16) T sx[(R + K - 1) * TC];
+  __shared__ int s_seq[R], s_t[R];
+  const int r0 = blockIdx.x * R, c0 = blockIdx.y * TC;
   // Staged rows [g0, g1): every row a tap can read. A tap of row r < g1 reads row r-K+1+j only
   // when that row is in r's own sequence (so >= 0) and j >= 0 (so >= r0 - (K-1)).
-  const int g0 = max(r0 - (K - 1), 0), g1 = min(r0 + kRows, n_tokens);
+  const int g0 = max(r0 - (K - 1), 0), g1 = min(r0 + R, n_tokens);
   for (int i = threadIdx.x; i < (g1 - g0) * 32; i += kThreads) {
     const int r = i / 32, j = (i % 32) * V, col = c0 + j;
     const T* p = x + size_t(g0 + r) * ldx + col;
@@ -75,7 +78,7 @@ __global__ void __launch_bounds__(kThreads) conv_tile_kernel(
     }
   }
   __pipeline_commit();
-  if (threadIdx.x < kRows) {
+  if (threadIdx.x < R) {
     const int r = r0 + threadIdx.x;
     const int s = r < n_tokens ? seq_of_row(cu, nseq, r) : 0;
     s_seq[threadIdx.x] = s;
@@ -93,7 +96,7 @@ __global__ void __launch_bounds__(kThreads) conv_tile_kernel(
   __pipeline_wait_prior(0);
   __syncthreads();
 
-  for (int rl = warp; rl < kRows && r0 + rl < n_tokens; rl += kWarps) {
+  for (int rl = warp; rl < R && r0 + rl < n_tokens; rl += kWarps) {
     const int r = r0 + rl, t = s_t[rl];
     float acc[V];
 #pragma unroll
@@ -214,6 +217,15 @@ void with_k(int K, F&& f) {
   }
 }
 
+int sm_count() {
+  static const int n = [] {
+    int dev = 0, sms = 132;
+    if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    return sms;
+  }();
+  return n;
+}
+
 // 16-byte vectors of T can start at p + i * ld for every row i.
 template <class T>
 bool aligned16(const T* p, int ld) {
@@ -229,11 +241,17 @@ void conv1d_silu(T* out, int ldo, float* conv_state, const T* x, int ldx, const 
   if (rb.nseq <= 0 || E <= 0) return;
   if (rb.n_tokens > 0) {
     HM_CHECK(ceil_div(E, kCols<T>) <= 65535, "cuda conv1d: d_inner ", E, " is too wide");
-    const dim3 grid(ceil_div(rb.n_tokens, kRows), ceil_div(E, kCols<T>));
+    const int col_blocks = ceil_div(E, kCols<T>);
+    const bool few = long(ceil_div(rb.n_tokens, kRows)) * col_blocks < 2L * sm_count();
+    const dim3 grid(ceil_div(rb.n_tokens, few ? kShortRows : kRows), col_blocks);
     const int vec = (aligned16(x, ldx) ? 1 : 0) | (aligned16(out, ldo) ? 2 : 0);
     with_k(K, [&](auto kc) {
-      conv_tile_kernel<T, decltype(kc)::value><<<grid, kThreads, 0, stream>>>(
-          out, ldo, conv_state, x, ldx, w, b, rb.cu_seqlens, rb.slots, rb.nseq, rb.n_tokens, E, vec);
+      if (few)
+        conv_tile_kernel<T, decltype(kc)::value, kShortRows><<<grid, kThreads, 0, stream>>>(
+            out, ldo, conv_state, x, ldx, w, b, rb.cu_seqlens, rb.slots, rb.nseq, rb.n_tokens, E, vec);
+      else
+        conv_tile_kernel<T, decltype(kc)::value, kRows><<<grid, kThreads, 0, stream>>>(
+            out, ldo, conv_state, x, ldx, w, b, rb.cu_seqlens, rb.slots, rb.nseq, rb.n_tokens, E, vec);
     });
     HM_CUDA_LAUNCHED("conv1d_silu");
   }

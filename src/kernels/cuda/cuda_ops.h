@@ -84,6 +84,19 @@ void selective_scan(T* y, int ldy, float* ssm_state, const T* x, int ldx, const 
 int scan_chunk_auto(const RaggedBatch& rb, int E);
 size_t selective_scan_workspace_bytes(const RaggedBatch& rb, int E, int N, int chunk);
 
+// The same scan for batches of short sequences (scan_short_fits: N <= 16, no sequence longer than
+// scan_short_max() tokens, kScanShortMaxDefault unless HM_CUDA_SCAN_SHORT_MAX says otherwise): one
+// launch that walks each sequence's tokens in order, 4 threads per channel, no workspace. Its sum
+// over the states runs in another order than selective_scan's, so the backend's batch-invariant
+// mode never takes it (the choice depends on the batch).
+constexpr int kScanShortMaxDefault = 64;
+int scan_short_max();
+bool scan_short_fits(const RaggedBatch& rb, int N);
+template <class T>
+void selective_scan_short(T* y, int ldy, float* ssm_state, const T* x, int ldx, const T* dt, int lddt,
+                          const T* dt_bias, const float* A, const T* B, const T* C, int ldbc, const T* Dskip,
+                          const T* z, int ldz, const RaggedBatch& rb, int E, int N, cudaStream_t stream);
+
 // Decode: one token per sequence (row s of every input), the state of slot slots[s] updated.
 template <class T>
 void selective_scan_step(T* y, int ldy, float* ssm_state, const int32_t* slots, const T* x, int ldx,

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/cuda_ops.h"
@@ -302,6 +303,75 @@ __global__ void __launch_bounds__(kThreads) scan_step_kernel(
     y[s * ldy + e] = from_f<T>((acc + to_f(Dskip[e]) * xv) * silu(to_f(z[s * ldz + e])));
 }
 
+// Short prefill (every sequence of the batch at most scan_short_max() tokens, N <= 16): the
+// decode step's layout, 4 lanes per (sequence, channel) with 4 states each, walking the
+// sequence's tokens in order from its slot's state, kShortU tokens' inputs loaded before they
+// are computed. One launch and no workspace: at 52 tokens (E 4096, H100) the three chunked
+// passes took 38 us a layer, mostly the latency of short chains in three launches. The
+// arithmetic is the chunk kernel's (softplus_fast, exp2_ftz, silu_fast); the sum over states
+// runs in another order (4 lanes, then a shuffle), so the bits may differ from the chunked path.
+constexpr int kShortU = 4;
+template <class T>
+__global__ void __launch_bounds__(kThreads) scan_short_kernel(
+    T* __restrict__ y, int ldy, float* __restrict__ pool, const T* __restrict__ x, int ldx,
+    const T* __restrict__ dt, int lddt, const T* __restrict__ dt_bias, const float* __restrict__ A,
+    const T* __restrict__ B, const T* __restrict__ C, int ldbc, const T* __restrict__ Dskip,
+    const T* __restrict__ z, int ldz, const int32_t* __restrict__ cu, const int32_t* __restrict__ slots, int E,
+    int N) {
+  const int q = threadIdx.x % kStepLanes;
+  const int e = blockIdx.x * (kThreads / kStepLanes) + threadIdx.x / kStepLanes;
+  const bool active = e < E;
+  const int ec = active ? e : 0;  // idle lanes compute on channel 0 and store nothing
+  const int s = blockIdx.y, row0 = cu[s], L = cu[s + 1] - row0;  // L is uniform over the block
+  const int n0 = 4 * q;                                            // this lane's states n0 .. n0 + 3
+  float* st = pool + (size_t(slots[s]) * E + ec) * N;
+  float a2[4], sv[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const bool ok = active && n0 + i < N;
+    a2[i] = ok ? A[size_t(ec) * N + n0 + i] * kLog2e : 0.0f;
+    sv[i] = ok ? st[n0 + i] : 0.0f;
+  }
+  const float dtb = to_f(dt_bias[ec]), dsk = to_f(Dskip[ec]);
+  for (int t0 = 0; t0 < L; t0 += kShortU) {
+    float xv[kShortU], dv[kShortU], zv[kShortU], bv[kShortU][4], cv[kShortU][4];
+#pragma unroll
+    for (int u = 0; u < kShortU; ++u) {
+      const size_t r = size_t(row0 + min(t0 + u, L - 1));  // past L: a repeat, never stored
+      xv[u] = to_f(x[r * ldx + ec]);
+      dv[u] = to_f(dt[r * lddt + ec]);
+      zv[u] = to_f(z[r * ldz + ec]);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const bool ok = n0 + i < N;
+        bv[u][i] = ok ? to_f(B[r * ldbc + n0 + i]) : 0.0f;
+        cv[u][i] = ok ? to_f(C[r * ldbc + n0 + i]) : 0.0f;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kShortU; ++u) {
+      if (t0 + u >= L) break;
+      const float delta = softplus_fast(dv[u] + dtb), dx = delta * xv[u];
+      float acc = 0.0f;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        sv[i] = exp2_ftz(delta * a2[i]) * sv[i] + dx * bv[u][i];
+        acc += sv[i] * cv[u][i];
+      }
+      // The 4 lanes of a channel are adjacent: xor 1 and 2 stay inside them.
+      acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+      acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+      if (active && q == 0)
+        y[size_t(row0 + t0 + u) * ldy + e] = from_f<T>((acc + dsk * xv[u]) * silu_fast(zv[u]));
+    }
+  }
+  if (active) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      if (n0 + i < N) st[n0 + i] = sv[i];
+  }
+}
+
 void check_scan(int N, int nseq) {
   HM_CHECK(N >= 1 && N <= kMaxState, "cuda selective_scan: d_state must be in [1, ", kMaxState,
            "], got ", N);
@@ -406,6 +476,29 @@ void step_launch(T* y, int ldy, float* ssm_state, const int32_t* slots, const T*
 
 }  // namespace
 
+int scan_short_max() {
+  static const int v = [] {
+    const char* e = std::getenv("HM_CUDA_SCAN_SHORT_MAX");  // A/B runs: 0 turns the short path off
+    return e != nullptr ? std::max(0, std::atoi(e)) : kScanShortMaxDefault;
+  }();
+  return v;
+}
+
+bool scan_short_fits(const RaggedBatch& rb, int N) { return N <= 16 && rb.max_len <= scan_short_max(); }
+
+template <class T>
+void selective_scan_short(T* y, int ldy, float* ssm_state, const T* x, int ldx, const T* dt, int lddt,
+                          const T* dt_bias, const float* A, const T* B, const T* C, int ldbc, const T* Dskip,
+                          const T* z, int ldz, const RaggedBatch& rb, int E, int N, cudaStream_t stream) {
+  check_scan(N, rb.nseq);
+  HM_CHECK(N <= 16, "cuda selective_scan_short: d_state ", N, " above 16");
+  if (rb.nseq <= 0 || rb.n_tokens <= 0 || E <= 0) return;
+  const dim3 grid(ceil_div(E, kThreads / kStepLanes), rb.nseq);
+  scan_short_kernel<T><<<grid, kThreads, 0, stream>>>(y, ldy, ssm_state, x, ldx, dt, lddt, dt_bias, A, B, C, ldbc,
+                                                      Dskip, z, ldz, rb.cu_seqlens, rb.slots, E, N);
+  HM_CUDA_LAUNCHED("selective_scan (short)");
+}
+
 template <class T>
 void selective_scan_step(T* y, int ldy, float* ssm_state, const int32_t* slots, const T* x, int ldx,
                          const T* dt, int lddt, const T* dt_bias, const float* A, const T* B,
@@ -429,6 +522,9 @@ void selective_scan_step_dt(T* y, int ldy, float* ssm_state, const int32_t* slot
   template void selective_scan<T>(T*, int, float*, const T*, int, const T*, int, const T*,       \
                                   const float*, const T*, const T*, int, const T*, const T*, int, \
                                   const RaggedBatch&, int, int, int, void*, cudaStream_t);        \
+  template void selective_scan_short<T>(T*, int, float*, const T*, int, const T*, int, const T*, \
+                                        const float*, const T*, const T*, int, const T*, const T*, int, \
+                                        const RaggedBatch&, int, int, cudaStream_t);                   \
   template void selective_scan_step<T>(T*, int, float*, const int32_t*, const T*, int, const T*, \
                                        int, const T*, const float*, const T*, const T*, int,     \
                                        const T*, const T*, int, int, int, int, cudaStream_t);    \
