@@ -262,8 +262,8 @@ TEST_P(CudaBackendOps, Rope) {
   }
 }
 
-// kBatches take the short tiles (fewer blocks of 32 rows than twice the SMs); 3,033 tokens at
-// E 600 take the tiles of 32 rows (282 or more blocks).
+// kBatches take the short tiles (fewer blocks of 32 rows than SMs); 3,033 tokens at E 600 take
+// the tiles of 32 rows (282 or more blocks).
 TEST_P(CudaBackendOps, Conv1dSilu) {
   hm::Rng rng(26);
   struct Case { std::vector<int> lens; int E, K; };
@@ -290,8 +290,9 @@ TEST_P(CudaBackendOps, Conv1dSilu) {
     }
 }
 
-// Batches whose sequences are all <= 64 tokens ({7}, {2, 0, 37, 64, 5}, {63}) take the short
-// path at N <= 16 (selective_scan_short); the others, and N 33, the chunked passes.
+// Batches of at most 128 tokens whose sequences are all <= 64 tokens, one longer than the
+// chunked passes' chunk ({2, 0, 37, 64, 5}, {63}), take the short path at N <= 16
+// (selective_scan_short); the others, and N 33, the chunked passes.
 TEST_P(CudaBackendOps, SelectiveScan) {
   hm::Rng rng(27);
   std::vector<std::vector<int>> batches = kBatches;

@@ -15,7 +15,7 @@ constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 // Prefill tile: kRows token rows x one warp's width of 16-byte vectors (256 channels of bf16 or
 // f16, 128 of f32). 32 rows keep ~4 tiles per SM at B 1, L 2048, E 2048. A batch too small to
-// give every SM two such tiles (a short prompt: 52 tokens at E 4096 made 32 blocks, 12.6 us on an
+// give every SM one such tile (a short prompt: 52 tokens at E 4096 made 32 blocks, 12.6 us on an
 // H100) takes tiles of kShortRows, one row per warp.
 constexpr int kRows = 32;
 constexpr int kShortRows = kWarps;
@@ -242,7 +242,7 @@ void conv1d_silu(T* out, int ldo, float* conv_state, const T* x, int ldx, const 
   if (rb.n_tokens > 0) {
     HM_CHECK(ceil_div(E, kCols<T>) <= 65535, "cuda conv1d: d_inner ", E, " is too wide");
     const int col_blocks = ceil_div(E, kCols<T>);
-    const bool few = long(ceil_div(rb.n_tokens, kRows)) * col_blocks < 2L * sm_count();
+    const bool few = long(ceil_div(rb.n_tokens, kRows)) * col_blocks < long(sm_count());
     const dim3 grid(ceil_div(rb.n_tokens, few ? kShortRows : kRows), col_blocks);
     const int vec = (aligned16(x, ldx) ? 1 : 0) | (aligned16(out, ldo) ? 2 : 0);
     with_k(K, [&](auto kc) {

@@ -303,7 +303,7 @@ __global__ void __launch_bounds__(kThreads) scan_step_kernel(
     y[s * ldy + e] = from_f<T>((acc + to_f(Dskip[e]) * xv) * silu(to_f(z[s * ldz + e])));
 }
 
-// Short prefill (every sequence of the batch at most scan_short_max() tokens, N <= 16): the
+// Short prefill (scan_short_fits: a few short sequences, N <= 16): the
 // decode step's layout, 4 lanes per (sequence, channel) with 4 states each, walking the
 // sequence's tokens in order from its slot's state, kShortU tokens' inputs loaded before they
 // are computed. One launch and no workspace: at 52 tokens (E 4096, H100) the three chunked
@@ -476,15 +476,18 @@ void step_launch(T* y, int ldy, float* ssm_state, const int32_t* slots, const T*
 
 }  // namespace
 
-int scan_short_max() {
+int scan_short_tokens() {
   static const int v = [] {
-    const char* e = std::getenv("HM_CUDA_SCAN_SHORT_MAX");  // A/B runs: 0 turns the short path off
-    return e != nullptr ? std::max(0, std::atoi(e)) : kScanShortMaxDefault;
+    const char* e = std::getenv("HM_CUDA_SCAN_SHORT_TOKENS");  // A/B runs: 0 turns the short path off
+    return e != nullptr ? std::max(0, std::atoi(e)) : kScanShortTokensDefault;
   }();
   return v;
 }
 
-bool scan_short_fits(const RaggedBatch& rb, int N) { return N <= 16 && rb.max_len <= scan_short_max(); }
+bool scan_short_fits(const RaggedBatch& rb, int E, int N) {
+  return N <= 16 && rb.max_len <= kScanShortLen && rb.n_tokens <= scan_short_tokens() &&
+         scan_chunk_auto(rb, E) < rb.max_len;
+}
 
 template <class T>
 void selective_scan_short(T* y, int ldy, float* ssm_state, const T* x, int ldx, const T* dt, int lddt,
