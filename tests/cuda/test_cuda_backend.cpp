@@ -290,9 +290,9 @@ TEST_P(CudaBackendOps, Conv1dSilu) {
     }
 }
 
-// Batches of at most 128 tokens whose sequences are all <= 64 tokens, one longer than the
-// chunked passes' chunk ({2, 0, 37, 64, 5}, {63}), take the short path at N <= 16
-// (selective_scan_short); the others, and N 33, the chunked passes.
+// Batches of at most 256 tokens whose sequences are all <= 64 tokens ({7}, {2, 0, 37, 64, 5},
+// {63}) take the short path at N <= 16 (selective_scan_short); the others, and N 33, the chunked
+// passes.
 TEST_P(CudaBackendOps, SelectiveScan) {
   hm::Rng rng(27);
   std::vector<std::vector<int>> batches = kBatches;

@@ -674,7 +674,7 @@ class CudaBackendImpl final : public CudaBackend {
     const cuda::RaggedBatch rb = batch(rg);
     const bool decode = decode_step(rg);
     // Short prompts (a cache hit's rest, a chat turn): one launch instead of three chunked passes.
-    const bool short_seqs = !decode && !inv_ && cuda::scan_short_fits(rb, E, N);
+    const bool short_seqs = !decode && !inv_ && cuda::scan_short_fits(rb, N);
     // Batch-invariant: one chunk per sequence, its tokens in order whatever the batch.
     const int chunk = decode || short_seqs ? 0 : inv_ ? std::max(rb.max_len, 1) : cuda::scan_chunk_auto(rb, E);
     void* ws = decode || short_seqs ? nullptr : workspace(cuda::selective_scan_workspace_bytes(rb, E, N, chunk));

@@ -85,17 +85,18 @@ int scan_chunk_auto(const RaggedBatch& rb, int E);
 size_t selective_scan_workspace_bytes(const RaggedBatch& rb, int E, int N, int chunk);
 
 // The same scan for a few short sequences (scan_short_fits: N <= 16, none longer than
-// kScanShortLen tokens, at most scan_short_tokens() in all (kScanShortTokensDefault unless
-// HM_CUDA_SCAN_SHORT_TOKENS says otherwise; 0 turns it off), and long enough that the chunked
-// passes would cut them): one launch that walks each sequence's tokens in order, 4 threads per
-// channel, no workspace. H100, 1.3B hybrid (stop 38): a 52-token prefill 4.4 -> 3.8 ms; at 8 x 52
-// and 64 x 16 tokens it lost to the chunked passes (one wave of staged tiles), hence the bounds.
+// kScanShortLen tokens, at most scan_short_tokens() in all: kScanShortTokensDefault unless
+// HM_CUDA_SCAN_SHORT_TOKENS says otherwise, 0 turns it off): one launch that walks each
+// sequence's tokens in order, 4 threads per channel, no workspace. H100, 1.3B hybrid (stop 38,
+// bench/results/gpu-2026-12-06-stop38/): a 52-token prefill 4.4 -> 3.8 ms, and a server's steps
+// (decode rows beside short prompt chunks) 64-client output 9.9k -> 11.9k tok/s; uniform batches
+// of 8 x 52 and 64 x 16 tokens lost to the chunked passes' staged tiles, hence the token bound.
 // Its sum over the states runs in another order than selective_scan's, so the backend's
 // batch-invariant mode never takes it (the choice depends on the batch).
 constexpr int kScanShortLen = 64;
-constexpr int kScanShortTokensDefault = 128;
+constexpr int kScanShortTokensDefault = 256;
 int scan_short_tokens();
-bool scan_short_fits(const RaggedBatch& rb, int E, int N);
+bool scan_short_fits(const RaggedBatch& rb, int N);
 template <class T>
 void selective_scan_short(T* y, int ldy, float* ssm_state, const T* x, int ldx, const T* dt, int lddt,
                           const T* dt_bias, const float* A, const T* B, const T* C, int ldbc, const T* Dskip,

@@ -484,9 +484,8 @@ int scan_short_tokens() {
   return v;
 }
 
-bool scan_short_fits(const RaggedBatch& rb, int E, int N) {
-  return N <= 16 && rb.max_len <= kScanShortLen && rb.n_tokens <= scan_short_tokens() &&
-         scan_chunk_auto(rb, E) < rb.max_len;
+bool scan_short_fits(const RaggedBatch& rb, int N) {
+  return N <= 16 && rb.max_len <= kScanShortLen && rb.n_tokens <= scan_short_tokens();
 }
 
 template <class T>
