@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Prepared in stop 38, not yet run (the session's device time was spent): where the scan
+# backward's time goes, kernel by kernel (ncu; callU's filter reached only the forward's kernels,
+# its launch count ran out first), at the 130M's width (E 1536, B 8, L 2048, bf16), and whether
+# grad_carry_kernel (loads batched 8 groups at a time) is as slow as the forward's carry
+# (callU: fwd_carry_kernel 79 us, unbatched). Then the 1.3B hybrid's 52-token prefill per kernel
+# again after the short-prefill changes (callU: 4.8 ms of GPU time before them).
+. bench/device_env.sh
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+timeout 150 $NCU --clock-control none --kernel-name regex:'fast_grad|grad_carry|grad_bc|grad_param' --launch-count 20 \
+  --metrics gpu__time_duration.sum --csv --page raw $H/bin/hm_bench_cuda_kernels scan-train > $R/ncu_scan_bwd.csv 2> $R/ncu_scan_bwd.err
+echo "ncu scan bwd rc $? t=$(( $(date +%s) - T00 ))"
+timeout 200 $NCU --clock-control none --launch-count 4000 --metrics gpu__time_duration.sum --csv --page raw \
+  $HM bench --device cuda --config bench/serve_configs/hybrid-1.3b.json --prefill-cases 1x52 --reps 1 --json > $R/ncu_prefill52.csv 2> $R/ncu_prefill52.err
+echo "ncu prefill rc $? t=$(( $(date +%s) - T00 ))"
+A=bench/results/gpu-2026-12-06-stop38/ncu_table.py
+python3 $A $R/ncu_scan_bwd.csv list
+python3 $A $R/ncu_prefill52.csv forward 416
+echo "done at $(( $(date +%s) - T00 )) s"
