@@ -75,6 +75,20 @@ __device__ __forceinline__ int seq_of_row(const int32_t* cu, int nseq, int t) {
 
 __host__ __device__ inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+// The current device's multiprocessor count, read once (132 when it cannot be read, an H100's:
+// it only sizes grids).
+inline int sm_count() {
+  static const int n = [] {
+    int dev = 0, c = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&c, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+      cudaGetLastError();
+      return 132;
+    }
+    return c;
+  }();
+  return n;
+}
+
 // Two floats rounded to KV and packed as one 32-bit mma operand (low half first).
 template <class KV> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
 template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {

@@ -217,15 +217,6 @@ void with_k(int K, F&& f) {
   }
 }
 
-int sm_count() {
-  static const int n = [] {
-    int dev = 0, sms = 132;
-    if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    return sms;
-  }();
-  return n;
-}
-
 // 16-byte vectors of T can start at p + i * ld for every row i.
 template <class T>
 bool aligned16(const T* p, int ld) {

@@ -506,18 +506,6 @@ __global__ void __launch_bounds__(kThreads) gemv_row_kernel(const Args<T, TY> a)
   if (j < a.conv.E) conv_step(a.conv, 0, j, v);
 }
 
-int sm_count() {
-  static const int n = [] {
-    int dev = 0, c = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&c, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
-      cudaGetLastError();
-      return 132;
-    }
-    return c;
-  }();
-  return n;
-}
-
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 }  // namespace

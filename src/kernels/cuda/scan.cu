@@ -417,12 +417,11 @@ int scan_chunk_auto(const RaggedBatch& rb, int E) {
   // each sequence's last chunk are walked twice (passes 1 and 3), and a second, partial wave
   // cost 19% at B 8 on the H200 (docs/CUDA.md).
   static const long resident = [] {
-    int dev = 0, sms = 132, per_sm = 4;
-    if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    int per_sm = 4;
     if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(
             &per_sm, scan_chunk_kernel<__nv_bfloat16, 16, true, kOutput>, kThreads, 0) != cudaSuccess)
       per_sm = 4;
-    return long(sms) * std::max(per_sm, 1);
+    return long(sm_count()) * std::max(per_sm, 1);
   }();
   const long per_chunk = long(ceil_div(E, kThreads)) * std::max(rb.nseq, 1);
   const int len = std::max(rb.max_len, 1);

@@ -1188,12 +1188,11 @@ void train_launch(T* y, int ldy, float* saved, const ScanTrainIn<T>& in, const R
 // wave of pf_fwd_kernel blocks), as the prefill picks its chunks; never more groups than sh.groups.
 int fwd_group(const ScanTrainShape& sh) {
   static const long resident = [] {
-    int dev = 0, sms = 132, per_sm = 4;
-    if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    int per_sm = 4;
     if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, pf_fwd_kernel<__nv_bfloat16, kOut>, kPT, 0) !=
         cudaSuccess)
       per_sm = 4;
-    return long(sms) * std::max(per_sm, 1);
+    return long(sm_count()) * std::max(per_sm, 1);
   }();
   const long per_group = long(ceil_div(sh.E, kPT)) * std::max(sh.nseq, 1);
   const int target = int(std::max(1L, resident / per_group));

@@ -279,18 +279,6 @@ __global__ void __launch_bounds__(kThreads) skinny_kernel(const Args<T, TY> a) {
   if (splits > 1) cluster.sync();  // no block leaves while another still reads its partials
 }
 
-int sm_count() {
-  static const int n = [] {
-    int dev = 0, c = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&c, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
-      cudaGetLastError();
-      return 132;
-    }
-    return c;
-  }();
-  return n;
-}
-
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 template <class T, class TY, int BN, int MTW>
