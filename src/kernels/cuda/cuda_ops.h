@@ -88,9 +88,9 @@ size_t selective_scan_workspace_bytes(const RaggedBatch& rb, int E, int N, int c
 // kScanShortLen tokens, at most scan_short_tokens() in all: kScanShortTokensDefault unless
 // HM_CUDA_SCAN_SHORT_TOKENS says otherwise, 0 turns it off): one launch that walks each
 // sequence's tokens in order, 4 threads per channel, no workspace. H100, 1.3B hybrid (stop 38,
-// bench/results/gpu-2026-12-06-stop38/): a 52-token prefill 4.4 -> 3.8 ms, and a server's steps
-// (decode rows beside short prompt chunks) 64-client output 9.9k -> 11.9k tok/s; uniform batches
-// of 8 x 52 and 64 x 16 tokens lost to the chunked passes' staged tiles, hence the token bound.
+// bench/results/gpu-2026-12-06-stop38/): prefills of 1 x 52 tokens 4.5 -> 3.8 ms and 64 x 4
+// 6.5 -> 5.6 ms; uniform batches of 64 x 16 tokens lost to the chunked passes' staged tiles
+// (9.0 -> 11.6 ms) before the token bound kept them there.
 // Its sum over the states runs in another order than selective_scan's, so the backend's
 // batch-invariant mode never takes it (the choice depends on the batch).
 constexpr int kScanShortLen = 64;
