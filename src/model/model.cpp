@@ -3,6 +3,7 @@
 #include "model/moe.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -20,10 +21,20 @@
 
 namespace hm {
 
+namespace {
+// Prefill shapes recorded or warmed at once (decode batch sizes are few and kept).
+constexpr size_t kMaxPrefillGraphs = 256;
+
+bool prefill_graphs_default() {
+  const char* v = std::getenv("HM_PREFILL_GRAPHS");
+  return v != nullptr && std::string(v) == "1";
+}
+}  // namespace
+
 HybridModel::HybridModel(const ModelConfig& c, Backend& be) : HybridModel(c, be, be.default_dtype()) {}
 
 HybridModel::HybridModel(const ModelConfig& c, Backend& be, DType dtype)
-    : cfg_(c), be_(be), dtype_(dtype), params_(c) {
+    : cfg_(c), be_(be), dtype_(dtype), params_(c), prefill_graphs_(prefill_graphs_default()) {
   validate(c);
   HM_CHECK(be.supports(dtype), "model: the ", be.name(), " backend does not compute in ",
            compute_dtype_name(dtype));
@@ -835,18 +846,34 @@ Tensor HybridModel::forward_device(const Batch& b, HybridMemory& mem) {
   }
   ws_.logits.reserve(be_, sizeof(float) * size_t(n_rows) * V);
 
-  const bool graph = use_graphs_ && be_.supports_graphs() && one_token_each && !b.logits_all &&
+  const bool decode_shape = one_token_each && !b.logits_all;
+  const bool graph = use_graphs_ && be_.supports_graphs() && (decode_shape || prefill_graphs_) &&
                      cfg_.true_layers.empty() && cfg_.moe_layers.empty() && trace_ == nullptr;
   if (!graph) {
     run_layers(T, n_rows, hrows, mem);
   } else {
-    // First step of a batch size on these addresses: eagerly (it also grows the backend's own
-    // workspaces); the second is recorded; later ones replay the recording.
+    // First step of a shape on these addresses: eagerly (it also grows the backend's own
+    // workspaces); the second is recorded; later ones replay the recording. A prefill's kernels
+    // take their launch shapes from the chunks' lengths (grids, chunking, GEMM plans) and read
+    // positions and slots from the uploaded batch, so its key is the lengths.
+    std::vector<int> key = {T};
+    if (!decode_shape) {
+      key.push_back(b.logits_all ? 1 : 0);
+      for (int s = 0; s < nseq; ++s) key.push_back(rg_.len(s));
+    }
+    if (!decode_shape && !graphs_.count(key) && !warmed_.count(key)) {  // prefill shapes are many: a bound
+      const auto prefill = [](const auto& kv) { return kv.first.size() > 1; };
+      if (size_t(std::count_if(graphs_.begin(), graphs_.end(), prefill) +
+                 std::count_if(warmed_.begin(), warmed_.end(), prefill)) >= kMaxPrefillGraphs) {
+        std::erase_if(graphs_, prefill);
+        std::erase_if(warmed_, prefill);
+      }
+    }
     std::vector<const void*> sig = graph_signature(mem);
-    auto it = graphs_.find(T);
+    auto it = graphs_.find(key);
     if (it != graphs_.end() && it->second.sig == sig) {
       be_.replay(it->second.exec);
-    } else if (auto w = warmed_.find(T); w != warmed_.end() && w->second == sig) {
+    } else if (auto w = warmed_.find(key); w != warmed_.end() && w->second == sig) {
       be_.begin_capture();
       try {
         run_layers(T, n_rows, hrows, mem);
@@ -854,12 +881,13 @@ Tensor HybridModel::forward_device(const Batch& b, HybridMemory& mem) {
         try { be_.end_capture(); } catch (...) {}
         throw;
       }
-      graphs_[T] = Graph{sig, be_.end_capture()};
+      Graph& g = graphs_[key];
+      g = Graph{sig, be_.end_capture()};
       ++graphs_captured_;
-      be_.replay(graphs_[T].exec);
+      be_.replay(g.exec);
     } else {
       run_layers(T, n_rows, hrows, mem);
-      warmed_[T] = std::move(sig);
+      warmed_[key] = std::move(sig);
     }
   }
   // Host bookkeeping, outside what a graph records.

@@ -158,7 +158,11 @@ class HybridModel {
   // Decode steps (every chunk one token, last-token logits) of a model without true-hybrid or
   // MoE layers (their routing is read back on the host) are recorded once per batch size and memory as a graph and replayed, on backends
   // with graphs (CUDA): one launch per step instead of one per op. On by default.
-  void set_graphs(bool on) { use_graphs_ = on; graphs_.clear(); }
+  void set_graphs(bool on) { use_graphs_ = on; graphs_.clear(); warmed_.clear(); }
+  // Prefills too (every other batch shape), recorded per shape (each chunk's length, the logits
+  // wanted) and memory: a repeated shape replays at any positions and slots. Off unless
+  // HM_PREFILL_GRAPHS=1 (stop 38: written after the device time ran out, not yet run on a GPU).
+  void set_prefill_graphs(bool on) { prefill_graphs_ = on; graphs_.clear(); warmed_.clear(); }
   int graphs_captured() const { return graphs_captured_; }
 
  private:
@@ -235,8 +239,10 @@ class HybridModel {
     std::shared_ptr<void> exec;
   };
   bool use_graphs_ = true;
-  std::map<int, Graph> graphs_;                     // by batch size
-  std::map<int, std::vector<const void*>> warmed_;  // run once eagerly with these addresses
+  bool prefill_graphs_ = false;
+  // By shape: {batch size} for a decode step; {tokens, logits_all, each chunk's length} else.
+  std::map<std::vector<int>, Graph> graphs_;
+  std::map<std::vector<int>, std::vector<const void*>> warmed_;  // run once eagerly with these addresses
   int graphs_captured_ = 0;
   const int32_t* last_idx_ = nullptr;               // the last row of each chunk, uploaded
   // true_layer's host scratch, reused across calls

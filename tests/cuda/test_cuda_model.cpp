@@ -296,6 +296,61 @@ TEST(CudaModel, GraphReplayEqualsEagerDecode) {
   }
 }
 
+// Prefill graphs (set_prefill_graphs): a repeated batch shape, at later positions and in other
+// slots, replays the recording and gives the logits of the same forwards run op by op; a shape
+// seen once, or with every row's logits, does not share it.
+TEST(CudaModel, GraphReplayEqualsEagerPrefill) {
+  SKIP_WITHOUT_GPU();
+  auto gpu = make_backend(Device::CUDA);
+  int k = 0;
+  for (const ModelConfig& c : {gpu_tiny(), gpu_wide()}) {
+    for (DType t : {DType::F32, DType::BF16}) {
+      HybridModel eager(c, *gpu, t), graphed(c, *gpu, t);
+      randomize_params(eager, 810 + k);
+      eager.prepare();
+      copy_weights(eager, graphed);
+      eager.set_graphs(false);
+      graphed.set_prefill_graphs(true);
+      const KvType kv = t == DType::F32 ? KvType::F32 : KvType::BF16;
+      Rng rng(910 + k);
+      auto run = [&](HybridModel& m) {
+        HybridMemory mem(*gpu, c, 4, 96, kv);
+        std::vector<float> all, l;
+        auto chunk = [&](int s0, int s1, bool every_row) {
+          Batch b;
+          b.add(s0, tokens(rng, 9, c.vocab_size));
+          b.add(s1, tokens(rng, 4, c.vocab_size));
+          b.logits_all = every_row;
+          m.forward(b, mem, l);
+          all.insert(all.end(), l.begin(), l.end());
+        };
+        chunk(0, 1, false);  // warms the shape {9, 4}
+        chunk(0, 1, false);  // records it, at positions 9 and 4
+        chunk(0, 1, false);  // replays it at 18 and 8
+        chunk(2, 3, false);  // replays it in other slots, from position 0
+        chunk(3, 2, true);   // every row's logits: another shape
+        Batch d;
+        for (int s = 0; s < 4; ++s) d.add(s, {(5 * s + 1) % c.vocab_size});
+        m.forward(d, mem, l);
+        all.insert(all.end(), l.begin(), l.end());
+        return all;
+      };
+      const uint64_t keep = rng.next_u64();
+      rng = Rng(keep);
+      const auto want = run(eager);
+      rng = Rng(keep);
+      const auto got = run(graphed);
+      const double e = rel_err(got, want);
+      std::printf("%s config %d: prefill graph vs eager %.3g, graphs recorded %d\n", compute_dtype_name(t), k, e,
+                  graphed.graphs_captured());
+      EXPECT_LT(e, t == DType::F32 ? 1e-5 : 1e-2);
+      EXPECT_EQ(graphed.graphs_captured(), 1);  // {9, 4} with last-token logits
+      EXPECT_EQ(eager.graphs_captured(), 0);
+    }
+    ++k;
+  }
+}
+
 // Mamba-2 models (issue 13: every layer type on CUDA). Mixed: Mamba-2 layers 0 and 3 beside a
 // Mamba layer and attention (with bridges), 12 heads of 16 in 3 groups, d_state 24, the gated
 // norm over the whole d_inner, a time_step_limit that binds. Pure: three Mamba-2 layers of the

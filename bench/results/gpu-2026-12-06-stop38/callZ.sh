@@ -4,7 +4,10 @@
 # its launch count ran out first), at the 130M's width (E 1536, B 8, L 2048, bf16), and whether
 # grad_carry_kernel (loads batched 8 groups at a time) is as slow as the forward's carry
 # (callU: fwd_carry_kernel 79 us, unbatched). Then the 1.3B hybrid's 52-token prefill per kernel
-# again after the short-prefill changes (callU: 4.8 ms of GPU time before them).
+# again after the short-prefill changes (callU: 4.8 ms of GPU time before them). Then the
+# prefill graphs written after the device time ran out (HM_PREFILL_GRAPHS=1, off by default):
+# their test, and the same prefills with and without them (the host's ~3.5 ms of launches in a
+# 52-token step against its ~3 ms of GPU work).
 . bench/device_env.sh
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 timeout 150 $NCU --clock-control none --kernel-name regex:'fast_grad|grad_carry|grad_bc|grad_param' --launch-count 20 \
@@ -16,4 +19,11 @@ echo "ncu prefill rc $? t=$(( $(date +%s) - T00 ))"
 A=bench/results/gpu-2026-12-06-stop38/ncu_table.py
 python3 $A $R/ncu_scan_bwd.csv list
 python3 $A $R/ncu_prefill52.csv forward 416
+timeout 120 $H/bin/hm_cuda_model_tests --gtest_filter='CudaModel.GraphReplay*' > $R/graph_tests.log 2>&1; echo "graph tests rc $?"; grep -E "^\[  (PASSED|FAILED)|Failure|graph vs eager" $R/graph_tests.log | head -12
+C=bench/serve_configs/hybrid-1.3b.json; PC=1x52,1x256,8x52,64x4
+pf() { python3 -c "import json,sys;d=json.load(open(sys.argv[1]));print(sys.argv[2],' '.join('%dx%d %.3f ms (host %.3f)'%(j['batch'],j['seq_len'],j['ms'],j['enqueue_ms']) for j in d['prefill']))" $1 "$2"; }
+for rep in 1 2; do
+  timeout 60 $HM bench --device cuda --config $C --prefill-cases $PC --reps 9 --json > $R/pf_eager$rep.json 2> $R/pf_eager$rep.log; pf $R/pf_eager$rep.json eager
+  HM_PREFILL_GRAPHS=1 timeout 60 $HM bench --device cuda --config $C --prefill-cases $PC --reps 9 --json > $R/pf_graph$rep.json 2> $R/pf_graph$rep.log; pf $R/pf_graph$rep.json "prefill graphs"
+done
 echo "done at $(( $(date +%s) - T00 )) s"
