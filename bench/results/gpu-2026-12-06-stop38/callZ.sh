@@ -9,6 +9,10 @@
 # their test, and the same prefills with and without them (the host's ~3.5 ms of launches in a
 # 52-token step against its ~3 ms of GPU work).
 . bench/device_env.sh
+# First, both suites whole: after callY, aef2573 changed the decode graphs' cache key (an int ->
+# a vector) and added the prefill graphs (off by default; their test is in hm_cuda_model_tests).
+timeout 200 $H/bin/hm_cuda_tests > $R/cuda_tests.log 2>&1; echo "hm_cuda_tests rc $?"; grep -E "^\[  (PASSED|FAILED)|Failure" $R/cuda_tests.log | head
+timeout 150 $H/bin/hm_cuda_model_tests > $R/cuda_model_tests.log 2>&1; echo "hm_cuda_model_tests rc $?"; grep -E "^\[  (PASSED|FAILED)|Failure|graph vs eager" $R/cuda_model_tests.log | head -20
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 timeout 150 $NCU --clock-control none --kernel-name regex:'fast_grad|grad_carry|grad_bc|grad_param' --launch-count 20 \
   --metrics gpu__time_duration.sum --csv --page raw $H/bin/hm_bench_cuda_kernels scan-train > $R/ncu_scan_bwd.csv 2> $R/ncu_scan_bwd.err
@@ -19,7 +23,6 @@ echo "ncu prefill rc $? t=$(( $(date +%s) - T00 ))"
 A=bench/results/gpu-2026-12-06-stop38/ncu_table.py
 python3 $A $R/ncu_scan_bwd.csv list
 python3 $A $R/ncu_prefill52.csv forward 416
-timeout 120 $H/bin/hm_cuda_model_tests --gtest_filter='CudaModel.GraphReplay*' > $R/graph_tests.log 2>&1; echo "graph tests rc $?"; grep -E "^\[  (PASSED|FAILED)|Failure|graph vs eager" $R/graph_tests.log | head -12
 C=bench/serve_configs/hybrid-1.3b.json; PC=1x52,1x256,8x52,64x4
 pf() { python3 -c "import json,sys;d=json.load(open(sys.argv[1]));print(sys.argv[2],' '.join('%dx%d %.3f ms (host %.3f)'%(j['batch'],j['seq_len'],j['ms'],j['enqueue_ms']) for j in d['prefill']))" $1 "$2"; }
 for rep in 1 2; do
