@@ -543,8 +543,7 @@ int bench_device(const DeviceBenchOptions& o, DeviceSetup& dev) {
   };
   auto num = [](const json& j, const char* key) -> double { return j.contains(key) && j[key].is_number() ? j[key].get<double>() : NAN; };
   std::vector<Row> rows;
-  for (const auto& j : r["prefill"])
-  {
+  for (const auto& j : r["prefill"]) {
     rows.push_back({"prefill " + std::to_string(j["batch"].get<int>()) + " x " + std::to_string(j["seq_len"].get<int>()),
                     "ms", num(j, "ms"), num(j, "floor_ms"), peer_of("prefill", j, "ms")});
     rows.push_back({"  host time inside the call", "ms", num(j, "enqueue_ms"), NAN, NAN});

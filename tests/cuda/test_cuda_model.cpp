@@ -251,49 +251,61 @@ TEST(CudaModel, HardRoutingSkipsThePathNotChosen) {
   }
 }
 
-// Decode steps replayed from a recorded graph give the logits of steps run op by op, and one
-// graph is recorded per batch size.
-TEST(CudaModel, GraphReplayEqualsEagerDecode) {
-  SKIP_WITHOUT_GPU();
+// For each small config and type: an eager model and a graphed copy of it (`prefill`: prefill
+// graphs too) run the same forwards (`run` returns their logits, tokens drawn from its Rng); the
+// graphed logits must equal the eager ones, and the graphed model must have recorded `recorded`
+// graphs. Seeds: weights seed + k, tokens from seed + 100 + k (config k).
+template <class Run>
+void expect_graphs_equal_eager(uint64_t seed, bool prefill, int ctx, int recorded, const Run& run) {
   auto gpu = make_backend(Device::CUDA);
   int k = 0;
   for (const ModelConfig& c : {gpu_tiny(), gpu_wide()}) {
     for (DType t : {DType::F32, DType::BF16}) {
       HybridModel eager(c, *gpu, t), graphed(c, *gpu, t);
-      randomize_params(eager, 800 + k);
+      randomize_params(eager, seed + k);
       eager.prepare();
       copy_weights(eager, graphed);
       eager.set_graphs(false);
+      graphed.set_prefill_graphs(prefill);
       const KvType kv = t == DType::F32 ? KvType::F32 : KvType::BF16;
-      Rng rng(900 + k);
-      auto steps = [&](HybridModel& m) {
-        HybridMemory mem(*gpu, c, 4, 64, kv);
-        std::vector<float> all, l;
-        Batch b;
-        for (int s = 0; s < 3; ++s) b.add(s, tokens(rng, 5 + 7 * s, c.vocab_size));
-        m.forward(b, mem, l);
-        for (int step = 0; step < 12; ++step) {
-          Batch d;
-          for (int s = 0; s < (step < 8 ? 3 : 2); ++s) d.add(s, {(step * 7 + s) % c.vocab_size});
-          m.forward(d, mem, l);
-          all.insert(all.end(), l.begin(), l.end());
-        }
-        return all;
+      const uint64_t keep = Rng(seed + 100 + k).next_u64();
+      auto logits = [&](HybridModel& m) {
+        HybridMemory mem(*gpu, c, 4, ctx, kv);
+        Rng rng(keep);
+        return run(m, mem, rng);
       };
-      const uint64_t keep = rng.next_u64();
-      rng = Rng(keep);
-      const auto want = steps(eager);
-      rng = Rng(keep);
-      const auto got = steps(graphed);
+      const auto want = logits(eager);
+      const auto got = logits(graphed);
       const double e = rel_err(got, want);
       std::printf("%s config %d: graph vs eager %.3g, graphs recorded %d\n", compute_dtype_name(t), k, e,
                   graphed.graphs_captured());
       EXPECT_LT(e, t == DType::F32 ? 1e-5 : 1e-2);
-      EXPECT_EQ(graphed.graphs_captured(), 2);  // batch sizes 3 and 2
+      EXPECT_EQ(graphed.graphs_captured(), recorded);
       EXPECT_EQ(eager.graphs_captured(), 0);
     }
     ++k;
   }
+}
+
+// Decode steps replayed from a recorded graph give the logits of steps run op by op, and one
+// graph is recorded per batch size.
+TEST(CudaModel, GraphReplayEqualsEagerDecode) {
+  SKIP_WITHOUT_GPU();
+  // Batch sizes 3 and 2: two graphs.
+  expect_graphs_equal_eager(800, false, 64, 2, [](HybridModel& m, HybridMemory& mem, Rng& rng) {
+    const int V = m.config().vocab_size;
+    std::vector<float> all, l;
+    Batch b;
+    for (int s = 0; s < 3; ++s) b.add(s, tokens(rng, 5 + 7 * s, V));
+    m.forward(b, mem, l);
+    for (int step = 0; step < 12; ++step) {
+      Batch d;
+      for (int s = 0; s < (step < 8 ? 3 : 2); ++s) d.add(s, {(step * 7 + s) % V});
+      m.forward(d, mem, l);
+      all.insert(all.end(), l.begin(), l.end());
+    }
+    return all;
+  });
 }
 
 // Prefill graphs (set_prefill_graphs): a repeated batch shape, at later positions and in other
@@ -301,54 +313,29 @@ TEST(CudaModel, GraphReplayEqualsEagerDecode) {
 // seen once, or with every row's logits, does not share it.
 TEST(CudaModel, GraphReplayEqualsEagerPrefill) {
   SKIP_WITHOUT_GPU();
-  auto gpu = make_backend(Device::CUDA);
-  int k = 0;
-  for (const ModelConfig& c : {gpu_tiny(), gpu_wide()}) {
-    for (DType t : {DType::F32, DType::BF16}) {
-      HybridModel eager(c, *gpu, t), graphed(c, *gpu, t);
-      randomize_params(eager, 810 + k);
-      eager.prepare();
-      copy_weights(eager, graphed);
-      eager.set_graphs(false);
-      graphed.set_prefill_graphs(true);
-      const KvType kv = t == DType::F32 ? KvType::F32 : KvType::BF16;
-      Rng rng(910 + k);
-      auto run = [&](HybridModel& m) {
-        HybridMemory mem(*gpu, c, 4, 96, kv);
-        std::vector<float> all, l;
-        auto chunk = [&](int s0, int s1, bool every_row) {
-          Batch b;
-          b.add(s0, tokens(rng, 9, c.vocab_size));
-          b.add(s1, tokens(rng, 4, c.vocab_size));
-          b.logits_all = every_row;
-          m.forward(b, mem, l);
-          all.insert(all.end(), l.begin(), l.end());
-        };
-        chunk(0, 1, false);  // warms the shape {9, 4}
-        chunk(0, 1, false);  // records it, at positions 9 and 4
-        chunk(0, 1, false);  // replays it at 18 and 8
-        chunk(2, 3, false);  // replays it in other slots, from position 0
-        chunk(3, 2, true);   // every row's logits: another shape
-        Batch d;
-        for (int s = 0; s < 4; ++s) d.add(s, {(5 * s + 1) % c.vocab_size});
-        m.forward(d, mem, l);
-        all.insert(all.end(), l.begin(), l.end());
-        return all;
-      };
-      const uint64_t keep = rng.next_u64();
-      rng = Rng(keep);
-      const auto want = run(eager);
-      rng = Rng(keep);
-      const auto got = run(graphed);
-      const double e = rel_err(got, want);
-      std::printf("%s config %d: prefill graph vs eager %.3g, graphs recorded %d\n", compute_dtype_name(t), k, e,
-                  graphed.graphs_captured());
-      EXPECT_LT(e, t == DType::F32 ? 1e-5 : 1e-2);
-      EXPECT_EQ(graphed.graphs_captured(), 1);  // {9, 4} with last-token logits
-      EXPECT_EQ(eager.graphs_captured(), 0);
-    }
-    ++k;
-  }
+  // One graph: {9, 4} with last-token logits.
+  expect_graphs_equal_eager(810, true, 96, 1, [](HybridModel& m, HybridMemory& mem, Rng& rng) {
+    const int V = m.config().vocab_size;
+    std::vector<float> all, l;
+    auto chunk = [&](int s0, int s1, bool every_row) {
+      Batch b;
+      b.add(s0, tokens(rng, 9, V));
+      b.add(s1, tokens(rng, 4, V));
+      b.logits_all = every_row;
+      m.forward(b, mem, l);
+      all.insert(all.end(), l.begin(), l.end());
+    };
+    chunk(0, 1, false);  // warms the shape {9, 4}
+    chunk(0, 1, false);  // records it, at positions 9 and 4
+    chunk(0, 1, false);  // replays it at 18 and 8
+    chunk(2, 3, false);  // replays it in other slots, from position 0
+    chunk(3, 2, true);   // every row's logits: another shape
+    Batch d;
+    for (int s = 0; s < 4; ++s) d.add(s, {(5 * s + 1) % V});
+    m.forward(d, mem, l);
+    all.insert(all.end(), l.begin(), l.end());
+    return all;
+  });
 }
 
 // Mamba-2 models (issue 13: every layer type on CUDA). Mixed: Mamba-2 layers 0 and 3 beside a
