@@ -303,14 +303,17 @@ __global__ void __launch_bounds__(kThreads) scan_step_kernel(
     y[s * ldy + e] = from_f<T>((acc + to_f(Dskip[e]) * xv) * silu(to_f(z[s * ldz + e])));
 }
 
-// Short prefill (scan_short_fits: a few short sequences, N <= 16): the
-// decode step's layout, 4 lanes per (sequence, channel) with 4 states each, walking the
-// sequence's tokens in order from its slot's state, kShortU tokens' inputs loaded before they
-// are computed. One launch and no workspace: at 52 tokens (E 4096, H100) the three chunked
-// passes took 38 us a layer, mostly the latency of short chains in three launches. The
-// arithmetic is the chunk kernel's (softplus_fast, exp2_ftz, silu_fast); the sum over states
-// runs in another order (4 lanes, then a shuffle), so the bits may differ from the chunked path.
-constexpr int kShortU = 4;
+// Short prefill (scan_short_fits: a few short sequences, N <= 16): one launch, no workspace.
+// A block takes 32 channels of one sequence. First every thread loads its share of the block's
+// inputs for all of the sequence's (<= 64) tokens into registers, every load in flight at once,
+// and stores delta, x, silu(z), B and C in shared memory; then 4 lanes per channel (4 states
+// each, the decode step's layout) walk the tokens in order from the slot's state, reading only
+// shared memory. Stop 38's version loaded 4 tokens at a time between the steps: 28 us a layer
+// at 52 tokens (E 4096, H100, ncu), a load's latency every 4 tokens with one warp per
+// scheduler. The arithmetic is the chunk kernel's (softplus_fast, exp2_ftz, silu_fast); the sum
+// over states runs in another order (4 lanes, then a shuffle), so the bits may differ from the
+// chunked path.
+constexpr int kShortCh = kThreads / kStepLanes;  // channels per block
 template <class T>
 __global__ void __launch_bounds__(kThreads) scan_short_kernel(
     T* __restrict__ y, int ldy, float* __restrict__ pool, const T* __restrict__ x, int ldx,
@@ -318,12 +321,15 @@ __global__ void __launch_bounds__(kThreads) scan_short_kernel(
     const T* __restrict__ B, const T* __restrict__ C, int ldbc, const T* __restrict__ Dskip,
     const T* __restrict__ z, int ldz, const int32_t* __restrict__ cu, const int32_t* __restrict__ slots, int E,
     int N) {
-  const int q = threadIdx.x % kStepLanes;
-  const int e = blockIdx.x * (kThreads / kStepLanes) + threadIdx.x / kStepLanes;
+  __shared__ float sDelta[kScanShortLen][kShortCh], sX[kScanShortLen][kShortCh], sG[kScanShortLen][kShortCh];
+  __shared__ __align__(16) float sB[kScanShortLen][16], sC[kScanShortLen][16];
+  const int s = blockIdx.y, row0 = cu[s], L = cu[s + 1] - row0;  // L is uniform over the block
+  if (L <= 0) return;
+  const int e0 = blockIdx.x * kShortCh;
+  const int q = threadIdx.x % kStepLanes, c = threadIdx.x / kStepLanes, e = e0 + c;
   const bool active = e < E;
   const int ec = active ? e : 0;  // idle lanes compute on channel 0 and store nothing
-  const int s = blockIdx.y, row0 = cu[s], L = cu[s + 1] - row0;  // L is uniform over the block
-  const int n0 = 4 * q;                                            // this lane's states n0 .. n0 + 3
+  const int n0 = 4 * q;           // this lane's states n0 .. n0 + 3
   float* st = pool + (size_t(slots[s]) * E + ec) * N;
   float a2[4], sv[4];
 #pragma unroll
@@ -332,38 +338,64 @@ __global__ void __launch_bounds__(kThreads) scan_short_kernel(
     a2[i] = ok ? A[size_t(ec) * N + n0 + i] * kLog2e : 0.0f;
     sv[i] = ok ? st[n0 + i] : 0.0f;
   }
-  const float dtb = to_f(dt_bias[ec]), dsk = to_f(Dskip[ec]);
-  for (int t0 = 0; t0 < L; t0 += kShortU) {
-    float xv[kShortU], dv[kShortU], zv[kShortU], bv[kShortU][4], cv[kShortU][4];
+  {
+    // All loads first, into registers, rows past L repeating the last (never stored): callB's
+    // version loaded inside the loop that computes, and ncu counted half its stalls on them.
+    constexpr int kRows = kThreads / kShortCh, kPer = kScanShortLen / kRows, kBC = kScanShortLen * 16 / kThreads;
+    const int cl = threadIdx.x % kShortCh, el = min(e0 + cl, E - 1), tf = threadIdx.x / kShortCh;
+    T rx[kPer], rd[kPer], rz[kPer], rb[kBC], rc[kBC];
 #pragma unroll
-    for (int u = 0; u < kShortU; ++u) {
-      const size_t r = size_t(row0 + min(t0 + u, L - 1));  // past L: a repeat, never stored
-      xv[u] = to_f(x[r * ldx + ec]);
-      dv[u] = to_f(dt[r * lddt + ec]);
-      zv[u] = to_f(z[r * ldz + ec]);
+    for (int k = 0; k < kPer; ++k) {
+      const size_t r = size_t(row0 + min(tf + k * kRows, L - 1));
+      rx[k] = x[r * ldx + el];
+      rd[k] = dt[r * lddt + el];
+      rz[k] = z[r * ldz + el];
+    }
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const bool ok = n0 + i < N;
-        bv[u][i] = ok ? to_f(B[r * ldbc + n0 + i]) : 0.0f;
-        cv[u][i] = ok ? to_f(C[r * ldbc + n0 + i]) : 0.0f;
+    for (int k = 0; k < kBC; ++k) {
+      const int i = threadIdx.x + k * kThreads;
+      const size_t r = size_t(row0 + min(i / 16, L - 1));
+      const int n = min(i % 16, N - 1);
+      rb[k] = B[r * ldbc + n];
+      rc[k] = C[r * ldbc + n];
+    }
+    const float dtb = to_f(dt_bias[el]);
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const int t = tf + k * kRows;
+      if (t < L) {
+        sDelta[t][cl] = softplus_fast(to_f(rd[k]) + dtb);
+        sX[t][cl] = to_f(rx[k]);
+        sG[t][cl] = silu_fast(to_f(rz[k]));
       }
     }
 #pragma unroll
-    for (int u = 0; u < kShortU; ++u) {
-      if (t0 + u >= L) break;
-      const float delta = softplus_fast(dv[u] + dtb), dx = delta * xv[u];
-      float acc = 0.0f;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        sv[i] = exp2_ftz(delta * a2[i]) * sv[i] + dx * bv[u][i];
-        acc += sv[i] * cv[u][i];
+    for (int k = 0; k < kBC; ++k) {
+      const int i = threadIdx.x + k * kThreads, t = i / 16, n = i % 16;
+      if (t < L) {
+        sB[t][n] = n < N ? to_f(rb[k]) : 0.0f;
+        sC[t][n] = n < N ? to_f(rc[k]) : 0.0f;
       }
-      // The 4 lanes of a channel are adjacent: xor 1 and 2 stay inside them.
-      acc += __shfl_xor_sync(0xffffffffu, acc, 1);
-      acc += __shfl_xor_sync(0xffffffffu, acc, 2);
-      if (active && q == 0)
-        y[size_t(row0 + t0 + u) * ldy + e] = from_f<T>((acc + dsk * xv[u]) * silu_fast(zv[u]));
     }
+  }
+  __syncthreads();
+  const float dsk = to_f(Dskip[ec]);
+#pragma unroll 4
+  for (int t = 0; t < L; ++t) {
+    const float delta = sDelta[t][c], xv = sX[t][c], dx = delta * xv;
+    const float4 bv = *reinterpret_cast<const float4*>(&sB[t][n0]);
+    const float4 cv = *reinterpret_cast<const float4*>(&sC[t][n0]);
+    const float b4[4] = {bv.x, bv.y, bv.z, bv.w}, c4[4] = {cv.x, cv.y, cv.z, cv.w};
+    float acc = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      sv[i] = exp2_ftz(delta * a2[i]) * sv[i] + dx * b4[i];
+      acc += sv[i] * c4[i];
+    }
+    // The 4 lanes of a channel are adjacent: xor 1 and 2 stay inside them.
+    acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+    acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+    if (active && q == 0) y[size_t(row0 + t) * ldy + e] = from_f<T>((acc + dsk * xv) * sG[t][c]);
   }
   if (active) {
 #pragma unroll
@@ -493,6 +525,8 @@ void selective_scan_short(T* y, int ldy, float* ssm_state, const T* x, int ldx, 
                           const T* z, int ldz, const RaggedBatch& rb, int E, int N, cudaStream_t stream) {
   check_scan(N, rb.nseq);
   HM_CHECK(N <= 16, "cuda selective_scan_short: d_state ", N, " above 16");
+  HM_CHECK(rb.max_len <= kScanShortLen, "cuda selective_scan_short: a sequence of ", rb.max_len,
+           " tokens, above ", kScanShortLen);
   if (rb.nseq <= 0 || rb.n_tokens <= 0 || E <= 0) return;
   const dim3 grid(ceil_div(E, kThreads / kStepLanes), rb.nseq);
   scan_short_kernel<T><<<grid, kThreads, 0, stream>>>(y, ldy, ssm_state, x, ldx, dt, lddt, dt_bias, A, B, C, ldbc,
