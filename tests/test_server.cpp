@@ -126,6 +126,7 @@ TEST(Server, PrefixCacheHitEqualsMissAndSkipsWork) {
       o.ctx = 256;
       o.block = block;
       o.step_tokens = 32;
+      o.idle_step_tokens = 32;  // the chunks below are the bounded ones, requests or not decoding
       o.cache_bytes = 64u << 20;
       Engine e(*f.model, f.tok, o, KvType::F32);
       // A prompt runs in multi-block chunks, checkpointed at chunk ends, at its last boundary and
@@ -175,6 +176,30 @@ TEST(Server, PrefixCacheHitEqualsMissAndSkipsWork) {
       EXPECT_EQ(s.cache.hits, 4);
       EXPECT_EQ(s.cache.tokens_saved, saved + r->cached_tokens());
     }
+  }
+}
+
+// While no request decodes, a prompt takes up to idle_step_tokens a step (still stopping at
+// its checkpoints); the tokens are the same as in bounded chunks.
+TEST(Server, IdleStepTakesMoreOfAPrompt) {
+  Fixture f("tiny");
+  Rng rng(11);
+  const GenParams g = greedy(prompt_of(rng, 100, 256), 4);
+  const std::vector<int32_t> want = run_alone(f, g);
+  for (int idle : {16, 128}) {
+    SCOPED_TRACE(idle);
+    EngineOptions o;
+    o.slots = 2;
+    o.ctx = 256;
+    o.block = 8;
+    o.step_tokens = 16;
+    o.idle_step_tokens = idle;
+    Engine e(*f.model, f.tok, o, KvType::F32);
+    auto r = e.submit(g);
+    EXPECT_EQ(collect(*r), want);
+    // 100 prompt tokens: chunks of 16 to the last boundary (96), then 4; or, idle, one chunk to
+    // that checkpoint and the last 4. Then a step per decoded token but the first.
+    EXPECT_EQ(e.stats().steps, (idle == 16 ? 7 : 2) + g.max_tokens - 1);
   }
 }
 

@@ -46,6 +46,9 @@ Run add_serve(CLI::App& app) {
   app.add_option("--step-tokens", o->eng.step_tokens,
                  "Prompt tokens computed per batched step (bounds how long decoding waits for a prompt)")
       ->capture_default_str()->check(CLI::Range(1, 1 << 20));
+  app.add_option("--idle-step-tokens", o->eng.idle_step_tokens,
+                 "Prompt tokens per step while no request is decoding (at least --step-tokens is used)")
+      ->capture_default_str()->check(CLI::Range(1, 1 << 20));
   app.add_option("--max-queue", o->eng.max_queue, "Requests waiting for a slot before 503")->capture_default_str()
       ->check(CLI::Range(1, 1 << 20));
   app.add_option("--api-key", o->api_key, "Require Authorization: Bearer KEY on every endpoint but /health");

@@ -339,25 +339,31 @@ __global__ void __launch_bounds__(kThreads) scan_short_kernel(
     sv[i] = ok ? st[n0 + i] : 0.0f;
   }
   {
-    // All loads first, into registers, rows past L repeating the last (never stored): callB's
-    // version loaded inside the loop that computes, and ncu counted half its stalls on them.
+    // All loads first, into registers (callB loaded inside the loop that computes, and ncu counted
+    // half its stalls on them), only the L rows: callC loaded all 64 (the last row repeated),
+    // and 64 sequences of 4 tokens took 1 ms longer.
     constexpr int kRows = kThreads / kShortCh, kPer = kScanShortLen / kRows, kBC = kScanShortLen * 16 / kThreads;
     const int cl = threadIdx.x % kShortCh, el = min(e0 + cl, E - 1), tf = threadIdx.x / kShortCh;
     T rx[kPer], rd[kPer], rz[kPer], rb[kBC], rc[kBC];
 #pragma unroll
     for (int k = 0; k < kPer; ++k) {
-      const size_t r = size_t(row0 + min(tf + k * kRows, L - 1));
-      rx[k] = x[r * ldx + el];
-      rd[k] = dt[r * lddt + el];
-      rz[k] = z[r * ldz + el];
+      const int t = tf + k * kRows;
+      const size_t r = size_t(row0 + t);
+      if (t < L) {  // predicated, not a branch: the loads still issue together
+        rx[k] = x[r * ldx + el];
+        rd[k] = dt[r * lddt + el];
+        rz[k] = z[r * ldz + el];
+      }
     }
 #pragma unroll
     for (int k = 0; k < kBC; ++k) {
       const int i = threadIdx.x + k * kThreads;
-      const size_t r = size_t(row0 + min(i / 16, L - 1));
+      const size_t r = size_t(row0 + i / 16);
       const int n = min(i % 16, N - 1);
-      rb[k] = B[r * ldbc + n];
-      rc[k] = C[r * ldbc + n];
+      if (i / 16 < L) {
+        rb[k] = B[r * ldbc + n];
+        rc[k] = C[r * ldbc + n];
+      }
     }
     const float dtb = to_f(dt_bias[el]);
 #pragma unroll
