@@ -290,14 +290,15 @@ TEST_P(CudaBackendOps, Conv1dSilu) {
     }
 }
 
-// Batches of at most 256 tokens whose sequences are all <= 64 tokens ({7}, {2, 0, 37, 64, 5},
-// {63}) take the short path at N <= 16 (selective_scan_short); the others, and N 33, the chunked
-// passes.
+// Batches of at most 256 tokens whose sequences are all <= 64 tokens take the short path at
+// N <= 16 (selective_scan_short): its 16-token kernel ({7}, {1, 1, 1, 1, 1}, {16, 3}) and its
+// 64-token one ({2, 0, 37, 64, 5}, {63}); the others, and N 33, the chunked passes.
 TEST_P(CudaBackendOps, SelectiveScan) {
   hm::Rng rng(27);
   std::vector<std::vector<int>> batches = kBatches;
   batches.push_back({2, 0, 37, 64, 5});
   batches.push_back({63});
+  batches.push_back({16, 3});
   for (const auto& lens : batches)
     for (auto [E, N] : {std::pair{67, 16}, std::pair{40, 5}, std::pair{130, 33}}) {
       hm::Ragged rg;
