@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Stop 39, the last call (276 s of device time left): HM_CUDA_NO_SPLITK_ROWS (new, off by
+# Stop 39, the last call (276 s of device time left): HM_CUDA_NO_SPLITK_ROWS (a switch made for
+# this A/B and removed after it: split-K is worth 2.3x at batch-64 decode; see README.md). Was: (off by
 # default): products of at most that many rows without split-K. callE's ncu put cuBLASLt's split-K
 # reduce kernels at 96 launches, 375 us, 11% of the 1.4B's batch-64 decode step; are unsplit tiles
 # as fast at streaming the weights? The linear/GEMM tests with it set; then the same binary with

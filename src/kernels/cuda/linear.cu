@@ -77,18 +77,6 @@ bool buckets_on() {
   return on;
 }
 
-// A/B runs (stop 39, not yet a default): products of at most this many rows ask cuBLASLt for
-// algorithms without split-K. Split-K's separate float reduce kernel was 3.5-4.4 us a launch and
-// 11% of the 1.4B's batch-64 decode step (ncu, callE); whether the unsplit tiles stream the
-// weights as fast is what the A/B measures. 0 (default): split-K allowed everywhere.
-int no_splitk_rows() {
-  static const int rows = [] {
-    const char* v = std::getenv("HM_CUDA_NO_SPLITK_ROWS");
-    return v != nullptr ? std::max(0, std::atoi(v)) : 0;
-  }();
-  return rows;
-}
-
 int bucket(int v) {
   if (v <= 128 || v % 256 == 0) return v;
   int g = 1;
@@ -172,15 +160,13 @@ struct Gemm::Impl {
 
   // The heuristic's first algorithm for plan p (its descriptors made), with split-K parts reduced
   // in float and the pointers' alignments; false when it offers none within the workspace.
-  bool heuristic(Plan& p, uint32_t al_a, uint32_t al_b, uint32_t al_c, cublasLtMatmulHeuristicResult_t& out,
-                 bool split_k = true) {
+  bool heuristic(Plan& p, uint32_t al_a, uint32_t al_b, uint32_t al_c, cublasLtMatmulHeuristicResult_t& out) {
     cublasLtMatmulPreference_t pref = nullptr;
     if (cublasLtMatmulPreferenceCreate(&pref) != CUBLAS_STATUS_SUCCESS) return false;
     const uint64_t wsb = ws_bytes;
     cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb, sizeof wsb);
     // Split-K partial sums stay float: a reduction in a bf16/f16 output type would round each part.
-    const uint32_t schemes = split_k ? CUBLASLT_REDUCTION_SCHEME_INPLACE | CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE
-                                     : uint32_t(CUBLASLT_REDUCTION_SCHEME_NONE);
+    const uint32_t schemes = CUBLASLT_REDUCTION_SCHEME_INPLACE | CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
     cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &schemes, sizeof schemes);
     cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a, sizeof al_a);
     cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b, sizeof al_b);
@@ -212,7 +198,7 @@ struct Gemm::Impl {
         Plan r;
         describe_general(r, ta, tb, tin, tc, mb, nb, kb, la, lb, lc);
         cublasLtMatmulHeuristicResult_t h{};
-        const bool ok = heuristic(r, al_b, al_a, al_c, h, mb > no_splitk_rows());
+        const bool ok = heuristic(r, al_b, al_a, al_c, h);
         r.destroy();
         it = rep_algos.emplace(rk, std::pair<bool, cublasLtMatmulAlgo_t>{ok, h.algo}).first;
       }
@@ -228,7 +214,7 @@ struct Gemm::Impl {
       }
     }
     // No algorithm (an odd leading dimension or alignment) is not an error: cublasGemmEx runs it.
-    p.lt_ok = heuristic(p, al_b, al_a, al_c, p.algo, m > no_splitk_rows());
+    p.lt_ok = heuristic(p, al_b, al_a, al_c, p.algo);
     return p;
   }
 
