@@ -161,7 +161,8 @@ class HybridModel {
   void set_graphs(bool on) { use_graphs_ = on; graphs_.clear(); warmed_.clear(); }
   // Prefills too (every other batch shape), recorded per shape (each chunk's length, the logits
   // wanted) and memory: a repeated shape replays at any positions and slots. Off unless
-  // HM_PREFILL_GRAPHS=1 (stop 38: written after the device time ran out, not yet run on a GPU).
+  // HM_PREFILL_GRAPHS=1: a server's steps rarely repeat a shape, and recording the ones that
+  // never replay cost more than replays saved (docs/PERFORMANCE.md, "Stop 39").
   void set_prefill_graphs(bool on) { prefill_graphs_ = on; graphs_.clear(); warmed_.clear(); }
   int graphs_captured() const { return graphs_captured_; }
 
