@@ -262,7 +262,10 @@ def main():
         miss, hit = prefix_ttft(srv, prefixes, questions, 8)
     finally:
         rc = srv.stop()
-    srv = Server(a.hm, model, flags + ["--cache-mb", "0"])
+    # The same server without the cache: --serve-args' own --cache-mb (if any) replaced by 0.
+    off_flags = [f for i, f in enumerate(flags)
+                 if f != "--cache-mb" and not (i > 0 and flags[i - 1] == "--cache-mb") and not f.startswith("--cache-mb=")]
+    srv = Server(a.hm, model, off_flags + ["--cache-mb", "0"])
     try:
         off1, off2 = prefix_ttft(srv, prefixes, questions, 8)
     finally:
