@@ -2,7 +2,7 @@
 # Prepared in stop 39 after its device time ran out, NOT YET RUN: the scan backward's big kernel
 # with room for 168 registers (HM_CUDA_FAST_GRAD_BLOCKS=3: 3 blocks an SM instead of 4; ptxas
 # here: 168 registers used, the same few bytes of stack). callB/callC: fast_grad 878 us at E 1536,
-# B 8, L 2048, issue-bound (69% of issue slots), 50 instructions a state and token, ~90 of its
+# B 8, L 2048, issue-bound (69% of issue slots), 50 instructions a state and token, ~93 of its
 # reverse loop's 251 a token index work that the 128-register cap makes the compiler redo. Its
 # tests with the switch; ncu times of both; training steps A/B (seed, 130M, true-hybrid).
 . bench/device_env.sh

@@ -852,7 +852,8 @@ constexpr int kFastGradSmem =
 static_assert(sizeof(Tile<kSub>) % 16 == 0, "the stash after the tile stays 16-byte aligned");
 // MINB: blocks per SM the compiler must fit, so 65536 / (MINB * kFT) registers a thread. At 4
 // (128 registers) the SASS of the reverse loop recomputes its shared-memory addresses every token
-// (stop 39: ~90 of its 251 instructions a token are index work, and the kernel is issue-bound);
+// (stop 39: ~93 of its 251 instructions a token are neither arithmetic nor shared loads, mostly
+// address and index work, and the kernel is issue-bound);
 // 3 allows 168. HM_CUDA_FAST_GRAD_BLOCKS=3 picks it for an A/B (written in stop 39 after the device
 // time ran out: not yet run on a GPU).
 template <class T, int MINB>
