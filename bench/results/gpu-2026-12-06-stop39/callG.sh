@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Prepared in stop 39 after its device time ran out, NOT YET RUN: the scan backward's big kernel
+# Prepared in stop 39 after its device time ran out, NOT YET RUN. First `git apply
+# bench/results/gpu-2026-12-06-stop39/callG.patch` and rebuild (stop 39 kept the unrun kernel
+# variant out of src/): the scan backward's big kernel
 # with room for 168 registers (HM_CUDA_FAST_GRAD_BLOCKS=3: 3 blocks an SM instead of 4; ptxas
 # here: 168 registers used, the same few bytes of stack). callB/callC: fast_grad 878 us at E 1536,
 # B 8, L 2048, issue-bound (69% of issue slots), 50 instructions a state and token, ~93 of its

@@ -17,7 +17,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/mamba_grad.h"
@@ -850,14 +849,8 @@ __global__ void __launch_bounds__(kFT, 4) fast_grad_local_kernel(const T* __rest
 constexpr int kFastGradSmem =
     int(sizeof(Tile<kSub>)) + ((kSub - 1) * kSpt * kFT + kSub * (kFT / 32) * 32 + kFT * 16) * int(sizeof(float));
 static_assert(sizeof(Tile<kSub>) % 16 == 0, "the stash after the tile stays 16-byte aligned");
-// MINB: blocks per SM the compiler must fit, so 65536 / (MINB * kFT) registers a thread. At 4
-// (128 registers) the SASS of the reverse loop recomputes its shared-memory addresses every token
-// (stop 39: ~93 of its 251 instructions a token are neither arithmetic nor shared loads, mostly
-// address and index work, and the kernel is issue-bound);
-// 3 allows 168. HM_CUDA_FAST_GRAD_BLOCKS=3 picks it for an A/B (written in stop 39 after the device
-// time ran out: not yet run on a GPU).
-template <class T, int MINB>
-__global__ void __launch_bounds__(kFT, MINB) fast_grad_kernel(
+template <class T>
+__global__ void __launch_bounds__(kFT, 4) fast_grad_kernel(
     const ScanTrainGrad<T, float> gr_out, const T* __restrict__ dy, int lddy, const float* __restrict__ ws_sub,
     const ScanTrainIn<T> in, const float* __restrict__ A, const int32_t* __restrict__ cu,
     const int32_t* __restrict__ goff, int E, int N, int chunk, int n_tokens,
@@ -1232,14 +1225,6 @@ void fast_train_launch(T* y, int ldy, float* saved, const ScanTrainIn<T>& in, co
   HM_CUDA_LAUNCHED("selective_scan_train output");
 }
 
-int fast_grad_blocks() {
-  static const int v = [] {
-    const char* e = std::getenv("HM_CUDA_FAST_GRAD_BLOCKS");  // A/B runs: 3 (see fast_grad_kernel)
-    return e != nullptr && std::atoi(e) == 3 ? 3 : 4;
-  }();
-  return v;
-}
-
 template <class T, class G, int NM, bool FAST>
 void grad_launch(const ScanTrainGrad<T, G>& gd, const T* dy, int lddy, const float* saved, const ScanTrainIn<T>& in,
                  const RaggedBatch& rb, const ScanTrainShape& sh, const Work& w, cudaStream_t stream) {
@@ -1263,20 +1248,15 @@ void grad_launch(const ScanTrainGrad<T, G>& gd, const T* dy, int lddy, const flo
   act.dz = gd.dz;
   act.lddz = gd.lddz;
   if constexpr (FAST) {
-    const auto launch = [&](auto kernel) {
-      // Above the default 48 KB of shared memory; set on every call, so every device gets it.
-      HM_CUDA_OK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kFastGradSmem),
-                 "selective_scan_backward shared memory");
-      HM_CUDA_OK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                      int(cudaSharedmemCarveoutMaxShared)),
-                 "selective_scan_backward shared memory");  // 4 blocks of 52 KB per SM
-      kernel<<<grid, kFT, kFastGradSmem, stream>>>(act, dy, lddy, w.sub, in, w.A, rb.cu_seqlens, w.goff, sh.E, sh.N,
-                                                   sh.chunk, sh.n_tokens, w.state, w.part_e, w.part_bc);
-    };
-    if (fast_grad_blocks() == 3)
-      launch(fast_grad_kernel<T, 3>);
-    else
-      launch(fast_grad_kernel<T, 4>);
+    // Above the default 48 KB of shared memory; set on every call, so every device gets it.
+    HM_CUDA_OK(cudaFuncSetAttribute(fast_grad_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, kFastGradSmem),
+               "selective_scan_backward shared memory");
+    HM_CUDA_OK(cudaFuncSetAttribute(fast_grad_kernel<T>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                    int(cudaSharedmemCarveoutMaxShared)),
+               "selective_scan_backward shared memory");  // 4 blocks of 52 KB per SM
+    fast_grad_kernel<T><<<grid, kFT, kFastGradSmem, stream>>>(act, dy, lddy, w.sub, in, w.A, rb.cu_seqlens, w.goff,
+                                                              sh.E, sh.N, sh.chunk, sh.n_tokens, w.state, w.part_e,
+                                                              w.part_bc);
   } else {
     grad_kernel<T, NM><<<grid, K::TPB, 0, stream>>>(act, dy, lddy, saved, in, w.A, rb.cu_seqlens, w.coff, w.goff,
                                                     sh.E, sh.N, sh.chunk, sh.n_tokens, w.state, w.part_e, w.part_bc);
