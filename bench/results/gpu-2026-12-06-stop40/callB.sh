@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Stop 40, callB: the decode step's latency chains. scan_step_kernel issues every load before
+# using any (its dt_proj quarter of a row as 16-byte vectors, before pdl_wait; B, C, state, x, z
+# together after it); gemv_row_kernel stages x with 16-byte loads and applies the norm's 1 / rms
+# to the finished sums (one barrier instead of two). Both CUDA suites whole on the new build;
+# then the old build (.devbundle2, main at db03a30) against the new, alternating, twice: the
+# decode-GEMV bench (skinny) and decode tok/s on the 1.4B, 130M and seed shapes.
+. bench/device_env.sh
+O=/tmp/hm_old; rm -rf $O; mkdir -p $O; tar xJf .devbundle2/hm.tar.xz -C $O
+[ -n "${NOTESTS:-}" ] || timeout 300 $H/bin/hm_cuda_tests > $R/cuda_tests.log 2>&1; echo "hm_cuda_tests rc $?"; grep -E "^\[  (PASSED|FAILED)|Failure|tests ran" $R/cuda_tests.log | head
+[ -n "${NOTESTS:-}" ] || timeout 200 $H/bin/hm_cuda_model_tests > $R/cuda_model_tests.log 2>&1; echo "hm_cuda_model_tests rc $?"; grep -E "^\[  (PASSED|FAILED)|Failure|tests ran" $R/cuda_model_tests.log | head
+echo "t=$(( $(date +%s) - T00 ))"
+dc() { python3 -c "import json,sys;d=json.load(open(sys.argv[1]));print(sys.argv[2],' '.join('%dx%d %.0f tok/s'%(j['batch'],j['context'],j['tok_s']) for j in d['decode']))" $1 "$2"; }
+for rep in ${REPLIST:-1 2}; do
+  for v in old new; do
+    if [ $v = old ]; then B=$O; else B=$H; fi
+    LD_LIBRARY_PATH=$B/lib timeout 60 $B/bin/hm_bench_cuda_kernels skinny > $R/skinny_${v}_$rep.log 2>&1
+    grep -E "m 1 " $R/skinny_${v}_$rep.log | sed -E 's/.*skinny +([a-z_]+) +m 1 .*floor +([0-9.]+) us.*gemv +([0-9.]+) us.*/'"$v"' \1 floor \2 gemv \3 us/'
+    for s in mamba-1.4b mamba-130m seed-norope; do
+      cases=1x16; [ $s = mamba-1.4b ] && cases=1x16,16x16,64x16
+      LD_LIBRARY_PATH=$B/lib timeout 60 $B/bin/hm bench --device cuda --config bench/cuda_peer_configs/$s.json --decode-cases $cases --no-peer --reps 5 --json > $R/dec_${s}_${v}_$rep.json 2> $R/dec_${s}_${v}_$rep.log
+      dc $R/dec_${s}_${v}_$rep.json "$v $s:"
+    done
+  done
+  echo "t=$(( $(date +%s) - T00 ))"
+done
+echo "done at $(( $(date +%s) - T00 )) s"
