@@ -4,7 +4,8 @@
 # together after it); gemv_row_kernel stages x with 16-byte loads and applies the norm's 1 / rms
 # to the finished sums (one barrier instead of two). Both CUDA suites whole on the new build;
 # then the old build (.devbundle2, main at db03a30) against the new, alternating, twice: the
-# decode-GEMV bench (skinny) and decode tok/s on the 1.4B, 130M and seed shapes.
+# decode-GEMV bench (skinny) and decode tok/s on the 1.4B, 130M and seed shapes; a seed training
+# step (fwd_carry_kernel now issues 8 groups' loads at once).
 . bench/device_env.sh
 O=/tmp/hm_old; rm -rf $O; mkdir -p $O; tar xJf .devbundle2/hm.tar.xz -C $O
 [ -n "${NOTESTS:-}" ] || timeout 300 $H/bin/hm_cuda_tests > $R/cuda_tests.log 2>&1; echo "hm_cuda_tests rc $?"; grep -E "^\[  (PASSED|FAILED)|Failure|tests ran" $R/cuda_tests.log | head
@@ -21,6 +22,8 @@ for rep in ${REPLIST:-1 2}; do
       LD_LIBRARY_PATH=$B/lib timeout 60 $B/bin/hm bench --device cuda --config bench/cuda_peer_configs/$s.json --decode-cases $cases --no-peer --reps 5 --json > $R/dec_${s}_${v}_$rep.json 2> $R/dec_${s}_${v}_$rep.log
       dc $R/dec_${s}_${v}_$rep.json "$v $s:"
     done
+    LD_LIBRARY_PATH=$B/lib timeout 60 $B/bin/hm bench --train --device cuda --config bench/cuda_peer_configs/seed-norope.json --batch 8 --seq-len 2048 --steps 5 --json > $R/train_seed_${v}_$rep.json 2> $R/train_seed_${v}_$rep.log
+    python3 -c "import json,sys;d=json.load(open(sys.argv[1]));print(sys.argv[2],'ms',round(d['train_step_ms'],2))" $R/train_seed_${v}_$rep.json "$v train seed"
   done
   echo "t=$(( $(date +%s) - T00 ))"
 done
