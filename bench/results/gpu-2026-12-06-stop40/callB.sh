@@ -27,4 +27,9 @@ for rep in ${REPLIST:-1 2}; do
   done
   echo "t=$(( $(date +%s) - T00 ))"
 done
+# The fused dt scan beyond 1-sequence steps, now that its dt_proj rows load as 16-byte vectors.
+for n in 16 64; do
+  HM_CUDA_DT_SCAN_SEQS=$n timeout 60 $HM bench --device cuda --config bench/cuda_peer_configs/mamba-1.4b.json --decode-cases 16x16,64x16 --no-peer --reps 5 --json > $R/dec_dtscan$n.json 2> $R/dec_dtscan$n.log
+  dc $R/dec_dtscan$n.json "new, dt scan up to $n sequences:"
+done
 echo "done at $(( $(date +%s) - T00 )) s"
