@@ -1,4 +1,7 @@
 #!/usr/bin/env bash
+# NOT YET RUN (stop 40's device time went to failed starts). First `git apply
+# bench/results/gpu-2026-12-06-stop40/decode_latency.patch` (kept out of src/ until it has run),
+# rebuild, bundle the new build into .devbundle and main's into .devbundle2.
 # Stop 40, callB: the decode step's latency chains. scan_step_kernel issues every load before
 # using any (its dt_proj quarter of a row as 16-byte vectors, before pdl_wait; B, C, state, x, z
 # together after it); gemv_row_kernel stages x with 16-byte loads and applies the norm's 1 / rms

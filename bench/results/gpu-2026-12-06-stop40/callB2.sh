@@ -1,4 +1,7 @@
 #!/usr/bin/env bash
+# NOT YET RUN (stop 40's device time went to failed starts). First `git apply
+# bench/results/gpu-2026-12-06-stop40/decode_latency.patch` (kept out of src/ until it has run),
+# rebuild, bundle the new build into .devbundle and main's into .devbundle2.
 # Stop 40, callB2: callB cut to what ~5 minutes of device time allow after failed starts. The
 # tests of the changed kernels (decode GEMV and scan step, the scan forward and backward, whole
 # models and training on CUDA); then the old build (.devbundle2, main at db03a30) against the new

@@ -1,4 +1,7 @@
 #!/usr/bin/env bash
+# NOT YET RUN (stop 40's device time went to failed starts). First `git apply
+# bench/results/gpu-2026-12-06-stop40/decode_latency.patch` (kept out of src/ until it has run),
+# rebuild, bundle the new build into .devbundle and main's into .devbundle2.
 # Stop 40, callB3: callB2 cut again (~4 device minutes were left after failed starts): the tests
 # of the changed kernels, then old (.devbundle2) against new (.devbundle) decode at batch 1 on the
 # 1.4B and 130M shapes, and a seed training step.
