@@ -9,10 +9,13 @@
 # then the old build (.devbundle2, main at db03a30) against the new, alternating, twice: the
 # decode-GEMV bench (skinny) and decode tok/s on the 1.4B, 130M and seed shapes; a seed training
 # step (fwd_carry_kernel now issues 8 groups' loads at once).
+# Shorter cuts for little device time: FILTER=1 runs only the tests of the changed kernels,
+# REPLIST=1 one round of the A/B, NOTESTS=1 no tests.
 . bench/device_env.sh
 O=/tmp/hm_old; rm -rf $O; mkdir -p $O; tar xJf .devbundle2/hm.tar.xz -C $O
-[ -n "${NOTESTS:-}" ] || timeout 300 $H/bin/hm_cuda_tests > $R/cuda_tests.log 2>&1; echo "hm_cuda_tests rc $?"; grep -E "^\[  (PASSED|FAILED)|Failure|tests ran" $R/cuda_tests.log | head
-[ -n "${NOTESTS:-}" ] || timeout 200 $H/bin/hm_cuda_model_tests > $R/cuda_model_tests.log 2>&1; echo "hm_cuda_model_tests rc $?"; grep -E "^\[  (PASSED|FAILED)|Failure|tests ran" $R/cuda_model_tests.log | head
+F1=; F2=; [ -n "${FILTER:-}" ] && F1='--gtest_filter=CudaDecode*:*Scan*:*Gemv*:*Grad*' && F2='--gtest_filter=CudaModel*:CudaTrain*'
+[ -n "${NOTESTS:-}" ] || timeout 300 $H/bin/hm_cuda_tests ${F1:+"$F1"} > $R/cuda_tests.log 2>&1; echo "hm_cuda_tests rc $?"; grep -E "^\[  (PASSED|FAILED)|Failure|tests ran" $R/cuda_tests.log | head
+[ -n "${NOTESTS:-}" ] || timeout 200 $H/bin/hm_cuda_model_tests ${F2:+"$F2"} > $R/cuda_model_tests.log 2>&1; echo "hm_cuda_model_tests rc $?"; grep -E "^\[  (PASSED|FAILED)|Failure|tests ran" $R/cuda_model_tests.log | head
 echo "t=$(( $(date +%s) - T00 ))"
 dc() { python3 -c "import json,sys;d=json.load(open(sys.argv[1]));print(sys.argv[2],' '.join('%dx%d %.0f tok/s'%(j['batch'],j['context'],j['tok_s']) for j in d['decode']))" $1 "$2"; }
 for rep in ${REPLIST:-1 2}; do
