@@ -30,7 +30,7 @@ struct EngineOptions {
   int step_tokens = 512;      // prompt tokens computed per step, over all requests: bounds a
                               // step so decoding never stalls behind a long prompt
   int idle_step_tokens = 2048;  // the same while no request decodes (no one waits on the step);
-                                // at most step_tokens of it is used when this is smaller
+                                // never below step_tokens
   int max_queue = 64;         // requests waiting for a slot before submit refuses (503)
   bool device_sampling = true;  // CUDA: sample on the device, only ids to the host (false: A/B, tests)
 };
