@@ -6,7 +6,7 @@
 # using any (its dt_proj quarter of a row as 16-byte vectors, before pdl_wait; B, C, state, x, z
 # together after it); gemv_row_kernel stages x with 16-byte loads and applies the norm's 1 / rms
 # to the finished sums (one barrier instead of two). Both CUDA suites whole on the new build;
-# then the old build (.devbundle2, main at db03a30) against the new, alternating, twice: the
+# then the old build (.devbundle2, main without the patch) against the new, alternating, twice: the
 # decode-GEMV bench (skinny) and decode tok/s on the 1.4B, 130M and seed shapes; a seed training
 # step (fwd_carry_kernel now issues 8 groups' loads at once).
 # Shorter cuts for little device time: FILTER=1 runs only the tests of the changed kernels,
