@@ -8,9 +8,9 @@
 // measured in the same run. Times are CUDA events around back-to-back launches (no graph).
 // Last, the decode projections of the 1.4B shape at 1, 16 and 64 rows: the skinny GEMM
 // (kernels/cuda/skinny.h) against cuBLASLt and, at one row, the GEMV, with the bytes floor.
-// `hm_bench_cuda_kernels skinny` runs that part alone; `hm_bench_cuda_kernels attn-train` the
-// training attention (forward and backward TFLOP/s at B 8, L 2048) alone; `copy-spans` the
-// prefix-cache restore's copies alone.
+// `hm_bench_cuda_kernels skinny` runs that part alone (`skinny-plans`: every tiling of it);
+// `hm_bench_cuda_kernels attn-train` the training attention (forward and backward TFLOP/s at
+// B 8, L 2048) alone; `copy-spans` the prefix-cache restore's copies alone.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -455,6 +455,40 @@ void bench_skinny(const char* name, int n, int k, double hbm, hm::cuda::Gemm& ge
   cudaFree(y);
 }
 
+// Every tiling of the skinny GEMM (rows of W per block x k splits; `plan` overrides skinny_plan)
+// for one decode projection at m = 1, 16 and 64, W rotated as in bench_skinny: whether more
+// blocks in flight (smaller tiles, more splits) stream W closer to the copy rate than the plan's
+// one wave of the largest tiles. "*" marks skinny_plan's choice.
+void bench_skinny_plans(const char* name, int n, int k, double hbm) {
+  using T = __nv_bfloat16;
+  const size_t wbytes = size_t(n) * size_t(k) * sizeof(T);
+  const int sets = int(std::clamp<size_t>(((size_t(256) << 20) + wbytes - 1) / wbytes, 2, 256));
+  std::vector<T*> Ws;
+  for (int i = 0; i < sets; ++i) Ws.push_back(random_dev<T>(size_t(n) * k, -0.05f, 0.05f, 70 + uint64_t(i)));
+  T* x = random_dev<T>(size_t(64) * k, -1.f, 1.f, 66);
+  T* y = random_dev<T>(size_t(64) * n, -1.f, 1.f, 67);
+  const double floor_us = double(wbytes) / (hbm * 1e9) * 1e6;
+  const hm::cuda::SkinnyPlan chosen = hm::cuda::skinny_plan(n, k, sizeof(T));
+  const int chunks = (k + 31) / 32;
+  for (int bn : {128, 64, 32})
+    for (int splits : {1, 2, 4, 8}) {
+      if (splits > chunks) continue;
+      const hm::cuda::SkinnyPlan p{bn, splits};
+      std::printf("skinny-plan   %-8s bn %3d splits %d blocks %5d%s floor %6.2f us |", name, bn, splits,
+                  ((n + bn - 1) / bn) * splits, bn == chosen.bn && splits == chosen.splits ? "*" : " ", floor_us);
+      for (int m : {1, 16, 64}) {
+        const double us = 1e3 * time_ms([&](int i) {
+          hm::cuda::skinny<T, T>(y, n, x, k, Ws[size_t(i % sets)], k, m, n, k, false, nullptr, &p);
+        }, 15, 20);
+        std::printf(" m %-2d %7.2f us (%4.2fx)", m, us, floor_us / us);
+      }
+      std::printf("\n");
+    }
+  for (T* w : Ws) cudaFree(w);
+  cudaFree(x);
+  cudaFree(y);
+}
+
 // A prefix-cache restore of the seed preset at 1,984 cached tokens (docs/SERVING.md): 186 spans
 // of 64 KB (3 attention layers x 31 blocks x K and V rows) and 18 state spans (9 Mamba layers'
 // 12 KB conv window and 64 KB SSM state), copied by one cudaMemcpyAsync per span, by one
@@ -547,6 +581,12 @@ int main(int argc, char** argv) {
   };
   if (skinny_only) {
     skinny();
+    return 0;
+  }
+  if (argc > 1 && std::string(argv[1]) == "skinny-plans") {  // every tiling of the skinny GEMM
+    bench_skinny_plans("in_proj", 8192, 2048, hbm);
+    bench_skinny_plans("out_proj", 2048, 4096, hbm);
+    bench_skinny_plans("x_proj", 160, 4096, hbm);
     return 0;
   }
   auto attn_train = [] {
