@@ -455,10 +455,11 @@ void bench_skinny(const char* name, int n, int k, double hbm, hm::cuda::Gemm& ge
   cudaFree(y);
 }
 
-// Every tiling of the skinny GEMM (rows of W per block x k splits; `plan` overrides skinny_plan)
-// for one decode projection at m = 1, 16 and 64, W rotated as in bench_skinny: whether more
-// blocks in flight (smaller tiles, more splits) stream W closer to the copy rate than the plan's
-// one wave of the largest tiles. "*" marks skinny_plan's choice.
+// Every tiling of the skinny GEMM (chunk width x rows of W per block x k splits; `plan` overrides
+// skinny_plan) for one decode projection at m = 1, 16 and 64, W rotated as in bench_skinny:
+// whether longer runs of each W row per stage (wider chunks) or more blocks in flight (smaller
+// tiles, more splits) stream W closer to the copy rate than the plan's one wave of the largest
+// tiles of 32-wide chunks. "*" marks skinny_plan's choice.
 void bench_skinny_plans(const char* name, int n, int k, double hbm) {
   using T = __nv_bfloat16;
   const size_t wbytes = size_t(n) * size_t(k) * sizeof(T);
@@ -469,21 +470,22 @@ void bench_skinny_plans(const char* name, int n, int k, double hbm) {
   T* y = random_dev<T>(size_t(64) * n, -1.f, 1.f, 67);
   const double floor_us = double(wbytes) / (hbm * 1e9) * 1e6;
   const hm::cuda::SkinnyPlan chosen = hm::cuda::skinny_plan(n, k, sizeof(T));
-  const int chunks = (k + 31) / 32;
-  for (int bn : {128, 64, 32})
-    for (int splits : {1, 2, 4, 8}) {
-      if (splits > chunks) continue;
-      const hm::cuda::SkinnyPlan p{bn, splits};
-      std::printf("skinny-plan   %-8s bn %3d splits %d blocks %5d%s floor %6.2f us |", name, bn, splits,
-                  ((n + bn - 1) / bn) * splits, bn == chosen.bn && splits == chosen.splits ? "*" : " ", floor_us);
-      for (int m : {1, 16, 64}) {
-        const double us = 1e3 * time_ms([&](int i) {
-          hm::cuda::skinny<T, T>(y, n, x, k, Ws[size_t(i % sets)], k, m, n, k, false, nullptr, &p);
-        }, 15, 20);
-        std::printf(" m %-2d %7.2f us (%4.2fx)", m, us, floor_us / us);
+  for (int ch : {32, 64, 128})
+    for (int bn : {128, 64, 32})
+      for (int splits : {1, 2, 4, 8}) {
+        if (splits > (k + ch - 1) / ch) continue;
+        const hm::cuda::SkinnyPlan p{bn, splits, ch};
+        const bool is_chosen = bn == chosen.bn && splits == chosen.splits && ch == chosen.chunk;
+        std::printf("skinny-plan   %-8s chunk %3d bn %3d splits %d blocks %5d%s floor %6.2f us |", name, ch, bn,
+                    splits, ((n + bn - 1) / bn) * splits, is_chosen ? "*" : " ", floor_us);
+        for (int m : {1, 16, 64}) {
+          const double us = 1e3 * time_ms([&](int i) {
+            hm::cuda::skinny<T, T>(y, n, x, k, Ws[size_t(i % sets)], k, m, n, k, false, nullptr, &p);
+          }, 15, 20);
+          std::printf(" m %-2d %7.2f us (%4.2fx)", m, us, floor_us / us);
+        }
+        std::printf("\n");
       }
-      std::printf("\n");
-    }
   for (T* w : Ws) cudaFree(w);
   cudaFree(x);
   cudaFree(y);

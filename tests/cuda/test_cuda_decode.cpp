@@ -233,7 +233,9 @@ TEST_P(CudaDecode, MambaInMatchesPlainOps) {
 TEST_P(CudaDecode, DtScanMatchesPlainOps) {
   hm::Rng rng(303);
   for (int nseq : {1, 5})
-    for (auto [E, N, R] : {std::tuple{67, 16, 5}, std::tuple{40, 5, 48}, std::tuple{130, 33, 17}})
+    // R 128 and 32: the 16-byte loads of the dt_w quarters (1.4B, seed); 160: past the registers.
+    for (auto [E, N, R] : {std::tuple{67, 16, 5}, std::tuple{40, 5, 48}, std::tuple{130, 33, 17},
+                           std::tuple{72, 16, 128}, std::tuple{33, 16, 32}, std::tuple{41, 16, 160}})
       for (bool fused : {true, false}) {
         cuda_->set_decode_kernels(fused);
         cuda_->set_dt_scan_seqs(fused ? nseq : 0);  // the fused kernel at every batch size, whatever the policy

@@ -5,8 +5,9 @@
 //    staging), x and W views of wider matrices (ld > cols), y a view at an odd column offset
 //    whose neighbours must stay untouched, accumulate on and off, y in the input type and in
 //    float; the automatic tiling and forced ones (32, 64, 128 rows per block; 1, 3 and 8
-//    k-splits). Bounds on max|got - ref| / max|ref|: y in bf16 8e-3, f16 1e-3; float y 1e-5 from
-//    float inputs, 2e-5 from 16-bit ones (the tensor cores' float sums in another order).
+//    k-splits; 16-bit chunks of 32, 64 and 128 elements). Bounds on max|got - ref| / max|ref|:
+//    y in bf16 8e-3, f16 1e-3; float y 1e-5 from float inputs, 2e-5 from 16-bit ones (the
+//    tensor cores' float sums in another order).
 //  - BatchInvariant: output rows computed alone, in batches of 7, 33 and 64 (rows shuffled, so
 //    each lands at another position of its mma tile) have the same bits as in the batch of 64,
 //    on the 1.4B model's x_proj, dt_proj and out_proj shapes and odd ones; and a call repeated
@@ -132,13 +133,14 @@ TEST_P(CudaSkinny, MatchesRef) {
       const int n = s.n, k = s.k, ldx = k + 16, ldw = k + 8, ldy = n + 5;
       Mat x(be(), T(), m, ldx, rng, 1.0), W(be(), T(), n, ldw, rng, 0.1);
       const std::vector<float> xd = dense(x.f, m, k, ldx, s.xc0), wd = dense(W.f, n, k, ldw, 0);
-      // The plans: automatic, then every tile height with 1, 3 and 8 splits (those the chunk
-      // count allows).
+      // The plans: automatic, then every chunk width and tile height with 1, 3 and 8 splits
+      // (those the chunk count allows).
       std::vector<hm::cuda::SkinnyPlan> plans{hm::cuda::skinny_plan(n, k, es)};
-      const int chunks = (k + 31) / 32;
-      for (int bn : T() == DType::F32 ? std::vector<int>{32} : std::vector<int>{32, 64, 128})
-        for (int sp : {1, 3, 8})
-          if (sp <= chunks) plans.push_back({bn, sp});
+      const std::vector<int> widths = T() == DType::F32 ? std::vector<int>{32} : std::vector<int>{32, 64, 128};
+      for (int ch : widths)
+        for (int bn : T() == DType::F32 ? std::vector<int>{32} : std::vector<int>{32, 64, 128})
+          for (int sp : {1, 3, 8})
+            if (sp <= (k + ch - 1) / ch) plans.push_back({bn, sp, ch});
       const bool vec = hm::cuda::skinny_vectorized(k, x.at(0, s.xc0), ldx, W.buf.data(), ldw, es);
       for (DType ty : outs)
         for (bool acc : {false, true}) {
@@ -155,6 +157,7 @@ TEST_P(CudaSkinny, MatchesRef) {
             EXPECT_LE(rel_err(got, ref, m, n, ldy, 1), bound)
                 << "skinny m " << m << " n " << n << " k " << k << " x column " << s.xc0 << " out "
                 << hm::compute_dtype_name(ty) << (acc ? " accumulate" : "") << " bn " << p.bn << " splits " << p.splits
+                << " chunk " << p.chunk
                 << (pi == 0 ? " (auto)" : "") << (vec ? " 16-byte path" : " element path");
             for (int i = 0; i < m; ++i)
               for (int j : {0, n + 1, n + 4})
@@ -182,46 +185,54 @@ TEST_P(CudaSkinny, BatchInvariant) {
   // x_proj, dt_proj and out_proj of the 1.4B shape, odd shapes, an odd k (element path).
   const std::pair<int, int> shapes[] = {{160, 4096}, {4096, 128}, {2048, 4096}, {1001, 520}, {3001, 2056}, {77, 161}};
   const int M = 64;
+  const std::vector<int> widths = T() == DType::F32 ? std::vector<int>{32} : std::vector<int>{32, 64, 128};
   for (auto [n, k] : shapes)
     for (DType ty : outs)
-      for (bool acc : {false, true}) {
-        const int ldx = k + 16, ldy = n + 5;
-        Mat x(be(), T(), M, ldx, rng, 1.0), W(be(), T(), n, k, rng, 0.1), y0(be(), ty, M, ldy, rng, 1.0);
-        const hm::cuda::SkinnyPlan plan = hm::cuda::skinny_plan(n, k, es);
-        // The batch of 64 in order, twice (a call is deterministic).
-        Mat full(be(), ty, M, ldy, rng, 0.0);
-        full.f = y0.f;
-        full.put(be());
-        run_skinny(be(), T(), ty, full, 1, x, 8, W, M, n, k, acc, nullptr);
-        const std::vector<float> want = full.get(be());
-        full.f = y0.f;
-        full.put(be());
-        run_skinny(be(), T(), ty, full, 1, x, 8, W, M, n, k, acc, nullptr);
-        EXPECT_EQ(std::memcmp(full.get(be()).data(), want.data(), want.size() * sizeof(float)), 0)
-            << "skinny n " << n << " k " << k << ": two calls differ";
-        for (int b : {1, 1, 7, 33, 64}) {
-          // b distinct rows of the 64 in random order: row perm[p] of the batch sits at position p.
-          std::vector<int> perm(M);
-          std::iota(perm.begin(), perm.end(), 0);
-          for (int i = M - 1; i > 0; --i) std::swap(perm[size_t(i)], perm[rng.next_u64() % uint64_t(i + 1)]);
-          Mat xb(be(), T(), b, ldx, rng, 0.0), yb(be(), ty, b, ldy, rng, 0.0);
-          for (int p = 0; p < b; ++p) {
-            std::copy_n(x.f.begin() + ptrdiff_t(perm[size_t(p)]) * ldx, ldx, xb.f.begin() + ptrdiff_t(p) * ldx);
-            std::copy_n(y0.f.begin() + ptrdiff_t(perm[size_t(p)]) * ldy, ldy, yb.f.begin() + ptrdiff_t(p) * ldy);
+      for (bool acc : {false, true})
+        for (int ch : widths) {
+          const int ldx = k + 16, ldy = n + 5;
+          Mat x(be(), T(), M, ldx, rng, 1.0), W(be(), T(), n, k, rng, 0.1), y0(be(), ty, M, ldy, rng, 1.0);
+          // The automatic tiling at each chunk width (splits within its chunk count).
+          hm::cuda::SkinnyPlan plan = hm::cuda::skinny_plan(n, k, es);
+          plan.chunk = ch;
+          plan.splits = std::min(plan.splits, (k + ch - 1) / ch);
+          const hm::cuda::SkinnyPlan* pp = &plan;
+          // The batch of 64 in order, twice (a call is deterministic).
+          Mat full(be(), ty, M, ldy, rng, 0.0);
+          full.f = y0.f;
+          full.put(be());
+          run_skinny(be(), T(), ty, full, 1, x, 8, W, M, n, k, acc, pp);
+          const std::vector<float> want = full.get(be());
+          full.f = y0.f;
+          full.put(be());
+          run_skinny(be(), T(), ty, full, 1, x, 8, W, M, n, k, acc, pp);
+          EXPECT_EQ(std::memcmp(full.get(be()).data(), want.data(), want.size() * sizeof(float)), 0)
+              << "skinny n " << n << " k " << k << ": two calls differ";
+          for (int b : {1, 1, 7, 33, 64}) {
+            // b distinct rows of the 64 in random order: row perm[p] of the batch sits at
+            // position p.
+            std::vector<int> perm(M);
+            std::iota(perm.begin(), perm.end(), 0);
+            for (int i = M - 1; i > 0; --i) std::swap(perm[size_t(i)], perm[rng.next_u64() % uint64_t(i + 1)]);
+            Mat xb(be(), T(), b, ldx, rng, 0.0), yb(be(), ty, b, ldy, rng, 0.0);
+            for (int p = 0; p < b; ++p) {
+              std::copy_n(x.f.begin() + ptrdiff_t(perm[size_t(p)]) * ldx, ldx, xb.f.begin() + ptrdiff_t(p) * ldx);
+              std::copy_n(y0.f.begin() + ptrdiff_t(perm[size_t(p)]) * ldy, ldy, yb.f.begin() + ptrdiff_t(p) * ldy);
+            }
+            xb.put(be());  // already rounded to the type: uploaded unchanged
+            yb.put(be());
+            run_skinny(be(), T(), ty, yb, 1, xb, 8, W, b, n, k, acc, pp);
+            const std::vector<float> got = yb.get(be());
+            int differ = 0;
+            for (int p = 0; p < b; ++p)
+              differ += std::memcmp(got.data() + size_t(p) * ldy, want.data() + size_t(perm[size_t(p)]) * ldy,
+                                    size_t(ldy) * sizeof(float)) != 0;
+            EXPECT_EQ(differ, 0) << "skinny n " << n << " k " << k << " out " << hm::compute_dtype_name(ty)
+                                 << (acc ? " accumulate" : "") << " (bn " << plan.bn << ", " << plan.splits
+                                 << " splits, chunk " << plan.chunk << "): " << differ << " of " << b
+                                 << " rows differ from the batch of 64";
           }
-          xb.put(be());  // already rounded to the type: uploaded unchanged
-          yb.put(be());
-          run_skinny(be(), T(), ty, yb, 1, xb, 8, W, b, n, k, acc, nullptr);
-          const std::vector<float> got = yb.get(be());
-          int differ = 0;
-          for (int p = 0; p < b; ++p)
-            differ += std::memcmp(got.data() + size_t(p) * ldy, want.data() + size_t(perm[size_t(p)]) * ldy,
-                                  size_t(ldy) * sizeof(float)) != 0;
-          EXPECT_EQ(differ, 0) << "skinny n " << n << " k " << k << " out " << hm::compute_dtype_name(ty)
-                               << (acc ? " accumulate" : "") << " (bn " << plan.bn << ", " << plan.splits
-                               << " splits): " << differ << " of " << b << " rows differ from the batch of 64";
         }
-      }
 }
 
 // Backend::linear at 2-64 rows is the skinny kernel: the same bits as calling it directly.

@@ -186,9 +186,17 @@ constexpr int kGemvRows = 1;
 // and more: too few blocks in flight to stream W at HBM rate), and with only the small weights
 // on it a whole decode step at batch 4 was still slower (1.4B 1.97 -> 2.07 ms, seed 0.35 -> 0.38
 // ms). HM_CUDA_SKINNY=1 turns it on for 2-64 rows, =2 also for one row (set_skinny_min_rows).
-// It takes 16-bit weights of at most kSkinnyMaxWeightBytes; other shapes stay on cuBLASLt.
+// It takes 16-bit weights of at most 4 MB (HM_CUDA_SKINNY_MAX_MB=N for A/B runs with other
+// bounds); other shapes stay on cuBLASLt.
 constexpr int kSkinnyRows = cuda::kSkinnyMaxRows;
-constexpr size_t kSkinnyMaxWeightBytes = size_t(4) << 20;
+size_t skinny_max_weight_bytes() {
+  static const size_t b = [] {
+    const char* v = std::getenv("HM_CUDA_SKINNY_MAX_MB");
+    const long mb = v != nullptr ? std::atol(v) : 4;
+    return size_t(mb > 0 ? mb : 4) << 20;
+  }();
+  return b;
+}
 
 // The skinny GEMM's smallest row count, from HM_CUDA_SKINNY: 0 (off) unless it says 1 or 2.
 int skinny_min_rows_default() {
@@ -441,7 +449,7 @@ class CudaBackendImpl final : public CudaBackend {
     HM_CHECK(y.dtype == x.dtype || y.dtype == DType::F32, "cuda linear: y is ", compute_dtype_name(y.dtype),
              ", expected ", compute_dtype_name(x.dtype), " (x's type) or f32");
     if (decode_kernels_on() && skinny_min_rows_ > 0 && m >= skinny_min_rows_ && m <= kSkinnyRows &&
-        x.dtype != DType::F32 && size_t(n) * size_t(k) * dtype_size(x.dtype) <= kSkinnyMaxWeightBytes &&
+        x.dtype != DType::F32 && size_t(n) * size_t(k) * dtype_size(x.dtype) <= skinny_max_weight_bytes() &&
         cuda::skinny_fits(m, n, k) && cuda::skinny_vectorized(k, x.data, x.ld, W.data, W.ld, dtype_size(x.dtype))) {
       dispatch(x.dtype, [&](auto tag) {
         using T = elem_t<decltype(tag)>;

@@ -54,6 +54,50 @@ __device__ __forceinline__ void store4(T* p, const float v[4]) {
   *reinterpret_cast<typename Vec4<T>::Raw*>(p) = u.raw;
 }
 
+// 16 bytes of T as floats.
+template <class T> __device__ __forceinline__ void widen(const uint4& u, float* f);
+template <> __device__ __forceinline__ void widen<float>(const uint4& u, float* f) {
+  f[0] = __uint_as_float(u.x); f[1] = __uint_as_float(u.y); f[2] = __uint_as_float(u.z); f[3] = __uint_as_float(u.w);
+}
+template <> __device__ __forceinline__ void widen<__nv_bfloat16>(const uint4& u, float* f) {
+  const auto* p = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 t = __bfloat1622float2(p[i]);
+    f[2 * i] = t.x; f[2 * i + 1] = t.y;
+  }
+}
+template <> __device__ __forceinline__ void widen<__half>(const uint4& u, float* f) {
+  const auto* p = reinterpret_cast<const __half2*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 t = __half22float2(p[i]);
+    f[2 * i] = t.x; f[2 * i + 1] = t.y;
+  }
+}
+
+// f[i] = p[i] for i < n, 0 up to MAXN: one 16-byte load per vector where p is 16-byte aligned
+// and n a whole number of vectors, so a short row loads in one round of latency either way.
+template <class T, int MAXN>
+__device__ __forceinline__ void load_run(float (&f)[MAXN], const T* p, int n) {
+  constexpr int V = 16 / sizeof(T);
+  static_assert(MAXN % V == 0, "whole vectors");
+  if (reinterpret_cast<uintptr_t>(p) % 16 == 0 && n % V == 0) {
+#pragma unroll
+    for (int i = 0; i < MAXN / V; ++i) {
+      if (i * V < n) {
+        widen<T>(*reinterpret_cast<const uint4*>(p + i * V), f + i * V);
+      } else {
+#pragma unroll
+        for (int j = 0; j < V; ++j) f[i * V + j] = 0.0f;
+      }
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < MAXN; ++i) f[i] = i < n ? to_f(p[i]) : 0.0f;
+  }
+}
+
 // Whether p (and every row start, given the row stride ld) is 4-element aligned.
 template <class T>
 inline bool aligned4(const T* p, int64_t ld) {

@@ -54,28 +54,6 @@ namespace {
 
 constexpr int kWarps = 8, kThreads = 32 * kWarps, kPre = 4, kPreMma = 8;
 
-// 16 bytes of T as floats.
-template <class T> __device__ __forceinline__ void widen(const uint4& u, float* f);
-template <> __device__ __forceinline__ void widen<float>(const uint4& u, float* f) {
-  f[0] = __uint_as_float(u.x); f[1] = __uint_as_float(u.y); f[2] = __uint_as_float(u.z); f[3] = __uint_as_float(u.w);
-}
-template <> __device__ __forceinline__ void widen<__nv_bfloat16>(const uint4& u, float* f) {
-  const auto* p = reinterpret_cast<const __nv_bfloat162*>(&u);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 t = __bfloat1622float2(p[i]);
-    f[2 * i] = t.x; f[2 * i + 1] = t.y;
-  }
-}
-template <> __device__ __forceinline__ void widen<__half>(const uint4& u, float* f) {
-  const auto* p = reinterpret_cast<const __half2*>(&u);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 t = __half22float2(p[i]);
-    f[2 * i] = t.x; f[2 * i + 1] = t.y;
-  }
-}
-
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -383,7 +361,8 @@ __global__ void __launch_bounds__(kThreads) gemv_mma_kernel(const Args<T, TY> a)
     for (int i = 0; i < 4; ++i) finish(a, 16 * t + g + 8 * (i / 2), n0 + 2 * q + i % 2, acc[t][i]);
 }
 
-// One row of x (m == 1): x (normed) staged once per block in shared memory as floats; each
+// One row of x (m == 1): x (times the norm weight) staged once per block in shared memory as
+// floats, its 1 / rms applied to the finished sums; each
 // warp, or ks warps splitting k, computes kRowCols adjacent columns, so every x vector read
 // from shared memory feeds kRowCols weight vectors, and each lane keeps kRowPre x kRowCols
 // 16-byte weight loads in flight (the first batch issued before pdl_wait). Per 16 weight bytes:
@@ -391,12 +370,11 @@ __global__ void __launch_bounds__(kThreads) gemv_mma_kernel(const Args<T, TY> a)
 // x (and norm weight) reload from L1 per vector.
 constexpr int kRowCols = 4, kRowPre = 2;
 template <class T, class TY>
-__global__ void __launch_bounds__(kThreads) gemv_row_kernel(const Args<T, TY> a) {
+__global__ void __launch_bounds__(kThreads, 4) gemv_row_kernel(const Args<T, TY> a) {
   constexpr int V = 16 / sizeof(T);
   extern __shared__ uint4 xs_raw[];
   float* xs = reinterpret_cast<float*>(xs_raw);  // k floats
   __shared__ float red[kWarps][kRowCols];
-  __shared__ float inv_s;
   pdl_trigger();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int part = warp % a.ks;
@@ -419,27 +397,41 @@ __global__ void __launch_bounds__(kThreads) gemv_row_kernel(const Args<T, TY> a)
     }
   pdl_wait();
 
-  if (a.norm_w != nullptr) {
-    float ss = 0.0f;
-    for (int i = threadIdx.x; i < a.k; i += kThreads) {
-      const float v = to_f(a.x[i]);
-      ss += v * v;
+  // x (times the norm weight) as floats in shared memory, 16 bytes a load, every load of a
+  // thread in flight at once; the row's 1 / rms multiplies the finished sums instead (m = 1).
+  const bool norm = a.norm_w != nullptr;
+  float ss = 0.0f;
+#pragma unroll 2  // 64 registers (4 blocks an SM): a deeper unroll spills
+  for (int v = threadIdx.x; v < nvec; v += kThreads) {
+    float f[V], g[V];
+    widen<T>(reinterpret_cast<const uint4*>(a.x)[v], f);
+    if (norm) {
+      widen<T>(__ldg(reinterpret_cast<const uint4*>(a.norm_w) + v), g);
+    } else {
+#pragma unroll
+      for (int e = 0; e < V; ++e) g[e] = 1.0f;
     }
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      ss += f[e] * f[e];
+      f[e] *= g[e];
+    }
+#pragma unroll
+    for (int q = 0; q < V / 4; ++q)
+      reinterpret_cast<float4*>(xs + v * V)[q] = make_float4(f[4 * q], f[4 * q + 1], f[4 * q + 2], f[4 * q + 3]);
+  }
+  if (norm) {
     ss = warp_sum(ss);
     if (lane == 0) red[warp][0] = ss;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      float t = 0.0f;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) t += red[w][0];
-      inv_s = rsqrtf(t / float(a.k) + a.eps);
-    }
-    __syncthreads();
   }
-  const float inv = a.norm_w != nullptr ? inv_s : 1.0f;
-  for (int i = threadIdx.x; i < a.k; i += kThreads)
-    xs[i] = a.norm_w != nullptr ? to_f(a.x[i]) * inv * to_f(a.norm_w[i]) : to_f(a.x[i]);
   __syncthreads();
+  float inv = 1.0f;
+  if (norm) {
+    float t = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) t += red[w][0];
+    inv = rsqrtf(t / float(a.k) + a.eps);
+  }
 
   float acc[kRowCols];
 #pragma unroll
@@ -498,6 +490,7 @@ __global__ void __launch_bounds__(kThreads) gemv_row_kernel(const Args<T, TY> a)
 #pragma unroll
   for (int c = 0; c < kRowCols; ++c)
     if (c == lane) v = acc[c];
+  v *= inv;
   const int j = j0 + lane;
   if (j >= a.n) return;
   TY* yp = a.y + j;

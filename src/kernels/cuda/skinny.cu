@@ -3,18 +3,20 @@
 // Grid (splits, tiles), launched as clusters of `splits` blocks along x: block (r, t) owns rows
 // [t bn, t bn + bn) of W (columns of y) and the r-th k-range of the tile (skinny.h, SkinnyPlan).
 // 256 threads. Per block:
-//  1. An 8-stage cp.async pipeline over the range's 32-wide k chunks. A stage holds bn rows of W
-//     then 8 ceil(m / 8) rows of x, each row the chunk's 32 elements (64 bytes for 16-bit types;
-//     144 for float: 128 + 16 of padding so a warp's float4 reads of 32 x rows hit 32 banks).
-//     Past n, m or k the stage holds zeros (cp.async with a source size of 0). The first 7
-//     stages' W copies are issued before pdl_wait (weights are constant), x's after it.
+//  1. A cp.async pipeline over the range's k chunks of CH = 32, 64 or 128 elements (8, 6 or 4
+//     stages). A stage holds bn rows of W then 8 ceil(m / 8) rows of x, each row the chunk's CH
+//     elements (2 CH bytes for 16-bit types, odd rows' 16-byte vectors swizzled from 128 bytes
+//     on; float: CH 32, 144 bytes, 128 + 16 of padding so a warp's float4 reads of 32 x rows hit
+//     32 banks). Past n, m or k the stage holds zeros (cp.async with a source size of 0). The
+//     first stages' W copies are issued before pdl_wait (weights are constant), x's after it.
 //  2. bf16/f16: warp w takes the 32 W rows (w % (bn / 32)) * 32 and the x tiles t = w / (bn / 32)
-//     + i * (8 / (bn / 32)); per chunk each lane reads 16 bytes of W rows g, g+8, g+16, g+24
+//     + i * (8 / (bn / 32)); per 32 elements of a chunk each lane reads 16 bytes of W rows g, g+8, g+16, g+24
 //     (g = lane / 4, elements 8q..8q+7 of the chunk, q = lane % 4) and 16 bytes of x row 8t + g at
 //     the same elements, and issues 2 mma m16n8k16 per 16-row W tile and x tile: the mma's k
 //     order is a permutation of the chunk's, the same for both operands (the GEMV's trick,
-//     gemv.cu, with the operands swapped so the 8-wide mma dimension is the rows of x). With
-//     64-byte rows a quarter-warp's 16-byte reads hit distinct banks.
+//     gemv.cu, with the operands swapped so the 8-wide mma dimension is the rows of x). A
+//     quarter-warp's 16-byte reads (rows g and g + 1) hit distinct banks: with 64-byte rows as
+//     they fall, with longer ones through the odd rows' swizzle.
 //     float: warp w takes W rows 4w..4w+3, lane l the x rows l and l + 32; fmaf in k order.
 //  3. The float partial tile goes to shared memory (reusing the pipeline's), the cluster syncs,
 //     and block r finishes every splits-th element of the tile: the partials of blocks 0, 1,
@@ -36,16 +38,30 @@ namespace cg = cooperative_groups;
 namespace hm::cuda {
 namespace {
 
-constexpr int kThreads = 256, kWarps = 8, kStages = 8, kChunk = 32, kMaxSplits = 8;
+constexpr int kThreads = 256, kWarps = 8, kMaxSplits = 8;
 
-// Bytes of one staged row (one 32-element chunk of a row of W or x).
-template <class T> __host__ __device__ constexpr int row_bytes() { return sizeof(T) == 4 ? kChunk * 4 + 16 : kChunk * 2; }
+// Pipeline stages for a chunk width: about 16 KB of each 128-row W tile in flight per stage
+// group whatever the width (8 x 32, 6 x 64, 4 x 128 elements), within the shared memory that
+// a 128-row tile and 64 x rows need.
+__host__ __device__ constexpr int stages_for(int ch) { return ch == 32 ? 8 : ch == 64 ? 6 : 4; }
+// Bytes of one staged row (one CH-element chunk of a row of W or x).
+template <class T, int CH>
+__host__ __device__ constexpr int row_bytes() {
+  return sizeof(T) == 4 ? CH * 4 + 16 : CH * 2;
+}
+// 16-bit rows of 128 or 256 bytes would put rows g and g + 1 of a quarter-warp's reads on the
+// same banks: odd rows swap the halves of each 128-byte group (16-byte vector v at v ^ 4).
+template <class T, int CH> __host__ __device__ constexpr bool swizzled() { return sizeof(T) == 2 && CH >= 64; }
+template <class T, int CH> __device__ __forceinline__ int phys_vec(int row, int v) {
+  if constexpr (swizzled<T, CH>()) return v ^ ((row & 1) << 2);
+  else return v;
+}
 // Row stride (floats) of the partial tile [8 mt][bn + 4]: the mma lanes' stores hit 32 banks.
 template <int BN> __host__ __device__ constexpr int part_stride() { return BN + 4; }
 
-template <class T>
+template <class T, int CH>
 size_t smem_bytes(int bn, int mt) {
-  const size_t pipe = size_t(kStages) * size_t(bn + 8 * mt) * size_t(row_bytes<T>());
+  const size_t pipe = size_t(stages_for(CH)) * size_t(bn + 8 * mt) * size_t(row_bytes<T, CH>());
   const size_t part = size_t(8 * mt) * size_t(bn + 4) * sizeof(float);
   return std::max(pipe, part);
 }
@@ -69,21 +85,22 @@ struct Args {
   const T* W; int64_t ldw;
   int m, n, k;
   int mt;       // ceil(m / 8): 8-row x tiles staged
-  int chunks;   // ceil(k / 32)
+  int chunks;   // ceil(k / CH)
   bool accumulate;
   bool vec;     // the 16-byte cp.async path (skinny_vectorized); else element by element
 };
 
-// Rows [0, rows) x the chunk at column c0 of src (row stride ld) into dst, row_bytes<T>() apart;
-// rows >= valid_rows and columns >= k become zeros. Vector path: asynchronous (a cp.async group
-// is the caller's to commit); element path: plain loads and a 16-byte shared store.
-template <class T>
+// Rows [0, rows) x the chunk at column c0 of src (row stride ld) into dst, row_bytes<T, CH>()
+// apart (16-byte vectors placed by phys_vec); rows >= valid_rows and columns >= k become zeros.
+// Vector path: asynchronous (a cp.async group is the caller's to commit); element path: plain
+// loads and a 16-byte shared store.
+template <class T, int CH>
 __device__ __forceinline__ void stage_rows(unsigned char* dst, const T* src, int64_t ld, int rows, int valid_rows,
                                            int c0, int k, bool vec) {
-  constexpr int VE = 16 / int(sizeof(T)), VPR = kChunk / VE, RS = row_bytes<T>();
+  constexpr int VE = 16 / int(sizeof(T)), VPR = CH / VE, RS = row_bytes<T, CH>();
   for (int v = threadIdx.x; v < rows * VPR; v += kThreads) {
     const int r = v / VPR, col = c0 + (v % VPR) * VE;
-    unsigned char* d = dst + r * RS + (v % VPR) * 16;
+    unsigned char* d = dst + r * RS + phys_vec<T, CH>(r, v % VPR) * 16;
     if (vec) {
       // k is whole vectors here, so a vector is wholly inside k or wholly past it.
       const bool ok = r < valid_rows && col < k;
@@ -99,8 +116,9 @@ __device__ __forceinline__ void stage_rows(unsigned char* dst, const T* src, int
   }
 }
 
-// bf16/f16 on the tensor cores: this warp's 32 W rows x its x tiles (header comment, step 2).
-template <class T, int BN, int MTW>
+// bf16/f16 on the tensor cores: this warp's 32 W rows x its x tiles (header comment, step 2),
+// over the CH / 32 sub-chunks of a stage in k order.
+template <class T, int BN, int MTW, int CH>
 struct MmaPart {
   static constexpr int WP = BN / 32, WX = kWarps / WP;  // warps along W rows, along x tiles
   float acc[2][MTW][4];
@@ -120,14 +138,20 @@ struct MmaPart {
   }
   // One staged chunk: W rows at st, x rows at st + BN rows.
   __device__ __forceinline__ void step(const unsigned char* st, int mt) {
-    constexpr int RS = row_bytes<T>();
-    const unsigned char* wp = st + (p * 32 + g) * RS + q * 16;
+#pragma unroll
+    for (int u = 0; u < CH / 32; ++u) sub(st, mt, phys_vec<T, CH>(g, 4 * u + q) * 16);
+  }
+  // The 32 elements at 16-byte vectors 4u..4u+3 of every staged row; lane q reads `off` (its
+  // vector 4u + q where row parity g % 2 placed it: rows g + 8i and 8t + g share that parity).
+  __device__ __forceinline__ void sub(const unsigned char* st, int mt, int off) {
+    constexpr int RS = row_bytes<T, CH>();
+    const unsigned char* wp = st + (p * 32 + g) * RS + off;
     const uint4 w0 = lds16(wp), w1 = lds16(wp + 8 * RS), w2 = lds16(wp + 16 * RS), w3 = lds16(wp + 24 * RS);
     // A fragments (rows g / g+8; k pairs 2q / 2q+8 of the mma = elements 8q+0,1 / 8q+2,3 of the
     // chunk for the first mma, 8q+4,5 / 8q+6,7 for the second).
     const uint32_t a00[4] = {w0.x, w1.x, w0.y, w1.y}, a01[4] = {w0.z, w1.z, w0.w, w1.w};
     const uint32_t a10[4] = {w2.x, w3.x, w2.y, w3.y}, a11[4] = {w2.z, w3.z, w2.w, w3.w};
-    const unsigned char* xp = st + BN * RS + g * RS + q * 16;
+    const unsigned char* xp = st + BN * RS + g * RS + off;
 #pragma unroll
     for (int i = 0; i < MTW; ++i) {
       const int t = h + i * WX;
@@ -172,12 +196,12 @@ struct FmaPart {
     for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = 0.0f;
   }
   __device__ __forceinline__ void step(const unsigned char* st, int mt) {
-    constexpr int RS = row_bytes<float>();
+    constexpr int RS = row_bytes<float, 32>();
     const int mr = 8 * mt;
     const bool lo = lane < mr, hi = lane + 32 < mr;  // staged rows only (the stage ends at row mr)
     const unsigned char* xp = st + BN * RS;
 #pragma unroll
-    for (int kq = 0; kq < kChunk / 4; ++kq) {
+    for (int kq = 0; kq < 32 / 4; ++kq) {
       const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
       const float4 xa = lo ? ldsf4(xp + lane * RS + kq * 16) : zero;
       const float4 xb = hi ? ldsf4(xp + (lane + 32) * RS + kq * 16) : zero;
@@ -206,11 +230,11 @@ struct FmaPart {
   }
 };
 
-template <class T, class TY, int BN, int MTW>
+template <class T, class TY, int BN, int MTW, int CH>
 __global__ void __launch_bounds__(kThreads) skinny_kernel(const Args<T, TY> a) {
-  using Part = std::conditional_t<sizeof(T) == 4, FmaPart, MmaPart<T, BN, MTW>>;
-  static_assert(sizeof(T) == 2 || BN == 32, "float runs 32-row tiles");
-  constexpr int RS = row_bytes<T>(), PS = part_stride<BN>();
+  using Part = std::conditional_t<sizeof(T) == 4, FmaPart, MmaPart<T, BN, MTW, CH>>;
+  static_assert(sizeof(T) == 2 || (BN == 32 && CH == 32), "float runs 32-row tiles of 32-wide chunks");
+  constexpr int RS = row_bytes<T, CH>(), PS = part_stride<BN>(), kStages = stages_for(CH);
   extern __shared__ __align__(16) unsigned char smem[];
   pdl_trigger();
   cg::cluster_group cluster = cg::this_cluster();
@@ -222,10 +246,10 @@ __global__ void __launch_bounds__(kThreads) skinny_kernel(const Args<T, TY> a) {
   const size_t stage_bytes = size_t(BN + mr) * RS;
   const T* wblk = a.W + size_t(j0) * size_t(a.ldw);
   auto load_w = [&](int s, int c) {
-    stage_rows<T>(smem + size_t(s) * stage_bytes, wblk, a.ldw, BN, rows_w, c * kChunk, a.k, a.vec);
+    stage_rows<T, CH>(smem + size_t(s) * stage_bytes, wblk, a.ldw, BN, rows_w, c * CH, a.k, a.vec);
   };
   auto load_x = [&](int s, int c) {
-    stage_rows<T>(smem + size_t(s) * stage_bytes + BN * RS, a.x, a.ldx, mr, a.m, c * kChunk, a.k, a.vec);
+    stage_rows<T, CH>(smem + size_t(s) * stage_bytes + BN * RS, a.x, a.ldx, mr, a.m, c * CH, a.k, a.vec);
   };
 
   // Prologue: stages 0..kStages-2. Group 0 holds every prologue W copy and x of stage 0; group
@@ -281,17 +305,17 @@ __global__ void __launch_bounds__(kThreads) skinny_kernel(const Args<T, TY> a) {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-template <class T, class TY, int BN, int MTW>
+template <class T, class TY, int BN, int MTW, int CH>
 void launch(const Args<T, TY>& a, int splits, cudaStream_t stream) {
-  auto* kern = skinny_kernel<T, TY, BN, MTW>;
+  auto* kern = skinny_kernel<T, TY, BN, MTW, CH>;
   // The largest stage any m takes (m = 64), set once per instantiation.
   static const cudaError_t attr_err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                           int(smem_bytes<T>(BN, kSkinnyMaxRows / 8)));
+                                                           int(smem_bytes<T, CH>(BN, kSkinnyMaxRows / 8)));
   HM_CUDA_OK(attr_err, "skinny: cudaFuncSetAttribute");
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(unsigned(splits), unsigned(ceil_div(a.n, BN)), 1);
   cfg.blockDim = dim3(kThreads, 1, 1);
-  cfg.dynamicSmemBytes = smem_bytes<T>(BN, a.mt);
+  cfg.dynamicSmemBytes = smem_bytes<T, CH>(BN, a.mt);
   cfg.stream = stream;
   cudaLaunchAttribute attr[2]{};
   attr[0].id = cudaLaunchAttributeClusterDimension;
@@ -305,13 +329,40 @@ void launch(const Args<T, TY>& a, int splits, cudaStream_t stream) {
   HM_CUDA_OK(cudaLaunchKernelEx(&cfg, kern, a), "skinny");
 }
 
+// The chunk width of 16-bit plans, from HM_CUDA_SKINNY_CHUNK (32, 64 or 128; default 32), read
+// once a process: an A/B switch, so the plan stays one function of the shape for the process.
+int chunk_default() {
+  static const int c = [] {
+    const char* v = std::getenv("HM_CUDA_SKINNY_CHUNK");
+    const int w = v != nullptr ? std::atoi(v) : 32;
+    return w == 64 || w == 128 ? w : 32;
+  }();
+  return c;
+}
+
+template <class T, class TY, int CH>
+void launch_tiles(const Args<T, TY>& a, int bn, int splits, cudaStream_t stream) {
+  // x tiles per warp: ceil(mt / (8 warps / (bn / 32))), rounded up to an instantiated count.
+  if (bn == 128) {
+    if (a.mt <= 2) launch<T, TY, 128, 1, CH>(a, splits, stream);
+    else if (a.mt <= 4) launch<T, TY, 128, 2, CH>(a, splits, stream);
+    else launch<T, TY, 128, 4, CH>(a, splits, stream);
+  } else if (bn == 64) {
+    if (a.mt <= 4) launch<T, TY, 64, 1, CH>(a, splits, stream);
+    else launch<T, TY, 64, 2, CH>(a, splits, stream);
+  } else {
+    launch<T, TY, 32, 1, CH>(a, splits, stream);
+  }
+}
+
 }  // namespace
 
 SkinnyPlan skinny_plan(int n, int k, size_t elem_bytes) {
-  const int chunks = std::max(1, ceil_div(std::max(k, 1), kChunk));
+  const int ch = elem_bytes == 4 ? 32 : chunk_default();
+  const int chunks = std::max(1, ceil_div(std::max(k, 1), ch));
   const int max_splits = std::clamp(chunks / 4, 1, kMaxSplits);
   const int64_t sms = sm_count();
-  SkinnyPlan best{elem_bytes == 4 ? 32 : 128, 1};
+  SkinnyPlan best{elem_bytes == 4 ? 32 : 128, 1, ch};
   double best_eff = -1.0;
   for (int bn : {128, 64, 32}) {
     if (elem_bytes == 4 && bn != 32) continue;
@@ -320,7 +371,7 @@ SkinnyPlan skinny_plan(int n, int k, size_t elem_bytes) {
       const int64_t blocks = tiles * s, waves = (blocks + sms - 1) / sms;
       const double eff = double(blocks) / double(waves * sms);
       if (eff > best_eff + 0.05) {  // larger tiles (less x re-read) and fewer splits win near-ties
-        best = {bn, s};
+        best = {bn, s, ch};
         best_eff = eff;
       }
     }
@@ -351,26 +402,20 @@ void skinny(TY* y, int64_t ldy, const T* x, int64_t ldx, const T* W, int64_t ldw
     return;
   }
   const SkinnyPlan p = plan != nullptr ? *plan : skinny_plan(n, k, sizeof(T));
-  Args<T, TY> a{y, ldy, x, ldx, W, ldw, m, n, k, ceil_div(m, 8), ceil_div(k, kChunk), accumulate,
+  HM_CHECK(p.bn == 32 || p.bn == 64 || p.bn == 128, "cuda skinny: tiles of 32, 64 or 128 rows, not ", p.bn);
+  HM_CHECK(p.chunk == 32 || p.chunk == 64 || p.chunk == 128, "cuda skinny: chunks of 32, 64 or 128, not ", p.chunk);
+  Args<T, TY> a{y, ldy, x, ldx, W, ldw, m, n, k, ceil_div(m, 8), ceil_div(k, p.chunk), accumulate,
                 skinny_vectorized(k, x, ldx, W, ldw, sizeof(T))};
   HM_CHECK(p.splits >= 1 && p.splits <= kMaxSplits && p.splits <= a.chunks, "cuda skinny: ", p.splits,
            " splits of ", a.chunks, " chunks");
   if constexpr (sizeof(T) == 4) {
-    HM_CHECK(p.bn == 32, "cuda skinny: float takes 32-row tiles, not ", p.bn);
-    launch<T, TY, 32, 1>(a, p.splits, stream);
+    HM_CHECK(p.bn == 32 && p.chunk == 32, "cuda skinny: float takes 32-row tiles of 32-wide chunks, not ", p.bn,
+             " x ", p.chunk);
+    launch<T, TY, 32, 1, 32>(a, p.splits, stream);
   } else {
-    // x tiles per warp: ceil(mt / (8 warps / (bn / 32))), rounded up to an instantiated count.
-    if (p.bn == 128) {
-      if (a.mt <= 2) launch<T, TY, 128, 1>(a, p.splits, stream);
-      else if (a.mt <= 4) launch<T, TY, 128, 2>(a, p.splits, stream);
-      else launch<T, TY, 128, 4>(a, p.splits, stream);
-    } else if (p.bn == 64) {
-      if (a.mt <= 4) launch<T, TY, 64, 1>(a, p.splits, stream);
-      else launch<T, TY, 64, 2>(a, p.splits, stream);
-    } else {
-      HM_CHECK(p.bn == 32, "cuda skinny: tiles of 32, 64 or 128 rows, not ", p.bn);
-      launch<T, TY, 32, 1>(a, p.splits, stream);
-    }
+    if (p.chunk == 32) launch_tiles<T, TY, 32>(a, p.bn, p.splits, stream);
+    else if (p.chunk == 64) launch_tiles<T, TY, 64>(a, p.bn, p.splits, stream);
+    else launch_tiles<T, TY, 128>(a, p.bn, p.splits, stream);
   }
 }
 

@@ -6,9 +6,10 @@
 //    of a tile (the split) form a thread-block cluster whose blocks add their float partial sums
 //    through distributed shared memory in split order, so there is no second kernel, no
 //    workspace and no float atomics;
-//  - W and x are staged through an 8-deep cp.async pipeline of 32-wide k chunks (16-byte
-//    copies; the first W chunks are requested before the previous kernel ends, PDL) and every
-//    W tile is shared by all m rows: W is read from memory exactly once per call;
+//  - W and x are staged through a cp.async pipeline of k chunks (8 stages of 32 elements, 6 of
+//    64 or 4 of 128: SkinnyPlan::chunk; 16-byte copies; the first W chunks are requested
+//    before the previous kernel ends, PDL) and every W tile is shared by all m rows: W is read
+//    from memory exactly once per call;
 //  - bf16/f16 multiply on the tensor cores (mma m16n8k16, W as the 16-row operand, x rows as the
 //    8 columns), float on the CUDA cores (fmaf in k order); sums in float, y rounded once.
 //
@@ -36,16 +37,21 @@ namespace hm::cuda {
 // The most rows of x the kernel takes (eight 8-row mma tiles).
 constexpr int kSkinnyMaxRows = 64;
 
-// The tiling of one shape: `bn` rows of W per block (32, 64 or 128; always 32 for float) and
-// `splits` k-ranges per tile (1..8, the cluster size), chunk-aligned: range r holds the 32-wide
-// k chunks [r C / splits, (r + 1) C / splits) of C = ceil(k / 32).
+// The tiling of one shape: `bn` rows of W per block (32, 64 or 128; always 32 for float),
+// `splits` k-ranges per tile (1..8, the cluster size), chunk-aligned: range r holds the
+// `chunk`-wide k chunks [r C / splits, (r + 1) C / splits) of C = ceil(k / chunk). The chunk
+// (32, 64 or 128 elements; 32 for float) is what each pipeline stage copies of every row: wider
+// chunks read W in longer runs per row (64, 128 or 256 bytes of bf16) through fewer, deeper
+// stages.
 struct SkinnyPlan {
   int bn = 0;
   int splits = 0;
+  int chunk = 32;
 };
 
 // The plan skinny() uses for n x k weights of `elem_bytes` bytes (2 or 4): a function of n, k,
-// elem_bytes and the SM count only (never of m: the batch invariance above rests on it). It
+// elem_bytes, the SM count and the process's HM_CUDA_SKINNY_CHUNK (the 16-bit chunk width, 32
+// unless it says 64 or 128) only, never of m: the batch invariance above rests on it. It
 // picks the largest bn and then the fewest splits (each range keeping >= 4 chunks) that spread
 // the tiles evenly over the SMs: blocks / (waves * SMs) best within 0.05.
 SkinnyPlan skinny_plan(int n, int k, size_t elem_bytes);
@@ -61,7 +67,8 @@ bool skinny_vectorized(int k, const void* x, int64_t ldx, const void* W, int64_t
 
 // y[m, n] (=|+=) x[m, k] . W[n, k]^T with T = float, __nv_bfloat16 or __half and TY = T or float;
 // ldx >= k, ldw >= k, ldy >= n (elements). `plan` overrides skinny_plan (tests: every tiling;
-// bn must be 32, 64 or 128 (32 for float), splits in [1, 8] and at most the chunk count).
+// bn must be 32, 64 or 128 and chunk 32, 64 or 128 (both 32 for float), splits in [1, 8] and at
+// most the chunk count).
 // Enqueued on `stream` without waiting; an hm::Error for a shape skinny_fits refuses.
 template <class T, class TY>
 void skinny(TY* y, int64_t ldy, const T* x, int64_t ldx, const T* W, int64_t ldw, int m, int n, int k,
