@@ -15,6 +15,18 @@ void Backend::mamba_in(Tensor xz, Tensor xc, const StatePool& conv, Tensor x, Te
   conv1d_silu(xc, conv, xz.cols_view(0, xc.cols), conv_w, conv_b, rg);
 }
 
+void Backend::norm_linear(Tensor y, Tensor x, Tensor normed, Tensor norm_w, float eps, Tensor W, bool accumulate,
+                          Tensor scale, Tensor tmp) {
+  rmsnorm(normed, x, norm_w, eps);
+  if (scale.data == nullptr) {
+    linear(y, normed, W, accumulate);
+    return;
+  }
+  HM_CHECK(accumulate, "norm_linear: a scale adds to y (accumulate), it does not assign");
+  linear(tmp, normed, W, false);
+  add_rows(y, nullptr, tmp, nullptr, y.rows, nullptr, scale);
+}
+
 void Backend::dt_scan(Tensor y, const StatePool& st, Tensor x, Tensor dt_r, Tensor dt_w, Tensor dt,
                       Tensor dt_bias, const float* A, Tensor B, Tensor C, Tensor Dskip, Tensor z,
                       const Ragged& rg) {

@@ -123,6 +123,12 @@ class Backend {
   // `normed` (x-sized) is scratch for x': an override may leave it unwritten.
   virtual void mamba_in(Tensor xz, Tensor xc, const StatePool& conv, Tensor x, Tensor normed, Tensor norm_w,
                         float eps, Tensor in_proj, Tensor conv_w, Tensor conv_b, const Ragged& rg);
+  // y (=|+=) x' . W^T, x' = rmsnorm(x) * norm_w; with a `scale` ([y.cols]), y += scale ⊙ (x' .
+  // W^T) (accumulate must be set): a state bridge's injection, or the final norm and LM head.
+  // `normed` (x-sized) and, with a scale, `tmp` (y-sized, x's type) are scratch that an override
+  // may leave unwritten.
+  virtual void norm_linear(Tensor y, Tensor x, Tensor normed, Tensor norm_w, float eps, Tensor W, bool accumulate,
+                           Tensor scale, Tensor tmp);
   // dt = dt_r . dt_w^T, then selective_scan with that dt. `dt` is scratch ([n_tokens, E]):
   // an override may compute each dt where the scan needs it and leave it unwritten.
   virtual void dt_scan(Tensor y, const StatePool& st, Tensor x, Tensor dt_r, Tensor dt_w, Tensor dt,

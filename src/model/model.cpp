@@ -361,9 +361,8 @@ void HybridModel::bridge(int layer, int T) {
   const LayerTensors& w = lw_[size_t(layer)];
   const int S = cfg_.inner_dim(layer - 1), D = cfg_.d_model;
   const Tensor u = act(ws_.u, T, S), rows = act(ws_.rows, T, D);
-  be_.rmsnorm(u, ws_.inner[(layer + 1) % 2].tensor(dtype_, T, S), w.bridge_norm, cfg_.norm_eps);
-  be_.linear(rows, u, w.bridge_proj, false);
-  be_.add_rows(ws_.h.tensor(dtype_, T, D), nullptr, rows, nullptr, T, nullptr, w.bridge_gate);
+  be_.norm_linear(ws_.h.tensor(dtype_, T, D), ws_.inner[(layer + 1) % 2].tensor(dtype_, T, S), u, w.bridge_norm,
+                  cfg_.norm_eps, w.bridge_proj, true, w.bridge_gate, rows);
 }
 
 void HybridModel::mamba_path(int layer, Tensor x, const Ragged& rg, Tensor out, bool accumulate,
@@ -930,8 +929,8 @@ void HybridModel::run_layers(int T, int n_rows, Tensor hrows, HybridMemory& mem)
     be_.copy_rows(hrows, nullptr, h, last_idx_, n_rows);  // the last row of each chunk
   }
   const Tensor un = ws_.u.tensor(dtype_, n_rows, D);
-  be_.rmsnorm(un, hrows, norm_f_, cfg_.norm_eps);
-  be_.linear(ws_.logits.tensor(DType::F32, n_rows, V), un, lm_head_, false);
+  be_.norm_linear(ws_.logits.tensor(DType::F32, n_rows, V), hrows, un, norm_f_, cfg_.norm_eps, lm_head_, false,
+                  Tensor(), Tensor());
 }
 
 size_t HybridModel::workspace_bytes() const {
