@@ -419,29 +419,55 @@ void bench_sampling(int B, int V) {
 // rotates over copies totalling >= 256 MB, so every call streams it from memory as a decode step
 // does (a step reads every layer's weights once; they do not stay in the 50-60 MB L2). floor =
 // W bytes / the copy rate; "x floor" = that over the measured time (1.00 = at the copy rate).
+// A decode projection's operands: bf16 W [n, k] in copies totalling >= 256 MB (call i reads copy
+// i % sets), x [64, k], y [64, n] of TY; floor_us = one W's bytes at the copy rate.
+template <class TY>
+struct Projection {
+  using T = __nv_bfloat16;
+  std::vector<T*> Ws;
+  T* x = nullptr;
+  TY* y = nullptr;
+  int sets = 0;
+  double floor_us = 0;
+  Projection(int n, int k, double hbm) {
+    const size_t wbytes = size_t(n) * size_t(k) * sizeof(T);
+    sets = int(std::clamp<size_t>(((size_t(256) << 20) + wbytes - 1) / wbytes, 2, 256));
+    for (int i = 0; i < sets; ++i) Ws.push_back(random_dev<T>(size_t(n) * k, -0.05f, 0.05f, 70 + uint64_t(i)));
+    x = random_dev<T>(size_t(64) * k, -1.f, 1.f, 66);
+    y = random_dev<TY>(size_t(64) * n, -1.f, 1.f, 67);
+    floor_us = double(wbytes) / (hbm * 1e9) * 1e6;
+  }
+  Projection(const Projection&) = delete;
+  Projection& operator=(const Projection&) = delete;
+  ~Projection() {
+    for (T* w : Ws) cudaFree(w);
+    cudaFree(x);
+    cudaFree(y);
+  }
+  const T* W(int i) const { return Ws[size_t(i % sets)]; }
+};
+
 template <class TY>
 void bench_skinny(const char* name, int n, int k, double hbm, hm::cuda::Gemm& gemm) {
   using T = __nv_bfloat16;
   const size_t wbytes = size_t(n) * size_t(k) * sizeof(T);
-  const int sets = int(std::clamp<size_t>(((size_t(256) << 20) + wbytes - 1) / wbytes, 2, 256));
-  std::vector<T*> Ws;
-  for (int i = 0; i < sets; ++i) Ws.push_back(random_dev<T>(size_t(n) * k, -0.05f, 0.05f, 70 + uint64_t(i)));
-  T* x = random_dev<T>(size_t(64) * k, -1.f, 1.f, 66);
-  TY* y = random_dev<TY>(size_t(64) * n, -1.f, 1.f, 67);
+  const Projection<TY> pr(n, k, hbm);
+  T* x = pr.x;
+  TY* y = pr.y;
   const cudaDataType_t ty = sizeof(TY) == 4 ? CUDA_R_32F : CUDA_R_16BF;
-  const double floor_us = double(wbytes) / (hbm * 1e9) * 1e6;
+  const double floor_us = pr.floor_us;
   const hm::cuda::SkinnyPlan plan = hm::cuda::skinny_plan(n, k, sizeof(T));
   for (int m : {1, 16, 64}) {
     const double us_sk = 1e3 * time_ms([&](int i) {
-      hm::cuda::skinny<T, TY>(y, n, x, k, Ws[size_t(i % sets)], k, m, n, k, false, nullptr);
+      hm::cuda::skinny<T, TY>(y, n, x, k, pr.W(i), k, m, n, k, false, nullptr);
     }, 15, 20);
     const double us_lt = 1e3 * time_ms([&](int i) {
-      gemm.linear(y, ty, n, x, k, Ws[size_t(i % sets)], k, CUDA_R_16BF, m, n, k, false, nullptr);
+      gemm.linear(y, ty, n, x, k, pr.W(i), k, CUDA_R_16BF, m, n, k, false, nullptr);
     }, 15, 20);
     double us_gv = 0;
-    if (m == 1 && hm::cuda::gemv_fits(m, k, x, k, Ws[0], k, nullptr, sizeof(T)))
+    if (m == 1 && hm::cuda::gemv_fits(m, k, x, k, pr.W(0), k, nullptr, sizeof(T)))
       us_gv = 1e3 * time_ms([&](int i) {
-        hm::cuda::gemv<T, TY>(y, n, x, k, Ws[size_t(i % sets)], k, m, n, k, false, nullptr, 0.0f, nullptr, nullptr);
+        hm::cuda::gemv<T, TY>(y, n, x, k, pr.W(i), k, m, n, k, false, nullptr, 0.0f, nullptr, nullptr);
       }, 15, 20);
     std::printf("skinny        %-8s m %-2d n %-5d k %-4d W %6.1f MB  floor %6.2f us | skinny %7.2f us (%4.2fx floor, "
                 "bn %3d, %d splits) | cuBLASLt %7.2f us (%4.2fx floor) %5.2fx",
@@ -450,9 +476,6 @@ void bench_skinny(const char* name, int n, int k, double hbm, hm::cuda::Gemm& ge
     if (us_gv > 0) std::printf(" | gemv %7.2f us (%4.2fx floor) %5.2fx", us_gv, floor_us / us_gv, us_gv / us_sk);
     std::printf("\n");
   }
-  for (T* w : Ws) cudaFree(w);
-  cudaFree(x);
-  cudaFree(y);
 }
 
 // Every tiling of the skinny GEMM (chunk width x rows of W per block x k splits; `plan` overrides
@@ -462,13 +485,8 @@ void bench_skinny(const char* name, int n, int k, double hbm, hm::cuda::Gemm& ge
 // tiles of 32-wide chunks. "*" marks skinny_plan's choice.
 void bench_skinny_plans(const char* name, int n, int k, double hbm) {
   using T = __nv_bfloat16;
-  const size_t wbytes = size_t(n) * size_t(k) * sizeof(T);
-  const int sets = int(std::clamp<size_t>(((size_t(256) << 20) + wbytes - 1) / wbytes, 2, 256));
-  std::vector<T*> Ws;
-  for (int i = 0; i < sets; ++i) Ws.push_back(random_dev<T>(size_t(n) * k, -0.05f, 0.05f, 70 + uint64_t(i)));
-  T* x = random_dev<T>(size_t(64) * k, -1.f, 1.f, 66);
-  T* y = random_dev<T>(size_t(64) * n, -1.f, 1.f, 67);
-  const double floor_us = double(wbytes) / (hbm * 1e9) * 1e6;
+  const Projection<T> pr(n, k, hbm);
+  const double floor_us = pr.floor_us;
   const hm::cuda::SkinnyPlan chosen = hm::cuda::skinny_plan(n, k, sizeof(T));
   for (int ch : {32, 64, 128})
     for (int bn : {128, 64, 32})
@@ -480,15 +498,12 @@ void bench_skinny_plans(const char* name, int n, int k, double hbm) {
                     splits, ((n + bn - 1) / bn) * splits, is_chosen ? "*" : " ", floor_us);
         for (int m : {1, 16, 64}) {
           const double us = 1e3 * time_ms([&](int i) {
-            hm::cuda::skinny<T, T>(y, n, x, k, Ws[size_t(i % sets)], k, m, n, k, false, nullptr, &p);
+            hm::cuda::skinny<T, T>(pr.y, n, pr.x, k, pr.W(i), k, m, n, k, false, nullptr, &p);
           }, 15, 20);
           std::printf(" m %-2d %7.2f us (%4.2fx)", m, us, floor_us / us);
         }
         std::printf("\n");
       }
-  for (T* w : Ws) cudaFree(w);
-  cudaFree(x);
-  cudaFree(y);
 }
 
 // A prefix-cache restore of the seed preset at 1,984 cached tokens (docs/SERVING.md): 186 spans
