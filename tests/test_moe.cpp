@@ -163,8 +163,9 @@ TEST(Moe, ReferenceCanFail) {
 }
 
 TEST(Moe, OnlyChosenExpertsRun) {
-  // Linear rows: q, k, v, o (4 T), the router (T), then gate, up and down of exactly top_k
-  // experts per token (3 k T), then the head (T): experts nobody chose are never run.
+  // Linear rows: q | k | v in one projection and o (2 T), the router (T), then gate, up and down
+  // of exactly top_k experts per token (3 k T), then the head (T): experts nobody chose are
+  // never run.
   auto cpu = make_cpu_backend();
   CountingBackend be(*cpu);
   for (int k : {1, 2, 4}) {
@@ -175,7 +176,8 @@ TEST(Moe, OnlyChosenExpertsRun) {
     be.reset();
     test::forward_all(*m, toks, KvType::F16);
     const int64_t T = int64_t(toks.size());
-    EXPECT_EQ(be.count(OpKind::Linear).rows, 4 * T + T + 3 * k * T + T) << "top " << k;
+    ASSERT_TRUE(m->fused_qkv());
+    EXPECT_EQ(be.count(OpKind::Linear).rows, 2 * T + T + 3 * k * T + T) << "top " << k;
   }
 }
 

@@ -269,8 +269,11 @@ TEST(TrueHybrid, SkippedPathDoesNoWork) {
       };
       for (const float* W : {w.in_proj, w.x_proj, w.dt_w, w.out_proj})
         EXPECT_EQ(rows(OpKind::Linear, W), L - n_attn) << "layer " << layer << " f " << f;
-      for (const float* W : {w.wq, w.wk, w.wv, w.wo})
+      // q | k | v is one projection, tagged by wq (prepare found the three end to end).
+      ASSERT_TRUE(m.fused_qkv());
+      for (const float* W : {w.wq, w.wo})
         EXPECT_EQ(rows(OpKind::Linear, W), n_attn) << "layer " << layer << " f " << f;
+      for (const float* W : {w.wk, w.wv}) EXPECT_EQ(calls(OpKind::Linear, W), 0) << "layer " << layer;
       EXPECT_EQ(rows(OpKind::Scan, w.Dskip), L - n_attn);
       EXPECT_EQ(rows(OpKind::Conv, w.conv_w), L - n_attn);
       EXPECT_EQ(rows(OpKind::Attention, kcache), n_attn);

@@ -229,6 +229,13 @@ void HybridModel::prepare() {
       t.wk = linear_weight(w.wk, KW, D);
       t.wv = linear_weight(w.wv, KW, D);
       t.wo = linear_weight(w.wo, D, QW);
+      // The arena keeps q, k, v end to end unless a padding falls between them; packed weights
+      // have a buffer each.
+      const auto at = [&](const Tensor& a, int rows) { return static_cast<const char*>(a.data) +
+                                                              size_t(rows) * size_t(D) * dtype_size(a.dtype); };
+      if (!is_packed(t.wq.dtype) && t.wk.dtype == t.wq.dtype && t.wv.dtype == t.wq.dtype && t.wq.ld == D &&
+          t.wk.ld == D && t.wv.ld == D && at(t.wq, QW) == t.wk.data && at(t.wk, KW) == t.wv.data)
+        t.wqkv = Tensor(t.wq.data, t.wq.dtype, QW + 2 * KW, D);
     }
     if (cfg_.has_ffn(i) && cfg_.is_moe(i)) {
       // Experts stay float32 under packed weight formats (not implemented for them yet).
@@ -285,6 +292,12 @@ void HybridModel::prepare() {
   }
   HM_ASSERT(staged_.empty());  // linear_weights() named a W that prepare() did not pack
   streaming_ = false;
+  // One projection for q | k | v (one GEMV with the norm in it at decode) where every attention
+  // layer's weights allow it, q needs no scale and RoPE turns whole heads (rope_heads' copy of
+  // a partial rotation wants q and k dense).
+  fused_qkv_ = q_scale_.empty() && cfg_.resolved_rope_dim() == cfg_.head_dim();
+  for (int i = 0; i < cfg_.n_layers; ++i)
+    if (cfg_.has_attention_path(i)) fused_qkv_ = fused_qkv_ && !lw_[size_t(i)].wqkv.empty();
 }
 
 // Granite's scalings as backend vectors (scales_), each segment 16-element aligned.
@@ -488,21 +501,40 @@ void rope_heads(Backend& be, const ModelConfig& c, Tensor x, int heads, Tensor s
 }  // namespace
 
 void HybridModel::attention_path(int layer, Tensor x, const Ragged& rg, Tensor out, bool accumulate,
-                                 HybridMemory& mem) {
+                                 HybridMemory& mem, Tensor norm_w) {
   const LayerTensors& w = lw_[size_t(layer)];
-  const int n = x.rows, H = cfg_.n_heads, G = cfg_.n_kv_heads;
+  const int n = x.rows, H = cfg_.n_heads, G = cfg_.n_kv_heads, D = cfg_.d_model;
   const int hd = cfg_.head_dim(), QW = H * hd, KW = G * hd;
-  const Tensor q = act(ws_.q, n, QW), k = act(ws_.k, n, KW), v = act(ws_.v, n, KW);
   const Tensor ctx = act(ws_.inner[layer % 2], n, QW);
-  if (q_scale_.empty()) {
-    be_.linear(q, x, w.wq, false);
-  } else {  // q = attention_scale * sqrt(hd) * (x wq^T), through ctx (free until attention writes it)
-    be_.linear(ctx, x, w.wq, false);
-    be_.memzero(q.data, size_t(n) * QW * dtype_size(dtype_));
-    be_.add_rows(q, nullptr, ctx, nullptr, n, nullptr, q_scale_);
+  const Tensor u = norm_w.empty() ? Tensor() : act(ws_.u, n, D);
+  Tensor q, k, v;
+  if (fused_qkv_) {  // q | k | v side by side in one buffer
+    const Tensor qkv = act(ws_.q, n, QW + 2 * KW);
+    if (norm_w.empty())
+      be_.linear(qkv, x, w.wqkv, false);
+    else
+      be_.norm_linear(qkv, x, u, norm_w, cfg_.norm_eps, w.wqkv, false, Tensor(), Tensor());
+    q = qkv.cols_view(0, QW);
+    k = qkv.cols_view(QW, KW);
+    v = qkv.cols_view(QW + KW, KW);
+  } else {
+    if (!norm_w.empty()) {
+      be_.rmsnorm(u, x, norm_w, cfg_.norm_eps);
+      x = u;
+    }
+    q = act(ws_.q, n, QW);
+    k = act(ws_.k, n, KW);
+    v = act(ws_.v, n, KW);
+    if (q_scale_.empty()) {
+      be_.linear(q, x, w.wq, false);
+    } else {  // q = attention_scale * sqrt(hd) * (x wq^T), through ctx (free until attention writes it)
+      be_.linear(ctx, x, w.wq, false);
+      be_.memzero(q.data, size_t(n) * QW * dtype_size(dtype_));
+      be_.add_rows(q, nullptr, ctx, nullptr, n, nullptr, q_scale_);
+    }
+    be_.linear(k, x, w.wk, false);
+    be_.linear(v, x, w.wv, false);
   }
-  be_.linear(k, x, w.wk, false);
-  be_.linear(v, x, w.wv, false);
   if (cfg_.rope) {  // ctx is free until attention writes it: the scratch of a partial rotation
     rope_heads(be_, cfg_, q, H, ctx, rg);
     rope_heads(be_, cfg_, k, G, ctx, rg);
@@ -530,7 +562,8 @@ void HybridModel::mamba_layer(int layer, HybridMemory& mem) {
 void HybridModel::attention_layer(int layer, HybridMemory& mem) {
   const int T = rg_.n_tokens(), D = cfg_.d_model;
   const Tensor out = residual_target(T);
-  attention_path(layer, ws_.u.tensor(dtype_, T, D), rg_, out, resid_scale_.empty(), mem);
+  attention_path(layer, ws_.h.tensor(dtype_, T, D), rg_, out, resid_scale_.empty(), mem,
+                 lw_[size_t(layer)].norm);  // h += attention(rmsnorm(h))
   join_residual(out);
 }
 
@@ -812,9 +845,13 @@ Tensor HybridModel::forward_device(const Batch& b, HybridMemory& mem) {
   act(ws_.dbc, T, P);
   if (cfg_.mamba_bcdt_norm) act(ws_.bcdt, T, P);
   act(ws_.dt, T, E);
-  act(ws_.q, T, cfg_.n_heads * cfg_.head_dim());
-  act(ws_.k, T, KW);
-  act(ws_.v, T, KW);
+  if (fused_qkv_) {
+    act(ws_.q, T, cfg_.n_heads * cfg_.head_dim() + 2 * KW);  // q | k | v
+  } else {
+    act(ws_.q, T, cfg_.n_heads * cfg_.head_dim());
+    act(ws_.k, T, KW);
+    act(ws_.v, T, KW);
+  }
   if (!cfg_.true_layers.empty() || !cfg_.moe_layers.empty()) {
     act(ws_.gath, T, D);
     act(ws_.ya, T, D);
@@ -910,9 +947,10 @@ void HybridModel::run_layers(int T, int n_rows, Tensor hrows, HybridMemory& mem)
   }
   for (int i = 0; i < cfg_.n_layers; ++i) {
     if (cfg_.has_bridge(i)) bridge(i, T);
-    // A Mamba-1 layer applies its pre-norm inside mamba_in (fused on CUDA's decode step).
-    const bool mamba1 = !cfg_.is_true(i) && !cfg_.is_attention(i) && !cfg_.is_mamba2(i);
-    if (!mamba1) be_.rmsnorm(ws_.u.tensor(dtype_, T, D), h, lw_[size_t(i)].norm, cfg_.norm_eps);
+    // A Mamba-1 layer applies its pre-norm inside mamba_in, an attention layer inside its q | k | v
+    // projection (fused on CUDA's decode step).
+    if (cfg_.is_true(i) || cfg_.is_mamba2(i))
+      be_.rmsnorm(ws_.u.tensor(dtype_, T, D), h, lw_[size_t(i)].norm, cfg_.norm_eps);
     if (cfg_.is_true(i))
       true_layer(i, mem);
     else if (cfg_.is_attention(i))

@@ -54,6 +54,7 @@ struct Workspace {
 struct LayerTensors {
   Tensor norm, in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, Dskip, out_proj;
   Tensor wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down;
+  Tensor wqkv;  // wq | wk | wv as one [QW + 2 KW, D] view where the three lie end to end
   Tensor fuse_mamba, fuse_attn, exchange, bridge_norm, bridge_proj, bridge_gate;
   Tensor ssm_norm;  // Mamba-2's gated RMSNorm weight [d_inner]
   Tensor dt_norm, b_norm, c_norm;  // mamba_bcdt_norm_weight: the dt, B and C norms' weights
@@ -165,6 +166,8 @@ class HybridModel {
   // never replay cost more than replays saved (docs/PERFORMANCE.md, "Stop 39").
   void set_prefill_graphs(bool on) { prefill_graphs_ = on; graphs_.clear(); warmed_.clear(); }
   int graphs_captured() const { return graphs_captured_; }
+  // Whether attention layers project q | k | v in one linear (tagged by wq), set by prepare().
+  bool fused_qkv() const { return fused_qkv_; }
 
  private:
   Tensor weight(const float* host, int rows, int cols) const;  // the backend's copy of a Params view
@@ -179,7 +182,9 @@ class HybridModel {
   void mamba_path(int layer, Tensor x, const Ragged& rg, Tensor out, bool accumulate, HybridMemory& mem,
                   Tensor norm_w = Tensor());
   void mamba2_path(int layer, Tensor x, const Ragged& rg, Tensor out, bool accumulate, HybridMemory& mem);
-  void attention_path(int layer, Tensor x, const Ragged& rg, Tensor out, bool accumulate, HybridMemory& mem);
+  // x raw with norm_w (the layer's pre-norm, applied here), else already normed.
+  void attention_path(int layer, Tensor x, const Ragged& rg, Tensor out, bool accumulate, HybridMemory& mem,
+                      Tensor norm_w = Tensor());
   void mlp(int layer, int T);
   // dst[i, :] += b[0, :] for every row i < dst.rows (b a [1, dst.cols] weight), through add_rows
   // with ws_.zeros as the source rows.
@@ -209,6 +214,7 @@ class HybridModel {
   std::vector<Buffer> packed_bufs_;
   std::map<const float*, std::vector<unsigned char>> staged_;  // stage_packed, until prepare()
   bool streaming_ = false;                                      // prepare() runs on staged weights
+  bool fused_qkv_ = false;  // every attention layer projects q | k | v at once (prepare)
   std::vector<std::pair<char*, size_t>> released_;              // page ranges of the arena
   void check_floats_kept() const;
   int64_t packed_delta_ = 0;           // weight_bytes() minus the arena's

@@ -2,7 +2,8 @@
 // both GEMV kernels at the row counts they take (to 32) and odd column counts, with and without the fused
 // RMSNorm, accumulation and a float output; the Mamba input stage (norm + in_proj + conv step)
 // and the dt-projecting scan step through the backend, on decode batches in shuffled slots of a
-// pool with unused slots, against the plain ops in order. Inputs are rounded to the tested
+// pool with unused slots, and the norm + linear (+ scaled add) of a bridge or the LM head,
+// against the plain ops in order. Inputs are rounded to the tested
 // type and the reference gets the same values widened; bounds on max|got - ref| / max|ref| as
 // in test_cuda_backend.cpp (f32 1e-5, f16 1e-3, bf16 8e-3; float states 1e-5 except where
 // a rounded input feeds them). Skipped without a GPU.
@@ -224,6 +225,56 @@ TEST_P(CudaDecode, MambaInMatchesPlainOps) {
         EXPECT_LE(rel_err(st.get(be()), rst, n_slots, E * (K - 1), E * (K - 1)), T() == DType::F32 ? 1e-5 : tol(T()))
             << what << " conv state";
       }
+  cuda_->set_decode_kernels(true);
+  hm::cuda::set_gemv_row_kernel(row_default);
+}
+
+// Backend::norm_linear on CUDA (one GEMV with the norm, and a bridge's column scale, inside at
+// one row; the plain ops otherwise) against rmsnorm -> linear (-> add_rows) of kernels/ref:
+// rows 1 (fused) and 3 (plain), odd sizes, y a strided view, assigned or accumulated, y in the
+// input type or float (the LM head's logits), with and without a scale.
+TEST_P(CudaDecode, NormLinearMatchesPlainOps) {
+  hm::Rng rng(305);
+  const bool row_default = hm::cuda::gemv_row_kernel();
+  struct Shape {
+    int k, n;
+  };
+  for (Shape s : {Shape{136, 77}, Shape{512, 1001}, Shape{1024, 40}})
+    for (int m : {1, 3})
+      for (int variant = 0; variant < 4; ++variant)  // 0 assign, 1 accumulate, 2 scale (+=), 3 float y
+        for (int fused = 0; fused < 3; ++fused) {  // 0 plain ops, 1 fused, 2 fused on the row kernel
+          if (variant == 3 && T() == DType::F32) continue;  // float y is the input type there
+          cuda_->set_decode_kernels(fused > 0);
+          hm::cuda::set_gemv_row_kernel(fused == 2);
+          const int k = s.k, n = s.n, ldy = n + 5;
+          const bool acc = variant == 1 || variant == 2, scaled = variant == 2;
+          const DType ty = variant == 3 ? DType::F32 : T();
+          DevMat x(be(), T(), m, k, rng, 2.0), normed(be(), T(), m, k, rng, 0.0), tmp(be(), T(), m, n, rng, 0.0);
+          DevMat g(be(), T(), 1, k, rng, 0.3, 1.0), W(be(), T(), n, k, rng, 0.1), sc(be(), T(), 1, n, rng, 0.5);
+          DevMat y(be(), ty, m, ldy, rng, 1.0);
+          be().norm_linear(y.cols(1, n), x.t, normed.t, g.t, 1e-5f, W.t, acc, scaled ? sc.t : Tensor(), tmp.t);
+          std::vector<float> u(size_t(m) * k), ref = y.f;
+          hm::ref::rmsnorm(u.data(), x.f.data(), g.f.data(), m, k, 1e-5f);
+          if (!scaled) {
+            hm::ref::linear(ref.data() + 1, ldy, u.data(), k, W.f.data(), m, n, k, acc);
+          } else {
+            std::vector<float> t(size_t(m) * n);
+            hm::ref::linear(t.data(), n, u.data(), k, W.f.data(), m, n, k, false);
+            for (int i = 0; i < m; ++i)
+              for (int j = 0; j < n; ++j) ref[size_t(i) * ldy + 1 + j] += sc.f[size_t(j)] * t[size_t(i) * n + j];
+          }
+          const std::vector<float> got = y.get(be());
+          const std::string what = "norm_linear m " + std::to_string(m) + " k " + std::to_string(k) + " n " +
+                                   std::to_string(n) + " variant " + std::to_string(variant) +
+                                   (fused == 2 ? " fused, row kernel" : fused ? " fused" : " plain");
+          // x' is rounded to T before the products (the plain rmsnorm stores it): T's bound even
+          // for float y.
+          EXPECT_LE(rel_err(got, ref, m, n, ldy, 1), tol(T())) << what;
+          for (int i = 0; i < m; ++i)
+            for (int j : {0, n + 1, n + 4})
+              EXPECT_EQ(got[size_t(i) * ldy + j], y.f[size_t(i) * ldy + j]) << what << ": row " << i << " column " << j
+                                                                          << " outside y was written";
+        }
   cuda_->set_decode_kernels(true);
   hm::cuda::set_gemv_row_kernel(row_default);
 }

@@ -178,6 +178,11 @@ bool is_decode(const Ragged& rg) { return rg.max_len() == 1 && rg.n_tokens() == 
 // (their tests run them); this is the policy until a faster kernel wins there.
 constexpr int kGemvRows = 1;
 
+int gemv_rows_default() {  // HM_CUDA_GEMV_ROWS=N overrides (A/B runs: small models at batch 2-32)
+  const char* v = std::getenv("HM_CUDA_GEMV_ROWS");
+  return v != nullptr && std::atoi(v) >= 0 ? std::min(std::atoi(v), cuda::kGemvMaxRows) : kGemvRows;
+}
+
 // Linears of 2..kSkinnyRows rows (decode steps of 2-64 sequences) can run on the skinny GEMM
 // (kernels/cuda/skinny.h): W streamed once for all rows, split-K reduced inside the launch, and
 // every row's bits independent of the batch (issue 16). Off by default: on the H200
@@ -460,7 +465,7 @@ class CudaBackendImpl final : public CudaBackend {
       });
       return;
     }
-    if (decode_kernels_on() && m <= kGemvRows &&
+    if (decode_kernels_on() && m <= gemv_rows_ &&
         cuda::gemv_fits(m, k, x.data, x.ld, W.data, W.ld, nullptr, dtype_size(x.dtype))) {
       dispatch(x.dtype, [&](auto tag) {
         using T = elem_t<decltype(tag)>;
@@ -484,7 +489,7 @@ class CudaBackendImpl final : public CudaBackend {
     const char* op = "mamba_in";
     const int m = x.rows, k = x.cols, n = in_proj.rows, E = xc.cols, K = conv_w.cols;
     const bool norm = norm_w.data != nullptr;
-    if (!decode_kernels_on() || !is_decode(rg) || m > kGemvRows || is_packed(in_proj.dtype) || K < 2 ||
+    if (!decode_kernels_on() || !is_decode(rg) || m > gemv_rows_ || is_packed(in_proj.dtype) || K < 2 ||
         K > cuda::kMaxConv ||
         !cuda::gemv_fits(m, k, x.data, x.ld, in_proj.data, in_proj.ld, norm ? norm_w.data : nullptr,
                          dtype_size(x.dtype))) {
@@ -519,6 +524,40 @@ class CudaBackendImpl final : public CudaBackend {
       cs.K = K;
       cuda::gemv<T, T>(ptr<T>(xz), int(xz.ld), ptr<T>(x), int(x.ld), ptr<T>(in_proj), int(in_proj.ld), m, n, k,
                        false, norm ? ptr<T>(norm_w) : nullptr, eps, &cs, stream_);
+    });
+  }
+
+  // One row: the norm (and a bridge's scale) inside the GEMV, one launch instead of two or
+  // three (decode.h); otherwise the default sequence of ops.
+  void norm_linear(Tensor y, Tensor x, Tensor normed, Tensor norm_w, float eps, Tensor W, bool accumulate,
+                   Tensor scale, Tensor tmp) override {
+    const char* op = "norm_linear";
+    const int m = x.rows, k = x.cols, n = W.rows;
+    const bool scaled = scale.data != nullptr;
+    if (!decode_kernels_on() || m > gemv_rows_ || is_packed(W.dtype) || (scaled && !accumulate) ||
+        !(y.dtype == x.dtype || (y.dtype == DType::F32 && !scaled)) ||
+        !cuda::gemv_fits(m, k, x.data, x.ld, W.data, W.ld, norm_w.data, dtype_size(x.dtype))) {
+      Backend::norm_linear(y, x, normed, norm_w, eps, W, accumulate, scale, tmp);
+      return;
+    }
+    check_view(op, "x", x, m, k);
+    check_view(op, "W", W, n, k);
+    check_view(op, "y", y, m, n);
+    check_vec(op, "norm_w", norm_w, k);
+    check_type(op, "W", W, x.dtype);
+    check_type(op, "norm_w", norm_w, x.dtype);
+    if (scaled) {
+      check_vec(op, "scale", scale, n);
+      check_type(op, "scale", scale, x.dtype);
+    }
+    dispatch(x.dtype, [&](auto tag) {
+      using T = elem_t<decltype(tag)>;
+      if (y.dtype == x.dtype)  // f32 too: a float model's bridge keeps its scale here
+        cuda::gemv<T, T>(ptr<T>(y), int(y.ld), ptr<T>(x), int(x.ld), ptr<T>(W), int(W.ld), m, n, k, accumulate,
+                         ptr<T>(norm_w), eps, nullptr, stream_, scaled ? ptr<T>(scale) : nullptr);
+      else  // f32 logits of a half-precision model (never scaled: checked above)
+        cuda::gemv<T, float>(ptr<float>(y), int(y.ld), ptr<T>(x), int(x.ld), ptr<T>(W), int(W.ld), m, n, k, accumulate,
+                             ptr<T>(norm_w), eps, nullptr, stream_);
     });
   }
 
@@ -1468,6 +1507,7 @@ class CudaBackendImpl final : public CudaBackend {
   std::unique_ptr<cuda::Gemm> gemm_;
   bool decode_kernels_ = decode_kernels_default();
   int dt_scan_seqs_ = dt_scan_seqs_default();
+  const int gemv_rows_ = gemv_rows_default();  // the most rows for the GEMV and the fused decode stages
   int skinny_min_rows_ = skinny_min_rows_default();
   bool inv_ = false;  // set_batch_invariant
   bool fallback_only_ = false;

@@ -54,10 +54,12 @@ bool gemv_row_kernel();
 
 // y[m, n] (=|+=) x'[m, k] . W[n, k]^T, x' = x or, with norm_w, rmsnorm(x) * norm_w (eps);
 // float sums, y rounded once. With conv (TY == T, not accumulating), the conv step above runs
-// on the rounded y of columns j < conv->E. Call only where gemv_fits.
+// on the rounded y of columns j < conv->E. With col_scale ([n], no conv), column j's sum is
+// rounded to T and multiplied by col_scale[j] before it is added or stored: linear into a
+// scratch row, then add_rows with that scale, in one launch. Call only where gemv_fits.
 template <class T, class TY>
 void gemv(TY* y, int ldy, const T* x, int ldx, const T* W, int ldw, int m, int n, int k, bool accumulate,
-          const T* norm_w, float eps, const ConvStep<T>* conv, cudaStream_t stream);
+          const T* norm_w, float eps, const ConvStep<T>* conv, cudaStream_t stream, const T* col_scale = nullptr);
 
 // The selective-scan decode step with dt_proj fused: dt[s, e] = dt_r[s, :] . dt_w[e, :] (R
 // columns, rounded to T as a stored dt would be), then selective_scan_step's contract.

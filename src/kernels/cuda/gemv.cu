@@ -70,7 +70,15 @@ struct Args {
   const T* norm_w; float eps;
   ConvStep<T> conv;
   int xs_ld;  // tensor-core kernel: x (normed) staged in shared memory at this row stride; 0: read from global
+  const T* col_scale;  // y[r, j] (+)= col_scale[j] * (the sum rounded to T), as linear then add_rows
 };
+
+// A finished sum of column j: through col_scale when given (rounded to T first, as the linear
+// output the unfused add_rows would read).
+template <class T, class TY>
+__device__ __forceinline__ float scaled(const Args<T, TY>& a, int j, float v) {
+  return a.col_scale != nullptr ? to_f(from_f<T>(v)) * to_f(a.col_scale[j]) : v;
+}
 
 // The conv step of sequence r, channel j on y[r, j] = v (conv_step_kernel's order of sums).
 template <class T>
@@ -207,6 +215,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const Args<T, TY> a) {
 #pragma unroll
   for (int i = 0; i < M; ++i)
     if (i == r) v = acc[i] * (a.norm_w != nullptr ? inv[i] : 1.0f);
+  v = scaled(a, j, v);
   TY* yp = a.y + size_t(r) * a.ldy + j;
   if (a.accumulate) v += to_f(*yp);
   *yp = from_f<TY>(v);
@@ -218,6 +227,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const Args<T, TY> a) {
 template <class T, class TY>
 __device__ __forceinline__ void finish(const Args<T, TY>& a, int r, int j, float v) {
   if (r >= a.m || j >= a.n) return;
+  v = scaled(a, j, v);
   TY* yp = a.y + size_t(r) * a.ldy + j;
   if (a.accumulate) v += to_f(*yp);
   *yp = from_f<TY>(v);
@@ -493,6 +503,7 @@ __global__ void __launch_bounds__(kThreads, 4) gemv_row_kernel(const Args<T, TY>
   v *= inv;
   const int j = j0 + lane;
   if (j >= a.n) return;
+  v = scaled(a, j, v);
   TY* yp = a.y + j;
   if (a.accumulate) v += to_f(*yp);
   *yp = from_f<TY>(v);
@@ -536,7 +547,7 @@ bool gemv_fits(int m, int k, const void* x, int64_t ldx, const void* W, int64_t 
 
 template <class T, class TY>
 void gemv(TY* y, int ldy, const T* x, int ldx, const T* W, int ldw, int m, int n, int k, bool accumulate,
-          const T* norm_w, float eps, const ConvStep<T>* conv, cudaStream_t stream) {
+          const T* norm_w, float eps, const ConvStep<T>* conv, cudaStream_t stream, const T* col_scale) {
   HM_CHECK(gemv_fits(m, k, x, ldx, W, ldw, norm_w, sizeof(T)), "cuda gemv: shape m ", m, " k ", k, " ldx ", ldx,
            " ldw ", ldw, " or alignment not taken (gemv_fits)");
   HM_CHECK(conv == nullptr || conv->E == 0 || (!accumulate && sizeof(TY) == sizeof(T) && conv->E <= n &&
@@ -544,7 +555,9 @@ void gemv(TY* y, int ldy, const T* x, int ldx, const T* W, int ldw, int m, int n
            "cuda gemv: the fused conv step needs y of the input type, no accumulation, E <= n, K in [2, ",
            kMaxConv, "]");
   if (n <= 0) return;
-  Args<T, TY> a{y, ldy, x, ldx, W, ldw, m, n, k, 1, accumulate, norm_w, eps, conv ? *conv : ConvStep<T>{}, 0};
+  HM_CHECK(col_scale == nullptr || conv == nullptr || conv->E == 0, "cuda gemv: col_scale with the conv step");
+  Args<T, TY> a{y, ldy, x, ldx, W, ldw, m, n, k, 1, accumulate, norm_w, eps, conv ? *conv : ConvStep<T>{}, 0,
+                col_scale};
   if (g_row_kernel && m == 1 && size_t(k) * sizeof(float) <= kMaxRowStage) {
     const int groups = ceil_div(n, kRowCols), nvec = k / (16 / int(sizeof(T)));
     while (a.ks < kWarps && ceil_div(groups, kWarps / a.ks) < 2 * sm_count() && 64 * a.ks <= nvec) a.ks *= 2;
@@ -587,7 +600,7 @@ void gemv(TY* y, int ldy, const T* x, int ldx, const T* W, int ldw, int m, int n
 
 #define HM_INST(T, TY)                                                                                  \
   template void gemv<T, TY>(TY*, int, const T*, int, const T*, int, int, int, int, bool, const T*, float, \
-                            const ConvStep<T>*, cudaStream_t);
+                            const ConvStep<T>*, cudaStream_t, const T*);
 HM_INST(float, float)
 HM_INST(__nv_bfloat16, __nv_bfloat16)
 HM_INST(__nv_bfloat16, float)
