@@ -33,6 +33,8 @@ template <class T, class KV>
 __global__ void kv_write_kernel(KvPool<KV> pool, const T* __restrict__ k, int ldk, const T* __restrict__ v,
                                 int ldv, const int32_t* __restrict__ cu, const int32_t* __restrict__ slots,
                                 const int32_t* __restrict__ pos0, int nseq, int width) {
+  pdl_trigger();
+  pdl_wait();  // everything it reads comes from earlier work (see launch_pdl)
   const int j = blockIdx.y * blockDim.x + threadIdx.x;
   if (j >= width) return;
   const int t = blockIdx.x, s = seq_of_row(cu, nseq, t);
@@ -251,6 +253,8 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(
     int H, int G, int chunk, float scale_log2) {
   constexpr int LPK = HD / 8, KPW = 32 / LPK;
   constexpr int U = QM >= 8 ? 2 : 4;  // keys per lane group and step (registers: QM 8 holds 144 floats)
+  pdl_trigger();
+  pdl_wait();
   const int s = blockIdx.z, g = blockIdx.y, c = blockIdx.x;
   const int qpg = H / G;  // <= QM (the host's choice of QM)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, sub = lane / LPK, li = lane % LPK;
@@ -364,6 +368,8 @@ __global__ void __launch_bounds__(kCombineWarps * 32) decode_combine_kernel(
   __shared__ float s_num[kCombineWarps][HD];
   const int h = blockIdx.x, s = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, pg = lane / LPP, li = lane % LPP;
+  pdl_trigger();
+  pdl_wait();
   if (cu[s + 1] - cu[s] != 1) return;  // uniform over the block
   const size_t first = (size_t(s) * H + h) * n_part;
   const float2* ml = part_ml + first;
@@ -449,21 +455,19 @@ void attention_hd_lowp(T* out, int ldo, const T* q, int ldq, const KvPool<KV>& p
     const dim3 grid(chunks, G, rb.nseq);
     const int qpg = H / G;  // <= kMaxGroup (check_attention)
     if (qpg == 1)
-      decode_split_kernel<T, KV, HD, 1><<<grid, kDecodeThreads, 0, stream>>>(
-          part_acc, part_ml, q, ldq, pool, rb.cu_seqlens, rb.slots, rb.pos0, H, G, chunk, scale_log2);
+      launch_pdl("attention decode", decode_split_kernel<T, KV, HD, 1>, grid, dim3(kDecodeThreads), stream, 0,
+                 part_acc, part_ml, q, ldq, pool, rb.cu_seqlens, rb.slots, rb.pos0, H, G, chunk, scale_log2);
     else if (qpg == 2)
-      decode_split_kernel<T, KV, HD, 2><<<grid, kDecodeThreads, 0, stream>>>(
-          part_acc, part_ml, q, ldq, pool, rb.cu_seqlens, rb.slots, rb.pos0, H, G, chunk, scale_log2);
+      launch_pdl("attention decode", decode_split_kernel<T, KV, HD, 2>, grid, dim3(kDecodeThreads), stream, 0,
+                 part_acc, part_ml, q, ldq, pool, rb.cu_seqlens, rb.slots, rb.pos0, H, G, chunk, scale_log2);
     else if (qpg <= 4)
-      decode_split_kernel<T, KV, HD, 4><<<grid, kDecodeThreads, 0, stream>>>(
-          part_acc, part_ml, q, ldq, pool, rb.cu_seqlens, rb.slots, rb.pos0, H, G, chunk, scale_log2);
+      launch_pdl("attention decode", decode_split_kernel<T, KV, HD, 4>, grid, dim3(kDecodeThreads), stream, 0,
+                 part_acc, part_ml, q, ldq, pool, rb.cu_seqlens, rb.slots, rb.pos0, H, G, chunk, scale_log2);
     else
-      decode_split_kernel<T, KV, HD, kMaxGroup><<<grid, kDecodeThreads, 0, stream>>>(
-          part_acc, part_ml, q, ldq, pool, rb.cu_seqlens, rb.slots, rb.pos0, H, G, chunk, scale_log2);
-    HM_CUDA_LAUNCHED("attention decode");
-    decode_combine_kernel<T, HD><<<dim3(H, rb.nseq), kCombineWarps * 32, 0, stream>>>(out, ldo, part_acc, part_ml, rb.cu_seqlens,
-                                                                      H, n_part);
-    HM_CUDA_LAUNCHED("attention decode combine");
+      launch_pdl("attention decode", decode_split_kernel<T, KV, HD, kMaxGroup>, grid, dim3(kDecodeThreads), stream, 0,
+                 part_acc, part_ml, q, ldq, pool, rb.cu_seqlens, rb.slots, rb.pos0, H, G, chunk, scale_log2);
+    launch_pdl("attention decode combine", decode_combine_kernel<T, HD>, dim3(H, rb.nseq), dim3(kCombineWarps * 32),
+               stream, 0, out, ldo, part_acc, part_ml, rb.cu_seqlens, H, n_part);
     return;
   }
   constexpr int smem = prefill_smem_bytes<KV, HD>();
@@ -567,9 +571,8 @@ void kv_write(const KvPool<KV>& pool, const T* k, int ldk, const T* v, int ldv, 
   HM_CHECK(G > 0 && hd > 0, "cuda kv_write: n_kv_heads ", G, " and head_dim ", hd, " must be positive");
   if (rb.n_tokens <= 0) return;
   const int width = G * hd;
-  kv_write_kernel<T, KV><<<dim3(rb.n_tokens, ceil_div(width, 128)), 128, 0, stream>>>(
-      pool, k, ldk, v, ldv, rb.cu_seqlens, rb.slots, rb.pos0, rb.nseq, width);
-  HM_CUDA_LAUNCHED("kv_write");
+  launch_pdl("kv_write", kv_write_kernel<T, KV>, dim3(rb.n_tokens, ceil_div(width, 128)), dim3(128), stream, 0, pool,
+             k, ldk, v, ldv, rb.cu_seqlens, rb.slots, rb.pos0, rb.nseq, width);
 }
 
 size_t attention_workspace_bytes(const RaggedBatch& rb, int H, int G, int hd, int max_keys, bool split_kv) {
