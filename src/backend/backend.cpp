@@ -27,6 +27,12 @@ void Backend::norm_linear(Tensor y, Tensor x, Tensor normed, Tensor norm_w, floa
   add_rows(y, nullptr, tmp, nullptr, y.rows, nullptr, scale);
 }
 
+void Backend::linear_bridge(Tensor y, Tensor x, Tensor W, Tensor normed, Tensor norm_w, float eps, Tensor bW,
+                            Tensor scale, Tensor tmp) {
+  linear(y, x, W, true);
+  norm_linear(y, x, normed, norm_w, eps, bW, true, scale, tmp);
+}
+
 void Backend::dt_scan(Tensor y, const StatePool& st, Tensor x, Tensor dt_r, Tensor dt_w, Tensor dt,
                       Tensor dt_bias, const float* A, Tensor B, Tensor C, Tensor Dskip, Tensor z,
                       const Ragged& rg) {

@@ -129,6 +129,11 @@ class Backend {
   // may leave unwritten.
   virtual void norm_linear(Tensor y, Tensor x, Tensor normed, Tensor norm_w, float eps, Tensor W, bool accumulate,
                            Tensor scale, Tensor tmp);
+  // y += x . W^T (accumulate), then a state bridge on the same x: y += scale ⊙ (rmsnorm(x) *
+  // norm_w . bW^T). A layer's output projection and the next layer's bridge, which reads the
+  // layer's inner output too. `normed` and `tmp` as norm_linear's.
+  virtual void linear_bridge(Tensor y, Tensor x, Tensor W, Tensor normed, Tensor norm_w, float eps, Tensor bW,
+                             Tensor scale, Tensor tmp);
   // dt = dt_r . dt_w^T, then selective_scan with that dt. `dt` is scratch ([n_tokens, E]):
   // an override may compute each dt where the scan needs it and leave it unwritten.
   virtual void dt_scan(Tensor y, const StatePool& st, Tensor x, Tensor dt_r, Tensor dt_w, Tensor dt,

@@ -378,6 +378,34 @@ void HybridModel::bridge(int layer, int T) {
                   cfg_.norm_eps, w.bridge_proj, true, w.bridge_gate, rows);
 }
 
+const LayerTensors* HybridModel::folded_bridge(int layer) const {
+  const int next = layer + 1;
+  if (next >= cfg_.n_layers || !cfg_.has_bridge(next) || cfg_.has_ffn(layer) || cfg_.is_true(layer) ||
+      cfg_.is_mamba2(layer) || !resid_scale_.empty() || (!cfg_.is_attention(layer) && cfg_.mamba_proj_bias))
+    return nullptr;
+  return &lw_[size_t(next)];
+}
+
+int HybridModel::folded_bridges() const {
+  int n = 0;
+  for (int i = 0; i + 1 < cfg_.n_layers && !lw_.empty(); ++i) n += folded_bridge(i) != nullptr;
+  return n;
+}
+
+void HybridModel::project_out(int layer, Tensor out, Tensor y, Tensor W, bool accumulate) {
+  const LayerTensors* b = folded_bridge(layer);
+  if (b == nullptr) {
+    be_.linear(out, y, W, accumulate);
+    return;
+  }
+  // bridge(layer + 1)'s operands: h, and the inner buffer this layer wrote (y).
+  const int n = y.rows;
+  HM_ASSERT(accumulate && out.data == ws_.h.data() && y.data == ws_.inner[layer % 2].data() &&
+            y.cols == cfg_.inner_dim(layer));
+  be_.linear_bridge(out, y, W, act(ws_.u, n, y.cols), b->bridge_norm, cfg_.norm_eps, b->bridge_proj, b->bridge_gate,
+                    act(ws_.rows, n, cfg_.d_model));
+}
+
 void HybridModel::mamba_path(int layer, Tensor x, const Ragged& rg, Tensor out, bool accumulate,
                              HybridMemory& mem, Tensor norm_w) {
   const LayerTensors& w = lw_[size_t(layer)];
@@ -424,7 +452,7 @@ void HybridModel::mamba_path(int layer, Tensor x, const Ragged& rg, Tensor out, 
   }
   be_.dt_scan(y, mem.recurrent().ssm_pool(layer), xc, dtr, w.dt_w, dt, w.dt_b, A_[size_t(layer)].f32(), B, C,
               w.Dskip, xz.cols_view(E, E), rg);
-  be_.linear(out, y, w.out_proj, accumulate);
+  project_out(layer, out, y, w.out_proj, accumulate);
   if (cfg_.mamba_proj_bias) add_bias(out, w.out_b);  // out (+)= out_proj(y) + b
 }
 
@@ -544,7 +572,7 @@ void HybridModel::attention_path(int layer, Tensor x, const Ragged& rg, Tensor o
   const KvPool pool = mem.kv().pool(layer);
   be_.kv_write(pool, k, v, rg);
   be_.attention(ctx, q, pool, H, G, hd, rg);
-  be_.linear(out, ctx, w.wo, accumulate);
+  project_out(layer, out, ctx, w.wo, accumulate);
 }
 
 void HybridModel::mamba_layer(int layer, HybridMemory& mem) {
@@ -946,7 +974,7 @@ void HybridModel::run_layers(int T, int n_rows, Tensor hrows, HybridMemory& mem)
     be_.add_rows(h, nullptr, e, nullptr, T, nullptr, emb_scale_);
   }
   for (int i = 0; i < cfg_.n_layers; ++i) {
-    if (cfg_.has_bridge(i)) bridge(i, T);
+    if (cfg_.has_bridge(i) && folded_bridge(i - 1) == nullptr) bridge(i, T);  // else in layer i - 1
     // A Mamba-1 layer applies its pre-norm inside mamba_in, an attention layer inside its q | k | v
     // projection (fused on CUDA's decode step).
     if (cfg_.is_true(i) || cfg_.is_mamba2(i))

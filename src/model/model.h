@@ -168,6 +168,8 @@ class HybridModel {
   int graphs_captured() const { return graphs_captured_; }
   // Whether attention layers project q | k | v in one linear (tagged by wq), set by prepare().
   bool fused_qkv() const { return fused_qkv_; }
+  // How many state bridges run inside the output projection of the layer before (prepare()).
+  int folded_bridges() const;
 
  private:
   Tensor weight(const float* host, int rows, int cols) const;  // the backend's copy of a Params view
@@ -182,6 +184,13 @@ class HybridModel {
   void mamba_path(int layer, Tensor x, const Ragged& rg, Tensor out, bool accumulate, HybridMemory& mem,
                   Tensor norm_w = Tensor());
   void mamba2_path(int layer, Tensor x, const Ragged& rg, Tensor out, bool accumulate, HybridMemory& mem);
+  // The next layer's tensors when its state bridge runs inside this layer's output projection
+  // (linear_bridge): nothing may touch h in between (no MLP, no residual scale) and the
+  // projection's input must be the inner output the bridge reads (Mamba-1 without biases or
+  // attention, not a true-hybrid layer). nullptr otherwise.
+  const LayerTensors* folded_bridge(int layer) const;
+  // out (+)= y . W^T, the layer's output projection, with folded_bridge(layer)'s bridge.
+  void project_out(int layer, Tensor out, Tensor y, Tensor W, bool accumulate);
   // x raw with norm_w (the layer's pre-norm, applied here), else already normed.
   void attention_path(int layer, Tensor x, const Ragged& rg, Tensor out, bool accumulate, HybridMemory& mem,
                       Tensor norm_w = Tensor());
