@@ -27,6 +27,12 @@ void Backend::norm_linear(Tensor y, Tensor x, Tensor normed, Tensor norm_w, floa
   add_rows(y, nullptr, tmp, nullptr, y.rows, nullptr, scale);
 }
 
+void Backend::kv_attention(Tensor out, Tensor q, Tensor k, Tensor v, const KvPool& kv, int H, int G, int hd,
+                           const Ragged& rg) {
+  kv_write(kv, k, v, rg);
+  attention(out, q, kv, H, G, hd, rg);
+}
+
 void Backend::linear_bridge(Tensor y, Tensor x, Tensor W, Tensor normed, Tensor norm_w, float eps, Tensor bW,
                             Tensor scale, Tensor tmp) {
   linear(y, x, W, true);

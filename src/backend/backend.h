@@ -123,6 +123,10 @@ class Backend {
   // `normed` (x-sized) is scratch for x': an override may leave it unwritten.
   virtual void mamba_in(Tensor xz, Tensor xc, const StatePool& conv, Tensor x, Tensor normed, Tensor norm_w,
                         float eps, Tensor in_proj, Tensor conv_w, Tensor conv_b, const Ragged& rg);
+  // kv_write(kv, k, v, rg), then attention(out, q, kv, H, G, hd, rg): a decode step may read
+  // each new K/V row where it is and store it in the cache in the same kernel.
+  virtual void kv_attention(Tensor out, Tensor q, Tensor k, Tensor v, const KvPool& kv, int H, int G, int hd,
+                            const Ragged& rg);
   // y (=|+=) x' . W^T, x' = rmsnorm(x) * norm_w; with a `scale` ([y.cols]), y += scale ⊙ (x' .
   // W^T) (accumulate must be set): a state bridge's injection, or the final norm and LM head.
   // `normed` (x-sized) and, with a scale, `tmp` (y-sized, x's type) are scratch that an override

@@ -569,9 +569,7 @@ void HybridModel::attention_path(int layer, Tensor x, const Ragged& rg, Tensor o
   }
   // The new K/V rows join the cache first; attention then reads every position from it,
   // so prefill and decode see identical (possibly half-precision) keys and values.
-  const KvPool pool = mem.kv().pool(layer);
-  be_.kv_write(pool, k, v, rg);
-  be_.attention(ctx, q, pool, H, G, hd, rg);
+  be_.kv_attention(ctx, q, k, v, mem.kv().pool(layer), H, G, hd, rg);
   project_out(layer, out, ctx, w.wo, accumulate);
 }
 
