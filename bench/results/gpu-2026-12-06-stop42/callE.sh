@@ -10,27 +10,7 @@
 # suite, the whole model suite, then decode, main's build (.devbundle2) against the new one,
 # alternating, seed (130M: no bridges, must not move); the seed at b1 against the peer.
 . bench/device_env.sh
-O=/tmp/hm_old; rm -rf $O; mkdir -p $O; tar xJf .devbundle2/hm.tar.xz -C $O
-timeout 150 $H/bin/hm_cuda_tests --gtest_filter='*CudaDecode*:*Gemv*' > $R/cuda_tests.log 2>&1; echo "hm_cuda_tests (decode, gemv) rc $?"; grep -E "^\[  (PASSED|FAILED)|Failure|tests ran" $R/cuda_tests.log | head
-timeout 150 $H/bin/hm_cuda_model_tests > $R/cuda_model_tests.log 2>&1; echo "hm_cuda_model_tests rc $?"; grep -E "^\[  (PASSED|FAILED)|Failure|tests ran" $R/cuda_model_tests.log | head
-echo "t=$(( $(date +%s) - T00 ))"
-dc() { python3 -c "import json,sys;d=json.load(open(sys.argv[1]));print(sys.argv[2],' '.join('%dx%d %.0f'%(j['batch'],j['context'],j['tok_s']) for j in d['decode']))" $1 "$2"; }
-for rep in 1 2; do
-  for v in old new; do
-    if [ $v = old ]; then B=$O; else B=$H; fi
-    for s in seed-norope mamba-130m; do
-      cases=1x16,16x16,64x16; [ $s = mamba-130m ] && cases=1x16
-      LD_LIBRARY_PATH=$B/lib timeout 60 $B/bin/hm bench --device cuda --config bench/cuda_peer_configs/$s.json --decode-cases $cases --no-peer --reps 5 --json > $R/dec_${s}_${v}_$rep.json 2> $R/dec_${s}_${v}_$rep.log
-      dc $R/dec_${s}_${v}_$rep.json "$v $s tok/s:"
-    done
-  done
-  echo "t=$(( $(date +%s) - T00 ))"
-done
-P=/tmp/peers; rm -rf $P; mkdir -p $P; tar xJf .peerdev/peers.tar.xz -C $P; cp -r .peerdev/mamba_ssm .peerdev/causal_conv1d $P/
-PYTHONPATH=$P timeout 90 $HM bench --device cuda --config bench/cuda_peer_configs/seed-norope.json --decode-cases 1x16 --peer bench/cuda_peer.py --reps 3 --json > $R/peer_seed.json 2> $R/peer_seed.log
-python3 -c "
-import json,sys
-d=json.load(open(sys.argv[1])); o=d['decode'][0]; p=d['peer']['model']['decode'][0]
-print('seed 1x16 ours %.0f tok/s (%.3f of floor) peer %.0f ratio %.3f'%(o['tok_s'],o.get('floor_fraction',0),p['tok_s'],o['tok_s']/p['tok_s']))
-" $R/peer_seed.json
+suites '*CudaDecode*:*Gemv*'
+decode_ab 2 seed-norope:1x16,16x16,64x16 mamba-130m:1x16
+peer_b1 seed-norope
 echo "all done at $(( $(date +%s) - T00 )) s"
