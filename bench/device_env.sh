@@ -14,6 +14,7 @@ trap 'cd "$R" && tar czf /tmp/all.tgz . && rm -rf "${R:?}"/* && mv /tmp/all.tgz 
 # (hm_cuda_tests under FILTER if given), summaries printed. decode_ab ROUNDS SHAPE:CASES...:
 # the old build (.devbundle2: bin/hm and a lib link) against the new one, alternating, decode
 # tok/s per case. peer_b1 SHAPE: ours against mamba_ssm at batch 1 (.peerdev carried).
+# peer SHAPE [CASES] and ncu_step: below.
 suites() {
   timeout 200 $H/bin/hm_cuda_tests ${1:+--gtest_filter="$1"} > $R/cuda_tests.log 2>&1; echo "hm_cuda_tests ${1:-} rc $?"
   grep -E "^\[  (PASSED|FAILED)|Failure|tests ran" $R/cuda_tests.log | head
@@ -38,13 +39,52 @@ decode_ab() {
     echo "t=$(( $(date +%s) - T00 ))"
   done
 }
-peer_b1() {
-  local P=/tmp/peers; rm -rf $P; mkdir -p $P; tar xJf .peerdev/peers.tar.xz -C $P; cp -r .peerdev/mamba_ssm .peerdev/causal_conv1d $P/
-  PYTHONPATH=$P timeout 90 $HM bench --device cuda --config bench/cuda_peer_configs/$1.json --decode-cases 1x16 \
+peer_b1() { peer "$1" 1x16; }
+# peer SHAPE [CASES]: ours against mamba_ssm on decode CASES (default 1x16,16x16,64x16).
+peer() {
+  local P=/tmp/peers; rm -rf $P; mkdir -p $P; tar xJf .peerdev/peers.tar.xz -C $P; { [ -f .peerdev/src.tar.xz ] && tar xJf .peerdev/src.tar.xz -C $P || cp -r .peerdev/mamba_ssm .peerdev/causal_conv1d $P/; }
+  PYTHONPATH=$P timeout 150 $HM bench --device cuda --config bench/cuda_peer_configs/$1.json --decode-cases ${2:-1x16,16x16,64x16} \
     --peer bench/cuda_peer.py --reps 3 --json > $R/peer_$1.json 2> $R/peer_$1.log
   python3 -c "
 import json,sys
-d=json.load(open(sys.argv[1])); o=d['decode'][0]; p=d['peer']['model']['decode'][0]
-print(sys.argv[2],'1x16 ours %.0f tok/s (%.3f of floor) peer %.0f ratio %.3f'%(o['tok_s'],o.get('floor_fraction',0),p['tok_s'],o['tok_s']/p['tok_s']))
+d=json.load(open(sys.argv[1]))
+pd={(x['batch'],x['context']):x for x in d['peer'].get('model',{}).get('decode',[])}
+for o in d['decode']:
+  p=pd.get((o['batch'],o['context']),{})
+  print(sys.argv[2],'%dx%d ours %.0f tok/s (%.3f of floor) peer %s ratio %s'%(o['batch'],o['context'],o['tok_s'],o.get('floor_fraction',0),
+        '%.0f'%p['tok_s'] if 'tok_s' in p else '-', '%.3f'%(o['tok_s']/p['tok_s']) if 'tok_s' in p else '-'))
 " $R/peer_$1.json $1
+}
+# ncu_step SHAPE CASE NAME [SKIP] [COUNT]: per-kernel GPU times (ncu, no clock control) of COUNT
+# launches after SKIP of our decode, summed by kernel name into $R/ncu_NAME.txt and printed.
+ncu_step() {
+  local NCU; NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+  [ -n "$NCU" ] || { echo "ncu: not found"; return; }
+  timeout -k 5 150 "$NCU" --clock-control none --launch-skip ${4:-3000} --launch-count ${5:-240} --metrics gpu__time_duration.sum \
+    --csv --page raw $HM bench --device cuda --config bench/cuda_peer_configs/$1.json --decode-cases $2 --no-peer --reps 1 \
+    > $R/ncu_$3.csv 2> $R/ncu_$3.err
+  echo "ncu $3 rc $?"; python3 - $R/ncu_$3.csv <<'PY' | tee $R/ncu_$3.txt
+import csv,sys,collections
+rows=[r for r in csv.reader(open(sys.argv[1])) if len(r)>5]
+if len(rows)<3: print('ncu: no rows'); sys.exit()
+h=rows[0]; ki=h.index('Kernel Name'); ti=h.index('gpu__time_duration.sum')
+unit=rows[1][ti]; f={'nsecond':1e-3,'usecond':1.0,'msecond':1e3}.get(unit,1e-3)*1000
+ks=[(r[ki][:70],float(r[ti].replace(',',''))*f) for r in rows[2:] if r[ti].replace(',','').replace('.','',1).isdigit()]
+print('unit',unit,'kernels',len(ks),'sum us %.1f'%(sum(t for _,t in ks)/1000))
+c=collections.defaultdict(lambda:[0,0.0])
+for k,t in ks: c[k][0]+=1; c[k][1]+=t
+for k,(n,t) in sorted(c.items(),key=lambda x:-x[1][1])[:24]: print('%5d %9.1f us %6.2f us each  %s'%(n,t/1000,t/1000/n,k))
+PY
+}
+# env_sweep SHAPE CASES SETTING...: the new build's decode tok/s under each SETTING (a quoted
+# list of VAR=VALUE, "-" for none), one line each: policy A/B switches without a rebuild.
+env_sweep() {
+  local s=$1 cases=$2; shift 2
+  for e in "$@"; do
+    local tag=${e//[ =]/_}${SWEEP_TAG:-}
+    env ${e/#-/} LD_LIBRARY_PATH=$H/lib timeout 60 $HM bench --device cuda --config bench/cuda_peer_configs/$s.json \
+      --decode-cases $cases --no-peer --reps 5 --json > $R/sweep_${s}_$tag.json 2> $R/sweep_${s}_$tag.log
+    python3 -c "import json,sys;d=json.load(open(sys.argv[1]));print(sys.argv[2],' '.join('%dx%d %.0f'%(j['batch'],j['context'],j['tok_s']) for j in d['decode']))" \
+      $R/sweep_${s}_$tag.json "$s [$e]:"
+  done
 }
