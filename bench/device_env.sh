@@ -5,7 +5,7 @@
 set -u
 R=$OUT; T00=$(date +%s)
 [ -e /work/main ] || { mkdir -p /work && ln -s "$PWD" /work/main; }
-H=/tmp/hm_bundle; rm -rf "$H"; mkdir -p "$H"; tar xJf .devbundle/hm.tar.xz -C "$H"
+H=/tmp/hm_bundle; rm -rf "$H"; mkdir -p "$H"; tar xJf "${BUNDLE:-.devbundle}"/hm.tar.xz -C "$H"  # BUNDLE: another carried bundle folder
 export LD_LIBRARY_PATH=$H/lib; HM=$H/bin/hm
 nvidia-smi --query-gpu=name --format=csv,noheader
 trap 'cd "$R" && tar czf /tmp/all.tgz . && rm -rf "${R:?}"/* && mv /tmp/all.tgz "$R"/all.tgz' EXIT

@@ -18,6 +18,7 @@ struct DeviceSampler::Impl {
   cuda::SamplerPool pool;
   Buffer pool_mem, ws, ids, slots, tokens, cu;
   std::vector<int32_t> host_ids;
+  std::vector<char> greedy;  // per slot, as last set: temperature 0 (sample() then skips the draw)
 
   Impl(CudaBackend& b, int n, int vocab, int n_dec, int max_last_n) : be(b), n_slots(n), V(vocab), n_decodable(n_dec) {
     HM_CHECK(n > 0 && vocab > 0 && n_dec > 0 && n_dec <= vocab, "device sampler: ", n, " slots over a vocabulary of ",
@@ -30,6 +31,7 @@ struct DeviceSampler::Impl {
     ws = Buffer(be, cuda::sample_workspace_bytes(n, V));
     ids = Buffer(be, sizeof(int32_t) * size_t(n));
     slots = Buffer(be, sizeof(int32_t) * size_t(n));
+    greedy.assign(size_t(n), 0);
   }
 };
 
@@ -65,6 +67,7 @@ void DeviceSampler::set(const std::vector<int>& slots, const std::vector<Samplin
     p.repeat_last_n = params[size_t(i)].repeat_last_n;
     p.seed = params[size_t(i)].seed;
     cuda::sampler_set_slot(m.pool, slots[size_t(i)], cuda::make_sampler_slot(p, m.pool.max_last_n), m.be.stream());
+    m.greedy[size_t(slots[size_t(i)])] = !(p.temperature > 0);
     toks.insert(toks.end(), histories[size_t(i)].begin(), histories[size_t(i)].end());
     cu.push_back(int32_t(toks.size()));
   }
@@ -101,9 +104,13 @@ std::vector<int32_t> DeviceSampler::sample(const Tensor& logits, const std::vect
       continue;
     }
     int e = k;
-    while (e < n && take[size_t(e)]) ++e;
+    bool all_greedy = true;  // a slot outside the pool gives -1 either way
+    for (; e < n && take[size_t(e)]; ++e) {
+      const int s = slots[size_t(e)];
+      if (s >= 0 && s < m.n_slots && !m.greedy[size_t(s)]) all_greedy = false;
+    }
     cuda::sample(d_ids + k, static_cast<const float*>(logits.row(k)), int(logits.ld), e - k, m.V, m.n_decodable,
-                 m.pool, d_slots + k, m.ws.data(), m.be.stream());
+                 m.pool, d_slots + k, m.ws.data(), m.be.stream(), all_greedy);
     cuda::sampler_accept(m.pool, d_slots + k, d_ids + k, nullptr, e - k, m.be.stream());
     any = true;
     k = e;

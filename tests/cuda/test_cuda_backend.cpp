@@ -25,6 +25,7 @@
 #include "core/error.h"
 #include "core/rng.h"
 #include "cuda_test_util.h"
+#include "kernels/cuda/cuda_ops.h"
 #include "kernels/ops.h"
 
 namespace {
@@ -450,6 +451,9 @@ TEST_P(CudaBackendOps, GatedRmsNorm) {
 }
 
 // kv_write then attention: prefill mixes continuing a cache, and decode batches over long caches.
+// Each case twice: the two ops, then kv_attention (on a decode step with a bf16/f16 cache of
+// the input type, the attention kernel reads the new rows and stores them itself); the pools
+// and the output must come out the same way.
 TEST_P(CudaBackendOps, KvWriteAttention) {
   hm::Rng rng(28);
   struct Case { std::vector<int> lens; int H, G, hd, max_ctx, max_pos0; };
@@ -459,8 +463,10 @@ TEST_P(CudaBackendOps, KvWriteAttention) {
                                    // head sizes the fast kernels do not take: prefill and decode
                                    {{5, 1, 40}, 4, 1, 48, 128, 60}, {{1, 1}, 6, 3, 80, 600, 500},
                                    {{3, 1}, 2, 1, 20, 64, 30}, {{2, 1}, 2, 2, 256, 48, 40}};
+  int fused_runs = 0;
   for (DType kvt : {DType::F32, DType::BF16, DType::F16})
-    for (const Case& c : cases) {
+    for (const Case& c : cases)
+      for (const bool composite : {false, true}) {
       hm::Ragged rg;
       const int n_slots = fill_ragged(rg, rng, c.lens, c.max_pos0), Tn = rg.n_tokens();
       rg.upload(be());
@@ -471,8 +477,19 @@ TEST_P(CudaBackendOps, KvWriteAttention) {
       Mat kc(be(), kvt, n_slots, c.max_ctx * row, normal(rng)), vc(be(), kvt, n_slots, c.max_ctx * row, normal(rng));
       Mat out(be(), T(), Tn, qw + 5, poison());
       const hm::KvPool pool{kc.buf.data(), vc.buf.data(), kvt, n_slots, c.max_ctx, row, int64_t(c.max_ctx) * row};
-      be().kv_write(pool, qkv.cols(qw, row), qkv.cols(qw + row, row), rg);
-      be().attention(out.cols(0, qw), qkv.cols(0, qw), pool, c.H, c.G, c.hd, rg);
+      if (composite) {
+        be().kv_attention(out.cols(0, qw), qkv.cols(0, qw), qkv.cols(qw, row), qkv.cols(qw + row, row), pool, c.H, c.G,
+                          c.hd, rg);
+        hm::cuda::RaggedBatch rb;
+        rb.nseq = rg.nseq();
+        rb.n_tokens = Tn;
+        rb.max_len = rg.max_len();
+        // The backend's rule: a 16-bit cache of the input type (f32 caches keep their exact kernel).
+        fused_runs += kvt == T() && kvt != DType::F32 && hm::cuda::attention_writes_kv(rb, c.hd, true, true);
+      } else {
+        be().kv_write(pool, qkv.cols(qw, row), qkv.cols(qw + row, row), rg);
+        be().attention(out.cols(0, qw), qkv.cols(0, qw), pool, c.H, c.G, c.hd, rg);
+      }
       // What kv_write stores: the rows rounded to the KV type.
       const std::vector<float> kvals = rounded(qkv.f, kvt);
       std::vector<float> ek = kc.f, ev = vc.f, ref(out.f.size());
@@ -484,7 +501,7 @@ TEST_P(CudaBackendOps, KvWriteAttention) {
             ek[at] = kvals[src + size_t(qw)];
             ev[at] = kvals[src + size_t(qw + row)];
           }
-      const std::string what = std::string("attention ") + hm::compute_dtype_name(kvt) + " KV, H " +
+      const std::string what = std::string(composite ? "kv_attention " : "attention ") + hm::compute_dtype_name(kvt) + " KV, H " +
                                std::to_string(c.H) + " G " + std::to_string(c.G) + " hd " + std::to_string(c.hd) +
                                " lens[0] " + std::to_string(c.lens[0]);
       EXPECT_EQ(rel_err(kc.get(be()), ek, 1, int(ek.size()), 0), 0.0) << what << ": K pool";
@@ -496,6 +513,9 @@ TEST_P(CudaBackendOps, KvWriteAttention) {
       }
       EXPECT_CLOSE(rel_err(out.get(be()), ref, Tn, qw, qw + 5), std::max(tol(T()), tol(kvt)), what);
     }
+  // bf16 and f16 inputs met their own cache type on the two decode cases of fast head sizes
+  // ({1, 1, 1} at 128, {1} at 32): the fused kernel ran there.
+  EXPECT_EQ(fused_runs, T() == DType::F32 ? 0 : 2);
 }
 
 // Views at odd columns (one element a thread) and at 4-aligned columns of a multiple of 4

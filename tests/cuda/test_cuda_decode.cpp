@@ -279,6 +279,44 @@ TEST_P(CudaDecode, NormLinearMatchesPlainOps) {
   hm::cuda::set_gemv_row_kernel(row_default);
 }
 
+// Backend::linear_bridge on CUDA (one GEMV at one row: the output projection and the next
+// layer's bridge over the same x) against kernels/ref: y += x . W^T, then y += scale ⊙
+// (rmsnorm(x) * g . bW^T). More rows, or the row kernel off, take the plain ops.
+TEST_P(CudaDecode, LinearBridgeMatchesPlainOps) {
+  hm::Rng rng(306);
+  const bool row_default = hm::cuda::gemv_row_kernel();
+  struct Shape {
+    int k, n;
+  };
+  for (Shape s : {Shape{136, 77}, Shape{512, 1001}, Shape{1024, 40}, Shape{1024, 512}})
+    for (int m : {1, 3})
+      for (int fused = 0; fused < 3; ++fused) {  // 0 plain ops, 1 decode kernels with the row kernel off, 2 fused
+        cuda_->set_decode_kernels(fused > 0);
+        hm::cuda::set_gemv_row_kernel(fused == 2);
+        const int k = s.k, n = s.n, ldy = n + 5;
+        DevMat x(be(), T(), m, k, rng, 2.0), normed(be(), T(), m, k, rng, 0.0), tmp(be(), T(), m, n, rng, 0.0);
+        DevMat g(be(), T(), 1, k, rng, 0.3, 1.0), W(be(), T(), n, k, rng, 0.1), bW(be(), T(), n, k, rng, 0.1);
+        DevMat sc(be(), T(), 1, n, rng, 0.5), y(be(), T(), m, ldy, rng, 1.0);
+        be().linear_bridge(y.cols(1, n), x.t, W.t, normed.t, g.t, 1e-5f, bW.t, sc.t, tmp.t);
+        std::vector<float> u(size_t(m) * k), t(size_t(m) * n), ref = y.f;
+        hm::ref::linear(ref.data() + 1, ldy, x.f.data(), k, W.f.data(), m, n, k, true);
+        hm::ref::rmsnorm(u.data(), x.f.data(), g.f.data(), m, k, 1e-5f);
+        hm::ref::linear(t.data(), n, u.data(), k, bW.f.data(), m, n, k, false);
+        for (int i = 0; i < m; ++i)
+          for (int j = 0; j < n; ++j) ref[size_t(i) * ldy + 1 + j] += sc.f[size_t(j)] * t[size_t(i) * n + j];
+        const std::vector<float> got = y.get(be());
+        const std::string what = "linear_bridge m " + std::to_string(m) + " k " + std::to_string(k) + " n " +
+                                 std::to_string(n) + (fused == 2 ? " fused" : fused ? " row kernel off" : " plain");
+        EXPECT_LE(rel_err(got, ref, m, n, ldy, 1), tol(T())) << what;
+        for (int i = 0; i < m; ++i)
+          for (int j : {0, n + 1, n + 4})
+            EXPECT_EQ(got[size_t(i) * ldy + j], y.f[size_t(i) * ldy + j]) << what << ": row " << i << " column " << j
+                                                                        << " outside y was written";
+      }
+  cuda_->set_decode_kernels(true);
+  hm::cuda::set_gemv_row_kernel(row_default);
+}
+
 // Backend::dt_scan on CUDA (dt_proj inside the scan step for decode batches) against
 // linear (dt rounded to T, as a stored dt is) -> selective_scan of kernels/ref.
 TEST_P(CudaDecode, DtScanMatchesPlainOps) {

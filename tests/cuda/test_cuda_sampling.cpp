@@ -557,6 +557,56 @@ TEST(CudaSampling, CapturedGraphReplaysGiveCpuTokens) {
   cudaStreamDestroy(st);
 }
 
+// The all-greedy launch (prep and prep_finish only) writes the full chain's tokens: the arg-max
+// after each slot's penalties, -1 for a slot outside the pool, over steps that accept them.
+TEST(CudaSampling, AllGreedyLaunchEqualsFullChain) {
+  REQUIRE_GPU();
+  hm::Rng rng(4242);
+  for (const Shape s : {Shape{7, 5, 7}, Shape{1000, 9, 993}, Shape{50280, 6, 50280}}) {
+    std::vector<hc::SampleParams> params(size_t(s.B));
+    for (int b = 0; b < s.B; ++b) {
+      hc::SampleParams& p = params[size_t(b)];
+      p.temperature = 0;
+      p.repeat_penalty = b % 3 == 0 ? 1.0f : 1.5f;  // penalties move the arg-max of later steps
+      p.presence_penalty = b % 3 == 2 ? 0.7f : 0.0f;
+      p.frequency_penalty = b % 3 == 2 ? 0.3f : 0.0f;
+      p.repeat_last_n = b % 2 == 0 ? 16 : 0;
+    }
+    DeviceBatch db(s.B, s.V, params, rng.next_u64());
+    std::vector<int32_t> slots = db.slot_of_row;
+    slots[size_t(s.B) - 1] = db.n_slots + 2;  // outside the pool
+    db.slots->put(slots);
+    const int ld = s.V + 2;
+    std::vector<float> logits(size_t(s.B) * ld, 0.0f);
+    Dev<float> dlog(logits.size());
+    Dev<int32_t> greedy_out(size_t(s.B));
+    int moved = 0;  // steps where a penalty changed some row's pick from the raw arg-max
+    for (int step = 0; step < 40; ++step) {
+      // Finite logits (the raw arg-max below is plain), four ids of each row 2 above the rest: the
+      // pick is nearly always one of them, so a penalized earlier pick often loses to another.
+      for (int b = 0; b < s.B; ++b)
+        for (int j = 0; j < ld; ++j) {
+          const bool boosted = j < s.n_decodable && (j * 7 + b) % s.n_decodable < 4;
+          logits[size_t(b) * ld + size_t(j)] = float(0.5 * rng.normal() + (boosted ? 2.0 : 0.0));
+        }
+      dlog.put(logits);
+      hc::sample(db.out->p, dlog.p, ld, s.B, s.V, s.n_decodable, db.pool, db.slots->p, db.ws->p, nullptr, false);
+      hc::sample(greedy_out.p, dlog.p, ld, s.B, s.V, s.n_decodable, db.pool, db.slots->p, db.ws->p, nullptr, true);
+      const std::vector<int32_t> want = db.out->get(), got = greedy_out.get();
+      ASSERT_EQ(got, want) << "V " << s.V << " step " << step;
+      EXPECT_EQ(got[size_t(s.B) - 1], -1);
+      for (int b = 0; b + 1 < s.B; ++b) {
+        const float* row = &logits[size_t(b) * ld];
+        moved += int(std::max_element(row, row + s.n_decodable) - row) != got[size_t(b)];
+      }
+      hc::sampler_accept(db.pool, db.slots->p, db.out->p, nullptr, s.B, nullptr);
+    }
+    if (s.V > 7) {
+      EXPECT_GT(moved, 0) << "V " << s.V << ": the penalties never changed a pick";
+    }
+  }
+}
+
 // A slot outside the pool gives -1, not a token.
 TEST(CudaSampling, SlotOutsidePoolGivesMinusOne) {
   REQUIRE_GPU();

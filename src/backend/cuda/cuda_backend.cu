@@ -561,6 +561,33 @@ class CudaBackendImpl final : public CudaBackend {
     });
   }
 
+  // One row: the output projection and the next layer's bridge in one GEMV over the same x
+  // (decode.h, gemv_bridge); otherwise the default (linear, then norm_linear).
+  void linear_bridge(Tensor y, Tensor x, Tensor W, Tensor normed, Tensor norm_w, float eps, Tensor bW, Tensor scale,
+                     Tensor tmp) override {
+    const char* op = "linear_bridge";
+    const int m = x.rows, k = x.cols, n = W.rows;
+    if (!decode_kernels_on() || m != 1 || m > gemv_rows_ || is_packed(W.dtype) || is_packed(bW.dtype) ||
+        y.dtype != x.dtype ||
+        !cuda::gemv_bridge_fits(k, x.data, W.data, W.ld, bW.data, bW.ld, norm_w.data, dtype_size(x.dtype))) {
+      Backend::linear_bridge(y, x, W, normed, norm_w, eps, bW, scale, tmp);
+      return;
+    }
+    check_view(op, "x", x, m, k);
+    check_view(op, "W", W, n, k);
+    check_view(op, "bW", bW, n, k);
+    check_view(op, "y", y, m, n);
+    check_vec(op, "norm_w", norm_w, k);
+    check_vec(op, "scale", scale, n);
+    for (auto [name, t] : {std::pair{"W", W}, std::pair{"bW", bW}, std::pair{"norm_w", norm_w}, std::pair{"scale", scale}})
+      check_type(op, name, t, x.dtype);
+    dispatch(x.dtype, [&](auto tag) {
+      using T = elem_t<decltype(tag)>;
+      cuda::gemv_bridge<T>(ptr<T>(y), ptr<T>(x), ptr<T>(W), int(W.ld), ptr<T>(bW), int(bW.ld), ptr<T>(norm_w), eps,
+                           ptr<T>(scale), n, k, stream_);
+    });
+  }
+
   // Decode: dt_proj inside the scan step; otherwise the default (linear, then the scan).
   void dt_scan(Tensor y, const StatePool& st, Tensor x, Tensor dt_r, Tensor dt_w, Tensor dt, Tensor dt_bias,
                const float* A, Tensor B, Tensor C, Tensor Dskip, Tensor z, const Ragged& rg) override {
@@ -781,6 +808,28 @@ class CudaBackendImpl final : public CudaBackend {
   }
 
   void attention(Tensor out, Tensor q, const KvPool& kv, int H, int G, int hd, const Ragged& rg) override {
+    attend(out, q, kv, H, G, hd, rg, Tensor(), Tensor());
+  }
+
+  // A decode step on the split-KV kernels with a cache of q's type: the kernel reads each new
+  // K/V row where it is and stores it in the cache (no kv_write launch); otherwise the default.
+  void kv_attention(Tensor out, Tensor q, Tensor k, Tensor v, const KvPool& kv, int H, int G, int hd,
+                    const Ragged& rg) override {
+    const bool fuse = decode_kernels_on() && is_decode(rg) && kv.dtype != DType::F32 && kv.dtype == q.dtype &&
+                      k.dtype == q.dtype && v.dtype == q.dtype && k.ld == v.ld &&
+                      cuda::attention_writes_kv(batch(rg), hd, !inv_, true);
+    if (!fuse) {
+      Backend::kv_attention(out, q, k, v, kv, H, G, hd, rg);
+      return;
+    }
+    const char* op = "kv_attention";
+    check_view(op, "k", k, rg.n_tokens(), kv.row);
+    check_view(op, "v", v, rg.n_tokens(), kv.row);
+    attend(out, q, kv, H, G, hd, rg, k, v);
+  }
+
+  // attention(), with k / v (kv_attention's fused decode) the step's new rows.
+  void attend(Tensor out, Tensor q, const KvPool& kv, int H, int G, int hd, const Ragged& rg, Tensor k, Tensor v) {
     const char* op = "attention";
     check_kv_type(op, kv.dtype);
     check_kv_pool(op, kv);
@@ -815,7 +864,7 @@ class CudaBackendImpl final : public CudaBackend {
       dispatch(q.dtype, [&](auto tag) {
         using T = elem_t<decltype(tag)>;
         cuda::attention(ptr<T>(out), int(out.ld), ptr<T>(q), int(q.ld), pool, rb, H, G, hd, max_keys, ws, stream_,
-                        !inv_);
+                        !inv_, k.data ? ptr<T>(k) : nullptr, v.data ? ptr<T>(v) : nullptr, int(k.ld));
       });
     });
   }

@@ -250,7 +250,7 @@ template <class T, class KV, int HD, int QM>
 __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(
     float* __restrict__ part_acc, float2* __restrict__ part_ml, const T* __restrict__ q, int ldq, KvPool<KV> pool,
     const int32_t* __restrict__ cu, const int32_t* __restrict__ slots, const int32_t* __restrict__ pos0,
-    int H, int G, int chunk, float scale_log2) {
+    int H, int G, int chunk, float scale_log2, const T* __restrict__ k_new, const T* __restrict__ v_new, int ld_new) {
   constexpr int LPK = HD / 8, KPW = 32 / LPK;
   constexpr int U = QM >= 8 ? 2 : 4;  // keys per lane group and step (registers: QM 8 holds 144 floats)
   pdl_trigger();
@@ -277,6 +277,15 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(
   const KV* kb = pool.k + size_t(slots[s]) * pool.slot_stride + size_t(g) * HD + li * 8;
   const KV* vb = pool.v + size_t(slots[s]) * pool.slot_stride + size_t(g) * HD + li * 8;
   const int ldkv = G * HD;
+  // kv_write fused (k_new, KV == T: the same bits): the step's key, position n_keys - 1, is read
+  // from k_new / v_new, and the block whose chunk holds it stores it in the cache.
+  const int fresh = k_new != nullptr && has_row ? n_keys - 1 : -1;
+  const size_t new_at = size_t(cu[s]) * ld_new + size_t(g) * HD;
+  if (fresh >= kbeg && fresh < kend && threadIdx.x < HD / 8) {
+    const size_t at = size_t(slots[s]) * pool.slot_stride + size_t(fresh) * ldkv + size_t(g) * HD + threadIdx.x * 8;
+    *reinterpret_cast<uint4*>(pool.k + at) = *reinterpret_cast<const uint4*>(k_new + new_at + threadIdx.x * 8);
+    *reinterpret_cast<uint4*>(pool.v + at) = *reinterpret_cast<const uint4*>(v_new + new_at + threadIdx.x * 8);
+  }
   // Warp w's step covers keys base .. base + U KPW - 1: key base + u KPW + sub for lane group
   // sub. The loop bound is the same for the whole warp (the shuffles need every lane).
   for (int base = kbeg + warp * KPW * U; base < kend; base += kDecodeWarps * KPW * U) {
@@ -286,8 +295,11 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(
       const int key = base + u * KPW + sub;
       kw[u] = vw[u] = make_uint4(0, 0, 0, 0);
       if (key < kend) {
-        kw[u] = *reinterpret_cast<const uint4*>(kb + size_t(key) * ldkv);
-        vw[u] = *reinterpret_cast<const uint4*>(vb + size_t(key) * ldkv);
+        const bool from_new = key == fresh;
+        const void* kp = from_new ? static_cast<const void*>(k_new + new_at + li * 8) : kb + size_t(key) * ldkv;
+        const void* vp = from_new ? static_cast<const void*>(v_new + new_at + li * 8) : vb + size_t(key) * ldkv;
+        kw[u] = *static_cast<const uint4*>(kp);
+        vw[u] = *static_cast<const uint4*>(vp);
       }
     }
     // Keys grow with u, so a lane group has a valid key in this step iff its first one is.
@@ -445,7 +457,8 @@ void check_attention(const RaggedBatch& rb, int H, int G, int hd, int max_keys, 
 
 template <class T, class KV, int HD>
 void attention_hd_lowp(T* out, int ldo, const T* q, int ldq, const KvPool<KV>& pool, const RaggedBatch& rb, int H,
-                       int G, int max_keys, void* workspace, cudaStream_t stream, bool split_kv) {
+                       int G, int max_keys, void* workspace, cudaStream_t stream, bool split_kv, const T* k_new,
+                       const T* v_new, int ld_new) {
   const float scale_log2 = float(1.0 / std::sqrt(double(HD))) * kLog2e;
   if (rb.max_len == 1 && split_kv) {
     const int chunks = decode_chunks(rb, G, max_keys), chunk = ceil_div(max_keys, chunks);
@@ -456,16 +469,20 @@ void attention_hd_lowp(T* out, int ldo, const T* q, int ldq, const KvPool<KV>& p
     const int qpg = H / G;  // <= kMaxGroup (check_attention)
     if (qpg == 1)
       launch_pdl("attention decode", decode_split_kernel<T, KV, HD, 1>, grid, dim3(kDecodeThreads), stream, 0,
-                 part_acc, part_ml, q, ldq, pool, rb.cu_seqlens, rb.slots, rb.pos0, H, G, chunk, scale_log2);
+                 part_acc, part_ml, q, ldq, pool, rb.cu_seqlens, rb.slots, rb.pos0, H, G, chunk, scale_log2,
+                 k_new, v_new, ld_new);
     else if (qpg == 2)
       launch_pdl("attention decode", decode_split_kernel<T, KV, HD, 2>, grid, dim3(kDecodeThreads), stream, 0,
-                 part_acc, part_ml, q, ldq, pool, rb.cu_seqlens, rb.slots, rb.pos0, H, G, chunk, scale_log2);
+                 part_acc, part_ml, q, ldq, pool, rb.cu_seqlens, rb.slots, rb.pos0, H, G, chunk, scale_log2,
+                 k_new, v_new, ld_new);
     else if (qpg <= 4)
       launch_pdl("attention decode", decode_split_kernel<T, KV, HD, 4>, grid, dim3(kDecodeThreads), stream, 0,
-                 part_acc, part_ml, q, ldq, pool, rb.cu_seqlens, rb.slots, rb.pos0, H, G, chunk, scale_log2);
+                 part_acc, part_ml, q, ldq, pool, rb.cu_seqlens, rb.slots, rb.pos0, H, G, chunk, scale_log2,
+                 k_new, v_new, ld_new);
     else
       launch_pdl("attention decode", decode_split_kernel<T, KV, HD, kMaxGroup>, grid, dim3(kDecodeThreads), stream, 0,
-                 part_acc, part_ml, q, ldq, pool, rb.cu_seqlens, rb.slots, rb.pos0, H, G, chunk, scale_log2);
+                 part_acc, part_ml, q, ldq, pool, rb.cu_seqlens, rb.slots, rb.pos0, H, G, chunk, scale_log2,
+                 k_new, v_new, ld_new);
     launch_pdl("attention decode combine", decode_combine_kernel<T, HD>, dim3(H, rb.nseq), dim3(kCombineWarps * 32),
                stream, 0, out, ldo, part_acc, part_ml, rb.cu_seqlens, H, n_part);
     return;
@@ -552,14 +569,16 @@ __global__ void __launch_bounds__(kF32Warps * 32)
 
 template <class T, class KV, int HD>
 void attention_hd(T* out, int ldo, const T* q, int ldq, const KvPool<KV>& pool, const RaggedBatch& rb, int H,
-                  int G, int max_keys, void* workspace, cudaStream_t stream, bool split_kv) {
+                  int G, int max_keys, void* workspace, cudaStream_t stream, bool split_kv, const T* k_new,
+                  const T* v_new, int ld_new) {
   if constexpr (std::is_same_v<KV, float>) {
     attention_any_hd_kernel<T, KV, HD / 32><<<dim3(rb.n_tokens, H), kF32Warps * 32, 0, stream>>>(
         out, ldo, q, ldq, pool, rb.cu_seqlens, rb.slots, rb.pos0, rb.nseq, H, G, HD,
         float(1.0 / std::sqrt(double(HD))));
     HM_CUDA_LAUNCHED("attention (float cache)");
   } else {
-    attention_hd_lowp<T, KV, HD>(out, ldo, q, ldq, pool, rb, H, G, max_keys, workspace, stream, split_kv);
+    attention_hd_lowp<T, KV, HD>(out, ldo, q, ldq, pool, rb, H, G, max_keys, workspace, stream, split_kv, k_new, v_new,
+                                 ld_new);
   }
 }
 
@@ -575,6 +594,10 @@ void kv_write(const KvPool<KV>& pool, const T* k, int ldk, const T* v, int ldv, 
              k, ldk, v, ldv, rb.cu_seqlens, rb.slots, rb.pos0, rb.nseq, width);
 }
 
+bool attention_writes_kv(const RaggedBatch& rb, int hd, bool split_kv, bool cache_is_input_type) {
+  return rb.max_len == 1 && rb.n_tokens == rb.nseq && split_kv && fast_head_dim(hd) && cache_is_input_type;
+}
+
 size_t attention_workspace_bytes(const RaggedBatch& rb, int H, int G, int hd, int max_keys, bool split_kv) {
   if (rb.max_len != 1 || !split_kv || rb.nseq <= 0 || G <= 0 || !fast_head_dim(hd)) return 0;
   const int chunks = decode_chunks(rb, G, std::max(max_keys, 1));
@@ -583,8 +606,15 @@ size_t attention_workspace_bytes(const RaggedBatch& rb, int H, int G, int hd, in
 
 template <class T, class KV>
 void attention(T* out, int ldo, const T* q, int ldq, const KvPool<KV>& pool, const RaggedBatch& rb, int H, int G,
-               int hd, int max_keys, void* workspace, cudaStream_t stream, bool split_kv) {
+               int hd, int max_keys, void* workspace, cudaStream_t stream, bool split_kv, const T* k_new,
+               const T* v_new, int ld_new) {
   check_attention(rb, H, G, hd, max_keys, pool.max_ctx, split_kv);
+  HM_CHECK(k_new == nullptr || (v_new != nullptr &&
+                                attention_writes_kv(rb, hd, split_kv, std::is_same_v<T, KV> && sizeof(KV) == 2) &&
+                                ld_new % 8 == 0 && (reinterpret_cast<uintptr_t>(k_new) |
+                                                    reinterpret_cast<uintptr_t>(v_new)) % 16 == 0),
+           "cuda attention: new K/V rows only on a decode step's split-KV kernels, the cache of the input type, "
+           "16-byte aligned rows (ld_new ", ld_new, ")");
   HM_CHECK((reinterpret_cast<uintptr_t>(pool.k) | reinterpret_cast<uintptr_t>(pool.v)) % 16 == 0 &&
                (pool.slot_stride * int64_t(sizeof(KV))) % 16 == 0,
            "cuda attention: the KV pool must be 16-byte aligned (slot_stride ", pool.slot_stride, ")");
@@ -600,9 +630,15 @@ void attention(T* out, int ldo, const T* q, int ldq, const KvPool<KV>& pool, con
                (workspace != nullptr && reinterpret_cast<uintptr_t>(workspace) % 16 == 0),
            "cuda attention: decode needs attention_workspace_bytes of 16-byte aligned workspace");
   switch (hd) {
-    case 32: attention_hd<T, KV, 32>(out, ldo, q, ldq, pool, rb, H, G, max_keys, workspace, stream, split_kv); break;
-    case 64: attention_hd<T, KV, 64>(out, ldo, q, ldq, pool, rb, H, G, max_keys, workspace, stream, split_kv); break;
-    default: attention_hd<T, KV, 128>(out, ldo, q, ldq, pool, rb, H, G, max_keys, workspace, stream, split_kv); break;
+    case 32: attention_hd<T, KV, 32>(out, ldo, q, ldq, pool, rb, H, G, max_keys, workspace, stream, split_kv, k_new,
+                                        v_new, ld_new);
+      break;
+    case 64: attention_hd<T, KV, 64>(out, ldo, q, ldq, pool, rb, H, G, max_keys, workspace, stream, split_kv, k_new,
+                                        v_new, ld_new);
+      break;
+    default: attention_hd<T, KV, 128>(out, ldo, q, ldq, pool, rb, H, G, max_keys, workspace, stream, split_kv, k_new,
+                                        v_new, ld_new);
+      break;
   }
 }
 
@@ -610,7 +646,7 @@ void attention(T* out, int ldo, const T* q, int ldq, const KvPool<KV>& pool, con
   template void kv_write<T, KV>(const KvPool<KV>&, const T*, int, const T*, int, const RaggedBatch&, int, int, \
                                 cudaStream_t);                                                      \
   template void attention<T, KV>(T*, int, const T*, int, const KvPool<KV>&, const RaggedBatch&, int, int, int, \
-                                 int, void*, cudaStream_t, bool);
+                                 int, void*, cudaStream_t, bool, const T*, const T*, int);
 #define HM_INST(T) HM_INST_KV(T, __nv_bfloat16) HM_INST_KV(T, __half) HM_INST_KV(T, float)
 HM_CUDA_FOR_TYPES(HM_INST)
 #undef HM_INST

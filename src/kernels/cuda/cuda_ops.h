@@ -192,9 +192,16 @@ void kv_write(const KvPool<KV>& pool, const T* k, int ldk, const T* v, int ldv, 
 //    `workspace` holds attention_workspace_bytes(...) bytes. split_kv false runs the flash
 //    kernel for decode too: a query row's arithmetic is then the same whatever the batch holds
 //    and wherever its prompt was cut (key tiles start at key 0), as batch invariance needs.
+// k_new / v_new (row t of sequence s at row cu[s], stride ld_new; only where
+// attention_writes_kv): the step's K/V rows, read from there and stored in the cache by the
+// decode kernel itself, so no kv_write before it.
 template <class T, class KV>
 void attention(T* out, int ldo, const T* q, int ldq, const KvPool<KV>& pool, const RaggedBatch& rb, int H, int G,
-               int hd, int max_keys, void* workspace, cudaStream_t stream, bool split_kv = true);
+               int hd, int max_keys, void* workspace, cudaStream_t stream, bool split_kv = true,
+               const T* k_new = nullptr, const T* v_new = nullptr, int ld_new = 0);
+// Whether attention() with k_new / v_new (kv_write fused) takes this step: a decode step
+// (every sequence one row) on the split-KV kernels, a bf16/f16 cache of the activations' type.
+bool attention_writes_kv(const RaggedBatch& rb, int hd, bool split_kv, bool cache_is_input_type);
 size_t attention_workspace_bytes(const RaggedBatch& rb, int H, int G, int hd, int max_keys, bool split_kv = true);
 
 }  // namespace hm::cuda

@@ -61,6 +61,16 @@ template <class T, class TY>
 void gemv(TY* y, int ldy, const T* x, int ldx, const T* W, int ldw, int m, int n, int k, bool accumulate,
           const T* norm_w, float eps, const ConvStep<T>* conv, cudaStream_t stream, const T* col_scale = nullptr);
 
+// One row, a layer's output projection and the next layer's state bridge over the same x[k]:
+// y[j] = round(round(y[j] + x . W[j]) + scale[j] * round(rmsnorm(x) * norm_w . bW[j] / 1)),
+// each rounding where the plain ops (linear accumulating, then norm_linear) store. Both
+// matrices [n, k]. Call only where gemv_bridge_fits.
+bool gemv_bridge_fits(int k, const void* x, const void* W, int64_t ldw, const void* bW, int64_t ldbw,
+                      const void* norm_w, size_t elem_bytes);
+template <class T>
+void gemv_bridge(T* y, const T* x, const T* W, int ldw, const T* bW, int ldbw, const T* norm_w, float eps,
+                 const T* scale, int n, int k, cudaStream_t stream);
+
 // The selective-scan decode step with dt_proj fused: dt[s, e] = dt_r[s, :] . dt_w[e, :] (R
 // columns, rounded to T as a stored dt would be), then selective_scan_step's contract.
 template <class T>

@@ -71,6 +71,9 @@ struct Args {
   ConvStep<T> conv;
   int xs_ld;  // tensor-core kernel: x (normed) staged in shared memory at this row stride; 0: read from global
   const T* col_scale;  // y[r, j] (+)= col_scale[j] * (the sum rounded to T), as linear then add_rows
+  // gemv_bridge: the bridge's matrix and norm weight (the row kernel's DUAL columns).
+  const T* W2 = nullptr; int ldw2 = 0;
+  const T* norm2_w = nullptr;
 };
 
 // A finished sum of column j: through col_scale when given (rounded to T first, as the linear
@@ -378,24 +381,32 @@ __global__ void __launch_bounds__(kThreads) gemv_mma_kernel(const Args<T, TY> a)
 // 16-byte weight loads in flight (the first batch issued before pdl_wait). Per 16 weight bytes:
 // one load, the widening, 8 FMAs and a quarter of the x reads, against the CUDA-core kernel's
 // x (and norm weight) reload from L1 per vector.
+// DUAL (gemv_bridge): a warp's columns are 2 outputs j of W (x as it is) and the same 2 of W2
+// (x times norm2_w, staged as a second array, its 1 / rms applied at the end); each output's
+// two sums meet by a shuffle and its y is written once. DUAL needs 72-89 registers (at 64, 4
+// blocks an SM, it spilled), so 2 blocks an SM.
 constexpr int kRowCols = 4, kRowPre = 2;
-template <class T, class TY>
-__global__ void __launch_bounds__(kThreads, 4) gemv_row_kernel(const Args<T, TY> a) {
+template <class T, class TY, bool DUAL>
+__global__ void __launch_bounds__(kThreads, DUAL ? 2 : 4) gemv_row_kernel(const Args<T, TY> a) {
   constexpr int V = 16 / sizeof(T);
+  constexpr int kOut = DUAL ? kRowCols / 2 : kRowCols;  // output columns per warp
   extern __shared__ uint4 xs_raw[];
-  float* xs = reinterpret_cast<float*>(xs_raw);  // k floats
+  float* xs = reinterpret_cast<float*>(xs_raw);  // k floats (DUAL: then k more, x * norm2_w)
+  float* xs2 = xs + (DUAL ? a.k : 0);
   __shared__ float red[kWarps][kRowCols];
   pdl_trigger();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int part = warp % a.ks;
-  const int j0 = (blockIdx.x * (kWarps / a.ks) + warp / a.ks) * kRowCols;
+  const int j0 = (blockIdx.x * (kWarps / a.ks) + warp / a.ks) * kOut;
   const int nvec = a.k / V, stride = 32 * a.ks, v0 = part * 32 + lane;
   const uint4* wrow[kRowCols];
   bool ok[kRowCols];
 #pragma unroll
   for (int c = 0; c < kRowCols; ++c) {
-    ok[c] = j0 + c < a.n;
-    wrow[c] = reinterpret_cast<const uint4*>(a.W + size_t(ok[c] ? j0 + c : 0) * a.ldw);
+    const int j = j0 + c % kOut;
+    ok[c] = j < a.n;
+    const bool second = DUAL && c >= kOut;
+    wrow[c] = reinterpret_cast<const uint4*>((second ? a.W2 : a.W) + size_t(ok[c] ? j : 0) * (second ? a.ldw2 : a.ldw));
   }
   uint4 pre[kRowPre][kRowCols];
 #pragma unroll
@@ -409,17 +420,23 @@ __global__ void __launch_bounds__(kThreads, 4) gemv_row_kernel(const Args<T, TY>
 
   // x (times the norm weight) as floats in shared memory, 16 bytes a load, every load of a
   // thread in flight at once; the row's 1 / rms multiplies the finished sums instead (m = 1).
-  const bool norm = a.norm_w != nullptr;
+  const bool norm = DUAL || a.norm_w != nullptr;  // DUAL: the bridge's norm (no norm on W's side)
+  const T* gw = DUAL ? a.norm2_w : a.norm_w;
   float ss = 0.0f;
 #pragma unroll 2  // 64 registers (4 blocks an SM): a deeper unroll spills
   for (int v = threadIdx.x; v < nvec; v += kThreads) {
     float f[V], g[V];
     widen<T>(reinterpret_cast<const uint4*>(a.x)[v], f);
     if (norm) {
-      widen<T>(__ldg(reinterpret_cast<const uint4*>(a.norm_w) + v), g);
+      widen<T>(__ldg(reinterpret_cast<const uint4*>(gw) + v), g);
     } else {
 #pragma unroll
       for (int e = 0; e < V; ++e) g[e] = 1.0f;
+    }
+    if constexpr (DUAL) {
+#pragma unroll
+      for (int q = 0; q < V / 4; ++q)
+        reinterpret_cast<float4*>(xs + v * V)[q] = make_float4(f[4 * q], f[4 * q + 1], f[4 * q + 2], f[4 * q + 3]);
     }
 #pragma unroll
     for (int e = 0; e < V; ++e) {
@@ -428,7 +445,7 @@ __global__ void __launch_bounds__(kThreads, 4) gemv_row_kernel(const Args<T, TY>
     }
 #pragma unroll
     for (int q = 0; q < V / 4; ++q)
-      reinterpret_cast<float4*>(xs + v * V)[q] = make_float4(f[4 * q], f[4 * q + 1], f[4 * q + 2], f[4 * q + 3]);
+      reinterpret_cast<float4*>(xs2 + v * V)[q] = make_float4(f[4 * q], f[4 * q + 1], f[4 * q + 2], f[4 * q + 3]);
   }
   if (norm) {
     ss = warp_sum(ss);
@@ -447,18 +464,23 @@ __global__ void __launch_bounds__(kThreads, 4) gemv_row_kernel(const Args<T, TY>
 #pragma unroll
   for (int c = 0; c < kRowCols; ++c) acc[c] = 0.0f;
   auto consume = [&](const uint4 (&w)[kRowCols], int v) {
-    float xf[V];
+    float xf[V], xf2[DUAL ? V : 1];
 #pragma unroll
     for (int q = 0; q < V / 4; ++q) {
-      const float4 f = reinterpret_cast<const float4*>(xs + v * V)[q];
+      const float4 f = reinterpret_cast<const float4*>(xs2 + v * V)[q];  // = xs unless DUAL
       xf[4 * q] = f.x; xf[4 * q + 1] = f.y; xf[4 * q + 2] = f.z; xf[4 * q + 3] = f.w;
+      if constexpr (DUAL) {
+        const float4 r = reinterpret_cast<const float4*>(xs + v * V)[q];
+        xf2[4 * q] = r.x; xf2[4 * q + 1] = r.y; xf2[4 * q + 2] = r.z; xf2[4 * q + 3] = r.w;
+      }
     }
 #pragma unroll
     for (int c = 0; c < kRowCols; ++c) {
       float wf[V];
       widen<T>(w[c], wf);
+      const float* xc = DUAL && c < kOut ? xf2 : xf;  // DUAL: W's columns take x as it is
 #pragma unroll
-      for (int e = 0; e < V; ++e) acc[c] += wf[e] * xf[e];
+      for (int e = 0; e < V; ++e) acc[c] += wf[e] * xc[e];
     }
   };
 #pragma unroll
@@ -495,11 +517,22 @@ __global__ void __launch_bounds__(kThreads, 4) gemv_row_kernel(const Args<T, TY>
     for (int c = 0; c < kRowCols; ++c)
       for (int p = 1; p < a.ks; ++p) acc[c] += red[warp + p][c];
   }
-  if (part != 0 || lane >= kRowCols) return;
+  if (part != 0) return;
   float v = 0.0f;  // lane c finishes column j0 + c (a register picked without dynamic indexing)
 #pragma unroll
   for (int c = 0; c < kRowCols; ++c)
     if (c == lane) v = acc[c];
+  if constexpr (DUAL) {
+    const float vb = __shfl_down_sync(0xffffffffu, v, kOut);  // the bridge's sum of this lane's output
+    if (lane >= kOut) return;
+    const int j = j0 + lane;
+    if (j >= a.n) return;
+    TY* yp = a.y + j;
+    const float h = to_f(from_f<TY>(to_f(*yp) + v));  // y += x . W^T, stored
+    *yp = from_f<TY>(h + to_f(from_f<T>(vb * inv)) * to_f(a.col_scale[j]));
+    return;
+  }
+  if (lane >= kRowCols) return;
   v *= inv;
   const int j = j0 + lane;
   if (j >= a.n) return;
@@ -561,7 +594,7 @@ void gemv(TY* y, int ldy, const T* x, int ldx, const T* W, int ldw, int m, int n
   if (g_row_kernel && m == 1 && size_t(k) * sizeof(float) <= kMaxRowStage) {
     const int groups = ceil_div(n, kRowCols), nvec = k / (16 / int(sizeof(T)));
     while (a.ks < kWarps && ceil_div(groups, kWarps / a.ks) < 2 * sm_count() && 64 * a.ks <= nvec) a.ks *= 2;
-    launch_pdl("gemv", gemv_row_kernel<T, TY>, dim3(ceil_div(groups, kWarps / a.ks)), dim3(kThreads), stream,
+    launch_pdl("gemv", gemv_row_kernel<T, TY, false>, dim3(ceil_div(groups, kWarps / a.ks)), dim3(kThreads), stream,
                size_t(k) * sizeof(float), a);
     return;
   }
@@ -597,6 +630,36 @@ void gemv(TY* y, int ldy, const T* x, int ldx, const T* W, int ldw, int m, int n
   else
     launch_pdl("gemv", gemv_kernel<T, TY, 8>, grid, dim3(kThreads), stream, 0, a);
 }
+
+bool gemv_bridge_fits(int k, const void* x, const void* W, int64_t ldw, const void* bW, int64_t ldbw,
+                      const void* norm_w, size_t elem_bytes) {
+  const int64_t v = 16 / int64_t(elem_bytes);
+  return g_row_kernel && k >= 1 && k % v == 0 && 2 * size_t(k) * sizeof(float) <= kMaxRowStage && ldw % v == 0 &&
+         ldbw % v == 0 && aligned16(x) && aligned16(W) && aligned16(bW) && aligned16(norm_w);
+}
+
+template <class T>
+void gemv_bridge(T* y, const T* x, const T* W, int ldw, const T* bW, int ldbw, const T* norm_w, float eps,
+                 const T* scale, int n, int k, cudaStream_t stream) {
+  HM_CHECK(gemv_bridge_fits(k, x, W, ldw, bW, ldbw, norm_w, sizeof(T)) && scale != nullptr, "cuda gemv_bridge: k ", k,
+           " ldw ", ldw, " ldbw ", ldbw, ", alignment or the row kernel not taken (gemv_bridge_fits)");
+  if (n <= 0) return;
+  Args<T, T> a{y, n, x, k, W, ldw, 1, n, k, 1, true, nullptr, eps, ConvStep<T>{}, 0, scale};
+  a.W2 = bW;
+  a.ldw2 = ldbw;
+  a.norm2_w = norm_w;
+  const int groups = ceil_div(n, kRowCols / 2), nvec = k / (16 / int(sizeof(T)));
+  while (a.ks < kWarps && ceil_div(groups, kWarps / a.ks) < 2 * sm_count() && 64 * a.ks <= nvec) a.ks *= 2;
+  launch_pdl("gemv_bridge", gemv_row_kernel<T, T, true>, dim3(ceil_div(groups, kWarps / a.ks)), dim3(kThreads),
+             stream, 2 * size_t(k) * sizeof(float), a);
+}
+template void gemv_bridge<float>(float*, const float*, const float*, int, const float*, int, const float*, float,
+                                 const float*, int, int, cudaStream_t);
+template void gemv_bridge<__nv_bfloat16>(__nv_bfloat16*, const __nv_bfloat16*, const __nv_bfloat16*, int,
+                                         const __nv_bfloat16*, int, const __nv_bfloat16*, float,
+                                         const __nv_bfloat16*, int, int, cudaStream_t);
+template void gemv_bridge<__half>(__half*, const __half*, const __half*, int, const __half*, int, const __half*, float,
+                                  const __half*, int, int, cudaStream_t);
 
 #define HM_INST(T, TY)                                                                                  \
   template void gemv<T, TY>(TY*, int, const T*, int, const T*, int, int, int, int, bool, const T*, float, \

@@ -409,8 +409,9 @@ __global__ void __launch_bounds__(kThreads) prep_kernel(const float* __restrict_
 }
 
 // Row b's state from its chunks' parts, in id order (the lowest id of equal maxima wins).
+// With out (the all-greedy launch), also the token of a row that draws nothing: draw_kernel's.
 __global__ void prep_finish_kernel(PoolView pool, const int32_t* __restrict__ slots, const PrepPart* __restrict__ part,
-                                   int chunks, RowState* rs) {
+                                   int chunks, RowState* rs, int32_t* out) {
   const int b = blockIdx.x;
   if (threadIdx.x != 0) return;
   const int slot = slot_of(slots, b, pool.n_slots);
@@ -418,6 +419,7 @@ __global__ void prep_finish_kernel(PoolView pool, const int32_t* __restrict__ sl
   if (slot < 0) {
     r.active = 0;
     r.argmax = -1;
+    if (out) out[b] = -1;
     return;
   }
   float M = -INFINITY, LO = INFINITY;
@@ -434,6 +436,7 @@ __global__ void prep_finish_kernel(PoolView pool, const int32_t* __restrict__ sl
   r.argmax = A;
   r.mx = M;
   r.lo = fminf(LO, M);
+  if (out && !r.active) out[b] = A;
 }
 
 // pass 0: e = exp(l - mx) over ids < n (TopP's probabilities before normalising).
@@ -639,7 +642,7 @@ __global__ void accept_kernel(PoolView pool, const int32_t* __restrict__ slots, 
 size_t work_ld(int V) { return align_up(size_t(V), 32); }
 
 void run(int32_t* out, float* probs, int ldp, const float* logits, int ld, int B, int V, int n_decodable,
-         const SamplerPool& pool, const int32_t* slots, void* workspace, cudaStream_t stream) {
+         const SamplerPool& pool, const int32_t* slots, void* workspace, cudaStream_t stream, bool all_greedy) {
   const char* op = probs ? "sample_probs" : "sample";
   HM_CHECK(B >= 1 && B <= 65535, op, ": B must be in [1, 65535] (got ", B, ")");
   HM_CHECK(V >= 1, op, ": V must be >= 1 (got ", V, ")");
@@ -659,7 +662,12 @@ void run(int32_t* out, float* probs, int ldp, const float* logits, int ld, int B
   const int chunks = prep_chunks(n_decodable);
   prep_kernel<<<dim3(unsigned(chunks), unsigned(B)), kThreads, 0, stream>>>(logits, ld, n_decodable, pv, slots, part,
                                                                             work, ldw);
-  prep_finish_kernel<<<B, 32, 0, stream>>>(pv, slots, part, chunks, rs);
+  const bool greedy_only = all_greedy && out != nullptr && probs == nullptr;
+  prep_finish_kernel<<<B, 32, 0, stream>>>(pv, slots, part, chunks, rs, greedy_only ? out : nullptr);
+  if (greedy_only) {  // every row's token is written: the rest of the chain would only pass them through
+    HM_CUDA_LAUNCHED(op);
+    return;
+  }
   exp_kernel<<<exp_grid, kExpThreads, 0, stream>>>(rs, work, e, ldw, n_decodable, 0);
   select_kernel<<<B, kThreads, 0, stream>>>(pv, slots, rs, work, e, ldw, n_decodable);
   exp_kernel<<<exp_grid, kExpThreads, 0, stream>>>(rs, work, e, ldw, n_decodable, 1);
@@ -731,14 +739,14 @@ size_t sample_workspace_bytes(int B, int V) {
 }
 
 void sample(int32_t* out, const float* logits, int ld, int B, int V, int n_decodable, const SamplerPool& pool,
-            const int32_t* slots, void* workspace, cudaStream_t stream) {
-  run(out, nullptr, 0, logits, ld, B, V, n_decodable, pool, slots, workspace, stream);
+            const int32_t* slots, void* workspace, cudaStream_t stream, bool all_greedy) {
+  run(out, nullptr, 0, logits, ld, B, V, n_decodable, pool, slots, workspace, stream, all_greedy);
 }
 
 void sample_probs(float* probs, int ldp, const float* logits, int ld, int B, int V, int n_decodable,
                   const SamplerPool& pool, const int32_t* slots, void* workspace, cudaStream_t stream) {
   HM_CHECK(probs != nullptr, "sample_probs: probs must be a device pointer");
-  run(nullptr, probs, ldp, logits, ld, B, V, n_decodable, pool, slots, workspace, stream);
+  run(nullptr, probs, ldp, logits, ld, B, V, n_decodable, pool, slots, workspace, stream, false);
 }
 
 }  // namespace hm::cuda

@@ -76,9 +76,12 @@ size_t sample_workspace_bytes(int B, int V);
 // (VocabLimit), penalties from the slot's history, then the slot's chain. Greedy rows draw
 // nothing; sampling rows draw exactly one number from their slot's RNG. logits are not
 // modified. slots: device [B], distinct (nullptr: row b uses slot b); a slot outside the pool
-// gives out[b] = -1. Five launches for the whole batch.
+// gives out[b] = -1. Six launches for the whole batch; two with all_greedy, which the caller
+// sets only when every row's slot has temperature 0 (it then writes each row's arg-max after
+// the penalties, as the full chain would, and skips the sampling kernels).
 void sample(int32_t* out, const float* logits, int ld, int B, int V, int n_decodable,
-            const SamplerPool& pool, const int32_t* slots, void* workspace, cudaStream_t stream);
+            const SamplerPool& pool, const int32_t* slots, void* workspace, cudaStream_t stream,
+            bool all_greedy = false);
 
 // Debug and test entry: probs [B, V] (row stride ldp) = the distribution the final pick draws
 // from (0 outside the filtered set; one-hot for greedy rows). Advances no RNG.
