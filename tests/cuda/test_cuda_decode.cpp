@@ -139,7 +139,8 @@ TEST_P(CudaDecode, GemvMatchesRef) {
                                      cuda_->stream());
             });
             if (!ran) continue;
-            const bool row = kernel == 2 && m == 1 && size_t(k) * 4 <= 48 * 1024;
+            const bool row = kernel == 2 && (m == 1 ? size_t(k) * 4 <= 48 * 1024
+                                                    : hm::cuda::gemv_rows_fits(m, k, hm::dtype_size(T())));
             const bool mma = !row && tc && T() != DType::F32 && k % 32 == 0;
             (row ? ran_row : mma ? ran_mma : ran_core) += 1;
             std::vector<float> xin = dense(x.f, m, k, ldx, 8);
@@ -173,11 +174,18 @@ TEST_P(CudaDecode, GemvMatchesRef) {
   if (T() != DType::F32) {
     EXPECT_GT(ran_mma, 100);
   }
-  // What it does not take: too many rows (9 with the norm), k not whole vectors, a misaligned x.
+  // What it does not take: too many rows (9 with the norm; with the row kernel on, 17, or 16 whose
+  // float rows exceed its 96 KB), k not whole vectors, a misaligned x.
   const DevMat x(be(), T(), 33, 64, rng, 1.0);
+  hm::cuda::set_gemv_row_kernel(false);
   EXPECT_FALSE(hm::cuda::gemv_fits(T() == DType::F32 ? 9 : 33, 32, x.buf.data(), 64, x.buf.data(), 64, nullptr,
                                    hm::dtype_size(T())));
   EXPECT_FALSE(hm::cuda::gemv_fits(9, 32, x.buf.data(), 64, x.buf.data(), 64, x.buf.data(), hm::dtype_size(T())));
+  hm::cuda::set_gemv_row_kernel(true);
+  EXPECT_TRUE(hm::cuda::gemv_fits(16, 32, x.buf.data(), 64, x.buf.data(), 64, x.buf.data(), hm::dtype_size(T())));
+  EXPECT_FALSE(hm::cuda::gemv_fits(17, 32, x.buf.data(), 64, x.buf.data(), 64, x.buf.data(), hm::dtype_size(T())));
+  EXPECT_FALSE(hm::cuda::gemv_rows_fits(16, 2048, hm::dtype_size(T())));
+  hm::cuda::set_gemv_row_kernel(row_default);
   EXPECT_FALSE(hm::cuda::gemv_fits(1, 12, x.buf.data(), 64, x.buf.data(), 64, nullptr, 2));
   EXPECT_FALSE(hm::cuda::gemv_fits(1, 32, x.cols(1, 32).data, 64, x.buf.data(), 64, nullptr, hm::dtype_size(T())));
 }
@@ -230,9 +238,10 @@ TEST_P(CudaDecode, MambaInMatchesPlainOps) {
 }
 
 // Backend::norm_linear on CUDA (one GEMV with the norm, and a bridge's column scale, inside at
-// one row; the plain ops otherwise) against rmsnorm -> linear (-> add_rows) of kernels/ref:
-// rows 1 (fused) and 3 (plain), odd sizes, y a strided view, assigned or accumulated, y in the
-// input type or float (the LM head's logits), with and without a scale.
+// 1..8 rows; the plain ops otherwise) against rmsnorm -> linear (-> add_rows) of kernels/ref:
+// rows 1, 3, 8 (the row kernel's one-row and multi-row forms) and 16 (plain), odd sizes, y a
+// strided view, assigned or accumulated, y in the input type or float (the LM head's logits),
+// with and without a scale.
 TEST_P(CudaDecode, NormLinearMatchesPlainOps) {
   hm::Rng rng(305);
   const bool row_default = hm::cuda::gemv_row_kernel();
@@ -240,7 +249,7 @@ TEST_P(CudaDecode, NormLinearMatchesPlainOps) {
     int k, n;
   };
   for (Shape s : {Shape{136, 77}, Shape{512, 1001}, Shape{1024, 40}})
-    for (int m : {1, 3})
+    for (int m : {1, 3, 8, 16})
       for (int variant = 0; variant < 4; ++variant)  // 0 assign, 1 accumulate, 2 scale (+=), 3 float y
         for (int fused = 0; fused < 3; ++fused) {  // 0 plain ops, 1 fused, 2 fused on the row kernel
           if (variant == 3 && T() == DType::F32) continue;  // float y is the input type there

@@ -171,12 +171,16 @@ bool is_decode(const Ragged& rg) { return rg.max_len() == 1 && rg.n_tokens() == 
 
 // The decode kernels of kernels/cuda/decode.h (GEMV, fused Mamba input stage and dt scan);
 // HM_CUDA_GEMV=0 keeps every projection on cuBLASLt and every op unfused (the A/B switch).
-// The most rows the backend hands to the GEMV and the fused Mamba input stage. Measured on the
-// H200 (docs/CUDA.md, "Decode step"): at one row the CUDA-core GEMV beats cuBLASLt (130M decode
-// 1,491 -> 2,269 tok/s, 1.4B even), at four rows it loses on the 1.4B shape (2,029 -> 1,195),
-// and the tensor-core GEMV lost to both at every shape measured. The kernels take more rows
-// (their tests run them); this is the policy until a faster kernel wins there.
-constexpr int kGemvRows = 1;
+// The most rows the backend hands to the GEMV and the fused decode stages (the norm, the conv
+// step, a bridge's scale inside it). At one row the row kernel beats cuBLASLt (H200: 130M decode
+// 1,491 -> 2,269 tok/s); the CUDA-core kernel at 2-8 rows loses (1.4B at 4 rows 2,029 -> 1,195;
+// seed at 8 rows -23%, stop 43), and so does the tensor-core one at 16 (seed -15%). So 2..8 rows
+// go only to the row kernel's multi-row form (x staged as floats: gemv_rows_fits), and only while
+// its float FMAs, m * n * k, stay within kGemvRowsMaxWork. Stop 44 (H100, all of a model's
+// projections on it against none): seed 2/4/8 rows +47/+33/+23% (largest m*n*k 8.4M), 130M 4 rows
+// +17% (9.4M); 130M 8 rows -6% (18.9M), 1.4B 4 rows -8% (34-67M), seed 16 rows -12%.
+constexpr int kGemvRows = 8;
+constexpr int64_t kGemvRowsMaxWork = int64_t(10) << 20;
 
 int gemv_rows_default() {  // HM_CUDA_GEMV_ROWS=N overrides (A/B runs: small models at batch 2-32)
   const char* v = std::getenv("HM_CUDA_GEMV_ROWS");
@@ -465,7 +469,7 @@ class CudaBackendImpl final : public CudaBackend {
       });
       return;
     }
-    if (decode_kernels_on() && m <= gemv_rows_ &&
+    if (decode_kernels_on() && gemv_takes(m, n, k, dtype_size(x.dtype)) &&
         cuda::gemv_fits(m, k, x.data, x.ld, W.data, W.ld, nullptr, dtype_size(x.dtype))) {
       dispatch(x.dtype, [&](auto tag) {
         using T = elem_t<decltype(tag)>;
@@ -482,6 +486,12 @@ class CudaBackendImpl final : public CudaBackend {
                   accumulate, stream_);
   }
 
+  // Whether m rows of an n x k weight of es-byte elements go to the GEMV (see kGemvRows).
+  bool gemv_takes(int m, int n, int k, size_t es) const {
+    return m >= 1 && m <= gemv_rows_ &&
+           (m == 1 || (cuda::gemv_rows_fits(m, k, es) && int64_t(m) * n * k <= kGemvRowsMaxWork));
+  }
+
   // Decode with at most kGemvRows sequences: pre-norm, in_proj and the conv step in one
   // kernel (decode.h); otherwise the default sequence of ops.
   void mamba_in(Tensor xz, Tensor xc, const StatePool& conv, Tensor x, Tensor normed, Tensor norm_w, float eps,
@@ -489,7 +499,8 @@ class CudaBackendImpl final : public CudaBackend {
     const char* op = "mamba_in";
     const int m = x.rows, k = x.cols, n = in_proj.rows, E = xc.cols, K = conv_w.cols;
     const bool norm = norm_w.data != nullptr;
-    if (!decode_kernels_on() || !is_decode(rg) || m > gemv_rows_ || is_packed(in_proj.dtype) || K < 2 ||
+    if (!decode_kernels_on() || !is_decode(rg) || !gemv_takes(m, n, k, dtype_size(x.dtype)) ||
+        is_packed(in_proj.dtype) || K < 2 ||
         K > cuda::kMaxConv ||
         !cuda::gemv_fits(m, k, x.data, x.ld, in_proj.data, in_proj.ld, norm ? norm_w.data : nullptr,
                          dtype_size(x.dtype))) {
@@ -527,14 +538,15 @@ class CudaBackendImpl final : public CudaBackend {
     });
   }
 
-  // One row: the norm (and a bridge's scale) inside the GEMV, one launch instead of two or
+  // Up to 8 rows (gemv_takes): the norm (and a bridge's scale) inside the GEMV, one launch instead of two or
   // three (decode.h); otherwise the default sequence of ops.
   void norm_linear(Tensor y, Tensor x, Tensor normed, Tensor norm_w, float eps, Tensor W, bool accumulate,
                    Tensor scale, Tensor tmp) override {
     const char* op = "norm_linear";
     const int m = x.rows, k = x.cols, n = W.rows;
     const bool scaled = scale.data != nullptr;
-    if (!decode_kernels_on() || m > gemv_rows_ || is_packed(W.dtype) || (scaled && !accumulate) ||
+    if (!decode_kernels_on() || !gemv_takes(m, n, k, dtype_size(x.dtype)) || is_packed(W.dtype) ||
+        (scaled && !accumulate) ||
         !(y.dtype == x.dtype || (y.dtype == DType::F32 && !scaled)) ||
         !cuda::gemv_fits(m, k, x.data, x.ld, W.data, W.ld, norm_w.data, dtype_size(x.dtype))) {
       Backend::norm_linear(y, x, normed, norm_w, eps, W, accumulate, scale, tmp);

@@ -543,6 +543,149 @@ __global__ void __launch_bounds__(kThreads, DUAL ? 2 : 4) gemv_row_kernel(const 
   if (j < a.conv.E) conv_step(a.conv, 0, j, v);
 }
 
+// The row kernel for 2..M rows (M = 2, 4, 8 or 16): the m rows of x (times the norm weight)
+// staged as floats in shared memory, each row's 1 / rms applied to its finished sums; a warp
+// (or ks warps splitting k) computes kRowCols adjacent columns for every row, so each weight
+// vector loaded feeds m rows and each x vector read feeds kRowCols columns. The warp's M x
+// kRowCols sums are reduced by halving exchanges (each step a lane sends the half of its sums
+// it does not keep: 4M - 1 shuffles in all, not 5 per sum), after which lane l holds sums
+// l * S .. l * S + S - 1 (S = 4M / 32, or every lane all 4M / 2^s ones when 4M < 32). Each
+// output is finished (norm, scale, accumulate, conv step) by the lane that holds it.
+// Every loop but the M x kRowCols inner product is kept rolled: unrolled, the 16-row form was
+// 140 KB of code, and each launch spent ~20 us fetching instructions (stop 44, ncu).
+template <class T, class TY, int M>
+__global__ void __launch_bounds__(kThreads, M >= 8 ? 1 : 2) gemv_rows_kernel(const Args<T, TY> a) {
+  constexpr int V = 16 / sizeof(T), S = M * kRowCols;  // sums a warp holds
+  constexpr int kHeld = S >= 32 ? S / 32 : 1;            // sums a lane holds after the exchanges
+  extern __shared__ uint4 xs_raw[];
+  float* xs = reinterpret_cast<float*>(xs_raw);  // [M][k] floats (rows past m unused)
+  __shared__ float red[kWarps][S];
+  __shared__ float inv[M];
+  pdl_trigger();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int part = warp % a.ks;
+  const int j0 = (blockIdx.x * (kWarps / a.ks) + warp / a.ks) * kRowCols;
+  const int nvec = a.k / V, stride = 32 * a.ks, v0 = part * 32 + lane;
+  const uint4* wrow[kRowCols];
+  bool ok[kRowCols];
+#pragma unroll
+  for (int c = 0; c < kRowCols; ++c) {
+    ok[c] = j0 + c < a.n;
+    wrow[c] = reinterpret_cast<const uint4*>(a.W + size_t(ok[c] ? j0 + c : 0) * a.ldw);
+  }
+  auto load = [&](uint4 (&w)[kRowCols], int v) {
+#pragma unroll
+    for (int c = 0; c < kRowCols; ++c) w[c] = ok[c] && v < nvec ? __ldg(wrow[c] + v) : make_uint4(0, 0, 0, 0);
+  };
+  uint4 w0[kRowCols], w1[kRowCols];  // the next two vectors of each column, in flight
+  load(w0, v0);
+  load(w1, v0 + stride);
+  pdl_wait();
+
+  // Stage x * norm weight, one vector per thread at a time over all m rows.
+  const bool norm = a.norm_w != nullptr;
+  for (int i = threadIdx.x; i < a.m * nvec; i += kThreads) {
+    const int r = i / nvec, v = i % nvec;
+    float f[V], g[V];
+    widen<T>(reinterpret_cast<const uint4*>(a.x + size_t(r) * a.ldx)[v], f);
+    if (norm) widen<T>(__ldg(reinterpret_cast<const uint4*>(a.norm_w) + v), g);
+#pragma unroll
+    for (int e = 0; e < V; ++e) f[e] *= norm ? g[e] : 1.0f;
+#pragma unroll
+    for (int q = 0; q < V / 4; ++q)
+      reinterpret_cast<float4*>(xs + size_t(r) * a.k + v * V)[q] =
+          make_float4(f[4 * q], f[4 * q + 1], f[4 * q + 2], f[4 * q + 3]);
+  }
+  // Each row's sum of squares by one warp, from x itself (the staged rows hold x * g).
+  if (!norm && threadIdx.x < M) inv[threadIdx.x] = 1.0f;
+  if (norm) {
+    for (int r = warp; r < a.m; r += kWarps) {
+      float ss = 0.0f;
+      for (int v = lane; v < nvec; v += 32) {
+        float f[V];
+        widen<T>(reinterpret_cast<const uint4*>(a.x + size_t(r) * a.ldx)[v], f);
+#pragma unroll
+        for (int e = 0; e < V; ++e) ss += f[e] * f[e];
+      }
+      ss = warp_sum(ss);
+      if (lane == 0) inv[r] = rsqrtf(ss / float(a.k) + a.eps);
+    }
+  }
+  __syncthreads();  // xs and inv
+
+  float acc[S];  // acc[r * kRowCols + c]: row r, column j0 + c
+#pragma unroll
+  for (int i = 0; i < S; ++i) acc[i] = 0.0f;
+#pragma unroll 1
+  for (int v = v0; v < nvec; v += stride) {
+    float wf[kRowCols][V];
+#pragma unroll
+    for (int c = 0; c < kRowCols; ++c) widen<T>(w0[c], wf[c]);
+#pragma unroll
+    for (int c = 0; c < kRowCols; ++c) w0[c] = w1[c];
+    load(w1, v + 2 * stride);
+#pragma unroll
+    for (int r = 0; r < M; ++r) {
+      if (r >= a.m) break;
+#pragma unroll
+      for (int q = 0; q < V / 4; ++q) {
+        const float4 f = reinterpret_cast<const float4*>(xs + size_t(r) * a.k + v * V)[q];
+#pragma unroll
+        for (int c = 0; c < kRowCols; ++c) {
+          float& s = acc[r * kRowCols + c];
+          s = fmaf(wf[c][4 * q], f.x, s);
+          s = fmaf(wf[c][4 * q + 1], f.y, s);
+          s = fmaf(wf[c][4 * q + 2], f.z, s);
+          s = fmaf(wf[c][4 * q + 3], f.w, s);
+        }
+      }
+    }
+  }
+  // Halving exchanges: at offset o a lane with bit o set keeps the upper half of its sums.
+  int first = 0;  // this lane's sums are acc[0 .. cnt), indices first + i
+#pragma unroll
+  for (int o = 16, cnt = S; o > 0; o /= 2) {
+    if (cnt > 1) {
+      const bool upper = (lane & o) != 0;
+      const int half = cnt / 2;
+#pragma unroll
+      for (int i = 0; i < S / 2; ++i)
+        if (i < half) {
+          const float send = upper ? acc[i] : acc[i + half];
+          const float keep = upper ? acc[i + half] : acc[i];
+          acc[i] = keep + __shfl_xor_sync(0xffffffffu, send, o);
+        }
+      if (upper) first += half;
+      cnt = half;
+    } else {
+      acc[0] += __shfl_xor_sync(0xffffffffu, acc[0], o);
+    }
+  }
+  if (a.ks > 1) {  // the ks warps of a column group are adjacent: the first adds the others'
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < kHeld; ++i) red[warp][first + i] = acc[i];
+    __syncthreads();
+    if (part != 0) return;
+#pragma unroll
+    for (int i = 0; i < kHeld; ++i)
+      for (int p = 1; p < a.ks; ++p) acc[i] += red[warp + p][first + i];
+  }
+  if (part != 0) return;
+  // With fewer sums than lanes several lanes hold the same ones: the lowest finishes them.
+  if (S < 32 && (lane & (32 / S - 1)) != 0) return;
+#pragma unroll
+  for (int i = 0; i < kHeld; ++i) {
+    const int r = (first + i) / kRowCols, j = j0 + (first + i) % kRowCols;
+    if (r >= a.m || j >= a.n) continue;
+    float v = scaled(a, j, acc[i] * inv[r]);
+    TY* yp = a.y + size_t(r) * a.ldy + j;
+    if (a.accumulate) v += to_f(*yp);
+    *yp = from_f<TY>(v);
+    if (j < a.conv.E) conv_step(a.conv, r, j, v);
+  }
+}
+
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 }  // namespace
@@ -560,6 +703,24 @@ bool mma_fits(int m, int k, bool norm, size_t elem_bytes) {
   return g_tensor_cores && elem_bytes == 2 && m >= 1 && m <= (norm ? kGemvMaxNormRows : kGemvMaxRows) && k >= 32 &&
          k % 32 == 0 && (!norm || stage_bytes(m, k) <= kMaxStage);
 }
+// The multi-row row kernel (gemv_rows_kernel): m in [2, kGemvMaxRowsRow], its M (m rounded up
+// to a power of 2) rows of float x within kMaxRowsStage (opt-in above 48 KB).
+constexpr size_t kMaxRowsStage = 96 * 1024;
+int rows_tile(int m) { return m <= 2 ? 2 : m <= 4 ? 4 : m <= 8 ? 8 : 16; }
+bool rows_fits(int m, int k, size_t elem_bytes) {
+  return g_row_kernel && m >= 2 && m <= kGemvMaxRowsRow && k >= 1 && k % int(16 / elem_bytes) == 0 &&
+         size_t(rows_tile(m)) * size_t(k) * sizeof(float) <= kMaxRowsStage;
+}
+template <class T, class TY, int M>
+void launch_rows(Args<T, TY>& a, cudaStream_t stream) {
+  static const cudaError_t e = cudaFuncSetAttribute(gemv_rows_kernel<T, TY, M>,
+                                                    cudaFuncAttributeMaxDynamicSharedMemorySize, int(kMaxRowsStage));
+  HM_CUDA_OK(e, "gemv: cudaFuncSetAttribute");
+  const int groups = ceil_div(a.n, kRowCols), nvec = a.k / (16 / int(sizeof(T)));
+  while (a.ks < kWarps && ceil_div(groups, kWarps / a.ks) < 2 * sm_count() && 64 * a.ks <= nvec) a.ks *= 2;
+  launch_pdl("gemv", gemv_rows_kernel<T, TY, M>, dim3(ceil_div(groups, kWarps / a.ks)), dim3(kThreads), stream,
+             size_t(M) * size_t(a.k) * sizeof(float), a);
+}
 // Lets the kernel take up to kMaxStage bytes of dynamic shared memory (once per instantiation,
 // on the device current at the first call: the backend drives one device).
 template <class T, class TY, int MT>
@@ -570,12 +731,15 @@ void allow_stage() {
 }
 }  // namespace
 
+bool gemv_rows_fits(int m, int k, size_t elem_bytes) { return rows_fits(m, k, elem_bytes); }
+
 bool gemv_fits(int m, int k, const void* x, int64_t ldx, const void* W, int64_t ldw, const void* norm_w,
                size_t elem_bytes) {
   const int64_t v = 16 / int64_t(elem_bytes);
   const bool aligned = ldx % v == 0 && ldw % v == 0 && aligned16(x) && aligned16(W) &&
                        (norm_w == nullptr || aligned16(norm_w));
-  return aligned && (core_fits(m, k, elem_bytes) || mma_fits(m, k, norm_w != nullptr, elem_bytes));
+  return aligned && (core_fits(m, k, elem_bytes) || mma_fits(m, k, norm_w != nullptr, elem_bytes) ||
+                     rows_fits(m, k, elem_bytes));
 }
 
 template <class T, class TY>
@@ -596,6 +760,15 @@ void gemv(TY* y, int ldy, const T* x, int ldx, const T* W, int ldw, int m, int n
     while (a.ks < kWarps && ceil_div(groups, kWarps / a.ks) < 2 * sm_count() && 64 * a.ks <= nvec) a.ks *= 2;
     launch_pdl("gemv", gemv_row_kernel<T, TY, false>, dim3(ceil_div(groups, kWarps / a.ks)), dim3(kThreads), stream,
                size_t(k) * sizeof(float), a);
+    return;
+  }
+  if (rows_fits(m, k, sizeof(T))) {
+    switch (rows_tile(m)) {
+      case 2: launch_rows<T, TY, 2>(a, stream); break;
+      case 4: launch_rows<T, TY, 4>(a, stream); break;
+      case 8: launch_rows<T, TY, 8>(a, stream); break;
+      default: launch_rows<T, TY, 16>(a, stream); break;
+    }
     return;
   }
   if constexpr (sizeof(T) == 2) {
