@@ -492,7 +492,7 @@ class CudaBackendImpl final : public CudaBackend {
            (m == 1 || (cuda::gemv_rows_fits(m, k, es) && int64_t(m) * n * k <= kGemvRowsMaxWork));
   }
 
-  // Decode with at most kGemvRows sequences: pre-norm, in_proj and the conv step in one
+  // Decode steps the GEMV takes (gemv_takes): pre-norm, in_proj and the conv step in one
   // kernel (decode.h); otherwise the default sequence of ops.
   void mamba_in(Tensor xz, Tensor xc, const StatePool& conv, Tensor x, Tensor normed, Tensor norm_w, float eps,
                 Tensor in_proj, Tensor conv_w, Tensor conv_b, const Ragged& rg) override {
@@ -500,8 +500,7 @@ class CudaBackendImpl final : public CudaBackend {
     const int m = x.rows, k = x.cols, n = in_proj.rows, E = xc.cols, K = conv_w.cols;
     const bool norm = norm_w.data != nullptr;
     if (!decode_kernels_on() || !is_decode(rg) || !gemv_takes(m, n, k, dtype_size(x.dtype)) ||
-        is_packed(in_proj.dtype) || K < 2 ||
-        K > cuda::kMaxConv ||
+        is_packed(in_proj.dtype) || K < 2 || K > cuda::kMaxConv ||
         !cuda::gemv_fits(m, k, x.data, x.ld, in_proj.data, in_proj.ld, norm ? norm_w.data : nullptr,
                          dtype_size(x.dtype))) {
       Backend::mamba_in(xz, xc, conv, x, normed, norm_w, eps, in_proj, conv_w, conv_b, rg);
@@ -538,16 +537,15 @@ class CudaBackendImpl final : public CudaBackend {
     });
   }
 
-  // Up to 8 rows (gemv_takes): the norm (and a bridge's scale) inside the GEMV, one launch instead of two or
-  // three (decode.h); otherwise the default sequence of ops.
+  // Up to 8 rows (gemv_takes): the norm (and a bridge's scale) inside the GEMV, one launch
+  // instead of two or three (decode.h); otherwise the default sequence of ops.
   void norm_linear(Tensor y, Tensor x, Tensor normed, Tensor norm_w, float eps, Tensor W, bool accumulate,
                    Tensor scale, Tensor tmp) override {
     const char* op = "norm_linear";
     const int m = x.rows, k = x.cols, n = W.rows;
     const bool scaled = scale.data != nullptr;
     if (!decode_kernels_on() || !gemv_takes(m, n, k, dtype_size(x.dtype)) || is_packed(W.dtype) ||
-        (scaled && !accumulate) ||
-        !(y.dtype == x.dtype || (y.dtype == DType::F32 && !scaled)) ||
+        (scaled && !accumulate) || !(y.dtype == x.dtype || (y.dtype == DType::F32 && !scaled)) ||
         !cuda::gemv_fits(m, k, x.data, x.ld, W.data, W.ld, norm_w.data, dtype_size(x.dtype))) {
       Backend::norm_linear(y, x, normed, norm_w, eps, W, accumulate, scale, tmp);
       return;
