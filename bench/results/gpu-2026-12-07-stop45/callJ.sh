@@ -6,19 +6,19 @@
 # seed at 16 sequences: 64 blocks for in_proj, each doing 16 rows' FMAs. Tiles of 8 give 128
 # blocks with half the FMAs each; predicted seed b16 ~330 -> ~280 us a step (~1.35x the peer).
 # Then the peer at 16 and 64 sequences beside ours under the setting that did best on the seed.
+# LIMIT (seconds, default 330): the parts after the first sweep run only while time is left
+# (device time was short this stop: several starts found no machine).
 BUNDLE=.devbundle4 . bench/device_env.sh
+LIMIT=${LIMIT:-330}
+left() { [ $(( $(date +%s) - T00 )) -lt $(( LIMIT - $1 )) ]; }
 suites '*CudaDecode*'
 ALL="HM_CUDA_GEMV_ROWS=64 HM_CUDA_GEMV_ROWS_WORK=1000000000000"
 S1="$ALL HM_CUDA_GEMV_TILE=8"; S2="$ALL HM_CUDA_GEMV_TILE=4"; S3="HM_CUDA_GEMV_ROWS=64 HM_CUDA_GEMV_TILE=8"
 SWEEP_TAG=_r1
 env_sweep seed-norope 8x16,16x16,32x16,64x16 - "$S1" "$S2" "$S3"
 SWEEP_TAG=
-env_sweep mamba-130m 8x16,16x16,64x16 - "$S1" "$S2" "$S3"
-env_sweep mamba-1.4b 16x16,64x16 - "$S1" "$S3"
+left 60 && env_sweep mamba-130m 8x16,16x16,64x16 - "$S1" "$S2" "$S3"
 echo "t=$(( $(date +%s) - T00 ))"
-SWEEP_TAG=_r2  # a second round on the seed while the budget lasts (device time was short this stop)
-if [ $(( $(date +%s) - T00 )) -lt 230 ]; then env_sweep seed-norope 8x16,16x16,32x16,64x16 - "$S1" "$S2" "$S3"; fi
-SWEEP_TAG=
 BEST=$(python3 - "$R" - "$S1" "$S2" "$S3" <<'PY'
 import json,sys,glob
 R=sys.argv[1]; best=None
@@ -31,7 +31,10 @@ print(best[1])
 PY
 )
 echo "best on the seed at 16 + 64: $BEST"
-( [ "$BEST" = - ] || export $BEST; peer seed-norope 16x16,64x16 )
-echo "t=$(( $(date +%s) - T00 ))"
-if [ $(( $(date +%s) - T00 )) -lt 330 ]; then ( [ "$BEST" = - ] || export $BEST; peer mamba-130m 16x16,64x16 ); fi
+left 70 && ( [ "$BEST" = - ] || export $BEST; peer seed-norope 16x16,64x16 )
+left 40 && env_sweep mamba-1.4b 16x16,64x16 - "$S1" "$S3"
+SWEEP_TAG=_r2
+left 70 && env_sweep seed-norope 8x16,16x16,32x16,64x16 - "$S1" "$S2" "$S3"
+SWEEP_TAG=
+left 70 && ( [ "$BEST" = - ] || export $BEST; peer mamba-130m 16x16,64x16 )
 echo "all done at $(( $(date +%s) - T00 )) s"
