@@ -12,7 +12,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdint>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -86,12 +85,6 @@ class CudaDecode : public ::testing::TestWithParam<DType> {
   }
   hm::Backend& be() { return *be_; }
   DType T() const { return GetParam(); }
-  // tiles: every row count to 64 on the row kernel, 4 rows a block (so more rows split over
-  // blocks); else the backend's default policy (kGemvRows, kGemvRowsMaxWork in cuda_backend.cu).
-  void set_rows_mode(bool tiles) {
-    cuda_->set_gemv_rows(tiles ? 64 : 8, tiles ? INT64_MAX : int64_t(10) << 20);
-    hm::cuda::set_gemv_rows_tile(tiles ? 4 : 16);
-  }
   std::unique_ptr<hm::Backend> be_;
   hm::CudaBackend* cuda_ = nullptr;
 };
@@ -189,78 +182,12 @@ TEST_P(CudaDecode, GemvMatchesRef) {
                                    hm::dtype_size(T())));
   EXPECT_FALSE(hm::cuda::gemv_fits(9, 32, x.buf.data(), 64, x.buf.data(), 64, x.buf.data(), hm::dtype_size(T())));
   hm::cuda::set_gemv_row_kernel(true);
-  const int tile_default = hm::cuda::gemv_rows_tile();
-  hm::cuda::set_gemv_rows_tile(16);
   EXPECT_TRUE(hm::cuda::gemv_fits(16, 32, x.buf.data(), 64, x.buf.data(), 64, x.buf.data(), hm::dtype_size(T())));
-  EXPECT_TRUE(hm::cuda::gemv_fits(33, 32, x.buf.data(), 64, x.buf.data(), 64, x.buf.data(), hm::dtype_size(T())));
-  EXPECT_FALSE(hm::cuda::gemv_rows_fits(65, 32, hm::dtype_size(T())));
+  EXPECT_FALSE(hm::cuda::gemv_fits(17, 32, x.buf.data(), 64, x.buf.data(), 64, x.buf.data(), hm::dtype_size(T())));
   EXPECT_FALSE(hm::cuda::gemv_rows_fits(16, 2048, hm::dtype_size(T())));
-  hm::cuda::set_gemv_rows_tile(8);  // 8 rows of 2,048 floats a block fit
-  EXPECT_TRUE(hm::cuda::gemv_rows_fits(16, 2048, hm::dtype_size(T())));
-  EXPECT_TRUE(hm::cuda::gemv_rows_fits(64, 2048, hm::dtype_size(T())));
-  hm::cuda::set_gemv_rows_tile(tile_default);
   hm::cuda::set_gemv_row_kernel(row_default);
   EXPECT_FALSE(hm::cuda::gemv_fits(1, 12, x.buf.data(), 64, x.buf.data(), 64, nullptr, 2));
   EXPECT_FALSE(hm::cuda::gemv_fits(1, 32, x.cols(1, 32).data, 64, x.buf.data(), 64, nullptr, hm::dtype_size(T())));
-}
-
-// The row kernel's multi-row form with its rows split over blocks (tiles of 2, 4, 8 and 16 rows,
-// the last tile partial, up to 64 rows) against kernels/ref: plain, accumulating and with the
-// fused norm, y in T and float, y a strided view whose neighbours must stay untouched.
-TEST_P(CudaDecode, GemvRowTilesMatchRef) {
-  hm::Rng rng(307);
-  const std::vector<DType> outs = T() == DType::F32 ? std::vector<DType>{DType::F32}
-                                                    : std::vector<DType>{T(), DType::F32};
-  const bool row_default = hm::cuda::gemv_row_kernel();
-  const int tile_default = hm::cuda::gemv_rows_tile();
-  hm::cuda::set_gemv_row_kernel(true);
-  int ran = 0;
-  for (auto [n, k] : {std::pair{67, 136}, std::pair{1001, 512}, std::pair{40, 1024}})
-    for (int tile : {2, 4, 8, 16})
-      for (int m : {5, 12, 17, 33, 64})
-        for (DType ty : outs)
-          for (int variant = 0; variant < 3; ++variant) {  // 0 plain, 1 accumulate, 2 fused norm
-            hm::cuda::set_gemv_rows_tile(tile);
-            const bool acc = variant == 1, norm = variant == 2;
-            const int ldx = k + 16, ldy = n + 5;
-            DevMat x(be(), T(), m, ldx, rng, 1.0), W(be(), T(), n, k, rng, 0.1);
-            DevMat g(be(), T(), 1, k, rng, 0.3, 1.0), y(be(), ty, m, ldy, rng, 1.0);
-            const float eps = 1e-5f;
-            ASSERT_TRUE(hm::cuda::gemv_rows_fits(m, k, hm::dtype_size(T()))) << "m " << m << " k " << k;
-            with_type(T(), [&](auto tag) {
-              using E = std::remove_pointer_t<decltype(tag)>;
-              const E* xp = static_cast<const E*>(x.cols(8, k).data);
-              const E* gp = norm ? static_cast<const E*>(g.buf.data()) : nullptr;
-              const E* wp = static_cast<const E*>(W.buf.data());
-              if (ty == DType::F32)
-                hm::cuda::gemv<E, float>(static_cast<float*>(y.cols(1, n).data), ldy, xp, ldx, wp, k, m, n, k, acc, gp,
-                                         eps, nullptr, cuda_->stream());
-              else
-                hm::cuda::gemv<E, E>(static_cast<E*>(y.cols(1, n).data), ldy, xp, ldx, wp, k, m, n, k, acc, gp, eps,
-                                     nullptr, cuda_->stream());
-            });
-            ++ran;
-            std::vector<float> xin = dense(x.f, m, k, ldx, 8);
-            if (norm) {
-              std::vector<float> xn(xin.size());
-              hm::ref::rmsnorm(xn.data(), xin.data(), g.f.data(), m, k, eps);
-              xin = xn;
-            }
-            std::vector<float> ref = y.f;
-            hm::ref::linear(ref.data() + 1, ldy, xin.data(), k, W.f.data(), m, n, k, acc);
-            const std::vector<float> got = y.get(be());
-            const std::string what = "gemv tile " + std::to_string(tile) + " m " + std::to_string(m) + " n " +
-                                     std::to_string(n) + " k " + std::to_string(k) + " out " +
-                                     hm::compute_dtype_name(ty) + " variant " + std::to_string(variant);
-            EXPECT_LE(rel_err(got, ref, m, n, ldy, 1), ty != DType::F32 ? tol(ty) : 1e-5) << what;
-            for (int i = 0; i < m; ++i)
-              for (int j : {0, n + 1, n + 4})
-                EXPECT_EQ(got[size_t(i) * ldy + j], y.f[size_t(i) * ldy + j]) << what << ": row " << i << " column "
-                                                                            << j << " outside y was written";
-          }
-  hm::cuda::set_gemv_rows_tile(tile_default);
-  hm::cuda::set_gemv_row_kernel(row_default);
-  EXPECT_EQ(ran, 3 * 4 * 5 * int(outs.size()) * 3);
 }
 
 // Backend::mamba_in on CUDA (fused at <= 8 one-token sequences, the plain ops otherwise)
@@ -269,13 +196,11 @@ TEST_P(CudaDecode, MambaInMatchesPlainOps) {
   hm::Rng rng(302);
   const int D = 136, E = 72, K = 4;
   const bool row_default = hm::cuda::gemv_row_kernel();
-  const int tile_default = hm::cuda::gemv_rows_tile();
   for (int nseq : {1, 3, 8, 9, 16, 33})
     for (bool norm : {true, false})
-      for (int fused = 0; fused < 4; ++fused) {  // 0 plain ops, 1 fused, 2 on the row kernel, 3 its tiles
+      for (int fused = 0; fused < 3; ++fused) {  // 0 plain ops, 1 fused, 2 fused on the row kernel
         cuda_->set_decode_kernels(fused > 0);
-        hm::cuda::set_gemv_row_kernel(fused >= 2);
-        set_rows_mode(fused == 3);
+        hm::cuda::set_gemv_row_kernel(fused == 2);
         hm::Ragged rg;
         const int n_slots = decode_batch(rg, rng, nseq);
         rg.upload(be());
@@ -301,10 +226,7 @@ TEST_P(CudaDecode, MambaInMatchesPlainOps) {
           hm::ref::conv1d_silu(rxc.data() + size_t(s) * ldxc, ldxc, rst.data() + size_t(rg.slot(s)) * E * (K - 1),
                                xr.data() + size_t(s) * E, E, w.f.data(), b.f.data(), 1, E, K);
         const std::string what = std::string("mamba_in nseq ") + std::to_string(nseq) + (norm ? " norm" : "") +
-                                 (fused == 3   ? " fused, row kernel tiles of 4"
-                                  : fused == 2 ? " fused, row kernel"
-                                  : fused      ? " fused"
-                                               : " plain");
+                                 (fused == 2 ? " fused, row kernel" : fused ? " fused" : " plain");
         EXPECT_LE(rel_err(xz.get(be()), rxz, nseq, 2 * E, ldxz), tol(T())) << what << " xz";
         EXPECT_LE(rel_err(xc.get(be()), rxc, nseq, E, ldxc), tol(T())) << what << " xc";
         // The window holds the stored x, which a last-bit difference in xz can flip.
@@ -313,7 +235,6 @@ TEST_P(CudaDecode, MambaInMatchesPlainOps) {
       }
   cuda_->set_decode_kernels(true);
   hm::cuda::set_gemv_row_kernel(row_default);
-  hm::cuda::set_gemv_rows_tile(tile_default);
 }
 
 // Backend::norm_linear on CUDA (one GEMV with the norm, and a bridge's column scale, inside at
@@ -327,15 +248,13 @@ TEST_P(CudaDecode, NormLinearMatchesPlainOps) {
   struct Shape {
     int k, n;
   };
-  const int tile_default = hm::cuda::gemv_rows_tile();
   for (Shape s : {Shape{136, 77}, Shape{512, 1001}, Shape{1024, 40}})
     for (int m : {1, 3, 8, 16})
       for (int variant = 0; variant < 4; ++variant)  // 0 assign, 1 accumulate, 2 scale (+=), 3 float y
-        for (int fused = 0; fused < 4; ++fused) {  // 0 plain ops, 1 fused, 2 on the row kernel, 3 its tiles
+        for (int fused = 0; fused < 3; ++fused) {  // 0 plain ops, 1 fused, 2 fused on the row kernel
           if (variant == 3 && T() == DType::F32) continue;  // float y is the input type there
           cuda_->set_decode_kernels(fused > 0);
-          hm::cuda::set_gemv_row_kernel(fused >= 2);
-          set_rows_mode(fused == 3);
+          hm::cuda::set_gemv_row_kernel(fused == 2);
           const int k = s.k, n = s.n, ldy = n + 5;
           const bool acc = variant == 1 || variant == 2, scaled = variant == 2;
           const DType ty = variant == 3 ? DType::F32 : T();
@@ -356,10 +275,7 @@ TEST_P(CudaDecode, NormLinearMatchesPlainOps) {
           const std::vector<float> got = y.get(be());
           const std::string what = "norm_linear m " + std::to_string(m) + " k " + std::to_string(k) + " n " +
                                    std::to_string(n) + " variant " + std::to_string(variant) +
-                                   (fused == 3   ? " fused, row kernel tiles of 4"
-                                    : fused == 2 ? " fused, row kernel"
-                                    : fused      ? " fused"
-                                                 : " plain");
+                                   (fused == 2 ? " fused, row kernel" : fused ? " fused" : " plain");
           // x' is rounded to T before the products (the plain rmsnorm stores it): T's bound even
           // for float y.
           EXPECT_LE(rel_err(got, ref, m, n, ldy, 1), tol(T())) << what;
@@ -370,7 +286,6 @@ TEST_P(CudaDecode, NormLinearMatchesPlainOps) {
         }
   cuda_->set_decode_kernels(true);
   hm::cuda::set_gemv_row_kernel(row_default);
-  hm::cuda::set_gemv_rows_tile(tile_default);
 }
 
 // Backend::linear_bridge on CUDA (one GEMV at one row: the output projection and the next

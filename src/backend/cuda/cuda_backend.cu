@@ -182,14 +182,9 @@ bool is_decode(const Ragged& rg) { return rg.max_len() == 1 && rg.n_tokens() == 
 constexpr int kGemvRows = 8;
 constexpr int64_t kGemvRowsMaxWork = int64_t(10) << 20;
 
-int gemv_rows_default() {  // HM_CUDA_GEMV_ROWS=N overrides (A/B runs: small models at batch 2-64)
+int gemv_rows_default() {  // HM_CUDA_GEMV_ROWS=N overrides (A/B runs: small models at batch 2-32)
   const char* v = std::getenv("HM_CUDA_GEMV_ROWS");
-  return v != nullptr && std::atoi(v) >= 0 ? std::min(std::atoi(v), std::max(cuda::kGemvMaxRows, cuda::kGemvMaxRowsRow))
-                                           : kGemvRows;
-}
-int64_t gemv_rows_work_default() {  // HM_CUDA_GEMV_ROWS_WORK=N overrides (A/B runs)
-  const char* v = std::getenv("HM_CUDA_GEMV_ROWS_WORK");
-  return v != nullptr && std::atoll(v) > 0 ? int64_t(std::atoll(v)) : kGemvRowsMaxWork;
+  return v != nullptr && std::atoi(v) >= 0 ? std::min(std::atoi(v), cuda::kGemvMaxRows) : kGemvRows;
 }
 
 // Linears of 2..kSkinnyRows rows (decode steps of 2-64 sequences) can run on the skinny GEMM
@@ -307,10 +302,6 @@ class CudaBackendImpl final : public CudaBackend {
   void set_decode_kernels(bool on) override { decode_kernels_ = on; }
   void set_dt_scan_seqs(int n) override { dt_scan_seqs_ = n; }
   void set_skinny_min_rows(int rows) override { skinny_min_rows_ = rows; }
-  void set_gemv_rows(int rows, int64_t max_work) override {
-    gemv_rows_ = rows;
-    gemv_rows_work_ = max_work;
-  }
   // Batch invariance: one GEMM algorithm per shape whatever m, and none of the kernels that
   // only a pure decode batch (or one row) runs: GEMV, the fused Mamba input stage and dt scan,
   // the one-step conv and scan, split-KV attention. The prefill kernels then serve every row,
@@ -498,7 +489,7 @@ class CudaBackendImpl final : public CudaBackend {
   // Whether m rows of an n x k weight of es-byte elements go to the GEMV (see kGemvRows).
   bool gemv_takes(int m, int n, int k, size_t es) const {
     return m >= 1 && m <= gemv_rows_ &&
-           (m == 1 || (cuda::gemv_rows_fits(m, k, es) && int64_t(m) * n * k <= gemv_rows_work_));
+           (m == 1 || (cuda::gemv_rows_fits(m, k, es) && int64_t(m) * n * k <= kGemvRowsMaxWork));
   }
 
   // Decode steps the GEMV takes (gemv_takes): pre-norm, in_proj and the conv step in one
@@ -1575,8 +1566,7 @@ class CudaBackendImpl final : public CudaBackend {
   std::unique_ptr<cuda::Gemm> gemm_;
   bool decode_kernels_ = decode_kernels_default();
   int dt_scan_seqs_ = dt_scan_seqs_default();
-  int gemv_rows_ = gemv_rows_default();  // the most rows for the GEMV and the fused decode stages
-  int64_t gemv_rows_work_ = gemv_rows_work_default();  // the most m * n * k of a multi-row GEMV
+  const int gemv_rows_ = gemv_rows_default();  // the most rows for the GEMV and the fused decode stages
   int skinny_min_rows_ = skinny_min_rows_default();
   bool inv_ = false;  // set_batch_invariant
   bool fallback_only_ = false;

@@ -39,10 +39,6 @@ class CudaBackend : public Backend {
   // The fewest rows a linear runs on the skinny GEMM with (kernels/cuda/skinny.h; up to 64 rows,
   // 16-bit weights of at most 4 MB); 0: never (the default unless HM_CUDA_SKINNY=1 or 2).
   virtual void set_skinny_min_rows(int rows) = 0;
-  // The most rows a linear (and the fused decode stages) takes the GEMV with, and the most m x n x k
-  // of a multi-row one (defaults kGemvRows, kGemvRowsMaxWork in cuda_backend.cu; HM_CUDA_GEMV_ROWS
-  // and HM_CUDA_GEMV_ROWS_WORK override). Tests raise them to run the row kernel's tiles.
-  virtual void set_gemv_rows(int rows, int64_t max_work) = 0;
   // Bytes held through alloc now (weights, caches, activations, op workspaces; not cuBLAS's own
   // workspace), and the most held since the last reset_peak: what torch.cuda.max_memory_allocated
   // reports, so benchmarks compare like with like, unaffected by other processes on the device.

@@ -18,12 +18,12 @@ namespace hm::cuda {
 
 // Rows the GEMV takes: bf16/f16 run on the tensor cores (one or two m16n8k16 tiles of rows,
 // so up to 32, 8 with the fused norm); f32 (and shapes the tensor-core kernel does not take)
-// run on the CUDA cores, one float sum per row, up to 8; with the row kernel on, 2..64 rows
-// (x staged as floats, at most 96 KB of them a block) take its multi-row form first. More rows go to
+// run on the CUDA cores, one float sum per row, up to 8; with the row kernel on, 2..16 rows
+// (x staged as floats, at most 96 KB of them) take its multi-row form first. More rows go to
 // cuBLASLt.
 constexpr int kGemvMaxRows = 32;
 constexpr int kGemvMaxRowsCudaCores = 8;
-constexpr int kGemvMaxRowsRow = 64;  // the row kernel (x staged as floats): 2..64 rows, in tiles
+constexpr int kGemvMaxRowsRow = 16;  // the row kernel (x staged as floats) at 2..16 rows
 constexpr int kGemvMaxNormRows = 8;
 
 // The conv step fused after in_proj: rows s < m of the output are sequences s (one token each),
@@ -44,8 +44,8 @@ struct ConvStep {
 // Whether gemv takes this shape: x, W (and norm_w) 16-byte aligned with row strides in whole
 // 16-byte vectors, and either the tensor-core kernel's (2-byte types, k % 32 == 0, m <= 32, or
 // <= 8 with norm_w) or the CUDA-core kernel's (k whole vectors, m <= 8), or, with the row kernel
-// on, its multi-row form's (k whole vectors, m <= 64, a block's tile of rows, m rounded up to 2,
-// 4, 8 or 16 and at most gemv_rows_tile(), times k floats within 96 KB).
+// on, its multi-row form's (k whole vectors, m <= 16, m rounded up to 2, 4, 8 or 16 times k
+// floats within 96 KB).
 bool gemv_fits(int m, int k, const void* x, int64_t ldx, const void* W, int64_t ldw, const void* norm_w,
                size_t elem_bytes);
 // Whether m in [2, kGemvMaxRowsRow] rows at k take the row kernel's multi-row form (it is on, k
@@ -59,10 +59,6 @@ bool gemv_tensor_cores();
 // unless HM_CUDA_GEMV_ROW=0 (measured faster on the H200, docs/CUDA.md); tests switch it.
 void set_gemv_row_kernel(bool on);
 bool gemv_row_kernel();
-// The most rows a block of the row kernel's multi-row form computes: 2, 4, 8 or 16 (default 16;
-// HM_CUDA_GEMV_TILE overrides). More rows are split over blocks, each reading the whole W.
-void set_gemv_rows_tile(int rows);
-int gemv_rows_tile();
 
 // y[m, n] (=|+=) x'[m, k] . W[n, k]^T, x' = x or, with norm_w, rmsnorm(x) * norm_w (eps);
 // float sums, y rounded once. With conv (TY == T, not accumulating), the conv step above runs

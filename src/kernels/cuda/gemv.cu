@@ -11,7 +11,6 @@
 // Either way W is read exactly once, x comes from L1/L2, and the first kPre vectors of every
 // lane load before pdl_wait(): they are weights, constant, and their DRAM latency is what a
 // tiny per-kernel budget cannot otherwise hide.
-#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -50,22 +49,6 @@ bool g_row_kernel = [] {
 }  // namespace
 void set_gemv_row_kernel(bool on) { g_row_kernel = on; }
 bool gemv_row_kernel() { return g_row_kernel; }
-
-namespace {
-// The most rows one block of the multi-row row kernel computes (2, 4, 8 or 16); more rows are
-// split over blocks that read the same W (from L2 after the first). HM_CUDA_GEMV_TILE overrides.
-int g_rows_tile = [] {
-  const char* v = std::getenv("HM_CUDA_GEMV_TILE");
-  const int t = v != nullptr ? std::atoi(v) : 16;
-  return t == 2 || t == 4 || t == 8 ? t : 16;
-}();
-}  // namespace
-void set_gemv_rows_tile(int rows) {
-  HM_CHECK(rows == 2 || rows == 4 || rows == 8 || rows == 16, "cuda gemv: a row tile of ", rows,
-           " rows (2, 4, 8 or 16)");
-  g_rows_tile = rows;
-}
-int gemv_rows_tile() { return g_rows_tile; }
 
 namespace {
 
@@ -560,8 +543,8 @@ __global__ void __launch_bounds__(kThreads, DUAL ? 2 : 4) gemv_row_kernel(const 
   if (j < a.conv.E) conv_step(a.conv, 0, j, v);
 }
 
-// The row kernel for 2..M rows (M = 2, 4, 8 or 16) a block: the block's rows of x (times the
-// norm weight) staged as floats in shared memory, each row's 1 / rms applied to its finished sums; a warp
+// The row kernel for 2..M rows (M = 2, 4, 8 or 16): the m rows of x (times the norm weight)
+// staged as floats in shared memory, each row's 1 / rms applied to its finished sums; a warp
 // (or ks warps splitting k) computes kRowCols adjacent columns for every row, so each weight
 // vector loaded feeds m rows and each x vector read feeds kRowCols columns. The warp's M x
 // kRowCols sums are reduced by halving exchanges (each step a lane sends the half of its sums
@@ -570,8 +553,6 @@ __global__ void __launch_bounds__(kThreads, DUAL ? 2 : 4) gemv_row_kernel(const 
 // output is finished (norm, scale, accumulate, conv step) by the lane that holds it.
 // Every loop but the M x kRowCols inner product is kept rolled: unrolled, the 16-row form was
 // 140 KB of code, and each launch spent ~20 us fetching instructions (stop 44, ncu).
-// More than M rows: block b takes tile b % tiles of the rows (M each, the last partial) for
-// column group b / tiles, so the blocks reading the same W rows are adjacent in launch order.
 template <class T, class TY, int M>
 __global__ void __launch_bounds__(kThreads, M >= 8 ? 1 : 2) gemv_rows_kernel(const Args<T, TY> a) {
   constexpr int V = 16 / sizeof(T), S = M * kRowCols;  // sums a warp holds
@@ -581,12 +562,9 @@ __global__ void __launch_bounds__(kThreads, M >= 8 ? 1 : 2) gemv_rows_kernel(con
   __shared__ float red[kWarps][S];
   __shared__ float inv[M];
   pdl_trigger();
-  const int tiles = (a.m + M - 1) / M, r0 = int(blockIdx.x) % tiles * M, m = min(M, a.m - r0);
-  const T* x = a.x + size_t(r0) * a.ldx;
-  TY* y = a.y + size_t(r0) * a.ldy;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int part = warp % a.ks;
-  const int j0 = (int(blockIdx.x) / tiles * (kWarps / a.ks) + warp / a.ks) * kRowCols;
+  const int j0 = (blockIdx.x * (kWarps / a.ks) + warp / a.ks) * kRowCols;
   const int nvec = a.k / V, stride = 32 * a.ks, v0 = part * 32 + lane;
   const uint4* wrow[kRowCols];
   bool ok[kRowCols];
@@ -606,10 +584,10 @@ __global__ void __launch_bounds__(kThreads, M >= 8 ? 1 : 2) gemv_rows_kernel(con
 
   // Stage x * norm weight, one vector per thread at a time over all m rows.
   const bool norm = a.norm_w != nullptr;
-  for (int i = threadIdx.x; i < m * nvec; i += kThreads) {
+  for (int i = threadIdx.x; i < a.m * nvec; i += kThreads) {
     const int r = i / nvec, v = i % nvec;
     float f[V], g[V];
-    widen<T>(reinterpret_cast<const uint4*>(x + size_t(r) * a.ldx)[v], f);
+    widen<T>(reinterpret_cast<const uint4*>(a.x + size_t(r) * a.ldx)[v], f);
     if (norm) widen<T>(__ldg(reinterpret_cast<const uint4*>(a.norm_w) + v), g);
 #pragma unroll
     for (int e = 0; e < V; ++e) f[e] *= norm ? g[e] : 1.0f;
@@ -621,11 +599,11 @@ __global__ void __launch_bounds__(kThreads, M >= 8 ? 1 : 2) gemv_rows_kernel(con
   // Each row's sum of squares by one warp, from x itself (the staged rows hold x * g).
   if (!norm && threadIdx.x < M) inv[threadIdx.x] = 1.0f;
   if (norm) {
-    for (int r = warp; r < m; r += kWarps) {
+    for (int r = warp; r < a.m; r += kWarps) {
       float ss = 0.0f;
       for (int v = lane; v < nvec; v += 32) {
         float f[V];
-        widen<T>(reinterpret_cast<const uint4*>(x + size_t(r) * a.ldx)[v], f);
+        widen<T>(reinterpret_cast<const uint4*>(a.x + size_t(r) * a.ldx)[v], f);
 #pragma unroll
         for (int e = 0; e < V; ++e) ss += f[e] * f[e];
       }
@@ -648,7 +626,7 @@ __global__ void __launch_bounds__(kThreads, M >= 8 ? 1 : 2) gemv_rows_kernel(con
     load(w1, v + 2 * stride);
 #pragma unroll
     for (int r = 0; r < M; ++r) {
-      if (r >= m) break;
+      if (r >= a.m) break;
 #pragma unroll
       for (int q = 0; q < V / 4; ++q) {
         const float4 f = reinterpret_cast<const float4*>(xs + size_t(r) * a.k + v * V)[q];
@@ -699,12 +677,12 @@ __global__ void __launch_bounds__(kThreads, M >= 8 ? 1 : 2) gemv_rows_kernel(con
 #pragma unroll
   for (int i = 0; i < kHeld; ++i) {
     const int r = (first + i) / kRowCols, j = j0 + (first + i) % kRowCols;
-    if (r >= m || j >= a.n) continue;
+    if (r >= a.m || j >= a.n) continue;
     float v = scaled(a, j, acc[i] * inv[r]);
-    TY* yp = y + size_t(r) * a.ldy + j;
+    TY* yp = a.y + size_t(r) * a.ldy + j;
     if (a.accumulate) v += to_f(*yp);
     *yp = from_f<TY>(v);
-    if (j < a.conv.E) conv_step(a.conv, r0 + r, j, v);
+    if (j < a.conv.E) conv_step(a.conv, r, j, v);
   }
 }
 
@@ -725,11 +703,10 @@ bool mma_fits(int m, int k, bool norm, size_t elem_bytes) {
   return g_tensor_cores && elem_bytes == 2 && m >= 1 && m <= (norm ? kGemvMaxNormRows : kGemvMaxRows) && k >= 32 &&
          k % 32 == 0 && (!norm || stage_bytes(m, k) <= kMaxStage);
 }
-// The multi-row row kernel (gemv_rows_kernel): m in [2, kGemvMaxRowsRow], a block's M rows (m
-// rounded up to a power of 2, at most g_rows_tile) of float x within kMaxRowsStage (opt-in above
-// 48 KB).
+// The multi-row row kernel (gemv_rows_kernel): m in [2, kGemvMaxRowsRow], its M (m rounded up
+// to a power of 2) rows of float x within kMaxRowsStage (opt-in above 48 KB).
 constexpr size_t kMaxRowsStage = 96 * 1024;
-int rows_tile(int m) { return std::min(m <= 2 ? 2 : m <= 4 ? 4 : m <= 8 ? 8 : 16, g_rows_tile); }
+int rows_tile(int m) { return m <= 2 ? 2 : m <= 4 ? 4 : m <= 8 ? 8 : 16; }
 bool rows_fits(int m, int k, size_t elem_bytes) {
   return g_row_kernel && m >= 2 && m <= kGemvMaxRowsRow && k >= 1 && k % int(16 / elem_bytes) == 0 &&
          size_t(rows_tile(m)) * size_t(k) * sizeof(float) <= kMaxRowsStage;
@@ -739,10 +716,10 @@ void launch_rows(Args<T, TY>& a, cudaStream_t stream) {
   static const cudaError_t e = cudaFuncSetAttribute(gemv_rows_kernel<T, TY, M>,
                                                     cudaFuncAttributeMaxDynamicSharedMemorySize, int(kMaxRowsStage));
   HM_CUDA_OK(e, "gemv: cudaFuncSetAttribute");
-  const int groups = ceil_div(a.n, kRowCols), nvec = a.k / (16 / int(sizeof(T))), tiles = ceil_div(a.m, M);
-  while (a.ks < kWarps && ceil_div(groups, kWarps / a.ks) * tiles < 2 * sm_count() && 64 * a.ks <= nvec) a.ks *= 2;
-  launch_pdl("gemv", gemv_rows_kernel<T, TY, M>, dim3(ceil_div(groups, kWarps / a.ks) * tiles), dim3(kThreads),
-             stream, size_t(M) * size_t(a.k) * sizeof(float), a);
+  const int groups = ceil_div(a.n, kRowCols), nvec = a.k / (16 / int(sizeof(T)));
+  while (a.ks < kWarps && ceil_div(groups, kWarps / a.ks) < 2 * sm_count() && 64 * a.ks <= nvec) a.ks *= 2;
+  launch_pdl("gemv", gemv_rows_kernel<T, TY, M>, dim3(ceil_div(groups, kWarps / a.ks)), dim3(kThreads), stream,
+             size_t(M) * size_t(a.k) * sizeof(float), a);
 }
 // Lets the kernel take up to kMaxStage bytes of dynamic shared memory (once per instantiation,
 // on the device current at the first call: the backend drives one device).
