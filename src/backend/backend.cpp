@@ -33,10 +33,11 @@ void Backend::kv_attention(Tensor out, Tensor q, Tensor k, Tensor v, const KvPoo
   attention(out, q, kv, H, G, hd, rg);
 }
 
-void Backend::linear_bridge(Tensor y, Tensor x, Tensor W, Tensor normed, Tensor norm_w, float eps, Tensor bW,
-                            Tensor scale, Tensor tmp) {
+bool Backend::linear_bridge(Tensor y, Tensor x, Tensor W, Tensor normed, Tensor norm_w, float eps, Tensor bW,
+                            Tensor scale, Tensor tmp, Tensor /*folded*/, Tensor /*next_w*/, Tensor /*next*/) {
   linear(y, x, W, true);
-  norm_linear(y, x, normed, norm_w, eps, bW, true, scale, tmp);
+  norm_linear(y, x, normed, norm_w, eps, bW, true, scale, tmp.cols > y.cols ? tmp.cols_view(0, y.cols) : tmp);
+  return false;
 }
 
 void Backend::dt_scan(Tensor y, const StatePool& st, Tensor x, Tensor dt_r, Tensor dt_w, Tensor dt,

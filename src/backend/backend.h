@@ -135,9 +135,15 @@ class Backend {
                            Tensor scale, Tensor tmp);
   // y += x . W^T (accumulate), then a state bridge on the same x: y += scale ⊙ (rmsnorm(x) *
   // norm_w . bW^T). A layer's output projection and the next layer's bridge, which reads the
-  // layer's inner output too. `normed` and `tmp` as norm_linear's.
-  virtual void linear_bridge(Tensor y, Tensor x, Tensor W, Tensor normed, Tensor norm_w, float eps, Tensor bW,
-                             Tensor scale, Tensor tmp);
+  // layer's inner output too. `normed` and `tmp` as norm_linear's, except that tmp has
+  // 2 * y.cols columns when `folded` is given.
+  // `folded` (may be empty): [W ; diag(scale) . bW . diag(norm_w)] ([2 * y.cols, x.cols], x's
+  // type), so that both products are one GEMM and the bridge is its second half's rows times
+  // 1 / rms(x) (an override may use it). `next_w` (may be empty): the next layer's pre-norm
+  // weight [y.cols]. Returns true where the override has also written next = rmsnorm(y) *
+  // next_w ([y.rows, y.cols], y's type), the next layer's normed input; the default returns false.
+  virtual bool linear_bridge(Tensor y, Tensor x, Tensor W, Tensor normed, Tensor norm_w, float eps, Tensor bW,
+                             Tensor scale, Tensor tmp, Tensor folded, Tensor next_w, Tensor next);
   // dt = dt_r . dt_w^T, then selective_scan with that dt. `dt` is scratch ([n_tokens, E]):
   // an override may compute each dt where the scan needs it and leave it unwritten.
   virtual void dt_scan(Tensor y, const StatePool& st, Tensor x, Tensor dt_r, Tensor dt_w, Tensor dt,

@@ -14,6 +14,7 @@
 #include <functional>
 #include <set>
 #include <tuple>
+#include <utility>
 
 #include "core/error.h"
 #include "kernels/quant.h"
@@ -298,6 +299,39 @@ void HybridModel::prepare() {
   fused_qkv_ = q_scale_.empty() && cfg_.resolved_rope_dim() == cfg_.head_dim();
   for (int i = 0; i < cfg_.n_layers; ++i)
     if (cfg_.has_attention_path(i)) fused_qkv_ = fused_qkv_ && !lw_[size_t(i)].wqkv.empty();
+  prepare_folds();
+}
+
+// Off a host backend, each folded bridge gets [W_out ; diag(gate) . bridge_proj . diag(bridge_norm)]:
+// rmsnorm(y) * g . bW^T = (y . (bW diag(g))^T) / rms(y), so a decode step's output projection and
+// bridge are one GEMM (Backend::linear_bridge). Rounded once from the float32 arena.
+void HybridModel::prepare_folds() {
+  folds_.clear();
+  folds_.resize(size_t(cfg_.n_layers));
+  if (be_.device() == Device::CPU) return;
+  const int D = cfg_.d_model;
+  for (int i = 0; i + 1 < cfg_.n_layers; ++i) {
+    const LayerTensors* b = folded_bridge(i);
+    LayerTensors& t = lw_[size_t(i)];
+    const bool attn = cfg_.is_attention(i);
+    const Tensor& W = attn ? t.wo : t.out_proj;
+    if (b == nullptr || W.dtype != dtype_ || b->bridge_proj.dtype != dtype_) continue;
+    const LayerWeights& w = params_.layer(i), &nb = params_.layer(i + 1);
+    const int S = cfg_.inner_dim(i);
+    HM_ASSERT(W.rows == D && W.cols == S && b->bridge_proj.cols == S);
+    std::vector<float> f(size_t(2) * D * S);
+    const float* wo = attn ? w.wo : w.out_proj;
+    std::copy_n(wo, size_t(D) * S, f.begin());
+    for (int j = 0; j < D; ++j)
+      for (int k = 0; k < S; ++k)
+        f[(size_t(D) + j) * S + k] = float(double(nb.bridge_gate[j]) * nb.bridge_proj[size_t(j) * S + k] *
+                                           nb.bridge_norm[k]);
+    std::vector<char> staged(f.size() * dtype_size(dtype_));
+    convert_from_f32(staged.data(), dtype_, f.data(), f.size());
+    folds_[size_t(i)] = Buffer(be_, staged.size());
+    be_.to_device(folds_[size_t(i)].data(), staged.data(), staged.size());
+    t.out_bridge = Tensor(folds_[size_t(i)].data(), dtype_, 2 * D, S);
+  }
 }
 
 // Granite's scalings as backend vectors (scales_), each segment 16-element aligned.
@@ -399,11 +433,20 @@ void HybridModel::project_out(int layer, Tensor out, Tensor y, Tensor W, bool ac
     return;
   }
   // bridge(layer + 1)'s operands: h, and the inner buffer this layer wrote (y).
-  const int n = y.rows;
+  const int n = y.rows, D = cfg_.d_model;
   HM_ASSERT(accumulate && out.data == ws_.h.data() && y.data == ws_.inner[layer % 2].data() &&
             y.cols == cfg_.inner_dim(layer));
-  be_.linear_bridge(out, y, W, act(ws_.u, n, y.cols), b->bridge_norm, cfg_.norm_eps, b->bridge_proj, b->bridge_gate,
-                    act(ws_.rows, n, cfg_.d_model));
+  // The folded form at decode-sized batches only: its GEMM's output is twice the plain one's
+  // scratch, which a long prefill would feel in its peak memory.
+  const Tensor& fold = lw_[size_t(layer)].out_bridge;
+  const bool folded = !fold.empty() && n <= kFoldRows;
+  // next shares ws_.u with the bridge's norm scratch: an override writes next only on the
+  // folded path, which leaves that scratch unwritten.
+  next_normed_ = be_.linear_bridge(out, y, W, act(ws_.u, n, y.cols),
+                                   b->bridge_norm, cfg_.norm_eps, b->bridge_proj, b->bridge_gate,
+                                   act(ws_.rows, n, folded ? 2 * D : D), folded ? fold : Tensor(),
+                                   folded ? lw_[size_t(layer + 1)].norm : Tensor(),
+                                   folded ? ws_.u.tensor(dtype_, n, D) : Tensor());
 }
 
 void HybridModel::mamba_path(int layer, Tensor x, const Ragged& rg, Tensor out, bool accumulate,
@@ -573,23 +616,28 @@ void HybridModel::attention_path(int layer, Tensor x, const Ragged& rg, Tensor o
   project_out(layer, out, ctx, w.wo, accumulate);
 }
 
-void HybridModel::mamba_layer(int layer, HybridMemory& mem) {
+void HybridModel::mamba_layer(int layer, HybridMemory& mem, bool normed) {
   const int T = rg_.n_tokens(), D = cfg_.d_model;
   const Tensor out = residual_target(T);
   const bool acc = resid_scale_.empty();
   if (cfg_.is_mamba2(layer))
     mamba2_path(layer, ws_.u.tensor(dtype_, T, D), rg_, out, acc, mem);
+  else if (normed)
+    mamba_path(layer, ws_.u.tensor(dtype_, T, D), rg_, out, acc, mem);
   else
     mamba_path(layer, ws_.h.tensor(dtype_, T, D), rg_, out, acc, mem,
                lw_[size_t(layer)].norm);  // h += mixer(rmsnorm(h))
   join_residual(out);
 }
 
-void HybridModel::attention_layer(int layer, HybridMemory& mem) {
+void HybridModel::attention_layer(int layer, HybridMemory& mem, bool normed) {
   const int T = rg_.n_tokens(), D = cfg_.d_model;
   const Tensor out = residual_target(T);
-  attention_path(layer, ws_.h.tensor(dtype_, T, D), rg_, out, resid_scale_.empty(), mem,
-                 lw_[size_t(layer)].norm);  // h += attention(rmsnorm(h))
+  if (normed)
+    attention_path(layer, ws_.u.tensor(dtype_, T, D), rg_, out, resid_scale_.empty(), mem);
+  else
+    attention_path(layer, ws_.h.tensor(dtype_, T, D), rg_, out, resid_scale_.empty(), mem,
+                   lw_[size_t(layer)].norm);  // h += attention(rmsnorm(h))
   join_residual(out);
 }
 
@@ -862,7 +910,9 @@ Tensor HybridModel::forward_device(const Batch& b, HybridMemory& mem) {
   act(ws_.inner[1], T, S);
   const Tensor h = act(ws_.h, T, D);
   act(ws_.u, T, std::max(D, S));
-  act(ws_.rows, T, D);
+  act(ws_.rows, T, T <= kFoldRows && std::any_of(lw_.begin(), lw_.end(), [](const LayerTensors& t) {
+        return !t.out_bridge.empty();
+      }) ? 2 * D : D);  // project_out's folded bridge
   // Mamba-2 layers use xz for in_proj's z | xBC | dt, xc for the conv's x | B | C, ssd for the scan.
   const bool m2 = !cfg_.mamba2_layers.empty();
   act(ws_.xz, T, m2 ? std::max(2 * E, cfg_.mamba2_in_proj_rows()) : 2 * E);
@@ -971,18 +1021,21 @@ void HybridModel::run_layers(int T, int n_rows, Tensor hrows, HybridMemory& mem)
     be_.memzero(h.data, size_t(T) * D * dtype_size(dtype_));
     be_.add_rows(h, nullptr, e, nullptr, T, nullptr, emb_scale_);
   }
+  next_normed_ = false;
   for (int i = 0; i < cfg_.n_layers; ++i) {
     if (cfg_.has_bridge(i) && folded_bridge(i - 1) == nullptr) bridge(i, T);  // else in layer i - 1
-    // A Mamba-1 layer applies its pre-norm inside mamba_in, an attention layer inside its q | k | v
-    // projection (fused on CUDA's decode step).
-    if (cfg_.is_true(i) || cfg_.is_mamba2(i))
+    // Normed: the layer before wrote this one's normed input with its bridge (project_out).
+    // Otherwise a Mamba-1 layer applies its pre-norm inside mamba_in, an attention layer inside
+    // its q | k | v projection (fused on CUDA's decode step).
+    const bool normed = std::exchange(next_normed_, false);
+    if ((cfg_.is_true(i) || cfg_.is_mamba2(i)) && !normed)
       be_.rmsnorm(ws_.u.tensor(dtype_, T, D), h, lw_[size_t(i)].norm, cfg_.norm_eps);
     if (cfg_.is_true(i))
       true_layer(i, mem);
     else if (cfg_.is_attention(i))
-      attention_layer(i, mem);
+      attention_layer(i, mem, normed);
     else
-      mamba_layer(i, mem);
+      mamba_layer(i, mem, normed);
     if (!cfg_.has_ffn(i)) continue;
     if (cfg_.is_moe(i))
       moe(i, T);

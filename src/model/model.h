@@ -57,6 +57,10 @@ struct LayerTensors {
   Tensor wqkv;  // wq | wk | wv as one [QW + 2 KW, D] view where the three lie end to end
   Tensor fuse_mamba, fuse_attn, exchange, bridge_norm, bridge_proj, bridge_gate;
   Tensor ssm_norm;  // Mamba-2's gated RMSNorm weight [d_inner]
+  // Off a host backend, where the next layer's bridge is folded into this layer's output
+  // projection: [W_out ; diag(gate) . bridge_proj . diag(bridge_norm)] (Backend::linear_bridge's
+  // `folded`, prepare()); empty otherwise.
+  Tensor out_bridge;
   Tensor dt_norm, b_norm, c_norm;  // mamba_bcdt_norm_weight: the dt, B and C norms' weights
   Tensor in_b, out_b;  // mamba_proj_bias: in_proj's and out_proj's biases
   Tensor moe_router;                          // MoE layers: [experts, D]
@@ -176,8 +180,9 @@ class HybridModel {
   // A linear layer's W: packed in weight_format() by the rule of set_weight_format, else weight().
   Tensor linear_weight(const float* host, int rows, int cols);
   void bridge(int layer, int T);
-  void mamba_layer(int layer, HybridMemory& mem);
-  void attention_layer(int layer, HybridMemory& mem);
+  // normed: ws_.u already holds the layer's pre-normed input (project_out of the layer before).
+  void mamba_layer(int layer, HybridMemory& mem, bool normed);
+  void attention_layer(int layer, HybridMemory& mem, bool normed);
   void true_layer(int layer, HybridMemory& mem);
   // The two paths over the compact rows x [n, D] of the ragged batch rg: out [n, D] (=|+=).
   // norm_w: x is the residual stream, pre-normed inside (Backend::mamba_in); empty: x is normed.
@@ -189,7 +194,8 @@ class HybridModel {
   // projection's input must be the inner output the bridge reads (Mamba-1 without biases or
   // attention, not a true-hybrid layer). nullptr otherwise.
   const LayerTensors* folded_bridge(int layer) const;
-  // out (+)= y . W^T, the layer's output projection, with folded_bridge(layer)'s bridge.
+  // out (+)= y . W^T, the layer's output projection, with folded_bridge(layer)'s bridge; sets
+  // next_normed_ where the backend also wrote the next layer's pre-normed input into ws_.u.
   void project_out(int layer, Tensor out, Tensor y, Tensor W, bool accumulate);
   // x raw with norm_w (the layer's pre-norm, applied here), else already normed.
   void attention_path(int layer, Tensor x, const Ragged& rg, Tensor out, bool accumulate, HybridMemory& mem,
@@ -207,6 +213,9 @@ class HybridModel {
   Tensor residual_target(int T);
   void join_residual(Tensor out);
   void prepare_scales();  // scales_ and the tensors into it (prepare)
+  void prepare_folds();   // LayerTensors::out_bridge and folds_ (prepare)
+  // Batches of at most this many tokens take the folded bridge (project_out).
+  static constexpr int kFoldRows = 256;
   // Rows of a workspace buffer as a [rows, cols] tensor of the activation type (grown as needed).
   Tensor act(Buffer& b, int rows, int cols);
   // Host index / gate arrays into backend memory; the pointers stay valid for this forward.
@@ -238,6 +247,8 @@ class HybridModel {
   Tensor emb_scale_, resid_scale_, q_scale_;
   std::vector<Buffer> A_;              // per layer: -exp(A_log) [E, N] float32, [heads] for Mamba-2 (empty for attention)
   std::vector<Buffer> router_;         // per true layer off a host backend: its router's w | fw | b, float32
+  std::vector<Buffer> folds_;          // per layer: the bytes of LayerTensors::out_bridge
+  bool next_normed_ = false;           // run_layers: ws_.u holds the next layer's normed input
   Workspace ws_;
   Ragged rg_, rgm_, rga_;              // the batch; a true layer's Mamba and attention rows
   size_t idx_used_ = 0, gates_used_ = 0;  // upload offsets within ws_.idx / ws_.gates

@@ -288,9 +288,11 @@ TEST_P(CudaDecode, NormLinearMatchesPlainOps) {
   hm::cuda::set_gemv_row_kernel(row_default);
 }
 
-// Backend::linear_bridge on CUDA (one GEMV at one row: the output projection and the next
-// layer's bridge over the same x) against kernels/ref: y += x . W^T, then y += scale ⊙
-// (rmsnorm(x) * g . bW^T). More rows, or the row kernel off, take the plain ops.
+// Backend::linear_bridge on CUDA against kernels/ref: y += x . W^T, then y += scale ⊙ (rmsnorm(x) *
+// g . bW^T). One row: one GEMV for both. Rows the bridge's GEMV does not take, with `folded`
+// ([W ; diag(scale) bW diag(g)], rounded once): one GEMM and bridge_add, which also writes the
+// next layer's normed input rmsnorm(y) * next_w of the y it stored. Otherwise,
+// or with the decode kernels off, the plain ops.
 TEST_P(CudaDecode, LinearBridgeMatchesPlainOps) {
   hm::Rng rng(306);
   const bool row_default = hm::cuda::gemv_row_kernel();
@@ -298,15 +300,29 @@ TEST_P(CudaDecode, LinearBridgeMatchesPlainOps) {
     int k, n;
   };
   for (Shape s : {Shape{136, 77}, Shape{512, 1001}, Shape{1024, 40}, Shape{1024, 512}})
-    for (int m : {1, 3})
+    for (int m : {1, 3, 9, 16, 37})
       for (int fused = 0; fused < 3; ++fused) {  // 0 plain ops, 1 decode kernels with the row kernel off, 2 fused
         cuda_->set_decode_kernels(fused > 0);
         hm::cuda::set_gemv_row_kernel(fused == 2);
         const int k = s.k, n = s.n, ldy = n + 5;
-        DevMat x(be(), T(), m, k, rng, 2.0), normed(be(), T(), m, k, rng, 0.0), tmp(be(), T(), m, n, rng, 0.0);
+        DevMat x(be(), T(), m, k, rng, 2.0), normed(be(), T(), m, k, rng, 0.0), tmp(be(), T(), m, 2 * n, rng, 0.0);
         DevMat g(be(), T(), 1, k, rng, 0.3, 1.0), W(be(), T(), n, k, rng, 0.1), bW(be(), T(), n, k, rng, 0.1);
-        DevMat sc(be(), T(), 1, n, rng, 0.5), y(be(), T(), m, ldy, rng, 1.0);
-        be().linear_bridge(y.cols(1, n), x.t, W.t, normed.t, g.t, 1e-5f, bW.t, sc.t, tmp.t);
+        DevMat sc(be(), T(), 1, n, rng, 0.5), y(be(), T(), m, ldy, rng, 1.0), nw(be(), T(), 1, n, rng, 0.3, 1.0);
+        DevMat next(be(), T(), m, ldy, rng, 1.0);
+        // The folded weight from the rounded operands, rounded once to T.
+        DevMat folded(be(), T(), 2 * n, k, rng, 0.0);
+        {
+          std::vector<float> f(size_t(2) * n * k);
+          std::copy(W.f.begin(), W.f.end(), f.begin());
+          for (int j = 0; j < n; ++j)
+            for (int c = 0; c < k; ++c)
+              f[size_t(n + j) * k + c] = sc.f[size_t(j)] * bW.f[size_t(j) * k + c] * g.f[size_t(c)];
+          std::vector<char> bytes(f.size() * hm::dtype_size(T()));
+          hm::convert_from_f32(bytes.data(), T(), f.data(), f.size());
+          be().to_device(folded.buf.data(), bytes.data(), bytes.size());
+        }
+        const bool wrote = be().linear_bridge(y.cols(1, n), x.t, W.t, normed.t, g.t, 1e-5f, bW.t, sc.t, tmp.t,
+                                              folded.t, nw.t, next.cols(2, n));
         std::vector<float> u(size_t(m) * k), t(size_t(m) * n), ref = y.f;
         hm::ref::linear(ref.data() + 1, ldy, x.f.data(), k, W.f.data(), m, n, k, true);
         hm::ref::rmsnorm(u.data(), x.f.data(), g.f.data(), m, k, 1e-5f);
@@ -321,6 +337,24 @@ TEST_P(CudaDecode, LinearBridgeMatchesPlainOps) {
           for (int j : {0, n + 1, n + 4})
             EXPECT_EQ(got[size_t(i) * ldy + j], y.f[size_t(i) * ldy + j]) << what << ": row " << i << " column " << j
                                                                         << " outside y was written";
+        // The folded form is taken exactly where the bridge's GEMV is not.
+        const bool gemv = m <= 8 && (m == 1 || fused == 2);
+        EXPECT_EQ(wrote, fused > 0 && m > 1 && !gemv) << what;
+        const std::vector<float> got_next = next.get(be());
+        if (wrote) {
+          // next is the norm of the y that was stored (y itself was checked above).
+          std::vector<float> ys = dense(got, m, n, ldy, 1), nref(size_t(m) * n), full = next.f;
+          hm::ref::rmsnorm(nref.data(), ys.data(), nw.f.data(), m, n, 1e-5f);
+          for (int i = 0; i < m; ++i) std::copy_n(nref.begin() + ptrdiff_t(i) * n, n, full.begin() + ptrdiff_t(i) * ldy + 2);
+          EXPECT_LE(rel_err(got_next, full, m, n, ldy, 2), tol(T())) << what << ": next";
+        }
+        for (int i = 0; i < m; ++i)
+          for (int j : {0, 1, n + 2, n + 4})
+            EXPECT_EQ(got_next[size_t(i) * ldy + j], next.f[size_t(i) * ldy + j])
+                << what << ": row " << i << " column " << j << " outside next was written";
+        if (!wrote) {
+          EXPECT_EQ(got_next, next.f) << what << ": next written where linear_bridge returned false";
+        }
       }
   cuda_->set_decode_kernels(true);
   hm::cuda::set_gemv_row_kernel(row_default);

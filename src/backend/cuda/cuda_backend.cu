@@ -187,6 +187,13 @@ int gemv_rows_default() {  // HM_CUDA_GEMV_ROWS=N overrides (A/B runs: small mod
   return v != nullptr && std::atoi(v) >= 0 ? std::min(std::atoi(v), cuda::kGemvMaxRows) : kGemvRows;
 }
 
+// Whether linear_bridge takes a folded bridge (one GEMM, then bridge_add) at rows the bridge's
+// GEMV does not take: on unless HM_CUDA_FOLD_BRIDGE=0 (the A/B switch).
+bool fold_bridge_default() {
+  const char* v = std::getenv("HM_CUDA_FOLD_BRIDGE");
+  return v == nullptr || std::atoi(v) != 0;
+}
+
 // Linears of 2..kSkinnyRows rows (decode steps of 2-64 sequences) can run on the skinny GEMM
 // (kernels/cuda/skinny.h): W streamed once for all rows, split-K reduced inside the launch, and
 // every row's bits independent of the batch (issue 16). Off by default: on the H200
@@ -572,30 +579,58 @@ class CudaBackendImpl final : public CudaBackend {
   }
 
   // One row: the output projection and the next layer's bridge in one GEMV over the same x
-  // (decode.h, gemv_bridge); otherwise the default (linear, then norm_linear).
-  void linear_bridge(Tensor y, Tensor x, Tensor W, Tensor normed, Tensor norm_w, float eps, Tensor bW, Tensor scale,
-                     Tensor tmp) override {
+  // (decode.h, gemv_bridge). Rows the bridge's GEMV does not take, with `folded`: both products
+  // in one GEMM, then one kernel adds them (the bridge's half times 1 / rms(x)) and writes the
+  // next layer's normed input (cuda_ops.h, bridge_add): 2 launches instead of 5. Otherwise the
+  // default (linear, then norm_linear).
+  bool linear_bridge(Tensor y, Tensor x, Tensor W, Tensor normed, Tensor norm_w, float eps, Tensor bW, Tensor scale,
+                     Tensor tmp, Tensor folded, Tensor next_w, Tensor next) override {
     const char* op = "linear_bridge";
     const int m = x.rows, k = x.cols, n = W.rows;
-    if (!decode_kernels_on() || m != 1 || m > gemv_rows_ || is_packed(W.dtype) || is_packed(bW.dtype) ||
-        y.dtype != x.dtype ||
-        !cuda::gemv_bridge_fits(k, x.data, W.data, W.ld, bW.data, bW.ld, norm_w.data, dtype_size(x.dtype))) {
-      Backend::linear_bridge(y, x, W, normed, norm_w, eps, bW, scale, tmp);
-      return;
+    const size_t es = dtype_size(x.dtype);
+    if (decode_kernels_on() && m == 1 && m <= gemv_rows_ && !is_packed(W.dtype) && !is_packed(bW.dtype) &&
+        y.dtype == x.dtype &&
+        cuda::gemv_bridge_fits(k, x.data, W.data, W.ld, bW.data, bW.ld, norm_w.data, es)) {
+      check_view(op, "x", x, m, k);
+      check_view(op, "W", W, n, k);
+      check_view(op, "bW", bW, n, k);
+      check_view(op, "y", y, m, n);
+      check_vec(op, "norm_w", norm_w, k);
+      check_vec(op, "scale", scale, n);
+      for (auto [name, t] : {std::pair{"W", W}, std::pair{"bW", bW}, std::pair{"norm_w", norm_w}, std::pair{"scale", scale}})
+        check_type(op, name, t, x.dtype);
+      dispatch(x.dtype, [&](auto tag) {
+        using T = elem_t<decltype(tag)>;
+        cuda::gemv_bridge<T>(ptr<T>(y), ptr<T>(x), ptr<T>(W), int(W.ld), ptr<T>(bW), int(bW.ld), ptr<T>(norm_w), eps,
+                             ptr<T>(scale), n, k, stream_);
+      });
+      return false;
     }
-    check_view(op, "x", x, m, k);
-    check_view(op, "W", W, n, k);
-    check_view(op, "bW", bW, n, k);
-    check_view(op, "y", y, m, n);
-    check_vec(op, "norm_w", norm_w, k);
-    check_vec(op, "scale", scale, n);
-    for (auto [name, t] : {std::pair{"W", W}, std::pair{"bW", bW}, std::pair{"norm_w", norm_w}, std::pair{"scale", scale}})
-      check_type(op, name, t, x.dtype);
-    dispatch(x.dtype, [&](auto tag) {
-      using T = elem_t<decltype(tag)>;
-      cuda::gemv_bridge<T>(ptr<T>(y), ptr<T>(x), ptr<T>(W), int(W.ld), ptr<T>(bW), int(bW.ld), ptr<T>(norm_w), eps,
-                           ptr<T>(scale), n, k, stream_);
-    });
+    if (decode_kernels_on() && fold_bridge_ && m > 1 && folded.data != nullptr && !gemv_takes(m, n, k, es) &&
+        !is_packed(folded.dtype) && y.dtype == x.dtype) {
+      check_view(op, "x", x, m, k);
+      check_view(op, "y", y, m, n);
+      check_view(op, "folded", folded, 2 * n, k);
+      check_view(op, "tmp", tmp, m, 2 * n);
+      check_type(op, "folded", folded, x.dtype);
+      check_type(op, "tmp", tmp, x.dtype);
+      const bool has_next = next_w.data != nullptr;
+      if (has_next) {
+        check_vec(op, "next_w", next_w, n);
+        check_view(op, "next", next, m, n);
+        check_type(op, "next_w", next_w, x.dtype);
+        check_type(op, "next", next, x.dtype);
+      }
+      linear(tmp, x, folded, false);
+      dispatch(x.dtype, [&](auto tag) {
+        using T = elem_t<decltype(tag)>;
+        cuda::bridge_add<T>(ptr<T>(y), int(y.ld), ptr<T>(tmp), int(tmp.ld), ptr<T>(x), int(x.ld), m, n, k, eps,
+                            has_next ? ptr<T>(next_w) : nullptr, has_next ? ptr<T>(next) : nullptr,
+                            has_next ? int(next.ld) : 0, stream_);
+      });
+      return has_next;
+    }
+    return Backend::linear_bridge(y, x, W, normed, norm_w, eps, bW, scale, tmp, folded, next_w, next);
   }
 
   // Decode: dt_proj inside the scan step; otherwise the default (linear, then the scan).
@@ -1566,6 +1601,7 @@ class CudaBackendImpl final : public CudaBackend {
   std::unique_ptr<cuda::Gemm> gemm_;
   bool decode_kernels_ = decode_kernels_default();
   int dt_scan_seqs_ = dt_scan_seqs_default();
+  const bool fold_bridge_ = fold_bridge_default();
   const int gemv_rows_ = gemv_rows_default();  // the most rows for the GEMV and the fused decode stages
   int skinny_min_rows_ = skinny_min_rows_default();
   bool inv_ = false;  // set_batch_invariant

@@ -44,6 +44,14 @@ template <class T>
 void add_rmsnorm(T* out, T* h, const T* delta, const T* w, int n, int d, float eps,
                  cudaStream_t stream);
 
+// A state bridge folded into the output projection (Backend::linear_bridge's `folded`): t [m,
+// 2n] holds x . W^T | x . (diag(scale) bW diag(norm_w))^T; per row, y += t[:, :n] + t[:, n:] *
+// rsqrt(mean_k(x^2) + eps) (y stored as T once), then, with next_w, next = rmsnorm(y) * next_w
+// on the stored y (the next layer's pre-norm).
+template <class T>
+void bridge_add(T* y, int ldy, const T* t, int ldt, const T* x, int ldx, int m, int n, int k, float eps,
+                const T* next_w, T* next, int ldn, cudaStream_t stream);
+
 // out[i,:] = table[ids[i],:]; ids are device memory and already validated against the vocab.
 template <class T>
 void embedding(T* out, const T* table, const int32_t* ids, int n, int d, cudaStream_t stream);

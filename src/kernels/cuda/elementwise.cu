@@ -47,6 +47,33 @@ __global__ void __launch_bounds__(kRowThreads) rmsnorm_kernel(T* __restrict__ ou
     out[row + j] = from_f<T>(to_f(h[row + j]) * r * to_f(w[j]));
 }
 
+// A folded state bridge's second step (bridge_add in cuda_ops.h): one block per row.
+template <class T>
+__global__ void __launch_bounds__(kRowThreads) bridge_add_kernel(T* y, int ldy, const T* __restrict__ t, int ldt,
+                                                                 const T* __restrict__ x, int ldx, int n, int k,
+                                                                 float eps, const T* __restrict__ next_w,
+                                                                 T* __restrict__ next, int ldn) {
+  const int64_t r = blockIdx.x;
+  float ss = 0;
+  for (int c = threadIdx.x; c < k; c += kRowThreads) {
+    const float v = to_f(x[r * ldx + c]);
+    ss += v * v;
+  }
+  const float inv = rsqrtf(block_sum(ss) / float(k) + eps);
+  const T* tr = t + r * ldt;
+  T* yr = y + r * ldy;
+  float sy = 0;
+  for (int j = threadIdx.x; j < n; j += kRowThreads) {
+    const T v = from_f<T>(to_f(yr[j]) + to_f(tr[j]) + inv * to_f(tr[n + j]));
+    yr[j] = v;
+    sy += to_f(v) * to_f(v);
+  }
+  if (next == nullptr) return;
+  const float ry = rsqrtf(block_sum(sy) / float(n) + eps);
+  // Each thread re-reads only the elements of y it wrote itself.
+  for (int j = threadIdx.x; j < n; j += kRowThreads) next[r * ldn + j] = from_f<T>(to_f(yr[j]) * ry * to_f(next_w[j]));
+}
+
 // Many rows (training, long prefills): one warp a row, 4 columns a lane per access, 8 rows a
 // block; the second pass re-reads the row from L1/L2, not HBM. Same math as rmsnorm_kernel.
 constexpr int kWarpRowsMin = 2048;  // below this, a block a row keeps more of the GPU busy
@@ -174,6 +201,14 @@ void add_rmsnorm(T* out, T* h, const T* delta, const T* w, int n, int d, float e
 }
 
 template <class T>
+void bridge_add(T* y, int ldy, const T* t, int ldt, const T* x, int ldx, int m, int n, int k, float eps,
+                const T* next_w, T* next, int ldn, cudaStream_t stream) {
+  if (m <= 0) return;
+  bridge_add_kernel<T><<<m, kRowThreads, 0, stream>>>(y, ldy, t, ldt, x, ldx, n, k, eps, next_w, next, ldn);
+  HM_CUDA_LAUNCHED("bridge_add");
+}
+
+template <class T>
 void gated_rmsnorm(T* out, int ldo, const T* y, int ldy, const T* z, int ldz, const T* w, int n, int E, int group,
                    float eps, cudaStream_t stream) {
   HM_CHECK(group > 0 && E % group == 0 && E / group <= 65535, "cuda gated_rmsnorm: group ", group,
@@ -217,6 +252,8 @@ void rope(T* x, int ldx, int heads, int hd, const RaggedBatch& rb, float theta, 
 #define HM_INST(T)                                                                              \
   template void rmsnorm<T>(T*, const T*, const T*, int, int, float, cudaStream_t);             \
   template void add_rmsnorm<T>(T*, T*, const T*, const T*, int, int, float, cudaStream_t);     \
+  template void bridge_add<T>(T*, int, const T*, int, const T*, int, int, int, int, float, const T*, T*, int, \
+                              cudaStream_t);                                                   \
   template void embedding<T>(T*, const T*, const int32_t*, int, int, cudaStream_t);            \
   template void gated_rmsnorm<T>(T*, int, const T*, int, const T*, int, const T*, int, int, int, float, \
                                  cudaStream_t);                                                \
