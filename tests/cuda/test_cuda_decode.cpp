@@ -404,7 +404,7 @@ TEST_P(CudaDecode, DtScanMatchesPlainOps) {
         EXPECT_LE(rel_err(st.get(be()), rst, n_slots, E * N, E * N), T() == DType::F32 ? 1e-5 : tol(T())) << what << " state";
       }
   cuda_->set_decode_kernels(true);
-  cuda_->set_dt_scan_seqs(1);
+  cuda_->set_dt_scan_seqs(-1);
 }
 
 INSTANTIATE_TEST_SUITE_P(Types, CudaDecode, ::testing::Values(DType::F32, DType::BF16, DType::F16),

@@ -240,15 +240,19 @@ size_t head_block_bytes() {
   return v != nullptr && std::atoll(v) > 0 ? size_t(std::atoll(v)) : kHeadBlockBytes;
 }
 
-// The most sequences a decode step runs dt_proj inside the scan step (dt_scan) for. Each
-// (sequence, channel) re-reads its row of dt_proj, so the weight is read once per sequence:
-// 1 MB per layer per sequence on the 1.4B shape (dt rank 128, E 4096). Above this, dt_proj is
-// one cuBLASLt GEMM that reads it once. HM_CUDA_DT_SCAN_SEQS=N overrides (the A/B switch).
-constexpr int kDtScanSeqs = 1;
+// When a decode step runs dt_proj inside the scan step (dt_scan). Each (sequence, channel)
+// re-reads its row of dt_proj, so the weight is read once per sequence (from L2 after the
+// first); otherwise dt_proj is one cuBLASLt GEMM that reads it once, a launch more. Fused at one
+// sequence, and while sequences x dt_proj's bytes stay within kDtScanBytes. Stop 47 on an H100
+// (bench/results/gpu-2026-12-07-stop47/): fused at every count, the seed (dt_proj 64 KB) gained
+// at 16 sequences (1 MB) and lost 8% at 64 (4 MB), the 130M (147 KB) lost 1-3% at 16 and 15% at
+// 64 (callA); this rule against "one sequence" (callD): seed +8.7% at 8 and +4.1% at 16, 130M
+// +8.4% at 8. HM_CUDA_DT_SCAN_SEQS=N replaces the rule by "at most N sequences" (A/B runs).
+constexpr size_t kDtScanBytes = size_t(5) << 18;  // 1.25 MB
 
-int dt_scan_seqs_default() {
+int dt_scan_seqs_default() {  // -1: the byte rule
   const char* v = std::getenv("HM_CUDA_DT_SCAN_SEQS");
-  return v != nullptr && std::atoi(v) >= 0 ? std::atoi(v) : kDtScanSeqs;
+  return v != nullptr && std::atoi(v) >= 0 ? std::atoi(v) : -1;
 }
 
 bool decode_kernels_default() {
@@ -638,7 +642,12 @@ class CudaBackendImpl final : public CudaBackend {
                const float* A, Tensor B, Tensor C, Tensor Dskip, Tensor z, const Ragged& rg) override {
     const char* op = "dt_scan";
     const int E = x.cols, N = B.cols, R = dt_r.cols, T_ = rg.n_tokens();
-    if (!decode_kernels_on() || !is_decode(rg) || rg.nseq() > dt_scan_seqs_ || is_packed(dt_w.dtype) || T_ == 0) {
+    const int nseq = rg.nseq();
+    const bool fuse = !is_packed(dt_w.dtype) &&
+                      (dt_scan_seqs_ >= 0 ? nseq <= dt_scan_seqs_
+                                          : nseq == 1 || size_t(nseq) * size_t(E) * size_t(R) * dt_w.elem_size() <=
+                                                             kDtScanBytes);
+    if (!decode_kernels_on() || !is_decode(rg) || !fuse || T_ == 0) {
       Backend::dt_scan(y, st, x, dt_r, dt_w, dt, dt_bias, A, B, C, Dskip, z, rg);
       return;
     }

@@ -34,7 +34,8 @@ class CudaBackend : public Backend {
   // and the plain kernels (tests and benchmarks compare the two).
   virtual void set_decode_kernels(bool on) = 0;
   // The most sequences whose decode step runs dt_proj inside the scan (dt_scan); above, dt_proj is
-  // a GEMM. Default 1 (HM_CUDA_DT_SCAN_SEQS overrides); tests raise it to run the fused kernel.
+  // a GEMM. Default -1: one sequence, or while sequences x dt_proj's bytes stay within 1.25 MB
+  // (HM_CUDA_DT_SCAN_SEQS overrides); tests set it to run either kernel.
   virtual void set_dt_scan_seqs(int n) = 0;
   // The fewest rows a linear runs on the skinny GEMM with (kernels/cuda/skinny.h; up to 64 rows,
   // 16-bit weights of at most 4 MB); 0: never (the default unless HM_CUDA_SKINNY=1 or 2).
