@@ -41,8 +41,17 @@ decode_ab() {
 }
 peer_b1() { peer "$1" 1x16; }
 # peer SHAPE [CASES]: ours against mamba_ssm on decode CASES (default 1x16,16x16,64x16).
+peer_unpack() {  # the peer's built extensions and sources (.peerdev carried) into P
+  P=/tmp/peers; rm -rf $P; mkdir -p $P; tar xJf .peerdev/peers.tar.xz -C $P; { [ -f .peerdev/src.tar.xz ] && tar xJf .peerdev/src.tar.xz -C $P || cp -r .peerdev/mamba_ssm .peerdev/causal_conv1d $P/; }
+}
+# train_peer SHAPE: a training step, ours against mamba_ssm + PyTorch, 8 x 2048, bf16.
+train_peer() {
+  peer_unpack
+  PYTHONPATH=$P timeout 120 $HM bench --train --device cuda --config bench/cuda_peer_configs/$1.json --batch 8 --seq-len 2048 --steps 5 --json --peer bench/cuda_peer.py > $R/train_peer_$1.json 2> $R/train_peer_$1.log
+  python3 -c "import json,sys;d=json.load(open(sys.argv[1]));p=d['peer'];print(sys.argv[2],'ours ms',round(d['train_step_ms'],2),'peer ms %.2f ratio %.3f mem %.3f'%(p['ms_per_step'],d['vs_peer_tok_s'],d['vs_peer_memory']))" $R/train_peer_$1.json $1
+}
 peer() {
-  local P=/tmp/peers; rm -rf $P; mkdir -p $P; tar xJf .peerdev/peers.tar.xz -C $P; { [ -f .peerdev/src.tar.xz ] && tar xJf .peerdev/src.tar.xz -C $P || cp -r .peerdev/mamba_ssm .peerdev/causal_conv1d $P/; }
+  peer_unpack
   PYTHONPATH=$P timeout 150 $HM bench --device cuda --config bench/cuda_peer_configs/$1.json --decode-cases ${2:-1x16,16x16,64x16} \
     --peer bench/cuda_peer.py --reps 3 --json > $R/peer_$1.json 2> $R/peer_$1.log
   python3 -c "
