@@ -5,7 +5,8 @@
 namespace hm {
 
 void Backend::mamba_in(Tensor xz, Tensor xc, const StatePool& conv, Tensor x, Tensor normed, Tensor norm_w,
-                       float eps, Tensor in_proj, Tensor conv_w, Tensor conv_b, const Ragged& rg) {
+                       float eps, Tensor in_proj, Tensor conv_w, Tensor conv_b, const Ragged& rg,
+                       bool /*unit_norm*/) {
   Tensor src = x;
   if (norm_w.data != nullptr) {
     rmsnorm(normed, x, norm_w, eps);

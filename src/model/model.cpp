@@ -153,6 +153,16 @@ void HybridModel::prepare() {
     if (dev_weights_.bytes() != n * dtype_size(dtype_)) dev_weights_ = Buffer(be_, n * dtype_size(dtype_));
     std::vector<char> staged(n * dtype_size(dtype_));
     convert_from_f32(staged.data(), dtype_, params_.data(), n);
+    for (int i = 0; i < cfg_.n_layers; ++i) {
+      if (!folds_norm(i)) continue;
+      // in_proj diag(norm): rmsnorm(h) * g . W^T = (h . (W diag(g))^T) / rms(h). Rounded once.
+      const LayerWeights& w = params_.layer(i);
+      std::vector<float> f(size_t(2) * E * D);
+      for (size_t r = 0; r < size_t(2) * E; ++r)
+        for (int j = 0; j < D; ++j) f[r * D + j] = float(double(w.in_proj[r * D + j]) * w.norm[j]);
+      convert_from_f32(staged.data() + size_t(w.in_proj - params_.data()) * dtype_size(dtype_), dtype_, f.data(),
+                       f.size());
+    }
     be_.to_device(dev_weights_.data(), staged.data(), staged.size());
   }
   streaming_ = !staged_.empty();
@@ -169,6 +179,8 @@ void HybridModel::prepare() {
   if (cfg_.mamba_bcdt_norm && !cfg_.mamba_bcdt_norm_weight) n_ones = size_t(std::max(R, N));
   if (cfg_.mamba2_norm_before_gate && !cfg_.mamba2_layers.empty() && cfg_.mamba2_norm_group() < E)
     n_ones = std::max(n_ones, size_t(cfg_.mamba2_norm_group()));
+  for (int i = 0; i < cfg_.n_layers; ++i)
+    if (folds_norm(i)) n_ones = std::max(n_ones, size_t(D));  // the folded pre-norms' weight
   ones_ = Buffer();
   if (n_ones > 0) {
     const std::vector<float> one(n_ones, 1.0f);
@@ -187,7 +199,8 @@ void HybridModel::prepare() {
   for (int i = 0; i < cfg_.n_layers; ++i) {
     const LayerWeights& w = params_.layer(i);
     LayerTensors& t = lw_[size_t(i)];
-    t.norm = weight(w.norm, 1, D);
+    t.norm_folded = folds_norm(i);
+    t.norm = t.norm_folded ? Tensor(ones_.data(), dtype_, 1, D) : weight(w.norm, 1, D);
     if (cfg_.is_mamba2(i)) {
       const int H2 = cfg_.mamba2_heads(), CD = cfg_.mamba2_conv_dim();
       t.in_proj = linear_weight(w.in_proj, cfg_.mamba2_in_proj_rows(), D);
@@ -300,6 +313,14 @@ void HybridModel::prepare() {
   for (int i = 0; i < cfg_.n_layers; ++i)
     if (cfg_.has_attention_path(i)) fused_qkv_ = fused_qkv_ && !lw_[size_t(i)].wqkv.empty();
   prepare_folds();
+}
+
+// Off a host backend, each plain Mamba-1 layer (no projection biases, not a true-hybrid layer,
+// whose both paths read the normed input) gets its pre-norm's weight folded into in_proj, so
+// the CUDA decode step beyond the GEMV's rows needs no RMSNorm launch (Backend::mamba_in).
+bool HybridModel::folds_norm(int layer) const {
+  return be_.device() != Device::CPU && cfg_.has_mamba_path(layer) && !cfg_.is_true(layer) &&
+         !cfg_.is_mamba2(layer) && !cfg_.mamba_proj_bias && !packs(cfg_.d_model);
 }
 
 // Off a host backend, each folded bridge gets [W_out ; diag(gate) . bridge_proj . diag(bridge_norm)]:
@@ -462,7 +483,7 @@ void HybridModel::mamba_path(int layer, Tensor x, const Ragged& rg, Tensor out, 
   if (!cfg_.mamba_proj_bias) {
     // With norm_w, x is the residual stream and the layer's pre-norm runs inside mamba_in.
     be_.mamba_in(xz, xc, mem.recurrent().conv_pool(layer), x, norm_w.data ? act(ws_.u, n, x.cols) : Tensor(),
-                 norm_w, cfg_.norm_eps, w.in_proj, w.conv_w, w.conv_b, rg);
+                 norm_w, cfg_.norm_eps, w.in_proj, w.conv_w, w.conv_b, rg, w.norm_folded);
   } else {  // mamba_in's steps with in_proj's bias between the projection and the conv
     Tensor src = x;
     if (norm_w.data) {

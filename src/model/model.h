@@ -61,6 +61,10 @@ struct LayerTensors {
   // projection: [W_out ; diag(gate) . bridge_proj . diag(bridge_norm)] (Backend::linear_bridge's
   // `folded`, prepare()); empty otherwise.
   Tensor out_bridge;
+  // Off a host backend, a Mamba-1 layer's pre-norm weight g lives in in_proj's columns (in_proj =
+  // W diag(g), norm = ones; HybridModel::folds_norm): a decode step may then project the
+  // residual itself and apply 1 / rms afterwards (Backend::mamba_in's unit_norm).
+  bool norm_folded = false;
   Tensor dt_norm, b_norm, c_norm;  // mamba_bcdt_norm_weight: the dt, B and C norms' weights
   Tensor in_b, out_b;  // mamba_proj_bias: in_proj's and out_proj's biases
   Tensor moe_router;                          // MoE layers: [experts, D]
@@ -213,6 +217,7 @@ class HybridModel {
   Tensor residual_target(int T);
   void join_residual(Tensor out);
   void prepare_scales();  // scales_ and the tensors into it (prepare)
+  bool folds_norm(int layer) const;  // LayerTensors::norm_folded (prepare)
   void prepare_folds();   // LayerTensors::out_bridge and folds_ (prepare)
   // Batches of at most this many tokens take the folded bridge (project_out).
   static constexpr int kFoldRows = 256;

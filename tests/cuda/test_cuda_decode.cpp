@@ -190,15 +190,17 @@ TEST_P(CudaDecode, GemvMatchesRef) {
   EXPECT_FALSE(hm::cuda::gemv_fits(1, 32, x.cols(1, 32).data, 64, x.buf.data(), 64, nullptr, hm::dtype_size(T())));
 }
 
-// Backend::mamba_in on CUDA (fused at <= 8 one-token sequences, the plain ops otherwise)
+// Backend::mamba_in on CUDA (fused at <= 8 one-token sequences; beyond, with a unit norm weight
+// (unit_norm), in_proj over x then 1 / rms inside the conv step; the plain ops otherwise)
 // against rmsnorm -> linear -> conv1d_silu of kernels/ref per sequence.
 TEST_P(CudaDecode, MambaInMatchesPlainOps) {
   hm::Rng rng(302);
   const int D = 136, E = 72, K = 4;
   const bool row_default = hm::cuda::gemv_row_kernel();
-  for (int nseq : {1, 3, 8, 9, 16, 33})
-    for (bool norm : {true, false})
+  for (int nseq : {1, 3, 8, 9, 16, 33, 70})
+    for (int mode = 0; mode < 3; ++mode)  // 0 no norm, 1 norm, 2 norm with a unit weight (unit_norm)
       for (int fused = 0; fused < 3; ++fused) {  // 0 plain ops, 1 fused, 2 fused on the row kernel
+        const bool norm = mode > 0, unit = mode == 2;
         cuda_->set_decode_kernels(fused > 0);
         hm::cuda::set_gemv_row_kernel(fused == 2);
         hm::Ragged rg;
@@ -206,13 +208,13 @@ TEST_P(CudaDecode, MambaInMatchesPlainOps) {
         rg.upload(be());
         const int ldxz = 2 * E + 8, ldxc = E + 3;
         DevMat x(be(), T(), nseq, D, rng, 2.0), normed(be(), T(), nseq, D, rng, 0.0);
-        DevMat g(be(), T(), 1, D, rng, 0.3, 1.0), W(be(), T(), 2 * E, D, rng, 0.1);
+        DevMat g(be(), T(), 1, D, rng, unit ? 0.0 : 0.3, 1.0), W(be(), T(), 2 * E, D, rng, 0.1);
         DevMat w(be(), T(), E, K, rng, 0.4), b(be(), T(), 1, E, rng, 0.3);
         DevMat xz(be(), T(), nseq, ldxz, rng, 1.0), xc(be(), T(), nseq, ldxc, rng, 1.0);
         DevMat st(be(), DType::F32, n_slots, E * (K - 1), rng, 1.0);
         const hm::StatePool pool{static_cast<float*>(st.buf.data()), n_slots, int64_t(E) * (K - 1)};
         be().mamba_in(xz.cols(0, 2 * E), xc.cols(0, E), pool, x.t, normed.t, norm ? g.t : Tensor(), 1e-5f, W.t, w.t,
-                      b.t, rg);
+                      b.t, rg, unit);
         std::vector<float> u = x.f;
         if (norm) hm::ref::rmsnorm(u.data(), x.f.data(), g.f.data(), nseq, D, 1e-5f);
         std::vector<float> rxz = xz.f, rxc = xc.f, rst = st.f;
@@ -225,7 +227,8 @@ TEST_P(CudaDecode, MambaInMatchesPlainOps) {
         for (int s = 0; s < nseq; ++s)
           hm::ref::conv1d_silu(rxc.data() + size_t(s) * ldxc, ldxc, rst.data() + size_t(rg.slot(s)) * E * (K - 1),
                                xr.data() + size_t(s) * E, E, w.f.data(), b.f.data(), 1, E, K);
-        const std::string what = std::string("mamba_in nseq ") + std::to_string(nseq) + (norm ? " norm" : "") +
+        const std::string what = std::string("mamba_in nseq ") + std::to_string(nseq) +
+                                 (unit ? " unit norm" : norm ? " norm" : "") +
                                  (fused == 2 ? " fused, row kernel" : fused ? " fused" : " plain");
         EXPECT_LE(rel_err(xz.get(be()), rxz, nseq, 2 * E, ldxz), tol(T())) << what << " xz";
         EXPECT_LE(rel_err(xc.get(be()), rxc, nseq, E, ldxc), tol(T())) << what << " xc";

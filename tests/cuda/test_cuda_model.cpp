@@ -166,6 +166,40 @@ TEST(CudaModel, HalfPrecisionWithinBound) {
   }
 }
 
+// Decode steps of more sequences than the GEMV takes (12 and 40): their projections run on
+// cuBLASLt, the Mamba layers' pre-norm applied after in_proj (Backend::mamba_in's unit_norm; the
+// norm weight folded into in_proj by prepare).
+TEST(CudaModel, ManySequenceDecodeEqualsCpu) {
+  SKIP_WITHOUT_GPU();
+  auto cpu = make_cpu_backend();
+  auto gpu = make_backend(Device::CUDA);
+  int k = 0;
+  for (ModelConfig c : {gpu_tiny(), gpu_wide(), preset("mamba")}) {
+    if (c.d_model == 512) { c.n_layers = 3; c.vocab_size = 500; }
+    for (int nseq : {12, 40}) {
+      std::vector<int> lens;
+      for (int i = 0; i < nseq; ++i) lens.push_back(1 + (i * 7) % 23);
+      const Script s = make_script(700 + k, c.vocab_size, lens, 4);
+      HybridModel a(c, *cpu);
+      randomize_params(a, 800 + k);
+      const auto want = run(a, KvType::F32, s);
+      for (DType t : {DType::F32, DType::BF16}) {
+        HybridModel g(c, *gpu, t);
+        copy_weights(a, g);
+        const auto got = run(g, t == DType::F32 ? KvType::F32 : KvType::BF16, s);
+        const double e = rel_err(got, want), agree = argmax_agreement(got, want, c.vocab_size);
+        std::printf("%s config %d, %d sequences: max rel err %.3g, argmax agreement %.3f\n", compute_dtype_name(t),
+                    k, nseq, e, agree);
+        EXPECT_LT(e, t == DType::F32 ? 1e-4 : 6e-2) << compute_dtype_name(t) << " config " << k << " nseq " << nseq;
+        if (t != DType::F32) {
+          EXPECT_GT(agree, 0.8) << "config " << k << " nseq " << nseq;
+        }
+      }
+    }
+    ++k;
+  }
+}
+
 // On the GPU alone: one prefill = the same tokens in chunks = token by token.
 TEST(CudaModel, PrefillEqualsChunksEqualsDecode) {
   SKIP_WITHOUT_GPU();

@@ -255,6 +255,13 @@ int dt_scan_seqs_default() {  // -1: the byte rule
   return v != nullptr && std::atoi(v) >= 0 ? std::atoi(v) : -1;
 }
 
+// The pre-norm's 1 / rms applied in the conv step after in_proj (mamba_in with unit_norm, decode
+// steps beyond the GEMV's rows); HM_CUDA_NORM_AFTER=0 runs the RMSNorm launch instead (A/B runs).
+bool norm_after_default() {
+  const char* v = std::getenv("HM_CUDA_NORM_AFTER");
+  return v == nullptr || std::string(v) != "0";
+}
+
 bool decode_kernels_default() {
   const char* v = std::getenv("HM_CUDA_GEMV");
   return v == nullptr || std::string(v) != "0";
@@ -504,17 +511,23 @@ class CudaBackendImpl final : public CudaBackend {
   }
 
   // Decode steps the GEMV takes (gemv_takes): pre-norm, in_proj and the conv step in one
-  // kernel (decode.h); otherwise the default sequence of ops.
+  // kernel (decode.h). Other decode steps with unit_norm: in_proj over x itself (cuBLASLt), then
+  // the conv step applies 1 / rms(x) (conv1d_silu_step_normed), the RMSNorm launch saved.
+  // Otherwise the default sequence of ops.
   void mamba_in(Tensor xz, Tensor xc, const StatePool& conv, Tensor x, Tensor normed, Tensor norm_w, float eps,
-                Tensor in_proj, Tensor conv_w, Tensor conv_b, const Ragged& rg) override {
+                Tensor in_proj, Tensor conv_w, Tensor conv_b, const Ragged& rg, bool unit_norm) override {
     const char* op = "mamba_in";
     const int m = x.rows, k = x.cols, n = in_proj.rows, E = xc.cols, K = conv_w.cols;
     const bool norm = norm_w.data != nullptr;
-    if (!decode_kernels_on() || !is_decode(rg) || !gemv_takes(m, n, k, dtype_size(x.dtype)) ||
-        is_packed(in_proj.dtype) || K < 2 || K > cuda::kMaxConv ||
+    const bool step = decode_kernels_on() && is_decode(rg) && !is_packed(in_proj.dtype) && K >= 2 &&
+                      K <= cuda::kMaxConv;
+    if (!step || !gemv_takes(m, n, k, dtype_size(x.dtype)) ||
         !cuda::gemv_fits(m, k, x.data, x.ld, in_proj.data, in_proj.ld, norm ? norm_w.data : nullptr,
                          dtype_size(x.dtype))) {
-      Backend::mamba_in(xz, xc, conv, x, normed, norm_w, eps, in_proj, conv_w, conv_b, rg);
+      if (step && norm && unit_norm && norm_after_ && n == 2 * E)
+        mamba_in_norm_after(xz, xc, conv, x, eps, in_proj, conv_w, conv_b, rg);
+      else
+        Backend::mamba_in(xz, xc, conv, x, normed, norm_w, eps, in_proj, conv_w, conv_b, rg, unit_norm);
       return;
     }
     check_view(op, "x", x, rg.n_tokens(), k);
@@ -545,6 +558,33 @@ class CudaBackendImpl final : public CudaBackend {
       cs.K = K;
       cuda::gemv<T, T>(ptr<T>(xz), int(xz.ld), ptr<T>(x), int(x.ld), ptr<T>(in_proj), int(in_proj.ld), m, n, k,
                        false, norm ? ptr<T>(norm_w) : nullptr, eps, &cs, stream_);
+    });
+  }
+
+  // mamba_in's decode step with unit_norm beyond the GEMV's rows: xz = x . in_proj^T, then each
+  // row of xz times 1 / rms(x) inside the conv step.
+  void mamba_in_norm_after(Tensor xz, Tensor xc, const StatePool& conv, Tensor x, float eps, Tensor in_proj,
+                           Tensor conv_w, Tensor conv_b, const Ragged& rg) {
+    const char* op = "mamba_in";
+    const int m = x.rows, k = x.cols, E = xc.cols, K = conv_w.cols;
+    check_view(op, "x", x, rg.n_tokens(), k);
+    check_view(op, "xz", xz, m, 2 * E);
+    check_view(op, "xc", xc, m, E);
+    check_view(op, "conv_w", conv_w, E, K);
+    check_dense(op, "conv_w", conv_w);
+    check_vec(op, "conv_b", conv_b, E);
+    for (const auto& [name, t] : {std::pair{"xz", &xz}, std::pair{"xc", &xc}, std::pair{"conv_w", &conv_w},
+                                  std::pair{"conv_b", &conv_b}})
+      check_type(op, name, *t, x.dtype);
+    check_state(op, conv, int64_t(E) * (K - 1));
+    check_ragged(op, rg, conv.n_slots);
+    linear(xz, x, in_proj, false);
+    const cuda::RaggedBatch rb = batch(rg);
+    dispatch(x.dtype, [&](auto tag) {
+      using T = elem_t<decltype(tag)>;
+      cuda::conv1d_silu_step_normed<T>(ptr<T>(xc), int(xc.ld), conv.base, rb.slots, ptr<T>(xz), int(xz.ld),
+                                       ptr<T>(x), int(x.ld), k, eps, ptr<T>(conv_w), ptr<T>(conv_b), rb.nseq, E, K,
+                                       stream_);
     });
   }
 
@@ -1611,6 +1651,7 @@ class CudaBackendImpl final : public CudaBackend {
   bool decode_kernels_ = decode_kernels_default();
   int dt_scan_seqs_ = dt_scan_seqs_default();
   const bool fold_bridge_ = fold_bridge_default();
+  const bool norm_after_ = norm_after_default();
   const int gemv_rows_ = gemv_rows_default();  // the most rows for the GEMV and the fused decode stages
   int skinny_min_rows_ = skinny_min_rows_default();
   bool inv_ = false;  // set_batch_invariant

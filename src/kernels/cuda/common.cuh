@@ -28,6 +28,23 @@ template <> __device__ __forceinline__ float from_f<float>(float v) { return v; 
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
 
+// Sum over a block of Threads threads (a multiple of 32); every thread gets the total. Every
+// thread of the block must call it.
+template <int Threads>
+__device__ float block_sum(float v) {
+  static_assert(Threads % 32 == 0 && Threads <= 1024);
+  __shared__ float part[Threads / 32];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) part[warp] = v;
+  __syncthreads();
+  float s = 0;
+#pragma unroll
+  for (int i = 0; i < Threads / 32; ++i) s += part[i];
+  __syncthreads();  // part is reused by the next call
+  return s;
+}
+
 // Four adjacent elements as one 8- or 16-byte access (the address 4-element aligned).
 template <class T>
 struct Vec4 {

@@ -151,15 +151,27 @@ __global__ void conv_state_kernel(float* state, const T* __restrict__ x, int ldx
 // writes the outputs and shifts the windows. vec (the pool 16-byte aligned and E (K-1) a
 // multiple of 4, so every slot's row and every 4th channel's window start on 16 bytes): the
 // windows move as K-1 float4 each way; else (and for the last channels past a multiple of 4)
-// float by float.
-template <class T, int K>
+// float by float. NORM (conv1d_silu_step_normed): x is row s of xz, the projection of h[s] itself;
+// each block first sums h[s]'s squares for r = 1 / rms(h[s]), then stores x r and z r (z = x + E)
+// rounded to T in place and convolves the stored x, as the plain ops would have stored it.
+template <class T, int K, bool NORM>
 __global__ void __launch_bounds__(kThreads) conv_step_kernel(
-    T* __restrict__ out, int ldo, float* state, const int32_t* __restrict__ slots, const T* __restrict__ x,
-    int ldx, const T* __restrict__ w, const T* __restrict__ b, int E, bool vec) {
+    T* __restrict__ out, int ldo, float* state, const int32_t* __restrict__ slots, T* __restrict__ x,
+    int ldx, const T* __restrict__ w, const T* __restrict__ b, int E, bool vec, const T* __restrict__ h, int ldh,
+    int D, float eps) {
   constexpr int C4 = 4, W = C4 * (K - 1);  // channels per thread, floats of their windows
   const int c = (blockIdx.x * kThreads + threadIdx.x) * C4;
-  if (c >= E) return;
   const int s = blockIdx.y;
+  float r = 1.0f;
+  if constexpr (NORM) {  // before the early return: every thread takes part in the block sum
+    float ss = 0;
+    for (int j = threadIdx.x; j < D; j += kThreads) {
+      const float v = to_f(h[size_t(s) * ldh + j]);
+      ss += v * v;
+    }
+    r = rsqrtf(block_sum<kThreads>(ss) / float(D) + eps);
+  }
+  if (c >= E) return;
   float* st = state + (size_t(slots[s]) * E + c) * (K - 1);
   const bool full = vec && c + C4 <= E;
   float win[W];
@@ -179,7 +191,14 @@ __global__ void __launch_bounds__(kThreads) conv_step_kernel(
     const int e = c + v;
     if (e >= E) break;
     const float* wv = win + v * (K - 1);
-    const float xv = to_f(x[size_t(s) * ldx + e]);
+    T* xe = x + size_t(s) * ldx + e;
+    float xv = to_f(*xe);
+    if constexpr (NORM) {
+      const T xs = from_f<T>(xv * r);
+      *xe = xs;
+      xv = to_f(xs);
+      xe[E] = from_f<T>(to_f(xe[E]) * r);
+    }
     float acc = to_f(b[e]) + to_f(w[size_t(e) * K + K - 1]) * xv;  // conv_state[:, -1] = x
 #pragma unroll
     for (int j = 0; j < K - 1; ++j) acc += to_f(w[size_t(e) * K + j]) * wv[j];
@@ -258,17 +277,35 @@ void conv1d_silu_step(T* out, int ldo, float* conv_state, const int32_t* slots, 
   if (nseq <= 0 || E <= 0) return;
   const bool vec = reinterpret_cast<uintptr_t>(conv_state) % 16 == 0 && E * (K - 1) % 4 == 0;
   with_k(K, [&](auto kc) {
-    conv_step_kernel<T, decltype(kc)::value><<<dim3(ceil_div(E, 4 * kThreads), nseq), kThreads, 0, stream>>>(
-        out, ldo, conv_state, slots, x, ldx, w, b, E, vec);
+    // NORM off: x is only read.
+    conv_step_kernel<T, decltype(kc)::value, false><<<dim3(ceil_div(E, 4 * kThreads), nseq), kThreads, 0, stream>>>(
+        out, ldo, conv_state, slots, const_cast<T*>(x), ldx, w, b, E, vec, nullptr, 0, 0, 0.0f);
   });
   HM_CUDA_LAUNCHED("conv1d_silu_step");
+}
+
+template <class T>
+void conv1d_silu_step_normed(T* out, int ldo, float* conv_state, const int32_t* slots, T* xz, int ldxz,
+                             const T* h, int ldh, int D, float eps, const T* w, const T* b, int nseq, int E, int K,
+                             cudaStream_t stream) {
+  check_conv(K);
+  HM_CHECK(D > 0, "cuda conv1d_silu_step_normed: h has ", D, " columns");
+  if (nseq <= 0 || E <= 0) return;
+  const bool vec = reinterpret_cast<uintptr_t>(conv_state) % 16 == 0 && E * (K - 1) % 4 == 0;
+  with_k(K, [&](auto kc) {
+    conv_step_kernel<T, decltype(kc)::value, true><<<dim3(ceil_div(E, 4 * kThreads), nseq), kThreads, 0, stream>>>(
+        out, ldo, conv_state, slots, xz, ldxz, w, b, E, vec, h, ldh, D, eps);
+  });
+  HM_CUDA_LAUNCHED("conv1d_silu_step_normed");
 }
 
 #define HM_INST(T)                                                                               \
   template void conv1d_silu<T>(T*, int, float*, const T*, int, const T*, const T*,              \
                                const RaggedBatch&, int, int, cudaStream_t);                     \
   template void conv1d_silu_step<T>(T*, int, float*, const int32_t*, const T*, int, const T*,   \
-                                    const T*, int, int, int, cudaStream_t);
+                                    const T*, int, int, int, cudaStream_t);                     \
+  template void conv1d_silu_step_normed<T>(T*, int, float*, const int32_t*, T*, int, const T*, int, \
+                                           int, float, const T*, const T*, int, int, int, cudaStream_t);
 HM_CUDA_FOR_TYPES(HM_INST)
 #undef HM_INST
 

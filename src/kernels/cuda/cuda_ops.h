@@ -74,6 +74,14 @@ void conv1d_silu(T* out, int ldo, float* conv_state, const T* x, int ldx, const 
 template <class T>
 void conv1d_silu_step(T* out, int ldo, float* conv_state, const int32_t* slots, const T* x, int ldx,
                       const T* w, const T* b, int nseq, int E, int K, cudaStream_t stream);
+// The same step with the pre-norm's 1 / rms applied after the projection: xz [nseq, 2E] (ldxz)
+// holds h . in_proj^T for rows h [nseq, D] (ldh) and an in_proj whose columns carry the norm's
+// weight; each row s becomes xz[s] / rms(h[s]) (rounded to T, in place, x and z alike), then the
+// conv step reads its first E columns as conv1d_silu_step reads x.
+template <class T>
+void conv1d_silu_step_normed(T* out, int ldo, float* conv_state, const int32_t* slots, T* xz, int ldxz,
+                             const T* h, int ldh, int D, float eps, const T* w, const T* b, int nseq, int E, int K,
+                             cudaStream_t stream);
 
 // Prefill selective scan over the ragged batch, continuing from ssm_state[slots[s]] ([E, N]
 // float) and leaving the final state there. A [E, N] float holds -exp(A_log); the other

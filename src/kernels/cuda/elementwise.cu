@@ -10,20 +10,6 @@ namespace {
 
 constexpr int kRowThreads = 256;
 
-// Sum over the block (kRowThreads threads); every thread gets the total.
-__device__ float block_sum(float v) {
-  __shared__ float part[kRowThreads / 32];
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (lane == 0) part[warp] = v;
-  __syncthreads();
-  float s = 0;
-#pragma unroll
-  for (int i = 0; i < kRowThreads / 32; ++i) s += part[i];
-  __syncthreads();  // part is reused by the next call
-  return s;
-}
-
 // One block per row. With delta, h += delta first (stored as T) and the norm reads the stored h.
 template <class T>
 __global__ void __launch_bounds__(kRowThreads) rmsnorm_kernel(T* __restrict__ out, T* h,
@@ -41,7 +27,7 @@ __global__ void __launch_bounds__(kRowThreads) rmsnorm_kernel(T* __restrict__ ou
     }
     ss += v * v;
   }
-  const float r = rsqrtf(block_sum(ss) / float(d) + eps);
+  const float r = rsqrtf(block_sum<kRowThreads>(ss) / float(d) + eps);
   // Each thread re-reads only the elements it wrote itself, so no barrier is needed.
   for (int j = threadIdx.x; j < d; j += kRowThreads)
     out[row + j] = from_f<T>(to_f(h[row + j]) * r * to_f(w[j]));
@@ -59,7 +45,7 @@ __global__ void __launch_bounds__(kRowThreads) bridge_add_kernel(T* y, int ldy, 
     const float v = to_f(x[r * ldx + c]);
     ss += v * v;
   }
-  const float inv = rsqrtf(block_sum(ss) / float(k) + eps);
+  const float inv = rsqrtf(block_sum<kRowThreads>(ss) / float(k) + eps);
   const T* tr = t + r * ldt;
   T* yr = y + r * ldy;
   float sy = 0;
@@ -69,7 +55,7 @@ __global__ void __launch_bounds__(kRowThreads) bridge_add_kernel(T* y, int ldy, 
     sy += to_f(v) * to_f(v);
   }
   if (next == nullptr) return;
-  const float ry = rsqrtf(block_sum(sy) / float(n) + eps);
+  const float ry = rsqrtf(block_sum<kRowThreads>(sy) / float(n) + eps);
   // Each thread re-reads only the elements of y it wrote itself.
   for (int j = threadIdx.x; j < n; j += kRowThreads) next[r * ldn + j] = from_f<T>(to_f(yr[j]) * ry * to_f(next_w[j]));
 }
@@ -124,7 +110,7 @@ __global__ void __launch_bounds__(kRowThreads) gated_rmsnorm_kernel(T* out, int 
     const float g = to_f(y[i * ldy + j]) * silu(to_f(z[i * ldz + j]));
     ss += g * g;
   }
-  const float r = rsqrtf(block_sum(ss) / float(group) + eps);
+  const float r = rsqrtf(block_sum<kRowThreads>(ss) / float(group) + eps);
   for (int j = j0 + threadIdx.x; j < j0 + group; j += kRowThreads) {
     const float g = to_f(y[i * ldy + j]) * silu(to_f(z[i * ldz + j]));
     out[i * ldo + j] = from_f<T>(g * r * to_f(w[j]));
