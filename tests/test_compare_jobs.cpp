@@ -4,10 +4,13 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 #include <nlohmann/json.hpp>
 
@@ -123,6 +126,87 @@ TEST(CompareJobs, JobsGiveTheSameResultsAsOneJob) {
   const std::vector<hm::CompareRun> again = hm::run_compare(c);
   ASSERT_EQ(again.size(), three.size());
   for (size_t i = 0; i < again.size(); ++i) EXPECT_EQ(again[i].train_s, three[i].train_s);
+}
+
+// A run that runs out of memory while others train beside it (hm::OutOfMemory, thrown here by
+// the test hook as a backend's alloc would) is trained again alone after them: the sweep's
+// results equal the one-job sweep's, the run's loss curve included.
+TEST(CompareJobs, OutOfMemoryBesideOthersIsRetriedAlone) {
+  hm::test::TempDir d("compare_oom_jobs");
+  hm::CompareConfig c = small_sweep(d.path / "one");
+  const std::vector<hm::CompareRun> one = hm::run_compare(c);
+  const std::string target = "mqar_L8_d16_hybrid_lr0.01";
+  std::mutex mu;
+  std::vector<int> target_running;  // the running count at each start of the target
+  std::atomic<int> others{0};
+  c.jobs = 3;
+  c.out_dir = (d.path / "three").string();
+  c.on_run_start = [&](const std::string& run, int running) {
+    if (run != target) {
+      ++others;
+      return;
+    }
+    bool first = false;
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      target_running.push_back(running);
+      first = target_running.size() == 1;
+    }
+    if (!first) return;
+    while (others.load() == 0) std::this_thread::yield();  // another run is training beside it
+    throw hm::OutOfMemory("test: out of memory beside other runs");
+  };
+  const std::vector<hm::CompareRun> three = hm::run_compare(c);
+  ASSERT_EQ(target_running.size(), 2u);
+  EXPECT_EQ(target_running[1], 1);  // the retry trained alone
+  ASSERT_EQ(three.size(), one.size());
+  for (size_t i = 0; i < one.size(); ++i) {
+    SCOPED_TRACE(i);
+    EXPECT_EQ(three[i].error, "");
+    EXPECT_FALSE(three[i].out_of_memory);
+    EXPECT_EQ(three[i].metric, one[i].metric);
+    EXPECT_EQ(three[i].loss, one[i].loss);
+    EXPECT_EQ(three[i].best, one[i].best);
+  }
+  EXPECT_EQ(csv_without_time(d.path / "one" / "results.csv"), csv_without_time(d.path / "three" / "results.csv"));
+  EXPECT_EQ(loss_curve(d.path / "one" / "runs" / target), loss_curve(d.path / "three" / "runs" / target));
+}
+
+// Out of memory with nothing beside it is the run's failure: recorded (the table says the cell's
+// best is of fewer lrs), but a later call trains it again instead of reusing the failure; the
+// sweep's other runs are reused.
+TEST(CompareJobs, OutOfMemoryAloneIsRecordedAndTrainedAgainNextTime) {
+  hm::test::TempDir d("compare_oom_alone");
+  hm::CompareConfig c = small_sweep(d.path);
+  const std::string target = "mqar_L8_d16_hybrid_lr0.01";
+  c.on_run_start = [&](const std::string& run, int) {
+    if (run == target) throw hm::OutOfMemory("test: out of memory");
+  };
+  const std::vector<hm::CompareRun> first = hm::run_compare(c);
+  ASSERT_EQ(first.size(), 12u);
+  size_t ti = first.size();
+  for (size_t i = 0; i < first.size(); ++i)
+    if (first[i].arch == "hybrid" && first[i].seq_len == 8 && first[i].lr == 1e-2f) ti = i;
+  ASSERT_LT(ti, first.size());
+  EXPECT_NE(first[ti].error.find("test: out of memory"), std::string::npos) << first[ti].error;
+  EXPECT_TRUE(first[ti].out_of_memory);
+  EXPECT_FALSE(first[ti].best);
+  const auto saved = nlohmann::json::parse(slurp(d.path / "runs" / target / "result.json"));
+  EXPECT_EQ(saved.at("out_of_memory"), true);
+  const std::string table = hm::compare_table(c, first);
+  EXPECT_NE(table.find("(1 of 2 lrs failed)"), std::string::npos) << table;
+
+  c.on_run_start = nullptr;
+  const std::vector<hm::CompareRun> second = hm::run_compare(c);
+  ASSERT_EQ(second.size(), first.size());
+  EXPECT_EQ(second[ti].error, "");
+  EXPECT_FALSE(second[ti].out_of_memory);
+  for (size_t i = 0; i < second.size(); ++i) {
+    if (i != ti) {
+      EXPECT_EQ(second[i].train_s, first[i].train_s) << i;  // reused
+    }
+  }
+  EXPECT_EQ(hm::compare_table(c, second).find("lrs failed"), std::string::npos);
 }
 
 // The device path scores a task in chunks that end at the scored positions; that is the full

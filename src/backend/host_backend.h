@@ -43,7 +43,7 @@ class HostBackend : public Backend {
   void* alloc(size_t bytes) override {
     // 64-byte alignment for AVX-512 loads; not zeroed so untouched pages cost no memory.
     void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
-    HM_CHECK(p != nullptr || bytes == 0, name(), ": out of memory allocating ", bytes, " bytes");
+    if (p == nullptr && bytes != 0) throw OutOfMemory(detail::cat(name(), ": out of memory allocating ", bytes, " bytes"));
     return p;
   }
   void free(void* p) override { std::free(p); }

@@ -15,6 +15,13 @@ class Error : public std::runtime_error {
   explicit Error(const std::string& what) : std::runtime_error(what) {}
 };
 
+// A failed allocation (a backend's alloc): a property of what else holds the memory at that
+// moment, not of the input, so a caller that runs several jobs at once may retry it alone.
+class OutOfMemory : public Error {
+ public:
+  explicit OutOfMemory(const std::string& what) : Error(what) {}
+};
+
 [[noreturn]] inline void assert_fail(const char* expr, const char* file, int line) {
   std::fprintf(stderr, "hm: internal error: %s at %s:%d\n", expr, file, line);
   std::abort();

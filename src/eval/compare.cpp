@@ -52,6 +52,7 @@ json run_json(const CompareRun& r) {
             {"train_s", r.train_s}, {"score_s", r.score_s}, {"steps", r.steps},
             {"batch", r.batch},     {"best", r.best}};
   if (!r.error.empty()) j["error"] = r.error;
+  if (r.out_of_memory) j["out_of_memory"] = true;
   return j;
 }
 
@@ -213,6 +214,9 @@ struct Sweep {
   std::vector<size_t> cell_left, cell_begin, cell_end;
   size_t next = 0;                      // the next pending run to hand out (index into pending)
   std::vector<size_t> pending;          // the runs to train, in sweep order
+  int running = 0;                      // runs training now
+  bool alone = false;                   // the retry pass: one run at a time
+  std::vector<size_t> retry;            // out of memory beside other runs: trained again alone
   int64_t done = 0;                     // runs finished (trained, failed or reused)
   double work_done = 0, work_left = 0;  // tokens (steps x batch x seq_len) trained here, and to train
   int64_t trained = 0;
@@ -395,7 +399,20 @@ void train_run(Sweep& s, size_t i, const std::map<int, TaskSpec>& specs, bool pr
       std::fflush(stderr);
     };
   const auto t0 = Clock::now();
+  int running_now = 0;
+  {
+    std::lock_guard<std::mutex> lk(s.mu);
+    running_now = ++s.running;
+  }
+  struct Leave {  // the count drops however train_run leaves
+    Sweep& s;
+    ~Leave() {
+      std::lock_guard<std::mutex> lk(s.mu);
+      --s.running;
+    }
+  } leave{s};
   try {
+    if (c.on_run_start) c.on_run_start(p.name, running_now);
     train(t);
     r.train_s = earlier_s + std::chrono::duration<double>(Clock::now() - t0).count();
     const auto t1 = Clock::now();
@@ -433,6 +450,19 @@ void train_run(Sweep& s, size_t i, const std::map<int, TaskSpec>& specs, bool pr
                     {"train_s", earlier_s + std::chrono::duration<double>(Clock::now() - t0).count()}};
     write_file_atomic(pending.string(), j.dump(2) + "\n");
     throw;
+  } catch (const OutOfMemory& e) {
+    {
+      std::lock_guard<std::mutex> lk(s.mu);
+      // Beside other runs: their memory, not this run's need, may be what failed it. Trained
+      // again from the start, alone, once every other run is done.
+      if (!s.alone && (running_now > 1 || s.running > 1)) {
+        s.retry.push_back(i);
+        return;
+      }
+    }
+    r.train_s = earlier_s + std::chrono::duration<double>(Clock::now() - t0).count();
+    r.error = e.what();
+    r.out_of_memory = true;
   } catch (const Error& e) {
     r.train_s = earlier_s + std::chrono::duration<double>(Clock::now() - t0).count();
     r.error = e.what();
@@ -576,7 +606,9 @@ std::vector<CompareRun> run_compare(const CompareConfig& c) {
         const std::string file = file_path.string();
         const json old = parse_json_file(file);
         const JsonFields f(old, file);
-        if (f.at("key") == plan[i].key) {
+        // Out of memory is a property of that moment, not of the run: train it again.
+        const bool oom = f.has("out_of_memory") && old.at("out_of_memory") == true;
+        if (f.at("key") == plan[i].key && !oom) {
           const double inf = std::numeric_limits<double>::max();
           CompareRun& r = runs[i];
           r.metric = f.get_double("metric", 0, inf);
@@ -618,6 +650,17 @@ std::vector<CompareRun> run_compare(const CompareConfig& c) {
         job(s, specs, false);
       });
     for (std::thread& t : pool) t.join();
+    // Runs that ran out of memory beside others: again, one at a time, in sweep order.
+    if (!s.retry.empty() && !s.failure && !s.interrupted && interrupt_signal() == 0) {
+      std::sort(s.retry.begin(), s.retry.end());
+      if (c.progress)
+        std::fprintf(stderr, "%zu runs ran out of device memory beside others: training them again, one at a time\n",
+                     s.retry.size());
+      s.pending = s.retry;
+      s.next = 0;
+      s.alone = true;
+      job(s, specs, true);
+    }
   }
   const double wall = std::chrono::duration<double>(Clock::now() - s.t_train).count();
   if (s.failure) std::rethrow_exception(s.failure);
@@ -654,9 +697,14 @@ std::string compare_table(const CompareConfig& c, const std::vector<CompareRun>&
                     r.n_layers, static_cast<long long>(r.params), r.seq_len, r.kv, "-", "failed", r.train_s,
                     r.error.substr(0, 60).c_str());
     } else {
-      std::snprintf(buf, sizeof buf, "%-16s %7d %6d %9lld %7d %4d %8s %9.4f %9.1f\n", r.arch.c_str(), r.d_model,
+      // A best of fewer lrs than asked for says so.
+      int lrs = 0, failed = 0;
+      for (const CompareRun& x : runs)
+        if (x.arch == r.arch && x.d_model == r.d_model && x.seq_len == r.seq_len) ++lrs, failed += !x.error.empty();
+      const std::string note = failed > 0 ? detail::cat("  (", failed, " of ", lrs, " lrs failed)") : "";
+      std::snprintf(buf, sizeof buf, "%-16s %7d %6d %9lld %7d %4d %8s %9.4f %9.1f%s\n", r.arch.c_str(), r.d_model,
                     r.n_layers, static_cast<long long>(r.params), r.seq_len, r.kv, fmt_lr(r.lr).c_str(), r.metric,
-                    r.train_s);
+                    r.train_s, note.c_str());
     }
     o << buf;
   }

@@ -14,13 +14,15 @@
 //   attention-2l   Zoology's own attention baseline, 2 attention layers at any size (about
 //                  40% of the reference's parameters), to set results against its Figure 2
 //   mamba2         Mamba-2 (SSD) layers only, d_state 64, heads of min(64, d_inner) channels,
-//                  matched like the others (extra_arch_names(); they train on the CPU only
-//                  so far: a --device cuda run of them fails with the trainer's reason)
+//                  matched like the others (extra_arch_names(); on CUDA their backward is still
+//                  the per-(sequence, head) reference kernel: slow, and its scratch grows with
+//                  batch x heads, docs/EVALUATION.md)
 //   hybrid-mamba2  Mamba-2 and attention alternating (M2 A M2 A ...), without bridges
 // The layer count of each non-reference architecture is the one whose parameter count
 // (embeddings included) is closest to the reference's; matched_config() reports it.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -72,6 +74,9 @@ struct CompareConfig {
   // models are bound by launch latency and host work, which other runs' kernels then fill.
   // A run's result does not depend on it.
   int jobs = 1;
+  // Test hook: called as each run starts training, with its name and how many runs (itself
+  // included) are training at that moment; what it throws is what the run threw.
+  std::function<void(const std::string& run, int running)> on_run_start;
   bool on_device() const { return device != Device::CPU || device_path_on_cpu; }
   int batch_for(size_t seq_len_index) const { return batches.empty() ? batch : batches.at(seq_len_index); }
   int64_t steps_for(size_t seq_len_index) const {
@@ -93,6 +98,7 @@ struct CompareRun {
   int batch = 0;
   bool best = false;  // the best lr of its (arch, d_model, seq_len) cell
   std::string error;  // non-empty: the run failed (metric meaningless)
+  bool out_of_memory = false;  // it failed allocating (hm::OutOfMemory) even alone: not reused
 };
 
 // Runs (or reuses, when out_dir/runs/<name>/result.json exists from an identical run) every
@@ -100,7 +106,10 @@ struct CompareRun {
 // results.json and results.svg atomically after each cell completes (with the runs of every
 // complete cell, in sweep order), so an interrupted sweep keeps what it finished. On a device a
 // task run is scored there (each example in chunks ending at its scored positions).
-// Failed runs (e.g. an architecture whose training is not built) are recorded and skipped.
+// Failed runs (e.g. an architecture whose training is not built) are recorded and skipped,
+// except that a run that ran out of memory while others trained beside it (jobs > 1) is trained
+// again alone after them; one that runs out of memory alone is recorded but trained again by
+// the next call instead of being reused (the memory was a property of that moment).
 // On a signal (core/interrupt.h) the run in progress saves a checkpoint and pending.json, and
 // hm::Interrupted is thrown; the same call later continues that run from its checkpoint.
 std::vector<CompareRun> run_compare(const CompareConfig& cfg);

@@ -367,7 +367,7 @@ class CudaBackendImpl final : public CudaBackend {
       cudaGetLastError();
       size_t free_b = 0, total_b = 0;
       cudaMemGetInfo(&free_b, &total_b);
-      throw Error(detail::cat("cuda: cudaMallocAsync of ", bytes, " bytes failed (", cudaGetErrorString(e),
+      throw OutOfMemory(detail::cat("cuda: cudaMallocAsync of ", bytes, " bytes failed (", cudaGetErrorString(e),
                               "); ", free_b, " of ", total_b, " bytes free on device ", dev_, ", ", live_,
                               " held by this backend"));
     }
