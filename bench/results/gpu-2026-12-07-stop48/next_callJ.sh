@@ -14,4 +14,8 @@ for c in mqar-d64-mamba2 mqar-d512-mamba2; do
 done
 timeout 150 $HM bench --train --device cuda --config bench/train_configs/mqar-d64-mamba2.json --batch 512 --seq-len 64 \
   --steps 3 --profile --no-peer > $R/profile_d64.txt 2>&1; echo "profile rc $?"; head -40 $R/profile_d64.txt
+# Decode after the folded pre-norm: per-kernel times of the 1.4B's batch-1 step (what 2x the peer
+# at 0.80 of the floor would have to remove) and of the 130M's 64-sequence step (ncu_step).
+ncu_step mamba-1.4b 1x16 b1_14b 3000 220
+ncu_step mamba-130m 64x16 b64_130m 3000 200
 echo "callJ done at $(( $(date +%s) - T00 )) s"
