@@ -164,6 +164,56 @@ TEST(GradSsd, ScanMatchesFiniteDifferences) {
   check_ssd({8, 2, 5, 1, 4, 0.05, 0.6}, 104);      // time_step_limit clamps some deltas both ways
 }
 
+// The chunked matrix form of the backward (ssd_scan_backward_chunked: what a fast kernel
+// computes, chunk by chunk) against the token-by-token reference above, in double, on fresh
+// random inputs: chunks of 1 token, odd sizes that leave a short last chunk, and one chunk
+// longer than the sequence; with and without a time_step_limit that clamps.
+TEST(GradSsd, ChunkedBackwardMatchesTheTokenScan) {
+  uint64_t seed = 300;
+  for (const SsdCase& k : {SsdCase{1, 2, 3, 1, 5, 0.0, INFINITY}, SsdCase{7, 3, 3, 1, 5, 0.0, INFINITY},
+                           SsdCase{20, 4, 2, 2, 3, 0.0, INFINITY}, SsdCase{33, 2, 5, 1, 4, 0.05, 0.6}})
+    for (int Q : {1, 3, 8, 64}) {
+      SCOPED_TRACE("L " + std::to_string(k.L) + " Q " + std::to_string(Q));
+      hm::Rng rng(++seed);
+      const int L = k.L, H = k.H, P = k.P, Gr = k.G, N = k.N;
+      const int ldx = H * P + 2, lddt = H + 1, ldbc = 2 * Gr * N + 3, ldy = H * P + 1;
+      const Vec x = normal(rng, size_t(L) * ldx, 1.0), dt = uniform(rng, size_t(L) * lddt, -4.0, 1.0);
+      const Vec bias = uniform(rng, size_t(H), -1.0, 0.5), A_log = uniform(rng, size_t(H), -0.5, 1.5);
+      const Vec BC = normal(rng, size_t(L) * ldbc, 1.0), Dskip = normal(rng, size_t(H), 1.0);
+      const Vec dy = normal(rng, size_t(L) * ldy, 1.0), p0 = normal(rng, size_t(3) * H, 1.0);
+      struct Out {
+        Vec dx, ddt, dBC, p;
+      };
+      auto run = [&](bool chunked) {
+        Out o{Vec(size_t(L) * ldx, 0.0), Vec(size_t(L) * lddt, 0.0), Vec(size_t(L) * ldbc, 0.0), p0};
+        double *db = o.p.data(), *da = db + H, *dd = da + H;
+        if (chunked)
+          G::ssd_scan_backward_chunked<double>(o.dx.data(), ldx, o.ddt.data(), lddt, o.dBC.data(),
+                                               o.dBC.data() + Gr * N, ldbc, db, da, dd, dy.data(), ldy, x.data(), ldx,
+                                               dt.data(), lddt, bias.data(), A_log.data(), BC.data(),
+                                               BC.data() + Gr * N, ldbc, Dskip.data(), L, H, P, Gr, N, k.dt_min,
+                                               k.dt_max, Q);
+        else
+          G::ssd_scan_backward<double>(o.dx.data(), ldx, o.ddt.data(), lddt, o.dBC.data(), o.dBC.data() + Gr * N,
+                                       ldbc, db, da, dd, dy.data(), ldy, x.data(), ldx, dt.data(), lddt, bias.data(),
+                                       A_log.data(), BC.data(), BC.data() + Gr * N, ldbc, Dskip.data(), L, H, P, Gr,
+                                       N, k.dt_min, k.dt_max);
+        return o;
+      };
+      const Out want = run(false), got = run(true);
+      auto err = [](const Vec& a, const Vec& b) {
+        double m = 1e-12, e = 0;
+        for (size_t i = 0; i < a.size(); ++i) m = std::max(m, std::fabs(b[i]));
+        for (size_t i = 0; i < a.size(); ++i) e = std::max(e, std::fabs(a[i] - b[i]));
+        return e / m;
+      };
+      EXPECT_LE(err(got.dx, want.dx), 1e-11) << "dx";
+      EXPECT_LE(err(got.ddt, want.ddt), 1e-11) << "ddt";
+      EXPECT_LE(err(got.dBC, want.dBC), 1e-11) << "dB, dC";
+      EXPECT_LE(err(got.p, want.p), 1e-11) << "ddt_bias, dA_log, dD";
+    }
+}
+
 TEST(GradSsd, GatedRmsnormMatchesFiniteDifferences) {
   for (int group : {9, 3}) {
     hm::Rng rng(200 + uint64_t(group));

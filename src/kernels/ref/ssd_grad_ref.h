@@ -137,6 +137,155 @@ void ssd_scan_backward(T* dx, int lddx, T* ddt, int lddt_out, T* dB, T* dC, int 
     }
 }
 
+// ssd_scan_backward's results in the chunked matrix form that a fast kernel takes (the Mamba-2
+// paper's SSD): per chunk of Q tokens and head, with l_t = A (delta_c0 + ... + delta_t) inside the
+// chunk, Lm[t, s] = exp(l_t - l_s) (s <= t), S_in the state entering the chunk and G_out
+// dL/dS of the state leaving it, every sum is a Q x Q, Q x P or Q x N product:
+//   GB = (Lm o C B^T)^T dY + diag(exp(l_end - l)) B G_out^T      (G_t B_t, [Q, P])
+//   dX = delta o GB + D dY;   M = Lm o (dY X^T)
+//   dB = delta o (M^T C + diag(exp(l_end - l)) X G_out);   dC = M (delta o B) + diag(exp(l)) dY S_in
+//   G_in = exp(l_end) G_out + dY^T diag(exp(l)) C
+//   dl_t = dy_t . y'_t - delta_t x_t . GB_t (+ <G_out, S_end> at the last token), y' = y - D x
+//   d delta_s = x_s . GB_s + A sum_{t >= s} dl_t;   dA = sum_t dl_t (delta_c0 + ... + delta_t)
+// Only the chunks' entering states are kept. Plain loops: the reference the device kernel of this
+// form is checked against, itself checked against ssd_scan_backward (tests/test_grad_ssd.cpp).
+template <class T>
+void ssd_scan_backward_chunked(T* dx, int lddx, T* ddt, int lddt_out, T* dB, T* dC, int lddbc, T* ddt_bias,
+                               T* dA_log, T* dDskip, const T* dy, int lddy, const T* x, int ldx, const T* dt,
+                               int lddt, const T* dt_bias, const T* A_log, const T* B, const T* C, int ldbc,
+                               const T* Dskip, int L, int H, int P, int G, int N, double dt_min, double dt_max,
+                               int Q) {
+  using Acc = acc_t<T>;
+  const int hpg = H / G, nch = L > 0 ? (L + Q - 1) / Q : 0;
+  const size_t PN = size_t(P) * N;
+  std::vector<Acc> gB(size_t(L) * G * N, Acc(0)), gC(size_t(L) * G * N, Acc(0));
+  const size_t nL = static_cast<size_t>(L);
+  std::vector<Acc> delta(nL), dd_du(nL), l(nL), ddl(nL), direct(nL);
+  std::vector<Acc> Sin(size_t(nch + 1) * PN), Gout(PN), Gin(PN), GB(size_t(Q) * P), M(size_t(Q) * Q);
+  auto xv = [&](int t, int h, int p) { return Acc(x[size_t(t) * ldx + size_t(h) * P + p]); };
+  auto dyv = [&](int t, int h, int p) { return Acc(dy[size_t(t) * lddy + size_t(h) * P + p]); };
+  auto Bv = [&](int t, int g, int n) { return Acc(B[size_t(t) * ldbc + size_t(g) * N + n]); };
+  auto Cv = [&](int t, int g, int n) { return Acc(C[size_t(t) * ldbc + size_t(g) * N + n]); };
+  for (int h = 0; h < H; ++h) {
+    const int g = h / hpg;
+    const Acc A = -std::exp(Acc(A_log[h])), D = Dskip[h];
+    for (int t = 0; t < L; ++t) {
+      ssd_delta<T>(delta[size_t(t)], dd_du[size_t(t)], dt[size_t(t) * lddt + h], dt_bias[h], dt_min, dt_max);
+      l[size_t(t)] = (t % Q == 0 ? Acc(0) : l[size_t(t) - 1]) + A * delta[size_t(t)];
+    }
+    // The chunks' entering states: S_in(c + 1) = exp(l_end) S_in(c) + sum_s exp(l_end - l_s) delta_s x_s B_s^T.
+    std::fill(Sin.begin(), Sin.begin() + PN, Acc(0));
+    for (int c = 0; c < nch; ++c) {
+      const int c0 = c * Q, c1 = std::min(L, c0 + Q);
+      const Acc le = l[size_t(c1) - 1];
+      const Acc* in = &Sin[size_t(c) * PN];
+      Acc* out = &Sin[size_t(c + 1) * PN];
+      for (size_t i = 0; i < PN; ++i) out[i] = std::exp(le) * in[i];
+      for (int s = c0; s < c1; ++s) {
+        const Acc w = std::exp(le - l[size_t(s)]) * delta[size_t(s)];
+        for (int p = 0; p < P; ++p)
+          for (int n = 0; n < N; ++n) out[size_t(p) * N + n] += w * xv(s, h, p) * Bv(s, g, n);
+      }
+    }
+    std::fill(Gout.begin(), Gout.end(), Acc(0));
+    Acc dA = 0, dD = 0, dbias = 0;
+    for (int c = nch - 1; c >= 0; --c) {
+      const int c0 = c * Q, c1 = std::min(L, c0 + Q);
+      const Acc le = l[size_t(c1) - 1];
+      const Acc* in = &Sin[size_t(c) * PN];
+      const Acc* end = &Sin[size_t(c + 1) * PN];
+      auto Lm = [&](int t, int s) { return std::exp(l[size_t(t)] - l[size_t(s)]); };  // s <= t
+      auto CB = [&](int t, int s) {
+        Acc v = 0;
+        for (int n = 0; n < N; ++n) v += Cv(t, g, n) * Bv(s, g, n);
+        return v;
+      };
+      // GB[s, p] and M[u, s] (u >= s).
+      for (int s = c0; s < c1; ++s) {
+        const Acc wo = std::exp(le - l[size_t(s)]);
+        for (int p = 0; p < P; ++p) {
+          Acc v = 0;
+          for (int n = 0; n < N; ++n) v += Gout[size_t(p) * N + n] * Bv(s, g, n);
+          v *= wo;
+          for (int u = s; u < c1; ++u) v += Lm(u, s) * CB(u, s) * dyv(u, h, p);
+          GB[size_t(s - c0) * P + p] = v;
+        }
+        for (int u = s; u < c1; ++u) {
+          Acc d = 0;
+          for (int p = 0; p < P; ++p) d += dyv(u, h, p) * xv(s, h, p);
+          M[size_t(u - c0) * Q + (s - c0)] = Lm(u, s) * d;
+        }
+      }
+      for (int t = c0; t < c1; ++t) {
+        const Acc dl = delta[size_t(t)];
+        Acc* gB_t = &gB[(size_t(t) * G + g) * N];
+        Acc* gC_t = &gC[(size_t(t) * G + g) * N];
+        const Acc wo = std::exp(le - l[size_t(t)]), wi = std::exp(l[size_t(t)]);
+        // dX, dD, and the direct part of d delta.
+        Acc xgb = 0;
+        for (int p = 0; p < P; ++p) {
+          const Acc gb = GB[size_t(t - c0) * P + p];
+          dx[size_t(t) * lddx + size_t(h) * P + p] = T(dl * gb + D * dyv(t, h, p));
+          dD += dyv(t, h, p) * xv(t, h, p);
+          xgb += xv(t, h, p) * gb;
+        }
+        // dB_t = delta_t (sum_{u >= t} M[u, t] C_u + exp(l_end - l_t) x_t G_out);
+        // dC_t = sum_{s <= t} M[t, s] delta_s B_s + exp(l_t) dy_t S_in.
+        for (int n = 0; n < N; ++n) {
+          Acc vb = 0, vc = 0;
+          for (int u = t; u < c1; ++u) vb += M[size_t(u - c0) * Q + (t - c0)] * Cv(u, g, n);
+          for (int p = 0; p < P; ++p) vb += wo * xv(t, h, p) * Gout[size_t(p) * N + n];
+          for (int s = c0; s <= t; ++s) vc += M[size_t(t - c0) * Q + (s - c0)] * delta[size_t(s)] * Bv(s, g, n);
+          for (int p = 0; p < P; ++p) vc += wi * dyv(t, h, p) * in[size_t(p) * N + n];
+          gB_t[n] += dl * vb;
+          gC_t[n] += vc;
+        }
+        // dl_t = dy_t . y'_t - delta_t x_t . GB_t (+ <G_out, S_end> at the chunk's last token).
+        Acc dyy = 0;
+        for (int p = 0; p < P; ++p) {
+          Acc yp = 0;  // y'_t[p] = sum_{s <= t} Lm CB delta_s x_s[p] + exp(l_t) C_t . S_in[p]
+          for (int s = c0; s <= t; ++s) yp += Lm(t, s) * CB(t, s) * delta[size_t(s)] * xv(s, h, p);
+          for (int n = 0; n < N; ++n) yp += wi * Cv(t, g, n) * in[size_t(p) * N + n];
+          dyy += dyv(t, h, p) * yp;
+        }
+        ddl[size_t(t)] = dyy - dl * xgb;
+        if (t == c1 - 1)
+          for (size_t i = 0; i < PN; ++i) ddl[size_t(t)] += Gout[i] * end[i];
+        direct[size_t(t)] = xgb;  // d delta's own part; the decays' part below
+      }
+      // d delta_s += A sum_{t >= s} dl_t; dA += dl_t (delta_c0 + ... + delta_t).
+      Acc rev = 0;
+      for (int t = c1 - 1; t >= c0; --t) rev += ddl[size_t(t)];
+      Acc cum = 0, before = 0;
+      for (int t = c0; t < c1; ++t) {
+        cum += delta[size_t(t)];
+        dA += ddl[size_t(t)] * cum;
+        const Acc ddelta = direct[size_t(t)] + A * (rev - before);
+        before += ddl[size_t(t)];
+        const Acc du = ddelta * dd_du[size_t(t)];
+        ddt[size_t(t) * lddt_out + h] = T(du);
+        dbias += du;
+      }
+      // G_in = exp(l_end) G_out + sum_u exp(l_u) dy_u C_u^T: the next (earlier) chunk's G_out.
+      for (int p = 0; p < P; ++p)
+        for (int n = 0; n < N; ++n) {
+          Acc v = std::exp(le) * Gout[size_t(p) * N + n];
+          for (int u = c0; u < c1; ++u) v += std::exp(l[size_t(u)]) * dyv(u, h, p) * Cv(u, g, n);
+          Gin[size_t(p) * N + n] = v;
+        }
+      std::swap(Gout, Gin);
+    }
+    ddt_bias[h] += T(dbias);
+    dA_log[h] += T(dA * A);  // A = -exp(A_log)
+    dDskip[h] += T(dD);
+  }
+  for (int t = 0; t < L; ++t)
+    for (int j = 0; j < G * N; ++j) {
+      dB[size_t(t) * lddbc + j] = T(gB[size_t(t) * G * N + j]);
+      dC[size_t(t) * lddbc + j] = T(gC[size_t(t) * G * N + j]);
+    }
+}
+
 // out = rmsnorm(y * silu(z)) * w over each group of `group` columns of each of n rows (the
 // gated RMSNorm of transformers' Mamba2 and mamba_ssm), E columns.
 template <class T>
