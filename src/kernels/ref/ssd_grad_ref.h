@@ -29,6 +29,17 @@ void ssd_delta(acc_t<T>& delta, acc_t<T>& ddelta_du, T dt_raw, T dt_bias, double
   ddelta_du = (sp >= A(dt_min) && sp <= A(dt_max)) ? sigmoid(u) : A(0);
 }
 
+// dB, dC [L, lddbc] = the sums gB, gC ([L, GN], summed over each group's heads).
+template <class T, class Acc>
+void store_group_grads(T* dB, T* dC, int lddbc, const std::vector<Acc>& gB, const std::vector<Acc>& gC, int L,
+                       int GN) {
+  for (int t = 0; t < L; ++t)
+    for (int j = 0; j < GN; ++j) {
+      dB[size_t(t) * lddbc + j] = T(gB[size_t(t) * GN + j]);
+      dC[size_t(t) * lddbc + j] = T(gC[size_t(t) * GN + j]);
+    }
+}
+
 template <class T>
 void ssd_scan_forward(T* y, int ldy, const T* x, int ldx, const T* dt, int lddt, const T* dt_bias, const T* A_log,
                       const T* B, const T* C, int ldbc, const T* Dskip, int L, int H, int P, int G, int N,
@@ -130,11 +141,7 @@ void ssd_scan_backward(T* dx, int lddx, T* ddt, int lddt_out, T* dB, T* dC, int 
     dA_log[h] += T(dA * A);  // A = -exp(A_log)
     dDskip[h] += T(dD);
   }
-  for (int t = 0; t < L; ++t)
-    for (int j = 0; j < G * N; ++j) {
-      dB[size_t(t) * lddbc + j] = T(gB[size_t(t) * G * N + j]);
-      dC[size_t(t) * lddbc + j] = T(gC[size_t(t) * G * N + j]);
-    }
+  store_group_grads(dB, dC, lddbc, gB, gC, L, G * N);
 }
 
 // ssd_scan_backward's results in the chunked matrix form that a fast kernel takes (the Mamba-2
@@ -279,11 +286,7 @@ void ssd_scan_backward_chunked(T* dx, int lddx, T* ddt, int lddt_out, T* dB, T* 
     dA_log[h] += T(dA * A);  // A = -exp(A_log)
     dDskip[h] += T(dD);
   }
-  for (int t = 0; t < L; ++t)
-    for (int j = 0; j < G * N; ++j) {
-      dB[size_t(t) * lddbc + j] = T(gB[size_t(t) * G * N + j]);
-      dC[size_t(t) * lddbc + j] = T(gC[size_t(t) * G * N + j]);
-    }
+  store_group_grads(dB, dC, lddbc, gB, gC, L, G * N);
 }
 
 // out = rmsnorm(y * silu(z)) * w over each group of `group` columns of each of n rows (the
