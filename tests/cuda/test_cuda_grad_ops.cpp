@@ -29,6 +29,7 @@
 #include "backend/backend.h"
 #include "core/error.h"
 #include "core/rng.h"
+#include "kernels/cuda/cuda_ops.h"
 #include "kernels/ref/router_ref.h"
 #include "cuda_test_util.h"
 
@@ -618,14 +619,17 @@ TEST_P(CudaGradOps, AttentionTensorCoreTiles) {
 // Mamba-2's training ops (kernels/cuda/ssd_grad.cu) against the cpu backend's (the inference
 // scan from zero, the vectorized reference backward): every sequence from a zero state, B | C as
 // column views of one matrix and dB | dC of another, groups of heads, a time_step_limit that
-// clamps, odd d_state and head sizes; the parameter gradients float32, accumulated into.
+// clamps, odd d_state and head sizes; the parameter gradients float32, accumulated into. Both
+// backward kernels (chunked and token-serial) run every case, multi-chunk sequences included.
 TEST_P(CudaGradOps, SsdScanTrainAndBackward) {
   hm::Rng rng(131);
   struct Shape {
     int H, P, G, N;
     float dt_min, dt_max;
   };
-  for (const Shape& k : {Shape{3, 7, 1, 16, 0.0f, INFINITY}, Shape{4, 5, 2, 5, 0.02f, 0.4f}, Shape{2, 16, 2, 64, 0.0f, INFINITY}})
+  for (const Shape& k : {Shape{3, 7, 1, 16, 0.0f, INFINITY}, Shape{4, 5, 2, 5, 0.02f, 0.4f},
+                        Shape{2, 16, 2, 64, 0.0f, INFINITY}, Shape{2, 64, 1, 64, 0.0f, INFINITY},
+                        Shape{1, 33, 1, 128, 0.0f, INFINITY}})
     for (const auto& lens : kSeqs) {
       hm::Ragged rg, rc;
       fill(rg, gpu(), lens, std::vector<int>(lens.size(), 0));
@@ -645,24 +649,48 @@ TEST_P(CudaGradOps, SsdScanTrainAndBackward) {
       what << "H " << k.H << " P " << k.P << " G " << k.G << " N " << k.N << ", " << lens.size() << " seqs of " << T_
            << " rows: ";
       EXPECT_TRUE(matches(what.str() + "y", gpu(), y, 1, E, 2 * bound(T())));
-      Both dx = Both::out(gpu(), T(), T_, E + 3), ddt = Both::out(gpu(), T(), T_, k.H + 1),
-           dbc = Both::out(gpu(), T(), T_, 2 * GN + 2);
-      Both dbias(gpu(), DType::F32, 1, k.H, normal(rng)), dalog(gpu(), DType::F32, 1, k.H, normal(rng)),
-          dD(gpu(), DType::F32, 1, k.H, normal(rng));
-      gpu().ssd_scan_backward(dx.dev(2, E), ddt.dev(1, k.H), dbc.dev(0, GN), dbc.dev(GN, GN), dbias.dev(0, k.H),
-                              dalog.dev(0, k.H), dD.dev(0, k.H), dy.dev(1, E), x.dev(0, E), dt.dev(1, k.H),
-                              bias.dev(0, k.H), alog.dev(0, k.H), bc.dev(1, GN), bc.dev(1 + GN, GN), Dk.dev(0, k.H),
-                              k.H, k.G, k.dt_min, k.dt_max, rg);
-      cpu().ssd_scan_backward(dx.cpu(2, E), ddt.cpu(1, k.H), dbc.cpu(0, GN), dbc.cpu(GN, GN), dbias.cpu(0, k.H),
-                              dalog.cpu(0, k.H), dD.cpu(0, k.H), dy.cpu(1, E), x.cpu(0, E), dt.cpu(1, k.H),
-                              bias.cpu(0, k.H), alog.cpu(0, k.H), bc.cpu(1, GN), bc.cpu(1 + GN, GN), Dk.cpu(0, k.H),
-                              k.H, k.G, k.dt_min, k.dt_max, rc);
-      EXPECT_TRUE(matches(what.str() + "dx", gpu(), dx, 2, E, bound(T())));
-      EXPECT_TRUE(matches(what.str() + "ddt", gpu(), ddt, 1, k.H, bound(T())));
-      EXPECT_TRUE(matches(what.str() + "dB|dC", gpu(), dbc, 0, 2 * GN, bound(T())));
-      EXPECT_TRUE(matches(what.str() + "ddt_bias", gpu(), dbias, 0, k.H, kFloatTol));
-      EXPECT_TRUE(matches(what.str() + "dA_log", gpu(), dalog, 0, k.H, kFloatTol));
-      EXPECT_TRUE(matches(what.str() + "dD", gpu(), dD, 0, k.H, kFloatTol));
+      // Both backward kernels, each against the cpu backend.
+      for (const hm::cuda::SsdBackward kernel : {hm::cuda::SsdBackward::Chunked, hm::cuda::SsdBackward::Reference}) {
+        hm::cuda::set_ssd_backward_kernel(kernel);
+        const std::string kw = what.str() + (kernel == hm::cuda::SsdBackward::Chunked ? "chunked " : "reference ");
+        Both dx = Both::out(gpu(), T(), T_, E + 3), ddt = Both::out(gpu(), T(), T_, k.H + 1),
+             dbc = Both::out(gpu(), T(), T_, 2 * GN + 2);
+        Both dbias(gpu(), DType::F32, 1, k.H, normal(rng)), dalog(gpu(), DType::F32, 1, k.H, normal(rng)),
+            dD(gpu(), DType::F32, 1, k.H, normal(rng));
+        auto backward_on_gpu = [&] {
+          gpu().ssd_scan_backward(dx.dev(2, E), ddt.dev(1, k.H), dbc.dev(0, GN), dbc.dev(GN, GN), dbias.dev(0, k.H),
+                                  dalog.dev(0, k.H), dD.dev(0, k.H), dy.dev(1, E), x.dev(0, E), dt.dev(1, k.H),
+                                  bias.dev(0, k.H), alog.dev(0, k.H), bc.dev(1, GN), bc.dev(1 + GN, GN),
+                                  Dk.dev(0, k.H), k.H, k.G, k.dt_min, k.dt_max, rg);
+        };
+        backward_on_gpu();
+        cpu().ssd_scan_backward(dx.cpu(2, E), ddt.cpu(1, k.H), dbc.cpu(0, GN), dbc.cpu(GN, GN), dbias.cpu(0, k.H),
+                                dalog.cpu(0, k.H), dD.cpu(0, k.H), dy.cpu(1, E), x.cpu(0, E), dt.cpu(1, k.H),
+                                bias.cpu(0, k.H), alog.cpu(0, k.H), bc.cpu(1, GN), bc.cpu(1 + GN, GN), Dk.cpu(0, k.H),
+                                k.H, k.G, k.dt_min, k.dt_max, rc);
+        EXPECT_TRUE(matches(kw + "dx", gpu(), dx, 2, E, bound(T())));
+        EXPECT_TRUE(matches(kw + "ddt", gpu(), ddt, 1, k.H, bound(T())));
+        EXPECT_TRUE(matches(kw + "dB|dC", gpu(), dbc, 0, 2 * GN, bound(T())));
+        // The parameter sums add a sequence's per-token terms; the chunked kernel forms those in
+        // float (the token-serial one in double), so a sum over 333 tokens with cancellation
+        // carries their rounding: 2-6.6e-5 in stop 49's first run.
+        const double ptol = kernel == hm::cuda::SsdBackward::Chunked ? 1e-4 : kFloatTol;
+        EXPECT_TRUE(matches(kw + "ddt_bias", gpu(), dbias, 0, k.H, ptol));
+        EXPECT_TRUE(matches(kw + "dA_log", gpu(), dalog, 0, k.H, ptol));
+        EXPECT_TRUE(matches(kw + "dD", gpu(), dD, 0, k.H, ptol));
+        // A scratch cap of one sequence runs the blocks one sequence a launch: the same bits.
+        const std::vector<const Both*> outs = {&dx, &ddt, &dbc, &dbias, &dalog, &dD};
+        std::vector<std::vector<char>> whole;
+        for (const Both* b : outs) whole.push_back(b->raw(gpu()));
+        for (const Both* b : outs) b->put(gpu());
+        const size_t cap = hm::cuda::ssd_backward_scratch_cap();
+        hm::cuda::set_ssd_backward_scratch_cap(1);
+        backward_on_gpu();
+        hm::cuda::set_ssd_backward_scratch_cap(cap);
+        for (size_t i = 0; i < outs.size(); ++i)
+          EXPECT_TRUE(outs[i]->raw(gpu()) == whole[i]) << kw << "in slices of one sequence, output " << i;
+      }
+      hm::cuda::set_ssd_backward_kernel(hm::cuda::SsdBackward::Auto);
     }
 }
 

@@ -145,6 +145,17 @@ void ssd_scan(T* y, int ldy, float* ssm_state, const T* x, int ldx, const T* dt,
 // gated_rmsnorm_backward_workspace_bytes). Deterministic: every sum in a fixed order.
 size_t ssd_train_workspace_bytes(const RaggedBatch& rb, int H, int P, int N);
 size_t ssd_backward_workspace_bytes(const RaggedBatch& rb, int H, int P, int N);
+// The most bytes of per-(sequence, head) scratch ssd_scan_backward's workspace holds (default
+// 1 GiB): beyond it the blocks run in slices of sequences (tests set it small to slice).
+void set_ssd_backward_scratch_cap(size_t bytes);
+size_t ssd_backward_scratch_cap();
+// ssd_scan_backward's kernel: the chunked matrix form (ref::grad::ssd_scan_backward_chunked)
+// wherever its shared memory fits the device (Auto, the default), else the token-serial one
+// (Reference, also chosen by HM_CUDA_SSD_BACKWARD=reference; tests run both). Chunked where it
+// does not fit is an error. The setting applies to the workspace size and the call alike.
+enum class SsdBackward { Auto, Chunked, Reference };
+void set_ssd_backward_kernel(SsdBackward k);
+SsdBackward ssd_backward_kernel_for(int P, int N);  // Chunked or Reference
 size_t gated_rmsnorm_backward_workspace_bytes(int n, int E);
 template <class T>
 void ssd_scan_train(T* y, int ldy, const T* x, int ldx, const T* dt, int lddt, const T* dt_bias, const float* A_log,

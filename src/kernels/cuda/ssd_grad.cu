@@ -1,16 +1,20 @@
 // Mamba-2 training on CUDA: the SSD scan from a zero state (the inference kernel over a zeroed
-// pool), its backward (ref::grad::ssd_scan_backward's sums, the states recomputed per chunk of
-// kChunk tokens from checkpoints) and the gated RMSNorm's backward.
+// pool), its backward and the gated RMSNorm's backward.
 //
-// The backward is written for correctness first: one block per (sequence, head) walks the
-// sequence's tokens in order; each thread owns a fixed set of the head's P x N state elements
-// (so the forward walk and the per-chunk recompute need no synchronization), and the sums over
-// channels and states of each token are block reductions in a fixed order. dB and dC (summed
-// over a group's heads) and the per-head parameter sums (over sequences) are written per head or
-// per sequence and added in order by two small kernels, so every result is deterministic.
-// Workspace: ssd_backward_workspace_bytes. The chunked matmul form (the Mamba-2 paper's SSD) is
-// the fast one; this one is the reference the fast one will be checked against on the device.
+// Two backwards, one block per (sequence, head) each. The chunked one (below) is the fast one:
+// per chunk of kQ tokens a few small matrix products in shared memory, in float. The first one
+// walks the tokens in order in doubles (ref::grad::ssd_scan_backward's sums, the states
+// recomputed per chunk of kChunk tokens from checkpoints): each thread owns a fixed set of the
+// head's P x N state elements, and the sums over channels and states of each token are block
+// reductions in a fixed order. It is the device-side check of the chunked one, and runs shapes
+// whose chunked shared memory would not fit. In both, dB and dC (summed over a group's heads)
+// and the per-head parameter sums (over sequences) are written per head or per sequence and added
+// in order by two small kernels, so every result is deterministic. Workspace:
+// ssd_backward_workspace_bytes.
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/cuda_ops.h"
@@ -34,7 +38,7 @@ struct SsdScratch {
   __host__ __device__ int64_t size() const { return decay() + max_len; }
 };
 
-__device__ double block_sum(double v, double* red) {
+__device__ double block_sum_d(double v, double* red) {
   red[threadIdx.x] = v;
   __syncthreads();
   for (int o = kThreads / 2; o > 0; o >>= 1) {
@@ -46,8 +50,9 @@ __device__ double block_sum(double v, double* red) {
   return r;
 }
 
-// Grid (H, nseq). part_bc [n_tokens, H, 2, N] float: per token and head, gB then gC summed over
-// the head's channels; part_p [nseq, H, 3] double: ddt_bias, dA_log, dD of the sequence.
+// Grid (H, the sequences of a slice): block (h, y) takes sequence seq0 + y and the slice's
+// scratch y. part_bc [n_tokens, H, 2, N] float: per token and head, gB then gC summed over the
+// head's channels; part_p [nseq, H, 3] double: ddt_bias, dA_log, dD of the sequence.
 template <class T>
 __global__ void __launch_bounds__(kThreads) ssd_backward_kernel(
     T* __restrict__ dx, int lddx, T* __restrict__ ddt, int lddt_out, float* __restrict__ part_bc,
@@ -55,11 +60,11 @@ __global__ void __launch_bounds__(kThreads) ssd_backward_kernel(
     const T* __restrict__ dt, int lddt, const T* __restrict__ dt_bias, const float* __restrict__ A_log,
     const T* __restrict__ B, const T* __restrict__ C, int ldbc, const T* __restrict__ Dskip,
     const int32_t* __restrict__ cu, int H, int P, int G, int N, float dt_min, float dt_max, double* ws,
-    SsdScratch sc) {
+    SsdScratch sc, int seq0) {
   __shared__ double red[kThreads];
-  const int h = blockIdx.x, s = blockIdx.y, g = h / (H / G);
+  const int h = blockIdx.x, s = seq0 + int(blockIdx.y), g = h / (H / G);
   const int row0 = cu[s], L = cu[s + 1] - row0;
-  double* base = ws + (int64_t(s) * H + h) * sc.size();
+  double* base = ws + (int64_t(blockIdx.y) * H + h) * sc.size();  // the slice's own scratch
   double *ck = base + sc.ck(), *S = base + sc.S(), *Gs = base + sc.G(), *Gn = base + sc.Gn();
   double *delta = base + sc.delta(), *ddu = base + sc.ddu(), *decay = base + sc.decay();
   const int64_t PN = sc.PN;
@@ -117,7 +122,7 @@ __global__ void __launch_bounds__(kThreads) ssd_backward_kernel(
         gp += v * prev[i];
         Gs[i] = v * dec;  // S_t = exp(delta A) S_{t-1}
       }
-      const double gp_all = block_sum(gp, red);  // also orders Gn's writes before the reads below
+      const double gp_all = block_sum_d(gp, red);  // also orders Gn's writes before the reads below
       // Per channel p: dx, and its share of d delta and dD.
       double dd = 0, dDt = 0;
       for (int p = threadIdx.x; p < P; p += kThreads) {
@@ -142,7 +147,7 @@ __global__ void __launch_bounds__(kThreads) ssd_backward_kernel(
         pb[n] = float(gB);
         pb[N + n] = float(gC);
       }
-      const double dd_all = block_sum(dd, red), dD_all = block_sum(dDt, red);
+      const double dd_all = block_sum_d(dd, red), dD_all = block_sum_d(dDt, red);
       if (threadIdx.x == 0) {
         const double ddelta = dd_all + gp_all * dec * A;  // d exp(delta A) = exp(delta A)(A d delta + delta dA)
         dA += gp_all * dec * dl;
@@ -155,6 +160,255 @@ __global__ void __launch_bounds__(kThreads) ssd_backward_kernel(
     }
   }
   if (threadIdx.x == 0) {
+    double* pp = part_p + (int64_t(s) * H + h) * 3;
+    pp[0] = dbias;
+    pp[1] = dA * A;  // A = -exp(A_log)
+    pp[2] = dD;
+  }
+}
+
+// ---- The chunked backward (the Mamba-2 paper's SSD form; ref::grad::ssd_scan_backward_chunked) ----
+//
+// One block per (sequence, head) again, but each chunk of kQ tokens is a handful of small
+// matrix products over shared memory instead of kQ dependent token steps, and everything is
+// float. A forward walk over the chunks stores the state entering each ([nch, P, N] float
+// scratch); the backward walk carries G = dL/dS of the state leaving the chunk in shared memory.
+// Per chunk, with l_t = A (delta_c0 + ... + delta_t):
+//   W[t, s] = exp(l_t - l_s) C_t . B_s,  M[t, s] = exp(l_t - l_s) dy_t . x_s   (s <= t)
+//   GB = W^T dY + diag(exp(l_end - l)) B G^T;  DS = dY S_in
+//   dx = delta o GB + D dy;  dB_t = delta_t (M[:, t] . C + exp(l_end - l_t) x_t G)
+//   dC_t = M[t, :] (delta o B) + exp(l_t) DS_t;  G <- exp(l_end) G + dY^T diag(exp(l)) C
+// and the per-token scalars of d delta as in the reference (dl_t, then a reverse sum per chunk).
+// Shared rows are padded to odd strides so the column walks hit distinct banks.
+constexpr int kQ = 32;    // tokens a chunk: one warp's lanes (l is a warp prefix sum)
+constexpr int kCT = 256;  // threads a block
+constexpr int kLdQ = kQ + 1;
+
+struct ChunkLayout {  // float offsets into the dynamic shared memory
+  int ldP, ldN;
+  int X, DY, B, C, W, M, WM, S, G, GB, DS, delta, l, ddu, eend, el, xgb, dyy, total;
+};
+
+ChunkLayout chunk_layout(int P, int N) {
+  ChunkLayout o{};
+  o.ldP = P + 1;
+  o.ldN = N + 1;
+  int at = 0;
+  auto take = [&](int n) {
+    const int r = at;
+    at += n;
+    return r;
+  };
+  o.X = take(kQ * o.ldP);
+  o.DY = take(kQ * o.ldP);
+  o.B = take(kQ * o.ldN);
+  o.C = take(kQ * o.ldN);
+  o.W = take(kQ * kLdQ);
+  o.M = take(kQ * kLdQ);
+  o.WM = take(kQ * kLdQ);
+  o.S = take(P * o.ldN);
+  o.G = take(P * o.ldN);
+  o.GB = take(kQ * o.ldP);
+  o.DS = take(kQ * o.ldN);
+  o.delta = take(kQ);
+  o.l = take(kQ);
+  o.ddu = take(kQ);
+  o.eend = take(kQ);
+  o.el = take(kQ);
+  o.xgb = take(kQ);
+  o.dyy = take(kQ);
+  o.total = at;
+  return o;
+}
+
+template <class T>
+__global__ void __launch_bounds__(kCT) ssd_backward_chunked_kernel(
+    T* __restrict__ dx, int lddx, T* __restrict__ ddt, int lddt_out, float* __restrict__ part_bc,
+    double* __restrict__ part_p, const T* __restrict__ dy, int lddy, const T* __restrict__ x, int ldx,
+    const T* __restrict__ dt, int lddt, const T* __restrict__ dt_bias, const float* __restrict__ A_log,
+    const T* __restrict__ B, const T* __restrict__ C, int ldbc, const T* __restrict__ Dskip,
+    const int32_t* __restrict__ cu, int H, int P, int G, int N, float dt_min, float dt_max, float* ws,
+    int64_t ws_block, ChunkLayout o, int seq0) {
+  extern __shared__ float sm[];
+  float *sX = sm + o.X, *sDY = sm + o.DY, *sB = sm + o.B, *sC = sm + o.C, *sW = sm + o.W, *sM = sm + o.M;
+  float *sWM = sm + o.WM, *sS = sm + o.S, *sG = sm + o.G, *sGB = sm + o.GB, *sDS = sm + o.DS;
+  float *sdelta = sm + o.delta, *sl = sm + o.l, *sddu = sm + o.ddu, *seend = sm + o.eend, *sel = sm + o.el;
+  float *sxgb = sm + o.xgb, *sdyy = sm + o.dyy;
+  const int ldP = o.ldP, ldN = o.ldN, tid = int(threadIdx.x);
+  const int h = blockIdx.x, s = seq0 + int(blockIdx.y), g = h / (H / G);
+  const int row0 = cu[s], L = cu[s + 1] - row0, nch = (L + kQ - 1) / kQ, PN = P * N;
+  float* Sck = ws + (int64_t(blockIdx.y) * H + h) * ws_block;  // [nch][P * N]: the state entering chunk c
+  const float A = -expf(A_log[h]), D = to_f(Dskip[h]), bias = to_f(dt_bias[h]);
+  const int64_t xh = int64_t(h) * P, bg = int64_t(g) * N;
+
+  // Chunk c's rows into shared memory (rows past the sequence zero, with delta 0 so l stays at
+  // l_end), and its per-token scalars: warp 0 forms l as a prefix sum of A delta.
+  auto load = [&](int c, bool back) {
+    const int t0 = c * kQ, len = min(kQ, L - t0);
+    for (int i = tid; i < kQ * P; i += kCT) {
+      const int t = i / P, p = i % P;
+      const int64_t r = row0 + t0 + t;
+      sX[t * ldP + p] = t < len ? to_f(x[r * ldx + xh + p]) : 0.0f;
+      if (back) sDY[t * ldP + p] = t < len ? to_f(dy[r * lddy + xh + p]) : 0.0f;
+    }
+    for (int i = tid; i < kQ * N; i += kCT) {
+      const int t = i / N, n = i % N;
+      const int64_t r = row0 + t0 + t;
+      sB[t * ldN + n] = t < len ? to_f(B[r * ldbc + bg + n]) : 0.0f;
+      if (back) sC[t * ldN + n] = t < len ? to_f(C[r * ldbc + bg + n]) : 0.0f;
+    }
+    if (tid < 32) {
+      float d = 0.0f, du = 0.0f;
+      if (tid < len) {
+        const float u = to_f(dt[(row0 + t0 + tid) * int64_t(lddt) + h]) + bias, sp = softplus(u);
+        d = fminf(fmaxf(sp, dt_min), dt_max);  // time_step_limit
+        du = (sp >= dt_min && sp <= dt_max) ? 1.0f / (1.0f + expf(-u)) : 0.0f;
+      }
+      float lv = A * d;
+#pragma unroll
+      for (int k = 1; k < 32; k <<= 1) {
+        const float v = __shfl_up_sync(0xffffffffu, lv, k);
+        if (tid >= k) lv += v;
+      }
+      const float le = __shfl_sync(0xffffffffu, lv, 31);
+      sdelta[tid] = d;
+      sddu[tid] = du;
+      sl[tid] = lv;
+      seend[tid] = expf(le - lv);  // <= 1: l only falls
+      sel[tid] = expf(lv);
+    }
+  };
+
+  // The forward walk: S_in(c + 1) = exp(l_end) S_in(c) + sum_s exp(l_end - l_s) delta_s x_s B_s^T.
+  for (int i = tid; i < PN; i += kCT) sS[(i / N) * ldN + i % N] = 0.0f;
+  for (int c = 0; c < nch; ++c) {
+    __syncthreads();  // the previous chunk's rows are consumed
+    load(c, false);
+    __syncthreads();
+    const float eall = sel[kQ - 1];
+    for (int i = tid; i < PN; i += kCT) {  // each element read and written by its own thread only
+      const int p = i / N, n = i % N;
+      float v = sS[p * ldN + n];
+      Sck[int64_t(c) * PN + i] = v;
+      if (c + 1 == nch) continue;
+      v *= eall;
+      for (int t = 0; t < kQ; ++t) v += seend[t] * sdelta[t] * sX[t * ldP + p] * sB[t * ldN + n];
+      sS[p * ldN + n] = v;
+    }
+  }
+
+  for (int i = tid; i < PN; i += kCT) sG[(i / N) * ldN + i % N] = 0.0f;
+  float dDp = 0.0f;               // this thread's part of dD
+  double dA = 0.0, dbias = 0.0;   // thread 0's
+  for (int c = nch - 1; c >= 0; --c) {
+    const int t0 = c * kQ, len = min(kQ, L - t0);
+    __syncthreads();
+    load(c, true);
+    for (int i = tid; i < PN; i += kCT) sS[(i / N) * ldN + i % N] = Sck[int64_t(c) * PN + i];
+    __syncthreads();
+    // W, M and W o (dy x^T) o delta (the last for dl); DS = dY S_in.
+    for (int i = tid; i < kQ * kQ; i += kCT) {
+      const int t = i / kQ, u = i % kQ;
+      float w = 0.0f, m = 0.0f, wm = 0.0f;
+      if (u <= t) {
+        float cb = 0.0f, yx = 0.0f;
+        for (int n = 0; n < N; ++n) cb += sC[t * ldN + n] * sB[u * ldN + n];
+        for (int p = 0; p < P; ++p) yx += sDY[t * ldP + p] * sX[u * ldP + p];
+        const float e = expf(sl[t] - sl[u]);
+        w = e * cb;
+        m = e * yx;
+        wm = w * yx * sdelta[u];
+      }
+      sW[t * kLdQ + u] = w;
+      sM[t * kLdQ + u] = m;
+      sWM[t * kLdQ + u] = wm;
+    }
+    for (int i = tid; i < kQ * N; i += kCT) {
+      const int t = i / N, n = i % N;
+      float v = 0.0f;
+      for (int p = 0; p < P; ++p) v += sDY[t * ldP + p] * sS[p * ldN + n];
+      sDS[t * ldN + n] = v;
+    }
+    __syncthreads();
+    // GB[u, p] = sum_{t >= u} W[t, u] dy_t[p] + exp(l_end - l_u) B_u . G[p]
+    for (int i = tid; i < kQ * P; i += kCT) {
+      const int u = i / P, p = i % P;
+      float v = 0.0f;
+      for (int n = 0; n < N; ++n) v += sB[u * ldN + n] * sG[p * ldN + n];
+      v *= seend[u];
+      for (int t = u; t < kQ; ++t) v += sW[t * kLdQ + u] * sDY[t * ldP + p];
+      sGB[u * ldP + p] = v;
+    }
+    __syncthreads();
+    for (int i = tid; i < kQ * P; i += kCT) {
+      const int t = i / P, p = i % P;
+      if (t >= len) continue;
+      const float gy = sDY[t * ldP + p];
+      dx[(row0 + t0 + t) * int64_t(lddx) + xh + p] = from_f<T>(sdelta[t] * sGB[t * ldP + p] + D * gy);
+      dDp += gy * sX[t * ldP + p];
+    }
+    for (int i = tid; i < kQ * N; i += kCT) {
+      const int t = i / N, n = i % N;
+      if (t >= len) continue;
+      float vb = 0.0f, vg = 0.0f, vc = 0.0f;
+      for (int u = t; u < kQ; ++u) vb += sM[u * kLdQ + t] * sC[u * ldN + n];
+      for (int p = 0; p < P; ++p) vg += sX[t * ldP + p] * sG[p * ldN + n];
+      for (int u = 0; u <= t; ++u) vc += sM[t * kLdQ + u] * sdelta[u] * sB[u * ldN + n];
+      float* pb = part_bc + ((row0 + t0 + t) * int64_t(H) + h) * 2 * N;
+      pb[n] = sdelta[t] * (vb + seend[t] * vg);
+      pb[N + n] = vc + sel[t] * sDS[t * ldN + n];
+    }
+    {  // per token: x_t . GB_t and dy_t . y'_t (y' = y - D x), one warp a token
+      const int warp = tid / 32, lane = tid % 32;
+      for (int t = warp; t < kQ; t += kCT / 32) {
+        float a = 0.0f, b = 0.0f;
+        for (int p = lane; p < P; p += 32) a += sX[t * ldP + p] * sGB[t * ldP + p];
+        for (int n = lane; n < N; n += 32) b += sC[t * ldN + n] * sDS[t * ldN + n];
+        b = b * sel[t] + sWM[t * kLdQ + lane];  // kQ == 32: one u a lane
+#pragma unroll
+        for (int k = 16; k > 0; k >>= 1) {
+          a += __shfl_xor_sync(0xffffffffu, a, k);
+          b += __shfl_xor_sync(0xffffffffu, b, k);
+        }
+        if (lane == 0) {
+          sxgb[t] = a;
+          sdyy[t] = b;
+        }
+      }
+    }
+    float ge = 0.0f;  // <G, S_end>: the state leaving the chunk is the next one's entering state
+    if (c + 1 < nch)
+      for (int i = tid; i < PN; i += kCT) ge += sG[(i / N) * ldN + i % N] * Sck[int64_t(c + 1) * PN + i];
+    ge = block_sum<kCT>(ge);  // its barriers also end every read of G above
+    // G <- exp(l_end) G + sum_t exp(l_t) dy_t C_t^T: dL/dS of the state entering this chunk.
+    const float eall = sel[kQ - 1];
+    for (int i = tid; i < PN; i += kCT) {
+      const int p = i / N, n = i % N;
+      float v = eall * sG[p * ldN + n];
+      for (int t = 0; t < kQ; ++t) v += sel[t] * sDY[t * ldP + p] * sC[t * ldN + n];
+      sG[p * ldN + n] = v;
+    }
+    if (tid == 0) {
+      // dl_t = dy_t . y'_t - delta_t x_t . GB_t (+ <G, S_end> at the last token); then
+      // d delta_t = x_t . GB_t + A sum_{t' >= t} dl_t', dA += dl_t (delta_c0 + ... + delta_t).
+      float rev = 0.0f;
+      for (int t = 0; t < len; ++t) {
+        sdyy[t] = sdyy[t] - sdelta[t] * sxgb[t] + (t == len - 1 ? ge : 0.0f);
+        rev += sdyy[t];
+      }
+      float cum = 0.0f, before = 0.0f;
+      for (int t = 0; t < len; ++t) {
+        cum += sdelta[t];
+        dA += double(sdyy[t]) * cum;
+        const float du = (sxgb[t] + A * (rev - before)) * sddu[t];
+        before += sdyy[t];
+        ddt[(row0 + t0 + t) * int64_t(lddt_out) + h] = from_f<T>(du);
+        dbias += du;
+      }
+    }
+  }
+  const float dD = block_sum<kCT>(dDp);
+  if (tid == 0) {
     double* pp = part_p + (int64_t(s) * H + h) * 3;
     pp[0] = dbias;
     pp[1] = dA * A;  // A = -exp(A_log)
@@ -216,8 +470,8 @@ __global__ void __launch_bounds__(kThreads) gated_norm_backward_kernel(
       ss += v * v;
       dot += double(to_f(w[j])) * double(to_f(dout[i * lddo + j])) * v;
     }
-    ss = block_sum(ss, red);
-    dot = block_sum(dot, red);
+    ss = block_sum_d(ss, red);
+    dot = block_sum_d(dot, red);
     const double r = 1.0 / sqrt(ss / double(group) + double(eps));
     for (int j = j0 + int(threadIdx.x); j < j0 + group; j += kThreads) {
       const double zj = to_f(z[i * ldz + j]), yj = to_f(y[i * ldy + j]), go = to_f(dout[i * lddo + j]);
@@ -253,15 +507,44 @@ SsdScratch scratch_of(int max_len, int P, int N) {
   return sc;
 }
 
+// The backward's (sequence, head) blocks run in slices of `seqs` sequences, each slice reusing
+// one scratch of seqs x H blocks, so the scratch stays within g_scratch_cap (a slice of one
+// sequence at least) whatever the batch: at L 64, P = N = 64 a block's is 1.2 MB, and batch 512
+// at 16 heads asked for 10.2 GB in one piece (stop 48). 1 GiB still holds ~850 blocks at
+// that size, about what an H100 keeps resident, so slicing costs no parallelism there.
+size_t g_scratch_cap = size_t(1) << 30;
+
+SsdBackward g_kernel = [] {  // HM_CUDA_SSD_BACKWARD=reference: the token-serial kernel (A/B runs)
+  const char* v = std::getenv("HM_CUDA_SSD_BACKWARD");
+  return v != nullptr && std::string(v) == "reference" ? SsdBackward::Reference : SsdBackward::Auto;
+}();
+
+size_t chunked_smem_bytes(int P, int N) { return size_t(chunk_layout(P, N).total) * sizeof(float); }
+
+// The chunked kernel's shared memory within what a block of this device may opt in to.
+bool chunked_fits(int P, int N) {
+  int dev = 0, optin = 0;
+  HM_CUDA_OK(cudaGetDevice(&dev), "cudaGetDevice");
+  HM_CUDA_OK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "cudaDeviceGetAttribute");
+  // + block_sum's static part
+  return int64_t(P) * N <= (int64_t(1) << 24) && chunked_smem_bytes(P, N) + 64 <= size_t(optin);
+}
+
 // The workspace's parts, in bytes from its start: per-block scratch, part_bc, part_p.
 struct SsdLayout {
   size_t scratch, bc, p, total;
+  int seqs;             // sequences a slice
+  int64_t block_floats;  // the chunked kernel's scratch a block: [chunks, P, N] float
 };
-SsdLayout layout_of(const RaggedBatch& rb, int H, int P, int N) {
+SsdLayout layout_of(const RaggedBatch& rb, int H, int P, int N, bool chunked) {
   const SsdScratch sc = scratch_of(rb.max_len, P, N);
   SsdLayout l;
+  l.block_floats = int64_t(ceil_div(std::max(rb.max_len, 1), kQ)) * P * N;
+  const size_t per_seq =
+      size_t(H) * (chunked ? size_t(l.block_floats) * sizeof(float) : size_t(sc.size()) * sizeof(double));
+  l.seqs = int(std::clamp<size_t>(g_scratch_cap / per_seq, 1, size_t(std::max(rb.nseq, 1))));
   l.scratch = 0;
-  l.bc = size_t(rb.nseq) * size_t(H) * size_t(sc.size()) * sizeof(double);
+  l.bc = size_t(l.seqs) * per_seq;
   l.p = l.bc + (size_t(rb.n_tokens) * size_t(H) * 2 * size_t(N) * sizeof(float) + 255) / 256 * 256;
   l.total = l.p + size_t(rb.nseq) * size_t(H) * 3 * sizeof(double);
   return l;
@@ -269,13 +552,26 @@ SsdLayout layout_of(const RaggedBatch& rb, int H, int P, int N) {
 
 }  // namespace
 
+void set_ssd_backward_scratch_cap(size_t bytes) { g_scratch_cap = bytes; }
+void set_ssd_backward_kernel(SsdBackward k) { g_kernel = k; }
+
+SsdBackward ssd_backward_kernel_for(int P, int N) {
+  if (g_kernel == SsdBackward::Reference) return SsdBackward::Reference;
+  const bool fits = chunked_fits(P, N);
+  HM_CHECK(fits || g_kernel == SsdBackward::Auto, "cuda ssd_scan_backward: the chunked kernel's ",
+           chunked_smem_bytes(P, N), " bytes of shared memory for head size ", P, " and d_state ", N,
+           " do not fit this device");
+  return fits ? SsdBackward::Chunked : SsdBackward::Reference;
+}
+size_t ssd_backward_scratch_cap() { return g_scratch_cap; }
+
 size_t ssd_train_workspace_bytes(const RaggedBatch& rb, int H, int P, int N) {
   // The forward's zeroed state pool [nseq, H, P, N] float and A [H] float.
   return (size_t(rb.nseq) * size_t(H) * size_t(P) * size_t(N) + size_t(H)) * sizeof(float);
 }
 
 size_t ssd_backward_workspace_bytes(const RaggedBatch& rb, int H, int P, int N) {
-  return layout_of(rb, H, P, N).total;
+  return layout_of(rb, H, P, N, ssd_backward_kernel_for(P, N) == SsdBackward::Chunked).total;
 }
 
 template <class T>
@@ -304,17 +600,32 @@ void ssd_scan_backward(T* dx, int lddx, T* ddt, int lddt_out, T* dB, T* dC, int 
   HM_CHECK(rb.nseq <= 65535 && H <= 65535, "cuda ssd_scan_backward: at most 65535 sequences and heads, got ", rb.nseq,
            " and ", H);
   if (rb.nseq <= 0 || rb.n_tokens <= 0) return;
-  const SsdLayout l = layout_of(rb, H, P, N);
+  const bool chunked = ssd_backward_kernel_for(P, N) == SsdBackward::Chunked;
+  const SsdLayout l = layout_of(rb, H, P, N, chunked);
   char* ws = static_cast<char*>(workspace);
   float* part_bc = reinterpret_cast<float*>(ws + l.bc);
   double* part_p = reinterpret_cast<double*>(ws + l.p);
+  const ChunkLayout o = chunk_layout(P, N);
+  const size_t smem = chunked_smem_bytes(P, N);
+  if (chunked)
+    HM_CUDA_OK(cudaFuncSetAttribute(ssd_backward_chunked_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    int(smem)),
+               "cudaFuncSetAttribute (ssd_scan_backward)");
   // Rows of empty sequences and padding of part_bc are never read; part_p is written by every block.
-  const dim3 grid(unsigned(H), unsigned(rb.nseq));
-  ssd_backward_kernel<T><<<grid, kThreads, 0, stream>>>(
-      dx, lddx, ddt, lddt_out, part_bc, part_p, dy, lddy, x, ldx, dt, lddt, dt_bias, A_log, B, C, ldbc, Dskip,
-      rb.cu_seqlens, H, P, G, N, dt_min, dt_max, reinterpret_cast<double*>(ws + l.scratch),
-      scratch_of(rb.max_len, P, N));
-  HM_CUDA_LAUNCHED("ssd_scan_backward");
+  // Each block's results depend on its own (sequence, head) only, so the slices give the same bits.
+  for (int s0 = 0; s0 < rb.nseq; s0 += l.seqs) {
+    const dim3 grid(unsigned(H), unsigned(std::min(l.seqs, rb.nseq - s0)));
+    if (chunked)
+      ssd_backward_chunked_kernel<T><<<grid, kCT, smem, stream>>>(
+          dx, lddx, ddt, lddt_out, part_bc, part_p, dy, lddy, x, ldx, dt, lddt, dt_bias, A_log, B, C, ldbc, Dskip,
+          rb.cu_seqlens, H, P, G, N, dt_min, dt_max, reinterpret_cast<float*>(ws + l.scratch), l.block_floats, o, s0);
+    else
+      ssd_backward_kernel<T><<<grid, kThreads, 0, stream>>>(
+          dx, lddx, ddt, lddt_out, part_bc, part_p, dy, lddy, x, ldx, dt, lddt, dt_bias, A_log, B, C, ldbc, Dskip,
+          rb.cu_seqlens, H, P, G, N, dt_min, dt_max, reinterpret_cast<double*>(ws + l.scratch),
+          scratch_of(rb.max_len, P, N), s0);
+    HM_CUDA_LAUNCHED("ssd_scan_backward");
+  }
   const int64_t nbc = int64_t(rb.n_tokens) * G * N;
   ssd_bc_finish_kernel<T><<<unsigned((nbc + 255) / 256), 256, 0, stream>>>(dB, dC, lddbc, part_bc, rb.n_tokens, H, G,
                                                                           N);
