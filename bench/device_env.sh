@@ -97,3 +97,18 @@ env_sweep() {
       $R/sweep_${s}_$tag.json "$s [$e]:"
   done
 }
+# mqar_sweep ARCHS LIMIT: stop 32's MQAR protocol (docs/EVALUATION.md, "MQAR on the H200": same
+# command, budget, head logits in float) for ARCHS, stopped LIMIT s after the call began; the
+# table, results and every run's log into $R/mqar_<ARCHS>/.
+mqar_sweep() {
+  local W=/tmp/mqar M=$R/mqar_${1//,/_} T0 T1 TL rc; rm -rf $W; mkdir -p $M
+  local CMD="hm compare --device cuda --task mqar --task-vocab 8192 --seq-lens 64,128,256 --batch 512,512,256 --sizes 64,128,256,512 --archs $1 --lrs 4.6e-4,2.2e-3,1e-2 --examples 51525 --test-examples 1000 --jobs 12 --out $W"
+  echo "HM_CUDA_HEAD_LOGITS=f32 $CMD" > $M/command.txt
+  T0=$(date +%s.%N); TL=$(( $2 - ($(date +%s) - T00) - 15 ))
+  HM_CUDA_HEAD_LOGITS=f32 timeout $TL $HM ${CMD#hm } > $M/table.txt 2> $M/progress.log; rc=$?
+  T1=$(date +%s.%N)
+  echo "rc $rc (timeout $TL s), wall $(python3 -c "print(round($T1-$T0,1))") s" | tee -a $M/command.txt
+  cp $W/results.csv $W/results.json $W/results.svg $M/ 2>/dev/null
+  (cd $W && tar cJf $M/runs.tar.xz --exclude=checkpoint --exclude='*.safetensors' runs 2>/dev/null)
+  cat $M/table.txt; tail -2 $M/progress.log
+}
