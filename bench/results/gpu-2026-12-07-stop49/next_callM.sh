@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Stop 49, callM (carry .devbundle9: callK's build with the gated RMSNorm's backward rewritten,
-# one warp a row, and the chunked kernel's float parameter sums held to 1e-4). The gradient and
-# training suites, a Mamba-2 MQAR training step (512 x 64, bench/train_configs/), the per-op
-# profile of the d 64 step, then stop 48's Mamba-2 MQAR sweep (72 runs) until LIMIT.
+# Prepared in stop 49 for the next session; no machine started for it (carry .devbundle9: main
+# with gated_norm_backward.patch applied: the gated RMSNorm's backward, one warp a row). The
+# gradient and training suites, a Mamba-2 MQAR training step (512 x 64, bench/train_configs/),
+# the per-op profile of the d 64 step, then stop 48's Mamba-2 MQAR sweep (72 runs) until LIMIT.
 BUNDLE=.devbundle9 . bench/device_env.sh
 suites '*CudaGradOps*:*CudaTrain*'
 step() {  # step CONFIG TAG [ENV...]
