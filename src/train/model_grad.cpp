@@ -14,6 +14,7 @@
 #include "core/error.h"
 #include "kernels/ref/attention_grad_ref.h"
 #include "kernels/ref/mamba_grad_ref.h"
+#include "kernels/ref/ssd_grad_ref.h"
 #include "model/true_hybrid.h"
 #include "train/batch_grad.h"
 #include "train/layout.h"
@@ -45,6 +46,28 @@ template <class T> G::MambaWeights<T> mamba_weights(const T* P, const LayerOffse
 template <class T> G::MambaGrads<T> mamba_grads(T* g, const LayerOffsets& o) {
   return {at(g, o.in_proj), at(g, o.conv_w), at(g, o.conv_b), at(g, o.x_proj), at(g, o.dt_w),
           at(g, o.dt_b),    at(g, o.A_log),  at(g, o.Dskip),  at(g, o.out_proj)};
+}
+template <class T> G::Mamba2Weights<T> mamba2_weights(const T* P, const LayerOffsets& o) {
+  return {at(P, o.in_proj), at(P, o.conv_w), at(P, o.conv_b), at(P, o.dt_b),
+          at(P, o.A_log),   at(P, o.Dskip),  at(P, o.ssm_norm), at(P, o.out_proj)};
+}
+template <class T> G::Mamba2Grads<T> mamba2_grads(T* g, const LayerOffsets& o) {
+  return {at(g, o.in_proj), at(g, o.conv_w), at(g, o.conv_b), at(g, o.dt_b),
+          at(g, o.A_log),   at(g, o.Dskip),  at(g, o.ssm_norm), at(g, o.out_proj)};
+}
+G::Mamba2Dims mamba2_dims(const ModelConfig& c) {
+  return {c.d_model,
+          c.d_inner(),
+          c.d_state,
+          c.d_conv,
+          c.mamba2_heads(),
+          c.mamba2_groups,
+          c.mamba2_norm_group(),
+          double(c.mamba2_dt_min),
+          double(c.mamba2_dt_max),
+          double(c.norm_eps),
+          c.mamba2_gated_norm,
+          c.mamba2_norm_before_gate};
 }
 G::MambaDims mamba_dims(const ModelConfig& c) {
   return {c.d_model, c.d_inner(), c.d_state, c.d_conv, c.resolved_dt_rank()};
@@ -99,6 +122,7 @@ template <class T> struct LayerActs {
   BridgeActs<T> br;
   std::vector<T> h, u, rstd;  // stream entering the pre-norm [L,D], the norm's output, rstd [L]
   G::MambaActs<T> mamba;
+  G::Mamba2Acts<T> mamba2;  // Mamba-2 layers only
   G::AttnSaved<T> attn;
   TrueActs<T> tr;  // true-hybrid layers only
   std::vector<T> h2, m, mrstd;  // MLP: stream entering mlp_norm [L,D], its output, rstd [L]
@@ -107,6 +131,9 @@ template <class T> struct LayerActs {
 
 template <class V> int64_t vec_bytes(const V& v) {
   return int64_t(v.capacity() * sizeof(typename V::value_type));
+}
+template <class T> int64_t mamba2_bytes(const G::Mamba2Acts<T>& M) {
+  return vec_bytes(M.zxd) + vec_bytes(M.xr) + vec_bytes(M.xbc) + vec_bytes(M.ys) + vec_bytes(M.yn);
 }
 template <class T> int64_t mamba_bytes(const G::MambaActs<T>& M) {
   return vec_bytes(M.x) + vec_bytes(M.z) + vec_bytes(M.xc) + vec_bytes(M.dt_r) + vec_bytes(M.B) +
@@ -134,7 +161,9 @@ template <class T> struct SeqActs {
   // Layer i's inner representation (y * silu(z) or the head contexts): the next bridge's source.
   // With ckpt, valid only while layer i is the one held.
   const T* inner(const ModelConfig& c, int i) const {
-    return c.is_attention(i) ? layer(i).attn.inner.data() : layer(i).mamba.yg.data();
+    return c.is_attention(i) ? layer(i).attn.inner.data()
+           : c.is_mamba2(i)  ? layer(i).mamba2.yn.data()
+                             : layer(i).mamba.yg.data();
   }
 
   int64_t bytes() const {
@@ -145,7 +174,7 @@ template <class T> struct SeqActs {
       const auto& A = la.attn;
       n += vec_bytes(la.br.bn) + vec_bytes(la.br.brstd) + vec_bytes(la.h) + vec_bytes(la.u) +
            vec_bytes(la.rstd) + vec_bytes(la.h2) + vec_bytes(la.m) + vec_bytes(la.mrstd) +
-           vec_bytes(la.mlp.g) + vec_bytes(la.mlp.u) + vec_bytes(la.mlp.a) + mamba_bytes(la.mamba) +
+           vec_bytes(la.mlp.g) + vec_bytes(la.mlp.u) + vec_bytes(la.mlp.a) + mamba_bytes(la.mamba) + mamba2_bytes(la.mamba2) +
            vec_bytes(A.q) + vec_bytes(A.k) + vec_bytes(A.v) + vec_bytes(A.lse) + vec_bytes(A.inner);
       const TrueActs<T>& tr = la.tr;
       n += vec_bytes(tr.feats) + vec_bytes(tr.r) + vec_bytes(tr.rt.p) + vec_bytes(tr.rt.route) +
@@ -364,6 +393,8 @@ void layer_forward(LayerActs<T>& la, std::vector<T>& h, std::vector<T>& out, con
     true_mixer_forward(la, out.data(), lo, P, i, L, scan_chunk);
   } else if (c.is_attention(i)) {
     G::attention_block_forward(out.data(), la.attn, la.u.data(), aw, attn_shape(c, L));
+  } else if (c.is_mamba2(i)) {
+    G::mamba2_block_forward(out.data(), la.mamba2, la.u.data(), mamba2_weights(P, o), mamba2_dims(c), L);
   } else {
     G::mamba_block_forward(out.data(), la.mamba, la.u.data(), mamba_weights(P, o), mamba_dims(c), L, scan_chunk);
   }
@@ -382,7 +413,8 @@ void layer_forward(LayerActs<T>& la, std::vector<T>& h, std::vector<T>& out, con
 // attention layer is held (and the other way round): release them rather than keep both
 // mixers' high-water marks, which would cost the saving a third.
 template <class T> void hold_only(LayerActs<T>& la, const ModelConfig& c, int i) {
-  if (!c.has_mamba_path(i)) la.mamba = {};
+  if (!c.has_mamba_path(i) || c.is_mamba2(i)) la.mamba = {};
+  if (!c.is_mamba2(i)) la.mamba2 = {};
   if (!c.has_ffn(i)) la.mlp = {};
   if (!c.has_attention_path(i)) la.attn = {};
 }
@@ -464,6 +496,9 @@ void backward_seq(T* g, SeqActs<T>& a, const Layout& lo, const T* P, const T* dh
       const G::AttnWeightGrads<T> ag{at(g, o.wq), at(g, o.wk), at(g, o.wv), at(g, o.wo)};
       const G::AttnWeights<T> aw{at(P, o.wq), at(P, o.wk), at(P, o.wv), at(P, o.wo)};
       G::attention_block_backward(dtmp.data(), ag, dh.data(), dinn, la.u.data(), aw, la.attn, attn_shape(c, L));
+    } else if (c.is_mamba2(i)) {
+      G::mamba2_block_backward(dtmp.data(), mamba2_grads(g, o), dh.data(), la.u.data(), mamba2_weights(P, o),
+                               la.mamba2, mamba2_dims(c), dinn);
     } else {
       G::mamba_block_backward(dtmp.data(), mamba_grads(g, o), dh.data(), la.u.data(), mamba_weights(P, o), la.mamba,
                            mamba_dims(c), dinn);
@@ -676,12 +711,13 @@ void set_train_backend(Backend* be) { g_train_backend = be; }
 
 namespace {
 
-// What the double reference model does not have: Mamba-2 layers and the dt/B/C norms train
-// through BatchGrad alone (their ops are checked against finite differences one by one:
-// tests/test_grad_ssd.cpp, the rmsnorm backward's tests).
+// What the double reference model does not have: true layers with Mamba-2 paths and the dt/B/C
+// norms train through BatchGrad alone (their ops are checked against finite differences one by
+// one: tests/test_grad_ssd.cpp, the rmsnorm backward's tests).
 void check_reference_layers(const ModelConfig& c) {
-  HM_CHECK(c.mamba2_layers.empty(), "loss: the double-precision reference model has no Mamba-2 layers (float "
-           "training runs them: loss_and_grad)");
+  for (int i = 0; i < c.n_layers; ++i)
+    HM_CHECK(!(c.is_true(i) && c.is_mamba2(i)), "loss: the double-precision reference model has no true layers "
+             "with Mamba-2 paths (layer ", i, "; float training runs them: loss_and_grad)");
   HM_CHECK(!c.mamba_bcdt_norm, "loss: the double-precision reference model has no dt/B/C norms in its Mamba "
            "mixers (float training runs them: loss_and_grad)");
   HM_CHECK(c.moe_layers.empty(), "loss: the double-precision reference model has no mixture-of-experts layers "

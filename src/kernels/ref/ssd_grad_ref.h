@@ -336,4 +336,141 @@ void gated_rmsnorm_backward(T* dy, int lddy, T* dz, int lddz, T* dw, const T* do
   for (int j = 0; j < E; ++j) dw[j] += T(gw[size_t(j)]);
 }
 
+// ---------------------------------------------------------------- the Mamba-2 mixer
+// HybridModel::mamba2_path's math for one sequence from zero state, in the ops above (the double
+// reference model's Mamba-2 layer): zxd = in_proj(u) = z | xBC | dt; xbc = silu(conv(xBC)) =
+// x | B | C; ys = the SSD scan; yn = the gate, per group of `group` columns: the gated RMSNorm
+// rmsnorm(ys silu(z)) w, or ys silu(z) without a norm, or rmsnorm(ys) w silu(z) with the norm
+// before the gate; out = out_proj(yn).
+struct Mamba2Dims {
+  int D, E, N, K, H, G, group;  // d_model, d_inner, d_state, d_conv, heads, groups, norm group
+  double dt_min, dt_max, eps;
+  bool norm, norm_before_gate;
+  int P() const { return E / H; }
+  int CD() const { return E + 2 * G * N; }  // x | B | C
+  int IN() const { return E + CD() + H; }   // z | xBC | dt
+};
+
+// Pointers into the caller's parameter arena; norm is null without a norm.
+template <class T> struct Mamba2Weights {
+  const T *in_proj, *conv_w, *conv_b, *dt_b, *A_log, *Dskip, *norm, *out_proj;
+};
+template <class T> struct Mamba2Grads {  // accumulated (+=)
+  T *in_proj, *conv_w, *conv_b, *dt_b, *A_log, *Dskip, *norm, *out_proj;
+};
+template <class T> struct Mamba2Acts {
+  int L = 0;
+  std::vector<T> zxd;  // [L, IN]
+  std::vector<T> xr;   // [L, CD] the conv's input (xBC of zxd, contiguous)
+  std::vector<T> xbc;  // [L, CD] silu(conv(xr))
+  std::vector<T> ys;   // [L, E] the scan's output
+  std::vector<T> yn;   // [L, E] the gate's output = out_proj's input (the next bridge's source)
+};
+
+// yn [L, E] from ys [L, E] and z (row stride ldz), the gate of s (the gated RMSNorm's own above).
+template <class T>
+void mamba2_gate_forward(T* yn, const T* ys, const T* z, int ldz, const T* w, const Mamba2Dims& s, int L) {
+  using Acc = acc_t<T>;
+  const int E = s.E;
+  if (s.norm && !s.norm_before_gate) return gated_rmsnorm_forward(yn, E, ys, E, z, ldz, w, L, E, s.group, s.eps);
+  for (int t = 0; t < L; ++t)
+    for (int j0 = 0; j0 < E; j0 += s.group) {
+      const T* y = ys + size_t(t) * E;
+      Acc r = 1;
+      if (s.norm) {  // rmsnorm(ys) w before the gate
+        Acc ss = 0;
+        for (int j = j0; j < j0 + s.group; ++j) ss += Acc(y[j]) * Acc(y[j]);
+        r = Acc(1) / std::sqrt(ss / Acc(s.group) + Acc(s.eps));
+      }
+      for (int j = j0; j < j0 + s.group; ++j) {
+        const Acc v = s.norm ? Acc(y[j]) * r * Acc(w[j]) : Acc(y[j]);
+        yn[size_t(t) * E + j] = T(v * silu(Acc(z[size_t(t) * ldz + j])));
+      }
+    }
+}
+
+// dys, dz [L, E] assigned; dw accumulated (with a norm).
+template <class T>
+void mamba2_gate_backward(T* dys, T* dz, T* dw, const T* dyn, const T* ys, const T* z, int ldz, const T* w,
+                          const Mamba2Dims& s, int L) {
+  using Acc = acc_t<T>;
+  const int E = s.E;
+  if (s.norm && !s.norm_before_gate)
+    return gated_rmsnorm_backward(dys, E, dz, E, dw, dyn, E, ys, E, z, ldz, w, L, E, s.group, s.eps);
+  std::vector<Acc> gw(static_cast<size_t>(E), Acc(0));
+  for (int t = 0; t < L; ++t)
+    for (int j0 = 0; j0 < E; j0 += s.group) {
+      const size_t row = size_t(t) * E;
+      Acc r = 1, dot = 0;  // dot = sum_j w_j dv_j y_j, dv = d(rmsnorm(ys) w) = dyn silu(z)
+      if (s.norm) {
+        Acc ss = 0;
+        for (int j = j0; j < j0 + s.group; ++j) {
+          const Acc y = ys[row + j], zj = z[size_t(t) * ldz + j];
+          ss += y * y;
+          dot += Acc(w[j]) * Acc(dyn[row + j]) * silu(zj) * y;
+        }
+        r = Acc(1) / std::sqrt(ss / Acc(s.group) + Acc(s.eps));
+      }
+      for (int j = j0; j < j0 + s.group; ++j) {
+        const Acc y = ys[row + j], zj = z[size_t(t) * ldz + j], go = dyn[row + j];
+        const Acc v = s.norm ? y * r * Acc(w[j]) : y, dv = go * silu(zj);
+        dz[row + j] = T(go * v * silu_grad(zj));  // yn = v silu(z)
+        if (s.norm) {
+          gw[size_t(j)] += dv * y * r;
+          dys[row + j] = T(r * Acc(w[j]) * dv - y * r * r * r / Acc(s.group) * dot);
+        } else {
+          dys[row + j] = T(dv);
+        }
+      }
+    }
+  if (s.norm)
+    for (int j = 0; j < E; ++j) dw[j] += T(gw[size_t(j)]);
+}
+
+template <class T>
+void mamba2_block_forward(T* out, Mamba2Acts<T>& a, const T* u, const Mamba2Weights<T>& w, const Mamba2Dims& s,
+                          int L) {
+  const int E = s.E, CD = s.CD(), IN = s.IN(), GN = s.G * s.N;
+  a.L = L;
+  a.zxd.resize(size_t(L) * IN);
+  a.xr.resize(size_t(L) * CD);
+  a.xbc.resize(size_t(L) * CD);
+  a.ys.resize(size_t(L) * E);
+  a.yn.resize(size_t(L) * E);
+  linear_forward(a.zxd.data(), u, w.in_proj, L, IN, s.D);  // z | xBC | dt = in_proj(u)
+  for (int t = 0; t < L; ++t)
+    for (int j = 0; j < CD; ++j) a.xr[size_t(t) * CD + j] = a.zxd[size_t(t) * IN + E + j];
+  conv1d_silu_forward(a.xbc.data(), a.xr.data(), w.conv_w, w.conv_b, L, CD, s.K);  // x | B | C
+  ssd_scan_forward(a.ys.data(), E, a.xbc.data(), CD, a.zxd.data() + E + CD, IN, w.dt_b, w.A_log, a.xbc.data() + E,
+                   a.xbc.data() + E + GN, CD, w.Dskip, L, s.H, s.P(), s.G, s.N, s.dt_min, s.dt_max);
+  mamba2_gate_forward(a.yn.data(), a.ys.data(), a.zxd.data(), IN, w.norm, s, L);
+  linear_forward(out, a.yn.data(), w.out_proj, L, s.D, E);
+}
+
+// du [L, D] assigned (may be null); every field of g accumulates. dyn_extra [L, E] (nullable):
+// the gradient reaching yn from the next layer's state bridge.
+template <class T>
+void mamba2_block_backward(T* du, const Mamba2Grads<T>& g, const T* dout, const T* u, const Mamba2Weights<T>& w,
+                           const Mamba2Acts<T>& a, const Mamba2Dims& s, const T* dyn_extra = nullptr) {
+  const int L = a.L, E = s.E, CD = s.CD(), IN = s.IN(), GN = s.G * s.N, H = s.H;
+  const size_t LE = size_t(L) * E, LC = size_t(L) * CD;
+  std::vector<T> dyn(LE), dys(LE), dz(LE), dxbc(LC), dxr(LC), ddt(size_t(L) * H), dzxd(size_t(L) * IN);
+  linear_backward(dyn.data(), g.out_proj, dout, a.yn.data(), w.out_proj, L, s.D, E);
+  if (dyn_extra)
+    for (size_t i = 0; i < LE; ++i) dyn[i] += dyn_extra[i];
+  mamba2_gate_backward(dys.data(), dz.data(), g.norm, dyn.data(), a.ys.data(), a.zxd.data(), IN, w.norm, s, L);
+  ssd_scan_backward(dxbc.data(), CD, ddt.data(), H, dxbc.data() + E, dxbc.data() + E + GN, CD, g.dt_b, g.A_log,
+                    g.Dskip, dys.data(), E, a.xbc.data(), CD, a.zxd.data() + E + CD, IN, w.dt_b, w.A_log,
+                    a.xbc.data() + E, a.xbc.data() + E + GN, CD, w.Dskip, L, H, s.P(), s.G, s.N, s.dt_min,
+                    s.dt_max);
+  conv1d_silu_backward(dxr.data(), g.conv_w, g.conv_b, dxbc.data(), a.xr.data(), w.conv_w, w.conv_b, L, CD, s.K);
+  for (int t = 0; t < L; ++t) {  // z | xBC | dt
+    T* row = dzxd.data() + size_t(t) * IN;
+    for (int j = 0; j < E; ++j) row[j] = dz[size_t(t) * E + j];
+    for (int j = 0; j < CD; ++j) row[E + j] = dxr[size_t(t) * CD + j];
+    for (int h = 0; h < H; ++h) row[E + CD + h] = ddt[size_t(t) * H + h];
+  }
+  linear_backward(du, g.in_proj, dzxd.data(), u, w.in_proj, L, IN, s.D);
+}
+
 }  // namespace hm::ref::grad
