@@ -229,7 +229,9 @@ void true_mixer_forward(LayerActs<T>& la, T* out, const Layout& lo, const T* P, 
   tr.ym.resize(size_t(nm) * D);
   if (nm < L)
     for (int j = 0; j < nm; ++j) std::copy_n(row(la.u.data(), M[size_t(j)]), D, row(tr.um.data(), j));
-  if (nm > 0)
+  if (nm > 0 && c.is_mamba2(i))  // Falcon-H1's layer: a Mamba-2 path
+    G::mamba2_block_forward(tr.ym.data(), la.mamba2, tr.mamba_in(la.u), mamba2_weights(P, o), mamba2_dims(c), nm);
+  else if (nm > 0)
     G::mamba_block_forward(tr.ym.data(), la.mamba, tr.mamba_in(la.u), mamba_weights(P, o), mamba_dims(c), nm,
                         scan_chunk);
   // v = u + exchange * x, x the latest Mamba output at or before the token (none yet: 0, as the
@@ -346,8 +348,12 @@ void true_mixer_backward(T* du, T* g, const T* dout, const LayerActs<T>& la, con
     }
   }
   if (nm > 0) {
-    G::mamba_block_backward(dum.data(), mamba_grads(g, o), dym.data(), tr.mamba_in(la.u), mamba_weights(P, o),
-                         la.mamba, mamba_dims(c), none);
+    if (c.is_mamba2(i))
+      G::mamba2_block_backward(dum.data(), mamba2_grads(g, o), dym.data(), tr.mamba_in(la.u), mamba2_weights(P, o),
+                               la.mamba2, mamba2_dims(c), none);
+    else
+      G::mamba_block_backward(dum.data(), mamba_grads(g, o), dym.data(), tr.mamba_in(la.u), mamba_weights(P, o),
+                              la.mamba, mamba_dims(c), none);
     for (int j = 0; j < nm; ++j) {
       const T* s = row(dum.data(), j);
       T* dut = row(du, M[size_t(j)]);
@@ -711,13 +717,9 @@ void set_train_backend(Backend* be) { g_train_backend = be; }
 
 namespace {
 
-// What the double reference model does not have: true layers with Mamba-2 paths and the dt/B/C
-// norms train through BatchGrad alone (their ops are checked against finite differences one by
-// one: tests/test_grad_ssd.cpp, the rmsnorm backward's tests).
+// What the double reference model does not have: the dt/B/C norms train through BatchGrad alone
+// (their ops are checked against finite differences one by one: the rmsnorm backward's tests).
 void check_reference_layers(const ModelConfig& c) {
-  for (int i = 0; i < c.n_layers; ++i)
-    HM_CHECK(!(c.is_true(i) && c.is_mamba2(i)), "loss: the double-precision reference model has no true layers "
-             "with Mamba-2 paths (layer ", i, "; float training runs them: loss_and_grad)");
   HM_CHECK(!c.mamba_bcdt_norm, "loss: the double-precision reference model has no dt/B/C norms in its Mamba "
            "mixers (float training runs them: loss_and_grad)");
   HM_CHECK(c.moe_layers.empty(), "loss: the double-precision reference model has no mixture-of-experts layers "
