@@ -174,8 +174,8 @@ template <class T> struct SeqActs {
       const auto& A = la.attn;
       n += vec_bytes(la.br.bn) + vec_bytes(la.br.brstd) + vec_bytes(la.h) + vec_bytes(la.u) +
            vec_bytes(la.rstd) + vec_bytes(la.h2) + vec_bytes(la.m) + vec_bytes(la.mrstd) +
-           vec_bytes(la.mlp.g) + vec_bytes(la.mlp.u) + vec_bytes(la.mlp.a) + mamba_bytes(la.mamba) + mamba2_bytes(la.mamba2) +
-           vec_bytes(A.q) + vec_bytes(A.k) + vec_bytes(A.v) + vec_bytes(A.lse) + vec_bytes(A.inner);
+           vec_bytes(la.mlp.g) + vec_bytes(la.mlp.u) + vec_bytes(la.mlp.a) + mamba_bytes(la.mamba) +
+           mamba2_bytes(la.mamba2) + vec_bytes(A.q) + vec_bytes(A.k) + vec_bytes(A.v) + vec_bytes(A.lse) + vec_bytes(A.inner);
       const TrueActs<T>& tr = la.tr;
       n += vec_bytes(tr.feats) + vec_bytes(tr.r) + vec_bytes(tr.rt.p) + vec_bytes(tr.rt.route) +
            vec_bytes(tr.rt.gm) + vec_bytes(tr.rt.ga) + vec_bytes(tr.rt.mamba_idx) +
@@ -717,8 +717,8 @@ void set_train_backend(Backend* be) { g_train_backend = be; }
 
 namespace {
 
-// What the double reference model does not have: the dt/B/C norms train through BatchGrad alone
-// (their ops are checked against finite differences one by one: the rmsnorm backward's tests).
+// What the double reference model does not have, each refused by name: those layers train through
+// BatchGrad alone (their ops checked one by one: the rmsnorm backward's tests for the dt/B/C norms).
 void check_reference_layers(const ModelConfig& c) {
   HM_CHECK(!c.mamba_bcdt_norm, "loss: the double-precision reference model has no dt/B/C norms in its Mamba "
            "mixers (float training runs them: loss_and_grad)");
