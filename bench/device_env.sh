@@ -97,6 +97,15 @@ env_sweep() {
       $R/sweep_${s}_$tag.json "$s [$e]:"
   done
 }
+# mqar_step CONFIG TAG [ENV...]: one MQAR-shaped training step (512 x 64, bench/train_configs/
+# CONFIG.json, 3 steps, ENV set for it): step time and peak memory into $R/train_CONFIG_TAG.json.
+mqar_step() {
+  local c=$1 tag=$2; shift 2
+  env "$@" timeout 150 $HM bench --train --device cuda --config bench/train_configs/$c.json --batch 512 --seq-len 64 \
+    --steps 3 --json --no-peer > $R/train_${c}_$tag.json 2> $R/train_${c}_$tag.log
+  python3 -c "import json,sys;d=json.load(open(sys.argv[1]));print(sys.argv[2],'step ms %.2f'%d['train_step_ms'],'peak GB %.2f'%(d.get('peak_mem_bytes',0)/1e9))" \
+    $R/train_${c}_$tag.json "$c $tag" || tail -3 $R/train_${c}_$tag.log
+}
 # mqar_sweep ARCHS LIMIT: stop 32's MQAR protocol (docs/EVALUATION.md, "MQAR on the H200": same
 # command, budget, head logits in float) for ARCHS, stopped LIMIT s after the call began; the
 # table, results and every run's log into $R/mqar_<ARCHS>/.

@@ -5,15 +5,8 @@
 # the per-op profile of the d 64 step, then stop 48's Mamba-2 MQAR sweep (72 runs) until LIMIT.
 BUNDLE=.devbundle9 . bench/device_env.sh
 suites '*CudaGradOps*:*CudaTrain*'
-step() {  # step CONFIG TAG [ENV...]
-  local c=$1 tag=$2; shift 2
-  env "$@" timeout 150 $HM bench --train --device cuda --config bench/train_configs/$c.json --batch 512 --seq-len 64 \
-    --steps 3 --json --no-peer > $R/train_${c}_$tag.json 2> $R/train_${c}_$tag.log
-  python3 -c "import json,sys;d=json.load(open(sys.argv[1]));print(sys.argv[2],'step ms %.2f'%d['train_step_ms'],'peak GB %.2f'%(d.get('peak_mem_bytes',0)/1e9))" \
-    $R/train_${c}_$tag.json "$c $tag" || tail -3 $R/train_${c}_$tag.log
-}
 for c in mqar-d64-mamba2 mqar-d512-mamba2; do
-  step $c chunked
+  mqar_step $c chunked
 done
 echo "t=$(( $(date +%s) - T00 ))"
 timeout 150 $HM bench --train --device cuda --config bench/train_configs/mqar-d64-mamba2.json --batch 512 --seq-len 64 \
