@@ -1163,7 +1163,7 @@ class CudaBackendImpl final : public CudaBackend {
     check_vec(op, "dw", dw, E);
     check_type(op, "dw", dw, DType::F32);
     if (n == 0 || E == 0) return;
-    void* ws = workspace(cuda::gated_rmsnorm_backward_workspace_bytes(n, E));
+    void* ws = workspace(cuda::gated_rmsnorm_backward_workspace_bytes(n, E, group));
     dispatch(y.dtype, [&](auto tag) {
       using T = elem_t<decltype(tag)>;
       cuda::gated_rmsnorm_backward<T>(ptr<T>(dy), int(dy.ld), ptr<T>(dz), int(dz.ld), dw.f32(), ptr<T>(dout),

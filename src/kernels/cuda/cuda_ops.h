@@ -156,7 +156,7 @@ size_t ssd_backward_scratch_cap();
 enum class SsdBackward { Auto, Chunked, Reference };
 void set_ssd_backward_kernel(SsdBackward k);
 SsdBackward ssd_backward_kernel_for(int P, int N);  // Chunked or Reference
-size_t gated_rmsnorm_backward_workspace_bytes(int n, int E);
+size_t gated_rmsnorm_backward_workspace_bytes(int n, int E, int group);
 template <class T>
 void ssd_scan_train(T* y, int ldy, const T* x, int ldx, const T* dt, int lddt, const T* dt_bias, const float* A_log,
                     const T* B, const T* C, int ldbc, const T* Dskip, const RaggedBatch& rb, int H, int P, int G,

@@ -18,6 +18,7 @@
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/cuda_ops.h"
+#include "kernels/cuda/reduce.cuh"
 
 namespace hm::cuda {
 namespace {
@@ -179,6 +180,9 @@ __global__ void __launch_bounds__(kThreads) ssd_backward_kernel(
 //   dx = delta o GB + D dy;  dB_t = delta_t (M[:, t] . C + exp(l_end - l_t) x_t G)
 //   dC_t = M[t, :] (delta o B) + exp(l_t) DS_t;  G <- exp(l_end) G + dY^T diag(exp(l)) C
 // and the per-token scalars of d delta as in the reference (dl_t, then a reverse sum per chunk).
+// Each product is register-tiled (Tile below): a thread keeps TM x TN sums and each step of k
+// reads TM + TN operands from shared memory for TM x TN FMAs, where one output a thread read two
+// a FMA (stop 49: the kernel ran at ~6% of an SM's float rate, bound by those reads).
 // Shared rows are padded to odd strides so the column walks hit distinct banks.
 constexpr int kQ = 32;    // tokens a chunk: one warp's lanes (l is a warp prefix sum)
 constexpr int kCT = 256;  // threads a block
@@ -186,7 +190,7 @@ constexpr int kLdQ = kQ + 1;
 
 struct ChunkLayout {  // float offsets into the dynamic shared memory
   int ldP, ldN;
-  int X, DY, B, C, W, M, WM, S, G, GB, DS, delta, l, ddu, eend, el, xgb, dyy, total;
+  int X, DY, B, C, W, M, WM, S, G, GB, DS, delta, l, ddu, eend, el, ed, xgb, dyy, total;
 };
 
 ChunkLayout chunk_layout(int P, int N) {
@@ -215,10 +219,83 @@ ChunkLayout chunk_layout(int P, int N) {
   o.ddu = take(kQ);
   o.eend = take(kQ);
   o.el = take(kQ);
+  o.ed = take(kQ);
   o.xgb = take(kQ);
   o.dyy = take(kQ);
   o.total = at;
   return o;
+}
+
+// One thread's TM x TN outputs of an M x Nc product: rows i0 .. i0 + TM - 1 (adjacent, so a
+// causal product's k range is one interval a tile) and columns jt, jt + nt, ... (strided, so the
+// lanes of a warp read adjacent columns of a row-major operand: no bank conflicts). Reads past
+// M or Nc are clamped to the last row / column and their sums never stored.
+template <int TM, int TN>
+struct Tile {
+  int i0, jt, nt, M, Nc;
+  float acc[TM][TN];
+  __device__ Tile(int tile, int M_, int Nc_) : nt((Nc_ + TN - 1) / TN), M(M_), Nc(Nc_) {
+    i0 = (tile / nt) * TM;
+    jt = tile % nt;
+    zero();
+  }
+  static __device__ int count(int rows, int cols) { return ((rows + TM - 1) / TM) * ((cols + TN - 1) / TN); }
+  __device__ int row(int r) const { return min(i0 + r, M - 1); }
+  __device__ int col(int c) const { return min(jt + c * nt, Nc - 1); }
+  __device__ void zero() {
+#pragma unroll
+    for (int r = 0; r < TM; ++r)
+#pragma unroll
+      for (int c = 0; c < TN; ++c) acc[r][c] = 0.0f;
+  }
+  // acc[r][c] += sum_{k in [k0, k1)} a(row r, k) b(k, col c)
+  template <class FA, class FB>
+  __device__ void add(int k0, int k1, FA a, FB b) {
+    int ri[TM], cj[TN];
+#pragma unroll
+    for (int r = 0; r < TM; ++r) ri[r] = row(r);
+#pragma unroll
+    for (int c = 0; c < TN; ++c) cj[c] = col(c);
+#pragma unroll 2
+    for (int k = k0; k < k1; ++k) {
+      float av[TM], bv[TN];
+#pragma unroll
+      for (int r = 0; r < TM; ++r) av[r] = a(ri[r], k);
+#pragma unroll
+      for (int c = 0; c < TN; ++c) bv[c] = b(k, cj[c]);
+#pragma unroll
+      for (int r = 0; r < TM; ++r)
+#pragma unroll
+        for (int c = 0; c < TN; ++c) acc[r][c] = fmaf(av[r], bv[c], acc[r][c]);
+    }
+  }
+  template <class F>
+  __device__ void scale_rows(F f) {
+#pragma unroll
+    for (int r = 0; r < TM; ++r) {
+      const float s = f(row(r));
+#pragma unroll
+      for (int c = 0; c < TN; ++c) acc[r][c] *= s;
+    }
+  }
+  template <class F>
+  __device__ void store(F out) const {
+#pragma unroll
+    for (int r = 0; r < TM; ++r)
+#pragma unroll
+      for (int c = 0; c < TN; ++c)
+        if (i0 + r < M && jt + c * nt < Nc) out(i0 + r, jt + c * nt, acc[r][c]);
+  }
+};
+
+// Every tile of an M x Nc product, spread over the block's threads.
+template <int TM, int TN, class F>
+__device__ void for_tiles(int rows, int cols, F f) {
+  const int n = Tile<TM, TN>::count(rows, cols);
+  for (int t = int(threadIdx.x); t < n; t += kCT) {
+    Tile<TM, TN> T(t, rows, cols);
+    f(T);
+  }
 }
 
 template <class T>
@@ -233,7 +310,7 @@ __global__ void __launch_bounds__(kCT) ssd_backward_chunked_kernel(
   float *sX = sm + o.X, *sDY = sm + o.DY, *sB = sm + o.B, *sC = sm + o.C, *sW = sm + o.W, *sM = sm + o.M;
   float *sWM = sm + o.WM, *sS = sm + o.S, *sG = sm + o.G, *sGB = sm + o.GB, *sDS = sm + o.DS;
   float *sdelta = sm + o.delta, *sl = sm + o.l, *sddu = sm + o.ddu, *seend = sm + o.eend, *sel = sm + o.el;
-  float *sxgb = sm + o.xgb, *sdyy = sm + o.dyy;
+  float *sed = sm + o.ed, *sxgb = sm + o.xgb, *sdyy = sm + o.dyy;
   const int ldP = o.ldP, ldN = o.ldN, tid = int(threadIdx.x);
   const int h = blockIdx.x, s = seq0 + int(blockIdx.y), g = h / (H / G);
   const int row0 = cu[s], L = cu[s + 1] - row0, nch = (L + kQ - 1) / kQ, PN = P * N;
@@ -276,6 +353,7 @@ __global__ void __launch_bounds__(kCT) ssd_backward_chunked_kernel(
       sl[tid] = lv;
       seend[tid] = expf(le - lv);  // <= 1: l only falls
       sel[tid] = expf(lv);
+      sed[tid] = seend[tid] * d;
     }
   };
 
@@ -285,16 +363,21 @@ __global__ void __launch_bounds__(kCT) ssd_backward_chunked_kernel(
     __syncthreads();  // the previous chunk's rows are consumed
     load(c, false);
     __syncthreads();
-    const float eall = sel[kQ - 1];
-    for (int i = tid; i < PN; i += kCT) {  // each element read and written by its own thread only
-      const int p = i / N, n = i % N;
-      float v = sS[p * ldN + n];
-      Sck[int64_t(c) * PN + i] = v;
-      if (c + 1 == nch) continue;
-      v *= eall;
-      for (int t = 0; t < kQ; ++t) v += seend[t] * sdelta[t] * sX[t * ldP + p] * sB[t * ldN + n];
-      sS[p * ldN + n] = v;
+    float* Sc = Sck + int64_t(c) * PN;
+    if (c + 1 == nch) {
+      for (int i = tid; i < PN; i += kCT) Sc[i] = sS[(i / N) * ldN + i % N];
+      continue;
     }
+    const float eall = sel[kQ - 1];
+    for_tiles<4, 4>(P, N, [&](Tile<4, 4>& tl) {  // each element read and written by its own thread only
+      tl.add(
+          0, kQ, [&](int p, int t) { return sed[t] * sX[t * ldP + p]; }, [&](int t, int n) { return sB[t * ldN + n]; });
+      tl.store([&](int p, int n, float v) {
+        const float old = sS[p * ldN + n];
+        Sc[p * N + n] = old;
+        sS[p * ldN + n] = eall * old + v;
+      });
+    });
   }
 
   for (int i = tid; i < PN; i += kCT) sG[(i / N) * ldN + i % N] = 0.0f;
@@ -306,39 +389,45 @@ __global__ void __launch_bounds__(kCT) ssd_backward_chunked_kernel(
     load(c, true);
     for (int i = tid; i < PN; i += kCT) sS[(i / N) * ldN + i % N] = Sck[int64_t(c) * PN + i];
     __syncthreads();
-    // W, M and W o (dy x^T) o delta (the last for dl); DS = dY S_in.
-    for (int i = tid; i < kQ * kQ; i += kCT) {
-      const int t = i / kQ, u = i % kQ;
-      float w = 0.0f, m = 0.0f, wm = 0.0f;
-      if (u <= t) {
-        float cb = 0.0f, yx = 0.0f;
-        for (int n = 0; n < N; ++n) cb += sC[t * ldN + n] * sB[u * ldN + n];
-        for (int p = 0; p < P; ++p) yx += sDY[t * ldP + p] * sX[u * ldP + p];
-        const float e = expf(sl[t] - sl[u]);
-        w = e * cb;
-        m = e * yx;
-        wm = w * yx * sdelta[u];
-      }
-      sW[t * kLdQ + u] = w;
-      sM[t * kLdQ + u] = m;
-      sWM[t * kLdQ + u] = wm;
-    }
-    for (int i = tid; i < kQ * N; i += kCT) {
-      const int t = i / N, n = i % N;
-      float v = 0.0f;
-      for (int p = 0; p < P; ++p) v += sDY[t * ldP + p] * sS[p * ldN + n];
-      sDS[t * ldN + n] = v;
-    }
+    // W = CB^T and M = dY X^T, masked and scaled, and W o (dy x^T) o delta (the last for dl);
+    // a tile wholly above the diagonal sums nothing. DS = dY S_in.
+    for_tiles<2, 2>(kQ, kQ, [&](Tile<2, 2>& tl) {
+      const bool above = tl.i0 + 1 < tl.jt;  // its last row before its first column
+      tl.add(
+          0, above ? 0 : N, [&](int t, int n) { return sC[t * ldN + n]; }, [&](int n, int u) { return sB[u * ldN + n]; });
+      tl.store([&](int t, int u, float v) { sW[t * kLdQ + u] = v; });
+      tl.zero();
+      tl.add(
+          0, above ? 0 : P, [&](int t, int p) { return sDY[t * ldP + p]; },
+          [&](int p, int u) { return sX[u * ldP + p]; });
+      tl.store([&](int t, int u, float yx) {  // the thread's own W entries, just written
+        float w = 0.0f, m = 0.0f, wm = 0.0f;
+        if (u <= t) {
+          const float e = expf(sl[t] - sl[u]);
+          w = e * sW[t * kLdQ + u];
+          m = e * yx;
+          wm = w * yx * sdelta[u];
+        }
+        sW[t * kLdQ + u] = w;
+        sM[t * kLdQ + u] = m;
+        sWM[t * kLdQ + u] = wm;
+      });
+    });
+    for_tiles<2, 4>(kQ, N, [&](Tile<2, 4>& tl) {
+      tl.add(
+          0, P, [&](int t, int p) { return sDY[t * ldP + p]; }, [&](int p, int n) { return sS[p * ldN + n]; });
+      tl.store([&](int t, int n, float v) { sDS[t * ldN + n] = v; });
+    });
     __syncthreads();
-    // GB[u, p] = sum_{t >= u} W[t, u] dy_t[p] + exp(l_end - l_u) B_u . G[p]
-    for (int i = tid; i < kQ * P; i += kCT) {
-      const int u = i / P, p = i % P;
-      float v = 0.0f;
-      for (int n = 0; n < N; ++n) v += sB[u * ldN + n] * sG[p * ldN + n];
-      v *= seend[u];
-      for (int t = u; t < kQ; ++t) v += sW[t * kLdQ + u] * sDY[t * ldP + p];
-      sGB[u * ldP + p] = v;
-    }
+    // GB[u, p] = exp(l_end - l_u) B_u . G[p] + sum_{t >= u} W[t, u] dy_t[p]
+    for_tiles<2, 4>(kQ, P, [&](Tile<2, 4>& tl) {
+      tl.add(
+          0, N, [&](int u, int n) { return sB[u * ldN + n]; }, [&](int n, int p) { return sG[p * ldN + n]; });
+      tl.scale_rows([&](int u) { return seend[u]; });
+      tl.add(
+          tl.i0, kQ, [&](int u, int t) { return sW[t * kLdQ + u]; }, [&](int t, int p) { return sDY[t * ldP + p]; });
+      tl.store([&](int u, int p, float v) { sGB[u * ldP + p] = v; });
+    });
     __syncthreads();
     for (int i = tid; i < kQ * P; i += kCT) {
       const int t = i / P, p = i % P;
@@ -347,17 +436,28 @@ __global__ void __launch_bounds__(kCT) ssd_backward_chunked_kernel(
       dx[(row0 + t0 + t) * int64_t(lddx) + xh + p] = from_f<T>(sdelta[t] * sGB[t * ldP + p] + D * gy);
       dDp += gy * sX[t * ldP + p];
     }
-    for (int i = tid; i < kQ * N; i += kCT) {
-      const int t = i / N, n = i % N;
-      if (t >= len) continue;
-      float vb = 0.0f, vg = 0.0f, vc = 0.0f;
-      for (int u = t; u < kQ; ++u) vb += sM[u * kLdQ + t] * sC[u * ldN + n];
-      for (int p = 0; p < P; ++p) vg += sX[t * ldP + p] * sG[p * ldN + n];
-      for (int u = 0; u <= t; ++u) vc += sM[t * kLdQ + u] * sdelta[u] * sB[u * ldN + n];
-      float* pb = part_bc + ((row0 + t0 + t) * int64_t(H) + h) * 2 * N;
-      pb[n] = sdelta[t] * (vb + seend[t] * vg);
-      pb[N + n] = vc + sel[t] * sDS[t * ldN + n];
-    }
+    // dB_t = delta_t (exp(l_end - l_t) x_t G + sum_{u >= t} M[u, t] C_u);
+    // dC_t = sum_{u <= t} M[t, u] delta_u B_u + exp(l_t) DS_t
+    for_tiles<2, 4>(kQ, N, [&](Tile<2, 4>& tl) {
+      float* pb = part_bc + ((row0 + t0) * int64_t(H) + h) * 2 * N;  // token t at + t * H * 2N
+      const int64_t ldpb = int64_t(H) * 2 * N;
+      tl.add(
+          0, P, [&](int t, int p) { return sX[t * ldP + p]; }, [&](int p, int n) { return sG[p * ldN + n]; });
+      tl.scale_rows([&](int t) { return seend[t]; });
+      tl.add(
+          tl.i0, kQ, [&](int t, int u) { return sM[u * kLdQ + t]; }, [&](int u, int n) { return sC[u * ldN + n]; });
+      tl.scale_rows([&](int t) { return sdelta[t]; });
+      tl.store([&](int t, int n, float v) {
+        if (t < len) pb[t * ldpb + n] = v;
+      });
+      tl.zero();
+      tl.add(
+          0, min(tl.i0 + 2, kQ), [&](int t, int u) { return sM[t * kLdQ + u] * sdelta[u]; },
+          [&](int u, int n) { return sB[u * ldN + n]; });
+      tl.store([&](int t, int n, float v) {
+        if (t < len) pb[t * ldpb + N + n] = v + sel[t] * sDS[t * ldN + n];
+      });
+    });
     {  // per token: x_t . GB_t and dy_t . y'_t (y' = y - D x), one warp a token
       const int warp = tid / 32, lane = tid % 32;
       for (int t = warp; t < kQ; t += kCT / 32) {
@@ -382,12 +482,12 @@ __global__ void __launch_bounds__(kCT) ssd_backward_chunked_kernel(
     ge = block_sum<kCT>(ge);  // its barriers also end every read of G above
     // G <- exp(l_end) G + sum_t exp(l_t) dy_t C_t^T: dL/dS of the state entering this chunk.
     const float eall = sel[kQ - 1];
-    for (int i = tid; i < PN; i += kCT) {
-      const int p = i / N, n = i % N;
-      float v = eall * sG[p * ldN + n];
-      for (int t = 0; t < kQ; ++t) v += sel[t] * sDY[t * ldP + p] * sC[t * ldN + n];
-      sG[p * ldN + n] = v;
-    }
+    for_tiles<4, 4>(P, N, [&](Tile<4, 4>& tl) {  // each element read and written by its own thread only
+      tl.add(
+          0, kQ, [&](int p, int t) { return sel[t] * sDY[t * ldP + p]; },
+          [&](int t, int n) { return sC[t * ldN + n]; });
+      tl.store([&](int p, int n, float v) { sG[p * ldN + n] = eall * sG[p * ldN + n] + v; });
+    });
     if (tid == 0) {
       // dl_t = dy_t . y'_t - delta_t x_t . GB_t (+ <G, S_end> at the last token); then
       // d delta_t = x_t . GB_t + A sum_{t' >= t} dl_t', dA += dl_t (delta_c0 + ... + delta_t).
@@ -452,47 +552,76 @@ __global__ void ssd_param_finish_kernel(float* __restrict__ ddt_bias, float* __r
   dDskip[h] += float(d);
 }
 
-// The gated RMSNorm's backward, one block per row (ref::grad::gated_rmsnorm_backward): dy and dz
-// assigned, the row's share of dw into part_w [n, E] float (summed over rows in order by
-// colsum_add_kernel).
+// The gated RMSNorm's backward (ref::grad::gated_rmsnorm_backward) in two passes over the rows,
+// sums in float: one warp a row for dy, dz and each (row, group)'s 1 / rms; then dw's partial
+// sums per chunk of rows (each column's rows in a fixed order, as rmsnorm_backward's) and
+// column_sums over the chunks. Stop 49's profile of a d 64 Mamba-2 MQAR step (32,768 rows of
+// 128) had the former kernels (a block of 256 a row in double, then one thread a column over all
+// rows) at 4.5 of its 12.5 ms.
+constexpr int kNormWarps = 8;   // rows a block of the first pass
+constexpr int kNormPhases = 8;  // row phases a block of the second
+
+int norm_rows_per_chunk(int n) { return std::max(32, ceil_div(n, 1024)); }
+
 template <class T>
-__global__ void __launch_bounds__(kThreads) gated_norm_backward_kernel(
-    T* __restrict__ dy, int lddy, T* __restrict__ dz, int lddz, float* __restrict__ part_w,
-    const T* __restrict__ dout, int lddo, const T* __restrict__ y, int ldy, const T* __restrict__ z, int ldz,
-    const T* __restrict__ w, int E, int group, float eps) {
-  __shared__ double red[kThreads];
-  const int64_t i = blockIdx.x;
-  for (int j0 = 0; j0 < E; j0 += group) {
-    double ss = 0, dot = 0;
-    for (int j = j0 + int(threadIdx.x); j < j0 + group; j += kThreads) {
-      const double zj = to_f(z[i * ldz + j]);
-      const double v = double(to_f(y[i * ldy + j])) * zj / (1.0 + exp(-zj));
+__global__ void __launch_bounds__(32 * kNormWarps) gated_norm_dx_kernel(
+    T* __restrict__ dy, int lddy, T* __restrict__ dz, int lddz, float* __restrict__ rstd, const T* __restrict__ dout,
+    int lddo, const T* __restrict__ y, int ldy, const T* __restrict__ z, int ldz, const T* __restrict__ w, int n,
+    int E, int group, float eps) {
+  const int lane = int(threadIdx.x) % 32;
+  const int64_t i = int64_t(blockIdx.x) * kNormWarps + threadIdx.x / 32;
+  if (i >= n) return;  // a whole warp
+  for (int j0 = 0, gi = 0; j0 < E; j0 += group, ++gi) {
+    float ss = 0.0f, dot = 0.0f;
+    for (int j = j0 + lane; j < j0 + group; j += 32) {
+      const float zj = to_f(z[i * ldz + j]), v = to_f(y[i * ldy + j]) * zj / (1.0f + expf(-zj));
       ss += v * v;
-      dot += double(to_f(w[j])) * double(to_f(dout[i * lddo + j])) * v;
+      dot += to_f(w[j]) * to_f(dout[i * lddo + j]) * v;
     }
-    ss = block_sum_d(ss, red);
-    dot = block_sum_d(dot, red);
-    const double r = 1.0 / sqrt(ss / double(group) + double(eps));
-    for (int j = j0 + int(threadIdx.x); j < j0 + group; j += kThreads) {
-      const double zj = to_f(z[i * ldz + j]), yj = to_f(y[i * ldy + j]), go = to_f(dout[i * lddo + j]);
-      const double sg = 1.0 / (1.0 + exp(-zj));
-      const double v = yj * zj * sg;
-      const double dv = r * double(to_f(w[j])) * go - v * r * r * r / double(group) * dot;
-      dy[i * lddy + j] = from_f<T>(float(dv * zj * sg));                           // silu(z)
-      dz[i * lddz + j] = from_f<T>(float(dv * yj * sg * (1.0 + zj * (1.0 - sg))));  // silu'(z)
-      part_w[i * E + j] = float(go * v * r);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      ss += __shfl_xor_sync(0xffffffffu, ss, o);
+      dot += __shfl_xor_sync(0xffffffffu, dot, o);
     }
+    const float r = 1.0f / sqrtf(ss / float(group) + eps), cc = r * r * r / float(group) * dot;
+    for (int j = j0 + lane; j < j0 + group; j += 32) {
+      const float zj = to_f(z[i * ldz + j]), yj = to_f(y[i * ldy + j]), go = to_f(dout[i * lddo + j]);
+      const float sg = 1.0f / (1.0f + expf(-zj)), v = yj * zj * sg;
+      const float dv = r * to_f(w[j]) * go - v * cc;
+      dy[i * lddy + j] = from_f<T>(dv * zj * sg);                           // silu(z)
+      dz[i * lddz + j] = from_f<T>(dv * yj * sg * (1.0f + zj * (1.0f - sg)));  // silu'(z)
+    }
+    if (lane == 0) rstd[i * (E / group) + gi] = r;
   }
 }
 
-// dw[j] += sum over rows of part_w[:, j], in row order.
-__global__ void colsum_add_kernel(float* __restrict__ dw, const float* __restrict__ part_w, int n, int E) {
-  const int j = int(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (j >= E) return;
-  double acc = 0;
-  for (int i = 0; i < n; ++i) acc += part_w[int64_t(i) * E + j];
-  dw[j] += float(acc);
+// part[chunk, j] = sum over the chunk's rows of dout v r (phase y takes rows r0 + y, r0 + y + 8, ...).
+template <class T>
+__global__ void __launch_bounds__(32 * kNormPhases) gated_norm_dw_partial_kernel(
+    float* __restrict__ part, const T* __restrict__ dout, int lddo, const T* __restrict__ y, int ldy,
+    const T* __restrict__ z, int ldz, const float* __restrict__ rstd, int n, int E, int group, int rows_per_chunk) {
+  __shared__ float sp[kNormPhases][33];
+  const int j = int(blockIdx.x) * 32 + int(threadIdx.x);
+  const int r0 = int(blockIdx.y) * rows_per_chunk, r1 = min(n, r0 + rows_per_chunk);
+  float acc = 0.0f;
+  if (j < E)
+    for (int64_t i = r0 + int(threadIdx.y); i < r1; i += kNormPhases) {
+      const float zj = to_f(z[i * ldz + j]), v = to_f(y[i * ldy + j]) * zj / (1.0f + expf(-zj));
+      acc += to_f(dout[i * lddo + j]) * v * rstd[i * (E / group) + j / group];
+    }
+  sp[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && j < E) {
+    float t = 0.0f;
+    for (int k = 0; k < kNormPhases; ++k) t += sp[k][threadIdx.x];
+    part[size_t(blockIdx.y) * E + j] = t;
+  }
 }
+
+struct AddToF32 {  // dw[j] += the chunks' sum
+  float* v;
+  __device__ void operator()(int j, float t) const { v[j] += t; }
+};
 
 __global__ void neg_exp_kernel(float* __restrict__ A, const float* __restrict__ A_log, int H) {
   const int h = int(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -523,9 +652,13 @@ size_t chunked_smem_bytes(int P, int N) { return size_t(chunk_layout(P, N).total
 
 // The chunked kernel's shared memory within what a block of this device may opt in to.
 bool chunked_fits(int P, int N) {
-  int dev = 0, optin = 0;
+  thread_local int cached_dev = -1, optin = 0;  // the attribute of the device last asked about
+  int dev = 0;
   HM_CUDA_OK(cudaGetDevice(&dev), "cudaGetDevice");
-  HM_CUDA_OK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "cudaDeviceGetAttribute");
+  if (dev != cached_dev) {
+    HM_CUDA_OK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "cudaDeviceGetAttribute");
+    cached_dev = dev;
+  }
   // + block_sum's static part
   return int64_t(P) * N <= (int64_t(1) << 24) && chunked_smem_bytes(P, N) + 64 <= size_t(optin);
 }
@@ -634,7 +767,10 @@ void ssd_scan_backward(T* dx, int lddx, T* ddt, int lddt_out, T* dB, T* dC, int 
   HM_CUDA_LAUNCHED("ssd_scan_backward (parameters)");
 }
 
-size_t gated_rmsnorm_backward_workspace_bytes(int n, int E) { return size_t(n) * size_t(E) * sizeof(float); }
+size_t gated_rmsnorm_backward_workspace_bytes(int n, int E, int group) {
+  if (n <= 0 || E <= 0 || group <= 0) return 0;
+  return (size_t(n) * size_t(E / group) + size_t(ceil_div(n, norm_rows_per_chunk(n))) * size_t(E)) * sizeof(float);
+}
 
 template <class T>
 void gated_rmsnorm_backward(T* dy, int lddy, T* dz, int lddz, float* dw, const T* dout, int lddo, const T* y, int ldy,
@@ -642,12 +778,16 @@ void gated_rmsnorm_backward(T* dy, int lddy, T* dz, int lddz, float* dw, const T
                             cudaStream_t stream) {
   HM_CHECK(group > 0 && E % group == 0, "cuda gated_rmsnorm_backward: group ", group, " does not divide ", E);
   if (n <= 0 || E <= 0) return;
-  float* part_w = static_cast<float*>(workspace);
-  gated_norm_backward_kernel<T><<<unsigned(n), kThreads, 0, stream>>>(dy, lddy, dz, lddz, part_w, dout, lddo, y, ldy,
-                                                                      z, ldz, w, E, group, eps);
-  HM_CUDA_LAUNCHED("gated_rmsnorm_backward");
-  colsum_add_kernel<<<ceil_div(E, 128), 128, 0, stream>>>(dw, part_w, n, E);
-  HM_CUDA_LAUNCHED("gated_rmsnorm_backward (dw)");
+  float* rstd = static_cast<float*>(workspace);
+  float* part = rstd + size_t(n) * size_t(E / group);
+  const int rpc = norm_rows_per_chunk(n), chunks = ceil_div(n, rpc);
+  gated_norm_dx_kernel<T><<<unsigned(ceil_div(n, kNormWarps)), 32 * kNormWarps, 0, stream>>>(
+      dy, lddy, dz, lddz, rstd, dout, lddo, y, ldy, z, ldz, w, n, E, group, eps);
+  HM_CUDA_LAUNCHED("gated_rmsnorm_backward (dy, dz)");
+  gated_norm_dw_partial_kernel<T><<<dim3(unsigned(ceil_div(E, 32)), unsigned(chunks)), dim3(32, kNormPhases), 0,
+                                    stream>>>(part, dout, lddo, y, ldy, z, ldz, rstd, n, E, group, rpc);
+  HM_CUDA_LAUNCHED("gated_rmsnorm_backward (dw partials)");
+  column_sums<float>(part, chunks, E, AddToF32{dw}, stream, "gated_rmsnorm_backward (dw)");
 }
 
 #define HM_INST(T)                                                                                              \
