@@ -51,11 +51,19 @@ Mapping (ours -> mamba_ssm), exact unless a field is refused:
   math    Block is Add -> Norm -> Mixer with the residual carried separately (fp32): the same sum
           as ours (h += mixer(rmsnorm(h)); h += mlp(rmsnorm(h))). Conv: both cross-correlate
           with K-1 zeros in front. dt: softplus(dt_proj.weight @ dt_r + dt_proj.bias) in both.
+  Mamba-2 (our mamba2_* fields): ssm_cfg = {layer: Mamba2, d_state, d_conv, expand, headdim
+          mamba2_head_dim, ngroups mamba2_groups, rmsnorm mamba2_gated_norm, norm_before_gate
+          mamba2_norm_before_gate, dt_limit (mamba2_dt_min, mamba2_dt_max or inf), conv_bias True,
+          bias False}; its mixer tensors have our names and layouts (in_proj rows z | xBC | dt,
+          conv1d over xBC, dt_bias, A_log, D per head, norm.weight, out_proj); the gated norm's
+          eps is set to norm_eps as every RMSNorm's.
   refused (the message names the field): hybrid "true" (no routed layer in mamba_ssm);
           state_bridges with a non-zero gate (no bridges in mamba_ssm; all-zero gates, as hm init
           writes them, are the identity and are left out exactly); rope true without flash_attn
           (its MHA takes rotary from flash_attn); d_conv outside 2..4 (causal_conv1d); d_state
-          over 256 (selective_scan).
+          over 256 (selective_scan, Mamba-1); Mamba-1 and Mamba-2 layers in one model (one
+          ssm_cfg); mamba2_norm_per_group false with several groups (RMSNormGated normalizes each
+          group).
   differs by design (reported, not refused): the peer keeps the decode SSM state and the conv
           state in the model dtype (bf16 in bench) where we keep float32; its logits are bf16.
 
@@ -194,11 +202,95 @@ def load_ours(path):
         path = os.path.join(path, "checkpoint")
     if not os.path.isdir(path):
         raise PeerError(f"model directory {path} does not exist")
-    cfg = torch_peer.load_config(os.path.join(path, "config.json"))
+    cfg = load_config(os.path.join(path, "config.json"))
     st = os.path.join(path, "model.safetensors")
     tensors = torch_peer.read_safetensors(st)
-    torch_peer.check_tensors(cfg, tensors, st)
+    check_tensors(cfg, tensors, st)
     return cfg, tensors
+
+
+# Our Mamba-2 fields (src/model/config.h): torch_peer's model has no Mamba-2 layer, so they are
+# read here, apart from the fields torch_peer.Config checks.
+_MAMBA2_FIELDS = {
+    "mamba2_layers": ("a list of ints", lambda v: isinstance(v, list) and all(isinstance(x, int) for x in v), []),
+    "mamba2_head_dim": ("an int > 0", lambda v: isinstance(v, int) and v > 0, 64),
+    "mamba2_groups": ("an int > 0", lambda v: isinstance(v, int) and v > 0, 1),
+    "mamba2_norm_per_group": ("a bool", lambda v: isinstance(v, bool), True),
+    "mamba2_gated_norm": ("a bool", lambda v: isinstance(v, bool), True),
+    "mamba2_norm_before_gate": ("a bool", lambda v: isinstance(v, bool), False),
+    "mamba2_dt_min": ("a number >= 0", lambda v: isinstance(v, (int, float)) and v >= 0, 0.0),
+    "mamba2_dt_max": ("a number", lambda v: isinstance(v, (int, float)), float("inf")),
+}
+
+
+def load_config(path):
+    """torch_peer's Config, with .mamba2 (a dict of the Mamba-2 fields, defaults filled) and
+    .is_mamba2 per layer."""
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            raw = json.load(f)
+    except OSError as e:
+        raise PeerError(f"cannot read {path}: {e.strerror}")
+    except json.JSONDecodeError as e:
+        raise PeerError(f"{path}: not valid JSON: {e}")
+    if not isinstance(raw, dict):
+        raise PeerError(f"{path}: expected a JSON object")
+    m2 = {}
+    for key, (want, ok, default) in _MAMBA2_FIELDS.items():
+        v = raw.pop(key, default)
+        if not ok(v):
+            raise PeerError(f"{path}: field '{key}' must be {want}, got {json.dumps(v)}")
+        m2[key] = v
+    cfg = torch_peer.Config(raw, where=path)
+    for i in m2["mamba2_layers"]:
+        if not 0 <= i < cfg.n_layers or not cfg.has_mamba[i] or cfg.is_true[i]:
+            raise PeerError(f"{path}: field 'mamba2_layers' has {i}, not a Mamba layer of 0..{cfg.n_layers - 1}")
+    E, hd, G = cfg.d_inner, m2["mamba2_head_dim"], m2["mamba2_groups"]
+    if m2["mamba2_layers"] and (E % hd or (E // hd) % G):
+        raise PeerError(f"{path}: d_inner {E} is not a whole number of heads of {hd} in {G} groups")
+    cfg.mamba2 = m2
+    cfg.is_mamba2 = [i in set(m2["mamba2_layers"]) for i in range(cfg.n_layers)]
+    return cfg
+
+
+def expected_shapes(cfg):
+    """torch_peer's shapes with each Mamba-2 layer's mixer in place of a Mamba-1 one."""
+    s = torch_peer.expected_shapes(cfg)
+    m2 = getattr(cfg, "mamba2", None)
+    for i in range(cfg.n_layers):
+        if not (m2 and cfg.is_mamba2[i]):
+            continue
+        p = f"backbone.layers.{i}.mixer."
+        for n in ("in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight",
+                  "dt_proj.bias", "A_log", "D", "out_proj.weight"):
+            del s[p + n]
+        D, E, N, K = cfg.d_model, cfg.d_inner, cfg.d_state, cfg.d_conv
+        H, G = E // m2["mamba2_head_dim"], m2["mamba2_groups"]
+        CD = E + 2 * G * N
+        s[p + "in_proj.weight"] = [E + CD + H, D]
+        s[p + "conv1d.weight"] = [CD, 1, K]
+        s[p + "conv1d.bias"] = [CD]
+        s[p + "dt_bias"] = [H]
+        s[p + "A_log"] = [H]
+        s[p + "D"] = [H]
+        if m2["mamba2_gated_norm"]:
+            s[p + "norm.weight"] = [E]
+        s[p + "out_proj.weight"] = [D, E]
+    return s
+
+
+def check_tensors(cfg, tensors, where):
+    want = expected_shapes(cfg)
+    missing, extra = want.keys() - tensors.keys(), tensors.keys() - want.keys()
+    if missing:
+        raise PeerError(f"{where}: missing tensors: {sorted(missing)[:8]}")
+    if extra:
+        raise PeerError(f"{where}: unexpected tensors: {sorted(extra)[:8]}")
+    for name, shape in want.items():
+        if list(tensors[name].shape) != shape:
+            raise PeerError(f"{where}: tensor '{name}' has shape {list(tensors[name].shape)}, expected {shape}")
+        if not tensors[name].dtype.is_floating_point:
+            raise PeerError(f"{where}: tensor '{name}' is {tensors[name].dtype}, expected a float type")
 
 
 def random_ours(shape, seed):
@@ -226,9 +318,16 @@ def peer_config(cfg, tensors, have_flash_attn):
         refuse("hybrid", f"\"true\" (true_layers {cfg.true_layers}): mamba_ssm has no layer that "
                          f"routes tokens between a Mamba and an attention path")
     has_mamba = any(cfg.has_mamba)
+    m2 = getattr(cfg, "mamba2", None)
+    mamba2 = bool(m2 and m2["mamba2_layers"])
+    if mamba2 and sorted(m2["mamba2_layers"]) != [i for i in range(cfg.n_layers) if cfg.has_mamba[i]]:
+        refuse("mamba2_layers", f"{m2['mamba2_layers']}: MambaLMHeadModel has one ssm_cfg, so its Mamba "
+                                f"layers are all Mamba-1 or all Mamba-2")
+    if mamba2 and m2["mamba2_gated_norm"] and m2["mamba2_groups"] > 1 and not m2["mamba2_norm_per_group"]:
+        refuse("mamba2_norm_per_group", "false with several groups: RMSNormGated normalizes each group")
     if has_mamba and not 2 <= cfg.d_conv <= 4:
         refuse("d_conv", f"{cfg.d_conv}: causal_conv1d supports widths 2..4")
-    if has_mamba and cfg.d_state > 256:
+    if has_mamba and not mamba2 and cfg.d_state > 256:
         refuse("d_state", f"{cfg.d_state}: selective_scan supports at most 256")
     attn = sorted(cfg.attention_layers)
     if attn and cfg.rope and not have_flash_attn:
@@ -259,11 +358,18 @@ def peer_config(cfg, tensors, have_flash_attn):
         if cfg.rope:
             attn_cfg.update({"rotary_emb_dim": cfg.head_dim, "rotary_emb_base": cfg.rope_theta,
                              "rotary_emb_interleaved": False})
+    ssm_cfg = {"layer": "Mamba1", "d_state": cfg.d_state, "d_conv": cfg.d_conv,
+               "expand": cfg.expand, "dt_rank": cfg.dt_rank, "conv_bias": True, "bias": False}
+    if mamba2:
+        ssm_cfg = {"layer": "Mamba2", "d_state": cfg.d_state, "d_conv": cfg.d_conv, "expand": cfg.expand,
+                   "headdim": m2["mamba2_head_dim"], "ngroups": m2["mamba2_groups"],
+                   "rmsnorm": m2["mamba2_gated_norm"], "norm_before_gate": m2["mamba2_norm_before_gate"],
+                   "dt_limit": (float(m2["mamba2_dt_min"]), float(m2["mamba2_dt_max"])),
+                   "conv_bias": True, "bias": False}
     mc = {
         "d_model": cfg.d_model, "d_intermediate": cfg.d_ff, "n_layer": cfg.n_layers,
         "vocab_size": cfg.vocab_size,
-        "ssm_cfg": {"layer": "Mamba1", "d_state": cfg.d_state, "d_conv": cfg.d_conv,
-                    "expand": cfg.expand, "dt_rank": cfg.dt_rank, "conv_bias": True, "bias": False},
+        "ssm_cfg": ssm_cfg,
         "attn_layer_idx": attn, "attn_cfg": attn_cfg, "rms_norm": True, "residual_in_fp32": True,
         "fused_add_norm": True, "pad_vocab_size_multiple": 1, "tie_embeddings": cfg.tie_embeddings,
     }
@@ -286,10 +392,11 @@ def peer_tensors(cfg, t, mlp_width):
             out[p + "mixer.in_proj.weight"] = torch.cat(
                 [t[p + "mixer.q_proj.weight"], t[p + "mixer.k_proj.weight"], t[p + "mixer.v_proj.weight"]])
             out[p + "mixer.out_proj.weight"] = t[p + "mixer.o_proj.weight"]
-        else:
-            for n in ("in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight",
-                      "dt_proj.weight", "dt_proj.bias", "A_log", "D", "out_proj.weight"):
-                out[p + "mixer." + n] = t[p + "mixer." + n]
+        else:  # Mamba-1 or Mamba-2: the same names (expected_shapes says which are there)
+            for n in ("in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight",
+                      "dt_proj.bias", "dt_bias", "A_log", "D", "norm.weight", "out_proj.weight"):
+                if p + "mixer." + n in t:
+                    out[p + "mixer." + n] = t[p + "mixer." + n]
         if cfg.d_ff > 0:
             out[p + "norm2.weight"] = t[p + "mlp_norm.weight"]
             out[p + "mlp.fc1.weight"] = torch.cat([pad_rows(t[p + "mlp.up_proj.weight"], mlp_width),
@@ -306,7 +413,8 @@ def build_peer(cfg, tensors, dtype, device="cuda"):
     model = mixer.MambaLMHeadModel(cfgmod.MambaConfig(**mc), device=device, dtype=dtype)
     model.eval()
     for m in model.modules():
-        if isinstance(m, ln.RMSNorm):
+        # Mamba-2's gated norm is layernorm_gated.RMSNorm, another class of the same name
+        if isinstance(m, ln.RMSNorm) or type(m).__module__.endswith("layernorm_gated"):
             m.eps = cfg.norm_eps
     mlp_width = 0
     if cfg.d_ff > 0:
@@ -549,7 +657,7 @@ def cmd_bench(args):
 
 
 def torch_peer_params(cfg):
-    return sum(math.prod(s) for s in torch_peer.expected_shapes(cfg).values())
+    return sum(math.prod(s) for s in expected_shapes(cfg).values())
 
 
 def compare(name, ours, peer):

@@ -47,12 +47,12 @@ peer_unpack() {  # the peer's built extensions and sources (.peerdev carried) in
 # train_peer SHAPE: a training step, ours against mamba_ssm + PyTorch, 8 x 2048, bf16.
 train_peer() {
   peer_unpack
-  PYTHONPATH=$P timeout 120 $HM bench --train --device cuda --config bench/cuda_peer_configs/$1.json --batch 8 --seq-len 2048 --steps 5 --json --peer bench/cuda_peer.py > $R/train_peer_$1.json 2> $R/train_peer_$1.log
+  PYTHONPATH=$P timeout 240 $HM bench --train --device cuda --config bench/cuda_peer_configs/$1.json --batch 8 --seq-len 2048 --steps 5 --json --peer bench/cuda_peer.py > $R/train_peer_$1.json 2> $R/train_peer_$1.log
   python3 -c "import json,sys;d=json.load(open(sys.argv[1]));p=d['peer'];print(sys.argv[2],'ours ms',round(d['train_step_ms'],2),'peer ms %.2f ratio %.3f mem %.3f'%(p['ms_per_step'],d['vs_peer_tok_s'],d['vs_peer_memory']))" $R/train_peer_$1.json $1
 }
 peer() {
   peer_unpack
-  PYTHONPATH=$P timeout 150 $HM bench --device cuda --config bench/cuda_peer_configs/$1.json --decode-cases ${2:-1x16,16x16,64x16} \
+  PYTHONPATH=$P timeout 240 $HM bench --device cuda --config bench/cuda_peer_configs/$1.json --decode-cases ${2:-1x16,16x16,64x16} \
     --peer bench/cuda_peer.py --reps 3 --json > $R/peer_$1.json 2> $R/peer_$1.log
   python3 -c "
 import json,sys
@@ -120,4 +120,24 @@ mqar_sweep() {
   cp $W/results.csv $W/results.json $W/results.svg $M/ 2>/dev/null
   (cd $W && tar cJf $M/runs.tar.xz --exclude=checkpoint --exclude='*.safetensors' runs 2>/dev/null)
   cat $M/table.txt; tail -2 $M/progress.log
+}
+# train_step CONFIG B L TAG [ENV...]: ours only, a training step of CONFIG (bench/train_configs/ or
+# bench/cuda_peer_configs/) at B x L (bf16), the step time and peak memory printed, the JSON kept.
+train_step() {
+  local c=$1 b=$2 l=$3 tag=$4 f; shift 4
+  f=bench/train_configs/$c.json; [ -f $f ] || f=bench/cuda_peer_configs/$c.json
+  env "$@" timeout 200 $HM bench --train --device cuda --config $f --batch $b --seq-len $l \
+    --steps 3 --json --no-peer > $R/train_${c}_$tag.json 2> $R/train_${c}_$tag.log
+  python3 -c "import json,sys;d=json.load(open(sys.argv[1]));print(sys.argv[2],'step ms %.2f'%d['train_step_ms'],'tok/s %.0f'%d['train_tok_s'],'peak GB %.2f'%(d.get('peak_mem_bytes',0)/1e9))" \
+    $R/train_${c}_$tag.json "$c $tag" || tail -3 $R/train_${c}_$tag.log
+}
+# ncu_kernel REGEX TAG CMD...: ncu's main sections for the 5th launch of the kernels matching REGEX in CMD.
+ncu_kernel() {
+  local re=$1 tag=$2; shift 2
+  local NCU; NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+  timeout 200 $NCU --clock-control none -k regex:$re --launch-skip 4 --launch-count 1 --section SpeedOfLight \
+    --section WarpStateStats --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis \
+    --section MemoryWorkloadAnalysis "$@" > $R/ncu_$tag.txt 2>&1; echo "ncu $tag rc $?"
+  grep -E "^    (Duration|Compute \(SM\) Throughput|Memory Throughput|Issue Slots Busy|Achieved Occupancy|Registers Per)" $R/ncu_$tag.txt | head -8
+  grep -E "highest-utilized pipeline" $R/ncu_$tag.txt | head -1
 }
