@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Stop 50, carry .devbundle12, .devbundle11 and .peerdev. .devbundle12: main (9ecbbd7) + the chunked SSD
+# Stop 50, carry .devbundle12 and .devbundle11h (bin/hm of .devbundle11; the libraries are the same). .devbundle12: main (9ecbbd7) + the chunked SSD
 # backward's tiles read as 16-byte vectors (Opd / Tile<TM, TN, kBRows>); .devbundle11: 9ecbbd7's
 # scalar tiles (the A/B's old side). The gradient and training suites on the new bundle; Mamba-2
 # training steps old/new alternating (MQAR d 64 and d 512 at 512 x 64; the 130M shape, d_state
 # 128, at 8 x 2048); ncu of the new kernel at both head shapes; the 130M step's per-op profile.
 BUNDLE=.devbundle12 . bench/device_env.sh
-O=/tmp/hm_old; rm -rf $O; mkdir -p $O; tar xJf .devbundle11/hm.tar.xz -C $O
+O=/tmp/hm_old; rm -rf $O; mkdir -p $O; tar xJf .devbundle11h/hm.tar.xz -C $O
 suites '*CudaGradOps*:*CudaTrain*'
 for rep in 1 2; do
   for c in mqar-d64-mamba2 mqar-d512-mamba2; do
@@ -23,8 +23,4 @@ timeout 200 $HM bench --train --device cuda --config bench/cuda_peer_configs/mam
   --steps 3 --profile --no-peer > $R/profile_m2_130m.txt 2>&1; echo "profile rc $?"; python3 -c "
 import json;t=open('$R/profile_m2_130m.txt').read();j=json.loads(t[t.index('{'):]);p=j['profile']
 print('step ms',j['train_step_ms']);[print('%-26s %.3f ms'%(k,v['ms_per_step'])) for k,v in sorted(p.items(),key=lambda kv:-kv[1]['ms_per_step'])[:8]]"
-# Mamba-2 against mamba_ssm's Mamba2 (Triton SSD kernels) on the same weights: training at
-# 8 x 2048, then inference (logits check, prefill, decode at 1, 16, 64 sequences).
-train_peer mamba2-130m; echo "t=$(( $(date +%s) - T00 ))"
-peer mamba2-130m; grep -E "logits|agree|error|Error" $R/peer_mamba2-130m.log | head -5; echo "t=$(( $(date +%s) - T00 ))"
 echo "callN done at $(( $(date +%s) - T00 )) s"
