@@ -19,7 +19,6 @@ HM=$O/bin/hm train_step mamba2-130m 8 2048 old1
 train_step mamba2-130m 8 2048 new_oneseg HM_CUDA_SSD_SEGMENT_CHUNKS=100000
 train_step mamba2-130m 8 2048 new_auto
 echo "t=$(( $(date +%s) - T00 ))"
-ncu_kernel ssd_backward_chunked d64 $HM bench --train --device cuda --config bench/train_configs/mqar-d64-mamba2.json --batch 512 --seq-len 64 --steps 2 --no-peer
 ncu_kernel ssd_backward_chunked m2_130m $HM bench --train --device cuda --config bench/cuda_peer_configs/mamba2-130m.json --batch 8 --seq-len 2048 --steps 1 --no-peer
 echo "t=$(( $(date +%s) - T00 ))"
 timeout 200 $HM bench --train --device cuda --config bench/cuda_peer_configs/mamba2-130m.json --batch 8 --seq-len 2048 \
