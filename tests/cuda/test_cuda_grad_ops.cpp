@@ -649,10 +649,22 @@ TEST_P(CudaGradOps, SsdScanTrainAndBackward) {
       what << "H " << k.H << " P " << k.P << " G " << k.G << " N " << k.N << ", " << lens.size() << " seqs of " << T_
            << " rows: ";
       EXPECT_TRUE(matches(what.str() + "y", gpu(), y, 1, E, 2 * bound(T())));
-      // Both backward kernels, each against the cpu backend.
-      for (const hm::cuda::SsdBackward kernel : {hm::cuda::SsdBackward::Chunked, hm::cuda::SsdBackward::Reference}) {
+      // Both backward kernels, each against the cpu backend; the chunked one with its own choice of
+      // segments (these small batches get several per sequence), segments of one chunk, and one
+      // segment a sequence.
+      struct Variant {
+        hm::cuda::SsdBackward kernel;
+        int seg_chunks;
+        const char* name;
+      };
+      for (const Variant& v : {Variant{hm::cuda::SsdBackward::Chunked, 0, "chunked "},
+                               Variant{hm::cuda::SsdBackward::Chunked, 1, "chunked, segments of 1 chunk, "},
+                               Variant{hm::cuda::SsdBackward::Chunked, 1 << 20, "chunked, one segment, "},
+                               Variant{hm::cuda::SsdBackward::Reference, 0, "reference "}}) {
+        const hm::cuda::SsdBackward kernel = v.kernel;
         hm::cuda::set_ssd_backward_kernel(kernel);
-        const std::string kw = what.str() + (kernel == hm::cuda::SsdBackward::Chunked ? "chunked " : "reference ");
+        hm::cuda::set_ssd_backward_segment_chunks(v.seg_chunks);
+        const std::string kw = what.str() + v.name;
         Both dx = Both::out(gpu(), T(), T_, E + 3), ddt = Both::out(gpu(), T(), T_, k.H + 1),
              dbc = Both::out(gpu(), T(), T_, 2 * GN + 2);
         Both dbias(gpu(), DType::F32, 1, k.H, normal(rng)), dalog(gpu(), DType::F32, 1, k.H, normal(rng)),
@@ -691,6 +703,7 @@ TEST_P(CudaGradOps, SsdScanTrainAndBackward) {
           EXPECT_TRUE(outs[i]->raw(gpu()) == whole[i]) << kw << "in slices of one sequence, output " << i;
       }
       hm::cuda::set_ssd_backward_kernel(hm::cuda::SsdBackward::Auto);
+      hm::cuda::set_ssd_backward_segment_chunks(0);
     }
 }
 

@@ -149,6 +149,9 @@ size_t ssd_backward_workspace_bytes(const RaggedBatch& rb, int H, int P, int N);
 // 1 GiB): beyond it the blocks run in slices of sequences (tests set it small to slice).
 void set_ssd_backward_scratch_cap(size_t bytes);
 size_t ssd_backward_scratch_cap();
+// Chunks of kQ = 32 tokens a segment of the chunked backward (its blocks split a sequence into
+// segments when sequences x heads would not fill the device); 0 (default): its own choice.
+void set_ssd_backward_segment_chunks(int chunks);
 // ssd_scan_backward's kernel: the chunked matrix form (ref::grad::ssd_scan_backward_chunked)
 // wherever its shared memory fits the device (Auto, the default), else the token-serial one
 // (Reference, also chosen by HM_CUDA_SSD_BACKWARD=reference; tests run both). Chunked where it

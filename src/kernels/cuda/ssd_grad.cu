@@ -180,13 +180,19 @@ __global__ void __launch_bounds__(kThreads) ssd_backward_kernel(
 //   dx = delta o GB + D dy;  dB_t = delta_t (M[:, t] . C + exp(l_end - l_t) x_t G)
 //   dC_t = M[t, :] (delta o B) + exp(l_t) DS_t;  G <- exp(l_end) G + dY^T diag(exp(l)) C
 // and the per-token scalars of d delta as in the reference (dl_t, then a reverse sum per chunk).
-// Each product is register-tiled (Tile below): a thread keeps TM x TN sums and each step of k
-// reads TM + TN operands from shared memory for TM x TN FMAs, where one output a thread read two
-// a FMA (stop 49: the kernel ran at ~6% of an SM's float rate, bound by those reads).
-// Shared rows are padded to odd strides so the column walks hit distinct banks.
+// Each product is register-tiled (Tile below): a thread keeps TM x TN sums, and each step of 4
+// k reads its operands as 16-byte vectors (4 k of a row, or 4 adjacent rows or columns of one k),
+// so a step of a 2 x 4 tile is 6 shared loads for 32 FMAs. Stop 49's form (one output a thread)
+// read two floats a FMA; its first tiled form (scalar reads through index lambdas) was bound by
+// the integer work of its addresses (ncu: issue slots 69% busy, the ALU the busiest pipe).
+// Rows are padded to ld = 4 (mod 32) floats, so the 16-byte reads of 8 adjacent rows hit
+// distinct banks; padding is zero, so sums may run k to a multiple of 4.
 constexpr int kQ = 32;    // tokens a chunk: one warp's lanes (l is a warp prefix sum)
 constexpr int kCT = 256;  // threads a block
-constexpr int kLdQ = kQ + 1;
+constexpr int kLdQ = kQ + 4;
+
+constexpr int padded_ld(int k) { return (k + 31) / 32 * 32 + 4; }
+constexpr int round4(int k) { return (k + 3) / 4 * 4; }
 
 struct ChunkLayout {  // float offsets into the dynamic shared memory
   int ldP, ldN;
@@ -195,10 +201,10 @@ struct ChunkLayout {  // float offsets into the dynamic shared memory
 
 ChunkLayout chunk_layout(int P, int N) {
   ChunkLayout o{};
-  o.ldP = P + 1;
-  o.ldN = N + 1;
+  o.ldP = padded_ld(P);
+  o.ldN = padded_ld(N);
   int at = 0;
-  auto take = [&](int n) {
+  auto take = [&](int n) {  // every part starts 16-byte aligned: n is a multiple of 4
     const int r = at;
     at += n;
     return r;
@@ -210,8 +216,8 @@ ChunkLayout chunk_layout(int P, int N) {
   o.W = take(kQ * kLdQ);
   o.M = take(kQ * kLdQ);
   o.WM = take(kQ * kLdQ);
-  o.S = take(P * o.ldN);
-  o.G = take(P * o.ldN);
+  o.S = take(round4(P) * o.ldN);  // rows p; those past P stay zero
+  o.G = take(round4(P) * o.ldN);
   o.GB = take(kQ * o.ldP);
   o.DS = take(kQ * o.ldN);
   o.delta = take(kQ);
@@ -226,56 +232,108 @@ ChunkLayout chunk_layout(int P, int N) {
   return o;
 }
 
+// A shared-memory operand of a product over k: element (row, k) at p[row * ld + k] when it is
+// k-major (a row's k adjacent), else at p[k * ld + row].
+struct Opd {
+  const float* p;
+  int ld;
+};
+
+template <int n>
+__device__ __forceinline__ void load_vec(const float* p, float (&v)[n]) {
+  static_assert(n == 2 || n == 4, "vector of 2 or 4");
+  if constexpr (n == 4) {
+    const float4 q = *reinterpret_cast<const float4*>(p);
+    v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+  } else {
+    const float2 q = *reinterpret_cast<const float2*>(p);
+    v[0] = q.x, v[1] = q.y;
+  }
+}
+
 // One thread's TM x TN outputs of an M x Nc product: rows i0 .. i0 + TM - 1 (adjacent, so a
-// causal product's k range is one interval a tile) and columns jt, jt + nt, ... (strided, so the
-// lanes of a warp read adjacent columns of a row-major operand: no bank conflicts). Reads past
-// M or Nc are clamped to the last row / column and their sums never stored.
-template <int TM, int TN>
+// causal product's k range is one interval a tile). With kBRows the b operand is k-major (its
+// rows are the output's columns) and the columns are strided (j0, j0 + nt, ...: the lanes of a
+// warp read adjacent rows); without, b is read 4 adjacent columns of one k at a time and the
+// columns are adjacent (j0 .. j0 + TN - 1). Reads past M or Nc fall in zero padding or are
+// clamped; their sums are never stored.
+template <int TM, int TN, bool kBRows>
 struct Tile {
-  int i0, jt, nt, M, Nc;
+  static_assert(TN == 4 || (TN == 2 && kBRows), "adjacent columns are read 4 at a time");
+  int i0, j0, step, M, Nc;
   float acc[TM][TN];
-  __device__ Tile(int tile, int M_, int Nc_) : nt((Nc_ + TN - 1) / TN), M(M_), Nc(Nc_) {
+  __device__ Tile(int tile, int M_, int Nc_) : M(M_), Nc(Nc_) {
+    const int nt = (Nc_ + TN - 1) / TN;
     i0 = (tile / nt) * TM;
-    jt = tile % nt;
+    j0 = kBRows ? tile % nt : (tile % nt) * TN;
+    step = kBRows ? nt : 1;
     zero();
   }
   static __device__ int count(int rows, int cols) { return ((rows + TM - 1) / TM) * ((cols + TN - 1) / TN); }
-  __device__ int row(int r) const { return min(i0 + r, M - 1); }
-  __device__ int col(int c) const { return min(jt + c * nt, Nc - 1); }
   __device__ void zero() {
 #pragma unroll
     for (int r = 0; r < TM; ++r)
 #pragma unroll
       for (int c = 0; c < TN; ++c) acc[r][c] = 0.0f;
   }
-  // acc[r][c] += sum_{k in [k0, k1)} a(row r, k) b(k, col c)
-  template <class FA, class FB>
-  __device__ void add(int k0, int k1, FA a, FB b) {
-    int ri[TM], cj[TN];
+  // acc[r][c] += sum_{k in [k0, k1)} a(i0 + r, k) ks[k] b(k, col c), with ks[k] = 1 when ks is
+  // null; k0 and k1 widen to multiples of 4 (the operands' terms there must be zero).
+  template <bool kAK>
+  __device__ void add(int k0, int k1, Opd a, Opd b, const float* ks = nullptr) {
+    k0 &= ~3;
+    k1 = (k1 + 3) & ~3;
+    int jr[TN];
 #pragma unroll
-    for (int r = 0; r < TM; ++r) ri[r] = row(r);
+    for (int c = 0; c < TN; ++c) jr[c] = min(j0 + c * step, Nc - 1);
+    for (int k = k0; k < k1; k += 4) {
+      float av[4][TM], bv[4][TN];
+      if constexpr (kAK) {
 #pragma unroll
-    for (int c = 0; c < TN; ++c) cj[c] = col(c);
-#pragma unroll 2
-    for (int k = k0; k < k1; ++k) {
-      float av[TM], bv[TN];
+        for (int r = 0; r < TM; ++r) {
+          float v[4];
+          load_vec<4>(a.p + (i0 + r) * a.ld + k, v);
 #pragma unroll
-      for (int r = 0; r < TM; ++r) av[r] = a(ri[r], k);
+          for (int q = 0; q < 4; ++q) av[q][r] = v[q];
+        }
+      } else {
 #pragma unroll
-      for (int c = 0; c < TN; ++c) bv[c] = b(k, cj[c]);
+        for (int q = 0; q < 4; ++q) load_vec<TM>(a.p + (k + q) * a.ld + i0, av[q]);
+      }
+      if constexpr (kBRows) {
 #pragma unroll
-      for (int r = 0; r < TM; ++r)
+        for (int c = 0; c < TN; ++c) {
+          float v[4];
+          load_vec<4>(b.p + jr[c] * b.ld + k, v);
 #pragma unroll
-        for (int c = 0; c < TN; ++c) acc[r][c] = fmaf(av[r], bv[c], acc[r][c]);
+          for (int q = 0; q < 4; ++q) bv[q][c] = v[q];
+        }
+      } else {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) load_vec<TN>(b.p + (k + q) * b.ld + j0, bv[q]);
+      }
+      if (ks != nullptr) {
+        float s[4];
+        load_vec<4>(ks + k, s);
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+#pragma unroll
+          for (int r = 0; r < TM; ++r) av[q][r] *= s[q];
+      }
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+#pragma unroll
+        for (int r = 0; r < TM; ++r)
+#pragma unroll
+          for (int c = 0; c < TN; ++c) acc[r][c] = fmaf(av[q][r], bv[q][c], acc[r][c]);
     }
   }
   template <class F>
   __device__ void scale_rows(F f) {
 #pragma unroll
     for (int r = 0; r < TM; ++r) {
-      const float s = f(row(r));
+      const float sc = f(min(i0 + r, M - 1));
 #pragma unroll
-      for (int c = 0; c < TN; ++c) acc[r][c] *= s;
+      for (int c = 0; c < TN; ++c) acc[r][c] *= sc;
     }
   }
   template <class F>
@@ -284,19 +342,36 @@ struct Tile {
     for (int r = 0; r < TM; ++r)
 #pragma unroll
       for (int c = 0; c < TN; ++c)
-        if (i0 + r < M && jt + c * nt < Nc) out(i0 + r, jt + c * nt, acc[r][c]);
+        if (i0 + r < M && j0 + c * step < Nc) out(i0 + r, j0 + c * step, acc[r][c]);
   }
 };
 
 // Every tile of an M x Nc product, spread over the block's threads.
-template <int TM, int TN, class F>
+template <int TM, int TN, bool kBRows, class F>
 __device__ void for_tiles(int rows, int cols, F f) {
-  const int n = Tile<TM, TN>::count(rows, cols);
+  const int n = Tile<TM, TN, kBRows>::count(rows, cols);
   for (int t = int(threadIdx.x); t < n; t += kCT) {
-    Tile<TM, TN> T(t, rows, cols);
-    f(T);
+    Tile<TM, TN, kBRows> tl(t, rows, cols);
+    f(tl);
   }
 }
+
+// Segments: a long sequence's chunks are cut into segments of seg_chunks chunks, a block each
+// (grid z), so a batch of few long sequences still fills the device (stop 50: 8 x 2048 tokens of
+// a 24-head model were 192 blocks walking 64 chunks each). Both recurrences are linear, so over
+// a segment S_out = a S_in + S_loc and G_in = a G_out + G_loc, with a = exp(A sum(delta)) of the
+// segment and S_loc, G_loc the segment's own sums from zero. A local launch (seg.local) forms
+// those ([P, N] S_loc and G_loc, and a), ssd_segment_pass_kernel turns them into each segment's entering
+// state and G_out in place, and the backward blocks start from them. One segment a sequence
+// (seg null) needs neither pass.
+struct Segs {
+  float* S;  // [slice seqs][H][max_seg][P * N]: S_loc, then the state entering the segment
+  float* G;  // same: G_loc, then dL/dS of the state leaving it
+  float* a;  // [slice seqs][H][max_seg]
+  int chunks, max_seg;
+  bool local;  // this launch forms S_loc, G_loc and a (a flag, not a template argument: the
+               // backward's code would be unreachable in a local instance, which nvcc rejects)
+};
 
 template <class T>
 __global__ void __launch_bounds__(kCT) ssd_backward_chunked_kernel(
@@ -305,7 +380,7 @@ __global__ void __launch_bounds__(kCT) ssd_backward_chunked_kernel(
     const T* __restrict__ dt, int lddt, const T* __restrict__ dt_bias, const float* __restrict__ A_log,
     const T* __restrict__ B, const T* __restrict__ C, int ldbc, const T* __restrict__ Dskip,
     const int32_t* __restrict__ cu, int H, int P, int G, int N, float dt_min, float dt_max, float* ws,
-    int64_t ws_block, ChunkLayout o, int seq0) {
+    int64_t ws_block, ChunkLayout o, int seq0, Segs seg) {
   extern __shared__ float sm[];
   float *sX = sm + o.X, *sDY = sm + o.DY, *sB = sm + o.B, *sC = sm + o.C, *sW = sm + o.W, *sM = sm + o.M;
   float *sWM = sm + o.WM, *sS = sm + o.S, *sG = sm + o.G, *sGB = sm + o.GB, *sDS = sm + o.DS;
@@ -314,7 +389,15 @@ __global__ void __launch_bounds__(kCT) ssd_backward_chunked_kernel(
   const int ldP = o.ldP, ldN = o.ldN, tid = int(threadIdx.x);
   const int h = blockIdx.x, s = seq0 + int(blockIdx.y), g = h / (H / G);
   const int row0 = cu[s], L = cu[s + 1] - row0, nch = (L + kQ - 1) / kQ, PN = P * N;
-  float* Sck = ws + (int64_t(blockIdx.y) * H + h) * ws_block;  // [nch][P * N]: the state entering chunk c
+  const int sg = int(blockIdx.z), c0 = sg * seg.chunks, c1 = min(nch, c0 + seg.chunks);
+  const int64_t bsg = (int64_t(blockIdx.y) * H + h) * seg.max_seg + sg;  // this block's (slice seq, head, segment)
+  double* pp = part_p + ((int64_t(s) * H + h) * seg.max_seg + sg) * 3;
+  if (c0 >= nch) {  // a segment past the sequence (or an empty sequence): nothing to add, and
+    // ssd_segment_pass_kernel reads no segment past the sequence
+    if (!seg.local && tid == 0) pp[0] = pp[1] = pp[2] = 0.0;
+    return;  // uniform over the block
+  }
+  float* Sck = ws + bsg * ws_block;  // [seg.chunks][P * N]: the state entering chunk c0 + i
   const float A = -expf(A_log[h]), D = to_f(Dskip[h]), bias = to_f(dt_bias[h]);
   const int64_t xh = int64_t(h) * P, bg = int64_t(g) * N;
 
@@ -357,21 +440,27 @@ __global__ void __launch_bounds__(kCT) ssd_backward_chunked_kernel(
     }
   };
 
+  // Every float zero: the padding the products read past P, N and the sequence stays so, and S
+  // starts at zero (a local pass, or the first segment) or at the segment's entering state.
+  for (int i = tid; i < o.total; i += kCT) sm[i] = 0.0f;
+  __syncthreads();
+  if (!seg.local && seg.S != nullptr)
+    for (int i = tid; i < PN; i += kCT) sS[(i / N) * ldN + i % N] = seg.S[bsg * PN + i];
+  float lsum = 0.0f;  // A sum(delta) over the segment (thread 0's)
   // The forward walk: S_in(c + 1) = exp(l_end) S_in(c) + sum_s exp(l_end - l_s) delta_s x_s B_s^T.
-  for (int i = tid; i < PN; i += kCT) sS[(i / N) * ldN + i % N] = 0.0f;
-  for (int c = 0; c < nch; ++c) {
+  for (int c = c0; c < c1; ++c) {
     __syncthreads();  // the previous chunk's rows are consumed
     load(c, false);
     __syncthreads();
-    float* Sc = Sck + int64_t(c) * PN;
-    if (c + 1 == nch) {
+    float* Sc = Sck + int64_t(c - c0) * PN;
+    if (tid == 0) lsum += sl[kQ - 1];  // padded tokens have delta 0: l_end is the chunk's sum
+    if (!seg.local && c + 1 == c1) {
       for (int i = tid; i < PN; i += kCT) Sc[i] = sS[(i / N) * ldN + i % N];
       continue;
     }
     const float eall = sel[kQ - 1];
-    for_tiles<4, 4>(P, N, [&](Tile<4, 4>& tl) {  // each element read and written by its own thread only
-      tl.add(
-          0, kQ, [&](int p, int t) { return sed[t] * sX[t * ldP + p]; }, [&](int t, int n) { return sB[t * ldN + n]; });
+    for_tiles<4, 4, false>(P, N, [&](auto& tl) {  // each element read and written by its own thread only
+      tl.template add<false>(0, kQ, Opd{sX, ldP}, Opd{sB, ldN}, sed);
       tl.store([&](int p, int n, float v) {
         const float old = sS[p * ldN + n];
         Sc[p * N + n] = old;
@@ -380,26 +469,44 @@ __global__ void __launch_bounds__(kCT) ssd_backward_chunked_kernel(
     });
   }
 
-  for (int i = tid; i < PN; i += kCT) sG[(i / N) * ldN + i % N] = 0.0f;
+  (void)lsum;  // read only by local blocks
+  if (seg.local) {
+    // S_loc and a; then G_loc: G's update alone, from zero, over the segment's chunks.
+    __syncthreads();
+    for (int i = tid; i < PN; i += kCT) seg.S[bsg * PN + i] = sS[(i / N) * ldN + i % N];
+    if (tid == 0) seg.a[bsg] = expf(lsum);
+    for (int c = c1 - 1; c >= c0; --c) {
+      __syncthreads();
+      load(c, true);
+      __syncthreads();
+      const float eall = sel[kQ - 1];
+      for_tiles<4, 4, false>(P, N, [&](auto& tl) {
+        tl.template add<false>(0, kQ, Opd{sDY, ldP}, Opd{sC, ldN}, sel);
+        tl.store([&](int p, int n, float v) { sG[p * ldN + n] = eall * sG[p * ldN + n] + v; });
+      });
+    }
+    __syncthreads();
+    for (int i = tid; i < PN; i += kCT) seg.G[bsg * PN + i] = sG[(i / N) * ldN + i % N];
+    return;
+  }
+  // G = dL/dS of the state leaving the segment: zero at the sequence's end.
+  for (int i = tid; i < PN; i += kCT) sG[(i / N) * ldN + i % N] = seg.G != nullptr ? seg.G[bsg * PN + i] : 0.0f;
   float dDp = 0.0f;               // this thread's part of dD
   double dA = 0.0, dbias = 0.0;   // thread 0's
-  for (int c = nch - 1; c >= 0; --c) {
+  for (int c = c1 - 1; c >= c0; --c) {
     const int t0 = c * kQ, len = min(kQ, L - t0);
     __syncthreads();
     load(c, true);
-    for (int i = tid; i < PN; i += kCT) sS[(i / N) * ldN + i % N] = Sck[int64_t(c) * PN + i];
+    for (int i = tid; i < PN; i += kCT) sS[(i / N) * ldN + i % N] = Sck[int64_t(c - c0) * PN + i];
     __syncthreads();
     // W = CB^T and M = dY X^T, masked and scaled, and W o (dy x^T) o delta (the last for dl);
     // a tile wholly above the diagonal sums nothing. DS = dY S_in.
-    for_tiles<2, 2>(kQ, kQ, [&](Tile<2, 2>& tl) {
-      const bool above = tl.i0 + 1 < tl.jt;  // its last row before its first column
-      tl.add(
-          0, above ? 0 : N, [&](int t, int n) { return sC[t * ldN + n]; }, [&](int n, int u) { return sB[u * ldN + n]; });
+    for_tiles<2, 2, true>(kQ, kQ, [&](auto& tl) {
+      const bool above = tl.i0 + 1 < tl.j0;  // its last row before its first column
+      tl.template add<true>(0, above ? 0 : N, Opd{sC, ldN}, Opd{sB, ldN});
       tl.store([&](int t, int u, float v) { sW[t * kLdQ + u] = v; });
       tl.zero();
-      tl.add(
-          0, above ? 0 : P, [&](int t, int p) { return sDY[t * ldP + p]; },
-          [&](int p, int u) { return sX[u * ldP + p]; });
+      tl.template add<true>(0, above ? 0 : P, Opd{sDY, ldP}, Opd{sX, ldP});
       tl.store([&](int t, int u, float yx) {  // the thread's own W entries, just written
         float w = 0.0f, m = 0.0f, wm = 0.0f;
         if (u <= t) {
@@ -413,20 +520,22 @@ __global__ void __launch_bounds__(kCT) ssd_backward_chunked_kernel(
         sWM[t * kLdQ + u] = wm;
       });
     });
-    for_tiles<2, 4>(kQ, N, [&](Tile<2, 4>& tl) {
-      tl.add(
-          0, P, [&](int t, int p) { return sDY[t * ldP + p]; }, [&](int p, int n) { return sS[p * ldN + n]; });
+    for_tiles<2, 4, false>(kQ, N, [&](auto& tl) {
+      tl.template add<true>(0, P, Opd{sDY, ldP}, Opd{sS, ldN});
       tl.store([&](int t, int n, float v) { sDS[t * ldN + n] = v; });
     });
     __syncthreads();
-    // GB[u, p] = exp(l_end - l_u) B_u . G[p] + sum_{t >= u} W[t, u] dy_t[p]
-    for_tiles<2, 4>(kQ, P, [&](Tile<2, 4>& tl) {
-      tl.add(
-          0, N, [&](int u, int n) { return sB[u * ldN + n]; }, [&](int n, int p) { return sG[p * ldN + n]; });
+    // GB[u, p] = exp(l_end - l_u) B_u . G[p] + sum_{t >= u} W[t, u] dy_t[p], in two passes
+    // whose tiles differ (G's rows are the columns p; dY's columns are)
+    for_tiles<2, 4, true>(kQ, P, [&](auto& tl) {
+      tl.template add<true>(0, N, Opd{sB, ldN}, Opd{sG, ldN});
       tl.scale_rows([&](int u) { return seend[u]; });
-      tl.add(
-          tl.i0, kQ, [&](int u, int t) { return sW[t * kLdQ + u]; }, [&](int t, int p) { return sDY[t * ldP + p]; });
       tl.store([&](int u, int p, float v) { sGB[u * ldP + p] = v; });
+    });
+    __syncthreads();
+    for_tiles<2, 4, false>(kQ, P, [&](auto& tl) {
+      tl.template add<false>(tl.i0, kQ, Opd{sW, kLdQ}, Opd{sDY, ldP});
+      tl.store([&](int u, int p, float v) { sGB[u * ldP + p] += v; });
     });
     __syncthreads();
     for (int i = tid; i < kQ * P; i += kCT) {
@@ -438,22 +547,18 @@ __global__ void __launch_bounds__(kCT) ssd_backward_chunked_kernel(
     }
     // dB_t = delta_t (exp(l_end - l_t) x_t G + sum_{u >= t} M[u, t] C_u);
     // dC_t = sum_{u <= t} M[t, u] delta_u B_u + exp(l_t) DS_t
-    for_tiles<2, 4>(kQ, N, [&](Tile<2, 4>& tl) {
+    for_tiles<2, 4, false>(kQ, N, [&](auto& tl) {
       float* pb = part_bc + ((row0 + t0) * int64_t(H) + h) * 2 * N;  // token t at + t * H * 2N
       const int64_t ldpb = int64_t(H) * 2 * N;
-      tl.add(
-          0, P, [&](int t, int p) { return sX[t * ldP + p]; }, [&](int p, int n) { return sG[p * ldN + n]; });
+      tl.template add<true>(0, P, Opd{sX, ldP}, Opd{sG, ldN});
       tl.scale_rows([&](int t) { return seend[t]; });
-      tl.add(
-          tl.i0, kQ, [&](int t, int u) { return sM[u * kLdQ + t]; }, [&](int u, int n) { return sC[u * ldN + n]; });
+      tl.template add<false>(tl.i0, kQ, Opd{sM, kLdQ}, Opd{sC, ldN});
       tl.scale_rows([&](int t) { return sdelta[t]; });
       tl.store([&](int t, int n, float v) {
         if (t < len) pb[t * ldpb + n] = v;
       });
       tl.zero();
-      tl.add(
-          0, min(tl.i0 + 2, kQ), [&](int t, int u) { return sM[t * kLdQ + u] * sdelta[u]; },
-          [&](int u, int n) { return sB[u * ldN + n]; });
+      tl.template add<true>(0, tl.i0 + 2, Opd{sM, kLdQ}, Opd{sB, ldN}, sdelta);
       tl.store([&](int t, int n, float v) {
         if (t < len) pb[t * ldpb + N + n] = v + sel[t] * sDS[t * ldN + n];
       });
@@ -477,15 +582,15 @@ __global__ void __launch_bounds__(kCT) ssd_backward_chunked_kernel(
       }
     }
     float ge = 0.0f;  // <G, S_end>: the state leaving the chunk is the next one's entering state
-    if (c + 1 < nch)
-      for (int i = tid; i < PN; i += kCT) ge += sG[(i / N) * ldN + i % N] * Sck[int64_t(c + 1) * PN + i];
+    if (c + 1 < nch) {
+      const float* Se = c + 1 < c1 ? Sck + int64_t(c + 1 - c0) * PN : seg.S + (bsg + 1) * PN;
+      for (int i = tid; i < PN; i += kCT) ge += sG[(i / N) * ldN + i % N] * Se[i];
+    }
     ge = block_sum<kCT>(ge);  // its barriers also end every read of G above
     // G <- exp(l_end) G + sum_t exp(l_t) dy_t C_t^T: dL/dS of the state entering this chunk.
     const float eall = sel[kQ - 1];
-    for_tiles<4, 4>(P, N, [&](Tile<4, 4>& tl) {  // each element read and written by its own thread only
-      tl.add(
-          0, kQ, [&](int p, int t) { return sel[t] * sDY[t * ldP + p]; },
-          [&](int t, int n) { return sC[t * ldN + n]; });
+    for_tiles<4, 4, false>(P, N, [&](auto& tl) {  // each element read and written by its own thread only
+      tl.template add<false>(0, kQ, Opd{sDY, ldP}, Opd{sC, ldN}, sel);
       tl.store([&](int p, int n, float v) { sG[p * ldN + n] = eall * sG[p * ldN + n] + v; });
     });
     if (tid == 0) {
@@ -509,10 +614,31 @@ __global__ void __launch_bounds__(kCT) ssd_backward_chunked_kernel(
   }
   const float dD = block_sum<kCT>(dDp);
   if (tid == 0) {
-    double* pp = part_p + (int64_t(s) * H + h) * 3;
     pp[0] = dbias;
     pp[1] = dA * A;  // A = -exp(A_log)
     pp[2] = dD;
+  }
+}
+
+// Per (slice seq, head) and state element: S_loc -> the state entering each segment, G_loc ->
+// dL/dS of the state leaving it, walking the sequence's segments in order (Segs above).
+__global__ void ssd_segment_pass_kernel(Segs seg, const int32_t* __restrict__ cu, int seq0, int H, int PN) {
+  const int i = int(blockIdx.x) * blockDim.x + int(threadIdx.x), h = int(blockIdx.y), y = int(blockIdx.z);
+  if (i >= PN) return;
+  const int s = seq0 + y, L = cu[s + 1] - cu[s];
+  const int nseg = ceil_div(ceil_div(L, kQ), seg.chunks);
+  const int64_t b0 = (int64_t(y) * H + h) * seg.max_seg;
+  float S = 0.0f;
+  for (int g = 0; g < nseg; ++g) {
+    const float t = seg.S[(b0 + g) * PN + i];
+    seg.S[(b0 + g) * PN + i] = S;
+    S = seg.a[b0 + g] * S + t;
+  }
+  float Gv = 0.0f;
+  for (int g = nseg - 1; g >= 0; --g) {
+    const float t = seg.G[(b0 + g) * PN + i];
+    seg.G[(b0 + g) * PN + i] = Gv;
+    Gv = seg.a[b0 + g] * Gv + t;
   }
 }
 
@@ -534,15 +660,16 @@ __global__ void ssd_bc_finish_kernel(T* __restrict__ dB, T* __restrict__ dC, int
   dC[t * lddbc + j] = from_f<T>(float(sC));
 }
 
-// ddt_bias, dA_log, dDskip [h] += the sums over sequences of part_p, in order.
+// ddt_bias, dA_log, dDskip [h] += the sums of part_p [nseq, H, max_seg, 3] over sequences and
+// their segments, in order (the token-serial kernel: one segment).
 __global__ void ssd_param_finish_kernel(float* __restrict__ ddt_bias, float* __restrict__ dA_log,
                                         float* __restrict__ dDskip, const double* __restrict__ part_p, int nseq,
-                                        int H) {
+                                        int H, int max_seg) {
   const int h = int(blockIdx.x) * blockDim.x + threadIdx.x;
   if (h >= H) return;
   double b = 0, a = 0, d = 0;
-  for (int s = 0; s < nseq; ++s) {
-    const double* pp = part_p + (int64_t(s) * H + h) * 3;
+  for (int i = 0; i < nseq * max_seg; ++i) {  // sequence s, segment g: i = s * max_seg + g
+    const double* pp = part_p + ((int64_t(i / max_seg) * H + h) * max_seg + i % max_seg) * 3;
     b += pp[0];
     a += pp[1];
     d += pp[2];
@@ -651,41 +778,89 @@ SsdBackward g_kernel = [] {  // HM_CUDA_SSD_BACKWARD=reference: the token-serial
 size_t chunked_smem_bytes(int P, int N) { return size_t(chunk_layout(P, N).total) * sizeof(float); }
 
 // The chunked kernel's shared memory within what a block of this device may opt in to.
-bool chunked_fits(int P, int N) {
-  thread_local int cached_dev = -1, optin = 0;  // the attribute of the device last asked about
+struct DeviceLimits {
+  int optin = 0, sm_smem = 0, sms = 0;  // shared memory a block may opt in to, an SM's, SMs
+};
+DeviceLimits device_limits() {  // of the current device, cached while it stays current
+  thread_local int cached_dev = -1;
+  thread_local DeviceLimits d;
   int dev = 0;
   HM_CUDA_OK(cudaGetDevice(&dev), "cudaGetDevice");
   if (dev != cached_dev) {
-    HM_CUDA_OK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "cudaDeviceGetAttribute");
+    HM_CUDA_OK(cudaDeviceGetAttribute(&d.optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "cudaDeviceGetAttribute");
+    HM_CUDA_OK(cudaDeviceGetAttribute(&d.sm_smem, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev),
+               "cudaDeviceGetAttribute");
+    HM_CUDA_OK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
     cached_dev = dev;
   }
-  // + block_sum's static part
-  return int64_t(P) * N <= (int64_t(1) << 24) && chunked_smem_bytes(P, N) + 64 <= size_t(optin);
+  return d;
 }
 
-// The workspace's parts, in bytes from its start: per-block scratch, part_bc, part_p.
+bool chunked_fits(int P, int N) {
+  // + block_sum's static part
+  return int64_t(P) * N <= (int64_t(1) << 24) && chunked_smem_bytes(P, N) + 64 <= size_t(device_limits().optin);
+}
+
+// Blocks of the chunked kernel the device holds at once: its shared memory (with the 1 KB the
+// driver reserves a block) allows one or two an SM at the head sizes models use.
+int64_t resident_blocks(int P, int N) {
+  const DeviceLimits d = device_limits();
+  const size_t per_block = chunked_smem_bytes(P, N) + 1024 + 64;
+  return int64_t(d.sms) * std::clamp<int64_t>(int64_t(size_t(d.sm_smem) / per_block), 1, 2048 / kCT);
+}
+
+// 0: segment_chunks's choice; HM_CUDA_SSD_SEGMENT_CHUNKS=n sets it (A/B runs: a large n is one
+// segment a sequence).
+int g_segment_chunks = [] {
+  const char* v = std::getenv("HM_CUDA_SSD_SEGMENT_CHUNKS");
+  return v != nullptr ? std::max(std::atoi(v), 0) : 0;
+}();
+
+// Chunks a segment (Segs): one segment a sequence while (sequences x heads) blocks fill the
+// device's resident blocks once; below that, as many segments as fit those blocks, each at least
+// 4 chunks (128 tokens) so the two extra passes stay small beside the backward. More segments
+// than that only add the passes' work: stop 50 measured a Mamba-2 130M step at 8 x 2048 (192
+// blocks of one an SM) at 241.6 ms with 6 segments a sequence against 219.9 ms with one.
+int segment_chunks(int nseq, int H, int nch_max, int64_t resident) {
+  if (g_segment_chunks > 0) return std::min(g_segment_chunks, nch_max);
+  const int64_t blocks = int64_t(nseq) * H;
+  const int64_t nseg = resident / std::max<int64_t>(blocks, 1);
+  if (nseg <= 1) return nch_max;
+  return std::clamp(ceil_div(nch_max, int(std::min<int64_t>(nseg, nch_max))), std::min(4, nch_max), nch_max);
+}
+
+// The workspace's parts, in bytes from its start: per-block scratch, the segments' states
+// (Segs: only with several segments), part_bc, part_p.
 struct SsdLayout {
-  size_t scratch, bc, p, total;
-  int seqs;             // sequences a slice
-  int64_t block_floats;  // the chunked kernel's scratch a block: [chunks, P, N] float
+  size_t scratch, segs, bc, p, total;
+  int seqs;              // sequences a slice
+  int64_t block_floats;  // the chunked kernel's scratch a block: [segment chunks, P, N] float
+  int seg_chunks, max_seg;
 };
 SsdLayout layout_of(const RaggedBatch& rb, int H, int P, int N, bool chunked) {
   const SsdScratch sc = scratch_of(rb.max_len, P, N);
   SsdLayout l;
-  l.block_floats = int64_t(ceil_div(std::max(rb.max_len, 1), kQ)) * P * N;
-  const size_t per_seq =
-      size_t(H) * (chunked ? size_t(l.block_floats) * sizeof(float) : size_t(sc.size()) * sizeof(double));
+  const int nch_max = ceil_div(std::max(rb.max_len, 1), kQ);
+  const int64_t PN = int64_t(P) * N;
+  l.seg_chunks = chunked ? segment_chunks(rb.nseq, H, nch_max, resident_blocks(P, N)) : nch_max;
+  l.max_seg = chunked ? ceil_div(nch_max, l.seg_chunks) : 1;
+  l.block_floats = int64_t(l.seg_chunks) * PN;
+  const size_t seg_floats = l.max_seg > 1 ? size_t(l.max_seg) * size_t(2 * PN + 1) : 0;  // S, G, a
+  const size_t per_seq = size_t(H) * (chunked ? (size_t(l.max_seg) * size_t(l.block_floats) + seg_floats) * sizeof(float)
+                                              : size_t(sc.size()) * sizeof(double));
   l.seqs = int(std::clamp<size_t>(g_scratch_cap / per_seq, 1, size_t(std::max(rb.nseq, 1))));
   l.scratch = 0;
-  l.bc = size_t(l.seqs) * per_seq;
+  l.segs = size_t(l.seqs) * size_t(H) * size_t(l.max_seg) * size_t(l.block_floats) * sizeof(float);
+  l.bc = (size_t(l.seqs) * per_seq + 255) / 256 * 256;
   l.p = l.bc + (size_t(rb.n_tokens) * size_t(H) * 2 * size_t(N) * sizeof(float) + 255) / 256 * 256;
-  l.total = l.p + size_t(rb.nseq) * size_t(H) * 3 * sizeof(double);
+  l.total = l.p + size_t(rb.nseq) * size_t(H) * size_t(l.max_seg) * 3 * sizeof(double);
   return l;
 }
 
 }  // namespace
 
 void set_ssd_backward_scratch_cap(size_t bytes) { g_scratch_cap = bytes; }
+void set_ssd_backward_segment_chunks(int chunks) { g_segment_chunks = std::max(chunks, 0); }
 void set_ssd_backward_kernel(SsdBackward k) { g_kernel = k; }
 
 SsdBackward ssd_backward_kernel_for(int P, int N) {
@@ -740,18 +915,39 @@ void ssd_scan_backward(T* dx, int lddx, T* ddt, int lddt_out, T* dB, T* dC, int 
   double* part_p = reinterpret_cast<double*>(ws + l.p);
   const ChunkLayout o = chunk_layout(P, N);
   const size_t smem = chunked_smem_bytes(P, N);
-  if (chunked)
+  Segs sg{nullptr, nullptr, nullptr, l.seg_chunks, l.max_seg, false};
+  if (chunked) {
     HM_CUDA_OK(cudaFuncSetAttribute(ssd_backward_chunked_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     int(smem)),
                "cudaFuncSetAttribute (ssd_scan_backward)");
+    if (l.max_seg > 1) {
+      const size_t n = size_t(l.seqs) * size_t(H) * size_t(l.max_seg) * size_t(P) * size_t(N);
+      sg.S = reinterpret_cast<float*>(ws + l.segs);
+      sg.G = sg.S + n;
+      sg.a = sg.G + n;
+    }
+  }
   // Rows of empty sequences and padding of part_bc are never read; part_p is written by every block.
   // Each block's results depend on its own (sequence, head) only, so the slices give the same bits.
   for (int s0 = 0; s0 < rb.nseq; s0 += l.seqs) {
-    const dim3 grid(unsigned(H), unsigned(std::min(l.seqs, rb.nseq - s0)));
+    const int n = std::min(l.seqs, rb.nseq - s0);
+    const dim3 grid(unsigned(H), unsigned(n), unsigned(chunked ? l.max_seg : 1));
+    float* scratch = reinterpret_cast<float*>(ws + l.scratch);
+    if (chunked && sg.S != nullptr) {
+      Segs local = sg;
+      local.local = true;
+      ssd_backward_chunked_kernel<T><<<grid, kCT, smem, stream>>>(
+          dx, lddx, ddt, lddt_out, part_bc, part_p, dy, lddy, x, ldx, dt, lddt, dt_bias, A_log, B, C, ldbc, Dskip,
+          rb.cu_seqlens, H, P, G, N, dt_min, dt_max, scratch, l.block_floats, o, s0, local);
+      HM_CUDA_LAUNCHED("ssd_scan_backward (segments)");
+      ssd_segment_pass_kernel<<<dim3(unsigned(ceil_div(P * N, 256)), unsigned(H), unsigned(n)), 256, 0, stream>>>(
+          sg, rb.cu_seqlens, s0, H, P * N);
+      HM_CUDA_LAUNCHED("ssd_scan_backward (segment pass)");
+    }
     if (chunked)
       ssd_backward_chunked_kernel<T><<<grid, kCT, smem, stream>>>(
           dx, lddx, ddt, lddt_out, part_bc, part_p, dy, lddy, x, ldx, dt, lddt, dt_bias, A_log, B, C, ldbc, Dskip,
-          rb.cu_seqlens, H, P, G, N, dt_min, dt_max, reinterpret_cast<float*>(ws + l.scratch), l.block_floats, o, s0);
+          rb.cu_seqlens, H, P, G, N, dt_min, dt_max, scratch, l.block_floats, o, s0, sg);
     else
       ssd_backward_kernel<T><<<grid, kThreads, 0, stream>>>(
           dx, lddx, ddt, lddt_out, part_bc, part_p, dy, lddy, x, ldx, dt, lddt, dt_bias, A_log, B, C, ldbc, Dskip,
@@ -763,7 +959,8 @@ void ssd_scan_backward(T* dx, int lddx, T* ddt, int lddt_out, T* dB, T* dC, int 
   ssd_bc_finish_kernel<T><<<unsigned((nbc + 255) / 256), 256, 0, stream>>>(dB, dC, lddbc, part_bc, rb.n_tokens, H, G,
                                                                           N);
   HM_CUDA_LAUNCHED("ssd_scan_backward (dB, dC)");
-  ssd_param_finish_kernel<<<ceil_div(H, 128), 128, 0, stream>>>(ddt_bias, dA_log, dDskip, part_p, rb.nseq, H);
+  ssd_param_finish_kernel<<<ceil_div(H, 128), 128, 0, stream>>>(ddt_bias, dA_log, dDskip, part_p, rb.nseq, H,
+                                                                  l.max_seg);
   HM_CUDA_LAUNCHED("ssd_scan_backward (parameters)");
 }
 
