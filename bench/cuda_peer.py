@@ -226,13 +226,7 @@ _MAMBA2_FIELDS = {
 def load_config(path):
     """torch_peer's Config, with .mamba2 (a dict of the Mamba-2 fields, defaults filled) and
     .is_mamba2 per layer."""
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            raw = json.load(f)
-    except OSError as e:
-        raise PeerError(f"cannot read {path}: {e.strerror}")
-    except json.JSONDecodeError as e:
-        raise PeerError(f"{path}: not valid JSON: {e}")
+    raw = torch_peer.read_json(path)
     if not isinstance(raw, dict):
         raise PeerError(f"{path}: expected a JSON object")
     m2 = {}

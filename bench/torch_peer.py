@@ -278,15 +278,19 @@ class Config:
         return self.n_heads * self.head_dim if self.is_attn[i] else self.d_inner
 
 
-def load_config(path):
+def read_json(path):
+    """The JSON value in a file, or a PeerError naming the file."""
     try:
         with open(path, "r", encoding="utf-8") as f:
-            raw = json.load(f)
+            return json.load(f)
     except OSError as e:
         raise PeerError(f"cannot read {path}: {e.strerror}")
     except json.JSONDecodeError as e:
         raise PeerError(f"{path}: not valid JSON: {e}")
-    return Config(raw, where=path)
+
+
+def load_config(path):
+    return Config(read_json(path), where=path)
 
 
 def expected_shapes(cfg):
