@@ -1,14 +1,15 @@
 // Mamba-2 training on CUDA: the SSD scan from a zero state (the inference kernel over a zeroed
 // pool), its backward and the gated RMSNorm's backward.
 //
-// Two backwards, one block per (sequence, head) each. The chunked one (below) is the fast one:
-// per chunk of kQ tokens a few small matrix products in shared memory, in float. The first one
+// Two backwards, one block per (sequence, head) each (the chunked one: per segment of a sequence,
+// when few sequences would leave SMs idle). The chunked one (below) is the fast one: per chunk of
+// kQ tokens a few register-tiled matrix products in shared memory, in float. The first one
 // walks the tokens in order in doubles (ref::grad::ssd_scan_backward's sums, the states
 // recomputed per chunk of kChunk tokens from checkpoints): each thread owns a fixed set of the
 // head's P x N state elements, and the sums over channels and states of each token are block
 // reductions in a fixed order. It is the device-side check of the chunked one, and runs shapes
 // whose chunked shared memory would not fit. In both, dB and dC (summed over a group's heads)
-// and the per-head parameter sums (over sequences) are written per head or per sequence and added
+// and the per-head parameter sums (over sequences and segments) are written per head or per block and added
 // in order by two small kernels, so every result is deterministic. Workspace:
 // ssd_backward_workspace_bytes.
 #include <algorithm>
@@ -787,7 +788,8 @@ DeviceLimits device_limits() {  // of the current device, cached while it stays 
   int dev = 0;
   HM_CUDA_OK(cudaGetDevice(&dev), "cudaGetDevice");
   if (dev != cached_dev) {
-    HM_CUDA_OK(cudaDeviceGetAttribute(&d.optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "cudaDeviceGetAttribute");
+    HM_CUDA_OK(cudaDeviceGetAttribute(&d.optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
+               "cudaDeviceGetAttribute");
     HM_CUDA_OK(cudaDeviceGetAttribute(&d.sm_smem, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev),
                "cudaDeviceGetAttribute");
     HM_CUDA_OK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
@@ -846,8 +848,9 @@ SsdLayout layout_of(const RaggedBatch& rb, int H, int P, int N, bool chunked) {
   l.max_seg = chunked ? ceil_div(nch_max, l.seg_chunks) : 1;
   l.block_floats = int64_t(l.seg_chunks) * PN;
   const size_t seg_floats = l.max_seg > 1 ? size_t(l.max_seg) * size_t(2 * PN + 1) : 0;  // S, G, a
-  const size_t per_seq = size_t(H) * (chunked ? (size_t(l.max_seg) * size_t(l.block_floats) + seg_floats) * sizeof(float)
-                                              : size_t(sc.size()) * sizeof(double));
+  const size_t per_seq =
+      size_t(H) * (chunked ? (size_t(l.max_seg) * size_t(l.block_floats) + seg_floats) * sizeof(float)
+                           : size_t(sc.size()) * sizeof(double));
   l.seqs = int(std::clamp<size_t>(g_scratch_cap / per_seq, 1, size_t(std::max(rb.nseq, 1))));
   l.scratch = 0;
   l.segs = size_t(l.seqs) * size_t(H) * size_t(l.max_seg) * size_t(l.block_floats) * sizeof(float);
