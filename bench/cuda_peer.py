@@ -135,6 +135,18 @@ NEW_TOKENS = 128
 
 # ----------------------------------------------------------------------------- the peer's modules
 
+
+def json_safe(v):
+    """v with every non-finite float as a string: JSON has no infinity (a Mamba-2 dt_limit's
+    upper end is inf), and our reader rejects Python's Infinity literal."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    return v
+
 def import_peer():
     """mamba_ssm's pieces, or a PeerError that says how to make them importable."""
     try:
@@ -623,7 +635,7 @@ def cmd_bench(args):
             result["models"].append(entry)
             continue
         del tensors
-        entry.update({"peer_config": mc, "notes": notes,
+        entry.update({"peer_config": json_safe(mc), "notes": notes,
                       "params": sum(p.numel() for p in model.parameters()),
                       "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
                       "prefill": [], "decode": []})
