@@ -651,19 +651,24 @@ TEST_P(CudaGradOps, SsdScanTrainAndBackward) {
       EXPECT_TRUE(matches(what.str() + "y", gpu(), y, 1, E, 2 * bound(T())));
       // Both backward kernels, each against the cpu backend; the chunked one with its own choice of
       // segments (these small batches get several per sequence), segments of one chunk, and one
-      // segment a sequence.
+      // segment a sequence; and at 256 and 512 threads a block.
       struct Variant {
         hm::cuda::SsdBackward kernel;
-        int seg_chunks;
+        int seg_chunks, threads;
         const char* name;
       };
-      for (const Variant& v : {Variant{hm::cuda::SsdBackward::Chunked, 0, "chunked "},
-                               Variant{hm::cuda::SsdBackward::Chunked, 1, "chunked, segments of 1 chunk, "},
-                               Variant{hm::cuda::SsdBackward::Chunked, 1 << 20, "chunked, one segment, "},
-                               Variant{hm::cuda::SsdBackward::Reference, 0, "reference "}}) {
+      for (const Variant& v : {Variant{hm::cuda::SsdBackward::Chunked, 0, 0, "chunked "},
+                               Variant{hm::cuda::SsdBackward::Chunked, 1, 0, "chunked, segments of 1 chunk, "},
+                               Variant{hm::cuda::SsdBackward::Chunked, 1 << 20, 0, "chunked, one segment, "},
+                               Variant{hm::cuda::SsdBackward::Chunked, 0, 256, "chunked, 256 threads, "},
+                               Variant{hm::cuda::SsdBackward::Chunked, 0, 512, "chunked, 512 threads, "},
+                               Variant{hm::cuda::SsdBackward::Chunked, 1, 512,
+                                       "chunked, 512 threads, segments of 1 chunk, "},
+                               Variant{hm::cuda::SsdBackward::Reference, 0, 0, "reference "}}) {
         const hm::cuda::SsdBackward kernel = v.kernel;
         hm::cuda::set_ssd_backward_kernel(kernel);
         hm::cuda::set_ssd_backward_segment_chunks(v.seg_chunks);
+        hm::cuda::set_ssd_backward_threads(v.threads);
         const std::string kw = what.str() + v.name;
         Both dx = Both::out(gpu(), T(), T_, E + 3), ddt = Both::out(gpu(), T(), T_, k.H + 1),
              dbc = Both::out(gpu(), T(), T_, 2 * GN + 2);
@@ -685,8 +690,9 @@ TEST_P(CudaGradOps, SsdScanTrainAndBackward) {
         EXPECT_TRUE(matches(kw + "dB|dC", gpu(), dbc, 0, 2 * GN, bound(T())));
         // The parameter sums add a sequence's per-token terms; the chunked kernel forms those in
         // float (the token-serial one in double), so a sum over 333 tokens with cancellation
-        // carries their rounding: 2-6.6e-5 in stop 49's first run.
-        const double ptol = kernel == hm::cuda::SsdBackward::Chunked ? 1e-4 : kFloatTol;
+        // carries their rounding: 2-6.6e-5 in stop 49's first run, up to 1.9e-4 (f32) and 2.4e-4
+        // (bf16) on stop 51's draws (callQ).
+        const double ptol = kernel == hm::cuda::SsdBackward::Chunked ? 5e-4 : kFloatTol;
         EXPECT_TRUE(matches(kw + "ddt_bias", gpu(), dbias, 0, k.H, ptol));
         EXPECT_TRUE(matches(kw + "dA_log", gpu(), dalog, 0, k.H, ptol));
         EXPECT_TRUE(matches(kw + "dD", gpu(), dD, 0, k.H, ptol));
@@ -704,6 +710,7 @@ TEST_P(CudaGradOps, SsdScanTrainAndBackward) {
       }
       hm::cuda::set_ssd_backward_kernel(hm::cuda::SsdBackward::Auto);
       hm::cuda::set_ssd_backward_segment_chunks(0);
+      hm::cuda::set_ssd_backward_threads(0);
     }
 }
 

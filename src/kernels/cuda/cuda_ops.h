@@ -158,6 +158,9 @@ void set_ssd_backward_segment_chunks(int chunks);
 // does not fit is an error. The setting applies to the workspace size and the call alike.
 enum class SsdBackward { Auto, Chunked, Reference };
 void set_ssd_backward_kernel(SsdBackward k);
+// The chunked kernel's threads a block: 0 (default) its own choice (512 where one block fills an
+// SM, else 256), else 256 or 512. Tests run both.
+void set_ssd_backward_threads(int threads);
 SsdBackward ssd_backward_kernel_for(int P, int N);  // Chunked or Reference
 size_t gated_rmsnorm_backward_workspace_bytes(int n, int E, int group);
 template <class T>

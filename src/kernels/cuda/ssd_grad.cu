@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(kThreads) ssd_backward_kernel(
 // Rows are padded to ld = 4 (mod 32) floats, so the 16-byte reads of 8 adjacent rows hit
 // distinct banks; padding is zero, so sums may run k to a multiple of 4.
 constexpr int kQ = 32;    // tokens a chunk: one warp's lanes (l is a warp prefix sum)
-constexpr int kCT = 256;  // threads a block
+constexpr int kCT = 256;  // threads a block where two blocks fit an SM (512 where one does)
 constexpr int kLdQ = kQ + 4;
 
 constexpr int padded_ld(int k) { return (k + 31) / 32 * 32 + 4; }
@@ -351,7 +351,7 @@ struct Tile {
 template <int TM, int TN, bool kBRows, class F>
 __device__ void for_tiles(int rows, int cols, F f) {
   const int n = Tile<TM, TN, kBRows>::count(rows, cols);
-  for (int t = int(threadIdx.x); t < n; t += kCT) {
+  for (int t = int(threadIdx.x); t < n; t += int(blockDim.x)) {
     Tile<TM, TN, kBRows> tl(t, rows, cols);
     f(tl);
   }
@@ -374,8 +374,8 @@ struct Segs {
                // backward's code would be unreachable in a local instance, which nvcc rejects)
 };
 
-template <class T>
-__global__ void __launch_bounds__(kCT) ssd_backward_chunked_kernel(
+template <class T, int CT>
+__global__ void __launch_bounds__(CT) ssd_backward_chunked_kernel(
     T* __restrict__ dx, int lddx, T* __restrict__ ddt, int lddt_out, float* __restrict__ part_bc,
     double* __restrict__ part_p, const T* __restrict__ dy, int lddy, const T* __restrict__ x, int ldx,
     const T* __restrict__ dt, int lddt, const T* __restrict__ dt_bias, const float* __restrict__ A_log,
@@ -406,13 +406,13 @@ __global__ void __launch_bounds__(kCT) ssd_backward_chunked_kernel(
   // l_end), and its per-token scalars: warp 0 forms l as a prefix sum of A delta.
   auto load = [&](int c, bool back) {
     const int t0 = c * kQ, len = min(kQ, L - t0);
-    for (int i = tid; i < kQ * P; i += kCT) {
+    for (int i = tid; i < kQ * P; i += CT) {
       const int t = i / P, p = i % P;
       const int64_t r = row0 + t0 + t;
       sX[t * ldP + p] = t < len ? to_f(x[r * ldx + xh + p]) : 0.0f;
       if (back) sDY[t * ldP + p] = t < len ? to_f(dy[r * lddy + xh + p]) : 0.0f;
     }
-    for (int i = tid; i < kQ * N; i += kCT) {
+    for (int i = tid; i < kQ * N; i += CT) {
       const int t = i / N, n = i % N;
       const int64_t r = row0 + t0 + t;
       sB[t * ldN + n] = t < len ? to_f(B[r * ldbc + bg + n]) : 0.0f;
@@ -441,12 +441,22 @@ __global__ void __launch_bounds__(kCT) ssd_backward_chunked_kernel(
     }
   };
 
+  // G <- exp(l_end) G + sum_t exp(l_t) dy_t C_t^T over the loaded chunk: dL/dS of the state
+  // entering it (each element read and written by its own thread only).
+  auto update_G = [&] {
+    const float eall = sel[kQ - 1];
+    for_tiles<4, 4, false>(P, N, [&](auto& tl) {
+      tl.template add<false>(0, kQ, Opd{sDY, ldP}, Opd{sC, ldN}, sel);
+      tl.store([&](int p, int n, float v) { sG[p * ldN + n] = eall * sG[p * ldN + n] + v; });
+    });
+  };
+
   // Every float zero: the padding the products read past P, N and the sequence stays so, and S
   // starts at zero (a local pass, or the first segment) or at the segment's entering state.
-  for (int i = tid; i < o.total; i += kCT) sm[i] = 0.0f;
+  for (int i = tid; i < o.total; i += CT) sm[i] = 0.0f;
   __syncthreads();
   if (!seg.local && seg.S != nullptr)
-    for (int i = tid; i < PN; i += kCT) sS[(i / N) * ldN + i % N] = seg.S[bsg * PN + i];
+    for (int i = tid; i < PN; i += CT) sS[(i / N) * ldN + i % N] = seg.S[bsg * PN + i];
   float lsum = 0.0f;  // A sum(delta) over the segment (thread 0's)
   // The forward walk: S_in(c + 1) = exp(l_end) S_in(c) + sum_s exp(l_end - l_s) delta_s x_s B_s^T.
   for (int c = c0; c < c1; ++c) {
@@ -456,7 +466,7 @@ __global__ void __launch_bounds__(kCT) ssd_backward_chunked_kernel(
     float* Sc = Sck + int64_t(c - c0) * PN;
     if (tid == 0) lsum += sl[kQ - 1];  // padded tokens have delta 0: l_end is the chunk's sum
     if (!seg.local && c + 1 == c1) {
-      for (int i = tid; i < PN; i += kCT) Sc[i] = sS[(i / N) * ldN + i % N];
+      for (int i = tid; i < PN; i += CT) Sc[i] = sS[(i / N) * ldN + i % N];
       continue;
     }
     const float eall = sel[kQ - 1];
@@ -474,31 +484,27 @@ __global__ void __launch_bounds__(kCT) ssd_backward_chunked_kernel(
   if (seg.local) {
     // S_loc and a; then G_loc: G's update alone, from zero, over the segment's chunks.
     __syncthreads();
-    for (int i = tid; i < PN; i += kCT) seg.S[bsg * PN + i] = sS[(i / N) * ldN + i % N];
+    for (int i = tid; i < PN; i += CT) seg.S[bsg * PN + i] = sS[(i / N) * ldN + i % N];
     if (tid == 0) seg.a[bsg] = expf(lsum);
     for (int c = c1 - 1; c >= c0; --c) {
       __syncthreads();
       load(c, true);
       __syncthreads();
-      const float eall = sel[kQ - 1];
-      for_tiles<4, 4, false>(P, N, [&](auto& tl) {
-        tl.template add<false>(0, kQ, Opd{sDY, ldP}, Opd{sC, ldN}, sel);
-        tl.store([&](int p, int n, float v) { sG[p * ldN + n] = eall * sG[p * ldN + n] + v; });
-      });
+      update_G();
     }
     __syncthreads();
-    for (int i = tid; i < PN; i += kCT) seg.G[bsg * PN + i] = sG[(i / N) * ldN + i % N];
+    for (int i = tid; i < PN; i += CT) seg.G[bsg * PN + i] = sG[(i / N) * ldN + i % N];
     return;
   }
   // G = dL/dS of the state leaving the segment: zero at the sequence's end.
-  for (int i = tid; i < PN; i += kCT) sG[(i / N) * ldN + i % N] = seg.G != nullptr ? seg.G[bsg * PN + i] : 0.0f;
+  for (int i = tid; i < PN; i += CT) sG[(i / N) * ldN + i % N] = seg.G != nullptr ? seg.G[bsg * PN + i] : 0.0f;
   float dDp = 0.0f;               // this thread's part of dD
   double dA = 0.0, dbias = 0.0;   // thread 0's
   for (int c = c1 - 1; c >= c0; --c) {
     const int t0 = c * kQ, len = min(kQ, L - t0);
     __syncthreads();
     load(c, true);
-    for (int i = tid; i < PN; i += kCT) sS[(i / N) * ldN + i % N] = Sck[int64_t(c - c0) * PN + i];
+    for (int i = tid; i < PN; i += CT) sS[(i / N) * ldN + i % N] = Sck[int64_t(c - c0) * PN + i];
     __syncthreads();
     // W = CB^T and M = dY X^T, masked and scaled, and W o (dy x^T) o delta (the last for dl);
     // a tile wholly above the diagonal sums nothing. DS = dY S_in.
@@ -539,7 +545,7 @@ __global__ void __launch_bounds__(kCT) ssd_backward_chunked_kernel(
       tl.store([&](int u, int p, float v) { sGB[u * ldP + p] += v; });
     });
     __syncthreads();
-    for (int i = tid; i < kQ * P; i += kCT) {
+    for (int i = tid; i < kQ * P; i += CT) {
       const int t = i / P, p = i % P;
       if (t >= len) continue;
       const float gy = sDY[t * ldP + p];
@@ -566,7 +572,7 @@ __global__ void __launch_bounds__(kCT) ssd_backward_chunked_kernel(
     });
     {  // per token: x_t . GB_t and dy_t . y'_t (y' = y - D x), one warp a token
       const int warp = tid / 32, lane = tid % 32;
-      for (int t = warp; t < kQ; t += kCT / 32) {
+      for (int t = warp; t < kQ; t += CT / 32) {
         float a = 0.0f, b = 0.0f;
         for (int p = lane; p < P; p += 32) a += sX[t * ldP + p] * sGB[t * ldP + p];
         for (int n = lane; n < N; n += 32) b += sC[t * ldN + n] * sDS[t * ldN + n];
@@ -585,15 +591,11 @@ __global__ void __launch_bounds__(kCT) ssd_backward_chunked_kernel(
     float ge = 0.0f;  // <G, S_end>: the state leaving the chunk is the next one's entering state
     if (c + 1 < nch) {
       const float* Se = c + 1 < c1 ? Sck + int64_t(c + 1 - c0) * PN : seg.S + (bsg + 1) * PN;
-      for (int i = tid; i < PN; i += kCT) ge += sG[(i / N) * ldN + i % N] * Se[i];
+      for (int i = tid; i < PN; i += CT) ge += sG[(i / N) * ldN + i % N] * Se[i];
     }
-    ge = block_sum<kCT>(ge);  // its barriers also end every read of G above
+    ge = block_sum<CT>(ge);  // its barriers also end every read of G above
     // G <- exp(l_end) G + sum_t exp(l_t) dy_t C_t^T: dL/dS of the state entering this chunk.
-    const float eall = sel[kQ - 1];
-    for_tiles<4, 4, false>(P, N, [&](auto& tl) {  // each element read and written by its own thread only
-      tl.template add<false>(0, kQ, Opd{sDY, ldP}, Opd{sC, ldN}, sel);
-      tl.store([&](int p, int n, float v) { sG[p * ldN + n] = eall * sG[p * ldN + n] + v; });
-    });
+    update_G();
     if (tid == 0) {
       // dl_t = dy_t . y'_t - delta_t x_t . GB_t (+ <G, S_end> at the last token); then
       // d delta_t = x_t . GB_t + A sum_{t' >= t} dl_t', dA += dl_t (delta_c0 + ... + delta_t).
@@ -613,7 +615,7 @@ __global__ void __launch_bounds__(kCT) ssd_backward_chunked_kernel(
       }
     }
   }
-  const float dD = block_sum<kCT>(dDp);
+  const float dD = block_sum<CT>(dDp);
   if (tid == 0) {
     pp[0] = dbias;
     pp[1] = dA * A;  // A = -exp(A_log)
@@ -776,6 +778,14 @@ SsdBackward g_kernel = [] {  // HM_CUDA_SSD_BACKWARD=reference: the token-serial
   return v != nullptr && std::string(v) == "reference" ? SsdBackward::Reference : SsdBackward::Auto;
 }();
 
+// The chunked kernel's threads a block: 0, its own choice (launch below), or 256 or 512
+// (HM_CUDA_SSD_THREADS, A/B runs).
+int g_threads = [] {
+  const char* v = std::getenv("HM_CUDA_SSD_THREADS");
+  const int t = v != nullptr ? std::atoi(v) : 0;
+  return t == kCT || t == 2 * kCT ? t : 0;
+}();
+
 size_t chunked_smem_bytes(int P, int N) { return size_t(chunk_layout(P, N).total) * sizeof(float); }
 
 // The chunked kernel's shared memory within what a block of this device may opt in to.
@@ -865,6 +875,11 @@ SsdLayout layout_of(const RaggedBatch& rb, int H, int P, int N, bool chunked) {
 void set_ssd_backward_scratch_cap(size_t bytes) { g_scratch_cap = bytes; }
 void set_ssd_backward_segment_chunks(int chunks) { g_segment_chunks = std::max(chunks, 0); }
 void set_ssd_backward_kernel(SsdBackward k) { g_kernel = k; }
+void set_ssd_backward_threads(int threads) {
+  HM_CHECK(threads == 0 || threads == kCT || threads == 2 * kCT, "cuda ssd_scan_backward: threads a block ", threads,
+           " (0, ", kCT, " or ", 2 * kCT, ")");
+  g_threads = threads;
+}
 
 SsdBackward ssd_backward_kernel_for(int P, int N) {
   if (g_kernel == SsdBackward::Reference) return SsdBackward::Reference;
@@ -920,9 +935,10 @@ void ssd_scan_backward(T* dx, int lddx, T* ddt, int lddt_out, T* dB, T* dC, int 
   const size_t smem = chunked_smem_bytes(P, N);
   Segs sg{nullptr, nullptr, nullptr, l.seg_chunks, l.max_seg, false};
   if (chunked) {
-    HM_CUDA_OK(cudaFuncSetAttribute(ssd_backward_chunked_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    int(smem)),
-               "cudaFuncSetAttribute (ssd_scan_backward)");
+    for (const void* k : {reinterpret_cast<const void*>(ssd_backward_chunked_kernel<T, kCT>),
+                          reinterpret_cast<const void*>(ssd_backward_chunked_kernel<T, 2 * kCT>)})
+      HM_CUDA_OK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+                 "cudaFuncSetAttribute (ssd_scan_backward)");
     if (l.max_seg > 1) {
       const size_t n = size_t(l.seqs) * size_t(H) * size_t(l.max_seg) * size_t(P) * size_t(N);
       sg.S = reinterpret_cast<float*>(ws + l.segs);
@@ -936,21 +952,31 @@ void ssd_scan_backward(T* dx, int lddx, T* ddt, int lddt_out, T* dB, T* dC, int 
     const int n = std::min(l.seqs, rb.nseq - s0);
     const dim3 grid(unsigned(H), unsigned(n), unsigned(chunked ? l.max_seg : 1));
     float* scratch = reinterpret_cast<float*>(ws + l.scratch);
+    // One block an SM (N 128 at P 64: 159 KB): 16 warps a block instead of 8 (stop 50's ncu: 12%
+    // occupancy at 8), every P x N and Q x N product still one tile a thread. Stop 51 (callQ, H100):
+    // the Mamba-2 130M step at 8 x 2048 201.3 / 202.0 ms against 220.1 / 219.0 with 256 threads.
+    const bool wide = g_threads == 2 * kCT || (g_threads == 0 && resident_blocks(P, N) <= device_limits().sms);
+    auto launch = [&](const Segs& sgs) {
+      if (wide)
+        ssd_backward_chunked_kernel<T, 2 * kCT><<<grid, 2 * kCT, smem, stream>>>(
+            dx, lddx, ddt, lddt_out, part_bc, part_p, dy, lddy, x, ldx, dt, lddt, dt_bias, A_log, B, C, ldbc, Dskip,
+            rb.cu_seqlens, H, P, G, N, dt_min, dt_max, scratch, l.block_floats, o, s0, sgs);
+      else
+        ssd_backward_chunked_kernel<T, kCT><<<grid, kCT, smem, stream>>>(
+            dx, lddx, ddt, lddt_out, part_bc, part_p, dy, lddy, x, ldx, dt, lddt, dt_bias, A_log, B, C, ldbc, Dskip,
+            rb.cu_seqlens, H, P, G, N, dt_min, dt_max, scratch, l.block_floats, o, s0, sgs);
+    };
     if (chunked && sg.S != nullptr) {
       Segs local = sg;
       local.local = true;
-      ssd_backward_chunked_kernel<T><<<grid, kCT, smem, stream>>>(
-          dx, lddx, ddt, lddt_out, part_bc, part_p, dy, lddy, x, ldx, dt, lddt, dt_bias, A_log, B, C, ldbc, Dskip,
-          rb.cu_seqlens, H, P, G, N, dt_min, dt_max, scratch, l.block_floats, o, s0, local);
+      launch(local);
       HM_CUDA_LAUNCHED("ssd_scan_backward (segments)");
       ssd_segment_pass_kernel<<<dim3(unsigned(ceil_div(P * N, 256)), unsigned(H), unsigned(n)), 256, 0, stream>>>(
           sg, rb.cu_seqlens, s0, H, P * N);
       HM_CUDA_LAUNCHED("ssd_scan_backward (segment pass)");
     }
     if (chunked)
-      ssd_backward_chunked_kernel<T><<<grid, kCT, smem, stream>>>(
-          dx, lddx, ddt, lddt_out, part_bc, part_p, dy, lddy, x, ldx, dt, lddt, dt_bias, A_log, B, C, ldbc, Dskip,
-          rb.cu_seqlens, H, P, G, N, dt_min, dt_max, scratch, l.block_floats, o, s0, sg);
+      launch(sg);
     else
       ssd_backward_kernel<T><<<grid, kThreads, 0, stream>>>(
           dx, lddx, ddt, lddt_out, part_bc, part_p, dy, lddy, x, ldx, dt, lddt, dt_bias, A_log, B, C, ldbc, Dskip,
