@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Stop 51, carry .devbundle18 (~100 s: the budget left after failed starts; no peer run).
-# .devbundle18: callQ's build with (1) the tensor-core products' float operands split into two
+# Stop 51: never found a machine (the budget went to failed starts); for the next session, with
+# .devbundle18 = main + ssd_tensor_cores_chunked_forward.patch (hm, hm_cuda_tests). That is callQ's
+# build with (1) the tensor-core products' float operands split into two
 # tf32 parts (callQ's single tf32 pass put up to 14% into dA_log), (2) a chunked forward for
 # training (ssd_forward_chunked_kernel) in place of the token-serial scan, (3) the chunked
 # parameter-sum bound 5e-4. Forms by environment: HM_CUDA_SSD_FORWARD=serial (the old forward),
