@@ -133,9 +133,6 @@ DEFAULT_DECODE = "1x16,16x16,64x16,1x128,16x128,1x8192,16x8192"
 NEW_TOKENS = 128
 
 
-# ----------------------------------------------------------------------------- the peer's modules
-
-
 def json_safe(v):
     """v with every non-finite float as a string: JSON has no infinity (a Mamba-2 dt_limit's
     upper end is inf), and our reader rejects Python's Infinity literal."""
@@ -146,6 +143,10 @@ def json_safe(v):
     if isinstance(v, (list, tuple)):
         return [json_safe(x) for x in v]
     return v
+
+
+# ----------------------------------------------------------------------------- the peer's modules
+
 
 def import_peer():
     """mamba_ssm's pieces, or a PeerError that says how to make them importable."""
