@@ -32,4 +32,6 @@ import json;t=open('$R/profile_m2_130m.txt').read();j=json.loads(t[t.index('{'):
 print('step ms',j['train_step_ms']);[print('%-26s %.3f ms'%(k,v['ms_per_step'])) for k,v in sorted(p.items(),key=lambda kv:-kv[1]['ms_per_step'])[:8]]"
 train_peer mamba2-130m; echo "t=$(( $(date +%s) - T00 ))"
 peer mamba2-130m; grep -E "logits|agree|error|Error" $R/peer_mamba2-130m.log | head -6
+# Per-kernel times of the Mamba-2 decode step at 64 sequences (ncu), where time is left.
+[ $(( $(date +%s) - T00 )) -lt 420 ] && ncu_step mamba2-130m 64x16 m2_b64 2000 150
 echo "callS done at $(( $(date +%s) - T00 )) s"
