@@ -4,8 +4,8 @@
 
 namespace hm {
 
-void Backend::mamba_in(Tensor xz, Tensor xc, const StatePool& conv, Tensor x, Tensor normed, Tensor norm_w,
-                       float eps, Tensor in_proj, Tensor conv_w, Tensor conv_b, const Ragged& rg,
+void Backend::mamba_in(Tensor xz, Tensor xc, int conv_col0, const StatePool& conv, Tensor x, Tensor normed,
+                       Tensor norm_w, float eps, Tensor in_proj, Tensor conv_w, Tensor conv_b, const Ragged& rg,
                        bool /*unit_norm*/) {
   Tensor src = x;
   if (norm_w.data != nullptr) {
@@ -13,7 +13,15 @@ void Backend::mamba_in(Tensor xz, Tensor xc, const StatePool& conv, Tensor x, Te
     src = normed;
   }
   linear(xz, src, in_proj, false);
-  conv1d_silu(xc, conv, xz.cols_view(0, xc.cols), conv_w, conv_b, rg);
+  HM_CHECK(conv_col0 >= 0 && int64_t(conv_col0) + xc.cols <= xz.cols, name(), " mamba_in: conv columns ", conv_col0,
+           "..", int64_t(conv_col0) + xc.cols, " outside xz's ", xz.cols);
+  conv1d_silu(xc, conv, xz.cols_view(conv_col0, xc.cols), conv_w, conv_b, rg);
+}
+
+void Backend::gated_norm_linear(Tensor out, Tensor y, Tensor z, Tensor norm_w, int group, float eps, Tensor W,
+                                bool accumulate, Tensor normed) {
+  gated_rmsnorm(normed, y, z, norm_w, group, eps);
+  linear(out, normed, W, accumulate);
 }
 
 void Backend::norm_linear(Tensor y, Tensor x, Tensor normed, Tensor norm_w, float eps, Tensor W, bool accumulate,

@@ -119,12 +119,18 @@ class Backend {
   // ---- Composite ops: the default runs the plain ops above in order (backend.cpp); a backend
   // overrides one where fusing pays (CUDA's decode step: fewer launches, no round trips). ----
   // The Mamba mixer's input stage: xz = x' . in_proj^T, x' = rmsnorm(x) * norm_w when norm_w
-  // has data (else x itself), then xc = conv1d_silu(xz[:, :E]) continuing the conv state.
+  // has data (else x itself), then xc = conv1d_silu(xz[:, c0 : c0 + E]) continuing the conv
+  // state (c0 = conv_col0: 0 for Mamba-1's x | z, d_inner for Mamba-2's z | xBC | dt).
   // `normed` (x-sized) is scratch for x': an override may leave it unwritten. unit_norm: norm_w
   // is all ones (the model folded the norm's weight into in_proj's columns), so an override may
-  // project x itself and scale each row of xz by 1 / rms(x) afterwards.
-  virtual void mamba_in(Tensor xz, Tensor xc, const StatePool& conv, Tensor x, Tensor normed, Tensor norm_w,
-                        float eps, Tensor in_proj, Tensor conv_w, Tensor conv_b, const Ragged& rg, bool unit_norm);
+  // project x itself and scale each row of xz by 1 / rms(x) afterwards (Mamba-1 only: c0 = 0).
+  virtual void mamba_in(Tensor xz, Tensor xc, int conv_col0, const StatePool& conv, Tensor x, Tensor normed,
+                        Tensor norm_w, float eps, Tensor in_proj, Tensor conv_w, Tensor conv_b, const Ragged& rg,
+                        bool unit_norm);
+  // Mamba-2's gated norm and output projection: out (=|+=) gated_rmsnorm(y, z, norm_w, group) .
+  // W^T. `normed` (y-sized) is scratch for the norm's output: an override may leave it unwritten.
+  virtual void gated_norm_linear(Tensor out, Tensor y, Tensor z, Tensor norm_w, int group, float eps, Tensor W,
+                                 bool accumulate, Tensor normed);
   // kv_write(kv, k, v, rg), then attention(out, q, kv, H, G, hd, rg): a decode step may read
   // each new K/V row where it is and store it in the cache in the same kernel.
   virtual void kv_attention(Tensor out, Tensor q, Tensor k, Tensor v, const KvPool& kv, int H, int G, int hd,

@@ -482,7 +482,7 @@ void HybridModel::mamba_path(int layer, Tensor x, const Ragged& rg, Tensor out, 
   const Tensor y = act(ws_.inner[layer % 2], n, E);  // gated scan output
   if (!cfg_.mamba_proj_bias) {
     // With norm_w, x is the residual stream and the layer's pre-norm runs inside mamba_in.
-    be_.mamba_in(xz, xc, mem.recurrent().conv_pool(layer), x, norm_w.data ? act(ws_.u, n, x.cols) : Tensor(),
+    be_.mamba_in(xz, xc, 0, mem.recurrent().conv_pool(layer), x, norm_w.data ? act(ws_.u, n, x.cols) : Tensor(),
                  norm_w, cfg_.norm_eps, w.in_proj, w.conv_w, w.conv_b, rg, w.norm_folded);
   } else {  // mamba_in's steps with in_proj's bias between the projection and the conv
     Tensor src = x;
@@ -529,7 +529,7 @@ void HybridModel::add_bias(Tensor dst, Tensor b) {
 // xBC; the SSD scan per head (dt_bias, softplus, time_step_limit clamp, D skip); the gated
 // RMSNorm norm(y * silu(z)); out_proj.
 void HybridModel::mamba2_path(int layer, Tensor x, const Ragged& rg, Tensor out, bool accumulate,
-                              HybridMemory& mem) {
+                              HybridMemory& mem, Tensor norm_w) {
   const LayerTensors& w = lw_[size_t(layer)];
   const int n = x.rows, E = cfg_.d_inner(), N = cfg_.d_state, G = cfg_.mamba2_groups;
   const int H = cfg_.mamba2_heads(), CD = cfg_.mamba2_conv_dim();
@@ -537,8 +537,9 @@ void HybridModel::mamba2_path(int layer, Tensor x, const Ragged& rg, Tensor out,
   const Tensor xbc = act(ws_.xc, n, CD);                          // silu(conv(xBC)): x | B | C
   const Tensor y = act(ws_.ssd, n, E);                            // scan output
   const Tensor yn = act(ws_.inner[layer % 2], n, E);              // gated norm output
-  be_.linear(zxd, x, w.in_proj, false);
-  be_.conv1d_silu(xbc, mem.recurrent().conv_pool(layer), zxd.cols_view(E, CD), w.conv_w, w.conv_b, rg);
+  // With norm_w, x is the residual stream and the layer's pre-norm runs inside mamba_in.
+  be_.mamba_in(zxd, xbc, E, mem.recurrent().conv_pool(layer), x, norm_w.data ? act(ws_.u, n, x.cols) : Tensor(),
+               norm_w, cfg_.norm_eps, w.in_proj, w.conv_w, w.conv_b, rg, false);
   be_.ssd_scan(y, mem.recurrent().ssm_pool(layer), xbc.cols_view(0, E), zxd.cols_view(E + CD, H), w.dt_b,
                A_[size_t(layer)].f32(), xbc.cols_view(E, G * N), xbc.cols_view(E + G * N, G * N), w.Dskip, H, G,
                cfg_.mamba2_dt_min, cfg_.mamba2_dt_max, rg);
@@ -561,7 +562,9 @@ void HybridModel::mamba2_path(int layer, Tensor x, const Ragged& rg, Tensor out,
     }
     be_.swiglu(yn, z, normed);
   } else if (cfg_.mamba2_gated_norm) {
-    be_.gated_rmsnorm(yn, y, zxd.cols_view(0, E), w.ssm_norm, cfg_.mamba2_norm_group(), cfg_.norm_eps);
+    be_.gated_norm_linear(out, y, zxd.cols_view(0, E), w.ssm_norm, cfg_.mamba2_norm_group(), cfg_.norm_eps,
+                          w.out_proj, accumulate, yn);
+    return;
   } else {  // y * silu(z) (Falcon-H1 without mamba_rms_norm): z copied out of zxd to swiglu's layout
     const Tensor z = act(ws_.dt, n, E);
     be_.copy_rows(z, nullptr, zxd.cols_view(0, E), nullptr, n);
@@ -641,8 +644,10 @@ void HybridModel::mamba_layer(int layer, HybridMemory& mem, bool normed) {
   const int T = rg_.n_tokens(), D = cfg_.d_model;
   const Tensor out = residual_target(T);
   const bool acc = resid_scale_.empty();
-  if (cfg_.is_mamba2(layer))
+  if (cfg_.is_mamba2(layer) && normed)
     mamba2_path(layer, ws_.u.tensor(dtype_, T, D), rg_, out, acc, mem);
+  else if (cfg_.is_mamba2(layer))
+    mamba2_path(layer, ws_.h.tensor(dtype_, T, D), rg_, out, acc, mem, lw_[size_t(layer)].norm);
   else if (normed)
     mamba_path(layer, ws_.u.tensor(dtype_, T, D), rg_, out, acc, mem);
   else
@@ -1046,10 +1051,10 @@ void HybridModel::run_layers(int T, int n_rows, Tensor hrows, HybridMemory& mem)
   for (int i = 0; i < cfg_.n_layers; ++i) {
     if (cfg_.has_bridge(i) && folded_bridge(i - 1) == nullptr) bridge(i, T);  // else in layer i - 1
     // Normed: the layer before wrote this one's normed input with its bridge (project_out).
-    // Otherwise a Mamba-1 layer applies its pre-norm inside mamba_in, an attention layer inside
+    // Otherwise a Mamba layer applies its pre-norm inside mamba_in, an attention layer inside
     // its q | k | v projection (fused on CUDA's decode step).
     const bool normed = std::exchange(next_normed_, false);
-    if ((cfg_.is_true(i) || cfg_.is_mamba2(i)) && !normed)
+    if (cfg_.is_true(i) && !normed)
       be_.rmsnorm(ws_.u.tensor(dtype_, T, D), h, lw_[size_t(i)].norm, cfg_.norm_eps);
     if (cfg_.is_true(i))
       true_layer(i, mem);

@@ -192,7 +192,8 @@ class HybridModel {
   // norm_w: x is the residual stream, pre-normed inside (Backend::mamba_in); empty: x is normed.
   void mamba_path(int layer, Tensor x, const Ragged& rg, Tensor out, bool accumulate, HybridMemory& mem,
                   Tensor norm_w = Tensor());
-  void mamba2_path(int layer, Tensor x, const Ragged& rg, Tensor out, bool accumulate, HybridMemory& mem);
+  void mamba2_path(int layer, Tensor x, const Ragged& rg, Tensor out, bool accumulate, HybridMemory& mem,
+                   Tensor norm_w = Tensor());
   // The next layer's tensors when its state bridge runs inside this layer's output projection
   // (linear_bridge): nothing may touch h in between (no MLP, no residual scale) and the
   // projection's input must be the inner output the bridge reads (Mamba-1 without biases or

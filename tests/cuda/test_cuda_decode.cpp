@@ -2,8 +2,8 @@
 // both GEMV kernels at the row counts they take (to 32) and odd column counts, with and without the fused
 // RMSNorm, accumulation and a float output; the Mamba input stage (norm + in_proj + conv step)
 // and the dt-projecting scan step through the backend, on decode batches in shuffled slots of a
-// pool with unused slots, and the norm + linear (+ scaled add) of a bridge or the LM head,
-// against the plain ops in order. Inputs are rounded to the tested
+// pool with unused slots, the norm + linear (+ scaled add) of a bridge or the LM head, and
+// Mamba-2's gated norm + out_proj, against the plain ops in order. Inputs are rounded to the tested
 // type and the reference gets the same values widened; bounds on max|got - ref| / max|ref| as
 // in test_cuda_backend.cpp (f32 1e-5, f16 1e-3, bf16 8e-3; float states 1e-5 except where
 // a rounded input feeds them). Skipped without a GPU.
@@ -192,50 +192,53 @@ TEST_P(CudaDecode, GemvMatchesRef) {
 
 // Backend::mamba_in on CUDA (fused at <= 8 one-token sequences; beyond, with a unit norm weight
 // (unit_norm), in_proj over x then 1 / rms inside the conv step; the plain ops otherwise)
-// against rmsnorm -> linear -> conv1d_silu of kernels/ref per sequence.
+// against rmsnorm -> linear -> conv1d_silu of kernels/ref per sequence. Two layouts: Mamba-1's
+// x | z (the conv on the first E of 2E columns) and Mamba-2's z | xBC | dt (the conv on E
+// columns from column 48 of 2E + 8; unit_norm there takes the plain ops).
 TEST_P(CudaDecode, MambaInMatchesPlainOps) {
   hm::Rng rng(302);
   const int D = 136, E = 72, K = 4;
   const bool row_default = hm::cuda::gemv_row_kernel();
-  for (int nseq : {1, 3, 8, 9, 16, 33, 70})
-    for (int mode = 0; mode < 3; ++mode)  // 0 no norm, 1 norm, 2 norm with a unit weight (unit_norm)
-      for (int fused = 0; fused < 3; ++fused) {  // 0 plain ops, 1 fused, 2 fused on the row kernel
-        const bool norm = mode > 0, unit = mode == 2;
-        cuda_->set_decode_kernels(fused > 0);
-        hm::cuda::set_gemv_row_kernel(fused == 2);
-        hm::Ragged rg;
-        const int n_slots = decode_batch(rg, rng, nseq);
-        rg.upload(be());
-        const int ldxz = 2 * E + 8, ldxc = E + 3;
-        DevMat x(be(), T(), nseq, D, rng, 2.0), normed(be(), T(), nseq, D, rng, 0.0);
-        DevMat g(be(), T(), 1, D, rng, unit ? 0.0 : 0.3, 1.0), W(be(), T(), 2 * E, D, rng, 0.1);
-        DevMat w(be(), T(), E, K, rng, 0.4), b(be(), T(), 1, E, rng, 0.3);
-        DevMat xz(be(), T(), nseq, ldxz, rng, 1.0), xc(be(), T(), nseq, ldxc, rng, 1.0);
-        DevMat st(be(), DType::F32, n_slots, E * (K - 1), rng, 1.0);
-        const hm::StatePool pool{static_cast<float*>(st.buf.data()), n_slots, int64_t(E) * (K - 1)};
-        be().mamba_in(xz.cols(0, 2 * E), xc.cols(0, E), pool, x.t, normed.t, norm ? g.t : Tensor(), 1e-5f, W.t, w.t,
-                      b.t, rg, unit);
-        std::vector<float> u = x.f;
-        if (norm) hm::ref::rmsnorm(u.data(), x.f.data(), g.f.data(), nseq, D, 1e-5f);
-        std::vector<float> rxz = xz.f, rxc = xc.f, rst = st.f;
-        hm::ref::linear(rxz.data(), ldxz, u.data(), D, W.f.data(), nseq, 2 * E, D, false);
-        // The conv reads xz as stored in T (rounded), as the kernels do.
-        std::vector<float> xr = dense(rxz, nseq, E, ldxz, 0);
-        std::vector<char> bytes(xr.size() * hm::dtype_size(T()));
-        hm::convert_from_f32(bytes.data(), T(), xr.data(), xr.size());
-        hm::convert_to_f32(xr.data(), bytes.data(), T(), xr.size());
-        for (int s = 0; s < nseq; ++s)
-          hm::ref::conv1d_silu(rxc.data() + size_t(s) * ldxc, ldxc, rst.data() + size_t(rg.slot(s)) * E * (K - 1),
-                               xr.data() + size_t(s) * E, E, w.f.data(), b.f.data(), 1, E, K);
-        const std::string what = std::string("mamba_in nseq ") + std::to_string(nseq) +
-                                 (unit ? " unit norm" : norm ? " norm" : "") +
-                                 (fused == 2 ? " fused, row kernel" : fused ? " fused" : " plain");
-        EXPECT_LE(rel_err(xz.get(be()), rxz, nseq, 2 * E, ldxz), tol(T())) << what << " xz";
-        EXPECT_LE(rel_err(xc.get(be()), rxc, nseq, E, ldxc), tol(T())) << what << " xc";
-        // The window holds the stored x, which a last-bit difference in xz can flip.
-        EXPECT_LE(rel_err(st.get(be()), rst, n_slots, E * (K - 1), E * (K - 1)), T() == DType::F32 ? 1e-5 : tol(T()))
-            << what << " conv state";
-      }
+  for (int c0 : {0, 48})
+    for (int nseq : {1, 3, 8, 9, 16, 33, 70})
+      for (int mode = 0; mode < 3; ++mode)  // 0 no norm, 1 norm, 2 norm with a unit weight (unit_norm)
+        for (int fused = 0; fused < 3; ++fused) {  // 0 plain ops, 1 fused, 2 fused on the row kernel
+          const bool norm = mode > 0, unit = mode == 2;
+          cuda_->set_decode_kernels(fused > 0);
+          hm::cuda::set_gemv_row_kernel(fused == 2);
+          hm::Ragged rg;
+          const int n_slots = decode_batch(rg, rng, nseq);
+          rg.upload(be());
+          const int n = c0 == 0 ? 2 * E : 2 * E + 8, ldxz = n + 8, ldxc = E + 3;
+          DevMat x(be(), T(), nseq, D, rng, 2.0), normed(be(), T(), nseq, D, rng, 0.0);
+          DevMat g(be(), T(), 1, D, rng, unit ? 0.0 : 0.3, 1.0), W(be(), T(), n, D, rng, 0.1);
+          DevMat w(be(), T(), E, K, rng, 0.4), b(be(), T(), 1, E, rng, 0.3);
+          DevMat xz(be(), T(), nseq, ldxz, rng, 1.0), xc(be(), T(), nseq, ldxc, rng, 1.0);
+          DevMat st(be(), DType::F32, n_slots, E * (K - 1), rng, 1.0);
+          const hm::StatePool pool{static_cast<float*>(st.buf.data()), n_slots, int64_t(E) * (K - 1)};
+          be().mamba_in(xz.cols(0, n), xc.cols(0, E), c0, pool, x.t, normed.t, norm ? g.t : Tensor(), 1e-5f, W.t, w.t,
+                        b.t, rg, unit);
+          std::vector<float> u = x.f;
+          if (norm) hm::ref::rmsnorm(u.data(), x.f.data(), g.f.data(), nseq, D, 1e-5f);
+          std::vector<float> rxz = xz.f, rxc = xc.f, rst = st.f;
+          hm::ref::linear(rxz.data(), ldxz, u.data(), D, W.f.data(), nseq, n, D, false);
+          // The conv reads xz as stored in T (rounded), as the kernels do.
+          std::vector<float> xr = dense(rxz, nseq, E, ldxz, c0);
+          std::vector<char> bytes(xr.size() * hm::dtype_size(T()));
+          hm::convert_from_f32(bytes.data(), T(), xr.data(), xr.size());
+          hm::convert_to_f32(xr.data(), bytes.data(), T(), xr.size());
+          for (int s = 0; s < nseq; ++s)
+            hm::ref::conv1d_silu(rxc.data() + size_t(s) * ldxc, ldxc, rst.data() + size_t(rg.slot(s)) * E * (K - 1),
+                                 xr.data() + size_t(s) * E, E, w.f.data(), b.f.data(), 1, E, K);
+          const std::string what = std::string("mamba_in conv from ") + std::to_string(c0) + " nseq " +
+                                   std::to_string(nseq) + (unit ? " unit norm" : norm ? " norm" : "") +
+                                   (fused == 2 ? " fused, row kernel" : fused ? " fused" : " plain");
+          EXPECT_LE(rel_err(xz.get(be()), rxz, nseq, n, ldxz), tol(T())) << what << " xz";
+          EXPECT_LE(rel_err(xc.get(be()), rxc, nseq, E, ldxc), tol(T())) << what << " xc";
+          // The window holds the stored x, which a last-bit difference in xz can flip.
+          EXPECT_LE(rel_err(st.get(be()), rst, n_slots, E * (K - 1), E * (K - 1)), T() == DType::F32 ? 1e-5 : tol(T()))
+              << what << " conv state";
+        }
   cuda_->set_decode_kernels(true);
   hm::cuda::set_gemv_row_kernel(row_default);
 }
@@ -289,6 +292,49 @@ TEST_P(CudaDecode, NormLinearMatchesPlainOps) {
         }
   cuda_->set_decode_kernels(true);
   hm::cuda::set_gemv_row_kernel(row_default);
+}
+
+// Backend::gated_norm_linear on CUDA (Mamba-2's gated norm inside the output projection's row
+// GEMV where it takes the rows and one norm group spans the row; the plain ops otherwise) against
+// ref::gated_rmsnorm -> ref::linear: rows 1, 3, 8 and 16, odd sizes and the 130M's 1536 -> 768,
+// one group a row or two (plain), z a view inside a wider z | xBC | dt row, out a strided view,
+// assigned or accumulated. The fused GEMV keeps the normed row in float where the plain ops
+// store it in T: T's bound.
+TEST_P(CudaDecode, GatedNormLinearMatchesPlainOps) {
+  hm::Rng rng(307);
+  int fused_runs = 0;
+  for (auto [k, n] : {std::pair{136, 77}, std::pair{1536, 768}, std::pair{512, 1001}})
+    for (int m : {1, 3, 8, 16})
+      for (int groups : {1, 2})
+        for (int acc = 0; acc < 2; ++acc)
+          for (int fused = 0; fused < 2; ++fused) {
+            cuda_->set_decode_kernels(fused > 0);
+            const int ldy = k + 8, ldz = 2 * k + 24, ldo = n + 5, group = k / groups;
+            DevMat y(be(), T(), m, ldy, rng, 1.0), z(be(), T(), m, ldz, rng, 1.5), normed(be(), T(), m, k, rng, 0.0);
+            DevMat g(be(), T(), 1, k, rng, 0.3, 1.0), W(be(), T(), n, k, rng, 0.1), out(be(), T(), m, ldo, rng, 1.0);
+            const Tensor yv = y.cols(0, k), zv = z.cols(8, k);
+            fused_runs += fused && groups == 1 &&
+                          hm::cuda::gemv_gate_fits(m, k, yv.data, ldy, W.t.data, k, g.t.data, zv.data, ldz,
+                                                   hm::dtype_size(T()));
+            be().gated_norm_linear(out.cols(1, n), yv, zv, g.t, group, 1e-5f, W.t, acc != 0, normed.t);
+            const std::vector<float> yd = dense(y.f, m, k, ldy, 0), zd = dense(z.f, m, k, ldz, 8);
+            std::vector<float> xn(size_t(m) * k), ref = out.f;
+            hm::ref::gated_rmsnorm(xn.data(), k, yd.data(), k, zd.data(), k, g.f.data(), m, k, group, 1e-5f);
+            hm::ref::linear(ref.data() + 1, ldo, xn.data(), k, W.f.data(), m, n, k, acc != 0);
+            const std::vector<float> got = out.get(be());
+            const std::string what = "gated_norm_linear m " + std::to_string(m) + " k " + std::to_string(k) + " n " +
+                                     std::to_string(n) + " groups " + std::to_string(groups) +
+                                     (acc ? " accumulate" : "") + (fused ? " fused" : " plain");
+            EXPECT_LE(rel_err(got, ref, m, n, ldo, 1), tol(T())) << what;
+            for (int i = 0; i < m; ++i)
+              for (int j : {0, n + 1, n + 4})
+                EXPECT_EQ(got[size_t(i) * ldo + j], out.f[size_t(i) * ldo + j]) << what << ": row " << i
+                                                                               << " column " << j << " written";
+          }
+  cuda_->set_decode_kernels(true);
+  if (hm::cuda::gemv_row_kernel()) {
+    EXPECT_GE(fused_runs, 3 * 3 * 2);  // rows 1, 3 and 8 of every shape, assigned and accumulated
+  }
 }
 
 // Backend::linear_bridge on CUDA against kernels/ref: y += x . W^T, then y += scale ⊙ (rmsnorm(x) *

@@ -641,35 +641,42 @@ TEST_P(CudaGradOps, SsdScanTrainAndBackward) {
           Dk(gpu(), T(), 1, k.H, normal(rng)), alog(gpu(), DType::F32, 1, k.H, normal(rng, 0.5, 0.5)),
           dy(gpu(), T(), T_, E + 2, normal(rng));
       Both y = Both::out(gpu(), T(), T_, E + 2);
-      gpu().ssd_scan_train(y.dev(1, E), x.dev(0, E), dt.dev(1, k.H), bias.dev(0, k.H), alog.dev(0, k.H),
-                           bc.dev(1, GN), bc.dev(1 + GN, GN), Dk.dev(0, k.H), k.H, k.G, k.dt_min, k.dt_max, rg);
       cpu().ssd_scan_train(y.cpu(1, E), x.cpu(0, E), dt.cpu(1, k.H), bias.cpu(0, k.H), alog.cpu(0, k.H),
                            bc.cpu(1, GN), bc.cpu(1 + GN, GN), Dk.cpu(0, k.H), k.H, k.G, k.dt_min, k.dt_max, rc);
       std::ostringstream what;
       what << "H " << k.H << " P " << k.P << " G " << k.G << " N " << k.N << ", " << lens.size() << " seqs of " << T_
            << " rows: ";
-      EXPECT_TRUE(matches(what.str() + "y", gpu(), y, 1, E, 2 * bound(T())));
       // Both backward kernels, each against the cpu backend; the chunked one with its own choice of
       // segments (these small batches get several per sequence), segments of one chunk, and one
-      // segment a sequence; and at 256 and 512 threads a block.
+      // segment a sequence; and in each form: 256 and 512 threads a block, with the float FMA
+      // products (bf16 and f16 data take the tensor cores by default).
       struct Variant {
         hm::cuda::SsdBackward kernel;
         int seg_chunks, threads;
+        bool tensor_cores;
         const char* name;
       };
-      for (const Variant& v : {Variant{hm::cuda::SsdBackward::Chunked, 0, 0, "chunked "},
-                               Variant{hm::cuda::SsdBackward::Chunked, 1, 0, "chunked, segments of 1 chunk, "},
-                               Variant{hm::cuda::SsdBackward::Chunked, 1 << 20, 0, "chunked, one segment, "},
-                               Variant{hm::cuda::SsdBackward::Chunked, 0, 256, "chunked, 256 threads, "},
-                               Variant{hm::cuda::SsdBackward::Chunked, 0, 512, "chunked, 512 threads, "},
-                               Variant{hm::cuda::SsdBackward::Chunked, 1, 512,
-                                       "chunked, 512 threads, segments of 1 chunk, "},
-                               Variant{hm::cuda::SsdBackward::Reference, 0, 0, "reference "}}) {
+      for (const Variant& v : {Variant{hm::cuda::SsdBackward::Chunked, 0, 0, true, "chunked "},
+                               Variant{hm::cuda::SsdBackward::Chunked, 1, 0, true, "chunked, segments of 1 chunk, "},
+                               Variant{hm::cuda::SsdBackward::Chunked, 1 << 20, 0, true, "chunked, one segment, "},
+                               Variant{hm::cuda::SsdBackward::Chunked, 0, 256, true, "chunked, 256 threads, "},
+                               Variant{hm::cuda::SsdBackward::Chunked, 0, 512, true, "chunked, 512 threads, "},
+                               Variant{hm::cuda::SsdBackward::Chunked, 0, 0, false, "chunked, FMA products, "},
+                               Variant{hm::cuda::SsdBackward::Chunked, 1, 512, false,
+                                       "chunked, FMA products, 512 threads, segments of 1 chunk, "},
+                               Variant{hm::cuda::SsdBackward::Reference, 0, 0, true, "reference "}}) {
         const hm::cuda::SsdBackward kernel = v.kernel;
         hm::cuda::set_ssd_backward_kernel(kernel);
         hm::cuda::set_ssd_backward_segment_chunks(v.seg_chunks);
         hm::cuda::set_ssd_backward_threads(v.threads);
+        hm::cuda::set_ssd_backward_tensor_cores(v.tensor_cores);
         const std::string kw = what.str() + v.name;
+        // The forward under the same setting: chunked (its tensor-core form for 16-bit data) or,
+        // with the reference kernel, the token-serial scan.
+        y.put(gpu());
+        gpu().ssd_scan_train(y.dev(1, E), x.dev(0, E), dt.dev(1, k.H), bias.dev(0, k.H), alog.dev(0, k.H),
+                             bc.dev(1, GN), bc.dev(1 + GN, GN), Dk.dev(0, k.H), k.H, k.G, k.dt_min, k.dt_max, rg);
+        EXPECT_TRUE(matches(kw + "y", gpu(), y, 1, E, 2 * bound(T())));
         Both dx = Both::out(gpu(), T(), T_, E + 3), ddt = Both::out(gpu(), T(), T_, k.H + 1),
              dbc = Both::out(gpu(), T(), T_, 2 * GN + 2);
         Both dbias(gpu(), DType::F32, 1, k.H, normal(rng)), dalog(gpu(), DType::F32, 1, k.H, normal(rng)),
@@ -691,7 +698,8 @@ TEST_P(CudaGradOps, SsdScanTrainAndBackward) {
         // The parameter sums add a sequence's per-token terms; the chunked kernel forms those in
         // float (the token-serial one in double), so a sum over 333 tokens with cancellation
         // carries their rounding: 2-6.6e-5 in stop 49's first run, up to 1.9e-4 (f32) and 2.4e-4
-        // (bf16) on stop 51's draws (callQ).
+        // (bf16) on stop 51's draws. The tensor-core products are held to the same bound (their
+        // float operands go in as two tf32 parts; one part alone measured up to 0.14 here).
         const double ptol = kernel == hm::cuda::SsdBackward::Chunked ? 5e-4 : kFloatTol;
         EXPECT_TRUE(matches(kw + "ddt_bias", gpu(), dbias, 0, k.H, ptol));
         EXPECT_TRUE(matches(kw + "dA_log", gpu(), dalog, 0, k.H, ptol));
@@ -711,6 +719,7 @@ TEST_P(CudaGradOps, SsdScanTrainAndBackward) {
       hm::cuda::set_ssd_backward_kernel(hm::cuda::SsdBackward::Auto);
       hm::cuda::set_ssd_backward_segment_chunks(0);
       hm::cuda::set_ssd_backward_threads(0);
+      hm::cuda::set_ssd_backward_tensor_cores(true);
     }
 }
 

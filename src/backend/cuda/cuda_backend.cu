@@ -262,6 +262,13 @@ bool norm_after_default() {
   return v == nullptr || std::string(v) != "0";
 }
 
+// Mamba-2's decode step in the GEMVs (mamba_in at conv_col0 > 0, gated_norm_linear);
+// HM_CUDA_MAMBA2_STEP=0 runs their plain ops instead (A/B runs).
+bool mamba2_step_default() {
+  const char* v = std::getenv("HM_CUDA_MAMBA2_STEP");
+  return v == nullptr || std::string(v) != "0";
+}
+
 bool decode_kernels_default() {
   const char* v = std::getenv("HM_CUDA_GEMV");
   return v == nullptr || std::string(v) != "0";
@@ -514,27 +521,28 @@ class CudaBackendImpl final : public CudaBackend {
   // kernel (decode.h). Other decode steps with unit_norm: in_proj over x itself (cuBLASLt), then
   // the conv step applies 1 / rms(x) (conv1d_silu_step_normed), the RMSNorm launch saved.
   // Otherwise the default sequence of ops.
-  void mamba_in(Tensor xz, Tensor xc, const StatePool& conv, Tensor x, Tensor normed, Tensor norm_w, float eps,
-                Tensor in_proj, Tensor conv_w, Tensor conv_b, const Ragged& rg, bool unit_norm) override {
+  void mamba_in(Tensor xz, Tensor xc, int conv_col0, const StatePool& conv, Tensor x, Tensor normed, Tensor norm_w,
+                float eps, Tensor in_proj, Tensor conv_w, Tensor conv_b, const Ragged& rg, bool unit_norm) override {
     const char* op = "mamba_in";
     const int m = x.rows, k = x.cols, n = in_proj.rows, E = xc.cols, K = conv_w.cols;
     const bool norm = norm_w.data != nullptr;
     const bool step = decode_kernels_on() && is_decode(rg) && !is_packed(in_proj.dtype) && K >= 2 &&
-                      K <= cuda::kMaxConv;
+                      K <= cuda::kMaxConv && (conv_col0 == 0 || mamba2_step_);
     if (!step || !gemv_takes(m, n, k, dtype_size(x.dtype)) ||
         !cuda::gemv_fits(m, k, x.data, x.ld, in_proj.data, in_proj.ld, norm ? norm_w.data : nullptr,
                          dtype_size(x.dtype))) {
-      if (step && norm && unit_norm && norm_after_ && n == 2 * E)
+      if (step && norm && unit_norm && norm_after_ && n == 2 * E && conv_col0 == 0)
         mamba_in_norm_after(xz, xc, conv, x, eps, in_proj, conv_w, conv_b, rg);
       else
-        Backend::mamba_in(xz, xc, conv, x, normed, norm_w, eps, in_proj, conv_w, conv_b, rg, unit_norm);
+        Backend::mamba_in(xz, xc, conv_col0, conv, x, normed, norm_w, eps, in_proj, conv_w, conv_b, rg, unit_norm);
       return;
     }
     check_view(op, "x", x, rg.n_tokens(), k);
     check_view(op, "in_proj", in_proj, n, k);
     check_view(op, "xz", xz, m, n);
     check_view(op, "xc", xc, m, E);
-    HM_CHECK(E <= n, "cuda mamba_in: ", E, " conv channels but in_proj gives ", n, " columns");
+    HM_CHECK(conv_col0 >= 0 && E <= n - conv_col0, "cuda mamba_in: ", E, " conv channels from column ", conv_col0,
+             " but in_proj gives ", n, " columns");
     check_view(op, "conv_w", conv_w, E, K);
     check_dense(op, "conv_w", conv_w);
     check_vec(op, "conv_b", conv_b, E);
@@ -554,6 +562,7 @@ class CudaBackendImpl final : public CudaBackend {
       cs.b = ptr<T>(conv_b);
       cs.out = ptr<T>(xc);
       cs.ldo = int(xc.ld);
+      cs.c0 = conv_col0;
       cs.E = E;
       cs.K = K;
       cuda::gemv<T, T>(ptr<T>(xz), int(xz.ld), ptr<T>(x), int(x.ld), ptr<T>(in_proj), int(in_proj.ld), m, n, k,
@@ -619,6 +628,32 @@ class CudaBackendImpl final : public CudaBackend {
       else  // f32 logits of a half-precision model (never scaled: checked above)
         cuda::gemv<T, float>(ptr<float>(y), int(y.ld), ptr<T>(x), int(x.ld), ptr<T>(W), int(W.ld), m, n, k, accumulate,
                              ptr<T>(norm_w), eps, nullptr, stream_);
+    });
+  }
+
+  // Rows the row GEMV takes (gemv_takes, gemv_gate_fits), one norm group a row: the gated norm
+  // inside the output projection's GEMV, one launch instead of two; otherwise the default.
+  void gated_norm_linear(Tensor out, Tensor y, Tensor z, Tensor norm_w, int group, float eps, Tensor W,
+                         bool accumulate, Tensor normed) override {
+    const char* op = "gated_norm_linear";
+    const int m = y.rows, k = y.cols, n = W.rows;
+    if (!decode_kernels_on() || !mamba2_step_ || group != k || !gemv_takes(m, n, k, dtype_size(y.dtype)) ||
+        is_packed(W.dtype) || out.dtype != y.dtype ||
+        !cuda::gemv_gate_fits(m, k, y.data, y.ld, W.data, W.ld, norm_w.data, z.data, z.ld, dtype_size(y.dtype))) {
+      Backend::gated_norm_linear(out, y, z, norm_w, group, eps, W, accumulate, normed);
+      return;
+    }
+    check_view(op, "y", y, m, k);
+    check_view(op, "z", z, m, k);
+    check_view(op, "W", W, n, k);
+    check_view(op, "out", out, m, n);
+    check_vec(op, "norm_w", norm_w, k);
+    for (const auto& [name, t] : {std::pair{"z", &z}, std::pair{"W", &W}, std::pair{"norm_w", &norm_w}})
+      check_type(op, name, *t, y.dtype);
+    dispatch(y.dtype, [&](auto tag) {
+      using T = elem_t<decltype(tag)>;
+      cuda::gemv<T, T>(ptr<T>(out), int(out.ld), ptr<T>(y), int(y.ld), ptr<T>(W), int(W.ld), m, n, k, accumulate,
+                       ptr<T>(norm_w), eps, nullptr, stream_, nullptr, ptr<T>(z), int(z.ld));
     });
   }
 
@@ -1652,6 +1687,7 @@ class CudaBackendImpl final : public CudaBackend {
   int dt_scan_seqs_ = dt_scan_seqs_default();
   const bool fold_bridge_ = fold_bridge_default();
   const bool norm_after_ = norm_after_default();
+  const bool mamba2_step_ = mamba2_step_default();
   const int gemv_rows_ = gemv_rows_default();  // the most rows for the GEMV and the fused decode stages
   int skinny_min_rows_ = skinny_min_rows_default();
   bool inv_ = false;  // set_batch_invariant

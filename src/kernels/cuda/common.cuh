@@ -179,6 +179,22 @@ template <> __device__ __forceinline__ void mma16816<__half>(float d[4], const u
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// d += a . b on the tensor cores: one m16n8k8 tile on tf32 operands (a 4 registers, b 2, d 4
+// floats per lane; one element a register), float accumulate. to_tf32 rounds a float to tf32
+// (10 mantissa bits) to nearest; the mma itself would truncate.
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r;
+}
+__device__ __forceinline__ void mma1688_tf32(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
 // Programmatic dependent launch (Hopper): a kernel launched with launch_pdl() may start while
 // the kernel before it in the stream still runs, once that one has called pdl_trigger(). It
 // must call pdl_wait() before it reads or writes anything an earlier kernel touches; before

@@ -135,6 +135,15 @@ template <class T>
 void ssd_scan(T* y, int ldy, float* ssm_state, const T* x, int ldx, const T* dt, int lddt, const T* dt_bias,
               const float* A, const T* B, const T* C, int ldbc, const T* Dskip, const RaggedBatch& rb, int H, int P,
               int G, int N, float dt_min, float dt_max, cudaStream_t stream);
+// The same in the chunked matrix form (ssd_grad.cu: per chunk of 32 tokens, products in shared
+// memory, tensor cores for bf16 and f16), which ssd_scan takes for prefills where it fits the
+// device (ssd_scan_chunked_fits; not with HM_CUDA_SSD_FORWARD=serial or
+// HM_CUDA_SSD_BACKWARD=reference).
+bool ssd_scan_chunked_fits(int P, int N);
+template <class T>
+void ssd_scan_chunked(T* y, int ldy, float* ssm_state, const T* x, int ldx, const T* dt, int lddt, const T* dt_bias,
+                      const float* A, const T* B, const T* C, int ldbc, const T* Dskip, const RaggedBatch& rb, int H,
+                      int P, int G, int N, float dt_min, float dt_max, cudaStream_t stream);
 
 // Mamba-2 training (ssd_grad.cu), every sequence of rb from a zero state; training batches put
 // sequence s in slot s. ssd_scan_train: the inference scan over a zeroed pool, A = -exp(A_log)
@@ -158,9 +167,11 @@ void set_ssd_backward_segment_chunks(int chunks);
 // does not fit is an error. The setting applies to the workspace size and the call alike.
 enum class SsdBackward { Auto, Chunked, Reference };
 void set_ssd_backward_kernel(SsdBackward k);
-// The chunked kernel's threads a block: 0 (default) its own choice (512 where one block fills an
-// SM, else 256), else 256 or 512. Tests run both.
+// The chunked kernel's threads a block: 0 (default) its own choice, else 256 or 512; and whether
+// bf16 and f16 data run its products on the tensor cores (tf32 operands; default on). Tests run
+// every form.
 void set_ssd_backward_threads(int threads);
+void set_ssd_backward_tensor_cores(bool on);
 SsdBackward ssd_backward_kernel_for(int P, int N);  // Chunked or Reference
 size_t gated_rmsnorm_backward_workspace_bytes(int n, int E, int group);
 template <class T>

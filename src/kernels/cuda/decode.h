@@ -27,8 +27,9 @@ constexpr int kGemvMaxRowsRow = 16;  // the row kernel (x staged as floats) at 2
 constexpr int kGemvMaxNormRows = 8;
 
 // The conv step fused after in_proj: rows s < m of the output are sequences s (one token each),
-// columns j < E are the conv's input channels. Per channel: the window of slot slots[s] in
-// state ([E, K-1] float, oldest first) is read and shifted, out[s, j] = silu(conv + b).
+// columns c0 + j (j < E) are the conv's input channels (c0 = 0 for Mamba-1's x | z, d_inner for
+// Mamba-2's z | xBC | dt). Per channel: the window of slot slots[s] in state ([E, K-1] float,
+// oldest first) is read and shifted, out[s, j] = silu(conv + b).
 template <class T>
 struct ConvStep {
   float* state = nullptr;
@@ -37,6 +38,7 @@ struct ConvStep {
   const T* b = nullptr;  // [E]
   T* out = nullptr;
   int ldo = 0;
+  int c0 = 0;
   int E = 0;  // 0: no conv
   int K = 0;
 };
@@ -62,12 +64,19 @@ bool gemv_row_kernel();
 
 // y[m, n] (=|+=) x'[m, k] . W[n, k]^T, x' = x or, with norm_w, rmsnorm(x) * norm_w (eps);
 // float sums, y rounded once. With conv (TY == T, not accumulating), the conv step above runs
-// on the rounded y of columns j < conv->E. With col_scale ([n], no conv), column j's sum is
-// rounded to T and multiplied by col_scale[j] before it is added or stored: linear into a
-// scratch row, then add_rows with that scale, in one launch. Call only where gemv_fits.
+// on the rounded y of its columns. With col_scale ([n], no conv), column j's sum is rounded to
+// T and multiplied by col_scale[j] before it is added or stored: linear into a scratch row, then
+// add_rows with that scale, in one launch. With gate ([m, k] at stride ldgate, norm_w given),
+// Mamba-2's gated norm: x' = rmsnorm(x * silu(gate)) * norm_w over the whole row, in float.
+// Call only where gemv_fits (with a gate, gemv_gate_fits).
 template <class T, class TY>
 void gemv(TY* y, int ldy, const T* x, int ldx, const T* W, int ldw, int m, int n, int k, bool accumulate,
-          const T* norm_w, float eps, const ConvStep<T>* conv, cudaStream_t stream, const T* col_scale = nullptr);
+          const T* norm_w, float eps, const ConvStep<T>* conv, cudaStream_t stream, const T* col_scale = nullptr,
+          const T* gate = nullptr, int ldgate = 0);
+// Whether gemv takes a gate at this shape: the row kernel's forms only (one row, or 2..16 rows
+// where gemv_rows_fits), norm_w given, gate aligned as x.
+bool gemv_gate_fits(int m, int k, const void* x, int64_t ldx, const void* W, int64_t ldw, const void* norm_w,
+                    const void* gate, int64_t ldgate, size_t elem_bytes);
 
 // One row, a layer's output projection and the next layer's state bridge over the same x[k]:
 // y[j] = round(round(y[j] + x . W[j]) + scale[j] * round(rmsnorm(x) * norm_w . bW[j] / 1)),

@@ -74,6 +74,8 @@ struct Args {
   // gemv_bridge: the bridge's matrix and norm weight (the row kernel's DUAL columns).
   const T* W2 = nullptr; int ldw2 = 0;
   const T* norm2_w = nullptr;
+  // Mamba-2's gated norm (the row kernels): x' = rmsnorm(x * silu(gate)) * norm_w.
+  const T* gate = nullptr; int ldgate = 0;
 };
 
 // A finished sum of column j: through col_scale when given (rounded to T first, as the linear
@@ -102,6 +104,23 @@ __device__ __forceinline__ void conv_step(const ConvStep<T>& cs, int r, int j, f
 #pragma unroll
   for (int i = 0; i < kMaxConv - 1; ++i)
     if (i < K - 1) st[i] = i + 1 < K - 1 ? win[i + 1] : xv;
+}
+
+// y[r, j] = v into the conv step when column j is one of its channels.
+template <class T>
+__device__ __forceinline__ void conv_at(const ConvStep<T>& cs, int r, int j, float v) {
+  const int c = j - cs.c0;
+  if (c >= 0 && c < cs.E) conv_step(cs, r, c, v);
+}
+
+// f[e] *= silu(gate[e]) for one 16-byte vector of the gate, when there is one.
+template <class T, int V>
+__device__ __forceinline__ void apply_gate(const T* gate, int v, float (&f)[V]) {
+  if (gate == nullptr) return;
+  float z[V];
+  widen<T>(reinterpret_cast<const uint4*>(gate)[v], z);
+#pragma unroll
+  for (int e = 0; e < V; ++e) f[e] *= silu(z[e]);
 }
 
 template <class T, class TY, int M>
@@ -222,7 +241,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const Args<T, TY> a) {
   TY* yp = a.y + size_t(r) * a.ldy + j;
   if (a.accumulate) v += to_f(*yp);
   *yp = from_f<TY>(v);
-  if (j < a.conv.E) conv_step(a.conv, r, j, v);
+  conv_at(a.conv, r, j, v);
 }
 
 // One output y[r, j] of the tensor-core kernel's tile: rounded, accumulated, stored, and fed
@@ -234,7 +253,7 @@ __device__ __forceinline__ void finish(const Args<T, TY>& a, int r, int j, float
   TY* yp = a.y + size_t(r) * a.ldy + j;
   if (a.accumulate) v += to_f(*yp);
   *yp = from_f<TY>(v);
-  if (j < a.conv.E) conv_step(a.conv, r, j, v);
+  conv_at(a.conv, r, j, v);
 }
 
 // 16 bytes of x row r at column k0 as an mma operand: zero past the m rows; staged rows
@@ -384,10 +403,12 @@ __global__ void __launch_bounds__(kThreads) gemv_mma_kernel(const Args<T, TY> a)
 // DUAL (gemv_bridge): a warp's columns are 2 outputs j of W (x as it is) and the same 2 of W2
 // (x times norm2_w, staged as a second array, its 1 / rms applied at the end); each output's
 // two sums meet by a shuffle and its y is written once. DUAL needs 72-89 registers (at 64, 4
-// blocks an SM, it spilled), so 2 blocks an SM.
+// blocks an SM, it spilled), so 2 blocks an SM. GATE (Mamba-2's gated norm, a.gate): x times
+// silu(gate) as it is staged; a template flag, since a run-time test cost the plain form 32-48
+// bytes of spills at 64 registers; GATE itself spills at 64, so it also takes 2 blocks an SM.
 constexpr int kRowCols = 4, kRowPre = 2;
-template <class T, class TY, bool DUAL>
-__global__ void __launch_bounds__(kThreads, DUAL ? 2 : 4) gemv_row_kernel(const Args<T, TY> a) {
+template <class T, class TY, bool DUAL, bool GATE = false>
+__global__ void __launch_bounds__(kThreads, DUAL || GATE ? 2 : 4) gemv_row_kernel(const Args<T, TY> a) {
   constexpr int V = 16 / sizeof(T);
   constexpr int kOut = DUAL ? kRowCols / 2 : kRowCols;  // output columns per warp
   extern __shared__ uint4 xs_raw[];
@@ -427,6 +448,7 @@ __global__ void __launch_bounds__(kThreads, DUAL ? 2 : 4) gemv_row_kernel(const 
   for (int v = threadIdx.x; v < nvec; v += kThreads) {
     float f[V], g[V];
     widen<T>(reinterpret_cast<const uint4*>(a.x)[v], f);
+    if constexpr (GATE) apply_gate<T, V>(a.gate, v, f);
     if (norm) {
       widen<T>(__ldg(reinterpret_cast<const uint4*>(gw) + v), g);
     } else {
@@ -540,7 +562,7 @@ __global__ void __launch_bounds__(kThreads, DUAL ? 2 : 4) gemv_row_kernel(const 
   TY* yp = a.y + j;
   if (a.accumulate) v += to_f(*yp);
   *yp = from_f<TY>(v);
-  if (j < a.conv.E) conv_step(a.conv, 0, j, v);
+  conv_at(a.conv, 0, j, v);
 }
 
 // The row kernel for 2..M rows (M = 2, 4, 8 or 16): the m rows of x (times the norm weight)
@@ -588,6 +610,7 @@ __global__ void __launch_bounds__(kThreads, M >= 8 ? 1 : 2) gemv_rows_kernel(con
     const int r = i / nvec, v = i % nvec;
     float f[V], g[V];
     widen<T>(reinterpret_cast<const uint4*>(a.x + size_t(r) * a.ldx)[v], f);
+    apply_gate<T, V>(a.gate != nullptr ? a.gate + size_t(r) * a.ldgate : nullptr, v, f);
     if (norm) widen<T>(__ldg(reinterpret_cast<const uint4*>(a.norm_w) + v), g);
 #pragma unroll
     for (int e = 0; e < V; ++e) f[e] *= norm ? g[e] : 1.0f;
@@ -596,7 +619,7 @@ __global__ void __launch_bounds__(kThreads, M >= 8 ? 1 : 2) gemv_rows_kernel(con
       reinterpret_cast<float4*>(xs + size_t(r) * a.k + v * V)[q] =
           make_float4(f[4 * q], f[4 * q + 1], f[4 * q + 2], f[4 * q + 3]);
   }
-  // Each row's sum of squares by one warp, from x itself (the staged rows hold x * g).
+  // Each row's sum of squares by one warp, from x (gated) itself (the staged rows hold x * g).
   if (!norm && threadIdx.x < M) inv[threadIdx.x] = 1.0f;
   if (norm) {
     for (int r = warp; r < a.m; r += kWarps) {
@@ -604,6 +627,7 @@ __global__ void __launch_bounds__(kThreads, M >= 8 ? 1 : 2) gemv_rows_kernel(con
       for (int v = lane; v < nvec; v += 32) {
         float f[V];
         widen<T>(reinterpret_cast<const uint4*>(a.x + size_t(r) * a.ldx)[v], f);
+        apply_gate<T, V>(a.gate != nullptr ? a.gate + size_t(r) * a.ldgate : nullptr, v, f);
 #pragma unroll
         for (int e = 0; e < V; ++e) ss += f[e] * f[e];
       }
@@ -682,7 +706,7 @@ __global__ void __launch_bounds__(kThreads, M >= 8 ? 1 : 2) gemv_rows_kernel(con
     TY* yp = a.y + size_t(r) * a.ldy + j;
     if (a.accumulate) v += to_f(*yp);
     *yp = from_f<TY>(v);
-    if (j < a.conv.E) conv_step(a.conv, r, j, v);
+    conv_at(a.conv, r, j, v);
   }
 }
 
@@ -733,6 +757,15 @@ void allow_stage() {
 
 bool gemv_rows_fits(int m, int k, size_t elem_bytes) { return rows_fits(m, k, elem_bytes); }
 
+bool gemv_gate_fits(int m, int k, const void* x, int64_t ldx, const void* W, int64_t ldw, const void* norm_w,
+                    const void* gate, int64_t ldgate, size_t elem_bytes) {
+  const int64_t v = 16 / int64_t(elem_bytes);
+  const bool row = m == 1 ? g_row_kernel && k >= 1 && k % v == 0 && size_t(k) * sizeof(float) <= kMaxRowStage
+                          : rows_fits(m, k, elem_bytes);
+  return row && norm_w != nullptr && gate != nullptr && ldgate % v == 0 && aligned16(gate) &&
+         gemv_fits(m, k, x, ldx, W, ldw, norm_w, elem_bytes);
+}
+
 bool gemv_fits(int m, int k, const void* x, int64_t ldx, const void* W, int64_t ldw, const void* norm_w,
                size_t elem_bytes) {
   const int64_t v = 16 / int64_t(elem_bytes);
@@ -744,22 +777,31 @@ bool gemv_fits(int m, int k, const void* x, int64_t ldx, const void* W, int64_t 
 
 template <class T, class TY>
 void gemv(TY* y, int ldy, const T* x, int ldx, const T* W, int ldw, int m, int n, int k, bool accumulate,
-          const T* norm_w, float eps, const ConvStep<T>* conv, cudaStream_t stream, const T* col_scale) {
+          const T* norm_w, float eps, const ConvStep<T>* conv, cudaStream_t stream, const T* col_scale,
+          const T* gate, int ldgate) {
   HM_CHECK(gemv_fits(m, k, x, ldx, W, ldw, norm_w, sizeof(T)), "cuda gemv: shape m ", m, " k ", k, " ldx ", ldx,
            " ldw ", ldw, " or alignment not taken (gemv_fits)");
-  HM_CHECK(conv == nullptr || conv->E == 0 || (!accumulate && sizeof(TY) == sizeof(T) && conv->E <= n &&
-                                               conv->K >= 2 && conv->K <= kMaxConv),
-           "cuda gemv: the fused conv step needs y of the input type, no accumulation, E <= n, K in [2, ",
+  HM_CHECK(gate == nullptr || gemv_gate_fits(m, k, x, ldx, W, ldw, norm_w, gate, ldgate, sizeof(T)),
+           "cuda gemv: a gate at m ", m, " k ", k, " ldgate ", ldgate, " not taken (gemv_gate_fits)");
+  HM_CHECK(conv == nullptr || conv->E == 0 ||
+               (!accumulate && sizeof(TY) == sizeof(T) && conv->c0 >= 0 && conv->E <= n - conv->c0 &&
+                conv->K >= 2 && conv->K <= kMaxConv),
+           "cuda gemv: the fused conv step needs y of the input type, no accumulation, its columns within n, K in [2, ",
            kMaxConv, "]");
   if (n <= 0) return;
   HM_CHECK(col_scale == nullptr || conv == nullptr || conv->E == 0, "cuda gemv: col_scale with the conv step");
   Args<T, TY> a{y, ldy, x, ldx, W, ldw, m, n, k, 1, accumulate, norm_w, eps, conv ? *conv : ConvStep<T>{}, 0,
                 col_scale};
+  a.gate = gate;
+  a.ldgate = ldgate;
   if (g_row_kernel && m == 1 && size_t(k) * sizeof(float) <= kMaxRowStage) {
     const int groups = ceil_div(n, kRowCols), nvec = k / (16 / int(sizeof(T)));
     while (a.ks < kWarps && ceil_div(groups, kWarps / a.ks) < 2 * sm_count() && 64 * a.ks <= nvec) a.ks *= 2;
-    launch_pdl("gemv", gemv_row_kernel<T, TY, false>, dim3(ceil_div(groups, kWarps / a.ks)), dim3(kThreads), stream,
-               size_t(k) * sizeof(float), a);
+    const dim3 grid(ceil_div(groups, kWarps / a.ks));
+    if (gate != nullptr)
+      launch_pdl("gemv", gemv_row_kernel<T, TY, false, true>, grid, dim3(kThreads), stream, size_t(k) * sizeof(float), a);
+    else
+      launch_pdl("gemv", gemv_row_kernel<T, TY, false>, grid, dim3(kThreads), stream, size_t(k) * sizeof(float), a);
     return;
   }
   if (rows_fits(m, k, sizeof(T))) {
@@ -836,7 +878,7 @@ template void gemv_bridge<__half>(__half*, const __half*, const __half*, int, co
 
 #define HM_INST(T, TY)                                                                                  \
   template void gemv<T, TY>(TY*, int, const T*, int, const T*, int, int, int, int, bool, const T*, float, \
-                            const ConvStep<T>*, cudaStream_t, const T*);
+                            const ConvStep<T>*, cudaStream_t, const T*, const T*, int);
 HM_INST(float, float)
 HM_INST(__nv_bfloat16, __nv_bfloat16)
 HM_INST(__nv_bfloat16, float)

@@ -9,11 +9,10 @@
 // walks the sequence's tokens in order from the slot's state, staging a tile of tokens' B, C,
 // x and delta in shared memory. A decode batch is the same launch with one token per sequence.
 //
-// What this leaves on the table: the time loop is sequential per block, so a long prefill at
-// batch 1 uses only H * ceil(P / kRows) blocks. The faster form is the chunked SSD of the
-// Mamba-2 paper: per chunk of Q tokens, the intra-chunk output as a masked (C B^T * decay)
-// Q x Q matmul on the tensor cores, the chunk's end state as a matmul, and a short pass that
-// carries states across chunks (as scan.cu does for Mamba-1).
+// This kernel runs decode steps and short prefills. A prefill with a sequence of 64+ tokens goes
+// to the chunked form (ssd_scan_chunked in ssd_grad.cu: per chunk of 32 tokens the masked
+// (C B^T * decay) product, the chunk's output and its end state as small matrix products on the
+// tensor cores), since this one walks every token of a sequence in turn.
 #include <algorithm>
 #include <cstdint>
 
@@ -23,6 +22,7 @@
 namespace hm::cuda {
 namespace {
 
+constexpr int kChunkedMinLen = 64;         // tokens of the longest sequence for ssd_scan_chunked (unmeasured)
 constexpr int kLanes = 8;                  // threads per channel; a power of two <= 32
 constexpr int kRows = 16;                  // channels per block
 constexpr int kThreads = kRows * kLanes;   // lanes of a channel are adjacent in one warp
@@ -128,6 +128,14 @@ void ssd_scan(T* y, int ldy, float* ssm_state, const T* x, int ldx, const T* dt,
   HM_CHECK(rb.nseq <= 65535, "cuda ssd_scan: at most 65535 sequences per batch, got ", rb.nseq);
   HM_CHECK(int64_t(ceil_div(P, kRows)) * H <= INT32_MAX, "cuda ssd_scan: ", H, " heads of ", P, " are too many");
   if (rb.nseq <= 0 || rb.n_tokens <= 0 || P <= 0) return;
+  // A prefill with a sequence of 2+ chunks: the chunked form (this kernel walks each token in
+  // turn, ~0.7 us a token a block; stop 50's profile put it at 1.5 ms a layer of a 130M training
+  // step at 8 x 2048). Decode steps and short prefills stay here.
+  if (rb.max_len >= kChunkedMinLen && H <= 65535 && ssd_scan_chunked_fits(P, N)) {
+    ssd_scan_chunked<T>(y, ldy, ssm_state, x, ldx, dt, lddt, dt_bias, A, B, C, ldbc, Dskip, rb, H, P, G, N, dt_min,
+                        dt_max, stream);
+    return;
+  }
   if (N <= 32)
     ssd_launch<T, 32>(y, ldy, ssm_state, x, ldx, dt, lddt, dt_bias, A, B, C, ldbc, Dskip, rb, H, P, G, N, dt_min,
                       dt_max, stream);

@@ -1,5 +1,5 @@
-// Mamba-2 training on CUDA: the SSD scan from a zero state (the inference kernel over a zeroed
-// pool), its backward and the gated RMSNorm's backward.
+// Mamba-2 training on CUDA: the SSD scan from a zero state (chunked, below; or the inference
+// kernel over a zeroed pool), its backward and the gated RMSNorm's backward.
 //
 // Two backwards, one block per (sequence, head) each (the chunked one: per segment of a sequence,
 // when few sequences would leave SMs idle). The chunked one (below) is the fast one: per chunk of
@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/cuda_ops.h"
@@ -181,7 +182,8 @@ __global__ void __launch_bounds__(kThreads) ssd_backward_kernel(
 //   dx = delta o GB + D dy;  dB_t = delta_t (M[:, t] . C + exp(l_end - l_t) x_t G)
 //   dC_t = M[t, :] (delta o B) + exp(l_t) DS_t;  G <- exp(l_end) G + dY^T diag(exp(l)) C
 // and the per-token scalars of d delta as in the reference (dl_t, then a reverse sum per chunk).
-// Each product is register-tiled (Tile below): a thread keeps TM x TN sums, and each step of 4
+// Each product is register-tiled, on the tensor cores for bf16 and f16 data (WarpTile, below),
+// else in float FMAs (Tile): a thread keeps TM x TN sums, and each step of 4
 // k reads its operands as 16-byte vectors (4 k of a row, or 4 adjacent rows or columns of one k),
 // so a step of a 2 x 4 tile is 6 shared loads for 32 FMAs. Stop 49's form (one output a thread)
 // read two floats a FMA; its first tiled form (scalar reads through index lambdas) was bound by
@@ -193,7 +195,7 @@ constexpr int kCT = 256;  // threads a block where two blocks fit an SM (512 whe
 constexpr int kLdQ = kQ + 4;
 
 constexpr int padded_ld(int k) { return (k + 31) / 32 * 32 + 4; }
-constexpr int round4(int k) { return (k + 3) / 4 * 4; }
+constexpr int round8(int k) { return (k + 7) / 8 * 8; }
 
 struct ChunkLayout {  // float offsets into the dynamic shared memory
   int ldP, ldN;
@@ -217,8 +219,8 @@ ChunkLayout chunk_layout(int P, int N) {
   o.W = take(kQ * kLdQ);
   o.M = take(kQ * kLdQ);
   o.WM = take(kQ * kLdQ);
-  o.S = take(round4(P) * o.ldN);  // rows p; those past P stay zero
-  o.G = take(round4(P) * o.ldN);
+  o.S = take(round8(P) * o.ldN);  // rows p; those past P stay zero (a warp tile's k runs to 8)
+  o.G = take(round8(P) * o.ldN);
   o.GB = take(kQ * o.ldP);
   o.DS = take(kQ * o.ldN);
   o.delta = take(kQ);
@@ -252,6 +254,10 @@ __device__ __forceinline__ void load_vec(const float* p, float (&v)[n]) {
   }
 }
 
+// Which operand of a product holds values that tf32 does not represent exactly: none (both are
+// bf16 or f16 data as loaded), a, or b (a float result, or data scaled per k).
+enum Split { kExact = 0, kSplitA = 1, kSplitB = 2 };
+
 // One thread's TM x TN outputs of an M x Nc product: rows i0 .. i0 + TM - 1 (adjacent, so a
 // causal product's k range is one interval a tile). With kBRows the b operand is k-major (its
 // rows are the output's columns) and the columns are strided (j0, j0 + nt, ...: the lanes of a
@@ -271,6 +277,8 @@ struct Tile {
     zero();
   }
   static __device__ int count(int rows, int cols) { return ((rows + TM - 1) / TM) * ((cols + TN - 1) / TN); }
+  __device__ int first_col() const { return j0; }
+  __device__ int row_end() const { return i0 + TM; }
   __device__ void zero() {
 #pragma unroll
     for (int r = 0; r < TM; ++r)
@@ -279,7 +287,7 @@ struct Tile {
   }
   // acc[r][c] += sum_{k in [k0, k1)} a(i0 + r, k) ks[k] b(k, col c), with ks[k] = 1 when ks is
   // null; k0 and k1 widen to multiples of 4 (the operands' terms there must be zero).
-  template <bool kAK>
+  template <bool kAK, Split>  // float FMAs: the Split is WarpTile's
   __device__ void add(int k0, int k1, Opd a, Opd b, const float* ks = nullptr) {
     k0 &= ~3;
     k1 = (k1 + 3) & ~3;
@@ -347,14 +355,159 @@ struct Tile {
   }
 };
 
-// Every tile of an M x Nc product, spread over the block's threads.
-template <int TM, int TN, bool kBRows, class F>
-__device__ void for_tiles(int rows, int cols, F f) {
-  const int n = Tile<TM, TN, kBRows>::count(rows, cols);
-  for (int t = int(threadIdx.x); t < n; t += int(blockDim.x)) {
-    Tile<TM, TN, kBRows> tl(t, rows, cols);
-    f(tl);
+// One warp's (16 MT) x (8 NT) outputs of an M x Nc product on the tensor cores (Tile's interface):
+// mma m16n8k8 on tf32 operands, float sums; the bf16 and f16 kernels use it. bf16 and f16 values
+// are exact in tf32 (8 and 11 significant bits; tf32 keeps 11), so an operand of loaded data
+// goes in as it is, and the other one, when it is a float, as two tf32 parts: v = hi + lo with hi
+// = tf32(v), lo = tf32(v - hi), two mmas, and v's rounding error 2^-22 instead of 2^-11. That
+// keeps the products within float accuracy: one tf32 pass (stop 51's first form) put 14% errors
+// into dA_log, a per-head sum with heavy cancellation that float FMAs hold to 2e-4. Lane (g, q) =
+// (lane / 4, lane % 4) holds rows g and g + 8 of each 16-row block and columns 2q, 2q + 1 of each
+// 8; its fragment reads hit 32 distinct banks at any ld = 4 (mod 32). Reads past M or Nc are
+// clamped; k widens to multiples of 8 (the operands' terms there must be zero).
+template <int MT, int NT, bool kBRows>
+struct WarpTile {
+  int i0, j0, M, Nc, g, q;
+  float acc[MT][NT][4];
+  __device__ WarpTile(int tile, int M_, int Nc_) : M(M_), Nc(Nc_) {
+    const int nt = (Nc_ + 8 * NT - 1) / (8 * NT);
+    i0 = (tile / nt) * 16 * MT;
+    j0 = (tile % nt) * 8 * NT;
+    g = int(threadIdx.x) % 32 / 4;
+    q = int(threadIdx.x) % 4;
+    zero();
   }
+  static __device__ int count(int rows, int cols) {
+    return ((rows + 16 * MT - 1) / (16 * MT)) * ((cols + 8 * NT - 1) / (8 * NT));
+  }
+  __device__ int first_col() const { return j0; }
+  __device__ int row_end() const { return i0 + 16 * MT; }
+  __device__ void zero() {
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[m][n][r] = 0.0f;
+  }
+  template <bool kAK, Split kSplit>
+  __device__ void add(int k0, int k1, Opd a, Opd b, const float* ks = nullptr) {
+    k0 &= ~7;
+    k1 = (k1 + 7) & ~7;
+    int ar[MT][2], bc[NT];
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) ar[m][h] = min(i0 + m * 16 + g + 8 * h, M - 1);
+#pragma unroll
+    for (int n = 0; n < NT; ++n) bc[n] = min(j0 + n * 8 + g, Nc - 1);
+    auto at = [&](int row, int k) { return kAK ? a.p[row * a.ld + k] : a.p[k * a.ld + row]; };
+    auto bt = [&](int k, int col) { return kBRows ? b.p[col * b.ld + k] : b.p[k * b.ld + col]; };
+    // hi (and lo) of v: its tf32 parts when split, else its own bits (exact in tf32)
+    auto part = [](float v, bool split, uint32_t& hi, uint32_t& lo) {
+      if (split) {
+        hi = to_tf32(v);
+        lo = to_tf32(v - __uint_as_float(hi));
+      } else {
+        hi = __float_as_uint(v);
+      }
+    };
+    for (int k = k0; k < k1; k += 8) {
+      const int ka = k + q, kb = k + q + 4;
+      const float s0 = ks != nullptr ? ks[ka] : 1.0f, s1 = ks != nullptr ? ks[kb] : 1.0f;
+      uint32_t af[MT][4], al[MT][4], bf[NT][2], bl[NT][2];
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        part(at(ar[m][0], ka) * s0, kSplit == kSplitA, af[m][0], al[m][0]);
+        part(at(ar[m][1], ka) * s0, kSplit == kSplitA, af[m][1], al[m][1]);
+        part(at(ar[m][0], kb) * s1, kSplit == kSplitA, af[m][2], al[m][2]);
+        part(at(ar[m][1], kb) * s1, kSplit == kSplitA, af[m][3], al[m][3]);
+      }
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        part(bt(ka, bc[n]), kSplit == kSplitB, bf[n][0], bl[n][0]);
+        part(bt(kb, bc[n]), kSplit == kSplitB, bf[n][1], bl[n][1]);
+      }
+#pragma unroll
+      for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          if (kSplit == kSplitA) mma1688_tf32(acc[m][n], al[m], bf[n]);
+          if (kSplit == kSplitB) mma1688_tf32(acc[m][n], af[m], bl[n]);
+          mma1688_tf32(acc[m][n], af[m], bf[n]);
+        }
+    }
+  }
+  template <class F>
+  __device__ void scale_rows(F f) {
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float sc = f(min(i0 + m * 16 + g + 8 * h, M - 1));
+#pragma unroll
+        for (int n = 0; n < NT; ++n) acc[m][n][2 * h] *= sc, acc[m][n][2 * h + 1] *= sc;
+      }
+  }
+  template <class F>
+  __device__ void store(F out) const {
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int row = i0 + m * 16 + g + 8 * (r / 2), col = j0 + n * 8 + 2 * q + r % 2;
+          if (row < M && col < Nc) out(row, col, acc[m][n][r]);
+        }
+  }
+};
+
+// Every tile of an M x Nc product spread over the block: TM x TN float-FMA tiles a thread, or
+// with kTC (16 MT) x (8 NT) tensor-core tiles a warp.
+template <bool kTC, int TM, int TN, int MT, int NT, bool kBRows, class F>
+__device__ void for_tiles(int rows, int cols, F f) {
+  if constexpr (kTC) {
+    const int n = WarpTile<MT, NT, kBRows>::count(rows, cols), nw = int(blockDim.x) / 32;
+    for (int t = int(threadIdx.x) / 32; t < n; t += nw) {
+      WarpTile<MT, NT, kBRows> tl(t, rows, cols);
+      f(tl);
+    }
+  } else {
+    const int n = Tile<TM, TN, kBRows>::count(rows, cols);
+    for (int t = int(threadIdx.x); t < n; t += int(blockDim.x)) {
+      Tile<TM, TN, kBRows> tl(t, rows, cols);
+      f(tl);
+    }
+  }
+}
+
+// Warp 0's part of loading a chunk: each token's delta = clamp(softplus(dt + bias)) (time_step_limit)
+// and its slope d delta / d dt (0 where clamped; ddu may be null), l = the prefix sum of A delta,
+// exp(l_end - l), exp(l) and exp(l_end - l) delta. Tokens past len have delta 0, so l stays at l_end.
+template <class T>
+__device__ __forceinline__ void chunk_scalars(int lane, int len, const T* __restrict__ dt, int lddt, float A,
+                                              float bias, float dt_min, float dt_max, float* sdelta, float* sddu,
+                                              float* sl, float* seend, float* sel, float* sed) {
+  float d = 0.0f, du = 0.0f;
+  if (lane < len) {
+    const float u = to_f(dt[lane * int64_t(lddt)]) + bias, sp = softplus(u);
+    d = fminf(fmaxf(sp, dt_min), dt_max);
+    du = (sp >= dt_min && sp <= dt_max) ? 1.0f / (1.0f + expf(-u)) : 0.0f;
+  }
+  float lv = A * d;
+#pragma unroll
+  for (int k = 1; k < 32; k <<= 1) {
+    const float v = __shfl_up_sync(0xffffffffu, lv, k);
+    if (lane >= k) lv += v;
+  }
+  const float le = __shfl_sync(0xffffffffu, lv, 31);
+  sdelta[lane] = d;
+  if (sddu != nullptr) sddu[lane] = du;
+  sl[lane] = lv;
+  seend[lane] = expf(le - lv);  // <= 1: l only falls
+  sel[lane] = expf(lv);
+  sed[lane] = seend[lane] * d;
 }
 
 // Segments: a long sequence's chunks are cut into segments of seg_chunks chunks, a block each
@@ -374,8 +527,10 @@ struct Segs {
                // backward's code would be unreachable in a local instance, which nvcc rejects)
 };
 
-template <class T, int CT>
-__global__ void __launch_bounds__(CT) ssd_backward_chunked_kernel(
+// Launch bounds of 512 threads an SM (<= 128 registers a thread): without the second bound this
+// file's ptxas gave the float forms 64 registers and spills (stop 51).
+template <class T, int CT, bool kTC>
+__global__ void __launch_bounds__(CT, 2 * kCT / CT) ssd_backward_chunked_kernel(
     T* __restrict__ dx, int lddx, T* __restrict__ ddt, int lddt_out, float* __restrict__ part_bc,
     double* __restrict__ part_p, const T* __restrict__ dy, int lddy, const T* __restrict__ x, int ldx,
     const T* __restrict__ dt, int lddt, const T* __restrict__ dt_bias, const float* __restrict__ A_log,
@@ -388,6 +543,9 @@ __global__ void __launch_bounds__(CT) ssd_backward_chunked_kernel(
   float *sdelta = sm + o.delta, *sl = sm + o.l, *sddu = sm + o.ddu, *seend = sm + o.eend, *sel = sm + o.el;
   float *sed = sm + o.ed, *sxgb = sm + o.xgb, *sdyy = sm + o.dyy;
   const int ldP = o.ldP, ldN = o.ldN, tid = int(threadIdx.x);
+  // Warp tiles half as wide at 16 warps, so every warp has one (64 x 128, 32 x 128, 32 x 64 at
+  // P 64, N 128: 16 tiles each)
+  constexpr int kWide = CT / kCT;
   const int h = blockIdx.x, s = seq0 + int(blockIdx.y), g = h / (H / G);
   const int row0 = cu[s], L = cu[s + 1] - row0, nch = (L + kQ - 1) / kQ, PN = P * N;
   const int sg = int(blockIdx.z), c0 = sg * seg.chunks, c1 = min(nch, c0 + seg.chunks);
@@ -418,35 +576,17 @@ __global__ void __launch_bounds__(CT) ssd_backward_chunked_kernel(
       sB[t * ldN + n] = t < len ? to_f(B[r * ldbc + bg + n]) : 0.0f;
       if (back) sC[t * ldN + n] = t < len ? to_f(C[r * ldbc + bg + n]) : 0.0f;
     }
-    if (tid < 32) {
-      float d = 0.0f, du = 0.0f;
-      if (tid < len) {
-        const float u = to_f(dt[(row0 + t0 + tid) * int64_t(lddt) + h]) + bias, sp = softplus(u);
-        d = fminf(fmaxf(sp, dt_min), dt_max);  // time_step_limit
-        du = (sp >= dt_min && sp <= dt_max) ? 1.0f / (1.0f + expf(-u)) : 0.0f;
-      }
-      float lv = A * d;
-#pragma unroll
-      for (int k = 1; k < 32; k <<= 1) {
-        const float v = __shfl_up_sync(0xffffffffu, lv, k);
-        if (tid >= k) lv += v;
-      }
-      const float le = __shfl_sync(0xffffffffu, lv, 31);
-      sdelta[tid] = d;
-      sddu[tid] = du;
-      sl[tid] = lv;
-      seend[tid] = expf(le - lv);  // <= 1: l only falls
-      sel[tid] = expf(lv);
-      sed[tid] = seend[tid] * d;
-    }
+    if (tid < 32)
+      chunk_scalars(tid, len, dt + (row0 + t0) * int64_t(lddt) + h, lddt, A, bias, dt_min, dt_max, sdelta, sddu, sl,
+                    seend, sel, sed);
   };
 
   // G <- exp(l_end) G + sum_t exp(l_t) dy_t C_t^T over the loaded chunk: dL/dS of the state
   // entering it (each element read and written by its own thread only).
   auto update_G = [&] {
     const float eall = sel[kQ - 1];
-    for_tiles<4, 4, false>(P, N, [&](auto& tl) {
-      tl.template add<false>(0, kQ, Opd{sDY, ldP}, Opd{sC, ldN}, sel);
+    for_tiles<kTC, 4, 4, 2 / kWide, 4, false>(P, N, [&](auto& tl) {
+      tl.template add<false, kSplitA>(0, kQ, Opd{sDY, ldP}, Opd{sC, ldN}, sel);
       tl.store([&](int p, int n, float v) { sG[p * ldN + n] = eall * sG[p * ldN + n] + v; });
     });
   };
@@ -470,8 +610,9 @@ __global__ void __launch_bounds__(CT) ssd_backward_chunked_kernel(
       continue;
     }
     const float eall = sel[kQ - 1];
-    for_tiles<4, 4, false>(P, N, [&](auto& tl) {  // each element read and written by its own thread only
-      tl.template add<false>(0, kQ, Opd{sX, ldP}, Opd{sB, ldN}, sed);
+    // each element read and written by its own thread only
+    for_tiles<kTC, 4, 4, 2 / kWide, 4, false>(P, N, [&](auto& tl) {
+      tl.template add<false, kSplitA>(0, kQ, Opd{sX, ldP}, Opd{sB, ldN}, sed);
       tl.store([&](int p, int n, float v) {
         const float old = sS[p * ldN + n];
         Sc[p * N + n] = old;
@@ -508,12 +649,12 @@ __global__ void __launch_bounds__(CT) ssd_backward_chunked_kernel(
     __syncthreads();
     // W = CB^T and M = dY X^T, masked and scaled, and W o (dy x^T) o delta (the last for dl);
     // a tile wholly above the diagonal sums nothing. DS = dY S_in.
-    for_tiles<2, 2, true>(kQ, kQ, [&](auto& tl) {
-      const bool above = tl.i0 + 1 < tl.j0;  // its last row before its first column
-      tl.template add<true>(0, above ? 0 : N, Opd{sC, ldN}, Opd{sB, ldN});
+    for_tiles<kTC, 2, 2, 1, 1, true>(kQ, kQ, [&](auto& tl) {
+      const bool above = tl.row_end() <= tl.first_col();  // its last row before its first column
+      tl.template add<true, kExact>(0, above ? 0 : N, Opd{sC, ldN}, Opd{sB, ldN});
       tl.store([&](int t, int u, float v) { sW[t * kLdQ + u] = v; });
       tl.zero();
-      tl.template add<true>(0, above ? 0 : P, Opd{sDY, ldP}, Opd{sX, ldP});
+      tl.template add<true, kExact>(0, above ? 0 : P, Opd{sDY, ldP}, Opd{sX, ldP});
       tl.store([&](int t, int u, float yx) {  // the thread's own W entries, just written
         float w = 0.0f, m = 0.0f, wm = 0.0f;
         if (u <= t) {
@@ -527,21 +668,21 @@ __global__ void __launch_bounds__(CT) ssd_backward_chunked_kernel(
         sWM[t * kLdQ + u] = wm;
       });
     });
-    for_tiles<2, 4, false>(kQ, N, [&](auto& tl) {
-      tl.template add<true>(0, P, Opd{sDY, ldP}, Opd{sS, ldN});
+    for_tiles<kTC, 2, 4, 1, 4 / kWide, false>(kQ, N, [&](auto& tl) {
+      tl.template add<true, kSplitB>(0, P, Opd{sDY, ldP}, Opd{sS, ldN});
       tl.store([&](int t, int n, float v) { sDS[t * ldN + n] = v; });
     });
     __syncthreads();
     // GB[u, p] = exp(l_end - l_u) B_u . G[p] + sum_{t >= u} W[t, u] dy_t[p], in two passes
     // whose tiles differ (G's rows are the columns p; dY's columns are)
-    for_tiles<2, 4, true>(kQ, P, [&](auto& tl) {
-      tl.template add<true>(0, N, Opd{sB, ldN}, Opd{sG, ldN});
+    for_tiles<kTC, 2, 4, 1, 2 / kWide, true>(kQ, P, [&](auto& tl) {
+      tl.template add<true, kSplitB>(0, N, Opd{sB, ldN}, Opd{sG, ldN});
       tl.scale_rows([&](int u) { return seend[u]; });
       tl.store([&](int u, int p, float v) { sGB[u * ldP + p] = v; });
     });
     __syncthreads();
-    for_tiles<2, 4, false>(kQ, P, [&](auto& tl) {
-      tl.template add<false>(tl.i0, kQ, Opd{sW, kLdQ}, Opd{sDY, ldP});
+    for_tiles<kTC, 2, 4, 1, 2 / kWide, false>(kQ, P, [&](auto& tl) {
+      tl.template add<false, kSplitA>(tl.i0, kQ, Opd{sW, kLdQ}, Opd{sDY, ldP});
       tl.store([&](int u, int p, float v) { sGB[u * ldP + p] += v; });
     });
     __syncthreads();
@@ -554,18 +695,18 @@ __global__ void __launch_bounds__(CT) ssd_backward_chunked_kernel(
     }
     // dB_t = delta_t (exp(l_end - l_t) x_t G + sum_{u >= t} M[u, t] C_u);
     // dC_t = sum_{u <= t} M[t, u] delta_u B_u + exp(l_t) DS_t
-    for_tiles<2, 4, false>(kQ, N, [&](auto& tl) {
+    for_tiles<kTC, 2, 4, 1, 4 / kWide, false>(kQ, N, [&](auto& tl) {
       float* pb = part_bc + ((row0 + t0) * int64_t(H) + h) * 2 * N;  // token t at + t * H * 2N
       const int64_t ldpb = int64_t(H) * 2 * N;
-      tl.template add<true>(0, P, Opd{sX, ldP}, Opd{sG, ldN});
+      tl.template add<true, kSplitB>(0, P, Opd{sX, ldP}, Opd{sG, ldN});
       tl.scale_rows([&](int t) { return seend[t]; });
-      tl.template add<false>(tl.i0, kQ, Opd{sM, kLdQ}, Opd{sC, ldN});
+      tl.template add<false, kSplitA>(tl.i0, kQ, Opd{sM, kLdQ}, Opd{sC, ldN});
       tl.scale_rows([&](int t) { return sdelta[t]; });
       tl.store([&](int t, int n, float v) {
         if (t < len) pb[t * ldpb + n] = v;
       });
       tl.zero();
-      tl.template add<true>(0, tl.i0 + 2, Opd{sM, kLdQ}, Opd{sB, ldN}, sdelta);
+      tl.template add<true, kSplitA>(0, tl.row_end(), Opd{sM, kLdQ}, Opd{sB, ldN}, sdelta);
       tl.store([&](int t, int n, float v) {
         if (t < len) pb[t * ldpb + N + n] = v + sel[t] * sDS[t * ldN + n];
       });
@@ -620,6 +761,116 @@ __global__ void __launch_bounds__(CT) ssd_backward_chunked_kernel(
     pp[0] = dbias;
     pp[1] = dA * A;  // A = -exp(A_log)
     pp[2] = dD;
+  }
+}
+
+// The chunked forward (the matrix form above): one block a (sequence, head), walking its chunks
+// with S, the state entering the chunk, in shared memory:  Y = diag(exp(l)) C S^T + (Lm o C B^T)
+// (delta o X) + D X,  S <- exp(l_end) S + X^T diag(exp(l_end - l) delta) B.  Training runs it from
+// a zero state and keeps none (pool null; stop 50's profile put the token-serial scan it replaces
+// at 35.6 ms of a 130M step at 8 x 2048); prefill (ssd_scan_chunked) from each sequence's slot in
+// the pool and back. A is A_log (training's parameter) or -exp(A_log) (inference's).
+struct FwdLayout {  // float offsets into the dynamic shared memory
+  int ldP, ldN;
+  int X, B, C, W, Y, S, delta, l, eend, el, ed, total;
+};
+
+FwdLayout fwd_layout(int P, int N) {
+  FwdLayout o{};
+  o.ldP = padded_ld(P);
+  o.ldN = padded_ld(N);
+  int at = 0;
+  auto take = [&](int n) {  // every part starts 16-byte aligned: n is a multiple of 4
+    const int r = at;
+    at += n;
+    return r;
+  };
+  o.X = take(kQ * o.ldP);
+  o.B = take(kQ * o.ldN);
+  o.C = take(kQ * o.ldN);
+  o.W = take(kQ * kLdQ);
+  o.Y = take(kQ * o.ldP);
+  o.S = take(round8(P) * o.ldN);
+  o.delta = take(kQ);
+  o.l = take(kQ);
+  o.eend = take(kQ);
+  o.el = take(kQ);
+  o.ed = take(kQ);
+  o.total = at;
+  return o;
+}
+
+template <class T, bool kTC>
+__global__ void __launch_bounds__(kCT, 2) ssd_forward_chunked_kernel(  // two blocks an SM (P 64, N 128: 90 KB)
+    T* __restrict__ y, int ldy, float* __restrict__ pool, const int32_t* __restrict__ slots, const T* __restrict__ x,
+    int ldx, const T* __restrict__ dt, int lddt, const T* __restrict__ dt_bias, const float* __restrict__ Ah,
+    bool a_is_log, const T* __restrict__ B, const T* __restrict__ C, int ldbc, const T* __restrict__ Dskip,
+    const int32_t* __restrict__ cu, int H, int P, int G, int N, float dt_min, float dt_max, FwdLayout o) {
+  extern __shared__ float sm[];
+  float *sX = sm + o.X, *sB = sm + o.B, *sC = sm + o.C, *sW = sm + o.W, *sY = sm + o.Y, *sS = sm + o.S;
+  float *sdelta = sm + o.delta, *sl = sm + o.l, *seend = sm + o.eend, *sel = sm + o.el, *sed = sm + o.ed;
+  const int ldP = o.ldP, ldN = o.ldN, tid = int(threadIdx.x);
+  const int h = blockIdx.x, s = int(blockIdx.y), g = h / (H / G);
+  const int row0 = cu[s], L = cu[s + 1] - row0, nch = (L + kQ - 1) / kQ;
+  if (nch == 0) return;  // uniform over the block: an empty sequence's slot stays as it is
+  const float A = a_is_log ? -expf(Ah[h]) : Ah[h], D = to_f(Dskip[h]), bias = to_f(dt_bias[h]);
+  const int64_t xh = int64_t(h) * P, bg = int64_t(g) * N;
+  float* st = pool != nullptr ? pool + (int64_t(slots[s]) * H + h) * int64_t(P) * N : nullptr;  // [P, N]
+  for (int i = tid; i < o.total; i += kCT) sm[i] = 0.0f;  // S starts at zero; padding stays so
+  if (st != nullptr) {
+    __syncthreads();
+    for (int i = tid; i < P * N; i += kCT) sS[(i / N) * ldN + i % N] = st[i];
+  }
+  for (int c = 0; c < nch; ++c) {
+    const int t0 = c * kQ, len = min(kQ, L - t0);
+    __syncthreads();  // the previous chunk is consumed
+    for (int i = tid; i < kQ * P; i += kCT) {
+      const int t = i / P, p = i % P;
+      sX[t * ldP + p] = t < len ? to_f(x[(row0 + t0 + t) * int64_t(ldx) + xh + p]) : 0.0f;
+    }
+    for (int i = tid; i < kQ * N; i += kCT) {
+      const int t = i / N, n = i % N;
+      const int64_t r = (row0 + t0 + t) * int64_t(ldbc) + bg + n;
+      sB[t * ldN + n] = t < len ? to_f(B[r]) : 0.0f;
+      sC[t * ldN + n] = t < len ? to_f(C[r]) : 0.0f;
+    }
+    if (tid < 32)
+      chunk_scalars(tid, len, dt + (row0 + t0) * int64_t(lddt) + h, lddt, A, bias, dt_min, dt_max, sdelta,
+                    static_cast<float*>(nullptr), sl, seend, sel, sed);
+    __syncthreads();
+    // W = Lm o C B^T (a tile wholly above the diagonal sums nothing); Y = diag(exp(l)) C S^T
+    for_tiles<kTC, 2, 2, 1, 1, true>(kQ, kQ, [&](auto& tl) {
+      const bool above = tl.row_end() <= tl.first_col();
+      tl.template add<true, kExact>(0, above ? 0 : N, Opd{sC, ldN}, Opd{sB, ldN});
+      tl.store([&](int t, int u, float v) { sW[t * kLdQ + u] = u <= t ? expf(sl[t] - sl[u]) * v : 0.0f; });
+    });
+    for_tiles<kTC, 2, 4, 1, 2, true>(kQ, P, [&](auto& tl) {
+      tl.template add<true, kSplitB>(0, N, Opd{sC, ldN}, Opd{sS, ldN});
+      tl.scale_rows([&](int t) { return sel[t]; });
+      tl.store([&](int t, int p, float v) { sY[t * ldP + p] = v; });
+    });
+    __syncthreads();
+    // Y += W (delta o X): terms u <= t, so a tile's k runs to its last row
+    for_tiles<kTC, 2, 4, 1, 2, false>(kQ, P, [&](auto& tl) {
+      tl.template add<true, kSplitA>(0, tl.row_end(), Opd{sW, kLdQ}, Opd{sX, ldP}, sdelta);
+      tl.store([&](int t, int p, float v) { sY[t * ldP + p] += v; });
+    });
+    __syncthreads();
+    for (int i = tid; i < len * P; i += kCT) {
+      const int t = i / P, p = i % P;
+      y[(row0 + t0 + t) * int64_t(ldy) + xh + p] = from_f<T>(sY[t * ldP + p] + D * sX[t * ldP + p]);
+    }
+    if (c + 1 < nch || st != nullptr) {  // S leaving the chunk (each element read and written by its own thread only)
+      const float eall = sel[kQ - 1];
+      for_tiles<kTC, 4, 4, 2, 4, false>(P, N, [&](auto& tl) {
+        tl.template add<false, kSplitA>(0, kQ, Opd{sX, ldP}, Opd{sB, ldN}, sed);
+        tl.store([&](int p, int n, float v) { sS[p * ldN + n] = eall * sS[p * ldN + n] + v; });
+      });
+    }
+  }
+  if (st != nullptr) {
+    __syncthreads();
+    for (int i = tid; i < P * N; i += kCT) st[i] = sS[(i / N) * ldN + i % N];
   }
 }
 
@@ -779,11 +1030,20 @@ SsdBackward g_kernel = [] {  // HM_CUDA_SSD_BACKWARD=reference: the token-serial
 }();
 
 // The chunked kernel's threads a block: 0, its own choice (launch below), or 256 or 512
-// (HM_CUDA_SSD_THREADS, A/B runs).
+// (HM_CUDA_SSD_THREADS, A/B runs); and whether bf16 and f16 data take tensor-core products
+// (WarpTile; HM_CUDA_SSD_TENSOR_CORES=0: the float FMA tiles).
 int g_threads = [] {
   const char* v = std::getenv("HM_CUDA_SSD_THREADS");
   const int t = v != nullptr ? std::atoi(v) : 0;
   return t == kCT || t == 2 * kCT ? t : 0;
+}();
+const bool g_forward_serial = [] {
+  const char* v = std::getenv("HM_CUDA_SSD_FORWARD");
+  return v != nullptr && std::string(v) == "serial";
+}();
+bool g_tensor_cores = [] {
+  const char* v = std::getenv("HM_CUDA_SSD_TENSOR_CORES");
+  return v == nullptr || std::string(v) != "0";
 }();
 
 size_t chunked_smem_bytes(int P, int N) { return size_t(chunk_layout(P, N).total) * sizeof(float); }
@@ -880,6 +1140,7 @@ void set_ssd_backward_threads(int threads) {
            " (0, ", kCT, " or ", 2 * kCT, ")");
   g_threads = threads;
 }
+void set_ssd_backward_tensor_cores(bool on) { g_tensor_cores = on; }
 
 SsdBackward ssd_backward_kernel_for(int P, int N) {
   if (g_kernel == SsdBackward::Reference) return SsdBackward::Reference;
@@ -892,7 +1153,9 @@ SsdBackward ssd_backward_kernel_for(int P, int N) {
 size_t ssd_backward_scratch_cap() { return g_scratch_cap; }
 
 size_t ssd_train_workspace_bytes(const RaggedBatch& rb, int H, int P, int N) {
-  // The forward's zeroed state pool [nseq, H, P, N] float and A [H] float.
+  // The token-serial forward's zeroed state pool [nseq, H, P, N] float and A [H] float; the
+  // chunked one needs none.
+  if (ssd_scan_chunked_fits(P, N)) return 0;
   return (size_t(rb.nseq) * size_t(H) * size_t(P) * size_t(N) + size_t(H)) * sizeof(float);
 }
 
@@ -900,11 +1163,66 @@ size_t ssd_backward_workspace_bytes(const RaggedBatch& rb, int H, int P, int N) 
   return layout_of(rb, H, P, N, ssd_backward_kernel_for(P, N) == SsdBackward::Chunked).total;
 }
 
+namespace {
+
+// One launch of the chunked forward over the batch (pool null: from zero, no state kept).
+template <class T>
+void forward_chunked(T* y, int ldy, float* pool, const T* x, int ldx, const T* dt, int lddt, const T* dt_bias,
+                     const float* A, bool a_is_log, const T* B, const T* C, int ldbc, const T* Dskip,
+                     const RaggedBatch& rb, int H, int P, int G, int N, float dt_min, float dt_max,
+                     cudaStream_t stream) {
+  const FwdLayout o = fwd_layout(P, N);
+  const size_t smem = size_t(o.total) * sizeof(float);
+  auto go = [&](auto kernel) {
+    HM_CUDA_OK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+               "cudaFuncSetAttribute (ssd chunked forward)");
+    kernel<<<dim3(unsigned(H), unsigned(rb.nseq)), kCT, smem, stream>>>(y, ldy, pool, rb.slots, x, ldx, dt, lddt,
+                                                                       dt_bias, A, a_is_log, B, C, ldbc, Dskip,
+                                                                       rb.cu_seqlens, H, P, G, N, dt_min, dt_max, o);
+  };
+  constexpr bool k16 = !std::is_same_v<T, float>;  // float data keeps float products
+  if (k16 && g_tensor_cores)
+    go(ssd_forward_chunked_kernel<T, k16>);
+  else
+    go(ssd_forward_chunked_kernel<T, false>);
+  HM_CUDA_LAUNCHED("ssd chunked forward");
+}
+
+}  // namespace
+
+// The chunked forward wherever its shared memory fits (less than the backward's: P 64 at d_state
+// 256 fits it, 155 KB, and not the backward, 273 KB); HM_CUDA_SSD_BACKWARD=reference selects the
+// token-serial pair, HM_CUDA_SSD_FORWARD=serial the token-serial forward alone, for training and
+// prefill (A/B runs).
+bool ssd_scan_chunked_fits(int P, int N) {
+  return !g_forward_serial && g_kernel != SsdBackward::Reference && int64_t(P) * N <= (int64_t(1) << 24) &&
+         size_t(fwd_layout(P, N).total) * sizeof(float) + 64 <= size_t(device_limits().optin);
+}
+
+template <class T>
+void ssd_scan_chunked(T* y, int ldy, float* ssm_state, const T* x, int ldx, const T* dt, int lddt, const T* dt_bias,
+                      const float* A, const T* B, const T* C, int ldbc, const T* Dskip, const RaggedBatch& rb, int H,
+                      int P, int G, int N, float dt_min, float dt_max, cudaStream_t stream) {
+  HM_CHECK(ssd_scan_chunked_fits(P, N) && rb.nseq <= 65535 && H <= 65535, "cuda ssd_scan_chunked: ", rb.nseq,
+           " sequences of ", H, " heads of ", P, " channels, d_state ", N, " do not fit");
+  forward_chunked<T>(y, ldy, ssm_state, x, ldx, dt, lddt, dt_bias, A, false, B, C, ldbc, Dskip, rb, H, P, G, N,
+                     dt_min, dt_max, stream);
+}
+
 template <class T>
 void ssd_scan_train(T* y, int ldy, const T* x, int ldx, const T* dt, int lddt, const T* dt_bias, const float* A_log,
                     const T* B, const T* C, int ldbc, const T* Dskip, const RaggedBatch& rb, int H, int P, int G,
                     int N, float dt_min, float dt_max, void* workspace, cudaStream_t stream) {
+  HM_CHECK(H > 0 && G > 0 && H % G == 0 && P > 0 && N > 0, "cuda ssd_scan_train: ", H, " heads of ", P, " in ", G,
+           " groups, d_state ", N, " do not fit");
+  HM_CHECK(rb.nseq <= 65535 && H <= 65535, "cuda ssd_scan_train: at most 65535 sequences and heads, got ", rb.nseq,
+           " and ", H);
   if (rb.nseq <= 0 || rb.n_tokens <= 0) return;
+  if (ssd_scan_chunked_fits(P, N)) {
+    forward_chunked<T>(y, ldy, nullptr, x, ldx, dt, lddt, dt_bias, A_log, true, B, C, ldbc, Dskip, rb, H, P, G, N,
+                       dt_min, dt_max, stream);
+    return;
+  }
   float* pool = static_cast<float*>(workspace);
   float* A = pool + size_t(rb.nseq) * size_t(H) * size_t(P) * size_t(N);
   HM_CUDA_OK(cudaMemsetAsync(pool, 0, size_t(rb.nseq) * size_t(H) * size_t(P) * size_t(N) * sizeof(float), stream),
@@ -935,10 +1253,6 @@ void ssd_scan_backward(T* dx, int lddx, T* ddt, int lddt_out, T* dB, T* dC, int 
   const size_t smem = chunked_smem_bytes(P, N);
   Segs sg{nullptr, nullptr, nullptr, l.seg_chunks, l.max_seg, false};
   if (chunked) {
-    for (const void* k : {reinterpret_cast<const void*>(ssd_backward_chunked_kernel<T, kCT>),
-                          reinterpret_cast<const void*>(ssd_backward_chunked_kernel<T, 2 * kCT>)})
-      HM_CUDA_OK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
-                 "cudaFuncSetAttribute (ssd_scan_backward)");
     if (l.max_seg > 1) {
       const size_t n = size_t(l.seqs) * size_t(H) * size_t(l.max_seg) * size_t(P) * size_t(N);
       sg.S = reinterpret_cast<float*>(ws + l.segs);
@@ -952,19 +1266,28 @@ void ssd_scan_backward(T* dx, int lddx, T* ddt, int lddt_out, T* dB, T* dC, int 
     const int n = std::min(l.seqs, rb.nseq - s0);
     const dim3 grid(unsigned(H), unsigned(n), unsigned(chunked ? l.max_seg : 1));
     float* scratch = reinterpret_cast<float*>(ws + l.scratch);
-    // One block an SM (N 128 at P 64: 159 KB): 16 warps a block instead of 8 (stop 50's ncu: 12%
-    // occupancy at 8), every P x N and Q x N product still one tile a thread. Stop 51 (callQ, H100):
-    // the Mamba-2 130M step at 8 x 2048 201.3 / 202.0 ms against 220.1 / 219.0 with 256 threads.
-    const bool wide = g_threads == 2 * kCT || (g_threads == 0 && resident_blocks(P, N) <= device_limits().sms);
+    // The chunked kernel's form: 512 threads where one block fills an SM (N 128 at P 64: 159 KB;
+    // stop 50's ncu: 12% occupancy with 8 warps), tensor-core products for 16-bit data.
+    const bool wide = g_threads == 512 || (g_threads == 0 && resident_blocks(P, N) <= device_limits().sms);
     auto launch = [&](const Segs& sgs) {
-      if (wide)
-        ssd_backward_chunked_kernel<T, 2 * kCT><<<grid, 2 * kCT, smem, stream>>>(
-            dx, lddx, ddt, lddt_out, part_bc, part_p, dy, lddy, x, ldx, dt, lddt, dt_bias, A_log, B, C, ldbc, Dskip,
-            rb.cu_seqlens, H, P, G, N, dt_min, dt_max, scratch, l.block_floats, o, s0, sgs);
-      else
-        ssd_backward_chunked_kernel<T, kCT><<<grid, kCT, smem, stream>>>(
-            dx, lddx, ddt, lddt_out, part_bc, part_p, dy, lddy, x, ldx, dt, lddt, dt_bias, A_log, B, C, ldbc, Dskip,
-            rb.cu_seqlens, H, P, G, N, dt_min, dt_max, scratch, l.block_floats, o, s0, sgs);
+      auto go = [&](auto kernel, int threads) {
+        HM_CUDA_OK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+                   "cudaFuncSetAttribute (ssd_scan_backward)");
+        kernel<<<grid, threads, smem, stream>>>(dx, lddx, ddt, lddt_out, part_bc, part_p, dy, lddy, x, ldx, dt, lddt,
+                                                dt_bias, A_log, B, C, ldbc, Dskip, rb.cu_seqlens, H, P, G, N, dt_min,
+                                                dt_max, scratch, l.block_floats, o, s0, sgs);
+      };
+      constexpr bool k16 = !std::is_same_v<T, float>;  // float data keeps float products
+      if (k16 && g_tensor_cores) {
+        if (wide)
+          go(ssd_backward_chunked_kernel<T, 2 * kCT, k16>, 2 * kCT);
+        else
+          go(ssd_backward_chunked_kernel<T, kCT, k16>, kCT);
+      } else if (wide) {
+        go(ssd_backward_chunked_kernel<T, 2 * kCT, false>, 2 * kCT);
+      } else {
+        go(ssd_backward_chunked_kernel<T, kCT, false>, kCT);
+      }
     };
     if (chunked && sg.S != nullptr) {
       Segs local = sg;
@@ -1025,7 +1348,10 @@ void gated_rmsnorm_backward(T* dy, int lddy, T* dz, int lddz, float* dw, const T
                                      const T*, const RaggedBatch&, int, int, int, int, float, float, void*,       \
                                      cudaStream_t);                                                               \
   template void gated_rmsnorm_backward<T>(T*, int, T*, int, float*, const T*, int, const T*, int, const T*, int,   \
-                                          const T*, int, int, int, float, void*, cudaStream_t);
+                                          const T*, int, int, int, float, void*, cudaStream_t);                    \
+  template void ssd_scan_chunked<T>(T*, int, float*, const T*, int, const T*, int, const T*, const float*,          \
+                                    const T*, const T*, int, const T*, const RaggedBatch&, int, int, int, int,    \
+                                    float, float, cudaStream_t);
 HM_CUDA_FOR_TYPES(HM_INST)
 #undef HM_INST
 
