@@ -139,12 +139,13 @@ std::unique_ptr<GradRun> grad_run(const ModelConfig& c, uint64_t w_seed, uint64_
   return r;
 }
 
-// loss_and_grad (the CPU trainer's float path, one sequence per thread) gives BatchGrad's loss and gradient.
-void expect_float_path_agrees(const GradRun& r) {
+// loss_and_grad (the CPU trainer's float path, one sequence per thread) gives BatchGrad's loss and
+// gradient, each tensor within tol (relative): two float sums in different orders.
+void expect_float_path_agrees(const GradRun& r, double tol = 1e-5) {
   Params g2(r.model->config());
   std::fill(g2.data(), g2.data() + g2.numel(), 0.0f);
   EXPECT_NEAR(loss_and_grad(r.p(), g2, r.b.tokens.data(), r.b.targets.data(), r.b.B, r.b.L), r.loss, 1e-6 * r.loss);
-  EXPECT_LE(worst_tensor_err(r.p(), g2.data(), r.g.data()).first, 1e-5);
+  EXPECT_LE(worst_tensor_err(r.p(), g2.data(), r.g.data()).first, tol);
 }
 
 // The double reference model (model_grad.h) agrees with BatchGrad.
@@ -419,7 +420,8 @@ TEST(BatchGrad, Mamba2GateVariantsAndTrueLayersTrain) {
     ModelConfig c = test::small_hybrid_config(false);
     cs.set(c);
     const auto r = grad_run(c, 115, 116, 2, 13);
-    expect_float_path_agrees(*r);
+    // Falcon-H1's layers: 1.8e-5 on an AVX2-only host (AMD EPYC), under 1e-5 with AVX-512.
+    expect_float_path_agrees(*r, 4e-5);
     expect_double_agrees(*r);
     // In both mode the router's output is unused: no gradient reaches it, and none is checked.
     // (Along the embeddings the norm before the gate curves: plain central differences' error falls

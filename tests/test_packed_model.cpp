@@ -126,9 +126,11 @@ TEST(PackedModel, LogitsNearFloat32) {
 // panels + sgemm), to float rounding (1e-5). With q8_0 / q4_0 the linears round x to 8 bits per
 // block, a step function: where two paths' float32 inputs differ in the last bit next to a
 // rounding boundary, one element moves by a whole step and the difference then grows through
-// the layers (measured: 1 run of 18 on tiny at 5e-3, the others under 1e-6). So per format and
-// shape, 5 seeds: most under 1e-5 and none past what one flipped step does (5e-2). A wrong
-// kernel fails every seed.
+// the layers (measured: 1 run of 18 on tiny at 5e-3, the others under 1e-6). How often depends on
+// the host's kernels: 5 seeds gave at least 4 of 5 runs under 1e-5 per format and shape on an
+// AVX-512 host, and 3 of 5 (q4_0 on tiny; the others 2e-3 to 1.1e-2) on an AVX2-only AMD EPYC.
+// So per format and shape, 5 seeds: at least 2 under 1e-5 and none past what one flipped step
+// does (5e-2). A wrong kernel fails every seed.
 TEST(PackedModel, CpuBackendMatchesReferenceBackend) {
   auto cpu = make_cpu_backend();
   auto ref = make_ref_backend();
@@ -147,8 +149,8 @@ TEST(PackedModel, CpuBackendMatchesReferenceBackend) {
         EXPECT_LT(e_ref, cap) << compute_dtype_name(f) << " seed " << seed;
         EXPECT_LT(e_dec, cap) << compute_dtype_name(f) << " seed " << seed;
       }
-      EXPECT_GE(close_ref, 4) << compute_dtype_name(f);
-      EXPECT_GE(close_decode, 4) << compute_dtype_name(f);
+      EXPECT_GE(close_ref, 2) << compute_dtype_name(f);
+      EXPECT_GE(close_decode, 2) << compute_dtype_name(f);
     }
   }
 }

@@ -16,7 +16,7 @@ for f in serial:512:0 serial:512:1 chunked:0:1 serial:512:0 chunked:0:1; do
 done
 echo "t=$(( $(date +%s) - T00 ))"
 for f in serial:256:0 chunked:0:1; do mqar_step mqar-d64-mamba2 ${f//:/_} $(env_of $f); done
-for f in serial:0:1 chunked:0:1 serial:0:1 chunked:0:1; do
+for f in serial:0:1 chunked:0:1 serial:0:1 chunked:0:1; do  # NB: $((++i)) in the redirect below runs in the child: every round wrote _6 (callT redoes it)
   env $(env_of $f) timeout 60 $HM bench --device cuda --config bench/cuda_peer_configs/mamba2-130m.json \
     --prefill-cases 1x2048,8x2048 --no-peer --reps 5 --json > $R/prefill_${f//:/_}_$((++i)).json 2> /dev/null
   python3 -c "import json,sys;d=json.load(open(sys.argv[1]));print(sys.argv[2],' '.join('%dx%d %.2f ms'%(p['batch'],p['seq_len'],p['ms']) for p in d['prefill']))" \
