@@ -131,6 +131,18 @@ class Backend {
   // W^T. `normed` (y-sized) is scratch for the norm's output: an override may leave it unwritten.
   virtual void gated_norm_linear(Tensor out, Tensor y, Tensor z, Tensor norm_w, int group, float eps, Tensor W,
                                  bool accumulate, Tensor normed);
+  // A Mamba-1 layer's weights as mamba_mixer takes them (no projection biases).
+  struct MambaWeights {
+    Tensor in_proj, conv_w, conv_b, x_proj, dt_w, dt_b, Dskip, out_proj;
+    const float* A = nullptr;  // [E, N], -exp(A_log)
+  };
+  // A Mamba-1 mixer without dt/B/C norms: mamba_in(xz, xc, 0, conv, x, normed, norm_w, eps,
+  // in_proj, conv_w, conv_b, rg, unit_norm); dbc = xc . x_proj^T (dt_r | B | C); dt_scan(y,
+  // ssm, xc, dt_r, dt_w, dt, dt_b, A, B, C, Dskip, xz's z half, rg); out (=|+=) y . out_proj^T.
+  // xz, xc, dbc, dt, y and normed are scratch an override may leave unwritten.
+  virtual void mamba_mixer(Tensor out, bool accumulate, Tensor x, Tensor normed, Tensor norm_w, float eps,
+                           bool unit_norm, const MambaWeights& w, const StatePool& conv, const StatePool& ssm,
+                           Tensor xz, Tensor xc, Tensor dbc, Tensor dt, Tensor y, const Ragged& rg);
   // kv_write(kv, k, v, rg), then attention(out, q, kv, H, G, hd, rg): a decode step may read
   // each new K/V row where it is and store it in the cache in the same kernel.
   virtual void kv_attention(Tensor out, Tensor q, Tensor k, Tensor v, const KvPool& kv, int H, int G, int hd,

@@ -480,6 +480,14 @@ void HybridModel::mamba_path(int layer, Tensor x, const Ragged& rg, Tensor out, 
   const Tensor dbc = act(ws_.dbc, n, P);      // dt_r | B | C
   const Tensor dt = act(ws_.dt, n, E);        // dt_proj(dt_r); softplus is applied in the scan
   const Tensor y = act(ws_.inner[layer % 2], n, E);  // gated scan output
+  if (!cfg_.mamba_proj_bias && !cfg_.mamba_bcdt_norm && folded_bridge(layer) == nullptr) {
+    // The whole mixer as one composite (one kernel for a CUDA decode step).
+    be_.mamba_mixer(out, accumulate, x, norm_w.data ? act(ws_.u, n, x.cols) : Tensor(), norm_w, cfg_.norm_eps,
+                    w.norm_folded, {w.in_proj, w.conv_w, w.conv_b, w.x_proj, w.dt_w, w.dt_b, w.Dskip, w.out_proj,
+                                    A_[size_t(layer)].f32()},
+                    mem.recurrent().conv_pool(layer), mem.recurrent().ssm_pool(layer), xz, xc, dbc, dt, y, rg);
+    return;
+  }
   if (!cfg_.mamba_proj_bias) {
     // With norm_w, x is the residual stream and the layer's pre-norm runs inside mamba_in.
     be_.mamba_in(xz, xc, 0, mem.recurrent().conv_pool(layer), x, norm_w.data ? act(ws_.u, n, x.cols) : Tensor(),
@@ -644,15 +652,13 @@ void HybridModel::mamba_layer(int layer, HybridMemory& mem, bool normed) {
   const int T = rg_.n_tokens(), D = cfg_.d_model;
   const Tensor out = residual_target(T);
   const bool acc = resid_scale_.empty();
-  if (cfg_.is_mamba2(layer) && normed)
-    mamba2_path(layer, ws_.u.tensor(dtype_, T, D), rg_, out, acc, mem);
-  else if (cfg_.is_mamba2(layer))
-    mamba2_path(layer, ws_.h.tensor(dtype_, T, D), rg_, out, acc, mem, lw_[size_t(layer)].norm);
-  else if (normed)
-    mamba_path(layer, ws_.u.tensor(dtype_, T, D), rg_, out, acc, mem);
+  // h += mixer(rmsnorm(h)), or mixer(u) where the bridge before wrote the normed input.
+  const Tensor x = (normed ? ws_.u : ws_.h).tensor(dtype_, T, D);
+  const Tensor norm_w = normed ? Tensor() : lw_[size_t(layer)].norm;
+  if (cfg_.is_mamba2(layer))
+    mamba2_path(layer, x, rg_, out, acc, mem, norm_w);
   else
-    mamba_path(layer, ws_.h.tensor(dtype_, T, D), rg_, out, acc, mem,
-               lw_[size_t(layer)].norm);  // h += mixer(rmsnorm(h))
+    mamba_path(layer, x, rg_, out, acc, mem, norm_w);
   join_residual(out);
 }
 
