@@ -6,7 +6,7 @@ if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends \
-  build-essential cmake g++ pkg-config ca-certificates \
+  build-essential cmake g++ pkg-config ca-certificates ccache \
   libopenblas-openmp-dev nlohmann-json3-dev libcli11-dev \
   libgtest-dev libbenchmark-dev libsentencepiece-dev libcpp-httplib-dev libopenmpi-dev openmpi-bin \
   python3 python3-numpy python3-torch python3-jinja2 \

@@ -7,7 +7,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./setup.sh
 bash scripts/fetch_brown.sh   # the real-corpus tests use it (data/brown, ignored by git)
-cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DHM_WERROR=ON >/dev/null
+# ccache keeps compiled objects between runs on one machine (a fresh clone recompiles only what
+# changed); without it, or without a writable cache directory, every object is compiled.
+LAUNCH=()
+CACHE="${CCACHE_DIR:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/ccache}"
+if command -v ccache >/dev/null 2>&1 && mkdir -p "$CACHE" 2>/dev/null && [ -w "$CACHE" ]; then
+  export CCACHE_DIR="$CACHE" CCACHE_BASEDIR="$PWD"  # paths under the clone hash relative: any clone hits
+  LAUNCH=(-DCMAKE_C_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache)
+fi
+cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DHM_WERROR=ON "${LAUNCH[@]}" >/dev/null
 cmake --build build -j "$(nproc)"
 (cd build && ctest --output-on-failure -j "$(nproc)")
 
@@ -16,7 +24,7 @@ cmake --build build -j "$(nproc)"
 # where it is absent.
 if [ -x /usr/local/cuda/bin/nvcc ]; then
   cmake -S . -B build-cuda -DCMAKE_BUILD_TYPE=Release -DHM_WERROR=ON -DHM_CUDA=ON \
-    -DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc -DHM_PYTHON=OFF >/dev/null
+    -DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc -DHM_PYTHON=OFF "${LAUNCH[@]}" >/dev/null
   cmake --build build-cuda -j "$(nproc)" --target hm hm_cuda_tests hm_cuda_model_tests hm_bench_cuda_kernels
   build-cuda/hm_cuda_tests
   build-cuda/hm_cuda_model_tests
@@ -29,7 +37,7 @@ if [ "${HM_TEST_SANITIZE:-1}" = 0 ]; then exit 0; fi
 # included), without the benchmarks (the Python module leaves itself out: python/CMakeLists.txt).
 # HM_FUZZ implies HM_SANITIZE and adds the fuzz targets, so one clang build serves both.
 CC=clang CXX=clang++ cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Release -DHM_FUZZ=ON \
-  -DHM_BUILD_TESTS=ON -DHM_BUILD_BENCH=OFF >/dev/null
+  -DHM_BUILD_TESTS=ON -DHM_BUILD_BENCH=OFF "${LAUNCH[@]}" >/dev/null
 cmake --build build-asan -j "$(nproc)"
 # ASan fills every new heap allocation with 0xFF bytes (a NaN in every float), so a read of
 # memory nothing wrote shows up as a NaN instead of as whatever the allocator left there.
