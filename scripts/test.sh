@@ -12,7 +12,10 @@ bash scripts/fetch_brown.sh   # the real-corpus tests use it (data/brown, ignore
 LAUNCH=()
 CACHE="${CCACHE_DIR:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/ccache}"
 if command -v ccache >/dev/null 2>&1 && mkdir -p "$CACHE" 2>/dev/null && [ -w "$CACHE" ]; then
-  export CCACHE_DIR="$CACHE" CCACHE_BASEDIR="$PWD"  # paths under the clone hash relative: any clone hits
+  # Paths under the clone hash relative, and the sanitizer build's line tables (-gline-tables-only)
+  # do not hash the build directory: any clone hits (a cached object's line tables may name the
+  # directory of the clone that compiled it; file names and lines stay right).
+  export CCACHE_DIR="$CACHE" CCACHE_BASEDIR="$PWD" CCACHE_NOHASHDIR=1
   LAUNCH=(-DCMAKE_C_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache)
 fi
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DHM_WERROR=ON "${LAUNCH[@]}" >/dev/null
